@@ -1,0 +1,37 @@
+# fedbell: the two commands are `make demo` (the main job) and `make test`.
+# Each sets up what it needs: the virtualenv on first use, Mosquitto if missing.
+
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+ARGS   ?=
+
+.PHONY: demo test lint bench bench-recognition fuzz soak deps broker-deps clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[train,dev]'
+	touch $(STAMP)
+
+deps: $(STAMP) broker-deps
+
+broker-deps:
+	@deploy/ensure-mosquitto.sh
+
+demo: deps
+	$(PY) -m simulation $(ARGS)
+
+test: deps
+	$(PY) -m ruff check .
+	$(PY) -m mypy .
+	$(PY) -m pytest $(ARGS)
+
+lint: $(STAMP)
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+	$(PY) -m mypy .
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

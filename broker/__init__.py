@@ -1,0 +1,1 @@
+"""Mosquitto configuration and a runner for local brokers (tests, simulation)."""

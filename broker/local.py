@@ -1,0 +1,125 @@
+"""Run a private Mosquitto on a free loopback port with the project's config.
+
+Like Mosquitto's own test-suite: write a config, start the real broker, and
+poll until it accepts connections. Used by the tests and by the simulation.
+"""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+from types import TracebackType
+
+CONFIG_TEMPLATE = Path(__file__).with_name("local.conf")
+
+
+class BrokerError(RuntimeError):
+    """The broker could not be started."""
+
+
+def find_mosquitto() -> str:
+    """Path of the mosquitto binary, or a clear error saying how to install it."""
+    path = shutil.which("mosquitto") or (
+        "/usr/sbin/mosquitto" if Path("/usr/sbin/mosquitto").exists() else None
+    )
+    if path is None:
+        raise BrokerError(
+            "mosquitto is not installed: run `sudo apt-get install mosquitto` "
+            "(or `make deps`, which does it when run as root)"
+        )
+    return path
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nobody listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_for_port(port: int, timeout: float) -> None:
+    """Poll until something accepts TCP connections on 127.0.0.1:port."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise BrokerError(f"nothing accepted connections on 127.0.0.1:{port} within {timeout}s")
+
+
+class LocalBroker:
+    """A Mosquitto process with its own config and data folder.
+
+    The port and data folder survive `kill()`/`start()`, so a test can crash
+    the broker and bring it back with its persisted retained messages.
+    """
+
+    def __init__(self, data_dir: Path, port: int | None = None,
+                 template: Path = CONFIG_TEMPLATE) -> None:
+        self.data_dir = data_dir
+        self.port = port or free_port()
+        self.config_path = data_dir / "mosquitto.conf"
+        self._template = template
+        self._process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def log_path(self) -> Path:
+        return self.data_dir / "mosquitto.log"
+
+    def start(self, timeout: float = 10.0) -> LocalBroker:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        config = self._template.read_text().format(port=self.port, data_dir=self.data_dir)
+        self.config_path.write_text(config)
+        self._process = subprocess.Popen(
+            [find_mosquitto(), "-c", str(self.config_path)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        try:
+            wait_for_port(self.port, timeout)
+        except BrokerError as err:
+            self._process.kill()
+            _, stderr = self._process.communicate()
+            log = self.log_path.read_text() if self.log_path.exists() else ""
+            raise BrokerError(f"{err}\n{stderr.decode(errors='replace')}{log}") from None
+        return self
+
+    def kill(self) -> None:
+        """SIGKILL: a crash, not a shutdown (unsaved state is lost)."""
+        self._signal(signal.SIGKILL)
+
+    def stop(self) -> None:
+        """SIGTERM: a clean shutdown that saves the persistence file."""
+        self._signal(signal.SIGTERM)
+
+    def reload(self) -> None:
+        """SIGHUP: re-read the password file and ACL (revocations)."""
+        if self._process is not None:
+            self._process.send_signal(signal.SIGHUP)
+
+    def _signal(self, sig: signal.Signals) -> None:
+        if self._process is None:
+            return
+        if self._process.poll() is None:
+            self._process.send_signal(sig)
+            try:
+                self._process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self._process.kill()
+                self._process.wait()
+        if self._process.stderr is not None:
+            self._process.stderr.close()
+        self._process = None
+
+    def __enter__(self) -> LocalBroker:
+        return self.start()
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.stop()

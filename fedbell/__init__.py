@@ -1,0 +1,1 @@
+"""fedbell's shared contract: topics, envelope, codecs, model, configuration."""
