@@ -8,6 +8,7 @@ on, so every path that turns pixels into model input goes through
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -23,7 +24,7 @@ FloatImage = npt.NDArray[np.float32]
 UInt8Image = npt.NDArray[np.uint8]
 
 
-def to_grey(image: npt.NDArray[np.generic]) -> UInt8Image:
+def to_grey(image: npt.NDArray[Any]) -> UInt8Image:
     """An 8-bit single-channel copy of a grey, BGR or BGRA image."""
     if image.ndim == 3 and image.shape[2] == 4:
         image = cv2.cvtColor(image, cv2.COLOR_BGRA2GRAY)
@@ -38,7 +39,7 @@ def to_grey(image: npt.NDArray[np.generic]) -> UInt8Image:
     return np.ascontiguousarray(image)
 
 
-def normalize_face(crop: npt.NDArray[np.generic], size: int = FACE_SIZE) -> FloatImage:
+def normalize_face(crop: npt.NDArray[Any], size: int = FACE_SIZE) -> FloatImage:
     """Grey, resized to size×size, histogram-equalised, scaled to [0, 1].
 
     Equalisation removes most of the difference between a dim porch at night
@@ -53,14 +54,14 @@ def normalize_face(crop: npt.NDArray[np.generic], size: int = FACE_SIZE) -> Floa
     return (equalised.astype(np.float32) / 255.0).astype(np.float32)
 
 
-def crop_face(frame: npt.NDArray[np.generic], box: Box, margin: float = 0.1) -> UInt8Image:
+def crop_face(frame: npt.NDArray[Any], box: Box, margin: float = 0.1) -> UInt8Image:
     """The grey square around a detected face box, widened by `margin` per side."""
     grey = to_grey(frame)
     x, y, w, h = box
-    side = int(round(max(w, h) * (1.0 + 2.0 * margin)))
+    side = round(max(w, h) * (1.0 + 2.0 * margin))
     cx, cy = x + w / 2.0, y + h / 2.0
-    x0 = max(0, int(round(cx - side / 2.0)))
-    y0 = max(0, int(round(cy - side / 2.0)))
+    x0 = max(0, round(cx - side / 2.0))
+    y0 = max(0, round(cy - side / 2.0))
     x1 = min(grey.shape[1], x0 + side)
     y1 = min(grey.shape[0], y0 + side)
     if x1 - x0 < 2 or y1 - y0 < 2:

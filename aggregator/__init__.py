@@ -1,0 +1,1 @@
+"""The fedbell aggregator: runs rounds, averages updates, publishes models."""

@@ -1,0 +1,75 @@
+"""The aggregator's YAML configuration (see config/aggregator.yaml)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field, field_validator
+
+from fedbell.config import MqttSettings, SigningSettings, StrictModel, site_id
+from fedbell.envelope import Codec
+from fedbell.protocol import TrainingPlan
+from fedbell.topics import check_segment
+
+
+class RoundSettings(StrictModel):
+    codec: Codec = Field(default="int8", title="Update codec",
+                         description="Codec every node must use for its update this round.")
+    downlink_codec: Codec = Field(
+        default="float32", title="Global model codec",
+        description="Codec of the retained global model (float32 or float16).")
+    timeout_s: float = Field(default=300.0, gt=0, title="Round deadline (s)",
+                             description="Updates arriving later than this are refused.")
+    min_updates: int = Field(default=1, ge=1, title="Quorum",
+                             description="Fewest updates a round needs to be aggregated.")
+    max_devices: int | None = Field(
+        default=None, ge=1, title="Devices per round",
+        description="Select at most this many online devices (random); default: all.")
+    max_update_norm: float = Field(
+        default=1000.0, gt=0, title="Largest update norm",
+        description="An update whose L2 norm exceeds this is rejected as absurd.")
+    train: TrainingPlan = Field(default_factory=TrainingPlan, title="Local training",
+                                description="Hyper-parameters sent to the nodes.")
+    seed: int = Field(default=0, title="Seed", description="Seed for device selection.")
+
+
+class EvaluationSettings(StrictModel):
+    dataset: Path | None = Field(
+        default=None, title="Held-out faces",
+        description="A `<person>/<image>` folder never trained on: accuracy per round and the "
+        "calibration of the unknown-visitor threshold.")
+    target_false_accept: float = Field(
+        default=0.05, ge=0, le=1, title="Target false-accept rate",
+        description="Share of held-out faces that may be accepted as someone they are not.")
+
+
+class AggregatorConfig(StrictModel):
+    site: str = Field(title="Site id", description="The federation (house) this aggregator runs.")
+    labels: tuple[str, ...] = Field(
+        min_length=1, title="Label set",
+        description="The people the site's model recognises, in model output order.")
+    mqtt: MqttSettings = Field(default_factory=MqttSettings, title="MQTT",
+                               description="Broker connection.")
+    signing: SigningSettings = Field(default_factory=SigningSettings, title="Signing",
+                                     description="Aggregator key and trusted device keys.")
+    state_dir: Path = Field(title="State folder",
+                            description="Round state and the current global model.")
+    rounds: RoundSettings = Field(default_factory=RoundSettings, title="Rounds",
+                                  description="How rounds are run.")
+    auto_rounds: int = Field(default=0, ge=0, title="Rounds at start",
+                             description="Run this many rounds back to back after start-up.")
+    evaluation: EvaluationSettings = Field(default_factory=EvaluationSettings,
+                                           title="Evaluation", description="Held-out data.")
+    model_seed: int = Field(default=0, title="Initial model seed",
+                            description="Seed of version 0's random weights.")
+
+    _site = field_validator("site")(site_id)
+
+    @field_validator("labels")
+    @classmethod
+    def _labels_unique(cls, labels: tuple[str, ...]) -> tuple[str, ...]:
+        for label in labels:
+            check_segment(label, "label")
+        if len(set(labels)) != len(labels):
+            raise ValueError("labels must be unique")
+        return labels

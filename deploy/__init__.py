@@ -1,0 +1,1 @@
+"""Provisioning and installation of a fedbell site (broker, aggregator, doorbells)."""

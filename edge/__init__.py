@@ -1,0 +1,1 @@
+"""The fedbell doorbell node: recognises visitors, trains locally, sends updates."""

@@ -1,0 +1,186 @@
+"""Doorbell events and state on MQTT, Home Assistant style.
+
+Events (visitor, ring, snapshot) are published non-retained: they happened
+once, and Home Assistant ignores retained events. State (presence,
+availability, discovery) is retained so a subscriber that arrives later
+sees the current value.
+
+The publisher uses a paho-mqtt 2.x client owned by the node: it adds
+per-topic callbacks (`message_callback_add`) so it does not take over the
+node's own `on_message`, and lists the topics the node must subscribe to.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import numpy.typing as npt
+import paho.mqtt.client as mqtt
+
+from edge.feedback import FeedbackError, RecentCrops, apply_label
+from edge.homeassistant import (
+    OFFLINE,
+    ONLINE,
+    PRESENT_OFF,
+    PRESENT_ON,
+    DoorbellTopics,
+    discovery_payload,
+)
+from fedbell.faces import Box
+
+log = logging.getLogger(__name__)
+
+EVENT_QOS = 1
+
+
+def now_iso() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def new_event_id() -> str:
+    return uuid.uuid4().hex
+
+
+@dataclass
+class EventCounters:
+    published: int = 0
+    commands: int = 0
+    rejected: int = 0
+    labels: int = 0
+
+
+@dataclass
+class EventPublisher:
+    """Publishes a doorbell's events and state; handles its commands."""
+
+    client: mqtt.Client
+    topics: DoorbellTopics
+    crops: RecentCrops
+    gallery: Path
+    device_name: str | None = None
+    discovery: bool = True
+    snapshots: bool = False
+    snapshot_quality: int = 80
+    on_ring_command: Callable[[], None] | None = None
+    counters: EventCounters = field(default_factory=EventCounters)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    # --- wiring -----------------------------------------------------------------------
+
+    def subscriptions(self) -> list[tuple[str, int]]:
+        """Topics the node subscribes to (again after each reconnect)."""
+        topics = [(self.topics.command, 1), (self.topics.label, 1)]
+        if self.discovery:
+            topics.append((self.topics.ha_status, 1))
+        return topics
+
+    def attach(self) -> None:
+        """Route this doorbell's command, label and HA-status messages here."""
+        self.client.message_callback_add(self.topics.command, self._on_command)
+        self.client.message_callback_add(self.topics.label, self._on_label)
+        self.client.message_callback_add(self.topics.ha_status, self._on_ha_status)
+
+    def announce(self) -> None:
+        """On (re)connect: availability online, discovery, presence off."""
+        self._publish(self.topics.availability, ONLINE, retain=True)
+        self.publish_discovery()
+
+    def availability_will(self) -> tuple[str, bytes]:
+        """(topic, payload) for the client's last will: offline if the node dies."""
+        return self.topics.availability, OFFLINE.encode()
+
+    def go_offline(self) -> mqtt.MQTTMessageInfo:
+        return self._publish(self.topics.availability, OFFLINE, retain=True)
+
+    def publish_discovery(self) -> None:
+        if self.discovery:
+            payload = discovery_payload(self.topics, self.device_name, self.snapshots)
+            self._publish(self.topics.discovery, json.dumps(payload), retain=True)
+
+    # --- events and state -------------------------------------------------------------
+
+    def visitor(self, person: str, confidence: float, box: Box | None,
+                crop: npt.NDArray[np.uint8] | None = None,
+                frame: npt.NDArray[np.uint8] | None = None) -> str:
+        """A visitor event; the crop is kept for labelling under the returned event id."""
+        event_id = new_event_id()
+        if crop is not None:
+            self.crops.add(event_id, crop, person)
+        payload = {
+            "event_type": "unknown" if person == "unknown" else "known",
+            "event_id": event_id, "time": now_iso(), "person": person,
+            "confidence": round(float(confidence), 4),
+            "box": None if box is None else [int(v) for v in box],
+        }
+        self._publish(self.topics.visitor, json.dumps(payload), retain=False)
+        self._maybe_snapshot(frame)
+        return event_id
+
+    def ring(self, source: str, person: str | None = None,
+             frame: npt.NDArray[np.uint8] | None = None) -> str:
+        event_id = new_event_id()
+        payload = {"event_type": "ring", "event_id": event_id, "time": now_iso(),
+                   "source": source, "person": person}
+        self._publish(self.topics.ring, json.dumps(payload), retain=False)
+        self._maybe_snapshot(frame)
+        return event_id
+
+    def present(self, present: bool) -> None:
+        self._publish(self.topics.present, PRESENT_ON if present else PRESENT_OFF, retain=True)
+
+    def _maybe_snapshot(self, frame: npt.NDArray[np.uint8] | None) -> None:
+        if not self.snapshots or frame is None:
+            return
+        ok, jpeg = cv2.imencode(".jpg", frame, [cv2.IMWRITE_JPEG_QUALITY, self.snapshot_quality])
+        if ok:
+            # Not retained: an image of someone at the door should not live on the broker.
+            self._publish(self.topics.snapshot, jpeg.tobytes(), retain=False)
+
+    def _publish(self, topic: str, payload: str | bytes, retain: bool) -> mqtt.MQTTMessageInfo:
+        info = self.client.publish(topic, payload, qos=EVENT_QOS, retain=retain)
+        if info.rc != mqtt.MQTT_ERR_SUCCESS:
+            log.warning("publish to %s queued while disconnected (rc=%s)", topic, info.rc)
+        with self._lock:
+            self.counters.published += 1
+        return info
+
+    # --- incoming ---------------------------------------------------------------------
+
+    def _on_command(self, _client: mqtt.Client, _userdata: Any, msg: mqtt.MQTTMessage) -> None:
+        self.counters.commands += 1
+        try:
+            command = json.loads(msg.payload)
+            name = command.get("cmd") if isinstance(command, dict) else None
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            name = None
+        if name == "ring" and self.on_ring_command is not None:
+            self.on_ring_command()
+            return
+        self.counters.rejected += 1
+        log.warning("command on %s rejected: expected JSON {\"cmd\": \"ring\"}, got %r",
+                    msg.topic, msg.payload[:100])
+
+    def _on_label(self, _client: mqtt.Client, _userdata: Any, msg: mqtt.MQTTMessage) -> None:
+        try:
+            apply_label(self.crops, self.gallery, msg.payload)
+        except FeedbackError as err:
+            self.counters.rejected += 1
+            log.warning("label command rejected: %s", err)
+        else:
+            self.counters.labels += 1
+
+    def _on_ha_status(self, _client: mqtt.Client, _userdata: Any,
+                      msg: mqtt.MQTTMessage) -> None:
+        if msg.payload == ONLINE.encode():
+            log.info("Home Assistant came online: republishing discovery")
+            self.publish_discovery()

@@ -1,0 +1,122 @@
+"""Recent event face crops, kept briefly so a resident can label them.
+
+A label command names the person of a recent visitor event; its crop then
+joins the gallery and the next training round learns from it. Crops stay in
+memory only, bounded in number and age, so a doorbell never accumulates
+faces nobody asked it to keep.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+import numpy.typing as npt
+
+log = logging.getLogger(__name__)
+
+IGNORE = "ignore"
+"""The label that discards an event's crop instead of storing it."""
+
+_PERSON = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+
+
+class FeedbackError(ValueError):
+    """A label command that cannot be applied; the message says why."""
+
+
+def check_person_name(name: str) -> str:
+    """A gallery folder name: letters, digits, '_' and '-', no path tricks."""
+    if not _PERSON.match(name) or name.lower() in {"unknown", IGNORE}:
+        raise FeedbackError(f"person name {name!r} must be 1-64 letters, digits, '_' or '-' "
+                            "(and not 'unknown' or 'ignore')")
+    return name
+
+
+@dataclass(frozen=True)
+class StoredCrop:
+    crop: npt.NDArray[np.uint8]
+    stored_at: float
+    predicted: str
+
+
+class RecentCrops:
+    """event_id → the 8-bit grey face crop of that event, oldest evicted first."""
+
+    def __init__(self, max_count: int = 200, max_age_s: float = 3600.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self._max_count = max_count
+        self._max_age = max_age_s
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._crops: OrderedDict[str, StoredCrop] = OrderedDict()
+
+    def __len__(self) -> int:
+        with self._lock:
+            self._expire()
+            return len(self._crops)
+
+    def add(self, event_id: str, crop: npt.NDArray[np.uint8], predicted: str) -> None:
+        if self._max_count == 0:
+            return
+        with self._lock:
+            self._crops[event_id] = StoredCrop(crop.copy(), self._clock(), predicted)
+            self._expire()
+            while len(self._crops) > self._max_count:
+                self._crops.popitem(last=False)
+
+    def take(self, event_id: str) -> StoredCrop:
+        """Remove and return the crop of `event_id` (FeedbackError if unknown or expired)."""
+        with self._lock:
+            self._expire()
+            stored = self._crops.pop(event_id, None)
+        if stored is None:
+            raise FeedbackError(f"event {event_id!r} is unknown or older than "
+                                f"{self._max_age:.0f}s (or beyond the last {self._max_count})")
+        return stored
+
+    def _expire(self) -> None:
+        cutoff = self._clock() - self._max_age
+        while self._crops:
+            oldest = next(iter(self._crops.values()))
+            if oldest.stored_at >= cutoff:
+                break
+            self._crops.popitem(last=False)
+
+
+def apply_label(store: RecentCrops, gallery: Path, payload: bytes) -> Path | None:
+    """Handle one label command; returns the stored crop's path (None for "ignore").
+
+    payload: JSON `{"event_id": "...", "person": "alice"}` or `"person": "ignore"`.
+    """
+    try:
+        message = json.loads(payload)
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise FeedbackError(f"label command is not JSON: {err}") from err
+    if not isinstance(message, dict):
+        raise FeedbackError("label command must be a JSON object")
+    event_id, person = message.get("event_id"), message.get("person")
+    if not isinstance(event_id, str) or not isinstance(person, str):
+        raise FeedbackError('label command needs string "event_id" and "person"')
+    if person != IGNORE:
+        check_person_name(person)
+    stored = store.take(event_id)
+    if person == IGNORE:
+        log.info("label: event %s ignored (was %s)", event_id, stored.predicted)
+        return None
+    folder = gallery / person
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"event-{event_id}.png"
+    if not cv2.imwrite(str(path), stored.crop):
+        raise FeedbackError(f"could not write {path}")
+    log.info("label: event %s stored as %s (was %s)", event_id, path, stored.predicted)
+    return path

@@ -1,0 +1,50 @@
+"""A paho-mqtt client set up the way every fedbell process needs it.
+
+MQTT v5 with a persistent session (clean_start off, session expiry), so a
+restarted process or broker gets queued QoS 1 messages; automatic reconnect
+with back-off; credentials and TLS from the config; an optional last will.
+"""
+
+from __future__ import annotations
+
+import ssl
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from fedbell.config import MqttSettings
+
+
+def make_client(settings: MqttSettings, client_id: str,
+                will: tuple[str, bytes] | None = None) -> mqtt.Client:
+    """A configured, not yet connected client. `will`: (topic, payload), retained."""
+    client = mqtt.Client(
+        CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5,
+        reconnect_on_failure=True,
+    )
+    client.reconnect_delay_set(min_delay=1, max_delay=30)
+    client.max_inflight_messages_set(100)
+    client.max_queued_messages_set(0)
+    if settings.username is not None:
+        client.username_pw_set(settings.username, settings.password())
+    if settings.tls is not None:
+        client.tls_set(
+            ca_certs=str(settings.tls.ca_file),
+            certfile=str(settings.tls.cert_file) if settings.tls.cert_file else None,
+            keyfile=str(settings.tls.key_file) if settings.tls.key_file else None,
+            tls_version=ssl.PROTOCOL_TLS_CLIENT,
+        )
+    if will is not None:
+        client.will_set(will[0], will[1], qos=1, retain=True)
+    return client
+
+
+def connect(client: mqtt.Client, settings: MqttSettings) -> None:
+    """Start connecting in the background; paho keeps reconnecting after that."""
+    properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+    properties.SessionExpiryInterval = settings.session_expiry
+    client.connect_async(settings.host, settings.port, keepalive=settings.keepalive,
+                         clean_start=False, properties=properties)
+    client.loop_start()

@@ -1,0 +1,102 @@
+"""The JSON messages of the federation: commands, rounds, statuses, metrics.
+
+Each is a strict pydantic model; `parse_json` turns any payload into one or a
+RejectedMessage saying which field was wrong.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from fedbell.envelope import Codec
+from fedbell.errors import RejectedMessage
+
+MAX_JSON_BYTES = 64 * 1024
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Command(Message):
+    """What an operator publishes on the control topic.
+
+    start_round: a whole round (announce, collect, aggregate, publish).
+    auto: `rounds` rounds back to back. stop: end auto mode after this round.
+    The demo's four buttons, one step each: train (announce; nodes train and
+    hold their update), send (nodes publish held updates), aggregate, publish.
+    """
+
+    cmd: Literal["start_round", "auto", "stop", "train", "send", "aggregate", "publish"]
+    rounds: int = Field(default=1, ge=1, le=100_000)
+    devices: tuple[str, ...] | None = Field(
+        default=None, description="Only these devices; default: every online device.")
+
+
+class TrainingPlan(Message):
+    epochs: int = Field(default=2, ge=1, le=100)
+    batch_size: int = Field(default=16, ge=1, le=1024)
+    learning_rate: float = Field(default=1e-3, gt=0, le=1)
+
+
+Phase = Literal["train", "send", "closed", "abandoned"]
+
+
+class RoundAnnouncement(Message):
+    """The retained round message: what every node needs to take part."""
+
+    round: int = Field(ge=1)
+    base_version: int = Field(ge=0)
+    phase: Phase
+    selected: tuple[str, ...]
+    deadline: float = Field(description="Unix time after which updates are not accepted.")
+    codec: Codec
+    train: TrainingPlan
+    send_when_trained: bool = Field(
+        default=True, description="False in step-by-step mode: wait for the send phase.")
+
+
+class DeviceStatus(Message):
+    """A device's retained status (its last will says offline)."""
+
+    state: Literal["online", "offline"]
+    model_version: int | None = None
+    gallery_size: int = Field(default=0, ge=0)
+    last_round: int = Field(default=0, ge=0)
+    detail: str = ""
+
+
+class RoundMetrics(Message):
+    round: int
+    version: int = Field(description="Global model version the round produced (0: none).")
+    outcome: Literal["published", "aggregated", "abandoned"]
+    participants: int
+    examples: int
+    accuracy: float | None = None
+    threshold: float | None = None
+    bytes_up: int
+    bytes_down: int
+    seconds: float
+    rejected: dict[str, int] = Field(default_factory=dict)
+
+
+M = TypeVar("M", bound=Message)
+
+
+def parse_json(payload: bytes, model: type[M]) -> M:
+    if len(payload) > MAX_JSON_BYTES:
+        raise RejectedMessage("too_large", f"{len(payload)} bytes of JSON")
+    try:
+        return model.model_validate_json(payload)
+    except ValidationError as err:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc']) or 'message'}: {e['msg']}"
+            for e in err.errors()[:5]
+        )
+        raise RejectedMessage("bad_json", f"{model.__name__}: {problems}") from None
+
+
+def to_json(message: Message) -> bytes:
+    return message.model_dump_json().encode()

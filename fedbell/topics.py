@@ -1,0 +1,91 @@
+"""Every MQTT topic fedbell uses, in one place.
+
+Federation topics live under `<root>/<site>/`; a doorbell's home-facing topics
+under `doorbell/<device>/` and Home Assistant's discovery prefix.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+_SEGMENT = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+
+def check_segment(value: str, what: str) -> str:
+    """A topic segment must not contain MQTT wildcards, separators or spaces."""
+    if not _SEGMENT.match(value):
+        raise ValueError(
+            f"{what} {value!r} must be 1-64 characters of letters, digits, '_' or '-'"
+        )
+    return value
+
+
+@dataclass(frozen=True)
+class Topics:
+    """Topic names of one federation (site)."""
+
+    site: str
+    root: str = "fedbell"
+
+    def __post_init__(self) -> None:
+        check_segment(self.site, "site id")
+        check_segment(self.root, "topic root")
+
+    @property
+    def base(self) -> str:
+        return f"{self.root}/{self.site}"
+
+    @property
+    def control(self) -> str:
+        return f"{self.base}/control"
+
+    @property
+    def round(self) -> str:
+        return f"{self.base}/round"
+
+    @property
+    def global_model(self) -> str:
+        return f"{self.base}/model/global"
+
+    @property
+    def tflite_model(self) -> str:
+        return f"{self.base}/model/tflite"
+
+    @property
+    def metrics(self) -> str:
+        return f"{self.base}/metrics"
+
+    @property
+    def aggregator_status(self) -> str:
+        return f"{self.base}/aggregator/status"
+
+    def update(self, device: str) -> str:
+        return f"{self.base}/update/{check_segment(device, 'device id')}"
+
+    @property
+    def all_updates(self) -> str:
+        return f"{self.base}/update/+"
+
+    def status(self, device: str) -> str:
+        return f"{self.base}/status/{check_segment(device, 'device id')}"
+
+    @property
+    def all_statuses(self) -> str:
+        return f"{self.base}/status/+"
+
+    def device_of(self, topic: str) -> str:
+        """The device id in an update or status topic (the last segment).
+
+        The broker's ACL guarantees a device can only publish under its own
+        id, so the topic, not the payload, says who sent a message.
+        """
+        prefix, _, device = topic.rpartition("/")
+        if prefix not in (f"{self.base}/update", f"{self.base}/status"):
+            raise ValueError(f"{topic!r} is not a device topic of site {self.site!r}")
+        return check_segment(device, "device id")
+
+
+def doorbell_topic(device: str, leaf: str) -> str:
+    """`doorbell/<device>/<leaf>`: events and state for the home."""
+    return f"doorbell/{check_segment(device, 'device id')}/{leaf}"

@@ -1,0 +1,42 @@
+"""A small synchronous MQTT client for tests: subscribe, wait for messages, publish."""
+
+from __future__ import annotations
+
+import queue
+import time
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+
+
+class Probe:
+    """Connects to a test broker and records every message it receives."""
+
+    def __init__(self, port: int, *topics: str, client_id: str = "") -> None:
+        self.messages: queue.Queue[mqtt.MQTTMessage] = queue.Queue()
+        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id,
+                                  protocol=mqtt.MQTTv5)
+        self.client.on_message = lambda _c, _u, msg: self.messages.put(msg)
+        self.client.connect("127.0.0.1", port)
+        self.client.loop_start()
+        for topic in topics:
+            self.client.subscribe(topic, qos=1)
+
+    def publish(self, topic: str, payload: bytes | str, retain: bool = False) -> None:
+        self.client.publish(topic, payload, qos=1, retain=retain).wait_for_publish(5)
+
+    def wait_for(self, topic: str, timeout: float = 30.0) -> mqtt.MQTTMessage:
+        """The next message on `topic` (others are dropped), or AssertionError."""
+        deadline = time.monotonic() + timeout
+        while (left := deadline - time.monotonic()) > 0:
+            try:
+                msg = self.messages.get(timeout=left)
+            except queue.Empty:
+                break
+            if mqtt.topic_matches_sub(topic, msg.topic):
+                return msg
+        raise AssertionError(f"no message on {topic} within {timeout}s")
+
+    def close(self) -> None:
+        self.client.loop_stop()
+        self.client.disconnect()
