@@ -9,6 +9,7 @@ will meet.
 
 from __future__ import annotations
 
+import getpass
 from pathlib import Path
 
 from broker.local import LocalBroker
@@ -16,8 +17,8 @@ from broker.local import LocalBroker
 PRODUCTION_TEMPLATE = Path(__file__).with_name("production.conf")
 
 
-def render_config(port: int, conf_dir: Path, data_dir: Path, log_dest: str = "stderr",
-                  template: Path = PRODUCTION_TEMPLATE) -> str:
+def render_config(port: int, conf_dir: Path, data_dir: Path, *, log_dest: str = "stderr",
+                  user: str = "mosquitto", template: Path = PRODUCTION_TEMPLATE) -> str:
     """The production mosquitto.conf for one broker.
 
     `log_dest` is a mosquitto `log_dest` value: "stderr" under systemd (the
@@ -27,10 +28,10 @@ def render_config(port: int, conf_dir: Path, data_dir: Path, log_dest: str = "st
     for path in (conf_dir, data_dir):
         if any(char in str(path) for char in " \n{}"):
             raise ValueError(f"unusable path in broker configuration: {path}")
-    if "\n" in log_dest:
-        raise ValueError(f"unusable log_dest: {log_dest!r}")
+    if "\n" in log_dest or not user.isprintable() or " " in user:
+        raise ValueError(f"unusable log_dest or user: {log_dest!r}, {user!r}")
     return template.read_text().format(
-        port=port, conf_dir=conf_dir, data_dir=data_dir, log_dest=log_dest
+        port=port, conf_dir=conf_dir, data_dir=data_dir, log_dest=log_dest, user=user
     )
 
 
@@ -47,8 +48,10 @@ class SecureBroker(LocalBroker):
 
     def start(self, timeout: float = 10.0) -> SecureBroker:
         self.data_dir.mkdir(parents=True, exist_ok=True)
+        # Run as whoever runs the tests: as root, "root" keeps Mosquitto from
+        # switching to a user that cannot read pytest's private tmp folders.
         rendered = render_config(self.port, self.conf_dir, self.data_dir,
-                                 log_dest=f"file {self.log_path}")
+                                 log_dest=f"file {self.log_path}", user=getpass.getuser())
         # LocalBroker formats its template with {port}/{data_dir}; a rendered
         # config has no braces left, so it passes through unchanged.
         template = self.data_dir / "production.rendered.conf"

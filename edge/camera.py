@@ -51,8 +51,9 @@ PICAMERA2_HELP = (
 class Picamera2Source:
     """The Pi camera through libcamera, as BGR frames."""
 
-    def __init__(self, width: int, height: int, fps: float,
-                 camera_factory: Callable[[], Any] | None = None) -> None:
+    def __init__(
+        self, width: int, height: int, fps: float, camera_factory: Callable[[], Any] | None = None
+    ) -> None:
         if camera_factory is None:
             try:
                 from picamera2 import Picamera2
@@ -62,8 +63,8 @@ class Picamera2Source:
         try:
             self._camera = camera_factory()
             config = self._camera.create_video_configuration(
-                main={"size": (width, height), "format": "RGB888"},
-                controls={"FrameRate": fps})
+                main={"size": (width, height), "format": "RGB888"}, controls={"FrameRate": fps}
+            )
             self._camera.configure(config)
             self._camera.start()
         except Exception as err:  # libcamera raises many kinds; all mean "no camera"
@@ -88,8 +89,14 @@ class Picamera2Source:
 class OpenCVSource:
     """A USB camera index, an RTSP/HTTP URL, or a video file through VideoCapture."""
 
-    def __init__(self, device: int | str, width: int = 640, height: int = 480,
-                 fps: float = 15.0, loop: bool = False) -> None:
+    def __init__(
+        self,
+        device: int | str,
+        width: int = 640,
+        height: int = 480,
+        fps: float = 15.0,
+        loop: bool = False,
+    ) -> None:
         self._device = _as_device(device)
         self._loop = loop
         self._is_file = isinstance(self._device, str) and Path(self._device).is_file()
@@ -128,8 +135,13 @@ def _as_device(device: int | str) -> int | str:
 class FolderSource:
     """Images of a folder replayed in name order at a set frame rate."""
 
-    def __init__(self, folder: Path, fps: float = 0.0, loop: bool = False,
-                 sleep: Callable[[float], None] = time.sleep) -> None:
+    def __init__(
+        self,
+        folder: Path,
+        fps: float = 0.0,
+        loop: bool = False,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
         if not folder.is_dir():
             raise CameraError(f"folder: {folder} is not a folder")
         self._paths = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
@@ -180,9 +192,14 @@ class ReconnectingSource:
     turn), and `status` says `reconnecting` with the last error.
     """
 
-    def __init__(self, opener: Callable[[], FrameSource], initial_delay: float = 1.0,
-                 max_delay: float = 30.0, clock: Callable[[], float] = time.monotonic,
-                 sleep: Callable[[float], None] = time.sleep) -> None:
+    def __init__(
+        self,
+        opener: Callable[[], FrameSource],
+        initial_delay: float = 1.0,
+        max_delay: float = 30.0,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
         self._opener = opener
         self._initial = initial_delay
         self._max = max_delay
@@ -213,8 +230,9 @@ class ReconnectingSource:
                 return None
             if frame is None:
                 self._ended = True
-                self._status = SourceStatus("ended", self._status.last_error,
-                                            self._status.reconnects)
+                self._status = SourceStatus(
+                    "ended", self._status.last_error, self._status.reconnects
+                )
             return frame
 
     def wait_for_retry(self) -> None:
@@ -275,5 +293,6 @@ def open_source(config: CameraConfig) -> ReconnectingSource:
             import picamera2  # noqa: F401
         except ImportError as err:
             raise CameraError(PICAMERA2_HELP) from err
-    return ReconnectingSource(lambda: open_raw_source(config), config.reconnect_initial_s,
-                              config.reconnect_max_s)
+    return ReconnectingSource(
+        lambda: open_raw_source(config), config.reconnect_initial_s, config.reconnect_max_s
+    )

@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import cv2
+import cv2.data
 import numpy as np
 import numpy.typing as npt
 
@@ -31,7 +32,8 @@ def cascade_path(name: str) -> Path:
         return bundled
     raise DetectorError(
         f"Haar cascade {name!r} not found (looked in {cv2.data.haarcascades}); "
-        "opencv-python-headless 4.x ships them, 5.x does not")
+        "opencv-python-headless 4.x ships them, 5.x does not"
+    )
 
 
 class FaceDetector:
@@ -51,15 +53,20 @@ class FaceDetector:
         small = grey
         if scale < 1.0:
             size = (max(1, round(grey.shape[1] * scale)), max(1, round(grey.shape[0] * scale)))
-            small = cv2.resize(grey, size, interpolation=cv2.INTER_AREA)
+            small = np.asarray(cv2.resize(grey, size, interpolation=cv2.INTER_AREA), np.uint8)
         min_side = max(8, round(self.config.min_face_px * scale))
         if min(small.shape) < min_side:
             return []
         found = self._cascade.detectMultiScale(
-            small, scaleFactor=self.config.scale_factor,
-            minNeighbors=self.config.min_neighbors, minSize=(min_side, min_side))
-        boxes = [_to_full_frame(tuple(int(v) for v in box), scale, grey.shape)
-                 for box in np.asarray(found).reshape(-1, 4)]
+            small,
+            scaleFactor=self.config.scale_factor,
+            minNeighbors=self.config.min_neighbors,
+            minSize=(min_side, min_side),
+        )
+        boxes = [
+            _to_full_frame(tuple(int(v) for v in box), scale, grey.shape)
+            for box in np.asarray(found).reshape(-1, 4)
+        ]
         boxes.sort(key=lambda b: b[2] * b[3], reverse=True)
         return boxes[: self.config.max_faces]
 

@@ -109,16 +109,23 @@ class EventPublisher:
 
     # --- events and state -------------------------------------------------------------
 
-    def visitor(self, person: str, confidence: float, box: Box | None,
-                crop: npt.NDArray[np.uint8] | None = None,
-                frame: npt.NDArray[np.uint8] | None = None) -> str:
+    def visitor(
+        self,
+        person: str,
+        confidence: float,
+        box: Box | None,
+        crop: npt.NDArray[np.uint8] | None = None,
+        frame: npt.NDArray[np.uint8] | None = None,
+    ) -> str:
         """A visitor event; the crop is kept for labelling under the returned event id."""
         event_id = new_event_id()
         if crop is not None:
             self.crops.add(event_id, crop, person)
         payload = {
             "event_type": "unknown" if person == "unknown" else "known",
-            "event_id": event_id, "time": now_iso(), "person": person,
+            "event_id": event_id,
+            "time": now_iso(),
+            "person": person,
             "confidence": round(float(confidence), 4),
             "box": None if box is None else [int(v) for v in box],
         }
@@ -126,11 +133,17 @@ class EventPublisher:
         self._maybe_snapshot(frame)
         return event_id
 
-    def ring(self, source: str, person: str | None = None,
-             frame: npt.NDArray[np.uint8] | None = None) -> str:
+    def ring(
+        self, source: str, person: str | None = None, frame: npt.NDArray[np.uint8] | None = None
+    ) -> str:
         event_id = new_event_id()
-        payload = {"event_type": "ring", "event_id": event_id, "time": now_iso(),
-                   "source": source, "person": person}
+        payload = {
+            "event_type": "ring",
+            "event_id": event_id,
+            "time": now_iso(),
+            "source": source,
+            "person": person,
+        }
         self._publish(self.topics.ring, json.dumps(payload), retain=False)
         self._maybe_snapshot(frame)
         return event_id
@@ -167,20 +180,22 @@ class EventPublisher:
             self.on_ring_command()
             return
         self.counters.rejected += 1
-        log.warning("command on %s rejected: expected JSON {\"cmd\": \"ring\"}, got %r",
-                    msg.topic, msg.payload[:100])
+        log.warning(
+            'command on %s rejected: expected JSON {"cmd": "ring"}, got %r',
+            msg.topic,
+            msg.payload[:100],
+        )
 
     def _on_label(self, _client: mqtt.Client, _userdata: Any, msg: mqtt.MQTTMessage) -> None:
         try:
-            apply_label(self.crops, self.gallery, msg.payload)
+            apply_label(self.crops, self.gallery, bytes(msg.payload))
         except FeedbackError as err:
             self.counters.rejected += 1
             log.warning("label command rejected: %s", err)
         else:
             self.counters.labels += 1
 
-    def _on_ha_status(self, _client: mqtt.Client, _userdata: Any,
-                      msg: mqtt.MQTTMessage) -> None:
+    def _on_ha_status(self, _client: mqtt.Client, _userdata: Any, msg: mqtt.MQTTMessage) -> None:
         if msg.payload == ONLINE.encode():
             log.info("Home Assistant came online: republishing discovery")
             self.publish_discovery()

@@ -37,8 +37,10 @@ class FeedbackError(ValueError):
 def check_person_name(name: str) -> str:
     """A gallery folder name: letters, digits, '_' and '-', no path tricks."""
     if not _PERSON.match(name) or name.lower() in {"unknown", IGNORE}:
-        raise FeedbackError(f"person name {name!r} must be 1-64 letters, digits, '_' or '-' "
-                            "(and not 'unknown' or 'ignore')")
+        raise FeedbackError(
+            f"person name {name!r} must be 1-64 letters, digits, '_' or '-' "
+            "(and not 'unknown' or 'ignore')"
+        )
     return name
 
 
@@ -52,8 +54,12 @@ class StoredCrop:
 class RecentCrops:
     """event_id → the 8-bit grey face crop of that event, oldest evicted first."""
 
-    def __init__(self, max_count: int = 200, max_age_s: float = 3600.0,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        max_count: int = 200,
+        max_age_s: float = 3600.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._max_count = max_count
         self._max_age = max_age_s
         self._clock = clock
@@ -80,8 +86,10 @@ class RecentCrops:
             self._expire()
             stored = self._crops.pop(event_id, None)
         if stored is None:
-            raise FeedbackError(f"event {event_id!r} is unknown or older than "
-                                f"{self._max_age:.0f}s (or beyond the last {self._max_count})")
+            raise FeedbackError(
+                f"event {event_id!r} is unknown or older than "
+                f"{self._max_age:.0f}s (or beyond the last {self._max_count})"
+            )
         return stored
 
     def _expire(self) -> None:

@@ -16,8 +16,9 @@ class GpioError(RuntimeError):
     """The button cannot be set up."""
 
 
-def watch_button(pin: int, on_press: Callable[[], None],
-                 button_factory: Callable[..., Any] | None = None) -> Any:
+def watch_button(
+    pin: int, on_press: Callable[[], None], button_factory: Callable[..., Any] | None = None
+) -> Any:
     """Call `on_press` (from gpiozero's thread) each time the button on BCM `pin` is pressed.
 
     Returns the button object; keep a reference or it stops working, close() it at exit.

@@ -77,39 +77,77 @@ class DoorbellTopics:
         return f"{self.discovery_prefix}/status"
 
 
-def discovery_payload(topics: DoorbellTopics, name: str | None = None,
-                      snapshot: bool = False, model: str = "fedbell doorbell",
-                      sw_version: str = "0.1.0") -> dict[str, Any]:
+def discovery_payload(
+    topics: DoorbellTopics,
+    name: str | None = None,
+    snapshot: bool = False,
+    model: str = "fedbell doorbell",
+    sw_version: str = "0.1.0",
+) -> dict[str, Any]:
     """The device-discovery config: ring and visitor events, presence, optional snapshot."""
     device = topics.device
-    availability = [{"topic": topics.availability, "payload_available": ONLINE,
-                     "payload_not_available": OFFLINE}]
+    availability = [
+        {
+            "topic": topics.availability,
+            "payload_available": ONLINE,
+            "payload_not_available": OFFLINE,
+        }
+    ]
 
     def component(platform: str, key: str, title: str, **extra: Any) -> dict[str, Any]:
-        return {"p": platform, "name": title, "unique_id": f"{device}_{key}",
-                "availability": availability, **extra}
+        return {
+            "p": platform,
+            "name": title,
+            "unique_id": f"{device}_{key}",
+            "availability": availability,
+            **extra,
+        }
 
     components: dict[str, dict[str, Any]] = {
-        f"{device}_ring": component("event", "ring", "Ring", state_topic=topics.ring,
-                                    event_types=list(RING_EVENT_TYPES),
-                                    device_class="doorbell"),
-        f"{device}_visitor": component("event", "visitor", "Visitor",
-                                       state_topic=topics.visitor,
-                                       event_types=list(VISITOR_EVENT_TYPES)),
-        f"{device}_present": component("binary_sensor", "present", "Person present",
-                                       state_topic=topics.present, payload_on=PRESENT_ON,
-                                       payload_off=PRESENT_OFF, device_class="occupancy"),
-        f"{device}_ring_button": component("button", "ring_button", "Ring",
-                                           command_topic=topics.command,
-                                           payload_press='{"cmd": "ring"}'),
+        f"{device}_ring": component(
+            "event",
+            "ring",
+            "Ring",
+            state_topic=topics.ring,
+            event_types=list(RING_EVENT_TYPES),
+            device_class="doorbell",
+        ),
+        f"{device}_visitor": component(
+            "event",
+            "visitor",
+            "Visitor",
+            state_topic=topics.visitor,
+            event_types=list(VISITOR_EVENT_TYPES),
+        ),
+        f"{device}_present": component(
+            "binary_sensor",
+            "present",
+            "Person present",
+            state_topic=topics.present,
+            payload_on=PRESENT_ON,
+            payload_off=PRESENT_OFF,
+            device_class="occupancy",
+        ),
+        f"{device}_ring_button": component(
+            "button",
+            "ring_button",
+            "Ring",
+            command_topic=topics.command,
+            payload_press='{"cmd": "ring"}',
+        ),
     }
     if snapshot:
         components[f"{device}_snapshot"] = component(
-            "image", "snapshot", "Snapshot", image_topic=topics.snapshot,
-            content_type="image/jpeg")
+            "image", "snapshot", "Snapshot", image_topic=topics.snapshot, content_type="image/jpeg"
+        )
     return {
-        "dev": {"ids": [f"fedbell_{device}"], "name": name or device,
-                "mf": "fedbell", "mdl": model, "sw": sw_version},
+        "dev": {
+            "ids": [f"fedbell_{device}"],
+            "name": name or device,
+            "mf": "fedbell",
+            "mdl": model,
+            "sw": sw_version,
+        },
         "o": dict(ORIGIN),
         "cmps": components,
         "qos": 1,

@@ -35,12 +35,18 @@ RING_FACE_WINDOW_S = 2.0
 class EventSink(Protocol):
     """Where the pipeline's events go (edge.events.EventPublisher in the node)."""
 
-    def visitor(self, person: str, confidence: float, box: Box | None,
-                crop: npt.NDArray[np.uint8] | None = None,
-                frame: npt.NDArray[np.uint8] | None = None) -> str: ...
+    def visitor(
+        self,
+        person: str,
+        confidence: float,
+        box: Box | None,
+        crop: npt.NDArray[np.uint8] | None = None,
+        frame: npt.NDArray[np.uint8] | None = None,
+    ) -> str: ...
 
-    def ring(self, source: str, person: str | None = None,
-             frame: npt.NDArray[np.uint8] | None = None) -> str: ...
+    def ring(
+        self, source: str, person: str | None = None, frame: npt.NDArray[np.uint8] | None = None
+    ) -> str: ...
 
     def present(self, present: bool) -> None: ...
 
@@ -79,9 +85,14 @@ class _Seen:
 
 
 class Pipeline:
-    def __init__(self, detector: FaceDetector, recognizer: Recognizer, events: EventSink,
-                 config: RecognitionConfig | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        detector: FaceDetector,
+        recognizer: Recognizer,
+        events: EventSink,
+        config: RecognitionConfig | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.detector = detector
         self.recognizer = recognizer
         self.events = events
@@ -147,7 +158,8 @@ class Pipeline:
         seen = self._seen
         best: dict[str, Sighting] = {}
         for sighting in sightings:
-            if sighting.person not in best or sighting.confidence > best[sighting.person].confidence:
+            current = best.get(sighting.person)
+            if current is None or sighting.confidence > current.confidence:
                 best[sighting.person] = sighting
         seen.streaks = {person: seen.streaks.get(person, 0) + 1 for person in best}
         for person, sighting in best.items():
@@ -170,16 +182,19 @@ class Pipeline:
         """A ring from the button, an MQTT command or the face trigger (any thread)."""
         with self._lock:
             seen = self._seen
-            recent = seen.last_sighting is not None and \
-                self._clock() - seen.last_face_time <= RING_FACE_WINDOW_S
+            recent = (
+                seen.last_sighting is not None
+                and self._clock() - seen.last_face_time <= RING_FACE_WINDOW_S
+            )
             sighting = seen.last_sighting if recent else None
             frame = seen.last_frame
             self.counters.rings += 1
         self.events.ring(source, None if sighting is None else sighting.person, frame)
         # Whoever rang is a visitor, debounce or not (the face trigger already sent one).
         if sighting is not None and source != "face":
-            self.events.visitor(sighting.person, sighting.confidence, sighting.box,
-                                sighting.crop, frame)
+            self.events.visitor(
+                sighting.person, sighting.confidence, sighting.box, sighting.crop, frame
+            )
 
     def _update_fps(self) -> None:
         times = self._frame_times

@@ -19,29 +19,52 @@ class _Section(BaseModel):
 
 class CameraConfig(_Section):
     kind: Literal["picamera2", "opencv", "folder"] = Field(
-        "opencv", title="Frame source",
+        default="opencv",
+        title="Frame source",
         description="picamera2 (Pi camera via libcamera), opencv (USB index, RTSP/HTTP URL "
-                    "or video file) or folder (replay images in name order)")
+        "or video file) or folder (replay images in name order)",
+    )
     device: int | str = Field(
-        0, title="OpenCV device",
+        default=0,
+        title="OpenCV device",
         description="For kind=opencv: a USB camera index, an rtsp:// or http:// URL, "
-                    "or a video file path")
+        "or a video file path",
+    )
     folder: Path | None = Field(
-        None, title="Image folder", description="For kind=folder: the folder of images to replay")
-    fps: float = Field(15.0, gt=0, le=120, title="Frame rate",
-                       description="Frames per second requested from the camera "
-                                   "(the replay rate for folders)")
-    width: int = Field(640, ge=16, le=4096, title="Width", description="Frame width in pixels")
-    height: int = Field(480, ge=16, le=4096, title="Height",
-                        description="Frame height in pixels")
-    loop: bool = Field(False, title="Loop replay",
-                       description="Start a folder or video file again when it ends")
+        default=None,
+        title="Image folder",
+        description="For kind=folder: the folder of images to replay",
+    )
+    fps: float = Field(
+        default=15.0,
+        gt=0,
+        le=120,
+        title="Frame rate",
+        description="Frames per second requested from the camera (the replay rate for folders)",
+    )
+    width: int = Field(
+        default=640, ge=16, le=4096, title="Width", description="Frame width in pixels"
+    )
+    height: int = Field(
+        default=480, ge=16, le=4096, title="Height", description="Frame height in pixels"
+    )
+    loop: bool = Field(
+        default=False,
+        title="Loop replay",
+        description="Start a folder or video file again when it ends",
+    )
     reconnect_initial_s: float = Field(
-        1.0, gt=0, title="First reconnect delay",
-        description="Seconds before the first attempt to reopen a lost camera")
+        default=1.0,
+        gt=0,
+        title="First reconnect delay",
+        description="Seconds before the first attempt to reopen a lost camera",
+    )
     reconnect_max_s: float = Field(
-        30.0, gt=0, title="Longest reconnect delay",
-        description="The reconnect delay doubles after each failure up to this many seconds")
+        default=30.0,
+        gt=0,
+        title="Longest reconnect delay",
+        description="The reconnect delay doubles after each failure up to this many seconds",
+    )
 
     @model_validator(mode="after")
     def _source_is_complete(self) -> CameraConfig:
@@ -54,72 +77,142 @@ class CameraConfig(_Section):
 
 class DetectionConfig(_Section):
     downscale: float = Field(
-        0.5, gt=0.05, le=1.0, title="Detection scale",
+        default=0.5,
+        gt=0.05,
+        le=1.0,
+        title="Detection scale",
         description="Frames are resized by this factor before detection so the Haar "
-                    "cascade keeps up with the camera; boxes are mapped back to full size")
+        "cascade keeps up with the camera; boxes are mapped back to full size",
+    )
     min_face_px: int = Field(
-        60, ge=8, title="Minimum face size",
-        description="Smallest face side, in full-frame pixels, worth recognising")
-    scale_factor: float = Field(1.1, gt=1.0, lt=2.0, title="Cascade scale step",
-                                description="detectMultiScale scaleFactor")
-    min_neighbors: int = Field(5, ge=1, title="Cascade neighbours",
-                               description="detectMultiScale minNeighbors: higher means "
-                                           "fewer false detections")
-    max_faces: int = Field(4, ge=1, title="Faces per frame",
-                           description="Only the largest faces of a frame are recognised")
-    margin: float = Field(0.1, ge=0.0, le=0.5, title="Crop margin",
-                          description="Widening of the face box per side before cropping; "
-                                      "must match the margin used for training crops")
-    cascade: str = Field("haarcascade_frontalface_default.xml", title="Cascade file",
-                         description="A file name in cv2.data.haarcascades or a path")
+        default=60,
+        ge=8,
+        title="Minimum face size",
+        description="Smallest face side, in full-frame pixels, worth recognising",
+    )
+    scale_factor: float = Field(
+        default=1.1,
+        gt=1.0,
+        lt=2.0,
+        title="Cascade scale step",
+        description="detectMultiScale scaleFactor",
+    )
+    min_neighbors: int = Field(
+        default=5,
+        ge=1,
+        title="Cascade neighbours",
+        description="detectMultiScale minNeighbors: higher means fewer false detections",
+    )
+    max_faces: int = Field(
+        default=4,
+        ge=1,
+        title="Faces per frame",
+        description="Only the largest faces of a frame are recognised",
+    )
+    margin: float = Field(
+        default=0.1,
+        ge=0.0,
+        le=0.5,
+        title="Crop margin",
+        description="Widening of the face box per side before cropping; "
+        "must match the margin used for training crops",
+    )
+    cascade: str = Field(
+        default="haarcascade_frontalface_default.xml",
+        title="Cascade file",
+        description="A file name in cv2.data.haarcascades or a path",
+    )
 
 
 class RecognitionConfig(_Section):
     threshold: float | None = Field(
-        None, ge=0.0, le=1.0, title="Threshold override",
+        default=None,
+        ge=0.0,
+        le=1.0,
+        title="Threshold override",
         description="Confidence below which a face is 'unknown'; unset uses the threshold "
-                    "calibrated by the aggregator and shipped with the model")
+        "calibrated by the aggregator and shipped with the model",
+    )
     default_threshold: float = Field(
-        0.6, ge=0.0, le=1.0, title="Fallback threshold",
-        description="Used when neither the override nor the model artifact gives one")
+        default=0.6,
+        ge=0.0,
+        le=1.0,
+        title="Fallback threshold",
+        description="Used when neither the override nor the model artifact gives one",
+    )
     debounce_s: float = Field(
-        30.0, ge=0.0, title="Visitor debounce",
-        description="At most one visitor event per person in this many seconds")
+        default=30.0,
+        ge=0.0,
+        title="Visitor debounce",
+        description="At most one visitor event per person in this many seconds",
+    )
     confirm_frames: int = Field(
-        2, ge=1, title="Frames to confirm",
+        default=2,
+        ge=1,
+        title="Frames to confirm",
         description="A person must be recognised in this many consecutive frames with a "
-                    "face before a visitor event is sent")
+        "face before a visitor event is sent",
+    )
     ring_on_face_frames: int = Field(
-        0, ge=0, title="Ring on face",
+        default=0,
+        ge=0,
+        title="Ring on face",
         description="Ring when a face has been seen for this many consecutive frames; "
-                    "0 turns the face trigger off")
+        "0 turns the face trigger off",
+    )
     ring_button_pin: int | None = Field(
-        None, ge=0, title="GPIO ring button",
-        description="BCM pin of the push button (needs gpiozero); unset for no button")
+        default=None,
+        ge=0,
+        title="GPIO ring button",
+        description="BCM pin of the push button (needs gpiozero); unset for no button",
+    )
     absent_after_s: float = Field(
-        5.0, gt=0.0, title="Presence timeout",
-        description="The person-present sensor turns off after this many seconds "
-                    "without a face")
-    snapshot: bool = Field(False, title="JPEG snapshots",
-                           description="Publish a JPEG of the frame with each visitor or "
-                                       "ring event (off: no image leaves the device)")
-    snapshot_quality: int = Field(80, ge=10, le=100, title="JPEG quality",
-                                  description="Quality of snapshot JPEGs")
+        default=5.0,
+        gt=0.0,
+        title="Presence timeout",
+        description="The person-present sensor turns off after this many seconds without a face",
+    )
+    snapshot: bool = Field(
+        default=False,
+        title="JPEG snapshots",
+        description="Publish a JPEG of the frame with each visitor or "
+        "ring event (off: no image leaves the device)",
+    )
+    snapshot_quality: int = Field(
+        default=80, ge=10, le=100, title="JPEG quality", description="Quality of snapshot JPEGs"
+    )
     event_crops_max: int = Field(
-        200, ge=0, title="Kept event crops",
-        description="How many recent event face crops are kept for labelling")
+        default=200,
+        ge=0,
+        title="Kept event crops",
+        description="How many recent event face crops are kept for labelling",
+    )
     event_crops_max_age_s: float = Field(
-        3600.0, gt=0.0, title="Event crop lifetime",
-        description="Event face crops older than this can no longer be labelled")
+        default=3600.0,
+        gt=0.0,
+        title="Event crop lifetime",
+        description="Event face crops older than this can no longer be labelled",
+    )
 
 
 class HomeAssistantConfig(_Section):
-    enabled: bool = Field(True, title="Discovery",
-                          description="Publish Home Assistant MQTT device discovery")
-    discovery_prefix: str = Field("homeassistant", min_length=1, title="Discovery prefix",
-                                  description="Home Assistant's discovery topic prefix")
-    topic_root: str = Field("doorbell", min_length=1, title="Doorbell topic root",
-                            description="Events go to <topic_root>/<device>/...")
-    device_name: str | None = Field(None, title="Device name",
-                                    description="Name shown in Home Assistant "
-                                                "(default: the device id)")
+    enabled: bool = Field(
+        default=True, title="Discovery", description="Publish Home Assistant MQTT device discovery"
+    )
+    discovery_prefix: str = Field(
+        default="homeassistant",
+        min_length=1,
+        title="Discovery prefix",
+        description="Home Assistant's discovery topic prefix",
+    )
+    topic_root: str = Field(
+        default="doorbell",
+        min_length=1,
+        title="Doorbell topic root",
+        description="Events go to <topic_root>/<device>/...",
+    )
+    device_name: str | None = Field(
+        default=None,
+        title="Device name",
+        description="Name shown in Home Assistant (default: the device id)",
+    )

@@ -45,8 +45,9 @@ class ModelArtifact:
         if not self.tflite:
             raise RecognizerError("model artifact: empty TFLite flatbuffer")
         if len(self.labels) < 1 or len(set(self.labels)) != len(self.labels):
-            raise RecognizerError(f"model artifact: labels must be distinct and non-empty, "
-                                  f"got {self.labels}")
+            raise RecognizerError(
+                f"model artifact: labels must be distinct and non-empty, got {self.labels}"
+            )
         if UNKNOWN in self.labels:
             raise RecognizerError(f"model artifact: {UNKNOWN!r} cannot be a label")
         if self.threshold is not None and not 0.0 <= self.threshold <= 1.0:
@@ -71,7 +72,8 @@ def interpreter_factory() -> Callable[..., Any]:
         import tensorflow as tf
     except ImportError as err:
         raise RecognizerError(
-            "no TFLite interpreter: install ai-edge-litert (pip install ai-edge-litert)") from err
+            "no TFLite interpreter: install ai-edge-litert (pip install ai-edge-litert)"
+        ) from err
     log.warning("using TensorFlow's tf.lite interpreter; install ai-edge-litert for speed")
     return tf.lite.Interpreter  # type: ignore[no-any-return]
 
@@ -93,8 +95,9 @@ class LoadedModel:
     def probabilities(self, face: FloatImage) -> npt.NDArray[np.float32]:
         """Class probabilities for one normalised face (size×size floats in [0, 1])."""
         if face.shape != (self.input_size, self.input_size):
-            raise RecognizerError(f"face is {face.shape}, the model takes "
-                                  f"{self.input_size}x{self.input_size}")
+            raise RecognizerError(
+                f"face is {face.shape}, the model takes {self.input_size}x{self.input_size}"
+            )
         batch = face.reshape(1, self.input_size, self.input_size, 1)
         scale, zero = self.input_quant
         if self.input_dtype is np.float32:
@@ -102,7 +105,8 @@ class LoadedModel:
         else:  # an int8/uint8-input model: quantise as its input params say
             info = np.iinfo(self.input_dtype)  # type: ignore[type-var]
             tensor = np.clip(np.round(batch / scale + zero), info.min, info.max).astype(
-                self.input_dtype)
+                self.input_dtype
+            )
         with self.lock:  # an interpreter runs one invoke at a time
             self.interpreter.set_tensor(self.input_index, tensor)
             self.interpreter.invoke()
@@ -117,33 +121,41 @@ class LoadedModel:
 def load_model(artifact: ModelArtifact, num_threads: int = 1) -> LoadedModel:
     """Build, check and warm up an interpreter for `artifact` (RecognizerError if unusable)."""
     try:
-        interpreter = interpreter_factory()(model_content=artifact.tflite,
-                                            num_threads=num_threads)
+        interpreter = interpreter_factory()(model_content=artifact.tflite, num_threads=num_threads)
         interpreter.allocate_tensors()
     except RecognizerError:
         raise
     except Exception as err:  # the interpreter raises ValueError/RuntimeError on bad bytes
-        raise RecognizerError(f"model {artifact.version}: not a usable TFLite model: {err}") \
-            from err
+        raise RecognizerError(
+            f"model {artifact.version}: not a usable TFLite model: {err}"
+        ) from err
     inputs, outputs = interpreter.get_input_details(), interpreter.get_output_details()
     if len(inputs) != 1 or len(outputs) != 1:
         raise RecognizerError(f"model {artifact.version}: expected one input and one output")
     shape = tuple(int(v) for v in inputs[0]["shape"])
     if len(shape) != 4 or shape[0] != 1 or shape[3] != 1 or shape[1] != shape[2]:
-        raise RecognizerError(f"model {artifact.version}: input shape {shape} is not "
-                              "[1, size, size, 1]")
+        raise RecognizerError(
+            f"model {artifact.version}: input shape {shape} is not [1, size, size, 1]"
+        )
     classes = int(np.prod(outputs[0]["shape"]))
     if classes != len(artifact.labels):
-        raise RecognizerError(f"model {artifact.version}: {classes} outputs but "
-                              f"{len(artifact.labels)} labels")
+        raise RecognizerError(
+            f"model {artifact.version}: {classes} outputs but {len(artifact.labels)} labels"
+        )
     model = LoadedModel(
-        artifact=artifact, interpreter=interpreter,
-        input_index=int(inputs[0]["index"]), output_index=int(outputs[0]["index"]),
-        input_size=shape[1], input_dtype=np.dtype(inputs[0]["dtype"]).type,
-        input_quant=_quant(inputs[0]), output_quant=_quant(outputs[0]))
+        artifact=artifact,
+        interpreter=interpreter,
+        input_index=int(inputs[0]["index"]),
+        output_index=int(outputs[0]["index"]),
+        input_size=shape[1],
+        input_dtype=np.dtype(inputs[0]["dtype"]).type,
+        input_quant=_quant(inputs[0]),
+        output_quant=_quant(outputs[0]),
+    )
     if model.input_dtype not in (np.float32, np.int8, np.uint8):
-        raise RecognizerError(f"model {artifact.version}: unsupported input type "
-                              f"{model.input_dtype.__name__}")
+        raise RecognizerError(
+            f"model {artifact.version}: unsupported input type {model.input_dtype.__name__}"
+        )
     if model.input_dtype is not np.float32 and not model.input_quant[0]:
         raise RecognizerError(f"model {artifact.version}: integer input without a scale")
     model.probabilities(np.zeros((model.input_size, model.input_size), np.float32))
@@ -158,8 +170,12 @@ def _quant(detail: dict[str, Any]) -> tuple[float, int]:
 class Recognizer:
     """Names the person in a normalised face crop, or "unknown"."""
 
-    def __init__(self, threshold_override: float | None = None,
-                 default_threshold: float = 0.6, num_threads: int = 1) -> None:
+    def __init__(
+        self,
+        threshold_override: float | None = None,
+        default_threshold: float = 0.6,
+        num_threads: int = 1,
+    ) -> None:
         self._override = threshold_override
         self._default = default_threshold
         self._threads = num_threads
@@ -197,9 +213,12 @@ class Recognizer:
         model = load_model(artifact, self._threads)  # slow part, outside the lock
         with self._lock:
             previous, self._model = self._model, model
-        log.info("recognition model %s -> %s (%d labels)",
-                 None if previous is None else previous.artifact.version,
-                 artifact.version, len(artifact.labels))
+        log.info(
+            "recognition model %s -> %s (%d labels)",
+            None if previous is None else previous.artifact.version,
+            artifact.version,
+            len(artifact.labels),
+        )
 
     def _current(self) -> LoadedModel:
         with self._lock:
@@ -221,8 +240,9 @@ class Recognizer:
         model = self._current()
         return [self._name(model, model.probabilities(face)) for face in faces]
 
-    def _name(self, model: LoadedModel,
-              probabilities: npt.NDArray[np.float32]) -> tuple[str, float]:
+    def _name(
+        self, model: LoadedModel, probabilities: npt.NDArray[np.float32]
+    ) -> tuple[str, float]:
         best = int(np.argmax(probabilities))
         confidence = float(probabilities[best])
         if confidence < self.threshold:

@@ -26,15 +26,17 @@ MAX_THRESHOLD = 1.0
 def _check_probabilities(name: str, probabilities: npt.ArrayLike) -> npt.NDArray[np.float64]:
     array = np.asarray(probabilities, dtype=np.float64)
     if array.ndim != 2 or array.shape[0] == 0 or array.shape[1] < 2:
-        raise ValueError(f"{name}: expected a non-empty [samples, classes>=2] array, "
-                         f"got shape {array.shape}")
+        raise ValueError(
+            f"{name}: expected a non-empty [samples, classes>=2] array, got shape {array.shape}"
+        )
     if not np.all(np.isfinite(array)) or array.min() < 0.0 or array.max() > 1.0 + 1e-6:
         raise ValueError(f"{name}: probabilities must be finite and within [0, 1]")
     return array
 
 
-def stranger_scores(probabilities_known: npt.ArrayLike,
-                    labels: npt.ArrayLike | None = None) -> npt.NDArray[np.float64]:
+def stranger_scores(
+    probabilities_known: npt.ArrayLike, labels: npt.ArrayLike | None = None
+) -> npt.NDArray[np.float64]:
     """Proxy stranger confidences: each known face with its own class removed.
 
     `labels` are the true class indices; without them the predicted class is
@@ -44,8 +46,9 @@ def stranger_scores(probabilities_known: npt.ArrayLike,
     rows = np.arange(known.shape[0])
     own = np.argmax(known, axis=1) if labels is None else np.asarray(labels, dtype=np.int64)
     if own.shape != (known.shape[0],) or own.min() < 0 or own.max() >= known.shape[1]:
-        raise ValueError(f"labels: expected {known.shape[0]} class indices "
-                         f"in [0, {known.shape[1]})")
+        raise ValueError(
+            f"labels: expected {known.shape[0]} class indices in [0, {known.shape[1]})"
+        )
     rest = known.copy()
     rest[rows, own] = 0.0
     remaining = rest.sum(axis=1)
@@ -67,9 +70,13 @@ def threshold_for_far(scores: npt.ArrayLike, target_far: float) -> float:
     return float(min(MAX_THRESHOLD, np.nextafter(values[allowed], np.inf)))
 
 
-def calibrate_threshold(probabilities_known: npt.ArrayLike, target_far: float,
-                        probabilities_unknown: npt.ArrayLike | None = None, *,
-                        labels: npt.ArrayLike | None = None) -> float:
+def calibrate_threshold(
+    probabilities_known: npt.ArrayLike,
+    target_far: float,
+    probabilities_unknown: npt.ArrayLike | None = None,
+    *,
+    labels: npt.ArrayLike | None = None,
+) -> float:
     """The confidence threshold giving at most `target_far` false accepts.
 
     probabilities_known: softmax outputs [n, classes] on held-out enrolled faces.

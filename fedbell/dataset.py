@@ -72,8 +72,8 @@ def dirichlet_partition(persons: Sequence[str], nodes: int, alpha: float, seed: 
     Small alpha gives each node a few people (non-IID, like real doorbells);
     large alpha spreads everyone evenly. Every node gets at least one sample.
     """
-    if nodes < 1:
-        raise ValueError("need at least one node")
+    if not 1 <= nodes <= len(persons):
+        raise ValueError(f"cannot give {nodes} nodes a sample each from {len(persons)} samples")
     rng = np.random.default_rng(seed)
     parts: list[list[int]] = [[] for _ in range(nodes)]
     names = np.array(persons)

@@ -83,8 +83,13 @@ def make_identity(rng: np.random.Generator) -> IdentityParams:
     )
 
 
-def _ellipse(canvas: FloatArray, centre: tuple[float, float], axes: tuple[float, float],
-             value: float, angle_deg: float = 0.0) -> None:
+def _ellipse(
+    canvas: FloatArray,
+    centre: tuple[float, float],
+    axes: tuple[float, float],
+    value: float,
+    angle_deg: float = 0.0,
+) -> None:
     """Fill an anti-aliased ellipse in place (coordinates in pixels, subpixel)."""
     shift = 4  # cv2 subpixel precision: coordinates are multiplied by 2**shift
     scale = 1 << shift
@@ -92,7 +97,13 @@ def _ellipse(canvas: FloatArray, centre: tuple[float, float], axes: tuple[float,
         canvas,
         (round(centre[0] * scale), round(centre[1] * scale)),
         (max(1, round(axes[0] * scale)), max(1, round(axes[1] * scale))),
-        angle_deg, 0, 360, value, thickness=-1, lineType=cv2.LINE_AA, shift=shift,
+        angle_deg,
+        0,
+        360,
+        value,
+        thickness=-1,
+        lineType=cv2.LINE_AA,
+        shift=shift,
     )
 
 
@@ -104,8 +115,9 @@ def _draw_face(p: IdentityParams, size: int, expression: float, lighting: float)
     # Hair first: a larger dark ellipse behind the top of the face.
     if p.hair_style == 2:
         _ellipse(canvas, (cx, cy), (p.face_width * s * 1.25, p.face_height * s * 1.1), p.hair)
-    _ellipse(canvas, (cx, cy - s * 0.06),
-             (p.face_width * s * 1.12, p.face_height * s * 1.02), p.hair)
+    _ellipse(
+        canvas, (cx, cy - s * 0.06), (p.face_width * s * 1.12, p.face_height * s * 1.02), p.hair
+    )
     # Face oval, lit from the front: brighter in the middle, darker at the rim.
     face = np.zeros_like(canvas)
     _ellipse(face, (cx, cy), (p.face_width * s, p.face_height * s), 1.0)
@@ -118,9 +130,15 @@ def _draw_face(p: IdentityParams, size: int, expression: float, lighting: float)
     hair_bottom = top + p.hair_line * s * 0.9
     fringe = np.zeros_like(canvas)
     if p.hair_style == 1:  # side parting: the fringe slopes across the forehead
-        pts = np.array([[cx - s * 0.4, top - s * 0.1], [cx + s * 0.4, top - s * 0.1],
-                        [cx + s * 0.4, hair_bottom - s * 0.03],
-                        [cx - s * 0.4, hair_bottom + s * 0.04]], dtype=np.int32)
+        pts = np.array(
+            [
+                [cx - s * 0.4, top - s * 0.1],
+                [cx + s * 0.4, top - s * 0.1],
+                [cx + s * 0.4, hair_bottom - s * 0.03],
+                [cx - s * 0.4, hair_bottom + s * 0.04],
+            ],
+            dtype=np.int32,
+        )
         cv2.fillPoly(fringe, [pts], 1.0, lineType=cv2.LINE_AA)
     else:
         cv2.rectangle(fringe, (0, 0), (size - 1, int(hair_bottom)), 1.0, thickness=-1)
@@ -133,8 +151,7 @@ def _draw_face(p: IdentityParams, size: int, expression: float, lighting: float)
     canvas *= 1.0 - 0.22 * band
     for side in (-1.0, 1.0):
         ex = cx + side * p.eye_spacing * s
-        _ellipse(canvas, (ex, eye_y), (p.eye_size * s * 1.7, p.eye_size * s * 1.1),
-                 p.skin * 0.55)
+        _ellipse(canvas, (ex, eye_y), (p.eye_size * s * 1.7, p.eye_size * s * 1.1), p.skin * 0.55)
         _ellipse(canvas, (ex, eye_y), (p.eye_size * s, p.eye_size * s * 0.55), p.skin * 0.9)
         _ellipse(canvas, (ex, eye_y), (p.eye_size * s * 0.5, p.eye_size * s * 0.5), 25.0)
         # Brows: thick dark bars whose slant is part of the identity.
@@ -142,19 +159,33 @@ def _draw_face(p: IdentityParams, size: int, expression: float, lighting: float)
         half = p.eye_size * s * 1.6
         dy = np.tan(p.brow_slant) * half * side
         pts = np.array([[ex - half, by + dy], [ex + half, by - dy]], dtype=np.float64)
-        cv2.line(canvas, tuple(np.round(pts[0]).astype(int)), tuple(np.round(pts[1]).astype(int)),
-                 p.hair * 0.8, thickness=max(1, round(p.brow_thickness * s)),
-                 lineType=cv2.LINE_AA)
+        cv2.line(
+            canvas,
+            tuple(np.round(pts[0]).astype(int)),
+            tuple(np.round(pts[1]).astype(int)),
+            p.hair * 0.8,
+            thickness=max(1, round(p.brow_thickness * s)),
+            lineType=cv2.LINE_AA,
+        )
     # Nose: a light bridge between the eyes, shadowed on one side, dark nostrils.
     nose_top, nose_tip = eye_y, eye_y + p.nose_length * s
-    bridge = np.array([[cx - p.nose_width * s * 0.35, nose_top],
-                       [cx + p.nose_width * s * 0.35, nose_top],
-                       [cx + p.nose_width * s * 0.5, nose_tip],
-                       [cx - p.nose_width * s * 0.5, nose_tip]], dtype=np.int32)
+    bridge = np.array(
+        [
+            [cx - p.nose_width * s * 0.35, nose_top],
+            [cx + p.nose_width * s * 0.35, nose_top],
+            [cx + p.nose_width * s * 0.5, nose_tip],
+            [cx - p.nose_width * s * 0.5, nose_tip],
+        ],
+        dtype=np.int32,
+    )
     cv2.fillPoly(canvas, [bridge], min(255.0, p.skin * 1.15), lineType=cv2.LINE_AA)
     for side in (-1.0, 1.0):
-        _ellipse(canvas, (cx + side * p.nose_width * s * 0.45, nose_tip),
-                 (p.nose_width * s * 0.28, p.nose_width * s * 0.16), p.skin * 0.45)
+        _ellipse(
+            canvas,
+            (cx + side * p.nose_width * s * 0.45, nose_tip),
+            (p.nose_width * s * 0.28, p.nose_width * s * 0.16),
+            p.skin * 0.45,
+        )
     # Mouth: dark lips; expression opens (positive) or presses (negative) them.
     my = p.mouth_height * s
     opening = max(0.0, expression) * s * 0.025
@@ -164,8 +195,12 @@ def _draw_face(p: IdentityParams, size: int, expression: float, lighting: float)
     # Smile/frown: raise or lower the mouth corners.
     corner_dy = -expression * s * 0.02
     for side in (-1.0, 1.0):
-        _ellipse(canvas, (cx + side * p.mouth_width * s * 0.95, my + corner_dy),
-                 (s * 0.012, s * 0.012), p.skin * 0.5)
+        _ellipse(
+            canvas,
+            (cx + side * p.mouth_width * s * 0.95, my + corner_dy),
+            (s * 0.012, s * 0.012),
+            p.skin * 0.5,
+        )
     # Directional light: a left-right brightness ramp.
     ramp = 1.0 + lighting * (xs - cx) / s
     return np.asarray(canvas * ramp, dtype=np.float64)
@@ -183,15 +218,18 @@ def render_face(params: IdentityParams, rng: np.random.Generator, size: int = 96
     angle = float(rng.uniform(-5.0, 5.0))
     scale = float(rng.uniform(0.9, 1.1))
     shift = rng.uniform(-0.05, 0.05, size=2) * size
-    matrix = cv2.getRotationMatrix2D((size / 2.0, size / 2.0), angle, scale)
+    matrix = np.asarray(
+        cv2.getRotationMatrix2D((size / 2.0, size / 2.0), angle, scale), dtype=np.float64
+    )
     matrix[:, 2] += shift
-    warped = cv2.warpAffine(drawn, matrix, (size, size), flags=cv2.INTER_LINEAR,
-                            borderMode=cv2.BORDER_REPLICATE)
+    warped = cv2.warpAffine(
+        drawn, matrix, (size, size), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE
+    )
     blur = float(rng.uniform(0.3, 1.2)) * size / 96.0
     warped = cv2.GaussianBlur(warped, (0, 0), blur)
     gain, offset = float(rng.uniform(0.75, 1.2)), float(rng.uniform(-25, 25))
     noisy = warped * gain + offset + rng.normal(0.0, 4.0, size=warped.shape)
-    return np.clip(noisy, 0, 255).astype(np.uint8)
+    return np.asarray(np.clip(noisy, 0, 255), dtype=np.uint8)
 
 
 def make_identities(count: int, seed: int) -> list[IdentityParams]:
@@ -205,8 +243,9 @@ def person_name(index: int) -> str:
     return f"person{index:02d}"
 
 
-def make_dataset(root: Path, persons: int, images_per_person: int, seed: int,
-                 size: int = 96) -> list[str]:
+def make_dataset(
+    root: Path, persons: int, images_per_person: int, seed: int, size: int = 96
+) -> list[str]:
     """Write `<root>/<person>/<i>.png` for each identity; returns the person names."""
     identities = make_identities(persons, seed)
     rng = np.random.default_rng(seed + 1)
@@ -223,9 +262,12 @@ def make_dataset(root: Path, persons: int, images_per_person: int, seed: int,
     return names
 
 
-def make_scene(faces: Sequence[UInt8Image], rng: np.random.Generator,
-               frame_size: tuple[int, int] = (640, 480),
-               face_side: tuple[int, int] = (140, 220)) -> Scene:
+def make_scene(
+    faces: Sequence[UInt8Image],
+    rng: np.random.Generator,
+    frame_size: tuple[int, int] = (640, 480),
+    face_side: tuple[int, int] = (140, 220),
+) -> Scene:
     """A BGR frame with `faces` pasted side by side on a plain porch background."""
     width, height = frame_size
     canvas = _porch(rng, width, height)
@@ -236,10 +278,11 @@ def make_scene(faces: Sequence[UInt8Image], rng: np.random.Generator,
         side = min(side, slot - 4, height - 4)
         x = index * slot + int(rng.integers(0, max(1, slot - side)))
         y = int(rng.integers(0, max(1, height - side)))
-        canvas[y:y + side, x:x + side] = cv2.resize(face, (side, side),
-                                                    interpolation=cv2.INTER_LINEAR)
+        canvas[y : y + side, x : x + side] = cv2.resize(
+            face, (side, side), interpolation=cv2.INTER_LINEAR
+        )
         boxes.append((x, y, side, side))
-    return Scene(cv2.cvtColor(canvas, cv2.COLOR_GRAY2BGR), tuple(boxes))
+    return Scene(np.asarray(cv2.cvtColor(canvas, cv2.COLOR_GRAY2BGR), np.uint8), tuple(boxes))
 
 
 def _porch(rng: np.random.Generator, width: int, height: int) -> UInt8Image:
@@ -249,15 +292,27 @@ def _porch(rng: np.random.Generator, width: int, height: int) -> UInt8Image:
     image = base + ramp
     for _ in range(3):
         x = int(rng.integers(0, width))
-        cv2.rectangle(image, (x, 0), (x + int(rng.integers(8, 30)), height), float(
-            rng.uniform(40, 220)), thickness=-1)
+        cv2.rectangle(
+            image,
+            (x, 0),
+            (x + int(rng.integers(8, 30)), height),
+            float(rng.uniform(40, 220)),
+            thickness=-1,
+        )
     image += rng.normal(0.0, 3.0, size=image.shape)
     return np.clip(image, 0, 255).astype(np.uint8)
 
 
-def write_visitor_video(path: Path, visitors: Sequence[IdentityParams], rng: np.random.Generator, *,
-                        frames_per_visitor: int = 12, gap_frames: int = 4, fps: float = 10.0,
-                        frame_size: tuple[int, int] = (640, 480)) -> list[tuple[int, int]]:
+def write_visitor_video(
+    path: Path,
+    visitors: Sequence[IdentityParams],
+    rng: np.random.Generator,
+    *,
+    frames_per_visitor: int = 12,
+    gap_frames: int = 4,
+    fps: float = 10.0,
+    frame_size: tuple[int, int] = (640, 480),
+) -> list[tuple[int, int]]:
     """An MJPG .avi in which each visitor stands at the door for a few frames.
 
     Between visitors come `gap_frames` empty porch frames, so a pipeline sees

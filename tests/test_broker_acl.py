@@ -1,0 +1,390 @@
+"""The production broker configuration, tested against a real Mosquitto.
+
+A throwaway site is provisioned in tmp_path with deploy.provision (CA, broker
+certificate, passwords, ACL), Mosquitto is started with broker/production.conf
+on a free port, and every role tries every (topic x publish/subscribe) pair
+over TLS with MQTT v5. The expected matrix below is written from the topic
+contract (DESIGN.md / issue 4), independently of deploy/acl.py, so a mistake
+in either shows up as a difference.
+"""
+
+from __future__ import annotations
+
+import ssl
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as mqtt
+import pytest
+from paho.mqtt.reasoncodes import ReasonCode
+
+from broker.local import find_mosquitto
+from broker.secure import SecureBroker
+from deploy import pki, provision
+
+SITE = "home"
+BASE = f"fedbell/{SITE}"
+DEVICES = ("door1", "door2")
+ROLES = ("door1", "door2", "aggregator", "operator", "homeassistant")
+OUT = ("visitor", "ring", "present", "snapshot", "availability", "status")
+IN = ("command", "label")
+QUIET = 1.0  # one shared wait for messages that must never arrive
+
+
+# ------------------------------------------------------------ the contract
+
+def topics() -> list[str]:
+    found = [f"{BASE}/{leaf}" for leaf in
+             ("control", "round", "model/global", "model/tflite", "metrics", "aggregator/status")]
+    for device in DEVICES:
+        found += [f"{BASE}/update/{device}", f"{BASE}/status/{device}"]
+        found += [f"doorbell/{device}/{leaf}" for leaf in (*OUT, *IN)]
+        found.append(f"homeassistant/device/{device}/config")
+    found.append("homeassistant/status")
+    return found
+
+
+def allowed(role: str, action: str, topic: str) -> bool:  # noqa: PLR0911 - one rule a line
+    """The contract: may `role` publish ("pub") or subscribe ("sub") to `topic`?"""
+    parts = topic.split("/")
+    pub = action == "pub"
+    if role in DEVICES:
+        me = role
+        if topic in (f"{BASE}/update/{me}", f"{BASE}/status/{me}",
+                     f"homeassistant/device/{me}/config"):
+            return pub
+        if topic in (f"{BASE}/round", f"{BASE}/model/global", f"{BASE}/model/tflite",
+                     "homeassistant/status"):
+            return not pub
+        if parts[:2] == ["doorbell", me]:
+            return pub == (parts[2] in OUT)
+        return False
+    if role == "aggregator":
+        if topic in (f"{BASE}/round", f"{BASE}/model/global", f"{BASE}/model/tflite",
+                     f"{BASE}/metrics", f"{BASE}/aggregator/status"):
+            return pub
+        if topic == f"{BASE}/control" or topic.startswith((f"{BASE}/update/", f"{BASE}/status/")):
+            return not pub
+        return False
+    if role == "operator":
+        if topic == f"{BASE}/control":
+            return pub
+        if topic in (f"{BASE}/metrics", f"{BASE}/aggregator/status") or topic.startswith(
+                f"{BASE}/status/"):
+            return not pub
+        if parts[0] == "doorbell" and parts[2] in IN:
+            return pub
+        return False
+    assert role == "homeassistant"
+    if parts[0] == "doorbell":
+        return not pub or parts[2] in IN  # reads them all, writes command/label
+    if topic == "homeassistant/status":
+        return True  # its own birth/will message, which it also reads
+    if parts[0] == "homeassistant":
+        return not pub
+    return False
+
+
+# Wildcard subscriptions: who may watch a whole subtree.
+WILDCARDS: dict[str, set[str]] = {
+    "#": set(),
+    "$SYS/#": set(),
+    "fedbell/#": set(),
+    f"{BASE}/update/+": {"aggregator"},
+    f"{BASE}/status/+": {"aggregator", "operator"},
+    "doorbell/#": {"homeassistant"},
+    "doorbell/+/ring": {"homeassistant"},
+    "homeassistant/#": {"homeassistant"},
+}
+
+
+# ------------------------------------------------------------------ probes
+
+@dataclass
+class Probe:
+    """One MQTT v5 client over TLS that records what the broker answers."""
+
+    name: str
+    client: mqtt.Client
+    connected: threading.Event = field(default_factory=threading.Event)
+    disconnected: threading.Event = field(default_factory=threading.Event)
+    connack: ReasonCode | None = None
+    subacks: dict[int, list[ReasonCode]] = field(default_factory=dict)
+    pubacks: dict[int, ReasonCode] = field(default_factory=dict)
+    received: list[tuple[str, bytes]] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    port: int = 0
+
+    @classmethod
+    def create(cls, name: str, port: int, *, password: str | None, ca: Path,
+               cert: Path | None, key: Path | None, username: str | None = None,
+               tls: bool = True) -> Probe:
+        client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"probe-{name}",
+                             protocol=mqtt.MQTTv5)
+        probe = cls(name, client)
+        if username is not None or password is not None:
+            client.username_pw_set(username if username is not None else name, password)
+        if tls:
+            client.tls_set(ca_certs=str(ca), certfile=str(cert) if cert else None,
+                           keyfile=str(key) if key else None)
+        client.on_connect = probe._on_connect
+        client.on_disconnect = probe._on_disconnect
+        client.on_subscribe = probe._on_subscribe
+        client.on_publish = probe._on_publish
+        client.on_message = probe._on_message
+        probe.port = port
+        return probe
+
+    def start(self) -> Probe:
+        """Connect (TLS handshake now, CONNACK in the loop thread)."""
+        try:
+            self.client.connect("localhost", self.port, keepalive=30)
+        except (ssl.SSLError, OSError):
+            self.disconnected.set()
+            return self
+        self.client.loop_start()
+        return self
+
+    def wait_connack(self, timeout: float = 5.0) -> bool:
+        """True if the broker accepted the login."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.connected.is_set() or self.disconnected.is_set():
+                break
+            time.sleep(0.01)
+        return self.connack is not None and not self.connack.is_failure
+
+    def stop(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+    def _on_connect(self, _c: mqtt.Client, _u: Any, _f: Any, rc: ReasonCode, _p: Any) -> None:
+        self.connack = rc
+        self.connected.set()
+
+    def _on_disconnect(self, _c: mqtt.Client, _u: Any, _f: Any, _rc: ReasonCode,
+                       _p: Any) -> None:
+        self.disconnected.set()
+
+    def _on_subscribe(self, _c: mqtt.Client, _u: Any, mid: int, codes: list[ReasonCode],
+                      _p: Any) -> None:
+        with self.lock:
+            self.subacks[mid] = codes
+
+    def _on_publish(self, _c: mqtt.Client, _u: Any, mid: int, rc: ReasonCode, _p: Any) -> None:
+        with self.lock:
+            self.pubacks[mid] = rc
+
+    def _on_message(self, _c: mqtt.Client, _u: Any, message: mqtt.MQTTMessage) -> None:
+        with self.lock:
+            self.received.append((message.topic, message.payload))
+
+
+def wait_until(condition: Any, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.01)
+
+
+# ---------------------------------------------------------------- fixtures
+
+@dataclass(frozen=True)
+class RunningSite:
+    root: Path
+    broker: SecureBroker
+
+    def bundle(self, name: str) -> Path:
+        return self.root / "clients" / name
+
+    def password(self, name: str) -> str:
+        return (self.bundle(name) / "mqtt-password").read_text()
+
+    def probe(self, name: str, **overrides: Any) -> Probe:
+        bundle = self.bundle(name)
+        options: dict[str, Any] = {
+            "password": self.password(name), "ca": bundle / "ca.crt",
+            "cert": bundle / "client.crt", "key": bundle / "client.key",
+        }
+        options.update(overrides)
+        return Probe.create(name, self.broker.port, **options)
+
+
+def provision_site(root: Path) -> None:
+    def run(*args: str) -> None:
+        provision.run([*args, "--site-dir", str(root)])
+
+    run("init", "--site", SITE, "--broker-host", "localhost")
+    run("add-aggregator", "--no-reload")
+    for device in DEVICES:
+        run("add-device", device, "--no-reload")
+    run("add-operator", "--no-reload")
+    run("add-homeassistant", "--no-reload")
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningSite]:
+    find_mosquitto()
+    root = tmp_path_factory.mktemp("site")
+    provision_site(root)
+    broker = SecureBroker(root / "broker", tmp_path_factory.mktemp("broker"))
+    with broker:
+        yield RunningSite(root, broker)
+
+
+# ------------------------------------------------------------------- tests
+
+def test_every_role_topic_and_action_matches_the_contract(site: RunningSite) -> None:
+    probes = {role: site.probe(role).start() for role in ROLES}
+    try:
+        for probe in probes.values():
+            assert probe.wait_connack(), f"{probe.name} could not log in: {probe.connack}"
+        all_topics = topics()
+
+        # Subscribe every role to every exact topic, one SUBSCRIBE each.
+        sub_mid: dict[tuple[str, str], int] = {}
+        for role, probe in probes.items():
+            for topic in all_topics:
+                _, mid = probe.client.subscribe(topic, qos=1)
+                sub_mid[role, topic] = mid
+        wait_until(lambda: all(len(p.subacks) == len(all_topics) for p in probes.values()),
+                   5, "SUBACKs")
+
+        # Every role publishes a recognisable payload to every topic.
+        pub_mid: dict[tuple[str, str], int] = {}
+        for role, probe in probes.items():
+            for topic in all_topics:
+                info = probe.client.publish(topic, f"{role}>{topic}".encode(), qos=1)
+                pub_mid[role, topic] = info.mid
+        wait_until(lambda: all(len(p.pubacks) == len(all_topics) for p in probes.values()),
+                   5, "PUBACKs")
+        time.sleep(QUIET)  # anything still to be delivered arrives now or never
+
+        received = {role: list(p.received) for role, p in probes.items()}
+        delivered = {payload for messages in received.values() for _, payload in messages}
+        got_topic = {role: {topic for topic, _ in messages}
+                     for role, messages in received.items()}
+
+        rows: list[str] = []
+        unexpected_allow: list[str] = []
+        unexpected_deny: list[str] = []
+        for topic in all_topics:
+            cells = []
+            for role in ROLES:
+                probe = probes[role]
+                suback = probe.subacks[sub_mid[role, topic]][0]
+                can_sub = not suback.is_failure and topic in got_topic[role]
+                puback = probe.pubacks[pub_mid[role, topic]]
+                can_pub = not puback.is_failure and f"{role}>{topic}".encode() in delivered
+                cell = ""
+                for action, actual, code in (("pub", can_pub, puback), ("sub", can_sub, suback)):
+                    expect = allowed(role, action, topic)
+                    cell += action[0].upper() if actual else "-"
+                    what = f"{role} {action} {topic} (reason {code}, delivered={actual})"
+                    if actual and not expect:
+                        unexpected_allow.append(what)
+                        cell += "!"
+                    elif expect and not actual:
+                        unexpected_deny.append(what)
+                        cell += "?"
+                cells.append(f"{cell:5}")
+            rows.append(f"{topic:38} " + " ".join(cells))
+        header = f"{'topic':38} " + " ".join(f"{role[:5]:5}" for role in ROLES)
+        checks = len(all_topics) * len(ROLES) * 2
+        print("\nACL matrix (P = publish delivered, S = subscription receives; "
+              "! unexpected allow, ? unexpected denial)")
+        print("\n".join([header, *rows]))
+        print(f"{checks} checks: {len(unexpected_allow)} unexpected allows, "
+              f"{len(unexpected_deny)} unexpected denials")
+
+        # Denials are reported, not just silently dropped: MQTT v5 says so.
+        denied_codes = {probes[r].pubacks[pub_mid[r, t]].value
+                        for r in ROLES for t in all_topics if not allowed(r, "pub", t)}
+        denied_subs = {probes[r].subacks[sub_mid[r, t]][0].value
+                       for r in ROLES for t in all_topics if not allowed(r, "sub", t)}
+        print(f"reason codes for denied publishes: {sorted(map(hex, denied_codes))}, "
+              f"denied subscriptions: {sorted(map(hex, denied_subs))}")
+        assert unexpected_allow == []
+        assert unexpected_deny == []
+        assert denied_codes == {0x87}
+    finally:
+        for probe in probes.values():
+            probe.stop()
+
+
+def test_wildcard_subscriptions(site: RunningSite) -> None:
+    probes = {role: site.probe(role).start() for role in ROLES}
+    try:
+        for probe in probes.values():
+            assert probe.wait_connack()
+        mids = {(role, pattern): probe.client.subscribe(pattern, qos=1)[1]
+                for role, probe in probes.items() for pattern in WILDCARDS}
+        wait_until(lambda: all(len(p.subacks) == len(WILDCARDS) for p in probes.values()),
+                   5, "SUBACKs")
+        wrong = []
+        for (role, pattern), mid in mids.items():
+            granted = not probes[role].subacks[mid][0].is_failure
+            if granted != (role in WILDCARDS[pattern]):
+                wrong.append(f"{role} subscribe {pattern}: granted={granted}")
+        assert wrong == []
+    finally:
+        for probe in probes.values():
+            probe.stop()
+
+
+def test_logins_without_the_right_credentials_are_refused(
+        site: RunningSite, tmp_path: Path) -> None:
+    # A certificate from another CA: right password, wrong issuer.
+    stranger = pki.create_ca("elsewhere")
+    pki.save(stranger, tmp_path / "other-ca.crt", tmp_path / "other-ca.key")
+    fake = pki.issue(stranger, "door1", "device")
+    pki.save(fake, tmp_path / "fake.crt", tmp_path / "fake.key")
+    door1 = site.bundle("door1")
+    attempts = {
+        "wrong password": site.probe("door1", password="not-the-password"),
+        "another device's password": site.probe("door1", password=site.password("door2")),
+        "unknown user": site.probe("door1", username="door9"),
+        "no user name": site.probe("door1", username=None, password=None),
+        "certificate from another CA": site.probe(
+            "door1", cert=tmp_path / "fake.crt", key=tmp_path / "fake.key"),
+        "no client certificate": site.probe("door1", cert=None, key=None),
+        "broker not trusted (other CA)": site.probe("door1", ca=tmp_path / "other-ca.crt"),
+        "plain TCP, no TLS": site.probe("door1", tls=False),
+    }
+    control = site.probe("door1")
+    assert door1.exists()
+    for probe in [*attempts.values(), control]:
+        probe.start()
+    try:
+        results = {why: probe.wait_connack(timeout=3) for why, probe in attempts.items()}
+        for why, probe in attempts.items():
+            print(f"{why:32} accepted={results[why]} connack={probe.connack}")
+        assert not any(results.values()), results
+        assert control.wait_connack(), "the right credentials must still work"
+    finally:
+        for probe in [*attempts.values(), control]:
+            probe.stop()
+
+
+def test_model_sized_messages_pass_and_oversized_do_not(site: RunningSite) -> None:
+    aggregator = site.probe("aggregator").start()
+    door = site.probe("door1").start()
+    try:
+        assert aggregator.wait_connack() and door.wait_connack()
+        door.client.subscribe(f"{BASE}/model/tflite", qos=1)
+        wait_until(lambda: len(door.subacks) == 1, 5, "SUBACK")
+        model = b"m" * (12 * 1024 * 1024)
+        too_big = b"x" * (17 * 1024 * 1024)
+        aggregator.client.publish(f"{BASE}/model/tflite", model, qos=1)
+        wait_until(lambda: len(door.received) == 1, 10, "a 12 MiB model")
+        aggregator.client.publish(f"{BASE}/model/tflite", too_big, qos=1)
+        time.sleep(QUIET)
+        assert [len(payload) for _, payload in door.received] == [len(model)]
+    finally:
+        aggregator.stop()
+        door.stop()

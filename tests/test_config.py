@@ -1,0 +1,69 @@
+"""Configuration: a typo in YAML is an error naming the file and the key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from aggregator.config import AggregatorConfig
+from edge.config import EdgeConfig
+from fedbell.config import load_config
+from fedbell.errors import ConfigError
+
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "config"
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "conf.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_unknown_key_names_file_and_key(tmp_path: Path) -> None:
+    path = write(tmp_path, "site: home\nlabels: [ann]\nstate_dir: /tmp/x\nrounds:\n  timeout: 3\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path, AggregatorConfig)
+    assert str(path) in str(err.value)
+    assert "rounds.timeout: unknown key" in str(err.value)
+
+
+def test_wrong_type_says_what_was_expected(tmp_path: Path) -> None:
+    path = write(tmp_path, "device_id: door\nsite: home\nstate_dir: /s\ngallery_dir: /g\n"
+                 "mqtt:\n  port: many\n")
+    with pytest.raises(ConfigError, match=r"mqtt\.port: Input should be a valid integer"):
+        load_config(path, EdgeConfig)
+
+
+def test_bad_yaml_and_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(write(tmp_path, "site: [unclosed\n"), EdgeConfig)
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_config(tmp_path / "absent.yaml", EdgeConfig)
+
+
+def test_device_id_cannot_smuggle_topic_wildcards(tmp_path: Path) -> None:
+    path = write(tmp_path, "device_id: '#'\nsite: home\nstate_dir: /s\ngallery_dir: /g\n")
+    with pytest.raises(ConfigError, match="device_id"):
+        load_config(path, EdgeConfig)
+
+
+def test_credentials_directory_is_expanded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+                                           ) -> None:
+    (tmp_path / "mqtt-password").write_text("s3cret\n")
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(tmp_path))
+    path = write(tmp_path, "device_id: door\nsite: home\nstate_dir: /s\ngallery_dir: /g\n"
+                 "mqtt:\n  password_file: ${CREDENTIALS_DIRECTORY}/mqtt-password\n")
+    assert load_config(path, EdgeConfig).mqtt.password() == "s3cret"
+    monkeypatch.delenv("CREDENTIALS_DIRECTORY")
+    with pytest.raises(ConfigError, match="CREDENTIALS_DIRECTORY is not set"):
+        load_config(path, EdgeConfig)
+
+
+@pytest.mark.parametrize(("name", "model"), [("edge.yaml", EdgeConfig),
+                                             ("aggregator.yaml", AggregatorConfig)])
+def test_example_configs_load(name: str, model: type[EdgeConfig | AggregatorConfig]) -> None:
+    path = CONFIG_DIR / name
+    if not path.exists():
+        pytest.fail(f"{path} is missing: the README points users at it")
+    load_config(path, model)

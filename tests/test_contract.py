@@ -1,0 +1,184 @@
+"""The wire contract: envelope, codecs, signatures, JSON messages, topics."""
+
+from __future__ import annotations
+
+import struct
+
+import numpy as np
+import pytest
+import zstandard
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fedbell import envelope, messages
+from fedbell.codecs import decode_tensors, encode_tensors
+from fedbell.errors import RejectedMessage
+from fedbell.protocol import Command, RoundAnnouncement, parse_json
+from fedbell.topics import Topics
+
+NAMES = ["conv/kernel", "conv/bias", "dense/kernel"]
+LIMIT = 1 << 20
+
+
+def arrays(seed: int = 0) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return [rng.normal(size=(3, 3, 1, 4)).astype(np.float32),
+            rng.normal(size=(4,)).astype(np.float32),
+            rng.normal(size=(16, 5)).astype(np.float32)]
+
+
+def specs() -> tuple[envelope.TensorSpec, ...]:
+    return tuple(envelope.TensorSpec(name=n, shape=a.shape) for n, a in zip(NAMES, arrays(),
+                                                                           strict=True))
+
+
+def update(signer: messages.Signer | None = None, **overrides: object) -> bytes:
+    fields: dict[str, object] = {
+        "site": "home", "signer": signer or messages.Signer("door"), "round_id": 1,
+        "base_version": 0, "num_examples": 10, "names": NAMES, "delta": arrays(),
+        "codec": "float32"}
+    fields.update(overrides)
+    return messages.build_update(**fields)  # type: ignore[arg-type]
+
+
+def parse(payload: bytes, **overrides: object) -> messages.Update:
+    fields: dict[str, object] = {"site": "home", "device": "door", "expected": specs(),
+                                 "max_bytes": LIMIT, "keys": None}
+    fields.update(overrides)
+    return messages.parse_update(payload, **fields)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(("codec", "tolerance"), [("float32", 0.0), ("float16", 1e-2),
+                                                  ("int8", 0.02)])
+def test_codecs_round_trip_within_their_precision(codec: str, tolerance: float) -> None:
+    decoded = parse(update(codec=codec)).delta
+    for original, got in zip(arrays(), decoded, strict=True):
+        assert got.shape == original.shape
+        peak = float(np.max(np.abs(original)))
+        assert float(np.max(np.abs(got - original))) <= tolerance * peak
+
+
+def test_int8_update_is_about_four_times_smaller_than_float32() -> None:
+    big = [np.random.default_rng(1).normal(size=(64, 128)).astype(np.float32)]
+    _, f32 = encode_tensors(["w"], big, "float32")
+    _, i8 = encode_tensors(["w"], big, "int8")
+    assert len(i8) < len(f32) / 3.5
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.lists(st.tuples(st.integers(1, 6), st.integers(1, 6)), min_size=1, max_size=4),
+       st.sampled_from(["float32", "float16", "int8"]))
+def test_any_shapes_round_trip(shapes: list[tuple[int, int]], codec: str) -> None:
+    rng = np.random.default_rng(0)
+    values = [rng.normal(size=s).astype(np.float32) for s in shapes]
+    names = [f"t{i}" for i in range(len(values))]
+    tensor_specs, body = encode_tensors(names, values, codec)  # type: ignore[arg-type]
+    decoded = decode_tensors(tensor_specs, body, codec, "zstd")  # type: ignore[arg-type]
+    assert [d.shape for d in decoded] == [v.shape for v in values]
+
+
+def test_envelope_rejects_each_kind_of_corruption() -> None:
+    good = update()
+    header_len = struct.unpack_from(">I", good, 5)[0]
+    cases = {
+        "truncated": good[:7],
+        "bad_magic": b"XXXX" + good[4:],
+        "bad_version": good[:4] + b"\x09" + good[5:],
+        "header_too_large": good[:5] + struct.pack(">I", 10**6) + good[9:],
+        "bad_header": good[:9] + b"{" * header_len + good[9 + header_len:],
+        "bad_checksum": good[:-1] + bytes([good[-1] ^ 1]),
+        "too_large": good + b"\0" * LIMIT,
+    }
+    for reason, payload in cases.items():
+        with pytest.raises(RejectedMessage) as err:
+            parse(payload)
+        assert err.value.reason == reason, (reason, str(err.value))
+
+
+def test_nan_and_inf_are_rejected() -> None:
+    poisoned = arrays()
+    poisoned[2][0, 0] = np.nan
+    with pytest.raises(RejectedMessage, match="not_finite"):
+        parse(update(delta=poisoned))
+    poisoned[2][0, 0] = np.inf
+    with pytest.raises(RejectedMessage, match="not_finite"):
+        parse(update(delta=poisoned, codec="float16"))
+
+
+def test_header_that_lies_about_shapes_is_rejected() -> None:
+    wrong = [a.reshape(-1) for a in arrays()]
+    with pytest.raises(RejectedMessage, match="bad_shapes"):
+        parse(update(delta=wrong))
+    with pytest.raises(RejectedMessage, match="bad_shapes"):
+        parse(update(delta=arrays()[:2], names=NAMES[:2]))
+
+
+def test_decompression_bomb_costs_nothing() -> None:
+    """A body that inflates far past what the specs allow is refused unread."""
+    bomb = zstandard.ZstdCompressor().compress(b"\0" * (64 << 20))
+    header = envelope.Header(kind="update", site="home", round=1, model_version=0,
+                             sender="door", num_examples=1, codec="float32",
+                             tensors=specs(), body_size=len(bomb),
+                             body_sha256=envelope.body_digest(bomb))
+    with pytest.raises(RejectedMessage, match="bad_size"):
+        parse(envelope.encode(header, bomb))
+
+
+def test_sender_must_match_the_topic_and_site() -> None:
+    with pytest.raises(RejectedMessage, match="wrong_sender"):
+        parse(update(), device="backdoor")
+    with pytest.raises(RejectedMessage, match="wrong_site"):
+        parse(update(site="cottage"))
+
+
+def test_signatures_stop_forged_and_unsigned_updates() -> None:
+    device_key, forger_key = Ed25519PrivateKey.generate(), Ed25519PrivateKey.generate()
+    keys = {"door": device_key.public_key()}
+    assert parse(update(messages.Signer("door", device_key)), keys=keys).num_examples == 10
+    with pytest.raises(RejectedMessage, match="bad_signature"):
+        parse(update(messages.Signer("door", forger_key)), keys=keys)
+    with pytest.raises(RejectedMessage, match="unsigned"):
+        parse(update(), keys=keys)
+    with pytest.raises(RejectedMessage, match="unknown_signer"):
+        parse(update(messages.Signer("door", device_key)), keys={})
+
+
+def test_signature_covers_the_header_fields() -> None:
+    key = Ed25519PrivateKey.generate()
+    payload = update(messages.Signer("door", key))
+    tampered = payload.replace(b'"num_examples":10', b'"num_examples":99')
+    assert tampered != payload
+    with pytest.raises(RejectedMessage, match="bad_signature"):
+        parse(tampered, keys={"door": key.public_key()})
+
+
+def test_tflite_artifact_round_trip() -> None:
+    payload = messages.build_tflite(site="home", signer=messages.Signer("aggregator"),
+                                    version=3, round_id=2, float_model=b"F" * 10,
+                                    int8_model=b"I" * 5, labels=["ann", "bob"], threshold=0.6)
+    artifact = messages.parse_tflite(payload, site="home", max_bytes=LIMIT, keys=None)
+    assert (artifact.float_model, artifact.int8_model) == (b"F" * 10, b"I" * 5)
+    assert artifact.labels == ("ann", "bob")
+    assert artifact.version == 3
+
+
+def test_json_messages_are_strict() -> None:
+    assert parse_json(b'{"cmd":"start_round"}', Command).cmd == "start_round"
+    for bad in (b"not json", b'{"cmd":"explode"}', b'{"cmd":"auto","rounds":0}',
+                b'{"cmd":"start_round","extra":1}'):
+        with pytest.raises(RejectedMessage, match="bad_json"):
+            parse_json(bad, Command)
+    with pytest.raises(RejectedMessage, match="bad_json"):
+        parse_json(b'{"round":1}', RoundAnnouncement)
+
+
+def test_topics_refuse_wildcards_and_name_devices() -> None:
+    topics = Topics("home")
+    assert topics.update("door") == "fedbell/home/update/door"
+    assert topics.device_of("fedbell/home/update/door") == "door"
+    for bad in ("+", "#", "a/b", "", "x y"):
+        with pytest.raises(ValueError, match="device id"):
+            topics.update(bad)
+    with pytest.raises(ValueError, match="not a device topic"):
+        topics.device_of("fedbell/other/update/door")
