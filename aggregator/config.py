@@ -6,6 +6,7 @@ from pathlib import Path
 
 from pydantic import Field, field_validator
 
+from fedbell.codecs import TENSOR_CODECS
 from fedbell.config import MqttSettings, SigningSettings, StrictModel, site_id
 from fedbell.envelope import Codec
 from fedbell.protocol import TrainingPlan
@@ -31,6 +32,17 @@ class RoundSettings(StrictModel):
     train: TrainingPlan = Field(default_factory=TrainingPlan, title="Local training",
                                 description="Hyper-parameters sent to the nodes.")
     seed: int = Field(default=0, title="Seed", description="Seed for device selection.")
+    auto_pause_s: float = Field(
+        default=1.0, ge=0, title="Pause before an automatic round (s)",
+        description="Wait this long after start-up or after a round before starting the next "
+        "automatic one, so retained device statuses arrive and nodes load the new model.")
+
+    @field_validator("codec", "downlink_codec")
+    @classmethod
+    def _tensor_codec(cls, codec: Codec) -> Codec:
+        if codec not in TENSOR_CODECS:
+            raise ValueError(f"{codec!r} is not one of {', '.join(TENSOR_CODECS)}")
+        return codec
 
 
 class EvaluationSettings(StrictModel):
@@ -41,6 +53,10 @@ class EvaluationSettings(StrictModel):
     target_false_accept: float = Field(
         default=0.05, ge=0, le=1, title="Target false-accept rate",
         description="Share of held-out faces that may be accepted as someone they are not.")
+    default_threshold: float = Field(
+        default=0.5, ge=0, le=1, title="Threshold without calibration",
+        description="Unknown-visitor threshold published when there is no held-out set "
+        "(or it cannot calibrate one, e.g. a single label).")
 
 
 class AggregatorConfig(StrictModel):
@@ -62,6 +78,8 @@ class AggregatorConfig(StrictModel):
                                            title="Evaluation", description="Held-out data.")
     model_seed: int = Field(default=0, title="Initial model seed",
                             description="Seed of version 0's random weights.")
+    threads: int = Field(default=2, ge=1, le=64, title="TensorFlow threads",
+                         description="Cores TensorFlow may use for evaluation and conversion.")
 
     _site = field_validator("site")(site_id)
 

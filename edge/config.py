@@ -3,9 +3,16 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, field_validator
 
+from edge.recognition_config import (
+    CameraConfig,
+    DetectionConfig,
+    HomeAssistantConfig,
+    RecognitionConfig,
+)
 from fedbell.config import MqttSettings, SigningSettings, StrictModel, site_id
 from fedbell.topics import check_segment
 
@@ -16,6 +23,19 @@ class TrainingSettings(StrictModel):
     max_images_per_person: int = Field(
         default=200, ge=1, title="Images per person",
         description="Newest images per person used for training; bounds time and memory.")
+    base_model_wait_s: float = Field(
+        default=120.0, gt=0, title="Wait for the base model (s)",
+        description="How long a selected node waits for the round's base model to arrive "
+        "(it may come just after the round message) before it skips the round.")
+
+
+class InferenceSettings(StrictModel):
+    flavour: Literal["int8", "float"] = Field(
+        default="int8", title="TFLite flavour",
+        description="Which of the aggregator's two flatbuffers to recognise with: int8 is "
+        "about 3x faster on a Pi, float a little more accurate.")
+    threads: int = Field(default=1, ge=1, le=16, title="Inference threads",
+                         description="Interpreter threads for recognition.")
 
 
 class EdgeConfig(StrictModel):
@@ -30,8 +50,24 @@ class EdgeConfig(StrictModel):
                             description="Current model, TFLite artifact, round bookkeeping.")
     gallery_dir: Path = Field(title="Gallery", description="Labelled face crops: "
                               "`<gallery>/<person>/<image>`. Never leaves the house.")
+    gallery_rescan_s: float = Field(
+        default=30.0, gt=0, title="Gallery rescan (s)",
+        description="How often the gallery is counted, to re-publish the status when "
+        "enrollment or labelling changed it.")
     training: TrainingSettings = Field(default_factory=TrainingSettings, title="Training",
                                        description="Local training limits.")
+    inference: InferenceSettings = Field(default_factory=InferenceSettings, title="Inference",
+                                         description="Which TFLite model recognises faces.")
+    camera: CameraConfig = Field(default_factory=CameraConfig, title="Camera",
+                                 description="Frame source for recognition and enrollment.")
+    detection: DetectionConfig = Field(default_factory=DetectionConfig, title="Face detection",
+                                       description="Haar cascade settings.")
+    recognition: RecognitionConfig = Field(
+        default_factory=RecognitionConfig, title="Recognition",
+        description="Unknown-visitor threshold, debouncing, ring triggers, snapshots.")
+    home_assistant: HomeAssistantConfig = Field(
+        default_factory=HomeAssistantConfig, title="Home Assistant",
+        description="MQTT discovery and doorbell event topics.")
 
     _site = field_validator("site")(site_id)
 

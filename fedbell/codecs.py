@@ -3,16 +3,23 @@
 - float32: raw little-endian floats (the reference).
 - float16: half the bytes; plenty for deltas and for the downlink.
 - int8: one float32 scale per output channel (the last axis of a kernel),
-  per tensor for vectors, then int8 values: ~4x smaller before zstd.
+  one per tensor for vectors, then int8 values: ~4x smaller before zstd.
+- topk: only the largest `density` share of each tensor's entries, as
+  gap-coded indices and int8 values. What it leaves out is not lost: the
+  device keeps it as a residual and adds it to its next delta (error
+  feedback, `fedbell.sparsify`).
 
 zstd runs on top of every codec. The decoder knows from the header's tensor
-specs exactly how many bytes the body must decompress to, and refuses to
-produce one byte more: a decompression bomb costs it nothing.
+specs the most bytes a body can decompress to and refuses to produce one byte
+more, so a decompression bomb costs it nothing; then it must consume the
+decompressed bytes exactly.
 """
 
 from __future__ import annotations
 
 import io
+import math
+import struct
 from collections.abc import Sequence
 
 import numpy as np
@@ -23,8 +30,10 @@ from fedbell.envelope import Codec, Compression, TensorSpec
 from fedbell.errors import RejectedMessage
 
 Weights = list[npt.NDArray[np.float32]]
-TENSOR_CODECS: tuple[Codec, ...] = ("float32", "float16", "int8")
+TENSOR_CODECS: tuple[Codec, ...] = ("float32", "float16", "int8", "topk")
 ZSTD_LEVEL = 3
+DEFAULT_DENSITY = 0.05
+_COUNT = struct.Struct("<I")
 
 
 def _channels(spec: TensorSpec) -> int:
@@ -32,56 +41,57 @@ def _channels(spec: TensorSpec) -> int:
     return spec.shape[-1] if len(spec.shape) >= 2 else 1
 
 
-def decoded_size(specs: Sequence[TensorSpec], codec: Codec) -> int:
-    """Exact byte length of an uncompressed body for these tensors."""
+def max_decoded_size(specs: Sequence[TensorSpec], codec: Codec) -> int:
+    """The most bytes an uncompressed body for these tensors can hold."""
     if codec == "float32":
         return sum(4 * s.size for s in specs)
     if codec == "float16":
         return sum(2 * s.size for s in specs)
     if codec == "int8":
         return sum(s.size + 4 * _channels(s) for s in specs)
+    if codec == "topk":
+        return sum(8 + 5 * s.size for s in specs)
     raise RejectedMessage("bad_codec", f"{codec!r} is not a tensor codec")
 
 
-def _quantize_int8(array: npt.NDArray[np.float32]) -> bytes:
-    flat = array.reshape(-1, array.shape[-1]) if array.ndim >= 2 else array.reshape(-1, 1)
-    peak = np.max(np.abs(flat), axis=0) if array.ndim >= 2 else np.max(np.abs(flat)).reshape(1)
+def _int8(values: npt.NDArray[np.float32], channels: int) -> bytes:
+    grid = values.reshape(-1, channels)
+    peak = np.max(np.abs(grid), axis=0) if grid.size else np.zeros(channels, np.float32)
     scales = np.where(peak > 0, peak / 127.0, 1.0).astype("<f4")
-    values = np.clip(np.rint(flat / scales), -127, 127).astype(np.int8)
-    return bytes(scales.tobytes() + values.tobytes())
+    quantized = np.clip(np.rint(grid / scales), -127, 127).astype(np.int8)
+    return bytes(scales.tobytes() + quantized.tobytes())
 
 
-def _dequantize_int8(raw: memoryview, spec: TensorSpec) -> npt.NDArray[np.float32]:
-    channels = _channels(spec)
-    scales = np.frombuffer(raw[: 4 * channels], dtype="<f4")
-    values = np.frombuffer(raw[4 * channels :], dtype=np.int8).astype(np.float32)
-    if len(spec.shape) >= 2:
-        result = (values.reshape(-1, channels) * scales).reshape(spec.shape)
-    else:
-        result = (values * scales[0]).reshape(spec.shape)
-    return np.asarray(result, dtype=np.float32)
+def _topk(values: npt.NDArray[np.float32], density: float) -> bytes:
+    flat = values.reshape(-1)
+    k = min(flat.size, max(1, math.ceil(density * flat.size)))
+    indices = np.sort(np.argpartition(np.abs(flat), flat.size - k)[flat.size - k:])
+    gaps = np.diff(indices, prepend=0).astype("<u4")
+    return _COUNT.pack(k) + gaps.tobytes() + _int8(flat[indices], 1)
 
 
 def encode_tensors(
     names: Sequence[str], arrays: Sequence[npt.NDArray[np.floating]], codec: Codec,
-    compression: Compression = "zstd",
+    compression: Compression = "zstd", density: float = DEFAULT_DENSITY,
 ) -> tuple[tuple[TensorSpec, ...], bytes]:
     """Tensor specs and the (compressed) body for these arrays."""
     if len(names) != len(arrays):
         raise ValueError(f"{len(names)} names for {len(arrays)} arrays")
-    specs = tuple(
-        TensorSpec(name=n, shape=tuple(int(d) for d in a.shape))
-        for n, a in zip(names, arrays, strict=True)
-    )
+    if not 0 < density <= 1:
+        raise ValueError(f"top-k density {density} must be in (0, 1]")
+    specs = tuple(TensorSpec(name=n, shape=tuple(int(d) for d in a.shape))
+                  for n, a in zip(names, arrays, strict=True))
     parts: list[bytes] = []
-    for array in arrays:
+    for spec, array in zip(specs, arrays, strict=True):
         values = np.asarray(array, dtype=np.float32)
         if codec == "float32":
             parts.append(values.astype("<f4").tobytes())
         elif codec == "float16":
             parts.append(values.astype("<f2").tobytes())
         elif codec == "int8":
-            parts.append(_quantize_int8(values))
+            parts.append(_int8(values, _channels(spec)))
+        elif codec == "topk":
+            parts.append(_topk(values, density))
         else:
             raise ValueError(f"{codec!r} is not a tensor codec")
     raw = b"".join(parts)
@@ -90,46 +100,77 @@ def encode_tensors(
     return specs, raw
 
 
-def _decompress(body: bytes, expected: int) -> bytes:
+def _decompress(body: bytes, limit: int) -> bytes:
     reader = zstandard.ZstdDecompressor().stream_reader(io.BytesIO(body), read_across_frames=True)
     try:
-        raw = reader.read(expected + 1)
+        raw = reader.read(limit + 1)
     except zstandard.ZstdError as err:
         raise RejectedMessage("bad_compression", f"zstd: {err}") from None
-    if len(raw) != expected:
-        got = f"more than {expected}" if len(raw) > expected else str(len(raw))
-        raise RejectedMessage(
-            "bad_size", f"body decompresses to {got} bytes, tensor specs need exactly {expected}"
-        )
-    return raw
+    if len(raw) > limit:
+        raise RejectedMessage("bad_size", f"body decompresses to more than {limit} bytes, "
+                              "more than its tensor specs can hold")
+    return bytes(raw)
+
+
+class _Reader:
+    """Walks a decompressed body; running past its end is a rejection."""
+
+    def __init__(self, raw: bytes) -> None:
+        self.raw = memoryview(raw)
+        self.offset = 0
+
+    def take(self, length: int, what: str) -> memoryview:
+        if length < 0 or self.offset + length > len(self.raw):
+            raise RejectedMessage("bad_size", f"body ends inside {what}")
+        chunk = self.raw[self.offset:self.offset + length]
+        self.offset += length
+        return chunk
+
+    def int8(self, count: int, channels: int, what: str) -> npt.NDArray[np.float32]:
+        scales = np.frombuffer(self.take(4 * channels, what), dtype="<f4")
+        values = np.frombuffer(self.take(count, what), dtype=np.int8).astype(np.float32)
+        return np.asarray((values.reshape(-1, channels) * scales).reshape(-1), dtype=np.float32)
+
+
+def _decode_one(reader: _Reader, spec: TensorSpec, codec: Codec) -> npt.NDArray[np.float32]:
+    what = f"tensor {spec.name!r}"
+    if codec == "float32":
+        return np.frombuffer(reader.take(4 * spec.size, what), dtype="<f4").astype(np.float32)
+    if codec == "float16":
+        return np.frombuffer(reader.take(2 * spec.size, what), dtype="<f2").astype(np.float32)
+    if codec == "int8":
+        return reader.int8(spec.size, _channels(spec), what)
+    (k,) = _COUNT.unpack(reader.take(_COUNT.size, what))
+    if not 1 <= k <= spec.size:
+        raise RejectedMessage("bad_size", f"{what} claims {k} of {spec.size} entries")
+    gaps = np.frombuffer(reader.take(4 * k, what), dtype="<u4").astype(np.int64)
+    indices = np.cumsum(gaps)
+    if np.any(gaps[1:] == 0) or indices[-1] >= spec.size:
+        raise RejectedMessage("bad_indices", f"{what}: indices repeat or exceed {spec.size}")
+    dense = np.zeros(spec.size, dtype=np.float32)
+    dense[indices] = reader.int8(k, 1, what)
+    return dense
 
 
 def decode_tensors(
     specs: Sequence[TensorSpec], body: bytes, codec: Codec, compression: Compression,
 ) -> Weights:
     """float32 arrays from a body, or RejectedMessage. Rejects NaN and Inf."""
-    expected = decoded_size(specs, codec)
+    limit = max_decoded_size(specs, codec)
     if compression == "zstd":
-        raw = memoryview(_decompress(body, expected))
-    elif len(body) != expected:
-        raise RejectedMessage("bad_size", f"body is {len(body)} bytes, specs need {expected}")
+        raw = _decompress(body, limit)
+    elif len(body) > limit:
+        raise RejectedMessage("bad_size", f"body is {len(body)} bytes, specs allow {limit}")
     else:
-        raw = memoryview(body)
+        raw = body
+    reader = _Reader(raw)
     arrays: Weights = []
-    offset = 0
     for spec in specs:
-        if codec == "float32":
-            length = 4 * spec.size
-            array = np.frombuffer(raw[offset : offset + length], dtype="<f4").reshape(spec.shape)
-        elif codec == "float16":
-            length = 2 * spec.size
-            array = np.frombuffer(raw[offset : offset + length], dtype="<f2").reshape(spec.shape)
-        else:
-            length = spec.size + 4 * _channels(spec)
-            array = _dequantize_int8(raw[offset : offset + length], spec)
-        offset += length
-        result = np.array(array, dtype=np.float32)  # a writable, aligned copy
-        if not np.all(np.isfinite(result)):
+        array = _decode_one(reader, spec, codec).reshape(spec.shape)
+        if not np.all(np.isfinite(array)):
             raise RejectedMessage("not_finite", f"tensor {spec.name!r} holds NaN or Inf")
-        arrays.append(result)
+        arrays.append(array)
+    if reader.offset != len(raw):
+        raise RejectedMessage("bad_size", f"{len(raw) - reader.offset} bytes left after the "
+                              "last tensor")
     return arrays

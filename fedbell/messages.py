@@ -16,7 +16,7 @@ import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from fedbell import envelope, signing
-from fedbell.codecs import Weights, decode_tensors, encode_tensors
+from fedbell.codecs import DEFAULT_DENSITY, Weights, decode_tensors, encode_tensors
 from fedbell.envelope import Codec, Header, Kind, TensorSpec
 from fedbell.errors import RejectedMessage
 
@@ -86,8 +86,9 @@ def _header(kind: Kind, *, site: str, round_id: int, version: int, signer: Signe
 
 def build_update(*, site: str, signer: Signer, round_id: int, base_version: int, num_examples: int,
                  names: Sequence[str], delta: Sequence[np.ndarray], codec: Codec,
-                 meta: Mapping[str, Any] | None = None) -> bytes:
-    specs, body = encode_tensors(names, delta, codec)
+                 meta: Mapping[str, Any] | None = None, density: float = DEFAULT_DENSITY,
+                 ) -> bytes:
+    specs, body = encode_tensors(names, delta, codec, density=density)
     header = _header("update", site=site, round_id=round_id, version=base_version, signer=signer,
                      codec=codec, body=body, num_examples=num_examples, tensors=specs,
                      meta=dict(meta or {}))
@@ -146,7 +147,7 @@ def parse_update(payload: bytes, *, site: str, device: str, expected: Sequence[T
                  max_bytes: int, keys: Mapping[str, Ed25519PublicKey] | None) -> Update:
     header, body = _open(payload, "update", site=site, sender=device, max_bytes=max_bytes,
                          keys=keys)
-    if header.codec not in ("float32", "float16", "int8"):
+    if header.codec not in ("float32", "float16", "int8", "topk"):
         raise RejectedMessage("bad_codec", f"{header.codec!r} is not an update codec")
     if header.num_examples < 1:
         raise RejectedMessage("no_examples", "an update must come from at least one example")

@@ -10,6 +10,7 @@ from typing import Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from fedbell.codecs import DEFAULT_DENSITY
 from fedbell.envelope import Codec
 from fedbell.errors import RejectedMessage
 
@@ -53,6 +54,8 @@ class RoundAnnouncement(Message):
     selected: tuple[str, ...]
     deadline: float = Field(description="Unix time after which updates are not accepted.")
     codec: Codec
+    density: float = Field(default=DEFAULT_DENSITY, gt=0, le=1,
+                           description="Share of each tensor a topk update sends.")
     train: TrainingPlan
     send_when_trained: bool = Field(
         default=True, description="False in step-by-step mode: wait for the send phase.")

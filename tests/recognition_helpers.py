@@ -14,8 +14,15 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from fedbell.faces import normalize_face
-from fedbell.synthetic import IdentityParams, make_identities, person_name, render_face
+from edge.detector import FaceDetector
+from fedbell.faces import crop_face, normalize_face
+from fedbell.synthetic import (
+    IdentityParams,
+    make_identities,
+    make_scene,
+    person_name,
+    render_face,
+)
 
 KNOWN = 8
 """Synthetic persons the test model is trained on; person KNOWN.. are strangers."""
@@ -35,9 +42,24 @@ class TrainedModel:
 
 
 def faces_of(identity: IdentityParams, count: int, seed: int) -> npt.NDArray[np.float32]:
-    """Normalised crops the way the pipeline sees them (the detector crop ≈ the whole render)."""
+    """Normalised crops made as enrollment makes them: scene → Haar → crop_face.
+
+    The detector's box varies in size and position around a face; training on
+    its crops rather than on the raw renders teaches the model that variation.
+    """
     rng = np.random.default_rng(seed)
-    return np.stack([normalize_face(render_face(identity, rng, 96)) for _ in range(count)])
+    faces: list[npt.NDArray[np.float32]] = []
+    while len(faces) < count:
+        scene = make_scene([render_face(identity, rng, 96)], rng)
+        boxes = _detector().detect(scene.frame)
+        if boxes:
+            faces.append(normalize_face(crop_face(scene.frame, boxes[0])))
+    return np.stack(faces)
+
+
+@functools.cache
+def _detector() -> FaceDetector:
+    return FaceDetector()
 
 
 def _keras_model(classes: int) -> Any:

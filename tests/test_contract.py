@@ -182,3 +182,42 @@ def test_topics_refuse_wildcards_and_name_devices() -> None:
             topics.update(bad)
     with pytest.raises(ValueError, match="not a device topic"):
         topics.device_of("fedbell/other/update/door")
+
+
+def test_topk_sends_only_the_largest_entries() -> None:
+    delta = arrays()
+    decoded = parse(update(delta=delta, codec="topk", density=0.1)).delta
+    for original, got in zip(delta, decoded, strict=True):
+        kept = np.flatnonzero(got.reshape(-1))
+        assert len(kept) == max(1, int(np.ceil(0.1 * original.size)))
+        smallest_kept = np.min(np.abs(original.reshape(-1)[kept]))
+        dropped = np.delete(np.abs(original.reshape(-1)), kept)
+        assert dropped.size == 0 or np.max(dropped) <= smallest_kept
+
+
+def test_error_feedback_sends_everything_eventually() -> None:
+    """The sum of what top-k sent plus the residual equals the sum of the deltas."""
+    from fedbell.sparsify import with_error_feedback
+
+    residual = None
+    sent_total = [np.zeros_like(a) for a in arrays()]
+    true_total = [np.zeros_like(a) for a in arrays()]
+    for seed in range(5):
+        delta = arrays(seed)
+        sent, residual = with_error_feedback(NAMES, delta, residual, density=0.1)
+        decoded = parse(update(delta=sent, codec="topk", density=0.1)).delta
+        sent_total = [t + d for t, d in zip(sent_total, decoded, strict=True)]
+        true_total = [t + d for t, d in zip(true_total, delta, strict=True)]
+    for got, want, left in zip(sent_total, true_total, residual, strict=True):
+        np.testing.assert_allclose(got + left, want, atol=1e-4)
+
+
+def test_topk_with_lying_indices_is_rejected() -> None:
+    specs_ = (envelope.TensorSpec(name="w", shape=(4,)),)
+    raw = struct.pack("<I", 2) + np.array([3, 5], "<u4").tobytes() + \
+        np.float32(1).tobytes() + bytes([1, 2])
+    with pytest.raises(RejectedMessage, match="bad_indices"):
+        decode_tensors(specs_, raw, "topk", "none")
+    raw = struct.pack("<I", 9) + b"\0" * 10
+    with pytest.raises(RejectedMessage, match="bad_size"):
+        decode_tensors(specs_, raw, "topk", "none")

@@ -1,0 +1,108 @@
+"""Federated averaging as small pure functions over arrays (Flower style).
+
+An update is a list of deltas against the round's base model plus the number
+of examples it was trained on. FedAvg weights each delta by its examples:
+
+    new = base + sum_i(n_i * delta_i) / sum_i(n_i)
+
+`RunningFedAvg` computes the same thing streaming: each delta is added to a
+running weighted sum as it arrives and can then be dropped, so memory is one
+set of float64 arrays however many devices take part. `aggregate` is the
+batch version, kept as the reference the streaming one is tested against.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import numpy.typing as npt
+
+from fedbell.codecs import Weights
+from fedbell.errors import FedbellError
+
+Sums = list[npt.NDArray[np.float64]]
+
+
+class InconsistentUpdate(FedbellError):
+    """An update does not fit the model or the other updates (count, shapes, weight)."""
+
+
+def _check_shapes(delta: Sequence[npt.NDArray[np.floating]],
+                  shapes: Sequence[tuple[int, ...]]) -> None:
+    if len(delta) != len(shapes):
+        raise InconsistentUpdate(f"{len(delta)} tensors, expected {len(shapes)}")
+    for index, (array, shape) in enumerate(zip(delta, shapes, strict=True)):
+        if tuple(array.shape) != tuple(shape):
+            raise InconsistentUpdate(f"tensor {index} has shape {array.shape}, expected {shape}")
+
+
+def _add_weighted(sums: Sums, delta: Sequence[npt.NDArray[np.floating]], weight: int) -> None:
+    """sums[i] += weight * delta[i], in place (no second model-sized temporary kept)."""
+    for acc, array in zip(sums, delta, strict=True):
+        np.add(acc, np.multiply(array, weight, dtype=np.float64), out=acc)
+
+
+def update_norm(delta: Sequence[npt.NDArray[np.floating]]) -> float:
+    """L2 norm of all tensors of a delta taken together."""
+    return float(np.sqrt(sum(float(np.sum(np.square(a, dtype=np.float64))) for a in delta)))
+
+
+def aggregate(results: Sequence[tuple[Sequence[npt.NDArray[np.floating]], int]]) -> Weights:
+    """Batch weighted average of (delta, num_examples) pairs."""
+    if not results:
+        raise InconsistentUpdate("nothing to aggregate")
+    shapes = [tuple(a.shape) for a in results[0][0]]
+    total = 0
+    sums: Sums = [np.zeros(s, dtype=np.float64) for s in shapes]
+    for delta, examples in results:
+        if examples < 1:
+            raise InconsistentUpdate(f"an update needs at least one example, got {examples}")
+        _check_shapes(delta, shapes)
+        total += examples
+        _add_weighted(sums, delta, examples)
+    return [(s / total).astype(np.float32) for s in sums]
+
+
+class RunningFedAvg:
+    """The running weighted sum of deltas and the total weight (examples).
+
+    float64 sums, so adding thousands of float32 deltas loses nothing that
+    matters; `sums` and `total` are what the state file saves and restores.
+    """
+
+    def __init__(self, shapes: Sequence[tuple[int, ...]], sums: Sums | None = None,
+                 total: int = 0, count: int = 0) -> None:
+        self.shapes = [tuple(int(d) for d in s) for s in shapes]
+        if sums is None:
+            sums = [np.zeros(s, dtype=np.float64) for s in self.shapes]
+        _check_shapes(sums, self.shapes)
+        if total < 0 or count < 0:
+            raise InconsistentUpdate("total weight and count cannot be negative")
+        self.sums = [np.asarray(s, dtype=np.float64) for s in sums]
+        self.total = total
+        self.count = count
+
+    def add(self, delta: Sequence[npt.NDArray[np.floating]], examples: int) -> None:
+        """Fold one update in; the caller may drop `delta` afterwards."""
+        if examples < 1:
+            raise InconsistentUpdate(f"an update needs at least one example, got {examples}")
+        _check_shapes(delta, self.shapes)
+        _add_weighted(self.sums, delta, examples)
+        self.total += examples
+        self.count += 1
+
+    def mean_delta(self) -> Weights:
+        if self.total == 0:
+            raise InconsistentUpdate("no update has been added")
+        return [(s / self.total).astype(np.float32) for s in self.sums]
+
+    def apply(self, base: Sequence[npt.NDArray[np.float32]]) -> Weights:
+        """The new global weights: base + weighted mean delta."""
+        _check_shapes(base, self.shapes)
+        if self.total == 0:
+            raise InconsistentUpdate("no update has been added")
+        return [
+            (np.asarray(b, dtype=np.float64) + s / self.total).astype(np.float32)
+            for b, s in zip(base, self.sums, strict=True)
+        ]

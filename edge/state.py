@@ -1,0 +1,156 @@
+"""What a doorbell keeps across restarts: its global model, TFLite artifact, last round.
+
+Each item is a data file plus a JSON sidecar that records the data file's
+sha256. The data file is written first and the sidecar last, each through a
+temporary file and `os.replace`, so a crash in between leaves a sidecar that
+does not match: the item then reads as absent and the node waits for the
+broker's retained copy instead of starting from a half-written model.
+
+Weights are stored as `.npz` and read with `allow_pickle=False`; nothing
+here can execute code from disk.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fedbell.messages import GlobalModel
+
+log = logging.getLogger(__name__)
+
+GLOBAL_WEIGHTS = "global.npz"
+GLOBAL_SIDECAR = "global.json"
+TFLITE_MODEL = "model.tflite"
+TFLITE_SIDECAR = "model.json"
+ROUND_FILE = "round.json"
+
+
+@dataclass(frozen=True)
+class StoredArtifact:
+    """The TFLite model the node recognises with, as stored on disk."""
+
+    version: int
+    round: int
+    flavour: str
+    model: bytes
+    labels: tuple[str, ...]
+    threshold: float
+
+
+def write_atomically(path: Path, data: bytes) -> None:
+    """Replace `path` with `data`; readers see the old or the new file, never a mix."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(handle, "wb") as file:
+            file.write(data)
+            file.flush()
+            os.fsync(file.fileno())
+        Path(temporary).replace(path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def _digest(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+class NodeState:
+    """The node's state folder."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+
+    def _read_pair(self, data_name: str, sidecar_name: str) -> tuple[bytes, dict[str, Any]] | None:
+        """(data, sidecar) if both exist and agree, else None (with a log line why)."""
+        sidecar_path = self.folder / sidecar_name
+        if not sidecar_path.exists():
+            return None
+        try:
+            sidecar = json.loads(sidecar_path.read_text())
+            data = (self.folder / data_name).read_bytes()
+        except (OSError, ValueError) as err:
+            log.warning("state: ignoring %s: %s", sidecar_path, err)
+            return None
+        if not isinstance(sidecar, dict) or sidecar.get("sha256") != _digest(data):
+            log.warning("state: %s does not match %s (interrupted write?); ignoring both",
+                        data_name, sidecar_name)
+            return None
+        return data, sidecar
+
+    def _write_pair(self, data_name: str, sidecar_name: str, data: bytes,
+                    sidecar: dict[str, Any]) -> None:
+        write_atomically(self.folder / data_name, data)
+        record = {**sidecar, "sha256": _digest(data)}
+        write_atomically(self.folder / sidecar_name, json.dumps(record, indent=1).encode())
+
+    def save_global(self, model: GlobalModel) -> None:
+        buffer = io.BytesIO()
+        # Keys by position: tensor names contain '/', which zip members would turn into folders.
+        np.savez(buffer, **{f"t{i}": w for i, w in enumerate(model.weights)})
+        self._write_pair(GLOBAL_WEIGHTS, GLOBAL_SIDECAR, buffer.getvalue(), {
+            "version": model.version, "round": model.round,
+            "names": list(model.names), "meta": dict(model.meta),
+        })
+
+    def load_global(self) -> GlobalModel | None:
+        pair = self._read_pair(GLOBAL_WEIGHTS, GLOBAL_SIDECAR)
+        if pair is None:
+            return None
+        data, sidecar = pair
+        try:
+            names = [str(n) for n in sidecar["names"]]
+            with np.load(io.BytesIO(data), allow_pickle=False) as arrays:
+                weights = [np.asarray(arrays[f"t{i}"], dtype=np.float32)
+                           for i in range(len(names))]
+            return GlobalModel(version=int(sidecar["version"]), round=int(sidecar["round"]),
+                               names=tuple(names), weights=weights, meta=dict(sidecar["meta"]))
+        except (KeyError, TypeError, ValueError) as err:
+            log.warning("state: stored global model unusable: %s", err)
+            return None
+
+    def save_artifact(self, artifact: StoredArtifact) -> None:
+        self._write_pair(TFLITE_MODEL, TFLITE_SIDECAR, artifact.model, {
+            "version": artifact.version, "round": artifact.round, "flavour": artifact.flavour,
+            "labels": list(artifact.labels), "threshold": artifact.threshold,
+        })
+
+    def load_artifact(self) -> StoredArtifact | None:
+        pair = self._read_pair(TFLITE_MODEL, TFLITE_SIDECAR)
+        if pair is None:
+            return None
+        data, sidecar = pair
+        try:
+            return StoredArtifact(
+                version=int(sidecar["version"]), round=int(sidecar["round"]),
+                flavour=str(sidecar["flavour"]), model=data,
+                labels=tuple(str(label) for label in sidecar["labels"]),
+                threshold=float(sidecar["threshold"]))
+        except (KeyError, TypeError, ValueError) as err:
+            log.warning("state: stored TFLite sidecar unusable: %s", err)
+            return None
+
+    def save_last_round(self, round_id: int) -> None:
+        write_atomically(self.folder / ROUND_FILE, json.dumps({"last_round": round_id}).encode())
+
+    def load_last_round(self) -> int:
+        path = self.folder / ROUND_FILE
+        if not path.exists():
+            return 0
+        try:
+            value = json.loads(path.read_text())["last_round"]
+            return int(value) if isinstance(value, int) and value >= 0 else 0
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            log.warning("state: %s unreadable (%s); treating as no round done", path, err)
+            return 0

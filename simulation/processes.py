@@ -1,0 +1,107 @@
+"""Child processes with a log file each, and a shutdown that leaves no orphans.
+
+Each child runs in its own session (process group), so stopping it also stops
+anything it started: SIGTERM to the group first (a clean shutdown: the node
+publishes its offline status), SIGKILL to the group after a timeout.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from types import TracebackType
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+
+class ProcessDied(RuntimeError):
+    """A child exited while the simulation still needed it."""
+
+    def __init__(self, name: str, returncode: int, log: Path) -> None:
+        super().__init__(f"{name} exited with code {returncode}; log: {log}\n"
+                         f"--- last lines of {log.name} ---\n{tail(log)}")
+        self.name = name
+        self.log = log
+
+
+def tail(path: Path, lines: int = 30) -> str:
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return "(no log)"
+    return "\n".join(text.splitlines()[-lines:]) or "(empty log)"
+
+
+class Child:
+    """One Python module run as `python -m <module> <args>`, output to a log file."""
+
+    def __init__(self, name: str, module: str, args: Sequence[str], log: Path,
+                 env: Mapping[str, str] | None = None) -> None:
+        self.name = name
+        self.log = log
+        log.parent.mkdir(parents=True, exist_ok=True)
+        with log.open("ab") as out:  # the child keeps its own copy of the descriptor
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", module, *args],
+                stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                cwd=PROJECT_ROOT, env={**os.environ, **(env or {})},
+                start_new_session=True,
+            )
+
+    def running(self) -> bool:
+        return self.process.poll() is None
+
+    def check(self) -> None:
+        code = self.process.poll()
+        if code is not None:
+            raise ProcessDied(self.name, code, self.log)
+
+    def signal_group(self, sig: signal.Signals) -> None:
+        if self.running():
+            try:
+                os.killpg(self.process.pid, sig)
+            except ProcessLookupError:
+                pass  # exited between the poll and the signal
+
+
+class Fleet:
+    """The children of one simulation, stopped together on exit whatever happened."""
+
+    def __init__(self) -> None:
+        self.children: list[Child] = []
+
+    def start(self, name: str, module: str, args: Sequence[str], log: Path,
+              env: Mapping[str, str] | None = None) -> Child:
+        child = Child(name, module, args, log, env)
+        self.children.append(child)
+        return child
+
+    def check(self) -> None:
+        """Raise ProcessDied for the first child that is no longer running."""
+        for child in self.children:
+            child.check()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """SIGTERM to every group at once, then SIGKILL whatever outlives `timeout`."""
+        for child in self.children:
+            child.signal_group(signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        for child in self.children:
+            try:
+                child.process.wait(max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                child.signal_group(signal.SIGKILL)
+                child.process.wait()
+        self.children.clear()
+
+    def __enter__(self) -> Fleet:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.stop()
