@@ -35,6 +35,9 @@ class TrainParams:
     epochs: int = 2
     batch_size: int = 16
     learning_rate: float = 1e-3
+    prox_mu: float = 0.0
+    """FedProx: weight of (mu/2)·||w - w_base||², which keeps a node with a few
+    people in its gallery from drifting far from the global model."""
     seed: int = 0
 
 
@@ -117,15 +120,32 @@ def _batches(images: Images, labels: LabelIds, params: TrainParams, epoch: int
 
 
 def train(model: Any, images: Images, labels: LabelIds, params: TrainParams) -> float:
-    """Train in place; returns the mean loss of the last epoch."""
+    """Train in place from the model's current weights; returns the last epoch's mean loss."""
+    import tensorflow as tf
+
     keras = _keras()
     keras.utils.set_random_seed(params.seed)
-    model.compile(optimizer=keras.optimizers.Adam(params.learning_rate),
-                  loss="sparse_categorical_crossentropy")
+    optimizer = keras.optimizers.Adam(params.learning_rate)
+    loss_fn = keras.losses.SparseCategoricalCrossentropy()
+    anchors = [tf.constant(w) for w in model.get_weights()]
+    mu = tf.constant(params.prox_mu, dtype=tf.float32)
+
+    def eager_step(x: Any, y: Any) -> Any:
+        with tf.GradientTape() as tape:
+            loss = loss_fn(y, model(x, training=True))
+            if params.prox_mu > 0:
+                drift = tf.add_n([tf.reduce_sum(tf.square(w - a))
+                                  for w, a in zip(model.trainable_weights, anchors, strict=True)])
+                loss += mu / 2.0 * drift
+        grads = tape.gradient(loss, model.trainable_weights)
+        optimizer.apply_gradients(zip(grads, model.trainable_weights, strict=True))
+        return loss
+
+    step = tf.function(eager_step, reduce_retracing=True)
     loss = float("nan")
     for epoch in range(params.epochs):
-        losses = [float(model.train_on_batch(x, y)) for x, y in
-                  _batches(images, labels, params, epoch)]
+        losses = [float(step(tf.constant(x), tf.constant(y)))
+                  for x, y in _batches(images, labels, params, epoch)]
         loss = float(np.mean(losses)) if losses else loss
     return loss
 
