@@ -1,0 +1,1 @@
+"""Benchmarks, the fuzzer and the soak run: commands that print measured figures."""
