@@ -17,8 +17,10 @@ $(STAMP): pyproject.toml
 
 deps: $(STAMP) broker-deps
 
+# Mosquitto for every test; shellcheck and systemd-analyze for the deployment
+# tests (installed with apt when run as root, otherwise those tests skip).
 broker-deps:
-	@deploy/ensure-mosquitto.sh
+	@deploy/ensure-tools.sh
 
 demo: deps
 	$(PY) -m simulation $(ARGS)

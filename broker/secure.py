@@ -17,8 +17,15 @@ from broker.local import LocalBroker
 PRODUCTION_TEMPLATE = Path(__file__).with_name("production.conf")
 
 
-def render_config(port: int, conf_dir: Path, data_dir: Path, *, log_dest: str = "stderr",
-                  user: str = "mosquitto", template: Path = PRODUCTION_TEMPLATE) -> str:
+def render_config(
+    port: int,
+    conf_dir: Path,
+    data_dir: Path,
+    *,
+    log_dest: str = "stderr",
+    user: str = "mosquitto",
+    template: Path = PRODUCTION_TEMPLATE,
+) -> str:
     """The production mosquitto.conf for one broker.
 
     `log_dest` is a mosquitto `log_dest` value: "stderr" under systemd (the
@@ -50,8 +57,13 @@ class SecureBroker(LocalBroker):
         self.data_dir.mkdir(parents=True, exist_ok=True)
         # Run as whoever runs the tests: as root, "root" keeps Mosquitto from
         # switching to a user that cannot read pytest's private tmp folders.
-        rendered = render_config(self.port, self.conf_dir, self.data_dir,
-                                 log_dest=f"file {self.log_path}", user=getpass.getuser())
+        rendered = render_config(
+            self.port,
+            self.conf_dir,
+            self.data_dir,
+            log_dest=f"file {self.log_path}",
+            user=getpass.getuser(),
+        )
         # LocalBroker formats its template with {port}/{data_dir}; a rendered
         # config has no braces left, so it passes through unchanged.
         template = self.data_dir / "production.rendered.conf"
@@ -59,6 +71,9 @@ class SecureBroker(LocalBroker):
         self._template = template
         super().start(timeout)
         return self
+
+    def __enter__(self) -> SecureBroker:
+        return self.start()
 
     @property
     def pid(self) -> int | None:

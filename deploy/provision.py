@@ -99,19 +99,30 @@ class Site:
             raise ProvisionError(f"no site in {root}: run `python -m deploy.provision init` first")
         data = json.loads(path.read_text())
         logins = {name: Role(role) for name, role in data["logins"].items()}
-        return cls(root, data["site"], data["topic_root"], list(data["broker_hosts"]),
-                   int(data["port"]), logins)
+        return cls(
+            root,
+            data["site"],
+            data["topic_root"],
+            list(data["broker_hosts"]),
+            int(data["port"]),
+            logins,
+        )
 
     def save(self) -> None:
         data = {
-            "site": self.site, "topic_root": self.topic_root,
-            "broker_hosts": self.broker_hosts, "port": self.port,
+            "site": self.site,
+            "topic_root": self.topic_root,
+            "broker_hosts": self.broker_hosts,
+            "port": self.port,
             "logins": {name: role.value for name, role in sorted(self.logins.items())},
         }
         write_public(self.root / "site.json", (json.dumps(data, indent=2) + "\n").encode())
-        write_file(self.broker_dir / "acl",
-                   render(self.topic_root, self.site, self.logins.items()).encode(),
-                   GROUP_READABLE, BROKER_GROUP)
+        write_file(
+            self.broker_dir / "acl",
+            render(self.topic_root, self.site, self.logins.items()).encode(),
+            GROUP_READABLE,
+            BROKER_GROUP,
+        )
 
     def ca(self) -> pki.Issued:
         return pki.load(self.root / "ca" / "ca.crt", self.root / "ca" / "ca.key")
@@ -123,14 +134,25 @@ class Site:
 def check_name(name: str, what: str = "name") -> str:
     if not NAME_RE.fullmatch(name):
         raise ProvisionError(
-            f"bad {what} {name!r}: use 1-63 of a-z 0-9 _ -, starting with a letter or digit")
+            f"bad {what} {name!r}: use 1-63 of a-z 0-9 _ -, starting with a letter or digit"
+        )
     return name
 
 
 # ---------------------------------------------------------------- site setup
 
-def init(root: Path, site: str, topic_root: str, hosts: list[str], *, port: int,
-         data_dir: Path, log_dest: str, broker_user: str) -> Site:
+
+def init(
+    root: Path,
+    site: str,
+    topic_root: str,
+    hosts: list[str],
+    *,
+    port: int,
+    data_dir: Path,
+    log_dest: str,
+    broker_user: str,
+) -> Site:
     """Create the CA, the broker's certificate and configuration, empty logins."""
     check_name(site, "site id")
     if not TOPIC_ROOT_RE.fullmatch(topic_root):
@@ -154,18 +176,23 @@ def init(root: Path, site: str, topic_root: str, hosts: list[str], *, port: int,
     pki.save(ca, root / "ca" / "ca.crt", root / "ca" / "ca.key")
     shutil.copyfile(root / "ca" / "ca.crt", the_site.broker_dir / "ca.crt")
     server = pki.issue(ca, names[0], "broker", server_names=names)
-    pki.save(server, the_site.broker_dir / "server.crt", the_site.broker_dir / "server.key",
-             key_group=BROKER_GROUP)
+    pki.save(
+        server,
+        the_site.broker_dir / "server.crt",
+        the_site.broker_dir / "server.key",
+        key_group=BROKER_GROUP,
+    )
     write_file(the_site.passwd, b"", GROUP_READABLE, BROKER_GROUP)
-    config = render_config(port, the_site.broker_dir, data_dir, log_dest=log_dest,
-                           user=broker_user)
-    write_file(the_site.broker_dir / "mosquitto.conf", config.encode(), GROUP_READABLE,
-               BROKER_GROUP)
+    config = render_config(port, the_site.broker_dir, data_dir, log_dest=log_dest, user=broker_user)
+    write_file(
+        the_site.broker_dir / "mosquitto.conf", config.encode(), GROUP_READABLE, BROKER_GROUP
+    )
     the_site.save()
     return the_site
 
 
 # ------------------------------------------------------------------- logins
+
 
 def add_login(site: Site, name: str, role: Role) -> Path:
     """Certificate, password and ACL block for a new login; returns its bundle."""
@@ -205,15 +232,18 @@ def _mosquitto_passwd() -> str:
 
 def set_password(passwd: Path, name: str, password: str) -> None:
     # On stdin, never on the command line where `ps` would show it.
-    subprocess.run([_mosquitto_passwd(), str(passwd), name],
-                   input=f"{password}\n{password}\n", text=True, check=True,
-                   capture_output=True)
+    subprocess.run(
+        [_mosquitto_passwd(), str(passwd), name],
+        input=f"{password}\n{password}\n",
+        text=True,
+        check=True,
+        capture_output=True,
+    )
     _fix_passwd_mode(passwd)
 
 
 def delete_password(passwd: Path, name: str) -> None:
-    subprocess.run([_mosquitto_passwd(), "-D", str(passwd), name], check=True,
-                   capture_output=True)
+    subprocess.run([_mosquitto_passwd(), "-D", str(passwd), name], check=True, capture_output=True)
     _fix_passwd_mode(passwd)
 
 
@@ -227,22 +257,30 @@ def _fill(template: str, values: dict[str, str]) -> str:
     for key, value in values.items():
         text = text.replace("{{" + key + "}}", value)
     if "{{" in text:
-        raise ProvisionError(f"unfilled placeholder in {template}: {text[text.index('{{'):][:40]}")
+        raise ProvisionError(f"unfilled placeholder in {template}: {text[text.index('{{') :][:40]}")
     yaml.safe_load(text)  # fail here, not on the Pi, if a value broke the YAML
     return text
 
 
-def add_device(site: Site, name: str, mqtt_host: str | None, state_root: str,
-               peer_keys_dir: str) -> Path:
+def add_device(
+    site: Site, name: str, mqtt_host: str | None, state_root: str, trusted_keys_dir: str
+) -> Path:
     bundle = add_login(site, name, Role.DEVICE)
     pki.create_signing_key(bundle / "signing.key", bundle / "signing.pub")
     shutil.copyfile(bundle / "signing.pub", site.device_keys / f"{name}.pub")
     _copy_peer_keys(site, bundle)
-    config = _fill("edge.yaml", {
-        "device_id": name, "site": site.site, "topic_root": site.topic_root,
-        "mqtt_host": mqtt_host or site.broker_hosts[0], "mqtt_port": str(site.port),
-        "state_root": state_root, "peer_keys_dir": peer_keys_dir,
-    })
+    config = _fill(
+        "edge.yaml",
+        {
+            "device_id": name,
+            "site": site.site,
+            "topic_root": site.topic_root,
+            "mqtt_host": mqtt_host or site.broker_hosts[0],
+            "mqtt_port": str(site.port),
+            "state_root": state_root,
+            "trusted_keys_dir": trusted_keys_dir,
+        },
+    )
     write_public(bundle / "edge.yaml", config.encode())
     return bundle
 
@@ -264,7 +302,13 @@ def remove_device(site: Site, name: str) -> None:
     (site.device_keys / f"{name}.pub").unlink(missing_ok=True)
 
 
-def add_aggregator(site: Site, name: str, mqtt_host: str, state_root: str) -> Path:
+def add_aggregator(
+    site: Site, name: str, mqtt_host: str, state_root: str, labels: list[str]
+) -> Path:
+    for label in labels:
+        check_name(label, "label")
+    if not labels or len(set(labels)) != len(labels):
+        raise ProvisionError(f"labels must be one or more distinct names, got {labels}")
     if site.names(Role.AGGREGATOR):
         raise ProvisionError(f"the site already has an aggregator: {site.names(Role.AGGREGATOR)}")
     bundle = add_login(site, name, Role.AGGREGATOR)
@@ -272,11 +316,19 @@ def add_aggregator(site: Site, name: str, mqtt_host: str, state_root: str) -> Pa
     shutil.copyfile(bundle / "signing.pub", site.aggregator_keys / f"{name}.pub")
     for device in site.names(Role.DEVICE):
         _copy_peer_keys(site, site.bundle(device))
-    config = _fill("aggregator.yaml", {
-        "name": name, "site": site.site, "topic_root": site.topic_root,
-        "mqtt_host": mqtt_host, "mqtt_port": str(site.port), "state_root": state_root,
-        "peer_keys_dir": str(site.device_keys.resolve()),
-    })
+    config = _fill(
+        "aggregator.yaml",
+        {
+            "name": name,
+            "site": site.site,
+            "topic_root": site.topic_root,
+            "mqtt_host": mqtt_host,
+            "mqtt_port": str(site.port),
+            "state_root": state_root,
+            "trusted_keys_dir": str(site.device_keys.resolve()),
+            "labels": ", ".join(labels),
+        },
+    )
     write_public(bundle / "aggregator.yaml", config.encode())
     return bundle
 
@@ -296,6 +348,7 @@ def remove_any(site: Site, name: str) -> None:
 
 # ---------------------------------------------------------------- reloading
 
+
 def reload_broker(pid: int | None, enabled: bool) -> str:
     """Make the broker re-read passwd and acl; returns what was done."""
     if pid is not None:
@@ -306,42 +359,57 @@ def reload_broker(pid: int | None, enabled: bool) -> str:
     if Path("/run/systemd/system").is_dir() and shutil.which("systemctl"):
         subprocess.run(["systemctl", "try-reload-or-restart", BROKER_UNIT], check=True)
         return f"reloaded {BROKER_UNIT} (if running)"
-    return ("no systemd here: reload the broker yourself "
-            "(kill -HUP <mosquitto pid>) or pass --broker-pid")
+    return (
+        "no systemd here: reload the broker yourself "
+        "(kill -HUP <mosquitto pid>) or pass --broker-pid"
+    )
 
 
 # ---------------------------------------------------------------------- CLI
 
+
 def _parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--site-dir", type=Path,
-                        default=Path(os.environ.get("FEDBELL_SITE_DIR", DEFAULT_SITE_DIR)),
-                        help="site folder (default $FEDBELL_SITE_DIR or %(default)s)")
+    common.add_argument(
+        "--site-dir",
+        type=Path,
+        default=Path(os.environ.get("FEDBELL_SITE_DIR", DEFAULT_SITE_DIR)),
+        help="site folder (default $FEDBELL_SITE_DIR or %(default)s)",
+    )
     reload = argparse.ArgumentParser(add_help=False)
     reload.add_argument("--broker-pid", type=int, help="SIGHUP this mosquitto process")
     reload.add_argument("--no-reload", action="store_true", help="do not reload the broker")
 
-    parser = argparse.ArgumentParser(prog="python -m deploy.provision",
-                                     description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m deploy.provision", description=__doc__.split("\n\n")[0]
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("init", parents=[common], help="create the site CA and broker files")
     p.add_argument("--site", default="home", help="site (federation) id")
     p.add_argument("--topic-root", default="fedbell")
-    p.add_argument("--broker-host", action="append", default=[],
-                   help="name or address clients use for the broker (repeatable)")
+    p.add_argument(
+        "--broker-host",
+        action="append",
+        default=[],
+        help="name or address clients use for the broker (repeatable)",
+    )
     p.add_argument("--port", type=int, default=8883)
     p.add_argument("--broker-data-dir", type=Path, default=Path("/var/lib/fedbell-broker"))
     p.add_argument("--broker-log", default="stderr", help="mosquitto log_dest value")
-    p.add_argument("--broker-user", default="mosquitto",
-                   help="user Mosquitto switches to if started as root")
+    p.add_argument(
+        "--broker-user", default="mosquitto", help="user Mosquitto switches to if started as root"
+    )
 
     p = sub.add_parser("add-device", parents=[common, reload], help="provision a doorbell")
     p.add_argument("name")
     p.add_argument("--mqtt-host", help="broker name for this doorbell (default: first name)")
     p.add_argument("--state-root", default="/var/lib/fedbell")
-    p.add_argument("--peer-keys-dir", default="/etc/fedbell/keys/aggregator",
-                   help="where install-pi.sh puts the aggregator's public key")
+    p.add_argument(
+        "--trusted-keys-dir",
+        default="/etc/fedbell/keys/aggregator",
+        help="where install-pi.sh puts the aggregator's public key",
+    )
 
     p = sub.add_parser("remove-device", parents=[common, reload], help="revoke a doorbell")
     p.add_argument("name")
@@ -350,13 +418,21 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--name", default="aggregator")
     p.add_argument("--mqtt-host", default="localhost")
     p.add_argument("--state-root", default="/var/lib/fedbell")
+    p.add_argument(
+        "--labels",
+        default="resident",
+        help="comma-separated people the site's model recognises, in output order",
+    )
 
     for command, role in (("add-operator", "operator"), ("add-homeassistant", "homeassistant")):
         p = sub.add_parser(command, parents=[common, reload])
         p.add_argument("--name", default=role)
 
-    p = sub.add_parser("remove-login", parents=[common, reload],
-                       help="revoke an operator, Home Assistant or aggregator login")
+    p = sub.add_parser(
+        "remove-login",
+        parents=[common, reload],
+        help="revoke an operator, Home Assistant or aggregator login",
+    )
     p.add_argument("name")
 
     sub.add_parser("list", parents=[common], help="show the site's logins")
@@ -368,32 +444,54 @@ def run(argv: list[str] | None = None) -> str:
     args = _parser().parse_args(argv)
     root: Path = args.site_dir
     if args.command == "init":
-        site = init(root, args.site, args.topic_root, args.broker_host or ["localhost"],
-                    port=args.port, data_dir=args.broker_data_dir, log_dest=args.broker_log,
-                    broker_user=args.broker_user)
-        return (f"site {site.site!r} created in {root}\n"
-                f"broker names: {', '.join(site.broker_hosts)}; CA: {root / 'ca' / 'ca.crt'}")
+        site = init(
+            root,
+            args.site,
+            args.topic_root,
+            args.broker_host or ["localhost"],
+            port=args.port,
+            data_dir=args.broker_data_dir,
+            log_dest=args.broker_log,
+            broker_user=args.broker_user,
+        )
+        return (
+            f"site {site.site!r} created in {root}\n"
+            f"broker names: {', '.join(site.broker_hosts)}; CA: {root / 'ca' / 'ca.crt'}"
+        )
     site = Site.load(root)
     if args.command == "list":
-        return "\n".join(f"{role.value:14} {name}" for name, role in sorted(
-            site.logins.items(), key=lambda item: (item[1].value, item[0]))) or "(no logins)"
+        return (
+            "\n".join(
+                f"{role.value:14} {name}"
+                for name, role in sorted(
+                    site.logins.items(), key=lambda item: (item[1].value, item[0])
+                )
+            )
+            or "(no logins)"
+        )
 
     match args.command:
         case "add-device":
-            bundle = add_device(site, args.name, args.mqtt_host, args.state_root,
-                                args.peer_keys_dir)
-            done = (f"device {args.name!r}: bundle {bundle}\n"
-                    f"copy it to the Pi and run: sudo deploy/install-pi.sh --bundle <copy>")
+            bundle = add_device(
+                site, args.name, args.mqtt_host, args.state_root, args.trusted_keys_dir
+            )
+            done = (
+                f"device {args.name!r}: bundle {bundle}\n"
+                f"copy it to the Pi and run: sudo deploy/install-pi.sh --bundle <copy>"
+            )
             if not site.names(Role.AGGREGATOR):
                 done += "\nnote: no aggregator yet; add-aggregator will update this bundle"
         case "remove-device":
             remove_device(site, args.name)
             done = f"device {args.name!r} removed: password, ACL, signing key, bundle"
         case "add-aggregator":
-            bundle = add_aggregator(site, args.name, args.mqtt_host, args.state_root)
-            done = (f"aggregator {args.name!r}: bundle {bundle}\n"
-                    f"doorbell bundles updated with its public key: "
-                    f"{', '.join(site.names(Role.DEVICE)) or '(none yet)'}")
+            labels = [label.strip() for label in args.labels.split(",") if label.strip()]
+            bundle = add_aggregator(site, args.name, args.mqtt_host, args.state_root, labels)
+            done = (
+                f"aggregator {args.name!r}: bundle {bundle}\n"
+                f"doorbell bundles updated with its public key: "
+                f"{', '.join(site.names(Role.DEVICE)) or '(none yet)'}"
+            )
         case "add-operator" | "add-homeassistant":
             role = Role.OPERATOR if args.command == "add-operator" else Role.HOMEASSISTANT
             bundle = add_login(site, args.name, role)
@@ -414,8 +512,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except subprocess.CalledProcessError as err:
         detail = (err.stderr or "").strip() if isinstance(err.stderr, str) else ""
-        print(f"provision: error: {err.cmd[0]} failed ({err.returncode}) {detail}",
-              file=sys.stderr)
+        print(f"provision: error: {err.cmd[0]} failed ({err.returncode}) {detail}", file=sys.stderr)
         return 1
     return 0
 

@@ -38,9 +38,19 @@ QUIET = 1.0  # one shared wait for messages that must never arrive
 
 # ------------------------------------------------------------ the contract
 
+
 def topics() -> list[str]:
-    found = [f"{BASE}/{leaf}" for leaf in
-             ("control", "round", "model/global", "model/tflite", "metrics", "aggregator/status")]
+    found = [
+        f"{BASE}/{leaf}"
+        for leaf in (
+            "control",
+            "round",
+            "model/global",
+            "model/tflite",
+            "metrics",
+            "aggregator/status",
+        )
+    ]
     for device in DEVICES:
         found += [f"{BASE}/update/{device}", f"{BASE}/status/{device}"]
         found += [f"doorbell/{device}/{leaf}" for leaf in (*OUT, *IN)]
@@ -55,18 +65,30 @@ def allowed(role: str, action: str, topic: str) -> bool:  # noqa: PLR0911 - one 
     pub = action == "pub"
     if role in DEVICES:
         me = role
-        if topic in (f"{BASE}/update/{me}", f"{BASE}/status/{me}",
-                     f"homeassistant/device/{me}/config"):
+        if topic in (
+            f"{BASE}/update/{me}",
+            f"{BASE}/status/{me}",
+            f"homeassistant/device/{me}/config",
+        ):
             return pub
-        if topic in (f"{BASE}/round", f"{BASE}/model/global", f"{BASE}/model/tflite",
-                     "homeassistant/status"):
+        if topic in (
+            f"{BASE}/round",
+            f"{BASE}/model/global",
+            f"{BASE}/model/tflite",
+            "homeassistant/status",
+        ):
             return not pub
         if parts[:2] == ["doorbell", me]:
             return pub == (parts[2] in OUT)
         return False
     if role == "aggregator":
-        if topic in (f"{BASE}/round", f"{BASE}/model/global", f"{BASE}/model/tflite",
-                     f"{BASE}/metrics", f"{BASE}/aggregator/status"):
+        if topic in (
+            f"{BASE}/round",
+            f"{BASE}/model/global",
+            f"{BASE}/model/tflite",
+            f"{BASE}/metrics",
+            f"{BASE}/aggregator/status",
+        ):
             return pub
         if topic == f"{BASE}/control" or topic.startswith((f"{BASE}/update/", f"{BASE}/status/")):
             return not pub
@@ -75,7 +97,8 @@ def allowed(role: str, action: str, topic: str) -> bool:  # noqa: PLR0911 - one 
         if topic == f"{BASE}/control":
             return pub
         if topic in (f"{BASE}/metrics", f"{BASE}/aggregator/status") or topic.startswith(
-                f"{BASE}/status/"):
+            f"{BASE}/status/"
+        ):
             return not pub
         if parts[0] == "doorbell" and parts[2] in IN:
             return pub
@@ -91,6 +114,7 @@ def allowed(role: str, action: str, topic: str) -> bool:  # noqa: PLR0911 - one 
 
 
 # ------------------------------------------------------------------ probes
+
 
 @dataclass
 class Probe:
@@ -108,17 +132,30 @@ class Probe:
     port: int = 0
 
     @classmethod
-    def create(cls, name: str, port: int, *, password: str | None, ca: Path,
-               cert: Path | None, key: Path | None, username: str | None = None,
-               tls: bool = True) -> Probe:
-        client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"probe-{name}",
-                             protocol=mqtt.MQTTv5)
+    def create(
+        cls,
+        name: str,
+        port: int,
+        *,
+        password: str | None,
+        ca: Path,
+        cert: Path | None,
+        key: Path | None,
+        username: str | None = None,
+        tls: bool = True,
+    ) -> Probe:
+        client = mqtt.Client(
+            CallbackAPIVersion.VERSION2, client_id=f"probe-{name}", protocol=mqtt.MQTTv5
+        )
         probe = cls(name, client)
         if username is not None or password is not None:
             client.username_pw_set(username if username is not None else name, password)
         if tls:
-            client.tls_set(ca_certs=str(ca), certfile=str(cert) if cert else None,
-                           keyfile=str(key) if key else None)
+            client.tls_set(
+                ca_certs=str(ca),
+                certfile=str(cert) if cert else None,
+                keyfile=str(key) if key else None,
+            )
         client.on_connect = probe._on_connect
         client.on_disconnect = probe._on_disconnect
         client.on_subscribe = probe._on_subscribe
@@ -154,12 +191,12 @@ class Probe:
         self.connack = rc
         self.connected.set()
 
-    def _on_disconnect(self, _c: mqtt.Client, _u: Any, _f: Any, _rc: ReasonCode,
-                       _p: Any) -> None:
+    def _on_disconnect(self, _c: mqtt.Client, _u: Any, _f: Any, _rc: ReasonCode, _p: Any) -> None:
         self.disconnected.set()
 
-    def _on_subscribe(self, _c: mqtt.Client, _u: Any, mid: int, codes: list[ReasonCode],
-                      _p: Any) -> None:
+    def _on_subscribe(
+        self, _c: mqtt.Client, _u: Any, mid: int, codes: list[ReasonCode], _p: Any
+    ) -> None:
         with self.lock:
             self.subacks[mid] = codes
 
@@ -182,6 +219,7 @@ def wait_until(condition: Any, timeout: float, what: str) -> None:
 
 # ---------------------------------------------------------------- fixtures
 
+
 @dataclass(frozen=True)
 class RunningSite:
     root: Path
@@ -196,8 +234,10 @@ class RunningSite:
     def probe(self, name: str, **overrides: Any) -> Probe:
         bundle = self.bundle(name)
         options: dict[str, Any] = {
-            "password": self.password(name), "ca": bundle / "ca.crt",
-            "cert": bundle / "client.crt", "key": bundle / "client.key",
+            "password": self.password(name),
+            "ca": bundle / "ca.crt",
+            "cert": bundle / "client.crt",
+            "key": bundle / "client.key",
         }
         options.update(overrides)
         return Probe.create(name, self.broker.port, **options)
@@ -227,6 +267,7 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningSite]:
 
 # ------------------------------------------------------------------- tests
 
+
 def test_every_role_topic_and_action_matches_the_contract(site: RunningSite) -> None:
     probes = {role: site.probe(role).start() for role in ROLES}
     try:
@@ -241,8 +282,9 @@ def test_every_role_topic_and_action_matches_the_contract(site: RunningSite) -> 
                 _, mid = probe.client.subscribe(topic, qos=1)
                 assert mid is not None
                 sub_mid[role, topic] = mid
-        wait_until(lambda: all(len(p.subacks) == len(all_topics) for p in probes.values()),
-                   5, "SUBACKs")
+        wait_until(
+            lambda: all(len(p.subacks) == len(all_topics) for p in probes.values()), 5, "SUBACKs"
+        )
 
         # Every role publishes a recognisable payload to every topic.
         pub_mid: dict[tuple[str, str], int] = {}
@@ -250,14 +292,14 @@ def test_every_role_topic_and_action_matches_the_contract(site: RunningSite) -> 
             for topic in all_topics:
                 info = probe.client.publish(topic, f"{role}>{topic}".encode(), qos=1)
                 pub_mid[role, topic] = info.mid
-        wait_until(lambda: all(len(p.pubacks) == len(all_topics) for p in probes.values()),
-                   5, "PUBACKs")
+        wait_until(
+            lambda: all(len(p.pubacks) == len(all_topics) for p in probes.values()), 5, "PUBACKs"
+        )
         time.sleep(QUIET)  # anything still to be delivered arrives now or never
 
         received = {role: list(p.received) for role, p in probes.items()}
         delivered = {payload for messages in received.values() for _, payload in messages}
-        got_topic = {role: {topic for topic, _ in messages}
-                     for role, messages in received.items()}
+        got_topic = {role: {topic for topic, _ in messages} for role, messages in received.items()}
 
         rows: list[str] = []
         unexpected_allow: list[str] = []
@@ -285,21 +327,35 @@ def test_every_role_topic_and_action_matches_the_contract(site: RunningSite) -> 
             rows.append(f"{topic:38} " + " ".join(cells))
         header = f"{'topic':38} " + " ".join(f"{role[:5]:5}" for role in ROLES)
         checks = len(all_topics) * len(ROLES) * 2
-        print("\nACL matrix (P = publish delivered, S = subscription receives; "
-              "! unexpected allow, ? unexpected denial)")
+        print(
+            "\nACL matrix (P = publish delivered, S = subscription receives; "
+            "! unexpected allow, ? unexpected denial)"
+        )
         print("\n".join([header, *rows]))
-        print(f"{checks} checks: {len(unexpected_allow)} unexpected allows, "
-              f"{len(unexpected_deny)} unexpected denials")
+        print(
+            f"{checks} checks: {len(unexpected_allow)} unexpected allows, "
+            f"{len(unexpected_deny)} unexpected denials"
+        )
 
         # A denied publish is reported to an MQTT v5 client (PUBACK 0x87 Not
         # authorized), not silently dropped. Mosquitto 2.0 grants every
         # SUBSCRIBE and filters on delivery: a denied read is "never delivered".
-        denied_codes = {probes[r].pubacks[pub_mid[r, t]].value
-                        for r in ROLES for t in all_topics if not allowed(r, "pub", t)}
-        denied_subs = {probes[r].subacks[sub_mid[r, t]][0].value
-                       for r in ROLES for t in all_topics if not allowed(r, "sub", t)}
-        print(f"reason codes for denied publishes: {sorted(map(hex, denied_codes))}, "
-              f"SUBACK codes for denied subscriptions: {sorted(map(hex, denied_subs))}")
+        denied_codes = {
+            probes[r].pubacks[pub_mid[r, t]].value
+            for r in ROLES
+            for t in all_topics
+            if not allowed(r, "pub", t)
+        }
+        denied_subs = {
+            probes[r].subacks[sub_mid[r, t]][0].value
+            for r in ROLES
+            for t in all_topics
+            if not allowed(r, "sub", t)
+        }
+        print(
+            f"reason codes for denied publishes: {sorted(map(hex, denied_codes))}, "
+            f"SUBACK codes for denied subscriptions: {sorted(map(hex, denied_subs))}"
+        )
         assert unexpected_allow == []
         assert unexpected_deny == []
         assert denied_codes == {0x87}
@@ -322,8 +378,9 @@ def test_a_subscription_to_everything_leaks_nothing(site: RunningSite) -> None:
         for topic in all_topics:
             writer = next(role for role in ROLES if allowed(role, "pub", topic))
             probes[writer].client.publish(topic, b"x", qos=1)
-        wait_until(lambda: sum(len(p.pubacks) for p in probes.values()) == len(all_topics),
-                   5, "PUBACKs")
+        wait_until(
+            lambda: sum(len(p.pubacks) for p in probes.values()) == len(all_topics), 5, "PUBACKs"
+        )
         time.sleep(QUIET)
         for role, probe in probes.items():
             got = {topic for topic, _ in probe.received}
@@ -335,7 +392,8 @@ def test_a_subscription_to_everything_leaks_nothing(site: RunningSite) -> None:
 
 
 def test_logins_without_the_right_credentials_are_refused(
-        site: RunningSite, tmp_path: Path) -> None:
+    site: RunningSite, tmp_path: Path
+) -> None:
     # A certificate from another CA: right password, wrong issuer.
     stranger = pki.create_ca("elsewhere")
     pki.save(stranger, tmp_path / "other-ca.crt", tmp_path / "other-ca.key")
@@ -348,7 +406,8 @@ def test_logins_without_the_right_credentials_are_refused(
         "unknown user": site.probe("door1", username="door9"),
         "no user name": site.probe("door1", username=None, password=None),
         "certificate from another CA": site.probe(
-            "door1", cert=tmp_path / "fake.crt", key=tmp_path / "fake.key"),
+            "door1", cert=tmp_path / "fake.crt", key=tmp_path / "fake.key"
+        ),
         "no client certificate": site.probe("door1", cert=None, key=None),
         "broker not trusted (other CA)": site.probe("door1", ca=tmp_path / "other-ca.crt"),
         "plain TCP, no TLS": site.probe("door1", tls=False),
@@ -386,3 +445,40 @@ def test_model_sized_messages_pass_and_oversized_do_not(site: RunningSite) -> No
     finally:
         aggregator.stop()
         door.stop()
+
+
+def test_retained_model_survives_a_broker_restart(
+    site: RunningSite, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """Persistence is on and writable: a restarted broker still serves the model."""
+    broker = SecureBroker(site.root / "broker", tmp_path_factory.mktemp("restart"))
+    with broker:
+        aggregator = Probe.create(
+            "aggregator",
+            broker.port,
+            password=site.password("aggregator"),
+            ca=site.bundle("aggregator") / "ca.crt",
+            cert=site.bundle("aggregator") / "client.crt",
+            key=site.bundle("aggregator") / "client.key",
+        ).start()
+        assert aggregator.wait_connack()
+        aggregator.client.publish(f"{BASE}/model/global", b"model v7", qos=1, retain=True)
+        wait_until(lambda: len(aggregator.pubacks) == 1, 5, "PUBACK")
+        aggregator.stop()
+    broker.start()  # same port and data folder
+    try:
+        door = Probe.create(
+            "door1",
+            broker.port,
+            password=site.password("door1"),
+            ca=site.bundle("door1") / "ca.crt",
+            cert=site.bundle("door1") / "client.crt",
+            key=site.bundle("door1") / "client.key",
+        ).start()
+        assert door.wait_connack()
+        door.client.subscribe(f"{BASE}/model/global", qos=1)
+        wait_until(lambda: len(door.received) == 1, 5, "the retained model")
+        assert door.received == [(f"{BASE}/model/global", b"model v7")]
+        door.stop()
+    finally:
+        broker.stop()
