@@ -29,7 +29,7 @@ from deploy import provision
 REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = [
     REPO / "deploy" / name
-    for name in ("install-pi.sh", "install-server.sh", "lib.sh", "ensure-mosquitto.sh")
+    for name in ("install-pi.sh", "install-server.sh", "lib.sh", "ensure-tools.sh")
 ]
 VENV = Path(sys.prefix)
 SKIP_FLAGS = ["--no-systemd", "--no-apt", "--no-pip"]
