@@ -6,16 +6,19 @@ from pathlib import Path
 
 from pydantic import Field, field_validator
 
-from fedbell.codecs import TENSOR_CODECS
+from fedbell.codecs import DEFAULT_DENSITY, TENSOR_CODECS
 from fedbell.config import MqttSettings, SigningSettings, StrictModel, site_id
 from fedbell.envelope import Codec
 from fedbell.protocol import TrainingPlan
 from fedbell.topics import check_segment
 
+DOWNLINK_CODECS: tuple[Codec, ...] = ("float32", "float16", "int8")
+
 
 class RoundSettings(StrictModel):
     codec: Codec = Field(default="int8", title="Update codec",
-                         description="Codec every node must use for its update this round.")
+                         description="Codec every node must use for its update this round "
+                         "(float32, float16, int8 or topk).")
     downlink_codec: Codec = Field(
         default="float32", title="Global model codec",
         description="Codec of the retained global model (float32 or float16).")
@@ -36,12 +39,23 @@ class RoundSettings(StrictModel):
         default=1.0, ge=0, title="Pause before an automatic round (s)",
         description="Wait this long after start-up or after a round before starting the next "
         "automatic one, so retained device statuses arrive and nodes load the new model.")
+    density: float = Field(
+        default=DEFAULT_DENSITY, gt=0, le=1, title="topk density",
+        description="With codec topk: share of each tensor's entries a node sends.")
 
-    @field_validator("codec", "downlink_codec")
+    @field_validator("codec")
     @classmethod
-    def _tensor_codec(cls, codec: Codec) -> Codec:
+    def _update_codec(cls, codec: Codec) -> Codec:
         if codec not in TENSOR_CODECS:
             raise ValueError(f"{codec!r} is not one of {', '.join(TENSOR_CODECS)}")
+        return codec
+
+    @field_validator("downlink_codec")
+    @classmethod
+    def _downlink_codec(cls, codec: Codec) -> Codec:
+        # topk would drop most of the model: it only makes sense for deltas.
+        if codec not in DOWNLINK_CODECS:
+            raise ValueError(f"{codec!r} is not one of {', '.join(DOWNLINK_CODECS)}")
         return codec
 
 

@@ -20,6 +20,7 @@ import os
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import numpy.typing as npt
@@ -30,6 +31,8 @@ from fedbell.protocol import RoundAnnouncement
 
 STATE_FILE = "state.json"
 _OWNED_SUFFIXES = (".npz", ".bin", ".tmp")
+
+RoundStatus = Literal["collecting", "aggregated", "closed", "abandoned"]
 
 
 class StateError(FedbellError):
@@ -49,7 +52,7 @@ class ModelRecord(_Record):
 
 class RoundRecord(_Record):
     announcement: RoundAnnouncement
-    status: str
+    status: RoundStatus
     manual: bool
     started_at: float
     received: tuple[str, ...] = ()
@@ -101,13 +104,13 @@ class StateStore:
 
     def write_arrays(self, prefix: str, arrays: Sequence[npt.NDArray[np.floating]]) -> str:
         buffer = io.BytesIO()
-        np.savez(buffer, **{f"t{i:04d}": a for i, a in enumerate(arrays)})
+        np.savez(buffer, *arrays)  # stored as arr_0, arr_1, ... in order
         return self._write_new(prefix, ".npz", buffer.getvalue())
 
     def read_arrays(self, name: str) -> list[npt.NDArray[np.floating]]:
         try:
             with np.load(self.folder / name, allow_pickle=False) as data:
-                return [np.array(data[f"t{i:04d}"]) for i in range(len(data.files))]
+                return [np.array(data[f"arr_{i}"]) for i in range(len(data.files))]
         except (OSError, ValueError, KeyError) as err:
             raise StateError(f"{self.folder / name}: cannot read arrays: {err}") from None
 

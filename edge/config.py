@@ -18,56 +18,99 @@ from fedbell.topics import check_segment
 
 
 class TrainingSettings(StrictModel):
-    threads: int = Field(default=1, ge=1, le=64, title="Training threads",
-                         description="Cores TensorFlow may use while training.")
+    threads: int = Field(
+        default=1,
+        ge=1,
+        le=64,
+        title="Training threads",
+        description="Cores TensorFlow may use while training.",
+    )
     max_images_per_person: int = Field(
-        default=200, ge=1, title="Images per person",
-        description="Newest images per person used for training; bounds time and memory.")
+        default=200,
+        ge=1,
+        title="Images per person",
+        description="Newest images per person used for training; bounds time and memory.",
+    )
     base_model_wait_s: float = Field(
-        default=120.0, gt=0, title="Wait for the base model (s)",
+        default=120.0,
+        gt=0,
+        title="Wait for the base model (s)",
         description="How long a selected node waits for the round's base model to arrive "
-        "(it may come just after the round message) before it skips the round.")
+        "(it may come just after the round message) before it skips the round.",
+    )
 
 
 class InferenceSettings(StrictModel):
     flavour: Literal["int8", "float"] = Field(
-        default="int8", title="TFLite flavour",
+        default="int8",
+        title="TFLite flavour",
         description="Which of the aggregator's two flatbuffers to recognise with: int8 is "
-        "about 3x faster on a Pi, float a little more accurate.")
-    threads: int = Field(default=1, ge=1, le=16, title="Inference threads",
-                         description="Interpreter threads for recognition.")
+        "about 3x faster on a Pi, float a little more accurate.",
+    )
+    threads: int = Field(
+        default=1,
+        ge=1,
+        le=16,
+        title="Inference threads",
+        description="Interpreter threads for recognition.",
+    )
 
 
 class EdgeConfig(StrictModel):
-    device_id: str = Field(title="Device id",
-                           description="This doorbell's name; also its broker user name.")
+    device_id: str = Field(
+        title="Device id", description="This doorbell's name; also its broker user name."
+    )
     site: str = Field(title="Site id", description="The federation (house) it belongs to.")
-    mqtt: MqttSettings = Field(default_factory=MqttSettings, title="MQTT",
-                               description="Broker connection.")
-    signing: SigningSettings = Field(default_factory=SigningSettings, title="Signing",
-                                     description="Device key and the aggregator's public key.")
-    state_dir: Path = Field(title="State folder",
-                            description="Current model, TFLite artifact, round bookkeeping.")
-    gallery_dir: Path = Field(title="Gallery", description="Labelled face crops: "
-                              "`<gallery>/<person>/<image>`. Never leaves the house.")
+    mqtt: MqttSettings = Field(
+        default_factory=MqttSettings, title="MQTT", description="Broker connection."
+    )
+    signing: SigningSettings = Field(
+        default_factory=SigningSettings,
+        title="Signing",
+        description="Device key and the aggregator's public key.",
+    )
+    state_dir: Path = Field(
+        title="State folder", description="Current model, TFLite artifact, round bookkeeping."
+    )
+    gallery_dir: Path = Field(
+        title="Gallery",
+        description="Labelled face crops: `<gallery>/<person>/<image>`. Never leaves the house.",
+    )
     gallery_rescan_s: float = Field(
-        default=30.0, gt=0, title="Gallery rescan (s)",
+        default=30.0,
+        gt=0,
+        title="Gallery rescan (s)",
         description="How often the gallery is counted, to re-publish the status when "
-        "enrollment or labelling changed it.")
-    training: TrainingSettings = Field(default_factory=TrainingSettings, title="Training",
-                                       description="Local training limits.")
-    inference: InferenceSettings = Field(default_factory=InferenceSettings, title="Inference",
-                                         description="Which TFLite model recognises faces.")
-    camera: CameraConfig = Field(default_factory=CameraConfig, title="Camera",
-                                 description="Frame source for recognition and enrollment.")
-    detection: DetectionConfig = Field(default_factory=DetectionConfig, title="Face detection",
-                                       description="Haar cascade settings.")
+        "enrollment or labelling changed it.",
+    )
+    training: TrainingSettings = Field(
+        default_factory=TrainingSettings, title="Training", description="Local training limits."
+    )
+    inference: InferenceSettings = Field(
+        default_factory=InferenceSettings,
+        title="Inference",
+        description="Which TFLite model recognises faces.",
+    )
+    camera: CameraConfig = Field(
+        default_factory=CameraConfig,
+        title="Camera",
+        description="Frame source for recognition and enrollment.",
+    )
+    detection: DetectionConfig = Field(
+        default_factory=DetectionConfig,
+        title="Face detection",
+        description="Haar cascade settings.",
+    )
     recognition: RecognitionConfig = Field(
-        default_factory=RecognitionConfig, title="Recognition",
-        description="Unknown-visitor threshold, debouncing, ring triggers, snapshots.")
+        default_factory=RecognitionConfig,
+        title="Recognition",
+        description="Unknown-visitor threshold, debouncing, ring triggers, snapshots.",
+    )
     home_assistant: HomeAssistantConfig = Field(
-        default_factory=HomeAssistantConfig, title="Home Assistant",
-        description="MQTT discovery and doorbell event topics.")
+        default_factory=HomeAssistantConfig,
+        title="Home Assistant",
+        description="MQTT discovery and doorbell event topics.",
+    )
 
     _site = field_validator("site")(site_id)
 

@@ -52,8 +52,11 @@ class Gallery:
         folder = self.root / person
         if not folder.is_dir():
             return []
-        found = [p for p in folder.iterdir()
-                 if p.is_file() and _visible(p) and p.suffix.lower() in IMAGE_SUFFIXES]
+        found = [
+            p
+            for p in folder.iterdir()
+            if p.is_file() and _visible(p) and p.suffix.lower() in IMAGE_SUFFIXES
+        ]
         return sorted(found, key=lambda p: (p.stat().st_mtime, p.name), reverse=True)
 
     def count(self) -> int:
@@ -71,8 +74,7 @@ class Gallery:
         index = {name: i for i, name in enumerate(labels)}
         skipped = tuple(p for p in self.persons() if p not in index)
         if skipped:
-            log.info("gallery: %s not in the model's labels; not trained on",
-                     ", ".join(skipped))
+            log.info("gallery: %s not in the model's labels; not trained on", ", ".join(skipped))
         faces: list[Images] = []
         ids: list[int] = []
         for person in self.persons():
@@ -85,6 +87,9 @@ class Gallery:
                     log.warning("gallery: skipping %s: %s", path, err)
                     continue
                 ids.append(index[person])
-        images = (np.stack(faces).astype(np.float32) if faces
-                  else np.zeros((0, FACE_SIZE, FACE_SIZE), dtype=np.float32))
+        images = (
+            np.stack(faces).astype(np.float32)
+            if faces
+            else np.zeros((0, FACE_SIZE, FACE_SIZE), dtype=np.float32)
+        )
         return TrainingSet(images, np.array(ids, dtype=np.int64), skipped)

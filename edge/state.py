@@ -1,4 +1,4 @@
-"""What a doorbell keeps across restarts: its global model, TFLite artifact, last round.
+"""What a doorbell keeps across restarts: global model, TFLite artifact, last round, residual.
 
 Each item is a data file plus a JSON sidecar that records the data file's
 sha256. The data file is written first and the sidecar last, each through a
@@ -18,12 +18,14 @@ import json
 import logging
 import os
 import tempfile
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from fedbell.codecs import Weights
 from fedbell.messages import GlobalModel
 
 log = logging.getLogger(__name__)
@@ -33,6 +35,9 @@ GLOBAL_SIDECAR = "global.json"
 TFLITE_MODEL = "model.tflite"
 TFLITE_SIDECAR = "model.json"
 ROUND_FILE = "round.json"
+RESIDUAL_WEIGHTS = "residual.npz"
+RESIDUAL_SIDECAR = "residual.json"
+_UNREADABLE = (KeyError, TypeError, ValueError, OSError, zipfile.BadZipFile)
 
 
 @dataclass(frozen=True)
@@ -66,6 +71,19 @@ def _digest(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def _pack(weights: Weights) -> bytes:
+    buffer = io.BytesIO()
+    # Keyed by position (arr_0, ...): tensor names contain '/', which zip members
+    # would turn into folders. The names live in the sidecar.
+    np.savez(buffer, *weights, allow_pickle=False)
+    return buffer.getvalue()
+
+
+def _unpack(data: bytes, count: int) -> Weights:
+    with np.load(io.BytesIO(data), allow_pickle=False) as arrays:
+        return [np.asarray(arrays[f"arr_{i}"], dtype=np.float32) for i in range(count)]
+
+
 class NodeState:
     """The node's state folder."""
 
@@ -84,25 +102,33 @@ class NodeState:
             log.warning("state: ignoring %s: %s", sidecar_path, err)
             return None
         if not isinstance(sidecar, dict) or sidecar.get("sha256") != _digest(data):
-            log.warning("state: %s does not match %s (interrupted write?); ignoring both",
-                        data_name, sidecar_name)
+            log.warning(
+                "state: %s does not match %s (interrupted write?); ignoring both",
+                data_name,
+                sidecar_name,
+            )
             return None
         return data, sidecar
 
-    def _write_pair(self, data_name: str, sidecar_name: str, data: bytes,
-                    sidecar: dict[str, Any]) -> None:
+    def _write_pair(
+        self, data_name: str, sidecar_name: str, data: bytes, sidecar: dict[str, Any]
+    ) -> None:
         write_atomically(self.folder / data_name, data)
         record = {**sidecar, "sha256": _digest(data)}
         write_atomically(self.folder / sidecar_name, json.dumps(record, indent=1).encode())
 
     def save_global(self, model: GlobalModel) -> None:
-        buffer = io.BytesIO()
-        # Keys by position: tensor names contain '/', which zip members would turn into folders.
-        np.savez(buffer, **{f"t{i}": w for i, w in enumerate(model.weights)})
-        self._write_pair(GLOBAL_WEIGHTS, GLOBAL_SIDECAR, buffer.getvalue(), {
-            "version": model.version, "round": model.round,
-            "names": list(model.names), "meta": dict(model.meta),
-        })
+        self._write_pair(
+            GLOBAL_WEIGHTS,
+            GLOBAL_SIDECAR,
+            _pack(model.weights),
+            {
+                "version": model.version,
+                "round": model.round,
+                "names": list(model.names),
+                "meta": dict(model.meta),
+            },
+        )
 
     def load_global(self) -> GlobalModel | None:
         pair = self._read_pair(GLOBAL_WEIGHTS, GLOBAL_SIDECAR)
@@ -110,21 +136,48 @@ class NodeState:
             return None
         data, sidecar = pair
         try:
-            names = [str(n) for n in sidecar["names"]]
-            with np.load(io.BytesIO(data), allow_pickle=False) as arrays:
-                weights = [np.asarray(arrays[f"t{i}"], dtype=np.float32)
-                           for i in range(len(names))]
-            return GlobalModel(version=int(sidecar["version"]), round=int(sidecar["round"]),
-                               names=tuple(names), weights=weights, meta=dict(sidecar["meta"]))
-        except (KeyError, TypeError, ValueError) as err:
+            names = tuple(str(n) for n in sidecar["names"])
+            return GlobalModel(
+                version=int(sidecar["version"]),
+                round=int(sidecar["round"]),
+                names=names,
+                weights=_unpack(data, len(names)),
+                meta=dict(sidecar["meta"]),
+            )
+        except _UNREADABLE as err:
             log.warning("state: stored global model unusable: %s", err)
             return None
 
+    def save_residual(self, residual: Weights) -> None:
+        """What top-k left out of the last update (error feedback); never sent as such."""
+        self._write_pair(
+            RESIDUAL_WEIGHTS, RESIDUAL_SIDECAR, _pack(residual), {"tensors": len(residual)}
+        )
+
+    def load_residual(self) -> Weights | None:
+        pair = self._read_pair(RESIDUAL_WEIGHTS, RESIDUAL_SIDECAR)
+        if pair is None:
+            return None
+        data, sidecar = pair
+        try:
+            return _unpack(data, int(sidecar["tensors"]))
+        except _UNREADABLE as err:
+            log.warning("state: stored top-k residual unusable: %s", err)
+            return None
+
     def save_artifact(self, artifact: StoredArtifact) -> None:
-        self._write_pair(TFLITE_MODEL, TFLITE_SIDECAR, artifact.model, {
-            "version": artifact.version, "round": artifact.round, "flavour": artifact.flavour,
-            "labels": list(artifact.labels), "threshold": artifact.threshold,
-        })
+        self._write_pair(
+            TFLITE_MODEL,
+            TFLITE_SIDECAR,
+            artifact.model,
+            {
+                "version": artifact.version,
+                "round": artifact.round,
+                "flavour": artifact.flavour,
+                "labels": list(artifact.labels),
+                "threshold": artifact.threshold,
+            },
+        )
 
     def load_artifact(self) -> StoredArtifact | None:
         pair = self._read_pair(TFLITE_MODEL, TFLITE_SIDECAR)
@@ -133,10 +186,13 @@ class NodeState:
         data, sidecar = pair
         try:
             return StoredArtifact(
-                version=int(sidecar["version"]), round=int(sidecar["round"]),
-                flavour=str(sidecar["flavour"]), model=data,
+                version=int(sidecar["version"]),
+                round=int(sidecar["round"]),
+                flavour=str(sidecar["flavour"]),
+                model=data,
                 labels=tuple(str(label) for label in sidecar["labels"]),
-                threshold=float(sidecar["threshold"]))
+                threshold=float(sidecar["threshold"]),
+            )
         except (KeyError, TypeError, ValueError) as err:
             log.warning("state: stored TFLite sidecar unusable: %s", err)
             return None

@@ -55,8 +55,9 @@ class Trainer:
             self._classes = classes
         return self._model
 
-    def train_delta(self, base: GlobalModel, images: Images, labels: LabelIds,
-                    params: TrainParams) -> TrainedDelta:
+    def train_delta(
+        self, base: GlobalModel, images: Images, labels: LabelIds, params: TrainParams
+    ) -> TrainedDelta:
         """Train a copy of `base` on these crops; RejectedMessage if `base` does not fit.
 
         `base` must have exactly the local model's tensors: a model with other
@@ -65,12 +66,20 @@ class Trainer:
         started = time.monotonic()
         model = self._model_for(len(base.labels))
         names = tuple(face_model.weight_names(model))
-        check_specs(face_model.tensor_specs(base.names, base.weights),
-                    face_model.tensor_specs(names, face_model.get_weights(model)))
+        check_specs(
+            face_model.tensor_specs(base.names, base.weights),
+            face_model.tensor_specs(names, face_model.get_weights(model)),
+        )
         face_model.set_weights(model, base.weights)
         loss = face_model.train(model, images, labels, params)
         trained = face_model.get_weights(model)
-        delta = [np.asarray(t - b, dtype=np.float32)
-                 for t, b in zip(trained, base.weights, strict=True)]
-        return TrainedDelta(names=names, delta=delta, num_examples=len(images), loss=loss,
-                            seconds=time.monotonic() - started)
+        delta = [
+            np.asarray(t - b, dtype=np.float32) for t, b in zip(trained, base.weights, strict=True)
+        ]
+        return TrainedDelta(
+            names=names,
+            delta=delta,
+            num_examples=len(images),
+            loss=loss,
+            seconds=time.monotonic() - started,
+        )

@@ -5,10 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field
+from pydantic import Field, ValidationError, field_validator
 
+from fedbell.codecs import TENSOR_CODECS
 from fedbell.config import StrictModel, load_config
 from fedbell.envelope import Codec
+from fedbell.errors import ConfigError
 
 
 class SyntheticSettings(StrictModel):
@@ -47,7 +49,7 @@ class SimulationConfig(StrictModel):
         default=0.3, gt=0, lt=1, title="Held-out share",
         description="Share of every person's images kept for evaluation, never trained on.")
     codec: Codec = Field(default="int8", title="Update codec",
-                         description="float32, float16 or int8 updates.")
+                         description="float32, float16, int8 or topk (sparse) updates.")
     epochs: int = Field(default=2, ge=1, le=100, title="Local epochs",
                         description="Epochs each node trains per round.")
     batch_size: int = Field(default=16, ge=1, le=1024, title="Batch size",
@@ -73,9 +75,22 @@ class SimulationConfig(StrictModel):
                                description="The replayed-video demo after the rounds.")
 
 
+    @field_validator("codec")
+    @classmethod
+    def _update_codec(cls, codec: Codec) -> Codec:
+        if codec not in TENSOR_CODECS:
+            raise ValueError(f"{codec!r} is not an update codec ({', '.join(TENSOR_CODECS)})")
+        return codec
+
+
 def load(path: Path | None, overrides: dict[str, Any]) -> SimulationConfig:
     """The YAML file (or defaults) with every non-None override applied and re-validated."""
     base = load_config(path, SimulationConfig) if path is not None else SimulationConfig()
     merged = base.model_dump()
     merged.update({key: value for key, value in overrides.items() if value is not None})
-    return SimulationConfig.model_validate(merged)
+    try:
+        return SimulationConfig.model_validate(merged)
+    except ValidationError as err:  # only a command-line value can be wrong here
+        raise ConfigError("; ".join(
+            f"--{'.'.join(str(p) for p in problem['loc'])}: {problem['msg']}"
+            for problem in err.errors())) from None

@@ -6,7 +6,6 @@ images, so a real dataset beside the checkout is never copied or modified.
 
 from __future__ import annotations
 
-import os
 import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -63,6 +62,6 @@ def write_folder(samples: Sequence[Sample], root: Path) -> None:
         target.parent.mkdir(parents=True, exist_ok=True)
         source = sample.path.resolve()
         try:
-            os.symlink(source, target)
+            target.symlink_to(source)
         except OSError:  # e.g. a filesystem without symlinks
             shutil.copyfile(source, target)

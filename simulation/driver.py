@@ -8,6 +8,7 @@ after each round.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 import time
@@ -67,7 +68,8 @@ class Driver:
         self.view = FleetView()
         self._changed = threading.Condition()
         self._wanted = [topics.all_statuses, topics.aggregator_status, topics.round,
-                        topics.global_model, topics.all_updates, topics.metrics, topics.tflite_model, VISITOR_TOPIC]
+                        topics.global_model, topics.all_updates, topics.metrics,
+                        topics.tflite_model, VISITOR_TOPIC]
         self.client = make_client(settings, client_id="simulation-driver")
         self.client.on_connect = self._on_connect
         self.client.on_message = self._on_message
@@ -86,10 +88,9 @@ class Driver:
 
     def _on_message(self, _client: mqtt.Client, _userdata: Any, msg: mqtt.MQTTMessage) -> None:
         with self._changed:
-            try:
+            # Rejecting bad messages is the other processes' business; the driver only watches.
+            with contextlib.suppress(RejectedMessage, ValueError):
                 self._record(msg.topic, bytes(msg.payload))
-            except (RejectedMessage, ValueError):
-                pass  # another process's business to reject; the driver only watches
             self._changed.notify_all()
 
     def _record(self, topic: str, payload: bytes) -> None:

@@ -7,6 +7,7 @@ publishes its offline status), SIGKILL to the group after a timeout.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -63,10 +64,8 @@ class Child:
 
     def signal_group(self, sig: signal.Signals) -> None:
         if self.running():
-            try:
+            with contextlib.suppress(ProcessLookupError):  # exited since the poll
                 os.killpg(self.process.pid, sig)
-            except ProcessLookupError:
-                pass  # exited between the poll and the signal
 
 
 class Fleet:

@@ -94,10 +94,12 @@ def trained_model(per_person: int = 24, epochs: int = 25) -> TrainedModel:
     # can separate them (a plain softmax is confidently wrong on strangers).
     outliers = make_identities(OUTLIERS, SEED + 1000)
     stranger_images = np.concatenate(
-        [faces_of(o, per_person // 4, 300 + i) for i, o in enumerate(outliers)])
+        [faces_of(o, per_person // 4, 300 + i) for i, o in enumerate(outliers)]
+    )
     images = np.concatenate([images, stranger_images])
     targets = np.concatenate(
-        [targets, np.full((len(stranger_images), KNOWN), 1.0 / KNOWN, np.float32)])
+        [targets, np.full((len(stranger_images), KNOWN), 1.0 / KNOWN, np.float32)]
+    )
     model = _keras_model(KNOWN)
     model.fit(images[..., None], targets, epochs=epochs, batch_size=32, verbose=0, shuffle=True)
 

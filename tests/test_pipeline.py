@@ -59,7 +59,7 @@ def calibrated_threshold(recognizer: Recognizer) -> float:
 
 
 def drain_visitors(probe: Probe, expected: int, timeout: float = 10.0) -> list[dict[str, object]]:
-    events = []
+    events: list[dict[str, object]] = []
     while len(events) < expected:
         events.append(json.loads(probe.wait_for("doorbell/door1/visitor", timeout).payload))
     return events
@@ -165,6 +165,7 @@ def test_commands_ring_and_face_trigger(broker: LocalBroker, tmp_path: Path) -> 
     for topic, qos in publisher.subscriptions():
         client.subscribe(topic, qos)
     probe = Probe(broker.port, "doorbell/door1/ring")
+    visitors = Probe(broker.port, "doorbell/door1/visitor")
     try:
         time.sleep(0.3)
         probe.publish("doorbell/door1/command", b"not json")
@@ -183,8 +184,21 @@ def test_commands_ring_and_face_trigger(broker: LocalBroker, tmp_path: Path) -> 
         ring = json.loads(probe.wait_for("doorbell/door1/ring", 5).payload)
         assert ring["source"] == "face"
         assert pipeline.counters.rings == 2
+
+        # Label that visitor over MQTT: the event's crop joins the gallery.
+        visitor = json.loads(visitors.wait_for("doorbell/door1/visitor", 5).payload)
+        probe.publish("doorbell/door1/label", json.dumps({"event_id": "nope", "person": "x"}))
+        probe.publish(
+            "doorbell/door1/label", json.dumps({"event_id": visitor["event_id"], "person": "dora"})
+        )
+        deadline = time.monotonic() + 5
+        while publisher.counters.labels == 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert len(list((tmp_path / "g" / "dora").glob("*.png"))) == 1
+        assert publisher.counters.rejected == 2  # the bad command and the unknown event id
     finally:
         probe.close()
+        visitors.close()
         client.loop_stop()
         client.disconnect()
 

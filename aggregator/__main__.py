@@ -1,0 +1,55 @@
+"""`python -m aggregator --config PATH` (console script `fedbell-aggregator`)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+from pathlib import Path
+from types import FrameType
+
+from aggregator.config import AggregatorConfig
+from fedbell.config import load_config
+from fedbell.errors import FedbellError
+
+log = logging.getLogger("aggregator")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="fedbell-aggregator",
+        description="Run federated rounds for one fedbell site: average the doorbells' "
+        "updates and publish the global model.")
+    parser.add_argument("--config", type=Path, required=True, help="YAML configuration file")
+    parser.add_argument("--log-level", default="INFO",
+                        choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="default INFO")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        config = load_config(args.config, AggregatorConfig)
+    except FedbellError as err:
+        print(f"fedbell-aggregator: {err}", file=sys.stderr)
+        return 2
+
+    from aggregator.service import AggregatorService  # imports TensorFlow: after the config
+
+    try:
+        service = AggregatorService(config)
+    except FedbellError as err:
+        log.error("%s", err)
+        return 2
+
+    def request_stop(signum: int, _frame: FrameType | None) -> None:
+        log.info("%s: stopping", signal.Signals(signum).name)
+        service.stop()
+
+    signal.signal(signal.SIGTERM, request_stop)
+    signal.signal(signal.SIGINT, request_stop)
+    service.run()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,453 @@
+"""The aggregator's brain: commands, updates and statuses in; rounds and models out.
+
+It knows nothing about MQTT: the service hands it (topic, payload) pairs on
+one thread and gives it a `publish(topic, payload)` function (always QoS 1,
+retained). Every state change is committed to disk before it is published,
+so a restart republishes what was committed and carries on from there.
+
+bytes_down of a round: the payload bytes the broker delivers to the selected
+devices for that round, i.e. (every round message of the round + the global
+model envelope + the TFLite envelope) × number of selected devices.
+bytes_up: the sum of the payload sizes of the accepted updates.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from aggregator.config import AggregatorConfig
+from aggregator.export import Exporter, Release
+from aggregator.rounds import Round, announce, select_devices
+from aggregator.state import ModelRecord, StateError, StateRecord, StateStore
+from aggregator.strategy import InconsistentUpdate, RunningFedAvg
+from fedbell.codecs import Weights
+from fedbell.errors import RejectedMessage
+from fedbell.messages import parse_update
+from fedbell.protocol import (
+    Command,
+    DeviceStatus,
+    RoundAnnouncement,
+    RoundMetrics,
+    parse_json,
+    to_json,
+)
+from fedbell.topics import Topics
+
+log = logging.getLogger("aggregator")
+
+Publish = Callable[[str, bytes], None]
+
+
+@dataclass
+class _Model:
+    version: int
+    round: int
+    weights: Weights
+    file: str
+
+
+class Coordinator:
+    def __init__(self, config: AggregatorConfig, exporter: Exporter, store: StateStore, *,
+                 publish: Publish, clock: Callable[[], float],
+                 trusted_keys: dict[str, Ed25519PublicKey] | None) -> None:
+        self.config = config
+        self.topics = Topics(config.site, config.mqtt.topic_root)
+        self.exporter = exporter
+        self.store = store
+        self.publish = publish
+        self.clock = clock
+        self.trusted_keys = trusted_keys
+        self.rejected: Counter[str] = Counter()
+        """Every rejection since start, by reason."""
+        self.online: dict[str, DeviceStatus] = {}
+        self.auto_remaining = config.auto_rounds
+        self.next_auto_at = float("inf")  # armed once connected (see `connected`)
+        self._waiting_logged = False
+        self.pending: Release | None = None
+        self.retained: dict[str, str] = {}
+        self.last_round = 0
+        self.round: Round | None = None
+        self.sum_file: str | None = None
+        """The open round's running sum on disk (None before its first update)."""
+        self.model = self._load_or_initialise()
+        self.specs = exporter.specs(self.model.weights)
+
+    # -- state ---------------------------------------------------------------
+
+    def _load_or_initialise(self) -> _Model:
+        record = self.store.load()
+        if record is None:
+            return self._initialise()
+        weights = [np.asarray(a, dtype=np.float32) for a in
+                   self.store.read_arrays(record.model.file)]
+        expected = self.exporter.specs(self.exporter.initial_weights())
+        if record.model.names != self.exporter.names or \
+                tuple(self.exporter.specs(weights)) != tuple(expected):
+            raise StateError(f"{self.store.path}: the saved model does not match this "
+                             "configuration (labels changed?); move the state folder away "
+                             "to start a new model")
+        self.retained = dict(record.retained)
+        self.last_round = record.last_round
+        model = _Model(record.model.version, record.model.round, weights, record.model.file)
+        if record.round is not None:
+            sums = None
+            self.sum_file = record.round.sum_file
+            if self.sum_file is not None:
+                sums = [np.asarray(a, dtype=np.float64)
+                        for a in self.store.read_arrays(self.sum_file)]
+            shapes = [w.shape for w in weights]
+            self.round = Round.from_record(record.round, shapes, sums)
+            if self.round.status == "aggregated":  # recompute the unpublished result
+                self.model = model
+                self.pending = self._release()
+        log.info("state loaded: model version %d, last round %d%s", model.version,
+                 self.last_round, self._round_summary())
+        return model
+
+    def _round_summary(self) -> str:
+        if not self._round_open() or self.round is None:
+            return ""
+        return (f", round {self.round.id} {self.round.status} with "
+                f"{len(self.round.received)}/{len(self.round.selected)} updates")
+
+    def _initialise(self) -> _Model:
+        log.info("no state in %s: creating model version 0 (seed %d)",
+                 self.config.state_dir, self.config.model_seed)
+        weights = self.exporter.initial_weights()
+        release = self.exporter.release(weights, version=0, round_id=0)
+        model = self._save_release(release)
+        self._commit(model)
+        return model
+
+    def _save_release(self, release: Release) -> _Model:
+        """Write a release's files (not yet committed) and return the model record."""
+        self.retained["global"] = self.store.write_blob("global", release.global_payload)
+        self.retained["tflite"] = self.store.write_blob("tflite", release.tflite_payload)
+        model_file = self.store.write_arrays("model", release.weights)
+        return _Model(release.version, release.round, release.weights, model_file)
+
+    def _commit(self, model: _Model | None = None) -> None:
+        model = model or self.model
+        round_record = None
+        if self.round is not None:
+            round_record = self.round.to_record(self.sum_file if self._round_open() else None)
+        self.store.commit(StateRecord(
+            model=ModelRecord(version=model.version, round=model.round,
+                              names=self.exporter.names, file=model.file),
+            round=round_record, last_round=self.last_round, retained=dict(self.retained)))
+
+    def retained_messages(self) -> list[tuple[str, bytes]]:
+        """What to (re)publish after (re)connecting: the committed public state."""
+        topics = {"global": self.topics.global_model, "tflite": self.topics.tflite_model,
+                  "metrics": self.topics.metrics}
+        messages = [(topics[name], self.store.read_blob(file))
+                    for name, file in sorted(self.retained.items()) if name in topics]
+        if self.round is not None:
+            messages.append((self.topics.round, to_json(self.round.announcement)))
+        return messages
+
+    def status_payload(self, state: str = "online") -> bytes:
+        return to_json(DeviceStatus(state="online" if state == "online" else "offline",
+                                    model_version=self.model.version,
+                                    last_round=self.last_round, detail="aggregator"))
+
+    # -- inputs ----------------------------------------------------------------
+
+    def connected(self) -> None:
+        """Subscribed: publish the committed state, arm automatic rounds."""
+        for topic, payload in self.retained_messages():
+            self.publish(topic, payload)
+        self.publish(self.topics.aggregator_status, self.status_payload())
+        if self.next_auto_at == float("inf"):
+            self.next_auto_at = self.clock() + self.config.rounds.auto_pause_s
+
+    def reject(self, err: RejectedMessage, source: str) -> None:
+        self.rejected[err.reason] += 1
+        if self._round_open() and self.round is not None:
+            self.round.rejected[err.reason] += 1
+        log.warning("rejected %s: %s", source, err)
+
+    def on_message(self, topic: str, payload: bytes) -> None:
+        """Dispatch one message; a RejectedMessage is logged and counted here."""
+        try:
+            if topic == self.topics.control:
+                self._on_control(payload)
+            elif topic.startswith(f"{self.topics.base}/update/"):
+                self._on_update(topic, payload)
+            elif topic.startswith(f"{self.topics.base}/status/"):
+                self._on_status(topic, payload)
+        except RejectedMessage as err:
+            self.reject(err, f"message on {topic}")
+
+    def _on_status(self, topic: str, payload: bytes) -> None:
+        device = self._device(topic)
+        was_online = device in self.online
+        status = parse_json(payload, DeviceStatus) if payload else None
+        if status is not None and status.state == "online":
+            self.online[device] = status
+            if not was_online:
+                log.info("device %s online (model version %s, %d faces)", device,
+                         status.model_version, status.gallery_size)
+        elif was_online:
+            del self.online[device]
+            log.info("device %s offline", device)
+
+    def _device(self, topic: str) -> str:
+        try:
+            return self.topics.device_of(topic)
+        except ValueError as err:
+            raise RejectedMessage("bad_topic", str(err)) from None
+
+    def _on_update(self, topic: str, payload: bytes) -> None:
+        device = self._device(topic)
+        try:
+            update = parse_update(payload, site=self.config.site, device=device,
+                                  expected=self.specs, max_bytes=self.config.mqtt.max_message_bytes,
+                                  keys=self.trusted_keys)
+        except RejectedMessage as err:
+            self.reject(err, f"update from {device}")
+            return
+        current = self.round
+        try:
+            if current is None or not self._round_open():
+                raise RejectedMessage("no_round", f"no round is open (update for round "
+                                      f"{update.round})")
+            current.check(update, self.clock(), self.config.rounds.max_update_norm)
+            current.accept(update, len(payload))
+        except (RejectedMessage, InconsistentUpdate) as err:
+            reason = err if isinstance(err, RejectedMessage) else \
+                RejectedMessage("inconsistent", str(err))
+            self.reject(reason, f"update from {device}")
+            return
+        del update  # streaming: only the running sum stays
+        self.sum_file = self.store.write_arrays("sum", current.fedavg.sums)
+        self._commit()
+        log.info("round %d: accepted update from %s (%d examples), %d/%d updates",
+                 current.id, device, current.examples, len(current.received),
+                 len(current.selected))
+
+    def _on_control(self, payload: bytes) -> None:
+        command = parse_json(payload, Command)
+        log.info("command %s", command.model_dump_json(exclude_defaults=True))
+        if command.cmd == "start_round":
+            self._start_round(command, manual=False)
+        elif command.cmd == "auto":
+            self.auto_remaining = command.rounds
+            self.next_auto_at = self.clock()
+            self._waiting_logged = False
+            log.info("automatic mode: %d rounds", command.rounds)
+        elif command.cmd == "stop":
+            self.auto_remaining = 0
+            log.info("automatic mode off (an open round still finishes)")
+        elif command.cmd == "train":
+            self._start_round(command, manual=True)
+        elif command.cmd == "send":
+            self._send()
+        elif command.cmd == "aggregate":
+            self._aggregate_command()
+        else:
+            self._publish_command()
+
+    # -- rounds ----------------------------------------------------------------
+
+    def _round_open(self) -> bool:
+        return self.round is not None and self.round.status in ("collecting", "aggregated")
+
+    def _start_round(self, command: Command | None, manual: bool) -> None:
+        if self._round_open() and self.round is not None:
+            raise RejectedMessage("round_in_progress", f"round {self.round.id} is "
+                                  f"{self.round.status}")
+        round_id = self.last_round + 1
+        rounds = self.config.rounds
+        requested = command.devices if command is not None else None
+        selected = select_devices(self.online, requested, rounds.max_devices, rounds.seed,
+                                  round_id)
+        if requested and (absent := sorted(set(requested) - set(self.online))):
+            log.warning("round %d: requested devices not online: %s", round_id,
+                        ", ".join(absent))
+        if len(selected) < rounds.min_updates:
+            raise RejectedMessage(
+                "not_enough_devices", f"{len(selected)} online devices selectable "
+                f"({', '.join(sorted(self.online)) or 'none online'}), quorum is "
+                f"{rounds.min_updates}")
+        now = self.clock()
+        announcement = announce(round_id=round_id, base_version=self.model.version,
+                                selected=selected, now=now, settings=rounds, manual=manual)
+        self.round = Round(announcement=announcement, manual=manual, started_at=now,
+                           fedavg=RunningFedAvg([w.shape for w in self.model.weights]))
+        self.last_round = round_id
+        self.pending = None
+        self.sum_file = None
+        self._announce(announcement)
+        log.info("round %d started%s: base version %d, devices %s, deadline in %.0fs",
+                 round_id, " (step by step)" if manual else "", self.model.version,
+                 ", ".join(selected), rounds.timeout_s)
+
+    def _announce(self, announcement: RoundAnnouncement) -> None:
+        """Commit, then publish a round message (counted in bytes_down)."""
+        payload = to_json(announcement)
+        if self.round is not None:
+            self.round.announce_bytes += len(payload)
+        self._commit()
+        self.publish(self.topics.round, payload)
+
+    def _manual_round(self, action: str) -> Round:
+        current = self.round
+        if current is None or not self._round_open():
+            raise RejectedMessage("bad_state", f"{action}: no round is open")
+        return current
+
+    def _send(self) -> None:
+        current = self._manual_round("send")
+        if current.status != "collecting" or not current.manual:
+            raise RejectedMessage("bad_state", f"send: round {current.id} is "
+                                  f"{current.status}{'' if current.manual else ', automatic'}")
+        # Nodes start uploading now, so the deadline counts from now.
+        announcement = current.set_phase(
+            "send", deadline=self.clock() + self.config.rounds.timeout_s)
+        self._announce(announcement)
+        log.info("round %d: send phase", current.id)
+
+    def _aggregate_command(self) -> None:
+        current = self._manual_round("aggregate")
+        if current.status != "collecting":
+            raise RejectedMessage("bad_state", f"aggregate: round {current.id} is "
+                                  f"{current.status}")
+        quorum = self.config.rounds.min_updates
+        if len(current.received) < quorum:
+            if self.clock() > current.announcement.deadline:
+                self._abandon()
+                return
+            raise RejectedMessage("below_quorum", f"aggregate: {len(current.received)} "
+                                  f"updates, quorum is {quorum}")
+        self._aggregate()
+
+    def _publish_command(self) -> None:
+        current = self._manual_round("publish")
+        if current.status != "aggregated" or self.pending is None:
+            raise RejectedMessage("bad_state", f"publish: round {current.id} is "
+                                  f"{current.status}, nothing aggregated")
+        self._publish_release(self.pending)
+
+    def _release(self) -> Release:
+        assert self.round is not None
+        weights = self.round.fedavg.apply(self.model.weights)
+        return self.exporter.release(weights, self.model.version + 1, self.round.id)
+
+    def _aggregate(self) -> None:
+        current = self.round
+        assert current is not None
+        release = self._release()
+        log.info("round %d: aggregated %d updates (%d examples) into version %d, "
+                 "accuracy %s", current.id, len(current.received), current.examples,
+                 release.version, _percent(release.accuracy))
+        if not current.manual:
+            self._publish_release(release)
+            return
+        current.status = "aggregated"
+        self.pending = release
+        metrics = self._metrics(current, "aggregated", release, extra_down=0)
+        self.retained["metrics"] = self.store.write_blob("metrics", metrics)
+        self._commit()
+        self.publish(self.topics.metrics, metrics)
+
+    def _publish_release(self, release: Release) -> None:
+        current = self.round
+        assert current is not None
+        closed = to_json(current.set_phase("closed"))
+        current.announce_bytes += len(closed)
+        current.status = "closed"
+        model = self._save_release(release)
+        down = len(release.global_payload) + len(release.tflite_payload)
+        metrics = self._metrics(current, "published", release, extra_down=down)
+        self.retained["metrics"] = self.store.write_blob("metrics", metrics)
+        self._commit(model)
+        self.model = model
+        self.pending = None
+        for topic, payload in ((self.topics.global_model, release.global_payload),
+                               (self.topics.tflite_model, release.tflite_payload),
+                               (self.topics.metrics, metrics), (self.topics.round, closed),
+                               (self.topics.aggregator_status, self.status_payload())):
+            self.publish(topic, payload)
+        log.info("round %d closed: published version %d (threshold %.3f, %d bytes up, "
+                 "%d bytes down, %.1fs)", current.id, release.version, release.threshold,
+                 current.bytes_up, (current.announce_bytes + down) * len(current.selected),
+                 self.clock() - current.started_at)
+        self._round_ended()
+
+    def _abandon(self) -> None:
+        current = self.round
+        assert current is not None
+        abandoned = to_json(current.set_phase("abandoned"))
+        current.announce_bytes += len(abandoned)
+        current.status = "abandoned"
+        metrics = self._metrics(current, "abandoned", None, extra_down=0)
+        self.retained["metrics"] = self.store.write_blob("metrics", metrics)
+        self._commit()
+        self.pending = None
+        self.publish(self.topics.metrics, metrics)
+        self.publish(self.topics.round, abandoned)
+        log.warning("round %d abandoned: %d of %d updates, quorum is %d; model stays at "
+                    "version %d", current.id, len(current.received), len(current.selected),
+                    self.config.rounds.min_updates, self.model.version)
+        self._round_ended()
+
+    def _metrics(self, current: Round, outcome: str, release: Release | None,
+                 extra_down: int) -> bytes:
+        return to_json(RoundMetrics.model_validate({
+            "round": current.id, "version": release.version if release else 0,
+            "outcome": outcome, "participants": len(current.received),
+            "examples": current.examples,
+            "accuracy": release.accuracy if release else None,
+            "threshold": release.threshold if release else None,
+            "bytes_up": current.bytes_up,
+            "bytes_down": (current.announce_bytes + extra_down) * len(current.selected),
+            "seconds": round(self.clock() - current.started_at, 3),
+            "rejected": dict(current.rejected)}))
+
+    def _round_ended(self) -> None:
+        self.next_auto_at = self.clock() + self.config.rounds.auto_pause_s
+
+    # -- time ------------------------------------------------------------------
+
+    def tick(self) -> None:
+        """Close rounds whose time has come; start the next automatic round."""
+        now = self.clock()
+        current = self.round
+        if current is not None and self._round_open():
+            step = current.next_step(now, self.config.rounds.min_updates)
+            if step == "aggregate":
+                self._aggregate()
+            elif step == "abandon":
+                self._abandon()
+        if self.auto_remaining > 0 and not self._round_open() and now >= self.next_auto_at:
+            self._start_auto_round()
+
+    def _start_auto_round(self) -> None:
+        try:
+            self._start_round(None, manual=False)
+        except RejectedMessage as err:
+            if not self._waiting_logged:  # once, not every second while waiting
+                log.info("automatic round waits: %s", err.detail)
+                self._waiting_logged = True
+            self.next_auto_at = self.clock() + 1.0
+            return
+        self._waiting_logged = False
+        self.auto_remaining -= 1
+
+    def seconds_to_next_event(self) -> float:
+        """How long the main loop may sleep without missing a deadline or a round."""
+        wake = self.next_auto_at if self.auto_remaining > 0 else float("inf")
+        if self.round is not None and self._round_open():
+            wake = min(wake, self.round.announcement.deadline)
+        return max(0.0, wake - self.clock())
+
+
+def _percent(value: float | None) -> str:
+    return "n/a" if value is None else f"{100 * value:.1f}%"

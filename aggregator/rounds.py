@@ -1,0 +1,148 @@
+"""One round's state machine, without MQTT or TensorFlow (testable on its own).
+
+A round is announced (phase "train", or in step-by-step mode "train" with
+send_when_trained=false and later "send"), collects updates while its status
+is "collecting", may then hold an aggregated result ("aggregated", step mode
+only, until `publish`), and ends "closed" or "abandoned".
+
+When to stop collecting:
+- automatic round: every selected device answered, or the deadline passed
+  (aggregate with at least the quorum, abandon below it);
+- step-by-step round: the operator says `aggregate`; only a round that can
+  no longer reach its quorum (deadline passed, too few updates) is abandoned
+  on its own.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+from aggregator.config import RoundSettings
+from aggregator.state import RoundRecord, RoundStatus
+from aggregator.strategy import RunningFedAvg, Sums, update_norm
+from fedbell.errors import RejectedMessage
+from fedbell.messages import Update
+from fedbell.protocol import Phase, RoundAnnouncement
+
+NextStep = Literal["wait", "aggregate", "abandon"]
+
+
+def select_devices(online: Iterable[str], requested: Sequence[str] | None,
+                   max_devices: int | None, seed: int, round_id: int) -> tuple[str, ...]:
+    """Online devices (only the requested ones, if any), at most `max_devices`.
+
+    The random cap is seeded by (seed, round id): the same round selects the
+    same devices after a restart, and different rounds rotate through them.
+    """
+    candidates = sorted(set(online) & set(requested) if requested else set(online))
+    if max_devices is not None and len(candidates) > max_devices:
+        rng = random.Random(f"{seed}:{round_id}")
+        candidates = sorted(rng.sample(candidates, max_devices))
+    return tuple(candidates)
+
+
+def announce(*, round_id: int, base_version: int, selected: Sequence[str], now: float,
+             settings: RoundSettings, manual: bool) -> RoundAnnouncement:
+    return RoundAnnouncement(
+        round=round_id, base_version=base_version, phase="train", selected=tuple(selected),
+        deadline=now + settings.timeout_s, codec=settings.codec, density=settings.density,
+        train=settings.train,
+        send_when_trained=not manual)
+
+
+@dataclass
+class Round:
+    """A round in progress: what was announced, what arrived, the running sum."""
+
+    announcement: RoundAnnouncement
+    manual: bool
+    started_at: float
+    fedavg: RunningFedAvg
+    status: RoundStatus = "collecting"
+    received: list[str] = field(default_factory=list)
+    examples: int = 0
+    bytes_up: int = 0
+    announce_bytes: int = 0
+    """Bytes of round messages sent so far, as each selected device receives them."""
+    rejected: Counter[str] = field(default_factory=Counter)
+
+    @property
+    def id(self) -> int:
+        return self.announcement.round
+
+    @property
+    def selected(self) -> tuple[str, ...]:
+        return self.announcement.selected
+
+    def set_phase(self, phase: Phase, deadline: float | None = None) -> RoundAnnouncement:
+        changes: dict[str, object] = {"phase": phase}
+        if deadline is not None:
+            changes["deadline"] = deadline
+        self.announcement = self.announcement.model_copy(update=changes)
+        return self.announcement
+
+    def check(self, update: Update, now: float, max_norm: float) -> None:
+        """Round-level checks of an already validated update; RejectedMessage if it
+        does not belong in this round. Never changes the round."""
+        if self.status != "collecting":
+            raise RejectedMessage("not_collecting", f"round {self.id} is {self.status}")
+        if update.round != self.id:
+            raise RejectedMessage("wrong_round", f"update for round {update.round}, "
+                                  f"round {self.id} is open")
+        if update.device not in self.selected:
+            raise RejectedMessage("not_selected", f"not selected for round {self.id}")
+        if update.device in self.received:
+            raise RejectedMessage("duplicate", f"already sent its update for round {self.id}")
+        if update.base_version != self.announcement.base_version:
+            raise RejectedMessage("wrong_base", f"delta against version {update.base_version}, "
+                                  f"round base is {self.announcement.base_version}")
+        if update.codec != self.announcement.codec:
+            raise RejectedMessage("wrong_codec", f"codec {update.codec}, round asks for "
+                                  f"{self.announcement.codec}")
+        if now > self.announcement.deadline:
+            raise RejectedMessage("late", f"{now - self.announcement.deadline:.1f}s after the "
+                                  "deadline")
+        norm = update_norm(update.delta)
+        if norm > max_norm:
+            raise RejectedMessage("norm_too_large", f"L2 norm {norm:.3g} exceeds {max_norm:.3g}")
+
+    def accept(self, update: Update, payload_size: int) -> None:
+        """Fold a checked update into the running sum (the caller then drops it)."""
+        self.fedavg.add(update.delta, update.num_examples)
+        self.received.append(update.device)
+        self.examples += update.num_examples
+        self.bytes_up += payload_size
+
+    def next_step(self, now: float, quorum: int) -> NextStep:
+        if self.status != "collecting":
+            return "wait"
+        answered = len(self.received)
+        past_deadline = now > self.announcement.deadline
+        if self.manual:
+            return "abandon" if past_deadline and answered < quorum else "wait"
+        if answered == len(self.selected):
+            return "aggregate"
+        if past_deadline:
+            return "aggregate" if answered >= quorum else "abandon"
+        return "wait"
+
+    def to_record(self, sum_file: str | None) -> RoundRecord:
+        return RoundRecord(
+            announcement=self.announcement, status=self.status, manual=self.manual,
+            started_at=self.started_at, received=tuple(self.received), examples=self.examples,
+            bytes_up=self.bytes_up, announce_bytes=self.announce_bytes,
+            rejected=dict(self.rejected), total_weight=self.fedavg.total, sum_file=sum_file)
+
+    @classmethod
+    def from_record(cls, record: RoundRecord, shapes: Sequence[tuple[int, ...]],
+                    sums: Sums | None) -> Round:
+        fedavg = RunningFedAvg(shapes, sums, record.total_weight, len(record.received))
+        return cls(announcement=record.announcement, manual=record.manual,
+                   started_at=record.started_at, fedavg=fedavg, status=record.status,
+                   received=list(record.received), examples=record.examples,
+                   bytes_up=record.bytes_up, announce_bytes=record.announce_bytes,
+                   rejected=Counter(record.rejected))

@@ -1,0 +1,177 @@
+"""MQTT wiring and the main loop of the aggregator service.
+
+paho's network thread only copies messages onto a queue; one main-loop
+thread takes them off, runs the coordinator (validation, aggregation, TFLite
+conversion), wakes up for deadlines, and pings the systemd watchdog. So a
+slow conversion never stalls keep-alives, and no state is shared between
+threads except the queue.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Final, ParamSpec
+
+import paho.mqtt.client as mqtt
+
+from aggregator.config import AggregatorConfig
+from aggregator.coordinator import Coordinator
+from aggregator.export import Exporter
+from aggregator.state import StateError, StateStore
+from fedbell import systemd
+from fedbell.messages import AGGREGATOR, Signer
+from fedbell.mqtt import connect, make_client
+from fedbell.signing import load_private_key, load_public_keys
+from fedbell.topics import Topics
+
+log = logging.getLogger("aggregator")
+
+MAX_SLEEP_S: Final = 1.0
+"""Longest wait on the queue: bounds how late a stop or a watchdog ping can be."""
+
+P = ParamSpec("P")
+
+
+@dataclass(frozen=True)
+class Incoming:
+    topic: str
+    payload: bytes
+
+
+class _Signal:
+    """Markers the network thread and `stop()` put on the queue."""
+
+    SUBSCRIBED: Final = "subscribed"
+    WAKE: Final = "wake"
+
+
+Item = Incoming | str
+
+
+def _guarded(callback: Callable[P, None]) -> Callable[P, None]:
+    """No exception may escape into paho's thread: log it and carry on."""
+
+    @functools.wraps(callback)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> None:
+        try:
+            callback(*args, **kwargs)
+        except Exception:
+            log.exception("error in MQTT callback %s", callback.__name__)
+
+    return wrapper
+
+
+class AggregatorService:
+    def __init__(self, config: AggregatorConfig, clock: Callable[[], float] = time.time) -> None:
+        self.config = config
+        self.topics = Topics(config.site, config.mqtt.topic_root)
+        key = config.signing.private_key_file
+        signer = Signer(AGGREGATOR, load_private_key(key) if key is not None else None)
+        keys_dir = config.signing.trusted_keys_dir
+        trusted = load_public_keys(keys_dir) if keys_dir is not None else None
+        self.inbox: queue.Queue[Item] = queue.Queue()
+        self._stopping = threading.Event()
+        self.coordinator = Coordinator(config, Exporter(config, signer),
+                                       StateStore(config.state_dir), publish=self._publish,
+                                       clock=clock, trusted_keys=trusted)
+        self.client = make_client(
+            config.mqtt, client_id=f"fedbell-aggregator-{config.site}",
+            will=(self.topics.aggregator_status, self.coordinator.status_payload("offline")))
+        self.client.on_connect = _guarded(self._on_connect)
+        self.client.on_subscribe = _guarded(self._on_subscribe)
+        self.client.on_message = _guarded(self._on_message)
+        self.client.on_disconnect = _guarded(self._on_disconnect)
+
+    # -- paho's network thread: no work beyond queueing --------------------------
+
+    def _on_connect(self, client: mqtt.Client, _userdata: Any, _flags: Any,
+                    reason: Any, _properties: Any) -> None:
+        if reason.is_failure:
+            log.error("broker refused the connection: %s", reason)
+            return
+        log.info("connected to %s:%d", self.config.mqtt.host, self.config.mqtt.port)
+        client.subscribe([(self.topics.control, 1), (self.topics.all_updates, 1),
+                          (self.topics.all_statuses, 1)])
+
+    def _on_subscribe(self, _client: mqtt.Client, _userdata: Any, _mid: int,
+                      reasons: list[Any], _properties: Any) -> None:
+        refused = [str(r) for r in reasons if r.is_failure]
+        if refused:
+            log.error("subscription refused (check the ACL): %s", ", ".join(refused))
+        self.inbox.put(_Signal.SUBSCRIBED)
+
+    def _on_message(self, _client: mqtt.Client, _userdata: Any,
+                    message: mqtt.MQTTMessage) -> None:
+        self.inbox.put(Incoming(message.topic, bytes(message.payload)))
+
+    def _on_disconnect(self, _client: mqtt.Client, _userdata: Any, _flags: Any,
+                       reason: Any, _properties: Any) -> None:
+        if not self._stopping.is_set():
+            log.warning("disconnected from the broker (%s); reconnecting", reason)
+
+    # -- main loop thread ---------------------------------------------------------
+
+    def _publish(self, topic: str, payload: bytes) -> None:
+        self.client.publish(topic, payload, qos=1, retain=True)
+
+    def stop(self) -> None:
+        """Ask the main loop to finish (safe from a signal handler or another thread)."""
+        self._stopping.set()
+        self.inbox.put(_Signal.WAKE)
+
+    def run(self) -> None:
+        """Connect and serve until `stop()`; state errors and disk errors propagate."""
+        connect(self.client, self.config.mqtt)
+        ready = False
+        try:
+            while not self._stopping.is_set():
+                # HOOK: systemd watchdog (a no-op outside a Type=notify unit).
+                systemd.notify_watchdog()
+                sleep = min(MAX_SLEEP_S, self.coordinator.seconds_to_next_event()) \
+                    if ready else MAX_SLEEP_S
+                try:
+                    item = self.inbox.get(timeout=max(sleep, 0.01))
+                except queue.Empty:
+                    item = None
+                if item == _Signal.SUBSCRIBED:
+                    self.coordinator.connected()
+                    if not ready:
+                        systemd.notify_ready()
+                        ready = True
+                        log.info("ready: site %s, model version %d", self.config.site,
+                                 self.coordinator.model.version)
+                elif isinstance(item, Incoming):
+                    self._handle(item)
+                if ready and not self._stopping.is_set():
+                    self.coordinator.tick()
+        finally:
+            self._shutdown()
+
+    def _handle(self, item: Incoming) -> None:
+        try:
+            self.coordinator.on_message(item.topic, item.payload)
+        except (OSError, StateError):
+            raise  # the disk is the truth: better restart than run on without it
+        except Exception:
+            # A bug triggered by one message must not take the service down.
+            self.coordinator.rejected["internal_error"] += 1
+            log.exception("internal error handling a message on %s", item.topic)
+
+    def _shutdown(self) -> None:
+        systemd.notify_stopping()
+        info = self.client.publish(self.topics.aggregator_status,
+                                   self.coordinator.status_payload("offline"),
+                                   qos=1, retain=True)
+        try:
+            info.wait_for_publish(timeout=5)
+        except (RuntimeError, ValueError):
+            log.warning("could not publish the offline status (not connected)")
+        self.client.disconnect()
+        self.client.loop_stop()
+        log.info("stopped")

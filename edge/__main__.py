@@ -1,0 +1,105 @@
+"""`python -m edge` / `fedbell-edge`: run a doorbell node, or enroll a person.
+
+    python -m edge --config config/edge.yaml            # same as `run`
+    python -m edge run --config config/edge.yaml [--log-level DEBUG]
+    python -m edge enroll --config config/edge.yaml --person ann [--from-folder DIR]
+
+SIGTERM (systemd stop) and SIGINT (Ctrl-C) end `run` cleanly: the node
+publishes its offline status and disconnects.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from edge.config import EdgeConfig
+from fedbell.config import load_config
+from fedbell.errors import ConfigError
+
+SUBCOMMANDS = ("run", "enroll")
+
+
+def _run(args: argparse.Namespace) -> int:
+    from edge.node import EdgeNode  # imported here so `enroll` starts without it
+
+    try:
+        node = EdgeNode(load_config(args.config, EdgeConfig))
+    except ConfigError as err:
+        print(f"fedbell-edge: {err}", file=sys.stderr)
+        return 2
+    stop = threading.Event()
+
+    def request_stop(signum: int, _frame: Any) -> None:
+        logging.getLogger("edge").info("%s: shutting down", signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, request_stop)
+    signal.signal(signal.SIGINT, request_stop)
+    # Integration hook (live recognition): start edge.pipeline.Pipeline in a
+    # thread here, with `node.recognizer` (hot-swapped on every new TFLite
+    # artifact) and ended by `stop`.
+    node.run(stop)
+    return 0
+
+
+def _add_run_parser(subparsers: Any) -> None:
+    parser = subparsers.add_parser("run", help="run the doorbell node (the default)")
+    parser.add_argument("--config", type=Path, required=True, help="the node's YAML config")
+    parser.add_argument(
+        "--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR")
+    )
+    parser.set_defaults(func=_run)
+
+
+def _enroll_settings(path: Path) -> Any:
+    """Enrollment reads its camera, detection and gallery from the node's own config."""
+    from edge.enroll import EnrollSettings
+
+    config = load_config(path, EdgeConfig)
+    return EnrollSettings(config.camera, config.detection, config.gallery_dir)
+
+
+def _add_enroll_parser(subparsers: Any) -> None:
+    # Recognition side's subcommand (edge/enroll.py): plugged in here with the
+    # node's config loader, so one YAML file per doorbell serves both.
+    from edge.enroll import add_enroll_parser
+
+    add_enroll_parser(subparsers, _enroll_settings)
+
+
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="fedbell-edge", description="Run a fedbell doorbell node."
+    )
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    _add_run_parser(subparsers)
+    _add_enroll_parser(subparsers)
+    arguments = list(argv)
+    # `run` is the default: `python -m edge --config X` is what the systemd unit says.
+    if not arguments or arguments[0] not in (*SUBCOMMANDS, "-h", "--help"):
+        arguments.insert(0, "run")
+    return parser.parse_args(arguments)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(
+        level=getattr(args, "log_level", "INFO"),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return int(args.func(args))
+    except ConfigError as err:
+        print(f"fedbell-edge: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,623 @@
+"""The doorbell node's federation side: models in, training on request, updates out.
+
+Threads, and why:
+- paho's network thread runs the MQTT callbacks. They only parse, check and
+  record; anything slow (training, loading an interpreter, scoring the
+  gallery) is queued for the worker, so keep-alives and acknowledgements
+  never wait behind TensorFlow.
+- one worker thread runs the queued jobs in order: at most one training at a
+  time, and a TFLite artifact is installed after the model it belongs to.
+- the caller's (main) thread runs `run()`: a loop that waits on the stop
+  event, pings the systemd watchdog and notices gallery changes.
+
+Every callback catches what it raises, logs the reason and counts it in
+`counters`: a bad message is dropped, never fatal, and never touches the
+current model.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import paho.mqtt.client as mqtt
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from edge.config import EdgeConfig
+from edge.gallery import Gallery
+from edge.recognizer import ModelArtifact, Recognizer, RecognizerError
+from edge.state import NodeState, StoredArtifact
+from edge.trainer import Trainer, round_seed
+from fedbell import signing, systemd
+from fedbell.codecs import TENSOR_CODECS, Weights
+from fedbell.errors import ConfigError, RejectedMessage
+from fedbell.messages import (
+    AGGREGATOR,
+    GlobalModel,
+    Signer,
+    TfliteArtifact,
+    build_update,
+    parse_global,
+    parse_tflite,
+)
+from fedbell.model import TrainParams
+from fedbell.mqtt import connect, make_client
+from fedbell.protocol import DeviceStatus, RoundAnnouncement, parse_json, to_json
+from fedbell.sparsify import with_error_feedback
+from fedbell.topics import Topics
+
+log = logging.getLogger(__name__)
+
+TICK_S = 1.0
+"""Main-loop period: the watchdog ping and the stop check happen this often."""
+CONNECT_WAIT_S = 10.0
+"""How long start-up waits for the broker before declaring itself ready anyway:
+the doorbell must recognise visitors even while the broker is down."""
+OFFLINE_PUBLISH_WAIT_S = 5.0
+
+Job = Callable[[], None]
+
+
+@dataclass(frozen=True)
+class HeldUpdate:
+    """An encoded update, until it is sent (perhaps held for its round's send phase)."""
+
+    round: int
+    payload: bytes
+    residual: Weights | None = None
+    """Top-k only: what this update leaves out, kept once the update is sent."""
+
+
+def load_signer(config: EdgeConfig) -> Signer:
+    path = config.signing.private_key_file
+    if path is None:
+        return Signer(config.device_id)
+    return Signer(config.device_id, signing.load_private_key(path))
+
+
+def load_trusted_keys(config: EdgeConfig) -> dict[str, Ed25519PublicKey] | None:
+    """The aggregator's public key, if models must be signed (None: accept unsigned)."""
+    folder = config.signing.trusted_keys_dir
+    if folder is None:
+        return None
+    keys = signing.load_public_keys(folder)
+    if AGGREGATOR not in keys:
+        raise ConfigError(f"{folder}: no {AGGREGATOR}.pub, so no global model could verify")
+    return dict(keys)
+
+
+class EdgeNode:
+    """One doorbell's MQTT client, model state and training worker."""
+
+    def __init__(self, config: EdgeConfig, recognizer: Recognizer | None = None) -> None:
+        self.config = config
+        self.device = config.device_id
+        self.topics = Topics(config.site, config.mqtt.topic_root)
+        self.state = NodeState(config.state_dir)
+        self.gallery = Gallery(config.gallery_dir)
+        self.signer = load_signer(config)
+        self.trusted_keys = load_trusted_keys(config)
+        self.recognizer = recognizer or Recognizer(
+            threshold_override=config.recognition.threshold,
+            default_threshold=config.recognition.default_threshold,
+            num_threads=config.inference.threads,
+        )
+        self.counters: Counter[str] = Counter()
+        """Dropped messages and failed jobs, by reason."""
+        self.trainings = 0
+        self.gallery_accuracy: float | None = None
+        self.connected = threading.Event()
+        self.subscribed = threading.Event()
+        """Set once the broker acknowledged the subscriptions of the current connection."""
+
+        self._trainer = Trainer(config.training.threads)
+        # Guards the fields below; notified when a new global model arrives.
+        self._changed = threading.Condition()
+        self._model: GlobalModel | None = self.state.load_global()
+        self._last_round = self.state.load_last_round()
+        stored = self.state.load_artifact()
+        self._stored_artifact = stored
+        self._artifact_version: int | None = None if stored is None else stored.version
+        self._installed_artifact_version = self._artifact_version
+        self._rounds_taken: set[int] = set()  # queued, training or held
+        self._held: HeldUpdate | None = None
+        self._send_permitted = 0  # highest round whose send phase has been seen
+        self._residual = self.state.load_residual()  # top-k error feedback
+        self._detail = ""
+        self._last_status: bytes | None = None
+
+        self._stopping = threading.Event()
+        self._closed = False
+        self._jobs: queue.Queue[Job | None] = queue.Queue()
+        self._worker = threading.Thread(
+            target=self._work, name=f"{self.device}-worker", daemon=True
+        )
+        self._status_topic = self.topics.status(self.device)
+        self._client = make_client(
+            config.mqtt,
+            client_id=self.device,
+            will=(self._status_topic, self._status_payload("offline")),
+        )
+        self._client.on_connect = self._on_connect
+        self._client.on_disconnect = self._on_disconnect
+        self._client.on_message = self._on_message
+        self._client.on_subscribe = self._on_subscribe
+
+    # --- what tests and the status look at --------------------------------------
+
+    @property
+    def model_version(self) -> int | None:
+        model = self._model
+        return None if model is None else model.version
+
+    @property
+    def last_round(self) -> int:
+        return self._last_round
+
+    @property
+    def held_round(self) -> int | None:
+        held = self._held
+        return None if held is None else held.round
+
+    # --- lifecycle -------------------------------------------------------------
+
+    def start(self) -> None:
+        """Load the stored artifact, start the worker, connect in the background."""
+        stored = self._stored_artifact
+        # Loaded before connecting, so a retained artifact of the same version is
+        # rightly skipped as known; if the stored one is unusable, it is not known.
+        if stored is not None and not self._load_recognizer(stored):
+            self._artifact_version = self._installed_artifact_version = None
+        self._worker.start()
+        if stored is not None and self._installed_artifact_version is not None:
+            self._jobs.put(lambda: self._score_gallery(stored))
+        connect(self._client, self.config.mqtt)
+
+    def run(self, stop: threading.Event) -> None:
+        """Serve until `stop` is set; the caller's thread is the watchdog's main loop."""
+        self.start()
+        try:
+            deadline = time.monotonic() + CONNECT_WAIT_S
+            while not self.connected.is_set() and time.monotonic() < deadline:
+                if stop.wait(0.1):
+                    return
+            if not self.connected.is_set():
+                log.warning(
+                    "broker %s:%d not reachable yet; recognising offline meanwhile",
+                    self.config.mqtt.host,
+                    self.config.mqtt.port,
+                )
+            systemd.notify_ready()
+            next_rescan = time.monotonic() + self.config.gallery_rescan_s
+            while not stop.wait(TICK_S):
+                # A dead worker means no more training or model swaps: stop pinging
+                # and let systemd restart the service rather than limp on.
+                if self._worker.is_alive():
+                    systemd.notify_watchdog()
+                if time.monotonic() >= next_rescan:
+                    next_rescan = time.monotonic() + self.config.gallery_rescan_s
+                    if self.connected.is_set():
+                        self._publish_status()  # sends only if the gallery size changed
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """Publish the offline status, disconnect and stop the worker."""
+        if self._closed:
+            return
+        self._closed = True
+        systemd.notify_stopping()
+        self._stopping.set()
+        with self._changed:
+            self._changed.notify_all()
+        self._jobs.put(None)
+        if self.connected.is_set():
+            info = self._client.publish(
+                self._status_topic, self._status_payload("offline"), qos=1, retain=True
+            )
+            try:
+                info.wait_for_publish(OFFLINE_PUBLISH_WAIT_S)
+            except (RuntimeError, ValueError) as err:
+                log.warning("offline status not sent: %s", err)
+        self._client.disconnect()
+        self._client.loop_stop()
+        # A training in progress cannot be interrupted; the worker is a daemon thread.
+        if self._worker.is_alive():
+            self._worker.join(OFFLINE_PUBLISH_WAIT_S)
+
+    # --- status ----------------------------------------------------------------
+
+    def _status_payload(self, state: str) -> bytes:
+        status = DeviceStatus(
+            state="online" if state == "online" else "offline",
+            model_version=self.model_version,
+            gallery_size=self.gallery.count(),
+            last_round=self._last_round,
+            detail=self._detail,
+        )
+        return to_json(status)
+
+    def _publish_status(self, force: bool = False) -> None:
+        """Publish the retained online status if anything in it changed."""
+        payload = self._status_payload("online")
+        with self._changed:
+            if payload == self._last_status and not force:
+                return
+            self._last_status = payload
+        self._client.publish(self._status_topic, payload, qos=1, retain=True)
+        systemd.notify_status(
+            f"model v{self.model_version}, round {self._last_round}, "
+            f"{self.gallery.count()} gallery images. {self._detail}"
+        )
+
+    # --- MQTT callbacks (paho's thread) -------------------------------------------
+
+    def _on_connect(
+        self, client: mqtt.Client, _userdata: Any, _flags: Any, reason: Any, _properties: Any
+    ) -> None:
+        if reason.is_failure:
+            log.warning("broker refused the connection: %s", reason)
+            return
+        try:
+            # The model before the round: the broker sends retained messages in
+            # subscription order, so a late joiner has its base model first.
+            client.subscribe(
+                [
+                    (self.topics.global_model, 1),
+                    (self.topics.tflite_model, 1),
+                    (self.topics.round, 1),
+                ]
+            )
+            self._publish_status(force=True)  # the broker may hold our last will
+            self.connected.set()
+            log.info(
+                "connected to %s:%d as %s",
+                self.config.mqtt.host,
+                self.config.mqtt.port,
+                self.device,
+            )
+        except Exception:
+            self.counters["connect_error"] += 1
+            log.exception("on_connect failed")
+
+    def _on_disconnect(
+        self, _client: mqtt.Client, _userdata: Any, _flags: Any, reason: Any, _properties: Any
+    ) -> None:
+        self.connected.clear()
+        self.subscribed.clear()
+        if not self._stopping.is_set():
+            log.warning("disconnected from the broker (%s); paho reconnects", reason)
+
+    def _on_subscribe(
+        self, _client: mqtt.Client, _userdata: Any, _mid: int, reasons: list[Any], _props: Any
+    ) -> None:
+        refused = [str(reason) for reason in reasons if reason.is_failure]
+        if refused:  # an ACL that denies these means no model will ever arrive: say so loudly
+            self.counters["subscribe_refused"] += 1
+            log.error("broker refused subscriptions (%s): check the ACL", ", ".join(refused))
+            return
+        self.subscribed.set()
+
+    def _on_message(self, _client: mqtt.Client, _userdata: Any, message: mqtt.MQTTMessage) -> None:
+        handlers: dict[str, Callable[[bytes], None]] = {
+            self.topics.global_model: self._on_global,
+            self.topics.tflite_model: self._on_tflite,
+            self.topics.round: self._on_round,
+        }
+        handler = handlers.get(message.topic)
+        try:
+            if handler is None:
+                raise RejectedMessage("unexpected_topic", message.topic)
+            if not message.payload:
+                log.info("%s cleared (empty retained message)", message.topic)
+                return
+            handler(bytes(message.payload))
+        except RejectedMessage as err:
+            self.counters[err.reason] += 1
+            log.warning("dropped message on %s: %s", message.topic, err)
+        except Exception as err:
+            self.counters["handler_error"] += 1
+            log.exception("error handling %s: %s", message.topic, err)
+
+    def _on_global(self, payload: bytes) -> None:
+        model = parse_global(
+            payload,
+            site=self.config.site,
+            max_bytes=self.config.mqtt.max_message_bytes,
+            keys=self.trusted_keys,
+        )
+        labels = model.meta.get("labels")
+        if (
+            not isinstance(labels, list)
+            or not labels
+            or not all(isinstance(label, str) for label in labels)
+        ):
+            raise RejectedMessage("bad_labels", f"model v{model.version} has no label list")
+        # The classifier's bias is the last tensor: one entry per label.
+        if not model.weights or model.weights[-1].shape != (len(labels),):
+            raise RejectedMessage(
+                "bad_shapes",
+                f"model v{model.version}: output does not match its {len(labels)} labels",
+            )
+        current = self.model_version
+        if current is not None and model.version <= current:
+            log.info("global model v%d ignored: already at v%d", model.version, current)
+            return
+        try:
+            self.state.save_global(model)
+        except OSError as err:  # keep serving; the retained copy restores it after a restart
+            self.counters["store_failed"] += 1
+            log.error("could not store global model v%d: %s", model.version, err)
+        with self._changed:
+            self._model = model
+            self._changed.notify_all()
+        log.info(
+            "global model v%d from round %d (%d labels)", model.version, model.round, len(labels)
+        )
+        self._publish_status()
+
+    def _on_tflite(self, payload: bytes) -> None:
+        artifact = parse_tflite(
+            payload,
+            site=self.config.site,
+            max_bytes=self.config.mqtt.max_message_bytes,
+            keys=self.trusted_keys,
+        )
+        with self._changed:
+            known = self._artifact_version
+            if known is not None and artifact.version <= known:
+                log.info("TFLite v%d ignored: already have v%d", artifact.version, known)
+                return
+            self._artifact_version = artifact.version
+        self._jobs.put(lambda: self._install_artifact(artifact))
+
+    def _on_round(self, payload: bytes) -> None:
+        announcement = parse_json(payload, RoundAnnouncement)
+        number = announcement.round
+        if announcement.phase in ("closed", "abandoned"):
+            with self._changed:
+                if self._held is not None and self._held.round == number:
+                    log.info("round %d %s: dropping the held update", number, announcement.phase)
+                    self._held = None
+                    self._rounds_taken.discard(number)
+            return
+        if self.device not in announcement.selected:
+            log.info("round %d: not selected", number)
+            return
+        with self._changed:
+            held = None
+            if announcement.phase == "send":
+                self._send_permitted = max(self._send_permitted, number)
+                if self._held is not None and self._held.round == number:
+                    held, self._held = self._held, None
+            if held is None:
+                if number <= self._last_round or number in self._rounds_taken:
+                    log.info("round %d (%s): already taken part", number, announcement.phase)
+                    return
+                self._rounds_taken.add(number)
+        if held is not None:
+            log.info("round %d: send phase, sending the held update", number)
+            self._send(held)
+            return
+        self._jobs.put(lambda: self._take_part(announcement))
+
+    # --- worker jobs -------------------------------------------------------------
+
+    def _work(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            if self._stopping.is_set():  # shutting down: start no new training
+                continue
+            try:
+                job()
+            except Exception as err:
+                self.counters["job_error"] += 1
+                log.exception("worker job failed: %s", err)
+
+    def _take_part(self, announcement: RoundAnnouncement) -> None:
+        try:
+            self._train_and_deliver(announcement)
+        finally:
+            with self._changed:
+                if self.held_round != announcement.round:
+                    self._rounds_taken.discard(announcement.round)
+
+    def _train_and_deliver(self, announcement: RoundAnnouncement) -> None:
+        number = announcement.round
+        if announcement.codec not in TENSOR_CODECS:
+            self.counters["bad_codec"] += 1
+            log.warning(
+                "round %d: codec %s is not an update codec; skipping", number, announcement.codec
+            )
+            return
+        if time.time() > announcement.deadline:
+            log.info("round %d: deadline already passed; skipping", number)
+            return
+        base = self._wait_for_base(announcement)
+        if base is None:
+            return
+        data = self.gallery.training_set(base.labels, self.config.training.max_images_per_person)
+        if len(data) == 0:
+            log.warning("round %d: no gallery images of the model's labels; skipping", number)
+            return
+        plan = announcement.train
+        params = TrainParams(
+            epochs=plan.epochs,
+            batch_size=plan.batch_size,
+            learning_rate=plan.learning_rate,
+            prox_mu=plan.prox_mu,
+            seed=round_seed(self.device, number),
+        )
+        log.info(
+            "round %d: training on %d gallery images from model v%d",
+            number,
+            len(data),
+            base.version,
+        )
+        try:
+            result = self._trainer.train_delta(base, data.images, data.labels, params)
+        except RejectedMessage as err:
+            self.counters[err.reason] += 1
+            log.warning(
+                "round %d: base model v%d does not fit this node: %s", number, base.version, err
+            )
+            return
+        self.trainings += 1
+        delta, residual = result.delta, None
+        if announcement.codec == "topk":
+            delta, residual = with_error_feedback(
+                result.names, delta, self._residual, announcement.density
+            )
+        payload = build_update(
+            site=self.config.site,
+            signer=self.signer,
+            round_id=number,
+            base_version=base.version,
+            num_examples=result.num_examples,
+            names=result.names,
+            delta=delta,
+            codec=announcement.codec,
+            density=announcement.density,
+            meta={"loss": result.loss, "train_seconds": round(result.seconds, 2)},
+        )
+        update = HeldUpdate(number, payload, residual)
+        with self._changed:
+            send_now = announcement.send_when_trained or self._send_permitted >= number
+            if not send_now:
+                if self._held is not None:  # an older round's update the aggregator never asked for
+                    self._rounds_taken.discard(self._held.round)
+                self._held = update
+        log.info(
+            "round %d: trained in %.1f s, loss %.3f, %d bytes%s",
+            number,
+            result.seconds,
+            result.loss,
+            len(payload),
+            "" if send_now else "; holding for the send phase",
+        )
+        if send_now:
+            self._send(update)
+
+    def _wait_for_base(self, announcement: RoundAnnouncement) -> GlobalModel | None:
+        """The round's base model, waiting a while for it to arrive; None to skip."""
+        wanted = announcement.base_version
+        until = min(announcement.deadline, time.time() + self.config.training.base_model_wait_s)
+        with self._changed:
+            while True:
+                model = self._model
+                if model is not None and model.version == wanted:
+                    return model
+                if model is not None and model.version > wanted:
+                    log.warning(
+                        "round %d: base is v%d but this node already has v%d; skipping",
+                        announcement.round,
+                        wanted,
+                        model.version,
+                    )
+                    return None
+                left = until - time.time()
+                if left <= 0 or self._stopping.is_set():
+                    log.warning(
+                        "round %d: base model v%d never arrived (have %s); skipping",
+                        announcement.round,
+                        wanted,
+                        self.model_version,
+                    )
+                    return None
+                self._changed.wait(min(left, TICK_S))
+
+    def _send(self, update: HeldUpdate) -> None:
+        info = self._client.publish(self.topics.update(self.device), update.payload, qos=1)
+        if info.rc != mqtt.MQTT_ERR_SUCCESS:  # paho queues it and sends after reconnecting
+            log.warning(
+                "round %d: update queued while offline (%s)",
+                update.round,
+                mqtt.error_string(info.rc),
+            )
+        with self._changed:
+            self._last_round = max(self._last_round, update.round)
+            self._rounds_taken.discard(update.round)
+            if update.residual is not None:
+                self._residual = update.residual
+        try:
+            self.state.save_last_round(self._last_round)
+            if update.residual is not None:
+                self.state.save_residual(update.residual)
+        except OSError as err:
+            self.counters["store_failed"] += 1
+            log.error("could not record round %d: %s", update.round, err)
+        log.info("round %d: update sent (%d bytes)", update.round, len(update.payload))
+        self._publish_status()
+
+    def _install_artifact(self, artifact: TfliteArtifact) -> None:
+        if self.config.inference.flavour == "int8":
+            model, flavour = (
+                (artifact.int8_model, "int8")
+                if artifact.int8_model
+                else (artifact.float_model, "float")
+            )
+        else:
+            model, flavour = (
+                (artifact.float_model, "float")
+                if artifact.float_model
+                else (artifact.int8_model, "int8")
+            )
+        stored = StoredArtifact(
+            version=artifact.version,
+            round=artifact.round,
+            flavour=flavour,
+            model=model,
+            labels=artifact.labels,
+            threshold=artifact.threshold,
+        )
+        if not self._load_recognizer(stored):
+            with self._changed:  # let a corrected re-publication of this version in
+                self._artifact_version = self._installed_artifact_version
+            return
+        try:
+            self.state.save_artifact(stored)
+        except OSError as err:
+            self.counters["store_failed"] += 1
+            log.error("could not store TFLite v%d: %s", stored.version, err)
+        self._score_gallery(stored)
+
+    def _load_recognizer(self, stored: StoredArtifact) -> bool:
+        try:
+            self.recognizer.swap(
+                ModelArtifact(
+                    tflite=stored.model,
+                    labels=stored.labels,
+                    threshold=stored.threshold,
+                    version=stored.version,
+                )
+            )
+        except RecognizerError as err:
+            self.counters["bad_artifact"] += 1
+            log.warning("TFLite v%d refused, keeping the current one: %s", stored.version, err)
+            return False
+        self._installed_artifact_version = stored.version
+        return True
+
+    def _score_gallery(self, stored: StoredArtifact) -> None:
+        """Run the new artifact on the local gallery: the first sign of a bad model."""
+        data = self.gallery.training_set(stored.labels, self.config.training.max_images_per_person)
+        if len(data) == 0:
+            self.gallery_accuracy = None
+            self._detail = f"TFLite v{stored.version}: no gallery images of its labels"
+        else:
+            probabilities = self.recognizer.probabilities_batch(list(data.images))
+            hits = np.argmax(probabilities, axis=1) == data.labels
+            self.gallery_accuracy = float(np.mean(hits))
+            self._detail = (
+                f"TFLite v{stored.version} ({stored.flavour}): gallery accuracy "
+                f"{self.gallery_accuracy:.2f} on {len(data)} images"
+            )
+        log.info("%s", self._detail)
+        if self.connected.is_set():
+            self._publish_status()

@@ -1,0 +1,151 @@
+"""The federation on one machine: generated configs and keys, then one process per role.
+
+Each process gets the YAML a provisioned Pi or server would get, pointing at
+the local broker; the only simulation-specific settings are the folders and
+one TensorFlow thread per node (the demo machine has two cores).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from fedbell.config import MqttSettings
+from fedbell.messages import AGGREGATOR
+from fedbell.signing import write_key_pair
+from fedbell.topics import Topics
+from simulation.config import SimulationConfig
+from simulation.processes import Fleet
+
+SITE = "sim"
+NODE_THREADS = 1
+AGGREGATOR_DEADLINE_SHARE = 0.75
+"""The aggregator's own round deadline, as a share of the driver's timeout: a
+round with a missing update still closes and reports before the driver gives up."""
+
+# TensorFlow reads these before it starts its thread pools; the edge config's
+# `training.threads` says the same, this also covers imports that run first.
+SINGLE_THREAD_ENV = {"TF_NUM_INTRAOP_THREADS": "1", "TF_NUM_INTEROP_THREADS": "1",
+                     "OMP_NUM_THREADS": "1"}
+QUIET_ENV = {"TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONUNBUFFERED": "1"}
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where everything of one run lives inside the work folder."""
+
+    root: Path
+
+    @property
+    def logs(self) -> Path:
+        return self.root / "logs"
+
+    @property
+    def held_out(self) -> Path:
+        return self.root / "held_out"
+
+    def gallery(self, device: str) -> Path:
+        return self.root / "nodes" / device / "gallery"
+
+    def state(self, name: str) -> Path:
+        return self.root / "state" / name
+
+    def config(self, name: str) -> Path:
+        return self.root / "configs" / f"{name}.yaml"
+
+    def private_key(self, name: str) -> Path:
+        return self.root / "keys" / f"{name}.key"
+
+    def trusted_by(self, name: str) -> Path:
+        return self.root / "keys" / f"trusted-by-{name}"
+
+
+def device_ids(nodes: int) -> list[str]:
+    return [f"door{i}" for i in range(1, nodes + 1)]
+
+
+def write_keys(layout: Layout, devices: list[str]) -> None:
+    """The aggregator trusts the doorbells' keys; each doorbell trusts the aggregator's."""
+    public = layout.root / "keys" / f"{AGGREGATOR}.pub"
+    write_key_pair(layout.private_key(AGGREGATOR), public)
+    layout.trusted_by(AGGREGATOR).mkdir(parents=True, exist_ok=True)
+    for device in devices:
+        trusted = layout.trusted_by(device)
+        trusted.mkdir(parents=True, exist_ok=True)
+        (trusted / public.name).write_bytes(public.read_bytes())
+        write_key_pair(layout.private_key(device),
+                       layout.trusted_by(AGGREGATOR) / f"{device}.pub")
+
+
+def _signing(layout: Layout, name: str, signed: bool) -> dict[str, str]:
+    if not signed:
+        return {}
+    return {"private_key_file": str(layout.private_key(name)),
+            "trusted_keys_dir": str(layout.trusted_by(name))}
+
+
+def aggregator_config(config: SimulationConfig, layout: Layout, labels: tuple[str, ...],
+                      mqtt: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "site": SITE,
+        "labels": list(labels),
+        "mqtt": {**mqtt, "username": AGGREGATOR},
+        "signing": _signing(layout, AGGREGATOR, config.signed),
+        "state_dir": str(layout.state(AGGREGATOR)),
+        "rounds": {
+            "codec": config.codec,
+            "timeout_s": round(config.round_timeout_s * AGGREGATOR_DEADLINE_SHARE, 1),
+            "min_updates": 1,
+            "train": {"epochs": config.epochs, "batch_size": config.batch_size,
+                      "learning_rate": config.learning_rate},
+            "seed": config.seed,
+        },
+        "evaluation": {"dataset": str(layout.held_out)},
+        "model_seed": config.seed,
+    }
+
+
+def edge_config(config: SimulationConfig, layout: Layout, device: str,
+                mqtt: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "device_id": device,
+        "site": SITE,
+        "mqtt": {**mqtt, "username": device},
+        "signing": _signing(layout, device, config.signed),
+        "state_dir": str(layout.state(device)),
+        "gallery_dir": str(layout.gallery(device)),
+        "training": {"threads": NODE_THREADS},
+    }
+
+
+def write_yaml(path: Path, data: dict[str, Any]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def mqtt_settings(port: int) -> MqttSettings:
+    return MqttSettings(host="127.0.0.1", port=port)
+
+
+def topics() -> Topics:
+    return Topics(SITE)
+
+
+def start_federation(fleet: Fleet, config: SimulationConfig, layout: Layout, *,
+                     labels: tuple[str, ...], port: int, devices: list[str]) -> None:
+    """Write configs (and keys), then start the aggregator and every node."""
+    if config.signed:
+        write_keys(layout, devices)
+    mqtt = {"host": "127.0.0.1", "port": port}
+    env = QUIET_ENV
+    path = write_yaml(layout.config(AGGREGATOR), aggregator_config(config, layout, labels, mqtt))
+    fleet.start(AGGREGATOR, "aggregator", ["--config", str(path)],
+                layout.logs / f"{AGGREGATOR}.log", env)
+    for device in devices:
+        path = write_yaml(layout.config(device), edge_config(config, layout, device, mqtt))
+        fleet.start(device, "edge", ["--config", str(path)], layout.logs / f"{device}.log",
+                    {**env, **SINGLE_THREAD_ENV})

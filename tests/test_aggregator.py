@@ -1,0 +1,458 @@
+"""The aggregator service against a real Mosquitto and real TensorFlow.
+
+The aggregator runs in a thread of the test process (TensorFlow loads once);
+one test runs the real CLI in a subprocess. Fake doorbells are plain paho
+clients that publish retained online statuses and real `build_update`
+envelopes whose deltas are computed with numpy from the global model they
+received.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import paho.mqtt.client as mqtt
+import pytest
+from paho.mqtt.enums import CallbackAPIVersion
+
+from aggregator.config import AggregatorConfig
+from aggregator.service import AggregatorService
+from broker.local import LocalBroker
+from fedbell.codecs import Weights
+from fedbell.envelope import Codec
+from fedbell.messages import GlobalModel, Signer, build_update, parse_global, parse_tflite
+from fedbell.protocol import DeviceStatus, RoundAnnouncement, RoundMetrics, to_json
+from fedbell.synthetic import make_dataset
+from fedbell.topics import Topics
+
+SITE = "test"
+LABELS = ("person00", "person01", "person02")
+TOPICS = Topics(SITE)
+MAX_BYTES = 16 * 1024 * 1024
+REPO = Path(__file__).resolve().parents[1]
+
+
+class Watcher:
+    """Records every message under the site, retained or not, by topic."""
+
+    def __init__(self, port: int) -> None:
+        self._lock = threading.Lock()
+        self._seen: list[mqtt.MQTTMessage] = []
+        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+        self.client.on_message = self._record
+        self.client.connect("127.0.0.1", port)
+        self.client.loop_start()
+        self.client.subscribe(f"{TOPICS.base}/#", qos=1)
+
+    def _record(self, _client: Any, _userdata: Any, message: mqtt.MQTTMessage) -> None:
+        with self._lock:
+            self._seen.append(message)
+
+    def messages(self, topic: str) -> list[mqtt.MQTTMessage]:
+        with self._lock:
+            return [m for m in self._seen if m.topic == topic]
+
+    def wait_for(self, topic: str, accept: Callable[[bytes], bool] = lambda _p: True,
+                 timeout: float = 20.0) -> bytes:
+        """The first payload on `topic` that `accept` likes (seen before or later)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for message in self.messages(topic):
+                if accept(message.payload):
+                    return bytes(message.payload)
+            time.sleep(0.02)
+        seen = [m.payload[:200] for m in self.messages(topic)]
+        raise AssertionError(f"nothing acceptable on {topic} within {timeout}s; saw {seen}")
+
+    def round(self, round_id: int, phase: str) -> RoundAnnouncement:
+        payload = self.wait_for(TOPICS.round, lambda p: _is_round(p, round_id, phase))
+        return RoundAnnouncement.model_validate_json(payload)
+
+    def global_model(self, version: int) -> GlobalModel:
+        payload = self.wait_for(TOPICS.global_model, lambda p: _version(p) == version)
+        return parse_global(payload, site=SITE, max_bytes=MAX_BYTES, keys=None)
+
+    def metrics(self, round_id: int, outcome: str) -> RoundMetrics:
+        payload = self.wait_for(TOPICS.metrics, lambda p: _is_metrics(p, round_id, outcome))
+        return RoundMetrics.model_validate_json(payload)
+
+    def close(self) -> None:
+        self.client.disconnect()  # first: it wakes the network loop, which then ends at once
+        self.client.loop_stop()
+
+
+def _is_round(payload: bytes, round_id: int, phase: str) -> bool:
+    message = json.loads(payload)
+    return bool(message["round"] == round_id and message["phase"] == phase)
+
+
+def _is_metrics(payload: bytes, round_id: int, outcome: str) -> bool:
+    message = json.loads(payload)
+    return bool(message["round"] == round_id and message["outcome"] == outcome)
+
+
+def _version(payload: bytes) -> int:
+    return parse_global(payload, site=SITE, max_bytes=MAX_BYTES, keys=None).version
+
+
+class FakeDevice:
+    """A doorbell reduced to its MQTT behaviour: a status and updates."""
+
+    def __init__(self, port: int, name: str) -> None:
+        self.name = name
+        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=name,
+                                  protocol=mqtt.MQTTv5)
+        self.client.will_set(TOPICS.status(name), to_json(DeviceStatus(state="offline")),
+                             qos=1, retain=True)
+        self.client.connect("127.0.0.1", port)
+        self.client.loop_start()
+        self.publish(TOPICS.status(name), to_json(DeviceStatus(state="online", model_version=0)),
+                     retain=True)
+
+    def publish(self, topic: str, payload: bytes, retain: bool = False) -> None:
+        self.client.publish(topic, payload, qos=1, retain=retain).wait_for_publish(5)
+
+    def send(self, payload: bytes) -> None:
+        self.publish(TOPICS.update(self.name), payload)
+
+    def update(self, base: GlobalModel, delta: Weights, *, examples: int, round_id: int,
+               base_version: int | None = None, codec: Codec = "float32") -> bytes:
+        return build_update(site=SITE, signer=Signer(self.name), round_id=round_id,
+                            base_version=base.version if base_version is None else base_version,
+                            num_examples=examples, names=base.names, delta=delta, codec=codec)
+
+    def close(self) -> None:
+        self.client.disconnect()  # first: it wakes the network loop, which then ends at once
+        self.client.loop_stop()
+
+
+def random_delta(base: GlobalModel, seed: int, scale: float = 0.01) -> Weights:
+    rng = np.random.default_rng(seed)
+    return [(rng.normal(size=w.shape) * scale).astype(np.float32) for w in base.weights]
+
+
+def weighted(base: GlobalModel, parts: list[tuple[Weights, int]]) -> Weights:
+    total = sum(n for _, n in parts)
+    return [b + sum(d[i].astype(np.float64) * n for d, n in parts) / total
+            for i, b in enumerate(base.weights)]
+
+
+def make_config(tmp_path: Path, port: int, evaluation: Path | None = None,
+                **rounds: Any) -> AggregatorConfig:
+    return AggregatorConfig.model_validate({
+        "site": SITE, "labels": LABELS, "state_dir": str(tmp_path / "state"),
+        "mqtt": {"port": port, "keepalive": 10},
+        "rounds": {"codec": "float32", "timeout_s": 30, "auto_pause_s": 0, **rounds},
+        "evaluation": {"dataset": str(evaluation) if evaluation else None},
+        "threads": 1,
+    })
+
+
+@contextmanager
+def running(config: AggregatorConfig) -> Iterator[AggregatorService]:
+    service = AggregatorService(config)
+    thread = threading.Thread(target=service.run, name="aggregator", daemon=True)
+    thread.start()
+    try:
+        yield service
+    finally:
+        service.stop()
+        thread.join(30)
+        assert not thread.is_alive()
+
+
+def wait_until(condition: Callable[[], bool], timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        time.sleep(0.02)
+
+
+def control(device: FakeDevice, command: dict[str, Any] | str) -> None:
+    payload = command if isinstance(command, str) else json.dumps(command)
+    device.publish(TOPICS.control, payload.encode())
+
+
+@pytest.fixture
+def watcher(broker: LocalBroker) -> Iterator[Watcher]:
+    watching = Watcher(broker.port)
+    yield watching
+    watching.close()
+
+
+@pytest.fixture
+def devices(broker: LocalBroker) -> Iterator[Callable[..., list[FakeDevice]]]:
+    made: list[FakeDevice] = []
+
+    def make(*names: str) -> list[FakeDevice]:
+        made.extend(FakeDevice(broker.port, name) for name in names)
+        return made[-len(names):]
+
+    yield make
+    for device in made:
+        device.close()
+
+
+def test_round_publishes_weighted_average_and_rejects_bad_updates(
+        broker: LocalBroker, watcher: Watcher, devices: Callable[..., list[FakeDevice]],
+        tmp_path: Path) -> None:
+    make_dataset(tmp_path / "heldout", persons=3, images_per_person=3, seed=0)
+    config = make_config(tmp_path, broker.port, evaluation=tmp_path / "heldout")
+    alice, bob, eve = devices("alice", "bob", "eve")
+    with running(config) as service:
+        base = watcher.global_model(0)
+        assert base.labels == list(LABELS)
+        wait_until(lambda: {"alice", "bob", "eve"} <= set(service.coordinator.online))
+        eve.publish(TOPICS.status("eve"), b"")  # eve leaves: not selected
+        wait_until(lambda: "eve" not in service.coordinator.online)
+
+        control(alice, {"cmd": "start_round"})
+        announced = watcher.round(1, "train")
+        assert announced.selected == ("alice", "bob")
+        assert announced.base_version == 0
+        assert announced.send_when_trained
+        assert announced.deadline > time.time()
+
+        delta_a, delta_b = random_delta(base, 1), random_delta(base, 2)
+        bad_shapes = random_delta(base, 3)[:-1]
+        nan_delta = random_delta(base, 4)
+        nan_delta[0][0, 0, 0, 0] = np.nan
+        alice.send(alice.update(base, delta_a, examples=3, round_id=2))
+        alice.send(alice.update(base, delta_a, examples=3, round_id=1, base_version=7))
+        alice.send(build_update(site=SITE, signer=Signer("alice"), round_id=1, base_version=0,
+                                num_examples=3, names=base.names[:-1], delta=bad_shapes,
+                                codec="float32"))
+        alice.send(alice.update(base, nan_delta, examples=3, round_id=1))
+        alice.send(alice.update(base, delta_a, examples=3, round_id=1, codec="float16"))
+        alice.send(alice.update(base, [d * 1e6 for d in delta_a], examples=3, round_id=1))
+        alice.send(alice.update(base, delta_a, examples=3, round_id=1))
+        alice.send(alice.update(base, delta_a, examples=3, round_id=1))  # a replay
+        eve.send(eve.update(base, delta_a, examples=5, round_id=1))
+        bob.send(alice.update(base, delta_b, examples=1, round_id=1))  # alice's name on bob's topic
+        control(alice, "{not json")
+        control(alice, {"cmd": "publish"})  # nothing aggregated
+        wait_until(lambda: sum(service.coordinator.rejected.values()) >= 11)
+        bob.send(bob.update(base, delta_b, examples=1, round_id=1))
+
+        new = watcher.global_model(1)
+        for got, expected in zip(new.weights, weighted(base, [(delta_a, 3), (delta_b, 1)]),
+                                 strict=True):
+            np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+        assert new.round == 1
+        assert new.labels == list(LABELS)
+
+        tflite = parse_tflite(watcher.wait_for(TOPICS.tflite_model,
+                                               lambda p: b'"model_version":1' in p),
+                              site=SITE, max_bytes=MAX_BYTES, keys=None)
+        assert tflite.labels == LABELS
+        assert 0.0 <= tflite.threshold <= 1.0
+        assert tflite.float_model[4:8] == b"TFL3"
+        assert tflite.int8_model[4:8] == b"TFL3"
+
+        metrics = watcher.metrics(1, "published")
+        assert metrics.version == 1
+        assert metrics.participants == 2
+        assert metrics.examples == 4
+        assert metrics.accuracy is not None
+        assert 0.0 <= metrics.accuracy <= 1.0
+        assert metrics.threshold == tflite.threshold
+        assert metrics.bytes_up > 0
+        assert metrics.bytes_down > 2 * (len(watcher.messages(TOPICS.global_model)[-1].payload))
+        assert metrics.rejected == {
+            "wrong_round": 1, "wrong_base": 1, "bad_shapes": 1, "not_finite": 1,
+            "wrong_codec": 1, "norm_too_large": 1, "duplicate": 1, "not_selected": 1,
+            "wrong_sender": 1, "bad_json": 1, "bad_state": 1}
+        closed = watcher.round(1, "closed")
+        assert closed.selected == ("alice", "bob")
+
+    status = DeviceStatus.model_validate_json(watcher.wait_for(
+        TOPICS.aggregator_status, lambda p: b"offline" in p))
+    assert status.model_version == 1
+
+    # Everything a late-joining node needs is retained.
+    late = Watcher(broker.port)
+    try:
+        assert late.global_model(1).version == 1
+        assert late.round(1, "closed").round == 1
+        assert late.metrics(1, "published").version == 1
+    finally:
+        late.close()
+
+
+def test_deadline_closes_with_quorum_else_abandons(
+        broker: LocalBroker, watcher: Watcher, devices: Callable[..., list[FakeDevice]],
+        tmp_path: Path) -> None:
+    config = make_config(tmp_path, broker.port, timeout_s=1.5, min_updates=2)
+    alice, bob, _carol = devices("alice", "bob", "carol")
+    with running(config) as service:
+        base = watcher.global_model(0)
+        wait_until(lambda: len(service.coordinator.online) == 3)
+        control(alice, {"cmd": "start_round"})
+        assert watcher.round(1, "train").selected == ("alice", "bob", "carol")
+        delta_a, delta_b = random_delta(base, 1), random_delta(base, 2)
+        alice.send(alice.update(base, delta_a, examples=2, round_id=1))
+        bob.send(bob.update(base, delta_b, examples=6, round_id=1))
+        new = watcher.global_model(1)  # carol never answers: the deadline closes it
+        for got, expected in zip(new.weights, weighted(base, [(delta_a, 2), (delta_b, 6)]),
+                                 strict=True):
+            np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+        assert watcher.metrics(1, "published").participants == 2
+
+        control(alice, {"cmd": "start_round", "devices": ["alice", "bob"]})
+        assert watcher.round(2, "train").selected == ("alice", "bob")
+        alice.send(alice.update(new, random_delta(new, 3), examples=2, round_id=2))
+        metrics = watcher.metrics(2, "abandoned")
+        assert metrics.participants == 1
+        assert metrics.version == 0
+        watcher.round(2, "abandoned")
+        bob.send(bob.update(new, random_delta(new, 4), examples=2, round_id=2))  # too late
+        wait_until(lambda: service.coordinator.rejected["no_round"] == 1)
+        assert service.coordinator.model.version == 1
+    assert [_version(m.payload) for m in watcher.messages(TOPICS.global_model)] == [0, 1]
+
+
+def test_step_by_step_train_send_aggregate_publish(
+        broker: LocalBroker, watcher: Watcher, devices: Callable[..., list[FakeDevice]],
+        tmp_path: Path) -> None:
+    config = make_config(tmp_path, broker.port, codec="int8", min_updates=2)
+    alice, bob = devices("alice", "bob")
+    with running(config) as service:
+        base = watcher.global_model(0)
+        wait_until(lambda: len(service.coordinator.online) == 2)
+        control(alice, {"cmd": "send"})  # no round yet
+        wait_until(lambda: service.coordinator.rejected["bad_state"] == 1)
+
+        control(alice, {"cmd": "train"})
+        training = watcher.round(1, "train")
+        assert not training.send_when_trained
+        assert training.codec == "int8"
+        control(alice, {"cmd": "send"})
+        sending = watcher.round(1, "send")
+        assert sending.deadline >= training.deadline
+
+        delta_a, delta_b = random_delta(base, 1), random_delta(base, 2)
+        alice.send(alice.update(base, delta_a, examples=4, round_id=1, codec="int8"))
+        control(alice, {"cmd": "aggregate"})  # one update, quorum two: refused
+        wait_until(lambda: service.coordinator.rejected["below_quorum"] == 1)
+        bob.send(bob.update(base, delta_b, examples=4, round_id=1, codec="int8"))
+        wait_until(lambda: service.coordinator.round is not None
+                   and len(service.coordinator.round.received) == 2)
+        time.sleep(0.3)
+        assert watcher.messages(TOPICS.metrics) == []  # a step round waits for the operator
+
+        control(alice, {"cmd": "aggregate"})
+        pending = watcher.metrics(1, "aggregated")
+        assert pending.version == 1
+        assert pending.participants == 2
+        assert [_version(m.payload) for m in watcher.messages(TOPICS.global_model)] == [0]
+
+        control(alice, {"cmd": "publish"})
+        new = watcher.global_model(1)
+        for got, expected in zip(new.weights, weighted(base, [(delta_a, 4), (delta_b, 4)]),
+                                 strict=True):
+            # int8: within half a step (peak/127, peak ~0.05) of the exact mean.
+            np.testing.assert_allclose(got, expected, atol=1e-3)
+        assert watcher.metrics(1, "published").version == 1
+        watcher.round(1, "closed")
+
+
+def test_restart_resumes_the_open_round(
+        broker: LocalBroker, watcher: Watcher, devices: Callable[..., list[FakeDevice]],
+        tmp_path: Path) -> None:
+    config = make_config(tmp_path, broker.port)
+    alice, bob = devices("alice", "bob")
+    with running(config) as service:
+        base = watcher.global_model(0)
+        wait_until(lambda: len(service.coordinator.online) == 2)
+        control(alice, {"cmd": "start_round"})
+        watcher.round(1, "train")
+        delta_a, delta_b = random_delta(base, 1), random_delta(base, 2)
+        alice.send(alice.update(base, delta_a, examples=5, round_id=1))
+        wait_until(lambda: service.coordinator.round is not None
+                   and service.coordinator.round.received == ["alice"])
+
+    with running(config) as service:
+        wait_until(lambda: len(service.coordinator.online) == 2)
+        assert service.coordinator.round is not None
+        assert service.coordinator.round.received == ["alice"]
+        alice.send(alice.update(base, delta_a, examples=5, round_id=1))  # a replay
+        bob.send(bob.update(base, delta_b, examples=3, round_id=1))
+        new = watcher.global_model(1)
+        for got, expected in zip(new.weights, weighted(base, [(delta_a, 5), (delta_b, 3)]),
+                                 strict=True):
+            np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+        metrics = watcher.metrics(1, "published")
+        assert (metrics.participants, metrics.examples) == (2, 8)
+        assert metrics.rejected == {"duplicate": 1}
+        assert service.coordinator.model.version == 1
+    assert {_version(m.payload) for m in watcher.messages(TOPICS.global_model)} == {0, 1}
+    leftovers = sorted(p.name for p in (tmp_path / "state").iterdir())
+    assert not [name for name in leftovers if name.startswith("sum-")]
+
+
+def test_restart_after_the_deadline_closes_the_round(
+        broker: LocalBroker, watcher: Watcher, devices: Callable[..., list[FakeDevice]],
+        tmp_path: Path) -> None:
+    config = make_config(tmp_path, broker.port, timeout_s=2.0)
+    alice, _bob = devices("alice", "bob")
+    with running(config) as service:
+        base = watcher.global_model(0)
+        wait_until(lambda: len(service.coordinator.online) == 2)
+        control(alice, {"cmd": "start_round"})
+        deadline = watcher.round(1, "train").deadline
+        alice.send(alice.update(base, random_delta(base, 1), examples=5, round_id=1))
+        wait_until(lambda: service.coordinator.round is not None
+                   and service.coordinator.round.received == ["alice"])
+        service.stop()  # before the deadline: the round is still open on disk
+    assert watcher.messages(TOPICS.metrics) == []
+    time.sleep(max(0.0, deadline - time.time()) + 0.2)
+    with running(config):
+        assert watcher.global_model(1).version == 1  # quorum 1: aggregated on restart
+        assert watcher.metrics(1, "published").participants == 1
+
+
+def test_cli_serves_and_publishes_offline_on_sigterm(
+        broker: LocalBroker, watcher: Watcher, tmp_path: Path) -> None:
+    config = tmp_path / "aggregator.yaml"
+    config.write_text(
+        f"site: {SITE}\nlabels: [ann, ben]\nstate_dir: {tmp_path / 'state'}\n"
+        f"mqtt:\n  port: {broker.port}\nthreads: 1\n")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "aggregator", "--config", str(config)], cwd=REPO,
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+    try:
+        watcher.wait_for(TOPICS.aggregator_status, lambda p: b'"online"' in p, timeout=60)
+        assert watcher.global_model(0).labels == ["ann", "ben"]
+    finally:
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=30)
+    assert process.returncode == 0, stderr.decode()
+    watcher.wait_for(TOPICS.aggregator_status, lambda p: b'"offline"' in p)
+    log = stderr.decode()
+    assert "ready: site test, model version 0" in log
+    assert "SIGTERM: stopping" in log
+
+
+def test_bad_config_names_the_file_and_the_key(tmp_path: Path) -> None:
+    config = tmp_path / "aggregator.yaml"
+    config.write_text("site: home\nlabels: [ann]\nstate_dir: /tmp/x\nrounds:\n  timout_s: 5\n")
+    result = subprocess.run(
+        [sys.executable, "-m", "aggregator", "--config", str(config)], cwd=REPO,
+        capture_output=True, text=True, timeout=60, check=False)
+    assert result.returncode == 2
+    assert str(config) in result.stderr
+    assert "rounds.timout_s" in result.stderr
+    assert "unknown key" in result.stderr

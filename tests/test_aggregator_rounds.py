@@ -1,0 +1,212 @@
+"""Rounds without a broker: selection, round checks, and the coordinator on a fake clock.
+
+The coordinator gets a list as its publisher and a clock the test moves, so
+deadlines, automatic rounds and restarts are tested without sleeping.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from aggregator.config import AggregatorConfig, RoundSettings
+from aggregator.coordinator import Coordinator
+from aggregator.export import Exporter
+from aggregator.rounds import Round, announce, select_devices
+from aggregator.state import StateStore
+from aggregator.strategy import RunningFedAvg
+from fedbell.errors import RejectedMessage
+from fedbell.messages import AGGREGATOR, Signer, Update, build_update, parse_global
+from fedbell.protocol import DeviceStatus, RoundMetrics, to_json
+from fedbell.topics import Topics
+
+SITE = "unit"
+TOPICS = Topics(SITE)
+
+
+def test_selection_is_online_requested_and_seeded() -> None:
+    online = ["d1", "d2", "d3", "d4", "d5"]
+    assert select_devices(online, None, None, 0, 1) == tuple(online)
+    assert select_devices(online, ["d2", "d9"], None, 0, 1) == ("d2",)
+    first = select_devices(online, None, 2, seed=7, round_id=3)
+    assert len(first) == 2
+    assert set(first) <= set(online)
+    assert select_devices(reversed(online), None, 2, seed=7, round_id=3) == first
+    picks = {select_devices(online, None, 2, seed=7, round_id=r) for r in range(1, 20)}
+    assert len(picks) > 1  # rounds rotate through the devices
+
+
+def _round(manual: bool = False) -> Round:
+    settings = RoundSettings(codec="float32", timeout_s=10, min_updates=1)
+    announcement = announce(round_id=4, base_version=2, selected=("a", "b"), now=100.0,
+                            settings=settings, manual=manual)
+    return Round(announcement=announcement, manual=manual, started_at=100.0,
+                 fedavg=RunningFedAvg([(2,)]))
+
+
+def _update(device: str = "a", **changes: Any) -> Update:
+    fields: dict[str, Any] = {"device": device, "round": 4, "base_version": 2,
+                              "num_examples": 3, "codec": "float32",
+                              "delta": [np.ones(2, dtype=np.float32)]}
+    return Update(**{**fields, **changes})
+
+
+@pytest.mark.parametrize(("update", "now", "reason"), [
+    (_update(round=5), 101.0, "wrong_round"),
+    (_update(base_version=1), 101.0, "wrong_base"),
+    (_update(device="z"), 101.0, "not_selected"),
+    (_update(codec="int8"), 101.0, "wrong_codec"),
+    (_update(), 111.0, "late"),
+    (_update(delta=[np.full(2, 1e4, dtype=np.float32)]), 101.0, "norm_too_large"),
+])
+def test_round_checks(update: Update, now: float, reason: str) -> None:
+    current = _round()
+    with pytest.raises(RejectedMessage) as caught:
+        current.check(update, now, max_norm=1000.0)
+    assert caught.value.reason == reason
+    assert current.received == []
+
+
+def test_duplicates_and_closing_rules() -> None:
+    current = _round()
+    current.check(_update(), 101.0, 1000.0)
+    current.accept(_update(), 500)
+    with pytest.raises(RejectedMessage, match="duplicate"):
+        current.check(_update(), 101.0, 1000.0)
+    assert current.next_step(105.0, quorum=1) == "wait"
+    assert current.next_step(111.0, quorum=1) == "aggregate"
+    assert current.next_step(111.0, quorum=2) == "abandon"
+    current.accept(_update("b"), 500)
+    assert current.next_step(105.0, quorum=2) == "aggregate"  # everyone answered
+    assert current.bytes_up == 1000
+
+    manual = _round(manual=True)
+    manual.accept(_update(), 500)
+    assert manual.next_step(111.0, quorum=1) == "wait"  # the operator aggregates
+    assert manual.next_step(111.0, quorum=2) == "abandon"  # can no longer reach quorum
+
+
+class Harness:
+    """A coordinator on a fake clock, publishing into a list."""
+
+    def __init__(self, tmp_path: Path, exporter: Exporter | None = None, **rounds: Any) -> None:
+        self.now = 1000.0
+        self.config = AggregatorConfig.model_validate({
+            "site": SITE, "labels": ["ann", "ben"], "state_dir": str(tmp_path / "state"),
+            "rounds": {"codec": "float32", "timeout_s": 60, "auto_pause_s": 0, **rounds},
+            "threads": 1})
+        self.exporter = exporter or Exporter(self.config, Signer(AGGREGATOR))
+        self.published: list[tuple[str, bytes]] = []
+        self.coordinator = Coordinator(
+            self.config, self.exporter, StateStore(self.config.state_dir),
+            publish=lambda topic, payload: self.published.append((topic, payload)),
+            clock=lambda: self.now, trusted_keys=None)
+        self.coordinator.connected()
+
+    def restart(self, tmp_path: Path) -> Harness:
+        return Harness(tmp_path, self.exporter, **self.config.rounds.model_dump(
+            include={"codec", "timeout_s", "auto_pause_s", "min_updates"}))
+
+    def send(self, topic: str, payload: bytes) -> None:
+        self.coordinator.on_message(topic, payload)
+        self.coordinator.tick()
+
+    def command(self, **command: Any) -> None:
+        self.send(TOPICS.control, json.dumps(command).encode())
+
+    def online(self, *devices: str) -> None:
+        for device in devices:
+            self.send(TOPICS.status(device), to_json(DeviceStatus(state="online")))
+
+    def payloads(self, topic: str) -> list[bytes]:
+        return [p for t, p in self.published if t == topic]
+
+    def versions(self) -> list[int]:
+        return [parse_global(p, site=SITE, max_bytes=1 << 24, keys=None).version
+                for p in self.payloads(TOPICS.global_model)]
+
+    def metrics(self) -> list[RoundMetrics]:
+        return [RoundMetrics.model_validate_json(p) for p in self.payloads(TOPICS.metrics)]
+
+    def update(self, device: str, round_id: int, examples: int = 2, scale: float = 0.01) -> None:
+        model = self.coordinator.model
+        delta = [np.full(w.shape, scale, dtype=np.float32) for w in model.weights]
+        self.send(TOPICS.update(device), build_update(
+            site=SITE, signer=Signer(device), round_id=round_id, base_version=model.version,
+            num_examples=examples, names=self.exporter.names, delta=delta, codec="float32"))
+
+
+def test_auto_runs_n_rounds_back_to_back_and_stop_ends_it(tmp_path: Path) -> None:
+    harness = Harness(tmp_path)
+    harness.online("a", "b")
+    harness.command(cmd="auto", rounds=2)
+    assert harness.coordinator.round is not None
+    for round_id in (1, 2):
+        harness.update("a", round_id)
+        harness.update("b", round_id)
+    assert harness.versions() == [0, 1, 2]
+    assert harness.coordinator.round is not None
+    assert harness.coordinator.round.status == "closed"  # no third round
+    harness.now += 10
+    harness.coordinator.tick()
+    assert harness.coordinator.last_round == 2
+
+    harness.command(cmd="auto", rounds=5)
+    assert harness.coordinator.last_round == 3
+    harness.command(cmd="stop")
+    harness.update("a", 3)
+    harness.update("b", 3)
+    harness.coordinator.tick()
+    assert harness.coordinator.last_round == 3  # the open round finished, no more started
+    assert harness.versions()[-1] == 3
+
+
+def test_auto_waits_for_devices_and_quorum_abandons_on_the_clock(tmp_path: Path) -> None:
+    harness = Harness(tmp_path, min_updates=2)
+    harness.command(cmd="auto", rounds=1)
+    assert harness.coordinator.round is None  # nobody online yet
+    harness.online("a", "b")
+    harness.now += 1.5
+    harness.coordinator.tick()
+    assert harness.coordinator.last_round == 1
+    harness.update("a", 1)
+    harness.now += 61
+    harness.coordinator.tick()
+    assert [m.outcome for m in harness.metrics()] == ["abandoned"]
+    assert harness.versions() == [0]
+    assert harness.coordinator.auto_remaining == 0
+
+
+def test_pending_aggregate_survives_a_restart(tmp_path: Path) -> None:
+    harness = Harness(tmp_path)
+    harness.online("a")
+    harness.command(cmd="train")
+    harness.command(cmd="send")
+    harness.update("a", 1, scale=0.5)
+    harness.command(cmd="aggregate")
+    assert [m.outcome for m in harness.metrics()] == ["aggregated"]
+    assert harness.versions() == [0]
+
+    restarted = harness.restart(tmp_path)
+    assert restarted.coordinator.pending is not None
+    restarted.command(cmd="publish")
+    assert restarted.versions() == [0, 1]  # the republished v0, then the new one
+    new = parse_global(restarted.payloads(TOPICS.global_model)[-1], site=SITE,
+                       max_bytes=1 << 24, keys=None)
+    base = harness.coordinator.model.weights
+    for got, old in zip(new.weights, base, strict=True):
+        np.testing.assert_allclose(got, old + 0.5, rtol=1e-6, atol=1e-6)
+    assert [m.outcome for m in restarted.metrics()] == ["aggregated", "published"]
+
+
+def test_state_mismatch_is_a_clear_error(tmp_path: Path) -> None:
+    Harness(tmp_path)
+    config = AggregatorConfig.model_validate({
+        "site": SITE, "labels": ["ann", "ben", "cat"], "state_dir": str(tmp_path / "state")})
+    with pytest.raises(Exception, match="labels changed"):
+        Coordinator(config, Exporter(config, Signer(AGGREGATOR)), StateStore(config.state_dir),
+                    publish=lambda _t, _p: None, clock=lambda: 0.0, trusted_keys=None)

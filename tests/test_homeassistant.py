@@ -1,0 +1,87 @@
+"""Home Assistant device discovery: payload shape and republishing when HA restarts."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import paho.mqtt.client as mqtt
+import pytest
+from paho.mqtt.enums import CallbackAPIVersion
+
+from broker.local import LocalBroker
+from edge.events import EventPublisher
+from edge.feedback import RecentCrops
+from edge.homeassistant import DoorbellTopics, discovery_payload
+from tests.mqtt_helpers import Probe
+
+
+def test_device_based_discovery_payload() -> None:
+    topics = DoorbellTopics("door1")
+    payload = discovery_payload(topics, "Front door", snapshot=True)
+    assert topics.discovery == "homeassistant/device/door1/config"
+    assert payload["dev"]["ids"] == ["fedbell_door1"]
+    assert payload["dev"]["name"] == "Front door"
+    assert payload["o"]["name"] == "fedbell"
+    components = payload["cmps"]
+    platforms = {key: c["p"] for key, c in components.items()}
+    assert platforms == {
+        "door1_ring": "event",
+        "door1_visitor": "event",
+        "door1_present": "binary_sensor",
+        "door1_ring_button": "button",
+        "door1_snapshot": "image",
+    }
+    for component in components.values():
+        assert component["unique_id"].startswith("door1_")
+        assert component["availability"] == [
+            {
+                "topic": "doorbell/door1/availability",
+                "payload_available": "online",
+                "payload_not_available": "offline",
+            }
+        ]
+    assert components["door1_ring"]["state_topic"] == "doorbell/door1/ring"
+    assert components["door1_ring"]["event_types"] == ["ring"]
+    assert components["door1_visitor"]["event_types"] == ["known", "unknown"]
+    assert components["door1_present"]["state_topic"] == "doorbell/door1/present"
+    assert components["door1_snapshot"]["image_topic"] == "doorbell/door1/snapshot"
+    assert components["door1_ring_button"]["command_topic"] == "doorbell/door1/command"
+    assert json.loads(components["door1_ring_button"]["payload_press"]) == {"cmd": "ring"}
+    assert "door1_snapshot" not in discovery_payload(topics)["cmps"]  # opt-in
+
+
+@pytest.mark.parametrize("bad", ["door/1", "door+", "", "a b"])
+def test_device_id_must_be_a_topic_segment(bad: str) -> None:
+    with pytest.raises(ValueError, match="device id"):
+        DoorbellTopics(bad)
+
+
+def test_discovery_republished_when_home_assistant_comes_online(
+    broker: LocalBroker, tmp_path: Path
+) -> None:
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="door1", protocol=mqtt.MQTTv5)
+    publisher = EventPublisher(client, DoorbellTopics("door1"), RecentCrops(), tmp_path)
+    client.will_set(*publisher.availability_will(), qos=1, retain=True)
+    client.connect("127.0.0.1", broker.port)
+    client.loop_start()
+    publisher.attach()
+    for topic, qos in publisher.subscriptions():
+        client.subscribe(topic, qos)
+    publisher.announce()
+    probe = Probe(broker.port, "homeassistant/device/+/config", "doorbell/door1/availability")
+    try:
+        first = probe.wait_for("homeassistant/device/door1/config", 5)
+        assert first.retain
+        assert probe.wait_for("doorbell/door1/availability", 5).payload == b"online"
+        probe.publish("homeassistant/status", "online")
+        again = probe.wait_for("homeassistant/device/door1/config", 5)
+        assert not again.retain  # a live copy, delivered because HA asked
+        assert json.loads(again.payload) == json.loads(first.payload)
+        client.disconnect()  # clean disconnect: the node says offline itself first
+    finally:
+        client.loop_stop()
+    # A crash (no clean disconnect) is covered by the will, set above.
+    time.sleep(0.1)
+    probe.close()
