@@ -12,6 +12,7 @@ never pays for it.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -119,32 +120,60 @@ def _batches(images: Images, labels: LabelIds, params: TrainParams, epoch: int
                labels[order][start:start + params.batch_size])
 
 
+class _Step:
+    """One model's compiled training step, built once and reused every round.
+
+    Rebuilding a tf.function per round would retrace the graph each time,
+    which costs more than a round of training on a doorbell's gallery.
+    """
+
+    def __init__(self, model: Any) -> None:
+        import tensorflow as tf
+
+        keras = _keras()
+        self.optimizer = keras.optimizers.Adam(1e-3)
+        self.optimizer.build(model.trainable_weights)
+        self.anchors = [tf.Variable(w, trainable=False) for w in model.trainable_weights]
+        self.mu = tf.Variable(0.0, trainable=False)
+        loss_fn = keras.losses.SparseCategoricalCrossentropy()
+
+        def step(x: Any, y: Any) -> Any:
+            with tf.GradientTape() as tape:
+                loss = loss_fn(y, model(x, training=True))
+                drift = tf.add_n([tf.reduce_sum(tf.square(w - a)) for w, a in
+                                  zip(model.trainable_weights, self.anchors, strict=True)])
+                loss += self.mu / 2.0 * drift
+            grads = tape.gradient(loss, model.trainable_weights)
+            self.optimizer.apply_gradients(zip(grads, model.trainable_weights, strict=True))
+            return loss
+
+        self.step = tf.function(step, reduce_retracing=True)
+
+    def reset(self, model: Any, params: TrainParams) -> None:
+        """Fresh optimizer moments and the proximal anchor at the current weights."""
+        for variable in self.optimizer.variables:
+            variable.assign(np.zeros(variable.shape, variable.dtype))
+        self.optimizer.learning_rate.assign(params.learning_rate)
+        for anchor, weight in zip(self.anchors, model.trainable_weights, strict=True):
+            anchor.assign(weight)
+        self.mu.assign(params.prox_mu)
+
+
+_STEPS: weakref.WeakKeyDictionary[Any, _Step] = weakref.WeakKeyDictionary()
+
+
 def train(model: Any, images: Images, labels: LabelIds, params: TrainParams) -> float:
     """Train in place from the model's current weights; returns the last epoch's mean loss."""
     import tensorflow as tf
 
-    keras = _keras()
-    keras.utils.set_random_seed(params.seed)
-    optimizer = keras.optimizers.Adam(params.learning_rate)
-    loss_fn = keras.losses.SparseCategoricalCrossentropy()
-    anchors = [tf.constant(w) for w in model.get_weights()]
-    mu = tf.constant(params.prox_mu, dtype=tf.float32)
-
-    def eager_step(x: Any, y: Any) -> Any:
-        with tf.GradientTape() as tape:
-            loss = loss_fn(y, model(x, training=True))
-            if params.prox_mu > 0:
-                drift = tf.add_n([tf.reduce_sum(tf.square(w - a))
-                                  for w, a in zip(model.trainable_weights, anchors, strict=True)])
-                loss += mu / 2.0 * drift
-        grads = tape.gradient(loss, model.trainable_weights)
-        optimizer.apply_gradients(zip(grads, model.trainable_weights, strict=True))
-        return loss
-
-    step = tf.function(eager_step, reduce_retracing=True)
+    _keras().utils.set_random_seed(params.seed)
+    step = _STEPS.get(model)
+    if step is None:
+        step = _STEPS[model] = _Step(model)
+    step.reset(model, params)
     loss = float("nan")
     for epoch in range(params.epochs):
-        losses = [float(step(tf.constant(x), tf.constant(y)))
+        losses = [float(step.step(tf.constant(x), tf.constant(y)))
                   for x, y in _batches(images, labels, params, epoch)]
         loss = float(np.mean(losses)) if losses else loss
     return loss
