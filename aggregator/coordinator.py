@@ -13,6 +13,7 @@ bytes_up: the sum of the payload sizes of the accepted updates.
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections import Counter
 from collections.abc import Callable
@@ -110,6 +111,10 @@ class Coordinator:
                  self.last_round, self._round_summary())
         return model
 
+    def summary(self) -> str:
+        """One line for `systemctl status`."""
+        return f"model version {self.model.version}{self._round_summary()}"
+
     def _round_summary(self) -> str:
         if not self._round_open() or self.round is None:
             return ""
@@ -175,15 +180,18 @@ class Coordinator:
 
     def on_message(self, topic: str, payload: bytes) -> None:
         """Dispatch one message; a RejectedMessage is logged and counted here."""
+        if topic == self.topics.control:
+            handler, source = self._on_control, "command"
+        elif topic.startswith(f"{self.topics.base}/update/"):
+            handler, source = functools.partial(self._on_update, topic), f"update on {topic}"
+        elif topic.startswith(f"{self.topics.base}/status/"):
+            handler, source = functools.partial(self._on_status, topic), f"status on {topic}"
+        else:
+            return
         try:
-            if topic == self.topics.control:
-                self._on_control(payload)
-            elif topic.startswith(f"{self.topics.base}/update/"):
-                self._on_update(topic, payload)
-            elif topic.startswith(f"{self.topics.base}/status/"):
-                self._on_status(topic, payload)
+            handler(payload)
         except RejectedMessage as err:
-            self.reject(err, f"message on {topic}")
+            self.reject(err, source)
 
     def _on_status(self, topic: str, payload: bytes) -> None:
         device = self._device(topic)

@@ -71,11 +71,12 @@ class Exporter:
         fmodel.limit_threads(config.threads)
         self.model: Any = fmodel.build_model(len(config.labels), seed=config.model_seed)
         self.names = tuple(fmodel.weight_names(self.model))
+        self._initial = fmodel.get_weights(self.model)  # before any release changes them
         self.held_out = HeldOut.load(config.evaluation, config.labels)
 
     def initial_weights(self) -> Weights:
         """Version 0: the deterministic weights of `model_seed`."""
-        return fmodel.get_weights(self.model)
+        return [w.copy() for w in self._initial]
 
     def specs(self, weights: Sequence[np.ndarray]) -> tuple[TensorSpec, ...]:
         return fmodel.tensor_specs(self.names, weights)

@@ -129,6 +129,7 @@ class AggregatorService:
         """Connect and serve until `stop()`; state errors and disk errors propagate."""
         connect(self.client, self.config.mqtt)
         ready = False
+        shown = ""
         try:
             while not self._stopping.is_set():
                 # HOOK: systemd watchdog (a no-op outside a Type=notify unit).
@@ -150,6 +151,9 @@ class AggregatorService:
                     self._handle(item)
                 if ready and not self._stopping.is_set():
                     self.coordinator.tick()
+                    if (summary := self.coordinator.summary()) != shown:
+                        systemd.notify_status(summary)
+                        shown = summary
         finally:
             self._shutdown()
 

@@ -1,8 +1,10 @@
 """The aggregator's state on disk, written so a crash never leaves half of it.
 
-One small JSON file, `state.json`, is the commit point: it names the current
-model's arrays (`model-*.npz`), the open round's running sum (`sum-*.npz`)
-and the last retained payloads (`retained-*.bin`). Big files are written
+One small JSON file, `state.json`, is the commit point: it holds the model
+version, the round (announcement, received devices, counters) and names the
+current model's arrays (`model-*.npz`), the open round's running sum
+(`sum-*.npz`) and the last retained payloads (`global-*.bin`, `tflite-*.bin`,
+`metrics-*.bin`, republished on every start). Big files are written
 first under fresh names; then `state.json` is replaced atomically (temporary
 file in the same folder, fsync, os.replace, fsync of the folder); files it no
 longer names are deleted afterwards. So after a crash at any point, the state
@@ -30,7 +32,8 @@ from fedbell.errors import FedbellError
 from fedbell.protocol import RoundAnnouncement
 
 STATE_FILE = "state.json"
-_OWNED_SUFFIXES = (".npz", ".bin", ".tmp")
+PREFIXES = ("model", "sum", "global", "tflite", "metrics")
+"""Prefixes of the files this module writes; only those are ever deleted."""
 
 RoundStatus = Literal["collecting", "aggregated", "closed", "abandoned"]
 
@@ -92,6 +95,8 @@ class StateStore:
 
     def _write_new(self, prefix: str, suffix: str, data: bytes) -> str:
         """Write `data` under a fresh name, durably; return the name."""
+        if prefix not in PREFIXES:
+            raise ValueError(f"unknown state file prefix {prefix!r}")
         self.folder.mkdir(parents=True, exist_ok=True)
         name = f"{prefix}-{uuid.uuid4().hex[:12]}{suffix}"
         temporary = self.folder / f"{name}.tmp"
@@ -149,5 +154,7 @@ class StateStore:
         if record.round is not None and record.round.sum_file is not None:
             keep.add(record.round.sum_file)
         for path in self.folder.iterdir():
-            if path.suffix in _OWNED_SUFFIXES and path.name not in keep:
+            owned = path.name.split("-", 1)[0] in PREFIXES and path.suffix in (".npz", ".bin",
+                                                                                ".tmp")
+            if owned and path.name not in keep:
                 path.unlink(missing_ok=True)

@@ -48,7 +48,7 @@ class Watcher:
 
     def __init__(self, port: int) -> None:
         self._lock = threading.Lock()
-        self._seen: list[mqtt.MQTTMessage] = []
+        self._seen: list[tuple[str, bytes]] = []
         self.client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
         self.client.on_message = self._record
         self.client.connect("127.0.0.1", port)
@@ -57,22 +57,23 @@ class Watcher:
 
     def _record(self, _client: Any, _userdata: Any, message: mqtt.MQTTMessage) -> None:
         with self._lock:
-            self._seen.append(message)
+            self._seen.append((message.topic, bytes(message.payload)))
 
-    def messages(self, topic: str) -> list[mqtt.MQTTMessage]:
+    def messages(self, topic: str) -> list[bytes]:
+        """Payloads seen on `topic`, oldest first."""
         with self._lock:
-            return [m for m in self._seen if m.topic == topic]
+            return [payload for seen, payload in self._seen if seen == topic]
 
     def wait_for(self, topic: str, accept: Callable[[bytes], bool] = lambda _p: True,
                  timeout: float = 20.0) -> bytes:
         """The first payload on `topic` that `accept` likes (seen before or later)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            for message in self.messages(topic):
-                if accept(message.payload):
-                    return bytes(message.payload)
+            for payload in self.messages(topic):
+                if accept(payload):
+                    return payload
             time.sleep(0.02)
-        seen = [m.payload[:200] for m in self.messages(topic)]
+        seen = [payload[:200] for payload in self.messages(topic)]
         raise AssertionError(f"nothing acceptable on {topic} within {timeout}s; saw {seen}")
 
     def round(self, round_id: int, phase: str) -> RoundAnnouncement:
@@ -269,7 +270,7 @@ def test_round_publishes_weighted_average_and_rejects_bad_updates(
         assert 0.0 <= metrics.accuracy <= 1.0
         assert metrics.threshold == tflite.threshold
         assert metrics.bytes_up > 0
-        assert metrics.bytes_down > 2 * (len(watcher.messages(TOPICS.global_model)[-1].payload))
+        assert metrics.bytes_down > 2 * (len(watcher.messages(TOPICS.global_model)[-1]))
         assert metrics.rejected == {
             "wrong_round": 1, "wrong_base": 1, "bad_shapes": 1, "not_finite": 1,
             "wrong_codec": 1, "norm_too_large": 1, "duplicate": 1, "not_selected": 1,
@@ -320,7 +321,7 @@ def test_deadline_closes_with_quorum_else_abandons(
         bob.send(bob.update(new, random_delta(new, 4), examples=2, round_id=2))  # too late
         wait_until(lambda: service.coordinator.rejected["no_round"] == 1)
         assert service.coordinator.model.version == 1
-    assert [_version(m.payload) for m in watcher.messages(TOPICS.global_model)] == [0, 1]
+    assert [_version(p) for p in watcher.messages(TOPICS.global_model)] == [0, 1]
 
 
 def test_step_by_step_train_send_aggregate_publish(
@@ -356,7 +357,7 @@ def test_step_by_step_train_send_aggregate_publish(
         pending = watcher.metrics(1, "aggregated")
         assert pending.version == 1
         assert pending.participants == 2
-        assert [_version(m.payload) for m in watcher.messages(TOPICS.global_model)] == [0]
+        assert [_version(p) for p in watcher.messages(TOPICS.global_model)] == [0]
 
         control(alice, {"cmd": "publish"})
         new = watcher.global_model(1)
@@ -397,7 +398,7 @@ def test_restart_resumes_the_open_round(
         assert (metrics.participants, metrics.examples) == (2, 8)
         assert metrics.rejected == {"duplicate": 1}
         assert service.coordinator.model.version == 1
-    assert {_version(m.payload) for m in watcher.messages(TOPICS.global_model)} == {0, 1}
+    assert {_version(p) for p in watcher.messages(TOPICS.global_model)} == {0, 1}
     leftovers = sorted(p.name for p in (tmp_path / "state").iterdir())
     assert not [name for name in leftovers if name.startswith("sum-")]
 

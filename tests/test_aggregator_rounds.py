@@ -17,7 +17,7 @@ from aggregator.config import AggregatorConfig, RoundSettings
 from aggregator.coordinator import Coordinator
 from aggregator.export import Exporter
 from aggregator.rounds import Round, announce, select_devices
-from aggregator.state import StateStore
+from aggregator.state import ModelRecord, StateError, StateRecord, StateStore
 from aggregator.strategy import RunningFedAvg
 from fedbell.errors import RejectedMessage
 from fedbell.messages import AGGREGATOR, Signer, Update, build_update, parse_global
@@ -207,6 +207,26 @@ def test_state_mismatch_is_a_clear_error(tmp_path: Path) -> None:
     Harness(tmp_path)
     config = AggregatorConfig.model_validate({
         "site": SITE, "labels": ["ann", "ben", "cat"], "state_dir": str(tmp_path / "state")})
-    with pytest.raises(Exception, match="labels changed"):
+    with pytest.raises(StateError, match="labels changed"):
         Coordinator(config, Exporter(config, Signer(AGGREGATOR)), StateStore(config.state_dir),
                     publish=lambda _t, _p: None, clock=lambda: 0.0, trusted_keys=None)
+
+
+def test_state_commits_are_all_or_nothing(tmp_path: Path) -> None:
+    store = StateStore(tmp_path)
+    assert store.load() is None
+    first = store.write_arrays("model", [np.arange(3, dtype=np.float32)])
+    store.commit(StateRecord(model=ModelRecord(version=0, round=0, names=("w",), file=first)))
+    (tmp_path / "unrelated.npz").write_bytes(b"not ours")
+
+    # A crash after writing the next model but before committing it:
+    store.write_arrays("model", [np.zeros(3, dtype=np.float32)])
+    loaded = store.load()
+    assert loaded is not None
+    assert loaded.model.version == 0
+    np.testing.assert_array_equal(store.read_arrays(loaded.model.file)[0], [0, 1, 2])
+
+    second = store.write_arrays("model", [np.ones(3, dtype=np.float32)])
+    store.commit(StateRecord(model=ModelRecord(version=1, round=1, names=("w",), file=second)))
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["state.json", second, "unrelated.npz"])
