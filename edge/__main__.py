@@ -34,6 +34,11 @@ def _run(args: argparse.Namespace) -> int:
     except ConfigError as err:
         print(f"fedbell-edge: {err}", file=sys.stderr)
         return 2
+    except Exception as err:
+        if args.command == "run":
+            raise  # a crash of the service: the journal wants the traceback
+        print(f"fedbell-edge {args.command}: {err}", file=sys.stderr)  # a CLI reports
+        return 2
     stop = threading.Event()
 
     def request_stop(signum: int, _frame: Any) -> None:
@@ -98,6 +103,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.func(args))
     except ConfigError as err:
         print(f"fedbell-edge: {err}", file=sys.stderr)
+        return 2
+    except Exception as err:
+        if args.command == "run":
+            raise  # a crash of the service: the journal wants the traceback
+        print(f"fedbell-edge {args.command}: {err}", file=sys.stderr)  # a CLI reports
         return 2
 
 

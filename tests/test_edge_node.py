@@ -408,3 +408,12 @@ def test_state_ignores_a_model_whose_sidecar_does_not_match(
     assert all(np.array_equal(a, b) for a, b in zip(loaded.weights, weights, strict=True))
     (tmp_path / "global.npz").write_bytes(b"half-written")
     assert state.load_global() is None
+
+
+def test_cli_runs_by_default_and_offers_enroll() -> None:
+    from edge.__main__ import parse_args
+
+    assert parse_args(["--config", "edge.yaml"]).command == "run"
+    assert parse_args(["run", "--config", "edge.yaml", "--log-level", "DEBUG"]).log_level == "DEBUG"
+    enroll = parse_args(["enroll", "--config", "edge.yaml", "--person", "ann"])
+    assert (enroll.command, enroll.person) == ("enroll", "ann")

@@ -164,3 +164,4 @@ def test_a_small_simulation_runs_end_to_end(tmp_path: Path) -> None:
     assert report.with_suffix(".png").stat().st_size > 0
     assert "error" not in data["live"], data["live"]
     assert data["live"]["frames"] > 0
+    assert len(data["live"]["visits"]) == 3
