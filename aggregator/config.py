@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal, Self
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from fedbell.codecs import DEFAULT_DENSITY, TENSOR_CODECS
 from fedbell.config import MqttSettings, SigningSettings, StrictModel, site_id
@@ -13,6 +14,13 @@ from fedbell.protocol import TrainingPlan
 from fedbell.topics import check_segment
 
 DOWNLINK_CODECS: tuple[Codec, ...] = ("float32", "float16", "int8")
+
+Strategy = Literal["fedavg", "clipped", "median", "trimmed_mean"]
+BUFFERED_STRATEGIES: tuple[Strategy, ...] = ("median", "trimmed_mean")
+"""Strategies that need every update of a round at once (see aggregator/accumulator.py)."""
+ServerOptimizerKind = Literal["none", "fedavgm", "fedadam"]
+DEFAULT_SERVER_LR = {"fedavgm": 1.0, "fedadam": 0.01}
+"""fedadam's step is about lr per coordinate whatever the update's size: keep it small."""
 
 
 class RoundSettings(StrictModel):
@@ -42,6 +50,46 @@ class RoundSettings(StrictModel):
     density: float = Field(
         default=DEFAULT_DENSITY, gt=0, le=1, title="topk density",
         description="With codec topk: share of each tensor's entries a node sends.")
+
+    strategy: Strategy = Field(
+        default="fedavg", title="Aggregation strategy",
+        description="fedavg: streaming weighted average (default); clipped: the same after "
+        "scaling each update down to clip_norm; median, trimmed_mean: coordinate-wise robust "
+        "rules that hold every update of the round in memory (need max_devices).")
+    clip_norm: float | None = Field(
+        default=None, gt=0, title="Clipping norm",
+        description="With strategy clipped: each update's L2 norm is scaled down to this.")
+    trim_fraction: float = Field(
+        default=0.1, ge=0, lt=0.5, title="Trimmed fraction",
+        description="With strategy trimmed_mean: share of the largest and of the smallest "
+        "values dropped per coordinate.")
+    server_optimizer: ServerOptimizerKind = Field(
+        default="none", title="Server optimiser",
+        description="none: add the aggregated delta; fedavgm: server momentum; fedadam: "
+        "Adam on the aggregated delta (helps with non-IID doorbells). Its moments are saved "
+        "with the model.")
+    server_learning_rate: float | None = Field(
+        default=None, gt=0, title="Server learning rate",
+        description="Default 1.0 with fedavgm, 0.01 with fedadam.")
+    server_momentum: float = Field(
+        default=0.9, ge=0, lt=1, title="Server momentum",
+        description="fedavgm's momentum, fedadam's beta1.")
+
+    @model_validator(mode="after")
+    def _strategy_settings(self) -> Self:
+        if self.strategy == "clipped" and self.clip_norm is None:
+            raise ValueError("strategy clipped needs clip_norm (the L2 norm each update is "
+                             "scaled down to)")
+        if self.strategy in BUFFERED_STRATEGIES and self.max_devices is None:
+            raise ValueError(f"strategy {self.strategy} keeps all deltas of a round in "
+                             "memory and on disk, so it needs max_devices to bound them")
+        return self
+
+    @property
+    def server_lr(self) -> float:
+        if self.server_learning_rate is not None:
+            return self.server_learning_rate
+        return DEFAULT_SERVER_LR.get(self.server_optimizer, 1.0)
 
     @field_validator("codec")
     @classmethod

@@ -22,11 +22,13 @@ from dataclasses import dataclass
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+from aggregator.accumulator import make_accumulator, make_optimizer, next_weights, restore
 from aggregator.config import AggregatorConfig
 from aggregator.export import Exporter, Release
+from aggregator.robust import ServerOptimizer
 from aggregator.rounds import Round, announce, select_devices
 from aggregator.state import ModelRecord, StateError, StateRecord, StateStore
-from aggregator.strategy import InconsistentUpdate, RunningFedAvg
+from aggregator.strategy import InconsistentUpdate
 from fedbell.codecs import Weights
 from fedbell.errors import RejectedMessage
 from fedbell.messages import parse_update
@@ -51,6 +53,9 @@ class _Model:
     round: int
     weights: Weights
     file: str
+    optimizer: ServerOptimizer | None = None
+    """The server optimiser's moments after the step that made this version."""
+    optimizer_file: str | None = None
 
 
 class Coordinator:
@@ -75,7 +80,9 @@ class Coordinator:
         self.last_round = 0
         self.round: Round | None = None
         self.sum_file: str | None = None
-        """The open round's running sum on disk (None before its first update)."""
+        """The open round's accumulator on disk (None before its first update)."""
+        self.next_optimizer: ServerOptimizer | None = None
+        """The optimiser after the pending release's step; the model's once published."""
         self.model = self._load_or_initialise()
         self.specs = exporter.specs(self.model.weights)
 
@@ -95,21 +102,50 @@ class Coordinator:
                              "to start a new model")
         self.retained = dict(record.retained)
         self.last_round = record.last_round
-        model = _Model(record.model.version, record.model.round, weights, record.model.file)
+        model = _Model(record.model.version, record.model.round, weights, record.model.file,
+                       self._load_optimizer(record.model), record.model.optimizer_file)
         if record.round is not None:
-            sums = None
-            self.sum_file = record.round.sum_file
-            if self.sum_file is not None:
-                sums = [np.asarray(a, dtype=np.float64)
-                        for a in self.store.read_arrays(self.sum_file)]
-            shapes = [w.shape for w in weights]
-            self.round = Round.from_record(record.round, shapes, sums)
+            self.round = self._load_round(record, [w.shape for w in weights])
             if self.round.status == "aggregated":  # recompute the unpublished result
                 self.model = model
                 self.pending = self._release()
         log.info("state loaded: model version %d, last round %d%s", model.version,
                  self.last_round, self._round_summary())
         return model
+
+    def _load_round(self, record: StateRecord, shapes: list[tuple[int, ...]]) -> Round:
+        saved = record.round
+        assert saved is not None
+        settings = self.config.rounds
+        if saved.status in ("collecting", "aggregated") and saved.strategy != settings.strategy:
+            raise StateError(f"{self.store.path}: round {saved.announcement.round} was started "
+                             f"with strategy {saved.strategy}, the config says "
+                             f"{settings.strategy}: set it back until the round ends")
+        self.sum_file = saved.sum_file
+        arrays = None if self.sum_file is None else self.store.read_arrays(self.sum_file)
+        try:
+            accumulator = restore(settings, shapes, arrays, total=saved.total_weight,
+                                  count=len(saved.received))
+        except InconsistentUpdate as err:
+            raise StateError(f"{self.store.path}: round {saved.announcement.round}: {err}") \
+                from None
+        return Round.from_record(saved, accumulator, settings.strategy)
+
+    def _load_optimizer(self, record: ModelRecord) -> ServerOptimizer | None:
+        """The configured optimiser with its saved moments (fresh if the kind changed)."""
+        optimizer = make_optimizer(self.config.rounds)
+        if optimizer is None or record.optimizer_file is None:
+            return optimizer
+        if record.optimizer != optimizer.kind:
+            log.warning("server optimiser changed from %s to %s: starting from fresh moments",
+                        record.optimizer, optimizer.kind)
+            return optimizer
+        try:
+            optimizer.restore(self.store.read_arrays(record.optimizer_file),
+                              record.optimizer_steps)
+        except ValueError as err:
+            raise StateError(f"{self.store.path}: {err}") from None
+        return optimizer
 
     def summary(self) -> str:
         """One line for `systemctl status`."""
@@ -126,16 +162,20 @@ class Coordinator:
                  self.config.state_dir, self.config.model_seed)
         weights = self.exporter.initial_weights()
         release = self.exporter.release(weights, version=0, round_id=0)
-        model = self._save_release(release)
+        model = self._save_release(release, make_optimizer(self.config.rounds))
         self._commit(model)
         return model
 
-    def _save_release(self, release: Release) -> _Model:
+    def _save_release(self, release: Release, optimizer: ServerOptimizer | None) -> _Model:
         """Write a release's files (not yet committed) and return the model record."""
         self.retained["global"] = self.store.write_blob("global", release.global_payload)
         self.retained["tflite"] = self.store.write_blob("tflite", release.tflite_payload)
         model_file = self.store.write_arrays("model", release.weights)
-        return _Model(release.version, release.round, release.weights, model_file)
+        optimizer_file = None
+        if optimizer is not None and optimizer.steps > 0:
+            optimizer_file = self.store.write_arrays("optimizer", optimizer.arrays())
+        return _Model(release.version, release.round, release.weights, model_file,
+                      optimizer, optimizer_file)
 
     def _commit(self, model: _Model | None = None) -> None:
         model = model or self.model
@@ -144,7 +184,10 @@ class Coordinator:
             round_record = self.round.to_record(self.sum_file if self._round_open() else None)
         self.store.commit(StateRecord(
             model=ModelRecord(version=model.version, round=model.round,
-                              names=self.exporter.names, file=model.file),
+                              names=self.exporter.names, file=model.file,
+                              optimizer=model.optimizer.kind if model.optimizer else None,
+                              optimizer_file=model.optimizer_file,
+                              optimizer_steps=model.optimizer.steps if model.optimizer else 0),
             round=round_record, last_round=self.last_round, retained=dict(self.retained)))
 
     def retained_messages(self) -> list[tuple[str, bytes]]:
@@ -233,8 +276,8 @@ class Coordinator:
                 RejectedMessage("inconsistent", str(err))
             self.reject(reason, f"update from {device}")
             return
-        del update  # streaming: only the running sum stays
-        self.sum_file = self.store.write_arrays("sum", current.fedavg.sums)
+        del update  # streaming strategies keep only the running sum
+        self.sum_file = self.store.write_arrays("sum", current.accumulator.arrays())
         self._commit()
         log.info("round %d: accepted update from %s (%d examples), %d/%d updates",
                  current.id, device, current.examples, len(current.received),
@@ -288,7 +331,9 @@ class Coordinator:
         announcement = announce(round_id=round_id, base_version=self.model.version,
                                 selected=selected, now=now, settings=rounds, manual=manual)
         self.round = Round(announcement=announcement, manual=manual, started_at=now,
-                           fedavg=RunningFedAvg([w.shape for w in self.model.weights]))
+                           accumulator=make_accumulator(rounds, [w.shape for w in
+                                                                 self.model.weights]),
+                           strategy=rounds.strategy)
         self.last_round = round_id
         self.pending = None
         self.sum_file = None
@@ -345,7 +390,8 @@ class Coordinator:
 
     def _release(self) -> Release:
         assert self.round is not None
-        weights = self.round.fedavg.apply(self.model.weights)
+        weights, self.next_optimizer = next_weights(
+            self.model.weights, self.round.accumulator, self.model.optimizer)
         return self.exporter.release(weights, self.model.version + 1, self.round.id)
 
     def _aggregate(self) -> None:
@@ -371,7 +417,7 @@ class Coordinator:
         closed = to_json(current.set_phase("closed"))
         current.announce_bytes += len(closed)
         current.status = "closed"
-        model = self._save_release(release)
+        model = self._save_release(release, self.next_optimizer)
         down = len(release.global_payload) + len(release.tflite_payload)
         metrics = self._metrics(current, "published", release, extra_down=down)
         self.retained["metrics"] = self.store.write_blob("metrics", metrics)

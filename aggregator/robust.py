@@ -96,3 +96,16 @@ class ServerOptimizer:
             return [np.asarray(self.learning_rate * m / (np.sqrt(v) + self.epsilon), np.float32)
                     for m, v in zip(self.first, self.second, strict=True)]
         raise ValueError(f"unknown server optimiser {self.kind!r}")
+
+    def arrays(self) -> Weights:
+        """The moments, to save with the model: first moments, then second moments."""
+        return [*self.first, *self.second]
+
+    def restore(self, arrays: Sequence[npt.NDArray[np.floating]], steps: int) -> None:
+        """Take back what `arrays()` saved (an odd count is a corrupt file)."""
+        if len(arrays) % 2:
+            raise ValueError(f"{len(arrays)} saved moment arrays, expected an even number")
+        half = len(arrays) // 2
+        self.first = [np.asarray(a, np.float32) for a in arrays[:half]]
+        self.second = [np.asarray(a, np.float32) for a in arrays[half:]]
+        self.steps = steps

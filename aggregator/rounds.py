@@ -21,9 +21,10 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
-from aggregator.config import RoundSettings
+from aggregator.accumulator import Accumulator
+from aggregator.config import RoundSettings, Strategy
 from aggregator.state import RoundRecord, RoundStatus
-from aggregator.strategy import RunningFedAvg, Sums, update_norm
+from aggregator.strategy import update_norm
 from fedbell.errors import RejectedMessage
 from fedbell.messages import Update
 from fedbell.protocol import Phase, RoundAnnouncement
@@ -56,12 +57,13 @@ def announce(*, round_id: int, base_version: int, selected: Sequence[str], now: 
 
 @dataclass
 class Round:
-    """A round in progress: what was announced, what arrived, the running sum."""
+    """A round in progress: what was announced, what arrived, the accumulated updates."""
 
     announcement: RoundAnnouncement
     manual: bool
     started_at: float
-    fedavg: RunningFedAvg
+    accumulator: Accumulator
+    strategy: Strategy = "fedavg"
     status: RoundStatus = "collecting"
     received: list[str] = field(default_factory=list)
     examples: int = 0
@@ -111,8 +113,8 @@ class Round:
             raise RejectedMessage("norm_too_large", f"L2 norm {norm:.3g} exceeds {max_norm:.3g}")
 
     def accept(self, update: Update, payload_size: int) -> None:
-        """Fold a checked update into the running sum (the caller then drops it)."""
-        self.fedavg.add(update.delta, update.num_examples)
+        """Hand a checked update to the accumulator (the caller then drops it)."""
+        self.accumulator.add(update.delta, update.num_examples)
         self.received.append(update.device)
         self.examples += update.num_examples
         self.bytes_up += payload_size
@@ -135,14 +137,15 @@ class Round:
             announcement=self.announcement, status=self.status, manual=self.manual,
             started_at=self.started_at, received=tuple(self.received), examples=self.examples,
             bytes_up=self.bytes_up, announce_bytes=self.announce_bytes,
-            rejected=dict(self.rejected), total_weight=self.fedavg.total, sum_file=sum_file)
+            rejected=dict(self.rejected), total_weight=self.accumulator.total,
+            strategy=self.strategy, sum_file=sum_file)
 
     @classmethod
-    def from_record(cls, record: RoundRecord, shapes: Sequence[tuple[int, ...]],
-                    sums: Sums | None) -> Round:
-        fedavg = RunningFedAvg(shapes, sums, record.total_weight, len(record.received))
+    def from_record(cls, record: RoundRecord, accumulator: Accumulator,
+                    strategy: Strategy) -> Round:
         return cls(announcement=record.announcement, manual=record.manual,
-                   started_at=record.started_at, fedavg=fedavg, status=record.status,
+                   started_at=record.started_at, accumulator=accumulator,
+                   strategy=strategy, status=record.status,
                    received=list(record.received), examples=record.examples,
                    bytes_up=record.bytes_up, announce_bytes=record.announce_bytes,
                    rejected=Counter(record.rejected))

@@ -2,9 +2,10 @@
 
 One small JSON file, `state.json`, is the commit point: it holds the model
 version, the round (announcement, received devices, counters) and names the
-current model's arrays (`model-*.npz`), the open round's running sum
-(`sum-*.npz`) and the last retained payloads (`global-*.bin`, `tflite-*.bin`,
-`metrics-*.bin`, republished on every start). Big files are written
+current model's arrays (`model-*.npz`), the open round's accumulator
+(`sum-*.npz`: running sum or buffered deltas), the server optimiser's moments
+(`optimizer-*.npz`) and the last retained payloads (`global-*.bin`,
+`tflite-*.bin`, `metrics-*.bin`, republished on every start). Big files are written
 first under fresh names; then `state.json` is replaced atomically (temporary
 file in the same folder, fsync, os.replace, fsync of the folder); files it no
 longer names are deleted afterwards. So after a crash at any point, the state
@@ -32,7 +33,7 @@ from fedbell.errors import FedbellError
 from fedbell.protocol import RoundAnnouncement
 
 STATE_FILE = "state.json"
-PREFIXES = ("model", "sum", "global", "tflite", "metrics")
+PREFIXES = ("model", "sum", "optimizer", "global", "tflite", "metrics")
 """Prefixes of the files this module writes; only those are ever deleted."""
 
 RoundStatus = Literal["collecting", "aggregated", "closed", "abandoned"]
@@ -51,6 +52,10 @@ class ModelRecord(_Record):
     round: int = Field(ge=0, description="Round that produced it (0: the initial model).")
     names: tuple[str, ...]
     file: str
+    optimizer: str | None = Field(
+        default=None, description="Server optimiser whose moments `optimizer_file` holds.")
+    optimizer_file: str | None = None
+    optimizer_steps: int = Field(default=0, ge=0)
 
 
 class RoundRecord(_Record):
@@ -64,7 +69,10 @@ class RoundRecord(_Record):
     announce_bytes: int = 0
     rejected: dict[str, int] = Field(default_factory=dict)
     total_weight: int = 0
-    sum_file: str | None = None
+    strategy: str = Field(default="fedavg", description="rounds.strategy when it started.")
+    sum_file: str | None = Field(
+        default=None, description="The accumulator's arrays: the running sum (fedavg, "
+        "clipped) or the buffered deltas (median, trimmed_mean).")
 
 
 class StateRecord(_Record):
@@ -151,6 +159,8 @@ class StateStore:
 
     def _collect_garbage(self, record: StateRecord) -> None:
         keep = {record.model.file, *record.retained.values()}
+        if record.model.optimizer_file is not None:
+            keep.add(record.model.optimizer_file)
         if record.round is not None and record.round.sum_file is not None:
             keep.add(record.round.sum_file)
         for path in self.folder.iterdir():

@@ -28,7 +28,7 @@ class InconsistentUpdate(FedbellError):
     """An update does not fit the model or the other updates (count, shapes, weight)."""
 
 
-def _check_shapes(delta: Sequence[npt.NDArray[np.floating]],
+def check_shapes(delta: Sequence[npt.NDArray[np.floating]],
                   shapes: Sequence[tuple[int, ...]]) -> None:
     if len(delta) != len(shapes):
         raise InconsistentUpdate(f"{len(delta)} tensors, expected {len(shapes)}")
@@ -58,7 +58,7 @@ def aggregate(results: Sequence[tuple[Sequence[npt.NDArray[np.floating]], int]])
     for delta, examples in results:
         if examples < 1:
             raise InconsistentUpdate(f"an update needs at least one example, got {examples}")
-        _check_shapes(delta, shapes)
+        check_shapes(delta, shapes)
         total += examples
         _add_weighted(sums, delta, examples)
     return [(s / total).astype(np.float32) for s in sums]
@@ -76,7 +76,7 @@ class RunningFedAvg:
         self.shapes = [tuple(int(d) for d in s) for s in shapes]
         if sums is None:
             sums = [np.zeros(s, dtype=np.float64) for s in self.shapes]
-        _check_shapes(sums, self.shapes)
+        check_shapes(sums, self.shapes)
         if total < 0 or count < 0:
             raise InconsistentUpdate("total weight and count cannot be negative")
         self.sums = [np.asarray(s, dtype=np.float64) for s in sums]
@@ -87,7 +87,7 @@ class RunningFedAvg:
         """Fold one update in; the caller may drop `delta` afterwards."""
         if examples < 1:
             raise InconsistentUpdate(f"an update needs at least one example, got {examples}")
-        _check_shapes(delta, self.shapes)
+        check_shapes(delta, self.shapes)
         _add_weighted(self.sums, delta, examples)
         self.total += examples
         self.count += 1
@@ -99,7 +99,7 @@ class RunningFedAvg:
 
     def apply(self, base: Sequence[npt.NDArray[np.float32]]) -> Weights:
         """The new global weights: base + weighted mean delta."""
-        _check_shapes(base, self.shapes)
+        check_shapes(base, self.shapes)
         if self.total == 0:
             raise InconsistentUpdate("no update has been added")
         return [

@@ -28,6 +28,7 @@ import numpy as np
 import zstandard
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from aggregator.accumulator import Streaming
 from aggregator.config import RoundSettings
 from aggregator.rounds import Round, announce
 from aggregator.strategy import RunningFedAvg
@@ -155,7 +156,7 @@ def run(count: int, seed: int, signed: bool) -> int:
     round_ = Round(announcement=announce(round_id=1, base_version=0, selected=DEVICES,
                                          now=time.time(), settings=settings, manual=False),
                    manual=False, started_at=time.time(),
-                   fedavg=RunningFedAvg([a.shape for a in base]))
+                   accumulator=Streaming(RunningFedAvg([a.shape for a in base])))
     seeds = [messages.build_update(
         site=SITE, signer=messages.Signer(d, keys[d] if signed else None), round_id=1,
         base_version=0, num_examples=5, names=names, codec="float32",
@@ -170,7 +171,7 @@ def run(count: int, seed: int, signed: bool) -> int:
         mutator = MUTATORS[int(rng.integers(len(MUTATORS)))]
         payload = mutator(rng, seeds[i % len(DEVICES)])
         topic_device = device if rng.random() < 0.9 else "intruder"
-        accepted_before = round_.fedavg.count
+        accepted_before = round_.accumulator.count
         try:
             update = messages.parse_update(payload, site=SITE, device=topic_device,
                                            expected=specs, max_bytes=LIMIT, keys=trusted)
@@ -180,7 +181,7 @@ def run(count: int, seed: int, signed: bool) -> int:
             round_.received.remove(update.device)  # let the next valid one in as well
         except RejectedMessage as err:
             outcomes[err.reason] += 1
-            if round_.fedavg.count != accepted_before:
+            if round_.accumulator.count != accepted_before:
                 crashes.append(f"rejected message changed the running sum: {err}")
         except Exception:  # any other exception is exactly what we hunt
             crashes.append(f"{mutator.__name__}: {traceback.format_exc()}")

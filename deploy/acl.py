@@ -28,7 +28,7 @@ class Role(StrEnum):
 
 # What a doorbell publishes under doorbell/<device>/ (events and state), and
 # what it listens to there (written by Home Assistant or the operator).
-DOORBELL_OUT = ("visitor", "ring", "present", "snapshot", "availability", "status")
+DOORBELL_OUT = ("visitor", "ring", "present", "snapshot")
 DOORBELL_IN = ("command", "label")
 
 
@@ -69,6 +69,8 @@ def rules(role: Role, name: str, base: str) -> list[tuple[str, str]]:
         case Role.HOMEASSISTANT:
             return [
                 ("read", "doorbell/#"),
+                # A doorbell's availability is its federation status (its last will).
+                ("read", f"{base}/status/+"),
                 *(("write", f"doorbell/+/{leaf}") for leaf in DOORBELL_IN),
                 ("read", "homeassistant/#"),
                 ("write", "homeassistant/status"),

@@ -47,9 +47,6 @@ def _run(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)
-    # Integration hook (live recognition): start edge.pipeline.Pipeline in a
-    # thread here, with `node.recognizer` (hot-swapped on every new TFLite
-    # artifact) and ended by `stop`.
     node.run(stop)
     return 0
 

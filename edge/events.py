@@ -2,7 +2,7 @@
 
 Events (visitor, ring, snapshot) are published non-retained: they happened
 once, and Home Assistant ignores retained events. State (presence,
-availability, discovery) is retained so a subscriber that arrives later
+discovery) is retained so a subscriber that arrives later
 sees the current value.
 
 The publisher uses a paho-mqtt 2.x client owned by the node: it adds
@@ -29,7 +29,6 @@ import paho.mqtt.client as mqtt
 
 from edge.feedback import FeedbackError, RecentCrops, apply_label
 from edge.homeassistant import (
-    OFFLINE,
     ONLINE,
     PRESENT_OFF,
     PRESENT_ON,
@@ -65,6 +64,8 @@ class EventPublisher:
 
     client: mqtt.Client
     topics: DoorbellTopics
+    availability_topic: str
+    """The node's retained status topic (its last will): Home Assistant's availability."""
     crops: RecentCrops
     gallery: Path
     device_name: str | None = None
@@ -91,20 +92,14 @@ class EventPublisher:
         self.client.message_callback_add(self.topics.ha_status, self._on_ha_status)
 
     def announce(self) -> None:
-        """On (re)connect: availability online, discovery, presence off."""
-        self._publish(self.topics.availability, ONLINE, retain=True)
+        """On (re)connect: discovery (availability is the node's own status)."""
         self.publish_discovery()
-
-    def availability_will(self) -> tuple[str, bytes]:
-        """(topic, payload) for the client's last will: offline if the node dies."""
-        return self.topics.availability, OFFLINE.encode()
-
-    def go_offline(self) -> mqtt.MQTTMessageInfo:
-        return self._publish(self.topics.availability, OFFLINE, retain=True)
 
     def publish_discovery(self) -> None:
         if self.discovery:
-            payload = discovery_payload(self.topics, self.device_name, self.snapshots)
+            payload = discovery_payload(
+                self.topics, self.availability_topic, self.device_name, snapshot=self.snapshots
+            )
             self._publish(self.topics.discovery, json.dumps(payload), retain=True)
 
     # --- events and state -------------------------------------------------------------

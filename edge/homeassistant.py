@@ -56,10 +56,6 @@ class DoorbellTopics:
         return self._leaf("snapshot")
 
     @property
-    def availability(self) -> str:
-        return self._leaf("availability")
-
-    @property
     def command(self) -> str:
         return self._leaf("command")
 
@@ -79,16 +75,24 @@ class DoorbellTopics:
 
 def discovery_payload(
     topics: DoorbellTopics,
+    availability_topic: str,
     name: str | None = None,
+    *,
     snapshot: bool = False,
     model: str = "fedbell doorbell",
     sw_version: str = "0.1.0",
 ) -> dict[str, Any]:
-    """The device-discovery config: ring and visitor events, presence, optional snapshot."""
+    """The device-discovery config: ring and visitor events, presence, optional snapshot.
+
+    Availability follows the node's federation status topic (JSON with a
+    `state` field), because that is where its last will lands: a doorbell
+    that loses power shows as unavailable, not just one that shuts down.
+    """
     device = topics.device
     availability = [
         {
-            "topic": topics.availability,
+            "topic": availability_topic,
+            "value_template": "{{ value_json.state }}",
             "payload_available": ONLINE,
             "payload_not_available": OFFLINE,
         }

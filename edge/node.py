@@ -32,6 +32,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from edge.config import EdgeConfig
 from edge.gallery import Gallery
+from edge.live import LiveDoorbell
 from edge.recognizer import ModelArtifact, Recognizer, RecognizerError
 from edge.state import NodeState, StoredArtifact
 from edge.trainer import Trainer, round_seed
@@ -140,11 +141,14 @@ class EdgeNode:
             target=self._work, name=f"{self.device}-worker", daemon=True
         )
         self._status_topic = self.topics.status(self.device)
+        self.live: LiveDoorbell | None = None  # the camera side, set up once the client exists
         self._client = make_client(
             config.mqtt,
             client_id=self.device,
             will=(self._status_topic, self._status_payload("offline")),
         )
+        if config.camera.enabled:
+            self.live = LiveDoorbell(config, self._client, self.recognizer, self._status_topic)
         self._client.on_connect = self._on_connect
         self._client.on_disconnect = self._on_disconnect
         self._client.on_message = self._on_message
@@ -183,6 +187,8 @@ class EdgeNode:
     def run(self, stop: threading.Event) -> None:
         """Serve until `stop` is set; the caller's thread is the watchdog's main loop."""
         self.start()
+        if self.live is not None:
+            self.live.start(stop)
         try:
             deadline = time.monotonic() + CONNECT_WAIT_S
             while not self.connected.is_set() and time.monotonic() < deadline:
@@ -228,6 +234,8 @@ class EdgeNode:
                 log.warning("offline status not sent: %s", err)
         self._client.disconnect()
         self._client.loop_stop()
+        if self.live is not None:
+            self.live.close()
         # A training in progress cannot be interrupted; the worker is a daemon thread.
         if self._worker.is_alive():
             self._worker.join(OFFLINE_PUBLISH_WAIT_S)
@@ -235,12 +243,15 @@ class EdgeNode:
     # --- status ----------------------------------------------------------------
 
     def _status_payload(self, state: str) -> bytes:
+        detail = self._detail
+        if self.live is not None:
+            detail = f"{detail}; {self.live.detail()}" if detail else self.live.detail()
         status = DeviceStatus(
             state="online" if state == "online" else "offline",
             model_version=self.model_version,
             gallery_size=self.gallery.count(),
             last_round=self._last_round,
-            detail=self._detail,
+            detail=detail,
         )
         return to_json(status)
 
@@ -255,6 +266,7 @@ class EdgeNode:
         systemd.notify_status(
             f"model v{self.model_version}, round {self._last_round}, "
             f"{self.gallery.count()} gallery images. {self._detail}"
+            + (f" {self.live.pipeline.counters.fps:.1f} fps" if self.live is not None else "")
         )
 
     # --- MQTT callbacks (paho's thread) -------------------------------------------
@@ -273,9 +285,12 @@ class EdgeNode:
                     (self.topics.global_model, 1),
                     (self.topics.tflite_model, 1),
                     (self.topics.round, 1),
+                    *(self.live.subscriptions() if self.live is not None else []),
                 ]
             )
             self._publish_status(force=True)  # the broker may hold our last will
+            if self.live is not None:
+                self.live.connected()
             self.connected.set()
             log.info(
                 "connected to %s:%d as %s",

@@ -18,6 +18,12 @@ class _Section(BaseModel):
 
 
 class CameraConfig(_Section):
+    enabled: bool = Field(
+        default=True,
+        title="Live recognition",
+        description="Watch this camera and publish visitor events; off for a node that only "
+        "trains (the simulation, a test bench)",
+    )
     kind: Literal["picamera2", "opencv", "folder"] = Field(
         default="opencv",
         title="Frame source",

@@ -50,8 +50,9 @@ class SimulationConfig(StrictModel):
         description="Share of every person's images kept for evaluation, never trained on.")
     codec: Codec = Field(default="int8", title="Update codec",
                          description="float32, float16, int8 or topk (sparse) updates.")
-    epochs: int = Field(default=2, ge=1, le=100, title="Local epochs",
-                        description="Epochs each node trains per round.")
+    epochs: int = Field(default=5, ge=1, le=100, title="Local epochs",
+                        description="Epochs each node trains per round. A doorbell gallery "
+                        "is a batch or two, so an epoch is only a step or two of training.")
     batch_size: int = Field(default=16, ge=1, le=1024, title="Batch size",
                             description="Local training batch size.")
     learning_rate: float = Field(default=1e-3, gt=0, le=1, title="Learning rate",

@@ -12,7 +12,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,11 +30,12 @@ from edge.recognition_config import RecognitionConfig
 from edge.recognizer import UNKNOWN, ModelArtifact, Recognizer
 from fedbell.config import MqttSettings
 from fedbell.dataset import Sample
-from fedbell.faces import read_image
+from fedbell.faces import Box, UInt8Image, read_image
 from fedbell.messages import parse_tflite
 from fedbell.mqtt import connect, make_client
 from fedbell.synthetic import make_identities, make_scene, render_face
 from simulation.driver import Driver
+from simulation.stack import topics
 
 FRAMES_PER_VISITOR = 10
 GAP_FRAMES = 6
@@ -55,20 +56,53 @@ class ReplayClock:
         return self.frames / REPLAY_FPS
 
 
+class VisitLog:
+    """The pipeline's event sink: forwards to the doorbell's publisher, and notes
+    during which visit each visitor event came, to score the names against the truth."""
+
+    def __init__(self, publisher: EventPublisher, clock: ReplayClock, visits: int) -> None:
+        self.publisher = publisher
+        self.clock = clock
+        self.named: list[list[str]] = [[] for _ in range(visits)]
+
+    def visitor(self, person: str, confidence: float, box: Box | None,
+                crop: UInt8Image | None = None, frame: UInt8Image | None = None) -> str:
+        visit = (self.clock.frames - 1) // (FRAMES_PER_VISITOR + GAP_FRAMES)
+        if 0 <= visit < len(self.named):
+            self.named[visit].append(person)
+        return self.publisher.visitor(person, confidence, box, crop, frame)
+
+    def ring(self, source: str, person: str | None = None,
+             frame: UInt8Image | None = None) -> str:
+        return self.publisher.ring(source, person, frame)
+
+    def present(self, present: bool) -> None:
+        self.publisher.present(present)
+
+
 @dataclass(frozen=True)
 class LiveResult:
     visitors: tuple[str, ...]
     """Who walked up, in order ("unknown" for a stranger)."""
+    named: tuple[tuple[str, ...], ...]
+    """What the doorbell's visitor events called each of them."""
     frames: int
     faces: int
     events: tuple[dict[str, Any], ...]
+    """The visitor events as the broker delivered them."""
     model_version: int
-    recognised: tuple[str, ...] = field(default=())
-    """Visitors named correctly by at least one event."""
+    threshold: float
+
+    @property
+    def correct(self) -> int:
+        return sum(truth in names for truth, names in zip(self.visitors, self.named, strict=True))
 
     def as_dict(self) -> dict[str, Any]:
-        return {"visitors": list(self.visitors), "frames": self.frames, "faces": self.faces,
-                "model_version": self.model_version, "recognised": list(self.recognised),
+        return {"visits": [{"visitor": truth, "named": list(names)}
+                           for truth, names in zip(self.visitors, self.named, strict=True)],
+                "visits_named_correctly": self.correct, "frames": self.frames,
+                "faces": self.faces, "model_version": self.model_version,
+                "threshold": self.threshold,
                 "events": [{k: e.get(k) for k in ("topic", "event_type", "person",
                                                    "confidence")} for e in self.events]}
 
@@ -119,11 +153,15 @@ def replay(driver: Driver, settings: MqttSettings, artifact: ModelArtifact, *, d
         deadline = time.monotonic() + 10
         while not client.is_connected() and time.monotonic() < deadline:
             time.sleep(0.05)
-        events = EventPublisher(client, DoorbellTopics(device), RecentCrops(), gallery,
-                                discovery=False)
+        # Only events are published here: the node process owns its availability state.
+        events = EventPublisher(client=client, topics=DoorbellTopics(device),
+                                availability_topic=topics().status(device), crops=RecentCrops(),
+                                gallery=gallery, discovery=False)
         before = len(driver.visitors())
-        pipeline = Pipeline(FaceDetector(), recognizer, events, RecognitionConfig(
-            debounce_s=(FRAMES_PER_VISITOR + GAP_FRAMES / 2) / REPLAY_FPS), ReplayClock())
+        clock = ReplayClock()
+        visits = VisitLog(events, clock, len(visitors))
+        pipeline = Pipeline(FaceDetector(), recognizer, visits, RecognitionConfig(
+            debounce_s=(FRAMES_PER_VISITOR + GAP_FRAMES / 2) / REPLAY_FPS), clock)
         pipeline.run(FolderSource(frames), threading.Event())
         expected = before + pipeline.counters.visitor_events
         deadline = time.monotonic() + 10  # QoS 1 events are still on their way
@@ -132,8 +170,7 @@ def replay(driver: Driver, settings: MqttSettings, artifact: ModelArtifact, *, d
     finally:
         client.disconnect()
         client.loop_stop()
-    published = tuple(driver.visitors()[before:])
-    named = {str(e.get("person")) for e in published}
-    return LiveResult(tuple(visitors), pipeline.counters.frames, pipeline.counters.faces,
-                      published, int(artifact.version),
-                      tuple(sorted(set(visitors) & named)))
+    return LiveResult(tuple(visitors), tuple(tuple(names) for names in visits.named),
+                      pipeline.counters.frames, pipeline.counters.faces,
+                      tuple(driver.visitors()[before:]), int(artifact.version),
+                      recognizer.threshold)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -61,7 +63,7 @@ def describe(console: Console, name: str, split: Split, devices: list[str]) -> N
         console.print(f"  {device}: {len(samples)} images of {persons} persons")
 
 
-def drive_rounds(driver: Driver, config: SimulationConfig, check: Any,
+def drive_rounds(driver: Driver, config: SimulationConfig, check: Callable[[], None],
                  console: Console) -> list[report.RoundRow]:
     rows: list[report.RoundRow] = []
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
@@ -203,12 +205,15 @@ def live_demo(console: Console, config: SimulationConfig, layout: Layout, driver
     except Exception as error:  # the federated results stand on their own
         console.print(f"[bold red]live recognition failed:[/] {error!r}")
         return {"error": repr(error)}
-    console.print(f"[bold]live recognition[/] on {device} with model v{result.model_version}: "
-                  f"{result.frames} frames, {result.faces} faces; visitors in order: "
-                  f"{', '.join(result.visitors)}")
+    console.print(f"[bold]live recognition[/] on {device} with model v{result.model_version} "
+                  f"(unknown below {result.threshold:.2f}): {result.frames} frames replayed, "
+                  f"{result.faces} faces found")
+    for truth, names in zip(result.visitors, result.named, strict=True):
+        console.print(f"  at the door: {truth:<10} doorbell said: {', '.join(names) or '—'}")
+    console.print(f"  visitor events received on doorbell/+/visitor: {len(result.events)}")
     for event in result.events:
-        who = event.get("person") if event.get("event_type") == "known" else "unknown visitor"
-        console.print(f"  {event['topic']}: {who} (confidence {event.get('confidence', 0):.2f})")
-    console.print(f"  named correctly: {len(result.recognised)}/{len(set(result.visitors))} "
-                  "distinct visitors")
+        fields = {key: value for key, value in event.items() if key != "topic"}
+        console.print(f"    {event['topic']} {json.dumps(fields)}",
+                      markup=False, highlight=False, soft_wrap=True)
+    console.print(f"  visits named correctly: {result.correct}/{len(result.visitors)}")
     return result.as_dict()

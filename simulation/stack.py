@@ -118,6 +118,7 @@ def edge_config(config: SimulationConfig, layout: Layout, device: str,
         "state_dir": str(layout.state(device)),
         "gallery_dir": str(layout.gallery(device)),
         "training": {"threads": NODE_THREADS},
+        "camera": {"enabled": False},  # these nodes only train; live.py replays frames
     }
 
 

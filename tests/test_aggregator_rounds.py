@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from aggregator.accumulator import Streaming
 from aggregator.config import AggregatorConfig, RoundSettings
 from aggregator.coordinator import Coordinator
 from aggregator.export import Exporter
@@ -45,7 +46,7 @@ def _round(manual: bool = False) -> Round:
     announcement = announce(round_id=4, base_version=2, selected=("a", "b"), now=100.0,
                             settings=settings, manual=manual)
     return Round(announcement=announcement, manual=manual, started_at=100.0,
-                 fedavg=RunningFedAvg([(2,)]))
+                 accumulator=Streaming(RunningFedAvg([(2,)])))
 
 
 def _update(device: str = "a", **changes: Any) -> Update:

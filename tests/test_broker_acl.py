@@ -31,7 +31,7 @@ SITE = "home"
 BASE = f"fedbell/{SITE}"
 DEVICES = ("door1", "door2")
 ROLES = ("door1", "door2", "aggregator", "operator", "homeassistant")
-OUT = ("visitor", "ring", "present", "snapshot", "availability", "status")
+OUT = ("visitor", "ring", "present", "snapshot")
 IN = ("command", "label")
 QUIET = 1.0  # one shared wait for messages that must never arrive
 
@@ -104,6 +104,8 @@ def allowed(role: str, action: str, topic: str) -> bool:  # noqa: PLR0911 - one 
             return pub
         return False
     assert role == "homeassistant"
+    if topic.startswith(f"{BASE}/status/"):
+        return not pub  # doorbell availability: the status topic carries the last will
     if parts[0] == "doorbell":
         return not pub or parts[2] in IN  # reads them all, writes command/label
     if topic == "homeassistant/status":

@@ -27,6 +27,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from broker.local import LocalBroker
 from edge.config import EdgeConfig, TrainingSettings
 from edge.node import EdgeNode
+from edge.recognition_config import CameraConfig
 from edge.state import NodeState
 from fedbell import signing
 from fedbell.config import MqttSettings, SigningSettings
@@ -82,6 +83,7 @@ def make_config(tmp_path: Path, port: int, gallery: Path, **signing_files: Path)
         state_dir=tmp_path / "state",
         gallery_dir=gallery,
         training=TrainingSettings(base_model_wait_s=20),
+        camera=CameraConfig(enabled=False),
     )
 
 

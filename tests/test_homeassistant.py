@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-import time
+import threading
 from pathlib import Path
 
 import paho.mqtt.client as mqtt
@@ -16,10 +16,12 @@ from edge.feedback import RecentCrops
 from edge.homeassistant import DoorbellTopics, discovery_payload
 from tests.mqtt_helpers import Probe
 
+STATUS = "fedbell/home/status/door1"
+
 
 def test_device_based_discovery_payload() -> None:
     topics = DoorbellTopics("door1")
-    payload = discovery_payload(topics, "Front door", snapshot=True)
+    payload = discovery_payload(topics, STATUS, "Front door", snapshot=True)
     assert topics.discovery == "homeassistant/device/door1/config"
     assert payload["dev"]["ids"] == ["fedbell_door1"]
     assert payload["dev"]["name"] == "Front door"
@@ -37,7 +39,8 @@ def test_device_based_discovery_payload() -> None:
         assert component["unique_id"].startswith("door1_")
         assert component["availability"] == [
             {
-                "topic": "doorbell/door1/availability",
+                "topic": STATUS,
+                "value_template": "{{ value_json.state }}",
                 "payload_available": "online",
                 "payload_not_available": "offline",
             }
@@ -49,7 +52,7 @@ def test_device_based_discovery_payload() -> None:
     assert components["door1_snapshot"]["image_topic"] == "doorbell/door1/snapshot"
     assert components["door1_ring_button"]["command_topic"] == "doorbell/door1/command"
     assert json.loads(components["door1_ring_button"]["payload_press"]) == {"cmd": "ring"}
-    assert "door1_snapshot" not in discovery_payload(topics)["cmps"]  # opt-in
+    assert "door1_snapshot" not in discovery_payload(topics, STATUS)["cmps"]  # opt-in
 
 
 @pytest.mark.parametrize("bad", ["door/1", "door+", "", "a b"])
@@ -62,26 +65,24 @@ def test_discovery_republished_when_home_assistant_comes_online(
     broker: LocalBroker, tmp_path: Path
 ) -> None:
     client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="door1", protocol=mqtt.MQTTv5)
-    publisher = EventPublisher(client, DoorbellTopics("door1"), RecentCrops(), tmp_path)
-    client.will_set(*publisher.availability_will(), qos=1, retain=True)
+    publisher = EventPublisher(client, DoorbellTopics("door1"), STATUS, RecentCrops(), tmp_path)
     client.connect("127.0.0.1", broker.port)
     client.loop_start()
     publisher.attach()
-    for topic, qos in publisher.subscriptions():
-        client.subscribe(topic, qos)
+    subscribed = threading.Event()
+    client.on_subscribe = lambda *_args: subscribed.set()
+    client.subscribe(publisher.subscriptions())
+    assert subscribed.wait(5), "the broker did not acknowledge the subscriptions"
     publisher.announce()
-    probe = Probe(broker.port, "homeassistant/device/+/config", "doorbell/door1/availability")
+    probe = Probe(broker.port, "homeassistant/device/+/config")
     try:
         first = probe.wait_for("homeassistant/device/door1/config", 5)
         assert first.retain
-        assert probe.wait_for("doorbell/door1/availability", 5).payload == b"online"
         probe.publish("homeassistant/status", "online")
         again = probe.wait_for("homeassistant/device/door1/config", 5)
         assert not again.retain  # a live copy, delivered because HA asked
         assert json.loads(again.payload) == json.loads(first.payload)
-        client.disconnect()  # clean disconnect: the node says offline itself first
+        client.disconnect()
     finally:
         client.loop_stop()
-    # A crash (no clean disconnect) is covered by the will, set above.
-    time.sleep(0.1)
     probe.close()

@@ -26,6 +26,7 @@ from fedbell.synthetic import make_identities, write_visitor_video
 from tests.mqtt_helpers import Probe
 from tests.recognition_helpers import KNOWN, SEED, faces_of, trained_model
 
+STATUS = "fedbell/home/status/door1"
 FRAMES_PER_VISIT = 8
 GAP_FRAMES = 4
 
@@ -87,7 +88,9 @@ def test_video_replay_names_each_visitor_and_unknown_stranger(
 
     probe = Probe(broker.port, "doorbell/door1/#")
     client = node_client(broker.port)
-    publisher = EventPublisher(client, DoorbellTopics("door1"), RecentCrops(), tmp_path / "g")
+    publisher = EventPublisher(
+        client, DoorbellTopics("door1"), STATUS, RecentCrops(), tmp_path / "g"
+    )
     clock = FrameClock()
     config = RecognitionConfig(debounce_s=10.0, confirm_frames=2, absent_after_s=2.0)
     pipeline = Pipeline(FaceDetector(), recognizer, publisher, config, clock=clock)
@@ -123,7 +126,9 @@ def test_video_replay_names_each_visitor_and_unknown_stranger(
 
 def test_events_are_not_retained_but_state_is(broker: LocalBroker, tmp_path: Path) -> None:
     client = node_client(broker.port)
-    publisher = EventPublisher(client, DoorbellTopics("door1"), RecentCrops(), tmp_path / "g")
+    publisher = EventPublisher(
+        client, DoorbellTopics("door1"), STATUS, RecentCrops(), tmp_path / "g"
+    )
     publisher.announce()
     publisher.visitor("alice", 0.9, (1, 2, 3, 4))
     publisher.ring("command")
@@ -140,7 +145,6 @@ def test_events_are_not_retained_but_state_is(broker: LocalBroker, tmp_path: Pat
                 continue
             seen[msg.topic] = msg
         assert set(seen) == {
-            "doorbell/door1/availability",
             "doorbell/door1/present",
             "homeassistant/device/door1/config",
         }
@@ -157,7 +161,9 @@ def test_commands_ring_and_face_trigger(broker: LocalBroker, tmp_path: Path) -> 
     recognizer = Recognizer(threshold_override=0.0)
     recognizer.swap(ModelArtifact(model.float_tflite, model.labels))
     client = node_client(broker.port)
-    publisher = EventPublisher(client, DoorbellTopics("door1"), RecentCrops(), tmp_path / "g")
+    publisher = EventPublisher(
+        client, DoorbellTopics("door1"), STATUS, RecentCrops(), tmp_path / "g"
+    )
     config = RecognitionConfig(ring_on_face_frames=3, confirm_frames=1)
     pipeline = Pipeline(FaceDetector(), recognizer, publisher, config)
     publisher.on_ring_command = lambda: pipeline.ring("command")

@@ -1,0 +1,205 @@
+"""Where a round's accepted updates go until it is aggregated.
+
+Two implementations of one small interface, chosen by `rounds.strategy`:
+
+- `Streaming` (fedavg, clipped): each delta is folded into a running
+  weighted sum (`RunningFedAvg`) and dropped; with clipping it is first
+  scaled down to `clip_norm`. Memory: one model of float64, however many
+  devices answer.
+- `Buffered` (median, trimmed_mean): coordinate-wise rules need every delta
+  of the round at once, so they are kept, at most `capacity` of them (the
+  config requires `rounds.max_devices` for these strategies). Memory:
+  `capacity` models of float32.
+
+Both expose `arrays()`, what the state folder saves after each accepted
+update, and are rebuilt from those arrays after a restart (`restore`), so a
+round resumed from disk aggregates exactly what it had accepted.
+"""
+
+from __future__ import annotations
+
+import copy
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import numpy.typing as npt
+
+from aggregator.config import RoundSettings
+from aggregator.robust import (
+    Delta,
+    ServerOptimizer,
+    clip_by_norm,
+    coordinate_median,
+    trimmed_mean,
+)
+from aggregator.strategy import InconsistentUpdate, RunningFedAvg, Sums, check_shapes
+from fedbell.codecs import Weights
+
+Arrays = list[npt.NDArray[np.floating]]
+Shapes = Sequence[tuple[int, ...]]
+Rule = Callable[[Sequence[Delta]], Weights]
+
+
+class Accumulator(ABC):
+    """The accepted updates of one round, in whatever form its strategy needs."""
+
+    @property
+    @abstractmethod
+    def count(self) -> int:
+        """Updates added so far."""
+
+    @property
+    @abstractmethod
+    def total(self) -> int:
+        """Examples behind the updates added so far."""
+
+    @abstractmethod
+    def add(self, delta: Delta, examples: int) -> None:
+        """Take one checked update in; the caller may drop `delta` afterwards."""
+
+    @abstractmethod
+    def mean_delta(self) -> Weights:
+        """The round's aggregated delta."""
+
+    @abstractmethod
+    def arrays(self) -> Arrays:
+        """What must be saved to resume the round after a restart."""
+
+    def apply(self, base: Sequence[npt.NDArray[np.float32]]) -> Weights:
+        """The new global weights: base + aggregated delta."""
+        return [(np.asarray(b, dtype=np.float64) + d).astype(np.float32)
+                for b, d in zip(base, self.mean_delta(), strict=True)]
+
+
+class Streaming(Accumulator):
+    """Weighted FedAvg as a running sum; deltas optionally clipped to `clip_norm` first."""
+
+    def __init__(self, fedavg: RunningFedAvg, clip_norm: float | None = None) -> None:
+        self.fedavg = fedavg
+        self.clip_norm = clip_norm
+
+    @property
+    def count(self) -> int:
+        return self.fedavg.count
+
+    @property
+    def total(self) -> int:
+        return self.fedavg.total
+
+    def add(self, delta: Delta, examples: int) -> None:
+        if self.clip_norm is not None:
+            delta = clip_by_norm(delta, self.clip_norm)
+        self.fedavg.add(delta, examples)
+
+    def mean_delta(self) -> Weights:
+        return self.fedavg.mean_delta()
+
+    def apply(self, base: Sequence[npt.NDArray[np.float32]]) -> Weights:
+        return self.fedavg.apply(base)  # float64 all the way: exact for plain FedAvg
+
+    def arrays(self) -> Arrays:
+        return list(self.fedavg.sums)
+
+
+class Buffered(Accumulator):
+    """Every delta of the round, at most `capacity`, aggregated by `rule` (unweighted)."""
+
+    def __init__(self, shapes: Shapes, rule: Rule, capacity: int,
+                 deltas: Sequence[Weights] = (), total: int = 0) -> None:
+        self.shapes = [tuple(int(d) for d in s) for s in shapes]
+        self.rule = rule
+        self.capacity = capacity
+        self.deltas: list[Weights] = []
+        self._total = total
+        for delta in deltas:
+            check_shapes(delta, self.shapes)
+            self.deltas.append([np.asarray(a, dtype=np.float32) for a in delta])
+        if len(self.deltas) > capacity:
+            raise InconsistentUpdate(f"{len(self.deltas)} buffered updates, capacity {capacity}")
+
+    @property
+    def count(self) -> int:
+        return len(self.deltas)
+
+    @property
+    def total(self) -> int:
+        return self._total
+
+    def add(self, delta: Delta, examples: int) -> None:
+        if examples < 1:
+            raise InconsistentUpdate(f"an update needs at least one example, got {examples}")
+        if len(self.deltas) >= self.capacity:  # memory bound: never hold more than this
+            raise InconsistentUpdate(f"already holding {self.capacity} updates this round")
+        check_shapes(delta, self.shapes)
+        self.deltas.append([np.asarray(a, dtype=np.float32) for a in delta])
+        self._total += examples
+
+    def mean_delta(self) -> Weights:
+        if not self.deltas:
+            raise InconsistentUpdate("no update has been added")
+        return self.rule(self.deltas)
+
+    def arrays(self) -> Arrays:
+        """All deltas flattened in order: delta 0's tensors, then delta 1's, ..."""
+        return [array for delta in self.deltas for array in delta]
+
+
+def make_accumulator(settings: RoundSettings, shapes: Shapes) -> Accumulator:
+    """An empty accumulator for a new round, as the config's strategy says."""
+    return restore(settings, shapes, None, total=0, count=0)
+
+
+def restore(settings: RoundSettings, shapes: Shapes, arrays: Arrays | None, *,
+            total: int, count: int) -> Accumulator:
+    """The accumulator of a round resumed from disk (`arrays`: what `arrays()` saved)."""
+    strategy = settings.strategy
+    if strategy in ("fedavg", "clipped"):
+        sums: Sums | None = None if arrays is None else \
+            [np.asarray(a, dtype=np.float64) for a in arrays]
+        clip = settings.clip_norm if strategy == "clipped" else None
+        return Streaming(RunningFedAvg(shapes, sums, total, count), clip)
+    rule: Rule
+    if strategy == "median":
+        rule = coordinate_median
+    else:
+        fraction = settings.trim_fraction
+        rule = lambda deltas: trimmed_mean(deltas, fraction)  # noqa: E731
+    assert settings.max_devices is not None  # the config guarantees it for buffered rules
+    deltas = _split(arrays or [], len(shapes))
+    if len(deltas) != count:
+        raise InconsistentUpdate(f"saved {len(deltas)} buffered updates, the round "
+                                 f"received {count}")
+    return Buffered(shapes, rule, settings.max_devices, deltas, total)
+
+
+def _split(arrays: Arrays, per_delta: int) -> list[Weights]:
+    if per_delta == 0 or len(arrays) % per_delta:
+        raise InconsistentUpdate(f"{len(arrays)} saved arrays is not a whole number of "
+                                 f"{per_delta}-tensor updates")
+    return [[np.asarray(a, dtype=np.float32) for a in arrays[i:i + per_delta]]
+            for i in range(0, len(arrays), per_delta)]
+
+
+def make_optimizer(settings: RoundSettings) -> ServerOptimizer | None:
+    """A fresh server optimiser as configured (None: plain FedAvg step)."""
+    if settings.server_optimizer == "none":
+        return None
+    return ServerOptimizer(settings.server_optimizer, learning_rate=settings.server_lr,
+                           momentum=settings.server_momentum)
+
+
+def next_weights(base: Sequence[npt.NDArray[np.float32]], accumulator: Accumulator,
+                 optimizer: ServerOptimizer | None) -> tuple[Weights, ServerOptimizer | None]:
+    """The new global weights and the optimiser after this step.
+
+    The given optimiser is left untouched: the step only becomes the model's
+    once the release is committed, and recomputing an unpublished release after
+    a restart must not step the moments twice.
+    """
+    if optimizer is None:
+        return accumulator.apply(base), None
+    stepped = copy.deepcopy(optimizer)
+    step = stepped.step(accumulator.mean_delta())
+    return [(np.asarray(b, dtype=np.float64) + s).astype(np.float32)
+            for b, s in zip(base, step, strict=True)], stepped

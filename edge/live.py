@@ -1,0 +1,95 @@
+"""The camera side of a doorbell node: frames → faces → recognizer → events.
+
+It shares the node's MQTT client (events go out on the same connection whose
+last will marks the doorbell offline) and the node's recognizer (hot-swapped
+on every new TFLite artifact), and runs the pipeline in its own thread so a
+slow camera never delays training or model updates.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any
+
+import paho.mqtt.client as mqtt
+
+from edge.camera import ReconnectingSource, open_source
+from edge.config import EdgeConfig
+from edge.detector import FaceDetector
+from edge.events import EventPublisher
+from edge.feedback import RecentCrops
+from edge.gpio import watch_button
+from edge.homeassistant import DoorbellTopics
+from edge.pipeline import Pipeline
+from edge.recognizer import Recognizer
+
+log = logging.getLogger(__name__)
+
+
+class LiveDoorbell:
+    def __init__(self, config: EdgeConfig, client: mqtt.Client, recognizer: Recognizer,
+                 status_topic: str) -> None:
+        self.config = config
+        ha = config.home_assistant
+        recognition = config.recognition
+        self.publisher = EventPublisher(
+            client,
+            DoorbellTopics(config.device_id, ha.topic_root, ha.discovery_prefix),
+            status_topic,
+            RecentCrops(recognition.event_crops_max, recognition.event_crops_max_age_s),
+            config.gallery_dir,
+            device_name=ha.device_name,
+            discovery=ha.enabled,
+            snapshots=recognition.snapshot,
+            snapshot_quality=recognition.snapshot_quality,
+        )
+        self.pipeline = Pipeline(FaceDetector(config.detection), recognizer, self.publisher,
+                                 recognition)
+        self.publisher.on_ring_command = lambda: self.pipeline.ring("command")
+        self.publisher.attach()
+        self._source: ReconnectingSource | None = None
+        self._button: Any = None
+        self._thread: threading.Thread | None = None
+
+    def subscriptions(self) -> list[tuple[str, int]]:
+        return self.publisher.subscriptions()
+
+    def connected(self) -> None:
+        """After each (re)connect: discovery again (the broker may have lost it)."""
+        self.publisher.announce()
+
+    def start(self, stop: threading.Event) -> None:
+        self._source = open_source(self.config.camera)
+        pin = self.config.recognition.ring_button_pin
+        if pin is not None:
+            self._button = watch_button(pin, lambda: self.pipeline.ring("button"))
+        self._thread = threading.Thread(target=self._run, args=(self._source, stop),
+                                        name="live-recognition", daemon=True)
+        self._thread.start()
+
+    def _run(self, source: ReconnectingSource, stop: threading.Event) -> None:
+        try:
+            self.pipeline.run(source, stop)
+        except Exception:  # the node keeps training and updating; the status says so
+            log.exception("live recognition stopped")
+        finally:
+            source.close()
+
+    def detail(self) -> str:
+        """Camera state for the retained status (the frame rate goes to systemd's
+        status line instead: it changes every second)."""
+        if self._source is None:
+            return "camera not started"
+        status = self._source.status
+        alive = self._thread is not None and self._thread.is_alive()
+        text = f"camera {status.state}" if alive else "live recognition stopped"
+        if status.last_error:
+            text += f" ({status.last_error})"
+        return text
+
+    def close(self) -> None:
+        if self._button is not None:
+            self._button.close()
+        if self._thread is not None:
+            self._thread.join(timeout=2.0)
