@@ -142,6 +142,16 @@ class AggregatorConfig(StrictModel):
                             description="Seed of version 0's random weights.")
     threads: int = Field(default=2, ge=1, le=64, title="TensorFlow threads",
                          description="Cores TensorFlow may use for evaluation and conversion.")
+    persist_interval_s: float = Field(
+        default=0.5, gt=0, title="Persist interval (s)",
+        description="Accepted updates are written to the state folder at most this long after "
+        "they arrive (sooner when half of receive_maximum waits); the broker keeps them until "
+        "then and redelivers them after a crash.")
+    receive_maximum: int = Field(
+        default=100, ge=2, le=65535, title="Messages in flight",
+        description="MQTT v5 Receive Maximum: the broker sends at most this many "
+        "unacknowledged QoS 1 messages, which bounds the aggregator's memory however many "
+        "doorbells upload at once.")
 
     _site = field_validator("site")(site_id)
 

@@ -19,12 +19,15 @@ from fedbell.calibration import calibrate_threshold
 from fedbell.codecs import Weights
 from fedbell.dataset import list_samples, load_samples
 from fedbell.envelope import TensorSpec
-from fedbell.faces import FACE_SIZE
+from fedbell.faces import FACE_SIZE, normalize_face
 from fedbell.messages import Signer, build_global, build_tflite
 from fedbell.model import Images, LabelIds
+from fedbell.synthetic import stranger_faces
 
 log = logging.getLogger(__name__)
 
+CALIBRATION_STRANGERS = 200
+CALIBRATION_STRANGERS = 200
 REPRESENTATIVE_SAMPLES = 64
 """Random images for int8 calibration when there is no held-out set."""
 
@@ -73,6 +76,10 @@ class Exporter:
         self.names = tuple(fmodel.weight_names(self.model))
         self._initial = fmodel.get_weights(self.model)  # before any release changes them
         self.held_out = HeldOut.load(config.evaluation, config.labels)
+        # Faces of nobody in the label set, for calibrating "unknown": generated,
+        # since the aggregator never holds photos of real strangers.
+        self._strangers = np.stack([normalize_face(face) for face in
+                                    stranger_faces(CALIBRATION_STRANGERS, config.model_seed)])
 
     def initial_weights(self) -> Weights:
         """Version 0: the deterministic weights of `model_seed`."""
@@ -95,8 +102,9 @@ class Exporter:
         probabilities = fmodel.predict(self.model, self.held_out.images)
         accuracy = float(np.mean(np.argmax(probabilities, axis=1) == self.held_out.labels))
         try:
-            threshold = calibrate_threshold(probabilities, settings.target_false_accept,
-                                            labels=self.held_out.labels)
+            threshold = calibrate_threshold(
+                probabilities, settings.target_false_accept,
+                fmodel.predict(self.model, self._strangers), labels=self.held_out.labels)
         except ValueError as err:  # e.g. a single label: nothing to calibrate against
             log.warning("threshold not calibrated (%s): using %.2f", err,
                         settings.default_threshold)

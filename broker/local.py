@@ -69,6 +69,11 @@ class LocalBroker:
         self._process: subprocess.Popen[bytes] | None = None
 
     @property
+    def pid(self) -> int | None:
+        """The running broker's process id (None when stopped)."""
+        return None if self._process is None else self._process.pid
+
+    @property
     def log_path(self) -> Path:
         return self.data_dir / "mosquitto.log"
 

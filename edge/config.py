@@ -38,6 +38,15 @@ class TrainingSettings(StrictModel):
         description="How long a selected node waits for the round's base model to arrive "
         "(it may come just after the round message) before it skips the round.",
     )
+    strangers: float = Field(
+        default=0.25,
+        ge=0,
+        le=2,
+        title="Stranger share",
+        description="Generated faces of nobody, added to each round's training as a share of "
+        "the gallery: they teach the model to be unsure on visitors it does not know, so "
+        "'unknown' works. 0 turns this off.",
+    )
 
 
 class InferenceSettings(StrictModel):

@@ -118,7 +118,7 @@ class EdgeNode:
         self.subscribed = threading.Event()
         """Set once the broker acknowledged the subscriptions of the current connection."""
 
-        self._trainer = Trainer(config.training.threads)
+        self._trainer = Trainer(config.training.threads, config.training.strangers)
         # Guards the fields below; notified when a new global model arrives.
         self._changed = threading.Condition()
         self._model: GlobalModel | None = self.state.load_global()

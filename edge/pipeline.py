@@ -3,6 +3,12 @@
 `Pipeline.process(frame)` handles one frame and is what tests drive;
 `Pipeline.run(source, stop)` is the node's loop around it. A bad frame or a
 failing model is logged and counted, never the end of the loop.
+
+Visitors are decided per visit, not per frame: each face joins a `Track` (the
+nearest face of the previous frames), the track averages the model's class
+probabilities over its frames, and once it has `confirm_frames` frames it
+sends one visitor event, named from the mean. One noisy frame no longer
+decides who is at the door.
 """
 
 from __future__ import annotations
@@ -11,9 +17,9 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -27,9 +33,16 @@ from fedbell.faces import Box, crop_face, normalize_face
 log = logging.getLogger(__name__)
 
 Frame = npt.NDArray[np.uint8]
+Probabilities = npt.NDArray[np.float32]
 
 RING_FACE_WINDOW_S = 2.0
 """A ring names the face seen within this many seconds before it."""
+
+TRACK_GATE = 0.5
+"""A face continues a track whose last box centre is within this many box widths."""
+
+MAX_TRACKS = 16
+"""Live tracks kept at most (each holds its best frame)."""
 
 
 class EventSink(Protocol):
@@ -53,18 +66,126 @@ class EventSink(Protocol):
 
 @dataclass(frozen=True)
 class Sighting:
-    """One recognised face in one frame."""
+    """One face in one frame, with this frame's own reading of it."""
 
     box: Box
     person: str
     confidence: float
     crop: npt.NDArray[np.uint8]
+    probabilities: Probabilities | None = None
+    """Class probabilities; None when no model is loaded or it failed on this frame."""
+    model: int | str | None = None
+    """The version of the model that gave `probabilities`."""
+    labels: tuple[str, ...] = ()
+    """That model's labels, one per probability."""
+
+
+def decide(
+    mean: npt.NDArray[np.floating[Any]] | None, labels: Sequence[str], threshold: float
+) -> tuple[str, float]:
+    """(person or "unknown", confidence) from (mean) class probabilities."""
+    if mean is None or len(mean) == 0 or len(mean) != len(labels):
+        return UNKNOWN, 0.0
+    best = int(np.argmax(mean))
+    confidence = float(mean[best])
+    return (labels[best] if confidence >= threshold else UNKNOWN), confidence
+
+
+@dataclass
+class Track:
+    """One face followed across frames: a visit, and the evidence for who it is."""
+
+    box: Box
+    last_seen: float
+    last_frame: int
+    model: int | str | None = None
+    labels: tuple[str, ...] = ()
+    frames: int = 0
+    """Frames of evidence under `model` (a model swap starts the count again)."""
+    total: npt.NDArray[np.float64] | None = None
+    best: Sighting | None = None
+    best_frame: Frame | None = None
+    announced: bool = False
+
+    def add(self, sighting: Sighting, frame: Frame, now: float, index: int) -> None:
+        self.box, self.last_seen, self.last_frame = sighting.box, now, index
+        if sighting.model != self.model:  # hot swap: the old model's evidence is void
+            self.model, self.labels = sighting.model, sighting.labels
+            self.frames, self.total, self.best, self.best_frame = 0, None, None, None
+        if sighting.probabilities is not None:
+            probabilities = sighting.probabilities.astype(np.float64)
+            self.total = probabilities if self.total is None else self.total + probabilities
+        self.frames += 1
+        if self.best is None or _rank(sighting) > _rank(self.best):
+            self.best, self.best_frame = sighting, frame
+
+    def decide(self, threshold: float) -> tuple[str, float]:
+        """Who this visit is so far: the argmax of the mean probabilities, or "unknown"."""
+        mean = None if self.total is None else self.total / self.frames
+        return decide(mean, self.labels, threshold)
+
+
+def _rank(sighting: Sighting) -> tuple[float, int]:
+    """The best frame of a track: the most confident, then the largest face."""
+    return sighting.confidence, sighting.box[2] * sighting.box[3]
+
+
+def _distance(a: Box, b: Box) -> float:
+    return float(np.hypot(a[0] + a[2] / 2 - b[0] - b[2] / 2, a[1] + a[3] / 2 - b[1] - b[3] / 2))
+
+
+class Tracker:
+    """Assigns each frame's faces to tracks: nearest box centre of a recent track.
+
+    A face joins the nearest track whose last box centre is within
+    TRACK_GATE box widths; a lone face also continues a lone track seen in the
+    frame just before (a jumpy detector box is still the same visitor). A track
+    not seen for `max_gap_s` has ended.
+    """
+
+    def __init__(self, max_gap_s: float) -> None:
+        self.max_gap_s = max_gap_s
+        self.tracks: list[Track] = []
+        self.frames = 0
+
+    def update(self, sightings: Sequence[Sighting], frame: Frame, now: float) -> list[Track]:
+        """The track of each sighting, in order; new tracks for new faces."""
+        self.frames += 1
+        self.tracks = [t for t in self.tracks if now - t.last_seen < self.max_gap_s]
+        previous = [t for t in self.tracks if t.last_frame == self.frames - 1]
+        matched: dict[int, Track] = {}
+        if len(sightings) == 1 and len(previous) == 1:
+            matched[0] = previous[0]
+        else:
+            pairs = sorted(
+                (_distance(t.box, s.box), ti, si)
+                for ti, t in enumerate(self.tracks)
+                for si, s in enumerate(sightings)
+                if _distance(t.box, s.box) <= TRACK_GATE * t.box[2]
+            )
+            used: set[int] = set()
+            for _, ti, si in pairs:
+                if ti not in used and si not in matched:
+                    used.add(ti)
+                    matched[si] = self.tracks[ti]
+        result = []
+        for index, sighting in enumerate(sightings):
+            track = matched.get(index)
+            if track is None:
+                track = Track(sighting.box, now, self.frames)
+                self.tracks.append(track)
+            track.add(sighting, frame, now, self.frames)
+            result.append(track)
+        if len(self.tracks) > MAX_TRACKS:  # a detector running wild: keep the freshest
+            self.tracks = sorted(self.tracks, key=lambda t: -t.last_seen)[:MAX_TRACKS]
+        return result
 
 
 @dataclass
 class PipelineCounters:
     frames: int = 0
     faces: int = 0
+    visits: int = 0
     visitor_events: int = 0
     rings: int = 0
     errors: int = 0
@@ -75,12 +196,11 @@ class PipelineCounters:
 class _Seen:
     """What the ring and visitor logic remember between frames."""
 
-    streaks: dict[str, int] = field(default_factory=dict)
     last_event: dict[str, float] = field(default_factory=dict)
     face_frames: int = 0
     present: bool = False
     last_face_time: float = float("-inf")
-    last_sighting: Sighting | None = None
+    last_track: Track | None = None
     last_frame: Frame | None = None
 
 
@@ -100,6 +220,7 @@ class Pipeline:
         self.counters = PipelineCounters()
         self._clock = clock
         self._seen = _Seen()
+        self._tracker = Tracker(self.config.absent_after_s)
         self._lock = threading.Lock()  # ring() comes from MQTT/GPIO threads
         self._frame_times: deque[float] = deque(maxlen=30)
 
@@ -118,34 +239,49 @@ class Pipeline:
             self._frame_times.append(time.monotonic())
             self._update_fps()
             self._seen.last_frame = frame
-            self._presence(sightings, now)
-            self._visitors(sightings, now, frame)
+            tracks = self._tracker.update(sightings, frame, now)
+            self._presence(tracks, now)
+            self._visitors(tracks, now)
             ring_now = self._face_ring(sightings)
         if ring_now:
             self.ring("face")
         return sightings
 
     def _recognise(self, frame: Frame) -> list[Sighting]:
+        boxes = self.detector.detect(frame)
+        crops = [crop_face(frame, box, self.detector.config.margin) for box in boxes]
+        model, labels, probabilities = self._probabilities(crops)
+        threshold = self.recognizer.threshold
         sightings = []
-        for box in self.detector.detect(frame):
-            crop = crop_face(frame, box, self.detector.config.margin)
-            if self.recognizer.ready:
-                try:
-                    face = normalize_face(crop, self.recognizer.input_size)
-                    person, confidence = self.recognizer.recognize(face)
-                except RecognizerError as err:
-                    log.warning("recognition failed: %s", err)
-                    person, confidence = UNKNOWN, 0.0
-            else:
-                person, confidence = UNKNOWN, 0.0  # no model yet: every face is a stranger
-            sightings.append(Sighting(box, person, confidence, crop))
+        for i, (box, crop) in enumerate(zip(boxes, crops, strict=True)):
+            row = None if probabilities is None else probabilities[i]
+            person, confidence = decide(row, labels, threshold)
+            sightings.append(Sighting(box, person, confidence, crop, row, model, labels))
         return sightings
 
-    def _presence(self, sightings: list[Sighting], now: float) -> None:
+    def _probabilities(
+        self, crops: Sequence[npt.NDArray[np.uint8]]
+    ) -> tuple[int | str | None, tuple[str, ...], Probabilities | None]:
+        """(model version, labels, [faces, classes]) from one model, or no reading at all."""
+        recognizer = self.recognizer
+        if not crops or not recognizer.ready:
+            return None, (), None  # no model yet: every face is a stranger
+        try:
+            version, labels = recognizer.version, recognizer.labels
+            faces = [normalize_face(crop, recognizer.input_size) for crop in crops]
+            probabilities = recognizer.probabilities_batch(faces)
+            if recognizer.version != version or probabilities.shape != (len(faces), len(labels)):
+                raise RecognizerError("the model changed during the frame")
+        except RecognizerError as err:
+            log.warning("recognition failed: %s", err)
+            return None, (), None
+        return version, labels, probabilities
+
+    def _presence(self, tracks: list[Track], now: float) -> None:
         seen = self._seen
-        if sightings:
+        if tracks:
             seen.last_face_time = now
-            seen.last_sighting = sightings[0]
+            seen.last_track = tracks[0]
             if not seen.present:
                 seen.present = True
                 self.events.present(True)
@@ -153,23 +289,22 @@ class Pipeline:
             seen.present = False
             self.events.present(False)
 
-    def _visitors(self, sightings: list[Sighting], now: float, frame: Frame) -> None:
-        """One event per person once confirmed over frames, then not again for debounce_s."""
-        seen = self._seen
-        best: dict[str, Sighting] = {}
-        for sighting in sightings:
-            current = best.get(sighting.person)
-            if current is None or sighting.confidence > current.confidence:
-                best[sighting.person] = sighting
-        seen.streaks = {person: seen.streaks.get(person, 0) + 1 for person in best}
-        for person, sighting in best.items():
-            if seen.streaks[person] < self.config.confirm_frames:
+    def _visitors(self, tracks: list[Track], now: float) -> None:
+        """One event per visit once it has confirm_frames frames; per person once per debounce_s."""
+        threshold = self.recognizer.threshold
+        for track in tracks:
+            if track.announced or track.frames < self.config.confirm_frames:
                 continue
-            if now - seen.last_event.get(person, float("-inf")) < self.config.debounce_s:
+            track.announced = True
+            self.counters.visits += 1
+            person, confidence = track.decide(threshold)
+            if now - self._seen.last_event.get(person, float("-inf")) < self.config.debounce_s:
                 continue
-            seen.last_event[person] = now
+            self._seen.last_event[person] = now
             self.counters.visitor_events += 1
-            self.events.visitor(person, sighting.confidence, sighting.box, sighting.crop, frame)
+            best = track.best
+            if best is not None:  # always, once a track has frames
+                self.events.visitor(person, confidence, best.box, best.crop, track.best_frame)
 
     def _face_ring(self, sightings: list[Sighting]) -> bool:
         """True once per continuous appearance, after ring_on_face_frames frames."""
@@ -182,19 +317,20 @@ class Pipeline:
         """A ring from the button, an MQTT command or the face trigger (any thread)."""
         with self._lock:
             seen = self._seen
-            recent = (
-                seen.last_sighting is not None
-                and self._clock() - seen.last_face_time <= RING_FACE_WINDOW_S
+            track = seen.last_track
+            recent = track is not None and self._clock() - track.last_seen <= RING_FACE_WINDOW_S
+            visit = track if recent else None
+            person, confidence = (
+                (UNKNOWN, 0.0) if visit is None else visit.decide(self.recognizer.threshold)
             )
-            sighting = seen.last_sighting if recent else None
+            best = None if visit is None else visit.best
+            best_frame = None if visit is None else visit.best_frame
             frame = seen.last_frame
             self.counters.rings += 1
-        self.events.ring(source, None if sighting is None else sighting.person, frame)
+        self.events.ring(source, None if best is None else person, frame)
         # Whoever rang is a visitor, debounce or not (the face trigger already sent one).
-        if sighting is not None and source != "face":
-            self.events.visitor(
-                sighting.person, sighting.confidence, sighting.box, sighting.crop, frame
-            )
+        if best is not None and source != "face":
+            self.events.visitor(person, confidence, best.box, best.crop, best_frame)
 
     def _update_fps(self) -> None:
         times = self._frame_times

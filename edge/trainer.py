@@ -18,8 +18,10 @@ import numpy as np
 
 from fedbell import model as face_model
 from fedbell.codecs import Weights
+from fedbell.faces import normalize_face
 from fedbell.messages import GlobalModel, check_specs
-from fedbell.model import Images, LabelIds, TrainParams
+from fedbell.model import STRANGER, Images, LabelIds, TrainParams
+from fedbell.synthetic import stranger_faces
 
 log = logging.getLogger(__name__)
 
@@ -38,11 +40,23 @@ class TrainedDelta:
     seconds: float
 
 
+def with_strangers(images: Images, labels: LabelIds, share: float, seed: int
+                   ) -> tuple[Images, LabelIds]:
+    """The gallery plus generated strangers labelled STRANGER (outlier exposure)."""
+    count = max(4, round(share * len(images))) if share > 0 else 0
+    if count == 0:
+        return images, labels
+    faces = np.stack([normalize_face(f) for f in stranger_faces(count, seed)])
+    return (np.concatenate([images, faces]).astype(np.float32),
+            np.concatenate([labels, np.full(count, STRANGER, dtype=np.int64)]))
+
+
 class Trainer:
     """Owns the node's one Keras model; not thread-safe (the node's worker calls it)."""
 
-    def __init__(self, threads: int) -> None:
+    def __init__(self, threads: int, stranger_share: float = 0.0) -> None:
         self._threads = threads
+        self._stranger_share = stranger_share
         self._model: Any = None
         self._classes = 0
 
@@ -71,7 +85,9 @@ class Trainer:
             face_model.tensor_specs(names, face_model.get_weights(model)),
         )
         face_model.set_weights(model, base.weights)
-        loss = face_model.train(model, images, labels, params)
+        train_images, train_labels = with_strangers(images, labels, self._stranger_share,
+                                                    params.seed)
+        loss = face_model.train(model, train_images, train_labels, params)
         trained = face_model.get_weights(model)
         delta = [
             np.asarray(t - b, dtype=np.float32) for t, b in zip(trained, base.weights, strict=True)

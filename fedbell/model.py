@@ -27,6 +27,8 @@ from fedbell.faces import FACE_SIZE
 Images = npt.NDArray[np.float32]
 """A batch of normalised grey crops, shape (N, FACE_SIZE, FACE_SIZE)."""
 LabelIds = npt.NDArray[np.int64]
+STRANGER = -1
+"""Label id of a face that belongs to nobody in the label set (outlier exposure)."""
 
 
 @dataclass(frozen=True)
@@ -135,11 +137,18 @@ class _Step:
         self.optimizer.build(model.trainable_weights)
         self.anchors = [tf.Variable(w, trainable=False) for w in model.trainable_weights]
         self.mu = tf.Variable(0.0, trainable=False)
-        loss_fn = keras.losses.SparseCategoricalCrossentropy()
 
         def step(x: Any, y: Any) -> Any:
             with tf.GradientTape() as tape:
-                loss = loss_fn(y, model(x, training=True))
+                log_p = tf.math.log(tf.clip_by_value(model(x, training=True), 1e-7, 1.0))
+                known = y >= 0
+                # Residents: cross-entropy with their label. Strangers (STRANGER):
+                # cross-entropy with the uniform distribution, which teaches the
+                # model to be unsure on faces it was never meant to know
+                # (Hendrycks et al., "Deep anomaly detection with outlier exposure").
+                resident = -tf.gather(log_p, tf.maximum(y, 0), axis=1, batch_dims=1)
+                stranger = -tf.reduce_mean(log_p, axis=1)
+                loss = tf.reduce_mean(tf.where(known, resident, stranger))
                 drift = tf.add_n([tf.reduce_sum(tf.square(w - a)) for w, a in
                                   zip(model.trainable_weights, self.anchors, strict=True)])
                 loss += self.mu / 2.0 * drift

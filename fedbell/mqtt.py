@@ -3,6 +3,11 @@
 MQTT v5 with a persistent session (clean_start off, session expiry), so a
 restarted process or broker gets queued QoS 1 messages; automatic reconnect
 with back-off; credentials and TLS from the config; an optional last will.
+
+The aggregator also asks for manual acknowledgements (it acks an update only
+once it is on disk, so the broker redelivers what a crash lost) and a Receive
+Maximum (the broker never has more than that many unacknowledged messages in
+flight to it, which bounds its memory).
 """
 
 from __future__ import annotations
@@ -18,11 +23,15 @@ from fedbell.config import MqttSettings
 
 
 def make_client(settings: MqttSettings, client_id: str,
-                will: tuple[str, bytes] | None = None) -> mqtt.Client:
-    """A configured, not yet connected client. `will`: (topic, payload), retained."""
+                will: tuple[str, bytes] | None = None, *,
+                manual_ack: bool = False) -> mqtt.Client:
+    """A configured, not yet connected client. `will`: (topic, payload), retained.
+
+    manual_ack: QoS 1 messages are acknowledged only by `client.ack(mid, qos)`.
+    """
     client = mqtt.Client(
         CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5,
-        reconnect_on_failure=True,
+        reconnect_on_failure=True, manual_ack=manual_ack,
     )
     client.reconnect_delay_set(min_delay=1, max_delay=30)
     client.max_inflight_messages_set(100)
@@ -41,10 +50,17 @@ def make_client(settings: MqttSettings, client_id: str,
     return client
 
 
-def connect(client: mqtt.Client, settings: MqttSettings) -> None:
-    """Start connecting in the background; paho keeps reconnecting after that."""
+def connect(client: mqtt.Client, settings: MqttSettings, *,
+            receive_maximum: int | None = None) -> None:
+    """Start connecting in the background; paho keeps reconnecting after that.
+
+    receive_maximum: at most this many unacknowledged QoS 1 messages from the
+    broker at a time (MQTT v5 CONNECT property; default: the protocol's 65535).
+    """
     properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
     properties.SessionExpiryInterval = settings.session_expiry
+    if receive_maximum is not None:
+        properties.ReceiveMaximum = receive_maximum
     client.connect_async(settings.host, settings.port, keepalive=settings.keepalive,
                          clean_start=False, properties=properties)
     client.loop_start()

@@ -338,3 +338,26 @@ def write_visitor_video(
     finally:
         writer.release()
     return spans
+
+
+STRANGER_SEED_OFFSET = 1_000_003
+"""Strangers come from a seed space no site's generated residents use."""
+
+
+def stranger_faces(count: int, seed: int, size: int = 96) -> list[UInt8Image]:
+    """Faces of `count` people nobody enrolled, framed like a detector's crops.
+
+    Two uses: outlier exposure (a node trains the model to be unsure on them,
+    so open-set confidence means something) and calibrating the unknown-visitor
+    threshold when no real stranger photos are available. A Haar crop frames
+    a face with a few percent of jitter in scale and position; the random
+    crop below reproduces that without running the detector.
+    """
+    rng = np.random.default_rng(seed + STRANGER_SEED_OFFSET)
+    faces = []
+    for identity in make_identities(count, seed + STRANGER_SEED_OFFSET):
+        face = render_face(identity, rng, size)
+        side = int(size * rng.uniform(0.85, 1.0))
+        x, y = (int(v) for v in rng.integers(0, size - side + 1, size=2))
+        faces.append(np.ascontiguousarray(face[y : y + side, x : x + side]))
+    return faces

@@ -17,11 +17,11 @@ from broker.local import LocalBroker
 from fedbell.messages import AGGREGATOR
 from fedbell.model import TrainParams
 from fedbell.signing import load_public_key
-from fedbell.synthetic import make_dataset
 from simulation import baseline, report
 from simulation.config import SimulationConfig
 from simulation.data import Split, load_split, write_folder
 from simulation.driver import Driver, FleetView
+from simulation.enrolled import enroll_synthetic
 from simulation.processes import Fleet, ProcessDied, tail
 from simulation.stack import (
     SITE,
@@ -50,8 +50,8 @@ def prepare_dataset(config: SimulationConfig, layout: Layout) -> tuple[Path, str
         return config.dataset.resolve(), str(config.dataset)
     synthetic = config.synthetic
     root = layout.root / "dataset"
-    make_dataset(root, synthetic.persons, synthetic.images_per_person, config.seed,
-                 synthetic.image_size)
+    enroll_synthetic(root, synthetic.persons, synthetic.images_per_person, config.seed,
+                     synthetic.image_size)
     return root, f"synthetic {synthetic.persons}x{synthetic.images_per_person}"
 
 

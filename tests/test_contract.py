@@ -199,7 +199,7 @@ def test_error_feedback_sends_everything_eventually() -> None:
     """The sum of what top-k sent plus the residual equals the sum of the deltas."""
     from fedbell.sparsify import with_error_feedback
 
-    residual = None
+    residual: list[np.ndarray] | None = None
     sent_total = [np.zeros_like(a) for a in arrays()]
     true_total = [np.zeros_like(a) for a in arrays()]
     for seed in range(5):
@@ -208,6 +208,7 @@ def test_error_feedback_sends_everything_eventually() -> None:
         decoded = parse(update(delta=sent, codec="topk", density=0.1)).delta
         sent_total = [t + d for t, d in zip(sent_total, decoded, strict=True)]
         true_total = [t + d for t, d in zip(true_total, delta, strict=True)]
+    assert residual is not None
     for got, want, left in zip(sent_total, true_total, residual, strict=True):
         np.testing.assert_allclose(got + left, want, atol=1e-4)
 

@@ -1,0 +1,175 @@
+"""Soak: N rounds × M simulated doorbells against the real aggregator and broker.
+
+    python -m bench.soak --rounds 200 --nodes 10 [--every 20]   (make soak ARGS=...)
+
+Starts a private Mosquitto, the real aggregator (`python -m aggregator`, its
+own process, its own state folder) and M simulated doorbells in this process
+(bench/devices.py: each its own MQTT client, answering every round with a
+real update envelope, no TensorFlow). It asks for N automatic rounds and,
+every K rounds, prints resident memory (VmRSS) and open file descriptors of
+the aggregator, the broker and the simulated devices. At the end it prints
+the aggregator's RSS growth between round 20 (after warm-up: TensorFlow's
+converter caches are full by then) and round N; the bar is < 10 %.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import queue
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+
+from bench.devices import Fleet
+from broker.local import LocalBroker
+from fedbell.protocol import RoundMetrics
+from fedbell.topics import Topics
+
+SITE = "soak"
+LABELS = ("person00", "person01", "person02")
+WARM_UP_ROUND = 20
+GROWTH_BAR = 0.10
+REPO = Path(__file__).resolve().parents[1]
+
+
+@dataclass(frozen=True)
+class Usage:
+    rss_kib: int
+    fds: int
+
+    def __str__(self) -> str:
+        return f"{self.rss_kib / 1024:7.1f} MiB {self.fds:4d} fds"
+
+
+def usage(pid: int) -> Usage:
+    """Resident memory (VmRSS) and open file descriptors of a process, from /proc."""
+    rss = 0
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            rss = int(line.split()[1])
+    return Usage(rss, sum(1 for _ in Path(f"/proc/{pid}/fd").iterdir()))
+
+
+def aggregator_config(folder: Path, port: int, nodes: int, timeout_s: float) -> Path:
+    path = folder / "aggregator.yaml"
+    path.write_text(json.dumps({  # JSON is YAML
+        "site": SITE, "labels": list(LABELS), "state_dir": str(folder / "state"),
+        "mqtt": {"port": port},
+        "rounds": {"codec": "int8", "timeout_s": timeout_s, "min_updates": nodes,
+                   "auto_pause_s": 0.1},
+        "threads": 1}))
+    return path
+
+
+class MetricsWatch:
+    """Collects the aggregator's per-round metrics as they are published."""
+
+    def __init__(self, port: int) -> None:
+        self.metrics: queue.Queue[RoundMetrics] = queue.Queue()
+        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+        self.client.on_message = self._on_message
+        self.client.connect("127.0.0.1", port)
+        self.client.loop_start()
+        self.client.subscribe(Topics(SITE).metrics, qos=1)
+
+    def _on_message(self, _client: Any, _userdata: Any, message: mqtt.MQTTMessage) -> None:
+        if message.payload:
+            self.metrics.put(RoundMetrics.model_validate_json(message.payload))
+
+    def command(self, payload: dict[str, Any]) -> None:
+        self.client.publish(Topics(SITE).control, json.dumps(payload), qos=1).wait_for_publish(5)
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+def soak(rounds: int, nodes: int, every: int, folder: Path, round_timeout_s: float) -> bool:
+    broker = LocalBroker(folder / "broker").start()
+    log_file = (folder / "aggregator.log").open("wb")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "aggregator", "--config",
+         str(aggregator_config(folder, broker.port, nodes, round_timeout_s)),
+         "--log-level", "WARNING"],
+        cwd=REPO, stdout=subprocess.DEVNULL, stderr=log_file,
+        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+    fleet = Fleet([f"door{i:02d}" for i in range(nodes)], broker.port, SITE)
+    watch = MetricsWatch(broker.port)
+    rss: dict[int, int] = {}
+    try:
+        fleet.wait_ready(timeout=120)
+        watch.command({"cmd": "auto", "rounds": rounds})
+        started = time.monotonic()
+        print(f"{'round':>5} {'outcome':>9} {'aggregator':>20} {'broker':>20} "
+              f"{'devices':>20} {'s/round':>7}")
+        done = 0
+        while done < rounds:
+            try:
+                metrics = watch.metrics.get(timeout=round_timeout_s + 120)
+            except queue.Empty:
+                print(f"no round finished within {round_timeout_s + 120:.0f}s; see "
+                      f"{folder / 'aggregator.log'}")
+                return False
+            if metrics.round <= done:
+                continue  # the retained copy of an older round
+            done = metrics.round
+            aggregator = usage(process.pid)
+            rss[done] = aggregator.rss_kib
+            if metrics.outcome != "published" or done % every == 0 or done in (1, rounds):
+                assert broker.pid is not None
+                print(f"{done:5d} {metrics.outcome:>9} {aggregator!s:>20} "
+                      f"{usage(broker.pid)!s:>20} {usage(os.getpid())!s:>20} "
+                      f"{(time.monotonic() - started) / done:7.2f}", flush=True)
+        return report(rss, rounds)
+    finally:
+        watch.close()
+        fleet.close()
+        process.terminate()
+        process.wait(30)
+        log_file.close()
+        broker.stop()
+
+
+def report(rss: dict[int, int], rounds: int) -> bool:
+    first = WARM_UP_ROUND if WARM_UP_ROUND in rss else min(rss)
+    start, end = rss[first], rss[rounds]
+    growth = (end - start) / start
+    ok = growth < GROWTH_BAR
+    print(f"aggregator RSS round {first}: {start / 1024:.1f} MiB, "
+          f"round {rounds}: {end / 1024:.1f} MiB, growth {100 * growth:+.1f} % "
+          f"({'<' if ok else '>='} {100 * GROWTH_BAR:.0f} %: {'PASS' if ok else 'FAIL'})")
+    return ok
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.soak", description=__doc__.split(
+        "\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=200)
+    parser.add_argument("--nodes", type=int, default=10)
+    parser.add_argument("--every", type=int, default=20, help="print every K rounds")
+    parser.add_argument("--round-timeout", type=float, default=60.0,
+                        help="round deadline (s); every device answers at once, so rounds "
+                        "normally close long before it")
+    parser.add_argument("--keep", type=Path, default=None,
+                        help="keep the broker, state and logs in this folder")
+    args = parser.parse_args(argv)
+    if args.keep is not None:
+        args.keep.mkdir(parents=True, exist_ok=True)
+        return 0 if soak(args.rounds, args.nodes, args.every, args.keep,
+                         args.round_timeout) else 1
+    with tempfile.TemporaryDirectory(prefix="fedbell-soak-") as folder:
+        return 0 if soak(args.rounds, args.nodes, args.every, Path(folder),
+                         args.round_timeout) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,436 @@
+"""Crash and fault tolerance with real processes, real SIGKILLs and a real Mosquitto.
+
+- the broker dies mid-round: real nodes and the real aggregator reconnect on
+  their own, no update is lost, the round completes;
+- the aggregator dies mid-round: it resumes from disk and counts no update
+  twice; killed again and again during rounds, its state always loads and
+  the published version never goes back;
+- 30 % of the selected devices vanish: the round closes at its deadline
+  with the quorum or is abandoned (and announced) below it; a late update
+  changes nothing;
+- a node killed mid-training takes part in the round after its restart.
+
+The aggregator and the doorbells run as `python -m aggregator`,
+`python -m edge` and `python -m bench.devices` (simulated doorbells, no
+TensorFlow) subprocesses wherever a test kills them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import IO, Any
+
+import numpy as np
+import paho.mqtt.client as mqtt
+import pytest
+import yaml
+from paho.mqtt.enums import CallbackAPIVersion
+
+from aggregator.state import ModelRecord, StateRecord, StateStore
+from broker.local import LocalBroker
+from fedbell.messages import parse_global
+from fedbell.protocol import DeviceStatus, RoundAnnouncement, RoundMetrics
+from fedbell.synthetic import make_dataset
+from tests.test_aggregator import (
+    LABELS,
+    MAX_BYTES,
+    SITE,
+    TOPICS,
+    FakeDevice,
+    make_config,
+    random_delta,
+    running,
+    wait_until,
+    weighted,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "NOTIFY_SOCKET": ""}
+
+
+class Recorder:
+    """Every message under the site; resubscribes after a broker restart (unlike a Probe)."""
+
+    def __init__(self, port: int) -> None:
+        self._lock = threading.Lock()
+        self._seen: list[tuple[str, bytes]] = []
+        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+        self.client.on_connect = lambda c, *_: c.subscribe(f"{TOPICS.base}/#", qos=1)
+        self.client.on_message = self._record
+        self.client.reconnect_delay_set(1, 2)
+        self.client.connect("127.0.0.1", port)
+        self.client.loop_start()
+
+    def _record(self, _client: Any, _userdata: Any, message: mqtt.MQTTMessage) -> None:
+        with self._lock:
+            self._seen.append((message.topic, bytes(message.payload)))
+
+    def payloads(self, topic: str) -> list[bytes]:
+        with self._lock:
+            return [p for t, p in self._seen if t == topic and p]
+
+    def wait_for(self, topic: str, accept: Callable[[bytes], bool],
+                 timeout: float = 30.0) -> bytes:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for payload in self.payloads(topic):
+                if accept(payload):
+                    return payload
+            time.sleep(0.05)
+        raise AssertionError(f"nothing acceptable on {topic} within {timeout}s; "
+                             f"saw {[p[:160] for p in self.payloads(topic)]}")
+
+    def metrics(self, round_id: int, timeout: float = 30.0) -> RoundMetrics:
+        payload = self.wait_for(TOPICS.metrics, lambda p: json.loads(p)["round"] == round_id
+                                and json.loads(p)["outcome"] != "aggregated", timeout)
+        return RoundMetrics.model_validate_json(payload)
+
+    def round(self, round_id: int, phase: str, timeout: float = 30.0) -> RoundAnnouncement:
+        payload = self.wait_for(TOPICS.round, lambda p: json.loads(p)["round"] == round_id
+                                and json.loads(p)["phase"] == phase, timeout)
+        return RoundAnnouncement.model_validate_json(payload)
+
+    def status(self, device: str, accept: Callable[[DeviceStatus], bool],
+               timeout: float = 30.0) -> DeviceStatus:
+        payload = self.wait_for(TOPICS.status(device),
+                                lambda p: accept(DeviceStatus.model_validate_json(p)), timeout)
+        return DeviceStatus.model_validate_json(payload)
+
+    def versions(self) -> list[int]:
+        """Versions of every global model seen, in order (republications included)."""
+        return [parse_global(p, site=SITE, max_bytes=MAX_BYTES, keys=None).version
+                for p in self.payloads(TOPICS.global_model)]
+
+    def command(self, **command: Any) -> None:
+        self.client.publish(TOPICS.control, json.dumps(command), qos=1).wait_for_publish(5)
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+class Process:
+    """A fedbell process whose stderr goes to a log file; SIGKILL and restart keep the log."""
+
+    def __init__(self, log_path: Path, *args: str) -> None:
+        self.args = [sys.executable, "-m", *args]
+        self.log_path = log_path
+        self._log: IO[bytes] | None = None
+        self.process: subprocess.Popen[bytes] | None = None
+        self.starts = 0
+
+    def start(self) -> Process:
+        self._log = self.log_path.open("ab")
+        self._log.write(f"\n=== start {self.starts}\n".encode())
+        self._log.flush()
+        self.process = subprocess.Popen(self.args, cwd=REPO, env=ENV, stdout=self._log,
+                                        stderr=self._log)
+        self.starts += 1
+        return self
+
+    def log(self) -> str:
+        """The log of the current (last) start."""
+        return self.log_path.read_text().rsplit("=== start", 1)[-1]
+
+    def wait_log(self, text: str, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        while text not in self.log():
+            assert self.process is not None
+            if self.process.poll() is not None:
+                raise AssertionError(f"{self.args} exited:\n{self.log()[-3000:]}")
+            if time.monotonic() > deadline:
+                raise AssertionError(f"no {text!r} in the log within {timeout}s:\n"
+                                     f"{self.log()[-3000:]}")
+            time.sleep(0.05)
+
+    def kill(self) -> None:
+        """SIGKILL: a crash, no clean-up of any kind."""
+        if self.process is not None:
+            self.process.send_signal(signal.SIGKILL)
+            assert self.process.wait(10) == -signal.SIGKILL
+            self.process = None
+        if self._log is not None:
+            self._log.close()
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(20)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.process = None
+        if self._log is not None:
+            self._log.close()
+
+
+def aggregator_process(tmp_path: Path, port: int, **rounds: Any) -> Process:
+    auto = rounds.pop("auto_rounds", 0)
+    config = make_config(tmp_path, port, **rounds).model_dump(mode="json")
+    config["auto_rounds"] = auto
+    path = tmp_path / "aggregator.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return Process(tmp_path / "aggregator.log", "aggregator", "--config", str(path))
+
+
+def node_process(tmp_path: Path, port: int, device: str, gallery: Path) -> Process:
+    config = {"device_id": device, "site": SITE, "mqtt": {"port": port, "keepalive": 5},
+              "state_dir": str(tmp_path / device), "gallery_dir": str(gallery),
+              "training": {"base_model_wait_s": 20, "threads": 1}}
+    path = tmp_path / f"{device}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return Process(tmp_path / f"{device}.log", "edge", "--config", str(path))
+
+
+def fleet_process(tmp_path: Path, port: int, names: list[str], delay: float = 0.0,
+                  label: str = "fleet") -> Process:
+    return Process(tmp_path / f"{label}.log", "bench.devices", "--port", str(port), "--site",
+                   SITE, "--names", ",".join(names), "--delay", str(delay))
+
+
+@pytest.fixture
+def recorder(broker: LocalBroker) -> Iterator[Recorder]:
+    recording = Recorder(broker.port)
+    yield recording
+    recording.close()
+
+
+@pytest.fixture
+def processes() -> Iterator[list[Process]]:
+    """Every process a test starts is stopped at the end, whatever happened."""
+    started: list[Process] = []
+    yield started
+    for process in started:
+        process.stop()
+
+
+@pytest.fixture(scope="module")
+def gallery(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("gallery")
+    make_dataset(root, persons=len(LABELS), images_per_person=4, seed=5)
+    return root
+
+
+def read_round(state_dir: Path) -> dict[str, Any] | None:
+    try:
+        state = json.loads((state_dir / "state.json").read_text())
+    except (OSError, ValueError):
+        return None
+    round_record: dict[str, Any] | None = state.get("round")
+    return round_record
+
+
+def test_broker_crash_mid_round_everyone_reconnects_and_the_round_completes(
+        tmp_path: Path, broker: LocalBroker, recorder: Recorder, gallery: Path,
+        processes: list[Process]) -> None:
+    aggregator = aggregator_process(tmp_path, broker.port, codec="float16", timeout_s=50,
+                                    min_updates=2, train={"epochs": 1, "batch_size": 8})
+    nodes = [node_process(tmp_path, broker.port, name, gallery) for name in ("d1", "d2")]
+    processes.extend([aggregator, *nodes])
+    aggregator.start().wait_log("ready: site")
+    for node in nodes:
+        node.start()
+    for name in ("d1", "d2"):
+        recorder.status(name, lambda s: s.state == "online" and s.model_version == 0)
+    recorder.command(cmd="start_round", devices=["d1", "d2"])
+    recorder.round(1, "train")
+
+    broker.kill()  # mid-round: the nodes are training, nothing has been aggregated
+    assert recorder.versions()[-1] == 0
+    time.sleep(1.0)
+    broker.start()
+    fresh = Recorder(broker.port)  # the retained model survived the crash
+    try:
+        assert fresh.wait_for(TOPICS.global_model, lambda _p: True, timeout=10)
+    finally:
+        fresh.close()
+
+    metrics = recorder.metrics(1, timeout=50)
+    assert metrics.outcome == "published"
+    assert metrics.participants == 2  # no update lost
+    for name in ("d1", "d2"):  # reconnected on their own and took the new model
+        assert recorder.status(name, lambda s: s.model_version == 1).state == "online"
+    recorder.wait_for(TOPICS.aggregator_status, lambda p: b'"online"' in p)
+    assert "disconnected from the broker" in aggregator.log()
+    for node in nodes:
+        assert "disconnected from the broker" in node.log()
+    late = Recorder(broker.port)
+    try:
+        assert late.wait_for(TOPICS.global_model, lambda p: parse_global(
+            p, site=SITE, max_bytes=MAX_BYTES, keys=None).version == 1, timeout=10)
+    finally:
+        late.close()
+
+
+def test_aggregator_crash_mid_round_resumes_from_disk_and_counts_nothing_twice(
+        tmp_path: Path, broker: LocalBroker, recorder: Recorder,
+        processes: list[Process]) -> None:
+    aggregator = aggregator_process(tmp_path, broker.port, min_updates=3, auto_rounds=1)
+    processes.append(aggregator)
+    aggregator.start().wait_log("ready: site")
+    devices = [FakeDevice(broker.port, name) for name in ("a", "b", "c")]
+    try:
+        announcement = recorder.round(1, "train")
+        base = parse_global(recorder.payloads(TOPICS.global_model)[-1], site=SITE,
+                            max_bytes=MAX_BYTES, keys=None)
+        assert base.version == announcement.base_version == 0
+        parts = [(random_delta(base, seed), examples)
+                 for seed, examples in ((1, 3), (2, 5), (3, 7))]
+        updates = [device.update(base, delta, examples=n, round_id=1)
+                   for device, (delta, n) in zip(devices, parts, strict=True)]
+        devices[0].send(updates[0])
+        devices[1].send(updates[1])
+        wait_until(lambda: len((read_round(tmp_path / "state") or {}).get("received", ())) == 2)
+
+        aggregator.kill()
+        devices[0].send(updates[0])  # a redelivery of an update already counted
+        devices[2].send(updates[2])  # queued by the broker for the aggregator's session
+        aggregator.start()
+
+        metrics = recorder.metrics(1)
+        assert metrics.outcome == "published"
+        assert metrics.participants == 3
+        assert metrics.examples == 15
+        assert metrics.rejected == {"duplicate": 1}
+        assert "round 1 collecting with 2/3 updates" in aggregator.log()
+        new = parse_global(recorder.wait_for(TOPICS.global_model, lambda p: parse_global(
+            p, site=SITE, max_bytes=MAX_BYTES, keys=None).version == 1), site=SITE,
+            max_bytes=MAX_BYTES, keys=None)
+        for got, expected in zip(new.weights, weighted(base, parts), strict=True):
+            np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+        versions = recorder.versions()
+        assert versions == sorted(versions)
+        assert versions[-1] == 1
+    finally:
+        for device in devices:
+            device.close()
+
+
+def test_repeated_aggregator_crashes_during_rounds_never_leave_a_half_written_model(
+        tmp_path: Path, broker: LocalBroker, recorder: Recorder,
+        processes: list[Process]) -> None:
+    aggregator = aggregator_process(tmp_path, broker.port, min_updates=1, timeout_s=5,
+                                    auto_rounds=1000, codec="int8")
+    fleet = fleet_process(tmp_path, broker.port, ["s1", "s2", "s3"])
+    processes.extend([aggregator, fleet])
+    fleet.start()
+    store = StateStore(tmp_path / "state")
+    rng = random.Random(3)
+    committed = 0
+    for _ in range(4):
+        aggregator.start().wait_log("ready: site")
+        time.sleep(rng.uniform(1.0, 3.0))  # rounds take ~1 s: kills land anywhere in them
+        aggregator.kill()
+        record = store.load()  # what the next start will read: complete and loadable
+        assert record is not None
+        assert record.model.version >= committed
+        committed = record.model.version
+        weights = store.read_arrays(record.model.file)
+        assert len(weights) == len(record.model.names)
+        for name in record.retained.values():
+            assert (store.folder / name).stat().st_size > 0
+    aggregator.start().wait_log("ready: site")
+    recorder.metrics(committed + 1, timeout=40)  # and rounds go on
+    assert committed >= 1
+    versions = recorder.versions()
+    assert versions == sorted(versions), versions  # never went back
+
+
+def test_an_interrupted_write_leaves_the_last_complete_state(tmp_path: Path) -> None:
+    """The files a crash mid-write leaves behind are never taken for the model."""
+    store = StateStore(tmp_path)
+    first = store.write_arrays("model", [np.arange(4, dtype=np.float32)])
+    store.commit(StateRecord(model=ModelRecord(version=3, round=3, names=("w",), file=first)))
+    complete = (tmp_path / first).read_bytes()
+    (tmp_path / "model-0123456789ab.npz.tmp").write_bytes(complete[: len(complete) // 2])
+    (tmp_path / "model-ba9876543210.npz").write_bytes(complete[:10])  # renamed, never named
+    (tmp_path / "state.json.tmp").write_bytes(b'{"model": {"version": 4, "rou')
+
+    loaded = store.load()
+    assert loaded is not None
+    assert loaded.model.version == 3
+    np.testing.assert_array_equal(store.read_arrays(loaded.model.file)[0], [0, 1, 2, 3])
+    second = store.write_arrays("model", [np.ones(4, dtype=np.float32)])
+    store.commit(StateRecord(model=ModelRecord(version=4, round=4, names=("w",), file=second)))
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["state.json", second])
+
+
+@pytest.mark.parametrize("case", [(7, "published"), (8, "abandoned")], ids=["quorum", "below"])
+def test_thirty_percent_of_the_devices_vanish_mid_round(
+        tmp_path: Path, broker: LocalBroker, recorder: Recorder, processes: list[Process],
+        case: tuple[int, str]) -> None:
+    quorum, outcome = case
+    stayers = [f"s{i}" for i in range(7)]
+    leavers = [f"v{i}" for i in range(3)]
+    staying = fleet_process(tmp_path, broker.port, stayers, label="stayers")
+    leaving = fleet_process(tmp_path, broker.port, leavers, delay=30, label="leavers")
+    processes.extend([staying, leaving])
+    for fleet in (staying, leaving):
+        fleet.start().wait_log("ready", timeout=30)
+    config = make_config(tmp_path, broker.port, timeout_s=4, min_updates=quorum, codec="int8")
+    with running(config) as service:
+        coordinator = service.coordinator
+        wait_until(lambda: len(coordinator.online) == 10)
+        recorder.command(cmd="start_round")
+        announcement = recorder.round(1, "train")
+        assert len(announcement.selected) == 10
+        leaving.kill()  # 30 % vanish before answering
+
+        closed = recorder.metrics(1, timeout=15)  # at the deadline, nothing hangs
+        assert closed.outcome == outcome
+        assert closed.participants == 7
+        phase = "closed" if outcome == "published" else "abandoned"
+        recorder.round(1, phase)  # announced either way
+        version = coordinator.model.version
+        assert version == (1 if outcome == "published" else 0)
+
+        recorder.command(cmd="start_round")  # the next round starts
+        recorder.round(2, "train")
+        late = FakeDevice(broker.port, "v0")  # back, with its update for round 1
+        try:
+            base = parse_global(recorder.payloads(TOPICS.global_model)[-1], site=SITE,
+                                max_bytes=MAX_BYTES, keys=None)
+            before = dict(coordinator.rejected)
+            late.send(late.update(base, random_delta(base, 9), examples=4, round_id=1,
+                                  codec="int8"))
+            wait_until(lambda: coordinator.rejected["wrong_round"] > before.get(
+                "wrong_round", 0), timeout=10)
+            current = coordinator.round
+            assert current is not None
+            assert "v0" not in current.received
+            assert coordinator.model.version == version  # changed nothing
+        finally:
+            late.close()
+
+
+def test_a_node_killed_mid_training_takes_part_after_its_restart(
+        tmp_path: Path, broker: LocalBroker, recorder: Recorder, gallery: Path,
+        processes: list[Process]) -> None:
+    aggregator = aggregator_process(tmp_path, broker.port, codec="float16", timeout_s=50,
+                                    train={"epochs": 3, "batch_size": 4})
+    node = node_process(tmp_path, broker.port, "d1", gallery)
+    processes.extend([aggregator, node])
+    aggregator.start().wait_log("ready: site")
+    node.start()
+    recorder.status("d1", lambda s: s.state == "online" and s.model_version == 0)
+    recorder.command(cmd="start_round", devices=["d1"])
+    node.wait_log("round 1: training on")
+    node.kill()
+    assert "update sent" not in node.log()  # really mid-training
+
+    node.start()  # the retained round message is still "train": it trains again
+    metrics = recorder.metrics(1, timeout=50)
+    assert metrics.outcome == "published"
+    assert metrics.participants == 1
+    assert "round 1: update sent" in node.log()
+    recorder.status("d1", lambda s: s.model_version == 1 and s.last_round == 1)
