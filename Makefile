@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 ARGS   ?=
 
-.PHONY: demo test lint bench bench-recognition fuzz soak deps broker-deps clean
+.PHONY: demo test lint bench bench-recognition bench-robust fuzz soak deps broker-deps clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,15 @@ lint: $(STAMP)
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 	$(PY) -m mypy .
+
+bench: deps
+	$(PY) -m bench.suite $(ARGS)
+
+bench-recognition: $(STAMP)
+	$(PY) -m bench.recognition $(ARGS)
+
+bench-robust: $(STAMP)
+	$(PY) -m bench.robust $(ARGS)
 
 fuzz: $(STAMP)
 	$(PY) -m bench.fuzz $(ARGS)

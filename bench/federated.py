@@ -80,6 +80,8 @@ class ArmResult:
     arm: Arm
     rounds: list[RoundResult] = field(default_factory=list)
     update_bytes: list[int] = field(default_factory=list)
+    weights: Weights = field(default_factory=list)
+    """The global model after the last round."""
 
     @property
     def final_accuracy(self) -> float:
@@ -170,6 +172,7 @@ def run_arm(fed: Federation, arm: Arm, rounds: int, progress: Any = None) -> Arm
                                          time.perf_counter() - started, len(nodes)))
         if progress is not None:
             progress(arm, result.rounds[-1])
+    result.weights = weights
     return result
 
 

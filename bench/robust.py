@@ -47,7 +47,7 @@ def main() -> int:
     parser.add_argument("--report", type=Path, default=Path("reports/robust.json"))
     args = parser.parse_args()
     limit_threads(2)
-    console = Console()
+    console = Console(width=150)
     fed, name = load_federation(args.dataset, args.nodes, args.alpha, args.seed,
                                 TrainParams(epochs=args.epochs))
     console.print(f"dataset {name}: {args.nodes} nodes, alpha {args.alpha}, "

@@ -327,7 +327,7 @@ def test_repeated_aggregator_crashes_during_rounds_never_leave_a_half_written_mo
     store = StateStore(tmp_path / "state")
     rng = random.Random(3)
     committed = 0
-    for _ in range(4):
+    for _ in range(3):
         aggregator.start().wait_log("ready: site")
         time.sleep(rng.uniform(1.0, 3.0))  # rounds take ~1 s: kills land anywhere in them
         aggregator.kill()
@@ -375,11 +375,11 @@ def test_thirty_percent_of_the_devices_vanish_mid_round(
     staying = fleet_process(tmp_path, broker.port, stayers, label="stayers")
     leaving = fleet_process(tmp_path, broker.port, leavers, delay=30, label="leavers")
     processes.extend([staying, leaving])
-    for fleet in (staying, leaving):
-        fleet.start().wait_log("ready", timeout=30)
     config = make_config(tmp_path, broker.port, timeout_s=4, min_updates=quorum, codec="int8")
     with running(config) as service:
         coordinator = service.coordinator
+        for fleet in (staying, leaving):  # ready once they hold the retained model
+            fleet.start().wait_log("ready", timeout=30)
         wait_until(lambda: len(coordinator.online) == 10)
         recorder.command(cmd="start_round")
         announcement = recorder.round(1, "train")

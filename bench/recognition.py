@@ -1,6 +1,6 @@
 """Recognition benchmark, pinned to one core as on a busy Pi.
 
-    python -m edge.bench_recognition [--dataset ../shared/datasets/faces94_female]
+    python -m bench.recognition [--dataset ../shared/datasets/faces94_female]
 
 Prints: whole-pipeline frames per second on 640×480 frames (goal ≥ 30),
 milliseconds per face for the float and int8 TFLite models, and, when the
