@@ -156,8 +156,8 @@ class RecognitionConfig(_Section):
         default=2,
         ge=1,
         title="Frames to confirm",
-        description="A person must be recognised in this many consecutive frames with a "
-        "face before a visitor event is sent",
+        description="A visit (one face followed across frames) is decided after this many "
+        "frames: one visitor event, named from the mean of the model's probabilities over them",
     )
     ring_on_face_frames: int = Field(
         default=0,
@@ -176,7 +176,8 @@ class RecognitionConfig(_Section):
         default=5.0,
         gt=0.0,
         title="Presence timeout",
-        description="The person-present sensor turns off after this many seconds without a face",
+        description="The person-present sensor turns off, and a visit ends, after this many "
+        "seconds without a face",
     )
     snapshot: bool = Field(
         default=False,

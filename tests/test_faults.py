@@ -394,21 +394,27 @@ def test_thirty_percent_of_the_devices_vanish_mid_round(
         version = coordinator.model.version
         assert version == (1 if outcome == "published" else 0)
 
-        recorder.command(cmd="start_round")  # the next round starts
-        recorder.round(2, "train")
         late = FakeDevice(broker.port, "v0")  # back, with its update for round 1
         try:
+            wait_until(lambda: "v0" in coordinator.online)
             base = parse_global(recorder.payloads(TOPICS.global_model)[-1], site=SITE,
                                 max_bytes=MAX_BYTES, keys=None)
-            before = dict(coordinator.rejected)
-            late.send(late.update(base, random_delta(base, 9), examples=4, round_id=1,
-                                  codec="int8"))
-            wait_until(lambda: coordinator.rejected["wrong_round"] > before.get(
-                "wrong_round", 0), timeout=10)
+            stale = late.update(base, random_delta(base, 9), examples=4, round_id=1,
+                                codec="int8", base_version=0)
+            late.send(stale)  # no round open
+            wait_until(lambda: coordinator.rejected["no_round"] == 1, timeout=10)
+
+            recorder.command(cmd="start_round")  # nothing hangs: the next round starts
+            assert "v0" in recorder.round(2, "train").selected
+            late.send(stale)  # and it sends round 1's update again, not round 2's
+            wait_until(lambda: coordinator.rejected["wrong_round"] == 1, timeout=10)
             current = coordinator.round
             assert current is not None
             assert "v0" not in current.received
             assert coordinator.model.version == version  # changed nothing
+            again = recorder.metrics(2, timeout=15)  # closes at its deadline like round 1
+            assert (again.outcome, again.participants) == (outcome, 7)
+            assert again.rejected == {"wrong_round": 1}
         finally:
             late.close()
 
