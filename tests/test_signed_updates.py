@@ -121,7 +121,11 @@ def test_forged_update_is_refused_and_the_model_keeps_only_honest_work(
         base = parse_global(base_payload, site=SITE, max_bytes=1 << 24, keys=aggregator_keys)
         time.sleep(1.5)  # let the aggregator see both retained statuses
         logins["operator"].publish(TOPICS.control, b'{"cmd":"start_round"}')
-        wait_for("round 1", lambda: b'"round":1' in (watcher.latest(TOPICS.round) or b""))
+        def round_1() -> bytes | None:
+            payload = watcher.latest(TOPICS.round)
+            return payload if payload and b'"round":1' in payload else None
+
+        wait_for("round 1", round_1)
 
         honest = [np.full(w.shape, 0.01, np.float32) for w in base.weights]
         poison = [np.full(w.shape, 5.0, np.float32) for w in base.weights]
