@@ -119,13 +119,18 @@ def test_forged_update_is_refused_and_the_model_keeps_only_honest_work(
                                 lambda: watcher.latest(TOPICS.global_model))
         # The node's check: the model verifies against the provisioned aggregator key.
         base = parse_global(base_payload, site=SITE, max_bytes=1 << 24, keys=aggregator_keys)
-        time.sleep(1.5)  # let the aggregator see both retained statuses
-        logins["operator"].publish(TOPICS.control, b'{"cmd":"start_round"}')
         def round_1() -> bytes | None:
             payload = watcher.latest(TOPICS.round)
             return payload if payload and b'"round":1' in payload else None
 
-        wait_for("round 1", round_1)
+        # The aggregator refuses a round until it has seen the doorbells online
+        # (retained statuses arrive asynchronously): ask until it starts one.
+        for _ in range(20):
+            logins["operator"].publish(TOPICS.control, b'{"cmd":"start_round"}')
+            time.sleep(0.5)
+            if round_1():
+                break
+        assert b'"door2"' in wait_for("round 1", round_1)
 
         honest = [np.full(w.shape, 0.01, np.float32) for w in base.weights]
         poison = [np.full(w.shape, 5.0, np.float32) for w in base.weights]
