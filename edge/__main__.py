@@ -29,16 +29,7 @@ SUBCOMMANDS = ("run", "enroll")
 def _run(args: argparse.Namespace) -> int:
     from edge.node import EdgeNode  # imported here so `enroll` starts without it
 
-    try:
-        node = EdgeNode(load_config(args.config, EdgeConfig))
-    except ConfigError as err:
-        print(f"fedbell-edge: {err}", file=sys.stderr)
-        return 2
-    except Exception as err:
-        if args.command == "run":
-            raise  # a crash of the service: the journal wants the traceback
-        print(f"fedbell-edge {args.command}: {err}", file=sys.stderr)  # a CLI reports
-        return 2
+    node = EdgeNode(load_config(args.config, EdgeConfig))  # errors: see main()
     stop = threading.Event()
 
     def request_stop(signum: int, _frame: Any) -> None:
