@@ -47,5 +47,10 @@ bench-robust: $(STAMP)
 fuzz: $(STAMP)
 	$(PY) -m bench.fuzz $(ARGS)
 
+# N rounds x M simulated doorbells against the real aggregator and broker,
+# printing RSS and open fds; e.g. make soak ARGS="--rounds 200 --nodes 10"
+soak: $(STAMP)
+	$(PY) -m bench.soak $(ARGS)
+
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

@@ -148,10 +148,15 @@ class AggregatorConfig(StrictModel):
         "they arrive (sooner when half of receive_maximum waits); the broker keeps them until "
         "then and redelivers them after a crash.")
     receive_maximum: int = Field(
-        default=100, ge=2, le=65535, title="Messages in flight",
-        description="MQTT v5 Receive Maximum: the broker sends at most this many "
-        "unacknowledged QoS 1 messages, which bounds the aggregator's memory however many "
-        "doorbells upload at once.")
+        default=1000, ge=2, le=65535, title="Unacknowledged messages",
+        description="MQTT v5 Receive Maximum: the broker sends at most this many QoS 1 "
+        "messages the aggregator has not acknowledged yet (it acks after persisting, so this "
+        "must cover persist_interval_s of uploads or the broker pauses).")
+    inbox_size: int = Field(
+        default=32, ge=1, le=10000, title="Messages waiting",
+        description="Received messages waiting to be handled; when full, the MQTT thread "
+        "stops reading and TCP holds the broker back. Bounds the aggregator's memory to about "
+        "this many updates however many doorbells upload at once.")
 
     _site = field_validator("site")(site_id)
 

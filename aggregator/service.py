@@ -12,11 +12,14 @@ whatever it changed is on disk. Accepted updates are persisted in batches
 for their ack, so the broker never stalls on a full window), which is what
 makes ~1000 updates a round cheap; after a crash the broker redelivers every
 un-acked update to the persistent session, and one that was already counted
-is refused as a duplicate. The Receive Maximum bounds how many messages can
-sit in the queue, so memory does not grow with the number of doorbells; and
-because Mosquitto 2.0.11 (Ubuntu 22.04's) stops honouring it after the first
-PUBACKs, the queue is also bounded itself: when it is full, paho's thread
-waits in `put`, stops reading the socket, and TCP holds the broker back.
+is refused as a duplicate.
+
+Memory does not grow with the number of doorbells because the queue is
+bounded (`inbox_size`): when it is full, paho's thread waits in `put`, stops
+reading the socket, and TCP holds the broker back; the updates wait in the
+broker, which queues them anyway. The MQTT v5 Receive Maximum cannot do that
+on its own: Mosquitto 2.0.11 (Ubuntu 22.04's) stops honouring it after the
+first PUBACKs (with a window of 5, every PUBACK released 5 more messages).
 """
 
 from __future__ import annotations
@@ -92,7 +95,7 @@ class AggregatorService:
         signer = Signer(AGGREGATOR, load_private_key(key) if key is not None else None)
         keys_dir = config.signing.trusted_keys_dir
         trusted = load_public_keys(keys_dir) if keys_dir is not None else None
-        self.inbox: queue.Queue[Item] = queue.Queue(maxsize=config.receive_maximum)
+        self.inbox: queue.Queue[Item] = queue.Queue(maxsize=config.inbox_size)
         self._stopping = threading.Event()
         self._connection = 0  # written by paho's thread only, read by the main loop
         self._unacked: list[tuple[int, int, int]] = []

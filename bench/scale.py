@@ -105,20 +105,33 @@ class Watcher:
 
 
 class RssSampler(threading.Thread):
-    """Samples a process's VmRSS every 50 ms (kB, with the time)."""
+    """Samples a process's VmRSS every 50 ms (kB, with the time), and the CPU
+    seconds of the processes in `cpu_pids` (to see who is busy while updates flow)."""
 
     def __init__(self, pid: int) -> None:
         super().__init__(daemon=True, name="rss-sampler")
         self.pid = pid
+        self.cpu_pids: dict[str, list[int]] = {}
         self.samples: list[tuple[float, int]] = []
+        self.cpu: list[tuple[float, dict[str, float]]] = []
         self.done = threading.Event()
 
     def run(self) -> None:
         while not self.done.wait(0.05):
             try:
                 self.samples.append((time.time(), proc_status_kb(self.pid, "VmRSS")))
+                self.cpu.append((time.time(), {name: sum(map(cpu_seconds, pids))
+                                               for name, pids in self.cpu_pids.items()}))
             except (OSError, KeyError):
                 return
+
+    def cpu_share(self, start: float, end: float) -> dict[str, float]:
+        """Cores each process group used on average between two moments."""
+        inside = [(t, c) for t, c in self.cpu if start <= t <= end]
+        if len(inside) < 2:
+            return {}
+        (t0, c0), (t1, c1) = inside[0], inside[-1]
+        return {name: round((c1[name] - c0.get(name, 0.0)) / (t1 - t0), 2) for name in c1}
 
     def peak_between(self, start: float, end: float) -> int:
         return max((kb for t, kb in self.samples if start <= t <= end), default=0)
@@ -133,6 +146,12 @@ def proc_status_kb(pid: int, key: str) -> int:
         if line.startswith(f"{key}:"):
             return int(line.split()[1])
     raise KeyError(key)
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process (and its reaped children) so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return sum(int(f) for f in fields[11:15]) / os.sysconf("SC_CLK_TCK")
 
 
 def raise_fd_limit(needed: int) -> int:
@@ -235,6 +254,8 @@ def run_one(nodes: int, codec: Codec, folder: Path, workers: int | None = None,
             swarm = [Worker({"port": broker.port, "site": SITE, "codec": codec,
                              "density": 0.05, "devices": names[i::count], "seed": i})
                      for i in range(count)]
+            sampler.cpu_pids = {"aggregator": [aggregator.pid], "broker": [broker.pid or 0],
+                                "doorbells": [w.process.pid for w in swarm]}
             for worker in swarm:
                 ready = worker.read(timeout=300)
                 if "ready" not in ready:
@@ -275,9 +296,11 @@ def run_one(nodes: int, codec: Codec, folder: Path, workers: int | None = None,
         "round_seconds": round(watcher.published - watcher.announced, 2),
         "collect_seconds": round(times[-1] - watcher.announced, 2),
         "peak_rss_mb": round(peak_kb / 1024, 1),
-        "collect_rss_mb": round(sampler.peak_between(watcher.announced, times[-1]) / 1024, 1),
+        "collect_rss_mb": round(max(sampler.peak_between(watcher.announced, times[-1]),
+                                    sampler.at(times[-1])) / 1024, 1),
         "rss_before_mb": round(sampler.at(watcher.announced) / 1024, 1),
         "bytes_up": watcher.metrics.bytes_up,
+        "cores_while_collecting": sampler.cpu_share(watcher.announced, times[-1]),
         "workers": count,
     }
 

@@ -144,9 +144,12 @@ def report(rss: dict[int, int], rounds: int) -> bool:
     start, end = rss[first], rss[rounds]
     growth = (end - start) / start
     ok = growth < GROWTH_BAR
+    peak = max(value for round_id, value in rss.items() if round_id >= first)
     print(f"aggregator RSS round {first}: {start / 1024:.1f} MiB, "
           f"round {rounds}: {end / 1024:.1f} MiB, growth {100 * growth:+.1f} % "
-          f"({'<' if ok else '>='} {100 * GROWTH_BAR:.0f} %: {'PASS' if ok else 'FAIL'})")
+          f"({'<' if ok else '>='} {100 * GROWTH_BAR:.0f} %: {'PASS' if ok else 'FAIL'}); "
+          f"peak from round {first} on: {peak / 1024:.1f} MiB "
+          f"({100 * (peak - start) / start:+.1f} %)")
     return ok
 
 

@@ -115,6 +115,9 @@ class Harness:
     def send(self, topic: str, payload: bytes) -> None:
         self.coordinator.on_message(topic, payload)
         self.coordinator.tick()
+        # The service persists accepted updates in batches, before it acks them; with
+        # no broker here to redeliver, every message is as if its batch was persisted.
+        self.coordinator.persist()
 
     def command(self, **command: Any) -> None:
         self.send(TOPICS.control, json.dumps(command).encode())

@@ -113,7 +113,7 @@ def test_buffered_strategies_need_max_devices_and_clipping_a_norm() -> None:
             RoundSettings(strategy=strategy)
     with pytest.raises(ValidationError, match="needs clip_norm"):
         RoundSettings(strategy="clipped")
-    with pytest.raises(ValidationError, match="less than 0.5"):
+    with pytest.raises(ValidationError, match=r"less than 0\.5"):
         RoundSettings(strategy="trimmed_mean", max_devices=4, trim_fraction=0.5)
     assert RoundSettings(server_optimizer="fedadam").server_lr == 0.01
     assert RoundSettings(server_optimizer="fedavgm").server_lr == 1.0
