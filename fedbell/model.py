@@ -35,8 +35,8 @@ STRANGER = -1
 class TrainParams:
     """Local training hyper-parameters; the round message carries them."""
 
-    epochs: int = 2
-    batch_size: int = 16
+    epochs: int = 5
+    batch_size: int = 8
     learning_rate: float = 1e-3
     prox_mu: float = 0.0
     """FedProx: weight of (mu/2)·||w - w_base||², which keeps a node with a few

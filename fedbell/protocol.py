@@ -37,8 +37,8 @@ class Command(Message):
 
 
 class TrainingPlan(Message):
-    epochs: int = Field(default=2, ge=1, le=100)
-    batch_size: int = Field(default=16, ge=1, le=1024)
+    epochs: int = Field(default=5, ge=1, le=100)
+    batch_size: int = Field(default=8, ge=1, le=1024)
     learning_rate: float = Field(default=1e-3, gt=0, le=1)
     prox_mu: float = Field(default=0.0, ge=0, le=10, description="FedProx proximal weight.")
 

@@ -53,7 +53,7 @@ class SimulationConfig(StrictModel):
     epochs: int = Field(default=5, ge=1, le=100, title="Local epochs",
                         description="Epochs each node trains per round. A doorbell gallery "
                         "is a batch or two, so an epoch is only a step or two of training.")
-    batch_size: int = Field(default=16, ge=1, le=1024, title="Batch size",
+    batch_size: int = Field(default=8, ge=1, le=1024, title="Batch size",
                             description="Local training batch size.")
     learning_rate: float = Field(default=1e-3, gt=0, le=1, title="Learning rate",
                                  description="Adam learning rate, nodes and baseline alike.")
