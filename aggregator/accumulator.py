@@ -68,8 +68,10 @@ class Accumulator(ABC):
 
     def apply(self, base: Sequence[npt.NDArray[np.float32]]) -> Weights:
         """The new global weights: base + aggregated delta."""
-        return [(np.asarray(b, dtype=np.float64) + d).astype(np.float32)
-                for b, d in zip(base, self.mean_delta(), strict=True)]
+        return [
+            (np.asarray(b, dtype=np.float64) + d).astype(np.float32)
+            for b, d in zip(base, self.mean_delta(), strict=True)
+        ]
 
 
 class Streaming(Accumulator):
@@ -105,8 +107,14 @@ class Streaming(Accumulator):
 class Buffered(Accumulator):
     """Every delta of the round, at most `capacity`, aggregated by `rule` (unweighted)."""
 
-    def __init__(self, shapes: Shapes, rule: Rule, capacity: int,
-                 deltas: Sequence[Weights] = (), total: int = 0) -> None:
+    def __init__(
+        self,
+        shapes: Shapes,
+        rule: Rule,
+        capacity: int,
+        deltas: Sequence[Weights] = (),
+        total: int = 0,
+    ) -> None:
         self.shapes = [tuple(int(d) for d in s) for s in shapes]
         self.rule = rule
         self.capacity = capacity
@@ -150,13 +158,15 @@ def make_accumulator(settings: RoundSettings, shapes: Shapes) -> Accumulator:
     return restore(settings, shapes, None, total=0, count=0)
 
 
-def restore(settings: RoundSettings, shapes: Shapes, arrays: Arrays | None, *,
-            total: int, count: int) -> Accumulator:
+def restore(
+    settings: RoundSettings, shapes: Shapes, arrays: Arrays | None, *, total: int, count: int
+) -> Accumulator:
     """The accumulator of a round resumed from disk (`arrays`: what `arrays()` saved)."""
     strategy = settings.strategy
     if strategy in ("fedavg", "clipped"):
-        sums: Sums | None = None if arrays is None else \
-            [np.asarray(a, dtype=np.float64) for a in arrays]
+        sums: Sums | None = (
+            None if arrays is None else [np.asarray(a, dtype=np.float64) for a in arrays]
+        )
         clip = settings.clip_norm if strategy == "clipped" else None
         return Streaming(RunningFedAvg(shapes, sums, total, count), clip)
     rule: Rule
@@ -168,29 +178,39 @@ def restore(settings: RoundSettings, shapes: Shapes, arrays: Arrays | None, *,
     assert settings.max_devices is not None  # the config guarantees it for buffered rules
     deltas = _split(arrays or [], len(shapes))
     if len(deltas) != count:
-        raise InconsistentUpdate(f"saved {len(deltas)} buffered updates, the round "
-                                 f"received {count}")
+        raise InconsistentUpdate(
+            f"saved {len(deltas)} buffered updates, the round received {count}"
+        )
     return Buffered(shapes, rule, settings.max_devices, deltas, total)
 
 
 def _split(arrays: Arrays, per_delta: int) -> list[Weights]:
     if per_delta == 0 or len(arrays) % per_delta:
-        raise InconsistentUpdate(f"{len(arrays)} saved arrays is not a whole number of "
-                                 f"{per_delta}-tensor updates")
-    return [[np.asarray(a, dtype=np.float32) for a in arrays[i:i + per_delta]]
-            for i in range(0, len(arrays), per_delta)]
+        raise InconsistentUpdate(
+            f"{len(arrays)} saved arrays is not a whole number of {per_delta}-tensor updates"
+        )
+    return [
+        [np.asarray(a, dtype=np.float32) for a in arrays[i : i + per_delta]]
+        for i in range(0, len(arrays), per_delta)
+    ]
 
 
 def make_optimizer(settings: RoundSettings) -> ServerOptimizer | None:
     """A fresh server optimiser as configured (None: plain FedAvg step)."""
     if settings.server_optimizer == "none":
         return None
-    return ServerOptimizer(settings.server_optimizer, learning_rate=settings.server_lr,
-                           momentum=settings.server_momentum)
+    return ServerOptimizer(
+        settings.server_optimizer,
+        learning_rate=settings.server_lr,
+        momentum=settings.server_momentum,
+    )
 
 
-def next_weights(base: Sequence[npt.NDArray[np.float32]], accumulator: Accumulator,
-                 optimizer: ServerOptimizer | None) -> tuple[Weights, ServerOptimizer | None]:
+def next_weights(
+    base: Sequence[npt.NDArray[np.float32]],
+    accumulator: Accumulator,
+    optimizer: ServerOptimizer | None,
+) -> tuple[Weights, ServerOptimizer | None]:
     """The new global weights and the optimiser after this step.
 
     The given optimiser is left untouched: the step only becomes the model's
@@ -201,5 +221,7 @@ def next_weights(base: Sequence[npt.NDArray[np.float32]], accumulator: Accumulat
         return accumulator.apply(base), None
     stepped = copy.deepcopy(optimizer)
     step = stepped.step(accumulator.mean_delta())
-    return [(np.asarray(b, dtype=np.float64) + s).astype(np.float32)
-            for b, s in zip(base, step, strict=True)], stepped
+    return [
+        (np.asarray(b, dtype=np.float64) + s).astype(np.float32)
+        for b, s in zip(base, step, strict=True)
+    ], stepped

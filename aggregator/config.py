@@ -24,65 +24,115 @@ DEFAULT_SERVER_LR = {"fedavgm": 1.0, "fedadam": 0.01}
 
 
 class RoundSettings(StrictModel):
-    codec: Codec = Field(default="int8", title="Update codec",
-                         description="Codec every node must use for its update this round "
-                         "(float32, float16, int8 or topk).")
+    codec: Codec = Field(
+        default="int8",
+        title="Update codec",
+        description="Codec every node must use for its update this round "
+        "(float32, float16, int8 or topk).",
+    )
     downlink_codec: Codec = Field(
-        default="float32", title="Global model codec",
-        description="Codec of the retained global model (float32 or float16).")
-    timeout_s: float = Field(default=300.0, gt=0, title="Round deadline (s)",
-                             description="Updates arriving later than this are refused.")
-    min_updates: int = Field(default=1, ge=1, title="Quorum",
-                             description="Fewest updates a round needs to be aggregated.")
+        default="float32",
+        title="Global model codec",
+        description="Codec of the retained global model (float32 or float16).",
+    )
+    timeout_s: float = Field(
+        default=300.0,
+        gt=0,
+        title="Round deadline (s)",
+        description="Updates arriving later than this are refused.",
+    )
+    min_updates: int = Field(
+        default=1,
+        ge=1,
+        title="Quorum",
+        description="Fewest updates a round needs to be aggregated.",
+    )
     max_devices: int | None = Field(
-        default=None, ge=1, title="Devices per round",
-        description="Select at most this many online devices (random); default: all.")
+        default=None,
+        ge=1,
+        title="Devices per round",
+        description="Select at most this many online devices (random); default: all.",
+    )
     max_update_norm: float = Field(
-        default=1000.0, gt=0, title="Largest update norm",
-        description="An update whose L2 norm exceeds this is rejected as absurd.")
-    train: TrainingPlan = Field(default_factory=TrainingPlan, title="Local training",
-                                description="Hyper-parameters sent to the nodes.")
+        default=1000.0,
+        gt=0,
+        title="Largest update norm",
+        description="An update whose L2 norm exceeds this is rejected as absurd.",
+    )
+    train: TrainingPlan = Field(
+        default_factory=TrainingPlan,
+        title="Local training",
+        description="Hyper-parameters sent to the nodes.",
+    )
     seed: int = Field(default=0, title="Seed", description="Seed for device selection.")
     auto_pause_s: float = Field(
-        default=1.0, ge=0, title="Pause before an automatic round (s)",
+        default=1.0,
+        ge=0,
+        title="Pause before an automatic round (s)",
         description="Wait this long after start-up or after a round before starting the next "
-        "automatic one, so retained device statuses arrive and nodes load the new model.")
+        "automatic one, so retained device statuses arrive and nodes load the new model.",
+    )
     density: float = Field(
-        default=DEFAULT_DENSITY, gt=0, le=1, title="topk density",
-        description="With codec topk: share of each tensor's entries a node sends.")
+        default=DEFAULT_DENSITY,
+        gt=0,
+        le=1,
+        title="topk density",
+        description="With codec topk: share of each tensor's entries a node sends.",
+    )
 
     strategy: Strategy = Field(
-        default="fedavg", title="Aggregation strategy",
+        default="fedavg",
+        title="Aggregation strategy",
         description="fedavg: streaming weighted average (default); clipped: the same after "
         "scaling each update down to clip_norm; median, trimmed_mean: coordinate-wise robust "
-        "rules that hold every update of the round in memory (need max_devices).")
+        "rules that hold every update of the round in memory (need max_devices).",
+    )
     clip_norm: float | None = Field(
-        default=None, gt=0, title="Clipping norm",
-        description="With strategy clipped: each update's L2 norm is scaled down to this.")
+        default=None,
+        gt=0,
+        title="Clipping norm",
+        description="With strategy clipped: each update's L2 norm is scaled down to this.",
+    )
     trim_fraction: float = Field(
-        default=0.1, ge=0, lt=0.5, title="Trimmed fraction",
+        default=0.1,
+        ge=0,
+        lt=0.5,
+        title="Trimmed fraction",
         description="With strategy trimmed_mean: share of the largest and of the smallest "
-        "values dropped per coordinate.")
+        "values dropped per coordinate.",
+    )
     server_optimizer: ServerOptimizerKind = Field(
-        default="none", title="Server optimiser",
+        default="none",
+        title="Server optimiser",
         description="none: add the aggregated delta; fedavgm: server momentum; fedadam: "
         "Adam on the aggregated delta (helps with non-IID doorbells). Its moments are saved "
-        "with the model.")
+        "with the model.",
+    )
     server_learning_rate: float | None = Field(
-        default=None, gt=0, title="Server learning rate",
-        description="Default 1.0 with fedavgm, 0.01 with fedadam.")
+        default=None,
+        gt=0,
+        title="Server learning rate",
+        description="Default 1.0 with fedavgm, 0.01 with fedadam.",
+    )
     server_momentum: float = Field(
-        default=0.9, ge=0, lt=1, title="Server momentum",
-        description="fedavgm's momentum, fedadam's beta1.")
+        default=0.9,
+        ge=0,
+        lt=1,
+        title="Server momentum",
+        description="fedavgm's momentum, fedadam's beta1.",
+    )
 
     @model_validator(mode="after")
     def _strategy_settings(self) -> Self:
         if self.strategy == "clipped" and self.clip_norm is None:
-            raise ValueError("strategy clipped needs clip_norm (the L2 norm each update is "
-                             "scaled down to)")
+            raise ValueError(
+                "strategy clipped needs clip_norm (the L2 norm each update is scaled down to)"
+            )
         if self.strategy in BUFFERED_STRATEGIES and self.max_devices is None:
-            raise ValueError(f"strategy {self.strategy} keeps all deltas of a round in "
-                             "memory and on disk, so it needs max_devices to bound them")
+            raise ValueError(
+                f"strategy {self.strategy} keeps all deltas of a round in "
+                "memory and on disk, so it needs max_devices to bound them"
+            )
         return self
 
     @property
@@ -109,54 +159,94 @@ class RoundSettings(StrictModel):
 
 class EvaluationSettings(StrictModel):
     dataset: Path | None = Field(
-        default=None, title="Held-out faces",
+        default=None,
+        title="Held-out faces",
         description="A `<person>/<image>` folder never trained on: accuracy per round and the "
-        "calibration of the unknown-visitor threshold.")
+        "calibration of the unknown-visitor threshold.",
+    )
     target_false_accept: float = Field(
-        default=0.05, ge=0, le=1, title="Target false-accept rate",
-        description="Share of held-out faces that may be accepted as someone they are not.")
+        default=0.05,
+        ge=0,
+        le=1,
+        title="Target false-accept rate",
+        description="Share of held-out faces that may be accepted as someone they are not.",
+    )
     default_threshold: float = Field(
-        default=0.5, ge=0, le=1, title="Threshold without calibration",
+        default=0.5,
+        ge=0,
+        le=1,
+        title="Threshold without calibration",
         description="Unknown-visitor threshold published when there is no held-out set "
-        "(or it cannot calibrate one, e.g. a single label).")
+        "(or it cannot calibrate one, e.g. a single label).",
+    )
 
 
 class AggregatorConfig(StrictModel):
     site: str = Field(title="Site id", description="The federation (house) this aggregator runs.")
     labels: tuple[str, ...] = Field(
-        min_length=1, title="Label set",
-        description="The people the site's model recognises, in model output order.")
-    mqtt: MqttSettings = Field(default_factory=MqttSettings, title="MQTT",
-                               description="Broker connection.")
-    signing: SigningSettings = Field(default_factory=SigningSettings, title="Signing",
-                                     description="Aggregator key and trusted device keys.")
-    state_dir: Path = Field(title="State folder",
-                            description="Round state and the current global model.")
-    rounds: RoundSettings = Field(default_factory=RoundSettings, title="Rounds",
-                                  description="How rounds are run.")
-    auto_rounds: int = Field(default=0, ge=0, title="Rounds at start",
-                             description="Run this many rounds back to back after start-up.")
-    evaluation: EvaluationSettings = Field(default_factory=EvaluationSettings,
-                                           title="Evaluation", description="Held-out data.")
-    model_seed: int = Field(default=0, title="Initial model seed",
-                            description="Seed of version 0's random weights.")
-    threads: int = Field(default=2, ge=1, le=64, title="TensorFlow threads",
-                         description="Cores TensorFlow may use for evaluation and conversion.")
+        min_length=1,
+        title="Label set",
+        description="The people the site's model recognises, in model output order.",
+    )
+    mqtt: MqttSettings = Field(
+        default_factory=MqttSettings, title="MQTT", description="Broker connection."
+    )
+    signing: SigningSettings = Field(
+        default_factory=SigningSettings,
+        title="Signing",
+        description="Aggregator key and trusted device keys.",
+    )
+    state_dir: Path = Field(
+        title="State folder", description="Round state and the current global model."
+    )
+    rounds: RoundSettings = Field(
+        default_factory=RoundSettings, title="Rounds", description="How rounds are run."
+    )
+    auto_rounds: int = Field(
+        default=0,
+        ge=0,
+        title="Rounds at start",
+        description="Run this many rounds back to back after start-up.",
+    )
+    evaluation: EvaluationSettings = Field(
+        default_factory=EvaluationSettings, title="Evaluation", description="Held-out data."
+    )
+    model_seed: int = Field(
+        default=0, title="Initial model seed", description="Seed of version 0's random weights."
+    )
+    threads: int = Field(
+        default=2,
+        ge=1,
+        le=64,
+        title="TensorFlow threads",
+        description="Cores TensorFlow may use for evaluation and conversion.",
+    )
     persist_interval_s: float = Field(
-        default=0.5, gt=0, title="Persist interval (s)",
+        default=0.5,
+        gt=0,
+        title="Persist interval (s)",
         description="Accepted updates are written to the state folder at most this long after "
         "they arrive (sooner when half of receive_maximum waits); the broker keeps them until "
-        "then and redelivers them after a crash.")
+        "then and redelivers them after a crash.",
+    )
     receive_maximum: int = Field(
-        default=1000, ge=2, le=65535, title="Unacknowledged messages",
+        default=1000,
+        ge=2,
+        le=65535,
+        title="Unacknowledged messages",
         description="MQTT v5 Receive Maximum: the broker sends at most this many QoS 1 "
         "messages the aggregator has not acknowledged yet (it acks after persisting, so this "
-        "must cover persist_interval_s of uploads or the broker pauses).")
+        "must cover persist_interval_s of uploads or the broker pauses).",
+    )
     inbox_size: int = Field(
-        default=32, ge=1, le=10000, title="Messages waiting",
+        default=32,
+        ge=1,
+        le=10000,
+        title="Messages waiting",
         description="Received messages waiting to be handled; when full, the MQTT thread "
         "stops reading and TCP holds the broker back. Bounds the aggregator's memory to about "
-        "this many updates however many doorbells upload at once.")
+        "this many updates however many doorbells upload at once.",
+    )
 
     _site = field_validator("site")(site_id)
 

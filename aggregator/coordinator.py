@@ -59,9 +59,16 @@ class _Model:
 
 
 class Coordinator:
-    def __init__(self, config: AggregatorConfig, exporter: Exporter, store: StateStore, *,
-                 publish: Publish, clock: Callable[[], float],
-                 trusted_keys: dict[str, Ed25519PublicKey] | None) -> None:
+    def __init__(
+        self,
+        config: AggregatorConfig,
+        exporter: Exporter,
+        store: StateStore,
+        *,
+        publish: Publish,
+        clock: Callable[[], float],
+        trusted_keys: dict[str, Ed25519PublicKey] | None,
+    ) -> None:
         self.config = config
         self.topics = Topics(config.site, config.mqtt.topic_root)
         self.exporter = exporter
@@ -94,25 +101,39 @@ class Coordinator:
         record = self.store.load()
         if record is None:
             return self._initialise()
-        weights = [np.asarray(a, dtype=np.float32) for a in
-                   self.store.read_arrays(record.model.file)]
+        weights = [
+            np.asarray(a, dtype=np.float32) for a in self.store.read_arrays(record.model.file)
+        ]
         expected = self.exporter.specs(self.exporter.initial_weights())
-        if record.model.names != self.exporter.names or \
-                tuple(self.exporter.specs(weights)) != tuple(expected):
-            raise StateError(f"{self.store.path}: the saved model does not match this "
-                             "configuration (labels changed?); move the state folder away "
-                             "to start a new model")
+        if record.model.names != self.exporter.names or tuple(
+            self.exporter.specs(weights)
+        ) != tuple(expected):
+            raise StateError(
+                f"{self.store.path}: the saved model does not match this "
+                "configuration (labels changed?); move the state folder away "
+                "to start a new model"
+            )
         self.retained = dict(record.retained)
         self.last_round = record.last_round
-        model = _Model(record.model.version, record.model.round, weights, record.model.file,
-                       self._load_optimizer(record.model), record.model.optimizer_file)
+        model = _Model(
+            record.model.version,
+            record.model.round,
+            weights,
+            record.model.file,
+            self._load_optimizer(record.model),
+            record.model.optimizer_file,
+        )
         if record.round is not None:
             self.round = self._load_round(record, [w.shape for w in weights])
             if self.round.status == "aggregated":  # recompute the unpublished result
                 self.model = model
                 self.pending = self._release()
-        log.info("state loaded: model version %d, last round %d%s", model.version,
-                 self.last_round, self._round_summary())
+        log.info(
+            "state loaded: model version %d, last round %d%s",
+            model.version,
+            self.last_round,
+            self._round_summary(),
+        )
         return model
 
     def _load_round(self, record: StateRecord, shapes: list[tuple[int, ...]]) -> Round:
@@ -120,17 +141,21 @@ class Coordinator:
         assert saved is not None
         settings = self.config.rounds
         if saved.status in ("collecting", "aggregated") and saved.strategy != settings.strategy:
-            raise StateError(f"{self.store.path}: round {saved.announcement.round} was started "
-                             f"with strategy {saved.strategy}, the config says "
-                             f"{settings.strategy}: set it back until the round ends")
+            raise StateError(
+                f"{self.store.path}: round {saved.announcement.round} was started "
+                f"with strategy {saved.strategy}, the config says "
+                f"{settings.strategy}: set it back until the round ends"
+            )
         self.sum_file = saved.sum_file
         arrays = None if self.sum_file is None else self.store.read_arrays(self.sum_file)
         try:
-            accumulator = restore(settings, shapes, arrays, total=saved.total_weight,
-                                  count=len(saved.received))
+            accumulator = restore(
+                settings, shapes, arrays, total=saved.total_weight, count=len(saved.received)
+            )
         except InconsistentUpdate as err:
-            raise StateError(f"{self.store.path}: round {saved.announcement.round}: {err}") \
-                from None
+            raise StateError(
+                f"{self.store.path}: round {saved.announcement.round}: {err}"
+            ) from None
         return Round.from_record(saved, accumulator, settings.strategy)
 
     def _load_optimizer(self, record: ModelRecord) -> ServerOptimizer | None:
@@ -139,12 +164,14 @@ class Coordinator:
         if optimizer is None or record.optimizer_file is None:
             return optimizer
         if record.optimizer != optimizer.kind:
-            log.warning("server optimiser changed from %s to %s: starting from fresh moments",
-                        record.optimizer, optimizer.kind)
+            log.warning(
+                "server optimiser changed from %s to %s: starting from fresh moments",
+                record.optimizer,
+                optimizer.kind,
+            )
             return optimizer
         try:
-            optimizer.restore(self.store.read_arrays(record.optimizer_file),
-                              record.optimizer_steps)
+            optimizer.restore(self.store.read_arrays(record.optimizer_file), record.optimizer_steps)
         except ValueError as err:
             raise StateError(f"{self.store.path}: {err}") from None
         return optimizer
@@ -156,12 +183,17 @@ class Coordinator:
     def _round_summary(self) -> str:
         if not self._round_open() or self.round is None:
             return ""
-        return (f", round {self.round.id} {self.round.status} with "
-                f"{len(self.round.received)}/{len(self.round.selected)} updates")
+        return (
+            f", round {self.round.id} {self.round.status} with "
+            f"{len(self.round.received)}/{len(self.round.selected)} updates"
+        )
 
     def _initialise(self) -> _Model:
-        log.info("no state in %s: creating model version 0 (seed %d)",
-                 self.config.state_dir, self.config.model_seed)
+        log.info(
+            "no state in %s: creating model version 0 (seed %d)",
+            self.config.state_dir,
+            self.config.model_seed,
+        )
         weights = self.exporter.initial_weights()
         release = self.exporter.release(weights, version=0, round_id=0)
         model = self._save_release(release, make_optimizer(self.config.rounds))
@@ -176,8 +208,9 @@ class Coordinator:
         optimizer_file = None
         if optimizer is not None and optimizer.steps > 0:
             optimizer_file = self.store.write_arrays("optimizer", optimizer.arrays())
-        return _Model(release.version, release.round, release.weights, model_file,
-                      optimizer, optimizer_file)
+        return _Model(
+            release.version, release.round, release.weights, model_file, optimizer, optimizer_file
+        )
 
     def persist(self) -> None:
         """Commit the updates accepted since the last commit, if any.
@@ -200,28 +233,48 @@ class Coordinator:
         round_record = None
         if self.round is not None:
             round_record = self.round.to_record(self.sum_file if self._round_open() else None)
-        self.store.commit(StateRecord(
-            model=ModelRecord(version=model.version, round=model.round,
-                              names=self.exporter.names, file=model.file,
-                              optimizer=model.optimizer.kind if model.optimizer else None,
-                              optimizer_file=model.optimizer_file,
-                              optimizer_steps=model.optimizer.steps if model.optimizer else 0),
-            round=round_record, last_round=self.last_round, retained=dict(self.retained)))
+        self.store.commit(
+            StateRecord(
+                model=ModelRecord(
+                    version=model.version,
+                    round=model.round,
+                    names=self.exporter.names,
+                    file=model.file,
+                    optimizer=model.optimizer.kind if model.optimizer else None,
+                    optimizer_file=model.optimizer_file,
+                    optimizer_steps=model.optimizer.steps if model.optimizer else 0,
+                ),
+                round=round_record,
+                last_round=self.last_round,
+                retained=dict(self.retained),
+            )
+        )
 
     def retained_messages(self) -> list[tuple[str, bytes]]:
         """What to (re)publish after (re)connecting: the committed public state."""
-        topics = {"global": self.topics.global_model, "tflite": self.topics.tflite_model,
-                  "metrics": self.topics.metrics}
-        messages = [(topics[name], self.store.read_blob(file))
-                    for name, file in sorted(self.retained.items()) if name in topics]
+        topics = {
+            "global": self.topics.global_model,
+            "tflite": self.topics.tflite_model,
+            "metrics": self.topics.metrics,
+        }
+        messages = [
+            (topics[name], self.store.read_blob(file))
+            for name, file in sorted(self.retained.items())
+            if name in topics
+        ]
         if self.round is not None:
             messages.append((self.topics.round, to_json(self.round.announcement)))
         return messages
 
     def status_payload(self, state: str = "online") -> bytes:
-        return to_json(DeviceStatus(state="online" if state == "online" else "offline",
-                                    model_version=self.model.version,
-                                    last_round=self.last_round, detail="aggregator"))
+        return to_json(
+            DeviceStatus(
+                state="online" if state == "online" else "offline",
+                model_version=self.model.version,
+                last_round=self.last_round,
+                detail="aggregator",
+            )
+        )
 
     # -- inputs ----------------------------------------------------------------
 
@@ -261,8 +314,12 @@ class Coordinator:
         if status is not None and status.state == "online":
             self.online[device] = status
             if not was_online:
-                log.info("device %s online (model version %s, %d faces)", device,
-                         status.model_version, status.gallery_size)
+                log.info(
+                    "device %s online (model version %s, %d faces)",
+                    device,
+                    status.model_version,
+                    status.gallery_size,
+                )
         elif was_online:
             del self.online[device]
             log.info("device %s offline", device)
@@ -276,29 +333,43 @@ class Coordinator:
     def _on_update(self, topic: str, payload: bytes) -> None:
         device = self._device(topic)
         try:
-            update = parse_update(payload, site=self.config.site, device=device,
-                                  expected=self.specs, max_bytes=self.config.mqtt.max_message_bytes,
-                                  keys=self.trusted_keys)
+            update = parse_update(
+                payload,
+                site=self.config.site,
+                device=device,
+                expected=self.specs,
+                max_bytes=self.config.mqtt.max_message_bytes,
+                keys=self.trusted_keys,
+            )
         except RejectedMessage as err:
             self.reject(err, f"update from {device}")
             return
         current = self.round
         try:
             if current is None or not self._round_open():
-                raise RejectedMessage("no_round", f"no round is open (update for round "
-                                      f"{update.round})")
+                raise RejectedMessage(
+                    "no_round", f"no round is open (update for round {update.round})"
+                )
             current.check(update, self.clock(), self.config.rounds.max_update_norm)
             current.accept(update, len(payload))
         except (RejectedMessage, InconsistentUpdate) as err:
-            reason = err if isinstance(err, RejectedMessage) else \
-                RejectedMessage("inconsistent", str(err))
+            reason = (
+                err
+                if isinstance(err, RejectedMessage)
+                else RejectedMessage("inconsistent", str(err))
+            )
             self.reject(reason, f"update from {device}")
             return
         del update  # streaming strategies keep only the running sum
         self.dirty = True  # committed by `persist` (batched), or by the round's next commit
-        log.info("round %d: accepted update from %s (%d examples), %d/%d updates",
-                 current.id, device, current.examples, len(current.received),
-                 len(current.selected))
+        log.info(
+            "round %d: accepted update from %s (%d examples), %d/%d updates",
+            current.id,
+            device,
+            current.examples,
+            len(current.received),
+            len(current.selected),
+        )
 
     def _on_control(self, payload: bytes) -> None:
         command = parse_json(payload, Command)
@@ -329,35 +400,50 @@ class Coordinator:
 
     def _start_round(self, command: Command | None, manual: bool) -> None:
         if self._round_open() and self.round is not None:
-            raise RejectedMessage("round_in_progress", f"round {self.round.id} is "
-                                  f"{self.round.status}")
+            raise RejectedMessage(
+                "round_in_progress", f"round {self.round.id} is {self.round.status}"
+            )
         round_id = self.last_round + 1
         rounds = self.config.rounds
         requested = command.devices if command is not None else None
-        selected = select_devices(self.online, requested, rounds.max_devices, rounds.seed,
-                                  round_id)
+        selected = select_devices(self.online, requested, rounds.max_devices, rounds.seed, round_id)
         if requested and (absent := sorted(set(requested) - set(self.online))):
-            log.warning("round %d: requested devices not online: %s", round_id,
-                        ", ".join(absent))
+            log.warning("round %d: requested devices not online: %s", round_id, ", ".join(absent))
         if len(selected) < rounds.min_updates:
             raise RejectedMessage(
-                "not_enough_devices", f"{len(selected)} online devices selectable "
+                "not_enough_devices",
+                f"{len(selected)} online devices selectable "
                 f"({', '.join(sorted(self.online)) or 'none online'}), quorum is "
-                f"{rounds.min_updates}")
+                f"{rounds.min_updates}",
+            )
         now = self.clock()
-        announcement = announce(round_id=round_id, base_version=self.model.version,
-                                selected=selected, now=now, settings=rounds, manual=manual)
-        self.round = Round(announcement=announcement, manual=manual, started_at=now,
-                           accumulator=make_accumulator(rounds, [w.shape for w in
-                                                                 self.model.weights]),
-                           strategy=rounds.strategy)
+        announcement = announce(
+            round_id=round_id,
+            base_version=self.model.version,
+            selected=selected,
+            now=now,
+            settings=rounds,
+            manual=manual,
+        )
+        self.round = Round(
+            announcement=announcement,
+            manual=manual,
+            started_at=now,
+            accumulator=make_accumulator(rounds, [w.shape for w in self.model.weights]),
+            strategy=rounds.strategy,
+        )
         self.last_round = round_id
         self.pending = None
         self.sum_file = None
         self._announce(announcement)
-        log.info("round %d started%s: base version %d, devices %s, deadline in %.0fs",
-                 round_id, " (step by step)" if manual else "", self.model.version,
-                 ", ".join(selected), rounds.timeout_s)
+        log.info(
+            "round %d started%s: base version %d, devices %s, deadline in %.0fs",
+            round_id,
+            " (step by step)" if manual else "",
+            self.model.version,
+            ", ".join(selected),
+            rounds.timeout_s,
+        )
 
     def _announce(self, announcement: RoundAnnouncement) -> None:
         """Commit, then publish a round message (counted in bytes_down)."""
@@ -376,48 +462,59 @@ class Coordinator:
     def _send(self) -> None:
         current = self._manual_round("send")
         if current.status != "collecting" or not current.manual:
-            raise RejectedMessage("bad_state", f"send: round {current.id} is "
-                                  f"{current.status}{'' if current.manual else ', automatic'}")
+            raise RejectedMessage(
+                "bad_state",
+                f"send: round {current.id} is "
+                f"{current.status}{'' if current.manual else ', automatic'}",
+            )
         # Nodes start uploading now, so the deadline counts from now.
         announcement = current.set_phase(
-            "send", deadline=self.clock() + self.config.rounds.timeout_s)
+            "send", deadline=self.clock() + self.config.rounds.timeout_s
+        )
         self._announce(announcement)
         log.info("round %d: send phase", current.id)
 
     def _aggregate_command(self) -> None:
         current = self._manual_round("aggregate")
         if current.status != "collecting":
-            raise RejectedMessage("bad_state", f"aggregate: round {current.id} is "
-                                  f"{current.status}")
+            raise RejectedMessage("bad_state", f"aggregate: round {current.id} is {current.status}")
         quorum = self.config.rounds.min_updates
         if len(current.received) < quorum:
             if self.clock() > current.announcement.deadline:
                 self._abandon()
                 return
-            raise RejectedMessage("below_quorum", f"aggregate: {len(current.received)} "
-                                  f"updates, quorum is {quorum}")
+            raise RejectedMessage(
+                "below_quorum", f"aggregate: {len(current.received)} updates, quorum is {quorum}"
+            )
         self._aggregate()
 
     def _publish_command(self) -> None:
         current = self._manual_round("publish")
         if current.status != "aggregated" or self.pending is None:
-            raise RejectedMessage("bad_state", f"publish: round {current.id} is "
-                                  f"{current.status}, nothing aggregated")
+            raise RejectedMessage(
+                "bad_state", f"publish: round {current.id} is {current.status}, nothing aggregated"
+            )
         self._publish_release(self.pending)
 
     def _release(self) -> Release:
         assert self.round is not None
         weights, self.next_optimizer = next_weights(
-            self.model.weights, self.round.accumulator, self.model.optimizer)
+            self.model.weights, self.round.accumulator, self.model.optimizer
+        )
         return self.exporter.release(weights, self.model.version + 1, self.round.id)
 
     def _aggregate(self) -> None:
         current = self.round
         assert current is not None
         release = self._release()
-        log.info("round %d: aggregated %d updates (%d examples) into version %d, "
-                 "accuracy %s", current.id, len(current.received), current.examples,
-                 release.version, _percent(release.accuracy))
+        log.info(
+            "round %d: aggregated %d updates (%d examples) into version %d, accuracy %s",
+            current.id,
+            len(current.received),
+            current.examples,
+            release.version,
+            _percent(release.accuracy),
+        )
         if not current.manual:
             self._publish_release(release)
             return
@@ -441,15 +538,24 @@ class Coordinator:
         self._commit(model)
         self.model = model
         self.pending = None
-        for topic, payload in ((self.topics.global_model, release.global_payload),
-                               (self.topics.tflite_model, release.tflite_payload),
-                               (self.topics.metrics, metrics), (self.topics.round, closed),
-                               (self.topics.aggregator_status, self.status_payload())):
+        for topic, payload in (
+            (self.topics.global_model, release.global_payload),
+            (self.topics.tflite_model, release.tflite_payload),
+            (self.topics.metrics, metrics),
+            (self.topics.round, closed),
+            (self.topics.aggregator_status, self.status_payload()),
+        ):
             self.publish(topic, payload)
-        log.info("round %d closed: published version %d (threshold %.3f, %d bytes up, "
-                 "%d bytes down, %.1fs)", current.id, release.version, release.threshold,
-                 current.bytes_up, (current.announce_bytes + down) * len(current.selected),
-                 self.clock() - current.started_at)
+        log.info(
+            "round %d closed: published version %d (threshold %.3f, %d bytes up, "
+            "%d bytes down, %.1fs)",
+            current.id,
+            release.version,
+            release.threshold,
+            current.bytes_up,
+            (current.announce_bytes + down) * len(current.selected),
+            self.clock() - current.started_at,
+        )
         self._round_ended()
 
     def _abandon(self) -> None:
@@ -464,23 +570,36 @@ class Coordinator:
         self.pending = None
         self.publish(self.topics.metrics, metrics)
         self.publish(self.topics.round, abandoned)
-        log.warning("round %d abandoned: %d of %d updates, quorum is %d; model stays at "
-                    "version %d", current.id, len(current.received), len(current.selected),
-                    self.config.rounds.min_updates, self.model.version)
+        log.warning(
+            "round %d abandoned: %d of %d updates, quorum is %d; model stays at version %d",
+            current.id,
+            len(current.received),
+            len(current.selected),
+            self.config.rounds.min_updates,
+            self.model.version,
+        )
         self._round_ended()
 
-    def _metrics(self, current: Round, outcome: str, release: Release | None,
-                 extra_down: int) -> bytes:
-        return to_json(RoundMetrics.model_validate({
-            "round": current.id, "version": release.version if release else 0,
-            "outcome": outcome, "participants": len(current.received),
-            "examples": current.examples,
-            "accuracy": release.accuracy if release else None,
-            "threshold": release.threshold if release else None,
-            "bytes_up": current.bytes_up,
-            "bytes_down": (current.announce_bytes + extra_down) * len(current.selected),
-            "seconds": round(self.clock() - current.started_at, 3),
-            "rejected": dict(current.rejected)}))
+    def _metrics(
+        self, current: Round, outcome: str, release: Release | None, extra_down: int
+    ) -> bytes:
+        return to_json(
+            RoundMetrics.model_validate(
+                {
+                    "round": current.id,
+                    "version": release.version if release else 0,
+                    "outcome": outcome,
+                    "participants": len(current.received),
+                    "examples": current.examples,
+                    "accuracy": release.accuracy if release else None,
+                    "threshold": release.threshold if release else None,
+                    "bytes_up": current.bytes_up,
+                    "bytes_down": (current.announce_bytes + extra_down) * len(current.selected),
+                    "seconds": round(self.clock() - current.started_at, 3),
+                    "rejected": dict(current.rejected),
+                }
+            )
+        )
 
     def _round_ended(self) -> None:
         self.next_auto_at = self.clock() + self.config.rounds.auto_pause_s

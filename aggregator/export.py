@@ -45,8 +45,11 @@ class HeldOut:
             return None
         images, ids = load_samples(list_samples(settings.dataset), labels)
         if len(images) == 0:
-            log.warning("evaluation set %s has no images of the labels %s: no accuracy",
-                        settings.dataset, ", ".join(labels))
+            log.warning(
+                "evaluation set %s has no images of the labels %s: no accuracy",
+                settings.dataset,
+                ", ".join(labels),
+            )
             return None
         log.info("evaluation set %s: %d images", settings.dataset, len(images))
         return cls(images, ids)
@@ -78,8 +81,12 @@ class Exporter:
         self.held_out = HeldOut.load(config.evaluation, config.labels)
         # Faces of nobody in the label set, for calibrating "unknown": generated,
         # since the aggregator never holds photos of real strangers.
-        self._strangers = np.stack([normalize_face(face) for face in
-                                    stranger_faces(CALIBRATION_STRANGERS, config.model_seed)])
+        self._strangers = np.stack(
+            [
+                normalize_face(face)
+                for face in stranger_faces(CALIBRATION_STRANGERS, config.model_seed)
+            ]
+        )
 
     def initial_weights(self) -> Weights:
         """Version 0: the deterministic weights of `model_seed`."""
@@ -103,11 +110,15 @@ class Exporter:
         accuracy = float(np.mean(np.argmax(probabilities, axis=1) == self.held_out.labels))
         try:
             threshold = calibrate_threshold(
-                probabilities, settings.target_false_accept,
-                fmodel.predict(self.model, self._strangers), labels=self.held_out.labels)
+                probabilities,
+                settings.target_false_accept,
+                fmodel.predict(self.model, self._strangers),
+                labels=self.held_out.labels,
+            )
         except ValueError as err:  # e.g. a single label: nothing to calibrate against
-            log.warning("threshold not calibrated (%s): using %.2f", err,
-                        settings.default_threshold)
+            log.warning(
+                "threshold not calibrated (%s): using %.2f", err, settings.default_threshold
+            )
             threshold = settings.default_threshold
         return accuracy, threshold
 
@@ -117,17 +128,42 @@ class Exporter:
         float_model, int8_model = fmodel.to_tflite(self.model, self._representative())
         site, labels = self.config.site, self.config.labels
         global_payload = build_global(
-            site=site, signer=self.signer, version=version, round_id=round_id,
-            names=self.names, weights=weights, codec=self.config.rounds.downlink_codec,
-            meta={"labels": list(labels)})
+            site=site,
+            signer=self.signer,
+            version=version,
+            round_id=round_id,
+            names=self.names,
+            weights=weights,
+            codec=self.config.rounds.downlink_codec,
+            meta={"labels": list(labels)},
+        )
         tflite_payload = build_tflite(
-            site=site, signer=self.signer, version=version, round_id=round_id,
-            float_model=float_model, int8_model=int8_model, labels=labels, threshold=threshold)
+            site=site,
+            signer=self.signer,
+            version=version,
+            round_id=round_id,
+            float_model=float_model,
+            int8_model=int8_model,
+            labels=labels,
+            threshold=threshold,
+        )
         limit = self.config.mqtt.max_message_bytes
         for name, payload in (("global model", global_payload), ("tflite", tflite_payload)):
             if len(payload) > limit:
-                log.warning("%s of version %d is %d bytes, over mqtt.max_message_bytes %d: "
-                            "nodes will refuse it", name, version, len(payload), limit)
-        return Release(version=version, round=round_id, weights=weights,
-                       global_payload=global_payload, tflite_payload=tflite_payload,
-                       accuracy=accuracy, threshold=threshold)
+                log.warning(
+                    "%s of version %d is %d bytes, over mqtt.max_message_bytes %d: "
+                    "nodes will refuse it",
+                    name,
+                    version,
+                    len(payload),
+                    limit,
+                )
+        return Release(
+            version=version,
+            round=round_id,
+            weights=weights,
+            global_payload=global_payload,
+            tflite_payload=tflite_payload,
+            accuracy=accuracy,
+            threshold=threshold,
+        )

@@ -40,8 +40,10 @@ def coordinate_median(deltas: Sequence[Delta]) -> Weights:
     """Per-coordinate median: one bad update cannot move any coordinate far."""
     if not deltas:
         raise ValueError("nothing to aggregate")
-    return [np.median(np.stack([d[i] for d in deltas]), axis=0).astype(np.float32)
-            for i in range(len(deltas[0]))]
+    return [
+        np.median(np.stack([d[i] for d in deltas]), axis=0).astype(np.float32)
+        for i in range(len(deltas[0]))
+    ]
 
 
 def trimmed_mean(deltas: Sequence[Delta], trim_fraction: float) -> Weights:
@@ -54,7 +56,7 @@ def trimmed_mean(deltas: Sequence[Delta], trim_fraction: float) -> Weights:
     result: Weights = []
     for i in range(len(deltas[0])):
         ordered = np.sort(np.stack([d[i] for d in deltas]), axis=0)
-        kept = ordered[cut:len(deltas) - cut]
+        kept = ordered[cut : len(deltas) - cut]
         result.append(kept.mean(axis=0).astype(np.float32))
     return result
 
@@ -84,17 +86,24 @@ class ServerOptimizer:
             self.steps = 0
         self.steps += 1
         if self.kind == "fedavgm":
-            self.first = [np.asarray(self.momentum * m + d, np.float32)
-                          for m, d in zip(self.first, mean_delta, strict=True)]
+            self.first = [
+                np.asarray(self.momentum * m + d, np.float32)
+                for m, d in zip(self.first, mean_delta, strict=True)
+            ]
             return [np.asarray(self.learning_rate * m, np.float32) for m in self.first]
         if self.kind == "fedadam":
-            self.first = [np.asarray(self.momentum * m + (1 - self.momentum) * d, np.float32)
-                          for m, d in zip(self.first, mean_delta, strict=True)]
-            self.second = [np.asarray(self.beta2 * v + (1 - self.beta2) * np.square(d),
-                                      np.float32)
-                           for v, d in zip(self.second, mean_delta, strict=True)]
-            return [np.asarray(self.learning_rate * m / (np.sqrt(v) + self.epsilon), np.float32)
-                    for m, v in zip(self.first, self.second, strict=True)]
+            self.first = [
+                np.asarray(self.momentum * m + (1 - self.momentum) * d, np.float32)
+                for m, d in zip(self.first, mean_delta, strict=True)
+            ]
+            self.second = [
+                np.asarray(self.beta2 * v + (1 - self.beta2) * np.square(d), np.float32)
+                for v, d in zip(self.second, mean_delta, strict=True)
+            ]
+            return [
+                np.asarray(self.learning_rate * m / (np.sqrt(v) + self.epsilon), np.float32)
+                for m, v in zip(self.first, self.second, strict=True)
+            ]
         raise ValueError(f"unknown server optimiser {self.kind!r}")
 
     def arrays(self) -> Weights:

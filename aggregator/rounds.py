@@ -32,8 +32,13 @@ from fedbell.protocol import Phase, RoundAnnouncement
 NextStep = Literal["wait", "aggregate", "abandon"]
 
 
-def select_devices(online: Iterable[str], requested: Sequence[str] | None,
-                   max_devices: int | None, seed: int, round_id: int) -> tuple[str, ...]:
+def select_devices(
+    online: Iterable[str],
+    requested: Sequence[str] | None,
+    max_devices: int | None,
+    seed: int,
+    round_id: int,
+) -> tuple[str, ...]:
     """Online devices (only the requested ones, if any), at most `max_devices`.
 
     The random cap is seeded by (seed, round id): the same round selects the
@@ -46,13 +51,26 @@ def select_devices(online: Iterable[str], requested: Sequence[str] | None,
     return tuple(candidates)
 
 
-def announce(*, round_id: int, base_version: int, selected: Sequence[str], now: float,
-             settings: RoundSettings, manual: bool) -> RoundAnnouncement:
+def announce(
+    *,
+    round_id: int,
+    base_version: int,
+    selected: Sequence[str],
+    now: float,
+    settings: RoundSettings,
+    manual: bool,
+) -> RoundAnnouncement:
     return RoundAnnouncement(
-        round=round_id, base_version=base_version, phase="train", selected=tuple(selected),
-        deadline=now + settings.timeout_s, codec=settings.codec, density=settings.density,
+        round=round_id,
+        base_version=base_version,
+        phase="train",
+        selected=tuple(selected),
+        deadline=now + settings.timeout_s,
+        codec=settings.codec,
+        density=settings.density,
         train=settings.train,
-        send_when_trained=not manual)
+        send_when_trained=not manual,
+    )
 
 
 @dataclass
@@ -93,21 +111,27 @@ class Round:
         if self.status != "collecting":
             raise RejectedMessage("not_collecting", f"round {self.id} is {self.status}")
         if update.round != self.id:
-            raise RejectedMessage("wrong_round", f"update for round {update.round}, "
-                                  f"round {self.id} is open")
+            raise RejectedMessage(
+                "wrong_round", f"update for round {update.round}, round {self.id} is open"
+            )
         if update.device not in self.selected:
             raise RejectedMessage("not_selected", f"not selected for round {self.id}")
         if update.device in self.received:
             raise RejectedMessage("duplicate", f"already sent its update for round {self.id}")
         if update.base_version != self.announcement.base_version:
-            raise RejectedMessage("wrong_base", f"delta against version {update.base_version}, "
-                                  f"round base is {self.announcement.base_version}")
+            raise RejectedMessage(
+                "wrong_base",
+                f"delta against version {update.base_version}, "
+                f"round base is {self.announcement.base_version}",
+            )
         if update.codec != self.announcement.codec:
-            raise RejectedMessage("wrong_codec", f"codec {update.codec}, round asks for "
-                                  f"{self.announcement.codec}")
+            raise RejectedMessage(
+                "wrong_codec", f"codec {update.codec}, round asks for {self.announcement.codec}"
+            )
         if now > self.announcement.deadline:
-            raise RejectedMessage("late", f"{now - self.announcement.deadline:.1f}s after the "
-                                  "deadline")
+            raise RejectedMessage(
+                "late", f"{now - self.announcement.deadline:.1f}s after the deadline"
+            )
         norm = update_norm(update.delta)
         if norm > max_norm:
             raise RejectedMessage("norm_too_large", f"L2 norm {norm:.3g} exceeds {max_norm:.3g}")
@@ -134,18 +158,34 @@ class Round:
 
     def to_record(self, sum_file: str | None) -> RoundRecord:
         return RoundRecord(
-            announcement=self.announcement, status=self.status, manual=self.manual,
-            started_at=self.started_at, received=tuple(self.received), examples=self.examples,
-            bytes_up=self.bytes_up, announce_bytes=self.announce_bytes,
-            rejected=dict(self.rejected), total_weight=self.accumulator.total,
-            strategy=self.strategy, sum_file=sum_file)
+            announcement=self.announcement,
+            status=self.status,
+            manual=self.manual,
+            started_at=self.started_at,
+            received=tuple(self.received),
+            examples=self.examples,
+            bytes_up=self.bytes_up,
+            announce_bytes=self.announce_bytes,
+            rejected=dict(self.rejected),
+            total_weight=self.accumulator.total,
+            strategy=self.strategy,
+            sum_file=sum_file,
+        )
 
     @classmethod
-    def from_record(cls, record: RoundRecord, accumulator: Accumulator,
-                    strategy: Strategy) -> Round:
-        return cls(announcement=record.announcement, manual=record.manual,
-                   started_at=record.started_at, accumulator=accumulator,
-                   strategy=strategy, status=record.status,
-                   received=list(record.received), examples=record.examples,
-                   bytes_up=record.bytes_up, announce_bytes=record.announce_bytes,
-                   rejected=Counter(record.rejected))
+    def from_record(
+        cls, record: RoundRecord, accumulator: Accumulator, strategy: Strategy
+    ) -> Round:
+        return cls(
+            announcement=record.announcement,
+            manual=record.manual,
+            started_at=record.started_at,
+            accumulator=accumulator,
+            strategy=strategy,
+            status=record.status,
+            received=list(record.received),
+            examples=record.examples,
+            bytes_up=record.bytes_up,
+            announce_bytes=record.announce_bytes,
+            rejected=Counter(record.rejected),
+        )

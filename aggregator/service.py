@@ -102,13 +102,20 @@ class AggregatorService:
         """(mid, qos, connection) of handled messages not yet acked (not their payloads)."""
         self._unacked_since = 0.0
         self._ack_batch = max(1, config.receive_maximum // 2)
-        self.coordinator = Coordinator(config, Exporter(config, signer),
-                                       StateStore(config.state_dir), publish=self._publish,
-                                       clock=clock, trusted_keys=trusted)
+        self.coordinator = Coordinator(
+            config,
+            Exporter(config, signer),
+            StateStore(config.state_dir),
+            publish=self._publish,
+            clock=clock,
+            trusted_keys=trusted,
+        )
         self.client = make_client(
-            config.mqtt, client_id=f"fedbell-aggregator-{config.site}",
+            config.mqtt,
+            client_id=f"fedbell-aggregator-{config.site}",
             will=(self.topics.aggregator_status, self.coordinator.status_payload("offline")),
-            manual_ack=True)
+            manual_ack=True,
+        )
         self.client.on_connect = _guarded(self._on_connect)
         self.client.on_subscribe = _guarded(self._on_subscribe)
         self.client.on_message = _guarded(self._on_message)
@@ -116,30 +123,36 @@ class AggregatorService:
 
     # -- paho's network thread: no work beyond queueing --------------------------
 
-    def _on_connect(self, client: mqtt.Client, _userdata: Any, _flags: Any,
-                    reason: Any, _properties: Any) -> None:
+    def _on_connect(
+        self, client: mqtt.Client, _userdata: Any, _flags: Any, reason: Any, _properties: Any
+    ) -> None:
         if reason.is_failure:
             log.error("broker refused the connection: %s", reason)
             return
         log.info("connected to %s:%d", self.config.mqtt.host, self.config.mqtt.port)
         self._connection += 1
-        client.subscribe([(self.topics.control, 1), (self.topics.all_updates, 1),
-                          (self.topics.all_statuses, 1)])
+        client.subscribe(
+            [(self.topics.control, 1), (self.topics.all_updates, 1), (self.topics.all_statuses, 1)]
+        )
 
-    def _on_subscribe(self, _client: mqtt.Client, _userdata: Any, _mid: int,
-                      reasons: list[Any], _properties: Any) -> None:
+    def _on_subscribe(
+        self, _client: mqtt.Client, _userdata: Any, _mid: int, reasons: list[Any], _properties: Any
+    ) -> None:
         refused = [str(r) for r in reasons if r.is_failure]
         if refused:
             log.error("subscription refused (check the ACL): %s", ", ".join(refused))
         self.inbox.put(_Signal.SUBSCRIBED)
 
-    def _on_message(self, _client: mqtt.Client, _userdata: Any,
-                    message: mqtt.MQTTMessage) -> None:
-        self.inbox.put(Incoming(message.topic, bytes(message.payload), message.mid,
-                                message.qos, self._connection))
+    def _on_message(self, _client: mqtt.Client, _userdata: Any, message: mqtt.MQTTMessage) -> None:
+        self.inbox.put(
+            Incoming(
+                message.topic, bytes(message.payload), message.mid, message.qos, self._connection
+            )
+        )
 
-    def _on_disconnect(self, _client: mqtt.Client, _userdata: Any, _flags: Any,
-                       reason: Any, _properties: Any) -> None:
+    def _on_disconnect(
+        self, _client: mqtt.Client, _userdata: Any, _flags: Any, reason: Any, _properties: Any
+    ) -> None:
         if not self._stopping.is_set():
             log.warning("disconnected from the broker (%s); reconnecting", reason)
 
@@ -164,11 +177,16 @@ class AggregatorService:
             while not self._stopping.is_set():
                 # HOOK: systemd watchdog (a no-op outside a Type=notify unit).
                 systemd.notify_watchdog()
-                sleep = min(MAX_SLEEP_S, self.coordinator.seconds_to_next_event()) \
-                    if ready else MAX_SLEEP_S
+                sleep = (
+                    min(MAX_SLEEP_S, self.coordinator.seconds_to_next_event())
+                    if ready
+                    else MAX_SLEEP_S
+                )
                 if self._unacked:
-                    sleep = min(sleep, self._unacked_since + self.config.persist_interval_s
-                                - time.monotonic())
+                    sleep = min(
+                        sleep,
+                        self._unacked_since + self.config.persist_interval_s - time.monotonic(),
+                    )
                 try:
                     item = self.inbox.get(timeout=max(sleep, 0.01))
                 except queue.Empty:
@@ -178,8 +196,11 @@ class AggregatorService:
                     if not ready:
                         systemd.notify_ready()
                         ready = True
-                        log.info("ready: site %s, model version %d", self.config.site,
-                                 self.coordinator.model.version)
+                        log.info(
+                            "ready: site %s, model version %d",
+                            self.config.site,
+                            self.coordinator.model.version,
+                        )
                 elif isinstance(item, Incoming):
                     self._handle(item)
                 if ready and not self._stopping.is_set():
@@ -218,8 +239,11 @@ class AggregatorService:
         if not self._unacked:
             return
         if self.coordinator.dirty:
-            due = (force or len(self._unacked) >= self._ack_batch
-                   or time.monotonic() - self._unacked_since >= self.config.persist_interval_s)
+            due = (
+                force
+                or len(self._unacked) >= self._ack_batch
+                or time.monotonic() - self._unacked_since >= self.config.persist_interval_s
+            )
             if not due:
                 return
             self.coordinator.persist()
@@ -230,9 +254,12 @@ class AggregatorService:
 
     def _shutdown(self) -> None:
         systemd.notify_stopping()
-        info = self.client.publish(self.topics.aggregator_status,
-                                   self.coordinator.status_payload("offline"),
-                                   qos=1, retain=True)
+        info = self.client.publish(
+            self.topics.aggregator_status,
+            self.coordinator.status_payload("offline"),
+            qos=1,
+            retain=True,
+        )
         try:
             info.wait_for_publish(timeout=5)
         except (RuntimeError, ValueError):

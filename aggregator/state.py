@@ -53,7 +53,8 @@ class ModelRecord(_Record):
     names: tuple[str, ...]
     file: str
     optimizer: str | None = Field(
-        default=None, description="Server optimiser whose moments `optimizer_file` holds.")
+        default=None, description="Server optimiser whose moments `optimizer_file` holds."
+    )
     optimizer_file: str | None = None
     optimizer_steps: int = Field(default=0, ge=0)
 
@@ -71,8 +72,10 @@ class RoundRecord(_Record):
     total_weight: int = 0
     strategy: str = Field(default="fedavg", description="rounds.strategy when it started.")
     sum_file: str | None = Field(
-        default=None, description="The accumulator's arrays: the running sum (fedavg, "
-        "clipped) or the buffered deltas (median, trimmed_mean).")
+        default=None,
+        description="The accumulator's arrays: the running sum (fedavg, "
+        "clipped) or the buffered deltas (median, trimmed_mean).",
+    )
 
 
 class StateRecord(_Record):
@@ -80,7 +83,8 @@ class StateRecord(_Record):
     round: RoundRecord | None = None
     last_round: int = Field(default=0, ge=0)
     retained: dict[str, str] = Field(
-        default_factory=dict, description="Retained topic name -> payload file to republish.")
+        default_factory=dict, description="Retained topic name -> payload file to republish."
+    )
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -164,7 +168,10 @@ class StateStore:
         if record.round is not None and record.round.sum_file is not None:
             keep.add(record.round.sum_file)
         for path in self.folder.iterdir():
-            owned = path.name.split("-", 1)[0] in PREFIXES and path.suffix in (".npz", ".bin",
-                                                                                ".tmp")
+            owned = path.name.split("-", 1)[0] in PREFIXES and path.suffix in (
+                ".npz",
+                ".bin",
+                ".tmp",
+            )
             if owned and path.name not in keep:
                 path.unlink(missing_ok=True)

@@ -29,8 +29,9 @@ class InconsistentUpdate(FedbellError):
     """An update does not fit the model or the other updates (count, shapes, weight)."""
 
 
-def check_shapes(delta: Sequence[npt.NDArray[np.floating]],
-                  shapes: Sequence[tuple[int, ...]]) -> None:
+def check_shapes(
+    delta: Sequence[npt.NDArray[np.floating]], shapes: Sequence[tuple[int, ...]]
+) -> None:
     if len(delta) != len(shapes):
         raise InconsistentUpdate(f"{len(delta)} tensors, expected {len(shapes)}")
     for index, (array, shape) in enumerate(zip(delta, shapes, strict=True)):
@@ -79,8 +80,13 @@ class RunningFedAvg:
     matters; `sums` and `total` are what the state file saves and restores.
     """
 
-    def __init__(self, shapes: Sequence[tuple[int, ...]], sums: Sums | None = None,
-                 total: int = 0, count: int = 0) -> None:
+    def __init__(
+        self,
+        shapes: Sequence[tuple[int, ...]],
+        sums: Sums | None = None,
+        total: int = 0,
+        count: int = 0,
+    ) -> None:
         self.shapes = [tuple(int(d) for d in s) for s in shapes]
         if sums is None:
             sums = [np.zeros(s, dtype=np.float64) for s in self.shapes]

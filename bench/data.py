@@ -19,8 +19,9 @@ def _load(samples: tuple[Sample, ...], labels: tuple[str, ...]) -> NodeData:
     return NodeData(images, ids)
 
 
-def load_federation(dataset: Path | None, nodes: int, alpha: float, seed: int,
-                    plan: TrainParams) -> tuple[Federation, str]:
+def load_federation(
+    dataset: Path | None, nodes: int, alpha: float, seed: int, plan: TrainParams
+) -> tuple[Federation, str]:
     """The split (30 % held out per person, Dirichlet(alpha) over nodes) and its name.
 
     With no dataset given, ../shared/datasets/att_faces when present, else
@@ -33,10 +34,20 @@ def load_federation(dataset: Path | None, nodes: int, alpha: float, seed: int,
             make_dataset(Path(tmp), persons=20, images_per_person=15, seed=seed)
             samples = list_samples(Path(tmp))
             split = split_dataset(samples, nodes, alpha, 0.3, seed)
-            fed = Federation(tuple(_load(p, split.labels) for p in split.per_node),
-                             _load(split.held_out, split.labels), len(split.labels), plan, seed)
+            fed = Federation(
+                tuple(_load(p, split.labels) for p in split.per_node),
+                _load(split.held_out, split.labels),
+                len(split.labels),
+                plan,
+                seed,
+            )
         return fed, "synthetic (20 persons x 15)"
     split = split_dataset(list_samples(dataset), nodes, alpha, 0.3, seed)
-    fed = Federation(tuple(_load(p, split.labels) for p in split.per_node),
-                     _load(split.held_out, split.labels), len(split.labels), plan, seed)
+    fed = Federation(
+        tuple(_load(p, split.labels) for p in split.per_node),
+        _load(split.held_out, split.labels),
+        len(split.labels),
+        plan,
+        seed,
+    )
     return fed, str(dataset)

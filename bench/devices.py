@@ -39,8 +39,16 @@ DELTA_SCALE = 1e-3
 class SimulatedDoorbell:
     """One device: status, the model's tensor layout, one update per selected round."""
 
-    def __init__(self, name: str, port: int, site: str, *, delay_s: float = 0.0,
-                 examples: int = 10, seed: int = 0) -> None:
+    def __init__(
+        self,
+        name: str,
+        port: int,
+        site: str,
+        *,
+        delay_s: float = 0.0,
+        examples: int = 10,
+        seed: int = 0,
+    ) -> None:
         self.name = name
         self.site = site
         self.topics = Topics(site)
@@ -52,26 +60,29 @@ class SimulatedDoorbell:
         self._layout: tuple[list[str], Weights] | None = None  # names, fixed delta
         self._answered: set[int] = set()
         self._lock = threading.Lock()
-        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=name,
-                                  protocol=mqtt.MQTTv5)
-        self.client.will_set(self.topics.status(name), to_json(DeviceStatus(state="offline")),
-                             qos=1, retain=True)
+        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=name, protocol=mqtt.MQTTv5)
+        self.client.will_set(
+            self.topics.status(name), to_json(DeviceStatus(state="offline")), qos=1, retain=True
+        )
         self.client.on_connect = self._on_connect
         self.client.on_message = self._on_message
         self.client.connect_async("127.0.0.1", port, keepalive=10)
         self.client.loop_start()
 
-    def _on_connect(self, client: mqtt.Client, _userdata: Any, _flags: Any, reason: Any,
-                    _properties: Any) -> None:
+    def _on_connect(
+        self, client: mqtt.Client, _userdata: Any, _flags: Any, reason: Any, _properties: Any
+    ) -> None:
         if reason.is_failure:
             return
         client.subscribe([(self.topics.global_model, 1), (self.topics.round, 1)])
-        client.publish(self.topics.status(self.name),
-                       to_json(DeviceStatus(state="online", model_version=0)),
-                       qos=1, retain=True)
+        client.publish(
+            self.topics.status(self.name),
+            to_json(DeviceStatus(state="online", model_version=0)),
+            qos=1,
+            retain=True,
+        )
 
-    def _on_message(self, _client: mqtt.Client, _userdata: Any,
-                    message: mqtt.MQTTMessage) -> None:
+    def _on_message(self, _client: mqtt.Client, _userdata: Any, message: mqtt.MQTTMessage) -> None:
         try:
             if message.topic == self.topics.global_model and message.payload:
                 self._on_global(bytes(message.payload))
@@ -85,15 +96,18 @@ class SimulatedDoorbell:
             return  # the layout never changes; only the first model is decoded
         model = parse_global(payload, site=self.site, max_bytes=MAX_BYTES, keys=None)
         rng = np.random.default_rng(self.seed)
-        delta = [(rng.normal(size=w.shape) * DELTA_SCALE).astype(np.float32)
-                 for w in model.weights]
+        delta = [(rng.normal(size=w.shape) * DELTA_SCALE).astype(np.float32) for w in model.weights]
         self._layout = (list(model.names), delta)
 
     def _on_round(self, announcement: RoundAnnouncement) -> None:
         number = announcement.round
         with self._lock:
-            if (announcement.phase != "train" or self.name not in announcement.selected
-                    or number in self._answered or self._layout is None):
+            if (
+                announcement.phase != "train"
+                or self.name not in announcement.selected
+                or number in self._answered
+                or self._layout is None
+            ):
                 return
             self._answered.add(number)
         if self.delay_s > 0:
@@ -105,9 +119,16 @@ class SimulatedDoorbell:
         assert self._layout is not None
         names, delta = self._layout
         payload = build_update(
-            site=self.site, signer=Signer(self.name), round_id=announcement.round,
-            base_version=announcement.base_version, num_examples=self.examples, names=names,
-            delta=delta, codec=announcement.codec, density=announcement.density)
+            site=self.site,
+            signer=Signer(self.name),
+            round_id=announcement.round,
+            base_version=announcement.base_version,
+            num_examples=self.examples,
+            names=names,
+            delta=delta,
+            codec=announcement.codec,
+            density=announcement.density,
+        )
         self.client.publish(self.topics.update(self.name), payload, qos=1)
         self.sent.append(announcement.round)
 
@@ -115,8 +136,12 @@ class SimulatedDoorbell:
         return self.client.is_connected() and self._layout is not None
 
     def close(self) -> None:
-        self.client.publish(self.topics.status(self.name),
-                            to_json(DeviceStatus(state="offline")), qos=1, retain=True)
+        self.client.publish(
+            self.topics.status(self.name),
+            to_json(DeviceStatus(state="offline")),
+            qos=1,
+            retain=True,
+        )
         self.client.disconnect()
         self.client.loop_stop()
 
@@ -125,8 +150,10 @@ class Fleet:
     """Many simulated doorbells in one process."""
 
     def __init__(self, names: Sequence[str], port: int, site: str, delay_s: float = 0.0) -> None:
-        self.devices = [SimulatedDoorbell(name, port, site, delay_s=delay_s, seed=index)
-                        for index, name in enumerate(names)]
+        self.devices = [
+            SimulatedDoorbell(name, port, site, delay_s=delay_s, seed=index)
+            for index, name in enumerate(names)
+        ]
 
     def wait_ready(self, timeout: float = 60.0) -> None:
         deadline = time.monotonic() + timeout
@@ -146,8 +173,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--site", required=True)
     parser.add_argument("--names", required=True, help="comma-separated device ids")
-    parser.add_argument("--delay", type=float, default=0.0,
-                        help="seconds between a round's announcement and the answer")
+    parser.add_argument(
+        "--delay",
+        type=float,
+        default=0.0,
+        help="seconds between a round's announcement and the answer",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level="INFO", format="%(asctime)s %(name)s: %(message)s")
     stop = threading.Event()

@@ -112,8 +112,9 @@ def _aggregate(arm: Arm, deltas: Sequence[Weights], weights: Sequence[int]) -> W
         return trimmed_mean(deltas, arm.trim_fraction)
     fedavg = RunningFedAvg([d.shape for d in deltas[0]])
     for delta, examples in zip(deltas, weights, strict=True):
-        fedavg.add(clip_by_norm(delta, arm.clip_norm) if arm.strategy == "clipped" else delta,
-                   examples)
+        fedavg.add(
+            clip_by_norm(delta, arm.clip_norm) if arm.strategy == "clipped" else delta, examples
+        )
     return fedavg.mean_delta()
 
 
@@ -134,30 +135,55 @@ def run_arm(fed: Federation, arm: Arm, rounds: int, progress: Any = None) -> Arm
     result = ArmResult(arm)
     for round_id in range(1, rounds + 1):
         started = time.perf_counter()
-        down = messages.build_global(site=SITE, signer=messages.Signer(messages.AGGREGATOR),
-                                     version=round_id - 1, round_id=round_id, names=names,
-                                     weights=weights, codec=arm.downlink_codec)
+        down = messages.build_global(
+            site=SITE,
+            signer=messages.Signer(messages.AGGREGATOR),
+            version=round_id - 1,
+            round_id=round_id,
+            names=names,
+            weights=weights,
+            codec=arm.downlink_codec,
+        )
         base = messages.parse_global(down, site=SITE, max_bytes=1 << 26, keys=None).weights
         deltas: list[Weights] = []
         examples: list[int] = []
         bytes_up = 0
         for index, node in enumerate(nodes):
             face_model.set_weights(model, base)
-            params = TrainParams(plan.epochs, plan.batch_size, plan.learning_rate,
-                                 plan.prox_mu, seed=_seed(seed, round_id, index))
+            params = TrainParams(
+                plan.epochs,
+                plan.batch_size,
+                plan.learning_rate,
+                plan.prox_mu,
+                seed=_seed(seed, round_id, index),
+            )
             face_model.train(model, node.images, node.labels, params)
             delta = [t - b for t, b in zip(face_model.get_weights(model), base, strict=True)]
             if index < len(arm.attackers):
                 delta = _poison(delta, arm.attackers[index])
             if arm.codec == "topk":
                 delta, residuals[index] = with_error_feedback(
-                    names, delta, residuals.get(index), arm.density)
+                    names, delta, residuals.get(index), arm.density
+                )
             payload = messages.build_update(
-                site=SITE, signer=messages.Signer(f"node{index}"), round_id=round_id,
-                base_version=round_id - 1, num_examples=len(node.images), names=names,
-                delta=delta, codec=arm.codec, density=arm.density)
-            update = messages.parse_update(payload, site=SITE, device=f"node{index}",
-                                           expected=specs, max_bytes=1 << 26, keys=None)
+                site=SITE,
+                signer=messages.Signer(f"node{index}"),
+                round_id=round_id,
+                base_version=round_id - 1,
+                num_examples=len(node.images),
+                names=names,
+                delta=delta,
+                codec=arm.codec,
+                density=arm.density,
+            )
+            update = messages.parse_update(
+                payload,
+                site=SITE,
+                device=f"node{index}",
+                expected=specs,
+                max_bytes=1 << 26,
+                keys=None,
+            )
             bytes_up += len(payload)
             result.update_bytes.append(len(payload))
             deltas.append(update.delta)
@@ -168,8 +194,16 @@ def run_arm(fed: Federation, arm: Arm, rounds: int, progress: Any = None) -> Arm
         weights = [np.asarray(w + s, np.float32) for w, s in zip(weights, step, strict=True)]
         face_model.set_weights(model, weights)
         accuracy = face_model.accuracy(model, fed.held_out.images, fed.held_out.labels)
-        result.rounds.append(RoundResult(round_id, accuracy, bytes_up, len(down) * len(nodes),
-                                         time.perf_counter() - started, len(nodes)))
+        result.rounds.append(
+            RoundResult(
+                round_id,
+                accuracy,
+                bytes_up,
+                len(down) * len(nodes),
+                time.perf_counter() - started,
+                len(nodes),
+            )
+        )
         if progress is not None:
             progress(arm, result.rounds[-1])
     result.weights = weights
@@ -181,8 +215,12 @@ def train_central(fed: Federation, epochs: int) -> float:
     model = face_model.build_model(fed.classes, seed=fed.seed)
     images = np.concatenate([n.images for n in fed.nodes])
     labels = np.concatenate([n.labels for n in fed.nodes])
-    face_model.train(model, images, labels, TrainParams(epochs, fed.plan.batch_size,
-                                                        fed.plan.learning_rate, 0.0, fed.seed))
+    face_model.train(
+        model,
+        images,
+        labels,
+        TrainParams(epochs, fed.plan.batch_size, fed.plan.learning_rate, 0.0, fed.seed),
+    )
     return face_model.accuracy(model, fed.held_out.images, fed.held_out.labels)
 
 
@@ -193,8 +231,17 @@ def train_local_only(fed: Federation, epochs: int) -> list[float]:
     scores = []
     for index, node in enumerate(fed.nodes):
         face_model.set_weights(model, initial)
-        face_model.train(model, node.images, node.labels,
-                         TrainParams(epochs, fed.plan.batch_size, fed.plan.learning_rate, 0.0,
-                                     _seed(fed.seed, "local", index)))
+        face_model.train(
+            model,
+            node.images,
+            node.labels,
+            TrainParams(
+                epochs,
+                fed.plan.batch_size,
+                fed.plan.learning_rate,
+                0.0,
+                _seed(fed.seed, "local", index),
+            ),
+        )
         scores.append(face_model.accuracy(model, fed.held_out.images, fed.held_out.labels))
     return scores

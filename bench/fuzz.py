@@ -39,8 +39,12 @@ from fedbell.errors import RejectedMessage
 SITE = "home"
 DEVICES = ("door", "garage")
 LIMIT = 4 << 20
-SHAPES = {"conv/kernel": (3, 3, 1, 8), "conv/bias": (8,), "dense/kernel": (32, 6),
-          "dense/bias": (6,)}
+SHAPES = {
+    "conv/kernel": (3, 3, 1, 8),
+    "conv/bias": (8,),
+    "dense/kernel": (32, 6),
+    "dense/bias": (6,),
+}
 Mutator = Callable[[np.random.Generator, bytes], bytes]
 BOMB = zstandard.ZstdCompressor(level=19).compress(b"\0" * (256 << 20))
 """256 MiB of zeros in about 8 KiB: made once, thrown many times."""
@@ -48,20 +52,35 @@ BOMB = zstandard.ZstdCompressor(level=19).compress(b"\0" * (256 << 20))
 
 def _split(payload: bytes) -> tuple[dict[str, Any], bytes]:
     length = struct.unpack_from(">I", payload, 5)[0]
-    return json.loads(payload[9:9 + length]), payload[9 + length:]
+    return json.loads(payload[9 : 9 + length]), payload[9 + length :]
 
 
 def _join(header: dict[str, Any], body: bytes, fix_digest: bool = True) -> bytes:
     if fix_digest:
-        header = {**header, "body_size": len(body),
-                  "body_sha256": hashlib.sha256(body).hexdigest()}
+        header = {**header, "body_size": len(body), "body_sha256": hashlib.sha256(body).hexdigest()}
     raw = json.dumps(header).encode()
     return envelope.MAGIC + bytes([envelope.VERSION]) + struct.pack(">I", len(raw)) + raw + body
 
 
 def _hostile_value(rng: np.random.Generator) -> Any:
-    choices: list[Any] = [None, -1, 0, 2**63, -(2**63), 1e308, float("nan"), "", "x" * 5000,
-                          [], {}, [1, 2], {"a": {"b": {"c": []}}}, True, "float64", "../../etc"]
+    choices: list[Any] = [
+        None,
+        -1,
+        0,
+        2**63,
+        -(2**63),
+        1e308,
+        float("nan"),
+        "",
+        "x" * 5000,
+        [],
+        {},
+        [1, 2],
+        {"a": {"b": {"c": []}}},
+        True,
+        "float64",
+        "../../etc",
+    ]
     return choices[int(rng.integers(len(choices)))]
 
 
@@ -83,13 +102,42 @@ def splice_junk(rng: np.random.Generator, payload: bytes) -> bytes:
 
 def lie_in_header(rng: np.random.Generator, payload: bytes) -> bytes:
     header, body = _split(payload)
-    field = str(rng.choice(["kind", "site", "round", "model_version", "sender",
-                            "num_examples", "codec", "compression", "meta", "signature",
-                            "body_size", "unknown_field"]))
-    header[field] = _hostile_value(rng) if rng.random() < 0.6 else {
-        "kind": "global", "site": "cottage", "round": 2, "model_version": 1,
-        "sender": "garage", "num_examples": 10**9, "codec": "topk", "compression": "none",
-        "meta": {"x": 1}, "signature": "AAAA", "body_size": 1, "unknown_field": 1}[field]
+    field = str(
+        rng.choice(
+            [
+                "kind",
+                "site",
+                "round",
+                "model_version",
+                "sender",
+                "num_examples",
+                "codec",
+                "compression",
+                "meta",
+                "signature",
+                "body_size",
+                "unknown_field",
+            ]
+        )
+    )
+    header[field] = (
+        _hostile_value(rng)
+        if rng.random() < 0.6
+        else {
+            "kind": "global",
+            "site": "cottage",
+            "round": 2,
+            "model_version": 1,
+            "sender": "garage",
+            "num_examples": 10**9,
+            "codec": "topk",
+            "compression": "none",
+            "meta": {"x": 1},
+            "signature": "AAAA",
+            "body_size": 1,
+            "unknown_field": 1,
+        }[field]
+    )
     return _join(header, body, fix_digest=field != "body_size")
 
 
@@ -119,7 +167,7 @@ def poison_body(rng: np.random.Generator, payload: bytes) -> bytes:
     how = int(rng.integers(5))
     if how == 0:  # NaN or Inf somewhere in a float32 body
         at = 4 * int(rng.integers(len(raw) // 4))
-        raw[at:at + 4] = struct.pack("<f", float(rng.choice([np.nan, np.inf, -np.inf])))
+        raw[at : at + 4] = struct.pack("<f", float(rng.choice([np.nan, np.inf, -np.inf])))
     elif how == 1:  # absurd norm: every value huge
         values = np.frombuffer(bytes(raw), dtype="<f4") * np.float32(1e30)
         raw = bytearray(values.astype("<f4").tobytes())
@@ -137,8 +185,15 @@ def not_zstd(rng: np.random.Generator, payload: bytes) -> bytes:
     return _join(header, rng.bytes(int(rng.integers(0, 4096))))
 
 
-MUTATORS: tuple[Mutator, ...] = (flip_bits, truncate, splice_junk, lie_in_header,
-                                 lie_about_tensors, poison_body, not_zstd)
+MUTATORS: tuple[Mutator, ...] = (
+    flip_bits,
+    truncate,
+    splice_junk,
+    lie_in_header,
+    lie_about_tensors,
+    poison_body,
+    not_zstd,
+)
 
 
 def _digest(arrays: list[np.ndarray]) -> str:
@@ -153,15 +208,32 @@ def run(count: int, seed: int, signed: bool) -> int:
     keys = {d: Ed25519PrivateKey.generate() for d in DEVICES}
     trusted = {d: k.public_key() for d, k in keys.items()} if signed else None
     settings = RoundSettings(codec="float32", timeout_s=1e9, max_update_norm=100.0)
-    round_ = Round(announcement=announce(round_id=1, base_version=0, selected=DEVICES,
-                                         now=time.time(), settings=settings, manual=False),
-                   manual=False, started_at=time.time(),
-                   accumulator=Streaming(RunningFedAvg([a.shape for a in base])))
-    seeds = [messages.build_update(
-        site=SITE, signer=messages.Signer(d, keys[d] if signed else None), round_id=1,
-        base_version=0, num_examples=5, names=names, codec="float32",
-        delta=[rng.normal(scale=0.01, size=a.shape).astype(np.float32) for a in base])
-        for d in DEVICES]
+    round_ = Round(
+        announcement=announce(
+            round_id=1,
+            base_version=0,
+            selected=DEVICES,
+            now=time.time(),
+            settings=settings,
+            manual=False,
+        ),
+        manual=False,
+        started_at=time.time(),
+        accumulator=Streaming(RunningFedAvg([a.shape for a in base])),
+    )
+    seeds = [
+        messages.build_update(
+            site=SITE,
+            signer=messages.Signer(d, keys[d] if signed else None),
+            round_id=1,
+            base_version=0,
+            num_examples=5,
+            names=names,
+            codec="float32",
+            delta=[rng.normal(scale=0.01, size=a.shape).astype(np.float32) for a in base],
+        )
+        for d in DEVICES
+    ]
     before = _digest(base)
     outcomes: Counter[str] = Counter()
     crashes: list[str] = []
@@ -173,8 +245,14 @@ def run(count: int, seed: int, signed: bool) -> int:
         topic_device = device if rng.random() < 0.9 else "intruder"
         accepted_before = round_.accumulator.count
         try:
-            update = messages.parse_update(payload, site=SITE, device=topic_device,
-                                           expected=specs, max_bytes=LIMIT, keys=trusted)
+            update = messages.parse_update(
+                payload,
+                site=SITE,
+                device=topic_device,
+                expected=specs,
+                max_bytes=LIMIT,
+                keys=trusted,
+            )
             round_.check(update, now=time.time(), max_norm=settings.max_update_norm)
             round_.accept(update, len(payload))
             outcomes["accepted"] += 1
@@ -187,8 +265,10 @@ def run(count: int, seed: int, signed: bool) -> int:
             crashes.append(f"{mutator.__name__}: {traceback.format_exc()}")
     seconds = time.perf_counter() - started
     changed = _digest(base) != before
-    print(f"fuzz: {count} hostile messages ({'signed' if signed else 'unsigned'} site), "
-          f"{seconds:.1f} s, {count / seconds:.0f} msg/s")
+    print(
+        f"fuzz: {count} hostile messages ({'signed' if signed else 'unsigned'} site), "
+        f"{seconds:.1f} s, {count / seconds:.0f} msg/s"
+    )
     for reason, n in outcomes.most_common():
         print(f"  {reason:<18} {n}")
     print(f"crashes: {len(crashes)}   model changes: {int(changed)}")
@@ -203,8 +283,7 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     half = args.count // 2
-    return run(half, args.seed, signed=False) | run(args.count - half, args.seed + 1,
-                                                     signed=True)
+    return run(half, args.seed, signed=False) | run(args.count - half, args.seed + 1, signed=True)
 
 
 if __name__ == "__main__":

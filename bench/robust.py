@@ -27,11 +27,14 @@ def arms(clip_norm: float) -> list[Arm]:
     return [
         Arm("fedavg, all honest"),
         Arm("fedavg", attackers=ATTACK),
-        Arm(f"clipped fedavg (norm {clip_norm:g})", strategy="clipped", clip_norm=clip_norm,
-            attackers=ATTACK),
+        Arm(
+            f"clipped fedavg (norm {clip_norm:g})",
+            strategy="clipped",
+            clip_norm=clip_norm,
+            attackers=ATTACK,
+        ),
         Arm("coordinate median", strategy="median", attackers=ATTACK),
-        Arm("trimmed mean (20 %)", strategy="trimmed_mean", trim_fraction=0.2,
-            attackers=ATTACK),
+        Arm("trimmed mean (20 %)", strategy="trimmed_mean", trim_fraction=0.2, attackers=ATTACK),
     ]
 
 
@@ -48,14 +51,18 @@ def main() -> int:
     args = parser.parse_args()
     limit_threads(2)
     console = Console(width=150)
-    fed, name = load_federation(args.dataset, args.nodes, args.alpha, args.seed,
-                                TrainParams(epochs=args.epochs))
-    console.print(f"dataset {name}: {args.nodes} nodes, alpha {args.alpha}, "
-                  f"{args.rounds} rounds, attackers: node0 x-10, node1 sign-flip")
+    fed, name = load_federation(
+        args.dataset, args.nodes, args.alpha, args.seed, TrainParams(epochs=args.epochs)
+    )
+    console.print(
+        f"dataset {name}: {args.nodes} nodes, alpha {args.alpha}, "
+        f"{args.rounds} rounds, attackers: node0 x-10, node1 sign-flip"
+    )
 
     def progress(arm: Arm, r: RoundResult) -> None:
-        console.print(f"  {arm.name:<32} round {r.round:>3}  accuracy {r.accuracy:.3f}",
-                      highlight=False)
+        console.print(
+            f"  {arm.name:<32} round {r.round:>3}  accuracy {r.accuracy:.3f}", highlight=False
+        )
 
     results = [run_arm(fed, arm, args.rounds, progress) for arm in arms(args.clip_norm)]
     honest = results[0].final_accuracy
@@ -63,19 +70,38 @@ def main() -> int:
     for column in ("strategy", "final accuracy", "vs all-honest (points)"):
         table.add_column(column)
     for result in results:
-        table.add_row(result.arm.name, f"{result.final_accuracy:.3f}",
-                      f"{100 * (result.final_accuracy - honest):+.1f}")
+        table.add_row(
+            result.arm.name,
+            f"{result.final_accuracy:.3f}",
+            f"{100 * (result.final_accuracy - honest):+.1f}",
+        )
     console.print(table)
     best = max(results[2:], key=lambda r: r.final_accuracy)
     gap = 100 * (honest - best.final_accuracy)
-    console.print(f"best robust strategy: {best.arm.name}, {gap:.1f} points below all-honest "
-                  f"({'within' if gap <= 3 else 'NOT within'} 3 points)")
+    console.print(
+        f"best robust strategy: {best.arm.name}, {gap:.1f} points below all-honest "
+        f"({'within' if gap <= 3 else 'NOT within'} 3 points)"
+    )
     args.report.parent.mkdir(parents=True, exist_ok=True)
-    args.report.write_text(json.dumps({
-        "dataset": name, "nodes": args.nodes, "alpha": args.alpha, "rounds": args.rounds,
-        "arms": [{"name": r.arm.name, "final_accuracy": r.final_accuracy,
-                  "accuracy": [x.accuracy for x in r.rounds]} for r in results],
-    }, indent=2))
+    args.report.write_text(
+        json.dumps(
+            {
+                "dataset": name,
+                "nodes": args.nodes,
+                "alpha": args.alpha,
+                "rounds": args.rounds,
+                "arms": [
+                    {
+                        "name": r.arm.name,
+                        "final_accuracy": r.final_accuracy,
+                        "accuracy": [x.accuracy for x in r.rounds],
+                    }
+                    for r in results
+                ],
+            },
+            indent=2,
+        )
+    )
     return 0
 
 

@@ -62,8 +62,10 @@ LABELS = ("alice", "bob", "carol")
 REPO = Path(__file__).resolve().parents[1]
 CLIENTS_PER_WORKER = 250
 MAX_WORKERS = 4
-ACCEPTED = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) INFO aggregator: "
-                      r"round \d+: accepted update from ")
+ACCEPTED = re.compile(
+    r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) INFO aggregator: "
+    r"round \d+: accepted update from "
+)
 
 
 @dataclass
@@ -80,12 +82,12 @@ class Watcher:
         self.client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
         self.client.on_message = self._on_message
         self.client.connect("127.0.0.1", self.port, keepalive=60)
-        self.client.subscribe([(self.topics.round, 1), (self.topics.global_model, 1),
-                               (self.topics.metrics, 1)])
+        self.client.subscribe(
+            [(self.topics.round, 1), (self.topics.global_model, 1), (self.topics.metrics, 1)]
+        )
         self.client.loop_start()
 
-    def _on_message(self, _client: mqtt.Client, _userdata: Any,
-                    message: mqtt.MQTTMessage) -> None:
+    def _on_message(self, _client: mqtt.Client, _userdata: Any, message: mqtt.MQTTMessage) -> None:
         now = time.time()
         payload = bytes(message.payload)
         if message.topic == self.topics.round:
@@ -120,8 +122,12 @@ class RssSampler(threading.Thread):
         while not self.done.wait(0.05):
             try:
                 self.samples.append((time.time(), proc_status_kb(self.pid, "VmRSS")))
-                self.cpu.append((time.time(), {name: sum(map(cpu_seconds, pids))
-                                               for name, pids in self.cpu_pids.items()}))
+                self.cpu.append(
+                    (
+                        time.time(),
+                        {name: sum(map(cpu_seconds, pids)) for name, pids in self.cpu_pids.items()},
+                    )
+                )
             except (OSError, KeyError):
                 return
 
@@ -168,13 +174,23 @@ def raise_fd_limit(needed: int) -> int:
 def aggregator_config(folder: Path, port: int, nodes: int, codec: Codec) -> Path:
     """A config like the example's, with quorum N, one automatic round, a long deadline."""
     path = folder / "aggregator.yaml"
-    path.write_text(yaml.safe_dump({
-        "site": SITE, "labels": list(LABELS), "state_dir": str(folder / "state"),
-        "mqtt": {"port": port, "keepalive": 60},
-        "rounds": {"codec": codec, "timeout_s": 3600, "min_updates": nodes,
-                   "auto_pause_s": 0},
-        "auto_rounds": 1,
-    }))
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "site": SITE,
+                "labels": list(LABELS),
+                "state_dir": str(folder / "state"),
+                "mqtt": {"port": port, "keepalive": 60},
+                "rounds": {
+                    "codec": codec,
+                    "timeout_s": 3600,
+                    "min_updates": nodes,
+                    "auto_pause_s": 0,
+                },
+                "auto_rounds": 1,
+            }
+        )
+    )
     return path
 
 
@@ -188,12 +204,15 @@ class Worker:
 
     def __init__(self, spec: dict[str, Any]) -> None:
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "bench.swarm", json.dumps(spec)], cwd=REPO,
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+            [sys.executable, "-m", "bench.swarm", json.dumps(spec)],
+            cwd=REPO,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
         assert self.process.stdout is not None
         self.lines: queue.Queue[str] = queue.Queue()
-        threading.Thread(target=_lines, args=(self.process.stdout, self.lines),
-                         daemon=True).start()
+        threading.Thread(target=_lines, args=(self.process.stdout, self.lines), daemon=True).start()
 
     def read(self, timeout: float) -> dict[str, Any]:
         try:
@@ -218,12 +237,14 @@ class Worker:
 
 
 def accepted_times(log: str) -> list[float]:
-    return [datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp()
-            for m in map(ACCEPTED.match, log.splitlines()) if m]
+    return [
+        datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp()
+        for m in map(ACCEPTED.match, log.splitlines())
+        if m
+    ]
 
 
-def wait_for(condition: Any, timeout: float, what: str, process: subprocess.Popen[bytes]
-             ) -> None:
+def wait_for(condition: Any, timeout: float, what: str, process: subprocess.Popen[bytes]) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
         if process.poll() is not None:
@@ -233,8 +254,9 @@ def wait_for(condition: Any, timeout: float, what: str, process: subprocess.Pope
         time.sleep(0.02)
 
 
-def run_one(nodes: int, codec: Codec, folder: Path, workers: int | None = None,
-            timeout: float = 900.0) -> dict[str, Any]:
+def run_one(
+    nodes: int, codec: Codec, folder: Path, workers: int | None = None, timeout: float = 900.0
+) -> dict[str, Any]:
     """One aggregation round with `nodes` doorbells; the figures as a dict."""
     count = workers or max(1, min(MAX_WORKERS, math.ceil(nodes / CLIENTS_PER_WORKER)))
     names = [f"bell{i:04d}" for i in range(nodes)]
@@ -243,29 +265,47 @@ def run_one(nodes: int, codec: Codec, folder: Path, workers: int | None = None,
         log_path = folder / "aggregator.log"
         with log_path.open("wb") as log_file:
             aggregator = subprocess.Popen(
-                [sys.executable, "-m", "aggregator", "--config", str(config)], cwd=REPO,
-                stdout=subprocess.DEVNULL, stderr=log_file,
-                env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+                [sys.executable, "-m", "aggregator", "--config", str(config)],
+                cwd=REPO,
+                stdout=subprocess.DEVNULL,
+                stderr=log_file,
+                env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"},
+            )
         sampler = RssSampler(aggregator.pid)
         sampler.start()
         watcher = Watcher(broker.port)
         swarm: list[Worker] = []
         try:
-            swarm = [Worker({"port": broker.port, "site": SITE, "codec": codec,
-                             "density": 0.05, "devices": names[i::count], "seed": i})
-                     for i in range(count)]
-            sampler.cpu_pids = {"aggregator": [aggregator.pid], "broker": [broker.pid or 0],
-                                "doorbells": [w.process.pid for w in swarm]}
+            swarm = [
+                Worker(
+                    {
+                        "port": broker.port,
+                        "site": SITE,
+                        "codec": codec,
+                        "density": 0.05,
+                        "devices": names[i::count],
+                        "seed": i,
+                    }
+                )
+                for i in range(count)
+            ]
+            sampler.cpu_pids = {
+                "aggregator": [aggregator.pid],
+                "broker": [broker.pid or 0],
+                "doorbells": [w.process.pid for w in swarm],
+            }
             for worker in swarm:
                 ready = worker.read(timeout=300)
                 if "ready" not in ready:
                     raise RuntimeError(f"swarm worker failed: {ready}")
-            wait_for(lambda: watcher.announced is not None, 120, "round announcement",
-                     aggregator)
-            wait_for(lambda: watcher.published is not None, timeout, "global model v1",
-                     aggregator)
-            wait_for(lambda: watcher.metrics is not None and watcher.metrics.round == 1,
-                     30, "round metrics", aggregator)
+            wait_for(lambda: watcher.announced is not None, 120, "round announcement", aggregator)
+            wait_for(lambda: watcher.published is not None, timeout, "global model v1", aggregator)
+            wait_for(
+                lambda: watcher.metrics is not None and watcher.metrics.round == 1,
+                30,
+                "round metrics",
+                aggregator,
+            )
             peak_kb = proc_status_kb(aggregator.pid, "VmHWM")
             reports = [worker.stop() for worker in swarm]
         finally:
@@ -287,17 +327,21 @@ def run_one(nodes: int, codec: Codec, folder: Path, workers: int | None = None,
     assert watcher.published is not None
     assert watcher.metrics is not None
     if len(times) != nodes or watcher.metrics.participants != nodes:
-        raise RuntimeError(f"{len(times)} updates accepted, {nodes} expected "
-                           f"(rejected: {watcher.metrics.rejected}); see {log_path}")
+        raise RuntimeError(
+            f"{len(times)} updates accepted, {nodes} expected "
+            f"(rejected: {watcher.metrics.rejected}); see {log_path}"
+        )
     span = times[-1] - times[0]
     return {
-        "nodes": nodes, "codec": codec,
+        "nodes": nodes,
+        "codec": codec,
         "updates_per_s": round((nodes - 1) / span, 1) if span > 0 else None,
         "round_seconds": round(watcher.published - watcher.announced, 2),
         "collect_seconds": round(times[-1] - watcher.announced, 2),
         "peak_rss_mb": round(peak_kb / 1024, 1),
-        "collect_rss_mb": round(max(sampler.peak_between(watcher.announced, times[-1]),
-                                    sampler.at(times[-1])) / 1024, 1),
+        "collect_rss_mb": round(
+            max(sampler.peak_between(watcher.announced, times[-1]), sampler.at(times[-1])) / 1024, 1
+        ),
         "rss_before_mb": round(sampler.at(watcher.announced) / 1024, 1),
         "bytes_up": watcher.metrics.bytes_up,
         "cores_while_collecting": sampler.cpu_share(watcher.announced, times[-1]),
@@ -305,9 +349,15 @@ def run_one(nodes: int, codec: Codec, folder: Path, workers: int | None = None,
     }
 
 
-def run_scale(nodes_list: Sequence[int] = (10, 100, 1000), codec: Codec = "int8", *,
-              workers: int | None = None, workdir: Path | None = None,
-              timeout: float = 900.0, show: bool = True) -> list[dict[str, Any]]:
+def run_scale(
+    nodes_list: Sequence[int] = (10, 100, 1000),
+    codec: Codec = "int8",
+    *,
+    workers: int | None = None,
+    workdir: Path | None = None,
+    timeout: float = 900.0,
+    show: bool = True,
+) -> list[dict[str, Any]]:
     """The scale benchmark for each N in `nodes_list`; for `make bench` (`scale`)."""
     raise_fd_limit(max(nodes_list) + 256)
     results = []
@@ -326,8 +376,16 @@ def run_scale(nodes_list: Sequence[int] = (10, 100, 1000), codec: Codec = "int8"
 
 def print_table(results: Sequence[dict[str, Any]]) -> None:
     table = Table(title="aggregation at scale (one Mosquitto, loopback)")
-    columns = ("nodes", "codec", "updates_per_s", "round_seconds", "collect_seconds",
-               "peak_rss_mb", "collect_rss_mb", "rss_before_mb")
+    columns = (
+        "nodes",
+        "codec",
+        "updates_per_s",
+        "round_seconds",
+        "collect_seconds",
+        "peak_rss_mb",
+        "collect_rss_mb",
+        "rss_before_mb",
+    )
     for column in columns:
         table.add_column(column, justify="left" if column == "codec" else "right")
     for row in results:
@@ -338,13 +396,19 @@ def print_table(results: Sequence[dict[str, Any]]) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--nodes", type=int, nargs="+", default=[10, 100, 1000])
-    parser.add_argument("--codec", default="int8",
-                        choices=["float32", "float16", "int8", "topk"])
-    parser.add_argument("--workers", type=int, default=None,
-                        help=f"doorbell processes (default: one per {CLIENTS_PER_WORKER}, "
-                        f"at most {MAX_WORKERS})")
-    parser.add_argument("--workdir", type=Path, default=None,
-                        help="keep broker and aggregator folders and logs here")
+    parser.add_argument("--codec", default="int8", choices=["float32", "float16", "int8", "topk"])
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help=f"doorbell processes (default: one per {CLIENTS_PER_WORKER}, at most {MAX_WORKERS})",
+    )
+    parser.add_argument(
+        "--workdir",
+        type=Path,
+        default=None,
+        help="keep broker and aggregator folders and logs here",
+    )
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = parser.parse_args()
     results = run_scale(args.nodes, args.codec, workers=args.workers, workdir=args.workdir)

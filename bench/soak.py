@@ -61,12 +61,23 @@ def usage(pid: int) -> Usage:
 
 def aggregator_config(folder: Path, port: int, nodes: int, timeout_s: float) -> Path:
     path = folder / "aggregator.yaml"
-    path.write_text(json.dumps({  # JSON is YAML
-        "site": SITE, "labels": list(LABELS), "state_dir": str(folder / "state"),
-        "mqtt": {"port": port},
-        "rounds": {"codec": "int8", "timeout_s": timeout_s, "min_updates": nodes,
-                   "auto_pause_s": 0.1},
-        "threads": 1}))
+    path.write_text(
+        json.dumps(
+            {  # JSON is YAML
+                "site": SITE,
+                "labels": list(LABELS),
+                "state_dir": str(folder / "state"),
+                "mqtt": {"port": port},
+                "rounds": {
+                    "codec": "int8",
+                    "timeout_s": timeout_s,
+                    "min_updates": nodes,
+                    "auto_pause_s": 0.1,
+                },
+                "threads": 1,
+            }
+        )
+    )
     return path
 
 
@@ -97,11 +108,20 @@ def soak(rounds: int, nodes: int, every: int, folder: Path, round_timeout_s: flo
     broker = LocalBroker(folder / "broker").start()
     log_file = (folder / "aggregator.log").open("wb")
     process = subprocess.Popen(
-        [sys.executable, "-m", "aggregator", "--config",
-         str(aggregator_config(folder, broker.port, nodes, round_timeout_s)),
-         "--log-level", "WARNING"],
-        cwd=REPO, stdout=subprocess.DEVNULL, stderr=log_file,
-        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+        [
+            sys.executable,
+            "-m",
+            "aggregator",
+            "--config",
+            str(aggregator_config(folder, broker.port, nodes, round_timeout_s)),
+            "--log-level",
+            "WARNING",
+        ],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=log_file,
+        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"},
+    )
     fleet = Fleet([f"door{i:02d}" for i in range(nodes)], broker.port, SITE)
     watch = MetricsWatch(broker.port)
     rss: dict[int, int] = {}
@@ -109,15 +129,19 @@ def soak(rounds: int, nodes: int, every: int, folder: Path, round_timeout_s: flo
         fleet.wait_ready(timeout=120)
         watch.command({"cmd": "auto", "rounds": rounds})
         started = time.monotonic()
-        print(f"{'round':>5} {'outcome':>9} {'aggregator':>20} {'broker':>20} "
-              f"{'devices':>20} {'s/round':>7}")
+        print(
+            f"{'round':>5} {'outcome':>9} {'aggregator':>20} {'broker':>20} "
+            f"{'devices':>20} {'s/round':>7}"
+        )
         done = 0
         while done < rounds:
             try:
                 metrics = watch.metrics.get(timeout=round_timeout_s + 120)
             except queue.Empty:
-                print(f"no round finished within {round_timeout_s + 120:.0f}s; see "
-                      f"{folder / 'aggregator.log'}")
+                print(
+                    f"no round finished within {round_timeout_s + 120:.0f}s; see "
+                    f"{folder / 'aggregator.log'}"
+                )
                 return False
             if metrics.round <= done:
                 continue  # the retained copy of an older round
@@ -126,9 +150,12 @@ def soak(rounds: int, nodes: int, every: int, folder: Path, round_timeout_s: flo
             rss[done] = aggregator.rss_kib
             if metrics.outcome != "published" or done % every == 0 or done in (1, rounds):
                 assert broker.pid is not None
-                print(f"{done:5d} {metrics.outcome:>9} {aggregator!s:>20} "
-                      f"{usage(broker.pid)!s:>20} {usage(os.getpid())!s:>20} "
-                      f"{(time.monotonic() - started) / done:7.2f}", flush=True)
+                print(
+                    f"{done:5d} {metrics.outcome:>9} {aggregator!s:>20} "
+                    f"{usage(broker.pid)!s:>20} {usage(os.getpid())!s:>20} "
+                    f"{(time.monotonic() - started) / done:7.2f}",
+                    flush=True,
+                )
         return report(rss, rounds)
     finally:
         watch.close()
@@ -145,33 +172,41 @@ def report(rss: dict[int, int], rounds: int) -> bool:
     growth = (end - start) / start
     ok = growth < GROWTH_BAR
     peak = max(value for round_id, value in rss.items() if round_id >= first)
-    print(f"aggregator RSS round {first}: {start / 1024:.1f} MiB, "
-          f"round {rounds}: {end / 1024:.1f} MiB, growth {100 * growth:+.1f} % "
-          f"({'<' if ok else '>='} {100 * GROWTH_BAR:.0f} %: {'PASS' if ok else 'FAIL'}); "
-          f"peak from round {first} on: {peak / 1024:.1f} MiB "
-          f"({100 * (peak - start) / start:+.1f} %)")
+    print(
+        f"aggregator RSS round {first}: {start / 1024:.1f} MiB, "
+        f"round {rounds}: {end / 1024:.1f} MiB, growth {100 * growth:+.1f} % "
+        f"({'<' if ok else '>='} {100 * GROWTH_BAR:.0f} %: {'PASS' if ok else 'FAIL'}); "
+        f"peak from round {first} on: {peak / 1024:.1f} MiB "
+        f"({100 * (peak - start) / start:+.1f} %)"
+    )
     return ok
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.soak", description=__doc__.split(
-        "\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.soak", description=__doc__.split("\n\n")[0]
+    )
     parser.add_argument("--rounds", type=int, default=200)
     parser.add_argument("--nodes", type=int, default=10)
     parser.add_argument("--every", type=int, default=20, help="print every K rounds")
-    parser.add_argument("--round-timeout", type=float, default=60.0,
-                        help="round deadline (s); every device answers at once, so rounds "
-                        "normally close long before it")
-    parser.add_argument("--keep", type=Path, default=None,
-                        help="keep the broker, state and logs in this folder")
+    parser.add_argument(
+        "--round-timeout",
+        type=float,
+        default=60.0,
+        help="round deadline (s); every device answers at once, so rounds "
+        "normally close long before it",
+    )
+    parser.add_argument(
+        "--keep", type=Path, default=None, help="keep the broker, state and logs in this folder"
+    )
     args = parser.parse_args(argv)
     if args.keep is not None:
         args.keep.mkdir(parents=True, exist_ok=True)
-        return 0 if soak(args.rounds, args.nodes, args.every, args.keep,
-                         args.round_timeout) else 1
+        return 0 if soak(args.rounds, args.nodes, args.every, args.keep, args.round_timeout) else 1
     with tempfile.TemporaryDirectory(prefix="fedbell-soak-") as folder:
-        return 0 if soak(args.rounds, args.nodes, args.every, Path(folder),
-                         args.round_timeout) else 1
+        return (
+            0 if soak(args.rounds, args.nodes, args.every, Path(folder), args.round_timeout) else 1
+        )
 
 
 if __name__ == "__main__":

@@ -42,9 +42,13 @@ from bench.federated import (
 from fedbell import model as face_model
 from fedbell.model import TrainParams
 
-CODEC_ARMS = (Arm("float32"), Arm("float16", codec="float16"), Arm("int8", codec="int8"),
-              Arm("topk 10% + int8", codec="topk", density=0.10),
-              Arm("topk 5% + int8", codec="topk", density=0.05))
+CODEC_ARMS = (
+    Arm("float32"),
+    Arm("float16", codec="float16"),
+    Arm("int8", codec="int8"),
+    Arm("topk 10% + int8", codec="topk", density=0.10),
+    Arm("topk 5% + int8", codec="topk", density=0.05),
+)
 TARGET = 0.9
 
 
@@ -54,8 +58,10 @@ def _kb(n: float) -> str:
 
 def learning(fed: Federation, rounds: int, console: Console) -> dict[str, Any]:
     def progress(arm: Arm, r: RoundResult) -> None:
-        console.print(f"  {arm.name:<18} round {r.round:>3}  accuracy {r.accuracy:.3f}  "
-                      f"{r.seconds:.1f}s", highlight=False)
+        console.print(
+            f"  {arm.name:<18} round {r.round:>3}  accuracy {r.accuracy:.3f}  {r.seconds:.1f}s",
+            highlight=False,
+        )
 
     results = [run_arm(fed, arm, rounds, progress) for arm in CODEC_ARMS]
     epochs = rounds * fed.plan.epochs
@@ -63,28 +69,48 @@ def learning(fed: Federation, rounds: int, console: Console) -> dict[str, Any]:
     local = train_local_only(fed, epochs)
     reference = results[0]
     table = Table(title=f"Learning quality after {rounds} rounds ({len(fed.nodes)} nodes)")
-    for column in ("set-up", "final accuracy", f"rounds to {TARGET:.0%}", "bytes/update up",
-                   "bytes/model down", "total bytes", "smaller than float32"):
+    for column in (
+        "set-up",
+        "final accuracy",
+        f"rounds to {TARGET:.0%}",
+        "bytes/update up",
+        "bytes/model down",
+        "total bytes",
+        "smaller than float32",
+    ):
         table.add_column(column, justify="right")
     table.add_row("centralised", f"{central:.3f}", "", "", "", "", "")
     table.add_row("each node alone (mean)", f"{np.mean(local):.3f}", "", "", "", "", "")
     for result in results:
         total = sum(r.bytes_up + r.bytes_down for r in result.rounds)
-        table.add_row(result.arm.name, f"{result.final_accuracy:.3f}",
-                      str(result.rounds_to(TARGET) or "—"), _kb(result.bytes_per_update),
-                      _kb(result.bytes_per_download), _kb(total),
-                      f"{reference.bytes_per_update / result.bytes_per_update:.1f}x")
+        table.add_row(
+            result.arm.name,
+            f"{result.final_accuracy:.3f}",
+            str(result.rounds_to(TARGET) or "—"),
+            _kb(result.bytes_per_update),
+            _kb(result.bytes_per_download),
+            _kb(total),
+            f"{reference.bytes_per_update / result.bytes_per_update:.1f}x",
+        )
     console.print(table)
     _plot(results, central, Path("reports/bench-codecs.png"))
     return {
         "central_accuracy": central,
         "local_only_accuracy": float(np.mean(local)),
         "local_only_per_node": local,
-        "codecs": [{"name": r.arm.name, "codec": r.arm.codec, "density": r.arm.density,
-                    "accuracy": r.final_accuracy, "rounds_to_90": r.rounds_to(TARGET),
-                    "bytes_per_update": r.bytes_per_update,
-                    "bytes_per_download": r.bytes_per_download,
-                    "accuracy_per_round": [x.accuracy for x in r.rounds]} for r in results],
+        "codecs": [
+            {
+                "name": r.arm.name,
+                "codec": r.arm.codec,
+                "density": r.arm.density,
+                "accuracy": r.final_accuracy,
+                "rounds_to_90": r.rounds_to(TARGET),
+                "bytes_per_update": r.bytes_per_update,
+                "bytes_per_download": r.bytes_per_download,
+                "accuracy_per_round": [x.accuracy for x in r.rounds],
+            }
+            for r in results
+        ],
         "_float32_result": reference,
     }
 
@@ -92,8 +118,11 @@ def learning(fed: Federation, rounds: int, console: Console) -> dict[str, Any]:
 def _plot(results: list[ArmResult], central: float, path: Path) -> None:
     figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     for result in results:
-        left.plot([r.round for r in result.rounds], [r.accuracy for r in result.rounds],
-                  label=result.arm.name)
+        left.plot(
+            [r.round for r in result.rounds],
+            [r.accuracy for r in result.rounds],
+            label=result.arm.name,
+        )
     left.axhline(central, color="black", linestyle="--", label="centralised")
     left.set(xlabel="round", ylabel="held-out accuracy", ylim=(0, 1))
     left.legend(fontsize=8)
@@ -129,8 +158,12 @@ def inference(fed: Federation, reference: ArmResult, console: Console) -> dict[s
     for column in ("model", "ms per face", "held-out accuracy", "size"):
         table.add_column(column, justify="right")
     for name in ("float", "int8"):
-        table.add_row(name, f"{figures[f'{name}_ms']:.3f}", f"{figures[f'{name}_accuracy']:.3f}",
-                      _kb(figures[f"{name}_bytes"]))
+        table.add_row(
+            name,
+            f"{figures[f'{name}_ms']:.3f}",
+            f"{figures[f'{name}_accuracy']:.3f}",
+            _kb(figures[f"{name}_bytes"]),
+        )
     console.print(table)
     gap = 100 * (figures["float_accuracy"] - figures["int8_accuracy"])
     console.print(f"int8 is {gap:+.1f} points from float on the held-out split")
@@ -152,12 +185,20 @@ def main() -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     face_model.limit_threads(2)
     console = Console(width=150)
-    fed, name = load_federation(args.dataset, args.nodes, args.alpha, args.seed,
-                                TrainParams(epochs=args.epochs))
-    console.print(f"[bold]dataset[/] {name}: {args.nodes} nodes, Dirichlet alpha {args.alpha}, "
-                  f"{args.rounds} rounds of {args.epochs} local epochs, seed {args.seed}")
-    report: dict[str, Any] = {"dataset": name, "nodes": args.nodes, "alpha": args.alpha,
-                              "rounds": args.rounds, "seed": args.seed}
+    fed, name = load_federation(
+        args.dataset, args.nodes, args.alpha, args.seed, TrainParams(epochs=args.epochs)
+    )
+    console.print(
+        f"[bold]dataset[/] {name}: {args.nodes} nodes, Dirichlet alpha {args.alpha}, "
+        f"{args.rounds} rounds of {args.epochs} local epochs, seed {args.seed}"
+    )
+    report: dict[str, Any] = {
+        "dataset": name,
+        "nodes": args.nodes,
+        "alpha": args.alpha,
+        "rounds": args.rounds,
+        "seed": args.seed,
+    }
     quality = learning(fed, args.rounds, console)
     reference = quality.pop("_float32_result")
     report.update(quality)

@@ -82,37 +82,45 @@ class _Device:
         self.connected = False
         self.sent_at: float | None = None
         self.acked = False
-        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=name,
-                                  protocol=mqtt.MQTTv5)
+        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=name, protocol=mqtt.MQTTv5)
         self.client.max_queued_messages_set(0)
-        self.client.will_set(topics.status(name), to_json(DeviceStatus(state="offline")),
-                             qos=1, retain=True)
+        self.client.will_set(
+            topics.status(name), to_json(DeviceStatus(state="offline")), qos=1, retain=True
+        )
         self.client.on_connect = self._on_connect
         self.client.on_message = self._on_message
         self.client.on_publish = self._on_publish
         self._update_mid: int | None = None
 
-    def _on_connect(self, client: mqtt.Client, _userdata: Any, _flags: Any, reason: Any,
-                    _properties: Any) -> None:
+    def _on_connect(
+        self, client: mqtt.Client, _userdata: Any, _flags: Any, reason: Any, _properties: Any
+    ) -> None:
         if reason.is_failure:
             raise RuntimeError(f"{self.name}: broker refused the connection: {reason}")
         self.connected = True
         client.subscribe(self.topics.round, qos=1)
-        client.publish(self.topics.status(self.name),
-                       to_json(DeviceStatus(state="online", model_version=0)), qos=1,
-                       retain=True)
+        client.publish(
+            self.topics.status(self.name),
+            to_json(DeviceStatus(state="online", model_version=0)),
+            qos=1,
+            retain=True,
+        )
 
-    def _on_message(self, client: mqtt.Client, _userdata: Any,
-                    message: mqtt.MQTTMessage) -> None:
+    def _on_message(self, client: mqtt.Client, _userdata: Any, message: mqtt.MQTTMessage) -> None:
         announcement = _parse_round(bytes(message.payload))
-        if (self.sent_at is None and announcement.round == self.spec.round_id
-                and announcement.phase == "train" and self.name in announcement.selected):
+        if (
+            self.sent_at is None
+            and announcement.round == self.spec.round_id
+            and announcement.phase == "train"
+            and self.name in announcement.selected
+        ):
             info = client.publish(self.topics.update(self.name), self.update, qos=1)
             self._update_mid = info.mid
             self.sent_at = time.time()
 
-    def _on_publish(self, _client: mqtt.Client, _userdata: Any, mid: int, _reason: Any,
-                    _properties: Any) -> None:
+    def _on_publish(
+        self, _client: mqtt.Client, _userdata: Any, mid: int, _reason: Any, _properties: Any
+    ) -> None:
         if mid == self._update_mid:
             self.acked = True
 
@@ -129,8 +137,7 @@ def _base_model(spec: SwarmSpec, topics: Topics, timeout: float) -> GlobalModel:
     got: list[GlobalModel] = []
 
     def on_message(_client: mqtt.Client, _userdata: Any, message: mqtt.MQTTMessage) -> None:
-        model = parse_global(bytes(message.payload), site=spec.site, max_bytes=MAX_BYTES,
-                             keys=None)
+        model = parse_global(bytes(message.payload), site=spec.site, max_bytes=MAX_BYTES, keys=None)
         if model.version == spec.base_version:
             got.append(model)
 
@@ -152,12 +159,22 @@ def build_updates(spec: SwarmSpec, base: GlobalModel) -> list[bytes]:
     rng = np.random.default_rng(spec.seed)
     payloads = []
     for index, name in enumerate(spec.devices):
-        delta = [rng.normal(0.0, DELTA_SCALE, size=w.shape).astype(np.float32)
-                 for w in base.weights]
-        payloads.append(build_update(
-            site=spec.site, signer=Signer(name), round_id=spec.round_id,
-            base_version=spec.base_version, num_examples=10 + index % 20, names=base.names,
-            delta=delta, codec=spec.codec, density=spec.density))
+        delta = [
+            rng.normal(0.0, DELTA_SCALE, size=w.shape).astype(np.float32) for w in base.weights
+        ]
+        payloads.append(
+            build_update(
+                site=spec.site,
+                signer=Signer(name),
+                round_id=spec.round_id,
+                base_version=spec.base_version,
+                num_examples=10 + index % 20,
+                names=base.names,
+                delta=delta,
+                codec=spec.codec,
+                density=spec.density,
+            )
+        )
     return payloads
 
 
@@ -202,8 +219,10 @@ def run_swarm(spec: SwarmSpec, stop: threading.Event, timeout: float = 900.0) ->
     devices: list[_Device] = []
     try:
         base = _base_model(spec, topics, timeout=120)
-        devices = [_Device(spec, topics, name, payload) for name, payload
-                   in zip(spec.devices, build_updates(spec, base), strict=True)]
+        devices = [
+            _Device(spec, topics, name, payload)
+            for name, payload in zip(spec.devices, build_updates(spec, base), strict=True)
+        ]
         for device in devices:
             device.client.connect("127.0.0.1", spec.port, keepalive=60)
         pump(devices, lambda: all(d.connected for d in devices), timeout=120)
@@ -216,9 +235,13 @@ def run_swarm(spec: SwarmSpec, stop: threading.Event, timeout: float = 900.0) ->
     for device in devices:
         device.client.disconnect()
     return SwarmReport(
-        devices=len(spec.devices), sent=len(sent), acked=sum(d.acked for d in devices),
-        first_sent=min(sent, default=0.0), last_sent=max(sent, default=0.0),
-        errors=tuple(errors))
+        devices=len(spec.devices),
+        sent=len(sent),
+        acked=sum(d.acked for d in devices),
+        first_sent=min(sent, default=0.0),
+        last_sent=max(sent, default=0.0),
+        errors=tuple(errors),
+    )
 
 
 def main() -> int:

@@ -60,8 +60,9 @@ class LocalBroker:
     the broker and bring it back with its persisted retained messages.
     """
 
-    def __init__(self, data_dir: Path, port: int | None = None,
-                 template: Path = CONFIG_TEMPLATE) -> None:
+    def __init__(
+        self, data_dir: Path, port: int | None = None, template: Path = CONFIG_TEMPLATE
+    ) -> None:
         self.data_dir = data_dir
         self.port = port or free_port()
         self.config_path = data_dir / "mosquitto.conf"
@@ -125,6 +126,10 @@ class LocalBroker:
     def __enter__(self) -> LocalBroker:
         return self.start()
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
         self.stop()

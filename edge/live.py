@@ -28,8 +28,9 @@ log = logging.getLogger(__name__)
 
 
 class LiveDoorbell:
-    def __init__(self, config: EdgeConfig, client: mqtt.Client, recognizer: Recognizer,
-                 status_topic: str) -> None:
+    def __init__(
+        self, config: EdgeConfig, client: mqtt.Client, recognizer: Recognizer, status_topic: str
+    ) -> None:
         self.config = config
         ha = config.home_assistant
         recognition = config.recognition
@@ -44,8 +45,9 @@ class LiveDoorbell:
             snapshots=recognition.snapshot,
             snapshot_quality=recognition.snapshot_quality,
         )
-        self.pipeline = Pipeline(FaceDetector(config.detection), recognizer, self.publisher,
-                                 recognition)
+        self.pipeline = Pipeline(
+            FaceDetector(config.detection), recognizer, self.publisher, recognition
+        )
         self.publisher.on_ring_command = lambda: self.pipeline.ring("command")
         self.publisher.attach()
         self._source: ReconnectingSource | None = None
@@ -64,8 +66,9 @@ class LiveDoorbell:
         pin = self.config.recognition.ring_button_pin
         if pin is not None:
             self._button = watch_button(pin, lambda: self.pipeline.ring("button"))
-        self._thread = threading.Thread(target=self._run, args=(self._source, stop),
-                                        name="live-recognition", daemon=True)
+        self._thread = threading.Thread(
+            target=self._run, args=(self._source, stop), name="live-recognition", daemon=True
+        )
         self._thread.start()
 
     def _run(self, source: ReconnectingSource, stop: threading.Event) -> None:

@@ -40,15 +40,18 @@ class TrainedDelta:
     seconds: float
 
 
-def with_strangers(images: Images, labels: LabelIds, share: float, seed: int
-                   ) -> tuple[Images, LabelIds]:
+def with_strangers(
+    images: Images, labels: LabelIds, share: float, seed: int
+) -> tuple[Images, LabelIds]:
     """The gallery plus generated strangers labelled STRANGER (outlier exposure)."""
     count = max(4, round(share * len(images))) if share > 0 else 0
     if count == 0:
         return images, labels
     faces = np.stack([normalize_face(f) for f in stranger_faces(count, seed)])
-    return (np.concatenate([images, faces]).astype(np.float32),
-            np.concatenate([labels, np.full(count, STRANGER, dtype=np.int64)]))
+    return (
+        np.concatenate([images, faces]).astype(np.float32),
+        np.concatenate([labels, np.full(count, STRANGER, dtype=np.int64)]),
+    )
 
 
 class Trainer:
@@ -85,8 +88,9 @@ class Trainer:
             face_model.tensor_specs(names, face_model.get_weights(model)),
         )
         face_model.set_weights(model, base.weights)
-        train_images, train_labels = with_strangers(images, labels, self._stranger_share,
-                                                    params.seed)
+        train_images, train_labels = with_strangers(
+            images, labels, self._stranger_share, params.seed
+        )
         loss = face_model.train(model, train_images, train_labels, params)
         trained = face_model.get_weights(model)
         delta = [

@@ -69,22 +69,27 @@ def _int8(values: npt.NDArray[np.float32], channels: int) -> bytes:
 def _topk(values: npt.NDArray[np.float32], density: float) -> bytes:
     flat = values.reshape(-1)
     k = min(flat.size, max(1, math.ceil(density * flat.size)))
-    indices = np.sort(np.argpartition(np.abs(flat), flat.size - k)[flat.size - k:])
+    indices = np.sort(np.argpartition(np.abs(flat), flat.size - k)[flat.size - k :])
     gaps = np.diff(indices, prepend=0).astype("<u4")
     return _COUNT.pack(k) + gaps.tobytes() + _int8(flat[indices], 1)
 
 
 def encode_tensors(
-    names: Sequence[str], arrays: Sequence[npt.NDArray[np.floating]], codec: Codec,
-    compression: Compression = "zstd", density: float = DEFAULT_DENSITY,
+    names: Sequence[str],
+    arrays: Sequence[npt.NDArray[np.floating]],
+    codec: Codec,
+    compression: Compression = "zstd",
+    density: float = DEFAULT_DENSITY,
 ) -> tuple[tuple[TensorSpec, ...], bytes]:
     """Tensor specs and the (compressed) body for these arrays."""
     if len(names) != len(arrays):
         raise ValueError(f"{len(names)} names for {len(arrays)} arrays")
     if not 0 < density <= 1:
         raise ValueError(f"top-k density {density} must be in (0, 1]")
-    specs = tuple(TensorSpec(name=n, shape=tuple(int(d) for d in a.shape))
-                  for n, a in zip(names, arrays, strict=True))
+    specs = tuple(
+        TensorSpec(name=n, shape=tuple(int(d) for d in a.shape))
+        for n, a in zip(names, arrays, strict=True)
+    )
     parts: list[bytes] = []
     for spec, array in zip(specs, arrays, strict=True):
         values = np.asarray(array, dtype=np.float32)
@@ -120,8 +125,10 @@ def _decompress(body: bytes, limit: int) -> bytes:
     except zstandard.ZstdError as err:
         raise RejectedMessage("bad_compression", f"zstd: {err}") from None
     if len(raw) > limit:
-        raise RejectedMessage("bad_size", f"body decompresses to more than {limit} bytes, "
-                              "more than its tensor specs can hold")
+        raise RejectedMessage(
+            "bad_size",
+            f"body decompresses to more than {limit} bytes, more than its tensor specs can hold",
+        )
     return bytes(raw)
 
 
@@ -135,7 +142,7 @@ class _Reader:
     def take(self, length: int, what: str) -> memoryview:
         if length < 0 or self.offset + length > len(self.raw):
             raise RejectedMessage("bad_size", f"body ends inside {what}")
-        chunk = self.raw[self.offset:self.offset + length]
+        chunk = self.raw[self.offset : self.offset + length]
         self.offset += length
         return chunk
 
@@ -147,16 +154,19 @@ class _Reader:
         return dense, bool(np.all(np.abs(scales) < _SAFE_SCALE))  # False for NaN/Inf too
 
 
-def _decode_one(reader: _Reader, spec: TensorSpec, codec: Codec
-                ) -> tuple[npt.NDArray[np.float32], bool]:
+def _decode_one(
+    reader: _Reader, spec: TensorSpec, codec: Codec
+) -> tuple[npt.NDArray[np.float32], bool]:
     """A tensor's values, and True if they are known finite without looking at each."""
     what = f"tensor {spec.name!r}"
     if codec == "float32":
         return np.frombuffer(reader.take(4 * spec.size, what), dtype="<f4").astype(
-            np.float32), False
+            np.float32
+        ), False
     if codec == "float16":
         return np.frombuffer(reader.take(2 * spec.size, what), dtype="<f2").astype(
-            np.float32), False
+            np.float32
+        ), False
     if codec == "int8":
         return reader.int8(spec.size, _channels(spec), what)
     (k,) = _COUNT.unpack(reader.take(_COUNT.size, what))
@@ -172,7 +182,10 @@ def _decode_one(reader: _Reader, spec: TensorSpec, codec: Codec
 
 
 def decode_tensors(
-    specs: Sequence[TensorSpec], body: bytes, codec: Codec, compression: Compression,
+    specs: Sequence[TensorSpec],
+    body: bytes,
+    codec: Codec,
+    compression: Compression,
 ) -> Weights:
     """float32 arrays from a body, or RejectedMessage. Rejects NaN and Inf."""
     limit = max_decoded_size(specs, codec)
@@ -191,6 +204,7 @@ def decode_tensors(
             raise RejectedMessage("not_finite", f"tensor {spec.name!r} holds NaN or Inf")
         arrays.append(array)
     if reader.offset != len(raw):
-        raise RejectedMessage("bad_size", f"{len(raw) - reader.offset} bytes left after the "
-                              "last tensor")
+        raise RejectedMessage(
+            "bad_size", f"{len(raw) - reader.offset} bytes left after the last tensor"
+        )
     return arrays

@@ -29,34 +29,62 @@ class StrictModel(BaseModel):
 class TlsSettings(StrictModel):
     ca_file: Path = Field(title="CA certificate", description="PEM file of the site CA.")
     cert_file: Path | None = Field(
-        default=None, title="Client certificate", description="PEM client certificate, if the "
-        "broker authenticates clients by certificate.")
+        default=None,
+        title="Client certificate",
+        description="PEM client certificate, if the broker authenticates clients by certificate.",
+    )
     key_file: Path | None = Field(
-        default=None, title="Client key", description="PEM private key of the client certificate.")
+        default=None, title="Client key", description="PEM private key of the client certificate."
+    )
 
 
 class MqttSettings(StrictModel):
     host: str = Field(default="127.0.0.1", title="Broker host", description="Host name or IP.")
-    port: int = Field(default=1883, ge=1, le=65535, title="Broker port",
-                      description="1883 for plain MQTT on loopback, 8883 for TLS.")
-    username: str | None = Field(default=None, title="User name",
-                                 description="Broker login; a device logs in as its device id.")
+    port: int = Field(
+        default=1883,
+        ge=1,
+        le=65535,
+        title="Broker port",
+        description="1883 for plain MQTT on loopback, 8883 for TLS.",
+    )
+    username: str | None = Field(
+        default=None,
+        title="User name",
+        description="Broker login; a device logs in as its device id.",
+    )
     password_file: Path | None = Field(
-        default=None, title="Password file",
-        description="File holding the broker password (never the password itself in YAML).")
-    tls: TlsSettings | None = Field(default=None, title="TLS",
-                                    description="Connect with TLS; omit for loopback tests.")
-    topic_root: str = Field(default="fedbell", title="Topic root",
-                            description="First segment of every federation topic.")
-    keepalive: int = Field(default=30, ge=5, le=3600, title="Keep-alive (s)",
-                           description="MQTT keep-alive; the last will fires after 1.5× this.")
+        default=None,
+        title="Password file",
+        description="File holding the broker password (never the password itself in YAML).",
+    )
+    tls: TlsSettings | None = Field(
+        default=None, title="TLS", description="Connect with TLS; omit for loopback tests."
+    )
+    topic_root: str = Field(
+        default="fedbell",
+        title="Topic root",
+        description="First segment of every federation topic.",
+    )
+    keepalive: int = Field(
+        default=30,
+        ge=5,
+        le=3600,
+        title="Keep-alive (s)",
+        description="MQTT keep-alive; the last will fires after 1.5× this.",
+    )
     session_expiry: int = Field(
-        default=3600, ge=0, title="Session expiry (s)",
+        default=3600,
+        ge=0,
+        title="Session expiry (s)",
         description="How long the broker keeps this client's subscriptions and queued QoS 1 "
-        "messages while it is offline.")
+        "messages while it is offline.",
+    )
     max_message_bytes: int = Field(
-        default=16 * 1024 * 1024, ge=1024, title="Largest message (bytes)",
-        description="Messages larger than this are rejected before parsing.")
+        default=16 * 1024 * 1024,
+        ge=1024,
+        title="Largest message (bytes)",
+        description="Messages larger than this are rejected before parsing.",
+    )
 
     def password(self) -> str | None:
         if self.password_file is None:
@@ -64,18 +92,23 @@ class MqttSettings(StrictModel):
         try:
             return self.password_file.read_text().strip()
         except OSError as err:
-            raise ConfigError(f"mqtt.password_file: cannot read {self.password_file}: "
-                              f"{err.strerror}") from None
+            raise ConfigError(
+                f"mqtt.password_file: cannot read {self.password_file}: {err.strerror}"
+            ) from None
 
 
 class SigningSettings(StrictModel):
     private_key_file: Path | None = Field(
-        default=None, title="Signing key",
-        description="Ed25519 private key (PEM) this process signs its messages with.")
+        default=None,
+        title="Signing key",
+        description="Ed25519 private key (PEM) this process signs its messages with.",
+    )
     trusted_keys_dir: Path | None = Field(
-        default=None, title="Trusted keys",
+        default=None,
+        title="Trusted keys",
         description="Folder of `<name>.pub` Ed25519 public keys whose signatures are accepted. "
-        "When set, unsigned or wrongly signed messages are rejected.")
+        "When set, unsigned or wrongly signed messages are rejected.",
+    )
 
 
 def site_id(value: str) -> str:

@@ -44,14 +44,18 @@ def load_samples(samples: Sequence[Sample], labels: Sequence[str]) -> tuple[Imag
     """Normalised crops and label ids; persons outside `labels` are skipped."""
     index = {name: i for i, name in enumerate(labels)}
     kept = [s for s in samples if s.person in index]
-    images = np.stack([load_face(s.path) for s in kept]) if kept else \
-        np.zeros((0, 1, 1), dtype=np.float32)
+    images = (
+        np.stack([load_face(s.path) for s in kept])
+        if kept
+        else np.zeros((0, 1, 1), dtype=np.float32)
+    )
     ids = np.array([index[s.person] for s in kept], dtype=np.int64)
     return images.astype(np.float32), ids
 
 
-def holdout_split(samples: Sequence[Sample], fraction: float, seed: int
-                  ) -> tuple[list[Sample], list[Sample]]:
+def holdout_split(
+    samples: Sequence[Sample], fraction: float, seed: int
+) -> tuple[list[Sample], list[Sample]]:
     """(train, held out): the same `fraction` of every person's images is held out."""
     rng = np.random.default_rng(seed)
     train: list[Sample] = []
@@ -65,8 +69,9 @@ def holdout_split(samples: Sequence[Sample], fraction: float, seed: int
     return train, held
 
 
-def dirichlet_partition(persons: Sequence[str], nodes: int, alpha: float, seed: int
-                        ) -> list[list[int]]:
+def dirichlet_partition(
+    persons: Sequence[str], nodes: int, alpha: float, seed: int
+) -> list[list[int]]:
     """Indices of `persons` for each node; per person, shares ~ Dirichlet(alpha).
 
     Small alpha gives each node a few people (non-IID, like real doorbells);

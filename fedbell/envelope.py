@@ -127,7 +127,7 @@ def decode(payload: bytes, max_bytes: int) -> tuple[Header, bytes]:
     if len(payload) < end:
         raise RejectedMessage("truncated", f"header says {header_len} bytes, fewer present")
     try:
-        header = Header.model_validate_json(payload[_PREFIX.size:end])
+        header = Header.model_validate_json(payload[_PREFIX.size : end])
     except ValidationError as err:
         problems = "; ".join(
             f"{'.'.join(str(p) for p in e['loc']) or 'header'}: {e['msg']}"

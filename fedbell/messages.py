@@ -76,47 +76,125 @@ def _seal(header: Header, body: bytes, signer: Signer) -> bytes:
     return envelope.encode(header, body)
 
 
-def _header(kind: Kind, *, site: str, round_id: int, version: int, signer: Signer,
-            codec: Codec, body: bytes, **fields: Any) -> Header:
+def _header(
+    kind: Kind,
+    *,
+    site: str,
+    round_id: int,
+    version: int,
+    signer: Signer,
+    codec: Codec,
+    body: bytes,
+    **fields: Any,
+) -> Header:
     return Header(
-        kind=kind, site=site, round=round_id, model_version=version, sender=signer.name,
-        codec=codec, body_size=len(body), body_sha256=envelope.body_digest(body), **fields,
+        kind=kind,
+        site=site,
+        round=round_id,
+        model_version=version,
+        sender=signer.name,
+        codec=codec,
+        body_size=len(body),
+        body_sha256=envelope.body_digest(body),
+        **fields,
     )
 
 
-def build_update(*, site: str, signer: Signer, round_id: int, base_version: int, num_examples: int,
-                 names: Sequence[str], delta: Sequence[np.ndarray], codec: Codec,
-                 meta: Mapping[str, Any] | None = None, density: float = DEFAULT_DENSITY,
-                 ) -> bytes:
+def build_update(
+    *,
+    site: str,
+    signer: Signer,
+    round_id: int,
+    base_version: int,
+    num_examples: int,
+    names: Sequence[str],
+    delta: Sequence[np.ndarray],
+    codec: Codec,
+    meta: Mapping[str, Any] | None = None,
+    density: float = DEFAULT_DENSITY,
+) -> bytes:
     specs, body = encode_tensors(names, delta, codec, density=density)
-    header = _header("update", site=site, round_id=round_id, version=base_version, signer=signer,
-                     codec=codec, body=body, num_examples=num_examples, tensors=specs,
-                     meta=dict(meta or {}))
+    header = _header(
+        "update",
+        site=site,
+        round_id=round_id,
+        version=base_version,
+        signer=signer,
+        codec=codec,
+        body=body,
+        num_examples=num_examples,
+        tensors=specs,
+        meta=dict(meta or {}),
+    )
     return _seal(header, body, signer)
 
 
-def build_global(*, site: str, signer: Signer, version: int, round_id: int, names: Sequence[str],
-                 weights: Sequence[np.ndarray], codec: Codec = "float32",
-                 meta: Mapping[str, Any] | None = None) -> bytes:
+def build_global(
+    *,
+    site: str,
+    signer: Signer,
+    version: int,
+    round_id: int,
+    names: Sequence[str],
+    weights: Sequence[np.ndarray],
+    codec: Codec = "float32",
+    meta: Mapping[str, Any] | None = None,
+) -> bytes:
     specs, body = encode_tensors(names, weights, codec)
-    header = _header("global", site=site, round_id=round_id, version=version, signer=signer,
-                     codec=codec, body=body, tensors=specs,
-                     meta={"created": time.time(), **(meta or {})})
+    header = _header(
+        "global",
+        site=site,
+        round_id=round_id,
+        version=version,
+        signer=signer,
+        codec=codec,
+        body=body,
+        tensors=specs,
+        meta={"created": time.time(), **(meta or {})},
+    )
     return _seal(header, body, signer)
 
 
-def build_tflite(*, site: str, signer: Signer, version: int, round_id: int, float_model: bytes,
-                 int8_model: bytes, labels: Sequence[str], threshold: float) -> bytes:
+def build_tflite(
+    *,
+    site: str,
+    signer: Signer,
+    version: int,
+    round_id: int,
+    float_model: bytes,
+    int8_model: bytes,
+    labels: Sequence[str],
+    threshold: float,
+) -> bytes:
     body = float_model + int8_model
-    header = _header("tflite", site=site, round_id=round_id, version=version, signer=signer,
-                     codec="tflite", body=body, compression="none",
-                     meta={"labels": list(labels), "threshold": threshold,
-                           "float_size": len(float_model), "int8_size": len(int8_model)})
+    header = _header(
+        "tflite",
+        site=site,
+        round_id=round_id,
+        version=version,
+        signer=signer,
+        codec="tflite",
+        body=body,
+        compression="none",
+        meta={
+            "labels": list(labels),
+            "threshold": threshold,
+            "float_size": len(float_model),
+            "int8_size": len(int8_model),
+        },
+    )
     return _seal(header, body, signer)
 
 
-def _open(payload: bytes, kind: Kind, *, site: str, sender: str, max_bytes: int,
-          keys: Mapping[str, Ed25519PublicKey] | None) -> tuple[Header, bytes]:
+def _open(
+    payload: bytes,
+    kind: Kind,
+    *,
+    site: str,
+    sender: str,
+    max_bytes: int,
+    keys: Mapping[str, Ed25519PublicKey] | None,
+) -> tuple[Header, bytes]:
     header, body = envelope.decode(payload, max_bytes)
     if header.kind != kind:
         raise RejectedMessage("wrong_kind", f"expected a {kind} message, got {header.kind}")
@@ -143,40 +221,66 @@ def check_specs(got: Sequence[TensorSpec], expected: Sequence[TensorSpec]) -> No
             )
 
 
-def parse_update(payload: bytes, *, site: str, device: str, expected: Sequence[TensorSpec],
-                 max_bytes: int, keys: Mapping[str, Ed25519PublicKey] | None) -> Update:
-    header, body = _open(payload, "update", site=site, sender=device, max_bytes=max_bytes,
-                         keys=keys)
+def parse_update(
+    payload: bytes,
+    *,
+    site: str,
+    device: str,
+    expected: Sequence[TensorSpec],
+    max_bytes: int,
+    keys: Mapping[str, Ed25519PublicKey] | None,
+) -> Update:
+    header, body = _open(
+        payload, "update", site=site, sender=device, max_bytes=max_bytes, keys=keys
+    )
     if header.codec not in ("float32", "float16", "int8", "topk"):
         raise RejectedMessage("bad_codec", f"{header.codec!r} is not an update codec")
     if header.num_examples < 1:
         raise RejectedMessage("no_examples", "an update must come from at least one example")
     check_specs(header.tensors, expected)
     delta = decode_tensors(header.tensors, body, header.codec, header.compression)
-    return Update(device=device, round=header.round, base_version=header.model_version,
-                  num_examples=header.num_examples, codec=header.codec, delta=delta,
-                  meta=header.meta)
+    return Update(
+        device=device,
+        round=header.round,
+        base_version=header.model_version,
+        num_examples=header.num_examples,
+        codec=header.codec,
+        delta=delta,
+        meta=header.meta,
+    )
 
 
-def parse_global(payload: bytes, *, site: str, max_bytes: int,
-                 keys: Mapping[str, Ed25519PublicKey] | None,
-                 expected: Sequence[TensorSpec] | None = None) -> GlobalModel:
-    header, body = _open(payload, "global", site=site, sender=AGGREGATOR,
-                         max_bytes=max_bytes, keys=keys)
+def parse_global(
+    payload: bytes,
+    *,
+    site: str,
+    max_bytes: int,
+    keys: Mapping[str, Ed25519PublicKey] | None,
+    expected: Sequence[TensorSpec] | None = None,
+) -> GlobalModel:
+    header, body = _open(
+        payload, "global", site=site, sender=AGGREGATOR, max_bytes=max_bytes, keys=keys
+    )
     if header.codec not in ("float32", "float16", "int8"):
         raise RejectedMessage("bad_codec", f"{header.codec!r} is not a model codec")
     if expected is not None:
         check_specs(header.tensors, expected)
     weights = decode_tensors(header.tensors, body, header.codec, header.compression)
-    return GlobalModel(version=header.model_version, round=header.round,
-                       names=tuple(t.name for t in header.tensors), weights=weights,
-                       meta=header.meta)
+    return GlobalModel(
+        version=header.model_version,
+        round=header.round,
+        names=tuple(t.name for t in header.tensors),
+        weights=weights,
+        meta=header.meta,
+    )
 
 
-def parse_tflite(payload: bytes, *, site: str, max_bytes: int,
-                 keys: Mapping[str, Ed25519PublicKey] | None) -> TfliteArtifact:
-    header, body = _open(payload, "tflite", site=site, sender=AGGREGATOR,
-                         max_bytes=max_bytes, keys=keys)
+def parse_tflite(
+    payload: bytes, *, site: str, max_bytes: int, keys: Mapping[str, Ed25519PublicKey] | None
+) -> TfliteArtifact:
+    header, body = _open(
+        payload, "tflite", site=site, sender=AGGREGATOR, max_bytes=max_bytes, keys=keys
+    )
     meta = header.meta
     try:
         labels = tuple(str(label) for label in meta["labels"])
@@ -189,6 +293,11 @@ def parse_tflite(payload: bytes, *, site: str, max_bytes: int,
         raise RejectedMessage("bad_size", "tflite part sizes do not add up to the body")
     if not 0.0 <= threshold <= 1.0 or not labels:
         raise RejectedMessage("bad_header", "tflite needs labels and a threshold in [0, 1]")
-    return TfliteArtifact(version=header.model_version, round=header.round,
-                          float_model=body[:float_size], int8_model=body[float_size:],
-                          labels=labels, threshold=threshold)
+    return TfliteArtifact(
+        version=header.model_version,
+        round=header.round,
+        float_model=body[:float_size],
+        int8_model=body[float_size:],
+        labels=labels,
+        threshold=threshold,
+    )

@@ -72,8 +72,9 @@ def build_model(num_classes: int, size: int = FACE_SIZE, seed: int = 0) -> Any:
     inputs = keras.Input((size, size, 1), name="face")
     x = inputs
     for index, filters in enumerate((16, 32, 64, 64), start=1):
-        x = layers.Conv2D(filters, 3, strides=2, padding="same", activation="relu",
-                          name=f"conv{index}")(x)
+        x = layers.Conv2D(
+            filters, 3, strides=2, padding="same", activation="relu", name=f"conv{index}"
+        )(x)
     x = layers.Flatten(name="flatten")(x)
     x = layers.Dropout(0.3, name="dropout")(x)
     x = layers.Dense(128, activation="relu", name="embed")(x)
@@ -93,10 +94,13 @@ def set_weights(model: Any, weights: Sequence[npt.NDArray[np.float32]]) -> None:
     model.set_weights(list(weights))
 
 
-def tensor_specs(names: Sequence[str], weights: Sequence[npt.NDArray[np.float32]]
-                 ) -> tuple[TensorSpec, ...]:
-    return tuple(TensorSpec(name=n, shape=tuple(int(d) for d in w.shape))
-                 for n, w in zip(names, weights, strict=True))
+def tensor_specs(
+    names: Sequence[str], weights: Sequence[npt.NDArray[np.float32]]
+) -> tuple[TensorSpec, ...]:
+    return tuple(
+        TensorSpec(name=n, shape=tuple(int(d) for d in w.shape))
+        for n, w in zip(names, weights, strict=True)
+    )
 
 
 def augment(images: Images, rng: np.random.Generator) -> Images:
@@ -107,19 +111,22 @@ def augment(images: Images, rng: np.random.Generator) -> Images:
     size = images.shape[1]
     for i in range(len(images)):
         dy, dx = rng.integers(0, 9, size=2)
-        crop = padded[i, dy:dy + size, dx:dx + size]
+        crop = padded[i, dy : dy + size, dx : dx + size]
         out[i] = crop[:, ::-1] if rng.random() < 0.5 else crop
     return out
 
 
-def _batches(images: Images, labels: LabelIds, params: TrainParams, epoch: int
-             ) -> Iterator[tuple[Images, LabelIds]]:
+def _batches(
+    images: Images, labels: LabelIds, params: TrainParams, epoch: int
+) -> Iterator[tuple[Images, LabelIds]]:
     rng = np.random.default_rng((params.seed, epoch))
     order = rng.permutation(len(images))
     augmented = augment(images[order], rng)
     for start in range(0, len(order), params.batch_size):
-        yield (augmented[start:start + params.batch_size, :, :, None],
-               labels[order][start:start + params.batch_size])
+        yield (
+            augmented[start : start + params.batch_size, :, :, None],
+            labels[order][start : start + params.batch_size],
+        )
 
 
 class _Step:
@@ -149,8 +156,12 @@ class _Step:
                 resident = -tf.gather(log_p, tf.maximum(y, 0), axis=1, batch_dims=1)
                 stranger = -tf.reduce_mean(log_p, axis=1)
                 loss = tf.reduce_mean(tf.where(known, resident, stranger))
-                drift = tf.add_n([tf.reduce_sum(tf.square(w - a)) for w, a in
-                                  zip(model.trainable_weights, self.anchors, strict=True)])
+                drift = tf.add_n(
+                    [
+                        tf.reduce_sum(tf.square(w - a))
+                        for w, a in zip(model.trainable_weights, self.anchors, strict=True)
+                    ]
+                )
                 loss += self.mu / 2.0 * drift
             grads = tape.gradient(loss, model.trainable_weights)
             self.optimizer.apply_gradients(zip(grads, model.trainable_weights, strict=True))
@@ -182,16 +193,19 @@ def train(model: Any, images: Images, labels: LabelIds, params: TrainParams) -> 
     step.reset(model, params)
     loss = float("nan")
     for epoch in range(params.epochs):
-        losses = [float(step.step(tf.constant(x), tf.constant(y)))
-                  for x, y in _batches(images, labels, params, epoch)]
+        losses = [
+            float(step.step(tf.constant(x), tf.constant(y)))
+            for x, y in _batches(images, labels, params, epoch)
+        ]
         loss = float(np.mean(losses)) if losses else loss
     return loss
 
 
 def predict(model: Any, images: Images) -> npt.NDArray[np.float32]:
     """Class probabilities, shape (N, classes)."""
-    return np.asarray(model.predict(images[:, :, :, None], verbose=0, batch_size=256),
-                      dtype=np.float32)
+    return np.asarray(
+        model.predict(images[:, :, :, None], verbose=0, batch_size=256), dtype=np.float32
+    )
 
 
 def accuracy(model: Any, images: Images, labels: LabelIds) -> float:

@@ -22,16 +22,23 @@ from paho.mqtt.properties import Properties
 from fedbell.config import MqttSettings
 
 
-def make_client(settings: MqttSettings, client_id: str,
-                will: tuple[str, bytes] | None = None, *,
-                manual_ack: bool = False) -> mqtt.Client:
+def make_client(
+    settings: MqttSettings,
+    client_id: str,
+    will: tuple[str, bytes] | None = None,
+    *,
+    manual_ack: bool = False,
+) -> mqtt.Client:
     """A configured, not yet connected client. `will`: (topic, payload), retained.
 
     manual_ack: QoS 1 messages are acknowledged only by `client.ack(mid, qos)`.
     """
     client = mqtt.Client(
-        CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5,
-        reconnect_on_failure=True, manual_ack=manual_ack,
+        CallbackAPIVersion.VERSION2,
+        client_id=client_id,
+        protocol=mqtt.MQTTv5,
+        reconnect_on_failure=True,
+        manual_ack=manual_ack,
     )
     client.reconnect_delay_set(min_delay=1, max_delay=30)
     client.max_inflight_messages_set(100)
@@ -50,8 +57,9 @@ def make_client(settings: MqttSettings, client_id: str,
     return client
 
 
-def connect(client: mqtt.Client, settings: MqttSettings, *,
-            receive_maximum: int | None = None) -> None:
+def connect(
+    client: mqtt.Client, settings: MqttSettings, *, receive_maximum: int | None = None
+) -> None:
     """Start connecting in the background; paho keeps reconnecting after that.
 
     receive_maximum: at most this many unacknowledged QoS 1 messages from the
@@ -61,6 +69,11 @@ def connect(client: mqtt.Client, settings: MqttSettings, *,
     properties.SessionExpiryInterval = settings.session_expiry
     if receive_maximum is not None:
         properties.ReceiveMaximum = receive_maximum
-    client.connect_async(settings.host, settings.port, keepalive=settings.keepalive,
-                         clean_start=False, properties=properties)
+    client.connect_async(
+        settings.host,
+        settings.port,
+        keepalive=settings.keepalive,
+        clean_start=False,
+        properties=properties,
+    )
     client.loop_start()

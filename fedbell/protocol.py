@@ -33,7 +33,8 @@ class Command(Message):
     cmd: Literal["start_round", "auto", "stop", "train", "send", "aggregate", "publish"]
     rounds: int = Field(default=1, ge=1, le=100_000)
     devices: tuple[str, ...] | None = Field(
-        default=None, description="Only these devices; default: every online device.")
+        default=None, description="Only these devices; default: every online device."
+    )
 
 
 class TrainingPlan(Message):
@@ -55,11 +56,13 @@ class RoundAnnouncement(Message):
     selected: tuple[str, ...]
     deadline: float = Field(description="Unix time after which updates are not accepted.")
     codec: Codec
-    density: float = Field(default=DEFAULT_DENSITY, gt=0, le=1,
-                           description="Share of each tensor a topk update sends.")
+    density: float = Field(
+        default=DEFAULT_DENSITY, gt=0, le=1, description="Share of each tensor a topk update sends."
+    )
     train: TrainingPlan
     send_when_trained: bool = Field(
-        default=True, description="False in step-by-step mode: wait for the send phase.")
+        default=True, description="False in step-by-step mode: wait for the send phase."
+    )
 
 
 class DeviceStatus(Message):

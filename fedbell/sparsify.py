@@ -15,17 +15,19 @@ import numpy as np
 from fedbell.codecs import Weights, decode_tensors, encode_tensors
 
 
-def with_error_feedback(names: Sequence[str], delta: Sequence[np.ndarray],
-                        residual: Sequence[np.ndarray] | None, density: float
-                        ) -> tuple[Weights, Weights]:
+def with_error_feedback(
+    names: Sequence[str],
+    delta: Sequence[np.ndarray],
+    residual: Sequence[np.ndarray] | None,
+    density: float,
+) -> tuple[Weights, Weights]:
     """(delta to send with the topk codec, residual to keep for the next round)."""
     corrected: Weights = [np.asarray(d, dtype=np.float32) for d in delta]
     if residual is not None:
         if [r.shape for r in residual] != [c.shape for c in corrected]:
             residual = None  # the model changed shape: the old remainder means nothing
         else:
-            corrected = [c + r.astype(np.float32) for c, r in zip(corrected, residual,
-                                                                  strict=True)]
+            corrected = [c + r.astype(np.float32) for c, r in zip(corrected, residual, strict=True)]
     specs, body = encode_tensors(names, corrected, "topk", density=density)
     sent = decode_tensors(specs, body, "topk", "zstd")
     return corrected, [c - s for c, s in zip(corrected, sent, strict=True)]

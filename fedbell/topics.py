@@ -15,9 +15,7 @@ _SEGMENT = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 def check_segment(value: str, what: str) -> str:
     """A topic segment must not contain MQTT wildcards, separators or spaces."""
     if not _SEGMENT.match(value):
-        raise ValueError(
-            f"{what} {value!r} must be 1-64 characters of letters, digits, '_' or '-'"
-        )
+        raise ValueError(f"{what} {value!r} must be 1-64 characters of letters, digits, '_' or '-'")
     return value
 
 

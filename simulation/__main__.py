@@ -25,17 +25,34 @@ from simulation.driver import SimulationTimeout
 from simulation.processes import ProcessDied
 
 DEFAULT_CONFIG = Path("config/simulation.yaml")
-EXPECTED_FAILURES = (ConfigError, BrokerError, ProcessDied, SimulationTimeout, FileNotFoundError,
-                     ValueError, RuntimeError)
+EXPECTED_FAILURES = (
+    ConfigError,
+    BrokerError,
+    ProcessDied,
+    SimulationTimeout,
+    FileNotFoundError,
+    ValueError,
+    RuntimeError,
+)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m simulation", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", type=Path, default=None,
-                        help=f"YAML settings (default: {DEFAULT_CONFIG} if it exists)")
-    parser.add_argument("--dataset", type=Path, help="a <person>/<image> folder "
-                        "(default: generated synthetic identities)")
+    parser = argparse.ArgumentParser(
+        prog="python -m simulation",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--config",
+        type=Path,
+        default=None,
+        help=f"YAML settings (default: {DEFAULT_CONFIG} if it exists)",
+    )
+    parser.add_argument(
+        "--dataset",
+        type=Path,
+        help="a <person>/<image> folder (default: generated synthetic identities)",
+    )
     parser.add_argument("--nodes", type=int, help="doorbell processes")
     parser.add_argument("--rounds", type=int, help="federated rounds")
     parser.add_argument("--alpha", type=float, help="Dirichlet alpha (small: non-IID)")
@@ -44,10 +61,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--epochs", type=int, help="local epochs per round")
     parser.add_argument("--report", type=Path, help="JSON report path (plot: same name .png)")
     parser.add_argument("--workdir", type=Path, help="an empty folder for this run's files")
-    parser.add_argument("--keep", action="store_true", default=None,
-                        help="keep the temporary work folder")
-    parser.add_argument("--no-live", action="store_true",
-                        help="skip the live recognition demo")
+    parser.add_argument(
+        "--keep", action="store_true", default=None, help="keep the temporary work folder"
+    )
+    parser.add_argument("--no-live", action="store_true", help="skip the live recognition demo")
     return parser.parse_args(argv)
 
 
@@ -60,17 +77,30 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     console = Console()
     path = args.config or (DEFAULT_CONFIG if DEFAULT_CONFIG.is_file() else None)
-    overrides = {key: getattr(args, key) for key in (
-        "dataset", "nodes", "rounds", "alpha", "codec", "seed", "epochs", "report", "workdir",
-        "keep")}
+    overrides = {
+        key: getattr(args, key)
+        for key in (
+            "dataset",
+            "nodes",
+            "rounds",
+            "alpha",
+            "codec",
+            "seed",
+            "epochs",
+            "report",
+            "workdir",
+            "keep",
+        )
+    }
     try:
         config = settings.load(path, overrides)
     except (ConfigError, ValueError) as err:
         console.print(f"[bold red]configuration:[/] {err}")
         return 2
     if args.no_live:
-        config = config.model_copy(update={"live": config.live.model_copy(
-            update={"enabled": False})})
+        config = config.model_copy(
+            update={"live": config.live.model_copy(update={"enabled": False})}
+        )
     signal.signal(signal.SIGTERM, _terminate)
     # Ctrl-C must stop the run even when a parent started us with SIGINT ignored.
     signal.signal(signal.SIGINT, signal.default_int_handler)

@@ -23,8 +23,13 @@ class Baseline:
     model_params: int
 
 
-def centralized(train_samples: Sequence[Sample], held_out: Sequence[Sample],
-                labels: Sequence[str], params: TrainParams, model_seed: int) -> Baseline:
+def centralized(
+    train_samples: Sequence[Sample],
+    held_out: Sequence[Sample],
+    labels: Sequence[str],
+    params: TrainParams,
+    model_seed: int,
+) -> Baseline:
     limit_threads(BASELINE_THREADS)
     images, ids = load_samples(train_samples, labels)
     test_images, test_ids = load_samples(held_out, labels)

@@ -14,67 +14,152 @@ from fedbell.errors import ConfigError
 
 
 class SyntheticSettings(StrictModel):
-    persons: int = Field(default=12, ge=2, le=99, title="Persons",
-                         description="Generated identities when no dataset folder is given.")
-    images_per_person: int = Field(default=12, ge=3, le=1000, title="Images per person",
-                                   description="Generated photos of each identity.")
-    image_size: int = Field(default=96, ge=32, le=512, title="Image side (px)",
-                            description="Side of each generated grey photo.")
+    persons: int = Field(
+        default=12,
+        ge=2,
+        le=99,
+        title="Persons",
+        description="Generated identities when no dataset folder is given.",
+    )
+    images_per_person: int = Field(
+        default=12,
+        ge=3,
+        le=1000,
+        title="Images per person",
+        description="Generated photos of each identity.",
+    )
+    image_size: int = Field(
+        default=96,
+        ge=32,
+        le=512,
+        title="Image side (px)",
+        description="Side of each generated grey photo.",
+    )
 
 
 class LiveSettings(StrictModel):
-    enabled: bool = Field(default=True, title="Live recognition",
-                          description="After the rounds, replay a generated doorbell video "
-                          "through one node's recognition pipeline and print its events.")
-    visitors: int = Field(default=4, ge=1, le=50, title="Visitors",
-                          description="Known people who walk up to the door in the video.")
-    strangers: int = Field(default=1, ge=0, le=50, title="Strangers",
-                           description="Generated people outside the label set.")
+    enabled: bool = Field(
+        default=True,
+        title="Live recognition",
+        description="After the rounds, replay a generated doorbell video "
+        "through one node's recognition pipeline and print its events.",
+    )
+    visitors: int = Field(
+        default=4,
+        ge=1,
+        le=50,
+        title="Visitors",
+        description="Known people who walk up to the door in the video.",
+    )
+    strangers: int = Field(
+        default=1,
+        ge=0,
+        le=50,
+        title="Strangers",
+        description="Generated people outside the label set.",
+    )
 
 
 class SimulationConfig(StrictModel):
     dataset: Path | None = Field(
-        default=None, title="Dataset", description="A `<person>/<image>` folder of faces; "
-        "unset: generate synthetic identities (no download needed).")
-    synthetic: SyntheticSettings = Field(default_factory=SyntheticSettings,
-                                         title="Synthetic faces",
-                                         description="Used when `dataset` is unset.")
-    nodes: int = Field(default=4, ge=1, le=32, title="Doorbell nodes",
-                       description="Separate edge processes, one gallery each.")
-    rounds: int = Field(default=10, ge=1, le=1000, title="Rounds",
-                        description="Federated rounds to run.")
-    alpha: float = Field(default=1.0, gt=0, title="Dirichlet alpha",
-                         description="Small: each node sees few people (non-IID); large: even.")
+        default=None,
+        title="Dataset",
+        description="A `<person>/<image>` folder of faces; "
+        "unset: generate synthetic identities (no download needed).",
+    )
+    synthetic: SyntheticSettings = Field(
+        default_factory=SyntheticSettings,
+        title="Synthetic faces",
+        description="Used when `dataset` is unset.",
+    )
+    nodes: int = Field(
+        default=4,
+        ge=1,
+        le=32,
+        title="Doorbell nodes",
+        description="Separate edge processes, one gallery each.",
+    )
+    rounds: int = Field(
+        default=10, ge=1, le=1000, title="Rounds", description="Federated rounds to run."
+    )
+    alpha: float = Field(
+        default=1.0,
+        gt=0,
+        title="Dirichlet alpha",
+        description="Small: each node sees few people (non-IID); large: even.",
+    )
     holdout_fraction: float = Field(
-        default=0.3, gt=0, lt=1, title="Held-out share",
-        description="Share of every person's images kept for evaluation, never trained on.")
-    codec: Codec = Field(default="int8", title="Update codec",
-                         description="float32, float16, int8 or topk (sparse) updates.")
-    epochs: int = Field(default=5, ge=1, le=100, title="Local epochs",
-                        description="Epochs each node trains per round. A doorbell gallery "
-                        "is a batch or two, so an epoch is only a step or two of training.")
-    batch_size: int = Field(default=8, ge=1, le=1024, title="Batch size",
-                            description="Local training batch size.")
-    learning_rate: float = Field(default=1e-3, gt=0, le=1, title="Learning rate",
-                                 description="Adam learning rate, nodes and baseline alike.")
-    seed: int = Field(default=0, title="Seed",
-                      description="Seeds data generation, the split, the model and training.")
-    signed: bool = Field(default=True, title="Sign messages",
-                         description="Give every process an Ed25519 key, as in production.")
-    startup_timeout_s: float = Field(default=180.0, gt=0, title="Start-up timeout (s)",
-                                     description="How long to wait for every node to be online.")
-    round_timeout_s: float = Field(default=300.0, gt=0, title="Round timeout (s)",
-                                   description="How long to wait for one round's metrics.")
-    report: Path = Field(default=Path("reports/demo.json"), title="Report",
-                         description="JSON report path; the plot goes beside it (.png).")
-    workdir: Path | None = Field(default=None, title="Work folder",
-                                 description="Where configs, galleries and logs go; "
-                                 "unset: a fresh temporary folder.")
-    keep: bool = Field(default=False, title="Keep work folder",
-                       description="Do not delete the temporary work folder at the end.")
-    live: LiveSettings = Field(default_factory=LiveSettings, title="Live recognition",
-                               description="The replayed-video demo after the rounds.")
-
+        default=0.3,
+        gt=0,
+        lt=1,
+        title="Held-out share",
+        description="Share of every person's images kept for evaluation, never trained on.",
+    )
+    codec: Codec = Field(
+        default="int8",
+        title="Update codec",
+        description="float32, float16, int8 or topk (sparse) updates.",
+    )
+    epochs: int = Field(
+        default=5,
+        ge=1,
+        le=100,
+        title="Local epochs",
+        description="Epochs each node trains per round. A doorbell gallery "
+        "is a batch or two, so an epoch is only a step or two of training.",
+    )
+    batch_size: int = Field(
+        default=8, ge=1, le=1024, title="Batch size", description="Local training batch size."
+    )
+    learning_rate: float = Field(
+        default=1e-3,
+        gt=0,
+        le=1,
+        title="Learning rate",
+        description="Adam learning rate, nodes and baseline alike.",
+    )
+    seed: int = Field(
+        default=0,
+        title="Seed",
+        description="Seeds data generation, the split, the model and training.",
+    )
+    signed: bool = Field(
+        default=True,
+        title="Sign messages",
+        description="Give every process an Ed25519 key, as in production.",
+    )
+    startup_timeout_s: float = Field(
+        default=180.0,
+        gt=0,
+        title="Start-up timeout (s)",
+        description="How long to wait for every node to be online.",
+    )
+    round_timeout_s: float = Field(
+        default=300.0,
+        gt=0,
+        title="Round timeout (s)",
+        description="How long to wait for one round's metrics.",
+    )
+    report: Path = Field(
+        default=Path("reports/demo.json"),
+        title="Report",
+        description="JSON report path; the plot goes beside it (.png).",
+    )
+    workdir: Path | None = Field(
+        default=None,
+        title="Work folder",
+        description="Where configs, galleries and logs go; unset: a fresh temporary folder.",
+    )
+    keep: bool = Field(
+        default=False,
+        title="Keep work folder",
+        description="Do not delete the temporary work folder at the end.",
+    )
+    live: LiveSettings = Field(
+        default_factory=LiveSettings,
+        title="Live recognition",
+        description="The replayed-video demo after the rounds.",
+    )
 
     @field_validator("codec")
     @classmethod
@@ -92,6 +177,9 @@ def load(path: Path | None, overrides: dict[str, Any]) -> SimulationConfig:
     try:
         return SimulationConfig.model_validate(merged)
     except ValidationError as err:  # only a command-line value can be wrong here
-        raise ConfigError("; ".join(
-            f"--{'.'.join(str(p) for p in problem['loc'])}: {problem['msg']}"
-            for problem in err.errors())) from None
+        raise ConfigError(
+            "; ".join(
+                f"--{'.'.join(str(p) for p in problem['loc'])}: {problem['msg']}"
+                for problem in err.errors()
+            )
+        ) from None

@@ -38,8 +38,9 @@ def dataset_labels(samples: Sequence[Sample]) -> tuple[str, ...]:
     return labels
 
 
-def split_dataset(samples: Sequence[Sample], nodes: int, alpha: float,
-                  holdout_fraction: float, seed: int) -> Split:
+def split_dataset(
+    samples: Sequence[Sample], nodes: int, alpha: float, holdout_fraction: float, seed: int
+) -> Split:
     """Hold out `holdout_fraction` of each person, then Dirichlet(alpha) the rest over nodes."""
     labels = dataset_labels(samples)
     train, held_out = holdout_split(samples, holdout_fraction, seed)
@@ -50,8 +51,7 @@ def split_dataset(samples: Sequence[Sample], nodes: int, alpha: float,
     return Split(labels, tuple(held_out), tuple(train), per_node)
 
 
-def load_split(root: Path, nodes: int, alpha: float, holdout_fraction: float,
-               seed: int) -> Split:
+def load_split(root: Path, nodes: int, alpha: float, holdout_fraction: float, seed: int) -> Split:
     return split_dataset(list_samples(root), nodes, alpha, holdout_fraction, seed)
 
 

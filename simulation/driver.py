@@ -67,9 +67,16 @@ class Driver:
         self.topics = topics
         self.view = FleetView()
         self._changed = threading.Condition()
-        self._wanted = [topics.all_statuses, topics.aggregator_status, topics.round,
-                        topics.global_model, topics.all_updates, topics.metrics,
-                        topics.tflite_model, VISITOR_TOPIC]
+        self._wanted = [
+            topics.all_statuses,
+            topics.aggregator_status,
+            topics.round,
+            topics.global_model,
+            topics.all_updates,
+            topics.metrics,
+            topics.tflite_model,
+            VISITOR_TOPIC,
+        ]
         self.client = make_client(settings, client_id="simulation-driver")
         self.client.on_connect = self._on_connect
         self.client.on_message = self._on_message
@@ -81,8 +88,9 @@ class Driver:
 
     # --- incoming ---------------------------------------------------------------------
 
-    def _on_connect(self, client: mqtt.Client, _userdata: Any, _flags: Any,
-                    reason: ReasonCode, _properties: Any) -> None:
+    def _on_connect(
+        self, client: mqtt.Client, _userdata: Any, _flags: Any, reason: ReasonCode, _properties: Any
+    ) -> None:
         if not reason.is_failure:
             client.subscribe([(topic, 1) for topic in self._wanted])
 
@@ -118,9 +126,14 @@ class Driver:
 
     # --- waiting ----------------------------------------------------------------------
 
-    def wait_until(self, done: Callable[[FleetView], bool], timeout: float, what: str,
-                   check: Callable[[], None], tick: Callable[[FleetView], None] | None = None
-                   ) -> None:
+    def wait_until(
+        self,
+        done: Callable[[FleetView], bool],
+        timeout: float,
+        what: str,
+        check: Callable[[], None],
+        tick: Callable[[FleetView], None] | None = None,
+    ) -> None:
         """Block until `done(view)`; `check` raises if a process died meanwhile."""
         deadline = time.monotonic() + timeout
         with self._changed:
@@ -133,8 +146,7 @@ class Driver:
                 if tick is not None:
                     tick(self.view)
 
-    def wait_ready(self, devices: Iterable[str], timeout: float,
-                   check: Callable[[], None]) -> None:
+    def wait_ready(self, devices: Iterable[str], timeout: float, check: Callable[[], None]) -> None:
         """Every device's retained status says online, and the aggregator is up."""
         wanted = set(devices)
 
@@ -158,8 +170,12 @@ class Driver:
     def command(self, command: Command) -> None:
         self.client.publish(self.topics.control, to_json(command), qos=1).wait_for_publish(10)
 
-    def run_round(self, timeout: float, check: Callable[[], None],
-                  tick: Callable[[FleetView], None] | None = None) -> RoundMetrics:
+    def run_round(
+        self,
+        timeout: float,
+        check: Callable[[], None],
+        tick: Callable[[FleetView], None] | None = None,
+    ) -> RoundMetrics:
         """Start one round and return its metrics; a round that aggregates nothing fails."""
         with self._changed:
             previous = max(self.view.metrics, default=0)
@@ -174,7 +190,8 @@ class Driver:
         if metrics.outcome == "abandoned":
             raise RuntimeError(
                 f"round {metrics.round} was abandoned: {metrics.participants} updates, "
-                f"rejected {metrics.rejected or 'none'} (see the node logs)")
+                f"rejected {metrics.rejected or 'none'} (see the node logs)"
+            )
         return metrics
 
     def retained(self, topic: str, timeout: float, check: Callable[[], None]) -> bytes:

@@ -34,17 +34,21 @@ class _Frames:
         pass
 
 
-def enroll_synthetic(root: Path, persons: int, images_per_person: int, seed: int,
-                     size: int = 96) -> list[str]:
+def enroll_synthetic(
+    root: Path, persons: int, images_per_person: int, seed: int, size: int = 96
+) -> list[str]:
     """Write `<root>/<person>/<crop>.png` for generated identities; returns the names."""
     rng = np.random.default_rng(seed + 1)
     detector = FaceDetector()
     names = []
     for index, identity in enumerate(make_identities(persons, seed)):
-        frames = (make_scene([render_face(identity, rng, size)], rng).frame
-                  for _ in range(images_per_person * ATTEMPTS_PER_IMAGE))
-        result = enroll(_Frames(frames), detector, root, person_name(index),
-                        count=images_per_person)
+        frames = (
+            make_scene([render_face(identity, rng, size)], rng).frame
+            for _ in range(images_per_person * ATTEMPTS_PER_IMAGE)
+        )
+        result = enroll(
+            _Frames(frames), detector, root, person_name(index), count=images_per_person
+        )
         if not result.saved:
             raise RuntimeError(f"no face of {person_name(index)} was detected to enroll")
         names.append(person_name(index))

@@ -65,15 +65,20 @@ class VisitLog:
         self.clock = clock
         self.named: list[list[str]] = [[] for _ in range(visits)]
 
-    def visitor(self, person: str, confidence: float, box: Box | None,
-                crop: UInt8Image | None = None, frame: UInt8Image | None = None) -> str:
+    def visitor(
+        self,
+        person: str,
+        confidence: float,
+        box: Box | None,
+        crop: UInt8Image | None = None,
+        frame: UInt8Image | None = None,
+    ) -> str:
         visit = (self.clock.frames - 1) // (FRAMES_PER_VISITOR + GAP_FRAMES)
         if 0 <= visit < len(self.named):
             self.named[visit].append(person)
         return self.publisher.visitor(person, confidence, box, crop, frame)
 
-    def ring(self, source: str, person: str | None = None,
-             frame: UInt8Image | None = None) -> str:
+    def ring(self, source: str, person: str | None = None, frame: UInt8Image | None = None) -> str:
         return self.publisher.ring(source, person, frame)
 
     def present(self, present: bool) -> None:
@@ -98,22 +103,41 @@ class LiveResult:
         return sum(truth in names for truth, names in zip(self.visitors, self.named, strict=True))
 
     def as_dict(self) -> dict[str, Any]:
-        return {"visits": [{"visitor": truth, "named": list(names)}
-                           for truth, names in zip(self.visitors, self.named, strict=True)],
-                "visits_named_correctly": self.correct, "frames": self.frames,
-                "faces": self.faces, "model_version": self.model_version,
-                "threshold": self.threshold,
-                "events": [{k: e.get(k) for k in ("topic", "event_type", "person",
-                                                   "confidence")} for e in self.events]}
+        return {
+            "visits": [
+                {"visitor": truth, "named": list(names)}
+                for truth, names in zip(self.visitors, self.named, strict=True)
+            ],
+            "visits_named_correctly": self.correct,
+            "frames": self.frames,
+            "faces": self.faces,
+            "model_version": self.model_version,
+            "threshold": self.threshold,
+            "events": [
+                {k: e.get(k) for k in ("topic", "event_type", "person", "confidence")}
+                for e in self.events
+            ],
+        }
 
 
-def write_frames(folder: Path, held_out: Sequence[Sample], labels: Sequence[str], *,
-                 visitors: int, strangers: int, seed: int) -> list[str]:
+def write_frames(
+    folder: Path,
+    held_out: Sequence[Sample],
+    labels: Sequence[str],
+    *,
+    visitors: int,
+    strangers: int,
+    seed: int,
+) -> list[str]:
     """Numbered porch frames of each visitor in turn, empty porch in between."""
     rng = np.random.default_rng(seed)
     photos = {label: [s.path for s in held_out if s.person == label] for label in labels}
-    known = [str(p) for p in rng.choice([x for x in labels if photos[x]],
-                                        size=min(visitors, len(labels)), replace=False)]
+    known = [
+        str(p)
+        for p in rng.choice(
+            [x for x in labels if photos[x]], size=min(visitors, len(labels)), replace=False
+        )
+    ]
     strange = make_identities(strangers, seed + STRANGER_SEED_OFFSET)
     queue: list[tuple[str, Any]] = [(name, None) for name in known]
     queue += [(UNKNOWN, identity) for identity in strange]
@@ -134,16 +158,29 @@ def write_frames(folder: Path, held_out: Sequence[Sample], labels: Sequence[str]
     return [name for name, _ in order]
 
 
-def load_artifact(payload: bytes, site: str, keys: Mapping[str, Ed25519PublicKey] | None,
-                  max_bytes: int) -> ModelArtifact:
+def load_artifact(
+    payload: bytes, site: str, keys: Mapping[str, Ed25519PublicKey] | None, max_bytes: int
+) -> ModelArtifact:
     """The int8 model a Pi runs, checked exactly as a node checks it."""
     artifact = parse_tflite(payload, site=site, max_bytes=max_bytes, keys=keys)
-    return ModelArtifact(tflite=artifact.int8_model, labels=artifact.labels,
-                         threshold=artifact.threshold, version=artifact.version)
+    return ModelArtifact(
+        tflite=artifact.int8_model,
+        labels=artifact.labels,
+        threshold=artifact.threshold,
+        version=artifact.version,
+    )
 
 
-def replay(driver: Driver, settings: MqttSettings, artifact: ModelArtifact, *, device: str,
-           gallery: Path, frames: Path, visitors: Sequence[str]) -> LiveResult:
+def replay(
+    driver: Driver,
+    settings: MqttSettings,
+    artifact: ModelArtifact,
+    *,
+    device: str,
+    gallery: Path,
+    frames: Path,
+    visitors: Sequence[str],
+) -> LiveResult:
     """Run `device`'s pipeline over `frames`; its events come back through the driver."""
     recognizer = Recognizer(num_threads=1)
     recognizer.swap(artifact)
@@ -154,14 +191,24 @@ def replay(driver: Driver, settings: MqttSettings, artifact: ModelArtifact, *, d
         while not client.is_connected() and time.monotonic() < deadline:
             time.sleep(0.05)
         # Only events are published here: the node process owns its availability state.
-        events = EventPublisher(client=client, topics=DoorbellTopics(device),
-                                availability_topic=topics().status(device), crops=RecentCrops(),
-                                gallery=gallery, discovery=False)
+        events = EventPublisher(
+            client=client,
+            topics=DoorbellTopics(device),
+            availability_topic=topics().status(device),
+            crops=RecentCrops(),
+            gallery=gallery,
+            discovery=False,
+        )
         before = len(driver.visitors())
         clock = ReplayClock()
         visits = VisitLog(events, clock, len(visitors))
-        pipeline = Pipeline(FaceDetector(), recognizer, visits, RecognitionConfig(
-            debounce_s=(FRAMES_PER_VISITOR + GAP_FRAMES / 2) / REPLAY_FPS), clock)
+        pipeline = Pipeline(
+            FaceDetector(),
+            recognizer,
+            visits,
+            RecognitionConfig(debounce_s=(FRAMES_PER_VISITOR + GAP_FRAMES / 2) / REPLAY_FPS),
+            clock,
+        )
         pipeline.run(FolderSource(frames), threading.Event())
         expected = before + pipeline.counters.visitor_events
         deadline = time.monotonic() + 10  # QoS 1 events are still on their way
@@ -170,7 +217,12 @@ def replay(driver: Driver, settings: MqttSettings, artifact: ModelArtifact, *, d
     finally:
         client.disconnect()
         client.loop_stop()
-    return LiveResult(tuple(visitors), tuple(tuple(names) for names in visits.named),
-                      pipeline.counters.frames, pipeline.counters.faces,
-                      tuple(driver.visitors()[before:]), int(artifact.version),
-                      recognizer.threshold)
+    return LiveResult(
+        tuple(visitors),
+        tuple(tuple(names) for names in visits.named),
+        pipeline.counters.frames,
+        pipeline.counters.faces,
+        tuple(driver.visitors()[before:]),
+        int(artifact.version),
+        recognizer.threshold,
+    )

@@ -24,8 +24,10 @@ class ProcessDied(RuntimeError):
     """A child exited while the simulation still needed it."""
 
     def __init__(self, name: str, returncode: int, log: Path) -> None:
-        super().__init__(f"{name} exited with code {returncode}; log: {log}\n"
-                         f"--- last lines of {log.name} ---\n{tail(log)}")
+        super().__init__(
+            f"{name} exited with code {returncode}; log: {log}\n"
+            f"--- last lines of {log.name} ---\n{tail(log)}"
+        )
         self.name = name
         self.log = log
 
@@ -41,16 +43,25 @@ def tail(path: Path, lines: int = 30) -> str:
 class Child:
     """One Python module run as `python -m <module> <args>`, output to a log file."""
 
-    def __init__(self, name: str, module: str, args: Sequence[str], log: Path,
-                 env: Mapping[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        name: str,
+        module: str,
+        args: Sequence[str],
+        log: Path,
+        env: Mapping[str, str] | None = None,
+    ) -> None:
         self.name = name
         self.log = log
         log.parent.mkdir(parents=True, exist_ok=True)
         with log.open("ab") as out:  # the child keeps its own copy of the descriptor
             self.process = subprocess.Popen(
                 [sys.executable, "-m", module, *args],
-                stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                cwd=PROJECT_ROOT, env={**os.environ, **(env or {})},
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                cwd=PROJECT_ROOT,
+                env={**os.environ, **(env or {})},
                 start_new_session=True,
             )
 
@@ -74,8 +85,14 @@ class Fleet:
     def __init__(self) -> None:
         self.children: list[Child] = []
 
-    def start(self, name: str, module: str, args: Sequence[str], log: Path,
-              env: Mapping[str, str] | None = None) -> Child:
+    def start(
+        self,
+        name: str,
+        module: str,
+        args: Sequence[str],
+        log: Path,
+        env: Mapping[str, str] | None = None,
+    ) -> Child:
         child = Child(name, module, args, log, env)
         self.children.append(child)
         return child
@@ -101,6 +118,10 @@ class Fleet:
     def __enter__(self) -> Fleet:
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
         self.stop()

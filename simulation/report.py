@@ -25,8 +25,15 @@ class RoundRow:
 
     @classmethod
     def from_metrics(cls, metrics: RoundMetrics) -> RoundRow:
-        return cls(metrics.round, metrics.accuracy, metrics.bytes_up, metrics.bytes_down,
-                   round(metrics.seconds, 2), metrics.participants, metrics.examples)
+        return cls(
+            metrics.round,
+            metrics.accuracy,
+            metrics.bytes_up,
+            metrics.bytes_down,
+            round(metrics.seconds, 2),
+            metrics.participants,
+            metrics.examples,
+        )
 
 
 def human_bytes(count: float) -> str:
@@ -41,26 +48,45 @@ def percent(value: float | None) -> str:
     return "—" if value is None else f"{value:.1%}"
 
 
-def round_table(rows: Sequence[RoundRow], centralized: float | None = None,
-                title: str = "Federated rounds") -> Table:
+def round_table(
+    rows: Sequence[RoundRow], centralized: float | None = None, title: str = "Federated rounds"
+) -> Table:
     table = Table(title=title)
-    for header in ("round", "accuracy", "bytes up", "bytes down", "seconds", "nodes",
-                   "examples"):
+    for header in ("round", "accuracy", "bytes up", "bytes down", "seconds", "nodes", "examples"):
         table.add_column(header, justify="right")
     for row in rows:
-        table.add_row(str(row.round), percent(row.accuracy), human_bytes(row.bytes_up),
-                      human_bytes(row.bytes_down), f"{row.seconds:.1f}",
-                      str(row.participants), str(row.examples))
+        table.add_row(
+            str(row.round),
+            percent(row.accuracy),
+            human_bytes(row.bytes_up),
+            human_bytes(row.bytes_down),
+            f"{row.seconds:.1f}",
+            str(row.participants),
+            str(row.examples),
+        )
     if centralized is not None:
         table.add_section()
         table.add_row("central", percent(centralized), "", "", "", "", "")
     return table
 
 
-def build_report(*, dataset: str, persons: int, images: int, held_out: int, nodes: int,
-                 node_examples: Sequence[int], alpha: float, codec: str, epochs: int,
-                 rows: Sequence[RoundRow], centralized: float, model_params: int,
-                 seconds: float, live: dict[str, Any] | None = None) -> dict[str, Any]:
+def build_report(
+    *,
+    dataset: str,
+    persons: int,
+    images: int,
+    held_out: int,
+    nodes: int,
+    node_examples: Sequence[int],
+    alpha: float,
+    codec: str,
+    epochs: int,
+    rows: Sequence[RoundRow],
+    centralized: float,
+    model_params: int,
+    seconds: float,
+    live: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     return {
         "dataset": dataset,
         "persons": persons,
@@ -88,8 +114,7 @@ def write_json(report: dict[str, Any], path: Path) -> None:
     path.write_text(json.dumps(report, indent=2) + "\n")
 
 
-def write_plot(rows: Sequence[RoundRow], centralized: float | None, path: Path,
-               title: str) -> None:
+def write_plot(rows: Sequence[RoundRow], centralized: float | None, path: Path, title: str) -> None:
     """Accuracy per round (with the centralised baseline) over bytes per round."""
     import matplotlib
 
@@ -98,8 +123,12 @@ def write_plot(rows: Sequence[RoundRow], centralized: float | None, path: Path,
 
     rounds = [row.round for row in rows]
     figure, (top, bottom) = plt.subplots(2, 1, figsize=(7, 6), sharex=True)
-    top.plot(rounds, [row.accuracy if row.accuracy is not None else float("nan")
-                      for row in rows], marker="o", label="federated (global model)")
+    top.plot(
+        rounds,
+        [row.accuracy if row.accuracy is not None else float("nan") for row in rows],
+        marker="o",
+        label="federated (global model)",
+    )
     if centralized is not None:
         top.axhline(centralized, linestyle="--", color="grey", label="centralised baseline")
     top.set_ylim(0, 1)
@@ -107,10 +136,18 @@ def write_plot(rows: Sequence[RoundRow], centralized: float | None, path: Path,
     top.legend(loc="upper left")
     top.set_title(title)
     width = 0.4
-    bottom.bar([r - width / 2 for r in rounds], [row.bytes_up / 1e3 for row in rows],
-               width, label="up (updates)")
-    bottom.bar([r + width / 2 for r in rounds], [row.bytes_down / 1e3 for row in rows],
-               width, label="down (models)")
+    bottom.bar(
+        [r - width / 2 for r in rounds],
+        [row.bytes_up / 1e3 for row in rows],
+        width,
+        label="up (updates)",
+    )
+    bottom.bar(
+        [r + width / 2 for r in rounds],
+        [row.bytes_down / 1e3 for row in rows],
+        width,
+        label="down (models)",
+    )
     bottom.set_yscale("log")  # updates are an order of magnitude smaller than models
     bottom.set_ylabel("kB per round (log)")
     bottom.set_xlabel("round")

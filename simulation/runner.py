@@ -50,43 +50,57 @@ def prepare_dataset(config: SimulationConfig, layout: Layout) -> tuple[Path, str
         return config.dataset.resolve(), str(config.dataset)
     synthetic = config.synthetic
     root = layout.root / "dataset"
-    enroll_synthetic(root, synthetic.persons, synthetic.images_per_person, config.seed,
-                     synthetic.image_size)
+    enroll_synthetic(
+        root, synthetic.persons, synthetic.images_per_person, config.seed, synthetic.image_size
+    )
     return root, f"synthetic {synthetic.persons}x{synthetic.images_per_person}"
 
 
 def describe(console: Console, name: str, split: Split, devices: list[str]) -> None:
-    console.print(f"[bold]dataset[/] {name}: {len(split.labels)} persons, "
-                  f"{len(split.train)} training + {len(split.held_out)} held-out images")
+    console.print(
+        f"[bold]dataset[/] {name}: {len(split.labels)} persons, "
+        f"{len(split.train)} training + {len(split.held_out)} held-out images"
+    )
     for device, samples in zip(devices, split.per_node, strict=True):
         persons = len({s.person for s in samples})
         console.print(f"  {device}: {len(samples)} images of {persons} persons")
 
 
-def drive_rounds(driver: Driver, config: SimulationConfig, check: Callable[[], None],
-                 console: Console) -> list[report.RoundRow]:
+def drive_rounds(
+    driver: Driver, config: SimulationConfig, check: Callable[[], None], console: Console
+) -> list[report.RoundRow]:
     rows: list[report.RoundRow] = []
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-               TimeElapsedColumn())
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+    )
     with Progress(*columns, console=console) as progress:
         task = progress.add_task("rounds", total=config.rounds)
 
         def tick(view: FleetView) -> None:
             announcement = view.announcement
             if announcement is not None:
-                progress.update(task, description=(
-                    f"round {announcement.round} {announcement.phase}: "
-                    f"{len(view.updates)}/{len(announcement.selected)} updates"))
+                progress.update(
+                    task,
+                    description=(
+                        f"round {announcement.round} {announcement.phase}: "
+                        f"{len(view.updates)}/{len(announcement.selected)} updates"
+                    ),
+                )
 
         for _ in range(config.rounds):
             row = report.RoundRow.from_metrics(
-                driver.run_round(config.round_timeout_s, check, tick))
+                driver.run_round(config.round_timeout_s, check, tick)
+            )
             rows.append(row)
             progress.console.print(
                 f"round {row.round:>3}  accuracy {report.percent(row.accuracy):>6}  "
                 f"up {report.human_bytes(row.bytes_up):>9}  "
                 f"down {report.human_bytes(row.bytes_down):>9}  {row.seconds:6.1f} s  "
-                f"{row.participants} nodes")
+                f"{row.participants} nodes"
+            )
             progress.advance(task)
         progress.update(task, description="rounds")
     return rows
@@ -126,8 +140,9 @@ def run(config: SimulationConfig, console: Console) -> dict[str, Any]:
     return result
 
 
-def _run(config: SimulationConfig, layout: Layout, console: Console,
-         started: float) -> dict[str, Any]:
+def _run(
+    config: SimulationConfig, layout: Layout, console: Console, started: float
+) -> dict[str, Any]:
     dataset, name = prepare_dataset(config, layout)
     split = load_split(dataset, config.nodes, config.alpha, config.holdout_fraction, config.seed)
     write_folder(split.held_out, layout.held_out)
@@ -136,8 +151,9 @@ def _run(config: SimulationConfig, layout: Layout, console: Console,
         write_folder(samples, layout.gallery(device))
     describe(console, name, split, devices)
     with LocalBroker(layout.root / "broker") as broker, Fleet() as fleet:
-        start_federation(fleet, config, layout, labels=split.labels, port=broker.port,
-                         devices=devices)
+        start_federation(
+            fleet, config, layout, labels=split.labels, port=broker.port, devices=devices
+        )
         driver = Driver(mqtt_settings(broker.port), topics())
         try:
             with console.status(f"starting the aggregator and {len(devices)} nodes"):
@@ -145,75 +161,140 @@ def _run(config: SimulationConfig, layout: Layout, console: Console,
             rows = drive_rounds(driver, config, fleet.check, console)
             with console.status("training the centralised baseline"):
                 central = baseline.centralized(
-                    split.train, split.held_out, split.labels,
-                    TrainParams(epochs=config.rounds * config.epochs,
-                                batch_size=config.batch_size,
-                                learning_rate=config.learning_rate, seed=config.seed),
-                    config.seed)
+                    split.train,
+                    split.held_out,
+                    split.labels,
+                    TrainParams(
+                        epochs=config.rounds * config.epochs,
+                        batch_size=config.batch_size,
+                        learning_rate=config.learning_rate,
+                        seed=config.seed,
+                    ),
+                    config.seed,
+                )
             result = report.build_report(
-                dataset=name, persons=len(split.labels),
-                images=len(split.train) + len(split.held_out), held_out=len(split.held_out),
-                nodes=config.nodes, node_examples=[len(p) for p in split.per_node],
-                alpha=config.alpha, codec=config.codec, epochs=config.epochs, rows=rows,
-                centralized=central.accuracy, model_params=central.model_params,
-                seconds=time.monotonic() - started)
+                dataset=name,
+                persons=len(split.labels),
+                images=len(split.train) + len(split.held_out),
+                held_out=len(split.held_out),
+                nodes=config.nodes,
+                node_examples=[len(p) for p in split.per_node],
+                alpha=config.alpha,
+                codec=config.codec,
+                epochs=config.epochs,
+                rows=rows,
+                centralized=central.accuracy,
+                model_params=central.model_params,
+                seconds=time.monotonic() - started,
+            )
             publish_results(console, config, result, rows)
             if config.live.enabled:
-                result["live"] = live_demo(console, config, layout, driver, split=split,
-                                           device=devices[0], port=broker.port, fleet=fleet)
+                result["live"] = live_demo(
+                    console,
+                    config,
+                    layout,
+                    driver,
+                    split=split,
+                    device=devices[0],
+                    port=broker.port,
+                    fleet=fleet,
+                )
                 report.write_json(result, config.report)
         finally:
             driver.close()
     return result
 
 
-def publish_results(console: Console, config: SimulationConfig, result: dict[str, Any],
-                    rows: list[report.RoundRow]) -> None:
+def publish_results(
+    console: Console, config: SimulationConfig, result: dict[str, Any], rows: list[report.RoundRow]
+) -> None:
     central = result["centralized_accuracy"]
-    console.print(report.round_table(rows, central, title=(
-        f"{result['dataset']}, {config.nodes} nodes, alpha {config.alpha}, {config.codec} "
-        f"updates, {config.epochs} local epochs")))
-    console.print(f"centralised baseline ({result['centralized_epochs']} epochs on the union "
-                  f"of the nodes' data): {report.percent(central)}; "
-                  f"model {result['model_params']:,} parameters")
+    console.print(
+        report.round_table(
+            rows,
+            central,
+            title=(
+                f"{result['dataset']}, {config.nodes} nodes, alpha {config.alpha}, {config.codec} "
+                f"updates, {config.epochs} local epochs"
+            ),
+        )
+    )
+    console.print(
+        f"centralised baseline ({result['centralized_epochs']} epochs on the union "
+        f"of the nodes' data): {report.percent(central)}; "
+        f"model {result['model_params']:,} parameters"
+    )
     plot = config.report.with_suffix(".png")
     report.write_json(result, config.report)
-    report.write_plot(rows, central, plot, title=f"{result['dataset']}, {config.nodes} nodes, "
-                      f"alpha {config.alpha}, {config.codec}")
+    report.write_plot(
+        rows,
+        central,
+        plot,
+        title=f"{result['dataset']}, {config.nodes} nodes, alpha {config.alpha}, {config.codec}",
+    )
     console.print(f"report: {config.report}  plot: {plot}")
 
 
-def live_demo(console: Console, config: SimulationConfig, layout: Layout, driver: Driver, *,
-              split: Split, device: str, port: int, fleet: Fleet) -> dict[str, Any]:
+def live_demo(
+    console: Console,
+    config: SimulationConfig,
+    layout: Layout,
+    driver: Driver,
+    *,
+    split: Split,
+    device: str,
+    port: int,
+    fleet: Fleet,
+) -> dict[str, Any]:
     """Replay visitors through `device`'s pipeline; a failure here is reported, not fatal."""
     from simulation import live  # the recognition stack is only needed here
 
     settings = mqtt_settings(port)
     try:
         payload = driver.retained(topics().tflite_model, 60, fleet.check)
-        keys = ({AGGREGATOR: load_public_key(layout.trusted_by(device) / f"{AGGREGATOR}.pub")}
-                if config.signed else None)
+        keys = (
+            {AGGREGATOR: load_public_key(layout.trusted_by(device) / f"{AGGREGATOR}.pub")}
+            if config.signed
+            else None
+        )
         artifact = live.load_artifact(payload, SITE, keys, settings.max_message_bytes)
         frames = layout.root / "live" / "frames"
-        visitors = live.write_frames(frames, split.held_out, split.labels,
-                                     visitors=config.live.visitors,
-                                     strangers=config.live.strangers, seed=config.seed)
+        visitors = live.write_frames(
+            frames,
+            split.held_out,
+            split.labels,
+            visitors=config.live.visitors,
+            strangers=config.live.strangers,
+            seed=config.seed,
+        )
         with console.status(f"replaying {len(visitors)} visitors through {device}'s pipeline"):
-            result = live.replay(driver, settings, artifact, device=device,
-                                 gallery=layout.gallery(device), frames=frames,
-                                 visitors=visitors)
+            result = live.replay(
+                driver,
+                settings,
+                artifact,
+                device=device,
+                gallery=layout.gallery(device),
+                frames=frames,
+                visitors=visitors,
+            )
     except Exception as error:  # the federated results stand on their own
         console.print(f"[bold red]live recognition failed:[/] {error!r}")
         return {"error": repr(error)}
-    console.print(f"[bold]live recognition[/] on {device} with model v{result.model_version} "
-                  f"(unknown below {result.threshold:.2f}): {result.frames} frames replayed, "
-                  f"{result.faces} faces found")
+    console.print(
+        f"[bold]live recognition[/] on {device} with model v{result.model_version} "
+        f"(unknown below {result.threshold:.2f}): {result.frames} frames replayed, "
+        f"{result.faces} faces found"
+    )
     for truth, names in zip(result.visitors, result.named, strict=True):
         console.print(f"  at the door: {truth:<10} doorbell said: {', '.join(names) or '—'}")
     console.print(f"  visitor events received on doorbell/+/visitor: {len(result.events)}")
     for event in result.events:
         fields = {key: value for key, value in event.items() if key != "topic"}
-        console.print(f"    {event['topic']} {json.dumps(fields)}",
-                      markup=False, highlight=False, soft_wrap=True)
+        console.print(
+            f"    {event['topic']} {json.dumps(fields)}",
+            markup=False,
+            highlight=False,
+            soft_wrap=True,
+        )
     console.print(f"  visits named correctly: {result.correct}/{len(result.visitors)}")
     return result.as_dict()

@@ -28,8 +28,11 @@ round with a missing update still closes and reports before the driver gives up.
 
 # TensorFlow reads these before it starts its thread pools; the edge config's
 # `training.threads` says the same, this also covers imports that run first.
-SINGLE_THREAD_ENV = {"TF_NUM_INTRAOP_THREADS": "1", "TF_NUM_INTEROP_THREADS": "1",
-                     "OMP_NUM_THREADS": "1"}
+SINGLE_THREAD_ENV = {
+    "TF_NUM_INTRAOP_THREADS": "1",
+    "TF_NUM_INTEROP_THREADS": "1",
+    "OMP_NUM_THREADS": "1",
+}
 QUIET_ENV = {"TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONUNBUFFERED": "1"}
 
 
@@ -76,19 +79,21 @@ def write_keys(layout: Layout, devices: list[str]) -> None:
         trusted = layout.trusted_by(device)
         trusted.mkdir(parents=True, exist_ok=True)
         (trusted / public.name).write_bytes(public.read_bytes())
-        write_key_pair(layout.private_key(device),
-                       layout.trusted_by(AGGREGATOR) / f"{device}.pub")
+        write_key_pair(layout.private_key(device), layout.trusted_by(AGGREGATOR) / f"{device}.pub")
 
 
 def _signing(layout: Layout, name: str, signed: bool) -> dict[str, str]:
     if not signed:
         return {}
-    return {"private_key_file": str(layout.private_key(name)),
-            "trusted_keys_dir": str(layout.trusted_by(name))}
+    return {
+        "private_key_file": str(layout.private_key(name)),
+        "trusted_keys_dir": str(layout.trusted_by(name)),
+    }
 
 
-def aggregator_config(config: SimulationConfig, layout: Layout, labels: tuple[str, ...],
-                      mqtt: dict[str, Any]) -> dict[str, Any]:
+def aggregator_config(
+    config: SimulationConfig, layout: Layout, labels: tuple[str, ...], mqtt: dict[str, Any]
+) -> dict[str, Any]:
     return {
         "site": SITE,
         "labels": list(labels),
@@ -99,8 +104,11 @@ def aggregator_config(config: SimulationConfig, layout: Layout, labels: tuple[st
             "codec": config.codec,
             "timeout_s": round(config.round_timeout_s * AGGREGATOR_DEADLINE_SHARE, 1),
             "min_updates": 1,
-            "train": {"epochs": config.epochs, "batch_size": config.batch_size,
-                      "learning_rate": config.learning_rate},
+            "train": {
+                "epochs": config.epochs,
+                "batch_size": config.batch_size,
+                "learning_rate": config.learning_rate,
+            },
             "seed": config.seed,
         },
         "evaluation": {"dataset": str(layout.held_out)},
@@ -108,8 +116,9 @@ def aggregator_config(config: SimulationConfig, layout: Layout, labels: tuple[st
     }
 
 
-def edge_config(config: SimulationConfig, layout: Layout, device: str,
-                mqtt: dict[str, Any]) -> dict[str, Any]:
+def edge_config(
+    config: SimulationConfig, layout: Layout, device: str, mqtt: dict[str, Any]
+) -> dict[str, Any]:
     return {
         "device_id": device,
         "site": SITE,
@@ -136,17 +145,30 @@ def topics() -> Topics:
     return Topics(SITE)
 
 
-def start_federation(fleet: Fleet, config: SimulationConfig, layout: Layout, *,
-                     labels: tuple[str, ...], port: int, devices: list[str]) -> None:
+def start_federation(
+    fleet: Fleet,
+    config: SimulationConfig,
+    layout: Layout,
+    *,
+    labels: tuple[str, ...],
+    port: int,
+    devices: list[str],
+) -> None:
     """Write configs (and keys), then start the aggregator and every node."""
     if config.signed:
         write_keys(layout, devices)
     mqtt = {"host": "127.0.0.1", "port": port}
     env = QUIET_ENV
     path = write_yaml(layout.config(AGGREGATOR), aggregator_config(config, layout, labels, mqtt))
-    fleet.start(AGGREGATOR, "aggregator", ["--config", str(path)],
-                layout.logs / f"{AGGREGATOR}.log", env)
+    fleet.start(
+        AGGREGATOR, "aggregator", ["--config", str(path)], layout.logs / f"{AGGREGATOR}.log", env
+    )
     for device in devices:
         path = write_yaml(layout.config(device), edge_config(config, layout, device, mqtt))
-        fleet.start(device, "edge", ["--config", str(path)], layout.logs / f"{device}.log",
-                    {**env, **SINGLE_THREAD_ENV})
+        fleet.start(
+            device,
+            "edge",
+            ["--config", str(path)],
+            layout.logs / f"{device}.log",
+            {**env, **SINGLE_THREAD_ENV},
+        )

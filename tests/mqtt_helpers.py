@@ -14,8 +14,9 @@ class Probe:
 
     def __init__(self, port: int, *topics: str, client_id: str = "") -> None:
         self.messages: queue.Queue[mqtt.MQTTMessage] = queue.Queue()
-        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id,
-                                  protocol=mqtt.MQTTv5)
+        self.client = mqtt.Client(
+            CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5
+        )
         self.client.on_message = lambda _c, _u, msg: self.messages.put(msg)
         self.client.connect("127.0.0.1", port)
         self.client.loop_start()

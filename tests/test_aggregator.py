@@ -64,8 +64,9 @@ class Watcher:
         with self._lock:
             return [payload for seen, payload in self._seen if seen == topic]
 
-    def wait_for(self, topic: str, accept: Callable[[bytes], bool] = lambda _p: True,
-                 timeout: float = 20.0) -> bytes:
+    def wait_for(
+        self, topic: str, accept: Callable[[bytes], bool] = lambda _p: True, timeout: float = 20.0
+    ) -> bytes:
         """The first payload on `topic` that `accept` likes (seen before or later)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -112,14 +113,15 @@ class FakeDevice:
 
     def __init__(self, port: int, name: str) -> None:
         self.name = name
-        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=name,
-                                  protocol=mqtt.MQTTv5)
-        self.client.will_set(TOPICS.status(name), to_json(DeviceStatus(state="offline")),
-                             qos=1, retain=True)
+        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=name, protocol=mqtt.MQTTv5)
+        self.client.will_set(
+            TOPICS.status(name), to_json(DeviceStatus(state="offline")), qos=1, retain=True
+        )
         self.client.connect("127.0.0.1", port)
         self.client.loop_start()
-        self.publish(TOPICS.status(name), to_json(DeviceStatus(state="online", model_version=0)),
-                     retain=True)
+        self.publish(
+            TOPICS.status(name), to_json(DeviceStatus(state="online", model_version=0)), retain=True
+        )
 
     def publish(self, topic: str, payload: bytes, retain: bool = False) -> None:
         self.client.publish(topic, payload, qos=1, retain=retain).wait_for_publish(5)
@@ -127,11 +129,26 @@ class FakeDevice:
     def send(self, payload: bytes) -> None:
         self.publish(TOPICS.update(self.name), payload)
 
-    def update(self, base: GlobalModel, delta: Weights, *, examples: int, round_id: int,
-               base_version: int | None = None, codec: Codec = "float32") -> bytes:
-        return build_update(site=SITE, signer=Signer(self.name), round_id=round_id,
-                            base_version=base.version if base_version is None else base_version,
-                            num_examples=examples, names=base.names, delta=delta, codec=codec)
+    def update(
+        self,
+        base: GlobalModel,
+        delta: Weights,
+        *,
+        examples: int,
+        round_id: int,
+        base_version: int | None = None,
+        codec: Codec = "float32",
+    ) -> bytes:
+        return build_update(
+            site=SITE,
+            signer=Signer(self.name),
+            round_id=round_id,
+            base_version=base.version if base_version is None else base_version,
+            num_examples=examples,
+            names=base.names,
+            delta=delta,
+            codec=codec,
+        )
 
     def close(self) -> None:
         self.client.disconnect()  # first: it wakes the network loop, which then ends at once
@@ -145,19 +162,26 @@ def random_delta(base: GlobalModel, seed: int, scale: float = 0.01) -> Weights:
 
 def weighted(base: GlobalModel, parts: list[tuple[Weights, int]]) -> Weights:
     total = sum(n for _, n in parts)
-    return [b + sum(d[i].astype(np.float64) * n for d, n in parts) / total
-            for i, b in enumerate(base.weights)]
+    return [
+        b + sum(d[i].astype(np.float64) * n for d, n in parts) / total
+        for i, b in enumerate(base.weights)
+    ]
 
 
-def make_config(tmp_path: Path, port: int, evaluation: Path | None = None,
-                **rounds: Any) -> AggregatorConfig:
-    return AggregatorConfig.model_validate({
-        "site": SITE, "labels": LABELS, "state_dir": str(tmp_path / "state"),
-        "mqtt": {"port": port, "keepalive": 10},
-        "rounds": {"codec": "float32", "timeout_s": 30, "auto_pause_s": 0, **rounds},
-        "evaluation": {"dataset": str(evaluation) if evaluation else None},
-        "threads": 1,
-    })
+def make_config(
+    tmp_path: Path, port: int, evaluation: Path | None = None, **rounds: Any
+) -> AggregatorConfig:
+    return AggregatorConfig.model_validate(
+        {
+            "site": SITE,
+            "labels": LABELS,
+            "state_dir": str(tmp_path / "state"),
+            "mqtt": {"port": port, "keepalive": 10},
+            "rounds": {"codec": "float32", "timeout_s": 30, "auto_pause_s": 0, **rounds},
+            "evaluation": {"dataset": str(evaluation) if evaluation else None},
+            "threads": 1,
+        }
+    )
 
 
 @contextmanager
@@ -199,7 +223,7 @@ def devices(broker: LocalBroker) -> Iterator[Callable[..., list[FakeDevice]]]:
 
     def make(*names: str) -> list[FakeDevice]:
         made.extend(FakeDevice(broker.port, name) for name in names)
-        return made[-len(names):]
+        return made[-len(names) :]
 
     yield make
     for device in made:
@@ -207,8 +231,8 @@ def devices(broker: LocalBroker) -> Iterator[Callable[..., list[FakeDevice]]]:
 
 
 def test_round_publishes_weighted_average_and_rejects_bad_updates(
-        broker: LocalBroker, watcher: Watcher, devices: Callable[..., list[FakeDevice]],
-        tmp_path: Path) -> None:
+    broker: LocalBroker, watcher: Watcher, devices: Callable[..., list[FakeDevice]], tmp_path: Path
+) -> None:
     make_dataset(tmp_path / "heldout", persons=3, images_per_person=3, seed=0)
     config = make_config(tmp_path, broker.port, evaluation=tmp_path / "heldout")
     alice, bob, eve = devices("alice", "bob", "eve")
@@ -232,9 +256,18 @@ def test_round_publishes_weighted_average_and_rejects_bad_updates(
         nan_delta[0][0, 0, 0, 0] = np.nan
         alice.send(alice.update(base, delta_a, examples=3, round_id=2))
         alice.send(alice.update(base, delta_a, examples=3, round_id=1, base_version=7))
-        alice.send(build_update(site=SITE, signer=Signer("alice"), round_id=1, base_version=0,
-                                num_examples=3, names=base.names[:-1], delta=bad_shapes,
-                                codec="float32"))
+        alice.send(
+            build_update(
+                site=SITE,
+                signer=Signer("alice"),
+                round_id=1,
+                base_version=0,
+                num_examples=3,
+                names=base.names[:-1],
+                delta=bad_shapes,
+                codec="float32",
+            )
+        )
         alice.send(alice.update(base, nan_delta, examples=3, round_id=1))
         alice.send(alice.update(base, delta_a, examples=3, round_id=1, codec="float16"))
         alice.send(alice.update(base, [d * 1e6 for d in delta_a], examples=3, round_id=1))
@@ -248,15 +281,19 @@ def test_round_publishes_weighted_average_and_rejects_bad_updates(
         bob.send(bob.update(base, delta_b, examples=1, round_id=1))
 
         new = watcher.global_model(1)
-        for got, expected in zip(new.weights, weighted(base, [(delta_a, 3), (delta_b, 1)]),
-                                 strict=True):
+        for got, expected in zip(
+            new.weights, weighted(base, [(delta_a, 3), (delta_b, 1)]), strict=True
+        ):
             np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
         assert new.round == 1
         assert new.labels == list(LABELS)
 
-        tflite = parse_tflite(watcher.wait_for(TOPICS.tflite_model,
-                                               lambda p: b'"model_version":1' in p),
-                              site=SITE, max_bytes=MAX_BYTES, keys=None)
+        tflite = parse_tflite(
+            watcher.wait_for(TOPICS.tflite_model, lambda p: b'"model_version":1' in p),
+            site=SITE,
+            max_bytes=MAX_BYTES,
+            keys=None,
+        )
         assert tflite.labels == LABELS
         assert 0.0 <= tflite.threshold <= 1.0
         assert tflite.float_model[4:8] == b"TFL3"
@@ -272,14 +309,24 @@ def test_round_publishes_weighted_average_and_rejects_bad_updates(
         assert metrics.bytes_up > 0
         assert metrics.bytes_down > 2 * (len(watcher.messages(TOPICS.global_model)[-1]))
         assert metrics.rejected == {
-            "wrong_round": 1, "wrong_base": 1, "bad_shapes": 1, "not_finite": 1,
-            "wrong_codec": 1, "norm_too_large": 1, "duplicate": 1, "not_selected": 1,
-            "wrong_sender": 1, "bad_json": 1, "bad_state": 1}
+            "wrong_round": 1,
+            "wrong_base": 1,
+            "bad_shapes": 1,
+            "not_finite": 1,
+            "wrong_codec": 1,
+            "norm_too_large": 1,
+            "duplicate": 1,
+            "not_selected": 1,
+            "wrong_sender": 1,
+            "bad_json": 1,
+            "bad_state": 1,
+        }
         closed = watcher.round(1, "closed")
         assert closed.selected == ("alice", "bob")
 
-    status = DeviceStatus.model_validate_json(watcher.wait_for(
-        TOPICS.aggregator_status, lambda p: b"offline" in p))
+    status = DeviceStatus.model_validate_json(
+        watcher.wait_for(TOPICS.aggregator_status, lambda p: b"offline" in p)
+    )
     assert status.model_version == 1
 
     # Everything a late-joining node needs is retained.
@@ -293,8 +340,8 @@ def test_round_publishes_weighted_average_and_rejects_bad_updates(
 
 
 def test_deadline_closes_with_quorum_else_abandons(
-        broker: LocalBroker, watcher: Watcher, devices: Callable[..., list[FakeDevice]],
-        tmp_path: Path) -> None:
+    broker: LocalBroker, watcher: Watcher, devices: Callable[..., list[FakeDevice]], tmp_path: Path
+) -> None:
     config = make_config(tmp_path, broker.port, timeout_s=1.5, min_updates=2)
     alice, bob, _carol = devices("alice", "bob", "carol")
     with running(config) as service:
@@ -306,8 +353,9 @@ def test_deadline_closes_with_quorum_else_abandons(
         alice.send(alice.update(base, delta_a, examples=2, round_id=1))
         bob.send(bob.update(base, delta_b, examples=6, round_id=1))
         new = watcher.global_model(1)  # carol never answers: the deadline closes it
-        for got, expected in zip(new.weights, weighted(base, [(delta_a, 2), (delta_b, 6)]),
-                                 strict=True):
+        for got, expected in zip(
+            new.weights, weighted(base, [(delta_a, 2), (delta_b, 6)]), strict=True
+        ):
             np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
         assert watcher.metrics(1, "published").participants == 2
 
@@ -325,8 +373,8 @@ def test_deadline_closes_with_quorum_else_abandons(
 
 
 def test_step_by_step_train_send_aggregate_publish(
-        broker: LocalBroker, watcher: Watcher, devices: Callable[..., list[FakeDevice]],
-        tmp_path: Path) -> None:
+    broker: LocalBroker, watcher: Watcher, devices: Callable[..., list[FakeDevice]], tmp_path: Path
+) -> None:
     config = make_config(tmp_path, broker.port, codec="int8", min_updates=2)
     alice, bob = devices("alice", "bob")
     with running(config) as service:
@@ -348,8 +396,12 @@ def test_step_by_step_train_send_aggregate_publish(
         control(alice, {"cmd": "aggregate"})  # one update, quorum two: refused
         wait_until(lambda: service.coordinator.rejected["below_quorum"] == 1)
         bob.send(bob.update(base, delta_b, examples=4, round_id=1, codec="int8"))
-        wait_until(lambda: service.coordinator.round is not None
-                   and len(service.coordinator.round.received) == 2)
+        wait_until(
+            lambda: (
+                service.coordinator.round is not None
+                and len(service.coordinator.round.received) == 2
+            )
+        )
         time.sleep(0.3)
         assert watcher.messages(TOPICS.metrics) == []  # a step round waits for the operator
 
@@ -361,8 +413,9 @@ def test_step_by_step_train_send_aggregate_publish(
 
         control(alice, {"cmd": "publish"})
         new = watcher.global_model(1)
-        for got, expected in zip(new.weights, weighted(base, [(delta_a, 4), (delta_b, 4)]),
-                                 strict=True):
+        for got, expected in zip(
+            new.weights, weighted(base, [(delta_a, 4), (delta_b, 4)]), strict=True
+        ):
             # int8: within half a step (peak/127, peak ~0.05) of the exact mean.
             np.testing.assert_allclose(got, expected, atol=1e-3)
         assert watcher.metrics(1, "published").version == 1
@@ -370,8 +423,8 @@ def test_step_by_step_train_send_aggregate_publish(
 
 
 def test_restart_resumes_the_open_round(
-        broker: LocalBroker, watcher: Watcher, devices: Callable[..., list[FakeDevice]],
-        tmp_path: Path) -> None:
+    broker: LocalBroker, watcher: Watcher, devices: Callable[..., list[FakeDevice]], tmp_path: Path
+) -> None:
     config = make_config(tmp_path, broker.port)
     alice, bob = devices("alice", "bob")
     with running(config) as service:
@@ -381,8 +434,12 @@ def test_restart_resumes_the_open_round(
         watcher.round(1, "train")
         delta_a, delta_b = random_delta(base, 1), random_delta(base, 2)
         alice.send(alice.update(base, delta_a, examples=5, round_id=1))
-        wait_until(lambda: service.coordinator.round is not None
-                   and service.coordinator.round.received == ["alice"])
+        wait_until(
+            lambda: (
+                service.coordinator.round is not None
+                and service.coordinator.round.received == ["alice"]
+            )
+        )
 
     with running(config) as service:
         wait_until(lambda: len(service.coordinator.online) == 2)
@@ -391,8 +448,9 @@ def test_restart_resumes_the_open_round(
         alice.send(alice.update(base, delta_a, examples=5, round_id=1))  # a replay
         bob.send(bob.update(base, delta_b, examples=3, round_id=1))
         new = watcher.global_model(1)
-        for got, expected in zip(new.weights, weighted(base, [(delta_a, 5), (delta_b, 3)]),
-                                 strict=True):
+        for got, expected in zip(
+            new.weights, weighted(base, [(delta_a, 5), (delta_b, 3)]), strict=True
+        ):
             np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
         metrics = watcher.metrics(1, "published")
         assert (metrics.participants, metrics.examples) == (2, 8)
@@ -404,8 +462,8 @@ def test_restart_resumes_the_open_round(
 
 
 def test_restart_after_the_deadline_closes_the_round(
-        broker: LocalBroker, watcher: Watcher, devices: Callable[..., list[FakeDevice]],
-        tmp_path: Path) -> None:
+    broker: LocalBroker, watcher: Watcher, devices: Callable[..., list[FakeDevice]], tmp_path: Path
+) -> None:
     config = make_config(tmp_path, broker.port, timeout_s=2.0)
     alice, _bob = devices("alice", "bob")
     with running(config) as service:
@@ -414,8 +472,12 @@ def test_restart_after_the_deadline_closes_the_round(
         control(alice, {"cmd": "start_round"})
         deadline = watcher.round(1, "train").deadline
         alice.send(alice.update(base, random_delta(base, 1), examples=5, round_id=1))
-        wait_until(lambda: service.coordinator.round is not None
-                   and service.coordinator.round.received == ["alice"])
+        wait_until(
+            lambda: (
+                service.coordinator.round is not None
+                and service.coordinator.round.received == ["alice"]
+            )
+        )
         service.stop()  # before the deadline: the round is still open on disk
     assert watcher.messages(TOPICS.metrics) == []
     time.sleep(max(0.0, deadline - time.time()) + 0.2)
@@ -425,15 +487,20 @@ def test_restart_after_the_deadline_closes_the_round(
 
 
 def test_cli_serves_and_publishes_offline_on_sigterm(
-        broker: LocalBroker, watcher: Watcher, tmp_path: Path) -> None:
+    broker: LocalBroker, watcher: Watcher, tmp_path: Path
+) -> None:
     config = tmp_path / "aggregator.yaml"
     config.write_text(
         f"site: {SITE}\nlabels: [ann, ben]\nstate_dir: {tmp_path / 'state'}\n"
-        f"mqtt:\n  port: {broker.port}\nthreads: 1\n")
+        f"mqtt:\n  port: {broker.port}\nthreads: 1\n"
+    )
     process = subprocess.Popen(
-        [sys.executable, "-m", "aggregator", "--config", str(config)], cwd=REPO,
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+        [sys.executable, "-m", "aggregator", "--config", str(config)],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"},
+    )
     try:
         watcher.wait_for(TOPICS.aggregator_status, lambda p: b'"online"' in p, timeout=60)
         assert watcher.global_model(0).labels == ["ann", "ben"]
@@ -451,8 +518,13 @@ def test_bad_config_names_the_file_and_the_key(tmp_path: Path) -> None:
     config = tmp_path / "aggregator.yaml"
     config.write_text("site: home\nlabels: [ann]\nstate_dir: /tmp/x\nrounds:\n  timout_s: 5\n")
     result = subprocess.run(
-        [sys.executable, "-m", "aggregator", "--config", str(config)], cwd=REPO,
-        capture_output=True, text=True, timeout=60, check=False)
+        [sys.executable, "-m", "aggregator", "--config", str(config)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert result.returncode == 2
     assert str(config) in result.stderr
     assert "rounds.timout_s" in result.stderr

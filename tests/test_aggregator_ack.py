@@ -35,12 +35,20 @@ from tests.test_aggregator import (
 
 def _config(tmp_path: Path, port: int) -> Path:
     path = tmp_path / "aggregator.yaml"
-    path.write_text(json.dumps({  # JSON is YAML
-        "site": SITE, "labels": list(LABELS), "state_dir": str(tmp_path / "state"),
-        "mqtt": {"port": port, "keepalive": 10},
-        "rounds": {"codec": "float32", "timeout_s": 120, "auto_pause_s": 0},
-        "threads": 1, "persist_interval_s": 3600, "receive_maximum": 100,
-    }))
+    path.write_text(
+        json.dumps(
+            {  # JSON is YAML
+                "site": SITE,
+                "labels": list(LABELS),
+                "state_dir": str(tmp_path / "state"),
+                "mqtt": {"port": port, "keepalive": 10},
+                "rounds": {"codec": "float32", "timeout_s": 120, "auto_pause_s": 0},
+                "threads": 1,
+                "persist_interval_s": 3600,
+                "receive_maximum": 100,
+            }
+        )
+    )
     return path
 
 
@@ -48,9 +56,12 @@ def _config(tmp_path: Path, port: int) -> Path:
 def _aggregator(config: Path, log: Path) -> Iterator[subprocess.Popen[bytes]]:
     with log.open("wb") as stderr:
         process = subprocess.Popen(
-            [sys.executable, "-m", "aggregator", "--config", str(config)], cwd=REPO,
-            stdout=subprocess.DEVNULL, stderr=stderr,
-            env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+            [sys.executable, "-m", "aggregator", "--config", str(config)],
+            cwd=REPO,
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+            env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"},
+        )
     try:
         yield process
     finally:
@@ -72,7 +83,8 @@ def _count(log: Path, text: str) -> int:
 
 
 def test_update_lost_in_a_crash_is_redelivered_and_counted_once(
-        broker: LocalBroker, tmp_path: Path) -> None:
+    broker: LocalBroker, tmp_path: Path
+) -> None:
     config = _config(tmp_path, broker.port)
     first_log, second_log = tmp_path / "first.log", tmp_path / "second.log"
     watcher = Watcher(broker.port)
@@ -86,8 +98,9 @@ def test_update_lost_in_a_crash_is_redelivered_and_counted_once(
             assert watcher.round(1, "train").selected == ("alice", "bob")
             delta_a, delta_b = random_delta(base, 1), random_delta(base, 2)
             alice.send(alice.update(base, delta_a, examples=3, round_id=1))
-            _wait_for(lambda: _count(first_log, "accepted update from alice") == 1,
-                      "accepted update")
+            _wait_for(
+                lambda: _count(first_log, "accepted update from alice") == 1, "accepted update"
+            )
             state = json.loads((tmp_path / "state" / "state.json").read_text())
             assert state["round"]["received"] == []  # in memory only, not acked
             first.send_signal(signal.SIGKILL)
@@ -95,12 +108,14 @@ def test_update_lost_in_a_crash_is_redelivered_and_counted_once(
 
         with _aggregator(config, second_log):
             # The broker redelivers the un-acked update to the persistent session.
-            _wait_for(lambda: _count(second_log, "accepted update from alice") == 1,
-                      "redelivered update")
+            _wait_for(
+                lambda: _count(second_log, "accepted update from alice") == 1, "redelivered update"
+            )
             bob.send(bob.update(base, delta_b, examples=1, round_id=1))
             new = watcher.global_model(1)
-            for got, expected in zip(new.weights, weighted(base, [(delta_a, 3), (delta_b, 1)]),
-                                     strict=True):
+            for got, expected in zip(
+                new.weights, weighted(base, [(delta_a, 3), (delta_b, 1)]), strict=True
+            ):
                 np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
             metrics = watcher.metrics(1, "published")
             assert (metrics.participants, metrics.examples) == (2, 4)

@@ -43,27 +43,40 @@ def test_selection_is_online_requested_and_seeded() -> None:
 
 def _round(manual: bool = False) -> Round:
     settings = RoundSettings(codec="float32", timeout_s=10, min_updates=1)
-    announcement = announce(round_id=4, base_version=2, selected=("a", "b"), now=100.0,
-                            settings=settings, manual=manual)
-    return Round(announcement=announcement, manual=manual, started_at=100.0,
-                 accumulator=Streaming(RunningFedAvg([(2,)])))
+    announcement = announce(
+        round_id=4, base_version=2, selected=("a", "b"), now=100.0, settings=settings, manual=manual
+    )
+    return Round(
+        announcement=announcement,
+        manual=manual,
+        started_at=100.0,
+        accumulator=Streaming(RunningFedAvg([(2,)])),
+    )
 
 
 def _update(device: str = "a", **changes: Any) -> Update:
-    fields: dict[str, Any] = {"device": device, "round": 4, "base_version": 2,
-                              "num_examples": 3, "codec": "float32",
-                              "delta": [np.ones(2, dtype=np.float32)]}
+    fields: dict[str, Any] = {
+        "device": device,
+        "round": 4,
+        "base_version": 2,
+        "num_examples": 3,
+        "codec": "float32",
+        "delta": [np.ones(2, dtype=np.float32)],
+    }
     return Update(**{**fields, **changes})
 
 
-@pytest.mark.parametrize(("update", "now", "reason"), [
-    (_update(round=5), 101.0, "wrong_round"),
-    (_update(base_version=1), 101.0, "wrong_base"),
-    (_update(device="z"), 101.0, "not_selected"),
-    (_update(codec="int8"), 101.0, "wrong_codec"),
-    (_update(), 111.0, "late"),
-    (_update(delta=[np.full(2, 1e4, dtype=np.float32)]), 101.0, "norm_too_large"),
-])
+@pytest.mark.parametrize(
+    ("update", "now", "reason"),
+    [
+        (_update(round=5), 101.0, "wrong_round"),
+        (_update(base_version=1), 101.0, "wrong_base"),
+        (_update(device="z"), 101.0, "not_selected"),
+        (_update(codec="int8"), 101.0, "wrong_codec"),
+        (_update(), 111.0, "late"),
+        (_update(delta=[np.full(2, 1e4, dtype=np.float32)]), 101.0, "norm_too_large"),
+    ],
+)
 def test_round_checks(update: Update, now: float, reason: str) -> None:
     current = _round()
     with pytest.raises(RejectedMessage) as caught:
@@ -96,21 +109,35 @@ class Harness:
 
     def __init__(self, tmp_path: Path, exporter: Exporter | None = None, **rounds: Any) -> None:
         self.now = 1000.0
-        self.config = AggregatorConfig.model_validate({
-            "site": SITE, "labels": ["ann", "ben"], "state_dir": str(tmp_path / "state"),
-            "rounds": {"codec": "float32", "timeout_s": 60, "auto_pause_s": 0, **rounds},
-            "threads": 1})
+        self.config = AggregatorConfig.model_validate(
+            {
+                "site": SITE,
+                "labels": ["ann", "ben"],
+                "state_dir": str(tmp_path / "state"),
+                "rounds": {"codec": "float32", "timeout_s": 60, "auto_pause_s": 0, **rounds},
+                "threads": 1,
+            }
+        )
         self.exporter = exporter or Exporter(self.config, Signer(AGGREGATOR))
         self.published: list[tuple[str, bytes]] = []
         self.coordinator = Coordinator(
-            self.config, self.exporter, StateStore(self.config.state_dir),
+            self.config,
+            self.exporter,
+            StateStore(self.config.state_dir),
             publish=lambda topic, payload: self.published.append((topic, payload)),
-            clock=lambda: self.now, trusted_keys=None)
+            clock=lambda: self.now,
+            trusted_keys=None,
+        )
         self.coordinator.connected()
 
     def restart(self, tmp_path: Path) -> Harness:
-        return Harness(tmp_path, self.exporter, **self.config.rounds.model_dump(
-            include={"codec", "timeout_s", "auto_pause_s", "min_updates"}))
+        return Harness(
+            tmp_path,
+            self.exporter,
+            **self.config.rounds.model_dump(
+                include={"codec", "timeout_s", "auto_pause_s", "min_updates"}
+            ),
+        )
 
     def send(self, topic: str, payload: bytes) -> None:
         self.coordinator.on_message(topic, payload)
@@ -130,8 +157,10 @@ class Harness:
         return [p for t, p in self.published if t == topic]
 
     def versions(self) -> list[int]:
-        return [parse_global(p, site=SITE, max_bytes=1 << 24, keys=None).version
-                for p in self.payloads(TOPICS.global_model)]
+        return [
+            parse_global(p, site=SITE, max_bytes=1 << 24, keys=None).version
+            for p in self.payloads(TOPICS.global_model)
+        ]
 
     def metrics(self) -> list[RoundMetrics]:
         return [RoundMetrics.model_validate_json(p) for p in self.payloads(TOPICS.metrics)]
@@ -139,9 +168,19 @@ class Harness:
     def update(self, device: str, round_id: int, examples: int = 2, scale: float = 0.01) -> None:
         model = self.coordinator.model
         delta = [np.full(w.shape, scale, dtype=np.float32) for w in model.weights]
-        self.send(TOPICS.update(device), build_update(
-            site=SITE, signer=Signer(device), round_id=round_id, base_version=model.version,
-            num_examples=examples, names=self.exporter.names, delta=delta, codec="float32"))
+        self.send(
+            TOPICS.update(device),
+            build_update(
+                site=SITE,
+                signer=Signer(device),
+                round_id=round_id,
+                base_version=model.version,
+                num_examples=examples,
+                names=self.exporter.names,
+                delta=delta,
+                codec="float32",
+            ),
+        )
 
 
 def test_auto_runs_n_rounds_back_to_back_and_stop_ends_it(tmp_path: Path) -> None:
@@ -199,8 +238,9 @@ def test_pending_aggregate_survives_a_restart(tmp_path: Path) -> None:
     assert restarted.coordinator.pending is not None
     restarted.command(cmd="publish")
     assert restarted.versions() == [0, 1]  # the republished v0, then the new one
-    new = parse_global(restarted.payloads(TOPICS.global_model)[-1], site=SITE,
-                       max_bytes=1 << 24, keys=None)
+    new = parse_global(
+        restarted.payloads(TOPICS.global_model)[-1], site=SITE, max_bytes=1 << 24, keys=None
+    )
     base = harness.coordinator.model.weights
     for got, old in zip(new.weights, base, strict=True):
         np.testing.assert_allclose(got, old + 0.5, rtol=1e-6, atol=1e-6)
@@ -209,11 +249,18 @@ def test_pending_aggregate_survives_a_restart(tmp_path: Path) -> None:
 
 def test_state_mismatch_is_a_clear_error(tmp_path: Path) -> None:
     Harness(tmp_path)
-    config = AggregatorConfig.model_validate({
-        "site": SITE, "labels": ["ann", "ben", "cat"], "state_dir": str(tmp_path / "state")})
+    config = AggregatorConfig.model_validate(
+        {"site": SITE, "labels": ["ann", "ben", "cat"], "state_dir": str(tmp_path / "state")}
+    )
     with pytest.raises(StateError, match="labels changed"):
-        Coordinator(config, Exporter(config, Signer(AGGREGATOR)), StateStore(config.state_dir),
-                    publish=lambda _t, _p: None, clock=lambda: 0.0, trusted_keys=None)
+        Coordinator(
+            config,
+            Exporter(config, Signer(AGGREGATOR)),
+            StateStore(config.state_dir),
+            publish=lambda _t, _p: None,
+            clock=lambda: 0.0,
+            trusted_keys=None,
+        )
 
 
 def test_state_commits_are_all_or_nothing(tmp_path: Path) -> None:
@@ -233,4 +280,5 @@ def test_state_commits_are_all_or_nothing(tmp_path: Path) -> None:
     second = store.write_arrays("model", [np.ones(3, dtype=np.float32)])
     store.commit(StateRecord(model=ModelRecord(version=1, round=1, names=("w",), file=second)))
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
-        ["state.json", second, "unrelated.npz"])
+        ["state.json", second, "unrelated.npz"]
+    )

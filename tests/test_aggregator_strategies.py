@@ -28,9 +28,14 @@ BASE_SCALE = 0.01
 @pytest.fixture(scope="module")
 def exporter(tmp_path_factory: pytest.TempPathFactory) -> Exporter:
     """One Keras model for the module: building it is the slow part of a harness."""
-    config = AggregatorConfig.model_validate({
-        "site": "unit", "labels": ["ann", "ben"],
-        "state_dir": str(tmp_path_factory.mktemp("unused")), "threads": 1})
+    config = AggregatorConfig.model_validate(
+        {
+            "site": "unit",
+            "labels": ["ann", "ben"],
+            "state_dir": str(tmp_path_factory.mktemp("unused")),
+            "threads": 1,
+        }
+    )
     return Exporter(config, Signer(AGGREGATOR))
 
 
@@ -58,14 +63,17 @@ def assert_moved_by(before: list[np.ndarray], harness: Harness, step: list[float
 
 
 def test_clipped_fedavg_scales_each_update_down_before_averaging(
-        tmp_path: Path, exporter: Exporter) -> None:
+    tmp_path: Path, exporter: Exporter
+) -> None:
     harness = start(tmp_path, exporter, strategy="clipped", clip_norm=0.5)
     before = weights_of(harness)
     run_round(harness, {"a": BASE_SCALE, "b": 5.0})  # b's update is huge (norm >> 0.5)
     assert harness.versions() == [0, 1]
     shapes = [w.shape for w in before]
-    clipped = [clip_by_norm([np.full(s, scale, np.float32) for s in shapes], 0.5)
-               for scale in (BASE_SCALE, 5.0)]
+    clipped = [
+        clip_by_norm([np.full(s, scale, np.float32) for s in shapes], 0.5)
+        for scale in (BASE_SCALE, 5.0)
+    ]
     assert global_norm(clipped[1]) == pytest.approx(0.5, rel=1e-4)
     for index, (old, new) in enumerate(zip(before, weights_of(harness), strict=True)):
         expected = (clipped[0][index].astype(np.float64) + clipped[1][index]) / 2
@@ -73,7 +81,8 @@ def test_clipped_fedavg_scales_each_update_down_before_averaging(
 
 
 def test_median_ignores_one_outlier_and_survives_a_restart_mid_round(
-        tmp_path: Path, exporter: Exporter) -> None:
+    tmp_path: Path, exporter: Exporter
+) -> None:
     rounds = {"strategy": "median", "max_devices": 3}
     harness = start(tmp_path, exporter, **rounds)
     before = weights_of(harness)
@@ -98,9 +107,9 @@ def test_median_ignores_one_outlier_and_survives_a_restart_mid_round(
 
 
 def test_trimmed_mean_drops_the_extremes_of_each_coordinate(
-        tmp_path: Path, exporter: Exporter) -> None:
-    harness = start(tmp_path, exporter, strategy="trimmed_mean", trim_fraction=0.2,
-                    max_devices=5)
+    tmp_path: Path, exporter: Exporter
+) -> None:
+    harness = start(tmp_path, exporter, strategy="trimmed_mean", trim_fraction=0.2, max_devices=5)
     before = weights_of(harness)
     run_round(harness, {"a": -4.0, "b": 0.01, "c": 0.02, "d": 0.03, "e": 9.0})
     assert harness.versions() == [0, 1]
@@ -145,7 +154,8 @@ def test_fedavgm_momentum_is_saved_with_the_model(tmp_path: Path, exporter: Expo
 
 
 def test_an_unpublished_step_is_not_applied_twice_after_a_restart(
-        tmp_path: Path, exporter: Exporter) -> None:
+    tmp_path: Path, exporter: Exporter
+) -> None:
     rounds = {"server_optimizer": "fedadam", "server_learning_rate": 0.001}
     harness = start(tmp_path, exporter, **rounds)
     before = weights_of(harness)
@@ -166,7 +176,8 @@ def test_an_unpublished_step_is_not_applied_twice_after_a_restart(
 
 
 def test_changing_the_strategy_mid_round_is_a_clear_error(
-        tmp_path: Path, exporter: Exporter) -> None:
+    tmp_path: Path, exporter: Exporter
+) -> None:
     harness = start(tmp_path, exporter)
     harness.online("a", "b")
     harness.command(cmd="start_round")

@@ -29,8 +29,10 @@ def test_unknown_key_names_file_and_key(tmp_path: Path) -> None:
 
 
 def test_wrong_type_says_what_was_expected(tmp_path: Path) -> None:
-    path = write(tmp_path, "device_id: door\nsite: home\nstate_dir: /s\ngallery_dir: /g\n"
-                 "mqtt:\n  port: many\n")
+    path = write(
+        tmp_path,
+        "device_id: door\nsite: home\nstate_dir: /s\ngallery_dir: /g\nmqtt:\n  port: many\n",
+    )
     with pytest.raises(ConfigError, match=r"mqtt\.port: Input should be a valid integer"):
         load_config(path, EdgeConfig)
 
@@ -48,20 +50,23 @@ def test_device_id_cannot_smuggle_topic_wildcards(tmp_path: Path) -> None:
         load_config(path, EdgeConfig)
 
 
-def test_credentials_directory_is_expanded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-                                           ) -> None:
+def test_credentials_directory_is_expanded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     (tmp_path / "mqtt-password").write_text("s3cret\n")
     monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(tmp_path))
-    path = write(tmp_path, "device_id: door\nsite: home\nstate_dir: /s\ngallery_dir: /g\n"
-                 "mqtt:\n  password_file: ${CREDENTIALS_DIRECTORY}/mqtt-password\n")
+    path = write(
+        tmp_path,
+        "device_id: door\nsite: home\nstate_dir: /s\ngallery_dir: /g\n"
+        "mqtt:\n  password_file: ${CREDENTIALS_DIRECTORY}/mqtt-password\n",
+    )
     assert load_config(path, EdgeConfig).mqtt.password() == "s3cret"
     monkeypatch.delenv("CREDENTIALS_DIRECTORY")
     with pytest.raises(ConfigError, match="CREDENTIALS_DIRECTORY is not set"):
         load_config(path, EdgeConfig)
 
 
-@pytest.mark.parametrize(("name", "model"), [("edge.yaml", EdgeConfig),
-                                             ("aggregator.yaml", AggregatorConfig)])
+@pytest.mark.parametrize(
+    ("name", "model"), [("edge.yaml", EdgeConfig), ("aggregator.yaml", AggregatorConfig)]
+)
 def test_example_configs_load(name: str, model: type[EdgeConfig | AggregatorConfig]) -> None:
     path = CONFIG_DIR / name
     if not path.exists():

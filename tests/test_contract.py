@@ -23,34 +23,49 @@ LIMIT = 1 << 20
 
 def arrays(seed: int = 0) -> list[np.ndarray]:
     rng = np.random.default_rng(seed)
-    return [rng.normal(size=(3, 3, 1, 4)).astype(np.float32),
-            rng.normal(size=(4,)).astype(np.float32),
-            rng.normal(size=(16, 5)).astype(np.float32)]
+    return [
+        rng.normal(size=(3, 3, 1, 4)).astype(np.float32),
+        rng.normal(size=(4,)).astype(np.float32),
+        rng.normal(size=(16, 5)).astype(np.float32),
+    ]
 
 
 def specs() -> tuple[envelope.TensorSpec, ...]:
-    return tuple(envelope.TensorSpec(name=n, shape=a.shape) for n, a in zip(NAMES, arrays(),
-                                                                           strict=True))
+    return tuple(
+        envelope.TensorSpec(name=n, shape=a.shape) for n, a in zip(NAMES, arrays(), strict=True)
+    )
 
 
 def update(signer: messages.Signer | None = None, **overrides: object) -> bytes:
     fields: dict[str, object] = {
-        "site": "home", "signer": signer or messages.Signer("door"), "round_id": 1,
-        "base_version": 0, "num_examples": 10, "names": NAMES, "delta": arrays(),
-        "codec": "float32"}
+        "site": "home",
+        "signer": signer or messages.Signer("door"),
+        "round_id": 1,
+        "base_version": 0,
+        "num_examples": 10,
+        "names": NAMES,
+        "delta": arrays(),
+        "codec": "float32",
+    }
     fields.update(overrides)
     return messages.build_update(**fields)  # type: ignore[arg-type]
 
 
 def parse(payload: bytes, **overrides: object) -> messages.Update:
-    fields: dict[str, object] = {"site": "home", "device": "door", "expected": specs(),
-                                 "max_bytes": LIMIT, "keys": None}
+    fields: dict[str, object] = {
+        "site": "home",
+        "device": "door",
+        "expected": specs(),
+        "max_bytes": LIMIT,
+        "keys": None,
+    }
     fields.update(overrides)
     return messages.parse_update(payload, **fields)  # type: ignore[arg-type]
 
 
-@pytest.mark.parametrize(("codec", "tolerance"), [("float32", 0.0), ("float16", 1e-2),
-                                                  ("int8", 0.02)])
+@pytest.mark.parametrize(
+    ("codec", "tolerance"), [("float32", 0.0), ("float16", 1e-2), ("int8", 0.02)]
+)
 def test_codecs_round_trip_within_their_precision(codec: str, tolerance: float) -> None:
     decoded = parse(update(codec=codec)).delta
     for original, got in zip(arrays(), decoded, strict=True):
@@ -67,8 +82,10 @@ def test_int8_update_is_about_four_times_smaller_than_float32() -> None:
 
 
 @settings(max_examples=50, deadline=None)
-@given(st.lists(st.tuples(st.integers(1, 6), st.integers(1, 6)), min_size=1, max_size=4),
-       st.sampled_from(["float32", "float16", "int8"]))
+@given(
+    st.lists(st.tuples(st.integers(1, 6), st.integers(1, 6)), min_size=1, max_size=4),
+    st.sampled_from(["float32", "float16", "int8"]),
+)
 def test_any_shapes_round_trip(shapes: list[tuple[int, int]], codec: str) -> None:
     rng = np.random.default_rng(0)
     values = [rng.normal(size=s).astype(np.float32) for s in shapes]
@@ -86,7 +103,7 @@ def test_envelope_rejects_each_kind_of_corruption() -> None:
         "bad_magic": b"XXXX" + good[4:],
         "bad_version": good[:4] + b"\x09" + good[5:],
         "header_too_large": good[:5] + struct.pack(">I", 10**6) + good[9:],
-        "bad_header": good[:9] + b"{" * header_len + good[9 + header_len:],
+        "bad_header": good[:9] + b"{" * header_len + good[9 + header_len :],
         "bad_checksum": good[:-1] + bytes([good[-1] ^ 1]),
         "too_large": good + b"\0" * LIMIT,
     }
@@ -117,10 +134,18 @@ def test_header_that_lies_about_shapes_is_rejected() -> None:
 def test_decompression_bomb_costs_nothing() -> None:
     """A body that inflates far past what the specs allow is refused unread."""
     bomb = zstandard.ZstdCompressor().compress(b"\0" * (64 << 20))
-    header = envelope.Header(kind="update", site="home", round=1, model_version=0,
-                             sender="door", num_examples=1, codec="float32",
-                             tensors=specs(), body_size=len(bomb),
-                             body_sha256=envelope.body_digest(bomb))
+    header = envelope.Header(
+        kind="update",
+        site="home",
+        round=1,
+        model_version=0,
+        sender="door",
+        num_examples=1,
+        codec="float32",
+        tensors=specs(),
+        body_size=len(bomb),
+        body_sha256=envelope.body_digest(bomb),
+    )
     with pytest.raises(RejectedMessage, match="bad_size"):
         parse(envelope.encode(header, bomb))
 
@@ -154,9 +179,16 @@ def test_signature_covers_the_header_fields() -> None:
 
 
 def test_tflite_artifact_round_trip() -> None:
-    payload = messages.build_tflite(site="home", signer=messages.Signer("aggregator"),
-                                    version=3, round_id=2, float_model=b"F" * 10,
-                                    int8_model=b"I" * 5, labels=["ann", "bob"], threshold=0.6)
+    payload = messages.build_tflite(
+        site="home",
+        signer=messages.Signer("aggregator"),
+        version=3,
+        round_id=2,
+        float_model=b"F" * 10,
+        int8_model=b"I" * 5,
+        labels=["ann", "bob"],
+        threshold=0.6,
+    )
     artifact = messages.parse_tflite(payload, site="home", max_bytes=LIMIT, keys=None)
     assert (artifact.float_model, artifact.int8_model) == (b"F" * 10, b"I" * 5)
     assert artifact.labels == ("ann", "bob")
@@ -165,8 +197,12 @@ def test_tflite_artifact_round_trip() -> None:
 
 def test_json_messages_are_strict() -> None:
     assert parse_json(b'{"cmd":"start_round"}', Command).cmd == "start_round"
-    for bad in (b"not json", b'{"cmd":"explode"}', b'{"cmd":"auto","rounds":0}',
-                b'{"cmd":"start_round","extra":1}'):
+    for bad in (
+        b"not json",
+        b'{"cmd":"explode"}',
+        b'{"cmd":"auto","rounds":0}',
+        b'{"cmd":"start_round","extra":1}',
+    ):
         with pytest.raises(RejectedMessage, match="bad_json"):
             parse_json(bad, Command)
     with pytest.raises(RejectedMessage, match="bad_json"):
@@ -215,8 +251,12 @@ def test_error_feedback_sends_everything_eventually() -> None:
 
 def test_topk_with_lying_indices_is_rejected() -> None:
     specs_ = (envelope.TensorSpec(name="w", shape=(4,)),)
-    raw = struct.pack("<I", 2) + np.array([3, 5], "<u4").tobytes() + \
-        np.float32(1).tobytes() + bytes([1, 2])
+    raw = (
+        struct.pack("<I", 2)
+        + np.array([3, 5], "<u4").tobytes()
+        + np.float32(1).tobytes()
+        + bytes([1, 2])
+    )
     with pytest.raises(RejectedMessage, match="bad_indices"):
         decode_tensors(specs_, raw, "topk", "none")
     raw = struct.pack("<I", 9) + b"\0" * 10

@@ -26,8 +26,9 @@ def test_holdout_takes_the_same_share_of_every_person() -> None:
 
 @settings(max_examples=40, deadline=None)
 @given(st.integers(1, 12), st.integers(1, 9), st.floats(0.05, 100.0), st.integers(0, 99))
-def test_dirichlet_partition_covers_everything_once(persons: int, nodes: int, alpha: float,
-                                                    seed: int) -> None:
+def test_dirichlet_partition_covers_everything_once(
+    persons: int, nodes: int, alpha: float, seed: int
+) -> None:
     labels = [s.person for s in samples(persons, 8)]
     if nodes > len(labels):
         with pytest.raises(ValueError, match="cannot give"):

@@ -78,37 +78,50 @@ class Recorder:
         with self._lock:
             return [p for t, p in self._seen if t == topic and p]
 
-    def wait_for(self, topic: str, accept: Callable[[bytes], bool],
-                 timeout: float = 30.0) -> bytes:
+    def wait_for(self, topic: str, accept: Callable[[bytes], bool], timeout: float = 30.0) -> bytes:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             for payload in self.payloads(topic):
                 if accept(payload):
                     return payload
             time.sleep(0.05)
-        raise AssertionError(f"nothing acceptable on {topic} within {timeout}s; "
-                             f"saw {[p[:160] for p in self.payloads(topic)]}")
+        raise AssertionError(
+            f"nothing acceptable on {topic} within {timeout}s; "
+            f"saw {[p[:160] for p in self.payloads(topic)]}"
+        )
 
     def metrics(self, round_id: int, timeout: float = 30.0) -> RoundMetrics:
-        payload = self.wait_for(TOPICS.metrics, lambda p: json.loads(p)["round"] == round_id
-                                and json.loads(p)["outcome"] != "aggregated", timeout)
+        payload = self.wait_for(
+            TOPICS.metrics,
+            lambda p: (
+                json.loads(p)["round"] == round_id and json.loads(p)["outcome"] != "aggregated"
+            ),
+            timeout,
+        )
         return RoundMetrics.model_validate_json(payload)
 
     def round(self, round_id: int, phase: str, timeout: float = 30.0) -> RoundAnnouncement:
-        payload = self.wait_for(TOPICS.round, lambda p: json.loads(p)["round"] == round_id
-                                and json.loads(p)["phase"] == phase, timeout)
+        payload = self.wait_for(
+            TOPICS.round,
+            lambda p: json.loads(p)["round"] == round_id and json.loads(p)["phase"] == phase,
+            timeout,
+        )
         return RoundAnnouncement.model_validate_json(payload)
 
-    def status(self, device: str, accept: Callable[[DeviceStatus], bool],
-               timeout: float = 30.0) -> DeviceStatus:
-        payload = self.wait_for(TOPICS.status(device),
-                                lambda p: accept(DeviceStatus.model_validate_json(p)), timeout)
+    def status(
+        self, device: str, accept: Callable[[DeviceStatus], bool], timeout: float = 30.0
+    ) -> DeviceStatus:
+        payload = self.wait_for(
+            TOPICS.status(device), lambda p: accept(DeviceStatus.model_validate_json(p)), timeout
+        )
         return DeviceStatus.model_validate_json(payload)
 
     def versions(self) -> list[int]:
         """Versions of every global model seen, in order (republications included)."""
-        return [parse_global(p, site=SITE, max_bytes=MAX_BYTES, keys=None).version
-                for p in self.payloads(TOPICS.global_model)]
+        return [
+            parse_global(p, site=SITE, max_bytes=MAX_BYTES, keys=None).version
+            for p in self.payloads(TOPICS.global_model)
+        ]
 
     def command(self, **command: Any) -> None:
         self.client.publish(TOPICS.control, json.dumps(command), qos=1).wait_for_publish(5)
@@ -132,8 +145,9 @@ class Process:
         self._log = self.log_path.open("ab")
         self._log.write(f"\n=== start {self.starts}\n".encode())
         self._log.flush()
-        self.process = subprocess.Popen(self.args, cwd=REPO, env=ENV, stdout=self._log,
-                                        stderr=self._log)
+        self.process = subprocess.Popen(
+            self.args, cwd=REPO, env=ENV, stdout=self._log, stderr=self._log
+        )
         self.starts += 1
         return self
 
@@ -148,8 +162,9 @@ class Process:
             if self.process.poll() is not None:
                 raise AssertionError(f"{self.args} exited:\n{self.log()[-3000:]}")
             if time.monotonic() > deadline:
-                raise AssertionError(f"no {text!r} in the log within {timeout}s:\n"
-                                     f"{self.log()[-3000:]}")
+                raise AssertionError(
+                    f"no {text!r} in the log within {timeout}s:\n{self.log()[-3000:]}"
+                )
             time.sleep(0.05)
 
     def kill(self) -> None:
@@ -184,18 +199,34 @@ def aggregator_process(tmp_path: Path, port: int, **rounds: Any) -> Process:
 
 
 def node_process(tmp_path: Path, port: int, device: str, gallery: Path) -> Process:
-    config = {"device_id": device, "site": SITE, "mqtt": {"port": port, "keepalive": 5},
-              "state_dir": str(tmp_path / device), "gallery_dir": str(gallery),
-              "training": {"base_model_wait_s": 20, "threads": 1}}
+    config = {
+        "device_id": device,
+        "site": SITE,
+        "mqtt": {"port": port, "keepalive": 5},
+        "state_dir": str(tmp_path / device),
+        "gallery_dir": str(gallery),
+        "training": {"base_model_wait_s": 20, "threads": 1},
+    }
     path = tmp_path / f"{device}.yaml"
     path.write_text(yaml.safe_dump(config))
     return Process(tmp_path / f"{device}.log", "edge", "--config", str(path))
 
 
-def fleet_process(tmp_path: Path, port: int, names: list[str], delay: float = 0.0,
-                  label: str = "fleet") -> Process:
-    return Process(tmp_path / f"{label}.log", "bench.devices", "--port", str(port), "--site",
-                   SITE, "--names", ",".join(names), "--delay", str(delay))
+def fleet_process(
+    tmp_path: Path, port: int, names: list[str], delay: float = 0.0, label: str = "fleet"
+) -> Process:
+    return Process(
+        tmp_path / f"{label}.log",
+        "bench.devices",
+        "--port",
+        str(port),
+        "--site",
+        SITE,
+        "--names",
+        ",".join(names),
+        "--delay",
+        str(delay),
+    )
 
 
 @pytest.fixture
@@ -231,10 +262,16 @@ def read_round(state_dir: Path) -> dict[str, Any] | None:
 
 
 def test_broker_crash_mid_round_everyone_reconnects_and_the_round_completes(
-        tmp_path: Path, broker: LocalBroker, recorder: Recorder, gallery: Path,
-        processes: list[Process]) -> None:
-    aggregator = aggregator_process(tmp_path, broker.port, codec="float16", timeout_s=50,
-                                    min_updates=2, train={"epochs": 1, "batch_size": 8})
+    tmp_path: Path, broker: LocalBroker, recorder: Recorder, gallery: Path, processes: list[Process]
+) -> None:
+    aggregator = aggregator_process(
+        tmp_path,
+        broker.port,
+        codec="float16",
+        timeout_s=50,
+        min_updates=2,
+        train={"epochs": 1, "batch_size": 8},
+    )
     nodes = [node_process(tmp_path, broker.port, name, gallery) for name in ("d1", "d2")]
     processes.extend([aggregator, *nodes])
     aggregator.start().wait_log("ready: site")
@@ -266,28 +303,35 @@ def test_broker_crash_mid_round_everyone_reconnects_and_the_round_completes(
         assert "disconnected from the broker" in node.log()
     late = Recorder(broker.port)
     try:
-        assert late.wait_for(TOPICS.global_model, lambda p: parse_global(
-            p, site=SITE, max_bytes=MAX_BYTES, keys=None).version == 1, timeout=10)
+        assert late.wait_for(
+            TOPICS.global_model,
+            lambda p: parse_global(p, site=SITE, max_bytes=MAX_BYTES, keys=None).version == 1,
+            timeout=10,
+        )
     finally:
         late.close()
 
 
 def test_aggregator_crash_mid_round_resumes_from_disk_and_counts_nothing_twice(
-        tmp_path: Path, broker: LocalBroker, recorder: Recorder,
-        processes: list[Process]) -> None:
+    tmp_path: Path, broker: LocalBroker, recorder: Recorder, processes: list[Process]
+) -> None:
     aggregator = aggregator_process(tmp_path, broker.port, min_updates=3, auto_rounds=1)
     processes.append(aggregator)
     aggregator.start().wait_log("ready: site")
     devices = [FakeDevice(broker.port, name) for name in ("a", "b", "c")]
     try:
         announcement = recorder.round(1, "train")
-        base = parse_global(recorder.payloads(TOPICS.global_model)[-1], site=SITE,
-                            max_bytes=MAX_BYTES, keys=None)
+        base = parse_global(
+            recorder.payloads(TOPICS.global_model)[-1], site=SITE, max_bytes=MAX_BYTES, keys=None
+        )
         assert base.version == announcement.base_version == 0
-        parts = [(random_delta(base, seed), examples)
-                 for seed, examples in ((1, 3), (2, 5), (3, 7))]
-        updates = [device.update(base, delta, examples=n, round_id=1)
-                   for device, (delta, n) in zip(devices, parts, strict=True)]
+        parts = [
+            (random_delta(base, seed), examples) for seed, examples in ((1, 3), (2, 5), (3, 7))
+        ]
+        updates = [
+            device.update(base, delta, examples=n, round_id=1)
+            for device, (delta, n) in zip(devices, parts, strict=True)
+        ]
         devices[0].send(updates[0])
         devices[1].send(updates[1])
         wait_until(lambda: len((read_round(tmp_path / "state") or {}).get("received", ())) == 2)
@@ -303,9 +347,15 @@ def test_aggregator_crash_mid_round_resumes_from_disk_and_counts_nothing_twice(
         assert metrics.examples == 15
         assert metrics.rejected == {"duplicate": 1}
         assert "round 1 collecting with 2/3 updates" in aggregator.log()
-        new = parse_global(recorder.wait_for(TOPICS.global_model, lambda p: parse_global(
-            p, site=SITE, max_bytes=MAX_BYTES, keys=None).version == 1), site=SITE,
-            max_bytes=MAX_BYTES, keys=None)
+        new = parse_global(
+            recorder.wait_for(
+                TOPICS.global_model,
+                lambda p: parse_global(p, site=SITE, max_bytes=MAX_BYTES, keys=None).version == 1,
+            ),
+            site=SITE,
+            max_bytes=MAX_BYTES,
+            keys=None,
+        )
         for got, expected in zip(new.weights, weighted(base, parts), strict=True):
             np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
         versions = recorder.versions()
@@ -317,10 +367,11 @@ def test_aggregator_crash_mid_round_resumes_from_disk_and_counts_nothing_twice(
 
 
 def test_repeated_aggregator_crashes_during_rounds_never_leave_a_half_written_model(
-        tmp_path: Path, broker: LocalBroker, recorder: Recorder,
-        processes: list[Process]) -> None:
-    aggregator = aggregator_process(tmp_path, broker.port, min_updates=1, timeout_s=5,
-                                    auto_rounds=1000, codec="int8")
+    tmp_path: Path, broker: LocalBroker, recorder: Recorder, processes: list[Process]
+) -> None:
+    aggregator = aggregator_process(
+        tmp_path, broker.port, min_updates=1, timeout_s=5, auto_rounds=1000, codec="int8"
+    )
     fleet = fleet_process(tmp_path, broker.port, ["s1", "s2", "s3"])
     processes.extend([aggregator, fleet])
     fleet.start()
@@ -367,8 +418,12 @@ def test_an_interrupted_write_leaves_the_last_complete_state(tmp_path: Path) -> 
 
 @pytest.mark.parametrize("case", [(7, "published"), (8, "abandoned")], ids=["quorum", "below"])
 def test_thirty_percent_of_the_devices_vanish_mid_round(
-        tmp_path: Path, broker: LocalBroker, recorder: Recorder, processes: list[Process],
-        case: tuple[int, str]) -> None:
+    tmp_path: Path,
+    broker: LocalBroker,
+    recorder: Recorder,
+    processes: list[Process],
+    case: tuple[int, str],
+) -> None:
     quorum, outcome = case
     stayers = [f"s{i}" for i in range(7)]
     leavers = [f"v{i}" for i in range(3)]
@@ -397,10 +452,15 @@ def test_thirty_percent_of_the_devices_vanish_mid_round(
         late = FakeDevice(broker.port, "v0")  # back, with its update for round 1
         try:
             wait_until(lambda: "v0" in coordinator.online)
-            base = parse_global(recorder.payloads(TOPICS.global_model)[-1], site=SITE,
-                                max_bytes=MAX_BYTES, keys=None)
-            stale = late.update(base, random_delta(base, 9), examples=4, round_id=1,
-                                codec="int8", base_version=0)
+            base = parse_global(
+                recorder.payloads(TOPICS.global_model)[-1],
+                site=SITE,
+                max_bytes=MAX_BYTES,
+                keys=None,
+            )
+            stale = late.update(
+                base, random_delta(base, 9), examples=4, round_id=1, codec="int8", base_version=0
+            )
             late.send(stale)  # no round open
             wait_until(lambda: coordinator.rejected["no_round"] == 1, timeout=10)
 
@@ -420,10 +480,11 @@ def test_thirty_percent_of_the_devices_vanish_mid_round(
 
 
 def test_a_node_killed_mid_training_takes_part_after_its_restart(
-        tmp_path: Path, broker: LocalBroker, recorder: Recorder, gallery: Path,
-        processes: list[Process]) -> None:
-    aggregator = aggregator_process(tmp_path, broker.port, codec="float16", timeout_s=50,
-                                    train={"epochs": 3, "batch_size": 4})
+    tmp_path: Path, broker: LocalBroker, recorder: Recorder, gallery: Path, processes: list[Process]
+) -> None:
+    aggregator = aggregator_process(
+        tmp_path, broker.port, codec="float16", timeout_s=50, train={"epochs": 3, "batch_size": 4}
+    )
     node = node_process(tmp_path, broker.port, "d1", gallery)
     processes.extend([aggregator, node])
     aggregator.start().wait_log("ready: site")

@@ -18,8 +18,9 @@ SPECS = tuple(TensorSpec(name=n, shape=s) for n, s in fuzz.SHAPES.items())
 @given(st.binary(max_size=2048))
 def test_arbitrary_bytes_are_rejected_cleanly(payload: bytes) -> None:
     with pytest.raises(RejectedMessage):
-        messages.parse_update(payload, site="home", device="door", expected=SPECS,
-                              max_bytes=1 << 20, keys=None)
+        messages.parse_update(
+            payload, site="home", device="door", expected=SPECS, max_bytes=1 << 20, keys=None
+        )
 
 
 @settings(max_examples=200, deadline=None)
@@ -27,12 +28,13 @@ def test_arbitrary_bytes_are_rejected_cleanly(payload: bytes) -> None:
 def test_envelope_prefix_with_random_header(header: bytes) -> None:
     payload = b"FBEL\x01" + len(header).to_bytes(4, "big") + header
     with pytest.raises(RejectedMessage):
-        messages.parse_update(payload, site="home", device="door", expected=SPECS,
-                              max_bytes=1 << 20, keys=None)
+        messages.parse_update(
+            payload, site="home", device="door", expected=SPECS, max_bytes=1 << 20, keys=None
+        )
 
 
 @pytest.mark.parametrize("signed", [False, True])
-def test_mutation_fuzzer_finds_no_crash_and_no_model_change(signed: bool,
-                                                            capsys: pytest.CaptureFixture[str]
-                                                            ) -> None:
+def test_mutation_fuzzer_finds_no_crash_and_no_model_change(
+    signed: bool, capsys: pytest.CaptureFixture[str]
+) -> None:
     assert fuzz.run(3000, seed=7, signed=signed) == 0, capsys.readouterr().out

@@ -16,8 +16,10 @@ from aggregator.robust import (
 
 def honest(seed: int) -> list[np.ndarray]:
     rng = np.random.default_rng(seed)
-    return [rng.normal(1.0, 0.1, size=(4, 3)).astype(np.float32),
-            rng.normal(1.0, 0.1, size=(3,)).astype(np.float32)]
+    return [
+        rng.normal(1.0, 0.1, size=(4, 3)).astype(np.float32),
+        rng.normal(1.0, 0.1, size=(3,)).astype(np.float32),
+    ]
 
 
 def test_clipping_bounds_the_norm_and_keeps_direction() -> None:
@@ -40,8 +42,9 @@ def test_median_and_trimmed_mean_resist_a_minority_of_attackers(attack: object) 
 
 def test_trimmed_mean_without_trimming_is_the_mean() -> None:
     updates = [honest(s) for s in range(5)]
-    np.testing.assert_allclose(trimmed_mean(updates, 0.0)[0],
-                               np.mean([u[0] for u in updates], axis=0), rtol=1e-6)
+    np.testing.assert_allclose(
+        trimmed_mean(updates, 0.0)[0], np.mean([u[0] for u in updates], axis=0), rtol=1e-6
+    )
     with pytest.raises(ValueError, match="trim fraction"):
         trimmed_mean(updates, 0.5)
 

@@ -41,11 +41,15 @@ class Login:
     def __init__(self, bundle: Path, name: str, port: int) -> None:
         self.messages: dict[str, bytes] = {}
         self.lock = threading.Lock()
-        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"t-{name}",
-                                  protocol=mqtt.MQTTv5)
+        self.client = mqtt.Client(
+            CallbackAPIVersion.VERSION2, client_id=f"t-{name}", protocol=mqtt.MQTTv5
+        )
         self.client.username_pw_set(name, (bundle / "mqtt-password").read_text().strip())
-        self.client.tls_set(ca_certs=str(bundle / "ca.crt"), certfile=str(bundle / "client.crt"),
-                            keyfile=str(bundle / "client.key"))
+        self.client.tls_set(
+            ca_certs=str(bundle / "ca.crt"),
+            certfile=str(bundle / "client.crt"),
+            keyfile=str(bundle / "client.key"),
+        )
         self.client.on_message = self._record
         self.client.connect("localhost", port)
         self.client.loop_start()
@@ -80,45 +84,59 @@ def wait_for(what: str, check: Callable[[], bytes | None], timeout: float = 60.0
 def site(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[Path, SecureBroker]]:
     find_mosquitto()
     root = tmp_path / "site"
-    for args in (["init", "--site", SITE, "--broker-host", "localhost"],
-                 ["add-aggregator", "--labels", LABELS, "--no-reload"],
-                 ["add-device", "door1", "--no-reload"], ["add-device", "door2", "--no-reload"],
-                 ["add-operator", "--no-reload"]):
+    for args in (
+        ["init", "--site", SITE, "--broker-host", "localhost"],
+        ["add-aggregator", "--labels", LABELS, "--no-reload"],
+        ["add-device", "door1", "--no-reload"],
+        ["add-device", "door2", "--no-reload"],
+        ["add-operator", "--no-reload"],
+    ):
         provision.run([*args, "--site-dir", str(root)])
     with SecureBroker(root / "broker", tmp_path / "broker-data") as broker:
         yield root, broker
 
 
 def test_forged_update_is_refused_and_the_model_keeps_only_honest_work(
-        site: tuple[Path, SecureBroker], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    site: tuple[Path, SecureBroker], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     root, broker = site
     bundle = root / "clients" / "aggregator"
     monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(bundle))
     provisioned = load_config(bundle / "aggregator.yaml", AggregatorConfig)
-    config = provisioned.model_copy(update={
-        "mqtt": provisioned.mqtt.model_copy(update={"port": broker.port}),
-        "state_dir": tmp_path / "aggregator",
-        "rounds": provisioned.rounds.model_copy(
-            update={"codec": "float32", "timeout_s": 6.0, "min_updates": 1}),
-    })
+    config = provisioned.model_copy(
+        update={
+            "mqtt": provisioned.mqtt.model_copy(update={"port": broker.port}),
+            "state_dir": tmp_path / "aggregator",
+            "rounds": provisioned.rounds.model_copy(
+                update={"codec": "float32", "timeout_s": 6.0, "min_updates": 1}
+            ),
+        }
+    )
     assert config.signing.trusted_keys_dir is not None
     service = AggregatorService(config)
     thread = threading.Thread(target=service.run, daemon=True)
     thread.start()
-    logins = {name: Login(root / "clients" / name, name, broker.port)
-              for name in ("door1", "door2", "operator")}
+    logins = {
+        name: Login(root / "clients" / name, name, broker.port)
+        for name in ("door1", "door2", "operator")
+    }
     aggregator_keys = load_public_keys(root / "clients" / "door1" / "peer-keys")
     try:
         watcher = logins["door1"]
         watcher.client.subscribe([(TOPICS.global_model, 1), (TOPICS.round, 1)])
         logins["operator"].client.subscribe(TOPICS.metrics, 1)
         for name in ("door1", "door2"):
-            logins[name].publish(TOPICS.status(name), to_json(
-                DeviceStatus(state="online", model_version=0)), retain=True)
-        base_payload = wait_for("the signed version-0 model",
-                                lambda: watcher.latest(TOPICS.global_model))
+            logins[name].publish(
+                TOPICS.status(name),
+                to_json(DeviceStatus(state="online", model_version=0)),
+                retain=True,
+            )
+        base_payload = wait_for(
+            "the signed version-0 model", lambda: watcher.latest(TOPICS.global_model)
+        )
         # The node's check: the model verifies against the provisioned aggregator key.
         base = parse_global(base_payload, site=SITE, max_bytes=1 << 24, keys=aggregator_keys)
+
         def round_1() -> bytes | None:
             payload = watcher.latest(TOPICS.round)
             return payload if payload and b'"round":1' in payload else None
@@ -136,24 +154,39 @@ def test_forged_update_is_refused_and_the_model_keeps_only_honest_work(
         poison = [np.full(w.shape, 5.0, np.float32) for w in base.weights]
         door2_key = load_private_key(root / "clients" / "door2" / "signing.key")
         forged = Signer("door1", Ed25519PrivateKey.generate())  # right login, wrong key
-        for name, signer, delta in (("door1", forged, poison),
-                                    ("door2", Signer("door2", door2_key), honest)):
-            logins[name].publish(TOPICS.update(name), build_update(
-                site=SITE, signer=signer, round_id=1, base_version=0, num_examples=10,
-                names=base.names, delta=delta, codec="float32"))
+        for name, signer, delta in (
+            ("door1", forged, poison),
+            ("door2", Signer("door2", door2_key), honest),
+        ):
+            logins[name].publish(
+                TOPICS.update(name),
+                build_update(
+                    site=SITE,
+                    signer=signer,
+                    round_id=1,
+                    base_version=0,
+                    num_examples=10,
+                    names=base.names,
+                    delta=delta,
+                    codec="float32",
+                ),
+            )
 
-        metrics_payload = wait_for("round 1 metrics",
-                                   lambda: logins["operator"].latest(TOPICS.metrics))
+        metrics_payload = wait_for(
+            "round 1 metrics", lambda: logins["operator"].latest(TOPICS.metrics)
+        )
         metrics = RoundMetrics.model_validate_json(metrics_payload)
         assert metrics.outcome == "published"
         assert metrics.participants == 1
         assert metrics.rejected.get("bad_signature") == 1
+
         def version_1() -> bytes | None:
             payload = watcher.latest(TOPICS.global_model)
             return payload if payload and b'"model_version":1' in payload else None
 
-        new = parse_global(wait_for("version 1", version_1), site=SITE, max_bytes=1 << 24,
-                           keys=aggregator_keys)
+        new = parse_global(
+            wait_for("version 1", version_1), site=SITE, max_bytes=1 << 24, keys=aggregator_keys
+        )
         assert new.version == 1
         for before, after in zip(base.weights, new.weights, strict=True):
             np.testing.assert_allclose(after, before + 0.01, atol=1e-6)
