@@ -33,7 +33,7 @@ from aggregator.robust import (
     coordinate_median,
     trimmed_mean,
 )
-from aggregator.strategy import InconsistentUpdate, RunningFedAvg, Sums, check_shapes
+from aggregator.strategy import InconsistentUpdate, RunningFedAvg, SparseFedAvg, check_shapes
 from fedbell.codecs import Weights
 
 Arrays = list[npt.NDArray[np.floating]]
@@ -101,6 +101,8 @@ class Streaming(Accumulator):
         return self.fedavg.apply(base)  # float64 all the way: exact for plain FedAvg
 
     def arrays(self) -> Arrays:
+        if isinstance(self.fedavg, SparseFedAvg):
+            return [*self.fedavg.sums, *self.fedavg.coverage]
         return list(self.fedavg.sums)
 
 
@@ -153,22 +155,39 @@ class Buffered(Accumulator):
         return [array for delta in self.deltas for array in delta]
 
 
-def make_accumulator(settings: RoundSettings, shapes: Shapes) -> Accumulator:
-    """An empty accumulator for a new round, as the config's strategy says."""
-    return restore(settings, shapes, None, total=0, count=0)
+def make_accumulator(settings: RoundSettings, shapes: Shapes, *, sparse: bool) -> Accumulator:
+    """An empty accumulator for a new round, as the config's strategy says.
+
+    `sparse`: the round's codec is topk, whose updates FedAvg averages per
+    coordinate over the doorbells that sent it (`SparseFedAvg`).
+    """
+    return restore(settings, shapes, None, total=0, count=0, sparse=sparse)
 
 
 def restore(
-    settings: RoundSettings, shapes: Shapes, arrays: Arrays | None, *, total: int, count: int
+    settings: RoundSettings,
+    shapes: Shapes,
+    arrays: Arrays | None,
+    *,
+    total: int,
+    count: int,
+    sparse: bool,
 ) -> Accumulator:
     """The accumulator of a round resumed from disk (`arrays`: what `arrays()` saved)."""
     strategy = settings.strategy
     if strategy in ("fedavg", "clipped"):
-        sums: Sums | None = (
-            None if arrays is None else [np.asarray(a, dtype=np.float64) for a in arrays]
-        )
+        saved = None if arrays is None else [np.asarray(a, dtype=np.float64) for a in arrays]
         clip = settings.clip_norm if strategy == "clipped" else None
-        return Streaming(RunningFedAvg(shapes, sums, total, count), clip)
+        if not sparse:
+            return Streaming(RunningFedAvg(shapes, saved, total, count), clip)
+        if saved is not None and len(saved) != 2 * len(shapes):
+            raise InconsistentUpdate(
+                f"saved {len(saved)} arrays, a sparse sum has {2 * len(shapes)}"
+            )
+        sums, coverage = (
+            (None, None) if saved is None else (saved[: len(shapes)], saved[len(shapes) :])
+        )
+        return Streaming(SparseFedAvg(shapes, sums, coverage, total, count), clip)
     rule: Rule
     if strategy == "median":
         rule = coordinate_median

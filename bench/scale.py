@@ -351,7 +351,7 @@ def run_one(
 
 def run_scale(
     nodes_list: Sequence[int] = (10, 100, 1000),
-    codec: Codec = "int8",
+    codec: Codec = "topk",
     *,
     workers: int | None = None,
     workdir: Path | None = None,
@@ -396,7 +396,7 @@ def print_table(results: Sequence[dict[str, Any]]) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--nodes", type=int, nargs="+", default=[10, 100, 1000])
-    parser.add_argument("--codec", default="int8", choices=["float32", "float16", "int8", "topk"])
+    parser.add_argument("--codec", default="topk", choices=["float32", "float16", "int8", "topk"])
     parser.add_argument(
         "--workers",
         type=int,

@@ -96,7 +96,7 @@ class SimulationConfig(StrictModel):
         description="Share of every person's images kept for evaluation, never trained on.",
     )
     codec: Codec = Field(
-        default="int8",
+        default="topk",
         title="Update codec",
         description="float32, float16, int8 or topk (sparse) updates.",
     )

@@ -152,7 +152,7 @@ def test_a_small_simulation_runs_end_to_end(tmp_path: Path) -> None:
     ):
         assert key in data
     assert data["nodes"] == 2
-    assert data["codec"] == "int8"
+    assert data["codec"] == "topk"
     assert [r["round"] for r in data["rounds"]] == [1, 2]
     for row in data["rounds"]:
         assert 0.0 <= row["accuracy"] <= 1.0

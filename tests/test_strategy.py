@@ -7,7 +7,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from aggregator.strategy import InconsistentUpdate, RunningFedAvg, aggregate, update_norm
+from aggregator.strategy import (
+    InconsistentUpdate,
+    RunningFedAvg,
+    SparseFedAvg,
+    aggregate,
+    update_norm,
+)
 
 shapes_strategy = st.lists(
     st.lists(st.integers(1, 5), min_size=0, max_size=3).map(tuple), min_size=1, max_size=4
@@ -107,3 +113,38 @@ def test_update_norm_spans_all_tensors() -> None:
     assert update_norm(
         [np.array([3.0], dtype=np.float32), np.array([[4.0]], dtype=np.float32)]
     ) == pytest.approx(5.0)
+
+
+def test_sparse_fedavg_equals_fedavg_on_dense_updates() -> None:
+    rng = np.random.default_rng(3)
+    shapes = [(3, 4), (4,)]
+    updates = [([rng.normal(size=s) for s in shapes], int(n)) for n in (2, 5, 7)]
+    sparse = SparseFedAvg(shapes)
+    for delta, examples in updates:
+        sparse.add(delta, examples)
+    for got, want in zip(sparse.mean_delta(), aggregate(updates), strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-5)
+
+
+def test_sparse_fedavg_divides_by_the_geometric_mean_of_senders_and_everyone() -> None:
+    sparse = SparseFedAvg([(2,)])
+    sparse.add([np.array([4.0, 0.0])], 1)  # only this doorbell sent coordinate 0
+    sparse.add([np.array([0.0, 2.0])], 3)  # only this one coordinate 1
+    got = sparse.mean_delta()[0]
+    np.testing.assert_allclose(got, [4.0 / np.sqrt(1 * 4), 6.0 / np.sqrt(3 * 4)], rtol=1e-6)
+
+
+def test_sparse_round_survives_a_restart_through_its_saved_arrays() -> None:
+    from aggregator.accumulator import make_accumulator, restore
+    from aggregator.config import RoundSettings
+
+    settings = RoundSettings(codec="topk")
+    shapes = [(2, 2)]
+    first = make_accumulator(settings, shapes, sparse=True)
+    first.add([np.array([[1.0, 0.0], [0.0, 2.0]])], 2)
+    resumed = restore(
+        settings, shapes, first.arrays(), total=first.total, count=first.count, sparse=True
+    )
+    for accumulator in (first, resumed):
+        accumulator.add([np.array([[3.0, 0.0], [1.0, 0.0]])], 2)
+    np.testing.assert_allclose(resumed.mean_delta()[0], first.mean_delta()[0])
