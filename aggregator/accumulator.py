@@ -31,6 +31,7 @@ from aggregator.robust import (
     ServerOptimizer,
     clip_by_norm,
     coordinate_median,
+    multi_krum,
     trimmed_mean,
 )
 from aggregator.strategy import InconsistentUpdate, RunningFedAvg, SparseFedAvg, check_shapes
@@ -38,7 +39,7 @@ from fedbell.codecs import Weights
 
 Arrays = list[npt.NDArray[np.floating]]
 Shapes = Sequence[tuple[int, ...]]
-Rule = Callable[[Sequence[Delta]], Weights]
+Rule = Callable[[Sequence[Delta], Sequence[int]], Weights]
 
 
 class Accumulator(ABC):
@@ -107,7 +108,7 @@ class Streaming(Accumulator):
 
 
 class Buffered(Accumulator):
-    """Every delta of the round, at most `capacity`, aggregated by `rule` (unweighted)."""
+    """Every delta of the round and its examples, at most `capacity`, aggregated by `rule`."""
 
     def __init__(
         self,
@@ -115,18 +116,19 @@ class Buffered(Accumulator):
         rule: Rule,
         capacity: int,
         deltas: Sequence[Weights] = (),
-        total: int = 0,
+        examples: Sequence[int] = (),
     ) -> None:
         self.shapes = [tuple(int(d) for d in s) for s in shapes]
         self.rule = rule
         self.capacity = capacity
         self.deltas: list[Weights] = []
-        self._total = total
-        for delta in deltas:
-            check_shapes(delta, self.shapes)
-            self.deltas.append([np.asarray(a, dtype=np.float32) for a in delta])
-        if len(self.deltas) > capacity:
-            raise InconsistentUpdate(f"{len(self.deltas)} buffered updates, capacity {capacity}")
+        self.examples: list[int] = []
+        if len(deltas) != len(examples):
+            raise InconsistentUpdate(f"{len(deltas)} buffered updates, {len(examples)} counts")
+        if len(deltas) > capacity:
+            raise InconsistentUpdate(f"{len(deltas)} buffered updates, capacity {capacity}")
+        for delta, count in zip(deltas, examples, strict=True):
+            self.add(delta, count)
 
     @property
     def count(self) -> int:
@@ -134,7 +136,7 @@ class Buffered(Accumulator):
 
     @property
     def total(self) -> int:
-        return self._total
+        return sum(self.examples)
 
     def add(self, delta: Delta, examples: int) -> None:
         if examples < 1:
@@ -143,16 +145,18 @@ class Buffered(Accumulator):
             raise InconsistentUpdate(f"already holding {self.capacity} updates this round")
         check_shapes(delta, self.shapes)
         self.deltas.append([np.asarray(a, dtype=np.float32) for a in delta])
-        self._total += examples
+        self.examples.append(int(examples))
 
     def mean_delta(self) -> Weights:
         if not self.deltas:
             raise InconsistentUpdate("no update has been added")
-        return self.rule(self.deltas)
+        return self.rule(self.deltas, self.examples)
 
     def arrays(self) -> Arrays:
-        """All deltas flattened in order: delta 0's tensors, then delta 1's, ..."""
-        return [array for delta in self.deltas for array in delta]
+        """All deltas flattened in order (delta 0's tensors, then delta 1's, ...),
+        then one vector of their example counts."""
+        flat: Arrays = [array for delta in self.deltas for array in delta]
+        return [*flat, np.asarray(self.examples, dtype=np.float64)]
 
 
 def make_accumulator(settings: RoundSettings, shapes: Shapes, *, sparse: bool) -> Accumulator:
@@ -190,17 +194,24 @@ def restore(
         return Streaming(SparseFedAvg(shapes, sums, coverage, total, count), clip)
     rule: Rule
     if strategy == "median":
-        rule = coordinate_median
-    else:
+        rule = lambda deltas, _examples: coordinate_median(deltas)  # noqa: E731
+    elif strategy == "trimmed_mean":
         fraction = settings.trim_fraction
-        rule = lambda deltas: trimmed_mean(deltas, fraction)  # noqa: E731
+        rule = lambda deltas, _examples: trimmed_mean(deltas, fraction)  # noqa: E731
+    else:
+        byzantine = settings.byzantine
+        rule = lambda deltas, examples: multi_krum(deltas, examples, byzantine)  # noqa: E731
     assert settings.max_devices is not None  # the config guarantees it for buffered rules
-    deltas = _split(arrays or [], len(shapes))
-    if len(deltas) != count:
+    if not arrays:
+        return Buffered(shapes, rule, settings.max_devices)
+    counts = [int(c) for c in np.asarray(arrays[-1]).reshape(-1)]
+    deltas = _split(arrays[:-1], len(shapes))
+    if len(deltas) != count or len(counts) != count or sum(counts) != total:
         raise InconsistentUpdate(
-            f"saved {len(deltas)} buffered updates, the round received {count}"
+            f"saved {len(deltas)} buffered updates of {sum(counts)} examples, the round "
+            f"received {count} of {total}"
         )
-    return Buffered(shapes, rule, settings.max_devices, deltas, total)
+    return Buffered(shapes, rule, settings.max_devices, deltas, counts)
 
 
 def _split(arrays: Arrays, per_delta: int) -> list[Weights]:

@@ -118,3 +118,33 @@ class ServerOptimizer:
         self.first = [np.asarray(a, np.float32) for a in arrays[:half]]
         self.second = [np.asarray(a, np.float32) for a in arrays[half:]]
         self.steps = steps
+
+
+def multi_krum(deltas: Sequence[Delta], examples: Sequence[int], byzantine: int) -> Weights:
+    """Multi-Krum (Blanchard et al., NeurIPS 2017), then FedAvg of what is kept.
+
+    Each update is scored by its summed squared distance to its n - f - 2
+    nearest fellows; the f worst-scored (at most `byzantine` hostile
+    doorbells are assumed) are dropped and the rest averaged, weighted by
+    examples. Unlike coordinate-wise rules it keeps whole honest updates, so a
+    class only a few doorbells have seen is not voted away (non-IID).
+    With too few updates for the rule (n <= 2f + 2) it falls back to the
+    coordinate median.
+    """
+    count = len(deltas)
+    if count <= 2 * byzantine + 2:
+        return coordinate_median(deltas)
+    flat = np.stack(
+        [np.concatenate([np.ravel(a) for a in delta]).astype(np.float64) for delta in deltas]
+    )
+    squares = np.sum(flat * flat, axis=1)
+    distances = np.maximum(squares[:, None] + squares[None, :] - 2.0 * flat @ flat.T, 0.0)
+    np.fill_diagonal(distances, np.inf)
+    scores = np.sort(distances, axis=1)[:, : count - byzantine - 2].sum(axis=1)
+    keep = np.argsort(scores, kind="stable")[: count - byzantine]
+    weights = np.asarray([examples[i] for i in keep], dtype=np.float64)
+    weights /= weights.sum()
+    return [
+        np.tensordot(weights, np.stack([deltas[i][t] for i in keep]), axes=1).astype(np.float32)
+        for t in range(len(deltas[0]))
+    ]

@@ -28,7 +28,7 @@ from fedbell.envelope import Codec
 from fedbell.model import Images, LabelIds, TrainParams
 from fedbell.sparsify import with_error_feedback
 
-Strategy = Literal["fedavg", "clipped", "median", "trimmed_mean"]
+Strategy = Literal["fedavg", "clipped", "median", "trimmed_mean", "multi_krum"]
 Attack = Literal["scale", "sign_flip"]
 SITE = "bench"
 
@@ -113,6 +113,7 @@ def _aggregate(arm: Arm, deltas: Sequence[Weights], weights: Sequence[int]) -> W
         strategy=arm.strategy,
         clip_norm=arm.clip_norm if arm.strategy == "clipped" else None,
         trim_fraction=arm.trim_fraction,
+        byzantine=len(arm.attackers) or 1,
         max_devices=len(deltas),
     )
     shapes = [d.shape for d in deltas[0]]

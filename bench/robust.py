@@ -35,6 +35,7 @@ def arms(clip_norm: float) -> list[Arm]:
         ),
         Arm("coordinate median", strategy="median", attackers=ATTACK),
         Arm("trimmed mean (20 %)", strategy="trimmed_mean", trim_fraction=0.2, attackers=ATTACK),
+        Arm("multi-krum (f = 2)", strategy="multi_krum", attackers=ATTACK),
     ]
 
 

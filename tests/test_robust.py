@@ -10,6 +10,7 @@ from aggregator.robust import (
     clip_by_norm,
     coordinate_median,
     global_norm,
+    multi_krum,
     trimmed_mean,
 )
 
@@ -64,3 +65,40 @@ def test_fedadam_moves_along_the_pseudo_gradient() -> None:
     assert step[0][0] > 0 > step[0][1]
     with pytest.raises(ValueError, match="unknown server optimiser"):
         ServerOptimizer("sgd").step([np.zeros(1, np.float32)])
+
+
+def test_multi_krum_drops_scaled_and_sign_flipped_updates_and_weights_the_rest() -> None:
+    honest_updates = [honest(s) for s in range(8)]
+    attackers = [[-10 * a for a in honest(8)], [-1 * a for a in honest(9)]]
+    examples = [1, 1, 1, 1, 1, 1, 1, 9, 5, 5]
+    kept = multi_krum([*honest_updates, *attackers], examples, byzantine=2)
+    weights = np.array(examples[:8], dtype=np.float64) / sum(examples[:8])
+    for index, tensor in enumerate(kept):
+        expected = np.tensordot(weights, np.stack([u[index] for u in honest_updates]), axes=1)
+        np.testing.assert_allclose(tensor, expected, rtol=1e-5)
+
+
+def test_multi_krum_with_too_few_updates_falls_back_to_the_median() -> None:
+    updates = [honest(s) for s in range(3)]
+    for got, want in zip(
+        multi_krum(updates, [1, 1, 1], byzantine=1), coordinate_median(updates), strict=True
+    ):
+        np.testing.assert_allclose(got, want)
+
+
+def test_buffered_round_keeps_its_example_counts_across_a_restart() -> None:
+    from aggregator.accumulator import make_accumulator, restore
+    from aggregator.config import RoundSettings
+
+    settings = RoundSettings(strategy="multi_krum", max_devices=8, byzantine=1)
+    shapes = [(4, 3), (3,)]
+    first = make_accumulator(settings, shapes, sparse=False)
+    for seed, examples in ((0, 2), (1, 7)):
+        first.add(honest(seed), examples)
+    resumed = restore(settings, shapes, first.arrays(), total=9, count=2, sparse=False)
+    for accumulator in (first, resumed):
+        for seed in (2, 3, 4):
+            accumulator.add(honest(seed), 3)
+    assert resumed.total == first.total == 18
+    for got, want in zip(resumed.mean_delta(), first.mean_delta(), strict=True):
+        np.testing.assert_allclose(got, want)
