@@ -46,6 +46,7 @@ class Arm:
     attackers: tuple[Attack, ...] = ()
     """The first len(attackers) nodes send poisoned updates of these kinds."""
     server: Literal["none", "fedavgm", "fedadam"] = "none"
+    server_momentum: float = 0.9
     downlink_codec: Codec = "float32"
 
 
@@ -136,7 +137,9 @@ def run_arm(fed: Federation, arm: Arm, rounds: int, progress: Any = None) -> Arm
     specs = face_model.tensor_specs(names, face_model.get_weights(initial))
     weights = face_model.get_weights(initial)
     residuals: dict[int, Weights] = {}
-    server = ServerOptimizer(arm.server) if arm.server != "none" else None
+    server = (
+        ServerOptimizer(arm.server, momentum=arm.server_momentum) if arm.server != "none" else None
+    )
     result = ArmResult(arm)
     for round_id in range(1, rounds + 1):
         started = time.perf_counter()

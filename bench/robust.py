@@ -36,6 +36,13 @@ def arms(clip_norm: float) -> list[Arm]:
         Arm("coordinate median", strategy="median", attackers=ATTACK),
         Arm("trimmed mean (20 %)", strategy="trimmed_mean", trim_fraction=0.2, attackers=ATTACK),
         Arm("multi-krum (f = 2)", strategy="multi_krum", attackers=ATTACK),
+        Arm(
+            "multi-krum (f = 2) + FedAvgM 0.8",
+            strategy="multi_krum",
+            attackers=ATTACK,
+            server="fedavgm",
+            server_momentum=0.8,
+        ),
     ]
 
 
@@ -46,7 +53,8 @@ def main() -> int:
     parser.add_argument("--alpha", type=float, default=0.5)
     parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--epochs", type=int, default=5)
-    parser.add_argument("--clip-norm", type=float, default=0.5)
+    # About the L2 norm of an honest update in the first rounds (5 local epochs).
+    parser.add_argument("--clip-norm", type=float, default=2.0)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--report", type=Path, default=Path("reports/robust.json"))
     args = parser.parse_args()
