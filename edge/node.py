@@ -129,6 +129,13 @@ class EdgeNode:
         self._installed_artifact_version = self._artifact_version
         self._rounds_taken: set[int] = set()  # queued, training or held
         self._held: HeldUpdate | None = None
+        # The last update sent. Mosquitto acknowledges a QoS 1 publish before it
+        # saves it, and a broker restart can lose the aggregator's subscription,
+        # so an acknowledged update can still be lost. The round message comes
+        # again exactly then (the node resubscribes, the aggregator republishes
+        # on reconnect): if its round is still open, the node sends the update
+        # once more, and the aggregator counts a duplicate if it already had it.
+        self._sent: HeldUpdate | None = None
         self._send_permitted = 0  # highest round whose send phase has been seen
         self._residual = self.state.load_residual()  # top-k error feedback
         self._detail = ""
@@ -407,6 +414,11 @@ class EdgeNode:
             log.info("round %d: not selected", number)
             return
         with self._changed:
+            sent = self._sent
+            if sent is not None and sent.round == number:
+                log.info("round %d announced again while open: sending its update again", number)
+                self._client.publish(self.topics.update(self.device), sent.payload, qos=1)
+                return
             held = None
             if announcement.phase == "send":
                 self._send_permitted = max(self._send_permitted, number)
@@ -556,6 +568,7 @@ class EdgeNode:
                 mqtt.error_string(info.rc),
             )
         with self._changed:
+            self._sent = update
             self._last_round = max(self._last_round, update.round)
             self._rounds_taken.discard(update.round)
             if update.residual is not None:

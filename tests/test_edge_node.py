@@ -255,10 +255,13 @@ def test_selected_node_waits_for_its_base_model_and_trains_once(
             aggregator.publish(TOPICS.round, round_payload(1), retain=True)
             time.sleep(0.5)  # the round arrives before the model it is based on
             aggregator.publish(TOPICS.global_model, global_payload(base, 1), retain=True)
-            check_update(received(aggregator, TOPICS.update(DEVICE)), base, 1)
+            first = received(aggregator, TOPICS.update(DEVICE))
+            check_update(first, base, 1)
             wait_until(lambda: node.last_round == 1)
-            aggregator.publish(TOPICS.round, round_payload(1), retain=True)  # redelivered
-            assert no_message(aggregator, TOPICS.update(DEVICE), 3)
+            # Announced again while open (an aggregator or broker restart): the same
+            # update once more, since the first may have been lost; no retraining.
+            aggregator.publish(TOPICS.round, round_payload(1), retain=True)
+            assert received(aggregator, TOPICS.update(DEVICE)) == first
             assert node.trainings == 1
         assert NodeState(config.state_dir).load_last_round() == 1
     finally:

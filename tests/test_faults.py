@@ -206,6 +206,7 @@ def node_process(tmp_path: Path, port: int, device: str, gallery: Path) -> Proce
         "state_dir": str(tmp_path / device),
         "gallery_dir": str(gallery),
         "training": {"base_model_wait_s": 20, "threads": 1},
+        "camera": {"enabled": False},  # these doorbells only train
     }
     path = tmp_path / f"{device}.yaml"
     path.write_text(yaml.safe_dump(config))
