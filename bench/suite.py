@@ -124,7 +124,7 @@ def _plot(results: list[ArmResult], central: float, path: Path) -> None:
             label=result.arm.name,
         )
     left.axhline(central, color="black", linestyle="--", label="centralised")
-    left.set(xlabel="round", ylabel="held-out accuracy", ylim=(0, 1))
+    left.set(xlabel="round", ylabel="held-out accuracy", ylim=(0, 1.03))
     left.legend(fontsize=8)
     right.bar([r.arm.name for r in results], [r.bytes_per_update / 1000 for r in results])
     right.set(ylabel="kB per update (up)", yscale="log")

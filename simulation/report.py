@@ -131,7 +131,7 @@ def write_plot(rows: Sequence[RoundRow], centralized: float | None, path: Path, 
     )
     if centralized is not None:
         top.axhline(centralized, linestyle="--", color="grey", label="centralised baseline")
-    top.set_ylim(0, 1)
+    top.set_ylim(0, 1.03)  # room above 100 % so a perfect baseline line stays visible
     top.set_ylabel("held-out accuracy")
     top.legend(loc="upper left")
     top.set_title(title)
