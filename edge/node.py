@@ -26,15 +26,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import paho.mqtt.client as mqtt
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+from edge.artifacts import Artifacts
 from edge.config import EdgeConfig
 from edge.gallery import Gallery
 from edge.live import LiveDoorbell
-from edge.recognizer import ModelArtifact, Recognizer, RecognizerError
-from edge.state import NodeState, StoredArtifact
+from edge.recognizer import Recognizer
+from edge.state import NodeState
 from edge.trainer import Trainer, round_seed
 from fedbell import signing, systemd
 from fedbell.codecs import TENSOR_CODECS, Weights
@@ -43,7 +43,6 @@ from fedbell.messages import (
     AGGREGATOR,
     GlobalModel,
     Signer,
-    TfliteArtifact,
     build_update,
     parse_global,
     parse_tflite,
@@ -113,7 +112,14 @@ class EdgeNode:
         self.counters: Counter[str] = Counter()
         """Dropped messages and failed jobs, by reason."""
         self.trainings = 0
-        self.gallery_accuracy: float | None = None
+        self.artifacts = Artifacts(
+            config,
+            self.recognizer,
+            state=self.state,
+            gallery=self.gallery,
+            counters=self.counters,
+            on_scored=self._publish_status_if_connected,
+        )
         self.connected = threading.Event()
         self.subscribed = threading.Event()
         """Set once the broker acknowledged the subscriptions of the current connection."""
@@ -123,10 +129,6 @@ class EdgeNode:
         self._changed = threading.Condition()
         self._model: GlobalModel | None = self.state.load_global()
         self._last_round = self.state.load_last_round()
-        stored = self.state.load_artifact()
-        self._stored_artifact = stored
-        self._artifact_version: int | None = None if stored is None else stored.version
-        self._installed_artifact_version = self._artifact_version
         self._rounds_taken: set[int] = set()  # queued, training or held
         self._held: HeldUpdate | None = None
         # The last update sent. Mosquitto acknowledges a QoS 1 publish before it
@@ -138,7 +140,6 @@ class EdgeNode:
         self._sent: HeldUpdate | None = None
         self._send_permitted = 0  # highest round whose send phase has been seen
         self._residual = self.state.load_residual()  # top-k error feedback
-        self._detail = ""
         self._last_status: bytes | None = None
 
         self._stopping = threading.Event()
@@ -177,18 +178,20 @@ class EdgeNode:
         held = self._held
         return None if held is None else held.round
 
+    @property
+    def gallery_accuracy(self) -> float | None:
+        return self.artifacts.gallery_accuracy
+
     # --- lifecycle -------------------------------------------------------------
 
     def start(self) -> None:
         """Load the stored artifact, start the worker, connect in the background."""
-        stored = self._stored_artifact
         # Loaded before connecting, so a retained artifact of the same version is
         # rightly skipped as known; if the stored one is unusable, it is not known.
-        if stored is not None and not self._load_recognizer(stored):
-            self._artifact_version = self._installed_artifact_version = None
+        stored = self.artifacts.load_stored()
         self._worker.start()
-        if stored is not None and self._installed_artifact_version is not None:
-            self._jobs.put(lambda: self._score_gallery(stored))
+        if stored is not None:
+            self._jobs.put(lambda: self.artifacts.score_gallery(stored))
         connect(self._client, self.config.mqtt)
 
     def run(self, stop: threading.Event) -> None:
@@ -216,8 +219,7 @@ class EdgeNode:
                     systemd.notify_watchdog()
                 if time.monotonic() >= next_rescan:
                     next_rescan = time.monotonic() + self.config.gallery_rescan_s
-                    if self.connected.is_set():
-                        self._publish_status()  # sends only if the gallery size changed
+                    self._publish_status_if_connected()  # only if the gallery size changed
         finally:
             self.close()
 
@@ -250,7 +252,7 @@ class EdgeNode:
     # --- status ----------------------------------------------------------------
 
     def _status_payload(self, state: str) -> bytes:
-        detail = self._detail
+        detail = self.artifacts.detail
         if self.live is not None:
             detail = f"{detail}; {self.live.detail()}" if detail else self.live.detail()
         status = DeviceStatus(
@@ -272,9 +274,13 @@ class EdgeNode:
         self._client.publish(self._status_topic, payload, qos=1, retain=True)
         systemd.notify_status(
             f"model v{self.model_version}, round {self._last_round}, "
-            f"{self.gallery.count()} gallery images. {self._detail}"
+            f"{self.gallery.count()} gallery images. {self.artifacts.detail}"
             + (f" {self.live.pipeline.counters.fps:.1f} fps" if self.live is not None else "")
         )
+
+    def _publish_status_if_connected(self) -> None:
+        if self.connected.is_set():
+            self._publish_status()
 
     # --- MQTT callbacks (paho's thread) -------------------------------------------
 
@@ -392,13 +398,8 @@ class EdgeNode:
             max_bytes=self.config.mqtt.max_message_bytes,
             keys=self.trusted_keys,
         )
-        with self._changed:
-            known = self._artifact_version
-            if known is not None and artifact.version <= known:
-                log.info("TFLite v%d ignored: already have v%d", artifact.version, known)
-                return
-            self._artifact_version = artifact.version
-        self._jobs.put(lambda: self._install_artifact(artifact))
+        if self.artifacts.accept(artifact):
+            self._jobs.put(lambda: self.artifacts.install(artifact))
 
     def _on_round(self, payload: bytes) -> None:
         announcement = parse_json(payload, RoundAnnouncement)
@@ -582,70 +583,3 @@ class EdgeNode:
             log.error("could not record round %d: %s", update.round, err)
         log.info("round %d: update sent (%d bytes)", update.round, len(update.payload))
         self._publish_status()
-
-    def _install_artifact(self, artifact: TfliteArtifact) -> None:
-        if self.config.inference.flavour == "int8":
-            model, flavour = (
-                (artifact.int8_model, "int8")
-                if artifact.int8_model
-                else (artifact.float_model, "float")
-            )
-        else:
-            model, flavour = (
-                (artifact.float_model, "float")
-                if artifact.float_model
-                else (artifact.int8_model, "int8")
-            )
-        stored = StoredArtifact(
-            version=artifact.version,
-            round=artifact.round,
-            flavour=flavour,
-            model=model,
-            labels=artifact.labels,
-            threshold=artifact.threshold,
-        )
-        if not self._load_recognizer(stored):
-            with self._changed:  # let a corrected re-publication of this version in
-                self._artifact_version = self._installed_artifact_version
-            return
-        try:
-            self.state.save_artifact(stored)
-        except OSError as err:
-            self.counters["store_failed"] += 1
-            log.error("could not store TFLite v%d: %s", stored.version, err)
-        self._score_gallery(stored)
-
-    def _load_recognizer(self, stored: StoredArtifact) -> bool:
-        try:
-            self.recognizer.swap(
-                ModelArtifact(
-                    tflite=stored.model,
-                    labels=stored.labels,
-                    threshold=stored.threshold,
-                    version=stored.version,
-                )
-            )
-        except RecognizerError as err:
-            self.counters["bad_artifact"] += 1
-            log.warning("TFLite v%d refused, keeping the current one: %s", stored.version, err)
-            return False
-        self._installed_artifact_version = stored.version
-        return True
-
-    def _score_gallery(self, stored: StoredArtifact) -> None:
-        """Run the new artifact on the local gallery: the first sign of a bad model."""
-        data = self.gallery.training_set(stored.labels, self.config.training.max_images_per_person)
-        if len(data) == 0:
-            self.gallery_accuracy = None
-            self._detail = f"TFLite v{stored.version}: no gallery images of its labels"
-        else:
-            probabilities = self.recognizer.probabilities_batch(list(data.images))
-            hits = np.argmax(probabilities, axis=1) == data.labels
-            self.gallery_accuracy = float(np.mean(hits))
-            self._detail = (
-                f"TFLite v{stored.version} ({stored.flavour}): gallery accuracy "
-                f"{self.gallery_accuracy:.2f} on {len(data)} images"
-            )
-        log.info("%s", self._detail)
-        if self.connected.is_set():
-            self._publish_status()
