@@ -2,8 +2,9 @@
 
 It knows nothing about MQTT: the service hands it (topic, payload) pairs on
 one thread and gives it a `publish(topic, payload)` function (always QoS 1,
-retained). Every state change is committed to disk before it is published,
-so a restart republishes what was committed and carries on from there.
+retained). Every state change is committed to disk (see `persistence`) before
+it is published, so a restart republishes what was committed and carries on
+from there.
 
 bytes_down of a round: the payload bytes the broker delivers to the selected
 devices for that round, i.e. (every round message of the round + the global
@@ -17,19 +18,17 @@ import functools
 import logging
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
 
-import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from aggregator.accumulator import make_accumulator, make_optimizer, next_weights, restore
+from aggregator.accumulator import make_accumulator, next_weights
 from aggregator.config import AggregatorConfig
 from aggregator.export import Exporter, Release
+from aggregator.persistence import OPEN, Persistence, SavedModel
 from aggregator.robust import ServerOptimizer
 from aggregator.rounds import Round, announce, select_devices
-from aggregator.state import ModelRecord, StateError, StateRecord, StateStore
+from aggregator.state import StateStore
 from aggregator.strategy import InconsistentUpdate
-from fedbell.codecs import Weights
 from fedbell.errors import RejectedMessage
 from fedbell.messages import parse_update
 from fedbell.protocol import (
@@ -47,17 +46,6 @@ log = logging.getLogger("aggregator")
 Publish = Callable[[str, bytes], None]
 
 
-@dataclass
-class _Model:
-    version: int
-    round: int
-    weights: Weights
-    file: str
-    optimizer: ServerOptimizer | None = None
-    """The server optimiser's moments after the step that made this version."""
-    optimizer_file: str | None = None
-
-
 class Coordinator:
     def __init__(
         self,
@@ -72,7 +60,7 @@ class Coordinator:
         self.config = config
         self.topics = Topics(config.site, config.mqtt.topic_root)
         self.exporter = exporter
-        self.store = store
+        self.persistence = Persistence(config, exporter, store)
         self.publish = publish
         self.clock = clock
         self.trusted_keys = trusted_keys
@@ -83,103 +71,34 @@ class Coordinator:
         self.next_auto_at = float("inf")  # armed once connected (see `connected`)
         self._waiting_logged = False
         self.pending: Release | None = None
-        self.retained: dict[str, str] = {}
         self.last_round = 0
         self.round: Round | None = None
-        self.sum_file: str | None = None
-        """The open round's accumulator on disk (None before its first update)."""
         self.dirty = False
         """Updates were accepted since the last commit (see `persist`)."""
         self.next_optimizer: ServerOptimizer | None = None
         """The optimiser after the pending release's step; the model's once published."""
-        self.model = self._load_or_initialise()
+        self.model = self._resume()
         self.specs = exporter.specs(self.model.weights)
 
     # -- state ---------------------------------------------------------------
 
-    def _load_or_initialise(self) -> _Model:
-        record = self.store.load()
-        if record is None:
-            return self._initialise()
-        weights = [
-            np.asarray(a, dtype=np.float32) for a in self.store.read_arrays(record.model.file)
-        ]
-        expected = self.exporter.specs(self.exporter.initial_weights())
-        if record.model.names != self.exporter.names or tuple(
-            self.exporter.specs(weights)
-        ) != tuple(expected):
-            raise StateError(
-                f"{self.store.path}: the saved model does not match this "
-                "configuration (labels changed?); move the state folder away "
-                "to start a new model"
-            )
-        self.retained = dict(record.retained)
-        self.last_round = record.last_round
-        model = _Model(
-            record.model.version,
-            record.model.round,
-            weights,
-            record.model.file,
-            self._load_optimizer(record.model),
-            record.model.optimizer_file,
-        )
-        if record.round is not None:
-            self.round = self._load_round(record, [w.shape for w in weights])
-            if self.round.status == "aggregated":  # recompute the unpublished result
-                self.model = model
-                self.pending = self._release()
+    def _resume(self) -> SavedModel:
+        """The committed model, with its round; a new version 0 on first start."""
+        resumed = self.persistence.load()
+        if resumed is None:
+            return self.persistence.initialise()
+        self.round, self.last_round = resumed.round, resumed.last_round
+        if self.round is not None and self.round.status == "aggregated":
+            # Recompute the unpublished result: the release is not saved until published.
+            self.model = resumed.model
+            self.pending = self._release()
         log.info(
             "state loaded: model version %d, last round %d%s",
-            model.version,
+            resumed.model.version,
             self.last_round,
             self._round_summary(),
         )
-        return model
-
-    def _load_round(self, record: StateRecord, shapes: list[tuple[int, ...]]) -> Round:
-        saved = record.round
-        assert saved is not None
-        settings = self.config.rounds
-        if saved.status in ("collecting", "aggregated") and saved.strategy != settings.strategy:
-            raise StateError(
-                f"{self.store.path}: round {saved.announcement.round} was started "
-                f"with strategy {saved.strategy}, the config says "
-                f"{settings.strategy}: set it back until the round ends"
-            )
-        self.sum_file = saved.sum_file
-        arrays = None if self.sum_file is None else self.store.read_arrays(self.sum_file)
-        try:
-            accumulator = restore(
-                settings,
-                shapes,
-                arrays,
-                total=saved.total_weight,
-                count=len(saved.received),
-                sparse=saved.announcement.codec == "topk",
-            )
-        except InconsistentUpdate as err:
-            raise StateError(
-                f"{self.store.path}: round {saved.announcement.round}: {err}"
-            ) from None
-        return Round.from_record(saved, accumulator, settings.strategy)
-
-    def _load_optimizer(self, record: ModelRecord) -> ServerOptimizer | None:
-        """The configured optimiser with its saved moments (fresh if the kind changed)."""
-        optimizer = make_optimizer(self.config.rounds)
-        if optimizer is None or record.optimizer_file is None:
-            return optimizer
-        if record.optimizer != optimizer.kind:
-            log.warning(
-                "server optimiser changed from %s to %s: starting from fresh moments",
-                record.optimizer,
-                optimizer.kind,
-            )
-            return optimizer
-        try:
-            optimizer.restore(self.store.read_arrays(record.optimizer_file), record.optimizer_steps)
-        except ValueError as err:
-            raise StateError(f"{self.store.path}: {err}") from None
-        return optimizer
+        return resumed.model
 
     def summary(self) -> str:
         """One line for `systemctl status`."""
@@ -191,30 +110,6 @@ class Coordinator:
         return (
             f", round {self.round.id} {self.round.status} with "
             f"{len(self.round.received)}/{len(self.round.selected)} updates"
-        )
-
-    def _initialise(self) -> _Model:
-        log.info(
-            "no state in %s: creating model version 0 (seed %d)",
-            self.config.state_dir,
-            self.config.model_seed,
-        )
-        weights = self.exporter.initial_weights()
-        release = self.exporter.release(weights, version=0, round_id=0)
-        model = self._save_release(release, make_optimizer(self.config.rounds))
-        self._commit(model)
-        return model
-
-    def _save_release(self, release: Release, optimizer: ServerOptimizer | None) -> _Model:
-        """Write a release's files (not yet committed) and return the model record."""
-        self.retained["global"] = self.store.write_blob("global", release.global_payload)
-        self.retained["tflite"] = self.store.write_blob("tflite", release.tflite_payload)
-        model_file = self.store.write_arrays("model", release.weights)
-        optimizer_file = None
-        if optimizer is not None and optimizer.steps > 0:
-            optimizer_file = self.store.write_arrays("optimizer", optimizer.arrays())
-        return _Model(
-            release.version, release.round, release.weights, model_file, optimizer, optimizer_file
         )
 
     def persist(self) -> None:
@@ -229,31 +124,12 @@ class Coordinator:
         if self.dirty:
             self._commit()
 
-    def _commit(self, model: _Model | None = None) -> None:
-        model = model or self.model
+    def _commit(self, model: SavedModel | None = None) -> None:
         if self.dirty and self.round is not None and self._round_open():
             # The round record names the received devices: its accumulator goes with it.
-            self.sum_file = self.store.write_arrays("sum", self.round.accumulator.arrays())
+            self.persistence.save_accumulator(self.round)
         self.dirty = False
-        round_record = None
-        if self.round is not None:
-            round_record = self.round.to_record(self.sum_file if self._round_open() else None)
-        self.store.commit(
-            StateRecord(
-                model=ModelRecord(
-                    version=model.version,
-                    round=model.round,
-                    names=self.exporter.names,
-                    file=model.file,
-                    optimizer=model.optimizer.kind if model.optimizer else None,
-                    optimizer_file=model.optimizer_file,
-                    optimizer_steps=model.optimizer.steps if model.optimizer else 0,
-                ),
-                round=round_record,
-                last_round=self.last_round,
-                retained=dict(self.retained),
-            )
-        )
+        self.persistence.commit(model or self.model, self.round, self.last_round)
 
     def retained_messages(self) -> list[tuple[str, bytes]]:
         """What to (re)publish after (re)connecting: the committed public state."""
@@ -263,9 +139,7 @@ class Coordinator:
             "metrics": self.topics.metrics,
         }
         messages = [
-            (topics[name], self.store.read_blob(file))
-            for name, file in sorted(self.retained.items())
-            if name in topics
+            (topics[name], payload) for name, payload in self.persistence.retained_payloads(topics)
         ]
         if self.round is not None:
             messages.append((self.topics.round, to_json(self.round.announcement)))
@@ -401,7 +275,7 @@ class Coordinator:
     # -- rounds ----------------------------------------------------------------
 
     def _round_open(self) -> bool:
-        return self.round is not None and self.round.status in ("collecting", "aggregated")
+        return self.round is not None and self.round.status in OPEN
 
     def _start_round(self, command: Command | None, manual: bool) -> None:
         if self._round_open() and self.round is not None:
@@ -441,7 +315,6 @@ class Coordinator:
         )
         self.last_round = round_id
         self.pending = None
-        self.sum_file = None
         self._announce(announcement)
         log.info(
             "round %d started%s: base version %d, devices %s, deadline in %.0fs",
@@ -528,7 +401,7 @@ class Coordinator:
         current.status = "aggregated"
         self.pending = release
         metrics = self._metrics(current, "aggregated", release, extra_down=0)
-        self.retained["metrics"] = self.store.write_blob("metrics", metrics)
+        self.persistence.save_metrics(metrics)
         self._commit()
         self.publish(self.topics.metrics, metrics)
 
@@ -538,10 +411,10 @@ class Coordinator:
         closed = to_json(current.set_phase("closed"))
         current.announce_bytes += len(closed)
         current.status = "closed"
-        model = self._save_release(release, self.next_optimizer)
+        model = self.persistence.save_release(release, self.next_optimizer)
         down = len(release.global_payload) + len(release.tflite_payload)
         metrics = self._metrics(current, "published", release, extra_down=down)
-        self.retained["metrics"] = self.store.write_blob("metrics", metrics)
+        self.persistence.save_metrics(metrics)
         self._commit(model)
         self.model = model
         self.pending = None
@@ -572,7 +445,7 @@ class Coordinator:
         current.announce_bytes += len(abandoned)
         current.status = "abandoned"
         metrics = self._metrics(current, "abandoned", None, extra_down=0)
-        self.retained["metrics"] = self.store.write_blob("metrics", metrics)
+        self.persistence.save_metrics(metrics)
         self._commit()
         self.pending = None
         self.publish(self.topics.metrics, metrics)

@@ -1,0 +1,217 @@
+"""The coordinator's state folder: loading or creating it at start, writing and committing it.
+
+The coordinator decides when to commit (always before it publishes, so a
+restart republishes exactly what was committed); this module decides what a
+commit holds: the model and its optimiser moments, the round with its
+accumulator, and the retained payloads. The folder outlives the config, so
+loading checks that the saved model and round still fit the configuration
+instead of carrying on with a model of other labels.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Container
+from dataclasses import dataclass
+
+import numpy as np
+
+from aggregator.accumulator import make_optimizer, restore
+from aggregator.config import AggregatorConfig
+from aggregator.export import Exporter, Release
+from aggregator.robust import ServerOptimizer
+from aggregator.rounds import Round
+from aggregator.state import ModelRecord, RoundStatus, StateError, StateRecord, StateStore
+from aggregator.strategy import InconsistentUpdate
+from fedbell.codecs import Weights
+
+log = logging.getLogger("aggregator")
+
+OPEN: tuple[RoundStatus, ...] = ("collecting", "aggregated")
+"""Statuses of a round that has not ended: only such a round needs its accumulator."""
+
+
+@dataclass
+class SavedModel:
+    """The current model version and the files that hold it."""
+
+    version: int
+    round: int
+    weights: Weights
+    file: str
+    optimizer: ServerOptimizer | None = None
+    """The server optimiser's moments after the step that made this version."""
+    optimizer_file: str | None = None
+
+
+@dataclass(frozen=True)
+class Resumed:
+    """What a restart carries on from."""
+
+    model: SavedModel
+    round: Round | None
+    last_round: int
+
+
+class Persistence:
+    """Which files hold the committed state, and writing the next one."""
+
+    def __init__(self, config: AggregatorConfig, exporter: Exporter, store: StateStore) -> None:
+        self.config = config
+        self.exporter = exporter
+        self.store = store
+        self.retained: dict[str, str] = {}
+        """Retained payload name ("global", "tflite", "metrics") -> its file."""
+        # The accumulator file of a round, by round id: written by `save_accumulator`,
+        # named by the commits while that round is open.
+        self._sum: tuple[int, str] | None = None
+
+    # -- start -------------------------------------------------------------------
+
+    def load(self) -> Resumed | None:
+        """The committed state, checked against the configuration; None on first start."""
+        record = self.store.load()
+        if record is None:
+            return None
+        weights = [
+            np.asarray(a, dtype=np.float32) for a in self.store.read_arrays(record.model.file)
+        ]
+        expected = self.exporter.specs(self.exporter.initial_weights())
+        if record.model.names != self.exporter.names or tuple(
+            self.exporter.specs(weights)
+        ) != tuple(expected):
+            raise StateError(
+                f"{self.store.path}: the saved model does not match this "
+                "configuration (labels changed?); move the state folder away "
+                "to start a new model"
+            )
+        self.retained = dict(record.retained)
+        model = SavedModel(
+            record.model.version,
+            record.model.round,
+            weights,
+            record.model.file,
+            self._load_optimizer(record.model),
+            record.model.optimizer_file,
+        )
+        current = None
+        if record.round is not None:
+            current = self._load_round(record, [w.shape for w in weights])
+        return Resumed(model, current, record.last_round)
+
+    def _load_round(self, record: StateRecord, shapes: list[tuple[int, ...]]) -> Round:
+        saved = record.round
+        assert saved is not None
+        settings = self.config.rounds
+        if saved.status in OPEN and saved.strategy != settings.strategy:
+            raise StateError(
+                f"{self.store.path}: round {saved.announcement.round} was started "
+                f"with strategy {saved.strategy}, the config says "
+                f"{settings.strategy}: set it back until the round ends"
+            )
+        if saved.sum_file is not None:
+            self._sum = (saved.announcement.round, saved.sum_file)
+        arrays = None if saved.sum_file is None else self.store.read_arrays(saved.sum_file)
+        try:
+            accumulator = restore(
+                settings,
+                shapes,
+                arrays,
+                total=saved.total_weight,
+                count=len(saved.received),
+                sparse=saved.announcement.codec == "topk",
+            )
+        except InconsistentUpdate as err:
+            raise StateError(
+                f"{self.store.path}: round {saved.announcement.round}: {err}"
+            ) from None
+        return Round.from_record(saved, accumulator, settings.strategy)
+
+    def _load_optimizer(self, record: ModelRecord) -> ServerOptimizer | None:
+        """The configured optimiser with its saved moments (fresh if the kind changed)."""
+        optimizer = make_optimizer(self.config.rounds)
+        if optimizer is None or record.optimizer_file is None:
+            return optimizer
+        if record.optimizer != optimizer.kind:
+            log.warning(
+                "server optimiser changed from %s to %s: starting from fresh moments",
+                record.optimizer,
+                optimizer.kind,
+            )
+            return optimizer
+        try:
+            optimizer.restore(self.store.read_arrays(record.optimizer_file), record.optimizer_steps)
+        except ValueError as err:
+            raise StateError(f"{self.store.path}: {err}") from None
+        return optimizer
+
+    def initialise(self) -> SavedModel:
+        """Create and commit model version 0: the first start's state."""
+        log.info(
+            "no state in %s: creating model version 0 (seed %d)",
+            self.config.state_dir,
+            self.config.model_seed,
+        )
+        weights = self.exporter.initial_weights()
+        release = self.exporter.release(weights, version=0, round_id=0)
+        model = self.save_release(release, make_optimizer(self.config.rounds))
+        self.commit(model, None, last_round=0)
+        return model
+
+    # -- writing -----------------------------------------------------------------
+
+    def save_release(self, release: Release, optimizer: ServerOptimizer | None) -> SavedModel:
+        """Write a release's files (not yet committed) and return the model record."""
+        self.retained["global"] = self.store.write_blob("global", release.global_payload)
+        self.retained["tflite"] = self.store.write_blob("tflite", release.tflite_payload)
+        model_file = self.store.write_arrays("model", release.weights)
+        optimizer_file = None
+        if optimizer is not None and optimizer.steps > 0:
+            optimizer_file = self.store.write_arrays("optimizer", optimizer.arrays())
+        return SavedModel(
+            release.version, release.round, release.weights, model_file, optimizer, optimizer_file
+        )
+
+    def save_metrics(self, metrics: bytes) -> None:
+        """Write a round's metrics (not yet committed): the retained ones from the next commit."""
+        self.retained["metrics"] = self.store.write_blob("metrics", metrics)
+
+    def save_accumulator(self, current: Round) -> None:
+        """Write an open round's accumulator (not yet committed)."""
+        self._sum = (current.id, self.store.write_arrays("sum", current.accumulator.arrays()))
+
+    def retained_payloads(self, names: Container[str]) -> list[tuple[str, bytes]]:
+        """The retained payloads of these names, in name order."""
+        return [
+            (name, self.store.read_blob(file))
+            for name, file in sorted(self.retained.items())
+            if name in names
+        ]
+
+    def commit(self, model: SavedModel, current: Round | None, last_round: int) -> None:
+        """Make this the state a restart resumes from; files it no longer names go."""
+        round_record = None
+        if current is not None:
+            round_record = current.to_record(self._sum_file(current))
+        self.store.commit(
+            StateRecord(
+                model=ModelRecord(
+                    version=model.version,
+                    round=model.round,
+                    names=self.exporter.names,
+                    file=model.file,
+                    optimizer=model.optimizer.kind if model.optimizer else None,
+                    optimizer_file=model.optimizer_file,
+                    optimizer_steps=model.optimizer.steps if model.optimizer else 0,
+                ),
+                round=round_record,
+                last_round=last_round,
+                retained=dict(self.retained),
+            )
+        )
+
+    def _sum_file(self, current: Round) -> str | None:
+        """The round's accumulator file, if it has one and still needs it."""
+        if current.status not in OPEN or self._sum is None or self._sum[0] != current.id:
+            return None
+        return self._sum[1]
