@@ -45,6 +45,11 @@ class Arm:
     trim_fraction: float = 0.2
     attackers: tuple[Attack, ...] = ()
     """The first len(attackers) nodes send poisoned updates of these kinds."""
+    byzantine: int | None = None
+    """Hostile updates Multi-Krum assumes; by default as many as there are attackers."""
+    left_out: int = 0
+    """The first `left_out` nodes take no part: with the attackers simply absent,
+    this is what a perfect robust rule could reach."""
     server: Literal["none", "fedavgm", "fedadam"] = "none"
     server_momentum: float = 0.9
     downlink_codec: Codec = "float32"
@@ -114,7 +119,7 @@ def _aggregate(arm: Arm, deltas: Sequence[Weights], weights: Sequence[int]) -> W
         strategy=arm.strategy,
         clip_norm=arm.clip_norm if arm.strategy == "clipped" else None,
         trim_fraction=arm.trim_fraction,
-        byzantine=len(arm.attackers) or 1,
+        byzantine=arm.byzantine or len(arm.attackers) or 1,
         max_devices=len(deltas),
     )
     shapes = [d.shape for d in deltas[0]]
@@ -130,7 +135,7 @@ def _seed(*parts: object) -> int:
 
 def run_arm(fed: Federation, arm: Arm, rounds: int, progress: Any = None) -> ArmResult:
     """`rounds` rounds of federated training from the same initial model."""
-    nodes, seed, plan = fed.nodes, fed.seed, fed.plan
+    nodes, seed, plan = fed.nodes[arm.left_out :], fed.seed, fed.plan
     model = face_model.build_model(fed.classes, seed=seed)
     initial = face_model.build_model(fed.classes, seed=seed)
     names = face_model.weight_names(initial)
@@ -156,7 +161,7 @@ def run_arm(fed: Federation, arm: Arm, rounds: int, progress: Any = None) -> Arm
         deltas: list[Weights] = []
         examples: list[int] = []
         bytes_up = 0
-        for index, node in enumerate(nodes):
+        for index, node in enumerate(nodes, start=arm.left_out):
             face_model.set_weights(model, base)
             params = TrainParams(
                 plan.epochs,
