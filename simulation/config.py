@@ -80,7 +80,7 @@ class SimulationConfig(StrictModel):
         description="Separate edge processes, one gallery each.",
     )
     rounds: int = Field(
-        default=10, ge=1, le=1000, title="Rounds", description="Federated rounds to run."
+        default=15, ge=1, le=1000, title="Rounds", description="Federated rounds to run."
     )
     alpha: float = Field(
         default=1.0,
