@@ -21,14 +21,17 @@ from __future__ import annotations
 import copy
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import numpy.typing as npt
 
 from aggregator.config import RoundSettings
 from aggregator.robust import (
+    Aggregate,
     Delta,
     ServerOptimizer,
+    Suspicion,
     clip_by_norm,
     coordinate_median,
     multi_krum,
@@ -39,7 +42,7 @@ from fedbell.codecs import Weights
 
 Arrays = list[npt.NDArray[np.floating]]
 Shapes = Sequence[tuple[int, ...]]
-Rule = Callable[[Sequence[Delta], Sequence[int]], Weights]
+Rule = Callable[[Sequence[Delta], Sequence[int], Sequence[bool]], Aggregate]
 
 
 class Accumulator(ABC):
@@ -60,19 +63,14 @@ class Accumulator(ABC):
         """Take one checked update in; the caller may drop `delta` afterwards."""
 
     @abstractmethod
-    def mean_delta(self) -> Weights:
-        """The round's aggregated delta."""
+    def aggregate(self, suspected: Sequence[bool] = ()) -> Aggregate:
+        """The round's aggregated delta; `suspected`: per update, in the order
+        added, whether earlier rounds made its doorbell suspect (Multi-Krum
+        drops those first; the other rules ignore it)."""
 
     @abstractmethod
     def arrays(self) -> Arrays:
         """What must be saved to resume the round after a restart."""
-
-    def apply(self, base: Sequence[npt.NDArray[np.float32]]) -> Weights:
-        """The new global weights: base + aggregated delta."""
-        return [
-            (np.asarray(b, dtype=np.float64) + d).astype(np.float32)
-            for b, d in zip(base, self.mean_delta(), strict=True)
-        ]
 
 
 class Streaming(Accumulator):
@@ -95,11 +93,8 @@ class Streaming(Accumulator):
             delta = clip_by_norm(delta, self.clip_norm)
         self.fedavg.add(delta, examples)
 
-    def mean_delta(self) -> Weights:
-        return self.fedavg.mean_delta()
-
-    def apply(self, base: Sequence[npt.NDArray[np.float32]]) -> Weights:
-        return self.fedavg.apply(base)  # float64 all the way: exact for plain FedAvg
+    def aggregate(self, suspected: Sequence[bool] = ()) -> Aggregate:
+        return Aggregate(self.fedavg.mean_delta())
 
     def arrays(self) -> Arrays:
         if isinstance(self.fedavg, SparseFedAvg):
@@ -147,10 +142,10 @@ class Buffered(Accumulator):
         self.deltas.append([np.asarray(a, dtype=np.float32) for a in delta])
         self.examples.append(int(examples))
 
-    def mean_delta(self) -> Weights:
+    def aggregate(self, suspected: Sequence[bool] = ()) -> Aggregate:
         if not self.deltas:
             raise InconsistentUpdate("no update has been added")
-        return self.rule(self.deltas, self.examples)
+        return self.rule(self.deltas, self.examples, suspected)
 
     def arrays(self) -> Arrays:
         """All deltas flattened in order (delta 0's tensors, then delta 1's, ...),
@@ -194,13 +189,15 @@ def restore(
         return Streaming(SparseFedAvg(shapes, sums, coverage, total, count), clip)
     rule: Rule
     if strategy == "median":
-        rule = lambda deltas, _examples: coordinate_median(deltas)  # noqa: E731
+        rule = lambda deltas, _examples, _suspected: Aggregate(coordinate_median(deltas))  # noqa: E731
     elif strategy == "trimmed_mean":
         fraction = settings.trim_fraction
-        rule = lambda deltas, _examples: trimmed_mean(deltas, fraction)  # noqa: E731
+        rule = lambda deltas, _examples, _suspected: Aggregate(trimmed_mean(deltas, fraction))  # noqa: E731
     else:
         byzantine = settings.byzantine
-        rule = lambda deltas, examples: multi_krum(deltas, examples, byzantine)  # noqa: E731
+        rule = lambda deltas, examples, suspected: multi_krum(  # noqa: E731
+            deltas, examples, byzantine, suspected
+        )
     assert settings.max_devices is not None  # the config guarantees it for buffered rules
     if not arrays:
         return Buffered(shapes, rule, settings.max_devices)
@@ -236,22 +233,45 @@ def make_optimizer(settings: RoundSettings) -> ServerOptimizer | None:
     )
 
 
-def next_weights(
+def make_suspicion(settings: RoundSettings) -> Suspicion | None:
+    """Multi-Krum's empty memory across rounds, as configured (None: no memory)."""
+    if settings.strategy != "multi_krum" or settings.krum_memory == 0:
+        return None
+    return Suspicion(settings.krum_memory)
+
+
+@dataclass(frozen=True)
+class Step:
+    """A round's outcome: the new global weights and the server's memory after it."""
+
+    weights: Weights
+    optimizer: ServerOptimizer | None
+    suspicion: Suspicion | None
+
+
+def next_step(
     base: Sequence[npt.NDArray[np.float32]],
     accumulator: Accumulator,
+    devices: Sequence[str],
     optimizer: ServerOptimizer | None,
-) -> tuple[Weights, ServerOptimizer | None]:
-    """The new global weights and the optimiser after this step.
+    suspicion: Suspicion | None,
+) -> Step:
+    """Aggregate the round (`devices`: who sent each update, in the order added).
 
-    The given optimiser is left untouched: the step only becomes the model's
-    once the release is committed, and recomputing an unpublished release after
-    a restart must not step the moments twice.
+    The given optimiser and suspicion are left untouched: the step only
+    becomes the model's once the release is committed, and recomputing an
+    unpublished release after a restart must not count this round twice.
     """
-    if optimizer is None:
-        return accumulator.apply(base), None
-    stepped = copy.deepcopy(optimizer)
-    step = stepped.step(accumulator.mean_delta())
-    return [
+    suspected = suspicion.suspects(devices) if suspicion is not None else ()
+    aggregate = accumulator.aggregate(suspected)
+    if suspicion is not None and aggregate.outliers:
+        suspicion = suspicion.after(devices, aggregate.outliers)
+    step = aggregate.delta
+    if optimizer is not None:
+        optimizer = copy.deepcopy(optimizer)
+        step = optimizer.step(step)
+    weights = [
         (np.asarray(b, dtype=np.float64) + s).astype(np.float32)
         for b, s in zip(base, step, strict=True)
-    ], stepped
+    ]
+    return Step(weights, optimizer, suspicion)

@@ -21,11 +21,10 @@ from collections.abc import Callable
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from aggregator.accumulator import make_accumulator, next_weights
+from aggregator.accumulator import Step, make_accumulator, next_step
 from aggregator.config import AggregatorConfig
 from aggregator.export import Exporter, Release
 from aggregator.persistence import OPEN, Persistence, SavedModel
-from aggregator.robust import ServerOptimizer
 from aggregator.rounds import Round, announce, select_devices
 from aggregator.state import StateStore
 from aggregator.strategy import InconsistentUpdate
@@ -75,8 +74,9 @@ class Coordinator:
         self.round: Round | None = None
         self.dirty = False
         """Updates were accepted since the last commit (see `persist`)."""
-        self.next_optimizer: ServerOptimizer | None = None
-        """The optimiser after the pending release's step; the model's once published."""
+        self.next_step: Step | None = None
+        """The pending release's step: its optimiser and suspicion become the model's once
+        published."""
         self.model = self._resume()
         self.specs = exporter.specs(self.model.weights)
 
@@ -378,10 +378,14 @@ class Coordinator:
 
     def _release(self) -> Release:
         assert self.round is not None
-        weights, self.next_optimizer = next_weights(
-            self.model.weights, self.round.accumulator, self.model.optimizer
+        self.next_step = next_step(
+            self.model.weights,
+            self.round.accumulator,
+            self.round.received,
+            self.model.optimizer,
+            self.model.suspicion,
         )
-        return self.exporter.release(weights, self.model.version + 1, self.round.id)
+        return self.exporter.release(self.next_step.weights, self.model.version + 1, self.round.id)
 
     def _aggregate(self) -> None:
         current = self.round
@@ -411,7 +415,10 @@ class Coordinator:
         closed = to_json(current.set_phase("closed"))
         current.announce_bytes += len(closed)
         current.status = "closed"
-        model = self.persistence.save_release(release, self.next_optimizer)
+        assert self.next_step is not None  # set with the release by `_release`
+        model = self.persistence.save_release(
+            release, self.next_step.optimizer, self.next_step.suspicion
+        )
         down = len(release.global_payload) + len(release.tflite_payload)
         metrics = self._metrics(current, "published", release, extra_down=down)
         self.persistence.save_metrics(metrics)

@@ -12,15 +12,13 @@ from __future__ import annotations
 
 import hashlib
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
 
-from aggregator.accumulator import make_accumulator
+from aggregator.accumulator import make_accumulator, make_optimizer, make_suspicion, next_step
 from aggregator.config import RoundSettings
-from aggregator.robust import ServerOptimizer
 from fedbell import messages
 from fedbell import model as face_model
 from fedbell.codecs import Weights
@@ -50,6 +48,8 @@ class Arm:
     left_out: int = 0
     """The first `left_out` nodes take no part: with the attackers simply absent,
     this is what a perfect robust rule could reach."""
+    krum_memory: float = 0.0
+    """Multi-Krum's memory across rounds (0: none; see `aggregator.robust.Suspicion`)."""
     server: Literal["none", "fedavgm", "fedadam"] = "none"
     server_momentum: float = 0.9
     downlink_codec: Codec = "float32"
@@ -112,21 +112,19 @@ def _poison(delta: Weights, attack: Attack) -> Weights:
     return [np.asarray(factor * d, np.float32) for d in delta]
 
 
-def _aggregate(arm: Arm, deltas: Sequence[Weights], weights: Sequence[int]) -> Weights:
-    """The aggregator's own accumulator for the arm's strategy and codec."""
-    settings = RoundSettings(
+def _settings(arm: Arm, nodes: int) -> RoundSettings:
+    """The aggregator's round settings for the arm's strategy and codec."""
+    return RoundSettings(
         codec=arm.codec,
         strategy=arm.strategy,
         clip_norm=arm.clip_norm if arm.strategy == "clipped" else None,
         trim_fraction=arm.trim_fraction,
         byzantine=arm.byzantine or len(arm.attackers) or 1,
-        max_devices=len(deltas),
+        krum_memory=arm.krum_memory,
+        max_devices=nodes,
+        server_optimizer=arm.server,
+        server_momentum=arm.server_momentum,
     )
-    shapes = [d.shape for d in deltas[0]]
-    accumulator = make_accumulator(settings, shapes, sparse=arm.codec == "topk")
-    for delta, examples in zip(deltas, weights, strict=True):
-        accumulator.add(delta, examples)
-    return accumulator.mean_delta()
 
 
 def _seed(*parts: object) -> int:
@@ -142,9 +140,9 @@ def run_arm(fed: Federation, arm: Arm, rounds: int, progress: Any = None) -> Arm
     specs = face_model.tensor_specs(names, face_model.get_weights(initial))
     weights = face_model.get_weights(initial)
     residuals: dict[int, Weights] = {}
-    server = (
-        ServerOptimizer(arm.server, momentum=arm.server_momentum) if arm.server != "none" else None
-    )
+    settings = _settings(arm, len(nodes))
+    server, suspicion = make_optimizer(settings), make_suspicion(settings)
+    devices = [f"node{index}" for index in range(arm.left_out, len(fed.nodes))]
     result = ArmResult(arm)
     for round_id in range(1, rounds + 1):
         started = time.perf_counter()
@@ -158,8 +156,9 @@ def run_arm(fed: Federation, arm: Arm, rounds: int, progress: Any = None) -> Arm
             codec=arm.downlink_codec,
         )
         base = messages.parse_global(down, site=SITE, max_bytes=1 << 26, keys=None).weights
-        deltas: list[Weights] = []
-        examples: list[int] = []
+        accumulator = make_accumulator(
+            settings, [w.shape for w in weights], sparse=arm.codec == "topk"
+        )
         bytes_up = 0
         for index, node in enumerate(nodes, start=arm.left_out):
             face_model.set_weights(model, base)
@@ -199,12 +198,9 @@ def run_arm(fed: Federation, arm: Arm, rounds: int, progress: Any = None) -> Arm
             )
             bytes_up += len(payload)
             result.update_bytes.append(len(payload))
-            deltas.append(update.delta)
-            examples.append(update.num_examples)
-        step = _aggregate(arm, deltas, examples)
-        if server is not None:
-            step = server.step(step)
-        weights = [np.asarray(w + s, np.float32) for w, s in zip(weights, step, strict=True)]
+            accumulator.add(update.delta, update.num_examples)
+        step = next_step(weights, accumulator, devices, server, suspicion)
+        weights, server, suspicion = step.weights, step.optimizer, step.suspicion
         face_model.set_weights(model, weights)
         accuracy = face_model.accuracy(model, fed.held_out.images, fed.held_out.labels)
         result.rounds.append(

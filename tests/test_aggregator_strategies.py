@@ -175,6 +175,36 @@ def test_an_unpublished_step_is_not_applied_twice_after_a_restart(
     assert_moved_by(before, restarted, [expected] * len(before))
 
 
+def test_multi_krum_remembers_an_outlier_across_restarts_and_counts_each_round_once(
+    tmp_path: Path, exporter: Exporter
+) -> None:
+    rounds = {"strategy": "multi_krum", "byzantine": 1, "max_devices": 5, "krum_memory": 0.5}
+    harness = start(tmp_path, exporter, **rounds)
+    first = weights_of(harness)
+    run_round(harness, {"a": 0.010, "b": 0.011, "c": 0.012, "d": 0.013, "e": 0.5})
+    assert_moved_by(first, harness, [0.0115] * len(first))  # e dropped
+
+    restarted = start(tmp_path, exporter, **rounds)
+    suspicion = restarted.coordinator.model.suspicion
+    assert suspicion is not None and suspicion.levels == {"e": 0.5}
+    # e now hides in the middle and d is the farthest: plain Multi-Krum would drop d,
+    # the memory drops e. Aggregated, not published, when the aggregator restarts.
+    second = weights_of(restarted)
+    scales = {"a": 0.010, "b": 0.011, "c": 0.012, "d": 0.030, "e": 0.0115}
+    restarted.online(*scales)
+    restarted.command(cmd="train")
+    restarted.command(cmd="send")
+    for device, scale in scales.items():
+        restarted.update(device, restarted.coordinator.last_round, scale=scale)
+    restarted.command(cmd="aggregate")
+
+    again = start(tmp_path, exporter, **rounds)
+    again.command(cmd="publish")
+    assert_moved_by(second, again, [0.01575] * len(second))  # mean of a, b, c, d
+    suspicion = again.coordinator.model.suspicion
+    assert suspicion is not None and suspicion.levels == {"e": 0.25, "d": 0.5}  # once each
+
+
 def test_changing_the_strategy_mid_round_is_a_clear_error(
     tmp_path: Path, exporter: Exporter
 ) -> None:

@@ -147,4 +147,4 @@ def test_sparse_round_survives_a_restart_through_its_saved_arrays() -> None:
     )
     for accumulator in (first, resumed):
         accumulator.add([np.array([[3.0, 0.0], [1.0, 0.0]])], 2)
-    np.testing.assert_allclose(resumed.mean_delta()[0], first.mean_delta()[0])
+    np.testing.assert_allclose(resumed.aggregate().delta[0], first.aggregate().delta[0])
