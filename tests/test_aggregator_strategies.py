@@ -186,7 +186,8 @@ def test_multi_krum_remembers_an_outlier_across_restarts_and_counts_each_round_o
 
     restarted = start(tmp_path, exporter, **rounds)
     suspicion = restarted.coordinator.model.suspicion
-    assert suspicion is not None and suspicion.levels == {"e": 0.5}
+    assert suspicion is not None
+    assert suspicion.levels == {"e": 0.5}
     # e now hides in the middle and d is the farthest: plain Multi-Krum would drop d,
     # the memory drops e. Aggregated, not published, when the aggregator restarts.
     second = weights_of(restarted)
@@ -202,7 +203,8 @@ def test_multi_krum_remembers_an_outlier_across_restarts_and_counts_each_round_o
     again.command(cmd="publish")
     assert_moved_by(second, again, [0.01575] * len(second))  # mean of a, b, c, d
     suspicion = again.coordinator.model.suspicion
-    assert suspicion is not None and suspicion.levels == {"e": 0.25, "d": 0.5}  # once each
+    assert suspicion is not None
+    assert suspicion.levels == {"e": 0.25, "d": 0.5}
 
 
 def test_changing_the_strategy_mid_round_is_a_clear_error(

@@ -117,7 +117,8 @@ def test_multi_krum_drops_a_suspect_first_even_when_it_hides_among_the_others() 
     examples = [1] * 10
 
     plain = multi_krum(updates, examples, byzantine=2)
-    assert plain.outliers[8] and not plain.outliers[9]  # kept: it looks honest
+    assert plain.outliers[8]
+    assert not plain.outliers[9]
     remembered = multi_krum(updates, examples, byzantine=2, suspected=[False] * 9 + [True])
     for got, want in zip(remembered.delta, mean_of(honest_updates), strict=True):
         np.testing.assert_allclose(got, want, rtol=1e-5)  # the scaled one and the suspect go
