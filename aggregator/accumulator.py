@@ -247,6 +247,8 @@ class Step:
     weights: Weights
     optimizer: ServerOptimizer | None
     suspicion: Suspicion | None
+    dropped: tuple[str, ...] = ()
+    """Doorbells whose update the strategy left out (Multi-Krum)."""
 
 
 def next_step(
@@ -274,4 +276,5 @@ def next_step(
         (np.asarray(b, dtype=np.float64) + s).astype(np.float32)
         for b, s in zip(base, step, strict=True)
     ]
-    return Step(weights, optimizer, suspicion)
+    dropped = tuple(d for d, out in zip(devices, aggregate.dropped, strict=False) if out)
+    return Step(weights, optimizer, suspicion, dropped)

@@ -399,6 +399,13 @@ class Coordinator:
             release.version,
             _percent(release.accuracy),
         )
+        if self.next_step is not None and self.next_step.dropped:
+            log.warning(
+                "round %d: %s left out the updates of %s",
+                current.id,
+                self.config.rounds.strategy,
+                ", ".join(self.next_step.dropped),
+            )
         if not current.manual:
             self._publish_release(release)
             return
@@ -484,6 +491,7 @@ class Coordinator:
                     "bytes_down": (current.announce_bytes + extra_down) * len(current.selected),
                     "seconds": round(self.clock() - current.started_at, 3),
                     "rejected": dict(current.rejected),
+                    "dropped": list(self.next_step.dropped) if release and self.next_step else [],
                 }
             )
         )

@@ -126,7 +126,10 @@ class Aggregate:
 
     delta: Weights
     outliers: tuple[bool, ...] = ()
-    """Per update, in the order they were added (empty: the rule judges none)."""
+    """Per update, in the order they were added: judged hostile by this round's
+    scores alone (empty: the rule judges none)."""
+    dropped: tuple[bool, ...] = ()
+    """Per update: left out of the average (outliers, or suspects from earlier rounds)."""
 
 
 def multi_krum(
@@ -167,7 +170,11 @@ def multi_krum(
         np.tensordot(weights, np.stack([deltas[i][t] for i in keep]), axes=1).astype(np.float32)
         for t in range(len(deltas[0]))
     ]
-    return Aggregate(delta, tuple(i in outliers for i in range(count)))
+    return Aggregate(
+        delta,
+        tuple(i in outliers for i in range(count)),
+        tuple(i in dropped for i in range(count)),
+    )
 
 
 @dataclass(frozen=True)

@@ -87,6 +87,10 @@ class RoundMetrics(Message):
     bytes_down: int
     seconds: float
     rejected: dict[str, int] = Field(default_factory=dict)
+    dropped: list[str] = Field(
+        default_factory=list,
+        description="Doorbells whose accepted update the strategy left out (multi_krum).",
+    )
 
 
 M = TypeVar("M", bound=Message)

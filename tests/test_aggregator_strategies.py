@@ -183,6 +183,7 @@ def test_multi_krum_remembers_an_outlier_across_restarts_and_counts_each_round_o
     first = weights_of(harness)
     run_round(harness, {"a": 0.010, "b": 0.011, "c": 0.012, "d": 0.013, "e": 0.5})
     assert_moved_by(first, harness, [0.0115] * len(first))  # e dropped
+    assert harness.metrics()[-1].dropped == ["e"]
 
     restarted = start(tmp_path, exporter, **rounds)
     suspicion = restarted.coordinator.model.suspicion
@@ -202,6 +203,7 @@ def test_multi_krum_remembers_an_outlier_across_restarts_and_counts_each_round_o
     again = start(tmp_path, exporter, **rounds)
     again.command(cmd="publish")
     assert_moved_by(second, again, [0.01575] * len(second))  # mean of a, b, c, d
+    assert again.metrics()[-1].dropped == ["e"]
     suspicion = again.coordinator.model.suspicion
     assert suspicion is not None
     assert suspicion.levels == {"e": 0.25, "d": 0.5}
