@@ -159,10 +159,11 @@ def multi_krum(
     distances = np.maximum(squares[:, None] + squares[None, :] - 2.0 * flat @ flat.T, 0.0)
     np.fill_diagonal(distances, np.inf)
     scores = np.sort(distances, axis=1)[:, : count - byzantine - 2].sum(axis=1)
-    worst_first = np.argsort(-scores, kind="stable")
-    outliers = set(worst_first[:byzantine].tolist())
-    suspects = [i for i in worst_first.tolist() if i < len(suspected) and suspected[i]]
-    dropped = set((suspects + [i for i in worst_first.tolist() if i not in suspects])[:byzantine])
+    worst_first = np.argsort(-scores, kind="stable").tolist()
+    outliers = set(worst_first[:byzantine])
+    # Suspects first (worst-scored first among them), then the worst-scored others.
+    by_suspicion = sorted(worst_first, key=lambda i: not (i < len(suspected) and suspected[i]))
+    dropped = set(by_suspicion[:byzantine])
     keep = [i for i in range(count) if i not in dropped]
     weights = np.asarray([examples[i] for i in keep], dtype=np.float64)
     weights /= weights.sum()
