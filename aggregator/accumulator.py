@@ -31,7 +31,6 @@ from aggregator.robust import (
     Aggregate,
     Delta,
     ServerOptimizer,
-    Suspicion,
     clip_by_norm,
     coordinate_median,
     multi_krum,
@@ -42,7 +41,7 @@ from fedbell.codecs import Weights
 
 Arrays = list[npt.NDArray[np.floating]]
 Shapes = Sequence[tuple[int, ...]]
-Rule = Callable[[Sequence[Delta], Sequence[int], Sequence[bool]], Aggregate]
+Rule = Callable[[Sequence[Delta], Sequence[int]], Aggregate]
 
 
 class Accumulator(ABC):
@@ -63,10 +62,8 @@ class Accumulator(ABC):
         """Take one checked update in; the caller may drop `delta` afterwards."""
 
     @abstractmethod
-    def aggregate(self, suspected: Sequence[bool] = ()) -> Aggregate:
-        """The round's aggregated delta; `suspected`: per update, in the order
-        added, whether earlier rounds made its doorbell suspect (Multi-Krum
-        drops those first; the other rules ignore it)."""
+    def aggregate(self) -> Aggregate:
+        """The round's aggregated delta, and which updates the rule left out."""
 
     @abstractmethod
     def arrays(self) -> Arrays:
@@ -93,7 +90,7 @@ class Streaming(Accumulator):
             delta = clip_by_norm(delta, self.clip_norm)
         self.fedavg.add(delta, examples)
 
-    def aggregate(self, suspected: Sequence[bool] = ()) -> Aggregate:
+    def aggregate(self) -> Aggregate:
         return Aggregate(self.fedavg.mean_delta())
 
     def arrays(self) -> Arrays:
@@ -142,10 +139,10 @@ class Buffered(Accumulator):
         self.deltas.append([np.asarray(a, dtype=np.float32) for a in delta])
         self.examples.append(int(examples))
 
-    def aggregate(self, suspected: Sequence[bool] = ()) -> Aggregate:
+    def aggregate(self) -> Aggregate:
         if not self.deltas:
             raise InconsistentUpdate("no update has been added")
-        return self.rule(self.deltas, self.examples, suspected)
+        return self.rule(self.deltas, self.examples)
 
     def arrays(self) -> Arrays:
         """All deltas flattened in order (delta 0's tensors, then delta 1's, ...),
@@ -189,15 +186,13 @@ def restore(
         return Streaming(SparseFedAvg(shapes, sums, coverage, total, count), clip)
     rule: Rule
     if strategy == "median":
-        rule = lambda deltas, _examples, _suspected: Aggregate(coordinate_median(deltas))  # noqa: E731
+        rule = lambda deltas, _examples: Aggregate(coordinate_median(deltas))  # noqa: E731
     elif strategy == "trimmed_mean":
         fraction = settings.trim_fraction
-        rule = lambda deltas, _examples, _suspected: Aggregate(trimmed_mean(deltas, fraction))  # noqa: E731
+        rule = lambda deltas, _examples: Aggregate(trimmed_mean(deltas, fraction))  # noqa: E731
     else:
         byzantine = settings.byzantine
-        rule = lambda deltas, examples, suspected: multi_krum(  # noqa: E731
-            deltas, examples, byzantine, suspected
-        )
+        rule = lambda deltas, examples: multi_krum(deltas, examples, byzantine)  # noqa: E731
     assert settings.max_devices is not None  # the config guarantees it for buffered rules
     if not arrays:
         return Buffered(shapes, rule, settings.max_devices)
@@ -233,20 +228,12 @@ def make_optimizer(settings: RoundSettings) -> ServerOptimizer | None:
     )
 
 
-def make_suspicion(settings: RoundSettings) -> Suspicion | None:
-    """Multi-Krum's empty memory across rounds, as configured (None: no memory)."""
-    if settings.strategy != "multi_krum" or settings.krum_memory == 0:
-        return None
-    return Suspicion(settings.krum_memory)
-
-
 @dataclass(frozen=True)
 class Step:
-    """A round's outcome: the new global weights and the server's memory after it."""
+    """A round's outcome: the new global weights and the server optimiser after it."""
 
     weights: Weights
     optimizer: ServerOptimizer | None
-    suspicion: Suspicion | None
     dropped: tuple[str, ...] = ()
     """Doorbells whose update the strategy left out (Multi-Krum)."""
 
@@ -256,18 +243,14 @@ def next_step(
     accumulator: Accumulator,
     devices: Sequence[str],
     optimizer: ServerOptimizer | None,
-    suspicion: Suspicion | None,
 ) -> Step:
     """Aggregate the round (`devices`: who sent each update, in the order added).
 
-    The given optimiser and suspicion are left untouched: the step only
-    becomes the model's once the release is committed, and recomputing an
-    unpublished release after a restart must not count this round twice.
+    The given optimiser is left untouched: the step only becomes the model's
+    once the release is committed, and recomputing an unpublished release
+    after a restart must not step the moments twice.
     """
-    suspected = suspicion.suspects(devices) if suspicion is not None else ()
-    aggregate = accumulator.aggregate(suspected)
-    if suspicion is not None and aggregate.outliers:
-        suspicion = suspicion.after(devices, aggregate.outliers)
+    aggregate = accumulator.aggregate()
     step = aggregate.delta
     if optimizer is not None:
         optimizer = copy.deepcopy(optimizer)
@@ -277,4 +260,4 @@ def next_step(
         for b, s in zip(base, step, strict=True)
     ]
     dropped = tuple(d for d, out in zip(devices, aggregate.dropped, strict=False) if out)
-    return Step(weights, optimizer, suspicion, dropped)
+    return Step(weights, optimizer, dropped)

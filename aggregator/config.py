@@ -112,16 +112,6 @@ class RoundSettings(StrictModel):
         description="With strategy multi_krum: how many updates per round may be hostile "
         "(that many are dropped each round).",
     )
-    krum_memory: float = Field(
-        default=0.9,
-        ge=0,
-        lt=1,
-        title="Multi-Krum memory",
-        description="With strategy multi_krum: how slowly a doorbell's record of being an "
-        "outlier fades, per round it takes part in (exponential average). A doorbell that was "
-        "an outlier in most recent rounds is dropped first even when it hides among the "
-        "others. 0 turns the memory off. The records are saved with the model.",
-    )
     server_optimizer: ServerOptimizerKind = Field(
         default="none",
         title="Server optimiser",

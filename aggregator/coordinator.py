@@ -75,8 +75,7 @@ class Coordinator:
         self.dirty = False
         """Updates were accepted since the last commit (see `persist`)."""
         self.next_step: Step | None = None
-        """The pending release's step: its optimiser and suspicion become the model's once
-        published."""
+        """The pending release's step: its optimiser becomes the model's once published."""
         self.model = self._resume()
         self.specs = exporter.specs(self.model.weights)
 
@@ -383,7 +382,6 @@ class Coordinator:
             self.round.accumulator,
             self.round.received,
             self.model.optimizer,
-            self.model.suspicion,
         )
         return self.exporter.release(self.next_step.weights, self.model.version + 1, self.round.id)
 
@@ -423,9 +421,7 @@ class Coordinator:
         current.announce_bytes += len(closed)
         current.status = "closed"
         assert self.next_step is not None  # set with the release by `_release`
-        model = self.persistence.save_release(
-            release, self.next_step.optimizer, self.next_step.suspicion
-        )
+        model = self.persistence.save_release(release, self.next_step.optimizer)
         down = len(release.global_payload) + len(release.tflite_payload)
         metrics = self._metrics(current, "published", release, extra_down=down)
         self.persistence.save_metrics(metrics)

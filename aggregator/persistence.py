@@ -2,8 +2,7 @@
 
 The coordinator decides when to commit (always before it publishes, so a
 restart republishes exactly what was committed); this module decides what a
-commit holds: the model with its optimiser moments and
-Multi-Krum's records, the round with its
+commit holds: the model and its optimiser moments, the round with its
 accumulator, and the retained payloads. The folder outlives the config, so
 loading checks that the saved model and round still fit the configuration
 instead of carrying on with a model of other labels.
@@ -17,10 +16,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from aggregator.accumulator import make_optimizer, make_suspicion, restore
+from aggregator.accumulator import make_optimizer, restore
 from aggregator.config import AggregatorConfig
 from aggregator.export import Exporter, Release
-from aggregator.robust import ServerOptimizer, Suspicion
+from aggregator.robust import ServerOptimizer
 from aggregator.rounds import Round
 from aggregator.state import ModelRecord, RoundStatus, StateError, StateRecord, StateStore
 from aggregator.strategy import InconsistentUpdate
@@ -43,8 +42,6 @@ class SavedModel:
     optimizer: ServerOptimizer | None = None
     """The server optimiser's moments after the step that made this version."""
     optimizer_file: str | None = None
-    suspicion: Suspicion | None = None
-    """Multi-Krum's records of outliers, with the verdicts of the round that made this version."""
 
 
 @dataclass(frozen=True)
@@ -96,7 +93,6 @@ class Persistence:
             record.model.file,
             self._load_optimizer(record.model),
             record.model.optimizer_file,
-            self._load_suspicion(record.model),
         )
         current = None
         if record.round is not None:
@@ -149,13 +145,6 @@ class Persistence:
             raise StateError(f"{self.store.path}: {err}") from None
         return optimizer
 
-    def _load_suspicion(self, record: ModelRecord) -> Suspicion | None:
-        """Multi-Krum's saved records, kept across strategy changes (only it uses them)."""
-        suspicion = make_suspicion(self.config.rounds)
-        if suspicion is None:
-            return None
-        return Suspicion(suspicion.decay, dict(record.suspicion))
-
     def initialise(self) -> SavedModel:
         """Create and commit model version 0: the first start's state."""
         log.info(
@@ -165,17 +154,13 @@ class Persistence:
         )
         weights = self.exporter.initial_weights()
         release = self.exporter.release(weights, version=0, round_id=0)
-        model = self.save_release(
-            release, make_optimizer(self.config.rounds), make_suspicion(self.config.rounds)
-        )
+        model = self.save_release(release, make_optimizer(self.config.rounds))
         self.commit(model, None, last_round=0)
         return model
 
     # -- writing -----------------------------------------------------------------
 
-    def save_release(
-        self, release: Release, optimizer: ServerOptimizer | None, suspicion: Suspicion | None
-    ) -> SavedModel:
+    def save_release(self, release: Release, optimizer: ServerOptimizer | None) -> SavedModel:
         """Write a release's files (not yet committed) and return the model record."""
         self.retained["global"] = self.store.write_blob("global", release.global_payload)
         self.retained["tflite"] = self.store.write_blob("tflite", release.tflite_payload)
@@ -184,13 +169,7 @@ class Persistence:
         if optimizer is not None and optimizer.steps > 0:
             optimizer_file = self.store.write_arrays("optimizer", optimizer.arrays())
         return SavedModel(
-            release.version,
-            release.round,
-            release.weights,
-            model_file,
-            optimizer,
-            optimizer_file,
-            suspicion,
+            release.version, release.round, release.weights, model_file, optimizer, optimizer_file
         )
 
     def save_metrics(self, metrics: bytes) -> None:
@@ -224,7 +203,6 @@ class Persistence:
                     optimizer=model.optimizer.kind if model.optimizer else None,
                     optimizer_file=model.optimizer_file,
                     optimizer_steps=model.optimizer.steps if model.optimizer else 0,
-                    suspicion=dict(model.suspicion.levels) if model.suspicion else {},
                 ),
                 round=round_record,
                 last_round=last_round,

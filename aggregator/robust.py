@@ -14,7 +14,7 @@ other problems:
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -125,26 +125,22 @@ class Aggregate:
     """A round's aggregated delta, and which updates the rule judged hostile."""
 
     delta: Weights
-    outliers: tuple[bool, ...] = ()
-    """Per update, in the order they were added: judged hostile by this round's
-    scores alone (empty: the rule judges none)."""
     dropped: tuple[bool, ...] = ()
-    """Per update: left out of the average (outliers, or suspects from earlier rounds)."""
+    """Per update, in the order they were added: left out of the average
+    (empty: the rule leaves no whole update out)."""
 
 
 def multi_krum(
     deltas: Sequence[Delta],
     examples: Sequence[int],
     byzantine: int,
-    suspected: Sequence[bool] = (),
 ) -> Aggregate:
     """Multi-Krum (Blanchard et al., NeurIPS 2017), then FedAvg of what is kept.
 
     Each update is scored by its summed squared distance to its n - f - 2
     nearest fellows; the f worst-scored (at most `byzantine` hostile
-    doorbells are assumed) are this round's outliers. Updates `suspected`
-    from earlier rounds (see `Suspicion`) are dropped first, then the worst
-    scored, f in all; the rest are averaged, weighted by examples. Unlike
+    doorbells are assumed) are dropped and the rest averaged, weighted by
+    examples. Unlike
     coordinate-wise rules it keeps whole honest updates, so a class only a
     few doorbells have seen is not voted away (non-IID). With too few updates
     for the rule (n <= 2f + 2) it falls back to the coordinate median.
@@ -159,60 +155,11 @@ def multi_krum(
     distances = np.maximum(squares[:, None] + squares[None, :] - 2.0 * flat @ flat.T, 0.0)
     np.fill_diagonal(distances, np.inf)
     scores = np.sort(distances, axis=1)[:, : count - byzantine - 2].sum(axis=1)
-    worst_first = np.argsort(-scores, kind="stable").tolist()
-    outliers = set(worst_first[:byzantine])
-    # Suspects first (worst-scored first among them), then the worst-scored others.
-    by_suspicion = sorted(worst_first, key=lambda i: not (i < len(suspected) and suspected[i]))
-    dropped = set(by_suspicion[:byzantine])
-    keep = [i for i in range(count) if i not in dropped]
+    keep = sorted(np.argsort(scores, kind="stable")[: count - byzantine].tolist())
     weights = np.asarray([examples[i] for i in keep], dtype=np.float64)
     weights /= weights.sum()
     delta = [
         np.tensordot(weights, np.stack([deltas[i][t] for i in keep]), axes=1).astype(np.float32)
         for t in range(len(deltas[0]))
     ]
-    return Aggregate(
-        delta,
-        tuple(i in outliers for i in range(count)),
-        tuple(i in dropped for i in range(count)),
-    )
-
-
-@dataclass(frozen=True)
-class Suspicion:
-    """Multi-Krum's memory across rounds: how often each doorbell was an outlier lately.
-
-    Late in training honest updates are mostly noise and a sign-flipped one
-    can hide among them for a few rounds: plain Multi-Krum then keeps it and
-    drops an honest one (measured in `make bench-robust`). A doorbell's level
-    is an exponential average of its verdicts (1: an outlier that round, 0:
-    not) over the rounds it took part in; from `SUSPECT_LEVEL` up it is
-    dropped first. An honest doorbell that is an outlier now and then never
-    gets there, and one that behaves is forgiven after a few rounds.
-    Committed with the model it helped make, so recomputing an unpublished
-    round after a restart does not count its verdicts twice.
-    """
-
-    decay: float = 0.9
-    levels: Mapping[str, float] = field(default_factory=dict)
-
-    def suspects(self, devices: Sequence[str]) -> list[bool]:
-        return [self.levels.get(device, 0.0) >= SUSPECT_LEVEL for device in devices]
-
-    def after(self, devices: Sequence[str], outliers: Sequence[bool]) -> Suspicion:
-        """The levels once this round's verdicts are in (absent doorbells keep theirs)."""
-        if len(devices) != len(outliers):
-            raise ValueError(f"{len(devices)} devices, {len(outliers)} verdicts")
-        levels = dict(self.levels)
-        for device, outlier in zip(devices, outliers, strict=True):
-            level = self.decay * levels.get(device, 0.0) + (1 - self.decay) * outlier
-            if level < FORGOTTEN_LEVEL:
-                levels.pop(device, None)  # keeps the state small: long-honest doorbells
-            else:
-                levels[device] = round(level, 6)
-        return Suspicion(self.decay, levels)
-
-
-SUSPECT_LEVEL = 0.5
-"""An outlier in more recent rounds than not (weighted by `Suspicion.decay`)."""
-FORGOTTEN_LEVEL = 1e-3
+    return Aggregate(delta, tuple(i not in keep for i in range(count)))

@@ -23,7 +23,7 @@ import os
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Literal
 
 import numpy as np
 import numpy.typing as npt
@@ -57,11 +57,6 @@ class ModelRecord(_Record):
     )
     optimizer_file: str | None = None
     optimizer_steps: int = Field(default=0, ge=0)
-    suspicion: dict[str, Annotated[float, Field(ge=0, le=1)]] = Field(
-        default_factory=dict,
-        description="Multi-Krum's record of each doorbell (1: an outlier in every recent "
-        "round), after the round that produced this version.",
-    )
 
 
 class RoundRecord(_Record):

@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from aggregator.accumulator import make_accumulator, make_optimizer, make_suspicion, next_step
+from aggregator.accumulator import make_accumulator, make_optimizer, next_step
 from aggregator.config import RoundSettings
 from fedbell import messages
 from fedbell import model as face_model
@@ -48,8 +48,6 @@ class Arm:
     left_out: int = 0
     """The first `left_out` nodes take no part: with the attackers simply absent,
     this is what a perfect robust rule could reach."""
-    krum_memory: float = 0.0
-    """Multi-Krum's memory across rounds (0: none; see `aggregator.robust.Suspicion`)."""
     server: Literal["none", "fedavgm", "fedadam"] = "none"
     server_momentum: float = 0.9
     downlink_codec: Codec = "float32"
@@ -120,7 +118,6 @@ def _settings(arm: Arm, nodes: int) -> RoundSettings:
         clip_norm=arm.clip_norm if arm.strategy == "clipped" else None,
         trim_fraction=arm.trim_fraction,
         byzantine=arm.byzantine or len(arm.attackers) or 1,
-        krum_memory=arm.krum_memory,
         max_devices=nodes,
         server_optimizer=arm.server,
         server_momentum=arm.server_momentum,
@@ -141,7 +138,7 @@ def run_arm(fed: Federation, arm: Arm, rounds: int, progress: Any = None) -> Arm
     weights = face_model.get_weights(initial)
     residuals: dict[int, Weights] = {}
     settings = _settings(arm, len(nodes))
-    server, suspicion = make_optimizer(settings), make_suspicion(settings)
+    server = make_optimizer(settings)
     devices = [f"node{index}" for index in range(arm.left_out, len(fed.nodes))]
     result = ArmResult(arm)
     for round_id in range(1, rounds + 1):
@@ -199,8 +196,8 @@ def run_arm(fed: Federation, arm: Arm, rounds: int, progress: Any = None) -> Arm
             bytes_up += len(payload)
             result.update_bytes.append(len(payload))
             accumulator.add(update.delta, update.num_examples)
-        step = next_step(weights, accumulator, devices, server, suspicion)
-        weights, server, suspicion = step.weights, step.optimizer, step.suspicion
+        step = next_step(weights, accumulator, devices, server)
+        weights, server = step.weights, step.optimizer
         face_model.set_weights(model, weights)
         accuracy = face_model.accuracy(model, fed.held_out.images, fed.held_out.labels)
         result.rounds.append(

@@ -60,22 +60,11 @@ def arms(clip_norm: float) -> list[Arm]:
         Arm("trimmed mean (20 %)", strategy="trimmed_mean", trim_fraction=0.2, attackers=ATTACK),
         Arm("multi-krum (f = 2)", strategy="multi_krum", attackers=ATTACK),
         # Server momentum makes up most of what losing two doorbells' data costs
-        # (see the references), but late in training honest updates are mostly
-        # noise and the sign-flipped one hides among them for a few rounds...
+        # (see the references).
         Arm(
             "multi-krum (f = 2) + FedAvgM 0.8",
             strategy="multi_krum",
             attackers=ATTACK,
-            server="fedavgm",
-            server_momentum=0.8,
-        ),
-        # ...unless Multi-Krum remembers who its outliers were (the aggregator's
-        # default, rounds.krum_memory 0.9).
-        Arm(
-            "multi-krum (f = 2, memory 0.9) + FedAvgM 0.8",
-            strategy="multi_krum",
-            attackers=ATTACK,
-            krum_memory=0.9,
             server="fedavgm",
             server_momentum=0.8,
         ),
