@@ -342,7 +342,7 @@ def test_aggregator_crash_mid_round_resumes_from_disk_and_counts_nothing_twice(
         devices[2].send(updates[2])  # queued by the broker for the aggregator's session
         aggregator.start()
 
-        metrics = recorder.metrics(1)
+        metrics = recorder.metrics(1, timeout=60)  # a restart imports TensorFlow, exports TFLite
         assert metrics.outcome == "published"
         assert metrics.participants == 3
         assert metrics.examples == 15
@@ -379,9 +379,13 @@ def test_repeated_aggregator_crashes_during_rounds_never_leave_a_half_written_mo
     store = StateStore(tmp_path / "state")
     rng = random.Random(3)
     committed = 0
-    for _ in range(3):
+    for cycle in range(3):
         aggregator.start().wait_log("ready: site")
-        time.sleep(rng.uniform(1.0, 3.0))  # rounds take ~1 s: kills land anywhere in them
+        if cycle == 0:
+            recorder.metrics(1, timeout=40)  # a version on disk before the kills begin
+        aggregator.wait_log("started: base version")  # a round of this start is open
+        # Rounds take ~1 s here (longer on a loaded machine): kills land anywhere in them.
+        time.sleep(rng.uniform(0.0, 2.0))
         aggregator.kill()
         record = store.load()  # what the next start will read: complete and loadable
         assert record is not None
