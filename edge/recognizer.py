@@ -13,12 +13,15 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+
+# Moved to fedbell/ so the aggregator can use it; re-exported for edge code and tests.
+from fedbell.litert import interpreter_factory
 
 log = logging.getLogger(__name__)
 
@@ -52,30 +55,6 @@ class ModelArtifact:
             raise RecognizerError(f"model artifact: {UNKNOWN!r} cannot be a label")
         if self.threshold is not None and not 0.0 <= self.threshold <= 1.0:
             raise RecognizerError(f"model artifact: threshold {self.threshold} not in [0, 1]")
-
-
-def interpreter_factory() -> Callable[..., Any]:
-    """The first TFLite Interpreter class available: LiteRT, tflite-runtime, TensorFlow."""
-    try:
-        from ai_edge_litert.interpreter import Interpreter
-    except ImportError:
-        pass
-    else:
-        return Interpreter  # type: ignore[no-any-return]
-    try:
-        from tflite_runtime.interpreter import Interpreter as RuntimeInterpreter
-    except ImportError:
-        pass
-    else:
-        return RuntimeInterpreter  # type: ignore[no-any-return]
-    try:
-        import tensorflow as tf
-    except ImportError as err:
-        raise RecognizerError(
-            "no TFLite interpreter: install ai-edge-litert (pip install ai-edge-litert)"
-        ) from err
-    log.warning("using TensorFlow's tf.lite interpreter; install ai-edge-litert for speed")
-    return tf.lite.Interpreter  # type: ignore[no-any-return]
 
 
 @dataclass
