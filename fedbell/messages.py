@@ -7,6 +7,8 @@ tensor specs and the values before returning anything the caller can use.
 
 from __future__ import annotations
 
+import hashlib
+import re
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -37,29 +39,45 @@ class Update:
     meta: Mapping[str, Any] = field(default_factory=dict)
 
 
+_LINEAGE = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
+def check_lineage(value: object) -> str:
+    """A lineage id names one model's history: a reset or an upgrade starts a new one."""
+    if not isinstance(value, str) or not _LINEAGE.fullmatch(value):
+        raise RejectedMessage("bad_lineage", f"lineage {value!r} is not 1-64 of [A-Za-z0-9_-]")
+    return value
+
+
 @dataclass(frozen=True)
 class GlobalModel:
+    """The federated head of one model version; it carries no names and no faces."""
+
     version: int
     round: int
     names: tuple[str, ...]
     weights: Weights
+    lineage: str
+    threshold: float
+    """Similarity below which a visitor is unknown, calibrated on real strangers."""
+    backbone: str
+    """sha256 of the backbone TFLite (float flavour) this head goes with."""
     meta: Mapping[str, Any] = field(default_factory=dict)
-
-    @property
-    def labels(self) -> list[str]:
-        return list(self.meta.get("labels", []))
 
 
 @dataclass(frozen=True)
 class TfliteArtifact:
-    """Float and int8 TFLite flatbuffers of one global model version."""
+    """The backbone a lineage's heads run on: float and int8 TFLite flatbuffers.
+
+    Published once per lineage (retained), not per round: rounds only change
+    the head, which travels in the global model.
+    """
 
     version: int
     round: int
     float_model: bytes
     int8_model: bytes
-    labels: tuple[str, ...]
-    threshold: float
+    lineage: str
 
 
 @dataclass(frozen=True)
@@ -137,10 +155,14 @@ def build_global(
     round_id: int,
     names: Sequence[str],
     weights: Sequence[np.ndarray],
+    lineage: str,
+    threshold: float,
+    backbone: str,
     codec: Codec = "float32",
     meta: Mapping[str, Any] | None = None,
 ) -> bytes:
     specs, body = encode_tensors(names, weights, codec)
+    identity = {"lineage": lineage, "threshold": threshold, "backbone": backbone}
     header = _header(
         "global",
         site=site,
@@ -150,7 +172,7 @@ def build_global(
         codec=codec,
         body=body,
         tensors=specs,
-        meta={"created": time.time(), **(meta or {})},
+        meta={"created": time.time(), **(meta or {}), **identity},
     )
     return _seal(header, body, signer)
 
@@ -163,8 +185,7 @@ def build_tflite(
     round_id: int,
     float_model: bytes,
     int8_model: bytes,
-    labels: Sequence[str],
-    threshold: float,
+    lineage: str,
 ) -> bytes:
     body = float_model + int8_model
     header = _header(
@@ -177,8 +198,8 @@ def build_tflite(
         body=body,
         compression="none",
         meta={
-            "labels": list(labels),
-            "threshold": threshold,
+            "lineage": lineage,
+            "float_sha256": hashlib.sha256(float_model).hexdigest(),
             "float_size": len(float_model),
             "int8_size": len(int8_model),
         },
@@ -265,13 +286,23 @@ def parse_global(
         raise RejectedMessage("bad_codec", f"{header.codec!r} is not a model codec")
     if expected is not None:
         check_specs(header.tensors, expected)
+    meta = header.meta
+    lineage = check_lineage(meta.get("lineage"))
+    threshold, backbone = meta.get("threshold"), meta.get("backbone")
+    if not isinstance(threshold, int | float) or not -1.0 <= float(threshold) <= 1.0:
+        raise RejectedMessage("bad_header", f"threshold {threshold!r} is not a cosine in [-1, 1]")
+    if not isinstance(backbone, str) or not re.fullmatch(r"[0-9a-f]{64}", backbone):
+        raise RejectedMessage("bad_header", "global model names no backbone sha256")
     weights = decode_tensors(header.tensors, body, header.codec, header.compression)
     return GlobalModel(
         version=header.model_version,
         round=header.round,
         names=tuple(t.name for t in header.tensors),
         weights=weights,
-        meta=header.meta,
+        lineage=lineage,
+        threshold=float(threshold),
+        backbone=backbone,
+        meta=meta,
     )
 
 
@@ -282,22 +313,20 @@ def parse_tflite(
         payload, "tflite", site=site, sender=AGGREGATOR, max_bytes=max_bytes, keys=keys
     )
     meta = header.meta
+    lineage = check_lineage(meta.get("lineage"))
     try:
-        labels = tuple(str(label) for label in meta["labels"])
-        threshold = float(meta["threshold"])
         float_size = int(meta["float_size"])
         int8_size = int(meta["int8_size"])
     except (KeyError, TypeError, ValueError) as err:
         raise RejectedMessage("bad_header", f"tflite meta: {err!r}") from None
     if float_size < 0 or int8_size < 0 or float_size + int8_size != len(body):
         raise RejectedMessage("bad_size", "tflite part sizes do not add up to the body")
-    if not 0.0 <= threshold <= 1.0 or not labels:
-        raise RejectedMessage("bad_header", "tflite needs labels and a threshold in [0, 1]")
+    if float_size == 0:
+        raise RejectedMessage("bad_size", "tflite artifact without its float model")
     return TfliteArtifact(
         version=header.model_version,
         round=header.round,
         float_model=body[:float_size],
         int8_model=body[float_size:],
-        labels=labels,
-        threshold=threshold,
+        lineage=lineage,
     )

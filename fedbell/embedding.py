@@ -1,0 +1,188 @@
+"""The federated part of the face model: features → embedding, and its training.
+
+A frozen backbone (dlib's face ResNet, see `fedbell/dlib_resnet.py`) turns an
+aligned face chip into features; the *head* projects them to an embedding that
+is L2-normalised, so two faces compare by cosine similarity. Who is who is
+decided at home, by the nearest enrolled prototype (`fedbell/gallery.py`). Only
+the head is trained, on the doorbells, and only its tensors travel in rounds:
+the federation learns how to compare faces, never whose faces they are.
+
+The head starts as dlib's own final projection, so version 0 is exactly dlib's
+descriptor (normalised) and the federation adapts it to doorbell conditions.
+
+Pure numpy, so a doorbell trains without TensorFlow: the head is one matrix,
+and its gradient is a few lines.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+
+from fedbell.codecs import Weights
+
+Features = npt.NDArray[np.float32]
+"""Backbone features, shape (N, FEATURES)."""
+Embeddings = npt.NDArray[np.float32]
+"""L2-normalised embeddings, shape (N, EMBEDDING)."""
+LabelIds = npt.NDArray[np.int64]
+
+HEAD_NAMES: tuple[str, ...] = ("head/projection",)
+"""The tensors of the global model: what a round trains and averages."""
+
+_EPSILON = 1e-12
+
+
+@dataclass(frozen=True)
+class TrainParams:
+    """Local training hyper-parameters; the round message carries them."""
+
+    epochs: int = 5
+    batch_size: int = 32
+    learning_rate: float = 1e-3
+    prox_mu: float = 0.0
+    """FedProx: weight of (mu/2)·||W - W_base||², which keeps a doorbell that
+    knows only a few people from pulling the shared head towards them."""
+    seed: int = 0
+    margin: float = 0.2
+    """CosFace margin: a face must be this much closer (in cosine) to its own
+    person than to anyone else before it stops pulling."""
+    scale: float = 16.0
+    """Softmax temperature over cosines (CosFace's s)."""
+
+    def __post_init__(self) -> None:
+        if self.epochs < 0 or self.batch_size < 1:
+            raise ValueError(f"epochs {self.epochs} / batch_size {self.batch_size} out of range")
+        if not self.learning_rate > 0 or self.prox_mu < 0 or self.scale <= 0:
+            raise ValueError("learning_rate and scale must be positive, prox_mu not negative")
+
+
+def check_head(head: Sequence[npt.NDArray[np.float32]]) -> npt.NDArray[np.float32]:
+    """The projection matrix of a head, or ValueError saying what is wrong."""
+    if len(head) != len(HEAD_NAMES):
+        raise ValueError(f"a head has {len(HEAD_NAMES)} tensor(s), got {len(head)}")
+    projection = np.asarray(head[0], dtype=np.float32)
+    if projection.ndim != 2 or min(projection.shape) < 1:
+        raise ValueError(f"head projection must be a matrix, got shape {projection.shape}")
+    if not np.all(np.isfinite(projection)):
+        raise ValueError("head projection has NaN or infinite values")
+    return projection
+
+
+def normalize(vectors: npt.NDArray[np.floating]) -> npt.NDArray[np.float32]:
+    """Rows scaled to unit length (a zero row stays zero)."""
+    array = np.asarray(vectors, dtype=np.float32)
+    norms = np.linalg.norm(array, axis=-1, keepdims=True)
+    return np.asarray(array / np.maximum(norms, _EPSILON), dtype=np.float32)
+
+
+def embed(features: Features, head: Sequence[npt.NDArray[np.float32]]) -> Embeddings:
+    """Unit-length embeddings of backbone features."""
+    projection = check_head(head)
+    array = np.asarray(features, dtype=np.float32)
+    if array.ndim != 2 or array.shape[1] != projection.shape[0]:
+        raise ValueError(
+            f"features of shape {array.shape} do not fit a head taking {projection.shape[0]}"
+        )
+    return normalize(array @ projection)
+
+
+def _normalize_backward(
+    unit: npt.NDArray[np.float32], norms: npt.NDArray[np.float32], grad: npt.NDArray[np.float32]
+) -> npt.NDArray[np.float32]:
+    """Gradient through x = u/|u|: (dx - x·(x·dx)) / |u|."""
+    along = np.sum(unit * grad, axis=1, keepdims=True)
+    return np.asarray((grad - unit * along) / norms, dtype=np.float32)
+
+
+def _forward(
+    features: npt.NDArray[np.float32], projection: npt.NDArray[np.float32]
+) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]]:
+    raw = features @ projection
+    norms = np.maximum(np.linalg.norm(raw, axis=1, keepdims=True), _EPSILON).astype(np.float32)
+    return np.asarray(raw / norms, dtype=np.float32), norms
+
+
+def _centres(embeddings: Embeddings, labels: LabelIds, classes: int) -> Embeddings:
+    sums = np.zeros((classes, embeddings.shape[1]), dtype=np.float32)
+    np.add.at(sums, labels, embeddings)
+    return normalize(sums)
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    head: Weights
+    loss: float
+    steps: int
+
+
+def train_head(
+    head: Sequence[npt.NDArray[np.float32]],
+    features: Features,
+    labels: LabelIds,
+    negatives: Features,
+    params: TrainParams,
+) -> TrainResult:
+    """Train a copy of `head` on one house's faces; returns the trained head.
+
+    The objective is a prototype CosFace loss: each face must be nearer its own
+    person's prototype (the normalised mean of that person's embeddings,
+    recomputed every epoch and not trained) than every other person's by
+    `margin`, and nearer than every stranger in `negatives` (faces of people
+    nobody enrolled, seen at this door). The prototypes are the house's own,
+    so no classifier weights tied to names exist anywhere, and a house of one
+    person still learns from its strangers.
+    """
+    start = check_head(head)
+    x = np.asarray(features, dtype=np.float32)
+    y = np.asarray(labels, dtype=np.int64)
+    z = np.asarray(negatives, dtype=np.float32).reshape(-1, start.shape[0])
+    if x.ndim != 2 or x.shape[1] != start.shape[0] or y.shape != (len(x),):
+        raise ValueError(f"features {x.shape} / labels {y.shape} do not fit the head {start.shape}")
+    if len(x) and y.min() < 0:
+        raise ValueError("label ids must be >= 0")
+    classes = int(y.max()) + 1 if len(y) else 0
+    if classes + len(z) < 2 or len(x) == 0:  # nothing to tell apart: the head stays
+        return TrainResult([start.copy()], float("nan"), 0)
+
+    projection = start.copy()
+    adam_m = np.zeros_like(projection)
+    adam_v = np.zeros_like(projection)
+    beta1, beta2 = 0.9, 0.999
+    rng = np.random.default_rng(params.seed)
+    steps, losses = 0, []
+    for _ in range(params.epochs):
+        centres = _centres(_forward(x, projection)[0], y, classes)
+        losses = []
+        for batch in np.array_split(
+            rng.permutation(len(x)), max(1, -(-len(x) // params.batch_size))
+        ):
+            e, e_norm = _forward(x[batch], projection)
+            n, n_norm = _forward(z, projection)
+            targets = y[batch]
+            cos = np.concatenate([e @ centres.T, e @ n.T], axis=1)
+            cos[np.arange(len(batch)), targets] -= params.margin
+            logits = params.scale * cos
+            logits -= logits.max(axis=1, keepdims=True)
+            probs = np.exp(logits)
+            probs /= probs.sum(axis=1, keepdims=True)
+            losses.append(float(-np.mean(np.log(probs[np.arange(len(batch)), targets] + 1e-12))))
+            grad_logits = probs
+            grad_logits[np.arange(len(batch)), targets] -= 1.0
+            grad_cos = (params.scale / len(batch)) * grad_logits
+            grad_e = grad_cos[:, :classes] @ centres + grad_cos[:, classes:] @ n
+            grad_n = grad_cos[:, classes:].T @ e
+            grad = x[batch].T @ _normalize_backward(e, e_norm, grad_e)
+            if len(z):
+                grad += z.T @ _normalize_backward(n, n_norm, grad_n)
+            grad += params.prox_mu * (projection - start)
+            steps += 1
+            adam_m = beta1 * adam_m + (1 - beta1) * grad
+            adam_v = beta2 * adam_v + (1 - beta2) * grad * grad
+            m_hat = adam_m / (1 - beta1**steps)
+            v_hat = adam_v / (1 - beta2**steps)
+            projection -= params.learning_rate * m_hat / (np.sqrt(v_hat) + 1e-8)
+    return TrainResult([projection.astype(np.float32)], float(np.mean(losses)), steps)

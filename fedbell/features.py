@@ -1,0 +1,97 @@
+"""From pixels to backbone features: detect, align, run the frozen backbone.
+
+Every path that turns an image into something the head embeds — enrollment,
+live recognition, a doorbell's training set, the aggregator's calibration
+and the benchmarks — goes through `face_chip` and `Backbone.features`, so a
+face is prepared exactly one way everywhere.
+
+The backbone is a TFLite model run with LiteRT (no TensorFlow): the
+aggregator converts dlib's network once and ships it; it never changes
+during a lineage, so features of a gallery are computed once and kept.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from fedbell.align import CHIP_SIZE, align_by_eyes, chip_from_box
+from fedbell.detection import Detector, Face
+from fedbell.embedding import Features
+from fedbell.litert import interpreter_factory
+
+Chip = npt.NDArray[np.uint8]
+"""An aligned face, (CHIP_SIZE, CHIP_SIZE, 3) RGB."""
+
+
+class BackboneError(ValueError):
+    """A backbone model that cannot be loaded or does not have the expected shape."""
+
+
+def face_chip(image: npt.NDArray[Any], face: Face) -> Chip:
+    """The aligned chip of one detected face: by the eyes when the detector gave them."""
+    if face.right_eye is not None and face.left_eye is not None:
+        return align_by_eyes(image, face.right_eye, face.left_eye)
+    return chip_from_box(image, face.box)
+
+
+def is_chip(image: npt.NDArray[Any]) -> bool:
+    """A stored gallery crop is already an aligned chip (enrollment writes them so)."""
+    return image.shape[:2] == (CHIP_SIZE, CHIP_SIZE)
+
+
+def find_chip(image: npt.NDArray[Any], detector: Detector) -> Chip | None:
+    """The largest face of a photo as a chip; a stored chip is taken as it is."""
+    faces = detector.detect(image)
+    if faces:
+        return face_chip(image, max(faces, key=lambda f: f.box[2] * f.box[3]))
+    if is_chip(image):
+        return chip_from_box(image, (0, 0, CHIP_SIZE, CHIP_SIZE))
+    return None
+
+
+class Backbone:
+    """One backbone TFLite model on LiteRT: aligned chips in, features out."""
+
+    def __init__(self, tflite: bytes, num_threads: int = 1) -> None:
+        self.sha256 = hashlib.sha256(tflite).hexdigest()
+        try:
+            self._interpreter = interpreter_factory()(model_content=tflite, num_threads=num_threads)
+            self._interpreter.allocate_tensors()
+        except Exception as err:  # LiteRT raises ValueError/RuntimeError on bad bytes
+            raise BackboneError(f"backbone {self.sha256[:12]}: not a usable model: {err}") from err
+        inputs = self._interpreter.get_input_details()
+        outputs = self._interpreter.get_output_details()
+        if len(inputs) != 1 or len(outputs) != 1:
+            raise BackboneError(f"backbone {self.sha256[:12]}: expected one input and one output")
+        shape = tuple(int(v) for v in inputs[0]["shape"])
+        if shape[1:] != (CHIP_SIZE, CHIP_SIZE, 3):
+            raise BackboneError(
+                f"backbone {self.sha256[:12]}: input {shape}, expected [n, {CHIP_SIZE}, "
+                f"{CHIP_SIZE}, 3]"
+            )
+        if np.dtype(inputs[0]["dtype"]) != np.float32:
+            raise BackboneError(f"backbone {self.sha256[:12]}: input must be float32")
+        self._input = int(inputs[0]["index"])
+        self._output = int(outputs[0]["index"])
+        self.size = int(np.prod(outputs[0]["shape"][1:]))
+        self._lock = threading.Lock()  # an interpreter runs one invoke at a time
+
+    def features(self, chips: Sequence[Chip]) -> Features:
+        """(N, size) features of aligned chips."""
+        out = np.zeros((len(chips), self.size), dtype=np.float32)
+        for i, chip in enumerate(chips):
+            if chip.shape != (CHIP_SIZE, CHIP_SIZE, 3):
+                raise ValueError(f"chip {i} has shape {chip.shape}, expected a {CHIP_SIZE} chip")
+            with self._lock:
+                self._interpreter.set_tensor(self._input, chip[None].astype(np.float32))
+                self._interpreter.invoke()
+                out[i] = np.asarray(self._interpreter.get_tensor(self._output)).reshape(-1)
+        if not np.all(np.isfinite(out)):
+            raise BackboneError(f"backbone {self.sha256[:12]}: produced NaN or infinite features")
+        return out

@@ -1,0 +1,116 @@
+"""Open-set identification: enrolled prototypes, a threshold, and how to score it.
+
+A house enrols each person from a few photos; the normalised mean of their
+embeddings is the person's prototype. A visitor is the person whose prototype
+is most similar, if that similarity reaches the threshold, else "unknown".
+The doorbell, the aggregator's evaluation and the benchmarks all decide and
+score with these functions, so a figure measures what a doorbell does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+
+from fedbell.embedding import Embeddings, normalize
+
+UNKNOWN = "unknown"
+"""The name given to a visitor below the threshold."""
+
+Scores = npt.NDArray[np.float32]
+
+
+def prototype(embeddings: Embeddings) -> npt.NDArray[np.float32]:
+    """One person's prototype: the normalised mean of their embeddings."""
+    array = np.asarray(embeddings, dtype=np.float32)
+    if array.ndim != 2 or len(array) == 0:
+        raise ValueError(f"a prototype needs at least one embedding, got shape {array.shape}")
+    return normalize(array.mean(axis=0, keepdims=True))[0]
+
+
+def best_match(
+    embeddings: Embeddings, prototypes: Embeddings
+) -> tuple[npt.NDArray[np.int64], Scores]:
+    """Index of the most similar prototype for each embedding, and that similarity."""
+    if len(prototypes) == 0:
+        return np.full(len(embeddings), -1, np.int64), np.full(len(embeddings), -1.0, np.float32)
+    similarity = np.asarray(embeddings, np.float32) @ np.asarray(prototypes, np.float32).T
+    best = np.argmax(similarity, axis=1)
+    return best.astype(np.int64), similarity[np.arange(len(best)), best].astype(np.float32)
+
+
+def identify(
+    embedding: npt.NDArray[np.float32],
+    prototypes: Embeddings,
+    names: Sequence[str],
+    threshold: float,
+) -> tuple[str, float]:
+    """(name or "unknown", similarity to the nearest prototype) for one face."""
+    if len(prototypes) != len(names):
+        raise ValueError(f"{len(prototypes)} prototypes for {len(names)} names")
+    index, score = best_match(np.asarray(embedding, np.float32)[None, :], prototypes)
+    similarity = float(score[0])
+    if index[0] < 0 or similarity < threshold:
+        return UNKNOWN, similarity
+    return names[int(index[0])], similarity
+
+
+@dataclass(frozen=True)
+class OpenSetResult:
+    """How one gallery did on its members' other photos and on strangers."""
+
+    open_set_accuracy: float
+    """Mean of: members named right at the threshold, strangers rejected."""
+    rank1: float
+    """Members whose nearest prototype is their own, whatever the threshold."""
+    tar_at_far_1pct: float
+    """Members named right at the threshold that accepts 1 % of these strangers."""
+    unknown_rejected: float
+    """Strangers below the threshold."""
+    members: int
+    strangers: int
+
+
+@dataclass(frozen=True)
+class Trial:
+    """Scored probes of one gallery: member probes (with truth) and strangers."""
+
+    member_best: npt.NDArray[np.int64]
+    member_truth: npt.NDArray[np.int64]
+    member_score: Scores
+    stranger_score: Scores
+
+
+def trial(
+    prototypes: Embeddings,
+    members: Embeddings,
+    member_truth: npt.NDArray[np.int64],
+    strangers: Embeddings,
+) -> Trial:
+    best, score = best_match(members, prototypes)
+    _, stranger_score = best_match(strangers, prototypes)
+    return Trial(best, np.asarray(member_truth, np.int64), score, stranger_score)
+
+
+def score_trials(trials: Sequence[Trial], threshold: float) -> OpenSetResult:
+    """Pool the trials of many galleries (houses) into one result."""
+    right = np.concatenate([t.member_best == t.member_truth for t in trials])
+    member_score = np.concatenate([t.member_score for t in trials])
+    stranger_score = np.concatenate([t.stranger_score for t in trials])
+    if len(right) == 0 or len(stranger_score) == 0:
+        raise ValueError("scoring needs member probes and strangers")
+    named = right & (member_score >= threshold)
+    rejected = stranger_score < threshold
+    far_threshold = float(np.quantile(stranger_score, 0.99, method="higher"))
+    tar = right & (member_score > far_threshold)
+    return OpenSetResult(
+        open_set_accuracy=float((named.mean() + rejected.mean()) / 2.0),
+        rank1=float(right.mean()),
+        tar_at_far_1pct=float(tar.mean()),
+        unknown_rejected=float(rejected.mean()),
+        members=len(right),
+        strangers=len(stranger_score),
+    )
