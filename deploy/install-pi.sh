@@ -18,6 +18,10 @@
 #   --no-pip        do not pip-install fedbell into the venv
 #   --no-camera     no camera on this machine: no picamera2, no camera check
 #   --no-systemd    install the unit file but do not enable or start it
+#   --keep-bundle   do not delete the bundle afterwards (by default it is removed
+#                   once installed: it holds the doorbell's private keys and
+#                   broker password, which must live only in the root-only
+#                   /etc/fedbell/credentials/<device>/)
 # shellcheck source=deploy/lib.sh source-path=SCRIPTDIR
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
@@ -29,6 +33,7 @@ APT=yes
 PIP=yes
 CAMERA=yes
 SYSTEMD=yes
+KEEP_BUNDLE=no
 while [[ $# -gt 0 ]]; do
     case $1 in
         --bundle) BUNDLE=${2:?--bundle needs a folder}; shift 2 ;;
@@ -39,6 +44,7 @@ while [[ $# -gt 0 ]]; do
         --no-pip) PIP=no; shift ;;
         --no-camera) CAMERA=no; shift ;;
         --no-systemd) SYSTEMD=no; shift ;;
+        --keep-bundle) KEEP_BUNDLE=yes; shift ;;
         -h | --help) sed -n '2,/^# shellcheck/p' "$0" | sed -e '$d' -e 's/^# \{0,1\}//'; exit 0 ;;
         *) die "unknown option $1 (see --help)" ;;
     esac
@@ -94,6 +100,27 @@ done
 for key in "${peer_keys[@]}"; do
     run install -m 0644 "$key" "$ROOT/etc/fedbell/keys/aggregator/"
 done
+
+step "Removing the bundle $BUNDLE (its secrets are installed)"
+if [[ $KEEP_BUNDLE == yes ]]; then
+    note "kept (--keep-bundle): it holds private keys; delete it yourself"
+else
+    # Only the files the provisioner writes, never a recursive delete of a
+    # folder the user named: the secrets are overwritten before unlinking.
+    for file in mqtt-password client.key signing.key; do
+        if [[ -f $BUNDLE/$file ]]; then
+            if command -v shred >/dev/null; then run shred -u "$BUNDLE/$file"; else run rm -f "$BUNDLE/$file"; fi
+        fi
+    done
+    for file in edge.yaml ca.crt client.crt signing.pub; do
+        if [[ -f $BUNDLE/$file ]]; then run rm -f "$BUNDLE/$file"; fi
+    done
+    for key in "${peer_keys[@]}"; do
+        run rm -f "$key"
+    done
+    if [[ -d $BUNDLE/peer-keys ]]; then run rmdir "$BUNDLE/peer-keys"; fi
+    run rmdir "$BUNDLE" || note "warning: $BUNDLE is not empty: other files were left there"
+fi
 
 step "systemd unit fedbell-edge@.service"
 install_text "$FEDBELL_SRC/systemd/fedbell-edge@.service" \

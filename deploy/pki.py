@@ -152,6 +152,35 @@ def load(cert_path: Path, key_path: Path) -> Issued:
     return Issued(cert, key)
 
 
+def create_crl(ca: Issued, revoked: dict[int, dt.datetime]) -> bytes:
+    """The CA's certificate revocation list (PEM) for these serial numbers.
+
+    Mosquitto's `crlfile` makes OpenSSL check it at every handshake, and it
+    rejects every client once a CRL's next update has passed: this one stays
+    current for as long as the CA itself.
+    """
+    now = _now()
+    builder = (
+        x509.CertificateRevocationListBuilder()
+        .issuer_name(ca.certificate.subject)
+        .last_update(now - BACKDATE)
+        .next_update(ca.certificate.not_valid_after_utc)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca.key.public_key()),
+            critical=False,
+        )
+    )
+    for serial, when in sorted(revoked.items()):
+        builder = builder.add_revoked_certificate(
+            x509.RevokedCertificateBuilder().serial_number(serial).revocation_date(when).build()
+        )
+    return builder.sign(ca.key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM)
+
+
+def serial_of(cert_path: Path) -> int:
+    return x509.load_pem_x509_certificate(cert_path.read_bytes()).serial_number
+
+
 def create_signing_key(private_path: Path, public_path: Path) -> None:
     """An Ed25519 key pair for signing fedbell messages (fedbell/signing.py).
 

@@ -14,9 +14,11 @@ Every command takes `--site-dir DIR` (default $FEDBELL_SITE_DIR, else
     site.json              registry: site id, topic root, broker, logins
     ca/ca.crt, ca/ca.key   the site CA (the key never leaves this folder)
     broker/                what Mosquitto reads: mosquitto.conf, ca.crt,
-                           server.crt, server.key, passwd, acl
+                           server.crt, server.key, passwd, acl, crl.pem
+                           (the certificates of removed logins)
     keys/devices/<d>.pub   doorbell signing keys the aggregator trusts
-    keys/aggregator/*.pub  the aggregator's signing key, trusted by doorbells
+    keys/aggregator/aggregator.pub  the aggregator's signing key (whatever its
+                           login is called), trusted by doorbells
     clients/<name>/        one bundle per login, to copy to its machine:
                            ca.crt client.crt client.key mqtt-password
                            (+ signing.key, edge.yaml / aggregator.yaml)
@@ -29,6 +31,7 @@ device is refused from that moment and its open connection is dropped.
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import json
 import os
 import re
@@ -46,6 +49,7 @@ from broker.secure import render_config
 from deploy import pki
 from deploy.acl import Role, render
 from deploy.files import GROUP_READABLE, make_dir, write_file, write_private, write_public
+from fedbell.messages import AGGREGATOR
 
 DEFAULT_SITE_DIR = Path("/etc/fedbell/site")
 BROKER_UNIT = "fedbell-broker.service"
@@ -53,9 +57,9 @@ BROKER_GROUP = "mosquitto"
 TEMPLATES = Path(__file__).with_name("templates")
 # A login name is also an MQTT topic level, a systemd instance name and a file
 # name: keep it to characters that are plain in all three.
-NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
-TOPIC_ROOT_RE = re.compile(r"^[A-Za-z0-9_-]+(/[A-Za-z0-9_-]+)*$")
-HOST_RE = re.compile(r"^[A-Za-z0-9.:-]+$")
+NAME_RE = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")
+TOPIC_ROOT_RE = re.compile(r"[A-Za-z0-9_-]+(/[A-Za-z0-9_-]+)*")
+HOST_RE = re.compile(r"[A-Za-z0-9.:-]+")
 
 
 class ProvisionError(RuntimeError):
@@ -72,6 +76,10 @@ class Site:
     broker_hosts: list[str]
     port: int
     logins: dict[str, Role] = field(default_factory=dict)
+    serials: dict[str, int] = field(default_factory=dict)
+    """Serial number of each login's client certificate (what revocation names)."""
+    revoked: dict[int, str] = field(default_factory=dict)
+    """Revoked certificate serial -> ISO time of its revocation (the CRL)."""
 
     @property
     def broker_dir(self) -> Path:
@@ -106,6 +114,8 @@ class Site:
             list(data["broker_hosts"]),
             int(data["port"]),
             logins,
+            {name: int(serial, 16) for name, serial in data.get("serials", {}).items()},
+            {int(serial, 16): when for serial, when in data.get("revoked", {}).items()},
         )
 
     def save(self) -> None:
@@ -115,6 +125,8 @@ class Site:
             "broker_hosts": self.broker_hosts,
             "port": self.port,
             "logins": {name: role.value for name, role in sorted(self.logins.items())},
+            "serials": {name: f"{serial:x}" for name, serial in sorted(self.serials.items())},
+            "revoked": {f"{serial:x}": when for serial, when in sorted(self.revoked.items())},
         }
         write_public(self.root / "site.json", (json.dumps(data, indent=2) + "\n").encode())
         write_file(
@@ -123,6 +135,25 @@ class Site:
             GROUP_READABLE,
             BROKER_GROUP,
         )
+        if (self.root / "ca" / "ca.key").exists():
+            revoked = {
+                serial: dt.datetime.fromisoformat(when) for serial, when in self.revoked.items()
+            }
+            write_file(self.crl, pki.create_crl(self.ca(), revoked), GROUP_READABLE, BROKER_GROUP)
+
+    @property
+    def crl(self) -> Path:
+        """Revoked client certificates; the broker refuses them at the TLS handshake."""
+        return self.broker_dir / "crl.pem"
+
+    def revoke(self, name: str) -> None:
+        """Put the login's client certificate on the CRL (written by `save`)."""
+        serial = self.serials.pop(name, None)
+        cert = self.bundle(name) / "client.crt"
+        if serial is None and cert.exists():  # a site provisioned before serials were kept
+            serial = pki.serial_of(cert)
+        if serial is not None:
+            self.revoked[serial] = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
 
     def ca(self) -> pki.Issued:
         return pki.load(self.root / "ca" / "ca.crt", self.root / "ca" / "ca.key")
@@ -205,7 +236,9 @@ def add_login(site: Site, name: str, role: Role) -> Path:
     make_dir(bundle, 0o700)
     ca = site.ca()
     write_public(bundle / "ca.crt", (site.root / "ca" / "ca.crt").read_bytes())
-    pki.save(pki.issue(ca, name, role.value), bundle / "client.crt", bundle / "client.key")
+    issued = pki.issue(ca, name, role.value)
+    pki.save(issued, bundle / "client.crt", bundle / "client.key")
+    site.serials[name] = issued.certificate.serial_number
     password = secrets.token_urlsafe(32)
     write_private(bundle / "mqtt-password", password.encode())
     set_password(site.passwd, name, password)
@@ -219,6 +252,7 @@ def remove_login(site: Site, name: str) -> None:
         raise ProvisionError(f"no login named {name!r} in {site.root}")
     delete_password(site.passwd, name)
     del site.logins[name]
+    site.revoke(name)  # a copied bundle's certificate no longer passes TLS either
     site.save()
     shutil.rmtree(site.bundle(name), ignore_errors=True)
 
@@ -313,7 +347,9 @@ def add_aggregator(
         raise ProvisionError(f"the site already has an aggregator: {site.names(Role.AGGREGATOR)}")
     bundle = add_login(site, name, Role.AGGREGATOR)
     pki.create_signing_key(bundle / "signing.key", bundle / "signing.pub")
-    shutil.copyfile(bundle / "signing.pub", site.aggregator_keys / f"{name}.pub")
+    # Doorbells look the aggregator's key up by its sender name, whatever its
+    # login is called: `--name hub` still writes aggregator.pub.
+    shutil.copyfile(bundle / "signing.pub", site.aggregator_keys / f"{AGGREGATOR}.pub")
     for device in site.names(Role.DEVICE):
         _copy_peer_keys(site, site.bundle(device))
     config = _fill(
@@ -341,7 +377,7 @@ def remove_any(site: Site, name: str) -> None:
         return
     remove_login(site, name)
     if role is Role.AGGREGATOR:
-        (site.aggregator_keys / f"{name}.pub").unlink(missing_ok=True)
+        (site.aggregator_keys / f"{AGGREGATOR}.pub").unlink(missing_ok=True)
         for device in site.names(Role.DEVICE):
             _copy_peer_keys(site, site.bundle(device))
 

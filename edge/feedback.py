@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 IGNORE = "ignore"
 """The label that discards an event's crop instead of storing it."""
 
-_PERSON = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+_PERSON = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
 
 
 class FeedbackError(ValueError):
@@ -36,7 +36,7 @@ class FeedbackError(ValueError):
 
 def check_person_name(name: str) -> str:
     """A gallery folder name: letters, digits, '_' and '-', no path tricks."""
-    if not _PERSON.match(name) or name.lower() in {"unknown", IGNORE}:
+    if not _PERSON.fullmatch(name) or name.lower() in {"unknown", IGNORE}:
         raise FeedbackError(
             f"person name {name!r} must be 1-64 letters, digits, '_' or '-' "
             "(and not 'unknown' or 'ignore')"

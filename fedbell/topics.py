@@ -9,12 +9,13 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-_SEGMENT = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+_SEGMENT = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 
 def check_segment(value: str, what: str) -> str:
     """A topic segment must not contain MQTT wildcards, separators or spaces."""
-    if not _SEGMENT.match(value):
+    # fullmatch: `re.match` with `$` would accept a trailing newline ("door1\n").
+    if not _SEGMENT.fullmatch(value):
         raise ValueError(f"{what} {value!r} must be 1-64 characters of letters, digits, '_' or '-'")
     return value
 

@@ -121,9 +121,10 @@ def test_install_pi_twice(server: Path, tmp_path: Path) -> None:
     site = server / "etc" / "fedbell" / "site"
     provision.run(["add-device", "porch", "--site-dir", str(site), "--no-reload"])
     prefix = tmp_path / "pi"
+    copy = tmp_path / "home" / "porch"  # what `scp -r` left in the installing user's home
     args = [
         "--bundle",
-        str(site / "clients" / "porch"),
+        str(copy),
         "--prefix",
         str(prefix),
         "--python",
@@ -131,13 +132,19 @@ def test_install_pi_twice(server: Path, tmp_path: Path) -> None:
         "--no-camera",
         *SKIP_FLAGS,
     ]
+    shutil.copytree(site / "clients" / "porch", copy)
     first = run_script("install-pi.sh", *args)
     assert first.returncode == 0, first.stdout + first.stderr
+    # Issue 13 item 7: the copy held the private keys and password; once they are
+    # installed root-only, it is gone.
+    assert not copy.exists(), sorted(p.name for p in copy.rglob("*"))
     etc = prefix / "etc" / "fedbell"
     with (etc / "edge-porch.yaml").open("a") as tuned:
         tuned.write("# tuned on the Pi\n")
-    second = run_script("install-pi.sh", *args)
+    shutil.copytree(site / "clients" / "porch", copy)
+    second = run_script("install-pi.sh", *args, "--keep-bundle")
     assert second.returncode == 0, second.stdout + second.stderr
+    assert (copy / "signing.key").exists()  # --keep-bundle keeps it
     assert "virtualenv exists" in second.stdout
     assert "unchanged:" in second.stdout  # the unit
     assert "kept your edited" in second.stdout  # a re-run never undoes local settings
@@ -217,8 +224,16 @@ def test_provisioned_configs_load_with_the_programs_schemas(
 class Session:
     """One MQTT v5 login over TLS, kept open."""
 
-    def __init__(self, site: Path, name: str, port: int, password: str | None = None) -> None:
+    def __init__(
+        self,
+        site: Path,
+        name: str,
+        port: int,
+        password: str | None = None,
+        certificate_of: Path | None = None,
+    ) -> None:
         bundle = site / "clients" / name
+        tls_bundle = certificate_of or bundle
         self.connack: ReasonCode | None = None
         self.answered = threading.Event()
         self.dropped = threading.Event()
@@ -229,8 +244,8 @@ class Session:
         self.client.username_pw_set(name, secret)
         self.client.tls_set(
             ca_certs=str(site / "ca" / "ca.crt"),
-            certfile=str(bundle / "client.crt"),
-            keyfile=str(bundle / "client.key"),
+            certfile=str(tls_bundle / "client.crt"),
+            keyfile=str(tls_bundle / "client.key"),
         )
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = self._on_disconnect
@@ -316,3 +331,39 @@ def test_added_device_can_log_in_straight_away(live_site: tuple[Path, SecureBrok
             break
         time.sleep(0.1)
     assert ok
+
+
+def test_a_removed_devices_certificate_no_longer_passes_tls(
+    live_site: tuple[Path, SecureBroker], tmp_path: Path
+) -> None:
+    """Issue 13 item 7: remove-device puts the certificate on the broker's CRL.
+
+    Before, a copied bundle's certificate stayed valid for five years: with any
+    other login's password (door2's here) it still got through the handshake.
+    """
+    site, broker = live_site
+    stolen = tmp_path / "stolen-door1"
+    shutil.copytree(site / "clients" / "door1", stolen)
+    before = Session(site, "door2", broker.port, certificate_of=stolen)
+    try:
+        assert before.accepted, "a valid certificate with a valid login is accepted"
+    finally:
+        before.close()
+    provision.run(
+        ["remove-device", "door1", "--site-dir", str(site), "--broker-pid", str(broker.pid)]
+    )
+    assert "door1" not in (site / "site.json").read_text().split('"serials"')[1].split("}")[0]
+    deadline = time.monotonic() + 5
+    while True:  # the SIGHUP is asynchronous: wait until the broker has re-read the CRL
+        after = Session(site, "door2", broker.port, certificate_of=stolen)
+        refused = not after.accepted
+        after.close()
+        if refused or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    assert refused, "the removed door1's certificate still passed the TLS handshake"
+    own = Session(site, "door2", broker.port)
+    try:
+        assert own.accepted, "door2 with its own certificate must be unaffected"
+    finally:
+        own.close()
