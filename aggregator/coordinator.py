@@ -18,6 +18,7 @@ import functools
 import logging
 from collections import Counter
 from collections.abc import Callable
+from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
@@ -33,6 +34,7 @@ from fedbell.messages import parse_update
 from fedbell.protocol import (
     Command,
     DeviceStatus,
+    Reply,
     RoundAnnouncement,
     RoundMetrics,
     parse_json,
@@ -173,8 +175,9 @@ class Coordinator:
     def on_message(self, topic: str, payload: bytes) -> None:
         """Dispatch one message; a RejectedMessage is logged and counted here."""
         if topic == self.topics.control:
-            handler, source = self._on_control, "command"
-        elif topic.startswith(f"{self.topics.base}/update/"):
+            self._command(payload)
+            return
+        if topic.startswith(f"{self.topics.base}/update/"):
             handler, source = functools.partial(self._on_update, topic), f"update on {topic}"
         elif topic.startswith(f"{self.topics.base}/status/"):
             handler, source = functools.partial(self._on_status, topic), f"status on {topic}"
@@ -184,6 +187,23 @@ class Coordinator:
             handler(payload)
         except RejectedMessage as err:
             self.reject(err, source)
+
+    def _reply(self, **fields: Any) -> None:
+        """Tell the operator (console, `mosquitto_sub`) what became of a command or update."""
+        self.publish(self.topics.reply, to_json(Reply(time=self.clock(), **fields)))
+
+    def _command(self, payload: bytes) -> None:
+        """Carry out a command and reply either way: a refusal is not only in the log."""
+        command: Command | None = None
+        try:
+            command = parse_json(payload, Command)
+            self._on_control(command)
+        except RejectedMessage as err:
+            self.reject(err, "command")
+            cmd = command.cmd if command is not None else None
+            self._reply(about="command", ok=False, cmd=cmd, reason=err.reason, detail=err.detail)
+            return
+        self._reply(about="command", ok=True, cmd=command.cmd, detail=self.summary())
 
     def _on_status(self, topic: str, payload: bytes) -> None:
         device = self._device(topic)
@@ -221,6 +241,9 @@ class Coordinator:
             )
         except RejectedMessage as err:
             self.reject(err, f"update from {device}")
+            self._reply(
+                about="update", ok=False, device=device, size=len(payload), reason=err.reason
+            )
             return
         current = self.round
         try:
@@ -237,7 +260,16 @@ class Coordinator:
                 else RejectedMessage("inconsistent", str(err))
             )
             self.reject(reason, f"update from {device}")
+            self._reply(
+                about="update",
+                ok=False,
+                device=device,
+                round=update.round,
+                size=len(payload),
+                reason=reason.reason,
+            )
             return
+        self._reply(about="update", ok=True, device=device, round=current.id, size=len(payload))
         del update  # streaming strategies keep only the running sum
         self.dirty = True  # committed by `persist` (batched), or by the round's next commit
         log.info(
@@ -249,8 +281,7 @@ class Coordinator:
             len(current.selected),
         )
 
-    def _on_control(self, payload: bytes) -> None:
-        command = parse_json(payload, Command)
+    def _on_control(self, command: Command) -> None:
         log.info("command %s", command.model_dump_json(exclude_defaults=True))
         if command.cmd == "start_round":
             self._start_round(command, manual=False)
@@ -298,6 +329,7 @@ class Coordinator:
         announcement = announce(
             round_id=round_id,
             base_version=self.model.version,
+            lineage=self.model.lineage,
             selected=selected,
             now=now,
             settings=rounds,
@@ -383,7 +415,9 @@ class Coordinator:
             self.round.received,
             self.model.optimizer,
         )
-        return self.exporter.release(self.next_step.weights, self.model.version + 1, self.round.id)
+        return self.exporter.release(
+            self.next_step.weights, self.model.version + 1, self.round.id, self.model.lineage
+        )
 
     def _aggregate(self) -> None:
         current = self.round
@@ -421,8 +455,9 @@ class Coordinator:
         current.announce_bytes += len(closed)
         current.status = "closed"
         assert self.next_step is not None  # set with the release by `_release`
-        model = self.persistence.save_release(release, self.next_step.optimizer)
-        down = len(release.global_payload) + len(release.tflite_payload)
+        model = self.persistence.save_release(release, self.next_step.optimizer, self.model.lineage)
+        # The backbone went out once for the lineage: a round sends only the head.
+        down = len(release.global_payload)
         metrics = self._metrics(current, "published", release, extra_down=down)
         self.persistence.save_metrics(metrics)
         self._commit(model)
@@ -430,7 +465,6 @@ class Coordinator:
         self.pending = None
         for topic, payload in (
             (self.topics.global_model, release.global_payload),
-            (self.topics.tflite_model, release.tflite_payload),
             (self.topics.metrics, metrics),
             (self.topics.round, closed),
             (self.topics.aggregator_status, self.status_payload()),

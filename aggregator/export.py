@@ -1,58 +1,82 @@
-"""What the aggregator publishes for a model version: global weights, TFLite, numbers.
+"""What the aggregator publishes for a model version: the head, its threshold, its score.
 
-TensorFlow work (evaluation, conversion) happens here, on the main loop
-thread, never in paho's network thread.
+The backbone (dlib's face network as TFLite) is converted once and published
+once per lineage; each round's release is only the head, the unknown-visitor
+threshold calibrated for it on real stranger photos, and its open-set
+accuracy on a held-out folder of people. Faces of both folders are detected,
+aligned and run through the backbone once at start (cached in the state
+folder): a release is then a few matrix products.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
 
 import numpy as np
 
+from aggregator.backbone import BackboneModels, backbone_models
 from aggregator.config import AggregatorConfig, EvaluationSettings
-from fedbell import model as fmodel
+from fedbell import dlib_resnet
 from fedbell.calibration import calibrate_threshold
 from fedbell.codecs import Weights
-from fedbell.dataset import list_samples, load_samples
+from fedbell.dataset import Sample, list_samples
+from fedbell.detection import Detector, make_detector
+from fedbell.embedding import HEAD_NAMES, Features, embed
 from fedbell.envelope import TensorSpec
-from fedbell.faces import FACE_SIZE, normalize_face
+from fedbell.features import Backbone, Chip, find_chip, read_photo
 from fedbell.messages import Signer, build_global, build_tflite
-from fedbell.model import Images, LabelIds
-from fedbell.synthetic import stranger_faces
+from fedbell.openset import Trial, best_match, prototype, score_trials, trial
 
 log = logging.getLogger(__name__)
 
-CALIBRATION_STRANGERS = 200
-CALIBRATION_STRANGERS = 200
-REPRESENTATIVE_SAMPLES = 64
-"""Random images for int8 calibration when there is no held-out set."""
+ENROLL_PER_PERSON = 5
+"""Held-out photos per person that make their prototype; the rest are probes."""
 
 
 @dataclass(frozen=True)
-class HeldOut:
-    """Faces never trained on: accuracy per round and threshold calibration."""
+class FaceSet:
+    """Features of a folder's faces, one row per photo where a face was found."""
 
-    images: Images
-    labels: LabelIds
+    persons: tuple[str, ...]
+    features: Features
+    missed: int
 
-    @classmethod
-    def load(cls, settings: EvaluationSettings, labels: Sequence[str]) -> HeldOut | None:
-        if settings.dataset is None:
-            return None
-        images, ids = load_samples(list_samples(settings.dataset), labels)
-        if len(images) == 0:
-            log.warning(
-                "evaluation set %s has no images of the labels %s: no accuracy",
-                settings.dataset,
-                ", ".join(labels),
-            )
-            return None
-        log.info("evaluation set %s: %d images", settings.dataset, len(images))
-        return cls(images, ids)
+
+def _chips(samples: Sequence[Sample], detector: Detector) -> tuple[list[str], list[Chip], int]:
+    persons, chips, missed = [], [], 0
+    for sample in samples:
+        try:
+            chip = find_chip(read_photo(sample.path), detector)
+        except ValueError as err:
+            log.warning("%s: %s", sample.path, err)
+            chip = None
+        if chip is None:
+            missed += 1
+            continue
+        persons.append(sample.person)
+        chips.append(chip)
+    return persons, chips, missed
+
+
+def _cached_features(
+    cache_dir: Path, samples: Sequence[Sample], backbone: Backbone, chips: Sequence[Chip]
+) -> Features:
+    key = hashlib.sha256(backbone.sha256.encode())
+    for sample in samples:
+        key.update(f"{sample.path}:{sample.path.stat().st_mtime_ns}".encode())
+    path = cache_dir / f"features-{key.hexdigest()[:16]}.npy"
+    if path.is_file():
+        cached = np.load(path)
+        if cached.shape == (len(chips), backbone.size):
+            return np.asarray(cached, dtype=np.float32)
+    features = backbone.features(chips)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    np.save(path, features)
+    return features
 
 
 @dataclass(frozen=True)
@@ -63,107 +87,155 @@ class Release:
     round: int
     weights: Weights
     global_payload: bytes
-    tflite_payload: bytes
     accuracy: float | None
     threshold: float
 
 
 class Exporter:
-    """Owns the Keras model the aggregator evaluates and converts."""
+    """Owns the backbone, the evaluation faces and the building of model messages."""
 
     def __init__(self, config: AggregatorConfig, signer: Signer) -> None:
         self.config = config
         self.signer = signer
-        fmodel.limit_threads(config.threads)
-        self.model: Any = fmodel.build_model(len(config.labels), seed=config.model_seed)
-        self.names = tuple(fmodel.weight_names(self.model))
-        self._initial = fmodel.get_weights(self.model)  # before any release changes them
-        self.held_out = HeldOut.load(config.evaluation, config.labels)
-        # Faces of nobody in the label set, for calibrating "unknown": generated,
-        # since the aggregator never holds photos of real strangers.
-        self._strangers = np.stack(
-            [
-                normalize_face(face)
-                for face in stranger_faces(CALIBRATION_STRANGERS, config.model_seed)
-            ]
-        )
+        settings = config.evaluation
+        cache = config.state_dir / "cache"
+        self.names = HEAD_NAMES
+        self._initial = [dlib_resnet.dlib_projection(dlib_resnet.load())]
+        detector = make_detector(settings.detector, fallback=True)
+        strangers = self._samples(settings.strangers, settings.max_strangers)
+        held_out = self._samples(settings.dataset, None)
+        stranger_persons, stranger_chips, missed = _chips(strangers, detector)
+        self.backbone_models: BackboneModels = backbone_models(cache, stranger_chips)
+        backbone = Backbone(self.backbone_models.float_model, num_threads=config.threads)
+        self.strangers: Features | None = None
+        if len(stranger_chips) >= 2 * 20:  # half to calibrate, half to score
+            found = [s for s in strangers if s.person in set(stranger_persons)]
+            self.strangers = _cached_features(cache, found, backbone, stranger_chips)
+            log.info(
+                "strangers %s: %d faces (%d photos without one)",
+                settings.strangers,
+                len(stranger_chips),
+                missed,
+            )
+        elif settings.strangers is not None:
+            log.warning("strangers %s: too few faces to calibrate on", settings.strangers)
+        self.held_out: FaceSet | None = None
+        if held_out:
+            persons, chips, missed = _chips(held_out, detector)
+            kept = [s for s in held_out if s.person in set(persons)]
+            self.held_out = FaceSet(
+                tuple(persons), _cached_features(cache, kept, backbone, chips), missed
+            )
+            log.info("evaluation set %s: %d faces", settings.dataset, len(chips))
+
+    @staticmethod
+    def _samples(folder: Path | None, limit: int | None) -> list[Sample]:
+        if folder is None:
+            return []
+        samples = list_samples(folder)
+        if limit is not None and len(samples) > limit:
+            rng = np.random.default_rng(0)  # the same strangers every start: cacheable
+            picked = sorted(rng.choice(len(samples), size=limit, replace=False))
+            samples = [samples[i] for i in picked]
+        return samples
 
     def initial_weights(self) -> Weights:
-        """Version 0: the deterministic weights of `model_seed`."""
+        """Version 0 of a lineage: dlib's own projection, so it starts as dlib's descriptor."""
         return [w.copy() for w in self._initial]
 
     def specs(self, weights: Sequence[np.ndarray]) -> tuple[TensorSpec, ...]:
-        return fmodel.tensor_specs(self.names, weights)
+        return tuple(
+            TensorSpec(name=n, shape=tuple(int(d) for d in w.shape))
+            for n, w in zip(self.names, weights, strict=True)
+        )
 
-    def _representative(self) -> Images:
-        if self.held_out is not None:
-            return self.held_out.images
-        rng = np.random.default_rng(self.config.model_seed)
-        return rng.random((REPRESENTATIVE_SAMPLES, FACE_SIZE, FACE_SIZE), dtype=np.float32)
+    @property
+    def backbone_sha256(self) -> str:
+        return self.backbone_models.sha256
 
-    def _evaluate(self) -> tuple[float | None, float]:
-        """(accuracy, threshold) of the model's current weights."""
-        settings = self.config.evaluation
-        if self.held_out is None:
-            return None, settings.default_threshold
-        probabilities = fmodel.predict(self.model, self.held_out.images)
-        accuracy = float(np.mean(np.argmax(probabilities, axis=1) == self.held_out.labels))
-        try:
+    def tflite_payload(self, lineage: str, version: int, round_id: int) -> bytes:
+        """The backbone message of a lineage (published retained, once)."""
+        return build_tflite(
+            site=self.config.site,
+            signer=self.signer,
+            version=version,
+            round_id=round_id,
+            float_model=self.backbone_models.float_model,
+            int8_model=self.backbone_models.int8_model,
+            lineage=lineage,
+        )
+
+    def _evaluate(self, weights: Weights) -> tuple[float | None, float]:
+        """(open-set accuracy or None, threshold) of a head."""
+        settings: EvaluationSettings = self.config.evaluation
+        threshold = settings.default_threshold
+        calibration: Features | None = None
+        scoring: Features | None = None
+        if self.strangers is not None:
+            half = len(self.strangers) // 2
+            calibration, scoring = self.strangers[:half], self.strangers[half:]
             threshold = calibrate_threshold(
-                probabilities,
-                settings.target_false_accept,
-                fmodel.predict(self.model, self._strangers),
-                labels=self.held_out.labels,
+                embed(calibration, weights), settings.target_false_accept, settings.gallery_size
             )
-        except ValueError as err:  # e.g. a single label: nothing to calibrate against
-            log.warning(
-                "threshold not calibrated (%s): using %.2f", err, settings.default_threshold
-            )
-            threshold = settings.default_threshold
-        return accuracy, threshold
+        if self.held_out is None:
+            return None, threshold
+        return _open_set_accuracy(self.held_out, weights, scoring, threshold), threshold
 
-    def release(self, weights: Weights, version: int, round_id: int) -> Release:
-        fmodel.set_weights(self.model, weights)
-        accuracy, threshold = self._evaluate()
-        float_model, int8_model = fmodel.to_tflite(self.model, self._representative())
-        site, labels = self.config.site, self.config.labels
+    def release(self, weights: Weights, version: int, round_id: int, lineage: str) -> Release:
+        accuracy, threshold = self._evaluate(weights)
         global_payload = build_global(
-            site=site,
+            site=self.config.site,
             signer=self.signer,
             version=version,
             round_id=round_id,
             names=self.names,
             weights=weights,
-            codec=self.config.rounds.downlink_codec,
-            meta={"labels": list(labels)},
-        )
-        tflite_payload = build_tflite(
-            site=site,
-            signer=self.signer,
-            version=version,
-            round_id=round_id,
-            float_model=float_model,
-            int8_model=int8_model,
-            labels=labels,
+            lineage=lineage,
             threshold=threshold,
+            backbone=self.backbone_sha256,
+            codec=self.config.rounds.downlink_codec,
         )
-        limit = self.config.mqtt.max_message_bytes
-        for name, payload in (("global model", global_payload), ("tflite", tflite_payload)):
-            if len(payload) > limit:
-                log.warning(
-                    "%s of version %d is %d bytes, over mqtt.max_message_bytes %d: "
-                    "nodes will refuse it",
-                    name,
-                    version,
-                    len(payload),
-                    limit,
-                )
         return Release(
             version=version,
             round=round_id,
             weights=weights,
             global_payload=global_payload,
-            tflite_payload=tflite_payload,
             accuracy=accuracy,
             threshold=threshold,
         )
+
+
+def _open_set_accuracy(
+    held_out: FaceSet, weights: Weights, strangers: Features | None, threshold: float
+) -> float | None:
+    """Enrol each held-out person from their first photos, probe with the rest.
+
+    Strangers are real stranger photos when the aggregator has them; without,
+    each person's probes stand in as strangers to a gallery without them.
+    """
+    embeddings = embed(held_out.features, weights)
+    names = sorted(set(held_out.persons))
+    rows = {name: [i for i, p in enumerate(held_out.persons) if p == name] for name in names}
+    enrolled = [n for n in names if len(rows[n]) > 1]
+    if len(enrolled) < 2:
+        return None
+    prototypes = np.stack([prototype(embeddings[rows[n][:ENROLL_PER_PERSON]]) for n in enrolled])
+    probes = [i for k, n in enumerate(enrolled) for i in rows[n][ENROLL_PER_PERSON:]]
+    truth = np.array(
+        [k for k, n in enumerate(enrolled) for _ in rows[n][ENROLL_PER_PERSON:]], np.int64
+    )
+    if not probes:
+        return None
+    members = trial(prototypes, embeddings[probes], truth, np.zeros((0, 1), np.float32))
+    if strangers is not None:
+        stranger_score = best_match(embed(strangers, weights), prototypes)[1]
+    else:
+        # Each probe against the prototypes of everyone but its own person.
+        similarity = embeddings[probes] @ prototypes.T
+        similarity[np.arange(len(probes)), truth] = -1.0
+        stranger_score = similarity.max(axis=1)
+    trials = [Trial(members.member_best, truth, members.member_score, stranger_score)]
+    try:
+        return score_trials(trials, threshold).open_set_accuracy
+    except ValueError:
+        return None

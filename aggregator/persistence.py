@@ -4,13 +4,15 @@ The coordinator decides when to commit (always before it publishes, so a
 restart republishes exactly what was committed); this module decides what a
 commit holds: the model and its optimiser moments, the round with its
 accumulator, and the retained payloads. The folder outlives the config, so
-loading checks that the saved model and round still fit the configuration
-instead of carrying on with a model of other labels.
+loading checks that the saved model still fits the head this aggregator
+trains; one that does not (a state from before lineages, another model
+architecture) is left behind and a new lineage starts, which doorbells accept.
 """
 
 from __future__ import annotations
 
 import logging
+import secrets
 from collections.abc import Container
 from dataclasses import dataclass
 
@@ -35,6 +37,7 @@ OPEN: tuple[RoundStatus, ...] = ("collecting", "aggregated")
 class SavedModel:
     """The current model version and the files that hold it."""
 
+    lineage: str
     version: int
     round: int
     weights: Weights
@@ -77,16 +80,22 @@ class Persistence:
             np.asarray(a, dtype=np.float32) for a in self.store.read_arrays(record.model.file)
         ]
         expected = self.exporter.specs(self.exporter.initial_weights())
-        if record.model.names != self.exporter.names or tuple(
-            self.exporter.specs(weights)
-        ) != tuple(expected):
-            raise StateError(
-                f"{self.store.path}: the saved model does not match this "
-                "configuration (labels changed?); move the state folder away "
-                "to start a new model"
+        if (
+            not record.model.lineage
+            or record.model.names != self.exporter.names
+            or tuple(self.exporter.specs(weights)) != tuple(expected)
+        ):
+            log.warning(
+                "%s: the saved model (version %d, lineage %r) is not this aggregator's "
+                "embedding head: starting a new lineage (doorbells follow it)",
+                self.store.path,
+                record.model.version,
+                record.model.lineage,
             )
+            return None
         self.retained = dict(record.retained)
         model = SavedModel(
+            record.model.lineage,
             record.model.version,
             record.model.round,
             weights,
@@ -147,29 +156,36 @@ class Persistence:
 
     def initialise(self) -> SavedModel:
         """Create and commit model version 0: the first start's state."""
-        log.info(
-            "no state in %s: creating model version 0 (seed %d)",
-            self.config.state_dir,
-            self.config.model_seed,
-        )
+        lineage = secrets.token_hex(8)
+        log.info("starting lineage %s in %s: model version 0", lineage, self.config.state_dir)
         weights = self.exporter.initial_weights()
-        release = self.exporter.release(weights, version=0, round_id=0)
-        model = self.save_release(release, make_optimizer(self.config.rounds))
+        release = self.exporter.release(weights, version=0, round_id=0, lineage=lineage)
+        self.retained["tflite"] = self.store.write_blob(
+            "tflite", self.exporter.tflite_payload(lineage, version=0, round_id=0)
+        )
+        model = self.save_release(release, make_optimizer(self.config.rounds), lineage)
         self.commit(model, None, last_round=0)
         return model
 
     # -- writing -----------------------------------------------------------------
 
-    def save_release(self, release: Release, optimizer: ServerOptimizer | None) -> SavedModel:
+    def save_release(
+        self, release: Release, optimizer: ServerOptimizer | None, lineage: str
+    ) -> SavedModel:
         """Write a release's files (not yet committed) and return the model record."""
         self.retained["global"] = self.store.write_blob("global", release.global_payload)
-        self.retained["tflite"] = self.store.write_blob("tflite", release.tflite_payload)
         model_file = self.store.write_arrays("model", release.weights)
         optimizer_file = None
         if optimizer is not None and optimizer.steps > 0:
             optimizer_file = self.store.write_arrays("optimizer", optimizer.arrays())
         return SavedModel(
-            release.version, release.round, release.weights, model_file, optimizer, optimizer_file
+            lineage,
+            release.version,
+            release.round,
+            release.weights,
+            model_file,
+            optimizer,
+            optimizer_file,
         )
 
     def save_metrics(self, metrics: bytes) -> None:
@@ -196,6 +212,7 @@ class Persistence:
         self.store.commit(
             StateRecord(
                 model=ModelRecord(
+                    lineage=model.lineage,
                     version=model.version,
                     round=model.round,
                     names=self.exporter.names,

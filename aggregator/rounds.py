@@ -55,6 +55,7 @@ def announce(
     *,
     round_id: int,
     base_version: int,
+    lineage: str,
     selected: Sequence[str],
     now: float,
     settings: RoundSettings,
@@ -63,6 +64,7 @@ def announce(
     return RoundAnnouncement(
         round=round_id,
         base_version=base_version,
+        lineage=lineage,
         phase="train",
         selected=tuple(selected),
         deadline=now + settings.timeout_s,

@@ -48,6 +48,9 @@ class _Record(BaseModel):
 
 
 class ModelRecord(_Record):
+    lineage: str = Field(
+        default="", description="The model's history id; empty in states older than lineages."
+    )
     version: int = Field(ge=0)
     round: int = Field(ge=0, description="Round that produced it (0: the initial model).")
     names: tuple[str, ...]

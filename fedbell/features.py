@@ -15,8 +15,10 @@ from __future__ import annotations
 import hashlib
 import threading
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
+import cv2
 import numpy as np
 import numpy.typing as npt
 
@@ -31,6 +33,16 @@ Chip = npt.NDArray[np.uint8]
 
 class BackboneError(ValueError):
     """A backbone model that cannot be loaded or does not have the expected shape."""
+
+
+def read_photo(path: Path) -> npt.NDArray[np.uint8]:
+    """A photo from disk as OpenCV reads it (BGR, or grey), or a ValueError naming it."""
+    image = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    if image is None:
+        raise ValueError(f"{path}: not an image OpenCV can read")
+    if image.dtype != np.uint8:
+        raise ValueError(f"{path}: {image.dtype} pixels, expected 8-bit")
+    return np.asarray(image, dtype=np.uint8)
 
 
 def face_chip(image: npt.NDArray[Any], face: Face) -> Chip:

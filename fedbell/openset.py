@@ -28,7 +28,7 @@ def prototype(embeddings: Embeddings) -> npt.NDArray[np.float32]:
     array = np.asarray(embeddings, dtype=np.float32)
     if array.ndim != 2 or len(array) == 0:
         raise ValueError(f"a prototype needs at least one embedding, got shape {array.shape}")
-    return normalize(array.mean(axis=0, keepdims=True))[0]
+    return np.asarray(normalize(array.mean(axis=0, keepdims=True))[0], dtype=np.float32)
 
 
 def best_match(
@@ -91,7 +91,7 @@ def trial(
     strangers: Embeddings,
 ) -> Trial:
     best, score = best_match(members, prototypes)
-    _, stranger_score = best_match(strangers, prototypes)
+    _, stranger_score = best_match(strangers, prototypes) if len(strangers) else (None, score[:0])
     return Trial(best, np.asarray(member_truth, np.int64), score, stranger_score)
 
 

@@ -52,6 +52,11 @@ class RoundAnnouncement(Message):
 
     round: int = Field(ge=1)
     base_version: int = Field(ge=0)
+    lineage: str | None = Field(
+        default=None,
+        pattern=r"^[A-Za-z0-9_-]{1,64}\Z",
+        description="Lineage of the base model: a doorbell trains only from that model.",
+    )
     phase: Phase
     selected: tuple[str, ...]
     deadline: float = Field(description="Unix time after which updates are not accepted.")
@@ -91,6 +96,25 @@ class RoundMetrics(Message):
         default_factory=list,
         description="Doorbells whose accepted update the strategy left out (multi_krum).",
     )
+
+
+class Reply(Message):
+    """What the aggregator answers on the reply topic, so an operator can read it.
+
+    One per command (carried out, or refused and why: `round_in_progress`,
+    `bad_state`, `bad_json`...) and one per update it received (accepted, or the
+    rejection reason), so a console can show each doorbell's last update.
+    """
+
+    about: Literal["command", "update"]
+    ok: bool
+    time: float = Field(description="Unix time the aggregator handled it.")
+    cmd: str | None = Field(default=None, description="The command (None if unreadable).")
+    device: str | None = Field(default=None, description="Who sent the update.")
+    round: int | None = None
+    size: int | None = Field(default=None, ge=0, description="Payload bytes of the update.")
+    reason: str = Field(default="", description="Why it was refused (a rejection reason).")
+    detail: str = Field(default="", description="What was done, or what exactly was wrong.")
 
 
 M = TypeVar("M", bound=Message)

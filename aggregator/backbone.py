@@ -1,0 +1,101 @@
+"""The backbone doorbells run: dlib's network converted once to TFLite, and cached.
+
+Conversion needs TensorFlow and takes a while (the int8 flavour runs a
+representative set of chips through the network), so its result is kept in
+a cache folder keyed by everything it depends on: the dlib network file, the
+TensorFlow version and the representative chips. The backbone never changes
+within a lineage; rounds only move the head.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from fedbell import dlib_resnet
+from fedbell.align import CHIP_SIZE
+from fedbell.features import Chip
+
+log = logging.getLogger(__name__)
+
+REPRESENTATIVE_CHIPS = 100
+"""Chips the int8 converter calibrates activation ranges on."""
+
+
+@dataclass(frozen=True)
+class BackboneModels:
+    float_model: bytes
+    int8_model: bytes
+
+    @property
+    def sha256(self) -> str:
+        """The backbone's identity, as global models name it (the float flavour's hash)."""
+        return hashlib.sha256(self.float_model).hexdigest()
+
+
+def synthetic_chips(count: int, seed: int = 0) -> list[Chip]:
+    """Generated faces as chips: the representative set when no real photos are given."""
+    import cv2
+
+    from fedbell.synthetic import make_identities, render_face
+
+    rng = np.random.default_rng(seed)
+    chips = []
+    for identity in make_identities(max(1, count // 4), seed):
+        for _ in range(4):
+            face = render_face(identity, rng, CHIP_SIZE)
+            chips.append(np.asarray(cv2.cvtColor(face, cv2.COLOR_GRAY2RGB), dtype=np.uint8))
+    return chips[:count]
+
+
+def _convert(representative: Sequence[Chip]) -> BackboneModels:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import tensorflow as tf
+
+    model = dlib_resnet.build_backbone(dlib_resnet.load())
+    float_model = bytes(tf.lite.TFLiteConverter.from_keras_model(model).convert())
+
+    def samples() -> Iterator[list[np.ndarray]]:
+        for chip in representative:
+            yield [chip[None].astype(np.float32)]
+
+    converter = tf.lite.TFLiteConverter.from_keras_model(model)
+    converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    converter.representative_dataset = samples
+    converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+    return BackboneModels(float_model, bytes(converter.convert()))
+
+
+def backbone_models(cache_dir: Path, representative: Sequence[Chip] = ()) -> BackboneModels:
+    """The float and int8 backbone, converted now or read from `cache_dir`."""
+    import tensorflow as tf
+
+    chips = list(representative)[:REPRESENTATIVE_CHIPS] or synthetic_chips(REPRESENTATIVE_CHIPS)
+    key = hashlib.sha256()
+    key.update(hashlib.sha256(dlib_resnet.model_file().read_bytes()).digest())
+    key.update(tf.__version__.encode())
+    for chip in chips:
+        key.update(np.ascontiguousarray(chip).tobytes())
+    digest = key.hexdigest()[:16]
+    folder = cache_dir / f"backbone-{digest}"
+    float_path, int8_path = folder / "float.tflite", folder / "int8.tflite"
+    if float_path.is_file() and int8_path.is_file():
+        return BackboneModels(float_path.read_bytes(), int8_path.read_bytes())
+    log.info("converting dlib's face network to TFLite (float and int8); cached in %s", folder)
+    models = _convert(chips)
+    folder.mkdir(parents=True, exist_ok=True)
+    for path, data in ((float_path, models.float_model), (int8_path, models.int8_model)):
+        temporary = path.with_suffix(".tmp")
+        temporary.write_bytes(data)
+        temporary.replace(path)  # a crash mid-write never leaves a truncated model
+    (folder / "about.json").write_text(
+        json.dumps({"tensorflow": tf.__version__, "representative_chips": len(chips)})
+    )
+    return models
