@@ -10,7 +10,6 @@ folder): a release is then a few matrix products.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -24,10 +23,10 @@ from fedbell import dlib_resnet
 from fedbell.calibration import calibrate_threshold
 from fedbell.codecs import Weights
 from fedbell.dataset import Sample, list_samples
-from fedbell.detection import Detector, make_detector
+from fedbell.detection import make_detector
 from fedbell.embedding import HEAD_NAMES, Features, embed
 from fedbell.envelope import TensorSpec
-from fedbell.features import Backbone, Chip, find_chip, read_photo
+from fedbell.features import Backbone, FaceSet, cached_features, photo_chips
 from fedbell.messages import Signer, build_global, build_tflite
 from fedbell.openset import Trial, best_match, prototype, score_trials, trial
 
@@ -35,48 +34,6 @@ log = logging.getLogger(__name__)
 
 ENROLL_PER_PERSON = 5
 """Held-out photos per person that make their prototype; the rest are probes."""
-
-
-@dataclass(frozen=True)
-class FaceSet:
-    """Features of a folder's faces, one row per photo where a face was found."""
-
-    persons: tuple[str, ...]
-    features: Features
-    missed: int
-
-
-def _chips(samples: Sequence[Sample], detector: Detector) -> tuple[list[str], list[Chip], int]:
-    persons, chips, missed = [], [], 0
-    for sample in samples:
-        try:
-            chip = find_chip(read_photo(sample.path), detector)
-        except ValueError as err:
-            log.warning("%s: %s", sample.path, err)
-            chip = None
-        if chip is None:
-            missed += 1
-            continue
-        persons.append(sample.person)
-        chips.append(chip)
-    return persons, chips, missed
-
-
-def _cached_features(
-    cache_dir: Path, samples: Sequence[Sample], backbone: Backbone, chips: Sequence[Chip]
-) -> Features:
-    key = hashlib.sha256(backbone.sha256.encode())
-    for sample in samples:
-        key.update(f"{sample.path}:{sample.path.stat().st_mtime_ns}".encode())
-    path = cache_dir / f"features-{key.hexdigest()[:16]}.npy"
-    if path.is_file():
-        cached = np.load(path)
-        if cached.shape == (len(chips), backbone.size):
-            return np.asarray(cached, dtype=np.float32)
-    features = backbone.features(chips)
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    np.save(path, features)
-    return features
 
 
 @dataclass(frozen=True)
@@ -104,13 +61,13 @@ class Exporter:
         detector = make_detector(settings.detector, fallback=True)
         strangers = self._samples(settings.strangers, settings.max_strangers)
         held_out = self._samples(settings.dataset, None)
-        stranger_persons, stranger_chips, missed = _chips(strangers, detector)
+        stranger_persons, stranger_chips, missed = photo_chips(strangers, detector)
         self.backbone_models: BackboneModels = backbone_models(cache, stranger_chips)
         backbone = Backbone(self.backbone_models.float_model, num_threads=config.threads)
         self.strangers: Features | None = None
         if len(stranger_chips) >= 2 * 20:  # half to calibrate, half to score
             found = [s for s in strangers if s.person in set(stranger_persons)]
-            self.strangers = _cached_features(cache, found, backbone, stranger_chips)
+            self.strangers = cached_features(cache, found, backbone, stranger_chips)
             log.info(
                 "strangers %s: %d faces (%d photos without one)",
                 settings.strangers,
@@ -121,10 +78,10 @@ class Exporter:
             log.warning("strangers %s: too few faces to calibrate on", settings.strangers)
         self.held_out: FaceSet | None = None
         if held_out:
-            persons, chips, missed = _chips(held_out, detector)
+            persons, chips, missed = photo_chips(held_out, detector)
             kept = [s for s in held_out if s.person in set(persons)]
             self.held_out = FaceSet(
-                tuple(persons), _cached_features(cache, kept, backbone, chips), missed
+                tuple(persons), cached_features(cache, kept, backbone, chips), missed
             )
             log.info("evaluation set %s: %d faces", settings.dataset, len(chips))
 

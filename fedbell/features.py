@@ -13,8 +13,10 @@ during a lineage, so features of a gallery are computed once and kept.
 from __future__ import annotations
 
 import hashlib
+import logging
 import threading
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,9 +25,12 @@ import numpy as np
 import numpy.typing as npt
 
 from fedbell.align import CHIP_SIZE, align_by_eyes, chip_from_box
+from fedbell.dataset import Sample
 from fedbell.detection import Detector, Face
 from fedbell.embedding import Features
 from fedbell.litert import interpreter_factory
+
+log = logging.getLogger(__name__)
 
 Chip = npt.NDArray[np.uint8]
 """An aligned face, (CHIP_SIZE, CHIP_SIZE, 3) RGB."""
@@ -107,3 +112,47 @@ class Backbone:
         if not np.all(np.isfinite(out)):
             raise BackboneError(f"backbone {self.sha256[:12]}: produced NaN or infinite features")
         return out
+
+
+@dataclass(frozen=True)
+class FaceSet:
+    """Features of a folder's faces, one row per photo where a face was found."""
+
+    persons: tuple[str, ...]
+    features: Features
+    missed: int
+
+
+def photo_chips(samples: Sequence[Sample], detector: Detector) -> tuple[list[str], list[Chip], int]:
+    """(person of each chip, chips, photos without a face) of a dataset's photos."""
+    persons, chips, missed = [], [], 0
+    for sample in samples:
+        try:
+            chip = find_chip(read_photo(sample.path), detector)
+        except ValueError as err:
+            log.warning("%s: %s", sample.path, err)
+            chip = None
+        if chip is None:
+            missed += 1
+            continue
+        persons.append(sample.person)
+        chips.append(chip)
+    return persons, chips, missed
+
+
+def cached_features(
+    cache_dir: Path, samples: Sequence[Sample], backbone: Backbone, chips: Sequence[Chip]
+) -> Features:
+    key = hashlib.sha256(backbone.sha256.encode())
+    for sample in samples:
+        key.update(f"{sample.path}:{sample.path.stat().st_mtime_ns}".encode())
+    """The backbone's features of these chips, from `cache_dir` when computed before."""
+    path = cache_dir / f"features-{key.hexdigest()[:16]}.npy"
+    if path.is_file():
+        cached = np.load(path)
+        if cached.shape == (len(chips), backbone.size):
+            return np.asarray(cached, dtype=np.float32)
+    features = backbone.features(chips)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    np.save(path, features)
+    return features
