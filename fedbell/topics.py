@@ -59,6 +59,11 @@ class Topics:
     def aggregator_status(self) -> str:
         return f"{self.base}/aggregator/status"
 
+    @property
+    def reply(self) -> str:
+        """The aggregator's answer to each command and update (retained: the last one)."""
+        return f"{self.base}/aggregator/reply"
+
     def update(self, device: str) -> str:
         return f"{self.base}/update/{check_segment(device, 'device id')}"
 
