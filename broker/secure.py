@@ -13,8 +13,11 @@ import getpass
 from pathlib import Path
 
 from broker.local import LocalBroker
+from console import STATIC_DIR
 
 PRODUCTION_TEMPLATE = Path(__file__).with_name("production.conf")
+CONSOLE_PORT = 8443
+"""The operator console's TLS websockets listener on a real install."""
 
 
 def render_config(
@@ -25,6 +28,8 @@ def render_config(
     log_dest: str = "stderr",
     user: str = "mosquitto",
     template: Path = PRODUCTION_TEMPLATE,
+    ws_port: int = CONSOLE_PORT,
+    http_dir: Path = STATIC_DIR,
 ) -> str:
     """The production mosquitto.conf for one broker.
 
@@ -32,13 +37,19 @@ def render_config(
     journal), "file /path/mosquitto.log" elsewhere.
     """
     # Mosquitto reads an option up to the end of its line and does not quote.
-    for path in (conf_dir, data_dir):
+    for path in (conf_dir, data_dir, http_dir):
         if any(char in str(path) for char in " \n{}"):
             raise ValueError(f"unusable path in broker configuration: {path}")
     if "\n" in log_dest or not user.isprintable() or " " in user:
         raise ValueError(f"unusable log_dest or user: {log_dest!r}, {user!r}")
     return template.read_text().format(
-        port=port, conf_dir=conf_dir, data_dir=data_dir, log_dest=log_dest, user=user
+        port=port,
+        conf_dir=conf_dir,
+        data_dir=data_dir,
+        log_dest=log_dest,
+        user=user,
+        ws_port=ws_port,
+        http_dir=http_dir,
     )
 
 
@@ -63,6 +74,7 @@ class SecureBroker(LocalBroker):
             self.data_dir,
             log_dest=f"file {self.log_path}",
             user=getpass.getuser(),
+            ws_port=self.ws_port,
         )
         # LocalBroker formats its template with {port}/{data_dir}; a rendered
         # config has no braces left, so it passes through unchanged.

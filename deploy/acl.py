@@ -30,6 +30,9 @@ class Role(StrEnum):
 # what it listens to there (written by Home Assistant or the operator).
 DOORBELL_OUT = ("visitor", "ring", "present", "snapshot")
 DOORBELL_IN = ("command", "label")
+# What the operator console shows of each doorbell's events (no `present`
+# state; a snapshot only exists where a house opted in to it).
+CONSOLE_EVENTS = ("visitor", "ring", "snapshot")
 
 
 def rules(role: Role, name: str, base: str) -> list[tuple[str, str]]:
@@ -57,14 +60,19 @@ def rules(role: Role, name: str, base: str) -> list[tuple[str, str]]:
                 ("write", f"{base}/model/tflite"),
                 ("write", f"{base}/metrics"),
                 ("write", f"{base}/aggregator/status"),
+                ("write", f"{base}/aggregator/reply"),
             ]
         case Role.OPERATOR:
+            # Everything the console (console/) reads and presses, and nothing more.
             return [
                 ("write", f"{base}/control"),
+                ("read", f"{base}/aggregator/reply"),
+                ("read", f"{base}/round"),
                 ("read", f"{base}/metrics"),
                 ("read", f"{base}/status/+"),
                 ("read", f"{base}/aggregator/status"),
                 *(("write", f"doorbell/+/{leaf}") for leaf in DOORBELL_IN),
+                *(("read", f"doorbell/+/{leaf}") for leaf in CONSOLE_EVENTS),
             ]
         case Role.HOMEASSISTANT:
             return [

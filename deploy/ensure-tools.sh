@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Install what the tests and the simulation need beside Python: the Mosquitto
-# broker (always), shellcheck and systemd-analyze (for the deployment tests).
+# broker (always), shellcheck and systemd-analyze (for the deployment tests),
+# Debian's chromium (the console's browser test drives it with Playwright, which
+# must not download a browser of its own).
 # Tests and the simulation start their own broker on a free loopback port;
 # they never use a running one.
 set -euo pipefail
@@ -8,6 +10,7 @@ missing=()
 command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || missing+=(mosquitto mosquitto-clients)
 command -v shellcheck >/dev/null 2>&1 || missing+=(shellcheck)
 command -v systemd-analyze >/dev/null 2>&1 || missing+=(systemd)
+command -v chromium >/dev/null 2>&1 || missing+=(chromium)
 [ ${#missing[@]} -eq 0 ] && exit 0
 if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null 2>&1; then
     echo "fedbell: installing ${missing[*]} with apt"

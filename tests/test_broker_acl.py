@@ -49,6 +49,7 @@ def topics() -> list[str]:
             "model/tflite",
             "metrics",
             "aggregator/status",
+            "aggregator/reply",
         )
     ]
     for device in DEVICES:
@@ -88,6 +89,7 @@ def allowed(role: str, action: str, topic: str) -> bool:  # noqa: PLR0911 - one 
             f"{BASE}/model/tflite",
             f"{BASE}/metrics",
             f"{BASE}/aggregator/status",
+            f"{BASE}/aggregator/reply",
         ):
             return pub
         if topic == f"{BASE}/control" or topic.startswith((f"{BASE}/update/", f"{BASE}/status/")):
@@ -96,12 +98,19 @@ def allowed(role: str, action: str, topic: str) -> bool:  # noqa: PLR0911 - one 
     if role == "operator":
         if topic == f"{BASE}/control":
             return pub
-        if topic in (f"{BASE}/metrics", f"{BASE}/aggregator/status") or topic.startswith(
-            f"{BASE}/status/"
-        ):
+        # What the console (console/) shows: the federation's state and the replies
+        # to its commands, and each doorbell's events (not its `present` state).
+        if topic in (
+            f"{BASE}/metrics",
+            f"{BASE}/aggregator/status",
+            f"{BASE}/aggregator/reply",
+            f"{BASE}/round",
+        ) or topic.startswith(f"{BASE}/status/"):
             return not pub
         if parts[0] == "doorbell" and parts[2] in IN:
             return pub
+        if parts[0] == "doorbell" and parts[2] in ("visitor", "ring", "snapshot"):
+            return not pub
         return False
     assert role == "homeassistant"
     if topic.startswith(f"{BASE}/status/"):

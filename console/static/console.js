@@ -1,0 +1,544 @@
+// fedbell operator console: MQTT over WebSockets straight to the broker.
+//
+// Everything shown comes from the site's topics (fedbell/topics.py): retained
+// ones give the state on connect, live ones keep it current. Only generic
+// fields are read (round, phase, version, accuracy, bytes, rejections,
+// status); unknown fields are ignored and a payload that cannot be read is
+// shown as an error on its own item, never anywhere else: every message goes
+// through `handle`, which catches whatever a handler throws. Data is only
+// ever written with textContent, so a payload cannot inject markup.
+"use strict";
+
+const params = new URLSearchParams(location.search);
+const site = params.get("site") || "";
+const root = params.get("root") || "fedbell";
+const base = `${root}/${site}`;
+const TOPICS = {
+  control: `${base}/control`,
+  round: `${base}/round`,
+  metrics: `${base}/metrics`,
+  aggregator: `${base}/aggregator/status`,
+  reply: `${base}/aggregator/reply`,
+  statuses: `${base}/status/+`,
+  events: ["visitor", "ring", "snapshot"].map((leaf) => `doorbell/+/${leaf}`),
+};
+const VISITS_SHOWN = 5;
+
+const state = {
+  doorbells: new Map(), // id -> {status, error, update}
+  rounds: new Map(), // round id -> metrics
+  rejectedTotal: new Map(), // reason -> count over the rounds seen
+  round: null,
+  visits: new Map(), // doorbell id -> [{kind, data, error, at}]
+};
+let client = null;
+
+const $ = (id) => document.getElementById(id);
+
+function el(tag, text, className) {
+  const node = document.createElement(tag);
+  if (text !== undefined && text !== null) node.textContent = String(text);
+  if (className) node.className = className;
+  return node;
+}
+
+// -- reading payloads: generic fields, checked ----------------------------------
+
+class Malformed extends Error {}
+
+function parseObject(payload) {
+  let data;
+  try {
+    data = JSON.parse(new TextDecoder("utf-8", { fatal: true }).decode(payload));
+  } catch (err) {
+    throw new Malformed(`not JSON (${err.message})`);
+  }
+  if (data === null || typeof data !== "object" || Array.isArray(data)) {
+    throw new Malformed("not a JSON object");
+  }
+  return data;
+}
+
+function field(data, key, type, optional = false) {
+  const value = data[key];
+  if (value === undefined || value === null) {
+    if (optional) return null;
+    throw new Malformed(`no "${key}"`);
+  }
+  const ok = type === "int" ? Number.isInteger(value) : typeof value === type;
+  if (!ok || (type === "number" && !Number.isFinite(value))) {
+    throw new Malformed(`"${key}" is not a${type === "int" ? "n integer" : ` ${type}`}`);
+  }
+  return value;
+}
+
+const percent = (v) => (v === null || v === undefined ? "–" : `${(100 * v).toFixed(1)} %`);
+
+function human(bytes) {
+  if (bytes === null || bytes === undefined) return "–";
+  if (bytes < 1024) return `${bytes} B`;
+  if (bytes < 1024 * 1024) return `${(bytes / 1024).toFixed(1)} kB`;
+  return `${(bytes / 1024 / 1024).toFixed(2)} MB`;
+}
+
+const clock = (seconds) => new Date(seconds * 1000).toLocaleTimeString();
+
+function deviceOf(topic, prefix) {
+  const rest = topic.slice(prefix.length);
+  return /^[A-Za-z0-9_-]{1,64}$/.test(rest) ? rest : null;
+}
+
+// -- handlers, one per topic --------------------------------------------------------
+
+function onStatus(device, payload) {
+  const entry = state.doorbells.get(device) || { status: null, error: null, update: null };
+  state.doorbells.set(device, entry);
+  if (payload.length === 0) {
+    state.doorbells.delete(device); // retained status cleared: the doorbell was removed
+  } else {
+    try {
+      const data = parseObject(payload);
+      const status = {
+        state: field(data, "state", "string"),
+        model_version: field(data, "model_version", "int", true),
+        gallery_size: field(data, "gallery_size", "int", true),
+        last_round: field(data, "last_round", "int", true),
+        detail: field(data, "detail", "string", true),
+      };
+      entry.status = status;
+      entry.error = null;
+    } catch (err) {
+      entry.error = `malformed status: ${err.message}`;
+    }
+  }
+  renderDoorbells();
+}
+
+function onRound(payload) {
+  try {
+    const data = parseObject(payload);
+    state.round = {
+      round: field(data, "round", "int"),
+      phase: field(data, "phase", "string"),
+      base_version: field(data, "base_version", "int", true),
+      deadline: field(data, "deadline", "number", true),
+      selected: Array.isArray(data.selected) ? data.selected.map(String) : [],
+      codec: field(data, "codec", "string", true),
+      error: null,
+    };
+  } catch (err) {
+    state.round = { error: `malformed round message: ${err.message}` };
+  }
+  renderRound();
+}
+
+function onMetrics(payload) {
+  const error = $("metrics-error");
+  try {
+    const data = parseObject(payload);
+    const rejected = {};
+    if (data.rejected && typeof data.rejected === "object") {
+      for (const [reason, count] of Object.entries(data.rejected)) {
+        if (Number.isInteger(count)) rejected[reason] = count;
+      }
+    }
+    const metrics = {
+      round: field(data, "round", "int"),
+      version: field(data, "version", "int", true),
+      outcome: field(data, "outcome", "string", true),
+      accuracy: field(data, "accuracy", "number", true),
+      participants: field(data, "participants", "int", true),
+      bytes_up: field(data, "bytes_up", "int", true),
+      bytes_down: field(data, "bytes_down", "int", true),
+      seconds: field(data, "seconds", "number", true),
+      rejected,
+    };
+    // A round is reported twice in step-by-step mode (aggregated, then published):
+    // its rejections count once, from the last report.
+    const previous = state.rounds.get(metrics.round);
+    for (const [reason, count] of Object.entries(previous ? previous.rejected : {})) {
+      state.rejectedTotal.set(reason, (state.rejectedTotal.get(reason) || 0) - count);
+    }
+    for (const [reason, count] of Object.entries(rejected)) {
+      state.rejectedTotal.set(reason, (state.rejectedTotal.get(reason) || 0) + count);
+    }
+    state.rounds.set(metrics.round, metrics);
+    error.hidden = true;
+  } catch (err) {
+    error.textContent = `malformed metrics: ${err.message}`;
+    error.hidden = false;
+  }
+  renderModel();
+}
+
+function onAggregator(payload) {
+  const badge = $("aggregator");
+  try {
+    const data = parseObject(payload);
+    const online = field(data, "state", "string") === "online";
+    const version = field(data, "model_version", "int", true);
+    badge.textContent = `aggregator: ${online ? "online" : "offline"}` +
+      (version === null ? "" : `, model v${version}`);
+    badge.className = `badge ${online ? "online" : "offline"}`;
+  } catch (err) {
+    badge.textContent = `aggregator: malformed status (${err.message})`;
+    badge.className = "badge error";
+  }
+}
+
+function onReply(payload) {
+  let data;
+  try {
+    data = parseObject(payload);
+    const about = field(data, "about", "string");
+    const ok = field(data, "ok", "boolean");
+    const time = field(data, "time", "number", true);
+    if (about === "update") {
+      const device = field(data, "device", "string", true);
+      if (device === null || deviceOf(device, "") === null) return;
+      const entry = state.doorbells.get(device) || { status: null, error: null, update: null };
+      state.doorbells.set(device, entry);
+      entry.update = {
+        ok,
+        size: field(data, "size", "int", true),
+        round: field(data, "round", "int", true),
+        reason: field(data, "reason", "string", true),
+      };
+      renderDoorbells();
+      return;
+    }
+    const cmd = field(data, "cmd", "string", true) || "(unreadable command)";
+    const reason = field(data, "reason", "string", true);
+    const detail = field(data, "detail", "string", true);
+    const reply = $("reply");
+    reply.replaceChildren(
+      el("span", ok ? "done" : "refused", ok ? "ok" : "refused"),
+      el("span", ` ${cmd}${reason ? `: ${reason}` : ""}${detail ? ` (${detail})` : ""}`),
+      el("span", time === null ? "" : ` at ${clock(time)}`, "muted"),
+    );
+    reply.className = "item";
+  } catch (err) {
+    const reply = $("reply");
+    reply.textContent = `malformed reply: ${err.message}`;
+    reply.className = "item error";
+  }
+}
+
+function onEvent(device, kind, payload) {
+  const list = state.visits.get(device) || [];
+  state.visits.set(device, list);
+  const item = { kind, at: Date.now() / 1000, data: null, error: null, image: null };
+  if (kind === "snapshot") {
+    // Only a house that opted in publishes snapshots: show what it sent, as an image.
+    item.image = URL.createObjectURL(new Blob([payload], { type: "image/jpeg" }));
+  } else {
+    try {
+      const data = parseObject(payload);
+      item.data = {
+        person: field(data, "person", "string", kind !== "visitor"),
+        confidence: field(data, "confidence", "number", true),
+        time: field(data, "time", "number", true),
+      };
+    } catch (err) {
+      item.error = `malformed ${kind} event: ${err.message}`;
+    }
+  }
+  list.unshift(item);
+  for (const old of list.splice(VISITS_SHOWN)) if (old.image) URL.revokeObjectURL(old.image);
+  renderVisits();
+}
+
+function handle(topic, payload) {
+  try {
+    if (topic === TOPICS.round) onRound(payload);
+    else if (topic === TOPICS.metrics) onMetrics(payload);
+    else if (topic === TOPICS.aggregator) onAggregator(payload);
+    else if (topic === TOPICS.reply) onReply(payload);
+    else if (topic.startsWith(`${base}/status/`)) {
+      const device = deviceOf(topic, `${base}/status/`);
+      if (device !== null) onStatus(device, payload);
+    } else if (topic.startsWith("doorbell/")) {
+      const [, device, kind] = topic.split("/");
+      if (deviceOf(device, "") !== null && payload.length > 0) onEvent(device, kind, payload);
+    }
+  } catch (err) {
+    // A bug in a renderer must not stop the next message from being shown.
+    console.error("console: error handling", topic, err);
+  }
+}
+
+// -- rendering --------------------------------------------------------------------
+
+function renderDoorbells() {
+  const body = $("doorbells").querySelector("tbody");
+  body.replaceChildren();
+  const ids = [...state.doorbells.keys()].sort();
+  $("no-doorbells").hidden = ids.length > 0;
+  for (const id of ids) {
+    const { status, error, update } = state.doorbells.get(id);
+    const row = el("tr");
+    row.dataset.device = id;
+    row.append(el("td", id));
+    if (error) {
+      row.className = "error";
+      const cell = el("td", error, "state error");
+      cell.colSpan = 5;
+      row.append(cell);
+    } else if (status === null) {
+      const cell = el("td", "no status yet", "state muted");
+      cell.colSpan = 5;
+      row.append(cell);
+    } else {
+      const online = status.state === "online";
+      row.append(
+        el("td", status.state, `state ${online ? "online" : "offline"}`),
+        el("td", status.model_version === null ? "–" : `v${status.model_version}`, "model"),
+        el("td", status.gallery_size ?? "–"),
+        el("td", status.last_round ?? "–"),
+        el("td", status.detail || "–", "detail"),
+      );
+    }
+    let text = "–";
+    if (update) {
+      text = `${human(update.size)} round ${update.round ?? "?"}: ` +
+        (update.ok ? "accepted" : `rejected (${update.reason || "?"})`);
+    }
+    row.append(el("td", text, `update ${update ? (update.ok ? "ok" : "refused") : ""}`));
+    body.append(row);
+  }
+}
+
+function renderRound() {
+  const body = $("round-body");
+  const round = state.round;
+  if (round === null) return;
+  if (round.error) {
+    body.textContent = round.error;
+    body.className = "item error";
+    return;
+  }
+  body.className = "item";
+  const left = round.deadline === null ? null : Math.round(round.deadline - Date.now() / 1000);
+  const open = round.phase === "train" || round.phase === "send";
+  body.replaceChildren(
+    el("span", "round "),
+    el("strong", round.round, "round-id"),
+    el("span", " phase "),
+    el("strong", round.phase, "phase"),
+    el("span", `, base version ${round.base_version ?? "?"}, codec ${round.codec ?? "?"}`),
+    el("br"),
+    el("span", `doorbells: ${round.selected.join(", ") || "none"}`),
+    el("br"),
+    el("span", round.deadline === null ? "no deadline" :
+      `deadline ${clock(round.deadline)}` +
+      (open ? ` (${left >= 0 ? `in ${left} s` : `passed ${-left} s ago`})` : ""), "deadline"),
+  );
+}
+
+function renderModel() {
+  const rounds = [...state.rounds.values()].sort((a, b) => a.round - b.round);
+  const last = rounds[rounds.length - 1];
+  if (last) {
+    $("version").textContent = last.version ? `v${last.version}` : "none";
+    $("accuracy").textContent = percent(last.accuracy);
+    $("metrics-round").textContent = last.round;
+    $("outcome").textContent = last.outcome ?? "?";
+    $("outcome").className = last.outcome ?? "";
+  }
+  const body = $("rounds").querySelector("tbody");
+  body.replaceChildren();
+  for (const m of [...rounds].reverse()) {
+    const row = el("tr");
+    row.append(
+      el("td", m.round), el("td", m.outcome ?? "?", m.outcome ?? ""),
+      el("td", m.version ? `v${m.version}` : "–"), el("td", percent(m.accuracy)),
+      el("td", m.participants ?? "–"), el("td", human(m.bytes_up)),
+      el("td", human(m.bytes_down)), el("td", m.seconds ?? "–"),
+    );
+    body.append(row);
+  }
+  chart($("accuracy-chart"), rounds, [["accuracy", "#1565c0", (v) => 100 * v]], "accuracy %", 100);
+  chart($("bytes-chart"), rounds, [
+    ["bytes_up", "#2e7d32", (v) => v / 1024],
+    ["bytes_down", "#ef6c00", (v) => v / 1024],
+  ], "kB up (green) / down (orange)", null);
+  renderRejections(last);
+}
+
+function chart(svg, rounds, series, title, fixedMax) {
+  const NS = "http://www.w3.org/2000/svg";
+  const W = 320, H = 150, L = 34, B = 18, T = 14, R = 8;
+  const node = (tag, attrs, text) => {
+    const n = document.createElementNS(NS, tag);
+    for (const [k, v] of Object.entries(attrs)) n.setAttribute(k, v);
+    if (text !== undefined) n.textContent = text;
+    return n;
+  };
+  svg.replaceChildren(node("text", { x: L, y: 10 }, title));
+  const points = series.map(([key, , scale]) =>
+    rounds.filter((m) => typeof m[key] === "number").map((m) => [m.round, scale(m[key])]));
+  const all = points.flat();
+  if (all.length === 0) return;
+  const xMin = Math.min(...all.map((p) => p[0])), xMax = Math.max(...all.map((p) => p[0]));
+  const yMax = fixedMax ?? Math.max(1, ...all.map((p) => p[1])) * 1.1;
+  const x = (r) => L + (xMax === xMin ? (W - L - R) / 2 : ((r - xMin) / (xMax - xMin)) * (W - L - R));
+  const y = (v) => H - B - (v / yMax) * (H - B - T);
+  svg.append(
+    node("line", { x1: L, y1: H - B, x2: W - R, y2: H - B, stroke: "#999" }),
+    node("line", { x1: L, y1: T, x2: L, y2: H - B, stroke: "#999" }),
+    node("text", { x: 2, y: T + 4 }, yMax.toFixed(0)),
+    node("text", { x: 2, y: H - B }, "0"),
+    node("text", { x: L, y: H - 4 }, `round ${xMin}`),
+    node("text", { x: W - R - 40, y: H - 4 }, `round ${xMax}`),
+  );
+  series.forEach(([, color], i) => {
+    const pts = points[i];
+    if (pts.length > 1) {
+      svg.append(node("polyline", {
+        points: pts.map(([r, v]) => `${x(r)},${y(v)}`).join(" "),
+        fill: "none", stroke: color, "stroke-width": 2,
+      }));
+    }
+    for (const [r, v] of pts) svg.append(node("circle", { cx: x(r), cy: y(v), r: 2.5, fill: color }));
+  });
+}
+
+function renderRejections(last) {
+  const body = $("rejections").querySelector("tbody");
+  body.replaceChildren();
+  const reasons = [...state.rejectedTotal.entries()].filter(([, n]) => n > 0).map(([r]) => r);
+  $("no-rejections").hidden = reasons.length > 0;
+  for (const reason of reasons.sort()) {
+    const row = el("tr");
+    row.append(
+      el("td", reason),
+      el("td", (last && last.rejected[reason]) || 0),
+      el("td", state.rejectedTotal.get(reason)),
+    );
+    body.append(row);
+  }
+}
+
+function renderVisits() {
+  const box = $("visitors");
+  box.replaceChildren();
+  for (const device of [...state.visits.keys()].sort()) {
+    const section = el("div");
+    section.dataset.device = device;
+    section.append(el("h3", device));
+    const list = el("ul");
+    for (const item of state.visits.get(device)) {
+      if (item.error) {
+        list.append(el("li", item.error, "error"));
+      } else if (item.image) {
+        const li = el("li", `snapshot at ${clock(item.at)}`);
+        const img = el("img");
+        img.src = item.image;
+        img.alt = `snapshot from ${device}`;
+        li.append(img);
+        list.append(li);
+      } else {
+        const d = item.data;
+        const who = item.kind === "ring" ? "ring" : d.person || "unknown";
+        const confidence = d.confidence === null ? "" : `, confidence ${d.confidence.toFixed(2)}`;
+        list.append(el("li", `${clock(d.time ?? item.at)} ${who}${confidence}`, "visit"));
+      }
+    }
+    section.append(list);
+    box.append(section);
+  }
+}
+
+// -- controls -----------------------------------------------------------------------
+
+function command(cmd) {
+  const message = { cmd };
+  if (cmd === "auto") message.rounds = Math.max(1, parseInt($("auto-rounds").value, 10) || 1);
+  const payload = JSON.stringify(message);
+  // Exactly what `mosquitto_pub -t <control> -m '<payload>'` sends.
+  $("sent").textContent = `mosquitto_pub -q 1 -t ${TOPICS.control} -m '${payload}'`;
+  if (client === null || !client.connected) {
+    $("reply").textContent = "not connected to the broker: nothing sent";
+    $("reply").className = "item error";
+    return;
+  }
+  client.publish(TOPICS.control, payload, { qos: 1 }, (err) => {
+    if (err) {
+      $("reply").textContent = `the broker refused the command: ${err.message}`;
+      $("reply").className = "item error";
+    } else {
+      $("reply").textContent = `${cmd} sent, waiting for the aggregator's reply`;
+      $("reply").className = "item muted";
+    }
+  });
+}
+
+// -- connection -----------------------------------------------------------------------
+
+function setConnection(text, kind) {
+  $("connection").textContent = text;
+  $("connection").className = `badge ${kind}`;
+}
+
+function connect() {
+  if (client !== null) client.end(true);
+  const options = {
+    keepalive: 10,
+    reconnectPeriod: 2000,
+    connectTimeout: 10000,
+    clean: true,
+    protocolVersion: 5,
+    clientId: `console-${Math.random().toString(16).slice(2, 10)}`,
+  };
+  const username = $("username").value;
+  if (username) {
+    options.username = username;
+    options.password = $("password").value;
+  }
+  client = mqtt.connect($("broker-url").value, options);
+  client.on("connect", () => {
+    setConnection("connected", "online");
+    const topics = [TOPICS.round, TOPICS.metrics, TOPICS.aggregator, TOPICS.reply,
+      TOPICS.statuses, ...TOPICS.events];
+    client.subscribe(topics, { qos: 1 }, (err, granted) => {
+      const refused = (granted || []).filter((g) => g.qos >= 128).map((g) => g.topic);
+      if (err || refused.length) {
+        setConnection(`subscription refused: ${err ? err.message : refused.join(", ")}`, "error");
+      }
+    });
+  });
+  client.on("message", (topic, payload) => handle(topic, payload));
+  client.on("reconnect", () => setConnection("reconnecting", "offline"));
+  client.on("offline", () => setConnection("disconnected", "offline"));
+  client.on("error", (err) => setConnection(`error: ${err.message}`, "error"));
+}
+
+function start() {
+  if (typeof mqtt === "undefined") {
+    $("fatal").textContent =
+      "vendor/mqtt.min.js did not load: run `make deps` (it vendors the MQTT client).";
+    $("fatal").hidden = false;
+    return;
+  }
+  if (!/^[A-Za-z0-9_-]{1,64}$/.test(site)) {
+    $("fatal").textContent = "add ?site=<site id> to the address (e.g. ?site=home).";
+    $("fatal").hidden = false;
+    return;
+  }
+  $("site-name").textContent = `site ${site}`;
+  document.title = `fedbell ${site}`;
+  const scheme = location.protocol === "https:" ? "wss" : "ws";
+  $("broker-url").value = params.get("broker") || `${scheme}://${location.host}/mqtt`;
+  $("username").value = params.get("user") || "";
+  for (const button of document.querySelectorAll("button[data-cmd]")) {
+    button.addEventListener("click", () => command(button.dataset.cmd));
+  }
+  $("login").addEventListener("submit", (event) => {
+    event.preventDefault();
+    connect();
+  });
+  setInterval(renderRound, 1000); // the deadline countdown
+  if (!params.get("user")) connect(); // a login needs its password typed first
+}
+
+start();

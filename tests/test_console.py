@@ -1,0 +1,358 @@
+"""The operator console (console/) in a real browser, against a real federation.
+
+Debian's chromium (installed by `make deps`), driven by Playwright, opens the
+page the broker serves on its websockets listener; a real Mosquitto, a real
+aggregator and two real doorbell processes run the rounds the page starts.
+The ACL tests run the production broker configuration (TLS websockets) of a
+provisioned site: only the operator's login reads or presses anything there.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import re
+import shutil
+import ssl
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as mqtt
+import pytest
+import yaml
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.reasoncodes import ReasonCode
+
+from broker.local import LocalBroker
+from broker.secure import SecureBroker
+from console import VENDORED_CLIENT, page_url, start_round_line
+from fedbell.synthetic import make_dataset
+from fedbell.topics import Topics
+from tests.mqtt_helpers import Probe
+from tests.test_aggregator import LABELS, SITE, TOPICS, make_config
+from tests.test_broker_acl import provision_site
+from tests.test_faults import Process, node_process
+
+playwright_api = pytest.importorskip("playwright.sync_api")
+expect = playwright_api.expect
+
+CHROMIUM = shutil.which("chromium")
+REPORTS = Path(__file__).resolve().parents[1] / "reports"
+NODE_KEEPALIVE_S = 5  # node_process's mqtt.keepalive: the broker gives up after 1.5x
+DOORS = ("door1", "door2")
+
+pytestmark = pytest.mark.skipif(
+    CHROMIUM is None, reason="needs Debian's chromium: `make deps` as root installs it"
+)
+
+
+@pytest.fixture(scope="module")
+def vendored() -> None:
+    assert VENDORED_CLIENT.is_file(), f"{VENDORED_CLIENT} missing: run `make deps`"
+
+
+@pytest.fixture
+def browser(vendored: None) -> Iterator[Any]:
+    assert CHROMIUM is not None
+    with playwright_api.sync_playwright() as playwright:
+        # The system chromium, never one of Playwright's downloads; no sandbox as root.
+        launched = playwright.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        yield launched
+        launched.close()
+
+
+@pytest.fixture
+def federation(tmp_path: Path, broker: LocalBroker) -> Iterator[dict[str, Process]]:
+    """The aggregator and two doorbells as processes, stopped whatever happened."""
+    gallery = tmp_path / "gallery"
+    make_dataset(gallery, persons=len(LABELS), images_per_person=4, seed=5)
+    config = make_config(
+        tmp_path,
+        broker.port,
+        evaluation=gallery,  # gives each version a held-out accuracy to show
+        codec="float16",
+        timeout_s=60,
+        train={"epochs": 1, "batch_size": 4},
+    ).model_dump(mode="json")
+    path = tmp_path / "aggregator.yaml"
+    path.write_text(yaml.safe_dump(config))
+    processes = {
+        "aggregator": Process(tmp_path / "aggregator.log", "aggregator", "--config", str(path))
+    }
+    processes.update({door: node_process(tmp_path, broker.port, door, gallery) for door in DOORS})
+    try:
+        processes["aggregator"].start().wait_log("ready: site")
+        for door in DOORS:
+            processes[door].start()
+        yield processes
+    finally:
+        for process in processes.values():
+            process.stop()
+
+
+def doorbell(page: Any, device: str, cell: str) -> Any:
+    return page.locator(f'#doorbells tr[data-device="{device}"] .{cell}')
+
+
+def test_the_console_drives_a_real_federation(
+    broker: LocalBroker, federation: dict[str, Process], browser: Any
+) -> None:
+    control = Probe(broker.port, TOPICS.control)
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    errors: list[str] = []
+    page.on("pageerror", lambda err: errors.append(str(err)))
+    try:
+        page.goto(page_url("127.0.0.1", broker.ws_port, SITE))
+        expect(page.locator("#connection")).to_have_text("connected")
+        for door in DOORS:  # their retained statuses, then live ones
+            expect(doorbell(page, door, "state")).to_have_text("online", timeout=90_000)
+            expect(doorbell(page, door, "model")).to_have_text("v0", timeout=30_000)
+        expect(page.locator("#aggregator")).to_contain_text("online")
+
+        page.click("#start-round")
+        # Exactly what the mosquitto_pub line in the README (and `make demo`) sends.
+        assert control.wait_for(TOPICS.control, 10).payload == b'{"cmd":"start_round"}'
+        expect(page.locator("#sent")).to_contain_text('-m \'{"cmd":"start_round"}\'')
+        expect(page.locator("#round-body .round-id")).to_have_text("1")
+        expect(page.locator("#reply")).to_contain_text("done start_round")
+        expect(page.locator("#version")).to_have_text("v1", timeout=120_000)
+        expect(page.locator("#accuracy")).to_have_text(re.compile(r"\d{1,3}\.\d %"))
+        expect(page.locator("#round-body .phase")).to_have_text("closed")
+        for door in DOORS:
+            expect(doorbell(page, door, "update")).to_contain_text("round 1: accepted")
+            expect(doorbell(page, door, "model")).to_have_text("v1", timeout=30_000)
+        expect(page.locator("#rounds tbody tr")).to_have_count(1)
+
+        # A command the aggregator refuses: the reason is on the page, not only in its log.
+        page.click("#aggregate")
+        expect(page.locator("#reply")).to_contain_text("refused aggregate: bad_state")
+
+        # A doorbell dies: its last will reaches the page within the keepalive window.
+        killed_at = time.monotonic()
+        federation["door2"].kill()
+        expect(doorbell(page, "door2", "state")).to_have_text(
+            "offline", timeout=1000 * 1.5 * NODE_KEEPALIVE_S
+        )
+        print(f"door2 shown offline {time.monotonic() - killed_at:.1f} s after SIGKILL")
+        expect(doorbell(page, "door1", "state")).to_have_text("online")
+        REPORTS.mkdir(exist_ok=True)
+        page.screenshot(path=str(REPORTS / "console.png"), full_page=True)
+        assert errors == []
+    finally:
+        control.close()
+        page.close()
+
+
+MALFORMED: dict[str, bytes] = {
+    TOPICS.round: b'{"round": "one", "phase": 3}',
+    TOPICS.metrics: b"\xff\xfe not even UTF-8",
+    TOPICS.aggregator_status: b"[1, 2, 3]",
+    TOPICS.reply: b'{"about": "command"}',
+    TOPICS.status("door9"): b"{" * 5000,
+    "doorbell/door1/visitor": b'{"person": 7}',
+}
+
+
+def test_malformed_retained_messages_are_errors_of_their_item_only(
+    broker: LocalBroker, browser: Any
+) -> None:
+    writer = Probe(broker.port)
+    good_status = {"state": "online", "model_version": 4, "gallery_size": 9, "detail": "camera ok"}
+    good_metrics = {"round": 4, "version": 4, "outcome": "published", "participants": 1}
+    try:
+        writer.publish(TOPICS.status("door1"), json.dumps(good_status), retain=True)
+        writer.publish(TOPICS.metrics, json.dumps({**good_metrics, "accuracy": 0.75}), retain=True)
+        for topic, payload in MALFORMED.items():  # retained: the page meets them on load
+            writer.publish(topic, payload, retain=True)
+        page = browser.new_page(viewport={"width": 1280, "height": 900})
+        errors: list[str] = []
+        page.on("pageerror", lambda err: errors.append(str(err)))
+        page.goto(page_url("127.0.0.1", broker.ws_port, SITE))
+        expect(page.locator("#connection")).to_have_text("connected")
+
+        expect(page.locator("#round-body")).to_contain_text("malformed round message")
+        expect(page.locator("#metrics-error")).to_contain_text("malformed metrics: not JSON")
+        expect(page.locator("#aggregator")).to_contain_text("malformed status")
+        expect(page.locator("#reply")).to_contain_text('malformed reply: no "ok"')
+        expect(doorbell(page, "door9", "state")).to_contain_text("malformed status")
+        expect(page.locator('#visitors [data-device="door1"] .error')).to_contain_text(
+            "malformed visitor event"
+        )
+        # ...and everything else still shows and still updates.
+        expect(doorbell(page, "door1", "state")).to_have_text("online")
+        expect(doorbell(page, "door1", "model")).to_have_text("v4")
+        writer.publish(TOPICS.metrics, json.dumps({**good_metrics, "round": 5, "version": 5}))
+        expect(page.locator("#version")).to_have_text("v5")
+        expect(page.locator("#metrics-error")).to_be_hidden()
+        event = {"event_id": "e1", "time": time.time(), "person": "unknown", "confidence": 0.41}
+        writer.publish("doorbell/door1/visitor", json.dumps(event))
+        expect(page.locator('#visitors [data-device="door1"] .visit')).to_contain_text(
+            "unknown, confidence 0.41"
+        )
+        writer.publish(TOPICS.status("door9"), json.dumps({**good_status, "state": "offline"}))
+        expect(doorbell(page, "door9", "state")).to_have_text("offline")
+        REPORTS.mkdir(exist_ok=True)
+        page.screenshot(path=str(REPORTS / "console-malformed.png"), full_page=True)
+        assert errors == []
+        page.close()
+    finally:
+        writer.close()
+
+
+def test_start_round_line_is_what_the_button_sends() -> None:
+    line = start_round_line("127.0.0.1", 1883, "sim")
+    assert line == (
+        "mosquitto_pub -h 127.0.0.1 -p 1883 -q 1 -t fedbell/sim/control "
+        '-m \'{"cmd":"start_round"}\''
+    )
+    assert page_url("hub.lan", 8443, "home", tls=True) == "https://hub.lan:8443/?site=home"
+
+
+# ------------------------------------------------- production: TLS websockets + ACL
+
+
+class WsLogin:
+    """One login over the production broker's TLS websockets listener (MQTT v5)."""
+
+    def __init__(self, root: Path, name: str, port: int) -> None:
+        bundle = root / "clients" / name
+        self.name = name
+        self.connack: ReasonCode | None = None
+        self.connected = threading.Event()
+        self.received: list[tuple[str, bytes]] = []
+        self.pubacks: dict[int, ReasonCode] = {}
+        self.subacks = threading.Event()
+        self.client = mqtt.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=f"ws-{name}",
+            protocol=mqtt.MQTTv5,
+            transport="websockets",
+        )
+        self.client.ws_set_options(path="/mqtt")
+        self.client.tls_set(
+            ca_certs=str(bundle / "ca.crt"),
+            certfile=str(bundle / "client.crt"),
+            keyfile=str(bundle / "client.key"),
+        )
+        self.client.username_pw_set(name, (bundle / "mqtt-password").read_text())
+        self.client.on_connect = self._on_connect
+        self.client.on_message = lambda _c, _u, m: self.received.append((m.topic, m.payload))
+        self.client.on_publish = lambda _c, _u, mid, rc, _p: self.pubacks.__setitem__(mid, rc)
+        self.client.on_subscribe = lambda *_: self.subacks.set()
+        self.client.connect("localhost", port, keepalive=30)
+        self.client.loop_start()
+        assert self.connected.wait(10), f"{name}: no CONNACK"
+        assert self.connack is not None
+        assert not self.connack.is_failure, self.connack
+
+    def _on_connect(self, _c: Any, _u: Any, _f: Any, rc: ReasonCode, _p: Any) -> None:
+        self.connack = rc
+        self.connected.set()
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+HOME = Topics("home")  # the site tests.test_broker_acl provisions
+CONSOLE_TOPICS = (  # what console.js subscribes to
+    HOME.round,
+    HOME.metrics,
+    HOME.aggregator_status,
+    HOME.reply,
+    HOME.all_statuses,
+    "doorbell/+/visitor",
+    "doorbell/+/ring",
+    "doorbell/+/snapshot",
+)
+
+
+@pytest.fixture(scope="module")
+def production(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, SecureBroker]]:
+    root = tmp_path_factory.mktemp("site")
+    provision_site(root)
+    with SecureBroker(root / "broker", tmp_path_factory.mktemp("broker")) as running:
+        yield root, running
+
+
+def test_only_the_operator_reads_or_presses_anything_over_websockets(
+    production: tuple[Path, SecureBroker],
+) -> None:
+    root, broker = production
+    aggregator = WsLogin(root, "aggregator", broker.ws_port)
+    door = WsLogin(root, "door1", broker.ws_port)
+    logins = {name: WsLogin(root, name, broker.ws_port) for name in ("operator", "homeassistant")}
+    logins["door1"] = door
+    try:
+        aggregator.client.subscribe(HOME.control, qos=1)
+        for login in logins.values():
+            login.client.subscribe([(topic, 1) for topic in CONSOLE_TOPICS])
+        for login in [aggregator, *logins.values()]:
+            assert login.subacks.wait(5)
+        # What the console shows: the aggregator's reply and metrics, a doorbell's event.
+        reply = b'{"about":"command","ok":true,"time":1,"cmd":"stop"}'
+        aggregator.client.publish(HOME.reply, reply, qos=1)
+        aggregator.client.publish(HOME.metrics, b'{"round":1}', qos=1)
+        door.client.publish("doorbell/door1/visitor", b'{"person":"unknown"}', qos=1)
+        # Every login presses "start round".
+        mids = {
+            name: login.client.publish(HOME.control, f"{name}>start".encode(), qos=1).mid
+            for name, login in logins.items()
+        }
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and any(mids[n] not in logins[n].pubacks for n in logins):
+            time.sleep(0.02)
+        time.sleep(1.0)  # anything still to be delivered arrives now or never
+        pressed = {payload for _, payload in aggregator.received}
+        assert pressed == {b"operator>start"}
+        for name in ("door1", "homeassistant"):
+            assert logins[name].pubacks[mids[name]].value == 0x87  # Not authorized
+        seen = {name: {topic for topic, _ in login.received} for name, login in logins.items()}
+        assert seen["operator"] == {
+            HOME.reply,
+            HOME.metrics,
+            "doorbell/door1/visitor",
+        }
+        assert HOME.reply not in seen["door1"] | seen["homeassistant"]
+        assert HOME.metrics not in seen["door1"] | seen["homeassistant"]
+        assert HOME.control not in seen["door1"] | seen["homeassistant"]
+    finally:
+        for login in [aggregator, *logins.values()]:
+            login.close()
+
+
+def test_the_page_is_served_over_tls_to_client_certificates_only(
+    production: tuple[Path, SecureBroker],
+) -> None:
+    root, broker = production
+    bundle = root / "clients" / "operator"
+    context = ssl.create_default_context(cafile=str(bundle / "ca.crt"))
+    context.load_cert_chain(str(bundle / "client.crt"), str(bundle / "client.key"))
+    https = http.client.HTTPSConnection("localhost", broker.ws_port, context=context, timeout=10)
+    assert b"fedbell" in _get(https)
+    https.close()
+
+    anonymous = ssl.create_default_context(cafile=str(bundle / "ca.crt"))
+    stranger = http.client.HTTPSConnection(
+        "localhost", broker.ws_port, context=anonymous, timeout=10
+    )
+    with pytest.raises((ssl.SSLError, ConnectionError, http.client.RemoteDisconnected)):
+        _get(stranger)
+    stranger.close()
+    plain = http.client.HTTPConnection("localhost", broker.ws_port, timeout=10)
+    with pytest.raises(
+        (ConnectionError, http.client.RemoteDisconnected, http.client.BadStatusLine)
+    ):
+        _get(plain)
+    plain.close()
+
+
+def _get(connection: http.client.HTTPConnection) -> bytes:
+    """GET the page; an HTTP error status fails the test."""
+    connection.request("GET", "/index.html")
+    response = connection.getresponse()
+    assert response.status == 200
+    return response.read()
