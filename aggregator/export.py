@@ -28,12 +28,9 @@ from fedbell.embedding import HEAD_NAMES, Features, embed
 from fedbell.envelope import TensorSpec
 from fedbell.features import Backbone, FaceSet, cached_features, photo_chips
 from fedbell.messages import Signer, build_global, build_tflite
-from fedbell.openset import Trial, best_match, prototype, score_trials, trial
+from fedbell.openset import held_out_accuracy
 
 log = logging.getLogger(__name__)
-
-ENROLL_PER_PERSON = 5
-"""Held-out photos per person that make their prototype; the rest are probes."""
 
 
 @dataclass(frozen=True)
@@ -136,7 +133,11 @@ class Exporter:
             )
         if self.held_out is None:
             return None, threshold
-        return _open_set_accuracy(self.held_out, weights, scoring, threshold), threshold
+        held_out = self.held_out
+        accuracy = held_out_accuracy(
+            held_out.features, held_out.persons, weights, scoring, threshold
+        )
+        return accuracy, threshold
 
     def release(self, weights: Weights, version: int, round_id: int, lineage: str) -> Release:
         accuracy, threshold = self._evaluate(weights)
@@ -160,39 +161,3 @@ class Exporter:
             accuracy=accuracy,
             threshold=threshold,
         )
-
-
-def _open_set_accuracy(
-    held_out: FaceSet, weights: Weights, strangers: Features | None, threshold: float
-) -> float | None:
-    """Enrol each held-out person from their first photos, probe with the rest.
-
-    Strangers are real stranger photos when the aggregator has them; without,
-    each person's probes stand in as strangers to a gallery without them.
-    """
-    embeddings = embed(held_out.features, weights)
-    names = sorted(set(held_out.persons))
-    rows = {name: [i for i, p in enumerate(held_out.persons) if p == name] for name in names}
-    enrolled = [n for n in names if len(rows[n]) > 1]
-    if len(enrolled) < 2:
-        return None
-    prototypes = np.stack([prototype(embeddings[rows[n][:ENROLL_PER_PERSON]]) for n in enrolled])
-    probes = [i for k, n in enumerate(enrolled) for i in rows[n][ENROLL_PER_PERSON:]]
-    truth = np.array(
-        [k for k, n in enumerate(enrolled) for _ in rows[n][ENROLL_PER_PERSON:]], np.int64
-    )
-    if not probes:
-        return None
-    members = trial(prototypes, embeddings[probes], truth, np.zeros((0, 1), np.float32))
-    if strangers is not None:
-        stranger_score = best_match(embed(strangers, weights), prototypes)[1]
-    else:
-        # Each probe against the prototypes of everyone but its own person.
-        similarity = embeddings[probes] @ prototypes.T
-        similarity[np.arange(len(probes)), truth] = -1.0
-        stranger_score = similarity.max(axis=1)
-    trials = [Trial(members.member_best, truth, members.member_score, stranger_score)]
-    try:
-        return score_trials(trials, threshold).open_set_accuracy
-    except ValueError:
-        return None

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-from fedbell.embedding import Embeddings, normalize
+from fedbell.embedding import Embeddings, Features, embed, normalize
 
 UNKNOWN = "unknown"
 """The name given to a visitor below the threshold."""
@@ -114,3 +114,47 @@ def score_trials(trials: Sequence[Trial], threshold: float) -> OpenSetResult:
         members=len(right),
         strangers=len(stranger_score),
     )
+
+
+ENROLL_PER_PERSON = 5
+"""Photos per person that make their prototype in an evaluation; the rest are probes."""
+
+
+def held_out_accuracy(
+    features: Features,
+    persons: Sequence[str],
+    weights: Sequence[npt.NDArray[np.float32]],
+    strangers: Features | None,
+    threshold: float,
+) -> float | None:
+    """Open-set accuracy of a head on people no house holds: the aggregator's score.
+
+    Each person is enrolled from their first photos and probed with the rest.
+
+    Strangers are real stranger photos when the aggregator has them; without,
+    each person's probes stand in as strangers to a gallery without them.
+    """
+    embeddings = embed(features, weights)
+    names = sorted(set(persons))
+    rows = {name: [i for i, p in enumerate(persons) if p == name] for name in names}
+    enrolled = [n for n in names if len(rows[n]) > 1]
+    if len(enrolled) < 2:
+        return None
+    # Up to ENROLL_PER_PERSON photos enrol a person, and at least one is left to probe.
+    cut = {n: min(ENROLL_PER_PERSON, len(rows[n]) - 1) for n in enrolled}
+    prototypes = np.stack([prototype(embeddings[rows[n][: cut[n]]]) for n in enrolled])
+    probes = [i for n in enrolled for i in rows[n][cut[n] :]]
+    truth = np.array([k for k, n in enumerate(enrolled) for _ in rows[n][cut[n] :]], np.int64)
+    members = trial(prototypes, embeddings[probes], truth, np.zeros((0, 1), np.float32))
+    if strangers is not None:
+        stranger_score = best_match(embed(strangers, weights), prototypes)[1]
+    else:
+        # Each probe against the prototypes of everyone but its own person.
+        similarity = embeddings[probes] @ prototypes.T
+        similarity[np.arange(len(probes)), truth] = -1.0
+        stranger_score = similarity.max(axis=1)
+    trials = [Trial(members.member_best, truth, members.member_score, stranger_score)]
+    try:
+        return score_trials(trials, threshold).open_set_accuracy
+    except ValueError:
+        return None
