@@ -1,15 +1,34 @@
-"""Throw hostile update messages at the aggregator's validation path.
+"""Throw hostile update messages at the aggregator's validation path, every codec.
 
-    python -m bench.fuzz --count 100000
+    python -m bench.fuzz --count 100000 [--codecs float32 float16 int8 topk]
 
-Each message is a valid update mutated one way: raw byte damage, a header
-that lies (re-serialised with a correct sha256 so the lie reaches the deeper
-checks), a poisoned body (NaN, Inf, absurd norms, decompression bombs), a
-replay, a wrong topic. Every message goes through exactly what the aggregator
-does with an update: `parse_update`, then the round's checks, then `accept`.
-A crash is any exception other than RejectedMessage. The model must not
-change: the base weights are hashed before and after, and the running sum may
-only grow by updates that passed every check.
+For each update codec (top-k, the product's default, included) the fuzzer
+builds valid updates of the federated head (`fedbell.embedding.HEAD_NAMES`,
+dlib's 256 → 128 projection) and mutates each one way: raw byte damage, a
+header that lies (re-serialised with a correct sha256 so the lie reaches the
+deeper checks), a poisoned body written in that codec's own layout (NaN/Inf
+values or scales, absurd norms, top-k indices that repeat or run past the
+end, decompression bombs, short bodies, trailing bytes), a wrong topic.
+Half of the messages go to an unsigned site, half to a signed one (Ed25519
+verification in the path).
+
+Every message goes through exactly what the aggregator does with an update
+(`aggregator/coordinator.py`): `parse_update`, then the round's `check`, then
+`accept`, which folds it into a REAL accumulator made by `make_accumulator`
+from the product's round settings. A crash is any exception other than
+RejectedMessage. A *model change* is a model the aggregator would publish
+(`next_step` over that accumulator, computed after every accepted message)
+that differs from an independent expectation: FedAvg (for top-k, the
+coverage-corrected sparse FedAvg) computed here in plain numpy over the
+pristine deltas the accepted messages were made from. So an accepted message
+whose content differs from what its doorbell built (a poisoned body, a lying
+example count on a signed site) fails the run, and so does a rejected message
+that touched the accumulator, or the base weights changing.
+
+On an unsigned site a header is not authenticated, so the example count a
+message claims is the weight the expectation uses (read from the raw JSON
+here, independently of the envelope code); on a signed site it must be the
+count the doorbell signed.
 """
 
 from __future__ import annotations
@@ -17,37 +36,43 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 import struct
 import time
 import traceback
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 import zstandard
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from aggregator.accumulator import Streaming
+from aggregator.accumulator import Accumulator, make_accumulator, next_step
 from aggregator.config import RoundSettings
 from aggregator.rounds import Round, announce
-from aggregator.strategy import RunningFedAvg
+from aggregator.strategy import InconsistentUpdate
 from fedbell import envelope, messages
-from fedbell.envelope import TensorSpec
+from fedbell.codecs import TENSOR_CODECS, Weights
+from fedbell.dlib_resnet import DESCRIPTOR, FEATURES
+from fedbell.embedding import HEAD_NAMES
+from fedbell.envelope import Codec, TensorSpec
 from fedbell.errors import RejectedMessage
 
 SITE = "home"
 DEVICES = ("door", "garage")
+EXAMPLES = {"door": 5, "garage": 9}
 LIMIT = 4 << 20
-SHAPES = {
-    "conv/kernel": (3, 3, 1, 8),
-    "conv/bias": (8,),
-    "dense/kernel": (32, 6),
-    "dense/bias": (6,),
-}
-Mutator = Callable[[np.random.Generator, bytes], bytes]
+SHAPES: dict[str, tuple[int, ...]] = {HEAD_NAMES[0]: (FEATURES, DESCRIPTOR)}
+"""The head's tensors, as the aggregator expects them (see `Exporter.specs`)."""
+DELTA_SCALE = 0.01
+"""About what a round of local training moves a head weight."""
+Mutator = Callable[[np.random.Generator, bytes, Codec], bytes]
 BOMB = zstandard.ZstdCompressor(level=19).compress(b"\0" * (256 << 20))
 """256 MiB of zeros in about 8 KiB: made once, thrown many times."""
+RTOL, ATOL = 1e-5, 1e-7
 
 
 def _split(payload: bytes) -> tuple[dict[str, Any], bytes]:
@@ -84,68 +109,56 @@ def _hostile_value(rng: np.random.Generator) -> Any:
     return choices[int(rng.integers(len(choices)))]
 
 
-def flip_bits(rng: np.random.Generator, payload: bytes) -> bytes:
+def flip_bits(rng: np.random.Generator, payload: bytes, _codec: Codec) -> bytes:
     data = bytearray(payload)
     for _ in range(int(rng.integers(1, 8))):
         data[int(rng.integers(len(data)))] ^= 1 << int(rng.integers(8))
     return bytes(data)
 
 
-def truncate(rng: np.random.Generator, payload: bytes) -> bytes:
+def truncate(rng: np.random.Generator, payload: bytes, _codec: Codec) -> bytes:
     return payload[: int(rng.integers(len(payload)))]
 
 
-def splice_junk(rng: np.random.Generator, payload: bytes) -> bytes:
+def splice_junk(rng: np.random.Generator, payload: bytes, _codec: Codec) -> bytes:
     at = int(rng.integers(len(payload)))
     return payload[:at] + rng.bytes(int(rng.integers(1, 64))) + payload[at:]
 
 
-def lie_in_header(rng: np.random.Generator, payload: bytes) -> bytes:
+_LIES: dict[str, Any] = {
+    "kind": "global",
+    "site": "cottage",
+    "round": 2,
+    "model_version": 1,
+    "sender": "garage",
+    "num_examples": 10**9,
+    "codec": "topk",
+    "compression": "none",
+    "meta": {"x": 1},
+    "signature": "AAAA",
+    "body_size": 1,
+    "unknown_field": 1,
+}
+
+
+def lie_in_header(rng: np.random.Generator, payload: bytes, codec: Codec) -> bytes:
     header, body = _split(payload)
-    field = str(
-        rng.choice(
-            [
-                "kind",
-                "site",
-                "round",
-                "model_version",
-                "sender",
-                "num_examples",
-                "codec",
-                "compression",
-                "meta",
-                "signature",
-                "body_size",
-                "unknown_field",
-            ]
-        )
-    )
-    header[field] = (
-        _hostile_value(rng)
-        if rng.random() < 0.6
-        else {
-            "kind": "global",
-            "site": "cottage",
-            "round": 2,
-            "model_version": 1,
-            "sender": "garage",
-            "num_examples": 10**9,
-            "codec": "topk",
-            "compression": "none",
-            "meta": {"x": 1},
-            "signature": "AAAA",
-            "body_size": 1,
-            "unknown_field": 1,
-        }[field]
-    )
-    return _join(header, body, fix_digest=field != "body_size")
+    field_name = str(rng.choice(list(_LIES)))
+    if field_name == "codec":
+        lie: Any = str(rng.choice([c for c in TENSOR_CODECS if c != codec]))
+    elif field_name == "num_examples" and rng.random() < 0.5:
+        lie = int(rng.integers(1, 10_000_000))  # plausible, but not what was signed
+    else:
+        lie = _LIES[field_name]
+    header[field_name] = _hostile_value(rng) if rng.random() < 0.6 else lie
+    return _join(header, body, fix_digest=field_name != "body_size")
 
 
-def lie_about_tensors(rng: np.random.Generator, payload: bytes) -> bytes:
+def lie_about_tensors(rng: np.random.Generator, payload: bytes, _codec: Codec) -> bytes:
     header, body = _split(payload)
     tensors = header["tensors"]
     index = int(rng.integers(len(tensors)))
-    how = int(rng.integers(6))
+    how = int(rng.integers(7))
     if how == 0:
         tensors[index]["shape"] = [*reversed(tensors[index]["shape"]), 1]
     elif how == 1:
@@ -156,31 +169,87 @@ def lie_about_tensors(rng: np.random.Generator, payload: bytes) -> bytes:
         tensors[index]["dtype"] = "float64"
     elif how == 4:
         tensors.append({"name": "extra", "shape": [1]})
+    elif how == 5:
+        tensors[index]["name"] = "head/other"
     else:
         tensors.pop(index)
     return _join(header, body)
 
 
-def poison_body(rng: np.random.Generator, payload: bytes) -> bytes:
+_NON_FINITE = (np.nan, np.inf, -np.inf)
+
+
+def _poison_values(rng: np.random.Generator, raw: bytearray, codec: Codec) -> bytearray:
+    """NaN or Inf where this codec keeps floats: a value, a per-channel or a top-k scale."""
+    bad = float(rng.choice(_NON_FINITE))
+    if codec == "float32":
+        at = 4 * int(rng.integers(len(raw) // 4))
+        raw[at : at + 4] = struct.pack("<f", bad)
+    elif codec == "float16":
+        at = 2 * int(rng.integers(len(raw) // 2))
+        raw[at : at + 2] = np.asarray([bad], dtype="<f2").tobytes()
+    elif codec == "int8":
+        at = 4 * int(rng.integers(DESCRIPTOR))  # the scales come first, one per channel
+        raw[at : at + 4] = struct.pack("<f", bad)
+    else:
+        (k,) = struct.unpack_from("<I", raw)
+        at = 4 + 4 * k  # after the count and the gaps: the tensor's one scale
+        raw[at : at + 4] = struct.pack("<f", bad)
+    return raw
+
+
+def _blow_up(raw: bytearray, codec: Codec) -> bytearray:
+    """Finite values with an absurd norm, in this codec's layout."""
+    if codec == "float32":
+        values = np.frombuffer(bytes(raw), dtype="<f4") * np.float32(1e30)
+        return bytearray(values.astype("<f4").tobytes())
+    if codec == "float16":
+        return bytearray(np.full(len(raw) // 2, 60000.0, dtype="<f2").tobytes())
+    if codec == "int8":
+        scales = np.frombuffer(bytes(raw[: 4 * DESCRIPTOR]), dtype="<f4") * np.float32(1e30)
+        raw[: 4 * DESCRIPTOR] = scales.astype("<f4").tobytes()
+        return raw
+    (k,) = struct.unpack_from("<I", raw)
+    at = 4 + 4 * k
+    (scale,) = struct.unpack_from("<f", raw, at)
+    raw[at : at + 4] = struct.pack("<f", scale * 1e30)
+    return raw
+
+
+def _bad_indices(rng: np.random.Generator, raw: bytearray) -> bytearray:
+    """Top-k: a repeated index, an index past the end, or a count past the tensor."""
+    (k,) = struct.unpack_from("<I", raw)
+    how = int(rng.integers(3))
+    if how == 0 and k > 1:
+        at = 4 + 4 * int(rng.integers(1, k))
+        raw[at : at + 4] = struct.pack("<I", 0)
+    elif how == 1:
+        raw[4:8] = struct.pack("<I", FEATURES * DESCRIPTOR + int(rng.integers(0, 1000)))
+    else:
+        raw[0:4] = struct.pack("<I", FEATURES * DESCRIPTOR + 1)
+    return raw
+
+
+def poison_body(rng: np.random.Generator, payload: bytes, codec: Codec) -> bytes:
     header, body = _split(payload)
     raw = bytearray(zstandard.ZstdDecompressor().decompress(body))
-    how = int(rng.integers(5))
-    if how == 0:  # NaN or Inf somewhere in a float32 body
-        at = 4 * int(rng.integers(len(raw) // 4))
-        raw[at : at + 4] = struct.pack("<f", float(rng.choice([np.nan, np.inf, -np.inf])))
-    elif how == 1:  # absurd norm: every value huge
-        values = np.frombuffer(bytes(raw), dtype="<f4") * np.float32(1e30)
-        raw = bytearray(values.astype("<f4").tobytes())
+    how = int(rng.integers(6 if codec == "topk" else 5))
+    if how == 0:
+        raw = _poison_values(rng, raw, codec)
+    elif how == 1:
+        raw = _blow_up(raw, codec)
     elif how == 2:  # decompression bomb
         return _join(header, BOMB)
     elif how == 3:  # short body
         raw = raw[: int(rng.integers(len(raw)))]
-    else:  # trailing garbage after the last tensor
+    elif how == 4:  # trailing garbage after the last tensor
         raw += rng.bytes(16)
+    else:
+        raw = _bad_indices(rng, raw)
     return _join(header, zstandard.ZstdCompressor().compress(bytes(raw)))
 
 
-def not_zstd(rng: np.random.Generator, payload: bytes) -> bytes:
+def not_zstd(rng: np.random.Generator, payload: bytes, _codec: Codec) -> bytes:
     header, _ = _split(payload)
     return _join(header, rng.bytes(int(rng.integers(0, 4096))))
 
@@ -196,94 +265,303 @@ MUTATORS: tuple[Mutator, ...] = (
 )
 
 
-def _digest(arrays: list[np.ndarray]) -> str:
+def _digest(arrays: Sequence[np.ndarray]) -> str:
     return hashlib.sha256(b"".join(a.tobytes() for a in arrays)).hexdigest()
 
 
-def run(count: int, seed: int, signed: bool) -> int:
+# --- the independent expectation -------------------------------------------------------
+
+
+def claimed_examples(payload: bytes) -> int:
+    """The example count a message's header claims, read from its raw JSON."""
+    header, _ = _split(payload)
+    return int(header["num_examples"])
+
+
+class Expectation:
+    """What FedAvg over the accepted messages must give, computed here in plain numpy.
+
+    Each accepted message contributes the pristine delta its doorbell built
+    (as the codec delivers it, see `pristine`) with its example count; top-k
+    rounds divide each coordinate by sqrt(examples covering it x all examples)
+    (`aggregator.strategy.SparseFedAvg`'s documented rule). Kept as running
+    float64 sums, so checking after every accepted message stays cheap.
+    """
+
+    def __init__(self, base: Weights, sparse: bool, clip_norm: float | None) -> None:
+        self.base = [b.astype(np.float64) for b in base]
+        self.sparse = sparse
+        self.clip_norm = clip_norm
+        self.sums = [np.zeros_like(b) for b in self.base]
+        self.covered = [np.zeros_like(b) for b in self.base]
+        self.total = 0
+
+    def add(self, delta: Weights, examples: int) -> None:
+        arrays = [d.astype(np.float64) for d in delta]
+        if self.clip_norm is not None:
+            norm = math.sqrt(sum(float(np.sum(a * a)) for a in arrays))
+            if norm > self.clip_norm:
+                arrays = [a * (self.clip_norm / norm) for a in arrays]
+        for index, array in enumerate(arrays):
+            self.sums[index] += examples * array
+            self.covered[index] += examples * (array != 0)
+        self.total += examples
+
+    def weights(self) -> list[npt.NDArray[np.float64]]:
+        if self.sparse:
+            return [
+                b + s / np.sqrt(np.maximum(c, 1.0) * self.total)
+                for b, s, c in zip(self.base, self.sums, self.covered, strict=True)
+            ]
+        return [b + s / self.total for b, s in zip(self.base, self.sums, strict=True)]
+
+
+def pristine(
+    codec: Codec, delta: Weights, specs: Sequence[TensorSpec], payload: bytes, density: float
+) -> Weights:
+    """What a doorbell's delta must arrive as through `codec`, computed without the
+    decoder: float32 exact, float16 rounded, int8 with one scale per output channel,
+    top-k the densest share with int8 values. Checked against the real decoder once
+    (a mismatch means the expectation or the codec is wrong)."""
+    out: Weights = []
+    for array in delta:
+        if codec == "float32":
+            out.append(array.copy())
+        elif codec == "float16":
+            out.append(array.astype(np.float16).astype(np.float32))
+        elif codec == "int8":
+            peak = np.max(np.abs(array), axis=0)
+            scales = np.where(peak > 0, peak / 127.0, 1.0).astype(np.float32)
+            out.append((np.clip(np.rint(array / scales), -127, 127) * scales).astype(np.float32))
+        else:
+            flat = array.reshape(-1)
+            k = max(1, math.ceil(density * flat.size))
+            keep = np.argsort(-np.abs(flat), kind="stable")[:k]
+            values = flat[keep]
+            scale = np.float32(np.max(np.abs(values)) / 127.0) or np.float32(1.0)
+            dense = np.zeros_like(flat)
+            dense[keep] = np.clip(np.rint(values / scale), -127, 127) * scale
+            out.append(dense.reshape(array.shape))
+    decoded = messages.parse_update(
+        payload,
+        site=SITE,
+        device=_split(payload)[0]["sender"],
+        expected=specs,
+        max_bytes=LIMIT,
+        keys=None,
+    ).delta
+    for mine, theirs in zip(out, decoded, strict=True):
+        if not np.allclose(mine, theirs, rtol=1e-6, atol=1e-9):
+            raise AssertionError(f"{codec}: the fuzzer's expectation disagrees with the codec")
+    return out
+
+
+# --- the run ---------------------------------------------------------------------------
+
+
+def _off_expectation(
+    published: Sequence[np.ndarray], expected: Sequence[npt.NDArray[np.float64]]
+) -> float | None:
+    """None if the published weights are the expected ones, else the largest difference."""
+    for got, want in zip(published, expected, strict=True):
+        if got.shape != want.shape:
+            return float("inf")
+        if not np.allclose(got, want, rtol=RTOL, atol=ATOL):
+            return float(np.max(np.abs(got.astype(np.float64) - want)))
+    return None
+
+
+@dataclass
+class CodecReport:
+    codec: Codec
+    signed: bool
+    messages: int
+    outcomes: Counter[str]
+    crashes: list[str]
+    model_changes: list[str]
+    seconds: float
+
+    @property
+    def ok(self) -> bool:
+        return not self.crashes and not self.model_changes
+
+
+def _seed_messages(
+    rng: np.random.Generator,
+    *,
+    codec: Codec,
+    base: Weights,
+    specs: Sequence[TensorSpec],
+    keys: dict[str, Ed25519PrivateKey] | None,
+    settings: RoundSettings,
+) -> tuple[dict[str, bytes], dict[str, Weights]]:
+    """One valid update per doorbell, and the delta each must arrive as."""
+    seeds: dict[str, bytes] = {}
+    clean: dict[str, Weights] = {}
+    for device in DEVICES:
+        delta = [rng.normal(scale=DELTA_SCALE, size=a.shape).astype(np.float32) for a in base]
+        seeds[device] = messages.build_update(
+            site=SITE,
+            signer=messages.Signer(device, None if keys is None else keys[device]),
+            round_id=1,
+            base_version=0,
+            num_examples=EXAMPLES[device],
+            names=[s.name for s in specs],
+            codec=codec,
+            delta=delta,
+            density=settings.density,
+        )
+        clean[device] = pristine(codec, delta, specs, seeds[device], settings.density)
+    return seeds, clean
+
+
+def _open_round(settings: RoundSettings, accumulator: Accumulator) -> Round:
+    """Round 1 of lineage "fuzz", both doorbells selected, as the coordinator opens it."""
+    now = time.time()
+    announcement = announce(
+        round_id=1,
+        base_version=0,
+        lineage="fuzz",
+        selected=DEVICES,
+        now=now,
+        settings=settings,
+        manual=False,
+    )
+    return Round(
+        announcement=announcement,
+        manual=False,
+        started_at=now,
+        accumulator=accumulator,
+        strategy=settings.strategy,
+    )
+
+
+def _as_the_aggregator_does(
+    round_: Round,
+    payload: bytes,
+    device: str,
+    specs: Sequence[TensorSpec],
+    trusted: dict[str, Ed25519PublicKey] | None,
+) -> messages.Update:
+    """`Coordinator._on_update`'s path: parse (envelope, signature, specs, values),
+    the round's checks, then the accumulator."""
+    update = messages.parse_update(
+        payload, site=SITE, device=device, expected=specs, max_bytes=LIMIT, keys=trusted
+    )
+    settings = RoundSettings(codec=round_.announcement.codec)
+    round_.check(update, now=time.time(), max_norm=settings.max_update_norm)
+    round_.accept(update, len(payload))
+    return update
+
+
+def _check_release(
+    base: Weights, accumulator: Accumulator, devices: Sequence[str], expected: Expectation
+) -> str | None:
+    """What is wrong with the model the aggregator would publish now, if anything."""
+    try:
+        published = next_step(base, accumulator, devices, None).weights
+    except Exception:  # reported as a model change, with its traceback
+        return f"next_step failed: {traceback.format_exc()}"
+    worst = _off_expectation(published, expected.weights())
+    if worst is None:
+        return None
+    return f"moved the model off the expectation (max difference {worst:.3g})"
+
+
+def run_codec(codec: Codec, count: int, seed: int, signed: bool) -> CodecReport:
+    """`count` hostile messages of one codec against one round's validation and accumulator."""
     rng = np.random.default_rng(seed)
-    names = list(SHAPES)
-    base = [rng.normal(size=s).astype(np.float32) for s in SHAPES.values()]
+    base = [rng.normal(scale=0.05, size=s).astype(np.float32) for s in SHAPES.values()]
     specs = tuple(TensorSpec(name=n, shape=s) for n, s in SHAPES.items())
     keys = {d: Ed25519PrivateKey.generate() for d in DEVICES}
     trusted = {d: k.public_key() for d, k in keys.items()} if signed else None
-    settings = RoundSettings(codec="float32", timeout_s=1e9, max_update_norm=100.0)
-    round_ = Round(
-        announcement=announce(
-            round_id=1,
-            base_version=0,
-            selected=DEVICES,
-            now=time.time(),
-            settings=settings,
-            manual=False,
-        ),
-        manual=False,
-        started_at=time.time(),
-        accumulator=Streaming(RunningFedAvg([a.shape for a in base])),
+    settings = RoundSettings(codec=codec, timeout_s=1e9)
+    if settings.strategy not in ("fedavg", "clipped"):
+        raise SystemExit(f"fuzz expects a streaming default strategy, not {settings.strategy}")
+    accumulator = make_accumulator(settings, [a.shape for a in base], sparse=codec == "topk")
+    expected = Expectation(
+        base, codec == "topk", settings.clip_norm if settings.strategy == "clipped" else None
     )
-    seeds = [
-        messages.build_update(
-            site=SITE,
-            signer=messages.Signer(d, keys[d] if signed else None),
-            round_id=1,
-            base_version=0,
-            num_examples=5,
-            names=names,
-            codec="float32",
-            delta=[rng.normal(scale=0.01, size=a.shape).astype(np.float32) for a in base],
-        )
-        for d in DEVICES
-    ]
+    round_ = _open_round(settings, accumulator)
+    seeds, clean = _seed_messages(
+        rng, codec=codec, base=base, specs=specs, keys=keys if signed else None, settings=settings
+    )
     before = _digest(base)
-    outcomes: Counter[str] = Counter()
-    crashes: list[str] = []
+    report = CodecReport(codec, signed, count, Counter(), [], [], 0.0)
+    outcomes, crashes, changes = report.outcomes, report.crashes, report.model_changes
+    accepted: list[str] = []
     started = time.perf_counter()
     for i in range(count):
         device = DEVICES[i % len(DEVICES)]
         mutator = MUTATORS[int(rng.integers(len(MUTATORS)))]
-        payload = mutator(rng, seeds[i % len(DEVICES)])
+        payload = mutator(rng, seeds[device], codec)
         topic_device = device if rng.random() < 0.9 else "intruder"
-        accepted_before = round_.accumulator.count
+        count_before = accumulator.count
         try:
-            update = messages.parse_update(
-                payload,
-                site=SITE,
-                device=topic_device,
-                expected=specs,
-                max_bytes=LIMIT,
-                keys=trusted,
-            )
-            round_.check(update, now=time.time(), max_norm=settings.max_update_norm)
-            round_.accept(update, len(payload))
-            outcomes["accepted"] += 1
-            round_.received.remove(update.device)  # let the next valid one in as well
-        except RejectedMessage as err:
-            outcomes[err.reason] += 1
-            if round_.accumulator.count != accepted_before:
-                crashes.append(f"rejected message changed the running sum: {err}")
+            update = _as_the_aggregator_does(round_, payload, topic_device, specs, trusted)
+        except (RejectedMessage, InconsistentUpdate) as err:
+            # As the coordinator does: an update the accumulator refuses is a rejection.
+            reason = err.reason if isinstance(err, RejectedMessage) else "inconsistent"
+            outcomes[reason] += 1
+            if accumulator.count != count_before:
+                changes.append(f"{mutator.__name__}: a rejected message changed the sum: {err}")
+            continue
         except Exception:  # any other exception is exactly what we hunt
             crashes.append(f"{mutator.__name__}: {traceback.format_exc()}")
-    seconds = time.perf_counter() - started
-    changed = _digest(base) != before
+            continue
+        outcomes["accepted"] += 1
+        round_.received.remove(update.device)  # let the next valid one in as well
+        accepted.append(update.device)
+        examples = EXAMPLES[update.device] if signed else claimed_examples(payload)
+        expected.add(clean[update.device], examples)
+        problem = _check_release(base, accumulator, accepted, expected)
+        if problem is not None:
+            changes.append(f"{mutator.__name__}: message {i} from {update.device}: {problem}")
+            # Count each bad message once: from now on expect what it did.
+            expected.add(clean[update.device], -examples)  # exactly undone
+            expected.add(update.delta, update.num_examples)
+    if _digest(base) != before:
+        changes.append("the base weights changed")
+    report.seconds = time.perf_counter() - started
+    return report
+
+
+def run(count: int, seed: int, signed: bool, codecs: Sequence[Codec] = TENSOR_CODECS) -> int:
+    """`count` messages spread over `codecs`; prints one block per codec; 1 on any failure."""
+    failed = 0
+    for index, codec in enumerate(codecs):
+        share = count // len(codecs) + (1 if index < count % len(codecs) else 0)
+        report = run_codec(codec, share, seed + 1000 * index, signed)
+        print_report(report)
+        failed |= 0 if report.ok else 1
+    return failed
+
+
+def print_report(report: CodecReport) -> None:
+    site = "signed" if report.signed else "unsigned"
+    rate = report.messages / report.seconds if report.seconds > 0 else float("inf")
     print(
-        f"fuzz: {count} hostile messages ({'signed' if signed else 'unsigned'} site), "
-        f"{seconds:.1f} s, {count / seconds:.0f} msg/s"
+        f"fuzz {report.codec:<7} {site:<8} site: {report.messages} hostile messages, "
+        f"{report.seconds:.1f} s, {rate:.0f} msg/s"
     )
-    for reason, n in outcomes.most_common():
-        print(f"  {reason:<18} {n}")
-    print(f"crashes: {len(crashes)}   model changes: {int(changed)}")
-    for crash in crashes[:3]:
-        print(crash)
-    return 1 if crashes or changed else 0
+    reasons = ", ".join(f"{reason} {n}" for reason, n in report.outcomes.most_common())
+    print(f"  {reasons}")
+    print(f"  crashes: {len(report.crashes)}   model changes: {len(report.model_changes)}")
+    for line in [*report.crashes, *report.model_changes][:3]:
+        print(f"  {line}")
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--count", type=int, default=100_000)
     parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
+    parser.add_argument("--codecs", nargs="+", choices=TENSOR_CODECS, default=list(TENSOR_CODECS))
+    args = parser.parse_args(argv)
     half = args.count // 2
-    return run(half, args.seed, signed=False) | run(args.count - half, args.seed + 1, signed=True)
+    failed = run(half, args.seed, False, args.codecs)
+    failed |= run(args.count - half, args.seed + 1, True, args.codecs)
+    print("fuzz:", "PASS (0 crashes, 0 model changes)" if not failed else "FAIL")
+    return failed
 
 
 if __name__ == "__main__":

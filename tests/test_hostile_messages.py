@@ -6,8 +6,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from aggregator import rounds
 from bench import fuzz
-from fedbell import messages
+from fedbell import messages, signing
+from fedbell.codecs import TENSOR_CODECS
 from fedbell.envelope import TensorSpec
 from fedbell.errors import RejectedMessage
 
@@ -37,4 +39,36 @@ def test_envelope_prefix_with_random_header(header: bytes) -> None:
 def test_mutation_fuzzer_finds_no_crash_and_no_model_change(
     signed: bool, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    assert fuzz.run(3000, seed=7, signed=signed) == 0, capsys.readouterr().out
+    assert fuzz.run(4000, seed=7, signed=signed) == 0, capsys.readouterr().out
+    printed = capsys.readouterr().out
+    for codec in TENSOR_CODECS:  # every codec, top-k (the default) included
+        assert f"fuzz {codec:<7} {'signed' if signed else 'unsigned'}" in printed
+
+
+def test_fuzzer_folds_accepted_messages_into_the_real_accumulator() -> None:
+    report = fuzz.run_codec("topk", 1500, seed=3, signed=False)
+    assert report.ok, report.crashes + report.model_changes
+    assert report.outcomes["accepted"] > 0  # the expectation was compared, not skipped
+
+
+def test_model_change_is_reported_when_the_norm_check_is_removed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Absurd but finite deltas (float16 at 60000, int8 scales x 1e30) pass the envelope:
+    only the round's norm check stops them. Without it the fuzzer must say so."""
+    monkeypatch.setattr(rounds, "update_norm", lambda _delta: 0.0)
+    for codec in ("float16", "int8"):
+        report = fuzz.run_codec(codec, 1500, seed=5, signed=False)
+        assert report.model_changes, f"{codec}: {report.outcomes}"
+        assert "off the expectation" in report.model_changes[0]
+
+
+def test_model_change_is_reported_when_signatures_are_not_verified(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """On a signed site a header lying about its example count must be refused; with the
+    signature check gone it is accepted and weighs wrong, which the fuzzer catches."""
+    monkeypatch.setattr(signing, "verify", lambda _header, _keys: None)
+    report = fuzz.run_codec("topk", 1500, seed=5, signed=True)
+    assert report.model_changes, report.outcomes
+    assert report.outcomes["bad_signature"] == 0
