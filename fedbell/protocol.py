@@ -54,7 +54,7 @@ class RoundAnnouncement(Message):
     base_version: int = Field(ge=0)
     lineage: str | None = Field(
         default=None,
-        pattern=r"^[A-Za-z0-9_-]{1,64}\Z",
+        pattern=r"^[A-Za-z0-9_-]{1,64}$",  # Rust regex (pydantic): $ is the very end
         description="Lineage of the base model: a doorbell trains only from that model.",
     )
     phase: Phase
