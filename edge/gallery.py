@@ -1,46 +1,118 @@
-"""The doorbell's gallery of labelled face crops: `<gallery>/<person>/<image>`.
+"""The doorbell's gallery: `<gallery>/<person>/<image>`, and its backbone features.
 
-Enrollment and labelling write it; training and the on-device accuracy check
-read it. It never leaves the house: only weight deltas learned from it do.
+Enrollment, the enroll CLI and the label feedback write aligned 150×150 chips
+here (as BGR PNGs, OpenCV's convention); any other photo dropped in by hand is
+detected and aligned when it is first read. Recognition and training only need
+each image's backbone features, computed once and cached in the state folder,
+keyed by file name, size, modification time and the backbone's sha256: a new
+image or a new backbone costs one pass over what changed, nothing else.
+
+Changes made by another process (`python -m edge enroll` beside a running
+doorbell) are noticed through `signature()`: the modification times of the
+gallery folder and each person's folder, a handful of `stat` calls.
+
+The gallery and the stranger store never leave the house: only head deltas
+learnt from them do.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+import re
+import shutil
+import threading
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import cv2
 import numpy as np
 
+from edge.state import write_atomically
+from fedbell.align import CHIP_SIZE
 from fedbell.dataset import IMAGE_SUFFIXES
-from fedbell.faces import FACE_SIZE, load_face
-from fedbell.model import Images, LabelIds
+from fedbell.detection import Detector
+from fedbell.embedding import Features, LabelIds
+from fedbell.features import Backbone, Chip, find_chip, is_chip, read_photo
+from fedbell.openset import UNKNOWN
 
 log = logging.getLogger(__name__)
 
+FEATURE_CACHE = "gallery-features.npz"
+STRANGER_STORE = "strangers.npz"
+IGNORE = "ignore"
+"""A label that discards an event's chip instead of storing it (never a person's name)."""
 
-@dataclass(frozen=True)
-class TrainingSet:
-    """Normalised crops with label ids in the model's label order."""
+_PERSON = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
 
-    images: Images
-    labels: LabelIds
-    skipped_persons: tuple[str, ...]
 
-    def __len__(self) -> int:
-        return len(self.images)
+class GalleryError(ValueError):
+    """A gallery request that cannot be carried out; the message says what and where."""
+
+
+def check_person_name(name: object) -> str:
+    """A gallery folder name: 1-64 letters, digits, '_' or '-', so no path tricks."""
+    if (
+        not isinstance(name, str)
+        or not _PERSON.fullmatch(name)
+        or name.lower() in {UNKNOWN, IGNORE}
+    ):
+        raise GalleryError(
+            f"person name {name!r} must be 1-64 letters, digits, '_' or '-' "
+            f"(and not '{UNKNOWN}' or '{IGNORE}')"
+        )
+    return name
 
 
 def _visible(path: Path) -> bool:
     return not path.name.startswith(".")
 
 
-class Gallery:
-    """Read access to a gallery folder (which may not exist yet)."""
+@dataclass(frozen=True)
+class GalleryFeatures:
+    """The gallery as the recogniser and the trainer see it: one row per usable image."""
 
-    def __init__(self, root: Path) -> None:
+    persons: tuple[str, ...]
+    """Enrolled persons with at least one usable image, sorted."""
+    labels: LabelIds
+    """Row → index into `persons` (the house's own ids, never sent)."""
+    features: Features
+    files: tuple[str, ...]
+    """Row → `<person>/<image>`."""
+    backbone: str
+    """sha256 of the backbone that computed them."""
+    skipped: tuple[str, ...] = ()
+    """Images without a usable face (kept on disk, left out here)."""
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+
+def _cache_key(path: Path, relative: str) -> str:
+    stat = path.stat()
+    return f"{relative}|{stat.st_size}|{stat.st_mtime_ns}"
+
+
+class Gallery:
+    """A gallery folder (which may not exist yet) and its feature cache."""
+
+    def __init__(
+        self,
+        root: Path,
+        state_dir: Path | None = None,
+        detector: Callable[[], Detector] | None = None,
+    ) -> None:
         self.root = root
+        self.cache_path = None if state_dir is None else state_dir / FEATURE_CACHE
+        self._make_detector = detector
+        self._detector: Detector | None = None
+        self._lock = threading.Lock()  # one feature pass at a time; the cache file is ours
+        self._memory: dict[str, np.ndarray] = {}  # cache key -> features (one backbone)
+        self._memory_backbone = ""
+        self._no_face: set[str] = set()  # cache keys already reported as faceless
+
+    # --- listing -----------------------------------------------------------------
 
     def persons(self) -> list[str]:
         if not self.root.is_dir():
@@ -63,33 +135,215 @@ class Gallery:
         """Images in the gallery, all persons; 0 for a missing folder."""
         return sum(len(self.images(person)) for person in self.persons())
 
-    def training_set(self, labels: Sequence[str], max_per_person: int) -> TrainingSet:
-        """The newest `max_per_person` crops of every person in `labels`.
+    def signature(self) -> tuple[tuple[str, int], ...]:
+        """Cheap change check: the modification times of the gallery and person folders.
 
-        The label set belongs to the site's global model: a person only this
-        doorbell knows cannot be trained until the site adds them, so they are
-        skipped (and logged) rather than mislabelled. An unreadable image is
-        skipped too: one bad file must not cost the whole round.
+        Adding, removing or renaming a file changes its folder's mtime, so an
+        enrollment by another process shows here without reading any image.
         """
-        index = {name: i for i, name in enumerate(labels)}
-        skipped = tuple(p for p in self.persons() if p not in index)
-        if skipped:
-            log.info("gallery: %s not in the model's labels; not trained on", ", ".join(skipped))
-        faces: list[Images] = []
-        ids: list[int] = []
-        for person in self.persons():
-            if person not in index:
-                continue
-            for path in self.images(person)[:max_per_person]:
-                try:
-                    faces.append(load_face(path))
-                except ValueError as err:
-                    log.warning("gallery: skipping %s: %s", path, err)
-                    continue
-                ids.append(index[person])
-        images = (
-            np.stack(faces).astype(np.float32)
-            if faces
-            else np.zeros((0, FACE_SIZE, FACE_SIZE), dtype=np.float32)
+        try:
+            if not self.root.is_dir():
+                return ()
+            marks = [("", self.root.stat().st_mtime_ns)]
+            for entry in sorted(self.root.iterdir()):
+                if entry.is_dir() and _visible(entry):
+                    marks.append((entry.name, entry.stat().st_mtime_ns))
+        except OSError:  # a folder removed while we looked: report a change, look again
+            return (("?", time.monotonic_ns()),)
+        return tuple(marks)
+
+    # --- writing -----------------------------------------------------------------
+
+    def add(self, person: str, chips: Sequence[Chip], prefix: str = "") -> list[Path]:
+        """Store aligned chips of `person`; returns their paths (GalleryError on bad input)."""
+        check_person_name(person)
+        for i, chip in enumerate(chips):
+            if chip.shape != (CHIP_SIZE, CHIP_SIZE, 3) or chip.dtype != np.uint8:
+                raise GalleryError(
+                    f"chip {i} for {person!r} is {chip.shape} {chip.dtype}, expected an aligned "
+                    f"{CHIP_SIZE}x{CHIP_SIZE} RGB uint8 chip"
+                )
+        folder = self.root / person
+        folder.mkdir(parents=True, exist_ok=True)
+        stamp = prefix or time.strftime("%Y%m%d-%H%M%S")
+        saved = []
+        for i, chip in enumerate(chips):
+            path = folder / f"{stamp}-{time.monotonic_ns() % 10**9:09d}-{i:03d}.png"
+            ok, png = cv2.imencode(".png", cv2.cvtColor(chip, cv2.COLOR_RGB2BGR))
+            if not ok:
+                raise GalleryError(f"could not encode chip {i} for {path}")
+            # Written aside then renamed, so a running doorbell never reads half a PNG.
+            write_atomically(path, png.tobytes())
+            saved.append(path)
+        log.info("gallery: %d chip(s) of %s added", len(saved), person)
+        return saved
+
+    def remove(self, person: str) -> int:
+        """Delete a person's folder; returns how many images it held (GalleryError if absent)."""
+        check_person_name(person)
+        folder = self.root / person
+        if not folder.is_dir():
+            raise GalleryError(f"{person!r} is not enrolled in {self.root}")
+        count = len(self.images(person))
+        shutil.rmtree(folder)
+        log.info("gallery: %s removed (%d images)", person, count)
+        return count
+
+    # --- features ------------------------------------------------------------------
+
+    def read_chip(self, path: Path) -> Chip | None:
+        """The aligned RGB chip of a gallery image: as stored, or detected and aligned."""
+        image = read_photo(path)
+        if is_chip(image) and image.ndim == 3 and image.shape[2] == 3:
+            return np.ascontiguousarray(cv2.cvtColor(image, cv2.COLOR_BGR2RGB))
+        if self._detector is None:
+            if self._make_detector is None:
+                raise GalleryError(f"{path}: not a {CHIP_SIZE}x{CHIP_SIZE} chip and no detector")
+            self._detector = self._make_detector()
+        return find_chip(image, self._detector)
+
+    def features(self, backbone: Backbone, max_per_person: int | None = None) -> GalleryFeatures:
+        """Backbone features of the newest `max_per_person` images of every person.
+
+        Only images not seen before with this backbone are read and run; an
+        image without a face or that cannot be read is logged once and left
+        out (it stays on disk: nothing is lost).
+        """
+        with self._lock:
+            if self._memory_backbone != backbone.sha256:
+                self._memory = self._load_cache(backbone.sha256)
+                self._memory_backbone = backbone.sha256
+            rows: list[tuple[str, str, str]] = []  # (person, relative path, cache key)
+            skipped: list[str] = []
+            todo: list[tuple[str, Chip]] = []
+            for person in self.persons():
+                for path in self.images(person)[:max_per_person]:
+                    relative = f"{person}/{path.name}"
+                    try:
+                        key = _cache_key(path, relative)
+                        if key not in self._memory and key not in self._no_face:
+                            chip = self.read_chip(path)
+                            if chip is None:
+                                log.warning("gallery: no face in %s; left out", path)
+                                self._no_face.add(key)
+                            else:
+                                todo.append((key, chip))
+                    except (OSError, ValueError) as err:  # removed meanwhile, unreadable
+                        log.warning("gallery: skipping %s: %s", path, err)
+                        skipped.append(relative)
+                        continue
+                    if key in self._no_face:
+                        skipped.append(relative)
+                    else:
+                        rows.append((person, relative, key))
+            if todo:
+                computed = backbone.features([chip for _, chip in todo])
+                for (key, _), row in zip(todo, computed, strict=True):
+                    self._memory[key] = row
+                self._save_cache(backbone.sha256, {k for _, _, k in rows})
+            persons = tuple(sorted({person for person, _, _ in rows}))
+            index = {name: i for i, name in enumerate(persons)}
+            features = (
+                np.stack([self._memory[key] for _, _, key in rows]).astype(np.float32)
+                if rows
+                else np.zeros((0, backbone.size), np.float32)
+            )
+            return GalleryFeatures(
+                persons=persons,
+                labels=np.array([index[p] for p, _, _ in rows], dtype=np.int64),
+                features=features,
+                files=tuple(relative for _, relative, _ in rows),
+                backbone=backbone.sha256,
+                skipped=tuple(skipped),
+            )
+
+    def _load_cache(self, backbone: str) -> dict[str, np.ndarray]:
+        if self.cache_path is None or not self.cache_path.is_file():
+            return {}
+        try:
+            with np.load(self.cache_path, allow_pickle=False) as data:
+                if str(data["backbone"]) != backbone:
+                    log.info("gallery: new backbone; features are computed again")
+                    return {}
+                keys, features = data["keys"], data["features"]
+                pairs = zip(keys, features, strict=True)
+                return {str(k): np.asarray(f, np.float32) for k, f in pairs}
+        except (OSError, ValueError, KeyError) as err:
+            log.warning("gallery: cache %s unreadable (%s); recomputing", self.cache_path, err)
+            return {}
+
+    def _save_cache(self, backbone: str, keep: set[str]) -> None:
+        """Keep only the rows of images that still exist, so the cache does not grow."""
+        self._memory = {k: v for k, v in self._memory.items() if k in keep}
+        if self.cache_path is None or not self._memory:
+            return
+        keys = sorted(self._memory)
+        buffer = _npz(
+            backbone=np.array(backbone),
+            keys=np.array(keys),
+            features=np.stack([self._memory[k] for k in keys]).astype(np.float32),
         )
-        return TrainingSet(images, np.array(ids, dtype=np.int64), skipped)
+        try:
+            write_atomically(self.cache_path, buffer)
+        except OSError as err:  # recognition goes on; the next pass recomputes
+            log.error("gallery: could not write the feature cache %s: %s", self.cache_path, err)
+
+
+def _npz(**arrays: np.ndarray) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    np.savez(buffer, allow_pickle=False, **arrays)
+    return buffer.getvalue()
+
+
+class StrangerStore:
+    """Backbone features of recent visitors nobody enrolled: the training negatives.
+
+    Bounded (the oldest go first) and tied to one backbone: features from
+    another backbone mean nothing to a head, so a new backbone empties it.
+    Kept in the state folder, never sent anywhere.
+    """
+
+    def __init__(self, path: Path | None, capacity: int) -> None:
+        self.path = path
+        self.capacity = capacity
+        self._lock = threading.Lock()
+        self._backbone = ""
+        self._rows = np.zeros((0, 0), np.float32)
+        self._load()
+
+    def _load(self) -> None:
+        if self.path is None or not self.path.is_file():
+            return
+        try:
+            with np.load(self.path, allow_pickle=False) as data:
+                self._backbone = str(data["backbone"])
+                self._rows = np.asarray(data["features"], np.float32)[-self.capacity :]
+        except (OSError, ValueError, KeyError) as err:
+            log.warning("strangers: %s unreadable (%s); starting empty", self.path, err)
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def add(self, backbone: str, features: Features) -> None:
+        if self.capacity == 0 or len(features) == 0:
+            return
+        rows = np.asarray(features, np.float32).reshape(len(features), -1)
+        with self._lock:
+            if backbone != self._backbone or self._rows.shape[1:] != rows.shape[1:]:
+                self._backbone, self._rows = backbone, np.zeros((0, rows.shape[1]), np.float32)
+            self._rows = np.concatenate([self._rows, rows])[-self.capacity :]
+            snapshot = _npz(backbone=np.array(backbone), features=self._rows)
+        if self.path is not None:
+            try:
+                write_atomically(self.path, snapshot)
+            except OSError as err:
+                log.error("strangers: could not write %s: %s", self.path, err)
+
+    def features(self, backbone: str, size: int) -> Features:
+        """The stored features for this backbone ((0, size) for another or none)."""
+        with self._lock:
+            if backbone != self._backbone or self._rows.shape[1:] != (size,):
+                return np.zeros((0, size), np.float32)
+            return self._rows.copy()

@@ -1,234 +1,267 @@
-"""Face recognition with the global model's TFLite artifact.
+"""Who is at the door: backbone features → the federated head → nearest enrolled prototype.
 
-The interpreter comes from LiteRT (`ai-edge-litert`), else `tflite-runtime`,
-else TensorFlow's `tf.lite` — TensorFlow only as a last resort, because
-importing it costs seconds and hundreds of MB on a Pi.
+Three things decide a name, and they change independently:
 
-A new artifact is swapped in without a restart and without dropping frames:
-its interpreter is built and tested aside, then a reference is replaced
-under a lock; a frame being recognised finishes on the old one.
+- the backbone (a TFLite model on LiteRT, float or int8), once per lineage;
+- the head and the unknown-visitor threshold, with every global model;
+- the prototypes, whenever the gallery changes (enrollment, removal, a label).
+
+They live together in one immutable `Model` snapshot. A change builds the
+next snapshot aside (loading an interpreter, embedding the gallery) and swaps
+one reference under a lock, so a frame being recognised finishes on the
+snapshot it started with, and a bad backbone or head is refused with a clear
+error while the current snapshot stays in use.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
 import numpy as np
 import numpy.typing as npt
 
+from edge.gallery import GalleryFeatures
+from fedbell.codecs import Weights
+from fedbell.embedding import Embeddings, Features, check_head, embed, normalize
+
 # Moved to fedbell/ so the aggregator can use it; re-exported for edge code and tests.
+from fedbell.features import Backbone, BackboneError, Chip
 from fedbell.litert import interpreter_factory
+from fedbell.openset import UNKNOWN, identify, prototype
+
+__all__ = ["UNKNOWN", "Model", "Recognizer", "RecognizerError", "interpreter_factory"]
 
 log = logging.getLogger(__name__)
 
-UNKNOWN = "unknown"
-"""The person name of a face below the threshold."""
-
-FloatImage = npt.NDArray[np.float32]
+ModelKey = tuple[str, str, int]
+"""(backbone sha256, lineage, head version): embeddings under one key compare."""
 
 
 class RecognizerError(RuntimeError):
-    """A model artifact is unusable, or no model is loaded yet."""
+    """A backbone or head that cannot be used, or no model to recognise with yet."""
 
 
 @dataclass(frozen=True)
-class ModelArtifact:
-    """What the aggregator ships for inference: flatbuffer, labels, threshold."""
+class Head:
+    """The federated head of one global model version, with what goes with it."""
 
-    tflite: bytes
-    labels: tuple[str, ...]
-    threshold: float | None = None
-    version: int | str = 0
+    weights: Weights
+    version: int
+    lineage: str
+    backbone: str
+    """sha256 of the float backbone TFLite this head was trained on."""
+    threshold: float
 
-    def __post_init__(self) -> None:
-        if not self.tflite:
-            raise RecognizerError("model artifact: empty TFLite flatbuffer")
-        if len(self.labels) < 1 or len(set(self.labels)) != len(self.labels):
-            raise RecognizerError(
-                f"model artifact: labels must be distinct and non-empty, got {self.labels}"
-            )
-        if UNKNOWN in self.labels:
-            raise RecognizerError(f"model artifact: {UNKNOWN!r} cannot be a label")
-        if self.threshold is not None and not 0.0 <= self.threshold <= 1.0:
-            raise RecognizerError(f"model artifact: threshold {self.threshold} not in [0, 1]")
+    @property
+    def inputs(self) -> int:
+        return int(self.weights[0].shape[0])
 
 
-@dataclass
-class LoadedModel:
-    """One interpreter ready to run, with what it needs to read its tensors."""
+@dataclass(frozen=True)
+class Model:
+    """One consistent state of the recogniser; never modified, only replaced."""
 
-    artifact: ModelArtifact
-    interpreter: Any
-    input_index: int
-    output_index: int
-    input_size: int
-    input_dtype: type[np.generic]
-    input_quant: tuple[float, int]
-    output_quant: tuple[float, int]
-    lock: threading.Lock = field(default_factory=threading.Lock)
+    backbone: Backbone | None = None
+    backbone_id: str = ""
+    """sha256 of the float flavour (the id global models name), whatever flavour runs."""
+    head: Head | None = None
+    gallery: GalleryFeatures | None = None
+    persons: tuple[str, ...] = ()
+    prototypes: Embeddings = dataclasses.field(default_factory=lambda: np.zeros((0, 0), np.float32))
 
-    def probabilities(self, face: FloatImage) -> npt.NDArray[np.float32]:
-        """Class probabilities for one normalised face (size×size floats in [0, 1])."""
-        if face.shape != (self.input_size, self.input_size):
-            raise RecognizerError(
-                f"face is {face.shape}, the model takes {self.input_size}x{self.input_size}"
-            )
-        batch = face.reshape(1, self.input_size, self.input_size, 1)
-        scale, zero = self.input_quant
-        if self.input_dtype is np.float32:
-            tensor = batch.astype(np.float32)
-        else:  # an int8/uint8-input model: quantise as its input params say
-            info = np.iinfo(self.input_dtype)  # type: ignore[type-var]
-            tensor = np.clip(np.round(batch / scale + zero), info.min, info.max).astype(
-                self.input_dtype
-            )
-        with self.lock:  # an interpreter runs one invoke at a time
-            self.interpreter.set_tensor(self.input_index, tensor)
-            self.interpreter.invoke()
-            raw = np.array(self.interpreter.get_tensor(self.output_index))
-        out_scale, out_zero = self.output_quant
-        output = raw.astype(np.float32)
-        if raw.dtype != np.float32 and out_scale:
-            output = (output - out_zero) * out_scale
-        return np.asarray(output.reshape(-1), dtype=np.float32)
-
-
-def load_model(artifact: ModelArtifact, num_threads: int = 1) -> LoadedModel:
-    """Build, check and warm up an interpreter for `artifact` (RecognizerError if unusable)."""
-    try:
-        interpreter = interpreter_factory()(model_content=artifact.tflite, num_threads=num_threads)
-        interpreter.allocate_tensors()
-    except RecognizerError:
-        raise
-    except Exception as err:  # the interpreter raises ValueError/RuntimeError on bad bytes
-        raise RecognizerError(
-            f"model {artifact.version}: not a usable TFLite model: {err}"
-        ) from err
-    inputs, outputs = interpreter.get_input_details(), interpreter.get_output_details()
-    if len(inputs) != 1 or len(outputs) != 1:
-        raise RecognizerError(f"model {artifact.version}: expected one input and one output")
-    shape = tuple(int(v) for v in inputs[0]["shape"])
-    if len(shape) != 4 or shape[0] != 1 or shape[3] != 1 or shape[1] != shape[2]:
-        raise RecognizerError(
-            f"model {artifact.version}: input shape {shape} is not [1, size, size, 1]"
+    @property
+    def ready(self) -> bool:
+        """A backbone and the head made for it: faces can be embedded."""
+        return (
+            self.backbone is not None
+            and self.head is not None
+            and self.head.backbone == self.backbone_id
         )
-    classes = int(np.prod(outputs[0]["shape"]))
-    if classes != len(artifact.labels):
-        raise RecognizerError(
-            f"model {artifact.version}: {classes} outputs but {len(artifact.labels)} labels"
-        )
-    model = LoadedModel(
-        artifact=artifact,
-        interpreter=interpreter,
-        input_index=int(inputs[0]["index"]),
-        output_index=int(outputs[0]["index"]),
-        input_size=shape[1],
-        input_dtype=np.dtype(inputs[0]["dtype"]).type,
-        input_quant=_quant(inputs[0]),
-        output_quant=_quant(outputs[0]),
-    )
-    if model.input_dtype not in (np.float32, np.int8, np.uint8):
-        raise RecognizerError(
-            f"model {artifact.version}: unsupported input type {model.input_dtype.__name__}"
-        )
-    if model.input_dtype is not np.float32 and not model.input_quant[0]:
-        raise RecognizerError(f"model {artifact.version}: integer input without a scale")
-    model.probabilities(np.zeros((model.input_size, model.input_size), np.float32))
-    return model
+
+    @property
+    def key(self) -> ModelKey | None:
+        if not self.ready or self.backbone is None or self.head is None:
+            return None
+        return (self.backbone.sha256, self.head.lineage, self.head.version)
+
+    def embed(self, features: Features) -> Embeddings:
+        if self.head is None:
+            raise RecognizerError("no head yet: waiting for a global model")
+        return embed(features, self.head.weights)
 
 
-def _quant(detail: dict[str, Any]) -> tuple[float, int]:
-    scale, zero = detail.get("quantization", (0.0, 0))
-    return float(scale), int(zero)
+def _prototypes(
+    gallery: GalleryFeatures | None, head: Head | None, backbone: Backbone | None
+) -> tuple[tuple[str, ...], Embeddings]:
+    """Each enrolled person's prototype under this head ((0, D) when anything is missing)."""
+    if gallery is None or head is None or backbone is None or len(gallery) == 0:
+        return (), np.zeros((0, 0), np.float32)
+    if gallery.backbone != backbone.sha256:
+        raise RecognizerError("gallery features come from another backbone")
+    embeddings = embed(gallery.features, head.weights)
+    rows = [prototype(embeddings[gallery.labels == i]) for i in range(len(gallery.persons))]
+    return gallery.persons, np.stack(rows).astype(np.float32)
 
 
 class Recognizer:
-    """Names the person in a normalised face crop, or "unknown"."""
+    """Names the person in an aligned chip, or "unknown"; hot-swappable and thread-safe."""
 
     def __init__(
         self,
         threshold_override: float | None = None,
-        default_threshold: float = 0.6,
+        default_threshold: float = 0.5,
         num_threads: int = 1,
     ) -> None:
         self._override = threshold_override
         self._default = default_threshold
         self._threads = num_threads
-        self._lock = threading.Lock()
-        self._model: LoadedModel | None = None
+        self._lock = threading.Lock()  # guards the reference swap
+        self._write = threading.Lock()  # one rebuild at a time, so none is lost
+        self._model = Model()
+
+    # --- reading -----------------------------------------------------------------
+
+    @property
+    def model(self) -> Model:
+        with self._lock:
+            return self._model
 
     @property
     def ready(self) -> bool:
-        return self._model is not None
+        return self.model.ready
 
     @property
-    def version(self) -> int | str | None:
-        model = self._model
-        return None if model is None else model.artifact.version
+    def version(self) -> int | None:
+        head = self.model.head
+        return None if head is None else head.version
 
     @property
-    def input_size(self) -> int:
-        return self._current().input_size
+    def backbone(self) -> Backbone | None:
+        return self.model.backbone
 
     @property
-    def labels(self) -> tuple[str, ...]:
-        return self._current().artifact.labels
+    def persons(self) -> tuple[str, ...]:
+        return self.model.persons
 
     @property
     def threshold(self) -> float:
-        model = self._model
+        """The house's override, else the global model's calibrated one, else the default."""
         if self._override is not None:
             return self._override
-        if model is not None and model.artifact.threshold is not None:
-            return model.artifact.threshold
-        return self._default
+        head = self.model.head
+        return self._default if head is None else head.threshold
 
-    def swap(self, artifact: ModelArtifact) -> None:
-        """Start using `artifact`; on error the current model stays in use."""
-        model = load_model(artifact, self._threads)  # slow part, outside the lock
-        with self._lock:
-            previous, self._model = self._model, model
-        log.info(
-            "recognition model %s -> %s (%d labels)",
-            None if previous is None else previous.artifact.version,
-            artifact.version,
-            len(artifact.labels),
-        )
+    # --- changing ----------------------------------------------------------------
 
-    def _current(self) -> LoadedModel:
+    def _replace(self, **changes: object) -> Model:
+        """Build the next snapshot from the current one and swap it in (caller holds _write)."""
+        current = self.model
+        fields = {f.name: getattr(current, f.name) for f in dataclasses.fields(Model)}
+        fields.update(changes)
+        backbone, head = fields["backbone"], fields["head"]
+        gallery = fields["gallery"]
+        assert backbone is None or isinstance(backbone, Backbone)
+        assert head is None or isinstance(head, Head)
+        assert gallery is None or isinstance(gallery, GalleryFeatures)
+        if backbone is not None and head is not None and head.inputs != backbone.size:
+            raise RecognizerError(
+                f"the head of model v{head.version} takes {head.inputs} features but the "
+                f"backbone {backbone.sha256[:12]} gives {backbone.size}"
+            )
+        if gallery is not None and backbone is not None and gallery.backbone != backbone.sha256:
+            gallery = fields["gallery"] = None  # stale: computed by the previous backbone
+        fields["persons"], fields["prototypes"] = _prototypes(gallery, head, backbone)
+        model = Model(**fields)
         with self._lock:
-            model = self._model
-        if model is None:
-            raise RecognizerError("no recognition model loaded yet")
+            self._model = model
         return model
 
-    def probabilities(self, face: FloatImage) -> npt.NDArray[np.float32]:
-        return self._current().probabilities(face)
+    def install_backbone(self, tflite: bytes, backbone_id: str) -> Backbone:
+        """Start running this backbone; RecognizerError (current one kept) if unusable.
 
-    def recognize(self, face: FloatImage) -> tuple[str, float]:
-        """(person or "unknown", confidence) for one normalised face."""
-        model = self._current()
-        return self._name(model, model.probabilities(face))
+        The gallery's features belong to the old backbone and are dropped: the
+        caller computes them again and hands them over with `set_gallery`.
+        """
+        try:
+            backbone = Backbone(tflite, self._threads)
+            backbone.features([np.zeros((150, 150, 3), np.uint8)])  # fail here, not on a visitor
+        except (BackboneError, ValueError) as err:
+            raise RecognizerError(f"backbone {backbone_id[:12]} refused: {err}") from err
+        with self._write:
+            previous = self.model.backbone
+            self._replace(backbone=backbone, backbone_id=backbone_id)
+        log.info(
+            "backbone %s -> %s (%d features)",
+            None if previous is None else previous.sha256[:12],
+            backbone.sha256[:12],
+            backbone.size,
+        )
+        return backbone
 
-    def recognize_batch(self, faces: Sequence[FloatImage]) -> list[tuple[str, float]]:
-        """`recognize` over many faces, all on one model even if a swap happens meanwhile."""
-        model = self._current()
-        return [self._name(model, model.probabilities(face)) for face in faces]
+    def set_head(self, head: Head) -> None:
+        """Recognise with this head from now on (prototypes recomputed at once)."""
+        try:
+            check_head(head.weights)
+        except ValueError as err:
+            raise RecognizerError(f"model v{head.version}: {err}") from err
+        with self._write:
+            self._replace(head=head)
+        log.info(
+            "head v%d (lineage %s), threshold %.3f", head.version, head.lineage, self.threshold
+        )
 
-    def _name(
-        self, model: LoadedModel, probabilities: npt.NDArray[np.float32]
+    def set_gallery(self, gallery: GalleryFeatures) -> None:
+        """New prototypes from the gallery's features (those of the current backbone)."""
+        with self._write:
+            backbone = self.model.backbone
+            if backbone is None or gallery.backbone != backbone.sha256:
+                raise RecognizerError("gallery features do not come from the current backbone")
+            if gallery.features.shape[1:] != (backbone.size,):
+                raise RecognizerError(
+                    f"gallery features have shape {gallery.features.shape}, the backbone "
+                    f"gives {backbone.size}"
+                )
+            self._replace(gallery=gallery)
+
+    # --- recognising ---------------------------------------------------------------
+
+    def features(self, chips: Sequence[Chip], model: Model | None = None) -> Features:
+        model = model or self.model
+        if model.backbone is None:
+            raise RecognizerError("no backbone yet: waiting for the aggregator's TFLite artifact")
+        return model.backbone.features(chips)
+
+    def identify(
+        self, embedding: npt.NDArray[np.float32], key: ModelKey | None = None
     ) -> tuple[str, float]:
-        best = int(np.argmax(probabilities))
-        confidence = float(probabilities[best])
-        if confidence < self.threshold:
-            return UNKNOWN, confidence
-        return model.artifact.labels[best], confidence
+        """(name or "unknown", similarity) of one embedding, against the current prototypes.
 
-    def probabilities_batch(self, faces: Sequence[FloatImage]) -> npt.NDArray[np.float32]:
-        """[n, classes] probabilities, e.g. to calibrate a threshold on a gallery."""
-        model = self._current()
-        return np.stack([model.probabilities(face) for face in faces]).astype(np.float32)
+        `key` says which model produced the embedding: under any other one the
+        similarity means nothing, and the visitor is unknown.
+        """
+        model = self.model
+        if key is not None and key != model.key:
+            return UNKNOWN, 0.0
+        return self._identify(model, embedding)
+
+    def _identify(self, model: Model, embedding: npt.NDArray[np.float32]) -> tuple[str, float]:
+        if not model.ready or len(model.persons) == 0:
+            return UNKNOWN, 0.0
+        unit = normalize(np.asarray(embedding, np.float32)[None, :])[0]
+        return identify(unit, model.prototypes, model.persons, self.threshold)
+
+    def recognize(self, chip: Chip) -> tuple[str, float]:
+        """(person or "unknown", cosine similarity to their prototype) for one aligned chip."""
+        return self.recognize_batch([chip])[0]
+
+    def recognize_batch(self, chips: Sequence[Chip]) -> list[tuple[str, float]]:
+        """`recognize` over many chips, all on one snapshot even if a swap happens meanwhile."""
+        model = self.model
+        if not model.ready:
+            return [(UNKNOWN, 0.0) for _ in chips]
+        embeddings = model.embed(self.features(chips, model))
+        return [self._identify(model, e) for e in embeddings]

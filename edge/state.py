@@ -1,4 +1,4 @@
-"""What a doorbell keeps across restarts: global model, TFLite artifact, last round, residual.
+"""What a doorbell keeps across restarts: global model (head), backbone, last round, residual.
 
 Each item is a data file plus a JSON sidecar that records the data file's
 sha256. The data file is written first and the sidecar last, each through a
@@ -42,14 +42,15 @@ _UNREADABLE = (KeyError, TypeError, ValueError, OSError, zipfile.BadZipFile)
 
 @dataclass(frozen=True)
 class StoredArtifact:
-    """The TFLite model the node recognises with, as stored on disk."""
+    """The backbone TFLite model the node runs, as stored on disk (one flavour)."""
 
     version: int
     round: int
     flavour: str
     model: bytes
-    labels: tuple[str, ...]
-    threshold: float
+    lineage: str
+    backbone_id: str
+    """sha256 of the float flavour: the id global models name, whichever flavour runs."""
 
 
 def write_atomically(path: Path, data: bytes) -> None:
@@ -127,6 +128,9 @@ class NodeState:
                 "round": model.round,
                 "names": list(model.names),
                 "meta": dict(model.meta),
+                "lineage": model.lineage,
+                "threshold": model.threshold,
+                "backbone": model.backbone,
             },
         )
 
@@ -142,6 +146,9 @@ class NodeState:
                 round=int(sidecar["round"]),
                 names=names,
                 weights=_unpack(data, len(names)),
+                lineage=str(sidecar["lineage"]),
+                threshold=float(sidecar["threshold"]),
+                backbone=str(sidecar["backbone"]),
                 meta=dict(sidecar["meta"]),
             )
         except _UNREADABLE as err:
@@ -153,6 +160,11 @@ class NodeState:
         self._write_pair(
             RESIDUAL_WEIGHTS, RESIDUAL_SIDECAR, _pack(residual), {"tensors": len(residual)}
         )
+
+    def clear_residual(self) -> None:
+        """Forget the residual (a new lineage: its head has other tensors)."""
+        (self.folder / RESIDUAL_SIDECAR).unlink(missing_ok=True)
+        (self.folder / RESIDUAL_WEIGHTS).unlink(missing_ok=True)
 
     def load_residual(self) -> Weights | None:
         pair = self._read_pair(RESIDUAL_WEIGHTS, RESIDUAL_SIDECAR)
@@ -174,8 +186,8 @@ class NodeState:
                 "version": artifact.version,
                 "round": artifact.round,
                 "flavour": artifact.flavour,
-                "labels": list(artifact.labels),
-                "threshold": artifact.threshold,
+                "lineage": artifact.lineage,
+                "backbone_id": artifact.backbone_id,
             },
         )
 
@@ -190,10 +202,11 @@ class NodeState:
                 round=int(sidecar["round"]),
                 flavour=str(sidecar["flavour"]),
                 model=data,
-                labels=tuple(str(label) for label in sidecar["labels"]),
-                threshold=float(sidecar["threshold"]),
+                lineage=str(sidecar["lineage"]),
+                backbone_id=str(sidecar["backbone_id"]),
             )
         except (KeyError, TypeError, ValueError) as err:
+            # e.g. a closed-set model's sidecar from before open-world recognition
             log.warning("state: stored TFLite sidecar unusable: %s", err)
             return None
 

