@@ -211,12 +211,29 @@ class ReconnectingSource:
         self._retry_at = 0.0
         self._ended = False
         self._status = SourceStatus("reconnecting", None, 0)
+        self._last_read: float | None = None
 
     @property
     def status(self) -> SourceStatus:
         return self._status
 
+    @property
+    def last_read(self) -> float | None:
+        """time.monotonic() when `read` was last entered or left (None: never called).
+
+        The node's watchdog check: a camera loop that stops calling `read`, or a
+        `read` that never returns (a hung driver), leaves it behind.
+        """
+        return self._last_read
+
     def read(self) -> Frame | None:
+        self._last_read = time.monotonic()
+        try:
+            return self._read()
+        finally:
+            self._last_read = time.monotonic()
+
+    def _read(self) -> Frame | None:
         with self._lock:
             if self._ended:
                 return None

@@ -35,11 +35,15 @@ from edge.homeassistant import (
     DoorbellTopics,
     discovery_payload,
 )
+from fedbell import safejson
+from fedbell.errors import RejectedMessage
 from fedbell.faces import Box
 
 log = logging.getLogger(__name__)
 
 EVENT_QOS = 1
+
+Callback = Callable[[mqtt.Client, Any, mqtt.MQTTMessage], None]
 
 
 def now_iso() -> str:
@@ -86,21 +90,43 @@ class EventPublisher:
         return topics
 
     def attach(self) -> None:
-        """Route this doorbell's command, label and HA-status messages here."""
-        self.client.message_callback_add(self.topics.command, self._on_command)
-        self.client.message_callback_add(self.topics.label, self._on_label)
-        self.client.message_callback_add(self.topics.ha_status, self._on_ha_status)
+        """Route this doorbell's command, label and HA-status messages here.
 
-    def announce(self) -> None:
+        Each handler runs guarded: paho re-raises a callback's exception in its
+        network thread, which then dies, and leaves the QoS 1 message
+        unacknowledged, so the broker would redeliver it to the next process too.
+        A guarded handler counts and logs any failure, and paho acknowledges.
+        """
+        for topic, handler in (
+            (self.topics.command, self._on_command),
+            (self.topics.label, self._on_label),
+            (self.topics.ha_status, self._on_ha_status),
+        ):
+            self.client.message_callback_add(topic, self._guarded(handler))
+
+    def _guarded(self, handler: Callback) -> Callback:
+        def guarded(client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+            try:
+                handler(client, userdata, msg)
+            except Exception:
+                with self._lock:
+                    self.counters.rejected += 1
+                log.exception("error handling a message on %s (dropped)", msg.topic)
+
+        return guarded
+
+    def announce(self) -> mqtt.MQTTMessageInfo | None:
         """On (re)connect: discovery (availability is the node's own status)."""
-        self.publish_discovery()
+        return self.publish_discovery()
 
-    def publish_discovery(self) -> None:
-        if self.discovery:
-            payload = discovery_payload(
-                self.topics, self.availability_topic, self.device_name, snapshot=self.snapshots
-            )
-            self._publish(self.topics.discovery, json.dumps(payload), retain=True)
+    def publish_discovery(self) -> mqtt.MQTTMessageInfo | None:
+        """The retained discovery message (its publish info; None if discovery is off)."""
+        if not self.discovery:
+            return None
+        payload = discovery_payload(
+            self.topics, self.availability_topic, self.device_name, snapshot=self.snapshots
+        )
+        return self._publish(self.topics.discovery, json.dumps(payload), retain=True)
 
     # --- events and state -------------------------------------------------------------
 
@@ -167,9 +193,9 @@ class EventPublisher:
     def _on_command(self, _client: mqtt.Client, _userdata: Any, msg: mqtt.MQTTMessage) -> None:
         self.counters.commands += 1
         try:
-            command = json.loads(msg.payload)
+            command = safejson.loads(bytes(msg.payload))  # bounded size and depth
             name = command.get("cmd") if isinstance(command, dict) else None
-        except (UnicodeDecodeError, json.JSONDecodeError):
+        except RejectedMessage:
             name = None
         if name == "ring" and self.on_ring_command is not None:
             self.on_ring_command()

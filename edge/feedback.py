@@ -8,7 +8,6 @@ faces nobody asked it to keep.
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 import threading
@@ -21,6 +20,9 @@ from pathlib import Path
 import cv2
 import numpy as np
 import numpy.typing as npt
+
+from fedbell import safejson
+from fedbell.errors import RejectedMessage
 
 log = logging.getLogger(__name__)
 
@@ -107,9 +109,9 @@ def apply_label(store: RecentCrops, gallery: Path, payload: bytes) -> Path | Non
     payload: JSON `{"event_id": "...", "person": "alice"}` or `"person": "ignore"`.
     """
     try:
-        message = json.loads(payload)
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise FeedbackError(f"label command is not JSON: {err}") from err
+        message = safejson.loads(payload)  # bounded size and depth: never RecursionError
+    except RejectedMessage as err:
+        raise FeedbackError(f"label command is not acceptable JSON: {err}") from None
     if not isinstance(message, dict):
         raise FeedbackError("label command must be a JSON object")
     event_id, person = message.get("event_id"), message.get("person")

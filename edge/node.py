@@ -8,10 +8,13 @@ Threads, and why:
 - one worker thread runs the queued jobs in order: at most one training at a
   time, and a TFLite artifact is installed after the model it belongs to.
 - the caller's (main) thread runs `run()`: a loop that waits on the stop
-  event, pings the systemd watchdog and notices gallery changes.
+  event, notices gallery changes and pings the systemd watchdog, but only
+  while the network, worker and camera threads are alive and none is stuck
+  (`edge.health`): systemd then restarts a node that could no longer serve.
 
-Every callback catches what it raises, logs the reason and counts it in
-`counters`: a bad message is dropped, never fatal, and never touches the
+Every callback runs guarded: whatever it raises is logged and counted in
+`counters`, so a bad message is dropped (and acknowledged, so the broker does
+not redeliver it to the next process), never fatal, and never touches the
 current model.
 """
 
@@ -29,6 +32,7 @@ from typing import Any
 import paho.mqtt.client as mqtt
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+from edge import health
 from edge.artifacts import Artifacts
 from edge.config import EdgeConfig
 from edge.gallery import Gallery
@@ -111,6 +115,10 @@ class EdgeNode:
         )
         self.counters: Counter[str] = Counter()
         """Dropped messages and failed jobs, by reason."""
+        self.limits = health.Limits()
+        """How long a callback, a worker job or a camera read may run (watchdog)."""
+        self._callback_activity = health.Activity()
+        self._job_activity = health.Activity()
         self.trainings = 0
         self.artifacts = Artifacts(
             config,
@@ -157,10 +165,10 @@ class EdgeNode:
         )
         if config.camera.enabled:
             self.live = LiveDoorbell(config, self._client, self.recognizer, self._status_topic)
-        self._client.on_connect = self._on_connect
-        self._client.on_disconnect = self._on_disconnect
-        self._client.on_message = self._on_message
-        self._client.on_subscribe = self._on_subscribe
+        self._client.on_connect = self._guarded(self._on_connect)
+        self._client.on_disconnect = self._guarded(self._on_disconnect)
+        self._client.on_message = self._guarded(self._on_message)
+        self._client.on_subscribe = self._guarded(self._on_subscribe)
 
     # --- what tests and the status look at --------------------------------------
 
@@ -212,11 +220,18 @@ class EdgeNode:
                 )
             systemd.notify_ready()
             next_rescan = time.monotonic() + self.config.gallery_rescan_s
+            withheld: str | None = None
             while not stop.wait(TICK_S):
-                # A dead worker means no more training or model swaps: stop pinging
-                # and let systemd restart the service rather than limp on.
-                if self._worker.is_alive():
+                # A dead or stuck thread means no more messages, training or frames:
+                # stop pinging and let systemd restart the service rather than limp on.
+                problem = self.health_problem()
+                if problem is None:
                     systemd.notify_watchdog()
+                elif problem != withheld:
+                    self.counters["watchdog_withheld"] += 1
+                    log.error("not pinging the systemd watchdog: %s", problem)
+                    systemd.notify_status(f"unhealthy: {problem}")
+                withheld = problem
                 if time.monotonic() >= next_rescan:
                     next_rescan = time.monotonic() + self.config.gallery_rescan_s
                     self._publish_status_if_connected()  # only if the gallery size changed
@@ -248,6 +263,30 @@ class EdgeNode:
         # A training in progress cannot be interrupted; the worker is a daemon thread.
         if self._worker.is_alive():
             self._worker.join(OFFLINE_PUBLISH_WAIT_S)
+
+    def health_problem(self) -> str | None:
+        """Why the node cannot serve (a dead or stuck thread), or None if it can."""
+        problem = health.thread_problem(
+            "worker", self._worker, self._job_activity, self.limits.job_s
+        ) or health.thread_problem(
+            # paho's loop_start() thread; it only ends by loop_stop() or a crash.
+            "MQTT network",
+            self._client._thread,  # paho keeps it private
+            self._callback_activity,
+            self.limits.callback_s,
+        )
+        live = self.live
+        if problem is None and live is not None:
+            # edge/live.py keeps its thread and source private; read them here
+            # rather than change the camera side.
+            source = live._source
+            problem = health.camera_problem(
+                live._thread,
+                ended=source is None or source.status.state == "ended",
+                last_read=None if source is None else source.last_read,
+                limit_s=self.limits.camera_s,
+            )
+        return problem
 
     # --- status ----------------------------------------------------------------
 
@@ -283,6 +322,20 @@ class EdgeNode:
             self._publish_status()
 
     # --- MQTT callbacks (paho's thread) -------------------------------------------
+
+    def _guarded(self, callback: Callable[..., None]) -> Callable[..., None]:
+        """No exception may reach paho (its thread would die, the message stay
+        unacknowledged); and how long a callback runs is the watchdog's business."""
+
+        def guarded(*args: Any) -> None:
+            with self._callback_activity.running(callback.__name__):
+                try:
+                    callback(*args)
+                except Exception:
+                    self.counters["callback_error"] += 1
+                    log.exception("MQTT callback %s failed (carrying on)", callback.__name__)
+
+        return guarded
 
     def _on_connect(
         self, client: mqtt.Client, _userdata: Any, _flags: Any, reason: Any, _properties: Any
@@ -443,7 +496,8 @@ class EdgeNode:
             if self._stopping.is_set():  # shutting down: start no new training
                 continue
             try:
-                job()
+                with self._job_activity.running("a worker job"):
+                    job()
             except Exception as err:
                 self.counters["job_error"] += 1
                 log.exception("worker job failed: %s", err)

@@ -10,6 +10,7 @@ from typing import Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from fedbell import safejson
 from fedbell.codecs import DEFAULT_DENSITY
 from fedbell.envelope import Codec
 from fedbell.errors import RejectedMessage
@@ -121,8 +122,7 @@ M = TypeVar("M", bound=Message)
 
 
 def parse_json(payload: bytes, model: type[M]) -> M:
-    if len(payload) > MAX_JSON_BYTES:
-        raise RejectedMessage("too_large", f"{len(payload)} bytes of JSON")
+    safejson.check_shape(payload, max_bytes=MAX_JSON_BYTES)  # size and depth, before parsing
     try:
         return model.model_validate_json(payload)
     except ValidationError as err:
