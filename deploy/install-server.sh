@@ -13,8 +13,6 @@
 #   --site ID           site (federation) id for a new site (default home)
 #   --broker-host NAME  name or address doorbells use for the broker
 #                       (repeatable; default: this host's names)
-#   --labels A,B,C      the people the model recognises (new site only;
-#                       default resident; later: edit /etc/fedbell/aggregator.yaml)
 #   --site-dir DIR      the site folder (default PREFIX/etc/fedbell/site)
 #   --prefix DIR        install under DIR instead of / (a trial run; no users)
 #   --venv DIR          virtualenv to create or reuse (default PREFIX/opt/fedbell/venv)
@@ -26,7 +24,6 @@
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 SITE=home
-LABELS=resident
 HOSTS=()
 SITE_DIR=""
 PREFIX=/
@@ -38,7 +35,6 @@ SYSTEMD=yes
 while [[ $# -gt 0 ]]; do
     case $1 in
         --site) SITE=${2:?--site needs an id}; shift 2 ;;
-        --labels) LABELS=${2:?--labels needs names}; shift 2 ;;
         --broker-host) HOSTS+=("${2:?--broker-host needs a name}"); shift 2 ;;
         --site-dir) SITE_DIR=${2:?--site-dir needs a folder}; shift 2 ;;
         --prefix) PREFIX=${2:?--prefix needs a folder}; shift 2 ;;
@@ -100,7 +96,7 @@ fi
 if has_login aggregator; then
     note "aggregator login exists"
 else
-    provision add-aggregator --labels "$LABELS" --no-reload
+    provision add-aggregator --no-reload
 fi
 if has_login operator; then
     note "operator login exists"

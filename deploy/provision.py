@@ -336,13 +336,7 @@ def remove_device(site: Site, name: str) -> None:
     (site.device_keys / f"{name}.pub").unlink(missing_ok=True)
 
 
-def add_aggregator(
-    site: Site, name: str, mqtt_host: str, state_root: str, labels: list[str]
-) -> Path:
-    for label in labels:
-        check_name(label, "label")
-    if not labels or len(set(labels)) != len(labels):
-        raise ProvisionError(f"labels must be one or more distinct names, got {labels}")
+def add_aggregator(site: Site, name: str, mqtt_host: str, state_root: str) -> Path:
     if site.names(Role.AGGREGATOR):
         raise ProvisionError(f"the site already has an aggregator: {site.names(Role.AGGREGATOR)}")
     bundle = add_login(site, name, Role.AGGREGATOR)
@@ -362,7 +356,6 @@ def add_aggregator(
             "mqtt_port": str(site.port),
             "state_root": state_root,
             "trusted_keys_dir": str(site.device_keys.resolve()),
-            "labels": ", ".join(labels),
         },
     )
     write_public(bundle / "aggregator.yaml", config.encode())
@@ -454,11 +447,6 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--name", default="aggregator")
     p.add_argument("--mqtt-host", default="localhost")
     p.add_argument("--state-root", default="/var/lib/fedbell")
-    p.add_argument(
-        "--labels",
-        default="resident",
-        help="comma-separated people the site's model recognises, in output order",
-    )
 
     for command, role in (("add-operator", "operator"), ("add-homeassistant", "homeassistant")):
         p = sub.add_parser(command, parents=[common, reload])
@@ -521,8 +509,7 @@ def run(argv: list[str] | None = None) -> str:
             remove_device(site, args.name)
             done = f"device {args.name!r} removed: password, ACL, signing key, bundle"
         case "add-aggregator":
-            labels = [label.strip() for label in args.labels.split(",") if label.strip()]
-            bundle = add_aggregator(site, args.name, args.mqtt_host, args.state_root, labels)
+            bundle = add_aggregator(site, args.name, args.mqtt_host, args.state_root)
             done = (
                 f"aggregator {args.name!r}: bundle {bundle}\n"
                 f"doorbell bundles updated with its public key: "

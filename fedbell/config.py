@@ -80,7 +80,7 @@ class MqttSettings(StrictModel):
         "messages while it is offline.",
     )
     max_message_bytes: int = Field(
-        default=16 * 1024 * 1024,
+        default=64 * 1024 * 1024,  # the backbone artifact is ~30 MB
         ge=1024,
         title="Largest message (bytes)",
         description="Messages larger than this are rejected before parsing.",

@@ -82,7 +82,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A server installed into a prefix, twice; returns the prefix."""
     prefix = tmp_path_factory.mktemp("server")
     args = ["--prefix", str(prefix), "--venv", str(VENV), "--broker-host", "hub.lan"]
-    args += ["--labels", "alice,bob", *SKIP_FLAGS]
+    args += [*SKIP_FLAGS]
     first = run_script("install-server.sh", *args)
     assert first.returncode == 0, first.stdout + first.stderr
     second = run_script("install-server.sh", *args)
@@ -102,7 +102,7 @@ def test_install_server_twice(server: Path) -> None:
     for secret in ("mqtt-password", "client.key", "signing.key"):
         assert mode(etc / "credentials" / "aggregator" / secret) == 0o600
     config = (etc / "aggregator.yaml").read_text()
-    assert "labels: [alice, bob]\n" in config
+    assert "labels" not in config  # who is who is decided in each house
     assert f"trusted_keys_dir: {site}/keys/devices\n" in config
     units = server / "etc" / "systemd" / "system"
     broker_unit = (units / "fedbell-broker.service").read_text()
@@ -192,7 +192,7 @@ def test_provisioned_configs_load_with_the_programs_schemas(
     site = tmp_path / "site"
     provision.run(["init", "--site", "home", "--broker-host", "hub.lan", "--site-dir", str(site)])
     provision.run(
-        ["add-aggregator", "--labels", "alice,bob", "--site-dir", str(site), "--no-reload"]
+        ["add-aggregator", "--site-dir", str(site), "--no-reload"]
     )
     provision.run(["add-device", "door1", "--site-dir", str(site), "--no-reload"])
 
@@ -212,7 +212,7 @@ def test_provisioned_configs_load_with_the_programs_schemas(
     bundle = site / "clients" / "aggregator"
     monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(bundle))
     aggregator = load_config(bundle / "aggregator.yaml", AggregatorConfig)
-    assert aggregator.labels == ("alice", "bob")
+    assert aggregator.site == "home"
     assert aggregator.mqtt.username == "aggregator"
     assert aggregator.signing.trusted_keys_dir == (site / "keys" / "devices").resolve()
     assert (site / "keys" / "devices" / "door1.pub").exists()
