@@ -1,4 +1,4 @@
-"""The doorbell's gallery: listing, counting, and the training arrays it yields."""
+"""The doorbell's gallery: names, chips in and out, cached features, change checks, strangers."""
 
 from __future__ import annotations
 
@@ -7,31 +7,46 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+import pytest
 
-from edge.gallery import Gallery
-from fedbell.faces import FACE_SIZE
+from aggregator.backbone import BackboneModels
+from edge.gallery import (
+    FEATURE_CACHE,
+    Gallery,
+    GalleryError,
+    StrangerStore,
+    check_person_name,
+)
+from fedbell.features import Backbone
+from tests.recognition_helpers import chips_of, detector, frames_of
 
 
-def write_face(path: Path, value: int, mtime: float) -> None:
+@pytest.fixture(scope="module")
+def backbone(backbone_models: BackboneModels) -> Backbone:
+    return Backbone(backbone_models.float_model)
+
+
+def write_image(path: Path, value: int, mtime: float) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    image = np.full((40, 40), value, dtype=np.uint8)
-    image[10:30, 10:30] = 255 - value  # not flat, so equalisation has something to do
-    assert cv2.imwrite(str(path), image)
+    assert cv2.imwrite(str(path), np.full((40, 40, 3), value, dtype=np.uint8))
     os.utime(path, (mtime, mtime))
 
 
-def test_missing_gallery_is_empty(tmp_path: Path) -> None:
+def test_missing_gallery_is_empty(tmp_path: Path, backbone: Backbone) -> None:
     gallery = Gallery(tmp_path / "absent")
     assert gallery.persons() == []
     assert gallery.count() == 0
-    assert len(gallery.training_set(["ann"], 10)) == 0
+    assert gallery.signature() == ()
+    data = gallery.features(backbone)
+    assert len(data) == 0
+    assert data.features.shape == (0, backbone.size)
 
 
 def test_lists_persons_and_images_skipping_hidden_and_other_files(tmp_path: Path) -> None:
-    write_face(tmp_path / "bob" / "a.png", 10, 1000)
-    write_face(tmp_path / "ann" / "old.png", 20, 1000)
-    write_face(tmp_path / "ann" / "new.jpg", 30, 2000)
-    write_face(tmp_path / "ann" / ".hidden.png", 40, 3000)
+    write_image(tmp_path / "bob" / "a.png", 10, 1000)
+    write_image(tmp_path / "ann" / "old.png", 20, 1000)
+    write_image(tmp_path / "ann" / "new.jpg", 30, 2000)
+    write_image(tmp_path / "ann" / ".hidden.png", 40, 3000)
     (tmp_path / "ann" / "notes.txt").write_text("not a face")
     (tmp_path / ".trash").mkdir()
     gallery = Gallery(tmp_path)
@@ -40,15 +55,105 @@ def test_lists_persons_and_images_skipping_hidden_and_other_files(tmp_path: Path
     assert gallery.count() == 3
 
 
-def test_training_set_keeps_newest_of_labelled_persons_in_label_order(tmp_path: Path) -> None:
-    for i in range(4):
-        write_face(tmp_path / "ann" / f"{i}.png", 10 * i, 1000 + i)
-    write_face(tmp_path / "bob" / "0.png", 50, 1000)
-    (tmp_path / "bob" / "broken.png").write_bytes(b"not an image")
-    write_face(tmp_path / "stranger" / "0.png", 60, 1000)
-    data = Gallery(tmp_path).training_set(["bob", "ann"], max_per_person=2)
-    assert data.skipped_persons == ("stranger",)
-    assert data.images.shape == (3, FACE_SIZE, FACE_SIZE)
-    assert data.images.dtype == np.float32
-    assert sorted(data.labels.tolist()) == [0, 1, 1]  # bob is 0, ann 1; broken file skipped
-    assert float(data.images.max()) <= 1.0
+@pytest.mark.parametrize(
+    "name", ["", "../evil", "a/b", "alice\n", "-lead", "unknown", "Ignore", "x" * 65, 3]
+)
+def test_unsafe_person_names_are_refused(tmp_path: Path, name: object) -> None:
+    with pytest.raises(GalleryError, match="person name"):
+        check_person_name(name)
+    gallery = Gallery(tmp_path)
+    with pytest.raises(GalleryError, match="person name"):
+        gallery.add(name, [np.zeros((150, 150, 3), np.uint8)])  # type: ignore[arg-type]
+    assert not any(tmp_path.iterdir())  # nothing written anywhere
+
+
+def test_add_stores_chips_and_remove_deletes_the_person(tmp_path: Path) -> None:
+    gallery = Gallery(tmp_path / "gallery")
+    chips = chips_of(0, 2, 1)
+    saved = gallery.add("ann", chips)
+    assert [p.parent.name for p in saved] == ["ann", "ann"]
+    assert np.array_equal(gallery.read_chip(saved[0]), chips[0])  # RGB in, RGB out
+    with pytest.raises(GalleryError, match="expected an aligned 150x150 RGB uint8 chip"):
+        gallery.add("ann", [np.zeros((64, 64), np.uint8)])
+    assert gallery.count() == 2
+    assert gallery.remove("ann") == 2
+    assert gallery.persons() == []
+    with pytest.raises(GalleryError, match="not enrolled"):
+        gallery.remove("ann")
+
+
+def test_signature_changes_with_every_enrollment_and_removal(tmp_path: Path) -> None:
+    gallery = Gallery(tmp_path / "gallery")
+    chip = chips_of(0, 1, 1)
+    seen = {gallery.signature()}
+    gallery.add("ann", chip)
+    seen.add(gallery.signature())
+    gallery.add("ann", chip)  # a second chip of the same person
+    seen.add(gallery.signature())
+    gallery.add("bob", chip)
+    seen.add(gallery.signature())
+    gallery.remove("ann")
+    seen.add(gallery.signature())
+    assert len(seen) == 5
+    assert gallery.signature() == gallery.signature()  # and stable when nothing changed
+
+
+def test_features_are_cached_per_file_and_backbone(
+    tmp_path: Path, backbone: Backbone, backbone_models: BackboneModels
+) -> None:
+    state = tmp_path / "state"
+    gallery = Gallery(tmp_path / "gallery", state)
+    gallery.add("ann", chips_of(0, 2, 1))
+    gallery.add("bob", chips_of(1, 1, 2))
+    first = gallery.features(backbone)
+    assert first.persons == ("ann", "bob")
+    assert sorted(first.labels.tolist()) == [0, 0, 1]
+    assert first.features.shape == (3, backbone.size)
+    assert (state / FEATURE_CACHE).is_file()
+
+    class Counting(Backbone):
+        chips = 0
+
+        def features(self, chips):  # type: ignore[no-untyped-def]
+            Counting.chips += len(chips)
+            return super().features(chips)
+
+    counting = Counting(backbone_models.float_model)
+    again = Gallery(tmp_path / "gallery", state).features(counting)  # a restart: from the cache
+    assert Counting.chips == 0
+    assert np.array_equal(again.features, first.features)
+    gallery.add("bob", chips_of(1, 1, 3))
+    Gallery(tmp_path / "gallery", state).features(counting)
+    assert Counting.chips == 1  # only the new chip ran
+    int8 = Gallery(tmp_path / "gallery", state).features(Backbone(backbone_models.int8_model))
+    assert int8.backbone != first.backbone  # another backbone: all computed again
+    assert len(int8) == 4
+
+
+def test_photos_are_detected_and_aligned_and_faceless_ones_left_out(
+    tmp_path: Path, backbone: Backbone
+) -> None:
+    root = tmp_path / "gallery"
+    (root / "ann").mkdir(parents=True)
+    cv2.imwrite(str(root / "ann" / "photo.png"), frames_of(0, 1, 7)[0])  # a whole porch frame
+    cv2.imwrite(str(root / "ann" / "wall.png"), np.full((200, 300, 3), 128, np.uint8))
+    (root / "ann" / "broken.png").write_bytes(b"not an image")
+    gallery = Gallery(root, detector=detector)
+    data = gallery.features(backbone)
+    assert data.files == ("ann/photo.png",)
+    assert sorted(data.skipped) == ["ann/broken.png", "ann/wall.png"]
+    assert sorted(p.name for p in gallery.images("ann")) == ["broken.png", "photo.png", "wall.png"]
+
+
+def test_stranger_store_is_bounded_persistent_and_tied_to_a_backbone(tmp_path: Path) -> None:
+    path = tmp_path / "strangers.npz"
+    store = StrangerStore(path, capacity=3)
+    for i in range(5):
+        store.add("a" * 64, np.full((1, 4), i, np.float32))
+    assert len(store) == 3
+    kept = StrangerStore(path, capacity=3).features("a" * 64, 4)
+    assert kept[:, 0].tolist() == [2.0, 3.0, 4.0]  # the oldest went first
+    assert StrangerStore(path, 3).features("b" * 64, 4).shape == (0, 4)
+    store.add("b" * 64, np.ones((1, 4), np.float32))  # a new backbone starts it again
+    assert len(store) == 1
+    StrangerStore(None, capacity=0).add("a" * 64, np.ones((1, 4), np.float32))
