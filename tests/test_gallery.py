@@ -72,7 +72,9 @@ def test_add_stores_chips_and_remove_deletes_the_person(tmp_path: Path) -> None:
     chips = chips_of(0, 2, 1)
     saved = gallery.add("ann", chips)
     assert [p.parent.name for p in saved] == ["ann", "ann"]
-    assert np.array_equal(gallery.read_chip(saved[0]), chips[0])  # RGB in, RGB out
+    stored = gallery.read_chip(saved[0])
+    assert stored is not None
+    assert np.array_equal(stored, chips[0])  # RGB in, RGB out
     with pytest.raises(GalleryError, match="expected an aligned 150x150 RGB uint8 chip"):
         gallery.add("ann", [np.zeros((64, 64), np.uint8)])
     assert gallery.count() == 2
