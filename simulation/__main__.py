@@ -55,7 +55,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--nodes", type=int, help="doorbell processes")
     parser.add_argument("--rounds", type=int, help="federated rounds")
-    parser.add_argument("--alpha", type=float, help="Dirichlet alpha (small: non-IID)")
+    parser.add_argument(
+        "--strangers",
+        type=Path,
+        help="real stranger photos to calibrate 'unknown' on (default: generated strangers)",
+    )
     parser.add_argument("--codec", choices=TENSOR_CODECS, help="update codec")
     parser.add_argument("--seed", type=int, help="seed of data, split, model and training")
     parser.add_argument("--epochs", type=int, help="local epochs per round")
@@ -65,6 +69,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--keep", action="store_true", default=None, help="keep the temporary work folder"
     )
     parser.add_argument("--no-live", action="store_true", help="skip the live recognition demo")
+    parser.add_argument(
+        "--stay",
+        action="store_true",
+        default=None,
+        help="after the rounds, keep the federation and its console running until Ctrl-C",
+    )
     return parser.parse_args(argv)
 
 
@@ -83,13 +93,14 @@ def main(argv: list[str] | None = None) -> int:
             "dataset",
             "nodes",
             "rounds",
-            "alpha",
+            "strangers",
             "codec",
             "seed",
             "epochs",
             "report",
             "workdir",
             "keep",
+            "stay",
         )
     }
     try:

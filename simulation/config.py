@@ -15,7 +15,7 @@ from fedbell.errors import ConfigError
 
 class SyntheticSettings(StrictModel):
     persons: int = Field(
-        default=12,
+        default=20,
         ge=2,
         le=99,
         title="Persons",
@@ -49,14 +49,15 @@ class LiveSettings(StrictModel):
         ge=1,
         le=50,
         title="Visitors",
-        description="Known people who walk up to the door in the video.",
+        description="Residents of the doorbell's house who walk up to the door in the video "
+        "(besides the newcomer it enrols after the rounds).",
     )
     strangers: int = Field(
         default=1,
         ge=0,
         le=50,
         title="Strangers",
-        description="Generated people outside the label set.",
+        description="People nobody enrolled who walk up to the door.",
     )
 
 
@@ -77,23 +78,17 @@ class SimulationConfig(StrictModel):
         ge=1,
         le=32,
         title="Doorbell nodes",
-        description="Separate edge processes, one gallery each.",
+        description="Separate edge processes, one per household, each with its gallery.",
     )
     rounds: int = Field(
         default=15, ge=1, le=1000, title="Rounds", description="Federated rounds to run."
     )
-    alpha: float = Field(
-        default=1.0,
-        gt=0,
-        title="Dirichlet alpha",
-        description="Small: each node sees few people (non-IID); large: even.",
-    )
-    holdout_fraction: float = Field(
-        default=0.3,
-        gt=0,
-        lt=1,
-        title="Held-out share",
-        description="Share of every person's images kept for evaluation, never trained on.",
+    strangers: Path | None = Field(
+        default=None,
+        title="Stranger photos",
+        description="A `<person>/<image>` folder of real strangers (one photo each is enough) "
+        "the aggregator calibrates the unknown-visitor threshold on, e.g. "
+        "../shared/datasets/lfw_strangers; unset: generated strangers.",
     )
     codec: Codec = Field(
         default="topk",
@@ -154,6 +149,13 @@ class SimulationConfig(StrictModel):
         default=False,
         title="Keep work folder",
         description="Do not delete the temporary work folder at the end.",
+    )
+    stay: bool = Field(
+        default=False,
+        title="Stay running",
+        description="After the scripted rounds, keep the broker, the aggregator, the "
+        "doorbells and the console running until Ctrl-C, to drive more rounds from the "
+        "console or with mosquitto_pub.",
     )
     live: LiveSettings = Field(
         default_factory=LiveSettings,

@@ -1,6 +1,10 @@
-"""The simulation's data: a held-out split per person, the rest spread across nodes.
+"""The simulation's people: households with a doorbell each, and people in no house.
 
-Galleries and the held-out folder are written as symlinks to the source
+A dataset's persons are dealt out once, by seed: some live in the houses
+(each house's doorbell gallery holds their photos, all but one that is kept
+for the live demo's visits), some belong to no house (the aggregator's
+held-out people, scored every round), and one is the newcomer whom a doorbell
+enrols after the rounds. Galleries are written as symlinks to the source
 images, so a real dataset beside the checkout is never copied or modified.
 """
 
@@ -11,48 +15,63 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from fedbell.dataset import Sample, dirichlet_partition, holdout_split, list_samples
-from fedbell.topics import check_segment
+import cv2
+import numpy as np
+
+from fedbell.dataset import Sample, list_samples
+from fedbell.synthetic import make_identities, make_scene, person_name, render_face
+
+HELD_OUT_SHARE = 0.3
+"""Share of the persons kept out of every house, for the aggregator's score."""
+STRANGER_SEED_OFFSET = 10_007
+"""Generated strangers come from another seed, so none of them lives in a house."""
 
 
 @dataclass(frozen=True)
-class Split:
-    labels: tuple[str, ...]
-    """Every person, sorted: the model's output order."""
+class Households:
+    houses: tuple[tuple[str, ...], ...]
+    """The persons of each house; house i has doorbell i."""
+    galleries: tuple[tuple[Sample, ...], ...]
+    """The photos each doorbell's gallery holds."""
+    visits: tuple[Sample, ...]
+    """One photo of each house member that no gallery holds: the live demo's visits."""
     held_out: tuple[Sample, ...]
-    train: tuple[Sample, ...]
-    per_node: tuple[tuple[Sample, ...], ...]
-    """The training samples each node holds; together exactly `train`."""
+    """Photos of persons in no house: the aggregator's evaluation folder."""
+    newcomer: tuple[Sample, ...]
+    """Photos of the person enrolled after the rounds (the last one is their visit)."""
 
 
-def dataset_labels(samples: Sequence[Sample]) -> tuple[str, ...]:
-    """Sorted person names, each usable as a label (a topic-safe segment)."""
-    labels = tuple(sorted({s.person for s in samples}))
-    for label in labels:
-        try:
-            check_segment(label, "person folder name")
-        except ValueError as err:
-            raise ValueError(f"{err}: rename it to be used as a label") from None
-    if len(labels) < 2:
-        raise ValueError(f"a face model needs at least 2 persons, the dataset has {len(labels)}")
-    return labels
+def _by_person(samples: Sequence[Sample]) -> dict[str, list[Sample]]:
+    people: dict[str, list[Sample]] = {}
+    for sample in samples:
+        people.setdefault(sample.person, []).append(sample)
+    return people
 
 
-def split_dataset(
-    samples: Sequence[Sample], nodes: int, alpha: float, holdout_fraction: float, seed: int
-) -> Split:
-    """Hold out `holdout_fraction` of each person, then Dirichlet(alpha) the rest over nodes."""
-    labels = dataset_labels(samples)
-    train, held_out = holdout_split(samples, holdout_fraction, seed)
-    if len(train) < nodes:
-        raise ValueError(f"{len(train)} training images cannot give {nodes} nodes one each")
-    parts = dirichlet_partition([s.person for s in train], nodes, alpha, seed)
-    per_node = tuple(tuple(train[i] for i in part) for part in parts)
-    return Split(labels, tuple(held_out), tuple(train), per_node)
+def split_households(samples: Sequence[Sample], houses: int, seed: int) -> Households:
+    """Deal the persons with at least 3 photos into houses, held-out people and a newcomer."""
+    people = {p: s for p, s in _by_person(samples).items() if len(s) >= 3}
+    names = sorted(people)
+    held = max(2, round(HELD_OUT_SHARE * len(names)))
+    if len(names) < houses + held + 1:
+        raise ValueError(
+            f"{len(names)} persons with 3+ photos cannot fill {houses} houses, "
+            f"{held} held-out people and a newcomer"
+        )
+    order = [names[i] for i in np.random.default_rng(seed).permutation(len(names))]
+    newcomer, held_out, residents = order[0], order[1 : 1 + held], order[1 + held :]
+    members = tuple(tuple(sorted(residents[i::houses])) for i in range(houses))
+    return Households(
+        houses=members,
+        galleries=tuple(tuple(s for p in house for s in people[p][:-1]) for house in members),
+        visits=tuple(people[p][-1] for house in members for p in house),
+        held_out=tuple(s for p in sorted(held_out) for s in people[p]),
+        newcomer=tuple(people[newcomer]),
+    )
 
 
-def load_split(root: Path, nodes: int, alpha: float, holdout_fraction: float, seed: int) -> Split:
-    return split_dataset(list_samples(root), nodes, alpha, holdout_fraction, seed)
+def load_households(root: Path, houses: int, seed: int) -> Households:
+    return split_households(list_samples(root), houses, seed)
 
 
 def write_folder(samples: Sequence[Sample], root: Path) -> None:
@@ -65,3 +84,24 @@ def write_folder(samples: Sequence[Sample], root: Path) -> None:
             target.symlink_to(source)
         except OSError:  # e.g. a filesystem without symlinks
             shutil.copyfile(source, target)
+
+
+def write_synthetic(root: Path, persons: int, photos: int, seed: int, size: int = 96) -> None:
+    """`<root>/<person>/<n>.png`: generated people at a generated front door."""
+    rng = np.random.default_rng(seed + 1)
+    for index, identity in enumerate(make_identities(persons, seed)):
+        folder = root / person_name(index)
+        folder.mkdir(parents=True, exist_ok=True)
+        for n in range(photos):
+            frame = make_scene([render_face(identity, rng, size)], rng).frame
+            cv2.imwrite(str(folder / f"{n:03d}.png"), frame)
+
+
+def write_strangers(root: Path, count: int, seed: int, size: int = 96) -> None:
+    """One generated photo each of `count` people who are nobody in the simulation."""
+    rng = np.random.default_rng(seed + STRANGER_SEED_OFFSET)
+    for index, identity in enumerate(make_identities(count, seed + STRANGER_SEED_OFFSET)):
+        folder = root / f"stranger{index:03d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        frame = make_scene([render_face(identity, rng, size)], rng).frame
+        cv2.imwrite(str(folder / "0.png"), frame)

@@ -1,47 +1,52 @@
-"""Live recognition on replayed frames: a doorbell's pipeline with the federated model.
+"""Live recognition after the rounds: visitors at a doorbell, a newcomer enrolled, again.
 
-Generates porch frames in which known people (their held-out photos, never
-trained on) and strangers walk up to the door, replays them through the edge
-node's own pipeline (frame source, Haar detector, LiteRT recogniser, event
-publisher) with the int8 TFLite model the aggregator published, and collects
-the visitor events from the broker as Home Assistant would see them.
+Porch frames are generated in which people walk up to the door: the
+newcomer (whom no doorbell knows yet), residents of the house (a photo their
+gallery does not hold) and a stranger (a person in no house). They are
+replayed through the doorbell's own pipeline (frame source, detector,
+backbone on LiteRT, the federated head, the house's prototypes, the event
+publisher) twice: before and after the newcomer is enrolled with the real
+`python -m edge enroll` command, which sends nothing to the aggregator and
+needs no round. The events come back from the broker as Home Assistant would
+see them.
 """
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import cv2
 import numpy as np
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from edge.camera import FolderSource
-from edge.detector import FaceDetector
 from edge.events import EventPublisher
 from edge.feedback import RecentCrops
+from edge.gallery import Gallery
 from edge.homeassistant import DoorbellTopics
 from edge.pipeline import Pipeline
 from edge.recognition_config import RecognitionConfig
-from edge.recognizer import UNKNOWN, ModelArtifact, Recognizer
+from edge.recognizer import Head, Recognizer
 from fedbell.config import MqttSettings
 from fedbell.dataset import Sample
-from fedbell.faces import Box, UInt8Image, read_image
-from fedbell.messages import parse_tflite
+from fedbell.detection import Detector
+from fedbell.features import read_photo
+from fedbell.messages import GlobalModel, TfliteArtifact
 from fedbell.mqtt import connect, make_client
-from fedbell.synthetic import make_identities, make_scene, render_face
+from fedbell.openset import UNKNOWN
+from fedbell.synthetic import make_scene
 from simulation.driver import Driver
 from simulation.stack import topics
 
-FRAMES_PER_VISITOR = 10
+FRAMES_PER_VISITOR = 8
 GAP_FRAMES = 6
 REPLAY_FPS = 10.0
-STRANGER_SEED_OFFSET = 10_007
-"""Strangers come from another seed, so none of them is a trained identity."""
 
 
 class ReplayClock:
@@ -65,125 +70,108 @@ class VisitLog:
         self.clock = clock
         self.named: list[list[str]] = [[] for _ in range(visits)]
 
-    def visitor(
-        self,
-        person: str,
-        confidence: float,
-        box: Box | None,
-        crop: UInt8Image | None = None,
-        frame: UInt8Image | None = None,
-    ) -> str:
+    def visitor(self, person: str, confidence: float, *args: Any, **kwargs: Any) -> str:
         visit = (self.clock.frames - 1) // (FRAMES_PER_VISITOR + GAP_FRAMES)
         if 0 <= visit < len(self.named):
             self.named[visit].append(person)
-        return self.publisher.visitor(person, confidence, box, crop, frame)
+        return self.publisher.visitor(person, confidence, *args, **kwargs)
 
-    def ring(self, source: str, person: str | None = None, frame: UInt8Image | None = None) -> str:
-        return self.publisher.ring(source, person, frame)
+    def ring(self, *args: Any, **kwargs: Any) -> str:
+        return self.publisher.ring(*args, **kwargs)
 
     def present(self, present: bool) -> None:
         self.publisher.present(present)
 
 
 @dataclass(frozen=True)
-class LiveResult:
-    visitors: tuple[str, ...]
-    """Who walked up, in order ("unknown" for a stranger)."""
-    named: tuple[tuple[str, ...], ...]
-    """What the doorbell's visitor events called each of them."""
-    frames: int
-    faces: int
-    events: tuple[dict[str, Any], ...]
-    """The visitor events as the broker delivered them."""
-    model_version: int
-    threshold: float
-
-    @property
-    def correct(self) -> int:
-        return sum(truth in names for truth, names in zip(self.visitors, self.named, strict=True))
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "visits": [
-                {"visitor": truth, "named": list(names)}
-                for truth, names in zip(self.visitors, self.named, strict=True)
-            ],
-            "visits_named_correctly": self.correct,
-            "frames": self.frames,
-            "faces": self.faces,
-            "model_version": self.model_version,
-            "threshold": self.threshold,
-            "events": [
-                {k: e.get(k) for k in ("topic", "event_type", "person", "confidence")}
-                for e in self.events
-            ],
-        }
+class Visit:
+    truth: str
+    """Who walks up: a name, or "unknown" for a stranger."""
+    photo: Path
 
 
-def write_frames(
-    folder: Path,
-    held_out: Sequence[Sample],
-    labels: Sequence[str],
-    *,
-    visitors: int,
-    strangers: int,
-    seed: int,
-) -> list[str]:
+def plan_visits(
+    newcomer: str, newcomer_visit: Path, residents: Sequence[Sample], stranger: Sample
+) -> list[Visit]:
+    visits = [Visit(newcomer, newcomer_visit)]
+    visits += [Visit(s.person, s.path) for s in residents]
+    return [*visits, Visit(UNKNOWN, stranger.path)]
+
+
+def write_frames(folder: Path, visits: Sequence[Visit], seed: int) -> None:
     """Numbered porch frames of each visitor in turn, empty porch in between."""
     rng = np.random.default_rng(seed)
-    photos = {label: [s.path for s in held_out if s.person == label] for label in labels}
-    known = [
-        str(p)
-        for p in rng.choice(
-            [x for x in labels if photos[x]], size=min(visitors, len(labels)), replace=False
-        )
-    ]
-    strange = make_identities(strangers, seed + STRANGER_SEED_OFFSET)
-    queue: list[tuple[str, Any]] = [(name, None) for name in known]
-    queue += [(UNKNOWN, identity) for identity in strange]
-    order = [queue[i] for i in rng.permutation(len(queue))]
     folder.mkdir(parents=True, exist_ok=True)
     index = 0
-    for name, identity in order:
+    for visit in visits:
+        photo = read_photo(visit.photo)
+        face = np.asarray(
+            photo if photo.ndim == 2 else cv2.cvtColor(photo, cv2.COLOR_BGR2GRAY), np.uint8
+        )
         for k in range(FRAMES_PER_VISITOR + GAP_FRAMES):
-            if k >= FRAMES_PER_VISITOR:
-                frame = make_scene([], rng).frame
-            elif identity is None:
-                own = photos[name]
-                frame = make_scene([read_image(own[k % len(own)])], rng).frame
-            else:
-                frame = make_scene([render_face(identity, rng)], rng).frame
-            cv2.imwrite(str(folder / f"{index:05d}.png"), frame)
+            faces = [face] if k < FRAMES_PER_VISITOR else []
+            cv2.imwrite(str(folder / f"{index:05d}.png"), make_scene(faces, rng).frame)
             index += 1
-    return [name for name, _ in order]
 
 
-def load_artifact(
-    payload: bytes, site: str, keys: Mapping[str, Ed25519PublicKey] | None, max_bytes: int
-) -> ModelArtifact:
-    """The int8 model a Pi runs, checked exactly as a node checks it."""
-    artifact = parse_tflite(payload, site=site, max_bytes=max_bytes, keys=keys)
-    return ModelArtifact(
-        tflite=artifact.int8_model,
-        labels=artifact.labels,
-        threshold=artifact.threshold,
-        version=artifact.version,
+def enroll(config: Path, person: str, photos: Path) -> tuple[float, str]:
+    """(seconds, what it printed) of the doorbell's own enrollment command."""
+    started = time.monotonic()
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "edge",
+            "enroll",
+            "--config",
+            str(config),
+            "--person",
+            person,
+            "--from-folder",
+            str(photos),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
     )
+    output = (done.stdout + done.stderr).strip()
+    if done.returncode != 0:
+        raise RuntimeError(f"edge enroll failed ({done.returncode}): {output}")
+    return time.monotonic() - started, output
+
+
+def make_recognizer(backbone: TfliteArtifact, model: GlobalModel, gallery: Gallery) -> Recognizer:
+    """The doorbell's recogniser: int8 backbone, the federated head, the house's prototypes."""
+    recognizer = Recognizer(num_threads=1)
+    running = recognizer.install_backbone(
+        backbone.int8_model or backbone.float_model, model.backbone
+    )
+    recognizer.set_head(
+        Head(
+            weights=list(model.weights),
+            version=model.version,
+            lineage=model.lineage,
+            backbone=model.backbone,
+            threshold=model.threshold,
+        )
+    )
+    recognizer.set_gallery(gallery.features(running))
+    return recognizer
 
 
 def replay(
     driver: Driver,
     settings: MqttSettings,
-    artifact: ModelArtifact,
+    recognizer: Recognizer,
+    detector: Detector,
     *,
     device: str,
-    gallery: Path,
+    gallery: Gallery,
     frames: Path,
-    visitors: Sequence[str],
-) -> LiveResult:
-    """Run `device`'s pipeline over `frames`; its events come back through the driver."""
-    recognizer = Recognizer(num_threads=1)
-    recognizer.swap(artifact)
+    visits: Sequence[Visit],
+) -> list[list[str]]:
+    """Run the doorbell's pipeline over `frames`; returns what it called each visitor."""
     client = make_client(settings, client_id=f"{device}-live")
     connect(client, settings)
     try:
@@ -201,13 +189,13 @@ def replay(
         )
         before = len(driver.visitors())
         clock = ReplayClock()
-        visits = VisitLog(events, clock, len(visitors))
+        log = VisitLog(events, clock, len(visits))
         pipeline = Pipeline(
-            FaceDetector(),
+            detector,
             recognizer,
-            visits,
+            log,
             RecognitionConfig(debounce_s=(FRAMES_PER_VISITOR + GAP_FRAMES / 2) / REPLAY_FPS),
-            clock,
+            clock=clock,
         )
         pipeline.run(FolderSource(frames), threading.Event())
         expected = before + pipeline.counters.visitor_events
@@ -217,12 +205,9 @@ def replay(
     finally:
         client.disconnect()
         client.loop_stop()
-    return LiveResult(
-        tuple(visitors),
-        tuple(tuple(names) for names in visits.named),
-        pipeline.counters.frames,
-        pipeline.counters.faces,
-        tuple(driver.visitors()[before:]),
-        int(artifact.version),
-        recognizer.threshold,
-    )
+    return log.named
+
+
+def verdict(truth: str, named: Sequence[str]) -> bool:
+    """A visit went right when the doorbell said the right name (or "unknown") and no other."""
+    return bool(named) and set(named) == {truth}

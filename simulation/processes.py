@@ -18,6 +18,8 @@ from pathlib import Path
 from types import TracebackType
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
+STAY_POLL_S = 1.0
+"""While staying up: how often to look for a child that died (nothing else to wait on)."""
 
 
 class ProcessDied(RuntimeError):
@@ -84,6 +86,9 @@ class Fleet:
 
     def __init__(self) -> None:
         self.children: list[Child] = []
+        self.stay_message: str | None = None
+        """Set (by `simulation.stack`) to keep the fleet running after a successful
+        run until Ctrl-C: printed, then `__exit__` waits before stopping anyone."""
 
     def start(
         self,
@@ -124,4 +129,21 @@ class Fleet:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        self.stop()
+        try:
+            if exc_type is None and self.stay_message is not None:
+                self._stay(self.stay_message)
+        finally:
+            self.stop()
+
+    def _stay(self, message: str) -> None:
+        """Until Ctrl-C (or SIGTERM, which the simulation turns into one), or a child dies.
+
+        The broker outlives this: it is the outer `with` of the runner.
+        """
+        print(message, flush=True)
+        try:
+            while True:
+                self.check()  # a dead child ends the wait with its log
+                time.sleep(STAY_POLL_S)
+        except KeyboardInterrupt:
+            print("stopping the federation", flush=True)

@@ -52,7 +52,15 @@ def round_table(
     rows: Sequence[RoundRow], centralized: float | None = None, title: str = "Federated rounds"
 ) -> Table:
     table = Table(title=title)
-    for header in ("round", "accuracy", "bytes up", "bytes down", "seconds", "nodes", "examples"):
+    for header in (
+        "round",
+        "open-set acc.",
+        "bytes up",
+        "bytes down",
+        "seconds",
+        "nodes",
+        "examples",
+    ):
         table.add_column(header, justify="right")
     for row in rows:
         table.add_row(
@@ -73,32 +81,29 @@ def round_table(
 def build_report(
     *,
     dataset: str,
-    persons: int,
-    images: int,
-    held_out: int,
-    nodes: int,
-    node_examples: Sequence[int],
-    alpha: float,
+    houses: Sequence[int],
+    held_out_persons: int,
     codec: str,
     epochs: int,
     rows: Sequence[RoundRow],
-    centralized: float,
-    model_params: int,
+    start: float | None,
+    centralized: float | None,
+    head_params: int,
     seconds: float,
     live: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
+    """The run's JSON: accuracies are open-set (held-out people named right at the
+    published threshold, strangers rejected, weighted equally)."""
     return {
         "dataset": dataset,
-        "persons": persons,
-        "images": images,
-        "held_out": held_out,
-        "nodes": nodes,
-        "node_examples": list(node_examples),
-        "alpha": alpha,
+        "houses": list(houses),
+        "nodes": len(houses),
+        "held_out_persons": held_out_persons,
         "codec": codec,
         "local_epochs": epochs,
-        "model_params": model_params,
+        "head_params": head_params,
         "rounds": [asdict(row) for row in rows],
+        "start_accuracy": start,
         "final_accuracy": rows[-1].accuracy if rows else None,
         "centralized_accuracy": centralized,
         "centralized_epochs": epochs * len(rows),

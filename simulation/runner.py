@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import shutil
 import tempfile
 import time
@@ -10,22 +9,36 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
 
 from broker.local import LocalBroker
-from fedbell.messages import AGGREGATOR
-from fedbell.model import TrainParams
+from edge.gallery import Gallery
+from fedbell.dataset import list_samples
+from fedbell.detection import Detector, make_detector
+from fedbell.dlib_resnet import dlib_projection
+from fedbell.dlib_resnet import load as load_dlib
+from fedbell.embedding import TrainParams
+from fedbell.features import Backbone
+from fedbell.messages import AGGREGATOR, TfliteArtifact, parse_global, parse_tflite
 from fedbell.signing import load_public_key
 from simulation import baseline, report
 from simulation.config import SimulationConfig
-from simulation.data import Split, load_split, write_folder
+from simulation.data import (
+    Households,
+    load_households,
+    write_folder,
+    write_strangers,
+    write_synthetic,
+)
 from simulation.driver import Driver, FleetView
-from simulation.enrolled import enroll_synthetic
 from simulation.processes import Fleet, ProcessDied, tail
 from simulation.stack import (
     SITE,
     Layout,
+    detector_kind,
     device_ids,
     mqtt_settings,
     start_federation,
@@ -44,26 +57,39 @@ def make_workdir(config: SimulationConfig) -> tuple[Path, bool]:
     return folder, False
 
 
+GENERATED_STRANGERS = 80
+"""Generated strangers the aggregator calibrates on when no real ones are given."""
+
+
 def prepare_dataset(config: SimulationConfig, layout: Layout) -> tuple[Path, str]:
     """(dataset folder, its name in the report): the given one or generated identities."""
     if config.dataset is not None:
         return config.dataset.resolve(), str(config.dataset)
     synthetic = config.synthetic
     root = layout.root / "dataset"
-    enroll_synthetic(
+    write_synthetic(
         root, synthetic.persons, synthetic.images_per_person, config.seed, synthetic.image_size
     )
     return root, f"synthetic {synthetic.persons}x{synthetic.images_per_person}"
 
 
-def describe(console: Console, name: str, split: Split, devices: list[str]) -> None:
+def prepare_strangers(config: SimulationConfig, layout: Layout) -> Path:
+    """Real stranger photos if given, else generated ones (a threshold for cartoons only)."""
+    if config.strangers is not None:
+        return config.strangers.resolve()
+    write_strangers(layout.strangers, GENERATED_STRANGERS, config.seed)
+    return layout.strangers
+
+
+def describe(console: Console, name: str, homes: Households, devices: list[str]) -> None:
+    held = len({s.person for s in homes.held_out})
     console.print(
-        f"[bold]dataset[/] {name}: {len(split.labels)} persons, "
-        f"{len(split.train)} training + {len(split.held_out)} held-out images"
+        f"[bold]dataset[/] {name}: {sum(len(h) for h in homes.houses)} persons in "
+        f"{len(homes.houses)} houses, {held} persons in no house (the aggregator's held-out "
+        f"people), 1 newcomer"
     )
-    for device, samples in zip(devices, split.per_node, strict=True):
-        persons = len({s.person for s in samples})
-        console.print(f"  {device}: {len(samples)} images of {persons} persons")
+    for device, house, gallery in zip(devices, homes.houses, homes.galleries, strict=True):
+        console.print(f"  {device}: {len(house)} residents, {len(gallery)} gallery photos")
 
 
 def drive_rounds(
@@ -144,47 +170,54 @@ def _run(
     config: SimulationConfig, layout: Layout, console: Console, started: float
 ) -> dict[str, Any]:
     dataset, name = prepare_dataset(config, layout)
-    split = load_split(dataset, config.nodes, config.alpha, config.holdout_fraction, config.seed)
-    write_folder(split.held_out, layout.held_out)
+    homes = load_households(dataset, config.nodes, config.seed)
+    write_folder(homes.held_out, layout.held_out)
     devices = device_ids(config.nodes)
-    for device, samples in zip(devices, split.per_node, strict=True):
-        write_folder(samples, layout.gallery(device))
-    describe(console, name, split, devices)
+    for device, gallery in zip(devices, homes.galleries, strict=True):
+        write_folder(gallery, layout.gallery(device))
+    strangers = prepare_strangers(config, layout)
+    describe(console, name, homes, devices)
     with LocalBroker(layout.root / "broker") as broker, Fleet() as fleet:
         start_federation(
-            fleet, config, layout, labels=split.labels, port=broker.port, devices=devices
+            fleet, config, layout, strangers=strangers, port=broker.port, devices=devices
         )
         driver = Driver(mqtt_settings(broker.port), topics())
         try:
-            with console.status(f"starting the aggregator and {len(devices)} nodes"):
+            with console.status(
+                f"starting the aggregator (first start: converting the face network) "
+                f"and {len(devices)} doorbells"
+            ):
                 driver.wait_ready(devices, config.startup_timeout_s, fleet.check)
             rows = drive_rounds(driver, config, fleet.check, console)
-            with console.status("training the centralised baseline"):
-                central = baseline.centralized(
-                    split.train,
-                    split.held_out,
-                    split.labels,
-                    TrainParams(
+            artifact = load_backbone(driver, layout, config, fleet)
+            backbone = Backbone(artifact.float_model)
+            detector = make_detector(detector_kind(config), fallback=True)
+            with console.status("scoring the starting model and the centralised baseline"):
+                result_baselines = baseline.baselines(
+                    [dlib_projection(load_dlib())],
+                    homes.galleries,
+                    homes.held_out,
+                    list_samples(strangers),
+                    backbone=backbone,
+                    detector=detector,
+                    params=TrainParams(
                         epochs=config.rounds * config.epochs,
                         batch_size=config.batch_size,
                         learning_rate=config.learning_rate,
                         seed=config.seed,
                     ),
-                    config.seed,
+                    cache=layout.cache,
                 )
             result = report.build_report(
                 dataset=name,
-                persons=len(split.labels),
-                images=len(split.train) + len(split.held_out),
-                held_out=len(split.held_out),
-                nodes=config.nodes,
-                node_examples=[len(p) for p in split.per_node],
-                alpha=config.alpha,
+                houses=[len(h) for h in homes.houses],
+                held_out_persons=len({s.person for s in homes.held_out}),
                 codec=config.codec,
                 epochs=config.epochs,
                 rows=rows,
-                centralized=central.accuracy,
-                model_params=central.model_params,
+                start=result_baselines.start,
+                centralized=result_baselines.central,
+                head_params=result_baselines.head_params,
                 seconds=time.monotonic() - started,
             )
             publish_results(console, config, result, rows)
@@ -194,15 +227,36 @@ def _run(
                     config,
                     layout,
                     driver,
-                    split=split,
+                    homes=homes,
                     device=devices[0],
                     port=broker.port,
                     fleet=fleet,
+                    backbone=artifact,
+                    detector=detector,
                 )
                 report.write_json(result, config.report)
         finally:
             driver.close()
     return result
+
+
+def aggregator_keys(layout: Layout, config: SimulationConfig) -> dict[str, Ed25519PublicKey] | None:
+    """The key a doorbell checks the aggregator's messages with (None when unsigned)."""
+    if not config.signed:
+        return None
+    return {AGGREGATOR: load_public_key(layout.trusted_by("door1") / f"{AGGREGATOR}.pub")}
+
+
+def load_backbone(
+    driver: Driver, layout: Layout, config: SimulationConfig, fleet: Fleet
+) -> TfliteArtifact:
+    """The backbone the aggregator published, checked as a doorbell checks it."""
+    return parse_tflite(
+        driver.retained(topics().tflite_model, 60, fleet.check),
+        site=SITE,
+        max_bytes=mqtt_settings(0).max_message_bytes,
+        keys=aggregator_keys(layout, config),
+    )
 
 
 def publish_results(
@@ -214,23 +268,20 @@ def publish_results(
             rows,
             central,
             title=(
-                f"{result['dataset']}, {config.nodes} nodes, alpha {config.alpha}, {config.codec} "
-                f"updates, {config.epochs} local epochs"
+                f"{result['dataset']}, {config.nodes} households, {config.codec} updates, "
+                f"{config.epochs} local epochs: open-set accuracy on people in no house"
             ),
         )
     )
     console.print(
-        f"centralised baseline ({result['centralized_epochs']} epochs on the union "
-        f"of the nodes' data): {report.percent(central)}; "
-        f"model {result['model_params']:,} parameters"
+        f"starting model (dlib's, no training): {report.percent(result['start_accuracy'])}; "
+        f"centralised ({result['centralized_epochs']} epochs on the union of the galleries): "
+        f"{report.percent(central)}; federated head {result['head_params']:,} parameters"
     )
     plot = config.report.with_suffix(".png")
     report.write_json(result, config.report)
     report.write_plot(
-        rows,
-        central,
-        plot,
-        title=f"{result['dataset']}, {config.nodes} nodes, alpha {config.alpha}, {config.codec}",
+        rows, central, plot, title=f"{result['dataset']}, {config.nodes} households, {config.codec}"
     )
     console.print(f"report: {config.report}  plot: {plot}")
 
@@ -241,60 +292,90 @@ def live_demo(
     layout: Layout,
     driver: Driver,
     *,
-    split: Split,
+    homes: Households,
     device: str,
     port: int,
     fleet: Fleet,
+    backbone: TfliteArtifact,
+    detector: Detector,
 ) -> dict[str, Any]:
-    """Replay visitors through `device`'s pipeline; a failure here is reported, not fatal."""
+    """Visitors at `device` before and after it enrols a newcomer; reported, not fatal."""
     from simulation import live  # the recognition stack is only needed here
 
     settings = mqtt_settings(port)
     try:
-        payload = driver.retained(topics().tflite_model, 60, fleet.check)
-        keys = (
-            {AGGREGATOR: load_public_key(layout.trusted_by(device) / f"{AGGREGATOR}.pub")}
-            if config.signed
-            else None
+        model = parse_global(
+            driver.retained(topics().global_model, 60, fleet.check),
+            site=SITE,
+            max_bytes=settings.max_message_bytes,
+            keys=aggregator_keys(layout, config),
         )
-        artifact = live.load_artifact(payload, SITE, keys, settings.max_message_bytes)
+        newcomer = homes.newcomer[0].person
+        write_folder(homes.newcomer[:-1], layout.root / "newcomer")
+        residents = [s for s in homes.visits if s.person in homes.houses[0]]
+        visits = live.plan_visits(
+            newcomer,
+            homes.newcomer[-1].path,
+            residents[: config.live.visitors],
+            homes.held_out[0],
+        )
         frames = layout.root / "live" / "frames"
-        visitors = live.write_frames(
-            frames,
-            split.held_out,
-            split.labels,
-            visitors=config.live.visitors,
-            strangers=config.live.strangers,
-            seed=config.seed,
+        live.write_frames(frames, visits, config.seed)
+        gallery = Gallery(
+            layout.gallery(device), layout.root / "live" / "state", detector=lambda: detector
         )
-        with console.status(f"replaying {len(visitors)} visitors through {device}'s pipeline"):
-            result = live.replay(
+        recognizer = live.make_recognizer(backbone, model, gallery)
+
+        def replay() -> list[list[str]]:
+            return live.replay(
                 driver,
                 settings,
-                artifact,
+                recognizer,
+                detector,
                 device=device,
-                gallery=layout.gallery(device),
+                gallery=gallery,
                 frames=frames,
-                visitors=visitors,
+                visits=visits,
             )
+
+        with console.status(f"{len(visits)} visitors at {device}'s door"):
+            before = replay()
+        seconds, printed = live.enroll(
+            layout.config(device), newcomer, layout.root / "newcomer" / newcomer
+        )
+        running = recognizer.model.backbone
+        assert running is not None
+        recognizer.set_gallery(gallery.features(running))  # what the node does within a second
+        with console.status(f"the same visitors at {device}'s door, {newcomer} enrolled"):
+            after = replay()
     except Exception as error:  # the federated results stand on their own
         console.print(f"[bold red]live recognition failed:[/] {error!r}")
         return {"error": repr(error)}
-    console.print(
-        f"[bold]live recognition[/] on {device} with model v{result.model_version} "
-        f"(unknown below {result.threshold:.2f}): {result.frames} frames replayed, "
-        f"{result.faces} faces found"
+    table = Table(
+        title=f"live recognition at {device} (model v{model.version}, "
+        f"unknown below {recognizer.threshold:.2f})"
     )
-    for truth, names in zip(result.visitors, result.named, strict=True):
-        console.print(f"  at the door: {truth:<10} doorbell said: {', '.join(names) or '—'}")
-    console.print(f"  visitor events received on doorbell/+/visitor: {len(result.events)}")
-    for event in result.events:
-        fields = {key: value for key, value in event.items() if key != "topic"}
-        console.print(
-            f"    {event['topic']} {json.dumps(fields)}",
-            markup=False,
-            highlight=False,
-            soft_wrap=True,
+    for header in ("at the door", f"before enrolling {newcomer}", "after", "right after?"):
+        table.add_column(header)
+    for visit, said_before, said_after in zip(visits, before, after, strict=True):
+        table.add_row(
+            visit.truth,
+            ", ".join(said_before) or "—",
+            ", ".join(said_after) or "—",
+            "yes" if live.verdict(visit.truth, said_after) else "no",
         )
-    console.print(f"  visits named correctly: {result.correct}/{len(result.visitors)}")
-    return result.as_dict()
+    console.print(table)
+    console.print(f"enrolled {newcomer} with `python -m edge enroll` in {seconds:.1f} s: {printed}")
+    right = sum(live.verdict(v.truth, n) for v, n in zip(visits, after, strict=True))
+    console.print(f"visits named right after enrolling: {right}/{len(visits)}")
+    return {
+        "newcomer": newcomer,
+        "enroll_seconds": round(seconds, 2),
+        "threshold": recognizer.threshold,
+        "model_version": model.version,
+        "visits": [
+            {"visitor": v.truth, "before": b, "after": a}
+            for v, b, a in zip(visits, before, after, strict=True)
+        ],
+        "named_right_after_enrolling": right,
+    }

@@ -9,10 +9,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
+from rich.console import Console
 
+from broker.local import read_listeners
+from console import page_url, start_round_line
 from fedbell.config import MqttSettings
 from fedbell.messages import AGGREGATOR
 from fedbell.signing import write_key_pair
@@ -49,6 +52,16 @@ class Layout:
     @property
     def held_out(self) -> Path:
         return self.root / "held_out"
+
+    @property
+    def strangers(self) -> Path:
+        """Generated strangers, when no folder of real ones is given."""
+        return self.root / "strangers"
+
+    @property
+    def cache(self) -> Path:
+        """The simulation's own backbone features (the baselines)."""
+        return self.root / "cache"
 
     def gallery(self, device: str) -> Path:
         return self.root / "nodes" / device / "gallery"
@@ -92,11 +105,10 @@ def _signing(layout: Layout, name: str, signed: bool) -> dict[str, str]:
 
 
 def aggregator_config(
-    config: SimulationConfig, layout: Layout, labels: tuple[str, ...], mqtt: dict[str, Any]
+    config: SimulationConfig, layout: Layout, strangers: Path, mqtt: dict[str, Any]
 ) -> dict[str, Any]:
     return {
         "site": SITE,
-        "labels": list(labels),
         "mqtt": {**mqtt, "username": AGGREGATOR},
         "signing": _signing(layout, AGGREGATOR, config.signed),
         "state_dir": str(layout.state(AGGREGATOR)),
@@ -111,9 +123,18 @@ def aggregator_config(
             },
             "seed": config.seed,
         },
-        "evaluation": {"dataset": str(layout.held_out)},
-        "model_seed": config.seed,
+        "evaluation": {
+            "dataset": str(layout.held_out),
+            "strangers": str(strangers),
+            "detector": detector_kind(config),
+        },
     }
+
+
+def detector_kind(config: SimulationConfig) -> Literal["blazeface", "haar"]:
+    """BlazeFace for photographs; Haar for generated faces, which BlazeFace does not see
+    as faces (the generator draws what a Haar cascade looks for)."""
+    return "blazeface" if config.dataset is not None else "haar"
 
 
 def edge_config(
@@ -127,6 +148,7 @@ def edge_config(
         "state_dir": str(layout.state(device)),
         "gallery_dir": str(layout.gallery(device)),
         "training": {"threads": NODE_THREADS},
+        "detection": {"kind": detector_kind(config)},
         "camera": {"enabled": False},  # these nodes only train; live.py replays frames
     }
 
@@ -145,21 +167,37 @@ def topics() -> Topics:
     return Topics(SITE)
 
 
+def console_banner(layout: Layout, port: int) -> str:
+    """Where to watch and drive this run: the console, the broker and site, a round's command.
+
+    The broker's websockets port (the console's) is only in its data folder,
+    `layout.root / "broker"`, where the runner starts it.
+    """
+    ws_port = read_listeners(layout.root / "broker")["websockets"]
+    return "\n".join(
+        [
+            f"console:  {page_url('127.0.0.1', ws_port, SITE)}",
+            f"broker:   127.0.0.1:{port} (MQTT), site {SITE}",
+            f"a round:  {start_round_line('127.0.0.1', port, SITE)}",
+        ]
+    )
+
+
 def start_federation(
     fleet: Fleet,
     config: SimulationConfig,
     layout: Layout,
     *,
-    labels: tuple[str, ...],
+    strangers: Path,
     port: int,
     devices: list[str],
 ) -> None:
-    """Write configs (and keys), then start the aggregator and every node."""
+    """Write configs (and keys), start the aggregator and every node, print the console."""
     if config.signed:
         write_keys(layout, devices)
     mqtt = {"host": "127.0.0.1", "port": port}
     env = QUIET_ENV
-    path = write_yaml(layout.config(AGGREGATOR), aggregator_config(config, layout, labels, mqtt))
+    path = write_yaml(layout.config(AGGREGATOR), aggregator_config(config, layout, strangers, mqtt))
     fleet.start(
         AGGREGATOR, "aggregator", ["--config", str(path)], layout.logs / f"{AGGREGATOR}.log", env
     )
@@ -171,4 +209,11 @@ def start_federation(
             ["--config", str(path)],
             layout.logs / f"{device}.log",
             {**env, **SINGLE_THREAD_ENV},
+        )
+    banner = console_banner(layout, port)
+    Console().print(banner, markup=False, highlight=False, soft_wrap=True)
+    if config.stay:
+        fleet.stay_message = (
+            f"{banner}\nthe federation stays up: drive rounds from the console or with "
+            "the line above; Ctrl-C stops everything"
         )
