@@ -232,6 +232,12 @@ class AggregatorConfig(StrictModel):
     state_dir: Path = Field(
         title="State folder", description="Round state and the current global model."
     )
+    cache_dir: Path | None = Field(
+        default=None,
+        title="Cache folder",
+        description="The converted backbone and the evaluation photos' features (they take "
+        "minutes to compute, and are the same for every lineage); default: state_dir/cache.",
+    )
     rounds: RoundSettings = Field(
         default_factory=RoundSettings, title="Rounds", description="How rounds are run."
     )

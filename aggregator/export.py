@@ -20,17 +20,19 @@ import numpy as np
 from aggregator.backbone import BackboneModels, backbone_models
 from aggregator.config import AggregatorConfig, EvaluationSettings
 from fedbell import dlib_resnet
-from fedbell.calibration import calibrate_threshold
 from fedbell.codecs import Weights
 from fedbell.dataset import Sample, list_samples
 from fedbell.detection import make_detector
-from fedbell.embedding import HEAD_NAMES, Features, embed
+from fedbell.embedding import HEAD_NAMES, Features
 from fedbell.envelope import TensorSpec
 from fedbell.features import Backbone, FaceSet, cached_features, photo_chips
 from fedbell.messages import Signer, build_global, build_tflite
-from fedbell.openset import held_out_accuracy
+from fedbell.openset import evaluate_head
 
 log = logging.getLogger(__name__)
+
+MIN_STRANGER_FACES = 40
+"""Half calibrates, half scores: fewer than 20 each says nothing about a 1 % rate."""
 
 
 @dataclass(frozen=True)
@@ -52,18 +54,17 @@ class Exporter:
         self.config = config
         self.signer = signer
         settings = config.evaluation
-        cache = config.state_dir / "cache"
+        cache = config.cache_dir or config.state_dir / "cache"
         self.names = HEAD_NAMES
         self._initial = [dlib_resnet.dlib_projection(dlib_resnet.load())]
         detector = make_detector(settings.detector, fallback=True)
         strangers = self._samples(settings.strangers, settings.max_strangers)
         held_out = self._samples(settings.dataset, None)
-        stranger_persons, stranger_chips, missed = photo_chips(strangers, detector)
+        found, stranger_chips, missed = photo_chips(strangers, detector)
         self.backbone_models: BackboneModels = backbone_models(cache, stranger_chips)
         backbone = Backbone(self.backbone_models.float_model, num_threads=config.threads)
         self.strangers: Features | None = None
-        if len(stranger_chips) >= 2 * 20:  # half to calibrate, half to score
-            found = [s for s in strangers if s.person in set(stranger_persons)]
+        if len(stranger_chips) >= MIN_STRANGER_FACES:
             self.strangers = cached_features(cache, found, backbone, stranger_chips)
             log.info(
                 "strangers %s: %d faces (%d photos without one)",
@@ -75,10 +76,9 @@ class Exporter:
             log.warning("strangers %s: too few faces to calibrate on", settings.strangers)
         self.held_out: FaceSet | None = None
         if held_out:
-            persons, chips, missed = photo_chips(held_out, detector)
-            kept = [s for s in held_out if s.person in set(persons)]
+            kept, chips, missed = photo_chips(held_out, detector)
             self.held_out = FaceSet(
-                tuple(persons), cached_features(cache, kept, backbone, chips), missed
+                tuple(s.person for s in kept), cached_features(cache, kept, backbone, chips), missed
             )
             log.info("evaluation set %s: %d faces", settings.dataset, len(chips))
 
@@ -122,22 +122,15 @@ class Exporter:
     def _evaluate(self, weights: Weights) -> tuple[float | None, float]:
         """(open-set accuracy or None, threshold) of a head."""
         settings: EvaluationSettings = self.config.evaluation
-        threshold = settings.default_threshold
-        calibration: Features | None = None
-        scoring: Features | None = None
-        if self.strangers is not None:
-            half = len(self.strangers) // 2
-            calibration, scoring = self.strangers[:half], self.strangers[half:]
-            threshold = calibrate_threshold(
-                embed(calibration, weights), settings.target_false_accept, settings.gallery_size
-            )
-        if self.held_out is None:
-            return None, threshold
-        held_out = self.held_out
-        accuracy = held_out_accuracy(
-            held_out.features, held_out.persons, weights, scoring, threshold
+        held = self.held_out
+        return evaluate_head(
+            weights,
+            None if held is None else (held.features, held.persons),
+            self.strangers,
+            target_far=settings.target_false_accept,
+            gallery_size=settings.gallery_size,
+            default_threshold=settings.default_threshold,
         )
-        return accuracy, threshold
 
     def release(self, weights: Weights, version: int, round_id: int, lineage: str) -> Release:
         accuracy, threshold = self._evaluate(weights)
