@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 ARGS   ?=
 
-.PHONY: demo test lint bench bench-recognition bench-robust fuzz soak deps broker-deps clean
+.PHONY: demo test lint bench bench-recognition bench-robust bench-openset fuzz soak deps broker-deps clean
 
 # The operator console's one browser dependency (the `mqtt` client), from the npm
 # registry at the version console/package-lock.json pins; the broker serves it.
@@ -55,6 +55,10 @@ bench-recognition: $(STAMP)
 
 bench-robust: $(STAMP)
 	$(PY) -m bench.robust $(ARGS)
+
+# Open-set recognition of never-seen people under doorbell conditions (issue 11)
+bench-openset: $(STAMP)
+	$(PY) -m bench.openset $(ARGS)
 
 fuzz: $(STAMP)
 	$(PY) -m bench.fuzz $(ARGS)

@@ -1,0 +1,249 @@
+"""From photos to cached backbone features for `bench.openset`, as a doorbell computes them.
+
+Each photo is read, degraded by `fedbell.conditions.doorbell_conditions`
+(seeded by its key and the run's seed; not with `clean`), its largest face
+found by the detector (BlazeFace: box and eyes), aligned by
+`fedbell.features.face_chip` and run through the frozen backbone on LiteRT.
+The backbone never changes within a lineage, so the features are cached in
+`reports/cache/openset-<conditions>-s<seed>-<backbone sha256>.npz`, keyed by
+photo, and computed by `jobs` worker processes of one thread each.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import statistics
+import time
+import zlib
+from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import numpy.typing as npt
+
+from fedbell.codecs import Weights
+from fedbell.dataset import list_samples
+from fedbell.embedding import Features, embed
+from fedbell.openset import prototype
+
+Conditions = Literal["doorbell", "clean"]
+ENROL_PER_PERSON = 5
+
+
+# --- photos --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Photo:
+    """One photo to embed: where it is, and the key the cache and the conditions use."""
+
+    path: Path
+    key: str
+    """`<dataset>/<person>/<file>`: stable across machines."""
+
+
+def photos_of(root: Path) -> dict[str, list[Photo]]:
+    """Photos per person key (`<dataset>/<person>`), in file order."""
+    people: dict[str, list[Photo]] = {}
+    for sample in list_samples(root):
+        person = f"{root.name}/{sample.person}"
+        people.setdefault(person, []).append(Photo(sample.path, f"{person}/{sample.path.name}"))
+    return people
+
+
+def condition_rng(key: str, seed: int) -> np.random.Generator:
+    """The conditions of one photo under one seed: the same on every run and machine."""
+    return np.random.default_rng([seed, zlib.crc32(key.encode())])
+
+
+_WORKER: dict[str, Any] = {}
+
+
+def _init_worker(backbone: bytes, detector: str) -> None:
+    from fedbell.detection import make_detector
+    from fedbell.features import Backbone
+
+    _WORKER["backbone"] = Backbone(backbone, num_threads=1)
+    _WORKER["detector"] = make_detector(detector, max_faces=1)  # type: ignore[arg-type]
+
+
+def _chip_of(path: Path, key: str, conditions: Conditions, seed: int) -> tuple[Any, bool]:
+    import cv2
+
+    from fedbell.conditions import doorbell_conditions
+    from fedbell.features import face_chip
+
+    image = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    if image is None:
+        raise ValueError(f"{path}: not an image OpenCV can read")
+    if conditions == "doorbell":
+        image = doorbell_conditions(image, condition_rng(key, seed))
+    faces = _WORKER["detector"].detect(image)
+    if not faces:  # a photo is never taken for a stored chip here, unlike find_chip
+        return None, False
+    face = max(faces, key=lambda f: f.box[2] * f.box[3])
+    return face_chip(image, face), face.right_eye is not None
+
+
+def _extract(
+    job: tuple[list[tuple[str, str]], Conditions, int],
+) -> tuple[npt.NDArray[np.float32], list[int]]:
+    """Features of (path, key) pairs; a NaN row where no face was found. Flags: 0 none,
+    1 face without eyes (box crop), 2 face aligned by the eyes."""
+    items, conditions, seed = job
+    out = np.full((len(items), _WORKER["backbone"].size), np.nan, np.float32)
+    flags = []
+    for i, (path, key) in enumerate(items):
+        chip, eyes = _chip_of(Path(path), key, conditions, seed)
+        if chip is not None:
+            out[i] = _WORKER["backbone"].features([chip])[0]
+        flags.append(0 if chip is None else 2 if eyes else 1)
+    return out, flags
+
+
+@dataclass
+class FeatureCache:
+    """Features per photo key for one (conditions, seed, backbone): an npz under reports/cache."""
+
+    path: Path
+    features: dict[str, npt.NDArray[np.float32]] = field(default_factory=dict)
+    flags: dict[str, int] = field(default_factory=dict)
+
+    @classmethod
+    def open(
+        cls, folder: Path, conditions: Conditions, seed: int, backbone_sha: str
+    ) -> FeatureCache:
+        tag = "clean" if conditions == "clean" else f"{conditions}-s{seed}"
+        cache = cls(folder / f"openset-{tag}-{backbone_sha[:16]}.npz")
+        if cache.path.exists():
+            with np.load(cache.path) as data:
+                for key, row, flag in zip(
+                    data["keys"], data["features"], data["flags"], strict=True
+                ):
+                    cache.features[str(key)] = row
+                    cache.flags[str(key)] = int(flag)
+        return cache
+
+    def save(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        keys = sorted(self.features)
+        tmp = self.path.with_suffix(".tmp.npz")
+        np.savez(
+            tmp,
+            keys=np.asarray(keys),
+            features=np.asarray([self.features[k] for k in keys], np.float32),
+            flags=np.asarray([self.flags[k] for k in keys], np.int64),
+        )
+        tmp.replace(self.path)
+
+
+def extract_features(
+    photos: Sequence[Photo],
+    cache: FeatureCache,
+    backbone: bytes,
+    *,
+    conditions: Conditions,
+    seed: int,
+    detector: str,
+    jobs: int,
+    chunk: int = 100,
+) -> None:
+    """Fill `cache` with the photos it lacks, `jobs` processes at a time, saving as it goes."""
+    missing = [p for p in photos if p.key not in cache.features]
+    if not missing:
+        return
+    started = time.perf_counter()
+    print(f"  computing features of {len(missing)} photos ({conditions}, seed {seed})", flush=True)
+    batches = [
+        ([(str(p.path), p.key) for p in missing[i : i + chunk]], conditions, seed)
+        for i in range(0, len(missing), chunk)
+    ]
+    done = 0
+    with ProcessPoolExecutor(
+        jobs,
+        mp_context=multiprocessing.get_context("spawn"),
+        initializer=_init_worker,
+        initargs=(backbone, detector),
+    ) as pool:
+        for (items, _, _), (rows, flags) in zip(batches, pool.map(_extract, batches), strict=True):
+            for (_, key), row, flag in zip(items, rows, flags, strict=True):
+                cache.features[key] = row
+                cache.flags[key] = flag
+            done += len(items)
+            if done % 1000 < chunk or done == len(missing):
+                cache.save()
+                rate = done / (time.perf_counter() - started)
+                print(f"    {done}/{len(missing)}  {rate:.1f} photos/s", flush=True)
+    cache.save()
+
+
+# --- doorbell timings ------------------------------------------------------------------------
+
+
+def time_doorbell(
+    photos: Sequence[Photo],
+    backbone: bytes,
+    head: Weights,
+    *,
+    conditions: Conditions,
+    seed: int,
+    detector: str,
+    repeats: int = 3,
+) -> tuple[float, float]:
+    """(ms to enrol a person from 5 photos, ms per face) on one thread of this machine.
+
+    Both count what the doorbell does per photo (detect, align, backbone, head)
+    and, for enrolment, the prototype; not reading the file or the degradation
+    (that stands for the camera).
+    """
+    import cv2
+
+    from fedbell.conditions import doorbell_conditions
+    from fedbell.features import face_chip
+
+    _init_worker(backbone, detector)
+    images = []
+    for photo in photos:
+        image = cv2.imread(str(photo.path), cv2.IMREAD_COLOR)
+        if conditions == "doorbell":
+            image = doorbell_conditions(image, condition_rng(photo.key, seed))
+        images.append(image)
+
+    def features_of(image: Any) -> Features | None:
+        faces = _WORKER["detector"].detect(image)
+        if not faces:
+            return None
+        chip = face_chip(image, max(faces, key=lambda f: f.box[2] * f.box[3]))
+        return embed(_WORKER["backbone"].features([chip]), head)
+
+    per_face = []
+    for image in images:
+        for _ in range(repeats):
+            started = time.perf_counter()
+            features_of(image)
+            per_face.append(1000 * (time.perf_counter() - started))
+    enrol = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        found = [f for f in (features_of(i) for i in images[:ENROL_PER_PERSON]) if f is not None]
+        if found:
+            prototype(np.concatenate(found))
+        enrol.append(1000 * (time.perf_counter() - started))
+    return statistics.median(enrol), statistics.median(per_face)
+
+
+def start_head() -> Weights:
+    """Version 0 of every lineage: dlib's own final projection."""
+    from fedbell import dlib_resnet
+
+    return [np.asarray(dlib_resnet.dlib_projection(dlib_resnet.load()), np.float32)]
+
+
+def backbone_model(cache: Path) -> bytes:
+    """The float backbone the aggregator ships (converted once, cached)."""
+    from aggregator.backbone import backbone_models
+
+    return backbone_models(cache).float_model
