@@ -239,7 +239,7 @@ class WsLogin:
         )
         self.client.username_pw_set(name, (bundle / "mqtt-password").read_text())
         self.client.on_connect = self._on_connect
-        self.client.on_message = lambda _c, _u, m: self.received.append((m.topic, m.payload))
+        self.client.on_message = lambda _c, _u, m: self.received.append((m.topic, bytes(m.payload)))
         self.client.on_publish = lambda _c, _u, mid, rc, _p: self.pubacks.__setitem__(mid, rc)
         self.client.on_subscribe = lambda *_: self.subacks.set()
         self.client.connect("localhost", port, keepalive=30)
