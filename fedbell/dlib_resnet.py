@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -520,3 +521,34 @@ def _add_padded(keras: Any, a: Any, b: Any, index: int) -> Any:
             t = keras.layers.ZeroPadding2D(((0, rows - t.shape[1]), (0, cols - t.shape[2])))(t)
         padded.append(t)
     return keras.layers.Add(name=f"add_prev{index}")(padded)
+
+
+def to_tflite(
+    model: keras.Model, representative: Iterable[npt.NDArray[Any]] | None = None
+) -> bytes:
+    """The backbone as a TFLite flatbuffer made of builtin ops only.
+
+    Without `representative` chips: float32. With them (RGB chips, 0..255):
+    post-training int8 weights and activations, float32 input and output, the
+    activation ranges calibrated on those chips. Either way the converter is
+    told to use TFLITE_BUILTINS only, so a layer that would need the Flex
+    delegate (which LiteRT does not ship) fails here, not on a doorbell.
+    """
+    import tensorflow as tf
+
+    converter = tf.lite.TFLiteConverter.from_keras_model(model)
+    if representative is None:
+        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
+    else:
+        chips = [np.asarray(c, np.float32).reshape(1, CHIP, CHIP, 3) for c in representative]
+        if not chips:
+            raise ValueError("int8 conversion needs at least one representative chip")
+
+        def samples() -> Iterator[list[Array]]:
+            for chip in chips:
+                yield [chip]
+
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]
+        converter.representative_dataset = samples
+        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+    return bytes(converter.convert())
