@@ -40,6 +40,7 @@ from fedbell.protocol import (
     parse_json,
     to_json,
 )
+from fedbell.signing import sign_announcement
 from fedbell.topics import Topics
 
 log = logging.getLogger("aggregator")
@@ -143,7 +144,7 @@ class Coordinator:
             (topics[name], payload) for name, payload in self.persistence.retained_payloads(topics)
         ]
         if self.round is not None:
-            messages.append((self.topics.round, to_json(self.round.announcement)))
+            messages.append((self.topics.round, self._round_payload(self.round.announcement)))
         return messages
 
     def status_payload(self, state: str = "online") -> bytes:
@@ -304,6 +305,13 @@ class Coordinator:
 
     # -- rounds ----------------------------------------------------------------
 
+    def _round_payload(self, announcement: RoundAnnouncement) -> bytes:
+        """A round message, signed like the models when the aggregator has a key."""
+        key = self.exporter.signer.key
+        if key is not None:
+            announcement = sign_announcement(announcement, self.config.site, key)
+        return to_json(announcement)
+
     def _round_open(self) -> bool:
         return self.round is not None and self.round.status in OPEN
 
@@ -358,7 +366,7 @@ class Coordinator:
 
     def _announce(self, announcement: RoundAnnouncement) -> None:
         """Commit, then publish a round message (counted in bytes_down)."""
-        payload = to_json(announcement)
+        payload = self._round_payload(announcement)
         if self.round is not None:
             self.round.announce_bytes += len(payload)
         self._commit()
@@ -451,7 +459,7 @@ class Coordinator:
     def _publish_release(self, release: Release) -> None:
         current = self.round
         assert current is not None
-        closed = to_json(current.set_phase("closed"))
+        closed = self._round_payload(current.set_phase("closed"))
         current.announce_bytes += len(closed)
         current.status = "closed"
         assert self.next_step is not None  # set with the release by `_release`
@@ -485,7 +493,7 @@ class Coordinator:
     def _abandon(self) -> None:
         current = self.round
         assert current is not None
-        abandoned = to_json(current.set_phase("abandoned"))
+        abandoned = self._round_payload(current.set_phase("abandoned"))
         current.announce_bytes += len(abandoned)
         current.status = "abandoned"
         metrics = self._metrics(current, "abandoned", None, extra_down=0)

@@ -7,6 +7,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator
 
+from edge.plan import PlanLimits
 from edge.recognition_config import (
     CameraConfig,
     DetectionConfig,
@@ -94,6 +95,12 @@ class EdgeConfig(StrictModel):
     )
     training: TrainingSettings = Field(
         default_factory=TrainingSettings, title="Training", description="Local training limits."
+    )
+    accept: PlanLimits = Field(
+        default_factory=PlanLimits,
+        title="Accepted training plans",
+        description="Bounds on the epochs, batch size and learning rate a round may ask for; "
+        "a round outside them is refused and counted (plan_out_of_bounds).",
     )
     inference: InferenceSettings = Field(
         default_factory=InferenceSettings,

@@ -37,6 +37,7 @@ from edge.artifacts import Artifacts
 from edge.config import EdgeConfig
 from edge.gallery import Gallery
 from edge.live import LiveDoorbell
+from edge.plan import check_announcement
 from edge.recognizer import Recognizer
 from edge.state import NodeState
 from edge.trainer import Trainer, round_seed
@@ -456,6 +457,15 @@ class EdgeNode:
 
     def _on_round(self, payload: bytes) -> None:
         announcement = parse_json(payload, RoundAnnouncement)
+        # Before anything is recorded or queued: a forged or unsigned round (when
+        # signing is configured) or one asking for a plan out of bounds is refused.
+        check_announcement(
+            announcement,
+            site=self.config.site,
+            aggregator_key=None if self.trusted_keys is None else self.trusted_keys[AGGREGATOR],
+            require_signature=self.trusted_keys is not None,
+            limits=self.config.accept,
+        )
         number = announcement.round
         if announcement.phase in ("closed", "abandoned"):
             with self._changed:

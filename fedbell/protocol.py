@@ -69,6 +69,12 @@ class RoundAnnouncement(Message):
     send_when_trained: bool = Field(
         default=True, description="False in step-by-step mode: wait for the send phase."
     )
+    signature: str | None = Field(
+        default=None,
+        max_length=200,
+        description="The aggregator's Ed25519 signature over every other field and the site "
+        "(fedbell.signing.sign_announcement); doorbells that trust a key require it.",
+    )
 
 
 class DeviceStatus(Message):

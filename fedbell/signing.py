@@ -2,14 +2,16 @@
 
 The broker's ACL stops a device from publishing under another's name, but a
 leaked broker password alone must not let anyone poison the model: every
-update is signed with its device's own key and every model with the
-aggregator's, and readers check against public keys they were given at
-provisioning time (`<name>.pub`, PEM), never against keys from the network.
+update is signed with its device's own key and every model and round
+announcement with the aggregator's, and readers check against public keys
+they were given at provisioning time (`<name>.pub`, PEM), never against keys
+from the network.
 """
 
 from __future__ import annotations
 
 import base64
+import json
 from pathlib import Path
 
 from cryptography.exceptions import InvalidSignature
@@ -18,6 +20,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 from fedbell.envelope import Header
 from fedbell.errors import ConfigError, RejectedMessage
+from fedbell.protocol import RoundAnnouncement
 
 
 def load_private_key(path: Path) -> Ed25519PrivateKey:
@@ -64,6 +67,44 @@ def verify(header: Header, keys: dict[str, Ed25519PublicKey]) -> None:
     except (InvalidSignature, ValueError):
         raise RejectedMessage(
             "bad_signature", f"signature of {header.sender!r} does not verify"
+        ) from None
+
+
+ROUND_CONTEXT = b"fedbell round announcement\n"
+"""Prefix of what a round signature covers: never valid as an envelope header's."""
+
+
+def _announcement_bytes(announcement: RoundAnnouncement, site: str) -> bytes:
+    fields = announcement.model_dump(mode="json", exclude={"signature"})
+    canonical = json.dumps(fields, sort_keys=True, separators=(",", ":"))
+    return ROUND_CONTEXT + site.encode() + b"\n" + canonical.encode()
+
+
+def sign_announcement(
+    announcement: RoundAnnouncement, site: str, key: Ed25519PrivateKey
+) -> RoundAnnouncement:
+    """The announcement with the aggregator's signature over all its fields and the site."""
+    unsigned = announcement.model_copy(update={"signature": None})
+    signature = base64.b64encode(key.sign(_announcement_bytes(unsigned, site))).decode()
+    return unsigned.model_copy(update={"signature": signature})
+
+
+def verify_announcement(
+    announcement: RoundAnnouncement, site: str, key: Ed25519PublicKey | None
+) -> None:
+    """RejectedMessage unless `key` (the aggregator's) signed exactly this announcement."""
+    if key is None:
+        raise RejectedMessage("unknown_signer", "no trusted key for the aggregator")
+    if announcement.signature is None:
+        raise RejectedMessage("unsigned", f"round {announcement.round} announcement is not signed")
+    try:
+        key.verify(
+            base64.b64decode(announcement.signature, validate=True),
+            _announcement_bytes(announcement, site),
+        )
+    except (InvalidSignature, ValueError):
+        raise RejectedMessage(
+            "bad_signature", f"round {announcement.round} announcement signature does not verify"
         ) from None
 
 

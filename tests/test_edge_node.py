@@ -341,7 +341,12 @@ def test_tampered_models_are_refused_and_updates_are_signed(
             assert isinstance(stored, GlobalModel)
             assert stored.version == 1
 
-            aggregator.publish(TOPICS.round, round_payload(1))
+            # Rounds are signed too (issue 13 item 4): the node trusts a key, so an
+            # unsigned announcement would be refused.
+            signed = signing.sign_announcement(
+                RoundAnnouncement.model_validate_json(round_payload(1)), SITE, aggregator_key
+            )
+            aggregator.publish(TOPICS.round, to_json(signed))
             device_key = {DEVICE: signing.load_public_key(keys / "device.pub")}
             check_update(received(aggregator, TOPICS.update(DEVICE)), base, 1, keys=device_key)
     finally:

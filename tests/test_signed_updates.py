@@ -26,8 +26,8 @@ from broker.secure import SecureBroker
 from deploy import provision
 from fedbell.config import load_config
 from fedbell.messages import Signer, build_update, parse_global
-from fedbell.protocol import DeviceStatus, RoundMetrics, to_json
-from fedbell.signing import load_private_key, load_public_keys
+from fedbell.protocol import DeviceStatus, RoundAnnouncement, RoundMetrics, to_json
+from fedbell.signing import load_private_key, load_public_keys, verify_announcement
 from fedbell.topics import Topics
 
 SITE = "home"
@@ -149,6 +149,9 @@ def test_forged_update_is_refused_and_the_model_keeps_only_honest_work(
             if round_1():
                 break
         assert b'"door2"' in wait_for("round 1", round_1)
+        # Issue 13 item 4: the announcement is signed with the aggregator's key.
+        announced = RoundAnnouncement.model_validate_json(wait_for("round 1", round_1))
+        verify_announcement(announced, SITE, aggregator_keys["aggregator"])
 
         honest = [np.full(w.shape, 0.01, np.float32) for w in base.weights]
         poison = [np.full(w.shape, 5.0, np.float32) for w in base.weights]

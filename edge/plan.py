@@ -1,0 +1,78 @@
+"""Which round announcements a doorbell acts on: signed ones, with a plan it accepts.
+
+A round announcement decides what the doorbell spends its CPU on (epochs,
+batch size) and how far one round moves its model (learning rate). With
+signing configured it must carry the aggregator's signature (forged, unsigned
+or replayed-elsewhere announcements are refused before anything is recorded),
+and whoever signed it, the plan must stay within the bounds the house set.
+"""
+
+from __future__ import annotations
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from pydantic import Field, model_validator
+
+from fedbell import signing
+from fedbell.config import StrictModel
+from fedbell.errors import RejectedMessage
+from fedbell.protocol import RoundAnnouncement
+
+
+class PlanLimits(StrictModel):
+    max_epochs: int = Field(
+        default=20,
+        ge=1,
+        le=100,
+        title="Most epochs",
+        description="A round asking for more local epochs is refused.",
+    )
+    min_batch_size: int = Field(
+        default=4,
+        ge=1,
+        title="Smallest batch",
+        description="A round asking for smaller batches (slower, noisier) is refused.",
+    )
+    max_batch_size: int = Field(
+        default=256, ge=1, title="Largest batch", description="Larger batches are refused."
+    )
+    max_learning_rate: float = Field(
+        default=0.1,
+        gt=0,
+        le=1,
+        title="Largest learning rate",
+        description="A round asking for a larger learning rate is refused.",
+    )
+
+    @model_validator(mode="after")
+    def _ordered(self) -> PlanLimits:
+        if self.min_batch_size > self.max_batch_size:
+            raise ValueError("min_batch_size must not exceed max_batch_size")
+        return self
+
+
+def check_announcement(
+    announcement: RoundAnnouncement,
+    *,
+    site: str,
+    aggregator_key: Ed25519PublicKey | None,
+    require_signature: bool,
+    limits: PlanLimits,
+) -> None:
+    """RejectedMessage (unsigned, bad_signature, plan_out_of_bounds) or nothing."""
+    if require_signature:
+        signing.verify_announcement(announcement, site, aggregator_key)
+    plan = announcement.train
+    problems = []
+    if plan.epochs > limits.max_epochs:
+        problems.append(f"epochs {plan.epochs} > {limits.max_epochs}")
+    if not limits.min_batch_size <= plan.batch_size <= limits.max_batch_size:
+        problems.append(
+            f"batch size {plan.batch_size} outside "
+            f"[{limits.min_batch_size}, {limits.max_batch_size}]"
+        )
+    if plan.learning_rate > limits.max_learning_rate:
+        problems.append(f"learning rate {plan.learning_rate:g} > {limits.max_learning_rate:g}")
+    if problems:
+        raise RejectedMessage(
+            "plan_out_of_bounds", f"round {announcement.round}: {'; '.join(problems)}"
+        )
