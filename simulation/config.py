@@ -124,7 +124,7 @@ class SimulationConfig(StrictModel):
         description="Give every process an Ed25519 key, as in production.",
     )
     startup_timeout_s: float = Field(
-        default=180.0,
+        default=600.0,  # the first start converts dlib's network to TFLite (1-2 min)
         gt=0,
         title="Start-up timeout (s)",
         description="How long to wait for every node to be online.",

@@ -24,6 +24,8 @@ from simulation.config import SimulationConfig
 from simulation.processes import Fleet
 
 SITE = "sim"
+CACHE_DIR = Path(".cache/fedbell")
+"""The converted backbone and photo features, kept between runs (git-ignored)."""
 NODE_THREADS = 1
 AGGREGATOR_DEADLINE_SHARE = 0.75
 """The aggregator's own round deadline, as a share of the driver's timeout: a
@@ -112,6 +114,8 @@ def aggregator_config(
         "mqtt": {**mqtt, "username": AGGREGATOR},
         "signing": _signing(layout, AGGREGATOR, config.signed),
         "state_dir": str(layout.state(AGGREGATOR)),
+        # Outlives the run: the face network is converted once, not every demo.
+        "cache_dir": str(CACHE_DIR.resolve()),
         "rounds": {
             "codec": config.codec,
             "timeout_s": round(config.round_timeout_s * AGGREGATOR_DEADLINE_SHARE, 1),
