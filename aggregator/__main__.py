@@ -53,8 +53,13 @@ def main(argv: list[str] | None = None) -> int:
         log.info("%s: stopping", signal.Signals(signum).name)
         service.stop()
 
+    def reload_keys(_signum: int, _frame: FrameType | None) -> None:
+        log.info("SIGHUP: re-reading the trusted device keys")
+        service.reload_keys()
+
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)
+    signal.signal(signal.SIGHUP, reload_keys)  # systemctl reload fedbell-aggregator
     service.run()
     return 0
 

@@ -323,7 +323,11 @@ class Coordinator:
         round_id = self.last_round + 1
         rounds = self.config.rounds
         requested = command.devices if command is not None else None
-        selected = select_devices(self.online, requested, rounds.max_devices, rounds.seed, round_id)
+        # A doorbell without a trusted key (revoked, or not provisioned here) could
+        # only send updates that are refused: selecting it would make the round wait.
+        keys = self.trusted_keys
+        selectable = [device for device in self.online if keys is None or device in keys]
+        selected = select_devices(selectable, requested, rounds.max_devices, rounds.seed, round_id)
         if requested and (absent := sorted(set(requested) - set(self.online))):
             log.warning("round %d: requested devices not online: %s", round_id, ", ".join(absent))
         if len(selected) < rounds.min_updates:

@@ -43,7 +43,7 @@ from aggregator.state import StateError, StateStore
 from fedbell import systemd
 from fedbell.messages import AGGREGATOR, Signer
 from fedbell.mqtt import connect, make_client
-from fedbell.signing import load_private_key, load_public_keys
+from fedbell.signing import KeyRing, load_private_key
 from fedbell.topics import Topics
 
 log = logging.getLogger("aggregator")
@@ -94,7 +94,10 @@ class AggregatorService:
         key = config.signing.private_key_file
         signer = Signer(AGGREGATOR, load_private_key(key) if key is not None else None)
         keys_dir = config.signing.trusted_keys_dir
-        trusted = load_public_keys(keys_dir) if keys_dir is not None else None
+        # Re-read when the folder changes or on SIGHUP: `provision remove-device`
+        # revokes a doorbell's key at once, a new doorbell needs no restart.
+        self.keyring = KeyRing(keys_dir) if keys_dir is not None else None
+        trusted = self.keyring.keys() if self.keyring is not None else None
         self.inbox: queue.Queue[Item] = queue.Queue(maxsize=config.inbox_size)
         self._stopping = threading.Event()
         self._connection = 0  # written by paho's thread only, read by the main loop
@@ -204,6 +207,7 @@ class AggregatorService:
                 elif isinstance(item, Incoming):
                     self._handle(item)
                 if ready and not self._stopping.is_set():
+                    self._refresh_keys()  # a round selects only doorbells with a key
                     self.coordinator.tick()
                     if (summary := self.coordinator.summary()) != shown:
                         systemd.notify_status(summary)
@@ -215,7 +219,17 @@ class AggregatorService:
         finally:
             self._shutdown()
 
+    def reload_keys(self) -> None:
+        """Re-read the trusted keys before the next message (SIGHUP; signal-safe)."""
+        if self.keyring is not None:
+            self.keyring.request_reload()
+
+    def _refresh_keys(self) -> None:
+        if self.keyring is not None:
+            self.coordinator.trusted_keys = self.keyring.keys()
+
     def _handle(self, item: Incoming) -> None:
+        self._refresh_keys()  # a revoked key is refused from the next message on
         if item.qos > 0:
             if not self._unacked:
                 self._unacked_since = time.monotonic()

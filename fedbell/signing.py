@@ -12,6 +12,10 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
+import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 from cryptography.exceptions import InvalidSignature
@@ -21,6 +25,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from fedbell.envelope import Header
 from fedbell.errors import ConfigError, RejectedMessage
 from fedbell.protocol import RoundAnnouncement
+
+log = logging.getLogger(__name__)
 
 
 def load_private_key(path: Path) -> Ed25519PrivateKey:
@@ -68,6 +74,87 @@ def verify(header: Header, keys: dict[str, Ed25519PublicKey]) -> None:
         raise RejectedMessage(
             "bad_signature", f"signature of {header.sender!r} does not verify"
         ) from None
+
+
+class KeyRing:
+    """The trusted public keys of a folder, kept current while the process runs.
+
+    `keys()` looks at the folder itself on every call (one `stat`: adding or
+    deleting a `<name>.pub` changes it, so `provision remove-device` revokes
+    at once and a new doorbell is trusted at once), at every file at most every
+    `rescan_s` (a key rewritten in place), and re-reads everything after
+    `request_reload()` (SIGHUP). A folder that fails to load keeps the last
+    good keys, minus any whose file is gone, and says why in `error`.
+    """
+
+    def __init__(
+        self, folder: Path, rescan_s: float = 1.0, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.folder = folder
+        self.rescan_s = rescan_s
+        self.clock = clock
+        self.reloads = 0
+        self.error: str | None = None
+        self._lock = threading.Lock()
+        self._reload_requested = False
+        self._keys = load_public_keys(folder)  # a bad folder at start is a config error
+        self._folder_stamp = self._stamp_folder()
+        self._files_stamp = self._stamp_files()
+        self._scanned_at = clock()
+
+    def request_reload(self) -> None:
+        """Re-read every key on the next `keys()` (safe from a signal handler)."""
+        self._reload_requested = True
+
+    def keys(self) -> dict[str, Ed25519PublicKey]:
+        with self._lock:
+            folder = self._stamp_folder()
+            due = self.clock() - self._scanned_at >= self.rescan_s
+            files = self._stamp_files() if due or self._reload_requested else self._files_stamp
+            if due or self._reload_requested:
+                self._scanned_at = self.clock()
+            if self._reload_requested or folder != self._folder_stamp or files != self._files_stamp:
+                self._reload_requested = False
+                self._folder_stamp, self._files_stamp = folder, self._stamp_files()
+                self._load()
+            return self._keys
+
+    def _load(self) -> None:
+        self.reloads += 1
+        try:
+            keys = load_public_keys(self.folder)
+        except ConfigError as err:
+            present = {path.stem for path in self.folder.glob("*.pub")}
+            self._keys = {name: key for name, key in self._keys.items() if name in present}
+            self.error = str(err)
+            log.error("trusted keys not reloaded (kept %d): %s", len(self._keys), err)
+            return
+        added, removed = sorted(set(keys) - set(self._keys)), sorted(set(self._keys) - set(keys))
+        self._keys, self.error = keys, None
+        log.info(
+            "trusted keys reloaded from %s: %d keys%s%s",
+            self.folder,
+            len(keys),
+            f", added {', '.join(added)}" if added else "",
+            f", revoked {', '.join(removed)}" if removed else "",
+        )
+
+    def _stamp_folder(self) -> tuple[int, int]:
+        try:
+            stat = self.folder.stat()
+        except OSError:
+            return (0, 0)
+        return (stat.st_mtime_ns, stat.st_ino)
+
+    def _stamp_files(self) -> tuple[tuple[str, int, int], ...]:
+        stamps = []
+        for path in sorted(self.folder.glob("*.pub")):
+            try:
+                stat = path.stat()
+            except OSError:
+                continue
+            stamps.append((path.name, stat.st_mtime_ns, stat.st_size))
+        return tuple(stamps)
 
 
 ROUND_CONTEXT = b"fedbell round announcement\n"
