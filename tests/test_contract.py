@@ -178,21 +178,126 @@ def test_signature_covers_the_header_fields() -> None:
         parse(tampered, keys={"door": key.public_key()})
 
 
-def test_tflite_artifact_round_trip() -> None:
+def test_tflite_artifact_is_a_lineage_backbone() -> None:
     payload = messages.build_tflite(
         site="home",
         signer=messages.Signer("aggregator"),
-        version=3,
-        round_id=2,
+        version=0,
+        round_id=0,
         float_model=b"F" * 10,
         int8_model=b"I" * 5,
-        labels=["ann", "bob"],
-        threshold=0.6,
+        lineage="0123abcd",
     )
     artifact = messages.parse_tflite(payload, site="home", max_bytes=LIMIT, keys=None)
     assert (artifact.float_model, artifact.int8_model) == (b"F" * 10, b"I" * 5)
-    assert artifact.labels == ("ann", "bob")
-    assert artifact.version == 3
+    assert (artifact.version, artifact.lineage) == (0, "0123abcd")
+    for lineage in ("", "a/b", "x" * 65, "line\n", None, 7):
+        with pytest.raises(RejectedMessage, match="bad_lineage"):
+            messages.parse_tflite(
+                with_meta(payload, lineage=lineage), site="home", max_bytes=LIMIT, keys=None
+            )
+
+
+def with_meta(payload: bytes, **meta: object) -> bytes:
+    """The same message with these header meta fields (None: removed), re-encoded."""
+    header, body = envelope.decode(payload, LIMIT)
+    changed = {k: v for k, v in {**header.meta, **meta}.items() if v is not None}
+    return envelope.encode(header.model_copy(update={"meta": changed}), body)
+
+
+HEAD = [np.random.default_rng(2).normal(size=(8, 4)).astype(np.float32)]
+BACKBONE = "ab" * 32
+
+
+def global_model(**overrides: object) -> bytes:
+    fields: dict[str, object] = {
+        "site": "home",
+        "signer": messages.Signer("aggregator"),
+        "version": 3,
+        "round_id": 3,
+        "names": ["head/projection"],
+        "weights": HEAD,
+        "lineage": "f00d",
+        "threshold": 0.91,
+        "backbone": BACKBONE,
+    }
+    fields.update(overrides)
+    return messages.build_global(**fields)  # type: ignore[arg-type]
+
+
+def test_global_model_names_its_lineage_threshold_and_backbone() -> None:
+    head_spec = (envelope.TensorSpec(name="head/projection", shape=(8, 4)),)
+    model = messages.parse_global(
+        global_model(), site="home", max_bytes=LIMIT, keys=None, expected=head_spec
+    )
+    assert (model.version, model.lineage, model.threshold, model.backbone) == (
+        3,
+        "f00d",
+        pytest.approx(0.91),
+        BACKBONE,
+    )
+    np.testing.assert_array_equal(model.weights[0], HEAD[0])
+    assert model.names == ("head/projection",)
+    with pytest.raises(RejectedMessage, match="bad_shapes"):
+        messages.parse_global(
+            global_model(weights=[HEAD[0].T]),
+            site="home",
+            max_bytes=LIMIT,
+            keys=None,
+            expected=head_spec,
+        )
+
+
+@pytest.mark.parametrize(
+    ("overrides", "reason"),
+    [
+        ({"lineage": "not a lineage"}, "bad_lineage"),
+        ({"lineage": "a" * 65}, "bad_lineage"),
+        ({"threshold": 1.5}, "bad_header"),
+        ({"threshold": -1.01}, "bad_header"),
+        ({"backbone": "ab" * 31}, "bad_header"),
+        ({"backbone": "AB" * 32}, "bad_header"),
+    ],
+)
+def test_global_model_with_a_bad_identity_is_refused(
+    overrides: dict[str, object], reason: str
+) -> None:
+    with pytest.raises(RejectedMessage) as err:
+        messages.parse_global(global_model(**overrides), site="home", max_bytes=LIMIT, keys=None)
+    assert err.value.reason == reason
+
+
+def test_global_model_without_a_lineage_is_refused() -> None:
+    """A closed-set model message (from before lineages) is not taken for a head."""
+    with pytest.raises(RejectedMessage, match="bad_lineage"):
+        messages.parse_global(
+            with_meta(global_model(), lineage=None), site="home", max_bytes=LIMIT, keys=None
+        )
+    for missing in ("threshold", "backbone"):
+        with pytest.raises(RejectedMessage, match="bad_header"):
+            messages.parse_global(
+                with_meta(global_model(), **{missing: None}),
+                site="home",
+                max_bytes=LIMIT,
+                keys=None,
+            )
+
+
+def test_round_announcement_lineage_is_a_full_match() -> None:
+    fields = {
+        "round": 1,
+        "base_version": 0,
+        "phase": "train",
+        "selected": ["door"],
+        "deadline": 1.0,
+        "codec": "topk",
+        "train": {},
+    }
+    assert RoundAnnouncement.model_validate({**fields, "lineage": "ab_-9"}).lineage == "ab_-9"
+    assert RoundAnnouncement.model_validate(fields).lineage is None  # an older aggregator
+    for bad in ("ab\n", "a b", "", "x" * 65):
+        with pytest.raises(ValueError, match="lineage"):
+            RoundAnnouncement.model_validate({**fields, "lineage": bad})
 
 
 def test_json_messages_are_strict() -> None:
