@@ -1,253 +1,353 @@
-"""Federated rounds in one process, for benchmarks that compare many set-ups.
+"""THE federated round loop of the benchmarks: the product's client and server steps.
 
 The MQTT simulation (`make demo`) runs every part as its own process; to
-compare codecs or strategies side by side over dozens of rounds on two cores,
-this runs the same learning in one process instead: every update still goes
-through the real wire path (`build_update` → `parse_update`), the real
-streaming FedAvg and the real robust strategies; only the broker hop is left
-out (the scale benchmark measures that separately).
+compare codecs or strategies over dozens of rounds on two cores, this runs the
+same learning in one process. Every step is the product's own:
+
+- selection: `aggregator.rounds.select_devices` (random `max_devices` per
+  round, seeded by the round, as the aggregator does);
+- down: the round announcement and the release's global-head message
+  (`build_global`, signed by the aggregator, with the calibrated threshold),
+  parsed by each doorbell with `parse_global` against the aggregator's key;
+- client step: `edge.trainer.train_delta` on the house's backbone features,
+  labels and strangers; with top-k, error feedback kept per doorbell
+  (`fedbell.sparsify.with_error_feedback`), as the edge node keeps it;
+- up: `build_update` signed with the doorbell's Ed25519 key, in the round's
+  codec, then what the aggregator does with it: `parse_update` (signature,
+  specs, values), `Round.check` (round, base, codec, norm) and `Round.accept`
+  into the accumulator `make_accumulator` made from the round settings;
+- server step: `next_step` (strategy, server optimiser);
+- release: the caller's `score` (the aggregator's threshold calibration and
+  open-set accuracy on held-out people, see `bench.data`).
+
+Only the broker hop is left out (`bench.scale` measures that separately).
+`bench.suite` (codecs side by side), `bench.robust` (poisoned doorbells) and
+`bench.openset` can all call `run_arm`, so there is one loop to keep right.
 """
 
 from __future__ import annotations
 
-import hashlib
 import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Literal, Protocol
 
 import numpy as np
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from aggregator.accumulator import make_accumulator, make_optimizer, next_step
 from aggregator.config import RoundSettings
+from aggregator.rounds import Round, announce, select_devices
+from aggregator.strategy import InconsistentUpdate
+from edge.trainer import round_seed, train_delta
 from fedbell import messages
-from fedbell import model as face_model
 from fedbell.codecs import Weights
-from fedbell.envelope import Codec
-from fedbell.model import Images, LabelIds, TrainParams
+from fedbell.embedding import HEAD_NAMES, Features, LabelIds, TrainParams
+from fedbell.envelope import Codec, TensorSpec
+from fedbell.errors import RejectedMessage
+from fedbell.protocol import to_json
 from fedbell.sparsify import with_error_feedback
 
 Strategy = Literal["fedavg", "clipped", "median", "trimmed_mean", "multi_krum"]
 Attack = Literal["scale", "sign_flip"]
 SITE = "bench"
+LINEAGE = "bench"
+MAX_BYTES = 1 << 26
+NO_BACKBONE = "0" * 64
+"""The backbone hash global models name when the caller gives none."""
+PRODUCT = RoundSettings()
+"""The aggregator's defaults: what a benchmark measures unless an arm says otherwise."""
+
+
+class House(Protocol):
+    """One training doorbell's data (`bench.openset.House` is one)."""
+
+    @property
+    def features(self) -> Features: ...
+    @property
+    def labels(self) -> LabelIds: ...
+    @property
+    def negatives(self) -> Features: ...
+
+
+@dataclass(frozen=True)
+class Score:
+    """A release as the aggregator scores it."""
+
+    open_set_accuracy: float
+    threshold: float
+    tar_at_far_1pct: float = float("nan")
+
+
+Scorer = Callable[[Weights], Score]
 
 
 @dataclass(frozen=True)
 class Arm:
-    """One set-up to compare: codec, aggregation strategy, attackers."""
+    """One set-up to compare. Everything not named is the product's default."""
 
     name: str
-    codec: Codec = "float32"
-    density: float = 0.05
-    strategy: Strategy = "fedavg"
+    codec: Codec = PRODUCT.codec
+    density: float = PRODUCT.density
+    strategy: Strategy = PRODUCT.strategy
     clip_norm: float = 1.0
     trim_fraction: float = 0.2
     attackers: tuple[Attack, ...] = ()
-    """The first len(attackers) nodes send poisoned updates of these kinds."""
+    """The first len(attackers) houses send poisoned updates of these kinds."""
     byzantine: int | None = None
     """Hostile updates Multi-Krum assumes; by default as many as there are attackers."""
     left_out: int = 0
-    """The first `left_out` nodes take no part: with the attackers simply absent,
+    """The first `left_out` houses take no part: with the attackers simply absent,
     this is what a perfect robust rule could reach."""
-    server: Literal["none", "fedavgm", "fedadam"] = "none"
-    server_momentum: float = 0.9
-    downlink_codec: Codec = "float32"
-
-
-@dataclass(frozen=True)
-class NodeData:
-    images: Images
-    labels: LabelIds
-
-
-@dataclass(frozen=True)
-class Federation:
-    """The data and training plan every arm of a comparison shares."""
-
-    nodes: tuple[NodeData, ...]
-    held_out: NodeData
-    classes: int
-    plan: TrainParams
-    seed: int
+    server: Literal["none", "fedavgm", "fedadam"] = PRODUCT.server_optimizer
+    server_momentum: float = PRODUCT.server_momentum
+    downlink_codec: Codec = PRODUCT.downlink_codec
+    signed: bool = True
+    """Ed25519 on every update and every model, verified on arrival (the product's
+    production set-up)."""
 
 
 @dataclass
 class RoundResult:
     round: int
-    accuracy: float
+    open_set_accuracy: float
+    threshold: float
+    tar_at_far_1pct: float
     bytes_up: int
     bytes_down: int
+    """Everything the round's doorbells received: announcements and the global head."""
     seconds: float
     participants: int
+
+    @property
+    def accuracy(self) -> float:
+        return self.open_set_accuracy
 
 
 @dataclass
 class ArmResult:
     arm: Arm
+    start: Score
     rounds: list[RoundResult] = field(default_factory=list)
     update_bytes: list[int] = field(default_factory=list)
+    down_bytes: list[int] = field(default_factory=list)
+    """Per doorbell per round: round announcements + the global head message."""
+    rejected: int = 0
+    """Updates the aggregator's checks refused (an honest run has none)."""
     weights: Weights = field(default_factory=list)
-    """The global model after the last round."""
+    """The global head after the last round."""
+
+    @property
+    def final(self) -> Score:
+        if not self.rounds:
+            return self.start
+        last = self.rounds[-1]
+        return Score(last.open_set_accuracy, last.threshold, last.tar_at_far_1pct)
 
     @property
     def final_accuracy(self) -> float:
-        return self.rounds[-1].accuracy if self.rounds else float("nan")
+        return self.final.open_set_accuracy
 
     def rounds_to(self, target: float) -> int | None:
-        return next((r.round for r in self.rounds if r.accuracy >= target), None)
+        return next((r.round for r in self.rounds if r.open_set_accuracy >= target), None)
 
     @property
     def bytes_per_update(self) -> float:
         return float(np.mean(self.update_bytes)) if self.update_bytes else 0.0
 
     @property
-    def bytes_per_download(self) -> float:
-        downs = [r.bytes_down / max(1, r.participants) for r in self.rounds]
-        return float(np.mean(downs)) if downs else 0.0
+    def bytes_down_per_node(self) -> float:
+        return float(np.mean(self.down_bytes)) if self.down_bytes else 0.0
 
 
-def _poison(delta: Weights, attack: Attack) -> Weights:
+def poison(delta: Weights, attack: Attack) -> Weights:
     factor = -10.0 if attack == "scale" else -1.0
     return [np.asarray(factor * d, np.float32) for d in delta]
 
 
-def _settings(arm: Arm, nodes: int) -> RoundSettings:
-    """The aggregator's round settings for the arm's strategy and codec."""
+def round_settings(arm: Arm, per_round: int) -> RoundSettings:
+    """The aggregator's round settings for the arm (defaults for everything else)."""
     return RoundSettings(
         codec=arm.codec,
+        density=arm.density,
+        downlink_codec=arm.downlink_codec,
         strategy=arm.strategy,
         clip_norm=arm.clip_norm if arm.strategy == "clipped" else None,
         trim_fraction=arm.trim_fraction,
         byzantine=arm.byzantine or len(arm.attackers) or 1,
-        max_devices=nodes,
+        max_devices=per_round,
         server_optimizer=arm.server,
         server_momentum=arm.server_momentum,
+        timeout_s=1e9,
     )
 
 
-def _seed(*parts: object) -> int:
-    return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:4], "little")
+def head_specs(head: Sequence[np.ndarray]) -> tuple[TensorSpec, ...]:
+    return tuple(
+        TensorSpec(name=n, shape=tuple(int(d) for d in w.shape))
+        for n, w in zip(HEAD_NAMES, head, strict=True)
+    )
 
 
-def run_arm(fed: Federation, arm: Arm, rounds: int, progress: Any = None) -> ArmResult:
-    """`rounds` rounds of federated training from the same initial model."""
-    nodes, seed, plan = fed.nodes[arm.left_out :], fed.seed, fed.plan
-    model = face_model.build_model(fed.classes, seed=seed)
-    initial = face_model.build_model(fed.classes, seed=seed)
-    names = face_model.weight_names(initial)
-    specs = face_model.tensor_specs(names, face_model.get_weights(initial))
-    weights = face_model.get_weights(initial)
-    residuals: dict[int, Weights] = {}
-    settings = _settings(arm, len(nodes))
+@dataclass
+class _Keys:
+    """Signing keys of the aggregator and every doorbell (None: an unsigned arm)."""
+
+    aggregator: Ed25519PrivateKey | None
+    devices: dict[str, Ed25519PrivateKey | None]
+
+    @classmethod
+    def make(cls, names: Sequence[str], signed: bool) -> _Keys:
+        def key() -> Ed25519PrivateKey | None:
+            return Ed25519PrivateKey.generate() if signed else None
+
+        return cls(key(), {name: key() for name in names})
+
+    def trusted_by_devices(self) -> Mapping[str, Ed25519PublicKey] | None:
+        if self.aggregator is None:
+            return None
+        return {messages.AGGREGATOR: self.aggregator.public_key()}
+
+    def trusted_by_aggregator(self) -> Mapping[str, Ed25519PublicKey] | None:
+        if self.aggregator is None:
+            return None
+        return {n: k.public_key() for n, k in self.devices.items() if k is not None}
+
+
+def run_arm(
+    houses: Sequence[House],
+    start: Weights,
+    arm: Arm,
+    rounds: int,
+    score: Scorer,
+    *,
+    params: TrainParams | None = None,
+    houses_per_round: int | None = None,
+    backbone: str = NO_BACKBONE,
+    evaluate_every: int = 1,
+    progress: Callable[[Arm, RoundResult], None] | None = None,
+) -> ArmResult:
+    """`rounds` rounds from `start`; `score` is called on every `evaluate_every`-th release
+    (and the last), its threshold shipped with the next global model."""
+    plan = params or TrainParams()
+    names = [f"house{index:04d}" for index in range(len(houses))]
+    taking_part = names[arm.left_out :]
+    per_round = min(houses_per_round or len(taking_part), len(taking_part))
+    settings = round_settings(arm, per_round)
+    sparse = settings.codec == "topk"
+    keys = _Keys.make(names, arm.signed)
+    device_trust, aggregator_trust = keys.trusted_by_devices(), keys.trusted_by_aggregator()
+    weights: Weights = [np.asarray(w, np.float32).copy() for w in start]
+    specs = head_specs(weights)
     server = make_optimizer(settings)
-    devices = [f"node{index}" for index in range(arm.left_out, len(fed.nodes))]
-    result = ArmResult(arm)
+    residuals: dict[str, Weights] = {}
+    released = score(weights)
+    result = ArmResult(arm, released)
     for round_id in range(1, rounds + 1):
         started = time.perf_counter()
         down = messages.build_global(
             site=SITE,
-            signer=messages.Signer(messages.AGGREGATOR),
+            signer=messages.Signer(messages.AGGREGATOR, keys.aggregator),
             version=round_id - 1,
-            round_id=round_id,
-            names=names,
+            round_id=round_id - 1,
+            names=HEAD_NAMES,
             weights=weights,
-            codec=arm.downlink_codec,
+            lineage=LINEAGE,
+            threshold=released.threshold,
+            backbone=backbone,
+            codec=settings.downlink_codec,
         )
-        base = messages.parse_global(down, site=SITE, max_bytes=1 << 26, keys=None).weights
-        accumulator = make_accumulator(
-            settings, [w.shape for w in weights], sparse=arm.codec == "topk"
+        selected = select_devices(taking_part, None, settings.max_devices, settings.seed, round_id)
+        current = Round(
+            announcement=announce(
+                round_id=round_id,
+                base_version=round_id - 1,
+                lineage=LINEAGE,
+                selected=selected,
+                now=time.time(),
+                settings=settings,
+                manual=False,
+            ),
+            manual=False,
+            started_at=time.time(),
+            accumulator=make_accumulator(settings, [w.shape for w in weights], sparse=sparse),
+            strategy=settings.strategy,
         )
-        bytes_up = 0
-        for index, node in enumerate(nodes, start=arm.left_out):
-            face_model.set_weights(model, base)
-            params = TrainParams(
-                plan.epochs,
-                plan.batch_size,
-                plan.learning_rate,
-                plan.prox_mu,
-                seed=_seed(seed, round_id, index),
+        opened = len(to_json(current.announcement))
+        for device in selected:
+            index = names.index(device)
+            model = messages.parse_global(
+                down, site=SITE, max_bytes=MAX_BYTES, keys=device_trust, expected=specs
             )
-            face_model.train(model, node.images, node.labels, params)
-            delta = [t - b for t, b in zip(face_model.get_weights(model), base, strict=True)]
+            house = houses[index]
+            trained = train_delta(
+                model.weights,
+                house.features,
+                house.labels,
+                house.negatives,
+                TrainParams(
+                    epochs=plan.epochs,
+                    batch_size=plan.batch_size,
+                    learning_rate=plan.learning_rate,
+                    prox_mu=plan.prox_mu,
+                    seed=round_seed(device, round_id),
+                    margin=plan.margin,
+                    scale=plan.scale,
+                ),
+            )
+            delta = trained.delta
             if index < len(arm.attackers):
-                delta = _poison(delta, arm.attackers[index])
-            if arm.codec == "topk":
-                delta, residuals[index] = with_error_feedback(
-                    names, delta, residuals.get(index), arm.density
+                delta = poison(delta, arm.attackers[index])
+            if sparse:
+                delta, residuals[device] = with_error_feedback(
+                    HEAD_NAMES, delta, residuals.get(device), settings.density
                 )
             payload = messages.build_update(
                 site=SITE,
-                signer=messages.Signer(f"node{index}"),
+                signer=messages.Signer(device, keys.devices[device]),
                 round_id=round_id,
-                base_version=round_id - 1,
-                num_examples=len(node.images),
-                names=names,
+                base_version=model.version,
+                num_examples=trained.num_examples,
+                names=HEAD_NAMES,
                 delta=delta,
-                codec=arm.codec,
-                density=arm.density,
+                codec=settings.codec,
+                density=settings.density,
             )
+            result.update_bytes.append(len(payload))
             update = messages.parse_update(
                 payload,
                 site=SITE,
-                device=f"node{index}",
+                device=device,
                 expected=specs,
-                max_bytes=1 << 26,
-                keys=None,
+                max_bytes=MAX_BYTES,
+                keys=aggregator_trust,
             )
-            bytes_up += len(payload)
-            result.update_bytes.append(len(payload))
-            accumulator.add(update.delta, update.num_examples)
-        step = next_step(weights, accumulator, devices, server)
+            try:
+                current.check(update, time.time(), settings.max_update_norm)
+                current.accept(update, len(payload))
+            except (RejectedMessage, InconsistentUpdate):
+                result.rejected += 1  # refused, as the aggregator refuses it
+        step = next_step(weights, current.accumulator, current.received, server)
         weights, server = step.weights, step.optimizer
-        face_model.set_weights(model, weights)
-        accuracy = face_model.accuracy(model, fed.held_out.images, fed.held_out.labels)
-        result.rounds.append(
-            RoundResult(
-                round_id,
-                accuracy,
-                bytes_up,
-                len(down) * len(nodes),
-                time.perf_counter() - started,
-                len(nodes),
+        closed = len(to_json(current.set_phase("closed")))
+        per_node = opened + closed + len(down)
+        result.down_bytes.extend([per_node] * len(selected))
+        seconds = time.perf_counter() - started
+        if round_id % evaluate_every == 0 or round_id == rounds:
+            released = score(weights)
+            result.rounds.append(
+                RoundResult(
+                    round_id,
+                    released.open_set_accuracy,
+                    released.threshold,
+                    released.tar_at_far_1pct,
+                    current.bytes_up,
+                    per_node * len(selected),
+                    seconds,
+                    len(selected),
+                )
             )
-        )
-        if progress is not None:
-            progress(arm, result.rounds[-1])
+            if progress is not None:
+                progress(arm, result.rounds[-1])
     result.weights = weights
     return result
-
-
-def train_central(fed: Federation, epochs: int) -> float:
-    """The same model trained on the union of every node's data."""
-    model = face_model.build_model(fed.classes, seed=fed.seed)
-    images = np.concatenate([n.images for n in fed.nodes])
-    labels = np.concatenate([n.labels for n in fed.nodes])
-    face_model.train(
-        model,
-        images,
-        labels,
-        TrainParams(epochs, fed.plan.batch_size, fed.plan.learning_rate, 0.0, fed.seed),
-    )
-    return face_model.accuracy(model, fed.held_out.images, fed.held_out.labels)
-
-
-def train_local_only(fed: Federation, epochs: int) -> list[float]:
-    """Each node alone on its own gallery, scored on everyone's held-out faces."""
-    model = face_model.build_model(fed.classes, seed=fed.seed)
-    initial = face_model.get_weights(model)
-    scores = []
-    for index, node in enumerate(fed.nodes):
-        face_model.set_weights(model, initial)
-        face_model.train(
-            model,
-            node.images,
-            node.labels,
-            TrainParams(
-                epochs,
-                fed.plan.batch_size,
-                fed.plan.learning_rate,
-                0.0,
-                _seed(fed.seed, "local", index),
-            ),
-        )
-        scores.append(face_model.accuracy(model, fed.held_out.images, fed.held_out.labels))
-    return scores
