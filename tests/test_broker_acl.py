@@ -154,9 +154,12 @@ class Probe:
         key: Path | None,
         username: str | None = None,
         tls: bool = True,
+        client_id: str | None = None,
     ) -> Probe:
         client = mqtt.Client(
-            CallbackAPIVersion.VERSION2, client_id=f"probe-{name}", protocol=mqtt.MQTTv5
+            CallbackAPIVersion.VERSION2,
+            client_id=client_id if client_id is not None else f"probe-{name}",
+            protocol=mqtt.MQTTv5,
         )
         probe = cls(name, client)
         if username is not None or password is not None:
@@ -493,3 +496,38 @@ def test_retained_model_survives_a_broker_restart(
         door.stop()
     finally:
         broker.stop()
+
+
+def test_a_login_cannot_take_over_another_clients_session(site: RunningSite) -> None:
+    """Issue 13 item 3: client ids are bound to user names (`use_username_as_clientid`).
+
+    door1 connects with the aggregator service's client id, then with door2's:
+    neither is kicked off, and the aggregator keeps receiving what it subscribed to.
+    """
+    aggregator = site.probe("aggregator", client_id=f"fedbell-aggregator-{SITE}").start()
+    door2 = site.probe("door2", client_id="door2").start()
+    impostors = [
+        site.probe("door1", client_id=f"fedbell-aggregator-{SITE}"),
+        site.probe("door1", client_id="door2"),
+    ]
+    try:
+        assert aggregator.wait_connack()
+        assert door2.wait_connack()
+        aggregator.client.subscribe(f"{BASE}/status/+", qos=1)
+        wait_until(lambda: len(aggregator.subacks) == 1, 5, "SUBACK")
+        for impostor in impostors:
+            impostor.start()
+            assert impostor.wait_connack(), impostor.connack  # as itself: door1
+        # Both victims are still connected and served: a status door2 publishes
+        # after the impostors logged in reaches the aggregator.
+        door2.client.publish(f"{BASE}/status/door2", b"after the impostors", qos=1)
+        wait_until(
+            lambda: (f"{BASE}/status/door2", b"after the impostors") in aggregator.received,
+            5,
+            "the aggregator to receive door2's status",
+        )
+        assert not aggregator.disconnected.is_set(), "the aggregator's session was taken over"
+        assert not door2.disconnected.is_set(), "door2's session was taken over"
+    finally:
+        for probe in (aggregator, door2, *impostors):
+            probe.stop()
