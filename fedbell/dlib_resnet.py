@@ -137,7 +137,6 @@ class Layer:
 
     op: Op
     tensors: dict[str, Array] = field(default_factory=dict)
-    values: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
