@@ -29,12 +29,9 @@ from paho.mqtt.reasoncodes import ReasonCode
 from broker.local import LocalBroker
 from broker.secure import SecureBroker
 from console import VENDORED_CLIENT, page_url, start_round_line
-from fedbell.synthetic import make_dataset
 from fedbell.topics import Topics
 from tests.mqtt_helpers import Probe
-from tests.test_aggregator import LABELS, SITE, TOPICS, make_config
 from tests.test_broker_acl import provision_site
-from tests.test_faults import Process, node_process
 
 playwright_api = pytest.importorskip("playwright.sync_api")
 expect = playwright_api.expect
@@ -43,6 +40,8 @@ CHROMIUM = shutil.which("chromium")
 REPORTS = Path(__file__).resolve().parents[1] / "reports"
 NODE_KEEPALIVE_S = 5  # node_process's mqtt.keepalive: the broker gives up after 1.5x
 DOORS = ("door1", "door2")
+SITE = "test"  # the site the aggregator and doorbell helpers of tests.test_faults configure
+TOPICS = Topics(SITE)
 
 pytestmark = pytest.mark.skipif(
     CHROMIUM is None, reason="needs Debian's chromium: `make deps` as root installs it"
@@ -65,8 +64,19 @@ def browser(vendored: None) -> Iterator[Any]:
 
 
 @pytest.fixture
-def federation(tmp_path: Path, broker: LocalBroker) -> Iterator[dict[str, Process]]:
-    """The aggregator and two doorbells as processes, stopped whatever happened."""
+def federation(tmp_path: Path, broker: LocalBroker) -> Iterator[dict[str, Any]]:
+    """The aggregator and two doorbells as processes, stopped whatever happened.
+
+    Started the way the fault tests start them (their helpers follow the
+    learning core's configuration); imported here so that the page's other
+    tests do not depend on the learning core at all.
+    """
+    from fedbell.synthetic import make_dataset
+    from tests.test_aggregator import LABELS, make_config
+    from tests.test_aggregator import SITE as HELPERS_SITE
+    from tests.test_faults import Process, node_process
+
+    assert HELPERS_SITE == SITE
     gallery = tmp_path / "gallery"
     make_dataset(gallery, persons=len(LABELS), images_per_person=4, seed=5)
     config = make_config(
@@ -98,7 +108,7 @@ def doorbell(page: Any, device: str, cell: str) -> Any:
 
 
 def test_the_console_drives_a_real_federation(
-    broker: LocalBroker, federation: dict[str, Process], browser: Any
+    broker: LocalBroker, federation: dict[str, Any], browser: Any
 ) -> None:
     control = Probe(broker.port, TOPICS.control)
     page = browser.new_page(viewport={"width": 1280, "height": 900})
