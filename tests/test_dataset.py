@@ -1,4 +1,5 @@
-"""Dataset splits: held-out per person, Dirichlet partition across nodes."""
+"""Face folders: listing `<person>/<image>` (the aggregator's stranger and held-out
+folders, the simulation's datasets), held-out per person, Dirichlet partition."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fedbell.dataset import Sample, dirichlet_partition, holdout_split
+from fedbell.dataset import Sample, dirichlet_partition, holdout_split, list_samples
 
 
 def samples(persons: int, each: int) -> list[Sample]:
@@ -49,3 +50,26 @@ def test_small_alpha_is_less_even_than_large_alpha() -> None:
         return float(np.mean(persons_per_node))
 
     assert spread(0.1) < spread(100.0)
+
+
+def test_list_samples_takes_images_of_person_folders_only(tmp_path: Path) -> None:
+    for relative in ("bob/2.jpg", "bob/1.PNG", "ann/a.pgm", "ann/.hidden.png", "ann/notes.txt"):
+        (tmp_path / relative).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / relative).write_bytes(b"x")
+    (tmp_path / ".cache" / "x.png").parent.mkdir()
+    (tmp_path / ".cache" / "x.png").write_bytes(b"x")
+    (tmp_path / "loose.png").write_bytes(b"x")  # not in a person's folder
+    assert list_samples(tmp_path) == [
+        Sample("ann", tmp_path / "ann" / "a.pgm"),
+        Sample("bob", tmp_path / "bob" / "1.PNG"),
+        Sample("bob", tmp_path / "bob" / "2.jpg"),
+    ]
+
+
+def test_list_samples_says_what_is_wrong_with_a_folder(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        list_samples(tmp_path / "absent")
+    (tmp_path / "ann").mkdir()
+    (tmp_path / "ann" / "notes.txt").write_text("no photos")
+    with pytest.raises(FileNotFoundError, match="no images"):
+        list_samples(tmp_path)
