@@ -12,6 +12,7 @@ from types import FrameType
 from aggregator.config import AggregatorConfig
 from fedbell.config import load_config
 from fedbell.errors import FedbellError
+from fedbell.redact import redact_logging
 
 log = logging.getLogger("aggregator")
 
@@ -35,6 +36,7 @@ def main(argv: list[str] | None = None) -> int:
         stream=sys.stderr,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    redact_logging()
     try:
         config = load_config(args.config, AggregatorConfig)
     except FedbellError as err:

@@ -22,6 +22,7 @@ from typing import Any
 from edge.config import EdgeConfig
 from fedbell.config import load_config
 from fedbell.errors import ConfigError
+from fedbell.redact import redact_logging
 
 SUBCOMMANDS = ("run", "enroll")
 
@@ -87,6 +88,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=getattr(args, "log_level", "INFO"),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    redact_logging()  # no camera password in the journal, whoever logs the URL
     try:
         return int(args.func(args))
     except ConfigError as err:

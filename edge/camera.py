@@ -20,6 +20,7 @@ import numpy as np
 import numpy.typing as npt
 
 from edge.recognition_config import CameraConfig
+from fedbell.redact import redact
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +105,7 @@ class OpenCVSource:
             raise CameraError(f"opencv: {self._device}: no such video file")
         self._capture = cv2.VideoCapture(self._device)
         if not self._capture.isOpened():
-            raise CameraError(f"opencv: cannot open {self._device!r}")
+            raise CameraError(f"opencv: cannot open {redact(str(self._device))!r}")
         if isinstance(self._device, int):
             self._capture.set(cv2.CAP_PROP_FRAME_WIDTH, width)
             self._capture.set(cv2.CAP_PROP_FRAME_HEIGHT, height)
@@ -118,7 +119,7 @@ class OpenCVSource:
         if not ok or frame is None:
             if self._is_file:
                 return None  # end of the file, not a failure
-            raise CameraError(f"opencv: {self._device!r} returned no frame")
+            raise CameraError(f"opencv: {redact(str(self._device))!r} returned no frame")
         return np.asarray(frame, dtype=np.uint8)
 
     def close(self) -> None:
@@ -273,6 +274,7 @@ class ReconnectingSource:
         return True
 
     def _fail(self, reason: str) -> None:
+        reason = redact(reason)  # an RTSP URL's password goes to the log and the status
         if self._source is not None:
             self._source.close()
             self._source = None
@@ -296,7 +298,9 @@ def open_raw_source(config: CameraConfig) -> FrameSource:
     if config.kind == "folder":
         assert config.folder is not None  # checked by CameraConfig
         return FolderSource(config.folder, config.fps, config.loop)
-    return OpenCVSource(config.device, config.width, config.height, config.fps, config.loop)
+    return OpenCVSource(
+        config.opencv_device(), config.width, config.height, config.fps, config.loop
+    )
 
 
 def open_source(config: CameraConfig) -> ReconnectingSource:

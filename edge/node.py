@@ -55,6 +55,7 @@ from fedbell.messages import (
 from fedbell.model import TrainParams
 from fedbell.mqtt import connect, make_client
 from fedbell.protocol import DeviceStatus, RoundAnnouncement, parse_json, to_json
+from fedbell.redact import redact
 from fedbell.sparsify import with_error_feedback
 from fedbell.topics import Topics
 
@@ -300,7 +301,7 @@ class EdgeNode:
             model_version=self.model_version,
             gallery_size=self.gallery.count(),
             last_round=self._last_round,
-            detail=detail,
+            detail=redact(detail),  # a camera error may quote its URL
         )
         return to_json(status)
 

@@ -12,6 +12,9 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from fedbell.errors import ConfigError
+from fedbell.redact import redact
+
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -35,6 +38,13 @@ class CameraConfig(_Section):
         title="OpenCV device",
         description="For kind=opencv: a USB camera index, an rtsp:// or http:// URL, "
         "or a video file path",
+    )
+    device_file: Path | None = Field(
+        default=None,
+        title="Camera URL file",
+        description="For kind=opencv: a file holding the camera URL, credentials included "
+        "(e.g. ${CREDENTIALS_DIRECTORY}/camera-url from systemd's LoadCredential=), read at "
+        "start; replaces `device`, so no password sits in the world-readable YAML",
     )
     folder: Path | None = Field(
         default=None,
@@ -71,6 +81,29 @@ class CameraConfig(_Section):
         title="Longest reconnect delay",
         description="The reconnect delay doubles after each failure up to this many seconds",
     )
+
+    @model_validator(mode="after")
+    def _no_password_in_yaml(self) -> CameraConfig:
+        if isinstance(self.device, str) and redact(self.device) != self.device:
+            raise ValueError(
+                "camera.device carries credentials: put the URL in a file readable by the "
+                "service only and name it in camera.device_file"
+            )
+        return self
+
+    def opencv_device(self) -> int | str:
+        """`device`, or the URL in `device_file` (read now; its text is never logged)."""
+        if self.device_file is None:
+            return self.device
+        try:
+            url = self.device_file.read_text().strip()
+        except OSError as err:
+            raise ConfigError(
+                f"camera.device_file: cannot read {self.device_file}: {err.strerror}"
+            ) from None
+        if not url:
+            raise ConfigError(f"camera.device_file: {self.device_file} is empty")
+        return url
 
     @model_validator(mode="after")
     def _source_is_complete(self) -> CameraConfig:

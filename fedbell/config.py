@@ -17,6 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from fedbell.errors import ConfigError
+from fedbell.redact import redact
 from fedbell.topics import check_segment
 
 _VARIABLE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
@@ -157,5 +158,6 @@ def load_config(path: Path, model: type[M]) -> M:
             message = problem["msg"]
             if problem["type"] == "extra_forbidden":
                 message = "unknown key (a typo?)"
-            lines.append(f"{path}: {key}: {message} (got {problem.get('input')!r})")
+            # redact: a rejected camera URL must not print its own password
+            lines.append(redact(f"{path}: {key}: {message} (got {problem.get('input')!r})"))
         raise ConfigError("\n".join(lines)) from None
