@@ -21,11 +21,48 @@ def write(tmp_path: Path, text: str) -> Path:
 
 
 def test_unknown_key_names_file_and_key(tmp_path: Path) -> None:
-    path = write(tmp_path, "site: home\nlabels: [ann]\nstate_dir: /tmp/x\nrounds:\n  timeout: 3\n")
+    path = write(tmp_path, "site: home\nstate_dir: /tmp/x\nrounds:\n  timeout: 3\n")
     with pytest.raises(ConfigError) as err:
         load_config(path, AggregatorConfig)
     assert str(path) in str(err.value)
     assert "rounds.timeout: unknown key" in str(err.value)
+
+
+def test_a_label_list_is_no_longer_a_setting(tmp_path: Path) -> None:
+    """The open-world aggregator trains no classes: a closed-set config's `labels`
+    (and its `model_seed`) are refused by name rather than silently ignored."""
+    for key in ("labels: [ann, ben]", "model_seed: 3"):
+        path = write(tmp_path, f"site: home\nstate_dir: /tmp/x\n{key}\n")
+        with pytest.raises(ConfigError, match=f"{key.split(':')[0]}: unknown key"):
+            load_config(path, AggregatorConfig)
+
+
+@pytest.mark.parametrize(
+    ("evaluation", "match"),
+    [
+        ("max_strangers: 39", r"evaluation\.max_strangers"),
+        ("target_false_accept: 1.0", r"evaluation\.target_false_accept"),
+        ("target_false_accept: -0.01", r"evaluation\.target_false_accept"),
+        ("gallery_size: 0", r"evaluation\.gallery_size"),
+        ("default_threshold: 1.5", r"evaluation\.default_threshold"),
+        ("detector: mtcnn", r"evaluation\.detector"),
+        ("stranger: /data", r"evaluation\.stranger: unknown key"),
+    ],
+)
+def test_evaluation_settings_are_checked(tmp_path: Path, evaluation: str, match: str) -> None:
+    path = write(tmp_path, f"site: home\nstate_dir: /tmp/x\nevaluation:\n  {evaluation}\n")
+    with pytest.raises(ConfigError, match=match):
+        load_config(path, AggregatorConfig)
+
+
+def test_evaluation_defaults_and_cache_folder(tmp_path: Path) -> None:
+    path = write(tmp_path, "site: home\nstate_dir: /tmp/x\ncache_dir: /tmp/cache\n")
+    config = load_config(path, AggregatorConfig)
+    assert config.cache_dir == Path("/tmp/cache")
+    settings = config.evaluation
+    assert (settings.strangers, settings.dataset) == (None, None)
+    assert (settings.target_false_accept, settings.gallery_size) == (0.01, 5)
+    assert -1.0 <= settings.default_threshold <= 1.0
 
 
 def test_wrong_type_says_what_was_expected(tmp_path: Path) -> None:
