@@ -32,6 +32,36 @@ def backbone_models(request: pytest.FixtureRequest) -> BackboneModels:
     return convert(request.config.cache.mkdir("fedbell-backbone"))
 
 
+@pytest.fixture(scope="session")
+def aggregator_cache(request: pytest.FixtureRequest, backbone_models: BackboneModels) -> Path:
+    """The one cache folder every test's aggregator (in process or CLI) is pointed at.
+
+    It is the `backbone_models` fixture's folder, and that fixture has run: an
+    aggregator without stranger photos finds the backbone converted already, so
+    the conversion happens once per session (and once ever, while pytest's cache
+    lasts). Stranger photos make the converter's representative set, so an
+    aggregator given the `generated_strangers` folder converts once more (also
+    cached); tests give no other stranger folder.
+    """
+    del backbone_models  # only its side effect: the converted backbone in this folder
+    return Path(request.config.cache.mkdir("fedbell-backbone"))
+
+
+@pytest.fixture(scope="session")
+def generated_strangers(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One photo each of 60 generated people who live in no house: calibrates thresholds.
+
+    Always the same pixels (seeded), so the backbone converted on them is cached
+    across sessions. Haar finds these cartoon faces, BlazeFace does not: an
+    aggregator calibrating on them needs `detector: haar`.
+    """
+    from simulation.data import write_strangers
+
+    root = tmp_path_factory.mktemp("strangers")
+    write_strangers(root, 60, seed=0)
+    return root
+
+
 @pytest.fixture
 def broker(tmp_path: Path) -> Iterator[LocalBroker]:
     """A private broker on a free loopback port, stopped after the test."""

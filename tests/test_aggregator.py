@@ -1,16 +1,19 @@
-"""The aggregator service against a real Mosquitto and real TensorFlow.
+"""The aggregator service against a real Mosquitto and the real backbone.
 
 The aggregator runs in a thread of the test process (TensorFlow loads once);
-one test runs the real CLI in a subprocess. Fake doorbells are plain paho
-clients that publish retained online statuses and real `build_update`
-envelopes whose deltas are computed with numpy from the global model they
-received.
+one test runs the real CLI in a subprocess. Every aggregator shares one cache
+folder (the `aggregator_cache` fixture), so dlib's backbone is converted once
+per session. Fake doorbells are plain paho clients that publish retained
+online statuses and real `build_update` envelopes whose deltas, of the
+head's shape, are computed with numpy from the global model they received.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -30,16 +33,19 @@ from aggregator.config import AggregatorConfig
 from aggregator.service import AggregatorService
 from broker.local import LocalBroker
 from fedbell.codecs import Weights
+from fedbell.embedding import HEAD_NAMES
 from fedbell.envelope import Codec
 from fedbell.messages import GlobalModel, Signer, build_update, parse_global, parse_tflite
 from fedbell.protocol import DeviceStatus, RoundAnnouncement, RoundMetrics, to_json
-from fedbell.synthetic import make_dataset
 from fedbell.topics import Topics
+from simulation.data import write_synthetic
 
 SITE = "test"
-LABELS = ("person00", "person01", "person02")
 TOPICS = Topics(SITE)
-MAX_BYTES = 16 * 1024 * 1024
+MAX_BYTES = 64 * 1024 * 1024
+"""The backbone message is ~28 MB (float and int8 TFLite)."""
+LINEAGE = re.compile(r"[0-9a-f]{16}")
+"""A lineage as an aggregator starts one: secrets.token_hex(8)."""
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -169,16 +175,29 @@ def weighted(base: GlobalModel, parts: list[tuple[Weights, int]]) -> Weights:
 
 
 def make_config(
-    tmp_path: Path, port: int, evaluation: Path | None = None, **rounds: Any
+    tmp_path: Path,
+    port: int,
+    cache_dir: Path,
+    evaluation: Path | None = None,
+    strangers: Path | None = None,
+    **rounds: Any,
 ) -> AggregatorConfig:
+    """An aggregator on the test broker; `cache_dir` is the session's `aggregator_cache`.
+
+    Generated faces are found by Haar only, so the evaluation uses it.
+    """
     return AggregatorConfig.model_validate(
         {
             "site": SITE,
-            "labels": LABELS,
             "state_dir": str(tmp_path / "state"),
+            "cache_dir": str(cache_dir),
             "mqtt": {"port": port, "keepalive": 10},
             "rounds": {"codec": "float32", "timeout_s": 30, "auto_pause_s": 0, **rounds},
-            "evaluation": {"dataset": str(evaluation) if evaluation else None},
+            "evaluation": {
+                "dataset": str(evaluation) if evaluation else None,
+                "strangers": str(strangers) if strangers else None,
+                "detector": "haar",
+            },
             "threads": 1,
         }
     )
@@ -231,14 +250,28 @@ def devices(broker: LocalBroker) -> Iterator[Callable[..., list[FakeDevice]]]:
 
 
 def test_round_publishes_weighted_average_and_rejects_bad_updates(
-    broker: LocalBroker, watcher: Watcher, devices: Callable[..., list[FakeDevice]], tmp_path: Path
+    broker: LocalBroker,
+    watcher: Watcher,
+    devices: Callable[..., list[FakeDevice]],
+    tmp_path: Path,
+    aggregator_cache: Path,
 ) -> None:
-    make_dataset(tmp_path / "heldout", persons=3, images_per_person=3, seed=0)
-    config = make_config(tmp_path, broker.port, evaluation=tmp_path / "heldout")
+    write_synthetic(tmp_path / "heldout", persons=3, photos=3, seed=0)  # Haar finds them all
+    config = make_config(tmp_path, broker.port, aggregator_cache, evaluation=tmp_path / "heldout")
     alice, bob, eve = devices("alice", "bob", "eve")
     with running(config) as service:
         base = watcher.global_model(0)
-        assert base.labels == list(LABELS)
+        assert base.names == HEAD_NAMES
+        assert [w.shape for w in base.weights] == [(256, 128)]  # dlib's features -> embedding
+        assert LINEAGE.fullmatch(base.lineage)
+        assert -1.0 <= base.threshold <= 1.0
+        backbone = parse_tflite(
+            watcher.wait_for(TOPICS.tflite_model), site=SITE, max_bytes=MAX_BYTES, keys=None
+        )
+        assert (backbone.version, backbone.lineage) == (0, base.lineage)
+        assert backbone.float_model[4:8] == b"TFL3"
+        assert backbone.int8_model[4:8] == b"TFL3"
+        assert hashlib.sha256(backbone.float_model).hexdigest() == base.backbone
         wait_until(lambda: {"alice", "bob", "eve"} <= set(service.coordinator.online))
         eve.publish(TOPICS.status("eve"), b"")  # eve leaves: not selected
         wait_until(lambda: "eve" not in service.coordinator.online)
@@ -251,9 +284,9 @@ def test_round_publishes_weighted_average_and_rejects_bad_updates(
         assert announced.deadline > time.time()
 
         delta_a, delta_b = random_delta(base, 1), random_delta(base, 2)
-        bad_shapes = random_delta(base, 3)[:-1]
+        bad_shapes = [w.T.copy() for w in random_delta(base, 3)]  # (128, 256): not the head
         nan_delta = random_delta(base, 4)
-        nan_delta[0][0, 0, 0, 0] = np.nan
+        nan_delta[0][0, 0] = np.nan
         alice.send(alice.update(base, delta_a, examples=3, round_id=2))
         alice.send(alice.update(base, delta_a, examples=3, round_id=1, base_version=7))
         alice.send(
@@ -263,7 +296,7 @@ def test_round_publishes_weighted_average_and_rejects_bad_updates(
                 round_id=1,
                 base_version=0,
                 num_examples=3,
-                names=base.names[:-1],
+                names=base.names,
                 delta=bad_shapes,
                 codec="float32",
             )
@@ -286,18 +319,8 @@ def test_round_publishes_weighted_average_and_rejects_bad_updates(
         ):
             np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
         assert new.round == 1
-        assert new.labels == list(LABELS)
-
-        tflite = parse_tflite(
-            watcher.wait_for(TOPICS.tflite_model, lambda p: b'"model_version":1' in p),
-            site=SITE,
-            max_bytes=MAX_BYTES,
-            keys=None,
-        )
-        assert tflite.labels == LABELS
-        assert 0.0 <= tflite.threshold <= 1.0
-        assert tflite.float_model[4:8] == b"TFL3"
-        assert tflite.int8_model[4:8] == b"TFL3"
+        assert (new.lineage, new.backbone, new.names) == (base.lineage, base.backbone, HEAD_NAMES)
+        assert -1.0 <= new.threshold <= 1.0
 
         metrics = watcher.metrics(1, "published")
         assert metrics.version == 1
@@ -305,9 +328,11 @@ def test_round_publishes_weighted_average_and_rejects_bad_updates(
         assert metrics.examples == 4
         assert metrics.accuracy is not None
         assert 0.0 <= metrics.accuracy <= 1.0
-        assert metrics.threshold == tflite.threshold
+        assert metrics.threshold == new.threshold
         assert metrics.bytes_up > 0
-        assert metrics.bytes_down > 2 * (len(watcher.messages(TOPICS.global_model)[-1]))
+        # Two selected doorbells, each sent the new head (not the backbone) and the round.
+        head_bytes = len(watcher.messages(TOPICS.global_model)[-1])
+        assert 2 * head_bytes < metrics.bytes_down < 2 * head_bytes + 20_000
         assert metrics.rejected == {
             "wrong_round": 1,
             "wrong_base": 1,
@@ -323,6 +348,9 @@ def test_round_publishes_weighted_average_and_rejects_bad_updates(
         }
         closed = watcher.round(1, "closed")
         assert closed.selected == ("alice", "bob")
+        assert closed.lineage == base.lineage
+        # The backbone went out once, at version 0: a round publishes only the head.
+        assert len(watcher.messages(TOPICS.tflite_model)) == 1
 
     status = DeviceStatus.model_validate_json(
         watcher.wait_for(TOPICS.aggregator_status, lambda p: b"offline" in p)
@@ -340,9 +368,13 @@ def test_round_publishes_weighted_average_and_rejects_bad_updates(
 
 
 def test_deadline_closes_with_quorum_else_abandons(
-    broker: LocalBroker, watcher: Watcher, devices: Callable[..., list[FakeDevice]], tmp_path: Path
+    broker: LocalBroker,
+    watcher: Watcher,
+    devices: Callable[..., list[FakeDevice]],
+    tmp_path: Path,
+    aggregator_cache: Path,
 ) -> None:
-    config = make_config(tmp_path, broker.port, timeout_s=1.5, min_updates=2)
+    config = make_config(tmp_path, broker.port, aggregator_cache, timeout_s=1.5, min_updates=2)
     alice, bob, _carol = devices("alice", "bob", "carol")
     with running(config) as service:
         base = watcher.global_model(0)
@@ -373,9 +405,13 @@ def test_deadline_closes_with_quorum_else_abandons(
 
 
 def test_step_by_step_train_send_aggregate_publish(
-    broker: LocalBroker, watcher: Watcher, devices: Callable[..., list[FakeDevice]], tmp_path: Path
+    broker: LocalBroker,
+    watcher: Watcher,
+    devices: Callable[..., list[FakeDevice]],
+    tmp_path: Path,
+    aggregator_cache: Path,
 ) -> None:
-    config = make_config(tmp_path, broker.port, codec="int8", min_updates=2)
+    config = make_config(tmp_path, broker.port, aggregator_cache, codec="int8", min_updates=2)
     alice, bob = devices("alice", "bob")
     with running(config) as service:
         base = watcher.global_model(0)
@@ -423,9 +459,13 @@ def test_step_by_step_train_send_aggregate_publish(
 
 
 def test_restart_resumes_the_open_round(
-    broker: LocalBroker, watcher: Watcher, devices: Callable[..., list[FakeDevice]], tmp_path: Path
+    broker: LocalBroker,
+    watcher: Watcher,
+    devices: Callable[..., list[FakeDevice]],
+    tmp_path: Path,
+    aggregator_cache: Path,
 ) -> None:
-    config = make_config(tmp_path, broker.port)
+    config = make_config(tmp_path, broker.port, aggregator_cache)
     alice, bob = devices("alice", "bob")
     with running(config) as service:
         base = watcher.global_model(0)
@@ -462,9 +502,13 @@ def test_restart_resumes_the_open_round(
 
 
 def test_restart_after_the_deadline_closes_the_round(
-    broker: LocalBroker, watcher: Watcher, devices: Callable[..., list[FakeDevice]], tmp_path: Path
+    broker: LocalBroker,
+    watcher: Watcher,
+    devices: Callable[..., list[FakeDevice]],
+    tmp_path: Path,
+    aggregator_cache: Path,
 ) -> None:
-    config = make_config(tmp_path, broker.port, timeout_s=2.0)
+    config = make_config(tmp_path, broker.port, aggregator_cache, timeout_s=2.0)
     alice, _bob = devices("alice", "bob")
     with running(config) as service:
         base = watcher.global_model(0)
@@ -487,11 +531,11 @@ def test_restart_after_the_deadline_closes_the_round(
 
 
 def test_cli_serves_and_publishes_offline_on_sigterm(
-    broker: LocalBroker, watcher: Watcher, tmp_path: Path
+    broker: LocalBroker, watcher: Watcher, tmp_path: Path, aggregator_cache: Path
 ) -> None:
     config = tmp_path / "aggregator.yaml"
     config.write_text(
-        f"site: {SITE}\nlabels: [ann, ben]\nstate_dir: {tmp_path / 'state'}\n"
+        f"site: {SITE}\nstate_dir: {tmp_path / 'state'}\ncache_dir: {aggregator_cache}\n"
         f"mqtt:\n  port: {broker.port}\nthreads: 1\n"
     )
     process = subprocess.Popen(
@@ -503,7 +547,13 @@ def test_cli_serves_and_publishes_offline_on_sigterm(
     )
     try:
         watcher.wait_for(TOPICS.aggregator_status, lambda p: b'"online"' in p, timeout=60)
-        assert watcher.global_model(0).labels == ["ann", "ben"]
+        first = watcher.global_model(0)
+        assert LINEAGE.fullmatch(first.lineage)
+        backbone = parse_tflite(
+            watcher.wait_for(TOPICS.tflite_model), site=SITE, max_bytes=MAX_BYTES, keys=None
+        )
+        assert backbone.lineage == first.lineage
+        assert hashlib.sha256(backbone.float_model).hexdigest() == first.backbone
     finally:
         process.send_signal(signal.SIGTERM)
         _, stderr = process.communicate(timeout=30)
@@ -516,7 +566,7 @@ def test_cli_serves_and_publishes_offline_on_sigterm(
 
 def test_bad_config_names_the_file_and_the_key(tmp_path: Path) -> None:
     config = tmp_path / "aggregator.yaml"
-    config.write_text("site: home\nlabels: [ann]\nstate_dir: /tmp/x\nrounds:\n  timout_s: 5\n")
+    config.write_text("site: home\nstate_dir: /tmp/x\nrounds:\n  timout_s: 5\n")
     result = subprocess.run(
         [sys.executable, "-m", "aggregator", "--config", str(config)],
         cwd=REPO,
