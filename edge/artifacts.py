@@ -1,19 +1,21 @@
-"""The doorbell's TFLite artifact: which one recognises visitors, and how well it does.
+"""The doorbell's backbone and gallery: what the recognizer runs, and how well it does.
 
-The aggregator publishes every model version twice: as weights, which the
-node trains on, and as a TFLite artifact, which the recognizer runs. This
-module handles the second: it picks the configured flavour, hot-swaps the
-recognizer, stores the artifact for the next start and scores it on the local
-gallery.
+The aggregator publishes the backbone (dlib's network as float and int8
+TFLite) once per lineage, retained. This module installs the configured
+flavour into the recognizer, stores it for the next start, recomputes the
+gallery's features when the backbone changes, hands the gallery to the
+recognizer whenever it changes (enrollment, removal, a label: `refresh`,
+polled every fraction of a second) and scores it for the status.
 
 `load_stored` runs once at start, before the node connects; `accept` runs on
-paho's thread and only claims the version; `install` and `score_gallery` are
-slow (an interpreter to load, the gallery to run) and run as jobs on the
-node's worker.
+paho's thread and only claims the artifact; `install` and `refresh` are slow
+(an interpreter to load, new chips to run) and run on the node's worker or
+the gallery watcher.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import threading
 from collections import Counter
@@ -22,16 +24,46 @@ from collections.abc import Callable
 import numpy as np
 
 from edge.config import EdgeConfig
-from edge.gallery import Gallery
-from edge.recognizer import ModelArtifact, Recognizer, RecognizerError
+from edge.gallery import Gallery, GalleryFeatures
+from edge.recognizer import Recognizer, RecognizerError
 from edge.state import NodeState, StoredArtifact
+from fedbell.codecs import Weights
+from fedbell.embedding import embed
 from fedbell.messages import TfliteArtifact
+from fedbell.openset import best_match, prototype
 
 log = logging.getLogger(__name__)
 
+MIN_PER_PERSON_TO_SCORE = 2
+"""Leave-one-out needs another image of the same person to score an image."""
+
+
+def leave_one_out(gallery: GalleryFeatures, head: Weights) -> float | None:
+    """Share of gallery images whose nearest prototype, built without them, is their person's.
+
+    Each image is scored against prototypes made from all other images; a
+    person with a single image has no prototype left and is not scored.
+    None when nothing can be scored.
+    """
+    embeddings = embed(gallery.features, list(head))
+    hits = total = 0
+    for row in range(len(gallery)):
+        person = int(gallery.labels[row])
+        others = np.arange(len(gallery)) != row
+        if np.sum(gallery.labels[others] == person) == 0:
+            continue
+        present = [p for p in range(len(gallery.persons)) if np.any(gallery.labels[others] == p)]
+        prototypes = np.stack(
+            [prototype(embeddings[others & (gallery.labels == p)]) for p in present]
+        )
+        best, _ = best_match(embeddings[row : row + 1], prototypes)
+        hits += int(present[int(best[0])] == person)
+        total += 1
+    return None if total == 0 else hits / total
+
 
 class Artifacts:
-    """Installs TFLite artifacts into the recognizer, stores them and scores them."""
+    """Installs backbones into the recognizer, keeps its gallery current, scores it."""
 
     def __init__(
         self,
@@ -50,102 +82,146 @@ class Artifacts:
         self.counters = counters
         """The node's counters: refused and unstorable artifacts are counted there."""
         self.on_scored = on_scored
-        """Called once `detail` describes a new artifact, to publish the status."""
+        """Called once `detail` describes a new backbone or head, to publish the status.
+
+        Not after a gallery change: enrolling someone sends nothing anywhere; the
+        new detail goes out with the next status the node publishes anyway."""
         self.gallery_accuracy: float | None = None
         self.detail = ""
-        """The last artifact's score, for the node's status."""
+        """The gallery's score, for the node's status."""
+        self.gallery_features: GalleryFeatures | None = None
         self._stored = state.load_artifact()
-        # Guards `_known_version`: paho's thread claims versions, the worker
-        # gives back one that failed to install.
+        # Guards the claimed artifact: paho's thread claims, the worker gives back a failure.
         self._lock = threading.Lock()
-        # The newest version installed or queued: older re-publications are skipped.
-        self._known_version = None if self._stored is None else self._stored.version
-        self._installed_version = self._known_version
+        self._known: tuple[str, int] | None = (
+            None if self._stored is None else (self._stored.lineage, self._stored.version)
+        )
+        self._installed = self._known
+        self._refresh_lock = threading.Lock()
+        self._signature: object = None
+        self._scored: object = None
+
+    @property
+    def backbone_id(self) -> str:
+        return self.recognizer.model.backbone_id
 
     def load_stored(self) -> StoredArtifact | None:
-        """Install the artifact the last run stored; return it if it loaded, to be scored."""
+        """Install the backbone the last run stored; return it if it loaded."""
         stored = self._stored
         if stored is None:
             return None
         if not self._load(stored):  # unusable, so not known: a retained copy may replace it
             with self._lock:
-                self._known_version = self._installed_version = None
+                self._known = self._installed = None
             return None
         return stored
 
     def accept(self, artifact: TfliteArtifact) -> bool:
-        """Whether `artifact` is newer than any known one; if so, it becomes the known one."""
+        """Whether to install `artifact`: another lineage's, or a newer one of this lineage."""
         with self._lock:
-            known = self._known_version
-            if known is not None and artifact.version <= known:
-                log.info("TFLite v%d ignored: already have v%d", artifact.version, known)
+            known = self._known
+            if known is not None and artifact.lineage == known[0] and artifact.version <= known[1]:
+                log.info("backbone v%d ignored: already have v%d", artifact.version, known[1])
                 return False
-            self._known_version = artifact.version
+            self._known = (artifact.lineage, artifact.version)
         return True
 
     def install(self, artifact: TfliteArtifact) -> None:
-        """Swap an accepted artifact into the recognizer, store it and score it."""
-        if self.config.inference.flavour == "int8":
-            model, flavour = (
-                (artifact.int8_model, "int8")
-                if artifact.int8_model
-                else (artifact.float_model, "float")
-            )
+        """Swap an accepted backbone into the recognizer, store it, redo the gallery."""
+        if self.config.inference.flavour == "int8" and artifact.int8_model:
+            model, flavour = artifact.int8_model, "int8"
         else:
-            model, flavour = (
-                (artifact.float_model, "float")
-                if artifact.float_model
-                else (artifact.int8_model, "int8")
-            )
+            model, flavour = artifact.float_model, "float"
         stored = StoredArtifact(
             version=artifact.version,
             round=artifact.round,
             flavour=flavour,
             model=model,
-            labels=artifact.labels,
-            threshold=artifact.threshold,
+            lineage=artifact.lineage,
+            backbone_id=hashlib.sha256(artifact.float_model).hexdigest(),
         )
         if not self._load(stored):
-            with self._lock:  # let a corrected re-publication of this version in
-                self._known_version = self._installed_version
+            with self._lock:  # let a corrected re-publication in
+                self._known = self._installed
             return
         try:
             self.state.save_artifact(stored)
         except OSError as err:
             self.counters["store_failed"] += 1
-            log.error("could not store TFLite v%d: %s", stored.version, err)
-        self.score_gallery(stored)
+            log.error("could not store backbone v%d: %s", stored.version, err)
 
     def _load(self, stored: StoredArtifact) -> bool:
+        current = self.recognizer.backbone
+        if current is not None and current.sha256 == hashlib.sha256(stored.model).hexdigest():
+            self._installed = (stored.lineage, stored.version)  # same bytes: nothing to redo
+            return True
         try:
-            self.recognizer.swap(
-                ModelArtifact(
-                    tflite=stored.model,
-                    labels=stored.labels,
-                    threshold=stored.threshold,
-                    version=stored.version,
-                )
-            )
+            self.recognizer.install_backbone(stored.model, stored.backbone_id)
         except RecognizerError as err:
             self.counters["bad_artifact"] += 1
-            log.warning("TFLite v%d refused, keeping the current one: %s", stored.version, err)
+            log.warning("backbone v%d refused, keeping the current one: %s", stored.version, err)
             return False
-        self._installed_version = stored.version
+        self._installed = (stored.lineage, stored.version)
+        self.refresh(force=True)
         return True
 
-    def score_gallery(self, stored: StoredArtifact) -> None:
-        """Run the new artifact on the local gallery: the first sign of a bad model."""
-        data = self.gallery.training_set(stored.labels, self.config.training.max_images_per_person)
-        if len(data) == 0:
+    def refresh(self, force: bool = False) -> bool:
+        """Hand the recognizer the gallery if it changed (cheap when it did not).
+
+        Called by the gallery watcher several times a second, after a label,
+        and after a new backbone or head. Returns whether anything was redone.
+        """
+        with self._refresh_lock:
+            model = self.recognizer.model
+            backbone = model.backbone
+            if backbone is None:
+                return False
+            signature = (self.gallery.signature(), backbone.sha256)
+            if signature == self._signature and not force:
+                self._score(publish=True)  # only does anything under a new head
+                return False
+            try:
+                features = self.gallery.features(
+                    backbone, self.config.training.max_images_per_person
+                )
+                self.recognizer.set_gallery(features)
+            except (RecognizerError, OSError, ValueError) as err:
+                self.counters["gallery_error"] += 1
+                log.warning("gallery not updated: %s", err)
+                return False
+            self._signature = signature
+            self.gallery_features = features
+            log.info(
+                "gallery: %d person(s), %d image(s)%s",
+                len(features.persons),
+                len(features),
+                f", {len(features.skipped)} without a usable face" if features.skipped else "",
+            )
+            self._score(force=True, publish=force)
+            return True
+
+    def _score(self, force: bool = False, publish: bool = False) -> None:
+        """Leave-one-out accuracy of the gallery under the current head, for the status."""
+        features = self.gallery_features
+        model = self.recognizer.model
+        key = (id(features), model.key)
+        if (key == self._scored and not force) or features is None:
+            return
+        self._scored = key
+        if model.head is None or not model.ready:
             self.gallery_accuracy = None
-            self.detail = f"TFLite v{stored.version}: no gallery images of its labels"
+            self.detail = f"gallery: {len(features.persons)} person(s), waiting for a model"
         else:
-            probabilities = self.recognizer.probabilities_batch(list(data.images))
-            hits = np.argmax(probabilities, axis=1) == data.labels
-            self.gallery_accuracy = float(np.mean(hits))
+            self.gallery_accuracy = leave_one_out(features, model.head.weights)
+            score = (
+                "too few images to score"
+                if self.gallery_accuracy is None
+                else f"leave-one-out accuracy {self.gallery_accuracy:.2f}"
+            )
             self.detail = (
-                f"TFLite v{stored.version} ({stored.flavour}): gallery accuracy "
-                f"{self.gallery_accuracy:.2f} on {len(data)} images"
+                f"model v{model.head.version}: gallery of {len(features.persons)} person(s), "
+                f"{len(features)} images, {score}"
             )
         log.info("%s", self.detail)
-        self.on_scored()
+        if publish:
+            self.on_scored()

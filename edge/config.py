@@ -24,13 +24,15 @@ class TrainingSettings(StrictModel):
         ge=1,
         le=64,
         title="Training threads",
-        description="Cores TensorFlow may use while training.",
+        description="Kept for existing configs: a round trains the head with a few "
+        "milliseconds of numpy on one core.",
     )
     max_images_per_person: int = Field(
         default=200,
         ge=1,
         title="Images per person",
-        description="Newest images per person used for training; bounds time and memory.",
+        description="Newest images per person used for training and prototypes; bounds "
+        "time and memory.",
     )
     base_model_wait_s: float = Field(
         default=120.0,
@@ -39,23 +41,23 @@ class TrainingSettings(StrictModel):
         description="How long a selected node waits for the round's base model to arrive "
         "(it may come just after the round message) before it skips the round.",
     )
-    strangers: float = Field(
-        default=0.25,
+    max_strangers: int = Field(
+        default=200,
         ge=0,
-        le=2,
-        title="Stranger share",
-        description="Generated faces of nobody, added to each round's training as a share of "
-        "the gallery: they teach the model to be unsure on visitors it does not know, so "
-        "'unknown' works. 0 turns this off.",
+        le=10_000,
+        title="Stranger store",
+        description="Backbone features of this many recent 'unknown' visitors are kept in the "
+        "state folder as training negatives (the oldest go first); they never leave the "
+        "doorbell. 0 keeps none.",
     )
 
 
 class InferenceSettings(StrictModel):
     flavour: Literal["int8", "float"] = Field(
         default="int8",
-        title="TFLite flavour",
-        description="Which of the aggregator's two flatbuffers to recognise with: int8 is "
-        "about 3x faster on a Pi, float a little more accurate.",
+        title="Backbone flavour",
+        description="Which of the aggregator's two backbone flatbuffers to run: int8 is "
+        "faster on a Pi, float a little more accurate.",
     )
     threads: int = Field(
         default=1,
@@ -80,18 +82,21 @@ class EdgeConfig(StrictModel):
         description="Device key and the aggregator's public key.",
     )
     state_dir: Path = Field(
-        title="State folder", description="Current model, TFLite artifact, round bookkeeping."
+        title="State folder",
+        description="Current head, backbone, round bookkeeping, cached gallery features and "
+        "the stranger store.",
     )
     gallery_dir: Path = Field(
         title="Gallery",
-        description="Labelled face crops: `<gallery>/<person>/<image>`. Never leaves the house.",
+        description="Aligned face chips: `<gallery>/<person>/<image>` (any other photo is "
+        "detected and aligned when read). Never leaves the house.",
     )
     gallery_rescan_s: float = Field(
         default=30.0,
         gt=0,
         title="Gallery rescan (s)",
-        description="How often the gallery is counted, to re-publish the status when "
-        "enrollment or labelling changed it.",
+        description="How often the status is re-published if enrollment or labelling changed "
+        "the gallery (recognition itself notices a change within a second).",
     )
     training: TrainingSettings = Field(
         default_factory=TrainingSettings, title="Training", description="Local training limits."
@@ -115,7 +120,7 @@ class EdgeConfig(StrictModel):
     detection: DetectionConfig = Field(
         default_factory=DetectionConfig,
         title="Face detection",
-        description="Haar cascade settings.",
+        description="BlazeFace (default) or Haar, and the Haar fallback's settings.",
     )
     recognition: RecognitionConfig = Field(
         default_factory=RecognitionConfig,

@@ -1,36 +1,46 @@
-"""Enrollment: capture a person's face crops into the gallery.
+"""Enrollment: a person's aligned face chips into the gallery, or a person out of it.
 
-`python -m edge enroll --config X --person NAME [--from-folder DIR] [--count N]`
-reads frames from the configured camera (or a folder of photos), keeps the
-largest face of each, and stores the 8-bit grey *crop* as
-`<gallery>/<person>/<image>.png`. Normalisation is applied later by
-training, exactly as for recognition, so it lives in one place.
+    python -m edge enroll --config X --person NAME [--count N]        # from the camera
+    python -m edge enroll --config X --person NAME --from-folder DIR  # DIR's photos
+    python -m edge enroll --config X --from-folder DIR               # DIR/<person>/<photo>
+    python -m edge enroll --config X --remove NAME
+
+Each frame or photo goes through the doorbell's own detector and alignment
+(`fedbell.features.find_chip`), so the gallery holds exactly what live
+recognition compares against. A running doorbell notices the change within
+a second (`edge.gallery.Gallery.signature`): no round, no restart and no
+message to the aggregator. What was kept is printed per person, with a
+warning below MIN_CHIPS, and every photo without a face is named.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
-import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import cv2
 import yaml
 
-from edge.camera import FolderSource, FrameSource, open_raw_source
-from edge.detector import FaceDetector
-from edge.feedback import check_person_name
+from edge.camera import FrameSource, open_raw_source
+from edge.gallery import Gallery, GalleryError, check_person_name
+from edge.live import make_detector
 from edge.recognition_config import CameraConfig, DetectionConfig
-from fedbell.faces import crop_face
+from fedbell.dataset import IMAGE_SUFFIXES
+from fedbell.detection import Detector
+from fedbell.features import Chip, face_chip, find_chip, read_photo
 
 log = logging.getLogger(__name__)
 
+MIN_CHIPS = 3
+"""Fewer chips than this make a shaky prototype: enrollment warns (a few poses and
+lights are what make a person recognisable at the door)."""
+
 
 class EnrollError(RuntimeError):
-    """Enrollment could not capture what was asked."""
+    """Enrollment could not do what was asked; the message says what and where."""
 
 
 @dataclass(frozen=True)
@@ -44,54 +54,127 @@ class EnrollSettings:
 
 @dataclass(frozen=True)
 class EnrollResult:
+    person: str
     saved: list[Path]
     frames: int
     frames_without_face: int
+    without_face: list[str] = field(default_factory=list)
+    """Photos (by name) in which no face was found; empty for a camera."""
+    kind: str = "frames"
 
 
 def enroll(
     source: FrameSource,
-    detector: FaceDetector,
-    gallery: Path,
+    detector: Detector,
+    gallery: Gallery,
     person: str,
     *,
     count: int = 10,
     every_nth_frame: int = 1,
     max_frames: int = 10_000,
 ) -> EnrollResult:
-    """Save up to `count` face crops of `person` from `source`.
+    """Save up to `count` chips of `person` from a camera (or any frame source).
 
     every_nth_frame > 1 spaces captures out on a live camera, so the gallery
     gets varied poses rather than ten copies of the same instant.
     """
     check_person_name(person)
-    folder = gallery / person
-    folder.mkdir(parents=True, exist_ok=True)
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    saved: list[Path] = []
+    chips: list[Chip] = []
     frames = without_face = 0
-    while len(saved) < count and frames < max_frames:
+    while len(chips) < count and frames < max_frames:
         frame = source.read()
         if frame is None:
             break
         frames += 1
         if (frames - 1) % every_nth_frame:
             continue
-        boxes = detector.detect(frame)
-        if not boxes:
+        faces = detector.detect(frame)
+        if not faces:
             without_face += 1
             continue
-        crop = crop_face(frame, boxes[0], detector.config.margin)
-        path = folder / f"{stamp}-{len(saved):03d}.png"
-        if not cv2.imwrite(str(path), crop):
-            raise EnrollError(f"could not write {path}")
-        saved.append(path)
-        log.info("enroll %s: saved %s", person, path)
-    return EnrollResult(saved, frames, without_face)
+        chips.append(face_chip(frame, max(faces, key=lambda f: f.box[2] * f.box[3])))
+    saved = gallery.add(person, chips) if chips else []
+    return EnrollResult(person, saved, frames, without_face)
+
+
+def photos_in(folder: Path) -> list[Path]:
+    if not folder.is_dir():
+        raise EnrollError(f"{folder}: not a folder")
+    return sorted(
+        p
+        for p in folder.iterdir()
+        if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_SUFFIXES
+    )
+
+
+def enroll_photos(
+    photos: Sequence[Path],
+    detector: Detector,
+    gallery: Gallery,
+    person: str,
+    count: int | None = None,
+) -> EnrollResult:
+    """Save the chips of `person` found in these photos (at most `count`)."""
+    check_person_name(person)
+    chips: list[Chip] = []
+    missing: list[str] = []
+    read = 0
+    for path in photos:
+        if count is not None and len(chips) >= count:
+            break
+        read += 1
+        try:
+            chip = find_chip(read_photo(path), detector)
+        except ValueError as err:  # unreadable: named, counted, the rest go on
+            log.warning("enroll %s: %s", person, err)
+            chip = None
+        if chip is None:
+            missing.append(path.name)
+            continue
+        chips.append(chip)
+    saved = gallery.add(person, chips) if chips else []
+    return EnrollResult(person, saved, read, len(missing), missing, kind="photos")
+
+
+def enroll_folder(
+    folder: Path, detector: Detector, gallery: Gallery, count: int | None = None
+) -> list[EnrollResult]:
+    """Every `<folder>/<person>/` of photos; every person name is checked before anything."""
+    persons = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not persons:
+        raise EnrollError(f"{folder}: no <person>/ folders (or give --person)")
+    for person in persons:
+        try:
+            check_person_name(person.name)
+        except GalleryError as err:
+            raise EnrollError(f"{person}: {err}") from None
+    return [
+        enroll_photos(photos_in(person), detector, gallery, person.name, count)
+        for person in persons
+    ]
+
+
+def report(result: EnrollResult, minimum: int = MIN_CHIPS) -> str:
+    """One line per person, plus a warning when too few chips were kept."""
+    line = (
+        f"{result.person}: kept {len(result.saved)} chip(s) from {result.frames} "
+        f"{'photo' if result.kind == 'photos' else 'frame'}(s)"
+    )
+    if result.frames_without_face:
+        line += f", no face in {result.frames_without_face}"
+        if result.without_face:
+            line += f" ({', '.join(result.without_face[:10])}"
+            line += ", ...)" if len(result.without_face) > 10 else ")"
+    if len(result.saved) < minimum:
+        line += (
+            f"\nWARNING: {result.person} has only {len(result.saved)} new chip(s); "
+            f"enroll at least {minimum} (different poses and light) to be recognised reliably"
+        )
+    return line
 
 
 def load_enroll_settings(path: Path) -> EnrollSettings:
-    """Read `camera:`, `detection:` and `gallery:` from the node's YAML config."""
+    """Read `camera:`, `detection:` and `gallery:` from a YAML file (tests and tools)."""
     try:
         raw = yaml.safe_load(path.read_text())
     except (OSError, yaml.YAMLError) as err:
@@ -111,17 +194,23 @@ def add_enroll_parser(
 ) -> argparse.ArgumentParser:
     """Add `enroll` to the node CLI; the parsed args carry `func` to run it."""
     parser: argparse.ArgumentParser = subparsers.add_parser(
-        "enroll", help="capture a person's face crops into the gallery"
+        "enroll", help="add a person's face chips to the gallery, or remove a person"
     )
     parser.add_argument("--config", type=Path, required=True, help="the node's YAML config")
-    parser.add_argument("--person", required=True, help="gallery name of the person")
+    parser.add_argument("--person", help="gallery name of the person")
     parser.add_argument(
-        "--from-folder", type=Path, help="take faces from these photos instead of the camera"
+        "--from-folder",
+        type=Path,
+        help="take faces from these photos instead of the camera; without --person, "
+        "from DIR/<person>/<photo>",
     )
-    parser.add_argument("--count", type=int, default=10, help="crops to save (default 10)")
+    parser.add_argument(
+        "--count", type=int, help="chips to save per person (camera default 10; folder: all)"
+    )
     parser.add_argument(
         "--every", type=int, default=5, help="camera only: use every Nth frame (default 5)"
     )
+    parser.add_argument("--remove", metavar="NAME", help="remove this person from the gallery")
     parser.set_defaults(func=lambda args: run_enroll(args, load_settings))
     return parser
 
@@ -130,25 +219,43 @@ def run_enroll(
     args: argparse.Namespace, load_settings: Callable[[Path], EnrollSettings] = load_enroll_settings
 ) -> int:
     settings = load_settings(args.config)
-    detector = FaceDetector(settings.detection)
-    if args.from_folder is not None:
-        source: FrameSource = FolderSource(args.from_folder)
-        every = 1
+    gallery = Gallery(settings.gallery)
+    if args.remove is not None:
+        if args.person or args.from_folder:
+            raise EnrollError("--remove takes no --person or --from-folder")
+        removed = gallery.remove(args.remove)
+        print(f"removed {args.remove} ({removed} image(s)) from {settings.gallery}")
+        return 0
+    if args.person is None and args.from_folder is None:
+        raise EnrollError("give --person NAME (camera or --from-folder), or --remove NAME")
+    if args.person is not None:
+        check_person_name(args.person)  # before opening a camera
+    detector = make_detector(settings.detection)
+    if args.from_folder is not None and args.person is None:
+        results = enroll_folder(args.from_folder, detector, gallery, args.count)
+    elif args.from_folder is not None:
+        photos = photos_in(args.from_folder)
+        results = [enroll_photos(photos, detector, gallery, args.person, args.count)]
     else:
         source = open_raw_source(settings.camera)
-        every = max(1, args.every)
-    try:
-        result = enroll(
-            source, detector, settings.gallery, args.person, count=args.count, every_nth_frame=every
-        )
-    finally:
-        source.close()
-    print(
-        f"saved {len(result.saved)} crops of {args.person} in "
-        f"{settings.gallery / args.person} ({result.frames} frames read, "
-        f"{result.frames_without_face} without a face)"
-    )
-    return 0 if len(result.saved) == args.count else 1
+        try:
+            results = [
+                enroll(
+                    source,
+                    detector,
+                    gallery,
+                    args.person,
+                    count=args.count or 10,
+                    every_nth_frame=max(1, args.every),
+                )
+            ]
+        finally:
+            source.close()
+    for result in results:
+        print(report(result))
+    print(f"gallery: {settings.gallery}")
+    short = [r for r in results if len(r.saved) < (args.count or MIN_CHIPS)]
+    return 1 if any(not r.saved for r in results) or (args.count and short) else 0
 
 
 def enroll_main(

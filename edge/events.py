@@ -19,7 +19,6 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 import cv2
@@ -28,6 +27,7 @@ import numpy.typing as npt
 import paho.mqtt.client as mqtt
 
 from edge.feedback import FeedbackError, RecentCrops, apply_label
+from edge.gallery import Gallery
 from edge.homeassistant import (
     ONLINE,
     PRESENT_OFF,
@@ -71,12 +71,14 @@ class EventPublisher:
     availability_topic: str
     """The node's retained status topic (its last will): Home Assistant's availability."""
     crops: RecentCrops
-    gallery: Path
+    gallery: Gallery
     device_name: str | None = None
     discovery: bool = True
     snapshots: bool = False
     snapshot_quality: int = 80
     on_ring_command: Callable[[], None] | None = None
+    on_labelled: Callable[[], object] | None = None
+    """Called after a label added a chip to the gallery: recognition uses it at once."""
     counters: EventCounters = field(default_factory=EventCounters)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -138,7 +140,7 @@ class EventPublisher:
         crop: npt.NDArray[np.uint8] | None = None,
         frame: npt.NDArray[np.uint8] | None = None,
     ) -> str:
-        """A visitor event; the crop is kept for labelling under the returned event id."""
+        """A visitor event; the chip is kept for labelling under the returned event id."""
         event_id = new_event_id()
         if crop is not None:
             self.crops.add(event_id, crop, person)
@@ -215,6 +217,8 @@ class EventPublisher:
             log.warning("label command rejected: %s", err)
         else:
             self.counters.labels += 1
+            if self.on_labelled is not None:
+                self.on_labelled()
 
     def _on_ha_status(self, _client: mqtt.Client, _userdata: Any, msg: mqtt.MQTTMessage) -> None:
         if msg.payload == ONLINE.encode():

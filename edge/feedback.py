@@ -1,15 +1,14 @@
-"""Recent event face crops, kept briefly so a resident can label them.
+"""Recent event face chips, kept briefly so a resident can label them.
 
-A label command names the person of a recent visitor event; its crop then
-joins the gallery and the next training round learns from it. Crops stay in
-memory only, bounded in number and age, so a doorbell never accumulates
-faces nobody asked it to keep.
+A label command names the person of a recent visitor event; its aligned chip
+then joins the gallery, so the very next visit is named (no round needed), and
+the next training round learns from it. Chips stay in memory only, bounded in
+number and age, so a doorbell never accumulates faces nobody asked it to keep.
 """
 
 from __future__ import annotations
 
 import logging
-import re
 import threading
 import time
 from collections import OrderedDict
@@ -17,19 +16,17 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import cv2
 import numpy as np
 import numpy.typing as npt
 
+from edge.gallery import IGNORE, Gallery, GalleryError
+from edge.gallery import check_person_name as _check_name
 from fedbell import safejson
 from fedbell.errors import RejectedMessage
 
 log = logging.getLogger(__name__)
 
-IGNORE = "ignore"
-"""The label that discards an event's crop instead of storing it."""
-
-_PERSON = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
+__all__ = ["IGNORE", "FeedbackError", "RecentCrops", "apply_label", "check_person_name"]
 
 
 class FeedbackError(ValueError):
@@ -38,12 +35,10 @@ class FeedbackError(ValueError):
 
 def check_person_name(name: str) -> str:
     """A gallery folder name: letters, digits, '_' and '-', no path tricks."""
-    if not _PERSON.fullmatch(name) or name.lower() in {"unknown", IGNORE}:
-        raise FeedbackError(
-            f"person name {name!r} must be 1-64 letters, digits, '_' or '-' "
-            "(and not 'unknown' or 'ignore')"
-        )
-    return name
+    try:
+        return _check_name(name)
+    except GalleryError as err:
+        raise FeedbackError(str(err)) from None
 
 
 @dataclass(frozen=True)
@@ -54,7 +49,7 @@ class StoredCrop:
 
 
 class RecentCrops:
-    """event_id → the 8-bit grey face crop of that event, oldest evicted first."""
+    """event_id → the aligned RGB chip of that event, oldest evicted first."""
 
     def __init__(
         self,
@@ -103,8 +98,8 @@ class RecentCrops:
             self._crops.popitem(last=False)
 
 
-def apply_label(store: RecentCrops, gallery: Path, payload: bytes) -> Path | None:
-    """Handle one label command; returns the stored crop's path (None for "ignore").
+def apply_label(store: RecentCrops, gallery: Gallery, payload: bytes) -> Path | None:
+    """Handle one label command; returns the stored chip's path (None for "ignore").
 
     payload: JSON `{"event_id": "...", "person": "alice"}` or `"person": "ignore"`.
     """
@@ -123,10 +118,9 @@ def apply_label(store: RecentCrops, gallery: Path, payload: bytes) -> Path | Non
     if person == IGNORE:
         log.info("label: event %s ignored (was %s)", event_id, stored.predicted)
         return None
-    folder = gallery / person
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"event-{event_id}.png"
-    if not cv2.imwrite(str(path), stored.crop):
-        raise FeedbackError(f"could not write {path}")
+    try:
+        (path,) = gallery.add(person, [stored.crop], prefix=f"event-{event_id[:32]}")
+    except (GalleryError, OSError) as err:
+        raise FeedbackError(f"event {event_id}: could not add it to {person}: {err}") from err
     log.info("label: event %s stored as %s (was %s)", event_id, path, stored.predicted)
     return path

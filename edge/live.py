@@ -1,8 +1,9 @@
 """The camera side of a doorbell node: frames → faces → recognizer → events.
 
 It shares the node's MQTT client (events go out on the same connection whose
-last will marks the doorbell offline) and the node's recognizer (hot-swapped
-on every new TFLite artifact), and runs the pipeline in its own thread so a
+last will marks the doorbell offline), the node's recognizer (hot-swapped on
+every new backbone, head or gallery change) and its gallery (a label adds the
+visit's chip to it at once), and runs the pipeline in its own thread so a
 slow camera never delays training or model updates.
 """
 
@@ -10,26 +11,64 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from typing import Any
 
 import paho.mqtt.client as mqtt
 
 from edge.camera import ReconnectingSource, open_source
 from edge.config import EdgeConfig
-from edge.detector import FaceDetector
 from edge.events import EventPublisher
 from edge.feedback import RecentCrops
+from edge.gallery import Gallery, StrangerStore
 from edge.gpio import watch_button
 from edge.homeassistant import DoorbellTopics
 from edge.pipeline import Pipeline
+from edge.recognition_config import DetectionConfig
 from edge.recognizer import Recognizer
+from fedbell.detection import BlazeFaceDetector, Detector, DetectorError, HaarDetector
 
 log = logging.getLogger(__name__)
 
 
+def make_detector(config: DetectionConfig) -> Detector:
+    """The configured detector; BlazeFace falls back to Haar (with a warning) if it cannot load.
+
+    A doorbell would rather see faces without eyes (chips cut from the box) than none.
+    """
+
+    def haar() -> Detector:
+        return HaarDetector(
+            downscale=config.downscale,
+            min_face_px=config.min_face_px,
+            scale_factor=config.scale_factor,
+            min_neighbors=config.min_neighbors,
+            max_faces=config.max_faces,
+            cascade=config.cascade,
+        )
+
+    if config.kind == "haar":
+        return haar()
+    try:
+        return BlazeFaceDetector(
+            config.model, max_faces=config.max_faces, min_score=config.min_score
+        )
+    except DetectorError as err:
+        log.warning("BlazeFace unavailable (%s); falling back to Haar, without eyes", err)
+        return haar()
+
+
 class LiveDoorbell:
     def __init__(
-        self, config: EdgeConfig, client: mqtt.Client, recognizer: Recognizer, status_topic: str
+        self,
+        config: EdgeConfig,
+        client: mqtt.Client,
+        recognizer: Recognizer,
+        status_topic: str,
+        *,
+        gallery: Gallery,
+        strangers: StrangerStore | None = None,
+        on_gallery_changed: Callable[[], object] | None = None,
     ) -> None:
         self.config = config
         ha = config.home_assistant
@@ -39,14 +78,19 @@ class LiveDoorbell:
             DoorbellTopics(config.device_id, ha.topic_root, ha.discovery_prefix),
             status_topic,
             RecentCrops(recognition.event_crops_max, recognition.event_crops_max_age_s),
-            config.gallery_dir,
+            gallery,
             device_name=ha.device_name,
             discovery=ha.enabled,
             snapshots=recognition.snapshot,
             snapshot_quality=recognition.snapshot_quality,
         )
+        self.publisher.on_labelled = on_gallery_changed
         self.pipeline = Pipeline(
-            FaceDetector(config.detection), recognizer, self.publisher, recognition
+            make_detector(config.detection),
+            recognizer,
+            self.publisher,
+            recognition,
+            on_stranger=None if strangers is None else strangers.add,
         )
         self.publisher.on_ring_command = lambda: self.pipeline.ring("command")
         self.publisher.attach()

@@ -21,6 +21,7 @@ current model.
 from __future__ import annotations
 
 import logging
+import math
 import queue
 import threading
 import time
@@ -35,14 +36,15 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from edge import health
 from edge.artifacts import Artifacts
 from edge.config import EdgeConfig
-from edge.gallery import Gallery
-from edge.live import LiveDoorbell
+from edge.gallery import STRANGER_STORE, Gallery, GalleryFeatures, StrangerStore
+from edge.live import LiveDoorbell, make_detector
 from edge.plan import check_announcement
-from edge.recognizer import Recognizer
+from edge.recognizer import Head, Recognizer, RecognizerError
 from edge.state import NodeState
-from edge.trainer import Trainer, round_seed
+from edge.trainer import round_seed, train_delta
 from fedbell import signing, systemd
 from fedbell.codecs import TENSOR_CODECS, Weights
+from fedbell.embedding import Features, TrainParams
 from fedbell.errors import ConfigError, RejectedMessage
 from fedbell.messages import (
     AGGREGATOR,
@@ -52,7 +54,6 @@ from fedbell.messages import (
     parse_global,
     parse_tflite,
 )
-from fedbell.model import TrainParams
 from fedbell.mqtt import connect, make_client
 from fedbell.protocol import DeviceStatus, RoundAnnouncement, parse_json, to_json
 from fedbell.redact import redact
@@ -63,6 +64,10 @@ log = logging.getLogger(__name__)
 
 TICK_S = 1.0
 """Main-loop period: the watchdog ping and the stop check happen this often."""
+GALLERY_POLL_S = 0.2
+"""How often the gallery watcher looks for an enrollment, removal or label: a
+few `stat` calls, so a person enrolled by `python -m edge enroll` is known well
+within a second."""
 CONNECT_WAIT_S = 10.0
 """How long start-up waits for the broker before declaring itself ready anyway:
 the doorbell must recognise visitors even while the broker is down."""
@@ -107,7 +112,12 @@ class EdgeNode:
         self.device = config.device_id
         self.topics = Topics(config.site, config.mqtt.topic_root)
         self.state = NodeState(config.state_dir)
-        self.gallery = Gallery(config.gallery_dir)
+        self.gallery = Gallery(
+            config.gallery_dir, config.state_dir, detector=lambda: make_detector(config.detection)
+        )
+        self.strangers = StrangerStore(
+            config.state_dir / STRANGER_STORE, config.training.max_strangers
+        )
         self.signer = load_signer(config)
         self.trusted_keys = load_trusted_keys(config)
         self.recognizer = recognizer or Recognizer(
@@ -134,10 +144,11 @@ class EdgeNode:
         self.subscribed = threading.Event()
         """Set once the broker acknowledged the subscriptions of the current connection."""
 
-        self._trainer = Trainer(config.training.threads, config.training.strangers)
         # Guards the fields below; notified when a new global model arrives.
         self._changed = threading.Condition()
         self._model: GlobalModel | None = self.state.load_global()
+        if self._model is not None:
+            self._give_head(self._model)
         self._last_round = self.state.load_last_round()
         self._rounds_taken: set[int] = set()  # queued, training or held
         self._held: HeldUpdate | None = None
@@ -158,6 +169,9 @@ class EdgeNode:
         self._worker = threading.Thread(
             target=self._work, name=f"{self.device}-worker", daemon=True
         )
+        self._watcher = threading.Thread(
+            target=self._watch_gallery, name=f"{self.device}-gallery", daemon=True
+        )
         self._status_topic = self.topics.status(self.device)
         self.live: LiveDoorbell | None = None  # the camera side, set up once the client exists
         self._client = make_client(
@@ -166,7 +180,15 @@ class EdgeNode:
             will=(self._status_topic, self._status_payload("offline")),
         )
         if config.camera.enabled:
-            self.live = LiveDoorbell(config, self._client, self.recognizer, self._status_topic)
+            self.live = LiveDoorbell(
+                config,
+                self._client,
+                self.recognizer,
+                self._status_topic,
+                gallery=self.gallery,
+                strangers=self.strangers,
+                on_gallery_changed=self.artifacts.refresh,
+            )
         self._client.on_connect = self._guarded(self._on_connect)
         self._client.on_disconnect = self._guarded(self._on_disconnect)
         self._client.on_message = self._guarded(self._on_message)
@@ -198,11 +220,19 @@ class EdgeNode:
         """Load the stored artifact, start the worker, connect in the background."""
         # Loaded before connecting, so a retained artifact of the same version is
         # rightly skipped as known; if the stored one is unusable, it is not known.
-        stored = self.artifacts.load_stored()
+        self.artifacts.load_stored()  # also embeds the gallery with it
         self._worker.start()
-        if stored is not None:
-            self._jobs.put(lambda: self.artifacts.score_gallery(stored))
+        self._watcher.start()
         connect(self._client, self.config.mqtt)
+
+    def _watch_gallery(self) -> None:
+        """Enrollment, removal and labels take effect without a round or a restart."""
+        while not self._stopping.wait(GALLERY_POLL_S):
+            try:
+                self.artifacts.refresh()
+            except Exception:  # never let the watcher die: log, count, look again
+                self.counters["gallery_error"] += 1
+                log.exception("gallery watcher")
 
     def run(self, stop: threading.Event) -> None:
         """Serve until `stop` is set; the caller's thread is the watchdog's main loop."""
@@ -416,35 +446,71 @@ class EdgeNode:
             max_bytes=self.config.mqtt.max_message_bytes,
             keys=self.trusted_keys,
         )
-        labels = model.meta.get("labels")
-        if (
-            not isinstance(labels, list)
-            or not labels
-            or not all(isinstance(label, str) for label in labels)
-        ):
-            raise RejectedMessage("bad_labels", f"model v{model.version} has no label list")
-        # The classifier's bias is the last tensor: one entry per label.
-        if not model.weights or model.weights[-1].shape != (len(labels),):
-            raise RejectedMessage(
-                "bad_shapes",
-                f"model v{model.version}: output does not match its {len(labels)} labels",
-            )
-        current = self.model_version
-        if current is not None and model.version <= current:
-            log.info("global model v%d ignored: already at v%d", model.version, current)
+        current = self._model
+        new_lineage = current is None or model.lineage != current.lineage
+        if not new_lineage and current is not None and model.version <= current.version:
+            log.info("global model v%d ignored: already at v%d", model.version, current.version)
             return
+        # Refused (and counted) before anything changes if its head cannot serve.
+        self._give_head(model, strict=True)
         try:
             self.state.save_global(model)
         except OSError as err:  # keep serving; the retained copy restores it after a restart
             self.counters["store_failed"] += 1
             log.error("could not store global model v%d: %s", model.version, err)
         with self._changed:
+            if new_lineage:
+                self._start_lineage(current, model)
             self._model = model
             self._changed.notify_all()
         log.info(
-            "global model v%d from round %d (%d labels)", model.version, model.round, len(labels)
+            "global model v%d from round %d (lineage %s, threshold %.3f)",
+            model.version,
+            model.round,
+            model.lineage,
+            model.threshold,
         )
         self._publish_status()
+
+    def _give_head(self, model: GlobalModel, strict: bool = False) -> None:
+        """Hand a global model's head and threshold to the recognizer."""
+        head = Head(
+            weights=model.weights,
+            version=model.version,
+            lineage=model.lineage,
+            backbone=model.backbone,
+            threshold=model.threshold,
+        )
+        try:
+            self.recognizer.set_head(head)
+        except RecognizerError as err:
+            if strict:
+                raise RejectedMessage("bad_shapes", str(err)) from None
+            self.counters["bad_shapes"] += 1
+            log.warning("stored model v%d unusable: %s", model.version, err)
+
+    def _start_lineage(self, current: GlobalModel | None, model: GlobalModel) -> None:
+        """A reset or an upgrade: the old lineage's rounds, update and residual mean nothing.
+
+        Called with `_changed` held.
+        """
+        log.info(
+            "new lineage %s (was %s): accepting v%d, dropping the old model's round state",
+            model.lineage,
+            None if current is None else current.lineage,
+            model.version,
+        )
+        self._held = self._sent = None
+        self._rounds_taken.clear()
+        self._send_permitted = 0
+        self._last_round = 0
+        self._residual = None
+        try:
+            self.state.save_last_round(0)
+            self.state.clear_residual()
+        except OSError as err:
+            self.counters["store_failed"] += 1
+            log.error("could not reset the round state: %s", err)
 
     def _on_tflite(self, payload: bytes) -> None:
         artifact = parse_tflite(
@@ -479,6 +545,20 @@ class EdgeNode:
             log.info("round %d: not selected", number)
             return
         with self._changed:
+            current = self._model
+            if (
+                announcement.lineage is not None
+                and current is not None
+                and announcement.lineage != current.lineage
+            ):
+                # Another lineage's round (a reset or an upgrade): our round numbers,
+                # held and sent updates belong to the old one. Wait for its base model.
+                log.info(
+                    "round %d of lineage %s: waiting for its model", number, announcement.lineage
+                )
+                self._rounds_taken.add(number)
+                self._jobs.put(lambda: self._take_part(announcement))
+                return
             sent = self._sent
             if sent is not None and sent.round == number:
                 log.info("round %d announced again while open: sending its update again", number)
@@ -535,10 +615,10 @@ class EdgeNode:
         base = self._wait_for_base(announcement)
         if base is None:
             return
-        data = self.gallery.training_set(base.labels, self.config.training.max_images_per_person)
-        if len(data) == 0:
-            log.warning("round %d: no gallery images of the model's labels; skipping", number)
+        found = self._training_data(number, base)
+        if found is None:
             return
+        data, strangers = found
         plan = announcement.train
         params = TrainParams(
             epochs=plan.epochs,
@@ -548,24 +628,33 @@ class EdgeNode:
             seed=round_seed(self.device, number),
         )
         log.info(
-            "round %d: training on %d gallery images from model v%d",
+            "round %d: training on %d gallery images of %d person(s) and %d strangers "
+            "from model v%d",
             number,
             len(data),
+            len(data.persons),
+            len(strangers),
             base.version,
         )
         try:
-            result = self._trainer.train_delta(base, data.images, data.labels, params)
-        except RejectedMessage as err:
-            self.counters[err.reason] += 1
+            result = train_delta(base.weights, data.features, data.labels, strangers, params)
+        except ValueError as err:
+            self.counters["bad_shapes"] += 1
             log.warning(
                 "round %d: base model v%d does not fit this node: %s", number, base.version, err
             )
             return
         self.trainings += 1
+        if not math.isfinite(result.loss):
+            # One person and no strangers: nothing to tell apart, the head did not move.
+            log.warning(
+                "round %d: nothing to learn from (one person, no strangers yet); skipping", number
+            )
+            return
         delta, residual = result.delta, None
         if announcement.codec == "topk":
             delta, residual = with_error_feedback(
-                result.names, delta, self._residual, announcement.density
+                base.names, delta, self._residual, announcement.density
             )
         payload = build_update(
             site=self.config.site,
@@ -573,7 +662,7 @@ class EdgeNode:
             round_id=number,
             base_version=base.version,
             num_examples=result.num_examples,
-            names=result.names,
+            names=base.names,
             delta=delta,
             codec=announcement.codec,
             density=announcement.density,
@@ -597,16 +686,37 @@ class EdgeNode:
         if send_now:
             self._send(update)
 
+    def _training_data(
+        self, number: int, base: GlobalModel
+    ) -> tuple[GalleryFeatures, Features] | None:
+        """The gallery's features and the strangers', under the base model's backbone."""
+        backbone = self.recognizer.backbone
+        if backbone is None or self.artifacts.backbone_id != base.backbone:
+            log.warning(
+                "round %d: no backbone %s for model v%d yet; skipping",
+                number,
+                base.backbone[:12],
+                base.version,
+            )
+            return None
+        data = self.gallery.features(backbone, self.config.training.max_images_per_person)
+        if len(data) == 0:
+            log.warning("round %d: the gallery is empty (nobody enrolled); skipping", number)
+            return None
+        return data, self.strangers.features(backbone.sha256, backbone.size)
+
     def _wait_for_base(self, announcement: RoundAnnouncement) -> GlobalModel | None:
         """The round's base model, waiting a while for it to arrive; None to skip."""
         wanted = announcement.base_version
+        lineage = announcement.lineage  # None: an aggregator that does not name it
         until = min(announcement.deadline, time.time() + self.config.training.base_model_wait_s)
         with self._changed:
             while True:
                 model = self._model
-                if model is not None and model.version == wanted:
+                same = model is not None and lineage in (None, model.lineage)
+                if model is not None and same and model.version == wanted:
                     return model
-                if model is not None and model.version > wanted:
+                if model is not None and same and model.version > wanted:
                     log.warning(
                         "round %d: base is v%d but this node already has v%d; skipping",
                         announcement.round,

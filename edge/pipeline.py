@@ -1,14 +1,16 @@
-"""The live loop: frame → faces → crops → recognition → doorbell events.
+"""The live loop: frame → faces → aligned chips → embeddings → doorbell events.
 
 `Pipeline.process(frame)` handles one frame and is what tests drive;
 `Pipeline.run(source, stop)` is the node's loop around it. A bad frame or a
 failing model is logged and counted, never the end of the loop.
 
 Visitors are decided per visit, not per frame: each face joins a `Track` (the
-nearest face of the previous frames), the track averages the model's class
-probabilities over its frames, and once it has `confirm_frames` frames it
-sends one visitor event, named from the mean. One noisy frame no longer
-decides who is at the door.
+nearest face of the previous frames), the track averages the embeddings of
+its frames, and once it has `confirm_frames` frames it sends one visitor
+event, named from the mean against the prototypes enrolled *at that moment*
+(so a person enrolled mid-visit is named). One noisy frame no longer decides
+who is at the door. A visit that ends up "unknown" lends its features to the
+stranger store: the negatives the next round trains against.
 """
 
 from __future__ import annotations
@@ -19,21 +21,24 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Protocol
 
 import numpy as np
 import numpy.typing as npt
 
 from edge.camera import FrameSource, ReconnectingSource
-from edge.detector import FaceDetector
 from edge.recognition_config import RecognitionConfig
-from edge.recognizer import UNKNOWN, Recognizer, RecognizerError
-from fedbell.faces import Box, crop_face, normalize_face
+from edge.recognizer import UNKNOWN, ModelKey, Recognizer
+from fedbell.detection import Detector
+from fedbell.embedding import Features
+from fedbell.features import face_chip
+
+Box = tuple[int, int, int, int]
 
 log = logging.getLogger(__name__)
 
 Frame = npt.NDArray[np.uint8]
-Probabilities = npt.NDArray[np.float32]
+Vector = npt.NDArray[np.float32]
 
 RING_FACE_WINDOW_S = 2.0
 """A ring names the face seen within this many seconds before it."""
@@ -72,23 +77,13 @@ class Sighting:
     person: str
     confidence: float
     crop: npt.NDArray[np.uint8]
-    probabilities: Probabilities | None = None
-    """Class probabilities; None when no model is loaded or it failed on this frame."""
-    model: int | str | None = None
-    """The version of the model that gave `probabilities`."""
-    labels: tuple[str, ...] = ()
-    """That model's labels, one per probability."""
-
-
-def decide(
-    mean: npt.NDArray[np.floating[Any]] | None, labels: Sequence[str], threshold: float
-) -> tuple[str, float]:
-    """(person or "unknown", confidence) from (mean) class probabilities."""
-    if mean is None or len(mean) == 0 or len(mean) != len(labels):
-        return UNKNOWN, 0.0
-    best = int(np.argmax(mean))
-    confidence = float(mean[best])
-    return (labels[best] if confidence >= threshold else UNKNOWN), confidence
+    """The aligned RGB chip (kept with the visitor event, for labelling)."""
+    embedding: Vector | None = None
+    """None when no model is ready or it failed on this frame."""
+    features: Vector | None = None
+    """The backbone's features of the chip (for the stranger store)."""
+    model: ModelKey | None = None
+    """The model that gave `embedding`."""
 
 
 @dataclass
@@ -98,8 +93,7 @@ class Track:
     box: Box
     last_seen: float
     last_frame: int
-    model: int | str | None = None
-    labels: tuple[str, ...] = ()
+    model: ModelKey | None = None
     frames: int = 0
     """Frames of evidence under `model` (a model swap starts the count again)."""
     total: npt.NDArray[np.float64] | None = None
@@ -110,19 +104,20 @@ class Track:
     def add(self, sighting: Sighting, frame: Frame, now: float, index: int) -> None:
         self.box, self.last_seen, self.last_frame = sighting.box, now, index
         if sighting.model != self.model:  # hot swap: the old model's evidence is void
-            self.model, self.labels = sighting.model, sighting.labels
+            self.model = sighting.model
             self.frames, self.total, self.best, self.best_frame = 0, None, None, None
-        if sighting.probabilities is not None:
-            probabilities = sighting.probabilities.astype(np.float64)
-            self.total = probabilities if self.total is None else self.total + probabilities
+        if sighting.embedding is not None:
+            embedding = sighting.embedding.astype(np.float64)
+            self.total = embedding if self.total is None else self.total + embedding
         self.frames += 1
         if self.best is None or _rank(sighting) > _rank(self.best):
             self.best, self.best_frame = sighting, frame
 
-    def decide(self, threshold: float) -> tuple[str, float]:
-        """Who this visit is so far: the argmax of the mean probabilities, or "unknown"."""
-        mean = None if self.total is None else self.total / self.frames
-        return decide(mean, self.labels, threshold)
+    def decide(self, recognizer: Recognizer) -> tuple[str, float]:
+        """Who this visit is so far: the mean embedding against today's prototypes."""
+        if self.total is None:
+            return UNKNOWN, 0.0
+        return recognizer.identify(np.asarray(self.total, np.float32), self.model)
 
 
 def _rank(sighting: Sighting) -> tuple[float, int]:
@@ -207,13 +202,17 @@ class _Seen:
 class Pipeline:
     def __init__(
         self,
-        detector: FaceDetector,
+        detector: Detector,
         recognizer: Recognizer,
         events: EventSink,
         config: RecognitionConfig | None = None,
+        *,
         clock: Callable[[], float] = time.monotonic,
+        on_stranger: Callable[[str, Features], None] | None = None,
     ) -> None:
         self.detector = detector
+        self.on_stranger = on_stranger
+        """Called with (backbone sha256, features) of each visit that stayed unknown."""
         self.recognizer = recognizer
         self.events = events
         self.config = config or RecognitionConfig()
@@ -248,34 +247,29 @@ class Pipeline:
         return sightings
 
     def _recognise(self, frame: Frame) -> list[Sighting]:
-        boxes = self.detector.detect(frame)
-        crops = [crop_face(frame, box, self.detector.config.margin) for box in boxes]
-        model, labels, probabilities = self._probabilities(crops)
-        threshold = self.recognizer.threshold
+        faces = self.detector.detect(frame)
+        chips = [face_chip(frame, face) for face in faces]
+        model = self.recognizer.model  # one snapshot for the whole frame
+        embeddings: npt.NDArray[np.float32] | None = None
+        features: Features | None = None
+        if chips and model.ready:
+            try:
+                features = self.recognizer.features(chips, model)
+                embeddings = model.embed(features)
+            except (RuntimeError, ValueError) as err:  # no sighting lost: they stay unknown
+                self.counters.errors += 1
+                log.warning("recognition failed: %s", err)
+                features = embeddings = None
         sightings = []
-        for i, (box, crop) in enumerate(zip(boxes, crops, strict=True)):
-            row = None if probabilities is None else probabilities[i]
-            person, confidence = decide(row, labels, threshold)
-            sightings.append(Sighting(box, person, confidence, crop, row, model, labels))
+        for i, (face, chip) in enumerate(zip(faces, chips, strict=True)):
+            if embeddings is None or features is None:
+                sightings.append(Sighting(face.box, UNKNOWN, 0.0, chip))
+                continue
+            person, confidence = self.recognizer.identify(embeddings[i], model.key)
+            sightings.append(
+                Sighting(face.box, person, confidence, chip, embeddings[i], features[i], model.key)
+            )
         return sightings
-
-    def _probabilities(
-        self, crops: Sequence[npt.NDArray[np.uint8]]
-    ) -> tuple[int | str | None, tuple[str, ...], Probabilities | None]:
-        """(model version, labels, [faces, classes]) from one model, or no reading at all."""
-        recognizer = self.recognizer
-        if not crops or not recognizer.ready:
-            return None, (), None  # no model yet: every face is a stranger
-        try:
-            version, labels = recognizer.version, recognizer.labels
-            faces = [normalize_face(crop, recognizer.input_size) for crop in crops]
-            probabilities = recognizer.probabilities_batch(faces)
-            if recognizer.version != version or probabilities.shape != (len(faces), len(labels)):
-                raise RecognizerError("the model changed during the frame")
-        except RecognizerError as err:
-            log.warning("recognition failed: %s", err)
-            return None, (), None
-        return version, labels, probabilities
 
     def _presence(self, tracks: list[Track], now: float) -> None:
         seen = self._seen
@@ -291,13 +285,13 @@ class Pipeline:
 
     def _visitors(self, tracks: list[Track], now: float) -> None:
         """One event per visit once it has confirm_frames frames; per person once per debounce_s."""
-        threshold = self.recognizer.threshold
         for track in tracks:
             if track.announced or track.frames < self.config.confirm_frames:
                 continue
             track.announced = True
             self.counters.visits += 1
-            person, confidence = track.decide(threshold)
+            person, confidence = track.decide(self.recognizer)
+            self._remember_stranger(track, person)
             if now - self._seen.last_event.get(person, float("-inf")) < self.config.debounce_s:
                 continue
             self._seen.last_event[person] = now
@@ -305,6 +299,18 @@ class Pipeline:
             best = track.best
             if best is not None:  # always, once a track has frames
                 self.events.visitor(person, confidence, best.box, best.crop, track.best_frame)
+
+    def _remember_stranger(self, track: Track, person: str) -> None:
+        best = track.best
+        if person != UNKNOWN or self.on_stranger is None or best is None:
+            return
+        if best.features is None or track.model is None:
+            return  # no model was ready: nothing comparable to keep
+        try:
+            self.on_stranger(track.model[0], best.features[None, :])
+        except Exception as err:  # the store is a nicety; the event still goes out
+            self.counters.errors += 1
+            log.warning("stranger not stored: %s", err)
 
     def _face_ring(self, sightings: list[Sighting]) -> bool:
         """True once per continuous appearance, after ring_on_face_frames frames."""
@@ -320,9 +326,7 @@ class Pipeline:
             track = seen.last_track
             recent = track is not None and self._clock() - track.last_seen <= RING_FACE_WINDOW_S
             visit = track if recent else None
-            person, confidence = (
-                (UNKNOWN, 0.0) if visit is None else visit.decide(self.recognizer.threshold)
-            )
+            person, confidence = (UNKNOWN, 0.0) if visit is None else visit.decide(self.recognizer)
             best = None if visit is None else visit.best
             best_frame = None if visit is None else visit.best_frame
             frame = seen.last_frame

@@ -115,19 +115,39 @@ class CameraConfig(_Section):
 
 
 class DetectionConfig(_Section):
+    kind: Literal["blazeface", "haar"] = Field(
+        default="blazeface",
+        title="Detector",
+        description="blazeface (MediaPipe's model on LiteRT: boxes and eyes, so chips are "
+        "aligned by the eyes) or haar (OpenCV's cascade: boxes only); BlazeFace falls back "
+        "to Haar, with a warning, when its model files are missing",
+    )
+    model: Literal["full_range", "short_range"] = Field(
+        default="full_range",
+        title="BlazeFace model",
+        description="full_range finds faces ~25-40 px wide (a visitor a few metres away); "
+        "short_range is faster but needs faces close to the camera",
+    )
+    min_score: float = Field(
+        default=0.5,
+        gt=0.0,
+        lt=1.0,
+        title="BlazeFace score",
+        description="Detections scoring below this are dropped",
+    )
     downscale: float = Field(
         default=0.5,
         gt=0.05,
         le=1.0,
         title="Detection scale",
-        description="Frames are resized by this factor before detection so the Haar "
+        description="Haar: frames are resized by this factor before detection so the "
         "cascade keeps up with the camera; boxes are mapped back to full size",
     )
     min_face_px: int = Field(
         default=60,
         ge=8,
         title="Minimum face size",
-        description="Smallest face side, in full-frame pixels, worth recognising",
+        description="Haar: smallest face side, in full-frame pixels, worth recognising",
     )
     scale_factor: float = Field(
         default=1.1,
@@ -148,36 +168,29 @@ class DetectionConfig(_Section):
         title="Faces per frame",
         description="Only the largest faces of a frame are recognised",
     )
-    margin: float = Field(
-        default=0.1,
-        ge=0.0,
-        le=0.5,
-        title="Crop margin",
-        description="Widening of the face box per side before cropping; "
-        "must match the margin used for training crops",
-    )
     cascade: str = Field(
         default="haarcascade_frontalface_default.xml",
         title="Cascade file",
-        description="A file name in cv2.data.haarcascades or a path",
+        description="Haar: a file name in cv2.data.haarcascades or a path",
     )
 
 
 class RecognitionConfig(_Section):
     threshold: float | None = Field(
         default=None,
-        ge=0.0,
+        ge=-1.0,
         le=1.0,
         title="Threshold override",
-        description="Confidence below which a face is 'unknown'; unset uses the threshold "
-        "calibrated by the aggregator and shipped with the model",
+        description="Cosine similarity to the nearest enrolled person below which a face is "
+        "'unknown'; unset uses the threshold the aggregator calibrated on real strangers and "
+        "ships with each global model",
     )
     default_threshold: float = Field(
-        default=0.6,
-        ge=0.0,
+        default=0.5,
+        ge=-1.0,
         le=1.0,
         title="Fallback threshold",
-        description="Used when neither the override nor the model artifact gives one",
+        description="Used only before any global model (and its threshold) arrived",
     )
     debounce_s: float = Field(
         default=30.0,
@@ -190,7 +203,7 @@ class RecognitionConfig(_Section):
         ge=1,
         title="Frames to confirm",
         description="A visit (one face followed across frames) is decided after this many "
-        "frames: one visitor event, named from the mean of the model's probabilities over them "
+        "frames: one visitor event, named from the mean of its embeddings over them "
         "(5 frames is a third of a second at 15 fps; more frames, steadier names)",
     )
     ring_on_face_frames: int = Field(
@@ -226,13 +239,13 @@ class RecognitionConfig(_Section):
         default=200,
         ge=0,
         title="Kept event crops",
-        description="How many recent event face crops are kept for labelling",
+        description="How many recent event face chips are kept (in memory) for labelling",
     )
     event_crops_max_age_s: float = Field(
         default=3600.0,
         gt=0.0,
         title="Event crop lifetime",
-        description="Event face crops older than this can no longer be labelled",
+        description="Event face chips older than this can no longer be labelled",
     )
 
 

@@ -1,12 +1,14 @@
-"""The doorbell node against a real Mosquitto, real TensorFlow and a real TFLite interpreter.
+"""The doorbell node against a real Mosquitto, the real backbone (LiteRT) and real processes.
 
-The test plays the aggregator: it publishes retained global models, TFLite
-artifacts and round announcements built with the shared contract, and reads
-what the node publishes back.
+The test plays the aggregator: it publishes retained global models (the head),
+the backbone artifact and round announcements built with the shared contract,
+and reads what the node publishes back.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import signal
 import subprocess
@@ -24,13 +26,17 @@ import pytest
 import yaml
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from aggregator.backbone import BackboneModels
 from broker.local import LocalBroker
-from edge.config import EdgeConfig, TrainingSettings
+from edge.config import EdgeConfig, InferenceSettings, TrainingSettings
+from edge.gallery import Gallery
 from edge.node import EdgeNode
 from edge.recognition_config import CameraConfig
 from edge.state import NodeState
 from fedbell import signing
 from fedbell.config import MqttSettings, SigningSettings
+from fedbell.embedding import HEAD_NAMES
+from fedbell.envelope import TensorSpec
 from fedbell.messages import (
     AGGREGATOR,
     GlobalModel,
@@ -39,39 +45,33 @@ from fedbell.messages import (
     build_tflite,
     parse_update,
 )
-from fedbell.model import build_model, get_weights, tensor_specs, to_tflite, weight_names
+from fedbell.openset import UNKNOWN
 from fedbell.protocol import DeviceStatus, RoundAnnouncement, TrainingPlan, parse_json, to_json
-from fedbell.synthetic import make_dataset
 from fedbell.topics import Topics
 from tests.mqtt_helpers import Probe
+from tests.recognition_helpers import LINEAGE, chips_of, frames_of, projection, write_frames
 
 REPO = Path(__file__).resolve().parents[1]
 SITE = "home"
 DEVICE = "frontdoor"
 TOPICS = Topics(SITE)
-LABELS = ("person00", "person01")  # the gallery also holds person02, who is not a label
-LABELLED_IMAGES = 6
+PERSONS = 3
+LABELLED_IMAGES = 6  # two chips of each of three persons
+
+Base = tuple[list[str], list[np.ndarray]]
 
 
 @pytest.fixture(scope="module")
 def gallery(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("gallery")
-    make_dataset(root, persons=3, images_per_person=3, seed=7)
+    for person in range(PERSONS):
+        Gallery(root).add(f"person{person}", chips_of(person, 2, 10 + person))
     return root
 
 
 @pytest.fixture(scope="module")
-def base() -> tuple[list[str], list[np.ndarray]]:
-    model = build_model(len(LABELS), seed=3)
-    return weight_names(model), get_weights(model)
-
-
-@pytest.fixture(scope="module")
-def tflite(gallery: Path) -> tuple[bytes, bytes]:
-    from edge.gallery import Gallery
-
-    faces = Gallery(gallery).training_set(LABELS, 10).images
-    return to_tflite(build_model(len(LABELS), seed=3), faces)
+def base() -> Base:
+    return list(HEAD_NAMES), [projection()]
 
 
 def make_config(tmp_path: Path, port: int, gallery: Path, **signing_files: Path) -> EdgeConfig:
@@ -83,12 +83,19 @@ def make_config(tmp_path: Path, port: int, gallery: Path, **signing_files: Path)
         state_dir=tmp_path / "state",
         gallery_dir=gallery,
         training=TrainingSettings(base_model_wait_s=20),
+        inference=InferenceSettings(flavour="float"),
         camera=CameraConfig(enabled=False),
     )
 
 
 def global_payload(
-    base: tuple[list[str], list[np.ndarray]], version: int, key: Ed25519PrivateKey | None = None
+    base: Base,
+    version: int,
+    key: Ed25519PrivateKey | None = None,
+    *,
+    backbone: str = "0" * 64,
+    lineage: str = LINEAGE,
+    threshold: float = 0.0,
 ) -> bytes:
     names, weights = base
     return build_global(
@@ -98,7 +105,23 @@ def global_payload(
         round_id=max(0, version - 1),
         names=names,
         weights=weights,
-        meta={"labels": list(LABELS)},
+        lineage=lineage,
+        threshold=threshold,
+        backbone=backbone,
+    )
+
+
+def tflite_payload(
+    models: BackboneModels, lineage: str = LINEAGE, version: int = 0, float_only: bool = False
+) -> bytes:
+    return build_tflite(
+        site=SITE,
+        signer=Signer(AGGREGATOR),
+        version=version,
+        round_id=0,
+        float_model=models.float_model,
+        int8_model=b"" if float_only else models.int8_model,
+        lineage=lineage,
     )
 
 
@@ -108,22 +131,28 @@ def round_payload(
     selected: tuple[str, ...] = (DEVICE,),
     send_when_trained: bool = True,
     codec: str = "float16",
+    *,
+    base_version: int = 1,
+    lineage: str | None = LINEAGE,
+    key: Ed25519PrivateKey | None = None,
 ) -> bytes:
-    return to_json(
-        RoundAnnouncement.model_validate(
-            {
-                "round": number,
-                "base_version": 1,
-                "phase": phase,
-                "selected": selected,
-                "deadline": time.time() + 120,
-                "codec": codec,
-                "density": 0.1,
-                "train": TrainingPlan(epochs=1, batch_size=8, prox_mu=0.01),
-                "send_when_trained": send_when_trained,
-            }
-        )
+    announcement = RoundAnnouncement.model_validate(
+        {
+            "round": number,
+            "base_version": base_version,
+            "lineage": lineage,
+            "phase": phase,
+            "selected": selected,
+            "deadline": time.time() + 120,
+            "codec": codec,
+            "density": 0.1,
+            "train": TrainingPlan(epochs=1, batch_size=8, prox_mu=0.01),
+            "send_when_trained": send_when_trained,
+        }
     )
+    if key is not None:  # a site with signing signs its rounds too
+        announcement = signing.sign_announcement(announcement, SITE, key)
+    return to_json(announcement)
 
 
 def wait_until(condition: Callable[[], Any], timeout: float = 30.0) -> None:
@@ -168,20 +197,23 @@ def no_message(probe: Probe, topic: str, seconds: float) -> bool:
 
 def check_update(
     payload: bytes,
-    base: tuple[list[str], list[np.ndarray]],
+    base: Base,
     round_id: int,
     keys: dict[str, Any] | None = None,
+    base_version: int = 1,
 ) -> None:
     names, weights = base
     update = parse_update(
         payload,
         site=SITE,
         device=DEVICE,
-        expected=tensor_specs(names, weights),
+        expected=tuple(
+            TensorSpec(name=n, shape=w.shape) for n, w in zip(names, weights, strict=True)
+        ),
         max_bytes=1 << 24,
         keys=keys,
     )
-    assert (update.round, update.base_version) == (round_id, 1)
+    assert (update.round, update.base_version) == (round_id, base_version)
     assert update.num_examples == LABELLED_IMAGES
     assert [d.shape for d in update.delta] == [w.shape for w in weights]
     assert any(float(np.abs(d).max()) > 0 for d in update.delta)
@@ -205,7 +237,7 @@ def test_status_online_then_offline_on_sigterm_and_by_last_will(
             try:
                 online = next_status(probe, 20)
                 assert online.state == "online"
-                assert online.gallery_size == 9
+                assert online.gallery_size == LABELLED_IMAGES
                 process.send_signal(how)
                 offline = next_status(probe, 20)
                 assert offline.state == "offline"
@@ -226,7 +258,7 @@ def test_status_online_then_offline_on_sigterm_and_by_last_will(
 
 
 def test_late_joiner_gets_retained_model_and_keeps_it_across_restarts(
-    tmp_path: Path, broker: LocalBroker, gallery: Path, base: tuple[list[str], list[np.ndarray]]
+    tmp_path: Path, broker: LocalBroker, gallery: Path, base: Base
 ) -> None:
     aggregator = Probe(broker.port, TOPICS.status(DEVICE))
     try:
@@ -239,22 +271,30 @@ def test_late_joiner_gets_retained_model_and_keeps_it_across_restarts(
             time.sleep(0.3)
             assert node.model_version == 1  # a repeated version is ignored, not an error
             assert not node.counters
+            assert node.recognizer.version == 1  # the head went to the recognizer
         restarted = EdgeNode(config)  # not connected: the model comes from its state folder
         assert restarted.model_version == 1
+        assert restarted.recognizer.version == 1
     finally:
         aggregator.close()
 
 
 def test_selected_node_waits_for_its_base_model_and_trains_once(
-    tmp_path: Path, broker: LocalBroker, gallery: Path, base: tuple[list[str], list[np.ndarray]]
+    tmp_path: Path,
+    broker: LocalBroker,
+    gallery: Path,
+    base: Base,
+    backbone_models: BackboneModels,
 ) -> None:
     aggregator = Probe(broker.port, TOPICS.all_updates)
     config = make_config(tmp_path, broker.port, gallery)
     try:
+        aggregator.publish(TOPICS.tflite_model, tflite_payload(backbone_models), retain=True)
         with running(config) as node:
             aggregator.publish(TOPICS.round, round_payload(1), retain=True)
             time.sleep(0.5)  # the round arrives before the model it is based on
-            aggregator.publish(TOPICS.global_model, global_payload(base, 1), retain=True)
+            model = global_payload(base, 1, backbone=backbone_models.sha256)
+            aggregator.publish(TOPICS.global_model, model, retain=True)
             first = received(aggregator, TOPICS.update(DEVICE))
             check_update(first, base, 1)
             wait_until(lambda: node.last_round == 1)
@@ -268,8 +308,25 @@ def test_selected_node_waits_for_its_base_model_and_trains_once(
         aggregator.close()
 
 
+def test_a_doorbell_with_an_empty_gallery_skips_the_round(
+    tmp_path: Path, broker: LocalBroker, base: Base, backbone_models: BackboneModels
+) -> None:
+    aggregator = Probe(broker.port, TOPICS.all_updates)
+    try:
+        aggregator.publish(TOPICS.tflite_model, tflite_payload(backbone_models), retain=True)
+        model = global_payload(base, 1, backbone=backbone_models.sha256)
+        aggregator.publish(TOPICS.global_model, model, retain=True)
+        aggregator.publish(TOPICS.round, round_payload(1), retain=True)
+        with running(make_config(tmp_path, broker.port, tmp_path / "nobody")) as node:
+            assert no_message(aggregator, TOPICS.all_updates, 3)
+            assert node.trainings == 0
+            assert node.model_version == 1
+    finally:
+        aggregator.close()
+
+
 def test_unselected_node_publishes_nothing(
-    tmp_path: Path, broker: LocalBroker, gallery: Path, base: tuple[list[str], list[np.ndarray]]
+    tmp_path: Path, broker: LocalBroker, gallery: Path, base: Base
 ) -> None:
     aggregator = Probe(broker.port, TOPICS.all_updates)
     try:
@@ -283,14 +340,20 @@ def test_unselected_node_publishes_nothing(
 
 
 def test_held_update_is_sent_only_in_the_send_phase(
-    tmp_path: Path, broker: LocalBroker, gallery: Path, base: tuple[list[str], list[np.ndarray]]
+    tmp_path: Path,
+    broker: LocalBroker,
+    gallery: Path,
+    base: Base,
+    backbone_models: BackboneModels,
 ) -> None:
     """Step-by-step mode, with a top-k update whose remainder stays on the device."""
     aggregator = Probe(broker.port, TOPICS.all_updates)
     config = make_config(tmp_path, broker.port, gallery)
     held = partial(round_payload, 2, send_when_trained=False, codec="topk")
     try:
-        aggregator.publish(TOPICS.global_model, global_payload(base, 1), retain=True)
+        aggregator.publish(TOPICS.tflite_model, tflite_payload(backbone_models), retain=True)
+        model = global_payload(base, 1, backbone=backbone_models.sha256)
+        aggregator.publish(TOPICS.global_model, model, retain=True)
         aggregator.publish(TOPICS.round, held(), retain=True)
         with running(config) as node:
             wait_until(lambda: node.held_round == 2)
@@ -310,7 +373,11 @@ def test_held_update_is_sent_only_in_the_send_phase(
 
 
 def test_tampered_models_are_refused_and_updates_are_signed(
-    tmp_path: Path, broker: LocalBroker, gallery: Path, base: tuple[list[str], list[np.ndarray]]
+    tmp_path: Path,
+    broker: LocalBroker,
+    gallery: Path,
+    base: Base,
+    backbone_models: BackboneModels,
 ) -> None:
     keys = tmp_path / "keys"
     signing.write_key_pair(keys / "aggregator.key", keys / "trusted" / "aggregator.pub")
@@ -323,15 +390,26 @@ def test_tampered_models_are_refused_and_updates_are_signed(
         private_key_file=keys / "device.key",
         trusted_keys_dir=keys / "trusted",
     )
+    signed = partial(global_payload, backbone=backbone_models.sha256)
     aggregator = Probe(broker.port, TOPICS.all_updates)
     try:
+        backbone = build_tflite(
+            site=SITE,
+            signer=Signer(AGGREGATOR, aggregator_key),
+            version=0,
+            round_id=0,
+            float_model=backbone_models.float_model,
+            int8_model=b"",
+            lineage=LINEAGE,
+        )
+        aggregator.publish(TOPICS.tflite_model, backbone, retain=True)
         with running(config) as node:
-            aggregator.publish(TOPICS.global_model, global_payload(base, 1, aggregator_key))
+            aggregator.publish(TOPICS.global_model, signed(base, 1, aggregator_key))
             wait_until(lambda: node.model_version == 1)
-            rogue = global_payload(base, 2, Ed25519PrivateKey.generate())
+            rogue = signed(base, 2, Ed25519PrivateKey.generate())
             aggregator.publish(TOPICS.global_model, rogue)
-            aggregator.publish(TOPICS.global_model, global_payload(base, 3))  # unsigned
-            corrupted = bytearray(global_payload(base, 4, aggregator_key))
+            aggregator.publish(TOPICS.global_model, signed(base, 3))  # unsigned
+            corrupted = bytearray(signed(base, 4, aggregator_key))
             corrupted[-1] ^= 0xFF
             aggregator.publish(TOPICS.global_model, bytes(corrupted))
             wait_until(lambda: sum(node.counters.values()) == 3)
@@ -341,80 +419,237 @@ def test_tampered_models_are_refused_and_updates_are_signed(
             assert isinstance(stored, GlobalModel)
             assert stored.version == 1
 
-            # Rounds are signed too (issue 13 item 4): the node trusts a key, so an
-            # unsigned announcement would be refused.
-            signed = signing.sign_announcement(
-                RoundAnnouncement.model_validate_json(round_payload(1)), SITE, aggregator_key
-            )
-            aggregator.publish(TOPICS.round, to_json(signed))
+            aggregator.publish(TOPICS.round, round_payload(1, key=aggregator_key))
             device_key = {DEVICE: signing.load_public_key(keys / "device.pub")}
             check_update(received(aggregator, TOPICS.update(DEVICE)), base, 1, keys=device_key)
     finally:
         aggregator.close()
 
 
-def test_tflite_artifact_is_stored_and_run_on_the_gallery(
-    tmp_path: Path, broker: LocalBroker, gallery: Path, tflite: tuple[bytes, bytes]
+def test_backbone_is_stored_and_the_gallery_scored(
+    tmp_path: Path,
+    broker: LocalBroker,
+    gallery: Path,
+    base: Base,
+    backbone_models: BackboneModels,
 ) -> None:
-    float_model, int8_model = tflite
     aggregator = Probe(broker.port, TOPICS.status(DEVICE))
-    config = make_config(tmp_path, broker.port, gallery)
+    config = make_config(tmp_path, broker.port, gallery).model_copy(
+        update={"inference": InferenceSettings(flavour="int8")}
+    )
     try:
-        artifact = build_tflite(
-            site=SITE,
-            signer=Signer(AGGREGATOR),
-            version=1,
-            round_id=0,
-            float_model=float_model,
-            int8_model=int8_model,
-            labels=LABELS,
-            threshold=0.5,
-        )
-        aggregator.publish(TOPICS.tflite_model, artifact, retain=True)
+        aggregator.publish(TOPICS.tflite_model, tflite_payload(backbone_models), retain=True)
+        model = global_payload(base, 1, backbone=backbone_models.sha256)
+        aggregator.publish(TOPICS.global_model, model, retain=True)
         with running(config) as node:
             wait_until(lambda: node.gallery_accuracy is not None)
-            assert node.recognizer.version == 1
-            wait_until(lambda: "gallery accuracy" in next_status(aggregator).detail)
+            assert node.gallery_accuracy == 1.0  # each chip named by the others' prototypes
+            assert node.recognizer.ready
+            wait_until(lambda: "leave-one-out accuracy 1.00" in next_status(aggregator).detail)
             broken = build_tflite(
                 site=SITE,
                 signer=Signer(AGGREGATOR),
-                version=2,
+                version=1,
                 round_id=1,
                 float_model=b"not a flatbuffer",
                 int8_model=b"junk",
-                labels=LABELS,
-                threshold=0.5,
+                lineage=LINEAGE,
             )
             aggregator.publish(TOPICS.tflite_model, broken, retain=True)
             wait_until(lambda: node.counters["bad_artifact"] == 1)
-            assert node.recognizer.version == 1
+            assert node.recognizer.ready  # the old backbone stays in use
+            backbone = node.recognizer.backbone
+            assert backbone is not None
+            assert backbone.sha256 == hashlib.sha256(backbone_models.int8_model).hexdigest()
         stored = NodeState(config.state_dir).load_artifact()
         assert stored is not None
-        assert (stored.version, stored.flavour, stored.labels) == (1, "int8", LABELS)
-        assert stored.model == int8_model
-        assert (config.state_dir / "model.tflite").read_bytes() == int8_model
-        with running(config) as restarted:  # recognises with the stored model at once
-            assert restarted.recognizer.version == 1
-            wait_until(lambda: restarted.counters["bad_artifact"] == 1)  # v2 retried, refused
-            assert restarted.recognizer.version == 1
+        assert (stored.version, stored.flavour, stored.lineage) == (0, "int8", LINEAGE)
+        assert stored.backbone_id == backbone_models.sha256
+        assert (config.state_dir / "model.tflite").read_bytes() == backbone_models.int8_model
+        with running(config) as restarted:  # recognises with the stored backbone at once
+            assert restarted.recognizer.ready
+            wait_until(lambda: restarted.counters["bad_artifact"] == 1)  # v1 retried, refused
+            assert restarted.recognizer.ready
     finally:
         aggregator.close()
 
 
-def test_state_ignores_a_model_whose_sidecar_does_not_match(
-    tmp_path: Path, base: tuple[list[str], list[np.ndarray]]
+def test_a_head_that_does_not_fit_the_backbone_is_refused(
+    tmp_path: Path, broker: LocalBroker, gallery: Path, backbone_models: BackboneModels
 ) -> None:
+    aggregator = Probe(broker.port, TOPICS.status(DEVICE))
+    try:
+        aggregator.publish(TOPICS.tflite_model, tflite_payload(backbone_models), retain=True)
+        good = (list(HEAD_NAMES), [projection()])
+        wrong = (list(HEAD_NAMES), [np.eye(128, dtype=np.float32)])  # takes 128, not 256
+        with running(make_config(tmp_path, broker.port, gallery)) as node:
+            wait_until(lambda: node.recognizer.backbone is not None)
+            aggregator.publish(
+                TOPICS.global_model, global_payload(good, 1, backbone=backbone_models.sha256)
+            )
+            wait_until(lambda: node.recognizer.ready)
+            aggregator.publish(
+                TOPICS.global_model, global_payload(wrong, 2, backbone=backbone_models.sha256)
+            )
+            wait_until(lambda: node.counters["bad_shapes"] == 1)
+            assert node.model_version == 1
+            assert node.recognizer.version == 1
+    finally:
+        aggregator.close()
+
+
+def test_a_new_lineage_is_accepted_at_version_0_and_its_rounds_start_afresh(
+    tmp_path: Path,
+    broker: LocalBroker,
+    gallery: Path,
+    base: Base,
+    backbone_models: BackboneModels,
+) -> None:
+    """An aggregator reset or upgrade: version 0 of another lineage replaces version 5."""
+    aggregator = Probe(broker.port, TOPICS.all_updates)
+    config = make_config(tmp_path, broker.port, gallery)
+    old = partial(global_payload, base, backbone=backbone_models.sha256, lineage="old")
+    new = partial(global_payload, base, backbone=backbone_models.sha256, lineage="new")
+    try:
+        aggregator.publish(TOPICS.tflite_model, tflite_payload(backbone_models, "old"), retain=True)
+        aggregator.publish(TOPICS.global_model, old(5), retain=True)
+        aggregator.publish(
+            TOPICS.round, round_payload(7, base_version=5, lineage="old"), retain=True
+        )
+        with running(config) as node:
+            check_update(received(aggregator, TOPICS.update(DEVICE)), base, 7, base_version=5)
+            wait_until(lambda: node.last_round == 7)
+            aggregator.publish(TOPICS.global_model, old(4))  # older, same lineage: ignored
+            aggregator.publish(TOPICS.tflite_model, tflite_payload(backbone_models, "new"))
+            aggregator.publish(TOPICS.global_model, new(0), retain=True)
+            wait_until(lambda: node.model_version == 0)
+            assert node.last_round == 0  # the old lineage's round counter is gone
+            assert NodeState(config.state_dir).load_last_round() == 0
+            aggregator.publish(TOPICS.global_model, old(6))  # the old lineage again: accepted
+            wait_until(lambda: node.model_version == 6)
+            aggregator.publish(TOPICS.global_model, new(0))
+            wait_until(lambda: node.model_version == 0)
+            aggregator.publish(TOPICS.round, round_payload(1, base_version=0, lineage="new"))
+            check_update(received(aggregator, TOPICS.update(DEVICE)), base, 1, base_version=0)
+            wait_until(lambda: node.last_round == 1)
+            stored = NodeState(config.state_dir).load_global()
+            assert stored is not None
+            assert (stored.lineage, stored.version) == ("new", 0)
+            assert not node.counters
+    finally:
+        aggregator.close()
+
+
+def test_an_old_closed_set_state_folder_is_dropped_for_the_new_lineage(
+    tmp_path: Path,
+    broker: LocalBroker,
+    gallery: Path,
+    base: Base,
+    backbone_models: BackboneModels,
+) -> None:
+    """Upgrade: a state folder from the closed-set model (labels, no lineage) is not used."""
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / "global.npz").write_bytes(b"old weights")
+    sidecar = {"version": 30, "round": 29, "names": ["dense/kernel"], "meta": {"labels": ["a"]}}
+    (state / "global.json").write_text(
+        json.dumps({**sidecar, "sha256": hashlib.sha256(b"old weights").hexdigest()})
+    )
+    NodeState(state).save_last_round(29)
+    aggregator = Probe(broker.port, TOPICS.all_updates)
+    try:
+        aggregator.publish(TOPICS.tflite_model, tflite_payload(backbone_models), retain=True)
+        model = global_payload(base, 0, backbone=backbone_models.sha256)
+        aggregator.publish(TOPICS.global_model, model, retain=True)
+        with running(make_config(tmp_path, broker.port, gallery)) as node:
+            wait_until(lambda: node.model_version == 0)
+            aggregator.publish(TOPICS.round, round_payload(1, base_version=0))
+            check_update(received(aggregator, TOPICS.update(DEVICE)), base, 1, base_version=0)
+    finally:
+        aggregator.close()
+
+
+def test_enrollment_and_removal_take_effect_at_once_and_send_nothing(
+    tmp_path: Path, broker: LocalBroker, base: Base, backbone_models: BackboneModels
+) -> None:
+    """`python -m edge enroll` in another process; the running doorbell names the person
+    within a second; nothing at all is published on fedbell/# meanwhile."""
+    gallery = tmp_path / "gallery"
+    Gallery(gallery).add("person0", chips_of(0, 3, 100))
+    config = make_config(tmp_path, broker.port, gallery)
+    config_path = tmp_path / "edge.yaml"
+    config_path.write_text(yaml.safe_dump(config.model_dump(mode="json")))
+    photos = tmp_path / "photos"
+    write_frames(photos, frames_of(4, 4, 401))
+    visitor = chips_of(4, 1, 400)[0]
+    aggregator = Probe(broker.port)
+    try:
+        aggregator.publish(TOPICS.tflite_model, tflite_payload(backbone_models), retain=True)
+        model = global_payload(base, 1, backbone=backbone_models.sha256, threshold=0.95)
+        aggregator.publish(TOPICS.global_model, model, retain=True)
+        with running(config) as node:
+            wait_until(lambda: node.recognizer.persons == ("person0",))
+            assert node.recognizer.recognize(visitor)[0] == UNKNOWN
+            time.sleep(1.0)  # let the node's own start-up status go out first
+            watcher = Probe(broker.port, f"{TOPICS.base}/#")
+            try:
+                enroll = [sys.executable, "-m", "edge", "enroll", "--config", str(config_path)]
+                added = subprocess.run(
+                    [*enroll, "--person", "newcomer", "--from-folder", str(photos)],
+                    cwd=REPO,
+                    capture_output=True,
+                    text=True,
+                    timeout=120,
+                    check=True,
+                )
+                assert "newcomer: kept 4 chip(s) from 4 photo(s)" in added.stdout
+                enrolled_at = time.monotonic()
+                wait_until(lambda: node.recognizer.recognize(visitor)[0] == "newcomer", 5)
+                assert time.monotonic() - enrolled_at < 1.0
+                removed = subprocess.run(
+                    [*enroll, "--remove", "newcomer"],
+                    cwd=REPO,
+                    capture_output=True,
+                    text=True,
+                    timeout=120,
+                    check=True,
+                )
+                assert "removed newcomer (4 image(s))" in removed.stdout
+                removed_at = time.monotonic()
+                wait_until(lambda: node.recognizer.recognize(visitor)[0] == UNKNOWN, 5)
+                assert time.monotonic() - removed_at < 1.0
+                time.sleep(0.5)
+                published = []
+                while not watcher.messages.empty():
+                    message = watcher.messages.get()
+                    if not message.retain:  # retained: copies sent because we subscribed
+                        published.append(message.topic)
+                assert published == []  # enrollment sent nothing to the federation
+            finally:
+                watcher.close()
+            assert not node.counters
+    finally:
+        aggregator.close()
+
+
+def test_state_ignores_a_model_whose_sidecar_does_not_match(tmp_path: Path, base: Base) -> None:
     names, weights = base
     state = NodeState(tmp_path)
     state.save_global(
         GlobalModel(
-            version=5, round=4, names=tuple(names), weights=weights, meta={"labels": list(LABELS)}
+            version=5,
+            round=4,
+            names=tuple(names),
+            weights=weights,
+            lineage=LINEAGE,
+            threshold=0.7,
+            backbone="a" * 64,
         )
     )
     loaded = state.load_global()
     assert loaded is not None
-    assert loaded.version == 5
-    assert loaded.labels == list(LABELS)
+    assert (loaded.version, loaded.lineage, loaded.threshold) == (5, LINEAGE, 0.7)
+    assert loaded.backbone == "a" * 64
     assert all(np.array_equal(a, b) for a, b in zip(loaded.weights, weights, strict=True))
     (tmp_path / "global.npz").write_bytes(b"half-written")
     assert state.load_global() is None
@@ -427,3 +662,5 @@ def test_cli_runs_by_default_and_offers_enroll() -> None:
     assert parse_args(["run", "--config", "edge.yaml", "--log-level", "DEBUG"]).log_level == "DEBUG"
     enroll = parse_args(["enroll", "--config", "edge.yaml", "--person", "ann"])
     assert (enroll.command, enroll.person) == ("enroll", "ann")
+    remove = parse_args(["enroll", "--config", "edge.yaml", "--remove", "ann"])
+    assert remove.remove == "ann"

@@ -1,4 +1,4 @@
-"""Enrollment into the gallery, and label feedback from recent events."""
+"""Enrollment into the gallery (camera, photos, a folder of people), removal, label feedback."""
 
 from __future__ import annotations
 
@@ -10,90 +10,138 @@ import numpy as np
 import pytest
 
 from edge.camera import FolderSource
-from edge.detector import FaceDetector
-from edge.enroll import enroll, enroll_main
+from edge.enroll import MIN_CHIPS, enroll, enroll_main, enroll_photos, photos_in
 from edge.feedback import FeedbackError, RecentCrops, apply_label
-from fedbell.faces import read_image
-from fedbell.synthetic import make_identities, make_scene, render_face
+from edge.gallery import Gallery, GalleryError
+from fedbell.align import CHIP_SIZE
+from tests.recognition_helpers import chips_of, detector, frames_of, write_frames
 
 
-def photos(folder: Path, count: int, with_face: bool = True) -> None:
-    folder.mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    identity = make_identities(1, 3)[0]
+def photos(folder: Path, count: int, person: int = 0, blank_every: int = 0) -> None:
+    """Porch photos of one generated person; every `blank_every`-th has no face."""
+    frames = frames_of(person, count, 40 + person)
     for i in range(count):
-        scene = make_scene([render_face(identity, rng)], rng)
-        frame = scene.frame if with_face or i % 2 else np.full_like(scene.frame, 128)
-        cv2.imwrite(str(folder / f"{i:02d}.jpg"), frame)
+        if blank_every and i % blank_every == blank_every - 1:
+            frames[i] = np.full_like(frames[i], 128)
+    write_frames(folder, frames)
 
 
-def test_enroll_from_folder_stores_grey_crops(tmp_path: Path) -> None:
-    photos(tmp_path / "photos", 6)
-    result = enroll(
-        FolderSource(tmp_path / "photos"), FaceDetector(), tmp_path / "gallery", "alice", count=4
-    )
-    assert len(result.saved) == 4
+def test_enroll_from_a_camera_stores_aligned_chips(tmp_path: Path) -> None:
+    photos(tmp_path / "frames", 6, blank_every=3)
+    gallery = Gallery(tmp_path / "gallery")
+    result = enroll(FolderSource(tmp_path / "frames"), detector(), gallery, "alice", count=3)
+    assert len(result.saved) == 3
+    assert result.frames_without_face == 1  # frame 2 is a blank wall
     for path in result.saved:
         assert path.parent == tmp_path / "gallery" / "alice"
-        crop = read_image(path)
-        assert crop.dtype == np.uint8
-        assert crop.shape[0] == crop.shape[1] > 64  # the crop, not the normalised 64x64
+        chip = gallery.read_chip(path)
+        assert chip is not None
+        assert chip.shape == (CHIP_SIZE, CHIP_SIZE, 3)
 
 
-def test_enroll_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    photos(tmp_path / "photos", 4)
+def test_enroll_photos_names_those_without_a_face(tmp_path: Path) -> None:
+    photos(tmp_path / "photos", 6, blank_every=2)
+    gallery = Gallery(tmp_path / "gallery")
+    result = enroll_photos(photos_in(tmp_path / "photos"), detector(), gallery, "bob")
+    assert len(result.saved) == 3
+    assert result.without_face == ["001.png", "003.png", "005.png"]
+    assert gallery.count() == 3
+
+
+def test_enroll_cli_reports_per_person_and_warns_below_the_minimum(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    people = tmp_path / "people"
+    photos(people / "carol", 4, person=0)
+    photos(people / "dave", 3, person=1, blank_every=2)  # 2 faces, below the minimum
     config = tmp_path / "node.yaml"
     config.write_text(f"gallery: {tmp_path / 'gallery'}\ncamera:\n  kind: opencv\n")
+    assert enroll_main(["--config", str(config), "--from-folder", str(people)]) == 0
+    out = capsys.readouterr().out
+    assert "carol: kept 4 chip(s) from 4 photo(s)" in out
+    assert "dave: kept 2 chip(s) from 3 photo(s), no face in 1 (001.png)" in out
+    assert f"WARNING: dave has only 2 new chip(s); enroll at least {MIN_CHIPS}" in out
+    assert "WARNING: carol" not in out
+    assert Gallery(tmp_path / "gallery").persons() == ["carol", "dave"]
+
+    assert enroll_main(["--config", str(config), "--remove", "dave"]) == 0
+    assert "removed dave (2 image(s))" in capsys.readouterr().out
+    assert Gallery(tmp_path / "gallery").persons() == ["carol"]
+
+
+@pytest.mark.parametrize(
+    ("args", "error"),
+    [
+        (["--person", "../evil"], "person name '../evil' must be"),
+        (["--person", "unknown"], "person name 'unknown' must be"),
+        (["--remove", "nobody"], "'nobody' is not enrolled"),
+        (["--remove", "a/b"], "person name 'a/b' must be"),
+        ([], "give --person NAME"),
+    ],
+)
+def test_enroll_cli_clear_errors(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], args: list[str], error: str
+) -> None:
+    photos(tmp_path / "photos", 1)
+    config = tmp_path / "node.yaml"
+    config.write_text(f"gallery: {tmp_path / 'gallery'}\n")
+    source = ["--from-folder", str(tmp_path / "photos")] if "--person" in args else []
+    with pytest.raises(SystemExit) as exit_info:
+        enroll_main(["--config", str(config), *source, *args])
+    assert exit_info.value.code == 2
+    assert error in capsys.readouterr().err
+    assert not (tmp_path / "gallery").exists() or not any((tmp_path / "gallery").iterdir())
+
+
+def test_a_folder_with_no_face_at_all_is_a_failure(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "walls").mkdir()
+    cv2.imwrite(str(tmp_path / "walls" / "wall.png"), np.full((240, 320, 3), 90, np.uint8))
+    config = tmp_path / "node.yaml"
+    config.write_text(f"gallery: {tmp_path / 'gallery'}\n")
     code = enroll_main(
-        [
-            "--config",
-            str(config),
-            "--person",
-            "bob",
-            "--from-folder",
-            str(tmp_path / "photos"),
-            "--count",
-            "3",
-        ]
+        ["--config", str(config), "--person", "erin", "--from-folder", str(tmp_path / "walls")]
     )
-    assert code == 0
-    assert len(list((tmp_path / "gallery" / "bob").glob("*.png"))) == 3
-    assert "saved 3 crops of bob" in capsys.readouterr().out
-    with pytest.raises(SystemExit):
-        enroll_main(
-            [
-                "--config",
-                str(config),
-                "--person",
-                "../evil",
-                "--from-folder",
-                str(tmp_path / "photos"),
-            ]
-        )
+    assert code == 1
+    assert (
+        "erin: kept 0 chip(s) from 1 photo(s), no face in 1 (wall.png)" in capsys.readouterr().out
+    )
+    assert Gallery(tmp_path / "gallery").persons() == []
 
 
-def test_label_feedback_stores_recent_crop(tmp_path: Path) -> None:
+def test_label_feedback_adds_the_visit_chip_to_the_gallery(tmp_path: Path) -> None:
     now = [0.0]
     store = RecentCrops(max_count=2, max_age_s=3600, clock=lambda: now[0])
-    crop = np.full((80, 80), 90, np.uint8)
-    store.add("e1", crop, "unknown")
-    path = apply_label(store, tmp_path, json.dumps({"event_id": "e1", "person": "carol"}).encode())
+    gallery = Gallery(tmp_path)
+    chip = chips_of(0, 1, 3)[0]
+    store.add("e1", chip, "unknown")
+    path = apply_label(store, gallery, json.dumps({"event_id": "e1", "person": "carol"}).encode())
     assert path is not None
-    assert np.array_equal(read_image(path), crop)
+    assert path.parent.name == "carol"
+    stored = gallery.read_chip(path)
+    assert stored is not None
+    assert np.array_equal(stored, chip)
     with pytest.raises(FeedbackError, match="unknown or older"):  # used once
-        apply_label(store, tmp_path, b'{"event_id": "e1", "person": "carol"}')
+        apply_label(store, gallery, b'{"event_id": "e1", "person": "carol"}')
 
-    store.add("e2", crop, "unknown")
-    assert apply_label(store, tmp_path, b'{"event_id": "e2", "person": "ignore"}') is None
-    store.add("old", crop, "x")
+    store.add("e2", chip, "unknown")
+    assert apply_label(store, gallery, b'{"event_id": "e2", "person": "ignore"}') is None
+    store.add("old", chip, "x")
     now[0] = 3601.0
     with pytest.raises(FeedbackError, match="older than 3600s"):
-        apply_label(store, tmp_path, b'{"event_id": "old", "person": "carol"}')
+        apply_label(store, gallery, b'{"event_id": "old", "person": "carol"}')
     for i in range(3):
-        store.add(f"n{i}", crop, "x")
+        store.add(f"n{i}", chip, "x")
     assert len(store) == 2  # bounded count: n0 evicted
     with pytest.raises(FeedbackError):
-        apply_label(store, tmp_path, b'{"event_id": "n0", "person": "carol"}')
+        apply_label(store, gallery, b'{"event_id": "n0", "person": "carol"}')
     for bad in (b"nope", b"[1]", b'{"event_id": 1}', b'{"event_id": "n1", "person": "../x"}'):
         with pytest.raises(FeedbackError):
-            apply_label(store, tmp_path, bad)
+            apply_label(store, gallery, bad)
+    store.add("grey", np.zeros((80, 80), np.uint8), "x")  # not a chip: refused, not stored
+    with pytest.raises(FeedbackError, match="aligned 150x150"):
+        apply_label(store, gallery, b'{"event_id": "grey", "person": "carol"}')
+    assert gallery.count() == 1
+    with pytest.raises(GalleryError):
+        gallery.add("carol", [np.zeros((80, 80), np.uint8)])
