@@ -43,7 +43,7 @@ from edge.recognizer import Head, Recognizer, RecognizerError
 from edge.state import NodeState
 from edge.trainer import round_seed, train_delta
 from fedbell import signing, systemd
-from fedbell.codecs import TENSOR_CODECS, Weights
+from fedbell.codecs import TENSOR_CODECS, Weights, model_decode_limit
 from fedbell.embedding import Features, TrainParams
 from fedbell.errors import ConfigError, RejectedMessage
 from fedbell.messages import (
@@ -440,11 +440,16 @@ class EdgeNode:
             log.exception("error handling %s: %s", message.topic, err)
 
     def _on_global(self, payload: bytes) -> None:
+        current_model = self._model
         model = parse_global(
             payload,
             site=self.config.site,
             max_bytes=self.config.mqtt.max_message_bytes,
             keys=self.trusted_keys,
+            # From the shapes this node expects, not from the header's claim.
+            max_decoded_bytes=model_decode_limit(
+                None if current_model is None else current_model.weights
+            ),
         )
         current = self._model
         new_lineage = current is None or model.lineage != current.lineage

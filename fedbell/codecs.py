@@ -58,6 +58,24 @@ def max_decoded_size(specs: Sequence[TensorSpec], codec: Codec) -> int:
     raise RejectedMessage("bad_codec", f"{codec!r} is not a tensor codec")
 
 
+MODEL_GROWTH = 4
+"""A new global model may hold up to this many times the current one's values."""
+FIRST_MODEL_MAX_BYTES = 32 * 1024 * 1024
+"""Inflated size allowed for a doorbell's first global model (it has none to compare)."""
+
+
+def model_decode_limit(current: Sequence[npt.NDArray[np.float32]] | None) -> int:
+    """The most bytes a doorbell lets a global model's body inflate to.
+
+    Taken from the tensor shapes the doorbell expects (its current model's,
+    with room to grow), never from the header, which may claim 256 tensors of
+    64 Mi values each (64 GiB) for a body that is a few kilobytes of zstd.
+    """
+    if not current:
+        return FIRST_MODEL_MAX_BYTES
+    return MODEL_GROWTH * sum(4 * int(array.size) for array in current)
+
+
 def _int8(values: npt.NDArray[np.float32], channels: int) -> bytes:
     grid = values.reshape(-1, channels)
     peak = np.max(np.abs(grid), axis=0) if grid.size else np.zeros(channels, np.float32)
@@ -186,9 +204,20 @@ def decode_tensors(
     body: bytes,
     codec: Codec,
     compression: Compression,
+    max_decoded_bytes: int | None = None,
 ) -> Weights:
-    """float32 arrays from a body, or RejectedMessage. Rejects NaN and Inf."""
+    """float32 arrays from a body, or RejectedMessage. Rejects NaN and Inf.
+
+    max_decoded_bytes: a reader's own bound on the inflated body, below what the
+    header's specs allow (see `model_decode_limit`).
+    """
     limit = max_decoded_size(specs, codec)
+    if max_decoded_bytes is not None and limit > max_decoded_bytes:
+        raise RejectedMessage(
+            "too_large_model",
+            f"tensor specs would inflate to {limit} bytes, this reader expects at most "
+            f"{max_decoded_bytes}",
+        )
     if compression == "zstd":
         raw = _decompress(body, limit)
     elif len(body) > limit:

@@ -278,6 +278,7 @@ def parse_global(
     max_bytes: int,
     keys: Mapping[str, Ed25519PublicKey] | None,
     expected: Sequence[TensorSpec] | None = None,
+    max_decoded_bytes: int | None = None,
 ) -> GlobalModel:
     header, body = _open(
         payload, "global", site=site, sender=AGGREGATOR, max_bytes=max_bytes, keys=keys
@@ -293,7 +294,9 @@ def parse_global(
         raise RejectedMessage("bad_header", f"threshold {threshold!r} is not a cosine in [-1, 1]")
     if not isinstance(backbone, str) or not re.fullmatch(r"[0-9a-f]{64}", backbone):
         raise RejectedMessage("bad_header", "global model names no backbone sha256")
-    weights = decode_tensors(header.tensors, body, header.codec, header.compression)
+    weights = decode_tensors(
+        header.tensors, body, header.codec, header.compression, max_decoded_bytes
+    )
     return GlobalModel(
         version=header.model_version,
         round=header.round,

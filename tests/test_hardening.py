@@ -4,11 +4,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from deploy import provision
 from edge.feedback import FeedbackError, check_person_name
-from fedbell.messages import AGGREGATOR
+from fedbell.codecs import FIRST_MODEL_MAX_BYTES, MODEL_GROWTH, model_decode_limit
+from fedbell.errors import RejectedMessage
+from fedbell.messages import AGGREGATOR, Signer, build_global, parse_global
 from fedbell.signing import load_public_keys
 from fedbell.topics import Topics, check_segment
 
@@ -44,3 +47,33 @@ def test_an_aggregator_with_another_login_name_still_writes_the_key_doorbells_tr
     provision.run(["remove-login", "hub", "--no-reload", "--site-dir", str(site)])
     assert list((site / "keys" / "aggregator").glob("*.pub")) == []
     assert load_public_keys(site / "clients" / "door1" / "peer-keys") == {}
+
+
+def test_a_global_model_cannot_inflate_past_the_shapes_a_doorbell_expects() -> None:
+    """Issue 13 item 7: the limit came from the signed header (up to 64 GiB)."""
+    current = [np.zeros((128, 64), np.float32)]  # the doorbell's model: 32 KiB of floats
+    limit = model_decode_limit(current)
+    assert limit == MODEL_GROWTH * 4 * 128 * 64
+    assert model_decode_limit(None) == FIRST_MODEL_MAX_BYTES
+    def model(shape: tuple[int, ...]) -> bytes:
+        return build_global(
+            site="home",
+            signer=Signer(AGGREGATOR),
+            version=2,
+            round_id=1,
+            names=["head/projection"],
+            weights=[np.zeros(shape, np.float32)],
+            lineage="l1",
+            threshold=0.5,
+            backbone="0" * 64,
+        )
+
+    bomb = model((4096, 2048))  # 32 MiB of zeros: a few kB once compressed
+    assert len(bomb) < 64 * 1024
+    with pytest.raises(RejectedMessage) as caught:
+        parse_global(bomb, site="home", max_bytes=1 << 20, keys=None, max_decoded_bytes=limit)
+    assert caught.value.reason == "too_large_model"
+    same = parse_global(
+        model((128, 64)), site="home", max_bytes=1 << 20, keys=None, max_decoded_bytes=limit
+    )
+    assert [w.shape for w in same.weights] == [(128, 64)]
