@@ -15,28 +15,15 @@ import pytest
 from pydantic import ValidationError
 
 from aggregator.accumulator import Buffered, Streaming
-from aggregator.config import AggregatorConfig, RoundSettings
+from aggregator.config import RoundSettings
 from aggregator.export import Exporter
 from aggregator.robust import clip_by_norm, global_norm
 from aggregator.state import StateError
-from fedbell.messages import AGGREGATOR, Signer
-from tests.test_aggregator_rounds import Harness
+from tests.test_aggregator_rounds import Harness, exporter
+
+__all__ = ["exporter"]  # the module-scoped fixture: one exporter for these tests too
 
 BASE_SCALE = 0.01
-
-
-@pytest.fixture(scope="module")
-def exporter(tmp_path_factory: pytest.TempPathFactory) -> Exporter:
-    """One Keras model for the module: building it is the slow part of a harness."""
-    config = AggregatorConfig.model_validate(
-        {
-            "site": "unit",
-            "labels": ["ann", "ben"],
-            "state_dir": str(tmp_path_factory.mktemp("unused")),
-            "threads": 1,
-        }
-    )
-    return Exporter(config, Signer(AGGREGATOR))
 
 
 def start(tmp_path: Path, exporter: Exporter, **rounds: Any) -> Harness:
