@@ -22,7 +22,6 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 import pytest
-import yaml
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.reasoncodes import ReasonCode
 
@@ -64,37 +63,31 @@ def browser(vendored: None) -> Iterator[Any]:
 
 
 @pytest.fixture
-def federation(tmp_path: Path, broker: LocalBroker) -> Iterator[dict[str, Any]]:
+def federation(
+    tmp_path: Path, broker: LocalBroker, aggregator_cache: Path
+) -> Iterator[dict[str, Any]]:
     """The aggregator and two doorbells as processes, stopped whatever happened.
 
-    Started the way the fault tests start them (their helpers follow the
-    learning core's configuration); imported here so that the page's other
-    tests do not depend on the learning core at all.
+    Started with the fault tests' helpers, which follow the learning core's
+    configuration; imported here so that the page's other tests do not depend
+    on the learning core at all.
     """
-    from fedbell.synthetic import make_dataset
-    from tests.test_aggregator import LABELS, make_config
+    from simulation.data import write_synthetic
     from tests.test_aggregator import SITE as HELPERS_SITE
-    from tests.test_faults import Process, node_process
+    from tests.test_faults import aggregator_process, node_process
 
     assert HELPERS_SITE == SITE
     gallery = tmp_path / "gallery"
-    make_dataset(gallery, persons=len(LABELS), images_per_person=4, seed=5)
-    config = make_config(
-        tmp_path,
-        broker.port,
-        evaluation=gallery,  # gives each version a held-out accuracy to show
-        codec="float16",
-        timeout_s=60,
-        train={"epochs": 1, "batch_size": 4},
-    ).model_dump(mode="json")
-    path = tmp_path / "aggregator.yaml"
-    path.write_text(yaml.safe_dump(config))
+    write_synthetic(gallery, persons=3, photos=4, seed=5)
     processes = {
-        "aggregator": Process(tmp_path / "aggregator.log", "aggregator", "--config", str(path))
+        # The gallery as held-out set too: each version gets an accuracy to show.
+        "aggregator": aggregator_process(
+            tmp_path, broker.port, aggregator_cache, evaluation=gallery, timeout_s=60
+        )
     }
     processes.update({door: node_process(tmp_path, broker.port, door, gallery) for door in DOORS})
     try:
-        processes["aggregator"].start().wait_log("ready: site")
+        processes["aggregator"].start().wait_log("ready: site", timeout=300)
         for door in DOORS:
             processes[door].start()
         yield processes
@@ -136,7 +129,9 @@ def test_the_console_drives_a_real_federation(
             expect(doorbell(page, door, "model")).to_have_text("v1", timeout=30_000)
         expect(page.locator("#rounds tbody tr")).to_have_count(1)
 
-        # A command the aggregator refuses: the reason is on the page, not only in its log.
+        # Commands the aggregator refuses: the reason is on the page, not only in its log.
+        control.publish(TOPICS.control, b'{"cmd": "start_round", "rounds": "many"}')
+        expect(page.locator("#reply")).to_contain_text("refused (unreadable command): bad_json")
         page.click("#aggregate")
         expect(page.locator("#reply")).to_contain_text("refused aggregate: bad_state")
 
@@ -147,6 +142,7 @@ def test_the_console_drives_a_real_federation(
             "offline", timeout=1000 * 1.5 * NODE_KEEPALIVE_S
         )
         print(f"door2 shown offline {time.monotonic() - killed_at:.1f} s after SIGKILL")
+        expect(doorbell(page, "door2", "model")).to_have_text("v1 (last seen)")
         expect(doorbell(page, "door1", "state")).to_have_text("online")
         REPORTS.mkdir(exist_ok=True)
         page.screenshot(path=str(REPORTS / "console.png"), full_page=True)

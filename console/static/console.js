@@ -105,6 +105,11 @@ function onStatus(device, payload) {
         last_round: field(data, "last_round", "int", true),
         detail: field(data, "detail", "string", true),
       };
+      // A last will is written at connect time: keep the model version seen last.
+      const last = entry.status;
+      status.versionIsOld = status.model_version === null && last !== null &&
+        last.model_version !== null;
+      if (status.versionIsOld) status.model_version = last.model_version;
       entry.status = status;
       entry.error = null;
     } catch (err) {
@@ -292,7 +297,8 @@ function renderDoorbells() {
       const online = status.state === "online";
       row.append(
         el("td", status.state, `state ${online ? "online" : "offline"}`),
-        el("td", status.model_version === null ? "–" : `v${status.model_version}`, "model"),
+        el("td", status.model_version === null ? "–" :
+          `v${status.model_version}${status.versionIsOld ? " (last seen)" : ""}`, "model"),
         el("td", status.gallery_size ?? "–"),
         el("td", status.last_round ?? "–"),
         el("td", status.detail || "–", "detail"),
@@ -389,8 +395,8 @@ function chart(svg, rounds, series, title, fixedMax) {
     node("text", { x: 2, y: T + 4 }, yMax.toFixed(0)),
     node("text", { x: 2, y: H - B }, "0"),
     node("text", { x: L, y: H - 4 }, `round ${xMin}`),
-    node("text", { x: W - R - 40, y: H - 4 }, `round ${xMax}`),
   );
+  if (xMax !== xMin) svg.append(node("text", { x: W - R - 40, y: H - 4 }, `round ${xMax}`));
   series.forEach(([, color], i) => {
     const pts = points[i];
     if (pts.length > 1) {
