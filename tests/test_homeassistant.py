@@ -73,7 +73,13 @@ def test_discovery_republished_when_home_assistant_comes_online(
     client.on_subscribe = lambda *_args: subscribed.set()
     client.subscribe(publisher.subscriptions())
     assert subscribed.wait(5), "the broker did not acknowledge the subscriptions"
-    publisher.announce()
+    # The race (issue 13 item 13): a probe that subscribed before the broker had
+    # the discovery message got a live copy, not the retained one. Wait for the
+    # broker's PUBACK (it has stored the message) before anyone subscribes.
+    info = publisher.announce()
+    assert info is not None, "announce() must return its publish, to be waited for"
+    info.wait_for_publish(5)
+    assert info.is_published()
     probe = Probe(broker.port, "homeassistant/device/+/config")
     try:
         first = probe.wait_for("homeassistant/device/door1/config", 5)

@@ -189,3 +189,34 @@ def test_watchdog_interval(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("WATCHDOG_PID", str(os.getpid()))
     monkeypatch.setenv("WATCHDOG_USEC", "junk")
     assert sd.watchdog_interval() is None
+
+
+def test_edge_unit_comments_say_what_the_node_does() -> None:
+    """Issue 13 item 13: the unit promised a watchdog ping from a training callback
+    and a TensorFlow import before READY=1; the node does neither."""
+    from edge import health, node
+
+    text = (UNIT_DIR / "fedbell-edge@.service").read_text()
+    comments = " ".join(
+        line.lstrip("#").strip() for line in text.splitlines() if line.startswith("#")
+    )
+    assert "training callback" not in comments
+    assert "Importing TensorFlow" not in comments
+    assert "edge/health.py" in comments
+    service = service_section("fedbell-edge@.service")
+    watchdog = float(service["WatchdogSec"][0])
+    start = float(service["TimeoutStartSec"][0])
+    # Pinged every TICK_S; a stuck callback or camera is noticed well within it.
+    assert watchdog >= 10 * node.TICK_S
+    assert watchdog > health.CALLBACK_STALL_S
+    assert watchdog > health.CAMERA_STALL_S
+    assert start > node.CONNECT_WAIT_S
+    assert f"after {node.CONNECT_WAIT_S:g} s without one" in comments
+    # Nothing imports TensorFlow on the way to READY=1.
+    probe = subprocess.run(
+        [sys.executable, "-c", "import sys, edge.node; print('tensorflow' in sys.modules)"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert probe.stdout.strip() == "False"
