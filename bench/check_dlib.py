@@ -17,6 +17,12 @@ float TFLite, int8 TFLite; LiteRT, one thread); our `align_by_eyes` and
 `chip_from_box` chips against dlib's chip; and verification (same / different
 person pairs: ROC AUC and accuracy at the best threshold) for dlib's whole
 pipeline against ours.
+
+Measured (2-core machine shared with other jobs, 208 photos of 70 people):
+same chip, Keras and float TFLite vs dlib max |diff| 4.5e-7 and 5.6e-7
+(cosine 1.000000), int8 TFLite 1.5e-2 (min cosine 0.9993); align_by_eyes vs
+dlib's chip, cosine min 0.958, median 0.996; verification AUC dlib 0.9990,
+align_by_eyes + int8 TFLite 0.9982, Haar chip_from_box + Keras 0.9987.
 """
 
 from __future__ import annotations
