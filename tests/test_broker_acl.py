@@ -449,10 +449,10 @@ def test_model_sized_messages_pass_and_oversized_do_not(site: RunningSite) -> No
         assert door.wait_connack()
         door.client.subscribe(f"{BASE}/model/tflite", qos=1)
         wait_until(lambda: len(door.subacks) == 1, 5, "SUBACK")
-        model = b"m" * (12 * 1024 * 1024)
-        too_big = b"x" * (17 * 1024 * 1024)
+        model = b"m" * (30 * 1024 * 1024)  # the backbone artifact is ~28 MB
+        too_big = b"x" * (65 * 1024 * 1024)  # over message_size_limit (64 MiB)
         aggregator.client.publish(f"{BASE}/model/tflite", model, qos=1)
-        wait_until(lambda: len(door.received) == 1, 10, "a 12 MiB model")
+        wait_until(lambda: len(door.received) == 1, 20, "a 30 MiB model")
         aggregator.client.publish(f"{BASE}/model/tflite", too_big, qos=1)
         time.sleep(QUIET)
         assert [len(payload) for _, payload in door.received] == [len(model)]
