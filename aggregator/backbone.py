@@ -13,7 +13,7 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,20 +57,10 @@ def synthetic_chips(count: int, seed: int = 0) -> list[Chip]:
 
 def _convert(representative: Sequence[Chip]) -> BackboneModels:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    import tensorflow as tf
-
     model = dlib_resnet.build_backbone(dlib_resnet.load())
-    float_model = bytes(tf.lite.TFLiteConverter.from_keras_model(model).convert())
-
-    def samples() -> Iterator[list[np.ndarray]]:
-        for chip in representative:
-            yield [chip[None].astype(np.float32)]
-
-    converter = tf.lite.TFLiteConverter.from_keras_model(model)
-    converter.optimizations = [tf.lite.Optimize.DEFAULT]
-    converter.representative_dataset = samples
-    converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
-    return BackboneModels(float_model, bytes(converter.convert()))
+    return BackboneModels(
+        dlib_resnet.to_tflite(model), dlib_resnet.to_tflite(model, representative)
+    )
 
 
 def backbone_models(cache_dir: Path, representative: Sequence[Chip] = ()) -> BackboneModels:
