@@ -6,6 +6,7 @@ poll until it accepts connections. Used by the tests and by the simulation.
 
 from __future__ import annotations
 
+import getpass
 import json
 import shutil
 import signal
@@ -103,7 +104,11 @@ class LocalBroker:
         if " " in str(STATIC_DIR):  # Mosquitto reads an option up to the end of its line
             raise BrokerError(f"the console folder's path has a space: {STATIC_DIR}")
         config = self._template.read_text().format(
-            port=self.port, data_dir=self.data_dir, ws_port=self.ws_port, http_dir=STATIC_DIR
+            port=self.port,
+            data_dir=self.data_dir,
+            ws_port=self.ws_port,
+            http_dir=STATIC_DIR,
+            user=getpass.getuser(),  # as root: stay root, able to write data_dir
         )
         self.config_path.write_text(config)
         self._process = subprocess.Popen(

@@ -52,6 +52,11 @@ class Layout:
         return self.root / "logs"
 
     @property
+    def broker(self) -> Path:
+        """The broker's config, persistence file and log."""
+        return self.root / "broker"
+
+    @property
     def held_out(self) -> Path:
         return self.root / "held_out"
 
