@@ -2,12 +2,15 @@
 
 Each device is its own paho client (own client id, last will, retained
 online status) that answers every round it is selected for with a real
-`build_update` envelope: a fixed small random delta against the round's base
-version, in the round's codec. Used by the soak (`bench/soak.py`, many rounds
-in one process) and by the fault tests, which run a fleet as its own process
-so it can be SIGKILLed:
+`build_update` envelope of the federated head: a fixed small random delta of
+the retained global model's tensors against the round's base version, in the
+round's codec, signed with the device's Ed25519 key when it has one (and the
+global model checked against the aggregator's key). Used by the soak
+(`bench/soak.py`, many rounds in one process) and by the fault tests, which
+run a fleet as its own process so it can be SIGKILLed:
 
     python -m bench.devices --port 1883 --site soak --names d00,d01 [--delay 2]
+                            [--keys-dir DIR --aggregator-key PEM]
 """
 
 from __future__ import annotations
@@ -17,17 +20,20 @@ import logging
 import signal
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import paho.mqtt.client as mqtt
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from paho.mqtt.enums import CallbackAPIVersion
 
 from fedbell.codecs import Weights
 from fedbell.errors import RejectedMessage
-from fedbell.messages import Signer, build_update, parse_global
+from fedbell.messages import AGGREGATOR, Signer, build_update, parse_global
 from fedbell.protocol import DeviceStatus, RoundAnnouncement, parse_json, to_json
+from fedbell.signing import load_private_key, load_public_key
 from fedbell.topics import Topics
 
 log = logging.getLogger("bench.devices")
@@ -48,8 +54,14 @@ class SimulatedDoorbell:
         delay_s: float = 0.0,
         examples: int = 10,
         seed: int = 0,
+        key: Ed25519PrivateKey | None = None,
+        trusted: Mapping[str, Ed25519PublicKey] | None = None,
     ) -> None:
         self.name = name
+        self.key = key
+        """Signs this device's updates (None: unsigned, for an open test site)."""
+        self.trusted = trusted
+        """The aggregator's key a global model must verify against (None: not checked)."""
         self.site = site
         self.topics = Topics(site)
         self.delay_s = delay_s
@@ -94,7 +106,7 @@ class SimulatedDoorbell:
     def _on_global(self, payload: bytes) -> None:
         if self._layout is not None:
             return  # the layout never changes; only the first model is decoded
-        model = parse_global(payload, site=self.site, max_bytes=MAX_BYTES, keys=None)
+        model = parse_global(payload, site=self.site, max_bytes=MAX_BYTES, keys=self.trusted)
         rng = np.random.default_rng(self.seed)
         delta = [(rng.normal(size=w.shape) * DELTA_SCALE).astype(np.float32) for w in model.weights]
         self._layout = (list(model.names), delta)
@@ -120,7 +132,7 @@ class SimulatedDoorbell:
         names, delta = self._layout
         payload = build_update(
             site=self.site,
-            signer=Signer(self.name),
+            signer=Signer(self.name, self.key),
             round_id=announcement.round,
             base_version=announcement.base_version,
             num_examples=self.examples,
@@ -149,9 +161,31 @@ class SimulatedDoorbell:
 class Fleet:
     """Many simulated doorbells in one process."""
 
-    def __init__(self, names: Sequence[str], port: int, site: str, delay_s: float = 0.0) -> None:
+    def __init__(
+        self,
+        names: Sequence[str],
+        port: int,
+        site: str,
+        delay_s: float = 0.0,
+        *,
+        keys_dir: Path | None = None,
+        aggregator_key: Path | None = None,
+    ) -> None:
+        """`keys_dir`: `<name>.key` per device (Ed25519 PEM) to sign updates with;
+        `aggregator_key`: the public key global models must verify against."""
+        trusted = None
+        if aggregator_key is not None:
+            trusted = {AGGREGATOR: load_public_key(aggregator_key)}
         self.devices = [
-            SimulatedDoorbell(name, port, site, delay_s=delay_s, seed=index)
+            SimulatedDoorbell(
+                name,
+                port,
+                site,
+                delay_s=delay_s,
+                seed=index,
+                key=None if keys_dir is None else load_private_key(keys_dir / f"{name}.key"),
+                trusted=trusted,
+            )
             for index, name in enumerate(names)
         ]
 
@@ -179,11 +213,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=0.0,
         help="seconds between a round's announcement and the answer",
     )
+    parser.add_argument("--keys-dir", type=Path, default=None, help="<name>.key signing keys")
+    parser.add_argument(
+        "--aggregator-key", type=Path, default=None, help="the aggregator's public key (PEM)"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level="INFO", format="%(asctime)s %(name)s: %(message)s")
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda _s, _f: stop.set())
-    fleet = Fleet(args.names.split(","), args.port, args.site, args.delay)
+    fleet = Fleet(
+        args.names.split(","),
+        args.port,
+        args.site,
+        args.delay,
+        keys_dir=args.keys_dir,
+        aggregator_key=args.aggregator_key,
+    )
     fleet.wait_ready()
     print("ready", flush=True)
     stop.wait()

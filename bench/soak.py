@@ -3,13 +3,16 @@
     python -m bench.soak --rounds 200 --nodes 10 [--every 20]   (make soak ARGS=...)
 
 Starts a private Mosquitto, the real aggregator (`python -m aggregator`, its
-own process, its own state folder) and M simulated doorbells in this process
+own process, its own state folder, signing on: updates are verified against
+each doorbell's Ed25519 key) and M simulated doorbells in this process
 (bench/devices.py: each its own MQTT client, answering every round with a
-real update envelope, no TensorFlow). It asks for N automatic rounds and,
-every K rounds, prints resident memory (VmRSS) and open file descriptors of
-the aggregator, the broker and the simulated devices. At the end it prints
-the aggregator's RSS growth between round 20 (after warm-up: TensorFlow's
-converter caches are full by then) and round N; the bar is < 10 %.
+real signed update envelope of the federated head in the default codec, no
+TensorFlow). It asks for N automatic rounds and, every K rounds, prints
+resident memory (VmRSS after the round, and the highest VmRSS sampled every
+50 ms since the last line, i.e. while updates were collected) and open file
+descriptors of the aggregator, the broker and the simulated devices. At the
+end it prints the aggregator's RSS growth between round 20 (after warm-up)
+and round N; the bar is < 10 %.
 """
 
 from __future__ import annotations
@@ -30,12 +33,12 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
 from bench.devices import Fleet
+from bench.scale import RssSampler, seed_backbone_cache, signing_keys
 from broker.local import LocalBroker
 from fedbell.protocol import RoundMetrics
 from fedbell.topics import Topics
 
 SITE = "soak"
-LABELS = ("person00", "person01", "person02")
 WARM_UP_ROUND = 20
 GROWTH_BAR = 0.10
 REPO = Path(__file__).resolve().parents[1]
@@ -59,17 +62,21 @@ def usage(pid: int) -> Usage:
     return Usage(rss, sum(1 for _ in Path(f"/proc/{pid}/fd").iterdir()))
 
 
-def aggregator_config(folder: Path, port: int, nodes: int, timeout_s: float) -> Path:
+def aggregator_config(
+    folder: Path, port: int, nodes: int, timeout_s: float, keys: tuple[Path, Path]
+) -> Path:
+    """Defaults (the product's codec and strategy), quorum M, signing on."""
+    state_dir = folder / "state"
+    seed_backbone_cache(state_dir)
     path = folder / "aggregator.yaml"
     path.write_text(
         json.dumps(
             {  # JSON is YAML
                 "site": SITE,
-                "labels": list(LABELS),
-                "state_dir": str(folder / "state"),
+                "state_dir": str(state_dir),
                 "mqtt": {"port": port},
+                "signing": {"private_key_file": str(keys[0]), "trusted_keys_dir": str(keys[1])},
                 "rounds": {
-                    "codec": "int8",
                     "timeout_s": timeout_s,
                     "min_updates": nodes,
                     "auto_pause_s": 0.1,
@@ -105,6 +112,8 @@ class MetricsWatch:
 
 
 def soak(rounds: int, nodes: int, every: int, folder: Path, round_timeout_s: float) -> bool:
+    names = [f"door{i:02d}" for i in range(nodes)]
+    keys_dir, trusted, aggregator_key, aggregator_pub = signing_keys(folder, names)
     broker = LocalBroker(folder / "broker").start()
     log_file = (folder / "aggregator.log").open("wb")
     process = subprocess.Popen(
@@ -113,7 +122,11 @@ def soak(rounds: int, nodes: int, every: int, folder: Path, round_timeout_s: flo
             "-m",
             "aggregator",
             "--config",
-            str(aggregator_config(folder, broker.port, nodes, round_timeout_s)),
+            str(
+                aggregator_config(
+                    folder, broker.port, nodes, round_timeout_s, (aggregator_key, trusted)
+                )
+            ),
             "--log-level",
             "WARNING",
         ],
@@ -122,16 +135,20 @@ def soak(rounds: int, nodes: int, every: int, folder: Path, round_timeout_s: flo
         stderr=log_file,
         env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"},
     )
-    fleet = Fleet([f"door{i:02d}" for i in range(nodes)], broker.port, SITE)
+    fleet = Fleet(names, broker.port, SITE, keys_dir=keys_dir, aggregator_key=aggregator_pub)
     watch = MetricsWatch(broker.port)
+    sampler = RssSampler(process.pid)
+    sampler.start()
     rss: dict[int, int] = {}
+    peaks: dict[int, int] = {}
     try:
-        fleet.wait_ready(timeout=120)
+        fleet.wait_ready(timeout=600)  # the aggregator imports TensorFlow and loads dlib first
+        since = time.time()
         watch.command({"cmd": "auto", "rounds": rounds})
         started = time.monotonic()
         print(
-            f"{'round':>5} {'outcome':>9} {'aggregator':>20} {'broker':>20} "
-            f"{'devices':>20} {'s/round':>7}"
+            f"{'round':>5} {'outcome':>9} {'aggregator':>20} {'peak collecting':>16} "
+            f"{'broker':>20} {'devices':>20} {'s/round':>7}"
         )
         done = 0
         while done < rounds:
@@ -148,16 +165,21 @@ def soak(rounds: int, nodes: int, every: int, folder: Path, round_timeout_s: flo
             done = metrics.round
             aggregator = usage(process.pid)
             rss[done] = aggregator.rss_kib
+            now = time.time()
+            peaks[done] = sampler.peak_between(since, now)
             if metrics.outcome != "published" or done % every == 0 or done in (1, rounds):
                 assert broker.pid is not None
+                peak = max(v for r, v in peaks.items() if r > done - every)
                 print(
                     f"{done:5d} {metrics.outcome:>9} {aggregator!s:>20} "
-                    f"{usage(broker.pid)!s:>20} {usage(os.getpid())!s:>20} "
-                    f"{(time.monotonic() - started) / done:7.2f}",
+                    f"{peak / 1024:12.1f} MiB {usage(broker.pid)!s:>20} "
+                    f"{usage(os.getpid())!s:>20} {(time.monotonic() - started) / done:7.2f}",
                     flush=True,
                 )
+            since = now
         return report(rss, rounds)
     finally:
+        sampler.done.set()
         watch.close()
         fleet.close()
         process.terminate()

@@ -1,10 +1,13 @@
 """Many simulated doorbells in one process, for the scale benchmark.
 
-Each doorbell is a real MQTT v5 connection with its own client id: it
-publishes a retained online status (with an offline last will), subscribes to
-the round topic and, when the round that selects it is announced, publishes
-one update envelope that was built before the round (so the machine is busy
-with the aggregator, not with training).
+Each doorbell is a real MQTT v5 connection with its own client id (and, on
+the TLS production broker, its own login and password, and a client
+certificate of the site CA): it publishes a retained online status (with an
+offline last will), subscribes to the round topic and, when the round that
+selects it is announced, publishes one update envelope of the federated head
+(the retained global model's tensors), signed with its own Ed25519 key, that
+was built before the round (so the machine is busy with the aggregator, not
+with training). The base model is checked against the aggregator's key.
 
 A thousand paho network threads would measure the scheduler, not fedbell, so
 one process drives a few hundred clients from a single `poll()` loop with
@@ -19,11 +22,13 @@ import functools
 import json
 import logging
 import select
+import ssl
 import sys
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -31,8 +36,9 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
 from fedbell.envelope import Codec
-from fedbell.messages import GlobalModel, Signer, build_update, parse_global
+from fedbell.messages import AGGREGATOR, GlobalModel, Signer, build_update, parse_global
 from fedbell.protocol import DeviceStatus, RoundAnnouncement, to_json
+from fedbell.signing import load_private_key, load_public_key
 from fedbell.topics import Topics
 
 log = logging.getLogger("bench.swarm")
@@ -57,6 +63,29 @@ class SwarmSpec:
     seed: int
     round_id: int = 1
     base_version: int = 0
+    host: str = "127.0.0.1"
+    keys_dir: str | None = None
+    """`<device>.key` (Ed25519 PEM) per device: updates are signed with them."""
+    aggregator_key: str | None = None
+    """The aggregator's public key (PEM): the base model must verify against it."""
+    tls: dict[str, str] | None = None
+    """{"ca": ..., "cert": ..., "key": ...}: connect over TLS with this client certificate."""
+    passwords: str | None = None
+    """A JSON file {device: password}: each device logs in as itself."""
+
+
+def connect_options(spec: SwarmSpec, client: mqtt.Client, login: str) -> None:
+    """TLS and the login of `login` on `client`, as the spec says."""
+    if spec.passwords is not None:
+        passwords: dict[str, str] = json.loads(Path(spec.passwords).read_text())
+        client.username_pw_set(login, passwords[login])
+    if spec.tls is not None:
+        client.tls_set(
+            ca_certs=spec.tls["ca"],
+            certfile=spec.tls["cert"],
+            keyfile=spec.tls["key"],
+            tls_version=ssl.PROTOCOL_TLS_CLIENT,
+        )
 
 
 @dataclass(frozen=True)
@@ -83,6 +112,7 @@ class _Device:
         self.sent_at: float | None = None
         self.acked = False
         self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=name, protocol=mqtt.MQTTv5)
+        connect_options(spec, self.client, name)
         self.client.max_queued_messages_set(0)
         self.client.will_set(
             topics.status(name), to_json(DeviceStatus(state="offline")), qos=1, retain=True
@@ -136,15 +166,22 @@ def _base_model(spec: SwarmSpec, topics: Topics, timeout: float) -> GlobalModel:
     """The retained global model the updates are deltas against."""
     got: list[GlobalModel] = []
 
+    keys = None
+    if spec.aggregator_key is not None:
+        keys = {AGGREGATOR: load_public_key(Path(spec.aggregator_key))}
+
     def on_message(_client: mqtt.Client, _userdata: Any, message: mqtt.MQTTMessage) -> None:
-        model = parse_global(bytes(message.payload), site=spec.site, max_bytes=MAX_BYTES, keys=None)
+        model = parse_global(bytes(message.payload), site=spec.site, max_bytes=MAX_BYTES, keys=keys)
         if model.version == spec.base_version:
             got.append(model)
 
-    client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+    # Logged in as the first of its devices (before that device connects: one session a login).
+    login = spec.devices[0]
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=login, protocol=mqtt.MQTTv5)
+    connect_options(spec, client, login)
     client.on_message = on_message
     client.on_connect = lambda c, *_a: c.subscribe(topics.global_model, qos=1)
-    client.connect("127.0.0.1", spec.port, keepalive=60)
+    client.connect(spec.host, spec.port, keepalive=60)
     deadline = time.monotonic() + timeout
     while not got:
         if time.monotonic() > deadline:
@@ -155,17 +192,21 @@ def _base_model(spec: SwarmSpec, topics: Topics, timeout: float) -> GlobalModel:
 
 
 def build_updates(spec: SwarmSpec, base: GlobalModel) -> list[bytes]:
-    """One envelope per device: its own random delta, encoded with its own name."""
+    """One envelope per device: its own random delta, encoded with its own name and
+    signed with its own key."""
     rng = np.random.default_rng(spec.seed)
     payloads = []
     for index, name in enumerate(spec.devices):
+        key = None
+        if spec.keys_dir is not None:
+            key = load_private_key(Path(spec.keys_dir) / f"{name}.key")
         delta = [
             rng.normal(0.0, DELTA_SCALE, size=w.shape).astype(np.float32) for w in base.weights
         ]
         payloads.append(
             build_update(
                 site=spec.site,
-                signer=Signer(name),
+                signer=Signer(name, key),
                 round_id=spec.round_id,
                 base_version=spec.base_version,
                 num_examples=10 + index % 20,
@@ -224,7 +265,7 @@ def run_swarm(spec: SwarmSpec, stop: threading.Event, timeout: float = 900.0) ->
             for name, payload in zip(spec.devices, build_updates(spec, base), strict=True)
         ]
         for device in devices:
-            device.client.connect("127.0.0.1", spec.port, keepalive=60)
+            device.client.connect(spec.host, spec.port, keepalive=60)
         pump(devices, lambda: all(d.connected for d in devices), timeout=120)
         pump(devices, lambda: not any(d.client.want_write() for d in devices), timeout=60)
         print(json.dumps({"ready": len(devices)}), flush=True)
