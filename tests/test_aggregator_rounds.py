@@ -18,7 +18,7 @@ from aggregator.config import AggregatorConfig, RoundSettings
 from aggregator.coordinator import Coordinator
 from aggregator.export import Exporter
 from aggregator.rounds import Round, announce, select_devices
-from aggregator.state import ModelRecord, StateError, StateRecord, StateStore
+from aggregator.state import ModelRecord, StateRecord, StateStore
 from aggregator.strategy import RunningFedAvg
 from fedbell.errors import RejectedMessage
 from fedbell.messages import AGGREGATOR, Signer, Update, build_update, parse_global
@@ -44,7 +44,13 @@ def test_selection_is_online_requested_and_seeded() -> None:
 def _round(manual: bool = False) -> Round:
     settings = RoundSettings(codec="float32", timeout_s=10, min_updates=1)
     announcement = announce(
-        round_id=4, base_version=2, selected=("a", "b"), now=100.0, settings=settings, manual=manual
+        round_id=4,
+        base_version=2,
+        lineage="0123456789abcdef",
+        selected=("a", "b"),
+        now=100.0,
+        settings=settings,
+        manual=manual,
     )
     return Round(
         announcement=announcement,
@@ -104,21 +110,33 @@ def test_duplicates_and_closing_rules() -> None:
     assert manual.next_step(111.0, quorum=2) == "abandon"  # can no longer reach quorum
 
 
+def harness_config(tmp_path: Path, cache_dir: Path, **rounds: Any) -> AggregatorConfig:
+    return AggregatorConfig.model_validate(
+        {
+            "site": SITE,
+            "state_dir": str(tmp_path / "state"),
+            "cache_dir": str(cache_dir),
+            "rounds": {"codec": "float32", "timeout_s": 60, "auto_pause_s": 0, **rounds},
+            "threads": 1,
+        }
+    )
+
+
+@pytest.fixture(scope="module")
+def exporter(aggregator_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Exporter:
+    """One exporter for the module: loading dlib's network and the backbone is the slow part."""
+    config = harness_config(tmp_path_factory.mktemp("unused"), aggregator_cache)
+    return Exporter(config, Signer(AGGREGATOR))
+
+
 class Harness:
     """A coordinator on a fake clock, publishing into a list."""
 
-    def __init__(self, tmp_path: Path, exporter: Exporter | None = None, **rounds: Any) -> None:
+    def __init__(self, tmp_path: Path, exporter: Exporter, **rounds: Any) -> None:
         self.now = 1000.0
-        self.config = AggregatorConfig.model_validate(
-            {
-                "site": SITE,
-                "labels": ["ann", "ben"],
-                "state_dir": str(tmp_path / "state"),
-                "rounds": {"codec": "float32", "timeout_s": 60, "auto_pause_s": 0, **rounds},
-                "threads": 1,
-            }
-        )
-        self.exporter = exporter or Exporter(self.config, Signer(AGGREGATOR))
+        assert exporter.config.cache_dir is not None
+        self.config = harness_config(tmp_path, exporter.config.cache_dir, **rounds)
+        self.exporter = exporter
         self.published: list[tuple[str, bytes]] = []
         self.coordinator = Coordinator(
             self.config,
@@ -183,8 +201,10 @@ class Harness:
         )
 
 
-def test_auto_runs_n_rounds_back_to_back_and_stop_ends_it(tmp_path: Path) -> None:
-    harness = Harness(tmp_path)
+def test_auto_runs_n_rounds_back_to_back_and_stop_ends_it(
+    tmp_path: Path, exporter: Exporter
+) -> None:
+    harness = Harness(tmp_path, exporter)
     harness.online("a", "b")
     harness.command(cmd="auto", rounds=2)
     assert harness.coordinator.round is not None
@@ -208,8 +228,10 @@ def test_auto_runs_n_rounds_back_to_back_and_stop_ends_it(tmp_path: Path) -> Non
     assert harness.versions()[-1] == 3
 
 
-def test_auto_waits_for_devices_and_quorum_abandons_on_the_clock(tmp_path: Path) -> None:
-    harness = Harness(tmp_path, min_updates=2)
+def test_auto_waits_for_devices_and_quorum_abandons_on_the_clock(
+    tmp_path: Path, exporter: Exporter
+) -> None:
+    harness = Harness(tmp_path, exporter, min_updates=2)
     harness.command(cmd="auto", rounds=1)
     assert harness.coordinator.round is None  # nobody online yet
     harness.online("a", "b")
@@ -224,8 +246,8 @@ def test_auto_waits_for_devices_and_quorum_abandons_on_the_clock(tmp_path: Path)
     assert harness.coordinator.auto_remaining == 0
 
 
-def test_pending_aggregate_survives_a_restart(tmp_path: Path) -> None:
-    harness = Harness(tmp_path)
+def test_pending_aggregate_survives_a_restart(tmp_path: Path, exporter: Exporter) -> None:
+    harness = Harness(tmp_path, exporter)
     harness.online("a")
     harness.command(cmd="train")
     harness.command(cmd="send")
@@ -247,20 +269,54 @@ def test_pending_aggregate_survives_a_restart(tmp_path: Path) -> None:
     assert [m.outcome for m in restarted.metrics()] == ["aggregated", "published"]
 
 
-def test_state_mismatch_is_a_clear_error(tmp_path: Path) -> None:
-    Harness(tmp_path)
-    config = AggregatorConfig.model_validate(
-        {"site": SITE, "labels": ["ann", "ben", "cat"], "state_dir": str(tmp_path / "state")}
-    )
-    with pytest.raises(StateError, match="labels changed"):
-        Coordinator(
-            config,
-            Exporter(config, Signer(AGGREGATOR)),
-            StateStore(config.state_dir),
-            publish=lambda _t, _p: None,
-            clock=lambda: 0.0,
-            trusted_keys=None,
+def test_a_state_of_another_model_starts_a_new_lineage(
+    tmp_path: Path, exporter: Exporter, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A saved model that is not this head (here: the closed-set CNN's tensors) is not
+    loaded into it and is no error either: a new lineage starts at version 0."""
+    store = StateStore(tmp_path / "state")
+    old = store.write_arrays("model", [np.ones((3, 3, 1, 16), np.float32), np.ones(16, np.float32)])
+    store.commit(
+        StateRecord(
+            model=ModelRecord(version=7, round=7, names=("conv1/kernel", "conv1/bias"), file=old),
+            last_round=7,
         )
+    )
+    with caplog.at_level("WARNING", logger="aggregator"):
+        harness = Harness(tmp_path, exporter)
+    assert "starting a new lineage" in caplog.text
+    model = harness.coordinator.model
+    assert (model.version, harness.coordinator.last_round) == (0, 0)
+    assert [w.shape for w in model.weights] == [(256, 128)]
+    first = model.lineage
+    assert first
+
+    # Once started, the lineage is the state: a restart keeps it, version and all.
+    harness.online("a")
+    harness.command(cmd="start_round")
+    harness.update("a", 1)
+    again = Harness(tmp_path, exporter)
+    assert (again.coordinator.model.lineage, again.coordinator.model.version) == (first, 1)
+    published = parse_global(
+        again.payloads(TOPICS.global_model)[-1], site=SITE, max_bytes=1 << 24, keys=None
+    )
+    assert (published.lineage, published.version) == (first, 1)
+
+    # A head of another shape (e.g. written by a later embedding size) is left behind too.
+    record = store.load()
+    assert record is not None
+    store.commit(
+        record.model_copy(
+            update={
+                "model": record.model.model_copy(
+                    update={"file": store.write_arrays("model", [np.ones((256, 64), np.float32)])}
+                )
+            }
+        )
+    )
+    fresh = Harness(tmp_path, exporter)
+    assert fresh.coordinator.model.version == 0
+    assert fresh.coordinator.model.lineage not in ("", first)
 
 
 def test_state_commits_are_all_or_nothing(tmp_path: Path) -> None:
