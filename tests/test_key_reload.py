@@ -60,12 +60,13 @@ def test_a_new_doorbell_is_trusted_and_a_removed_one_revoked_without_a_restart(
     watcher: Watcher,  # noqa: F811 - fixture
     devices: Callable[..., list[FakeDevice]],  # noqa: F811 - fixture
     tmp_path: Path,
+    aggregator_cache: Path,
 ) -> None:
     folder = tmp_path / "device-keys"
     folder.mkdir()
     keys = {name: Ed25519PrivateKey.generate() for name in ("door1", "door2")}
     write_public(keys["door1"], folder / "door1.pub")
-    config = make_config(tmp_path, broker.port, timeout_s=60)
+    config = make_config(tmp_path, broker.port, aggregator_cache, timeout_s=60)
     config = config.model_copy(update={"signing": SigningSettings(trusted_keys_dir=folder)})
     door1, door2 = devices("door1", "door2")
     with running(config) as service:
