@@ -27,6 +27,7 @@ from broker.local import LocalBroker
 from edge import health
 from edge.events import EventPublisher
 from edge.feedback import RecentCrops
+from edge.gallery import Gallery
 from edge.homeassistant import DoorbellTopics
 from fedbell import safejson
 from fedbell.errors import RejectedMessage
@@ -73,7 +74,7 @@ class Doorbell:
             CallbackAPIVersion.VERSION2, client_id="door1", protocol=mqtt.MQTTv5
         )
         self.publisher = EventPublisher(
-            self.client, TOPICS, "fedbell/home/status/door1", RecentCrops(), gallery
+            self.client, TOPICS, "fedbell/home/status/door1", RecentCrops(), Gallery(gallery)
         )
         self.publisher.on_ring_command = self._ring
         self.publisher.attach()
@@ -244,7 +245,11 @@ def test_the_watchdog_stops_when_the_network_or_worker_thread_dies_or_sticks(
 
         # A worker job that never ends (a hung training): stuck past the limit.
         node.limits.job_s = 0.5
-        node._jobs.put(lambda: None if release.wait(30) else None)
+
+        def hang() -> None:
+            release.wait(30)
+
+        node._jobs.put(hang)
         wait_until(lambda: node.health_problem() is not None, what="the stuck worker")
         assert "worker thread is stuck" in str(node.health_problem())
         drain(notify_socket)

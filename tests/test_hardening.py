@@ -55,6 +55,7 @@ def test_a_global_model_cannot_inflate_past_the_shapes_a_doorbell_expects() -> N
     limit = model_decode_limit(current)
     assert limit == MODEL_GROWTH * 4 * 128 * 64
     assert model_decode_limit(None) == FIRST_MODEL_MAX_BYTES
+
     def model(shape: tuple[int, ...]) -> bytes:
         return build_global(
             site="home",

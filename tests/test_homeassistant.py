@@ -13,6 +13,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from broker.local import LocalBroker
 from edge.events import EventPublisher
 from edge.feedback import RecentCrops
+from edge.gallery import Gallery
 from edge.homeassistant import DoorbellTopics, discovery_payload
 from tests.mqtt_helpers import Probe
 
@@ -65,7 +66,9 @@ def test_discovery_republished_when_home_assistant_comes_online(
     broker: LocalBroker, tmp_path: Path
 ) -> None:
     client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="door1", protocol=mqtt.MQTTv5)
-    publisher = EventPublisher(client, DoorbellTopics("door1"), STATUS, RecentCrops(), tmp_path)
+    publisher = EventPublisher(
+        client, DoorbellTopics("door1"), STATUS, RecentCrops(), Gallery(tmp_path)
+    )
     client.connect("127.0.0.1", broker.port)
     client.loop_start()
     publisher.attach()
