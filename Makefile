@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 ARGS   ?=
 
-.PHONY: demo test lint bench bench-recognition bench-robust bench-openset fuzz soak deps broker-deps clean
+.PHONY: demo test lint bench bench-recognition bench-robust bench-openset bench-edge pi-check fuzz soak deps broker-deps clean
 
 # The operator console's one browser dependency (the `mqtt` client), from the npm
 # registry at the version console/package-lock.json pins; the broker serves it.
@@ -59,6 +59,18 @@ bench-robust: $(STAMP)
 # Open-set recognition of never-seen people under doorbell conditions (issue 11)
 bench-openset: $(STAMP)
 	$(PY) -m bench.openset $(ARGS)
+
+# One real doorbell process (no TensorFlow) against a real broker and aggregator:
+# memory idle/recognizing/training, frame rate with and without a round, bytes
+# up and down per round; reports/edge.json (issue 12)
+bench-edge: $(STAMP) broker-deps
+	nice $(PY) -m bench.edge $(ARGS)
+
+# Opt-in, not part of `make test` (root, network, ~30 min the first time):
+# a Debian bookworm arm64 root under qemu, deploy/install-pi.sh inside it,
+# then the emulated doorbell against an aggregator here (deploy/pi-check.sh)
+pi-check: $(STAMP) broker-deps
+	deploy/pi-check.sh $(ARGS)
 
 fuzz: $(STAMP)
 	$(PY) -m bench.fuzz $(ARGS)
