@@ -27,6 +27,7 @@ Only the broker hop is left out (`bench.scale` measures that separately).
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -214,6 +215,72 @@ class _Keys:
         return {n: k.public_key() for n, k in self.devices.items() if k is not None}
 
 
+def _open_round(
+    settings: RoundSettings,
+    round_id: int,
+    selected: Sequence[str],
+    shapes: Sequence[tuple[int, ...]],
+) -> Round:
+    """The round as the coordinator opens it: announcement, an empty accumulator."""
+    now = time.time()
+    announcement = announce(
+        round_id=round_id,
+        base_version=round_id - 1,
+        lineage=LINEAGE,
+        selected=selected,
+        now=now,
+        settings=settings,
+        manual=False,
+    )
+    return Round(
+        announcement=announcement,
+        manual=False,
+        started_at=now,
+        accumulator=make_accumulator(settings, shapes, sparse=settings.codec == "topk"),
+        strategy=settings.strategy,
+    )
+
+
+def _client_step(  # noqa: PLR0917 - what a doorbell holds in a round
+    device: str,
+    round_id: int,
+    house: House,
+    model: messages.GlobalModel,
+    attack: Sequence[Attack],
+    settings: RoundSettings,
+    plan: TrainParams,
+    residuals: dict[str, Weights],
+    key: Ed25519PrivateKey | None,
+) -> bytes:
+    """A doorbell's round: `train_delta` from the global head, (a poisoned delta for an
+    attacker), top-k error feedback, the signed update envelope."""
+    trained = train_delta(
+        model.weights,
+        house.features,
+        house.labels,
+        house.negatives,
+        dataclasses.replace(plan, seed=round_seed(device, round_id)),
+    )
+    delta = trained.delta
+    if attack:
+        delta = poison(delta, attack[0])
+    if settings.codec == "topk":
+        delta, residuals[device] = with_error_feedback(
+            HEAD_NAMES, delta, residuals.get(device), settings.density
+        )
+    return messages.build_update(
+        site=SITE,
+        signer=messages.Signer(device, key),
+        round_id=round_id,
+        base_version=model.version,
+        num_examples=trained.num_examples,
+        names=HEAD_NAMES,
+        delta=delta,
+        codec=settings.codec,
+        density=settings.density,
+    )
+
+
 def run_arm(
     houses: Sequence[House],
     start: Weights,
@@ -234,7 +301,6 @@ def run_arm(
     taking_part = names[arm.left_out :]
     per_round = min(houses_per_round or len(taking_part), len(taking_part))
     settings = round_settings(arm, per_round)
-    sparse = settings.codec == "topk"
     keys = _Keys.make(names, arm.signed)
     device_trust, aggregator_trust = keys.trusted_by_devices(), keys.trusted_by_aggregator()
     weights: Weights = [np.asarray(w, np.float32).copy() for w in start]
@@ -258,75 +324,40 @@ def run_arm(
             codec=settings.downlink_codec,
         )
         selected = select_devices(taking_part, None, settings.max_devices, settings.seed, round_id)
-        current = Round(
-            announcement=announce(
-                round_id=round_id,
-                base_version=round_id - 1,
-                lineage=LINEAGE,
-                selected=selected,
-                now=time.time(),
-                settings=settings,
-                manual=False,
-            ),
-            manual=False,
-            started_at=time.time(),
-            accumulator=make_accumulator(settings, [w.shape for w in weights], sparse=sparse),
-            strategy=settings.strategy,
-        )
+        current = _open_round(settings, round_id, selected, [w.shape for w in weights])
         opened = len(to_json(current.announcement))
         for device in selected:
             index = names.index(device)
             model = messages.parse_global(
                 down, site=SITE, max_bytes=MAX_BYTES, keys=device_trust, expected=specs
             )
-            house = houses[index]
-            trained = train_delta(
-                model.weights,
-                house.features,
-                house.labels,
-                house.negatives,
-                TrainParams(
-                    epochs=plan.epochs,
-                    batch_size=plan.batch_size,
-                    learning_rate=plan.learning_rate,
-                    prox_mu=plan.prox_mu,
-                    seed=round_seed(device, round_id),
-                    margin=plan.margin,
-                    scale=plan.scale,
-                ),
-            )
-            delta = trained.delta
-            if index < len(arm.attackers):
-                delta = poison(delta, arm.attackers[index])
-            if sparse:
-                delta, residuals[device] = with_error_feedback(
-                    HEAD_NAMES, delta, residuals.get(device), settings.density
-                )
-            payload = messages.build_update(
-                site=SITE,
-                signer=messages.Signer(device, keys.devices[device]),
-                round_id=round_id,
-                base_version=model.version,
-                num_examples=trained.num_examples,
-                names=HEAD_NAMES,
-                delta=delta,
-                codec=settings.codec,
-                density=settings.density,
+            payload = _client_step(
+                device,
+                round_id,
+                houses[index],
+                model,
+                arm.attackers[index : index + 1],
+                settings,
+                plan,
+                residuals,
+                keys.devices[device],
             )
             result.update_bytes.append(len(payload))
-            update = messages.parse_update(
-                payload,
-                site=SITE,
-                device=device,
-                expected=specs,
-                max_bytes=MAX_BYTES,
-                keys=aggregator_trust,
-            )
             try:
+                update = messages.parse_update(
+                    payload,
+                    site=SITE,
+                    device=device,
+                    expected=specs,
+                    max_bytes=MAX_BYTES,
+                    keys=aggregator_trust,
+                )
                 current.check(update, time.time(), settings.max_update_norm)
                 current.accept(update, len(payload))
             except (RejectedMessage, InconsistentUpdate):
                 result.rejected += 1  # refused, as the aggregator refuses it
+        if current.accumulator.count == 0:  # nothing accepted: the aggregator abandons it
+            continue
         step = next_step(weights, current.accumulator, current.received, server)
         weights, server = step.weights, step.optimizer
         closed = len(to_json(current.set_phase("closed")))

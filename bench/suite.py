@@ -1,23 +1,43 @@
-"""`make bench`: every comparison of issue 6, side by side in one run.
+"""`make bench`: the update codecs side by side, the baselines, aggregation at scale.
 
-    python -m bench.suite [--dataset DIR] [--rounds 30] [--nodes 10] [--alpha 0.5]
-                          [--scale 10 100 1000] [--skip-scale]
+    python -m bench.suite [--dataset DIR] [--strangers DIR] [--people N] [--rounds 30]
+                          [--houses-per-round 20] [--scale 10 100 1000] [--skip-scale]
 
-1. learning quality: centralised, each node alone, FedAvg with every codec,
-   all on the same split, seed and initial model;
-2. aggregation at scale: real MQTT doorbells through one Mosquitto and the
-   real aggregator (bench.scale);
-3. inference: ms per face and held-out accuracy of the float and int8 TFLite
-   models of the final float32 FedAvg model.
+1. learning: households of real photos under doorbell conditions
+   (`bench.data`: LFW people split into training houses and test houses of
+   people no model has seen), the federated head trained by THE round loop
+   (`bench.federated.run_arm`: the doorbell's `train_delta`, signed updates
+   in each codec, the aggregator's checks, accumulator and server step), one
+   arm per codec, all from the same start head on the same split; beside
+   them the baselines `start` (no training), `central` (the same trainer on
+   the union of the training houses) and `local_only` (each test house
+   alone), from `bench.openset`. Per codec: open-set accuracy and TAR at 1 %
+   FAR at the calibrated threshold, `bytes_per_update` (what a doorbell
+   sends) and `bytes_down_per_node` (everything a doorbell receives per
+   round: the round announcements and the retained global head message);
+2. aggregation at scale: real MQTT doorbells sending signed updates through
+   one Mosquitto (loopback, and the TLS production configuration) to the
+   real aggregator, at 10/100/1000 doorbells, with its memory while it
+   collects the updates (`bench.scale`).
 
-Writes reports/bench.json and reports/bench-*.png, and prints the tables.
+Writes reports/bench.json and reports/bench-codecs.png, and prints the tables.
+Without ../shared/datasets the learning part says so and is skipped.
 """
 
 from __future__ import annotations
 
+import os
+
+# One BLAS thread: the head's matrices are small, and OpenBLAS threads fighting for two
+# shared cores made a round 15x slower (measured: 10 doorbells' train_delta 20.9 s vs 1.4 s).
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 import argparse
 import json
-import os
+import multiprocessing
+import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -25,106 +45,176 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
-import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from bench.data import load_federation
-from bench.federated import (
-    Arm,
-    ArmResult,
-    Federation,
-    RoundResult,
-    run_arm,
-    train_central,
-    train_local_only,
-)
-from fedbell import model as face_model
-from fedbell.model import TrainParams
+from bench import openset
+from bench.data import CACHE, DEFAULT_DATASET, DEFAULT_STRANGERS, DatasetMissing, load_bench, scorer
+from bench.federated import PRODUCT, Arm, ArmResult, RoundResult, run_arm
+from fedbell.embedding import TrainParams
 
 CODEC_ARMS = (
-    Arm("float32"),
+    Arm("float32", codec="float32"),
     Arm("float16", codec="float16"),
     Arm("int8", codec="int8"),
     Arm("topk 10% + int8", codec="topk", density=0.10),
-    Arm("topk 5% + int8", codec="topk", density=0.05),
+    Arm(f"topk {PRODUCT.density:.0%} + int8 (default)", codec="topk", density=PRODUCT.density),
 )
-TARGET = 0.9
+BASELINES = ("start", "central", "local_only")
 
 
 def _kb(n: float) -> str:
     return f"{n / 1000:,.1f} kB"
 
 
-def learning(fed: Federation, rounds: int, console: Console) -> dict[str, Any]:
-    def progress(arm: Arm, r: RoundResult) -> None:
-        console.print(
-            f"  {arm.name:<18} round {r.round:>3}  accuracy {r.accuracy:.3f}  {r.seconds:.1f}s",
-            highlight=False,
+def _progress(arm: Arm, r: RoundResult) -> None:
+    if r.round % 5 == 0 or r.round == 1:
+        print(
+            f"  {arm.name:<26} round {r.round:>3}  open-set {r.open_set_accuracy:.3f}  "
+            f"up {r.bytes_up} B  {r.seconds:.1f}s",
+            flush=True,
         )
 
-    results = [run_arm(fed, arm, rounds, progress) for arm in CODEC_ARMS]
-    epochs = rounds * fed.plan.epochs
-    central = train_central(fed, epochs)
-    local = train_local_only(fed, epochs)
-    reference = results[0]
-    table = Table(title=f"Learning quality after {rounds} rounds ({len(fed.nodes)} nodes)")
+
+def _run_codec(task: tuple[openset.Bench, Arm, int, int, TrainParams]) -> ArmResult:
+    bench, arm, rounds, per_round, params = task
+    return run_arm(
+        bench.train,
+        bench.start,
+        arm,
+        rounds,
+        scorer(bench),
+        params=params,
+        houses_per_round=per_round,
+        progress=_progress,
+    )
+
+
+def _run_baseline(task: tuple[openset.Bench, str, openset.ArmSettings, int]) -> openset.ArmOutcome:
+    bench, name, settings, seed = task
+    if name == "start":
+        return openset.run_start(bench, settings)
+    if name == "central":
+        return openset.run_central(bench, settings, seed)
+    return openset.run_local_only(bench, settings, seed)
+
+
+def learning(
+    bench: openset.Bench,
+    *,
+    rounds: int,
+    per_round: int,
+    params: TrainParams,
+    seed: int,
+    jobs: int,
+) -> dict[str, Any]:
+    settings = openset.ArmSettings(rounds=rounds, houses_per_round=per_round, params=params)
+    codec_tasks = [(bench, arm, rounds, per_round, params) for arm in CODEC_ARMS]
+    base_tasks = [(bench, name, settings, seed) for name in BASELINES]
+    if jobs <= 1:
+        results = [_run_codec(t) for t in codec_tasks]
+        baselines = [_run_baseline(t) for t in base_tasks]
+    else:
+        with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+            pending = pool.map(_run_codec, codec_tasks)
+            pending_base = pool.map(_run_baseline, base_tasks)
+            results, baselines = list(pending), list(pending_base)
+    return {"codecs": results, "baselines": dict(zip(BASELINES, baselines, strict=True))}
+
+
+def print_learning(
+    results: list[ArmResult],
+    baselines: dict[str, openset.ArmOutcome],
+    rounds: int,
+    per_round: int,
+    console: Console,
+) -> None:
+    table = Table(
+        title=f"Open-set recognition of never-seen people after {rounds} rounds "
+        f"({per_round} houses a round), signed updates"
+    )
     for column in (
         "set-up",
-        "final accuracy",
-        f"rounds to {TARGET:.0%}",
-        "bytes/update up",
-        "bytes/model down",
-        "total bytes",
+        "open-set acc.",
+        "TAR @ 1 % FAR",
+        "threshold",
+        "bytes_per_update",
+        "bytes_down_per_node",
         "smaller than float32",
     ):
         table.add_column(column, justify="right")
-    table.add_row("centralised", f"{central:.3f}", "", "", "", "", "")
-    table.add_row("each node alone (mean)", f"{np.mean(local):.3f}", "", "", "", "", "")
+    for name, outcome in baselines.items():
+        table.add_row(
+            name,
+            f"{outcome.result.open_set_accuracy:.3f}",
+            f"{outcome.result.tar_at_far_1pct:.3f}",
+            f"{outcome.threshold:.3f}",
+            "",
+            "",
+            "",
+        )
+    reference = results[0].bytes_per_update
     for result in results:
-        total = sum(r.bytes_up + r.bytes_down for r in result.rounds)
+        final = result.final
         table.add_row(
             result.arm.name,
-            f"{result.final_accuracy:.3f}",
-            str(result.rounds_to(TARGET) or "—"),
+            f"{final.open_set_accuracy:.3f}",
+            f"{final.tar_at_far_1pct:.3f}",
+            f"{final.threshold:.3f}",
             _kb(result.bytes_per_update),
-            _kb(result.bytes_per_download),
-            _kb(total),
-            f"{reference.bytes_per_update / result.bytes_per_update:.1f}x",
+            _kb(result.bytes_down_per_node),
+            f"{reference / result.bytes_per_update:.1f}x",
         )
     console.print(table)
-    _plot(results, central, Path("reports/bench-codecs.png"))
+
+
+def learning_report(
+    results: list[ArmResult], baselines: dict[str, openset.ArmOutcome]
+) -> dict[str, Any]:
     return {
-        "central_accuracy": central,
-        "local_only_accuracy": float(np.mean(local)),
-        "local_only_per_node": local,
+        "baselines": {
+            name: {
+                "open_set_accuracy": o.result.open_set_accuracy,
+                "tar_at_far_1pct": o.result.tar_at_far_1pct,
+                "rank1": o.result.rank1,
+                "unknown_rejected": o.result.unknown_rejected,
+                "threshold": o.threshold,
+            }
+            for name, o in baselines.items()
+        },
         "codecs": [
             {
                 "name": r.arm.name,
                 "codec": r.arm.codec,
                 "density": r.arm.density,
-                "accuracy": r.final_accuracy,
-                "rounds_to_90": r.rounds_to(TARGET),
+                "open_set_accuracy": r.final.open_set_accuracy,
+                "tar_at_far_1pct": r.final.tar_at_far_1pct,
+                "threshold": r.final.threshold,
+                "start_open_set_accuracy": r.start.open_set_accuracy,
                 "bytes_per_update": r.bytes_per_update,
-                "bytes_per_download": r.bytes_per_download,
-                "accuracy_per_round": [x.accuracy for x in r.rounds],
+                "bytes_down_per_node": r.bytes_down_per_node,
+                "rejected_updates": r.rejected,
+                "open_set_accuracy_per_round": [x.open_set_accuracy for x in r.rounds],
             }
             for r in results
         ],
-        "_float32_result": reference,
     }
 
 
-def _plot(results: list[ArmResult], central: float, path: Path) -> None:
+def plot(results: list[ArmResult], baselines: dict[str, openset.ArmOutcome], path: Path) -> None:
     figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     for result in results:
         left.plot(
-            [r.round for r in result.rounds],
-            [r.accuracy for r in result.rounds],
+            [0, *(r.round for r in result.rounds)],
+            [result.start.open_set_accuracy, *(r.open_set_accuracy for r in result.rounds)],
             label=result.arm.name,
         )
-    left.axhline(central, color="black", linestyle="--", label="centralised")
-    left.set(xlabel="round", ylabel="held-out accuracy", ylim=(0, 1.03))
+    for name, style in (("central", "--"), ("local_only", ":")):
+        if name in baselines:
+            left.axhline(
+                baselines[name].result.open_set_accuracy, color="black", linestyle=style, label=name
+            )
+    left.set(xlabel="round", ylabel="open-set accuracy (never-seen people)")
     left.legend(fontsize=8)
     right.bar([r.arm.name for r in results], [r.bytes_per_update / 1000 for r in results])
     right.set(ylabel="kB per update (up)", yscale="log")
@@ -135,81 +225,76 @@ def _plot(results: list[ArmResult], central: float, path: Path) -> None:
     plt.close(figure)
 
 
-def inference(fed: Federation, reference: ArmResult, console: Console) -> dict[str, float]:
-    """ms per face and accuracy of the final model's float and int8 TFLite versions."""
-    from bench.recognition import ms_per_face
-    from edge.recognizer import ModelArtifact, Recognizer
-
-    model = face_model.build_model(fed.classes, seed=fed.seed)
-    face_model.set_weights(model, reference.weights)
-    train_images = np.concatenate([n.images for n in fed.nodes])
-    float_model, int8_model = face_model.to_tflite(model, train_images)
-    labels = tuple(str(i) for i in range(fed.classes))
-    figures: dict[str, float] = {}
-    faces = list(fed.held_out.images)
-    for name, flatbuffer in (("float", float_model), ("int8", int8_model)):
-        recognizer = Recognizer(threshold_override=0.0, num_threads=1)
-        recognizer.swap(ModelArtifact(flatbuffer, labels))
-        predicted = np.argmax(recognizer.probabilities_batch(faces), axis=1)
-        figures[f"{name}_accuracy"] = float(np.mean(predicted == fed.held_out.labels))
-        figures[f"{name}_ms"] = ms_per_face(recognizer, fed.held_out.images)
-        figures[f"{name}_bytes"] = float(len(flatbuffer))
-    table = Table(title="Inference (LiteRT, one thread)")
-    for column in ("model", "ms per face", "held-out accuracy", "size"):
-        table.add_column(column, justify="right")
-    for name in ("float", "int8"):
-        table.add_row(
-            name,
-            f"{figures[f'{name}_ms']:.3f}",
-            f"{figures[f'{name}_accuracy']:.3f}",
-            _kb(figures[f"{name}_bytes"]),
-        )
-    console.print(table)
-    gap = 100 * (figures["float_accuracy"] - figures["int8_accuracy"])
-    console.print(f"int8 is {gap:+.1f} points from float on the held-out split")
-    return figures
-
-
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dataset", type=Path, default=None)
-    parser.add_argument("--nodes", type=int, default=10)
-    parser.add_argument("--alpha", type=float, default=0.5)
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--dataset", type=Path, default=DEFAULT_DATASET)
+    parser.add_argument("--strangers", type=Path, default=DEFAULT_STRANGERS)
+    parser.add_argument(
+        "--people", type=int, default=None, help="a seeded sample of the dataset's people"
+    )
+    parser.add_argument("--calibration", type=int, default=1000, help="calibration strangers")
+    parser.add_argument("--negatives", type=int, default=1500, help="strangers seen at doors")
+    parser.add_argument("--conditions", choices=("doorbell", "clean"), default="doorbell")
     parser.add_argument("--rounds", type=int, default=30)
-    parser.add_argument("--epochs", type=int, default=5)
+    parser.add_argument("--houses-per-round", type=int, default=20)
+    parser.add_argument("--epochs", type=int, default=TrainParams.epochs)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--cache", type=Path, default=CACHE)
     parser.add_argument("--scale", type=int, nargs="+", default=[10, 100, 1000])
+    parser.add_argument("--brokers", nargs="+", choices=("loopback", "tls"), default=None)
     parser.add_argument("--skip-scale", action="store_true")
+    parser.add_argument("--skip-learning", action="store_true")
     parser.add_argument("--report", type=Path, default=Path("reports/bench.json"))
-    args = parser.parse_args()
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    face_model.limit_threads(2)
+    args = parser.parse_args(argv)
     console = Console(width=150)
-    fed, name = load_federation(
-        args.dataset, args.nodes, args.alpha, args.seed, TrainParams(epochs=args.epochs)
-    )
-    console.print(
-        f"[bold]dataset[/] {name}: {args.nodes} nodes, Dirichlet alpha {args.alpha}, "
-        f"{args.rounds} rounds of {args.epochs} local epochs, seed {args.seed}"
-    )
-    report: dict[str, Any] = {
-        "dataset": name,
-        "nodes": args.nodes,
-        "alpha": args.alpha,
-        "rounds": args.rounds,
-        "seed": args.seed,
-    }
-    quality = learning(fed, args.rounds, console)
-    reference = quality.pop("_float32_result")
-    report.update(quality)
-    report["inference"] = inference(fed, reference, console)
+    started = time.perf_counter()
+    report: dict[str, Any] = {"rounds": args.rounds, "houses_per_round": args.houses_per_round}
+    if not args.skip_learning:
+        try:
+            loaded = load_bench(
+                dataset=args.dataset,
+                strangers=args.strangers,
+                conditions=args.conditions,
+                seed=args.seed,
+                people=args.people,
+                calibration=args.calibration,
+                negatives=args.negatives,
+                jobs=args.jobs,
+                cache=args.cache,
+            )
+        except DatasetMissing as err:
+            console.print(f"[bold]learning skipped[/]: {err}")
+        else:
+            console.print(f"[bold]data[/] {loaded.description}")
+            params = TrainParams(epochs=args.epochs)
+            outcome = learning(
+                loaded.bench,
+                rounds=args.rounds,
+                per_round=args.houses_per_round,
+                params=params,
+                seed=args.seed,
+                jobs=args.jobs,
+            )
+            print_learning(
+                outcome["codecs"],
+                outcome["baselines"],
+                args.rounds,
+                args.houses_per_round,
+                console,
+            )
+            plot(outcome["codecs"], outcome["baselines"], Path("reports/bench-codecs.png"))
+            report["dataset"] = loaded.description
+            report["backbone_sha256"] = loaded.backbone_sha256
+            report.update(learning_report(outcome["codecs"], outcome["baselines"]))
     if not args.skip_scale:
-        from bench.scale import run_scale
+        from bench.scale import BROKERS, run_scale
 
-        report["scale"] = run_scale(args.scale)
+        report["scale"] = run_scale(args.scale, brokers=args.brokers or list(BROKERS))
+    report["seconds"] = time.perf_counter() - started
     args.report.parent.mkdir(parents=True, exist_ok=True)
     args.report.write_text(json.dumps(report, indent=2))
-    console.print(f"report: {args.report}, plots: reports/bench-*.png")
+    console.print(f"report: {args.report}, plot: reports/bench-codecs.png")
     return 0
 
 
