@@ -216,9 +216,9 @@ class EventPublisher:
             self.counters.rejected += 1
             log.warning("label command rejected: %s", err)
         else:
-            self.counters.labels += 1
-            if self.on_labelled is not None:
+            if self.on_labelled is not None:  # counted once recognition can use it
                 self.on_labelled()
+            self.counters.labels += 1
 
     def _on_ha_status(self, _client: mqtt.Client, _userdata: Any, msg: mqtt.MQTTMessage) -> None:
         if msg.payload == ONLINE.encode():

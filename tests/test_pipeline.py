@@ -1,4 +1,5 @@
-"""End to end: a generated doorbell video → OpenCV file source → Haar → TFLite → real Mosquitto."""
+"""End to end: a generated doorbell video → OpenCV file source → BlazeFace → chips →
+the real backbone on LiteRT → prototypes → real Mosquitto."""
 
 from __future__ import annotations
 
@@ -12,23 +13,33 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
+from aggregator.backbone import BackboneModels
 from broker.local import LocalBroker
 from edge.camera import open_source
-from edge.detector import FaceDetector
 from edge.events import EventPublisher
 from edge.feedback import RecentCrops
+from edge.gallery import Gallery, StrangerStore
 from edge.homeassistant import DoorbellTopics
 from edge.pipeline import Pipeline
 from edge.recognition_config import CameraConfig, RecognitionConfig
-from edge.recognizer import ModelArtifact, Recognizer
-from fedbell.calibration import calibrate_threshold
-from fedbell.synthetic import make_identities, write_visitor_video
+from edge.recognizer import Recognizer
+from fedbell.openset import best_match
+from fedbell.synthetic import make_scene, render_face, write_visitor_video
 from tests.mqtt_helpers import Probe
-from tests.recognition_helpers import KNOWN, SEED, faces_of, trained_model
+from tests.recognition_helpers import (
+    chips_of,
+    detector,
+    frames_of,
+    head,
+    identities,
+    ready_recognizer,
+)
 
 STATUS = "fedbell/home/status/door1"
 FRAMES_PER_VISIT = 8
 GAP_FRAMES = 4
+ENROLLED = 4
+"""Persons 0-3 are enrolled; 4 and 5 never are."""
 
 
 class FrameClock:
@@ -48,20 +59,30 @@ def node_client(port: int) -> mqtt.Client:
     return client
 
 
-def calibrated_threshold(recognizer: Recognizer) -> float:
-    """As the aggregator would: held-out known faces and held-out strangers, 1 % FAR.
+@pytest.fixture(scope="module")
+def house(tmp_path_factory: pytest.TempPathFactory) -> Gallery:
+    gallery = Gallery(tmp_path_factory.mktemp("gallery"))
+    for person in range(ENROLLED):
+        gallery.add(f"person{person}", chips_of(person, 3, 100 + person))
+    return gallery
 
-    Stricter than the aggregator's default 5 %: at 5 % the video's stranger
-    was named on one machine and not on another (same code and packages,
-    other CPU: training's floating point differs), while known visitors'
-    per-visit scores (~0.97) leave ample room above a 1 % threshold."""
-    model = trained_model()
-    known = [f for i in range(KNOWN) for f in faces_of(model.identities[i], 10, 700 + i)]
-    strangers = make_identities(6, SEED + 2000)  # neither enrolled nor the test's visitors
-    unknown = [f for j, o in enumerate(strangers) for f in faces_of(o, 10, 800 + j)]
-    return calibrate_threshold(
-        recognizer.probabilities_batch(known), 0.01, recognizer.probabilities_batch(unknown)
-    )
+
+def threshold_between(recognizer: Recognizer, stranger: int) -> float:
+    """A threshold between the members' own scores and the stranger's best score.
+
+    Generated cartoons are not real faces: dlib's network separates these
+    identities at rank 1 but with a thin margin, so no calibrated false-accept
+    rate transfers to them. The test measures the margin on held-out chips and
+    puts the threshold in its middle; what it checks is the pipeline (per-visit
+    averaging, naming, events), not the network.
+    """
+    model = recognizer.model
+    members = [model.embed(recognizer.features(chips_of(p, 3, 700 + p))) for p in range(ENROLLED)]
+    lowest = min(float(np.min(e @ model.prototypes[p])) for p, e in enumerate(members))
+    others = model.embed(recognizer.features(chips_of(stranger, 6, 800)))
+    highest = float(np.max(best_match(others, model.prototypes)[1]))
+    assert highest < lowest, f"stranger {highest:.4f} vs members {lowest:.4f}: no margin"
+    return (highest + lowest) / 2
 
 
 def drain_visitors(probe: Probe, expected: int, timeout: float = 10.0) -> list[dict[str, object]]:
@@ -72,20 +93,18 @@ def drain_visitors(probe: Probe, expected: int, timeout: float = 10.0) -> list[d
 
 
 def test_video_replay_names_each_visitor_and_unknown_stranger(
-    broker: LocalBroker, tmp_path: Path
+    broker: LocalBroker, tmp_path: Path, backbone_models: BackboneModels, house: Gallery
 ) -> None:
-    model = trained_model()
-    recognizer = Recognizer()
-    recognizer.swap(ModelArtifact(model.float_tflite, model.labels, version=1))
-    threshold = calibrated_threshold(recognizer)
-    recognizer.swap(ModelArtifact(model.float_tflite, model.labels, threshold, version=2))
+    stranger = 4
+    recognizer = ready_recognizer(backbone_models.float_model, backbone_models.sha256, house)
+    threshold = threshold_between(recognizer, stranger)
+    recognizer.set_head(head(version=1, backbone=backbone_models.sha256, threshold=threshold))
 
-    stranger = KNOWN  # identity KNOWN was never enrolled
-    visitors = [0, 3, stranger, 5, 1]
+    visitors = [0, 3, stranger, 2, 1]
     video = tmp_path / "porch.avi"
     write_visitor_video(
         video,
-        [model.identities[i] for i in visitors],
+        [identities()[i] for i in visitors],
         np.random.default_rng(42),
         frames_per_visitor=FRAMES_PER_VISIT,
         gap_frames=GAP_FRAMES,
@@ -93,12 +112,13 @@ def test_video_replay_names_each_visitor_and_unknown_stranger(
 
     probe = Probe(broker.port, "doorbell/door1/#")
     client = node_client(broker.port)
-    publisher = EventPublisher(
-        client, DoorbellTopics("door1"), STATUS, RecentCrops(), tmp_path / "g"
-    )
+    publisher = EventPublisher(client, DoorbellTopics("door1"), STATUS, RecentCrops(), house)
     clock = FrameClock()
     config = RecognitionConfig(debounce_s=10.0, confirm_frames=2, absent_after_s=2.0)
-    pipeline = Pipeline(FaceDetector(), recognizer, publisher, config, clock=clock)
+    strangers = StrangerStore(tmp_path / "strangers.npz", capacity=10)
+    pipeline = Pipeline(
+        detector(), recognizer, publisher, config, clock=clock, on_stranger=strangers.add
+    )
     source = open_source(CameraConfig(kind="opencv", device=str(video)))
     try:
         names_per_visit = []
@@ -119,18 +139,55 @@ def test_video_replay_names_each_visitor_and_unknown_stranger(
         client.loop_stop()
         client.disconnect()
 
-    expected = [model.labels[i] if i != stranger else "unknown" for i in visitors]
+    expected = [f"person{i}" if i != stranger else "unknown" for i in visitors]
     # One event per visit, named from the visit's frames, not from its first frame.
     assert names_per_visit == [[name] for name in expected], (names_per_visit, threshold)
     assert pipeline.counters.frames == len(visitors) * (FRAMES_PER_VISIT + GAP_FRAMES)
     assert pipeline.counters.faces >= 0.8 * len(visitors) * FRAMES_PER_VISIT
     assert pipeline.counters.errors == 0
+    # The stranger's visit became a training negative, kept at home.
+    assert len(StrangerStore(tmp_path / "strangers.npz", 10)) == 1
+
+
+def test_a_person_enrolled_mid_visit_is_named_when_the_visit_is_decided(
+    tmp_path: Path, backbone_models: BackboneModels
+) -> None:
+    gallery = Gallery(tmp_path / "gallery")
+    gallery.add("person0", chips_of(0, 3, 100))
+    recognizer = ready_recognizer(backbone_models.float_model, backbone_models.sha256, gallery)
+    names: list[str] = []
+
+    class Sink:
+        def visitor(self, person: str, *args: object, **kwargs: object) -> str:
+            names.append(person)
+            return "x"
+
+        def ring(self, *args: object, **kwargs: object) -> str:
+            return "x"
+
+        def present(self, present: bool) -> None:
+            pass
+
+    clock = FrameClock()
+    pipeline = Pipeline(
+        detector(), recognizer, Sink(), RecognitionConfig(confirm_frames=4), clock=clock
+    )
+    frames = frames_of(5, 4, 55)
+    for frame in frames[:2]:
+        pipeline.process(frame)
+        clock.now += 0.1
+    gallery.add("newcomer", chips_of(5, 3, 501))  # enrolled while they stand at the door
+    recognizer.set_gallery(gallery.features(recognizer.backbone))  # type: ignore[arg-type]
+    for frame in frames[2:]:
+        pipeline.process(frame)
+        clock.now += 0.1
+    assert names == ["newcomer"]
 
 
 def test_events_are_not_retained_but_state_is(broker: LocalBroker, tmp_path: Path) -> None:
     client = node_client(broker.port)
     publisher = EventPublisher(
-        client, DoorbellTopics("door1"), STATUS, RecentCrops(), tmp_path / "g"
+        client, DoorbellTopics("door1"), STATUS, RecentCrops(), Gallery(tmp_path / "g")
     )
     publisher.announce()
     publisher.visitor("alice", 0.9, (1, 2, 3, 4))
@@ -159,16 +216,21 @@ def test_events_are_not_retained_but_state_is(broker: LocalBroker, tmp_path: Pat
         client.disconnect()
 
 
-def test_commands_ring_and_face_trigger(broker: LocalBroker, tmp_path: Path) -> None:
-    model = trained_model()
-    recognizer = Recognizer(threshold_override=0.0)
-    recognizer.swap(ModelArtifact(model.float_tflite, model.labels))
+def test_commands_ring_face_trigger_and_a_label_that_names_the_next_visit(
+    broker: LocalBroker, tmp_path: Path, backbone_models: BackboneModels
+) -> None:
+    gallery = Gallery(tmp_path / "g")
+    gallery.add("person0", chips_of(0, 3, 100))
+    recognizer = ready_recognizer(
+        backbone_models.float_model, backbone_models.sha256, gallery, threshold=0.975
+    )
     client = node_client(broker.port)
-    publisher = EventPublisher(
-        client, DoorbellTopics("door1"), STATUS, RecentCrops(), tmp_path / "g"
+    publisher = EventPublisher(client, DoorbellTopics("door1"), STATUS, RecentCrops(), gallery)
+    publisher.on_labelled = lambda: recognizer.set_gallery(
+        gallery.features(recognizer.backbone)  # type: ignore[arg-type]
     )
     config = RecognitionConfig(ring_on_face_frames=3, confirm_frames=1)
-    pipeline = Pipeline(FaceDetector(), recognizer, publisher, config)
+    pipeline = Pipeline(detector(), recognizer, publisher, config)
     publisher.on_ring_command = lambda: pipeline.ring("command")
     publisher.attach()
     for topic, qos in publisher.subscriptions():
@@ -184,18 +246,17 @@ def test_commands_ring_and_face_trigger(broker: LocalBroker, tmp_path: Path) -> 
         assert ring["person"] is None
         assert publisher.counters.rejected == 1
 
-        from fedbell.synthetic import make_scene, render_face
-
         rng = np.random.default_rng(3)
         for _ in range(5):
-            face = render_face(model.identities[2], rng)
+            face = render_face(identities()[2], rng)
             pipeline.process(make_scene([face], rng).frame)
         ring = json.loads(probe.wait_for("doorbell/door1/ring", 5).payload)
         assert ring["source"] == "face"
         assert pipeline.counters.rings == 2
 
-        # Label that visitor over MQTT: the event's crop joins the gallery.
+        # Label that visitor over MQTT: the event's chip joins the gallery at once.
         visitor = json.loads(visitors.wait_for("doorbell/door1/visitor", 5).payload)
+        assert visitor["person"] == "unknown"
         probe.publish("doorbell/door1/label", json.dumps({"event_id": "nope", "person": "x"}))
         probe.publish(
             "doorbell/door1/label", json.dumps({"event_id": visitor["event_id"], "person": "dora"})
@@ -205,6 +266,9 @@ def test_commands_ring_and_face_trigger(broker: LocalBroker, tmp_path: Path) -> 
             time.sleep(0.05)
         assert len(list((tmp_path / "g" / "dora").glob("*.png"))) == 1
         assert publisher.counters.rejected == 2  # the bad command and the unknown event id
+        assert recognizer.persons == ("dora", "person0")
+        again = pipeline.process(make_scene([render_face(identities()[2], rng)], rng).frame)
+        assert [s.person for s in again] == ["dora"], again  # the next visit is named
     finally:
         probe.close()
         visitors.close()
@@ -240,7 +304,7 @@ def test_run_loop_stops_and_survives_bad_frames(tmp_path: Path) -> None:
         def close(self) -> None:
             pass
 
-    pipeline = Pipeline(FaceDetector(), Recognizer(), Sink())
+    pipeline = Pipeline(detector(), Recognizer(), Sink())
     pipeline.run(Frames(), threading.Event())
     assert pipeline.counters.frames == 3
     assert pipeline.counters.errors == 1
@@ -261,5 +325,5 @@ def test_ring_without_face_names_nobody(kind: str, tmp_path: Path) -> None:
         def present(self, present: bool) -> None:
             pass
 
-    Pipeline(FaceDetector(), Recognizer(), Sink()).ring("button")
+    Pipeline(detector(), Recognizer(), Sink()).ring("button")
     assert rings == [("button", None)]

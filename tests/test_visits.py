@@ -1,29 +1,36 @@
-"""Per-visit decisions: tracking faces across frames and averaging the model over a visit.
+"""Per-visit decisions: tracking faces across frames and averaging embeddings over a visit.
 
-The tracker and the decision are tested as pure functions on hand-made
-sightings; the pipeline with the real Haar detector and the real TFLite model
-from tests/recognition_helpers.py, driven by a frame clock and a recording sink.
+The tracker and the decision are tested on hand-made sightings against a
+two-person house; the pipeline with the real BlazeFace detector and the real
+backbone (tests/recognition_helpers.py), driven by a frame clock and a
+recording sink.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
+from typing import cast
 
 import numpy as np
 import numpy.typing as npt
 import pytest
 
-from edge.detector import FaceDetector
-from edge.pipeline import Pipeline, Sighting, Track, Tracker, decide
+from aggregator.backbone import BackboneModels
+from edge.gallery import Gallery
+from edge.pipeline import Pipeline, Sighting, Track, Tracker
 from edge.recognition_config import RecognitionConfig
-from edge.recognizer import UNKNOWN, ModelArtifact, Recognizer
+from edge.recognizer import UNKNOWN, ModelKey, Recognizer
+from fedbell.embedding import normalize
 from fedbell.faces import Box
-from fedbell.synthetic import IdentityParams, make_scene, render_face
-from tests.recognition_helpers import KNOWN, trained_model
+from fedbell.openset import identify
+from tests.recognition_helpers import chips_of, detector, frames_of, head, ready_recognizer
 
 Frame = npt.NDArray[np.uint8]
 NO_FRAME: Frame = np.zeros((4, 4, 3), np.uint8)
 CROP: Frame = np.zeros((8, 8), np.uint8)
+KEY_1: ModelKey = ("b" * 64, "lineage", 1)
+KEY_2: ModelKey = ("b" * 64, "lineage", 2)
 
 
 @dataclass
@@ -68,53 +75,64 @@ class FrameClock:
         return self.now
 
 
-def named(result: tuple[str, float]) -> tuple[str, float]:
-    """A decision with its confidence rounded, to compare with ==."""
-    return result[0], round(result[1], 6)
+class House:
+    """Two enrolled people, "a" along x and "b" along y, threshold 0.6, model KEY_1 or KEY_2."""
+
+    key: ModelKey = KEY_1
+
+    def identify(
+        self, embedding: npt.NDArray[np.float32], key: ModelKey | None
+    ) -> tuple[str, float]:
+        if key != self.key:
+            return UNKNOWN, 0.0
+        unit = normalize(embedding[None, :])[0]
+        return identify(unit, np.eye(2, 3, dtype=np.float32), ("a", "b"), 0.6)
 
 
-def probabilities(sighting: Sighting) -> npt.NDArray[np.float32]:
-    assert sighting.probabilities is not None
-    return sighting.probabilities
+HOUSE_ = House()
+HOUSE = cast("Recognizer", HOUSE_)  # what Track.decide needs of a recognizer: identify()
 
 
-def sighting(box: Box, probabilities: list[float] | None = None, model: int = 1) -> Sighting:
-    row = None if probabilities is None else np.array(probabilities, np.float32)
-    person, confidence = decide(row, ("a", "b"), 0.6)
-    return Sighting(box, person, confidence, CROP, row, model, ("a", "b"))
+def towards_a(cosine: float) -> list[float]:
+    """A unit embedding whose similarity to "a" is `cosine` (the rest towards nobody)."""
+    return [cosine, 0.0, math.sqrt(1 - cosine * cosine)]
+
+
+def sighting(box: Box, embedding: list[float] | None = None, key: ModelKey = KEY_1) -> Sighting:
+    row = None if embedding is None else np.array([*embedding, 0.0][:3], np.float32)
+    person, confidence = (UNKNOWN, 0.0) if row is None else HOUSE_.identify(row, key)
+    return Sighting(box, person, confidence, CROP, row, row, None if row is None else key)
 
 
 # --- the decision and the evidence ------------------------------------------------------
 
 
-def test_decide_names_the_argmax_only_above_the_threshold() -> None:
-    labels = ("alice", "bob", "carol")
-    assert named(decide(np.array([0.1, 0.7, 0.2]), labels, 0.6)) == ("bob", 0.7)
-    assert named(decide(np.array([0.1, 0.5, 0.4]), labels, 0.6)) == (UNKNOWN, 0.5)
-    assert decide(np.array([0.1, 0.6, 0.3]), labels, 0.6)[0] == "bob"  # at the threshold
-    assert decide(None, labels, 0.6) == (UNKNOWN, 0.0)  # no model: a stranger
-    assert decide(np.array([0.5, 0.5]), labels, 0.0) == (UNKNOWN, 0.0)  # labels do not match
-
-
-def test_track_averages_probabilities_and_restarts_on_a_new_model() -> None:
+def test_track_averages_embeddings_and_restarts_on_a_new_model() -> None:
     box = (100, 100, 80, 80)
     track = Track(box, 0.0, 0)
-    track.add(sighting(box, [0.55, 0.45]), NO_FRAME, 0.0, 1)
-    assert named(track.decide(0.6)) == (UNKNOWN, 0.55)  # one weak frame
-    track.add(sighting(box, [0.85, 0.15]), NO_FRAME, 1.0, 2)
+    track.add(sighting(box, towards_a(0.55)), NO_FRAME, 0.0, 1)
+    assert track.decide(HOUSE)[0] == UNKNOWN  # one weak frame: below 0.6
+    track.add(sighting(box, towards_a(0.95)), NO_FRAME, 1.0, 2)
     assert track.frames == 2
-    assert named(track.decide(0.6)) == ("a", 0.70)  # the mean decides
+    person, similarity = track.decide(HOUSE)  # the mean decides
+    assert person == "a"
+    assert 0.6 < similarity < 0.95
     assert track.best is not None
-    assert track.best.confidence == pytest.approx(0.85)  # the most confident frame
+    assert track.best.confidence == pytest.approx(0.95)  # the most confident frame
 
-    track.add(sighting(box, [0.2, 0.8], model=2), NO_FRAME, 2.0, 3)  # hot swap
+    track.add(sighting(box, [0.0, 1.0], key=KEY_2), NO_FRAME, 2.0, 3)  # hot swap
     assert track.frames == 1
-    assert track.model == 2
-    assert named(track.decide(0.6)) == ("b", 0.8)
+    assert track.model == KEY_2
+    assert track.decide(HOUSE) == (UNKNOWN, 0.0)  # the house still runs KEY_1
+    HOUSE_.key = KEY_2
+    try:
+        assert track.decide(HOUSE)[0] == "b"
+    finally:
+        HOUSE_.key = KEY_1
 
-    track.add(sighting(box, None, model=0), NO_FRAME, 3.0, 4)  # model gone: no evidence
+    track.add(sighting(box, None), NO_FRAME, 3.0, 4)  # model gone: no evidence
     assert track.frames == 1
-    assert track.decide(0.6) == (UNKNOWN, 0.0)
+    assert track.decide(HOUSE) == (UNKNOWN, 0.0)
 
 
 # --- the tracker ----------------------------------------------------------------------------
@@ -133,8 +151,8 @@ def test_tracker_follows_nearby_faces_and_ends_tracks_after_absence() -> None:
     assert all(t is right[0] for t in right)
     assert left[0] is not right[0]
     assert left[0].frames == right[0].frames == 3
-    assert left[0].decide(0.5)[0] == "a"
-    assert right[0].decide(0.5)[0] == "b"
+    assert left[0].decide(HOUSE)[0] == "a"
+    assert right[0].decide(HOUSE)[0] == "b"
 
     far = tracker.update([sighting((300, 350, 80, 80)), sighting((400, 120, 90, 90))], NO_FRAME, 3)
     assert far[0] not in (left[0], right[0])  # more than half a box width from both
@@ -157,28 +175,48 @@ def test_a_lone_face_keeps_its_track_even_when_the_box_jumps() -> None:
     assert after_gap is not first  # a frame without faces in between: distance decides
 
 
-# --- the pipeline, with the real detector and model --------------------------------------
+# --- the pipeline, with the real detector and backbone -----------------------------------
 
 
-def scene(identity: IdentityParams, rng: np.random.Generator) -> Frame:
-    return np.asarray(make_scene([render_face(identity, rng, 96)], rng).frame, np.uint8)
+@pytest.fixture(scope="module")
+def house(tmp_path_factory: pytest.TempPathFactory) -> Gallery:
+    gallery = Gallery(tmp_path_factory.mktemp("gallery"))
+    for person in range(3):
+        gallery.add(f"person{person}", chips_of(person, 3, 100 + person))
+    return gallery
 
 
-def frames_of(
-    recognizer: Recognizer, identity: IdentityParams, count: int, seed: int, label: int | None
+def recognizer_for(
+    models: BackboneModels, house: Gallery, threshold: float, version: int = 0
+) -> Recognizer:
+    recognizer = ready_recognizer(models.float_model, models.sha256, house)
+    recognizer.set_head(head(version=version, backbone=models.sha256, threshold=threshold))
+    return recognizer
+
+
+def detected(
+    recognizer: Recognizer, person: int, count: int, seed: int, named: bool = True
 ) -> list[tuple[Frame, Sighting]]:
-    """Frames with exactly one detected face (of the model's class `label`, when given)."""
-    probe = Pipeline(FaceDetector(), recognizer, Sink())
-    rng = np.random.default_rng(seed)
-    found: list[tuple[Frame, Sighting]] = []
-    while len(found) < count:
-        frame = scene(identity, rng)
+    """Frames with exactly one detected, embedded face, and this frame's reading of it.
+
+    With `named`, only frames whose face alone is named right (rank 1): cartoon
+    faces separate with a thin margin, and the tests are about visits, not that.
+    """
+    probe = Pipeline(detector(), recognizer, Sink())
+    found = []
+    for frame in frames_of(person, count * 3, seed):
         sightings = probe.process(frame)
-        if len(sightings) != 1 or sightings[0].probabilities is None:
-            continue
-        if label is None or int(np.argmax(sightings[0].probabilities)) == label:
+        right = not named or sightings[0].person == f"person{person}" if sightings else False
+        if len(sightings) == 1 and sightings[0].embedding is not None and right:
             found.append((frame, sightings[0]))
-    return found
+        if len(found) == count:
+            return found
+    raise AssertionError(f"only {len(found)} of {count} frames with one face")
+
+
+def embedding(sighting: Sighting) -> npt.NDArray[np.float32]:
+    assert sighting.embedding is not None
+    return sighting.embedding
 
 
 def play(pipeline: Pipeline, clock: FrameClock, frames: list[Frame]) -> list[list[Sighting]]:
@@ -189,91 +227,93 @@ def play(pipeline: Pipeline, clock: FrameClock, frames: list[Frame]) -> list[lis
     return seen
 
 
-def float_recognizer(threshold: float | None = None, version: int = 1) -> Recognizer:
-    model = trained_model()
-    recognizer = Recognizer(threshold_override=threshold)
-    recognizer.swap(ModelArtifact(model.float_tflite, model.labels, version=version))
-    return recognizer
-
-
-def test_a_visit_is_named_from_its_mean_not_from_its_first_frame() -> None:
-    model = trained_model()
+def test_a_visit_is_named_from_its_mean_not_from_its_first_frame(
+    backbone_models: BackboneModels, house: Gallery
+) -> None:
     person = 2
-    candidates = frames_of(float_recognizer(), model.identities[person], 4, 41, person)
+    loose = recognizer_for(backbone_models, house, threshold=0.0)
+    candidates = detected(loose, person, 4, 41)
+    assert all(s.person == f"person{person}" for _, s in candidates)
     candidates.sort(key=lambda fs: fs[1].confidence)  # the weakest frame first
-    confidences = [s.confidence for _, s in candidates]
-    mean = np.mean([probabilities(s) for _, s in candidates], axis=0)
-    assert int(np.argmax(mean)) == person
-    assert confidences[0] < mean[person]
-    threshold = float(confidences[0] + mean[person]) / 2  # the first frame alone is "unknown"
+    mean = normalize(np.mean([embedding(s) for _, s in candidates], axis=0)[None, :])[0]
+    mean_similarity = float(mean @ loose.model.prototypes[person])
+    weakest = candidates[0][1].confidence
+    assert weakest < mean_similarity
+    threshold = (weakest + mean_similarity) / 2  # the first frame alone is "unknown"
 
     sink, clock = Sink(), FrameClock()
     config = RecognitionConfig(confirm_frames=4, debounce_s=10.0, absent_after_s=2.0)
-    pipeline = Pipeline(FaceDetector(), float_recognizer(threshold), sink, config, clock)
+    strict = recognizer_for(backbone_models, house, threshold)
+    pipeline = Pipeline(detector(), strict, sink, config, clock=clock)
     seen = play(pipeline, clock, [frame for frame, _ in candidates] + [NO_FRAME] * 3)
 
     assert seen[0][0].person == UNKNOWN  # what a per-frame doorbell would have said
     # Named once, from the mean; the box is the most confident frame's.
     assert [(e.person, e.box) for e in sink.visitors] == [
-        (model.labels[person], candidates[-1][1].box)
+        (f"person{person}", candidates[-1][1].box)
     ]
-    assert sink.visitors[0].confidence == pytest.approx(float(mean[person]), abs=1e-5)
+    assert sink.visitors[0].confidence == pytest.approx(mean_similarity, abs=1e-5)
     assert pipeline.counters.visits == pipeline.counters.visitor_events == 1
     assert sink.present_states == [True, False]
 
 
-def test_one_event_per_visit_and_per_person_within_the_debounce() -> None:
-    model = trained_model()
-    recognizer = float_recognizer(threshold=0.0)
-    alice = [f for f, _ in frames_of(recognizer, model.identities[0], 15, 51, 0)]
-    stranger = [f for f, _ in frames_of(recognizer, model.identities[KNOWN], 5, 52, None)]
-    empty = [np.asarray(make_scene([], np.random.default_rng(53)).frame, np.uint8)] * 3
+def test_one_event_per_visit_and_per_person_within_the_debounce(
+    backbone_models: BackboneModels, house: Gallery
+) -> None:
+    recognizer = recognizer_for(backbone_models, house, threshold=0.0)
+    alice = [f for f, _ in detected(recognizer, 0, 15, 51)]
+    stranger = [f for f, _ in detected(recognizer, 5, 5, 52, named=False)]
+    empty = [NO_FRAME] * 3
 
     sink, clock = Sink(), FrameClock()
     config = RecognitionConfig(confirm_frames=2, debounce_s=20.0, absent_after_s=2.0)
-    pipeline = Pipeline(FaceDetector(), float_recognizer(threshold=0.99), sink, config, clock)
+    strict = recognizer_for(backbone_models, house, threshold=0.9999)
+    pipeline = Pipeline(detector(), strict, sink, config, clock=clock)
     play(pipeline, clock, alice[:5] + empty)  # "unknown" at this strict threshold
     play(pipeline, clock, stranger + empty)  # another unknown within the debounce: quiet
     assert [e.person for e in sink.visitors] == [UNKNOWN]
 
     sink, clock = Sink(), FrameClock()
-    pipeline = Pipeline(FaceDetector(), recognizer, sink, config, clock)
+    pipeline = Pipeline(detector(), recognizer, sink, config, clock=clock)
     play(pipeline, clock, alice[:5] + empty)
     play(pipeline, clock, alice[5:10] + empty)  # back within 20 s: not announced again
     clock.now += 20.0
     play(pipeline, clock, alice[10:] + empty)
-    assert [e.person for e in sink.visitors] == [model.labels[0]] * 2
+    assert [e.person for e in sink.visitors] == ["person0"] * 2
     assert pipeline.counters.visits == 3
     assert pipeline.counters.visitor_events == 2
 
 
-def test_a_model_swap_mid_visit_restarts_its_evidence() -> None:
-    model = trained_model()
-    recognizer = float_recognizer(threshold=0.0, version=1)
-    visit = frames_of(recognizer, model.identities[4], 5, 61, 4)
-
+def test_a_model_swap_mid_visit_restarts_its_evidence(
+    backbone_models: BackboneModels, house: Gallery
+) -> None:
+    recognizer = recognizer_for(backbone_models, house, threshold=0.0, version=1)
+    visit = [f for f, _ in detected(recognizer, 1, 5, 61)]
     sink, clock = Sink(), FrameClock()
     config = RecognitionConfig(confirm_frames=3, debounce_s=10.0, absent_after_s=2.0)
-    pipeline = Pipeline(FaceDetector(), recognizer, sink, config, clock)
-    play(pipeline, clock, [f for f, _ in visit[:2]])
-    recognizer.swap(ModelArtifact(model.int8_tflite, model.labels, version=2))
-    seen = play(pipeline, clock, [f for f, _ in visit[2:4]])
+    pipeline = Pipeline(detector(), recognizer, sink, config, clock=clock)
+    play(pipeline, clock, visit[:2])
+    recognizer.set_head(head(version=2, backbone=backbone_models.sha256, threshold=0.0))
+    seen = play(pipeline, clock, visit[2:4])
     assert sink.visitors == []  # two frames under v1 and two under v2: not yet three
-    seen += play(pipeline, clock, [visit[4][0]])
+    seen += play(pipeline, clock, visit[4:])
     assert len(sink.visitors) == 1
-    v2 = np.mean([probabilities(s[0]) for s in seen], axis=0)  # only the v2 frames count
-    assert sink.visitors[0].person == model.labels[int(np.argmax(v2))]
-    assert sink.visitors[0].confidence == pytest.approx(float(v2.max()), abs=1e-5)
+    assert all(s[0].model is not None and s[0].model[2] == 2 for s in seen)
+    mean = normalize(np.mean([embedding(s[0]) for s in seen], axis=0)[None, :])[0]
+    assert sink.visitors[0].person == "person1"
+    expected = float(mean @ recognizer.model.prototypes[1])  # only the v2 frames count
+    assert sink.visitors[0].confidence == pytest.approx(expected, abs=1e-5)
 
 
-def test_a_ring_names_the_visit_at_the_door() -> None:
-    model = trained_model()
-    recognizer = float_recognizer(threshold=0.0)
-    visit = [f for f, _ in frames_of(recognizer, model.identities[1], 3, 71, 1)]
+def test_a_ring_names_the_visit_at_the_door(
+    backbone_models: BackboneModels, house: Gallery
+) -> None:
+    recognizer = recognizer_for(backbone_models, house, threshold=0.0)
+    visit = [f for f, _ in detected(recognizer, 1, 3, 71)]
     sink, clock = Sink(), FrameClock()
     config = RecognitionConfig(confirm_frames=2, absent_after_s=5.0)
-    pipeline = Pipeline(FaceDetector(), recognizer, sink, config, clock)
+    pipeline = Pipeline(detector(), recognizer, sink, config, clock=clock)
     play(pipeline, clock, visit)
     pipeline.ring("button")
-    assert sink.rings == [("button", model.labels[1])]
-    assert [e.person for e in sink.visitors] == [model.labels[1]] * 2  # the visit, the ring
+    assert sink.rings == [("button", "person1")]
+    assert [e.person for e in sink.visitors] == ["person1"] * 2  # the visit, the ring
