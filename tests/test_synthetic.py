@@ -7,7 +7,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from edge.detector import FaceDetector
+from fedbell.detection import HaarDetector
 from fedbell.faces import read_image
 from fedbell.synthetic import make_dataset, make_identities, make_scene, render_face
 
@@ -40,7 +40,7 @@ def test_images_vary_but_identities_differ_more() -> None:
 
 def test_haar_detection_rate() -> None:
     """The cascade must find these faces; the rate measured here is reported to the team."""
-    detector = FaceDetector()
+    detector = HaarDetector()
     rng = np.random.default_rng(7)
     hits = total = 0
     for identity in make_identities(12, 21):
