@@ -39,9 +39,8 @@ from aggregator.state import ModelRecord, StateRecord, StateStore
 from broker.local import LocalBroker
 from fedbell.messages import parse_global
 from fedbell.protocol import DeviceStatus, RoundAnnouncement, RoundMetrics
-from fedbell.synthetic import make_dataset
+from simulation.data import write_synthetic
 from tests.test_aggregator import (
-    LABELS,
     MAX_BYTES,
     SITE,
     TOPICS,
@@ -74,14 +73,27 @@ class Recorder:
         with self._lock:
             self._seen.append((message.topic, bytes(message.payload)))
 
-    def payloads(self, topic: str) -> list[bytes]:
+    def payloads(self, topic: str, since: int = 0) -> list[bytes]:
+        """Non-empty payloads on `topic`, oldest first, from the `since`-th message seen."""
         with self._lock:
-            return [p for t, p in self._seen if t == topic and p]
+            return [p for t, p in self._seen[since:] if t == topic and p]
 
-    def wait_for(self, topic: str, accept: Callable[[bytes], bool], timeout: float = 30.0) -> bytes:
+    def everything(self) -> list[tuple[str, bytes]]:
+        """(topic, payload) of every message seen so far, oldest first."""
+        with self._lock:
+            return list(self._seen)
+
+    def mark(self) -> int:
+        """A point in what was seen: `since=` it, only later messages count."""
+        with self._lock:
+            return len(self._seen)
+
+    def wait_for(
+        self, topic: str, accept: Callable[[bytes], bool], timeout: float = 30.0, since: int = 0
+    ) -> bytes:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            for payload in self.payloads(topic):
+            for payload in self.payloads(topic, since):
                 if accept(payload):
                     return payload
             time.sleep(0.05)
@@ -90,13 +102,14 @@ class Recorder:
             f"saw {[p[:160] for p in self.payloads(topic)]}"
         )
 
-    def metrics(self, round_id: int, timeout: float = 30.0) -> RoundMetrics:
+    def metrics(self, round_id: int, timeout: float = 30.0, since: int = 0) -> RoundMetrics:
         payload = self.wait_for(
             TOPICS.metrics,
             lambda p: (
                 json.loads(p)["round"] == round_id and json.loads(p)["outcome"] != "aggregated"
             ),
             timeout,
+            since,
         )
         return RoundMetrics.model_validate_json(payload)
 
@@ -109,10 +122,17 @@ class Recorder:
         return RoundAnnouncement.model_validate_json(payload)
 
     def status(
-        self, device: str, accept: Callable[[DeviceStatus], bool], timeout: float = 30.0
+        self,
+        device: str,
+        accept: Callable[[DeviceStatus], bool],
+        timeout: float = 30.0,
+        since: int = 0,
     ) -> DeviceStatus:
         payload = self.wait_for(
-            TOPICS.status(device), lambda p: accept(DeviceStatus.model_validate_json(p)), timeout
+            TOPICS.status(device),
+            lambda p: accept(DeviceStatus.model_validate_json(p)),
+            timeout,
+            since,
         )
         return DeviceStatus.model_validate_json(payload)
 
@@ -189,24 +209,35 @@ class Process:
             self._log.close()
 
 
-def aggregator_process(tmp_path: Path, port: int, **rounds: Any) -> Process:
+def aggregator_process(tmp_path: Path, port: int, cache_dir: Path, **rounds: Any) -> Process:
+    """`python -m aggregator` on the test broker; `cache_dir`: the session's `aggregator_cache`.
+
+    `evaluation` and `strangers` (folders) go to its evaluation settings, `auto_rounds`
+    to the top level, the rest to its round settings.
+    """
     auto = rounds.pop("auto_rounds", 0)
-    config = make_config(tmp_path, port, **rounds).model_dump(mode="json")
+    evaluation, strangers = rounds.pop("evaluation", None), rounds.pop("strangers", None)
+    config = make_config(
+        tmp_path, port, cache_dir, evaluation=evaluation, strangers=strangers, **rounds
+    ).model_dump(mode="json")
     config["auto_rounds"] = auto
     path = tmp_path / "aggregator.yaml"
     path.write_text(yaml.safe_dump(config))
     return Process(tmp_path / "aggregator.log", "aggregator", "--config", str(path))
 
 
-def node_process(tmp_path: Path, port: int, device: str, gallery: Path) -> Process:
+def node_process(tmp_path: Path, port: int, device: str, gallery: Path, **settings: Any) -> Process:
+    """`python -m edge` on the test broker, training on `gallery` (generated faces: Haar)."""
     config = {
         "device_id": device,
         "site": SITE,
         "mqtt": {"port": port, "keepalive": 5},
         "state_dir": str(tmp_path / device),
         "gallery_dir": str(gallery),
-        "training": {"base_model_wait_s": 20, "threads": 1},
+        "training": {"base_model_wait_s": 60, "threads": 1},
         "camera": {"enabled": False},  # these doorbells only train
+        "detection": {"kind": "haar"},  # BlazeFace does not see the generated cartoons
+        **settings,
     }
     path = tmp_path / f"{device}.yaml"
     path.write_text(yaml.safe_dump(config))
@@ -248,8 +279,9 @@ def processes() -> Iterator[list[Process]]:
 
 @pytest.fixture(scope="module")
 def gallery(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Three generated people at a generated front door, four photos each."""
     root = tmp_path_factory.mktemp("gallery")
-    make_dataset(root, persons=len(LABELS), images_per_person=4, seed=5)
+    write_synthetic(root, persons=3, photos=4, seed=5)
     return root
 
 
@@ -263,11 +295,18 @@ def read_round(state_dir: Path) -> dict[str, Any] | None:
 
 
 def test_broker_crash_mid_round_everyone_reconnects_and_the_round_completes(
-    tmp_path: Path, broker: LocalBroker, recorder: Recorder, gallery: Path, processes: list[Process]
+    tmp_path: Path,
+    broker: LocalBroker,
+    recorder: Recorder,
+    *,
+    gallery: Path,
+    processes: list[Process],
+    aggregator_cache: Path,
 ) -> None:
     aggregator = aggregator_process(
         tmp_path,
         broker.port,
+        aggregator_cache,
         codec="float16",
         timeout_s=50,
         min_updates=2,
@@ -314,9 +353,15 @@ def test_broker_crash_mid_round_everyone_reconnects_and_the_round_completes(
 
 
 def test_aggregator_crash_mid_round_resumes_from_disk_and_counts_nothing_twice(
-    tmp_path: Path, broker: LocalBroker, recorder: Recorder, processes: list[Process]
+    tmp_path: Path,
+    broker: LocalBroker,
+    recorder: Recorder,
+    processes: list[Process],
+    aggregator_cache: Path,
 ) -> None:
-    aggregator = aggregator_process(tmp_path, broker.port, min_updates=3, auto_rounds=1)
+    aggregator = aggregator_process(
+        tmp_path, broker.port, aggregator_cache, min_updates=3, auto_rounds=1
+    )
     processes.append(aggregator)
     aggregator.start().wait_log("ready: site")
     devices = [FakeDevice(broker.port, name) for name in ("a", "b", "c")]
@@ -368,10 +413,20 @@ def test_aggregator_crash_mid_round_resumes_from_disk_and_counts_nothing_twice(
 
 
 def test_repeated_aggregator_crashes_during_rounds_never_leave_a_half_written_model(
-    tmp_path: Path, broker: LocalBroker, recorder: Recorder, processes: list[Process]
+    tmp_path: Path,
+    broker: LocalBroker,
+    recorder: Recorder,
+    processes: list[Process],
+    aggregator_cache: Path,
 ) -> None:
     aggregator = aggregator_process(
-        tmp_path, broker.port, min_updates=1, timeout_s=5, auto_rounds=1000, codec="int8"
+        tmp_path,
+        broker.port,
+        aggregator_cache,
+        min_updates=1,
+        timeout_s=5,
+        auto_rounds=1000,
+        codec="int8",
     )
     fleet = fleet_process(tmp_path, broker.port, ["s1", "s2", "s3"])
     processes.extend([aggregator, fleet])
@@ -426,8 +481,10 @@ def test_thirty_percent_of_the_devices_vanish_mid_round(
     tmp_path: Path,
     broker: LocalBroker,
     recorder: Recorder,
+    *,
     processes: list[Process],
     case: tuple[int, str],
+    aggregator_cache: Path,
 ) -> None:
     quorum, outcome = case
     stayers = [f"s{i}" for i in range(7)]
@@ -435,7 +492,9 @@ def test_thirty_percent_of_the_devices_vanish_mid_round(
     staying = fleet_process(tmp_path, broker.port, stayers, label="stayers")
     leaving = fleet_process(tmp_path, broker.port, leavers, delay=30, label="leavers")
     processes.extend([staying, leaving])
-    config = make_config(tmp_path, broker.port, timeout_s=4, min_updates=quorum, codec="int8")
+    config = make_config(
+        tmp_path, broker.port, aggregator_cache, timeout_s=4, min_updates=quorum, codec="int8"
+    )
     with running(config) as service:
         coordinator = service.coordinator
         for fleet in (staying, leaving):  # ready once they hold the retained model
@@ -485,10 +544,21 @@ def test_thirty_percent_of_the_devices_vanish_mid_round(
 
 
 def test_a_node_killed_mid_training_takes_part_after_its_restart(
-    tmp_path: Path, broker: LocalBroker, recorder: Recorder, gallery: Path, processes: list[Process]
+    tmp_path: Path,
+    broker: LocalBroker,
+    recorder: Recorder,
+    *,
+    gallery: Path,
+    processes: list[Process],
+    aggregator_cache: Path,
 ) -> None:
     aggregator = aggregator_process(
-        tmp_path, broker.port, codec="float16", timeout_s=50, train={"epochs": 3, "batch_size": 4}
+        tmp_path,
+        broker.port,
+        aggregator_cache,
+        codec="float16",
+        timeout_s=50,
+        train={"epochs": 3, "batch_size": 4},
     )
     node = node_process(tmp_path, broker.port, "d1", gallery)
     processes.extend([aggregator, node])
