@@ -167,14 +167,19 @@ class Recognizer:
         assert backbone is None or isinstance(backbone, Backbone)
         assert head is None or isinstance(head, Head)
         assert gallery is None or isinstance(gallery, GalleryFeatures)
-        if backbone is not None and head is not None and head.inputs != backbone.size:
+        # Only a head made for this backbone must fit it: a new lineage's head may
+        # arrive before its backbone, and waits (not ready) until it does.
+        made_for = head is not None and head.backbone == fields["backbone_id"]
+        if backbone is not None and head is not None and made_for and head.inputs != backbone.size:
             raise RecognizerError(
                 f"the head of model v{head.version} takes {head.inputs} features but the "
                 f"backbone {backbone.sha256[:12]} gives {backbone.size}"
             )
         if gallery is not None and backbone is not None and gallery.backbone != backbone.sha256:
             gallery = fields["gallery"] = None  # stale: computed by the previous backbone
-        fields["persons"], fields["prototypes"] = _prototypes(gallery, head, backbone)
+        fields["persons"], fields["prototypes"] = _prototypes(
+            gallery, head if made_for else None, backbone
+        )
         model = Model(**fields)
         with self._lock:
             self._model = model

@@ -163,3 +163,18 @@ def test_a_doorbell_never_imports_tensorflow(
         "assert 'keras' not in sys.modules, 'keras imported'\n"
     )
     subprocess.run([sys.executable, "-c", code, str(model)], check=True, timeout=120)
+
+
+def test_a_new_lineage_head_may_arrive_before_its_backbone(
+    backbone_models: BackboneModels, enrolled: Gallery
+) -> None:
+    """A head for a backbone of another size is kept (not ready) until its backbone comes;
+    a backbone that does not fit the head made for it is refused."""
+    recognizer = ready_recognizer(backbone_models.float_model, backbone_models.sha256, enrolled)
+    small = np.eye(128, dtype=np.float32)
+    recognizer.set_head(head(version=0, backbone="e" * 64, lineage="next", weights=small))
+    assert not recognizer.ready
+    assert recognizer.persons == ()
+    with pytest.raises(RecognizerError, match="takes 128 features but the backbone"):
+        recognizer.install_backbone(backbone_models.int8_model, "e" * 64)
+    assert recognizer.model.backbone_id == backbone_models.sha256  # the old one stays
