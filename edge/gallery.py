@@ -30,7 +30,7 @@ import cv2
 import numpy as np
 
 from edge.state import write_atomically
-from fedbell.align import CHIP_SIZE
+from fedbell.align import CHIP_SIZE, chip_from_box
 from fedbell.dataset import IMAGE_SUFFIXES
 from fedbell.detection import Detector
 from fedbell.embedding import Features, LabelIds
@@ -45,6 +45,20 @@ IGNORE = "ignore"
 """A label that discards an event's chip instead of storing it (never a person's name)."""
 
 _PERSON = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
+
+
+MIN_LEGACY_SIDE = 24
+"""The closed-set version never stored a crop smaller than this (its smallest face was 8 px
+at half scale, widened)."""
+LEGACY_MARGIN = 0.1
+"""The closed-set version's crop: the Haar box widened by this much per side (crop_face)."""
+
+
+def legacy_box(side: int) -> tuple[float, float, float, float]:
+    """The Haar box inside a closed-set enrollment crop of `side` pixels."""
+    width = side / (1.0 + 2.0 * LEGACY_MARGIN)
+    offset = (side - width) / 2.0
+    return offset, offset, width, width
 
 
 class GalleryError(ValueError):
@@ -192,7 +206,13 @@ class Gallery:
     # --- features ------------------------------------------------------------------
 
     def read_chip(self, path: Path) -> Chip | None:
-        """The aligned RGB chip of a gallery image: as stored, or detected and aligned."""
+        """The aligned RGB chip of a gallery image: as stored, or detected and aligned.
+
+        A square image in which no face is found is taken for what the closed-set
+        version's enrollment wrote: the grey Haar box widened by 10 % per side.
+        BlazeFace misses about half of those tight crops, and an upgraded
+        doorbell should not lose its gallery.
+        """
         image = read_photo(path)
         if is_chip(image) and image.ndim == 3 and image.shape[2] == 3:
             return np.ascontiguousarray(cv2.cvtColor(image, cv2.COLOR_BGR2RGB))
@@ -200,7 +220,11 @@ class Gallery:
             if self._make_detector is None:
                 raise GalleryError(f"{path}: not a {CHIP_SIZE}x{CHIP_SIZE} chip and no detector")
             self._detector = self._make_detector()
-        return find_chip(image, self._detector)
+        chip = find_chip(image, self._detector)
+        if chip is None and image.shape[0] == image.shape[1] >= MIN_LEGACY_SIDE:
+            log.info("gallery: %s has no face a detector finds; read as a legacy crop", path)
+            return chip_from_box(image, legacy_box(image.shape[0]))
+        return chip
 
     def features(self, backbone: Backbone, max_per_person: int | None = None) -> GalleryFeatures:
         """Backbone features of the newest `max_per_person` images of every person.

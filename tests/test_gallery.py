@@ -17,8 +17,12 @@ from edge.gallery import (
     StrangerStore,
     check_person_name,
 )
+from fedbell.detection import HaarDetector
+from fedbell.embedding import embed
+from fedbell.faces import crop_face
 from fedbell.features import Backbone
-from tests.recognition_helpers import chips_of, detector, frames_of
+from fedbell.openset import best_match, prototype
+from tests.recognition_helpers import chips_of, detector, frames_of, projection
 
 
 @pytest.fixture(scope="module")
@@ -159,3 +163,27 @@ def test_stranger_store_is_bounded_persistent_and_tied_to_a_backbone(tmp_path: P
     store.add("b" * 64, np.ones((1, 4), np.float32))  # a new backbone starts it again
     assert len(store) == 1
     StrangerStore(None, capacity=0).add("a" * 64, np.ones((1, 4), np.float32))
+
+
+def test_a_closed_set_gallery_of_grey_haar_crops_still_works(
+    tmp_path: Path, backbone: Backbone
+) -> None:
+    """The upgrade keeps the old gallery: its grey crops (Haar box + 10 % per side) are read
+    as chips even where BlazeFace finds no face in them, and name their people."""
+    haar = HaarDetector()
+    root = tmp_path / "gallery"
+    for person in range(3):
+        (root / f"person{person}").mkdir(parents=True)
+        for i, frame in enumerate(frames_of(person, 3, 60 + person)):
+            face = haar.detect(frame)[0]
+            crop = crop_face(frame, face.box)  # what the closed-set enrollment stored
+            assert cv2.imwrite(str(root / f"person{person}" / f"{i}.png"), crop)
+    gallery = Gallery(root, detector=detector)
+    data = gallery.features(backbone)
+    assert len(data) == 9
+    assert data.skipped == ()
+    embeddings = embed(data.features, [projection()])
+    prototypes = np.stack([prototype(embeddings[data.labels == p]) for p in range(3)])
+    for person in range(3):
+        visitor = embed(backbone.features(chips_of(person, 2, 90 + person)), [projection()])
+        assert best_match(visitor, prototypes)[0].tolist() == [person, person]
