@@ -3,6 +3,11 @@
     python -m edge --config config/edge.yaml            # same as `run`
     python -m edge run --config config/edge.yaml [--log-level DEBUG]
     python -m edge enroll --config config/edge.yaml --person ann [--from-folder DIR]
+    python -m edge enroll --config config/edge.yaml --from-folder DIR   # DIR/<person>/<photo>
+    python -m edge enroll --config config/edge.yaml --remove ann
+
+Enrollment changes only the gallery: a running doorbell names (or forgets) the
+person within a second, and nothing is sent to the aggregator.
 
 SIGTERM (systemd stop) and SIGINT (Ctrl-C) end `run` cleanly: the node
 publishes its offline status and disconnects.
