@@ -19,12 +19,13 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from broker.local import LocalBroker
 from tests.test_aggregator import (
-    LABELS,
     REPO,
     SITE,
+    TOPICS,
     FakeDevice,
     Watcher,
     control,
@@ -32,15 +33,18 @@ from tests.test_aggregator import (
     weighted,
 )
 
+STARTUP = 180.0
+"""Seconds a CLI start may take on a loaded 2-core machine (TensorFlow, the backbone)."""
 
-def _config(tmp_path: Path, port: int) -> Path:
+
+def _config(tmp_path: Path, port: int, cache_dir: Path) -> Path:
     path = tmp_path / "aggregator.yaml"
     path.write_text(
         json.dumps(
             {  # JSON is YAML
                 "site": SITE,
-                "labels": list(LABELS),
                 "state_dir": str(tmp_path / "state"),
+                "cache_dir": str(cache_dir),
                 "mqtt": {"port": port, "keepalive": 10},
                 "rounds": {"codec": "float32", "timeout_s": 120, "auto_pause_s": 0},
                 "threads": 1,
@@ -70,11 +74,14 @@ def _aggregator(config: Path, log: Path) -> Iterator[subprocess.Popen[bytes]]:
             process.wait(timeout=30)
 
 
-def _wait_for(condition: Callable[[], bool], what: str, timeout: float = 60.0) -> None:
+def _wait_for(
+    condition: Callable[[], bool], what: str, timeout: float = 60.0, log: Path | None = None
+) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
         if time.monotonic() > deadline:
-            raise AssertionError(f"no {what} within {timeout}s")
+            tail = log.read_text()[-3000:] if log is not None and log.exists() else ""
+            raise AssertionError(f"no {what} within {timeout}s\n{tail}")
         time.sleep(0.05)
 
 
@@ -82,15 +89,18 @@ def _count(log: Path, text: str) -> int:
     return log.read_text().count(text) if log.exists() else 0
 
 
+@pytest.mark.timeout(900)  # two aggregator starts, each loading TensorFlow and the backbone
 def test_update_lost_in_a_crash_is_redelivered_and_counted_once(
-    broker: LocalBroker, tmp_path: Path
+    broker: LocalBroker, tmp_path: Path, aggregator_cache: Path
 ) -> None:
-    config = _config(tmp_path, broker.port)
+    config = _config(tmp_path, broker.port, aggregator_cache)
     first_log, second_log = tmp_path / "first.log", tmp_path / "second.log"
     watcher = Watcher(broker.port)
     alice, bob = FakeDevice(broker.port, "alice"), FakeDevice(broker.port, "bob")
     try:
         with _aggregator(config, first_log) as first:
+            # A start loads TensorFlow and the backbone before it publishes anything.
+            watcher.wait_for(TOPICS.aggregator_status, lambda p: b'"online"' in p, timeout=STARTUP)
             base = watcher.global_model(0)
             _wait_for(lambda: _count(first_log, "device bob online") == 1, "bob online")
             _wait_for(lambda: _count(first_log, "device alice online") == 1, "alice online")
@@ -109,7 +119,10 @@ def test_update_lost_in_a_crash_is_redelivered_and_counted_once(
         with _aggregator(config, second_log):
             # The broker redelivers the un-acked update to the persistent session.
             _wait_for(
-                lambda: _count(second_log, "accepted update from alice") == 1, "redelivered update"
+                lambda: _count(second_log, "accepted update from alice") == 1,
+                "redelivered update",
+                timeout=STARTUP,
+                log=second_log,
             )
             bob.send(bob.update(base, delta_b, examples=1, round_id=1))
             new = watcher.global_model(1)
