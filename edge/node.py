@@ -697,6 +697,7 @@ class EdgeNode:
         """The gallery's features and the strangers', under the base model's backbone."""
         backbone = self.recognizer.backbone
         if backbone is None or self.artifacts.backbone_id != base.backbone:
+            self.counters["no_backbone"] += 1  # missing, or refused (counted by its reason)
             log.warning(
                 "round %d: no backbone %s for model v%d yet; skipping",
                 number,
