@@ -112,7 +112,6 @@ def test_unsigned_forged_corrupt_and_foreign_backbones_are_refused(
             wait_until(lambda: node.gallery_accuracy is not None, 120)
             backbone = node.recognizer.backbone
             assert backbone is not None
-            running_sha = backbone.sha256
             caplog.clear()
             caplog.set_level(logging.WARNING)
 
