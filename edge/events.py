@@ -79,6 +79,8 @@ class EventPublisher:
     on_ring_command: Callable[[], None] | None = None
     on_labelled: Callable[[], object] | None = None
     """Called after a label added a chip to the gallery: recognition uses it at once."""
+    on_named: Callable[[str], object] | None = None
+    """Called with the event id of a visitor a label named (the stranger store forgets it)."""
     counters: EventCounters = field(default_factory=EventCounters)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -211,7 +213,7 @@ class EventPublisher:
 
     def _on_label(self, _client: mqtt.Client, _userdata: Any, msg: mqtt.MQTTMessage) -> None:
         try:
-            apply_label(self.crops, self.gallery, bytes(msg.payload))
+            apply_label(self.crops, self.gallery, bytes(msg.payload), self.on_named)
         except FeedbackError as err:
             self.counters.rejected += 1
             log.warning("label command rejected: %s", err)

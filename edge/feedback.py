@@ -98,8 +98,16 @@ class RecentCrops:
             self._crops.popitem(last=False)
 
 
-def apply_label(store: RecentCrops, gallery: Gallery, payload: bytes) -> Path | None:
+def apply_label(
+    store: RecentCrops,
+    gallery: Gallery,
+    payload: bytes,
+    on_named: Callable[[str], object] | None = None,
+) -> Path | None:
     """Handle one label command; returns the stored chip's path (None for "ignore").
+
+    `on_named(event_id)` runs once the visitor is in the gallery: the stranger
+    store forgets them, so nobody trains as their own stranger.
 
     payload: JSON `{"event_id": "...", "person": "alice"}` or `"person": "ignore"`.
     """
@@ -123,4 +131,6 @@ def apply_label(store: RecentCrops, gallery: Gallery, payload: bytes) -> Path | 
     except (GalleryError, OSError) as err:
         raise FeedbackError(f"event {event_id}: could not add it to {person}: {err}") from err
     log.info("label: event %s stored as %s (was %s)", event_id, path, stored.predicted)
+    if on_named is not None:
+        on_named(event_id)
     return path

@@ -326,6 +326,8 @@ class StrangerStore:
 
     Bounded (the oldest go first) and tied to one backbone: features from
     another backbone mean nothing to a head, so a new backbone empties it.
+    Each row keeps its visitor event's id, so a label that names the visitor
+    takes them out again (a resident must not train as their own stranger).
     Kept in the state folder, never sent anywhere.
     """
 
@@ -335,6 +337,7 @@ class StrangerStore:
         self._lock = threading.Lock()
         self._backbone = ""
         self._rows = np.zeros((0, 0), np.float32)
+        self._events = np.zeros(0, dtype="<U64")
         self._load()
 
     def _load(self) -> None:
@@ -342,28 +345,56 @@ class StrangerStore:
             return
         try:
             with np.load(self.path, allow_pickle=False) as data:
-                self._backbone = str(data["backbone"])
-                self._rows = np.asarray(data["features"], np.float32)[-self.capacity :]
+                backbone = str(data["backbone"])
+                rows = np.asarray(data["features"], np.float32)
+                events = np.asarray(data["events"], dtype="<U64")
         except (OSError, ValueError, KeyError) as err:
             log.warning("strangers: %s unreadable (%s); starting empty", self.path, err)
+            return
+        if len(rows) != len(events):
+            log.warning("strangers: %s is inconsistent; starting empty", self.path)
+            return
+        self._backbone = backbone
+        self._rows, self._events = rows[-self.capacity :], events[-self.capacity :]
+        if self.capacity == 0:
+            self._rows, self._events = rows[:0], events[:0]
 
     def __len__(self) -> int:
         return len(self._rows)
 
-    def add(self, backbone: str, features: Features) -> None:
+    def add(self, backbone: str, features: Features, event_id: str = "") -> None:
         if self.capacity == 0 or len(features) == 0:
             return
         rows = np.asarray(features, np.float32).reshape(len(features), -1)
         with self._lock:
             if backbone != self._backbone or self._rows.shape[1:] != rows.shape[1:]:
-                self._backbone, self._rows = backbone, np.zeros((0, rows.shape[1]), np.float32)
+                self._backbone = backbone
+                self._rows = np.zeros((0, rows.shape[1]), np.float32)
+                self._events = np.zeros(0, dtype="<U64")
             self._rows = np.concatenate([self._rows, rows])[-self.capacity :]
-            snapshot = _npz(backbone=np.array(backbone), features=self._rows)
-        if self.path is not None:
-            try:
-                write_atomically(self.path, snapshot)
-            except OSError as err:
-                log.error("strangers: could not write %s: %s", self.path, err)
+            ids = np.full(len(rows), event_id[:64], dtype="<U64")
+            self._events = np.concatenate([self._events, ids])[-self.capacity :]
+            self._save()
+
+    def forget(self, event_id: str) -> int:
+        """Drop the features of this visitor event (now named); how many rows went."""
+        with self._lock:
+            keep = self._events != event_id[:64]
+            dropped = int(len(keep) - keep.sum())
+            if event_id and dropped:
+                self._rows, self._events = self._rows[keep], self._events[keep]
+                self._save()
+        return dropped if event_id else 0
+
+    def _save(self) -> None:
+        """Called with the lock held: small (a few hundred rows), so rewritten whole."""
+        if self.path is None:
+            return
+        snapshot = _npz(backbone=np.array(self._backbone), features=self._rows, events=self._events)
+        try:
+            write_atomically(self.path, snapshot)
+        except OSError as err:
+            log.error("strangers: could not write %s: %s", self.path, err)
 
     def features(self, backbone: str, size: int) -> Features:
         """The stored features for this backbone ((0, size) for another or none)."""

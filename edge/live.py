@@ -85,6 +85,8 @@ class LiveDoorbell:
             snapshot_quality=recognition.snapshot_quality,
         )
         self.publisher.on_labelled = on_gallery_changed
+        if strangers is not None:
+            self.publisher.on_named = strangers.forget
         self.pipeline = Pipeline(
             make_detector(config.detection),
             recognizer,

@@ -208,11 +208,11 @@ class Pipeline:
         config: RecognitionConfig | None = None,
         *,
         clock: Callable[[], float] = time.monotonic,
-        on_stranger: Callable[[str, Features], None] | None = None,
+        on_stranger: Callable[[str, Features, str], None] | None = None,
     ) -> None:
         self.detector = detector
         self.on_stranger = on_stranger
-        """Called with (backbone sha256, features) of each visit that stayed unknown."""
+        """Called with (backbone sha256, features, event id) of each visit that stayed unknown."""
         self.recognizer = recognizer
         self.events = events
         self.config = config or RecognitionConfig()
@@ -291,23 +291,28 @@ class Pipeline:
             track.announced = True
             self.counters.visits += 1
             person, confidence = track.decide(self.recognizer)
-            self._remember_stranger(track, person)
             if now - self._seen.last_event.get(person, float("-inf")) < self.config.debounce_s:
+                self._remember_stranger(track, person, "")
                 continue
             self._seen.last_event[person] = now
             self.counters.visitor_events += 1
             best = track.best
             if best is not None:  # always, once a track has frames
-                self.events.visitor(person, confidence, best.box, best.crop, track.best_frame)
+                event = self.events.visitor(
+                    person, confidence, best.box, best.crop, track.best_frame
+                )
+                self._remember_stranger(track, person, event)
 
-    def _remember_stranger(self, track: Track, person: str) -> None:
+    def _remember_stranger(self, track: Track, person: str, event_id: str) -> None:
+        """An unknown visit's features join the training negatives, under its event id
+        (a label naming that visitor later takes them out again)."""
         best = track.best
         if person != UNKNOWN or self.on_stranger is None or best is None:
             return
         if best.features is None or track.model is None:
             return  # no model was ready: nothing comparable to keep
         try:
-            self.on_stranger(track.model[0], best.features[None, :])
+            self.on_stranger(track.model[0], best.features[None, :], event_id)
         except Exception as err:  # the store is a nicety; the event still goes out
             self.counters.errors += 1
             log.warning("stranger not stored: %s", err)

@@ -31,7 +31,7 @@ from broker.local import LocalBroker
 from edge.config import EdgeConfig, InferenceSettings, TrainingSettings
 from edge.gallery import Gallery
 from edge.node import EdgeNode
-from edge.recognition_config import CameraConfig
+from edge.recognition_config import CameraConfig, HomeAssistantConfig, RecognitionConfig
 from edge.state import NodeState
 from fedbell import signing
 from fedbell.config import MqttSettings, SigningSettings
@@ -628,6 +628,51 @@ def test_enrollment_and_removal_take_effect_at_once_and_send_nothing(
             finally:
                 watcher.close()
             assert not node.counters
+    finally:
+        aggregator.close()
+
+
+def test_a_labelled_unknown_visitor_is_named_on_the_next_visit(
+    tmp_path: Path, broker: LocalBroker, base: Base, backbone_models: BackboneModels
+) -> None:
+    """The camera side of a running doorbell: an unknown visitor's features become a
+    training negative; a label names them, the negative goes, the next visit is named."""
+    gallery = tmp_path / "gallery"
+    Gallery(gallery).add("person0", chips_of(0, 3, 100))
+    camera = tmp_path / "camera"  # a looping porch: a visit, then an empty porch
+    empty = [np.full((480, 640, 3), 120, np.uint8)] * 8
+    write_frames(camera, frames_of(5, 6, 77) + empty)
+    config = make_config(tmp_path, broker.port, gallery).model_copy(
+        update={
+            "camera": CameraConfig(kind="folder", folder=camera, fps=15, loop=True),
+            "recognition": RecognitionConfig(confirm_frames=3, debounce_s=0, absent_after_s=0.3),
+            "home_assistant": HomeAssistantConfig(enabled=False),
+        }
+    )
+    aggregator = Probe(broker.port, "doorbell/frontdoor/visitor")
+    try:
+        aggregator.publish(TOPICS.tflite_model, tflite_payload(backbone_models), retain=True)
+        model = global_payload(base, 1, backbone=backbone_models.sha256, threshold=0.975)
+        aggregator.publish(TOPICS.global_model, model, retain=True)
+        with running(config) as node:
+            while True:  # the first visit judged with the model (before it: confidence 0)
+                event = json.loads(received(aggregator, "doorbell/frontdoor/visitor", 30))
+                if event["confidence"] > 0:
+                    break
+            assert event["person"] == UNKNOWN
+            wait_until(lambda: len(node.strangers) > 0)
+            before = len(node.strangers)
+            label = {"event_id": event["event_id"], "person": "newcomer"}
+            aggregator.publish("doorbell/frontdoor/label", json.dumps(label))
+            wait_until(lambda: "newcomer" in node.recognizer.persons, 5)
+            assert len(node.strangers) < before  # no longer a stranger
+            while True:
+                event = json.loads(received(aggregator, "doorbell/frontdoor/visitor", 30))
+                if event["person"] != UNKNOWN:
+                    break
+            assert event["person"] == "newcomer"
+            assert node.live is not None
+            assert node.live.publisher.counters.labels == 1
     finally:
         aggregator.close()
 

@@ -116,8 +116,11 @@ def test_label_feedback_adds_the_visit_chip_to_the_gallery(tmp_path: Path) -> No
     gallery = Gallery(tmp_path)
     chip = chips_of(0, 1, 3)[0]
     store.add("e1", chip, "unknown")
-    path = apply_label(store, gallery, json.dumps({"event_id": "e1", "person": "carol"}).encode())
+    named: list[str] = []
+    label = json.dumps({"event_id": "e1", "person": "carol"}).encode()
+    path = apply_label(store, gallery, label, named.append)
     assert path is not None
+    assert named == ["e1"]  # the stranger store is told
     assert path.parent.name == "carol"
     stored = gallery.read_chip(path)
     assert stored is not None

@@ -155,14 +155,24 @@ def test_stranger_store_is_bounded_persistent_and_tied_to_a_backbone(tmp_path: P
     path = tmp_path / "strangers.npz"
     store = StrangerStore(path, capacity=3)
     for i in range(5):
-        store.add("a" * 64, np.full((1, 4), i, np.float32))
+        store.add("a" * 64, np.full((1, 4), i, np.float32), f"event{i}")
     assert len(store) == 3
     kept = StrangerStore(path, capacity=3).features("a" * 64, 4)
     assert kept[:, 0].tolist() == [2.0, 3.0, 4.0]  # the oldest went first
     assert StrangerStore(path, 3).features("b" * 64, 4).shape == (0, 4)
+
+    assert store.forget("event3") == 1  # a label named that visitor
+    assert store.forget("event0") == 0  # long gone
+    assert store.forget("") == 0  # debounced visits have no event to name
+    reloaded = StrangerStore(path, capacity=3)
+    assert reloaded.features("a" * 64, 4)[:, 0].tolist() == [2.0, 4.0]
+
     store.add("b" * 64, np.ones((1, 4), np.float32))  # a new backbone starts it again
     assert len(store) == 1
+    assert len(StrangerStore(path, capacity=0)) == 0
     StrangerStore(None, capacity=0).add("a" * 64, np.ones((1, 4), np.float32))
+    path.write_bytes(b"junk")
+    assert len(StrangerStore(path, capacity=3)) == 0  # unreadable: starts empty, says so
 
 
 def test_a_closed_set_gallery_of_grey_haar_crops_still_works(

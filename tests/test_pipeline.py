@@ -122,6 +122,7 @@ def test_video_replay_names_each_visitor_and_unknown_stranger(
     source = open_source(CameraConfig(kind="opencv", device=str(video)))
     try:
         names_per_visit = []
+        unknown_events: list[str] = []
         for _visit in visitors:
             before = pipeline.counters.visitor_events
             for _ in range(FRAMES_PER_VISIT + GAP_FRAMES):
@@ -130,7 +131,9 @@ def test_video_replay_names_each_visitor_and_unknown_stranger(
                 pipeline.process(frame)
                 clock.now += 1.0
             new = pipeline.counters.visitor_events - before
-            names_per_visit.append([e["person"] for e in drain_visitors(probe, new)])
+            events = drain_visitors(probe, new)
+            names_per_visit.append([e["person"] for e in events])
+            unknown_events += [str(e["event_id"]) for e in events if e["person"] == "unknown"]
         assert source.read() is None
         assert source.status.state == "ended"
     finally:
@@ -145,8 +148,9 @@ def test_video_replay_names_each_visitor_and_unknown_stranger(
     assert pipeline.counters.frames == len(visitors) * (FRAMES_PER_VISIT + GAP_FRAMES)
     assert pipeline.counters.faces >= 0.8 * len(visitors) * FRAMES_PER_VISIT
     assert pipeline.counters.errors == 0
-    # The stranger's visit became a training negative, kept at home.
+    # The stranger's visit became a training negative, kept at home under its event id.
     assert len(StrangerStore(tmp_path / "strangers.npz", 10)) == 1
+    assert strangers.forget(unknown_events[0]) == 1
 
 
 def test_a_person_enrolled_mid_visit_is_named_when_the_visit_is_decided(
