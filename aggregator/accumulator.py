@@ -2,14 +2,17 @@
 
 Two implementations of one small interface, chosen by `rounds.strategy`:
 
-- `Streaming` (fedavg, clipped): each delta is folded into a running
-  weighted sum (`RunningFedAvg`) and dropped; with clipping it is first
-  scaled down to `clip_norm`. Memory: one model of float64, however many
+- `Streaming` (fedavg, clipped): each delta is scaled down to `clip_norm`
+  (on by default), folded into a running weighted sum (`RunningFedAvg`) and
+  dropped. Memory: one model of float64, however many
   devices answer.
 - `Buffered` (median, trimmed_mean): coordinate-wise rules need every delta
   of the round at once, so they are kept, at most `capacity` of them (the
   config requires `rounds.max_devices` for these strategies). Memory:
   `capacity` models of float32.
+
+Either way an update weighs at most `rounds.max_examples`, whatever its
+doorbell claims (issue 13 item 1).
 
 Both expose `arrays()`, what the state folder saves after each accepted
 update, and are rebuilt from those arrays after a restart (`restore`), so a
@@ -71,11 +74,20 @@ class Accumulator(ABC):
 
 
 class Streaming(Accumulator):
-    """Weighted FedAvg as a running sum; deltas optionally clipped to `clip_norm` first."""
+    """Weighted FedAvg as a running sum; deltas optionally clipped to `clip_norm` first.
 
-    def __init__(self, fedavg: RunningFedAvg, clip_norm: float | None = None) -> None:
+    Each update weighs at most `max_examples` (its claim is the doorbell's word).
+    """
+
+    def __init__(
+        self,
+        fedavg: RunningFedAvg,
+        clip_norm: float | None = None,
+        max_examples: int | None = None,
+    ) -> None:
         self.fedavg = fedavg
         self.clip_norm = clip_norm
+        self.max_examples = max_examples
 
     @property
     def count(self) -> int:
@@ -88,7 +100,7 @@ class Streaming(Accumulator):
     def add(self, delta: Delta, examples: int) -> None:
         if self.clip_norm is not None:
             delta = clip_by_norm(delta, self.clip_norm)
-        self.fedavg.add(delta, examples)
+        self.fedavg.add(delta, _capped(examples, self.max_examples))
 
     def aggregate(self) -> Aggregate:
         return Aggregate(self.fedavg.mean_delta())
@@ -100,7 +112,10 @@ class Streaming(Accumulator):
 
 
 class Buffered(Accumulator):
-    """Every delta of the round and its examples, at most `capacity`, aggregated by `rule`."""
+    """Every delta of the round and its examples, at most `capacity`, aggregated by `rule`.
+
+    Each update's examples are kept as counted: at most `max_examples`.
+    """
 
     def __init__(
         self,
@@ -109,10 +124,13 @@ class Buffered(Accumulator):
         capacity: int,
         deltas: Sequence[Weights] = (),
         examples: Sequence[int] = (),
+        *,
+        max_examples: int | None = None,
     ) -> None:
         self.shapes = [tuple(int(d) for d in s) for s in shapes]
         self.rule = rule
         self.capacity = capacity
+        self.max_examples = max_examples
         self.deltas: list[Weights] = []
         self.examples: list[int] = []
         if len(deltas) != len(examples):
@@ -137,7 +155,7 @@ class Buffered(Accumulator):
             raise InconsistentUpdate(f"already holding {self.capacity} updates this round")
         check_shapes(delta, self.shapes)
         self.deltas.append([np.asarray(a, dtype=np.float32) for a in delta])
-        self.examples.append(int(examples))
+        self.examples.append(_capped(int(examples), self.max_examples))
 
     def aggregate(self) -> Aggregate:
         if not self.deltas:
@@ -149,6 +167,10 @@ class Buffered(Accumulator):
         then one vector of their example counts."""
         flat: Arrays = [array for delta in self.deltas for array in delta]
         return [*flat, np.asarray(self.examples, dtype=np.float64)]
+
+
+def _capped(examples: int, max_examples: int | None) -> int:
+    return examples if max_examples is None else min(examples, max_examples)
 
 
 def make_accumulator(settings: RoundSettings, shapes: Shapes, *, sparse: bool) -> Accumulator:
@@ -173,9 +195,10 @@ def restore(
     strategy = settings.strategy
     if strategy in ("fedavg", "clipped"):
         saved = None if arrays is None else [np.asarray(a, dtype=np.float64) for a in arrays]
-        clip = settings.clip_norm if strategy == "clipped" else None
+        clip = settings.clip_norm  # on by default (fedavg too); `clipped` requires it
+        cap = settings.max_examples
         if not sparse:
-            return Streaming(RunningFedAvg(shapes, saved, total, count), clip)
+            return Streaming(RunningFedAvg(shapes, saved, total, count), clip, cap)
         if saved is not None and len(saved) != 2 * len(shapes):
             raise InconsistentUpdate(
                 f"saved {len(saved)} arrays, a sparse sum has {2 * len(shapes)}"
@@ -183,7 +206,9 @@ def restore(
         sums, coverage = (
             (None, None) if saved is None else (saved[: len(shapes)], saved[len(shapes) :])
         )
-        return Streaming(SparseFedAvg(shapes, sums, coverage, total, count), clip)
+        return Streaming(SparseFedAvg(shapes, sums, coverage, total, count), clip, cap)
+    if sparse:  # the config refuses it; a saved round must not slip past (issue 13 item 9)
+        raise InconsistentUpdate(f"strategy {strategy} cannot aggregate top-k (sparse) updates")
     rule: Rule
     if strategy == "median":
         rule = lambda deltas, _examples: Aggregate(coordinate_median(deltas))  # noqa: E731
@@ -191,11 +216,12 @@ def restore(
         fraction = settings.trim_fraction
         rule = lambda deltas, _examples: Aggregate(trimmed_mean(deltas, fraction))  # noqa: E731
     else:
-        byzantine = settings.byzantine
-        rule = lambda deltas, examples: multi_krum(deltas, examples, byzantine)  # noqa: E731
+        byzantine, share = settings.byzantine, settings.max_share
+        rule = lambda deltas, examples: multi_krum(deltas, examples, byzantine, share)  # noqa: E731
     assert settings.max_devices is not None  # the config guarantees it for buffered rules
+    cap = settings.max_examples
     if not arrays:
-        return Buffered(shapes, rule, settings.max_devices)
+        return Buffered(shapes, rule, settings.max_devices, max_examples=cap)
     counts = [int(c) for c in np.asarray(arrays[-1]).reshape(-1)]
     deltas = _split(arrays[:-1], len(shapes))
     if len(deltas) != count or len(counts) != count or sum(counts) != total:
@@ -203,7 +229,7 @@ def restore(
             f"saved {len(deltas)} buffered updates of {sum(counts)} examples, the round "
             f"received {count} of {total}"
         )
-    return Buffered(shapes, rule, settings.max_devices, deltas, counts)
+    return Buffered(shapes, rule, settings.max_devices, deltas, counts, max_examples=cap)
 
 
 def _split(arrays: Arrays, per_delta: int) -> list[Weights]:

@@ -22,6 +22,19 @@ BUFFERED_STRATEGIES: tuple[Strategy, ...] = ("median", "trimmed_mean", "multi_kr
 ServerOptimizerKind = Literal["none", "fedavgm", "fedadam"]
 DEFAULT_SERVER_LR = {"fedavgm": 1.0, "fedadam": 0.01}
 """fedadam's step is about lr per coordinate whatever the update's size: keep it small."""
+DEFAULT_CLIP_NORM = 2.0
+"""Measured with the real client step (`edge.trainer.train_delta`, the default plan: 5
+epochs, batch 8, lr 0.001) on 200 LFW training houses under doorbell conditions
+(`bench.data.load_bench`, seed 0): honest update norms median 0.52, 99th percentile 0.82,
+largest 0.84 (top-k 5 % updates with error feedback are smaller still). 2.0 leaves every
+honest update whole and caps what a hostile one adds at 2.4x the largest honest one."""
+DEFAULT_MAX_EXAMPLES = 200
+"""A doorbell trains on its gallery: 2-27 photos per training house measured above, a few
+hundred at most (training.max_images_per_person per resident)."""
+DEFAULT_MAX_SHARE = 0.25
+"""multi_krum: no kept update weighs more than a quarter of the round."""
+DEFAULT_MAX_ACCURACY_DROP = 0.05
+"""A release scoring 5 points below the published model on the evaluation set is refused."""
 
 
 class RoundSettings(StrictModel):
@@ -93,10 +106,38 @@ class RoundSettings(StrictModel):
         "last three hold every update of the round in memory (need max_devices).",
     )
     clip_norm: float | None = Field(
-        default=None,
+        default=DEFAULT_CLIP_NORM,
         gt=0,
         title="Clipping norm",
-        description="With strategy clipped: each update's L2 norm is scaled down to this.",
+        description="With fedavg and clipped: each update's L2 norm is scaled down to this "
+        "before it is averaged (on by default; null turns it off for fedavg). Raise it with "
+        "the training plan's learning rate or epochs.",
+    )
+    max_examples: int = Field(
+        default=DEFAULT_MAX_EXAMPLES,
+        ge=1,
+        le=10_000_000,
+        title="Examples counted per update",
+        description="An update weighs at most this many examples in the average, whatever "
+        "its doorbell claims (a gallery is at most a few hundred photos).",
+    )
+    max_share: float = Field(
+        default=DEFAULT_MAX_SHARE,
+        gt=0,
+        le=1,
+        title="Largest share of a round",
+        description="With multi_krum: no kept update weighs more than this share of the "
+        "round (weights clipped to a common level; equal weights when fewer than 1/share "
+        "updates are kept).",
+    )
+    max_accuracy_drop: float | None = Field(
+        default=DEFAULT_MAX_ACCURACY_DROP,
+        ge=0,
+        le=1,
+        title="Largest accuracy drop",
+        description="A new version whose open-set accuracy on evaluation.dataset is more "
+        "than this below the published version's is not published: the round is abandoned "
+        "and the model stays (null: publish whatever it scores).",
     )
     trim_fraction: float = Field(
         default=0.1,
@@ -139,6 +180,15 @@ class RoundSettings(StrictModel):
         if self.strategy == "clipped" and self.clip_norm is None:
             raise ValueError(
                 "strategy clipped needs clip_norm (the L2 norm each update is scaled down to)"
+            )
+        if self.strategy in BUFFERED_STRATEGIES and self.codec == "topk":
+            raise ValueError(
+                f"strategy {self.strategy} with codec topk: each doorbell sends a different "
+                f"{self.density:.0%} of the coordinates, so a coordinate-wise vote sees "
+                "mostly zeros (the median of three disjoint top-k updates is all zeros) and "
+                "Multi-Krum's distances compare which coordinates were sent; set "
+                "rounds.codec to float32, float16 or int8 with this strategy, or use "
+                "fedavg/clipped with topk"
             )
         if self.strategy in BUFFERED_STRATEGIES and self.max_devices is None:
             raise ValueError(

@@ -271,16 +271,27 @@ class Coordinator:
             )
             return
         self._reply(about="update", ok=True, device=device, round=current.id, size=len(payload))
+        claimed, cap = update.num_examples, self.config.rounds.max_examples
         del update  # streaming strategies keep only the running sum
         self.dirty = True  # committed by `persist` (batched), or by the round's next commit
         log.info(
             "round %d: accepted update from %s (%d examples), %d/%d updates",
             current.id,
             device,
-            current.examples,
+            claimed,
             len(current.received),
             len(current.selected),
         )
+        if claimed > cap:
+            self.rejected["examples_capped"] += 1
+            current.rejected["examples_capped"] += 1
+            log.warning(
+                "round %d: %s claims %d examples, weighed as %d (rounds.max_examples)",
+                current.id,
+                device,
+                claimed,
+                cap,
+            )
 
     def _on_control(self, command: Command) -> None:
         log.info("command %s", command.model_dump_json(exclude_defaults=True))
@@ -443,6 +454,8 @@ class Coordinator:
             release.version,
             _percent(release.accuracy),
         )
+        if self._refuse_worse(current, release):
+            return
         if self.next_step is not None and self.next_step.dropped:
             log.warning(
                 "round %d: %s left out the updates of %s",
@@ -459,6 +472,29 @@ class Coordinator:
         self.persistence.save_metrics(metrics)
         self._commit()
         self.publish(self.topics.metrics, metrics)
+
+    def _refuse_worse(self, current: Round, release: Release) -> bool:
+        """Abandon the round if its release scores far worse than the published model.
+
+        The published model is re-scored on the same evaluation set (a few matrix
+        products), so the bar holds across restarts. The model, its optimiser
+        moments and the doorbells stay where they are; the next round starts from
+        the published version again.
+        """
+        drop = self.config.rounds.max_accuracy_drop
+        if drop is None or release.accuracy is None:
+            return False
+        published = self.exporter.accuracy(self.model.weights)
+        if published is None or release.accuracy >= published - drop:
+            return False
+        self.rejected["accuracy_drop"] += 1
+        current.rejected["accuracy_drop"] += 1
+        self._abandon(
+            f"version {release.version} scores {_percent(release.accuracy)} on the evaluation "
+            f"set, more than {100 * drop:.1f} points below version {self.model.version}'s "
+            f"{_percent(published)} (rounds.max_accuracy_drop): not published"
+        )
+        return True
 
     def _publish_release(self, release: Release) -> None:
         current = self.round
@@ -494,7 +530,7 @@ class Coordinator:
         )
         self._round_ended()
 
-    def _abandon(self) -> None:
+    def _abandon(self, why: str | None = None) -> None:
         current = self.round
         assert current is not None
         abandoned = self._round_payload(current.set_phase("abandoned"))
@@ -507,11 +543,11 @@ class Coordinator:
         self.publish(self.topics.metrics, metrics)
         self.publish(self.topics.round, abandoned)
         log.warning(
-            "round %d abandoned: %d of %d updates, quorum is %d; model stays at version %d",
+            "round %d abandoned: %s; model stays at version %d",
             current.id,
-            len(current.received),
-            len(current.selected),
-            self.config.rounds.min_updates,
+            why
+            or f"{len(current.received)} of {len(current.selected)} updates, quorum is "
+            f"{self.config.rounds.min_updates}",
             self.model.version,
         )
         self._round_ended()

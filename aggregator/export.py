@@ -132,6 +132,10 @@ class Exporter:
             default_threshold=settings.default_threshold,
         )
 
+    def accuracy(self, weights: Weights) -> float | None:
+        """Open-set accuracy of a head on the evaluation set (None without one)."""
+        return self._evaluate(weights)[0] if self.held_out is not None else None
+
     def release(self, weights: Weights, version: int, round_id: int, lineage: str) -> Release:
         accuracy, threshold = self._evaluate(weights)
         global_payload = build_global(

@@ -130,17 +130,44 @@ class Aggregate:
     (empty: the rule leaves no whole update out)."""
 
 
+def capped_weights(examples: Sequence[float], max_share: float) -> npt.NDArray[np.float64]:
+    """The examples clipped to one common level so that none weighs more than `max_share`
+    of their sum (water-filling: the largest are cut first, the rest keep their weight).
+
+    With too few updates for the share (n <= 1/max_share) every weight is cut to the
+    smallest: equal weights, the closest to the share that n updates allow.
+    """
+    counts = np.asarray(examples, dtype=np.float64)
+    if counts.size == 0 or not 0 < max_share <= 1:
+        raise ValueError(f"{counts.size} weights, share {max_share}: nothing to weigh")
+    total = float(counts.sum())
+    if counts.max() <= max_share * total:
+        return counts
+    if counts.size * max_share <= 1:
+        return np.full_like(counts, counts.min())
+    ordered = np.sort(counts)
+    for clipped in range(1, counts.size):
+        kept = float(ordered[: counts.size - clipped].sum())
+        level = max_share * kept / (1 - clipped * max_share)
+        if ordered[counts.size - clipped - 1] <= level <= ordered[counts.size - clipped]:
+            return np.minimum(counts, level)
+    return np.full_like(counts, counts.min())  # pragma: no cover - a level always exists
+
+
 def multi_krum(
     deltas: Sequence[Delta],
     examples: Sequence[int],
     byzantine: int,
+    max_share: float = 1.0,
 ) -> Aggregate:
     """Multi-Krum (Blanchard et al., NeurIPS 2017), then FedAvg of what is kept.
 
     Each update is scored by its summed squared distance to its n - f - 2
     nearest fellows; the f worst-scored (at most `byzantine` hostile
     doorbells are assumed) are dropped and the rest averaged, weighted by
-    examples. Unlike
+    examples, no kept update weighing more than `max_share` of them
+    (`capped_weights`): a hostile update hidden inside the honest cluster
+    cannot take the average with a huge example count. Unlike
     coordinate-wise rules it keeps whole honest updates, so a class only a
     few doorbells have seen is not voted away (non-IID). With too few updates
     for the rule (n <= 2f + 2) it falls back to the coordinate median.
@@ -156,7 +183,7 @@ def multi_krum(
     np.fill_diagonal(distances, np.inf)
     scores = np.sort(distances, axis=1)[:, : count - byzantine - 2].sum(axis=1)
     keep = sorted(np.argsort(scores, kind="stable")[: count - byzantine].tolist())
-    weights = np.asarray([examples[i] for i in keep], dtype=np.float64)
+    weights = capped_weights([examples[i] for i in keep], max_share)
     weights /= weights.sum()
     delta = [
         np.tensordot(weights, np.stack([deltas[i][t] for i in keep]), axes=1).astype(np.float32)

@@ -15,7 +15,7 @@ import pytest
 from pydantic import ValidationError
 
 from aggregator.accumulator import Buffered, Streaming
-from aggregator.config import RoundSettings
+from aggregator.config import DEFAULT_CLIP_NORM, RoundSettings
 from aggregator.export import Exporter
 from aggregator.robust import clip_by_norm, global_norm
 from aggregator.state import StateError
@@ -28,7 +28,8 @@ BASE_SCALE = 0.01
 
 def start(tmp_path: Path, exporter: Exporter, **rounds: Any) -> Harness:
     # The attackers' updates must reach the strategy, not be refused as absurd first.
-    return Harness(tmp_path, exporter, max_update_norm=1e6, **rounds)
+    # Exact expected steps: no clipping unless the test asks for it.
+    return Harness(tmp_path, exporter, max_update_norm=1e6, **{"clip_norm": None, **rounds})
 
 
 def weights_of(harness: Harness) -> list[np.ndarray]:
@@ -106,9 +107,9 @@ def test_trimmed_mean_drops_the_extremes_of_each_coordinate(
 def test_buffered_strategies_need_max_devices_and_clipping_a_norm() -> None:
     for strategy in ("median", "trimmed_mean"):
         with pytest.raises(ValidationError, match="needs max_devices"):
-            RoundSettings(strategy=strategy)
+            RoundSettings(strategy=strategy, codec="float32")
     with pytest.raises(ValidationError, match="needs clip_norm"):
-        RoundSettings(strategy="clipped")
+        RoundSettings(strategy="clipped", clip_norm=None)
     with pytest.raises(ValidationError, match=r"less than 0\.5"):
         RoundSettings(strategy="trimmed_mean", max_devices=4, trim_fraction=0.5)
     assert RoundSettings(server_optimizer="fedadam").server_lr == 0.01
@@ -116,13 +117,13 @@ def test_buffered_strategies_need_max_devices_and_clipping_a_norm() -> None:
 
 
 def test_fedavg_default_streams(tmp_path: Path, exporter: Exporter) -> None:
-    harness = start(tmp_path, exporter)
+    harness = Harness(tmp_path, exporter)
     harness.online("a")
     harness.command(cmd="start_round")
     current = harness.coordinator.round
     assert current is not None
     assert isinstance(current.accumulator, Streaming)
-    assert current.accumulator.clip_norm is None
+    assert current.accumulator.clip_norm == DEFAULT_CLIP_NORM  # clipping is on by default
 
 
 def test_fedavgm_momentum_is_saved_with_the_model(tmp_path: Path, exporter: Exporter) -> None:

@@ -91,7 +91,7 @@ def test_buffered_round_keeps_its_example_counts_across_a_restart() -> None:
     from aggregator.accumulator import make_accumulator, restore
     from aggregator.config import RoundSettings
 
-    settings = RoundSettings(strategy="multi_krum", max_devices=8, byzantine=1)
+    settings = RoundSettings(strategy="multi_krum", codec="float32", max_devices=8, byzantine=1)
     shapes = [(4, 3), (3,)]
     first = make_accumulator(settings, shapes, sparse=False)
     for seed, examples in ((0, 2), (1, 7)):
