@@ -1,8 +1,8 @@
-"""The one face-crop normalisation, shared by training, enrollment and recognition.
+"""Small image helpers: face boxes, grey conversion, and the closed-set version's crop.
 
-A model only recognises crops prepared exactly like the crops it was trained
-on, so every path that turns pixels into model input goes through
-`normalize_face`.
+Model input is prepared in one place only, `fedbell/features.py` (detect,
+align, backbone); what remains here is shared by the detectors and by reading
+galleries written before the open-world model (`crop_face`).
 """
 
 from __future__ import annotations
@@ -14,13 +14,9 @@ import cv2
 import numpy as np
 import numpy.typing as npt
 
-FACE_SIZE = 64
-"""Side of the square grey crop the model sees."""
-
 Box = tuple[int, int, int, int]
 """A face box in pixels: x, y, width, height."""
 
-FloatImage = npt.NDArray[np.float32]
 UInt8Image = npt.NDArray[np.uint8]
 
 
@@ -37,21 +33,6 @@ def to_grey(image: npt.NDArray[Any]) -> UInt8Image:
     if image.dtype != np.uint8:
         image = np.clip(image, 0, 255).astype(np.uint8)
     return np.ascontiguousarray(image)
-
-
-def normalize_face(crop: npt.NDArray[Any], size: int = FACE_SIZE) -> FloatImage:
-    """Grey, resized to size×size, histogram-equalised, scaled to [0, 1].
-
-    Equalisation removes most of the difference between a dim porch at night
-    and a sunny afternoon, which otherwise dominates what a small CNN learns.
-    """
-    grey = to_grey(crop)
-    if grey.shape[0] < 2 or grey.shape[1] < 2:
-        raise ValueError(f"face crop too small: {grey.shape}")
-    interpolation = cv2.INTER_AREA if grey.shape[0] >= size else cv2.INTER_LINEAR
-    resized = cv2.resize(grey, (size, size), interpolation=interpolation)
-    equalised = cv2.equalizeHist(resized)
-    return (equalised.astype(np.float32) / 255.0).astype(np.float32)
 
 
 def crop_face(frame: npt.NDArray[Any], box: Box, margin: float = 0.1) -> UInt8Image:
@@ -75,8 +56,3 @@ def read_image(path: Path) -> UInt8Image:
     if image is None:
         raise ValueError(f"{path}: not an image OpenCV can read")
     return np.asarray(image, dtype=np.uint8)
-
-
-def load_face(path: Path, size: int = FACE_SIZE) -> FloatImage:
-    """A gallery crop from disk, normalised for the model."""
-    return normalize_face(read_image(path), size)

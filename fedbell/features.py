@@ -123,9 +123,11 @@ class FaceSet:
     missed: int
 
 
-def photo_chips(samples: Sequence[Sample], detector: Detector) -> tuple[list[str], list[Chip], int]:
-    """(person of each chip, chips, photos without a face) of a dataset's photos."""
-    persons, chips, missed = [], [], 0
+def photo_chips(
+    samples: Sequence[Sample], detector: Detector
+) -> tuple[list[Sample], list[Chip], int]:
+    """(the photos a face was found in, their chips, how many had none)."""
+    kept, chips, missed = [], [], 0
     for sample in samples:
         try:
             chip = find_chip(read_photo(sample.path), detector)
@@ -135,9 +137,9 @@ def photo_chips(samples: Sequence[Sample], detector: Detector) -> tuple[list[str
         if chip is None:
             missed += 1
             continue
-        persons.append(sample.person)
+        kept.append(sample)
         chips.append(chip)
-    return persons, chips, missed
+    return kept, chips, missed
 
 
 def cached_features(

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
+from fedbell.calibration import calibrate_threshold
 from fedbell.embedding import Embeddings, Features, embed, normalize
 
 UNKNOWN = "unknown"
@@ -158,3 +159,28 @@ def held_out_accuracy(
         return score_trials(trials, threshold).open_set_accuracy
     except ValueError:
         return None
+
+
+def evaluate_head(
+    head: Sequence[npt.NDArray[np.float32]],
+    held_out: tuple[Features, Sequence[str]] | None,
+    strangers: Features | None,
+    *,
+    target_far: float,
+    gallery_size: int,
+    default_threshold: float,
+) -> tuple[float | None, float]:
+    """(open-set accuracy or None, threshold) of a head: what the aggregator publishes.
+
+    Half the strangers calibrate the threshold, the other half are scored
+    against the held-out people; without strangers the default threshold holds.
+    """
+    threshold, scoring = default_threshold, None
+    if strangers is not None:
+        half = len(strangers) // 2
+        scoring = strangers[half:]
+        threshold = calibrate_threshold(embed(strangers[:half], head), target_far, gallery_size)
+    if held_out is None:
+        return None, threshold
+    features, persons = held_out
+    return held_out_accuracy(features, persons, head, scoring, threshold), threshold
