@@ -92,6 +92,7 @@ class Arm:
     density: float = PRODUCT.density
     strategy: Strategy = PRODUCT.strategy
     clip_norm: float = 1.0
+    """With strategy "clipped" only; other arms keep the aggregator's default clipping."""
     trim_fraction: float = 0.2
     attackers: tuple[Attack, ...] = ()
     """The first len(attackers) houses send poisoned updates of these kinds."""
@@ -167,20 +168,23 @@ def poison(delta: Weights, attack: Attack) -> Weights:
 
 
 def round_settings(arm: Arm, per_round: int) -> RoundSettings:
-    """The aggregator's round settings for the arm (defaults for everything else)."""
-    return RoundSettings(
-        codec=arm.codec,
-        density=arm.density,
-        downlink_codec=arm.downlink_codec,
-        strategy=arm.strategy,
-        clip_norm=arm.clip_norm if arm.strategy == "clipped" else None,
-        trim_fraction=arm.trim_fraction,
-        byzantine=arm.byzantine or len(arm.attackers) or 1,
-        max_devices=per_round,
-        server_optimizer=arm.server,
-        server_momentum=arm.server_momentum,
-        timeout_s=1e9,
-    )
+    """The aggregator's round settings for the arm (its defaults for everything else:
+    norm clipping, the example cap, Multi-Krum's share bound)."""
+    chosen: dict[str, object] = {
+        "codec": arm.codec,
+        "density": arm.density,
+        "downlink_codec": arm.downlink_codec,
+        "strategy": arm.strategy,
+        "trim_fraction": arm.trim_fraction,
+        "byzantine": arm.byzantine or len(arm.attackers) or 1,
+        "max_devices": per_round,
+        "server_optimizer": arm.server,
+        "server_momentum": arm.server_momentum,
+        "timeout_s": 1e9,
+    }
+    if arm.strategy == "clipped":
+        chosen["clip_norm"] = arm.clip_norm
+    return RoundSettings.model_validate(chosen)
 
 
 def head_specs(head: Sequence[np.ndarray]) -> tuple[TensorSpec, ...]:

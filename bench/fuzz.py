@@ -28,7 +28,9 @@ that touched the accumulator, or the base weights changing.
 On an unsigned site a header is not authenticated, so the example count a
 message claims is the weight the expectation uses (read from the raw JSON
 here, independently of the envelope code); on a signed site it must be the
-count the doorbell signed.
+count the doorbell signed. Either way it is capped at the round's
+`max_examples`, and every delta clipped to its `clip_norm` (the aggregator's
+documented defaults since issue 13 item 1).
 """
 
 from __future__ import annotations
@@ -479,9 +481,9 @@ def run_codec(codec: Codec, count: int, seed: int, signed: bool) -> CodecReport:
     if settings.strategy not in ("fedavg", "clipped"):
         raise SystemExit(f"fuzz expects a streaming default strategy, not {settings.strategy}")
     accumulator = make_accumulator(settings, [a.shape for a in base], sparse=codec == "topk")
-    expected = Expectation(
-        base, codec == "topk", settings.clip_norm if settings.strategy == "clipped" else None
-    )
+    # The round's documented rules, applied here by hand: every update clipped to
+    # clip_norm (on by default), and weighing at most max_examples whatever it claims.
+    expected = Expectation(base, codec == "topk", settings.clip_norm)
     round_ = _open_round(settings, accumulator)
     seeds, clean = _seed_messages(
         rng, codec=codec, base=base, specs=specs, keys=keys if signed else None, settings=settings
@@ -513,6 +515,7 @@ def run_codec(codec: Codec, count: int, seed: int, signed: bool) -> CodecReport:
         round_.received.remove(update.device)  # let the next valid one in as well
         accepted.append(update.device)
         examples = EXAMPLES[update.device] if signed else claimed_examples(payload)
+        examples = min(examples, settings.max_examples)
         expected.add(clean[update.device], examples)
         problem = _check_release(base, accumulator, accepted, expected)
         if problem is not None:

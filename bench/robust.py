@@ -7,7 +7,8 @@
 doorbell conditions; test houses of people no model has seen) take part in
 every round of THE round loop (`bench.federated.run_arm`: the doorbells'
 `train_delta`, signed updates in the product's default codec, the
-aggregator's checks, accumulator and server step). Two of them are hostile:
+aggregator's checks, accumulator and server step, with its defaults: every
+update clipped to norm 2, weighing at most 200 examples). Two of them are hostile:
 one sends its delta scaled by -10, the other sign-flipped. Every arm starts
 from the same head on the same split; the all-honest FedAvg run is the
 reference the robust strategies must approach. Two more references leave
@@ -47,7 +48,7 @@ from rich.console import Console
 from rich.table import Table
 
 from bench.data import CACHE, DEFAULT_DATASET, DEFAULT_STRANGERS, DatasetMissing, load_bench, scorer
-from bench.federated import Arm, Attack, RoundResult, round_settings, run_arm
+from bench.federated import PRODUCT, Arm, Attack, RoundResult, round_settings, run_arm
 from fedbell.embedding import TrainParams
 
 ATTACK: tuple[Attack, ...] = ("scale", "sign_flip")
@@ -65,7 +66,7 @@ def arms(clip_norm: float) -> list[Arm]:
             server="fedavgm",
             server_momentum=0.8,
         ),
-        Arm("fedavg", attackers=ATTACK),
+        Arm(f"fedavg (default: clipped at {PRODUCT.clip_norm:g})", attackers=ATTACK),
         Arm(
             f"clipped fedavg (norm {clip_norm:g})",
             strategy="clipped",
