@@ -93,8 +93,12 @@ class Artifacts:
         self._stored = state.load_artifact()
         # Guards the claimed artifact: paho's thread claims, the worker gives back a failure.
         self._lock = threading.Lock()
+        # A stored backbone of the other flavour (the config changed) is not "known":
+        # the retained artifact is installed again in the configured flavour.
+        stored = self._stored
+        flavour_changed = stored is not None and stored.flavour != config.inference.flavour
         self._known: tuple[str, int] | None = (
-            None if self._stored is None else (self._stored.lineage, self._stored.version)
+            None if stored is None or flavour_changed else (stored.lineage, stored.version)
         )
         self._installed = self._known
         self._refresh_lock = threading.Lock()

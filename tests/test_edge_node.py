@@ -470,6 +470,12 @@ def test_backbone_is_stored_and_the_gallery_scored(
             assert restarted.recognizer.ready
             wait_until(lambda: restarted.counters["bad_artifact"] == 1)  # v1 retried, refused
             assert restarted.recognizer.ready
+        aggregator.publish(TOPICS.tflite_model, tflite_payload(backbone_models), retain=True)
+        as_float = config.model_copy(update={"inference": InferenceSettings(flavour="float")})
+        with running(as_float) as changed:  # the flavour changed: the retained copy is used
+            float_sha = hashlib.sha256(backbone_models.float_model).hexdigest()
+            wait_until(lambda: getattr(changed.recognizer.backbone, "sha256", "") == float_sha)
+            assert changed.recognizer.ready
     finally:
         aggregator.close()
 
