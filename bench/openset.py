@@ -48,7 +48,7 @@ import os
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -60,8 +60,8 @@ from aggregator.accumulator import make_accumulator, make_optimizer, next_step
 from aggregator.config import RoundSettings
 from bench.openset_features import (
     ENROL_PER_PERSON,
-    Conditions,
     FeatureCache,
+    Photo,
     backbone_model,
     extract_features,
     photos_of,
@@ -210,6 +210,7 @@ def build_bench(
     features: dict[str, list[Features]],
     stranger_features: dict[str, Features],
     start: Weights,
+    *,
     seed: int,
     negatives_per_house: int = NEGATIVES_PER_HOUSE,
 ) -> Bench:
@@ -247,17 +248,20 @@ def build_bench(
             )
     test = []
     for people in split.test_houses:
-        enrol, enrol_labels, probes, probe_labels = [], [], [], []
+        enrol: list[Features] = []
+        probes: list[Features] = []
+        enrol_labels: list[npt.NDArray[np.int64]] = []
+        probe_labels: list[npt.NDArray[np.int64]] = []
         for person in people:
-            photos = np.asarray(features.get(person, []), np.float32).reshape(-1, width)
-            if len(photos) < 2:
+            faces = np.asarray(features.get(person, []), np.float32).reshape(-1, width)
+            if len(faces) < 2:
                 continue
-            count = min(ENROL_PER_PERSON, len(photos) - 1)
+            count = min(ENROL_PER_PERSON, len(faces) - 1)
             label = len(enrol)
-            enrol.append(photos[:count])
+            enrol.append(faces[:count])
             enrol_labels.append(np.full(count, label, np.int64))
-            probes.append(photos[count:])
-            probe_labels.append(np.full(len(photos) - count, label, np.int64))
+            probes.append(faces[count:])
+            probe_labels.append(np.full(len(faces) - count, label, np.int64))
         if enrol:
             test.append(
                 TestHouse(
@@ -325,11 +329,11 @@ def evaluate(bench: Bench, heads: Sequence[Weights], threshold: float) -> OpenSe
 
 @dataclass(frozen=True)
 class ArmSettings:
-    rounds: int = 40
+    rounds: int = 60
     houses_per_round: int = 20
     target_far: float = TARGET_FAR
     gallery_size: int = GALLERY_SIZE
-    central_epochs: int = 10
+    central_epochs: int = 20
     local_epochs: int | None = None
     """Epochs of local_only adaptation (default: the round plan's)."""
     params: TrainParams = field(default_factory=TrainParams)
@@ -528,7 +532,8 @@ def _print_round(seed: int) -> Callable[[RoundRecord], None]:
     def show(record: RoundRecord) -> None:
         if record.round % 5 == 0 or record.round == 1:
             print(
-                f"  seed {seed}  federated round {record.round:>3}  open-set {record.open_set_accuracy:.3f}"
+                f"  seed {seed}  federated round {record.round:>3}  "
+                f"open-set {record.open_set_accuracy:.3f}"
                 f"  TAR@1% {record.tar_at_far_1pct:.3f}  up {record.bytes_up} B",
                 flush=True,
             )
@@ -656,7 +661,7 @@ def bar_verdict(arms: dict[str, dict[str, float]]) -> list[str]:
     return lines
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--dataset", type=Path, default=DATASETS / "lfw_dev")
     parser.add_argument("--strangers", type=Path, default=DATASETS / "lfw_strangers")
@@ -673,25 +678,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--cache", type=Path, default=ROOT / "reports" / "cache")
     parser.add_argument("--report", type=Path, default=ROOT / "reports" / "openset.json")
-    args = parser.parse_args(argv)
-    from rich.console import Console
-    from rich.table import Table
+    return parser
 
-    console = Console(width=140)
-    started = time.perf_counter()
-    conditions: Conditions = args.conditions
-    backbone = backbone_model(args.cache)
+
+@dataclass(frozen=True)
+class Prepared:
+    """The photos of a run and each seed's bench."""
+
+    everyone: dict[str, list[Photo]]
+    benches: dict[int, Bench]
+    detection: dict[int, dict[str, Any]]
+
+
+def prepare(args: argparse.Namespace, backbone: bytes, head: Weights) -> Prepared:
+    """Split, compute (or read) features and build each seed's bench."""
     sha = hashlib.sha256(backbone).hexdigest()
-    head = start_head()
     dev = photos_of(args.dataset)
     test = photos_of(args.test_dataset) if args.test_dataset else {}
     strangers = {p.key: p for photos in photos_of(args.strangers).values() for p in photos}
     everyone = {**dev, **test}
-    settings = ArmSettings(
-        rounds=args.rounds,
-        houses_per_round=args.houses_per_round,
-        central_epochs=args.central_epochs,
-    )
     benches: dict[int, Bench] = {}
     detection: dict[int, dict[str, Any]] = {}
     for seed in args.seeds:
@@ -707,12 +712,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         people = [p for house in split.train_houses + split.test_houses for p in house]
         photos = [photo for person in people for photo in everyone[person]]
         photos += [strangers[k] for k in split.calibration + split.negatives]
-        cache = FeatureCache.open(args.cache, conditions, seed, sha)
+        cache = FeatureCache.open(args.cache, args.conditions, seed, sha)
         extract_features(
             photos,
             cache,
             backbone,
-            conditions=conditions,
+            conditions=args.conditions,
             seed=seed,
             detector=args.detector,
             jobs=args.jobs,
@@ -725,102 +730,124 @@ def main(argv: Sequence[str] | None = None) -> int:
         stranger_features = {
             k: cache.features[k] for k in split.calibration + split.negatives if k in found
         }
-        benches[seed] = replace(
-            build_bench(split, per_person, stranger_features, head, seed), backbone=sha
-        )
+        bench = build_bench(split, per_person, stranger_features, head, seed=seed)
+        benches[seed] = replace(bench, backbone=sha)
         flags = np.asarray([cache.flags[p.key] for p in photos])
         detection[seed] = {
             "photos": len(photos),
             "detection_rate": float(np.mean(flags > 0)),
             "aligned_by_eyes": float(np.mean(flags == 2)),
             "skipped_no_face": int(np.sum(flags == 0)),
-            "train_houses": len(benches[seed].train),
-            "test_houses": len(benches[seed].test),
-            "test_members": int(sum(int(h.enrol_labels.max()) + 1 for h in benches[seed].test)),
             "train_people": len({p for h in split.train_houses for p in h}),
+            "train_houses": len(bench.train),
+            "test_houses": len(bench.test),
+            "test_members": int(sum(int(h.enrol_labels.max()) + 1 for h in bench.test)),
+            "member_probes": int(sum(len(h.probes) for h in bench.test)),
+            "calibration_strangers": len(bench.calibration),
+            "negative_strangers": len(bench.negatives),
         }
-        console.print(f"seed {seed}: {detection[seed]}")
-    outcomes = run_arms(benches, settings, args.jobs)
+    return Prepared(everyone, benches, detection)
+
+
+def print_table(data: dict[str, Any], title: str) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(width=140)
+    table = Table(title=title)
+    several = len(data["seeds"]) > 1
+    columns = ["arm", "open-set acc.", "rank-1", "TAR @ 1 % FAR", "unknown rejected", "threshold"]
+    for column in columns + (["open-set per seed"] if several else []):
+        table.add_column(column)
+    for arm in data["arms"]:
+        row = [
+            arm["name"],
+            *(
+                f"{arm[k]:.3f}"
+                for k in (
+                    "open_set_accuracy",
+                    "rank1",
+                    "tar_at_far_1pct",
+                    "unknown_rejected",
+                    "threshold",
+                )
+            ),
+        ]
+        if several:
+            row.append(" ".join(f"{s['open_set_accuracy']:.3f}" for s in arm["per_seed"]))
+        table.add_row(*row)
+    console.print(table)
+    if data["rounds"]:
+        last = data["rounds"][-1]
+        console.print(
+            f"last round: {last['bytes_up']} B up ({last['bytes_up'] // data['houses_per_round']}"
+            f" B per doorbell), {last['bytes_down']} B down; enrolling a person from 5 photos "
+            f"takes {data['enroll_ms']:.0f} ms, a face {data['embed_ms']:.0f} ms (one thread)"
+        )
+    for line in data["bar"]:
+        console.print(line)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    started = time.perf_counter()
+    backbone = backbone_model(args.cache)
+    head = start_head()
+    prepared = prepare(args, backbone, head)
+    for seed, figures in prepared.detection.items():
+        print(f"seed {seed}: {figures}", flush=True)
+    settings = ArmSettings(
+        rounds=args.rounds,
+        houses_per_round=args.houses_per_round,
+        central_epochs=args.central_epochs,
+    )
+    outcomes = run_arms(prepared.benches, settings, args.jobs)
     timing_person = next(
-        (ps for name, ps in sorted(everyone.items()) if len(ps) >= ENROL_PER_PERSON), []
+        (ps for _, ps in sorted(prepared.everyone.items()) if len(ps) >= ENROL_PER_PERSON), []
     )
     enroll_ms, embed_ms = time_doorbell(
         timing_person[:ENROL_PER_PERSON],
         backbone,
         head,
-        conditions=conditions,
+        conditions=args.conditions,
         seed=args.seeds[0],
         detector=args.detector,
     )
     test_name = (
         args.test_dataset.name if args.test_dataset else f"{args.dataset.name} (held-out people)"
     )
+    detection = prepared.detection.values()
     data = report(
         test_dataset=test_name,
-        conditions=conditions,
+        conditions=args.conditions,
         seeds=args.seeds,
         outcomes=outcomes,
         extra={
             "enroll_ms": enroll_ms,
             "embed_ms": embed_ms,
             "detector": args.detector,
-            "detection": {str(s): d for s, d in detection.items()},
-            "detection_rate": float(np.mean([d["detection_rate"] for d in detection.values()])),
-            "skipped_no_face": int(sum(d["skipped_no_face"] for d in detection.values())),
-            "backbone_sha256": sha,
+            "detection": {str(s): d for s, d in prepared.detection.items()},
+            "detection_rate": float(np.mean([d["detection_rate"] for d in detection])),
+            "skipped_no_face": int(sum(d["skipped_no_face"] for d in detection)),
+            "backbone_sha256": hashlib.sha256(backbone).hexdigest(),
             "target_far": settings.target_far,
             "gallery_size": settings.gallery_size,
+            "rounds_run": settings.rounds,
             "houses_per_round": settings.houses_per_round,
-            "train_params": {
-                k: getattr(settings.params, k)
-                for k in ("epochs", "batch_size", "learning_rate", "prox_mu", "margin", "scale")
-            },
+            "train_params": asdict(settings.params),
             "central_epochs": settings.central_epochs,
             "seconds": time.perf_counter() - started,
         },
     )
-    table = Table(
-        title=f"Open-set recognition of never-seen people ({test_name}), {conditions} conditions, "
-        f"{args.rounds} rounds × {args.houses_per_round} houses, seeds {args.seeds}"
+    data["bar"] = bar_verdict({a["name"]: a for a in data["arms"]})
+    print_table(
+        data,
+        f"Open-set recognition of never-seen people ({test_name}), {args.conditions} "
+        f"conditions, {args.rounds} rounds × {args.houses_per_round} houses, seeds {args.seeds}",
     )
-    for column in (
-        "arm",
-        "open-set acc.",
-        "rank-1",
-        "TAR @ 1 % FAR",
-        "unknown rejected",
-        "threshold",
-    ):
-        table.add_column(column)
-    if len(args.seeds) > 1:
-        table.add_column("open-set per seed")
-    for arm in data["arms"]:
-        row = [
-            arm["name"],
-            f"{arm['open_set_accuracy']:.3f}",
-            f"{arm['rank1']:.3f}",
-            f"{arm['tar_at_far_1pct']:.3f}",
-            f"{arm['unknown_rejected']:.3f}",
-            f"{arm['threshold']:.3f}",
-        ]
-        if len(args.seeds) > 1:
-            row.append(" ".join(f"{s['open_set_accuracy']:.3f}" for s in arm["per_seed"]))
-        table.add_row(*row)
-    console.print(table)
-    last = data["rounds"][-1] if data["rounds"] else None
-    if last:
-        console.print(
-            f"per round: {last['bytes_up']} B up ({last['bytes_up'] // args.houses_per_round} B per "
-            f"doorbell), {last['bytes_down']} B down; enrol a person from 5 photos "
-            f"{enroll_ms:.0f} ms, {embed_ms:.0f} ms per face (one thread)"
-        )
-    verdict = bar_verdict({a["name"]: a for a in data["arms"]})
-    for line in verdict:
-        console.print(line)
-    data["bar"] = verdict
     args.report.parent.mkdir(parents=True, exist_ok=True)
     args.report.write_text(json.dumps(data, indent=2))
-    console.print(f"wrote {args.report} in {data['seconds']:.0f} s")
+    print(f"wrote {args.report} in {data['seconds']:.0f} s")
     return 0
 
 

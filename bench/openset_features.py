@@ -208,6 +208,8 @@ def time_doorbell(
     images = []
     for photo in photos:
         image = cv2.imread(str(photo.path), cv2.IMREAD_COLOR)
+        if image is None:
+            raise ValueError(f"{photo.path}: not an image OpenCV can read")
         if conditions == "doorbell":
             image = doorbell_conditions(image, condition_rng(photo.key, seed))
         images.append(image)

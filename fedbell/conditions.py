@@ -84,12 +84,13 @@ def apply_setting(
         )
     if array.ndim == 2:
         array = np.stack([array] * 3, axis=-1)
-    pixels = array[..., :3].astype(np.float32)
-    pixels = cv2.GaussianBlur(pixels, (0, 0), setting.blur_sigma)
+    pixels = np.asarray(
+        cv2.GaussianBlur(array[..., :3].astype(np.float32), (0, 0), setting.blur_sigma), np.float32
+    )
     factor = min(1.0, setting.face_px / LFW_FACE_PX)
     height, width = pixels.shape[:2]
     size = (max(8, round(width * factor)), max(8, round(height * factor)))
-    pixels = cv2.resize(pixels, size, interpolation=cv2.INTER_AREA)
+    pixels = np.asarray(cv2.resize(pixels, size, interpolation=cv2.INTER_AREA), np.float32)
     if setting.night:
         grey = cv2.cvtColor(pixels, cv2.COLOR_BGR2GRAY)
         ys, xs = np.mgrid[0 : grey.shape[0], 0 : grey.shape[1]].astype(np.float32)

@@ -40,9 +40,9 @@ _EPSILON = 1e-12
 class TrainParams:
     """Local training hyper-parameters; the round message carries them."""
 
-    epochs: int = 5
+    epochs: int = 10
     batch_size: int = 32
-    learning_rate: float = 1e-3
+    learning_rate: float = 1e-4
     prox_mu: float = 0.0
     """FedProx: weight of (mu/2)·||W - W_base||², which keeps a doorbell that
     knows only a few people from pulling the shared head towards them."""
@@ -52,6 +52,10 @@ class TrainParams:
     person than to anyone else before it stops pulling."""
     scale: float = 16.0
     """Softmax temperature over cosines (CosFace's s)."""
+    leave_one_out: bool = True
+    """A face is compared with its own person's prototype made of their OTHER
+    photos (as a probe is compared with an enrolment), not one that contains
+    itself; a person with a single photo is then only a prototype for others."""
 
     def __post_init__(self) -> None:
         if self.epochs < 0 or self.batch_size < 1:
@@ -106,17 +110,82 @@ def _forward(
     return np.asarray(raw / norms, dtype=np.float32), norms
 
 
-def _centres(embeddings: Embeddings, labels: LabelIds, classes: int) -> Embeddings:
-    sums = np.zeros((classes, embeddings.shape[1]), dtype=np.float32)
-    np.add.at(sums, labels, embeddings)
-    return normalize(sums)
-
-
 @dataclass(frozen=True)
 class TrainResult:
     head: Weights
     loss: float
     steps: int
+
+
+class _Adam:
+    """Adam on one matrix, in place."""
+
+    def __init__(self, shape: tuple[int, ...]) -> None:
+        self.m = np.zeros(shape, np.float32)
+        self.v = np.zeros(shape, np.float32)
+        self.steps = 0
+
+    def step(
+        self, param: npt.NDArray[np.float32], grad: npt.NDArray[np.float32], lr: float
+    ) -> None:
+        beta1, beta2 = 0.9, 0.999
+        self.steps += 1
+        self.m = beta1 * self.m + (1 - beta1) * grad
+        self.v = beta2 * self.v + (1 - beta2) * grad * grad
+        m_hat = self.m / (1 - beta1**self.steps)
+        v_hat = self.v / (1 - beta2**self.steps)
+        param -= lr * m_hat / (np.sqrt(v_hat) + 1e-8)
+
+
+@dataclass(frozen=True)
+class _Epoch:
+    """What stays fixed during one epoch: every face's embedding and the prototypes."""
+
+    current: npt.NDArray[np.float32]
+    sums: npt.NDArray[np.float32]
+    centres: npt.NDArray[np.float32]
+
+
+def _batch_gradient(
+    projection: npt.NDArray[np.float32],
+    *,
+    x: npt.NDArray[np.float32],
+    z: npt.NDArray[np.float32],
+    targets: LabelIds,
+    batch: npt.NDArray[np.int64],
+    epoch: _Epoch,
+    params: TrainParams,
+) -> tuple[float, npt.NDArray[np.float32]]:
+    """Loss and gradient of one batch: CosFace over the prototypes and the strangers."""
+    classes = len(epoch.centres)
+    e, e_norm = _forward(x[batch], projection)
+    n, n_norm = _forward(z, projection)
+    rows = np.arange(len(batch))
+    own = (
+        normalize(epoch.sums[targets] - epoch.current[batch])
+        if params.leave_one_out
+        else epoch.centres[targets]
+    )
+    cos = np.concatenate([e @ epoch.centres.T, e @ n.T], axis=1)
+    cos[rows, targets] = np.sum(e * own, axis=1) - params.margin
+    logits = params.scale * cos
+    logits -= logits.max(axis=1, keepdims=True)
+    probs = np.exp(logits)
+    probs /= probs.sum(axis=1, keepdims=True)
+    loss = float(-np.mean(np.log(probs[rows, targets] + 1e-12)))
+    probs[rows, targets] -= 1.0
+    grad_cos = np.asarray((params.scale / len(batch)) * probs, np.float32)
+    grad_e = np.asarray(
+        grad_cos[:, :classes] @ epoch.centres
+        + grad_cos[:, classes:] @ n
+        + grad_cos[rows, targets][:, None] * (own - epoch.centres[targets]),
+        np.float32,
+    )
+    grad = np.asarray(x[batch].T @ _normalize_backward(e, e_norm, grad_e), np.float32)
+    if len(z):
+        grad_n = np.asarray(grad_cos[:, classes:].T @ e, np.float32)
+        grad += np.asarray(z.T @ _normalize_backward(n, n_norm, grad_n), np.float32)
+    return loss, grad
 
 
 def train_head(
@@ -129,12 +198,11 @@ def train_head(
     """Train a copy of `head` on one house's faces; returns the trained head.
 
     The objective is a prototype CosFace loss: each face must be nearer its own
-    person's prototype (the normalised mean of that person's embeddings,
-    recomputed every epoch and not trained) than every other person's by
-    `margin`, and nearer than every stranger in `negatives` (faces of people
-    nobody enrolled, seen at this door). The prototypes are the house's own,
-    so no classifier weights tied to names exist anywhere, and a house of one
-    person still learns from its strangers.
+    person's prototype (the normalised mean of that person's other photos'
+    embeddings, recomputed every epoch and not trained) than every other
+    person's by `margin`, and nearer than every stranger in `negatives` (faces
+    of people nobody enrolled, seen at this door). The prototypes are the
+    house's own, so no classifier weights tied to names exist anywhere.
     """
     start = check_head(head)
     x = np.asarray(features, dtype=np.float32)
@@ -145,44 +213,28 @@ def train_head(
     if len(x) and y.min() < 0:
         raise ValueError("label ids must be >= 0")
     classes = int(y.max()) + 1 if len(y) else 0
-    if classes + len(z) < 2 or len(x) == 0:  # nothing to tell apart: the head stays
+    counts = np.bincount(y, minlength=classes)
+    anchors = np.flatnonzero(counts[y] > 1) if params.leave_one_out else np.arange(len(x))
+    if classes + len(z) < 2 or len(anchors) == 0:  # nothing to tell apart: the head stays
         return TrainResult([start.copy()], float("nan"), 0)
 
     projection = start.copy()
-    adam_m = np.zeros_like(projection)
-    adam_v = np.zeros_like(projection)
-    beta1, beta2 = 0.9, 0.999
+    adam = _Adam(projection.shape)
     rng = np.random.default_rng(params.seed)
-    steps, losses = 0, []
+    losses: list[float] = []
     for _ in range(params.epochs):
-        centres = _centres(_forward(x, projection)[0], y, classes)
+        current = _forward(x, projection)[0]
+        sums = np.zeros((classes, current.shape[1]), dtype=np.float32)
+        np.add.at(sums, y, current)
+        epoch = _Epoch(current, sums, normalize(sums))
         losses = []
-        for batch in np.array_split(
-            rng.permutation(len(x)), max(1, -(-len(x) // params.batch_size))
-        ):
-            e, e_norm = _forward(x[batch], projection)
-            n, n_norm = _forward(z, projection)
-            targets = y[batch]
-            cos = np.concatenate([e @ centres.T, e @ n.T], axis=1)
-            cos[np.arange(len(batch)), targets] -= params.margin
-            logits = params.scale * cos
-            logits -= logits.max(axis=1, keepdims=True)
-            probs = np.exp(logits)
-            probs /= probs.sum(axis=1, keepdims=True)
-            losses.append(float(-np.mean(np.log(probs[np.arange(len(batch)), targets] + 1e-12))))
-            grad_logits = probs
-            grad_logits[np.arange(len(batch)), targets] -= 1.0
-            grad_cos = (params.scale / len(batch)) * grad_logits
-            grad_e = grad_cos[:, :classes] @ centres + grad_cos[:, classes:] @ n
-            grad_n = grad_cos[:, classes:].T @ e
-            grad = x[batch].T @ _normalize_backward(e, e_norm, grad_e)
-            if len(z):
-                grad += z.T @ _normalize_backward(n, n_norm, grad_n)
+        splits = max(1, -(-len(anchors) // params.batch_size))
+        for batch in np.array_split(anchors[rng.permutation(len(anchors))], splits):
+            loss, grad = _batch_gradient(
+                projection, x=x, z=z, targets=y[batch], batch=batch, epoch=epoch, params=params
+            )
+            losses.append(loss)
             grad += params.prox_mu * (projection - start)
-            steps += 1
-            adam_m = beta1 * adam_m + (1 - beta1) * grad
-            adam_v = beta2 * adam_v + (1 - beta2) * grad * grad
-            m_hat = adam_m / (1 - beta1**steps)
-            v_hat = adam_v / (1 - beta2**steps)
-            projection -= params.learning_rate * m_hat / (np.sqrt(v_hat) + 1e-8)
-    return TrainResult([projection.astype(np.float32)], float(np.mean(losses)), steps)
+            adam.step(projection, grad, params.learning_rate)
+    loss = float(np.mean(losses)) if losses else float("nan")
+    return TrainResult([projection.astype(np.float32)], loss, adam.steps)

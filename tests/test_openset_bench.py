@@ -29,13 +29,15 @@ def test_split_is_disjoint_and_deterministic() -> None:
     assert split != openset.split_people(people, strangers, seed=4, calibration=100, negatives=150)
     train = [p for h in split.train_houses for p in h]
     test = [p for h in split.test_houses for p in h]
-    assert len(train) == len(set(train)) and len(test) == len(set(test))
+    assert len(train) == len(set(train))
+    assert len(test) == len(set(test))
     assert not set(train) & set(test)
     assert set(train) | set(test) == set(people)
     assert len(test) == 60
     low, high = openset.HOUSE_SIZES
     assert all(low <= len(h) <= high + 1 for h in split.train_houses + split.test_houses)
-    assert len(split.calibration) == 100 and len(split.negatives) == 150
+    assert len(split.calibration) == 100
+    assert len(split.negatives) == 150
     assert not set(split.calibration) & set(split.negatives)
 
 
@@ -59,7 +61,9 @@ def test_conditions_are_deterministic_per_seed_and_change_the_photo() -> None:
     first = doorbell_conditions(photo, condition_rng("a/b/c.jpg", 0))
     second = doorbell_conditions(photo, condition_rng("a/b/c.jpg", 0))
     other = doorbell_conditions(photo, condition_rng("a/b/c.jpg", 1))
-    assert first.dtype == np.uint8 and first.ndim == 3 and first.shape[2] == 3
+    assert first.dtype == np.uint8
+    assert first.ndim == 3
+    assert first.shape[2] == 3
     assert np.array_equal(first, second)
     assert first.shape != photo.shape or not np.array_equal(first, photo)
     assert first.shape != other.shape or not np.array_equal(first, other)
@@ -102,7 +106,8 @@ def test_tiny_synthetic_run_writes_the_schema(tmp_path: Path) -> None:
     )
     outcomes = openset.run_arms({0: bench}, settings, jobs=1)
     assert [r.round for r in outcomes[0]["federated"].rounds] == [1, 2, 3]
-    assert all(r.bytes_up > 0 and r.bytes_down > 0 for r in outcomes[0]["federated"].rounds)
+    assert all(r.bytes_up > 0 for r in outcomes[0]["federated"].rounds)
+    assert all(r.bytes_down > 0 for r in outcomes[0]["federated"].rounds)
     data = openset.report(
         test_dataset="synthetic",
         conditions="doorbell",
@@ -113,15 +118,19 @@ def test_tiny_synthetic_run_writes_the_schema(tmp_path: Path) -> None:
     path = tmp_path / "openset.json"
     path.write_text(json.dumps(data))
     loaded = json.loads(path.read_text())
-    assert isinstance(loaded["test_dataset"], str) and loaded["conditions"] == "doorbell"
+    assert isinstance(loaded["test_dataset"], str)
+    assert loaded["conditions"] == "doorbell"
     assert {a["name"] for a in loaded["arms"]} == set(openset.ARMS)
     for arm in loaded["arms"]:
         for key in ("open_set_accuracy", "rank1", "tar_at_far_1pct", "unknown_rejected"):
-            assert isinstance(arm[key], float) and 0.0 <= arm[key] <= 1.0
+            assert isinstance(arm[key], float)
+            assert 0.0 <= arm[key] <= 1.0
     for record in loaded["rounds"]:
-        assert isinstance(record["round"], int) and isinstance(record["bytes_up"], int)
+        assert isinstance(record["round"], int)
+        assert isinstance(record["bytes_up"], int)
         assert isinstance(record["bytes_down"], int)
         assert isinstance(record["open_set_accuracy"], float)
-    assert isinstance(loaded["enroll_ms"], float) and isinstance(loaded["embed_ms"], float)
+    assert isinstance(loaded["enroll_ms"], float)
+    assert isinstance(loaded["embed_ms"], float)
     verdict = openset.bar_verdict({a["name"]: a for a in loaded["arms"]})
     assert len(verdict) == 5
