@@ -32,7 +32,6 @@ from fedbell.topics import Topics
 
 SITE = "home"
 TOPICS = Topics(SITE)
-LABELS = "ann,bob"
 
 
 class Login:
@@ -86,7 +85,7 @@ def site(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[Path
     root = tmp_path / "site"
     for args in (
         ["init", "--site", SITE, "--broker-host", "localhost"],
-        ["add-aggregator", "--labels", LABELS, "--no-reload"],
+        ["add-aggregator", "--no-reload"],
         ["add-device", "door1", "--no-reload"],
         ["add-device", "door2", "--no-reload"],
         ["add-operator", "--no-reload"],
@@ -97,7 +96,10 @@ def site(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[Path
 
 
 def test_forged_update_is_refused_and_the_model_keeps_only_honest_work(
-    site: tuple[Path, SecureBroker], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    site: tuple[Path, SecureBroker],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    aggregator_cache: Path,
 ) -> None:
     root, broker = site
     bundle = root / "clients" / "aggregator"
@@ -107,6 +109,7 @@ def test_forged_update_is_refused_and_the_model_keeps_only_honest_work(
         update={
             "mqtt": provisioned.mqtt.model_copy(update={"port": broker.port}),
             "state_dir": tmp_path / "aggregator",
+            "cache_dir": aggregator_cache,  # the backbone, converted once per test session
             "rounds": provisioned.rounds.model_copy(
                 update={"codec": "float32", "timeout_s": 6.0, "min_updates": 1}
             ),
