@@ -2,6 +2,14 @@
 
 from __future__ import annotations
 
+import os
+
+# Before anything can import TensorFlow (the backbone's one-off conversion, and its
+# version in the cache key): no C++ banners (cpu_feature_guard, oneDNN, absl's "All log
+# messages before absl::InitializeLog()") in the service's log. Errors still show.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+# (so these imports come after it)
 import argparse
 import logging
 import signal
@@ -37,6 +45,8 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     redact_logging()
+    for noisy in ("tensorflow", "absl", "h5py", "keras"):  # their Python loggers: errors only
+        logging.getLogger(noisy).setLevel(logging.ERROR)
     try:
         config = load_config(args.config, AggregatorConfig)
     except FedbellError as err:

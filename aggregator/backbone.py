@@ -9,7 +9,9 @@ within a lineage; rounds only move the head.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import json
 import logging
 import os
@@ -58,9 +60,16 @@ def synthetic_chips(count: int, seed: int = 0) -> list[Chip]:
 def _convert(representative: Sequence[Chip]) -> BackboneModels:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     model = dlib_resnet.build_backbone(dlib_resnet.load())
-    return BackboneModels(
-        dlib_resnet.to_tflite(model), dlib_resnet.to_tflite(model, representative)
-    )
+    # Keras prints the exported signature ("Saved artifact at ...", a TensorSpec per
+    # input and output) to stdout: it is not an event of the service, keep it at debug.
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        models = BackboneModels(
+            dlib_resnet.to_tflite(model), dlib_resnet.to_tflite(model, representative)
+        )
+    if printed.getvalue().strip():
+        log.debug("TensorFlow's conversion output: %s", " | ".join(printed.getvalue().split("\n")))
+    return models
 
 
 def backbone_models(cache_dir: Path, representative: Sequence[Chip] = ()) -> BackboneModels:

@@ -10,8 +10,13 @@ folder): a release is then a few matrix products.
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Sequence
+import os
+import re
+import sys
+import tempfile
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,6 +38,39 @@ log = logging.getLogger(__name__)
 
 MIN_STRANGER_FACES = 40
 """Half calibrates, half scores: fewer than 20 each says nothing about a 1 % rate."""
+
+
+NATIVE_NOISE = re.compile(
+    r"INFO: Created TensorFlow Lite XNNPACK delegate for CPU\."
+    r"|WARNING: All log messages before absl::InitializeLog\(\) is called are written to STDERR"
+    r"|[IW]\d{4} \d\d:\d\d:\d\d\.\d+ +\d+ \S+:\d+\] .*"
+)
+"""Lines LiteRT and absl print straight to file descriptor 2 (no logger to set a level
+on): the first interpreter's XNNPACK banner, absl's info and warning lines."""
+
+
+@contextlib.contextmanager
+def native_noise_dropped() -> Iterator[None]:
+    """Run a block with fd 2 captured, then pass on everything but `NATIVE_NOISE`.
+
+    What Python logs meanwhile is kept, only delayed to the end of the block (keep
+    blocks short: creating an interpreter).
+    """
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as captured:
+        os.dup2(captured.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            captured.seek(0)
+            for line in captured.read().decode(errors="replace").splitlines(keepends=True):
+                if not NATIVE_NOISE.fullmatch(line.rstrip("\n")):
+                    sys.stderr.write(line)
+            sys.stderr.flush()
 
 
 @dataclass(frozen=True)
@@ -57,12 +95,14 @@ class Exporter:
         cache = config.cache_dir or config.state_dir / "cache"
         self.names = HEAD_NAMES
         self._initial = [dlib_resnet.dlib_projection(dlib_resnet.load())]
-        detector = make_detector(settings.detector, fallback=True)
+        with native_noise_dropped():
+            detector = make_detector(settings.detector, fallback=True)
         strangers = self._samples(settings.strangers, settings.max_strangers)
         held_out = self._samples(settings.dataset, None)
         found, stranger_chips, missed = photo_chips(strangers, detector)
         self.backbone_models: BackboneModels = backbone_models(cache, stranger_chips)
-        backbone = Backbone(self.backbone_models.float_model, num_threads=config.threads)
+        with native_noise_dropped():
+            backbone = Backbone(self.backbone_models.float_model, num_threads=config.threads)
         self.strangers: Features | None = None
         if len(stranger_chips) >= MIN_STRANGER_FACES:
             self.strangers = cached_features(cache, found, backbone, stranger_chips)
