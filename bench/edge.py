@@ -585,6 +585,12 @@ def inspect(bench: Bench) -> None:
     bench.notes["tensorflow_libraries"] = tensorflow_mapped(bench.doorbell.pid)
     bench.notes["aggregator_tensorflow"] = bool(tensorflow_mapped(bench.aggregator.pid))
     bench.notes["rss_by_mapping_end"] = rss_by_mapping(bench.doorbell.pid)
+    status = Path(f"/proc/{bench.doorbell.pid}/status").read_text().splitlines()
+    bench.notes["rss_kinds_mb"] = {
+        line.split(":")[0]: round(int(line.split()[1]) / 1024, 1)
+        for line in status
+        if line.startswith(("RssAnon:", "RssFile:", "RssShmem:"))
+    }
 
 
 def run(args: argparse.Namespace, layout: Layout) -> dict[str, Any]:
@@ -680,6 +686,7 @@ def summary(bench: Bench, enrolled: int, seconds: float) -> dict[str, Any]:
             "idle": notes["rss_by_mapping_idle"],
             "end": notes["rss_by_mapping_end"],
         },
+        "rss_kinds_mb_at_end": notes["rss_kinds_mb"],
         "rounds": rounds,
         "gallery_images": enrolled,
         "frames_read": len(bench.counter.times),
@@ -725,7 +732,9 @@ def print_result(result: dict[str, Any]) -> None:
     print(
         f"\nRSS (MB): idle {rss['idle']}, recognizing {rss['recognizing']}, "
         f"training {rss['training']} (peak over the run {result['rss_peak_mb']})\n"
-        f"  resident by mapping at the end (MB): "
+        f"  at the end (MB): "
+        + ", ".join(f"{name} {size}" for name, size in result["rss_kinds_mb_at_end"].items())
+        + "; largest mappings: "
         + ", ".join(f"{name} {size}" for name, size in mapping.items())
         + f"\nframes/s: empty porch {result['fps_empty_porch']}, recognizing "
         f"{result['fps_idle']}, during rounds {result['fps_while_training']}\n"

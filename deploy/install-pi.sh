@@ -138,6 +138,26 @@ else
     note "video devices: ${videos[*]:-none}"
 fi
 
+step "Memory controller (the unit's MemoryHigh=/MemoryMax=)"
+# Raspberry Pi OS kernels start with the memory cgroup off: without it systemd
+# silently ignores the unit's memory budget. cgroup_enable=memory turns it on.
+if ! real_install; then
+    note "skipped for a --prefix install"
+elif grep -qw memory /sys/fs/cgroup/cgroup.controllers 2>/dev/null; then
+    note "enabled: the unit's memory budget is enforced"
+else
+    cmdline=/boot/firmware/cmdline.txt
+    [[ -f $cmdline ]] || cmdline=/boot/cmdline.txt
+    if [[ -f $cmdline ]]; then
+        grep -qw "cgroup_enable=memory" "$cmdline" \
+            || run sed -i '1 s/$/ cgroup_enable=memory cgroup_memory=1/' "$cmdline"
+        note "warning: the memory controller comes on at the next reboot ($cmdline);"
+        note "until then the unit's MemoryHigh=/MemoryMax= are not enforced"
+    else
+        note "warning: no memory controller and no cmdline.txt: MemoryHigh=/MemoryMax= not enforced"
+    fi
+fi
+
 step "Starting fedbell-edge@$DEVICE.service"
 if [[ $SYSTEMD == no ]]; then
     note "skipped (--no-systemd); to start: systemctl enable --now fedbell-edge@$DEVICE.service"

@@ -220,3 +220,32 @@ def test_edge_unit_comments_say_what_the_node_does() -> None:
         check=True,
     )
     assert probe.stdout.strip() == "False"
+
+
+def _bytes(size: str) -> int:
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    return int(size[:-1]) * units[size[-1]] if size[-1] in units else int(size)
+
+
+def test_doorbell_memory_budget_is_set_and_sized_by_the_benchmark() -> None:
+    """Issue 12: a doorbell's memory is bounded, above what `make bench-edge` measured.
+
+    The measured figures (reports/edge.json is not versioned) are in the unit's
+    comment; if this checkout ran the benchmark, its figures are checked too.
+    """
+    service = service_section("fedbell-edge@.service")
+    high, hard = _bytes(service["MemoryHigh"][0]), _bytes(service["MemoryMax"][0])
+    assert 250 << 20 <= high < hard <= 512 << 20  # the issue's training bar; a Pi Zero 2 W
+    environment = " ".join(service["Environment"])
+    # What brought the measured RSS down and kept training off the camera's cores.
+    for setting in ("MALLOC_ARENA_MAX=2", "MALLOC_MMAP_THRESHOLD_=", "OPENBLAS_NUM_THREADS=1"):
+        assert setting in environment
+    comments = (UNIT_DIR / "fedbell-edge@.service").read_text()
+    assert "make bench-edge" in comments
+    report = UNIT_DIR.parent / "reports" / "edge.json"
+    if report.is_file():
+        import json
+
+        measured = json.loads(report.read_text())
+        peak = max(measured.get("rss_peak_mb", 0.0), *measured["rss_mb"].values())
+        assert peak * (1 << 20) < high, f"bench-edge measured {peak} MB, MemoryHigh is {high}"
