@@ -24,6 +24,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from edge.camera import CameraError
 from edge.config import EdgeConfig
 from fedbell.config import load_config
 from fedbell.errors import ConfigError
@@ -33,9 +34,13 @@ SUBCOMMANDS = ("run", "enroll")
 
 
 def _run(args: argparse.Namespace) -> int:
+    from edge.camera import check_available
     from edge.node import EdgeNode  # imported here so `enroll` starts without it
 
-    node = EdgeNode(load_config(args.config, EdgeConfig))  # errors: see main()
+    config = load_config(args.config, EdgeConfig)  # errors: see main()
+    if config.camera.enabled:
+        check_available(config.camera)  # picamera2 off a Pi: one line, before connecting
+    node = EdgeNode(config)
     stop = threading.Event()
 
     def request_stop(signum: int, _frame: Any) -> None:
@@ -96,7 +101,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     redact_logging()  # no camera password in the journal, whoever logs the URL
     try:
         return int(args.func(args))
-    except ConfigError as err:
+    except (ConfigError, CameraError) as err:
         print(f"fedbell-edge: {err}", file=sys.stderr)
         return 2
     except Exception as err:

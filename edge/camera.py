@@ -303,17 +303,23 @@ def open_raw_source(config: CameraConfig) -> FrameSource:
     )
 
 
+def check_available(config: CameraConfig) -> None:
+    """CameraError (one line: what to do) if the configured kind cannot work on this
+    machine at all; a camera that is merely unplugged is retried instead."""
+    if config.kind == "picamera2":
+        try:
+            import picamera2  # noqa: F401
+        except ImportError as err:
+            raise CameraError(f"camera.kind picamera2: {PICAMERA2_HELP}") from err
+
+
 def open_source(config: CameraConfig) -> ReconnectingSource:
     """The configured source wrapped so failures become status, not crashes.
 
     Picamera2 on a machine without it is a configuration error, reported now
     rather than retried forever.
     """
-    if config.kind == "picamera2":
-        try:
-            import picamera2  # noqa: F401
-        except ImportError as err:
-            raise CameraError(PICAMERA2_HELP) from err
+    check_available(config)
     return ReconnectingSource(
         lambda: open_raw_source(config), config.reconnect_initial_s, config.reconnect_max_s
     )

@@ -27,6 +27,7 @@ from edge.pipeline import Pipeline
 from edge.recognition_config import DetectionConfig
 from edge.recognizer import Recognizer
 from fedbell.detection import BlazeFaceDetector, Detector, DetectorError, HaarDetector
+from fedbell.redact import redact
 
 log = logging.getLogger(__name__)
 
@@ -104,8 +105,13 @@ class LiveDoorbell:
         return self.publisher.subscriptions()
 
     def connected(self) -> None:
-        """After each (re)connect: discovery again (the broker may have lost it)."""
+        """After each (re)connect: discovery again (the broker may have lost it), and
+        presence OFF unless someone is at the door now (a crash or an earlier run may
+        have left ON retained)."""
         self.publisher.announce()
+        running = self._thread is not None and self._thread.is_alive()
+        if not (running and self.pipeline._seen.present):
+            self.publisher.present(False)
 
     def start(self, stop: threading.Event) -> None:
         self._source = open_source(self.config.camera)
@@ -122,8 +128,22 @@ class LiveDoorbell:
             self.pipeline.run(source, stop)
         except Exception:  # the node keeps training and updating; the status says so
             log.exception("live recognition stopped")
+        else:
+            camera = self.config.camera
+            if not stop.is_set() and source.status.state == "ended":
+                replayed = camera.folder if camera.kind == "folder" else "the video"
+                log.info(
+                    "camera: the replay of %s ended after %d frames (camera.loop is off): "
+                    "live recognition stopped",
+                    redact(str(replayed)),
+                    self.pipeline.counters.frames,
+                )
         finally:
             source.close()
+            # Nobody is "present" at a door nobody watches (Home Assistant keeps the
+            # retained state): whether the replay ended, the camera loop failed or the
+            # node is stopping (it joins this thread before it disconnects).
+            self.publisher.present(False)
 
     def detail(self) -> str:
         """Camera state for the retained status (the frame rate goes to systemd's
@@ -142,3 +162,5 @@ class LiveDoorbell:
             self._button.close()
         if self._thread is not None:
             self._thread.join(timeout=2.0)
+            if self._thread.is_alive():  # stuck in a camera read: clear presence anyway
+                self.publisher.present(False)

@@ -280,6 +280,9 @@ class EdgeNode:
         with self._changed:
             self._changed.notify_all()
         self._jobs.put(None)
+        if self.live is not None:
+            # Before the offline status: its last act (presence OFF) must reach the broker.
+            self.live.close()
         if self.connected.is_set():
             info = self._client.publish(
                 self._status_topic, self._status_payload("offline"), qos=1, retain=True
@@ -290,8 +293,6 @@ class EdgeNode:
                 log.warning("offline status not sent: %s", err)
         self._client.disconnect()
         self._client.loop_stop()
-        if self.live is not None:
-            self.live.close()
         # A training in progress cannot be interrupted; the worker is a daemon thread.
         if self._worker.is_alive():
             self._worker.join(OFFLINE_PUBLISH_WAIT_S)

@@ -1,0 +1,181 @@
+"""Issue 13 item 15: a doorbell started by hand from config/edge.yaml.
+
+`python -m edge --config` runs the example configuration as shipped, changed only
+where a test must: the broker's port (a private Mosquitto), the state and gallery
+folders, and for the replay the camera folder. It must connect to the broker it
+names, not crash off a Pi, log the end of a folder replay, and leave
+`doorbell/<dev>/present` OFF whenever live recognition stops.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import pytest
+import yaml
+
+from broker.local import LocalBroker
+from fedbell.protocol import DeviceStatus
+from fedbell.topics import Topics
+from tests.mqtt_helpers import Probe
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLE = ROOT / "config" / "edge.yaml"
+EXAMPLE_CONFIG: dict[str, Any] = yaml.safe_load(EXAMPLE.read_text())
+DEVICE = EXAMPLE_CONFIG["device_id"]
+TOPICS = Topics(EXAMPLE_CONFIG["site"])
+PRESENT = f"doorbell/{DEVICE}/present"
+
+
+def adapted(tmp_path: Path, port: int, **camera: Any) -> Path:
+    """The example config with only the broker port, the folders (and `camera`) changed."""
+    config = yaml.safe_load(EXAMPLE.read_text())
+    assert config["mqtt"]["host"] == "127.0.0.1"  # the example names its broker
+    config["mqtt"]["port"] = port
+    config["state_dir"] = str(tmp_path / "state")
+    config["gallery_dir"] = str(tmp_path / "gallery")
+    config["camera"].update(camera)
+    path = tmp_path / "edge.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+class Doorbell:
+    """`python -m edge --config PATH` with its output (stdout and stderr) in a file."""
+
+    def __init__(self, config: Path, log: Path) -> None:
+        self.log = log
+        env = {k: v for k, v in os.environ.items() if not k.startswith("TF_")}
+        with log.open("wb") as out:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "edge", "--config", str(config)],
+                cwd=ROOT,
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
+
+    def text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def wait_for_log(self, needle: str, timeout: float = 60.0) -> None:
+        wait_until(lambda: needle in self.text(), timeout, f"{needle!r} in the log")
+
+    def stop(self) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        try:
+            return self.process.wait(30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait(10)
+            raise AssertionError("the doorbell did not stop on SIGTERM") from None
+
+
+def wait_until(condition: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not seen within {timeout}s: {what}")
+        time.sleep(0.05)
+
+
+class Retained:
+    """The last payload seen on each topic (retained state as Home Assistant reads it)."""
+
+    def __init__(self, port: int) -> None:
+        self.probe = Probe(port, PRESENT, TOPICS.status(DEVICE))
+        self.last: dict[str, bytes] = {}
+
+    def pump(self) -> None:
+        while not self.probe.messages.empty():
+            message = self.probe.messages.get()
+            self.last[message.topic] = bytes(message.payload)
+
+    def wait(self, topic: str, check: Callable[[bytes], bool], timeout: float = 60.0) -> None:
+        def seen() -> bool:
+            self.pump()
+            return topic in self.last and check(self.last[topic])
+
+        wait_until(seen, timeout, f"the expected payload on {topic}")
+
+    def close(self) -> None:
+        self.probe.close()
+
+
+@pytest.fixture
+def retained(broker: LocalBroker) -> Iterator[Retained]:
+    # A run before this one (crashed, or the old code) left presence ON, retained.
+    seed = Probe(broker.port)
+    seed.publish(PRESENT, "ON", retain=True)
+    seed.close()
+    watching = Retained(broker.port)
+    watching.wait(PRESENT, lambda p: p == b"ON")
+    yield watching
+    watching.close()
+
+
+def online(payload: bytes) -> bool:
+    return bool(payload) and DeviceStatus.model_validate_json(payload).state == "online"
+
+
+def offline(payload: bytes) -> bool:
+    return bool(payload) and DeviceStatus.model_validate_json(payload).state == "offline"
+
+
+def test_the_example_config_runs_as_is_against_the_broker_it_names(
+    tmp_path: Path, broker: LocalBroker, retained: Retained
+) -> None:
+    doorbell = Doorbell(adapted(tmp_path, broker.port), tmp_path / "edge.log")
+    try:
+        retained.wait(TOPICS.status(DEVICE), online)
+        doorbell.wait_for_log(f"connected to 127.0.0.1:{broker.port} as {DEVICE}")
+        retained.wait(PRESENT, lambda p: p == b"OFF")  # nobody at the door: not ON any more
+        assert doorbell.process.poll() is None  # no camera here: it retries, it runs on
+    finally:
+        code = doorbell.stop()
+    assert code == 0, doorbell.text()
+    retained.wait(TOPICS.status(DEVICE), offline)
+    retained.pump()
+    assert retained.last[PRESENT] == b"OFF"
+    assert "Traceback" not in doorbell.text()
+
+
+def test_picamera2_off_a_pi_is_one_clear_line(tmp_path: Path, broker: LocalBroker) -> None:
+    if importlib.util.find_spec("picamera2") is not None:
+        pytest.skip("picamera2 is installed here")
+    doorbell = Doorbell(adapted(tmp_path, broker.port, kind="picamera2"), tmp_path / "edge.log")
+    assert doorbell.process.wait(60) == 2
+    lines = doorbell.text().strip().splitlines()
+    assert lines[-1].startswith("fedbell-edge: camera.kind picamera2: "), lines
+    assert "python3-picamera2" in lines[-1]
+    assert "Traceback" not in doorbell.text()
+
+
+def test_the_end_of_a_folder_replay_is_logged_and_clears_presence(
+    tmp_path: Path, broker: LocalBroker, retained: Retained
+) -> None:
+    folder = tmp_path / "replay"
+    folder.mkdir()
+    for index in range(5):
+        cv2.imwrite(str(folder / f"frame{index}.png"), np.full((120, 160, 3), 40 * index, np.uint8))
+    config = adapted(tmp_path, broker.port, kind="folder", folder=str(folder))
+    doorbell = Doorbell(config, tmp_path / "edge.log")
+    try:
+        doorbell.wait_for_log(f"camera: the replay of {folder} ended after 5 frames")
+        retained.wait(PRESENT, lambda p: p == b"OFF")
+        retained.wait(TOPICS.status(DEVICE), online)  # the node itself runs on (training)
+        assert doorbell.process.poll() is None
+    finally:
+        assert doorbell.stop() == 0, doorbell.text()
+    assert "Traceback" not in doorbell.text()
