@@ -580,6 +580,52 @@ def one_round(bench: Bench, version: int) -> int:
     return status.model_version or 0
 
 
+BREAKDOWN = """
+import json, sys
+def rss():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+steps, last = {}, rss()
+def step(name):
+    global last
+    now = rss(); steps[name] = round(now - last, 1); last = now
+steps["python"] = round(last, 1)
+import numpy as np; step("numpy")
+import cv2; step("opencv")
+from ai_edge_litert.interpreter import Interpreter; step("ai_edge_litert")
+import paho.mqtt.client, cryptography.hazmat.primitives.asymmetric.ed25519, pydantic, zstandard
+step("paho, cryptography, pydantic, zstandard")
+import edge.node; step("edge and fedbell modules")
+from fedbell.detection import BlazeFaceDetector
+BlazeFaceDetector("full_range").detect(np.zeros((480, 640, 3), np.uint8))
+step("BlazeFace loaded, run")
+from fedbell.features import Backbone
+model = open(sys.argv[1], "rb").read(); step("int8 backbone file read")
+Backbone(model, 1).features([np.zeros((150, 150, 3), np.uint8)])
+step("int8 backbone interpreter, run")
+steps["total"] = round(last, 1)
+print(json.dumps(steps))
+"""
+
+
+def import_breakdown(layout: Layout) -> dict[str, float]:
+    """MB each part of the doorbell's stack adds, loaded one after another in a fresh
+    process of the doorbell's Python (the stored int8 backbone is the doorbell's own)."""
+    model = layout.work / "doorbell-state" / "model.tflite"
+    done = subprocess.run(
+        layout.command("-c", BREAKDOWN, layout.inside(model)),
+        cwd=layout.cwd,
+        env={**os.environ, **layout.env},
+        capture_output=True,
+        text=True,
+        timeout=1800,
+        check=True,
+    )
+    parts: dict[str, float] = json.loads(done.stdout.strip().splitlines()[-1])
+    return parts
+
+
 def inspect(bench: Bench) -> None:
     """What is mapped into the doorbell (and, to check the probe, the aggregator)."""
     bench.notes["tensorflow_libraries"] = tensorflow_mapped(bench.doorbell.pid)
@@ -646,6 +692,7 @@ def run(args: argparse.Namespace, layout: Layout) -> dict[str, Any]:
         for _ in range(args.rounds):
             version = one_round(bench, version)
         inspect(bench)
+        bench.notes["import_breakdown"] = import_breakdown(layout)
     finally:
         if bench is not None:
             bench.sampler.done.set()
@@ -687,6 +734,7 @@ def summary(bench: Bench, enrolled: int, seconds: float) -> dict[str, Any]:
             "end": notes["rss_by_mapping_end"],
         },
         "rss_kinds_mb_at_end": notes["rss_kinds_mb"],
+        "rss_mb_by_part": notes["import_breakdown"],
         "rounds": rounds,
         "gallery_images": enrolled,
         "frames_read": len(bench.counter.times),
@@ -736,6 +784,8 @@ def print_result(result: dict[str, Any]) -> None:
         + ", ".join(f"{name} {size}" for name, size in result["rss_kinds_mb_at_end"].items())
         + "; largest mappings: "
         + ", ".join(f"{name} {size}" for name, size in mapping.items())
+        + "\n  what each part adds, loaded in turn (MB): "
+        + ", ".join(f"{name} {size}" for name, size in result["rss_mb_by_part"].items())
         + f"\nframes/s: empty porch {result['fps_empty_porch']}, recognizing "
         f"{result['fps_idle']}, during rounds {result['fps_while_training']}\n"
         f"train_delta {result['train_step_ms']} ms; round (announced -> new head on the "
