@@ -34,7 +34,7 @@ import paho.mqtt.client as mqtt
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from edge import health
-from edge.artifacts import Artifacts
+from edge.artifacts import Artifacts, leave_one_out
 from edge.config import EdgeConfig
 from edge.gallery import STRANGER_STORE, Gallery, GalleryFeatures, StrangerStore
 from edge.live import LiveDoorbell, make_detector
@@ -457,6 +457,8 @@ class EdgeNode:
         if not new_lineage and current is not None and model.version <= current.version:
             log.info("global model v%d ignored: already at v%d", model.version, current.version)
             return
+        if not new_lineage and current is not None:
+            self._refuse_if_worse_on_gallery(current, model)
         # Refused (and counted) before anything changes if its head cannot serve.
         self._give_head(model, strict=True)
         try:
@@ -477,6 +479,25 @@ class EdgeNode:
             model.threshold,
         )
         self._publish_status()
+
+    def _refuse_if_worse_on_gallery(self, current: GlobalModel, model: GlobalModel) -> None:
+        """RejectedMessage if the new head names this house's people far worse than the
+        installed one (leave-one-out on the gallery; issue 13 item 1). A new lineage is
+        never refused (a reset must not deadlock), nor is a gallery too small to score."""
+        drop = self.config.accept.max_gallery_accuracy_drop
+        features = self.artifacts.gallery_features
+        if drop is None or features is None or model.backbone != current.backbone:
+            return
+        before = leave_one_out(features, current.weights)
+        after = leave_one_out(features, model.weights)
+        if before is None or after is None or after >= before - drop:
+            return
+        raise RejectedMessage(
+            "worse_on_gallery",
+            f"global model v{model.version} names {after:.0%} of this gallery right "
+            f"(leave-one-out), v{current.version} {before:.0%}: more than {drop:.0%} worse "
+            f"(accept.max_gallery_accuracy_drop); keeping v{current.version}",
+        )
 
     def _give_head(self, model: GlobalModel, strict: bool = False) -> None:
         """Hand a global model's head and threshold to the recognizer."""

@@ -43,6 +43,16 @@ class PlanLimits(StrictModel):
         description="A round asking for a larger learning rate is refused.",
     )
 
+    max_gallery_accuracy_drop: float | None = Field(
+        default=0.1,
+        ge=0,
+        le=1,
+        title="Largest drop on this gallery",
+        description="A new global model (same lineage) naming this house's own people "
+        "(leave-one-out on the gallery) more than this much worse than the installed one is "
+        "refused and counted (worse_on_gallery); null installs whatever the aggregator signs.",
+    )
+
     @model_validator(mode="after")
     def _ordered(self) -> PlanLimits:
         if self.min_batch_size > self.max_batch_size:

@@ -22,7 +22,7 @@ import pytest
 from pydantic import ValidationError
 
 from aggregator.accumulator import make_accumulator
-from aggregator.config import AggregatorConfig, RoundSettings
+from aggregator.config import AggregatorConfig, RoundSettings, Strategy
 from aggregator.coordinator import Coordinator
 from aggregator.export import Exporter
 from aggregator.robust import capped_weights, multi_krum
@@ -139,7 +139,7 @@ class Site:
         last = [p for t, p in self.published if t == TOPICS.metrics][-1]
         return RoundMetrics.model_validate_json(last)
 
-    def step(self) -> Weights:
+    def step(self) -> list[np.ndarray]:
         """What the last published version added to the base model."""
         return [
             w.astype(np.float64) - b
@@ -186,7 +186,7 @@ def test_a_huge_example_count_does_not_make_the_model_the_attackers_delta(
     assert norm(attacker) <= clip  # clipping alone does not stop this attack
 
     weights = {name: min(examples, cap) for name, (_, examples) in sent.items()}
-    expected = sum(delta[0] * weights[name] for name, (delta, _) in sent.items())
+    expected = np.sum([delta[0] * weights[name] for name, (delta, _) in sent.items()], axis=0)
     expected /= sum(weights.values())
     step = site.step()[0]
     np.testing.assert_allclose(step, expected, atol=1e-6)
@@ -274,7 +274,7 @@ def test_the_bar_can_be_turned_off(tmp_path: Path, scoring_exporter: Exporter) -
 
 
 @pytest.mark.parametrize("strategy", ["median", "trimmed_mean", "multi_krum"])
-def test_topk_with_a_buffered_strategy_is_refused_by_the_config(strategy: str) -> None:
+def test_topk_with_a_buffered_strategy_is_refused_by_the_config(strategy: Strategy) -> None:
     with pytest.raises(ValidationError, match=f"strategy {strategy} with codec topk"):
         RoundSettings(strategy=strategy, codec="topk", max_devices=3)
     with pytest.raises(InconsistentUpdate, match="top-k"):  # nor can a saved round slip past

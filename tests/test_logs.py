@@ -75,7 +75,7 @@ def test_one_round_logs_one_line_per_event_with_the_updates_own_count(
 ) -> None:
     log, probe = aggregator_log
     base = parse_global(
-        probe.wait_for(TOPICS.global_model, timeout=180).payload,
+        bytes(probe.wait_for(TOPICS.global_model, timeout=180).payload),
         site=SITE,
         max_bytes=1 << 24,
         keys=None,
@@ -104,7 +104,7 @@ def test_one_round_logs_one_line_per_event_with_the_updates_own_count(
     deadline = time.monotonic() + 60
     while True:
         model = parse_global(
-            probe.wait_for(TOPICS.global_model, timeout=deadline - time.monotonic()).payload,
+            bytes(probe.wait_for(TOPICS.global_model, timeout=deadline - time.monotonic()).payload),
             site=SITE,
             max_bytes=1 << 24,
             keys=None,

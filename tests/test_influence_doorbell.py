@@ -1,0 +1,75 @@
+"""Issue 13 item 1, the doorbell's half: a global model far worse on its own gallery is refused.
+
+A real node on a real broker with a gallery of 3 people: the aggregator's signed
+v2 that names them far worse (leave-one-out) than the installed v1 is refused and
+counted (`worse_on_gallery`), v1 keeps serving, and the next good version is taken.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from aggregator.backbone import BackboneModels
+from broker.local import LocalBroker
+from tests.mqtt_helpers import Probe
+from tests.test_edge_node import (
+    TOPICS,
+    Base,
+    base,
+    gallery,
+    global_payload,
+    make_config,
+    running,
+    tflite_payload,
+    wait_until,
+)
+
+__all__ = ["base", "gallery"]  # the module-scoped fixtures, shared
+
+
+def test_a_model_far_worse_on_the_gallery_is_not_installed(  # noqa: PLR0917 - fixtures
+    tmp_path: Path,
+    broker: LocalBroker,
+    gallery: Path,
+    base: Base,
+    backbone_models: BackboneModels,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    names, weights = base
+    rng = np.random.default_rng(0)
+    # Every face onto one line: everybody looks like everybody.
+    ruined = [np.outer(rng.normal(size=w.shape[0]), rng.normal(size=w.shape[1])) for w in weights]
+    aggregator = Probe(broker.port)
+    config = make_config(tmp_path, broker.port, gallery)
+    sha = backbone_models.sha256
+    try:
+        aggregator.publish(TOPICS.tflite_model, tflite_payload(backbone_models), retain=True)
+        aggregator.publish(TOPICS.global_model, global_payload(base, 1, backbone=sha), retain=True)
+        with running(config) as node:
+            wait_until(lambda: node.gallery_accuracy == 1.0)
+
+            def version() -> int | None:
+                head = node.recognizer.model.head
+                return None if head is None else head.version
+
+            assert version() == 1
+            bad = global_payload((names, [r.astype(np.float32) for r in ruined]), 2, backbone=sha)
+            aggregator.publish(TOPICS.global_model, bad, retain=True)
+            wait_until(lambda: node.counters["worse_on_gallery"] == 1)
+            assert version() == 1  # v1 keeps serving
+            assert node.gallery_accuracy == 1.0
+            refusals = [
+                r.getMessage() for r in caplog.records if "worse_on_gallery" in r.getMessage()
+            ]
+            assert len(refusals) == 1
+            assert "keeping v1" in refusals[0]
+
+            good = global_payload(base, 3, backbone=sha)
+            aggregator.publish(TOPICS.global_model, good, retain=True)
+            wait_until(lambda: version() == 3)
+            assert node.counters["worse_on_gallery"] == 1
+    finally:
+        aggregator.close()
