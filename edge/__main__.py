@@ -67,7 +67,7 @@ def _enroll_settings(path: Path) -> Any:
     from edge.enroll import EnrollSettings
 
     config = load_config(path, EdgeConfig)
-    return EnrollSettings(config.camera, config.detection, config.gallery_dir)
+    return EnrollSettings(config.camera, config.detection, config.gallery_dir, config.state_dir)
 
 
 def _add_enroll_parser(subparsers: Any) -> None:

@@ -28,9 +28,10 @@ from edge.camera import FrameSource, open_raw_source
 from edge.gallery import Gallery, GalleryError, check_person_name
 from edge.live import make_detector
 from edge.recognition_config import CameraConfig, DetectionConfig
+from edge.state import NodeState
 from fedbell.dataset import IMAGE_SUFFIXES
 from fedbell.detection import Detector
-from fedbell.features import Chip, face_chip, find_chip, read_photo
+from fedbell.features import Backbone, BackboneError, Chip, face_chip, find_chip, read_photo
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +51,9 @@ class EnrollSettings:
     camera: CameraConfig
     detection: DetectionConfig
     gallery: Path
+    state: Path | None = None
+    """The doorbell's state folder: its backbone computes the new chips' features here,
+    so the running doorbell only picks them up."""
 
 
 @dataclass(frozen=True)
@@ -72,6 +76,7 @@ def enroll(
     count: int = 10,
     every_nth_frame: int = 1,
     max_frames: int = 10_000,
+    backbone: Backbone | None = None,
 ) -> EnrollResult:
     """Save up to `count` chips of `person` from a camera (or any frame source).
 
@@ -93,7 +98,7 @@ def enroll(
             without_face += 1
             continue
         chips.append(face_chip(frame, max(faces, key=lambda f: f.box[2] * f.box[3])))
-    saved = gallery.add(person, chips) if chips else []
+    saved = gallery.add(person, chips, backbone=backbone) if chips else []
     return EnrollResult(person, saved, frames, without_face)
 
 
@@ -113,6 +118,8 @@ def enroll_photos(
     gallery: Gallery,
     person: str,
     count: int | None = None,
+    *,
+    backbone: Backbone | None = None,
 ) -> EnrollResult:
     """Save the chips of `person` found in these photos (at most `count`)."""
     check_person_name(person)
@@ -132,12 +139,16 @@ def enroll_photos(
             missing.append(path.name)
             continue
         chips.append(chip)
-    saved = gallery.add(person, chips) if chips else []
+    saved = gallery.add(person, chips, backbone=backbone) if chips else []
     return EnrollResult(person, saved, read, len(missing), missing, kind="photos")
 
 
 def enroll_folder(
-    folder: Path, detector: Detector, gallery: Gallery, count: int | None = None
+    folder: Path,
+    detector: Detector,
+    gallery: Gallery,
+    count: int | None = None,
+    backbone: Backbone | None = None,
 ) -> list[EnrollResult]:
     """Every `<folder>/<person>/` of photos; every person name is checked before anything."""
     persons = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
@@ -149,7 +160,7 @@ def enroll_folder(
         except GalleryError as err:
             raise EnrollError(f"{person}: {err}") from None
     return [
-        enroll_photos(photos_in(person), detector, gallery, person.name, count)
+        enroll_photos(photos_in(person), detector, gallery, person.name, count, backbone=backbone)
         for person in persons
     ]
 
@@ -173,6 +184,20 @@ def report(result: EnrollResult, minimum: int = MIN_CHIPS) -> str:
     return line
 
 
+def stored_backbone(state: Path | None) -> Backbone | None:
+    """The backbone the doorbell stored (the one it runs), or None: it computes features itself."""
+    if state is None:
+        return None
+    stored = NodeState(state).load_artifact()
+    if stored is None:
+        return None
+    try:
+        return Backbone(stored.model)
+    except BackboneError as err:  # the doorbell will refuse it too; enrollment goes on
+        log.warning("stored backbone unusable (%s); the doorbell embeds the new chips", err)
+        return None
+
+
 def load_enroll_settings(path: Path) -> EnrollSettings:
     """Read `camera:`, `detection:` and `gallery:` from a YAML file (tests and tools)."""
     try:
@@ -185,6 +210,7 @@ def load_enroll_settings(path: Path) -> EnrollSettings:
         CameraConfig(**(raw.get("camera") or {})),
         DetectionConfig(**(raw.get("detection") or {})),
         Path(raw["gallery"]),
+        Path(raw["state_dir"]) if raw.get("state_dir") else None,
     )
 
 
@@ -219,7 +245,7 @@ def run_enroll(
     args: argparse.Namespace, load_settings: Callable[[Path], EnrollSettings] = load_enroll_settings
 ) -> int:
     settings = load_settings(args.config)
-    gallery = Gallery(settings.gallery)
+    gallery = Gallery(settings.gallery, settings.state)
     if args.remove is not None:
         if args.person or args.from_folder:
             raise EnrollError("--remove takes no --person or --from-folder")
@@ -231,11 +257,14 @@ def run_enroll(
     if args.person is not None:
         check_person_name(args.person)  # before opening a camera
     detector = make_detector(settings.detection)
+    backbone = stored_backbone(settings.state)
     if args.from_folder is not None and args.person is None:
-        results = enroll_folder(args.from_folder, detector, gallery, args.count)
+        results = enroll_folder(args.from_folder, detector, gallery, args.count, backbone)
     elif args.from_folder is not None:
         photos = photos_in(args.from_folder)
-        results = [enroll_photos(photos, detector, gallery, args.person, args.count)]
+        results = [
+            enroll_photos(photos, detector, gallery, args.person, args.count, backbone=backbone)
+        ]
     else:
         source = open_raw_source(settings.camera)
         try:
@@ -247,6 +276,7 @@ def run_enroll(
                     args.person,
                     count=args.count or 10,
                     every_nth_frame=max(1, args.every),
+                    backbone=backbone,
                 )
             ]
         finally:

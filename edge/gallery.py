@@ -18,6 +18,7 @@ learnt from them do.
 from __future__ import annotations
 
 import logging
+import os
 import re
 import shutil
 import threading
@@ -40,6 +41,8 @@ from fedbell.openset import UNKNOWN
 log = logging.getLogger(__name__)
 
 FEATURE_CACHE = "gallery-features.npz"
+INCOMING = "incoming-features"
+"""Features the enroll CLI computed for a running doorbell (state folder)."""
 STRANGER_STORE = "strangers.npz"
 IGNORE = "ignore"
 """A label that discards an event's chip instead of storing it (never a person's name)."""
@@ -168,8 +171,21 @@ class Gallery:
 
     # --- writing -----------------------------------------------------------------
 
-    def add(self, person: str, chips: Sequence[Chip], prefix: str = "") -> list[Path]:
-        """Store aligned chips of `person`; returns their paths (GalleryError on bad input)."""
+    def add(
+        self,
+        person: str,
+        chips: Sequence[Chip],
+        prefix: str = "",
+        backbone: Backbone | None = None,
+    ) -> list[Path]:
+        """Store aligned chips of `person`; returns their paths (GalleryError on bad input).
+
+        With `backbone` (the enroll CLI, another process than the doorbell), the
+        chips' features are computed *before* the chips appear, and left in the
+        state folder for the running doorbell (`incoming-features/`): on a Pi a
+        backbone pass costs a fraction of a second per chip, and the doorbell
+        should name the person as soon as the chips are there.
+        """
         check_person_name(person)
         for i, chip in enumerate(chips):
             if chip.shape != (CHIP_SIZE, CHIP_SIZE, 3) or chip.dtype != np.uint8:
@@ -180,17 +196,61 @@ class Gallery:
         folder = self.root / person
         folder.mkdir(parents=True, exist_ok=True)
         stamp = prefix or time.strftime("%Y%m%d-%H%M%S")
-        saved = []
-        for i, chip in enumerate(chips):
-            path = folder / f"{stamp}-{time.monotonic_ns() % 10**9:09d}-{i:03d}.png"
-            ok, png = cv2.imencode(".png", cv2.cvtColor(chip, cv2.COLOR_RGB2BGR))
-            if not ok:
-                raise GalleryError(f"could not encode chip {i} for {path}")
-            # Written aside then renamed, so a running doorbell never reads half a PNG.
-            write_atomically(path, png.tobytes())
-            saved.append(path)
+        # Written under hidden names first (the gallery ignores them), renamed last:
+        # a running doorbell never reads half a PNG, and a rename keeps the mtime,
+        # so the cache keys of the features computed meanwhile stay valid.
+        hidden: list[tuple[Path, Path]] = []
+        try:
+            for i, chip in enumerate(chips):
+                path = folder / f"{stamp}-{time.monotonic_ns() % 10**9:09d}-{i:03d}.png"
+                ok, png = cv2.imencode(".png", cv2.cvtColor(chip, cv2.COLOR_RGB2BGR))
+                if not ok:
+                    raise GalleryError(f"could not encode chip {i} for {path}")
+                temporary = path.with_name(f".{path.name}.tmp")
+                write_atomically(temporary, png.tobytes())
+                hidden.append((temporary, path))
+            if backbone is not None and chips:
+                keys = [_cache_key(t, f"{person}/{final.name}") for t, final in hidden]
+                self._leave_features(backbone, keys, backbone.features(list(chips)))
+            for temporary, path in hidden:
+                temporary.replace(path)
+        finally:
+            for temporary, _ in hidden:
+                temporary.unlink(missing_ok=True)
+        saved = [path for _, path in hidden]
         log.info("gallery: %d chip(s) of %s added", len(saved), person)
         return saved
+
+    def _leave_features(self, backbone: Backbone, keys: list[str], features: Features) -> None:
+        """Features for the running doorbell to pick up instead of computing them."""
+        if self.cache_path is None:
+            return
+        folder = self.cache_path.parent / INCOMING
+        data = _npz(backbone=np.array(backbone.sha256), keys=np.array(keys), features=features)
+        try:
+            write_atomically(folder / f"{time.time_ns()}-{os.getpid()}.npz", data)
+        except OSError as err:  # the doorbell computes them itself, a little later
+            log.warning("gallery: could not leave features in %s: %s", folder, err)
+
+    def _take_incoming(self, backbone: str) -> set[str]:
+        """Merge features another process left for this backbone; the keys taken."""
+        taken: set[str] = set()
+        if self.cache_path is None:
+            return taken
+        folder = self.cache_path.parent / INCOMING
+        if not folder.is_dir():
+            return taken
+        for path in sorted(folder.glob("*.npz")):
+            try:
+                with np.load(path, allow_pickle=False) as data:
+                    if str(data["backbone"]) == backbone:
+                        for key, row in zip(data["keys"], data["features"], strict=True):
+                            self._memory[str(key)] = np.asarray(row, np.float32)
+                            taken.add(str(key))
+            except (OSError, ValueError, KeyError) as err:
+                log.warning("gallery: ignoring %s: %s", path, err)
+            path.unlink(missing_ok=True)  # taken, for another backbone, or unreadable
+        return taken
 
     def remove(self, person: str) -> int:
         """Delete a person's folder; returns how many images it held (GalleryError if absent)."""
@@ -237,6 +297,7 @@ class Gallery:
             if self._memory_backbone != backbone.sha256:
                 self._memory = self._load_cache(backbone.sha256)
                 self._memory_backbone = backbone.sha256
+            incoming = self._take_incoming(backbone.sha256)
             rows: list[tuple[str, str, str]] = []  # (person, relative path, cache key)
             skipped: list[str] = []
             todo: list[tuple[str, Chip]] = []
@@ -264,7 +325,9 @@ class Gallery:
                 computed = backbone.features([chip for _, chip in todo])
                 for (key, _), row in zip(todo, computed, strict=True):
                     self._memory[key] = row
-                self._save_cache(backbone.sha256, {k for _, _, k in rows})
+            if todo or incoming:
+                # Incoming keys stay even if their chips are not visible yet (renamed last).
+                self._save_cache(backbone.sha256, {k for _, _, k in rows} | incoming)
             persons = tuple(sorted({person for person, _, _ in rows}))
             index = {name: i for i, name in enumerate(persons)}
             features = (

@@ -609,9 +609,10 @@ def test_enrollment_and_removal_take_effect_at_once_and_send_nothing(
                     check=True,
                 )
                 assert "newcomer: kept 4 chip(s) from 4 photo(s)" in added.stdout
-                enrolled_at = time.monotonic()
+                enrolled_at = time.monotonic()  # the CLI left the chips' features too
                 wait_until(lambda: node.recognizer.recognize(visitor)[0] == "newcomer", 5)
                 assert time.monotonic() - enrolled_at < 1.0
+                assert not list((config.state_dir / "incoming-features").glob("*.npz"))
                 removed = subprocess.run(
                     [*enroll, "--remove", "newcomer"],
                     cwd=REPO,

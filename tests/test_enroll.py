@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -9,10 +10,12 @@ import cv2
 import numpy as np
 import pytest
 
+from aggregator.backbone import BackboneModels
 from edge.camera import FolderSource
 from edge.enroll import MIN_CHIPS, enroll, enroll_main, enroll_photos, photos_in
 from edge.feedback import FeedbackError, RecentCrops, apply_label
-from edge.gallery import Gallery, GalleryError
+from edge.gallery import INCOMING, Gallery, GalleryError
+from edge.state import NodeState, StoredArtifact
 from fedbell.align import CHIP_SIZE
 from tests.recognition_helpers import chips_of, detector, frames_of, write_frames
 
@@ -67,6 +70,24 @@ def test_enroll_cli_reports_per_person_and_warns_below_the_minimum(
     assert enroll_main(["--config", str(config), "--remove", "dave"]) == 0
     assert "removed dave (2 image(s))" in capsys.readouterr().out
     assert Gallery(tmp_path / "gallery").persons() == ["carol"]
+
+
+def test_enroll_cli_leaves_features_from_the_doorbells_stored_backbone(
+    tmp_path: Path, backbone_models: BackboneModels
+) -> None:
+    state = tmp_path / "state"
+    NodeState(state).save_artifact(
+        StoredArtifact(0, 0, "int8", backbone_models.int8_model, "lineage", "0" * 64)
+    )
+    photos(tmp_path / "photos", 3)
+    config = tmp_path / "node.yaml"
+    config.write_text(f"gallery: {tmp_path / 'gallery'}\nstate_dir: {state}\n")
+    argv = ["--config", str(config), "--person", "fay", "--from-folder", str(tmp_path / "photos")]
+    assert enroll_main(argv) == 0
+    (left,) = (state / INCOMING).glob("*.npz")
+    with np.load(left, allow_pickle=False) as data:
+        assert data["features"].shape == (3, 256)
+        assert str(data["backbone"]) == hashlib.sha256(backbone_models.int8_model).hexdigest()
 
 
 @pytest.mark.parametrize(

@@ -12,6 +12,7 @@ import pytest
 from aggregator.backbone import BackboneModels
 from edge.gallery import (
     FEATURE_CACHE,
+    INCOMING,
     Gallery,
     GalleryError,
     StrangerStore,
@@ -134,6 +135,41 @@ def test_features_are_cached_per_file_and_backbone(
     int8 = Gallery(tmp_path / "gallery", state).features(Backbone(backbone_models.int8_model))
     assert int8.backbone != first.backbone  # another backbone: all computed again
     assert len(int8) == 4
+
+
+def test_features_left_by_the_enroll_cli_are_taken_not_computed(
+    tmp_path: Path, backbone: Backbone, backbone_models: BackboneModels
+) -> None:
+    """The CLI (another process) runs the chips through the doorbell's stored backbone
+    before they appear; the doorbell only picks the features up."""
+    state, root = tmp_path / "state", tmp_path / "gallery"
+    chips = chips_of(0, 3, 1)
+    saved = Gallery(root, state).add("ann", chips, backbone=backbone)
+    assert [p.name.startswith(".") for p in (root / "ann").iterdir()] == [False] * 3
+    assert len(list((state / INCOMING).glob("*.npz"))) == 1
+
+    class Counting(Backbone):
+        chips = 0
+
+        def features(self, chips):  # type: ignore[no-untyped-def]
+            Counting.chips += len(chips)
+            return super().features(chips)
+
+    doorbell = Gallery(root, state)
+    data = doorbell.features(Counting(backbone_models.float_model))
+    assert Counting.chips == 0  # nothing computed: the features were waiting
+    assert sorted(data.files) == sorted(f"ann/{p.name}" for p in saved)
+    assert np.allclose(np.sort(data.features, axis=0), np.sort(backbone.features(chips), axis=0))
+    assert not list((state / INCOMING).glob("*.npz"))  # taken
+    Gallery(root, state).features(Counting(backbone_models.float_model))
+    assert Counting.chips == 0  # and kept in the cache
+
+    Gallery(root, state).add(
+        "bob", chips_of(1, 1, 2), backbone=Backbone(backbone_models.int8_model)
+    )
+    Gallery(root, state).features(Counting(backbone_models.float_model))
+    assert Counting.chips == 1  # features of another backbone: dropped, computed here
+    assert not list((state / INCOMING).glob("*.npz"))
 
 
 def test_photos_are_detected_and_aligned_and_faceless_ones_left_out(
