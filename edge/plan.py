@@ -44,7 +44,7 @@ class PlanLimits(StrictModel):
     )
 
     max_gallery_accuracy_drop: float | None = Field(
-        default=0.1,
+        default=0.25,
         ge=0,
         le=1,
         title="Largest drop on this gallery",
