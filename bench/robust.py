@@ -40,13 +40,13 @@ import multiprocessing
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 from pydantic import ValidationError
 from rich.console import Console
 from rich.table import Table
 
+from bench import openset
 from bench.data import CACHE, DEFAULT_DATASET, DEFAULT_STRANGERS, DatasetMissing, load_bench, scorer
 from bench.federated import PRODUCT, Arm, Attack, RoundResult, round_settings, run_arm
 from fedbell.embedding import TrainParams
@@ -107,8 +107,9 @@ def runnable(arm: Arm, houses: int) -> Arm:
 
 @dataclass(frozen=True)
 class Task:
-    data: dict[str, Any]
-    """`load_bench` keyword arguments (the seed among them)."""
+    bench: openset.Bench
+    """The seed's houses (features loaded once in the parent: workers need no TensorFlow)."""
+    seed: int
     houses: int
     epochs: int
     rounds: int
@@ -117,8 +118,7 @@ class Task:
 
 def run_task(task: Task) -> list[float]:
     """One arm on one seed, in a worker process: its open-set accuracy after each round."""
-    bench = load_bench(**task.data).bench  # cached features: fast
-    seed = task.data["seed"]
+    bench, seed = task.bench, task.seed
 
     def progress(arm: Arm, r: RoundResult) -> None:
         if r.round % 5 == 0 or r.round == task.rounds:
@@ -174,10 +174,11 @@ def main(argv: list[str] | None = None) -> int:
         "cache": args.cache,
     }
     try:  # features of every seed's split computed here, once, before the workers start
-        name = "; ".join(load_bench(**data, seed=seed).description for seed in args.seeds)
+        loaded = {seed: load_bench(**data, seed=seed) for seed in args.seeds}
     except DatasetMissing as err:
         console.print(f"[bold]bench-robust skipped[/]: {err}")
         return 0
+    name = "; ".join(loaded[seed].description for seed in args.seeds)
     console.print(
         f"{name}: {args.houses} training houses every round, {args.rounds} rounds, "
         f"seeds {args.seeds}, attackers: house0 x-10, house1 sign-flip; "
@@ -185,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     all_arms = [runnable(arm, args.houses) for arm in arms(args.clip_norm)]
     tasks = [
-        Task({**data, "seed": seed}, args.houses, args.epochs, args.rounds, arm)
+        Task(loaded[seed].bench, seed, args.houses, args.epochs, args.rounds, arm)
         for arm in all_arms
         for seed in args.seeds
     ]
