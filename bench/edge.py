@@ -1,6 +1,6 @@
 """One real doorbell process: memory, frame rate and traffic, with and without a round.
 
-    python -m bench.edge [--gallery 40] [--rounds 3] [--phase-seconds 20] [--fps 120]
+    python -m bench.edge [--gallery 40] [--rounds 8] [--phase-seconds 30] [--fps 120]
                          [--downlink-codec float32] [--out reports/edge.json]   (make bench-edge)
 
 Starts a private Mosquitto (`broker.local.LocalBroker`), the real aggregator
@@ -570,6 +570,7 @@ def one_round(bench: Bench, version: int) -> int:
             "update_codec": header.codec,
             "bytes_down": down,
             "announced_to_update_s": round(sent_at - seen, 3),
+            "fps": round(fps(bench.counter, [(seen, installed)]), 2),
         }
     )
     print(
@@ -807,7 +808,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--gallery", type=int, default=40, help="photos to enroll")
     parser.add_argument("--per-person", type=int, default=8, help="photos per enrolled person")
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--phase-seconds", type=float, default=30.0)
     parser.add_argument("--pause", type=float, default=5.0, help="seconds between rounds")
     parser.add_argument(
