@@ -22,7 +22,7 @@ class SyntheticSettings(StrictModel):
         description="Generated identities when no dataset folder is given.",
     )
     images_per_person: int = Field(
-        default=12,
+        default=10,
         ge=3,
         le=1000,
         title="Images per person",

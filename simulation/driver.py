@@ -115,6 +115,7 @@ class Driver:
             view.aggregator_online = _is_online(payload)
         elif topic == topics.global_model:
             view.global_model_seen = True  # published once the aggregator is serving
+            view.retained[topic] = payload  # the live demo recognises with the latest
         elif topic == topics.tflite_model:
             view.retained[topic] = payload
         elif mqtt.topic_matches_sub(topics.all_updates, topic):

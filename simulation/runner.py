@@ -16,6 +16,7 @@ from rich.table import Table
 
 from broker.local import LocalBroker
 from edge.gallery import Gallery
+from fedbell.config import MqttSettings
 from fedbell.dataset import list_samples
 from fedbell.detection import Detector, make_detector
 from fedbell.dlib_resnet import dlib_projection
@@ -254,7 +255,7 @@ def load_backbone(
     return parse_tflite(
         driver.retained(topics().tflite_model, 60, fleet.check),
         site=SITE,
-        max_bytes=mqtt_settings(0).max_message_bytes,
+        max_bytes=MqttSettings().max_message_bytes,  # the limit every process here has
         keys=aggregator_keys(layout, config),
     )
 

@@ -13,7 +13,7 @@ import yaml
 
 from fedbell.dataset import Sample
 from simulation.config import SimulationConfig, load
-from simulation.data import split_dataset, write_folder
+from simulation.data import split_households, write_folder
 from simulation.processes import Fleet, ProcessDied
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -25,38 +25,58 @@ def fake_samples(persons: int, images: int) -> list[Sample]:
     ]
 
 
-@pytest.mark.parametrize("alpha", [0.1, 1.0, 100.0])
-@pytest.mark.parametrize("nodes", [1, 3, 8])
-def test_split_holds_out_every_person_and_covers_the_rest_once(alpha: float, nodes: int) -> None:
-    samples = fake_samples(persons=6, images=10)
-    split = split_dataset(samples, nodes=nodes, alpha=alpha, holdout_fraction=0.3, seed=1)
+@pytest.mark.parametrize("houses", [1, 2, 4])
+def test_households_share_no_person_with_the_held_out_people_or_the_newcomer(
+    houses: int,
+) -> None:
+    samples = fake_samples(persons=12, images=4)
+    homes = split_households(samples, houses=houses, seed=1)
 
-    assert split.labels == tuple(sorted({s.person for s in samples}))
-    assert Counter(s.person for s in split.held_out) == {f"p{p}": 3 for p in range(6)}
-    assert not set(split.held_out) & set(split.train)
-    assert set(split.held_out) | set(split.train) == set(samples)
-    spread = [s for node in split.per_node for s in node]
-    assert sorted(spread, key=str) == sorted(split.train, key=str)  # each exactly once
-    assert len(split.per_node) == nodes
-    assert all(split.per_node)
-
-
-def test_split_is_deterministic_for_a_seed() -> None:
-    samples = fake_samples(persons=5, images=8)
-    first = split_dataset(samples, nodes=3, alpha=0.5, holdout_fraction=0.3, seed=7)
-    assert first == split_dataset(samples, nodes=3, alpha=0.5, holdout_fraction=0.3, seed=7)
-    assert first != split_dataset(samples, nodes=3, alpha=0.5, holdout_fraction=0.3, seed=8)
-
-
-def test_split_refuses_labels_that_are_not_topic_safe() -> None:
-    samples = [*fake_samples(2, 4), Sample("bad name", Path("/data/bad name/0.png"))]
-    with pytest.raises(ValueError, match="bad name"):
-        split_dataset(samples, nodes=2, alpha=1.0, holdout_fraction=0.3, seed=0)
+    assert len(homes.houses) == len(homes.galleries) == houses
+    assert all(homes.houses)
+    residents = [p for house in homes.houses for p in house]
+    assert len(residents) == len(set(residents))  # each person lives in one house at most
+    held = {s.person for s in homes.held_out}
+    newcomer = {s.person for s in homes.newcomer}
+    assert len(newcomer) == 1
+    assert len(held) == round(0.3 * 12)
+    assert not held & set(residents)
+    assert not newcomer & (held | set(residents))
+    assert held | newcomer | set(residents) == {s.person for s in samples}
+    assert homes.newcomer == tuple(s for s in samples if s.person in newcomer)
+    assert set(homes.held_out) == {s for s in samples if s.person in held}  # every photo
 
 
-def test_split_refuses_more_nodes_than_training_images() -> None:
-    with pytest.raises(ValueError, match="cannot give 20 nodes"):
-        split_dataset(fake_samples(2, 5), nodes=20, alpha=1.0, holdout_fraction=0.3, seed=0)
+def test_a_gallery_holds_its_house_and_keeps_one_photo_each_for_a_visit() -> None:
+    samples = fake_samples(persons=10, images=5)
+    homes = split_households(samples, houses=3, seed=4)
+    for house, gallery in zip(homes.houses, homes.galleries, strict=True):
+        assert {s.person for s in gallery} == set(house)
+        assert Counter(s.person for s in gallery) == dict.fromkeys(house, 4)
+    visits = {s.person: s for s in homes.visits}
+    assert set(visits) == {p for house in homes.houses for p in house}
+    in_galleries = {s for gallery in homes.galleries for s in gallery}
+    assert not in_galleries & set(homes.visits)  # a visit is a photo the doorbell never saw
+
+
+def test_households_are_deterministic_for_a_seed() -> None:
+    samples = fake_samples(persons=9, images=3)
+    first = split_households(samples, houses=2, seed=7)
+    assert first == split_households(samples, houses=2, seed=7)
+    assert first != split_households(samples, houses=2, seed=8)
+
+
+def test_people_with_fewer_than_three_photos_are_left_out_and_too_few_is_an_error() -> None:
+    samples = [
+        *fake_samples(persons=6, images=3),
+        *[Sample("two", Path(f"/t/{i}")) for i in (0, 1)],
+    ]
+    homes = split_households(samples, houses=2, seed=0)
+    everyone = {s.person for gallery in homes.galleries for s in gallery}
+    everyone |= {s.person for s in (*homes.held_out, *homes.newcomer)}
+    assert "two" not in everyone
+    with pytest.raises(ValueError, match="cannot fill 4 houses"):
+        split_households(fake_samples(persons=6, images=3), houses=4, seed=0)
 
 
 def test_write_folder_links_without_touching_the_source(tmp_path: Path) -> None:
@@ -72,8 +92,8 @@ def test_write_folder_links_without_touching_the_source(tmp_path: Path) -> None:
 def test_flags_override_yaml_and_typos_are_errors(tmp_path: Path) -> None:
     path = tmp_path / "sim.yaml"
     path.write_text("nodes: 3\nrounds: 5\n")
-    config = load(path, {"rounds": 2, "alpha": None})
-    assert (config.nodes, config.rounds, config.alpha) == (3, 2, 1.0)
+    config = load(path, {"rounds": 2, "codec": None})
+    assert (config.nodes, config.rounds, config.codec) == (3, 2, "topk")
     path.write_text("nodez: 3\n")
     with pytest.raises(Exception, match="nodez: unknown key"):
         load(path, {})
@@ -100,15 +120,19 @@ def test_fleet_reports_a_dead_child_with_its_log_and_stops_the_rest(tmp_path: Pa
     assert sleeper.process.poll() is not None  # stopped on exit
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(900)  # a fresh machine converts dlib's network first (minutes)
 def test_a_small_simulation_runs_end_to_end(tmp_path: Path) -> None:
-    """Mosquitto, the aggregator and two doorbells as real processes, two rounds."""
+    """Mosquitto, the aggregator and two doorbells as real processes, two rounds,
+    the baselines, and the live replay before and after a newcomer is enrolled."""
     config = tmp_path / "sim.yaml"
     config.write_text(
         yaml.safe_dump(
             {
-                "synthetic": {"persons": 4, "images_per_person": 8},
-                "round_timeout_s": 120,
-                "startup_timeout_s": 120,
+                # 8 people: 2 held out, 1 newcomer, 5 residents in two houses
+                "synthetic": {"persons": 8, "images_per_person": 5},
+                "round_timeout_s": 240,
+                "startup_timeout_s": 600,
                 "live": {"visitors": 2, "strangers": 1},
             }
         )
@@ -135,33 +159,37 @@ def test_a_small_simulation_runs_end_to_end(tmp_path: Path) -> None:
         cwd=ROOT,
         capture_output=True,
         text=True,
-        timeout=240,
+        timeout=840,
         check=False,
     )
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
 
     data = json.loads(report.read_text())
-    for key in (
-        "dataset",
-        "nodes",
-        "alpha",
-        "rounds",
-        "centralized_accuracy",
-        "codec",
-        "model_params",
-    ):
-        assert key in data
     assert data["nodes"] == 2
+    assert sorted(data["houses"]) == [2, 3]  # the 5 residents, dealt out
+    assert data["held_out_persons"] == 2
     assert data["codec"] == "topk"
+    assert data["head_params"] == 256 * 128  # the head is all that is federated
     assert [r["round"] for r in data["rounds"]] == [1, 2]
     for row in data["rounds"]:
+        assert row["accuracy"] is not None
         assert 0.0 <= row["accuracy"] <= 1.0
         assert row["bytes_up"] > 0
         assert row["bytes_down"] > 0
-        assert row["participants"] >= 1
-    assert 0.0 <= data["centralized_accuracy"] <= 1.0
-    assert data["model_params"] > 0
+        assert row["participants"] == 2  # both households answered every round
+    assert data["final_accuracy"] == data["rounds"][-1]["accuracy"]
+    for baseline in ("start_accuracy", "centralized_accuracy"):
+        assert data[baseline] is not None
+        assert 0.0 <= data[baseline] <= 1.0
     assert report.with_suffix(".png").stat().st_size > 0
-    assert "error" not in data["live"], data["live"]
-    assert data["live"]["frames"] > 0
-    assert len(data["live"]["visits"]) == 3
+
+    live = data["live"]
+    assert "error" not in live, live
+    assert live["model_version"] == 2
+    assert live["enroll_seconds"] > 0
+    visits = live["visits"]
+    visitors = [v["visitor"] for v in visits]
+    assert len(visitors) == 4  # the newcomer, two residents, a stranger
+    assert (visitors[0], visitors[-1]) == (live["newcomer"], "unknown")
+    # Before enrolling, no doorbell can name the newcomer: the name is in no gallery.
+    assert all(live["newcomer"] not in v["before"] for v in visits)
