@@ -39,27 +39,11 @@ def aggregator_cache(request: pytest.FixtureRequest, backbone_models: BackboneMo
     It is the `backbone_models` fixture's folder, and that fixture has run: an
     aggregator without stranger photos finds the backbone converted already, so
     the conversion happens once per session (and once ever, while pytest's cache
-    lasts). Stranger photos make the converter's representative set, so an
-    aggregator given the `generated_strangers` folder converts once more (also
-    cached); tests give no other stranger folder.
+    lasts). Stranger photos would make the converter's representative set (a
+    second conversion), so tests give their aggregators no stranger folder.
     """
     del backbone_models  # only its side effect: the converted backbone in this folder
     return Path(request.config.cache.mkdir("fedbell-backbone"))
-
-
-@pytest.fixture(scope="session")
-def generated_strangers(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One photo each of 60 generated people who live in no house: calibrates thresholds.
-
-    Always the same pixels (seeded), so the backbone converted on them is cached
-    across sessions. Haar finds these cartoon faces, BlazeFace does not: an
-    aggregator calibrating on them needs `detector: haar`.
-    """
-    from simulation.data import write_strangers
-
-    root = tmp_path_factory.mktemp("strangers")
-    write_strangers(root, 60, seed=0)
-    return root
 
 
 @pytest.fixture
