@@ -100,7 +100,7 @@ def runnable(arm: Arm, houses: int) -> Arm:
         round_settings(arm, houses)
     except ValidationError:
         return dataclasses.replace(
-            arm, name=f"{arm.name} [float32: config refuses {arm.codec}]", codec="float32"
+            arm, name=f"{arm.name} (float32: config refuses {arm.codec})", codec="float32"
         )
     return arm
 
