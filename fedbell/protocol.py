@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from fedbell import safejson
 from fedbell.codecs import DEFAULT_DENSITY
+from fedbell.embedding import TrainParams
 from fedbell.envelope import Codec
 from fedbell.errors import RejectedMessage
 
@@ -39,9 +40,12 @@ class Command(Message):
 
 
 class TrainingPlan(Message):
-    epochs: int = Field(default=5, ge=1, le=100)
-    batch_size: int = Field(default=8, ge=1, le=1024)
-    learning_rate: float = Field(default=1e-3, gt=0, le=1)
+    """Local training hyper-parameters of a round; the defaults are the client step's own
+    (fedbell/embedding.py TrainParams, chosen by make bench-openset)."""
+
+    epochs: int = Field(default=TrainParams.epochs, ge=1, le=100)
+    batch_size: int = Field(default=TrainParams.batch_size, ge=1, le=1024)
+    learning_rate: float = Field(default=TrainParams.learning_rate, gt=0, le=1)
     prox_mu: float = Field(default=0.0, ge=0, le=10, description="FedProx proximal weight.")
 
 

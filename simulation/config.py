@@ -9,6 +9,7 @@ from pydantic import Field, ValidationError, field_validator
 
 from fedbell.codecs import TENSOR_CODECS
 from fedbell.config import StrictModel, load_config
+from fedbell.embedding import TrainParams
 from fedbell.envelope import Codec
 from fedbell.errors import ConfigError
 
@@ -96,18 +97,22 @@ class SimulationConfig(StrictModel):
         description="float32, float16, int8 or topk (sparse) updates.",
     )
     epochs: int = Field(
-        default=5,
+        default=TrainParams.epochs,
         ge=1,
         le=100,
         title="Local epochs",
-        description="Epochs each node trains per round. A doorbell gallery "
-        "is a batch or two, so an epoch is only a step or two of training.",
+        description="Epochs each doorbell trains the head per round (on cached features: "
+        "milliseconds).",
     )
     batch_size: int = Field(
-        default=8, ge=1, le=1024, title="Batch size", description="Local training batch size."
+        default=TrainParams.batch_size,
+        ge=1,
+        le=1024,
+        title="Batch size",
+        description="Local training batch size.",
     )
     learning_rate: float = Field(
-        default=1e-3,
+        default=TrainParams.learning_rate,
         gt=0,
         le=1,
         title="Learning rate",
