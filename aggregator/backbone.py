@@ -15,12 +15,14 @@ import io
 import json
 import logging
 import os
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from aggregator.quiet import native_noise_dropped
 from fedbell import dlib_resnet
 from fedbell.align import CHIP_SIZE
 from fedbell.features import Chip
@@ -63,7 +65,13 @@ def _convert(representative: Sequence[Chip]) -> BackboneModels:
     # Keras prints the exported signature ("Saved artifact at ...", a TensorSpec per
     # input and output) to stdout: it is not an event of the service, keep it at debug.
     printed = io.StringIO()
-    with contextlib.redirect_stdout(printed):
+    with (
+        contextlib.redirect_stdout(printed),
+        native_noise_dropped(),
+        warnings.catch_warnings(),
+    ):
+        # int8 with float input and output, as intended: not a problem to report.
+        warnings.filterwarnings("ignore", message="Statistics for quantized inputs")
         models = BackboneModels(
             dlib_resnet.to_tflite(model), dlib_resnet.to_tflite(model, representative)
         )

@@ -10,13 +10,8 @@ folder): a release is then a few matrix products.
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import os
-import re
-import sys
-import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +19,7 @@ import numpy as np
 
 from aggregator.backbone import BackboneModels, backbone_models
 from aggregator.config import AggregatorConfig, EvaluationSettings
+from aggregator.quiet import native_noise_dropped
 from fedbell import dlib_resnet
 from fedbell.codecs import Weights
 from fedbell.dataset import Sample, list_samples
@@ -38,39 +34,6 @@ log = logging.getLogger(__name__)
 
 MIN_STRANGER_FACES = 40
 """Half calibrates, half scores: fewer than 20 each says nothing about a 1 % rate."""
-
-
-NATIVE_NOISE = re.compile(
-    r"INFO: Created TensorFlow Lite XNNPACK delegate for CPU\."
-    r"|WARNING: All log messages before absl::InitializeLog\(\) is called are written to STDERR"
-    r"|[IW]\d{4} \d\d:\d\d:\d\d\.\d+ +\d+ \S+:\d+\] .*"
-)
-"""Lines LiteRT and absl print straight to file descriptor 2 (no logger to set a level
-on): the first interpreter's XNNPACK banner, absl's info and warning lines."""
-
-
-@contextlib.contextmanager
-def native_noise_dropped() -> Iterator[None]:
-    """Run a block with fd 2 captured, then pass on everything but `NATIVE_NOISE`.
-
-    What Python logs meanwhile is kept, only delayed to the end of the block (keep
-    blocks short: creating an interpreter).
-    """
-    sys.stderr.flush()
-    saved = os.dup(2)
-    with tempfile.TemporaryFile() as captured:
-        os.dup2(captured.fileno(), 2)
-        try:
-            yield
-        finally:
-            sys.stderr.flush()
-            os.dup2(saved, 2)
-            os.close(saved)
-            captured.seek(0)
-            for line in captured.read().decode(errors="replace").splitlines(keepends=True):
-                if not NATIVE_NOISE.fullmatch(line.rstrip("\n")):
-                    sys.stderr.write(line)
-            sys.stderr.flush()
 
 
 @dataclass(frozen=True)

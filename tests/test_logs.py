@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from aggregator.quiet import native_noise_dropped
 from broker.local import LocalBroker
 from fedbell.messages import Signer, build_update, parse_global
 from fedbell.protocol import DeviceStatus, RoundAnnouncement, to_json
@@ -126,3 +127,24 @@ def test_one_round_logs_one_line_per_event_with_the_updates_own_count(
     assert not strays, "lines that are not one log record each:\n" + "\n".join(strays)
     noisy = [line for line in lines if any(word in line for word in NOISE)]
     assert not noisy, "TensorFlow's noise in the log:\n" + "\n".join(noisy)
+
+
+def test_native_noise_is_dropped_and_everything_else_kept(
+    capfd: pytest.CaptureFixture[str],
+) -> None:
+    """What LiteRT, absl and the converter write to fd 2 themselves, around a real line."""
+    with native_noise_dropped():
+        os.write(2, b"INFO: Created TensorFlow Lite XNNPACK delegate for CPU.\n")
+        os.write(2, b"I0000 00:00:1796160422.442895   24601 cpu_feature_guard.cc:227] banner\n")
+        os.write(
+            2,
+            b"fully_quantize: 0, inference_type: 6, input_inference_type: FLOAT32, "
+            b"output_inference_type: FLOAT32\n",
+        )
+        os.write(2, b"E0000 00:00:1796160422.442895   24601 op.cc:1] a real error\n")
+        sys.stderr.write("2026-12-01 21:00:00,000 INFO aggregator: kept\n")
+    err = capfd.readouterr().err
+    assert sorted(err.splitlines()) == [  # (pytest's sys.stderr is not fd 2: order differs)
+        "2026-12-01 21:00:00,000 INFO aggregator: kept",
+        "E0000 00:00:1796160422.442895   24601 op.cc:1] a real error",
+    ]
