@@ -51,14 +51,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--dataset",
         type=Path,
-        help="a <person>/<image> folder (default: generated synthetic identities)",
+        help="a <person>/<image> folder (default: ../shared/datasets/lfw_dev beside the "
+        "checkout, else generated identities)",
     )
     parser.add_argument("--nodes", type=int, help="doorbell processes")
     parser.add_argument("--rounds", type=int, help="federated rounds")
     parser.add_argument(
         "--strangers",
         type=Path,
-        help="real stranger photos to calibrate 'unknown' on (default: generated strangers)",
+        help="real stranger photos to calibrate 'unknown' on (default: "
+        "../shared/datasets/lfw_strangers beside the checkout, else generated strangers)",
+    )
+    parser.add_argument(
+        "--generated",
+        action="store_true",
+        default=None,
+        help="generated faces even when real photos lie beside the checkout",
     )
     parser.add_argument("--codec", choices=TENSOR_CODECS, help="update codec")
     parser.add_argument("--seed", type=int, help="seed of data, split, model and training")
@@ -94,6 +102,7 @@ def main(argv: list[str] | None = None) -> int:
             "nodes",
             "rounds",
             "strangers",
+            "generated",
             "codec",
             "seed",
             "epochs",

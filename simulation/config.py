@@ -66,8 +66,13 @@ class SimulationConfig(StrictModel):
     dataset: Path | None = Field(
         default=None,
         title="Dataset",
-        description="A `<person>/<image>` folder of faces; "
-        "unset: generate synthetic identities (no download needed).",
+        description="A `<person>/<image>` folder of faces; unset: LFW from "
+        "../shared/datasets when it lies beside the checkout, else generated identities.",
+    )
+    generated: bool = Field(
+        default=False,
+        title="Generated faces",
+        description="Generate the faces even when real photos lie beside the checkout.",
     )
     synthetic: SyntheticSettings = Field(
         default_factory=SyntheticSettings,
@@ -88,8 +93,8 @@ class SimulationConfig(StrictModel):
         default=None,
         title="Stranger photos",
         description="A `<person>/<image>` folder of real strangers (one photo each is enough) "
-        "the aggregator calibrates the unknown-visitor threshold on, e.g. "
-        "../shared/datasets/lfw_strangers; unset: generated strangers.",
+        "the aggregator calibrates the unknown-visitor threshold on; unset: "
+        "../shared/datasets/lfw_strangers beside the checkout, else generated strangers.",
     )
     codec: Codec = Field(
         default="topk",

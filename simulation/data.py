@@ -22,7 +22,11 @@ from fedbell.dataset import Sample, list_samples
 from fedbell.synthetic import make_identities, make_scene, person_name, render_face
 
 HELD_OUT_SHARE = 0.3
-"""Share of the persons kept out of every house, for the aggregator's score."""
+"""Share of the persons kept out of every house, for the aggregator's score..."""
+MAX_HELD_OUT = 40
+"""...at most: the aggregator runs their photos through the backbone at start."""
+MAX_PER_HOUSE = 6
+"""A household; a large dataset's other people stay out of the run."""
 STRANGER_SEED_OFFSET = 10_007
 """Generated strangers come from another seed, so none of them lives in a house."""
 
@@ -52,14 +56,15 @@ def split_households(samples: Sequence[Sample], houses: int, seed: int) -> House
     """Deal the persons with at least 3 photos into houses, held-out people and a newcomer."""
     people = {p: s for p, s in _by_person(samples).items() if len(s) >= 3}
     names = sorted(people)
-    held = max(2, round(HELD_OUT_SHARE * len(names)))
+    held = min(MAX_HELD_OUT, max(2, round(HELD_OUT_SHARE * len(names))))
     if len(names) < houses + held + 1:
         raise ValueError(
             f"{len(names)} persons with 3+ photos cannot fill {houses} houses, "
             f"{held} held-out people and a newcomer"
         )
     order = [names[i] for i in np.random.default_rng(seed).permutation(len(names))]
-    newcomer, held_out, residents = order[0], order[1 : 1 + held], order[1 + held :]
+    newcomer, held_out = order[0], order[1 : 1 + held]
+    residents = order[1 + held : 1 + held + houses * MAX_PER_HOUSE]
     members = tuple(tuple(sorted(residents[i::houses])) for i in range(houses))
     return Households(
         houses=members,

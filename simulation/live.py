@@ -36,6 +36,7 @@ from edge.recognizer import Head, Recognizer
 from fedbell.config import MqttSettings
 from fedbell.dataset import Sample
 from fedbell.detection import Detector
+from fedbell.faces import crop_face, to_grey
 from fedbell.features import read_photo
 from fedbell.messages import GlobalModel, TfliteArtifact
 from fedbell.mqtt import connect, make_client
@@ -98,19 +99,26 @@ def plan_visits(
     return [*visits, Visit(UNKNOWN, stranger.path)]
 
 
-def write_frames(folder: Path, visits: Sequence[Visit], seed: int) -> None:
-    """Numbered porch frames of each visitor in turn, empty porch in between."""
+def write_frames(folder: Path, visits: Sequence[Visit], detector: Detector, seed: int) -> None:
+    """Numbered porch frames of each visitor in turn, empty porch in between.
+
+    The visitor's face (found in their photo, with some head around it) is what
+    walks up to the generated porch: a whole photo pasted in would make a face
+    far smaller than a doorbell sees at its door.
+    """
     rng = np.random.default_rng(seed)
     folder.mkdir(parents=True, exist_ok=True)
     index = 0
     for visit in visits:
         photo = read_photo(visit.photo)
-        face = np.asarray(
-            photo if photo.ndim == 2 else cv2.cvtColor(photo, cv2.COLOR_BGR2GRAY), np.uint8
-        )
+        faces = detector.detect(photo)
+        if faces:
+            face = crop_face(photo, max(faces, key=lambda f: f.box[2] * f.box[3]).box, 0.3)
+        else:
+            face = to_grey(photo)
         for k in range(FRAMES_PER_VISITOR + GAP_FRAMES):
-            faces = [face] if k < FRAMES_PER_VISITOR else []
-            cv2.imwrite(str(folder / f"{index:05d}.png"), make_scene(faces, rng).frame)
+            shown = [face] if k < FRAMES_PER_VISITOR else []
+            cv2.imwrite(str(folder / f"{index:05d}.png"), make_scene(shown, rng).frame)
             index += 1
 
 

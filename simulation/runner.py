@@ -39,7 +39,6 @@ from simulation.processes import Fleet, ProcessDied, tail
 from simulation.stack import (
     SITE,
     Layout,
-    detector_kind,
     device_ids,
     mqtt_settings,
     start_federation,
@@ -62,10 +61,25 @@ GENERATED_STRANGERS = 80
 """Generated strangers the aggregator calibrates on when no real ones are given."""
 
 
+SHARED_DATASETS = Path(__file__).resolve().parents[2] / "shared" / "datasets"
+"""Real photographs beside the checkout (absent in a fresh clone): read, never copied."""
+
+
+def real_photos(config: SimulationConfig, name: str) -> Path | None:
+    """A dataset of ../shared/datasets, unless generated faces are asked for or it is absent."""
+    folder = SHARED_DATASETS / name
+    return None if config.generated or not folder.is_dir() else folder
+
+
 def prepare_dataset(config: SimulationConfig, layout: Layout) -> tuple[Path, str]:
-    """(dataset folder, its name in the report): the given one or generated identities."""
+    """(dataset folder, its name in the report): the given one, LFW beside the checkout,
+    or generated identities (which dlib's network barely tells apart: the run shows the
+    mechanics, not recognition)."""
     if config.dataset is not None:
         return config.dataset.resolve(), str(config.dataset)
+    lfw = real_photos(config, "lfw_dev")
+    if lfw is not None:
+        return lfw, "lfw_dev (beside the checkout)"
     synthetic = config.synthetic
     root = layout.root / "dataset"
     write_synthetic(
@@ -75,9 +89,13 @@ def prepare_dataset(config: SimulationConfig, layout: Layout) -> tuple[Path, str
 
 
 def prepare_strangers(config: SimulationConfig, layout: Layout) -> Path:
-    """Real stranger photos if given, else generated ones (a threshold for cartoons only)."""
+    """Real stranger photos if given or beside the checkout, else generated ones (a threshold
+    for cartoons only)."""
     if config.strangers is not None:
         return config.strangers.resolve()
+    lfw = real_photos(config, "lfw_strangers")
+    if lfw is not None:
+        return lfw
     write_strangers(layout.strangers, GENERATED_STRANGERS, config.seed)
     return layout.strangers
 
@@ -192,7 +210,7 @@ def _run(
             rows = drive_rounds(driver, config, fleet.check, console)
             artifact = load_backbone(driver, layout, config, fleet)
             backbone = Backbone(artifact.float_model)
-            detector = make_detector(detector_kind(config), fallback=True)
+            detector = make_detector("blazeface", fallback=True)
             with console.status("scoring the starting model and the centralised baseline"):
                 result_baselines = baseline.baselines(
                     [dlib_projection(load_dlib())],
@@ -321,7 +339,7 @@ def live_demo(
             homes.held_out[0],
         )
         frames = layout.root / "live" / "frames"
-        live.write_frames(frames, visits, config.seed)
+        live.write_frames(frames, visits, detector, config.seed)
         gallery = Gallery(
             layout.gallery(device), layout.root / "live" / "state", detector=lambda: detector
         )

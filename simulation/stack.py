@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import yaml
 from rich.console import Console
@@ -135,15 +135,8 @@ def aggregator_config(
         "evaluation": {
             "dataset": str(layout.held_out),
             "strangers": str(strangers),
-            "detector": detector_kind(config),
         },
     }
-
-
-def detector_kind(config: SimulationConfig) -> Literal["blazeface", "haar"]:
-    """BlazeFace for photographs; Haar for generated faces, which BlazeFace does not see
-    as faces (the generator draws what a Haar cascade looks for)."""
-    return "blazeface" if config.dataset is not None else "haar"
 
 
 def edge_config(
@@ -157,7 +150,6 @@ def edge_config(
         "state_dir": str(layout.state(device)),
         "gallery_dir": str(layout.gallery(device)),
         "training": {"threads": NODE_THREADS},
-        "detection": {"kind": detector_kind(config)},
         "camera": {"enabled": False},  # these nodes only train; live.py replays frames
     }
 

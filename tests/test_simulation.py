@@ -130,6 +130,7 @@ def test_a_small_simulation_runs_end_to_end(tmp_path: Path) -> None:
         yaml.safe_dump(
             {
                 # 8 people: 2 held out, 1 newcomer, 5 residents in two houses
+                "generated": True,  # even where real photos lie beside the checkout
                 "synthetic": {"persons": 8, "images_per_person": 5},
                 "round_timeout_s": 240,
                 "startup_timeout_s": 600,
