@@ -40,6 +40,13 @@ def _run(args: argparse.Namespace) -> int:
     config = load_config(args.config, EdgeConfig)  # errors: see main()
     if config.camera.enabled:
         check_available(config.camera)  # picamera2 off a Pi: one line, before connecting
+    if "host" not in config.mqtt.model_fields_set:  # never a silent default broker
+        logging.getLogger("edge").warning(
+            "%s names no broker (mqtt.host): trying %s:%d",
+            args.config,
+            config.mqtt.host,
+            config.mqtt.port,
+        )
     node = EdgeNode(config)
     stop = threading.Event()
 

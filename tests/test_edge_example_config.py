@@ -179,3 +179,16 @@ def test_the_end_of_a_folder_replay_is_logged_and_clears_presence(
     finally:
         assert doorbell.stop() == 0, doorbell.text()
     assert "Traceback" not in doorbell.text()
+
+
+def test_a_config_that_names_no_broker_says_so(tmp_path: Path, broker: LocalBroker) -> None:
+    config = yaml.safe_load(adapted(tmp_path, broker.port).read_text())
+    del config["mqtt"]["host"]
+    config["camera"]["enabled"] = False
+    path = tmp_path / "no-host.yaml"
+    path.write_text(yaml.safe_dump(config))
+    doorbell = Doorbell(path, tmp_path / "edge.log")
+    try:
+        doorbell.wait_for_log(f"{path} names no broker (mqtt.host): trying ")
+    finally:
+        assert doorbell.stop() == 0, doorbell.text()
