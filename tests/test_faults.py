@@ -399,7 +399,11 @@ def test_aggregator_crash_mid_round_resumes_from_disk_and_counts_nothing_twice(
         assert metrics.outcome == "published"
         assert metrics.participants == 3
         assert metrics.examples == 15
-        assert metrics.rejected == {"duplicate": 1}
+        # Our replay of a's update is refused; a's and b's own messages come back too
+        # when the kill fell between their commit and their PUBACK (the broker then
+        # redelivers them): refused the same way, never counted (3 updates, 15 examples).
+        assert set(metrics.rejected) == {"duplicate"}
+        assert 1 <= metrics.rejected["duplicate"] <= 3
         assert "round 1 collecting with 2/3 updates" in aggregator.log()
         new = parse_global(
             recorder.wait_for(
