@@ -295,7 +295,11 @@ class People:
 
 
 def pick_people(dataset: Path, strangers: Path, gallery: int, per_person: int) -> People:
-    """The people of `dataset` with the most photos: `per_person` to enroll, one to visit."""
+    """The people of `dataset` with the most photos: `per_person` to enroll, one to visit.
+
+    0 per person: a fifth of the gallery, 2 to 8, so there are always at least two
+    people (one person alone gives training nothing to tell apart)."""
+    per_person = per_person or max(2, min(8, gallery // 5))
     folders = sorted(
         (p for p in dataset.iterdir() if p.is_dir()),
         key=lambda p: (-len(list(p.iterdir())), p.name),
@@ -807,7 +811,9 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m bench.edge", description=__doc__.split("\n\n")[0]
     )
     parser.add_argument("--gallery", type=int, default=40, help="photos to enroll")
-    parser.add_argument("--per-person", type=int, default=8, help="photos per enrolled person")
+    parser.add_argument(
+        "--per-person", type=int, default=0, help="photos per person (0: gallery / 5, 2 to 8)"
+    )
     parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--phase-seconds", type=float, default=30.0)
     parser.add_argument("--pause", type=float, default=5.0, help="seconds between rounds")
