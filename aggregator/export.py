@@ -36,6 +36,18 @@ MIN_STRANGER_FACES = 40
 """Half calibrates, half scores: fewer than 20 each says nothing about a 1 % rate."""
 
 
+def evaluation_samples(folder: Path | None, limit: int | None) -> list[Sample]:
+    """A folder's photos, at most `limit` of them: a fixed sample, so features are cached."""
+    if folder is None:
+        return []
+    samples = list_samples(folder)
+    if limit is not None and len(samples) > limit:
+        rng = np.random.default_rng(0)  # the same strangers every start: cacheable
+        picked = sorted(rng.choice(len(samples), size=limit, replace=False))
+        samples = [samples[i] for i in picked]
+    return samples
+
+
 @dataclass(frozen=True)
 class Release:
     """One model version, ready to publish and to save."""
@@ -60,8 +72,8 @@ class Exporter:
         self._initial = [dlib_resnet.dlib_projection(dlib_resnet.load())]
         with native_noise_dropped():
             detector = make_detector(settings.detector, fallback=True)
-        strangers = self._samples(settings.strangers, settings.max_strangers)
-        held_out = self._samples(settings.dataset, None)
+        strangers = evaluation_samples(settings.strangers, settings.max_strangers)
+        held_out = evaluation_samples(settings.dataset, None)
         found, stranger_chips, missed = photo_chips(strangers, detector)
         self.backbone_models: BackboneModels = backbone_models(cache, stranger_chips)
         with native_noise_dropped():
@@ -84,17 +96,6 @@ class Exporter:
                 tuple(s.person for s in kept), cached_features(cache, kept, backbone, chips), missed
             )
             log.info("evaluation set %s: %d faces", settings.dataset, len(chips))
-
-    @staticmethod
-    def _samples(folder: Path | None, limit: int | None) -> list[Sample]:
-        if folder is None:
-            return []
-        samples = list_samples(folder)
-        if limit is not None and len(samples) > limit:
-            rng = np.random.default_rng(0)  # the same strangers every start: cacheable
-            picked = sorted(rng.choice(len(samples), size=limit, replace=False))
-            samples = [samples[i] for i in picked]
-        return samples
 
     def initial_weights(self) -> Weights:
         """Version 0 of a lineage: dlib's own projection, so it starts as dlib's descriptor."""

@@ -14,10 +14,11 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from aggregator.config import EvaluationSettings
+from aggregator.export import evaluation_samples
 from broker.local import LocalBroker
 from edge.gallery import Gallery
 from fedbell.config import MqttSettings
-from fedbell.dataset import list_samples
 from fedbell.detection import Detector, make_detector
 from fedbell.dlib_resnet import dlib_projection
 from fedbell.dlib_resnet import load as load_dlib
@@ -37,6 +38,7 @@ from simulation.data import (
 from simulation.driver import Driver, FleetView
 from simulation.processes import Fleet, ProcessDied, tail
 from simulation.stack import (
+    CACHE_DIR,
     SITE,
     Layout,
     device_ids,
@@ -216,7 +218,7 @@ def _run(
                     [dlib_projection(load_dlib())],
                     homes.galleries,
                     homes.held_out,
-                    list_samples(strangers),
+                    evaluation_samples(strangers, EvaluationSettings().max_strangers),
                     backbone=backbone,
                     detector=detector,
                     params=TrainParams(
@@ -225,7 +227,7 @@ def _run(
                         learning_rate=config.learning_rate,
                         seed=config.seed,
                     ),
-                    cache=layout.cache,
+                    cache=CACHE_DIR,  # the aggregator's: its strangers' features are there
                 )
             result = report.build_report(
                 dataset=name,

@@ -65,11 +65,6 @@ class Layout:
         """Generated strangers, when no folder of real ones is given."""
         return self.root / "strangers"
 
-    @property
-    def cache(self) -> Path:
-        """The simulation's own backbone features (the baselines)."""
-        return self.root / "cache"
-
     def gallery(self, device: str) -> Path:
         return self.root / "nodes" / device / "gallery"
 
