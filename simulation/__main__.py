@@ -93,7 +93,7 @@ def _terminate(_signum: int, _frame: FrameType | None) -> None:
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # the baseline's TensorFlow: no chatter
     args = parse_args(argv)
-    console = Console()
+    console = Console(soft_wrap=True)  # piped output: one line per line, no re-wrapping
     path = args.config or (DEFAULT_CONFIG if DEFAULT_CONFIG.is_file() else None)
     overrides = {
         key: getattr(args, key)
