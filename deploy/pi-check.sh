@@ -52,10 +52,13 @@ step() { printf '\n==> %s\n' "$*"; }
 stamp() { printf '%(%H:%M:%S)T' -1; }
 elapsed() { echo $(($(date +%s) - $1)); }
 result() { RESULTS+=("$(printf '%-4s %-62s %6ss' "$1" "$2" "$3")"); }
+HOST_CA=/etc/ssl/certs/pi-check-host-ca.crt
 in_root() {
-    # A clean environment: nothing of this machine's pip or Python settings leaks in.
+    # A clean environment: nothing of this machine's pip or Python settings leaks in,
+    # except the certificate authorities it trusts (a network whose TLS proxy only
+    # this machine trusts would otherwise keep pip from PyPI; a Pi there needs the same).
     chroot "$ROOT" /usr/bin/env -i PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
-        HOME=/root LANG=C.UTF-8 DEBIAN_FRONTEND=noninteractive "$@"
+        HOME=/root LANG=C.UTF-8 DEBIAN_FRONTEND=noninteractive PIP_CERT="$HOST_CA" "$@"
 }
 
 [[ $(id -u) -eq 0 ]] || { echo "pi-check: run as root (chroot, mounts, debootstrap)" >&2; exit 1; }
@@ -112,6 +115,8 @@ deb $MIRROR bookworm-updates main
 deb http://deb.debian.org/debian-security bookworm-security main
 EOF
 cp /etc/resolv.conf "$ROOT/etc/resolv.conf"
+mkdir -p "$ROOT/etc/ssl/certs"
+cp /etc/ssl/certs/ca-certificates.crt "$ROOT$HOST_CA"
 mount -t proc proc "$ROOT/proc"
 mount -t sysfs sys "$ROOT/sys"
 mount --bind /dev "$ROOT/dev"
@@ -120,7 +125,7 @@ mount --bind /dev/pts "$ROOT/dev/pts"
 step "$(stamp) Raspberry Pi OS's camera-side Python packages, as far as Debian has them"
 t=$(date +%s)
 in_root apt-get update -qq
-in_root nice apt-get install -y -qq python3 python3-numpy python3-pip >/dev/null
+in_root nice apt-get install -y -qq --no-install-recommends python3 python3-numpy python3-pip >/dev/null
 # Raspberry Pi OS's python3-simplejpeg is compiled against apt's numpy 1.24;
 # Debian has none, so the PyPI release of that time (1.6.6) stands in for it.
 if ! in_root python3 -c "import simplejpeg" 2>/dev/null; then
