@@ -202,7 +202,12 @@ def replay(
             detector,
             recognizer,
             log,
-            RecognitionConfig(debounce_s=(FRAMES_PER_VISITOR + GAP_FRAMES / 2) / REPLAY_FPS),
+            # A visitor has left once the porch is empty for half the gap between two
+            # visitors (a doorbell's default waits 5 s, longer than this video's gaps).
+            RecognitionConfig(
+                debounce_s=(FRAMES_PER_VISITOR + GAP_FRAMES / 2) / REPLAY_FPS,
+                absent_after_s=(GAP_FRAMES / 2) / REPLAY_FPS,
+            ),
             clock=clock,
         )
         pipeline.run(FolderSource(frames), threading.Event())
