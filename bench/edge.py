@@ -800,7 +800,7 @@ def print_result(result: dict[str, Any]) -> None:
         f"{result['float32_fedavg_bytes_per_round']} B); backbone once: "
         f"{result['bytes_down_once_backbone']} B\n"
         f"TensorFlow mapped in the doorbell: {result['tensorflow_imported']} "
-        f"(in the aggregator, as a check of the probe: {result['aggregator_tensorflow_mapped']})"
+        f"(aggregator, which imports it to convert: {result['aggregator_tensorflow_mapped']})"
     )
     for what, ok in verdict(result):
         print(f"  {'PASS' if ok else 'FAIL'}  {what}")
