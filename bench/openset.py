@@ -58,7 +58,10 @@ no higher (0.828 / 0.641: the curve flattens after ~50 rounds). With
 doorbell conditions cost dlib's projection 36 points of TAR, of which the
 federated head wins back 7. local_only collapses in both (0.52-0.55): any
 adaptation moves the similarity scale, and a doorbell alone has no stranger
-folder to recalibrate the threshold it was shipped with.
+folder to recalibrate the threshold it was shipped with. A doorbell update
+is 3.9 kB (top-k 5 % with error feedback, signed), a global head 122 kB;
+enrolling a person from 5 photos takes 111 ms and a face 22 ms (detect,
+align, backbone, head; one thread of this x86 machine, medians).
 """
 
 from __future__ import annotations
