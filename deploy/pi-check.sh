@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # make pi-check: the doorbell's install and code on arm64, under emulation.
 #
-#   sudo deploy/pi-check.sh [--work DIR] [--gallery N] [--fresh]
+#   sudo deploy/pi-check.sh [--work DIR] [--gallery N (15)] [--fresh]
 #
 # 1. Builds a Debian bookworm arm64 root the way Raspberry Pi OS 64-bit is
 #    built (debootstrap --foreign --arch arm64, then its second stage run by
@@ -28,7 +28,7 @@
 set -Eeuo pipefail
 
 WORK=/var/tmp/fedbell-pi
-GALLERY=8
+GALLERY=15
 FRESH=no
 MIRROR=http://deb.debian.org/debian
 while [[ $# -gt 0 ]]; do
@@ -117,8 +117,10 @@ EOF
 cp /etc/resolv.conf "$ROOT/etc/resolv.conf"
 mkdir -p "$ROOT/etc/ssl/certs"
 cp /etc/ssl/certs/ca-certificates.crt "$ROOT$HOST_CA"
+# No /sys: the host's (x86) sysfs beside qemu's view of the CPU makes cpuinfo,
+# inside LiteRT's XNNPACK, crash the interpreter under qemu-user; without it
+# cpuinfo falls back to defaults. A Pi has its own /sys.
 mount -t proc proc "$ROOT/proc"
-mount -t sysfs sys "$ROOT/sys"
 mount --bind /dev "$ROOT/dev"
 mount --bind /dev/pts "$ROOT/dev/pts"
 
@@ -168,8 +170,10 @@ t=$(date +%s)
 # venv's own simplejpeg (the `pi` extra) prevents. Shown, then the fix checked.
 if in_root /opt/fedbell/venv/bin/python -c "
 import sys
+import numpy  # the venv's numpy 2, as fedbell imports it first
 sys.path.insert(0, '/usr/lib/python3/dist-packages')
-import numpy, simplejpeg
+import simplejpeg  # apt's, built for numpy 1.24
+simplejpeg.encode_jpeg(numpy.zeros((16, 16, 3), numpy.uint8))
 " >/dev/null 2>&1; then
     echo "    apt's simplejpeg imports under the venv's numpy too (no conflict to fix here)"
 else

@@ -24,7 +24,7 @@ def main() -> int:
     print(f"    machine {platform.machine()}, Python {platform.python_version()}")
     compiled, pure = [], 0
     # The venv's own packages only: apt's (seen through --system-site-packages) are Debian's.
-    venv = [sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]]
+    venv = sorted({sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]})
     dists = importlib.metadata.distributions(path=venv)
     for dist in sorted(dists, key=lambda d: d.metadata["Name"].lower()):
         name = f"{dist.metadata['Name']} {dist.version}"
