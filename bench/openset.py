@@ -76,7 +76,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import numpy.typing as npt
@@ -363,6 +363,8 @@ class ArmSettings:
     local_epochs: int | None = None
     """Epochs of local_only adaptation (default: the round plan's)."""
     params: TrainParams = field(default_factory=TrainParams)
+    server_optimizer: Literal["none", "fedavgm", "fedadam"] = "none"
+    """The aggregator's `rounds.server_optimizer` (its default: none)."""
 
 
 @dataclass
@@ -412,7 +414,9 @@ def run_federated(
     are what a doorbell sends and receives; only the broker hop is left out.
     """
     started = time.perf_counter()
-    round_settings = RoundSettings(max_devices=settings.houses_per_round)
+    round_settings = RoundSettings(
+        max_devices=settings.houses_per_round, server_optimizer=settings.server_optimizer
+    )
     sparse = round_settings.codec == "topk"
     weights: Weights = [np.asarray(w, np.float32).copy() for w in bench.start]
     specs = _specs(weights)
@@ -707,6 +711,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--negative-strangers", type=int, default=1500)
     parser.add_argument("--central-epochs", type=int, default=ArmSettings.central_epochs)
     parser.add_argument("--detector", choices=("blazeface", "haar"), default="blazeface")
+    parser.add_argument(
+        "--server-optimizer", choices=("none", "fedavgm", "fedadam"), default="none"
+    )
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--cache", type=Path, default=ROOT / "reports" / "cache")
     parser.add_argument("--report", type=Path, default=ROOT / "reports" / "openset.json")
@@ -842,6 +849,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         rounds=args.rounds,
         houses_per_round=args.houses_per_round,
         central_epochs=args.central_epochs,
+        server_optimizer=args.server_optimizer,
     )
     outcomes = run_arms(prepared.benches, settings, args.jobs)
     timing_person = next(
@@ -880,6 +888,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "houses_per_round": settings.houses_per_round,
             "train_params": asdict(settings.params),
             "central_epochs": settings.central_epochs,
+            "server_optimizer": settings.server_optimizer,
             "seconds": time.perf_counter() - started,
         },
     )

@@ -36,6 +36,9 @@ accuracy / TAR at 1 % FAR; the start head (dlib's projection) scores
   the face itself: central 10 epochs 0.833 / 0.680 against 0.844 / 0.700,
   within the noise of ~430 probes; kept because it trains what a doorbell
   does (a probe against the other photos' prototype);
+- the aggregator's server momentum (`server_optimizer: fedavgm`, 0.9) makes
+  it worse: 60 rounds 0.747 / 0.465 against 0.847 / 0.683 without (plain
+  FedAvg of the sparse updates, the default, is kept);
 - more head: a residual ReLU adapter (256→128→128, zero-initialised output)
   reaches 0.848 / 0.696 after 15 central epochs, a 256×256 head (dlib's
   columns plus 128 small random ones) 0.833 / 0.677 after 10: no better than
