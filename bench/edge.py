@@ -79,7 +79,7 @@ from fedbell.envelope import decode
 from fedbell.features import read_photo
 from fedbell.protocol import DeviceStatus, RoundAnnouncement, RoundMetrics
 from fedbell.synthetic import make_scene
-from fedbell.topics import Topics
+from fedbell.topics import Topics, doorbell_topic
 
 SITE = "edgebench"
 DEVICE = "door"
@@ -223,6 +223,8 @@ class Observer:
     statuses: queue.Queue[tuple[float, DeviceStatus]] = field(default_factory=queue.Queue)
     metrics: queue.Queue[RoundMetrics] = field(default_factory=queue.Queue)
     announcements: queue.Queue[tuple[float, RoundAnnouncement]] = field(default_factory=queue.Queue)
+    visitors: list[str] = field(default_factory=list)
+    """Who the doorbell's visitor events named, in order (Home Assistant's view)."""
 
     def __post_init__(self) -> None:
         self.client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
@@ -234,6 +236,7 @@ class Observer:
         result, _ = self.client.subscribe(
             [(topic, 1) for topic in self.down_topics]
             + [(t.update(DEVICE), 1), (t.status(DEVICE), 1), (t.metrics, 1)]
+            + [(doorbell_topic(DEVICE, "visitor"), 1)]
         )
         assert result == mqtt.MQTT_ERR_SUCCESS
 
@@ -251,6 +254,8 @@ class Observer:
             self.statuses.put((now, DeviceStatus.model_validate_json(payload)))
         elif message.topic == t.metrics:
             self.metrics.put(RoundMetrics.model_validate_json(payload))
+        elif message.topic == doorbell_topic(DEVICE, "visitor"):
+            self.visitors.append(str(json.loads(payload).get("person")))
         elif message.topic == t.round:
             self.announcements.put((now, RoundAnnouncement.model_validate_json(payload)))
 
@@ -740,6 +745,7 @@ def summary(bench: Bench, enrolled: int, seconds: float) -> dict[str, Any]:
         },
         "rss_kinds_mb_at_end": notes["rss_kinds_mb"],
         "rss_mb_by_part": notes["import_breakdown"],
+        "visitor_events": bench.observer.visitors,
         "rounds": rounds,
         "gallery_images": enrolled,
         "frames_read": len(bench.counter.times),
@@ -799,6 +805,8 @@ def print_result(result: dict[str, Any]) -> None:
         f"({result['traffic_vs_float32_fedavg']:.3f} x float32 FedAvg's "
         f"{result['float32_fedavg_bytes_per_round']} B); backbone once: "
         f"{result['bytes_down_once_backbone']} B\n"
+        f"visitor events (residents' unseen photos, then a stranger, in a loop): "
+        f"{', '.join(result['visitor_events']) or 'none'}\n"
         f"TensorFlow mapped in the doorbell: {result['tensorflow_imported']} "
         f"(aggregator, which imports it to convert: {result['aggregator_tensorflow_mapped']})"
     )
