@@ -191,9 +191,7 @@ def test_provisioned_configs_load_with_the_programs_schemas(
 
     site = tmp_path / "site"
     provision.run(["init", "--site", "home", "--broker-host", "hub.lan", "--site-dir", str(site)])
-    provision.run(
-        ["add-aggregator", "--site-dir", str(site), "--no-reload"]
-    )
+    provision.run(["add-aggregator", "--site-dir", str(site), "--no-reload"])
     provision.run(["add-device", "door1", "--site-dir", str(site), "--no-reload"])
 
     bundle = site / "clients" / "door1"
