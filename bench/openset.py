@@ -80,10 +80,8 @@ from typing import Any, Literal
 
 import numpy as np
 import numpy.typing as npt
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from aggregator.accumulator import make_accumulator, make_optimizer, next_step
-from aggregator.config import RoundSettings
+from bench import federated
 from bench.openset_features import (
     ENROL_PER_PERSON,
     FeatureCache,
@@ -95,13 +93,11 @@ from bench.openset_features import (
     time_doorbell,
 )
 from edge.trainer import round_seed, train_delta
-from fedbell import messages
 from fedbell.calibration import calibrate_threshold
 from fedbell.codecs import Weights
 from fedbell.embedding import HEAD_NAMES, Features, TrainParams, embed, train_head
 from fedbell.envelope import TensorSpec
 from fedbell.openset import OpenSetResult, Trial, prototype, score_trials, trial
-from fedbell.sparsify import with_error_feedback
 
 ROOT = Path(__file__).resolve().parents[1]
 DATASETS = ROOT.parent / "shared" / "datasets"
@@ -409,100 +405,45 @@ def run_federated(
 ) -> ArmOutcome:
     """Rounds of the product's client and server steps over the training houses.
 
-    Every model goes down and every update comes up as the signed envelope
-    the broker would carry (Ed25519, the product's codecs), so the byte counts
-    are what a doorbell sends and receives; only the broker hop is left out.
+    The loop is `bench.federated.run_arm`, the one every benchmark shares: the
+    aggregator's device selection, its round checks and default clipping, the
+    doorbell's `train_delta` with top-k error feedback, signed envelopes both
+    ways (so byte counts are what a doorbell sends and receives; only the
+    broker hop is left out), and the aggregator's `next_step`.
     """
     started = time.perf_counter()
-    round_settings = RoundSettings(
-        max_devices=settings.houses_per_round, server_optimizer=settings.server_optimizer
-    )
-    sparse = round_settings.codec == "topk"
-    weights: Weights = [np.asarray(w, np.float32).copy() for w in bench.start]
-    specs = _specs(weights)
-    server = make_optimizer(round_settings)
-    aggregator_key = Ed25519PrivateKey.generate()
-    aggregator_keys = {messages.AGGREGATOR: aggregator_key.public_key()}
-    device_keys: dict[str, Ed25519PrivateKey] = {}
-    residuals: dict[int, Weights] = {}
-    rng = np.random.default_rng([seed, 17])
-    records: list[RoundRecord] = []
-    plan = settings.params
-    threshold = shipped_threshold(bench, weights, settings.target_far, settings.gallery_size)
-    for round_id in range(1, settings.rounds + 1):
-        round_started = time.perf_counter()
-        down = messages.build_global(
-            site=SITE,
-            signer=messages.Signer(messages.AGGREGATOR, aggregator_key),
-            version=round_id - 1,
-            round_id=round_id,
-            names=HEAD_NAMES,
-            weights=weights,
-            lineage=LINEAGE,
-            threshold=threshold,
-            backbone=bench.backbone,
-            codec=round_settings.downlink_codec,
-        )
-        count = min(settings.houses_per_round, len(bench.train))
-        selected = sorted(int(i) for i in rng.choice(len(bench.train), size=count, replace=False))
-        accumulator = make_accumulator(round_settings, [w.shape for w in weights], sparse=sparse)
-        devices, bytes_up = [], 0
-        for index in selected:
-            device = f"house{index}"
-            key = device_keys.setdefault(device, Ed25519PrivateKey.generate())
-            base = messages.parse_global(
-                down, site=SITE, max_bytes=MAX_BYTES, keys=aggregator_keys, expected=specs
-            ).weights
-            house = bench.train[index]
-            params = replace(plan, seed=round_seed(device, round_id))
-            trained = train_delta(base, house.features, house.labels, house.negatives, params)
-            delta = trained.delta
-            if sparse:
-                delta, residuals[index] = with_error_feedback(
-                    HEAD_NAMES, delta, residuals.get(index), round_settings.density
-                )
-            payload = messages.build_update(
-                site=SITE,
-                signer=messages.Signer(device, key),
-                round_id=round_id,
-                base_version=round_id - 1,
-                num_examples=trained.num_examples,
-                names=HEAD_NAMES,
-                delta=delta,
-                codec=round_settings.codec,
-                density=round_settings.density,
-            )
-            update = messages.parse_update(
-                payload,
-                site=SITE,
-                device=device,
-                expected=specs,
-                max_bytes=MAX_BYTES,
-                keys={device: key.public_key()},
-            )
-            bytes_up += len(payload)
-            accumulator.add(update.delta, update.num_examples)
-            devices.append(device)
-        step = next_step(weights, accumulator, devices, server)
-        weights, server = step.weights, step.optimizer
-        seconds = time.perf_counter() - round_started
-        # The aggregator calibrates the new version's threshold before it publishes it.
+
+    def score(weights: Weights) -> federated.Score:
+        # The aggregator calibrates each version's threshold before it publishes it.
         threshold = shipped_threshold(bench, weights, settings.target_far, settings.gallery_size)
         result = evaluate(bench, [weights], threshold)
-        records.append(
-            RoundRecord(
-                round_id,
-                result.open_set_accuracy,
-                result.tar_at_far_1pct,
-                threshold,
-                bytes_up,
-                len(down) * len(selected),
-                seconds,
-            )
+        return federated.Score(result.open_set_accuracy, threshold, result.tar_at_far_1pct)
+
+    def record(row: federated.RoundResult) -> RoundRecord:
+        return RoundRecord(
+            row.round,
+            row.open_set_accuracy,
+            row.tar_at_far_1pct,
+            row.threshold,
+            row.bytes_up,
+            row.bytes_down,
+            row.seconds,
         )
-        if progress is not None:
-            progress(records[-1])
-    result = evaluate(bench, [weights], threshold)
+
+    outcome = federated.run_arm(
+        bench.train,
+        bench.start,
+        federated.Arm("federated", server=settings.server_optimizer),
+        settings.rounds,
+        score,
+        params=replace(settings.params, seed=seed),
+        houses_per_round=settings.houses_per_round,
+        backbone=bench.backbone,
+        progress=None if progress is None else lambda _arm, row: progress(record(row)),
+    )
+    threshold = outcome.final.threshold
+    result = evaluate(bench, [outcome.weights], threshold)
+    records = [record(row) for row in outcome.rounds]
     return ArmOutcome("federated", result, threshold, time.perf_counter() - started, records)
 
 
