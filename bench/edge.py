@@ -452,6 +452,10 @@ def write_configs(layout: Layout, settings: Settings) -> tuple[Path, Path]:
                     "loop": True,
                 },
                 "home_assistant": {"enabled": False},
+                # Emulated (pi-check), a face frame takes ~5 s (BlazeFace and the backbone
+                # under qemu): a visit's frames are further apart than the 5 s after which
+                # a visitor counts as gone, so each would start a new visit.
+                **({"recognition": {"absent_after_s": 60}} if layout.chroot else {}),
             }
         )
     )
