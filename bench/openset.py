@@ -41,10 +41,11 @@ Measured (`make bench-openset`, seeds 0 and 1, 60 rounds × 20 of 236
 training houses, 99 test houses of 402-419 never-seen people, ~445 member
 probes and ~122,000 stranger visits per seed; BlazeFace finds 90 % of the
 degraded faces; open-set accuracy / TAR at 1 % FAR, mean of the seeds):
-start 0.847 / 0.591, federated 0.836 / 0.663 (seeds 0.854, 0.818), central
-0.851 / 0.684, local_only 0.524 / 0.071. Issue 11's bar is NOT met: the
-federated head gains 7 points of TAR at 1 % FAR over dlib's projection and
-ends 1.6 points of open-set accuracy below central, but the frozen features
+start 0.847 / 0.591, federated 0.821 / 0.641 (seeds 0.841, 0.800; through
+`bench.federated.run_arm`, the aggregator's default clipping included),
+central 0.851 / 0.684, local_only 0.524 / 0.071. Issue 11's bar is NOT met:
+the federated head gains 5 points of TAR at 1 % FAR over dlib's projection
+and ends 3.1 points of open-set accuracy below central, but the frozen features
 bound every head near 0.68-0.70 TAR under these conditions (a residual
 adapter or a wider head measured no better, see `fedbell/embedding.py`), and
 the start model's open-set accuracy is lifted by a threshold that lets 3.8 %
