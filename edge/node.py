@@ -505,6 +505,8 @@ class EdgeNode:
         features = self.artifacts.gallery_features
         if drop is None or features is None or model.backbone != current.backbone:
             return
+        if model.weights[0].shape[:1] != features.features.shape[1:]:
+            return  # a head that cannot take these features: _give_head refuses it (bad_shapes)
         before = leave_one_out(features, current.weights)
         after = leave_one_out(features, model.weights)
         if before is None or after is None or after >= before - drop:
