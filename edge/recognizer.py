@@ -122,6 +122,10 @@ class Recognizer:
         self._lock = threading.Lock()  # guards the reference swap
         self._write = threading.Lock()  # one rebuild at a time, so none is lost
         self._model = Model()
+        # A head made for a backbone this doorbell does not run yet (a new lineage's):
+        # the pair it has keeps serving until that backbone is installed, so a new
+        # backbone that is refused never leaves the doorbell naming nobody.
+        self._pending: Head | None = None
 
     # --- reading -----------------------------------------------------------------
 
@@ -198,7 +202,12 @@ class Recognizer:
             raise RecognizerError(f"backbone {backbone_id[:12]} refused: {err}") from err
         with self._write:
             previous = self.model.backbone
-            self._replace(backbone=backbone, backbone_id=backbone_id)
+            pending = self._pending
+            if pending is not None and pending.backbone == backbone_id:
+                self._pending = None
+                self._replace(backbone=backbone, backbone_id=backbone_id, head=pending)
+            else:
+                self._replace(backbone=backbone, backbone_id=backbone_id)
         log.info(
             "backbone %s -> %s (%d features)",
             None if previous is None else previous.sha256[:12],
@@ -214,6 +223,18 @@ class Recognizer:
         except ValueError as err:
             raise RecognizerError(f"model v{head.version}: {err}") from err
         with self._write:
+            current = self.model
+            if current.ready and head.backbone != current.backbone_id:
+                self._pending = head
+                log.info(
+                    "head v%d (lineage %s) waits for its backbone %s; v%s keeps serving",
+                    head.version,
+                    head.lineage,
+                    head.backbone[:12],
+                    None if current.head is None else current.head.version,
+                )
+                return
+            self._pending = None
             self._replace(head=head)
         log.info(
             "head v%d (lineage %s), threshold %.3f", head.version, head.lineage, self.threshold

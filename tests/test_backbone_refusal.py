@@ -196,12 +196,6 @@ def test_a_round_without_its_backbone_is_skipped_and_the_node_carries_on(
         aggregator.close()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 12: a new lineage's head is installed before its backbone, so when that "
-    "backbone is refused the doorbell names nobody until a good one comes; it should keep "
-    "the old head and backbone until the new backbone is installed",
-)
 def test_a_new_lineage_whose_backbone_is_refused_keeps_the_old_model_recognising(
     tmp_path: Path,
     broker: LocalBroker,

@@ -63,13 +63,21 @@ def test_threshold_priority_and_unknown(backbone_models: BackboneModels, enrolle
     assert house.recognize(chip)[0] == "person0"
 
 
-def test_a_head_for_another_backbone_recognises_nobody(
+def test_a_head_for_another_backbone_waits_for_it_while_the_current_pair_serves(
     backbone_models: BackboneModels, enrolled: Gallery
 ) -> None:
+    """A new lineage's head whose backbone has not arrived (or is refused) must not leave
+    the doorbell naming nobody: the pair it runs keeps serving until that backbone comes."""
     recognizer = ready_recognizer(backbone_models.float_model, backbone_models.sha256, enrolled)
-    recognizer.set_head(head(version=1, backbone="f" * 64))  # its backbone has not arrived
-    assert not recognizer.ready
-    assert recognizer.recognize(chips_of(0, 1, 5)[0]) == (UNKNOWN, 0.0)
+    visitor = chips_of(0, 1, 5)[0]
+    served, version = recognizer.recognize(visitor), recognizer.version
+    assert served[0] != UNKNOWN
+    recognizer.set_head(head(version=7, backbone="f" * 64))  # its backbone has not arrived
+    assert recognizer.ready
+    assert recognizer.version == version
+    assert recognizer.recognize(visitor) == served
+    recognizer.install_backbone(backbone_models.float_model, "f" * 64)  # now it has
+    assert recognizer.version == 7
 
 
 def test_enrollment_and_removal_take_effect_on_the_next_recognition(
@@ -168,13 +176,15 @@ def test_a_doorbell_never_imports_tensorflow(
 def test_a_new_lineage_head_may_arrive_before_its_backbone(
     backbone_models: BackboneModels, enrolled: Gallery
 ) -> None:
-    """A head for a backbone of another size is kept (not ready) until its backbone comes;
-    a backbone that does not fit the head made for it is refused."""
+    """A head for a backbone of another size waits for its backbone (the current pair keeps
+    serving); a backbone that does not fit the head made for it is refused."""
     recognizer = ready_recognizer(backbone_models.float_model, backbone_models.sha256, enrolled)
+    persons, version = recognizer.persons, recognizer.version
     small = np.eye(128, dtype=np.float32)
     recognizer.set_head(head(version=0, backbone="e" * 64, lineage="next", weights=small))
-    assert not recognizer.ready
-    assert recognizer.persons == ()
+    assert recognizer.ready
+    assert (recognizer.persons, recognizer.version) == (persons, version)
+    assert persons
     with pytest.raises(RecognizerError, match="takes 128 features but the backbone"):
         recognizer.install_backbone(backbone_models.int8_model, "e" * 64)
     assert recognizer.model.backbone_id == backbone_models.sha256  # the old one stays
