@@ -226,7 +226,8 @@ class EvaluationSettings(StrictModel):
         default=None,
         title="Stranger photos",
         description="A `<person>/<image>` folder of real photos of people in no house (one "
-        "photo each is enough): half calibrates the unknown-visitor threshold, half scores it.",
+        "photo each is enough): half calibrates the unknown-visitor threshold (ringing at "
+        "pretend houses of the held-out people in `dataset`), half scores it.",
     )
     max_strangers: int = Field(
         default=1000,
@@ -239,7 +240,9 @@ class EvaluationSettings(StrictModel):
         default=None,
         title="Held-out people",
         description="A `<person>/<image>` folder of people in no house: each is enrolled from "
-        "up to 5 photos and probed with the rest, for the open-set accuracy of every version.",
+        "up to 5 photos and probed with the rest, for the open-set accuracy of every version; "
+        "with gallery_size or more of them, they are also the pretend residents the threshold "
+        "is calibrated at (else other strangers' single photos stand in: a laxer threshold).",
     )
     target_false_accept: float = Field(
         default=0.01,

@@ -94,7 +94,7 @@ def load_bench(
     split = openset.split_people(
         sorted(dev), sorted(stranger_photos), seed, calibration=calibration, negatives=negatives
     )
-    members = [p for house in split.train_houses + split.test_houses for p in house]
+    members = split.people()
     photos = [photo for person in members for photo in dev[person]]
     photos += [stranger_photos[k] for k in split.calibration + split.negatives]
     features = FeatureCache.open(cache, conditions, seed, sha)
@@ -142,7 +142,12 @@ def synthetic_bench(
     keys = [f"synthetic_strangers/s{i}/s{i}.jpg" for i in range(strangers)]
     stranger_features = {k: rng.normal(size=dim).astype(np.float32) for k in keys}
     split = openset.split_people(
-        names, keys, seed, calibration=strangers // 2, negatives=strangers // 2 - 1
+        names,
+        keys,
+        seed,
+        calibration=strangers // 2,
+        negatives=strangers // 2 - 1,
+        residents=people // 10,
     )
     start = [(rng.normal(size=(dim, embedding)) / np.sqrt(dim)).astype(np.float32)]
     return openset.build_bench(split, features, stranger_features, start, seed=seed)

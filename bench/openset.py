@@ -127,6 +127,14 @@ class Split:
     test_houses: tuple[tuple[str, ...], ...]
     calibration: tuple[str, ...]
     negatives: tuple[str, ...]
+    residents: tuple[str, ...] = ()
+    """The aggregator's held-out people: pretend residents when it calibrates the threshold."""
+
+    def people(self) -> list[str]:
+        """Everyone whose photos the bench needs features of."""
+        return [p for house in self.train_houses + self.test_houses for p in house] + list(
+            self.residents
+        )
 
 
 def make_houses(people: Sequence[str], rng: np.random.Generator) -> list[tuple[str, ...]]:
@@ -156,22 +164,27 @@ def split_people(
     test_fraction: float = 0.3,
     calibration: int = 1000,
     negatives: int = 1500,
+    residents: int = 150,
 ) -> Split:
     """Disjoint training and test houses, and stranger photos for calibration and negatives.
 
-    With `test_people` (another dataset), every dev person trains and the test
-    houses are made of those; otherwise `test_fraction` of the dev people are
-    held out as test houses. Deterministic for a seed; the order of the inputs
-    does not matter.
+    With `test_people` (another dataset), every dev person but the residents
+    trains and the test houses are made of those; otherwise `test_fraction` of
+    the dev people are held out as test houses. `residents` dev people are
+    the aggregator's held-out folder (in no house). Deterministic for a seed;
+    the order of the inputs does not matter.
     """
     rng = np.random.default_rng([seed, 11])
     dev = sorted(set(dev_people))
     if test_people is None:
         order = [dev[i] for i in rng.permutation(len(dev))]
         held = round(test_fraction * len(order))
-        test, train = sorted(order[:held]), sorted(order[held:])
+        test, train = sorted(order[:held]), order[held:]
     else:
-        test, train = sorted(set(test_people)), dev
+        test, train = sorted(set(test_people)), [dev[i] for i in rng.permutation(len(dev))]
+    if not 0 <= residents < len(train):
+        raise ValueError(f"{residents} residents out of {len(train)} training people")
+    held_out, train = sorted(train[:residents]), sorted(train[residents:])
     if set(test) & set(train):
         raise ValueError("a person is both in a training and in a test house")
     strangers = sorted(set(stranger_photos))
@@ -183,6 +196,7 @@ def split_people(
         test_houses=tuple(make_houses(test, rng)),
         calibration=tuple(sorted(order[:calibration])),
         negatives=tuple(sorted(order[calibration : calibration + negatives])),
+        residents=tuple(held_out),
     )
 
 
@@ -218,6 +232,8 @@ class Bench:
     calibration: Features
     negatives: Features
     start: Weights
+    residents: tuple[Features, ...] = ()
+    """Enrolment photos of each of the aggregator's held-out people (`Split.residents`)."""
     backbone: str = "0" * 64
     """sha256 of the backbone the features came from (global models name it)."""
 
@@ -297,12 +313,18 @@ def build_bench(
             )
     if not train or len(test) < 2:
         raise ValueError(f"{len(train)} training and {len(test)} test houses: too few")
+    residents = []
+    for person in split.residents:
+        faces = np.asarray(features.get(person, []), np.float32).reshape(-1, width)
+        if len(faces) >= 2:  # enrolled like a test house's member: one photo left over
+            residents.append(faces[: min(ENROL_PER_PERSON, len(faces) - 1)])
     return Bench(
         tuple(train),
         tuple(test),
         calibration,
         negative_pool if len(negative_pool) else empty,
         start,
+        tuple(residents),
     )
 
 
@@ -339,8 +361,14 @@ def house_trials(test: Sequence[TestHouse], heads: Sequence[Weights]) -> list[Tr
 
 
 def shipped_threshold(bench: Bench, head: Weights, target_far: float, gallery_size: int) -> float:
-    """What the aggregator would ship with `head`: calibrated on its stranger folder."""
-    return calibrate_threshold(embed(bench.calibration, head), target_far, gallery_size)
+    """What the aggregator would ship with `head`: calibrated on its stranger folder, in
+    pretend houses of its held-out people (of other strangers when it has too few)."""
+    residents = None
+    if len(bench.residents) >= gallery_size:
+        residents = np.stack([prototype(embed(faces, head)) for faces in bench.residents])
+    return calibrate_threshold(
+        embed(bench.calibration, head), target_far, gallery_size, residents=residents
+    )
 
 
 def evaluate(bench: Bench, heads: Sequence[Weights], threshold: float) -> OpenSetResult:
@@ -690,7 +718,7 @@ def prepare(args: argparse.Namespace, backbone: bytes, head: Weights) -> Prepare
             calibration=args.calibration_strangers,
             negatives=args.negative_strangers,
         )
-        people = [p for house in split.train_houses + split.test_houses for p in house]
+        people = split.people()
         photos = [photo for person in people for photo in everyone[person]]
         photos += [strangers[k] for k in split.calibration + split.negatives]
         cache = FeatureCache.open(args.cache, args.conditions, seed, sha)
@@ -725,6 +753,7 @@ def prepare(args: argparse.Namespace, backbone: bytes, head: Weights) -> Prepare
             "test_members": int(sum(int(h.enrol_labels.max()) + 1 for h in bench.test)),
             "member_probes": int(sum(len(h.probes) for h in bench.test)),
             "calibration_strangers": len(bench.calibration),
+            "calibration_residents": len(bench.residents),
             "negative_strangers": len(bench.negatives),
         }
     return Prepared(everyone, benches, detection)

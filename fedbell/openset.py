@@ -121,40 +121,53 @@ ENROLL_PER_PERSON = 5
 """Photos per person that make their prototype in an evaluation; the rest are probes."""
 
 
-def held_out_accuracy(
-    features: Features,
-    persons: Sequence[str],
-    weights: Sequence[npt.NDArray[np.float32]],
-    strangers: Features | None,
-    threshold: float,
-) -> float | None:
-    """Open-set accuracy of a head on people no house holds: the aggregator's score.
+@dataclass(frozen=True)
+class Enrolled:
+    """Held-out people enrolled as a house enrols them, and their remaining photos as probes."""
 
-    Each person is enrolled from their first photos and probed with the rest.
+    prototypes: npt.NDArray[np.float32]
+    probes: npt.NDArray[np.float32]
+    truth: npt.NDArray[np.int64]
+    """Row of `prototypes` each probe belongs to."""
 
-    Strangers are real stranger photos when the aggregator has them; without,
-    each person's probes stand in as strangers to a gallery without them.
+
+def enrol_held_out(embeddings: Embeddings, persons: Sequence[str]) -> Enrolled | None:
+    """Everyone with two photos or more, enrolled from their first ones (None: too few people).
+
+    Up to ENROLL_PER_PERSON photos enrol a person, and at least one is left to probe.
     """
-    embeddings = embed(features, weights)
+    array = np.asarray(embeddings, np.float32)
     names = sorted(set(persons))
     rows = {name: [i for i, p in enumerate(persons) if p == name] for name in names}
     enrolled = [n for n in names if len(rows[n]) > 1]
     if len(enrolled) < 2:
         return None
-    # Up to ENROLL_PER_PERSON photos enrol a person, and at least one is left to probe.
     cut = {n: min(ENROLL_PER_PERSON, len(rows[n]) - 1) for n in enrolled}
-    prototypes = np.stack([prototype(embeddings[rows[n][: cut[n]]]) for n in enrolled])
+    prototypes = np.stack([prototype(array[rows[n][: cut[n]]]) for n in enrolled])
     probes = [i for n in enrolled for i in rows[n][cut[n] :]]
     truth = np.array([k for k, n in enumerate(enrolled) for _ in rows[n][cut[n] :]], np.int64)
-    members = trial(prototypes, embeddings[probes], truth, np.zeros((0, 1), np.float32))
+    return Enrolled(prototypes, array[probes], truth)
+
+
+def held_out_accuracy(
+    enrolled: Enrolled, strangers: Embeddings | None, threshold: float
+) -> float | None:
+    """Open-set accuracy on people no house holds: the aggregator's score.
+
+    Strangers are real stranger photos when the aggregator has them; without,
+    each person's probes stand in as strangers to a gallery without them.
+    """
+    members = trial(
+        enrolled.prototypes, enrolled.probes, enrolled.truth, np.zeros((0, 1), np.float32)
+    )
     if strangers is not None:
-        stranger_score = best_match(embed(strangers, weights), prototypes)[1]
+        stranger_score = best_match(strangers, enrolled.prototypes)[1]
     else:
         # Each probe against the prototypes of everyone but its own person.
-        similarity = embeddings[probes] @ prototypes.T
-        similarity[np.arange(len(probes)), truth] = -1.0
+        similarity = enrolled.probes @ enrolled.prototypes.T
+        similarity[np.arange(len(enrolled.probes)), enrolled.truth] = -1.0
         stranger_score = similarity.max(axis=1)
-    trials = [Trial(members.member_best, truth, members.member_score, stranger_score)]
+    trials = [Trial(members.member_best, enrolled.truth, members.member_score, stranger_score)]
     try:
         return score_trials(trials, threshold).open_set_accuracy
     except ValueError:
@@ -172,15 +185,24 @@ def evaluate_head(
 ) -> tuple[float | None, float]:
     """(open-set accuracy or None, threshold) of a head: what the aggregator publishes.
 
-    Half the strangers calibrate the threshold, the other half are scored
-    against the held-out people; without strangers the default threshold holds.
+    Half the strangers calibrate the threshold against pretend houses of the
+    held-out people's prototypes (of other strangers' photos when there are
+    fewer than `gallery_size` of them); the other half are scored against the
+    held-out people. Without strangers the default threshold holds.
     """
+    enrolled = None
+    if held_out is not None:
+        features, persons = held_out
+        enrolled = enrol_held_out(embed(features, head), persons)
     threshold, scoring = default_threshold, None
     if strangers is not None:
         half = len(strangers) // 2
-        scoring = strangers[half:]
-        threshold = calibrate_threshold(embed(strangers[:half], head), target_far, gallery_size)
-    if held_out is None:
+        scoring = embed(strangers[half:], head)
+        residents = None
+        if enrolled is not None and len(enrolled.prototypes) >= gallery_size:
+            residents = enrolled.prototypes
+        calibration = embed(strangers[:half], head)
+        threshold = calibrate_threshold(calibration, target_far, gallery_size, residents=residents)
+    if enrolled is None:
         return None, threshold
-    features, persons = held_out
-    return held_out_accuracy(features, persons, head, scoring, threshold), threshold
+    return held_out_accuracy(enrolled, scoring, threshold), threshold

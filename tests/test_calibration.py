@@ -14,6 +14,7 @@ from fedbell.calibration import (
     threshold_for_far,
 )
 from fedbell.embedding import normalize
+from fedbell.openset import prototype
 
 
 def accepted(scores: np.ndarray, threshold: float) -> float:
@@ -140,3 +141,53 @@ def test_stranger_visits_refuses_bad_input(
 def test_calibrate_refuses_a_target_that_is_not_a_rate() -> None:
     with pytest.raises(ValueError, match="target_far"):
         calibrate_threshold(unit_rows(30), 1.0)
+
+
+def cone(count: int, photos: int, rng: np.random.Generator) -> np.ndarray:
+    """`photos` embeddings of each of `count` people, in a narrow cone as a face network
+    makes them: a shared direction, a person's own offset, and per-photo noise."""
+    middle = np.zeros(32)
+    middle[0] = 1.0
+    people = rng.normal(0, 0.15, size=(count, 1, 32))
+    noise = rng.normal(0, 0.6, size=(count, photos, 32))
+    return np.asarray(normalize((middle + people + noise).reshape(-1, 32)))
+
+
+def test_houses_enrolled_from_several_photos_need_a_stricter_threshold() -> None:
+    """Prototypes average photos, so they sit nearer the cone's middle and nearer every
+    stranger: calibrating on single stranger photos lets far more than the target in."""
+    rng = np.random.default_rng(0)
+    strangers = cone(1200, 1, rng)
+    held_out = cone(60, 5, rng).reshape(60, 5, 32)
+    prototypes = np.stack([prototype(person) for person in held_out])
+    houses = cone(60, 5, rng).reshape(60, 5, 32)  # other people, enrolled the same way
+    fresh = np.stack([prototype(person) for person in houses])
+    single = calibrate_threshold(strangers[:600], 0.01, gallery_size=5)
+    enrolled = calibrate_threshold(strangers[:600], 0.01, gallery_size=5, residents=prototypes)
+    assert enrolled > single
+    # Unseen strangers at unseen houses (4,800 visits: 1 % is 48 of them).
+    visits = stranger_visits(strangers[600:], 5, seed=3, residents=fresh)
+    assert accepted(visits, enrolled) <= 0.015  # near its target
+    assert accepted(visits, single) >= 1.5 * accepted(visits, enrolled) + 0.005
+
+
+def test_stranger_visits_draw_houses_from_the_residents() -> None:
+    strangers = unit_rows(30, seed=1)
+    residents = unit_rows(6, seed=2)
+    visits = stranger_visits(strangers, 6, galleries_per_probe=2, residents=residents)
+    best = (strangers @ residents.T).max(axis=1)  # a house of all six: the best match
+    np.testing.assert_allclose(visits, np.repeat(best, 2), rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("residents", "gallery_size", "match"),
+    [
+        (unit_rows(4), 5, "gallery_size"),
+        (unit_rows(6, dim=8), 5, "width 8"),
+        (np.full((6, 16), np.nan), 5, "NaN"),
+        (unit_rows(6)[:, 0], 5, "resident prototypes"),
+    ],
+)
+def test_residents_are_checked(residents: np.ndarray, gallery_size: int, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        calibrate_threshold(unit_rows(30), 0.01, gallery_size, residents=residents)

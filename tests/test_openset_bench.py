@@ -21,18 +21,25 @@ def _people(count: int) -> list[str]:
 def test_split_is_disjoint_and_deterministic() -> None:
     people = _people(200)
     strangers = [f"lfw_strangers/s{i}/s{i}.jpg" for i in range(300)]
-    split = openset.split_people(people, strangers, seed=3, calibration=100, negatives=150)
-    again = openset.split_people(
-        list(reversed(people)), list(reversed(strangers)), seed=3, calibration=100, negatives=150
-    )
-    assert split == again
-    assert split != openset.split_people(people, strangers, seed=4, calibration=100, negatives=150)
+
+    def split_of(people: list[str], strangers: list[str], seed: int) -> openset.Split:
+        return openset.split_people(
+            people, strangers, seed, calibration=100, negatives=150, residents=20
+        )
+
+    split = split_of(people, strangers, 3)
+    assert split == split_of(list(reversed(people)), list(reversed(strangers)), 3)
+    assert split != split_of(people, strangers, 4)
     train = [p for h in split.train_houses for p in h]
     test = [p for h in split.test_houses for p in h]
     assert len(train) == len(set(train))
     assert len(test) == len(set(test))
     assert not set(train) & set(test)
-    assert set(train) | set(test) == set(people)
+    # The aggregator's held-out people live in no house.
+    assert len(set(split.residents)) == 20
+    assert not set(split.residents) & (set(train) | set(test))
+    assert set(train) | set(test) | set(split.residents) == set(people)
+    assert sorted(split.people()) == sorted(people)
     assert len(test) == 60
     low, high = openset.HOUSE_SIZES
     assert all(low <= len(h) <= high + 1 for h in split.train_houses + split.test_houses)
@@ -49,8 +56,11 @@ def test_split_with_another_test_dataset() -> None:
         test_people=[f"other/p{i}" for i in range(12)],
         calibration=20,
         negatives=20,
+        residents=5,
     )
-    assert {p for h in split.train_houses for p in h} == set(_people(30))
+    train = {p for h in split.train_houses for p in h}
+    assert train | set(split.residents) == set(_people(30))
+    assert len(split.residents) == 5
     assert {p for h in split.test_houses for p in h} == {f"other/p{i}" for i in range(12)}
 
 
@@ -95,12 +105,15 @@ def test_tiny_synthetic_run_writes_the_schema(tmp_path: Path) -> None:
     dim = 16
     people = _people(90)
     strangers = [f"lfw_strangers/s{i}/s{i}.jpg" for i in range(160)]
-    split = openset.split_people(people, strangers, seed=0, calibration=80, negatives=80)
+    split = openset.split_people(
+        people, strangers, seed=0, calibration=80, negatives=80, residents=10
+    )
     features = _synthetic_features(people, dim, rng)
     stranger_features = {k: rng.normal(size=dim).astype(np.float32) for k in strangers}
     start = [np.eye(dim, dtype=np.float32)]
     bench = openset.build_bench(split, features, stranger_features, start, seed=0)
     assert bench.calibration.shape == (80, dim)
+    assert len(bench.residents) == 10  # everyone has 2+ photos: all enrolled
     settings = openset.ArmSettings(
         rounds=3, houses_per_round=4, central_epochs=2, params=TrainParams(epochs=2)
     )
