@@ -21,11 +21,11 @@ from aggregator.backbone import BackboneModels, backbone_models
 from aggregator.config import AggregatorConfig, EvaluationSettings
 from aggregator.quiet import native_noise_dropped
 from fedbell import dlib_resnet
-from fedbell.codecs import Weights
+from fedbell.codecs import Weights, decode_tensors, encode_tensors
 from fedbell.dataset import Sample, list_samples
 from fedbell.detection import make_detector
 from fedbell.embedding import HEAD_NAMES, Features
-from fedbell.envelope import TensorSpec
+from fedbell.envelope import Codec, TensorSpec
 from fedbell.features import Backbone, FaceSet, cached_features, photo_chips
 from fedbell.messages import Signer, build_global, build_tflite
 from fedbell.openset import evaluate_head
@@ -46,6 +46,18 @@ def evaluation_samples(folder: Path | None, limit: int | None) -> list[Sample]:
         picked = sorted(rng.choice(len(samples), size=limit, replace=False))
         samples = [samples[i] for i in picked]
     return samples
+
+
+def as_received(names: Sequence[str], weights: Weights, codec: Codec) -> Weights:
+    """The head as a doorbell decodes it from a global model sent in `codec`.
+
+    Doorbells train from and recognise with this head, so it is the one whose
+    threshold is calibrated and whose accuracy is scored. The aggregator itself
+    keeps the exact float head as the base of the next round: re-quantising its
+    own base would round away every round's change smaller than half an int8 step.
+    """
+    specs, body = encode_tensors(names, weights, codec)
+    return decode_tensors(specs, body, codec, "zstd")
 
 
 @dataclass(frozen=True)
@@ -124,11 +136,13 @@ class Exporter:
         )
 
     def _evaluate(self, weights: Weights) -> tuple[float | None, float]:
-        """(open-set accuracy or None, threshold) of a head."""
+        """(open-set accuracy or None, threshold) of a head as the doorbells will hold it:
+        with an int8 downlink the threshold (a cosine near 0.94) is calibrated on the
+        decoded head, not on the float one it was quantised from."""
         settings: EvaluationSettings = self.config.evaluation
         held = self.held_out
         return evaluate_head(
-            weights,
+            as_received(self.names, weights, self.config.rounds.downlink_codec),
             None if held is None else (held.features, held.persons),
             self.strangers,
             target_far=settings.target_false_accept,

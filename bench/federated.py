@@ -18,7 +18,14 @@ same learning in one process. Every step is the product's own:
   into the accumulator `make_accumulator` made from the round settings;
 - server step: `next_step` (strategy, server optimiser);
 - release: the caller's `score` (the aggregator's threshold calibration and
-  open-set accuracy on held-out people, see `bench.data`).
+  open-set accuracy on held-out people, see `bench.data`) of the head as the
+  doorbells decode it from the global model in the round's downlink codec
+  (`aggregator.export.as_received`, what the aggregator scores too), while the
+  aggregator keeps the exact float head as the next round's base. With int8
+  down, every round quantises the whole head afresh (not the change since the
+  last version), so rounding never accumulates across rounds: each doorbell's
+  head is within half an int8 step of the aggregator's, and the doorbell's delta
+  (trained from that head) is added to the exact one.
 
 Only the broker hop is left out (`bench.scale` measures that separately).
 `bench.suite` (codecs side by side), `bench.robust` (poisoned doorbells) and
@@ -38,6 +45,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 from aggregator.accumulator import make_accumulator, make_optimizer, next_step
 from aggregator.config import RoundSettings
+from aggregator.export import as_received
 from aggregator.rounds import Round, announce, select_devices
 from aggregator.strategy import InconsistentUpdate
 from edge.trainer import round_seed, train_delta
@@ -137,7 +145,8 @@ class ArmResult:
     rejected: int = 0
     """Updates the aggregator's checks refused (an honest run has none)."""
     weights: Weights = field(default_factory=list)
-    """The global head after the last round."""
+    """The aggregator's (float) global head after the last round; the doorbells hold it as
+    `aggregator.export.as_received` decodes it in the arm's downlink codec."""
 
     @property
     def final(self) -> Score:
@@ -311,7 +320,11 @@ def run_arm(
     specs = head_specs(weights)
     server = make_optimizer(settings)
     residuals: dict[str, Weights] = {}
-    released = score(weights)
+
+    def release(weights: Weights) -> Score:
+        return score(as_received(HEAD_NAMES, weights, settings.downlink_codec))
+
+    released = release(weights)
     result = ArmResult(arm, released)
     for round_id in range(1, rounds + 1):
         started = time.perf_counter()
@@ -369,7 +382,7 @@ def run_arm(
         result.down_bytes.extend([per_node] * len(selected))
         seconds = time.perf_counter() - started
         if round_id % evaluate_every == 0 or round_id == rounds:
-            released = score(weights)
+            released = release(weights)
             result.rounds.append(
                 RoundResult(
                     round_id,

@@ -1,7 +1,8 @@
 """`make bench`: the update codecs side by side, the baselines, aggregation at scale.
 
     python -m bench.suite [--dataset DIR] [--strangers DIR] [--people N] [--rounds 30]
-                          [--houses-per-round 20] [--scale 10 100 1000] [--skip-scale]
+                          [--houses-per-round 20] [--seeds 0 1 2] [--scale 10 100 1000]
+                          [--skip-scale]
 
 1. learning: households of real photos under doorbell conditions
    (`bench.data`: LFW people split into training houses and test houses of
@@ -11,10 +12,17 @@
    arm per codec, all from the same start head on the same split; beside
    them the baselines `start` (no training), `central` (the same trainer on
    the union of the training houses) and `local_only` (each test house
-   alone), from `bench.openset`. Per codec: open-set accuracy and TAR at 1 %
-   FAR at the calibrated threshold, `bytes_per_update` (what a doorbell
-   sends) and `bytes_down_per_node` (everything a doorbell receives per
-   round: the round announcements and the retained global head message);
+   alone), from `bench.openset`. Per arm (update codec up, global-head codec
+   down): open-set accuracy and TAR at 1 % FAR at the calibrated threshold of
+   the head the doorbells decode, `bytes_per_update` (what a doorbell sends)
+   and `bytes_down_per_node` (everything a doorbell receives per round: the
+   round announcements and the retained global head message), their sum
+   against float32 FedAvg's (float32 both ways) and the accuracy difference.
+   Issue 12's traffic bar: the product's default arm's traffic is at most 1/5
+   of float32 FedAvg's at no more than 1 point of accuracy below it, judged on
+   the mean of `--seeds` splits (each seed its own split of people into houses
+   and its own doorbell conditions) where both arms run on each, since one
+   split's final accuracy moves by a few points from round to round;
 2. aggregation at scale: real MQTT doorbells sending signed updates through
    one Mosquitto (loopback, and the TLS production configuration) to the
    real aggregator, at 10/100/1000 doorbells, with its memory while it
@@ -37,11 +45,13 @@ import argparse
 import json
 import multiprocessing
 import time
+from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import matplotlib
+import numpy as np
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
@@ -52,14 +62,32 @@ from bench import openset
 from bench.data import CACHE, DEFAULT_DATASET, DEFAULT_STRANGERS, DatasetMissing, load_bench, scorer
 from bench.federated import PRODUCT, Arm, ArmResult, RoundResult, run_arm
 from fedbell.embedding import TrainParams
+from fedbell.envelope import Codec
 
+
+def _arm(codec: Codec, down: Codec, density: float = PRODUCT.density) -> Arm:
+    """An arm named by what goes up and what comes down; "(default)" if it is the product's."""
+    up = f"topk {density:.0%} + int8" if codec == "topk" else codec
+    default = (codec, density, down) == (PRODUCT.codec, PRODUCT.density, PRODUCT.downlink_codec)
+    name = f"{up} up, {down} down" + (" (default)" if default else "")
+    return Arm(name, codec=codec, density=density, downlink_codec=down)
+
+
+FLOAT32_FEDAVG = _arm("float32", "float32")
+"""The reference of issue 12's traffic bar: plain FedAvg sending raw float32 both ways."""
 CODEC_ARMS = (
-    Arm("float32", codec="float32"),
-    Arm("float16", codec="float16"),
-    Arm("int8", codec="int8"),
-    Arm("topk 10% + int8", codec="topk", density=0.10),
-    Arm(f"topk {PRODUCT.density:.0%} + int8 (default)", codec="topk", density=PRODUCT.density),
+    FLOAT32_FEDAVG,
+    _arm("float16", "float32"),
+    _arm("int8", "float32"),
+    _arm("topk", "float32", density=0.10),
+    _arm("topk", "float32"),
+    _arm("topk", "int8"),
 )
+DEFAULT_ARM = next(a for a in CODEC_ARMS if a.name.endswith("(default)"))
+BAR_ARMS = (FLOAT32_FEDAVG, DEFAULT_ARM)
+"""The two arms every extra seed runs: the bar compares only them."""
+BAR_TRAFFIC = 1 / 5
+BAR_POINTS = 1.0
 BASELINES = ("start", "central", "local_only")
 
 
@@ -70,7 +98,7 @@ def _kb(n: float) -> str:
 def _progress(arm: Arm, r: RoundResult) -> None:
     if r.round % 5 == 0 or r.round == 1:
         print(
-            f"  {arm.name:<26} round {r.round:>3}  open-set {r.open_set_accuracy:.3f}  "
+            f"  {arm.name:<34} round {r.round:>3}  open-set {r.open_set_accuracy:.3f}  "
             f"up {r.bytes_up} B  {r.seconds:.1f}s",
             flush=True,
         )
@@ -107,19 +135,58 @@ def learning(
     params: TrainParams,
     seed: int,
     jobs: int,
+    more: Sequence[openset.Bench] = (),
 ) -> dict[str, Any]:
+    """Every arm and baseline on `bench` (the first seed), and the two arms of the traffic
+    bar again on each of `more` (further seeds)."""
     settings = openset.ArmSettings(rounds=rounds, houses_per_round=per_round, params=params)
     codec_tasks = [(bench, arm, rounds, per_round, params) for arm in CODEC_ARMS]
+    bar_tasks = [(b, arm, rounds, per_round, params) for b in more for arm in BAR_ARMS]
     base_tasks = [(bench, name, settings, seed) for name in BASELINES]
     if jobs <= 1:
         results = [_run_codec(t) for t in codec_tasks]
+        extra = [_run_codec(t) for t in bar_tasks]
         baselines = [_run_baseline(t) for t in base_tasks]
     else:
         with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-            pending = pool.map(_run_codec, codec_tasks)
+            pending = pool.map(_run_codec, codec_tasks + bar_tasks)
             pending_base = pool.map(_run_baseline, base_tasks)
-            results, baselines = list(pending), list(pending_base)
-    return {"codecs": results, "baselines": dict(zip(BASELINES, baselines, strict=True))}
+            everything, baselines = list(pending), list(pending_base)
+        results, extra = everything[: len(codec_tasks)], everything[len(codec_tasks) :]
+    by_arm = {arm.name: [r for r in results if r.arm == arm] for arm in BAR_ARMS}
+    for result in extra:
+        by_arm[result.arm.name].append(result)
+    return {
+        "codecs": results,
+        "baselines": dict(zip(BASELINES, baselines, strict=True)),
+        "bar": traffic_bar(by_arm[FLOAT32_FEDAVG.name], by_arm[DEFAULT_ARM.name]),
+    }
+
+
+def traffic(result: ArmResult) -> float:
+    """Everything one doorbell sends and receives per round."""
+    return result.bytes_per_update + result.bytes_down_per_node
+
+
+def traffic_bar(reference: Sequence[ArmResult], default: Sequence[ArmResult]) -> dict[str, Any]:
+    """Issue 12: the default arm against float32 FedAvg, seed by seed (the same split each)."""
+    pairs = list(zip(reference, default, strict=True))
+    points = [100 * (d.final_accuracy - f.final_accuracy) for f, d in pairs]
+    ratio = float(np.mean([traffic(d) / traffic(f) for f, d in pairs]))
+    mean = float(np.mean(points))
+    spread = float(np.std(points, ddof=1)) if len(points) > 1 else float("nan")
+    return {
+        "default": DEFAULT_ARM.name,
+        "reference": FLOAT32_FEDAVG.name,
+        "seeds": len(points),
+        "float32_accuracy": [f.final_accuracy for f in reference],
+        "default_accuracy": [d.final_accuracy for d in default],
+        "points_per_seed": points,
+        "points_mean": mean,
+        "points_sd": spread,
+        "traffic_ratio": ratio,
+        "passes": ratio <= BAR_TRAFFIC and mean >= -BAR_POINTS,
+    }
 
 
 def print_learning(
@@ -133,44 +200,67 @@ def print_learning(
         title=f"Open-set recognition of never-seen people after {rounds} rounds "
         f"({per_round} houses a round), signed updates"
     )
-    for column in (
-        "set-up",
+    columns = (
+        "set-up (up, down)",
         "open-set acc.",
+        "vs float32",
         "TAR @ 1 % FAR",
         "threshold",
         "bytes_per_update",
         "bytes_down_per_node",
-        "smaller than float32",
-    ):
+        "up + down",
+        "of float32 FedAvg",
+    )
+    for column in columns:
         table.add_column(column, justify="right")
     for name, outcome in baselines.items():
         table.add_row(
             name,
             f"{outcome.result.open_set_accuracy:.3f}",
+            "",
             f"{outcome.result.tar_at_far_1pct:.3f}",
             f"{outcome.threshold:.3f}",
-            "",
-            "",
-            "",
+            *[""] * 4,
         )
-    reference = results[0].bytes_per_update
+    reference = next(r for r in results if r.arm == FLOAT32_FEDAVG)
     for result in results:
         final = result.final
+        points = 100 * (final.open_set_accuracy - reference.final_accuracy)
         table.add_row(
             result.arm.name,
             f"{final.open_set_accuracy:.3f}",
+            f"{points:+.1f} pt",
             f"{final.tar_at_far_1pct:.3f}",
             f"{final.threshold:.3f}",
             _kb(result.bytes_per_update),
             _kb(result.bytes_down_per_node),
-            f"{reference / result.bytes_per_update:.1f}x",
+            _kb(traffic(result)),
+            f"{traffic(result) / traffic(reference):.3f}x",
         )
     console.print(table)
+
+
+def print_bar(bar: dict[str, Any], console: Console) -> None:
+    per_seed = ", ".join(
+        f"{f:.3f} -> {d:.3f} ({p:+.1f})"
+        for f, d, p in zip(
+            bar["float32_accuracy"], bar["default_accuracy"], bar["points_per_seed"], strict=True
+        )
+    )
+    verdict = "PASS" if bar["passes"] else "FAIL"
+    console.print(
+        f"[bold]issue 12 traffic bar[/] ({bar['default']} against {bar['reference']}, "
+        f"{bar['seeds']} seed(s)): traffic {bar['traffic_ratio']:.3f}x "
+        f"(bar <= {BAR_TRAFFIC:.2f}x); open-set accuracy {bar['points_mean']:+.2f} points "
+        f"(sd {bar['points_sd']:.2f} over seeds; bar >= -{BAR_POINTS:.1f}); per seed "
+        f"float32 -> default: {per_seed}: {verdict}"
+    )
 
 
 def learning_report(
     results: list[ArmResult], baselines: dict[str, openset.ArmOutcome]
 ) -> dict[str, Any]:
+    reference = next(r for r in results if r.arm == FLOAT32_FEDAVG)
     return {
         "baselines": {
             name: {
@@ -187,12 +277,14 @@ def learning_report(
                 "name": r.arm.name,
                 "codec": r.arm.codec,
                 "density": r.arm.density,
+                "downlink_codec": r.arm.downlink_codec,
                 "open_set_accuracy": r.final.open_set_accuracy,
                 "tar_at_far_1pct": r.final.tar_at_far_1pct,
                 "threshold": r.final.threshold,
                 "start_open_set_accuracy": r.start.open_set_accuracy,
                 "bytes_per_update": r.bytes_per_update,
                 "bytes_down_per_node": r.bytes_down_per_node,
+                "traffic_vs_float32_fedavg": traffic(r) / traffic(reference),
                 "rejected_updates": r.rejected,
                 "open_set_accuracy_per_round": [x.open_set_accuracy for x in r.rounds],
             }
@@ -216,8 +308,12 @@ def plot(results: list[ArmResult], baselines: dict[str, openset.ArmOutcome], pat
             )
     left.set(xlabel="round", ylabel="open-set accuracy (never-seen people)")
     left.legend(fontsize=8)
-    right.bar([r.arm.name for r in results], [r.bytes_per_update / 1000 for r in results])
-    right.set(ylabel="kB per update (up)", yscale="log")
+    names = [r.arm.name for r in results]
+    up = [r.bytes_per_update / 1000 for r in results]
+    right.bar(names, up, label="up (update)")
+    right.bar(names, [r.bytes_down_per_node / 1000 for r in results], bottom=up, label="down")
+    right.set(ylabel="kB per doorbell per round")
+    right.legend(fontsize=8)
     right.tick_params(axis="x", rotation=30)
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -238,7 +334,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--houses-per-round", type=int, default=20)
     parser.add_argument("--epochs", type=int, default=TrainParams.epochs)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--seeds",
+        type=int,
+        nargs="+",
+        default=[0, 1, 2],
+        help="splits: every arm on the first, float32 FedAvg and the default on each",
+    )
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--cache", type=Path, default=CACHE)
     parser.add_argument("--scale", type=int, nargs="+", default=[10, 100, 1000])
@@ -252,29 +354,35 @@ def main(argv: list[str] | None = None) -> int:
     report: dict[str, Any] = {"rounds": args.rounds, "houses_per_round": args.houses_per_round}
     if not args.skip_learning:
         try:
-            loaded = load_bench(
-                dataset=args.dataset,
-                strangers=args.strangers,
-                conditions=args.conditions,
-                seed=args.seed,
-                people=args.people,
-                calibration=args.calibration,
-                negatives=args.negatives,
-                jobs=args.jobs,
-                cache=args.cache,
-            )
+            everything = [
+                load_bench(
+                    dataset=args.dataset,
+                    strangers=args.strangers,
+                    conditions=args.conditions,
+                    seed=seed,
+                    people=args.people,
+                    calibration=args.calibration,
+                    negatives=args.negatives,
+                    jobs=args.jobs,
+                    cache=args.cache,
+                )
+                for seed in args.seeds
+            ]
         except DatasetMissing as err:
             console.print(f"[bold]learning skipped[/]: {err}")
         else:
-            console.print(f"[bold]data[/] {loaded.description}")
+            loaded = everything[0]
+            for each in everything:
+                console.print(f"[bold]data[/] {each.description}")
             params = TrainParams(epochs=args.epochs)
             outcome = learning(
                 loaded.bench,
                 rounds=args.rounds,
                 per_round=args.houses_per_round,
                 params=params,
-                seed=args.seed,
+                seed=args.seeds[0],
                 jobs=args.jobs,
+                more=[each.bench for each in everything[1:]],
             )
             print_learning(
                 outcome["codecs"],
@@ -283,10 +391,13 @@ def main(argv: list[str] | None = None) -> int:
                 args.houses_per_round,
                 console,
             )
+            print_bar(outcome["bar"], console)
             plot(outcome["codecs"], outcome["baselines"], Path("reports/bench-codecs.png"))
             report["dataset"] = loaded.description
+            report["seeds"] = args.seeds
             report["backbone_sha256"] = loaded.backbone_sha256
             report.update(learning_report(outcome["codecs"], outcome["baselines"]))
+            report["traffic_bar"] = outcome["bar"]
     if not args.skip_scale:
         from bench.scale import BROKERS, run_scale
 

@@ -10,13 +10,14 @@ import pytest
 from rich.console import Console
 
 from aggregator.config import RoundSettings
+from aggregator.export import as_received
 from bench import robust, suite
 from bench.data import scorer, synthetic_bench
-from bench.federated import PRODUCT, Arm, Attack, run_arm
+from bench.federated import PRODUCT, Arm, Attack, Score, run_arm
 from bench.openset import Bench
 from bench.scale import growth_verdict
 from fedbell import messages
-from fedbell.embedding import TrainParams
+from fedbell.embedding import HEAD_NAMES, TrainParams
 
 LEARNS = TrainParams(epochs=3, learning_rate=0.01)
 """Enough to move a 32 -> 16 head on generated people in a few rounds."""
@@ -36,8 +37,74 @@ def test_an_arm_measures_the_products_defaults() -> None:
         settings.strategy,
     )
     assert arm.signed
+    assert arm.downlink_codec == settings.downlink_codec
     assert arm.codec == "topk"  # the default the suite labels "(default)"
-    assert any("(default)" in a.name and a.codec == PRODUCT.codec for a in suite.CODEC_ARMS)
+    default = suite.DEFAULT_ARM
+    assert "(default)" in default.name
+    assert (default.codec, default.density, default.downlink_codec) == (
+        PRODUCT.codec,
+        PRODUCT.density,
+        PRODUCT.downlink_codec,
+    )
+    reference = suite.FLOAT32_FEDAVG
+    assert (reference.codec, reference.downlink_codec) == ("float32", "float32")
+
+
+def test_as_received_is_the_head_a_doorbell_parses(bench: Bench) -> None:
+    moved = [
+        bench.start[0]
+        + np.float32(0.01)
+        * np.sin(np.arange(bench.start[0].size)).reshape(bench.start[0].shape).astype(np.float32)
+    ]
+    for codec in ("float32", "float16", "int8"):
+        payload = messages.build_global(
+            site="bench",
+            signer=messages.Signer(messages.AGGREGATOR),
+            version=1,
+            round_id=1,
+            names=HEAD_NAMES,
+            weights=moved,
+            lineage="bench",
+            threshold=0.5,
+            backbone="0" * 64,
+            codec=codec,
+        )
+        parsed = messages.parse_global(payload, site="bench", max_bytes=1 << 24, keys=None)
+        np.testing.assert_array_equal(as_received(HEAD_NAMES, moved, codec)[0], parsed.weights[0])
+    step = np.abs(moved[0]).max(axis=0) / 127
+    error = np.abs(as_received(HEAD_NAMES, moved, "int8")[0] - moved[0])
+    assert np.all(error <= step / 2 + 1e-7)
+    assert error.max() > 0  # int8 is lossy: the check above is not vacuous
+
+
+def test_an_int8_downlink_scores_what_doorbells_hold_and_keeps_the_float_base(
+    bench: Bench,
+) -> None:
+    """Doorbells train from and recognise with the int8-decoded head; the aggregator keeps
+    its float head as the next base (re-quantising it would round small rounds away)."""
+    scored: list[list[np.ndarray]] = []
+    score = scorer(bench)
+
+    def recording(weights: list[np.ndarray]) -> Score:
+        scored.append([w.copy() for w in weights])
+        return score(weights)
+
+    arm = Arm("int8 down", downlink_codec="int8")
+    result = run_arm(bench.train[:6], bench.start, arm, 4, recording, params=LEARNS)
+    assert len(scored) == 1 + 4
+    held = as_received(HEAD_NAMES, result.weights, "int8")
+    np.testing.assert_array_equal(scored[-1][0], held[0])
+    assert not np.array_equal(result.weights[0], held[0])  # the base is not re-quantised
+    assert result.final_accuracy > result.start.open_set_accuracy + 0.05
+    float_down = run_arm(
+        bench.train[:6],
+        bench.start,
+        Arm("float32 down", downlink_codec="float32"),
+        4,
+        score,
+        params=LEARNS,
+    )
+    assert result.bytes_down_per_node < float_down.bytes_down_per_node
 
 
 def test_federated_rounds_learn_and_count_every_byte(bench: Bench) -> None:
@@ -113,19 +180,34 @@ def test_an_unsigned_update_is_refused_on_a_signed_arm(
 
 
 def test_suite_reports_bytes_per_update_and_down_per_codec(bench: Bench, tmp_path: Path) -> None:
-    outcome = suite.learning(bench, rounds=2, per_round=4, params=LEARNS, seed=0, jobs=1)
+    outcome = suite.learning(
+        bench, rounds=2, per_round=4, params=LEARNS, seed=0, jobs=1, more=[synthetic_bench(1)]
+    )
     report = suite.learning_report(outcome["codecs"], outcome["baselines"])
     assert {c["name"] for c in report["codecs"]} == {a.name for a in suite.CODEC_ARMS}
     for codec in report["codecs"]:
         assert codec["bytes_per_update"] > 0
         assert codec["bytes_down_per_node"] > codec["bytes_per_update"] / 10
         assert 0.0 <= codec["open_set_accuracy"] <= 1.0
+    ratios = {c["name"]: c["traffic_vs_float32_fedavg"] for c in report["codecs"]}
+    assert ratios[suite.FLOAT32_FEDAVG.name] == 1.0
+    assert ratios[suite.DEFAULT_ARM.name] < 1.0  # a 32x16 head: announcements weigh a lot
     assert set(report["baselines"]) == set(suite.BASELINES)
+    bar = outcome["bar"]
+    finals = {c["name"]: c["open_set_accuracy"] for c in report["codecs"]}
+    assert bar["seeds"] == len(bar["points_per_seed"]) == 2
+    assert bar["default_accuracy"][0] == finals[suite.DEFAULT_ARM.name]  # the table's seed
+    assert bar["float32_accuracy"][0] == finals[suite.FLOAT32_FEDAVG.name]
+    assert bar["traffic_ratio"] < 1.0
+    assert bar["passes"] == (bar["traffic_ratio"] <= 0.2 and bar["points_mean"] >= -1.0)
     console = Console(record=True, width=200)
     suite.print_learning(outcome["codecs"], outcome["baselines"], 2, 4, console)
+    suite.print_bar(bar, console)
     text = console.export_text()
     assert "bytes_down_per_node" in text
+    assert "of float32 FedAvg" in text
     assert "local_only" in text
+    assert "issue 12 traffic bar" in text
     suite.plot(outcome["codecs"], outcome["baselines"], tmp_path / "codecs.png")
     assert (tmp_path / "codecs.png").stat().st_size > 0
 
