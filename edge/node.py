@@ -639,6 +639,10 @@ class EdgeNode:
             except Exception as err:
                 self.counters["job_error"] += 1
                 log.exception("worker job failed: %s", err)
+            # Let go of the finished job before waiting for the next one: a backbone
+            # install's closure holds the whole artifact (the float and int8
+            # flatbuffers, ~28 MB) and would stay resident until the next round.
+            job = None
 
     def _take_part(self, announcement: RoundAnnouncement) -> None:
         try:

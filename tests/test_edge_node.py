@@ -15,6 +15,7 @@ import subprocess
 import sys
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from functools import partial
@@ -478,6 +479,29 @@ def test_backbone_is_stored_and_the_gallery_scored(
             assert changed.recognizer.ready
     finally:
         aggregator.close()
+
+
+def test_the_worker_lets_go_of_a_finished_job(
+    tmp_path: Path, broker: LocalBroker, gallery: Path
+) -> None:
+    """A backbone install's job holds the whole artifact (both flatbuffers, ~28 MB):
+    once it has run, nothing may keep it alive until the next round's job."""
+
+    class Payload:
+        """Stands for the artifact a job's closure captures."""
+
+    payload = Payload()
+    alive = weakref.ref(payload)
+    ran = threading.Event()
+
+    def job(held: Payload = payload) -> None:
+        ran.set()
+
+    with running(make_config(tmp_path, broker.port, gallery)) as node:
+        node._jobs.put(job)
+        del job, payload
+        assert ran.wait(10)
+        wait_until(lambda: alive() is None, 10)
 
 
 def test_a_head_that_does_not_fit_the_backbone_is_refused(
