@@ -47,7 +47,7 @@ TRACK_GATE = 0.5
 """A face continues a track whose last box centre is within this many box widths."""
 
 MAX_TRACKS = 16
-"""Live tracks kept at most (each holds its best frame)."""
+"""Live tracks kept at most (with snapshots on, each holds its best frame)."""
 
 
 class EventSink(Protocol):
@@ -101,7 +101,7 @@ class Track:
     best_frame: Frame | None = None
     announced: bool = False
 
-    def add(self, sighting: Sighting, frame: Frame, now: float, index: int) -> None:
+    def add(self, sighting: Sighting, frame: Frame | None, now: float, index: int) -> None:
         self.box, self.last_seen, self.last_frame = sighting.box, now, index
         if sighting.model != self.model:  # hot swap: the old model's evidence is void
             self.model = sighting.model
@@ -143,8 +143,9 @@ class Tracker:
         self.tracks: list[Track] = []
         self.frames = 0
 
-    def update(self, sightings: Sequence[Sighting], frame: Frame, now: float) -> list[Track]:
-        """The track of each sighting, in order; new tracks for new faces."""
+    def update(self, sightings: Sequence[Sighting], frame: Frame | None, now: float) -> list[Track]:
+        """The track of each sighting, in order; new tracks for new faces (`frame`: the
+        frame to keep as a track's best, None when no snapshot will ever be taken)."""
         self.frames += 1
         self.tracks = [t for t in self.tracks if now - t.last_seen < self.max_gap_s]
         previous = [t for t in self.tracks if t.last_frame == self.frames - 1]
@@ -237,8 +238,12 @@ class Pipeline:
             self.counters.faces += len(sightings)
             self._frame_times.append(time.monotonic())
             self._update_fps()
-            self._seen.last_frame = frame
-            tracks = self._tracker.update(sightings, frame, now)
+            # Frames are kept only for snapshots: each live track holds its best one
+            # (640x480: 0.9 MB, up to MAX_TRACKS of them, ~15 MB when detections
+            # jump about), which a doorbell without snapshots (the default) never sends.
+            kept = frame if self.config.snapshot else None
+            self._seen.last_frame = kept
+            tracks = self._tracker.update(sightings, kept, now)
             self._presence(tracks, now)
             self._visitors(tracks, now)
             ring_now = self._face_ring(sightings)

@@ -47,6 +47,8 @@ class Sink:
     visitors: list[Event] = field(default_factory=list)
     rings: list[tuple[str, str | None]] = field(default_factory=list)
     present_states: list[bool] = field(default_factory=list)
+    frames: list[Frame | None] = field(default_factory=list)
+    """The frame handed over with each visitor and ring event (for its snapshot)."""
 
     def visitor(
         self,
@@ -57,10 +59,12 @@ class Sink:
         frame: Frame | None = None,
     ) -> str:
         self.visitors.append(Event(person, confidence, box))
+        self.frames.append(frame)
         return "event"
 
     def ring(self, source: str, person: str | None = None, frame: Frame | None = None) -> str:
         self.rings.append((source, person))
+        self.frames.append(frame)
         return "ring"
 
     def present(self, present: bool) -> None:
@@ -317,3 +321,27 @@ def test_a_ring_names_the_visit_at_the_door(
     pipeline.ring("button")
     assert sink.rings == [("button", "person1")]
     assert [e.person for e in sink.visitors] == ["person1"] * 2  # the visit, the ring
+
+
+def test_frames_are_held_only_for_snapshots(
+    backbone_models: BackboneModels, house: Gallery
+) -> None:
+    """Each live track holds its best frame for a snapshot (0.9 MB at 640x480): without
+    snapshots (the default) no frame is held, and every event still goes out."""
+    recognizer = recognizer_for(backbone_models, house, threshold=0.0)
+    visit = [f for f, _ in detected(recognizer, 1, 3, 71)]
+    for snapshot in (False, True):
+        sink, clock = Sink(), FrameClock()
+        config = RecognitionConfig(confirm_frames=2, absent_after_s=5.0, snapshot=snapshot)
+        pipeline = Pipeline(detector(), recognizer, sink, config, clock=clock)
+        play(pipeline, clock, visit)
+        pipeline.ring("button")
+        assert [e.person for e in sink.visitors] == ["person1"] * 2  # the visit, the ring
+        assert sink.rings == [("button", "person1")]
+        held = [track.best_frame for track in pipeline._tracker.tracks]
+        assert len(held) == 1
+        if snapshot:  # the visit's best frame, the last frame for the ring, the best again
+            assert all(any(f is v for v in visit) for f in [*held, *sink.frames])
+        else:
+            assert held == [None]
+            assert sink.frames == [None, None, None]
