@@ -24,6 +24,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+# edge.runtime first: it sets what numpy and OpenCV read as they load (the unit's
+# environment, for a doorbell started from a shell).
+from edge import runtime
 from edge.camera import CameraError
 from edge.config import EdgeConfig
 from fedbell.config import load_config
@@ -100,6 +103,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    runtime.tune_malloc()  # before any thread starts
     args = parse_args(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(
         level=getattr(args, "log_level", "INFO"),
