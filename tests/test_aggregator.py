@@ -192,7 +192,15 @@ def make_config(
             "state_dir": str(tmp_path / "state"),
             "cache_dir": str(cache_dir),
             "mqtt": {"port": port, "keepalive": 10},
-            "rounds": {"codec": "float32", "timeout_s": 30, "auto_pause_s": 0, **rounds},
+            # float32 both ways: these tests check the weighted mean to 1e-6 (the default
+            # int8 downlink is checked in test_aggregator_rounds.py)
+            "rounds": {
+                "codec": "float32",
+                "downlink_codec": "float32",
+                "timeout_s": 30,
+                "auto_pause_s": 0,
+                **rounds,
+            },
             "evaluation": {
                 "dataset": str(evaluation) if evaluation else None,
                 "strangers": str(strangers) if strangers else None,

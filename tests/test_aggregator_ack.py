@@ -46,7 +46,12 @@ def _config(tmp_path: Path, port: int, cache_dir: Path) -> Path:
                 "state_dir": str(tmp_path / "state"),
                 "cache_dir": str(cache_dir),
                 "mqtt": {"port": port, "keepalive": 10},
-                "rounds": {"codec": "float32", "timeout_s": 120, "auto_pause_s": 0},
+                "rounds": {  # float32 both ways: the head is checked to 1e-6
+                    "codec": "float32",
+                    "downlink_codec": "float32",
+                    "timeout_s": 120,
+                    "auto_pause_s": 0,
+                },
                 "threads": 1,
                 "persist_interval_s": 3600,
                 "receive_maximum": 100,

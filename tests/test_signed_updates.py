@@ -110,8 +110,13 @@ def test_forged_update_is_refused_and_the_model_keeps_only_honest_work(
             "mqtt": provisioned.mqtt.model_copy(update={"port": broker.port}),
             "state_dir": tmp_path / "aggregator",
             "cache_dir": aggregator_cache,  # the backbone, converted once per test session
-            "rounds": provisioned.rounds.model_copy(
-                update={"codec": "float32", "timeout_s": 6.0, "min_updates": 1}
+            "rounds": provisioned.rounds.model_copy(  # float32 both ways: exact heads
+                update={
+                    "codec": "float32",
+                    "downlink_codec": "float32",
+                    "timeout_s": 6.0,
+                    "min_updates": 1,
+                }
             ),
         }
     )
