@@ -180,7 +180,7 @@ def traffic_bar(reference: Sequence[ArmResult], default: Sequence[ArmResult]) ->
     spread = float(np.std(points, ddof=1)) if len(points) > 1 else float("nan")
     # The bar holds outside noise when even the low end of the 95 % interval of the mean
     # difference is within it (one seed: no interval, the mean itself).
-    margin = T_975.get(len(points), 1.96) * spread / np.sqrt(len(points)) if len(points) > 1 else 0
+    margin = T_975.get(len(points), 1.96) * spread / len(points) ** 0.5 if len(points) > 1 else 0.0
     return {
         "default": DEFAULT_ARM.name,
         "reference": FLOAT32_FEDAVG.name,
@@ -192,7 +192,7 @@ def traffic_bar(reference: Sequence[ArmResult], default: Sequence[ArmResult]) ->
         "points_sd": spread,
         "points_low_95": mean - margin,
         "traffic_ratio": ratio,
-        "passes": ratio <= BAR_TRAFFIC and mean - margin >= -BAR_POINTS,
+        "passes": bool(ratio <= BAR_TRAFFIC and mean - margin >= -BAR_POINTS),
     }
 
 

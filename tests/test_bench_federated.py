@@ -3,6 +3,7 @@ on generated features: no ../shared, no TensorFlow."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -201,6 +202,7 @@ def test_suite_reports_bytes_per_update_and_down_per_codec(bench: Bench, tmp_pat
     assert bar["float32_accuracy"][0] == finals[suite.FLOAT32_FEDAVG.name]
     assert bar["traffic_ratio"] < 1.0
     assert bar["points_low_95"] < bar["points_mean"]
+    json.dumps(bar)  # it goes into reports/bench.json
     assert bar["passes"] == (bar["traffic_ratio"] <= 0.2 and bar["points_low_95"] >= -1.0)
     console = Console(record=True, width=200)
     suite.print_learning(outcome["codecs"], outcome["baselines"], 2, 4, console)
