@@ -68,9 +68,9 @@ from fedbell.envelope import Codec
 
 def _arm(codec: Codec, down: Codec, density: float = PRODUCT.density) -> Arm:
     """An arm named by what goes up and what comes down; "(default)" if it is the product's."""
-    up = f"topk {density:.0%} + int8" if codec == "topk" else codec
+    up = f"topk {density:.0%}" if codec == "topk" else codec  # top-k values go as int8
     default = (codec, density, down) == (PRODUCT.codec, PRODUCT.density, PRODUCT.downlink_codec)
-    name = f"{up} up, {down} down" + (" (default)" if default else "")
+    name = f"{up} / {down}" + (" (default)" if default else "")
     return Arm(name, codec=codec, density=density, downlink_codec=down)
 
 
@@ -101,7 +101,7 @@ def _kb(n: float) -> str:
 def _progress(arm: Arm, r: RoundResult) -> None:
     if r.round % 5 == 0 or r.round == 1:
         print(
-            f"  {arm.name:<34} round {r.round:>3}  open-set {r.open_set_accuracy:.3f}  "
+            f"  {arm.name:<26} round {r.round:>3}  open-set {r.open_set_accuracy:.3f}  "
             f"up {r.bytes_up} B  {r.seconds:.1f}s",
             flush=True,
         )
@@ -208,7 +208,7 @@ def print_learning(
         f"({per_round} houses a round), signed updates"
     )
     columns = (
-        "set-up (up, down)",
+        "codec up / down",
         "open-set acc.",
         "vs float32",
         "TAR @ 1 % FAR",
@@ -356,7 +356,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-learning", action="store_true")
     parser.add_argument("--report", type=Path, default=Path("reports/bench.json"))
     args = parser.parse_args(argv)
-    console = Console(width=150)
+    console = Console(width=180)
     started = time.perf_counter()
     report: dict[str, Any] = {"rounds": args.rounds, "houses_per_round": args.houses_per_round}
     if not args.skip_learning:
