@@ -169,3 +169,14 @@ def test_label_feedback_adds_the_visit_chip_to_the_gallery(tmp_path: Path) -> No
     assert gallery.count() == 1
     with pytest.raises(GalleryError):
         gallery.add("carol", [np.zeros((80, 80), np.uint8)])
+
+
+def test_event_chips_are_held_losslessly_in_less_memory() -> None:
+    """Up to 200 event chips are held for an hour: as PNG, exact and smaller."""
+    store = RecentCrops()
+    chip = chips_of(0, 1, 3)[0]
+    store.add("e", chip, "unknown")
+    stored = store.take("e")
+    assert stored.crop.dtype == np.uint8
+    assert np.array_equal(stored.crop, chip)
+    assert len(stored.png) < chip.nbytes / 1.5
