@@ -848,7 +848,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--no-unit-env",
         action="store_true",
-        help="run the doorbell without the unit's Environment= settings",
+        help="run the doorbell without the unit's Environment= settings, as from a shell "
+        "(`python -m edge` then applies the unit's malloc and OpenBLAS settings itself: "
+        "edge/runtime.py)",
     )
     args = parser.parse_args(argv)
     for folder in (args.dataset, args.strangers):
