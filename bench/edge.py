@@ -1,7 +1,7 @@
 """One real doorbell process: memory, frame rate and traffic, with and without a round.
 
     python -m bench.edge [--gallery 40] [--rounds 8] [--phase-seconds 30] [--fps 120]
-                         [--downlink-codec float32] [--out reports/edge.json]   (make bench-edge)
+                         [--downlink-codec int8] [--out reports/edge.json]   (make bench-edge)
 
 Starts a private Mosquitto (`broker.local.LocalBroker`), the real aggregator
 (`python -m aggregator`, signing on, the backbone converted once and cached in
@@ -73,6 +73,7 @@ import paho.mqtt.client as mqtt
 import yaml
 from paho.mqtt.enums import CallbackAPIVersion
 
+from aggregator.config import RoundSettings
 from bench.scale import seed_backbone_cache, signing_keys
 from broker.local import LocalBroker
 from fedbell.envelope import decode
@@ -835,8 +836,11 @@ def main(argv: list[str] | None = None) -> int:
         default=120.0,
         help="camera rate (120, the most allowed: as fast as it is read)",
     )
-    parser.add_argument("--codec", default="topk", help="update codec (the product's default)")
-    parser.add_argument("--downlink-codec", default="float32", help="global head codec")
+    product = RoundSettings()
+    parser.add_argument("--codec", default=product.codec, help="update codec (the product's)")
+    parser.add_argument(
+        "--downlink-codec", default=product.downlink_codec, help="global head codec (the product's)"
+    )
     parser.add_argument("--dataset", type=Path, default=DATASETS / "lfw_dev")
     parser.add_argument("--strangers", type=Path, default=DATASETS / "lfw_strangers")
     parser.add_argument("--chroot", type=Path, default=None, help="run the doorbell in this root")
