@@ -82,6 +82,7 @@ from typing import Any, Literal
 import numpy as np
 import numpy.typing as npt
 
+from aggregator.export import as_received
 from bench import federated
 from bench.openset_features import (
     ENROL_PER_PERSON,
@@ -459,10 +460,11 @@ def run_federated(
             row.seconds,
         )
 
+    arm = federated.Arm("federated", server=settings.server_optimizer)
     outcome = federated.run_arm(
         bench.train,
         bench.start,
-        federated.Arm("federated", server=settings.server_optimizer),
+        arm,
         settings.rounds,
         score,
         params=replace(settings.params, seed=seed),
@@ -470,8 +472,10 @@ def run_federated(
         backbone=bench.backbone,
         progress=None if progress is None else lambda _arm, row: progress(record(row)),
     )
+    # Scored as the doorbells run it: the head decoded from the downlink codec.
     threshold = outcome.final.threshold
-    result = evaluate(bench, [outcome.weights], threshold)
+    received = as_received(HEAD_NAMES, outcome.weights, arm.downlink_codec)
+    result = evaluate(bench, [received], threshold)
     records = [record(row) for row in outcome.rounds]
     return ArmOutcome("federated", result, threshold, time.perf_counter() - started, records)
 
