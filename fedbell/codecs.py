@@ -6,8 +6,9 @@
   one per tensor for vectors, then int8 values: ~4x smaller before zstd.
 - topk: only the largest `density` share of each tensor's entries, as
   gap-coded indices and int8 values. What it leaves out is not lost: the
-  device keeps it as a residual and adds it to its next delta (error
-  feedback, `fedbell.sparsify`).
+  device keeps it as a residual and trains its next round from the global
+  head plus that residual, so the next delta carries it (error feedback,
+  `fedbell.sparsify`).
 
 zstd runs on top of every codec. The decoder knows from the header's tensor
 specs the most bytes a body can decompress to and refuses to produce one byte
