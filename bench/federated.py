@@ -273,14 +273,13 @@ def _client_step(  # noqa: PLR0917 - what a doorbell holds in a round
         house.labels,
         house.negatives,
         dataclasses.replace(plan, seed=round_seed(device, round_id)),
+        residual=residuals.get(device) if settings.codec == "topk" else None,
     )
     delta = trained.delta
     if attack:
         delta = poison(delta, attack[0])
     if settings.codec == "topk":
-        delta, residuals[device] = with_error_feedback(
-            HEAD_NAMES, delta, residuals.get(device), settings.density
-        )
+        delta, residuals[device] = with_error_feedback(HEAD_NAMES, delta, settings.density)
     return messages.build_update(
         site=SITE,
         signer=messages.Signer(device, key),

@@ -688,7 +688,11 @@ class EdgeNode:
             base.version,
         )
         try:
-            result = train_delta(base.weights, data.features, data.labels, strangers, params)
+            # top-k: the unsent remainder goes into training, so it is carried once
+            residual = self._residual if announcement.codec == "topk" else None
+            result = train_delta(
+                base.weights, data.features, data.labels, strangers, params, residual=residual
+            )
         except ValueError as err:
             self.counters["bad_shapes"] += 1
             log.warning(
@@ -704,9 +708,7 @@ class EdgeNode:
             return
         delta, residual = result.delta, None
         if announcement.codec == "topk":
-            delta, residual = with_error_feedback(
-                base.names, delta, self._residual, announcement.density
-            )
+            delta, residual = with_error_feedback(base.names, delta, announcement.density)
         payload = build_update(
             site=self.config.site,
             signer=self.signer,

@@ -8,11 +8,11 @@ memory", 2018). The residual never leaves the device.
 The residual goes into the next round's training, not onto its delta:
 `edge.trainer.train_delta(..., residual=r)` trains from base + r and returns
 trained - base, which already carries r; then `with_error_feedback(names,
-delta, None, density)` splits that into what is sent and the new residual.
-Adding r to a delta trained from the bare base counts it twice, because local
-epochs of Adam re-learn most of what was not sent; the residual then grows
-every round (see `train_delta`). The `residual` argument below does that
-addition and is kept only for callers that have not moved yet.
+delta, density)` splits that into what is sent and the new residual.
+Adding r to a delta trained from the bare base would count it twice, because
+local epochs of Adam re-learn most of what was not sent; the residual then
+grows every round (on generated faces top-k 5 % drifted from 0.50 to 0.44
+open-set accuracy over 40 rounds that way, see `train_delta`).
 """
 
 from __future__ import annotations
@@ -25,21 +25,14 @@ from fedbell.codecs import Weights, decode_tensors, encode_tensors
 
 
 def with_error_feedback(
-    names: Sequence[str],
-    delta: Sequence[np.ndarray],
-    residual: Sequence[np.ndarray] | None,
-    density: float,
+    names: Sequence[str], delta: Sequence[np.ndarray], density: float
 ) -> tuple[Weights, Weights]:
     """(delta to send with the topk codec, residual to keep for the next round).
 
-    `residual`: None when it went into `train_delta` (the right way, see above).
+    `delta` was trained with the previous residual (see above); the residual
+    returned is what top-k leaves out of it.
     """
-    corrected: Weights = [np.asarray(d, dtype=np.float32) for d in delta]
-    if residual is not None:
-        if [r.shape for r in residual] != [c.shape for c in corrected]:
-            residual = None  # the model changed shape: the old remainder means nothing
-        else:
-            corrected = [c + r.astype(np.float32) for c, r in zip(corrected, residual, strict=True)]
-    specs, body = encode_tensors(names, corrected, "topk", density=density)
+    full: Weights = [np.asarray(d, dtype=np.float32) for d in delta]
+    specs, body = encode_tensors(names, full, "topk", density=density)
     sent = decode_tensors(specs, body, "topk", "zstd")
-    return corrected, [c - s for c, s in zip(corrected, sent, strict=True)]
+    return full, [c - s for c, s in zip(full, sent, strict=True)]

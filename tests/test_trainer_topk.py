@@ -49,7 +49,7 @@ def _topk_rounds(rounds: int) -> tuple[Matrix, Weights]:
     for round_id in range(rounds):
         params = TrainParams(seed=round_id)
         trained = train_delta([head], features, labels, NO_STRANGERS, params, residual=residual)
-        delta, residual = with_error_feedback(HEAD_NAMES, trained.delta, None, DENSITY)
+        delta, residual = with_error_feedback(HEAD_NAMES, trained.delta, DENSITY)
         head = _aggregate(head, delta, trained.num_examples)
     assert residual is not None
     return head, residual
