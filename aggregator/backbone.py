@@ -24,9 +24,9 @@ from pathlib import Path
 import numpy as np
 
 from aggregator.quiet import native_noise_dropped
-from fedbell import dlib_resnet
-from fedbell.align import CHIP_SIZE
-from fedbell.features import Chip
+from fedbell.faces import dlib_resnet
+from fedbell.faces.align import CHIP_SIZE
+from fedbell.faces.features import Chip
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +49,7 @@ def synthetic_chips(count: int, seed: int = 0) -> list[Chip]:
     """Generated faces as chips: the representative set when no real photos are given."""
     import cv2
 
-    from fedbell.synthetic import make_identities, render_face
+    from fedbell.faces.synthetic import make_identities, render_face
 
     rng = np.random.default_rng(seed)
     chips = []

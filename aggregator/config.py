@@ -7,10 +7,10 @@ from typing import Literal, Self
 
 from pydantic import Field, field_validator, model_validator
 
-from fedbell.codecs import DEFAULT_DENSITY, TENSOR_CODECS
 from fedbell.config import MqttSettings, SigningSettings, StrictModel, site_id
-from fedbell.envelope import Codec
-from fedbell.protocol import TrainingPlan
+from fedbell.wire.codecs import DEFAULT_DENSITY, TENSOR_CODECS
+from fedbell.wire.envelope import Codec
+from fedbell.wire.protocol import TrainingPlan
 
 DEFAULT_THRESHOLD = 0.75
 """Cosine threshold when no strangers calibrate one (see README: what it means)."""

@@ -30,8 +30,8 @@ from aggregator.rounds import Round, announce, select_devices
 from aggregator.state import StateStore
 from aggregator.strategy import InconsistentUpdate
 from fedbell.errors import RejectedMessage
-from fedbell.messages import parse_update
-from fedbell.protocol import (
+from fedbell.wire.messages import parse_update
+from fedbell.wire.protocol import (
     Command,
     DeviceStatus,
     Reply,
@@ -40,8 +40,8 @@ from fedbell.protocol import (
     parse_json,
     to_json,
 )
-from fedbell.signing import sign_announcement
-from fedbell.topics import Topics
+from fedbell.wire.signing import sign_announcement
+from fedbell.wire.topics import Topics
 
 log = logging.getLogger("aggregator")
 

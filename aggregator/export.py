@@ -20,15 +20,15 @@ import numpy as np
 from aggregator.backbone import BackboneModels, backbone_models
 from aggregator.config import AggregatorConfig, EvaluationSettings
 from aggregator.quiet import native_noise_dropped
-from fedbell import dlib_resnet
-from fedbell.codecs import Weights, decode_tensors, encode_tensors
-from fedbell.dataset import Sample, list_samples
-from fedbell.detection import make_detector
-from fedbell.embedding import HEAD_NAMES, Features
-from fedbell.envelope import Codec, TensorSpec
-from fedbell.features import Backbone, FaceSet, cached_features, photo_chips
-from fedbell.messages import Signer, build_global, build_tflite
-from fedbell.openset import evaluate_head
+from fedbell.faces import dlib_resnet
+from fedbell.faces.dataset import Sample, list_samples
+from fedbell.faces.detection import make_detector
+from fedbell.faces.embedding import HEAD_NAMES, Features
+from fedbell.faces.features import Backbone, FaceSet, cached_features, photo_chips
+from fedbell.faces.openset import evaluate_head
+from fedbell.wire.codecs import Weights, decode_tensors, encode_tensors
+from fedbell.wire.envelope import Codec, TensorSpec
+from fedbell.wire.messages import Signer, build_global, build_tflite
 
 log = logging.getLogger(__name__)
 

@@ -25,7 +25,7 @@ from aggregator.robust import ServerOptimizer
 from aggregator.rounds import Round
 from aggregator.state import ModelRecord, RoundStatus, StateError, StateRecord, StateStore
 from aggregator.strategy import InconsistentUpdate
-from fedbell.codecs import Weights
+from fedbell.wire.codecs import Weights
 
 log = logging.getLogger("aggregator")
 

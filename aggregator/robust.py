@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import numpy.typing as npt
 
-from fedbell.codecs import Weights
+from fedbell.wire.codecs import Weights
 
 Delta = Sequence[npt.NDArray[np.floating]]
 

@@ -26,8 +26,8 @@ from aggregator.config import RoundSettings, Strategy
 from aggregator.state import RoundRecord, RoundStatus
 from aggregator.strategy import update_norm
 from fedbell.errors import RejectedMessage
-from fedbell.messages import Update
-from fedbell.protocol import Phase, RoundAnnouncement
+from fedbell.wire.messages import Update
+from fedbell.wire.protocol import Phase, RoundAnnouncement
 
 NextStep = Literal["wait", "aggregate", "abandon"]
 

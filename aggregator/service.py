@@ -41,10 +41,10 @@ from aggregator.coordinator import Coordinator
 from aggregator.export import Exporter
 from aggregator.state import StateError, StateStore
 from fedbell import systemd
-from fedbell.messages import AGGREGATOR, Signer
-from fedbell.mqtt import connect, make_client
-from fedbell.signing import KeyRing, load_private_key
-from fedbell.topics import Topics
+from fedbell.wire.messages import AGGREGATOR, Signer
+from fedbell.wire.mqtt import connect, make_client
+from fedbell.wire.signing import KeyRing, load_private_key
+from fedbell.wire.topics import Topics
 
 log = logging.getLogger("aggregator")
 

@@ -30,7 +30,7 @@ import numpy.typing as npt
 from pydantic import BaseModel, ConfigDict, Field
 
 from fedbell.errors import FedbellError
-from fedbell.protocol import RoundAnnouncement
+from fedbell.wire.protocol import RoundAnnouncement
 
 STATE_FILE = "state.json"
 PREFIXES = ("model", "sum", "optimizer", "global", "tflite", "metrics")

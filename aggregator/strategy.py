@@ -19,8 +19,8 @@ from collections.abc import Sequence
 import numpy as np
 import numpy.typing as npt
 
-from fedbell.codecs import Weights
 from fedbell.errors import FedbellError
+from fedbell.wire.codecs import Weights
 
 Sums = list[npt.NDArray[np.float64]]
 

@@ -1,4 +1,4 @@
-"""Numerical check of fedbell.dlib_resnet and fedbell.align against dlib itself.
+"""Numerical check of fedbell.faces.dlib_resnet and fedbell.faces.align against dlib itself.
 
     python -m bench.check_dlib [--photos 210] [--dlib-path /tmp/dlibpy]
 
@@ -43,9 +43,9 @@ import cv2
 import numpy as np
 import numpy.typing as npt
 
-from fedbell import dlib_resnet
-from fedbell.align import align_by_eyes, chip_from_box, to_rgb
-from fedbell.detection import cascade_path
+from fedbell.faces import dlib_resnet
+from fedbell.faces.align import align_by_eyes, chip_from_box, to_rgb
+from fedbell.faces.detection import cascade_path
 
 DATASETS = Path(__file__).resolve().parents[1].parent / "shared/datasets"
 DLIB_PATH = "/tmp/dlibpy"  # noqa: S108 - where the install line above puts the reference
@@ -115,7 +115,7 @@ class Lite:
     """A TFLite model on LiteRT, one thread, one chip at a time."""
 
     def __init__(self, model: bytes) -> None:
-        from fedbell.litert import interpreter_factory
+        from fedbell.faces.litert import interpreter_factory
 
         self.size = len(model)
         self.interpreter = interpreter_factory()(model_content=model, num_threads=1)

@@ -32,7 +32,7 @@ from bench.openset_features import (
     photos_of,
     start_head,
 )
-from fedbell.codecs import Weights
+from fedbell.wire.codecs import Weights
 
 ROOT = Path(__file__).resolve().parents[1]
 DATASETS = ROOT.parent / "shared" / "datasets"

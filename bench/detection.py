@@ -34,7 +34,7 @@ import cv2
 import numpy as np
 import numpy.typing as npt
 
-from fedbell.detection import BlazeFaceDetector, Detector, Face, HaarDetector
+from fedbell.faces.detection import BlazeFaceDetector, Detector, Face, HaarDetector
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATASETS = ROOT.parent / "shared/datasets"

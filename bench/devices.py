@@ -29,12 +29,12 @@ import paho.mqtt.client as mqtt
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from paho.mqtt.enums import CallbackAPIVersion
 
-from fedbell.codecs import Weights
 from fedbell.errors import RejectedMessage
-from fedbell.messages import AGGREGATOR, Signer, build_update, parse_global
-from fedbell.protocol import DeviceStatus, RoundAnnouncement, parse_json, to_json
-from fedbell.signing import load_private_key, load_public_key
-from fedbell.topics import Topics
+from fedbell.wire.codecs import Weights
+from fedbell.wire.messages import AGGREGATOR, Signer, build_update, parse_global
+from fedbell.wire.protocol import DeviceStatus, RoundAnnouncement, parse_json, to_json
+from fedbell.wire.signing import load_private_key, load_public_key
+from fedbell.wire.topics import Topics
 
 log = logging.getLogger("bench.devices")
 

@@ -76,11 +76,11 @@ from paho.mqtt.enums import CallbackAPIVersion
 from aggregator.config import RoundSettings
 from bench.scale import seed_backbone_cache, signing_keys
 from broker.local import LocalBroker
-from fedbell.envelope import decode
-from fedbell.features import read_photo
-from fedbell.protocol import DeviceStatus, RoundAnnouncement, RoundMetrics
-from fedbell.synthetic import make_scene
-from fedbell.topics import Topics, doorbell_topic
+from fedbell.faces.features import read_photo
+from fedbell.faces.synthetic import make_scene
+from fedbell.wire.envelope import decode
+from fedbell.wire.protocol import DeviceStatus, RoundAnnouncement, RoundMetrics
+from fedbell.wire.topics import Topics, doorbell_topic
 
 SITE = "edgebench"
 DEVICE = "door"
@@ -91,7 +91,7 @@ GAP_FRAMES = 6
 BARS = {"training_rss_mb": 250.0, "recognizing_rss_mb": 150.0, "fps_ratio": 0.7}
 UNIT = REPO / "systemd" / "fedbell-edge@.service"
 FLOAT32_HEAD_BYTES = 256 * 128 * 4
-"""The federated head (fedbell.embedding) as raw float32: plain FedAvg's message each way."""
+"""The federated head (fedbell.faces.embedding) as raw float32: plain FedAvg's message each way."""
 
 
 # --- what the doorbell process does, seen from outside ------------------------------------
@@ -612,10 +612,10 @@ from ai_edge_litert.interpreter import Interpreter; step("ai_edge_litert")
 import paho.mqtt.client, cryptography.hazmat.primitives.asymmetric.ed25519, pydantic, zstandard
 step("paho, cryptography, pydantic, zstandard")
 import edge.node; step("edge and fedbell modules")
-from fedbell.detection import BlazeFaceDetector
+from fedbell.faces.detection import BlazeFaceDetector
 BlazeFaceDetector("full_range").detect(np.zeros((480, 640, 3), np.uint8))
 step("BlazeFace loaded, run")
-from fedbell.features import Backbone
+from fedbell.faces.features import Backbone
 model = open(sys.argv[1], "rb").read(); step("int8 backbone file read")
 Backbone(model, 1).features([np.zeros((150, 150, 3), np.uint8)])
 step("int8 backbone interpreter, run")

@@ -11,7 +11,7 @@ same learning in one process. Every step is the product's own:
   parsed by each doorbell with `parse_global` against the aggregator's key;
 - client step: `edge.trainer.train_delta` on the house's backbone features,
   labels and strangers; with top-k, error feedback kept per doorbell
-  (`fedbell.sparsify.with_error_feedback`), as the edge node keeps it;
+  (`fedbell.wire.sparsify.with_error_feedback`), as the edge node keeps it;
 - up: `build_update` signed with the doorbell's Ed25519 key, in the round's
   codec, then what the aggregator does with it: `parse_update` (signature,
   specs, values), `Round.check` (round, base, codec, norm) and `Round.accept`
@@ -49,13 +49,13 @@ from aggregator.export import as_received
 from aggregator.rounds import Round, announce, select_devices
 from aggregator.strategy import InconsistentUpdate
 from edge.trainer import round_seed, train_delta
-from fedbell import messages
-from fedbell.codecs import Weights
-from fedbell.embedding import HEAD_NAMES, Features, LabelIds, TrainParams
-from fedbell.envelope import Codec, TensorSpec
 from fedbell.errors import RejectedMessage
-from fedbell.protocol import to_json
-from fedbell.sparsify import with_error_feedback
+from fedbell.faces.embedding import HEAD_NAMES, Features, LabelIds, TrainParams
+from fedbell.wire import messages
+from fedbell.wire.codecs import Weights
+from fedbell.wire.envelope import Codec, TensorSpec
+from fedbell.wire.protocol import to_json
+from fedbell.wire.sparsify import with_error_feedback
 
 Strategy = Literal["fedavg", "clipped", "median", "trimmed_mean", "multi_krum"]
 Attack = Literal["scale", "sign_flip"]

@@ -3,7 +3,7 @@
     python -m bench.fuzz --count 100000 [--codecs float32 float16 int8 topk]
 
 For each update codec (top-k, the product's default, included) the fuzzer
-builds valid updates of the federated head (`fedbell.embedding.HEAD_NAMES`,
+builds valid updates of the federated head (`fedbell.faces.embedding.HEAD_NAMES`,
 dlib's 256 → 128 projection) and mutates each one way: raw byte damage, a
 header that lies (re-serialised with a correct sha256 so the lie reaches the
 deeper checks), a poisoned body written in that codec's own layout (NaN/Inf
@@ -56,12 +56,12 @@ from aggregator.accumulator import Accumulator, make_accumulator, next_step
 from aggregator.config import RoundSettings
 from aggregator.rounds import Round, announce
 from aggregator.strategy import InconsistentUpdate
-from fedbell import envelope, messages
-from fedbell.codecs import TENSOR_CODECS, Weights
-from fedbell.dlib_resnet import DESCRIPTOR, FEATURES
-from fedbell.embedding import HEAD_NAMES
-from fedbell.envelope import Codec, TensorSpec
 from fedbell.errors import RejectedMessage
+from fedbell.faces.dlib_resnet import DESCRIPTOR, FEATURES
+from fedbell.faces.embedding import HEAD_NAMES
+from fedbell.wire import envelope, messages
+from fedbell.wire.codecs import TENSOR_CODECS, Weights
+from fedbell.wire.envelope import Codec, TensorSpec
 
 SITE = "home"
 DEVICES = ("door", "garage")

@@ -14,8 +14,8 @@ calibration folder, and strangers seen at the doorbells (the negatives of
 the doorbells' training, a seeded sample per house).
 
 Every photo goes through what a doorbell does: the whole photo is degraded
-by `fedbell.conditions.doorbell_conditions` (unless `--conditions clean`),
-then BlazeFace finds the face and its eyes, `fedbell.features.face_chip`
+by `fedbell.faces.conditions.doorbell_conditions` (unless `--conditions clean`),
+then BlazeFace finds the face and its eyes, `fedbell.faces.features.face_chip`
 aligns it and the frozen backbone (dlib's ResNet on LiteRT) computes its
 features. The backbone never changes, so features are cached under
 `reports/cache/`, keyed by photo, conditions, seed and backbone hash.
@@ -95,11 +95,11 @@ from bench.openset_features import (
     time_doorbell,
 )
 from edge.trainer import round_seed, train_delta
-from fedbell.calibration import calibrate_threshold
-from fedbell.codecs import Weights
-from fedbell.embedding import HEAD_NAMES, Features, TrainParams, embed, train_head
-from fedbell.envelope import TensorSpec
-from fedbell.openset import OpenSetResult, Trial, prototype, score_trials, trial
+from fedbell.faces.calibration import calibrate_threshold
+from fedbell.faces.embedding import HEAD_NAMES, Features, TrainParams, embed, train_head
+from fedbell.faces.openset import OpenSetResult, Trial, prototype, score_trials, trial
+from fedbell.wire.codecs import Weights
+from fedbell.wire.envelope import TensorSpec
 
 ROOT = Path(__file__).resolve().parents[1]
 DATASETS = ROOT.parent / "shared" / "datasets"

@@ -1,9 +1,9 @@
 """From photos to cached backbone features for `bench.openset`, as a doorbell computes them.
 
-Each photo is read, degraded by `fedbell.conditions.doorbell_conditions`
+Each photo is read, degraded by `fedbell.faces.conditions.doorbell_conditions`
 (seeded by its key and the run's seed; not with `clean`), its largest face
 found by the detector (BlazeFace: box and eyes), aligned by
-`fedbell.features.face_chip` and run through the frozen backbone on LiteRT.
+`fedbell.faces.features.face_chip` and run through the frozen backbone on LiteRT.
 The backbone never changes within a lineage, so the features are cached in
 `reports/cache/openset-<conditions>-s<seed>-<backbone sha256>.npz`, keyed by
 photo, and computed by `jobs` worker processes of one thread each.
@@ -24,10 +24,10 @@ from typing import Any, Literal
 import numpy as np
 import numpy.typing as npt
 
-from fedbell.codecs import Weights
-from fedbell.dataset import list_samples
-from fedbell.embedding import Features, embed
-from fedbell.openset import prototype
+from fedbell.faces.dataset import list_samples
+from fedbell.faces.embedding import Features, embed
+from fedbell.faces.openset import prototype
+from fedbell.wire.codecs import Weights
 
 Conditions = Literal["doorbell", "clean"]
 ENROL_PER_PERSON = 5
@@ -63,8 +63,8 @@ _WORKER: dict[str, Any] = {}
 
 
 def _init_worker(backbone: bytes, detector: str) -> None:
-    from fedbell.detection import make_detector
-    from fedbell.features import Backbone
+    from fedbell.faces.detection import make_detector
+    from fedbell.faces.features import Backbone
 
     _WORKER["backbone"] = Backbone(backbone, num_threads=1)
     _WORKER["detector"] = make_detector(detector, max_faces=1)  # type: ignore[arg-type]
@@ -73,8 +73,8 @@ def _init_worker(backbone: bytes, detector: str) -> None:
 def _chip_of(path: Path, key: str, conditions: Conditions, seed: int) -> tuple[Any, bool]:
     import cv2
 
-    from fedbell.conditions import doorbell_conditions
-    from fedbell.features import face_chip
+    from fedbell.faces.conditions import doorbell_conditions
+    from fedbell.faces.features import face_chip
 
     image = cv2.imread(str(path), cv2.IMREAD_COLOR)
     if image is None:
@@ -202,8 +202,8 @@ def time_doorbell(
     """
     import cv2
 
-    from fedbell.conditions import doorbell_conditions
-    from fedbell.features import face_chip
+    from fedbell.faces.conditions import doorbell_conditions
+    from fedbell.faces.features import face_chip
 
     _init_worker(backbone, detector)
     images = []
@@ -240,7 +240,7 @@ def time_doorbell(
 
 def start_head() -> Weights:
     """Version 0 of every lineage: dlib's own final projection."""
-    from fedbell import dlib_resnet
+    from fedbell.faces import dlib_resnet
 
     return [np.asarray(dlib_resnet.dlib_projection(dlib_resnet.load()), np.float32)]
 

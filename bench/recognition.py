@@ -44,12 +44,12 @@ import numpy.typing as npt
 from edge.gallery import GalleryFeatures
 from edge.pipeline import Pipeline
 from edge.recognizer import UNKNOWN, Head, Recognizer
-from fedbell.calibration import calibrate_threshold
-from fedbell.dataset import list_samples
-from fedbell.detection import Detector, make_detector
-from fedbell.embedding import embed
-from fedbell.features import Chip, find_chip, read_photo
-from fedbell.synthetic import make_identities, render_face
+from fedbell.faces.calibration import calibrate_threshold
+from fedbell.faces.dataset import list_samples
+from fedbell.faces.detection import Detector, make_detector
+from fedbell.faces.embedding import embed
+from fedbell.faces.features import Chip, find_chip, read_photo
+from fedbell.faces.synthetic import make_identities, render_face
 
 ROOT = Path(__file__).resolve().parents[1]
 DATASETS = ROOT.parent / "shared" / "datasets"
@@ -229,7 +229,7 @@ def _flavours(cache: Path) -> tuple[list[Flavour], str]:
 
 
 def _start_head() -> list[np.ndarray]:
-    from fedbell import dlib_resnet
+    from fedbell.faces import dlib_resnet
 
     return [np.asarray(dlib_resnet.dlib_projection(dlib_resnet.load()), np.float32)]
 

@@ -49,7 +49,7 @@ from rich.table import Table
 from bench import openset
 from bench.data import CACHE, DEFAULT_DATASET, DEFAULT_STRANGERS, DatasetMissing, load_bench, scorer
 from bench.federated import PRODUCT, Arm, Attack, RoundResult, round_settings, run_arm
-from fedbell.embedding import TrainParams
+from fedbell.faces.embedding import TrainParams
 
 ATTACK: tuple[Attack, ...] = ("scale", "sign_flip")
 BAR_POINTS = 3.0

@@ -71,9 +71,9 @@ from rich.console import Console
 from rich.table import Table
 
 from broker.local import LocalBroker
-from fedbell.envelope import Codec
-from fedbell.protocol import Reply, RoundAnnouncement, RoundMetrics
-from fedbell.topics import Topics
+from fedbell.wire.envelope import Codec
+from fedbell.wire.protocol import Reply, RoundAnnouncement, RoundMetrics
+from fedbell.wire.topics import Topics
 
 SITE = "scale"
 REPO = Path(__file__).resolve().parents[1]

@@ -35,8 +35,8 @@ from paho.mqtt.enums import CallbackAPIVersion
 from bench.devices import Fleet
 from bench.scale import RssSampler, seed_backbone_cache, signing_keys
 from broker.local import LocalBroker
-from fedbell.protocol import RoundMetrics
-from fedbell.topics import Topics
+from fedbell.wire.protocol import RoundMetrics
+from fedbell.wire.topics import Topics
 
 SITE = "soak"
 WARM_UP_ROUND = 20

@@ -62,8 +62,8 @@ from rich.table import Table
 from bench import openset
 from bench.data import CACHE, DEFAULT_DATASET, DEFAULT_STRANGERS, DatasetMissing, load_bench, scorer
 from bench.federated import PRODUCT, Arm, ArmResult, RoundResult, run_arm
-from fedbell.embedding import TrainParams
-from fedbell.envelope import Codec
+from fedbell.faces.embedding import TrainParams
+from fedbell.wire.envelope import Codec
 
 
 def _arm(codec: Codec, down: Codec, density: float = PRODUCT.density) -> Arm:

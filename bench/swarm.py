@@ -35,11 +35,11 @@ import numpy as np
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
-from fedbell.envelope import Codec
-from fedbell.messages import AGGREGATOR, GlobalModel, Signer, build_update, parse_global
-from fedbell.protocol import DeviceStatus, RoundAnnouncement, to_json
-from fedbell.signing import load_private_key, load_public_key
-from fedbell.topics import Topics
+from fedbell.wire.envelope import Codec
+from fedbell.wire.messages import AGGREGATOR, GlobalModel, Signer, build_update, parse_global
+from fedbell.wire.protocol import DeviceStatus, RoundAnnouncement, to_json
+from fedbell.wire.signing import load_private_key, load_public_key
+from fedbell.wire.topics import Topics
 
 log = logging.getLogger("bench.swarm")
 

@@ -182,7 +182,7 @@ def serial_of(cert_path: Path) -> int:
 
 
 def create_signing_key(private_path: Path, public_path: Path) -> None:
-    """An Ed25519 key pair for signing fedbell messages (fedbell/signing.py).
+    """An Ed25519 key pair for signing fedbell messages (fedbell/wire/signing.py).
 
     The private key is PKCS#8 PEM, the public key SubjectPublicKeyInfo PEM:
     `serialization.load_pem_private_key` / `load_pem_public_key` read them.

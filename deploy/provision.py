@@ -49,7 +49,7 @@ from broker.secure import render_config
 from deploy import pki
 from deploy.acl import Role, render
 from deploy.files import GROUP_READABLE, make_dir, write_file, write_private, write_public
-from fedbell.messages import AGGREGATOR
+from fedbell.wire.messages import AGGREGATOR
 
 DEFAULT_SITE_DIR = Path("/etc/fedbell/site")
 BROKER_UNIT = "fedbell-broker.service"

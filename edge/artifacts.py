@@ -27,10 +27,10 @@ from edge.config import EdgeConfig
 from edge.gallery import Gallery, GalleryFeatures
 from edge.recognizer import Recognizer, RecognizerError
 from edge.state import NodeState, StoredArtifact
-from fedbell.codecs import Weights
-from fedbell.embedding import embed
-from fedbell.messages import TfliteArtifact
-from fedbell.openset import best_match, prototype
+from fedbell.faces.embedding import embed
+from fedbell.faces.openset import best_match, prototype
+from fedbell.wire.codecs import Weights
+from fedbell.wire.messages import TfliteArtifact
 
 log = logging.getLogger(__name__)
 

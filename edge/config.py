@@ -15,7 +15,7 @@ from edge.recognition_config import (
     RecognitionConfig,
 )
 from fedbell.config import MqttSettings, SigningSettings, StrictModel, site_id
-from fedbell.topics import check_segment
+from fedbell.wire.topics import check_segment
 
 
 class TrainingSettings(StrictModel):

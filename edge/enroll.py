@@ -6,7 +6,7 @@
     python -m edge enroll --config X --remove NAME
 
 Each frame or photo goes through the doorbell's own detector and alignment
-(`fedbell.features.find_chip`), so the gallery holds exactly what live
+(`fedbell.faces.features.find_chip`), so the gallery holds exactly what live
 recognition compares against. A running doorbell notices the change within
 a second (`edge.gallery.Gallery.signature`): no round, no restart and no
 message to the aggregator. What was kept is printed per person, with a
@@ -29,9 +29,9 @@ from edge.gallery import Gallery, GalleryError, check_person_name
 from edge.live import make_detector
 from edge.recognition_config import CameraConfig, DetectionConfig
 from edge.state import NodeState
-from fedbell.dataset import IMAGE_SUFFIXES
-from fedbell.detection import Detector
-from fedbell.features import Backbone, BackboneError, Chip, face_chip, find_chip, read_photo
+from fedbell.faces.dataset import IMAGE_SUFFIXES
+from fedbell.faces.detection import Detector
+from fedbell.faces.features import Backbone, BackboneError, Chip, face_chip, find_chip, read_photo
 
 log = logging.getLogger(__name__)
 

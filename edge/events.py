@@ -35,9 +35,9 @@ from edge.homeassistant import (
     DoorbellTopics,
     discovery_payload,
 )
-from fedbell import safejson
 from fedbell.errors import RejectedMessage
-from fedbell.faces import Box
+from fedbell.faces.images import Box
+from fedbell.wire import safejson
 
 log = logging.getLogger(__name__)
 

@@ -22,8 +22,8 @@ import numpy.typing as npt
 
 from edge.gallery import IGNORE, Gallery, GalleryError
 from edge.gallery import check_person_name as _check_name
-from fedbell import safejson
 from fedbell.errors import RejectedMessage
+from fedbell.wire import safejson
 
 log = logging.getLogger(__name__)
 

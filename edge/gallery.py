@@ -31,12 +31,12 @@ import cv2
 import numpy as np
 
 from edge.state import write_atomically
-from fedbell.align import CHIP_SIZE, chip_from_box
-from fedbell.dataset import IMAGE_SUFFIXES
-from fedbell.detection import Detector
-from fedbell.embedding import Features, LabelIds
-from fedbell.features import Backbone, Chip, find_chip, is_chip, read_photo
-from fedbell.openset import UNKNOWN
+from fedbell.faces.align import CHIP_SIZE, chip_from_box
+from fedbell.faces.dataset import IMAGE_SUFFIXES
+from fedbell.faces.detection import Detector
+from fedbell.faces.embedding import Features, LabelIds
+from fedbell.faces.features import Backbone, Chip, find_chip, is_chip, read_photo
+from fedbell.faces.openset import UNKNOWN
 
 log = logging.getLogger(__name__)
 

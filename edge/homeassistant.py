@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from fedbell.topics import check_segment
+from fedbell.wire.topics import check_segment
 
 ONLINE = "online"
 OFFLINE = "offline"

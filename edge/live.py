@@ -26,7 +26,7 @@ from edge.homeassistant import DoorbellTopics
 from edge.pipeline import Pipeline
 from edge.recognition_config import DetectionConfig
 from edge.recognizer import Recognizer
-from fedbell.detection import BlazeFaceDetector, Detector, DetectorError, HaarDetector
+from fedbell.faces.detection import BlazeFaceDetector, Detector, DetectorError, HaarDetector
 from fedbell.redact import redact
 
 log = logging.getLogger(__name__)

@@ -43,11 +43,13 @@ from edge.plan import check_announcement
 from edge.recognizer import Head, Recognizer, RecognizerError
 from edge.state import NodeState
 from edge.trainer import round_seed, train_delta
-from fedbell import signing, systemd
-from fedbell.codecs import TENSOR_CODECS, Weights, model_decode_limit
-from fedbell.embedding import Features, TrainParams
+from fedbell import systemd
 from fedbell.errors import ConfigError, RejectedMessage
-from fedbell.messages import (
+from fedbell.faces.embedding import Features, TrainParams
+from fedbell.redact import redact
+from fedbell.wire import signing
+from fedbell.wire.codecs import TENSOR_CODECS, Weights, model_decode_limit
+from fedbell.wire.messages import (
     AGGREGATOR,
     GlobalModel,
     Signer,
@@ -55,11 +57,10 @@ from fedbell.messages import (
     parse_global,
     parse_tflite,
 )
-from fedbell.mqtt import connect, make_client
-from fedbell.protocol import DeviceStatus, RoundAnnouncement, parse_json, to_json
-from fedbell.redact import redact
-from fedbell.sparsify import with_error_feedback
-from fedbell.topics import Topics
+from fedbell.wire.mqtt import connect, make_client
+from fedbell.wire.protocol import DeviceStatus, RoundAnnouncement, parse_json, to_json
+from fedbell.wire.sparsify import with_error_feedback
+from fedbell.wire.topics import Topics
 
 log = logging.getLogger(__name__)
 

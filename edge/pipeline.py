@@ -29,9 +29,9 @@ import numpy.typing as npt
 from edge.camera import FrameSource, ReconnectingSource
 from edge.recognition_config import RecognitionConfig
 from edge.recognizer import UNKNOWN, ModelKey, Recognizer
-from fedbell.detection import Detector
-from fedbell.embedding import Features
-from fedbell.features import face_chip
+from fedbell.faces.detection import Detector
+from fedbell.faces.embedding import Features
+from fedbell.faces.features import face_chip
 
 Box = tuple[int, int, int, int]
 

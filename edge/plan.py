@@ -12,10 +12,10 @@ from __future__ import annotations
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from pydantic import Field, model_validator
 
-from fedbell import signing
 from fedbell.config import StrictModel
 from fedbell.errors import RejectedMessage
-from fedbell.protocol import RoundAnnouncement
+from fedbell.wire import signing
+from fedbell.wire.protocol import RoundAnnouncement
 
 
 class PlanLimits(StrictModel):

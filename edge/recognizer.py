@@ -25,13 +25,13 @@ import numpy as np
 import numpy.typing as npt
 
 from edge.gallery import GalleryFeatures
-from fedbell.codecs import Weights
-from fedbell.embedding import Embeddings, Features, check_head, embed, normalize
+from fedbell.faces.embedding import Embeddings, Features, check_head, embed, normalize
 
 # Moved to fedbell/ so the aggregator can use it; re-exported for edge code and tests.
-from fedbell.features import Backbone, BackboneError, Chip
-from fedbell.litert import interpreter_factory
-from fedbell.openset import UNKNOWN, identify, prototype
+from fedbell.faces.features import Backbone, BackboneError, Chip
+from fedbell.faces.litert import interpreter_factory
+from fedbell.faces.openset import UNKNOWN, identify, prototype
+from fedbell.wire.codecs import Weights
 
 __all__ = ["UNKNOWN", "Model", "Recognizer", "RecognizerError", "interpreter_factory"]
 

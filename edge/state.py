@@ -25,8 +25,8 @@ from typing import Any
 
 import numpy as np
 
-from fedbell.codecs import Weights
-from fedbell.messages import GlobalModel
+from fedbell.wire.codecs import Weights
+from fedbell.wire.messages import GlobalModel
 
 log = logging.getLogger(__name__)
 

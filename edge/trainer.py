@@ -16,8 +16,8 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-from fedbell.codecs import Weights
-from fedbell.embedding import HEAD_NAMES, Features, LabelIds, TrainParams, train_head
+from fedbell.faces.embedding import HEAD_NAMES, Features, LabelIds, TrainParams, train_head
+from fedbell.wire.codecs import Weights
 
 
 def round_seed(device: str, round_id: int) -> int:
@@ -49,7 +49,7 @@ def train_delta(
     leave the doorbell, and nothing in the delta depends on their names.
 
     `residual`: with the topk codec, what this doorbell's earlier updates left
-    unsent (`fedbell.sparsify.with_error_feedback`). Training starts from
+    unsent (`fedbell.wire.sparsify.with_error_feedback`). Training starts from
     base + residual, the head this doorbell would hold had all of it been sent,
     and the delta is still measured from `base`, so it carries the residual
     once. Adding the residual to a delta trained from `base` instead counts it

@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from fedbell.errors import ConfigError
 from fedbell.redact import redact
-from fedbell.topics import check_segment
+from fedbell.wire.topics import check_segment
 
 _VARIABLE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 

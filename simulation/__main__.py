@@ -17,8 +17,8 @@ from types import FrameType
 from rich.console import Console
 
 from broker.local import BrokerError
-from fedbell.codecs import TENSOR_CODECS
 from fedbell.errors import ConfigError
+from fedbell.wire.codecs import TENSOR_CODECS
 from simulation import config as settings
 from simulation import runner
 from simulation.driver import SimulationTimeout

@@ -18,11 +18,11 @@ import numpy as np
 
 from aggregator.config import EvaluationSettings
 from aggregator.export import MIN_STRANGER_FACES
-from fedbell.dataset import Sample
-from fedbell.detection import Detector
-from fedbell.embedding import Features, TrainParams, train_head
-from fedbell.features import Backbone, cached_features, photo_chips
-from fedbell.openset import evaluate_head
+from fedbell.faces.dataset import Sample
+from fedbell.faces.detection import Detector
+from fedbell.faces.embedding import Features, TrainParams, train_head
+from fedbell.faces.features import Backbone, cached_features, photo_chips
+from fedbell.faces.openset import evaluate_head
 
 
 @dataclass(frozen=True)

@@ -7,11 +7,11 @@ from typing import Any
 
 from pydantic import Field, ValidationError, field_validator
 
-from fedbell.codecs import TENSOR_CODECS
 from fedbell.config import StrictModel, load_config
-from fedbell.embedding import TrainParams
-from fedbell.envelope import Codec
 from fedbell.errors import ConfigError
+from fedbell.faces.embedding import TrainParams
+from fedbell.wire.codecs import TENSOR_CODECS
+from fedbell.wire.envelope import Codec
 
 
 class SyntheticSettings(StrictModel):

@@ -18,8 +18,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from fedbell.dataset import Sample, list_samples
-from fedbell.synthetic import make_identities, make_scene, person_name, render_face
+from fedbell.faces.dataset import Sample, list_samples
+from fedbell.faces.synthetic import make_identities, make_scene, person_name, render_face
 
 HELD_OUT_SHARE = 0.3
 """Share of the persons kept out of every house, for the aggregator's score..."""

@@ -21,8 +21,8 @@ from paho.mqtt.reasoncodes import ReasonCode
 
 from fedbell.config import MqttSettings
 from fedbell.errors import RejectedMessage
-from fedbell.mqtt import connect, make_client
-from fedbell.protocol import (
+from fedbell.wire.mqtt import connect, make_client
+from fedbell.wire.protocol import (
     Command,
     DeviceStatus,
     RoundAnnouncement,
@@ -30,7 +30,7 @@ from fedbell.protocol import (
     parse_json,
     to_json,
 )
-from fedbell.topics import Topics
+from fedbell.wire.topics import Topics
 
 VISITOR_TOPIC = "doorbell/+/visitor"
 

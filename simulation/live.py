@@ -34,14 +34,14 @@ from edge.pipeline import Pipeline
 from edge.recognition_config import RecognitionConfig
 from edge.recognizer import Head, Recognizer
 from fedbell.config import MqttSettings
-from fedbell.dataset import Sample
-from fedbell.detection import Detector
-from fedbell.faces import crop_face, to_grey
-from fedbell.features import read_photo
-from fedbell.messages import GlobalModel, TfliteArtifact
-from fedbell.mqtt import connect, make_client
-from fedbell.openset import UNKNOWN
-from fedbell.synthetic import make_scene
+from fedbell.faces.dataset import Sample
+from fedbell.faces.detection import Detector
+from fedbell.faces.features import read_photo
+from fedbell.faces.images import crop_face, to_grey
+from fedbell.faces.openset import UNKNOWN
+from fedbell.faces.synthetic import make_scene
+from fedbell.wire.messages import GlobalModel, TfliteArtifact
+from fedbell.wire.mqtt import connect, make_client
 from simulation.driver import Driver
 from simulation.stack import topics
 

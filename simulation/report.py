@@ -10,7 +10,7 @@ from typing import Any
 
 from rich.table import Table
 
-from fedbell.protocol import RoundMetrics
+from fedbell.wire.protocol import RoundMetrics
 
 
 @dataclass(frozen=True)

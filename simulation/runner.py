@@ -19,13 +19,13 @@ from aggregator.export import evaluation_samples
 from broker.local import LocalBroker
 from edge.gallery import Gallery
 from fedbell.config import MqttSettings
-from fedbell.detection import Detector, make_detector
-from fedbell.dlib_resnet import dlib_projection
-from fedbell.dlib_resnet import load as load_dlib
-from fedbell.embedding import TrainParams
-from fedbell.features import Backbone
-from fedbell.messages import AGGREGATOR, TfliteArtifact, parse_global, parse_tflite
-from fedbell.signing import load_public_key
+from fedbell.faces.detection import Detector, make_detector
+from fedbell.faces.dlib_resnet import dlib_projection
+from fedbell.faces.dlib_resnet import load as load_dlib
+from fedbell.faces.embedding import TrainParams
+from fedbell.faces.features import Backbone
+from fedbell.wire.messages import AGGREGATOR, TfliteArtifact, parse_global, parse_tflite
+from fedbell.wire.signing import load_public_key
 from simulation import baseline, report
 from simulation.config import SimulationConfig
 from simulation.data import (

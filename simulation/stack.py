@@ -17,9 +17,9 @@ from rich.console import Console
 from broker.local import read_listeners
 from console import page_url, start_round_line
 from fedbell.config import MqttSettings
-from fedbell.messages import AGGREGATOR
-from fedbell.signing import write_key_pair
-from fedbell.topics import Topics
+from fedbell.wire.messages import AGGREGATOR
+from fedbell.wire.signing import write_key_pair
+from fedbell.wire.topics import Topics
 from simulation.config import SimulationConfig
 from simulation.processes import Fleet
 

@@ -3,7 +3,7 @@
 The backbone is the real one (dlib's network as TFLite, the `backbone_models`
 session fixture in conftest.py); the head is dlib's own projection, exactly
 what version 0 of a lineage ships. Faces are generated cartoons
-(`fedbell.synthetic`): measured on them, BlazeFace finds 36 of 36 faces
+(`fedbell.faces.synthetic`): measured on them, BlazeFace finds 36 of 36 faces
 pasted into porch scenes, and dlib's descriptor names 18 of 18 of six
 identities right (rank 1) from three enrolled chips each, but with a thin
 margin (same person: cosine >= 0.965; others: <= 0.968). So the tests set the
@@ -22,10 +22,10 @@ import numpy.typing as npt
 
 from edge.gallery import Gallery
 from edge.recognizer import Head, Recognizer
-from fedbell import dlib_resnet
-from fedbell.detection import BlazeFaceDetector, Detector
-from fedbell.features import Chip, face_chip
-from fedbell.synthetic import IdentityParams, make_identities, make_scene, render_face
+from fedbell.faces import dlib_resnet
+from fedbell.faces.detection import BlazeFaceDetector, Detector
+from fedbell.faces.features import Chip, face_chip
+from fedbell.faces.synthetic import IdentityParams, make_identities, make_scene, render_face
 
 SEED = 11
 PERSONS = 6

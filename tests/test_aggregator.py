@@ -32,12 +32,12 @@ from paho.mqtt.enums import CallbackAPIVersion
 from aggregator.config import AggregatorConfig
 from aggregator.service import AggregatorService
 from broker.local import LocalBroker
-from fedbell.codecs import Weights
-from fedbell.embedding import HEAD_NAMES
-from fedbell.envelope import Codec
-from fedbell.messages import GlobalModel, Signer, build_update, parse_global, parse_tflite
-from fedbell.protocol import DeviceStatus, RoundAnnouncement, RoundMetrics, to_json
-from fedbell.topics import Topics
+from fedbell.faces.embedding import HEAD_NAMES
+from fedbell.wire.codecs import Weights
+from fedbell.wire.envelope import Codec
+from fedbell.wire.messages import GlobalModel, Signer, build_update, parse_global, parse_tflite
+from fedbell.wire.protocol import DeviceStatus, RoundAnnouncement, RoundMetrics, to_json
+from fedbell.wire.topics import Topics
 from simulation.data import write_synthetic
 
 SITE = "test"

@@ -21,9 +21,9 @@ from aggregator.rounds import Round, announce, select_devices
 from aggregator.state import ModelRecord, StateRecord, StateStore
 from aggregator.strategy import RunningFedAvg
 from fedbell.errors import RejectedMessage
-from fedbell.messages import AGGREGATOR, Signer, Update, build_update, parse_global
-from fedbell.protocol import DeviceStatus, RoundMetrics, to_json
-from fedbell.topics import Topics
+from fedbell.wire.messages import AGGREGATOR, Signer, Update, build_update, parse_global
+from fedbell.wire.protocol import DeviceStatus, RoundMetrics, to_json
+from fedbell.wire.topics import Topics
 
 SITE = "unit"
 TOPICS = Topics(SITE)

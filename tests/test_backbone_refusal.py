@@ -21,10 +21,10 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from aggregator.backbone import BackboneModels
 from broker.local import LocalBroker
 from edge.config import EdgeConfig
-from fedbell import signing
-from fedbell.detection import MODELS
-from fedbell.embedding import HEAD_NAMES
-from fedbell.messages import AGGREGATOR, Signer, build_tflite
+from fedbell.faces.detection import MODELS
+from fedbell.faces.embedding import HEAD_NAMES
+from fedbell.wire import signing
+from fedbell.wire.messages import AGGREGATOR, Signer, build_tflite
 from tests.mqtt_helpers import Probe
 from tests.recognition_helpers import LINEAGE, chips_of, projection
 from tests.test_edge_node import (
@@ -235,7 +235,7 @@ def test_a_new_lineage_whose_backbone_is_refused_keeps_the_old_model_recognising
 
 def test_the_foreign_model_really_is_a_runnable_tflite() -> None:
     """The 'other tensors' case above is a real model LiteRT loads, not garbage."""
-    from fedbell.litert import interpreter_factory
+    from fedbell.faces.litert import interpreter_factory
 
     interpreter = interpreter_factory()(model_content=blazeface_tflite())
     interpreter.allocate_tensors()

@@ -17,8 +17,8 @@ from bench.data import scorer, synthetic_bench
 from bench.federated import PRODUCT, Arm, Attack, Score, run_arm
 from bench.openset import Bench
 from bench.scale import growth_verdict
-from fedbell import messages
-from fedbell.embedding import HEAD_NAMES, TrainParams
+from fedbell.faces.embedding import HEAD_NAMES, TrainParams
+from fedbell.wire import messages
 
 LEARNS = TrainParams(epochs=3, learning_rate=0.01)
 """Enough to move a 32 -> 16 head on generated people in a few rounds."""

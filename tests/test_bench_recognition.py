@@ -8,9 +8,9 @@ import cv2
 import numpy as np
 
 from bench import recognition
-from fedbell.detection import make_detector
-from fedbell.openset import UNKNOWN
-from fedbell.synthetic import make_identities, render_face
+from fedbell.faces.detection import make_detector
+from fedbell.faces.openset import UNKNOWN
+from fedbell.faces.synthetic import make_identities, render_face
 
 if TYPE_CHECKING:
     from aggregator.backbone import BackboneModels

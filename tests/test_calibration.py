@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fedbell.calibration import (
+from fedbell.faces.calibration import (
     MAX_THRESHOLD,
     MIN_STRANGERS,
     MIN_THRESHOLD,
@@ -13,8 +13,8 @@ from fedbell.calibration import (
     stranger_visits,
     threshold_for_far,
 )
-from fedbell.embedding import normalize
-from fedbell.openset import prototype
+from fedbell.faces.embedding import normalize
+from fedbell.faces.openset import prototype
 
 
 def accepted(scores: np.ndarray, threshold: float) -> float:

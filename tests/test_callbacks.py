@@ -29,9 +29,9 @@ from edge.events import EventPublisher
 from edge.feedback import RecentCrops
 from edge.gallery import Gallery
 from edge.homeassistant import DoorbellTopics
-from fedbell import safejson
 from fedbell.errors import RejectedMessage
-from fedbell.protocol import RoundAnnouncement, parse_json
+from fedbell.wire import safejson
+from fedbell.wire.protocol import RoundAnnouncement, parse_json
 from tests.mqtt_helpers import Probe
 
 POISON = b"[" * 5000

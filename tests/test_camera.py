@@ -19,7 +19,7 @@ from edge.camera import (
     open_source,
 )
 from edge.recognition_config import CameraConfig
-from fedbell.synthetic import make_identities, write_visitor_video
+from fedbell.faces.synthetic import make_identities, write_visitor_video
 
 
 def write_frames(folder: Path, count: int) -> None:

@@ -21,9 +21,9 @@ from edge.config import EdgeConfig
 from edge.recognition_config import CameraConfig
 from fedbell.config import MqttSettings, load_config
 from fedbell.errors import ConfigError
-from fedbell.protocol import DeviceStatus
 from fedbell.redact import RedactingFormatter, redact
-from fedbell.topics import Topics
+from fedbell.wire.protocol import DeviceStatus
+from fedbell.wire.topics import Topics
 from tests.mqtt_helpers import Probe
 
 SECRET = "hunter2"

@@ -28,7 +28,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 from broker.local import LocalBroker
 from broker.secure import SecureBroker
 from console import VENDORED_CLIENT, page_url, start_round_line
-from fedbell.topics import Topics
+from fedbell.wire.topics import Topics
 from tests.mqtt_helpers import Probe
 from tests.test_broker_acl import provision_site
 

@@ -11,11 +11,11 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fedbell import envelope, messages
-from fedbell.codecs import decode_tensors, encode_tensors
 from fedbell.errors import RejectedMessage
-from fedbell.protocol import Command, RoundAnnouncement, parse_json
-from fedbell.topics import Topics
+from fedbell.wire import envelope, messages
+from fedbell.wire.codecs import decode_tensors, encode_tensors
+from fedbell.wire.protocol import Command, RoundAnnouncement, parse_json
+from fedbell.wire.topics import Topics
 
 NAMES = ["conv/kernel", "conv/bias", "dense/kernel"]
 LIMIT = 1 << 20
@@ -338,7 +338,7 @@ def test_error_feedback_sends_everything_eventually() -> None:
     Each round's delta carries the previous residual, as training from base +
     residual makes it (`edge.trainer.train_delta`); here "training" adds nothing.
     """
-    from fedbell.sparsify import with_error_feedback
+    from fedbell.wire.sparsify import with_error_feedback
 
     residual = [np.zeros_like(a) for a in arrays()]
     sent_total = [np.zeros_like(a) for a in arrays()]

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from fedbell.dataset import Sample, list_samples
+from fedbell.faces.dataset import Sample, list_samples
 
 
 def samples(persons: int, each: int) -> list[Sample]:

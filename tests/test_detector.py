@@ -10,9 +10,9 @@ import pytest
 
 from edge.live import make_detector
 from edge.recognition_config import DetectionConfig
-from fedbell import detection
-from fedbell.detection import BlazeFaceDetector, DetectorError, HaarDetector
-from fedbell.synthetic import make_identities, make_scene, render_face
+from fedbell.faces import detection
+from fedbell.faces.detection import BlazeFaceDetector, DetectorError, HaarDetector
+from fedbell.faces.synthetic import make_identities, make_scene, render_face
 
 
 def inside(face: tuple[int, int, int, int], pasted: tuple[int, int, int, int]) -> bool:

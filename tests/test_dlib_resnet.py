@@ -16,8 +16,8 @@ import pytest
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from fedbell import align, dlib_resnet
-from fedbell.litert import interpreter_factory
+from fedbell.faces import align, dlib_resnet
+from fedbell.faces.litert import interpreter_factory
 
 
 @pytest.fixture(scope="module")

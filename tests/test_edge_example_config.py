@@ -25,8 +25,8 @@ import pytest
 import yaml
 
 from broker.local import LocalBroker
-from fedbell.protocol import DeviceStatus
-from fedbell.topics import Topics
+from fedbell.wire.protocol import DeviceStatus
+from fedbell.wire.topics import Topics
 from tests.mqtt_helpers import Probe
 
 ROOT = Path(__file__).resolve().parents[1]

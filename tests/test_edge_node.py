@@ -34,11 +34,12 @@ from edge.gallery import Gallery
 from edge.node import EdgeNode
 from edge.recognition_config import CameraConfig, HomeAssistantConfig, RecognitionConfig
 from edge.state import NodeState
-from fedbell import signing
 from fedbell.config import MqttSettings, SigningSettings
-from fedbell.embedding import HEAD_NAMES
-from fedbell.envelope import TensorSpec
-from fedbell.messages import (
+from fedbell.faces.embedding import HEAD_NAMES
+from fedbell.faces.openset import UNKNOWN
+from fedbell.wire import signing
+from fedbell.wire.envelope import TensorSpec
+from fedbell.wire.messages import (
     AGGREGATOR,
     GlobalModel,
     Signer,
@@ -46,9 +47,8 @@ from fedbell.messages import (
     build_tflite,
     parse_update,
 )
-from fedbell.openset import UNKNOWN
-from fedbell.protocol import DeviceStatus, RoundAnnouncement, TrainingPlan, parse_json, to_json
-from fedbell.topics import Topics
+from fedbell.wire.protocol import DeviceStatus, RoundAnnouncement, TrainingPlan, parse_json, to_json
+from fedbell.wire.topics import Topics
 from tests.mqtt_helpers import Probe
 from tests.recognition_helpers import LINEAGE, chips_of, frames_of, projection, write_frames
 

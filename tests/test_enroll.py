@@ -16,7 +16,7 @@ from edge.enroll import MIN_CHIPS, enroll, enroll_main, enroll_photos, photos_in
 from edge.feedback import FeedbackError, RecentCrops, apply_label
 from edge.gallery import INCOMING, Gallery, GalleryError
 from edge.state import NodeState, StoredArtifact
-from fedbell.align import CHIP_SIZE
+from fedbell.faces.align import CHIP_SIZE
 from tests.recognition_helpers import chips_of, detector, frames_of, write_frames
 
 

@@ -37,8 +37,8 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from aggregator.state import ModelRecord, StateRecord, StateStore
 from broker.local import LocalBroker
-from fedbell.messages import parse_global
-from fedbell.protocol import DeviceStatus, RoundAnnouncement, RoundMetrics
+from fedbell.wire.messages import parse_global
+from fedbell.wire.protocol import DeviceStatus, RoundAnnouncement, RoundMetrics
 from simulation.data import write_synthetic
 from tests.test_aggregator import (
     MAX_BYTES,

@@ -44,8 +44,8 @@ import pytest
 
 from aggregator.export import Exporter
 from broker.local import LocalBroker
-from fedbell.messages import Signer
-from fedbell.protocol import DeviceStatus
+from fedbell.wire.messages import Signer
+from fedbell.wire.protocol import DeviceStatus
 from simulation.data import write_synthetic
 from tests.test_aggregator import make_config
 from tests.test_faults import (

@@ -18,11 +18,11 @@ from edge.gallery import (
     StrangerStore,
     check_person_name,
 )
-from fedbell.detection import HaarDetector
-from fedbell.embedding import embed
-from fedbell.faces import crop_face
-from fedbell.features import Backbone
-from fedbell.openset import best_match, prototype
+from fedbell.faces.detection import HaarDetector
+from fedbell.faces.embedding import embed
+from fedbell.faces.features import Backbone
+from fedbell.faces.images import crop_face
+from fedbell.faces.openset import best_match, prototype
 from tests.recognition_helpers import chips_of, detector, frames_of, projection
 
 

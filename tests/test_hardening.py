@@ -9,11 +9,11 @@ import pytest
 
 from deploy import provision
 from edge.feedback import FeedbackError, check_person_name
-from fedbell.codecs import FIRST_MODEL_MAX_BYTES, MODEL_GROWTH, model_decode_limit
 from fedbell.errors import RejectedMessage
-from fedbell.messages import AGGREGATOR, Signer, build_global, parse_global
-from fedbell.signing import load_public_keys
-from fedbell.topics import Topics, check_segment
+from fedbell.wire.codecs import FIRST_MODEL_MAX_BYTES, MODEL_GROWTH, model_decode_limit
+from fedbell.wire.messages import AGGREGATOR, Signer, build_global, parse_global
+from fedbell.wire.signing import load_public_keys
+from fedbell.wire.topics import Topics, check_segment
 
 
 @pytest.mark.parametrize("name", ["door1\n", "alice\n", "door1\r\n"])

@@ -1,6 +1,6 @@
 """The doorbell's hand-written training step against TensorFlow's autodiff.
 
-A doorbell trains the head in numpy (`fedbell.embedding`), without
+A doorbell trains the head in numpy (`fedbell.faces.embedding`), without
 TensorFlow. These tests write the same prototype-CosFace loss in TensorFlow
 and check that the numpy gradient of a batch is TensorFlow's, and that a
 whole local round trained with TensorFlow's gradients ends where the
@@ -15,8 +15,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from fedbell import embedding
-from fedbell.embedding import TrainParams, normalize, train_head
+from fedbell.faces import embedding
+from fedbell.faces.embedding import TrainParams, normalize, train_head
 
 tf = pytest.importorskip("tensorflow")
 

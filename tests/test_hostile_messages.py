@@ -8,10 +8,10 @@ from hypothesis import strategies as st
 
 from aggregator import rounds
 from bench import fuzz
-from fedbell import messages, signing
-from fedbell.codecs import TENSOR_CODECS
-from fedbell.envelope import TensorSpec
 from fedbell.errors import RejectedMessage
+from fedbell.wire import messages, signing
+from fedbell.wire.codecs import TENSOR_CODECS
+from fedbell.wire.envelope import TensorSpec
 
 SPECS = tuple(TensorSpec(name=n, shape=s) for n, s in fuzz.SHAPES.items())
 

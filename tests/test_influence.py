@@ -28,11 +28,11 @@ from aggregator.export import Exporter
 from aggregator.robust import capped_weights, multi_krum
 from aggregator.state import StateStore
 from aggregator.strategy import InconsistentUpdate
-from fedbell.codecs import Weights, decode_tensors, encode_tensors
-from fedbell.envelope import Codec
-from fedbell.messages import AGGREGATOR, Signer, build_update, parse_global
-from fedbell.protocol import DeviceStatus, RoundMetrics, to_json
-from fedbell.topics import Topics
+from fedbell.wire.codecs import Weights, decode_tensors, encode_tensors
+from fedbell.wire.envelope import Codec
+from fedbell.wire.messages import AGGREGATOR, Signer, build_update, parse_global
+from fedbell.wire.protocol import DeviceStatus, RoundMetrics, to_json
+from fedbell.wire.topics import Topics
 from simulation.data import write_synthetic
 
 SITE = "influence"

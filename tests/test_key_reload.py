@@ -16,8 +16,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from broker.local import LocalBroker
 from fedbell.config import SigningSettings
-from fedbell.messages import GlobalModel, Signer, build_update
-from fedbell.signing import KeyRing
+from fedbell.wire.messages import GlobalModel, Signer, build_update
+from fedbell.wire.signing import KeyRing
 from tests.test_aggregator import (
     SITE,
     FakeDevice,

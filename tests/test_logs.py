@@ -22,9 +22,9 @@ import pytest
 
 from aggregator.quiet import native_noise_dropped
 from broker.local import LocalBroker
-from fedbell.messages import Signer, build_update, parse_global
-from fedbell.protocol import DeviceStatus, RoundAnnouncement, to_json
-from fedbell.topics import Topics
+from fedbell.wire.messages import Signer, build_update, parse_global
+from fedbell.wire.protocol import DeviceStatus, RoundAnnouncement, to_json
+from fedbell.wire.topics import Topics
 from tests.mqtt_helpers import Probe
 
 ROOT = Path(__file__).resolve().parents[1]

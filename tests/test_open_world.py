@@ -27,11 +27,11 @@ import zstandard
 from paho.mqtt.enums import CallbackAPIVersion
 
 from broker.local import LocalBroker
-from fedbell import envelope
 from fedbell.errors import RejectedMessage
-from fedbell.messages import GlobalModel, parse_global
-from fedbell.protocol import RoundAnnouncement, TrainingPlan, to_json
-from fedbell.synthetic import person_name
+from fedbell.faces.synthetic import person_name
+from fedbell.wire import envelope
+from fedbell.wire.messages import GlobalModel, parse_global
+from fedbell.wire.protocol import RoundAnnouncement, TrainingPlan, to_json
 from simulation.data import write_synthetic
 from tests.test_aggregator import MAX_BYTES, SITE, TOPICS
 from tests.test_faults import (

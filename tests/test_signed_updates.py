@@ -25,10 +25,10 @@ from broker.local import find_mosquitto
 from broker.secure import SecureBroker
 from deploy import provision
 from fedbell.config import load_config
-from fedbell.messages import Signer, build_update, parse_global
-from fedbell.protocol import DeviceStatus, RoundAnnouncement, RoundMetrics, to_json
-from fedbell.signing import load_private_key, load_public_keys, verify_announcement
-from fedbell.topics import Topics
+from fedbell.wire.messages import Signer, build_update, parse_global
+from fedbell.wire.protocol import DeviceStatus, RoundAnnouncement, RoundMetrics, to_json
+from fedbell.wire.signing import load_private_key, load_public_keys, verify_announcement
+from fedbell.wire.topics import Topics
 
 SITE = "home"
 TOPICS = Topics(SITE)

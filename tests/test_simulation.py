@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from fedbell.dataset import Sample
+from fedbell.faces.dataset import Sample
 from simulation.config import SimulationConfig, load
 from simulation.data import MAX_PER_HOUSE, split_households, write_folder
 from simulation.processes import Fleet, ProcessDied

@@ -7,9 +7,9 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from fedbell.detection import HaarDetector
-from fedbell.faces import read_image
-from fedbell.synthetic import make_dataset, make_identities, make_scene, render_face
+from fedbell.faces.detection import HaarDetector
+from fedbell.faces.images import read_image
+from fedbell.faces.synthetic import make_dataset, make_identities, make_scene, render_face
 
 
 def test_deterministic_by_seed(tmp_path: Path) -> None:

@@ -13,9 +13,9 @@ import numpy.typing as npt
 from aggregator.accumulator import make_accumulator, next_step
 from aggregator.config import RoundSettings
 from edge.trainer import train_delta
-from fedbell.codecs import Weights, decode_tensors, encode_tensors
-from fedbell.embedding import HEAD_NAMES, TrainParams
-from fedbell.sparsify import with_error_feedback
+from fedbell.faces.embedding import HEAD_NAMES, TrainParams
+from fedbell.wire.codecs import Weights, decode_tensors, encode_tensors
+from fedbell.wire.sparsify import with_error_feedback
 
 DENSITY = 0.05
 NO_STRANGERS = np.zeros((0, 256), np.float32)

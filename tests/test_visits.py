@@ -21,9 +21,9 @@ from edge.gallery import Gallery
 from edge.pipeline import Pipeline, Sighting, Track, Tracker
 from edge.recognition_config import RecognitionConfig
 from edge.recognizer import UNKNOWN, ModelKey, Recognizer
-from fedbell.embedding import normalize
-from fedbell.faces import Box
-from fedbell.openset import identify
+from fedbell.faces.embedding import normalize
+from fedbell.faces.images import Box
+from fedbell.faces.openset import identify
 from tests.recognition_helpers import chips_of, detector, frames_of, head, ready_recognizer
 
 Frame = npt.NDArray[np.uint8]

@@ -1,6 +1,6 @@
 // fedbell operator console: MQTT over WebSockets straight to the broker.
 //
-// Everything shown comes from the site's topics (fedbell/topics.py): retained
+// Everything shown comes from the site's topics (fedbell/wire/topics.py): retained
 // ones give the state on connect, live ones keep it current. Only generic
 // fields are read (round, phase, version, accuracy, bytes, rejections,
 // status); unknown fields are ignored and a payload that cannot be read is

@@ -1,4 +1,4 @@
-"""Face chips for dlib's face-recognition network (see `fedbell.dlib_resnet`).
+"""Face chips for dlib's face-recognition network (see `fedbell.faces.dlib_resnet`).
 
 dlib's network was trained on 150×150 RGB chips cut by dlib's own
 `get_face_chip(image, shape, size=150, padding=0.25)`: a similarity transform

@@ -21,7 +21,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from fedbell.codecs import Weights, decode_tensors, encode_tensors
+from fedbell.wire.codecs import Weights, decode_tensors, encode_tensors
 
 
 def with_error_feedback(

@@ -10,11 +10,10 @@ from typing import Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from fedbell import safejson
-from fedbell.codecs import DEFAULT_DENSITY
-from fedbell.embedding import TrainParams
-from fedbell.envelope import Codec
 from fedbell.errors import RejectedMessage
+from fedbell.wire import safejson
+from fedbell.wire.codecs import DEFAULT_DENSITY
+from fedbell.wire.envelope import Codec
 
 MAX_JSON_BYTES = 64 * 1024
 
@@ -40,12 +39,14 @@ class Command(Message):
 
 
 class TrainingPlan(Message):
-    """Local training hyper-parameters of a round; the defaults are the client step's own
-    (fedbell/embedding.py TrainParams, chosen by make bench-openset)."""
+    """Local training hyper-parameters of a round. The defaults are the client step's own
+    (fedbell/faces/embedding.py TrainParams, chosen by make bench-openset), written out
+    here because the contract does not import the face model; tests/test_layers.py
+    checks that the two agree."""
 
-    epochs: int = Field(default=TrainParams.epochs, ge=1, le=100)
-    batch_size: int = Field(default=TrainParams.batch_size, ge=1, le=1024)
-    learning_rate: float = Field(default=TrainParams.learning_rate, gt=0, le=1)
+    epochs: int = Field(default=10, ge=1, le=100)
+    batch_size: int = Field(default=32, ge=1, le=1024)
+    learning_rate: float = Field(default=1e-4, gt=0, le=1)
     prox_mu: float = Field(default=0.0, ge=0, le=10, description="FedProx proximal weight.")
 
 
@@ -77,7 +78,7 @@ class RoundAnnouncement(Message):
         default=None,
         max_length=200,
         description="The aggregator's Ed25519 signature over every other field and the site "
-        "(fedbell.signing.sign_announcement); doorbells that trust a key require it.",
+        "(fedbell.wire.signing.sign_announcement); doorbells that trust a key require it.",
     )
 
 

@@ -22,9 +22,9 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from fedbell.envelope import Header
 from fedbell.errors import ConfigError, RejectedMessage
-from fedbell.protocol import RoundAnnouncement
+from fedbell.wire.envelope import Header
+from fedbell.wire.protocol import RoundAnnouncement
 
 log = logging.getLogger(__name__)
 

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-from fedbell.calibration import calibrate_threshold
-from fedbell.embedding import Embeddings, Features, embed, normalize
+from fedbell.faces.calibration import calibrate_threshold
+from fedbell.faces.embedding import Embeddings, Features, embed, normalize
 
 UNKNOWN = "unknown"
 """The name given to a visitor below the threshold."""

@@ -26,7 +26,7 @@ from __future__ import annotations
 import numpy as np
 import numpy.typing as npt
 
-from fedbell.embedding import Embeddings
+from fedbell.faces.embedding import Embeddings
 
 MIN_THRESHOLD = -1.0
 MAX_THRESHOLD = 1.0

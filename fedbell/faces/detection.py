@@ -31,8 +31,8 @@ import cv2.data
 import numpy as np
 import numpy.typing as npt
 
-from fedbell.faces import to_grey
-from fedbell.litert import InterpreterUnavailable, interpreter_factory
+from fedbell.faces.images import to_grey
+from fedbell.faces.litert import InterpreterUnavailable, interpreter_factory
 
 log = logging.getLogger(__name__)
 

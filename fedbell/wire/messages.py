@@ -17,10 +17,10 @@ from typing import Any
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from fedbell import envelope, signing
-from fedbell.codecs import DEFAULT_DENSITY, Weights, decode_tensors, encode_tensors
-from fedbell.envelope import Codec, Header, Kind, TensorSpec
 from fedbell.errors import RejectedMessage
+from fedbell.wire import envelope, signing
+from fedbell.wire.codecs import DEFAULT_DENSITY, Weights, decode_tensors, encode_tensors
+from fedbell.wire.envelope import Codec, Header, Kind, TensorSpec
 
 AGGREGATOR = "aggregator"
 """Sender name of everything the aggregator publishes (and its key's name)."""

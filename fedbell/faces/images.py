@@ -1,6 +1,6 @@
 """Small image helpers: face boxes, grey conversion, and the closed-set version's crop.
 
-Model input is prepared in one place only, `fedbell/features.py` (detect,
+Model input is prepared in one place only, `fedbell/faces/features.py` (detect,
 align, backbone); what remains here is shared by the detectors and by reading
 galleries written before the open-world model (`crop_face`).
 """

@@ -24,11 +24,11 @@ import cv2
 import numpy as np
 import numpy.typing as npt
 
-from fedbell.align import CHIP_SIZE, align_by_eyes, chip_from_box
-from fedbell.dataset import Sample
-from fedbell.detection import Detector, Face
-from fedbell.embedding import Features
-from fedbell.litert import interpreter_factory
+from fedbell.faces.align import CHIP_SIZE, align_by_eyes, chip_from_box
+from fedbell.faces.dataset import Sample
+from fedbell.faces.detection import Detector, Face
+from fedbell.faces.embedding import Features
+from fedbell.faces.litert import interpreter_factory
 
 log = logging.getLogger(__name__)
 

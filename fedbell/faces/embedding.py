@@ -1,6 +1,6 @@
 """The federated part of the face model: features → embedding, and its training.
 
-A frozen backbone (dlib's face ResNet, see `fedbell/dlib_resnet.py`) turns an
+A frozen backbone (dlib's face ResNet, see `fedbell/faces/dlib_resnet.py`) turns an
 aligned face chip into features; the *head* projects them to an embedding that
 is L2-normalised, so two faces compare by cosine similarity. Who is who is
 decided at home, by the nearest enrolled prototype (`fedbell/gallery.py`). Only
@@ -54,7 +54,7 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-from fedbell.codecs import Weights
+from fedbell.wire.codecs import Weights
 
 Features = npt.NDArray[np.float32]
 """Backbone features, shape (N, FEATURES)."""

@@ -8,7 +8,7 @@
   gap-coded indices and int8 values. What it leaves out is not lost: the
   device keeps it as a residual and trains its next round from the global
   head plus that residual, so the next delta carries it (error feedback,
-  `fedbell.sparsify`).
+  `fedbell.wire.sparsify`).
 
 zstd runs on top of every codec. The decoder knows from the header's tensor
 specs the most bytes a body can decompress to and refuses to produce one byte
@@ -28,8 +28,8 @@ import numpy as np
 import numpy.typing as npt
 import zstandard
 
-from fedbell.envelope import Codec, Compression, TensorSpec
 from fedbell.errors import RejectedMessage
+from fedbell.wire.envelope import Codec, Compression, TensorSpec
 
 Weights = list[npt.NDArray[np.float32]]
 TENSOR_CODECS: tuple[Codec, ...] = ("float32", "float16", "int8", "topk")
