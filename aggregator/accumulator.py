@@ -169,6 +169,40 @@ class Buffered(Accumulator):
         return [*flat, np.asarray(self.examples, dtype=np.float64)]
 
 
+class SecureSum(Accumulator):
+    """A secure round's result: nothing until the sum is unmasked, then its mean delta.
+
+    The aggregator never holds one house's update, only the mean of the round's
+    survivors (`aggregator.secure.mean_delta`), each house weighing the same.
+    """
+
+    def __init__(self, mean: Weights | None = None, survivors: int = 0) -> None:
+        self.mean = mean
+        self.survivors = survivors
+
+    @property
+    def count(self) -> int:
+        return self.survivors
+
+    @property
+    def total(self) -> int:
+        return self.survivors  # one weight per house: example counts are not seen
+
+    def add(self, delta: Delta, examples: int) -> None:
+        raise InconsistentUpdate("a secure round takes no single update, only its unmasked sum")
+
+    def set_mean(self, mean: Weights, survivors: int) -> None:
+        self.mean, self.survivors = [np.asarray(m, dtype=np.float32) for m in mean], survivors
+
+    def aggregate(self) -> Aggregate:
+        if self.mean is None:
+            raise InconsistentUpdate("the secure round's sum has not been unmasked")
+        return Aggregate([np.asarray(m, dtype=np.float64) for m in self.mean])
+
+    def arrays(self) -> Arrays:
+        return [] if self.mean is None else list(self.mean)
+
+
 def _capped(examples: int, max_examples: int | None) -> int:
     return examples if max_examples is None else min(examples, max_examples)
 
@@ -190,8 +224,20 @@ def restore(
     total: int,
     count: int,
     sparse: bool,
+    secure: bool = False,
 ) -> Accumulator:
-    """The accumulator of a round resumed from disk (`arrays`: what `arrays()` saved)."""
+    """The accumulator of a round resumed from disk (`arrays`: what `arrays()` saved).
+
+    `secure`: a secure-aggregation round, whose accumulator is its unmasked mean.
+    """
+    if secure:
+        if not arrays:
+            return SecureSum()
+        if len(arrays) != len(shapes) or count != total:
+            raise InconsistentUpdate(
+                f"saved {len(arrays)} arrays of a secure round's mean, the head has {len(shapes)}"
+            )
+        return SecureSum([np.asarray(a, dtype=np.float32) for a in arrays], count)
     strategy = settings.strategy
     if strategy in ("fedavg", "clipped"):
         saved = None if arrays is None else [np.asarray(a, dtype=np.float64) for a in arrays]

@@ -39,6 +39,49 @@ DEFAULT_MAX_ACCURACY_DROP = 0.15
 make bench-openset, more on a small evaluation folder; 5 points stalled the generated demo)."""
 
 
+DEFAULT_MIN_COHORT = 5
+"""A secure round never reveals a sum of fewer houses than this (issue 22)."""
+
+
+class PrivacySettings(StrictModel):
+    """House-level differential privacy of secure rounds (DP-FedAvg, the doorbell adds noise)."""
+
+    noise_multiplier: float = Field(
+        default=0.0,
+        ge=0,
+        le=100,
+        title="Noise multiplier",
+        description="The round's sum carries Gaussian noise of standard deviation "
+        "noise_multiplier x clip_norm, split among at least min_cohort doorbells (each adds "
+        "its part, so the aggregator never sees a noiseless sum). 0: no noise, epsilon "
+        "infinite.",
+    )
+    houses: int | None = Field(
+        default=None,
+        ge=1,
+        title="Houses in the federation",
+        description="delta = 1/houses and the sampling rate (selected / houses) of the "
+        "accountant; default: the provisioned doorbells (signing.trusted_keys_dir), else the "
+        "doorbells seen online.",
+    )
+    epsilon_budget: float | None = Field(
+        default=None,
+        gt=0,
+        title="Epsilon budget",
+        description="A round that would take the federation's total epsilon past this is "
+        "refused (privacy_budget_spent); null: no budget.",
+    )
+
+    @model_validator(mode="after")
+    def _budget_needs_noise(self) -> Self:
+        if self.epsilon_budget is not None and self.noise_multiplier == 0:
+            raise ValueError(
+                "epsilon_budget needs noise_multiplier > 0: without noise every round's "
+                "epsilon is infinite, so no round would fit the budget"
+            )
+        return self
+
+
 class RoundSettings(StrictModel):
     codec: Codec = Field(
         # Measured (make bench, att_faces, 10 doorbells, 30 rounds): top-k 5 % is
@@ -164,6 +207,27 @@ class RoundSettings(StrictModel):
         description="With strategy multi_krum: how many updates per round may be hostile "
         "(that many are dropped each round).",
     )
+    secure_aggregation: bool = Field(
+        default=False,
+        title="Secure aggregation",
+        description="Doorbells mask their updates (pairwise masks, Shamir-shared seeds) so "
+        "the aggregator and the broker only ever see the sum of at least min_cohort houses; "
+        "each doorbell clips its update to clip_norm and adds its share of the privacy noise. "
+        "Every house weighs the same (the aggregator cannot see example counts), and only "
+        "fedavg and clipped can aggregate a sum.",
+    )
+    min_cohort: int = Field(
+        default=DEFAULT_MIN_COHORT,
+        ge=2,
+        title="Smallest cohort",
+        description="With secure_aggregation: a round whose doorbells fall below this at any "
+        "phase is abandoned (fail closed): no sum of fewer houses is ever unmasked.",
+    )
+    privacy: PrivacySettings = Field(
+        default_factory=PrivacySettings,
+        title="Differential privacy",
+        description="With secure_aggregation: noise, delta and the epsilon budget.",
+    )
     server_optimizer: ServerOptimizerKind = Field(
         default="none",
         title="Server optimiser",
@@ -191,6 +255,8 @@ class RoundSettings(StrictModel):
             raise ValueError(
                 "strategy clipped needs clip_norm (the L2 norm each update is scaled down to)"
             )
+        if self.secure_aggregation:
+            self._secure_settings()
         if self.strategy in BUFFERED_STRATEGIES and self.codec == "topk":
             raise ValueError(
                 f"strategy {self.strategy} with codec topk: each doorbell sends a different "
@@ -206,6 +272,32 @@ class RoundSettings(StrictModel):
                 "memory and on disk, so it needs max_devices to bound them"
             )
         return self
+
+    def _secure_settings(self) -> None:
+        if self.strategy in BUFFERED_STRATEGIES:
+            raise ValueError(
+                f"strategy {self.strategy} with secure_aggregation: it needs each doorbell's "
+                "update, and with secure aggregation the aggregator only ever sees the sum of "
+                "a round; use fedavg or clipped (each doorbell then clips its own update to "
+                "clip_norm), or turn secure_aggregation off"
+            )
+        if self.clip_norm is None:
+            raise ValueError(
+                "secure_aggregation needs clip_norm: each doorbell clips its update to it, "
+                "which bounds what one house adds to the sum and sets the privacy noise"
+            )
+        if self.max_devices is not None and self.max_devices < self.min_cohort:
+            raise ValueError(
+                f"max_devices {self.max_devices} is below min_cohort {self.min_cohort}: "
+                "no secure round could ever be unmasked"
+            )
+
+    @property
+    def quorum(self) -> int:
+        """Fewest updates a round needs: min_updates, and min_cohort for a secure round."""
+        if self.secure_aggregation:
+            return max(self.min_updates, self.min_cohort)
+        return self.min_updates
 
     @property
     def server_lr(self) -> float:

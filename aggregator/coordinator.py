@@ -14,6 +14,7 @@ bytes_up: the sum of the payload sizes of the accepted updates.
 
 from __future__ import annotations
 
+import base64
 import functools
 import logging
 from collections import Counter
@@ -22,14 +23,17 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from aggregator.accumulator import Step, make_accumulator, next_step
+from aggregator.accumulator import SecureSum, Step, make_accumulator, next_step
 from aggregator.config import AggregatorConfig
 from aggregator.export import Exporter, Release
 from aggregator.persistence import OPEN, Persistence, SavedModel
+from aggregator.privacy import PrivacyLedger
 from aggregator.rounds import Round, announce, select_devices
+from aggregator.secure import SecurePhases, mean_delta
 from aggregator.state import StateStore
 from aggregator.strategy import InconsistentUpdate
 from fedbell.errors import RejectedMessage
+from fedbell.wire import dp, masking
 from fedbell.wire.messages import parse_update
 from fedbell.wire.protocol import (
     Command,
@@ -37,9 +41,11 @@ from fedbell.wire.protocol import (
     Reply,
     RoundAnnouncement,
     RoundMetrics,
+    SecAggPlan,
     parse_json,
     to_json,
 )
+from fedbell.wire.secagg_params import SecAggParams
 from fedbell.wire.signing import sign_announcement
 from fedbell.wire.topics import Topics
 
@@ -79,6 +85,7 @@ class Coordinator:
         """Updates were accepted since the last commit (see `persist`)."""
         self.next_step: Step | None = None
         """The pending release's step: its optimiser becomes the model's once published."""
+        self.privacy = PrivacyLedger(config.rounds.privacy)
         self.model = self._resume()
         self.specs = exporter.specs(self.model.weights)
 
@@ -90,6 +97,7 @@ class Coordinator:
         if resumed is None:
             return self.persistence.initialise()
         self.round, self.last_round = resumed.round, resumed.last_round
+        self.privacy.rounds = resumed.noised_rounds
         if self.round is not None and self.round.status == "aggregated":
             # Recompute the unpublished result: the release is not saved until published.
             self.model = resumed.model
@@ -131,7 +139,9 @@ class Coordinator:
             # The round record names the received devices: its accumulator goes with it.
             self.persistence.save_accumulator(self.round)
         self.dirty = False
-        self.persistence.commit(model or self.model, self.round, self.last_round)
+        self.persistence.commit(
+            model or self.model, self.round, self.last_round, self.privacy.rounds
+        )
 
     def retained_messages(self) -> list[tuple[str, bytes]]:
         """What to (re)publish after (re)connecting: the committed public state."""
@@ -182,6 +192,8 @@ class Coordinator:
             handler, source = functools.partial(self._on_update, topic), f"update on {topic}"
         elif topic.startswith(f"{self.topics.base}/status/"):
             handler, source = functools.partial(self._on_status, topic), f"status on {topic}"
+        elif topic.startswith(f"{self.topics.base}/secagg/"):
+            handler, source = functools.partial(self._on_secagg, topic), f"secagg on {topic}"
         else:
             return
         try:
@@ -293,6 +305,38 @@ class Coordinator:
                 cap,
             )
 
+    def _on_secagg(self, topic: str, payload: bytes) -> None:
+        """A doorbell's message in a secure round; the phase moves on once all answered."""
+        try:
+            leaf, device = self.topics.secagg_origin(topic)
+        except ValueError as err:
+            raise RejectedMessage("bad_topic", str(err)) from None
+        current = self.round
+        try:
+            if current is None or current.secure is None or current.status != "collecting":
+                raise RejectedMessage("no_round", f"no secure round is collecting ({leaf})")
+            if self.clock() > current.announcement.deadline:
+                raise RejectedMessage(
+                    "late", f"{leaf} after phase {current.secure.phase}'s deadline"
+                )
+            current.secure.handle(leaf, device, payload)
+        except RejectedMessage as err:
+            self.reject(err, f"secagg {leaf} from {device}")
+            self._reply(
+                about="secagg",
+                ok=False,
+                device=device,
+                round=None if current is None else current.id,
+                size=len(payload),
+                reason=err.reason,
+                detail=err.detail,
+            )
+            return
+        if leaf == "masked":  # the doorbell's update, as the console shows it
+            self._reply(about="secagg", ok=True, device=device, round=current.id, size=len(payload))
+        if current.secure.complete() or current.secure.sum_ready():
+            self._advance_secure(current)
+
     def _on_control(self, command: Command) -> None:
         log.info("command %s", command.model_dump_json(exclude_defaults=True))
         if command.cmd == "start_round":
@@ -341,13 +385,17 @@ class Coordinator:
         selected = select_devices(selectable, requested, rounds.max_devices, rounds.seed, round_id)
         if requested and (absent := sorted(set(requested) - set(self.online))):
             log.warning("round %d: requested devices not online: %s", round_id, ", ".join(absent))
-        if len(selected) < rounds.min_updates:
+        if len(selected) < rounds.quorum:
             raise RejectedMessage(
                 "not_enough_devices",
                 f"{len(selected)} online devices selectable "
                 f"({', '.join(sorted(self.online)) or 'none online'}), quorum is "
-                f"{rounds.min_updates}",
+                f"{rounds.quorum}" + (" (min_cohort)" if rounds.secure_aggregation else ""),
             )
+        plan = None
+        if rounds.secure_aggregation:
+            self.privacy.check_budget(len(selected), self._houses())
+            plan = self._secagg_plan(round_id, len(selected))
         now = self.clock()
         announcement = announce(
             round_id=round_id,
@@ -357,16 +405,22 @@ class Coordinator:
             now=now,
             settings=rounds,
             manual=manual,
+            secagg=plan,
         )
+        shapes = [w.shape for w in self.model.weights]
         self.round = Round(
             announcement=announcement,
             manual=manual,
             started_at=now,
-            accumulator=make_accumulator(
-                rounds, [w.shape for w in self.model.weights], sparse=rounds.codec == "topk"
-            ),
+            accumulator=SecureSum()
+            if plan is not None
+            else make_accumulator(rounds, shapes, sparse=rounds.codec == "topk"),
             strategy=rounds.strategy,
         )
+        if plan is not None:
+            self.round.secure = SecurePhases.start(
+                plan, round_id, self.model.lineage, selected, self.trusted_keys
+            )
         self.last_round = round_id
         self.pending = None
         self._announce(announcement)
@@ -377,6 +431,41 @@ class Coordinator:
             self.model.version,
             ", ".join(selected),
             rounds.timeout_s,
+        )
+
+    def _houses(self) -> int:
+        """The houses of the federation, for delta and the sampling rate."""
+        keys = self.trusted_keys
+        return self.privacy.houses(len(keys) if keys else None, len(self.online))
+
+    def _secagg_plan(self, round_id: int, selected: int) -> SecAggPlan:
+        """A secure round's plan: the round's shared subset, masking, clipping and noise."""
+        rounds = self.config.rounds
+        assert rounds.clip_norm is not None  # the config requires it with secure aggregation
+        dimension = sum(int(w.size) for w in self.model.weights)
+        subset = masking.shared_subset(dimension, rounds.density, round_id, self.model.lineage)
+        noise_std = dp.noise_std_per_doorbell(
+            rounds.privacy.noise_multiplier, rounds.clip_norm, rounds.min_cohort
+        )
+        params = SecAggParams.for_cohort(
+            round_id=round_id,
+            lineage=self.model.lineage,
+            cohort=selected,
+            size=len(subset),
+            clip_norm=rounds.clip_norm,
+            noise_std=noise_std,
+            min_cohort=rounds.min_cohort,
+        )
+        return SecAggPlan(
+            min_cohort=params.min_cohort,
+            neighbours=params.neighbours,
+            threshold=params.share_threshold,
+            scale=params.scale,
+            dimension=dimension,
+            size=params.size,
+            density=rounds.density,
+            clip_norm=rounds.clip_norm,
+            noise_std=noise_std,
         )
 
     def _announce(self, announcement: RoundAnnouncement) -> None:
@@ -395,6 +484,12 @@ class Coordinator:
 
     def _send(self) -> None:
         current = self._manual_round("send")
+        if current.announcement.secagg is not None:
+            raise RejectedMessage(
+                "bad_state",
+                f"send: round {current.id} is a secure round: doorbells send their masked "
+                "updates in its send phase, which follows the key and share phases",
+            )
         if current.status != "collecting" or not current.manual:
             raise RejectedMessage(
                 "bad_state",
@@ -412,7 +507,13 @@ class Coordinator:
         current = self._manual_round("aggregate")
         if current.status != "collecting":
             raise RejectedMessage("bad_state", f"aggregate: round {current.id} is {current.status}")
-        quorum = self.config.rounds.min_updates
+        if current.secure is not None:
+            raise RejectedMessage(
+                "bad_state",
+                f"aggregate: secure round {current.id} is in phase {current.secure.phase}; it "
+                "aggregates itself once its sum is unmasked",
+            )
+        quorum = self.config.rounds.quorum
         if len(current.received) < quorum:
             if self.clock() > current.announcement.deadline:
                 self._abandon()
@@ -536,25 +637,33 @@ class Coordinator:
         abandoned = self._round_payload(current.set_phase("abandoned"))
         current.announce_bytes += len(abandoned)
         current.status = "abandoned"
-        metrics = self._metrics(current, "abandoned", None, extra_down=0)
+        why = why or (
+            f"{len(current.received)} of {len(current.selected)} updates, quorum is "
+            f"{self.config.rounds.quorum}"
+        )
+        metrics = self._metrics(current, "abandoned", None, extra_down=0, detail=why)
         self.persistence.save_metrics(metrics)
         self._commit()
         self.pending = None
         self.publish(self.topics.metrics, metrics)
         self.publish(self.topics.round, abandoned)
         log.warning(
-            "round %d abandoned: %s; model stays at version %d",
-            current.id,
-            why
-            or f"{len(current.received)} of {len(current.selected)} updates, quorum is "
-            f"{self.config.rounds.min_updates}",
-            self.model.version,
+            "round %d abandoned: %s; model stays at version %d", current.id, why, self.model.version
         )
         self._round_ended()
 
     def _metrics(
-        self, current: Round, outcome: str, release: Release | None, extra_down: int
+        self,
+        current: Round,
+        outcome: str,
+        release: Release | None,
+        extra_down: int,
+        detail: str = "",
     ) -> bytes:
+        secure, privacy = current.secure, self._privacy_fields(current)
+        dropped = list(self.next_step.dropped) if release and self.next_step else []
+        if current.announcement.secagg is not None:
+            dropped = [d for d in current.selected if d not in current.received]
         return to_json(
             RoundMetrics.model_validate(
                 {
@@ -565,14 +674,29 @@ class Coordinator:
                     "examples": current.examples,
                     "accuracy": release.accuracy if release else None,
                     "threshold": release.threshold if release else None,
-                    "bytes_up": current.bytes_up,
-                    "bytes_down": (current.announce_bytes + extra_down) * len(current.selected),
+                    "bytes_up": current.bytes_up + (secure.bytes_up if secure else 0),
+                    "bytes_down": (current.announce_bytes + extra_down) * len(current.selected)
+                    + (secure.bytes_down if secure else 0),
                     "seconds": round(self.clock() - current.started_at, 3),
                     "rejected": dict(current.rejected),
-                    "dropped": list(self.next_step.dropped) if release and self.next_step else [],
+                    "dropped": dropped,
+                    "secure": current.announcement.secagg is not None,
+                    **privacy,
+                    "detail": detail,
                 }
             )
         )
+
+    def _privacy_fields(self, current: Round) -> dict[str, float | None]:
+        """Epsilon of this round (if its noised sum was unmasked) and of all rounds so far."""
+        if current.announcement.secagg is None or not self.privacy.noised:
+            return {"epsilon": None, "epsilon_total": None}
+        selected, houses = len(current.selected), self._houses()
+        unmasked = isinstance(current.accumulator, SecureSum) and current.accumulator.count > 0
+        return {
+            "epsilon": self.privacy.epsilon(1, selected, houses) if unmasked else 0.0,
+            "epsilon_total": self.privacy.epsilon(self.privacy.rounds, selected, houses),
+        }
 
     def _round_ended(self) -> None:
         self.next_auto_at = self.clock() + self.config.rounds.auto_pause_s
@@ -583,8 +707,10 @@ class Coordinator:
         """Close rounds whose time has come; start the next automatic round."""
         now = self.clock()
         current = self.round
-        if current is not None and self._round_open():
-            step = current.next_step(now, self.config.rounds.min_updates)
+        if current is not None and current.announcement.secagg and current.status == "collecting":
+            self._tick_secure(current, now)
+        elif current is not None and self._round_open():
+            step = current.next_step(now, self.config.rounds.quorum)
             if step == "aggregate":
                 self._aggregate()
             elif step == "abandon":
@@ -592,10 +718,91 @@ class Coordinator:
         if self.auto_remaining > 0 and not self._round_open() and now >= self.next_auto_at:
             self._start_auto_round()
 
+    def _tick_secure(self, current: Round, now: float) -> None:
+        if current.secure is None:
+            self._abandon(
+                f"secure round {current.id} was open when the aggregator restarted: its key "
+                "agreement lives in memory only, so it cannot be unmasked (fail closed)"
+            )
+        elif current.secure.complete() or now > current.announcement.deadline:
+            self._advance_secure(current)
+
+    def _advance_secure(self, current: Round) -> None:
+        """End a secure round's phase: next phase, the sum, or abandon below min_cohort."""
+        secure, plan = current.secure, current.announcement.secagg
+        assert secure is not None
+        assert plan is not None
+        arrived, cohort = secure.done(secure.leaf), self.config.rounds.min_cohort
+        if secure.phase != "unmask" and len(arrived) < cohort:  # unmask: shares decide
+            self._abandon_secure(
+                current,
+                RejectedMessage(
+                    "secagg_below_min_cohort",
+                    f"phase {secure.phase}: {len(arrived)} of {len(secure.expected())} "
+                    f"doorbells answered, min_cohort is {cohort}: nothing is unmasked",
+                ),
+            )
+            return
+        try:
+            if secure.phase == "unmask":
+                self._unmask(current, secure, plan)
+                return
+            plan = self._next_plan(current, secure, plan)
+        except RejectedMessage as err:
+            self._abandon_secure(current, err)
+            return
+        phase = secure.advance()
+        deadline = self.clock() + self.config.rounds.timeout_s
+        self._announce(current.set_phase(phase, deadline=deadline, secagg=plan))
+        log.info("round %d: phase %s (%d doorbells)", current.id, phase, len(secure.expected()))
+
+    def _next_plan(self, current: Round, secure: SecurePhases, plan: SecAggPlan) -> SecAggPlan:
+        """What the next phase's announcement carries (and the inboxes before `send`)."""
+        server = secure.server
+        if secure.phase == "keys":
+            return plan.model_copy(update={"roster": _b64(server.roster())})
+        if secure.phase == "shares":
+            for device in secure.done("shares"):
+                inbox = server.inbox(device)
+                secure.bytes_down += len(inbox)
+                self.publish(self.topics.secagg_inbox(device), inbox)
+            return plan.model_copy(update={"roster": None})
+        request = server.unmask_request()
+        survivors = secure.done("masked")
+        dropped = tuple(d for d in secure.done("shares") if d not in survivors)
+        return plan.model_copy(
+            update={"survivors": survivors, "dropped": dropped, "unmask_request": _b64(request)}
+        )
+
+    def _unmask(self, current: Round, secure: SecurePhases, plan: SecAggPlan) -> None:
+        """The server step of a secure round: the unmasked sum, as the round's mean delta."""
+        total, survivors = secure.server.result()
+        subset = masking.shared_subset(plan.dimension, plan.density, current.id, self.model.lineage)
+        mean = mean_delta(
+            total, len(survivors), plan, subset, [w.shape for w in self.model.weights]
+        )
+        assert isinstance(current.accumulator, SecureSum)
+        current.accumulator.set_mean(mean, len(survivors))
+        current.received = list(survivors)
+        if self.privacy.noised:
+            self.privacy.rounds += 1  # the aggregator has seen this noised sum
+        self.dirty = True
+        log.info("round %d: unmasked the sum of %d doorbells", current.id, len(survivors))
+        self._aggregate()
+
+    def _abandon_secure(self, current: Round, err: RejectedMessage) -> None:
+        self.rejected[err.reason] += 1
+        current.rejected[err.reason] += 1
+        self._abandon(f"{err.reason}: {err.detail}")
+
     def _start_auto_round(self) -> None:
         try:
             self._start_round(None, manual=False)
         except RejectedMessage as err:
+            if err.reason == "privacy_budget_spent":
+                self.reject(err, "automatic round")
+                self.auto_remaining = 0  # no later round fits either
+                return
             if not self._waiting_logged:  # once, not every second while waiting
                 log.info("automatic round waits: %s", err.detail)
                 self._waiting_logged = True
@@ -610,6 +817,10 @@ class Coordinator:
         if self.round is not None and self._round_open():
             wake = min(wake, self.round.announcement.deadline)
         return max(0.0, wake - self.clock())
+
+
+def _b64(payload: bytes) -> str:
+    return base64.b64encode(payload).decode()
 
 
 def _percent(value: float | None) -> str:

@@ -54,6 +54,7 @@ class Resumed:
     model: SavedModel
     round: Round | None
     last_round: int
+    noised_rounds: int = 0
 
 
 class Persistence:
@@ -106,13 +107,14 @@ class Persistence:
         current = None
         if record.round is not None:
             current = self._load_round(record, [w.shape for w in weights])
-        return Resumed(model, current, record.last_round)
+        return Resumed(model, current, record.last_round, record.noised_rounds)
 
     def _load_round(self, record: StateRecord, shapes: list[tuple[int, ...]]) -> Round:
         saved = record.round
         assert saved is not None
         settings = self.config.rounds
-        if saved.status in OPEN and saved.strategy != settings.strategy:
+        secure = saved.announcement.secagg is not None
+        if saved.status in OPEN and saved.strategy != settings.strategy and not secure:
             raise StateError(
                 f"{self.store.path}: round {saved.announcement.round} was started "
                 f"with strategy {saved.strategy}, the config says "
@@ -129,6 +131,7 @@ class Persistence:
                 total=saved.total_weight,
                 count=len(saved.received),
                 sparse=saved.announcement.codec == "topk",
+                secure=saved.announcement.secagg is not None,
             )
         except InconsistentUpdate as err:
             raise StateError(
@@ -204,7 +207,9 @@ class Persistence:
             if name in names
         ]
 
-    def commit(self, model: SavedModel, current: Round | None, last_round: int) -> None:
+    def commit(
+        self, model: SavedModel, current: Round | None, last_round: int, noised_rounds: int = 0
+    ) -> None:
         """Make this the state a restart resumes from; files it no longer names go."""
         round_record = None
         if current is not None:
@@ -223,6 +228,7 @@ class Persistence:
                 ),
                 round=round_record,
                 last_round=last_round,
+                noised_rounds=noised_rounds,
                 retained=dict(self.retained),
             )
         )

@@ -23,11 +23,12 @@ from typing import Literal
 
 from aggregator.accumulator import Accumulator
 from aggregator.config import RoundSettings, Strategy
+from aggregator.secure import SecurePhases
 from aggregator.state import RoundRecord, RoundStatus
 from aggregator.strategy import update_norm
 from fedbell.errors import RejectedMessage
 from fedbell.wire.messages import Update
-from fedbell.wire.protocol import Phase, RoundAnnouncement
+from fedbell.wire.protocol import Phase, RoundAnnouncement, SecAggPlan
 
 NextStep = Literal["wait", "aggregate", "abandon"]
 
@@ -60,12 +61,15 @@ def announce(
     now: float,
     settings: RoundSettings,
     manual: bool,
+    secagg: SecAggPlan | None = None,
 ) -> RoundAnnouncement:
+    """The first announcement of a round: phase train, or keys for a secure round."""
     return RoundAnnouncement(
         round=round_id,
         base_version=base_version,
         lineage=lineage,
-        phase="train",
+        phase="keys" if secagg is not None else "train",
+        secagg=secagg,
         selected=tuple(selected),
         deadline=now + settings.timeout_s,
         codec=settings.codec,
@@ -91,6 +95,8 @@ class Round:
     announce_bytes: int = 0
     """Bytes of round messages sent so far, as each selected device receives them."""
     rejected: Counter[str] = field(default_factory=Counter)
+    secure: SecurePhases | None = None
+    """A secure round's phases and SecAgg state (memory only; None after a restart)."""
 
     @property
     def id(self) -> int:
@@ -100,10 +106,14 @@ class Round:
     def selected(self) -> tuple[str, ...]:
         return self.announcement.selected
 
-    def set_phase(self, phase: Phase, deadline: float | None = None) -> RoundAnnouncement:
+    def set_phase(
+        self, phase: Phase, deadline: float | None = None, secagg: SecAggPlan | None = None
+    ) -> RoundAnnouncement:
         changes: dict[str, object] = {"phase": phase}
         if deadline is not None:
             changes["deadline"] = deadline
+        if secagg is not None:
+            changes["secagg"] = secagg
         self.announcement = self.announcement.model_copy(update=changes)
         return self.announcement
 
@@ -112,6 +122,12 @@ class Round:
         does not belong in this round. Never changes the round."""
         if self.status != "collecting":
             raise RejectedMessage("not_collecting", f"round {self.id} is {self.status}")
+        if self.announcement.secagg is not None:
+            raise RejectedMessage(
+                "secure_round",
+                f"round {self.id} uses secure aggregation: it takes masked updates on the "
+                "secagg topics, never a plain one",
+            )
         if update.round != self.id:
             raise RejectedMessage(
                 "wrong_round", f"update for round {update.round}, round {self.id} is open"

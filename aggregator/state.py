@@ -85,6 +85,12 @@ class StateRecord(_Record):
     model: ModelRecord
     round: RoundRecord | None = None
     last_round: int = Field(default=0, ge=0)
+    noised_rounds: int = Field(
+        default=0,
+        ge=0,
+        description="Secure rounds whose noised sum was unmasked, every lineage: what the "
+        "privacy accountant counts (a new lineage does not give the houses' privacy back).",
+    )
     retained: dict[str, str] = Field(
         default_factory=dict, description="Retained topic name -> payload file to republish."
     )

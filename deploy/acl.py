@@ -11,12 +11,20 @@ Subscriptions are checked against these lines too: a client may only
 subscribe to a filter no wider than what it may read (a doorbell subscribes to
 its exact topics; the aggregator may use `update/+`, Home Assistant
 `doorbell/#` and `homeassistant/#`). `$SYS` is in nobody's list.
+
+Secure aggregation: a doorbell writes only its own `secagg/<leaf>/<device>`
+topics (key advert, encrypted shares, masked update, unmask answer) and reads
+only its own `secagg/inbox/<device>`, where the aggregator routes the shares the
+others encrypted for it; the aggregator reads every doorbell's secagg topics and
+writes every inbox. Nobody else reads any of them.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 from enum import StrEnum
+
+from fedbell.wire.topics import SECAGG_LEAVES
 
 
 class Role(StrEnum):
@@ -42,6 +50,8 @@ def rules(role: Role, name: str, base: str) -> list[tuple[str, str]]:
             return [
                 ("write", f"{base}/update/{name}"),
                 ("write", f"{base}/status/{name}"),
+                *(("write", f"{base}/secagg/{leaf}/{name}") for leaf in SECAGG_LEAVES),
+                ("read", f"{base}/secagg/inbox/{name}"),
                 ("read", f"{base}/round"),
                 ("read", f"{base}/model/global"),
                 ("read", f"{base}/model/tflite"),
@@ -55,6 +65,8 @@ def rules(role: Role, name: str, base: str) -> list[tuple[str, str]]:
                 ("read", f"{base}/control"),
                 ("read", f"{base}/update/+"),
                 ("read", f"{base}/status/+"),
+                *(("read", f"{base}/secagg/{leaf}/+") for leaf in SECAGG_LEAVES),
+                ("write", f"{base}/secagg/inbox/+"),
                 ("write", f"{base}/round"),
                 ("write", f"{base}/model/global"),
                 ("write", f"{base}/model/tflite"),

@@ -41,8 +41,9 @@ from edge.gallery import STRANGER_STORE, Gallery, GalleryFeatures, StrangerStore
 from edge.live import LiveDoorbell, make_detector
 from edge.plan import check_announcement
 from edge.recognizer import Head, Recognizer, RecognizerError
+from edge.secure import SecureParticipant
 from edge.state import NodeState
-from edge.trainer import round_seed, train_delta
+from edge.trainer import TrainedDelta, round_seed, train_delta
 from fedbell import systemd
 from fedbell.errors import ConfigError, RejectedMessage
 from fedbell.faces.embedding import Features, TrainParams
@@ -58,7 +59,13 @@ from fedbell.wire.messages import (
     parse_tflite,
 )
 from fedbell.wire.mqtt import connect, make_client
-from fedbell.wire.protocol import DeviceStatus, RoundAnnouncement, parse_json, to_json
+from fedbell.wire.protocol import (
+    MAX_ROUND_BYTES,
+    DeviceStatus,
+    RoundAnnouncement,
+    parse_json,
+    to_json,
+)
 from fedbell.wire.sparsify import with_error_feedback
 from fedbell.wire.topics import Topics
 
@@ -206,6 +213,13 @@ class EdgeNode:
                 strangers=self.strangers,
                 on_gallery_changed=self.artifacts.refresh,
             )
+        self.secure = SecureParticipant(
+            self.device,
+            self.topics,
+            self.signer.key,
+            publish=lambda topic, payload: self._publish_update(topic, payload, "secagg"),
+            on_sent=self._record_sent,
+        )
         self._client.on_connect = self._guarded(self._on_connect)
         self._client.on_disconnect = self._guarded(self._on_disconnect)
         self._client.on_message = self._guarded(self._on_message)
@@ -402,6 +416,7 @@ class EdgeNode:
                     (self.topics.global_model, 1),
                     (self.topics.tflite_model, 1),
                     (self.topics.round, 1),
+                    (self.topics.secagg_inbox(self.device), 1),
                     *(self.live.subscriptions() if self.live is not None else []),
                 ]
             )
@@ -442,6 +457,7 @@ class EdgeNode:
             self.topics.global_model: self._on_global,
             self.topics.tflite_model: self._on_tflite,
             self.topics.round: self._on_round,
+            self.topics.secagg_inbox(self.device): self.secure.on_inbox,
         }
         handler = handlers.get(message.topic)
         try:
@@ -570,7 +586,7 @@ class EdgeNode:
             self._jobs.put(lambda: self.artifacts.install(artifact))
 
     def _on_round(self, payload: bytes) -> None:
-        announcement = parse_json(payload, RoundAnnouncement)
+        announcement = parse_json(payload, RoundAnnouncement, max_bytes=MAX_ROUND_BYTES)
         # Before anything is recorded or queued: a forged or unsigned round (when
         # signing is configured) or one asking for a plan out of bounds is refused.
         check_announcement(
@@ -580,6 +596,12 @@ class EdgeNode:
             require_signature=self.trusted_keys is not None,
             limits=self.config.accept,
         )
+        if announcement.secagg is not None:
+            self._on_secure_round(announcement)
+        else:
+            self._on_plain_round(announcement)
+
+    def _on_plain_round(self, announcement: RoundAnnouncement) -> None:
         number = announcement.round
         if announcement.phase in ("closed", "abandoned"):
             with self._changed:
@@ -627,7 +649,34 @@ class EdgeNode:
             return
         self._jobs.put(lambda: self._take_part(announcement))
 
+    def _on_secure_round(self, announcement: RoundAnnouncement) -> None:
+        """A secure round's phase: the keys phase trains, later phases answer (worker)."""
+        number, phase = announcement.round, announcement.phase
+        if phase in ("closed", "abandoned"):
+            self._jobs.put(lambda: self.secure.end(number))
+            return
+        if self.device not in announcement.selected:
+            log.info("round %d: not selected", number)
+            return
+        if phase != "keys":
+            self._jobs.put(lambda: self._secure_step(announcement))
+            return
+        with self._changed:
+            taken = number in self._rounds_taken or self.secure.round == number
+            if number <= self._last_round or taken:
+                log.info("round %d (keys): already taken part", number)
+                return
+            self._rounds_taken.add(number)
+        self._jobs.put(lambda: self._take_part(announcement))
+
     # --- worker jobs -------------------------------------------------------------
+
+    def _secure_step(self, announcement: RoundAnnouncement) -> None:
+        try:
+            self.secure.step(announcement)
+        except RejectedMessage as err:  # e.g. a roster or inbox the library refuses
+            self.counters[err.reason] += 1
+            log.warning("round %d (%s): %s", announcement.round, announcement.phase, err)
 
     def _work(self) -> None:
         lower_thread_priority()
@@ -655,58 +704,22 @@ class EdgeNode:
 
     def _train_and_deliver(self, announcement: RoundAnnouncement) -> None:
         number = announcement.round
+        if announcement.secagg is not None:
+            self._train_secure(announcement)
+            return
         if announcement.codec not in TENSOR_CODECS:
             self.counters["bad_codec"] += 1
             log.warning(
                 "round %d: codec %s is not an update codec; skipping", number, announcement.codec
             )
             return
-        if time.time() > announcement.deadline:
-            log.info("round %d: deadline already passed; skipping", number)
-            return
-        base = self._wait_for_base(announcement)
-        if base is None:
-            return
-        found = self._training_data(number, base)
-        if found is None:
-            return
-        data, strangers = found
-        plan = announcement.train
-        params = TrainParams(
-            epochs=plan.epochs,
-            batch_size=plan.batch_size,
-            learning_rate=plan.learning_rate,
-            prox_mu=plan.prox_mu,
-            seed=round_seed(self.device, number),
+        # top-k: the unsent remainder goes into training, so it is carried once
+        trained = self._train(
+            announcement, self._residual if announcement.codec == "topk" else None
         )
-        log.info(
-            "round %d: training on %d gallery images of %d person(s) and %d strangers "
-            "from model v%d",
-            number,
-            len(data),
-            len(data.persons),
-            len(strangers),
-            base.version,
-        )
-        try:
-            # top-k: the unsent remainder goes into training, so it is carried once
-            residual = self._residual if announcement.codec == "topk" else None
-            result = train_delta(
-                base.weights, data.features, data.labels, strangers, params, residual=residual
-            )
-        except ValueError as err:
-            self.counters["bad_shapes"] += 1
-            log.warning(
-                "round %d: base model v%d does not fit this node: %s", number, base.version, err
-            )
+        if trained is None:
             return
-        self.trainings += 1
-        if not math.isfinite(result.loss):
-            # One person and no strangers: nothing to tell apart, the head did not move.
-            log.warning(
-                "round %d: nothing to learn from (one person, no strangers yet); skipping", number
-            )
-            return
+        base, result = trained
         delta, residual = result.delta, None
         if announcement.codec == "topk":
             delta, residual = with_error_feedback(base.names, delta, announcement.density)
@@ -739,6 +752,77 @@ class EdgeNode:
         )
         if send_now:
             self._send(update)
+
+    def _train_secure(self, announcement: RoundAnnouncement) -> None:
+        """Keys phase: advertise first (the phase waits for every doorbell's keys, not its
+        training), then train and prepare the masked-ready update for the send phase."""
+        if time.time() > announcement.deadline:
+            log.info("round %d: deadline already passed; skipping", announcement.round)
+            return
+        self.secure.begin(announcement)
+        # the subset's remainder goes into training, as top-k's does
+        trained = self._train(announcement, self._residual)
+        if trained is None:
+            self.secure.end(announcement.round)  # no update: drop out of the round
+            return
+        self.secure.prepare(announcement, trained[1].delta)
+        log.info(
+            "round %d: trained in %.1f s, loss %.3f; update ready to mask",
+            announcement.round,
+            trained[1].seconds,
+            trained[1].loss,
+        )
+
+    def _train(
+        self, announcement: RoundAnnouncement, residual: Weights | None
+    ) -> tuple[GlobalModel, TrainedDelta] | None:
+        """The client step's training from the round's base model; None to skip the round."""
+        number = announcement.round
+        if time.time() > announcement.deadline:
+            log.info("round %d: deadline already passed; skipping", number)
+            return None
+        base = self._wait_for_base(announcement)
+        if base is None:
+            return None
+        found = self._training_data(number, base)
+        if found is None:
+            return None
+        data, strangers = found
+        plan = announcement.train
+        params = TrainParams(
+            epochs=plan.epochs,
+            batch_size=plan.batch_size,
+            learning_rate=plan.learning_rate,
+            prox_mu=plan.prox_mu,
+            seed=round_seed(self.device, number),
+        )
+        log.info(
+            "round %d: training on %d gallery images of %d person(s) and %d strangers "
+            "from model v%d",
+            number,
+            len(data),
+            len(data.persons),
+            len(strangers),
+            base.version,
+        )
+        try:
+            result = train_delta(
+                base.weights, data.features, data.labels, strangers, params, residual=residual
+            )
+        except ValueError as err:
+            self.counters["bad_shapes"] += 1
+            log.warning(
+                "round %d: base model v%d does not fit this node: %s", number, base.version, err
+            )
+            return None
+        self.trainings += 1
+        if not math.isfinite(result.loss):
+            # One person and no strangers: nothing to tell apart, the head did not move.
+            log.warning(
+                "round %d: nothing to learn from (one person, no strangers yet); skipping", number
+            )
+            return None
+        return base, result
 
     def _training_data(
         self, number: int, base: GlobalModel
@@ -791,25 +875,31 @@ class EdgeNode:
                 self._changed.wait(min(left, TICK_S))
 
     def _send(self, update: HeldUpdate) -> None:
-        info = self._client.publish(self.topics.update(self.device), update.payload, qos=1)
-        if info.rc != mqtt.MQTT_ERR_SUCCESS:  # paho queues it and sends after reconnecting
-            log.warning(
-                "round %d: update queued while offline (%s)",
-                update.round,
-                mqtt.error_string(info.rc),
-            )
+        self._publish_update(
+            self.topics.update(self.device), update.payload, f"round {update.round}"
+        )
         with self._changed:
             self._sent = update
-            self._last_round = max(self._last_round, update.round)
-            self._rounds_taken.discard(update.round)
-            if update.residual is not None:
-                self._residual = update.residual
+        self._record_sent(update.round, update.residual)
+        log.info("round %d: update sent (%d bytes)", update.round, len(update.payload))
+
+    def _publish_update(self, topic: str, payload: bytes, what: str) -> None:
+        info = self._client.publish(topic, payload, qos=1)
+        if info.rc != mqtt.MQTT_ERR_SUCCESS:  # paho queues it and sends after reconnecting
+            log.warning("%s: update queued while offline (%s)", what, mqtt.error_string(info.rc))
+
+    def _record_sent(self, number: int, residual: Weights | None) -> None:
+        """A round's update is sent: remember the round and keep its error-feedback residual."""
+        with self._changed:
+            self._last_round = max(self._last_round, number)
+            self._rounds_taken.discard(number)
+            if residual is not None:
+                self._residual = residual
         try:
             self.state.save_last_round(self._last_round)
-            if update.residual is not None:
-                self.state.save_residual(update.residual)
+            if residual is not None:
+                self.state.save_residual(residual)
         except OSError as err:
             self.counters["store_failed"] += 1
-            log.error("could not record round %d: %s", update.round, err)
-        log.info("round %d: update sent (%d bytes)", update.round, len(update.payload))
+            log.error("could not record round %d: %s", number, err)
         self._publish_status()

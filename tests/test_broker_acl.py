@@ -33,6 +33,9 @@ DEVICES = ("door1", "door2")
 ROLES = ("door1", "door2", "aggregator", "operator", "homeassistant")
 OUT = ("visitor", "ring", "present", "snapshot")
 IN = ("command", "label")
+SECAGG = ("keys", "shares", "masked", "unmask")
+"""What a doorbell publishes in a secure round (issue 22); the aggregator routes each
+doorbell's shares from the others to secagg/inbox/<device>."""
 QUIET = 1.0  # one shared wait for messages that must never arrive
 
 
@@ -54,6 +57,8 @@ def topics() -> list[str]:
     ]
     for device in DEVICES:
         found += [f"{BASE}/update/{device}", f"{BASE}/status/{device}"]
+        found += [f"{BASE}/secagg/{leaf}/{device}" for leaf in SECAGG]
+        found.append(f"{BASE}/secagg/inbox/{device}")
         found += [f"doorbell/{device}/{leaf}" for leaf in (*OUT, *IN)]
         found.append(f"homeassistant/device/{device}/config")
     found.append("homeassistant/status")
@@ -70,8 +75,11 @@ def allowed(role: str, action: str, topic: str) -> bool:  # noqa: PLR0911 - one 
             f"{BASE}/update/{me}",
             f"{BASE}/status/{me}",
             f"homeassistant/device/{me}/config",
+            *(f"{BASE}/secagg/{leaf}/{me}" for leaf in SECAGG),
         ):
             return pub
+        if topic == f"{BASE}/secagg/inbox/{me}":
+            return not pub  # only its own inbox: the shares the others encrypted for it
         if topic in (
             f"{BASE}/round",
             f"{BASE}/model/global",
@@ -93,6 +101,10 @@ def allowed(role: str, action: str, topic: str) -> bool:  # noqa: PLR0911 - one 
         ):
             return pub
         if topic == f"{BASE}/control" or topic.startswith((f"{BASE}/update/", f"{BASE}/status/")):
+            return not pub
+        if topic.startswith(f"{BASE}/secagg/inbox/"):
+            return pub  # routes the shares; reads nobody's inbox
+        if topic.startswith(f"{BASE}/secagg/"):
             return not pub
         return False
     if role == "operator":

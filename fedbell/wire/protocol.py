@@ -14,8 +14,12 @@ from fedbell.errors import RejectedMessage
 from fedbell.wire import safejson
 from fedbell.wire.codecs import DEFAULT_DENSITY
 from fedbell.wire.envelope import Codec
+from fedbell.wire.secagg_params import SecAggParams
 
 MAX_JSON_BYTES = 64 * 1024
+MAX_ROUND_BYTES = 1024 * 1024
+"""A secure round's announcement carries its roster (every selected doorbell's signed key
+advert, ~250 bytes each in base64) in the shares phase: room for a few thousand."""
 
 
 class Message(BaseModel):
@@ -50,7 +54,59 @@ class TrainingPlan(Message):
     prox_mu: float = Field(default=0.0, ge=0, le=10, description="FedProx proximal weight.")
 
 
-Phase = Literal["train", "send", "closed", "abandoned"]
+Phase = Literal["train", "send", "closed", "abandoned", "keys", "shares", "unmask"]
+"""A plain round: train (-> send in step-by-step mode) -> closed or abandoned. A secure
+round (the announcement carries `secagg`): keys -> shares -> send -> unmask -> closed, or
+abandoned from any phase that ends with fewer than `secagg.min_cohort` doorbells."""
+
+
+class SecAggPlan(Message):
+    """How a secure round is run: what every selected doorbell needs to mask its update.
+
+    The update is the round's shared subset of the flat head (`density` of its `dimension`
+    coordinates, chosen by the round id and lineage, the same on every doorbell), clipped
+    to `clip_norm` and noised with `noise_std` on the doorbell, encoded fixed point
+    (`scale`) modulo 2^32 and masked; the aggregator only ever unmasks the sum of at least
+    `min_cohort` doorbells.
+    """
+
+    min_cohort: int = Field(ge=2, description="Fewest doorbells whose sum may be unmasked.")
+    neighbours: int = Field(ge=1, description="Doorbells each one agrees masks with (SecAgg+).")
+    threshold: int = Field(ge=1, description="Shares needed to rebuild a dropped seed.")
+    scale: float = Field(gt=0, description="Fixed-point scale of the encoded update.")
+    dimension: int = Field(ge=1, description="Coordinates of the flat head (the delta).")
+    size: int = Field(ge=1, description="Coordinates each doorbell masks and sends.")
+    density: float = Field(gt=0, le=1, description="size / dimension.")
+    clip_norm: float = Field(gt=0, description="L2 norm each doorbell clips its update to.")
+    noise_std: float = Field(ge=0, description="Gaussian noise each doorbell adds (per entry).")
+    roster: str | None = Field(
+        default=None,
+        max_length=MAX_ROUND_BYTES,
+        description="Shares phase: the selected doorbells' signed key adverts (base64).",
+    )
+    survivors: tuple[str, ...] = Field(
+        default=(), description="Unmask phase: the doorbells whose masked update arrived."
+    )
+    dropped: tuple[str, ...] = Field(
+        default=(), description="Unmask phase: the doorbells whose masks are rebuilt from shares."
+    )
+    unmask_request: str | None = Field(
+        default=None,
+        max_length=MAX_ROUND_BYTES,
+        description="Unmask phase: what the aggregator asks each survivor to reveal (base64).",
+    )
+
+    def params(self, round_id: int, lineage: str | None) -> SecAggParams:
+        """The masking library's parameters of this round (the same on every party)."""
+        return SecAggParams(
+            round_id=round_id,
+            lineage=lineage,
+            min_cohort=self.min_cohort,
+            neighbours=self.neighbours,
+            share_threshold=self.threshold,
+            scale=self.scale,
+            size=self.size,
+        )
 
 
 class RoundAnnouncement(Message):
@@ -71,6 +127,9 @@ class RoundAnnouncement(Message):
         default=DEFAULT_DENSITY, gt=0, le=1, description="Share of each tensor a topk update sends."
     )
     train: TrainingPlan
+    secagg: SecAggPlan | None = Field(
+        default=None, description="Set on a secure-aggregation round (phases keys to unmask)."
+    )
     send_when_trained: bool = Field(
         default=True, description="False in step-by-step mode: wait for the send phase."
     )
@@ -106,8 +165,19 @@ class RoundMetrics(Message):
     rejected: dict[str, int] = Field(default_factory=dict)
     dropped: list[str] = Field(
         default_factory=list,
-        description="Doorbells whose accepted update the strategy left out (multi_krum).",
+        description="Doorbells whose accepted update the strategy left out (multi_krum), or "
+        "a secure round's doorbells that masked nothing or dropped after masking.",
     )
+    secure: bool = Field(default=False, description="Secure aggregation: only the sum was seen.")
+    epsilon: float | None = Field(
+        default=None,
+        description="House-level differential privacy: epsilon of this round alone "
+        "(at delta = 1/houses); None without noise.",
+    )
+    epsilon_total: float | None = Field(
+        default=None, description="Epsilon spent by every noised round so far, this one included."
+    )
+    detail: str = Field(default="", description="Why an abandoned round was abandoned.")
 
 
 class Reply(Message):
@@ -118,11 +188,11 @@ class Reply(Message):
     rejection reason), so a console can show each doorbell's last update.
     """
 
-    about: Literal["command", "update"]
+    about: Literal["command", "update", "secagg"]
     ok: bool
     time: float = Field(description="Unix time the aggregator handled it.")
     cmd: str | None = Field(default=None, description="The command (None if unreadable).")
-    device: str | None = Field(default=None, description="Who sent the update.")
+    device: str | None = Field(default=None, description="Who sent the update (or secagg message).")
     round: int | None = None
     size: int | None = Field(default=None, ge=0, description="Payload bytes of the update.")
     reason: str = Field(default="", description="Why it was refused (a rejection reason).")
@@ -132,8 +202,8 @@ class Reply(Message):
 M = TypeVar("M", bound=Message)
 
 
-def parse_json(payload: bytes, model: type[M]) -> M:
-    safejson.check_shape(payload, max_bytes=MAX_JSON_BYTES)  # size and depth, before parsing
+def parse_json(payload: bytes, model: type[M], max_bytes: int = MAX_JSON_BYTES) -> M:
+    safejson.check_shape(payload, max_bytes=max_bytes)  # size and depth, before parsing
     try:
         return model.model_validate_json(payload)
     except ValidationError as err:

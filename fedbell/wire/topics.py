@@ -8,6 +8,14 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import Final, Literal
+
+SecAggLeaf = Literal["keys", "shares", "masked", "unmask"]
+SECAGG_LEAVES: Final[tuple[SecAggLeaf, ...]] = ("keys", "shares", "masked", "unmask")
+"""What a doorbell publishes in a secure round, one topic per phase:
+`<base>/secagg/<leaf>/<device>` (its signed key advert, its encrypted seed shares, its
+masked update, its answer to the unmask request). The aggregator writes each doorbell's
+shares from the others to `<base>/secagg/inbox/<device>`, which only that doorbell reads."""
 
 _SEGMENT = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
@@ -70,6 +78,23 @@ class Topics:
     @property
     def all_updates(self) -> str:
         return f"{self.base}/update/+"
+
+    def secagg(self, leaf: SecAggLeaf, device: str) -> str:
+        return f"{self.base}/secagg/{leaf}/{check_segment(device, 'device id')}"
+
+    def all_secagg(self, leaf: SecAggLeaf) -> str:
+        return f"{self.base}/secagg/{leaf}/+"
+
+    def secagg_inbox(self, device: str) -> str:
+        return f"{self.base}/secagg/inbox/{check_segment(device, 'device id')}"
+
+    def secagg_origin(self, topic: str) -> tuple[SecAggLeaf, str]:
+        """(leaf, device) of a doorbell's secagg topic; ValueError for any other topic."""
+        prefix, _, device = topic.rpartition("/")
+        for leaf in SECAGG_LEAVES:
+            if prefix == f"{self.base}/secagg/{leaf}":
+                return leaf, check_segment(device, "device id")
+        raise ValueError(f"{topic!r} is not a doorbell's secagg topic of site {self.site!r}")
 
     def status(self, device: str) -> str:
         return f"{self.base}/status/{check_segment(device, 'device id')}"

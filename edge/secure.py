@@ -1,0 +1,212 @@
+"""The doorbell's side of a secure round: its client step and its part in each phase.
+
+`secure_update` is the client step every caller shares (the doorbell below, the
+benchmarks): the trained delta, flattened, cut to the round's shared subset
+(the same coordinates on every doorbell, so masks still cancel), clipped to the
+plan's norm and noised (`fedbell.wire.dp.privatize`: clipping happens here,
+since the aggregator never sees one update), encoded fixed point modulo 2^32.
+What the subset leaves out stays on the doorbell as error feedback, as top-k's
+residual does (`edge.trainer.train_delta(residual=)` trains from it next round).
+
+`SecureParticipant` walks one doorbell through a round's phases, each step run
+on the node's worker thread in announcement order:
+
+    keys    advertise signed keys (before training, so the phase ends quickly),
+            then train and prepare the masked-ready update
+    shares  encrypt seed shares for the roster's neighbours
+    send    read the inbox (the neighbours' shares), publish the masked update
+    unmask  answer the aggregator's request for the survivors' and dropped seeds
+
+The noise and the fixed-point rounding draw from the operating system's
+entropy: a seed anyone could derive (device and round) would let them
+subtract the noise.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from fedbell.errors import RejectedMessage
+from fedbell.wire import dp, masking
+from fedbell.wire.codecs import Weights
+from fedbell.wire.protocol import RoundAnnouncement, SecAggPlan
+from fedbell.wire.secagg_client import SecAggClient
+from fedbell.wire.topics import SecAggLeaf, Topics
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SecureUpdate:
+    """What a doorbell masks and sends in a secure round, and what it keeps."""
+
+    values: npt.NDArray[np.uint32]
+    """The round's subset of the delta, clipped, noised and encoded (plan.size entries)."""
+    residual: Weights
+    """The delta's coordinates outside the subset (zero inside it): next round's start."""
+    norm: float
+    """L2 norm of the subset before clipping (a doorbell's own diagnostics)."""
+
+
+def secure_update(
+    delta: Sequence[npt.NDArray[np.float32]],
+    plan: SecAggPlan,
+    round_id: int,
+    lineage: str | None,
+    rng: np.random.Generator,
+) -> SecureUpdate:
+    """The client step of a secure round (see the module docstring); ValueError if the
+    delta does not fit the plan (another head, or a subset of another size)."""
+    flat = np.concatenate([np.asarray(d, np.float32).ravel() for d in delta])
+    if flat.size != plan.dimension:
+        raise ValueError(f"the delta has {flat.size} coordinates, the plan {plan.dimension}")
+    subset = masking.shared_subset(plan.dimension, plan.density, round_id, lineage)
+    if len(subset) != plan.size:
+        raise ValueError(f"the round's subset has {len(subset)} coordinates, the plan {plan.size}")
+    sent, rest = masking.split_subset(flat, subset)
+    norm = float(np.linalg.norm(sent.astype(np.float64)))
+    noised = dp.privatize(sent, plan.clip_norm, plan.noise_std, rng)
+    values = masking.encode(noised, plan.scale, rng)
+    residual: Weights = []
+    offset = 0
+    for tensor in delta:
+        size = int(np.asarray(tensor).size)
+        residual.append(rest[offset : offset + size].reshape(np.shape(tensor)).astype(np.float32))
+        offset += size
+    return SecureUpdate(values=values, residual=residual, norm=norm)
+
+
+def _decoded(text: str | None, what: str, round_id: int) -> bytes:
+    if text is None:
+        raise RejectedMessage("bad_secagg_plan", f"round {round_id}: the {what} is missing")
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise RejectedMessage(
+            "bad_secagg_plan", f"round {round_id}: the {what} is not base64"
+        ) from None
+
+
+Publish = Callable[[str, bytes], None]
+Sent = Callable[[int, Weights], None]
+
+
+@dataclass
+class _Round:
+    number: int
+    client: SecAggClient
+    update: SecureUpdate | None = None
+    done: tuple[str, ...] = ()
+    """Phases this doorbell has answered (a republished announcement is not answered twice)."""
+
+
+class SecureParticipant:
+    """One doorbell's part in secure rounds (one at a time); the node calls it from its
+    worker thread, except `on_inbox` (paho's thread)."""
+
+    def __init__(
+        self,
+        device: str,
+        topics: Topics,
+        identity: Ed25519PrivateKey | None,
+        publish: Publish,
+        on_sent: Sent,
+    ) -> None:
+        self.device = device
+        self.topics = topics
+        self.identity = identity
+        self.publish = publish
+        self.on_sent = on_sent
+        self._round: _Round | None = None
+        self._inbox = threading.Condition()
+        self._inbox_payload: bytes | None = None
+
+    @property
+    def round(self) -> int | None:
+        current = self._round
+        return None if current is None else current.number
+
+    def begin(self, announcement: RoundAnnouncement) -> None:
+        """Keys phase: a fresh client for the round; publish its signed key advert."""
+        plan = announcement.secagg
+        assert plan is not None
+        params = plan.params(announcement.round, announcement.lineage)
+        client = SecAggClient(self.device, params, self.identity)
+        with self._inbox:  # a retained inbox of an earlier round is not this round's
+            self._inbox_payload = None
+        self._round = _Round(announcement.round, client, done=("keys",))
+        self._publish("keys", client.advertise())
+
+    def prepare(self, announcement: RoundAnnouncement, delta: Weights) -> None:
+        """After training: the masked-ready update (secure_update) for the send phase."""
+        plan, current = announcement.secagg, self._round
+        assert plan is not None
+        if current is None or current.number != announcement.round:
+            return  # the round ended (abandoned) while this doorbell trained
+        current.update = secure_update(
+            delta, plan, announcement.round, announcement.lineage, np.random.default_rng()
+        )
+
+    def step(self, announcement: RoundAnnouncement) -> None:
+        """Shares, send or unmask phase: this doorbell's answer, once per phase."""
+        current, plan = self._round, announcement.secagg
+        assert plan is not None
+        if current is None or current.number != announcement.round or current.update is None:
+            log.info("round %d (%s): not taking part", announcement.round, announcement.phase)
+            return
+        phase = announcement.phase
+        if phase in current.done:
+            return
+        current.done = (*current.done, phase)
+        if phase == "shares":
+            roster = _decoded(plan.roster, "roster", current.number)
+            self._publish("shares", current.client.share(roster))
+        elif phase == "send":
+            current.client.receive(self._wait_for_inbox(current, announcement.deadline))
+            self._publish("masked", current.client.masked_input(current.update.values))
+            self.on_sent(current.number, current.update.residual)
+        elif phase == "unmask":
+            if self.device not in plan.survivors:
+                log.info("round %d: dropped from the sum; nothing to unmask", current.number)
+                return
+            request = _decoded(plan.unmask_request, "unmask request", current.number)
+            self._publish("unmask", current.client.unmask(request))
+
+    def end(self, number: int) -> None:
+        """The round closed or was abandoned: forget its keys and update."""
+        if self._round is not None and self._round.number == number:
+            self._round = None
+
+    def on_inbox(self, payload: bytes) -> None:
+        """The aggregator routed this doorbell's shares from the others (paho's thread)."""
+        with self._inbox:
+            self._inbox_payload = payload
+            self._inbox.notify_all()
+
+    def _wait_for_inbox(self, current: _Round, deadline: float) -> bytes:
+        """The inbox of this round: published before the send phase, so it is normally
+        here (an earlier round's retained inbox was dropped by `begin`)."""
+        with self._inbox:
+            while self._inbox_payload is None:
+                left = deadline - time.time()
+                if left <= 0:
+                    raise RejectedMessage(
+                        "no_inbox", f"round {current.number}: no shares arrived before the deadline"
+                    )
+                self._inbox.wait(min(left, 1.0))
+            payload, self._inbox_payload = self._inbox_payload, None
+            return payload
+
+    def _publish(self, leaf: SecAggLeaf, payload: bytes) -> None:
+        self.publish(self.topics.secagg(leaf, self.device), payload)
+        log.info("secure round: %s sent (%d bytes)", leaf, len(payload))
