@@ -1,0 +1,113 @@
+"""Fixed-point vectors modulo 2^32, the PRG that masks them, and the round's shared subset.
+
+Secure aggregation adds random masks to each doorbell's update and relies on them
+cancelling in the sum, which only works exactly in modular integer arithmetic:
+floats are encoded to fixed point (`encode`), wrapped in numpy uint32 (every add is
+modulo 2^32), and only the sum is decoded (`decode_sum`, two's complement, so a sum
+in [-2^31, 2^31) comes back with its sign).
+
+Compression has to survive masking: per-doorbell top-k does not (each house keeps
+different coordinates, and which ones is itself a leak), so every doorbell sends
+the same round-seeded random subset of coordinates (`shared_subset`), dense over
+that subset; what is not sent stays on the doorbell as error feedback
+(`split_subset` returns it), as top-k's residual does (fedbell/wire/sparsify.py).
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+MODULUS_BITS = 32
+"""Every masked value is a uint32; the decoded sum must lie in [-2^31, 2^31)."""
+_HALF = 2**31
+_PRG_LABEL = b"fedbell secagg prg v1"
+_SUBSET_LABEL = b"fedbell secagg subset v1"
+_ZERO_NONCE = bytes(16)
+
+
+def encode(vector: np.ndarray, scale: float, rng: np.random.Generator) -> np.ndarray:
+    """`vector * scale` stochastically rounded to integers, as uint32 modulo 2^32.
+
+    Stochastic rounding (up with probability equal to the fraction) makes each
+    coordinate an unbiased estimate of `vector * scale`, so rounding adds noise
+    of variance at most 1/4 per doorbell instead of a bias that grows with the
+    number of doorbells. A value whose scaled magnitude reaches 2^31 cannot be
+    represented and is refused (ValueError): pick `scale` with
+    fedbell.wire.secagg.default_scale, which leaves room for the whole sum.
+    """
+    scaled = np.asarray(vector, dtype=np.float64).ravel() * scale
+    if not np.all(np.isfinite(scaled)) or np.any(np.abs(scaled) >= _HALF - 1):
+        raise ValueError(f"values times scale {scale} must be finite and within +/-2^31")
+    floor = np.floor(scaled)
+    rounded = floor + (rng.random(scaled.shape) < scaled - floor)
+    return rounded.astype(np.int64).astype(np.uint32)
+
+
+def decode_sum(total: np.ndarray, scale: float) -> np.ndarray:
+    """The float64 sum a uint32 total stands for (two's complement, divided by scale)."""
+    signed = np.asarray(total, dtype=np.uint32).view(np.int32)
+    return signed.astype(np.float64) / scale
+
+
+def prg(seed: bytes, size: int) -> np.ndarray:
+    """`size` pseudorandom uint32 from a seed: ChaCha20's keystream under HKDF(seed).
+
+    HKDF turns any seed (a 16-byte self-mask seed, an X25519 shared secret) into
+    a uniform 256-bit ChaCha20 key; the keystream is computationally
+    indistinguishable from uniform, so a masked value is too. Vectorised: one
+    C call for the whole vector.
+    """
+    key = HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=_PRG_LABEL).derive(seed)
+    encryptor = Cipher(algorithms.ChaCha20(key, _ZERO_NONCE), mode=None).encryptor()
+    stream = encryptor.update(bytes(4 * size))
+    return np.frombuffer(stream, dtype="<u4").astype(np.uint32)
+
+
+def round_seed(label: bytes, round_id: int, lineage: str | None) -> bytes:
+    """A public seed every party derives from the round alone (subset, neighbour graph)."""
+    text = f"{round_id}\n{lineage or ''}".encode()
+    return hashlib.sha256(label + b"\n" + text).digest()
+
+
+def seeded_permutation(seed: bytes, size: int) -> np.ndarray:
+    """A permutation of range(size) that every machine computes identically.
+
+    Sorting 64-bit keys from `prg` (stable, so even a tie is broken the same
+    way everywhere); numpy's own generators do not promise the same stream
+    across numpy versions, and a doorbell and the aggregator may differ.
+    """
+    words = prg(seed, 2 * size).astype(np.uint64)
+    keys = (words[0::2] << np.uint64(32)) | words[1::2]
+    return np.argsort(keys, kind="stable").astype(np.int64)
+
+
+def shared_subset(size: int, density: float, round_id: int, lineage: str | None) -> np.ndarray:
+    """The sorted coordinates every doorbell sends this round (int64, same everywhere).
+
+    max(1, round(size * density)) coordinates out of `size`, chosen by a PRG
+    seeded with a hash of the round id and lineage, so the aggregator and every
+    doorbell agree without a message, and a coordinate left out this round is
+    likely in a later one (error feedback keeps it until then).
+    """
+    if size < 1 or not 0 < density <= 1:
+        raise ValueError(f"size {size} must be >= 1 and density {density} in (0, 1]")
+    count = max(1, round(size * density))
+    order = seeded_permutation(round_seed(_SUBSET_LABEL, round_id, lineage), size)
+    return np.sort(order[:count])
+
+
+def split_subset(delta_flat: np.ndarray, subset: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(values sent: float32 over `subset`, residual: the flat delta with those zeroed).
+
+    The residual stays on the doorbell and joins the next round's training, as
+    top-k's error feedback does (fedbell/wire/sparsify.py says why not its delta).
+    """
+    flat = np.asarray(delta_flat, dtype=np.float32).ravel()
+    residual = flat.copy()
+    residual[subset] = 0.0
+    return flat[subset].copy(), residual

@@ -1,0 +1,339 @@
+"""The doorbell's side of secure aggregation: a state machine over bytes.
+
+advertise -> share(roster) -> receive(inbox) -> masked_input(values) -> unmask(request),
+each once, in this order. A refused message leaves the client where it was.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
+from fedbell.wire import shamir
+from fedbell.wire.masking import prg
+from fedbell.wire.secagg_messages import (
+    SALT_BYTES,
+    Advert,
+    Inbox,
+    Masked,
+    RevealedShare,
+    Roster,
+    SealedShare,
+    SecAggError,
+    Shares,
+    UnmaskReply,
+    UnmaskRequest,
+    b64,
+    check_round,
+    dump,
+    hkdf,
+    mask_key_from_seed,
+    pairwise_seed,
+    parse,
+    public_bytes,
+    seal,
+    seed_commitment,
+    share_associated_data,
+    share_cipher,
+    share_commitment,
+    sign_advert,
+    unb64,
+    unseal,
+    verify_advert,
+)
+from fedbell.wire.secagg_params import MAX_DEVICES, SecAggParams, neighbour_graph
+
+MAX_LIST_BYTES = 400 * MAX_DEVICES
+"""Parse limit of a roster, an inbox or an unmask request (a few hundred bytes a device)."""
+_DEVICE = re.compile(r"[A-Za-z0-9_-]{1,64}")
+_PLAINTEXT_BYTES = SALT_BYTES + 2 * shamir.SHARE_BYTES
+
+
+@dataclass(frozen=True)
+class _Held:
+    """Shares a neighbour dealt to this doorbell."""
+
+    salt: bytes
+    self_share: bytes
+    key_share: bytes
+
+
+def check_sorted_names(names: tuple[str, ...], what: str) -> None:
+    """SecAggError unless the names are strictly increasing (sorted, no duplicates)."""
+    if any(a >= b for a, b in itertools.pairwise(names)):
+        raise SecAggError("secagg_bad_message", f"{what} is not sorted without duplicates")
+
+
+class SecAggClient:
+    """One doorbell in one round. Keys and seeds are fresh per round (from `rng_seed` in tests).
+
+    `identity` signs the advert (None: unsigned, for open test sites);
+    `peer_keys` are the provisioned public keys the neighbours' adverts must
+    verify against (None: not checked).
+    """
+
+    def __init__(
+        self,
+        device: str,
+        params: SecAggParams,
+        identity: Ed25519PrivateKey | None,
+        peer_keys: Mapping[str, Ed25519PublicKey] | None = None,
+        rng_seed: bytes | None = None,
+    ) -> None:
+        if not _DEVICE.fullmatch(device):
+            raise ValueError(f"device {device!r} is not 1-64 of [A-Za-z0-9_-]")
+        self.device = device
+        self.params = params
+        self._identity = identity
+        self._peer_keys = peer_keys
+        self._rng_seed = rng_seed
+        self._ctx = params.context()
+        self._enc = X25519PrivateKey.from_private_bytes(self._random(32, b"enc key"))
+        self._mask_seed = self._random(16, b"mask seed")
+        self._mask = mask_key_from_seed(self._mask_seed)
+        self._self_seed = self._random(16, b"self seed")
+        self.stage = "new"
+        self._advert: Advert | None = None
+        self._peers: dict[str, Advert] = {}
+        self._neighbours: tuple[str, ...] = ()
+        self._holders: frozenset[str] = frozenset()
+        self._held: dict[str, _Held] = {}
+
+    def _random(self, size: int, label: bytes) -> bytes:
+        if self._rng_seed is None:
+            return os.urandom(size)
+        info = b"fedbell secagg test randomness\n" + self._ctx + self.device.encode() + label
+        return hkdf(self._rng_seed, info, size)
+
+    def _expect(self, stage: str, step: str) -> None:
+        if self.stage != stage:
+            raise SecAggError(
+                "secagg_wrong_phase", f"{self.device}: {step} in stage {self.stage}, not {stage}"
+            )
+
+    def advertise(self) -> bytes:
+        """The signed advert of this round's two public keys."""
+        self._expect("new", "advertise")
+        advert = Advert(
+            round=self.params.round_id,
+            lineage=self.params.lineage,
+            device=self.device,
+            enc_key=b64(public_bytes(self._enc)),
+            mask_key=b64(public_bytes(self._mask)),
+        )
+        if self._identity is not None:
+            advert = sign_advert(advert, self._identity)
+        self._advert, self.stage = advert, "advertised"
+        return dump(advert)
+
+    def share(self, roster: bytes) -> bytes:
+        """Check the roster, then deal this doorbell's two seeds to its neighbours, encrypted."""
+        self._expect("advertised", "share")
+        message = parse(roster, Roster, MAX_LIST_BYTES)
+        params, me = self.params, self.device
+        check_round(message, params, "roster", None)
+        names = tuple(advert.device for advert in message.adverts)
+        check_sorted_names(names, "roster")
+        adverts = {advert.device: advert for advert in message.adverts}
+        for advert in message.adverts:
+            check_round(advert, params, f"advert of {advert.device}", advert.device)
+        if adverts.get(me) != self._advert:
+            raise SecAggError("secagg_bad_roster", f"roster omits or alters {me}'s advert")
+        if len(names) < params.min_cohort:
+            raise SecAggError(
+                "secagg_below_min_cohort",
+                f"roster of {len(names)} doorbells, min_cohort {params.min_cohort}",
+            )
+        neighbours = neighbour_graph(names, params)[me]
+        for peer in neighbours:
+            if self._peer_keys is not None:
+                key = self._peer_keys.get(peer)
+                if key is None:
+                    raise SecAggError("secagg_unknown_device", f"no trusted key for {peer}", peer)
+                verify_advert(adverts[peer], key)
+        _, threshold = params.degree(len(names))
+        self_shares = shamir.split(self._self_seed, threshold, len(neighbours))
+        key_shares = shamir.split(self._mask_seed, threshold, len(neighbours))
+        sealed = []
+        for peer, self_share, key_share in zip(neighbours, self_shares, key_shares, strict=True):
+            salt = os.urandom(SALT_BYTES)
+            entry = SealedShare(
+                peer=peer,
+                ciphertext="AAAA",
+                self_commitment=b64(
+                    share_commitment(
+                        b"self", self._ctx, dealer=me, recipient=peer, salt=salt, share=self_share
+                    )
+                ),
+                key_commitment=b64(
+                    share_commitment(
+                        b"key", self._ctx, dealer=me, recipient=peer, salt=salt, share=key_share
+                    )
+                ),
+            )
+            peer_enc = unb64(adverts[peer].enc_key, 32, f"enc_key of {peer}", peer)
+            cipher = share_cipher(
+                self._enc, peer_enc, peer=peer, dealer=me, recipient=peer, ctx=self._ctx
+            )
+            ciphertext = seal(
+                cipher,
+                salt + self_share + key_share,
+                share_associated_data(self._ctx, me, peer, entry),
+            )
+            sealed.append(entry.model_copy(update={"ciphertext": b64(ciphertext)}))
+        self._peers = {peer: adverts[peer] for peer in neighbours}
+        self._neighbours, self.stage = neighbours, "shared"
+        return dump(
+            Shares(
+                round=params.round_id,
+                lineage=params.lineage,
+                device=me,
+                seed_commitment=b64(seed_commitment(self._ctx, me, self._self_seed)),
+                shares=tuple(sealed),
+            )
+        )
+
+    def receive(self, inbox: bytes) -> None:
+        """Decrypt and check the shares the neighbours dealt to this doorbell."""
+        self._expect("shared", "receive")
+        message = parse(inbox, Inbox, MAX_LIST_BYTES)
+        params, me = self.params, self.device
+        check_round(message, params, "inbox", None)
+        if message.device != me:
+            raise SecAggError("secagg_bad_inbox", f"inbox of {message.device} sent to {me}")
+        check_sorted_names(message.holders, "holders")
+        holders = frozenset(message.holders)
+        if me not in holders or len(holders) < params.min_cohort:
+            raise SecAggError(
+                "secagg_below_min_cohort" if me in holders else "secagg_bad_inbox",
+                f"{len(holders)} doorbells hold shares (min_cohort {params.min_cohort}), "
+                f"{me} {'among' if me in holders else 'not among'} them",
+            )
+        dealers = tuple(peer for peer in self._neighbours if peer in holders)
+        if tuple(entry.peer for entry in message.shares) != dealers:
+            raise SecAggError(
+                "secagg_bad_inbox", f"{me} expected shares from exactly {', '.join(dealers)}"
+            )
+        held = {}
+        for entry in message.shares:
+            dealer = entry.peer
+            peer_enc = unb64(self._peers[dealer].enc_key, 32, f"enc_key of {dealer}", dealer)
+            cipher = share_cipher(
+                self._enc, peer_enc, peer=dealer, dealer=dealer, recipient=me, ctx=self._ctx
+            )
+            ciphertext = unb64(entry.ciphertext, _PLAINTEXT_BYTES + 16, "ciphertext", dealer)
+            plain = unseal(
+                cipher, ciphertext, share_associated_data(self._ctx, dealer, me, entry), dealer
+            )
+            salt, self_share, key_share = (
+                plain[:SALT_BYTES],
+                plain[SALT_BYTES : SALT_BYTES + shamir.SHARE_BYTES],
+                plain[SALT_BYTES + shamir.SHARE_BYTES :],
+            )
+            committed = (
+                share_commitment(
+                    b"self", self._ctx, dealer=dealer, recipient=me, salt=salt, share=self_share
+                ),
+                share_commitment(
+                    b"key", self._ctx, dealer=dealer, recipient=me, salt=salt, share=key_share
+                ),
+            )
+            published = (
+                unb64(entry.self_commitment, len(committed[0]), "self_commitment", dealer),
+                unb64(entry.key_commitment, len(committed[1]), "key_commitment", dealer),
+            )
+            in_field = all(int.from_bytes(s, "big") < shamir.PRIME for s in (self_share, key_share))
+            if committed != published or not in_field:
+                raise SecAggError(
+                    "secagg_bad_share",
+                    f"{dealer} dealt {me} shares that do not match its own commitments",
+                    dealer,
+                )
+            held[dealer] = _Held(salt, self_share, key_share)
+        self._holders, self._held, self.stage = holders, held, "received"
+
+    def masked_input(self, values: np.ndarray) -> bytes:
+        """values (uint32, encoded by masking.encode) + self mask +/- pairwise masks, mod 2^32."""
+        self._expect("received", "masked_input")
+        size = self.params.size
+        if not (isinstance(values, np.ndarray) and values.dtype == np.uint32):
+            raise SecAggError("secagg_wrong_size", f"{self.device}: masked values must be uint32")
+        if values.shape != (size,):
+            raise SecAggError(
+                "secagg_wrong_size", f"{self.device}: {values.shape} values, round masks ({size},)"
+            )
+        total = values + prg(self._self_seed, size)
+        for peer in self._neighbours:
+            if peer not in self._holders:
+                continue
+            peer_mask = unb64(self._peers[peer].mask_key, 32, f"mask_key of {peer}", peer)
+            mask = prg(pairwise_seed(self._mask, peer_mask, self.device, peer, self._ctx), size)
+            total = total + mask if self.device < peer else total - mask
+        self.stage = "masked"
+        return dump(
+            Masked(
+                round=self.params.round_id,
+                lineage=self.params.lineage,
+                device=self.device,
+                values=b64(total.astype("<u4").tobytes()),
+            )
+        )
+
+    def unmask(self, request: bytes) -> bytes:
+        """Reveal, per neighbour, the self-seed share (survived) or the mask-key share (dropped).
+
+        Never both for one doorbell, and only once per round: a request that
+        names a doorbell in both lists, leaves out one that holds shares, or
+        would reveal a sum of fewer than min_cohort is refused.
+        """
+        self._expect("masked", "unmask")
+        message = parse(request, UnmaskRequest, MAX_LIST_BYTES)
+        params, me = self.params, self.device
+        check_round(message, params, "unmask request", None)
+        check_sorted_names(message.survivors, "survivors")
+        check_sorted_names(message.dropped, "dropped")
+        survivors, dropped = frozenset(message.survivors), frozenset(message.dropped)
+        both = survivors & dropped
+        if both:
+            raise SecAggError(
+                "secagg_both_secrets",
+                f"request asks for both secrets of {', '.join(sorted(both))}: refused, "
+                "it would unmask a single house",
+            )
+        if survivors | dropped != self._holders:
+            raise SecAggError(
+                "secagg_bad_request", "survivors and dropped are not exactly the share holders"
+            )
+        if me not in survivors or len(survivors) < params.min_cohort:
+            raise SecAggError(
+                "secagg_below_min_cohort",
+                f"{len(survivors)} survivors (min_cohort {params.min_cohort}), "
+                f"{me} {'among' if me in survivors else 'not among'} them",
+            )
+        self_shares, key_shares = [], []
+        for dealer, held in sorted(self._held.items()):
+            if dealer in survivors:
+                self_shares.append(
+                    RevealedShare(owner=dealer, share=b64(held.self_share), salt=b64(held.salt))
+                )
+            else:
+                key_shares.append(
+                    RevealedShare(owner=dealer, share=b64(held.key_share), salt=b64(held.salt))
+                )
+        self.stage = "done"
+        return dump(
+            UnmaskReply(
+                round=params.round_id,
+                lineage=params.lineage,
+                device=me,
+                self_shares=tuple(self_shares),
+                key_shares=tuple(key_shares),
+            )
+        )

@@ -1,0 +1,288 @@
+"""The secure-aggregation messages (strict JSON) and the cryptography they carry.
+
+Every byte string from the network goes through `parse`: size and nesting first
+(fedbell.wire.safejson), then a pydantic model with extra="forbid", then each
+base64 field is decoded to its exact length by the caller (`unb64`). Failures are
+`SecAggError`s: a RejectedMessage whose `reason` is a stable `secagg_*` key and
+whose `device` names the doorbell at fault when one is.
+
+Keys: every round each doorbell makes two fresh X25519 key pairs, one to encrypt
+its Shamir shares to its neighbours (AES-GCM under HKDF of the X25519 secret, one
+key per direction, used once), one whose secret with each neighbour seeds their
+pairwise mask. The mask key is derived from a 16-byte seed so that it can be
+Shamir-shared whole and checked against the advertised public key.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import json
+from typing import Annotated, TypeVar
+
+from cryptography.exceptions import InvalidSignature, InvalidTag
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
+
+from fedbell.errors import RejectedMessage
+from fedbell.wire import safejson
+from fedbell.wire.secagg_params import MAX_DEVICES, SecAggParams
+
+DEVICE = r"^[A-Za-z0-9_-]{1,64}$"
+LINEAGE = DEVICE
+_B64 = r"^[A-Za-z0-9+/]*={0,2}$"
+COMMITMENT_BYTES = 16
+"""A share's commitment: truncated SHA-256, 128-bit second-preimage resistance."""
+SALT_BYTES = 16
+ADVERT_CONTEXT = b"fedbell secagg advert v1\n"
+_ZERO_NONCE = bytes(12)
+
+
+class SecAggError(RejectedMessage):
+    """A secure-aggregation message or step refused; `device` is the doorbell at fault, if any."""
+
+    def __init__(self, reason: str, detail: str, device: str | None = None) -> None:
+        super().__init__(reason, detail)
+        self.device = device
+
+
+class _Message(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    round: int = Field(ge=1)
+    lineage: str | None = Field(default=None, pattern=LINEAGE)
+
+
+B64Key = Annotated[str, StringConstraints(min_length=44, max_length=44, pattern=_B64)]
+"""32 bytes in base64 (a public key, a seed commitment)."""
+B64Short = Annotated[str, StringConstraints(min_length=24, max_length=24, pattern=_B64)]
+"""16 to 18 bytes in base64 (a share, a salt, a share commitment)."""
+
+
+class Advert(_Message):
+    device: str = Field(pattern=DEVICE)
+    enc_key: B64Key
+    mask_key: B64Key
+    signature: str | None = Field(default=None, max_length=100, pattern=_B64)
+
+    def signed_bytes(self) -> bytes:
+        """What the identity key signs: every field but the signature, with a context prefix.
+
+        The round and lineage are inside, so an advert replayed into another round
+        fails its signature.
+        """
+        fields = self.model_dump(mode="json", exclude={"signature"})
+        return ADVERT_CONTEXT + json.dumps(fields, sort_keys=True, separators=(",", ":")).encode()
+
+
+class Roster(_Message):
+    adverts: tuple[Advert, ...] = Field(max_length=MAX_DEVICES)
+
+
+class SealedShare(BaseModel):
+    """One neighbour's encrypted pair of shares, with commitments to each half.
+
+    `peer` is the recipient in a Shares message and the dealer in an Inbox.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    peer: str = Field(pattern=DEVICE)
+    ciphertext: str = Field(min_length=4, max_length=200, pattern=_B64)
+    self_commitment: B64Short
+    key_commitment: B64Short
+
+
+class Shares(_Message):
+    device: str = Field(pattern=DEVICE)
+    seed_commitment: B64Key
+    shares: tuple[SealedShare, ...] = Field(max_length=MAX_DEVICES)
+
+
+class Inbox(_Message):
+    device: str = Field(pattern=DEVICE)
+    holders: tuple[str, ...] = Field(max_length=MAX_DEVICES)
+    """Every doorbell whose shares the server holds (they alone take part in masking)."""
+    shares: tuple[SealedShare, ...] = Field(max_length=MAX_DEVICES)
+
+
+class Masked(_Message):
+    device: str = Field(pattern=DEVICE)
+    values: str = Field(pattern=_B64)
+    """Little-endian uint32, base64."""
+
+
+class UnmaskRequest(_Message):
+    survivors: tuple[str, ...] = Field(max_length=MAX_DEVICES)
+    dropped: tuple[str, ...] = Field(max_length=MAX_DEVICES)
+
+
+class RevealedShare(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    owner: str = Field(pattern=DEVICE)
+    share: B64Short
+    salt: B64Short
+
+
+class UnmaskReply(_Message):
+    device: str = Field(pattern=DEVICE)
+    self_shares: tuple[RevealedShare, ...] = Field(max_length=MAX_DEVICES)
+    key_shares: tuple[RevealedShare, ...] = Field(max_length=MAX_DEVICES)
+
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def parse(payload: bytes, model: type[M], max_bytes: int) -> M:
+    """The validated message, or SecAggError('secagg_bad_message') saying which field."""
+    try:
+        safejson.check_shape(payload, max_bytes=max_bytes, max_depth=6)
+        return model.model_validate_json(payload)
+    except RejectedMessage as err:
+        raise SecAggError("secagg_bad_message", f"{model.__name__}: {err}") from None
+    except ValidationError as err:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc']) or 'message'}: {e['msg']}"
+            for e in err.errors()[:5]
+        )
+        raise SecAggError("secagg_bad_message", f"{model.__name__}: {problems}") from None
+
+
+def dump(message: BaseModel) -> bytes:
+    return message.model_dump_json(exclude_none=True).encode()
+
+
+def b64(raw: bytes) -> str:
+    return base64.b64encode(raw).decode()
+
+
+def unb64(text: str, length: int | None, what: str, device: str | None = None) -> bytes:
+    """Base64 to exactly `length` bytes (None: any), or SecAggError naming the field."""
+    try:
+        raw = base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise SecAggError("secagg_bad_message", f"{what} is not base64", device) from None
+    if length is not None and len(raw) != length:
+        raise SecAggError(
+            "secagg_bad_message", f"{what} is {len(raw)} bytes, expected {length}", device
+        )
+    return raw
+
+
+def check_round(message: _Message, params: SecAggParams, what: str, device: str | None) -> None:
+    """SecAggError('secagg_replay') unless the message belongs to this round and lineage."""
+    if message.round != params.round_id or message.lineage != params.lineage:
+        raise SecAggError(
+            "secagg_replay",
+            f"{what} of round {message.round} lineage {message.lineage!r} in round "
+            f"{params.round_id} lineage {params.lineage!r}",
+            device,
+        )
+
+
+def sign_advert(advert: Advert, identity: Ed25519PrivateKey) -> Advert:
+    return advert.model_copy(update={"signature": b64(identity.sign(advert.signed_bytes()))})
+
+
+def verify_advert(advert: Advert, key: Ed25519PublicKey) -> None:
+    if advert.signature is None:
+        raise SecAggError(
+            "secagg_bad_signature", f"advert of {advert.device} is not signed", advert.device
+        )
+    try:
+        key.verify(base64.b64decode(advert.signature, validate=True), advert.signed_bytes())
+    except (InvalidSignature, binascii.Error, ValueError):
+        raise SecAggError(
+            "secagg_bad_signature",
+            f"advert of {advert.device} (round {advert.round}) does not verify",
+            advert.device,
+        ) from None
+
+
+def public_bytes(key: X25519PrivateKey) -> bytes:
+    return key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+
+
+def hkdf(material: bytes, info: bytes, length: int = 32) -> bytes:
+    return HKDF(algorithm=hashes.SHA256(), length=length, salt=None, info=info).derive(material)
+
+
+def mask_key_from_seed(seed: bytes) -> X25519PrivateKey:
+    """The mask key pair a 16-byte seed stands for (the seed is what gets Shamir-shared)."""
+    return X25519PrivateKey.from_private_bytes(hkdf(seed, b"fedbell secagg mask key v1"))
+
+
+def _exchange(own: X25519PrivateKey, peer_raw: bytes, peer: str) -> bytes:
+    try:
+        return own.exchange(X25519PublicKey.from_public_bytes(peer_raw))
+    except ValueError:  # a low-order point gives the all-zero secret
+        raise SecAggError("secagg_bad_key", f"{peer} advertised an unusable key", peer) from None
+
+
+def share_cipher(
+    own_enc: X25519PrivateKey,
+    peer_enc: bytes,
+    *,
+    peer: str,
+    dealer: str,
+    recipient: str,
+    ctx: bytes,
+) -> AESGCM:
+    """The AES-GCM key of shares from `dealer` to `recipient` this round.
+
+    Fresh keys every round and the direction in the HKDF info make each key
+    encrypt exactly one message, so a fixed nonce is safe.
+    """
+    secret = _exchange(own_enc, peer_enc, peer)
+    return AESGCM(
+        hkdf(secret, b"fedbell secagg share v1\n" + ctx + f"{dealer}>{recipient}".encode())
+    )
+
+
+def seal(cipher: AESGCM, plaintext: bytes, associated: bytes) -> bytes:
+    return cipher.encrypt(_ZERO_NONCE, plaintext, associated)
+
+
+def unseal(cipher: AESGCM, ciphertext: bytes, associated: bytes, dealer: str) -> bytes:
+    try:
+        return cipher.decrypt(_ZERO_NONCE, ciphertext, associated)
+    except InvalidTag:
+        raise SecAggError(
+            "secagg_bad_share", f"shares from {dealer} do not decrypt or were altered", dealer
+        ) from None
+
+
+def pairwise_seed(
+    own_mask: X25519PrivateKey, peer_mask: bytes, own: str, peer: str, ctx: bytes
+) -> bytes:
+    """The seed of the mask `own` and `peer` share (the same from either side)."""
+    low, high = sorted((own, peer))
+    secret = _exchange(own_mask, peer_mask, peer)
+    return hkdf(secret, b"fedbell secagg pairwise v1\n" + ctx + f"{low}|{high}".encode())
+
+
+def share_commitment(
+    kind: bytes, ctx: bytes, *, dealer: str, recipient: str, salt: bytes, share: bytes
+) -> bytes:
+    """Hiding (salted) and binding commitment to one share, published by its dealer."""
+    text = b"fedbell secagg share commitment v1\n" + kind + b"\n" + ctx
+    text += f"{dealer}>{recipient}\n".encode() + salt + share
+    return hashlib.sha256(text).digest()[:COMMITMENT_BYTES]
+
+
+def seed_commitment(ctx: bytes, device: str, seed: bytes) -> bytes:
+    """Commitment to a self-mask seed (128 random bits: the hash hides it)."""
+    return hashlib.sha256(
+        b"fedbell secagg seed v1\n" + ctx + device.encode() + b"\n" + seed
+    ).digest()
+
+
+def share_associated_data(ctx: bytes, dealer: str, recipient: str, share: SealedShare) -> bytes:
+    """What AES-GCM authenticates besides the ciphertext: who, which round, the commitments."""
+    return ctx + f"{dealer}>{recipient}\n{share.self_commitment}\n{share.key_commitment}".encode()
