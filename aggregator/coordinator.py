@@ -312,6 +312,11 @@ class Coordinator:
         except ValueError as err:
             raise RejectedMessage("bad_topic", str(err)) from None
         current = self.round
+        late_unmask = leaf == "unmask" and current is not None and current.secure is not None
+        if late_unmask and current is not None and current.status != "collecting":
+            # the sum was rebuilt from the other survivors' answers: this one is not needed
+            log.info("round %d: unmask answer of %s after the sum; not needed", current.id, device)
+            return
         try:
             if current is None or current.secure is None or current.status != "collecting":
                 raise RejectedMessage("no_round", f"no secure round is collecting ({leaf})")
@@ -766,7 +771,7 @@ class Coordinator:
                 inbox = server.inbox(device)
                 secure.bytes_down += len(inbox)
                 self.publish(self.topics.secagg_inbox(device), inbox)
-            return plan.model_copy(update={"roster": None})
+            return plan.model_copy(update={"roster": None, "holders": secure.done("shares")})
         request = server.unmask_request()
         survivors = secure.done("masked")
         dropped = tuple(d for d in secure.done("shares") if d not in survivors)

@@ -11,9 +11,10 @@ aggregator has seen the sum.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
-from aggregator.accountant import epsilon
+from aggregator.accountant import Budget
 from aggregator.config import PrivacySettings
 from fedbell.errors import RejectedMessage
 
@@ -29,30 +30,39 @@ class PrivacyLedger:
         return self.settings.noise_multiplier > 0
 
     def houses(self, provisioned: int | None, online: int) -> int:
-        """How many houses the federation has: configured, provisioned, or seen online."""
+        """How many houses the federation has: configured, provisioned, or seen online
+        (at least 2: delta = 1/houses must stay below 1)."""
         if self.settings.houses is not None:
-            return self.settings.houses
-        return max(1, provisioned if provisioned else online)
+            return max(2, self.settings.houses)
+        return max(2, provisioned if provisioned else online)
+
+    def budget(self, selected: int, houses: int, rounds: int | None = None) -> Budget:
+        """The accountant's budget for rounds of `selected` of `houses` houses."""
+        limit = self.settings.epsilon_budget
+        return Budget(
+            noise_multiplier=self.settings.noise_multiplier,
+            sampling_rate=min(1.0, selected / houses),
+            delta=1.0 / houses,
+            limit=math.inf if limit is None else limit,
+            rounds=self.rounds if rounds is None else rounds,
+        )
 
     def epsilon(self, rounds: int, selected: int, houses: int) -> float | None:
-        """Epsilon after `rounds` noised rounds of `selected` of `houses` (None: no noise)."""
-        if not self.noised or rounds == 0:
-            return None if not self.noised else 0.0
-        rate = min(1.0, selected / max(houses, 1))
-        return float(epsilon(self.settings.noise_multiplier, rate, rounds, 1.0 / houses))
+        """Epsilon after `rounds` noised rounds of `selected` of `houses` (None: no noise,
+        which is an infinite epsilon)."""
+        if not self.noised:
+            return None
+        return self.budget(selected, houses, rounds).spent
 
     def check_budget(self, selected: int, houses: int) -> None:
         """RejectedMessage(privacy_budget_spent) if one more round would pass the budget."""
-        budget = self.settings.epsilon_budget
-        if budget is None:
+        budget = self.budget(selected, houses)
+        if budget.allows_another_round():
             return
-        after = self.epsilon(self.rounds + 1, selected, houses)
-        if after is not None and after > budget:
-            spent = self.epsilon(self.rounds, selected, houses) or 0.0
-            raise RejectedMessage(
-                "privacy_budget_spent",
-                f"one more round of {selected} of {houses} houses would take epsilon from "
-                f"{spent:.3g} to {after:.3g}, past rounds.privacy.epsilon_budget {budget:g} "
-                f"(delta 1/{houses}, noise multiplier {self.settings.noise_multiplier:g}, "
-                f"{self.rounds} noised rounds so far)",
-            )
+        raise RejectedMessage(
+            "privacy_budget_spent",
+            f"one more round of {selected} of {houses} houses would take epsilon from "
+            f"{budget.spent:.3g} to {budget.next_round_epsilon():.3g}, past "
+            f"rounds.privacy.epsilon_budget {budget.limit:g} (delta 1/{houses}, noise "
+            f"multiplier {budget.noise_multiplier:g}, {self.rounds} noised rounds so far)",
+        )

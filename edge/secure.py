@@ -168,10 +168,25 @@ class SecureParticipant:
         if phase in current.done:
             return
         current.done = (*current.done, phase)
+        try:
+            self._answer(current, announcement, plan)
+        except RejectedMessage:
+            self._round = None  # refused (e.g. left out of the roster): out of this round
+            raise
+
+    def _answer(self, current: _Round, announcement: RoundAnnouncement, plan: SecAggPlan) -> None:
+        phase = announcement.phase
+        assert current.update is not None
         if phase == "shares":
             roster = _decoded(plan.roster, "roster", current.number)
             self._publish("shares", current.client.share(roster))
         elif phase == "send":
+            if self.device not in plan.holders:
+                raise RejectedMessage(
+                    "secagg_not_holder",
+                    f"round {current.number}: the aggregator has no shares "
+                    "of this doorbell, so it cannot mask",
+                )
             current.client.receive(self._wait_for_inbox(current, announcement.deadline))
             self._publish("masked", current.client.masked_input(current.update.values))
             self.on_sent(current.number, current.update.residual)

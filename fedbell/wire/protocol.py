@@ -84,6 +84,9 @@ class SecAggPlan(Message):
         max_length=MAX_ROUND_BYTES,
         description="Shares phase: the selected doorbells' signed key adverts (base64).",
     )
+    holders: tuple[str, ...] = Field(
+        default=(), description="Send phase: the doorbells whose shares arrived (they mask)."
+    )
     survivors: tuple[str, ...] = Field(
         default=(), description="Unmask phase: the doorbells whose masked update arrived."
     )

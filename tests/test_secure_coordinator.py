@@ -1,0 +1,273 @@
+"""A secure round through the aggregator's coordinator and the doorbells' participants.
+
+The same code the services run (`aggregator.coordinator.Coordinator`,
+`edge.secure.SecureParticipant`, `edge.secure.secure_update`), wired to each
+other in process by a message queue instead of a broker, so every phase,
+refusal and abandonment is checked in well under a second. The real-process
+tests (tests/test_secure_rounds.py) check the same over Mosquitto.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import time
+from collections import deque
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from aggregator.config import AggregatorConfig
+from aggregator.coordinator import Coordinator
+from aggregator.export import Exporter
+from aggregator.state import StateStore
+from edge.secure import SecureParticipant, secure_update
+from fedbell.errors import RejectedMessage
+from fedbell.wire import dp, masking
+from fedbell.wire.codecs import Weights
+from fedbell.wire.messages import Signer, parse_global
+from fedbell.wire.protocol import DeviceStatus, RoundAnnouncement, RoundMetrics, to_json
+from fedbell.wire.topics import SECAGG_LEAVES
+from tests.test_aggregator import MAX_BYTES, SITE, TOPICS, make_config
+
+
+class InProcessFederation:
+    """A coordinator and secure doorbells exchanging messages through one queue."""
+
+    def __init__(self, config: AggregatorConfig, exporter: Exporter, devices: list[str]) -> None:
+        self.queue: deque[tuple[str, bytes]] = deque()
+        self.seen: list[tuple[str, bytes]] = []
+        self.skew = 0.0
+        """Seconds the coordinator's clock is ahead of the real one (`after`)."""
+        self.coordinator = Coordinator(
+            config,
+            exporter,
+            StateStore(config.state_dir),
+            publish=self._publish,
+            clock=lambda: time.time() + self.skew,
+            trusted_keys=None,
+        )
+        self.participants = {
+            device: SecureParticipant(
+                device, TOPICS, None, publish=self._publish, on_sent=self._sent
+            )
+            for device in devices
+        }
+        self.refused: dict[str, list[str]] = {device: [] for device in devices}
+        """What each doorbell refused (reasons), as EdgeNode counts them."""
+        self.deltas: dict[str, Weights] = {}
+        self.plain: dict[tuple[int, str], np.ndarray] = {}
+        """What each doorbell would send unmasked: its clipped subset (no noise here)."""
+        self.tamper: dict[tuple[str, str], bytes] = {}
+        """(leaf, device) -> the payload that doorbell sends instead of its own."""
+        self.silent: set[tuple[str, str]] = set()
+        """(phase, device): that doorbell says nothing in that phase (it dropped)."""
+        self.coordinator.connected()
+        for device in devices:
+            status = DeviceStatus(state="online", model_version=0)
+            self.coordinator.on_message(TOPICS.status(device), to_json(status))
+        self.run()
+
+    def _publish(self, topic: str, payload: bytes) -> None:
+        self.queue.append((topic, payload))
+
+    def _sent(self, number: int, residual: Weights) -> None:
+        del number, residual  # the node keeps these; nothing to check here
+
+    def run(self) -> None:
+        while self.queue:
+            topic, payload = self.queue.popleft()
+            self.seen.append((topic, payload))
+            if topic == TOPICS.round:
+                self._announce(RoundAnnouncement.model_validate_json(payload))
+            elif topic.startswith(f"{TOPICS.base}/secagg/inbox/"):
+                self.participants[topic.rsplit("/", 1)[1]].on_inbox(payload)
+            elif topic.startswith(f"{TOPICS.base}/secagg/"):
+                leaf, device = TOPICS.secagg_origin(topic)
+                self.coordinator.on_message(topic, self.tamper.get((leaf, device), payload))
+
+    def _announce(self, announcement: RoundAnnouncement) -> None:
+        for device, participant in self.participants.items():
+            if device not in announcement.selected or (announcement.phase, device) in self.silent:
+                continue
+            if announcement.phase == "keys":
+                participant.begin(announcement)
+                delta = self.deltas[device]
+                participant.prepare(announcement, delta)
+                assert announcement.secagg is not None
+                flat = np.concatenate([d.ravel() for d in delta])
+                subset = masking.shared_subset(
+                    announcement.secagg.dimension,
+                    announcement.secagg.density,
+                    announcement.round,
+                    announcement.lineage,
+                )
+                clipped, _ = dp.clip(flat[subset], announcement.secagg.clip_norm)
+                self.plain[announcement.round, device] = clipped
+            elif announcement.phase in ("closed", "abandoned"):
+                participant.end(announcement.round)
+            else:
+                try:
+                    participant.step(announcement)
+                except RejectedMessage as err:  # counted by the node (EdgeNode._secure_step)
+                    self.refused[device].append(err.reason)
+
+    def after(self, seconds: float) -> None:
+        """Let `seconds` pass for the coordinator (deadlines), then let it act."""
+        self.skew += seconds
+        self.coordinator.tick()
+        self.run()
+
+    def command(self, **command: object) -> None:
+        self.coordinator.on_message(TOPICS.control, json.dumps(command).encode())
+        self.run()
+
+    def payloads(self, topic: str) -> list[bytes]:
+        return [p for t, p in self.seen if t == topic]
+
+    def metrics(self) -> RoundMetrics:
+        return RoundMetrics.model_validate_json(self.payloads(TOPICS.metrics)[-1])
+
+    def head(self) -> Weights:
+        payload = self.payloads(TOPICS.global_model)[-1]
+        return parse_global(payload, site=SITE, max_bytes=MAX_BYTES, keys=None).weights
+
+
+DEVICES = [f"d{i}" for i in range(8)]
+
+
+def federation(tmp_path: Path, cache: Path) -> InProcessFederation:
+    config = make_config(
+        tmp_path, 1, cache, secure_aggregation=True, min_cohort=5, max_accuracy_drop=None
+    )
+    exporter = Exporter(config, Signer("aggregator"))
+    fed = InProcessFederation(config, exporter, DEVICES)
+    shapes = [w.shape for w in exporter.initial_weights()]
+    rng = np.random.default_rng(0)
+    fed.deltas = {d: [rng.normal(0, 0.01, s).astype(np.float32) for s in shapes] for d in DEVICES}
+    return fed
+
+
+def published_mean(fed: InProcessFederation, before: Weights, round_id: int) -> np.ndarray:
+    announcement = RoundAnnouncement.model_validate_json(fed.payloads(TOPICS.round)[-1])
+    plan = announcement.secagg
+    assert plan is not None
+    subset = masking.shared_subset(plan.dimension, plan.density, round_id, announcement.lineage)
+    moved: np.ndarray = np.concatenate(
+        [(a - b).ravel() for a, b in zip(fed.head(), before, strict=True)]
+    )
+    untouched = np.delete(moved, subset)
+    assert np.all(untouched == 0), "only the round's subset may move"
+    return np.asarray(moved[subset], dtype=np.float64)
+
+
+def test_a_secure_round_publishes_the_exact_mean_and_recovers_dropped_doorbells(
+    tmp_path: Path, aggregator_cache: Path
+) -> None:
+    fed = federation(tmp_path, aggregator_cache)
+    before = fed.head()
+    # two doorbells share their seeds, then drop before masking: their masks are rebuilt
+    fed.silent |= {("send", "d6"), ("send", "d7"), ("unmask", "d6"), ("unmask", "d7")}
+    fed.command(cmd="start_round")
+    fed.after(31)  # the send phase's deadline: d6 and d7 are dropped
+    metrics = fed.metrics()
+    assert (metrics.outcome, metrics.participants, metrics.secure) == ("published", 6, True)
+    assert sorted(metrics.dropped) == ["d6", "d7"]
+    expected = np.mean([fed.plain[1, d] for d in DEVICES[:6]], axis=0)
+    got = published_mean(fed, before, 1)
+    scale = json.loads(fed.payloads(TOPICS.round)[0])["secagg"]["scale"]
+    # stochastic rounding: each doorbell's value is within 1/scale of its float
+    assert np.max(np.abs(got - expected)) <= 1.0 / scale + 1e-6
+    with_dropped = np.mean([fed.plain[1, d] for d in DEVICES], axis=0)
+    assert np.max(np.abs(got - with_dropped)) > 100 / scale  # the check can tell them apart
+    phases = [json.loads(p)["phase"] for p in fed.payloads(TOPICS.round)]
+    assert phases == ["keys", "shares", "send", "unmask", "closed"]
+    # what crossed the "broker": no plain update topic, every doorbell on its secagg topics
+    assert not [t for t, _ in fed.seen if t.startswith(f"{TOPICS.base}/update/")]
+    for leaf in SECAGG_LEAVES:
+        assert any(t == TOPICS.secagg(leaf, "d0") for t, _ in fed.seen)
+
+
+def test_survivors_below_min_cohort_abandon_the_round_and_keep_the_model(
+    tmp_path: Path, aggregator_cache: Path
+) -> None:
+    fed = federation(tmp_path, aggregator_cache)
+    before = fed.head()
+    fed.silent |= {("send", d) for d in DEVICES[:4]}  # 4 of 8 mask, min_cohort is 5
+    fed.command(cmd="start_round")
+    fed.after(31)  # the send phase's deadline
+    metrics = fed.metrics()
+    assert metrics.outcome == "abandoned"
+    assert metrics.rejected == {"secagg_below_min_cohort": 1}
+    assert "4 of 8" in metrics.detail
+    assert "min_cohort is 5" in metrics.detail
+    assert json.loads(fed.payloads(TOPICS.round)[-1])["phase"] == "abandoned"
+    assert fed.coordinator.model.version == 0
+    for now, then in zip(fed.head(), before, strict=True):
+        np.testing.assert_array_equal(now, then)
+
+
+@pytest.mark.parametrize(
+    ("leaf", "reason"),
+    [("keys", "secagg_replay"), ("shares", "secagg_bad_message"), ("masked", "secagg_wrong_size")],
+)
+def test_bad_secagg_messages_are_refused_counted_and_the_round_goes_on(
+    tmp_path: Path, aggregator_cache: Path, leaf: str, reason: str
+) -> None:
+    fed = federation(tmp_path, aggregator_cache)
+    # d0's message is replaced: an advert of another round (replayed), a share that is
+    # not JSON, a masked input of the wrong size; the round goes on without d0
+    if leaf == "keys":
+        fed.command(cmd="start_round")  # round 1, whose advert d0 replays into round 2
+        fed.tamper["keys", "d0"] = fed.payloads(TOPICS.secagg("keys", "d0"))[0]
+    elif leaf == "shares":
+        fed.tamper["shares", "d0"] = b"\x00not json"
+    else:
+        values = base64.b64encode(np.zeros(3, "<u4").tobytes()).decode()
+        fed.tamper["masked", "d0"] = json.dumps(
+            {"round": 1, "lineage": fed.coordinator.model.lineage, "device": "d0", "values": values}
+        ).encode()
+    round_id = fed.coordinator.last_round + 1
+    fed.command(cmd="start_round")
+    assert fed.coordinator.rejected[reason] == 1, fed.coordinator.rejected
+    replies = [json.loads(p) for p in fed.payloads(TOPICS.reply)]
+    assert any(r["about"] == "secagg" and r["reason"] == reason for r in replies)
+    # the others carry on: the phase ends at its deadline without d0, the round publishes
+    for _ in range(4):
+        fed.after(31)
+    metrics = fed.metrics()
+    assert (metrics.round, metrics.outcome) == (round_id, "published"), metrics
+    assert metrics.participants == len(DEVICES) - 1
+    assert "d0" in metrics.dropped
+    if leaf == "keys":  # left out of the roster, d0 knows it was not in this round
+        assert fed.refused["d0"] == ["secagg_bad_roster"]
+
+
+def test_the_client_step_clips_keeps_the_remainder_and_encodes_the_subset() -> None:
+    from fedbell.wire.protocol import SecAggPlan
+
+    rng = np.random.default_rng(1)
+    delta = [rng.normal(0, 1, (40, 5)).astype(np.float32), rng.normal(0, 1, 5).astype(np.float32)]
+    plan = SecAggPlan(
+        min_cohort=3,
+        neighbours=2,
+        threshold=2,
+        scale=1e5,
+        dimension=205,
+        size=41,
+        density=0.2,
+        clip_norm=1.0,
+        noise_std=0.0,
+    )
+    update = secure_update(delta, plan, 7, "abc", np.random.default_rng(2))
+    subset = masking.shared_subset(205, 0.2, 7, "abc")
+    flat = np.concatenate([d.ravel() for d in delta])
+    sent = masking.decode_sum(update.values, plan.scale)
+    assert np.linalg.norm(sent) <= 1.0 + 41 / plan.scale  # clipped on the doorbell
+    np.testing.assert_allclose(sent, flat[subset] / np.linalg.norm(flat[subset]), atol=2e-5)
+    residual = np.concatenate([r.ravel() for r in update.residual])
+    assert np.all(residual[subset] == 0)
+    np.testing.assert_array_equal(np.delete(residual, subset), np.delete(flat, subset))
+    with pytest.raises(ValueError, match="coordinates"):
+        secure_update(delta[:1], plan, 7, "abc", np.random.default_rng(2))
