@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 ARGS   ?=
 
-.PHONY: demo test lint bench bench-recognition bench-robust bench-openset bench-edge pi-check fuzz soak deps broker-deps clean
+.PHONY: demo test lint bench bench-recognition bench-robust bench-openset bench-privacy bench-secagg bench-edge pi-check fuzz soak deps broker-deps clean
 
 # The operator console's one browser dependency (the `mqtt` client), from the npm
 # registry at the version console/package-lock.json pins; the broker serves it.
@@ -61,6 +61,17 @@ bench-robust: $(STAMP)
 # Open-set recognition of never-seen people under doorbell conditions (issue 11)
 bench-openset: $(STAMP)
 	$(PY) -m bench.openset $(ARGS)
+
+# Does an update say who lives in the house? The re-identification attack on every
+# view (one update, as sent, masked, a round's sum, published heads, visitors) and
+# the federated head's utility under secure aggregation and DP; reports/privacy.json
+# and reports/privacy.png (issue 22)
+bench-privacy: $(STAMP)
+	$(PY) -m bench.privacy $(ARGS)
+
+# Secure aggregation's cost: bytes per doorbell, unmasking time (issue 22)
+bench-secagg: $(STAMP)
+	$(PY) -m bench.secagg $(ARGS)
 
 # One real doorbell process (no TensorFlow) against a real broker and aggregator:
 # memory idle/recognizing/training, frame rate with and without a round, bytes

@@ -43,18 +43,21 @@ from typing import Literal, Protocol
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from aggregator.accumulator import make_accumulator, make_optimizer, next_step
-from aggregator.config import RoundSettings
+from aggregator.accumulator import SecureSum, make_accumulator, make_optimizer, next_step
+from aggregator.config import DEFAULT_MIN_COHORT, RoundSettings
 from aggregator.export import as_received
 from aggregator.rounds import Round, announce, select_devices
+from aggregator.secure import mean_delta
 from aggregator.strategy import InconsistentUpdate
+from edge.secure import secure_update
 from edge.trainer import round_seed, train_delta
 from fedbell.errors import RejectedMessage
 from fedbell.faces.embedding import HEAD_NAMES, Features, LabelIds, TrainParams
-from fedbell.wire import messages
+from fedbell.wire import dp, masking, messages
 from fedbell.wire.codecs import Weights
 from fedbell.wire.envelope import Codec, TensorSpec
-from fedbell.wire.protocol import to_json
+from fedbell.wire.protocol import SecAggPlan, to_json
+from fedbell.wire.secagg import SecAggParams
 from fedbell.wire.sparsify import with_error_feedback
 
 Strategy = Literal["fedavg", "clipped", "median", "trimmed_mean", "multi_krum"]
@@ -92,6 +95,25 @@ Scorer = Callable[[Weights], Score]
 
 
 @dataclass(frozen=True)
+class Secure:
+    """Secure aggregation (and house-level DP) in the loop, as the product runs it.
+
+    Each doorbell's client step is `train_delta` from the global head plus its
+    error-feedback residual, then `edge.secure.secure_update` (the round's
+    shared subset, clipped to `clip_norm`, its share of the noise, fixed point);
+    the server step is `aggregator.secure.mean_delta` of the fixed-point sum,
+    each house weighing the same. The pairwise and self masks are left out:
+    they cancel exactly in the sum (tested in tests/test_secagg*.py), so the
+    sum here is the number the aggregator unmasks, without the key exchange.
+    """
+
+    clip_norm: float
+    noise_multiplier: float = 0.0
+    min_cohort: int = DEFAULT_MIN_COHORT
+    density: float = PRODUCT.density
+
+
+@dataclass(frozen=True)
 class Arm:
     """One set-up to compare. Everything not named is the product's default."""
 
@@ -115,6 +137,7 @@ class Arm:
     signed: bool = True
     """Ed25519 on every update and every model, verified on arrival (the product's
     production set-up)."""
+    secure: Secure | None = None
 
 
 @dataclass
@@ -293,6 +316,74 @@ def _client_step(  # noqa: PLR0917 - what a doorbell holds in a round
     )
 
 
+def secagg_plan(secure: Secure, dimension: int, round_id: int, cohort: int) -> SecAggPlan:
+    """The round's plan as the aggregator announces it (`Coordinator._secagg_plan`)."""
+    subset = masking.shared_subset(dimension, secure.density, round_id, LINEAGE)
+    noise_std = dp.noise_std_per_doorbell(
+        secure.noise_multiplier, secure.clip_norm, secure.min_cohort
+    )
+    params = SecAggParams.for_cohort(
+        round_id=round_id,
+        lineage=LINEAGE,
+        cohort=cohort,
+        size=len(subset),
+        clip_norm=secure.clip_norm,
+        noise_std=noise_std,
+        min_cohort=min(secure.min_cohort, cohort),
+    )
+    return SecAggPlan(
+        min_cohort=params.min_cohort,
+        neighbours=params.neighbours,
+        threshold=params.share_threshold,
+        scale=params.scale,
+        dimension=dimension,
+        size=params.size,
+        density=secure.density,
+        clip_norm=secure.clip_norm,
+        noise_std=noise_std,
+    )
+
+
+def _secure_round(  # noqa: PLR0917 - what a secure round holds
+    secure: Secure,
+    round_id: int,
+    selected: Sequence[int],
+    houses: Sequence[House],
+    weights: Weights,
+    plan_params: TrainParams,
+    residuals: dict[str, Weights],
+    noise: np.random.Generator,
+) -> tuple[SecureSum, int]:
+    """(the round's unmasked mean, bytes of the masked values each doorbell sends)."""
+    dimension = sum(int(w.size) for w in weights)
+    plan = secagg_plan(secure, dimension, round_id, len(selected))
+    total = np.zeros(plan.size, np.uint32)
+    for index in selected:
+        device = f"house{index:04d}"
+        trained = train_delta(
+            weights,
+            houses[index].features,
+            houses[index].labels,
+            houses[index].negatives,
+            dataclasses.replace(plan_params, seed=round_seed(device, round_id)),
+            residual=residuals.get(device),
+        )
+        update = secure_update(trained.delta, plan, round_id, LINEAGE, noise)
+        residuals[device] = update.residual
+        total += update.values  # uint32: modulo 2^32, as the masked sum is
+    indices = masking.shared_subset(dimension, plan.density, round_id, LINEAGE)
+    mean = mean_delta(total, len(selected), plan, indices, [w.shape for w in weights])
+    accumulator = SecureSum()
+    accumulator.set_mean(mean, len(selected))
+    return accumulator, 4 * plan.size * len(selected)
+
+
+Observer = Callable[[int, Sequence[int], Weights], None]
+"""Called after every round with its id, the indices of its houses and the head the
+doorbells receive (decoded from the downlink codec): what a reader of the published
+models sees."""
+
+
 def run_arm(
     houses: Sequence[House],
     start: Weights,
@@ -305,6 +396,7 @@ def run_arm(
     backbone: str = NO_BACKBONE,
     evaluate_every: int = 1,
     progress: Callable[[Arm, RoundResult], None] | None = None,
+    observe: Observer | None = None,
 ) -> ArmResult:
     """`rounds` rounds from `start`; `score` is called on every `evaluate_every`-th release
     (and the last), its threshold shipped with the next global model."""
@@ -319,6 +411,7 @@ def run_arm(
     specs = head_specs(weights)
     server = make_optimizer(settings)
     residuals: dict[str, Weights] = {}
+    noise = np.random.default_rng([plan.seed, 37])
 
     def release(weights: Weights) -> Score:
         return score(as_received(HEAD_NAMES, weights, settings.downlink_codec))
@@ -342,7 +435,19 @@ def run_arm(
         selected = select_devices(taking_part, None, settings.max_devices, settings.seed, round_id)
         current = _open_round(settings, round_id, selected, [w.shape for w in weights])
         opened = len(to_json(current.announcement))
-        for device in selected:
+        if arm.secure is not None:
+            current.accumulator, current.bytes_up = _secure_round(
+                arm.secure,
+                round_id,
+                [names.index(d) for d in selected],
+                houses,
+                weights,
+                plan,
+                residuals,
+                noise,
+            )
+            current.received = list(selected)
+        for device in selected if arm.secure is None else ():
             index = names.index(device)
             model = messages.parse_global(
                 down, site=SITE, max_bytes=MAX_BYTES, keys=device_trust, expected=specs
@@ -376,6 +481,12 @@ def run_arm(
             continue
         step = next_step(weights, current.accumulator, current.received, server)
         weights, server = step.weights, step.optimizer
+        if observe is not None:
+            observe(
+                round_id,
+                [names.index(d) for d in selected],
+                as_received(HEAD_NAMES, weights, settings.downlink_codec),
+            )
         closed = len(to_json(current.set_phase("closed")))
         per_node = opened + closed + len(down)
         result.down_bytes.extend([per_node] * len(selected))

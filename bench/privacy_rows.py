@@ -1,0 +1,225 @@
+"""The privacy benchmark's trials: who is drawn, what the attacker reads, how it scores.
+
+A scenario draws houses from a list of people (the attacked ones for the
+figures, the public ones for the shadow attack's training) and returns what
+the attacker observes with the candidates it ranks. `run_row` scores every
+attack over many trials; the best attack's figure is the row's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import numpy.typing as npt
+
+from bench.federated import Secure
+from bench.openset import NEGATIVES_PER_HOUSE
+from bench.privacy_attacks import (
+    Matrix,
+    Observed,
+    Replay,
+    ShadowModel,
+    attacks,
+    chance,
+    fit_shadow,
+    pair_statistics,
+    residents_in_top,
+)
+from bench.privacy_data import Person, draw, house, pool, strangers_at_door
+from bench.privacy_views import as_sent, dense_sum, masked_round, round_mean, update_of
+from fedbell.faces.embedding import Features, TrainParams
+from fedbell.wire.codecs import Weights
+from fedbell.wire.envelope import Codec
+
+Scenario = Callable[[Sequence[str], np.random.Generator], list[Observed]]
+
+
+@dataclass(frozen=True)
+class Context:
+    """What every scenario shares."""
+
+    people: dict[str, Person]
+    strangers: Features
+    """Stranger photos doorbells see at their doors (their training negatives)."""
+    base: Weights
+    params: TrainParams
+    candidates: int
+    house_size: int
+
+
+def _houses(
+    ctx: Context, keys: Sequence[str], count: int, rng: np.random.Generator
+) -> tuple[list[str], list[Weights]]:
+    """`count` houses of distinct people: (everyone drawn, each house's update)."""
+    residents = draw(keys, count * ctx.house_size, rng)
+    deltas = []
+    for i in range(count):
+        members = residents[i * ctx.house_size : (i + 1) * ctx.house_size]
+        doorbell = house(
+            [ctx.people[k] for k in members],
+            strangers_at_door(ctx.strangers, rng, NEGATIVES_PER_HOUSE),
+        )
+        deltas.append(update_of(doorbell, ctx.base, f"d{rng.integers(1 << 30)}", ctx.params))
+    return residents, deltas
+
+
+def single(ctx: Context, view: Callable[[Weights], Matrix]) -> Scenario:
+    """One house's update, seen through `view`; the pool: its residents and others."""
+
+    def run(keys: Sequence[str], rng: np.random.Generator) -> list[Observed]:
+        residents, (delta,) = _houses(ctx, keys, 1, rng)
+        others = draw(keys, ctx.candidates - len(residents), rng, set(residents))
+        candidates = pool(ctx.people, residents, others, rng)
+        return [Observed(view(delta), candidates.features, candidates.targets)]
+
+    return run
+
+
+def sent(codec: Codec, density: float) -> Callable[[Weights], Matrix]:
+    return lambda delta: as_sent(delta, codec, density)[0]
+
+
+def visitors(ctx: Context) -> Scenario:
+    """Strangers who rang (one photo each among the house's negatives): which candidate
+    rang? The pool: the visitors and others, none of the house's residents."""
+
+    def run(keys: Sequence[str], rng: np.random.Generator) -> list[Observed]:
+        residents = draw(keys, ctx.house_size, rng)
+        rang = draw(keys, ctx.house_size, rng, set(residents))
+        doorbell = house(
+            [ctx.people[k] for k in residents],
+            strangers_at_door(ctx.strangers, rng, NEGATIVES_PER_HOUSE - len(rang)),
+            visitors=[ctx.people[k].enrol[:1] for k in rang],
+        )
+        delta = update_of(doorbell, ctx.base, f"v{rng.integers(1 << 30)}", ctx.params)
+        others = draw(keys, ctx.candidates - len(rang), rng, set(residents) | set(rang))
+        candidates = pool(ctx.people, rang, others, rng)
+        return [Observed(delta[0], candidates.features, candidates.targets)]
+
+    return run
+
+
+def masked(ctx: Context, secure: Secure, cohort: int, traffic: list[tuple[int, int]]) -> Scenario:
+    """A secure round of `cohort` houses; one trial per house: its masked input. Appends
+    (bytes up, bytes down) per doorbell to `traffic`."""
+
+    def run(keys: Sequence[str], rng: np.random.Generator) -> list[Observed]:
+        residents, deltas = _houses(ctx, keys, cohort, rng)
+        secure_round = masked_round(deltas, secure, rng)
+        traffic.append((secure_round.bytes_up, secure_round.bytes_down))
+        seen = []
+        for i, view in enumerate(secure_round.views):
+            own = residents[i * ctx.house_size : (i + 1) * ctx.house_size]
+            others = draw(keys, ctx.candidates - len(own), rng, set(residents))
+            candidates = pool(ctx.people, own, others, rng)
+            seen.append(Observed(view, candidates.features, candidates.targets))
+        return seen
+
+    return run
+
+
+def round_pool_size(residents: int, available: int, candidates: int) -> int:
+    """Non-residents beside a round's residents: as many (chance near 1/2), at least
+    enough for `candidates` in all, at most what there is."""
+    return min(max(candidates - residents, residents), available - residents)
+
+
+def summed(ctx: Context, houses: int, secure: Secure | None) -> Scenario:
+    """A round's sum over `houses` houses: the secure mean (with `secure`'s DP) or the
+    dense float32 sum; the pool: the round's residents and as many others."""
+
+    def run(keys: Sequence[str], rng: np.random.Generator) -> list[Observed]:
+        residents, deltas = _houses(ctx, keys, houses, rng)
+        view = dense_sum(deltas) if secure is None else round_mean(deltas, secure, rng)
+        count = round_pool_size(len(residents), len(keys), ctx.candidates)
+        others = draw(keys, count, rng, set(residents))
+        candidates = pool(ctx.people, residents, others, rng)
+        return [Observed(view, candidates.features, candidates.targets)]
+
+    return run
+
+
+@dataclass
+class RowResult:
+    view: str
+    detail: str
+    epsilon: float | None
+    by_attack: dict[str, float]
+    chance: float
+    trials: int
+    candidates: int
+    extra: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def best(self) -> tuple[str, float]:
+        name = max(self.by_attack, key=lambda a: self.by_attack[a])
+        return name, self.by_attack[name]
+
+
+def collect(scenario: Scenario, keys: Sequence[str], trials: int, seed: int) -> list[Observed]:
+    """At least `trials` observations (a scenario may give several at once)."""
+    rng = np.random.default_rng(seed)
+    seen: list[Observed] = []
+    while len(seen) < trials:
+        seen.extend(scenario(keys, rng))
+    return seen
+
+
+def train_shadow(
+    seen: Sequence[Observed],
+    base: Matrix,
+    centre: npt.NDArray[np.float32],
+    replay: Replay | None,
+) -> ShadowModel:
+    return fit_shadow(
+        [pair_statistics(s.change, base, s.candidates, centre, replay) for s in seen],
+        [s.targets for s in seen],
+    )
+
+
+def score(
+    seen: Sequence[Observed],
+    *,
+    base: Matrix,
+    centre: npt.NDArray[np.float32],
+    shadow: ShadowModel | None,
+    replay: Replay | None,
+    top: int,
+) -> tuple[dict[str, float], float]:
+    """(mean residents_in_top per attack, mean chance) over the observations."""
+    chosen = attacks(base, centre, shadow, replay)
+    by_attack = {
+        name: float(np.mean([residents_in_top(attack(s), s.targets, top) for s in seen]))
+        for name, attack in chosen.items()
+    }
+    return by_attack, float(np.mean([chance(s.targets) for s in seen]))
+
+
+def run_row(
+    view: str,
+    detail: str,
+    epsilon: float | None,
+    scenario: Scenario,
+    *,
+    attacked: Sequence[str],
+    public: Sequence[str],
+    trials: int,
+    shadow_trials: int,
+    base: Matrix,
+    centre: npt.NDArray[np.float32],
+    replay: Replay | None,
+    top: int,
+    seed: int,
+) -> RowResult:
+    """Every attack on `trials` observations of the attacked people; the shadow attack
+    trained on `shadow_trials` simulated on the public people (0: no shadow attack)."""
+    shadow = None
+    if shadow_trials:
+        shadow = train_shadow(
+            collect(scenario, public, shadow_trials, seed + 1), base, centre, replay
+        )
+    seen = collect(scenario, attacked, trials, seed)
+    by_attack, odds = score(seen, base=base, centre=centre, shadow=shadow, replay=replay, top=top)
+    return RowResult(view, detail, epsilon, by_attack, odds, len(seen), len(seen[0].targets))
