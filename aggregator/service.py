@@ -44,7 +44,7 @@ from fedbell import systemd
 from fedbell.wire.messages import AGGREGATOR, Signer
 from fedbell.wire.mqtt import connect, make_client
 from fedbell.wire.signing import KeyRing, load_private_key
-from fedbell.wire.topics import Topics
+from fedbell.wire.topics import SECAGG_LEAVES, Topics
 
 log = logging.getLogger("aggregator")
 
@@ -135,7 +135,12 @@ class AggregatorService:
         log.info("connected to %s:%d", self.config.mqtt.host, self.config.mqtt.port)
         self._connection += 1
         client.subscribe(
-            [(self.topics.control, 1), (self.topics.all_updates, 1), (self.topics.all_statuses, 1)]
+            [
+                (self.topics.control, 1),
+                (self.topics.all_updates, 1),
+                (self.topics.all_statuses, 1),
+                *((self.topics.all_secagg(leaf), 1) for leaf in SECAGG_LEAVES),
+            ]
         )
 
     def _on_subscribe(

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from fedbell.config import StrictModel, load_config
 from fedbell.errors import ConfigError
@@ -128,6 +128,13 @@ class SimulationConfig(StrictModel):
         title="Seed",
         description="Seeds data generation, the split, the model and training.",
     )
+    secure_aggregation: bool = Field(
+        default=True,
+        title="Secure aggregation",
+        description="Doorbells mask their updates so the aggregator sees only each round's "
+        "sum; every doorbell is the cohort's floor (min_cohort = nodes, at most 5), so a round "
+        "that loses one below it is abandoned rather than unmasked.",
+    )
     signed: bool = Field(
         default=True,
         title="Sign messages",
@@ -172,6 +179,14 @@ class SimulationConfig(StrictModel):
         title="Live recognition",
         description="The replayed-video demo after the rounds.",
     )
+
+    @model_validator(mode="after")
+    def _cohort(self) -> SimulationConfig:
+        if self.secure_aggregation and self.nodes < 2:
+            raise ValueError(
+                "secure_aggregation needs at least 2 nodes (a sum of one is no secret)"
+            )
+        return self
 
     @field_validator("codec")
     @classmethod

@@ -14,6 +14,7 @@ from typing import Any
 import yaml
 from rich.console import Console
 
+from aggregator.config import DEFAULT_MIN_COHORT
 from broker.local import read_listeners
 from console import page_url, start_round_line
 from fedbell.config import MqttSettings
@@ -126,6 +127,8 @@ def aggregator_config(
                 "learning_rate": config.learning_rate,
             },
             "seed": config.seed,
+            "secure_aggregation": config.secure_aggregation,
+            "min_cohort": min(max(2, config.nodes), DEFAULT_MIN_COHORT),
         },
         "evaluation": {
             "dataset": str(layout.held_out),

@@ -109,3 +109,38 @@ def test_example_configs_load(name: str, model: type[EdgeConfig | AggregatorConf
     if not path.exists():
         pytest.fail(f"{path} is missing: the README points users at it")
     load_config(path, model)
+
+
+@pytest.mark.parametrize(
+    ("rounds", "match"),
+    [
+        (
+            "strategy: median\n  codec: float32\n  max_devices: 10",
+            "strategy median with secure_aggregation: it needs each doorbell's update",
+        ),
+        ("strategy: multi_krum\n  codec: int8\n  max_devices: 10", "only ever sees the sum"),
+        ("clip_norm: null", "secure_aggregation needs clip_norm"),
+        ("max_devices: 3\n  min_cohort: 5", "max_devices 3 is below min_cohort 5"),
+        ("min_cohort: 1", r"rounds\.min_cohort"),
+        ("privacy:\n    epsilon_budget: 8", "epsilon_budget needs noise_multiplier > 0"),
+        ("privacy:\n    noise: 1.0", r"rounds\.privacy\.noise: unknown key"),
+    ],
+)
+def test_secure_aggregation_refuses_what_cannot_work_with_a_sum(
+    tmp_path: Path, rounds: str, match: str
+) -> None:
+    """Issue 22: the robust strategies need each update; clipping moves to the doorbell."""
+    path = write(
+        tmp_path,
+        f"site: home\nstate_dir: /tmp/x\nrounds:\n  secure_aggregation: true\n  {rounds}\n",
+    )
+    with pytest.raises(ConfigError, match=match):
+        load_config(path, AggregatorConfig)
+
+
+def test_the_example_and_provisioned_aggregators_run_secure_rounds() -> None:
+    config = load_config(CONFIG_DIR / "aggregator.yaml", AggregatorConfig)
+    assert config.rounds.secure_aggregation
+    assert config.rounds.quorum == config.rounds.min_cohort == 5
+    template = (CONFIG_DIR.parent / "deploy" / "templates" / "aggregator.yaml").read_text()
+    assert "secure_aggregation: true" in template

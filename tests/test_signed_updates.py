@@ -116,6 +116,9 @@ def test_forged_update_is_refused_and_the_model_keeps_only_honest_work(
                     "downlink_codec": "float32",
                     "timeout_s": 6.0,
                     "min_updates": 1,
+                    # plain signed updates are what this test forges (the provisioned
+                    # default is secure aggregation: tests/test_secure_rounds.py)
+                    "secure_aggregation": False,
                 }
             ),
         }

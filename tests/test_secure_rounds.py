@@ -1,0 +1,314 @@
+"""Secure aggregation with real processes (issue 22 item 6): Mosquitto, `python -m
+aggregator` and `python -m edge` doorbells with houses of generated people.
+
+What each doorbell computed is recomputed here, in process, by the same client
+step (`edge.trainer.train_delta` then the round's subset, clipped as
+`edge.secure.secure_update` does) from what the doorbell keeps in its state
+folder (its gallery's cached backbone features, its error-feedback residual)
+and the round's signed plan. No debug route: the doorbell never publishes its
+plain update anywhere. The published head must move by exactly the mean of the
+survivors' vectors, to the fixed-point and float32 resolution, and by
+measurably not the mean of any other set of doorbells.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import paho.mqtt.client as mqtt
+import pytest
+from paho.mqtt.enums import CallbackAPIVersion
+
+from broker.local import LocalBroker
+from edge.config import EdgeConfig
+from edge.gallery import FEATURE_CACHE, STRANGER_STORE, Gallery, StrangerStore
+from edge.state import NodeState
+from edge.trainer import round_seed, train_delta
+from fedbell.config import load_config
+from fedbell.faces.embedding import TrainParams
+from fedbell.wire import dp, masking
+from fedbell.wire.codecs import Weights
+from fedbell.wire.messages import GlobalModel, parse_global
+from fedbell.wire.protocol import RoundAnnouncement, RoundMetrics, SecAggPlan
+from simulation.data import write_synthetic
+from tests.test_aggregator import MAX_BYTES, SITE, TOPICS
+from tests.test_faults import (
+    Process,
+    Recorder,
+    aggregator_process,
+    node_process,
+    processes,
+    recorder,
+)
+
+__all__ = ["processes", "recorder"]  # fixtures, shared with test_faults
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
+
+STARTUP = 300.0
+"""Seconds the processes may take to start on a loaded 2-core machine."""
+PHASE = 40.0
+"""Each phase's deadline (rounds.timeout_s): a doorbell that died is dropped after it."""
+ROUND = 4 * PHASE + 60
+HOUSE = {"persons": 3, "photos": 4}
+TRAIN = {"epochs": 2, "batch_size": 8}
+RESOLUTION = 1e-7
+"""How close the published mean must be to the recomputed one: the fixed-point step
+(1/scale, ~1e-8 here) and float32 rounding of a head of entries ~0.1 (~1e-8); measured
+4.5e-9. Leaving one survivor out of the mean moves it by ~5e-5 here (checked in each round,
+so the comparison can fail)."""
+
+
+@dataclass(frozen=True)
+class Doorbell:
+    name: str
+    gallery: Path
+    process: Process
+
+
+class Killer:
+    """SIGKILLs doorbells the moment their message on a secagg leaf reaches the broker.
+
+    A paho callback does it (no polling): the doorbell dies milliseconds after its
+    message, while the phase still waits for other doorbells.
+    """
+
+    def __init__(self, port: int, leaf: str, doorbells: dict[str, Doorbell], count: int) -> None:
+        self.doorbells, self.count = doorbells, count
+        self.killed: list[str] = []
+        self.lock = threading.Lock()
+        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+        self.client.on_message = self._on_message
+        self.client.connect("127.0.0.1", port)
+        self.client.subscribe(f"{TOPICS.base}/secagg/{leaf}/+", qos=1)
+        self.client.loop_start()
+
+    def _on_message(self, _c: Any, _u: Any, message: mqtt.MQTTMessage) -> None:
+        name = message.topic.rsplit("/", 1)[1]
+        with self.lock:
+            if len(self.killed) >= self.count or name in self.killed:
+                return
+            process = self.doorbells[name].process.process
+            if process is not None:
+                process.send_signal(signal.SIGKILL)
+                self.killed.append(name)
+
+    def close(self) -> list[str]:
+        self.client.loop_stop()
+        self.client.disconnect()
+        for name in self.killed:
+            self.doorbells[name].process.kill()  # reap it
+        return self.killed
+
+
+def start_federation(
+    tmp_path: Path,
+    broker: LocalBroker,
+    recorder: Recorder,
+    processes: list[Process],
+    cache: Path,
+    names: list[str],
+    **rounds: Any,
+) -> dict[str, Doorbell]:
+    aggregator = aggregator_process(
+        tmp_path,
+        broker.port,
+        cache,
+        secure_aggregation=True,
+        timeout_s=PHASE,
+        max_accuracy_drop=None,
+        train=TRAIN,
+        **rounds,
+    )
+    processes.append(aggregator)
+    aggregator.start().wait_log("ready: site", timeout=STARTUP)
+    doorbells = {}
+    for seed, name in enumerate(names):
+        gallery = tmp_path / f"house-{name}"
+        write_synthetic(gallery, seed=seed, **HOUSE)
+        process = node_process(tmp_path, broker.port, name, gallery)
+        processes.append(process.start())
+        doorbells[name] = Doorbell(name, gallery, process)
+    for name in names:
+        recorder.status(name, lambda s: s.model_version == 0, timeout=STARTUP)
+    return doorbells
+
+
+def global_model(recorder: Recorder, version: int) -> GlobalModel:
+    for payload in recorder.payloads(TOPICS.global_model):
+        model = parse_global(payload, site=SITE, max_bytes=MAX_BYTES, keys=None)
+        if model.version == version:
+            return model
+    raise AssertionError(f"no global model version {version} was published")
+
+
+class _CachedBackbone:
+    """Only what `Gallery.features` reads when every image's features are cached: the
+    doorbell computed them with the real backbone; running it here is not needed."""
+
+    def __init__(self, sha256: str, size: int) -> None:
+        self.sha256, self.size = sha256, size
+
+    def features(self, chips: object) -> npt.NDArray[np.float32]:
+        raise AssertionError(f"the doorbell's cache lacks features of {chips}")
+
+
+def plain_vector(
+    tmp_path: Path,
+    doorbell: Doorbell,
+    base: GlobalModel,
+    announcement: RoundAnnouncement,
+    residual: Weights | None,
+) -> npt.NDArray[np.float64]:
+    """What this doorbell masked in this round, before noise and fixed point: its client
+    step recomputed from its state folder."""
+    config = load_config(tmp_path / f"{doorbell.name}.yaml", EdgeConfig)
+    with np.load(config.state_dir / FEATURE_CACHE, allow_pickle=False) as cache:
+        backbone = _CachedBackbone(str(cache["backbone"]), base.weights[0].shape[0])
+    data = Gallery(doorbell.gallery, config.state_dir).features(
+        backbone,  # type: ignore[arg-type]
+        config.training.max_images_per_person,
+    )
+    strangers = StrangerStore(
+        config.state_dir / STRANGER_STORE, config.training.max_strangers
+    ).features(backbone.sha256, backbone.size)
+    plan, train = announcement.secagg, announcement.train
+    assert plan is not None
+    params = TrainParams(
+        epochs=train.epochs,
+        batch_size=train.batch_size,
+        learning_rate=train.learning_rate,
+        prox_mu=train.prox_mu,
+        seed=round_seed(doorbell.name, announcement.round),
+    )
+    result = train_delta(
+        base.weights, data.features, data.labels, strangers, params, residual=residual
+    )
+    flat = np.concatenate([d.ravel() for d in result.delta])
+    subset = masking.shared_subset(
+        plan.dimension, plan.density, announcement.round, announcement.lineage
+    )
+    clipped, _ = dp.clip(flat[subset], plan.clip_norm)
+    return clipped.astype(np.float64)
+
+
+def published_move(
+    old: GlobalModel, new: GlobalModel, plan: SecAggPlan, announcement: RoundAnnouncement
+) -> npt.NDArray[np.float64]:
+    subset = masking.shared_subset(
+        plan.dimension, plan.density, announcement.round, announcement.lineage
+    )
+    moved = np.concatenate(
+        [(n.astype(np.float64) - o).ravel() for n, o in zip(new.weights, old.weights, strict=True)]
+    )
+    assert np.all(np.delete(moved, subset) == 0), "only the round's shared subset may move"
+    return np.asarray(moved[subset])
+
+
+def secure_round(recorder: Recorder, round_id: int) -> tuple[RoundMetrics, RoundAnnouncement]:
+    mark = recorder.mark()
+    recorder.command(cmd="start_round")
+    metrics = recorder.metrics(round_id, timeout=ROUND, since=mark)
+    keys = recorder.round(round_id, "keys")
+    return metrics, keys
+
+
+def residuals(tmp_path: Path, names: list[str]) -> dict[str, Weights | None]:
+    return {name: NodeState(tmp_path / name).load_residual() for name in names}
+
+
+@pytest.fixture
+def killers() -> Iterator[list[Killer]]:
+    made: list[Killer] = []
+    yield made
+    for killer in made:
+        killer.close()
+
+
+def test_ten_doorbells_two_killed_the_round_publishes_the_exact_mean_of_the_rest(
+    tmp_path: Path,
+    broker: LocalBroker,
+    recorder: Recorder,
+    processes: list[Process],
+    killers: list[Killer],
+    aggregator_cache: Path,
+) -> None:
+    names = [f"d{i}" for i in range(10)]
+    doorbells = start_federation(
+        tmp_path,
+        broker,
+        recorder,
+        processes,
+        aggregator_cache,
+        names,
+        min_cohort=5,
+        downlink_codec="float32",
+    )
+
+    # Round 1: the first two doorbells to deal their shares die before masking. The
+    # aggregator drops them at the send phase's deadline and rebuilds the masks the
+    # others added for them from their shares: the sum is of the eight.
+    killer = Killer(broker.port, "shares", doorbells, count=2)
+    killers.append(killer)
+    metrics, announcement = secure_round(recorder, 1)
+    killed = killer.close()
+    killers.remove(killer)
+    alive = [n for n in names if n not in killed]
+    assert (metrics.outcome, metrics.secure) == ("published", True), metrics
+    assert sorted(metrics.dropped) == sorted(killed)
+    assert metrics.participants == len(alive) == 8
+    unmask = RoundAnnouncement.model_validate_json(
+        recorder.wait_for(TOPICS.round, lambda p: json.loads(p)["phase"] == "unmask")
+    )
+    assert unmask.secagg is not None
+    assert sorted(unmask.secagg.dropped) == sorted(killed)
+    assert sorted(unmask.secagg.survivors) == alive
+
+    base, new = global_model(recorder, 0), global_model(recorder, 1)
+    plan = announcement.secagg
+    assert plan is not None
+    vectors = {n: plain_vector(tmp_path, doorbells[n], base, announcement, None) for n in alive}
+    moved = published_move(base, new, plan, announcement)
+    expected = np.mean([vectors[n] for n in alive], axis=0)
+    error = float(np.max(np.abs(moved - expected)))
+    # the mean of seven of them is what a doorbell left out would give: far off
+    others = min(
+        float(np.max(np.abs(moved - np.mean([vectors[m] for m in alive if m != n], axis=0))))
+        for n in alive
+    )
+    print(json.dumps({"round": 1, "error": error, "one_left_out": others, "killed": killed}))
+    assert error <= RESOLUTION
+    assert others > 50 * RESOLUTION
+
+    # Round 2: two doorbells die right after their masked update reached the broker.
+    # Their inputs are in (a masked input, once received, is never taken out: the
+    # aggregator would then hold both of a doorbell's secrets); their self masks are
+    # rebuilt from the others' shares, and the round needs no answer from them.
+    for name in killed:  # their last will: the aggregator no longer selects them
+        recorder.status(name, lambda s: s.state == "offline", timeout=60)
+    kept = residuals(tmp_path, alive)  # round 1's error feedback, round 2's training start
+    killer = Killer(broker.port, "masked", {n: doorbells[n] for n in alive}, count=2)
+    killers.append(killer)
+    metrics, announcement = secure_round(recorder, 2)
+    killed_after = killer.close()
+    killers.remove(killer)
+    assert (metrics.outcome, metrics.participants) == ("published", 8), metrics
+    assert metrics.dropped == []
+    newer = global_model(recorder, 2)
+    plan = announcement.secagg
+    assert plan is not None
+    vectors = {n: plain_vector(tmp_path, doorbells[n], new, announcement, kept[n]) for n in alive}
+    moved = published_move(new, newer, plan, announcement)
+    error = float(np.max(np.abs(moved - np.mean(list(vectors.values()), axis=0))))
+    without = np.mean([v for n, v in vectors.items() if n not in killed_after], axis=0)
+    print(json.dumps({"round": 2, "error": error, "killed_after_masking": killed_after}))
+    assert error <= RESOLUTION
+    assert float(np.max(np.abs(moved - without))) > 50 * RESOLUTION
