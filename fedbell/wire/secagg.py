@@ -51,6 +51,7 @@ from fedbell.wire.secagg_params import (
     default_scale,
     default_threshold,
     neighbour_graph,
+    neighbours_of,
 )
 from fedbell.wire.secagg_server import SecAggServer
 
@@ -64,6 +65,7 @@ __all__ = [
     "default_scale",
     "default_threshold",
     "neighbour_graph",
+    "neighbours_of",
     "run_secure_round",
 ]
 

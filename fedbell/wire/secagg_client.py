@@ -23,7 +23,6 @@ from fedbell.wire.secagg_messages import (
     Advert,
     Inbox,
     Masked,
-    RevealedShare,
     Roster,
     SealedShare,
     SecAggError,
@@ -33,6 +32,7 @@ from fedbell.wire.secagg_messages import (
     b64,
     check_round,
     dump,
+    exchange,
     hkdf,
     mask_key_from_seed,
     pairwise_seed,
@@ -48,7 +48,7 @@ from fedbell.wire.secagg_messages import (
     unseal,
     verify_advert,
 )
-from fedbell.wire.secagg_params import MAX_DEVICES, SecAggParams, neighbour_graph
+from fedbell.wire.secagg_params import MAX_DEVICES, SecAggParams, neighbours_of
 
 MAX_LIST_BYTES = 400 * MAX_DEVICES
 """Parse limit of a roster, an inbox or an unmask request (a few hundred bytes a device)."""
@@ -105,6 +105,8 @@ class SecAggClient:
         self._neighbours: tuple[str, ...] = ()
         self._holders: frozenset[str] = frozenset()
         self._held: dict[str, _Held] = {}
+        self._enc_secrets: dict[str, bytes] = {}
+        """X25519 secret with each neighbour's enc key (deals and receives shares)"""
 
     def _random(self, size: int, label: bytes) -> bytes:
         if self._rng_seed is None:
@@ -151,7 +153,7 @@ class SecAggClient:
                 "secagg_below_min_cohort",
                 f"roster of {len(names)} doorbells, min_cohort {params.min_cohort}",
             )
-        neighbours = neighbour_graph(names, params)[me]
+        neighbours = neighbours_of(me, names, params)
         for peer in neighbours:
             if self._peer_keys is not None:
                 key = self._peer_keys.get(peer)
@@ -161,7 +163,7 @@ class SecAggClient:
         _, threshold = params.degree(len(names))
         self_shares = shamir.split(self._self_seed, threshold, len(neighbours))
         key_shares = shamir.split(self._mask_seed, threshold, len(neighbours))
-        sealed = []
+        sealed, secrets = [], {}
         for peer, self_share, key_share in zip(neighbours, self_shares, key_shares, strict=True):
             salt = os.urandom(SALT_BYTES)
             entry = SealedShare(
@@ -179,9 +181,8 @@ class SecAggClient:
                 ),
             )
             peer_enc = unb64(adverts[peer].enc_key, 32, f"enc_key of {peer}", peer)
-            cipher = share_cipher(
-                self._enc, peer_enc, peer=peer, dealer=me, recipient=peer, ctx=self._ctx
-            )
+            secrets[peer] = exchange(self._enc, peer_enc, peer)
+            cipher = share_cipher(secrets[peer], dealer=me, recipient=peer, ctx=self._ctx)
             ciphertext = seal(
                 cipher,
                 salt + self_share + key_share,
@@ -189,6 +190,7 @@ class SecAggClient:
             )
             sealed.append(entry.model_copy(update={"ciphertext": b64(ciphertext)}))
         self._peers = {peer: adverts[peer] for peer in neighbours}
+        self._enc_secrets = secrets
         self._neighbours, self.stage = neighbours, "shared"
         return dump(
             Shares(
@@ -224,9 +226,8 @@ class SecAggClient:
         held = {}
         for entry in message.shares:
             dealer = entry.peer
-            peer_enc = unb64(self._peers[dealer].enc_key, 32, f"enc_key of {dealer}", dealer)
             cipher = share_cipher(
-                self._enc, peer_enc, peer=dealer, dealer=dealer, recipient=me, ctx=self._ctx
+                self._enc_secrets[dealer], dealer=dealer, recipient=me, ctx=self._ctx
             )
             ciphertext = unb64(entry.ciphertext, _PLAINTEXT_BYTES + 16, "ciphertext", dealer)
             plain = unseal(
@@ -317,23 +318,19 @@ class SecAggClient:
                 f"{len(survivors)} survivors (min_cohort {params.min_cohort}), "
                 f"{me} {'among' if me in survivors else 'not among'} them",
             )
-        self_shares, key_shares = [], []
+        self_shares, key_shares = bytearray(), bytearray()
         for dealer, held in sorted(self._held.items()):
             if dealer in survivors:
-                self_shares.append(
-                    RevealedShare(owner=dealer, share=b64(held.self_share), salt=b64(held.salt))
-                )
+                self_shares += held.self_share + held.salt
             else:
-                key_shares.append(
-                    RevealedShare(owner=dealer, share=b64(held.key_share), salt=b64(held.salt))
-                )
+                key_shares += held.key_share + held.salt
         self.stage = "done"
         return dump(
             UnmaskReply(
                 round=params.round_id,
                 lineage=params.lineage,
                 device=me,
-                self_shares=tuple(self_shares),
-                key_shares=tuple(key_shares),
+                self_shares=b64(bytes(self_shares)),
+                key_shares=b64(bytes(key_shares)),
             )
         )

@@ -122,18 +122,17 @@ class UnmaskRequest(_Message):
     dropped: tuple[str, ...] = Field(max_length=MAX_DEVICES)
 
 
-class RevealedShare(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    owner: str = Field(pattern=DEVICE)
-    share: B64Short
-    salt: B64Short
+REVEALED_BYTES = 17 + SALT_BYTES
+"""One revealed share and its salt (a share is 17 bytes: fedbell.wire.shamir.SHARE_BYTES)."""
 
 
 class UnmaskReply(_Message):
+    """Revealed shares, each share || salt, packed in base64 in the order both sides know:
+    the replier's neighbours (sorted) among the survivors, then among the dropped."""
+
     device: str = Field(pattern=DEVICE)
-    self_shares: tuple[RevealedShare, ...] = Field(max_length=MAX_DEVICES)
-    key_shares: tuple[RevealedShare, ...] = Field(max_length=MAX_DEVICES)
+    self_shares: str = Field(max_length=4 * REVEALED_BYTES * MAX_DEVICES // 3 + 4, pattern=_B64)
+    key_shares: str = Field(max_length=4 * REVEALED_BYTES * MAX_DEVICES // 3 + 4, pattern=_B64)
 
 
 M = TypeVar("M", bound=BaseModel)
@@ -218,28 +217,20 @@ def mask_key_from_seed(seed: bytes) -> X25519PrivateKey:
     return X25519PrivateKey.from_private_bytes(hkdf(seed, b"fedbell secagg mask key v1"))
 
 
-def _exchange(own: X25519PrivateKey, peer_raw: bytes, peer: str) -> bytes:
+def exchange(own: X25519PrivateKey, peer_raw: bytes, peer: str) -> bytes:
     try:
         return own.exchange(X25519PublicKey.from_public_bytes(peer_raw))
     except ValueError:  # a low-order point gives the all-zero secret
         raise SecAggError("secagg_bad_key", f"{peer} advertised an unusable key", peer) from None
 
 
-def share_cipher(
-    own_enc: X25519PrivateKey,
-    peer_enc: bytes,
-    *,
-    peer: str,
-    dealer: str,
-    recipient: str,
-    ctx: bytes,
-) -> AESGCM:
+def share_cipher(secret: bytes, *, dealer: str, recipient: str, ctx: bytes) -> AESGCM:
     """The AES-GCM key of shares from `dealer` to `recipient` this round.
 
+    `secret` is X25519(own enc key, peer's enc key), the same on both sides.
     Fresh keys every round and the direction in the HKDF info make each key
     encrypt exactly one message, so a fixed nonce is safe.
     """
-    secret = _exchange(own_enc, peer_enc, peer)
     return AESGCM(
         hkdf(secret, b"fedbell secagg share v1\n" + ctx + f"{dealer}>{recipient}".encode())
     )
@@ -263,7 +254,7 @@ def pairwise_seed(
 ) -> bytes:
     """The seed of the mask `own` and `peer` share (the same from either side)."""
     low, high = sorted((own, peer))
-    secret = _exchange(own_mask, peer_mask, peer)
+    secret = exchange(own_mask, peer_mask, peer)
     return hkdf(secret, b"fedbell secagg pairwise v1\n" + ctx + f"{low}|{high}".encode())
 
 

@@ -200,6 +200,26 @@ class SecAggParams:
         return f"{self.round_id}\n{self.lineage or ''}\n".encode()
 
 
+def _ring(devices: Sequence[str], params: SecAggParams) -> tuple[list[str], int]:
+    """(the roster in the round's seeded order, k); k >= n - 1 means the complete graph."""
+    names = sorted(devices)
+    k, _ = params.degree(len(names))
+    if k >= len(names) - 1:
+        return names, k
+    order = seeded_permutation(
+        round_seed(_GRAPH_LABEL, params.round_id, params.lineage), len(names)
+    )
+    return [names[i] for i in order], k
+
+
+def _around(ring: list[str], position: int, k: int) -> tuple[str, ...]:
+    count = len(ring)
+    if k >= count - 1:
+        return tuple(sorted(name for p, name in enumerate(ring) if p != position))
+    steps = [step for d in range(1, k // 2 + 1) for step in (d, -d)]
+    return tuple(sorted(ring[(position + step) % count] for step in steps))
+
+
 def neighbour_graph(devices: Sequence[str], params: SecAggParams) -> dict[str, tuple[str, ...]]:
     """Each device's neighbours (sorted), from the sorted roster and the round alone.
 
@@ -207,16 +227,11 @@ def neighbour_graph(devices: Sequence[str], params: SecAggParams) -> dict[str, t
     position p neighbours those at p +/- 1 .. k/2. Every party computes the same
     graph and nobody (the server included) picks who shares with whom.
     """
-    names = sorted(devices)
-    count = len(names)
-    k, _ = params.degree(count)
-    if k >= count - 1:
-        return {name: tuple(other for other in names if other != name) for name in names}
-    order = seeded_permutation(round_seed(_GRAPH_LABEL, params.round_id, params.lineage), count)
-    ring = [names[i] for i in order]
-    return {
-        ring[p]: tuple(
-            sorted(ring[(p + step) % count] for d in range(1, k // 2 + 1) for step in (d, -d))
-        )
-        for p in range(count)
-    }
+    ring, k = _ring(devices, params)
+    return {name: _around(ring, p, k) for p, name in enumerate(ring)}
+
+
+def neighbours_of(device: str, devices: Sequence[str], params: SecAggParams) -> tuple[str, ...]:
+    """neighbour_graph(devices, params)[device], without building the whole graph."""
+    ring, k = _ring(devices, params)
+    return _around(ring, ring.index(device), k)

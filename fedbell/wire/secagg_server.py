@@ -20,6 +20,7 @@ from fedbell.wire import shamir
 from fedbell.wire.masking import prg
 from fedbell.wire.secagg_messages import (
     COMMITMENT_BYTES,
+    REVEALED_BYTES,
     SALT_BYTES,
     Advert,
     Inbox,
@@ -76,6 +77,10 @@ class SecAggServer:
         self._shares: dict[str, Shares] = {}
         self._dealt: dict[str, dict[str, SealedShare]] = {}
         """dealer -> recipient -> the sealed share (with its commitments)"""
+        self._commitments: dict[str, dict[str, tuple[bytes, bytes]]] = {}
+        """dealer -> recipient -> (commitment to its self-seed share, to its key share)"""
+        self._survivors: frozenset[str] = frozenset()
+        self._dropped: frozenset[str] = frozenset()
         self._position: dict[str, dict[str, int]] = {}
         """dealer -> neighbour -> the x of the neighbour's share (1..k)"""
         self._holders: tuple[str, ...] = ()
@@ -189,13 +194,17 @@ class SecAggServer:
                 raise SecAggError(
                     "secagg_bad_share", f"{device} must deal one share to each neighbour", device
                 )
+            commitments = {}
             for entry in message.shares:
                 unb64(entry.ciphertext, _CIPHERTEXT_BYTES, "ciphertext", device)
-                unb64(entry.self_commitment, COMMITMENT_BYTES, "self_commitment", device)
-                unb64(entry.key_commitment, COMMITMENT_BYTES, "key_commitment", device)
+                commitments[entry.peer] = (
+                    unb64(entry.self_commitment, COMMITMENT_BYTES, "self_commitment", device),
+                    unb64(entry.key_commitment, COMMITMENT_BYTES, "key_commitment", device),
+                )
             if not self._duplicate(self._shares.get(device), message, device, "shares"):
                 self._shares[device] = message
                 self._dealt[device] = {entry.peer: entry for entry in message.shares}
+                self._commitments[device] = commitments
 
     def inbox(self, device: str) -> bytes:
         """The shares dealt to `device`. The first call closes the share phase."""
@@ -267,6 +276,8 @@ class SecAggServer:
                 survivors=survivors,
                 dropped=tuple(name for name in self._holders if name not in self._masked),
             )
+            self._survivors = frozenset(self._request.survivors)
+            self._dropped = frozenset(self._request.dropped)
             self.phase = "unmask"
             return dump(self._request)
 
@@ -280,46 +291,42 @@ class SecAggServer:
             self._expect("unmask", "unmask reply", device)
             assert self._request is not None
             self._member(device, self._request.survivors, "a survivor")
-            limit = 1024 + 200 * len(self._graph[device])
+            limit = 1024 + 2 * REVEALED_BYTES * len(self._graph[device])
             message = parse(payload, UnmaskReply, limit)
             check_round(message, self.params, f"unmask reply of {device}", device)
             self._sender(message.device, device, "unmask reply")
             if self._duplicate(self._replies.get(device), message, device, "unmask reply"):
                 return
-            survivors, dropped = set(self._request.survivors), set(self._request.dropped)
             neighbours = self._graph[device]
             points: list[tuple[str, int, bytes]] = []
-            for kind, revealed, owners in (
-                (b"self", message.self_shares, [n for n in neighbours if n in survivors]),
-                (b"key", message.key_shares, [n for n in neighbours if n in dropped]),
+            for kind, packed, owners in (
+                (b"self", message.self_shares, [n for n in neighbours if n in self._survivors]),
+                (b"key", message.key_shares, [n for n in neighbours if n in self._dropped]),
             ):
-                if [share.owner for share in revealed] != owners:
+                revealed = unb64(packed, None, f"{kind.decode()}_shares", device)
+                if len(revealed) != REVEALED_BYTES * len(owners):
                     raise SecAggError(
                         "secagg_bad_share",
-                        f"{device} must reveal {kind.decode()} shares of exactly {owners}",
+                        f"{device} must reveal {kind.decode()} shares of exactly "
+                        f"{len(owners)} neighbours ({len(revealed)} bytes)",
                         device,
                     )
-                for share in revealed:
-                    value = unb64(share.share, shamir.SHARE_BYTES, "share", device)
-                    salt = unb64(share.salt, SALT_BYTES, "salt", device)
-                    dealt = self._dealt[share.owner][device]
-                    published = dealt.self_commitment if kind == b"self" else dealt.key_commitment
+                for i, owner in enumerate(owners):
+                    value = revealed[i * REVEALED_BYTES : i * REVEALED_BYTES + shamir.SHARE_BYTES]
+                    salt = revealed[
+                        i * REVEALED_BYTES + shamir.SHARE_BYTES : (i + 1) * REVEALED_BYTES
+                    ]
                     committed = share_commitment(
-                        kind,
-                        self._ctx,
-                        dealer=share.owner,
-                        recipient=device,
-                        salt=salt,
-                        share=value,
+                        kind, self._ctx, dealer=owner, recipient=device, salt=salt, share=value
                     )
-                    if unb64(published, COMMITMENT_BYTES, "commitment", share.owner) != committed:
+                    if self._commitments[owner][device][kind == b"key"] != committed:
                         raise SecAggError(
                             "secagg_bad_share",
-                            f"{device} revealed a {kind.decode()} share of {share.owner} that "
+                            f"{device} revealed a {kind.decode()} share of {owner} that "
                             "does not match the share it was dealt",
                             device,
                         )
-                    points.append((share.owner, self._position[share.owner][device], value))
+                    points.append((owner, self._position[owner][device], value))
             self._replies[device] = message
             for owner, x, value in points:
                 self._points.setdefault(owner, {})[x] = value
@@ -361,7 +368,6 @@ class SecAggServer:
                     )
                 total += self._masked[owner][1]
                 total -= prg(seed, size)
-            survivors = set(self._request.survivors)
             for owner, seed in keys.items():
                 mask_key = mask_key_from_seed(seed)
                 if public_bytes(mask_key) != unb64(self._adverts[owner].mask_key, 32, "mask_key"):
@@ -370,7 +376,7 @@ class SecAggServer:
                         "secagg_bad_share", f"{owner} dealt shares of no advertised mask key", owner
                     )
                 for peer in self._graph[owner]:
-                    if peer not in survivors:
+                    if peer not in self._survivors:
                         continue
                     peer_mask = unb64(self._adverts[peer].mask_key, 32, "mask_key", peer)
                     mask = prg(pairwise_seed(mask_key, peer_mask, owner, peer, self._ctx), size)

@@ -3,11 +3,11 @@
 Secure aggregation reconstructs one seed per doorbell per round on the aggregator
 (the self-mask seed of a survivor, the mask-key seed of a dropout), each from t
 shares. pycryptodome's `Crypto.Protocol.SecretSharing.Shamir` works in GF(2^128)
-in pure Python, where one multiplication of two field elements takes ~170 us;
+in pure Python, where one multiplication of two field elements takes ~170 us:
 measured on this machine, `Shamir.combine` costs 4.5 ms at t = 11 and ~25 ms at
 t = 68, so a round of 1,000 doorbells tolerating 30 % dropouts (t = 68) would
 spend ~25 s reconstructing. In a prime field Python's own integers do the work
-(~0.1 us per multiplication): the same reconstruction takes ~0.5 s.
+(~0.1 us per multiplication): a combine at t = 68 takes 0.4 ms.
 
 The field is the Poly1305 prime 2^130 - 5 (> 2^128, so any 16-byte secret is an
 element); a share is 17 bytes. Shares are points (x, f(x)) of a random
@@ -17,6 +17,7 @@ f(0) by Lagrange interpolation, and t - 1 reveal nothing about it.
 
 from __future__ import annotations
 
+import math
 import secrets
 from collections.abc import Sequence
 
@@ -60,14 +61,21 @@ def combine(points: Sequence[tuple[int, bytes]]) -> bytes:
         if y >= PRIME:
             raise ValueError("share is not a field element")
         ys.append(y)
+    # Lagrange weight of point j at 0: prod_{m != j} x_m / (x_m - x_j). Share indexes are
+    # small, so the products are exact integers first; then one modular inverse for all
+    # the denominators (Montgomery's batch trick): 0.4 ms at t = 68 instead of 1.3 ms.
+    product = math.prod(xs)
+    denominators = [math.prod([x_m - x_j for x_m in xs if x_m != x_j]) % PRIME for x_j in xs]
+    prefix = [1]
+    for denominator in denominators:
+        prefix.append(prefix[-1] * denominator % PRIME)
+    inverse = pow(prefix[-1], -1, PRIME)  # of the product of all denominators
     secret = 0
-    for j, x_j in enumerate(xs):
-        numerator, denominator = 1, 1
-        for m, x_m in enumerate(xs):
-            if m != j:
-                numerator = numerator * x_m % PRIME
-                denominator = denominator * (x_m - x_j) % PRIME
-        secret = (secret + ys[j] * numerator * pow(denominator, -1, PRIME)) % PRIME
+    for j in reversed(range(len(xs))):
+        inverse_j = inverse * prefix[j] % PRIME
+        inverse = inverse * denominators[j] % PRIME
+        secret += ys[j] * (product // xs[j]) % PRIME * inverse_j
+    secret %= PRIME
     if secret >= 2 ** (8 * SECRET_BYTES):
         # not a 16-byte secret: the points do not come from one sharing
         return secret.to_bytes(SHARE_BYTES, "big")
