@@ -57,6 +57,8 @@ class RoundCost:
     client_seconds_mean: float
     upload_bytes_mean: float
     upload_bytes_max: int
+    upload_bytes_by_step: dict[str, float]
+    """Mean bytes per doorbell of each message it publishes."""
     exact: bool
 
 
@@ -83,14 +85,16 @@ def measure(doorbells: int, dropout: float, plan_dropout: float, size: int, seed
     clients = {name: SecAggClient(name, params, identities[name], keys) for name in names}
     client_time = dict.fromkeys(names, 0.0)
     uploaded = dict.fromkeys(names, 0)
+    by_step: dict[str, list[int]] = {}
     server_time = [0.0, 0.0]  # wall, CPU
 
     def on_client(name: str, step: Callable[..., T], *args: object) -> T:
         start = time.perf_counter()
         out = step(*args)
         client_time[name] += time.perf_counter() - start
-        if isinstance(out, bytes):
+        if isinstance(out, bytes) and name not in dropped:
             uploaded[name] += len(out)
+            by_step.setdefault(getattr(step, "__name__", "step"), []).append(len(out))
         return out
 
     def on_server(step: Callable[..., T], *args: object) -> T:
@@ -134,6 +138,7 @@ def measure(doorbells: int, dropout: float, plan_dropout: float, size: int, seed
         client_seconds_mean=statistics.fmean(client_time.values()),
         upload_bytes_mean=statistics.fmean(uploaded[name] for name in senders),
         upload_bytes_max=max(uploaded[name] for name in senders),
+        upload_bytes_by_step={step: statistics.fmean(sizes) for step, sizes in by_step.items()},
         exact=bool(np.array_equal(total, expected)) and len(survivors) == len(senders),
     )
 
@@ -161,7 +166,11 @@ def main(argv: list[str] | None = None) -> int:
             f"{cost.server_seconds:.2f} s\n"
             f"  doorbell: {cost.client_seconds_mean * 1000:.1f} ms per round, upload "
             f"{cost.upload_bytes_mean / 1000:.1f} kB mean, "
-            f"{cost.upload_bytes_max / 1000:.1f} kB max"
+            f"{cost.upload_bytes_max / 1000:.1f} kB max ("
+            + ", ".join(
+                f"{step} {size / 1000:.2f} kB" for step, size in cost.upload_bytes_by_step.items()
+            )
+            + ")"
         )
     print(
         f"targets: unmask {args.doorbells} doorbells ({args.dropout:.0%} dropped) <= 5 s: "

@@ -416,3 +416,85 @@ def test_any_threshold_of_shares_rebuilds_the_secret(
     assert shamir.combine([(i + 1, shares[i]) for i in chosen]) == secret
     if threshold > 1:
         assert shamir.combine([(i + 1, shares[i]) for i in chosen[:-1]]) != secret
+
+
+def test_a_self_secret_with_fewer_than_t_revealed_shares_is_named() -> None:
+    names = [f"d{i:02d}" for i in range(12)]
+    p = SecAggParams(
+        round_id=4,
+        lineage=None,
+        min_cohort=3,
+        neighbours=4,
+        share_threshold=3,
+        scale=1.0,
+        size=SIZE,
+    )
+    round_ = Round(p, names)
+    request = round_.mask()
+    victim = "d07"
+    silent = set(neighbour_graph(names, p)[victim][:2])  # 2 of its 4 neighbours never reply
+    for name, client in round_.clients.items():
+        if name not in silent:
+            round_.server.add_unmask(name, client.unmask(request))
+    with pytest.raises(SecAggError) as err:
+        round_.server.result()
+    assert reason_of(err) == "secagg_unrecoverable"
+    assert err.value.device == victim
+    assert round_.server.phase == "unmask"  # more replies may still come
+    for name in silent:
+        round_.server.add_unmask(name, round_.clients[name].unmask(request))
+    total, _ = round_.server.result()
+    assert np.array_equal(total, plain_sum(round_.inputs, names))
+
+
+def test_messages_out_of_turn_and_from_non_holders_are_refused() -> None:
+    round_ = Round(params())
+    with pytest.raises(SecAggError) as early:
+        round_.server.unmask_request()
+    assert reason_of(early) == "secagg_wrong_phase"
+    client = round_.clients["bell-00"]
+    with pytest.raises(SecAggError) as too_soon:
+        client.masked_input(round_.inputs["bell-00"])
+    assert reason_of(too_soon) == "secagg_wrong_phase"
+    roster = round_.advertise()
+    for name, c in round_.clients.items():
+        if name != "bell-09":  # never deals its shares
+            round_.server.add_shares(name, c.share(roster))
+    round_.clients["bell-09"].share(roster)
+    inbox = round_.server.inbox("bell-00")
+    assert "bell-09" not in json.loads(inbox)["holders"]
+    with pytest.raises(SecAggError) as outsider:
+        round_.server.inbox("bell-09")
+    assert reason_of(outsider) == "secagg_unknown_device"
+    client.receive(inbox)
+    masked = client.masked_input(round_.inputs["bell-00"])
+    round_.server.add_masked("bell-00", masked)
+    round_.server.add_masked("bell-00", masked)  # redelivered: ignored
+    assert round_.server.counters == {"secagg_wrong_phase": 1, "secagg_unknown_device": 1}
+
+
+def test_rng_seed_makes_the_keys_reproducible() -> None:
+    p = params()
+    first = SecAggClient("bell-00", p, None, rng_seed=b"fixed").advertise()
+    assert first == SecAggClient("bell-00", p, None, rng_seed=b"fixed").advertise()
+    assert first != SecAggClient("bell-00", p, None, rng_seed=b"other").advertise()
+    assert first != SecAggClient("bell-00", p, None).advertise()
+
+
+def test_an_odd_neighbour_count_on_a_sparse_roster_rounds_down_to_even() -> None:
+    p = SecAggParams(
+        round_id=1,
+        lineage=None,
+        min_cohort=3,
+        neighbours=9,
+        share_threshold=5,
+        scale=1.0,
+        size=SIZE,
+    )
+    assert p.degree(30) == (8, 5)
+    assert p.degree(10) == (9, 5)
+    assert p.degree(6) == (5, 5)
+    assert p.degree(4) == (3, 2)
+    names = [f"d{i:02d}" for i in range(30)]
+    inputs = random_inputs(names)
+    assert np.array_equal(run_secure_round(inputs, p, None), plain_sum(inputs, names))

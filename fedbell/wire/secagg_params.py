@@ -189,9 +189,12 @@ class SecAggParams:
     def degree(self, roster_size: int) -> tuple[int, int]:
         """(k, t) on a roster of this size: the complete graph when k >= n - 1.
 
-        On the complete graph t is kept if it fits, else a majority of n - 1.
+        A sparse graph needs an even k (k/2 each side), so an odd k is rounded
+        down; t is kept if it fits, else a majority of k.
         """
         k = min(self.neighbours, roster_size - 1)
+        if k < roster_size - 1 and k % 2:
+            k -= 1
         t = self.share_threshold if self.share_threshold <= k else k // 2 + 1
         return k, t
 
