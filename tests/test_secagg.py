@@ -498,3 +498,14 @@ def test_an_odd_neighbour_count_on_a_sparse_roster_rounds_down_to_even() -> None
     names = [f"d{i:02d}" for i in range(30)]
     inputs = random_inputs(names)
     assert np.array_equal(run_secure_round(inputs, p, None), plain_sum(inputs, names))
+
+
+def test_an_advert_copying_another_doorbells_keys_is_refused() -> None:
+    server = SecAggServer(params(), None, NAMES)
+    original = SecAggClient("bell-00", params(), None).advertise()
+    server.add_advert("bell-00", original)
+    copied = {**json.loads(original), "device": "bell-01"}
+    with pytest.raises(SecAggError) as err:
+        server.add_advert("bell-01", json.dumps(copied).encode())
+    assert reason_of(err) == "secagg_duplicate"
+    assert "bell-00" in str(err.value)

@@ -23,7 +23,10 @@ What a malicious server could still try, and what stops it:
   two disjoint sets of t neighbours do not exist.
 - Substitute keys: adverts are signed by the provisioned identity over the
   round and lineage (a replay from another round fails), and each doorbell
-  checks its own advert is in the roster unaltered.
+  checks its own advert is in the roster unaltered and, given its neighbours'
+  provisioned keys (`peer_keys`), their adverts. A doorbell without them
+  cannot tell a neighbour's keys from the server's: against such a server
+  (active, not merely curious) the shares dealt to that neighbour are exposed.
 - Pick the graph: it is seeded by the round and computed by everyone.
 - Send different rosters to different doorbells (Bonawitz's consistency round
   is not implemented): this can make the round fail, not reveal one input,

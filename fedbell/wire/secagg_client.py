@@ -76,7 +76,9 @@ class SecAggClient:
 
     `identity` signs the advert (None: unsigned, for open test sites);
     `peer_keys` are the provisioned public keys the neighbours' adverts must
-    verify against (None: not checked).
+    verify against (None: not checked; then the server could swap a neighbour's
+    keys for its own and read the shares dealt to it, so the guarantee is
+    against an honest-but-curious server only). Not thread-safe.
     """
 
     def __init__(

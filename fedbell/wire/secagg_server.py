@@ -51,6 +51,8 @@ _CIPHERTEXT_BYTES = SALT_BYTES + 2 * shamir.SHARE_BYTES + 16
 class SecAggServer:
     """The aggregator in one round; it only ever learns the sum of >= min_cohort inputs.
 
+    Not thread-safe: feed it from one thread (or under one lock).
+
     `device_keys` are the provisioned Ed25519 keys adverts must verify against
     (None: not checked); `selected` are the doorbells the round announced.
     """
@@ -71,6 +73,8 @@ class SecAggServer:
         self._keys = device_keys
         self._ctx = params.context()
         self._adverts: dict[str, Advert] = {}
+        self._key_owners: dict[str, str] = {}
+        """Every advertised public key -> its doorbell (a copied key is refused)"""
         self._roster: bytes | None = None
         self._graph: dict[str, tuple[str, ...]] = {}
         self._threshold = 0
@@ -131,12 +135,17 @@ class SecAggServer:
                 verify_advert(advert, key)
             if self._duplicate(self._adverts.get(device), advert, device, "advert"):
                 return
-            for other in self._adverts.values():
-                if {other.enc_key, other.mask_key} & {advert.enc_key, advert.mask_key}:
+            for public in (advert.enc_key, advert.mask_key):
+                if public in self._key_owners:
                     raise SecAggError(
-                        "secagg_duplicate", f"{device} advertised keys of {other.device}", device
+                        "secagg_duplicate",
+                        f"{device} advertised a key of {self._key_owners[public]}",
+                        device,
                     )
+            if advert.enc_key == advert.mask_key:
+                raise SecAggError("secagg_duplicate", f"{device} advertised one key twice", device)
             self._adverts[device] = advert
+            self._key_owners.update({advert.enc_key: device, advert.mask_key: device})
 
     @staticmethod
     def _duplicate(previous: object, message: object, device: str, what: str) -> bool:
