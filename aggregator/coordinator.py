@@ -630,7 +630,7 @@ class Coordinator:
             current.id,
             release.version,
             release.threshold,
-            current.bytes_up,
+            current.bytes_up + (current.secure.bytes_up if current.secure else 0),
             (current.announce_bytes + down) * len(current.selected),
             self.clock() - current.started_at,
         )
@@ -782,6 +782,8 @@ class Coordinator:
     def _unmask(self, current: Round, secure: SecurePhases, plan: SecAggPlan) -> None:
         """The server step of a secure round: the unmasked sum, as the round's mean delta."""
         total, survivors = secure.server.result()
+        if self.privacy.noised:
+            self.privacy.rounds += 1  # the aggregator has seen this noised sum
         subset = masking.shared_subset(plan.dimension, plan.density, current.id, self.model.lineage)
         mean = mean_delta(
             total, len(survivors), plan, subset, [w.shape for w in self.model.weights]
@@ -789,8 +791,6 @@ class Coordinator:
         assert isinstance(current.accumulator, SecureSum)
         current.accumulator.set_mean(mean, len(survivors))
         current.received = list(survivors)
-        if self.privacy.noised:
-            self.privacy.rounds += 1  # the aggregator has seen this noised sum
         self.dirty = True
         log.info("round %d: unmasked the sum of %d doorbells", current.id, len(survivors))
         self._aggregate()

@@ -20,6 +20,7 @@ aggregator restarted during a secure round abandons it (`Coordinator.tick`).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Final
@@ -128,6 +129,22 @@ class SecurePhases:
         return self.phase
 
 
+def mean_bound(plan: SecAggPlan, survivors: int) -> float:
+    """The largest L2 norm the mean of `survivors` honest doorbells' inputs can have.
+
+    Each honest input is clipped to clip_norm, so their mean is too (triangle
+    inequality); to that the noise adds, per coordinate, noise_std x sqrt(m) / m
+    (norm ~ noise_std x sqrt(size / m), taken with a 20 % margin: a chi with
+    hundreds of degrees of freedom stays within a few % of its mean), and stochastic
+    rounding less than 1/scale. A larger mean means a doorbell masked a value it
+    never clipped (a compromised one): its push is bounded by this check, not by
+    the fixed-point range (which would let it set each coordinate anywhere within
+    +/- clip_norm + 8 noise_std).
+    """
+    noise = 1.2 * plan.noise_std * math.sqrt(plan.size / survivors)
+    return plan.clip_norm + noise + math.sqrt(plan.size) / plan.scale
+
+
 def mean_delta(
     total: npt.NDArray[np.uint32],
     survivors: int,
@@ -144,6 +161,14 @@ def mean_delta(
     if survivors < 1:
         raise ValueError("a secure round's sum needs at least one doorbell")
     mean = masking.decode_sum(total, plan.scale) / survivors
+    norm, bound = float(np.linalg.norm(mean)), mean_bound(plan, survivors)
+    if norm > bound:
+        raise RejectedMessage(
+            "secagg_sum_out_of_bounds",
+            f"the mean of {survivors} doorbells has L2 norm {norm:.4g}, more than the "
+            f"{bound:.4g} clipped updates and their noise can reach: a doorbell masked an "
+            "update it did not clip; nothing is published",
+        )
     flat = np.zeros(plan.dimension, dtype=np.float64)
     flat[indices] = mean
     delta: Weights = []

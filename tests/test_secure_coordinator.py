@@ -59,6 +59,8 @@ class InProcessFederation:
         self.deltas: dict[str, Weights] = {}
         self.plain: dict[tuple[int, str], np.ndarray] = {}
         """What each doorbell would send unmasked: its clipped subset (no noise here)."""
+        self.unclipped: set[str] = set()
+        """Compromised doorbells: they mask their delta without clipping it."""
         self.tamper: dict[tuple[str, str], bytes] = {}
         """(leaf, device) -> the payload that doorbell sends instead of its own."""
         self.silent: set[tuple[str, str]] = set()
@@ -94,8 +96,12 @@ class InProcessFederation:
             if announcement.phase == "keys":
                 participant.begin(announcement)
                 delta = self.deltas[device]
-                participant.prepare(announcement, delta)
                 assert announcement.secagg is not None
+                if device in self.unclipped:  # a patched doorbell that ignores the plan's clip
+                    plan = announcement.secagg.model_copy(update={"clip_norm": 1e9})
+                    participant.prepare(announcement.model_copy(update={"secagg": plan}), delta)
+                else:
+                    participant.prepare(announcement, delta)
                 flat = np.concatenate([d.ravel() for d in delta])
                 subset = masking.shared_subset(
                     announcement.secagg.dimension,
@@ -271,3 +277,27 @@ def test_the_client_step_clips_keeps_the_remainder_and_encodes_the_subset() -> N
     np.testing.assert_array_equal(np.delete(residual, subset), np.delete(flat, subset))
     with pytest.raises(ValueError, match="coordinates"):
         secure_update(delta[:1], plan, 7, "abc", np.random.default_rng(2))
+
+
+def test_an_unclipped_update_is_caught_in_the_sum_and_nothing_is_published(
+    tmp_path: Path, aggregator_cache: Path
+) -> None:
+    """A compromised doorbell masks a delta it did not clip: the aggregator cannot see it,
+    but the mean of clipped updates has a norm of at most clip_norm, so the sum shows it."""
+    fed = federation(tmp_path, aggregator_cache)
+    before = fed.head()
+    # subset norm ~120 (clip 2.0), each entry still within the fixed-point range (+/-16)
+    fed.deltas["d3"] = [d * 300 for d in fed.deltas["d3"]]
+    fed.unclipped.add("d3")
+    fed.command(cmd="start_round")
+    metrics = fed.metrics()
+    assert metrics.outcome == "abandoned"
+    assert metrics.rejected == {"secagg_sum_out_of_bounds": 1}
+    assert "did not clip" in metrics.detail
+    assert fed.coordinator.model.version == 0
+    for now, then in zip(fed.head(), before, strict=True):
+        np.testing.assert_array_equal(now, then)
+    # the same doorbell, clipped as the plan says, takes part in the next round
+    fed.unclipped.clear()
+    fed.command(cmd="start_round")
+    assert (fed.metrics().outcome, fed.metrics().participants) == ("published", 8)

@@ -13,10 +13,12 @@ measurably not the mean of any other set of doorbells.
 
 from __future__ import annotations
 
+import base64
 import json
+import shutil
 import signal
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +27,7 @@ import numpy as np
 import numpy.typing as npt
 import paho.mqtt.client as mqtt
 import pytest
+import yaml
 from paho.mqtt.enums import CallbackAPIVersion
 
 from broker.local import LocalBroker
@@ -38,8 +41,10 @@ from fedbell.wire import dp, masking
 from fedbell.wire.codecs import Weights
 from fedbell.wire.messages import GlobalModel, parse_global
 from fedbell.wire.protocol import RoundAnnouncement, RoundMetrics, SecAggPlan
+from fedbell.wire.secagg_messages import Masked
+from fedbell.wire.signing import load_public_keys, verify_announcement, write_key_pair
 from simulation.data import write_synthetic
-from tests.test_aggregator import MAX_BYTES, SITE, TOPICS
+from tests.test_aggregator import MAX_BYTES, SITE, TOPICS, make_config
 from tests.test_faults import (
     Process,
     Recorder,
@@ -112,29 +117,23 @@ class Killer:
 def start_federation(
     tmp_path: Path,
     broker: LocalBroker,
+    *,
     recorder: Recorder,
     processes: list[Process],
-    cache: Path,
+    aggregator: Process,
     names: list[str],
-    **rounds: Any,
+    signing: dict[str, dict[str, str]] | None = None,
 ) -> dict[str, Doorbell]:
-    aggregator = aggregator_process(
-        tmp_path,
-        broker.port,
-        cache,
-        secure_aggregation=True,
-        timeout_s=PHASE,
-        max_accuracy_drop=None,
-        train=TRAIN,
-        **rounds,
-    )
+    """The aggregator, then one doorbell per name (a house of generated people each);
+    `signing`: each doorbell's signing settings (its key, the aggregator's public key)."""
     processes.append(aggregator)
     aggregator.start().wait_log("ready: site", timeout=STARTUP)
     doorbells = {}
     for seed, name in enumerate(names):
         gallery = tmp_path / f"house-{name}"
         write_synthetic(gallery, seed=seed, **HOUSE)
-        process = node_process(tmp_path, broker.port, name, gallery)
+        settings = {} if signing is None else {"signing": signing[name]}
+        process = node_process(tmp_path, broker.port, name, gallery, **settings)
         processes.append(process.start())
         doorbells[name] = Doorbell(name, gallery, process)
     for name in names:
@@ -225,6 +224,34 @@ def residuals(tmp_path: Path, names: list[str]) -> dict[str, Weights | None]:
     return {name: NodeState(tmp_path / name).load_residual() for name in names}
 
 
+def watcher_sees_only_noise(
+    recorder: Recorder, plan: SecAggPlan, vectors: dict[str, npt.NDArray[np.float64]]
+) -> None:
+    """Every doorbell's masked update, as anyone reading `fedbell/#` got it, is noise: it
+    decodes to nothing near any house's true vector, is uncorrelated with all of them, and
+    its words spread evenly over 32 bits; and no plain update was published at all."""
+    seen = recorder.everything()
+    assert not [t for t, _ in seen if t.startswith(f"{TOPICS.base}/update/")]
+    masked = {
+        t.rsplit("/", 1)[1]: Masked.model_validate_json(p)
+        for t, p in seen
+        if t.startswith(f"{TOPICS.base}/secagg/masked/")
+    }
+    assert sorted(masked) == sorted(vectors)
+    for device, message in masked.items():
+        words = np.frombuffer(base64.b64decode(message.values), "<u4")
+        assert words.size == plan.size
+        decoded = words.view(np.int32).astype(np.float64) / plan.scale
+        for owner, vector in vectors.items():
+            close = np.mean(np.abs(decoded - vector) < 1e-3)
+            correlation = abs(float(np.corrcoef(decoded, vector)[0, 1]))
+            assert close < 0.01, (device, owner, close)
+            assert correlation < 0.2, (device, owner, correlation)
+        counts = np.bincount(words >> np.uint32(28), minlength=16)
+        expected = words.size / 16
+        assert np.all(np.abs(counts - expected) < 0.5 * expected), (device, counts)
+
+
 @pytest.fixture
 def killers() -> Iterator[list[Killer]]:
     made: list[Killer] = []
@@ -237,20 +264,26 @@ def test_ten_doorbells_two_killed_the_round_publishes_the_exact_mean_of_the_rest
     tmp_path: Path,
     broker: LocalBroker,
     recorder: Recorder,
+    *,
     processes: list[Process],
     killers: list[Killer],
     aggregator_cache: Path,
 ) -> None:
+    """Issue 22 item 6: SIGKILLed doorbells, the exact mean of the others; and what a
+    watcher subscribed to everything under the site sees of one house: noise."""
     names = [f"d{i}" for i in range(10)]
-    doorbells = start_federation(
+    aggregator = aggregator_process(
         tmp_path,
-        broker,
-        recorder,
-        processes,
+        broker.port,
         aggregator_cache,
-        names,
+        secure_aggregation=True,
         min_cohort=5,
-        downlink_codec="float32",
+        timeout_s=PHASE,
+        max_accuracy_drop=None,
+        train=TRAIN,
+    )
+    doorbells = start_federation(
+        tmp_path, broker, recorder=recorder, processes=processes, aggregator=aggregator, names=names
     )
 
     # Round 1: the first two doorbells to deal their shares die before masking. The
@@ -287,6 +320,7 @@ def test_ten_doorbells_two_killed_the_round_publishes_the_exact_mean_of_the_rest
     print(json.dumps({"round": 1, "error": error, "one_left_out": others, "killed": killed}))
     assert error <= RESOLUTION
     assert others > 50 * RESOLUTION
+    watcher_sees_only_noise(recorder, plan, vectors)
 
     # Round 2: two doorbells die right after their masked update reached the broker.
     # Their inputs are in (a masked input, once received, is never taken out: the
@@ -312,3 +346,179 @@ def test_ten_doorbells_two_killed_the_round_publishes_the_exact_mean_of_the_rest
     print(json.dumps({"round": 2, "error": error, "killed_after_masking": killed_after}))
     assert error <= RESOLUTION
     assert float(np.max(np.abs(moved - without))) > 50 * RESOLUTION
+
+
+class Injector:
+    """A compromised doorbell's login (the test broker has no ACL; in production the
+    ACL confines it to its own secagg topics): on a phase's announcement, publishes a
+    bad message on its secagg topic at once, while the phase still collects."""
+
+    def __init__(self, port: int, recorder: Recorder) -> None:
+        self.recorder = recorder
+        self.plans: dict[str, tuple[str, Callable[[RoundAnnouncement], bytes]]] = {}
+        self.sent: list[str] = []
+        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+        self.client.on_message = self._on_round
+        self.client.connect("127.0.0.1", port)
+        self.client.subscribe(TOPICS.round, qos=1)
+        self.client.loop_start()
+
+    def on(self, phase: str, topic: str, payload: Callable[[RoundAnnouncement], bytes]) -> None:
+        self.plans[phase] = (topic, payload)
+
+    def _on_round(self, _c: Any, _u: Any, message: mqtt.MQTTMessage) -> None:
+        announcement = RoundAnnouncement.model_validate_json(message.payload)
+        planned = self.plans.pop(announcement.phase, None)
+        if planned is not None:
+            topic, payload = planned
+            self.client.publish(topic, payload(announcement), qos=1)
+            self.sent.append(announcement.phase)
+
+    def close(self) -> None:
+        self.client.loop_stop()
+        self.client.disconnect()
+
+
+def keyed_aggregator(tmp_path: Path, port: int, cache: Path, key: Path, trusted: Path) -> Process:
+    """`python -m aggregator` that signs with `key` and trusts the doorbells in `trusted`."""
+    config = make_config(
+        tmp_path,
+        port,
+        cache,
+        secure_aggregation=True,
+        min_cohort=5,
+        timeout_s=PHASE,
+        max_accuracy_drop=None,
+        train=TRAIN,
+    ).model_dump(mode="json")
+    config["signing"] = {"private_key_file": str(key), "trusted_keys_dir": str(trusted)}
+    path = tmp_path / "aggregator.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return Process(tmp_path / "aggregator.log", "aggregator", "--config", str(path))
+
+
+def refusals(recorder: Recorder, since: int) -> list[tuple[str | None, str]]:
+    replies = [json.loads(p) for p in recorder.payloads(TOPICS.reply, since)]
+    return [(r["device"], r["reason"]) for r in replies if r["about"] == "secagg" and not r["ok"]]
+
+
+def test_bad_messages_a_small_cohort_a_removed_doorbell_and_rotated_keys(
+    tmp_path: Path,
+    broker: LocalBroker,
+    recorder: Recorder,
+    *,
+    processes: list[Process],
+    killers: list[Killer],
+    aggregator_cache: Path,
+) -> None:
+    """Six signed doorbells, min_cohort 5: (d) a replayed advert, malformed shares and a
+    masked update of the wrong size over MQTT are refused, counted and the round publishes;
+    (c) two die after dealing their shares: four would be unmasked, so the round is
+    abandoned and says why, nothing is published; (e) a doorbell removed and another's key
+    rotated, then the aggregator's key rotated: the next rounds work."""
+    names = [f"d{i}" for i in range(6)]
+    keys = tmp_path / "keys"
+    for name in [*names, "aggregator"]:
+        write_key_pair(keys / f"{name}.key", keys / "devices" / f"{name}.pub")
+    trusted_by_doorbells = tmp_path / "trusted"
+    trusted_by_doorbells.mkdir()
+    shutil.move(keys / "devices" / "aggregator.pub", trusted_by_doorbells / "aggregator.pub")
+    signing = {
+        n: {
+            "private_key_file": str(keys / f"{n}.key"),
+            "trusted_keys_dir": str(trusted_by_doorbells),
+        }
+        for n in names
+    }
+    aggregator = keyed_aggregator(
+        tmp_path, broker.port, aggregator_cache, keys / "aggregator.key", keys / "devices"
+    )
+    doorbells = start_federation(
+        tmp_path,
+        broker,
+        recorder=recorder,
+        processes=processes,
+        aggregator=aggregator,
+        names=names,
+        signing=signing,
+    )
+    metrics, _ = secure_round(recorder, 1)
+    assert (metrics.outcome, metrics.participants) == ("published", 6), metrics
+    old_advert = recorder.payloads(TOPICS.secagg("keys", "d0"))[0]
+
+    # (d) bad messages from a compromised doorbell's login, each in its phase of round 2
+    injector = Injector(broker.port, recorder)
+    injector.on("keys", TOPICS.secagg("keys", "d0"), lambda _a: old_advert)
+    injector.on("shares", TOPICS.secagg("shares", "d1"), lambda _a: b'{"round": 2, "shares": [')
+    injector.on(
+        "send",
+        TOPICS.secagg("masked", "d2"),
+        lambda a: json.dumps(
+            {
+                "round": a.round,
+                "lineage": a.lineage,
+                "device": "d2",
+                "values": base64.b64encode(np.zeros(7, "<u4").tobytes()).decode(),
+            }
+        ).encode(),
+    )
+    mark = recorder.mark()
+    try:
+        metrics, _ = secure_round(recorder, 2)
+    finally:
+        injector.close()
+    assert injector.sent == ["keys", "shares", "send"]
+    assert (metrics.outcome, metrics.participants) == ("published", 6), metrics
+    refused = refusals(recorder, mark)
+    print(json.dumps({"round": 2, "refused": refused, "rejected": metrics.rejected}))
+    # each is refused whether it came before or after the doorbell's own message
+    assert ("d0", "secagg_replay") in refused
+    assert ("d1", "secagg_bad_message") in refused
+    assert ("d2", "secagg_wrong_size") in refused
+    for reason in ("secagg_replay", "secagg_bad_message", "secagg_wrong_size"):
+        assert metrics.rejected.get(reason) == 1, metrics.rejected
+
+    # (c) two doorbells die after dealing their shares: four would be unmasked
+    killer = Killer(broker.port, "shares", doorbells, count=2)
+    killers.append(killer)
+    metrics, _ = secure_round(recorder, 3)
+    killed = killer.close()
+    killers.remove(killer)
+    assert metrics.outcome == "abandoned", metrics
+    assert metrics.version == 0
+    assert metrics.rejected.get("secagg_below_min_cohort") == 1
+    assert "phase send: 4 of 6 doorbells answered, min_cohort is 5" in metrics.detail
+    assert recorder.round(3, "abandoned").secagg is not None
+    assert recorder.versions()[-1] == 2  # nothing published since round 2
+    state = json.loads((tmp_path / "state" / "state.json").read_text())
+    assert state["model"]["version"] == 2
+
+    # (e) the two come back; d4 is removed (its key revoked, its process gone) and d5's
+    # key is rotated: the next round runs with the five that have keys
+    mark = recorder.mark()
+    for name in killed:
+        doorbells[name].process.start()
+    (keys / "devices" / "d4.pub").unlink()
+    doorbells["d4"].process.stop()
+    write_key_pair(keys / "d5.key", keys / "devices" / "d5.pub")
+    doorbells["d5"].process.stop()
+    doorbells["d5"].process.start()
+    for name in [*killed, "d5"]:
+        recorder.status(name, lambda s: s.state == "online", timeout=STARTUP, since=mark)
+    metrics, announcement = secure_round(recorder, 4)
+    assert "d4" not in announcement.selected
+    assert (metrics.outcome, metrics.participants) == ("published", 5), metrics
+
+    # ...and the aggregator's key is rotated: doorbells are given the new public key
+    aggregator.stop()
+    write_key_pair(keys / "aggregator.key", trusted_by_doorbells / "aggregator.pub")
+    aggregator.start().wait_log("ready: site", timeout=STARTUP)
+    mark = recorder.mark()
+    for name in ("d0", "d1", "d2", "d3", "d5"):
+        doorbells[name].process.stop()
+        doorbells[name].process.start()
+    for name in ("d0", "d1", "d2", "d3", "d5"):
+        recorder.status(name, lambda s: s.state == "online", timeout=STARTUP, since=mark)
+    metrics, announcement = secure_round(recorder, 5)
+    verify_announcement(announcement, SITE, load_public_keys(trusted_by_doorbells)["aggregator"])
+    assert (metrics.outcome, metrics.participants) == ("published", 5), metrics
