@@ -9,7 +9,7 @@ from collections.abc import Sequence
 import numpy as np
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from fedbell.errors import RejectedMessage
@@ -509,3 +509,52 @@ def test_an_advert_copying_another_doorbells_keys_is_refused() -> None:
         server.add_advert("bell-01", json.dumps(copied).encode())
     assert reason_of(err) == "secagg_duplicate"
     assert "bell-00" in str(err.value)
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.integers(6, 16), st.integers(0, 2**32 - 1), st.data())
+def test_any_recoverable_dropout_pattern_gives_the_exact_survivor_sum(
+    count: int, seed: int, data: st.DataObject
+) -> None:
+    names = [f"h{i:02d}" for i in range(count)]
+    k = data.draw(st.sampled_from([2, 4, 6, count - 1]))
+    p = SecAggParams(
+        round_id=seed % 1000 + 1,
+        lineage=None,
+        min_cohort=3,
+        neighbours=k,
+        share_threshold=k // 2 + 1,
+        scale=1.0,
+        size=8,
+    )
+    inputs = {n: v[:8] for n, v in random_inputs(names, seed).items()}
+    dropped = set(data.draw(st.lists(st.sampled_from(names), max_size=count // 3, unique=True)))
+    graph = neighbour_graph(names, p)
+    _, t = p.degree(count)
+    # only patterns the round is built to recover (the others are the refusal tests')
+    assume(count - len(dropped) >= 3)
+    assume(all(sum(peer not in dropped for peer in graph[name]) >= t for name in names))
+    total = run_secure_round(inputs, p, None, drop_after_masking=dropped)
+    expected = np.zeros(8, dtype=np.uint32)
+    for name in names:
+        if name not in dropped:
+            expected += inputs[name]
+    assert np.array_equal(total, expected)
+
+
+def test_an_inbox_missing_a_neighbours_shares_or_a_request_missing_a_holder_is_refused() -> None:
+    round_ = Round(params())
+    round_.share()
+    inbox = json.loads(round_.server.inbox("bell-00"))
+    dropped_entry = {**inbox, "shares": inbox["shares"][1:]}
+    with pytest.raises(SecAggError) as short:
+        round_.clients["bell-00"].receive(json.dumps(dropped_entry).encode())
+    assert reason_of(short) == "secagg_bad_inbox"
+    for name, client in round_.clients.items():
+        client.receive(round_.server.inbox(name))
+        round_.server.add_masked(name, client.masked_input(round_.inputs[name]))
+    request = json.loads(round_.server.unmask_request())
+    partial = {**request, "survivors": request["survivors"][:-1]}
+    with pytest.raises(SecAggError) as missing:
+        round_.clients["bell-00"].unmask(json.dumps(partial).encode())
+    assert reason_of(missing) == "secagg_bad_request"
