@@ -14,7 +14,6 @@ bytes_up: the sum of the payload sizes of the accepted updates.
 
 from __future__ import annotations
 
-import base64
 import functools
 import logging
 from collections import Counter
@@ -29,11 +28,11 @@ from aggregator.export import Exporter, Release
 from aggregator.persistence import OPEN, Persistence, SavedModel
 from aggregator.privacy import PrivacyLedger
 from aggregator.rounds import Round, announce, select_devices
-from aggregator.secure import SecurePhases, mean_delta
+from aggregator.secure import SecurePhases
+from aggregator.secure_rounds import SecureRounds
 from aggregator.state import StateStore
 from aggregator.strategy import InconsistentUpdate
 from fedbell.errors import RejectedMessage
-from fedbell.wire import dp, masking
 from fedbell.wire.messages import parse_update
 from fedbell.wire.protocol import (
     Command,
@@ -41,11 +40,9 @@ from fedbell.wire.protocol import (
     Reply,
     RoundAnnouncement,
     RoundMetrics,
-    SecAggPlan,
     parse_json,
     to_json,
 )
-from fedbell.wire.secagg_params import SecAggParams
 from fedbell.wire.signing import sign_announcement
 from fedbell.wire.topics import Topics
 
@@ -54,7 +51,7 @@ log = logging.getLogger("aggregator")
 Publish = Callable[[str, bytes], None]
 
 
-class Coordinator:
+class Coordinator(SecureRounds):
     def __init__(
         self,
         config: AggregatorConfig,
@@ -305,43 +302,6 @@ class Coordinator:
                 cap,
             )
 
-    def _on_secagg(self, topic: str, payload: bytes) -> None:
-        """A doorbell's message in a secure round; the phase moves on once all answered."""
-        try:
-            leaf, device = self.topics.secagg_origin(topic)
-        except ValueError as err:
-            raise RejectedMessage("bad_topic", str(err)) from None
-        current = self.round
-        late_unmask = leaf == "unmask" and current is not None and current.secure is not None
-        if late_unmask and current is not None and current.status != "collecting":
-            # the sum was rebuilt from the other survivors' answers: this one is not needed
-            log.info("round %d: unmask answer of %s after the sum; not needed", current.id, device)
-            return
-        try:
-            if current is None or current.secure is None or current.status != "collecting":
-                raise RejectedMessage("no_round", f"no secure round is collecting ({leaf})")
-            if self.clock() > current.announcement.deadline:
-                raise RejectedMessage(
-                    "late", f"{leaf} after phase {current.secure.phase}'s deadline"
-                )
-            current.secure.handle(leaf, device, payload)
-        except RejectedMessage as err:
-            self.reject(err, f"secagg {leaf} from {device}")
-            self._reply(
-                about="secagg",
-                ok=False,
-                device=device,
-                round=None if current is None else current.id,
-                size=len(payload),
-                reason=err.reason,
-                detail=err.detail,
-            )
-            return
-        if leaf == "masked":  # the doorbell's update, as the console shows it
-            self._reply(about="secagg", ok=True, device=device, round=current.id, size=len(payload))
-        if current.secure.complete() or current.secure.sum_ready():
-            self._advance_secure(current)
-
     def _on_control(self, command: Command) -> None:
         log.info("command %s", command.model_dump_json(exclude_defaults=True))
         if command.cmd == "start_round":
@@ -436,41 +396,6 @@ class Coordinator:
             self.model.version,
             ", ".join(selected),
             rounds.timeout_s,
-        )
-
-    def _houses(self) -> int:
-        """The houses of the federation, for delta and the sampling rate."""
-        keys = self.trusted_keys
-        return self.privacy.houses(len(keys) if keys else None, len(self.online))
-
-    def _secagg_plan(self, round_id: int, selected: int) -> SecAggPlan:
-        """A secure round's plan: the round's shared subset, masking, clipping and noise."""
-        rounds = self.config.rounds
-        assert rounds.clip_norm is not None  # the config requires it with secure aggregation
-        dimension = sum(int(w.size) for w in self.model.weights)
-        subset = masking.shared_subset(dimension, rounds.density, round_id, self.model.lineage)
-        noise_std = dp.noise_std_per_doorbell(
-            rounds.privacy.noise_multiplier, rounds.clip_norm, rounds.min_cohort
-        )
-        params = SecAggParams.for_cohort(
-            round_id=round_id,
-            lineage=self.model.lineage,
-            cohort=selected,
-            size=len(subset),
-            clip_norm=rounds.clip_norm,
-            noise_std=noise_std,
-            min_cohort=rounds.min_cohort,
-        )
-        return SecAggPlan(
-            min_cohort=params.min_cohort,
-            neighbours=params.neighbours,
-            threshold=params.share_threshold,
-            scale=params.scale,
-            dimension=dimension,
-            size=params.size,
-            density=rounds.density,
-            clip_norm=rounds.clip_norm,
-            noise_std=noise_std,
         )
 
     def _announce(self, announcement: RoundAnnouncement) -> None:
@@ -692,17 +617,6 @@ class Coordinator:
             )
         )
 
-    def _privacy_fields(self, current: Round) -> dict[str, float | None]:
-        """Epsilon of this round (if its noised sum was unmasked) and of all rounds so far."""
-        if current.announcement.secagg is None or not self.privacy.noised:
-            return {"epsilon": None, "epsilon_total": None}
-        selected, houses = len(current.selected), self._houses()
-        unmasked = isinstance(current.accumulator, SecureSum) and current.accumulator.count > 0
-        return {
-            "epsilon": self.privacy.epsilon(1, selected, houses) if unmasked else 0.0,
-            "epsilon_total": self.privacy.epsilon(self.privacy.rounds, selected, houses),
-        }
-
     def _round_ended(self) -> None:
         self.next_auto_at = self.clock() + self.config.rounds.auto_pause_s
 
@@ -722,83 +636,6 @@ class Coordinator:
                 self._abandon()
         if self.auto_remaining > 0 and not self._round_open() and now >= self.next_auto_at:
             self._start_auto_round()
-
-    def _tick_secure(self, current: Round, now: float) -> None:
-        if current.secure is None:
-            self._abandon(
-                f"secure round {current.id} was open when the aggregator restarted: its key "
-                "agreement lives in memory only, so it cannot be unmasked (fail closed)"
-            )
-        elif current.secure.complete() or now > current.announcement.deadline:
-            self._advance_secure(current)
-
-    def _advance_secure(self, current: Round) -> None:
-        """End a secure round's phase: next phase, the sum, or abandon below min_cohort."""
-        secure, plan = current.secure, current.announcement.secagg
-        assert secure is not None
-        assert plan is not None
-        arrived, cohort = secure.done(secure.leaf), self.config.rounds.min_cohort
-        if secure.phase != "unmask" and len(arrived) < cohort:  # unmask: shares decide
-            self._abandon_secure(
-                current,
-                RejectedMessage(
-                    "secagg_below_min_cohort",
-                    f"phase {secure.phase}: {len(arrived)} of {len(secure.expected())} "
-                    f"doorbells answered, min_cohort is {cohort}: nothing is unmasked",
-                ),
-            )
-            return
-        try:
-            if secure.phase == "unmask":
-                self._unmask(current, secure, plan)
-                return
-            plan = self._next_plan(current, secure, plan)
-        except RejectedMessage as err:
-            self._abandon_secure(current, err)
-            return
-        phase = secure.advance()
-        deadline = self.clock() + self.config.rounds.timeout_s
-        self._announce(current.set_phase(phase, deadline=deadline, secagg=plan))
-        log.info("round %d: phase %s (%d doorbells)", current.id, phase, len(secure.expected()))
-
-    def _next_plan(self, current: Round, secure: SecurePhases, plan: SecAggPlan) -> SecAggPlan:
-        """What the next phase's announcement carries (and the inboxes before `send`)."""
-        server = secure.server
-        if secure.phase == "keys":
-            return plan.model_copy(update={"roster": _b64(server.roster())})
-        if secure.phase == "shares":
-            for device in secure.done("shares"):
-                inbox = server.inbox(device)
-                secure.bytes_down += len(inbox)
-                self.publish(self.topics.secagg_inbox(device), inbox)
-            return plan.model_copy(update={"roster": None, "holders": secure.done("shares")})
-        request = server.unmask_request()
-        survivors = secure.done("masked")
-        dropped = tuple(d for d in secure.done("shares") if d not in survivors)
-        return plan.model_copy(
-            update={"survivors": survivors, "dropped": dropped, "unmask_request": _b64(request)}
-        )
-
-    def _unmask(self, current: Round, secure: SecurePhases, plan: SecAggPlan) -> None:
-        """The server step of a secure round: the unmasked sum, as the round's mean delta."""
-        total, survivors = secure.server.result()
-        if self.privacy.noised:
-            self.privacy.rounds += 1  # the aggregator has seen this noised sum
-        subset = masking.shared_subset(plan.dimension, plan.density, current.id, self.model.lineage)
-        mean = mean_delta(
-            total, len(survivors), plan, subset, [w.shape for w in self.model.weights]
-        )
-        assert isinstance(current.accumulator, SecureSum)
-        current.accumulator.set_mean(mean, len(survivors))
-        current.received = list(survivors)
-        self.dirty = True
-        log.info("round %d: unmasked the sum of %d doorbells", current.id, len(survivors))
-        self._aggregate()
-
-    def _abandon_secure(self, current: Round, err: RejectedMessage) -> None:
-        self.rejected[err.reason] += 1
-        current.rejected[err.reason] += 1
-        self._abandon(f"{err.reason}: {err.detail}")
 
     def _start_auto_round(self) -> None:
         try:
@@ -822,10 +659,6 @@ class Coordinator:
         if self.round is not None and self._round_open():
             wake = min(wake, self.round.announcement.deadline)
         return max(0.0, wake - self.clock())
-
-
-def _b64(payload: bytes) -> str:
-    return base64.b64encode(payload).decode()
 
 
 def _percent(value: float | None) -> str:

@@ -33,7 +33,7 @@ from fedbell.errors import RejectedMessage
 from fedbell.wire import masking
 from fedbell.wire.codecs import Weights
 from fedbell.wire.protocol import Phase, SecAggPlan
-from fedbell.wire.secagg_server import SecAggServer
+from fedbell.wire.secagg import SecAggServer
 from fedbell.wire.topics import SecAggLeaf
 
 LEAF_OF_PHASE: Final[Mapping[Phase, SecAggLeaf]] = {

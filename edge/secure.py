@@ -40,7 +40,7 @@ from fedbell.errors import RejectedMessage
 from fedbell.wire import dp, masking
 from fedbell.wire.codecs import Weights
 from fedbell.wire.protocol import RoundAnnouncement, SecAggPlan
-from fedbell.wire.secagg_client import SecAggClient
+from fedbell.wire.secagg import SecAggClient
 from fedbell.wire.topics import SecAggLeaf, Topics
 
 log = logging.getLogger(__name__)
