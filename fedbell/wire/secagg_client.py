@@ -105,6 +105,7 @@ class SecAggClient:
         self._advert: Advert | None = None
         self._peers: dict[str, Advert] = {}
         self._neighbours: tuple[str, ...] = ()
+        self._roster: frozenset[str] = frozenset()
         self._holders: frozenset[str] = frozenset()
         self._held: dict[str, _Held] = {}
         self._enc_secrets: dict[str, bytes] = {}
@@ -165,34 +166,28 @@ class SecAggClient:
         _, threshold = params.degree(len(names))
         self_shares = shamir.split(self._self_seed, threshold, len(neighbours))
         key_shares = shamir.split(self._mask_seed, threshold, len(neighbours))
-        sealed, secrets = [], {}
+        sealed, enc_secrets = [], {}
         for peer, self_share, key_share in zip(neighbours, self_shares, key_shares, strict=True):
             salt = os.urandom(SALT_BYTES)
-            entry = SealedShare(
-                peer=peer,
-                ciphertext="AAAA",
-                self_commitment=b64(
-                    share_commitment(
-                        b"self", self._ctx, dealer=me, recipient=peer, salt=salt, share=self_share
-                    )
-                ),
-                key_commitment=b64(
-                    share_commitment(
-                        b"key", self._ctx, dealer=me, recipient=peer, salt=salt, share=key_share
-                    )
-                ),
+            commitments = (
+                b64(share_commitment(b"self", self._ctx, me, peer, salt=salt, share=self_share)),
+                b64(share_commitment(b"key", self._ctx, me, peer, salt=salt, share=key_share)),
             )
             peer_enc = unb64(adverts[peer].enc_key, 32, f"enc_key of {peer}", peer)
-            secrets[peer] = exchange(self._enc, peer_enc, peer)
-            cipher = share_cipher(secrets[peer], dealer=me, recipient=peer, ctx=self._ctx)
-            ciphertext = seal(
-                cipher,
-                salt + self_share + key_share,
-                share_associated_data(self._ctx, me, peer, entry),
+            enc_secrets[peer] = exchange(self._enc, peer_enc, peer)
+            cipher = share_cipher(enc_secrets[peer], dealer=me, recipient=peer, ctx=self._ctx)
+            associated = share_associated_data(self._ctx, me, peer, *commitments)
+            sealed.append(
+                SealedShare(
+                    peer=peer,
+                    ciphertext=b64(seal(cipher, salt + self_share + key_share, associated)),
+                    self_commitment=commitments[0],
+                    key_commitment=commitments[1],
+                )
             )
-            sealed.append(entry.model_copy(update={"ciphertext": b64(ciphertext)}))
         self._peers = {peer: adverts[peer] for peer in neighbours}
-        self._enc_secrets = secrets
+        self._enc_secrets = enc_secrets
+        self._roster = frozenset(names)
         self._neighbours, self.stage = neighbours, "shared"
         return dump(
             Shares(
@@ -214,6 +209,8 @@ class SecAggClient:
             raise SecAggError("secagg_bad_inbox", f"inbox of {message.device} sent to {me}")
         check_sorted_names(message.holders, "holders")
         holders = frozenset(message.holders)
+        if not holders <= self._roster:
+            raise SecAggError("secagg_bad_inbox", "holders outside the roster")
         if me not in holders or len(holders) < params.min_cohort:
             raise SecAggError(
                 "secagg_below_min_cohort" if me in holders else "secagg_bad_inbox",
@@ -232,21 +229,18 @@ class SecAggClient:
                 self._enc_secrets[dealer], dealer=dealer, recipient=me, ctx=self._ctx
             )
             ciphertext = unb64(entry.ciphertext, _PLAINTEXT_BYTES + 16, "ciphertext", dealer)
-            plain = unseal(
-                cipher, ciphertext, share_associated_data(self._ctx, dealer, me, entry), dealer
+            associated = share_associated_data(
+                self._ctx, dealer, me, entry.self_commitment, entry.key_commitment
             )
+            plain = unseal(cipher, ciphertext, associated, dealer)
             salt, self_share, key_share = (
                 plain[:SALT_BYTES],
                 plain[SALT_BYTES : SALT_BYTES + shamir.SHARE_BYTES],
                 plain[SALT_BYTES + shamir.SHARE_BYTES :],
             )
             committed = (
-                share_commitment(
-                    b"self", self._ctx, dealer=dealer, recipient=me, salt=salt, share=self_share
-                ),
-                share_commitment(
-                    b"key", self._ctx, dealer=dealer, recipient=me, salt=salt, share=key_share
-                ),
+                share_commitment(b"self", self._ctx, dealer, me, salt=salt, share=self_share),
+                share_commitment(b"key", self._ctx, dealer, me, salt=salt, share=key_share),
             )
             published = (
                 unb64(entry.self_commitment, len(committed[0]), "self_commitment", dealer),

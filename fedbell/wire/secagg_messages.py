@@ -259,7 +259,7 @@ def pairwise_seed(
 
 
 def share_commitment(
-    kind: bytes, ctx: bytes, *, dealer: str, recipient: str, salt: bytes, share: bytes
+    kind: bytes, ctx: bytes, dealer: str, recipient: str, *, salt: bytes, share: bytes
 ) -> bytes:
     """Hiding (salted) and binding commitment to one share, published by its dealer."""
     text = b"fedbell secagg share commitment v1\n" + kind + b"\n" + ctx
@@ -274,6 +274,9 @@ def seed_commitment(ctx: bytes, device: str, seed: bytes) -> bytes:
     ).digest()
 
 
-def share_associated_data(ctx: bytes, dealer: str, recipient: str, share: SealedShare) -> bytes:
-    """What AES-GCM authenticates besides the ciphertext: who, which round, the commitments."""
-    return ctx + f"{dealer}>{recipient}\n{share.self_commitment}\n{share.key_commitment}".encode()
+def share_associated_data(
+    ctx: bytes, dealer: str, recipient: str, self_commitment: str, key_commitment: str
+) -> bytes:
+    """What AES-GCM authenticates besides the ciphertext: who, which round, the commitments
+    (so the server cannot swap a dealer's published commitments)."""
+    return ctx + f"{dealer}>{recipient}\n{self_commitment}\n{key_commitment}".encode()

@@ -326,7 +326,7 @@ class SecAggServer:
                         i * REVEALED_BYTES + shamir.SHARE_BYTES : (i + 1) * REVEALED_BYTES
                     ]
                     committed = share_commitment(
-                        kind, self._ctx, dealer=owner, recipient=device, salt=salt, share=value
+                        kind, self._ctx, owner, device, salt=salt, share=value
                     )
                     if self._commitments[owner][device][kind == b"key"] != committed:
                         raise SecAggError(
