@@ -143,9 +143,17 @@ class InProcessFederation:
 DEVICES = [f"d{i}" for i in range(8)]
 
 
-def federation(tmp_path: Path, cache: Path) -> InProcessFederation:
+def federation(
+    tmp_path: Path, cache: Path, privacy: dict[str, float] | None = None
+) -> InProcessFederation:
     config = make_config(
-        tmp_path, 1, cache, secure_aggregation=True, min_cohort=5, max_accuracy_drop=None
+        tmp_path,
+        1,
+        cache,
+        secure_aggregation=True,
+        min_cohort=5,
+        max_accuracy_drop=None,
+        privacy=privacy or {},
     )
     exporter = Exporter(config, Signer("aggregator"))
     fed = InProcessFederation(config, exporter, DEVICES)
@@ -301,3 +309,33 @@ def test_an_unclipped_update_is_caught_in_the_sum_and_nothing_is_published(
     fed.unclipped.clear()
     fed.command(cmd="start_round")
     assert (fed.metrics().outcome, fed.metrics().participants) == ("published", 8)
+
+
+def test_epsilon_is_in_every_rounds_metrics_and_the_budget_stops_rounds(
+    tmp_path: Path, aggregator_cache: Path
+) -> None:
+    """House-level DP: noise multiplier 1, 8 of 8 houses a round, delta 1/8: epsilon 1.51
+    after one round, 2.68 after two, 3.69 after three (dp-accounting); a budget of 3
+    allows two rounds and refuses the third, saying why."""
+    fed = federation(
+        tmp_path, aggregator_cache, {"noise_multiplier": 1.0, "houses": 8, "epsilon_budget": 3.0}
+    )
+    announced = []
+    for round_id in (1, 2):
+        fed.command(cmd="start_round")
+        announced.append(RoundAnnouncement.model_validate_json(fed.payloads(TOPICS.round)[0]))
+        metrics = fed.metrics()
+        assert (metrics.round, metrics.outcome) == (round_id, "published"), metrics
+        assert metrics.epsilon == pytest.approx(1.5146, abs=1e-3)
+        assert metrics.epsilon_total == pytest.approx((1.5146, 2.6770)[round_id - 1], abs=1e-3)
+    plan = announced[0].secagg
+    assert plan is not None
+    assert plan.noise_std == pytest.approx(1.0 * 2.0 / 5**0.5)  # z C / sqrt(min_cohort)
+    fed.command(cmd="start_round")
+    reply = json.loads(fed.payloads(TOPICS.reply)[-1])
+    assert (reply["ok"], reply["reason"]) == (False, "privacy_budget_spent")
+    assert "2.68 to 3.69" in reply["detail"]
+    assert fed.coordinator.rejected["privacy_budget_spent"] == 1
+    assert fed.coordinator.last_round == 2  # no third round was announced
+    state = json.loads((tmp_path / "state" / "state.json").read_text())
+    assert state["noised_rounds"] == 2  # survives a restart: the ledger is in the state
