@@ -198,7 +198,7 @@ function onReply(payload) {
     const about = field(data, "about", "string");
     const ok = field(data, "ok", "boolean");
     const time = field(data, "time", "number", true);
-    if (about === "update") {
+    if (about === "update" || about === "secagg") {  // secagg: a secure round's update
       const device = field(data, "device", "string", true);
       if (device === null || deviceOf(device, "") === null) return;
       const entry = state.doorbells.get(device) || { status: null, error: null, update: null };
