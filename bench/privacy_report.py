@@ -46,6 +46,7 @@ def report(
                 "attack": row.best[0],
                 "chance": row.chance,
                 "by_attack": row.by_attack,
+                "stderr": row.stderr[row.best[0]],
                 "detail": row.detail,
                 "trials": row.trials,
                 "candidates": row.candidates,
@@ -115,7 +116,8 @@ def bar_lines(data: dict[str, Any], default_epsilon: float, rounds: int) -> list
                 abs(gap) <= DP_MARGIN,
                 f"{view} at epsilon {row['epsilon']:.2f}, {BAR_HOUSES_PER_ROUND} houses per "
                 f"round{f', {rounds} rounds' if view == 'published_heads' else ''}: within 5 "
-                f"points of chance ({row['residents_in_top']:.3f} vs {row['chance']:.3f})",
+                f"points of chance ({row['residents_in_top']:.3f} ± {row['stderr']:.3f} vs "
+                f"{row['chance']:.3f}, best of {len(row['by_attack'])} attacks)",
             )
     return lines
 
@@ -129,7 +131,7 @@ def print_table(data: dict[str, Any]) -> None:
         title=f"Re-identification ({data['test_dataset']}): houses of {data['house_size']}, "
         f"{data['candidates']} candidates (chance {data['chance']:.3f} for one house)"
     )
-    for column in ("view", "detail", "epsilon", "best", "attack", "chance", *data["attacks"]):
+    for column in ("view", "detail", "epsilon", "best", "±", "attack", "chance", *data["attacks"]):
         table.add_column(column)
     for row in data["rows"]:
         table.add_row(
@@ -137,6 +139,7 @@ def print_table(data: dict[str, Any]) -> None:
             row["detail"],
             "-" if row["epsilon"] is None else f"{row['epsilon']:.2f}",
             f"{row['residents_in_top']:.3f}",
+            f"{row['stderr']:.3f}",
             row["attack"],
             f"{row['chance']:.3f}",
             *(f"{row['by_attack'].get(a, float('nan')):.3f}" for a in data["attacks"]),
@@ -167,7 +170,7 @@ def print_table(data: dict[str, Any]) -> None:
         )
     console.print(utility)
     console.print(
-        f"secure round of {max(1, data.get('bytes_up', 0)) and ''}doorbells: "
+        f"a secure round of {data['secure_round_doorbells']} doorbells: "
         f"{data['bytes_up']} B up, {data['bytes_down']} B down per doorbell (keys, shares, "
         "masked input, unmask)"
     )

@@ -112,7 +112,8 @@ def masked(ctx: Context, secure: Secure, cohort: int, traffic: list[tuple[int, i
         seen = []
         for i, view in enumerate(secure_round.views):
             own = residents[i * ctx.house_size : (i + 1) * ctx.house_size]
-            others = draw(keys, ctx.candidates - len(own), rng, set(residents))
+            # others may live in the round's other houses: the question is this house
+            others = draw(keys, ctx.candidates - len(own), rng, set(own))
             candidates = pool(ctx.people, own, others, rng)
             seen.append(Observed(view, candidates.features, candidates.targets))
         return seen
@@ -126,16 +127,41 @@ def round_pool_size(residents: int, available: int, candidates: int) -> int:
     return min(max(candidates - residents, residents), available - residents)
 
 
-def summed(ctx: Context, houses: int, secure: Secure | None) -> Scenario:
-    """A round's sum over `houses` houses: the secure mean (with `secure`'s DP) or the
-    dense float32 sum; the pool: the round's residents and as many others."""
+@dataclass
+class Bank:
+    """Every house of a list of people trained once (people cut into houses of
+    `house_size`, seeded): round sums draw their houses from it, so a trial costs a sum
+    and an attack, not a round of training. Filled on first use per list of people."""
+
+    ctx: Context
+    seed: int
+    houses: dict[tuple[str, ...], tuple[list[list[str]], list[Weights]]] = field(
+        default_factory=dict
+    )
+
+    def of(self, keys: Sequence[str]) -> tuple[list[list[str]], list[Weights]]:
+        if tuple(keys) not in self.houses:
+            rng = np.random.default_rng([self.seed, 47, len(keys)])
+            everyone, deltas = _houses(self.ctx, keys, len(keys) // self.ctx.house_size, rng)
+            size = self.ctx.house_size
+            members = [everyone[i : i + size] for i in range(0, len(everyone), size)]
+            self.houses[tuple(keys)] = (members, deltas)
+        return self.houses[tuple(keys)]
+
+
+def summed(bank: Bank, houses: int, secure: Secure | None) -> Scenario:
+    """A round's sum over `houses` houses of the bank: the secure mean (with `secure`'s
+    DP) or the dense float32 sum; the pool: the round's residents and as many others."""
 
     def run(keys: Sequence[str], rng: np.random.Generator) -> list[Observed]:
-        residents, deltas = _houses(ctx, keys, houses, rng)
-        view = dense_sum(deltas) if secure is None else round_mean(deltas, secure, rng)
-        count = round_pool_size(len(residents), len(keys), ctx.candidates)
+        members, deltas = bank.of(keys)
+        chosen = rng.choice(len(deltas), size=houses, replace=False)
+        residents = [p for i in chosen for p in members[i]]
+        picked = [deltas[i] for i in chosen]
+        view = dense_sum(picked) if secure is None else round_mean(picked, secure, rng)
+        count = round_pool_size(len(residents), len(keys), bank.ctx.candidates)
         others = draw(keys, count, rng, set(residents))
-        candidates = pool(ctx.people, residents, others, rng)
+        candidates = pool(bank.ctx.people, residents, others, rng)
         return [Observed(view, candidates.features, candidates.targets)]
 
     return run
@@ -150,6 +176,8 @@ class RowResult:
     chance: float
     trials: int
     candidates: int
+    stderr: dict[str, float]
+    """Standard error of each attack's mean over the trials."""
     extra: dict[str, float] = field(default_factory=dict)
 
     @property
@@ -187,14 +215,18 @@ def score(
     shadow: ShadowModel | None,
     replay: Replay | None,
     top: int,
-) -> tuple[dict[str, float], float]:
-    """(mean residents_in_top per attack, mean chance) over the observations."""
+) -> tuple[dict[str, float], dict[str, float], float]:
+    """(mean residents_in_top per attack, its standard error, mean chance)."""
     chosen = attacks(base, centre, shadow, replay)
-    by_attack = {
-        name: float(np.mean([residents_in_top(attack(s), s.targets, top) for s in seen]))
+    hits = {
+        name: [residents_in_top(attack(s), s.targets, top) for s in seen]
         for name, attack in chosen.items()
     }
-    return by_attack, float(np.mean([chance(s.targets) for s in seen]))
+    return (
+        {name: float(np.mean(h)) for name, h in hits.items()},
+        {name: float(np.std(h) / np.sqrt(len(h))) for name, h in hits.items()},
+        float(np.mean([chance(s.targets) for s in seen])),
+    )
 
 
 def run_row(
@@ -221,5 +253,9 @@ def run_row(
             collect(scenario, public, shadow_trials, seed + 1), base, centre, replay
         )
     seen = collect(scenario, attacked, trials, seed)
-    by_attack, odds = score(seen, base=base, centre=centre, shadow=shadow, replay=replay, top=top)
-    return RowResult(view, detail, epsilon, by_attack, odds, len(seen), len(seen[0].targets))
+    by_attack, errors, odds = score(
+        seen, base=base, centre=centre, shadow=shadow, replay=replay, top=top
+    )
+    return RowResult(
+        view, detail, epsilon, by_attack, odds, len(seen), len(seen[0].targets), errors
+    )
