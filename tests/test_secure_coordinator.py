@@ -40,14 +40,8 @@ class InProcessFederation:
         self.seen: list[tuple[str, bytes]] = []
         self.skew = 0.0
         """Seconds the coordinator's clock is ahead of the real one (`after`)."""
-        self.coordinator = Coordinator(
-            config,
-            exporter,
-            StateStore(config.state_dir),
-            publish=self._publish,
-            clock=lambda: time.time() + self.skew,
-            trusted_keys=None,
-        )
+        self.config, self.exporter = config, exporter
+        self.coordinator = self._coordinator()
         self.participants = {
             device: SecureParticipant(
                 device, TOPICS, None, publish=self._publish, on_sent=self._sent
@@ -68,6 +62,26 @@ class InProcessFederation:
         self.coordinator.connected()
         for device in devices:
             status = DeviceStatus(state="online", model_version=0)
+            self.coordinator.on_message(TOPICS.status(device), to_json(status))
+        self.run()
+
+    def _coordinator(self) -> Coordinator:
+        return Coordinator(
+            self.config,
+            self.exporter,
+            StateStore(self.config.state_dir),
+            publish=self._publish,
+            clock=lambda: time.time() + self.skew,
+            trusted_keys=None,
+        )
+
+    def restart(self) -> None:
+        """A new aggregator process on the same state folder (the old one just stops)."""
+        self.queue.clear()
+        self.coordinator = self._coordinator()
+        self.coordinator.connected()
+        for device in self.participants:
+            status = DeviceStatus(state="online", model_version=self.coordinator.model.version)
             self.coordinator.on_message(TOPICS.status(device), to_json(status))
         self.run()
 
@@ -339,3 +353,35 @@ def test_epsilon_is_in_every_rounds_metrics_and_the_budget_stops_rounds(
     assert fed.coordinator.last_round == 2  # no third round was announced
     state = json.loads((tmp_path / "state" / "state.json").read_text())
     assert state["noised_rounds"] == 2  # survives a restart: the ledger is in the state
+
+
+def test_a_restart_abandons_an_open_secure_round_and_resumes_an_aggregated_one(
+    tmp_path: Path, aggregator_cache: Path
+) -> None:
+    """The key agreement lives in the aggregator's memory: a secure round open at a restart
+    cannot be unmasked and is abandoned, saying so. A step-by-step round already unmasked
+    (status aggregated) keeps its mean in the state folder and publishes after a restart."""
+    fed = federation(tmp_path, aggregator_cache)
+    fed.silent |= {("send", d) for d in DEVICES}  # the round waits in its send phase
+    fed.command(cmd="start_round")
+    fed.restart()
+    fed.coordinator.tick()
+    fed.run()
+    metrics = fed.metrics()
+    assert (metrics.round, metrics.outcome) == (1, "abandoned")
+    assert "memory only" in metrics.detail
+    assert fed.coordinator.model.version == 0
+
+    fed.silent.clear()
+    before = fed.head()
+    fed.command(cmd="train")  # step by step: the phases run, then it waits for `publish`
+    assert fed.metrics().outcome == "aggregated"
+    fed.command(cmd="aggregate")
+    assert json.loads(fed.payloads(TOPICS.reply)[-1])["reason"] == "bad_state"
+    fed.restart()
+    fed.command(cmd="publish")
+    metrics = fed.metrics()
+    assert (metrics.round, metrics.outcome, metrics.participants) == (2, "published", 8)
+    expected = np.mean([fed.plain[2, d] for d in DEVICES], axis=0)
+    got = published_mean(fed, before, 2)
+    assert np.max(np.abs(got - expected)) < 1e-6
