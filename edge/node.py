@@ -754,14 +754,14 @@ class EdgeNode:
             self._send(update)
 
     def _train_secure(self, announcement: RoundAnnouncement) -> None:
-        """Keys phase: advertise first (the phase waits for every doorbell's keys, not its
-        training), then train and prepare the masked-ready update for the send phase."""
-        if time.time() > announcement.deadline:
-            log.info("round %d: deadline already passed; skipping", announcement.round)
-            return
-        self.secure.begin(announcement)
+        """Keys phase: once the base model and the training data are here, advertise (the
+        phase then waits for every doorbell's keys, not its training), train, and prepare
+        the masked-ready update for the send phase. A doorbell that cannot train does not
+        advertise: the round never waits for its shares."""
         # the subset's remainder goes into training, as top-k's does
-        trained = self._train(announcement, self._residual)
+        trained = self._train(
+            announcement, self._residual, ready=lambda: self.secure.begin(announcement)
+        )
         if trained is None:
             self.secure.end(announcement.round)  # no update: drop out of the round
             return
@@ -774,9 +774,15 @@ class EdgeNode:
         )
 
     def _train(
-        self, announcement: RoundAnnouncement, residual: Weights | None
+        self,
+        announcement: RoundAnnouncement,
+        residual: Weights | None,
+        ready: Callable[[], None] | None = None,
     ) -> tuple[GlobalModel, TrainedDelta] | None:
-        """The client step's training from the round's base model; None to skip the round."""
+        """The client step's training from the round's base model; None to skip the round.
+
+        `ready`: called once the base model and the training data are here, just before
+        training (a secure round advertises its keys then)."""
         number = announcement.round
         if time.time() > announcement.deadline:
             log.info("round %d: deadline already passed; skipping", number)
@@ -788,6 +794,8 @@ class EdgeNode:
         if found is None:
             return None
         data, strangers = found
+        if ready is not None:
+            ready()
         plan = announcement.train
         params = TrainParams(
             epochs=plan.epochs,
