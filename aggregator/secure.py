@@ -65,6 +65,8 @@ class SecurePhases:
     """Payload bytes of every accepted secagg message (adverts, shares, masked, unmask)."""
     bytes_down: int = 0
     """Payload bytes of the inboxes routed to the doorbells (each to its own)."""
+    unmasked: bool = False
+    """The round's sum was unmasked (the aggregator has seen it, published or not)."""
 
     @classmethod
     def start(
@@ -75,9 +77,8 @@ class SecurePhases:
         selected: Sequence[str],
         device_keys: Mapping[str, Ed25519PublicKey] | None,
     ) -> SecurePhases:
-        server = SecAggServer(
-            plan.params(round_id, lineage), dict(device_keys or {}) or None, tuple(selected)
-        )
+        keys = None if device_keys is None else dict(device_keys)
+        server = SecAggServer(plan.params(round_id, lineage), keys, tuple(selected))
         return cls(plan=plan, server=server, selected=tuple(selected))
 
     @property

@@ -142,7 +142,11 @@ class SecureRounds:
         if current.announcement.secagg is None or not self.privacy.noised:
             return {"epsilon": None, "epsilon_total": None}
         selected, houses = len(current.selected), self._houses()
-        unmasked = isinstance(current.accumulator, SecureSum) and current.accumulator.count > 0
+        unmasked = (
+            current.secure.unmasked
+            if current.secure is not None
+            else isinstance(current.accumulator, SecureSum) and current.accumulator.count > 0
+        )
         return {
             "epsilon": self.privacy.epsilon(1, selected, houses) if unmasked else 0.0,
             "epsilon_total": self.privacy.epsilon(self.privacy.rounds, selected, houses),
@@ -207,6 +211,7 @@ class SecureRounds:
     def _unmask(self, current: Round, secure: SecurePhases, plan: SecAggPlan) -> None:
         """The server step of a secure round: the unmasked sum, as the round's mean delta."""
         total, survivors = secure.server.result()
+        secure.unmasked = True
         if self.privacy.noised:
             self.privacy.rounds += 1  # the aggregator has seen this noised sum
         subset = masking.shared_subset(plan.dimension, plan.density, current.id, self.model.lineage)
