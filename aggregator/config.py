@@ -145,8 +145,10 @@ class RoundSettings(StrictModel):
         default=DEFAULT_DENSITY,
         gt=0,
         le=1,
-        title="topk density",
-        description="With codec topk: share of each tensor's entries a node sends.",
+        title="Update density",
+        description="With codec topk: share of each tensor's entries a node sends (its "
+        "largest); with secure_aggregation: share of the head's entries every node sends, "
+        "the round's shared random subset (masks only cancel on common coordinates).",
     )
 
     strategy: Strategy = Field(
