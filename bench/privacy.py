@@ -32,8 +32,10 @@ import argparse
 import hashlib
 import json
 import math
+import multiprocessing
 import time
 from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
@@ -41,6 +43,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from aggregator.config import RoundSettings
 from bench import openset
 from bench.federated import Secure
 from bench.openset_features import Conditions, FeatureCache, backbone_model, photos_of, start_head
@@ -103,6 +106,12 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--rounds-at-1000", type=int, default=10)
     parser.add_argument("--population", type=int, default=2000, help="houses in the federation")
     parser.add_argument("--clip-norm", type=float, default=DEFAULT_CLIP_NORM)
+    parser.add_argument(
+        "--secure-density",
+        type=float,
+        default=RoundSettings().density,
+        help="share of the head each doorbell masks and sends (the round's shared subset)",
+    )
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--cache", type=Path, default=ROOT / "reports" / "cache")
     parser.add_argument("--report", type=Path, default=ROOT / "reports" / "privacy.json")
@@ -226,7 +235,7 @@ def attack_rows(
         )
         print(f"  {view} {detail}: {rows[-1].by_attack}", flush=True)
     cohort = max(args.attack_houses_per_round)
-    secure = Secure(clip_norm=args.clip_norm)
+    secure = Secure(clip_norm=args.clip_norm, density=args.secure_density)
     rows.append(
         run_row(
             "aggregator_view",
@@ -261,7 +270,7 @@ def attack_rows(
                     f"{per_round} houses, secure (subset, clip"
                     f" {args.clip_norm}, noise multiplier {z:.2f})",
                     privacy.epsilon,
-                    summed(bank, per_round, Secure(args.clip_norm, z)),
+                    summed(bank, per_round, Secure(args.clip_norm, z, density=args.secure_density)),
                     trials=args.round_trials,
                     shadow_trials=max(2, args.round_trials // 2),
                     **common,
@@ -310,30 +319,59 @@ def published_rows(
     return rows
 
 
+_WORKER: dict[str, openset.Bench] = {}
+
+
+def _init_worker(bench: openset.Bench) -> None:
+    _WORKER["bench"] = bench
+
+
+def _run_task(task: tuple[str, Privacy, float, float, int, bool]) -> UtilityResult:
+    setting, privacy, clip_norm, density, seed, keep = task
+    return run_setting(
+        setting,
+        _WORKER["bench"],
+        privacy,
+        clip_norm=clip_norm,
+        density=density,
+        params=TrainParams(),
+        seed=seed,
+        keep_heads=keep,
+    )
+
+
 def utility_runs(args: argparse.Namespace, data: dict[str, Any]) -> list[UtilityResult]:
-    runs = []
+    """Every (houses per round, setting) run, `--jobs` processes at a time (the federation
+    is handed to each worker once), the longest first; heads kept at 100 per round."""
+    tasks = []
     for per_round in args.houses_per_round:
-        keep = per_round == 100
         for target in [None, *args.epsilons]:
             privacy = privacy_of(args, math.inf if target is None else target, per_round)
             setting = "plain" if target is None else "secagg" if math.isinf(target) else "secagg+dp"
-            result = run_setting(
-                setting,
-                data["bench"],
-                privacy,
-                clip_norm=args.clip_norm,
-                params=TrainParams(),
-                seed=args.seed,
-                keep_heads=keep,
+            tasks.append(
+                (setting, privacy, args.clip_norm, args.secure_density, args.seed, per_round == 100)
             )
-            print(
-                f"  utility {setting} eps {target} {per_round}/round: open-set "
-                f"{result.open_set_accuracy:.3f} TAR {result.tar_at_far_1pct:.3f} "
-                f"z {result.noise_multiplier:.2f} ({result.seconds:.0f} s)",
-                flush=True,
-            )
-            runs.append(result)
-    return runs
+    tasks.sort(key=lambda t: -t[1].houses_per_round * t[1].rounds)
+    if args.jobs <= 1:
+        _init_worker(data["bench"])
+        runs = [_run_task(t) for t in tasks]
+    else:
+        with ProcessPoolExecutor(
+            args.jobs,
+            mp_context=multiprocessing.get_context("spawn"),
+            initializer=_init_worker,
+            initargs=(data["bench"],),
+        ) as workers:
+            runs = list(workers.map(_run_task, tasks))
+    for result in runs:
+        print(
+            f"  utility {result.setting} {result.privacy.houses_per_round}/round, target "
+            f"epsilon {result.privacy.target_epsilon}: open-set {result.open_set_accuracy:.3f} "
+            f"TAR {result.tar_at_far_1pct:.3f} z {result.noise_multiplier:.2f} "
+            f"({result.seconds:.0f} s)",
+            flush=True,
+        )
+    return sorted(runs, key=lambda r: (r.privacy.houses_per_round, r.setting))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -361,6 +399,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         extra={
             "attacks": list(ATTACKS),
             "clip_norm": args.clip_norm,
+            "secure_density": args.secure_density,
             "secure_round_doorbells": max(args.attack_houses_per_round),
             "default_epsilon": args.default_epsilon,
             "population": args.population,

@@ -90,6 +90,7 @@ def run_setting(
     privacy: Privacy,
     *,
     clip_norm: float,
+    density: float,
     params: TrainParams,
     seed: int,
     keep_heads: bool,
@@ -100,7 +101,7 @@ def run_setting(
     z = 0.0
     if setting != "plain":
         z = privacy.noise_multiplier
-        secure = federated.Secure(clip_norm=clip_norm, noise_multiplier=z)
+        secure = federated.Secure(clip_norm=clip_norm, noise_multiplier=z, density=density)
     arm = federated.Arm(setting, secure=secure)
     heads: list[Weights] = []
     houses: list[list[int]] = []

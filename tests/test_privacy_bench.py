@@ -105,6 +105,7 @@ def test_privacy_json_has_the_issue_schema(context: privacy_rows.Context, tmp_pa
         bench,
         privacy,
         clip_norm=0.5,
+        density=0.05,
         params=TrainParams(epochs=2),
         seed=0,
         keep_heads=True,
