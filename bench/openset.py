@@ -708,6 +708,11 @@ def _parser() -> argparse.ArgumentParser:
         help="galleries enrolled from clean photos (as the README enrols) or camera frames",
     )
     parser.add_argument(
+        "--enrol-mirrored",
+        action="store_true",
+        help="each enrolment photo also enrols its mirror image (measured: see README)",
+    )
+    parser.add_argument(
         "--visit-frames",
         type=int,
         default=RecognitionConfig().visit_frames or RecognitionConfig().confirm_frames,
@@ -917,6 +922,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     data["bar"] = bar_verdict({a["name"]: a for a in data["arms"]})
     openset_visits.add_visit_figures(data, scored, args.seeds, args.visit_frames, args.enrol)
+    data["enrolment_mirrored"] = args.enrol_mirrored
     openset_visits.print_visit_table(data)
     print_table(
         data,

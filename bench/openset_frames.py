@@ -114,11 +114,11 @@ def frame_chip(
 
 
 def _extract(
-    job: tuple[list[tuple[str, str, int]], VisitConditions, int],
+    job: tuple[list[tuple[str, str, int]], VisitConditions, int, bool],
 ) -> tuple[npt.NDArray[np.float32], list[int], list[float]]:
     import cv2
 
-    items, conditions, seed = job
+    items, conditions, seed, mirrored = job
     out = np.full((len(items), _WORKER["backbone"].size), np.nan, np.float32)
     flags, qualities = [], []
     images: dict[str, Any] = {}
@@ -128,6 +128,8 @@ def _extract(
         image = images[path]
         if image is None:
             raise ValueError(f"{path}: not an image OpenCV can read")
+        if mirrored:
+            image = np.ascontiguousarray(image[:, ::-1])
         degraded = frame_image(image, key, seed, frame, conditions)
         chip, flag, quality = frame_chip(degraded, conditions, _WORKER["detector"])
         if chip is not None:
@@ -149,9 +151,16 @@ class FrameCache:
 
     @classmethod
     def open(
-        cls, folder: Path, conditions: VisitConditions, seed: int, backbone_sha: str
+        cls,
+        folder: Path,
+        conditions: VisitConditions,
+        seed: int,
+        backbone_sha: str,
+        *,
+        mirrored: bool = False,
     ) -> FrameCache:
         tag = "clean" if conditions == "clean" else f"{conditions}-s{seed}"
+        tag += "-mirrored" if mirrored else ""
         cache = cls(folder / f"openset-frames-{tag}-{backbone_sha[:16]}.npz")
         if cache.path.exists():
             with np.load(cache.path) as data:
@@ -196,8 +205,10 @@ def extract_frames(
     detector: str,
     jobs: int,
     chunk: int = 100,
+    mirrored: bool = False,
 ) -> None:
-    """Fill `cache` with the first `frames` frames of each (photo, frames) it lacks."""
+    """Fill `cache` with the first `frames` frames of each (photo, frames) it lacks
+    (`mirrored`: of the photo flipped left to right, for mirrored enrolment chips)."""
     missing = [
         (str(photo.path), photo.key, index)
         for photo, count in wanted
@@ -208,7 +219,9 @@ def extract_frames(
         return
     started = time.perf_counter()
     print(f"  computing {len(missing)} frames ({conditions}, seed {seed})", flush=True)
-    batches = [(missing[i : i + chunk], conditions, seed) for i in range(0, len(missing), chunk)]
+    batches = [
+        (missing[i : i + chunk], conditions, seed, mirrored) for i in range(0, len(missing), chunk)
+    ]
     done = 0
     with ProcessPoolExecutor(
         jobs,
@@ -216,7 +229,7 @@ def extract_frames(
         initializer=_init_worker,
         initargs=(backbone, detector),
     ) as pool:
-        for (items, _, _), (rows, flags, qualities) in zip(
+        for (items, *_), (rows, flags, qualities) in zip(
             batches, pool.map(_extract, batches), strict=True
         ):
             for (_, key, index), row, flag, quality in zip(

@@ -147,10 +147,19 @@ def build_visit_bench(
     keep: int,
     enrolment: Enrolment,
     width: int,
+    mirrored: FrameCache | None = None,
 ) -> VisitBench:
     """Test houses as visits. Each member enrols from up to ENROL_PER_PERSON of their first
     photos (one always left to probe); the rest are probe visits. A member needs an
-    enrolment face and a probe visit with a face."""
+    enrolment face and a probe visit with a face. With `mirrored`, each enrolment photo
+    also gives its mirrored chip (the photo flipped before detection)."""
+
+    def enrolled(photos: Sequence[Photo]) -> list[npt.NDArray[np.float32]]:
+        faces = [f for p in photos for f, _ in enrol_cache.frames(p.key, 1)]
+        if mirrored is not None:
+            faces += [f for p in photos for f, _ in mirrored.frames(p.key, 1)]
+        return faces
+
     houses = []
     for people in split.test_houses:
         enrol: list[npt.NDArray[np.float32]] = []
@@ -164,7 +173,7 @@ def build_visit_bench(
             if len(photos) < 2:
                 continue
             cut = min(ENROL_PER_PERSON, len(photos) - 1)
-            faces = [f for p in photos[:cut] for f, _ in enrol_cache.frames(p.key, 1)]
+            faces = enrolled(photos[:cut])
             probes = [p.key for p in photos[cut:] if doorbell.frames(p.key, frames)]
             if not faces or not probes:
                 continue
@@ -194,7 +203,7 @@ def build_visit_bench(
         if len(photos) < 2:
             continue
         cut = min(ENROL_PER_PERSON, len(photos) - 1)
-        faces = [f for p in photos[:cut] for f, _ in enrol_cache.frames(p.key, 1)]
+        faces = enrolled(photos[:cut])
         if faces:
             residents.append(np.asarray(faces, np.float32))
     return VisitBench(tuple(houses), calibration, tuple(residents), frames, keep, enrolment)
@@ -279,12 +288,15 @@ def prepare_visits(
         doorbell = FrameCache.open(args.cache, conditions, seed, sha)
         wanted = wanted_frames(split, everyone, strangers, frames)
         extract_frames(wanted, doorbell, conditions=conditions, **film)
-        enrol_cache = doorbell
+        enrol_cache, mirrored = doorbell, None
+        enrolment = enrolment_photos(split, everyone)
         if args.enrol == "clean":
             enrol_cache = FrameCache.open(args.cache, "clean", seed, sha)
-            extract_frames(
-                enrolment_photos(split, everyone), enrol_cache, conditions="clean", **film
-            )
+            extract_frames(enrolment, enrol_cache, conditions="clean", **film)
+        if args.enrol_mirrored:
+            source: VisitConditions = "clean" if args.enrol == "clean" else conditions
+            mirrored = FrameCache.open(args.cache, source, seed, sha, mirrored=True)
+            extract_frames(enrolment, mirrored, conditions=source, mirrored=True, **film)
         photos = [photo for photo, _ in wanted]
         first = {p.key: doorbell.frames(p.key, 1) for p in photos}
         per_person = {
@@ -305,6 +317,7 @@ def prepare_visits(
             keep=args.keep,
             enrolment=args.enrol,
             width=width,
+            mirrored=mirrored,
         )
         flags = np.asarray([doorbell.flags[frame_key(p.key, 0)] for p in photos])
         visits = visit_benches[seed]

@@ -96,7 +96,9 @@ class StreamSplitter:
                 )
             return FramePair(frame, timestamp)
         size = small_size(width, height, self.width)
-        small = cv2.resize(frame, size, interpolation=cv2.INTER_AREA)
+        # Bilinear, not area averaging: 1.2 against 40 ms for 1536x864 -> 640x360 on this
+        # machine, and the detector resizes to its own 128/192 px input anyway.
+        small = cv2.resize(frame, size, interpolation=cv2.INTER_LINEAR)
         return FramePair(np.asarray(small, np.uint8), timestamp, frame, timestamp)
 
 
