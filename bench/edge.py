@@ -76,6 +76,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from aggregator.config import RoundSettings
 from bench.scale import seed_backbone_cache, signing_keys
 from broker.local import LocalBroker
+from edge.recognition_config import CameraConfig
 from fedbell.faces.features import read_photo
 from fedbell.faces.synthetic import make_scene
 from fedbell.wire.envelope import decode
@@ -330,9 +331,17 @@ def gray(path: Path) -> np.ndarray:
     return np.asarray(photo if photo.ndim == 2 else cv2.cvtColor(photo, cv2.COLOR_BGR2GRAY))
 
 
-def write_video(folder: Path, visits: Sequence[Path], seed: int = 0) -> tuple[Path, Path]:
-    """Two equally long frame sets: an empty porch, and the visits (faces, then gaps)."""
+def write_video(
+    folder: Path, visits: Sequence[Path], seed: int = 0, size: tuple[int, int] | None = None
+) -> tuple[Path, Path]:
+    """Two equally long frame sets: an empty porch, and the visits (faces, then gaps).
+
+    `size`: frames at that resolution (the full-resolution stream of a two-stream
+    doorbell), faces scaled with it; default 640x480."""
     rng = np.random.default_rng(seed)
+    frame_size = size or (640, 480)
+    zoom = frame_size[0] / 640
+    face_side = (round(140 * zoom), round(220 * zoom))
     empty, visiting = folder / "empty", folder / "visits"
     empty.mkdir(parents=True)
     visiting.mkdir(parents=True)
@@ -341,9 +350,10 @@ def write_video(folder: Path, visits: Sequence[Path], seed: int = 0) -> tuple[Pa
         face = gray(photo)
         for k in range(FACE_FRAMES + GAP_FRAMES):
             name = f"{index:05d}.jpg"
-            scene = make_scene([face] if k < FACE_FRAMES else [], rng).frame
+            faces = [face] if k < FACE_FRAMES else []
+            scene = make_scene(faces, rng, frame_size, face_side).frame
             cv2.imwrite(str(visiting / name), scene, [cv2.IMWRITE_JPEG_QUALITY, 90])
-            cv2.imwrite(str(empty / name), make_scene([], rng).frame)
+            cv2.imwrite(str(empty / name), make_scene([], rng, frame_size).frame)
             index += 1
     return empty, visiting
 
@@ -400,6 +410,8 @@ class Settings:
     fps: float
     downlink: str
     codec: str
+    full: tuple[int, int] | None = None
+    """The camera's full-resolution stream (None: one stream, as before issue 20)."""
 
 
 def write_configs(layout: Layout, settings: Settings) -> tuple[Path, Path]:
@@ -451,6 +463,8 @@ def write_configs(layout: Layout, settings: Settings) -> tuple[Path, Path]:
                     "folder": layout.inside(settings.frames),
                     "fps": settings.fps,
                     "loop": True,
+                    "full_width": None if settings.full is None else settings.full[0],
+                    "full_height": None if settings.full is None else settings.full[1],
                 },
                 "home_assistant": {"enabled": False},
                 # Emulated (pi-check), a face frame takes ~5 s (BlazeFace and the backbone
@@ -654,6 +668,14 @@ def inspect(bench: Bench) -> None:
     }
 
 
+def full_size(args: argparse.Namespace) -> tuple[int, int] | None:
+    """The camera's full-resolution stream in this run (None: one stream)."""
+    if args.one_stream:
+        return None
+    width, height = args.full_size
+    return int(width), int(height)
+
+
 def run(args: argparse.Namespace, layout: Layout) -> dict[str, Any]:
     work = layout.work
     started_all = time.monotonic()
@@ -663,7 +685,7 @@ def run(args: argparse.Namespace, layout: Layout) -> dict[str, Any]:
         f"gallery: {enrolled} photos of {len(people.enroll)} people from {args.dataset.name}; "
         f"porch video: {len(people.visits)} visits ({len(people.enroll)} residents, a stranger)"
     )
-    empty, visiting = write_video(work / "video", people.visits)
+    empty, visiting = write_video(work / "video", people.visits, size=full_size(args))
     frames = work / "camera"
     frames.mkdir()
     show(empty, frames)
@@ -672,7 +694,9 @@ def run(args: argparse.Namespace, layout: Layout) -> dict[str, Any]:
     processes: list[subprocess.Popen[bytes]] = []
     bench: Bench | None = None
     try:
-        settings = Settings(broker.port, frames, args.fps, args.downlink_codec, args.codec)
+        settings = Settings(
+            broker.port, frames, args.fps, args.downlink_codec, args.codec, full_size(args)
+        )
         aggregator_yaml, doorbell_yaml = write_configs(layout, settings)
         seconds, output = enroll(layout, doorbell_yaml, people)
         print(f"enrolled with `edge enroll --from-folder` in {seconds:.1f} s")
@@ -761,6 +785,7 @@ def summary(bench: Bench, enrolled: int, seconds: float) -> dict[str, Any]:
             "codec": bench.args.codec,
             "downlink_codec": bench.args.downlink_codec,
             "camera_fps": bench.args.fps,
+            "camera_full_size": full_size(bench.args),
             "flavour": "int8",
             "doorbell_env": bench.layout.env,
             "chroot": None if bench.layout.chroot is None else str(bench.layout.chroot),
@@ -819,6 +844,13 @@ def print_result(result: dict[str, Any]) -> None:
         print(f"  {'PASS' if ok else 'FAIL'}  {what}")
 
 
+def _size(text: str) -> tuple[int, int]:
+    width, _, height = text.lower().partition("x")
+    if not (width.isdigit() and height.isdigit()):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected WIDTHxHEIGHT, e.g. 1536x864")
+    return int(width), int(height)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m bench.edge", description=__doc__.split("\n\n")[0]
@@ -849,6 +881,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--round-timeout", type=float, default=600.0)
     parser.add_argument("--out", type=Path, default=REPO / "reports" / "edge.json")
     parser.add_argument("--keep", action="store_true", help="keep the work folder (logs)")
+    camera = CameraConfig()
+    parser.add_argument(
+        "--full-size",
+        type=_size,
+        default=camera.full_size(),
+        help="WxH of the two-stream camera's full-resolution frames the porch video is "
+        "written at (default: the default camera.full_width x full_height)",
+    )
+    parser.add_argument(
+        "--one-stream",
+        action="store_true",
+        help="640x480 frames and no full-resolution stream (the doorbell before issue 20)",
+    )
     parser.add_argument(
         "--no-unit-env",
         action="store_true",

@@ -1,7 +1,18 @@
 """Open-set recognition on never-seen people, under doorbell conditions (issue 11).
 
-    python -m bench.openset [--conditions doorbell|clean] [--rounds 60] [--seeds 0 1]
+    python -m bench.openset [--conditions near|far|clean] [--enrol clean|doorbell]
+                            [--visit-frames 5] [--rounds 60] [--seeds 0 1]
                             [--houses-per-round 20] [--test-dataset DIR]
+
+The headline is per visit, as the doorbell decides (issue 20, `bench.openset_visits`):
+each probe and each stranger is a visit of `--visit-frames` frames of one scene
+(`bench.openset_frames`), decided from its best `--keep` chips by the doorbell's
+own `edge.chips.visit_embedding`, with the threshold calibrated on stranger visits,
+against galleries enrolled from clean photos (`--enrol doorbell`: from camera
+frames). `near` (the default, what the default two-stream doorbell captures):
+faces cut from the full-resolution stream at ring distance; `far` (formerly
+`doorbell`): faces from a 640x480 frame. The per-frame figures below (frame 0
+of each visit, galleries enrolled from frames) are the second row.
 
 Households are built from real photographs. `lfw_dev`'s people are split into
 two disjoint sets: training houses (3-6 people each, a few hundred houses; a
@@ -94,6 +105,7 @@ from bench.openset_features import (
     start_head,
     time_doorbell,
 )
+from edge.recognition_config import RecognitionConfig
 from edge.trainer import round_seed, train_delta
 from fedbell.faces.calibration import calibrate_threshold
 from fedbell.faces.embedding import HEAD_NAMES, Features, TrainParams, embed, train_head
@@ -411,6 +423,8 @@ class ArmOutcome:
     threshold: float
     seconds: float
     rounds: list[RoundRecord] = field(default_factory=list)
+    heads: tuple[Weights, ...] = ()
+    """The head(s) scored: one for every house, or one per test house (local_only)."""
 
 
 def _specs(head: Weights) -> tuple[TensorSpec, ...]:
@@ -424,7 +438,8 @@ def run_start(bench: Bench, settings: ArmSettings) -> ArmOutcome:
     started = time.perf_counter()
     threshold = shipped_threshold(bench, bench.start, settings.target_far, settings.gallery_size)
     result = evaluate(bench, [bench.start], threshold)
-    return ArmOutcome("start", result, threshold, time.perf_counter() - started)
+    seconds = time.perf_counter() - started
+    return ArmOutcome("start", result, threshold, seconds, heads=(bench.start,))
 
 
 def run_federated(
@@ -477,7 +492,8 @@ def run_federated(
     received = as_received(HEAD_NAMES, outcome.weights, arm.downlink_codec)
     result = evaluate(bench, [received], threshold)
     records = [record(row) for row in outcome.rounds]
-    return ArmOutcome("federated", result, threshold, time.perf_counter() - started, records)
+    seconds = time.perf_counter() - started
+    return ArmOutcome("federated", result, threshold, seconds, records, heads=(received,))
 
 
 def run_central(bench: Bench, settings: ArmSettings, seed: int) -> ArmOutcome:
@@ -495,7 +511,7 @@ def run_central(bench: Bench, settings: ArmSettings, seed: int) -> ArmOutcome:
     ).head
     threshold = shipped_threshold(bench, head, settings.target_far, settings.gallery_size)
     result = evaluate(bench, [head], threshold)
-    return ArmOutcome("central", result, threshold, time.perf_counter() - started)
+    return ArmOutcome("central", result, threshold, time.perf_counter() - started, heads=(head,))
 
 
 def run_local_only(bench: Bench, settings: ArmSettings, seed: int) -> ArmOutcome:
@@ -517,7 +533,8 @@ def run_local_only(bench: Bench, settings: ArmSettings, seed: int) -> ArmOutcome
     # No aggregator: the house keeps the threshold shipped with the start model.
     threshold = shipped_threshold(bench, bench.start, settings.target_far, settings.gallery_size)
     result = score_trials(house_trials(bench.test, trained), threshold)
-    return ArmOutcome("local_only", result, threshold, time.perf_counter() - started)
+    seconds = time.perf_counter() - started
+    return ArmOutcome("local_only", result, threshold, seconds, heads=tuple(trained))
 
 
 def run_arm(name: str, bench: Bench, settings: ArmSettings, seed: int) -> ArmOutcome:
@@ -676,7 +693,37 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--dataset", type=Path, default=DATASETS / "lfw_dev")
     parser.add_argument("--strangers", type=Path, default=DATASETS / "lfw_strangers")
     parser.add_argument("--test-dataset", type=Path, default=None)
-    parser.add_argument("--conditions", choices=("doorbell", "clean"), default="doorbell")
+    parser.add_argument(
+        "--conditions",
+        choices=("near", "far", "clean", "doorbell"),
+        default="near",
+        help="near: faces cut from the full-resolution stream at ring distance (the default "
+        "doorbell's two streams); far: faces from a 640x480 frame (doorbell is its old name); "
+        "clean: the photos themselves",
+    )
+    parser.add_argument(
+        "--enrol",
+        choices=("clean", "doorbell"),
+        default="clean",
+        help="galleries enrolled from clean photos (as the README enrols) or camera frames",
+    )
+    parser.add_argument(
+        "--enrol-mirrored",
+        action="store_true",
+        help="each enrolment photo also enrols its mirror image (measured: see README)",
+    )
+    parser.add_argument(
+        "--visit-frames",
+        type=int,
+        default=RecognitionConfig().visit_frames or RecognitionConfig().confirm_frames,
+        help="frames filmed per visit (default: what the default doorbell decides after)",
+    )
+    parser.add_argument(
+        "--keep",
+        type=int,
+        default=RecognitionConfig().confirm_frames,
+        help="best chips a visit is decided from (the doorbell's confirm_frames)",
+    )
     parser.add_argument("--rounds", type=int, default=ArmSettings.rounds)
     parser.add_argument("--houses-per-round", type=int, default=ArmSettings.houses_per_round)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
@@ -817,7 +864,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     started = time.perf_counter()
     backbone = backbone_model(args.cache)
     head = start_head()
-    prepared = prepare(args, backbone, head)
+    # Visits are scored beside frames (issue 20); the module needs this one's names.
+    from bench import openset_visits
+
+    prepared, visit_benches = openset_visits.prepare_visits(args, backbone, head)
     for seed, figures in prepared.detection.items():
         print(f"seed {seed}: {figures}", flush=True)
     settings = ArmSettings(
@@ -827,6 +877,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         server_optimizer=args.server_optimizer,
     )
     outcomes = run_arms(prepared.benches, settings, args.jobs)
+    scored = openset_visits.score_visits(
+        visit_benches, outcomes, head, settings.target_far, settings.gallery_size
+    )
     timing_person = next(
         (ps for _, ps in sorted(prepared.everyone.items()) if len(ps) >= ENROL_PER_PERSON), []
     )
@@ -834,7 +887,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         timing_person[:ENROL_PER_PERSON],
         backbone,
         head,
-        conditions=args.conditions,
+        conditions="clean" if args.conditions == "clean" else "doorbell",
         seed=args.seeds[0],
         detector=args.detector,
     )
@@ -868,9 +921,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         },
     )
     data["bar"] = bar_verdict({a["name"]: a for a in data["arms"]})
+    openset_visits.add_visit_figures(data, scored, args.seeds, args.visit_frames, args.enrol)
+    data["enrolment_mirrored"] = args.enrol_mirrored
+    openset_visits.print_visit_table(data)
     print_table(
         data,
-        f"Open-set recognition of never-seen people ({test_name}), {args.conditions} "
+        f"Per frame (the second row): never-seen people ({test_name}), {args.conditions} "
         f"conditions, {args.rounds} rounds × {args.houses_per_round} houses, seeds {args.seeds}",
     )
     args.report.parent.mkdir(parents=True, exist_ok=True)

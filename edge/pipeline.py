@@ -6,11 +6,19 @@ failing model is logged and counted, never the end of the loop.
 
 Visitors are decided per visit, not per frame: each face joins a `Track` (the
 nearest face of the previous frames), the track averages the embeddings of
-its frames, and once it has `confirm_frames` frames it sends one visitor
+its frames, and once it has `visit_frames` frames (default `confirm_frames`) it sends one visitor
 event, named from the mean against the prototypes enrolled *at that moment*
 (so a person enrolled mid-visit is named). One noisy frame no longer decides
-who is at the door. A visit that ends up "unknown" lends its features to the
-stranger store: the negatives the next round trains against.
+who is at the door. The mean is over the visit's best `confirm_frames` chips
+(`edge.chips`: largest, sharpest, most frontal), not its first frames.
+
+With two camera streams, faces are detected and tracked on the small frame
+and each chip is cut from the full-resolution frame of the same instant
+(`process_pair`); a pair whose timestamps differ is never cut from: its chips
+come from the small frame, and `mismatched_pairs` counts it.
+
+A visit that ends up "unknown" lends its features to the stranger store: the
+negatives the next round trains against.
 """
 
 from __future__ import annotations
@@ -26,12 +34,13 @@ from typing import Protocol
 import numpy as np
 import numpy.typing as npt
 
-from edge.camera import FrameSource, ReconnectingSource
+from edge.camera import FramePair, FrameSource, ReconnectingSource, read_pair
+from edge.chips import chip_quality, scale_face, visit_embedding
 from edge.recognition_config import RecognitionConfig
 from edge.recognizer import UNKNOWN, ModelKey, Recognizer
-from fedbell.faces.detection import Detector
+from fedbell.faces.detection import Detector, Face
 from fedbell.faces.embedding import Features
-from fedbell.faces.features import face_chip
+from fedbell.faces.features import Chip, face_chip
 
 Box = tuple[int, int, int, int]
 
@@ -84,6 +93,8 @@ class Sighting:
     """The backbone's features of the chip (for the stranger store)."""
     model: ModelKey | None = None
     """The model that gave `embedding`."""
+    quality: float = 0.0
+    """`edge.chips.chip_quality` of the chip: which frames a visit decides from."""
 
 
 @dataclass
@@ -96,7 +107,10 @@ class Track:
     model: ModelKey | None = None
     frames: int = 0
     """Frames of evidence under `model` (a model swap starts the count again)."""
-    total: npt.NDArray[np.float64] | None = None
+    keep: int = 5
+    """Chips the decision averages: the visit's best ones."""
+    evidence: list[tuple[float, Vector]] = field(default_factory=list)
+    """(quality, embedding) of the visit's best `keep` chips so far, in frame order."""
     best: Sighting | None = None
     best_frame: Frame | None = None
     announced: bool = False
@@ -105,24 +119,29 @@ class Track:
         self.box, self.last_seen, self.last_frame = sighting.box, now, index
         if sighting.model != self.model:  # hot swap: the old model's evidence is void
             self.model = sighting.model
-            self.frames, self.total, self.best, self.best_frame = 0, None, None, None
+            self.frames, self.evidence, self.best, self.best_frame = 0, [], None, None
         if sighting.embedding is not None:
-            embedding = sighting.embedding.astype(np.float64)
-            self.total = embedding if self.total is None else self.total + embedding
+            self.evidence.append((sighting.quality, sighting.embedding))
+            if len(self.evidence) > self.keep:  # the worst chip goes (the later one on a tie)
+                worst = min(range(len(self.evidence)), key=lambda i: (self.evidence[i][0], -i))
+                del self.evidence[worst]
         self.frames += 1
         if self.best is None or _rank(sighting) > _rank(self.best):
             self.best, self.best_frame = sighting, frame
 
     def decide(self, recognizer: Recognizer) -> tuple[str, float]:
-        """Who this visit is so far: the mean embedding against today's prototypes."""
-        if self.total is None:
+        """Who this visit is so far: its best chips' mean embedding against today's
+        prototypes (`edge.chips.visit_embedding`, as the benchmark decides)."""
+        if not self.evidence:
             return UNKNOWN, 0.0
-        return recognizer.identify(np.asarray(self.total, np.float32), self.model)
+        qualities = [quality for quality, _ in self.evidence]
+        mean = visit_embedding([e for _, e in self.evidence], qualities, self.keep)
+        return recognizer.identify(mean, self.model)
 
 
-def _rank(sighting: Sighting) -> tuple[float, int]:
-    """The best frame of a track: the most confident, then the largest face."""
-    return sighting.confidence, sighting.box[2] * sighting.box[3]
+def _rank(sighting: Sighting) -> tuple[float, float, int]:
+    """The best frame of a track: the best chip, then the most confident, then the largest."""
+    return sighting.quality, sighting.confidence, sighting.box[2] * sighting.box[3]
 
 
 def _distance(a: Box, b: Box) -> float:
@@ -138,8 +157,9 @@ class Tracker:
     not seen for `max_gap_s` has ended.
     """
 
-    def __init__(self, max_gap_s: float) -> None:
+    def __init__(self, max_gap_s: float, keep: int = 5) -> None:
         self.max_gap_s = max_gap_s
+        self.keep = keep
         self.tracks: list[Track] = []
         self.frames = 0
 
@@ -168,7 +188,7 @@ class Tracker:
         for index, sighting in enumerate(sightings):
             track = matched.get(index)
             if track is None:
-                track = Track(sighting.box, now, self.frames)
+                track = Track(sighting.box, now, self.frames, keep=self.keep)
                 self.tracks.append(track)
             track.add(sighting, frame, now, self.frames)
             result.append(track)
@@ -185,6 +205,8 @@ class PipelineCounters:
     visitor_events: int = 0
     rings: int = 0
     errors: int = 0
+    mismatched_pairs: int = 0
+    """Frame pairs whose two streams were not captured together (chips cut from the small one)."""
     fps: float = 0.0
 
 
@@ -220,15 +242,21 @@ class Pipeline:
         self.counters = PipelineCounters()
         self._clock = clock
         self._seen = _Seen()
-        self._tracker = Tracker(self.config.absent_after_s)
+        self._tracker = Tracker(self.config.absent_after_s, keep=self.config.confirm_frames)
         self._lock = threading.Lock()  # ring() comes from MQTT/GPIO threads
         self._frame_times: deque[float] = deque(maxlen=30)
 
     def process(self, frame: Frame) -> list[Sighting]:
         """Detect, recognise and emit events for one frame; never raises."""
+        return self.process_pair(FramePair(frame, self._clock()))
+
+    def process_pair(self, pair: FramePair) -> list[Sighting]:
+        """`process` for a frame pair: detection on the small frame, chips from the full
+        one when both were captured together."""
+        frame = pair.small
         now = self._clock()
         try:
-            sightings = self._recognise(frame)
+            sightings = self._recognise(pair)
         except Exception as err:  # a bad frame must not stop the doorbell
             self.counters.errors += 1
             log.warning("frame %d skipped: %s", self.counters.frames, err)
@@ -251,9 +279,25 @@ class Pipeline:
             self.ring("face")
         return sightings
 
-    def _recognise(self, frame: Frame) -> list[Sighting]:
-        faces = self.detector.detect(frame)
-        chips = [face_chip(frame, face) for face in faces]
+    def _chips(self, pair: FramePair, faces: Sequence[Face]) -> tuple[list[Chip], list[float]]:
+        """Each face's chip and its quality, cut from the full frame when the pair matches."""
+        source, scale = pair.small, (1.0, 1.0)
+        if pair.full is not None:
+            if pair.matched:
+                source, scale = pair.full, pair.scale()
+            else:  # another instant: the face may have moved; cut from what was detected
+                self.counters.mismatched_pairs += 1
+        chips, qualities = [], []
+        for face in faces:
+            placed = face if source is pair.small else scale_face(face, *scale)
+            chip = face_chip(source, placed)
+            chips.append(chip)
+            qualities.append(chip_quality(placed, chip))
+        return chips, qualities
+
+    def _recognise(self, pair: FramePair) -> list[Sighting]:
+        faces = self.detector.detect(pair.small)
+        chips, qualities = self._chips(pair, faces)
         model = self.recognizer.model  # one snapshot for the whole frame
         embeddings: npt.NDArray[np.float32] | None = None
         features: Features | None = None
@@ -267,12 +311,22 @@ class Pipeline:
                 features = embeddings = None
         sightings = []
         for i, (face, chip) in enumerate(zip(faces, chips, strict=True)):
+            quality = qualities[i]
             if embeddings is None or features is None:
-                sightings.append(Sighting(face.box, UNKNOWN, 0.0, chip))
+                sightings.append(Sighting(face.box, UNKNOWN, 0.0, chip, quality=quality))
                 continue
             person, confidence = self.recognizer.identify(embeddings[i], model.key)
             sightings.append(
-                Sighting(face.box, person, confidence, chip, embeddings[i], features[i], model.key)
+                Sighting(
+                    face.box,
+                    person,
+                    confidence,
+                    chip,
+                    embeddings[i],
+                    features[i],
+                    model.key,
+                    quality,
+                )
             )
         return sightings
 
@@ -289,9 +343,10 @@ class Pipeline:
             self.events.present(False)
 
     def _visitors(self, tracks: list[Track], now: float) -> None:
-        """One event per visit once it has confirm_frames frames; per person once per debounce_s."""
+        """One event per visit once it has visit_frames frames; per person once per debounce_s."""
+        needed = self.config.visit_frames or self.config.confirm_frames
         for track in tracks:
-            if track.announced or track.frames < self.config.confirm_frames:
+            if track.announced or track.frames < needed:
                 continue
             track.announced = True
             self.counters.visits += 1
@@ -354,9 +409,9 @@ class Pipeline:
     def run(self, source: FrameSource, stop: threading.Event) -> None:
         """Process frames until `stop` is set or a replay ends."""
         while not stop.is_set():
-            frame = source.read()
-            if frame is not None:
-                self.process(frame)
+            pair = read_pair(source)
+            if pair is not None:
+                self.process_pair(pair)
                 continue
             if isinstance(source, ReconnectingSource):
                 if source.status.state == "ended":

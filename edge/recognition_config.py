@@ -62,7 +62,32 @@ class CameraConfig(_Section):
         default=640, ge=16, le=4096, title="Width", description="Frame width in pixels"
     )
     height: int = Field(
-        default=480, ge=16, le=4096, title="Height", description="Frame height in pixels"
+        default=480,
+        ge=16,
+        le=4096,
+        title="Height",
+        description="Frame height in pixels; with two streams the small stream keeps the "
+        "large one's aspect ratio, so its height follows `width` instead",
+    )
+    full_width: int | None = Field(
+        default=1536,
+        ge=16,
+        le=8192,
+        title="Full-resolution width",
+        description="Two streams: faces are detected and tracked on the small stream "
+        "(`width`) and each aligned chip is cut from this full-resolution stream of the "
+        "same instant (Picamera2's main stream beside its lores one; for OpenCV cameras "
+        "the resolution requested, detection running on a scaled-down copy). 1536x864 "
+        "suits a Pi 4 with a Camera Module 3; on a Pi Zero 2 W use 1280x720 (less "
+        "memory per buffer); unset (null), or not wider than `width`, for one stream. "
+        "A camera that cannot give it falls back to one stream with a warning",
+    )
+    full_height: int | None = Field(
+        default=864,
+        ge=16,
+        le=8192,
+        title="Full-resolution height",
+        description="Height of the full-resolution stream (set with `full_width`)",
     )
     loop: bool = Field(
         default=False,
@@ -91,6 +116,12 @@ class CameraConfig(_Section):
             )
         return self
 
+    def full_size(self) -> tuple[int, int] | None:
+        """(width, height) of the full-resolution stream; None for one stream."""
+        if self.full_width is None or self.full_height is None or self.full_width <= self.width:
+            return None
+        return self.full_width, self.full_height
+
     def opencv_device(self) -> int | str:
         """`device`, or the URL in `device_file` (read now; its text is never logged)."""
         if self.device_file is None:
@@ -109,6 +140,8 @@ class CameraConfig(_Section):
     def _source_is_complete(self) -> CameraConfig:
         if self.kind == "folder" and self.folder is None:
             raise ValueError("camera.kind is 'folder' but camera.folder is not set")
+        if (self.full_width is None) != (self.full_height is None):
+            raise ValueError("camera.full_width and camera.full_height: set both or neither")
         if self.reconnect_max_s < self.reconnect_initial_s:
             raise ValueError("camera.reconnect_max_s must be >= camera.reconnect_initial_s")
         return self
@@ -206,6 +239,15 @@ class RecognitionConfig(_Section):
         "frames: one visitor event, named from the mean of its embeddings over them "
         "(5 frames is a third of a second at 15 fps; more frames, steadier names)",
     )
+    visit_frames: int | None = Field(
+        default=None,
+        ge=1,
+        title="Frames watched per visit",
+        description="A visit is decided once it has this many frames, from its best "
+        "`confirm_frames` chips among them (largest, sharpest, most frontal): e.g. 10 at "
+        "15 fps picks the best 5 of two thirds of a second. Unset: `confirm_frames` (decided "
+        "as soon as it can be; a ring later in the visit still takes its best chips so far)",
+    )
     ring_on_face_frames: int = Field(
         default=0,
         ge=0,
@@ -247,6 +289,15 @@ class RecognitionConfig(_Section):
         title="Event crop lifetime",
         description="Event face chips older than this can no longer be labelled",
     )
+
+    @model_validator(mode="after")
+    def _visit_covers_its_chips(self) -> RecognitionConfig:
+        if self.visit_frames is not None and self.visit_frames < self.confirm_frames:
+            raise ValueError(
+                f"recognition.visit_frames ({self.visit_frames}) must be at least "
+                f"recognition.confirm_frames ({self.confirm_frames})"
+            )
+        return self
 
 
 class HomeAssistantConfig(_Section):

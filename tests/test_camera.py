@@ -13,10 +13,12 @@ from edge.camera import (
     CameraError,
     FolderSource,
     Frame,
+    FramePair,
     OpenCVSource,
     Picamera2Source,
     ReconnectingSource,
     open_source,
+    small_size,
 )
 from edge.recognition_config import CameraConfig
 from fedbell.faces.synthetic import make_identities, write_visitor_video
@@ -156,3 +158,146 @@ def test_picamera2_source_with_a_fake_camera() -> None:
     assert frame is not None
     assert frame.shape == (480, 640, 3)
     source.close()
+
+
+# --- two streams (issue 20) -------------------------------------------------------------------
+
+
+def test_a_pair_is_matched_only_when_both_streams_are_one_instant() -> None:
+    small, full = np.zeros((360, 640, 3), np.uint8), np.zeros((864, 1536, 3), np.uint8)
+    assert FramePair(small, 1.0, full, 1.0).matched
+    assert FramePair(small, 1.0, full, 1.0).scale() == (2.4, 2.4)
+    assert not FramePair(small, 1.0, full, 1.04).matched
+    assert not FramePair(small, 1.0).matched  # one stream: nothing to cut from
+    assert small_size(1536, 864, 640) == (640, 360)
+    assert small_size(2304, 1296, 640) == (640, 360)
+
+
+def test_folder_of_large_images_gives_two_streams(tmp_path: Path) -> None:
+    folder = tmp_path / "f"
+    folder.mkdir()
+    cv2.imwrite(str(folder / "0.png"), np.full((720, 1280, 3), 90, np.uint8))
+    config = CameraConfig(kind="folder", folder=folder, full_width=1280, full_height=720)
+    source = open_source(config)
+    pair = source.read_pair()
+    assert pair is not None
+    assert pair.full is not None
+    assert pair.small.shape == (360, 640, 3)  # detection on a copy 640 wide
+    assert pair.full.shape == (720, 1280, 3)  # chips from the image itself
+    assert pair.matched
+    source.close()
+
+
+def test_a_camera_without_the_large_stream_falls_back_to_one_with_one_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    write_frames(tmp_path / "f", 3)  # 64x48 images: smaller than the small stream
+    video = tmp_path / "v.avi"
+    write_visitor_video(  # 640x480 frames: the video holds no larger stream
+        video, make_identities(1, 0), np.random.default_rng(0), frames_per_visitor=3, gap_frames=1
+    )
+    for config in (
+        CameraConfig(kind="folder", folder=tmp_path / "f"),
+        CameraConfig(kind="opencv", device=str(video)),
+    ):
+        caplog.clear()
+        source = open_source(config)
+        pairs = [source.read_pair() for _ in range(3)]
+        assert all(p is not None and p.full is None for p in pairs)
+        warnings = [r for r in caplog.records if "one stream" in r.getMessage()]
+        assert len(warnings) == 1
+        source.close()
+
+
+class FakePicamera2:
+    """Picamera2's interface as the source uses it; refuses a main stream wider than
+    `max_width` as libcamera refuses a size the sensor mode cannot give."""
+
+    max_width = 4096
+
+    def __init__(self) -> None:
+        self.config: dict[str, Any] = {}
+        self.stamp = 10**9
+
+    def create_video_configuration(self, **kwargs: Any) -> dict[str, Any]:
+        return kwargs
+
+    def configure(self, config: dict[str, Any]) -> None:
+        if config["main"]["size"][0] > self.max_width:
+            raise RuntimeError("invalid configuration: main stream too large")
+        self.config = config
+
+    def start(self) -> None:
+        pass
+
+    def capture_array(self, stream: str) -> np.ndarray:
+        width, height = self.config[stream]["size"]
+        return np.zeros((height, width, 4), np.uint8)
+
+    def capture_request(self) -> FakeRequest:
+        self.stamp += 66_000_000
+        return FakeRequest(self.config, self.stamp)
+
+    def stop(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class FakeRequest:
+    def __init__(self, config: dict[str, Any], stamp: int) -> None:
+        self.config, self.stamp, self.released = config, stamp, False
+
+    def make_array(self, stream: str) -> np.ndarray:
+        width, height = self.config[stream]["size"]
+        if stream == "lores":  # YUV420: a full-size Y plane, then quarter-size U and V
+            return np.full((height * 3 // 2, width), 128, np.uint8)
+        return np.full((height, width, 4), 200, np.uint8)
+
+    def get_metadata(self) -> dict[str, Any]:
+        return {"SensorTimestamp": self.stamp}
+
+    def release(self) -> None:
+        self.released = True
+
+
+def test_picamera2_two_streams_come_from_one_request() -> None:
+    source = Picamera2Source(640, 480, 15, camera_factory=FakePicamera2, full=(1536, 864))
+    assert source.two_streams
+    pair = source.read_pair()
+    assert pair is not None
+    assert pair.full is not None
+    assert pair.small.shape == (360, 640, 3)  # the lores stream, YUV420 made BGR
+    assert pair.full.shape == (864, 1536, 3)
+    assert pair.matched
+    assert pair.small_time == pytest.approx(1.066)
+    frame = source.read()  # the one-frame interface gives the small stream
+    assert frame is not None
+    assert frame.shape == (360, 640, 3)
+    source.close()
+
+
+def test_picamera2_refusing_the_large_stream_falls_back_to_one(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    class SmallSensor(FakePicamera2):
+        max_width = 1000
+
+    source = Picamera2Source(640, 480, 15, camera_factory=SmallSensor, full=(1536, 864))
+    assert not source.two_streams
+    pair = source.read_pair()
+    assert pair is not None
+    assert pair.full is None
+    assert pair.small.shape == (480, 640, 3)
+    warnings = [r for r in caplog.records if "one stream" in r.getMessage()]
+    assert len(warnings) == 1
+    source.close()
+
+
+def test_two_stream_sizes_are_checked() -> None:
+    with pytest.raises(ValueError, match="set both or neither"):
+        CameraConfig(full_width=1536, full_height=None)
+    assert CameraConfig().full_size() == (1536, 864)
+    assert CameraConfig(full_width=None, full_height=None).full_size() is None
+    assert CameraConfig(width=1920, height=1080).full_size() is None  # not larger: one stream

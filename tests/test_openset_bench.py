@@ -9,9 +9,17 @@ import numpy as np
 import pytest
 
 from bench import openset
-from bench.openset_features import condition_rng
+from bench.openset_features import Photo, condition_rng
+from bench.openset_frames import FrameCache, frame_image, frame_key
+from bench.openset_visits import (
+    add_visit_figures,
+    build_visit_bench,
+    score_visits,
+    visit_embeddings,
+)
+from edge.chips import visit_embedding
 from fedbell.faces.conditions import doorbell_conditions, draw_setting
-from fedbell.faces.embedding import TrainParams
+from fedbell.faces.embedding import TrainParams, embed
 
 
 def _people(count: int) -> list[str]:
@@ -147,3 +155,108 @@ def test_tiny_synthetic_run_writes_the_schema(tmp_path: Path) -> None:
     assert isinstance(loaded["embed_ms"], float)
     verdict = openset.bar_verdict({a["name"]: a for a in loaded["arms"]})
     assert len(verdict) == 5
+
+
+# --- visits (issue 20) ------------------------------------------------------------------------
+
+
+def test_visit_frames_share_the_scene_and_redraw_the_distance() -> None:
+    rng = np.random.default_rng(0)
+    photo = rng.integers(0, 256, (250, 250, 3), dtype=np.uint8)
+    key = "lfw_dev/p/p_0001.jpg"
+    nights = {}
+    for seed in range(6):
+        far = [frame_image(photo, key, seed, i, "far") for i in range(4)]
+        # Frame 0 of a far visit is the frame-level bench's frame, bit for bit.
+        assert np.array_equal(far[0], doorbell_conditions(photo, condition_rng(key, seed)))
+        assert len({f.shape for f in far} | {f.tobytes() for f in far}) > 2  # frames differ
+        grey = [bool(np.array_equal(f[..., 0], f[..., 2])) for f in far]
+        assert len(set(grey)) == 1  # night vision is the scene's, shared by its frames
+        nights[seed] = grey[0]
+        near = [frame_image(photo, key, seed, i, "near") for i in range(1, 4)]
+        assert min(f.shape[1] for f in near) > max(f.shape[1] for f in far)  # more pixels
+        assert np.array_equal(frame_image(photo, key, seed, 3, "near"), near[2])  # seeded
+    assert len(set(nights.values())) == 2
+    assert frame_image(photo, key, 0, 2, "clean") is photo
+
+
+def _frame_cache(
+    tmp_path: Path, everyone: dict[str, list[Photo]], stranger_keys: list[str], frames: int
+) -> FrameCache:
+    """Features of every photo's frames: a person's centre plus noise that shrinks with
+    the chip's quality (a good chip says more)."""
+    rng = np.random.default_rng(2)
+    cache = FrameCache(tmp_path / "frames.npz")
+    centres = {person: rng.normal(size=DIM) for person in everyone}
+    keys = [(p.key, centres[person]) for person, ps in everyone.items() for p in ps]
+    keys += [(k, rng.normal(size=DIM)) for k in stranger_keys]
+    for key, centre in keys:
+        for index in range(frames):
+            quality = float(rng.uniform(0.1, 1.0))
+            name = frame_key(key, index)
+            noise = rng.normal(size=DIM) * (1.2 - quality)
+            cache.features[name] = (centre + noise).astype(np.float32)
+            cache.flags[name] = 0 if index == 1 and key.endswith("3.jpg") else 2
+            cache.quality[name] = quality
+    return cache
+
+
+DIM = 16
+
+
+def test_tiny_synthetic_visit_run_scores_what_the_doorbell_decides(tmp_path: Path) -> None:
+    rng = np.random.default_rng(4)
+    people = _people(90)
+    everyone = {
+        person: [
+            Photo(Path(f"{person}/{j}.jpg"), f"{person}/{j}.jpg")
+            for j in range(int(rng.integers(2, 7)))
+        ]
+        for person in people
+    }
+    strangers = [f"lfw_strangers/s{i}/s{i}.jpg" for i in range(160)]
+    split = openset.split_people(
+        people, strangers, seed=0, calibration=80, negatives=80, residents=10
+    )
+    frames, keep = 4, 2
+    cache = _frame_cache(tmp_path, everyone, strangers, frames)
+
+    def frame0(key: str) -> np.ndarray:
+        return cache.frames(key, 1)[0][0]
+
+    per_person = {person: [frame0(p.key) for p in everyone[person]] for person in people}
+    stranger_features = {k: frame0(k) for k in strangers}
+    start = [np.eye(DIM, dtype=np.float32)]
+    bench = openset.build_bench(split, per_person, stranger_features, start, seed=0)
+    visits = build_visit_bench(
+        split, everyone, cache, cache, frames=frames, keep=keep, enrolment="doorbell", width=DIM
+    )
+    assert len(visits.houses) == len(bench.test)
+    assert visits.calibration.count == 80
+    # A visit is decided by edge.chips.visit_embedding, the doorbell's own function.
+    probes = visits.houses[0].probes
+    decided = visit_embeddings(probes, start, keep)
+    rows = probes.visit == 0
+    expected = visit_embedding(
+        embed(probes.frames[rows], start), probes.quality[rows].tolist(), keep
+    )
+    assert np.allclose(decided[0], expected)
+    settings = openset.ArmSettings(
+        rounds=2, houses_per_round=4, central_epochs=2, params=TrainParams(epochs=2)
+    )
+    outcomes = openset.run_arms({0: bench}, settings, jobs=1)
+    assert all(len(o.heads) >= 1 for o in outcomes[0].values())
+    scored = score_visits({0: visits}, outcomes, start, 0.01, 5)
+    data = openset.report(
+        test_dataset="synthetic", conditions="far", seeds=[0], outcomes=outcomes, extra={}
+    )
+    add_visit_figures(data, scored, [0], frames, "doorbell")
+    loaded = json.loads(json.dumps(data))
+    assert loaded["visit_frames"] == frames
+    assert loaded["enrolment"] == "doorbell"
+    for arm in loaded["arms"]:
+        for key in ("visit_open_set_accuracy", "visit_tar_at_far_1pct", "visit_unknown_rejected"):
+            assert 0.0 <= arm[key] <= 1.0
+    start_arm = next(a for a in loaded["arms"] if a["name"] == "start")
+    # Visits of several frames, their best chips averaged, beat single frames here.
+    assert start_arm["visit_rank1"] >= start_arm["rank1"] - 0.05

@@ -9,18 +9,22 @@ recording sink.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import cast
 
+import cv2
 import numpy as np
 import numpy.typing as npt
 import pytest
 
 from aggregator.backbone import BackboneModels
+from edge.camera import FramePair
+from edge.chips import best_indices, chip_quality, scale_face, visit_embedding
 from edge.gallery import Gallery
 from edge.pipeline import Pipeline, Sighting, Track, Tracker
 from edge.recognition_config import RecognitionConfig
 from edge.recognizer import UNKNOWN, ModelKey, Recognizer
+from fedbell.faces.detection import Face
 from fedbell.faces.embedding import normalize
 from fedbell.faces.images import Box
 from fedbell.faces.openset import identify
@@ -122,7 +126,7 @@ def test_track_averages_embeddings_and_restarts_on_a_new_model() -> None:
     assert person == "a"
     assert 0.6 < similarity < 0.95
     assert track.best is not None
-    assert track.best.confidence == pytest.approx(0.95)  # the most confident frame
+    assert track.best.confidence == pytest.approx(0.95)  # equal chips: the most confident
 
     track.add(sighting(box, [0.0, 1.0], key=KEY_2), NO_FRAME, 2.0, 3)  # hot swap
     assert track.frames == 1
@@ -252,10 +256,9 @@ def test_a_visit_is_named_from_its_mean_not_from_its_first_frame(
     seen = play(pipeline, clock, [frame for frame, _ in candidates] + [NO_FRAME] * 3)
 
     assert seen[0][0].person == UNKNOWN  # what a per-frame doorbell would have said
-    # Named once, from the mean; the box is the most confident frame's.
-    assert [(e.person, e.box) for e in sink.visitors] == [
-        (f"person{person}", candidates[-1][1].box)
-    ]
+    # Named once, from the mean; the box is the best chip's (edge.chips.chip_quality).
+    best = max(candidates, key=lambda fs: (fs[1].quality, fs[1].confidence))[1]
+    assert [(e.person, e.box) for e in sink.visitors] == [(f"person{person}", best.box)]
     assert sink.visitors[0].confidence == pytest.approx(mean_similarity, abs=1e-5)
     assert pipeline.counters.visits == pipeline.counters.visitor_events == 1
     assert sink.present_states == [True, False]
@@ -345,3 +348,77 @@ def test_frames_are_held_only_for_snapshots(
         else:
             assert held == [None]
             assert sink.frames == [None, None, None]
+
+
+# --- the best chips of a visit, and chips cut from the full-resolution stream (issue 20) ----
+
+
+def test_chip_quality_prefers_large_sharp_frontal_faces() -> None:
+    rng = np.random.default_rng(3)
+    noise = rng.integers(0, 255, (38, 38, 3), dtype=np.uint8)
+    texture = np.asarray(cv2.resize(noise, (150, 150), interpolation=cv2.INTER_CUBIC), np.uint8)
+    blurred = np.asarray(cv2.GaussianBlur(texture, (0, 0), 3.0), np.uint8)
+    frontal = Face((100, 100, 100, 100), 0.9, (125.0, 130.0), (175.0, 130.0))
+    small = scale_face(frontal, 0.4, 0.4)
+    turned = Face((100, 100, 100, 100), 0.9, (160.0, 130.0), (195.0, 130.0))
+    assert small.box == (40, 40, 40, 40)
+    assert small.right_eye == pytest.approx((50.0, 52.0))
+    best = chip_quality(frontal, texture)
+    assert 0 < chip_quality(small, texture) < best  # fewer pixels
+    assert 0 < chip_quality(frontal, blurred) < best  # less detail
+    assert 0 < chip_quality(turned, texture) < best  # the eyes off to one side
+    assert chip_quality(Face((0, 0, 100, 100), 0.9), texture) == pytest.approx(best, rel=1e-6)
+
+
+def test_a_visit_is_decided_from_its_best_chips() -> None:
+    weak, strong = towards_a(0.5), towards_a(0.95)
+    embeddings = np.array([weak, weak, strong, strong], np.float32)
+    qualities = [0.1, 0.2, 0.9, 0.8]
+    assert best_indices(qualities, 2) == [2, 3]
+    mean = visit_embedding(embeddings, qualities, 2)
+    assert float(mean[0]) == pytest.approx(0.95, abs=1e-5)  # only the two good chips count
+    with pytest.raises(ValueError, match="one quality per embedding"):
+        visit_embedding(embeddings, qualities[:3], 2)
+
+    box = (100, 100, 80, 80)
+    track = Track(box, 0.0, 0, keep=2)
+    visit = [(weak, 0.1), (strong, 0.9), (weak, 0.2), (strong, 0.8)]
+    for frame, (row, quality) in enumerate(visit):
+        track.add(replace(sighting(box, row), quality=quality), NO_FRAME, float(frame), frame)
+    assert track.frames == 4
+    assert sorted(q for q, _ in track.evidence) == [0.8, 0.9]  # the best two, not the first two
+    person, similarity = track.decide(HOUSE)
+    assert person == "a"
+    assert similarity == pytest.approx(0.95, abs=1e-5)
+    assert track.best is not None
+    assert track.best.quality == 0.9
+
+
+class OneFace:
+    max_faces = 1
+
+    def detect(self, frame: Frame) -> list[Face]:
+        return [Face((100, 100, 50, 50), 0.9)]
+
+
+class NoModel:
+    """A recognizer before any model arrived: sightings stay unknown, chips are kept."""
+
+    class model:  # noqa: N801 - the attribute the pipeline reads
+        ready = False
+
+
+def test_chips_come_from_the_full_frame_only_when_the_pair_matches() -> None:
+    small = np.zeros((360, 640, 3), np.uint8)
+    full = np.full((864, 1536, 3), 200, np.uint8)
+    pipeline = Pipeline(OneFace(), cast("Recognizer", NoModel()), Sink())
+    matched = pipeline.process_pair(FramePair(small, 5.0, full, 5.0))
+    assert float(matched[0].crop.mean()) == pytest.approx(200, abs=1)  # cut from the full frame
+    assert matched[0].quality > 0
+    late = pipeline.process_pair(FramePair(small, 5.0, full, 5.1))
+    assert float(late[0].crop.mean()) == pytest.approx(0, abs=1)  # never from another instant
+    assert pipeline.counters.mismatched_pairs == 1
+    one = pipeline.process(small)
+    assert float(one[0].crop.mean()) == pytest.approx(0, abs=1)
+    assert pipeline.counters.mismatched_pairs == 1
+    assert pipeline.counters.errors == 0

@@ -1,0 +1,247 @@
+"""Visits as a doorbell captures them: several frames of one scene per photo, as features.
+
+A probe at the door is a visit, not a photo: the visitor walks up while the
+camera films. Each photo becomes `frames` frames of one scene: night vision,
+the light (vignette, exposure, gamma) and the stream's JPEG quality are drawn
+once per photo (the scene); the distance (face size), blur and sensor noise
+are drawn again for every frame. Frame 0 under `far` is exactly the frame
+`fedbell.faces.conditions.doorbell_conditions` makes (today's frame-level bench).
+
+Conditions:
+
+- `far`: the face as a 640×480 frame has it, 32-65 px wide; detected and cut
+  from that frame (one stream);
+- `near`: a visitor at ring distance filmed by the two-stream doorbell: the
+  face is 80-160 px wide on the full-resolution stream (capped at the photo's
+  own ~110 px: no pixels are invented), found by the detector on a copy
+  scaled down as the small stream is (`DETECTION_SCALE`), mapped back by
+  `edge.chips.scale_face` and cut from the full-resolution frame, as the
+  pipeline does;
+- `clean`: the photo itself (one frame: a clean visit has nothing to add).
+
+Each frame's chip is scored by `edge.chips.chip_quality` (the doorbell's own
+choice of its best chips). Features, flags and qualities are cached in
+`reports/cache/openset-frames-<conditions>-s<seed>-<backbone>.npz` under
+`<photo key>#<frame>`, computed by `jobs` processes of one thread each.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import time
+import zlib
+from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import numpy.typing as npt
+
+from bench.openset_features import Photo, condition_rng
+from edge.recognition_config import CameraConfig
+
+VisitConditions = Literal["far", "near", "clean"]
+FAR_FACE_PX = (32.0, 65.0)
+NEAR_FACE_PX = (80.0, 160.0)
+_DEFAULT_CAMERA = CameraConfig()
+DETECTION_SCALE = _DEFAULT_CAMERA.width / float(_DEFAULT_CAMERA.full_width or _DEFAULT_CAMERA.width)
+"""The small stream's width over the full stream's, in the default doorbell configuration."""
+
+
+def frame_key(key: str, frame: int) -> str:
+    return f"{key}#{frame}"
+
+
+def frame_image(
+    image: npt.NDArray[np.uint8], key: str, seed: int, frame: int, conditions: VisitConditions
+) -> npt.NDArray[np.uint8]:
+    """Frame `frame` of the visit made from `image` (the photo `key`) under one seed."""
+    from fedbell.faces.conditions import apply_setting, draw_setting
+
+    if conditions == "clean":
+        return image
+    scene_rng = condition_rng(key, seed)
+    scene = draw_setting(scene_rng)
+    if conditions == "far" and frame == 0:
+        return apply_setting(image, scene, scene_rng)  # = doorbell_conditions(image, ...)
+    rng = np.random.default_rng([seed, zlib.crc32(key.encode()), frame, 17])
+    low, high = FAR_FACE_PX if conditions == "far" else NEAR_FACE_PX
+    setting = replace(
+        scene,
+        blur_sigma=float(rng.uniform(0.5, 1.6)),
+        face_px=float(rng.uniform(low, high)),
+        read_noise=float(rng.uniform(1.5, 4.5)),
+        shot_noise=float(rng.uniform(0.25, 0.55)),
+    )
+    return apply_setting(image, setting, rng)
+
+
+_WORKER: dict[str, Any] = {}
+
+
+def _init_worker(backbone: bytes, detector: str) -> None:
+    from fedbell.faces.detection import make_detector
+    from fedbell.faces.features import Backbone
+
+    _WORKER["backbone"] = Backbone(backbone, num_threads=1)
+    _WORKER["detector"] = make_detector(detector, max_faces=1)  # type: ignore[arg-type]
+
+
+def frame_chip(
+    image: npt.NDArray[np.uint8], conditions: VisitConditions, detector: Any
+) -> tuple[npt.NDArray[np.uint8] | None, int, float]:
+    """(chip or None, flag 0 none / 1 box / 2 eyes, quality) of one frame's largest face."""
+    import cv2
+
+    from edge.chips import chip_quality, scale_face
+    from fedbell.faces.features import face_chip
+
+    small = image
+    if conditions == "near":
+        height, width = image.shape[:2]
+        size = (max(8, round(width * DETECTION_SCALE)), max(8, round(height * DETECTION_SCALE)))
+        small = np.asarray(cv2.resize(image, size, interpolation=cv2.INTER_AREA), np.uint8)
+    faces = detector.detect(small)
+    if not faces:
+        return None, 0, 0.0
+    face = max(faces, key=lambda f: f.box[2] * f.box[3])
+    if conditions == "near":
+        face = scale_face(face, image.shape[1] / small.shape[1], image.shape[0] / small.shape[0])
+    chip = face_chip(image, face)
+    return chip, 2 if face.right_eye is not None else 1, chip_quality(face, chip)
+
+
+def _extract(
+    job: tuple[list[tuple[str, str, int]], VisitConditions, int, bool],
+) -> tuple[npt.NDArray[np.float32], list[int], list[float]]:
+    import cv2
+
+    items, conditions, seed, mirrored = job
+    out = np.full((len(items), _WORKER["backbone"].size), np.nan, np.float32)
+    flags, qualities = [], []
+    images: dict[str, Any] = {}
+    for i, (path, key, frame) in enumerate(items):
+        if path not in images:
+            images = {path: cv2.imread(path, cv2.IMREAD_COLOR)}
+        image = images[path]
+        if image is None:
+            raise ValueError(f"{path}: not an image OpenCV can read")
+        if mirrored:
+            image = np.ascontiguousarray(image[:, ::-1])
+        degraded = frame_image(image, key, seed, frame, conditions)
+        chip, flag, quality = frame_chip(degraded, conditions, _WORKER["detector"])
+        if chip is not None:
+            out[i] = _WORKER["backbone"].features([chip])[0]
+        flags.append(flag)
+        qualities.append(quality)
+    return out, flags, qualities
+
+
+@dataclass
+class FrameCache:
+    """Features, flags and chip qualities per `<photo key>#<frame>`, for one
+    (conditions, seed, backbone): an npz under reports/cache."""
+
+    path: Path
+    features: dict[str, npt.NDArray[np.float32]] = field(default_factory=dict)
+    flags: dict[str, int] = field(default_factory=dict)
+    quality: dict[str, float] = field(default_factory=dict)
+
+    @classmethod
+    def open(
+        cls,
+        folder: Path,
+        conditions: VisitConditions,
+        seed: int,
+        backbone_sha: str,
+        *,
+        mirrored: bool = False,
+    ) -> FrameCache:
+        tag = "clean" if conditions == "clean" else f"{conditions}-s{seed}"
+        tag += "-mirrored" if mirrored else ""
+        cache = cls(folder / f"openset-frames-{tag}-{backbone_sha[:16]}.npz")
+        if cache.path.exists():
+            with np.load(cache.path) as data:
+                for key, row, flag, quality in zip(
+                    data["keys"], data["features"], data["flags"], data["quality"], strict=True
+                ):
+                    cache.features[str(key)] = row
+                    cache.flags[str(key)] = int(flag)
+                    cache.quality[str(key)] = float(quality)
+        return cache
+
+    def save(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        keys = sorted(self.features)
+        tmp = self.path.with_suffix(".tmp.npz")
+        np.savez(
+            tmp,
+            keys=np.asarray(keys),
+            features=np.asarray([self.features[k] for k in keys], np.float32),
+            flags=np.asarray([self.flags[k] for k in keys], np.int64),
+            quality=np.asarray([self.quality[k] for k in keys], np.float32),
+        )
+        tmp.replace(self.path)
+
+    def frames(self, key: str, count: int) -> list[tuple[npt.NDArray[np.float32], float]]:
+        """(features, quality) of the frames of photo `key` where a face was found."""
+        found = []
+        for index in range(count):
+            name = frame_key(key, index)
+            if self.flags.get(name, 0) > 0:
+                found.append((self.features[name], self.quality[name]))
+        return found
+
+
+def extract_frames(
+    wanted: Sequence[tuple[Photo, int]],
+    cache: FrameCache,
+    backbone: bytes,
+    *,
+    conditions: VisitConditions,
+    seed: int,
+    detector: str,
+    jobs: int,
+    chunk: int = 100,
+    mirrored: bool = False,
+) -> None:
+    """Fill `cache` with the first `frames` frames of each (photo, frames) it lacks
+    (`mirrored`: of the photo flipped left to right, for mirrored enrolment chips)."""
+    missing = [
+        (str(photo.path), photo.key, index)
+        for photo, count in wanted
+        for index in range(1 if conditions == "clean" else count)
+        if frame_key(photo.key, index) not in cache.features
+    ]
+    if not missing:
+        return
+    started = time.perf_counter()
+    print(f"  computing {len(missing)} frames ({conditions}, seed {seed})", flush=True)
+    batches = [
+        (missing[i : i + chunk], conditions, seed, mirrored) for i in range(0, len(missing), chunk)
+    ]
+    done = 0
+    with ProcessPoolExecutor(
+        jobs,
+        mp_context=multiprocessing.get_context("spawn"),
+        initializer=_init_worker,
+        initargs=(backbone, detector),
+    ) as pool:
+        for (items, *_), (rows, flags, qualities) in zip(
+            batches, pool.map(_extract, batches), strict=True
+        ):
+            for (_, key, index), row, flag, quality in zip(
+                items, rows, flags, qualities, strict=True
+            ):
+                name = frame_key(key, index)
+                cache.features[name] = row
+                cache.flags[name] = flag
+                cache.quality[name] = quality
+            done += len(items)
+            if done % 2000 < chunk or done == len(missing):
+                cache.save()
+                rate = done / (time.perf_counter() - started)
+                print(f"    {done}/{len(missing)}  {rate:.1f} frames/s", flush=True)
+    cache.save()
