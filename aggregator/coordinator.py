@@ -135,14 +135,12 @@ class Coordinator:
 
     def retained_messages(self) -> list[tuple[str, bytes]]:
         """What to (re)publish after (re)connecting: the committed public state."""
-        topics = {
-            "global": self.topics.global_model,
-            "tflite": self.topics.tflite_model,
-            "metrics": self.topics.metrics,
-        }
+        topics = {"global": self.topics.global_model, "metrics": self.topics.metrics}
         messages = [
             (topics[name], payload) for name, payload in self.persistence.retained_payloads(topics)
         ]
+        backbone = self.exporter.backbone_messages(self.model.lineage, epoch=0)
+        messages += backbone.publications(self.topics)
         if self.round is not None:
             messages.append((self.topics.round, self._round_payload(self.round.announcement)))
         return messages

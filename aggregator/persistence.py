@@ -64,7 +64,7 @@ class Persistence:
         self.exporter = exporter
         self.store = store
         self.retained: dict[str, str] = {}
-        """Retained payload name ("global", "tflite", "metrics") -> its file."""
+        """Retained payload name ("global", "metrics") -> its file."""
         # The accumulator file of a round, by round id: written by `save_accumulator`,
         # named by the commits while that round is open.
         self._sum: tuple[int, str] | None = None
@@ -93,7 +93,9 @@ class Persistence:
                 record.model.lineage,
             )
             return None
-        self.retained = dict(record.retained)
+        # A state from before chunked backbones saved the one-message backbone: the
+        # coordinator now builds the backbone's messages at each connection instead.
+        self.retained = {name: file for name, file in record.retained.items() if name != "tflite"}
         model = SavedModel(
             record.model.lineage,
             record.model.version,
@@ -160,9 +162,6 @@ class Persistence:
         log.info("starting lineage %s in %s: model version 0", lineage, self.config.state_dir)
         weights = self.exporter.initial_weights()
         release = self.exporter.release(weights, version=0, round_id=0, lineage=lineage)
-        self.retained["tflite"] = self.store.write_blob(
-            "tflite", self.exporter.tflite_payload(lineage, version=0, round_id=0)
-        )
         model = self.save_release(release, make_optimizer(self.config.rounds), lineage)
         self.commit(model, None, last_round=0)
         return model

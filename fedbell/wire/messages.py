@@ -7,7 +7,6 @@ tensor specs and the values before returning anything the caller can use.
 
 from __future__ import annotations
 
-import hashlib
 import re
 import time
 from collections.abc import Mapping, Sequence
@@ -69,8 +68,8 @@ class GlobalModel:
 class TfliteArtifact:
     """The backbone a lineage's heads run on: float and int8 TFLite flatbuffers.
 
-    Published once per lineage (retained), not per round: rounds only change
-    the head, which travels in the global model.
+    Published once per lineage (retained, in chunks: `fedbell.wire.backbone`),
+    not per round: rounds only change the head, which travels in the global model.
     """
 
     version: int
@@ -177,36 +176,6 @@ def build_global(
     return _seal(header, body, signer)
 
 
-def build_tflite(
-    *,
-    site: str,
-    signer: Signer,
-    version: int,
-    round_id: int,
-    float_model: bytes,
-    int8_model: bytes,
-    lineage: str,
-) -> bytes:
-    body = float_model + int8_model
-    header = _header(
-        "tflite",
-        site=site,
-        round_id=round_id,
-        version=version,
-        signer=signer,
-        codec="tflite",
-        body=body,
-        compression="none",
-        meta={
-            "lineage": lineage,
-            "float_sha256": hashlib.sha256(float_model).hexdigest(),
-            "float_size": len(float_model),
-            "int8_size": len(int8_model),
-        },
-    )
-    return _seal(header, body, signer)
-
-
 def _open(
     payload: bytes,
     kind: Kind,
@@ -306,30 +275,4 @@ def parse_global(
         threshold=float(threshold),
         backbone=backbone,
         meta=meta,
-    )
-
-
-def parse_tflite(
-    payload: bytes, *, site: str, max_bytes: int, keys: Mapping[str, Ed25519PublicKey] | None
-) -> TfliteArtifact:
-    header, body = _open(
-        payload, "tflite", site=site, sender=AGGREGATOR, max_bytes=max_bytes, keys=keys
-    )
-    meta = header.meta
-    lineage = check_lineage(meta.get("lineage"))
-    try:
-        float_size = int(meta["float_size"])
-        int8_size = int(meta["int8_size"])
-    except (KeyError, TypeError, ValueError) as err:
-        raise RejectedMessage("bad_header", f"tflite meta: {err!r}") from None
-    if float_size < 0 or int8_size < 0 or float_size + int8_size != len(body):
-        raise RejectedMessage("bad_size", "tflite part sizes do not add up to the body")
-    if float_size == 0:
-        raise RejectedMessage("bad_size", "tflite artifact without its float model")
-    return TfliteArtifact(
-        version=header.model_version,
-        round=header.round,
-        float_model=body[:float_size],
-        int8_model=body[float_size:],
-        lineage=lineage,
     )
