@@ -161,7 +161,9 @@ class Exporter:
         """Open-set accuracy of a head on the evaluation set (None without one)."""
         return self._evaluate(weights)[0] if self.held_out is not None else None
 
-    def release(self, weights: Weights, version: int, round_id: int, lineage: str) -> Release:
+    def release(
+        self, weights: Weights, version: int, round_id: int, lineage: str, epoch: int
+    ) -> Release:
         accuracy, threshold = self._evaluate(weights)
         global_payload = build_global(
             site=self.config.site,
@@ -171,6 +173,7 @@ class Exporter:
             names=self.names,
             weights=weights,
             lineage=lineage,
+            epoch=epoch,
             threshold=threshold,
             backbone=self.backbone_sha256,
             codec=self.config.rounds.downlink_codec,

@@ -20,10 +20,26 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from edge.artifacts import Artifacts
 from fedbell.errors import RejectedMessage
 from fedbell.wire.backbone import BackboneAssembly, parse_manifest
-from fedbell.wire.messages import TfliteArtifact
+from fedbell.wire.messages import GlobalModel, TfliteArtifact
 from fedbell.wire.topics import Topics
 
 log = logging.getLogger(__name__)
+
+
+def refuse_older_lineage(current: GlobalModel, lineage: str, epoch: int) -> None:
+    """RejectedMessage for another lineage whose epoch is not above the running one's.
+
+    Epochs only grow (the aggregator's clock at lineage start, signed in every model
+    message), so this is a replay of an older lineage's signed head or backbone by
+    someone who can publish on the model topics: a new lineage would skip the
+    version and gallery gates.
+    """
+    if lineage != current.lineage and epoch <= current.epoch:
+        raise RejectedMessage(
+            "old_lineage",
+            f"lineage {lineage} (epoch {epoch}) is not newer than lineage "
+            f"{current.lineage} (epoch {current.epoch}) that this doorbell runs",
+        )
 
 
 class BackboneDownload:
@@ -38,6 +54,7 @@ class BackboneDownload:
         keys: Mapping[str, Ed25519PublicKey] | None,
         max_bytes: int,
         install: Callable[[TfliteArtifact], None],
+        current: Callable[[], GlobalModel | None],
     ) -> None:
         self.topics = topics
         self.artifacts = artifacts
@@ -45,12 +62,15 @@ class BackboneDownload:
         self.keys = keys
         self.max_bytes = max_bytes
         self.install = install
+        self.current = current
         self.assembly = BackboneAssembly()
 
     def on_manifest(self, payload: bytes) -> None:
         manifest = parse_manifest(
             payload, site=self.topics.site, max_bytes=self.max_bytes, keys=self.keys
         )
+        if (model := self.current()) is not None:
+            refuse_older_lineage(model, manifest.lineage, manifest.epoch)
         if not self.artifacts.wants(manifest.lineage, manifest.version):
             log.info(
                 "backbone v%d of lineage %s: already installed", manifest.version, manifest.lineage

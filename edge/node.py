@@ -37,7 +37,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from edge import health
 from edge.artifacts import Artifacts, leave_one_out
-from edge.backbone_download import BackboneDownload
+from edge.backbone_download import BackboneDownload, refuse_older_lineage
 from edge.config import EdgeConfig
 from edge.gallery import STRANGER_STORE, Gallery, GalleryFeatures, StrangerStore
 from edge.live import LiveDoorbell, make_detector
@@ -165,6 +165,7 @@ class EdgeNode:
             keys=self.trusted_keys,
             max_bytes=config.mqtt.max_message_bytes,
             install=lambda artifact: self._jobs.put(lambda: self.artifacts.install(artifact)),
+            current=lambda: self._model,
         )
         self.connected = threading.Event()
         self.subscribed = threading.Event()
@@ -484,6 +485,8 @@ class EdgeNode:
         )
         current = self._model
         new_lineage = current is None or model.lineage != current.lineage
+        if new_lineage and current is not None:
+            refuse_older_lineage(current, model.lineage, model.epoch)
         if not new_lineage and current is not None and model.version <= current.version:
             log.info("global model v%d ignored: already at v%d", model.version, current.version)
             return

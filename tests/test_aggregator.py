@@ -59,14 +59,14 @@ REPO = Path(__file__).resolve().parents[1]
 class Watcher:
     """Records every message under the site, retained or not, by topic."""
 
-    def __init__(self, port: int) -> None:
+    def __init__(self, port: int, *topics: str) -> None:
         self._lock = threading.Lock()
         self._seen: list[tuple[str, bytes]] = []
         self.client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
         self.client.on_message = self._record
         self.client.connect("127.0.0.1", port)
         self.client.loop_start()
-        self.client.subscribe(f"{TOPICS.base}/#", qos=1)
+        self.client.subscribe([(topic, 1) for topic in topics or [f"{TOPICS.base}/#"]])
 
     def _record(self, _client: Any, _userdata: Any, message: mqtt.MQTTMessage) -> None:
         with self._lock:

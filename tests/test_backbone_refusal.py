@@ -61,6 +61,7 @@ def artifact(
     key: Ed25519PrivateKey | None,
     version: int = 0,
     lineage: str = LINEAGE,
+    epoch: int = 0,
 ) -> BackboneMessages:
     return build_backbone(
         site=SITE,
@@ -70,7 +71,7 @@ def artifact(
         float_model=float_model,
         int8_model=int8_model,
         lineage=lineage,
-        epoch=0,
+        epoch=epoch,
     )
 
 
@@ -257,10 +258,10 @@ def test_a_new_lineage_whose_backbone_is_refused_keeps_the_old_model_recognising
         with running(config) as node:
             wait_until(lambda: node.gallery_accuracy is not None, 120)
             aggregator.publish_backbone(
-                TOPICS, artifact(blazeface_tflite(), key=key, lineage="lineage-2")
+                TOPICS, artifact(blazeface_tflite(), key=key, lineage="lineage-2", epoch=1)
             )
             wait_until(lambda: node.counters["bad_artifact"] == 1, 60)
-            new_head = global_payload(BASE, 0, key, backbone=other, lineage="lineage-2")
+            new_head = global_payload(BASE, 0, key, backbone=other, lineage="lineage-2", epoch=1)
             aggregator.publish(TOPICS.global_model, new_head, retain=True)
             aggregator.publish(
                 TOPICS.round,

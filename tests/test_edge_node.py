@@ -96,6 +96,7 @@ def global_payload(
     *,
     backbone: str = "0" * 64,
     lineage: str = LINEAGE,
+    epoch: int = 0,
     threshold: float = 0.0,
 ) -> bytes:
     names, weights = base
@@ -107,13 +108,18 @@ def global_payload(
         names=names,
         weights=weights,
         lineage=lineage,
+        epoch=epoch,
         threshold=threshold,
         backbone=backbone,
     )
 
 
 def tflite_payload(
-    models: BackboneModels, lineage: str = LINEAGE, version: int = 0, float_only: bool = False
+    models: BackboneModels,
+    lineage: str = LINEAGE,
+    version: int = 0,
+    float_only: bool = False,
+    epoch: int = 0,
 ) -> BackboneMessages:
     return build_backbone(
         site=SITE,
@@ -123,7 +129,7 @@ def tflite_payload(
         float_model=models.float_model,
         int8_model=b"" if float_only else models.int8_model,
         lineage=lineage,
-        epoch=0,
+        epoch=epoch,
     )
 
 
@@ -538,13 +544,16 @@ def test_a_new_lineage_is_accepted_at_version_0_and_its_rounds_start_afresh(
     base: Base,
     backbone_models: BackboneModels,
 ) -> None:
-    """An aggregator reset or upgrade: version 0 of another lineage replaces version 5."""
+    """An aggregator reset or upgrade: version 0 of another lineage replaces version 5.
+
+    Issue 18 item 7: only a lineage of a higher epoch does; the older lineage's signed
+    head or backbone replayed on the model topics afterwards is refused."""
     aggregator = Probe(broker.port, TOPICS.all_updates)
     config = make_config(tmp_path, broker.port, gallery)
-    old = partial(global_payload, base, backbone=backbone_models.sha256, lineage="old")
-    new = partial(global_payload, base, backbone=backbone_models.sha256, lineage="new")
+    old = partial(global_payload, base, backbone=backbone_models.sha256, lineage="old", epoch=1)
+    new = partial(global_payload, base, backbone=backbone_models.sha256, lineage="new", epoch=2)
     try:
-        aggregator.publish_backbone(TOPICS, tflite_payload(backbone_models, "old"))
+        aggregator.publish_backbone(TOPICS, tflite_payload(backbone_models, "old", epoch=1))
         aggregator.publish(TOPICS.global_model, old(5), retain=True)
         aggregator.publish(
             TOPICS.round, round_payload(7, base_version=5, lineage="old"), retain=True
@@ -553,22 +562,23 @@ def test_a_new_lineage_is_accepted_at_version_0_and_its_rounds_start_afresh(
             check_update(received(aggregator, TOPICS.update(DEVICE)), base, 7, base_version=5)
             wait_until(lambda: node.last_round == 7)
             aggregator.publish(TOPICS.global_model, old(4))  # older, same lineage: ignored
-            aggregator.publish_backbone(TOPICS, tflite_payload(backbone_models, "new"))
+            aggregator.publish_backbone(TOPICS, tflite_payload(backbone_models, "new", epoch=2))
             aggregator.publish(TOPICS.global_model, new(0), retain=True)
             wait_until(lambda: node.model_version == 0)
             assert node.last_round == 0  # the old lineage's round counter is gone
             assert NodeState(config.state_dir).load_last_round() == 0
-            aggregator.publish(TOPICS.global_model, old(6))  # the old lineage again: accepted
-            wait_until(lambda: node.model_version == 6)
-            aggregator.publish(TOPICS.global_model, new(0))
-            wait_until(lambda: node.model_version == 0)
+            aggregator.publish(TOPICS.global_model, old(6))  # the old lineage replayed: refused
+            aggregator.publish_backbone(TOPICS, tflite_payload(backbone_models, "old", epoch=1))
+            wait_until(lambda: node.counters["old_lineage"] == 2)
+            assert node.model_version == 0
+            assert node.artifacts._installed == ("new", 0)
             aggregator.publish(TOPICS.round, round_payload(1, base_version=0, lineage="new"))
             check_update(received(aggregator, TOPICS.update(DEVICE)), base, 1, base_version=0)
             wait_until(lambda: node.last_round == 1)
             stored = NodeState(config.state_dir).load_global()
             assert stored is not None
             assert (stored.lineage, stored.version) == ("new", 0)
-            assert not node.counters
+            assert node.counters == {"old_lineage": 2}
     finally:
         aggregator.close()
 

@@ -31,7 +31,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from fedbell.errors import RejectedMessage
 from fedbell.wire import envelope, signing
 from fedbell.wire.envelope import Header
-from fedbell.wire.messages import AGGREGATOR, Signer, TfliteArtifact, check_lineage
+from fedbell.wire.messages import AGGREGATOR, Signer, TfliteArtifact, check_epoch, check_lineage
 from fedbell.wire.topics import Topics
 
 CHUNK_BYTES = 512 * 1024
@@ -160,7 +160,7 @@ def parse_manifest(
         version=header.model_version,
         round=header.round,
         lineage=check_lineage(meta.get("lineage")),
-        epoch=_count(meta, "epoch", 0, 2**53),
+        epoch=check_epoch(meta.get("epoch")),
         float_size=float_size,
         int8_size=int8_size,
         chunk_bytes=chunk_bytes,

@@ -48,6 +48,26 @@ def check_lineage(value: object) -> str:
     return value
 
 
+def check_epoch(value: object) -> int:
+    """A lineage's epoch: an integer that only grows from one lineage to the next."""
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= 2**53:
+        raise RejectedMessage("bad_header", f"lineage epoch {value!r} is not an integer >= 0")
+    return value
+
+
+def resign(payload: bytes, signer: Signer, max_bytes: int) -> bytes:
+    """The same envelope signed by `signer` (unchanged without a key).
+
+    The aggregator republishes its retained head at every start: after a key
+    rotation it must carry the new key's signature, or re-imaged doorbells
+    (which trust only the new key) refuse it.
+    """
+    if signer.key is None:
+        return payload
+    header, body = envelope.decode(payload, max_bytes)
+    return envelope.encode(signing.sign(header, signer.key), body)
+
+
 @dataclass(frozen=True)
 class GlobalModel:
     """The federated head of one model version; it carries no names and no faces."""
@@ -62,6 +82,11 @@ class GlobalModel:
     backbone: str
     """sha256 of the backbone TFLite (float flavour) this head goes with."""
     meta: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def epoch(self) -> int:
+        """The lineage's epoch (signed, checked by `parse_global`): only grows."""
+        return int(self.meta.get("epoch", 0))
 
 
 @dataclass(frozen=True)
@@ -157,11 +182,12 @@ def build_global(
     lineage: str,
     threshold: float,
     backbone: str,
+    epoch: int = 0,
     codec: Codec = "float32",
     meta: Mapping[str, Any] | None = None,
 ) -> bytes:
     specs, body = encode_tensors(names, weights, codec)
-    identity = {"lineage": lineage, "threshold": threshold, "backbone": backbone}
+    identity = {"lineage": lineage, "epoch": epoch, "threshold": threshold, "backbone": backbone}
     header = _header(
         "global",
         site=site,
@@ -258,6 +284,7 @@ def parse_global(
         check_specs(header.tensors, expected)
     meta = header.meta
     lineage = check_lineage(meta.get("lineage"))
+    check_epoch(meta.get("epoch"))
     threshold, backbone = meta.get("threshold"), meta.get("backbone")
     if not isinstance(threshold, int | float) or not -1.0 <= float(threshold) <= 1.0:
         raise RejectedMessage("bad_header", f"threshold {threshold!r} is not a cosine in [-1, 1]")
