@@ -440,5 +440,15 @@ class AggregatorConfig(StrictModel):
         "stops reading and TCP holds the broker back. Bounds the aggregator's memory to about "
         "this many updates however many doorbells upload at once.",
     )
+    inbox_per_sender: int = Field(
+        default=4,
+        ge=1,
+        le=1000,
+        title="Messages waiting per sender",
+        description="Messages of one topic (one doorbell's updates, its statuses) that may wait; "
+        "more are dropped at once and counted (backlog_full), so one login flooding junk "
+        "cannot fill the inbox, stall the MQTT thread and make the broker drop the others' "
+        "updates (aggregator/inbox.py).",
+    )
 
     _site = field_validator("site")(site_id)

@@ -27,13 +27,14 @@ from aggregator.config import AggregatorConfig
 from aggregator.export import Exporter, Release
 from aggregator.persistence import OPEN, Persistence, SavedModel
 from aggregator.privacy import PrivacyLedger
+from aggregator.rejections import RejectionLog
 from aggregator.rounds import Round, announce, select_devices
 from aggregator.secure import SecurePhases
 from aggregator.secure_rounds import SecureRounds
 from aggregator.state import StateStore
 from aggregator.strategy import InconsistentUpdate
 from fedbell.errors import RejectedMessage
-from fedbell.wire.messages import parse_update
+from fedbell.wire.messages import parse_update, resign
 from fedbell.wire.protocol import (
     Command,
     DeviceStatus,
@@ -71,6 +72,7 @@ class Coordinator(SecureRounds):
         self.trusted_keys = trusted_keys
         self.rejected: Counter[str] = Counter()
         """Every rejection since start, by reason."""
+        self.rejection_log = RejectionLog()
         self.online: dict[str, DeviceStatus] = {}
         self.auto_remaining = config.auto_rounds
         self.next_auto_at = float("inf")  # armed once connected (see `connected`)
@@ -142,14 +144,16 @@ class Coordinator(SecureRounds):
 
     def retained_messages(self) -> list[tuple[str, bytes]]:
         """What to (re)publish after (re)connecting: the committed public state."""
-        topics = {
-            "global": self.topics.global_model,
-            "tflite": self.topics.tflite_model,
-            "metrics": self.topics.metrics,
-        }
+        topics = {"global": self.topics.global_model, "metrics": self.topics.metrics}
+        # Signed now with the current key: after a rotation (`provision remove-login
+        # aggregator` + `add-aggregator`) a re-imaged doorbell trusts only the new one.
+        signer, limit = self.exporter.signer, self.config.mqtt.max_message_bytes
         messages = [
-            (topics[name], payload) for name, payload in self.persistence.retained_payloads(topics)
+            (topics[name], resign(payload, signer, limit) if name == "global" else payload)
+            for name, payload in self.persistence.retained_payloads(topics)
         ]
+        backbone = self.exporter.backbone_messages(self.model.lineage, self.model.epoch)
+        messages += backbone.publications(self.topics)
         if self.round is not None:
             messages.append((self.topics.round, self._round_payload(self.round.announcement)))
         return messages
@@ -161,6 +165,7 @@ class Coordinator(SecureRounds):
                 model_version=self.model.version,
                 last_round=self.last_round,
                 detail="aggregator",
+                rejected=dict(self.rejected),
             )
         )
 
@@ -175,10 +180,14 @@ class Coordinator(SecureRounds):
             self.next_auto_at = self.clock() + self.config.rounds.auto_pause_s
 
     def reject(self, err: RejectedMessage, source: str) -> None:
-        self.rejected[err.reason] += 1
+        self.count(err.reason)
+        self.rejection_log.note(err, source)
+
+    def count(self, reason: str, number: int = 1) -> None:
+        """Count rejections since start and in the open round (its metrics)."""
+        self.rejected[reason] += number
         if self._round_open() and self.round is not None:
-            self.round.rejected[err.reason] += 1
-        log.warning("rejected %s: %s", source, err)
+            self.round.rejected[reason] += number
 
     def on_message(self, topic: str, payload: bytes) -> None:
         """Dispatch one message; a RejectedMessage is logged and counted here."""
@@ -250,10 +259,8 @@ class Coordinator(SecureRounds):
                 keys=self.trusted_keys,
             )
         except RejectedMessage as err:
+            # Counted, not answered: a retained reply per junk update cost a publish each.
             self.reject(err, f"update from {device}")
-            self._reply(
-                about="update", ok=False, device=device, size=len(payload), reason=err.reason
-            )
             return
         current = self.round
         try:
@@ -270,14 +277,6 @@ class Coordinator(SecureRounds):
                 else RejectedMessage("inconsistent", str(err))
             )
             self.reject(reason, f"update from {device}")
-            self._reply(
-                about="update",
-                ok=False,
-                device=device,
-                round=update.round,
-                size=len(payload),
-                reason=reason.reason,
-            )
             return
         self._reply(about="update", ok=True, device=device, round=current.id, size=len(payload))
         claimed, cap = update.num_examples, self.config.rounds.max_examples
@@ -470,7 +469,11 @@ class Coordinator(SecureRounds):
             self.model.optimizer,
         )
         return self.exporter.release(
-            self.next_step.weights, self.model.version + 1, self.round.id, self.model.lineage
+            self.next_step.weights,
+            self.model.version + 1,
+            self.round.id,
+            self.model.lineage,
+            self.model.epoch,
         )
 
     def _aggregate(self) -> None:
@@ -534,7 +537,9 @@ class Coordinator(SecureRounds):
         current.announce_bytes += len(closed)
         current.status = "closed"
         assert self.next_step is not None  # set with the release by `_release`
-        model = self.persistence.save_release(release, self.next_step.optimizer, self.model.lineage)
+        model = self.persistence.save_release(
+            release, self.next_step.optimizer, self.model.lineage, self.model.epoch
+        )
         # The backbone went out once for the lineage: a round sends only the head.
         down = len(release.global_payload)
         metrics = self._metrics(current, "published", release, extra_down=down)
@@ -624,6 +629,7 @@ class Coordinator(SecureRounds):
 
     def tick(self) -> None:
         """Close rounds whose time has come; start the next automatic round."""
+        self.rejection_log.flush()
         now = self.clock()
         current = self.round
         if current is not None and current.announcement.secagg and current.status == "collecting":

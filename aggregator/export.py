@@ -26,9 +26,10 @@ from fedbell.faces.detection import make_detector
 from fedbell.faces.embedding import HEAD_NAMES, Features
 from fedbell.faces.features import Backbone, FaceSet, cached_features, photo_chips
 from fedbell.faces.openset import evaluate_head
+from fedbell.wire.backbone import BackboneMessages, build_backbone
 from fedbell.wire.codecs import Weights, decode_tensors, encode_tensors
 from fedbell.wire.envelope import Codec, TensorSpec
-from fedbell.wire.messages import Signer, build_global, build_tflite
+from fedbell.wire.messages import Signer, build_global
 
 log = logging.getLogger(__name__)
 
@@ -123,16 +124,22 @@ class Exporter:
     def backbone_sha256(self) -> str:
         return self.backbone_models.sha256
 
-    def tflite_payload(self, lineage: str, version: int, round_id: int) -> bytes:
-        """The backbone message of a lineage (published retained, once)."""
-        return build_tflite(
+    def backbone_messages(self, lineage: str, epoch: int) -> BackboneMessages:
+        """A lineage's backbone: its manifest, signed now with the current key, and chunks.
+
+        Built at every (re)connection rather than stored: after a key rotation
+        (`provision remove-login aggregator` + `add-aggregator`) the manifest
+        carries the new key's signature, so a re-imaged doorbell still installs it.
+        """
+        return build_backbone(
             site=self.config.site,
             signer=self.signer,
-            version=version,
-            round_id=round_id,
+            version=0,
+            round_id=0,
             float_model=self.backbone_models.float_model,
             int8_model=self.backbone_models.int8_model,
             lineage=lineage,
+            epoch=epoch,
         )
 
     def _evaluate(self, weights: Weights) -> tuple[float | None, float]:
@@ -154,7 +161,9 @@ class Exporter:
         """Open-set accuracy of a head on the evaluation set (None without one)."""
         return self._evaluate(weights)[0] if self.held_out is not None else None
 
-    def release(self, weights: Weights, version: int, round_id: int, lineage: str) -> Release:
+    def release(
+        self, weights: Weights, version: int, round_id: int, lineage: str, epoch: int
+    ) -> Release:
         accuracy, threshold = self._evaluate(weights)
         global_payload = build_global(
             site=self.config.site,
@@ -164,6 +173,7 @@ class Exporter:
             names=self.names,
             weights=weights,
             lineage=lineage,
+            epoch=epoch,
             threshold=threshold,
             backbone=self.backbone_sha256,
             codec=self.config.rounds.downlink_codec,

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import secrets
+import time
 from collections.abc import Container
 from dataclasses import dataclass
 
@@ -45,6 +46,8 @@ class SavedModel:
     optimizer: ServerOptimizer | None = None
     """The server optimiser's moments after the step that made this version."""
     optimizer_file: str | None = None
+    epoch: int = 0
+    """The lineage's epoch, carried (signed) in every model message; see `new_epoch`."""
 
 
 @dataclass(frozen=True)
@@ -65,7 +68,7 @@ class Persistence:
         self.exporter = exporter
         self.store = store
         self.retained: dict[str, str] = {}
-        """Retained payload name ("global", "tflite", "metrics") -> its file."""
+        """Retained payload name ("global", "metrics") -> its file."""
         # The accumulator file of a round, by round id: written by `save_accumulator`,
         # named by the commits while that round is open.
         self._sum: tuple[int, str] | None = None
@@ -94,7 +97,9 @@ class Persistence:
                 record.model.lineage,
             )
             return None
-        self.retained = dict(record.retained)
+        # A state from before chunked backbones saved the one-message backbone: the
+        # coordinator now builds the backbone's messages at each connection instead.
+        self.retained = {name: file for name, file in record.retained.items() if name != "tflite"}
         model = SavedModel(
             record.model.lineage,
             record.model.version,
@@ -103,6 +108,7 @@ class Persistence:
             record.model.file,
             self._load_optimizer(record.model),
             record.model.optimizer_file,
+            record.model.epoch,
         )
         current = None
         if record.round is not None:
@@ -159,21 +165,38 @@ class Persistence:
 
     def initialise(self) -> SavedModel:
         """Create and commit model version 0: the first start's state."""
-        lineage = secrets.token_hex(8)
-        log.info("starting lineage %s in %s: model version 0", lineage, self.config.state_dir)
-        weights = self.exporter.initial_weights()
-        release = self.exporter.release(weights, version=0, round_id=0, lineage=lineage)
-        self.retained["tflite"] = self.store.write_blob(
-            "tflite", self.exporter.tflite_payload(lineage, version=0, round_id=0)
+        lineage, epoch = secrets.token_hex(8), self.new_epoch()
+        log.info(
+            "starting lineage %s (epoch %d) in %s: model version 0",
+            lineage,
+            epoch,
+            self.config.state_dir,
         )
-        model = self.save_release(release, make_optimizer(self.config.rounds), lineage)
+        weights = self.exporter.initial_weights()
+        release = self.exporter.release(
+            weights, version=0, round_id=0, lineage=lineage, epoch=epoch
+        )
+        model = self.save_release(release, make_optimizer(self.config.rounds), lineage, epoch)
         self.commit(model, None, last_round=0)
         return model
+
+    def new_epoch(self) -> int:
+        """A new lineage's epoch: the clock in ms, and above any lineage this folder held.
+
+        Only grows, so a doorbell can refuse a signed head of an older lineage replayed on
+        model/global; the clock makes it grow across a wiped state folder too.
+        """
+        try:
+            record = self.store.load()
+        except StateError:
+            record = None
+        previous = record.model.epoch if record is not None else 0
+        return max(int(time.time() * 1000), previous + 1)
 
     # -- writing -----------------------------------------------------------------
 
     def save_release(
-        self, release: Release, optimizer: ServerOptimizer | None, lineage: str
+        self, release: Release, optimizer: ServerOptimizer | None, lineage: str, epoch: int
     ) -> SavedModel:
         """Write a release's files (not yet committed) and return the model record."""
         self.retained["global"] = self.store.write_blob("global", release.global_payload)
@@ -189,6 +212,7 @@ class Persistence:
             model_file,
             optimizer,
             optimizer_file,
+            epoch,
         )
 
     def save_metrics(self, metrics: bytes) -> None:
@@ -219,6 +243,7 @@ class Persistence:
                 model=ModelRecord(
                     lineage=model.lineage,
                     version=model.version,
+                    epoch=model.epoch,
                     round=model.round,
                     names=self.exporter.names,
                     file=model.file,

@@ -14,20 +14,22 @@ makes ~1000 updates a round cheap; after a crash the broker redelivers every
 un-acked update to the persistent session, and one that was already counted
 is refused as a duplicate.
 
-Memory does not grow with the number of doorbells because the queue is
+Memory does not grow with the number of doorbells because the inbox is
 bounded (`inbox_size`): when it is full, paho's thread waits in `put`, stops
 reading the socket, and TCP holds the broker back; the updates wait in the
-broker, which queues them anyway. The MQTT v5 Receive Maximum cannot do that
+broker, which queues them anyway. It has one lane per sending topic
+(`aggregator/inbox.py`): a sender with `inbox_per_sender` messages waiting
+has the next dropped (acked, counted as `backlog_full`) instead, so one
+doorbell flooding junk never stalls the network thread nor makes the broker
+drop the others' updates or the operator's commands. The MQTT v5 Receive Maximum cannot do that
 on its own: Mosquitto 2.0.11 (Ubuntu 22.04's) stops honouring it after the
 first PUBACKs (with a window of 5, every PUBACK released 5 more messages).
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import logging
-import queue
 import threading
 import time
 from collections.abc import Callable
@@ -39,6 +41,7 @@ import paho.mqtt.client as mqtt
 from aggregator.config import AggregatorConfig
 from aggregator.coordinator import Coordinator
 from aggregator.export import Exporter
+from aggregator.inbox import FairInbox
 from aggregator.state import StateError, StateStore
 from fedbell import systemd
 from fedbell.wire.messages import AGGREGATOR, Signer
@@ -50,6 +53,8 @@ log = logging.getLogger("aggregator")
 
 MAX_SLEEP_S: Final = 1.0
 """Longest wait on the queue: bounds how late a stop or a watchdog ping can be."""
+DROP_SUMMARY_S: Final = 10.0
+"""At most one log line this often about messages dropped from full backlogs."""
 
 P = ParamSpec("P")
 
@@ -98,7 +103,8 @@ class AggregatorService:
         # revokes a doorbell's key at once, a new doorbell needs no restart.
         self.keyring = KeyRing(keys_dir) if keys_dir is not None else None
         trusted = self.keyring.keys() if self.keyring is not None else None
-        self.inbox: queue.Queue[Item] = queue.Queue(maxsize=config.inbox_size)
+        self.inbox: FairInbox[Item] = FairInbox(config.inbox_size, config.inbox_per_sender)
+        self._drops_summarised_at = 0.0
         self._stopping = threading.Event()
         self._connection = 0  # written by paho's thread only, read by the main loop
         self._unacked: list[tuple[int, int, int]] = []
@@ -149,14 +155,18 @@ class AggregatorService:
         refused = [str(r) for r in reasons if r.is_failure]
         if refused:
             log.error("subscription refused (check the ACL): %s", ", ".join(refused))
-        self.inbox.put(_Signal.SUBSCRIBED)
+        self.inbox.signal(_Signal.SUBSCRIBED)
 
-    def _on_message(self, _client: mqtt.Client, _userdata: Any, message: mqtt.MQTTMessage) -> None:
-        self.inbox.put(
-            Incoming(
-                message.topic, bytes(message.payload), message.mid, message.qos, self._connection
-            )
+    def _on_message(self, client: mqtt.Client, _userdata: Any, message: mqtt.MQTTMessage) -> None:
+        incoming = Incoming(
+            message.topic, bytes(message.payload), message.mid, message.qos, self._connection
         )
+        if message.topic == self.topics.control:
+            kept = self.inbox.command(incoming, message.topic)
+        else:
+            kept = self.inbox.put(incoming, message.topic, self._stopping)
+        if not kept and message.qos > 0:
+            client.ack(message.mid, message.qos)  # dropped: free the broker's window
 
     def _on_disconnect(
         self, _client: mqtt.Client, _userdata: Any, _flags: Any, reason: Any, _properties: Any
@@ -172,9 +182,7 @@ class AggregatorService:
     def stop(self) -> None:
         """Ask the main loop to finish (safe from a signal handler or another thread)."""
         self._stopping.set()
-        # A full queue means the main loop has work: it sees the flag within one item.
-        with contextlib.suppress(queue.Full):
-            self.inbox.put_nowait(_Signal.WAKE)
+        self.inbox.signal(_Signal.WAKE)
 
     def run(self) -> None:
         """Connect and serve until `stop()`; state errors and disk errors propagate."""
@@ -195,10 +203,7 @@ class AggregatorService:
                         sleep,
                         self._unacked_since + self.config.persist_interval_s - time.monotonic(),
                     )
-                try:
-                    item = self.inbox.get(timeout=max(sleep, 0.01))
-                except queue.Empty:
-                    item = None
+                item = self.inbox.get(timeout=max(sleep, 0.01))
                 if item == _Signal.SUBSCRIBED:
                     self.coordinator.connected()
                     if not ready:
@@ -218,11 +223,29 @@ class AggregatorService:
                         systemd.notify_status(summary)
                         shown = summary
                 self._settle(force=False)
+                self._summarise_drops()
             # A normal stop persists and acks everything; after an error (the
             # finally below) nothing more is written and the broker keeps the un-acked.
             self._settle(force=True)
         finally:
             self._shutdown()
+
+    def _summarise_drops(self) -> None:
+        """Count messages dropped from full backlogs; one log line every DROP_SUMMARY_S."""
+        now = time.monotonic()
+        if now - self._drops_summarised_at < DROP_SUMMARY_S:
+            return
+        self._drops_summarised_at = now
+        dropped = self.inbox.take_dropped()
+        if dropped:
+            self.coordinator.count("backlog_full", sum(dropped.values()))
+            log.warning(
+                "dropped %d messages whose sender already had %d waiting: %s",
+                sum(dropped.values()),
+                self.config.inbox_per_sender,
+                ", ".join(f"{topic} {n}" for topic, n in dropped.most_common(5)),
+            )
+            self._publish(self.topics.aggregator_status, self.coordinator.status_payload())
 
     def reload_keys(self) -> None:
         """Re-read the trusted keys before the next message (SIGHUP; signal-safe)."""

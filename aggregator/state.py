@@ -52,6 +52,12 @@ class ModelRecord(_Record):
         default="", description="The model's history id; empty in states older than lineages."
     )
     version: int = Field(ge=0)
+    epoch: int = Field(
+        default=0,
+        ge=0,
+        description="The lineage's epoch (ms since 1970 when it started): doorbells refuse a "
+        "head of a lineage whose epoch is not above the one they run (a replayed old lineage).",
+    )
     round: int = Field(ge=0, description="Round that produced it (0: the initial model).")
     names: tuple[str, ...]
     file: str

@@ -234,7 +234,7 @@ class Observer:
         self.client.connect("127.0.0.1", self.port, keepalive=60)
         self.client.loop_start()
         t = self.topics
-        self.down_topics = (t.round, t.global_model, t.tflite_model)
+        self.down_topics = (t.round, t.global_model, t.tflite_model, t.backbone_chunks)
         result, _ = self.client.subscribe(
             [(topic, 1) for topic in self.down_topics]
             + [(t.update(DEVICE), 1), (t.status(DEVICE), 1), (t.metrics, 1)]
@@ -246,8 +246,14 @@ class Observer:
         now = time.monotonic()
         payload = bytes(message.payload)
         t = self.topics
-        if message.topic in self.down_topics:
-            self.received.append((now, message.topic, len(payload)))
+        if any(mqtt.topic_matches_sub(down, message.topic) for down in self.down_topics):
+            # Chunks are counted under their filter: bytes_down names filters.
+            topic = (
+                t.backbone_chunks
+                if message.topic.startswith(t.backbone_chunks[:-1])
+                else message.topic
+            )
+            self.received.append((now, topic, len(payload)))
         if not payload:
             return
         if message.topic == t.update(DEVICE):
@@ -724,7 +730,7 @@ def run(args: argparse.Namespace, layout: Layout) -> dict[str, Any]:
         os.setpriority(os.PRIO_PROCESS, bench.aggregator.pid, 19)
         bench.notes["ready_seconds"] = round(ready_at - t0, 1)
         bench.notes["backbone_down"] = observer.bytes_down(
-            0, time.monotonic(), (observer.topics.tflite_model,)
+            0, time.monotonic(), (observer.topics.tflite_model, observer.topics.backbone_chunks)
         )
         phases(bench, empty, visiting, frames)
         version = status.model_version or 0

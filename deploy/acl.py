@@ -55,6 +55,7 @@ def rules(role: Role, name: str, base: str) -> list[tuple[str, str]]:
                 ("read", f"{base}/round"),
                 ("read", f"{base}/model/global"),
                 ("read", f"{base}/model/tflite"),
+                ("read", f"{base}/model/tflite/+"),  # the backbone's chunks
                 *(("write", f"doorbell/{name}/{leaf}") for leaf in DOORBELL_OUT),
                 *(("read", f"doorbell/{name}/{leaf}") for leaf in DOORBELL_IN),
                 ("write", f"homeassistant/device/{name}/config"),
@@ -70,6 +71,7 @@ def rules(role: Role, name: str, base: str) -> list[tuple[str, str]]:
                 ("write", f"{base}/round"),
                 ("write", f"{base}/model/global"),
                 ("write", f"{base}/model/tflite"),
+                ("write", f"{base}/model/tflite/+"),
                 ("write", f"{base}/metrics"),
                 ("write", f"{base}/aggregator/status"),
                 ("write", f"{base}/aggregator/reply"),

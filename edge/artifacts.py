@@ -120,8 +120,14 @@ class Artifacts:
             return None
         return stored
 
+    def wants(self, lineage: str, version: int) -> bool:
+        """Whether a backbone is worth fetching: another lineage's, or a newer one of this one."""
+        with self._lock:
+            known = self._known
+            return known is None or lineage != known[0] or version > known[1]
+
     def accept(self, artifact: TfliteArtifact) -> bool:
-        """Whether to install `artifact`: another lineage's, or a newer one of this lineage."""
+        """Claim `artifact` for installing, unless it is not wanted (see `wants`)."""
         with self._lock:
             known = self._known
             if known is not None and artifact.lineage == known[0] and artifact.version <= known[1]:

@@ -42,6 +42,8 @@ from fedbell.wire import safejson
 log = logging.getLogger(__name__)
 
 EVENT_QOS = 1
+SNAPSHOT_MAX_BYTES = 1000 * 1024
+"""Under the broker's 1 MiB message_size_limit, with room for the topic."""
 
 Callback = Callable[[mqtt.Client, Any, mqtt.MQTTMessage], None]
 
@@ -179,7 +181,14 @@ class EventPublisher:
     def _maybe_snapshot(self, frame: npt.NDArray[np.uint8] | None) -> None:
         if not self.snapshots or frame is None:
             return
-        ok, jpeg = cv2.imencode(".jpg", frame, [cv2.IMWRITE_JPEG_QUALITY, self.snapshot_quality])
+        quality = [cv2.IMWRITE_JPEG_QUALITY, self.snapshot_quality]
+        image = frame
+        ok, jpeg = cv2.imencode(".jpg", image, quality)
+        # The broker drops anything over 1 MiB (message_size_limit): halve a big
+        # camera's frame until its JPEG fits rather than lose the snapshot.
+        while ok and len(jpeg) > SNAPSHOT_MAX_BYTES and min(image.shape[:2]) >= 32:
+            image = np.asarray(cv2.resize(image, None, fx=0.5, fy=0.5), np.uint8)
+            ok, jpeg = cv2.imencode(".jpg", image, quality)
         if ok:
             # Not retained: an image of someone at the door should not live on the broker.
             self._publish(self.topics.snapshot, jpeg.tobytes(), retain=False)

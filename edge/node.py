@@ -20,6 +20,7 @@ current model.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
@@ -36,6 +37,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from edge import health
 from edge.artifacts import Artifacts, leave_one_out
+from edge.backbone_download import BackboneDownload, refuse_older_lineage
 from edge.config import EdgeConfig
 from edge.gallery import STRANGER_STORE, Gallery, GalleryFeatures, StrangerStore
 from edge.live import LiveDoorbell, make_detector
@@ -56,7 +58,6 @@ from fedbell.wire.messages import (
     Signer,
     build_update,
     parse_global,
-    parse_tflite,
 )
 from fedbell.wire.mqtt import connect, make_client
 from fedbell.wire.protocol import (
@@ -163,6 +164,15 @@ class EdgeNode:
             gallery=self.gallery,
             counters=self.counters,
             on_scored=self._publish_status_if_connected,
+        )
+        self.backbone = BackboneDownload(
+            self.topics,
+            self.artifacts,
+            self.counters,
+            keys=self.trusted_keys,
+            max_bytes=config.mqtt.max_message_bytes,
+            install=lambda artifact: self._jobs.put(lambda: self.artifacts.install(artifact)),
+            current=lambda: self._model,
         )
         self.connected = threading.Event()
         self.subscribed = threading.Event()
@@ -415,6 +425,7 @@ class EdgeNode:
                 [
                     (self.topics.global_model, 1),
                     (self.topics.tflite_model, 1),
+                    (self.topics.backbone_chunks, 1),  # after the manifest, as published
                     (self.topics.round, 1),
                     (self.topics.secagg_inbox(self.device), 1),
                     *(self.live.subscriptions() if self.live is not None else []),
@@ -455,11 +466,13 @@ class EdgeNode:
     def _on_message(self, _client: mqtt.Client, _userdata: Any, message: mqtt.MQTTMessage) -> None:
         handlers: dict[str, Callable[[bytes], None]] = {
             self.topics.global_model: self._on_global,
-            self.topics.tflite_model: self._on_tflite,
+            self.topics.tflite_model: self.backbone.on_manifest,
             self.topics.round: self._on_round,
             self.topics.secagg_inbox(self.device): self.secure.on_inbox,
         }
         handler = handlers.get(message.topic)
+        if handler is None and mqtt.topic_matches_sub(self.topics.backbone_chunks, message.topic):
+            handler = functools.partial(self.backbone.on_chunk, message.topic)
         try:
             if handler is None:
                 raise RejectedMessage("unexpected_topic", message.topic)
@@ -488,6 +501,8 @@ class EdgeNode:
         )
         current = self._model
         new_lineage = current is None or model.lineage != current.lineage
+        if new_lineage and current is not None:
+            refuse_older_lineage(current, model.lineage, model.epoch)
         if not new_lineage and current is not None and model.version <= current.version:
             log.info("global model v%d ignored: already at v%d", model.version, current.version)
             return
@@ -574,16 +589,6 @@ class EdgeNode:
         except OSError as err:
             self.counters["store_failed"] += 1
             log.error("could not reset the round state: %s", err)
-
-    def _on_tflite(self, payload: bytes) -> None:
-        artifact = parse_tflite(
-            payload,
-            site=self.config.site,
-            max_bytes=self.config.mqtt.max_message_bytes,
-            keys=self.trusted_keys,
-        )
-        if self.artifacts.accept(artifact):
-            self._jobs.put(lambda: self.artifacts.install(artifact))
 
     def _on_round(self, payload: bytes) -> None:
         announcement = parse_json(payload, RoundAnnouncement, max_bytes=MAX_ROUND_BYTES)

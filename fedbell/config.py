@@ -81,7 +81,7 @@ class MqttSettings(StrictModel):
         "messages while it is offline.",
     )
     max_message_bytes: int = Field(
-        default=64 * 1024 * 1024,  # the backbone artifact is ~30 MB
+        default=1024 * 1024,  # the broker's message_size_limit: a backbone chunk is 512 KiB
         ge=1024,
         title="Largest message (bytes)",
         description="Messages larger than this are rejected before parsing.",

@@ -75,6 +75,7 @@ class Driver:
             topics.all_updates,
             topics.metrics,
             topics.tflite_model,
+            topics.backbone_chunks,
             VISITOR_TOPIC,
         ]
         self.client = make_client(settings, client_id="simulation-driver")
@@ -116,7 +117,7 @@ class Driver:
         elif topic == topics.global_model:
             view.global_model_seen = True  # published once the aggregator is serving
             view.retained[topic] = payload  # the live demo recognises with the latest
-        elif topic == topics.tflite_model:
+        elif topic == topics.tflite_model or mqtt.topic_matches_sub(topics.backbone_chunks, topic):
             view.retained[topic] = payload
         elif mqtt.topic_matches_sub(topics.all_updates, topic):
             view.updates.add(topics.device_of(topic))

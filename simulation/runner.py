@@ -24,7 +24,8 @@ from fedbell.faces.dlib_resnet import dlib_projection
 from fedbell.faces.dlib_resnet import load as load_dlib
 from fedbell.faces.embedding import TrainParams
 from fedbell.faces.features import Backbone
-from fedbell.wire.messages import AGGREGATOR, TfliteArtifact, parse_global, parse_tflite
+from fedbell.wire.backbone import assemble, parse_manifest
+from fedbell.wire.messages import AGGREGATOR, TfliteArtifact, parse_global
 from fedbell.wire.signing import load_public_key
 from simulation import baseline, report
 from simulation.config import SimulationConfig
@@ -272,12 +273,17 @@ def load_backbone(
     driver: Driver, layout: Layout, config: SimulationConfig, fleet: Fleet
 ) -> TfliteArtifact:
     """The backbone the aggregator published, checked as a doorbell checks it."""
-    return parse_tflite(
+    manifest = parse_manifest(
         driver.retained(topics().tflite_model, 60, fleet.check),
         site=SITE,
         max_bytes=MqttSettings().max_message_bytes,  # the limit every process here has
         keys=aggregator_keys(layout, config),
     )
+    chunks = {
+        index: driver.retained(topics().backbone_chunk(index), 60, fleet.check)
+        for index in range(len(manifest.chunks))
+    }
+    return assemble(manifest, chunks)
 
 
 def publish_results(

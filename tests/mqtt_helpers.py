@@ -8,6 +8,9 @@ import time
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
+from fedbell.wire.backbone import BackboneMessages
+from fedbell.wire.topics import Topics
+
 
 class Probe:
     """Connects to a test broker and records every message it receives."""
@@ -25,6 +28,11 @@ class Probe:
 
     def publish(self, topic: str, payload: bytes | str, retain: bool = False) -> None:
         self.client.publish(topic, payload, qos=1, retain=retain).wait_for_publish(5)
+
+    def publish_backbone(self, topics: Topics, messages: BackboneMessages) -> None:
+        """A backbone as the aggregator publishes it: the manifest, then its chunks, retained."""
+        for topic, payload in messages.publications(topics):
+            self.publish(topic, payload, retain=True)
 
     def wait_for(self, topic: str, timeout: float = 30.0) -> mqtt.MQTTMessage:
         """The next message on `topic` (others are dropped), or AssertionError."""

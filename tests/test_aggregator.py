@@ -33,16 +33,23 @@ from aggregator.config import AggregatorConfig
 from aggregator.service import AggregatorService
 from broker.local import LocalBroker
 from fedbell.faces.embedding import HEAD_NAMES
+from fedbell.wire.backbone import assemble, parse_manifest
 from fedbell.wire.codecs import Weights
 from fedbell.wire.envelope import Codec
-from fedbell.wire.messages import GlobalModel, Signer, build_update, parse_global, parse_tflite
+from fedbell.wire.messages import (
+    GlobalModel,
+    Signer,
+    TfliteArtifact,
+    build_update,
+    parse_global,
+)
 from fedbell.wire.protocol import DeviceStatus, RoundAnnouncement, RoundMetrics, to_json
 from fedbell.wire.topics import Topics
 from simulation.data import write_synthetic
 
 SITE = "test"
 TOPICS = Topics(SITE)
-MAX_BYTES = 64 * 1024 * 1024
+MAX_BYTES = 1024 * 1024
 """The backbone message is ~28 MB (float and int8 TFLite)."""
 LINEAGE = re.compile(r"[0-9a-f]{16}")
 """A lineage as an aggregator starts one: secrets.token_hex(8)."""
@@ -52,14 +59,14 @@ REPO = Path(__file__).resolve().parents[1]
 class Watcher:
     """Records every message under the site, retained or not, by topic."""
 
-    def __init__(self, port: int) -> None:
+    def __init__(self, port: int, *topics: str) -> None:
         self._lock = threading.Lock()
         self._seen: list[tuple[str, bytes]] = []
         self.client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
         self.client.on_message = self._record
         self.client.connect("127.0.0.1", port)
         self.client.loop_start()
-        self.client.subscribe(f"{TOPICS.base}/#", qos=1)
+        self.client.subscribe([(topic, 1) for topic in topics or [f"{TOPICS.base}/#"]])
 
     def _record(self, _client: Any, _userdata: Any, message: mqtt.MQTTMessage) -> None:
         with self._lock:
@@ -86,6 +93,17 @@ class Watcher:
     def round(self, round_id: int, phase: str) -> RoundAnnouncement:
         payload = self.wait_for(TOPICS.round, lambda p: _is_round(p, round_id, phase))
         return RoundAnnouncement.model_validate_json(payload)
+
+    def backbone(self) -> TfliteArtifact:
+        """The backbone as a doorbell gets it: the manifest, then every chunk it lists."""
+        manifest = parse_manifest(
+            self.wait_for(TOPICS.tflite_model), site=SITE, max_bytes=MAX_BYTES, keys=None
+        )
+        chunks = {
+            index: self.wait_for(TOPICS.backbone_chunk(index))
+            for index in range(len(manifest.chunks))
+        }
+        return assemble(manifest, chunks)
 
     def global_model(self, version: int) -> GlobalModel:
         payload = self.wait_for(TOPICS.global_model, lambda p: _version(p) == version)
@@ -273,9 +291,7 @@ def test_round_publishes_weighted_average_and_rejects_bad_updates(
         assert [w.shape for w in base.weights] == [(256, 128)]  # dlib's features -> embedding
         assert LINEAGE.fullmatch(base.lineage)
         assert -1.0 <= base.threshold <= 1.0
-        backbone = parse_tflite(
-            watcher.wait_for(TOPICS.tflite_model), site=SITE, max_bytes=MAX_BYTES, keys=None
-        )
+        backbone = watcher.backbone()
         assert (backbone.version, backbone.lineage) == (0, base.lineage)
         assert backbone.float_model[4:8] == b"TFL3"
         assert backbone.int8_model[4:8] == b"TFL3"
@@ -557,9 +573,7 @@ def test_cli_serves_and_publishes_offline_on_sigterm(
         watcher.wait_for(TOPICS.aggregator_status, lambda p: b'"online"' in p, timeout=60)
         first = watcher.global_model(0)
         assert LINEAGE.fullmatch(first.lineage)
-        backbone = parse_tflite(
-            watcher.wait_for(TOPICS.tflite_model), site=SITE, max_bytes=MAX_BYTES, keys=None
-        )
+        backbone = watcher.backbone()
         assert backbone.lineage == first.lineage
         assert hashlib.sha256(backbone.float_model).hexdigest() == first.backbone
     finally:

@@ -24,7 +24,8 @@ from edge.config import EdgeConfig
 from fedbell.faces.detection import MODELS
 from fedbell.faces.embedding import HEAD_NAMES
 from fedbell.wire import signing
-from fedbell.wire.messages import AGGREGATOR, Signer, build_tflite
+from fedbell.wire.backbone import CHUNK_BYTES, BackboneMessages, build_backbone
+from fedbell.wire.messages import AGGREGATOR, Signer
 from tests.mqtt_helpers import Probe
 from tests.recognition_helpers import LINEAGE, chips_of, projection
 from tests.test_edge_node import (
@@ -60,8 +61,9 @@ def artifact(
     key: Ed25519PrivateKey | None,
     version: int = 0,
     lineage: str = LINEAGE,
-) -> bytes:
-    return build_tflite(
+    epoch: int = 0,
+) -> BackboneMessages:
+    return build_backbone(
         site=SITE,
         signer=Signer(AGGREGATOR, key),
         version=version,
@@ -69,6 +71,7 @@ def artifact(
         float_model=float_model,
         int8_model=int8_model,
         lineage=lineage,
+        epoch=epoch,
     )
 
 
@@ -105,7 +108,7 @@ def test_unsigned_forged_corrupt_and_foreign_backbones_are_refused(
     aggregator = Probe(broker.port, TOPICS.all_updates)
     good = artifact(backbone_models.float_model, key=key)
     try:
-        aggregator.publish(TOPICS.tflite_model, good, retain=True)
+        aggregator.publish_backbone(TOPICS, good)
         model = global_payload(BASE, 1, key, backbone=backbone_models.sha256)
         aggregator.publish(TOPICS.global_model, model, retain=True)
         with running(config) as node:
@@ -120,22 +123,15 @@ def test_unsigned_forged_corrupt_and_foreign_backbones_are_refused(
             forged = artifact(
                 backbone_models.float_model, key=Ed25519PrivateKey.generate(), version=2
             )
-            corrupt = bytearray(artifact(backbone_models.float_model, key=key, version=3))
-            corrupt[-100] ^= 0xFF  # a flipped bit in the flatbuffer: the sha256 no longer fits
-            foreign = artifact(blazeface_tflite(), key=key, version=4)  # runs, wrong tensors
-            truncated = artifact(backbone_models.float_model[:4096], key=key, version=5)
-            for payload in (unsigned, forged, bytes(corrupt), foreign, truncated):
-                aggregator.publish(TOPICS.tflite_model, payload, retain=True)
-            wait_until(lambda: sum(node.counters.values()) >= 5, 60)
-            assert node.counters == {
-                "unsigned": 1,
-                "bad_signature": 1,
-                "bad_checksum": 1,
-                "bad_artifact": 2,
-            }
+            foreign = artifact(blazeface_tflite(), key=key, version=3)  # runs, wrong tensors
+            truncated = artifact(backbone_models.float_model[:4096], key=key, version=4)
+            for messages in (unsigned, forged, foreign, truncated):
+                aggregator.publish_backbone(TOPICS, messages)
+            wait_until(lambda: sum(node.counters.values()) >= 4, 60)
+            assert node.counters == {"unsigned": 1, "bad_signature": 1, "bad_artifact": 2}
             # One clear line per refusal, naming why.
             refusals = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
-            assert len(refusals) == 5, refusals
+            assert len(refusals) == 4, refusals
             assert any("unsigned" in line for line in refusals)
             assert any("refused" in line for line in refusals)
 
@@ -149,12 +145,64 @@ def test_unsigned_forged_corrupt_and_foreign_backbones_are_refused(
             check_update(received(aggregator, TOPICS.update(DEVICE)), BASE, 1, keys=device_key)
 
             # The next good artifact of the lineage is taken.
-            aggregator.publish(
-                TOPICS.tflite_model,
-                artifact(backbone_models.float_model, key=key, version=6),
-                retain=True,
+            aggregator.publish_backbone(
+                TOPICS, artifact(backbone_models.float_model, key=key, version=6)
             )
             wait_until(lambda: node.artifacts._installed == (LINEAGE, 6), 60)
+            still_recognises(node)
+    finally:
+        aggregator.close()
+
+
+def test_a_backbone_installs_only_from_a_whole_set_of_verified_chunks(
+    tmp_path: Path,
+    broker: LocalBroker,
+    gallery: Path,  # noqa: F811
+    backbone_models: BackboneModels,
+) -> None:
+    """Issue 18 item 4: chunks that do not match their signed manifest, or a set that
+    never completes, install nothing; a later good copy still completes the set."""
+    config, key = signed_config(tmp_path, broker.port, gallery)
+    aggregator = Probe(broker.port, TOPICS.all_updates)
+    try:
+        aggregator.publish_backbone(TOPICS, artifact(backbone_models.float_model, key=key))
+        model = global_payload(BASE, 1, key, backbone=backbone_models.sha256)
+        aggregator.publish(TOPICS.global_model, model, retain=True)
+        with running(config) as node:
+            wait_until(lambda: node.gallery_accuracy is not None, 120)
+            backbone = node.recognizer.backbone
+            v1 = artifact(backbone_models.float_model, key=key, version=1)
+            count = len(v1.chunks)
+            assert count > 10
+            assert max(len(chunk) for chunk in v1.chunks) <= CHUNK_BYTES
+            aggregator.publish(TOPICS.tflite_model, v1.manifest, retain=True)
+            flipped = bytearray(v1.chunks[0])
+            flipped[100] ^= 0x01  # one bit: the chunk no longer matches the manifest
+            aggregator.publish(TOPICS.backbone_chunk(0), bytes(flipped), retain=True)
+            for index in range(2, count):  # chunk 1 never comes
+                aggregator.publish(TOPICS.backbone_chunk(index), v1.chunks[index], retain=True)
+            aggregator.publish(TOPICS.backbone_chunk(count), b"one too many", retain=True)
+            wait_until(lambda: node.counters["bad_chunk"] == 2, 30)
+            wait_until(lambda: node.backbone.progress == f"backbone {count - 2}/{count} chunks")
+            assert node.artifacts._installed == (LINEAGE, 0)  # nothing installed
+            assert node.recognizer.backbone is backbone
+            still_recognises(node)
+
+            # The good chunk 0 and the missing chunk 1 arrive: the set is whole.
+            aggregator.publish(TOPICS.backbone_chunk(0), v1.chunks[0], retain=True)
+            aggregator.publish(TOPICS.backbone_chunk(1), v1.chunks[1], retain=True)
+            wait_until(lambda: node.artifacts._installed == (LINEAGE, 1), 60)
+
+            # A set left incomplete when the next manifest comes is counted and dropped.
+            v2 = artifact(backbone_models.float_model, key=key, version=2)
+            aggregator.publish(TOPICS.tflite_model, v2.manifest, retain=True)
+            aggregator.publish(TOPICS.backbone_chunk(0), v2.chunks[0], retain=True)
+            aggregator.publish_backbone(
+                TOPICS, artifact(backbone_models.float_model, key=key, version=3)
+            )
+            wait_until(lambda: node.artifacts._installed == (LINEAGE, 3), 60)
+            assert node.counters["incomplete_backbone"] == 1
+            assert node.counters["bad_artifact"] == 0
             still_recognises(node)
     finally:
         aggregator.close()
@@ -185,9 +233,7 @@ def test_a_round_without_its_backbone_is_skipped_and_the_node_carries_on(
             assert not node.recognizer.ready  # nothing to recognise with, and it says so
 
             # The backbone arrives: the next round trains.
-            aggregator.publish(
-                TOPICS.tflite_model, artifact(backbone_models.float_model, key=key), retain=True
-            )
+            aggregator.publish_backbone(TOPICS, artifact(backbone_models.float_model, key=key))
             wait_until(lambda: node.gallery_accuracy is not None, 120)
             still_recognises(node)
             aggregator.publish(TOPICS.round, round_payload(2, key=key), retain=True)
@@ -206,20 +252,16 @@ def test_a_new_lineage_whose_backbone_is_refused_keeps_the_old_model_recognising
     aggregator = Probe(broker.port, TOPICS.all_updates)
     other = "b" * 64  # the new lineage's backbone, which never arrives in usable form
     try:
-        aggregator.publish(
-            TOPICS.tflite_model, artifact(backbone_models.float_model, key=key), retain=True
-        )
+        aggregator.publish_backbone(TOPICS, artifact(backbone_models.float_model, key=key))
         model = global_payload(BASE, 1, key, backbone=backbone_models.sha256)
         aggregator.publish(TOPICS.global_model, model, retain=True)
         with running(config) as node:
             wait_until(lambda: node.gallery_accuracy is not None, 120)
-            aggregator.publish(
-                TOPICS.tflite_model,
-                artifact(blazeface_tflite(), key=key, lineage="lineage-2"),
-                retain=True,
+            aggregator.publish_backbone(
+                TOPICS, artifact(blazeface_tflite(), key=key, lineage="lineage-2", epoch=1)
             )
             wait_until(lambda: node.counters["bad_artifact"] == 1, 60)
-            new_head = global_payload(BASE, 0, key, backbone=other, lineage="lineage-2")
+            new_head = global_payload(BASE, 0, key, backbone=other, lineage="lineage-2", epoch=1)
             aggregator.publish(TOPICS.global_model, new_head, retain=True)
             aggregator.publish(
                 TOPICS.round,

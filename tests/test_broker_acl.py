@@ -50,6 +50,7 @@ def topics() -> list[str]:
             "round",
             "model/global",
             "model/tflite",
+            "model/tflite/0",
             "metrics",
             "aggregator/status",
             "aggregator/reply",
@@ -84,6 +85,7 @@ def allowed(role: str, action: str, topic: str) -> bool:  # noqa: PLR0911 - one 
             f"{BASE}/round",
             f"{BASE}/model/global",
             f"{BASE}/model/tflite",
+            f"{BASE}/model/tflite/0",
             "homeassistant/status",
         ):
             return not pub
@@ -95,6 +97,7 @@ def allowed(role: str, action: str, topic: str) -> bool:  # noqa: PLR0911 - one 
             f"{BASE}/round",
             f"{BASE}/model/global",
             f"{BASE}/model/tflite",
+            f"{BASE}/model/tflite/0",
             f"{BASE}/metrics",
             f"{BASE}/aggregator/status",
             f"{BASE}/aggregator/reply",
@@ -453,24 +456,54 @@ def test_logins_without_the_right_credentials_are_refused(
             probe.stop()
 
 
-def test_model_sized_messages_pass_and_oversized_do_not(site: RunningSite) -> None:
+def test_chunk_sized_messages_pass_and_a_login_cannot_park_more(site: RunningSite) -> None:
+    """Issue 18 item 5: the backbone goes in 512 KiB chunks, so the broker takes at
+    most 1 MiB a message from anyone; a doorbell used to park 60 MiB per topic."""
     aggregator = site.probe("aggregator").start()
     door = site.probe("door1").start()
+    reader = site.probe("homeassistant").start()
     try:
         assert aggregator.wait_connack()
         assert door.wait_connack()
-        door.client.subscribe(f"{BASE}/model/tflite", qos=1)
-        wait_until(lambda: len(door.subacks) == 1, 5, "SUBACK")
-        model = b"m" * (30 * 1024 * 1024)  # the backbone artifact is ~28 MB
-        too_big = b"x" * (65 * 1024 * 1024)  # over message_size_limit (64 MiB)
-        aggregator.client.publish(f"{BASE}/model/tflite", model, qos=1)
-        wait_until(lambda: len(door.received) == 1, 20, "a 30 MiB model")
-        aggregator.client.publish(f"{BASE}/model/tflite", too_big, qos=1)
+        assert reader.wait_connack()
+        door.client.subscribe(f"{BASE}/model/tflite/+", qos=1)
+        reader.client.subscribe([("doorbell/door1/#", 1), ("homeassistant/#", 1)])
+        wait_until(lambda: len(door.subacks) == 1 and len(reader.subacks) == 1, 5, "SUBACK")
+        chunk = b"m" * (512 * 1024)  # a backbone chunk (fedbell.wire.backbone.CHUNK_BYTES)
+        aggregator.client.publish(f"{BASE}/model/tflite/0", chunk, qos=1)
+        wait_until(lambda: len(door.received) == 1, 20, "a 512 KiB chunk")
+        aggregator.client.publish(f"{BASE}/model/tflite/1", b"x" * (1024 * 1024 + 1), qos=1)
+        # The doorbell tries to park 2 MiB on each topic it may write, then 1000 KiB.
+        writable = [f"doorbell/door1/{leaf}" for leaf in OUT]
+        writable += [f"{BASE}/status/door1", "homeassistant/device/door1/config"]
+        for topic in writable:
+            door.client.publish(topic, b"p" * (2 * 1024 * 1024), qos=1, retain=True)
+        # Over max_packet_size the broker drops the connection (MQTT v5 clients were
+        # told the limit in CONNACK); nothing was delivered or retained.
+        wait_until(door.disconnected.is_set, 10, "the doorbell disconnected")
         time.sleep(QUIET)
-        assert [len(payload) for _, payload in door.received] == [len(model)]
+        assert [len(payload) for _, payload in door.received] == [len(chunk)]
+        assert reader.received == []
+        again = site.probe("door1").start()
+        assert again.wait_connack()
+        for topic in writable:
+            again.client.publish(topic, b"q" * (1000 * 1024), qos=1, retain=True)
+        wait_until(lambda: len(reader.received) == len(writable) - 1, 20, "1000 KiB messages")
+        again.stop()
     finally:
-        aggregator.stop()
-        door.stop()
+        for probe in (aggregator, door, reader):
+            probe.stop()
+    # What stays retained for the next subscriber: at most 1 MiB per writable topic.
+    late = site.probe("homeassistant").start()
+    try:
+        assert late.wait_connack()
+        late.client.subscribe([("doorbell/door1/#", 1), ("homeassistant/#", 1)])
+        wait_until(lambda: len(late.received) >= len(writable) - 1, 20, "retained messages")
+        parked = sum(len(payload) for _, payload in late.received)
+        print(f"retained by one doorbell login, as Home Assistant sees it: {parked} B")
+        assert parked <= len(writable) * 1024 * 1024
+    finally:
+        late.stop()
 
 
 def test_retained_model_survives_a_broker_restart(

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 from fedbell.errors import RejectedMessage
 from fedbell.wire import envelope, messages
+from fedbell.wire.backbone import assemble, build_backbone, parse_manifest
 from fedbell.wire.codecs import decode_tensors, encode_tensors
 from fedbell.wire.protocol import Command, RoundAnnouncement, parse_json
 from fedbell.wire.topics import Topics
@@ -178,23 +179,43 @@ def test_signature_covers_the_header_fields() -> None:
         parse(tampered, keys={"door": key.public_key()})
 
 
-def test_tflite_artifact_is_a_lineage_backbone() -> None:
-    payload = messages.build_tflite(
+def test_the_backbone_travels_as_chunks_under_a_signed_manifest() -> None:
+    key = Ed25519PrivateKey.generate()
+    published = build_backbone(
         site="home",
-        signer=messages.Signer("aggregator"),
+        signer=messages.Signer("aggregator", key),
         version=0,
         round_id=0,
-        float_model=b"F" * 10,
-        int8_model=b"I" * 5,
+        float_model=b"F" * 3000,
+        int8_model=b"I" * 500,
         lineage="0123abcd",
+        epoch=5,
+        chunk_bytes=1024,
     )
-    artifact = messages.parse_tflite(payload, site="home", max_bytes=LIMIT, keys=None)
-    assert (artifact.float_model, artifact.int8_model) == (b"F" * 10, b"I" * 5)
-    assert (artifact.version, artifact.lineage) == (0, "0123abcd")
+    assert [len(chunk) for chunk in published.chunks] == [1024, 1024, 1024, 428]
+    keys = {"aggregator": key.public_key()}
+    manifest = parse_manifest(published.manifest, site="home", max_bytes=LIMIT, keys=keys)
+    assert (manifest.version, manifest.lineage, manifest.epoch) == (0, "0123abcd", 5)
+    artifact = assemble(manifest, dict(enumerate(published.chunks)))
+    assert (artifact.float_model, artifact.int8_model) == (b"F" * 3000, b"I" * 500)
+    with pytest.raises(RejectedMessage, match="incomplete_backbone"):
+        assemble(manifest, dict(enumerate(published.chunks[:3])))
+    with pytest.raises(RejectedMessage, match="bad_chunk"):
+        assemble(manifest, {**dict(enumerate(published.chunks)), 2: b"G" * 1024})
+    with pytest.raises(RejectedMessage, match="bad_signature"):  # a chunk list changed
+        parse_manifest(
+            with_meta(published.manifest, chunks=list(reversed(manifest.chunks))),
+            site="home",
+            max_bytes=LIMIT,
+            keys=keys,
+        )
     for lineage in ("", "a/b", "x" * 65, "line\n", None, 7):
         with pytest.raises(RejectedMessage, match="bad_lineage"):
-            messages.parse_tflite(
-                with_meta(payload, lineage=lineage), site="home", max_bytes=LIMIT, keys=None
+            parse_manifest(
+                with_meta(published.manifest, lineage=lineage),
+                site="home",
+                max_bytes=LIMIT,
+                keys=None,
             )
 
 

@@ -38,13 +38,13 @@ from fedbell.config import MqttSettings, SigningSettings
 from fedbell.faces.embedding import HEAD_NAMES
 from fedbell.faces.openset import UNKNOWN
 from fedbell.wire import signing
+from fedbell.wire.backbone import BackboneMessages, build_backbone
 from fedbell.wire.envelope import TensorSpec
 from fedbell.wire.messages import (
     AGGREGATOR,
     GlobalModel,
     Signer,
     build_global,
-    build_tflite,
     parse_update,
 )
 from fedbell.wire.protocol import DeviceStatus, RoundAnnouncement, TrainingPlan, parse_json, to_json
@@ -96,6 +96,7 @@ def global_payload(
     *,
     backbone: str = "0" * 64,
     lineage: str = LINEAGE,
+    epoch: int = 0,
     threshold: float = 0.0,
 ) -> bytes:
     names, weights = base
@@ -107,15 +108,20 @@ def global_payload(
         names=names,
         weights=weights,
         lineage=lineage,
+        epoch=epoch,
         threshold=threshold,
         backbone=backbone,
     )
 
 
 def tflite_payload(
-    models: BackboneModels, lineage: str = LINEAGE, version: int = 0, float_only: bool = False
-) -> bytes:
-    return build_tflite(
+    models: BackboneModels,
+    lineage: str = LINEAGE,
+    version: int = 0,
+    float_only: bool = False,
+    epoch: int = 0,
+) -> BackboneMessages:
+    return build_backbone(
         site=SITE,
         signer=Signer(AGGREGATOR),
         version=version,
@@ -123,6 +129,7 @@ def tflite_payload(
         float_model=models.float_model,
         int8_model=b"" if float_only else models.int8_model,
         lineage=lineage,
+        epoch=epoch,
     )
 
 
@@ -290,7 +297,7 @@ def test_selected_node_waits_for_its_base_model_and_trains_once(
     aggregator = Probe(broker.port, TOPICS.all_updates)
     config = make_config(tmp_path, broker.port, gallery)
     try:
-        aggregator.publish(TOPICS.tflite_model, tflite_payload(backbone_models), retain=True)
+        aggregator.publish_backbone(TOPICS, tflite_payload(backbone_models))
         with running(config) as node:
             aggregator.publish(TOPICS.round, round_payload(1), retain=True)
             time.sleep(0.5)  # the round arrives before the model it is based on
@@ -314,7 +321,7 @@ def test_a_doorbell_with_an_empty_gallery_skips_the_round(
 ) -> None:
     aggregator = Probe(broker.port, TOPICS.all_updates)
     try:
-        aggregator.publish(TOPICS.tflite_model, tflite_payload(backbone_models), retain=True)
+        aggregator.publish_backbone(TOPICS, tflite_payload(backbone_models))
         model = global_payload(base, 1, backbone=backbone_models.sha256)
         aggregator.publish(TOPICS.global_model, model, retain=True)
         aggregator.publish(TOPICS.round, round_payload(1), retain=True)
@@ -352,7 +359,7 @@ def test_held_update_is_sent_only_in_the_send_phase(
     config = make_config(tmp_path, broker.port, gallery)
     held = partial(round_payload, 2, send_when_trained=False, codec="topk")
     try:
-        aggregator.publish(TOPICS.tflite_model, tflite_payload(backbone_models), retain=True)
+        aggregator.publish_backbone(TOPICS, tflite_payload(backbone_models))
         model = global_payload(base, 1, backbone=backbone_models.sha256)
         aggregator.publish(TOPICS.global_model, model, retain=True)
         aggregator.publish(TOPICS.round, held(), retain=True)
@@ -394,7 +401,7 @@ def test_tampered_models_are_refused_and_updates_are_signed(
     signed = partial(global_payload, backbone=backbone_models.sha256)
     aggregator = Probe(broker.port, TOPICS.all_updates)
     try:
-        backbone = build_tflite(
+        backbone = build_backbone(
             site=SITE,
             signer=Signer(AGGREGATOR, aggregator_key),
             version=0,
@@ -402,8 +409,9 @@ def test_tampered_models_are_refused_and_updates_are_signed(
             float_model=backbone_models.float_model,
             int8_model=b"",
             lineage=LINEAGE,
+            epoch=0,
         )
-        aggregator.publish(TOPICS.tflite_model, backbone, retain=True)
+        aggregator.publish_backbone(TOPICS, backbone)
         with running(config) as node:
             aggregator.publish(TOPICS.global_model, signed(base, 1, aggregator_key))
             wait_until(lambda: node.model_version == 1)
@@ -439,7 +447,7 @@ def test_backbone_is_stored_and_the_gallery_scored(
         update={"inference": InferenceSettings(flavour="int8")}
     )
     try:
-        aggregator.publish(TOPICS.tflite_model, tflite_payload(backbone_models), retain=True)
+        aggregator.publish_backbone(TOPICS, tflite_payload(backbone_models))
         model = global_payload(base, 1, backbone=backbone_models.sha256)
         aggregator.publish(TOPICS.global_model, model, retain=True)
         with running(config) as node:
@@ -447,7 +455,7 @@ def test_backbone_is_stored_and_the_gallery_scored(
             assert node.gallery_accuracy == 1.0  # each chip named by the others' prototypes
             assert node.recognizer.ready
             wait_until(lambda: "leave-one-out accuracy 1.00" in next_status(aggregator).detail)
-            broken = build_tflite(
+            broken = build_backbone(
                 site=SITE,
                 signer=Signer(AGGREGATOR),
                 version=1,
@@ -455,8 +463,9 @@ def test_backbone_is_stored_and_the_gallery_scored(
                 float_model=b"not a flatbuffer",
                 int8_model=b"junk",
                 lineage=LINEAGE,
+                epoch=0,
             )
-            aggregator.publish(TOPICS.tflite_model, broken, retain=True)
+            aggregator.publish_backbone(TOPICS, broken)
             wait_until(lambda: node.counters["bad_artifact"] == 1)
             assert node.recognizer.ready  # the old backbone stays in use
             backbone = node.recognizer.backbone
@@ -471,7 +480,7 @@ def test_backbone_is_stored_and_the_gallery_scored(
             assert restarted.recognizer.ready
             wait_until(lambda: restarted.counters["bad_artifact"] == 1)  # v1 retried, refused
             assert restarted.recognizer.ready
-        aggregator.publish(TOPICS.tflite_model, tflite_payload(backbone_models), retain=True)
+        aggregator.publish_backbone(TOPICS, tflite_payload(backbone_models))
         as_float = config.model_copy(update={"inference": InferenceSettings(flavour="float")})
         with running(as_float) as changed:  # the flavour changed: the retained copy is used
             float_sha = hashlib.sha256(backbone_models.float_model).hexdigest()
@@ -509,7 +518,7 @@ def test_a_head_that_does_not_fit_the_backbone_is_refused(
 ) -> None:
     aggregator = Probe(broker.port, TOPICS.status(DEVICE))
     try:
-        aggregator.publish(TOPICS.tflite_model, tflite_payload(backbone_models), retain=True)
+        aggregator.publish_backbone(TOPICS, tflite_payload(backbone_models))
         good = (list(HEAD_NAMES), [projection()])
         wrong = (list(HEAD_NAMES), [np.eye(128, dtype=np.float32)])  # takes 128, not 256
         with running(make_config(tmp_path, broker.port, gallery)) as node:
@@ -535,13 +544,16 @@ def test_a_new_lineage_is_accepted_at_version_0_and_its_rounds_start_afresh(
     base: Base,
     backbone_models: BackboneModels,
 ) -> None:
-    """An aggregator reset or upgrade: version 0 of another lineage replaces version 5."""
+    """An aggregator reset or upgrade: version 0 of another lineage replaces version 5.
+
+    Issue 18 item 7: only a lineage of a higher epoch does; the older lineage's signed
+    head or backbone replayed on the model topics afterwards is refused."""
     aggregator = Probe(broker.port, TOPICS.all_updates)
     config = make_config(tmp_path, broker.port, gallery)
-    old = partial(global_payload, base, backbone=backbone_models.sha256, lineage="old")
-    new = partial(global_payload, base, backbone=backbone_models.sha256, lineage="new")
+    old = partial(global_payload, base, backbone=backbone_models.sha256, lineage="old", epoch=1)
+    new = partial(global_payload, base, backbone=backbone_models.sha256, lineage="new", epoch=2)
     try:
-        aggregator.publish(TOPICS.tflite_model, tflite_payload(backbone_models, "old"), retain=True)
+        aggregator.publish_backbone(TOPICS, tflite_payload(backbone_models, "old", epoch=1))
         aggregator.publish(TOPICS.global_model, old(5), retain=True)
         aggregator.publish(
             TOPICS.round, round_payload(7, base_version=5, lineage="old"), retain=True
@@ -550,22 +562,23 @@ def test_a_new_lineage_is_accepted_at_version_0_and_its_rounds_start_afresh(
             check_update(received(aggregator, TOPICS.update(DEVICE)), base, 7, base_version=5)
             wait_until(lambda: node.last_round == 7)
             aggregator.publish(TOPICS.global_model, old(4))  # older, same lineage: ignored
-            aggregator.publish(TOPICS.tflite_model, tflite_payload(backbone_models, "new"))
+            aggregator.publish_backbone(TOPICS, tflite_payload(backbone_models, "new", epoch=2))
             aggregator.publish(TOPICS.global_model, new(0), retain=True)
             wait_until(lambda: node.model_version == 0)
             assert node.last_round == 0  # the old lineage's round counter is gone
             assert NodeState(config.state_dir).load_last_round() == 0
-            aggregator.publish(TOPICS.global_model, old(6))  # the old lineage again: accepted
-            wait_until(lambda: node.model_version == 6)
-            aggregator.publish(TOPICS.global_model, new(0))
-            wait_until(lambda: node.model_version == 0)
+            aggregator.publish(TOPICS.global_model, old(6))  # the old lineage replayed: refused
+            aggregator.publish_backbone(TOPICS, tflite_payload(backbone_models, "old", epoch=1))
+            wait_until(lambda: node.counters["old_lineage"] == 2)
+            assert node.model_version == 0
+            assert node.artifacts._installed == ("new", 0)
             aggregator.publish(TOPICS.round, round_payload(1, base_version=0, lineage="new"))
             check_update(received(aggregator, TOPICS.update(DEVICE)), base, 1, base_version=0)
             wait_until(lambda: node.last_round == 1)
             stored = NodeState(config.state_dir).load_global()
             assert stored is not None
             assert (stored.lineage, stored.version) == ("new", 0)
-            assert not node.counters
+            assert node.counters == {"old_lineage": 2}
     finally:
         aggregator.close()
 
@@ -588,7 +601,7 @@ def test_an_old_closed_set_state_folder_is_dropped_for_the_new_lineage(
     NodeState(state).save_last_round(29)
     aggregator = Probe(broker.port, TOPICS.all_updates)
     try:
-        aggregator.publish(TOPICS.tflite_model, tflite_payload(backbone_models), retain=True)
+        aggregator.publish_backbone(TOPICS, tflite_payload(backbone_models))
         model = global_payload(base, 0, backbone=backbone_models.sha256)
         aggregator.publish(TOPICS.global_model, model, retain=True)
         with running(make_config(tmp_path, broker.port, gallery)) as node:
@@ -614,7 +627,7 @@ def test_enrollment_and_removal_take_effect_at_once_and_send_nothing(
     visitor = chips_of(4, 1, 400)[0]
     aggregator = Probe(broker.port)
     try:
-        aggregator.publish(TOPICS.tflite_model, tflite_payload(backbone_models), retain=True)
+        aggregator.publish_backbone(TOPICS, tflite_payload(backbone_models))
         model = global_payload(base, 1, backbone=backbone_models.sha256, threshold=0.95)
         aggregator.publish(TOPICS.global_model, model, retain=True)
         with running(config) as node:
@@ -693,7 +706,7 @@ def test_a_labelled_unknown_visitor_is_named_on_the_next_visit(
     )
     aggregator = Probe(broker.port, "doorbell/frontdoor/visitor")
     try:
-        aggregator.publish(TOPICS.tflite_model, tflite_payload(backbone_models), retain=True)
+        aggregator.publish_backbone(TOPICS, tflite_payload(backbone_models))
         model = global_payload(base, 1, backbone=backbone_models.sha256, threshold=0.975)
         aggregator.publish(TOPICS.global_model, model, retain=True)
         with running(config) as node:

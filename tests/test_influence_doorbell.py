@@ -46,7 +46,7 @@ def test_a_model_far_worse_on_the_gallery_is_not_installed(  # noqa: PLR0917 - f
     config = make_config(tmp_path, broker.port, gallery)
     sha = backbone_models.sha256
     try:
-        aggregator.publish(TOPICS.tflite_model, tflite_payload(backbone_models), retain=True)
+        aggregator.publish_backbone(TOPICS, tflite_payload(backbone_models))
         aggregator.publish(TOPICS.global_model, global_payload(base, 1, backbone=sha), retain=True)
         with running(config) as node:
             wait_until(lambda: node.gallery_accuracy == 1.0)

@@ -7,7 +7,6 @@ tensor specs and the values before returning anything the caller can use.
 
 from __future__ import annotations
 
-import hashlib
 import re
 import time
 from collections.abc import Mapping, Sequence
@@ -49,6 +48,26 @@ def check_lineage(value: object) -> str:
     return value
 
 
+def check_epoch(value: object) -> int:
+    """A lineage's epoch: an integer that only grows from one lineage to the next."""
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= 2**53:
+        raise RejectedMessage("bad_header", f"lineage epoch {value!r} is not an integer >= 0")
+    return value
+
+
+def resign(payload: bytes, signer: Signer, max_bytes: int) -> bytes:
+    """The same envelope signed by `signer` (unchanged without a key).
+
+    The aggregator republishes its retained head at every start: after a key
+    rotation it must carry the new key's signature, or re-imaged doorbells
+    (which trust only the new key) refuse it.
+    """
+    if signer.key is None:
+        return payload
+    header, body = envelope.decode(payload, max_bytes)
+    return envelope.encode(signing.sign(header, signer.key), body)
+
+
 @dataclass(frozen=True)
 class GlobalModel:
     """The federated head of one model version; it carries no names and no faces."""
@@ -64,13 +83,18 @@ class GlobalModel:
     """sha256 of the backbone TFLite (float flavour) this head goes with."""
     meta: Mapping[str, Any] = field(default_factory=dict)
 
+    @property
+    def epoch(self) -> int:
+        """The lineage's epoch (signed, checked by `parse_global`): only grows."""
+        return int(self.meta.get("epoch", 0))
+
 
 @dataclass(frozen=True)
 class TfliteArtifact:
     """The backbone a lineage's heads run on: float and int8 TFLite flatbuffers.
 
-    Published once per lineage (retained), not per round: rounds only change
-    the head, which travels in the global model.
+    Published once per lineage (retained, in chunks: `fedbell.wire.backbone`),
+    not per round: rounds only change the head, which travels in the global model.
     """
 
     version: int
@@ -158,11 +182,12 @@ def build_global(
     lineage: str,
     threshold: float,
     backbone: str,
+    epoch: int = 0,
     codec: Codec = "float32",
     meta: Mapping[str, Any] | None = None,
 ) -> bytes:
     specs, body = encode_tensors(names, weights, codec)
-    identity = {"lineage": lineage, "threshold": threshold, "backbone": backbone}
+    identity = {"lineage": lineage, "epoch": epoch, "threshold": threshold, "backbone": backbone}
     header = _header(
         "global",
         site=site,
@@ -173,36 +198,6 @@ def build_global(
         body=body,
         tensors=specs,
         meta={"created": time.time(), **(meta or {}), **identity},
-    )
-    return _seal(header, body, signer)
-
-
-def build_tflite(
-    *,
-    site: str,
-    signer: Signer,
-    version: int,
-    round_id: int,
-    float_model: bytes,
-    int8_model: bytes,
-    lineage: str,
-) -> bytes:
-    body = float_model + int8_model
-    header = _header(
-        "tflite",
-        site=site,
-        round_id=round_id,
-        version=version,
-        signer=signer,
-        codec="tflite",
-        body=body,
-        compression="none",
-        meta={
-            "lineage": lineage,
-            "float_sha256": hashlib.sha256(float_model).hexdigest(),
-            "float_size": len(float_model),
-            "int8_size": len(int8_model),
-        },
     )
     return _seal(header, body, signer)
 
@@ -289,6 +284,7 @@ def parse_global(
         check_specs(header.tensors, expected)
     meta = header.meta
     lineage = check_lineage(meta.get("lineage"))
+    check_epoch(meta.get("epoch"))
     threshold, backbone = meta.get("threshold"), meta.get("backbone")
     if not isinstance(threshold, int | float) or not -1.0 <= float(threshold) <= 1.0:
         raise RejectedMessage("bad_header", f"threshold {threshold!r} is not a cosine in [-1, 1]")
@@ -306,30 +302,4 @@ def parse_global(
         threshold=float(threshold),
         backbone=backbone,
         meta=meta,
-    )
-
-
-def parse_tflite(
-    payload: bytes, *, site: str, max_bytes: int, keys: Mapping[str, Ed25519PublicKey] | None
-) -> TfliteArtifact:
-    header, body = _open(
-        payload, "tflite", site=site, sender=AGGREGATOR, max_bytes=max_bytes, keys=keys
-    )
-    meta = header.meta
-    lineage = check_lineage(meta.get("lineage"))
-    try:
-        float_size = int(meta["float_size"])
-        int8_size = int(meta["int8_size"])
-    except (KeyError, TypeError, ValueError) as err:
-        raise RejectedMessage("bad_header", f"tflite meta: {err!r}") from None
-    if float_size < 0 or int8_size < 0 or float_size + int8_size != len(body):
-        raise RejectedMessage("bad_size", "tflite part sizes do not add up to the body")
-    if float_size == 0:
-        raise RejectedMessage("bad_size", "tflite artifact without its float model")
-    return TfliteArtifact(
-        version=header.model_version,
-        round=header.round,
-        float_model=body[:float_size],
-        int8_model=body[float_size:],
-        lineage=lineage,
     )

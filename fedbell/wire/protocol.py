@@ -152,6 +152,11 @@ class DeviceStatus(Message):
     gallery_size: int = Field(default=0, ge=0)
     last_round: int = Field(default=0, ge=0)
     detail: str = ""
+    rejected: dict[str, int] = Field(
+        default_factory=dict,
+        description="The aggregator's: messages refused since it started, by reason "
+        "(rejected updates get no reply, only these counts and the round's metrics).",
+    )
 
 
 class RoundMetrics(Message):

@@ -59,6 +59,21 @@ class Topics:
     def tflite_model(self) -> str:
         return f"{self.base}/model/tflite"
 
+    def backbone_chunk(self, index: int) -> str:
+        """Chunk `index` of the backbone whose manifest is on `tflite_model`."""
+        return f"{self.tflite_model}/{index}"
+
+    @property
+    def backbone_chunks(self) -> str:
+        return f"{self.tflite_model}/+"
+
+    def chunk_index(self, topic: str) -> int:
+        """The index in a backbone chunk's topic; ValueError for any other topic."""
+        prefix, _, index = topic.rpartition("/")
+        if prefix != self.tflite_model or not re.fullmatch(r"[0-9]{1,4}", index):
+            raise ValueError(f"{topic!r} is not a backbone chunk topic of site {self.site!r}")
+        return int(index)
+
     @property
     def metrics(self) -> str:
         return f"{self.base}/metrics"
