@@ -19,12 +19,13 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Literal
 
 import cv2
 import numpy as np
 import numpy.typing as npt
 import paho.mqtt.client as mqtt
+from pydantic import BaseModel, ConfigDict, Field
 
 from edge.feedback import FeedbackError, RecentCrops, apply_label
 from edge.gallery import Gallery
@@ -46,8 +47,43 @@ EVENT_QOS = 1
 Callback = Callable[[mqtt.Client, Any, mqtt.MQTTMessage], None]
 
 
+ISO_TIME = r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?Z$"
+"""UTC ISO-8601 with a Z, as `now_iso` writes it (and Home Assistant reads it)."""
+
+
 def now_iso() -> str:
     return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+class DoorbellEvent(BaseModel):
+    """What every doorbell event carries. The console reads events through the JSON
+    schema of these models (console/static/messages.js, `python -m console.schema`)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    event_id: str = Field(description="Names the event in a label command.")
+    time: str = Field(
+        pattern=ISO_TIME,
+        json_schema_extra={"format": "date-time"},
+        description="When it happened: UTC ISO-8601, e.g. 2026-12-06T05:12:30.458Z.",
+    )
+
+
+class VisitorEvent(DoorbellEvent):
+    """`doorbell/<device>/visitor`: one visit's decision."""
+
+    event_type: Literal["known", "unknown"]
+    person: str = Field(description='The enrolled person, or "unknown".')
+    confidence: float = Field(description="Cosine similarity to the nearest enrolled person.")
+    box: list[int] | None = Field(description="x, y, width, height of the face in the frame.")
+
+
+class RingEvent(DoorbellEvent):
+    """`doorbell/<device>/ring`: the bell rang (button, command or a face at the door)."""
+
+    event_type: Literal["ring"]
+    source: str = Field(description="button, command or face.")
+    person: str | None = Field(description="Who stood at the door, if a face rang it.")
 
 
 def new_event_id() -> str:
@@ -146,15 +182,15 @@ class EventPublisher:
         event_id = new_event_id()
         if crop is not None:
             self.crops.add(event_id, crop, person)
-        payload = {
-            "event_type": "unknown" if person == "unknown" else "known",
-            "event_id": event_id,
-            "time": now_iso(),
-            "person": person,
-            "confidence": round(float(confidence), 4),
-            "box": None if box is None else [int(v) for v in box],
-        }
-        self._publish(self.topics.visitor, json.dumps(payload), retain=False)
+        payload = VisitorEvent(
+            event_type="unknown" if person == "unknown" else "known",
+            event_id=event_id,
+            time=now_iso(),
+            person=person,
+            confidence=round(float(confidence), 4),
+            box=None if box is None else [int(v) for v in box],
+        )
+        self._publish(self.topics.visitor, payload.model_dump_json(), retain=False)
         self._maybe_snapshot(frame)
         return event_id
 
@@ -162,14 +198,10 @@ class EventPublisher:
         self, source: str, person: str | None = None, frame: npt.NDArray[np.uint8] | None = None
     ) -> str:
         event_id = new_event_id()
-        payload = {
-            "event_type": "ring",
-            "event_id": event_id,
-            "time": now_iso(),
-            "source": source,
-            "person": person,
-        }
-        self._publish(self.topics.ring, json.dumps(payload), retain=False)
+        payload = RingEvent(
+            event_type="ring", event_id=event_id, time=now_iso(), source=source, person=person
+        )
+        self._publish(self.topics.ring, payload.model_dump_json(), retain=False)
         self._maybe_snapshot(frame)
         return event_id
 
