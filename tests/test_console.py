@@ -208,13 +208,13 @@ def doorbell(page: Any, device: str, cell: str) -> Any:
 def test_the_console_drives_a_real_federation(
     broker: LocalBroker, federation: dict[str, Any], browser: Any
 ) -> None:
-    control = Probe(broker.port, TOPICS.control)
+    control = Probe(broker.port, TOPICS.control, TOPICS.metrics)
     visits = Probe(broker.port, "doorbell/+/visitor")
     page = browser.new_page(viewport={"width": 1280, "height": 900})
     errors: list[str] = []
     page.on("pageerror", lambda err: errors.append(str(err)))
     try:
-        page.goto(page_url("127.0.0.1", broker.ws_port, SITE))
+        page.goto(page_url("127.0.0.1", broker.ws_port, SITE, mqtt_port=broker.port))
         expect(page.locator("#connection")).to_have_text("connected")
         for door in DOORS:  # their retained statuses, then live ones
             expect(doorbell(page, door, "state")).to_have_text("online", timeout=90_000)
@@ -224,12 +224,19 @@ def test_the_console_drives_a_real_federation(
         page.click("#start-round")
         # Exactly what the mosquitto_pub line in the README (and `make demo`) sends.
         assert control.wait_for(TOPICS.control, 10).payload == b'{"cmd":"start_round"}'
-        expect(page.locator("#sent")).to_contain_text('-m \'{"cmd":"start_round"}\'')
+        # ...to this broker: pasted in a shell, the line does what the button did.
+        expect(page.locator("#sent")).to_have_text(start_round_line("127.0.0.1", broker.port, SITE))
         expect(page.locator("#round-body .round-id")).to_have_text("1")
+        expect(page.locator("#round-body .deadline")).to_contain_text("deadline")
         expect(page.locator("#reply")).to_contain_text("done start_round")
         expect(page.locator("#version")).to_have_text("v1", timeout=120_000)
         expect(page.locator("#accuracy")).to_have_text(re.compile(r"\d{1,3}\.\d %"))
         expect(page.locator("#round-body .phase")).to_have_text("closed")
+        expect(page.locator("#round-body .deadline")).to_have_count(0)  # nothing to wait for
+        metrics = RoundMetrics.model_validate_json(control.wait_for(TOPICS.metrics, 10).payload)
+        row = page.locator("#rounds tbody tr").first
+        for column, sent in ((6, metrics.bytes_up), (7, metrics.bytes_down)):  # kB: 1000 B
+            expect(row.locator(f"td:nth-child({column})")).to_have_text(f"{sent / 1000:.1f} kB")
         for door in DOORS:
             expect(doorbell(page, door, "update")).to_contain_text("round 1: accepted")
             expect(doorbell(page, door, "model")).to_have_text("v1", timeout=30_000)
@@ -247,6 +254,13 @@ def test_the_console_drives_a_real_federation(
         expect(page.locator("#reply")).to_contain_text("refused (unreadable command): bad_json")
         page.click("#aggregate")
         expect(page.locator("#reply")).to_contain_text("refused aggregate: bad_state")
+        while not control.messages.empty():
+            control.messages.get_nowait()
+        page.fill("#auto-rounds", "0")  # not "auto 1": nothing is sent
+        page.click("#auto")
+        expect(page.locator("#reply")).to_contain_text("nothing sent")
+        time.sleep(1.0)
+        assert [m.topic for m in list(control.messages.queue)] == []
 
         # A doorbell dies: its last will reaches the page within the keepalive window.
         killed_at = time.monotonic()
@@ -408,6 +422,29 @@ def test_what_the_producers_send_is_what_the_page_reads(
         client.loop_stop()
         client.disconnect()
         heard.close()
+
+
+def test_the_gallery_line_says_what_to_do() -> None:
+    from edge.artifacts import gallery_summary
+    from edge.gallery import GalleryFeatures
+
+    gallery = GalleryFeatures(
+        persons=("ann", "bob", "cy"),
+        labels=np.array([0, 0, 0, 1, 2, 2], np.int64),
+        features=np.zeros((6, 4), np.float32),
+        files=tuple(f"p/{i}.png" for i in range(6)),
+        backbone="b" * 64,
+        skipped=("cy/blurred.png",),
+    )
+    assert gallery_summary(gallery, 0.75) == (
+        "3 people, 6 photos; 2 with fewer than 3 photos: enroll more; "
+        "1 photo without a usable face; 25% of photos look more like someone else"
+    )
+    assert "ann" not in gallery_summary(gallery, None)  # the status leaves the house
+    single = GalleryFeatures(
+        ("ann",), np.zeros(3, np.int64), np.zeros((3, 4), np.float32), ("a", "b", "c"), "b" * 64
+    )
+    assert gallery_summary(single, 1.0) == "1 person, 3 photos"
 
 
 def test_start_round_line_is_what_the_button_sends() -> None:

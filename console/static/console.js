@@ -138,11 +138,12 @@ function read(kind, data) {
 
 const percent = (v) => (v === null || v === undefined ? "–" : `${(100 * v).toFixed(1)} %`);
 
+// kB = 1000 B, as the demo and the benchmarks print them.
 function human(bytes) {
   if (bytes === null || bytes === undefined) return "–";
-  if (bytes < 1024) return `${bytes} B`;
-  if (bytes < 1024 * 1024) return `${(bytes / 1024).toFixed(1)} kB`;
-  return `${(bytes / 1024 / 1024).toFixed(2)} MB`;
+  if (bytes < 1000) return `${bytes} B`;
+  if (bytes < 1000 * 1000) return `${(bytes / 1000).toFixed(1)} kB`;
+  return `${(bytes / 1000 / 1000).toFixed(2)} MB`;
 }
 
 // Times are Unix seconds (the aggregator's) or ISO-8601 strings (the doorbells').
@@ -359,7 +360,8 @@ function renderRound() {
   }
   body.className = "item";
   const left = round.deadline === null ? null : Math.round(round.deadline - Date.now() / 1000);
-  const open = round.phase === "train" || round.phase === "send";
+  // A closed or abandoned round has no deadline left to show.
+  const open = round.phase !== "closed" && round.phase !== "abandoned";
   body.replaceChildren(
     el("span", "round "),
     el("strong", round.round, "round-id"),
@@ -368,11 +370,12 @@ function renderRound() {
     el("span", `, base version ${round.base_version ?? "?"}, codec ${round.codec ?? "?"}`),
     el("br"),
     el("span", `doorbells: ${round.selected.join(", ") || "none"}`),
-    el("br"),
-    el("span", round.deadline === null ? "no deadline" :
-      `deadline ${clock(round.deadline)}` +
-      (open ? ` (${left >= 0 ? `in ${left} s` : `passed ${-left} s ago`})` : ""), "deadline"),
   );
+  if (open) {
+    body.append(el("br"), el("span", round.deadline === null ? "no deadline" :
+      `deadline ${clock(round.deadline)} ` +
+      `(${left >= 0 ? `in ${left} s` : `passed ${-left} s ago`})`, "deadline"));
+  }
 }
 
 function renderModel() {
@@ -400,8 +403,8 @@ function renderModel() {
   labelCells($("rounds"));
   chart($("accuracy-chart"), rounds, [["accuracy", "#1565c0", (v) => 100 * v]], "accuracy %", 100);
   chart($("bytes-chart"), rounds, [
-    ["bytes_up", "#2e7d32", (v) => v / 1024],
-    ["bytes_down", "#ef6c00", (v) => v / 1024],
+    ["bytes_up", "#2e7d32", (v) => v / 1000],
+    ["bytes_down", "#ef6c00", (v) => v / 1000],
   ], "kB up (green) / down (orange)", null);
   renderRejections(last);
 }
@@ -499,12 +502,33 @@ function renderVisits() {
 
 // -- controls -----------------------------------------------------------------------
 
+// The shell command that sends the same to the same broker: the page's host, its MQTT
+// port (?mqtt=, which `make demo` puts in the address; else the standard one), and over
+// TLS the operator bundle's files and login (run it in that bundle's folder).
+function publishLine(payload) {
+  const tls = location.protocol === "https:";
+  const given = params.get("mqtt") || "";
+  const port = /^\d{1,5}$/.test(given) ? given : (tls ? 8883 : 1883);
+  const user = $("username").value;
+  return ["mosquitto_pub", "-h", location.hostname, "-p", port,
+    ...(tls ? ["--cafile", "ca.crt", "--cert", "client.crt", "--key", "client.key"] : []),
+    ...(user ? ["-u", user, "-P", '"$(cat mqtt-password)"'] : []),
+    "-q", "1", "-t", TOPICS.control, "-m", `'${payload}'`].join(" ");
+}
+
 function command(cmd) {
   const message = { cmd };
-  if (cmd === "auto") message.rounds = Math.max(1, parseInt($("auto-rounds").value, 10) || 1);
+  if (cmd === "auto") {
+    const rounds = Number($("auto-rounds").value);
+    if (!Number.isInteger(rounds) || rounds < 1) {
+      $("reply").textContent = "auto: give a whole number of rounds, 1 or more: nothing sent";
+      $("reply").className = "item error";
+      return;
+    }
+    message.rounds = rounds;
+  }
   const payload = JSON.stringify(message);
-  // Exactly what `mosquitto_pub -t <control> -m '<payload>'` sends.
-  $("sent").textContent = `mosquitto_pub -q 1 -t ${TOPICS.control} -m '${payload}'`;
+  $("sent").textContent = publishLine(payload);
   if (client === null || !client.connected) {
     $("reply").textContent = "not connected to the broker: nothing sent";
     $("reply").className = "item error";
@@ -573,8 +597,9 @@ function start() {
     $("fatal").hidden = false;
     return;
   }
-  if (!/^[A-Za-z0-9_-]{1,64}$/.test(site)) {
-    $("fatal").textContent = "add ?site=<site id> to the address (e.g. ?site=home).";
+  if (!/^[A-Za-z0-9_-]{1,64}$/.test(site) || !/^[A-Za-z0-9_-]{1,64}$/.test(root)) {
+    $("fatal").textContent = "add ?site=<site id> to the address (e.g. ?site=home); " +
+      "a root= must be a topic segment too.";
     $("fatal").hidden = false;
     return;
   }
