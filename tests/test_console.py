@@ -13,12 +13,14 @@ import http.client
 import json
 import re
 import shutil
+import socket
 import ssl
 import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import cv2
 import numpy as np
@@ -445,6 +447,30 @@ def test_the_gallery_line_says_what_to_do() -> None:
         ("ann",), np.zeros(3, np.int64), np.zeros((3, 4), np.float32), ("a", "b", "c"), "b" * 64
     )
     assert gallery_summary(single, 1.0) == "1 person, 3 photos"
+
+
+def test_a_link_cannot_send_the_login_to_another_broker(broker: LocalBroker, browser: Any) -> None:
+    """`?broker=` once pointed the login form anywhere: the page now logs in only to the
+    broker that served it, whatever the link says."""
+    elsewhere = socket.create_server(("127.0.0.1", 0))
+    elsewhere.settimeout(0.2)
+    other = f"ws://127.0.0.1:{elsewhere.getsockname()[1]}/mqtt"
+    page = browser.new_page()
+    try:
+        page.goto(f"{page_url('127.0.0.1', broker.ws_port, SITE)}&broker={quote(other)}")
+        expect(page.locator("#connection")).to_have_text("connected")
+        own = f"ws://127.0.0.1:{broker.ws_port}/mqtt"
+        expect(page.locator("#broker-url")).to_have_value(own)
+        assert page.locator("#broker-url").get_attribute("readonly") is not None
+        page.fill("#username", "operator")
+        page.fill("#password", "secret")
+        page.click("#connect")  # the local broker is anonymous: the login is accepted
+        expect(page.locator("#connection")).to_have_text("connected")
+        with pytest.raises(TimeoutError):
+            elsewhere.accept()  # nothing ever knocked at the other address
+    finally:
+        page.close()
+        elsewhere.close()
 
 
 def test_start_round_line_is_what_the_button_sends() -> None:

@@ -23,6 +23,9 @@ const TOPICS = {
   events: ["visitor", "ring", "snapshot"].map((leaf) => `doorbell/+/${leaf}`),
 };
 const VISITS_SHOWN = 5;
+// The page logs in only to the broker that served it: no address from a link (a
+// `?broker=` once let a link send the operator's password to another host).
+const BROKER_URL = `${location.protocol === "https:" ? "wss" : "ws"}://${location.host}/mqtt`;
 
 const state = {
   doorbells: new Map(), // id -> {status, error, update}
@@ -567,7 +570,7 @@ function connect() {
     options.username = username;
     options.password = $("password").value;
   }
-  client = mqtt.connect($("broker-url").value, options);
+  client = mqtt.connect(BROKER_URL, options);
   client.on("connect", () => {
     setConnection("connected", "online");
     const topics = [TOPICS.round, TOPICS.metrics, TOPICS.aggregator, TOPICS.reply,
@@ -605,8 +608,7 @@ function start() {
   }
   $("site-name").textContent = `site ${site}`;
   document.title = `fedbell ${site}`;
-  const scheme = location.protocol === "https:" ? "wss" : "ws";
-  $("broker-url").value = params.get("broker") || `${scheme}://${location.host}/mqtt`;
+  $("broker-url").value = BROKER_URL;
   $("username").value = params.get("user") || "";
   for (const button of document.querySelectorAll("button[data-cmd]")) {
     button.addEventListener("click", () => command(button.dataset.cmd));
