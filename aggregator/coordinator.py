@@ -25,6 +25,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from aggregator.accumulator import Step, make_accumulator, next_step
 from aggregator.config import AggregatorConfig
 from aggregator.export import Exporter, Release
+from aggregator.history import history_before
 from aggregator.persistence import OPEN, Persistence, SavedModel
 from aggregator.rounds import Round, announce, select_devices
 from aggregator.state import StateStore
@@ -570,6 +571,7 @@ class Coordinator:
                     "seconds": round(self.clock() - current.started_at, 3),
                     "rejected": dict(current.rejected),
                     "dropped": list(self.next_step.dropped) if release and self.next_step else [],
+                    "history": history_before(self.persistence.last_metrics(), current.id),
                 }
             )
         )

@@ -23,6 +23,8 @@ const TOPICS = {
   events: ["visitor", "ring", "snapshot"].map((leaf) => `doorbell/+/${leaf}`),
 };
 const VISITS_SHOWN = 5;
+const ROUNDS_LISTED = 10; // the table's rows; the charts plot every round the page holds
+const ROUNDS_KEPT = 500;
 // The page logs in only to the broker that served it: no address from a link (a
 // `?broker=` once let a link send the operator's password to another host).
 const BROKER_URL = `${location.protocol === "https:" ? "wss" : "ws"}://${location.host}/mqtt`;
@@ -107,7 +109,8 @@ function fits(value, schema, root) {
         (!s.pattern || new RegExp(s.pattern).test(value)) &&
         (s.format !== "date-time" || !Number.isNaN(Date.parse(value)));
     case "array":
-      return Array.isArray(value) && (!s.items || value.every((v) => fits(v, s.items, root)));
+      return Array.isArray(value) && value.length <= (s.maxItems ?? Infinity) &&
+        (!s.items || value.every((v) => fits(v, s.items, root)));
     case "object": {
       if (value === null || typeof value !== "object" || Array.isArray(value)) return false;
       const properties = s.properties || {};
@@ -209,6 +212,15 @@ function onMetrics(payload) {
       state.rejectedTotal.set(reason, (state.rejectedTotal.get(reason) || 0) + count);
     }
     state.rounds.set(metrics.round, metrics);
+    // The lineage's earlier rounds, retained with the metrics: the charts start filled.
+    for (const earlier of metrics.history) {
+      if (!state.rounds.has(earlier.round)) {
+        state.rounds.set(earlier.round, { ...earlier, seconds: null, rejected: {} });
+      }
+    }
+    for (const round of [...state.rounds.keys()].sort((a, b) => a - b).slice(0, -ROUNDS_KEPT)) {
+      state.rounds.delete(round);
+    }
     error.hidden = true;
   } catch (err) {
     error.textContent = `malformed metrics: ${err.message}`;
@@ -393,7 +405,9 @@ function renderModel() {
   }
   const body = $("rounds").querySelector("tbody");
   body.replaceChildren();
-  for (const m of [...rounds].reverse()) {
+  $("rounds-shown").textContent = rounds.length > ROUNDS_LISTED ?
+    `the last ${ROUNDS_LISTED} of ${rounds.length} rounds` : "";
+  for (const m of rounds.slice(-ROUNDS_LISTED).reverse()) {
     const row = el("tr");
     row.append(
       el("td", m.round), el("td", m.outcome ?? "?", m.outcome ?? ""),
@@ -409,6 +423,8 @@ function renderModel() {
     ["bytes_up", "#2e7d32", (v) => v / 1000],
     ["bytes_down", "#ef6c00", (v) => v / 1000],
   ], "kB up (green) / down (orange)", null);
+  chart($("participants-chart"), rounds, [["participants", "#6a1b9a", (v) => v]],
+    "doorbells whose update counted", null);
   renderRejections(last);
 }
 

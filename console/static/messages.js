@@ -3,6 +3,65 @@
 "use strict";
 const MESSAGE_SCHEMAS = {
  "metrics": {
+  "$defs": {
+   "RoundSummary": {
+    "additionalProperties": false,
+    "description": "One earlier round, as a metrics message's history keeps it.",
+    "properties": {
+     "accuracy": {
+      "anyOf": [
+       {
+        "type": "number"
+       },
+       {
+        "type": "null"
+       }
+      ],
+      "default": null,
+      "title": "Accuracy"
+     },
+     "bytes_down": {
+      "title": "Bytes Down",
+      "type": "integer"
+     },
+     "bytes_up": {
+      "title": "Bytes Up",
+      "type": "integer"
+     },
+     "outcome": {
+      "enum": [
+       "published",
+       "aggregated",
+       "abandoned"
+      ],
+      "title": "Outcome",
+      "type": "string"
+     },
+     "participants": {
+      "title": "Participants",
+      "type": "integer"
+     },
+     "round": {
+      "title": "Round",
+      "type": "integer"
+     },
+     "version": {
+      "title": "Version",
+      "type": "integer"
+     }
+    },
+    "required": [
+     "round",
+     "version",
+     "outcome",
+     "participants",
+     "bytes_up",
+     "bytes_down"
+    ],
+    "title": "RoundSummary",
+    "type": "object"
+   }
+  },
   "additionalProperties": false,
   "properties": {
    "accuracy": {
@@ -36,6 +95,15 @@ const MESSAGE_SCHEMAS = {
    "examples": {
     "title": "Examples",
     "type": "integer"
+   },
+   "history": {
+    "description": "The lineage's earlier rounds, oldest first, at most HISTORY_ROUNDS: retained with the metrics, so a console opened now plots them at once.",
+    "items": {
+     "$ref": "#/$defs/RoundSummary"
+    },
+    "maxItems": 100,
+    "title": "History",
+    "type": "array"
    },
    "outcome": {
     "enum": [
