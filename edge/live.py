@@ -88,11 +88,14 @@ class LiveDoorbell:
         self.publisher.on_labelled = on_gallery_changed
         if strangers is not None:
             self.publisher.on_named = strangers.forget
+        # A replay runs on its own time, with the replay's visit timeout and debounce.
+        replays = config.camera.replays
         self.pipeline = Pipeline(
             make_detector(config.detection),
             recognizer,
             self.publisher,
-            recognition,
+            recognition.for_replay() if replays else recognition,
+            frame_period_s=1.0 / config.camera.fps if replays else None,
             on_stranger=None if strangers is None else strangers.add,
         )
         self.publisher.on_ring_command = lambda: self.pipeline.ring("command")

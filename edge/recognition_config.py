@@ -91,6 +91,20 @@ class CameraConfig(_Section):
             )
         return self
 
+    @property
+    def replays(self) -> bool:
+        """A recording (an image folder or a video file), not a live camera."""
+        if self.kind == "folder":
+            return True
+        device = self.device
+        return (
+            self.kind == "opencv"
+            and self.device_file is None
+            and isinstance(device, str)
+            and not device.isdigit()
+            and "://" not in device
+        )
+
     def opencv_device(self) -> int | str:
         """`device`, or the URL in `device_file` (read now; its text is never logged)."""
         if self.device_file is None:
@@ -226,6 +240,20 @@ class RecognitionConfig(_Section):
         description="The person-present sensor turns off, and a visit ends, after this many "
         "seconds without a face",
     )
+    replay_absent_after_s: float = Field(
+        default=0.5,
+        gt=0.0,
+        title="Replay: visit ends",
+        description="For a replay (camera.kind folder, or a video file): replaces "
+        "absent_after_s, in the replay's own time (frames × 1/camera.fps, whatever the "
+        "machine's speed); a replay's visitors are often only a few empty frames apart",
+    )
+    replay_debounce_s: float = Field(
+        default=0.0,
+        ge=0.0,
+        title="Replay: visitor debounce",
+        description="For a replay: replaces debounce_s (0: each visit of the replay is an event)",
+    )
     snapshot: bool = Field(
         default=False,
         title="JPEG snapshots",
@@ -247,6 +275,15 @@ class RecognitionConfig(_Section):
         title="Event crop lifetime",
         description="Event face chips older than this can no longer be labelled",
     )
+
+    def for_replay(self) -> RecognitionConfig:
+        """These settings with the replay's visit timeout and debounce."""
+        return self.model_copy(
+            update={
+                "absent_after_s": self.replay_absent_after_s,
+                "debounce_s": self.replay_debounce_s,
+            }
+        )
 
 
 class HomeAssistantConfig(_Section):
