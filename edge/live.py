@@ -94,7 +94,7 @@ class LiveDoorbell:
             make_detector(config.detection),
             recognizer,
             self.publisher,
-            recognition.for_replay() if replays else recognition,
+            recognition.for_replay(config.camera.fps) if replays else recognition,
             frame_period_s=1.0 / config.camera.fps if replays else None,
             on_stranger=None if strangers is None else strangers.add,
         )

@@ -240,13 +240,14 @@ class RecognitionConfig(_Section):
         description="The person-present sensor turns off, and a visit ends, after this many "
         "seconds without a face",
     )
-    replay_absent_after_s: float = Field(
-        default=0.5,
-        gt=0.0,
+    replay_absent_after_frames: int = Field(
+        default=3,
+        ge=1,
         title="Replay: visit ends",
-        description="For a replay (camera.kind folder, or a video file): replaces "
-        "absent_after_s, in the replay's own time (frames × 1/camera.fps, whatever the "
-        "machine's speed); a replay's visitors are often only a few empty frames apart",
+        description="For a replay (camera.kind folder, or a video file), which runs on its own "
+        "time (frames x 1/camera.fps, whatever the machine's speed): a visit ends when its "
+        "face is missing from this many frames in a row, instead of after absent_after_s "
+        "(a replay's visitors are often only a few empty frames apart)",
     )
     replay_debounce_s: float = Field(
         default=0.0,
@@ -276,11 +277,15 @@ class RecognitionConfig(_Section):
         description="Event face chips older than this can no longer be labelled",
     )
 
-    def for_replay(self) -> RecognitionConfig:
-        """These settings with the replay's visit timeout and debounce."""
+    def for_replay(self, fps: float) -> RecognitionConfig:
+        """These settings with the replay's visit timeout and debounce, in replay seconds.
+
+        Half a frame more than the frames: a track seen `frames` frames ago still
+        continues, one more and it has ended (the tracker drops it at >= the timeout).
+        """
         return self.model_copy(
             update={
-                "absent_after_s": self.replay_absent_after_s,
+                "absent_after_s": (self.replay_absent_after_frames + 0.5) / fps,
                 "debounce_s": self.replay_debounce_s,
             }
         )

@@ -345,3 +345,22 @@ def test_frames_are_held_only_for_snapshots(
         else:
             assert held == [None]
             assert sink.frames == [None, None, None]
+
+
+def test_a_replay_runs_on_its_own_time_and_ends_a_visit_after_its_empty_frames(
+    backbone_models: BackboneModels, house: Gallery
+) -> None:
+    """A replay's frames are 1/fps apart however long each takes to judge: with the
+    replay settings, 3 empty frames end a visit, 2 do not, and each visit is an event."""
+    recognizer = recognizer_for(backbone_models, house, threshold=0.0)
+    alice = [detected(recognizer, 0, 1, 61)[0][0]]  # one face that stays where it is
+    config = RecognitionConfig(confirm_frames=3, debounce_s=30.0, absent_after_s=5.0)
+    replay = config.for_replay(fps=10.0)
+    assert replay.debounce_s == 0.0
+    stalled = FrameClock()  # the machine's clock: stuck, as if each frame took forever
+    sink = Sink()
+    pipeline = Pipeline(detector(), recognizer, sink, replay, clock=stalled, frame_period_s=0.1)
+    play(pipeline, FrameClock(), [*alice * 4, *[NO_FRAME] * 3, *alice * 4])  # 3 empty: 2 visits
+    play(pipeline, FrameClock(), [*[NO_FRAME] * 2, *alice * 4])  # 2 empty: the same visit
+    assert pipeline.counters.visits == pipeline.counters.visitor_events == 2
+    assert [e.person for e in sink.visitors] == ["person0", "person0"]  # no debounce
