@@ -37,8 +37,9 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from edge import health
 from edge.artifacts import Artifacts, leave_one_out
 from edge.config import EdgeConfig
+from edge.events import EventPublisher
 from edge.gallery import STRANGER_STORE, Gallery, GalleryFeatures, StrangerStore
-from edge.live import LiveDoorbell, make_detector
+from edge.live import LiveDoorbell, make_detector, make_publisher
 from edge.plan import check_announcement
 from edge.recognizer import Head, Recognizer, RecognizerError
 from edge.state import NodeState
@@ -206,6 +207,11 @@ class EdgeNode:
                 strangers=self.strangers,
                 on_gallery_changed=self.artifacts.refresh,
             )
+        # Without a camera (the demo's doorbells) it is still a doorbell to Home Assistant.
+        self.announcer: EventPublisher | None = None
+        if self.live is None and config.home_assistant.enabled:
+            self.announcer = make_publisher(config, self._client, self._status_topic, self.gallery)
+            self.announcer.attach()
         self._client.on_connect = self._guarded(self._on_connect)
         self._client.on_disconnect = self._guarded(self._on_disconnect)
         self._client.on_message = self._guarded(self._on_message)
@@ -403,11 +409,14 @@ class EdgeNode:
                     (self.topics.tflite_model, 1),
                     (self.topics.round, 1),
                     *(self.live.subscriptions() if self.live is not None else []),
+                    *(self.announcer.subscriptions() if self.announcer is not None else []),
                 ]
             )
             self._publish_status(force=True)  # the broker may hold our last will
             if self.live is not None:
                 self.live.connected()
+            if self.announcer is not None:
+                self.announcer.announce()
             self.connected.set()
             log.info(
                 "connected to %s:%d as %s",
