@@ -74,7 +74,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--report", type=Path, help="JSON report path (plot: same name .png)")
     parser.add_argument("--workdir", type=Path, help="an empty folder for this run's files")
     parser.add_argument(
-        "--keep", action="store_true", default=None, help="keep the temporary work folder"
+        "--keep",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="keep the temporary work folder (--no-keep: delete it even after --stay)",
     )
     parser.add_argument("--no-live", action="store_true", help="skip the live recognition demo")
     parser.add_argument(

@@ -155,10 +155,12 @@ class SimulationConfig(StrictModel):
         title="Work folder",
         description="Where configs, galleries and logs go; unset: a fresh temporary folder.",
     )
-    keep: bool = Field(
-        default=False,
+    keep: bool | None = Field(
+        default=None,
         title="Keep work folder",
-        description="Do not delete the temporary work folder at the end.",
+        description="Keep the temporary work folder at the end (true) or delete it (false); "
+        "unset: kept after --stay (its doorbells may hold people enrolled by hand), else "
+        "deleted.",
     )
     stay: bool = Field(
         default=False,

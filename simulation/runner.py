@@ -182,9 +182,16 @@ def run(config: SimulationConfig, console: Console) -> dict[str, Any]:
         else:
             console.print(f"work folder kept for inspection: {root}")
         raise
-    if temporary and not config.keep:
+    if temporary and not keeps(config):
         shutil.rmtree(root, ignore_errors=True)
+    elif temporary:
+        console.print(f"work folder kept: {root} (delete it when done; --no-keep does)")
     return result
+
+
+def keeps(config: SimulationConfig) -> bool:
+    """Whether a temporary work folder outlives the run: asked for, or after --stay."""
+    return config.keep if config.keep is not None else config.stay
 
 
 def _run(

@@ -197,3 +197,20 @@ def test_a_small_simulation_runs_end_to_end(tmp_path: Path) -> None:
     assert (visitors[0], visitors[-1]) == (live["newcomer"], "unknown")
     # Before enrolling, no doorbell can name the newcomer: the name is in no gallery.
     assert all(live["newcomer"] not in v["before"] for v in visits)
+
+
+def test_stay_keeps_its_work_folder_unless_asked_to_clean_up() -> None:
+    """`--stay` ends with Ctrl-C, with people perhaps enrolled by hand: keep their folder."""
+    from simulation.__main__ import parse_args
+    from simulation.runner import keeps
+
+    def config(*argv: str) -> SimulationConfig:
+        args = parse_args(list(argv))
+        return SimulationConfig.model_validate(
+            {key: getattr(args, key) for key in ("keep", "stay") if getattr(args, key) is not None}
+        )
+
+    assert not keeps(config())
+    assert keeps(config("--keep"))
+    assert keeps(config("--stay"))
+    assert not keeps(config("--stay", "--no-keep"))
