@@ -119,6 +119,7 @@ class EventPublisher:
     """Called with the event id of a visitor a label named (the stranger store forgets it)."""
     counters: EventCounters = field(default_factory=EventCounters)
     _lock: threading.Lock = field(default_factory=threading.Lock)
+    _queueing: bool = False
 
     # --- wiring -----------------------------------------------------------------------
 
@@ -218,10 +219,13 @@ class EventPublisher:
 
     def _publish(self, topic: str, payload: str | bytes, retain: bool) -> mqtt.MQTTMessageInfo:
         info = self.client.publish(topic, payload, qos=EVENT_QOS, retain=retain)
-        if info.rc != mqtt.MQTT_ERR_SUCCESS:
-            log.warning("publish to %s queued while disconnected (rc=%s)", topic, info.rc)
+        queued = info.rc != mqtt.MQTT_ERR_SUCCESS
         with self._lock:
             self.counters.published += 1
+            first = queued and not self._queueing  # said once per outage, not per event
+            self._queueing = queued
+        if first:
+            log.warning("no broker: events are queued until it is back (first: %s)", topic)
         return info
 
     # --- incoming ---------------------------------------------------------------------

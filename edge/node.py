@@ -212,10 +212,16 @@ class EdgeNode:
         if self.live is None and config.home_assistant.enabled:
             self.announcer = make_publisher(config, self._client, self._status_topic, self.gallery)
             self.announcer.attach()
-        self._client.on_connect = self._guarded(self._on_connect)
-        self._client.on_disconnect = self._guarded(self._on_disconnect)
-        self._client.on_message = self._guarded(self._on_message)
-        self._client.on_subscribe = self._guarded(self._on_subscribe)
+        self._said_unreachable = threading.Event()  # once per outage, not per retry
+        self._attach_callbacks()
+
+    def _attach_callbacks(self) -> None:
+        client = self._client
+        client.on_connect = self._guarded(self._on_connect)
+        client.on_disconnect = self._guarded(self._on_disconnect)
+        client.on_connect_fail = self._guarded(self._on_connect_fail)
+        client.on_message = self._guarded(self._on_message)
+        client.on_subscribe = self._guarded(self._on_subscribe)
 
     # --- what tests and the status look at --------------------------------------
 
@@ -268,7 +274,7 @@ class EdgeNode:
             while not self.connected.is_set() and time.monotonic() < deadline:
                 if stop.wait(0.1):
                     return
-            if not self.connected.is_set():
+            if not self.connected.is_set() and not self._said_unreachable.is_set():
                 log.warning(
                     "broker %s:%d not reachable yet; recognising offline meanwhile",
                     self.config.mqtt.host,
@@ -400,6 +406,7 @@ class EdgeNode:
         if reason.is_failure:
             log.warning("broker refused the connection: %s", reason)
             return
+        self._said_unreachable.clear()
         try:
             # The model before the round: the broker sends retained messages in
             # subscription order, so a late joiner has its base model first.
@@ -427,6 +434,17 @@ class EdgeNode:
         except Exception:
             self.counters["connect_error"] += 1
             log.exception("on_connect failed")
+
+    def _on_connect_fail(self, _client: mqtt.Client, _userdata: Any) -> None:
+        """Nothing answered at the broker's address: say so at once, once per outage."""
+        if not self._said_unreachable.is_set():
+            self._said_unreachable.set()
+            log.warning(
+                "no broker at %s:%d (is it running, on this port?): retrying in the background;"
+                " recognising offline meanwhile",
+                self.config.mqtt.host,
+                self.config.mqtt.port,
+            )
 
     def _on_disconnect(
         self, _client: mqtt.Client, _userdata: Any, _flags: Any, reason: Any, _properties: Any

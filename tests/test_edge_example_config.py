@@ -14,6 +14,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -194,6 +195,29 @@ def test_a_config_that_names_no_broker_says_so(tmp_path: Path, broker: LocalBrok
         doorbell.wait_for_log(f"{path} names no broker (mqtt.host): trying ")
     finally:
         assert doorbell.stop() == 0, doorbell.text()
+
+
+def test_no_broker_at_the_address_is_said_at_once_and_once(tmp_path: Path) -> None:
+    """Not 10 s of "queued while disconnected (rc=4)", one per event, before a word."""
+    with socket.socket() as free:  # a port nothing listens on
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    folder = tmp_path / "replay"  # a porch replayed in a loop: events while offline
+    folder.mkdir()
+    for index in range(5):
+        cv2.imwrite(str(folder / f"{index}.png"), np.full((120, 160, 3), 40 * index, np.uint8))
+    config = adapted(tmp_path, port, kind="folder", folder=str(folder), loop=True)
+    doorbell = Doorbell(config, tmp_path / "edge.log")
+    try:
+        started = time.monotonic()
+        doorbell.wait_for_log(f"no broker at 127.0.0.1:{port} (is it running, on this port?)")
+        print(f"said after {time.monotonic() - started:.1f} s")  # the process's start included
+        time.sleep(3.0)  # paho retries meanwhile: the message is not repeated
+        assert doorbell.text().count("no broker at") == 1
+        assert "queued while disconnected" not in doorbell.text()
+    finally:
+        assert doorbell.stop() == 0, doorbell.text()
+    assert doorbell.text().count("events are queued until it is back") <= 1
 
 
 def test_a_replay_of_six_visitors_gives_six_events(tmp_path: Path, broker: LocalBroker) -> None:
