@@ -128,6 +128,15 @@ class SimulationConfig(StrictModel):
         title="Seed",
         description="Seeds data generation, the split, the model and training.",
     )
+    seeds: int = Field(
+        default=3,
+        ge=0,
+        le=20,
+        title="Seeds compared",
+        description="After the MQTT run, the same learning in one process on households "
+        "dealt with this many seeds (from `seed`): start, federated and central per seed, "
+        "and the federation's gain with its spread (0: skip).",
+    )
     signed: bool = Field(
         default=True,
         title="Sign messages",

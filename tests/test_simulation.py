@@ -186,6 +186,13 @@ def test_a_small_simulation_runs_end_to_end(tmp_path: Path) -> None:
         assert data[baseline] is not None
         assert 0.0 <= data[baseline] <= 1.0
     assert report.with_suffix(".png").stat().st_size > 0
+    # The same learning over 3 deals of households: start, federated, central, the gain.
+    assert [s["seed"] for s in data["seeds"]] == [0, 1, 2]
+    for seed in data["seeds"]:
+        assert all(0.0 <= seed[arm] <= 1.0 for arm in ("start", "federated", "central"))
+    assert data["verdict"].startswith("over 3 seeds the federation's gain over its start is ")
+    assert data["verdict"] in done.stdout
+    assert done.stdout.count("round   2  accuracy") == 1  # the rounds are printed once
 
     live = data["live"]
     assert "error" not in live, live
