@@ -25,6 +25,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from aggregator.accumulator import SecureSum, Step, make_accumulator, next_step
 from aggregator.config import AggregatorConfig
 from aggregator.export import Exporter, Release
+from aggregator.history import history_before
 from aggregator.persistence import OPEN, Persistence, SavedModel
 from aggregator.privacy import PrivacyLedger
 from aggregator.rejections import RejectionLog
@@ -618,6 +619,7 @@ class Coordinator(SecureRounds):
                     "secure": current.announcement.secagg is not None,
                     **privacy,
                     "detail": detail,
+                    "history": history_before(self.persistence.last_metrics(), current.id),
                 }
             )
         )

@@ -219,6 +219,11 @@ class Persistence:
         """Write a round's metrics (not yet committed): the retained ones from the next commit."""
         self.retained["metrics"] = self.store.write_blob("metrics", metrics)
 
+    def last_metrics(self) -> bytes | None:
+        """The last metrics written (committed or not): the next one's history comes from it."""
+        file = self.retained.get("metrics")
+        return None if file is None else self.store.read_blob(file)
+
     def save_accumulator(self, current: Round) -> None:
         """Write an open round's accumulator (not yet committed)."""
         self._sum = (current.id, self.store.write_arrays("sum", current.accumulator.arrays()))

@@ -21,9 +21,24 @@ STATIC_DIR = Path(__file__).resolve().with_name("static")
 VENDORED_CLIENT = STATIC_DIR / "vendor" / "mqtt.min.js"
 
 
-def page_url(host: str, ws_port: int, site: str, root: str = "fedbell", tls: bool = False) -> str:
-    """The console's address on a broker's websockets listener, for one site."""
+def page_url(
+    host: str,
+    ws_port: int,
+    site: str,
+    *,
+    root: str = "fedbell",
+    tls: bool = False,
+    mqtt_port: int | None = None,
+) -> str:
+    """The console's address on a broker's websockets listener, for one site.
+
+    `mqtt_port`: the broker's MQTT listener, for the `mosquitto_pub` line the page
+    shows (the page only knows its websockets port; without it the line says 1883,
+    or 8883 over TLS).
+    """
     query = {"site": site} if root == "fedbell" else {"site": site, "root": root}
+    if mqtt_port is not None:
+        query["mqtt"] = str(mqtt_port)
     return f"{'https' if tls else 'http'}://{host}:{ws_port}/?{urlencode(query)}"
 
 

@@ -37,6 +37,31 @@ log = logging.getLogger(__name__)
 MIN_PER_PERSON_TO_SCORE = 2
 """Leave-one-out needs another image of the same person to score an image."""
 
+FEW_PHOTOS = 3
+"""A person enrolled from fewer photos is named less surely: the status counts them."""
+
+
+def _photos(count: int) -> str:
+    return f"{count} photo{'' if count == 1 else 's'}"
+
+
+def gallery_summary(gallery: GalleryFeatures, accuracy: float | None) -> str:
+    """What an operator can act on: people, photos, how many people have too few photos,
+    how many photos look more like someone else. Counts only: the status leaves the
+    house, names do not (the doorbell's own log names them)."""
+    photos = Counter(gallery.persons[int(label)] for label in gallery.labels)
+    few = sorted(person for person in gallery.persons if photos[person] < FEW_PHOTOS)
+    people = len(gallery.persons)
+    parts = [f"{people} {'person' if people == 1 else 'people'}, {_photos(len(gallery))}"]
+    if few:
+        log.info("fewer than %d photos: %s", FEW_PHOTOS, ", ".join(few))
+        parts.append(f"{len(few)} with fewer than {FEW_PHOTOS} photos: enroll more")
+    if gallery.skipped:
+        parts.append(f"{_photos(len(gallery.skipped))} without a usable face")
+    if accuracy is not None and accuracy < 1.0:
+        parts.append(f"{1 - accuracy:.0%} of photos look more like someone else")
+    return "; ".join(parts)
+
 
 def leave_one_out(gallery: GalleryFeatures, head: Weights) -> float | None:
     """Share of gallery images whose nearest prototype, built without them, is their person's.
@@ -220,18 +245,11 @@ class Artifacts:
         self._scored = key
         if model.head is None or not model.ready:
             self.gallery_accuracy = None
-            self.detail = f"gallery: {len(features.persons)} person(s), waiting for a model"
+            self.detail = f"{gallery_summary(features, None)}; waiting for a model"
         else:
             self.gallery_accuracy = leave_one_out(features, model.head.weights)
-            score = (
-                "too few images to score"
-                if self.gallery_accuracy is None
-                else f"leave-one-out accuracy {self.gallery_accuracy:.2f}"
-            )
-            self.detail = (
-                f"model v{model.head.version}: gallery of {len(features.persons)} person(s), "
-                f"{len(features)} images, {score}"
-            )
+            summary = gallery_summary(features, self.gallery_accuracy)
+            self.detail = f"model v{model.head.version}: {summary}"
         log.info("%s", self.detail)
         if publish:
             self.on_scored()

@@ -19,12 +19,13 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Literal
 
 import cv2
 import numpy as np
 import numpy.typing as npt
 import paho.mqtt.client as mqtt
+from pydantic import BaseModel, ConfigDict, Field
 
 from edge.feedback import FeedbackError, RecentCrops, apply_label
 from edge.gallery import Gallery
@@ -48,8 +49,43 @@ SNAPSHOT_MAX_BYTES = 1000 * 1024
 Callback = Callable[[mqtt.Client, Any, mqtt.MQTTMessage], None]
 
 
+ISO_TIME = r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?Z$"
+"""UTC ISO-8601 with a Z, as `now_iso` writes it (and Home Assistant reads it)."""
+
+
 def now_iso() -> str:
     return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+class DoorbellEvent(BaseModel):
+    """What every doorbell event carries. The console reads events through the JSON
+    schema of these models (console/static/messages.js, `python -m console.schema`)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    event_id: str = Field(description="Names the event in a label command.")
+    time: str = Field(
+        pattern=ISO_TIME,
+        json_schema_extra={"format": "date-time"},
+        description="When it happened: UTC ISO-8601, e.g. 2026-12-06T05:12:30.458Z.",
+    )
+
+
+class VisitorEvent(DoorbellEvent):
+    """`doorbell/<device>/visitor`: one visit's decision."""
+
+    event_type: Literal["known", "unknown"]
+    person: str = Field(description='The enrolled person, or "unknown".')
+    confidence: float = Field(description="Cosine similarity to the nearest enrolled person.")
+    box: list[int] | None = Field(description="x, y, width, height of the face in the frame.")
+
+
+class RingEvent(DoorbellEvent):
+    """`doorbell/<device>/ring`: the bell rang (button, command or a face at the door)."""
+
+    event_type: Literal["ring"]
+    source: str = Field(description="button, command or face.")
+    person: str | None = Field(description="Who stood at the door, if a face rang it.")
 
 
 def new_event_id() -> str:
@@ -85,6 +121,7 @@ class EventPublisher:
     """Called with the event id of a visitor a label named (the stranger store forgets it)."""
     counters: EventCounters = field(default_factory=EventCounters)
     _lock: threading.Lock = field(default_factory=threading.Lock)
+    _queueing: bool = False
 
     # --- wiring -----------------------------------------------------------------------
 
@@ -148,15 +185,15 @@ class EventPublisher:
         event_id = new_event_id()
         if crop is not None:
             self.crops.add(event_id, crop, person)
-        payload = {
-            "event_type": "unknown" if person == "unknown" else "known",
-            "event_id": event_id,
-            "time": now_iso(),
-            "person": person,
-            "confidence": round(float(confidence), 4),
-            "box": None if box is None else [int(v) for v in box],
-        }
-        self._publish(self.topics.visitor, json.dumps(payload), retain=False)
+        payload = VisitorEvent(
+            event_type="unknown" if person == "unknown" else "known",
+            event_id=event_id,
+            time=now_iso(),
+            person=person,
+            confidence=round(float(confidence), 4),
+            box=None if box is None else [int(v) for v in box],
+        )
+        self._publish(self.topics.visitor, payload.model_dump_json(), retain=False)
         self._maybe_snapshot(frame)
         return event_id
 
@@ -164,14 +201,10 @@ class EventPublisher:
         self, source: str, person: str | None = None, frame: npt.NDArray[np.uint8] | None = None
     ) -> str:
         event_id = new_event_id()
-        payload = {
-            "event_type": "ring",
-            "event_id": event_id,
-            "time": now_iso(),
-            "source": source,
-            "person": person,
-        }
-        self._publish(self.topics.ring, json.dumps(payload), retain=False)
+        payload = RingEvent(
+            event_type="ring", event_id=event_id, time=now_iso(), source=source, person=person
+        )
+        self._publish(self.topics.ring, payload.model_dump_json(), retain=False)
         self._maybe_snapshot(frame)
         return event_id
 
@@ -195,10 +228,13 @@ class EventPublisher:
 
     def _publish(self, topic: str, payload: str | bytes, retain: bool) -> mqtt.MQTTMessageInfo:
         info = self.client.publish(topic, payload, qos=EVENT_QOS, retain=retain)
-        if info.rc != mqtt.MQTT_ERR_SUCCESS:
-            log.warning("publish to %s queued while disconnected (rc=%s)", topic, info.rc)
+        queued = info.rc != mqtt.MQTT_ERR_SUCCESS
         with self._lock:
             self.counters.published += 1
+            first = queued and not self._queueing  # said once per outage, not per event
+            self._queueing = queued
+        if first:
+            log.warning("no broker: events are queued until it is back (first: %s)", topic)
         return info
 
     # --- incoming ---------------------------------------------------------------------

@@ -59,6 +59,25 @@ def make_detector(config: DetectionConfig) -> Detector:
         return haar()
 
 
+def make_publisher(
+    config: EdgeConfig, client: mqtt.Client, status_topic: str, gallery: Gallery
+) -> EventPublisher:
+    """The doorbell's events, commands and Home Assistant discovery, as configured."""
+    ha = config.home_assistant
+    recognition = config.recognition
+    return EventPublisher(
+        client,
+        DoorbellTopics(config.device_id, ha.topic_root, ha.discovery_prefix),
+        status_topic,
+        RecentCrops(recognition.event_crops_max, recognition.event_crops_max_age_s),
+        gallery,
+        device_name=ha.device_name,
+        discovery=ha.enabled,
+        snapshots=recognition.snapshot,
+        snapshot_quality=recognition.snapshot_quality,
+    )
+
+
 class LiveDoorbell:
     def __init__(
         self,
@@ -72,27 +91,19 @@ class LiveDoorbell:
         on_gallery_changed: Callable[[], object] | None = None,
     ) -> None:
         self.config = config
-        ha = config.home_assistant
         recognition = config.recognition
-        self.publisher = EventPublisher(
-            client,
-            DoorbellTopics(config.device_id, ha.topic_root, ha.discovery_prefix),
-            status_topic,
-            RecentCrops(recognition.event_crops_max, recognition.event_crops_max_age_s),
-            gallery,
-            device_name=ha.device_name,
-            discovery=ha.enabled,
-            snapshots=recognition.snapshot,
-            snapshot_quality=recognition.snapshot_quality,
-        )
+        self.publisher = make_publisher(config, client, status_topic, gallery)
         self.publisher.on_labelled = on_gallery_changed
         if strangers is not None:
             self.publisher.on_named = strangers.forget
+        # A replay runs on its own time, with the replay's visit timeout and debounce.
+        replays = config.camera.replays
         self.pipeline = Pipeline(
             make_detector(config.detection),
             recognizer,
             self.publisher,
-            recognition,
+            recognition.for_replay(config.camera.fps) if replays else recognition,
+            frame_period_s=1.0 / config.camera.fps if replays else None,
             on_stranger=None if strangers is None else strangers.add,
         )
         self.publisher.on_ring_command = lambda: self.pipeline.ring("command")

@@ -39,8 +39,9 @@ from edge import health
 from edge.artifacts import Artifacts, leave_one_out
 from edge.backbone_download import BackboneDownload, refuse_older_lineage
 from edge.config import EdgeConfig
+from edge.events import EventPublisher
 from edge.gallery import STRANGER_STORE, Gallery, GalleryFeatures, StrangerStore
-from edge.live import LiveDoorbell, make_detector
+from edge.live import LiveDoorbell, make_detector, make_publisher
 from edge.plan import check_announcement
 from edge.recognizer import Head, Recognizer, RecognizerError
 from edge.secure import SecureParticipant
@@ -230,10 +231,21 @@ class EdgeNode:
             publish=lambda topic, payload: self._publish_update(topic, payload, "secagg"),
             on_sent=self._record_sent,
         )
-        self._client.on_connect = self._guarded(self._on_connect)
-        self._client.on_disconnect = self._guarded(self._on_disconnect)
-        self._client.on_message = self._guarded(self._on_message)
-        self._client.on_subscribe = self._guarded(self._on_subscribe)
+        # Without a camera (the demo's doorbells) it is still a doorbell to Home Assistant.
+        self.announcer: EventPublisher | None = None
+        if self.live is None and config.home_assistant.enabled:
+            self.announcer = make_publisher(config, self._client, self._status_topic, self.gallery)
+            self.announcer.attach()
+        self._said_unreachable = threading.Event()  # once per outage, not per retry
+        self._attach_callbacks()
+
+    def _attach_callbacks(self) -> None:
+        client = self._client
+        client.on_connect = self._guarded(self._on_connect)
+        client.on_disconnect = self._guarded(self._on_disconnect)
+        client.on_connect_fail = self._guarded(self._on_connect_fail)
+        client.on_message = self._guarded(self._on_message)
+        client.on_subscribe = self._guarded(self._on_subscribe)
 
     # --- what tests and the status look at --------------------------------------
 
@@ -286,7 +298,7 @@ class EdgeNode:
             while not self.connected.is_set() and time.monotonic() < deadline:
                 if stop.wait(0.1):
                     return
-            if not self.connected.is_set():
+            if not self.connected.is_set() and not self._said_unreachable.is_set():
                 log.warning(
                     "broker %s:%d not reachable yet; recognising offline meanwhile",
                     self.config.mqtt.host,
@@ -418,6 +430,7 @@ class EdgeNode:
         if reason.is_failure:
             log.warning("broker refused the connection: %s", reason)
             return
+        self._said_unreachable.clear()
         try:
             # The model before the round: the broker sends retained messages in
             # subscription order, so a late joiner has its base model first.
@@ -429,11 +442,14 @@ class EdgeNode:
                     (self.topics.round, 1),
                     (self.topics.secagg_inbox(self.device), 1),
                     *(self.live.subscriptions() if self.live is not None else []),
+                    *(self.announcer.subscriptions() if self.announcer is not None else []),
                 ]
             )
             self._publish_status(force=True)  # the broker may hold our last will
             if self.live is not None:
                 self.live.connected()
+            if self.announcer is not None:
+                self.announcer.announce()
             self.connected.set()
             log.info(
                 "connected to %s:%d as %s",
@@ -444,6 +460,17 @@ class EdgeNode:
         except Exception:
             self.counters["connect_error"] += 1
             log.exception("on_connect failed")
+
+    def _on_connect_fail(self, _client: mqtt.Client, _userdata: Any) -> None:
+        """Nothing answered at the broker's address: say so at once, once per outage."""
+        if not self._said_unreachable.is_set():
+            self._said_unreachable.set()
+            log.warning(
+                "no broker at %s:%d (is it running, on this port?): retrying in the background;"
+                " recognising offline meanwhile",
+                self.config.mqtt.host,
+                self.config.mqtt.port,
+            )
 
     def _on_disconnect(
         self, _client: mqtt.Client, _userdata: Any, _flags: Any, reason: Any, _properties: Any

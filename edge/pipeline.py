@@ -231,8 +231,11 @@ class Pipeline:
         config: RecognitionConfig | None = None,
         *,
         clock: Callable[[], float] = time.monotonic,
+        frame_period_s: float | None = None,
         on_stranger: Callable[[str, Features, str], None] | None = None,
     ) -> None:
+        """`frame_period_s`: for a replay, its own time (frames so far × 1/fps) replaces
+        `clock`, so visits end and debounce alike however fast the machine replays."""
         self.detector = detector
         self.on_stranger = on_stranger
         """Called with (backbone sha256, features, event id) of each visit that stayed unknown."""
@@ -241,6 +244,7 @@ class Pipeline:
         self.config = config or RecognitionConfig()
         self.counters = PipelineCounters()
         self._clock = clock
+        self._frame_period = frame_period_s
         self._seen = _Seen()
         self._tracker = Tracker(self.config.absent_after_s, keep=self.config.confirm_frames)
         self._lock = threading.Lock()  # ring() comes from MQTT/GPIO threads
@@ -254,7 +258,7 @@ class Pipeline:
         """`process` for a frame pair: detection on the small frame, chips from the full
         one when both were captured together."""
         frame = pair.small
-        now = self._clock()
+        now = self._now()
         try:
             sightings = self._recognise(pair)
         except Exception as err:  # a bad frame must not stop the doorbell
@@ -389,7 +393,7 @@ class Pipeline:
         with self._lock:
             seen = self._seen
             track = seen.last_track
-            recent = track is not None and self._clock() - track.last_seen <= RING_FACE_WINDOW_S
+            recent = track is not None and self._now() - track.last_seen <= RING_FACE_WINDOW_S
             visit = track if recent else None
             person, confidence = (UNKNOWN, 0.0) if visit is None else visit.decide(self.recognizer)
             best = None if visit is None else visit.best
@@ -400,6 +404,11 @@ class Pipeline:
         # Whoever rang is a visitor, debounce or not (the face trigger already sent one).
         if best is not None and source != "face":
             self.events.visitor(person, confidence, best.box, best.crop, best_frame)
+
+    def _now(self) -> float:
+        if self._frame_period is not None:
+            return self.counters.frames * self._frame_period
+        return self._clock()
 
     def _update_fps(self) -> None:
         times = self._frame_times

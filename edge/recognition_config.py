@@ -122,6 +122,20 @@ class CameraConfig(_Section):
             return None
         return self.full_width, self.full_height
 
+    @property
+    def replays(self) -> bool:
+        """A recording (an image folder or a video file), not a live camera."""
+        if self.kind == "folder":
+            return True
+        device = self.device
+        return (
+            self.kind == "opencv"
+            and self.device_file is None
+            and isinstance(device, str)
+            and not device.isdigit()
+            and "://" not in device
+        )
+
     def opencv_device(self) -> int | str:
         """`device`, or the URL in `device_file` (read now; its text is never logged)."""
         if self.device_file is None:
@@ -268,6 +282,21 @@ class RecognitionConfig(_Section):
         description="The person-present sensor turns off, and a visit ends, after this many "
         "seconds without a face",
     )
+    replay_absent_after_frames: int = Field(
+        default=3,
+        ge=1,
+        title="Replay: visit ends",
+        description="For a replay (camera.kind folder, or a video file), which runs on its own "
+        "time (frames x 1/camera.fps, whatever the machine's speed): a visit ends when its "
+        "face is missing from this many frames in a row, instead of after absent_after_s "
+        "(a replay's visitors are often only a few empty frames apart)",
+    )
+    replay_debounce_s: float = Field(
+        default=0.0,
+        ge=0.0,
+        title="Replay: visitor debounce",
+        description="For a replay: replaces debounce_s (0: each visit of the replay is an event)",
+    )
     snapshot: bool = Field(
         default=False,
         title="JPEG snapshots",
@@ -298,6 +327,19 @@ class RecognitionConfig(_Section):
                 f"recognition.confirm_frames ({self.confirm_frames})"
             )
         return self
+
+    def for_replay(self, fps: float) -> RecognitionConfig:
+        """These settings with the replay's visit timeout and debounce, in replay seconds.
+
+        Half a frame more than the frames: a track seen `frames` frames ago still
+        continues, one more and it has ended (the tracker drops it at >= the timeout).
+        """
+        return self.model_copy(
+            update={
+                "absent_after_s": (self.replay_absent_after_frames + 0.5) / fps,
+                "debounce_s": self.replay_debounce_s,
+            }
+        )
 
 
 class HomeAssistantConfig(_Section):

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import os
 import re
+from difflib import get_close_matches
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -152,12 +153,39 @@ def load_config(path: Path, model: type[M]) -> M:
     except ConfigError as err:
         raise ConfigError(f"{path}: {err}") from None
     except ValidationError as err:
+        # One short line per problem: the key, what is wrong, the value if it is short
+        # (never a whole section: a missing key's "input" is everything around it).
         lines = []
         for problem in err.errors():
-            key = ".".join(str(p) for p in problem["loc"]) or "(top level)"
-            message = problem["msg"]
+            loc = tuple(problem["loc"])
+            key = ".".join(str(p) for p in loc) or "(top level)"
             if problem["type"] == "extra_forbidden":
-                message = "unknown key (a typo?)"
+                near = get_close_matches(str(loc[-1]), _keys_at(model, loc[:-1]), n=1)
+                message = f"unknown key (did you mean {near[0]}?)" if near else "unknown key"
+            elif problem["type"] == "missing":
+                message = "missing (required)"
+            else:
+                shown = repr(problem.get("input"))
+                message = problem["msg"] + (f" (got {shown})" if len(shown) <= 80 else "")
             # redact: a rejected camera URL must not print its own password
-            lines.append(redact(f"{path}: {key}: {message} (got {problem.get('input')!r})"))
+            lines.append(redact(f"{path}: {key}: {message}"))
         raise ConfigError("\n".join(lines)) from None
+
+
+def _keys_at(model: type[BaseModel], loc: tuple[int | str, ...]) -> list[str]:
+    """The keys the model accepts at `loc` (a section's path), [] if it is not a section."""
+    current: Any = model
+    for part in loc:
+        fields = getattr(current, "model_fields", {})
+        if part not in fields:
+            return []
+        annotation = fields[part].annotation
+        sections = [
+            a
+            for a in (annotation, *get_args(annotation))
+            if isinstance(a, type) and issubclass(a, BaseModel)
+        ]
+        if not sections:
+            return []
+        current = sections[0]
+    return list(getattr(current, "model_fields", {}))

@@ -71,10 +71,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--codec", choices=TENSOR_CODECS, help="update codec")
     parser.add_argument("--seed", type=int, help="seed of data, split, model and training")
     parser.add_argument("--epochs", type=int, help="local epochs per round")
+    parser.add_argument(
+        "--seeds", type=int, help="seeds the gain over the start is measured on (0: skip)"
+    )
     parser.add_argument("--report", type=Path, help="JSON report path (plot: same name .png)")
     parser.add_argument("--workdir", type=Path, help="an empty folder for this run's files")
     parser.add_argument(
-        "--keep", action="store_true", default=None, help="keep the temporary work folder"
+        "--keep",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="keep the temporary work folder (--no-keep: delete it even after --stay)",
     )
     parser.add_argument("--no-live", action="store_true", help="skip the live recognition demo")
     parser.add_argument(
@@ -106,6 +112,7 @@ def main(argv: list[str] | None = None) -> int:
             "codec",
             "seed",
             "epochs",
+            "seeds",
             "report",
             "workdir",
             "keep",

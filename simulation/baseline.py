@@ -10,7 +10,7 @@ people and strangers, with the backbone the aggregator published.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,11 +32,34 @@ class Baselines:
     head_params: int
 
 
-def _features(
+def features_of(
     samples: Sequence[Sample], detector: Detector, backbone: Backbone, cache: Path
 ) -> tuple[Features, list[str]]:
+    """Backbone features of the photos with a face, and whose each is (cached by photo)."""
     kept, chips, _ = photo_chips(samples, detector)
     return cached_features(cache, kept, backbone, chips), [s.person for s in kept]
+
+
+Scorer = Callable[[Sequence[np.ndarray]], tuple[float | None, float]]
+
+
+def scorer(held: tuple[Features, list[str]], strangers: Features) -> Scorer:
+    """A head's (open-set accuracy, threshold) as the aggregator scores and calibrates it,
+    with its default settings, on these held-out people and strangers."""
+    settings = EvaluationSettings()  # the aggregator's defaults, as the simulation runs it
+    calibrating = strangers if len(strangers) >= MIN_STRANGER_FACES else None
+
+    def score(head: Sequence[np.ndarray]) -> tuple[float | None, float]:
+        return evaluate_head(
+            head,
+            held,
+            calibrating,
+            target_far=settings.target_false_accept,
+            gallery_size=settings.gallery_size,
+            default_threshold=settings.default_threshold,
+        )
+
+    return score
 
 
 def baselines(
@@ -51,28 +74,17 @@ def baselines(
     cache: Path,
 ) -> Baselines:
     union = [s for gallery in galleries for s in gallery]
-    train, persons = _features(union, detector, backbone, cache)
+    train, persons = features_of(union, detector, backbone, cache)
     names = sorted(set(persons))
     labels = np.array([names.index(p) for p in persons], dtype=np.int64)
-    held = _features(held_out, detector, backbone, cache)
-    stranger_features, _ = _features(strangers, detector, backbone, cache)
+    score = scorer(
+        features_of(held_out, detector, backbone, cache),
+        features_of(strangers, detector, backbone, cache)[0],
+    )
     empty = np.zeros((0, train.shape[1]), np.float32)
     central_head = train_head(start_head, train, labels, empty, params).head
-
-    settings = EvaluationSettings()  # the aggregator's defaults, as the simulation runs it
-
-    def score(head: Sequence[np.ndarray]) -> float | None:
-        return evaluate_head(
-            head,
-            held,
-            stranger_features if len(stranger_features) >= MIN_STRANGER_FACES else None,
-            target_far=settings.target_false_accept,
-            gallery_size=settings.gallery_size,
-            default_threshold=settings.default_threshold,
-        )[0]
-
     return Baselines(
-        start=score(start_head),
-        central=score(central_head),
+        start=score(start_head)[0],
+        central=score(central_head)[0],
         head_params=int(sum(np.asarray(w).size for w in start_head)),
     )

@@ -135,6 +135,15 @@ class SimulationConfig(StrictModel):
         "sum; every doorbell is the cohort's floor (min_cohort = nodes, at most 5), so a round "
         "that loses one below it is abandoned rather than unmasked.",
     )
+    seeds: int = Field(
+        default=3,
+        ge=0,
+        le=20,
+        title="Seeds compared",
+        description="After the MQTT run, the same learning in one process on households "
+        "dealt with this many seeds (from `seed`): start, federated and central per seed, "
+        "and the federation's gain with its spread (0: skip).",
+    )
     signed: bool = Field(
         default=True,
         title="Sign messages",
@@ -162,10 +171,12 @@ class SimulationConfig(StrictModel):
         title="Work folder",
         description="Where configs, galleries and logs go; unset: a fresh temporary folder.",
     )
-    keep: bool = Field(
-        default=False,
+    keep: bool | None = Field(
+        default=None,
         title="Keep work folder",
-        description="Do not delete the temporary work folder at the end.",
+        description="Keep the temporary work folder at the end (true) or delete it (false); "
+        "unset: kept after --stay (its doorbells may hold people enrolled by hand), else "
+        "deleted.",
     )
     stay: bool = Field(
         default=False,

@@ -8,9 +8,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from rich.table import Table
-
 from fedbell.wire.protocol import RoundMetrics
+from simulation.seeds import SeedResult, verdict
 
 
 @dataclass(frozen=True)
@@ -48,36 +47,6 @@ def percent(value: float | None) -> str:
     return "—" if value is None else f"{value:.1%}"
 
 
-def round_table(
-    rows: Sequence[RoundRow], centralized: float | None = None, title: str = "Federated rounds"
-) -> Table:
-    table = Table(title=title)
-    for header in (
-        "round",
-        "open-set acc.",
-        "bytes up",
-        "bytes down",
-        "seconds",
-        "nodes",
-        "examples",
-    ):
-        table.add_column(header, justify="right")
-    for row in rows:
-        table.add_row(
-            str(row.round),
-            percent(row.accuracy),
-            human_bytes(row.bytes_up),
-            human_bytes(row.bytes_down),
-            f"{row.seconds:.1f}",
-            str(row.participants),
-            str(row.examples),
-        )
-    if centralized is not None:
-        table.add_section()
-        table.add_row("central", percent(centralized), "", "", "", "", "")
-    return table
-
-
 def build_report(
     *,
     dataset: str,
@@ -90,6 +59,7 @@ def build_report(
     centralized: float | None,
     head_params: int,
     seconds: float,
+    seeds: Sequence[SeedResult] = (),
     live: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The run's JSON: accuracies are open-set (held-out people named right at the
@@ -110,6 +80,8 @@ def build_report(
         "total_bytes_up": sum(row.bytes_up for row in rows),
         "total_bytes_down": sum(row.bytes_down for row in rows),
         "seconds": round(seconds, 1),
+        "seeds": [asdict(s) for s in seeds],
+        "verdict": verdict(seeds) if seeds else None,
         "live": live,
     }
 
@@ -119,24 +91,42 @@ def write_json(report: dict[str, Any], path: Path) -> None:
     path.write_text(json.dumps(report, indent=2) + "\n")
 
 
-def write_plot(rows: Sequence[RoundRow], centralized: float | None, path: Path, title: str) -> None:
-    """Accuracy per round (with the centralised baseline) over bytes per round."""
+def write_plot(
+    rows: Sequence[RoundRow],
+    centralized: float | None,
+    path: Path,
+    title: str,
+    *,
+    compared: Sequence[SeedResult] = (),
+    start: float | None = None,
+) -> None:
+    """Accuracy per round (with the centralised baseline) over bytes per round, and the
+    start, federated and central accuracy of each seed compared."""
     import matplotlib
 
     matplotlib.use("Agg")  # no display on a server or in CI
     import matplotlib.pyplot as plt
 
     rounds = [row.round for row in rows]
-    figure, (top, bottom) = plt.subplots(2, 1, figsize=(7, 6), sharex=True)
+    figure = plt.figure(figsize=(10, 6))
+    grid = figure.add_gridspec(2, 2, width_ratios=(3, 1))
+    top = figure.add_subplot(grid[0, 0])
+    bottom = figure.add_subplot(grid[1, 0], sharex=top)
+    if compared:
+        _plot_seeds(figure.add_subplot(grid[:, 1]), compared)
     top.plot(
         rounds,
         [row.accuracy if row.accuracy is not None else float("nan") for row in rows],
         marker="o",
         label="federated (global model)",
     )
+    if start is not None:
+        top.axhline(start, linestyle=":", color="black", label="start (no training)")
     if centralized is not None:
         top.axhline(centralized, linestyle="--", color="grey", label="centralised baseline")
-    top.set_ylim(0, 1.03)  # room above 100 % so a perfect baseline line stays visible
+    if rows and rows[0].accuracy is not None:
+        scored = [r.accuracy for r in rows if r.accuracy is not None]
+        top.set_ylim(*_zoom([*scored, *(v for v in (start, centralized) if v is not None)]))
     top.set_ylabel("held-out accuracy")
     top.legend(loc="upper left")
     top.set_title(title)
@@ -162,3 +152,27 @@ def write_plot(rows: Sequence[RoundRow], centralized: float | None, path: Path, 
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=100)
     plt.close(figure)
+
+
+def _zoom(values: Sequence[float]) -> tuple[float, float]:
+    """The accuracy axis around the values: a flat line of 0-100 % hides a point's change."""
+    low, high = min(values), max(values)
+    pad = max(0.02, (high - low) * 0.3)
+    return max(0.0, low - pad), min(1.03, high + pad)
+
+
+def _plot_seeds(axis: Any, compared: Sequence[SeedResult]) -> None:
+    """Each seed's start, federated and central accuracy, joined: the gain is the slope."""
+    arms = ("start", "federated", "central")
+    for result in compared:
+        axis.plot(
+            arms, [getattr(result, arm) for arm in arms], marker="o", label=f"seed {result.seed}"
+        )
+    gains = [100 * r.gain for r in compared]
+    axis.set_title(
+        f"gain over start: {sum(gains) / len(gains):+.1f} points\n"
+        f"({min(gains):+.1f} to {max(gains):+.1f} over {len(gains)} seeds)",
+        fontsize=9,
+    )
+    axis.set_ylabel("open-set accuracy")
+    axis.legend(loc="lower right", fontsize=8)

@@ -27,7 +27,7 @@ from fedbell.faces.features import Backbone
 from fedbell.wire.backbone import assemble, parse_manifest
 from fedbell.wire.messages import AGGREGATOR, TfliteArtifact, parse_global
 from fedbell.wire.signing import load_public_key
-from simulation import baseline, report
+from simulation import baseline, report, seeds
 from simulation.config import SimulationConfig
 from simulation.data import (
     Households,
@@ -183,9 +183,16 @@ def run(config: SimulationConfig, console: Console) -> dict[str, Any]:
         else:
             console.print(f"work folder kept for inspection: {root}")
         raise
-    if temporary and not config.keep:
+    if temporary and not keeps(config):
         shutil.rmtree(root, ignore_errors=True)
+    elif temporary:
+        console.print(f"work folder kept: {root} (delete it when done; --no-keep does)")
     return result
+
+
+def keeps(config: SimulationConfig) -> bool:
+    """Whether a temporary work folder outlives the run: asked for, or after --stay."""
+    return config.keep if config.keep is not None else config.stay
 
 
 def _run(
@@ -214,9 +221,10 @@ def _run(
             artifact = load_backbone(driver, layout, config, fleet)
             backbone = Backbone(artifact.float_model)
             detector = make_detector("blazeface", fallback=True)
+            start_head = [dlib_projection(load_dlib())]
             with console.status("scoring the starting model and the centralised baseline"):
                 result_baselines = baseline.baselines(
-                    [dlib_projection(load_dlib())],
+                    start_head,
                     homes.galleries,
                     homes.held_out,
                     evaluation_samples(strangers, EvaluationSettings().max_strangers),
@@ -230,6 +238,15 @@ def _run(
                     ),
                     cache=CACHE_DIR,  # the aggregator's: its strangers' features are there
                 )
+            compared = seeds.compare(
+                console,
+                config,
+                dataset,
+                strangers,
+                start_head,
+                backbone=backbone,
+                detector=detector,
+            )
             result = report.build_report(
                 dataset=name,
                 houses=[len(h) for h in homes.houses],
@@ -241,6 +258,7 @@ def _run(
                 centralized=result_baselines.central,
                 head_params=result_baselines.head_params,
                 seconds=time.monotonic() - started,
+                seeds=compared,
             )
             publish_results(console, config, result, rows)
             if config.live.enabled:
@@ -289,26 +307,28 @@ def load_backbone(
 def publish_results(
     console: Console, config: SimulationConfig, result: dict[str, Any], rows: list[report.RoundRow]
 ) -> None:
+    """The summary under the per-round lines (the rounds are not printed again)."""
     central = result["centralized_accuracy"]
     console.print(
-        report.round_table(
-            rows,
-            central,
-            title=(
-                f"{result['dataset']}, {config.nodes} households, {config.codec} updates, "
-                f"{config.epochs} local epochs: open-set accuracy on people in no house"
-            ),
-        )
-    )
-    console.print(
-        f"starting model (dlib's, no training): {report.percent(result['start_accuracy'])}; "
-        f"centralised ({result['centralized_epochs']} epochs on the union of the galleries): "
+        f"this run (seed {config.seed}): start (dlib's, no training) "
+        f"{report.percent(result['start_accuracy'])}, federated after round {len(rows)} "
+        f"{report.percent(result['final_accuracy'])}, centralised "
+        f"({result['centralized_epochs']} epochs on the union of the galleries) "
         f"{report.percent(central)}; federated head {result['head_params']:,} parameters"
     )
+    compared = [seeds.SeedResult(**s) for s in result["seeds"]]
+    if compared:
+        console.print(seeds.seed_table(compared))
+        console.print(result["verdict"])
     plot = config.report.with_suffix(".png")
     report.write_json(result, config.report)
     report.write_plot(
-        rows, central, plot, title=f"{result['dataset']}, {config.nodes} households, {config.codec}"
+        rows,
+        central,
+        plot,
+        title=f"{result['dataset']}, {config.nodes} households, {config.codec}",
+        compared=compared,
+        start=result["start_accuracy"],
     )
     console.print(f"report: {config.report}  plot: {plot}")
 
@@ -380,7 +400,7 @@ def live_demo(
         return {"error": repr(error)}
     table = Table(
         title=f"live recognition at {device} (model v{model.version}, "
-        f"unknown below {recognizer.threshold:.2f})"
+        f"unknown below {recognizer.threshold:.2f}, calibrated by the aggregator on strangers)"
     )
     for header in ("at the door", f"before enrolling {newcomer}", "after", "right after?"):
         table.add_column(header)

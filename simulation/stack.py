@@ -175,7 +175,7 @@ def console_banner(layout: Layout, port: int) -> str:
     ws_port = read_listeners(layout.root / "broker")["websockets"]
     return "\n".join(
         [
-            f"console:  {page_url('127.0.0.1', ws_port, SITE)}",
+            f"console:  {page_url('127.0.0.1', ws_port, SITE, mqtt_port=port)}",
             f"broker:   127.0.0.1:{port} (MQTT), site {SITE}",
             f"a round:  {start_round_line('127.0.0.1', port, SITE)}",
         ]

@@ -28,6 +28,24 @@ def test_unknown_key_names_file_and_key(tmp_path: Path) -> None:
     assert "rounds.timeout: unknown key" in str(err.value)
 
 
+def test_a_typo_is_one_short_line_that_suggests_the_key(tmp_path: Path) -> None:
+    """A misspelt required key once printed the whole config (723 characters) as the
+    "input" of the missing one."""
+    example = (CONFIG_DIR / "edge.yaml").read_text()
+    path = write(tmp_path, example.replace("device_id:", "device_idd:", 1))
+    with pytest.raises(ConfigError) as err:
+        load_config(path, EdgeConfig)
+    assert str(err.value).splitlines() == [
+        f"{path}: device_id: missing (required)",
+        f"{path}: device_idd: unknown key (did you mean device_id?)",
+    ]
+    path = write(tmp_path, "site: home\nstate_dir: /tmp/x\nrounds:\n  timeout: 3\n")
+    with pytest.raises(
+        ConfigError, match=r"rounds\.timeout: unknown key \(did you mean timeout_s\?\)$"
+    ):
+        load_config(path, AggregatorConfig)
+
+
 def test_a_label_list_is_no_longer_a_setting(tmp_path: Path) -> None:
     """The open-world aggregator trains no classes: a closed-set config's `labels`
     (and its `model_seed`) are refused by name rather than silently ignored."""

@@ -13,13 +13,17 @@ import http.client
 import json
 import re
 import shutil
+import socket
 import ssl
 import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
+import cv2
+import numpy as np
 import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
@@ -28,6 +32,10 @@ from paho.mqtt.reasoncodes import ReasonCode
 from broker.local import LocalBroker
 from broker.secure import SecureBroker
 from console import VENDORED_CLIENT, page_url, start_round_line
+from console.schema import SCHEMA_FILE
+from console.schema import script as schema_script
+from edge.events import VisitorEvent, now_iso
+from fedbell.wire.protocol import DeviceStatus, Reply, RoundMetrics, to_json
 from fedbell.wire.topics import Topics
 from tests.mqtt_helpers import Probe
 from tests.test_broker_acl import provision_site
@@ -79,13 +87,27 @@ def federation(
     assert HELPERS_SITE == SITE
     gallery = tmp_path / "gallery"
     write_synthetic(gallery, persons=3, photos=4, seed=5)
+    porch = tmp_path / "porch"
+    write_porch(porch, seed=5)
+    doorbell_settings = {
+        # A replay on a loop: resident person00 walks up, then an empty porch.
+        "camera": {"kind": "folder", "folder": str(porch), "fps": 2, "loop": True},
+        # A replay's defaults make every visit an event. Generated faces all look alike to
+        # dlib's network: at 0.5 the nearest resident is named, which is all the page needs.
+        "recognition": {"confirm_frames": 2, "threshold": 0.5},
+    }
     processes = {
         # The gallery as held-out set too: each version gets an accuracy to show.
         "aggregator": aggregator_process(
             tmp_path, broker.port, aggregator_cache, evaluation=gallery, timeout_s=60
         )
     }
-    processes.update({door: node_process(tmp_path, broker.port, door, gallery) for door in DOORS})
+    processes.update(
+        {
+            door: node_process(tmp_path, broker.port, door, gallery, **doorbell_settings)
+            for door in DOORS
+        }
+    )
     try:
         processes["aggregator"].start().wait_log("ready: site", timeout=300)
         for door in DOORS:
@@ -96,6 +118,86 @@ def federation(
             process.stop()
 
 
+def write_porch(folder: Path, seed: int) -> None:
+    """Numbered porch frames: write_synthetic's person00 at the door, then nobody."""
+    from fedbell.faces.synthetic import make_identities, make_scene, render_face
+
+    rng = np.random.default_rng(seed + 7)
+    resident = make_identities(3, seed)[0]  # write_synthetic's person00 (same seed)
+    folder.mkdir(parents=True)
+    for index in range(10):
+        faces = [render_face(resident, rng, 96)] if index < 4 else []
+        assert cv2.imwrite(str(folder / f"{index:03d}.png"), make_scene(faces, rng).frame)
+
+
+OUTSIDE = """() => {
+  // What a person would miss: a table (or any of its cells) wider than its card, or
+  // anything reaching past the window's right edge.
+  const problems = [];
+  const width = document.documentElement.clientWidth;
+  if (document.documentElement.scrollWidth > width) {
+    problems.push(`page ${document.documentElement.scrollWidth} px wide in ${width} px`);
+  }
+  for (const table of document.querySelectorAll("table")) {
+    const card = table.closest("section").getBoundingClientRect();
+    for (const box of [table, ...table.querySelectorAll("th, td")]) {
+      const r = box.getBoundingClientRect();
+      if (r.width === 0 && r.height === 0) continue; // not shown (a phone hides headings)
+      if (r.left < card.left - 0.5 || r.right > card.right + 0.5) {
+        problems.push(`${table.id} ${box.tagName} "${box.textContent}" ` +
+          `${r.left.toFixed(0)}-${r.right.toFixed(0)} outside ${card.left.toFixed(0)}-` +
+          `${card.right.toFixed(0)}`);
+      }
+    }
+  }
+  for (const node of document.querySelectorAll("body *")) {
+    const r = node.getBoundingClientRect();
+    if (r.width > 0 && r.right > width + 0.5) {
+      problems.push(`${node.tagName}#${node.id} ends at ${r.right.toFixed(0)} of ${width}`);
+    }
+  }
+  return problems;
+}"""
+
+
+def shown_visit(
+    page: Any, device: str, visits: Probe, events: list[dict[str, Any]]
+) -> dict[str, Any]:
+    """The visit the page shows first for `device`, matched to the doorbell's own event
+    (`events`: what `visits` heard so far; it is extended)."""
+    row = page.locator(f'#visitors [data-device="{device}"] li.visit').first
+    expect(row.locator(".person")).to_have_text(re.compile(r"^person\d\d$"), timeout=120_000)
+    shown = {
+        part: row.locator(f".{part}").inner_text() for part in ("time", "person", "confidence")
+    }
+    deadline = time.monotonic() + 10  # the probe may hear the event after the page
+    while time.monotonic() < deadline:
+        while not visits.messages.empty():
+            message = visits.messages.get_nowait()
+            if message.topic == f"doorbell/{device}/visitor":
+                events.append(json.loads(message.payload))
+        for event in events:
+            clock = page.evaluate("(t) => new Date(t).toLocaleTimeString()", event["time"])
+            sent = (clock, event["person"], f"{event['confidence']:.2f}")
+            if sent == (shown["time"], shown["person"], shown["confidence"]):
+                return event
+        time.sleep(0.2)
+    raise AssertionError(f"the page shows {shown}, which {device} did not send: {events[-5:]}")
+
+
+def look_at_sizes(page: Any, visits: Probe) -> None:
+    """At a desktop's and a phone's size: the visits as sent, no error, nothing cut off."""
+    events: list[dict[str, Any]] = []
+    for width, height in ((1400, 900), (390, 844)):
+        page.set_viewport_size({"width": width, "height": height})
+        event = shown_visit(page, "door1", visits, events)
+        assert re.fullmatch(r"\d{4}-\d\d-\d\dT[\d:.]+Z", event["time"])  # ISO-8601, as sent
+        expect(page.locator("#visitors .error")).to_have_count(0)
+        assert page.evaluate(OUTSIDE) == [], f"at {width}x{height}"
+        REPORTS.mkdir(exist_ok=True)
+        page.screenshot(path=str(REPORTS / f"console-{width}.png"), full_page=True)
+
+
 def doorbell(page: Any, device: str, cell: str) -> Any:
     return page.locator(f'#doorbells tr[data-device="{device}"] .{cell}')
 
@@ -103,12 +205,13 @@ def doorbell(page: Any, device: str, cell: str) -> Any:
 def test_the_console_drives_a_real_federation(
     broker: LocalBroker, federation: dict[str, Any], browser: Any
 ) -> None:
-    control = Probe(broker.port, TOPICS.control)
+    control = Probe(broker.port, TOPICS.control, TOPICS.metrics)
+    visits = Probe(broker.port, "doorbell/+/visitor")
     page = browser.new_page(viewport={"width": 1280, "height": 900})
     errors: list[str] = []
     page.on("pageerror", lambda err: errors.append(str(err)))
     try:
-        page.goto(page_url("127.0.0.1", broker.ws_port, SITE))
+        page.goto(page_url("127.0.0.1", broker.ws_port, SITE, mqtt_port=broker.port))
         expect(page.locator("#connection")).to_have_text("connected")
         for door in DOORS:  # their retained statuses, then live ones
             expect(doorbell(page, door, "state")).to_have_text("online", timeout=90_000)
@@ -118,22 +221,43 @@ def test_the_console_drives_a_real_federation(
         page.click("#start-round")
         # Exactly what the mosquitto_pub line in the README (and `make demo`) sends.
         assert control.wait_for(TOPICS.control, 10).payload == b'{"cmd":"start_round"}'
-        expect(page.locator("#sent")).to_contain_text('-m \'{"cmd":"start_round"}\'')
+        # ...to this broker: pasted in a shell, the line does what the button did.
+        expect(page.locator("#sent")).to_have_text(start_round_line("127.0.0.1", broker.port, SITE))
         expect(page.locator("#round-body .round-id")).to_have_text("1")
+        expect(page.locator("#round-body .deadline")).to_contain_text("deadline")
         expect(page.locator("#reply")).to_contain_text("done start_round")
         expect(page.locator("#version")).to_have_text("v1", timeout=120_000)
         expect(page.locator("#accuracy")).to_have_text(re.compile(r"\d{1,3}\.\d %"))
         expect(page.locator("#round-body .phase")).to_have_text("closed")
+        expect(page.locator("#round-body .deadline")).to_have_count(0)  # nothing to wait for
+        metrics = RoundMetrics.model_validate_json(control.wait_for(TOPICS.metrics, 10).payload)
+        row = page.locator("#rounds tbody tr").first
+        for column, sent in ((6, metrics.bytes_up), (7, metrics.bytes_down)):  # kB: 1000 B
+            expect(row.locator(f"td:nth-child({column})")).to_have_text(f"{sent / 1000:.1f} kB")
         for door in DOORS:
             expect(doorbell(page, door, "update")).to_contain_text("round 1: accepted")
             expect(doorbell(page, door, "model")).to_have_text("v1", timeout=30_000)
         expect(page.locator("#rounds tbody tr")).to_have_count(1)
+
+        # The visits the doorbells' cameras saw, as they sent them (ISO-8601 times).
+        expect(page.locator('#visitors [data-device="door1"] li.visit').first).to_be_visible(
+            timeout=120_000
+        )
+        look_at_sizes(page, visits)
+        page.set_viewport_size({"width": 1280, "height": 900})
 
         # Commands the aggregator refuses: the reason is on the page, not only in its log.
         control.publish(TOPICS.control, b'{"cmd": "start_round", "rounds": "many"}')
         expect(page.locator("#reply")).to_contain_text("refused (unreadable command): bad_json")
         page.click("#aggregate")
         expect(page.locator("#reply")).to_contain_text("refused aggregate: bad_state")
+        while not control.messages.empty():
+            control.messages.get_nowait()
+        page.fill("#auto-rounds", "0")  # not "auto 1": nothing is sent
+        page.click("#auto")
+        expect(page.locator("#reply")).to_contain_text("nothing sent")
+        time.sleep(1.0)
+        assert [m.topic for m in list(control.messages.queue)] == []
 
         # A doorbell dies: its last will reaches the page within the keepalive window.
         killed_at = time.monotonic()
@@ -149,6 +273,7 @@ def test_the_console_drives_a_real_federation(
         assert errors == []
     finally:
         control.close()
+        visits.close()
         page.close()
 
 
@@ -166,11 +291,11 @@ def test_malformed_retained_messages_are_errors_of_their_item_only(
     broker: LocalBroker, browser: Any
 ) -> None:
     writer = Probe(broker.port)
-    good_status = {"state": "online", "model_version": 4, "gallery_size": 9, "detail": "camera ok"}
-    good_metrics = {"round": 4, "version": 4, "outcome": "published", "participants": 1}
+    good_status = DeviceStatus(state="online", model_version=4, gallery_size=9, detail="camera ok")
+    good_metrics = metrics(4)
     try:
-        writer.publish(TOPICS.status("door1"), json.dumps(good_status), retain=True)
-        writer.publish(TOPICS.metrics, json.dumps({**good_metrics, "accuracy": 0.75}), retain=True)
+        writer.publish(TOPICS.status("door1"), to_json(good_status), retain=True)
+        writer.publish(TOPICS.metrics, to_json(good_metrics), retain=True)
         for topic, payload in MALFORMED.items():  # retained: the page meets them on load
             writer.publish(topic, payload, retain=True)
         page = browser.new_page(viewport={"width": 1280, "height": 900})
@@ -190,15 +315,23 @@ def test_malformed_retained_messages_are_errors_of_their_item_only(
         # ...and everything else still shows and still updates.
         expect(doorbell(page, "door1", "state")).to_have_text("online")
         expect(doorbell(page, "door1", "model")).to_have_text("v4")
-        writer.publish(TOPICS.metrics, json.dumps({**good_metrics, "round": 5, "version": 5}))
+        writer.publish(TOPICS.metrics, to_json(metrics(5)))
         expect(page.locator("#version")).to_have_text("v5")
         expect(page.locator("#metrics-error")).to_be_hidden()
-        event = {"event_id": "e1", "time": time.time(), "person": "unknown", "confidence": 0.41}
-        writer.publish("doorbell/door1/visitor", json.dumps(event))
+        event = VisitorEvent(
+            event_type="unknown",
+            event_id="e1",
+            time=now_iso(),
+            person="unknown",
+            confidence=0.41,
+            box=None,
+        )
+        writer.publish("doorbell/door1/visitor", event.model_dump_json())
         expect(page.locator('#visitors [data-device="door1"] .visit')).to_contain_text(
             "unknown, confidence 0.41"
         )
-        writer.publish(TOPICS.status("door9"), json.dumps({**good_status, "state": "offline"}))
+        offline = good_status.model_copy(update={"state": "offline"})
+        writer.publish(TOPICS.status("door9"), to_json(offline))
         expect(doorbell(page, "door9", "state")).to_have_text("offline")
         REPORTS.mkdir(exist_ok=True)
         page.screenshot(path=str(REPORTS / "console-malformed.png"), full_page=True)
@@ -206,6 +339,133 @@ def test_malformed_retained_messages_are_errors_of_their_item_only(
         page.close()
     finally:
         writer.close()
+
+
+def metrics(round_id: int) -> RoundMetrics:
+    return RoundMetrics(
+        round=round_id,
+        version=round_id,
+        outcome="published",
+        participants=1,
+        examples=8,
+        accuracy=0.75,
+        bytes_up=3700,
+        bytes_down=32500,
+        seconds=1.5,
+    )
+
+
+def test_the_pages_schema_is_generated_from_the_producers_models() -> None:
+    assert SCHEMA_FILE.read_text() == schema_script(), (
+        "console/static/messages.js is stale: run `python -m console.schema`"
+    )
+
+
+def test_what_the_producers_send_is_what_the_page_reads(
+    broker: LocalBroker, browser: Any, tmp_path: Path
+) -> None:
+    """A doorbell's real events, and the aggregator's messages as its models write them,
+    through the page's own reader; and the shapes no producer sends are refused."""
+    from edge.events import EventPublisher
+    from edge.feedback import RecentCrops
+    from edge.gallery import Gallery
+    from edge.homeassistant import DoorbellTopics
+
+    heard = Probe(broker.port, "doorbell/door1/#")
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="door1", protocol=mqtt.MQTTv5)
+    client.connect("127.0.0.1", broker.port)
+    client.loop_start()
+    page = browser.new_page()
+    try:
+        publisher = EventPublisher(
+            client,
+            DoorbellTopics("door1"),
+            TOPICS.status("door1"),
+            RecentCrops(),
+            Gallery(tmp_path / "g"),
+            discovery=False,
+        )
+        publisher.visitor("alice", 0.91234, (1, 2, 3, 4))
+        publisher.visitor("unknown", 0.4, None)
+        publisher.ring("button")
+        sent = [
+            ("visitor", heard.wait_for("doorbell/door1/visitor", 5).payload),
+            ("visitor", heard.wait_for("doorbell/door1/visitor", 5).payload),
+            ("ring", heard.wait_for("doorbell/door1/ring", 5).payload),
+            ("metrics", to_json(metrics(3))),
+            ("status", to_json(DeviceStatus(state="online", model_version=2, detail="camera ok"))),
+            ("reply", to_json(Reply(about="command", ok=True, time=time.time(), cmd="stop"))),
+        ]
+        page.goto(page_url("127.0.0.1", broker.ws_port, SITE))
+        for kind, payload in sent:
+            data = json.loads(payload)
+            read = page.evaluate("([kind, data]) => read(kind, data)", [kind, data])
+            assert {k: v for k, v in read.items() if k in data} == data, kind
+        refused = page.evaluate(
+            """(data) => { try { read("visitor", data); return null; }
+                           catch (err) { return err.message; } }""",
+            {
+                "event_type": "unknown",
+                "event_id": "e1",
+                "time": time.time(),  # what the page once expected
+                "person": "unknown",
+                "confidence": 0.4,
+                "box": None,
+            },
+        )
+        assert refused == '"time" is not an ISO-8601 time'  # a doorbell never sends a number
+    finally:
+        page.close()
+        client.loop_stop()
+        client.disconnect()
+        heard.close()
+
+
+def test_the_gallery_line_says_what_to_do() -> None:
+    from edge.artifacts import gallery_summary
+    from edge.gallery import GalleryFeatures
+
+    gallery = GalleryFeatures(
+        persons=("ann", "bob", "cy"),
+        labels=np.array([0, 0, 0, 1, 2, 2], np.int64),
+        features=np.zeros((6, 4), np.float32),
+        files=tuple(f"p/{i}.png" for i in range(6)),
+        backbone="b" * 64,
+        skipped=("cy/blurred.png",),
+    )
+    assert gallery_summary(gallery, 0.75) == (
+        "3 people, 6 photos; 2 with fewer than 3 photos: enroll more; "
+        "1 photo without a usable face; 25% of photos look more like someone else"
+    )
+    assert "ann" not in gallery_summary(gallery, None)  # the status leaves the house
+    single = GalleryFeatures(
+        ("ann",), np.zeros(3, np.int64), np.zeros((3, 4), np.float32), ("a", "b", "c"), "b" * 64
+    )
+    assert gallery_summary(single, 1.0) == "1 person, 3 photos"
+
+
+def test_a_link_cannot_send_the_login_to_another_broker(broker: LocalBroker, browser: Any) -> None:
+    """`?broker=` once pointed the login form anywhere: the page now logs in only to the
+    broker that served it, whatever the link says."""
+    elsewhere = socket.create_server(("127.0.0.1", 0))
+    elsewhere.settimeout(0.2)
+    other = f"ws://127.0.0.1:{elsewhere.getsockname()[1]}/mqtt"
+    page = browser.new_page()
+    try:
+        page.goto(f"{page_url('127.0.0.1', broker.ws_port, SITE)}&broker={quote(other)}")
+        expect(page.locator("#connection")).to_have_text("connected")
+        own = f"ws://127.0.0.1:{broker.ws_port}/mqtt"
+        expect(page.locator("#broker-url")).to_have_value(own)
+        assert page.locator("#broker-url").get_attribute("readonly") is not None
+        page.fill("#username", "operator")
+        page.fill("#password", "secret")
+        page.click("#connect")  # the local broker is anonymous: the login is accepted
+        expect(page.locator("#connection")).to_have_text("connected")
+        with pytest.raises(TimeoutError):
+            elsewhere.accept()  # nothing ever knocked at the other address
+    finally:
+        page.close()
+        elsewhere.close()
 
 
 def test_start_round_line_is_what_the_button_sends() -> None:

@@ -114,6 +114,22 @@ def test_envelope_rejects_each_kind_of_corruption() -> None:
         assert err.value.reason == reason, (reason, str(err.value))
 
 
+@pytest.mark.parametrize(
+    ("scale", "why"),
+    [(np.inf, "NaN or Inf"), (np.nan, "NaN or Inf"), (3e38, "overflow")],
+)
+@pytest.mark.filterwarnings("error::RuntimeWarning")  # refused before any arithmetic warns
+def test_a_hostile_int8_scale_is_refused_without_a_warning(scale: float, why: str) -> None:
+    column = np.array([[1.0, 0.0], [0.5, 0.0], [1.0, 1.0]], np.float32)  # Inf x 0 warned
+    specs, body = encode_tensors(["w"], [column], "int8", "none")
+    scales = np.frombuffer(body[:8], "<f4").copy()  # one scale per column, then the values
+    scales[1] = scale
+    hostile = scales.astype("<f4").tobytes() + body[8:]
+    with pytest.raises(RejectedMessage, match=why) as err:
+        decode_tensors(specs, hostile, "int8", "none")
+    assert err.value.reason == "not_finite"
+
+
 def test_nan_and_inf_are_rejected() -> None:
     poisoned = arrays()
     poisoned[2][0, 0] = np.nan

@@ -10,8 +10,11 @@ names, not crash off a Pi, log the end of a folder replay, and leave
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
+import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -192,3 +195,81 @@ def test_a_config_that_names_no_broker_says_so(tmp_path: Path, broker: LocalBrok
         doorbell.wait_for_log(f"{path} names no broker (mqtt.host): trying ")
     finally:
         assert doorbell.stop() == 0, doorbell.text()
+
+
+def test_no_broker_at_the_address_is_said_at_once_and_once(tmp_path: Path) -> None:
+    """Not 10 s of "queued while disconnected (rc=4)", one per event, before a word."""
+    with socket.socket() as free:  # a port nothing listens on
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    folder = tmp_path / "replay"  # a porch replayed in a loop: events while offline
+    folder.mkdir()
+    for index in range(5):
+        cv2.imwrite(str(folder / f"{index}.png"), np.full((120, 160, 3), 40 * index, np.uint8))
+    config = adapted(tmp_path, port, kind="folder", folder=str(folder), loop=True)
+    doorbell = Doorbell(config, tmp_path / "edge.log")
+    try:
+        started = time.monotonic()
+        doorbell.wait_for_log(f"no broker at 127.0.0.1:{port} (is it running, on this port?)")
+        print(f"said after {time.monotonic() - started:.1f} s")  # the process's start included
+        time.sleep(3.0)  # paho retries meanwhile: the message is not repeated
+        assert doorbell.text().count("no broker at") == 1
+        assert "queued while disconnected" not in doorbell.text()
+    finally:
+        assert doorbell.stop() == 0, doorbell.text()
+    assert doorbell.text().count("events are queued until it is back") <= 1
+
+
+def test_a_replay_of_six_visitors_gives_six_events(tmp_path: Path, broker: LocalBroker) -> None:
+    """Issue 19 item 4: with the example's defaults (debounce 30 s, a visit ends after 5 s)
+    six visitors replayed a few frames apart were one event. A replay runs on its own
+    time with the replay settings: one event each (no model yet: each is "unknown")."""
+    from tests.recognition_helpers import frames_of, write_frames
+
+    empty = [np.full((480, 640, 3), 120, np.uint8)] * 10  # 0.67 s of empty porch at 15 fps
+    frames = [f for person in range(6) for f in frames_of(person, 8, 300 + person) + empty]
+    write_frames(tmp_path / "replay", frames)
+    config = adapted(tmp_path, broker.port, kind="folder", folder=str(tmp_path / "replay"))
+    visits = Probe(broker.port, f"doorbell/{DEVICE}/visitor")
+    doorbell = Doorbell(config, tmp_path / "edge.log")
+    try:
+        doorbell.wait_for_log("the replay of", timeout=120)  # every frame was judged
+        time.sleep(1.0)  # the last QoS 1 events are on their way
+        events = []
+        while not visits.messages.empty():
+            events.append(json.loads(visits.messages.get().payload))
+        assert [e["person"] for e in events] == ["unknown"] * 6, doorbell.text()[-3000:]
+    finally:
+        visits.close()
+        assert doorbell.stop() == 0, doorbell.text()
+
+
+def example_keys() -> dict[str, set[str]]:
+    """Top-level key -> the keys under it, set or commented out (`# key:`)."""
+    sections: dict[str, set[str]] = {}
+    current: set[str] = set()
+    for line in EXAMPLE.read_text().splitlines():
+        top = re.match(r"^(# )?([a-z_]+):", line)
+        nested = re.match(r"^\s*#?\s*([a-z_]+):", line)
+        if top:
+            current = sections.setdefault(top.group(2), set())
+        elif nested:
+            current.add(nested.group(1))
+    return sections
+
+
+def test_every_key_is_in_the_example_config_commented_or_set() -> None:
+    """Each section's every setting is in config/edge.yaml, set or as a `# key:` line."""
+    from pydantic import BaseModel
+
+    from edge.config import EdgeConfig
+
+    example = example_keys()
+    missing = []
+    for name, field in EdgeConfig.model_fields.items():
+        section = field.annotation
+        if name not in example:
+            missing.append(name)
+        elif isinstance(section, type) and issubclass(section, BaseModel):
+            missing += [f"{name}.{key}" for key in section.model_fields if key not in example[name]]
+    assert missing == []

@@ -36,6 +36,7 @@ from edge.recognition_config import CameraConfig, HomeAssistantConfig, Recogniti
 from edge.state import NodeState
 from fedbell.config import MqttSettings, SigningSettings
 from fedbell.faces.embedding import HEAD_NAMES
+from fedbell.faces.features import Chip
 from fedbell.faces.openset import UNKNOWN
 from fedbell.wire import signing
 from fedbell.wire.backbone import BackboneMessages, build_backbone
@@ -50,7 +51,14 @@ from fedbell.wire.messages import (
 from fedbell.wire.protocol import DeviceStatus, RoundAnnouncement, TrainingPlan, parse_json, to_json
 from fedbell.wire.topics import Topics
 from tests.mqtt_helpers import Probe
-from tests.recognition_helpers import LINEAGE, chips_of, frames_of, projection, write_frames
+from tests.recognition_helpers import (
+    LINEAGE,
+    chips_of,
+    frames_of,
+    projection,
+    ready_recognizer,
+    write_frames,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 SITE = "home"
@@ -454,7 +462,9 @@ def test_backbone_is_stored_and_the_gallery_scored(
             wait_until(lambda: node.gallery_accuracy is not None)
             assert node.gallery_accuracy == 1.0  # each chip named by the others' prototypes
             assert node.recognizer.ready
-            wait_until(lambda: "leave-one-out accuracy 1.00" in next_status(aggregator).detail)
+            # What the operator can act on: every person here has 2 photos, fewer than 3.
+            summary = "model v1: 3 people, 6 photos; 3 with fewer than 3 photos: enroll more"
+            wait_until(lambda: summary in next_status(aggregator).detail)
             broken = build_backbone(
                 site=SITE,
                 signer=Signer(AGGREGATOR),
@@ -612,6 +622,21 @@ def test_an_old_closed_set_state_folder_is_dropped_for_the_new_lineage(
         aggregator.close()
 
 
+def threshold_naming(
+    models: BackboneModels, visitor: Chip, gallery: Path, enrolled: list[Chip]
+) -> float:
+    """Midway between the visitor's similarity to the residents and to their own enrolled
+    chips, as the doorbell's recognizer computes them (generated faces separate by a few
+    hundredths only, so no fixed threshold holds on every checkout)."""
+    residents = ready_recognizer(models.float_model, models.sha256, Gallery(gallery))
+    to_others = residents.recognize(visitor)[1]
+    own = Gallery(gallery.parent / "own")
+    own.add("visitor", enrolled)
+    to_own = ready_recognizer(models.float_model, models.sha256, own).recognize(visitor)[1]
+    assert to_own - to_others > 0.01, f"own {to_own:.4f}, residents {to_others:.4f}: no room"
+    return (to_own + to_others) / 2
+
+
 def test_enrollment_and_removal_take_effect_at_once_and_send_nothing(
     tmp_path: Path, broker: LocalBroker, base: Base, backbone_models: BackboneModels
 ) -> None:
@@ -625,10 +650,11 @@ def test_enrollment_and_removal_take_effect_at_once_and_send_nothing(
     photos = tmp_path / "photos"
     write_frames(photos, frames_of(4, 4, 401))
     visitor = chips_of(4, 1, 400)[0]
+    threshold = threshold_naming(backbone_models, visitor, gallery, chips_of(4, 4, 401))
     aggregator = Probe(broker.port)
     try:
         aggregator.publish_backbone(TOPICS, tflite_payload(backbone_models))
-        model = global_payload(base, 1, backbone=backbone_models.sha256, threshold=0.95)
+        model = global_payload(base, 1, backbone=backbone_models.sha256, threshold=threshold)
         aggregator.publish(TOPICS.global_model, model, retain=True)
         with running(config) as node:
             wait_until(lambda: node.recognizer.persons == ("person0",))
@@ -685,11 +711,26 @@ def stranger_events(node: EdgeNode) -> set[str]:
         return {str(e) for e in data["events"]}
 
 
+def judged_visit(probe: Probe) -> dict[str, Any]:
+    """The next visitor event judged with a model (before one, confidence is 0)."""
+    while True:
+        event: dict[str, Any] = json.loads(received(probe, "doorbell/frontdoor/visitor", 30))
+        if event["confidence"] > 0:
+            return event
+
+
 def test_a_labelled_unknown_visitor_is_named_on_the_next_visit(
     tmp_path: Path, broker: LocalBroker, base: Base, backbone_models: BackboneModels
 ) -> None:
     """The camera side of a running doorbell: an unknown visitor's features become a
-    training negative; a label names them, the negative goes, the next visit is named."""
+    training negative; a label names them, the negative goes, the next visit is named.
+
+    The threshold comes from what this doorbell reports, not from a constant: at
+    threshold 1 nobody is named and each event carries the visit's similarity to the
+    nearest enrolled person; the visitor's similarity to person0 (before the label) and
+    to their own labelled visit (after it) place the threshold midway between them, and
+    a new head carries it. (A fixed 0.975 once missed this data by 0.0006.)
+    """
     gallery = tmp_path / "gallery"
     Gallery(gallery).add("person0", chips_of(0, 3, 100))
     camera = tmp_path / "camera"  # a looping porch: a visit, then an empty porch
@@ -700,32 +741,42 @@ def test_a_labelled_unknown_visitor_is_named_on_the_next_visit(
             # 5 frames/s: each frame is judged even on a loaded machine, where a faster
             # replay drops frames and a 6-frame visit may never get its 3 confirmations.
             "camera": CameraConfig(kind="folder", folder=camera, fps=5, loop=True),
-            "recognition": RecognitionConfig(confirm_frames=3, debounce_s=0, absent_after_s=0.3),
+            # (A replay: every visit is an event; 8 empty frames end a visit.)
+            "recognition": RecognitionConfig(confirm_frames=3),
             "home_assistant": HomeAssistantConfig(enabled=False),
         }
     )
     aggregator = Probe(broker.port, "doorbell/frontdoor/visitor")
     try:
         aggregator.publish_backbone(TOPICS, tflite_payload(backbone_models))
-        model = global_payload(base, 1, backbone=backbone_models.sha256, threshold=0.975)
-        aggregator.publish(TOPICS.global_model, model, retain=True)
+        names_nobody = global_payload(base, 1, backbone=backbone_models.sha256, threshold=1.0)
+        aggregator.publish(TOPICS.global_model, names_nobody, retain=True)
         with running(config) as node:
-            while True:  # the first visit judged with the model (before it: confidence 0)
-                event = json.loads(received(aggregator, "doorbell/frontdoor/visitor", 30))
-                if event["confidence"] > 0:
-                    break
+            event = judged_visit(aggregator)
             assert event["person"] == UNKNOWN
+            to_others = event["confidence"]  # the visitor against person0, the only resident
             # (Later visits keep adding strangers: the labelled visit is followed by its id.)
             wait_until(lambda: event["event_id"] in stranger_events(node))
             label = {"event_id": event["event_id"], "person": "newcomer"}
             aggregator.publish("doorbell/frontdoor/label", json.dumps(label))
             wait_until(lambda: "newcomer" in node.recognizer.persons, 5)
             assert event["event_id"] not in stranger_events(node)  # no longer a stranger
-            for _ in range(10):  # the visit being judged when the label came may end unknown
-                event = json.loads(received(aggregator, "doorbell/frontdoor/visitor", 30))
+            # Judged against the newcomer's prototype now (the visit under way when the
+            # label came too: a visit is decided against the prototypes of its end).
+            to_own = min(judged_visit(aggregator)["confidence"] for _ in range(2))
+            gap = to_own - to_others
+            # Frames repeat exactly: visits differ only by frames a loaded machine drops
+            # (~0.001); 0.04 on this data, 0.01 still leaves 5x that on each side.
+            assert gap > 0.01, f"own visit {to_own:.4f}, person0 {to_others:.4f}: no room"
+            threshold = (to_own + to_others) / 2
+            model = global_payload(base, 2, backbone=backbone_models.sha256, threshold=threshold)
+            aggregator.publish(TOPICS.global_model, model, retain=True)
+            wait_until(lambda: node.recognizer.threshold == threshold)
+            for _ in range(5):  # the visit under the old head ends void (confidence 0)
+                event = judged_visit(aggregator)
                 if event["person"] != UNKNOWN:
                     break
-            assert event["person"] == "newcomer"
+            assert event["person"] == "newcomer", (event, to_own, to_others)
             assert node.live is not None
             assert node.live.publisher.counters.labels == 1
     finally:

@@ -95,3 +95,30 @@ def test_discovery_republished_when_home_assistant_comes_online(
     finally:
         client.loop_stop()
     probe.close()
+
+
+def test_a_doorbell_without_a_camera_still_announces_itself(
+    broker: LocalBroker, tmp_path: Path
+) -> None:
+    """The demo's doorbells train without a camera (its live replay runs beside them):
+    `python -m edge` announces them to Home Assistant like any doorbell."""
+    from tests.test_faults import node_process
+
+    gallery = tmp_path / "gallery"
+    gallery.mkdir()
+    door = node_process(tmp_path, broker.port, "door3", gallery)  # camera.enabled false
+    probe = Probe(broker.port, "homeassistant/device/+/config")
+    try:
+        door.start()
+        probe.wait_for("homeassistant/device/door3/config", 60)
+        late = Probe(broker.port, "homeassistant/device/+/config")  # Home Assistant, later
+        found = late.wait_for("homeassistant/device/door3/config", 5)
+        late.close()
+        assert found.retain
+        payload = json.loads(found.payload)
+        assert payload["dev"]["ids"] == ["fedbell_door3"]
+        availability = payload["cmps"]["door3_visitor"]["availability"][0]
+        assert availability["topic"] == "fedbell/test/status/door3"  # its own last will
+    finally:
+        probe.close()
+        door.stop()

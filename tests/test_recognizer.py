@@ -49,15 +49,15 @@ def test_threshold_priority_and_unknown(backbone_models: BackboneModels, enrolle
     assert recognizer.threshold == 0.25  # no global model yet
     assert recognizer.recognize(chip) == (UNKNOWN, 0.0)  # no model: everyone is a stranger
     backbone = recognizer.install_backbone(backbone_models.float_model, backbone_models.sha256)
-    recognizer.set_head(head(backbone=backbone_models.sha256, threshold=0.999))
+    recognizer.set_head(head(backbone=backbone_models.sha256, threshold=1.0))
     recognizer.set_gallery(enrolled.features(backbone))
-    assert recognizer.threshold == 0.999  # the global model's calibrated threshold
+    assert recognizer.threshold == 1.0  # the global model's calibrated threshold (names nobody)
     name, similarity = recognizer.recognize(chip)
     assert name == UNKNOWN
-    assert 0.9 < similarity < 0.999
+    assert 0.9 < similarity < 1.0
     house = Recognizer(threshold_override=0.5)  # the house's own setting wins
     house.install_backbone(backbone_models.float_model, backbone_models.sha256)
-    house.set_head(head(backbone=backbone_models.sha256, threshold=0.999))
+    house.set_head(head(backbone=backbone_models.sha256, threshold=1.0))
     house.set_gallery(enrolled.features(house.backbone))  # type: ignore[arg-type]
     assert house.threshold == 0.5
     assert house.recognize(chip)[0] == "person0"

@@ -186,6 +186,13 @@ def test_a_small_simulation_runs_end_to_end(tmp_path: Path) -> None:
         assert data[baseline] is not None
         assert 0.0 <= data[baseline] <= 1.0
     assert report.with_suffix(".png").stat().st_size > 0
+    # The same learning over 3 deals of households: start, federated, central, the gain.
+    assert [s["seed"] for s in data["seeds"]] == [0, 1, 2]
+    for seed in data["seeds"]:
+        assert all(0.0 <= seed[arm] <= 1.0 for arm in ("start", "federated", "central"))
+    assert data["verdict"].startswith("over 3 seeds the federation's gain over its start is ")
+    assert data["verdict"] in done.stdout
+    assert done.stdout.count("round   2  accuracy") == 1  # the rounds are printed once
 
     live = data["live"]
     assert "error" not in live, live
@@ -197,3 +204,20 @@ def test_a_small_simulation_runs_end_to_end(tmp_path: Path) -> None:
     assert (visitors[0], visitors[-1]) == (live["newcomer"], "unknown")
     # Before enrolling, no doorbell can name the newcomer: the name is in no gallery.
     assert all(live["newcomer"] not in v["before"] for v in visits)
+
+
+def test_stay_keeps_its_work_folder_unless_asked_to_clean_up() -> None:
+    """`--stay` ends with Ctrl-C, with people perhaps enrolled by hand: keep their folder."""
+    from simulation.__main__ import parse_args
+    from simulation.runner import keeps
+
+    def config(*argv: str) -> SimulationConfig:
+        args = parse_args(list(argv))
+        return SimulationConfig.model_validate(
+            {key: getattr(args, key) for key in ("keep", "stay") if getattr(args, key) is not None}
+        )
+
+    assert not keeps(config())
+    assert keeps(config("--keep"))
+    assert keeps(config("--stay"))
+    assert not keeps(config("--stay", "--no-keep"))

@@ -274,9 +274,9 @@ def test_one_event_per_visit_and_per_person_within_the_debounce(
 
     sink, clock = Sink(), FrameClock()
     config = RecognitionConfig(confirm_frames=2, debounce_s=20.0, absent_after_s=2.0)
-    strict = recognizer_for(backbone_models, house, threshold=0.9999)
+    strict = recognizer_for(backbone_models, house, threshold=1.0)
     pipeline = Pipeline(detector(), strict, sink, config, clock=clock)
-    play(pipeline, clock, alice[:5] + empty)  # "unknown" at this strict threshold
+    play(pipeline, clock, alice[:5] + empty)  # "unknown" at threshold 1 (nobody is named)
     play(pipeline, clock, stranger + empty)  # another unknown within the debounce: quiet
     assert [e.person for e in sink.visitors] == [UNKNOWN]
 
@@ -422,3 +422,22 @@ def test_chips_come_from_the_full_frame_only_when_the_pair_matches() -> None:
     assert float(one[0].crop.mean()) == pytest.approx(0, abs=1)
     assert pipeline.counters.mismatched_pairs == 1
     assert pipeline.counters.errors == 0
+
+
+def test_a_replay_runs_on_its_own_time_and_ends_a_visit_after_its_empty_frames(
+    backbone_models: BackboneModels, house: Gallery
+) -> None:
+    """A replay's frames are 1/fps apart however long each takes to judge: with the
+    replay settings, 3 empty frames end a visit, 2 do not, and each visit is an event."""
+    recognizer = recognizer_for(backbone_models, house, threshold=0.0)
+    alice = [detected(recognizer, 0, 1, 61)[0][0]]  # one face that stays where it is
+    config = RecognitionConfig(confirm_frames=3, debounce_s=30.0, absent_after_s=5.0)
+    replay = config.for_replay(fps=10.0)
+    assert replay.debounce_s == 0.0
+    stalled = FrameClock()  # the machine's clock: stuck, as if each frame took forever
+    sink = Sink()
+    pipeline = Pipeline(detector(), recognizer, sink, replay, clock=stalled, frame_period_s=0.1)
+    play(pipeline, FrameClock(), [*alice * 4, *[NO_FRAME] * 3, *alice * 4])  # 3 empty: 2 visits
+    play(pipeline, FrameClock(), [*[NO_FRAME] * 2, *alice * 4])  # 2 empty: the same visit
+    assert pipeline.counters.visits == pipeline.counters.visitor_events == 2
+    assert [e.person for e in sink.visitors] == ["person0", "person0"]  # no debounce

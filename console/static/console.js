@@ -1,9 +1,9 @@
 // fedbell operator console: MQTT over WebSockets straight to the broker.
 //
 // Everything shown comes from the site's topics (fedbell/wire/topics.py): retained
-// ones give the state on connect, live ones keep it current. Only generic
-// fields are read (round, phase, version, accuracy, bytes, rejections,
-// status); unknown fields are ignored and a payload that cannot be read is
+// ones give the state on connect, live ones keep it current. Each payload is
+// read against its producer's schema (messages.js); unknown fields are ignored
+// and a payload that cannot be read is
 // shown as an error on its own item, never anywhere else: every message goes
 // through `handle`, which catches whatever a handler throws. Data is only
 // ever written with textContent, so a payload cannot inject markup.
@@ -23,6 +23,11 @@ const TOPICS = {
   events: ["visitor", "ring", "snapshot"].map((leaf) => `doorbell/+/${leaf}`),
 };
 const VISITS_SHOWN = 5;
+const ROUNDS_LISTED = 10; // the table's rows; the charts plot every round the page holds
+const ROUNDS_KEPT = 500;
+// The page logs in only to the broker that served it: no address from a link (a
+// `?broker=` once let a link send the operator's password to another host).
+const BROKER_URL = `${location.protocol === "https:" ? "wss" : "ws"}://${location.host}/mqtt`;
 
 const state = {
   doorbells: new Map(), // id -> {status, error, update}
@@ -42,7 +47,13 @@ function el(tag, text, className) {
   return node;
 }
 
-// -- reading payloads: generic fields, checked ----------------------------------
+// -- reading payloads: each against the schema of the model that builds it ------------
+//
+// MESSAGE_SCHEMAS (messages.js) is generated from the producers' own models
+// (`python -m console.schema`), so what a doorbell or the aggregator sends is what
+// the page expects. Fields the page does not know are ignored (a newer producer
+// may add some); a known field of the wrong type, or a required one missing,
+// makes the payload malformed.
 
 class Malformed extends Error {}
 
@@ -59,29 +70,91 @@ function parseObject(payload) {
   return data;
 }
 
-function field(data, key, type, optional = false) {
-  const value = data[key];
-  if (value === undefined || value === null) {
-    if (optional) return null;
-    throw new Malformed(`no "${key}"`);
+function resolve(schema, root) {
+  if (!schema.$ref) return schema;
+  const target = (root.$defs || {})[schema.$ref.replace("#/$defs/", "")];
+  if (!target) throw new Error(`messages.js: unresolved ${schema.$ref}`);
+  return target;
+}
+
+const TYPE_NAMES = {
+  integer: "an integer", number: "a number", string: "a string", boolean: "true or false",
+  array: "a list", object: "an object", null: "null",
+};
+
+function describe(schema, root) {
+  const s = resolve(schema, root);
+  if (s.anyOf) return s.anyOf.map((option) => describe(option, root)).join(" or ");
+  if (s.enum) return `one of ${s.enum.join(", ")}`;
+  if (s.format === "date-time") return "an ISO-8601 time";
+  return TYPE_NAMES[s.type] || "readable";
+}
+
+function inBounds(value, s) {
+  return !(value < s.minimum || value > s.maximum ||
+    value <= s.exclusiveMinimum || value >= s.exclusiveMaximum);
+}
+
+function fits(value, schema, root) {
+  const s = resolve(schema, root);
+  if (s.anyOf) return s.anyOf.some((option) => fits(value, option, root));
+  if (s.enum && !s.enum.includes(value)) return false;
+  switch (s.type) {
+    case "null": return value === null;
+    case "boolean": return typeof value === "boolean";
+    case "integer": return Number.isInteger(value) && inBounds(value, s);
+    case "number": return Number.isFinite(value) && inBounds(value, s);
+    case "string":
+      return typeof value === "string" &&
+        (!s.pattern || new RegExp(s.pattern).test(value)) &&
+        (s.format !== "date-time" || !Number.isNaN(Date.parse(value)));
+    case "array":
+      return Array.isArray(value) && value.length <= (s.maxItems ?? Infinity) &&
+        (!s.items || value.every((v) => fits(v, s.items, root)));
+    case "object": {
+      if (value === null || typeof value !== "object" || Array.isArray(value)) return false;
+      const properties = s.properties || {};
+      if ((s.required || []).some((key) => value[key] === undefined)) return false;
+      return Object.entries(value).every(([key, v]) => (key in properties ?
+        fits(v, properties[key], root) :
+        typeof s.additionalProperties !== "object" || fits(v, s.additionalProperties, root)));
+    }
+    default: return true; // no type: anything
   }
-  const ok = type === "int" ? Number.isInteger(value) : typeof value === type;
-  if (!ok || (type === "number" && !Number.isFinite(value))) {
-    throw new Malformed(`"${key}" is not a${type === "int" ? "n integer" : ` ${type}`}`);
+}
+
+// The message's known fields, checked, with the model's defaults for absent ones.
+function read(kind, data) {
+  const root = MESSAGE_SCHEMAS[kind];
+  const required = new Set(root.required || []);
+  const message = {};
+  for (const [key, schema] of Object.entries(root.properties)) {
+    const value = data[key];
+    if (value === undefined) {
+      if (required.has(key)) throw new Malformed(`no "${key}"`);
+      message[key] = schema.default ?? null;
+    } else if (!fits(value, schema, root)) {
+      throw new Malformed(`"${key}" is not ${describe(schema, root)}`);
+    } else {
+      message[key] = value;
+    }
   }
-  return value;
+  return message;
 }
 
 const percent = (v) => (v === null || v === undefined ? "–" : `${(100 * v).toFixed(1)} %`);
 
+// kB = 1000 B, as the demo and the benchmarks print them.
 function human(bytes) {
   if (bytes === null || bytes === undefined) return "–";
-  if (bytes < 1024) return `${bytes} B`;
-  if (bytes < 1024 * 1024) return `${(bytes / 1024).toFixed(1)} kB`;
-  return `${(bytes / 1024 / 1024).toFixed(2)} MB`;
+  if (bytes < 1000) return `${bytes} B`;
+  if (bytes < 1000 * 1000) return `${(bytes / 1000).toFixed(1)} kB`;
+  return `${(bytes / 1000 / 1000).toFixed(2)} MB`;
 }
 
-const clock = (seconds) => new Date(seconds * 1000).toLocaleTimeString();
+// Times are Unix seconds (the aggregator's) or ISO-8601 strings (the doorbells').
+const clock = (time) =>
+  new Date(typeof time === "string" ? time : time * 1000).toLocaleTimeString();
 
 function deviceOf(topic, prefix) {
   const rest = topic.slice(prefix.length);
@@ -98,13 +171,7 @@ function onStatus(device, payload) {
   } else {
     try {
       const data = parseObject(payload);
-      const status = {
-        state: field(data, "state", "string"),
-        model_version: field(data, "model_version", "int", true),
-        gallery_size: field(data, "gallery_size", "int", true),
-        last_round: field(data, "last_round", "int", true),
-        detail: field(data, "detail", "string", true),
-      };
+      const status = read("status", data);
       // A last will is written at connect time: keep the model version seen last.
       const last = entry.status;
       status.versionIsOld = status.model_version === null && last !== null &&
@@ -122,15 +189,7 @@ function onStatus(device, payload) {
 function onRound(payload) {
   try {
     const data = parseObject(payload);
-    state.round = {
-      round: field(data, "round", "int"),
-      phase: field(data, "phase", "string"),
-      base_version: field(data, "base_version", "int", true),
-      deadline: field(data, "deadline", "number", true),
-      selected: Array.isArray(data.selected) ? data.selected.map(String) : [],
-      codec: field(data, "codec", "string", true),
-      error: null,
-    };
+    state.round = { ...read("round", data), error: null };
   } catch (err) {
     state.round = { error: `malformed round message: ${err.message}` };
   }
@@ -141,23 +200,8 @@ function onMetrics(payload) {
   const error = $("metrics-error");
   try {
     const data = parseObject(payload);
-    const rejected = {};
-    if (data.rejected && typeof data.rejected === "object") {
-      for (const [reason, count] of Object.entries(data.rejected)) {
-        if (Number.isInteger(count)) rejected[reason] = count;
-      }
-    }
-    const metrics = {
-      round: field(data, "round", "int"),
-      version: field(data, "version", "int", true),
-      outcome: field(data, "outcome", "string", true),
-      accuracy: field(data, "accuracy", "number", true),
-      participants: field(data, "participants", "int", true),
-      bytes_up: field(data, "bytes_up", "int", true),
-      bytes_down: field(data, "bytes_down", "int", true),
-      seconds: field(data, "seconds", "number", true),
-      rejected,
-    };
+    const metrics = read("metrics", data);
+    const { rejected } = metrics;
     // A round is reported twice in step-by-step mode (aggregated, then published):
     // its rejections count once, from the last report.
     const previous = state.rounds.get(metrics.round);
@@ -168,6 +212,15 @@ function onMetrics(payload) {
       state.rejectedTotal.set(reason, (state.rejectedTotal.get(reason) || 0) + count);
     }
     state.rounds.set(metrics.round, metrics);
+    // The lineage's earlier rounds, retained with the metrics: the charts start filled.
+    for (const earlier of metrics.history) {
+      if (!state.rounds.has(earlier.round)) {
+        state.rounds.set(earlier.round, { ...earlier, seconds: null, rejected: {} });
+      }
+    }
+    for (const round of [...state.rounds.keys()].sort((a, b) => a - b).slice(0, -ROUNDS_KEPT)) {
+      state.rounds.delete(round);
+    }
     error.hidden = true;
   } catch (err) {
     error.textContent = `malformed metrics: ${err.message}`;
@@ -180,8 +233,9 @@ function onAggregator(payload) {
   const badge = $("aggregator");
   try {
     const data = parseObject(payload);
-    const online = field(data, "state", "string") === "online";
-    const version = field(data, "model_version", "int", true);
+    const status = read("status", data);
+    const online = status.state === "online";
+    const version = status.model_version;
     badge.textContent = `aggregator: ${online ? "online" : "offline"}` +
       (version === null ? "" : `, model v${version}`);
     badge.className = `badge ${online ? "online" : "offline"}`;
@@ -192,33 +246,22 @@ function onAggregator(payload) {
 }
 
 function onReply(payload) {
-  let data;
   try {
-    data = parseObject(payload);
-    const about = field(data, "about", "string");
-    const ok = field(data, "ok", "boolean");
-    const time = field(data, "time", "number", true);
+    const { about, ok, time, cmd, device, size, round, reason, detail } =
+      read("reply", parseObject(payload));
     if (about === "update" || about === "secagg") {  // secagg: a secure round's update
-      const device = field(data, "device", "string", true);
       if (device === null || deviceOf(device, "") === null) return;
       const entry = state.doorbells.get(device) || { status: null, error: null, update: null };
       state.doorbells.set(device, entry);
-      entry.update = {
-        ok,
-        size: field(data, "size", "int", true),
-        round: field(data, "round", "int", true),
-        reason: field(data, "reason", "string", true),
-      };
+      entry.update = { ok, size, round, reason };
       renderDoorbells();
       return;
     }
-    const cmd = field(data, "cmd", "string", true) || "(unreadable command)";
-    const reason = field(data, "reason", "string", true);
-    const detail = field(data, "detail", "string", true);
     const reply = $("reply");
     reply.replaceChildren(
       el("span", ok ? "done" : "refused", ok ? "ok" : "refused"),
-      el("span", ` ${cmd}${reason ? `: ${reason}` : ""}${detail ? ` (${detail})` : ""}`),
+      el("span", ` ${cmd || "(unreadable command)"}${reason ? `: ${reason}` : ""}` +
+        (detail ? ` (${detail})` : "")),
       el("span", time === null ? "" : ` at ${clock(time)}`, "muted"),
     );
     reply.className = "item";
@@ -238,12 +281,8 @@ function onEvent(device, kind, payload) {
     item.image = URL.createObjectURL(new Blob([payload], { type: "image/jpeg" }));
   } else {
     try {
-      const data = parseObject(payload);
-      item.data = {
-        person: field(data, "person", "string", kind !== "visitor"),
-        confidence: field(data, "confidence", "number", true),
-        time: field(data, "time", "number", true),
-      };
+      if (!(kind in MESSAGE_SCHEMAS)) return; // a doorbell leaf this page does not show
+      item.data = read(kind, parseObject(payload));
     } catch (err) {
       item.error = `malformed ${kind} event: ${err.message}`;
     }
@@ -273,6 +312,16 @@ function handle(topic, payload) {
 }
 
 // -- rendering --------------------------------------------------------------------
+
+// Each cell carries its column's heading: on a phone a row is shown as labelled lines.
+function labelCells(table) {
+  const headings = [...table.querySelectorAll("thead th")].map((th) => th.textContent);
+  for (const row of table.querySelectorAll("tbody tr")) {
+    [...row.cells].forEach((cell, i) => {
+      if (cell.colSpan === 1 && headings[i]) cell.dataset.label = headings[i];
+    });
+  }
+}
 
 function renderDoorbells() {
   const body = $("doorbells").querySelector("tbody");
@@ -312,6 +361,7 @@ function renderDoorbells() {
     row.append(el("td", text, `update ${update ? (update.ok ? "ok" : "refused") : ""}`));
     body.append(row);
   }
+  labelCells($("doorbells"));
 }
 
 function renderRound() {
@@ -325,7 +375,8 @@ function renderRound() {
   }
   body.className = "item";
   const left = round.deadline === null ? null : Math.round(round.deadline - Date.now() / 1000);
-  const open = round.phase === "train" || round.phase === "send";
+  // A closed or abandoned round has no deadline left to show.
+  const open = round.phase !== "closed" && round.phase !== "abandoned";
   body.replaceChildren(
     el("span", "round "),
     el("strong", round.round, "round-id"),
@@ -334,11 +385,12 @@ function renderRound() {
     el("span", `, base version ${round.base_version ?? "?"}, codec ${round.codec ?? "?"}`),
     el("br"),
     el("span", `doorbells: ${round.selected.join(", ") || "none"}`),
-    el("br"),
-    el("span", round.deadline === null ? "no deadline" :
-      `deadline ${clock(round.deadline)}` +
-      (open ? ` (${left >= 0 ? `in ${left} s` : `passed ${-left} s ago`})` : ""), "deadline"),
   );
+  if (open) {
+    body.append(el("br"), el("span", round.deadline === null ? "no deadline" :
+      `deadline ${clock(round.deadline)} ` +
+      `(${left >= 0 ? `in ${left} s` : `passed ${-left} s ago`})`, "deadline"));
+  }
 }
 
 function renderModel() {
@@ -353,7 +405,9 @@ function renderModel() {
   }
   const body = $("rounds").querySelector("tbody");
   body.replaceChildren();
-  for (const m of [...rounds].reverse()) {
+  $("rounds-shown").textContent = rounds.length > ROUNDS_LISTED ?
+    `the last ${ROUNDS_LISTED} of ${rounds.length} rounds` : "";
+  for (const m of rounds.slice(-ROUNDS_LISTED).reverse()) {
     const row = el("tr");
     row.append(
       el("td", m.round), el("td", m.outcome ?? "?", m.outcome ?? ""),
@@ -363,11 +417,14 @@ function renderModel() {
     );
     body.append(row);
   }
+  labelCells($("rounds"));
   chart($("accuracy-chart"), rounds, [["accuracy", "#1565c0", (v) => 100 * v]], "accuracy %", 100);
   chart($("bytes-chart"), rounds, [
-    ["bytes_up", "#2e7d32", (v) => v / 1024],
-    ["bytes_down", "#ef6c00", (v) => v / 1024],
+    ["bytes_up", "#2e7d32", (v) => v / 1000],
+    ["bytes_down", "#ef6c00", (v) => v / 1000],
   ], "kB up (green) / down (orange)", null);
+  chart($("participants-chart"), rounds, [["participants", "#6a1b9a", (v) => v]],
+    "doorbells whose update counted", null);
   renderRejections(last);
 }
 
@@ -423,6 +480,7 @@ function renderRejections(last) {
     );
     body.append(row);
   }
+  labelCells($("rejections"));
 }
 
 function renderVisits() {
@@ -445,9 +503,15 @@ function renderVisits() {
         list.append(li);
       } else {
         const d = item.data;
-        const who = item.kind === "ring" ? "ring" : d.person || "unknown";
-        const confidence = d.confidence === null ? "" : `, confidence ${d.confidence.toFixed(2)}`;
-        list.append(el("li", `${clock(d.time ?? item.at)} ${who}${confidence}`, "visit"));
+        const li = el("li", null, item.kind === "ring" ? "ring" : "visit");
+        li.append(el("span", clock(d.time), "time"), el("span", " "));
+        if (item.kind === "ring") {
+          li.append(el("span", `ring (${d.source}${d.person ? `, ${d.person}` : ""})`, "person"));
+        } else {
+          li.append(el("span", d.person, "person"), el("span", ", confidence "),
+            el("span", d.confidence.toFixed(2), "confidence"));
+        }
+        list.append(li);
       }
     }
     section.append(list);
@@ -457,12 +521,33 @@ function renderVisits() {
 
 // -- controls -----------------------------------------------------------------------
 
+// The shell command that sends the same to the same broker: the page's host, its MQTT
+// port (?mqtt=, which `make demo` puts in the address; else the standard one), and over
+// TLS the operator bundle's files and login (run it in that bundle's folder).
+function publishLine(payload) {
+  const tls = location.protocol === "https:";
+  const given = params.get("mqtt") || "";
+  const port = /^\d{1,5}$/.test(given) ? given : (tls ? 8883 : 1883);
+  const user = $("username").value;
+  return ["mosquitto_pub", "-h", location.hostname, "-p", port,
+    ...(tls ? ["--cafile", "ca.crt", "--cert", "client.crt", "--key", "client.key"] : []),
+    ...(user ? ["-u", user, "-P", '"$(cat mqtt-password)"'] : []),
+    "-q", "1", "-t", TOPICS.control, "-m", `'${payload}'`].join(" ");
+}
+
 function command(cmd) {
   const message = { cmd };
-  if (cmd === "auto") message.rounds = Math.max(1, parseInt($("auto-rounds").value, 10) || 1);
+  if (cmd === "auto") {
+    const rounds = Number($("auto-rounds").value);
+    if (!Number.isInteger(rounds) || rounds < 1) {
+      $("reply").textContent = "auto: give a whole number of rounds, 1 or more: nothing sent";
+      $("reply").className = "item error";
+      return;
+    }
+    message.rounds = rounds;
+  }
   const payload = JSON.stringify(message);
-  // Exactly what `mosquitto_pub -t <control> -m '<payload>'` sends.
-  $("sent").textContent = `mosquitto_pub -q 1 -t ${TOPICS.control} -m '${payload}'`;
+  $("sent").textContent = publishLine(payload);
   if (client === null || !client.connected) {
     $("reply").textContent = "not connected to the broker: nothing sent";
     $("reply").className = "item error";
@@ -501,7 +586,7 @@ function connect() {
     options.username = username;
     options.password = $("password").value;
   }
-  client = mqtt.connect($("broker-url").value, options);
+  client = mqtt.connect(BROKER_URL, options);
   client.on("connect", () => {
     setConnection("connected", "online");
     const topics = [TOPICS.round, TOPICS.metrics, TOPICS.aggregator, TOPICS.reply,
@@ -520,21 +605,26 @@ function connect() {
 }
 
 function start() {
+  if (typeof MESSAGE_SCHEMAS === "undefined") {
+    $("fatal").textContent = "messages.js did not load: the page cannot read any message.";
+    $("fatal").hidden = false;
+    return;
+  }
   if (typeof mqtt === "undefined") {
     $("fatal").textContent =
       "vendor/mqtt.min.js did not load: run `make deps` (it vendors the MQTT client).";
     $("fatal").hidden = false;
     return;
   }
-  if (!/^[A-Za-z0-9_-]{1,64}$/.test(site)) {
-    $("fatal").textContent = "add ?site=<site id> to the address (e.g. ?site=home).";
+  if (!/^[A-Za-z0-9_-]{1,64}$/.test(site) || !/^[A-Za-z0-9_-]{1,64}$/.test(root)) {
+    $("fatal").textContent = "add ?site=<site id> to the address (e.g. ?site=home); " +
+      "a root= must be a topic segment too.";
     $("fatal").hidden = false;
     return;
   }
   $("site-name").textContent = `site ${site}`;
   document.title = `fedbell ${site}`;
-  const scheme = location.protocol === "https:" ? "wss" : "ws";
-  $("broker-url").value = params.get("broker") || `${scheme}://${location.host}/mqtt`;
+  $("broker-url").value = BROKER_URL;
   $("username").value = params.get("user") || "";
   for (const button of document.querySelectorAll("button[data-cmd]")) {
     button.addEventListener("click", () => command(button.dataset.cmd));

@@ -166,11 +166,18 @@ class _Reader:
         return chunk
 
     def int8(self, count: int, channels: int, what: str) -> tuple[npt.NDArray[np.float32], bool]:
-        """The dequantised values, and whether their scales already prove them finite."""
+        """The dequantised values, known finite (a NaN or Inf scale, or values that overflow
+        float32, are refused here, before any arithmetic could warn about them)."""
         scales = np.frombuffer(self.take(4 * channels, what), dtype="<f4")
         values = np.frombuffer(self.take(count, what), dtype=np.int8).astype(np.float32)
-        dense = np.asarray((values.reshape(-1, channels) * scales).reshape(-1), dtype=np.float32)
-        return dense, bool(np.all(np.abs(scales) < _SAFE_SCALE))  # False for NaN/Inf too
+        if np.all(np.abs(scales) < _SAFE_SCALE):  # the honest case: False for NaN/Inf too
+            return (values.reshape(-1, channels) * scales).reshape(-1), True
+        if not np.all(np.isfinite(scales)):
+            raise RejectedMessage("not_finite", f"{what}: an int8 scale is NaN or Inf")
+        wide = values.reshape(-1, channels).astype(np.float64) * scales.astype(np.float64)
+        if np.any(np.abs(wide) > np.finfo(np.float32).max):
+            raise RejectedMessage("not_finite", f"{what}: int8 values times their scale overflow")
+        return wide.reshape(-1).astype(np.float32), True
 
 
 def _decode_one(

@@ -159,10 +159,28 @@ class DeviceStatus(Message):
     )
 
 
+Outcome = Literal["published", "aggregated", "abandoned"]
+
+HISTORY_ROUNDS = 100
+"""Earlier rounds a metrics message carries (about 100 bytes each)."""
+
+
+class RoundSummary(Message):
+    """One earlier round, as a metrics message's history keeps it."""
+
+    round: int
+    version: int
+    outcome: Outcome
+    participants: int
+    accuracy: float | None = None
+    bytes_up: int
+    bytes_down: int
+
+
 class RoundMetrics(Message):
     round: int
     version: int = Field(description="Global model version the round produced (0: none).")
-    outcome: Literal["published", "aggregated", "abandoned"]
+    outcome: Outcome
     participants: int
     examples: int
     accuracy: float | None = None
@@ -186,6 +204,15 @@ class RoundMetrics(Message):
         default=None, description="Epsilon spent by every noised round so far, this one included."
     )
     detail: str = Field(default="", description="Why an abandoned round was abandoned.")
+    history: list[RoundSummary] = Field(
+        default_factory=list,
+        max_length=HISTORY_ROUNDS,
+        description="The lineage's earlier rounds, oldest first, at most HISTORY_ROUNDS: "
+        "retained with the metrics, so a console opened now plots them at once.",
+    )
+
+    def summary(self) -> RoundSummary:
+        return RoundSummary.model_validate(self.model_dump(include=set(RoundSummary.model_fields)))
 
 
 class Reply(Message):
