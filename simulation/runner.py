@@ -289,8 +289,9 @@ def publish_results(
             rows,
             central,
             title=(
-                f"{result['dataset']}, {config.nodes} households, {config.codec} updates, "
-                f"{config.epochs} local epochs: open-set accuracy on people in no house"
+                f"{result['dataset']}, {config.nodes} households, "
+                + ("secure rounds" if config.secure_aggregation else f"{config.codec} updates")
+                + f", {config.epochs} local epochs: open-set accuracy on people in no house"
             ),
         )
     )
