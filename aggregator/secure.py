@@ -153,11 +153,15 @@ def mean_delta(
     indices: npt.NDArray[np.int64],
     shapes: Sequence[tuple[int, ...]],
 ) -> Weights:
-    """The server step: the unmasked fixed-point sum of a round, as the round's mean delta.
+    """The server step: the unmasked fixed-point sum of a round, as the round's delta.
 
-    Every house weighs the same (the aggregator cannot see example counts); the
-    mean over the round's shared subset is scattered back onto a zero delta of
-    the head's shapes, so coordinates outside the subset do not move.
+    Every house weighs the same (the aggregator cannot see example counts). The
+    mean over the round's shared subset, scaled by dimension / size, is scattered
+    back onto a zero delta of the head's shapes (coordinates outside the subset do
+    not move): each coordinate is in a round's subset with probability size /
+    dimension, so over rounds the head moves as by the whole mean delta (random-k
+    sparsification made unbiased; doorbells keep no remainder, see edge/secure.py
+    for why and what it measured). The norm check comes first, on the mean itself.
     """
     if survivors < 1:
         raise ValueError("a secure round's sum needs at least one doorbell")
@@ -171,7 +175,7 @@ def mean_delta(
             "update it did not clip; nothing is published",
         )
     flat = np.zeros(plan.dimension, dtype=np.float64)
-    flat[indices] = mean
+    flat[indices] = mean * (plan.dimension / plan.size)
     delta: Weights = []
     offset = 0
     for shape in shapes:

@@ -267,8 +267,8 @@ def attack_rows(
             rows.append(
                 run_row(
                     "round_sum",
-                    f"{per_round} houses, secure (subset, clip"
-                    f" {args.clip_norm}, noise multiplier {z:.2f})",
+                    f"{per_round} houses, secure ({args.secure_density:.0%} subset, clip"
+                    f" {args.clip_norm}, z {z:.2f})",
                     privacy.epsilon,
                     summed(bank, per_round, Secure(args.clip_norm, z, density=args.secure_density)),
                     trials=args.round_trials,
@@ -306,7 +306,7 @@ def published_rows(
         row = RowResult(
             "published_heads",
             f"{per_round} houses per round, {result.privacy.rounds} rounds, {result.setting}"
-            f" (noise multiplier {result.noise_multiplier:.2f})",
+            f" (z {result.noise_multiplier:.2f})",
             result.privacy.epsilon if result.setting != "plain" else None,
             by_attack,
             odds,

@@ -210,9 +210,9 @@ def attacks(
 
 
 def residents_in_top(scores: Scores, targets: npt.NDArray[np.bool_], top: int) -> float:
-    """Share of the attacker's `top` best-scored candidates that are targets (ties: random
-    order is not needed, scores of real views never tie; a constant view scores at chance
-    because argsort of equal values keeps the pool's shuffled order)."""
+    """Share of the attacker's `top` best-scored candidates that are targets. Ties keep
+    the pool's order, which `bench.privacy_data.pool` shuffles, so a view that says
+    nothing scores chance."""
     best = np.argsort(-scores, kind="stable")[:top]
     return float(np.mean(targets[best]))
 

@@ -61,6 +61,7 @@ def report(
                 "houses_per_round": run.privacy.houses_per_round,
                 "open_set_accuracy": run.open_set_accuracy,
                 "tar_at_far_1pct": run.tar_at_far_1pct,
+                "start_open_set_accuracy": run.start_open_set_accuracy,
                 "target_epsilon": _epsilon(run.privacy.target_epsilon),
                 "noise_multiplier": run.noise_multiplier,
                 "rounds": run.privacy.rounds,
@@ -142,7 +143,10 @@ def print_table(data: dict[str, Any]) -> None:
             f"{row['stderr']:.3f}",
             row["attack"],
             f"{row['chance']:.3f}",
-            *(f"{row['by_attack'].get(a, float('nan')):.3f}" for a in data["attacks"]),
+            *(
+                f"{row['by_attack'][a]:.3f}" if a in row["by_attack"] else "-"
+                for a in data["attacks"]
+            ),
         )
     console.print(table)
     utility = Table(title="Utility of the federated head on never-seen test houses")
@@ -198,14 +202,18 @@ def plot(data: dict[str, Any], path: Path) -> None:
             for u in data["utility"]
             if u["houses_per_round"] == per_round and u["setting"] != "plain"
         )
-        left.plot(*zip(*points, strict=True), marker="o", label=f"{per_round} houses/round")
-        plain = [
-            u
-            for u in data["utility"]
-            if u["houses_per_round"] == per_round and u["setting"] == "plain"
-        ]
-        for u in plain:
-            left.axhline(u["open_set_accuracy"], linestyle=":", linewidth=0.8)
+        (line,) = left.plot(
+            *zip(*points, strict=True), marker="o", label=f"{per_round} houses/round"
+        )
+        for u in data["utility"]:
+            if u["houses_per_round"] == per_round and u["setting"] == "plain":
+                left.axhline(
+                    u["open_set_accuracy"], color=line.get_color(), linestyle=":", linewidth=1
+                )
+    starts = [u["start_open_set_accuracy"] for u in data["utility"]]
+    if starts:
+        left.axhline(float(np.mean(starts)), color="grey", linestyle="--", linewidth=1)
+    left.set_title("dotted: plain (no secure aggregation); dashed: start", fontsize=9)
     left.set_xscale("log")
     left.set_xlabel("epsilon (rightmost: no noise)")
     left.set_ylabel("open-set accuracy")

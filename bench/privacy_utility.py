@@ -75,6 +75,8 @@ class UtilityResult:
     privacy: Privacy
     open_set_accuracy: float
     tar_at_far_1pct: float
+    start_open_set_accuracy: float
+    """The start head's (dlib's projection), scored the same way."""
     noise_multiplier: float
     seconds: float
     bytes_up: int
@@ -138,6 +140,7 @@ def run_setting(
         privacy,
         final.open_set_accuracy,
         final.tar_at_far_1pct,
+        outcome.start.open_set_accuracy,
         z,
         time.perf_counter() - started,
         int(outcome.rounds[-1].bytes_up / max(1, outcome.rounds[-1].participants)),

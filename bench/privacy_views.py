@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -42,7 +43,7 @@ ROUND = 1
 
 def update_of(house: House, base: Weights, name: str, params: TrainParams) -> Weights:
     """The doorbell's client step from `base` (no residual: its first round)."""
-    seeded = TrainParams(**{**params.__dict__, "seed": round_seed(name, ROUND)})
+    seeded = dataclasses.replace(params, seed=round_seed(name, ROUND))
     return train_delta(base, house.features, house.labels, house.negatives, seeded).delta
 
 

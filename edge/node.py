@@ -790,10 +790,8 @@ class EdgeNode:
         phase then waits for every doorbell's keys, not its training), train, and prepare
         the masked-ready update for the send phase. A doorbell that cannot train does not
         advertise: the round never waits for its shares."""
-        # the subset's remainder goes into training, as top-k's does
-        trained = self._train(
-            announcement, self._residual, ready=lambda: self.secure.begin(announcement)
-        )
+        # no error feedback: the aggregator rescales the subset (edge/secure.py says why)
+        trained = self._train(announcement, None, ready=lambda: self.secure.begin(announcement))
         if trained is None:
             self.secure.end(announcement.round)  # no update: drop out of the round
             return

@@ -4,11 +4,11 @@ aggregator` and `python -m edge` doorbells with houses of generated people.
 What each doorbell computed is recomputed here, in process, by the same client
 step (`edge.trainer.train_delta` then the round's subset, clipped as
 `edge.secure.secure_update` does) from what the doorbell keeps in its state
-folder (its gallery's cached backbone features, its error-feedback residual)
-and the round's signed plan. No debug route: the doorbell never publishes its
-plain update anywhere. The published head must move by exactly the mean of the
-survivors' vectors, to the fixed-point and float32 resolution, and by
-measurably not the mean of any other set of doorbells.
+folder (its gallery's cached backbone features) and the round's signed plan.
+No debug route: the doorbell never publishes its plain update anywhere. The
+published head must move by exactly the mean of the survivors' vectors (scaled
+by dimension / size, as the server step does), to the fixed-point and float32
+resolution, and measurably not by the mean of any other set of doorbells.
 """
 
 from __future__ import annotations
@@ -33,12 +33,10 @@ from paho.mqtt.enums import CallbackAPIVersion
 from broker.local import LocalBroker
 from edge.config import EdgeConfig
 from edge.gallery import FEATURE_CACHE, STRANGER_STORE, Gallery, StrangerStore
-from edge.state import NodeState
 from edge.trainer import round_seed, train_delta
 from fedbell.config import load_config
 from fedbell.faces.embedding import TrainParams
 from fedbell.wire import dp, masking
-from fedbell.wire.codecs import Weights
 from fedbell.wire.messages import GlobalModel, parse_global
 from fedbell.wire.protocol import RoundAnnouncement, RoundMetrics, SecAggPlan
 from fedbell.wire.secagg_messages import Masked
@@ -165,7 +163,6 @@ def plain_vector(
     doorbell: Doorbell,
     base: GlobalModel,
     announcement: RoundAnnouncement,
-    residual: Weights | None,
 ) -> npt.NDArray[np.float64]:
     """What this doorbell masked in this round, before noise and fixed point: its client
     step recomputed from its state folder."""
@@ -188,9 +185,8 @@ def plain_vector(
         prox_mu=train.prox_mu,
         seed=round_seed(doorbell.name, announcement.round),
     )
-    result = train_delta(
-        base.weights, data.features, data.labels, strangers, params, residual=residual
-    )
+    # a secure round trains from the global head alone (no error feedback: edge/secure.py)
+    result = train_delta(base.weights, data.features, data.labels, strangers, params)
     flat = np.concatenate([d.ravel() for d in result.delta])
     subset = masking.shared_subset(
         plan.dimension, plan.density, announcement.round, announcement.lineage
@@ -209,7 +205,8 @@ def published_move(
         [(n.astype(np.float64) - o).ravel() for n, o in zip(new.weights, old.weights, strict=True)]
     )
     assert np.all(np.delete(moved, subset) == 0), "only the round's shared subset may move"
-    return np.asarray(moved[subset])
+    # the server step scales the subset's mean by dimension / size (unbiased random-k)
+    return np.asarray(moved[subset] * (plan.size / plan.dimension))
 
 
 def secure_round(recorder: Recorder, round_id: int) -> tuple[RoundMetrics, RoundAnnouncement]:
@@ -218,10 +215,6 @@ def secure_round(recorder: Recorder, round_id: int) -> tuple[RoundMetrics, Round
     metrics = recorder.metrics(round_id, timeout=ROUND, since=mark)
     keys = recorder.round(round_id, "keys")
     return metrics, keys
-
-
-def residuals(tmp_path: Path, names: list[str]) -> dict[str, Weights | None]:
-    return {name: NodeState(tmp_path / name).load_residual() for name in names}
 
 
 def watcher_sees_only_noise(
@@ -308,7 +301,7 @@ def test_ten_doorbells_two_killed_the_round_publishes_the_exact_mean_of_the_rest
     base, new = global_model(recorder, 0), global_model(recorder, 1)
     plan = announcement.secagg
     assert plan is not None
-    vectors = {n: plain_vector(tmp_path, doorbells[n], base, announcement, None) for n in alive}
+    vectors = {n: plain_vector(tmp_path, doorbells[n], base, announcement) for n in alive}
     moved = published_move(base, new, plan, announcement)
     expected = np.mean([vectors[n] for n in alive], axis=0)
     error = float(np.max(np.abs(moved - expected)))
@@ -328,7 +321,6 @@ def test_ten_doorbells_two_killed_the_round_publishes_the_exact_mean_of_the_rest
     # rebuilt from the others' shares, and the round needs no answer from them.
     for name in killed:  # their last will: the aggregator no longer selects them
         recorder.status(name, lambda s: s.state == "offline", timeout=60)
-    kept = residuals(tmp_path, alive)  # round 1's error feedback, round 2's training start
     killer = Killer(broker.port, "masked", {n: doorbells[n] for n in alive}, count=2)
     killers.append(killer)
     metrics, announcement = secure_round(recorder, 2)
@@ -339,7 +331,7 @@ def test_ten_doorbells_two_killed_the_round_publishes_the_exact_mean_of_the_rest
     newer = global_model(recorder, 2)
     plan = announcement.secagg
     assert plan is not None
-    vectors = {n: plain_vector(tmp_path, doorbells[n], new, announcement, kept[n]) for n in alive}
+    vectors = {n: plain_vector(tmp_path, doorbells[n], new, announcement) for n in alive}
     moved = published_move(new, newer, plan, announcement)
     error = float(np.max(np.abs(moved - np.mean(list(vectors.values()), axis=0))))
     without = np.mean([v for n, v in vectors.items() if n not in killed_after], axis=0)
@@ -493,20 +485,21 @@ def test_bad_messages_a_small_cohort_a_removed_doorbell_and_rotated_keys(
     state = json.loads((tmp_path / "state" / "state.json").read_text())
     assert state["model"]["version"] == 2
 
-    # (e) the two come back; d4 is removed (its key revoked, its process gone) and d5's
-    # key is rotated: the next round runs with the five that have keys
+    # (e) the two come back; one doorbell is removed (its key revoked, its process gone)
+    # and another's key is rotated: the next round runs with the five that have keys
+    removed, rotated = [n for n in reversed(names) if n not in killed][:2]
     mark = recorder.mark()
     for name in killed:
         doorbells[name].process.start()
-    (keys / "devices" / "d4.pub").unlink()
-    doorbells["d4"].process.stop()
-    write_key_pair(keys / "d5.key", keys / "devices" / "d5.pub")
-    doorbells["d5"].process.stop()
-    doorbells["d5"].process.start()
-    for name in [*killed, "d5"]:
+    (keys / "devices" / f"{removed}.pub").unlink()
+    doorbells[removed].process.stop()
+    write_key_pair(keys / f"{rotated}.key", keys / "devices" / f"{rotated}.pub")
+    doorbells[rotated].process.stop()
+    doorbells[rotated].process.start()
+    for name in [*killed, rotated]:
         recorder.status(name, lambda s: s.state == "online", timeout=STARTUP, since=mark)
     metrics, announcement = secure_round(recorder, 4)
-    assert "d4" not in announcement.selected
+    assert removed not in announcement.selected
     assert (metrics.outcome, metrics.participants) == ("published", 5), metrics
 
     # ...and the aggregator's key is rotated: doorbells are given the new public key
@@ -514,10 +507,11 @@ def test_bad_messages_a_small_cohort_a_removed_doorbell_and_rotated_keys(
     write_key_pair(keys / "aggregator.key", trusted_by_doorbells / "aggregator.pub")
     aggregator.start().wait_log("ready: site", timeout=STARTUP)
     mark = recorder.mark()
-    for name in ("d0", "d1", "d2", "d3", "d5"):
+    kept = [n for n in names if n != removed]
+    for name in kept:
         doorbells[name].process.stop()
         doorbells[name].process.start()
-    for name in ("d0", "d1", "d2", "d3", "d5"):
+    for name in kept:
         recorder.status(name, lambda s: s.state == "online", timeout=STARTUP, since=mark)
     metrics, announcement = secure_round(recorder, 5)
     verify_announcement(announcement, SITE, load_public_keys(trusted_by_doorbells)["aggregator"])
