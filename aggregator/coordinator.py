@@ -477,27 +477,40 @@ class Coordinator:
         self.publish(self.topics.metrics, metrics)
 
     def _refuse_worse(self, current: Round, release: Release) -> bool:
-        """Abandon the round if its release scores far worse than the published model.
+        """Abandon the round if its release scores far worse than the published model
+        (max_accuracy_drop) or than the lineage's start (max_accuracy_loss: a reference
+        small steps cannot walk down).
 
-        The published model is re-scored on the same evaluation set (a few matrix
-        products), so the bar holds across restarts. The model, its optimiser
+        Both are re-scored on the same evaluation set (a few matrix products), so the
+        bars hold across restarts. The model, its optimiser
         moments and the doorbells stay where they are; the next round starts from
         the published version again.
         """
-        drop = self.config.rounds.max_accuracy_drop
-        if drop is None or release.accuracy is None:
+        if release.accuracy is None:
             return False
-        published = self.exporter.accuracy(self.model.weights)
-        if published is None or release.accuracy >= published - drop:
-            return False
-        self.rejected["accuracy_drop"] += 1
-        current.rejected["accuracy_drop"] += 1
-        self._abandon(
-            f"version {release.version} scores {_percent(release.accuracy)} on the evaluation "
-            f"set, more than {100 * drop:.1f} points below version {self.model.version}'s "
-            f"{_percent(published)} (rounds.max_accuracy_drop): not published"
+        rounds = self.config.rounds
+        bars = (
+            (rounds.max_accuracy_drop, "accuracy_drop", f"version {self.model.version}'s"),
+            (rounds.max_accuracy_loss, "accuracy_loss", "the lineage's start (version 0)"),
         )
-        return True
+        for bar, reason, reference in bars:
+            if bar is None:
+                continue
+            score = (
+                self.exporter.accuracy(self.model.weights)
+                if reason == "accuracy_drop"
+                else self.exporter.start_accuracy
+            )
+            if score is None or release.accuracy >= score - bar:
+                continue
+            self.count(reason)
+            self._abandon(
+                f"version {release.version} scores {_percent(release.accuracy)} on the "
+                f"evaluation set, more than {100 * bar:.1f} points below {reference} "
+                f"{_percent(score)} (rounds.max_{reason}): not published"
+            )
+            return True
+        return False
 
     def _publish_release(self, release: Release) -> None:
         current = self.round

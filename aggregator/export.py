@@ -10,6 +10,7 @@ folder): a release is then a few matrix products.
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -156,6 +157,11 @@ class Exporter:
             gallery_size=settings.gallery_size,
             default_threshold=settings.default_threshold,
         )
+
+    @functools.cached_property
+    def start_accuracy(self) -> float | None:
+        """Open-set accuracy of a lineage's version 0 (the evaluation set is fixed per run)."""
+        return self.accuracy(self.initial_weights())
 
     def accuracy(self, weights: Weights) -> float | None:
         """Open-set accuracy of a head on the evaluation set (None without one)."""
