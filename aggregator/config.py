@@ -14,6 +14,12 @@ from fedbell.wire.protocol import TrainingPlan
 
 DEFAULT_THRESHOLD = 0.75
 """Cosine threshold when no strangers calibrate one (see README: what it means)."""
+START_HEAD_THRESHOLD = 0.936
+"""What a site that must calibrate (evaluation.require_calibration) but has no stranger
+photos ships with version 0, dlib's own projection: 2 % of never-seen strangers got in
+at it (`python -m bench.bare_threshold --people 300`: LFW under doorbell conditions,
+5,120 stranger probes; 0.75 let 100 % in). It holds for that head only: after 30 rounds
+the same 2 % needed 0.486, so a trained head without calibration is not published."""
 DOWNLINK_CODECS: tuple[Codec, ...] = ("float32", "float16", "int8")
 
 Strategy = Literal["fedavg", "clipped", "median", "trimmed_mean", "multi_krum"]
@@ -290,6 +296,15 @@ class EvaluationSettings(StrictModel):
         le=1,
         title="Threshold without strangers",
         description="Cosine similarity threshold published when there is no stranger folder.",
+    )
+    require_calibration: bool = Field(
+        default=False,
+        title="Refuse uncalibrated heads",
+        description="A real site (deploy/templates/aggregator.yaml sets it): without "
+        "`strangers` to calibrate a head's threshold and `dataset` to gate it, version 0 "
+        "ships the measured START_HEAD_THRESHOLD instead of default_threshold and no trained "
+        "version is published (the round is abandoned, `uncalibrated`, one log line says "
+        "what to give). Off for tests and demos of generated faces.",
     )
     detector: Literal["blazeface", "haar"] = Field(
         default="blazeface",

@@ -486,6 +486,15 @@ class Coordinator:
         moments and the doorbells stay where they are; the next round starts from
         the published version again.
         """
+        if self.exporter.uncalibrated:
+            self.count("uncalibrated")
+            self._abandon(
+                f"version {release.version} has no calibrated threshold and no gate: give the "
+                "aggregator stranger photos (evaluation.strangers, 40 faces or more) and "
+                "people in no house (evaluation.dataset); until then doorbells keep version "
+                f"{self.model.version} (evaluation.require_calibration)"
+            )
+            return True
         if release.accuracy is None:
             return False
         rounds = self.config.rounds
