@@ -45,11 +45,14 @@ DEFAULT_MAX_ACCURACY_DROP = 0.15
 """A release scoring 15 points below the published model on the evaluation set is refused:
 "far worse", well outside round-to-round noise (±3 points on LFW's 436 held-out probes in
 make bench-openset, more on a small evaluation folder; 5 points stalled the generated demo)."""
-DEFAULT_MAX_ACCURACY_LOSS = 0.05
-"""A release scoring 5 points below the lineage's start (version 0, re-scored on the same
+DEFAULT_MAX_ACCURACY_LOSS = 0.03
+"""A release scoring 3 points below the lineage's start (version 0, re-scored on the same
 evaluation set) is refused, however small each step that led there: a reference that cannot
-be walked down (issue 18 item 2: 12 steps each within the per-round bar took a hostile
-doorbell's releases from 0.893 to 0.504)."""
+be walked down. `python -m bench.drift` (LFW, 6 honest houses and one pushing the head along
+the features' main directions, halving its step after each refusal, 12 rounds): honest only
+0.787; attacked under the old bars (clip 2.0, 15 points below the last version) 0.534, 0
+rounds refused; under these (clip 1.0, 15 points per round, 3 below the start) 0.758,
+7 rounds refused (5 points: 0.753)."""
 
 
 class RoundSettings(StrictModel):

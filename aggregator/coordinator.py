@@ -25,6 +25,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from aggregator.accumulator import Step, make_accumulator, next_step
 from aggregator.config import AggregatorConfig
 from aggregator.export import Exporter, Release
+from aggregator.gates import accuracy_bar
 from aggregator.persistence import OPEN, Persistence, SavedModel
 from aggregator.rejections import RejectionLog
 from aggregator.rounds import Round, announce, select_devices
@@ -497,29 +498,26 @@ class Coordinator:
             return True
         if release.accuracy is None:
             return False
-        rounds = self.config.rounds
-        bars = (
-            (rounds.max_accuracy_drop, "accuracy_drop", f"version {self.model.version}'s"),
-            (rounds.max_accuracy_loss, "accuracy_loss", "the lineage's start (version 0)"),
+        refusal = accuracy_bar(
+            release.accuracy,
+            self.exporter.accuracy(self.model.weights),
+            self.exporter.start_accuracy,
+            self.config.rounds,
         )
-        for bar, reason, reference in bars:
-            if bar is None:
-                continue
-            score = (
-                self.exporter.accuracy(self.model.weights)
-                if reason == "accuracy_drop"
-                else self.exporter.start_accuracy
-            )
-            if score is None or release.accuracy >= score - bar:
-                continue
-            self.count(reason)
-            self._abandon(
-                f"version {release.version} scores {_percent(release.accuracy)} on the "
-                f"evaluation set, more than {100 * bar:.1f} points below {reference} "
-                f"{_percent(score)} (rounds.max_{reason}): not published"
-            )
-            return True
-        return False
+        if refusal is None:
+            return False
+        reference = (
+            f"version {self.model.version}'s"
+            if refusal.reason == "accuracy_drop"
+            else "the lineage's start (version 0)"
+        )
+        self.count(refusal.reason)
+        self._abandon(
+            f"version {release.version} scores {_percent(release.accuracy)} on the "
+            f"evaluation set, more than {100 * refusal.bar:.1f} points below {reference} "
+            f"{_percent(refusal.reference)} (rounds.max_{refusal.reason}): not published"
+        )
+        return True
 
     def _publish_release(self, release: Release) -> None:
         current = self.round

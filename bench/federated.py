@@ -58,6 +58,8 @@ from fedbell.wire.protocol import to_json
 from fedbell.wire.sparsify import with_error_feedback
 
 Strategy = Literal["fedavg", "clipped", "median", "trimmed_mean", "multi_krum"]
+Craft = Callable[[Sequence[np.ndarray], Sequence[np.ndarray]], list[np.ndarray]]
+"""A hostile doorbell's delta from (the global head, its honestly trained delta)."""
 Attack = Literal["scale", "sign_flip"]
 SITE = "bench"
 LINEAGE = "bench"
@@ -89,6 +91,8 @@ class Score:
 
 
 Scorer = Callable[[Weights], Score]
+Gate = Callable[[Score, Score, Score], bool]
+"""(release, published, start) -> refuse the release."""
 
 
 @dataclass(frozen=True)
@@ -144,6 +148,8 @@ class ArmResult:
     """Per doorbell per round: round announcements + the global head message."""
     rejected: int = 0
     """Updates the aggregator's checks refused (an honest run has none)."""
+    abandoned: int = 0
+    """Rounds whose release the `gate` refused (the model stayed)."""
     weights: Weights = field(default_factory=list)
     """The aggregator's (float) global head after the last round; the doorbells hold it as
     `aggregator.export.as_received` decodes it in the arm's downlink codec."""
@@ -264,6 +270,7 @@ def _client_step(  # noqa: PLR0917 - what a doorbell holds in a round
     plan: TrainParams,
     residuals: dict[str, Weights],
     key: Ed25519PrivateKey | None,
+    craft: Craft | None = None,
 ) -> bytes:
     """A doorbell's round: `train_delta` from the global head, (a poisoned delta for an
     attacker), top-k error feedback, the signed update envelope."""
@@ -278,6 +285,8 @@ def _client_step(  # noqa: PLR0917 - what a doorbell holds in a round
     delta = trained.delta
     if attack:
         delta = poison(delta, attack[0])
+    if craft is not None:
+        delta = craft(model.weights, delta)
     if settings.codec == "topk":
         delta, residuals[device] = with_error_feedback(HEAD_NAMES, delta, settings.density)
     return messages.build_update(
@@ -305,9 +314,16 @@ def run_arm(
     backbone: str = NO_BACKBONE,
     evaluate_every: int = 1,
     progress: Callable[[Arm, RoundResult], None] | None = None,
+    gate: Gate | None = None,
+    craft: Craft | None = None,
 ) -> ArmResult:
     """`rounds` rounds from `start`; `score` is called on every `evaluate_every`-th release
-    (and the last), its threshold shipped with the next global model."""
+    (and the last), its threshold shipped with the next global model.
+
+    `gate(release, published, start)`: True refuses the release as the aggregator's
+    accuracy bars do (the round is abandoned, the model and optimiser stay; every
+    release is scored). `craft(model, delta)`: what the first house sends instead of
+    its trained delta (a hostile doorbell's own attack)."""
     plan = params or TrainParams()
     names = [f"house{index:04d}" for index in range(len(houses))]
     taking_part = names[arm.left_out :]
@@ -357,6 +373,7 @@ def run_arm(
                 plan,
                 residuals,
                 keys.devices[device],
+                craft if index == 0 else None,
             )
             result.update_bytes.append(len(payload))
             try:
@@ -375,6 +392,12 @@ def run_arm(
         if current.accumulator.count == 0:  # nothing accepted: the aggregator abandons it
             continue
         step = next_step(weights, current.accumulator, current.received, server)
+        if gate is not None:
+            candidate = release(step.weights)
+            if gate(candidate, released, result.start):
+                result.abandoned += 1
+                continue
+            released = candidate
         weights, server = step.weights, step.optimizer
         closed = len(to_json(current.set_phase("closed")))
         per_node = opened + closed + len(down)

@@ -314,7 +314,7 @@ def test_a_drift_in_small_steps_stops_at_the_budget_below_the_lineage_start(
     per-round bar (20 points here: this 3-person evaluation set moves in steps of 16.7),
     halving its step whenever a round is abandoned. Compared with the last published
     version only, every step passed and 4 rounds cost 33 points; against the lineage's
-    start with a 5-point budget, the published model ends within the budget."""
+    start with a 3-point budget, the published model ends within the budget."""
     site = Site(tmp_path, scoring_exporter, clip_norm=None, max_accuracy_drop=0.2)
     start = scoring_exporter.accuracy(site.coordinator.model.weights)
     assert start is not None
