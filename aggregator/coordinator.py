@@ -31,6 +31,7 @@ from aggregator.rejections import RejectionLog
 from aggregator.rounds import Round, announce, select_devices
 from aggregator.state import StateStore
 from aggregator.strategy import InconsistentUpdate
+from aggregator.strikes import Strikes
 from fedbell.errors import RejectedMessage
 from fedbell.wire.messages import parse_update, resign
 from fedbell.wire.protocol import (
@@ -71,6 +72,8 @@ class Coordinator:
         self.rejected: Counter[str] = Counter()
         """Every rejection since start, by reason."""
         self.rejection_log = RejectionLog()
+        self.strikes = Strikes()
+        """Rounds refused by the accuracy bars, counted against who took part."""
         self.online: dict[str, DeviceStatus] = {}
         self.auto_remaining = config.auto_rounds
         self.next_auto_at = float("inf")  # armed once connected (see `connected`)
@@ -338,6 +341,14 @@ class Coordinator:
         # only send updates that are refused: selecting it would make the round wait.
         keys = self.trusted_keys
         selectable = [device for device in self.online if keys is None or device in keys]
+        if struck := self.strikes.left_out(selectable):
+            log.warning(
+                "round %d: leaving out %s: in far more rounds the accuracy bars refused "
+                "than the others",
+                round_id,
+                ", ".join(sorted(struck)),
+            )
+            selectable = [device for device in selectable if device not in struck]
         selected = select_devices(selectable, requested, rounds.max_devices, rounds.seed, round_id)
         if requested and (absent := sorted(set(requested) - set(self.online))):
             log.warning("round %d: requested devices not online: %s", round_id, ", ".join(absent))
@@ -512,6 +523,7 @@ class Coordinator:
             else "the lineage's start (version 0)"
         )
         self.count(refusal.reason)
+        self.strikes.round_ended(current.received, refused=True)
         self._abandon(
             f"version {release.version} scores {_percent(release.accuracy)} on the "
             f"evaluation set, more than {100 * refusal.bar:.1f} points below {reference} "
@@ -525,6 +537,7 @@ class Coordinator:
         closed = self._round_payload(current.set_phase("closed"))
         current.announce_bytes += len(closed)
         current.status = "closed"
+        self.strikes.round_ended(current.received, refused=False)
         assert self.next_step is not None  # set with the release by `_release`
         model = self.persistence.save_release(
             release, self.next_step.optimizer, self.model.lineage, self.model.epoch

@@ -344,3 +344,36 @@ def test_a_drift_in_small_steps_stops_at_the_budget_below_the_lineage_start(
     print(f"start {start:.3f}, walk's end {walked:.3f}, published after 8 rounds {final:.3f}")
     assert final >= start - DEFAULT_MAX_ACCURACY_LOSS
     assert site.coordinator.rejected["accuracy_loss"] >= 1
+
+
+def test_a_doorbell_in_far_more_refused_rounds_than_the_others_is_left_out(
+    tmp_path: Path, scoring_exporter: Exporter, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Issue 18 item 2: an abandoned round counts against the doorbells that took part;
+    among rounds of two out of four, the one in every refused round stands out."""
+    site = Site(tmp_path, scoring_exporter, clip_norm=None)
+    rng = np.random.default_rng(1)
+    rank_one = [
+        np.outer(rng.normal(size=b.shape[0]), rng.normal(size=b.shape[1])) for b in site.base
+    ]
+    zero = [np.zeros_like(b, dtype=np.float32) for b in site.base]
+    for honest in ("a", "b", "c"):
+        site.start_round("mallory", honest)
+        model = site.coordinator.model.weights
+        site.update(
+            "mallory",
+            [(2 * (r - m)).astype(np.float32) for r, m in zip(rank_one, model, strict=True)],
+            20,
+        )
+        site.update(honest, zero, 20)
+        assert site.metrics().outcome == "abandoned"
+    for pair in (("a", "b"), ("b", "c"), ("a", "c")):
+        site.start_round(*pair)
+        for device in pair:
+            site.update(device, zero, 20)
+        assert site.metrics().outcome == "published"
+    with caplog.at_level(logging.WARNING, logger="aggregator"):
+        site.start_round("mallory", "a", "b", "c")
+    assert site.coordinator.round is not None
+    assert set(site.coordinator.round.selected) == {"a", "b", "c"}
+    assert any("leaving out mallory" in r.getMessage() for r in caplog.records)
