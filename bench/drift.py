@@ -14,8 +14,9 @@ scored on never-seen people at the calibrated threshold) before it is published.
 
 Arms: honest only (the six, today's bars); attacked under the old bars (clip
 norm 2.0, 15 points below the last published version only); attacked under
-today's (clip 1.0, and rounds.max_accuracy_loss, 3 points, below the lineage's start). Printed: each arm's
-published open-set accuracy after the last round, and rounds abandoned.
+today's (clip 1.0, and rounds.max_accuracy_loss, 3 points, below the lineage's
+start). Printed: each arm's published open-set accuracy after the last round,
+and rounds abandoned.
 """
 
 from __future__ import annotations
