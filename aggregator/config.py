@@ -14,6 +14,12 @@ from fedbell.wire.protocol import TrainingPlan
 
 DEFAULT_THRESHOLD = 0.75
 """Cosine threshold when no strangers calibrate one (see README: what it means)."""
+START_HEAD_THRESHOLD = 0.936
+"""What a site that must calibrate (evaluation.require_calibration) but has no stranger
+photos ships with version 0, dlib's own projection: 2 % of never-seen strangers got in
+at it (`python -m bench.bare_threshold --people 300`: LFW under doorbell conditions,
+5,120 stranger probes; 0.75 let 100 % in). It holds for that head only: after 30 rounds
+the same 2 % needed 0.486, so a trained head without calibration is not published."""
 DOWNLINK_CODECS: tuple[Codec, ...] = ("float32", "float16", "int8")
 
 Strategy = Literal["fedavg", "clipped", "median", "trimmed_mean", "multi_krum"]
@@ -22,12 +28,14 @@ BUFFERED_STRATEGIES: tuple[Strategy, ...] = ("median", "trimmed_mean", "multi_kr
 ServerOptimizerKind = Literal["none", "fedavgm", "fedadam"]
 DEFAULT_SERVER_LR = {"fedavgm": 1.0, "fedadam": 0.01}
 """fedadam's step is about lr per coordinate whatever the update's size: keep it small."""
-DEFAULT_CLIP_NORM = 2.0
-"""Measured with the real client step (`edge.trainer.train_delta`, the default plan: 5
-epochs, batch 8, lr 0.001) on 200 LFW training houses under doorbell conditions
-(`bench.data.load_bench`, seed 0): honest update norms median 0.52, 99th percentile 0.82,
-largest 0.84 (top-k 5 % updates with error feedback are smaller still). 2.0 leaves every
-honest update whole and caps what a hostile one adds at 2.4x the largest honest one."""
+DEFAULT_CLIP_NORM = 1.0
+"""Set from the head it moves: dlib's projection, the start of every lineage, has a
+Frobenius norm of 1.845, so one update may move it by at most ~54 % of its whole size
+(2.0, the former default, was more than the whole head). Measured with the real client
+step (`edge.trainer.train_delta`, the default plan: 5 epochs, batch 8, lr 0.001) on 200
+LFW training houses under doorbell conditions (`bench.data.load_bench`, seed 0): honest
+update norms median 0.52, 99th percentile 0.82, largest 0.84; 1.0 leaves every one of them
+whole (top-k updates carrying many rounds of residual, up to 1.76, are scaled down)."""
 DEFAULT_MAX_EXAMPLES = 200
 """A doorbell trains on its gallery: 2-27 photos per training house measured above, a few
 hundred at most (training.max_images_per_person per resident)."""
@@ -37,6 +45,14 @@ DEFAULT_MAX_ACCURACY_DROP = 0.15
 """A release scoring 15 points below the published model on the evaluation set is refused:
 "far worse", well outside round-to-round noise (±3 points on LFW's 436 held-out probes in
 make bench-openset, more on a small evaluation folder; 5 points stalled the generated demo)."""
+DEFAULT_MAX_ACCURACY_LOSS = 0.03
+"""A release scoring 3 points below the lineage's start (version 0, re-scored on the same
+evaluation set) is refused, however small each step that led there: a reference that cannot
+be walked down. `python -m bench.drift` (LFW, 6 honest houses and one pushing the head along
+the features' main directions, halving its step after each refusal, 12 rounds): honest only
+0.787; attacked under the old bars (clip 2.0, 15 points below the last version) 0.534, 0
+rounds refused; under these (clip 1.0, 15 points per round, 3 below the start) 0.758,
+7 rounds refused (5 points: 0.753)."""
 
 
 DEFAULT_MIN_COHORT = 5
@@ -193,6 +209,15 @@ class RoundSettings(StrictModel):
         description="A new version whose open-set accuracy on evaluation.dataset is more "
         "than this below the published version's is not published: the round is abandoned "
         "and the model stays (null: publish whatever it scores).",
+    )
+    max_accuracy_loss: float | None = Field(
+        default=DEFAULT_MAX_ACCURACY_LOSS,
+        ge=0,
+        le=1,
+        title="Total accuracy budget",
+        description="A new version whose open-set accuracy on evaluation.dataset is more "
+        "than this below the lineage's start (version 0) is not published, so releases "
+        "cannot drift down in steps each within max_accuracy_drop (null: no such bar).",
     )
     trim_fraction: float = Field(
         default=0.1,
@@ -368,6 +393,15 @@ class EvaluationSettings(StrictModel):
         le=1,
         title="Threshold without strangers",
         description="Cosine similarity threshold published when there is no stranger folder.",
+    )
+    require_calibration: bool = Field(
+        default=False,
+        title="Refuse uncalibrated heads",
+        description="A real site (deploy/templates/aggregator.yaml sets it): without "
+        "`strangers` to calibrate a head's threshold and `dataset` to gate it, version 0 "
+        "ships the measured START_HEAD_THRESHOLD instead of default_threshold and no trained "
+        "version is published (the round is abandoned, `uncalibrated`, one log line says "
+        "what to give). Off for tests and demos of generated faces.",
     )
     detector: Literal["blazeface", "haar"] = Field(
         default="blazeface",

@@ -25,6 +25,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from aggregator.accumulator import SecureSum, Step, make_accumulator, next_step
 from aggregator.config import AggregatorConfig
 from aggregator.export import Exporter, Release
+from aggregator.gates import accuracy_bar
 from aggregator.history import history_before
 from aggregator.persistence import OPEN, Persistence, SavedModel
 from aggregator.privacy import PrivacyLedger
@@ -34,6 +35,7 @@ from aggregator.secure import SecurePhases
 from aggregator.secure_rounds import SecureRounds
 from aggregator.state import StateStore
 from aggregator.strategy import InconsistentUpdate
+from aggregator.strikes import Strikes
 from fedbell.errors import RejectedMessage
 from fedbell.wire.messages import parse_update, resign
 from fedbell.wire.protocol import (
@@ -74,6 +76,8 @@ class Coordinator(SecureRounds):
         self.rejected: Counter[str] = Counter()
         """Every rejection since start, by reason."""
         self.rejection_log = RejectionLog()
+        self.strikes = Strikes()
+        """Rounds refused by the accuracy bars, counted against who took part."""
         self.online: dict[str, DeviceStatus] = {}
         self.auto_remaining = config.auto_rounds
         self.next_auto_at = float("inf")  # armed once connected (see `connected`)
@@ -347,6 +351,14 @@ class Coordinator(SecureRounds):
         # only send updates that are refused: selecting it would make the round wait.
         keys = self.trusted_keys
         selectable = [device for device in self.online if keys is None or device in keys]
+        if struck := self.strikes.left_out(selectable):
+            log.warning(
+                "round %d: leaving out %s: in far more rounds the accuracy bars refused "
+                "than the others",
+                round_id,
+                ", ".join(sorted(struck)),
+            )
+            selectable = [device for device in selectable if device not in struck]
         selected = select_devices(selectable, requested, rounds.max_devices, rounds.seed, round_id)
         if requested and (absent := sorted(set(requested) - set(self.online))):
             log.warning("round %d: requested devices not online: %s", round_id, ", ".join(absent))
@@ -509,25 +521,45 @@ class Coordinator(SecureRounds):
         self.publish(self.topics.metrics, metrics)
 
     def _refuse_worse(self, current: Round, release: Release) -> bool:
-        """Abandon the round if its release scores far worse than the published model.
+        """Abandon the round if its release scores far worse than the published model
+        (max_accuracy_drop) or than the lineage's start (max_accuracy_loss: a reference
+        small steps cannot walk down).
 
-        The published model is re-scored on the same evaluation set (a few matrix
-        products), so the bar holds across restarts. The model, its optimiser
+        Both are re-scored on the same evaluation set (a few matrix products), so the
+        bars hold across restarts. The model, its optimiser
         moments and the doorbells stay where they are; the next round starts from
         the published version again.
         """
-        drop = self.config.rounds.max_accuracy_drop
-        if drop is None or release.accuracy is None:
+        if self.exporter.uncalibrated:
+            self.count("uncalibrated")
+            self._abandon(
+                f"version {release.version} has no calibrated threshold and no gate: give the "
+                "aggregator stranger photos (evaluation.strangers, 40 faces or more) and "
+                "people in no house (evaluation.dataset); until then doorbells keep version "
+                f"{self.model.version} (evaluation.require_calibration)"
+            )
+            return True
+        if release.accuracy is None:
             return False
-        published = self.exporter.accuracy(self.model.weights)
-        if published is None or release.accuracy >= published - drop:
+        refusal = accuracy_bar(
+            release.accuracy,
+            self.exporter.accuracy(self.model.weights),
+            self.exporter.start_accuracy,
+            self.config.rounds,
+        )
+        if refusal is None:
             return False
-        self.rejected["accuracy_drop"] += 1
-        current.rejected["accuracy_drop"] += 1
+        reference = (
+            f"version {self.model.version}'s"
+            if refusal.reason == "accuracy_drop"
+            else "the lineage's start (version 0)"
+        )
+        self.count(refusal.reason)
+        self.strikes.round_ended(current.received, refused=True)
         self._abandon(
-            f"version {release.version} scores {_percent(release.accuracy)} on the evaluation "
-            f"set, more than {100 * drop:.1f} points below version {self.model.version}'s "
-            f"{_percent(published)} (rounds.max_accuracy_drop): not published"
+            f"version {release.version} scores {_percent(release.accuracy)} on the "
+            f"evaluation set, more than {100 * refusal.bar:.1f} points below {reference} "
+            f"{_percent(refusal.reference)} (rounds.max_{refusal.reason}): not published"
         )
         return True
 
@@ -537,6 +569,7 @@ class Coordinator(SecureRounds):
         closed = self._round_payload(current.set_phase("closed"))
         current.announce_bytes += len(closed)
         current.status = "closed"
+        self.strikes.round_ended(current.received, refused=False)
         assert self.next_step is not None  # set with the release by `_release`
         model = self.persistence.save_release(
             release, self.next_step.optimizer, self.model.lineage, self.model.epoch

@@ -10,6 +10,7 @@ folder): a release is then a few matrix products.
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -18,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from aggregator.backbone import BackboneModels, backbone_models
-from aggregator.config import AggregatorConfig, EvaluationSettings
+from aggregator.config import START_HEAD_THRESHOLD, AggregatorConfig, EvaluationSettings
 from aggregator.quiet import native_noise_dropped
 from fedbell.faces import dlib_resnet
 from fedbell.faces.dataset import Sample, list_samples
@@ -154,8 +155,22 @@ class Exporter:
             self.strangers,
             target_far=settings.target_false_accept,
             gallery_size=settings.gallery_size,
-            default_threshold=settings.default_threshold,
+            default_threshold=(
+                START_HEAD_THRESHOLD if settings.require_calibration else settings.default_threshold
+            ),
         )
+
+    @functools.cached_property
+    def start_accuracy(self) -> float | None:
+        """Open-set accuracy of a lineage's version 0 (the evaluation set is fixed per run)."""
+        return self.accuracy(self.initial_weights())
+
+    @property
+    def uncalibrated(self) -> bool:
+        """A site that must calibrate with neither strangers nor an evaluation set:
+        it has no way to set a trained head's threshold and no gate for it."""
+        settings = self.config.evaluation
+        return settings.require_calibration and self.strangers is None and self.held_out is None
 
     def accuracy(self, weights: Weights) -> float | None:
         """Open-set accuracy of a head on the evaluation set (None without one)."""

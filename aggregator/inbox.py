@@ -10,10 +10,12 @@ updates and the operator's commands (issue 18 item 4). Here:
   of at most `per_sender` messages; a message for a full lane is dropped on
   the spot, counted for that sender, and never blocks the network thread, so
   the broker's queue keeps draining;
-- the operator's commands and the service's own signals go in a priority lane
-  taken before any other (commands bounded too: `per_sender` x 16);
 - the main loop takes the lanes in turn (round robin), so a flooder's lane
-  yields one message per turn like any other;
+  yields one message per turn like any other, and the operator's commands
+  (a lane of their own, which may hold `per_sender` x 16) wait at most one
+  turn of the lanes; lanes are served in the order they filled, so a command
+  is still handled after the statuses that came before it;
+- the service's own signals (subscribed, wake up) are served first;
 - when all lanes together hold `size` messages the network thread waits (TCP
   holds the broker back, as before) rather than dropping, unless the sender
   already has a message waiting: an honest burst of many doorbells is slowed,
@@ -34,7 +36,7 @@ COMMAND_LANE_FACTOR = 16
 
 
 class FairInbox(Generic[T]):
-    """Bounded per-lane queues taken round robin, with a priority lane; thread-safe."""
+    """Bounded per-lane queues taken round robin, signals first; thread-safe."""
 
     def __init__(self, size: int, per_sender: int) -> None:
         self.size = size
@@ -43,7 +45,6 @@ class FairInbox(Generic[T]):
         """Messages dropped because their lane was full, by lane (topic)."""
         self._cond = threading.Condition()
         self._signals: deque[T] = deque()
-        self._commands: deque[T] = deque()
         self._lanes: dict[str, deque[T]] = {}
         self._turns: deque[str] = deque()  # lanes holding messages, in serving order
         self._count = 0
@@ -54,26 +55,20 @@ class FairInbox(Generic[T]):
             self._signals.append(item)
             self._cond.notify_all()
 
-    def command(self, item: T, lane: str) -> bool:
-        """An operator's command: served before updates; False (dropped) past the bound."""
-        with self._cond:
-            if len(self._commands) >= self.per_sender * COMMAND_LANE_FACTOR:
-                self.dropped[lane] += 1
-                return False
-            self._commands.append(item)
-            self._cond.notify_all()
-            return True
-
-    def put(self, item: T, lane: str, stop: threading.Event | None = None) -> bool:
+    def put(
+        self, item: T, lane: str, stop: threading.Event | None = None, commands: bool = False
+    ) -> bool:
         """Queue a sender's message; False if dropped (its lane is full).
 
         Waits while the inbox is full and the sender has nothing waiting.
+        `commands`: the operator's lane, which may hold COMMAND_LANE_FACTOR times more.
         """
+        limit = self.per_sender * (COMMAND_LANE_FACTOR if commands else 1)
         with self._cond:
             queue = self._lanes.get(lane)
             while True:
                 waiting = 0 if queue is None else len(queue)
-                if waiting >= self.per_sender or (waiting and self._count >= self.size):
+                if waiting >= limit or (waiting and self._count >= self.size):
                     self.dropped[lane] += 1
                     return False
                 if self._count < self.size or (stop is not None and stop.is_set()):
@@ -90,18 +85,16 @@ class FairInbox(Generic[T]):
             return True
 
     def get(self, timeout: float) -> T | None:
-        """The next message (signals, then commands, then the lanes in turn), or None."""
+        """The next message (signals first, then the lanes in turn), or None."""
         deadline = time.monotonic() + timeout
         with self._cond:
-            while not (self._signals or self._commands or self._turns):
+            while not (self._signals or self._turns):
                 left = deadline - time.monotonic()
                 if left <= 0:
                     return None
                 self._cond.wait(timeout=left)
             if self._signals:
                 return self._signals.popleft()
-            if self._commands:
-                return self._commands.popleft()
             lane = self._turns.popleft()
             queue = self._lanes[lane]
             item = queue.popleft()

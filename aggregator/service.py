@@ -161,10 +161,8 @@ class AggregatorService:
         incoming = Incoming(
             message.topic, bytes(message.payload), message.mid, message.qos, self._connection
         )
-        if message.topic == self.topics.control:
-            kept = self.inbox.command(incoming, message.topic)
-        else:
-            kept = self.inbox.put(incoming, message.topic, self._stopping)
+        commands = message.topic == self.topics.control
+        kept = self.inbox.put(incoming, message.topic, self._stopping, commands=commands)
         if not kept and message.qos > 0:
             client.ack(message.mid, message.qos)  # dropped: free the broker's window
 

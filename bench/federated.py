@@ -61,6 +61,8 @@ from fedbell.wire.secagg import SecAggParams
 from fedbell.wire.sparsify import with_error_feedback
 
 Strategy = Literal["fedavg", "clipped", "median", "trimmed_mean", "multi_krum"]
+Craft = Callable[[Sequence[np.ndarray], Sequence[np.ndarray]], list[np.ndarray]]
+"""A hostile doorbell's delta from (the global head, its honestly trained delta)."""
 Attack = Literal["scale", "sign_flip"]
 SITE = "bench"
 LINEAGE = "bench"
@@ -92,6 +94,8 @@ class Score:
 
 
 Scorer = Callable[[Weights], Score]
+Gate = Callable[[Score, Score, Score], bool]
+"""(release, published, start) -> refuse the release."""
 
 
 @dataclass(frozen=True)
@@ -167,6 +171,8 @@ class ArmResult:
     """Per doorbell per round: round announcements + the global head message."""
     rejected: int = 0
     """Updates the aggregator's checks refused (an honest run has none)."""
+    abandoned: int = 0
+    """Rounds whose release the `gate` refused (the model stayed)."""
     weights: Weights = field(default_factory=list)
     """The aggregator's (float) global head after the last round; the doorbells hold it as
     `aggregator.export.as_received` decodes it in the arm's downlink codec."""
@@ -287,6 +293,7 @@ def _client_step(  # noqa: PLR0917 - what a doorbell holds in a round
     plan: TrainParams,
     residuals: dict[str, Weights],
     key: Ed25519PrivateKey | None,
+    craft: Craft | None = None,
 ) -> bytes:
     """A doorbell's round: `train_delta` from the global head, (a poisoned delta for an
     attacker), top-k error feedback, the signed update envelope."""
@@ -301,6 +308,8 @@ def _client_step(  # noqa: PLR0917 - what a doorbell holds in a round
     delta = trained.delta
     if attack:
         delta = poison(delta, attack[0])
+    if craft is not None:
+        delta = craft(model.weights, delta)
     if settings.codec == "topk":
         delta, residuals[device] = with_error_feedback(HEAD_NAMES, delta, settings.density)
     return messages.build_update(
@@ -384,6 +393,59 @@ doorbells receive (decoded from the downlink codec): what a reader of the publis
 models sees."""
 
 
+def _plain_round(
+    current: Round,
+    round_id: int,
+    down: bytes,
+    *,
+    selected: Sequence[str],
+    names: Sequence[str],
+    houses: Sequence[House],
+    arm: Arm,
+    settings: RoundSettings,
+    specs: tuple[TensorSpec, ...],
+    plan: TrainParams,
+    residuals: dict[str, Weights],
+    keys: _Keys,
+    craft: Craft | None,
+    result: ArmResult,
+) -> None:
+    """A round without secure aggregation: each selected house's signed update,
+    checked and accepted (or refused) as the aggregator's intake does."""
+    device_trust, aggregator_trust = keys.trusted_by_devices(), keys.trusted_by_aggregator()
+    for device in selected:
+        index = names.index(device)
+        model = messages.parse_global(
+            down, site=SITE, max_bytes=MAX_BYTES, keys=device_trust, expected=specs
+        )
+        payload = _client_step(
+            device,
+            round_id,
+            houses[index],
+            model,
+            arm.attackers[index : index + 1],
+            settings,
+            plan,
+            residuals,
+            keys.devices[device],
+            craft if index == 0 else None,
+        )
+        result.update_bytes.append(len(payload))
+        try:
+            update = messages.parse_update(
+                payload,
+                site=SITE,
+                device=device,
+                expected=specs,
+                max_bytes=MAX_BYTES,
+                keys=aggregator_trust,
+            )
+            current.check(update, time.time(), settings.max_update_norm)
+            current.accept(update, len(payload))
+        except (RejectedMessage, InconsistentUpdate):
+            result.rejected += 1  # refused, as the aggregator refuses it
+
+
 def run_arm(
     houses: Sequence[House],
     start: Weights,
@@ -397,16 +459,22 @@ def run_arm(
     evaluate_every: int = 1,
     progress: Callable[[Arm, RoundResult], None] | None = None,
     observe: Observer | None = None,
+    gate: Gate | None = None,
+    craft: Craft | None = None,
 ) -> ArmResult:
     """`rounds` rounds from `start`; `score` is called on every `evaluate_every`-th release
-    (and the last), its threshold shipped with the next global model."""
+    (and the last), its threshold shipped with the next global model.
+
+    `gate(release, published, start)`: True refuses the release as the aggregator's
+    accuracy bars do (the round is abandoned, the model and optimiser stay; every
+    release is scored). `craft(model, delta)`: what the first house sends instead of
+    its trained delta (a hostile doorbell's own attack)."""
     plan = params or TrainParams()
     names = [f"house{index:04d}" for index in range(len(houses))]
     taking_part = names[arm.left_out :]
     per_round = min(houses_per_round or len(taking_part), len(taking_part))
     settings = round_settings(arm, per_round)
     keys = _Keys.make(names, arm.signed)
-    device_trust, aggregator_trust = keys.trusted_by_devices(), keys.trusted_by_aggregator()
     weights: Weights = [np.asarray(w, np.float32).copy() for w in start]
     specs = head_specs(weights)
     server = make_optimizer(settings)
@@ -447,39 +515,32 @@ def run_arm(
                 noise,
             )
             current.received = list(selected)
-        for device in selected if arm.secure is None else ():
-            index = names.index(device)
-            model = messages.parse_global(
-                down, site=SITE, max_bytes=MAX_BYTES, keys=device_trust, expected=specs
-            )
-            payload = _client_step(
-                device,
+        if arm.secure is None:
+            _plain_round(
+                current,
                 round_id,
-                houses[index],
-                model,
-                arm.attackers[index : index + 1],
-                settings,
-                plan,
-                residuals,
-                keys.devices[device],
+                down,
+                selected=selected,
+                names=names,
+                houses=houses,
+                arm=arm,
+                settings=settings,
+                specs=specs,
+                plan=plan,
+                residuals=residuals,
+                keys=keys,
+                craft=craft,
+                result=result,
             )
-            result.update_bytes.append(len(payload))
-            try:
-                update = messages.parse_update(
-                    payload,
-                    site=SITE,
-                    device=device,
-                    expected=specs,
-                    max_bytes=MAX_BYTES,
-                    keys=aggregator_trust,
-                )
-                current.check(update, time.time(), settings.max_update_norm)
-                current.accept(update, len(payload))
-            except (RejectedMessage, InconsistentUpdate):
-                result.rejected += 1  # refused, as the aggregator refuses it
         if current.accumulator.count == 0:  # nothing accepted: the aggregator abandons it
             continue
         step = next_step(weights, current.accumulator, current.received, server)
+        if gate is not None:
+            candidate = release(step.weights)
+            if gate(candidate, released, result.start):
+                result.abandoned += 1
+                continue
+            released = candidate
         weights, server = step.weights, step.optimizer
         if observe is not None:
             observe(

@@ -27,7 +27,7 @@ from edge.config import EdgeConfig
 from edge.gallery import Gallery, GalleryFeatures
 from edge.recognizer import Recognizer, RecognizerError
 from edge.state import NodeState, StoredArtifact
-from fedbell.faces.embedding import embed
+from fedbell.faces.embedding import Features, embed
 from fedbell.faces.openset import best_match, prototype
 from fedbell.wire.codecs import Weights
 from fedbell.wire.messages import TfliteArtifact
@@ -63,15 +63,33 @@ def gallery_summary(gallery: GalleryFeatures, accuracy: float | None) -> str:
     return "; ".join(parts)
 
 
-def leave_one_out(gallery: GalleryFeatures, head: Weights) -> float | None:
+def leave_one_out(
+    gallery: GalleryFeatures,
+    head: Weights,
+    threshold: float | None = None,
+    strangers: Features | None = None,
+) -> float | None:
     """Share of gallery images whose nearest prototype, built without them, is their person's.
 
     Each image is scored against prototypes made from all other images; a
     person with a single image has no prototype left and is not scored.
     None when nothing can be scored.
+
+    With `threshold` it is scored open-set, as the doorbell decides at the door:
+    an image counts only if that prototype is also at least `threshold` similar,
+    and each of `strangers` (the stranger store) counts if no prototype of the
+    whole gallery reaches the threshold. A head that keeps the ranking but
+    names nobody, or lets strangers in, at the threshold it ships with then
+    scores as badly as it serves (issue 18 item 2).
     """
     embeddings = embed(gallery.features, list(head))
     hits = total = 0
+    if threshold is not None and strangers is not None and len(strangers):
+        everyone = np.stack(
+            [prototype(embeddings[gallery.labels == p]) for p in np.unique(gallery.labels)]
+        )
+        _, similarity = best_match(embed(strangers, list(head)), everyone)
+        hits, total = int(np.sum(similarity < threshold)), len(strangers)
     for row in range(len(gallery)):
         person = int(gallery.labels[row])
         others = np.arange(len(gallery)) != row
@@ -81,8 +99,9 @@ def leave_one_out(gallery: GalleryFeatures, head: Weights) -> float | None:
         prototypes = np.stack(
             [prototype(embeddings[others & (gallery.labels == p)]) for p in present]
         )
-        best, _ = best_match(embeddings[row : row + 1], prototypes)
-        hits += int(present[int(best[0])] == person)
+        best, similarity = best_match(embeddings[row : row + 1], prototypes)
+        named = threshold is None or float(similarity[0]) >= threshold
+        hits += int(present[int(best[0])] == person and named)
         total += 1
     return None if total == 0 else hits / total
 

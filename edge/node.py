@@ -557,23 +557,29 @@ class EdgeNode:
         self._publish_status()
 
     def _refuse_if_worse_on_gallery(self, current: GlobalModel, model: GlobalModel) -> None:
-        """RejectedMessage if the new head names this house's people far worse than the
-        installed one (leave-one-out on the gallery; issue 13 item 1). A new lineage is
-        never refused (a reset must not deadlock), nor is a gallery too small to score."""
+        """RejectedMessage if the new head serves this house far worse than the installed
+        one: leave-one-out on the gallery and the stranger store, open-set at each head's
+        own threshold (issue 13 item 1, issue 18 item 2). A new lineage is never refused
+        (a reset must not deadlock), nor is a gallery too small to score."""
         drop = self.config.accept.max_gallery_accuracy_drop
         features = self.artifacts.gallery_features
         if drop is None or features is None or model.backbone != current.backbone:
             return
         if model.weights[0].shape[:1] != features.features.shape[1:]:
             return  # a head that cannot take these features: _give_head refuses it (bad_shapes)
-        before = leave_one_out(features, current.weights)
-        after = leave_one_out(features, model.weights)
+        backbone = self.recognizer.backbone
+        strangers = (
+            None if backbone is None else self.strangers.features(backbone.sha256, backbone.size)
+        )
+        before = leave_one_out(features, current.weights, current.threshold, strangers)
+        after = leave_one_out(features, model.weights, model.threshold, strangers)
         if before is None or after is None or after >= before - drop:
             return
         raise RejectedMessage(
             "worse_on_gallery",
-            f"global model v{model.version} names {after:.0%} of this gallery right "
-            f"(leave-one-out), v{current.version} {before:.0%}: more than {drop:.0%} worse "
+            f"global model v{model.version} decides {after:.0%} of this gallery and its "
+            f"strangers right at its threshold {model.threshold:.3f} (leave-one-out), "
+            f"v{current.version} {before:.0%}: more than {drop:.0%} worse "
             f"(accept.max_gallery_accuracy_drop); keeping v{current.version}",
         )
 

@@ -117,7 +117,13 @@ def test_the_published_accuracy_rises_over_the_rounds(
     for seed, door in enumerate(DOORS):
         gallery = tmp_path / f"house-{door}"
         write_synthetic(gallery, seed=seed, **HOUSE)
-        processes.append(node_process(tmp_path, broker.port, door, gallery).start())
+        # The doorbells' own gate scores each head open-set at the threshold it ships with
+        # (issue 18 item 2). Without stranger photos that is the uncalibrated 0.75, which
+        # the heads trained here pull the cartoon residents below: at it, a doorbell
+        # rightly finds v2 serves its house worse and refuses it. This test is about the
+        # aggregator's published score, so its doorbells take every version.
+        accept = {"max_gallery_accuracy_drop": None}
+        processes.append(node_process(tmp_path, broker.port, door, gallery, accept=accept).start())
     for door in DOORS:
         recorder.status(door, lambda s: s.model_version == 0, timeout=STARTUP)
 

@@ -54,10 +54,16 @@ def test_fuzzer_folds_accepted_messages_into_the_real_accumulator() -> None:
 def test_model_change_is_reported_when_the_norm_check_is_removed(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """Absurd but finite deltas (float16 at 60000, int8 scales x 1e30) pass the envelope:
-    only the round's norm check stops them. Without it the fuzzer must say so."""
+    """Absurd but finite deltas (float16 at 60000) pass the envelope: only the round's
+    norm check stops them. Without it the fuzzer must say so.
+
+    int8 (scales x 1e30) is no longer part of this: with rounds.clip_norm 1.0 (issue 18
+    item 2) such a delta is scaled down to the documented norm and the published model
+    is the expected one (measured over fuzz seeds 0-7: no change at clip 1.0 or 1.5; at
+    the former 2.0 a difference of 0.0048, a float32 rounding of the clip of 1e30-sized
+    values)."""
     monkeypatch.setattr(rounds, "update_norm", lambda _delta: 0.0)
-    for codec in ("float16", "int8"):
+    for codec in ("float16",):
         report = fuzz.run_codec(codec, 1500, seed=5, signed=False)
         assert report.model_changes, f"{codec}: {report.outcomes}"
         assert "off the expectation" in report.model_changes[0]

@@ -73,3 +73,32 @@ def test_a_model_far_worse_on_the_gallery_is_not_installed(  # noqa: PLR0917 - f
             assert node.counters["worse_on_gallery"] == 1
     finally:
         aggregator.close()
+
+
+def test_a_head_that_ranks_as_well_but_names_nobody_at_its_threshold_is_refused(
+    tmp_path: Path,
+    broker: LocalBroker,
+    gallery: Path,
+    base: Base,
+    backbone_models: BackboneModels,
+) -> None:
+    """Issue 18 item 2: the doorbell's gate scores open-set at the threshold it receives.
+
+    Ranking alone (the gate before) sees no difference between v1 and a v2 with the
+    same weights and a threshold no face reaches: every resident would be "unknown"."""
+    aggregator = Probe(broker.port)
+    config = make_config(tmp_path, broker.port, gallery)
+    sha = backbone_models.sha256
+    try:
+        aggregator.publish_backbone(TOPICS, tflite_payload(backbone_models))
+        aggregator.publish(TOPICS.global_model, global_payload(base, 1, backbone=sha), retain=True)
+        with running(config) as node:
+            wait_until(lambda: node.gallery_accuracy == 1.0)
+            locked_out = global_payload(base, 2, backbone=sha, threshold=0.9999)
+            aggregator.publish(TOPICS.global_model, locked_out, retain=True)
+            wait_until(lambda: node.counters["worse_on_gallery"] == 1)
+            assert node.model_version == 1
+            assert node.recognizer.model.head is not None
+            assert node.recognizer.model.head.threshold == 0.0  # v1's, still serving
+    finally:
+        aggregator.close()

@@ -121,6 +121,9 @@ def test_forged_update_is_refused_and_the_model_keeps_only_honest_work(
                     "secure_aggregation": False,
                 }
             ),
+            # Generated faces, no stranger photos: the provisioned site's bar against
+            # uncalibrated heads (issue 18 item 1) would refuse every trained version.
+            "evaluation": provisioned.evaluation.model_copy(update={"require_calibration": False}),
         }
     )
     assert config.signing.trusted_keys_dir is not None
@@ -164,7 +167,7 @@ def test_forged_update_is_refused_and_the_model_keeps_only_honest_work(
         announced = RoundAnnouncement.model_validate_json(wait_for("round 1", round_1))
         verify_announcement(announced, SITE, aggregator_keys["aggregator"])
 
-        honest = [np.full(w.shape, 0.01, np.float32) for w in base.weights]
+        honest = [np.full(w.shape, 0.005, np.float32) for w in base.weights]  # under clip_norm
         poison = [np.full(w.shape, 5.0, np.float32) for w in base.weights]
         door2_key = load_private_key(root / "clients" / "door2" / "signing.key")
         forged = Signer("door1", Ed25519PrivateKey.generate())  # right login, wrong key
@@ -203,7 +206,7 @@ def test_forged_update_is_refused_and_the_model_keeps_only_honest_work(
         )
         assert new.version == 1
         for before, after in zip(base.weights, new.weights, strict=True):
-            np.testing.assert_allclose(after, before + 0.01, atol=1e-6)
+            np.testing.assert_allclose(after, before + 0.005, atol=1e-6)
     finally:
         service.stop()
         thread.join(30)

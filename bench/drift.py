@@ -1,0 +1,127 @@
+"""The drift attack of issue 18 item 2 on real faces, against the old bars and the new.
+
+    python -m bench.drift [--people 300] [--rounds 12] [--seed 0]
+
+Six honest training houses (LFW people under doorbell conditions, `bench.data`)
+and one hostile house run THE round loop (`bench.federated.run_arm`: the real
+`train_delta`, signed updates, the aggregator's checks, clipping, server step).
+The hostile doorbell sends, instead of its trained delta, the head pushed along
+the six directions in which backbone features vary most (estimated from the
+public stranger photos), as long as the clip norm lets it, and halves its step
+whenever its round was abandoned (it sees the head did not move). Every release
+must clear the aggregator's accuracy bars (`aggregator.gates.accuracy_bar`,
+scored on never-seen people at the calibrated threshold) before it is published.
+
+Arms: honest only (the six, today's bars); attacked under the old bars (clip
+norm 2.0, 15 points below the last published version only); attacked under
+today's (clip 1.0, and rounds.max_accuracy_loss, 3 points, below the lineage's
+start). Printed: each arm's published open-set accuracy after the last round,
+and rounds abandoned.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+import argparse
+import json
+from collections.abc import Sequence
+
+import numpy as np
+
+from aggregator.config import RoundSettings
+from aggregator.gates import accuracy_bar
+from bench import openset
+from bench.data import load_bench
+from bench.federated import Arm, Gate, Score, run_arm
+
+DIRECTIONS = 6
+
+
+class Drift:
+    """The hostile doorbell: push the head along the features' main directions."""
+
+    def __init__(self, public_features: np.ndarray, norm: float) -> None:
+        centred = public_features - public_features.mean(axis=0)
+        self.directions = np.linalg.svd(centred, full_matrices=False)[2][:DIRECTIONS].T
+        self.norm = norm
+        self.last: np.ndarray | None = None
+
+    def __call__(
+        self, model: Sequence[np.ndarray], _delta: Sequence[np.ndarray]
+    ) -> list[np.ndarray]:
+        head = np.asarray(model[0], np.float64)
+        if self.last is not None and np.array_equal(head, self.last):
+            self.norm /= 2  # its last push was refused: a smaller one
+        self.last = head
+        push = self.directions @ (self.directions.T @ head)
+        return [(push * self.norm / np.linalg.norm(push)).astype(np.float32)]
+
+
+def bars(settings: RoundSettings) -> Gate:
+    def gate(release: Score, published: Score, start: Score) -> bool:
+        refusal = accuracy_bar(
+            release.open_set_accuracy,
+            published.open_set_accuracy,
+            start.open_set_accuracy,
+            settings,
+        )
+        return refusal is not None
+
+    return gate
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--people", type=int, default=300)
+    parser.add_argument("--rounds", type=int, default=12)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--budget",
+        type=float,
+        default=RoundSettings().max_accuracy_loss,
+        help="rounds.max_accuracy_loss of today's bars (the aggregator's default)",
+    )
+    args = parser.parse_args(argv)
+    loaded = load_bench(people=args.people, seed=args.seed, calibration=500, negatives=500)
+    bench = loaded.bench
+    print(loaded.description)
+
+    def score(weights: list[np.ndarray]) -> Score:
+        threshold = openset.shipped_threshold(
+            bench, weights, openset.TARGET_FAR, openset.GALLERY_SIZE
+        )
+        result = openset.evaluate(bench, [weights], threshold)
+        return Score(result.open_set_accuracy, threshold, result.tar_at_far_1pct)
+
+    houses = bench.train[:7]
+    today = RoundSettings(max_accuracy_loss=args.budget)
+    before = RoundSettings(clip_norm=2.0, max_accuracy_loss=None)
+    arms = {
+        "honest only": (houses[1:], Arm("honest"), today, None),
+        "attacked, old bars": (
+            houses,
+            Arm("old", strategy="clipped", clip_norm=2.0),
+            before,
+            Drift(bench.calibration, 2.0),
+        ),
+        "attacked, today's bars": (houses, Arm("today"), today, Drift(bench.calibration, 1.0)),
+    }
+    results = {}
+    for name, (taking_part, arm, settings, drift) in arms.items():
+        outcome = run_arm(
+            taking_part, bench.start, arm, args.rounds, score, gate=bars(settings), craft=drift
+        )
+        results[name] = {
+            "start": round(outcome.start.open_set_accuracy, 4),
+            "published_after_last_round": round(outcome.final.open_set_accuracy, 4),
+            "rounds_abandoned": outcome.abandoned,
+        }
+        print(name, json.dumps(results[name]), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
