@@ -20,8 +20,10 @@ import cv2
 import numpy as np
 import numpy.typing as npt
 
+from edge.camera import FramePair
 from fedbell.faces.detection import Face
 from fedbell.faces.embedding import normalize
+from fedbell.faces.features import Chip, face_chip
 
 FULL_DETAIL_PX = 100.0
 """A face box this wide fills dlib's 150-pixel chip (its face spans ~100 px): wider adds
@@ -50,6 +52,23 @@ def scale_face(face: Face, sx: float, sy: float) -> Face:
         return None if p is None else (p[0] * sx, p[1] * sy)
 
     return Face(box, face.score, point(face.right_eye), point(face.left_eye))
+
+
+def cut_chips(pair: FramePair, faces: Sequence[Face]) -> tuple[list[Chip], list[float], bool]:
+    """(chips, their qualities, whether the pair's streams mismatched) of the faces found on
+    `pair.small`: cut from `pair.full` when both were captured together, else from the
+    small frame (a full frame of another instant may show the face elsewhere)."""
+    source, scale = pair.small, (1.0, 1.0)
+    mismatched = pair.full is not None and not pair.matched
+    if pair.full is not None and pair.matched:
+        source, scale = pair.full, pair.scale()
+    chips, qualities = [], []
+    for face in faces:
+        placed = face if source is pair.small else scale_face(face, *scale)
+        chip = face_chip(source, placed)
+        chips.append(chip)
+        qualities.append(chip_quality(placed, chip))
+    return chips, qualities, mismatched
 
 
 def chip_quality(face: Face, chip: npt.NDArray[np.uint8]) -> float:

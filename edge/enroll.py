@@ -24,14 +24,15 @@ from typing import Any
 
 import yaml
 
-from edge.camera import FrameSource, open_raw_source
+from edge.camera import FrameSource, open_raw_source, read_pair
+from edge.chips import cut_chips
 from edge.gallery import Gallery, GalleryError, check_person_name
 from edge.live import make_detector
 from edge.recognition_config import CameraConfig, DetectionConfig
 from edge.state import NodeState
 from fedbell.faces.dataset import IMAGE_SUFFIXES
 from fedbell.faces.detection import Detector
-from fedbell.faces.features import Backbone, BackboneError, Chip, face_chip, find_chip, read_photo
+from fedbell.faces.features import Backbone, BackboneError, Chip, find_chip, read_photo
 
 log = logging.getLogger(__name__)
 
@@ -87,17 +88,17 @@ def enroll(
     chips: list[Chip] = []
     frames = without_face = 0
     while len(chips) < count and frames < max_frames:
-        frame = source.read()
-        if frame is None:
+        pair = read_pair(source)  # two streams: detect on the small, cut from the full
+        if pair is None:
             break
         frames += 1
         if (frames - 1) % every_nth_frame:
             continue
-        faces = detector.detect(frame)
+        faces = detector.detect(pair.small)
         if not faces:
             without_face += 1
             continue
-        chips.append(face_chip(frame, max(faces, key=lambda f: f.box[2] * f.box[3])))
+        chips += cut_chips(pair, [max(faces, key=lambda f: f.box[2] * f.box[3])])[0]
     saved = gallery.add(person, chips, backbone=backbone) if chips else []
     return EnrollResult(person, saved, frames, without_face)
 

@@ -35,12 +35,11 @@ import numpy as np
 import numpy.typing as npt
 
 from edge.camera import FramePair, FrameSource, ReconnectingSource, read_pair
-from edge.chips import chip_quality, scale_face, visit_embedding
+from edge.chips import cut_chips, visit_embedding
 from edge.recognition_config import RecognitionConfig
 from edge.recognizer import UNKNOWN, ModelKey, Recognizer
-from fedbell.faces.detection import Detector, Face
+from fedbell.faces.detection import Detector
 from fedbell.faces.embedding import Features
-from fedbell.faces.features import Chip, face_chip
 
 Box = tuple[int, int, int, int]
 
@@ -283,25 +282,11 @@ class Pipeline:
             self.ring("face")
         return sightings
 
-    def _chips(self, pair: FramePair, faces: Sequence[Face]) -> tuple[list[Chip], list[float]]:
-        """Each face's chip and its quality, cut from the full frame when the pair matches."""
-        source, scale = pair.small, (1.0, 1.0)
-        if pair.full is not None:
-            if pair.matched:
-                source, scale = pair.full, pair.scale()
-            else:  # another instant: the face may have moved; cut from what was detected
-                self.counters.mismatched_pairs += 1
-        chips, qualities = [], []
-        for face in faces:
-            placed = face if source is pair.small else scale_face(face, *scale)
-            chip = face_chip(source, placed)
-            chips.append(chip)
-            qualities.append(chip_quality(placed, chip))
-        return chips, qualities
-
     def _recognise(self, pair: FramePair) -> list[Sighting]:
         faces = self.detector.detect(pair.small)
-        chips, qualities = self._chips(pair, faces)
+        chips, qualities, mismatched = cut_chips(pair, faces)
+        if mismatched:  # the full frame is of another instant: the chips came from the small
+            self.counters.mismatched_pairs += 1
         model = self.recognizer.model  # one snapshot for the whole frame
         embeddings: npt.NDArray[np.float32] | None = None
         features: Features | None = None
