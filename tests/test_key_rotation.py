@@ -101,12 +101,17 @@ def test_a_reimaged_doorbell_installs_the_backbone_after_the_aggregator_key_rota
             stop(first)
         lineage = log.read_text().split("starting lineage ")[1].split()[0]
 
-        # The key is rotated: a new login, password, certificate and signing key.
-        pid = ["--broker-pid", str(broker.pid)]
-        provision.run(["remove-login", "aggregator", "--site-dir", str(site), *pid])
-        provision.run(["add-aggregator", "--site-dir", str(site), "--state-root", str(state), *pid])
-        assert (site / "keys" / "aggregator" / "aggregator.pub").read_bytes() != old_key
+    # The key is rotated: a new login, password, certificate and signing key. The
+    # broker is restarted to take the new login, not sent SIGHUP: Mosquitto 2.0.11
+    # (Debian's) segfaulted in session_expiry__remove in 2 of 4 runs when the rotated
+    # login and a doorbell connected right after such a reload (see README, Security).
+    provision.run(["remove-login", "aggregator", "--site-dir", str(site), "--no-reload"])
+    provision.run(
+        ["add-aggregator", "--site-dir", str(site), "--state-root", str(state), "--no-reload"]
+    )
+    assert (site / "keys" / "aggregator" / "aggregator.pub").read_bytes() != old_key
 
+    with SecureBroker(site / "broker", tmp_path / "broker") as broker:
         second = aggregator_process(site, broker.port, aggregator_cache, log)
         try:
             wait_until(lambda: log.read_text().count("ready: site home") == 2, 120)

@@ -309,8 +309,11 @@ def test_an_unclipped_update_is_caught_in_the_sum_and_nothing_is_published(
     but the mean of clipped updates has a norm of at most clip_norm, so the sum shows it."""
     fed = federation(tmp_path, aggregator_cache)
     before = fed.head()
-    # subset norm ~120 (clip 2.0), each entry still within the fixed-point range (+/-16)
-    fed.deltas["d3"] = [d * 300 for d in fed.deltas["d3"]]
+    clip = fed.coordinator.config.rounds.clip_norm
+    assert clip is not None
+    # subset norm ~60 clip norms, each entry still within the fixed-point range
+    # (+/-8 clip norms for a cohort of 8: fedbell.wire.secagg_params.default_scale)
+    fed.deltas["d3"] = [d * 150 * clip for d in fed.deltas["d3"]]
     fed.unclipped.add("d3")
     fed.command(cmd="start_round")
     metrics = fed.metrics()
@@ -345,7 +348,9 @@ def test_epsilon_is_in_every_rounds_metrics_and_the_budget_stops_rounds(
         assert metrics.epsilon_total == pytest.approx((1.5146, 2.6770)[round_id - 1], abs=1e-3)
     plan = announced[0].secagg
     assert plan is not None
-    assert plan.noise_std == pytest.approx(1.0 * 2.0 / 5**0.5)  # z C / sqrt(min_cohort)
+    clip = fed.coordinator.config.rounds.clip_norm
+    assert clip is not None
+    assert plan.noise_std == pytest.approx(1.0 * clip / 5**0.5)  # z C / sqrt(min_cohort)
     fed.command(cmd="start_round")
     reply = json.loads(fed.payloads(TOPICS.reply)[-1])
     assert (reply["ok"], reply["reason"]) == (False, "privacy_budget_spent")
