@@ -96,7 +96,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--candidates", type=int, default=158)
     parser.add_argument("--trials", type=int, default=60, help="observations per row")
-    parser.add_argument("--round-trials", type=int, default=100, help="round sums per row")
+    parser.add_argument("--round-trials", type=int, default=300, help="round sums per row")
     parser.add_argument("--shadow-trials", type=int, default=100)
     parser.add_argument("--epsilons", type=float, nargs="+", default=[1.0, 4.0, 8.0, math.inf])
     parser.add_argument("--default-epsilon", type=float, default=8.0)
