@@ -96,7 +96,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--candidates", type=int, default=158)
     parser.add_argument("--trials", type=int, default=60, help="observations per row")
-    parser.add_argument("--round-trials", type=int, default=100, help="round sums per row")
+    parser.add_argument("--round-trials", type=int, default=300, help="round sums per row")
     parser.add_argument("--shadow-trials", type=int, default=100)
     parser.add_argument("--epsilons", type=float, nargs="+", default=[1.0, 4.0, 8.0, math.inf])
     parser.add_argument("--default-epsilon", type=float, default=8.0)
@@ -188,6 +188,13 @@ def privacy_of(args: argparse.Namespace, target: float, per_round: int) -> Priva
     return Privacy(target, per_round, args.population, rounds)
 
 
+def round_sizes(args: argparse.Namespace, data: dict[str, Any]) -> list[int]:
+    """The attacked rounds' sizes: a round's residents are distinct people, so a small
+    --test-dataset caps them."""
+    largest = min(len(data["attacked"]), len(data["public"])) // HOUSE_SIZE
+    return [n for n in args.attack_houses_per_round if n <= largest] or [largest]
+
+
 def attack_rows(
     args: argparse.Namespace, data: dict[str, Any], traffic: list[tuple[int, int]]
 ) -> list[RowResult]:
@@ -234,7 +241,8 @@ def attack_rows(
             )
         )
         print(f"  {view} {detail}: {rows[-1].by_attack}", flush=True)
-    cohort = max(args.attack_houses_per_round)
+    per_rounds = round_sizes(args, data)
+    cohort = max(per_rounds)
     secure = Secure(clip_norm=args.clip_norm, density=args.secure_density)
     rows.append(
         run_row(
@@ -249,7 +257,7 @@ def attack_rows(
     )
     print(f"  aggregator_view: {rows[-1].by_attack}", flush=True)
     bank = Bank(ctx, args.seed)
-    for per_round in args.attack_houses_per_round:
+    for per_round in per_rounds:
         rows.append(
             run_row(
                 "round_sum",
@@ -391,7 +399,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     name = args.test_dataset.name if args.test_dataset else f"{args.dataset.name}"
     output = report(
         test_dataset=name,
-        candidates=args.candidates,
+        # one house's pool: --candidates, or everyone in a small --test-dataset
+        candidates=next(r.candidates for r in rows if r.view == "float32_update"),
         house_size=HOUSE_SIZE,
         rows=rows,
         runs=runs,
@@ -400,7 +409,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "attacks": list(ATTACKS),
             "clip_norm": args.clip_norm,
             "secure_density": args.secure_density,
-            "secure_round_doorbells": max(args.attack_houses_per_round),
+            "secure_round_doorbells": max(round_sizes(args, data)),
             "default_epsilon": args.default_epsilon,
             "population": args.population,
             "conditions": args.conditions,

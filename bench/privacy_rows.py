@@ -65,12 +65,19 @@ def _houses(
     return residents, deltas
 
 
+def _others(ctx: Context, targets: int, available: int) -> int:
+    """Non-targets beside `targets`: `candidates` in all, or every one `available` in a
+    small dataset (the row's chance says so)."""
+    return min(ctx.candidates - targets, available)
+
+
 def single(ctx: Context, view: Callable[[Weights], Matrix]) -> Scenario:
     """One house's update, seen through `view`; the pool: its residents and others."""
 
     def run(keys: Sequence[str], rng: np.random.Generator) -> list[Observed]:
         residents, (delta,) = _houses(ctx, keys, 1, rng)
-        others = draw(keys, ctx.candidates - len(residents), rng, set(residents))
+        count = _others(ctx, len(residents), len(keys) - len(residents))
+        others = draw(keys, count, rng, set(residents))
         candidates = pool(ctx.people, residents, others, rng)
         return [Observed(view(delta), candidates.features, candidates.targets)]
 
@@ -94,7 +101,8 @@ def visitors(ctx: Context) -> Scenario:
             visitors=[ctx.people[k].enrol[:1] for k in rang],
         )
         delta = update_of(doorbell, ctx.base, f"v{rng.integers(1 << 30)}", ctx.params)
-        others = draw(keys, ctx.candidates - len(rang), rng, set(residents) | set(rang))
+        seen = set(residents) | set(rang)
+        others = draw(keys, _others(ctx, len(rang), len(keys) - len(seen)), rng, seen)
         candidates = pool(ctx.people, rang, others, rng)
         return [Observed(delta[0], candidates.features, candidates.targets)]
 
@@ -113,7 +121,7 @@ def masked(ctx: Context, secure: Secure, cohort: int, traffic: list[tuple[int, i
         for i, view in enumerate(secure_round.views):
             own = residents[i * ctx.house_size : (i + 1) * ctx.house_size]
             # others may live in the round's other houses: the question is this house
-            others = draw(keys, ctx.candidates - len(own), rng, set(own))
+            others = draw(keys, _others(ctx, len(own), len(keys) - len(own)), rng, set(own))
             candidates = pool(ctx.people, own, others, rng)
             seen.append(Observed(view, candidates.features, candidates.targets))
         return seen
