@@ -35,6 +35,10 @@ from fedbell.wire.topics import Topics
 VISITOR_TOPIC = "doorbell/+/visitor"
 
 
+GATE_REFUSALS = frozenset({"accuracy_drop", "accuracy_loss"})
+"""Reasons of aggregator/gates.py: a refused release, not a broken round."""
+
+
 class SimulationTimeout(RuntimeError):
     """Something the simulation waits for did not happen in time."""
 
@@ -189,8 +193,9 @@ class Driver:
         self.wait_until(finished, timeout, f"the metrics of round {previous + 1}", check, tick)
         with self._changed:
             metrics = self.view.metrics[max(self.view.metrics)]
-        if metrics.outcome == "abandoned" and "accuracy_drop" not in metrics.rejected:
-            # A version refused for scoring far worse is a result to show, not a failure.
+        if metrics.outcome == "abandoned" and not GATE_REFUSALS & metrics.rejected.keys():
+            # A version the accuracy bars refused (far worse than the published one, or
+            # than the lineage's start) is a result to show, not a failure.
             raise RuntimeError(
                 f"round {metrics.round} was abandoned: {metrics.participants} updates, "
                 f"rejected {metrics.rejected or 'none'} (see the node logs)"
