@@ -85,8 +85,9 @@ class PrivacySettings(StrictModel):
     split among at least min_cohort doorbells (each adds its part, so the aggregator never sees a
     noiseless sum). 0: no noise, epsilon infinite."""
     houses: PositiveCount | None = None
-    """delta = 1/houses and the sampling rate (selected / houses) of the accountant; default: the
-    provisioned doorbells (signing.trusted_keys_dir), else the doorbells seen online."""
+    """Houses in the federation: delta = 1/houses and the sampling rate (selected / houses) of the
+    accountant; default: the provisioned doorbells (signing.trusted_keys_dir), else the doorbells
+    seen online."""
     epsilon_budget: Positive | None = None
     """A round that would take the federation's total epsilon past this is refused
     (privacy_budget_spent); null: no budget."""
@@ -119,7 +120,7 @@ class RoundSettings(StrictModel):
     timeout_s: Seconds = 300.0
     """Updates arriving later than this are refused."""
     min_updates: PositiveCount = 1
-    """Fewest updates a round needs to be aggregated."""
+    """Quorum: the fewest updates a round needs to be aggregated."""
     max_devices: PositiveCount | None = None
     """Select at most this many online devices (random); default: all."""
     max_update_norm: Positive = 1000.0
@@ -279,7 +280,7 @@ class AggregatorConfig(StrictModel):
     signing: SigningSettings = Field(default_factory=SigningSettings)
     """Aggregator key and trusted device keys."""
     state_dir: Path
-    """Round state and the current global model."""
+    """Folder of the round state and the current global model."""
     cache_dir: Path | None = None
     """The converted backbone and the evaluation photos' features (they take minutes to compute, and
     are the same for every lineage); default: state_dir/cache."""

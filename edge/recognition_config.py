@@ -118,16 +118,16 @@ class DetectionConfig(StrictModel):
     """full_range finds faces ~25-40 px wide (a visitor a few metres away); short_range is faster
     but needs faces close to the camera"""
     min_score: float = Field(default=0.5, gt=0.0, lt=1.0)
-    """Detections scoring below this are dropped"""
+    """BlazeFace: detections scoring below this are dropped"""
     downscale: float = Field(default=0.5, gt=0.05, le=1.0)
     """Haar: frames are resized by this factor before detection so the cascade keeps up with the
     camera; boxes are mapped back to full size"""
     min_face_px: int = Field(default=60, ge=8)
     """Haar: smallest face side, in full-frame pixels, worth recognising"""
     scale_factor: float = Field(default=1.1, gt=1.0, lt=2.0)
-    """detectMultiScale scaleFactor"""
+    """Haar: the cascade's scale step (detectMultiScale scaleFactor)"""
     min_neighbors: PositiveCount = 5
-    """detectMultiScale minNeighbors: higher means fewer false detections"""
+    """Haar: detectMultiScale minNeighbors; higher means fewer false detections"""
     max_faces: PositiveCount = 4
     """Only the largest faces of a frame are recognised"""
     cascade: str = "haarcascade_frontalface_default.xml"

@@ -51,6 +51,7 @@ Fraction = Annotated[float, Field(ge=0, le=1)]
 Share = Annotated[float, Field(gt=0, le=1)]
 """A part of a whole that cannot be empty: above 0, at most all of it."""
 LearningRate = Annotated[float, Field(gt=0, le=1)]
+"""The step of local training (or the most a round may ask for)."""
 Cosine = Annotated[float, Field(ge=-1, le=1)]
 """A cosine-similarity threshold."""
 Count = Annotated[int, Field(ge=0)]
@@ -58,6 +59,7 @@ Count = Annotated[int, Field(ge=0)]
 PositiveCount = Annotated[int, Field(ge=1)]
 """How many of something, at least one."""
 Epochs = Annotated[int, Field(ge=1, le=100)]
+"""Local training epochs per round (or the most a round may ask for)."""
 Threads = Annotated[int, Field(ge=1, le=64)]
 """Cores a process may use."""
 
@@ -112,10 +114,10 @@ class MqttSettings(StrictModel):
     topic_root: str = "fedbell"
     """First segment of every federation topic."""
     keepalive: int = Field(default=30, ge=5, le=3600)
-    """MQTT keep-alive; the last will fires after 1.5× this."""
+    """MQTT keep-alive in seconds; the last will fires after 1.5× this."""
     session_expiry: int = Field(default=3600, ge=0)
-    """How long the broker keeps this client's subscriptions and queued QoS 1 messages while it is
-    offline."""
+    """How long (seconds) the broker keeps this client's subscriptions and queued QoS 1 messages
+    while it is offline."""
     # the broker's message_size_limit: a backbone chunk is 512 KiB
     max_message_bytes: int = Field(default=1024 * 1024, ge=1024)
     """Messages larger than this are rejected before parsing."""

@@ -18,7 +18,7 @@ class SyntheticSettings(StrictModel):
     images_per_person: int = Field(default=10, ge=3, le=1000)
     """Generated photos of each identity."""
     image_size: int = Field(default=96, ge=32, le=512)
-    """Side of each generated grey photo."""
+    """Side of each generated grey photo, in pixels."""
 
 
 class LiveSettings(StrictModel):
