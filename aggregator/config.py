@@ -3,12 +3,28 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal, Self
+from typing import Annotated, Literal, Self
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, model_validator
 
-from fedbell.config import MqttSettings, SigningSettings, StrictModel, site_id
-from fedbell.wire.codecs import DEFAULT_DENSITY, TENSOR_CODECS
+from fedbell.config import (
+    Cosine,
+    Count,
+    Fraction,
+    MqttSettings,
+    NonNegativeSeconds,
+    Positive,
+    PositiveCount,
+    Seconds,
+    Share,
+    SigningSettings,
+    SiteId,
+    StrictModel,
+    Threads,
+    UpdateCodec,
+    member_of,
+)
+from fedbell.wire.codecs import DEFAULT_DENSITY
 from fedbell.wire.envelope import Codec
 from fedbell.wire.protocol import TrainingPlan
 
@@ -21,6 +37,8 @@ at it (`python -m bench.bare_threshold --people 300`: LFW under doorbell conditi
 5,120 stranger probes; 0.75 let 100 % in). It holds for that head only: after 30 rounds
 the same 2 % needed 0.486, so a trained head without calibration is not published."""
 DOWNLINK_CODECS: tuple[Codec, ...] = ("float32", "float16", "int8")
+# topk would drop most of the model: it only makes sense for deltas.
+DownlinkCodec = Annotated[Codec, member_of(DOWNLINK_CODECS)]
 
 Strategy = Literal["fedavg", "clipped", "median", "trimmed_mean", "multi_krum"]
 BUFFERED_STRATEGIES: tuple[Strategy, ...] = ("median", "trimmed_mean", "multi_krum")
@@ -62,31 +80,17 @@ DEFAULT_MIN_COHORT = 5
 class PrivacySettings(StrictModel):
     """House-level differential privacy of secure rounds (DP-FedAvg, the doorbell adds noise)."""
 
-    noise_multiplier: float = Field(
-        default=0.0,
-        ge=0,
-        le=100,
-        title="Noise multiplier",
-        description="The round's sum carries Gaussian noise of standard deviation "
-        "noise_multiplier x clip_norm, split among at least min_cohort doorbells (each adds "
-        "its part, so the aggregator never sees a noiseless sum). 0: no noise, epsilon "
-        "infinite.",
-    )
-    houses: int | None = Field(
-        default=None,
-        ge=1,
-        title="Houses in the federation",
-        description="delta = 1/houses and the sampling rate (selected / houses) of the "
-        "accountant; default: the provisioned doorbells (signing.trusted_keys_dir), else the "
-        "doorbells seen online.",
-    )
-    epsilon_budget: float | None = Field(
-        default=None,
-        gt=0,
-        title="Epsilon budget",
-        description="A round that would take the federation's total epsilon past this is "
-        "refused (privacy_budget_spent); null: no budget.",
-    )
+    noise_multiplier: float = Field(default=0.0, ge=0, le=100)
+    """The round's sum carries Gaussian noise of standard deviation noise_multiplier x clip_norm,
+    split among at least min_cohort doorbells (each adds its part, so the aggregator never sees a
+    noiseless sum). 0: no noise, epsilon infinite."""
+    houses: PositiveCount | None = None
+    """Houses in the federation: delta = 1/houses and the sampling rate (selected / houses) of the
+    accountant; default: the provisioned doorbells (signing.trusted_keys_dir), else the doorbells
+    seen online."""
+    epsilon_budget: Positive | None = None
+    """A round that would take the federation's total epsilon past this is refused
+    (privacy_budget_spent); null: no budget."""
 
     @model_validator(mode="after")
     def _budget_needs_noise(self) -> Self:
@@ -99,182 +103,87 @@ class PrivacySettings(StrictModel):
 
 
 class RoundSettings(StrictModel):
-    codec: Codec = Field(
-        # Measured (make bench, att_faces, 10 doorbells, 30 rounds): top-k 5 % is
-        # 28x smaller than float32 updates and ends level with it; int8 is 3.6x.
-        default="topk",
-        title="Update codec",
-        description="Codec every node must use for its update this round "
-        "(float32, float16, int8 or topk).",
-    )
-    downlink_codec: Codec = Field(
-        # Measured (make bench, LFW houses under doorbell conditions, 30 rounds x 20
-        # houses, seeds 0-4): top-k 5 % up with the int8 head down is 0.155x float32
-        # FedAvg's traffic per doorbell per round (3.7 kB up + 32.5 kB down against
-        # 111 + 123 kB) and ends +0.4 points of open-set accuracy from it (per seed
-        # +0.8, +1.0, +0.4, -0.3, +0.0; 95 % low end -0.3); int8 instead of float32
-        # down alone: +0.1 (sd 1.0). The aggregator keeps the exact head as its base.
-        default="int8",
-        title="Global model codec",
-        description="Codec of the retained global model (float32, float16 or int8). The "
-        "aggregator keeps the exact head; doorbells train from and recognise with the "
-        "decoded one, which the threshold is calibrated on.",
-    )
-    timeout_s: float = Field(
-        default=300.0,
-        gt=0,
-        title="Round deadline (s)",
-        description="Updates arriving later than this are refused.",
-    )
-    min_updates: int = Field(
-        default=1,
-        ge=1,
-        title="Quorum",
-        description="Fewest updates a round needs to be aggregated.",
-    )
-    max_devices: int | None = Field(
-        default=None,
-        ge=1,
-        title="Devices per round",
-        description="Select at most this many online devices (random); default: all.",
-    )
-    max_update_norm: float = Field(
-        default=1000.0,
-        gt=0,
-        title="Largest update norm",
-        description="An update whose L2 norm exceeds this is rejected as absurd.",
-    )
-    train: TrainingPlan = Field(
-        default_factory=TrainingPlan,
-        title="Local training",
-        description="Hyper-parameters sent to the nodes.",
-    )
-    seed: int = Field(default=0, title="Seed", description="Seed for device selection.")
-    auto_pause_s: float = Field(
-        default=1.0,
-        ge=0,
-        title="Pause before an automatic round (s)",
-        description="Wait this long after start-up or after a round before starting the next "
-        "automatic one, so retained device statuses arrive and nodes load the new model.",
-    )
-    density: float = Field(
-        default=DEFAULT_DENSITY,
-        gt=0,
-        le=1,
-        title="Update density",
-        description="With codec topk: share of each tensor's entries a node sends (its "
-        "largest); with secure_aggregation: share of the head's entries every node sends, "
-        "the round's shared random subset (masks only cancel on common coordinates).",
-    )
+    # Measured (make bench, att_faces, 10 doorbells, 30 rounds): top-k 5 % is
+    # 28x smaller than float32 updates and ends level with it; int8 is 3.6x.
+    codec: UpdateCodec = "topk"
+    """Codec every node must use for its update this round (float32, float16, int8 or topk)."""
+    # Measured (make bench, LFW houses under doorbell conditions, 30 rounds x 20
+    # houses, seeds 0-4): top-k 5 % up with the int8 head down is 0.155x float32
+    # FedAvg's traffic per doorbell per round (3.7 kB up + 32.5 kB down against
+    # 111 + 123 kB) and ends +0.4 points of open-set accuracy from it (per seed
+    # +0.8, +1.0, +0.4, -0.3, +0.0; 95 % low end -0.3); int8 instead of float32
+    # down alone: +0.1 (sd 1.0). The aggregator keeps the exact head as its base.
+    downlink_codec: DownlinkCodec = "int8"
+    """Codec of the retained global model (float32, float16 or int8). The aggregator keeps the exact
+    head; doorbells train from and recognise with the decoded one, which the threshold is calibrated
+    on."""
+    timeout_s: Seconds = 300.0
+    """Updates arriving later than this are refused."""
+    min_updates: PositiveCount = 1
+    """Quorum: the fewest updates a round needs to be aggregated."""
+    max_devices: PositiveCount | None = None
+    """Select at most this many online devices (random); default: all."""
+    max_update_norm: Positive = 1000.0
+    """An update whose L2 norm exceeds this is rejected as absurd."""
+    train: TrainingPlan = Field(default_factory=TrainingPlan)
+    """Hyper-parameters sent to the nodes."""
+    seed: int = 0
+    """Seed for device selection."""
+    auto_pause_s: NonNegativeSeconds = 1.0
+    """Wait this long after start-up or after a round before starting the next automatic one, so
+    retained device statuses arrive and nodes load the new model."""
+    density: Share = DEFAULT_DENSITY
+    """With codec topk: share of each tensor's entries a node sends (its largest); with
+    secure_aggregation: share of the head's entries every node sends, the round's shared random
+    subset (masks only cancel on common coordinates)."""
 
-    strategy: Strategy = Field(
-        default="fedavg",
-        title="Aggregation strategy",
-        description="fedavg: streaming weighted average (default); clipped: the same after "
-        "scaling each update down to clip_norm; median, trimmed_mean: coordinate-wise robust "
-        "rules; multi_krum: drop the `byzantine` updates farthest from the others, FedAvg the "
-        "rest (best against poisoning with non-IID doorbells, see make bench-robust). The "
-        "last three hold every update of the round in memory (need max_devices).",
-    )
-    clip_norm: float | None = Field(
-        default=DEFAULT_CLIP_NORM,
-        gt=0,
-        title="Clipping norm",
-        description="With fedavg and clipped: each update's L2 norm is scaled down to this "
-        "before it is averaged (on by default; null turns it off for fedavg). Raise it with "
-        "the training plan's learning rate or epochs.",
-    )
-    max_examples: int = Field(
-        default=DEFAULT_MAX_EXAMPLES,
-        ge=1,
-        le=10_000_000,
-        title="Examples counted per update",
-        description="An update weighs at most this many examples in the average, whatever "
-        "its doorbell claims (a gallery is at most a few hundred photos).",
-    )
-    max_share: float = Field(
-        default=DEFAULT_MAX_SHARE,
-        gt=0,
-        le=1,
-        title="Largest share of a round",
-        description="With multi_krum: no kept update weighs more than this share of the "
-        "round (weights clipped to a common level; equal weights when fewer than 1/share "
-        "updates are kept).",
-    )
-    max_accuracy_drop: float | None = Field(
-        default=DEFAULT_MAX_ACCURACY_DROP,
-        ge=0,
-        le=1,
-        title="Largest accuracy drop",
-        description="A new version whose open-set accuracy on evaluation.dataset is more "
-        "than this below the published version's is not published: the round is abandoned "
-        "and the model stays (null: publish whatever it scores).",
-    )
-    max_accuracy_loss: float | None = Field(
-        default=DEFAULT_MAX_ACCURACY_LOSS,
-        ge=0,
-        le=1,
-        title="Total accuracy budget",
-        description="A new version whose open-set accuracy on evaluation.dataset is more "
-        "than this below the lineage's start (version 0) is not published, so releases "
-        "cannot drift down in steps each within max_accuracy_drop (null: no such bar).",
-    )
-    trim_fraction: float = Field(
-        default=0.1,
-        ge=0,
-        lt=0.5,
-        title="Trimmed fraction",
-        description="With strategy trimmed_mean: share of the largest and of the smallest "
-        "values dropped per coordinate.",
-    )
-    byzantine: int = Field(
-        default=1,
-        ge=0,
-        title="Hostile doorbells tolerated",
-        description="With strategy multi_krum: how many updates per round may be hostile "
-        "(that many are dropped each round).",
-    )
-    secure_aggregation: bool = Field(
-        default=False,
-        title="Secure aggregation",
-        description="Doorbells mask their updates (pairwise masks, Shamir-shared seeds) so "
-        "the aggregator and the broker only ever see the sum of at least min_cohort houses; "
-        "each doorbell clips its update to clip_norm and adds its share of the privacy noise. "
-        "Every house weighs the same (the aggregator cannot see example counts), and only "
-        "fedavg and clipped can aggregate a sum.",
-    )
-    min_cohort: int = Field(
-        default=DEFAULT_MIN_COHORT,
-        ge=2,
-        title="Smallest cohort",
-        description="With secure_aggregation: a round whose doorbells fall below this at any "
-        "phase is abandoned (fail closed): no sum of fewer houses is ever unmasked.",
-    )
-    privacy: PrivacySettings = Field(
-        default_factory=PrivacySettings,
-        title="Differential privacy",
-        description="With secure_aggregation: noise, delta and the epsilon budget.",
-    )
-    server_optimizer: ServerOptimizerKind = Field(
-        default="none",
-        title="Server optimiser",
-        description="none: add the aggregated delta; fedavgm: server momentum; fedadam: "
-        "Adam on the aggregated delta (helps with non-IID doorbells). Its moments are saved "
-        "with the model.",
-    )
-    server_learning_rate: float | None = Field(
-        default=None,
-        gt=0,
-        title="Server learning rate",
-        description="Default 1.0 with fedavgm, 0.01 with fedadam.",
-    )
-    server_momentum: float = Field(
-        default=0.9,
-        ge=0,
-        lt=1,
-        title="Server momentum",
-        description="fedavgm's momentum, fedadam's beta1.",
-    )
+    strategy: Strategy = "fedavg"
+    """fedavg: streaming weighted average (default); clipped: the same after scaling each update
+    down to clip_norm; median, trimmed_mean: coordinate-wise robust rules; multi_krum: drop the
+    `byzantine` updates farthest from the others, FedAvg the rest (best against poisoning with
+    non-IID doorbells, see make bench-robust). The last three hold every update of the round in
+    memory (need max_devices)."""
+    clip_norm: Positive | None = DEFAULT_CLIP_NORM
+    """With fedavg and clipped: each update's L2 norm is scaled down to this before it is averaged
+    (on by default; null turns it off for fedavg). Raise it with the training plan's learning rate
+    or epochs."""
+    max_examples: int = Field(default=DEFAULT_MAX_EXAMPLES, ge=1, le=10_000_000)
+    """An update weighs at most this many examples in the average, whatever its doorbell claims (a
+    gallery is at most a few hundred photos)."""
+    max_share: Share = DEFAULT_MAX_SHARE
+    """With multi_krum: no kept update weighs more than this share of the round (weights clipped to
+    a common level; equal weights when fewer than 1/share updates are kept)."""
+    max_accuracy_drop: Fraction | None = DEFAULT_MAX_ACCURACY_DROP
+    """A new version whose open-set accuracy on evaluation.dataset is more than this below the
+    published version's is not published: the round is abandoned and the model stays (null: publish
+    whatever it scores)."""
+    max_accuracy_loss: Fraction | None = DEFAULT_MAX_ACCURACY_LOSS
+    """A new version whose open-set accuracy on evaluation.dataset is more than this below the
+    lineage's start (version 0) is not published, so releases cannot drift down in steps each within
+    max_accuracy_drop (null: no such bar)."""
+    trim_fraction: float = Field(default=0.1, ge=0, lt=0.5)
+    """With strategy trimmed_mean: share of the largest and of the smallest values dropped per
+    coordinate."""
+    byzantine: Count = 1
+    """With strategy multi_krum: how many updates per round may be hostile (that many are dropped
+    each round)."""
+    secure_aggregation: bool = False
+    """Doorbells mask their updates (pairwise masks, Shamir-shared seeds) so the aggregator and the
+    broker only ever see the sum of at least min_cohort houses; each doorbell clips its update to
+    clip_norm and adds its share of the privacy noise. Every house weighs the same (the aggregator
+    cannot see example counts), and only fedavg and clipped can aggregate a sum."""
+    min_cohort: int = Field(default=DEFAULT_MIN_COHORT, ge=2)
+    """With secure_aggregation: a round whose doorbells fall below this at any phase is abandoned
+    (fail closed): no sum of fewer houses is ever unmasked."""
+    privacy: PrivacySettings = Field(default_factory=PrivacySettings)
+    """With secure_aggregation: noise, delta and the epsilon budget."""
+    server_optimizer: ServerOptimizerKind = "none"
+    """none: add the aggregated delta; fedavgm: server momentum; fedadam: Adam on the aggregated
+    delta (helps with non-IID doorbells). Its moments are saved with the model."""
+    server_learning_rate: Positive | None = None
+    """Default 1.0 with fedavgm, 0.01 with fedadam."""
+    server_momentum: float = Field(default=0.9, ge=0, lt=1)
+    """fedavgm's momentum, fedadam's beta1."""
 
     @model_validator(mode="after")
     def _strategy_settings(self) -> Self:
@@ -332,157 +241,70 @@ class RoundSettings(StrictModel):
             return self.server_learning_rate
         return DEFAULT_SERVER_LR.get(self.server_optimizer, 1.0)
 
-    @field_validator("codec")
-    @classmethod
-    def _update_codec(cls, codec: Codec) -> Codec:
-        if codec not in TENSOR_CODECS:
-            raise ValueError(f"{codec!r} is not one of {', '.join(TENSOR_CODECS)}")
-        return codec
-
-    @field_validator("downlink_codec")
-    @classmethod
-    def _downlink_codec(cls, codec: Codec) -> Codec:
-        # topk would drop most of the model: it only makes sense for deltas.
-        if codec not in DOWNLINK_CODECS:
-            raise ValueError(f"{codec!r} is not one of {', '.join(DOWNLINK_CODECS)}")
-        return codec
-
 
 class EvaluationSettings(StrictModel):
-    strangers: Path | None = Field(
-        default=None,
-        title="Stranger photos",
-        description="A `<person>/<image>` folder of real photos of people in no house (one "
-        "photo each is enough): half calibrates the unknown-visitor threshold (ringing at "
-        "pretend houses of the held-out people in `dataset`), half scores it.",
-    )
-    max_strangers: int = Field(
-        default=1000,
-        ge=40,
-        title="Strangers used",
-        description="At most this many stranger photos (a fixed sample): enough for a 1 % "
-        "rate, and their faces are run through the backbone at start.",
-    )
-    dataset: Path | None = Field(
-        default=None,
-        title="Held-out people",
-        description="A `<person>/<image>` folder of people in no house: each is enrolled from "
-        "up to 5 photos and probed with the rest, for the open-set accuracy of every version; "
-        "with gallery_size or more of them, they are also the pretend residents the threshold "
-        "is calibrated at (else other strangers' single photos stand in: a laxer threshold).",
-    )
-    target_false_accept: float = Field(
-        default=0.01,
-        ge=0,
-        lt=1,
-        title="Target false-accept rate",
-        description="Share of strangers ringing at a house of gallery_size people that may be "
-        "taken for one of them.",
-    )
-    gallery_size: int = Field(
-        default=5,
-        ge=1,
-        le=100,
-        title="People per house",
-        description="The house size the threshold is calibrated for: more people enrolled "
-        "means more chances for a stranger to resemble one.",
-    )
-    default_threshold: float = Field(
-        default=DEFAULT_THRESHOLD,
-        ge=-1,
-        le=1,
-        title="Threshold without strangers",
-        description="Cosine similarity threshold published when there is no stranger folder.",
-    )
-    require_calibration: bool = Field(
-        default=False,
-        title="Refuse uncalibrated heads",
-        description="A real site (deploy/templates/aggregator.yaml sets it): without "
-        "`strangers` to calibrate a head's threshold and `dataset` to gate it, version 0 "
-        "ships the measured START_HEAD_THRESHOLD instead of default_threshold and no trained "
-        "version is published (the round is abandoned, `uncalibrated`, one log line says "
-        "what to give). Off for tests and demos of generated faces.",
-    )
-    detector: Literal["blazeface", "haar"] = Field(
-        default="blazeface",
-        title="Face detector",
-        description="Finds the faces in the evaluation photos (Haar if BlazeFace cannot load).",
-    )
+    strangers: Path | None = None
+    """A `<person>/<image>` folder of real photos of people in no house (one photo each is enough):
+    half calibrates the unknown-visitor threshold (ringing at pretend houses of the held-out people
+    in `dataset`), half scores it."""
+    max_strangers: int = Field(default=1000, ge=40)
+    """At most this many stranger photos (a fixed sample): enough for a 1 % rate, and their faces
+    are run through the backbone at start."""
+    dataset: Path | None = None
+    """A `<person>/<image>` folder of people in no house: each is enrolled from up to 5 photos and
+    probed with the rest, for the open-set accuracy of every version; with gallery_size or more of
+    them, they are also the pretend residents the threshold is calibrated at (else other strangers'
+    single photos stand in: a laxer threshold)."""
+    target_false_accept: float = Field(default=0.01, ge=0, lt=1)
+    """Share of strangers ringing at a house of gallery_size people that may be taken for one of
+    them."""
+    gallery_size: int = Field(default=5, ge=1, le=100)
+    """The house size the threshold is calibrated for: more people enrolled means more chances for a
+    stranger to resemble one."""
+    default_threshold: Cosine = DEFAULT_THRESHOLD
+    """Cosine similarity threshold published when there is no stranger folder."""
+    require_calibration: bool = False
+    """A real site (deploy/templates/aggregator.yaml sets it): without `strangers` to calibrate a
+    head's threshold and `dataset` to gate it, version 0 ships the measured START_HEAD_THRESHOLD
+    instead of default_threshold and no trained version is published (the round is abandoned,
+    `uncalibrated`, one log line says what to give). Off for tests and demos of generated faces."""
+    detector: Literal["blazeface", "haar"] = "blazeface"
+    """Finds the faces in the evaluation photos (Haar if BlazeFace cannot load)."""
 
 
 class AggregatorConfig(StrictModel):
-    site: str = Field(title="Site id", description="The federation (house) this aggregator runs.")
-    mqtt: MqttSettings = Field(
-        default_factory=MqttSettings, title="MQTT", description="Broker connection."
-    )
-    signing: SigningSettings = Field(
-        default_factory=SigningSettings,
-        title="Signing",
-        description="Aggregator key and trusted device keys.",
-    )
-    state_dir: Path = Field(
-        title="State folder", description="Round state and the current global model."
-    )
-    cache_dir: Path | None = Field(
-        default=None,
-        title="Cache folder",
-        description="The converted backbone and the evaluation photos' features (they take "
-        "minutes to compute, and are the same for every lineage); default: state_dir/cache.",
-    )
-    rounds: RoundSettings = Field(
-        default_factory=RoundSettings, title="Rounds", description="How rounds are run."
-    )
-    auto_rounds: int = Field(
-        default=0,
-        ge=0,
-        title="Rounds at start",
-        description="Run this many rounds back to back after start-up.",
-    )
-    evaluation: EvaluationSettings = Field(
-        default_factory=EvaluationSettings, title="Evaluation", description="Held-out data."
-    )
-    threads: int = Field(
-        default=2,
-        ge=1,
-        le=64,
-        title="Threads",
-        description="Cores the backbone (LiteRT) and the one-off TFLite conversion may use.",
-    )
-    persist_interval_s: float = Field(
-        default=0.5,
-        gt=0,
-        title="Persist interval (s)",
-        description="Accepted updates are written to the state folder at most this long after "
-        "they arrive (sooner when half of receive_maximum waits); the broker keeps them until "
-        "then and redelivers them after a crash.",
-    )
-    receive_maximum: int = Field(
-        default=1000,
-        ge=2,
-        le=65535,
-        title="Unacknowledged messages",
-        description="MQTT v5 Receive Maximum: the broker sends at most this many QoS 1 "
-        "messages the aggregator has not acknowledged yet (it acks after persisting, so this "
-        "must cover persist_interval_s of uploads or the broker pauses).",
-    )
-    inbox_size: int = Field(
-        default=32,
-        ge=1,
-        le=10000,
-        title="Messages waiting",
-        description="Received messages waiting to be handled; when full, the MQTT thread "
-        "stops reading and TCP holds the broker back. Bounds the aggregator's memory to about "
-        "this many updates however many doorbells upload at once.",
-    )
-    inbox_per_sender: int = Field(
-        default=4,
-        ge=1,
-        le=1000,
-        title="Messages waiting per sender",
-        description="Messages of one topic (one doorbell's updates, its statuses) that may wait; "
-        "more are dropped at once and counted (backlog_full), so one login flooding junk "
-        "cannot fill the inbox, stall the MQTT thread and make the broker drop the others' "
-        "updates (aggregator/inbox.py).",
-    )
-
-    _site = field_validator("site")(site_id)
+    site: SiteId
+    """The federation (house) this aggregator runs."""
+    mqtt: MqttSettings = Field(default_factory=MqttSettings)
+    """Broker connection."""
+    signing: SigningSettings = Field(default_factory=SigningSettings)
+    """Aggregator key and trusted device keys."""
+    state_dir: Path
+    """Folder of the round state and the current global model."""
+    cache_dir: Path | None = None
+    """The converted backbone and the evaluation photos' features (they take minutes to compute, and
+    are the same for every lineage); default: state_dir/cache."""
+    rounds: RoundSettings = Field(default_factory=RoundSettings)
+    """How rounds are run."""
+    auto_rounds: Count = 0
+    """Run this many rounds back to back after start-up."""
+    evaluation: EvaluationSettings = Field(default_factory=EvaluationSettings)
+    """Held-out data."""
+    threads: Threads = 2
+    """Cores the backbone (LiteRT) and the one-off TFLite conversion may use."""
+    persist_interval_s: Seconds = 0.5
+    """Accepted updates are written to the state folder at most this long after they arrive (sooner
+    when half of receive_maximum waits); the broker keeps them until then and redelivers them after
+    a crash."""
+    receive_maximum: int = Field(default=1000, ge=2, le=65535)
+    """MQTT v5 Receive Maximum: the broker sends at most this many QoS 1 messages the aggregator has
+    not acknowledged yet (it acks after persisting, so this must cover persist_interval_s of uploads
+    or the broker pauses)."""
+    inbox_size: int = Field(default=32, ge=1, le=10000)
+    """Received messages waiting to be handled; when full, the MQTT thread stops reading and TCP
+    holds the broker back. Bounds the aggregator's memory to about this many updates however many
+    doorbells upload at once."""
+    inbox_per_sender: int = Field(default=4, ge=1, le=1000)
+    """Messages of one topic (one doorbell's updates, its statuses) that may wait; more are dropped
+    at once and counted (backlog_full), so one login flooding junk cannot fill the inbox, stall the
+    MQTT thread and make the broker drop the others' updates (aggregator/inbox.py)."""

@@ -10,48 +10,28 @@ and whoever signed it, the plan must stay within the bounds the house set.
 from __future__ import annotations
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-from pydantic import Field, model_validator
+from pydantic import model_validator
 
-from fedbell.config import StrictModel
+from fedbell.config import Epochs, Fraction, LearningRate, PositiveCount, StrictModel
 from fedbell.errors import RejectedMessage
 from fedbell.wire import signing
 from fedbell.wire.protocol import RoundAnnouncement
 
 
 class PlanLimits(StrictModel):
-    max_epochs: int = Field(
-        default=20,
-        ge=1,
-        le=100,
-        title="Most epochs",
-        description="A round asking for more local epochs is refused.",
-    )
-    min_batch_size: int = Field(
-        default=4,
-        ge=1,
-        title="Smallest batch",
-        description="A round asking for smaller batches (slower, noisier) is refused.",
-    )
-    max_batch_size: int = Field(
-        default=256, ge=1, title="Largest batch", description="Larger batches are refused."
-    )
-    max_learning_rate: float = Field(
-        default=0.1,
-        gt=0,
-        le=1,
-        title="Largest learning rate",
-        description="A round asking for a larger learning rate is refused.",
-    )
+    max_epochs: Epochs = 20
+    """A round asking for more local epochs is refused."""
+    min_batch_size: PositiveCount = 4
+    """A round asking for smaller batches (slower, noisier) is refused."""
+    max_batch_size: PositiveCount = 256
+    """Larger batches are refused."""
+    max_learning_rate: LearningRate = 0.1
+    """A round asking for a larger learning rate is refused."""
 
-    max_gallery_accuracy_drop: float | None = Field(
-        default=0.25,
-        ge=0,
-        le=1,
-        title="Largest drop on this gallery",
-        description="A new global model (same lineage) naming this house's own people "
-        "(leave-one-out on the gallery) more than this much worse than the installed one is "
-        "refused and counted (worse_on_gallery); null installs whatever the aggregator signs.",
-    )
+    max_gallery_accuracy_drop: Fraction | None = 0.25
+    """A new global model (same lineage) naming this house's own people (leave-one-out on the
+    gallery) more than this much worse than the installed one is refused and counted
+    (worse_on_gallery); null installs whatever the aggregator signs."""
 
     @model_validator(mode="after")
     def _ordered(self) -> PlanLimits:

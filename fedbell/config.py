@@ -4,6 +4,11 @@ Every model forbids unknown keys, so a typo in a YAML file is an error that
 names the file and the key, never a silently ignored setting. Secrets are
 read from files (systemd's LoadCredential=): a path may use
 `${CREDENTIALS_DIRECTORY}` or any other environment variable.
+
+Every configuration module builds on what is here: `StrictModel`, whose
+settings are documented by the docstring under each field, and the value
+types below, named for what a setting means (a duration, a fraction, a
+count), so each model declares only its own keys, defaults and bounds.
 """
 
 from __future__ import annotations
@@ -12,81 +17,110 @@ import os
 import re
 from difflib import get_close_matches
 from pathlib import Path
-from typing import Any, TypeVar, get_args
+from typing import Annotated, Any, TypeVar, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
 from fedbell.errors import ConfigError
 from fedbell.redact import redact
+from fedbell.wire.codecs import TENSOR_CODECS
+from fedbell.wire.envelope import Codec
 from fedbell.wire.topics import check_segment
 
 _VARIABLE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 
 class StrictModel(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    """A configuration section: unknown keys are errors, values never change after loading.
+
+    The docstring under a field is its description (in the model's JSON schema too).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
+
+
+Seconds = Annotated[float, Field(gt=0)]
+"""A duration or deadline: some time must pass."""
+NonNegativeSeconds = Annotated[float, Field(ge=0)]
+"""A pause or debounce that 0 turns off."""
+Positive = Annotated[float, Field(gt=0)]
+"""A norm, a rate or a budget: anything above 0."""
+Fraction = Annotated[float, Field(ge=0, le=1)]
+"""A share of an accuracy, from 0 to 1 (a drop of 0.15 is 15 points)."""
+Share = Annotated[float, Field(gt=0, le=1)]
+"""A part of a whole that cannot be empty: above 0, at most all of it."""
+LearningRate = Annotated[float, Field(gt=0, le=1)]
+"""The step of local training (or the most a round may ask for)."""
+Cosine = Annotated[float, Field(ge=-1, le=1)]
+"""A cosine-similarity threshold."""
+Count = Annotated[int, Field(ge=0)]
+"""How many of something, 0 included."""
+PositiveCount = Annotated[int, Field(ge=1)]
+"""How many of something, at least one."""
+Epochs = Annotated[int, Field(ge=1, le=100)]
+"""Local training epochs per round (or the most a round may ask for)."""
+Threads = Annotated[int, Field(ge=1, le=64)]
+"""Cores a process may use."""
+
+
+def site_id(value: str) -> str:
+    return check_segment(value, "site id")
+
+
+def device_id(value: str) -> str:
+    return check_segment(value, "device id")
+
+
+def member_of(allowed: tuple[str, ...]) -> AfterValidator:
+    """A validator refusing any value not in `allowed` (a narrower set than its type's)."""
+
+    def check(value: str) -> str:
+        if value not in allowed:
+            raise ValueError(f"{value!r} is not one of {', '.join(allowed)}")
+        return value
+
+    return AfterValidator(check)
+
+
+SiteId = Annotated[str, AfterValidator(site_id)]
+"""A federation's name: one MQTT topic segment."""
+DeviceId = Annotated[str, AfterValidator(device_id)]
+"""A doorbell's name: one MQTT topic segment, also its broker user name."""
+UpdateCodec = Annotated[Codec, member_of(TENSOR_CODECS)]
+"""A codec an update may travel in (every tensor codec)."""
 
 
 class TlsSettings(StrictModel):
-    ca_file: Path = Field(title="CA certificate", description="PEM file of the site CA.")
-    cert_file: Path | None = Field(
-        default=None,
-        title="Client certificate",
-        description="PEM client certificate, if the broker authenticates clients by certificate.",
-    )
-    key_file: Path | None = Field(
-        default=None, title="Client key", description="PEM private key of the client certificate."
-    )
+    ca_file: Path
+    """PEM file of the site CA."""
+    cert_file: Path | None = None
+    """PEM client certificate, if the broker authenticates clients by certificate."""
+    key_file: Path | None = None
+    """PEM private key of the client certificate."""
 
 
 class MqttSettings(StrictModel):
-    host: str = Field(default="127.0.0.1", title="Broker host", description="Host name or IP.")
-    port: int = Field(
-        default=1883,
-        ge=1,
-        le=65535,
-        title="Broker port",
-        description="1883 for plain MQTT on loopback, 8883 for TLS.",
-    )
-    username: str | None = Field(
-        default=None,
-        title="User name",
-        description="Broker login; a device logs in as its device id.",
-    )
-    password_file: Path | None = Field(
-        default=None,
-        title="Password file",
-        description="File holding the broker password (never the password itself in YAML).",
-    )
-    tls: TlsSettings | None = Field(
-        default=None, title="TLS", description="Connect with TLS; omit for loopback tests."
-    )
-    topic_root: str = Field(
-        default="fedbell",
-        title="Topic root",
-        description="First segment of every federation topic.",
-    )
-    keepalive: int = Field(
-        default=30,
-        ge=5,
-        le=3600,
-        title="Keep-alive (s)",
-        description="MQTT keep-alive; the last will fires after 1.5× this.",
-    )
-    session_expiry: int = Field(
-        default=3600,
-        ge=0,
-        title="Session expiry (s)",
-        description="How long the broker keeps this client's subscriptions and queued QoS 1 "
-        "messages while it is offline.",
-    )
-    max_message_bytes: int = Field(
-        default=1024 * 1024,  # the broker's message_size_limit: a backbone chunk is 512 KiB
-        ge=1024,
-        title="Largest message (bytes)",
-        description="Messages larger than this are rejected before parsing.",
-    )
+    host: str = "127.0.0.1"
+    """Host name or IP."""
+    port: int = Field(default=1883, ge=1, le=65535)
+    """1883 for plain MQTT on loopback, 8883 for TLS."""
+    username: str | None = None
+    """Broker login; a device logs in as its device id."""
+    password_file: Path | None = None
+    """File holding the broker password (never the password itself in YAML)."""
+    tls: TlsSettings | None = None
+    """Connect with TLS; omit for loopback tests."""
+    topic_root: str = "fedbell"
+    """First segment of every federation topic."""
+    keepalive: int = Field(default=30, ge=5, le=3600)
+    """MQTT keep-alive in seconds; the last will fires after 1.5× this."""
+    session_expiry: int = Field(default=3600, ge=0)
+    """How long (seconds) the broker keeps this client's subscriptions and queued QoS 1 messages
+    while it is offline."""
+    # the broker's message_size_limit: a backbone chunk is 512 KiB
+    max_message_bytes: int = Field(default=1024 * 1024, ge=1024)
+    """Messages larger than this are rejected before parsing."""
 
     def password(self) -> str | None:
         if self.password_file is None:
@@ -100,21 +134,11 @@ class MqttSettings(StrictModel):
 
 
 class SigningSettings(StrictModel):
-    private_key_file: Path | None = Field(
-        default=None,
-        title="Signing key",
-        description="Ed25519 private key (PEM) this process signs its messages with.",
-    )
-    trusted_keys_dir: Path | None = Field(
-        default=None,
-        title="Trusted keys",
-        description="Folder of `<name>.pub` Ed25519 public keys whose signatures are accepted. "
-        "When set, unsigned or wrongly signed messages are rejected.",
-    )
-
-
-def site_id(value: str) -> str:
-    return check_segment(value, "site id")
+    private_key_file: Path | None = None
+    """Ed25519 private key (PEM) this process signs its messages with."""
+    trusted_keys_dir: Path | None = None
+    """Folder of `<name>.pub` Ed25519 public keys whose signatures are accepted. When set, unsigned
+    or wrongly signed messages are rejected."""
 
 
 def _expand(value: Any, where: str) -> Any:
