@@ -17,6 +17,7 @@ from bench.edge_probes import FrameCounter, RssSampler, fps, rss_by_mapping, ten
 from bench.edge_setup import DEVICE, Layout, show
 from bench.edge_traffic import Observer, wait_status
 from fedbell.wire.envelope import decode
+from fedbell.wire.protocol import DeviceStatus
 from simulation.processes import Child
 
 
@@ -38,13 +39,18 @@ class Bench:
     notes: dict[str, Any] = field(default_factory=dict)
 
 
+def serving(status: DeviceStatus) -> bool:
+    """The doorbell recognises with a head and its scored gallery: edge/artifacts.py's
+    detail then reads "model v<version>: <people, photos, how many look like others>"."""
+    return status.detail.startswith("model v")
+
+
 def wait_ready(bench: Bench, started: float) -> int:
     """Until the doorbell has a backbone, a head and its scored gallery; its model version."""
     ready_at, status = wait_status(
         bench.observer,
         "a backbone, a head and its scored gallery",
-        # edge/artifacts.py: "model v<version>: <people, photos, how many look like others>"
-        lambda s: s.detail.startswith("model v"),
+        serving,
         bench.args.ready_timeout,
     )
     print(f"doorbell ready {ready_at - started:.1f} s after start: {status.detail}")
