@@ -1,8 +1,8 @@
 """Live recognition after the rounds: visitors at a doorbell, a newcomer enrolled, again.
 
-Porch frames are generated in which people walk up to the door: the
-newcomer (whom no doorbell knows yet), residents of the house (a photo their
-gallery does not hold) and a stranger (a person in no house). They are
+Porch frames are generated (simulation/replay.py) in which people walk up to
+the door: the newcomer (whom no doorbell knows yet), residents of the house (a
+photo their gallery does not hold) and a stranger (a person in no house). They are
 replayed through the doorbell's own pipeline (frame source, detector,
 backbone on LiteRT, the federated head, the house's prototypes, the event
 publisher) twice: before and after the newcomer is enrolled with the real
@@ -13,17 +13,15 @@ see them.
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import cv2
 import numpy as np
+from rich.console import Console
+from rich.table import Table
 
 from edge.camera import FolderSource
 from edge.events import EventPublisher
@@ -34,19 +32,25 @@ from edge.pipeline import Pipeline
 from edge.recognition_config import RecognitionConfig
 from edge.recognizer import Head, Recognizer
 from fedbell.config import MqttSettings
-from fedbell.faces.dataset import Sample
 from fedbell.faces.detection import Detector
-from fedbell.faces.features import read_photo
-from fedbell.faces.images import crop_face, to_grey
-from fedbell.faces.openset import UNKNOWN
-from fedbell.faces.synthetic import make_scene
-from fedbell.wire.messages import GlobalModel, TfliteArtifact
+from fedbell.wire.messages import GlobalModel, TfliteArtifact, parse_global
 from fedbell.wire.mqtt import connect, make_client
+from simulation.config import SimulationConfig
+from simulation.data import Households, write_folder
 from simulation.driver import Driver
-from simulation.stack import topics
+from simulation.processes import Fleet
+from simulation.replay import (
+    FACE_FRAMES,
+    FRAMES_PER_VISIT,
+    GAP_FRAMES,
+    Visit,
+    enroll,
+    plan_visits,
+    visitor_face,
+    write_porch,
+)
+from simulation.stack import SITE, Layout, aggregator_keys, mqtt_settings, topics
 
-FRAMES_PER_VISITOR = 8
-GAP_FRAMES = 6
 REPLAY_FPS = 10.0
 
 
@@ -72,7 +76,7 @@ class VisitLog:
         self.named: list[list[str]] = [[] for _ in range(visits)]
 
     def visitor(self, person: str, confidence: float, *args: Any, **kwargs: Any) -> str:
-        visit = (self.clock.frames - 1) // (FRAMES_PER_VISITOR + GAP_FRAMES)
+        visit = (self.clock.frames - 1) // FRAMES_PER_VISIT
         if 0 <= visit < len(self.named):
             self.named[visit].append(person)
         return self.publisher.visitor(person, confidence, *args, **kwargs)
@@ -82,71 +86,6 @@ class VisitLog:
 
     def present(self, present: bool) -> None:
         self.publisher.present(present)
-
-
-@dataclass(frozen=True)
-class Visit:
-    truth: str
-    """Who walks up: a name, or "unknown" for a stranger."""
-    photo: Path
-
-
-def plan_visits(
-    newcomer: str, newcomer_visit: Path, residents: Sequence[Sample], stranger: Sample
-) -> list[Visit]:
-    visits = [Visit(newcomer, newcomer_visit)]
-    visits += [Visit(s.person, s.path) for s in residents]
-    return [*visits, Visit(UNKNOWN, stranger.path)]
-
-
-def write_frames(folder: Path, visits: Sequence[Visit], detector: Detector, seed: int) -> None:
-    """Numbered porch frames of each visitor in turn, empty porch in between.
-
-    The visitor's face (found in their photo, with some head around it) is what
-    walks up to the generated porch: a whole photo pasted in would make a face
-    far smaller than a doorbell sees at its door.
-    """
-    rng = np.random.default_rng(seed)
-    folder.mkdir(parents=True, exist_ok=True)
-    index = 0
-    for visit in visits:
-        photo = read_photo(visit.photo)
-        faces = detector.detect(photo)
-        if faces:
-            face = crop_face(photo, max(faces, key=lambda f: f.box[2] * f.box[3]).box, 0.3)
-        else:
-            face = to_grey(photo)
-        for k in range(FRAMES_PER_VISITOR + GAP_FRAMES):
-            shown = [face] if k < FRAMES_PER_VISITOR else []
-            cv2.imwrite(str(folder / f"{index:05d}.png"), make_scene(shown, rng).frame)
-            index += 1
-
-
-def enroll(config: Path, person: str, photos: Path) -> tuple[float, str]:
-    """(seconds, what it printed) of the doorbell's own enrollment command."""
-    started = time.monotonic()
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "edge",
-            "enroll",
-            "--config",
-            str(config),
-            "--person",
-            person,
-            "--from-folder",
-            str(photos),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
-    output = (done.stdout + done.stderr).strip()
-    if done.returncode != 0:
-        raise RuntimeError(f"edge enroll failed ({done.returncode}): {output}")
-    return time.monotonic() - started, output
 
 
 def make_recognizer(backbone: TfliteArtifact, model: GlobalModel, gallery: Gallery) -> Recognizer:
@@ -205,7 +144,7 @@ def replay(
             # A visitor has left once the porch is empty for half the gap between two
             # visitors (a doorbell's default waits 5 s, longer than this video's gaps).
             RecognitionConfig(
-                debounce_s=(FRAMES_PER_VISITOR + GAP_FRAMES / 2) / REPLAY_FPS,
+                debounce_s=(FACE_FRAMES + GAP_FRAMES / 2) / REPLAY_FPS,
                 absent_after_s=(GAP_FRAMES / 2) / REPLAY_FPS,
             ),
             clock=clock,
@@ -224,3 +163,97 @@ def replay(
 def verdict(truth: str, named: Sequence[str]) -> bool:
     """A visit went right when the doorbell said the right name (or "unknown") and no other."""
     return bool(named) and set(named) == {truth}
+
+
+def demo(
+    console: Console,
+    config: SimulationConfig,
+    layout: Layout,
+    driver: Driver,
+    *,
+    homes: Households,
+    device: str,
+    port: int,
+    fleet: Fleet,
+    backbone: TfliteArtifact,
+    detector: Detector,
+) -> dict[str, Any]:
+    """Visitors at `device` before and after it enrols a newcomer; reported, not fatal."""
+    settings = mqtt_settings(port)
+    try:
+        model = parse_global(
+            driver.retained(topics().global_model, 60, fleet.check),
+            site=SITE,
+            max_bytes=settings.max_message_bytes,
+            keys=aggregator_keys(layout, config),
+        )
+        newcomer = homes.newcomer[0].person
+        write_folder(homes.newcomer[:-1], layout.root / "newcomer")
+        residents = [s for s in homes.visits if s.person in homes.houses[0]]
+        visits = plan_visits(
+            newcomer,
+            homes.newcomer[-1].path,
+            residents[: config.live.visitors],
+            homes.held_out[0],
+        )
+        frames = layout.root / "live" / "frames"
+        faces = [visitor_face(visit.photo, detector) for visit in visits]
+        write_porch(frames, faces, np.random.default_rng(config.seed))
+        gallery = Gallery(
+            layout.gallery(device), layout.root / "live" / "state", detector=lambda: detector
+        )
+        recognizer = make_recognizer(backbone, model, gallery)
+
+        def visitors_at_the_door() -> list[list[str]]:
+            return replay(
+                driver,
+                settings,
+                recognizer,
+                detector,
+                device=device,
+                gallery=gallery,
+                frames=frames,
+                visits=visits,
+            )
+
+        with console.status(f"{len(visits)} visitors at {device}'s door"):
+            before = visitors_at_the_door()
+        seconds, printed = enroll(
+            str(layout.config(device)), str(layout.root / "newcomer" / newcomer), person=newcomer
+        )
+        running = recognizer.model.backbone
+        assert running is not None
+        recognizer.set_gallery(gallery.features(running))  # what the node does within a second
+        with console.status(f"the same visitors at {device}'s door, {newcomer} enrolled"):
+            after = visitors_at_the_door()
+    except Exception as error:  # the federated results stand on their own
+        console.print(f"[bold red]live recognition failed:[/] {error!r}")
+        return {"error": repr(error)}
+    table = Table(
+        title=f"live recognition at {device} (model v{model.version}, "
+        f"unknown below {recognizer.threshold:.2f}, calibrated by the aggregator on strangers)"
+    )
+    for header in ("at the door", f"before enrolling {newcomer}", "after", "right after?"):
+        table.add_column(header)
+    for visit, said_before, said_after in zip(visits, before, after, strict=True):
+        table.add_row(
+            visit.truth,
+            ", ".join(said_before) or "—",
+            ", ".join(said_after) or "—",
+            "yes" if verdict(visit.truth, said_after) else "no",
+        )
+    console.print(table)
+    console.print(f"enrolled {newcomer} with `python -m edge enroll` in {seconds:.1f} s: {printed}")
+    right = sum(verdict(v.truth, n) for v, n in zip(visits, after, strict=True))
+    console.print(f"visits named right after enrolling: {right}/{len(visits)}")
+    return {
+        "newcomer": newcomer,
+        "enroll_seconds": round(seconds, 2),
+        "threshold": recognizer.threshold,
+        "model_version": model.version,
+        "visits": [
+            {"visitor": v.truth, "before": b, "after": a}
+            for v, b, a in zip(visits, before, after, strict=True)
+        ],
+        "named_right_after_enrolling": right,
+    }

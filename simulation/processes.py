@@ -43,29 +43,33 @@ def tail(path: Path, lines: int = 30) -> str:
 
 
 class Child:
-    """One Python module run as `python -m <module> <args>`, output to a log file."""
+    """One process run as `command`, output to a log file, in a session of its own."""
 
     def __init__(
         self,
         name: str,
-        module: str,
-        args: Sequence[str],
+        command: Sequence[str],
         log: Path,
         env: Mapping[str, str] | None = None,
+        cwd: Path | None = PROJECT_ROOT,
     ) -> None:
         self.name = name
         self.log = log
         log.parent.mkdir(parents=True, exist_ok=True)
         with log.open("ab") as out:  # the child keeps its own copy of the descriptor
             self.process = subprocess.Popen(
-                [sys.executable, "-m", module, *args],
+                list(command),
                 stdin=subprocess.DEVNULL,
                 stdout=out,
                 stderr=subprocess.STDOUT,
-                cwd=PROJECT_ROOT,
+                cwd=cwd,
                 env={**os.environ, **(env or {})},
                 start_new_session=True,
             )
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
 
     def running(self) -> bool:
         return self.process.poll() is None
@@ -84,8 +88,10 @@ class Child:
 class Fleet:
     """The children of one simulation, stopped together on exit whatever happened."""
 
-    def __init__(self) -> None:
+    def __init__(self, stop_timeout: float = 10.0) -> None:
         self.children: list[Child] = []
+        self.stop_timeout = stop_timeout
+        """How long a clean shutdown may take before SIGKILL."""
         self.stay_message: str | None = None
         """Set (by `simulation.stack`) to keep the fleet running after a successful
         run until Ctrl-C: printed, then `__exit__` waits before stopping anyone."""
@@ -98,7 +104,11 @@ class Fleet:
         log: Path,
         env: Mapping[str, str] | None = None,
     ) -> Child:
-        child = Child(name, module, args, log, env)
+        """`python -m module args...` with this interpreter, from the project's folder."""
+        return self.launch(Child(name, [sys.executable, "-m", module, *args], log, env))
+
+    def launch(self, child: Child) -> Child:
+        """Stopped with the others (any command: a doorbell in a chroot, say)."""
         self.children.append(child)
         return child
 
@@ -107,11 +117,11 @@ class Fleet:
         for child in self.children:
             child.check()
 
-    def stop(self, timeout: float = 10.0) -> None:
-        """SIGTERM to every group at once, then SIGKILL whatever outlives `timeout`."""
+    def stop(self) -> None:
+        """SIGTERM to every group at once, then SIGKILL whatever outlives `stop_timeout`."""
         for child in self.children:
             child.signal_group(signal.SIGTERM)
-        deadline = time.monotonic() + timeout
+        deadline = time.monotonic() + self.stop_timeout
         for child in self.children:
             try:
                 child.process.wait(max(0.0, deadline - time.monotonic()))

@@ -9,24 +9,20 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
 
 from aggregator.config import EvaluationSettings
 from aggregator.export import evaluation_samples
 from broker.local import LocalBroker
-from edge.gallery import Gallery
 from fedbell.config import MqttSettings
-from fedbell.faces.detection import Detector, make_detector
+from fedbell.faces.detection import make_detector
 from fedbell.faces.dlib_resnet import dlib_projection
 from fedbell.faces.dlib_resnet import load as load_dlib
 from fedbell.faces.embedding import TrainParams
 from fedbell.faces.features import Backbone
 from fedbell.wire.backbone import assemble, parse_manifest
-from fedbell.wire.messages import AGGREGATOR, TfliteArtifact, parse_global
-from fedbell.wire.signing import load_public_key
+from fedbell.wire.messages import TfliteArtifact
 from simulation import baseline, report, seeds
 from simulation.config import SimulationConfig
 from simulation.data import (
@@ -42,6 +38,7 @@ from simulation.stack import (
     CACHE_DIR,
     SITE,
     Layout,
+    aggregator_keys,
     device_ids,
     mqtt_settings,
     start_federation,
@@ -262,7 +259,9 @@ def _run(
             )
             publish_results(console, config, result, rows)
             if config.live.enabled:
-                result["live"] = live_demo(
+                from simulation import live  # the recognition stack is only needed here
+
+                result["live"] = live.demo(
                     console,
                     config,
                     layout,
@@ -278,13 +277,6 @@ def _run(
         finally:
             driver.close()
     return result
-
-
-def aggregator_keys(layout: Layout, config: SimulationConfig) -> dict[str, Ed25519PublicKey] | None:
-    """The key a doorbell checks the aggregator's messages with (None when unsigned)."""
-    if not config.signed:
-        return None
-    return {AGGREGATOR: load_public_key(layout.trusted_by("door1") / f"{AGGREGATOR}.pub")}
 
 
 def load_backbone(
@@ -331,98 +323,3 @@ def publish_results(
         start=result["start_accuracy"],
     )
     console.print(f"report: {config.report}  plot: {plot}")
-
-
-def live_demo(
-    console: Console,
-    config: SimulationConfig,
-    layout: Layout,
-    driver: Driver,
-    *,
-    homes: Households,
-    device: str,
-    port: int,
-    fleet: Fleet,
-    backbone: TfliteArtifact,
-    detector: Detector,
-) -> dict[str, Any]:
-    """Visitors at `device` before and after it enrols a newcomer; reported, not fatal."""
-    from simulation import live  # the recognition stack is only needed here
-
-    settings = mqtt_settings(port)
-    try:
-        model = parse_global(
-            driver.retained(topics().global_model, 60, fleet.check),
-            site=SITE,
-            max_bytes=settings.max_message_bytes,
-            keys=aggregator_keys(layout, config),
-        )
-        newcomer = homes.newcomer[0].person
-        write_folder(homes.newcomer[:-1], layout.root / "newcomer")
-        residents = [s for s in homes.visits if s.person in homes.houses[0]]
-        visits = live.plan_visits(
-            newcomer,
-            homes.newcomer[-1].path,
-            residents[: config.live.visitors],
-            homes.held_out[0],
-        )
-        frames = layout.root / "live" / "frames"
-        live.write_frames(frames, visits, detector, config.seed)
-        gallery = Gallery(
-            layout.gallery(device), layout.root / "live" / "state", detector=lambda: detector
-        )
-        recognizer = live.make_recognizer(backbone, model, gallery)
-
-        def replay() -> list[list[str]]:
-            return live.replay(
-                driver,
-                settings,
-                recognizer,
-                detector,
-                device=device,
-                gallery=gallery,
-                frames=frames,
-                visits=visits,
-            )
-
-        with console.status(f"{len(visits)} visitors at {device}'s door"):
-            before = replay()
-        seconds, printed = live.enroll(
-            layout.config(device), newcomer, layout.root / "newcomer" / newcomer
-        )
-        running = recognizer.model.backbone
-        assert running is not None
-        recognizer.set_gallery(gallery.features(running))  # what the node does within a second
-        with console.status(f"the same visitors at {device}'s door, {newcomer} enrolled"):
-            after = replay()
-    except Exception as error:  # the federated results stand on their own
-        console.print(f"[bold red]live recognition failed:[/] {error!r}")
-        return {"error": repr(error)}
-    table = Table(
-        title=f"live recognition at {device} (model v{model.version}, "
-        f"unknown below {recognizer.threshold:.2f}, calibrated by the aggregator on strangers)"
-    )
-    for header in ("at the door", f"before enrolling {newcomer}", "after", "right after?"):
-        table.add_column(header)
-    for visit, said_before, said_after in zip(visits, before, after, strict=True):
-        table.add_row(
-            visit.truth,
-            ", ".join(said_before) or "—",
-            ", ".join(said_after) or "—",
-            "yes" if live.verdict(visit.truth, said_after) else "no",
-        )
-    console.print(table)
-    console.print(f"enrolled {newcomer} with `python -m edge enroll` in {seconds:.1f} s: {printed}")
-    right = sum(live.verdict(v.truth, n) for v, n in zip(visits, after, strict=True))
-    console.print(f"visits named right after enrolling: {right}/{len(visits)}")
-    return {
-        "newcomer": newcomer,
-        "enroll_seconds": round(seconds, 2),
-        "threshold": recognizer.threshold,
-        "model_version": model.version,
-        "visits": [
-            {"visitor": v.truth, "before": b, "after": a}
-            for v, b, a in zip(visits, before, after, strict=True)
-        ],
-        "named_right_after_enrolling": right,
-    }

@@ -7,11 +7,12 @@ one TensorFlow thread per node (the demo machine has two cores).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from rich.console import Console
 
 from aggregator.config import DEFAULT_MIN_COHORT
@@ -19,7 +20,7 @@ from broker.local import read_listeners
 from console import page_url, start_round_line
 from fedbell.config import MqttSettings
 from fedbell.wire.messages import AGGREGATOR
-from fedbell.wire.signing import write_key_pair
+from fedbell.wire.signing import load_public_key, write_key_pair
 from fedbell.wire.topics import Topics
 from simulation.config import SimulationConfig
 from simulation.processes import Fleet
@@ -47,24 +48,16 @@ class Layout:
     """Where everything of one run lives inside the work folder."""
 
     root: Path
+    logs: Path = field(init=False)
+    broker: Path = field(init=False)
+    """The broker's config, persistence file and log."""
+    held_out: Path = field(init=False)
+    strangers: Path = field(init=False)
+    """Generated strangers, when no folder of real ones is given."""
 
-    @property
-    def logs(self) -> Path:
-        return self.root / "logs"
-
-    @property
-    def broker(self) -> Path:
-        """The broker's config, persistence file and log."""
-        return self.root / "broker"
-
-    @property
-    def held_out(self) -> Path:
-        return self.root / "held_out"
-
-    @property
-    def strangers(self) -> Path:
-        """Generated strangers, when no folder of real ones is given."""
-        return self.root / "strangers"
+    def __post_init__(self) -> None:
+        for folder in ("logs", "broker", "held_out", "strangers"):  # each named as it is
+            object.__setattr__(self, folder, self.root / folder)
 
     def gallery(self, device: str) -> Path:
         return self.root / "nodes" / device / "gallery"
@@ -96,6 +89,13 @@ def write_keys(layout: Layout, devices: list[str]) -> None:
         trusted.mkdir(parents=True, exist_ok=True)
         (trusted / public.name).write_bytes(public.read_bytes())
         write_key_pair(layout.private_key(device), layout.trusted_by(AGGREGATOR) / f"{device}.pub")
+
+
+def aggregator_keys(layout: Layout, config: SimulationConfig) -> dict[str, Ed25519PublicKey] | None:
+    """The key a doorbell checks the aggregator's messages with (None when unsigned)."""
+    if not config.signed:
+        return None
+    return {AGGREGATOR: load_public_key(layout.trusted_by("door1") / f"{AGGREGATOR}.pub")}
 
 
 def _signing(layout: Layout, name: str, signed: bool) -> dict[str, str]:
