@@ -61,9 +61,8 @@ def recorder(broker: LocalBroker) -> Iterator[Recorder]:
     """Every message under the test site on `broker`, from before anything starts."""
     from tests.federation import Recorder
 
-    recording = Recorder(broker.port)
-    yield recording
-    recording.close()
+    with Recorder(broker.port) as recording:
+        yield recording
 
 
 @pytest.fixture

@@ -146,6 +146,12 @@ class Recorder:
         self.client.disconnect()
         self.client.loop_stop()
 
+    def __enter__(self) -> Recorder:
+        return self
+
+    def __exit__(self, *_exception: object) -> None:
+        self.close()
+
 
 class Process:
     """A fedbell process whose stderr goes to a log file; SIGKILL and restart keep the log."""
