@@ -292,12 +292,9 @@ class Federation:
         aggregator.start().wait_log(READY, timeout=STARTUP)
         return aggregator
 
-    def doorbell(self, device: str, gallery: Path, **settings: Any) -> Process:
-        """`python -m edge` training on `gallery` (not started yet)."""
-        return self.add(node_process(self.root, self.port, device, gallery, **settings))
-
     def start_doorbell(self, device: str, gallery: Path, **settings: Any) -> Process:
-        return self.doorbell(device, gallery, **settings).start()
+        """`python -m edge` training on `gallery`, started; settings as `node_process`'s."""
+        return self.add(node_process(self.root, self.port, device, gallery, **settings)).start()
 
     def fleet(self, names: list[str], delay: float = 0.0, label: str = "fleet") -> Process:
         """Simulated doorbells in one process (not started yet)."""
