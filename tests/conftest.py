@@ -1,4 +1,6 @@
-"""Shared fixtures: a real Mosquitto per test, started from the project's config."""
+"""Shared fixtures: a real Mosquitto per test, started from the project's config, and
+a running federation on it (tests/federation.py: the aggregator and doorbells as
+processes)."""
 
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ from broker.local import LocalBroker
 
 if TYPE_CHECKING:
     from aggregator.backbone import BackboneModels
+    from tests.federation import Federation, Process, Recorder
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -51,6 +54,39 @@ def broker(tmp_path: Path) -> Iterator[LocalBroker]:
     """A private broker on a free loopback port, stopped after the test."""
     with LocalBroker(tmp_path / "broker") as running:
         yield running
+
+
+@pytest.fixture
+def recorder(broker: LocalBroker) -> Iterator[Recorder]:
+    """Every message under the test site on `broker`, from before anything starts."""
+    from tests.federation import Recorder
+
+    with Recorder(broker.port) as recording:
+        yield recording
+
+
+@pytest.fixture
+def processes() -> Iterator[list[Process]]:
+    """Every process a test starts is stopped at the end, whatever happened."""
+    started: list[Process] = []
+    yield started
+    for process in started:
+        process.stop()
+
+
+@pytest.fixture
+def federation(
+    tmp_path: Path,
+    broker: LocalBroker,
+    recorder: Recorder,
+    processes: list[Process],
+    aggregator_cache: Path,
+) -> Federation:
+    """A federation to start on the test's broker (imported here, not at the top, so that
+    tests without one never import the learning core)."""
+    from tests.federation import Federation
+
+    return Federation(tmp_path, broker, recorder, processes, aggregator_cache)
 
 
 def shared_dataset(name: str) -> Path:

@@ -260,7 +260,8 @@ class RunningSite:
     def password(self, name: str) -> str:
         return (self.bundle(name) / "mqtt-password").read_text()
 
-    def probe(self, name: str, **overrides: Any) -> Probe:
+    def probe(self, name: str, port: int | None = None, **overrides: Any) -> Probe:
+        """`name`'s login from its bundle, to the site's broker or the one on `port`."""
         bundle = self.bundle(name)
         options: dict[str, Any] = {
             "password": self.password(name),
@@ -269,7 +270,7 @@ class RunningSite:
             "key": bundle / "client.key",
         }
         options.update(overrides)
-        return Probe.create(name, self.broker.port, **options)
+        return Probe.create(name, port or self.broker.port, **options)
 
 
 def provision_site(root: Path) -> None:
@@ -512,28 +513,14 @@ def test_retained_model_survives_a_broker_restart(
     """Persistence is on and writable: a restarted broker still serves the model."""
     broker = SecureBroker(site.root / "broker", tmp_path_factory.mktemp("restart"))
     with broker:
-        aggregator = Probe.create(
-            "aggregator",
-            broker.port,
-            password=site.password("aggregator"),
-            ca=site.bundle("aggregator") / "ca.crt",
-            cert=site.bundle("aggregator") / "client.crt",
-            key=site.bundle("aggregator") / "client.key",
-        ).start()
+        aggregator = site.probe("aggregator", broker.port).start()
         assert aggregator.wait_connack()
         aggregator.client.publish(f"{BASE}/model/global", b"model v7", qos=1, retain=True)
         wait_until(lambda: len(aggregator.pubacks) == 1, 5, "PUBACK")
         aggregator.stop()
     broker.start()  # same port and data folder
     try:
-        door = Probe.create(
-            "door1",
-            broker.port,
-            password=site.password("door1"),
-            ca=site.bundle("door1") / "ca.crt",
-            cert=site.bundle("door1") / "client.crt",
-            key=site.bundle("door1") / "client.key",
-        ).start()
+        door = site.probe("door1", broker.port).start()
         assert door.wait_connack()
         door.client.subscribe(f"{BASE}/model/global", qos=1)
         wait_until(lambda: len(door.received) == 1, 5, "the retained model")

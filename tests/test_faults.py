@@ -12,34 +12,26 @@
 
 The aggregator and the doorbells run as `python -m aggregator`,
 `python -m edge` and `python -m bench.devices` (simulated doorbells, no
-TensorFlow) subprocesses wherever a test kills them.
+TensorFlow) subprocesses wherever a test kills them: the `federation` fixture
+(tests/federation.py) starts them.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import random
-import signal
-import subprocess
-import sys
-import threading
 import time
-from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import numpy as np
-import paho.mqtt.client as mqtt
 import pytest
-import yaml
-from paho.mqtt.enums import CallbackAPIVersion
 
 from aggregator.state import ModelRecord, StateRecord, StateStore
 from broker.local import LocalBroker
 from fedbell.wire.messages import parse_global
-from fedbell.wire.protocol import DeviceStatus, RoundAnnouncement, RoundMetrics
 from simulation.data import write_synthetic
+from tests.federation import STARTUP, Federation, Recorder
 from tests.test_aggregator import (
     MAX_BYTES,
     SITE,
@@ -54,233 +46,8 @@ from tests.test_aggregator import (
 
 pytestmark = pytest.mark.timeout(900)  # real processes on a loaded 2-core machine
 
-REPO = Path(__file__).resolve().parents[1]
-STARTUP = 300.0
-"""Seconds a process start may take (TensorFlow, the backbone, the gallery's features)."""
 ROUND = 240.0
 """Seconds a round with real doorbells may take; rounds close as soon as all answered."""
-ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "NOTIFY_SOCKET": ""}
-
-
-class Recorder:
-    """Every message under the site; resubscribes after a broker restart (unlike a Probe)."""
-
-    def __init__(self, port: int) -> None:
-        self._lock = threading.Lock()
-        self._seen: list[tuple[str, bytes]] = []
-        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
-        self.client.on_connect = lambda c, *_: c.subscribe(f"{TOPICS.base}/#", qos=1)
-        self.client.on_message = self._record
-        self.client.reconnect_delay_set(1, 2)
-        self.client.connect("127.0.0.1", port)
-        self.client.loop_start()
-
-    def _record(self, _client: Any, _userdata: Any, message: mqtt.MQTTMessage) -> None:
-        with self._lock:
-            self._seen.append((message.topic, bytes(message.payload)))
-
-    def payloads(self, topic: str, since: int = 0) -> list[bytes]:
-        """Non-empty payloads on `topic`, oldest first, from the `since`-th message seen."""
-        with self._lock:
-            return [p for t, p in self._seen[since:] if t == topic and p]
-
-    def everything(self) -> list[tuple[str, bytes]]:
-        """(topic, payload) of every message seen so far, oldest first."""
-        with self._lock:
-            return list(self._seen)
-
-    def mark(self) -> int:
-        """A point in what was seen: `since=` it, only later messages count."""
-        with self._lock:
-            return len(self._seen)
-
-    def wait_for(
-        self, topic: str, accept: Callable[[bytes], bool], timeout: float = 30.0, since: int = 0
-    ) -> bytes:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            for payload in self.payloads(topic, since):
-                if accept(payload):
-                    return payload
-            time.sleep(0.05)
-        raise AssertionError(
-            f"nothing acceptable on {topic} within {timeout}s; "
-            f"saw {[p[:160] for p in self.payloads(topic)]}"
-        )
-
-    def metrics(self, round_id: int, timeout: float = 30.0, since: int = 0) -> RoundMetrics:
-        payload = self.wait_for(
-            TOPICS.metrics,
-            lambda p: (
-                json.loads(p)["round"] == round_id and json.loads(p)["outcome"] != "aggregated"
-            ),
-            timeout,
-            since,
-        )
-        return RoundMetrics.model_validate_json(payload)
-
-    def round(self, round_id: int, phase: str, timeout: float = 30.0) -> RoundAnnouncement:
-        payload = self.wait_for(
-            TOPICS.round,
-            lambda p: json.loads(p)["round"] == round_id and json.loads(p)["phase"] == phase,
-            timeout,
-        )
-        return RoundAnnouncement.model_validate_json(payload)
-
-    def status(
-        self,
-        device: str,
-        accept: Callable[[DeviceStatus], bool],
-        timeout: float = 30.0,
-        since: int = 0,
-    ) -> DeviceStatus:
-        payload = self.wait_for(
-            TOPICS.status(device),
-            lambda p: accept(DeviceStatus.model_validate_json(p)),
-            timeout,
-            since,
-        )
-        return DeviceStatus.model_validate_json(payload)
-
-    def versions(self) -> list[int]:
-        """Versions of every global model seen, in order (republications included)."""
-        return [
-            parse_global(p, site=SITE, max_bytes=MAX_BYTES, keys=None).version
-            for p in self.payloads(TOPICS.global_model)
-        ]
-
-    def command(self, **command: Any) -> None:
-        self.client.publish(TOPICS.control, json.dumps(command), qos=1).wait_for_publish(5)
-
-    def close(self) -> None:
-        self.client.disconnect()
-        self.client.loop_stop()
-
-
-class Process:
-    """A fedbell process whose stderr goes to a log file; SIGKILL and restart keep the log."""
-
-    def __init__(self, log_path: Path, *args: str) -> None:
-        self.args = [sys.executable, "-m", *args]
-        self.log_path = log_path
-        self._log: IO[bytes] | None = None
-        self.process: subprocess.Popen[bytes] | None = None
-        self.starts = 0
-
-    def start(self) -> Process:
-        self._log = self.log_path.open("ab")
-        self._log.write(f"\n=== start {self.starts}\n".encode())
-        self._log.flush()
-        self.process = subprocess.Popen(
-            self.args, cwd=REPO, env=ENV, stdout=self._log, stderr=self._log
-        )
-        self.starts += 1
-        return self
-
-    def log(self) -> str:
-        """The log of the current (last) start."""
-        return self.log_path.read_text().rsplit("=== start", 1)[-1]
-
-    def wait_log(self, text: str, timeout: float = 60.0) -> None:
-        deadline = time.monotonic() + timeout
-        while text not in self.log():
-            assert self.process is not None
-            if self.process.poll() is not None:
-                raise AssertionError(f"{self.args} exited:\n{self.log()[-3000:]}")
-            if time.monotonic() > deadline:
-                raise AssertionError(
-                    f"no {text!r} in the log within {timeout}s:\n{self.log()[-3000:]}"
-                )
-            time.sleep(0.05)
-
-    def kill(self) -> None:
-        """SIGKILL: a crash, no clean-up of any kind."""
-        if self.process is not None:
-            self.process.send_signal(signal.SIGKILL)
-            assert self.process.wait(10) == -signal.SIGKILL
-            self.process = None
-        if self._log is not None:
-            self._log.close()
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(20)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        self.process = None
-        if self._log is not None:
-            self._log.close()
-
-
-def aggregator_process(tmp_path: Path, port: int, cache_dir: Path, **rounds: Any) -> Process:
-    """`python -m aggregator` on the test broker; `cache_dir`: the session's `aggregator_cache`.
-
-    `evaluation` and `strangers` (folders) go to its evaluation settings, `auto_rounds`
-    to the top level, the rest to its round settings.
-    """
-    auto = rounds.pop("auto_rounds", 0)
-    evaluation, strangers = rounds.pop("evaluation", None), rounds.pop("strangers", None)
-    config = make_config(
-        tmp_path, port, cache_dir, evaluation=evaluation, strangers=strangers, **rounds
-    ).model_dump(mode="json")
-    config["auto_rounds"] = auto
-    path = tmp_path / "aggregator.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return Process(tmp_path / "aggregator.log", "aggregator", "--config", str(path))
-
-
-def node_process(tmp_path: Path, port: int, device: str, gallery: Path, **settings: Any) -> Process:
-    """`python -m edge` on the test broker, training on `gallery` (generated faces: Haar)."""
-    config = {
-        "device_id": device,
-        "site": SITE,
-        "mqtt": {"port": port, "keepalive": 5},
-        "state_dir": str(tmp_path / device),
-        "gallery_dir": str(gallery),
-        "training": {"base_model_wait_s": 60, "threads": 1},
-        "camera": {"enabled": False},  # these doorbells only train
-        "detection": {"kind": "haar"},  # BlazeFace does not see the generated cartoons
-        **settings,
-    }
-    path = tmp_path / f"{device}.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return Process(tmp_path / f"{device}.log", "edge", "--config", str(path))
-
-
-def fleet_process(
-    tmp_path: Path, port: int, names: list[str], delay: float = 0.0, label: str = "fleet"
-) -> Process:
-    return Process(
-        tmp_path / f"{label}.log",
-        "bench.devices",
-        "--port",
-        str(port),
-        "--site",
-        SITE,
-        "--names",
-        ",".join(names),
-        "--delay",
-        str(delay),
-    )
-
-
-@pytest.fixture
-def recorder(broker: LocalBroker) -> Iterator[Recorder]:
-    recording = Recorder(broker.port)
-    yield recording
-    recording.close()
-
-
-@pytest.fixture
-def processes() -> Iterator[list[Process]]:
-    """Every process a test starts is stopped at the end, whatever happened."""
-    started: list[Process] = []
-    yield started
-    for process in started:
-        process.stop()
 
 
 @pytest.fixture(scope="module")
@@ -301,32 +68,15 @@ def read_round(state_dir: Path) -> dict[str, Any] | None:
 
 
 def test_broker_crash_mid_round_everyone_reconnects_and_the_round_completes(
-    tmp_path: Path,
-    broker: LocalBroker,
-    recorder: Recorder,
-    *,
-    gallery: Path,
-    processes: list[Process],
-    aggregator_cache: Path,
+    broker: LocalBroker, recorder: Recorder, federation: Federation, gallery: Path
 ) -> None:
-    aggregator = aggregator_process(
-        tmp_path,
-        broker.port,
-        aggregator_cache,
-        codec="float16",
-        timeout_s=ROUND,
-        min_updates=2,
-        train={"epochs": 1, "batch_size": 8},
+    aggregator = federation.start_aggregator(
+        codec="float16", timeout_s=ROUND, min_updates=2, train={"epochs": 1, "batch_size": 8}
     )
-    nodes = [node_process(tmp_path, broker.port, name, gallery) for name in ("d1", "d2")]
-    processes.extend([aggregator, *nodes])
-    aggregator.start().wait_log("ready: site", timeout=STARTUP)
-    for node in nodes:
-        node.start()
-    for name in ("d1", "d2"):
-        recorder.status(
-            name, lambda s: s.state == "online" and s.model_version == 0, timeout=STARTUP
-        )
+    nodes = [federation.start_doorbell(name, gallery) for name in ("d1", "d2")]
+    recorder.statuses(
+        ("d1", "d2"), lambda s: s.state == "online" and s.model_version == 0, timeout=STARTUP
+    )
     recorder.command(cmd="start_round", devices=["d1", "d2"])
     recorder.round(1, "train")
 
@@ -361,17 +111,9 @@ def test_broker_crash_mid_round_everyone_reconnects_and_the_round_completes(
 
 
 def test_aggregator_crash_mid_round_resumes_from_disk_and_counts_nothing_twice(
-    tmp_path: Path,
-    broker: LocalBroker,
-    recorder: Recorder,
-    processes: list[Process],
-    aggregator_cache: Path,
+    tmp_path: Path, broker: LocalBroker, recorder: Recorder, federation: Federation
 ) -> None:
-    aggregator = aggregator_process(
-        tmp_path, broker.port, aggregator_cache, min_updates=3, auto_rounds=1, timeout_s=ROUND
-    )
-    processes.append(aggregator)
-    aggregator.start().wait_log("ready: site", timeout=STARTUP)
+    aggregator = federation.start_aggregator(min_updates=3, auto_rounds=1, timeout_s=ROUND)
     devices = [FakeDevice(broker.port, name) for name in ("a", "b", "c")]
     try:
         announcement = recorder.round(1, "train")
@@ -425,24 +167,10 @@ def test_aggregator_crash_mid_round_resumes_from_disk_and_counts_nothing_twice(
 
 
 def test_repeated_aggregator_crashes_during_rounds_never_leave_a_half_written_model(
-    tmp_path: Path,
-    broker: LocalBroker,
-    recorder: Recorder,
-    processes: list[Process],
-    aggregator_cache: Path,
+    tmp_path: Path, recorder: Recorder, federation: Federation
 ) -> None:
-    aggregator = aggregator_process(
-        tmp_path,
-        broker.port,
-        aggregator_cache,
-        min_updates=1,
-        timeout_s=5,
-        auto_rounds=1000,
-        codec="int8",
-    )
-    fleet = fleet_process(tmp_path, broker.port, ["s1", "s2", "s3"])
-    processes.extend([aggregator, fleet])
-    fleet.start()
+    aggregator = federation.aggregator(min_updates=1, timeout_s=5, auto_rounds=1000, codec="int8")
+    federation.fleet(["s1", "s2", "s3"]).start()
     store = StateStore(tmp_path / "state")
     rng = random.Random(3)
     committed = 0
@@ -493,19 +221,14 @@ def test_thirty_percent_of_the_devices_vanish_mid_round(
     tmp_path: Path,
     broker: LocalBroker,
     recorder: Recorder,
-    *,
-    processes: list[Process],
+    federation: Federation,
     case: tuple[int, str],
-    aggregator_cache: Path,
 ) -> None:
     quorum, outcome = case
-    stayers = [f"s{i}" for i in range(7)]
-    leavers = [f"v{i}" for i in range(3)]
-    staying = fleet_process(tmp_path, broker.port, stayers, label="stayers")
-    leaving = fleet_process(tmp_path, broker.port, leavers, delay=30, label="leavers")
-    processes.extend([staying, leaving])
+    staying = federation.fleet([f"s{i}" for i in range(7)], label="stayers")
+    leaving = federation.fleet([f"v{i}" for i in range(3)], delay=30, label="leavers")
     config = make_config(
-        tmp_path, broker.port, aggregator_cache, timeout_s=4, min_updates=quorum, codec="int8"
+        tmp_path, broker.port, federation.cache, timeout_s=4, min_updates=quorum, codec="int8"
     )
     with running(config) as service:
         coordinator = service.coordinator
@@ -556,13 +279,7 @@ def test_thirty_percent_of_the_devices_vanish_mid_round(
 
 
 def test_a_node_killed_mid_round_takes_part_after_its_restart(
-    tmp_path: Path,
-    broker: LocalBroker,
-    recorder: Recorder,
-    *,
-    gallery: Path,
-    processes: list[Process],
-    aggregator_cache: Path,
+    recorder: Recorder, federation: Federation, gallery: Path
 ) -> None:
     """Killed with its update trained but not sent, a node trains again after its restart.
 
@@ -570,18 +287,10 @@ def test_a_node_killed_mid_round_takes_part_after_its_restart(
     a step-by-step round holds the trained update until the operator's `send`,
     which makes "trained, not sent" a state the kill is certain to hit.
     """
-    aggregator = aggregator_process(
-        tmp_path,
-        broker.port,
-        aggregator_cache,
-        codec="float16",
-        timeout_s=ROUND,
-        train={"epochs": 3, "batch_size": 4},
+    aggregator = federation.start_aggregator(
+        codec="float16", timeout_s=ROUND, train={"epochs": 3, "batch_size": 4}
     )
-    node = node_process(tmp_path, broker.port, "d1", gallery)
-    processes.extend([aggregator, node])
-    aggregator.start().wait_log("ready: site", timeout=STARTUP)
-    node.start()
+    node = federation.start_doorbell("d1", gallery)
     recorder.status("d1", lambda s: s.state == "online" and s.model_version == 0, STARTUP)
     recorder.command(cmd="train", devices=["d1"])
     node.wait_log("holding for the send phase", timeout=ROUND)

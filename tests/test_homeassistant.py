@@ -102,7 +102,7 @@ def test_a_doorbell_without_a_camera_still_announces_itself(
 ) -> None:
     """The demo's doorbells train without a camera (its live replay runs beside them):
     `python -m edge` announces them to Home Assistant like any doorbell."""
-    from tests.test_faults import node_process
+    from tests.federation import node_process
 
     gallery = tmp_path / "gallery"
     gallery.mkdir()

@@ -31,27 +31,18 @@ from fedbell.errors import RejectedMessage
 from fedbell.faces.synthetic import person_name
 from fedbell.wire import envelope
 from fedbell.wire.messages import GlobalModel, parse_global
-from fedbell.wire.protocol import RoundAnnouncement, TrainingPlan, to_json
+from fedbell.wire.protocol import DeviceStatus, RoundAnnouncement, TrainingPlan, to_json
 from simulation.data import write_synthetic
+from tests.federation import STARTUP, Federation, Process, Recorder
 from tests.test_aggregator import MAX_BYTES, SITE, TOPICS
-from tests.test_faults import (
-    Process,
-    Recorder,
-    aggregator_process,
-    node_process,
-    processes,
-    recorder,
-)
-
-__all__ = ["processes", "recorder"]  # fixtures, shared with test_faults
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
 
-STARTUP = 300.0
-"""Seconds a process may take to start on a loaded 2-core machine."""
 ROUND = 300.0
 """Seconds a round may take (doorbells embed their galleries first)."""
 DOORS = ("d1", "d2")
+ROUNDS = {"timeout_s": ROUND, "min_updates": len(DOORS), "train": {"epochs": 1, "batch_size": 8}}
+"""The aggregator's round settings: rounds of both doorbells, one short epoch each."""
 HOUSES = {
     "d1": ("Zenobia-Quill", "Bartholomew_Fenwick"),
     "d2": ("Ottoline-Marsh", "Cassius_Pembrook"),
@@ -70,31 +61,21 @@ def write_house(root: Path, names: tuple[str, ...], seed: int) -> Path:
     return gallery
 
 
-def start_doorbells(tmp_path: Path, port: int, processes: list[Process]) -> list[Process]:
-    nodes = []
-    for seed, door in enumerate(DOORS, start=11):
-        gallery = write_house(tmp_path / f"house-{door}", HOUSES[door], seed)
-        nodes.append(node_process(tmp_path, port, door, gallery))
-    processes.extend(nodes)
-    for node in nodes:
-        node.start()
-    return nodes
+def start_doorbells(federation: Federation) -> list[Process]:
+    """Both doorbells, each with its house's named people, started."""
+    galleries = {
+        door: write_house(federation.root / f"house-{door}", HOUSES[door], seed)
+        for seed, door in enumerate(DOORS, start=11)
+    }
+    return [federation.start_doorbell(door, gallery) for door, gallery in galleries.items()]
 
 
-def federation(
-    tmp_path: Path, port: int, cache: Path, processes: list[Process], **rounds: object
-) -> Process:
-    aggregator = aggregator_process(
-        tmp_path,
-        port,
-        cache,
-        timeout_s=ROUND,
-        min_updates=len(DOORS),
-        train={"epochs": 1, "batch_size": 8},
-        **rounds,
-    )
-    processes.append(aggregator)
-    return aggregator
+def at_version_0(status: DeviceStatus) -> bool:
+    return status.model_version == 0
+
+
+def installed_round_1(status: DeviceStatus) -> bool:
+    return status.model_version == 1 and status.last_round == 1
 
 
 def global_model(payload: bytes) -> GlobalModel:
@@ -113,6 +94,20 @@ def run_round(recorder: Recorder, round_id: int, since: int) -> None:
     recorder.command(cmd="start_round", devices=list(DOORS))
     metrics = recorder.metrics(round_id, timeout=ROUND, since=since)
     assert (metrics.outcome, metrics.participants) == ("published", len(DOORS)), metrics
+
+
+def version_1_of(recorder: Recorder, lineage: str, since: int) -> GlobalModel:
+    """Version 1 of `lineage`, published by round 1 and installed by both doorbells."""
+    model = global_model(
+        recorder.wait_for(
+            TOPICS.global_model,
+            lambda p: lineage_of(p) == lineage and global_model(p).version == 1,
+            since=since,
+        )
+    )
+    assert model.round == 1
+    recorder.statuses(DOORS, installed_round_1, since=since)
+    return model
 
 
 def retained_messages(port: int, topic_filter: str) -> dict[str, bytes]:
@@ -162,20 +157,13 @@ def readable_forms(payload: bytes) -> list[bytes]:
 
 
 def test_nothing_under_the_site_names_an_enrolled_person(
-    tmp_path: Path,
-    broker: LocalBroker,
-    recorder: Recorder,
-    processes: list[Process],
-    aggregator_cache: Path,
+    broker: LocalBroker, recorder: Recorder, federation: Federation
 ) -> None:
-    aggregator = federation(tmp_path, broker.port, aggregator_cache, processes, codec="topk")
-    aggregator.start().wait_log("ready: site", timeout=STARTUP)
-    nodes = start_doorbells(tmp_path, broker.port, processes)
-    for door in DOORS:
-        recorder.status(door, lambda s: s.model_version == 0, timeout=STARTUP)
+    federation.start_aggregator(**ROUNDS, codec="topk")
+    nodes = start_doorbells(federation)
+    recorder.statuses(DOORS, at_version_0, timeout=STARTUP)
     run_round(recorder, 1, since=0)
-    for door in DOORS:
-        recorder.status(door, lambda s: s.model_version == 1 and s.last_round == 1)
+    recorder.statuses(DOORS, installed_round_1)
     for node in nodes:  # they did train on their named people
         assert "of 2 person(s)" in node.log(), node.log()[-2000:]
 
@@ -317,11 +305,7 @@ def publish_retained(port: int, messages: dict[str, bytes]) -> None:
 
 
 def test_upgrade_from_the_closed_set_state_ends_in_a_working_federation(
-    tmp_path: Path,
-    broker: LocalBroker,
-    recorder: Recorder,
-    processes: list[Process],
-    aggregator_cache: Path,
+    tmp_path: Path, broker: LocalBroker, recorder: Recorder, federation: Federation
 ) -> None:
     write_old_aggregator_state(tmp_path / "state")
     for seed, door in enumerate(DOORS):
@@ -342,9 +326,8 @@ def test_upgrade_from_the_closed_set_state_ends_in_a_working_federation(
     mark = recorder.mark()
 
     # The doorbells come back first, with their old model and round 15 behind them.
-    nodes = start_doorbells(tmp_path, broker.port, processes)
-    aggregator = federation(tmp_path, broker.port, aggregator_cache, processes)
-    aggregator.start().wait_log("ready: site", timeout=STARTUP)
+    nodes = start_doorbells(federation)
+    aggregator = federation.start_aggregator(**ROUNDS)
     assert "starting a new lineage" in aggregator.log()
     first = global_model(
         recorder.wait_for(
@@ -352,20 +335,10 @@ def test_upgrade_from_the_closed_set_state_ends_in_a_working_federation(
         )
     )
     assert first.version == 0
-    for door in DOORS:
-        recorder.status(door, lambda s: s.model_version == 0, timeout=STARTUP, since=mark)
+    recorder.statuses(DOORS, at_version_0, timeout=STARTUP, since=mark)
 
     run_round(recorder, 1, since=mark)
-    new = global_model(
-        recorder.wait_for(
-            TOPICS.global_model,
-            lambda p: lineage_of(p) == first.lineage and global_model(p).version == 1,
-            since=mark,
-        )
-    )
-    assert new.round == 1
-    for door in DOORS:
-        recorder.status(door, lambda s: s.model_version == 1 and s.last_round == 1, since=mark)
+    version_1_of(recorder, first.lineage, since=mark)
     for node in nodes:
         assert "round 1: update sent" in node.log(), node.log()[-3000:]
     # The closed-set model is gone from the broker: a late doorbell gets the new lineage.
@@ -376,22 +349,15 @@ def test_upgrade_from_the_closed_set_state_ends_in_a_working_federation(
 
 
 def test_an_aggregator_reset_ends_in_a_working_federation(
-    tmp_path: Path,
-    broker: LocalBroker,
-    recorder: Recorder,
-    processes: list[Process],
-    aggregator_cache: Path,
+    tmp_path: Path, recorder: Recorder, federation: Federation
 ) -> None:
-    aggregator = federation(tmp_path, broker.port, aggregator_cache, processes)
-    aggregator.start().wait_log("ready: site", timeout=STARTUP)
-    start_doorbells(tmp_path, broker.port, processes)
-    for door in DOORS:
-        recorder.status(door, lambda s: s.model_version == 0, timeout=STARTUP)
+    aggregator = federation.start_aggregator(**ROUNDS)
+    start_doorbells(federation)
+    recorder.statuses(DOORS, at_version_0, timeout=STARTUP)
     run_round(recorder, 1, since=0)
     before = global_model(recorder.payloads(TOPICS.global_model)[-1])
     assert before.version == 1
-    for door in DOORS:
-        recorder.status(door, lambda s: s.model_version == 1 and s.last_round == 1)
+    recorder.statuses(DOORS, installed_round_1)
 
     # The reset: the aggregator's state folder is gone, the doorbells keep theirs
     # (version 1 of the old lineage, round 1 done).
@@ -408,21 +374,11 @@ def test_an_aggregator_reset_ends_in_a_working_federation(
         )
     )
     assert reset.version == 0  # lower than the doorbells' version 1: accepted all the same
-    for door in DOORS:
-        recorder.status(door, lambda s: s.model_version == 0, timeout=STARTUP, since=mark)
+    recorder.statuses(DOORS, at_version_0, timeout=STARTUP, since=mark)
 
     run_round(recorder, 1, since=mark)  # the new lineage's round 1: a number they have done
     announced = RoundAnnouncement.model_validate_json(
         recorder.wait_for(TOPICS.round, lambda p: b'"train"' in p, since=mark)
     )
     assert (announced.round, announced.lineage) == (1, reset.lineage)
-    after = global_model(
-        recorder.wait_for(
-            TOPICS.global_model,
-            lambda p: lineage_of(p) == reset.lineage and global_model(p).version == 1,
-            since=mark,
-        )
-    )
-    assert after.round == 1
-    for door in DOORS:
-        recorder.status(door, lambda s: s.model_version == 1 and s.last_round == 1, since=mark)
+    version_1_of(recorder, reset.lineage, since=mark)

@@ -42,22 +42,11 @@ from fedbell.wire.protocol import RoundAnnouncement, RoundMetrics, SecAggPlan
 from fedbell.wire.secagg_messages import Masked
 from fedbell.wire.signing import load_public_keys, verify_announcement, write_key_pair
 from simulation.data import write_synthetic
+from tests.federation import STARTUP, Process, Recorder, aggregator_process, node_process
 from tests.test_aggregator import MAX_BYTES, SITE, TOPICS, make_config
-from tests.test_faults import (
-    Process,
-    Recorder,
-    aggregator_process,
-    node_process,
-    processes,
-    recorder,
-)
-
-__all__ = ["processes", "recorder"]  # fixtures, shared with test_faults
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
 
-STARTUP = 300.0
-"""Seconds the processes may take to start on a loaded 2-core machine."""
 PHASE = 40.0
 """Each phase's deadline (rounds.timeout_s): a doorbell that died is dropped after it."""
 ROUND = 4 * PHASE + 60
