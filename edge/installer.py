@@ -12,17 +12,12 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections import Counter
 from collections.abc import Callable
 
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-
-from edge.artifacts import Artifacts, leave_one_out
+from edge.artifacts import leave_one_out
 from edge.backbone_download import refuse_older_lineage
-from edge.config import EdgeConfig
-from edge.gallery import StrangerStore
-from edge.recognizer import Head, Recognizer, RecognizerError
-from edge.state import NodeState
+from edge.parts import DoorbellParts
+from edge.recognizer import Head, RecognizerError
 from fedbell.errors import RejectedMessage
 from fedbell.wire.codecs import model_decode_limit
 from fedbell.wire.messages import GlobalModel, parse_global
@@ -39,31 +34,19 @@ class ModelInstaller:
 
     def __init__(
         self,
-        config: EdgeConfig,
+        parts: DoorbellParts,
         *,
-        state: NodeState,
-        recognizer: Recognizer,
-        artifacts: Artifacts,
-        strangers: StrangerStore,
-        counters: Counter[str],
-        keys: dict[str, Ed25519PublicKey] | None,
         changed: threading.Condition,
         on_new_lineage: NewLineage,
         on_installed: Callable[[], None],
     ) -> None:
         """`changed` guards the model (and the round state beside it) and is notified when
         a new model is installed; `on_installed` runs after that (the status goes out)."""
-        self.config = config
-        self.state = state
-        self.recognizer = recognizer
-        self.artifacts = artifacts
-        self.strangers = strangers
-        self.counters = counters
-        self.keys = keys
+        self.parts = parts
         self.changed = changed
         self._on_new_lineage = on_new_lineage
         self._on_installed = on_installed
-        self._model: GlobalModel | None = state.load_global()
+        self._model: GlobalModel | None = parts.state.load_global()
         if self._model is not None:
             self.give_head(self._model)
 
@@ -81,9 +64,9 @@ class ModelInstaller:
         current = self._model
         model = parse_global(
             payload,
-            site=self.config.site,
-            max_bytes=self.config.mqtt.max_message_bytes,
-            keys=self.keys,
+            site=self.parts.config.site,
+            max_bytes=self.parts.config.mqtt.max_message_bytes,
+            keys=self.parts.keys,
             # From the shapes this node expects, not from the header's claim.
             max_decoded_bytes=model_decode_limit(None if current is None else current.weights),
         )
@@ -98,9 +81,9 @@ class ModelInstaller:
         # Refused (and counted) before anything changes if its head cannot serve.
         self.give_head(model, strict=True)
         try:
-            self.state.save_global(model)
+            self.parts.state.save_global(model)
         except OSError as err:  # keep serving; the retained copy restores it after a restart
-            self.counters["store_failed"] += 1
+            self.parts.counters["store_failed"] += 1
             log.error("could not store global model v%d: %s", model.version, err)
         with self.changed:
             if new_lineage:
@@ -121,16 +104,15 @@ class ModelInstaller:
         one: leave-one-out on the gallery and the stranger store, open-set at each head's
         own threshold (issue 13 item 1, issue 18 item 2). A new lineage is never refused
         (a reset must not deadlock), nor is a gallery too small to score."""
-        drop = self.config.accept.max_gallery_accuracy_drop
-        features = self.artifacts.gallery_features
+        drop = self.parts.config.accept.max_gallery_accuracy_drop
+        features = self.parts.artifacts.gallery_features
         if drop is None or features is None or model.backbone != current.backbone:
             return
         if model.weights[0].shape[:1] != features.features.shape[1:]:
             return  # a head that cannot take these features: give_head refuses it (bad_shapes)
-        backbone = self.recognizer.backbone
-        strangers = (
-            None if backbone is None else self.strangers.features(backbone.sha256, backbone.size)
-        )
+        backbone = self.parts.recognizer.backbone
+        store = self.parts.strangers
+        strangers = None if backbone is None else store.features(backbone.sha256, backbone.size)
         before = leave_one_out(features, current.weights, current.threshold, strangers)
         after = leave_one_out(features, model.weights, model.threshold, strangers)
         if before is None or after is None or after >= before - drop:
@@ -156,9 +138,9 @@ class ModelInstaller:
             threshold=model.threshold,
         )
         try:
-            self.recognizer.set_head(head)
+            self.parts.recognizer.set_head(head)
         except RecognizerError as err:
             if strict:
                 raise RejectedMessage("bad_shapes", str(err)) from None
-            self.counters["bad_shapes"] += 1
+            self.parts.counters["bad_shapes"] += 1
             log.warning("stored model v%d unusable: %s", model.version, err)

@@ -42,6 +42,7 @@ from edge.events import EventPublisher
 from edge.gallery import STRANGER_STORE, Gallery, StrangerStore
 from edge.installer import ModelInstaller
 from edge.live import LiveDoorbell, make_detector, make_publisher
+from edge.parts import DoorbellParts
 from edge.recognizer import Recognizer
 from edge.round_training import RoundTraining
 from edge.rounds import Job, RoundParticipant
@@ -147,14 +148,18 @@ class EdgeNode:
             counters=self.counters,
             on_scored=self.session.publish_status_if_connected,
         )
-        self.models = ModelInstaller(
+        self.parts = DoorbellParts(
             config,
             state=self.state,
+            gallery=self.gallery,
+            strangers=self.strangers,
             recognizer=self.recognizer,
             artifacts=self.artifacts,
-            strangers=self.strangers,
             counters=self.counters,
             keys=self.trusted_keys,
+        )
+        self.models = ModelInstaller(
+            self.parts,
             changed=threading.Condition(),
             # Late-bound: the rounds, made below, need the installer first.
             on_new_lineage=lambda current, model: self.rounds.start_lineage(current, model),  # noqa: PLW0108
@@ -169,25 +174,13 @@ class EdgeNode:
             install=lambda artifact: self._jobs.put(lambda: self.artifacts.install(artifact)),
             current=lambda: self.models.model,
         )
-        self.training = RoundTraining(
-            config,
-            models=self.models,
-            recognizer=self.recognizer,
-            artifacts=self.artifacts,
-            gallery=self.gallery,
-            strangers=self.strangers,
-            counters=self.counters,
-            stopping=self._stopping,
-        )
+        self.training = RoundTraining(self.parts, models=self.models, stopping=self._stopping)
         self.rounds = RoundParticipant(
-            config,
-            state=self.state,
+            self.parts,
             session=self.session,
             models=self.models,
             training=self.training,
             signer=self.signer,
-            keys=self.trusted_keys,
-            counters=self.counters,
             submit=self._jobs.put,
         )
         self.secure = self.rounds.secure

@@ -12,14 +12,12 @@ import logging
 import math
 import threading
 import time
-from collections import Counter
 from collections.abc import Callable
+from dataclasses import KW_ONLY, dataclass, field
 
-from edge.artifacts import Artifacts
-from edge.config import EdgeConfig
-from edge.gallery import Gallery, GalleryFeatures, StrangerStore
+from edge.gallery import GalleryFeatures
 from edge.installer import ModelInstaller
-from edge.recognizer import Recognizer
+from edge.parts import DoorbellParts
 from edge.trainer import TrainedDelta, round_seed, train_delta
 from fedbell.faces.embedding import Features, TrainParams
 from fedbell.wire.codecs import Weights
@@ -32,32 +30,17 @@ BASE_POLL_S = 1.0
 """How often waiting for a base model looks at the stop flag, between notifications."""
 
 
+@dataclass
 class RoundTraining:
     """Trains the round's base model's head on the gallery and the stranger store."""
 
-    def __init__(
-        self,
-        config: EdgeConfig,
-        *,
-        models: ModelInstaller,
-        recognizer: Recognizer,
-        artifacts: Artifacts,
-        gallery: Gallery,
-        strangers: StrangerStore,
-        counters: Counter[str],
-        stopping: threading.Event,
-    ) -> None:
-        self.config = config
-        self.device = config.device_id
-        self.models = models
-        self.recognizer = recognizer
-        self.artifacts = artifacts
-        self.gallery = gallery
-        self.strangers = strangers
-        self.counters = counters
-        self.stopping = stopping
-        self.trainings = 0
-        """Trainings run (including those whose head then did not move)."""
+    parts: DoorbellParts
+    _: KW_ONLY
+    models: ModelInstaller
+    stopping: threading.Event
+    """Set when the node closes: a training waiting for its base model gives up."""
+    trainings: int = field(default=0, init=False)
+    """Trainings run (including those whose head then did not move)."""
 
     def train(
         self,
@@ -88,7 +71,7 @@ class RoundTraining:
             batch_size=plan.batch_size,
             learning_rate=plan.learning_rate,
             prox_mu=plan.prox_mu,
-            seed=round_seed(self.device, number),
+            seed=round_seed(self.parts.device, number),
         )
         log.info(
             "round %d: training on %d gallery images of %d person(s) and %d strangers "
@@ -104,7 +87,7 @@ class RoundTraining:
                 base.weights, data.features, data.labels, strangers, params, residual=residual
             )
         except ValueError as err:
-            self.counters["bad_shapes"] += 1
+            self.parts.counters["bad_shapes"] += 1
             log.warning(
                 "round %d: base model v%d does not fit this node: %s", number, base.version, err
             )
@@ -122,9 +105,9 @@ class RoundTraining:
         self, number: int, base: GlobalModel
     ) -> tuple[GalleryFeatures, Features] | None:
         """The gallery's features and the strangers', under the base model's backbone."""
-        backbone = self.recognizer.backbone
-        if backbone is None or self.artifacts.backbone_id != base.backbone:
-            self.counters["no_backbone"] += 1  # missing, or refused (counted by its reason)
+        backbone = self.parts.recognizer.backbone
+        if backbone is None or self.parts.artifacts.backbone_id != base.backbone:
+            self.parts.counters["no_backbone"] += 1  # missing, or refused (counted by its reason)
             log.warning(
                 "round %d: no backbone %s for model v%d yet; skipping",
                 number,
@@ -132,17 +115,19 @@ class RoundTraining:
                 base.version,
             )
             return None
-        data = self.gallery.features(backbone, self.config.training.max_images_per_person)
+        per_person = self.parts.config.training.max_images_per_person
+        data = self.parts.gallery.features(backbone, per_person)
         if len(data) == 0:
             log.warning("round %d: the gallery is empty (nobody enrolled); skipping", number)
             return None
-        return data, self.strangers.features(backbone.sha256, backbone.size)
+        return data, self.parts.strangers.features(backbone.sha256, backbone.size)
 
     def _wait_for_base(self, announcement: RoundAnnouncement) -> GlobalModel | None:
         """The round's base model, waiting a while for it to arrive; None to skip."""
         wanted = announcement.base_version
         lineage = announcement.lineage  # None: an aggregator that does not name it
-        until = min(announcement.deadline, time.time() + self.config.training.base_model_wait_s)
+        wait_s = self.parts.config.training.base_model_wait_s
+        until = min(announcement.deadline, time.time() + wait_s)
         with self.models.changed:
             while True:
                 model = self.models.model

@@ -12,19 +12,15 @@ if its round is announced again while open.
 from __future__ import annotations
 
 import logging
-from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-
-from edge.config import EdgeConfig
 from edge.installer import ModelInstaller
+from edge.parts import DoorbellParts
 from edge.plan import check_announcement
 from edge.round_training import RoundTraining
 from edge.secure import SecureParticipant
 from edge.session import NodeSession
-from edge.state import NodeState
 from fedbell.errors import RejectedMessage
 from fedbell.wire.codecs import TENSOR_CODECS, Weights
 from fedbell.wire.messages import AGGREGATOR, GlobalModel, Signer, build_update
@@ -51,32 +47,26 @@ class RoundParticipant:
 
     def __init__(
         self,
-        config: EdgeConfig,
+        parts: DoorbellParts,
         *,
-        state: NodeState,
         session: NodeSession,
         models: ModelInstaller,
         training: RoundTraining,
         signer: Signer,
-        keys: dict[str, Ed25519PublicKey] | None,
-        counters: Counter[str],
         submit: Callable[[Job], None],
     ) -> None:
         """`submit` queues a job for the worker thread; `models.changed` guards the round
         state as well as the model."""
-        self.config = config
-        self.device = config.device_id
-        self.state = state
+        self.parts = parts
+        self.device = parts.device
         self.session = session
         self.topics = session.topics
         self.models = models
         self.training = training
         self.signer = signer
-        self.keys = keys
-        self.counters = counters
         self._submit = submit
         self._changed = models.changed
-        self._last_round = state.load_last_round()
+        self._last_round = parts.state.load_last_round()
         self._rounds_taken: set[int] = set()  # queued, training or held
         self._held: HeldUpdate | None = None
         # The last update sent. Mosquitto acknowledges a QoS 1 publish before it
@@ -87,7 +77,7 @@ class RoundParticipant:
         # once more, and the aggregator counts a duplicate if it already had it.
         self._sent: HeldUpdate | None = None
         self._send_permitted = 0  # highest round whose send phase has been seen
-        self._residual = state.load_residual()  # top-k error feedback
+        self._residual = parts.state.load_residual()  # top-k error feedback
         self.secure = SecureParticipant(
             self.device,
             self.topics,
@@ -113,10 +103,10 @@ class RoundParticipant:
         # signing is configured) or one asking for a plan out of bounds is refused.
         check_announcement(
             announcement,
-            site=self.config.site,
-            aggregator_key=None if self.keys is None else self.keys[AGGREGATOR],
-            require_signature=self.keys is not None,
-            limits=self.config.accept,
+            site=self.parts.config.site,
+            aggregator_key=None if self.parts.keys is None else self.parts.keys[AGGREGATOR],
+            require_signature=self.parts.keys is not None,
+            limits=self.parts.config.accept,
         )
         if announcement.secagg is not None:
             self._on_secure_round(announcement)
@@ -208,10 +198,10 @@ class RoundParticipant:
         self._last_round = 0
         self._residual = None
         try:
-            self.state.save_last_round(0)
-            self.state.clear_residual()
+            self.parts.state.save_last_round(0)
+            self.parts.state.clear_residual()
         except OSError as err:
-            self.counters["store_failed"] += 1
+            self.parts.counters["store_failed"] += 1
             log.error("could not reset the round state: %s", err)
 
     # --- worker jobs ------------------------------------------------------------------
@@ -220,7 +210,7 @@ class RoundParticipant:
         try:
             self.secure.step(announcement)
         except RejectedMessage as err:  # e.g. a roster or inbox the library refuses
-            self.counters[err.reason] += 1
+            self.parts.counters[err.reason] += 1
             log.warning("round %d (%s): %s", announcement.round, announcement.phase, err)
 
     def _take_part(self, announcement: RoundAnnouncement) -> None:
@@ -237,7 +227,7 @@ class RoundParticipant:
             self._train_secure(announcement)
             return
         if announcement.codec not in TENSOR_CODECS:
-            self.counters["bad_codec"] += 1
+            self.parts.counters["bad_codec"] += 1
             log.warning(
                 "round %d: codec %s is not an update codec; skipping", number, announcement.codec
             )
@@ -253,7 +243,7 @@ class RoundParticipant:
         if announcement.codec == "topk":
             delta, residual = with_error_feedback(base.names, delta, announcement.density)
         payload = build_update(
-            site=self.config.site,
+            site=self.parts.config.site,
             signer=self.signer,
             round_id=number,
             base_version=base.version,
@@ -319,10 +309,10 @@ class RoundParticipant:
             if residual is not None:
                 self._residual = residual
         try:
-            self.state.save_last_round(self._last_round)
+            self.parts.state.save_last_round(self._last_round)
             if residual is not None:
-                self.state.save_residual(residual)
+                self.parts.state.save_residual(residual)
         except OSError as err:
-            self.counters["store_failed"] += 1
+            self.parts.counters["store_failed"] += 1
             log.error("could not record round %d: %s", number, err)
         self.session.publish_status()

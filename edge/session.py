@@ -114,6 +114,8 @@ class NodeSession:
 
     def close(self) -> None:
         """Publish the offline status (if connected), disconnect, stop paho's thread."""
+        if self._closing.is_set():
+            return
         self._closing.set()
         if self.connected.is_set():
             info = self.client.publish(
