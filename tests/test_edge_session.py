@@ -17,28 +17,17 @@ from pathlib import Path
 import pytest
 
 from broker.local import LocalBroker
-from edge.config import EdgeConfig
-from edge.recognition_config import CameraConfig
 from edge.session import Listener, NodeSession, payload_only
-from fedbell.config import MqttSettings
 from fedbell.errors import RejectedMessage
 from tests.mqtt_helpers import Probe
-from tests.test_edge_node import aggregator_at, wait_until
+from tests.test_edge_node import DEVICE, aggregator_at, make_config, wait_until
 
 Received = list[tuple[str, bytes]]
 
 
 def make_session(tmp_path: Path, broker: LocalBroker, counters: Counter[str]) -> NodeSession:
-    config = EdgeConfig(
-        device_id="door1",
-        site="home",
-        mqtt=MqttSettings(port=broker.port, keepalive=5),
-        state_dir=tmp_path / "state",
-        gallery_dir=tmp_path / "gallery",
-        camera=CameraConfig(enabled=False),
-    )
     return NodeSession(
-        config,
+        make_config(tmp_path, broker.port, tmp_path / "gallery"),
         counters,
         status=lambda state: f'{{"state": "{state}"}}'.encode(),
         summary=lambda: "a test doorbell",
@@ -99,7 +88,7 @@ def test_status_on_connect_listeners_and_offline_status_on_close(
     session: NodeSession, broker: LocalBroker
 ) -> None:
     heard = threading.Event()
-    listener_topic = "doorbell/door1/command"
+    listener_topic = f"doorbell/{DEVICE}/command"
     received: list[bytes] = []
     session.add_listener(Listener(lambda: [(listener_topic, 1)], heard.set))
     # The listener routes its own messages, as edge/events.py does.
