@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from collections.abc import Callable, Mapping
+from dataclasses import KW_ONLY, dataclass, field
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
@@ -42,28 +43,21 @@ def refuse_older_lineage(current: GlobalModel, lineage: str, epoch: int) -> None
         )
 
 
+@dataclass
 class BackboneDownload:
     """Feeds manifests and chunks into one assembly; hands a complete backbone to `install`."""
 
-    def __init__(
-        self,
-        topics: Topics,
-        artifacts: Artifacts,
-        counters: Counter[str],
-        *,
-        keys: Mapping[str, Ed25519PublicKey] | None,
-        max_bytes: int,
-        install: Callable[[TfliteArtifact], None],
-        current: Callable[[], GlobalModel | None],
-    ) -> None:
-        self.topics = topics
-        self.artifacts = artifacts
-        self.counters = counters
-        self.keys = keys
-        self.max_bytes = max_bytes
-        self.install = install
-        self.current = current
-        self.assembly = BackboneAssembly()
+    topics: Topics
+    artifacts: Artifacts
+    counters: Counter[str]
+    _: KW_ONLY
+    keys: Mapping[str, Ed25519PublicKey] | None
+    max_bytes: int
+    install: Callable[[TfliteArtifact], None]
+    """Called (on paho's thread) with a verified backbone: it queues the install."""
+    current: Callable[[], GlobalModel | None]
+    """The installed global model, whose lineage an older one's manifest may not replace."""
+    assembly: BackboneAssembly = field(default_factory=BackboneAssembly)
 
     def on_manifest(self, payload: bytes) -> None:
         manifest = parse_manifest(

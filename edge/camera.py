@@ -234,7 +234,29 @@ def _bgr(frame: Any) -> Frame:
     return np.ascontiguousarray(np.asarray(frame)[:, :, :3], dtype=np.uint8)
 
 
-class OpenCVSource:
+class SplitFrameSource:
+    """A source that reads whole frames and, given a splitter, makes both streams of each."""
+
+    _splitter: StreamSplitter | None = None
+
+    def _read_frame(self) -> Frame | None:
+        """The next whole frame; None at the end of a replay."""
+        raise NotImplementedError
+
+    def read(self) -> Frame | None:
+        pair = self.read_pair()
+        return None if pair is None else pair.small
+
+    def read_pair(self) -> FramePair | None:
+        frame = self._read_frame()
+        if frame is None:
+            return None
+        if self._splitter is None:
+            return FramePair(frame, time.monotonic())
+        return self._splitter.pair(frame, time.monotonic())
+
+
+class OpenCVSource(SplitFrameSource):
     """A USB camera index, an RTSP/HTTP URL, or a video file through VideoCapture."""
 
     def __init__(
@@ -264,18 +286,6 @@ class OpenCVSource:
             self._capture.set(cv2.CAP_PROP_FRAME_HEIGHT, asked[1])
             self._capture.set(cv2.CAP_PROP_FPS, fps)
 
-    def read(self) -> Frame | None:
-        pair = self.read_pair()
-        return None if pair is None else pair.small
-
-    def read_pair(self) -> FramePair | None:
-        frame = self._read_frame()
-        if frame is None:
-            return None
-        if self._splitter is None:
-            return FramePair(frame, time.monotonic())
-        return self._splitter.pair(frame, time.monotonic())
-
     def _read_frame(self) -> Frame | None:
         ok, frame = self._capture.read()
         if not ok and self._is_file and self._loop:
@@ -298,7 +308,7 @@ def _as_device(device: int | str) -> int | str:
     return device
 
 
-class FolderSource:
+class FolderSource(SplitFrameSource):
     """Images of a folder replayed in name order at a set frame rate."""
 
     def __init__(
@@ -323,18 +333,6 @@ class FolderSource:
         self._index = 0
         self._next_time = time.monotonic()
         self._sleep = sleep
-
-    def read(self) -> Frame | None:
-        pair = self.read_pair()
-        return None if pair is None else pair.small
-
-    def read_pair(self) -> FramePair | None:
-        frame = self._read_frame()
-        if frame is None:
-            return None
-        if self._splitter is None:
-            return FramePair(frame, time.monotonic())
-        return self._splitter.pair(frame, time.monotonic())
 
     def _read_frame(self) -> Frame | None:
         while True:

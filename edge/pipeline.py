@@ -198,6 +198,8 @@ class Tracker:
 
 @dataclass
 class PipelineCounters:
+    """What the pipeline saw and did since it started (the status shows the frame rate)."""
+
     frames: int = 0
     faces: int = 0
     visits: int = 0

@@ -3,7 +3,7 @@
 Missing, corrupt, unsigned, forged, or for other tensors: the doorbell says so
 in one log line, counts it by reason, keeps recognising with the backbone and
 head it has, and skips a round it cannot train for instead of crashing; the
-next usable artifact is taken. `tests/test_edge_node.py` covers a body that is
+next usable artifact is taken. `tests/test_edge_node_house.py` covers a body that is
 not a flatbuffer at all (bad_artifact); these cover the rest, against a real
 Mosquitto, the real dlib backbone on LiteRT and the node's own threads.
 """

@@ -259,7 +259,7 @@ def test_the_watchdog_stops_when_the_network_or_worker_thread_dies_or_sticks(
         assert pings_within(notify_socket, 2.5) >= 1
 
         # paho's network thread gone: nothing more would ever be received.
-        node._client.loop_stop()
+        node.session.client.loop_stop()
         assert node.health_problem() == "MQTT network thread is dead"
         drain(notify_socket)
         assert pings_within(notify_socket, 2.5) == 0, "pinged with a dead network thread"

@@ -103,7 +103,7 @@ def test_an_unreachable_camera_leaks_its_password_nowhere(
             message = probe.wait_for(status_topic, timeout=max(0.1, deadline - time.monotonic()))
             detail = DeviceStatus.model_validate_json(message.payload).detail
             if "open failed" not in detail:
-                node._publish_status_if_connected()  # the status follows the camera state
+                node.session.publish_status_if_connected()  # the status follows the camera state
         assert SECRET not in detail
         assert "127.0.0.1:9" in detail  # still says which camera
     finally:

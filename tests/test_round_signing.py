@@ -160,12 +160,12 @@ def test_a_doorbell_refuses_forged_rounds_and_never_records_their_number(
             assert node.counters == {"unsigned": 1, "bad_signature": 1, "plan_out_of_bounds": 1}
             assert node.last_round == 0
             assert node.held_round is None
-            assert node._rounds_taken == set()
+            assert node.rounds._rounds_taken == set()
 
             # The real round 1 is still taken part in (it waits for its base model).
             real = signing.sign_announcement(announcement(1), SITE, aggregator_key)
             attacker.publish(TOPICS.round, to_json(real), retain=True)
-            wait_until(lambda: 1 in node._rounds_taken, what="round 1 taken")
+            wait_until(lambda: 1 in node.rounds._rounds_taken, what="round 1 taken")
             assert sum(node.counters.values()) == 3
         from edge.state import NodeState
 

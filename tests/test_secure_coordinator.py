@@ -130,7 +130,7 @@ class InProcessFederation:
             else:
                 try:
                     participant.step(announcement)
-                except RejectedMessage as err:  # counted by the node (EdgeNode._secure_step)
+                except RejectedMessage as err:  # counted (edge/rounds.py, _secure_step)
                     self.refused[device].append(err.reason)
 
     def after(self, seconds: float) -> None:

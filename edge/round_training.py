@@ -1,0 +1,154 @@
+"""A round's local training: its base model, this house's data, the trained delta.
+
+Runs on the node's worker thread. Every reason to sit a round out (the
+deadline passed, the base model never came, no backbone for it, an empty
+gallery, a head that does not fit, nothing to tell apart) is logged and
+answered with None: the round goes on without this doorbell.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import KW_ONLY, dataclass, field
+
+from edge.gallery import GalleryFeatures
+from edge.installer import ModelInstaller
+from edge.parts import DoorbellParts
+from edge.trainer import TrainedDelta, round_seed, train_delta
+from fedbell.faces.embedding import Features, TrainParams
+from fedbell.wire.codecs import Weights
+from fedbell.wire.messages import GlobalModel
+from fedbell.wire.protocol import RoundAnnouncement
+
+log = logging.getLogger(__name__)
+
+BASE_POLL_S = 1.0
+"""How often waiting for a base model looks at the stop flag, between notifications."""
+
+
+@dataclass
+class RoundTraining:
+    """Trains the round's base model's head on the gallery and the stranger store."""
+
+    parts: DoorbellParts
+    _: KW_ONLY
+    models: ModelInstaller
+    stopping: threading.Event
+    """Set when the node closes: a training waiting for its base model gives up."""
+    trainings: int = field(default=0, init=False)
+    """Trainings run (including those whose head then did not move)."""
+
+    def train(
+        self,
+        announcement: RoundAnnouncement,
+        residual: Weights | None,
+        ready: Callable[[], None] | None = None,
+    ) -> tuple[GlobalModel, TrainedDelta] | None:
+        """The client step's training from the round's base model; None to skip the round.
+
+        `ready`: called once the base model and the training data are here, just before
+        training (a secure round advertises its keys then)."""
+        number = announcement.round
+        if time.time() > announcement.deadline:
+            log.info("round %d: deadline already passed; skipping", number)
+            return None
+        base = self._wait_for_base(announcement)
+        if base is None:
+            return None
+        found = self._training_data(number, base)
+        if found is None:
+            return None
+        data, strangers = found
+        if ready is not None:
+            ready()
+        plan = announcement.train
+        params = TrainParams(
+            epochs=plan.epochs,
+            batch_size=plan.batch_size,
+            learning_rate=plan.learning_rate,
+            prox_mu=plan.prox_mu,
+            seed=round_seed(self.parts.device, number),
+        )
+        log.info(
+            "round %d: training on %d gallery images of %d person(s) and %d strangers "
+            "from model v%d",
+            number,
+            len(data),
+            len(data.persons),
+            len(strangers),
+            base.version,
+        )
+        try:
+            result = train_delta(
+                base.weights, data.features, data.labels, strangers, params, residual=residual
+            )
+        except ValueError as err:
+            self.parts.counters["bad_shapes"] += 1
+            log.warning(
+                "round %d: base model v%d does not fit this node: %s", number, base.version, err
+            )
+            return None
+        self.trainings += 1
+        if not math.isfinite(result.loss):
+            # One person and no strangers: nothing to tell apart, the head did not move.
+            log.warning(
+                "round %d: nothing to learn from (one person, no strangers yet); skipping", number
+            )
+            return None
+        return base, result
+
+    def _training_data(
+        self, number: int, base: GlobalModel
+    ) -> tuple[GalleryFeatures, Features] | None:
+        """The gallery's features and the strangers', under the base model's backbone."""
+        backbone = self.parts.recognizer.backbone
+        if backbone is None or self.parts.artifacts.backbone_id != base.backbone:
+            self.parts.counters["no_backbone"] += 1  # missing, or refused (counted by its reason)
+            log.warning(
+                "round %d: no backbone %s for model v%d yet; skipping",
+                number,
+                base.backbone[:12],
+                base.version,
+            )
+            return None
+        per_person = self.parts.config.training.max_images_per_person
+        data = self.parts.gallery.features(backbone, per_person)
+        if len(data) == 0:
+            log.warning("round %d: the gallery is empty (nobody enrolled); skipping", number)
+            return None
+        return data, self.parts.strangers.features(backbone.sha256, backbone.size)
+
+    def _wait_for_base(self, announcement: RoundAnnouncement) -> GlobalModel | None:
+        """The round's base model, waiting a while for it to arrive; None to skip."""
+        wanted = announcement.base_version
+        lineage = announcement.lineage  # None: an aggregator that does not name it
+        wait_s = self.parts.config.training.base_model_wait_s
+        until = min(announcement.deadline, time.time() + wait_s)
+        with self.models.changed:
+            while True:
+                model = self.models.model
+                same = model is not None and lineage in (None, model.lineage)
+                if model is not None and same and model.version == wanted:
+                    return model
+                if model is not None and same and model.version > wanted:
+                    log.warning(
+                        "round %d: base is v%d but this node already has v%d; skipping",
+                        announcement.round,
+                        wanted,
+                        model.version,
+                    )
+                    return None
+                left = until - time.time()
+                if left <= 0 or self.stopping.is_set():
+                    log.warning(
+                        "round %d: base model v%d never arrived (have %s); skipping",
+                        announcement.round,
+                        wanted,
+                        self.models.version,
+                    )
+                    return None
+                self.models.changed.wait(min(left, BASE_POLL_S))
