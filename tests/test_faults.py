@@ -300,7 +300,9 @@ def test_a_node_killed_mid_round_takes_part_after_its_restart(
     node.start()
     recorder.command(cmd="send")  # the retained round now says "send": it trains again
     aggregator.wait_log("accepted update from d1", timeout=STARTUP)
-    assert "round 1: update sent" in node.log()
+    # The doorbell logs "sent" when its PUBACK arrives, which can be a few ms after the
+    # aggregator has already accepted the update: wait for the line, do not race it.
+    node.wait_log("round 1: update sent", timeout=ROUND)
     recorder.command(cmd="aggregate")
     recorder.command(cmd="publish")
     metrics = recorder.metrics(1, timeout=ROUND)
