@@ -318,13 +318,25 @@ def test_a_drift_in_small_steps_stops_at_the_budget_below_the_lineage_start(
     site = Site(tmp_path, scoring_exporter, clip_norm=None, max_accuracy_drop=0.2)
     start = scoring_exporter.accuracy(site.coordinator.model.weights)
     assert start is not None
-    rng = np.random.default_rng(2)
-    target = [np.outer(rng.normal(size=b.shape[0]), rng.normal(size=b.shape[1])) for b in site.base]
+
+    # The most harmful of a few random rank-one heads: how far one random head falls on a
+    # 12-photo evaluation set depends on the machine's backbone build (from 0.5 to 0.333 on
+    # one machine, a fall of 0.5 on another); the worst of 8 falls far on both.
+    def rank_one(seed: int) -> list[np.ndarray]:
+        rng = np.random.default_rng(seed)
+        return [
+            np.outer(rng.normal(size=b.shape[0]), rng.normal(size=b.shape[1])) for b in site.base
+        ]
+
+    def scored(head: list[np.ndarray]) -> float:
+        accuracy = scoring_exporter.accuracy([h.astype(np.float32) for h in head])
+        assert accuracy is not None
+        return accuracy
+
+    target = min((rank_one(seed) for seed in range(8)), key=scored)
     path = [(t - b) / 4 for t, b in zip(target, site.base, strict=True)]
-    walked = scoring_exporter.accuracy(
-        [(b + 4 * p).astype(np.float32) for b, p in zip(site.base, path, strict=True)]
-    )
-    assert walked is not None
+    walked = scored([b + 4 * p for b, p in zip(site.base, path, strict=True)])
+    print(f"start {start:.3f}, walk's end {walked:.3f}")
     assert walked < start - 0.3  # the walk's end really is far worse
     position, step = 0.0, 1.0  # how far along the path the published model is
     for _ in range(8):
