@@ -108,33 +108,18 @@ class SecureRounds:
         return self.privacy.houses(len(keys) if keys else None, len(self.online))
 
     def _secagg_plan(self, round_id: int, selected: int) -> SecAggPlan:
-        """A secure round's plan: the round's shared subset, masking, clipping and noise."""
+        """A secure round's plan, from the round settings and the model."""
         rounds = self.config.rounds
         assert rounds.clip_norm is not None  # the config requires it with secure aggregation
-        dimension = sum(int(w.size) for w in self.model.weights)
-        subset = masking.shared_subset(dimension, rounds.density, round_id, self.model.lineage)
-        noise_std = dp.noise_std_per_doorbell(
-            rounds.privacy.noise_multiplier, rounds.clip_norm, rounds.min_cohort
-        )
-        params = SecAggParams.for_cohort(
+        return secagg_plan(
             round_id=round_id,
             lineage=self.model.lineage,
+            dimension=sum(int(w.size) for w in self.model.weights),
             cohort=selected,
-            size=len(subset),
-            clip_norm=rounds.clip_norm,
-            noise_std=noise_std,
-            min_cohort=rounds.min_cohort,
-        )
-        return SecAggPlan(
-            min_cohort=params.min_cohort,
-            neighbours=params.neighbours,
-            threshold=params.share_threshold,
-            scale=params.scale,
-            dimension=dimension,
-            size=params.size,
             density=rounds.density,
             clip_norm=rounds.clip_norm,
-            noise_std=noise_std,
+            noise_multiplier=rounds.privacy.noise_multiplier,
+            min_cohort=rounds.min_cohort,
         )
 
     def _privacy_fields(self, current: Round) -> dict[str, float | None]:
@@ -229,6 +214,48 @@ class SecureRounds:
         self.rejected[err.reason] += 1
         current.rejected[err.reason] += 1
         self._abandon(f"{err.reason}: {err.detail}")
+
+
+def secagg_plan(
+    *,
+    round_id: int,
+    lineage: str,
+    dimension: int,
+    cohort: int,
+    density: float,
+    clip_norm: float,
+    noise_multiplier: float,
+    min_cohort: int,
+) -> SecAggPlan:
+    """A secure round's plan as the aggregator announces it: the round's shared subset
+    of the head's `dimension` values, the masking parameters for `cohort` doorbells,
+    clipping, and each doorbell's share of the privacy noise.
+
+    The noise is split among `min_cohort` doorbells (the fewest whose sum is ever
+    unmasked), so any unmasked sum carries at least noise_multiplier x clip_norm.
+    """
+    subset = masking.shared_subset(dimension, density, round_id, lineage)
+    noise_std = dp.noise_std_per_doorbell(noise_multiplier, clip_norm, min_cohort)
+    params = SecAggParams.for_cohort(
+        round_id=round_id,
+        lineage=lineage,
+        cohort=cohort,
+        size=len(subset),
+        clip_norm=clip_norm,
+        noise_std=noise_std,
+        min_cohort=min(min_cohort, cohort),
+    )
+    return SecAggPlan(
+        min_cohort=params.min_cohort,
+        neighbours=params.neighbours,
+        threshold=params.share_threshold,
+        scale=params.scale,
+        dimension=dimension,
+        size=params.size,
+        density=density,
+        clip_norm=clip_norm,
+        noise_std=noise_std,
+    )
 
 
 def _b64(payload: bytes) -> str:
