@@ -37,6 +37,27 @@ def params(round_id: int = 5, **changes: object) -> SecAggParams:
     return SecAggParams(**{**base.to_dict(), **changes})
 
 
+def graph_params(
+    *,
+    neighbours: int,
+    threshold: int,
+    min_cohort: int,
+    round_id: int,
+    lineage: str | None = None,
+    size: int = SIZE,
+) -> SecAggParams:
+    """Parameters with an explicit neighbour graph (k neighbours, t of them rebuild)."""
+    return SecAggParams(
+        round_id=round_id,
+        lineage=lineage,
+        min_cohort=min_cohort,
+        neighbours=neighbours,
+        share_threshold=threshold,
+        scale=1.0,
+        size=size,
+    )
+
+
 def random_inputs(names: Sequence[str], seed: int = 0) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
     return {n: rng.integers(0, 2**32, SIZE, dtype=np.uint64).astype(np.uint32) for n in names}
@@ -95,15 +116,7 @@ def test_ten_doorbells_two_dropped_after_masking_sum_to_the_eight_survivors() ->
 
 def test_silent_survivors_and_dropouts_together_on_a_sparse_graph() -> None:
     names = [f"d{i:03d}" for i in range(40)]
-    p = SecAggParams(
-        round_id=9,
-        lineage=None,
-        min_cohort=20,
-        neighbours=12,
-        share_threshold=7,
-        scale=1.0,
-        size=SIZE,
-    )
+    p = graph_params(neighbours=12, threshold=7, min_cohort=20, round_id=9)
     inputs = random_inputs(names, seed=3)
     dropped, silent = {"d001", "d017", "d030"}, {"d002", "d020"}
     total = run_secure_round(inputs, p, None, drop_after_masking=dropped, drop_after_sending=silent)
@@ -358,15 +371,7 @@ def test_too_few_adverts_give_no_roster() -> None:
 
 def test_the_graph_is_regular_symmetric_and_the_same_for_everyone() -> None:
     names = [f"d{i:04d}" for i in range(300)]
-    p = SecAggParams(
-        round_id=2,
-        lineage="x",
-        min_cohort=100,
-        neighbours=18,
-        share_threshold=10,
-        scale=1.0,
-        size=8,
-    )
+    p = graph_params(neighbours=18, threshold=10, min_cohort=100, round_id=2, lineage="x", size=8)
     graph = neighbour_graph(names, p)
     assert graph == neighbour_graph(list(reversed(names)), p)
     assert all(len(peers) == 18 for peers in graph.values())
@@ -388,15 +393,7 @@ def test_defaults_grow_with_log_n_and_keep_the_sum_in_range() -> None:
 
 def test_params_refuse_a_minority_threshold_and_survive_a_dict_round_trip() -> None:
     with pytest.raises(ValueError, match="majority"):
-        SecAggParams(
-            round_id=1,
-            lineage=None,
-            min_cohort=3,
-            neighbours=10,
-            share_threshold=5,
-            scale=1.0,
-            size=4,
-        )
+        graph_params(neighbours=10, threshold=5, min_cohort=3, round_id=1, size=4)
     p = params()
     assert SecAggParams.from_dict(json.loads(json.dumps(p.to_dict()))) == p
     with pytest.raises(ValueError, match="fields"):
@@ -420,15 +417,7 @@ def test_any_threshold_of_shares_rebuilds_the_secret(
 
 def test_a_self_secret_with_fewer_than_t_revealed_shares_is_named() -> None:
     names = [f"d{i:02d}" for i in range(12)]
-    p = SecAggParams(
-        round_id=4,
-        lineage=None,
-        min_cohort=3,
-        neighbours=4,
-        share_threshold=3,
-        scale=1.0,
-        size=SIZE,
-    )
+    p = graph_params(neighbours=4, threshold=3, min_cohort=3, round_id=4)
     round_ = Round(p, names)
     request = round_.mask()
     victim = "d07"
@@ -482,15 +471,7 @@ def test_rng_seed_makes_the_keys_reproducible() -> None:
 
 
 def test_an_odd_neighbour_count_on_a_sparse_roster_rounds_down_to_even() -> None:
-    p = SecAggParams(
-        round_id=1,
-        lineage=None,
-        min_cohort=3,
-        neighbours=9,
-        share_threshold=5,
-        scale=1.0,
-        size=SIZE,
-    )
+    p = graph_params(neighbours=9, threshold=5, min_cohort=3, round_id=1)
     assert p.degree(30) == (8, 5)
     assert p.degree(10) == (9, 5)
     assert p.degree(6) == (5, 5)
@@ -518,14 +499,8 @@ def test_any_recoverable_dropout_pattern_gives_the_exact_survivor_sum(
 ) -> None:
     names = [f"h{i:02d}" for i in range(count)]
     k = data.draw(st.sampled_from([2, 4, 6, count - 1]))
-    p = SecAggParams(
-        round_id=seed % 1000 + 1,
-        lineage=None,
-        min_cohort=3,
-        neighbours=k,
-        share_threshold=k // 2 + 1,
-        scale=1.0,
-        size=8,
+    p = graph_params(
+        neighbours=k, threshold=k // 2 + 1, min_cohort=3, round_id=seed % 1000 + 1, size=8
     )
     inputs = {n: v[:8] for n, v in random_inputs(names, seed).items()}
     dropped = set(data.draw(st.lists(st.sampled_from(names), max_size=count // 3, unique=True)))
