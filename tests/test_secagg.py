@@ -92,12 +92,20 @@ class Round:
 
     def mask(self, dropped: Sequence[str] = ()) -> bytes:
         self.share()
+        return self.deliver_and_mask(dropped)
+
+    def deliver_and_mask(self, dropped: Sequence[str] = ()) -> bytes:
+        """Each client's inbox in, each masked input but the dropped ones out."""
         for name, client in self.clients.items():
             client.receive(self.server.inbox(name))
         for name, client in self.clients.items():
             if name not in dropped:
                 self.server.add_masked(name, client.masked_input(self.inputs[name]))
         return self.server.unmask_request()
+
+    def unmask(self, request: bytes) -> None:
+        for name, client in self.clients.items():
+            self.server.add_unmask(name, client.unmask(request))
 
 
 def reason_of(err: pytest.ExceptionInfo[RejectedMessage]) -> str:
@@ -200,12 +208,7 @@ def test_a_dealer_of_inconsistent_shares_is_named(monkeypatch: pytest.MonkeyPatc
         else:
             payload = client.share(roster)
         round_.server.add_shares(name, payload)
-    for name, client in round_.clients.items():
-        client.receive(round_.server.inbox(name))
-        round_.server.add_masked(name, client.masked_input(round_.inputs[name]))
-    request = round_.server.unmask_request()
-    for name, client in round_.clients.items():
-        round_.server.add_unmask(name, client.unmask(request))
+    round_.unmask(round_.deliver_and_mask())
     with pytest.raises(SecAggError) as err:
         round_.server.result()
     assert reason_of(err) == "secagg_bad_share"
@@ -309,12 +312,7 @@ def test_malformed_shares_are_refused_and_the_round_goes_on() -> None:
         round_.clients["bell-04"].receive(json.dumps(inbox).encode())
     assert reason_of(altered) == "secagg_bad_share"
     assert altered.value.device == dealer
-    for name, client in round_.clients.items():
-        client.receive(round_.server.inbox(name))
-        round_.server.add_masked(name, client.masked_input(round_.inputs[name]))
-    request = round_.server.unmask_request()
-    for name, client in round_.clients.items():
-        round_.server.add_unmask(name, client.unmask(request))
+    round_.unmask(round_.deliver_and_mask())
     total, survivors = round_.server.result()
     assert np.array_equal(total, plain_sum(round_.inputs, survivors))
 
