@@ -10,6 +10,7 @@ head's shape, are computed with numpy from the global model they received.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import re
@@ -270,6 +271,17 @@ def control(device: FakeDevice, command: dict[str, Any] | str) -> None:
     device.publish(TOPICS.control, payload.encode())
 
 
+Configure = Callable[..., AggregatorConfig]
+"""`make_config` for this test's broker and folder and the session's cache."""
+Devices = Callable[..., list[FakeDevice]]
+"""Fake doorbells, by name, closed after the test."""
+
+
+@pytest.fixture
+def configure(broker: LocalBroker, tmp_path: Path, aggregator_cache: Path) -> Configure:
+    return functools.partial(make_config, tmp_path, broker.port, aggregator_cache)
+
+
 @pytest.fixture
 def watcher(broker: LocalBroker) -> Iterator[Watcher]:
     watching = Watcher(broker.port)
@@ -278,7 +290,7 @@ def watcher(broker: LocalBroker) -> Iterator[Watcher]:
 
 
 @pytest.fixture
-def devices(broker: LocalBroker) -> Iterator[Callable[..., list[FakeDevice]]]:
+def devices(broker: LocalBroker) -> Iterator[Devices]:
     made: list[FakeDevice] = []
 
     def make(*names: str) -> list[FakeDevice]:
@@ -293,12 +305,12 @@ def devices(broker: LocalBroker) -> Iterator[Callable[..., list[FakeDevice]]]:
 def test_round_publishes_weighted_average_and_rejects_bad_updates(
     broker: LocalBroker,
     watcher: Watcher,
-    devices: Callable[..., list[FakeDevice]],
+    devices: Devices,
     tmp_path: Path,
-    aggregator_cache: Path,
+    configure: Configure,
 ) -> None:
     write_synthetic(tmp_path / "heldout", persons=3, photos=3, seed=0)  # Haar finds them all
-    config = make_config(tmp_path, broker.port, aggregator_cache, evaluation=tmp_path / "heldout")
+    config = configure(evaluation=tmp_path / "heldout")
     alice, bob, eve = devices("alice", "bob", "eve")
     with running(config) as service:
         base = watcher.global_model(0)
@@ -404,13 +416,11 @@ def test_round_publishes_weighted_average_and_rejects_bad_updates(
 
 
 def test_deadline_closes_with_quorum_else_abandons(
-    broker: LocalBroker,
     watcher: Watcher,
-    devices: Callable[..., list[FakeDevice]],
-    tmp_path: Path,
-    aggregator_cache: Path,
+    devices: Devices,
+    configure: Configure,
 ) -> None:
-    config = make_config(tmp_path, broker.port, aggregator_cache, timeout_s=1.5, min_updates=2)
+    config = configure(timeout_s=1.5, min_updates=2)
     alice, bob, _carol = devices("alice", "bob", "carol")
     with running(config) as service:
         base = watcher.global_model(0)
@@ -438,13 +448,11 @@ def test_deadline_closes_with_quorum_else_abandons(
 
 
 def test_step_by_step_train_send_aggregate_publish(
-    broker: LocalBroker,
     watcher: Watcher,
-    devices: Callable[..., list[FakeDevice]],
-    tmp_path: Path,
-    aggregator_cache: Path,
+    devices: Devices,
+    configure: Configure,
 ) -> None:
-    config = make_config(tmp_path, broker.port, aggregator_cache, codec="int8", min_updates=2)
+    config = configure(codec="int8", min_updates=2)
     alice, bob = devices("alice", "bob")
     with running(config) as service:
         base = watcher.global_model(0)

@@ -7,19 +7,18 @@ the watcher of tests/test_aggregator.py.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from pathlib import Path
 
-from broker.local import LocalBroker
 from tests.test_aggregator import (
     TOPICS,
-    FakeDevice,
+    Configure,
+    Devices,
     Watcher,
     _version,
     assert_weighted_mean,
+    configure,
     control,
     devices,
-    make_config,
     random_delta,
     received,
     running,
@@ -27,17 +26,16 @@ from tests.test_aggregator import (
     watcher,
 )
 
-__all__ = ["devices", "watcher"]  # the fixtures, shared with test_aggregator
+__all__ = ["configure", "devices", "watcher"]  # the fixtures, shared with test_aggregator
 
 
 def test_restart_resumes_the_open_round(
-    broker: LocalBroker,
     watcher: Watcher,
-    devices: Callable[..., list[FakeDevice]],
+    devices: Devices,
     tmp_path: Path,
-    aggregator_cache: Path,
+    configure: Configure,
 ) -> None:
-    config = make_config(tmp_path, broker.port, aggregator_cache)
+    config = configure()
     alice, bob = devices("alice", "bob")
     with running(config) as service:
         base = watcher.global_model(0)
@@ -66,13 +64,11 @@ def test_restart_resumes_the_open_round(
 
 
 def test_restart_after_the_deadline_closes_the_round(
-    broker: LocalBroker,
     watcher: Watcher,
-    devices: Callable[..., list[FakeDevice]],
-    tmp_path: Path,
-    aggregator_cache: Path,
+    devices: Devices,
+    configure: Configure,
 ) -> None:
-    config = make_config(tmp_path, broker.port, aggregator_cache, timeout_s=2.0)
+    config = configure(timeout_s=2.0)
     alice, _bob = devices("alice", "bob")
     with running(config) as service:
         base = watcher.global_model(0)
