@@ -32,6 +32,17 @@ from fedbell.wire.protocol import Phase, RoundAnnouncement, SecAggPlan
 
 NextStep = Literal["wait", "aggregate", "abandon"]
 
+_RECORDED_AS_IS = (
+    "announcement",
+    "status",
+    "manual",
+    "started_at",
+    "examples",
+    "bytes_up",
+    "announce_bytes",
+)
+"""The fields a round and its state record (`RoundRecord`) hold alike."""
+
 
 def select_devices(
     online: Iterable[str],
@@ -176,14 +187,8 @@ class Round:
 
     def to_record(self, sum_file: str | None) -> RoundRecord:
         return RoundRecord(
-            announcement=self.announcement,
-            status=self.status,
-            manual=self.manual,
-            started_at=self.started_at,
+            **{name: getattr(self, name) for name in _RECORDED_AS_IS},
             received=tuple(self.received),
-            examples=self.examples,
-            bytes_up=self.bytes_up,
-            announce_bytes=self.announce_bytes,
             rejected=dict(self.rejected),
             total_weight=self.accumulator.total,
             strategy=self.strategy,
@@ -195,15 +200,9 @@ class Round:
         cls, record: RoundRecord, accumulator: Accumulator, strategy: Strategy
     ) -> Round:
         return cls(
-            announcement=record.announcement,
-            manual=record.manual,
-            started_at=record.started_at,
+            **{name: getattr(record, name) for name in _RECORDED_AS_IS},
             accumulator=accumulator,
             strategy=strategy,
-            status=record.status,
             received=list(record.received),
-            examples=record.examples,
-            bytes_up=record.bytes_up,
-            announce_bytes=record.announce_bytes,
             rejected=Counter(record.rejected),
         )

@@ -48,16 +48,16 @@ from aggregator.config import DEFAULT_MIN_COHORT, RoundSettings
 from aggregator.export import as_received
 from aggregator.rounds import Round, announce, select_devices
 from aggregator.secure import mean_delta
+from aggregator.secure_rounds import secagg_plan as aggregator_secagg_plan
 from aggregator.strategy import InconsistentUpdate
 from edge.secure import secure_update
 from edge.trainer import round_seed, train_delta
 from fedbell.errors import RejectedMessage
 from fedbell.faces.embedding import HEAD_NAMES, Features, LabelIds, TrainParams
-from fedbell.wire import dp, masking, messages
+from fedbell.wire import masking, messages
 from fedbell.wire.codecs import Weights
 from fedbell.wire.envelope import Codec, TensorSpec
 from fedbell.wire.protocol import SecAggPlan, to_json
-from fedbell.wire.secagg import SecAggParams
 from fedbell.wire.sparsify import with_error_feedback
 
 Strategy = Literal["fedavg", "clipped", "median", "trimmed_mean", "multi_krum"]
@@ -326,30 +326,16 @@ def _client_step(  # noqa: PLR0917 - what a doorbell holds in a round
 
 
 def secagg_plan(secure: Secure, dimension: int, round_id: int, cohort: int) -> SecAggPlan:
-    """The round's plan as the aggregator announces it (`Coordinator._secagg_plan`)."""
-    subset = masking.shared_subset(dimension, secure.density, round_id, LINEAGE)
-    noise_std = dp.noise_std_per_doorbell(
-        secure.noise_multiplier, secure.clip_norm, secure.min_cohort
-    )
-    params = SecAggParams.for_cohort(
+    """The round's plan as the aggregator announces it (`aggregator.secure_rounds.secagg_plan`)."""
+    return aggregator_secagg_plan(
         round_id=round_id,
         lineage=LINEAGE,
-        cohort=cohort,
-        size=len(subset),
-        clip_norm=secure.clip_norm,
-        noise_std=noise_std,
-        min_cohort=min(secure.min_cohort, cohort),
-    )
-    return SecAggPlan(
-        min_cohort=params.min_cohort,
-        neighbours=params.neighbours,
-        threshold=params.share_threshold,
-        scale=params.scale,
         dimension=dimension,
-        size=params.size,
+        cohort=cohort,
         density=secure.density,
         clip_norm=secure.clip_norm,
-        noise_std=noise_std,
+        noise_multiplier=secure.noise_multiplier,
+        min_cohort=secure.min_cohort,
     )
 
 

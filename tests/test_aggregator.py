@@ -10,13 +10,10 @@ head's shape, are computed with numpy from the global model they received.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
-import os
 import re
-import signal
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -193,6 +190,18 @@ def weighted(base: GlobalModel, parts: list[tuple[Weights, int]]) -> Weights:
     ]
 
 
+def assert_weighted_mean(
+    new: GlobalModel,
+    base: GlobalModel,
+    parts: list[tuple[Weights, int]],
+    rtol: float = 1e-5,
+    atol: float = 1e-6,
+) -> None:
+    """The published head is the base plus the example-weighted mean of the deltas."""
+    for got, expected in zip(new.weights, weighted(base, parts), strict=True):
+        np.testing.assert_allclose(got, expected, rtol=rtol, atol=atol)
+
+
 def make_config(
     tmp_path: Path,
     port: int,
@@ -243,6 +252,12 @@ def running(config: AggregatorConfig) -> Iterator[AggregatorService]:
         assert not thread.is_alive()
 
 
+def received(service: AggregatorService) -> list[str]:
+    """The doorbells whose updates the round accepted so far ([] before the first round)."""
+    current = service.coordinator.round
+    return [] if current is None else current.received
+
+
 def wait_until(condition: Callable[[], bool], timeout: float = 20.0) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
@@ -256,6 +271,17 @@ def control(device: FakeDevice, command: dict[str, Any] | str) -> None:
     device.publish(TOPICS.control, payload.encode())
 
 
+Configure = Callable[..., AggregatorConfig]
+"""`make_config` for this test's broker and folder and the session's cache."""
+Devices = Callable[..., list[FakeDevice]]
+"""Fake doorbells, by name, closed after the test."""
+
+
+@pytest.fixture
+def configure(broker: LocalBroker, tmp_path: Path, aggregator_cache: Path) -> Configure:
+    return functools.partial(make_config, tmp_path, broker.port, aggregator_cache)
+
+
 @pytest.fixture
 def watcher(broker: LocalBroker) -> Iterator[Watcher]:
     watching = Watcher(broker.port)
@@ -264,7 +290,7 @@ def watcher(broker: LocalBroker) -> Iterator[Watcher]:
 
 
 @pytest.fixture
-def devices(broker: LocalBroker) -> Iterator[Callable[..., list[FakeDevice]]]:
+def devices(broker: LocalBroker) -> Iterator[Devices]:
     made: list[FakeDevice] = []
 
     def make(*names: str) -> list[FakeDevice]:
@@ -279,12 +305,12 @@ def devices(broker: LocalBroker) -> Iterator[Callable[..., list[FakeDevice]]]:
 def test_round_publishes_weighted_average_and_rejects_bad_updates(
     broker: LocalBroker,
     watcher: Watcher,
-    devices: Callable[..., list[FakeDevice]],
+    devices: Devices,
     tmp_path: Path,
-    aggregator_cache: Path,
+    configure: Configure,
 ) -> None:
     write_synthetic(tmp_path / "heldout", persons=3, photos=3, seed=0)  # Haar finds them all
-    config = make_config(tmp_path, broker.port, aggregator_cache, evaluation=tmp_path / "heldout")
+    config = configure(evaluation=tmp_path / "heldout")
     alice, bob, eve = devices("alice", "bob", "eve")
     with running(config) as service:
         base = watcher.global_model(0)
@@ -339,10 +365,7 @@ def test_round_publishes_weighted_average_and_rejects_bad_updates(
         bob.send(bob.update(base, delta_b, examples=1, round_id=1))
 
         new = watcher.global_model(1)
-        for got, expected in zip(
-            new.weights, weighted(base, [(delta_a, 3), (delta_b, 1)]), strict=True
-        ):
-            np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+        assert_weighted_mean(new, base, [(delta_a, 3), (delta_b, 1)])
         assert new.round == 1
         assert (new.lineage, new.backbone, new.names) == (base.lineage, base.backbone, HEAD_NAMES)
         assert -1.0 <= new.threshold <= 1.0
@@ -393,13 +416,11 @@ def test_round_publishes_weighted_average_and_rejects_bad_updates(
 
 
 def test_deadline_closes_with_quorum_else_abandons(
-    broker: LocalBroker,
     watcher: Watcher,
-    devices: Callable[..., list[FakeDevice]],
-    tmp_path: Path,
-    aggregator_cache: Path,
+    devices: Devices,
+    configure: Configure,
 ) -> None:
-    config = make_config(tmp_path, broker.port, aggregator_cache, timeout_s=1.5, min_updates=2)
+    config = configure(timeout_s=1.5, min_updates=2)
     alice, bob, _carol = devices("alice", "bob", "carol")
     with running(config) as service:
         base = watcher.global_model(0)
@@ -410,10 +431,7 @@ def test_deadline_closes_with_quorum_else_abandons(
         alice.send(alice.update(base, delta_a, examples=2, round_id=1))
         bob.send(bob.update(base, delta_b, examples=6, round_id=1))
         new = watcher.global_model(1)  # carol never answers: the deadline closes it
-        for got, expected in zip(
-            new.weights, weighted(base, [(delta_a, 2), (delta_b, 6)]), strict=True
-        ):
-            np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+        assert_weighted_mean(new, base, [(delta_a, 2), (delta_b, 6)])
         assert watcher.metrics(1, "published").participants == 2
 
         control(alice, {"cmd": "start_round", "devices": ["alice", "bob"]})
@@ -430,13 +448,11 @@ def test_deadline_closes_with_quorum_else_abandons(
 
 
 def test_step_by_step_train_send_aggregate_publish(
-    broker: LocalBroker,
     watcher: Watcher,
-    devices: Callable[..., list[FakeDevice]],
-    tmp_path: Path,
-    aggregator_cache: Path,
+    devices: Devices,
+    configure: Configure,
 ) -> None:
-    config = make_config(tmp_path, broker.port, aggregator_cache, codec="int8", min_updates=2)
+    config = configure(codec="int8", min_updates=2)
     alice, bob = devices("alice", "bob")
     with running(config) as service:
         base = watcher.global_model(0)
@@ -457,12 +473,7 @@ def test_step_by_step_train_send_aggregate_publish(
         control(alice, {"cmd": "aggregate"})  # one update, quorum two: refused
         wait_until(lambda: service.coordinator.rejected["below_quorum"] == 1)
         bob.send(bob.update(base, delta_b, examples=4, round_id=1, codec="int8"))
-        wait_until(
-            lambda: (
-                service.coordinator.round is not None
-                and len(service.coordinator.round.received) == 2
-            )
-        )
+        wait_until(lambda: len(received(service)) == 2)
         time.sleep(0.3)
         assert watcher.messages(TOPICS.metrics) == []  # a step round waits for the operator
 
@@ -474,131 +485,7 @@ def test_step_by_step_train_send_aggregate_publish(
 
         control(alice, {"cmd": "publish"})
         new = watcher.global_model(1)
-        for got, expected in zip(
-            new.weights, weighted(base, [(delta_a, 4), (delta_b, 4)]), strict=True
-        ):
-            # int8: within half a step (peak/127, peak ~0.05) of the exact mean.
-            np.testing.assert_allclose(got, expected, atol=1e-3)
+        # int8: within half a step (peak/127, peak ~0.05) of the exact mean.
+        assert_weighted_mean(new, base, [(delta_a, 4), (delta_b, 4)], rtol=1e-7, atol=1e-3)
         assert watcher.metrics(1, "published").version == 1
         watcher.round(1, "closed")
-
-
-def test_restart_resumes_the_open_round(
-    broker: LocalBroker,
-    watcher: Watcher,
-    devices: Callable[..., list[FakeDevice]],
-    tmp_path: Path,
-    aggregator_cache: Path,
-) -> None:
-    config = make_config(tmp_path, broker.port, aggregator_cache)
-    alice, bob = devices("alice", "bob")
-    with running(config) as service:
-        base = watcher.global_model(0)
-        wait_until(lambda: len(service.coordinator.online) == 2)
-        control(alice, {"cmd": "start_round"})
-        watcher.round(1, "train")
-        delta_a, delta_b = random_delta(base, 1), random_delta(base, 2)
-        alice.send(alice.update(base, delta_a, examples=5, round_id=1))
-        wait_until(
-            lambda: (
-                service.coordinator.round is not None
-                and service.coordinator.round.received == ["alice"]
-            )
-        )
-
-    with running(config) as service:
-        wait_until(lambda: len(service.coordinator.online) == 2)
-        assert service.coordinator.round is not None
-        assert service.coordinator.round.received == ["alice"]
-        alice.send(alice.update(base, delta_a, examples=5, round_id=1))  # a replay
-        bob.send(bob.update(base, delta_b, examples=3, round_id=1))
-        new = watcher.global_model(1)
-        for got, expected in zip(
-            new.weights, weighted(base, [(delta_a, 5), (delta_b, 3)]), strict=True
-        ):
-            np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
-        metrics = watcher.metrics(1, "published")
-        assert (metrics.participants, metrics.examples) == (2, 8)
-        assert metrics.rejected == {"duplicate": 1}
-        assert service.coordinator.model.version == 1
-    assert {_version(p) for p in watcher.messages(TOPICS.global_model)} == {0, 1}
-    leftovers = sorted(p.name for p in (tmp_path / "state").iterdir())
-    assert not [name for name in leftovers if name.startswith("sum-")]
-
-
-def test_restart_after_the_deadline_closes_the_round(
-    broker: LocalBroker,
-    watcher: Watcher,
-    devices: Callable[..., list[FakeDevice]],
-    tmp_path: Path,
-    aggregator_cache: Path,
-) -> None:
-    config = make_config(tmp_path, broker.port, aggregator_cache, timeout_s=2.0)
-    alice, _bob = devices("alice", "bob")
-    with running(config) as service:
-        base = watcher.global_model(0)
-        wait_until(lambda: len(service.coordinator.online) == 2)
-        control(alice, {"cmd": "start_round"})
-        deadline = watcher.round(1, "train").deadline
-        alice.send(alice.update(base, random_delta(base, 1), examples=5, round_id=1))
-        wait_until(
-            lambda: (
-                service.coordinator.round is not None
-                and service.coordinator.round.received == ["alice"]
-            )
-        )
-        service.stop()  # before the deadline: the round is still open on disk
-    assert watcher.messages(TOPICS.metrics) == []
-    time.sleep(max(0.0, deadline - time.time()) + 0.2)
-    with running(config):
-        assert watcher.global_model(1).version == 1  # quorum 1: aggregated on restart
-        assert watcher.metrics(1, "published").participants == 1
-
-
-def test_cli_serves_and_publishes_offline_on_sigterm(
-    broker: LocalBroker, watcher: Watcher, tmp_path: Path, aggregator_cache: Path
-) -> None:
-    config = tmp_path / "aggregator.yaml"
-    config.write_text(
-        f"site: {SITE}\nstate_dir: {tmp_path / 'state'}\ncache_dir: {aggregator_cache}\n"
-        f"mqtt:\n  port: {broker.port}\nthreads: 1\n"
-    )
-    process = subprocess.Popen(
-        [sys.executable, "-m", "aggregator", "--config", str(config)],
-        cwd=REPO,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"},
-    )
-    try:
-        watcher.wait_for(TOPICS.aggregator_status, lambda p: b'"online"' in p, timeout=60)
-        first = watcher.global_model(0)
-        assert LINEAGE.fullmatch(first.lineage)
-        backbone = watcher.backbone()
-        assert backbone.lineage == first.lineage
-        assert hashlib.sha256(backbone.float_model).hexdigest() == first.backbone
-    finally:
-        process.send_signal(signal.SIGTERM)
-        _, stderr = process.communicate(timeout=30)
-    assert process.returncode == 0, stderr.decode()
-    watcher.wait_for(TOPICS.aggregator_status, lambda p: b'"offline"' in p)
-    log = stderr.decode()
-    assert "ready: site test, model version 0" in log
-    assert "SIGTERM: stopping" in log
-
-
-def test_bad_config_names_the_file_and_the_key(tmp_path: Path) -> None:
-    config = tmp_path / "aggregator.yaml"
-    config.write_text("site: home\nstate_dir: /tmp/x\nrounds:\n  timout_s: 5\n")
-    result = subprocess.run(
-        [sys.executable, "-m", "aggregator", "--config", str(config)],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert result.returncode == 2
-    assert str(config) in result.stderr
-    assert "rounds.timout_s" in result.stderr
-    assert "unknown key" in result.stderr

@@ -18,7 +18,6 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from broker.local import LocalBroker
@@ -28,9 +27,9 @@ from tests.test_aggregator import (
     TOPICS,
     FakeDevice,
     Watcher,
+    assert_weighted_mean,
     control,
     random_delta,
-    weighted,
 )
 
 STARTUP = 180.0
@@ -131,10 +130,7 @@ def test_update_lost_in_a_crash_is_redelivered_and_counted_once(
             )
             bob.send(bob.update(base, delta_b, examples=1, round_id=1))
             new = watcher.global_model(1)
-            for got, expected in zip(
-                new.weights, weighted(base, [(delta_a, 3), (delta_b, 1)]), strict=True
-            ):
-                np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+            assert_weighted_mean(new, base, [(delta_a, 3), (delta_b, 1)])
             metrics = watcher.metrics(1, "published")
             assert (metrics.participants, metrics.examples) == (2, 4)
             assert metrics.rejected == {}

@@ -37,6 +37,27 @@ def params(round_id: int = 5, **changes: object) -> SecAggParams:
     return SecAggParams(**{**base.to_dict(), **changes})
 
 
+def graph_params(
+    *,
+    neighbours: int,
+    threshold: int,
+    min_cohort: int,
+    round_id: int,
+    lineage: str | None = None,
+    size: int = SIZE,
+) -> SecAggParams:
+    """Parameters with an explicit neighbour graph (k neighbours, t of them rebuild)."""
+    return SecAggParams(
+        round_id=round_id,
+        lineage=lineage,
+        min_cohort=min_cohort,
+        neighbours=neighbours,
+        share_threshold=threshold,
+        scale=1.0,
+        size=size,
+    )
+
+
 def random_inputs(names: Sequence[str], seed: int = 0) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
     return {n: rng.integers(0, 2**32, SIZE, dtype=np.uint64).astype(np.uint32) for n in names}
@@ -71,12 +92,20 @@ class Round:
 
     def mask(self, dropped: Sequence[str] = ()) -> bytes:
         self.share()
+        return self.deliver_and_mask(dropped)
+
+    def deliver_and_mask(self, dropped: Sequence[str] = ()) -> bytes:
+        """Each client's inbox in, each masked input but the dropped ones out."""
         for name, client in self.clients.items():
             client.receive(self.server.inbox(name))
         for name, client in self.clients.items():
             if name not in dropped:
                 self.server.add_masked(name, client.masked_input(self.inputs[name]))
         return self.server.unmask_request()
+
+    def unmask(self, request: bytes) -> None:
+        for name, client in self.clients.items():
+            self.server.add_unmask(name, client.unmask(request))
 
 
 def reason_of(err: pytest.ExceptionInfo[RejectedMessage]) -> str:
@@ -95,15 +124,7 @@ def test_ten_doorbells_two_dropped_after_masking_sum_to_the_eight_survivors() ->
 
 def test_silent_survivors_and_dropouts_together_on_a_sparse_graph() -> None:
     names = [f"d{i:03d}" for i in range(40)]
-    p = SecAggParams(
-        round_id=9,
-        lineage=None,
-        min_cohort=20,
-        neighbours=12,
-        share_threshold=7,
-        scale=1.0,
-        size=SIZE,
-    )
+    p = graph_params(neighbours=12, threshold=7, min_cohort=20, round_id=9)
     inputs = random_inputs(names, seed=3)
     dropped, silent = {"d001", "d017", "d030"}, {"d002", "d020"}
     total = run_secure_round(inputs, p, None, drop_after_masking=dropped, drop_after_sending=silent)
@@ -187,12 +208,7 @@ def test_a_dealer_of_inconsistent_shares_is_named(monkeypatch: pytest.MonkeyPatc
         else:
             payload = client.share(roster)
         round_.server.add_shares(name, payload)
-    for name, client in round_.clients.items():
-        client.receive(round_.server.inbox(name))
-        round_.server.add_masked(name, client.masked_input(round_.inputs[name]))
-    request = round_.server.unmask_request()
-    for name, client in round_.clients.items():
-        round_.server.add_unmask(name, client.unmask(request))
+    round_.unmask(round_.deliver_and_mask())
     with pytest.raises(SecAggError) as err:
         round_.server.result()
     assert reason_of(err) == "secagg_bad_share"
@@ -296,12 +312,7 @@ def test_malformed_shares_are_refused_and_the_round_goes_on() -> None:
         round_.clients["bell-04"].receive(json.dumps(inbox).encode())
     assert reason_of(altered) == "secagg_bad_share"
     assert altered.value.device == dealer
-    for name, client in round_.clients.items():
-        client.receive(round_.server.inbox(name))
-        round_.server.add_masked(name, client.masked_input(round_.inputs[name]))
-    request = round_.server.unmask_request()
-    for name, client in round_.clients.items():
-        round_.server.add_unmask(name, client.unmask(request))
+    round_.unmask(round_.deliver_and_mask())
     total, survivors = round_.server.result()
     assert np.array_equal(total, plain_sum(round_.inputs, survivors))
 
@@ -358,15 +369,7 @@ def test_too_few_adverts_give_no_roster() -> None:
 
 def test_the_graph_is_regular_symmetric_and_the_same_for_everyone() -> None:
     names = [f"d{i:04d}" for i in range(300)]
-    p = SecAggParams(
-        round_id=2,
-        lineage="x",
-        min_cohort=100,
-        neighbours=18,
-        share_threshold=10,
-        scale=1.0,
-        size=8,
-    )
+    p = graph_params(neighbours=18, threshold=10, min_cohort=100, round_id=2, lineage="x", size=8)
     graph = neighbour_graph(names, p)
     assert graph == neighbour_graph(list(reversed(names)), p)
     assert all(len(peers) == 18 for peers in graph.values())
@@ -388,15 +391,7 @@ def test_defaults_grow_with_log_n_and_keep_the_sum_in_range() -> None:
 
 def test_params_refuse_a_minority_threshold_and_survive_a_dict_round_trip() -> None:
     with pytest.raises(ValueError, match="majority"):
-        SecAggParams(
-            round_id=1,
-            lineage=None,
-            min_cohort=3,
-            neighbours=10,
-            share_threshold=5,
-            scale=1.0,
-            size=4,
-        )
+        graph_params(neighbours=10, threshold=5, min_cohort=3, round_id=1, size=4)
     p = params()
     assert SecAggParams.from_dict(json.loads(json.dumps(p.to_dict()))) == p
     with pytest.raises(ValueError, match="fields"):
@@ -420,15 +415,7 @@ def test_any_threshold_of_shares_rebuilds_the_secret(
 
 def test_a_self_secret_with_fewer_than_t_revealed_shares_is_named() -> None:
     names = [f"d{i:02d}" for i in range(12)]
-    p = SecAggParams(
-        round_id=4,
-        lineage=None,
-        min_cohort=3,
-        neighbours=4,
-        share_threshold=3,
-        scale=1.0,
-        size=SIZE,
-    )
+    p = graph_params(neighbours=4, threshold=3, min_cohort=3, round_id=4)
     round_ = Round(p, names)
     request = round_.mask()
     victim = "d07"
@@ -482,15 +469,7 @@ def test_rng_seed_makes_the_keys_reproducible() -> None:
 
 
 def test_an_odd_neighbour_count_on_a_sparse_roster_rounds_down_to_even() -> None:
-    p = SecAggParams(
-        round_id=1,
-        lineage=None,
-        min_cohort=3,
-        neighbours=9,
-        share_threshold=5,
-        scale=1.0,
-        size=SIZE,
-    )
+    p = graph_params(neighbours=9, threshold=5, min_cohort=3, round_id=1)
     assert p.degree(30) == (8, 5)
     assert p.degree(10) == (9, 5)
     assert p.degree(6) == (5, 5)
@@ -518,14 +497,8 @@ def test_any_recoverable_dropout_pattern_gives_the_exact_survivor_sum(
 ) -> None:
     names = [f"h{i:02d}" for i in range(count)]
     k = data.draw(st.sampled_from([2, 4, 6, count - 1]))
-    p = SecAggParams(
-        round_id=seed % 1000 + 1,
-        lineage=None,
-        min_cohort=3,
-        neighbours=k,
-        share_threshold=k // 2 + 1,
-        scale=1.0,
-        size=8,
+    p = graph_params(
+        neighbours=k, threshold=k // 2 + 1, min_cohort=3, round_id=seed % 1000 + 1, size=8
     )
     inputs = {n: v[:8] for n, v in random_inputs(names, seed).items()}
     dropped = set(data.draw(st.lists(st.sampled_from(names), max_size=count // 3, unique=True)))

@@ -261,7 +261,8 @@ def test_bad_secagg_messages_are_refused_counted_and_the_round_goes_on(
     fed.command(cmd="start_round")
     assert fed.coordinator.rejected[reason] == 1, fed.coordinator.rejected
     replies = [json.loads(p) for p in fed.payloads(TOPICS.reply)]
-    assert any(r["about"] == "secagg" and r["reason"] == reason for r in replies)
+    # counted, not answered: a refusal never costs a retained reply (issue 22)
+    assert not [r for r in replies if r["about"] == "secagg" and not r["ok"]], replies
     # the others carry on: the phase ends at its deadline without d0, the round publishes
     for _ in range(4):
         fed.after(31)
@@ -391,3 +392,30 @@ def test_a_restart_abandons_an_open_secure_round_and_resumes_an_aggregated_one(
     expected = np.mean([fed.plain[2, d] for d in DEVICES], axis=0)
     got = published_mean(fed, before, 2)
     assert np.max(np.abs(got - expected)) < 1e-6
+
+
+def test_junk_secagg_messages_cost_a_count_each_and_no_reply(
+    tmp_path: Path, aggregator_cache: Path
+) -> None:
+    """Issue 22: N junk messages on each secagg leaf (a doorbell's login flooding the
+    aggregator) give N counted refusals per leaf and not one published message; the
+    round is not disturbed and publishes at its deadline without the silent doorbell."""
+    fed = federation(tmp_path, aggregator_cache)
+    fed.silent.add(("keys", "d7"))  # the keys phase waits for d7 until its deadline
+    fed.command(cmd="start_round")
+    coordinator, published = fed.coordinator, len(fed.seen)
+    before = sum(coordinator.rejected.values())
+    junk = 25
+    for leaf in SECAGG_LEAVES:
+        for index in range(junk):
+            coordinator.on_message(TOPICS.secagg(leaf, "d7"), b"\x00junk %d" % index)
+    fed.run()
+    leaves = len(SECAGG_LEAVES)
+    assert sum(coordinator.rejected.values()) - before == junk * leaves, coordinator.rejected
+    assert coordinator.round is not None
+    assert sum(coordinator.round.rejected.values()) == junk * leaves  # in the round's metrics
+    assert fed.seen[published:] == []  # no reply, no retained message per refusal
+    fed.after(31)  # the keys phase ends without d7; the round goes on and publishes
+    metrics = fed.metrics()
+    assert (metrics.outcome, metrics.participants) == ("published", len(DEVICES) - 1), metrics
+    assert sum(metrics.rejected.values()) == junk * leaves

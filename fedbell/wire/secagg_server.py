@@ -16,21 +16,14 @@ from contextlib import contextmanager
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+from fedbell.wire import secagg_messages as messages
 from fedbell.wire import shamir
 from fedbell.wire.masking import prg
 from fedbell.wire.secagg_messages import (
     COMMITMENT_BYTES,
     REVEALED_BYTES,
     SALT_BYTES,
-    Advert,
-    Inbox,
-    Masked,
-    Roster,
-    SealedShare,
     SecAggError,
-    Shares,
-    UnmaskReply,
-    UnmaskRequest,
     check_round,
     dump,
     mask_key_from_seed,
@@ -72,14 +65,14 @@ class SecAggServer:
         self.counters: Counter[str] = Counter()
         self._keys = device_keys
         self._ctx = params.context()
-        self._adverts: dict[str, Advert] = {}
+        self._adverts: dict[str, messages.Advert] = {}
         self._key_owners: dict[str, str] = {}
         """Every advertised public key -> its doorbell (a copied key is refused)"""
         self._roster: bytes | None = None
         self._graph: dict[str, tuple[str, ...]] = {}
         self._threshold = 0
-        self._shares: dict[str, Shares] = {}
-        self._dealt: dict[str, dict[str, SealedShare]] = {}
+        self._shares: dict[str, messages.Shares] = {}
+        self._dealt: dict[str, dict[str, messages.SealedShare]] = {}
         """dealer -> recipient -> the sealed share (with its commitments)"""
         self._commitments: dict[str, dict[str, tuple[bytes, bytes]]] = {}
         """dealer -> recipient -> (commitment to its self-seed share, to its key share)"""
@@ -88,9 +81,9 @@ class SecAggServer:
         self._position: dict[str, dict[str, int]] = {}
         """dealer -> neighbour -> the x of the neighbour's share (1..k)"""
         self._holders: tuple[str, ...] = ()
-        self._masked: dict[str, tuple[Masked, np.ndarray]] = {}
-        self._request: UnmaskRequest | None = None
-        self._replies: dict[str, UnmaskReply] = {}
+        self._masked: dict[str, tuple[messages.Masked, np.ndarray]] = {}
+        self._request: messages.UnmaskRequest | None = None
+        self._replies: dict[str, messages.UnmaskReply] = {}
         self._points: dict[str, dict[int, bytes]] = {}
         self._result: tuple[np.ndarray, tuple[str, ...]] | None = None
 
@@ -123,7 +116,7 @@ class SecAggServer:
         with self._counting():
             self._expect("adverts", "advert", device)
             self._member(device, self.selected, "selected this round")
-            advert = parse(payload, Advert, 1024)
+            advert = parse(payload, messages.Advert, 1024)
             check_round(advert, self.params, f"advert of {device}", device)
             self._sender(advert.device, device, "advert")
             if self._keys is not None:
@@ -171,7 +164,7 @@ class SecAggServer:
                 for name, peers in self._graph.items()
             }
             self._roster = dump(
-                Roster(
+                messages.Roster(
                     round=self.params.round_id,
                     lineage=self.params.lineage,
                     adverts=tuple(self._adverts[name] for name in names),
@@ -194,7 +187,7 @@ class SecAggServer:
             self._expect("shares", "shares", device)
             self._member(device, self._graph.keys(), "in the roster")
             limit = 1024 + 400 * len(self._graph[device])
-            message = parse(payload, Shares, limit)
+            message = parse(payload, messages.Shares, limit)
             check_round(message, self.params, f"shares of {device}", device)
             self._sender(message.device, device, "shares")
             unb64(message.seed_commitment, 32, "seed_commitment", device)
@@ -230,7 +223,7 @@ class SecAggServer:
                     entry = self._dealt[dealer][device]
                     entries.append(entry.model_copy(update={"peer": dealer}))
             return dump(
-                Inbox(
+                messages.Inbox(
                     round=self.params.round_id,
                     lineage=self.params.lineage,
                     device=device,
@@ -251,7 +244,7 @@ class SecAggServer:
                     f"masked input of {len(payload)} bytes from {device}",
                     device,
                 )
-            message = parse(payload, Masked, limit)
+            message = parse(payload, messages.Masked, limit)
             check_round(message, self.params, f"masked input of {device}", device)
             self._sender(message.device, device, "masked input")
             raw = unb64(message.values, None, "values", device)
@@ -279,7 +272,7 @@ class SecAggServer:
             self._expect("masked", "unmask request")
             self._at_least(len(self._masked), "masked inputs", fail=True)
             survivors = tuple(sorted(self._masked))
-            self._request = UnmaskRequest(
+            self._request = messages.UnmaskRequest(
                 round=self.params.round_id,
                 lineage=self.params.lineage,
                 survivors=survivors,
@@ -301,7 +294,7 @@ class SecAggServer:
             assert self._request is not None
             self._member(device, self._request.survivors, "a survivor")
             limit = 1024 + 2 * REVEALED_BYTES * len(self._graph[device])
-            message = parse(payload, UnmaskReply, limit)
+            message = parse(payload, messages.UnmaskReply, limit)
             check_round(message, self.params, f"unmask reply of {device}", device)
             self._sender(message.device, device, "unmask reply")
             if self._duplicate(self._replies.get(device), message, device, "unmask reply"):
