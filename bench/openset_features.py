@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Self
 
 import numpy as np
 import numpy.typing as npt
@@ -105,39 +105,54 @@ def _extract(
 
 
 @dataclass
-class FeatureCache:
-    """Features per photo key for one (conditions, seed, backbone): an npz under reports/cache."""
+class CachedFeatures:
+    """Features and detector flags per key, kept in an npz file between runs (the backbone
+    never changes within a lineage, so a feature is computed once)."""
 
     path: Path
     features: dict[str, npt.NDArray[np.float32]] = field(default_factory=dict)
     flags: dict[str, int] = field(default_factory=dict)
+
+    def load(self) -> Self:
+        """What earlier runs computed (nothing on the first run)."""
+        if self.path.exists():
+            with np.load(self.path) as data:
+                keys = [str(key) for key in data["keys"]]
+                self.features.update(zip(keys, data["features"], strict=True))
+                self.flags.update(zip(keys, (int(flag) for flag in data["flags"]), strict=True))
+                self._load_more(keys, data)
+        return self
+
+    def _load_more(self, keys: list[str], data: Any) -> None:
+        """Columns a kind of cache keeps beside the features and flags."""
+
+    def _more(self, keys: list[str]) -> dict[str, npt.NDArray[Any]]:
+        return {}
+
+    def save(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        keys = sorted(self.features)
+        tmp = self.path.with_suffix(".tmp.npz")
+        columns: dict[str, Any] = {
+            "keys": np.asarray(keys),
+            "features": np.asarray([self.features[k] for k in keys], np.float32),
+            "flags": np.asarray([self.flags[k] for k in keys], np.int64),
+            **self._more(keys),
+        }
+        np.savez(tmp, **columns)
+        tmp.replace(self.path)
+
+
+@dataclass
+class FeatureCache(CachedFeatures):
+    """Features per photo key for one (conditions, seed, backbone): an npz under reports/cache."""
 
     @classmethod
     def open(
         cls, folder: Path, conditions: Conditions, seed: int, backbone_sha: str
     ) -> FeatureCache:
         tag = "clean" if conditions == "clean" else f"{conditions}-s{seed}"
-        cache = cls(folder / f"openset-{tag}-{backbone_sha[:16]}.npz")
-        if cache.path.exists():
-            with np.load(cache.path) as data:
-                for key, row, flag in zip(
-                    data["keys"], data["features"], data["flags"], strict=True
-                ):
-                    cache.features[str(key)] = row
-                    cache.flags[str(key)] = int(flag)
-        return cache
-
-    def save(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        keys = sorted(self.features)
-        tmp = self.path.with_suffix(".tmp.npz")
-        np.savez(
-            tmp,
-            keys=np.asarray(keys),
-            features=np.asarray([self.features[k] for k in keys], np.float32),
-            flags=np.asarray([self.flags[k] for k in keys], np.int64),
-        )
-        tmp.replace(self.path)
+        return cls(folder / f"openset-{tag}-{backbone_sha[:16]}.npz").load()
 
 
 def extract_features(

@@ -39,7 +39,7 @@ from typing import Any, Literal
 import numpy as np
 import numpy.typing as npt
 
-from bench.openset_features import Photo, condition_rng
+from bench.openset_features import CachedFeatures, Photo, condition_rng
 from edge.recognition_config import CameraConfig
 
 VisitConditions = Literal["far", "near", "clean"]
@@ -140,13 +140,10 @@ def _extract(
 
 
 @dataclass
-class FrameCache:
+class FrameCache(CachedFeatures):
     """Features, flags and chip qualities per `<photo key>#<frame>`, for one
     (conditions, seed, backbone): an npz under reports/cache."""
 
-    path: Path
-    features: dict[str, npt.NDArray[np.float32]] = field(default_factory=dict)
-    flags: dict[str, int] = field(default_factory=dict)
     quality: dict[str, float] = field(default_factory=dict)
 
     @classmethod
@@ -161,29 +158,13 @@ class FrameCache:
     ) -> FrameCache:
         tag = "clean" if conditions == "clean" else f"{conditions}-s{seed}"
         tag += "-mirrored" if mirrored else ""
-        cache = cls(folder / f"openset-frames-{tag}-{backbone_sha[:16]}.npz")
-        if cache.path.exists():
-            with np.load(cache.path) as data:
-                for key, row, flag, quality in zip(
-                    data["keys"], data["features"], data["flags"], data["quality"], strict=True
-                ):
-                    cache.features[str(key)] = row
-                    cache.flags[str(key)] = int(flag)
-                    cache.quality[str(key)] = float(quality)
-        return cache
+        return cls(folder / f"openset-frames-{tag}-{backbone_sha[:16]}.npz").load()
 
-    def save(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        keys = sorted(self.features)
-        tmp = self.path.with_suffix(".tmp.npz")
-        np.savez(
-            tmp,
-            keys=np.asarray(keys),
-            features=np.asarray([self.features[k] for k in keys], np.float32),
-            flags=np.asarray([self.flags[k] for k in keys], np.int64),
-            quality=np.asarray([self.quality[k] for k in keys], np.float32),
-        )
-        tmp.replace(self.path)
+    def _load_more(self, keys: list[str], data: Any) -> None:
+        self.quality.update(zip(keys, (float(q) for q in data["quality"]), strict=True))
+
+    def _more(self, keys: list[str]) -> dict[str, npt.NDArray[Any]]:
+        return {"quality": np.asarray([self.quality[k] for k in keys], np.float32)}
 
     def frames(self, key: str, count: int) -> list[tuple[npt.NDArray[np.float32], float]]:
         """(features, quality) of the frames of photo `key` where a face was found."""
