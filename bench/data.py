@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import os
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -227,11 +229,13 @@ class Loaded:
     backbone_sha256: str
 
 
-def scorer(bench: Bench) -> Scorer:
+def scorer(
+    bench: Bench, target_far: float = TARGET_FAR, gallery_size: int = GALLERY_SIZE
+) -> Scorer:
     """Score a head as the aggregator would release it (threshold, then open-set accuracy)."""
 
     def score(weights: Weights) -> Score:
-        threshold = shipped_threshold(bench, weights, TARGET_FAR, GALLERY_SIZE)
+        threshold = shipped_threshold(bench, weights, target_far, gallery_size)
         result = evaluate(bench, [weights], threshold)
         return Score(result.open_set_accuracy, threshold, result.tar_at_far_1pct)
 
@@ -274,6 +278,39 @@ def load_bench(
         f"{conditions} conditions, seed {seed}"
     )
     return Loaded(bench, description, bench.backbone)
+
+
+def add_data_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags of a benchmark on real photos, as `load_benches` reads them."""
+    parser.add_argument("--dataset", type=Path, default=DEFAULT_DATASET)
+    parser.add_argument("--strangers", type=Path, default=DEFAULT_STRANGERS)
+    parser.add_argument(
+        "--people", type=int, default=None, help="a seeded sample of the dataset's people"
+    )
+    parser.add_argument("--calibration", type=int, default=1000, help="calibration strangers")
+    parser.add_argument("--negatives", type=int, default=1500, help="strangers seen at doors")
+    parser.add_argument("--conditions", choices=("doorbell", "clean"), default="doorbell")
+    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--cache", type=Path, default=CACHE)
+
+
+def load_benches(args: argparse.Namespace, seeds: Sequence[int]) -> dict[int, Loaded]:
+    """Each seed's houses from the flags of `add_data_arguments` (features computed here,
+    once, before any worker starts)."""
+    return {
+        seed: load_bench(
+            dataset=args.dataset,
+            strangers=args.strangers,
+            conditions=args.conditions,
+            seed=seed,
+            people=args.people,
+            calibration=args.calibration,
+            negatives=args.negatives,
+            jobs=args.jobs,
+            cache=args.cache,
+        )
+        for seed in seeds
+    }
 
 
 def synthetic_bench(

@@ -94,7 +94,7 @@ import numpy as np
 
 from aggregator.export import as_received
 from bench import federated
-from bench.data import CACHE, DATASETS, ROOT, Prepared, prepare
+from bench.data import CACHE, DATASETS, ROOT, Prepared, prepare, scorer
 from bench.households import (
     GALLERY_SIZE,
     HOUSE_SIZES,
@@ -156,23 +156,12 @@ class ArmSettings:
 
 
 @dataclass
-class RoundRecord:
-    round: int
-    open_set_accuracy: float
-    tar_at_far_1pct: float
-    threshold: float
-    bytes_up: int
-    bytes_down: int
-    seconds: float
-
-
-@dataclass
 class ArmOutcome:
     name: str
     result: OpenSetResult
     threshold: float
     seconds: float
-    rounds: list[RoundRecord] = field(default_factory=list)
+    rounds: list[federated.RoundResult] = field(default_factory=list)
     heads: tuple[Weights, ...] = ()
     """The head(s) scored: one for every house, or one per test house (local_only)."""
 
@@ -189,7 +178,7 @@ def run_federated(
     bench: Bench,
     settings: ArmSettings,
     seed: int,
-    progress: Callable[[RoundRecord], None] | None = None,
+    progress: Callable[[federated.RoundResult], None] | None = None,
 ) -> ArmOutcome:
     """Rounds of the product's client and server steps over the training houses.
 
@@ -201,42 +190,25 @@ def run_federated(
     """
     started = time.perf_counter()
 
-    def score(weights: Weights) -> federated.Score:
-        # The aggregator calibrates each version's threshold before it publishes it.
-        threshold = shipped_threshold(bench, weights, settings.target_far, settings.gallery_size)
-        result = evaluate(bench, [weights], threshold)
-        return federated.Score(result.open_set_accuracy, threshold, result.tar_at_far_1pct)
-
-    def record(row: federated.RoundResult) -> RoundRecord:
-        return RoundRecord(
-            row.round,
-            row.open_set_accuracy,
-            row.tar_at_far_1pct,
-            row.threshold,
-            row.bytes_up,
-            row.bytes_down,
-            row.seconds,
-        )
-
     arm = federated.Arm("federated", server=settings.server_optimizer)
     outcome = federated.run_arm(
         bench.train,
         bench.start,
         arm,
         settings.rounds,
-        score,
+        # The aggregator calibrates each version's threshold before it publishes it.
+        scorer(bench, settings.target_far, settings.gallery_size),
         params=replace(settings.params, seed=seed),
         houses_per_round=settings.houses_per_round,
         backbone=bench.backbone,
-        progress=None if progress is None else lambda _arm, row: progress(record(row)),
+        progress=None if progress is None else lambda _arm, row: progress(row),
     )
     # Scored as the doorbells run it: the head decoded from the downlink codec.
     threshold = outcome.final.threshold
     received = as_received(HEAD_NAMES, outcome.weights, arm.downlink_codec)
     result = evaluate(bench, [received], threshold)
-    records = [record(row) for row in outcome.rounds]
     seconds = time.perf_counter() - started
-    return ArmOutcome("federated", result, threshold, seconds, records, heads=(received,))
+    return ArmOutcome("federated", result, threshold, seconds, outcome.rounds, heads=(received,))
 
 
 def run_central(bench: Bench, settings: ArmSettings, seed: int) -> ArmOutcome:
@@ -292,8 +264,8 @@ def run_arm(name: str, bench: Bench, settings: ArmSettings, seed: int) -> ArmOut
     raise ValueError(f"unknown arm {name!r}")
 
 
-def _print_round(seed: int) -> Callable[[RoundRecord], None]:
-    def show(record: RoundRecord) -> None:
+def _print_round(seed: int) -> Callable[[federated.RoundResult], None]:
+    def show(record: federated.RoundResult) -> None:
         if record.round % 5 == 0 or record.round == 1:
             print(
                 f"  seed {seed}  federated round {record.round:>3}  "
