@@ -43,12 +43,18 @@ from typing import Literal, Protocol
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from aggregator.accumulator import SecureSum, make_accumulator, make_optimizer, next_step
+from aggregator.accumulator import (
+    SecureSum,
+    make_accumulator,
+    make_optimizer,
+    next_step,
+)
 from aggregator.config import DEFAULT_MIN_COHORT, RoundSettings
 from aggregator.export import as_received
-from aggregator.rounds import Round, announce, select_devices
+from aggregator.rounds import Round, select_devices
 from aggregator.secure import mean_delta
 from aggregator.strategy import InconsistentUpdate
+from bench.steps import answer, intake, open_round
 from edge.secure import secure_update
 from edge.trainer import round_seed, train_delta
 from fedbell.errors import RejectedMessage
@@ -56,7 +62,7 @@ from fedbell.faces.embedding import HEAD_NAMES, Features, LabelIds, TrainParams
 from fedbell.wire import dp, masking, messages
 from fedbell.wire.codecs import Weights
 from fedbell.wire.envelope import Codec, TensorSpec
-from fedbell.wire.protocol import SecAggPlan, to_json
+from fedbell.wire.protocol import RoundAnnouncement, SecAggPlan, to_json
 from fedbell.wire.secagg import SecAggParams
 from fedbell.wire.sparsify import with_error_feedback
 
@@ -257,35 +263,9 @@ class _Keys:
         return {n: k.public_key() for n, k in self.devices.items() if k is not None}
 
 
-def _open_round(
-    settings: RoundSettings,
-    round_id: int,
-    selected: Sequence[str],
-    shapes: Sequence[tuple[int, ...]],
-) -> Round:
-    """The round as the coordinator opens it: announcement, an empty accumulator."""
-    now = time.time()
-    announcement = announce(
-        round_id=round_id,
-        base_version=round_id - 1,
-        lineage=LINEAGE,
-        selected=selected,
-        now=now,
-        settings=settings,
-        manual=False,
-    )
-    return Round(
-        announcement=announcement,
-        manual=False,
-        started_at=now,
-        accumulator=make_accumulator(settings, shapes, sparse=settings.codec == "topk"),
-        strategy=settings.strategy,
-    )
-
-
 def _client_step(  # noqa: PLR0917 - what a doorbell holds in a round
     device: str,
-    round_id: int,
+    announcement: RoundAnnouncement,
     house: House,
     model: messages.GlobalModel,
     attack: Sequence[Attack],
@@ -302,7 +282,7 @@ def _client_step(  # noqa: PLR0917 - what a doorbell holds in a round
         house.features,
         house.labels,
         house.negatives,
-        dataclasses.replace(plan, seed=round_seed(device, round_id)),
+        dataclasses.replace(plan, seed=round_seed(device, announcement.round)),
         residual=residuals.get(device) if settings.codec == "topk" else None,
     )
     delta = trained.delta
@@ -312,16 +292,13 @@ def _client_step(  # noqa: PLR0917 - what a doorbell holds in a round
         delta = craft(model.weights, delta)
     if settings.codec == "topk":
         delta, residuals[device] = with_error_feedback(HEAD_NAMES, delta, settings.density)
-    return messages.build_update(
+    return answer(
+        announcement,
         site=SITE,
         signer=messages.Signer(device, key),
-        round_id=round_id,
-        base_version=model.version,
         num_examples=trained.num_examples,
         names=HEAD_NAMES,
         delta=delta,
-        codec=settings.codec,
-        density=settings.density,
     )
 
 
@@ -395,7 +372,6 @@ models sees."""
 
 def _plain_round(
     current: Round,
-    round_id: int,
     down: bytes,
     *,
     selected: Sequence[str],
@@ -420,7 +396,7 @@ def _plain_round(
         )
         payload = _client_step(
             device,
-            round_id,
+            current.announcement,
             houses[index],
             model,
             arm.attackers[index : index + 1],
@@ -432,16 +408,16 @@ def _plain_round(
         )
         result.update_bytes.append(len(payload))
         try:
-            update = messages.parse_update(
+            intake(
+                current,
                 payload,
+                device,
+                specs,
+                aggregator_trust,
+                max_norm=settings.max_update_norm,
                 site=SITE,
-                device=device,
-                expected=specs,
                 max_bytes=MAX_BYTES,
-                keys=aggregator_trust,
             )
-            current.check(update, time.time(), settings.max_update_norm)
-            current.accept(update, len(payload))
         except (RejectedMessage, InconsistentUpdate):
             result.rejected += 1  # refused, as the aggregator refuses it
 
@@ -501,7 +477,10 @@ def run_arm(
             codec=settings.downlink_codec,
         )
         selected = select_devices(taking_part, None, settings.max_devices, settings.seed, round_id)
-        current = _open_round(settings, round_id, selected, [w.shape for w in weights])
+        accumulator = make_accumulator(
+            settings, [w.shape for w in weights], sparse=settings.codec == "topk"
+        )
+        current = open_round(settings, round_id, selected, accumulator, lineage=LINEAGE)
         opened = len(to_json(current.announcement))
         if arm.secure is not None:
             current.accumulator, current.bytes_up = _secure_round(
@@ -518,7 +497,6 @@ def run_arm(
         if arm.secure is None:
             _plain_round(
                 current,
-                round_id,
                 down,
                 selected=selected,
                 names=names,
