@@ -171,6 +171,17 @@ class Prepared:
     detection: dict[int, dict[str, Any]]
 
 
+def detected(flags: npt.NDArray[np.int64]) -> dict[str, Any]:
+    """What the detector made of a run's photos (per photo: 0 no face, 1 a face without
+    eyes, 2 a face aligned by the eyes)."""
+    return {
+        "photos": len(flags),
+        "detection_rate": float(np.mean(flags > 0)),
+        "aligned_by_eyes": float(np.mean(flags == 2)),
+        "skipped_no_face": int(np.sum(flags == 0)),
+    }
+
+
 def photos_and_splits(args: argparse.Namespace) -> tuple[Photos, dict[int, Split]]:
     """The run's photos and each seed's split, from the command line."""
     photos = Photos.of(args.dataset, args.strangers, test_dataset=args.test_dataset)
@@ -204,12 +215,8 @@ def prepare(args: argparse.Namespace, backbone: bytes, head: Weights) -> Prepare
             jobs=args.jobs,
         )
         bench = benches[seed] = featured.bench
-        flags = featured.flags
         detection[seed] = {
-            "photos": len(featured.photos),
-            "detection_rate": float(np.mean(flags > 0)),
-            "aligned_by_eyes": float(np.mean(flags == 2)),
-            "skipped_no_face": int(np.sum(flags == 0)),
+            **detected(featured.flags),
             "train_people": len({p for h in split.train_houses for p in h}),
             "train_houses": len(bench.train),
             "test_houses": len(bench.test),
@@ -280,6 +287,19 @@ def load_bench(
     return Loaded(bench, description, bench.backbone)
 
 
+DATA_FLAGS = [
+    "dataset",
+    "strangers",
+    "conditions",
+    "people",
+    "calibration",
+    "negatives",
+    "jobs",
+    "cache",
+]
+"""`load_bench`'s keywords, read from the command line."""
+
+
 def add_data_arguments(parser: argparse.ArgumentParser) -> None:
     """The flags of a benchmark on real photos, as `load_benches` reads them."""
     parser.add_argument("--dataset", type=Path, default=DEFAULT_DATASET)
@@ -297,20 +317,8 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> None:
 def load_benches(args: argparse.Namespace, seeds: Sequence[int]) -> dict[int, Loaded]:
     """Each seed's houses from the flags of `add_data_arguments` (features computed here,
     once, before any worker starts)."""
-    return {
-        seed: load_bench(
-            dataset=args.dataset,
-            strangers=args.strangers,
-            conditions=args.conditions,
-            seed=seed,
-            people=args.people,
-            calibration=args.calibration,
-            negatives=args.negatives,
-            jobs=args.jobs,
-            cache=args.cache,
-        )
-        for seed in seeds
-    }
+    data = {flag: getattr(args, flag) for flag in DATA_FLAGS}
+    return {seed: load_bench(**data, seed=seed) for seed in seeds}
 
 
 def synthetic_bench(

@@ -15,11 +15,11 @@ import multiprocessing
 import statistics
 import time
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Self
+from typing import Any, Literal, Self, TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -59,15 +59,16 @@ def condition_rng(key: str, seed: int) -> np.random.Generator:
     return np.random.default_rng([seed, zlib.crc32(key.encode())])
 
 
-_WORKER: dict[str, Any] = {}
+WORKER: dict[str, Any] = {}
+"""A feature worker process's backbone and detector (set by `init_worker`)."""
 
 
-def _init_worker(backbone: bytes, detector: str) -> None:
+def init_worker(backbone: bytes, detector: str) -> None:
     from fedbell.faces.detection import make_detector
     from fedbell.faces.features import Backbone
 
-    _WORKER["backbone"] = Backbone(backbone, num_threads=1)
-    _WORKER["detector"] = make_detector(detector, max_faces=1)  # type: ignore[arg-type]
+    WORKER["backbone"] = Backbone(backbone, num_threads=1)
+    WORKER["detector"] = make_detector(detector, max_faces=1)  # type: ignore[arg-type]
 
 
 def _chip_of(path: Path, key: str, conditions: Conditions, seed: int) -> tuple[Any, bool]:
@@ -81,25 +82,26 @@ def _chip_of(path: Path, key: str, conditions: Conditions, seed: int) -> tuple[A
         raise ValueError(f"{path}: not an image OpenCV can read")
     if conditions == "doorbell":
         image = doorbell_conditions(image, condition_rng(key, seed))
-    faces = _WORKER["detector"].detect(image)
+    faces = WORKER["detector"].detect(image)
     if not faces:  # a photo is never taken for a stored chip here, unlike find_chip
         return None, False
     face = max(faces, key=lambda f: f.box[2] * f.box[3])
     return face_chip(image, face), face.right_eye is not None
 
 
-def _extract(
-    job: tuple[list[tuple[str, str]], Conditions, int],
-) -> tuple[npt.NDArray[np.float32], list[int]]:
+Extracted = tuple[npt.NDArray[np.float32], list[int]]
+
+
+def _extract(job: tuple[list[tuple[str, str]], Conditions, int]) -> Extracted:
     """Features of (path, key) pairs; a NaN row where no face was found. Flags: 0 none,
     1 face without eyes (box crop), 2 face aligned by the eyes."""
     items, conditions, seed = job
-    out = np.full((len(items), _WORKER["backbone"].size), np.nan, np.float32)
+    out = np.full((len(items), WORKER["backbone"].size), np.nan, np.float32)
     flags = []
     for i, (path, key) in enumerate(items):
         chip, eyes = _chip_of(Path(path), key, conditions, seed)
         if chip is not None:
-            out[i] = _WORKER["backbone"].features([chip])[0]
+            out[i] = WORKER["backbone"].features([chip])[0]
         flags.append(0 if chip is None else 2 if eyes else 1)
     return out, flags
 
@@ -170,28 +172,67 @@ def extract_features(
     missing = [p for p in photos if p.key not in cache.features]
     if not missing:
         return
-    started = time.perf_counter()
     print(f"  computing features of {len(missing)} photos ({conditions}, seed {seed})", flush=True)
     batches = [
         ([(str(p.path), p.key) for p in missing[i : i + chunk]], conditions, seed)
         for i in range(0, len(missing), chunk)
     ]
+
+    def store(batch: tuple[list[tuple[str, str]], Conditions, int], result: Extracted) -> int:
+        rows, flags = result
+        for (_, key), row, flag in zip(batch[0], rows, flags, strict=True):
+            cache.features[key] = row
+            cache.flags[key] = flag
+        return len(batch[0])
+
+    compute_in_workers(
+        batches,
+        _extract,
+        store,
+        cache,
+        backbone=backbone,
+        detector=detector,
+        jobs=jobs,
+        total=len(missing),
+        unit="photos",
+        save_every=1000,
+    )
+
+
+Batch = TypeVar("Batch", bound=tuple[Any, ...])
+Result = TypeVar("Result")
+
+
+def compute_in_workers(
+    batches: Sequence[Batch],
+    work: Callable[[Batch], Result],
+    store: Callable[[Batch, Result], int],
+    cache: CachedFeatures,
+    *,
+    backbone: bytes,
+    detector: str,
+    jobs: int,
+    total: int,
+    unit: str,
+    save_every: int,
+) -> None:
+    """`work` on every batch in `jobs` spawned processes (each with its own backbone and
+    detector, `WORKER`), `store` of each result (items stored), saving as it goes."""
+    started = time.perf_counter()
     done = 0
     with ProcessPoolExecutor(
         jobs,
         mp_context=multiprocessing.get_context("spawn"),
-        initializer=_init_worker,
+        initializer=init_worker,
         initargs=(backbone, detector),
     ) as pool:
-        for (items, _, _), (rows, flags) in zip(batches, pool.map(_extract, batches), strict=True):
-            for (_, key), row, flag in zip(items, rows, flags, strict=True):
-                cache.features[key] = row
-                cache.flags[key] = flag
-            done += len(items)
-            if done % 1000 < chunk or done == len(missing):
+        for batch, result in zip(batches, pool.map(work, batches), strict=True):
+            stored = store(batch, result)
+            done += stored
+            if done % save_every < stored or done == total:
                 cache.save()
                 rate = done / (time.perf_counter() - started)
-                print(f"    {done}/{len(missing)}  {rate:.1f} photos/s", flush=True)
+                print(f"    {done}/{total}  {rate:.1f} {unit}/s", flush=True)
     cache.save()
 
 
@@ -220,7 +261,7 @@ def time_doorbell(
     from fedbell.faces.conditions import doorbell_conditions
     from fedbell.faces.features import face_chip
 
-    _init_worker(backbone, detector)
+    init_worker(backbone, detector)
     images = []
     for photo in photos:
         image = cv2.imread(str(photo.path), cv2.IMREAD_COLOR)
@@ -231,11 +272,11 @@ def time_doorbell(
         images.append(image)
 
     def features_of(image: Any) -> Features | None:
-        faces = _WORKER["detector"].detect(image)
+        faces = WORKER["detector"].detect(image)
         if not faces:
             return None
         chip = face_chip(image, max(faces, key=lambda f: f.box[2] * f.box[3]))
-        return embed(_WORKER["backbone"].features([chip]), head)
+        return embed(WORKER["backbone"].features([chip]), head)
 
     per_face = []
     for image in images:

@@ -24,7 +24,7 @@ from typing import Any, Literal
 import numpy as np
 import numpy.typing as npt
 
-from bench.data import Prepared, photos_and_splits
+from bench.data import Prepared, detected, photos_and_splits
 from bench.households import Bench, Split, build_bench
 from bench.openset import ArmOutcome
 from bench.openset_features import ENROL_PER_PERSON, Photo
@@ -313,10 +313,7 @@ def prepare_visits(
         flags = np.asarray([doorbell.flags[frame_key(p.key, 0)] for p in photos])
         visits = visit_benches[seed]
         detection[seed] = {
-            "photos": len(photos),
-            "detection_rate": float(np.mean(flags > 0)),
-            "aligned_by_eyes": float(np.mean(flags == 2)),
-            "skipped_no_face": int(np.sum(flags == 0)),
+            **detected(flags),
             "train_houses": len(bench.train),
             "test_houses": len(bench.test),
             "member_probes": int(sum(len(h.probes) for h in bench.test)),
