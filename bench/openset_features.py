@@ -185,18 +185,8 @@ def extract_features(
             cache.flags[key] = flag
         return len(batch[0])
 
-    compute_in_workers(
-        batches,
-        _extract,
-        store,
-        cache,
-        backbone=backbone,
-        detector=detector,
-        jobs=jobs,
-        total=len(missing),
-        unit="photos",
-        save_every=1000,
-    )
+    pool = (backbone, detector, jobs)
+    compute_in_workers(batches, _extract, store, cache, pool, unit="photos", save_every=1000)
 
 
 Batch = TypeVar("Batch", bound=tuple[Any, ...])
@@ -208,16 +198,17 @@ def compute_in_workers(
     work: Callable[[Batch], Result],
     store: Callable[[Batch, Result], int],
     cache: CachedFeatures,
+    pool: tuple[bytes, str, int],
     *,
-    backbone: bytes,
-    detector: str,
-    jobs: int,
-    total: int,
     unit: str,
     save_every: int,
 ) -> None:
-    """`work` on every batch in `jobs` spawned processes (each with its own backbone and
-    detector, `WORKER`), `store` of each result (items stored), saving as it goes."""
+    """`work` on every batch (its first element: the items) in `jobs` spawned processes,
+    each with its own backbone and detector (`WORKER`); `store` puts a batch's result in
+    `cache` and says how many items it held; saved as it goes. `pool`: (backbone,
+    detector, jobs)."""
+    backbone, detector, jobs = pool
+    total = sum(len(batch[0]) for batch in batches)
     started = time.perf_counter()
     done = 0
     with ProcessPoolExecutor(
@@ -225,8 +216,8 @@ def compute_in_workers(
         mp_context=multiprocessing.get_context("spawn"),
         initializer=init_worker,
         initargs=(backbone, detector),
-    ) as pool:
-        for batch, result in zip(batches, pool.map(work, batches), strict=True):
+    ) as workers:
+        for batch, result in zip(batches, workers.map(work, batches), strict=True):
             stored = store(batch, result)
             done += stored
             if done % save_every < stored or done == total:

@@ -206,15 +206,5 @@ def extract_frames(
             cache.quality[name] = quality
         return len(batch[0])
 
-    compute_in_workers(
-        batches,
-        _extract,
-        store,
-        cache,
-        backbone=backbone,
-        detector=detector,
-        jobs=jobs,
-        total=len(missing),
-        unit="frames",
-        save_every=2000,
-    )
+    pool = (backbone, detector, jobs)
+    compute_in_workers(batches, _extract, store, cache, pool, unit="frames", save_every=2000)
