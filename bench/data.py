@@ -7,7 +7,7 @@ of people no model has seen, stranger photos for calibration and as the
 doorbells' negatives) and go through `bench.openset_features` (doorbell
 conditions, BlazeFace, alignment, the frozen backbone on LiteRT; features
 cached under reports/cache, shared by every benchmark) into a
-`bench.households.Bench` (`featurize`). A release is scored as the aggregator
+`bench.households.Bench` (`Extraction.featurize`). A release is scored as the aggregator
 scores it (`scorer`): threshold calibrated on the calibration strangers for
 1 % false accepts in a house of 5, open-set accuracy of the test houses at
 that threshold (`bench.households.evaluate`).
@@ -127,39 +127,46 @@ class Featured:
     """Per photo: 0 no face found, 1 a face without eyes, 2 a face aligned by the eyes."""
 
 
-def featurize(
-    split: Split,
-    photos: Photos,
-    head: Weights,
-    *,
-    backbone: bytes,
-    cache: Path,
-    conditions: Conditions,
-    seed: int,
-    detector: str = "blazeface",
-    jobs: int = 2,
-) -> Featured:
-    """The split's households as features: computed once per photo, conditions, seed and
-    backbone, then read from the cache; photos where no face was found are left out."""
-    sha = hashlib.sha256(backbone).hexdigest()
-    everyone = photos.everyone
-    wanted = [photo for person in split.people() for photo in everyone[person]]
-    wanted += [photos.strangers[k] for k in split.calibration + split.negatives]
-    features = FeatureCache.open(cache, conditions, seed, sha)
-    extract_features(
-        wanted, features, backbone, conditions=conditions, seed=seed, detector=detector, jobs=jobs
-    )
-    found = {p.key for p in wanted if features.flags[p.key] > 0}
-    per_person = {
-        person: [features.features[p.key] for p in everyone[person] if p.key in found]
-        for person in split.people()
-    }
-    stranger_features = {
-        k: features.features[k] for k in split.calibration + split.negatives if k in found
-    }
-    bench = build_bench(split, per_person, stranger_features, head, seed=seed)
-    flags = np.asarray([features.flags[p.key] for p in wanted], np.int64)
-    return Featured(replace(bench, backbone=sha), wanted, flags)
+@dataclass(frozen=True)
+class Extraction:
+    """How features are computed: the backbone, its cache, the conditions photos are
+    taken under, the face detector and the worker processes."""
+
+    backbone: bytes
+    cache: Path
+    conditions: Conditions
+    detector: str = "blazeface"
+    jobs: int = 2
+
+    def featurize(self, split: Split, photos: Photos, head: Weights, seed: int) -> Featured:
+        """The split's households as features: computed once per photo, conditions, seed
+        and backbone, then read from the cache; photos where no face was found are left
+        out."""
+        sha = hashlib.sha256(self.backbone).hexdigest()
+        everyone = photos.everyone
+        wanted = [photo for person in split.people() for photo in everyone[person]]
+        wanted += [photos.strangers[k] for k in split.calibration + split.negatives]
+        features = FeatureCache.open(self.cache, self.conditions, seed, sha)
+        extract_features(
+            wanted,
+            features,
+            self.backbone,
+            conditions=self.conditions,
+            seed=seed,
+            detector=self.detector,
+            jobs=self.jobs,
+        )
+        found = {p.key for p in wanted if features.flags[p.key] > 0}
+        per_person = {
+            person: [features.features[p.key] for p in everyone[person] if p.key in found]
+            for person in split.people()
+        }
+        stranger_features = {
+            k: features.features[k] for k in split.calibration + split.negatives if k in found
+        }
+        bench = build_bench(split, per_person, stranger_features, head, seed=seed)
+        flags = np.asarray([features.flags[p.key] for p in wanted], np.int64)
+        return Featured(replace(bench, backbone=sha), wanted, flags)
 
 
 @dataclass(frozen=True)
@@ -200,20 +207,11 @@ def photos_and_splits(args: argparse.Namespace) -> tuple[Photos, dict[int, Split
 def prepare(args: argparse.Namespace, backbone: bytes, head: Weights) -> Prepared:
     """Split, compute (or read) features and build each seed's bench."""
     photos, splits = photos_and_splits(args)
+    extraction = Extraction(backbone, args.cache, args.conditions, args.detector, args.jobs)
     benches: dict[int, Bench] = {}
     detection: dict[int, dict[str, Any]] = {}
     for seed, split in splits.items():
-        featured = featurize(
-            split,
-            photos,
-            head,
-            backbone=backbone,
-            cache=args.cache,
-            conditions=args.conditions,
-            seed=seed,
-            detector=args.detector,
-            jobs=args.jobs,
-        )
+        featured = extraction.featurize(split, photos, head, seed)
         bench = benches[seed] = featured.bench
         detection[seed] = {
             **detected(featured.flags),
@@ -267,17 +265,8 @@ def load_bench(
     photos = Photos.of(dataset, strangers, people=people, seed=seed)
     backbone = backbone_model(cache)
     split = photos.split(seed, calibration=calibration, negatives=negatives)
-    featured = featurize(
-        split,
-        photos,
-        start_head(),
-        backbone=backbone,
-        cache=cache,
-        conditions=conditions,
-        seed=seed,
-        detector=detector,
-        jobs=jobs,
-    )
+    extraction = Extraction(backbone, cache, conditions, detector, jobs)
+    featured = extraction.featurize(split, photos, start_head(), seed)
     bench = featured.bench
     description = (
         f"{dataset.name} ({len(photos.dev)} people: {len(bench.train)} training houses, "

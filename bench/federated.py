@@ -69,7 +69,7 @@ from bench.arms import (
     poison,
     round_settings,
 )
-from bench.steps import answer, intake, open_round
+from bench.steps import Intake, answer, open_round
 from edge.secure import secure_update
 from edge.trainer import round_seed, train_delta
 from fedbell.errors import RejectedMessage
@@ -258,7 +258,9 @@ def _plain_round(
 ) -> None:
     """A round without secure aggregation: each selected house's signed update,
     checked and accepted (or refused) as the aggregator's intake does."""
-    device_trust, aggregator_trust = keys.trusted_by_devices(), keys.trusted_by_aggregator()
+    device_trust = keys.trusted_by_devices()
+    trusted = keys.trusted_by_aggregator()
+    intake = Intake(SITE, MAX_BYTES, specs, trusted, settings.max_update_norm)
     for device in selected:
         index = names.index(device)
         model = messages.parse_global(
@@ -278,16 +280,7 @@ def _plain_round(
         )
         result.update_bytes.append(len(payload))
         try:
-            intake(
-                current,
-                payload,
-                device,
-                specs,
-                aggregator_trust,
-                max_norm=settings.max_update_norm,
-                site=SITE,
-                max_bytes=MAX_BYTES,
-            )
+            intake.take(current, payload, device)
         except (RejectedMessage, InconsistentUpdate):
             result.rejected += 1  # refused, as the aggregator refuses it
 

@@ -55,7 +55,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from aggregator.accumulator import Accumulator, make_accumulator, next_step
 from aggregator.config import RoundSettings
 from aggregator.strategy import InconsistentUpdate
-from bench.steps import intake, open_round
+from bench.steps import Intake, open_round
 from fedbell.errors import RejectedMessage
 from fedbell.faces.dlib_resnet import DESCRIPTOR, FEATURES
 from fedbell.faces.embedding import HEAD_NAMES
@@ -446,6 +446,7 @@ def run_codec(codec: Codec, count: int, seed: int, signed: bool) -> CodecReport:
     # clip_norm (on by default), and weighing at most max_examples whatever it claims.
     expected = Expectation(base, codec == "topk", settings.clip_norm)
     round_ = open_round(settings, 1, DEVICES, accumulator, lineage="fuzz")
+    intake = Intake(SITE, LIMIT, specs, trusted, settings.max_update_norm)
     seeds, clean = _seed_messages(
         rng, codec=codec, base=base, specs=specs, keys=keys if signed else None, settings=settings
     )
@@ -461,16 +462,7 @@ def run_codec(codec: Codec, count: int, seed: int, signed: bool) -> CodecReport:
         topic_device = device if rng.random() < 0.9 else "intruder"
         count_before = accumulator.count
         try:
-            update = intake(
-                round_,
-                payload,
-                topic_device,
-                specs,
-                trusted,
-                max_norm=settings.max_update_norm,
-                site=SITE,
-                max_bytes=LIMIT,
-            )
+            update = intake.take(round_, payload, topic_device)
         except (RejectedMessage, InconsistentUpdate) as err:
             # As the coordinator does: an update the accumulator refuses is a rejection.
             reason = err.reason if isinstance(err, RejectedMessage) else "inconsistent"

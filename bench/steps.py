@@ -1,7 +1,7 @@
 """The product's round steps as the benchmarks call them, in one process.
 
 `open_round` opens a round as the coordinator does (its announcement, an empty
-accumulator), `intake` takes an update in as `Coordinator._on_update` does
+accumulator), `Intake` takes an update in as `Coordinator._on_update` does
 (parse, signature, the round's checks, the accumulator), `answer` is a
 doorbell's signed update for an announced round. `bench.federated`'s loop,
 `bench.fuzz` and `bench.devices` share them, so there is one copy of each path.
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
@@ -51,26 +52,33 @@ def open_round(
     )
 
 
-def intake(
-    current: Round,
-    payload: bytes,
-    device: str,
-    specs: Sequence[TensorSpec],
-    keys: Mapping[str, Ed25519PublicKey] | None,
-    *,
-    max_norm: float,
-    site: str,
-    max_bytes: int,
-) -> messages.Update:
-    """`Coordinator._on_update`'s path: parse (envelope, signature, specs, values), the
-    round's checks, then the accumulator. Raises `RejectedMessage` or
-    `InconsistentUpdate` for what the aggregator refuses."""
-    update = messages.parse_update(
-        payload, site=site, device=device, expected=specs, max_bytes=max_bytes, keys=keys
-    )
-    current.check(update, time.time(), max_norm)
-    current.accept(update, len(payload))
-    return update
+@dataclass(frozen=True)
+class Intake:
+    """The aggregator's intake of updates (`Coordinator._on_update`'s path): what it checks
+    an update against."""
+
+    site: str
+    max_bytes: int
+    specs: Sequence[TensorSpec]
+    keys: Mapping[str, Ed25519PublicKey] | None
+    """The doorbells' public keys (None: an unsigned set-up)."""
+    max_norm: float
+
+    def take(self, current: Round, payload: bytes, device: str) -> messages.Update:
+        """Parse (envelope, signature, specs, values), the round's checks, then the
+        accumulator. Raises `RejectedMessage` or `InconsistentUpdate` for what the
+        aggregator refuses."""
+        update = messages.parse_update(
+            payload,
+            site=self.site,
+            device=device,
+            expected=self.specs,
+            max_bytes=self.max_bytes,
+            keys=self.keys,
+        )
+        current.check(update, time.time(), self.max_norm)
+        current.accept(update, len(payload))
+        return update
 
 
 def answer(
