@@ -7,10 +7,10 @@ of people no model has seen, stranger photos for calibration and as the
 doorbells' negatives) and go through `bench.openset_features` (doorbell
 conditions, BlazeFace, alignment, the frozen backbone on LiteRT; features
 cached under reports/cache, shared by every benchmark) into a
-`bench.households.Bench` (`Extraction.featurize`). A release is scored as the aggregator
-scores it (`scorer`): threshold calibrated on the calibration strangers for
-1 % false accepts in a house of 5, open-set accuracy of the test houses at
-that threshold (`bench.households.evaluate`).
+`bench.households.Bench` (`Extraction.featurize`). A release is scored as
+the aggregator scores it (`scorer`): threshold calibrated on the calibration
+strangers for 1 % false accepts in a house of 5, open-set accuracy of the
+test houses at that threshold (`bench.households.evaluate`).
 
 `synthetic_bench` builds the same structure from generated features (people
 as clusters in feature space), for tests and for a machine without
