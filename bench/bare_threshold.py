@@ -31,15 +31,15 @@ from collections.abc import Sequence
 import numpy as np
 
 from aggregator.config import DEFAULT_THRESHOLD
-from bench import openset
-from bench.data import load_bench
-from bench.federated import Arm, Score, run_arm
+from bench import households
+from bench.data import load_bench, scorer
+from bench.federated import Arm, run_arm
 from fedbell.wire.codecs import Weights
 
 
-def stranger_scores(bench: openset.Bench, head: Weights) -> np.ndarray:
+def stranger_scores(bench: households.Bench, head: Weights) -> np.ndarray:
     """Each never-seen stranger probe's best similarity to a test house's prototypes."""
-    trials = openset.house_trials(bench.test, [head])
+    trials = households.house_trials(bench.test, [head])
     return np.concatenate([t.stranger_score for t in trials])
 
 
@@ -48,11 +48,11 @@ def let_in(scores: np.ndarray, threshold: float) -> float:
 
 
 def figures(
-    bench: openset.Bench, head: Weights, target: float, fallback: float
+    bench: households.Bench, head: Weights, target: float, fallback: float
 ) -> dict[str, float]:
     scores = stranger_scores(bench, head)
     perfect = float(np.quantile(scores, 1 - target, method="higher"))
-    bank = openset.shipped_threshold(bench, head, target, openset.GALLERY_SIZE)
+    bank = households.shipped_threshold(bench, head, target, households.GALLERY_SIZE)
     return {
         "strangers": len(scores),
         f"threshold_for_{target:.0%}": round(perfect, 4),
@@ -61,7 +61,7 @@ def figures(
         "bank_threshold": round(bank, 4),
         "let_in_at_bank_threshold": round(let_in(scores, bank), 4),
         "open_set_accuracy_at_bank": round(
-            openset.evaluate(bench, [head], bank).open_set_accuracy, 4
+            households.evaluate(bench, [head], bank).open_set_accuracy, 4
         ),
     }
 
@@ -81,15 +81,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     start = figures(bench, bench.start, args.target, fallback)
     print("start head:", json.dumps(start))
 
-    def score(weights: Weights) -> Score:
-        threshold = openset.shipped_threshold(
-            bench, weights, openset.TARGET_FAR, openset.GALLERY_SIZE
-        )
-        result = openset.evaluate(bench, [weights], threshold)
-        return Score(result.open_set_accuracy, threshold, result.tar_at_far_1pct)
-
     outcome = run_arm(
-        bench.train, bench.start, Arm("federated"), args.rounds, score, evaluate_every=10
+        bench.train, bench.start, Arm("federated"), args.rounds, scorer(bench), evaluate_every=10
     )
     trained = figures(bench, outcome.weights, args.target, fallback)
     print(f"after {args.rounds} rounds:", json.dumps(trained))

@@ -29,9 +29,10 @@ import paho.mqtt.client as mqtt
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from paho.mqtt.enums import CallbackAPIVersion
 
+from bench.steps import answer
 from fedbell.errors import RejectedMessage
 from fedbell.wire.codecs import Weights
-from fedbell.wire.messages import AGGREGATOR, Signer, build_update, parse_global
+from fedbell.wire.messages import AGGREGATOR, Signer, parse_global
 from fedbell.wire.protocol import DeviceStatus, RoundAnnouncement, parse_json, to_json
 from fedbell.wire.signing import load_private_key, load_public_key
 from fedbell.wire.topics import Topics
@@ -130,16 +131,13 @@ class SimulatedDoorbell:
     def _answer(self, announcement: RoundAnnouncement) -> None:
         assert self._layout is not None
         names, delta = self._layout
-        payload = build_update(
+        payload = answer(
+            announcement,
             site=self.site,
             signer=Signer(self.name, self.key),
-            round_id=announcement.round,
-            base_version=announcement.base_version,
             num_examples=self.examples,
             names=names,
             delta=delta,
-            codec=announcement.codec,
-            density=announcement.density,
         )
         self.client.publish(self.topics.update(self.name), payload, qos=1)
         self.sent.append(announcement.round)

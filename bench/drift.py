@@ -33,8 +33,7 @@ import numpy as np
 
 from aggregator.config import RoundSettings
 from aggregator.gates import accuracy_bar
-from bench import openset
-from bench.data import load_bench
+from bench.data import load_bench, scorer
 from bench.federated import Arm, Gate, Score, run_arm
 
 DIRECTIONS = 6
@@ -89,13 +88,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     bench = loaded.bench
     print(loaded.description)
 
-    def score(weights: list[np.ndarray]) -> Score:
-        threshold = openset.shipped_threshold(
-            bench, weights, openset.TARGET_FAR, openset.GALLERY_SIZE
-        )
-        result = openset.evaluate(bench, [weights], threshold)
-        return Score(result.open_set_accuracy, threshold, result.tar_at_far_1pct)
-
+    score = scorer(bench)
     houses = bench.train[:7]
     today = RoundSettings(max_accuracy_loss=args.budget)
     before = RoundSettings(clip_norm=2.0, max_accuracy_loss=None)

@@ -37,192 +37,68 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import Literal, Protocol
+from dataclasses import dataclass
 
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from aggregator.accumulator import SecureSum, make_accumulator, make_optimizer, next_step
-from aggregator.config import DEFAULT_MIN_COHORT, RoundSettings
+from aggregator.accumulator import (
+    SecureSum,
+    make_accumulator,
+    make_optimizer,
+    next_step,
+)
+from aggregator.config import RoundSettings
 from aggregator.export import as_received
-from aggregator.rounds import Round, announce, select_devices
+from aggregator.rounds import Round, select_devices
 from aggregator.secure import mean_delta
 from aggregator.secure_rounds import secagg_plan as aggregator_secagg_plan
 from aggregator.strategy import InconsistentUpdate
+from bench.arms import (
+    PRODUCT,
+    Arm,
+    ArmResult,
+    Attack,
+    Craft,
+    Gate,
+    House,
+    RoundResult,
+    Score,
+    Scorer,
+    Secure,
+    Strategy,
+    poison,
+    round_settings,
+)
+from bench.steps import Intake, answer, open_round
 from edge.secure import secure_update
 from edge.trainer import round_seed, train_delta
 from fedbell.errors import RejectedMessage
-from fedbell.faces.embedding import HEAD_NAMES, Features, LabelIds, TrainParams
+from fedbell.faces.embedding import HEAD_NAMES, TrainParams
 from fedbell.wire import masking, messages
 from fedbell.wire.codecs import Weights
-from fedbell.wire.envelope import Codec, TensorSpec
-from fedbell.wire.protocol import SecAggPlan, to_json
+from fedbell.wire.envelope import TensorSpec
+from fedbell.wire.protocol import RoundAnnouncement, SecAggPlan, to_json
 from fedbell.wire.sparsify import with_error_feedback
 
-Strategy = Literal["fedavg", "clipped", "median", "trimmed_mean", "multi_krum"]
-Craft = Callable[[Sequence[np.ndarray], Sequence[np.ndarray]], list[np.ndarray]]
-"""A hostile doorbell's delta from (the global head, its honestly trained delta)."""
-Attack = Literal["scale", "sign_flip"]
+__all__ = [  # moved to bench.arms; read here by simulation, bench.privacy* and tests
+    "PRODUCT",
+    "Arm",
+    "ArmResult",
+    "Attack",
+    "Gate",
+    "RoundResult",
+    "Score",
+    "Scorer",
+    "Secure",
+    "Strategy",
+    "round_settings",
+]
 SITE = "bench"
 LINEAGE = "bench"
 MAX_BYTES = 1 << 26
 NO_BACKBONE = "0" * 64
 """The backbone hash global models name when the caller gives none."""
-PRODUCT = RoundSettings()
-"""The aggregator's defaults: what a benchmark measures unless an arm says otherwise."""
-
-
-class House(Protocol):
-    """One training doorbell's data (`bench.openset.House` is one)."""
-
-    @property
-    def features(self) -> Features: ...
-    @property
-    def labels(self) -> LabelIds: ...
-    @property
-    def negatives(self) -> Features: ...
-
-
-@dataclass(frozen=True)
-class Score:
-    """A release as the aggregator scores it."""
-
-    open_set_accuracy: float
-    threshold: float
-    tar_at_far_1pct: float = float("nan")
-
-
-Scorer = Callable[[Weights], Score]
-Gate = Callable[[Score, Score, Score], bool]
-"""(release, published, start) -> refuse the release."""
-
-
-@dataclass(frozen=True)
-class Secure:
-    """Secure aggregation (and house-level DP) in the loop, as the product runs it.
-
-    Each doorbell's client step is `train_delta` from the global head plus its
-    error-feedback residual, then `edge.secure.secure_update` (the round's
-    shared subset, clipped to `clip_norm`, its share of the noise, fixed point);
-    the server step is `aggregator.secure.mean_delta` of the fixed-point sum,
-    each house weighing the same. The pairwise and self masks are left out:
-    they cancel exactly in the sum (tested in tests/test_secagg*.py), so the
-    sum here is the number the aggregator unmasks, without the key exchange.
-    """
-
-    clip_norm: float
-    noise_multiplier: float = 0.0
-    min_cohort: int = DEFAULT_MIN_COHORT
-    density: float = PRODUCT.density
-
-
-@dataclass(frozen=True)
-class Arm:
-    """One set-up to compare. Everything not named is the product's default."""
-
-    name: str
-    codec: Codec = PRODUCT.codec
-    density: float = PRODUCT.density
-    strategy: Strategy = PRODUCT.strategy
-    clip_norm: float = 1.0
-    """With strategy "clipped" only; other arms keep the aggregator's default clipping."""
-    trim_fraction: float = 0.2
-    attackers: tuple[Attack, ...] = ()
-    """The first len(attackers) houses send poisoned updates of these kinds."""
-    byzantine: int | None = None
-    """Hostile updates Multi-Krum assumes; by default as many as there are attackers."""
-    left_out: int = 0
-    """The first `left_out` houses take no part: with the attackers simply absent,
-    this is what a perfect robust rule could reach."""
-    server: Literal["none", "fedavgm", "fedadam"] = PRODUCT.server_optimizer
-    server_momentum: float = PRODUCT.server_momentum
-    downlink_codec: Codec = PRODUCT.downlink_codec
-    signed: bool = True
-    """Ed25519 on every update and every model, verified on arrival (the product's
-    production set-up)."""
-    secure: Secure | None = None
-
-
-@dataclass
-class RoundResult:
-    round: int
-    open_set_accuracy: float
-    threshold: float
-    tar_at_far_1pct: float
-    bytes_up: int
-    bytes_down: int
-    """Everything the round's doorbells received: announcements and the global head."""
-    seconds: float
-    participants: int
-
-    @property
-    def accuracy(self) -> float:
-        return self.open_set_accuracy
-
-
-@dataclass
-class ArmResult:
-    arm: Arm
-    start: Score
-    rounds: list[RoundResult] = field(default_factory=list)
-    update_bytes: list[int] = field(default_factory=list)
-    down_bytes: list[int] = field(default_factory=list)
-    """Per doorbell per round: round announcements + the global head message."""
-    rejected: int = 0
-    """Updates the aggregator's checks refused (an honest run has none)."""
-    abandoned: int = 0
-    """Rounds whose release the `gate` refused (the model stayed)."""
-    weights: Weights = field(default_factory=list)
-    """The aggregator's (float) global head after the last round; the doorbells hold it as
-    `aggregator.export.as_received` decodes it in the arm's downlink codec."""
-
-    @property
-    def final(self) -> Score:
-        if not self.rounds:
-            return self.start
-        last = self.rounds[-1]
-        return Score(last.open_set_accuracy, last.threshold, last.tar_at_far_1pct)
-
-    @property
-    def final_accuracy(self) -> float:
-        return self.final.open_set_accuracy
-
-    def rounds_to(self, target: float) -> int | None:
-        return next((r.round for r in self.rounds if r.open_set_accuracy >= target), None)
-
-    @property
-    def bytes_per_update(self) -> float:
-        return float(np.mean(self.update_bytes)) if self.update_bytes else 0.0
-
-    @property
-    def bytes_down_per_node(self) -> float:
-        return float(np.mean(self.down_bytes)) if self.down_bytes else 0.0
-
-
-def poison(delta: Weights, attack: Attack) -> Weights:
-    factor = -10.0 if attack == "scale" else -1.0
-    return [np.asarray(factor * d, np.float32) for d in delta]
-
-
-def round_settings(arm: Arm, per_round: int) -> RoundSettings:
-    """The aggregator's round settings for the arm (its defaults for everything else:
-    norm clipping, the example cap, Multi-Krum's share bound)."""
-    chosen: dict[str, object] = {
-        "codec": arm.codec,
-        "density": arm.density,
-        "downlink_codec": arm.downlink_codec,
-        "strategy": arm.strategy,
-        "trim_fraction": arm.trim_fraction,
-        "byzantine": arm.byzantine or len(arm.attackers) or 1,
-        "max_devices": per_round,
-        "server_optimizer": arm.server,
-        "server_momentum": arm.server_momentum,
-        "timeout_s": 1e9,
-    }
-    if arm.strategy == "clipped":
-        chosen["clip_norm"] = arm.clip_norm
-    return RoundSettings.model_validate(chosen)
 
 
 def head_specs(head: Sequence[np.ndarray]) -> tuple[TensorSpec, ...]:
@@ -257,35 +133,9 @@ class _Keys:
         return {n: k.public_key() for n, k in self.devices.items() if k is not None}
 
 
-def _open_round(
-    settings: RoundSettings,
-    round_id: int,
-    selected: Sequence[str],
-    shapes: Sequence[tuple[int, ...]],
-) -> Round:
-    """The round as the coordinator opens it: announcement, an empty accumulator."""
-    now = time.time()
-    announcement = announce(
-        round_id=round_id,
-        base_version=round_id - 1,
-        lineage=LINEAGE,
-        selected=selected,
-        now=now,
-        settings=settings,
-        manual=False,
-    )
-    return Round(
-        announcement=announcement,
-        manual=False,
-        started_at=now,
-        accumulator=make_accumulator(settings, shapes, sparse=settings.codec == "topk"),
-        strategy=settings.strategy,
-    )
-
-
 def _client_step(  # noqa: PLR0917 - what a doorbell holds in a round
     device: str,
-    round_id: int,
+    announcement: RoundAnnouncement,
     house: House,
     model: messages.GlobalModel,
     attack: Sequence[Attack],
@@ -302,7 +152,7 @@ def _client_step(  # noqa: PLR0917 - what a doorbell holds in a round
         house.features,
         house.labels,
         house.negatives,
-        dataclasses.replace(plan, seed=round_seed(device, round_id)),
+        dataclasses.replace(plan, seed=round_seed(device, announcement.round)),
         residual=residuals.get(device) if settings.codec == "topk" else None,
     )
     delta = trained.delta
@@ -312,16 +162,13 @@ def _client_step(  # noqa: PLR0917 - what a doorbell holds in a round
         delta = craft(model.weights, delta)
     if settings.codec == "topk":
         delta, residuals[device] = with_error_feedback(HEAD_NAMES, delta, settings.density)
-    return messages.build_update(
+    return answer(
+        announcement,
         site=SITE,
         signer=messages.Signer(device, key),
-        round_id=round_id,
-        base_version=model.version,
         num_examples=trained.num_examples,
         names=HEAD_NAMES,
         delta=delta,
-        codec=settings.codec,
-        density=settings.density,
     )
 
 
@@ -381,7 +228,6 @@ models sees."""
 
 def _plain_round(
     current: Round,
-    round_id: int,
     down: bytes,
     *,
     selected: Sequence[str],
@@ -398,7 +244,9 @@ def _plain_round(
 ) -> None:
     """A round without secure aggregation: each selected house's signed update,
     checked and accepted (or refused) as the aggregator's intake does."""
-    device_trust, aggregator_trust = keys.trusted_by_devices(), keys.trusted_by_aggregator()
+    device_trust = keys.trusted_by_devices()
+    trusted = keys.trusted_by_aggregator()
+    intake = Intake(SITE, MAX_BYTES, specs, trusted, settings.max_update_norm)
     for device in selected:
         index = names.index(device)
         model = messages.parse_global(
@@ -406,7 +254,7 @@ def _plain_round(
         )
         payload = _client_step(
             device,
-            round_id,
+            current.announcement,
             houses[index],
             model,
             arm.attackers[index : index + 1],
@@ -418,16 +266,7 @@ def _plain_round(
         )
         result.update_bytes.append(len(payload))
         try:
-            update = messages.parse_update(
-                payload,
-                site=SITE,
-                device=device,
-                expected=specs,
-                max_bytes=MAX_BYTES,
-                keys=aggregator_trust,
-            )
-            current.check(update, time.time(), settings.max_update_norm)
-            current.accept(update, len(payload))
+            intake.take(current, payload, device)
         except (RejectedMessage, InconsistentUpdate):
             result.rejected += 1  # refused, as the aggregator refuses it
 
@@ -487,7 +326,10 @@ def run_arm(
             codec=settings.downlink_codec,
         )
         selected = select_devices(taking_part, None, settings.max_devices, settings.seed, round_id)
-        current = _open_round(settings, round_id, selected, [w.shape for w in weights])
+        accumulator = make_accumulator(
+            settings, [w.shape for w in weights], sparse=settings.codec == "topk"
+        )
+        current = open_round(settings, round_id, selected, accumulator, lineage=LINEAGE)
         opened = len(to_json(current.announcement))
         if arm.secure is not None:
             current.accumulator, current.bytes_up = _secure_round(
@@ -504,7 +346,6 @@ def run_arm(
         if arm.secure is None:
             _plain_round(
                 current,
-                round_id,
                 down,
                 selected=selected,
                 names=names,

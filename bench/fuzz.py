@@ -50,12 +50,12 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 import zstandard
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from aggregator.accumulator import Accumulator, make_accumulator, next_step
 from aggregator.config import RoundSettings
-from aggregator.rounds import Round, announce
 from aggregator.strategy import InconsistentUpdate
+from bench.steps import Intake, open_round
 from fedbell.errors import RejectedMessage
 from fedbell.faces.dlib_resnet import DESCRIPTOR, FEATURES
 from fedbell.faces.embedding import HEAD_NAMES
@@ -417,45 +417,6 @@ def _seed_messages(
     return seeds, clean
 
 
-def _open_round(settings: RoundSettings, accumulator: Accumulator) -> Round:
-    """Round 1 of lineage "fuzz", both doorbells selected, as the coordinator opens it."""
-    now = time.time()
-    announcement = announce(
-        round_id=1,
-        base_version=0,
-        lineage="fuzz",
-        selected=DEVICES,
-        now=now,
-        settings=settings,
-        manual=False,
-    )
-    return Round(
-        announcement=announcement,
-        manual=False,
-        started_at=now,
-        accumulator=accumulator,
-        strategy=settings.strategy,
-    )
-
-
-def _as_the_aggregator_does(
-    round_: Round,
-    payload: bytes,
-    device: str,
-    specs: Sequence[TensorSpec],
-    trusted: dict[str, Ed25519PublicKey] | None,
-) -> messages.Update:
-    """`Coordinator._on_update`'s path: parse (envelope, signature, specs, values),
-    the round's checks, then the accumulator."""
-    update = messages.parse_update(
-        payload, site=SITE, device=device, expected=specs, max_bytes=LIMIT, keys=trusted
-    )
-    settings = RoundSettings(codec=round_.announcement.codec)
-    round_.check(update, now=time.time(), max_norm=settings.max_update_norm)
-    round_.accept(update, len(payload))
-    return update
-
-
 def _check_release(
     base: Weights, accumulator: Accumulator, devices: Sequence[str], expected: Expectation
 ) -> str | None:
@@ -484,7 +445,8 @@ def run_codec(codec: Codec, count: int, seed: int, signed: bool) -> CodecReport:
     # The round's documented rules, applied here by hand: every update clipped to
     # clip_norm (on by default), and weighing at most max_examples whatever it claims.
     expected = Expectation(base, codec == "topk", settings.clip_norm)
-    round_ = _open_round(settings, accumulator)
+    round_ = open_round(settings, 1, DEVICES, accumulator, lineage="fuzz")
+    intake = Intake(SITE, LIMIT, specs, trusted, settings.max_update_norm)
     seeds, clean = _seed_messages(
         rng, codec=codec, base=base, specs=specs, keys=keys if signed else None, settings=settings
     )
@@ -500,7 +462,7 @@ def run_codec(codec: Codec, count: int, seed: int, signed: bool) -> CodecReport:
         topic_device = device if rng.random() < 0.9 else "intruder"
         count_before = accumulator.count
         try:
-            update = _as_the_aggregator_does(round_, payload, topic_device, specs, trusted)
+            update = intake.take(round_, payload, topic_device)
         except (RejectedMessage, InconsistentUpdate) as err:
             # As the coordinator does: an update the accumulator refuses is a rejection.
             reason = err.reason if isinstance(err, RejectedMessage) else "inconsistent"

@@ -88,306 +88,56 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import numpy as np
-import numpy.typing as npt
 
 from aggregator.export import as_received
 from bench import federated
-from bench.openset_features import (
-    ENROL_PER_PERSON,
-    FeatureCache,
-    Photo,
-    backbone_model,
-    extract_features,
-    photos_of,
-    start_head,
-    time_doorbell,
+from bench.data import CACHE, DATASETS, ROOT, Prepared, prepare, scorer
+from bench.households import (
+    GALLERY_SIZE,
+    HOUSE_SIZES,
+    NEGATIVES_PER_HOUSE,
+    TARGET_FAR,
+    Bench,
+    House,
+    Split,
+    build_bench,
+    evaluate,
+    house_trials,
+    make_houses,
+    shipped_threshold,
+    split_people,
 )
+from bench.openset_features import ENROL_PER_PERSON, backbone_model, start_head, time_doorbell
+from bench.openset_report import ARMS, bar_verdict, print_table, report
 from edge.recognition_config import RecognitionConfig
 from edge.trainer import round_seed, train_delta
-from fedbell.faces.calibration import calibrate_threshold
-from fedbell.faces.embedding import HEAD_NAMES, Features, TrainParams, embed, train_head
-from fedbell.faces.openset import OpenSetResult, Trial, prototype, score_trials, trial
+from fedbell.faces.embedding import HEAD_NAMES, TrainParams, train_head
+from fedbell.faces.openset import OpenSetResult, score_trials
 from fedbell.wire.codecs import Weights
-from fedbell.wire.envelope import TensorSpec
 
-ROOT = Path(__file__).resolve().parents[1]
-DATASETS = ROOT.parent / "shared" / "datasets"
-SITE = "bench"
-LINEAGE = "openset-bench"
-MAX_BYTES = 1 << 26
-TARGET_FAR = 0.01
-"""The shipped threshold: at most 1 % of the strangers who ring are taken for someone..."""
-GALLERY_SIZE = 5
-"""...in a house of 5 people."""
-HOUSE_SIZES = (3, 6)
-NEGATIVES_PER_HOUSE = 32
-"""Strangers a doorbell has seen at its door (delivery people, visitors), as negatives."""
-BAR = {"open_set_accuracy": 0.85, "tar_at_far_1pct": 0.80, "vs_central": 3.0, "vs_others": 5.0}
-ARMS = ("start", "federated", "central", "local_only")
-
-
-# --- the split -------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Split:
-    """Who lives where: person keys per house, and stranger photo keys per use."""
-
-    train_houses: tuple[tuple[str, ...], ...]
-    test_houses: tuple[tuple[str, ...], ...]
-    calibration: tuple[str, ...]
-    negatives: tuple[str, ...]
-    residents: tuple[str, ...] = ()
-    """The aggregator's held-out people: pretend residents when it calibrates the threshold."""
-
-    def people(self) -> list[str]:
-        """Everyone whose photos the bench needs features of."""
-        return [p for house in self.train_houses + self.test_houses for p in house] + list(
-            self.residents
-        )
-
-
-def make_houses(people: Sequence[str], rng: np.random.Generator) -> list[tuple[str, ...]]:
-    """People in a seeded order cut into houses of HOUSE_SIZES[0]..HOUSE_SIZES[1] people.
-
-    A remainder too small to be a house joins the previous houses one by one.
-    """
-    order = [people[i] for i in rng.permutation(len(people))]
-    houses: list[list[str]] = []
-    low, high = HOUSE_SIZES
-    while len(order) >= low:
-        size = min(int(rng.integers(low, high + 1)), len(order))
-        houses.append(order[:size])
-        order = order[size:]
-    for index, person in enumerate(order):
-        if houses:
-            houses[-1 - index % len(houses)].append(person)
-    return [tuple(h) for h in houses]
-
-
-def split_people(
-    dev_people: Sequence[str],
-    stranger_photos: Sequence[str],
-    seed: int,
-    *,
-    test_people: Sequence[str] | None = None,
-    test_fraction: float = 0.3,
-    calibration: int = 1000,
-    negatives: int = 1500,
-    residents: int = 150,
-) -> Split:
-    """Disjoint training and test houses, and stranger photos for calibration and negatives.
-
-    With `test_people` (another dataset), every dev person but the residents
-    trains and the test houses are made of those; otherwise `test_fraction` of
-    the dev people are held out as test houses. `residents` dev people are
-    the aggregator's held-out folder (in no house). Deterministic for a seed;
-    the order of the inputs does not matter.
-    """
-    rng = np.random.default_rng([seed, 11])
-    dev = sorted(set(dev_people))
-    if test_people is None:
-        order = [dev[i] for i in rng.permutation(len(dev))]
-        held = round(test_fraction * len(order))
-        test, train = sorted(order[:held]), order[held:]
-    else:
-        test, train = sorted(set(test_people)), [dev[i] for i in rng.permutation(len(dev))]
-    if not 0 <= residents < len(train):
-        raise ValueError(f"{residents} residents out of {len(train)} training people")
-    held_out, train = sorted(train[:residents]), sorted(train[residents:])
-    if set(test) & set(train):
-        raise ValueError("a person is both in a training and in a test house")
-    strangers = sorted(set(stranger_photos))
-    order = [strangers[i] for i in rng.permutation(len(strangers))]
-    if len(order) < calibration + 2:
-        raise ValueError(f"{len(order)} stranger photos, need more than {calibration}")
-    return Split(
-        train_houses=tuple(make_houses(train, rng)),
-        test_houses=tuple(make_houses(test, rng)),
-        calibration=tuple(sorted(order[:calibration])),
-        negatives=tuple(sorted(order[calibration : calibration + negatives])),
-        residents=tuple(held_out),
-    )
-
-
-# --- households as features ------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class House:
-    """One training doorbell: its people's features (labels 0..P-1) and its strangers."""
-
-    features: Features
-    labels: npt.NDArray[np.int64]
-    negatives: Features
-
-
-@dataclass(frozen=True)
-class TestHouse:
-    """One test doorbell: enrolment and probe photos of its members, and its strangers."""
-
-    enrol: Features
-    enrol_labels: npt.NDArray[np.int64]
-    probes: Features
-    probe_labels: npt.NDArray[np.int64]
-    negatives: Features
-
-
-@dataclass(frozen=True)
-class Bench:
-    """Everything the arms share: houses, stranger features, the start head."""
-
-    train: tuple[House, ...]
-    test: tuple[TestHouse, ...]
-    calibration: Features
-    negatives: Features
-    start: Weights
-    residents: tuple[Features, ...] = ()
-    """Enrolment photos of each of the aggregator's held-out people (`Split.residents`)."""
-    backbone: str = "0" * 64
-    """sha256 of the backbone the features came from (global models name it)."""
-
-
-def _negatives(pool: Features, rng: np.random.Generator, count: int) -> Features:
-    if len(pool) == 0:
-        return pool
-    return pool[rng.choice(len(pool), size=min(count, len(pool)), replace=False)]
-
-
-def build_bench(
-    split: Split,
-    features: dict[str, list[Features]],
-    stranger_features: dict[str, Features],
-    start: Weights,
-    *,
-    seed: int,
-    negatives_per_house: int = NEGATIVES_PER_HOUSE,
-) -> Bench:
-    """Houses from per-person feature lists (photos where a face was found, in order).
-
-    A training person with no face found is left out; a test person needs two
-    photos (one to enrol, one to probe) to be a member, and with one is left
-    out too (their photo still probes the other houses as a stranger's? no:
-    every stranger probe comes from members, so the pools match across arms).
-    """
-    rng = np.random.default_rng([seed, 13])
-    width = start[0].shape[0]
-    empty = np.zeros((0, width), np.float32)
-    negative_pool = np.asarray(
-        [stranger_features[k] for k in split.negatives if k in stranger_features], np.float32
-    ).reshape(-1, width)
-    calibration = np.asarray(
-        [stranger_features[k] for k in split.calibration if k in stranger_features], np.float32
-    ).reshape(-1, width)
-    train = []
-    for people in split.train_houses:
-        rows, labels = [], []
-        for person in people:
-            photos = features.get(person, [])
-            if len(photos):
-                rows.append(np.asarray(photos, np.float32))
-                labels.append(np.full(len(photos), len(rows) - 1, np.int64))
-        if rows:
-            train.append(
-                House(
-                    np.concatenate(rows),
-                    np.concatenate(labels),
-                    _negatives(negative_pool, rng, negatives_per_house),
-                )
-            )
-    test = []
-    for people in split.test_houses:
-        enrol: list[Features] = []
-        probes: list[Features] = []
-        enrol_labels: list[npt.NDArray[np.int64]] = []
-        probe_labels: list[npt.NDArray[np.int64]] = []
-        for person in people:
-            faces = np.asarray(features.get(person, []), np.float32).reshape(-1, width)
-            if len(faces) < 2:
-                continue
-            count = min(ENROL_PER_PERSON, len(faces) - 1)
-            label = len(enrol)
-            enrol.append(faces[:count])
-            enrol_labels.append(np.full(count, label, np.int64))
-            probes.append(faces[count:])
-            probe_labels.append(np.full(len(faces) - count, label, np.int64))
-        if enrol:
-            test.append(
-                TestHouse(
-                    np.concatenate(enrol),
-                    np.concatenate(enrol_labels),
-                    np.concatenate(probes),
-                    np.concatenate(probe_labels),
-                    _negatives(negative_pool, rng, negatives_per_house),
-                )
-            )
-    if not train or len(test) < 2:
-        raise ValueError(f"{len(train)} training and {len(test)} test houses: too few")
-    residents = []
-    for person in split.residents:
-        faces = np.asarray(features.get(person, []), np.float32).reshape(-1, width)
-        if len(faces) >= 2:  # enrolled like a test house's member: one photo left over
-            residents.append(faces[: min(ENROL_PER_PERSON, len(faces) - 1)])
-    return Bench(
-        tuple(train),
-        tuple(test),
-        calibration,
-        negative_pool if len(negative_pool) else empty,
-        start,
-        tuple(residents),
-    )
-
-
-# --- scoring ---------------------------------------------------------------------------------
-
-
-def house_trials(test: Sequence[TestHouse], heads: Sequence[Weights]) -> list[Trial]:
-    """One trial per test house with its own head (`heads[i]`, or one head for all).
-
-    A house's strangers are every probe and enrolment photo of the other test
-    houses' members.
-    """
-    trials = []
-    everyone = [np.concatenate([h.enrol, h.probes]) for h in test]
-    shared = len(heads) == 1
-    all_embedded = [embed(e, heads[0]) for e in everyone] if shared else None
-    for index, house in enumerate(test):
-        head = heads[0] if shared else heads[index]
-        enrolled = embed(house.enrol, head)
-        prototypes = np.stack(
-            [
-                prototype(enrolled[house.enrol_labels == p])
-                for p in range(int(house.enrol_labels.max()) + 1)
-            ]
-        )
-        if all_embedded is not None:
-            strangers = np.concatenate([e for j, e in enumerate(all_embedded) if j != index])
-        else:
-            strangers = embed(
-                np.concatenate([e for j, e in enumerate(everyone) if j != index]), head
-            )
-        trials.append(trial(prototypes, embed(house.probes, head), house.probe_labels, strangers))
-    return trials
-
-
-def shipped_threshold(bench: Bench, head: Weights, target_far: float, gallery_size: int) -> float:
-    """What the aggregator would ship with `head`: calibrated on its stranger folder, in
-    pretend houses of its held-out people (of other strangers when it has too few)."""
-    residents = None
-    if len(bench.residents) >= gallery_size:
-        residents = np.stack([prototype(embed(faces, head)) for faces in bench.residents])
-    return calibrate_threshold(
-        embed(bench.calibration, head), target_far, gallery_size, residents=residents
-    )
-
-
-def evaluate(bench: Bench, heads: Sequence[Weights], threshold: float) -> OpenSetResult:
-    return score_trials(house_trials(bench.test, heads), threshold)
-
-
+__all__ = [  # moved to bench.data, .households and .openset_report; read here by others
+    "ARMS",
+    "DATASETS",
+    "GALLERY_SIZE",
+    "HOUSE_SIZES",
+    "NEGATIVES_PER_HOUSE",
+    "TARGET_FAR",
+    "Bench",
+    "House",
+    "Prepared",
+    "Split",
+    "bar_verdict",
+    "build_bench",
+    "evaluate",
+    "make_houses",
+    "prepare",
+    "report",
+    "shipped_threshold",
+    "split_people",
+]
 # --- arms ------------------------------------------------------------------------------------
 
 
@@ -406,32 +156,14 @@ class ArmSettings:
 
 
 @dataclass
-class RoundRecord:
-    round: int
-    open_set_accuracy: float
-    tar_at_far_1pct: float
-    threshold: float
-    bytes_up: int
-    bytes_down: int
-    seconds: float
-
-
-@dataclass
 class ArmOutcome:
     name: str
     result: OpenSetResult
     threshold: float
     seconds: float
-    rounds: list[RoundRecord] = field(default_factory=list)
+    rounds: list[federated.RoundResult] = field(default_factory=list)
     heads: tuple[Weights, ...] = ()
     """The head(s) scored: one for every house, or one per test house (local_only)."""
-
-
-def _specs(head: Weights) -> tuple[TensorSpec, ...]:
-    return tuple(
-        TensorSpec(name=n, shape=tuple(int(d) for d in w.shape))
-        for n, w in zip(HEAD_NAMES, head, strict=True)
-    )
 
 
 def run_start(bench: Bench, settings: ArmSettings) -> ArmOutcome:
@@ -446,7 +178,7 @@ def run_federated(
     bench: Bench,
     settings: ArmSettings,
     seed: int,
-    progress: Callable[[RoundRecord], None] | None = None,
+    progress: Callable[[federated.RoundResult], None] | None = None,
 ) -> ArmOutcome:
     """Rounds of the product's client and server steps over the training houses.
 
@@ -458,42 +190,25 @@ def run_federated(
     """
     started = time.perf_counter()
 
-    def score(weights: Weights) -> federated.Score:
-        # The aggregator calibrates each version's threshold before it publishes it.
-        threshold = shipped_threshold(bench, weights, settings.target_far, settings.gallery_size)
-        result = evaluate(bench, [weights], threshold)
-        return federated.Score(result.open_set_accuracy, threshold, result.tar_at_far_1pct)
-
-    def record(row: federated.RoundResult) -> RoundRecord:
-        return RoundRecord(
-            row.round,
-            row.open_set_accuracy,
-            row.tar_at_far_1pct,
-            row.threshold,
-            row.bytes_up,
-            row.bytes_down,
-            row.seconds,
-        )
-
     arm = federated.Arm("federated", server=settings.server_optimizer)
     outcome = federated.run_arm(
         bench.train,
         bench.start,
         arm,
         settings.rounds,
-        score,
+        # The aggregator calibrates each version's threshold before it publishes it.
+        scorer(bench, settings.target_far, settings.gallery_size),
         params=replace(settings.params, seed=seed),
         houses_per_round=settings.houses_per_round,
         backbone=bench.backbone,
-        progress=None if progress is None else lambda _arm, row: progress(record(row)),
+        progress=None if progress is None else lambda _arm, row: progress(row),
     )
     # Scored as the doorbells run it: the head decoded from the downlink codec.
     threshold = outcome.final.threshold
     received = as_received(HEAD_NAMES, outcome.weights, arm.downlink_codec)
     result = evaluate(bench, [received], threshold)
-    records = [record(row) for row in outcome.rounds]
     seconds = time.perf_counter() - started
-    return ArmOutcome("federated", result, threshold, seconds, records, heads=(received,))
+    return ArmOutcome("federated", result, threshold, seconds, outcome.rounds, heads=(received,))
 
 
 def run_central(bench: Bench, settings: ArmSettings, seed: int) -> ArmOutcome:
@@ -549,8 +264,8 @@ def run_arm(name: str, bench: Bench, settings: ArmSettings, seed: int) -> ArmOut
     raise ValueError(f"unknown arm {name!r}")
 
 
-def _print_round(seed: int) -> Callable[[RoundRecord], None]:
-    def show(record: RoundRecord) -> None:
+def _print_round(seed: int) -> Callable[[federated.RoundResult], None]:
+    def show(record: federated.RoundResult) -> None:
         if record.round % 5 == 0 or record.round == 1:
             print(
                 f"  seed {seed}  federated round {record.round:>3}  "
@@ -560,81 +275,6 @@ def _print_round(seed: int) -> Callable[[RoundRecord], None]:
             )
 
     return show
-
-
-def report(
-    *,
-    test_dataset: str,
-    conditions: str,
-    seeds: Sequence[int],
-    outcomes: dict[int, dict[str, ArmOutcome]],
-    extra: dict[str, Any],
-) -> dict[str, Any]:
-    """The JSON report: issue 11's schema (arms averaged over seeds; the first seed's
-    rounds), plus per-seed figures and whatever `extra` holds."""
-    arms = []
-    for name in ARMS:
-        per_seed = [outcomes[s][name] for s in seeds if name in outcomes[s]]
-        if not per_seed:
-            continue
-        arms.append(
-            {
-                "name": name,
-                **{
-                    key: float(np.mean([getattr(o.result, key) for o in per_seed]))
-                    for key in ("open_set_accuracy", "rank1", "tar_at_far_1pct", "unknown_rejected")
-                },
-                "threshold": float(np.mean([o.threshold for o in per_seed])),
-                # What the arm would score with a threshold that let exactly 1 % of these
-                # strangers in: open-set accuracy free of how well the calibration transfers.
-                "open_set_accuracy_at_far_1pct": float(
-                    np.mean([(o.result.tar_at_far_1pct + 0.99) / 2 for o in per_seed])
-                ),
-                "false_accepts": float(np.mean([1 - o.result.unknown_rejected for o in per_seed])),
-                "per_seed": [
-                    {
-                        "seed": s,
-                        "open_set_accuracy": o.result.open_set_accuracy,
-                        "rank1": o.result.rank1,
-                        "tar_at_far_1pct": o.result.tar_at_far_1pct,
-                        "unknown_rejected": o.result.unknown_rejected,
-                        "threshold": o.threshold,
-                        "members": o.result.members,
-                        "strangers": o.result.strangers,
-                        "seconds": o.seconds,
-                    }
-                    for s, o in zip(seeds, per_seed, strict=True)
-                ],
-            }
-        )
-    federated = outcomes[seeds[0]].get("federated")
-    rounds = [
-        {
-            "round": r.round,
-            "open_set_accuracy": r.open_set_accuracy,
-            "tar_at_far_1pct": r.tar_at_far_1pct,
-            "threshold": r.threshold,
-            "bytes_up": r.bytes_up,
-            "bytes_down": r.bytes_down,
-        }
-        for r in (federated.rounds if federated else [])
-    ]
-    return {
-        "test_dataset": test_dataset,
-        "conditions": conditions,
-        "seeds": list(seeds),
-        "arms": arms,
-        "rounds": rounds,
-        "rounds_per_seed": {
-            str(s): [
-                {"round": r.round, "open_set_accuracy": r.open_set_accuracy, "bytes_up": r.bytes_up}
-                for r in outcomes[s]["federated"].rounds
-            ]
-            for s in seeds
-            if "federated" in outcomes[s]
-        },
-        **extra,
-    }
 
 
 # --- the run ---------------------------------------------------------------------------------
@@ -660,32 +300,6 @@ def run_arms(
     for (arm, _, _, seed), outcome in zip(tasks, results, strict=True):
         outcomes[seed][arm] = outcome
     return outcomes
-
-
-def bar_verdict(arms: dict[str, dict[str, float]]) -> list[str]:
-    """Issue 11's bar, line by line, on the figures averaged over seeds."""
-    fed = arms["federated"]
-    lines = []
-
-    def check(ok: bool, text: str) -> None:
-        lines.append(f"{'PASS' if ok else 'FAIL'}  {text}")
-
-    check(
-        fed["open_set_accuracy"] >= BAR["open_set_accuracy"],
-        f"federated open-set accuracy {fed['open_set_accuracy']:.3f} >= {BAR['open_set_accuracy']}",
-    )
-    check(
-        fed["tar_at_far_1pct"] >= BAR["tar_at_far_1pct"],
-        f"federated TAR at 1 % FAR {fed['tar_at_far_1pct']:.3f} >= {BAR['tar_at_far_1pct']}",
-    )
-    if "central" in arms:
-        gap = 100 * (arms["central"]["open_set_accuracy"] - fed["open_set_accuracy"])
-        check(gap <= BAR["vs_central"], f"federated {gap:+.1f} points below central (<= 3)")
-    for other in ("start", "local_only"):
-        if other in arms:
-            lead = 100 * (fed["open_set_accuracy"] - arms[other]["open_set_accuracy"])
-            check(lead >= BAR["vs_others"], f"federated {lead:+.1f} points above {other} (>= 5)")
-    return lines
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -736,127 +350,9 @@ def _parser() -> argparse.ArgumentParser:
         "--server-optimizer", choices=("none", "fedavgm", "fedadam"), default="none"
     )
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
-    parser.add_argument("--cache", type=Path, default=ROOT / "reports" / "cache")
+    parser.add_argument("--cache", type=Path, default=CACHE)
     parser.add_argument("--report", type=Path, default=ROOT / "reports" / "openset.json")
     return parser
-
-
-@dataclass(frozen=True)
-class Prepared:
-    """The photos of a run and each seed's bench."""
-
-    everyone: dict[str, list[Photo]]
-    benches: dict[int, Bench]
-    detection: dict[int, dict[str, Any]]
-
-
-def prepare(args: argparse.Namespace, backbone: bytes, head: Weights) -> Prepared:
-    """Split, compute (or read) features and build each seed's bench."""
-    sha = hashlib.sha256(backbone).hexdigest()
-    dev = photos_of(args.dataset)
-    test = photos_of(args.test_dataset) if args.test_dataset else {}
-    strangers = {p.key: p for photos in photos_of(args.strangers).values() for p in photos}
-    everyone = {**dev, **test}
-    benches: dict[int, Bench] = {}
-    detection: dict[int, dict[str, Any]] = {}
-    for seed in args.seeds:
-        split = split_people(
-            sorted(dev),
-            sorted(strangers),
-            seed,
-            test_people=sorted(test) if test else None,
-            test_fraction=args.test_fraction,
-            calibration=args.calibration_strangers,
-            negatives=args.negative_strangers,
-        )
-        people = split.people()
-        photos = [photo for person in people for photo in everyone[person]]
-        photos += [strangers[k] for k in split.calibration + split.negatives]
-        cache = FeatureCache.open(args.cache, args.conditions, seed, sha)
-        extract_features(
-            photos,
-            cache,
-            backbone,
-            conditions=args.conditions,
-            seed=seed,
-            detector=args.detector,
-            jobs=args.jobs,
-        )
-        found = {p.key for p in photos if cache.flags[p.key] > 0}
-        per_person = {
-            person: [cache.features[p.key] for p in everyone[person] if p.key in found]
-            for person in people
-        }
-        stranger_features = {
-            k: cache.features[k] for k in split.calibration + split.negatives if k in found
-        }
-        bench = build_bench(split, per_person, stranger_features, head, seed=seed)
-        benches[seed] = replace(bench, backbone=sha)
-        flags = np.asarray([cache.flags[p.key] for p in photos])
-        detection[seed] = {
-            "photos": len(photos),
-            "detection_rate": float(np.mean(flags > 0)),
-            "aligned_by_eyes": float(np.mean(flags == 2)),
-            "skipped_no_face": int(np.sum(flags == 0)),
-            "train_people": len({p for h in split.train_houses for p in h}),
-            "train_houses": len(bench.train),
-            "test_houses": len(bench.test),
-            "test_members": int(sum(int(h.enrol_labels.max()) + 1 for h in bench.test)),
-            "member_probes": int(sum(len(h.probes) for h in bench.test)),
-            "calibration_strangers": len(bench.calibration),
-            "calibration_residents": len(bench.residents),
-            "negative_strangers": len(bench.negatives),
-        }
-    return Prepared(everyone, benches, detection)
-
-
-def print_table(data: dict[str, Any], title: str) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    console = Console(width=140)
-    table = Table(title=title)
-    several = len(data["seeds"]) > 1
-    columns = [
-        "arm",
-        "open-set acc.",
-        "rank-1",
-        "TAR @ 1 % FAR",
-        "unknown rejected",
-        "threshold",
-        "open-set at 1 % FAR",
-    ]
-    for column in columns + (["open-set per seed"] if several else []):
-        table.add_column(column)
-    for arm in data["arms"]:
-        row = [
-            arm["name"],
-            *(
-                f"{arm[k]:.3f}"
-                for k in (
-                    "open_set_accuracy",
-                    "rank1",
-                    "tar_at_far_1pct",
-                    "unknown_rejected",
-                    "threshold",
-                    "open_set_accuracy_at_far_1pct",
-                )
-            ),
-        ]
-        if several:
-            row.append(" ".join(f"{s['open_set_accuracy']:.3f}" for s in arm["per_seed"]))
-        table.add_row(*row)
-    console.print(table)
-    if data["rounds"]:
-        last = data["rounds"][-1]
-        console.print(
-            f"last round: {last['bytes_up']} B up ({last['bytes_up'] // data['houses_per_round']}"
-            f" B per doorbell), {last['bytes_down']} B down; enrolling a person from 5 photos "
-            f"takes {data['enroll_ms']:.0f} ms, a face {data['embed_ms']:.0f} ms (median, one "
-            f"thread; best {data['enroll_ms_best']:.0f} / {data['embed_ms_best']:.0f} ms)"
-        )
-    for line in data["bar"]:
-        console.print(line)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

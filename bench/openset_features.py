@@ -15,11 +15,11 @@ import multiprocessing
 import statistics
 import time
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Self, TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -59,15 +59,16 @@ def condition_rng(key: str, seed: int) -> np.random.Generator:
     return np.random.default_rng([seed, zlib.crc32(key.encode())])
 
 
-_WORKER: dict[str, Any] = {}
+WORKER: dict[str, Any] = {}
+"""A feature worker process's backbone and detector (set by `init_worker`)."""
 
 
-def _init_worker(backbone: bytes, detector: str) -> None:
+def init_worker(backbone: bytes, detector: str) -> None:
     from fedbell.faces.detection import make_detector
     from fedbell.faces.features import Backbone
 
-    _WORKER["backbone"] = Backbone(backbone, num_threads=1)
-    _WORKER["detector"] = make_detector(detector, max_faces=1)  # type: ignore[arg-type]
+    WORKER["backbone"] = Backbone(backbone, num_threads=1)
+    WORKER["detector"] = make_detector(detector, max_faces=1)  # type: ignore[arg-type]
 
 
 def _chip_of(path: Path, key: str, conditions: Conditions, seed: int) -> tuple[Any, bool]:
@@ -81,63 +82,79 @@ def _chip_of(path: Path, key: str, conditions: Conditions, seed: int) -> tuple[A
         raise ValueError(f"{path}: not an image OpenCV can read")
     if conditions == "doorbell":
         image = doorbell_conditions(image, condition_rng(key, seed))
-    faces = _WORKER["detector"].detect(image)
+    faces = WORKER["detector"].detect(image)
     if not faces:  # a photo is never taken for a stored chip here, unlike find_chip
         return None, False
     face = max(faces, key=lambda f: f.box[2] * f.box[3])
     return face_chip(image, face), face.right_eye is not None
 
 
-def _extract(
-    job: tuple[list[tuple[str, str]], Conditions, int],
-) -> tuple[npt.NDArray[np.float32], list[int]]:
+Extracted = tuple[npt.NDArray[np.float32], list[int]]
+
+
+def _extract(job: tuple[list[tuple[str, str]], Conditions, int]) -> Extracted:
     """Features of (path, key) pairs; a NaN row where no face was found. Flags: 0 none,
     1 face without eyes (box crop), 2 face aligned by the eyes."""
     items, conditions, seed = job
-    out = np.full((len(items), _WORKER["backbone"].size), np.nan, np.float32)
+    out = np.full((len(items), WORKER["backbone"].size), np.nan, np.float32)
     flags = []
     for i, (path, key) in enumerate(items):
         chip, eyes = _chip_of(Path(path), key, conditions, seed)
         if chip is not None:
-            out[i] = _WORKER["backbone"].features([chip])[0]
+            out[i] = WORKER["backbone"].features([chip])[0]
         flags.append(0 if chip is None else 2 if eyes else 1)
     return out, flags
 
 
 @dataclass
-class FeatureCache:
-    """Features per photo key for one (conditions, seed, backbone): an npz under reports/cache."""
+class CachedFeatures:
+    """Features and detector flags per key, kept in an npz file between runs (the backbone
+    never changes within a lineage, so a feature is computed once)."""
 
     path: Path
     features: dict[str, npt.NDArray[np.float32]] = field(default_factory=dict)
     flags: dict[str, int] = field(default_factory=dict)
+
+    def load(self) -> Self:
+        """What earlier runs computed (nothing on the first run)."""
+        if self.path.exists():
+            with np.load(self.path) as data:
+                keys = [str(key) for key in data["keys"]]
+                self.features.update(zip(keys, data["features"], strict=True))
+                self.flags.update(zip(keys, (int(flag) for flag in data["flags"]), strict=True))
+                self._load_more(keys, data)
+        return self
+
+    def _load_more(self, keys: list[str], data: Any) -> None:
+        """Columns a kind of cache keeps beside the features and flags."""
+
+    def _more(self, keys: list[str]) -> dict[str, npt.NDArray[Any]]:
+        return {}
+
+    def save(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        keys = sorted(self.features)
+        tmp = self.path.with_suffix(".tmp.npz")
+        columns: dict[str, Any] = {
+            "keys": np.asarray(keys),
+            "features": np.asarray([self.features[k] for k in keys], np.float32),
+            "flags": np.asarray([self.flags[k] for k in keys], np.int64),
+            **self._more(keys),
+        }
+        np.savez(tmp, **columns)
+        tmp.replace(self.path)
+
+
+@dataclass
+class FeatureCache(CachedFeatures):
+    """Features per photo key for one (conditions, seed, backbone): an npz under reports/cache."""
 
     @classmethod
     def open(
         cls, folder: Path, conditions: Conditions, seed: int, backbone_sha: str
     ) -> FeatureCache:
         tag = "clean" if conditions == "clean" else f"{conditions}-s{seed}"
-        cache = cls(folder / f"openset-{tag}-{backbone_sha[:16]}.npz")
-        if cache.path.exists():
-            with np.load(cache.path) as data:
-                for key, row, flag in zip(
-                    data["keys"], data["features"], data["flags"], strict=True
-                ):
-                    cache.features[str(key)] = row
-                    cache.flags[str(key)] = int(flag)
-        return cache
-
-    def save(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        keys = sorted(self.features)
-        tmp = self.path.with_suffix(".tmp.npz")
-        np.savez(
-            tmp,
-            keys=np.asarray(keys),
-            features=np.asarray([self.features[k] for k in keys], np.float32),
-            flags=np.asarray([self.flags[k] for k in keys], np.int64),
-        )
-        tmp.replace(self.path)
+        return cls(folder / f"openset-{tag}-{backbone_sha[:16]}.npz").load()
 
 
 def extract_features(
@@ -155,28 +172,58 @@ def extract_features(
     missing = [p for p in photos if p.key not in cache.features]
     if not missing:
         return
-    started = time.perf_counter()
     print(f"  computing features of {len(missing)} photos ({conditions}, seed {seed})", flush=True)
     batches = [
         ([(str(p.path), p.key) for p in missing[i : i + chunk]], conditions, seed)
         for i in range(0, len(missing), chunk)
     ]
+
+    def store(batch: tuple[list[tuple[str, str]], Conditions, int], result: Extracted) -> int:
+        rows, flags = result
+        for (_, key), row, flag in zip(batch[0], rows, flags, strict=True):
+            cache.features[key] = row
+            cache.flags[key] = flag
+        return len(batch[0])
+
+    pool = (backbone, detector, jobs)
+    compute_in_workers(batches, _extract, store, cache, pool, unit="photos", save_every=1000)
+
+
+Batch = TypeVar("Batch", bound=tuple[Any, ...])
+Result = TypeVar("Result")
+
+
+def compute_in_workers(
+    batches: Sequence[Batch],
+    work: Callable[[Batch], Result],
+    store: Callable[[Batch, Result], int],
+    cache: CachedFeatures,
+    pool: tuple[bytes, str, int],
+    *,
+    unit: str,
+    save_every: int,
+) -> None:
+    """`work` on every batch (its first element: the items) in `jobs` spawned processes,
+    each with its own backbone and detector (`WORKER`); `store` puts a batch's result in
+    `cache` and says how many items it held; saved as it goes. `pool`: (backbone,
+    detector, jobs)."""
+    backbone, detector, jobs = pool
+    total = sum(len(batch[0]) for batch in batches)
+    started = time.perf_counter()
     done = 0
     with ProcessPoolExecutor(
         jobs,
         mp_context=multiprocessing.get_context("spawn"),
-        initializer=_init_worker,
+        initializer=init_worker,
         initargs=(backbone, detector),
-    ) as pool:
-        for (items, _, _), (rows, flags) in zip(batches, pool.map(_extract, batches), strict=True):
-            for (_, key), row, flag in zip(items, rows, flags, strict=True):
-                cache.features[key] = row
-                cache.flags[key] = flag
-            done += len(items)
-            if done % 1000 < chunk or done == len(missing):
+    ) as workers:
+        for batch, result in zip(batches, workers.map(work, batches), strict=True):
+            stored = store(batch, result)
+            done += stored
+            if done % save_every < stored or done == total:
                 cache.save()
                 rate = done / (time.perf_counter() - started)
-                print(f"    {done}/{len(missing)}  {rate:.1f} photos/s", flush=True)
+                print(f"    {done}/{total}  {rate:.1f} {unit}/s", flush=True)
     cache.save()
 
 
@@ -205,7 +252,7 @@ def time_doorbell(
     from fedbell.faces.conditions import doorbell_conditions
     from fedbell.faces.features import face_chip
 
-    _init_worker(backbone, detector)
+    init_worker(backbone, detector)
     images = []
     for photo in photos:
         image = cv2.imread(str(photo.path), cv2.IMREAD_COLOR)
@@ -216,11 +263,11 @@ def time_doorbell(
         images.append(image)
 
     def features_of(image: Any) -> Features | None:
-        faces = _WORKER["detector"].detect(image)
+        faces = WORKER["detector"].detect(image)
         if not faces:
             return None
         chip = face_chip(image, max(faces, key=lambda f: f.box[2] * f.box[3]))
-        return embed(_WORKER["backbone"].features([chip]), head)
+        return embed(WORKER["backbone"].features([chip]), head)
 
     per_face = []
     for image in images:

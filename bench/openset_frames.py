@@ -27,11 +27,8 @@ choice of its best chips). Features, flags and qualities are cached in
 
 from __future__ import annotations
 
-import multiprocessing
-import time
 import zlib
 from collections.abc import Sequence
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -39,7 +36,13 @@ from typing import Any, Literal
 import numpy as np
 import numpy.typing as npt
 
-from bench.openset_features import Photo, condition_rng
+from bench.openset_features import (
+    WORKER,
+    CachedFeatures,
+    Photo,
+    compute_in_workers,
+    condition_rng,
+)
 from edge.recognition_config import CameraConfig
 
 VisitConditions = Literal["far", "near", "clean"]
@@ -78,17 +81,6 @@ def frame_image(
     return apply_setting(image, setting, rng)
 
 
-_WORKER: dict[str, Any] = {}
-
-
-def _init_worker(backbone: bytes, detector: str) -> None:
-    from fedbell.faces.detection import make_detector
-    from fedbell.faces.features import Backbone
-
-    _WORKER["backbone"] = Backbone(backbone, num_threads=1)
-    _WORKER["detector"] = make_detector(detector, max_faces=1)  # type: ignore[arg-type]
-
-
 def frame_chip(
     image: npt.NDArray[np.uint8], conditions: VisitConditions, detector: Any
 ) -> tuple[npt.NDArray[np.uint8] | None, int, float]:
@@ -113,13 +105,16 @@ def frame_chip(
     return chip, 2 if face.right_eye is not None else 1, chip_quality(face, chip)
 
 
-def _extract(
-    job: tuple[list[tuple[str, str, int]], VisitConditions, int, bool],
-) -> tuple[npt.NDArray[np.float32], list[int], list[float]]:
+FrameBatch = tuple[list[tuple[str, str, int]], VisitConditions, int, bool]
+"""(path, photo key, frame index) of each frame, conditions, seed, mirrored."""
+Filmed = tuple[npt.NDArray[np.float32], list[int], list[float]]
+
+
+def _extract(job: FrameBatch) -> Filmed:
     import cv2
 
     items, conditions, seed, mirrored = job
-    out = np.full((len(items), _WORKER["backbone"].size), np.nan, np.float32)
+    out = np.full((len(items), WORKER["backbone"].size), np.nan, np.float32)
     flags, qualities = [], []
     images: dict[str, Any] = {}
     for i, (path, key, frame) in enumerate(items):
@@ -131,22 +126,19 @@ def _extract(
         if mirrored:
             image = np.ascontiguousarray(image[:, ::-1])
         degraded = frame_image(image, key, seed, frame, conditions)
-        chip, flag, quality = frame_chip(degraded, conditions, _WORKER["detector"])
+        chip, flag, quality = frame_chip(degraded, conditions, WORKER["detector"])
         if chip is not None:
-            out[i] = _WORKER["backbone"].features([chip])[0]
+            out[i] = WORKER["backbone"].features([chip])[0]
         flags.append(flag)
         qualities.append(quality)
     return out, flags, qualities
 
 
 @dataclass
-class FrameCache:
+class FrameCache(CachedFeatures):
     """Features, flags and chip qualities per `<photo key>#<frame>`, for one
     (conditions, seed, backbone): an npz under reports/cache."""
 
-    path: Path
-    features: dict[str, npt.NDArray[np.float32]] = field(default_factory=dict)
-    flags: dict[str, int] = field(default_factory=dict)
     quality: dict[str, float] = field(default_factory=dict)
 
     @classmethod
@@ -161,29 +153,13 @@ class FrameCache:
     ) -> FrameCache:
         tag = "clean" if conditions == "clean" else f"{conditions}-s{seed}"
         tag += "-mirrored" if mirrored else ""
-        cache = cls(folder / f"openset-frames-{tag}-{backbone_sha[:16]}.npz")
-        if cache.path.exists():
-            with np.load(cache.path) as data:
-                for key, row, flag, quality in zip(
-                    data["keys"], data["features"], data["flags"], data["quality"], strict=True
-                ):
-                    cache.features[str(key)] = row
-                    cache.flags[str(key)] = int(flag)
-                    cache.quality[str(key)] = float(quality)
-        return cache
+        return cls(folder / f"openset-frames-{tag}-{backbone_sha[:16]}.npz").load()
 
-    def save(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        keys = sorted(self.features)
-        tmp = self.path.with_suffix(".tmp.npz")
-        np.savez(
-            tmp,
-            keys=np.asarray(keys),
-            features=np.asarray([self.features[k] for k in keys], np.float32),
-            flags=np.asarray([self.flags[k] for k in keys], np.int64),
-            quality=np.asarray([self.quality[k] for k in keys], np.float32),
-        )
-        tmp.replace(self.path)
+    def _load_more(self, keys: list[str], data: Any) -> None:
+        self.quality.update(zip(keys, (float(q) for q in data["quality"]), strict=True))
+
+    def _more(self, keys: list[str]) -> dict[str, npt.NDArray[Any]]:
+        return {"quality": np.asarray([self.quality[k] for k in keys], np.float32)}
 
     def frames(self, key: str, count: int) -> list[tuple[npt.NDArray[np.float32], float]]:
         """(features, quality) of the frames of photo `key` where a face was found."""
@@ -217,31 +193,18 @@ def extract_frames(
     ]
     if not missing:
         return
-    started = time.perf_counter()
     print(f"  computing {len(missing)} frames ({conditions}, seed {seed})", flush=True)
     batches = [
         (missing[i : i + chunk], conditions, seed, mirrored) for i in range(0, len(missing), chunk)
     ]
-    done = 0
-    with ProcessPoolExecutor(
-        jobs,
-        mp_context=multiprocessing.get_context("spawn"),
-        initializer=_init_worker,
-        initargs=(backbone, detector),
-    ) as pool:
-        for (items, *_), (rows, flags, qualities) in zip(
-            batches, pool.map(_extract, batches), strict=True
-        ):
-            for (_, key, index), row, flag, quality in zip(
-                items, rows, flags, qualities, strict=True
-            ):
-                name = frame_key(key, index)
-                cache.features[name] = row
-                cache.flags[name] = flag
-                cache.quality[name] = quality
-            done += len(items)
-            if done % 2000 < chunk or done == len(missing):
-                cache.save()
-                rate = done / (time.perf_counter() - started)
-                print(f"    {done}/{len(missing)}  {rate:.1f} frames/s", flush=True)
-    cache.save()
+
+    def store(batch: FrameBatch, result: Filmed) -> int:
+        for (_, key, index), row, flag, quality in zip(batch[0], *result, strict=True):
+            name = frame_key(key, index)
+            cache.features[name] = row
+            cache.flags[name] = flag
+            cache.quality[name] = quality
+        return len(batch[0])
+
+    pool = (backbone, detector, jobs)
+    compute_in_workers(batches, _extract, store, cache, pool, unit="frames", save_every=2000)

@@ -24,8 +24,10 @@ from typing import Any, Literal
 import numpy as np
 import numpy.typing as npt
 
-from bench.openset import ArmOutcome, Bench, Prepared, Split, build_bench, split_people
-from bench.openset_features import ENROL_PER_PERSON, Photo, photos_of
+from bench.data import Prepared, detected, photos_and_splits
+from bench.households import Bench, Split, build_bench
+from bench.openset import ArmOutcome
+from bench.openset_features import ENROL_PER_PERSON, Photo
 from bench.openset_frames import FrameCache, VisitConditions, extract_frames, frame_key
 from edge.chips import visit_embedding
 from fedbell.faces.calibration import calibrate_threshold
@@ -266,24 +268,13 @@ def prepare_visits(
     conditions: VisitConditions = "far" if args.conditions == "doorbell" else args.conditions
     frames = 1 if conditions == "clean" else args.visit_frames
     sha = hashlib.sha256(backbone).hexdigest()
-    dev = photos_of(args.dataset)
-    test = photos_of(args.test_dataset) if args.test_dataset else {}
-    strangers = {p.key: p for photos in photos_of(args.strangers).values() for p in photos}
-    everyone = {**dev, **test}
+    run_photos, splits = photos_and_splits(args)
+    everyone, strangers = run_photos.everyone, run_photos.strangers
     width = head[0].shape[0]
     benches: dict[int, Bench] = {}
     visit_benches: dict[int, VisitBench] = {}
     detection: dict[int, dict[str, Any]] = {}
-    for seed in args.seeds:
-        split = split_people(
-            sorted(dev),
-            sorted(strangers),
-            seed,
-            test_people=sorted(test) if test else None,
-            test_fraction=args.test_fraction,
-            calibration=args.calibration_strangers,
-            negatives=args.negative_strangers,
-        )
+    for seed, split in splits.items():
         film = {"backbone": backbone, "seed": seed, "detector": args.detector, "jobs": args.jobs}
         doorbell = FrameCache.open(args.cache, conditions, seed, sha)
         wanted = wanted_frames(split, everyone, strangers, frames)
@@ -322,10 +313,7 @@ def prepare_visits(
         flags = np.asarray([doorbell.flags[frame_key(p.key, 0)] for p in photos])
         visits = visit_benches[seed]
         detection[seed] = {
-            "photos": len(photos),
-            "detection_rate": float(np.mean(flags > 0)),
-            "aligned_by_eyes": float(np.mean(flags == 2)),
-            "skipped_no_face": int(np.sum(flags == 0)),
+            **detected(flags),
             "train_houses": len(bench.train),
             "test_houses": len(bench.test),
             "member_probes": int(sum(len(h.probes) for h in bench.test)),

@@ -47,7 +47,7 @@ from rich.console import Console
 from rich.table import Table
 
 from bench import openset
-from bench.data import CACHE, DEFAULT_DATASET, DEFAULT_STRANGERS, DatasetMissing, load_bench, scorer
+from bench.data import DatasetMissing, add_data_arguments, load_benches, scorer
 from bench.federated import PRODUCT, Arm, Attack, RoundResult, round_settings, run_arm
 from fedbell.faces.embedding import TrainParams
 
@@ -142,39 +142,20 @@ def run_task(task: Task) -> list[float]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
-    parser.add_argument("--dataset", type=Path, default=DEFAULT_DATASET)
-    parser.add_argument("--strangers", type=Path, default=DEFAULT_STRANGERS)
-    parser.add_argument(
-        "--people", type=int, default=None, help="a seeded sample of the dataset's people"
-    )
-    parser.add_argument("--calibration", type=int, default=1000, help="calibration strangers")
-    parser.add_argument("--negatives", type=int, default=1500, help="strangers seen at doors")
-    parser.add_argument("--conditions", choices=("doorbell", "clean"), default="doorbell")
+    add_data_arguments(parser)
     parser.add_argument("--houses", type=int, default=10, help="training houses, all every round")
     parser.add_argument("--rounds", type=int, default=40)
     parser.add_argument("--epochs", type=int, default=TrainParams.epochs)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--tail", type=int, default=5, help="rounds averaged into the score")
     parser.add_argument("--clip-norm", type=float, default=1.0)
-    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
-    parser.add_argument("--cache", type=Path, default=CACHE)
     parser.add_argument("--report", type=Path, default=Path("reports/robust.json"))
     args = parser.parse_args(argv)
     if not 1 <= args.tail <= args.rounds:
         parser.error(f"--tail {args.tail} must be between 1 and --rounds {args.rounds}")
     console = Console(width=150)
-    data = {
-        "dataset": args.dataset,
-        "strangers": args.strangers,
-        "conditions": args.conditions,
-        "people": args.people,
-        "calibration": args.calibration,
-        "negatives": args.negatives,
-        "jobs": args.jobs,
-        "cache": args.cache,
-    }
-    try:  # features of every seed's split computed here, once, before the workers start
-        loaded = {seed: load_bench(**data, seed=seed) for seed in args.seeds}
+    try:
+        loaded = load_benches(args, args.seeds)
     except DatasetMissing as err:
         console.print(f"[bold]bench-robust skipped[/]: {err}")
         return 0

@@ -32,7 +32,7 @@ import paho.mqtt.client as mqtt
 import yaml
 from paho.mqtt.enums import CallbackAPIVersion
 
-from bench.scale import seed_backbone_cache, signing_keys
+from bench.scale_site import seed_backbone_cache, signing_keys
 from bench.soak import MetricsWatch
 from broker.local import LocalBroker
 from fedbell.wire.protocol import DeviceStatus

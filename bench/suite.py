@@ -60,7 +60,7 @@ from rich.console import Console
 from rich.table import Table
 
 from bench import openset
-from bench.data import CACHE, DEFAULT_DATASET, DEFAULT_STRANGERS, DatasetMissing, load_bench, scorer
+from bench.data import DatasetMissing, add_data_arguments, load_benches, scorer
 from bench.federated import PRODUCT, Arm, ArmResult, RoundResult, run_arm
 from fedbell.faces.embedding import TrainParams
 from fedbell.wire.envelope import Codec
@@ -330,14 +330,7 @@ def plot(results: list[ArmResult], baselines: dict[str, openset.ArmOutcome], pat
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
-    parser.add_argument("--dataset", type=Path, default=DEFAULT_DATASET)
-    parser.add_argument("--strangers", type=Path, default=DEFAULT_STRANGERS)
-    parser.add_argument(
-        "--people", type=int, default=None, help="a seeded sample of the dataset's people"
-    )
-    parser.add_argument("--calibration", type=int, default=1000, help="calibration strangers")
-    parser.add_argument("--negatives", type=int, default=1500, help="strangers seen at doors")
-    parser.add_argument("--conditions", choices=("doorbell", "clean"), default="doorbell")
+    add_data_arguments(parser)
     parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--houses-per-round", type=int, default=20)
     parser.add_argument("--epochs", type=int, default=TrainParams.epochs)
@@ -348,8 +341,6 @@ def main(argv: list[str] | None = None) -> int:
         default=[0, 1, 2, 3, 4],
         help="splits: every arm on the first, float32 FedAvg and the default on each",
     )
-    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
-    parser.add_argument("--cache", type=Path, default=CACHE)
     parser.add_argument("--scale", type=int, nargs="+", default=[10, 100, 1000])
     parser.add_argument("--brokers", nargs="+", choices=("loopback", "tls"), default=None)
     parser.add_argument("--skip-scale", action="store_true")
@@ -361,20 +352,7 @@ def main(argv: list[str] | None = None) -> int:
     report: dict[str, Any] = {"rounds": args.rounds, "houses_per_round": args.houses_per_round}
     if not args.skip_learning:
         try:
-            everything = [
-                load_bench(
-                    dataset=args.dataset,
-                    strangers=args.strangers,
-                    conditions=args.conditions,
-                    seed=seed,
-                    people=args.people,
-                    calibration=args.calibration,
-                    negatives=args.negatives,
-                    jobs=args.jobs,
-                    cache=args.cache,
-                )
-                for seed in args.seeds
-            ]
+            everything = list(load_benches(args, args.seeds).values())
         except DatasetMissing as err:
             console.print(f"[bold]learning skipped[/]: {err}")
         else:
