@@ -28,6 +28,7 @@ from __future__ import annotations
 import hashlib
 
 import numpy as np
+import numpy.typing as npt
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
@@ -69,7 +70,7 @@ def decode_sum(total: np.ndarray, scale: float) -> np.ndarray:
     return signed.astype(np.float64) / scale
 
 
-def reduce(values: np.ndarray) -> np.ndarray:
+def reduce(values: npt.ArrayLike) -> np.ndarray:
     """uint32 values modulo 2^24, what the wire and the decoded sum keep of them."""
     return np.asarray(values, dtype=np.uint32) & _LOW_BITS
 

@@ -88,7 +88,7 @@ def default_scale(clip_norm: float, max_devices: int, noise_std: float = 0.0) ->
     """
     if not clip_norm > 0 or max_devices < 1 or noise_std < 0:
         raise ValueError("clip_norm > 0, max_devices >= 1 and noise_std >= 0 required")
-    room = 2 ** (masking.MODULUS_BITS - 1) - 1 - max_devices
+    room = float(2 ** (masking.MODULUS_BITS - 1) - 1 - max_devices)
     return room / (max_devices * (clip_norm + 8 * noise_std))
 
 
