@@ -125,8 +125,8 @@ def test_sums_modulo_2_32_reduced_on_the_wire_still_cancel_their_masks() -> None
     values = [encode(rng.normal(0, 1, 32), 1000.0, rng) for _ in range(3)]
     masks = [prg(bytes([i]), 32) for i in range(3)]
     sent = [unpack(pack(v + m)) for v, m in zip(values, masks, strict=True)]
-    total = sum(sent, np.zeros(32, np.uint32)) - sum(masks, np.zeros(32, np.uint32))
-    expected = np.sum(values, axis=0, dtype=np.uint32)
+    total = np.sum(sent, axis=0, dtype=np.uint32) - np.sum(masks, axis=0, dtype=np.uint32)
+    expected = np.asarray(np.sum(values, axis=0, dtype=np.uint32))
     assert np.allclose(decode_sum(total, 1000.0), decode_sum(expected, 1000.0))
 
 

@@ -63,7 +63,7 @@ def encode(vector: np.ndarray, scale: float, rng: np.random.Generator) -> np.nda
     return rounded.astype(np.int64).astype(np.uint32)
 
 
-def decode_sum(total: np.ndarray, scale: float) -> np.ndarray:
+def decode_sum(total: npt.ArrayLike, scale: float) -> np.ndarray:
     """The float64 sum a uint32 total stands for modulo 2^24 (two's complement, / scale)."""
     low = reduce(total).astype(np.int64)
     signed = np.where(low >= _HALF, low - 2 * _HALF, low)
