@@ -150,12 +150,12 @@ def masked_round(
         up[name] += len(reply)
         server.add_unmask(name, reply)
     total, _ = server.result()
-    expected = np.sum(list(encoded.values()), axis=0, dtype=np.uint32)
+    expected = masking.reduce(np.sum(list(encoded.values()), axis=0, dtype=np.uint32))
     if not np.array_equal(total, expected):
         raise AssertionError("the unmasked sum is not the sum of the encoded updates")
     views = []
     for name in names:
         message = parse(masked[name], Masked, MAX_BYTES)
-        values = np.frombuffer(unb64(message.values, 4 * plan.size, "values"), "<u4")
+        values = masking.unpack(unb64(message.values, masking.VALUE_BYTES * plan.size, "values"))
         views.append(_scatter(masking.decode_sum(values, plan.scale), plan, deltas[0][0].shape))
     return MaskedRound(views, int(np.mean(list(up.values()))), int(np.mean(list(down.values()))))

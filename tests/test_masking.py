@@ -1,4 +1,4 @@
-"""Fixed point modulo 2^32, the PRG and the round's shared subset (fedbell/wire/masking.py)."""
+"""Fixed point modulo 2^24, the PRG and the round's shared subset (fedbell/wire/masking.py)."""
 
 from __future__ import annotations
 
@@ -8,9 +8,20 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from fedbell.wire.masking import decode_sum, encode, prg, shared_subset, split_subset
+from fedbell.wire.masking import (
+    VALUE_BYTES,
+    decode_sum,
+    encode,
+    pack,
+    prg,
+    reduce,
+    shared_subset,
+    split_subset,
+    unpack,
+)
 
-SCALE = 2.0**20
+SCALE = 2.0**12
+"""Room for 20 values of magnitude 100 inside +/-2^23."""
 
 finite = st.floats(min_value=-100.0, max_value=100.0, allow_nan=False, width=32)
 
@@ -50,8 +61,8 @@ def test_stochastic_rounding_is_unbiased() -> None:
 
 def test_encode_refuses_values_outside_the_range() -> None:
     rng = np.random.default_rng(0)
-    with pytest.raises(ValueError, match="2\\^31"):
-        encode(np.array([3e9], np.float64), 1.0, rng)
+    with pytest.raises(ValueError, match="2\\^23"):
+        encode(np.array([9e6], np.float64), 1.0, rng)
     with pytest.raises(ValueError, match="finite"):
         encode(np.array([np.nan], np.float32), 1.0, rng)
 
@@ -98,3 +109,27 @@ def test_split_subset_sends_the_subset_and_keeps_the_rest() -> None:
     rebuilt = residual.copy()
     rebuilt[subset] += sent
     assert np.array_equal(rebuilt, delta)
+
+
+@settings(max_examples=100, deadline=None)
+@given(arrays(np.uint32, st.integers(0, 64), elements=st.integers(0, 2**32 - 1)))
+def test_pack_keeps_three_bytes_a_value_and_unpack_gives_them_back(values: np.ndarray) -> None:
+    raw = pack(values)
+    assert len(raw) == VALUE_BYTES * len(values) == 3 * len(values)
+    assert np.array_equal(unpack(raw), reduce(values))
+
+
+def test_sums_modulo_2_32_reduced_on_the_wire_still_cancel_their_masks() -> None:
+    """Why the doorbells may compute in uint32 and send 3 bytes: 2^24 divides 2^32."""
+    rng = np.random.default_rng(5)
+    values = [encode(rng.normal(0, 1, 32), 1000.0, rng) for _ in range(3)]
+    masks = [prg(bytes([i]), 32) for i in range(3)]
+    sent = [unpack(pack(v + m)) for v, m in zip(values, masks, strict=True)]
+    total = np.sum(sent, axis=0, dtype=np.uint32) - np.sum(masks, axis=0, dtype=np.uint32)
+    expected = np.asarray(np.sum(values, axis=0, dtype=np.uint32))
+    assert np.allclose(decode_sum(total, 1000.0), decode_sum(expected, 1000.0))
+
+
+def test_unpack_refuses_a_partial_value() -> None:
+    with pytest.raises(ValueError, match="3-byte"):
+        unpack(b"\x00" * 7)

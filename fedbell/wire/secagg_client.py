@@ -16,7 +16,7 @@ import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
-from fedbell.wire import shamir
+from fedbell.wire import masking, shamir
 from fedbell.wire.masking import prg
 from fedbell.wire.secagg_messages import (
     SALT_BYTES,
@@ -257,7 +257,7 @@ class SecAggClient:
         self._holders, self._held, self.stage = holders, held, "received"
 
     def masked_input(self, values: np.ndarray) -> bytes:
-        """values (uint32, encoded by masking.encode) + self mask +/- pairwise masks, mod 2^32."""
+        """values (uint32, from masking.encode) + self mask +/- pairwise masks; sent mod 2^24."""
         self._expect("received", "masked_input")
         size = self.params.size
         if not (isinstance(values, np.ndarray) and values.dtype == np.uint32):
@@ -279,7 +279,7 @@ class SecAggClient:
                 round=self.params.round_id,
                 lineage=self.params.lineage,
                 device=self.device,
-                values=b64(total.astype("<u4").tobytes()),
+                values=b64(masking.pack(total)),
             )
         )
 

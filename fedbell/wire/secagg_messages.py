@@ -114,7 +114,7 @@ class Inbox(_Message):
 class Masked(_Message):
     device: str = Field(pattern=DEVICE)
     values: str = Field(pattern=_B64)
-    """Little-endian uint32, base64."""
+    """Each value's low 3 bytes, little-endian, base64 (fedbell.wire.masking.pack)."""
 
 
 class UnmaskRequest(_Message):

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from fedbell.wire import masking
 from fedbell.wire.masking import round_seed, seeded_permutation
 
 MAX_DEVICES = 10_000
@@ -79,13 +80,16 @@ def default_scale(clip_norm: float, max_devices: int, noise_std: float = 0.0) ->
     +/-8 noise_std except with probability ~1e-15 per coordinate; stochastic
     rounding adds at most 1. So each coordinate of the sum of n <= max_devices
     encoded updates lies within n (C + 8 noise_std) scale + n, and
-        scale = (2^31 - 1 - n) / (n (C + 8 noise_std))
-    keeps it inside [-2^31, 2^31). At C = 1 and 1,000 doorbells that is ~2.1e6,
-    a resolution of 5e-7 per doorbell, far below any head's learning step.
+        scale = (2^23 - 1 - n) / (n (C + 8 noise_std))
+    keeps it inside [-2^23, 2^23) (masking.MODULUS_BITS). At C = 1 and 1,000
+    doorbells that is ~8,400, a resolution of 1.2e-4 per doorbell whose rounding
+    is unbiased, so the mean of n carries rounding noise of at most
+    0.5 / (scale sqrt(n)) per coordinate: 2e-6 at 1,000, far below a head's step.
     """
     if not clip_norm > 0 or max_devices < 1 or noise_std < 0:
         raise ValueError("clip_norm > 0, max_devices >= 1 and noise_std >= 0 required")
-    return (2**31 - 1 - max_devices) / (max_devices * (clip_norm + 8 * noise_std))
+    room = float(2 ** (masking.MODULUS_BITS - 1) - 1 - max_devices)
+    return room / (max_devices * (clip_norm + 8 * noise_std))
 
 
 @dataclass(frozen=True)

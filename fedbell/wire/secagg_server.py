@@ -16,8 +16,8 @@ from contextlib import contextmanager
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+from fedbell.wire import masking, shamir
 from fedbell.wire import secagg_messages as messages
-from fedbell.wire import shamir
 from fedbell.wire.masking import prg
 from fedbell.wire.secagg_messages import (
     COMMITMENT_BYTES,
@@ -236,7 +236,7 @@ class SecAggServer:
         with self._counting():
             self._expect("masked", "masked input", device)
             self._member(device, self._shares.keys(), "a share holder")
-            expected = 4 * self.params.size
+            expected = masking.VALUE_BYTES * self.params.size
             limit = 512 + 2 * expected
             if len(payload) > limit:
                 raise SecAggError(
@@ -251,7 +251,8 @@ class SecAggServer:
             if len(raw) != expected:
                 raise SecAggError(
                     "secagg_wrong_size",
-                    f"{device} masked {len(raw) // 4} values, the round masks {self.params.size}",
+                    f"{device} masked {len(raw) / masking.VALUE_BYTES:g} values, the round masks"
+                    f" {self.params.size}",
                     device,
                 )
             previous = self._masked.get(device)
@@ -259,7 +260,7 @@ class SecAggServer:
                 None if previous is None else previous[0], message, device, "masked input"
             ):
                 return
-            self._masked[device] = (message, np.frombuffer(raw, dtype="<u4").astype(np.uint32))
+            self._masked[device] = (message, masking.unpack(raw))
 
     def unmask_request(self) -> bytes:
         """Survivors (masked input arrived) and dropped holders: closes the masked phase.
@@ -344,7 +345,7 @@ class SecAggServer:
         return shamir.combine(sorted(points.items())[: self._threshold])
 
     def result(self) -> tuple[np.ndarray, tuple[str, ...]]:
-        """(sum of the survivors' inputs as uint32, survivors) with every mask removed.
+        """(sum of the survivors' inputs modulo 2^24 as uint32, survivors), every mask removed.
 
         A dealer whose honest shares do not rebuild its committed seed or
         advertised key dealt inconsistent shares: secagg_bad_share names it and
@@ -384,6 +385,6 @@ class SecAggServer:
                     mask = prg(pairwise_seed(mask_key, peer_mask, owner, peer, self._ctx), size)
                     # the survivor added +mask if its name sorts first, else -mask
                     total = total - mask if peer < owner else total + mask
-            self._result = (total, self._request.survivors)
+            self._result = (masking.reduce(total), self._request.survivors)
             self.phase = "done"
             return self._result
