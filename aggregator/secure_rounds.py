@@ -47,7 +47,7 @@ class SecureRounds:
             lineage=fed.model.lineage,
             dimension=sum(int(w.size) for w in fed.model.weights),
             cohort=selected,
-            density=rounds.density,
+            density=rounds.secure_density,
             clip_norm=rounds.clip_norm,
             noise_multiplier=rounds.privacy.noise_multiplier,
             min_cohort=rounds.min_cohort,

@@ -69,7 +69,7 @@ class Secure:
     clip_norm: float
     noise_multiplier: float = 0.0
     min_cohort: int = DEFAULT_MIN_COHORT
-    density: float = PRODUCT.density
+    density: float = PRODUCT.secure_density
 
 
 @dataclass(frozen=True)

@@ -109,7 +109,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--secure-density",
         type=float,
-        default=RoundSettings().density,
+        default=RoundSettings().secure_density,
         help="share of the head each doorbell masks and sends (the round's shared subset)",
     )
     parser.add_argument("--jobs", type=int, default=2)
