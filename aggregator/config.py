@@ -83,13 +83,24 @@ open-set accuracy plain top-k 5 % 0.823; secure 5 % 0.806, 10 % 0.815, 20 % 0.81
 3-byte masked values a round of 100 then uploads 18.8 kB per doorbell (`make bench-secagg`)."""
 
 
+DEFAULT_MAX_DROPOUT = 0.3
+"""With noise: a secure round is built to unmask with up to 30 % of its doorbells gone, and each
+doorbell adds noise for the 70 % that must remain. Splitting it among `min_cohort` (5) instead
+put sqrt(100 / 5) = 4.5 times the needed noise into a round of 100 (issue 22)."""
+
+
 class PrivacySettings(StrictModel):
     """House-level differential privacy of secure rounds (DP-FedAvg, the doorbell adds noise)."""
 
     noise_multiplier: float = Field(default=0.0, ge=0, le=100)
     """The round's sum carries Gaussian noise of standard deviation noise_multiplier x clip_norm,
-    split among at least min_cohort doorbells (each adds its part, so the aggregator never sees a
-    noiseless sum). 0: no noise, epsilon infinite."""
+    split among the doorbells that must survive (each adds its part, so the aggregator never sees
+    a noiseless sum). 0: no noise, epsilon infinite."""
+    max_dropout: float = Field(default=DEFAULT_MAX_DROPOUT, ge=0, lt=1)
+    """With noise: the share of a round's selected doorbells that may drop out before unmasking.
+    The noise is split among the rest (at least min_cohort), and a round that loses more is
+    abandoned (fail closed), so every unmasked sum carries the full noise. Higher: rounds survive
+    more dropouts but carry more noise than the guarantee needs when all doorbells answer."""
     houses: PositiveCount | None = None
     """Houses in the federation: delta = 1/houses and the sampling rate (selected / houses) of the
     accountant; default: the provisioned doorbells (signing.trusted_keys_dir), else the doorbells

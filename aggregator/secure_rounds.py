@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import base64
 import logging
+import math
 
 from aggregator.accumulator import SecureSum
+from aggregator.config import DEFAULT_MAX_DROPOUT
 from aggregator.federation import Federation
 from aggregator.releases import Releases
 from aggregator.rounds import Round
@@ -51,6 +53,7 @@ class SecureRounds:
             clip_norm=rounds.clip_norm,
             noise_multiplier=rounds.privacy.noise_multiplier,
             min_cohort=rounds.min_cohort,
+            max_dropout=rounds.privacy.max_dropout,
         )
 
     def on_message(self, topic: str, payload: bytes) -> None:
@@ -171,16 +174,23 @@ def secagg_plan(
     clip_norm: float,
     noise_multiplier: float,
     min_cohort: int,
+    max_dropout: float = DEFAULT_MAX_DROPOUT,
 ) -> SecAggPlan:
     """A secure round's plan as the aggregator announces it: the round's shared subset
     of the head's `dimension` values, the masking parameters for `cohort` doorbells,
     clipping, and each doorbell's share of the privacy noise.
 
-    The noise is split among `min_cohort` doorbells (the fewest whose sum is ever
-    unmasked), so any unmasked sum carries at least noise_multiplier x clip_norm.
+    The fewest survivors the round may unmask is min_cohort, and with noise also
+    (1 - max_dropout) of the cohort; the noise is split among that many, so any
+    unmasked sum carries at least noise_multiplier x clip_norm, and no more than
+    sqrt(1 / (1 - max_dropout)) times it when every doorbell answers.
     """
     subset = masking.shared_subset(dimension, density, round_id, lineage)
-    noise_std = dp.noise_std_per_doorbell(noise_multiplier, clip_norm, min_cohort)
+    fewest = min_cohort
+    if noise_multiplier > 0:
+        fewest = max(min_cohort, math.floor(cohort * (1 - max_dropout)))
+    fewest = min(fewest, cohort)
+    noise_std = dp.noise_std_per_doorbell(noise_multiplier, clip_norm, fewest)
     params = SecAggParams.for_cohort(
         round_id=round_id,
         lineage=lineage,
@@ -188,7 +198,7 @@ def secagg_plan(
         size=len(subset),
         clip_norm=clip_norm,
         noise_std=noise_std,
-        min_cohort=min(min_cohort, cohort),
+        min_cohort=fewest,
     )
     return SecAggPlan(
         min_cohort=params.min_cohort,

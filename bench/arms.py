@@ -70,6 +70,7 @@ class Secure:
     noise_multiplier: float = 0.0
     min_cohort: int = DEFAULT_MIN_COHORT
     density: float = PRODUCT.secure_density
+    max_dropout: float = PRODUCT.privacy.max_dropout
 
 
 @dataclass(frozen=True)

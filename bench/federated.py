@@ -183,6 +183,7 @@ def secagg_plan(secure: Secure, dimension: int, round_id: int, cohort: int) -> S
         clip_norm=secure.clip_norm,
         noise_multiplier=secure.noise_multiplier,
         min_cohort=secure.min_cohort,
+        max_dropout=secure.max_dropout,
     )
 
 

@@ -49,13 +49,38 @@ def test_secagg_plan_subsets_masks_and_splits_the_noise() -> None:
     subset = masking.shared_subset(2000, 0.25, 3, LINEAGE)
     assert (announced.dimension, announced.size, announced.density) == (2000, len(subset), 0.25)
     assert announced.clip_norm == 2.0
-    assert announced.noise_std == pytest.approx(1.0 * 2.0 / 4**0.5)  # z C / sqrt(min_cohort)
-    assert announced.min_cohort == 4
+    # with noise, the round may lose 30 % of its 8 (max_dropout): the 5 that must remain
+    # share the noise, z C / sqrt(5), and fewer than 5 are never unmasked
+    assert announced.noise_std == pytest.approx(1.0 * 2.0 / 5**0.5)
+    assert announced.min_cohort == 5
+    assert plan(noise_multiplier=0.0).min_cohort == 4  # no noise to protect: min_cohort
     assert 0 < announced.threshold <= announced.neighbours < 8
     assert plan() == announced
     # a cohort smaller than min_cohort (the bench's small runs) masks among itself
     assert plan(cohort=3).min_cohort == 3
     assert plan(noise_multiplier=0.0).noise_std == 0.0
+
+
+def test_the_noise_of_a_large_round_is_split_among_the_survivors_it_needs() -> None:
+    """Issue 22: split among min_cohort (4) doorbells, a round of 100 that all answer would
+    carry 5 times the noise its guarantee needs; split among the 70 that must survive, 1.2."""
+    large = plan(cohort=100)
+    assert large.min_cohort == 70
+    assert large.noise_std == pytest.approx(2.0 / 70**0.5)
+    everyone = large.noise_std * 100**0.5
+    assert 2.0 <= everyone <= 1.2 * 2.0  # the sum of all 100 against z C
+    strict = secagg_plan(
+        round_id=3,
+        lineage=LINEAGE,
+        dimension=2000,
+        cohort=100,
+        density=0.25,
+        clip_norm=2.0,
+        noise_multiplier=1.0,
+        min_cohort=4,
+        max_dropout=0.0,
+    )
+    assert (strict.min_cohort, strict.noise_std) == (100, pytest.approx(2.0 / 10))
 
 
 def test_the_bench_announces_the_aggregators_plan() -> None:

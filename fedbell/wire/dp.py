@@ -2,15 +2,18 @@
 
 DP-FedAvg with distributed noise. Each doorbell clips its whole update to L2 norm
 C (one house changes the round's sum by at most C: the sensitivity) and adds
-Gaussian noise of standard deviation sigma * C / sqrt(min_cohort) per coordinate.
-Noise of independent doorbells adds up in variance, so the sum of any m >=
-min_cohort survivors carries at least sigma * C: the Gaussian mechanism with
-noise multiplier sigma, which aggregator/accountant.py turns into epsilon. The
-aggregator never sees a noiseless sum and no doorbell has to trust another's noise
-(secure aggregation shows only the sum, so the per-doorbell noise need not protect
-one update alone). A round whose survivors fall below min_cohort would carry less
-noise, but such a round fails closed anyway (fedbell.wire.secagg refuses to
-unmask it), so the guarantee never rests on fewer than min_cohort noises.
+Gaussian noise of standard deviation sigma * C / sqrt(m) per coordinate, m being
+the fewest survivors the round may unmask (the plan's min_cohort: the aggregator
+sets it to the cohort less the dropouts it tolerates, see
+aggregator.secure_rounds.secagg_plan). Noise of independent doorbells adds up in
+variance, so the sum of any m or more survivors carries at least sigma * C: the
+Gaussian mechanism with noise multiplier sigma, which aggregator/accountant.py
+turns into epsilon. The aggregator never sees a noiseless sum and no doorbell has
+to trust another's noise (secure aggregation shows only the sum, so the
+per-doorbell noise need not protect one update alone). A round whose survivors
+fall below m would carry less noise, but such a round fails closed anyway
+(fedbell.wire.secagg refuses to unmask it), so the guarantee never rests on
+fewer than m noises.
 
 The doorbell and the privacy benchmark both call `privatize`; nothing else adds
 noise. Clip what is actually sent (the round's shared subset), because that is
