@@ -92,6 +92,7 @@ from typing import Literal
 
 import numpy as np
 
+from aggregator.config import DEFAULT_CLIP_NORM
 from aggregator.export import as_received
 from bench import federated
 from bench.data import CACHE, DATASETS, ROOT, Prepared, prepare, scorer
@@ -179,6 +180,8 @@ def run_federated(
     settings: ArmSettings,
     seed: int,
     progress: Callable[[federated.RoundResult], None] | None = None,
+    *,
+    secure: bool = False,
 ) -> ArmOutcome:
     """Rounds of the product's client and server steps over the training houses.
 
@@ -186,11 +189,17 @@ def run_federated(
     aggregator's device selection, its round checks and default clipping, the
     doorbell's `train_delta` with top-k error feedback, signed envelopes both
     ways (so byte counts are what a doorbell sends and receives; only the
-    broker hop is left out), and the aggregator's `next_step`.
+    broker hop is left out), and the aggregator's `next_step`. `secure`: the
+    product's default rounds instead, secure aggregation over the round's shared
+    subset at the aggregator's default clip norm, without noise.
     """
     started = time.perf_counter()
-
-    arm = federated.Arm("federated", server=settings.server_optimizer)
+    name = "secure" if secure else "federated"
+    arm = federated.Arm(
+        name,
+        server=settings.server_optimizer,
+        secure=federated.Secure(clip_norm=DEFAULT_CLIP_NORM) if secure else None,
+    )
     outcome = federated.run_arm(
         bench.train,
         bench.start,
@@ -208,7 +217,7 @@ def run_federated(
     received = as_received(HEAD_NAMES, outcome.weights, arm.downlink_codec)
     result = evaluate(bench, [received], threshold)
     seconds = time.perf_counter() - started
-    return ArmOutcome("federated", result, threshold, seconds, outcome.rounds, heads=(received,))
+    return ArmOutcome(name, result, threshold, seconds, outcome.rounds, heads=(received,))
 
 
 def run_central(bench: Bench, settings: ArmSettings, seed: int) -> ArmOutcome:
@@ -255,8 +264,9 @@ def run_local_only(bench: Bench, settings: ArmSettings, seed: int) -> ArmOutcome
 def run_arm(name: str, bench: Bench, settings: ArmSettings, seed: int) -> ArmOutcome:
     if name == "start":
         return run_start(bench, settings)
-    if name == "federated":
-        return run_federated(bench, settings, seed, _print_round(seed))
+    if name in {"federated", "secure"}:
+        progress = _print_round(seed, name)
+        return run_federated(bench, settings, seed, progress, secure=name == "secure")
     if name == "central":
         return run_central(bench, settings, seed)
     if name == "local_only":
@@ -264,11 +274,11 @@ def run_arm(name: str, bench: Bench, settings: ArmSettings, seed: int) -> ArmOut
     raise ValueError(f"unknown arm {name!r}")
 
 
-def _print_round(seed: int) -> Callable[[federated.RoundResult], None]:
+def _print_round(seed: int, arm: str) -> Callable[[federated.RoundResult], None]:
     def show(record: federated.RoundResult) -> None:
         if record.round % 5 == 0 or record.round == 1:
             print(
-                f"  seed {seed}  federated round {record.round:>3}  "
+                f"  seed {seed}  {arm} round {record.round:>3}  "
                 f"open-set {record.open_set_accuracy:.3f}"
                 f"  TAR@1% {record.tar_at_far_1pct:.3f}  up {record.bytes_up} B",
                 flush=True,
@@ -289,7 +299,7 @@ def run_arms(
     benches: dict[int, Bench], settings: ArmSettings, jobs: int, arms: Sequence[str] = ARMS
 ) -> dict[int, dict[str, ArmOutcome]]:
     """Every arm on every seed's bench, `jobs` processes at a time (federated first: longest)."""
-    order = sorted(arms, key=lambda a: a != "federated")
+    order = sorted(arms, key=lambda a: a not in {"federated", "secure"})
     tasks = [(arm, benches[s], settings, s) for s in benches for arm in order]
     if jobs <= 1:
         results = [_run_arm_task(t) for t in tasks]

@@ -12,7 +12,10 @@ if TYPE_CHECKING:
     from bench.openset import ArmOutcome
 
 BAR = {"open_set_accuracy": 0.85, "tar_at_far_1pct": 0.80, "vs_central": 3.0, "vs_others": 5.0}
-ARMS = ("start", "federated", "central", "local_only")
+ARMS = ("start", "federated", "secure", "central", "local_only")
+"""federated: top-k 5 % updates in the clear; secure: the product's default rounds (secure
+aggregation over the shared subset, no noise), which issue 22 holds within 1 point of it."""
+SECURE_GAP = 1.0
 
 
 def report(
@@ -113,6 +116,9 @@ def bar_verdict(arms: dict[str, dict[str, float]]) -> list[str]:
         if other in arms:
             lead = 100 * (fed["open_set_accuracy"] - arms[other]["open_set_accuracy"])
             check(lead >= BAR["vs_others"], f"federated {lead:+.1f} points above {other} (>= 5)")
+    if "secure" in arms:
+        cost = 100 * (fed["open_set_accuracy"] - arms["secure"]["open_set_accuracy"])
+        check(cost <= SECURE_GAP, f"secure rounds {cost:+.1f} points below federated (<= 1)")
     return lines
 
 

@@ -154,7 +154,8 @@ def test_tiny_synthetic_run_writes_the_schema(tmp_path: Path) -> None:
     assert isinstance(loaded["enroll_ms"], float)
     assert isinstance(loaded["embed_ms"], float)
     verdict = openset.bar_verdict({a["name"]: a for a in loaded["arms"]})
-    assert len(verdict) == 5
+    assert len(verdict) == 6  # issue 11's five lines and issue 22's secure-rounds line
+    assert "secure rounds" in verdict[-1]
 
 
 # --- visits (issue 20) ------------------------------------------------------------------------
