@@ -213,12 +213,12 @@ def _secure_round(  # noqa: PLR0917 - what a secure round holds
         )
         update = secure_update(trained.delta, plan, round_id, LINEAGE, noise)
         residuals[device] = update.residual
-        total += update.values  # uint32: modulo 2^32, as the masked sum is
+        total += update.values  # uint32, kept modulo 2^24 as the masked sum is
     indices = masking.shared_subset(dimension, plan.density, round_id, LINEAGE)
     mean = mean_delta(total, len(selected), plan, indices, [w.shape for w in weights])
     accumulator = SecureSum()
     accumulator.set_mean(mean, len(selected))
-    return accumulator, 4 * plan.size * len(selected)
+    return accumulator, len(masking.pack(total)) * len(selected)
 
 
 Observer = Callable[[int, Sequence[int], Weights], None]
