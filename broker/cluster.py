@@ -39,6 +39,8 @@ from deploy.files import write_private
 NODE_TEMPLATE = Path(__file__).with_name("cluster.conf")
 AGGREGATOR_LOGIN = "aggregator"
 PROBE_LOGIN = "cluster-probe"
+OBSERVER_LOGIN = "observer"
+"""Reads everything on the tier, writes nothing: tests and the bench count what crossed."""
 PROBE_TOPIC = "_fedbell/ready"
 """The readiness probe's topic: outside every site, only the probe login may use it."""
 
@@ -122,7 +124,7 @@ class ClusterTier:
         return [("127.0.0.1", node.mqtt_port) for node in self.nodes]
 
     def login(self, name: str) -> TierLogin:
-        """The credentials of `name`: AGGREGATOR_LOGIN, PROBE_LOGIN or `hub_login(house)`."""
+        """The credentials of `name`: one of the *_LOGIN names or `hub_login(house)`."""
         folder = self.work_dir / "logins" / name
         return TierLogin(
             name,
@@ -185,21 +187,26 @@ class ClusterTier:
         pki.save(ca, self.tls_dir / "ca.crt", self.tls_dir / "ca.key")
         server = pki.issue(ca, "tier", "cluster", server_names=("127.0.0.1", "localhost"))
         pki.save(server, self.tls_dir / "server.crt", self.tls_dir / "server.key")
-        for name in (AGGREGATOR_LOGIN, PROBE_LOGIN, *map(self.hub_login, self.hubs)):
+        for name in self._login_names():
             login = self.login(name)
             pki.save(pki.issue(ca, name, "tier"), login.cert_file, login.key_file)
             write_private(login.password_file, secrets.token_urlsafe(24).encode())
+
+    def _login_names(self) -> list[str]:
+        return [AGGREGATOR_LOGIN, PROBE_LOGIN, OBSERVER_LOGIN, *map(self.hub_login, self.hubs)]
 
     def _permissions(self, name: str) -> list[tuple[str, str]]:
         if name == AGGREGATOR_LOGIN:
             return federation_rules(Role.AGGREGATOR, name, self.base)
         if name == PROBE_LOGIN:
             return [("read", PROBE_TOPIC), ("write", PROBE_TOPIC)]
+        if name == OBSERVER_LOGIN:
+            return [("read", "#")]
         return hub_rules(self.base)
 
     def _users(self) -> str:
         entries = []
-        for name in (AGGREGATOR_LOGIN, PROBE_LOGIN, *map(self.hub_login, self.hubs)):
+        for name in self._login_names():
             allowed = self._permissions(name)
             publish = [subject(topic) for access, topic in allowed if access == "write"]
             # A QoS 1 subscription is delivered from a JetStream consumer on
