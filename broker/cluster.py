@@ -15,10 +15,12 @@ broker. MQTT topics are NATS subjects with `/` as `.`, `+` as `*`, `#` as `>`.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import secrets
 import signal
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -333,3 +335,26 @@ class ClusterTier:
 
 def _nats_list(subjects: list[str]) -> str:
     return "[" + ", ".join(f'"{item}"' for item in subjects) + "]"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`make cluster`: start a tier on loopback and keep it up until Ctrl-C."""
+    parser = argparse.ArgumentParser(prog="python -m broker.cluster", description=__doc__)
+    parser.add_argument("--dir", type=Path, default=Path("cluster"), help="work folder")
+    parser.add_argument("--site", default="demo", help="the federation's site id")
+    parser.add_argument("--hub", action="append", default=[], help="a house's name (repeat)")
+    args = parser.parse_args(argv)
+    # systemd or `timeout` stop it with SIGTERM: leave through `with`, stopping the nodes.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    with ClusterTier(args.dir, args.site, hubs=args.hub) as tier:
+        endpoints = " ".join(f"{host}:{port}" for host, port in tier.mqtt_endpoints)
+        print(f"federation tier up: MQTT 3.1.1 over TLS on {endpoints}")
+        print(f"logins (password, client.crt, client.key) under {args.dir / 'logins'}")
+        print(f"CA: {tier.tls_dir / 'ca.crt'}; Ctrl-C stops the three nodes")
+        with contextlib.suppress(KeyboardInterrupt):
+            signal.pause()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
