@@ -127,8 +127,7 @@ def federation(tmp_path: Path) -> Iterator[tuple[ClusterTier, dict[str, HubBroke
     with ExitStack() as stack:
         tier = stack.enter_context(ClusterTier(tmp_path / "tier", SITE, hubs=list(HOUSES)))
         hubs = {
-            house: stack.enter_context(HubBroker(tmp_path / house, tier, house))
-            for house in HOUSES
+            house: stack.enter_context(HubBroker(tmp_path / house, tier, house)) for house in HOUSES
         }
         yield tier, hubs
 
@@ -139,7 +138,9 @@ def test_a_round_survives_a_node_killed_mid_round_and_counts_each_update_once(
     aggregator_cache: Path,
 ) -> None:
     tier, hubs = federation
-    doorbells = [Doorbell(hubs[house].port, name) for house, names in HOUSES.items() for name in names]
+    doorbells = [
+        Doorbell(hubs[house].port, name) for house, names in HOUSES.items() for name in names
+    ]
     service = AggregatorService(aggregator_config(tmp_path, tier, aggregator_cache))
     thread = threading.Thread(target=service.run, name="aggregator", daemon=True)
     thread.start()
@@ -174,15 +175,17 @@ def test_a_round_survives_a_node_killed_mid_round_and_counts_each_update_once(
         )
         total = sum(examples)
         expected = [
-            b + sum(d[i].astype(np.float64) * n for d, n in zip(deltas, examples, strict=True))
+            b
+            + sum(d[i].astype(np.float64) * n for d, n in zip(deltas, examples, strict=True))
             / total
             for i, b in enumerate(base.weights)
         ]
         for doorbell in doorbells:
             for got, want in zip(doorbell.models[1].weights, expected, strict=True):
                 np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
-        # Whatever the failover redelivered was refused as a duplicate, not counted.
-        assert set(service.coordinator.rejected) <= {"duplicate"}
+        # Whatever the failover redelivered was refused, not counted: as a
+        # duplicate while the round was open, as `no_round` once it had closed.
+        assert set(service.coordinator.rejected) <= {"duplicate", "no_round"}
     finally:
         service.stop()
         thread.join(30)
