@@ -39,8 +39,6 @@ from aggregator.service import AggregatorService
 from broker.cluster import AGGREGATOR_LOGIN, OBSERVER_LOGIN, ClusterTier
 from broker.cluster_hub import HubBroker
 from deploy.pki import create_signing_key
-from fedbell.config import TlsSettings
-from fedbell.tier import TierMqttSettings
 from fedbell.wire.messages import GlobalModel, Signer, build_update, parse_global
 from fedbell.wire.protocol import DeviceStatus, RoundAnnouncement, to_json
 from fedbell.wire.topics import Topics
@@ -198,17 +196,7 @@ def aggregator_config(folder: Path, tier: ClusterTier, selected: int) -> Aggrega
             "evaluation": {"detector": "haar"},
         }
     )
-    login = tier.login(AGGREGATOR_LOGIN)
-    (host, port), *others = tier.mqtt_endpoints
-    on_tier = TierMqttSettings(
-        host=host,
-        port=port,
-        failover=tuple(f"{h}:{p}" for h, p in others),
-        username=login.name,
-        password_file=login.password_file,
-        tls=TlsSettings(ca_file=login.ca_file, cert_file=login.cert_file, key_file=login.key_file),
-        keepalive=10,
-    )
+    on_tier = tier.mqtt_settings(AGGREGATOR_LOGIN, keepalive=10)
     return base.model_copy(update={"mqtt": on_tier})
 
 

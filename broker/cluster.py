@@ -37,6 +37,8 @@ from broker.local import BrokerError, free_port
 from deploy import pki
 from deploy.acl import Role, rules
 from deploy.files import write_private
+from fedbell.config import TlsSettings
+from fedbell.tier import TierMqttSettings
 
 NODE_TEMPLATE = Path(__file__).with_name("cluster.conf")
 AGGREGATOR_LOGIN = "aggregator"
@@ -134,6 +136,22 @@ class ClusterTier:
             folder / "client.crt",
             folder / "client.key",
             self.tls_dir / "ca.crt",
+        )
+
+    def mqtt_settings(self, name: str, keepalive: int = 30) -> TierMqttSettings:
+        """How login `name` connects: node 1 first, the others to fail over to."""
+        login = self.login(name)
+        (host, port), *others = self.mqtt_endpoints
+        return TierMqttSettings(
+            host=host,
+            port=port,
+            failover=tuple(f"{other}:{number}" for other, number in others),
+            username=login.name,
+            password_file=login.password_file,
+            tls=TlsSettings(
+                ca_file=login.ca_file, cert_file=login.cert_file, key_file=login.key_file
+            ),
+            keepalive=keepalive,
         )
 
     @staticmethod

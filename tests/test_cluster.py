@@ -48,7 +48,7 @@ class TierClient:
     def publish(self, topic: str, payload: bytes, retain: bool = False) -> None:
         self.client.publish(topic, payload, qos=1, retain=retain).wait_for_publish(10)
 
-    def wait_for(self, topic: str, timeout: float = 15.0) -> mqtt.MQTTMessage | None:
+    def wait_for(self, topic: str, timeout: float = 30.0) -> mqtt.MQTTMessage | None:
         try:
             while True:
                 msg = self.messages.get(timeout=timeout)

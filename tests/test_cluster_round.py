@@ -24,8 +24,6 @@ from aggregator.config import AggregatorConfig
 from aggregator.service import AggregatorService
 from broker.cluster import AGGREGATOR_LOGIN, ClusterTier
 from broker.cluster_hub import HubBroker
-from fedbell.config import TlsSettings
-from fedbell.tier import TierMqttSettings
 from fedbell.wire.codecs import Weights
 from fedbell.wire.messages import GlobalModel, Signer, build_update, parse_global
 from fedbell.wire.protocol import DeviceStatus, to_json
@@ -108,17 +106,7 @@ def aggregator_config(tmp_path: Path, tier: ClusterTier, cache_dir: Path) -> Agg
             "threads": 1,
         }
     )
-    login = tier.login(AGGREGATOR_LOGIN)
-    (host, port), *others = tier.mqtt_endpoints
-    on_tier = TierMqttSettings(
-        host=host,
-        port=port,
-        failover=tuple(f"{h}:{p}" for h, p in others),
-        username=login.name,
-        password_file=login.password_file,
-        tls=TlsSettings(ca_file=login.ca_file, cert_file=login.cert_file, key_file=login.key_file),
-        keepalive=5,
-    )
+    on_tier = tier.mqtt_settings(AGGREGATOR_LOGIN, keepalive=5)
     return base.model_copy(update={"mqtt": on_tier})
 
 
