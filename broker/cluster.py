@@ -160,8 +160,7 @@ class ClusterTier:
 
     def start(self, timeout: float = 60.0) -> ClusterTier:
         self.work_dir.mkdir(parents=True, exist_ok=True)
-        if not (self.tls_dir / "ca.crt").exists():
-            self._make_credentials()
+        self._make_credentials()
         for node in self.nodes:
             self._write_config(node)
         for index in range(len(self.nodes)):
@@ -203,14 +202,21 @@ class ClusterTier:
         raise BrokerError(f"the cluster carried no MQTT message within {timeout}s{self._logs()}")
 
     def _make_credentials(self) -> None:
-        ca = pki.create_ca("federation tier")
-        pki.save(ca, self.tls_dir / "ca.crt", self.tls_dir / "ca.key")
-        server = pki.issue(ca, "tier", "cluster", server_names=("127.0.0.1", "localhost"))
-        pki.save(server, self.tls_dir / "server.crt", self.tls_dir / "server.key")
+        """The CA and server certificate once, then a login for each hub that has none:
+        a tier restarted with one more `--hub` keeps the others' passwords and certificates."""
+        ca_cert, ca_key = self.tls_dir / "ca.crt", self.tls_dir / "ca.key"
+        if ca_cert.exists():
+            ca = pki.load(ca_cert, ca_key)
+        else:
+            ca = pki.create_ca("federation tier")
+            pki.save(ca, ca_cert, ca_key)
+            server = pki.issue(ca, "tier", "cluster", server_names=("127.0.0.1", "localhost"))
+            pki.save(server, self.tls_dir / "server.crt", self.tls_dir / "server.key")
         for name in self._login_names():
             login = self.login(name)
-            pki.save(pki.issue(ca, name, "tier"), login.cert_file, login.key_file)
-            write_private(login.password_file, secrets.token_urlsafe(24).encode())
+            if not login.password_file.exists():
+                pki.save(pki.issue(ca, name, "tier"), login.cert_file, login.key_file)
+                write_private(login.password_file, secrets.token_urlsafe(24).encode())
 
     def _login_names(self) -> list[str]:
         return [AGGREGATOR_LOGIN, PROBE_LOGIN, OBSERVER_LOGIN, *map(self.hub_login, self.hubs)]
