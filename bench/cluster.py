@@ -201,13 +201,15 @@ def aggregator_config(folder: Path, tier: ClusterTier, selected: int) -> Aggrega
 
 
 def run(
-    folder: Path, houses: int, doorbells: int, selected: int, kill_node: bool
+    folder: Path, houses: int, doorbells: int, selected: int, *, kill_node: bool, ack_wait: str
 ) -> dict[str, Any]:
     names = [f"h{index}" for index in range(houses)]
     (folder / "trusted").mkdir(parents=True, exist_ok=True)
     with ExitStack() as stack:
         started = time.monotonic()
-        tier = stack.enter_context(ClusterTier(folder / "tier", SITE, hubs=names))
+        tier = stack.enter_context(
+            ClusterTier(folder / "tier", SITE, hubs=names, ack_wait=ack_wait)
+        )
         hubs = [stack.enter_context(HubBroker(folder / name, tier, name)) for name in names]
         up_s = time.monotonic() - started
         members = [
@@ -257,6 +259,7 @@ def run(
         "real_hubs": houses,
         "selected": selected,
         "node_killed": kill_node,
+        "ack_wait": ack_wait,
         "tier_up_s": round(up_s, 1),
         "round_s": round(round_s, 2),
         "updates_per_s": round(sent / round_s, 1),
@@ -275,6 +278,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--doorbells", type=int, default=10, help="simulated per house")
     parser.add_argument("--round", type=int, default=50, help="doorbells selected")
     parser.add_argument("--kill-node", action="store_true", help="SIGKILL node 1 mid-round")
+    parser.add_argument("--ack-wait", default="5s", help="the tier's QoS 1 redelivery delay")
     parser.add_argument("--dir", type=Path, default=REPO / "reports" / "cluster")
     parser.add_argument("--out", type=Path, default=REPO / "reports" / "cluster.json")
     args = parser.parse_args(argv)
@@ -282,7 +286,14 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--round is larger than houses x doorbells")
     args.dir.mkdir(parents=True, exist_ok=True)
     folder = args.dir / time.strftime("%Y%m%d-%H%M%S")
-    result = run(folder, args.houses, args.doorbells, args.round, args.kill_node)
+    result = run(
+        folder,
+        args.houses,
+        args.doorbells,
+        args.round,
+        kill_node=args.kill_node,
+        ack_wait=args.ack_wait,
+    )
     print(json.dumps(result, indent=2))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")

@@ -112,6 +112,7 @@ class ClusterTier:
         *,
         topic_root: str = "fedbell",
         nodes: int = 3,
+        ack_wait: str = "5s",
     ) -> None:
         self.work_dir = work_dir
         self.base = f"{topic_root}/{site}"
@@ -121,6 +122,9 @@ class ClusterTier:
             for i in range(nodes)
         ]
         self.tls_dir = work_dir / "tls"
+        if not ack_wait[:-1].isdigit() or ack_wait[-1] not in "sm":
+            raise ValueError(f"ack_wait {ack_wait!r} is not like 5s or 1m")
+        self.ack_wait = ack_wait
 
     @property
     def mqtt_endpoints(self) -> list[tuple[str, int]]:
@@ -267,6 +271,7 @@ class ClusterTier:
             store_dir=self.work_dir / node.name,
             tls_dir=self.tls_dir,
             users=self._users(),
+            ack_wait=self.ack_wait,
         )
         # The passwords are in it: readable by whoever runs the tier only.
         write_private(self._config_path(node), config.encode())
