@@ -167,9 +167,13 @@ class ClusterTier:
         self._make_credentials()
         for node in self.nodes:
             self._write_config(node)
-        for index in range(len(self.nodes)):
-            self.start_node(index)
-        self.wait_ready(timeout)
+        try:
+            for index in range(len(self.nodes)):
+                self.start_node(index)
+            self.wait_ready(timeout)
+        except BaseException:
+            self.stop()  # `with` never reaches __exit__ when __enter__ raises
+            raise
         return self
 
     def start_node(self, index: int) -> None:
