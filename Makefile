@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 ARGS   ?=
 
-.PHONY: demo test lint bench bench-recognition bench-robust bench-openset bench-privacy bench-secagg bench-edge pi-check fuzz soak deps broker-deps clean
+.PHONY: demo test lint bench bench-recognition bench-robust bench-openset bench-privacy bench-secagg bench-edge cluster bench-cluster pi-check fuzz soak deps broker-deps clean
 
 # The operator console's one browser dependency (the `mqtt` client), from the npm
 # registry at the version console/package-lock.json pins; the broker serves it.
@@ -78,6 +78,18 @@ bench-secagg: $(STAMP)
 # up and down per round; reports/edge.json (issue 12)
 bench-edge: $(STAMP) broker-deps
 	nice $(PY) -m bench.edge $(ARGS)
+
+# The federation tier for many houses (issue 23, docs/many-houses.md): three NATS
+# JetStream nodes with MQTT on loopback until Ctrl-C, e.g.
+# make cluster ARGS="--site demo --hub house1 --hub house2"
+cluster: $(STAMP) broker-deps
+	$(PY) -m broker.cluster $(ARGS)
+
+# A round across many houses on that tier: real hubs, simulated doorbells, the real
+# aggregator; round time, updates/s, bytes and memory per node; reports/cluster.json.
+# e.g. make bench-cluster ARGS="--houses 20 --doorbells 50 --round 200 --kill-node"
+bench-cluster: $(STAMP) broker-deps
+	nice $(PY) -m bench.cluster $(ARGS)
 
 # Opt-in, not part of `make test` (root, network, ~30 min the first time):
 # a Debian bookworm arm64 root under qemu, deploy/install-pi.sh inside it,

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Install what the tests and the simulation need beside Python: the Mosquitto
-# broker (always), shellcheck and systemd-analyze (for the deployment tests),
+# broker (always), nats-server (the federation tier's cluster: broker/cluster.py,
+# its tests skip without it), shellcheck and systemd-analyze (for the deployment tests),
 # Debian's chromium (the console's browser test drives it with Playwright, which
 # must not download a browser of its own).
 # Tests and the simulation start their own broker on a free loopback port;
@@ -8,6 +9,7 @@
 set -euo pipefail
 missing=()
 command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || missing+=(mosquitto mosquitto-clients)
+command -v nats-server >/dev/null 2>&1 || [ -x /usr/sbin/nats-server ] || missing+=(nats-server)
 command -v shellcheck >/dev/null 2>&1 || missing+=(shellcheck)
 command -v systemd-analyze >/dev/null 2>&1 || missing+=(systemd)
 command -v chromium >/dev/null 2>&1 || missing+=(chromium)

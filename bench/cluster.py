@@ -1,0 +1,304 @@
+"""`make bench-cluster`: a round across many houses on the clustered tier (issue 23).
+
+Real processes: three NATS nodes (broker/cluster.py) and one Mosquitto hub per
+house, bridged to the tier (broker/cluster_hub.py); the real aggregator service
+on the tier over MQTT 3.1.1 (fedbell/tier.py), with signing on (its key, one
+trusted key per doorbell) and the default update codec. The doorbells are
+simulated, one MQTT 5 client per house speaking for all of its doorbells: a
+retained status each, then, when the round is announced, one signed update per
+selected doorbell of the house (a random small delta, not a trained one).
+
+Measured: round time (announcement seen in the houses -> new model seen in the
+houses), updates/s, bytes into and out of each node during the round (NATS
+/varz), memory of each node and of this process (the aggregator runs in it, with the house clients).
+`--kill-node` SIGKILLs node 1 (the one everybody connects to first) once half
+the houses have sent their updates; the round must still count each update once.
+
+    make bench-cluster ARGS="--houses 20 --doorbells 50 --round 200 --kill-node"
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import threading
+import time
+import urllib.request
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import paho.mqtt.client as mqtt
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+from paho.mqtt.enums import CallbackAPIVersion
+
+from aggregator.config import AggregatorConfig
+from aggregator.service import AggregatorService
+from broker.cluster import AGGREGATOR_LOGIN, OBSERVER_LOGIN, ClusterTier
+from broker.cluster_hub import HubBroker
+from deploy.pki import create_signing_key
+from fedbell.wire.messages import GlobalModel, Signer, build_update, parse_global
+from fedbell.wire.protocol import DeviceStatus, RoundAnnouncement, to_json
+from fedbell.wire.topics import Topics
+
+SITE = "bench"
+TOPICS = Topics(SITE)
+MAX_BYTES = 1024 * 1024
+REPO = Path(__file__).resolve().parents[1]
+BACKBONE_CACHES = (REPO / ".pytest_cache/d/fedbell-backbone", REPO / "reports/cache")
+
+
+class House:
+    """One house's doorbells, simulated by one MQTT 5 client on the house's hub."""
+
+    def __init__(self, port: int, name: str, doorbells: list[str], trusted: Path) -> None:
+        self.name = name
+        self.keys = {device: Ed25519PrivateKey.generate() for device in doorbells}
+        for device, key in self.keys.items():
+            public = key.public_key().public_bytes(Encoding.PEM, PublicFormat.SubjectPublicKeyInfo)
+            (trusted / f"{device}.pub").write_bytes(public)
+        self.announcement: RoundAnnouncement | None = None
+        self.models: dict[int, GlobalModel] = {}
+        self.seen_at: dict[str, float] = {}
+        self.client = mqtt.Client(
+            CallbackAPIVersion.VERSION2, client_id=f"house-{name}", protocol=mqtt.MQTTv5
+        )
+        self.client.max_inflight_messages_set(1000)
+        self.client.on_message = self._record
+        self.client.connect("127.0.0.1", port)
+        self.client.loop_start()
+        self.client.subscribe([(TOPICS.round, 1), (TOPICS.global_model, 1)])
+        online = to_json(DeviceStatus(state="online", model_version=0))
+        for device in doorbells:
+            self.client.publish(TOPICS.status(device), online, qos=1, retain=True)
+
+    def _record(self, _client: object, _userdata: object, message: mqtt.MQTTMessage) -> None:
+        if message.topic == TOPICS.round:
+            announcement = RoundAnnouncement.model_validate_json(message.payload)
+            if announcement.phase == "train":
+                self.announcement = announcement
+                self.seen_at.setdefault("round", time.monotonic())
+        else:
+            model = parse_global(bytes(message.payload), site=SITE, max_bytes=MAX_BYTES, keys=None)
+            self.models[model.version] = model
+            self.seen_at.setdefault(f"model{model.version}", time.monotonic())
+
+    def send_updates(self, seed: int) -> tuple[int, int]:
+        """A signed update from each selected doorbell of this house: (count, bytes)."""
+        assert self.announcement is not None
+        base = self.models[self.announcement.base_version]
+        rng = np.random.default_rng(seed)
+        sent, size, last = 0, 0, None
+        for device in self.announcement.selected:
+            if device not in self.keys:
+                continue
+            delta = [(rng.normal(size=w.shape) * 0.005).astype(np.float32) for w in base.weights]
+            payload = build_update(
+                site=SITE,
+                signer=Signer(device, self.keys[device]),
+                round_id=self.announcement.round,
+                base_version=base.version,
+                num_examples=5,
+                names=base.names,
+                delta=delta,
+                codec=self.announcement.codec,
+                density=self.announcement.density,
+            )
+            last = self.client.publish(TOPICS.update(device), payload, qos=1)
+            sent, size = sent + 1, size + len(payload)
+        if last is not None:
+            last.wait_for_publish(60)
+        return sent, size
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+def wait_until(condition: Any, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what}: not within {timeout}s")
+        time.sleep(0.05)
+
+
+def node_figures(tier: ClusterTier) -> list[dict[str, Any]]:
+    """Bytes in and out and resident memory of every running node (its /varz)."""
+    figures = []
+    for node in tier.nodes:
+        if node.process is None:
+            figures.append({"node": node.name, "state": "killed"})
+            continue
+        url = f"http://127.0.0.1:{node.http_port}/varz"
+        with urllib.request.urlopen(url, timeout=5) as response:
+            varz = json.load(response)
+        figures.append(
+            {
+                "node": node.name,
+                "in_mb": varz["in_bytes"] / 1e6,
+                "out_mb": varz["out_bytes"] / 1e6,
+                "rss_mb": round(varz["mem"] / 1e6, 1),
+            }
+        )
+    return figures
+
+
+def round_figures(
+    before: list[dict[str, Any]], after: list[dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """Each node's bytes during the round (after minus before) and its memory after it."""
+    figures = []
+    for start, end in zip(before, after, strict=True):
+        if "rss_mb" not in end:
+            figures.append(end)
+            continue
+        figures.append(
+            {
+                "node": end["node"],
+                "round_in_mb": round(end["in_mb"] - start.get("in_mb", 0.0), 2),
+                "round_out_mb": round(end["out_mb"] - start.get("out_mb", 0.0), 2),
+                "rss_mb": end["rss_mb"],
+            }
+        )
+    return figures
+
+
+def rss_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return round(int(line.split()[1]) / 1024, 1)
+    return 0.0
+
+
+def aggregator_config(folder: Path, tier: ClusterTier, selected: int) -> AggregatorConfig:
+    cache = next((path for path in BACKBONE_CACHES if path.is_dir()), folder / "cache")
+    key, _public = folder / "aggregator.key", folder / "aggregator.pub"
+    create_signing_key(key, _public)
+    base = AggregatorConfig.model_validate(
+        {
+            "site": SITE,
+            "state_dir": str(folder / "state"),
+            "cache_dir": str(cache),
+            "signing": {
+                "private_key_file": str(key),
+                "trusted_keys_dir": str(folder / "trusted"),
+            },
+            "rounds": {
+                "timeout_s": 600,
+                "min_updates": selected,
+                "max_devices": selected,
+                "auto_pause_s": 0,
+            },
+            "auto_rounds": 1,
+            "evaluation": {"detector": "haar"},
+        }
+    )
+    on_tier = tier.mqtt_settings(AGGREGATOR_LOGIN, keepalive=10)
+    return base.model_copy(update={"mqtt": on_tier})
+
+
+def run(
+    folder: Path, houses: int, doorbells: int, selected: int, *, kill_node: bool, ack_wait: str
+) -> dict[str, Any]:
+    names = [f"h{index}" for index in range(houses)]
+    (folder / "trusted").mkdir(parents=True, exist_ok=True)
+    with ExitStack() as stack:
+        started = time.monotonic()
+        tier = stack.enter_context(
+            ClusterTier(folder / "tier", SITE, hubs=names, ack_wait=ack_wait)
+        )
+        hubs = [stack.enter_context(HubBroker(folder / name, tier, name)) for name in names]
+        up_s = time.monotonic() - started
+        members = [
+            House(hub.port, name, [f"{name}d{i}" for i in range(doorbells)], folder / "trusted")
+            for hub, name in zip(hubs, names, strict=True)
+        ]
+        for house in members:
+            stack.callback(house.close)
+        observer = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv311)
+        metrics: list[dict[str, Any]] = []
+        login = tier.login(OBSERVER_LOGIN)
+        observer.username_pw_set(login.name, login.password())
+        observer.tls_set(str(login.ca_file), str(login.cert_file), str(login.key_file))
+        observer.on_message = lambda _c, _u, message: metrics.append(json.loads(message.payload))
+        observer.connect(*tier.mqtt_endpoints[-1])
+        observer.loop_start()
+        observer.subscribe(TOPICS.metrics, qos=1)
+
+        service = AggregatorService(aggregator_config(folder, tier, selected))
+        thread = threading.Thread(target=service.run, name="aggregator", daemon=True)
+        thread.start()
+        try:
+            wait_until(lambda: all(h.announcement for h in members), 600, "round announced")
+            wait_until(lambda: all(0 in h.models for h in members), 120, "base model")
+            announced = min(h.seen_at["round"] for h in members)
+            before = node_figures(tier)  # the backbone and the base model went out already
+            sent, update_bytes = 0, 0
+            for index, house in enumerate(members):
+                count, size = house.send_updates(seed=index)
+                sent, update_bytes = sent + count, update_bytes + size
+                if kill_node and index == len(members) // 2:
+                    tier.kill_node(0)
+            wait_until(lambda: all(1 in h.models for h in members), 600, "new model")
+            done = max(h.seen_at["model1"] for h in members)
+            wait_until(lambda: bool(metrics), 60, "round metrics")
+            figures = round_figures(before, node_figures(tier))
+        finally:
+            service.stop()
+            thread.join(60)
+            observer.loop_stop()
+            observer.disconnect()
+    last = metrics[-1]
+    round_s = done - announced
+    return {
+        "houses": houses,
+        "doorbells": houses * doorbells,
+        "real_hubs": houses,
+        "selected": selected,
+        "node_killed": kill_node,
+        "ack_wait": ack_wait,
+        "tier_up_s": round(up_s, 1),
+        "round_s": round(round_s, 2),
+        "updates_per_s": round(sent / round_s, 1),
+        "updates_sent": sent,
+        "participants": last.get("participants"),
+        "rejected": last.get("rejected"),
+        "update_kb_mean": round(update_bytes / max(sent, 1) / 1024, 1),
+        "nodes": figures,
+        "bench_process_rss_mb": rss_mb(),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.cluster", description=__doc__)
+    parser.add_argument("--houses", type=int, default=10, help="real hubs (Mosquitto each)")
+    parser.add_argument("--doorbells", type=int, default=10, help="simulated per house")
+    parser.add_argument("--round", type=int, default=50, help="doorbells selected")
+    parser.add_argument("--kill-node", action="store_true", help="SIGKILL node 1 mid-round")
+    parser.add_argument("--ack-wait", default="5s", help="the tier's QoS 1 redelivery delay")
+    parser.add_argument("--dir", type=Path, default=REPO / "reports" / "cluster")
+    parser.add_argument("--out", type=Path, default=REPO / "reports" / "cluster.json")
+    args = parser.parse_args(argv)
+    if args.round > args.houses * args.doorbells:
+        parser.error("--round is larger than houses x doorbells")
+    args.dir.mkdir(parents=True, exist_ok=True)
+    folder = args.dir / time.strftime("%Y%m%d-%H%M%S")
+    result = run(
+        folder,
+        args.houses,
+        args.doorbells,
+        args.round,
+        kill_node=args.kill_node,
+        ack_wait=args.ack_wait,
+    )
+    print(json.dumps(result, indent=2))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    return 0 if result["participants"] == args.round else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,393 @@
+"""The federation tier for many houses: a three-node NATS JetStream cluster speaking MQTT.
+
+Like broker/local.py does for one Mosquitto, `ClusterTier` renders the
+project's node config (broker/cluster.conf) three times on free loopback ports,
+makes the tier's small PKI with deploy/pki.py (a CA, one server certificate for
+every node, one client certificate per login) and a password per login, starts
+the nodes and waits until the cluster really carries MQTT. Used by the tests
+and by `make bench-cluster`; issue 23 and docs/many-houses.md say why NATS.
+
+Who may publish and subscribe what comes from deploy/acl.py: a hub gets what
+a doorbell of its site may do on the federation's topics (so nothing under
+`doorbell/` or `homeassistant/`), the aggregator what it may do on a house
+broker. MQTT topics are NATS subjects with `/` as `.`, `+` as `*`, `#` as `>`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import secrets
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from string import Template
+from types import TracebackType
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+
+from broker.local import BrokerError, free_port
+from deploy import pki
+from deploy.acl import Role, rules
+from deploy.files import write_private
+from fedbell.config import TlsSettings
+from fedbell.tier import TierMqttSettings
+
+NODE_TEMPLATE = Path(__file__).with_name("cluster.conf")
+AGGREGATOR_LOGIN = "aggregator"
+PROBE_LOGIN = "cluster-probe"
+OBSERVER_LOGIN = "observer"
+"""Reads everything on the tier, writes nothing: tests and the bench count what crossed."""
+PROBE_TOPIC = "_fedbell/ready"
+"""The readiness probe's topic: outside every site, only the probe login may use it."""
+
+
+def find_nats_server() -> str:
+    """Path of the nats-server binary, or a clear error saying how to install it."""
+    for candidate in ("/usr/sbin/nats-server", "/usr/bin/nats-server"):
+        if Path(candidate).exists():
+            return candidate
+    raise BrokerError(
+        "nats-server is not installed: run `sudo apt-get install nats-server` "
+        "(or `make broker-deps`, which does it when run as root)"
+    )
+
+
+def subject(topic: str) -> str:
+    """The NATS subject an MQTT topic filter is on."""
+    return topic.replace("/", ".").replace("+", "*").replace("#", ">")
+
+
+def federation_rules(role: Role, name: str, base: str) -> list[tuple[str, str]]:
+    """deploy/acl.py's (access, topic) rules of a login, on the federation's topics only."""
+    return [(access, topic) for access, topic in rules(role, name, base) if topic.startswith(base)]
+
+
+def hub_rules(base: str) -> list[tuple[str, str]]:
+    """What a house hub carries: what any doorbell of the site may do on `base`."""
+    return federation_rules(Role.DEVICE, "+", base)
+
+
+@dataclass(frozen=True)
+class TierLogin:
+    """What one client of the tier needs: a user name, its password, its certificate."""
+
+    name: str
+    password_file: Path
+    cert_file: Path
+    key_file: Path
+    ca_file: Path
+
+    def password(self) -> str:
+        return self.password_file.read_text().strip()
+
+
+@dataclass
+class NatsNode:
+    """One node's ports and process; the ports survive a kill and a restart."""
+
+    name: str
+    client_port: int
+    cluster_port: int
+    http_port: int
+    mqtt_port: int
+    process: subprocess.Popen[bytes] | None = None
+
+
+class ClusterTier:
+    """Three NATS nodes with MQTT, JetStream replicas 3, TLS and one login per hub."""
+
+    def __init__(
+        self,
+        work_dir: Path,
+        site: str,
+        hubs: Sequence[str] = (),
+        *,
+        topic_root: str = "fedbell",
+        nodes: int = 3,
+        ack_wait: str = "5s",
+    ) -> None:
+        self.work_dir = work_dir
+        self.base = f"{topic_root}/{site}"
+        self.hubs = list(hubs)
+        self.nodes = [
+            NatsNode(f"n{i + 1}", free_port(), free_port(), free_port(), free_port())
+            for i in range(nodes)
+        ]
+        self.tls_dir = work_dir / "tls"
+        if not ack_wait[:-1].isdigit() or ack_wait[-1] not in "sm":
+            raise ValueError(f"ack_wait {ack_wait!r} is not like 5s or 1m")
+        self.ack_wait = ack_wait
+
+    @property
+    def mqtt_endpoints(self) -> list[tuple[str, int]]:
+        """(host, port) of every node's MQTT listener, in node order."""
+        return [("127.0.0.1", node.mqtt_port) for node in self.nodes]
+
+    def login(self, name: str) -> TierLogin:
+        """The credentials of `name`: one of the *_LOGIN names or `hub_login(house)`."""
+        folder = self.work_dir / "logins" / name
+        return TierLogin(
+            name,
+            folder / "password",
+            folder / "client.crt",
+            folder / "client.key",
+            self.tls_dir / "ca.crt",
+        )
+
+    def mqtt_settings(self, name: str, keepalive: int = 30) -> TierMqttSettings:
+        """How login `name` connects: node 1 first, the others to fail over to."""
+        login = self.login(name)
+        (host, port), *others = self.mqtt_endpoints
+        return TierMqttSettings(
+            host=host,
+            port=port,
+            failover=tuple(f"{other}:{number}" for other, number in others),
+            username=login.name,
+            password_file=login.password_file,
+            tls=TlsSettings(
+                ca_file=login.ca_file, cert_file=login.cert_file, key_file=login.key_file
+            ),
+            keepalive=keepalive,
+        )
+
+    @staticmethod
+    def hub_login(house: str) -> str:
+        return f"hub-{house}"
+
+    def start(self, timeout: float = 60.0) -> ClusterTier:
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        self._make_credentials()
+        for node in self.nodes:
+            self._write_config(node)
+        try:
+            for index in range(len(self.nodes)):
+                self.start_node(index)
+            self.wait_ready(timeout)
+        except BaseException:
+            self.stop()  # `with` never reaches __exit__ when __enter__ raises
+            raise
+        return self
+
+    def start_node(self, index: int) -> None:
+        node = self.nodes[index]
+        node.process = subprocess.Popen(
+            [find_nats_server(), "-c", str(self._config_path(node))],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+
+    def kill_node(self, index: int) -> None:
+        """SIGKILL: a node lost, not shut down."""
+        self._signal(self.nodes[index], signal.SIGKILL)
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            self._signal(node, signal.SIGTERM)
+
+    def wait_ready(self, timeout: float = 60.0) -> None:
+        """Every running node healthy, then one QoS 1 message carried across the cluster.
+
+        /healthz alone is not enough: right after start it answers ok while the
+        MQTT streams are still being created, and QoS 1 messages published then
+        were lost (the lead's spike). A message that goes from the last node to a
+        subscriber on the first proves the streams and the routes work.
+        """
+        deadline = time.monotonic() + timeout
+        running = [node for node in self.nodes if node.process is not None]
+        for node in running:
+            self._wait_healthy(node, deadline)
+        while time.monotonic() < deadline:
+            if self._probe(running[0], running[-1], min(5.0, deadline - time.monotonic())):
+                return
+        raise BrokerError(f"the cluster carried no MQTT message within {timeout}s{self._logs()}")
+
+    def _make_credentials(self) -> None:
+        """The CA and server certificate once, then a login for each hub that has none:
+        a tier restarted with one more `--hub` keeps the others' passwords and certificates."""
+        ca_cert, ca_key = self.tls_dir / "ca.crt", self.tls_dir / "ca.key"
+        if ca_cert.exists():
+            ca = pki.load(ca_cert, ca_key)
+        else:
+            ca = pki.create_ca("federation tier")
+            pki.save(ca, ca_cert, ca_key)
+            server = pki.issue(ca, "tier", "cluster", server_names=("127.0.0.1", "localhost"))
+            pki.save(server, self.tls_dir / "server.crt", self.tls_dir / "server.key")
+        for name in self._login_names():
+            login = self.login(name)
+            if not login.password_file.exists():
+                pki.save(pki.issue(ca, name, "tier"), login.cert_file, login.key_file)
+                write_private(login.password_file, secrets.token_urlsafe(24).encode())
+
+    def _login_names(self) -> list[str]:
+        return [AGGREGATOR_LOGIN, PROBE_LOGIN, OBSERVER_LOGIN, *map(self.hub_login, self.hubs)]
+
+    def _permissions(self, name: str) -> list[tuple[str, str]]:
+        if name == AGGREGATOR_LOGIN:
+            return federation_rules(Role.AGGREGATOR, name, self.base)
+        if name == PROBE_LOGIN:
+            return [("read", PROBE_TOPIC), ("write", PROBE_TOPIC)]
+        if name == OBSERVER_LOGIN:
+            return [("read", "#")]
+        return hub_rules(self.base)
+
+    def _users(self) -> str:
+        entries = []
+        for name in self._login_names():
+            allowed = self._permissions(name)
+            publish = [subject(topic) for access, topic in allowed if access == "write"]
+            # A QoS 1 subscription is delivered from a JetStream consumer on
+            # $MQTT.sub.<id>: without that permission NATS refuses to create it.
+            receive = [subject(topic) for access, topic in allowed if access == "read"]
+            receive.append("$MQTT.sub.>")
+            entries.append(
+                f'      {{ user: "{name}", password: "{self.login(name).password()}",\n'
+                # MQTT only: over NATS's own protocol a login could subscribe
+                # to $MQTT.sub.> and read every other client's deliveries.
+                '        allowed_connection_types: ["MQTT"],\n'
+                f"        permissions: {{ publish: {_nats_list(publish)},"
+                f" subscribe: {_nats_list(receive)} }} }}"
+            )
+        return "\n".join(entries)
+
+    def _config_path(self, node: NatsNode) -> Path:
+        return self.work_dir / f"{node.name}.conf"
+
+    def _write_config(self, node: NatsNode) -> None:
+        for path in (self.work_dir, self.tls_dir):
+            if any(char in str(path) for char in ' "\n{}$'):
+                raise BrokerError(f"unusable path in the cluster configuration: {path}")
+        routes = ",\n".join(f"    nats-route://127.0.0.1:{n.cluster_port}" for n in self.nodes)
+        config = Template(NODE_TEMPLATE.read_text()).substitute(
+            name=node.name,
+            client_port=node.client_port,
+            http_port=node.http_port,
+            cluster_port=node.cluster_port,
+            routes=routes,
+            mqtt_port=node.mqtt_port,
+            store_dir=self.work_dir / node.name,
+            tls_dir=self.tls_dir,
+            users=self._users(),
+            ack_wait=self.ack_wait,
+        )
+        # The passwords are in it: readable by whoever runs the tier only.
+        write_private(self._config_path(node), config.encode())
+        log = f"log_file: {self.work_dir / node.name}.log\n"
+        with self._config_path(node).open("a") as handle:
+            handle.write(log)
+
+    def _wait_healthy(self, node: NatsNode, deadline: float) -> None:
+        url = f"http://127.0.0.1:{node.http_port}/healthz"
+        while time.monotonic() < deadline:
+            if node.process is not None and node.process.poll() is not None:
+                raise BrokerError(f"nats-server {node.name} exited{self._logs()}")
+            try:
+                with urllib.request.urlopen(url, timeout=1) as response:
+                    if response.status == 200:
+                        return
+            except (urllib.error.URLError, OSError):
+                pass
+            time.sleep(0.1)
+        raise BrokerError(f"nats-server {node.name} was not healthy in time{self._logs()}")
+
+    def _probe(self, subscribe_on: NatsNode, publish_on: NatsNode, timeout: float) -> bool:
+        received: list[bytes] = []
+        token = secrets.token_hex(8).encode()
+        listener = self.connect_probe(subscribe_on, "probe-sub")
+        sender = self.connect_probe(publish_on, "probe-pub")
+        try:
+            listener.on_message = lambda _c, _u, message: received.append(bytes(message.payload))
+            listener.subscribe(PROBE_TOPIC, qos=1)
+            end = time.monotonic() + timeout
+            time.sleep(0.2)  # the subscription's consumer, before the message
+            sender.publish(PROBE_TOPIC, token, qos=1)
+            while time.monotonic() < end and token not in received:
+                time.sleep(0.05)
+            return token in received
+        finally:
+            for client in (listener, sender):
+                client.loop_stop()
+                client.disconnect()
+
+    def connect_probe(self, node: NatsNode, client_id: str) -> mqtt.Client:
+        """A connected MQTT 3.1.1 client of the probe login on `node` (clean session)."""
+        login = self.login(PROBE_LOGIN)
+        client = mqtt.Client(
+            CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv311
+        )
+        client.username_pw_set(login.name, login.password())
+        client.tls_set(
+            ca_certs=str(login.ca_file), certfile=str(login.cert_file), keyfile=str(login.key_file)
+        )
+        # Not listening yet: the probe fails and wait_ready tries again.
+        with contextlib.suppress(OSError):
+            client.connect("127.0.0.1", node.mqtt_port, keepalive=10)
+        client.loop_start()
+        return client
+
+    def _logs(self) -> str:
+        tails = []
+        for node in self.nodes:
+            log = self.work_dir / f"{node.name}.log"
+            if log.exists():
+                tail = "\n".join(log.read_text().splitlines()[-15:])
+                tails.append(f"\n--- {node.name}.log\n{tail}")
+        return "".join(tails)
+
+    @staticmethod
+    def _signal(node: NatsNode, sig: signal.Signals) -> None:
+        if node.process is None:
+            return
+        if node.process.poll() is None:
+            node.process.send_signal(sig)
+            try:
+                node.process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                node.process.kill()
+                node.process.wait()
+        node.process = None
+
+    def __enter__(self) -> ClusterTier:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+
+def _nats_list(subjects: list[str]) -> str:
+    return "[" + ", ".join(f'"{item}"' for item in subjects) + "]"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`make cluster`: start a tier on loopback and keep it up until Ctrl-C."""
+    parser = argparse.ArgumentParser(prog="python -m broker.cluster", description=__doc__)
+    parser.add_argument("--dir", type=Path, default=Path("cluster"), help="work folder")
+    parser.add_argument("--site", default="demo", help="the federation's site id")
+    parser.add_argument("--hub", action="append", default=[], help="a house's name (repeat)")
+    args = parser.parse_args(argv)
+    # systemd or `timeout` stop it with SIGTERM: leave through `with`, stopping the nodes.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    with ClusterTier(args.dir, args.site, hubs=args.hub) as tier:
+        endpoints = " ".join(f"{host}:{port}" for host, port in tier.mqtt_endpoints)
+        print(f"federation tier up: MQTT 3.1.1 over TLS on {endpoints}")
+        print(f"logins (password, client.crt, client.key) under {args.dir / 'logins'}")
+        print(f"CA: {tier.tls_dir / 'ca.crt'}; Ctrl-C stops the three nodes")
+        with contextlib.suppress(KeyboardInterrupt):
+            signal.pause()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

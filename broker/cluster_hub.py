@@ -1,0 +1,135 @@
+"""A house hub: the house's own Mosquitto, bridged to the federation tier.
+
+The house keeps its broker (MQTT 5 to its doorbells, Home Assistant and the
+console, as broker/local.py or broker/production.conf set it up) and gains a
+bridge section (broker/cluster_hub.conf) that carries only `<root>/<site>/...`
+topics, each in the direction a doorbell uses it, to any node of the tier
+over MQTT 3.1.1 with the hub's own login and TLS certificate, and a small
+`Retainer` that gives back the retain flag MQTT 3.1.1 drops.
+"""
+
+from __future__ import annotations
+
+import signal
+from pathlib import Path
+from string import Template
+from typing import Any
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from broker.cluster import ClusterTier, TierLogin, hub_rules
+from broker.local import LocalBroker
+from deploy.files import write_private
+
+BRIDGE_TEMPLATE = Path(__file__).with_name("cluster_hub.conf")
+
+
+STAGING_PREFIX = "_tier/"
+"""Where the bridge puts what comes down from the tier, for the `Retainer` to republish."""
+
+
+def bridge_topics(base: str) -> list[str]:
+    """The bridge's `topic` lines: a doorbell's writes go out, its reads come in.
+
+    What comes in lands under STAGING_PREFIX, not on the doorbells' topics: the
+    tier speaks MQTT 3.1.1, which clears the retain flag of every message it
+    forwards live (only a new subscription gets retained ones flagged), so a
+    model published while the bridge is up would reach the doorbells connected
+    then but not be kept for the next. The Retainer restores it.
+    """
+    lines = []
+    for access, topic in hub_rules(base):
+        if access == "write":
+            lines.append(f"topic {topic} out 1")
+        else:
+            lines.append(f'topic {topic} in 1 {STAGING_PREFIX} ""')
+    return lines
+
+
+class Retainer:
+    """Republishes, retained, what the bridge staged: everything the aggregator
+    publishes is retained (aggregator/service.py), and MQTT 3.1.1 lost the flag.
+
+    A persistent MQTT 5 session on the house broker, so what the bridge staged
+    while the retainer restarted is queued for it.
+    """
+
+    def __init__(self, port: int, client_id: str, host: str = "127.0.0.1") -> None:
+        self.client = mqtt.Client(
+            CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5
+        )
+        self.client.on_connect = self._on_connect
+        self.client.on_message = self._on_message
+        self._address = (host, port)
+
+    def start(self) -> Retainer:
+        properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+        properties.SessionExpiryInterval = 7 * 24 * 3600
+        self.client.connect(*self._address, clean_start=False, properties=properties)
+        self.client.loop_start()
+        return self
+
+    def stop(self) -> None:
+        self.client.loop_stop()
+        self.client.disconnect()
+
+    def _on_connect(self, client: mqtt.Client, *_args: Any) -> None:
+        client.subscribe(f"{STAGING_PREFIX}#", qos=1)
+
+    def _on_message(self, client: mqtt.Client, _userdata: Any, message: mqtt.MQTTMessage) -> None:
+        client.publish(message.topic.removeprefix(STAGING_PREFIX), message.payload, 1, retain=True)
+
+
+def render_bridge(house: str, base: str, login: TierLogin, endpoints: list[tuple[str, int]]) -> str:
+    """The bridge section for `house` (a house name, checked like every topic segment)."""
+    values = {
+        "house": house,
+        "addresses": " ".join(f"{host}:{port}" for host, port in endpoints),
+        "login": login.name,
+        "password": login.password(),
+        "ca_file": login.ca_file,
+        "cert_file": login.cert_file,
+        "key_file": login.key_file,
+        "topics": "\n".join(bridge_topics(base)),
+    }
+    for name, value in values.items():
+        # Mosquitto reads an option up to the end of its line and does not quote.
+        if name not in {"topics", "addresses"} and any(char in str(value) for char in " \n{}"):
+            raise ValueError(f"unusable {name} in a bridge configuration: {value!r}")
+    return Template(BRIDGE_TEMPLATE.read_text()).substitute(values)
+
+
+class HubBroker(LocalBroker):
+    """A test house's Mosquitto (broker/local.conf) with its bridge to `tier` and its Retainer."""
+
+    def __init__(self, data_dir: Path, tier: ClusterTier, house: str) -> None:
+        super().__init__(data_dir)
+        self.tier = tier
+        self.house = house
+        self._house_template = self._template
+        self.retainer: Retainer | None = None
+
+    def start(self, timeout: float = 10.0) -> HubBroker:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        login = self.tier.login(self.tier.hub_login(self.house))
+        bridge = render_bridge(self.house, self.tier.base, login, self.tier.mqtt_endpoints)
+        # LocalBroker formats its template with str.format: the bridge has no braces.
+        template = self.data_dir / "hub.template.conf"
+        write_private(template, (self._house_template.read_text() + bridge).encode())
+        self._template = template
+        super().start(timeout)
+        self.config_path.chmod(0o600)
+        self.retainer = Retainer(self.port, f"{login.name}-retainer").start()
+        return self
+
+    def _signal(self, sig: signal.Signals) -> None:
+        if self.retainer is not None:
+            self.retainer.stop()
+            self.retainer = None
+        super()._signal(sig)
+
+    def __enter__(self) -> HubBroker:
+        return self.start()

@@ -1,0 +1,107 @@
+"""A house hub (Mosquitto) bridged to the federation tier (three NATS nodes), real processes.
+
+Only the site's federation topics cross, each in a doorbell's direction:
+`doorbell/...` and Home Assistant's topics stay in the house.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from broker.cluster import AGGREGATOR_LOGIN, OBSERVER_LOGIN, ClusterTier
+from broker.cluster_hub import HubBroker, bridge_topics
+from tests.mqtt_helpers import Probe
+from tests.test_cluster import SITE, TierClient, pytestmark
+
+__all__ = ["pytestmark"]  # skipped without nats-server, like tests/test_cluster.py
+
+BASE = f"fedbell/{SITE}"
+
+
+@pytest.fixture(scope="module")
+def tier_and_hub(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[tuple[ClusterTier, HubBroker]]:
+    folder = tmp_path_factory.mktemp("hub")
+    with (
+        ClusterTier(folder / "tier", SITE, hubs=["house1"]) as tier,
+        HubBroker(folder / "hub", tier, "house1") as hub,
+    ):
+        yield tier, hub
+
+
+def wait_for_bridge(hub: HubBroker, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if hub.log_path.exists() and "Connecting bridge" in hub.log_path.read_text():
+            time.sleep(1.0)  # the bridge's subscriptions, after its CONNACK
+            return
+        time.sleep(0.1)
+    raise AssertionError("the bridge never connected")
+
+
+def test_the_bridge_carries_only_the_sites_federation_topics() -> None:
+    lines = bridge_topics(BASE)
+    assert f"topic {BASE}/update/+ out 1" in lines
+    assert f'topic {BASE}/model/global in 1 _tier/ ""' in lines
+    assert all(line.split()[1].startswith(f"{BASE}/") for line in lines)
+
+
+def test_doorbell_traffic_stays_home_and_updates_and_models_cross(
+    tier_and_hub: tuple[ClusterTier, HubBroker],
+) -> None:
+    tier, hub = tier_and_hub
+    wait_for_bridge(hub)
+    (_, first), (_, second), (_, third) = tier.mqtt_endpoints
+    observer = TierClient(tier.login(OBSERVER_LOGIN), first, "observer")
+    aggregator = TierClient(tier.login(AGGREGATOR_LOGIN), second, "aggregator")
+    house = Probe(hub.port, f"{BASE}/model/global", client_id="cam1")
+    try:
+        observer.subscribe("#")
+        aggregator.subscribe(f"{BASE}/update/+")
+        house.publish("doorbell/cam1/visitor", b"alice at the door")
+        house.publish("homeassistant/device/cam1/config", b"{}")
+        house.publish(f"{BASE}/update/cam1", b"update-1")
+
+        update = aggregator.wait_for(f"{BASE}/update/+")
+        assert update is not None
+        assert update.payload == b"update-1"
+
+        model = TierClient(tier.login(AGGREGATOR_LOGIN), third, "aggregator-2")
+        model.publish(f"{BASE}/model/global", b"model-v2", retain=True)
+        model.close()
+        received = house.wait_for(f"{BASE}/model/global")
+        assert received.payload == b"model-v2"
+
+        time.sleep(1.0)  # anything that would leak has had time to arrive
+        seen = []
+        while not observer.messages.empty():
+            seen.append(observer.messages.get().topic)
+        assert f"{BASE}/update/cam1" in seen
+        # NATS shows its own JetStream and session traffic ($JS/..., $MQTT/...) to `#`.
+        applications = [topic for topic in seen if not topic.startswith("$")]
+        assert not [topic for topic in applications if not topic.startswith(f"{BASE}/")]
+    finally:
+        observer.close()
+        aggregator.close()
+        house.close()
+
+
+def test_a_late_doorbell_gets_the_model_retained_at_the_hub(
+    tier_and_hub: tuple[ClusterTier, HubBroker],
+) -> None:
+    tier, hub = tier_and_hub
+    wait_for_bridge(hub)
+    (_, first), *_ = tier.mqtt_endpoints
+    aggregator = TierClient(tier.login(AGGREGATOR_LOGIN), first, "aggregator-3")
+    aggregator.publish(f"{BASE}/model/global", b"model-v3", retain=True)
+    aggregator.close()
+    time.sleep(1.0)  # across the bridge while no doorbell listens
+    late = Probe(hub.port, f"{BASE}/model/global", client_id="cam2")
+    try:
+        assert late.wait_for(f"{BASE}/model/global", timeout=10).payload == b"model-v3"
+    finally:
+        late.close()
