@@ -24,6 +24,7 @@ from fedbell.config import (
     UpdateCodec,
     member_of,
 )
+from fedbell.tier import TierMqttSettings
 from fedbell.wire.codecs import DEFAULT_DENSITY
 from fedbell.wire.envelope import Codec
 from fedbell.wire.protocol import TrainingPlan
@@ -293,8 +294,9 @@ class EvaluationSettings(StrictModel):
 class AggregatorConfig(StrictModel):
     site: SiteId
     """The federation (house) this aggregator runs."""
-    mqtt: MqttSettings = Field(default_factory=MqttSettings)
-    """Broker connection."""
+    mqtt: MqttSettings | TierMqttSettings = Field(default_factory=MqttSettings)
+    """Broker connection: the house's Mosquitto (MQTT 5), or with `protocol: "3.1.1"` and
+    `failover` the clustered federation tier (docs/many-houses.md)."""
     signing: SigningSettings = Field(default_factory=SigningSettings)
     """Aggregator key and trusted device keys."""
     state_dir: Path

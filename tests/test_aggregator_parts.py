@@ -80,7 +80,8 @@ def test_the_noise_of_a_large_round_is_split_among_the_survivors_it_needs() -> N
         min_cohort=4,
         max_dropout=0.0,
     )
-    assert (strict.min_cohort, strict.noise_std) == (100, pytest.approx(2.0 / 10))
+    assert strict.min_cohort == 100
+    assert strict.noise_std == pytest.approx(2.0 / 10)
 
 
 def test_the_bench_announces_the_aggregators_plan() -> None:

@@ -162,3 +162,21 @@ def test_the_example_and_provisioned_aggregators_run_secure_rounds() -> None:
     assert config.rounds.quorum == config.rounds.min_cohort == 5
     template = (CONFIG_DIR.parent / "deploy" / "templates" / "aggregator.yaml").read_text()
     assert "secure_aggregation: true" in template
+
+
+def test_the_aggregator_connects_to_the_clustered_tier_when_its_mqtt_section_says_so() -> None:
+    """Issue 23: `protocol: "3.1.1"` and `failover` select the tier's settings; a plain
+    section stays the house broker's MQTT 5, and a typo names the key in both readings."""
+    from aggregator.config import AggregatorConfig
+    from fedbell.config import MqttSettings
+    from fedbell.tier import TierMqttSettings
+
+    base = {"site": "home", "state_dir": "/tmp/unused"}
+    house = AggregatorConfig.model_validate({**base, "mqtt": {"host": "hub", "port": 1883}})
+    assert type(house.mqtt) is MqttSettings
+    tier = {"host": "n1", "port": 1883, "protocol": "3.1.1", "failover": ["n2:1884", "n3:1885"]}
+    clustered = AggregatorConfig.model_validate({**base, "mqtt": tier})
+    assert isinstance(clustered.mqtt, TierMqttSettings)
+    assert clustered.mqtt.endpoints() == [("n1", 1883), ("n2", 1884), ("n3", 1885)]
+    with pytest.raises(ValueError, match=r"mqtt\.\w+\.prot"):
+        AggregatorConfig.model_validate({**base, "mqtt": {"host": "n1", "prot": "3.1.1"}})
