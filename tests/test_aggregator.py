@@ -340,18 +340,7 @@ def test_round_publishes_weighted_average_and_rejects_bad_updates(
         nan_delta[0][0, 0] = np.nan
         alice.send(alice.update(base, delta_a, examples=3, round_id=2))
         alice.send(alice.update(base, delta_a, examples=3, round_id=1, base_version=7))
-        alice.send(
-            build_update(
-                site=SITE,
-                signer=Signer("alice"),
-                round_id=1,
-                base_version=0,
-                num_examples=3,
-                names=base.names,
-                delta=bad_shapes,
-                codec="float32",
-            )
-        )
+        alice.send(alice.update(base, bad_shapes, examples=3, round_id=1, base_version=0))
         alice.send(alice.update(base, nan_delta, examples=3, round_id=1))
         alice.send(alice.update(base, delta_a, examples=3, round_id=1, codec="float16"))
         alice.send(alice.update(base, [d * 1e6 for d in delta_a], examples=3, round_id=1))
