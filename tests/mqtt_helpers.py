@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import queue
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import paho.mqtt.client as mqtt
@@ -14,6 +15,15 @@ from edge.recognition_config import CameraConfig
 from fedbell.config import MqttSettings
 from fedbell.wire.backbone import BackboneMessages
 from fedbell.wire.topics import Topics
+
+
+def wait_until(condition: Callable[[], object], timeout: float = 30.0, what: str = "") -> None:
+    """Poll `condition` until it holds; AssertionError naming `what` after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not met within {timeout}s: {what or condition}")
+        time.sleep(0.02)
 
 
 def doorbell_config(port: int, folder: Path, camera: CameraConfig | None = None) -> EdgeConfig:

@@ -43,6 +43,7 @@ from fedbell.wire.messages import (
 from fedbell.wire.protocol import DeviceStatus, RoundAnnouncement, RoundMetrics, to_json
 from fedbell.wire.topics import Topics
 from simulation.data import write_synthetic
+from tests.mqtt_helpers import wait_until
 
 SITE = "test"
 TOPICS = Topics(SITE)
@@ -256,14 +257,6 @@ def received(service: AggregatorService) -> list[str]:
     """The doorbells whose updates the round accepted so far ([] before the first round)."""
     current = service.coordinator.round
     return [] if current is None else current.received
-
-
-def wait_until(condition: Callable[[], bool], timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        time.sleep(0.02)
 
 
 def control(device: FakeDevice, command: dict[str, Any] | str) -> None:

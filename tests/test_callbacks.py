@@ -13,9 +13,8 @@ import socket
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import paho.mqtt.client as mqtt
 import pytest
@@ -32,18 +31,10 @@ from edge.homeassistant import DoorbellTopics
 from fedbell.errors import RejectedMessage
 from fedbell.wire import safejson
 from fedbell.wire.protocol import RoundAnnouncement, parse_json
-from tests.mqtt_helpers import Probe, doorbell_config
+from tests.mqtt_helpers import Probe, doorbell_config, wait_until
 
 POISON = b"[" * 5000
 TOPICS = DoorbellTopics("door1")
-
-
-def wait_until(condition: Callable[[], Any], timeout: float = 10.0, what: str = "") -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what or condition}")
-        time.sleep(0.02)
 
 
 @pytest.mark.parametrize(
