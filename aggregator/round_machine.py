@@ -44,20 +44,14 @@ class AutoRounds:
         self.next_at = self.clock() + self.pause_s
 
 
+@dataclass(eq=False)
 class RoundMachine:
     """Starts rounds and moves them on; `Releases` ends them."""
 
-    def __init__(
-        self,
-        federation: Federation,
-        releases: Releases,
-        secure: SecureRounds,
-        auto: AutoRounds,
-    ) -> None:
-        self.federation = federation
-        self.releases = releases
-        self.secure = secure
-        self.auto = auto
+    federation: Federation
+    releases: Releases
+    secure: SecureRounds
+    auto: AutoRounds
 
     def command(self, command: Command) -> None:
         """Carry out an operator's command; RejectedMessage says why it cannot be."""

@@ -39,7 +39,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import numpy.typing as npt
@@ -115,26 +115,19 @@ class _Round:
     """Phases this doorbell has answered (a republished announcement is not answered twice)."""
 
 
+@dataclass(eq=False)
 class SecureParticipant:
     """One doorbell's part in secure rounds (one at a time); the node calls it from its
     worker thread, except `on_inbox` (paho's thread)."""
 
-    def __init__(
-        self,
-        device: str,
-        topics: Topics,
-        identity: Ed25519PrivateKey | None,
-        publish: Publish,
-        on_sent: Sent,
-    ) -> None:
-        self.device = device
-        self.topics = topics
-        self.identity = identity
-        self.publish = publish
-        self.on_sent = on_sent
-        self._round: _Round | None = None
-        self._inbox = threading.Condition()
-        self._inbox_payload: bytes | None = None
+    device: str
+    topics: Topics
+    identity: Ed25519PrivateKey | None
+    publish: Publish
+    on_sent: Sent
+    _round: _Round | None = field(default=None, init=False)
+    _inbox: threading.Condition = field(default_factory=threading.Condition, init=False)
+    _inbox_payload: bytes | None = field(default=None, init=False)
 
     @property
     def round(self) -> int | None:

@@ -4,12 +4,39 @@ from __future__ import annotations
 
 import queue
 import time
+from collections.abc import Callable
+from pathlib import Path
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
+from edge.config import EdgeConfig
+from edge.recognition_config import CameraConfig
+from fedbell.config import MqttSettings
 from fedbell.wire.backbone import BackboneMessages
 from fedbell.wire.topics import Topics
+
+
+def wait_until(condition: Callable[[], object], timeout: float = 30.0, what: str = "") -> None:
+    """Poll `condition` until it holds; AssertionError naming `what` after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not met within {timeout}s: {what or condition}")
+        time.sleep(0.02)
+
+
+def doorbell_config(port: int, folder: Path, camera: CameraConfig | None = None) -> EdgeConfig:
+    """Doorbell door1 of site home on the test broker, its state and gallery under `folder`
+    (no camera unless one is given)."""
+    return EdgeConfig(
+        device_id="door1",
+        site="home",
+        mqtt=MqttSettings(port=port, keepalive=5),
+        state_dir=folder / "state",
+        gallery_dir=folder / "gallery",
+        camera=camera or CameraConfig(enabled=False),
+    )
 
 
 class Probe:

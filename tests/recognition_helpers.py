@@ -93,6 +93,14 @@ def head(
     )
 
 
+def enrolled_gallery(folder: Path, persons: int) -> Gallery:
+    """A gallery with persons 0 .. persons-1 enrolled from three chips each."""
+    gallery = Gallery(folder)
+    for person in range(persons):
+        gallery.add(f"person{person}", chips_of(person, 3, 100 + person))
+    return gallery
+
+
 def ready_recognizer(
     tflite: bytes, backbone_id: str, gallery: Gallery | None = None, threshold: float = 0.0
 ) -> Recognizer:

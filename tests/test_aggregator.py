@@ -43,6 +43,7 @@ from fedbell.wire.messages import (
 from fedbell.wire.protocol import DeviceStatus, RoundAnnouncement, RoundMetrics, to_json
 from fedbell.wire.topics import Topics
 from simulation.data import write_synthetic
+from tests.mqtt_helpers import wait_until
 
 SITE = "test"
 TOPICS = Topics(SITE)
@@ -258,14 +259,6 @@ def received(service: AggregatorService) -> list[str]:
     return [] if current is None else current.received
 
 
-def wait_until(condition: Callable[[], bool], timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        time.sleep(0.02)
-
-
 def control(device: FakeDevice, command: dict[str, Any] | str) -> None:
     payload = command if isinstance(command, str) else json.dumps(command)
     device.publish(TOPICS.control, payload.encode())
@@ -340,18 +333,7 @@ def test_round_publishes_weighted_average_and_rejects_bad_updates(
         nan_delta[0][0, 0] = np.nan
         alice.send(alice.update(base, delta_a, examples=3, round_id=2))
         alice.send(alice.update(base, delta_a, examples=3, round_id=1, base_version=7))
-        alice.send(
-            build_update(
-                site=SITE,
-                signer=Signer("alice"),
-                round_id=1,
-                base_version=0,
-                num_examples=3,
-                names=base.names,
-                delta=bad_shapes,
-                codec="float32",
-            )
-        )
+        alice.send(alice.update(base, bad_shapes, examples=3, round_id=1, base_version=0))
         alice.send(alice.update(base, nan_delta, examples=3, round_id=1))
         alice.send(alice.update(base, delta_a, examples=3, round_id=1, codec="float16"))
         alice.send(alice.update(base, [d * 1e6 for d in delta_a], examples=3, round_id=1))

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from aggregator.config import DEFAULT_MAX_DROPOUT
 from aggregator.coordinator import Coordinator
 from aggregator.export import Exporter
 from aggregator.round_machine import AutoRounds
@@ -30,7 +31,12 @@ from tests.test_aggregator import TOPICS, make_config
 LINEAGE = "0123456789abcdef"
 
 
-def plan(lineage: str = LINEAGE, cohort: int = 8, noise_multiplier: float = 1.0) -> SecAggPlan:
+def plan(
+    lineage: str = LINEAGE,
+    cohort: int = 8,
+    noise_multiplier: float = 1.0,
+    max_dropout: float = DEFAULT_MAX_DROPOUT,
+) -> SecAggPlan:
     """Round 3's plan for a head of 2000 values, a quarter of them sent, min_cohort 4."""
     return secagg_plan(
         round_id=3,
@@ -41,6 +47,7 @@ def plan(lineage: str = LINEAGE, cohort: int = 8, noise_multiplier: float = 1.0)
         clip_norm=2.0,
         noise_multiplier=noise_multiplier,
         min_cohort=4,
+        max_dropout=max_dropout,
     )
 
 
@@ -69,17 +76,7 @@ def test_the_noise_of_a_large_round_is_split_among_the_survivors_it_needs() -> N
     assert large.noise_std == pytest.approx(2.0 / 70**0.5)
     everyone = large.noise_std * 100**0.5
     assert 2.0 <= everyone <= 1.2 * 2.0  # the sum of all 100 against z C
-    strict = secagg_plan(
-        round_id=3,
-        lineage=LINEAGE,
-        dimension=2000,
-        cohort=100,
-        density=0.25,
-        clip_norm=2.0,
-        noise_multiplier=1.0,
-        min_cohort=4,
-        max_dropout=0.0,
-    )
+    strict = plan(cohort=100, max_dropout=0.0)
     assert strict.min_cohort == 100
     assert strict.noise_std == pytest.approx(2.0 / 10)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from tests.mqtt_helpers import wait_until
 from tests.test_aggregator import (
     TOPICS,
     Configure,
@@ -22,7 +23,6 @@ from tests.test_aggregator import (
     random_delta,
     received,
     running,
-    wait_until,
     watcher,
 )
 

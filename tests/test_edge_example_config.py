@@ -30,7 +30,7 @@ import yaml
 from broker.local import LocalBroker
 from fedbell.wire.protocol import DeviceStatus
 from fedbell.wire.topics import Topics
-from tests.mqtt_helpers import Probe
+from tests.mqtt_helpers import Probe, wait_until
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "config" / "edge.yaml"
@@ -83,14 +83,6 @@ class Doorbell:
             self.process.kill()
             self.process.wait(10)
             raise AssertionError("the doorbell did not stop on SIGTERM") from None
-
-
-def wait_until(condition: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not seen within {timeout}s: {what}")
-        time.sleep(0.05)
 
 
 class Retained:

@@ -14,7 +14,7 @@ import hashlib
 import json
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
@@ -45,7 +45,7 @@ from fedbell.wire.messages import (
 )
 from fedbell.wire.protocol import DeviceStatus, RoundAnnouncement, TrainingPlan, parse_json, to_json
 from fedbell.wire.topics import Topics
-from tests.mqtt_helpers import Probe
+from tests.mqtt_helpers import Probe, wait_until
 from tests.recognition_helpers import (
     LINEAGE,
     chips_of,
@@ -114,6 +114,28 @@ def global_payload(
     )
 
 
+def backbone_artifact(
+    float_model: bytes,
+    int8_model: bytes = b"",
+    *,
+    key: Ed25519PrivateKey | None = None,
+    version: int = 0,
+    lineage: str = LINEAGE,
+    epoch: int = 0,
+) -> BackboneMessages:
+    """A backbone as the aggregator publishes it, signed with `key` (None: unsigned)."""
+    return build_backbone(
+        site=SITE,
+        signer=Signer(AGGREGATOR, key),
+        version=version,
+        round_id=0,
+        float_model=float_model,
+        int8_model=int8_model,
+        lineage=lineage,
+        epoch=epoch,
+    )
+
+
 def tflite_payload(
     models: BackboneModels,
     lineage: str = LINEAGE,
@@ -121,15 +143,9 @@ def tflite_payload(
     float_only: bool = False,
     epoch: int = 0,
 ) -> BackboneMessages:
-    return build_backbone(
-        site=SITE,
-        signer=Signer(AGGREGATOR),
-        version=version,
-        round_id=0,
-        float_model=models.float_model,
-        int8_model=b"" if float_only else models.int8_model,
-        lineage=lineage,
-        epoch=epoch,
+    int8_model = b"" if float_only else models.int8_model
+    return backbone_artifact(
+        models.float_model, int8_model, version=version, lineage=lineage, epoch=epoch
     )
 
 
@@ -161,14 +177,6 @@ def round_payload(
     if key is not None:  # a site with signing signs its rounds too
         announcement = signing.sign_announcement(announcement, SITE, key)
     return to_json(announcement)
-
-
-def wait_until(condition: Callable[[], Any], timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout}s")
-        time.sleep(0.05)
 
 
 @contextmanager

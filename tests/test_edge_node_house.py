@@ -38,7 +38,7 @@ from fedbell.wire.messages import (
     Signer,
 )
 from fedbell.wire.protocol import DeviceStatus, parse_json
-from tests.mqtt_helpers import Probe
+from tests.mqtt_helpers import Probe, wait_until
 from tests.recognition_helpers import (
     LINEAGE,
     chips_of,
@@ -63,7 +63,6 @@ from tests.test_edge_node import (
     running,
     serve_backbone_and_head,
     tflite_payload,
-    wait_until,
 )
 
 __all__ = ["base", "gallery"]  # the module-scoped fixtures, shared

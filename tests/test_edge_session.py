@@ -19,8 +19,8 @@ import pytest
 from broker.local import LocalBroker
 from edge.session import Listener, NodeSession, payload_only
 from fedbell.errors import RejectedMessage
-from tests.mqtt_helpers import Probe
-from tests.test_edge_node import DEVICE, aggregator_at, make_config, wait_until
+from tests.mqtt_helpers import Probe, wait_until
+from tests.test_edge_node import DEVICE, aggregator_at, make_config
 
 Received = list[tuple[str, bytes]]
 

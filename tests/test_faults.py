@@ -32,6 +32,7 @@ from broker.local import LocalBroker
 from fedbell.wire.messages import parse_global
 from simulation.data import write_synthetic
 from tests.federation import STARTUP, Federation, Recorder
+from tests.mqtt_helpers import wait_until
 from tests.test_aggregator import (
     MAX_BYTES,
     SITE,
@@ -40,7 +41,6 @@ from tests.test_aggregator import (
     make_config,
     random_delta,
     running,
-    wait_until,
     weighted,
 )
 

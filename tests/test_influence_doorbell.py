@@ -16,7 +16,7 @@ import pytest
 from aggregator.backbone import BackboneModels
 from broker.local import LocalBroker
 from edge.node import EdgeNode
-from tests.mqtt_helpers import Probe
+from tests.mqtt_helpers import Probe, wait_until
 from tests.test_edge_node import (
     TOPICS,
     Base,
@@ -27,7 +27,6 @@ from tests.test_edge_node import (
     make_config,
     running,
     serve_backbone_and_head,
-    wait_until,
 )
 
 __all__ = ["base", "gallery"]  # the module-scoped fixtures, shared

@@ -18,6 +18,7 @@ from broker.local import LocalBroker
 from fedbell.config import SigningSettings
 from fedbell.wire.messages import GlobalModel, Signer, build_update
 from fedbell.wire.signing import KeyRing
+from tests.mqtt_helpers import wait_until
 from tests.test_aggregator import (
     SITE,
     FakeDevice,
@@ -27,7 +28,6 @@ from tests.test_aggregator import (
     make_config,
     random_delta,
     running,
-    wait_until,
     watcher,  # noqa: F401 - fixture
 )
 

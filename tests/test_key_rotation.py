@@ -24,11 +24,11 @@ from broker.secure import SecureBroker
 from deploy import provision
 from edge.config import EdgeConfig
 from fedbell.config import load_config
+from tests.mqtt_helpers import wait_until
 from tests.test_aggregator import REPO
 from tests.test_edge_node import (
     gallery,  # noqa: F401  (module fixture)
     running,
-    wait_until,
 )
 
 

@@ -29,6 +29,7 @@ from tests.mqtt_helpers import Probe
 from tests.recognition_helpers import (
     chips_of,
     detector,
+    enrolled_gallery,
     frames_of,
     head,
     identities,
@@ -61,10 +62,7 @@ def node_client(port: int) -> mqtt.Client:
 
 @pytest.fixture(scope="module")
 def house(tmp_path_factory: pytest.TempPathFactory) -> Gallery:
-    gallery = Gallery(tmp_path_factory.mktemp("gallery"))
-    for person in range(ENROLLED):
-        gallery.add(f"person{person}", chips_of(person, 3, 100 + person))
-    return gallery
+    return enrolled_gallery(tmp_path_factory.mktemp("gallery"), ENROLLED)
 
 
 def threshold_between(recognizer: Recognizer, stranger: int) -> float:
@@ -156,8 +154,7 @@ def test_video_replay_names_each_visitor_and_unknown_stranger(
 def test_a_person_enrolled_mid_visit_is_named_when_the_visit_is_decided(
     tmp_path: Path, backbone_models: BackboneModels
 ) -> None:
-    gallery = Gallery(tmp_path / "gallery")
-    gallery.add("person0", chips_of(0, 3, 100))
+    gallery = enrolled_gallery(tmp_path / "gallery", 1)
     recognizer = ready_recognizer(backbone_models.float_model, backbone_models.sha256, gallery)
     names: list[str] = []
 
@@ -223,8 +220,7 @@ def test_events_are_not_retained_but_state_is(broker: LocalBroker, tmp_path: Pat
 def test_commands_ring_face_trigger_and_a_label_that_names_the_next_visit(
     broker: LocalBroker, tmp_path: Path, backbone_models: BackboneModels
 ) -> None:
-    gallery = Gallery(tmp_path / "g")
-    gallery.add("person0", chips_of(0, 3, 100))
+    gallery = enrolled_gallery(tmp_path / "g", 1)
     # Threshold 1 names nobody; once the label gives the visitor a prototype, the
     # threshold goes midway between their visit's score against person0 and their
     # later faces' against it (generated faces: a few hundredths apart, so measured).

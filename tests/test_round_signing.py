@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -25,7 +25,7 @@ from fedbell.errors import RejectedMessage
 from fedbell.wire import signing
 from fedbell.wire.protocol import RoundAnnouncement, TrainingPlan, to_json
 from fedbell.wire.topics import Topics
-from tests.mqtt_helpers import Probe
+from tests.mqtt_helpers import Probe, wait_until
 
 SITE = "home"
 DEVICE = "door1"
@@ -98,14 +98,6 @@ def test_a_plan_out_of_bounds_is_refused_even_when_signed(
         require_signature=True,
         limits=PlanLimits(),
     )
-
-
-def wait_until(condition: Callable[[], Any], timeout: float = 20.0, what: str = "") -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what or condition}")
-        time.sleep(0.02)
 
 
 @contextmanager

@@ -28,7 +28,13 @@ from fedbell.faces.detection import Face
 from fedbell.faces.embedding import normalize
 from fedbell.faces.images import Box
 from fedbell.faces.openset import identify
-from tests.recognition_helpers import chips_of, detector, frames_of, head, ready_recognizer
+from tests.recognition_helpers import (
+    detector,
+    enrolled_gallery,
+    frames_of,
+    head,
+    ready_recognizer,
+)
 
 Frame = npt.NDArray[np.uint8]
 NO_FRAME: Frame = np.zeros((4, 4, 3), np.uint8)
@@ -188,10 +194,7 @@ def test_a_lone_face_keeps_its_track_even_when_the_box_jumps() -> None:
 
 @pytest.fixture(scope="module")
 def house(tmp_path_factory: pytest.TempPathFactory) -> Gallery:
-    gallery = Gallery(tmp_path_factory.mktemp("gallery"))
-    for person in range(3):
-        gallery.add(f"person{person}", chips_of(person, 3, 100 + person))
-    return gallery
+    return enrolled_gallery(tmp_path_factory.mktemp("gallery"), 3)
 
 
 def recognizer_for(

@@ -242,11 +242,14 @@ def parse_json(payload: bytes, model: type[M], max_bytes: int = MAX_JSON_BYTES) 
     try:
         return model.model_validate_json(payload)
     except ValidationError as err:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc']) or 'message'}: {e['msg']}"
-            for e in err.errors()[:5]
-        )
-        raise RejectedMessage("bad_json", f"{model.__name__}: {problems}") from None
+        raise RejectedMessage("bad_json", f"{model.__name__}: {validation_problems(err)}") from None
+
+
+def validation_problems(err: ValidationError) -> str:
+    """The first five fields pydantic refused, each `field.path: why`, for a rejection detail."""
+    return "; ".join(
+        f"{'.'.join(str(p) for p in e['loc']) or 'message'}: {e['msg']}" for e in err.errors()[:5]
+    )
 
 
 def to_json(message: Message) -> bytes:

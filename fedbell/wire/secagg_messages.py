@@ -31,6 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, Validation
 
 from fedbell.errors import RejectedMessage
 from fedbell.wire import safejson
+from fedbell.wire.protocol import validation_problems
 from fedbell.wire.secagg_params import MAX_DEVICES, SecAggParams
 
 DEVICE = r"^[A-Za-z0-9_-]{1,64}$"
@@ -146,10 +147,7 @@ def parse(payload: bytes, model: type[M], max_bytes: int) -> M:
     except RejectedMessage as err:
         raise SecAggError("secagg_bad_message", f"{model.__name__}: {err}") from None
     except ValidationError as err:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc']) or 'message'}: {e['msg']}"
-            for e in err.errors()[:5]
-        )
+        problems = validation_problems(err)
         raise SecAggError("secagg_bad_message", f"{model.__name__}: {problems}") from None
 
 
