@@ -7,7 +7,6 @@ space, the head a random projection to 16, the update the doorbell's own `train_
 from __future__ import annotations
 
 import numpy as np
-import pytest
 
 from bench import privacy_rows
 from bench.privacy_attacks import (
@@ -17,33 +16,10 @@ from bench.privacy_attacks import (
     fit_subspace,
     residents_in_top,
 )
-from bench.privacy_data import Person, centre_of
-from fedbell.faces.embedding import TrainParams
+from bench.privacy_data import centre_of
+from tests.test_privacy_bench import HOUSE, context
 
-DIM, EMBEDDING, HOUSE, CANDIDATES = 32, 16, 4, 40
-
-
-def _people(count: int, seed: int) -> dict[str, Person]:
-    rng = np.random.default_rng(seed)
-    people = {}
-    for i in range(count):
-        centre = rng.normal(size=DIM)
-        photos = (centre + 0.5 * rng.normal(size=(7, DIM))).astype(np.float32)
-        people[f"p{i:03d}"] = Person(photos[:5], photos[5:])
-    return people
-
-
-@pytest.fixture(scope="module")
-def context() -> privacy_rows.Context:
-    rng = np.random.default_rng(5)
-    return privacy_rows.Context(
-        people=_people(120, 6),
-        strangers=rng.normal(size=(200, DIM)).astype(np.float32),
-        base=[(rng.normal(size=(DIM, EMBEDDING)) / np.sqrt(DIM)).astype(np.float32)],
-        params=TrainParams(),
-        candidates=CANDIDATES,
-        house_size=HOUSE,
-    )
+__all__ = ["context"]  # the generated people, strangers and head of test_privacy_bench
 
 
 def _hits(
@@ -57,16 +33,16 @@ def test_the_subspace_attack_finds_planted_residents_and_nothing_in_a_random_cha
     context: privacy_rows.Context,
 ) -> None:
     keys = sorted(context.people)
-    attacked, public = keys[:80], keys[80:]
+    attacked, public = keys[:60], keys[60:]
     centre = centre_of(context.people, public)
-    chance = HOUSE / CANDIDATES  # 0.1
+    chance = HOUSE / context.candidates  # 0.1
     scenario = privacy_rows.single(context, lambda d: d[0])
 
     rank = fit_subspace(privacy_rows.collect(scenario, public, 12, seed=1), centre, HOUSE)
     assert rank in SUBSPACE_RANKS
 
     seen = privacy_rows.collect(scenario, attacked, 16, seed=0)
-    assert _hits(seen, context, centre, rank) >= chance + 0.5  # 0.70 when written
+    assert _hits(seen, context, centre, rank) >= chance + 0.5  # 0.69 when written
 
     # the same pools, the change replaced by noise of its size: nothing to find
     rng = np.random.default_rng(2)
