@@ -24,6 +24,7 @@ from bench.privacy_attacks import (
     attacks,
     chance,
     fit_shadow,
+    fit_subspace,
     pair_statistics,
     residents_in_top,
 )
@@ -223,9 +224,10 @@ def score(
     shadow: ShadowModel | None,
     replay: Replay | None,
     top: int,
+    subspace: int | None = None,
 ) -> tuple[dict[str, float], dict[str, float], float]:
     """(mean residents_in_top per attack, its standard error, mean chance)."""
-    chosen = attacks(base, centre, shadow, replay)
+    chosen = attacks(base, centre, shadow, replay, subspace)
     hits = {
         name: [residents_in_top(attack(s), s.targets, top) for s in seen]
         for name, attack in chosen.items()
@@ -253,17 +255,20 @@ def run_row(
     top: int,
     seed: int,
 ) -> RowResult:
-    """Every attack on `trials` observations of the attacked people; the shadow attack
-    trained on `shadow_trials` simulated on the public people (0: no shadow attack)."""
-    shadow = None
+    """Every attack on `trials` observations of the attacked people; the shadow and
+    subspace attacks trained on `shadow_trials` simulated on the public people (0: neither)."""
+    shadow, subspace = None, None
     if shadow_trials:
-        shadow = train_shadow(
-            collect(scenario, public, shadow_trials, seed + 1), base, centre, replay
-        )
+        simulated = collect(scenario, public, shadow_trials, seed + 1)
+        shadow = train_shadow(simulated, base, centre, replay)
+        subspace = fit_subspace(simulated, centre, top)
     seen = collect(scenario, attacked, trials, seed)
     by_attack, errors, odds = score(
-        seen, base=base, centre=centre, shadow=shadow, replay=replay, top=top
+        seen, base=base, centre=centre, shadow=shadow, replay=replay, top=top, subspace=subspace
     )
-    return RowResult(
+    result = RowResult(
         view, detail, epsilon, by_attack, odds, len(seen), len(seen[0].targets), errors
     )
+    if subspace is not None:
+        result.extra["subspace_directions"] = subspace
+    return result

@@ -16,7 +16,13 @@ import pytest
 from bench import privacy_rows
 from bench.data import synthetic_bench
 from bench.federated import Secure
-from bench.privacy_attacks import Observed, Replay, residents_in_top, span_scores
+from bench.privacy_attacks import (
+    SUBSPACE_RANKS,
+    Observed,
+    Replay,
+    residents_in_top,
+    span_scores,
+)
 from bench.privacy_data import Person, centre_of
 from bench.privacy_report import report
 from bench.privacy_utility import Privacy, run_setting
@@ -97,7 +103,8 @@ def test_privacy_json_has_the_issue_schema(context: privacy_rows.Context, tmp_pa
         top=HOUSE,
         seed=0,
     )
-    assert set(row.by_attack) == {"span", "movement", "replay", "shadow"}
+    assert set(row.by_attack) == {"span", "movement", "replay", "subspace", "shadow"}
+    assert row.extra["subspace_directions"] in SUBSPACE_RANKS
     bench = synthetic_bench(0)
     privacy = Privacy(8.0, houses_per_round=5, houses=len(bench.train), rounds=2)
     run = run_setting(
