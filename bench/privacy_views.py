@@ -16,7 +16,7 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -128,12 +128,20 @@ def masked_round(
         advert = client.advertise()
         up[name] += len(advert)
         server.add_advert(name, advert)
-    roster = server.roster()
-    for name, client in clients.items():
-        down[name] += len(roster)
-        shares = client.share(roster)
-        up[name] += len(shares)
-        server.add_shares(name, shares)
+
+    def exchange(
+        request: bytes,
+        answer: Callable[[SecAggClient, bytes], bytes],
+        collect: Callable[[str, bytes], None],
+    ) -> None:
+        """Every doorbell downloads the same `request` and uploads its answer to it."""
+        for name, client in clients.items():
+            down[name] += len(request)
+            reply = answer(client, request)
+            up[name] += len(reply)
+            collect(name, reply)
+
+    exchange(server.roster(), SecAggClient.share, server.add_shares)
     masked = {}
     for name, client in clients.items():
         inbox = server.inbox(name)
@@ -143,12 +151,7 @@ def masked_round(
         masked[name] = client.masked_input(encoded[name])
         up[name] += len(masked[name])
         server.add_masked(name, masked[name])
-    request = server.unmask_request()
-    for name, client in clients.items():
-        down[name] += len(request)
-        reply = client.unmask(request)
-        up[name] += len(reply)
-        server.add_unmask(name, reply)
+    exchange(server.unmask_request(), SecAggClient.unmask, server.add_unmask)
     total, _ = server.result()
     expected = masking.reduce(np.sum(list(encoded.values()), axis=0, dtype=np.uint32))
     if not np.array_equal(total, expected):

@@ -28,12 +28,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from string import Template
-from types import TracebackType
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
-from broker.local import BrokerError, free_port
+from broker.local import BrokerError, Service, free_port, signal_and_wait
 from deploy import pki
 from deploy.acl import Role, rules
 from deploy.files import write_private
@@ -101,7 +100,7 @@ class NatsNode:
     process: subprocess.Popen[bytes] | None = None
 
 
-class ClusterTier:
+class ClusterTier(Service):
     """Three NATS nodes with MQTT, JetStream replicas 3, TLS and one login per hub."""
 
     def __init__(
@@ -345,25 +344,8 @@ class ClusterTier:
     def _signal(node: NatsNode, sig: signal.Signals) -> None:
         if node.process is None:
             return
-        if node.process.poll() is None:
-            node.process.send_signal(sig)
-            try:
-                node.process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                node.process.kill()
-                node.process.wait()
+        signal_and_wait(node.process, sig, timeout=15)
         node.process = None
-
-    def __enter__(self) -> ClusterTier:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
 
 def _nats_list(subjects: list[str]) -> str:

@@ -14,7 +14,7 @@ import socket
 import subprocess
 import time
 from pathlib import Path
-from types import TracebackType
+from typing import Self
 
 from console import STATIC_DIR
 
@@ -53,6 +53,34 @@ def read_listeners(data_dir: Path) -> dict[str, int]:
     return {"mqtt": int(ports["mqtt"]), "websockets": int(ports["websockets"])}
 
 
+def signal_and_wait(process: subprocess.Popen[bytes], sig: signal.Signals, timeout: float) -> None:
+    """Send `sig` to a running child and reap it; SIGKILL it if it outlives `timeout` seconds."""
+    if process.poll() is not None:
+        return
+    process.send_signal(sig)
+    try:
+        process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+class Service:
+    """Started by `with` and stopped however the block ends."""
+
+    def start(self) -> Self:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+
 def wait_for_port(port: int, timeout: float) -> None:
     """Poll until something accepts TCP connections on 127.0.0.1:port."""
     deadline = time.monotonic() + timeout
@@ -65,7 +93,7 @@ def wait_for_port(port: int, timeout: float) -> None:
     raise BrokerError(f"nothing accepted connections on 127.0.0.1:{port} within {timeout}s")
 
 
-class LocalBroker:
+class LocalBroker(Service):
     """A Mosquitto process with its own config and data folder.
 
     The ports and data folder survive `kill()`/`start()`, so a test can crash
@@ -145,24 +173,7 @@ class LocalBroker:
     def _signal(self, sig: signal.Signals) -> None:
         if self._process is None:
             return
-        if self._process.poll() is None:
-            self._process.send_signal(sig)
-            try:
-                self._process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self._process.kill()
-                self._process.wait()
+        signal_and_wait(self._process, sig, timeout=10)
         if self._process.stderr is not None:
             self._process.stderr.close()
         self._process = None
-
-    def __enter__(self) -> LocalBroker:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()

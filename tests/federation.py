@@ -153,6 +153,20 @@ class Recorder:
         self.close()
 
 
+def start_aggregator(
+    config: Path, stderr: IO[bytes] | int, env: dict[str, str] | None = None
+) -> subprocess.Popen[bytes]:
+    """`python -m aggregator --config config` from the repository, stdout discarded;
+    `env` is added to this process's environment, TensorFlow's log kept quiet."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "aggregator", "--config", str(config)],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=stderr,
+        env={**os.environ, **(env or {}), "TF_CPP_MIN_LOG_LEVEL": "3"},
+    )
+
+
 class Process:
     """A fedbell process whose stderr goes to a log file; SIGKILL and restart keep the log."""
 

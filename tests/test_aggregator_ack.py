@@ -9,10 +9,8 @@ memory and un-acked at the moment of the kill.
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -21,8 +19,8 @@ from pathlib import Path
 import pytest
 
 from broker.local import LocalBroker
+from tests.federation import start_aggregator
 from tests.test_aggregator import (
-    REPO,
     SITE,
     TOPICS,
     FakeDevice,
@@ -63,13 +61,7 @@ def _config(tmp_path: Path, port: int, cache_dir: Path) -> Path:
 @contextmanager
 def _aggregator(config: Path, log: Path) -> Iterator[subprocess.Popen[bytes]]:
     with log.open("wb") as stderr:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "aggregator", "--config", str(config)],
-            cwd=REPO,
-            stdout=subprocess.DEVNULL,
-            stderr=stderr,
-            env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"},
-        )
+        process = start_aggregator(config, stderr)
     try:
         yield process
     finally:

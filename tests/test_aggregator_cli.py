@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import hashlib
-import os
 import signal
 import subprocess
 import sys
 from pathlib import Path
 
 from broker.local import LocalBroker
+from tests.federation import start_aggregator
 from tests.test_aggregator import LINEAGE, REPO, SITE, TOPICS, Watcher, watcher
 
 __all__ = ["watcher"]  # the fixture, shared with test_aggregator
@@ -23,13 +23,7 @@ def test_cli_serves_and_publishes_offline_on_sigterm(
         f"site: {SITE}\nstate_dir: {tmp_path / 'state'}\ncache_dir: {aggregator_cache}\n"
         f"mqtt:\n  port: {broker.port}\nthreads: 1\n"
     )
-    process = subprocess.Popen(
-        [sys.executable, "-m", "aggregator", "--config", str(config)],
-        cwd=REPO,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"},
-    )
+    process = start_aggregator(config, subprocess.PIPE)
     try:
         watcher.wait_for(TOPICS.aggregator_status, lambda p: b'"online"' in p, timeout=60)
         first = watcher.global_model(0)

@@ -12,7 +12,6 @@ answered.
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -28,8 +27,9 @@ from broker.local import CONFIG_TEMPLATE, LocalBroker
 from fedbell.wire.codecs import Weights
 from fedbell.wire.messages import GlobalModel
 from fedbell.wire.protocol import Reply, RoundMetrics
+from tests.federation import start_aggregator
 from tests.mqtt_helpers import Probe
-from tests.test_aggregator import REPO, SITE, TOPICS, FakeDevice, Watcher
+from tests.test_aggregator import SITE, TOPICS, FakeDevice, Watcher
 
 HONEST = ("door1", "door2", "door3", "door4", "door5")
 FLOODER = "mallory"
@@ -111,13 +111,7 @@ def test_a_doorbell_flooding_junk_costs_no_honest_update_and_no_command(
     # Its log goes to a file: a pipe nobody reads while the test runs would fill
     # (64 KiB) and block the aggregator on its next log line.
     log_path = tmp_path / "aggregator.log"
-    process = subprocess.Popen(
-        [sys.executable, "-m", "aggregator", "--config", str(config)],
-        cwd=REPO,
-        stdout=subprocess.DEVNULL,
-        stderr=log_path.open("wb"),
-        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"},
-    )
+    process = start_aggregator(config, log_path.open("wb"))
     flood: subprocess.Popen[bytes] | None = None
     try:
         watcher.wait_for(TOPICS.aggregator_status, lambda p: b'"online"' in p, timeout=120)

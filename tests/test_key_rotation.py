@@ -11,10 +11,8 @@ ACL), the aggregator as a process, and the doorbell from its own bundle.
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -24,8 +22,8 @@ from broker.secure import SecureBroker
 from deploy import provision
 from edge.config import EdgeConfig
 from fedbell.config import load_config
+from tests.federation import start_aggregator
 from tests.mqtt_helpers import wait_until
-from tests.test_aggregator import REPO
 from tests.test_edge_node import (
     gallery,  # noqa: F401  (module fixture)
     running,
@@ -37,13 +35,7 @@ def aggregator_process(site: Path, port: int, cache: Path, log: Path) -> subproc
     config = (bundle / "aggregator.yaml").read_text().replace("port: 8883", f"port: {port}")
     path = bundle.parent / "aggregator-test.yaml"
     path.write_text(config + f"cache_dir: {cache}\nthreads: 1\n")
-    return subprocess.Popen(
-        [sys.executable, "-m", "aggregator", "--config", str(path)],
-        cwd=REPO,
-        stdout=subprocess.DEVNULL,
-        stderr=log.open("ab"),
-        env={**os.environ, "CREDENTIALS_DIRECTORY": str(bundle), "TF_CPP_MIN_LOG_LEVEL": "3"},
-    )
+    return start_aggregator(path, log.open("ab"), {"CREDENTIALS_DIRECTORY": str(bundle)})
 
 
 def stop(process: subprocess.Popen[bytes]) -> None:
