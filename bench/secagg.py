@@ -1,7 +1,7 @@
 """Secure aggregation's cost: the aggregator's unmasking time, upload bytes, the doorbell's time.
 
     python -m bench.secagg [--doorbells 1000] [--dropout 0.3] [--upload-doorbells 100]
-                           [--coordinates 32768] [--density 0.05] [--json PATH]
+                           [--coordinates 32768] [--density 0.10] [--json PATH]
 
 Drives fedbell.wire.secagg's two state machines in one process, every message
 through bytes, with signed adverts (each doorbell its own Ed25519 identity)
@@ -38,6 +38,7 @@ from typing import TypeVar
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from aggregator.config import RoundSettings
 from fedbell.wire import masking
 from fedbell.wire.masking import encode
 from fedbell.wire.secagg import SecAggClient, SecAggParams, SecAggServer
@@ -151,7 +152,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dropout", type=float, default=0.3)
     parser.add_argument("--upload-doorbells", type=int, default=100)
     parser.add_argument("--coordinates", type=int, default=32_768)
-    parser.add_argument("--density", type=float, default=0.05)
+    parser.add_argument(
+        "--density",
+        type=float,
+        default=RoundSettings().secure_density,
+        help="the round's shared subset (default: the aggregator's rounds.secure_density)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args(argv)
