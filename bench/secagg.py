@@ -152,12 +152,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dropout", type=float, default=0.3)
     parser.add_argument("--upload-doorbells", type=int, default=100)
     parser.add_argument("--coordinates", type=int, default=32_768)
-    parser.add_argument(
-        "--density",
-        type=float,
-        default=RoundSettings().secure_density,
-        help="the round's shared subset (default: the aggregator's rounds.secure_density)",
-    )
+    # the round's shared subset: by default the aggregator's rounds.secure_density
+    parser.add_argument("--density", type=float, default=RoundSettings().secure_density)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args(argv)
