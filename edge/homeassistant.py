@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from fedbell.wire.topics import check_segment
+from fedbell.wire.topics import Subtopic, check_segment
 
 ONLINE = "online"
 OFFLINE = "offline"
@@ -36,32 +36,16 @@ class DoorbellTopics:
         check_segment(self.root, "doorbell topic root")
         check_segment(self.discovery_prefix, "discovery prefix")
 
-    def _leaf(self, leaf: str) -> str:
-        return f"{self.root}/{self.device}/{leaf}"
-
     @property
-    def visitor(self) -> str:
-        return self._leaf("visitor")
+    def base(self) -> str:
+        return f"{self.root}/{self.device}"
 
-    @property
-    def ring(self) -> str:
-        return self._leaf("ring")
-
-    @property
-    def present(self) -> str:
-        return self._leaf("present")
-
-    @property
-    def snapshot(self) -> str:
-        return self._leaf("snapshot")
-
-    @property
-    def command(self) -> str:
-        return self._leaf("command")
-
-    @property
-    def label(self) -> str:
-        return self._leaf("label")
+    visitor = Subtopic("visitor")
+    ring = Subtopic("ring")
+    present = Subtopic("present")
+    snapshot = Subtopic("snapshot")
+    command = Subtopic("command")
+    label = Subtopic("label")
 
     @property
     def discovery(self) -> str:

@@ -358,6 +358,26 @@ def test_topics_refuse_wildcards_and_name_devices() -> None:
         topics.device_of("fedbell/other/update/door")
 
 
+def test_fixed_topics_stand_below_the_root_and_site() -> None:
+    topics = Topics("home", root="fb")
+    fixed = [
+        (topics.control, "fb/home/control"),
+        (topics.round, "fb/home/round"),
+        (topics.global_model, "fb/home/model/global"),
+        (topics.tflite_model, "fb/home/model/tflite"),
+        (topics.backbone_chunks, "fb/home/model/tflite/+"),
+        (topics.backbone_chunk(7), "fb/home/model/tflite/7"),
+        (topics.metrics, "fb/home/metrics"),
+        (topics.aggregator_status, "fb/home/aggregator/status"),
+        (topics.reply, "fb/home/aggregator/reply"),
+        (topics.all_updates, "fb/home/update/+"),
+        (topics.all_statuses, "fb/home/status/+"),
+    ]
+    for topic, expected in fixed:
+        assert topic == expected
+    assert Topics("away", root="fb").control == "fb/away/control"  # per instance, not per class
+
+
 def test_topk_sends_only_the_largest_entries() -> None:
     delta = arrays()
     decoded = parse(update(delta=delta, codec="topk", density=0.1)).delta

@@ -56,6 +56,18 @@ def test_device_based_discovery_payload() -> None:
     assert "door1_snapshot" not in discovery_payload(topics, STATUS)["cmps"]  # opt-in
 
 
+def test_a_doorbell_topic_root_moves_every_event_and_command() -> None:
+    topics = DoorbellTopics("door2", root="bell")
+    leaves = [topics.visitor, topics.ring, topics.present, topics.snapshot]
+    assert leaves == [
+        "bell/door2/visitor",
+        "bell/door2/ring",
+        "bell/door2/present",
+        "bell/door2/snapshot",
+    ]
+    assert (topics.command, topics.label) == ("bell/door2/command", "bell/door2/label")
+
+
 @pytest.mark.parametrize("bad", ["door/1", "door+", "", "a b"])
 def test_device_id_must_be_a_topic_segment(bad: str) -> None:
     with pytest.raises(ValueError, match="device id"):

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Final, Literal
+from typing import Final, Literal, Protocol
 
 SecAggLeaf = Literal["keys", "shares", "masked", "unmask"]
 SECAGG_LEAVES: Final[tuple[SecAggLeaf, ...]] = ("keys", "shares", "masked", "unmask")
@@ -28,6 +28,23 @@ def check_segment(value: str, what: str) -> str:
     return value
 
 
+class _Based(Protocol):
+    @property
+    def base(self) -> str: ...
+
+
+class Subtopic:
+    """A topic at a fixed path below its owner's `base`: in a class body,
+    `control = Subtopic("control")` makes `topics.control` read `<base>/control`,
+    so a class's fixed topics stand as one table of paths."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __get__(self, owner: _Based, _kind: object = None) -> str:
+        return f"{owner.base}/{self.path}"
+
+
 @dataclass(frozen=True)
 class Topics:
     """Topic names of one federation (site)."""
@@ -43,29 +60,21 @@ class Topics:
     def base(self) -> str:
         return f"{self.root}/{self.site}"
 
-    @property
-    def control(self) -> str:
-        return f"{self.base}/control"
-
-    @property
-    def round(self) -> str:
-        return f"{self.base}/round"
-
-    @property
-    def global_model(self) -> str:
-        return f"{self.base}/model/global"
-
-    @property
-    def tflite_model(self) -> str:
-        return f"{self.base}/model/tflite"
+    control = Subtopic("control")
+    round = Subtopic("round")
+    global_model = Subtopic("model/global")
+    tflite_model = Subtopic("model/tflite")
+    backbone_chunks = Subtopic("model/tflite/+")
+    metrics = Subtopic("metrics")
+    aggregator_status = Subtopic("aggregator/status")
+    reply = Subtopic("aggregator/reply")
+    """The aggregator's answer to each command and update (retained: the last one)."""
+    all_updates = Subtopic("update/+")
+    all_statuses = Subtopic("status/+")
 
     def backbone_chunk(self, index: int) -> str:
         """Chunk `index` of the backbone whose manifest is on `tflite_model`."""
         return f"{self.tflite_model}/{index}"
-
-    @property
-    def backbone_chunks(self) -> str:
-        return f"{self.tflite_model}/+"
 
     def chunk_index(self, topic: str) -> int:
         """The index in a backbone chunk's topic; ValueError for any other topic."""
@@ -74,25 +83,8 @@ class Topics:
             raise ValueError(f"{topic!r} is not a backbone chunk topic of site {self.site!r}")
         return int(index)
 
-    @property
-    def metrics(self) -> str:
-        return f"{self.base}/metrics"
-
-    @property
-    def aggregator_status(self) -> str:
-        return f"{self.base}/aggregator/status"
-
-    @property
-    def reply(self) -> str:
-        """The aggregator's answer to each command and update (retained: the last one)."""
-        return f"{self.base}/aggregator/reply"
-
     def update(self, device: str) -> str:
         return f"{self.base}/update/{check_segment(device, 'device id')}"
-
-    @property
-    def all_updates(self) -> str:
-        return f"{self.base}/update/+"
 
     def secagg(self, leaf: SecAggLeaf, device: str) -> str:
         return f"{self.base}/secagg/{leaf}/{check_segment(device, 'device id')}"
@@ -113,10 +105,6 @@ class Topics:
 
     def status(self, device: str) -> str:
         return f"{self.base}/status/{check_segment(device, 'device id')}"
-
-    @property
-    def all_statuses(self) -> str:
-        return f"{self.base}/status/+"
 
     def device_of(self, topic: str) -> str:
         """The device id in an update or status topic (the last segment).
