@@ -18,29 +18,26 @@ is what the service, the tests and the simulations hold:
 from __future__ import annotations
 
 import logging
-from collections import Counter
 from collections.abc import Callable
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from aggregator.config import AggregatorConfig
-from aggregator.export import Exporter, Release
+from aggregator.export import Exporter
 from aggregator.federation import Federation, Publish
 from aggregator.intake import Intake
-from aggregator.persistence import Persistence, SavedModel
+from aggregator.persistence import Persistence
 from aggregator.releases import Releases
 from aggregator.round_machine import AutoRounds, RoundMachine
-from aggregator.rounds import Round
 from aggregator.secure_rounds import SecureRounds
 from aggregator.state import StateStore
 from fedbell.wire.messages import resign
-from fedbell.wire.protocol import DeviceStatus
 
 log = logging.getLogger("aggregator")
 
 
 class Coordinator:
-    """The aggregator's parts, wired; its state, read by the service and the tests."""
+    """The aggregator's parts, wired; the service and the tests read the state in `federation`."""
 
     def __init__(
         self,
@@ -77,53 +74,9 @@ class Coordinator:
                 fed.round_summary(),
             )
 
-    # -- the state the service and the tests read ------------------------------
-
-    @property
-    def config(self) -> AggregatorConfig:
-        return self.federation.config
-
-    @property
-    def model(self) -> SavedModel:
-        return self.federation.model
-
-    @property
-    def round(self) -> Round | None:
-        return self.federation.round
-
-    @property
-    def last_round(self) -> int:
-        return self.federation.last_round
-
-    @property
-    def pending(self) -> Release | None:
-        return self.federation.pending
-
-    @property
-    def online(self) -> dict[str, DeviceStatus]:
-        return self.federation.online
-
-    @property
-    def rejected(self) -> Counter[str]:
-        """Every rejection since start, by reason."""
-        return self.federation.rejected
-
-    @property
-    def dirty(self) -> bool:
-        return self.federation.dirty
-
     @property
     def auto_remaining(self) -> int:
         return self.auto.remaining
-
-    @property
-    def trusted_keys(self) -> dict[str, Ed25519PublicKey] | None:
-        return self.federation.trusted_keys
-
-    @trusted_keys.setter
-    def trusted_keys(self, keys: dict[str, Ed25519PublicKey] | None) -> None:
-        """The keyring changed (a doorbell added, removed or rotated)."""
-        self.federation.trusted_keys = keys
 
     def summary(self) -> str:
         """One line for `systemctl status`."""

@@ -210,7 +210,7 @@ class AggregatorService:
                         log.info(
                             "ready: site %s, model version %d",
                             self.config.site,
-                            self.coordinator.model.version,
+                            self.coordinator.federation.model.version,
                         )
                 elif isinstance(item, Incoming):
                     self._handle(item)
@@ -252,7 +252,7 @@ class AggregatorService:
 
     def _refresh_keys(self) -> None:
         if self.keyring is not None:
-            self.coordinator.trusted_keys = self.keyring.keys()
+            self.coordinator.federation.trusted_keys = self.keyring.keys()
 
     def _handle(self, item: Incoming) -> None:
         self._refresh_keys()  # a revoked key is refused from the next message on
@@ -266,7 +266,7 @@ class AggregatorService:
             raise  # the disk is the truth: better restart than run on without it
         except Exception:
             # A bug triggered by one message must not take the service down.
-            self.coordinator.rejected["internal_error"] += 1
+            self.coordinator.federation.rejected["internal_error"] += 1
             log.exception("internal error handling a message on %s", item.topic)
 
     def _settle(self, force: bool) -> None:
@@ -278,7 +278,7 @@ class AggregatorService:
         """
         if not self._unacked:
             return
-        if self.coordinator.dirty:
+        if self.coordinator.federation.dirty:
             due = (
                 force
                 or len(self._unacked) >= self._ack_batch

@@ -256,7 +256,7 @@ def running(config: AggregatorConfig) -> Iterator[AggregatorService]:
 
 def received(service: AggregatorService) -> list[str]:
     """The doorbells whose updates the round accepted so far ([] before the first round)."""
-    current = service.coordinator.round
+    current = service.coordinator.federation.round
     return [] if current is None else current.received
 
 
@@ -317,9 +317,9 @@ def test_round_publishes_weighted_average_and_rejects_bad_updates(
         assert backbone.float_model[4:8] == b"TFL3"
         assert backbone.int8_model[4:8] == b"TFL3"
         assert hashlib.sha256(backbone.float_model).hexdigest() == base.backbone
-        wait_until(lambda: {"alice", "bob", "eve"} <= set(service.coordinator.online))
+        wait_until(lambda: {"alice", "bob", "eve"} <= set(service.coordinator.federation.online))
         eve.publish(TOPICS.status("eve"), b"")  # eve leaves: not selected
-        wait_until(lambda: "eve" not in service.coordinator.online)
+        wait_until(lambda: "eve" not in service.coordinator.federation.online)
 
         control(alice, {"cmd": "start_round"})
         announced = watcher.round(1, "train")
@@ -344,7 +344,7 @@ def test_round_publishes_weighted_average_and_rejects_bad_updates(
         bob.send(alice.update(base, delta_b, examples=1, round_id=1))  # alice's name on bob's topic
         control(alice, "{not json")
         control(alice, {"cmd": "publish"})  # nothing aggregated
-        wait_until(lambda: sum(service.coordinator.rejected.values()) >= 11)
+        wait_until(lambda: sum(service.coordinator.federation.rejected.values()) >= 11)
         bob.send(bob.update(base, delta_b, examples=1, round_id=1))
 
         new = watcher.global_model(1)
@@ -407,7 +407,7 @@ def test_deadline_closes_with_quorum_else_abandons(
     alice, bob, _carol = devices("alice", "bob", "carol")
     with running(config) as service:
         base = watcher.global_model(0)
-        wait_until(lambda: len(service.coordinator.online) == 3)
+        wait_until(lambda: len(service.coordinator.federation.online) == 3)
         control(alice, {"cmd": "start_round"})
         assert watcher.round(1, "train").selected == ("alice", "bob", "carol")
         delta_a, delta_b = random_delta(base, 1), random_delta(base, 2)
@@ -425,8 +425,8 @@ def test_deadline_closes_with_quorum_else_abandons(
         assert metrics.version == 0
         watcher.round(2, "abandoned")
         bob.send(bob.update(new, random_delta(new, 4), examples=2, round_id=2))  # too late
-        wait_until(lambda: service.coordinator.rejected["no_round"] == 1)
-        assert service.coordinator.model.version == 1
+        wait_until(lambda: service.coordinator.federation.rejected["no_round"] == 1)
+        assert service.coordinator.federation.model.version == 1
     assert [_version(p) for p in watcher.messages(TOPICS.global_model)] == [0, 1]
 
 
@@ -439,9 +439,9 @@ def test_step_by_step_train_send_aggregate_publish(
     alice, bob = devices("alice", "bob")
     with running(config) as service:
         base = watcher.global_model(0)
-        wait_until(lambda: len(service.coordinator.online) == 2)
+        wait_until(lambda: len(service.coordinator.federation.online) == 2)
         control(alice, {"cmd": "send"})  # no round yet
-        wait_until(lambda: service.coordinator.rejected["bad_state"] == 1)
+        wait_until(lambda: service.coordinator.federation.rejected["bad_state"] == 1)
 
         control(alice, {"cmd": "train"})
         training = watcher.round(1, "train")
@@ -454,7 +454,7 @@ def test_step_by_step_train_send_aggregate_publish(
         delta_a, delta_b = random_delta(base, 1), random_delta(base, 2)
         alice.send(alice.update(base, delta_a, examples=4, round_id=1, codec="int8"))
         control(alice, {"cmd": "aggregate"})  # one update, quorum two: refused
-        wait_until(lambda: service.coordinator.rejected["below_quorum"] == 1)
+        wait_until(lambda: service.coordinator.federation.rejected["below_quorum"] == 1)
         bob.send(bob.update(base, delta_b, examples=4, round_id=1, codec="int8"))
         wait_until(lambda: len(received(service)) == 2)
         time.sleep(0.3)

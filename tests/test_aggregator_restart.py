@@ -39,7 +39,7 @@ def test_restart_resumes_the_open_round(
     alice, bob = devices("alice", "bob")
     with running(config) as service:
         base = watcher.global_model(0)
-        wait_until(lambda: len(service.coordinator.online) == 2)
+        wait_until(lambda: len(service.coordinator.federation.online) == 2)
         control(alice, {"cmd": "start_round"})
         watcher.round(1, "train")
         delta_a, delta_b = random_delta(base, 1), random_delta(base, 2)
@@ -47,9 +47,9 @@ def test_restart_resumes_the_open_round(
         wait_until(lambda: received(service) == ["alice"])
 
     with running(config) as service:
-        wait_until(lambda: len(service.coordinator.online) == 2)
-        assert service.coordinator.round is not None
-        assert service.coordinator.round.received == ["alice"]
+        wait_until(lambda: len(service.coordinator.federation.online) == 2)
+        assert service.coordinator.federation.round is not None
+        assert service.coordinator.federation.round.received == ["alice"]
         alice.send(alice.update(base, delta_a, examples=5, round_id=1))  # a replay
         bob.send(bob.update(base, delta_b, examples=3, round_id=1))
         new = watcher.global_model(1)
@@ -57,7 +57,7 @@ def test_restart_resumes_the_open_round(
         metrics = watcher.metrics(1, "published")
         assert (metrics.participants, metrics.examples) == (2, 8)
         assert metrics.rejected == {"duplicate": 1}
-        assert service.coordinator.model.version == 1
+        assert service.coordinator.federation.model.version == 1
     assert {_version(p) for p in watcher.messages(TOPICS.global_model)} == {0, 1}
     leftovers = sorted(p.name for p in (tmp_path / "state").iterdir())
     assert not [name for name in leftovers if name.startswith("sum-")]
@@ -72,7 +72,7 @@ def test_restart_after_the_deadline_closes_the_round(
     alice, _bob = devices("alice", "bob")
     with running(config) as service:
         base = watcher.global_model(0)
-        wait_until(lambda: len(service.coordinator.online) == 2)
+        wait_until(lambda: len(service.coordinator.federation.online) == 2)
         control(alice, {"cmd": "start_round"})
         deadline = watcher.round(1, "train").deadline
         alice.send(alice.update(base, random_delta(base, 1), examples=5, round_id=1))

@@ -184,7 +184,7 @@ class Harness:
         return [RoundMetrics.model_validate_json(p) for p in self.payloads(TOPICS.metrics)]
 
     def update(self, device: str, round_id: int, examples: int = 2, scale: float = 0.01) -> None:
-        model = self.coordinator.model
+        model = self.coordinator.federation.model
         delta = [np.full(w.shape, scale, dtype=np.float32) for w in model.weights]
         self.send(
             TOPICS.update(device),
@@ -207,24 +207,25 @@ def test_auto_runs_n_rounds_back_to_back_and_stop_ends_it(
     harness = Harness(tmp_path, exporter)
     harness.online("a", "b")
     harness.command(cmd="auto", rounds=2)
-    assert harness.coordinator.round is not None
+    assert harness.coordinator.federation.round is not None
     for round_id in (1, 2):
         harness.update("a", round_id)
         harness.update("b", round_id)
     assert harness.versions() == [0, 1, 2]
-    assert harness.coordinator.round is not None
-    assert harness.coordinator.round.status == "closed"  # no third round
+    assert harness.coordinator.federation.round is not None
+    assert harness.coordinator.federation.round.status == "closed"  # no third round
     harness.now += 10
     harness.coordinator.tick()
-    assert harness.coordinator.last_round == 2
+    assert harness.coordinator.federation.last_round == 2
 
     harness.command(cmd="auto", rounds=5)
-    assert harness.coordinator.last_round == 3
+    assert harness.coordinator.federation.last_round == 3
     harness.command(cmd="stop")
     harness.update("a", 3)
     harness.update("b", 3)
     harness.coordinator.tick()
-    assert harness.coordinator.last_round == 3  # the open round finished, no more started
+    # the open round finished, no more started
+    assert harness.coordinator.federation.last_round == 3
     assert harness.versions()[-1] == 3
 
 
@@ -233,11 +234,11 @@ def test_auto_waits_for_devices_and_quorum_abandons_on_the_clock(
 ) -> None:
     harness = Harness(tmp_path, exporter, min_updates=2)
     harness.command(cmd="auto", rounds=1)
-    assert harness.coordinator.round is None  # nobody online yet
+    assert harness.coordinator.federation.round is None  # nobody online yet
     harness.online("a", "b")
     harness.now += 1.5
     harness.coordinator.tick()
-    assert harness.coordinator.last_round == 1
+    assert harness.coordinator.federation.last_round == 1
     harness.update("a", 1)
     harness.now += 61
     harness.coordinator.tick()
@@ -257,14 +258,14 @@ def test_pending_aggregate_survives_a_restart(tmp_path: Path, exporter: Exporter
     assert harness.versions() == [0]
 
     restarted = harness.restart(tmp_path)
-    assert restarted.coordinator.pending is not None
+    assert restarted.coordinator.federation.pending is not None
     restarted.command(cmd="publish")
     assert restarted.versions() == [0, 1]  # the republished v0, then the new one
     new = parse_global(
         restarted.payloads(TOPICS.global_model)[-1], site=SITE, max_bytes=1 << 24, keys=None
     )
-    base = harness.coordinator.model.weights
-    kept = restarted.coordinator.model.weights
+    base = harness.coordinator.federation.model.weights
+    kept = restarted.coordinator.federation.model.weights
     for got, old, exact in zip(new.weights, base, kept, strict=True):
         # The aggregator keeps the exact head as the next base...
         np.testing.assert_allclose(exact, old + 0.5, rtol=1e-6, atol=1e-6)
@@ -292,8 +293,8 @@ def test_a_state_of_another_model_starts_a_new_lineage(
     with caplog.at_level("WARNING", logger="aggregator"):
         harness = Harness(tmp_path, exporter)
     assert "starting a new lineage" in caplog.text
-    model = harness.coordinator.model
-    assert (model.version, harness.coordinator.last_round) == (0, 0)
+    model = harness.coordinator.federation.model
+    assert (model.version, harness.coordinator.federation.last_round) == (0, 0)
     assert [w.shape for w in model.weights] == [(256, 128)]
     first = model.lineage
     assert first
@@ -303,7 +304,8 @@ def test_a_state_of_another_model_starts_a_new_lineage(
     harness.command(cmd="start_round")
     harness.update("a", 1)
     again = Harness(tmp_path, exporter)
-    assert (again.coordinator.model.lineage, again.coordinator.model.version) == (first, 1)
+    model = again.coordinator.federation.model
+    assert (model.lineage, model.version) == (first, 1)
     published = parse_global(
         again.payloads(TOPICS.global_model)[-1], site=SITE, max_bytes=1 << 24, keys=None
     )
@@ -322,8 +324,8 @@ def test_a_state_of_another_model_starts_a_new_lineage(
         )
     )
     fresh = Harness(tmp_path, exporter)
-    assert fresh.coordinator.model.version == 0
-    assert fresh.coordinator.model.lineage not in ("", first)
+    assert fresh.coordinator.federation.model.version == 0
+    assert fresh.coordinator.federation.model.lineage not in ("", first)
 
 
 def test_state_commits_are_all_or_nothing(tmp_path: Path) -> None:

@@ -33,13 +33,13 @@ def start(tmp_path: Path, exporter: Exporter, **rounds: Any) -> Harness:
 
 
 def weights_of(harness: Harness) -> list[np.ndarray]:
-    return [w.astype(np.float64) for w in harness.coordinator.model.weights]
+    return [w.astype(np.float64) for w in harness.coordinator.federation.model.weights]
 
 
 def run_round(harness: Harness, scales: dict[str, float], examples: int = 2) -> None:
     harness.online(*scales)
     harness.command(cmd="start_round")
-    round_id = harness.coordinator.last_round
+    round_id = harness.coordinator.federation.last_round
     for device, scale in scales.items():
         harness.update(device, round_id, examples=examples, scale=scale)
 
@@ -78,13 +78,13 @@ def test_median_ignores_one_outlier_and_survives_a_restart_mid_round(
     harness.command(cmd="start_round")
     harness.update("a", 1, scale=0.01)
     harness.update("b", 1, scale=-3.0)  # the attacker
-    current = harness.coordinator.round
+    current = harness.coordinator.federation.round
     assert current is not None
     assert isinstance(current.accumulator, Buffered)
     assert current.accumulator.count == 2
 
     restarted = start(tmp_path, exporter, **rounds)  # the buffered deltas come from disk
-    resumed = restarted.coordinator.round
+    resumed = restarted.coordinator.federation.round
     assert resumed is not None
     assert isinstance(resumed.accumulator, Buffered)
     assert resumed.accumulator.count == 2
@@ -120,7 +120,7 @@ def test_fedavg_default_streams(tmp_path: Path, exporter: Exporter) -> None:
     harness = Harness(tmp_path, exporter)
     harness.online("a")
     harness.command(cmd="start_round")
-    current = harness.coordinator.round
+    current = harness.coordinator.federation.round
     assert current is not None
     assert isinstance(current.accumulator, Streaming)
     assert current.accumulator.clip_norm == DEFAULT_CLIP_NORM  # clipping is on by default
@@ -134,8 +134,8 @@ def test_fedavgm_momentum_is_saved_with_the_model(tmp_path: Path, exporter: Expo
     assert_moved_by(first, harness, [0.02] * len(first))  # step 1: the mean delta
 
     restarted = start(tmp_path, exporter, **rounds)  # moments come back from disk
-    assert restarted.coordinator.model.optimizer is not None
-    assert restarted.coordinator.model.optimizer.steps == 1
+    assert restarted.coordinator.federation.model.optimizer is not None
+    assert restarted.coordinator.federation.model.optimizer.steps == 1
     second = weights_of(restarted)
     run_round(restarted, {"a": 0.02})
     assert_moved_by(second, restarted, [0.03] * len(second))  # 0.5 * 0.02 + 0.02
@@ -155,7 +155,7 @@ def test_an_unpublished_step_is_not_applied_twice_after_a_restart(
 
     restarted = start(tmp_path, exporter, **rounds)
     restarted.command(cmd="publish")
-    optimizer = restarted.coordinator.model.optimizer
+    optimizer = restarted.coordinator.federation.model.optimizer
     assert optimizer is not None
     assert optimizer.steps == 1
     # Adam's first step: lr * (0.1 d) / (sqrt(0.01 d^2) + eps), the same sign as d.
@@ -182,4 +182,4 @@ def test_changing_the_strategy_mid_round_is_a_clear_error(
     harness.update("a", 1)
     with pytest.raises(StateError, match="started with strategy fedavg"):
         start(tmp_path, exporter, strategy="median", max_devices=2)
-    assert start(tmp_path, exporter).coordinator.round is not None  # fedavg resumes it
+    assert start(tmp_path, exporter).coordinator.federation.round is not None  # fedavg resumes it

@@ -173,7 +173,7 @@ def test_a_round_survives_a_node_killed_mid_round_and_counts_each_update_once(
                 np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
         # Whatever the failover redelivered was refused, not counted: as a
         # duplicate while the round was open, as `no_round` once it had closed.
-        assert set(service.coordinator.rejected) <= {"duplicate", "no_round"}
+        assert set(service.coordinator.federation.rejected) <= {"duplicate", "no_round"}
     finally:
         service.stop()
         thread.join(30)

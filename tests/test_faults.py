@@ -234,7 +234,7 @@ def test_thirty_percent_of_the_devices_vanish_mid_round(
         coordinator = service.coordinator
         for fleet in (staying, leaving):  # ready once they hold the retained model
             fleet.start().wait_log("ready", timeout=30)
-        wait_until(lambda: len(coordinator.online) == 10)
+        wait_until(lambda: len(coordinator.federation.online) == 10)
         recorder.command(cmd="start_round")
         announcement = recorder.round(1, "train")
         assert len(announcement.selected) == 10
@@ -245,12 +245,12 @@ def test_thirty_percent_of_the_devices_vanish_mid_round(
         assert closed.participants == 7
         phase = "closed" if outcome == "published" else "abandoned"
         recorder.round(1, phase)  # announced either way
-        version = coordinator.model.version
+        version = coordinator.federation.model.version
         assert version == (1 if outcome == "published" else 0)
 
         late = FakeDevice(broker.port, "v0")  # back, with its update for round 1
         try:
-            wait_until(lambda: "v0" in coordinator.online)
+            wait_until(lambda: "v0" in coordinator.federation.online)
             base = parse_global(
                 recorder.payloads(TOPICS.global_model)[-1],
                 site=SITE,
@@ -261,16 +261,16 @@ def test_thirty_percent_of_the_devices_vanish_mid_round(
                 base, random_delta(base, 9), examples=4, round_id=1, codec="int8", base_version=0
             )
             late.send(stale)  # no round open
-            wait_until(lambda: coordinator.rejected["no_round"] == 1, timeout=10)
+            wait_until(lambda: coordinator.federation.rejected["no_round"] == 1, timeout=10)
 
             recorder.command(cmd="start_round")  # nothing hangs: the next round starts
             assert "v0" in recorder.round(2, "train").selected
             late.send(stale)  # and it sends round 1's update again, not round 2's
-            wait_until(lambda: coordinator.rejected["wrong_round"] == 1, timeout=10)
-            current = coordinator.round
+            wait_until(lambda: coordinator.federation.rejected["wrong_round"] == 1, timeout=10)
+            current = coordinator.federation.round
             assert current is not None
             assert "v0" not in current.received
-            assert coordinator.model.version == version  # changed nothing
+            assert coordinator.federation.model.version == version  # changed nothing
             again = recorder.metrics(2, timeout=15)  # closes at its deadline like round 1
             assert (again.outcome, again.participants) == (outcome, 7)
             assert again.rejected == {"wrong_round": 1}

@@ -99,7 +99,7 @@ class Site:
             trusted_keys=None,
         )
         self.coordinator.connected()
-        self.base = [w.astype(np.float64) for w in self.coordinator.model.weights]
+        self.base = [w.astype(np.float64) for w in self.coordinator.federation.model.weights]
 
     def send(self, topic: str, payload: bytes) -> None:
         self.coordinator.on_message(topic, payload)
@@ -111,7 +111,7 @@ class Site:
             self.send(TOPICS.status(device), to_json(DeviceStatus(state="online")))
         command = {"cmd": "start_round", "devices": list(devices)}
         self.send(TOPICS.control, json.dumps(command).encode())
-        return self.coordinator.last_round
+        return self.coordinator.federation.last_round
 
     def update(self, device: str, delta: Weights, examples: int) -> Weights:
         """Send an update; return the delta as the aggregator decodes it."""
@@ -122,8 +122,8 @@ class Site:
             build_update(
                 site=SITE,
                 signer=Signer(device),
-                round_id=self.coordinator.last_round,
-                base_version=self.coordinator.model.version,
+                round_id=self.coordinator.federation.last_round,
+                base_version=self.coordinator.federation.model.version,
                 num_examples=examples,
                 names=names,
                 delta=delta,
@@ -149,7 +149,7 @@ class Site:
         """What the last published version added to the base model."""
         return [
             w.astype(np.float64) - b
-            for w, b in zip(self.coordinator.model.weights, self.base, strict=True)
+            for w, b in zip(self.coordinator.federation.model.weights, self.base, strict=True)
         ]
 
 
@@ -241,7 +241,7 @@ def test_a_release_far_worse_than_the_published_model_is_not_published(
     tmp_path: Path, scoring_exporter: Exporter, caplog: pytest.LogCaptureFixture
 ) -> None:
     site = Site(tmp_path, scoring_exporter, clip_norm=None)
-    published = scoring_exporter.accuracy(site.coordinator.model.weights)
+    published = scoring_exporter.accuracy(site.coordinator.federation.model.weights)
     assert published is not None
     rng = np.random.default_rng(1)
     # Every face onto one line: everybody looks like everybody.
@@ -257,11 +257,11 @@ def test_a_release_far_worse_than_the_published_model_is_not_published(
     with caplog.at_level(logging.WARNING, logger="aggregator"):
         site.update("mallory", ruin, 20)
     assert site.versions() == [0]  # nothing published
-    assert site.coordinator.model.version == 0
+    assert site.coordinator.federation.model.version == 0
     metrics = site.metrics()
     assert metrics.outcome == "abandoned"
     assert metrics.rejected == {"accuracy_drop": 1}
-    assert site.coordinator.rejected["accuracy_drop"] == 1
+    assert site.coordinator.federation.rejected["accuracy_drop"] == 1
     lines = [r.getMessage() for r in caplog.records if "max_accuracy_drop" in r.getMessage()]
     assert len(lines) == 1
     assert "round 1 abandoned" in lines[0]
@@ -316,7 +316,7 @@ def test_a_drift_in_small_steps_stops_at_the_budget_below_the_lineage_start(
     version only, every step passed and 4 rounds cost 33 points; against the lineage's
     start with a 3-point budget, the published model ends within the budget."""
     site = Site(tmp_path, scoring_exporter, clip_norm=None, max_accuracy_drop=0.2)
-    start = scoring_exporter.accuracy(site.coordinator.model.weights)
+    start = scoring_exporter.accuracy(site.coordinator.federation.model.weights)
     assert start is not None
 
     # The most harmful of a few random rank-one heads: how far one random head falls on a
@@ -340,7 +340,7 @@ def test_a_drift_in_small_steps_stops_at_the_budget_below_the_lineage_start(
     assert walked < start - 0.3  # the walk's end really is far worse
     position, step = 0.0, 1.0  # how far along the path the published model is
     for _ in range(8):
-        model = site.coordinator.model.weights
+        model = site.coordinator.federation.model.weights
         aim = [b + p * (position + step) for b, p in zip(site.base, path, strict=True)]
         published = len(site.versions())
         site.start_round("mallory")
@@ -351,11 +351,11 @@ def test_a_drift_in_small_steps_stops_at_the_budget_below_the_lineage_start(
             position += step
         else:  # abandoned: a smaller step next time
             step /= 2
-    final = scoring_exporter.accuracy(site.coordinator.model.weights)
+    final = scoring_exporter.accuracy(site.coordinator.federation.model.weights)
     assert final is not None
     print(f"start {start:.3f}, walk's end {walked:.3f}, published after 8 rounds {final:.3f}")
     assert final >= start - DEFAULT_MAX_ACCURACY_LOSS
-    assert site.coordinator.rejected["accuracy_loss"] >= 1
+    assert site.coordinator.federation.rejected["accuracy_loss"] >= 1
 
 
 def test_a_doorbell_in_far_more_refused_rounds_than_the_others_is_left_out(
@@ -371,7 +371,7 @@ def test_a_doorbell_in_far_more_refused_rounds_than_the_others_is_left_out(
     zero = [np.zeros_like(b, dtype=np.float32) for b in site.base]
     for honest in ("a", "b", "c"):
         site.start_round("mallory", honest)
-        model = site.coordinator.model.weights
+        model = site.coordinator.federation.model.weights
         site.update(
             "mallory",
             [(2 * (r - m)).astype(np.float32) for r, m in zip(rank_one, model, strict=True)],
@@ -386,6 +386,6 @@ def test_a_doorbell_in_far_more_refused_rounds_than_the_others_is_left_out(
         assert site.metrics().outcome == "published"
     with caplog.at_level(logging.WARNING, logger="aggregator"):
         site.start_round("mallory", "a", "b", "c")
-    assert site.coordinator.round is not None
-    assert set(site.coordinator.round.selected) == {"a", "b", "c"}
+    assert site.coordinator.federation.round is not None
+    assert set(site.coordinator.federation.round.selected) == {"a", "b", "c"}
     assert any("leaving out mallory" in r.getMessage() for r in caplog.records)

@@ -71,7 +71,7 @@ def test_a_new_doorbell_is_trusted_and_a_removed_one_revoked_without_a_restart(
     door1, door2 = devices("door1", "door2")
     with running(config) as service:
         base = watcher.global_model(0)
-        wait_until(lambda: {"door1", "door2"} <= set(service.coordinator.online))
+        wait_until(lambda: {"door1", "door2"} <= set(service.coordinator.federation.online))
 
         # door2 is provisioned while the aggregator runs (provision add-device).
         write_public(keys["door2"], folder / "door2.pub")

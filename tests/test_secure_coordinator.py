@@ -81,7 +81,9 @@ class InProcessFederation:
         self.coordinator = self._coordinator()
         self.coordinator.connected()
         for device in self.participants:
-            status = DeviceStatus(state="online", model_version=self.coordinator.model.version)
+            status = DeviceStatus(
+                state="online", model_version=self.coordinator.federation.model.version
+            )
             self.coordinator.on_message(TOPICS.status(device), to_json(status))
         self.run()
 
@@ -232,7 +234,7 @@ def test_survivors_below_min_cohort_abandon_the_round_and_keep_the_model(
     assert "4 of 8" in metrics.detail
     assert "min_cohort is 5" in metrics.detail
     assert json.loads(fed.payloads(TOPICS.round)[-1])["phase"] == "abandoned"
-    assert fed.coordinator.model.version == 0
+    assert fed.coordinator.federation.model.version == 0
     for now, then in zip(fed.head(), before, strict=True):
         np.testing.assert_array_equal(now, then)
 
@@ -255,11 +257,16 @@ def test_bad_secagg_messages_are_refused_counted_and_the_round_goes_on(
     else:
         values = base64.b64encode(np.zeros(3, "<u4").tobytes()).decode()
         fed.tamper["masked", "d0"] = json.dumps(
-            {"round": 1, "lineage": fed.coordinator.model.lineage, "device": "d0", "values": values}
+            {
+                "round": 1,
+                "lineage": fed.coordinator.federation.model.lineage,
+                "device": "d0",
+                "values": values,
+            }
         ).encode()
-    round_id = fed.coordinator.last_round + 1
+    round_id = fed.coordinator.federation.last_round + 1
     fed.command(cmd="start_round")
-    assert fed.coordinator.rejected[reason] == 1, fed.coordinator.rejected
+    assert fed.coordinator.federation.rejected[reason] == 1, fed.coordinator.federation.rejected
     replies = [json.loads(p) for p in fed.payloads(TOPICS.reply)]
     # counted, not answered: a refusal never costs a retained reply (issue 22)
     assert not [r for r in replies if r["about"] == "secagg" and not r["ok"]], replies
@@ -310,7 +317,7 @@ def test_an_unclipped_update_is_caught_in_the_sum_and_nothing_is_published(
     but the mean of clipped updates has a norm of at most clip_norm, so the sum shows it."""
     fed = federation(tmp_path, aggregator_cache)
     before = fed.head()
-    clip = fed.coordinator.config.rounds.clip_norm
+    clip = fed.coordinator.federation.config.rounds.clip_norm
     assert clip is not None
     # subset norm ~60 clip norms, each entry still within the fixed-point range
     # (+/-8 clip norms for a cohort of 8: fedbell.wire.secagg_params.default_scale)
@@ -321,7 +328,7 @@ def test_an_unclipped_update_is_caught_in_the_sum_and_nothing_is_published(
     assert metrics.outcome == "abandoned"
     assert metrics.rejected == {"secagg_sum_out_of_bounds": 1}
     assert "did not clip" in metrics.detail
-    assert fed.coordinator.model.version == 0
+    assert fed.coordinator.federation.model.version == 0
     for now, then in zip(fed.head(), before, strict=True):
         np.testing.assert_array_equal(now, then)
     # the same doorbell, clipped as the plan says, takes part in the next round
@@ -349,15 +356,15 @@ def test_epsilon_is_in_every_rounds_metrics_and_the_budget_stops_rounds(
         assert metrics.epsilon_total == pytest.approx((1.5146, 2.6770)[round_id - 1], abs=1e-3)
     plan = announced[0].secagg
     assert plan is not None
-    clip = fed.coordinator.config.rounds.clip_norm
+    clip = fed.coordinator.federation.config.rounds.clip_norm
     assert clip is not None
     assert plan.noise_std == pytest.approx(1.0 * clip / 5**0.5)  # z C / sqrt(min_cohort)
     fed.command(cmd="start_round")
     reply = json.loads(fed.payloads(TOPICS.reply)[-1])
     assert (reply["ok"], reply["reason"]) == (False, "privacy_budget_spent")
     assert "2.68 to 3.69" in reply["detail"]
-    assert fed.coordinator.rejected["privacy_budget_spent"] == 1
-    assert fed.coordinator.last_round == 2  # no third round was announced
+    assert fed.coordinator.federation.rejected["privacy_budget_spent"] == 1
+    assert fed.coordinator.federation.last_round == 2  # no third round was announced
     state = json.loads((tmp_path / "state" / "state.json").read_text())
     assert state["noised_rounds"] == 2  # survives a restart: the ledger is in the state
 
@@ -377,7 +384,7 @@ def test_a_restart_abandons_an_open_secure_round_and_resumes_an_aggregated_one(
     metrics = fed.metrics()
     assert (metrics.round, metrics.outcome) == (1, "abandoned")
     assert "memory only" in metrics.detail
-    assert fed.coordinator.model.version == 0
+    assert fed.coordinator.federation.model.version == 0
 
     fed.silent.clear()
     before = fed.head()
@@ -404,16 +411,17 @@ def test_junk_secagg_messages_cost_a_count_each_and_no_reply(
     fed.silent.add(("keys", "d7"))  # the keys phase waits for d7 until its deadline
     fed.command(cmd="start_round")
     coordinator, published = fed.coordinator, len(fed.seen)
-    before = sum(coordinator.rejected.values())
+    state = coordinator.federation
+    before = sum(state.rejected.values())
     junk = 25
     for leaf in SECAGG_LEAVES:
         for index in range(junk):
             coordinator.on_message(TOPICS.secagg(leaf, "d7"), b"\x00junk %d" % index)
     fed.run()
     leaves = len(SECAGG_LEAVES)
-    assert sum(coordinator.rejected.values()) - before == junk * leaves, coordinator.rejected
-    assert coordinator.round is not None
-    assert sum(coordinator.round.rejected.values()) == junk * leaves  # in the round's metrics
+    assert sum(state.rejected.values()) - before == junk * leaves, state.rejected
+    assert state.round is not None
+    assert sum(state.round.rejected.values()) == junk * leaves  # in the round's metrics
     assert fed.seen[published:] == []  # no reply, no retained message per refusal
     fed.after(31)  # the keys phase ends without d7; the round goes on and publishes
     metrics = fed.metrics()
