@@ -215,37 +215,6 @@ class EdgeNode:
             self.session.add_listener(Listener(announcer.subscriptions, announcer.announce))
             self.announcer = announcer
 
-    # --- what tests and the status look at --------------------------------------
-
-    @property
-    def connected(self) -> threading.Event:
-        return self.session.connected
-
-    @property
-    def subscribed(self) -> threading.Event:
-        """Set once the broker acknowledged the subscriptions of the current connection."""
-        return self.session.subscribed
-
-    @property
-    def model_version(self) -> int | None:
-        return self.models.version
-
-    @property
-    def last_round(self) -> int:
-        return self.rounds.last_round
-
-    @property
-    def held_round(self) -> int | None:
-        return self.rounds.held_round
-
-    @property
-    def trainings(self) -> int:
-        return self.training.trainings
-
-    @property
-    def gallery_accuracy(self) -> float | None:
-        return self.artifacts.gallery_accuracy
-
     # --- lifecycle -------------------------------------------------------------
 
     def start(self) -> None:
@@ -274,10 +243,10 @@ class EdgeNode:
             self.live.start(stop)
         try:
             deadline = time.monotonic() + CONNECT_WAIT_S
-            while not self.connected.is_set() and time.monotonic() < deadline:
+            while not self.session.connected.is_set() and time.monotonic() < deadline:
                 if stop.wait(0.1):
                     return
-            if not self.connected.is_set() and not self.session.said_unreachable():
+            if not self.session.connected.is_set() and not self.session.said_unreachable():
                 log.warning(
                     "broker %s:%d not reachable yet; recognising offline meanwhile",
                     self.config.mqtt.host,
@@ -364,16 +333,16 @@ class EdgeNode:
             detail = f"{detail}; {self.live.detail()}" if detail else self.live.detail()
         status = DeviceStatus(
             state="online" if state == "online" else "offline",
-            model_version=self.model_version,
+            model_version=self.models.version,
             gallery_size=self.gallery.count(),
-            last_round=self.last_round,
+            last_round=self.rounds.last_round,
             detail=redact(detail),  # a camera error may quote its URL
         )
         return to_json(status)
 
     def _status_summary(self) -> str:
         return (
-            f"model v{self.model_version}, round {self.last_round}, "
+            f"model v{self.models.version}, round {self.rounds.last_round}, "
             f"{self.gallery.count()} gallery images. {self.artifacts.detail}"
             + (f" {self.live.pipeline.counters.fps:.1f} fps" if self.live is not None else "")
         )

@@ -122,7 +122,7 @@ def test_unsigned_forged_corrupt_and_foreign_backbones_are_refused(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     with signed_doorbell() as (node, aggregator, key):
-        wait_until(lambda: node.gallery_accuracy is not None, 120)
+        wait_until(lambda: node.artifacts.gallery_accuracy is not None, 120)
         backbone = node.recognizer.backbone
         assert backbone is not None
         caplog.clear()
@@ -168,7 +168,7 @@ def test_a_backbone_installs_only_from_a_whole_set_of_verified_chunks(
     """Issue 18 item 4: chunks that do not match their signed manifest, or a set that
     never completes, install nothing; a later good copy still completes the set."""
     with signed_doorbell() as (node, aggregator, key):
-        wait_until(lambda: node.gallery_accuracy is not None, 120)
+        wait_until(lambda: node.artifacts.gallery_accuracy is not None, 120)
         backbone = node.recognizer.backbone
         v1 = backbone_artifact(backbone_models.float_model, key=key, version=1)
         count = len(v1.chunks)
@@ -212,11 +212,11 @@ def test_a_round_without_its_backbone_is_skipped_and_the_node_carries_on(
 ) -> None:
     """Missing: the head names a backbone the doorbell never received."""
     with signed_doorbell(backbone=False) as (node, aggregator, key):
-        wait_until(lambda: node.model_version == 1)
+        wait_until(lambda: node.models.version == 1)
         caplog.set_level(logging.WARNING)
         aggregator.publish(TOPICS.round, round_payload(1, key=key), retain=True)
         assert no_message(aggregator, TOPICS.update(DEVICE), 5)
-        assert node.trainings == 0
+        assert node.training.trainings == 0
         assert any("no backbone" in r.getMessage() for r in caplog.records)
         assert node.counters["no_backbone"] == 1
         assert node.health_problem() is None
@@ -224,7 +224,7 @@ def test_a_round_without_its_backbone_is_skipped_and_the_node_carries_on(
 
         # The backbone arrives: the next round trains.
         aggregator.publish_backbone(TOPICS, backbone_artifact(backbone_models.float_model, key=key))
-        wait_until(lambda: node.gallery_accuracy is not None, 120)
+        wait_until(lambda: node.artifacts.gallery_accuracy is not None, 120)
         still_recognises(node)
         aggregator.publish(TOPICS.round, round_payload(2, key=key), retain=True)
         check_update(received(aggregator, TOPICS.update(DEVICE)), BASE, 2)
@@ -235,7 +235,7 @@ def test_a_new_lineage_whose_backbone_is_refused_keeps_the_old_model_recognising
 ) -> None:
     other = "b" * 64  # the new lineage's backbone, which never arrives in usable form
     with signed_doorbell() as (node, aggregator, key):
-        wait_until(lambda: node.gallery_accuracy is not None, 120)
+        wait_until(lambda: node.artifacts.gallery_accuracy is not None, 120)
         aggregator.publish_backbone(
             TOPICS, backbone_artifact(blazeface_tflite(), key=key, lineage="lineage-2", epoch=1)
         )

@@ -220,7 +220,7 @@ def test_the_watchdog_stops_when_the_network_or_worker_thread_dies_or_sticks(
     thread.start()
     release = threading.Event()
     try:
-        wait_until(node.subscribed.is_set, what="the node's subscriptions")
+        wait_until(node.session.subscribed.is_set, what="the node's subscriptions")
         assert pings_within(notify_socket, 2.5) >= 1, "a healthy node pings"
 
         # A worker job that never ends (a hung training): stuck past the limit.

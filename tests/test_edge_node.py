@@ -187,7 +187,7 @@ def running(config: EdgeConfig) -> Iterator[EdgeNode]:
     thread = threading.Thread(target=node.run, args=(stop,), daemon=True)
     thread.start()
     try:
-        wait_until(node.subscribed.is_set, 10)
+        wait_until(node.session.subscribed.is_set, 10)
         yield node
     finally:
         stop.set()
@@ -261,15 +261,15 @@ def test_late_joiner_gets_retained_model_and_keeps_it_across_restarts(
         aggregator.publish(TOPICS.global_model, global_payload(base, 1), retain=True)
         config = make_config(tmp_path, broker.port, gallery)
         with running(config) as node:
-            wait_until(lambda: node.model_version == 1)
+            wait_until(lambda: node.models.version == 1)
             wait_until(lambda: next_status(aggregator).model_version == 1)
             aggregator.publish(TOPICS.global_model, global_payload(base, 1), retain=True)
             time.sleep(0.3)
-            assert node.model_version == 1  # a repeated version is ignored, not an error
+            assert node.models.version == 1  # a repeated version is ignored, not an error
             assert not node.counters
             assert node.recognizer.version == 1  # the head went to the recognizer
         restarted = EdgeNode(config)  # not connected: the model comes from its state folder
-        assert restarted.model_version == 1
+        assert restarted.models.version == 1
         assert restarted.recognizer.version == 1
 
 
@@ -286,12 +286,12 @@ def test_selected_node_waits_for_its_base_model_and_trains_once(
             aggregator.publish(TOPICS.global_model, model, retain=True)
             first = received(aggregator, TOPICS.update(DEVICE))
             check_update(first, base, 1)
-            wait_until(lambda: node.last_round == 1)
+            wait_until(lambda: node.rounds.last_round == 1)
             # Announced again while open (an aggregator or broker restart): the same
             # update once more, since the first may have been lost; no retraining.
             aggregator.publish(TOPICS.round, round_payload(1), retain=True)
             assert received(aggregator, TOPICS.update(DEVICE)) == first
-            assert node.trainings == 1
+            assert node.training.trainings == 1
         assert NodeState(config.state_dir).load_last_round() == 1
 
 
@@ -303,8 +303,8 @@ def test_a_doorbell_with_an_empty_gallery_skips_the_round(
         aggregator.publish(TOPICS.round, round_payload(1), retain=True)
         with running(make_config(tmp_path, broker.port, tmp_path / "nobody")) as node:
             assert no_message(aggregator, TOPICS.all_updates, 3)
-            assert node.trainings == 0
-            assert node.model_version == 1
+            assert node.training.trainings == 0
+            assert node.models.version == 1
 
 
 def test_unselected_node_publishes_nothing(
@@ -315,7 +315,7 @@ def test_unselected_node_publishes_nothing(
         aggregator.publish(TOPICS.round, round_payload(1, selected=("backdoor",)), retain=True)
         with running(make_config(tmp_path, broker.port, gallery)) as node:
             assert no_message(aggregator, TOPICS.all_updates, 3)
-            assert node.trainings == 0
+            assert node.training.trainings == 0
 
 
 def test_held_update_is_sent_only_in_the_send_phase(
@@ -328,14 +328,14 @@ def test_held_update_is_sent_only_in_the_send_phase(
         serve_backbone_and_head(aggregator, backbone_models, base, 1)
         aggregator.publish(TOPICS.round, held(), retain=True)
         with running(config) as node:
-            wait_until(lambda: node.held_round == 2)
+            wait_until(lambda: node.rounds.held_round == 2)
             assert no_message(aggregator, TOPICS.all_updates, 1)
             assert NodeState(config.state_dir).load_residual() is None  # not sent yet
             aggregator.publish(TOPICS.round, held(phase="send"), retain=True)
             check_update(received(aggregator, TOPICS.update(DEVICE), 10), base, 2)
-            wait_until(lambda: node.last_round == 2)
-            assert node.held_round is None
-            assert node.trainings == 1
+            wait_until(lambda: node.rounds.last_round == 2)
+            assert node.rounds.held_round is None
+            assert node.training.trainings == 1
         residual = NodeState(config.state_dir).load_residual()
         assert residual is not None
         assert [r.shape for r in residual] == [w.shape for w in base[1]]
@@ -371,7 +371,7 @@ def test_tampered_models_are_refused_and_updates_are_signed(
         aggregator.publish_backbone(TOPICS, backbone)
         with running(config) as node:
             aggregator.publish(TOPICS.global_model, signed(base, 1, aggregator_key))
-            wait_until(lambda: node.model_version == 1)
+            wait_until(lambda: node.models.version == 1)
             rogue = signed(base, 2, Ed25519PrivateKey.generate())
             aggregator.publish(TOPICS.global_model, rogue)
             aggregator.publish(TOPICS.global_model, signed(base, 3))  # unsigned
@@ -380,7 +380,7 @@ def test_tampered_models_are_refused_and_updates_are_signed(
             aggregator.publish(TOPICS.global_model, bytes(corrupted))
             wait_until(lambda: sum(node.counters.values()) == 3)
             assert node.counters == {"bad_signature": 1, "unsigned": 1, "bad_checksum": 1}
-            assert node.model_version == 1
+            assert node.models.version == 1
             stored = NodeState(config.state_dir).load_global()
             assert isinstance(stored, GlobalModel)
             assert stored.version == 1
@@ -407,7 +407,7 @@ def test_a_head_that_does_not_fit_the_backbone_is_refused(
                 TOPICS.global_model, global_payload(wrong, 2, backbone=backbone_models.sha256)
             )
             wait_until(lambda: node.counters["bad_shapes"] == 1)
-            assert node.model_version == 1
+            assert node.models.version == 1
             assert node.recognizer.version == 1
 
 
@@ -429,21 +429,21 @@ def test_a_new_lineage_is_accepted_at_version_0_and_its_rounds_start_afresh(
         )
         with running(config) as node:
             check_update(received(aggregator, TOPICS.update(DEVICE)), base, 7, base_version=5)
-            wait_until(lambda: node.last_round == 7)
+            wait_until(lambda: node.rounds.last_round == 7)
             aggregator.publish(TOPICS.global_model, old(4))  # older, same lineage: ignored
             aggregator.publish_backbone(TOPICS, tflite_payload(backbone_models, "new", epoch=2))
             aggregator.publish(TOPICS.global_model, new(0), retain=True)
-            wait_until(lambda: node.model_version == 0)
-            assert node.last_round == 0  # the old lineage's round counter is gone
+            wait_until(lambda: node.models.version == 0)
+            assert node.rounds.last_round == 0  # the old lineage's round counter is gone
             assert NodeState(config.state_dir).load_last_round() == 0
             aggregator.publish(TOPICS.global_model, old(6))  # the old lineage replayed: refused
             aggregator.publish_backbone(TOPICS, tflite_payload(backbone_models, "old", epoch=1))
             wait_until(lambda: node.counters["old_lineage"] == 2)
-            assert node.model_version == 0
+            assert node.models.version == 0
             assert node.artifacts._installed == ("new", 0)
             aggregator.publish(TOPICS.round, round_payload(1, base_version=0, lineage="new"))
             check_update(received(aggregator, TOPICS.update(DEVICE)), base, 1, base_version=0)
-            wait_until(lambda: node.last_round == 1)
+            wait_until(lambda: node.rounds.last_round == 1)
             stored = NodeState(config.state_dir).load_global()
             assert stored is not None
             assert (stored.lineage, stored.version) == ("new", 0)
@@ -465,6 +465,6 @@ def test_an_old_closed_set_state_folder_is_dropped_for_the_new_lineage(
     with aggregator_at(broker, TOPICS.all_updates) as aggregator:
         serve_backbone_and_head(aggregator, backbone_models, base, 0)
         with running(make_config(tmp_path, broker.port, gallery)) as node:
-            wait_until(lambda: node.model_version == 0)
+            wait_until(lambda: node.models.version == 0)
             aggregator.publish(TOPICS.round, round_payload(1, base_version=0))
             check_update(received(aggregator, TOPICS.update(DEVICE)), base, 1, base_version=0)

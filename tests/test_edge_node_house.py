@@ -115,8 +115,10 @@ def test_backbone_is_stored_and_the_gallery_scored(
     with aggregator_at(broker, TOPICS.status(DEVICE)) as aggregator:
         serve_backbone_and_head(aggregator, backbone_models, base, 1)
         with running(config) as node:
-            wait_until(lambda: node.gallery_accuracy is not None)
-            assert node.gallery_accuracy == 1.0  # each chip named by the others' prototypes
+            wait_until(lambda: node.artifacts.gallery_accuracy is not None)
+            assert (
+                node.artifacts.gallery_accuracy == 1.0
+            )  # each chip named by the others' prototypes
             assert node.recognizer.ready
             # What the operator can act on: every person here has 2 photos, fewer than 3.
             summary = "model v1: 3 people, 6 photos; 3 with fewer than 3 photos: enroll more"

@@ -44,7 +44,7 @@ def serving_v1(
     with aggregator_at(broker) as aggregator:
         serve_backbone_and_head(aggregator, backbone_models, base, 1)
         with running(config) as node:
-            wait_until(lambda: node.gallery_accuracy == 1.0)
+            wait_until(lambda: node.artifacts.gallery_accuracy == 1.0)
             yield aggregator, node
 
 
@@ -70,7 +70,7 @@ def test_a_model_far_worse_on_the_gallery_is_not_installed(
     aggregator.publish(TOPICS.global_model, bad, retain=True)
     wait_until(lambda: node.counters["worse_on_gallery"] == 1)
     assert version() == 1  # v1 keeps serving
-    assert node.gallery_accuracy == 1.0
+    assert node.artifacts.gallery_accuracy == 1.0
     refusals = [r.getMessage() for r in caplog.records if "worse_on_gallery" in r.getMessage()]
     assert len(refusals) == 1
     assert "keeping v1" in refusals[0]
@@ -93,6 +93,6 @@ def test_a_head_that_ranks_as_well_but_names_nobody_at_its_threshold_is_refused(
     locked_out = global_payload(base, 2, backbone=sha, threshold=0.9999)
     aggregator.publish(TOPICS.global_model, locked_out, retain=True)
     wait_until(lambda: node.counters["worse_on_gallery"] == 1)
-    assert node.model_version == 1
+    assert node.models.version == 1
     assert node.recognizer.model.head is not None
     assert node.recognizer.model.head.threshold == 0.0  # v1's, still serving

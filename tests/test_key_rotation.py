@@ -109,8 +109,8 @@ def test_a_reimaged_doorbell_installs_the_backbone_after_the_aggregator_key_rota
             wait_until(lambda: log.read_text().count("ready: site home") == 2, 120)
             config = doorbell_config(site, broker.port, tmp_path, gallery, monkeypatch)
             with running(config) as node:  # a re-imaged doorbell: no stored model or backbone
-                wait_until(lambda: node.gallery_accuracy is not None, 180)
-                assert node.model_version == 0
+                wait_until(lambda: node.artifacts.gallery_accuracy is not None, 180)
+                assert node.models.version == 0
                 assert node.artifacts._installed == (lineage, 0)  # the same lineage, re-signed
                 assert node.recognizer.ready
                 assert "bad_signature" not in node.counters

@@ -122,7 +122,7 @@ def running_node(tmp_path: Path, port: int, trusted: Path) -> Iterator[Any]:
     thread = threading.Thread(target=node.run, args=(stop,), daemon=True)
     thread.start()
     try:
-        wait_until(node.subscribed.is_set, what="the node's subscriptions")
+        wait_until(node.session.subscribed.is_set, what="the node's subscriptions")
         yield node
     finally:
         stop.set()
@@ -150,8 +150,8 @@ def test_a_doorbell_refuses_forged_rounds_and_never_records_their_number(
             attacker.publish(TOPICS.round, to_json(greedy), retain=True)
             wait_until(lambda: sum(node.counters.values()) == 3, what="three refusals")
             assert node.counters == {"unsigned": 1, "bad_signature": 1, "plan_out_of_bounds": 1}
-            assert node.last_round == 0
-            assert node.held_round is None
+            assert node.rounds.last_round == 0
+            assert node.rounds.held_round is None
             assert node.rounds._rounds_taken == set()
 
             # The real round 1 is still taken part in (it waits for its base model).
