@@ -26,27 +26,14 @@
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 BUNDLE=""
-PREFIX=/
-VENV=""
-PYTHON=/usr/bin/python3
-APT=yes
-PIP=yes
 CAMERA=yes
-SYSTEMD=yes
 KEEP_BUNDLE=no
 while [[ $# -gt 0 ]]; do
     case $1 in
         --bundle) BUNDLE=${2:?--bundle needs a folder}; shift 2 ;;
-        --prefix) PREFIX=${2:?--prefix needs a folder}; shift 2 ;;
-        --venv) VENV=${2:?--venv needs a folder}; shift 2 ;;
-        --python) PYTHON=${2:?--python needs a path}; shift 2 ;;
-        --no-apt) APT=no; shift ;;
-        --no-pip) PIP=no; shift ;;
         --no-camera) CAMERA=no; shift ;;
-        --no-systemd) SYSTEMD=no; shift ;;
         --keep-bundle) KEEP_BUNDLE=yes; shift ;;
-        -h | --help) sed -n '2,/^# shellcheck/p' "$0" | sed -e '$d' -e 's/^# \{0,1\}//'; exit 0 ;;
-        *) die "unknown option $1 (see --help)" ;;
+        *) common_option "$@"; shift "$OPTION_WORDS" ;;
     esac
 done
 [[ -n $BUNDLE ]] || die "--bundle DIR is required (see --help)"

@@ -26,25 +26,12 @@ source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 SITE=home
 HOSTS=()
 SITE_DIR=""
-PREFIX=/
-VENV=""
-PYTHON=/usr/bin/python3
-APT=yes
-PIP=yes
-SYSTEMD=yes
 while [[ $# -gt 0 ]]; do
     case $1 in
         --site) SITE=${2:?--site needs an id}; shift 2 ;;
         --broker-host) HOSTS+=("${2:?--broker-host needs a name}"); shift 2 ;;
         --site-dir) SITE_DIR=${2:?--site-dir needs a folder}; shift 2 ;;
-        --prefix) PREFIX=${2:?--prefix needs a folder}; shift 2 ;;
-        --venv) VENV=${2:?--venv needs a folder}; shift 2 ;;
-        --python) PYTHON=${2:?--python needs a path}; shift 2 ;;
-        --no-apt) APT=no; shift ;;
-        --no-pip) PIP=no; shift ;;
-        --no-systemd) SYSTEMD=no; shift ;;
-        -h | --help) sed -n '2,/^# shellcheck/p' "$0" | sed -e '$d' -e 's/^# \{0,1\}//'; exit 0 ;;
-        *) die "unknown option $1 (see --help)" ;;
+        *) common_option "$@"; shift "$OPTION_WORDS" ;;
     esac
 done
 set_prefix "$PREFIX"

@@ -16,6 +16,31 @@ note() { printf '    %s\n' "$*"; }
 run() { printf '    $ %s\n' "$*"; "$@"; }
 die() { printf '%s: error: %s\n' "$SCRIPT_NAME" "$*" >&2; exit 1; }
 
+# The options both installers take, with their defaults. Each script's own
+# options come first in its loop; for any other word it calls `common_option "$@"`
+# and shifts by OPTION_WORDS, the words that option took.
+PREFIX=/
+VENV=""
+PYTHON=/usr/bin/python3
+APT=yes
+PIP=yes
+SYSTEMD=yes
+# shellcheck disable=SC2034  # the variables it sets are read by the script that sources this
+common_option() {
+    OPTION_WORDS=1
+    case $1 in
+        --prefix) PREFIX=${2:?--prefix needs a folder}; OPTION_WORDS=2 ;;
+        --venv) VENV=${2:?--venv needs a folder}; OPTION_WORDS=2 ;;
+        --python) PYTHON=${2:?--python needs a path}; OPTION_WORDS=2 ;;
+        --no-apt) APT=no ;;
+        --no-pip) PIP=no ;;
+        --no-systemd) SYSTEMD=no ;;
+        # The script's opening comment, up to the shellcheck directive, is its help.
+        -h | --help) sed -n '2,/^# shellcheck/p' "$0" | sed -e '$d' -e 's/^# \{0,1\}//'; exit 0 ;;
+        *) die "unknown option $1 (see --help)" ;;
+    esac
+}
+
 # ROOT is the install prefix without its trailing slash ("" for a real install).
 set_prefix() {
     local prefix=$1
