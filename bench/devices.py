@@ -43,6 +43,19 @@ MAX_BYTES = 16 * 1024 * 1024
 DELTA_SCALE = 1e-3
 
 
+def doorbell_client(name: str, topics: Topics) -> mqtt.Client:
+    """A simulated doorbell's MQTT v5 client: its own id, its offline status as last will."""
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=name, protocol=mqtt.MQTTv5)
+    client.will_set(topics.status(name), to_json(DeviceStatus(state="offline")), qos=1, retain=True)
+    return client
+
+
+def publish_online(client: mqtt.Client, topics: Topics, name: str) -> None:
+    """The retained status a simulated doorbell publishes on connecting: online, model 0."""
+    status = DeviceStatus(state="online", model_version=0)
+    client.publish(topics.status(name), to_json(status), qos=1, retain=True)
+
+
 class SimulatedDoorbell:
     """One device: status, the model's tensor layout, one update per selected round."""
 
@@ -73,10 +86,7 @@ class SimulatedDoorbell:
         self._layout: tuple[list[str], Weights] | None = None  # names, fixed delta
         self._answered: set[int] = set()
         self._lock = threading.Lock()
-        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=name, protocol=mqtt.MQTTv5)
-        self.client.will_set(
-            self.topics.status(name), to_json(DeviceStatus(state="offline")), qos=1, retain=True
-        )
+        self.client = doorbell_client(name, self.topics)
         self.client.on_connect = self._on_connect
         self.client.on_message = self._on_message
         self.client.connect_async("127.0.0.1", port, keepalive=10)
@@ -88,12 +98,7 @@ class SimulatedDoorbell:
         if reason.is_failure:
             return
         client.subscribe([(self.topics.global_model, 1), (self.topics.round, 1)])
-        client.publish(
-            self.topics.status(self.name),
-            to_json(DeviceStatus(state="online", model_version=0)),
-            qos=1,
-            retain=True,
-        )
+        publish_online(client, self.topics, self.name)
 
     def _on_message(self, _client: mqtt.Client, _userdata: Any, message: mqtt.MQTTMessage) -> None:
         try:

@@ -35,9 +35,10 @@ import numpy as np
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
+from bench.devices import doorbell_client, publish_online
 from fedbell.wire.envelope import Codec
 from fedbell.wire.messages import AGGREGATOR, GlobalModel, Signer, build_update, parse_global
-from fedbell.wire.protocol import DeviceStatus, RoundAnnouncement, to_json
+from fedbell.wire.protocol import RoundAnnouncement
 from fedbell.wire.signing import load_private_key, load_public_key
 from fedbell.wire.topics import Topics
 
@@ -111,12 +112,9 @@ class _Device:
         self.connected = False
         self.sent_at: float | None = None
         self.acked = False
-        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=name, protocol=mqtt.MQTTv5)
+        self.client = doorbell_client(name, topics)
         connect_options(spec, self.client, name)
         self.client.max_queued_messages_set(0)
-        self.client.will_set(
-            topics.status(name), to_json(DeviceStatus(state="offline")), qos=1, retain=True
-        )
         self.client.on_connect = self._on_connect
         self.client.on_message = self._on_message
         self.client.on_publish = self._on_publish
@@ -129,12 +127,7 @@ class _Device:
             raise RuntimeError(f"{self.name}: broker refused the connection: {reason}")
         self.connected = True
         client.subscribe(self.topics.round, qos=1)
-        client.publish(
-            self.topics.status(self.name),
-            to_json(DeviceStatus(state="online", model_version=0)),
-            qos=1,
-            retain=True,
-        )
+        publish_online(client, self.topics, self.name)
 
     def _on_message(self, client: mqtt.Client, _userdata: Any, message: mqtt.MQTTMessage) -> None:
         announcement = _parse_round(bytes(message.payload))
