@@ -142,6 +142,9 @@ function read(kind, data) {
   return message;
 }
 
+// A payload's message: JSON, an object, and its known fields checked (`Malformed` if not).
+const readPayload = (kind, payload) => read(kind, parseObject(payload));
+
 const percent = (v) => (v === null || v === undefined ? "–" : `${(100 * v).toFixed(1)} %`);
 
 // kB = 1000 B, as the demo and the benchmarks print them.
@@ -163,15 +166,20 @@ function deviceOf(topic, prefix) {
 
 // -- handlers, one per topic --------------------------------------------------------
 
-function onStatus(device, payload) {
+// A doorbell's row: its status, why its last status was refused, its last update's reply.
+function doorbell(device) {
   const entry = state.doorbells.get(device) || { status: null, error: null, update: null };
   state.doorbells.set(device, entry);
+  return entry;
+}
+
+function onStatus(device, payload) {
+  const entry = doorbell(device);
   if (payload.length === 0) {
     state.doorbells.delete(device); // retained status cleared: the doorbell was removed
   } else {
     try {
-      const data = parseObject(payload);
-      const status = read("status", data);
+      const status = readPayload("status", payload);
       // A last will is written at connect time: keep the model version seen last.
       const last = entry.status;
       status.versionIsOld = status.model_version === null && last !== null &&
@@ -188,29 +196,29 @@ function onStatus(device, payload) {
 
 function onRound(payload) {
   try {
-    const data = parseObject(payload);
-    state.round = { ...read("round", data), error: null };
+    state.round = { ...readPayload("round", payload), error: null };
   } catch (err) {
     state.round = { error: `malformed round message: ${err.message}` };
   }
   renderRound();
 }
 
+// Add (sign 1) or take back (sign -1) a round's rejections, by reason, to the totals.
+function addRejected(rejected, sign) {
+  for (const [reason, count] of Object.entries(rejected)) {
+    state.rejectedTotal.set(reason, (state.rejectedTotal.get(reason) || 0) + sign * count);
+  }
+}
+
 function onMetrics(payload) {
   const error = $("metrics-error");
   try {
-    const data = parseObject(payload);
-    const metrics = read("metrics", data);
-    const { rejected } = metrics;
+    const metrics = readPayload("metrics", payload);
     // A round is reported twice in step-by-step mode (aggregated, then published):
     // its rejections count once, from the last report.
     const previous = state.rounds.get(metrics.round);
-    for (const [reason, count] of Object.entries(previous ? previous.rejected : {})) {
-      state.rejectedTotal.set(reason, (state.rejectedTotal.get(reason) || 0) - count);
-    }
-    for (const [reason, count] of Object.entries(rejected)) {
-      state.rejectedTotal.set(reason, (state.rejectedTotal.get(reason) || 0) + count);
-    }
+    if (previous) addRejected(previous.rejected, -1);
+    addRejected(metrics.rejected, 1);
     state.rounds.set(metrics.round, metrics);
     // The lineage's earlier rounds, retained with the metrics: the charts start filled.
     for (const earlier of metrics.history) {
@@ -232,8 +240,7 @@ function onMetrics(payload) {
 function onAggregator(payload) {
   const badge = $("aggregator");
   try {
-    const data = parseObject(payload);
-    const status = read("status", data);
+    const status = readPayload("status", payload);
     const online = status.state === "online";
     const version = status.model_version;
     badge.textContent = `aggregator: ${online ? "online" : "offline"}` +
@@ -248,12 +255,10 @@ function onAggregator(payload) {
 function onReply(payload) {
   try {
     const { about, ok, time, cmd, device, size, round, reason, detail } =
-      read("reply", parseObject(payload));
+      readPayload("reply", payload);
     if (about === "update" || about === "secagg") {  // secagg: a secure round's update
       if (device === null || deviceOf(device, "") === null) return;
-      const entry = state.doorbells.get(device) || { status: null, error: null, update: null };
-      state.doorbells.set(device, entry);
-      entry.update = { ok, size, round, reason };
+      doorbell(device).update = { ok, size, round, reason };
       renderDoorbells();
       return;
     }
@@ -282,7 +287,7 @@ function onEvent(device, kind, payload) {
   } else {
     try {
       if (!(kind in MESSAGE_SCHEMAS)) return; // a doorbell leaf this page does not show
-      item.data = read(kind, parseObject(payload));
+      item.data = readPayload(kind, payload);
     } catch (err) {
       item.error = `malformed ${kind} event: ${err.message}`;
     }
