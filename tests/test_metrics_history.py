@@ -38,6 +38,14 @@ def metrics(round_id: int, history: list[RoundSummary]) -> RoundMetrics:
     )
 
 
+def automatic(tmp_path: Path, exporter: Exporter, rounds: int) -> Harness:  # noqa: F811
+    """A coordinator asked for `rounds` automatic rounds, doorbells a and b online."""
+    harness = Harness(tmp_path, exporter)
+    harness.online("a", "b")
+    harness.command(cmd="auto", rounds=rounds)
+    return harness
+
+
 def test_the_history_is_bounded_and_keeps_a_rounds_last_report() -> None:
     full = [summary(r) for r in range(1, HISTORY_ROUNDS + 1)]
     previous = to_json(metrics(HISTORY_ROUNDS + 1, full))
@@ -54,9 +62,7 @@ def test_each_metrics_message_carries_the_lineages_earlier_rounds(
     tmp_path: Path,
     exporter: Exporter,  # noqa: F811
 ) -> None:
-    harness = Harness(tmp_path, exporter)
-    harness.online("a", "b")
-    harness.command(cmd="auto", rounds=3)
+    harness = automatic(tmp_path, exporter, rounds=3)
     for round_id in (1, 2, 3):
         harness.update("a", round_id)
         harness.update("b", round_id)
@@ -84,9 +90,7 @@ def test_a_console_opened_late_plots_every_round_at_once(
     broker: LocalBroker,
     browser: Any,  # noqa: F811
 ) -> None:
-    harness = Harness(tmp_path, exporter)
-    harness.online("a", "b")
-    harness.command(cmd="auto", rounds=4)
+    harness = automatic(tmp_path, exporter, rounds=4)
     for round_id in (1, 2, 3, 4):
         harness.update("a", round_id)
         if round_id != 3:
