@@ -98,13 +98,10 @@ from bench import federated
 from bench.data import CACHE, DATASETS, ROOT, Prepared, prepare, scorer
 from bench.households import (
     GALLERY_SIZE,
-    HOUSE_SIZES,
     NEGATIVES_PER_HOUSE,
     TARGET_FAR,
     Bench,
     House,
-    Split,
-    build_bench,
     evaluate,
     house_trials,
     make_houses,
@@ -119,23 +116,17 @@ from fedbell.faces.embedding import HEAD_NAMES, TrainParams, train_head
 from fedbell.faces.openset import OpenSetResult, score_trials
 from fedbell.wire.codecs import Weights
 
-__all__ = [  # moved to bench.data, .households and .openset_report; read here by others
-    "ARMS",
+__all__ = [  # moved to bench.data and .households; still read here by bench.privacy*
     "DATASETS",
     "GALLERY_SIZE",
-    "HOUSE_SIZES",
     "NEGATIVES_PER_HOUSE",
     "TARGET_FAR",
     "Bench",
     "House",
     "Prepared",
-    "Split",
-    "bar_verdict",
-    "build_bench",
     "evaluate",
     "make_houses",
     "prepare",
-    "report",
     "shipped_threshold",
     "split_people",
 ]

@@ -46,9 +46,9 @@ from pydantic import ValidationError
 from rich.console import Console
 from rich.table import Table
 
-from bench import openset
 from bench.data import DatasetMissing, add_data_arguments, load_benches, scorer
 from bench.federated import PRODUCT, Arm, Attack, RoundResult, round_settings, run_arm
+from bench.households import Bench
 from fedbell.faces.embedding import TrainParams
 
 ATTACK: tuple[Attack, ...] = ("scale", "sign_flip")
@@ -107,7 +107,7 @@ def runnable(arm: Arm, houses: int) -> Arm:
 
 @dataclass(frozen=True)
 class Task:
-    bench: openset.Bench
+    bench: Bench
     """The seed's houses (features loaded once in the parent: workers need no TensorFlow)."""
     seed: int
     houses: int

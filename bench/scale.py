@@ -71,7 +71,8 @@ from fedbell.wire.envelope import Codec
 CLIENTS_PER_WORKER = 250
 MAX_WORKERS = 4
 BROKERS = ("loopback", "tls")
-__all__ = ["RssSampler", "seed_backbone_cache", "signing_keys"]  # read by bench.edge, .soak
+# Moved to bench.scale_site; still read here by bench.edge_setup.
+__all__ = ["seed_backbone_cache", "signing_keys"]
 GROWTH_BAR_MB = 64.0
 """Collecting 1000 updates may cost at most this much more memory than collecting 10:
 a streaming aggregator holds one running sum and a bounded inbox, whatever N."""

@@ -33,7 +33,8 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
 from bench.devices import Fleet
-from bench.scale import RssSampler, seed_backbone_cache, signing_keys
+from bench.scale_site import seed_backbone_cache, signing_keys
+from bench.scale_watch import RssSampler
 from broker.local import LocalBroker
 from fedbell.wire.protocol import RoundMetrics
 from fedbell.wire.topics import Topics

@@ -62,6 +62,7 @@ from rich.table import Table
 from bench import openset
 from bench.data import DatasetMissing, add_data_arguments, load_benches, scorer
 from bench.federated import PRODUCT, Arm, ArmResult, RoundResult, run_arm
+from bench.households import Bench
 from fedbell.faces.embedding import TrainParams
 from fedbell.wire.envelope import Codec
 
@@ -107,7 +108,7 @@ def _progress(arm: Arm, r: RoundResult) -> None:
         )
 
 
-def _run_codec(task: tuple[openset.Bench, Arm, int, int, TrainParams]) -> ArmResult:
+def _run_codec(task: tuple[Bench, Arm, int, int, TrainParams]) -> ArmResult:
     bench, arm, rounds, per_round, params = task
     return run_arm(
         bench.train,
@@ -121,7 +122,7 @@ def _run_codec(task: tuple[openset.Bench, Arm, int, int, TrainParams]) -> ArmRes
     )
 
 
-def _run_baseline(task: tuple[openset.Bench, str, openset.ArmSettings, int]) -> openset.ArmOutcome:
+def _run_baseline(task: tuple[Bench, str, openset.ArmSettings, int]) -> openset.ArmOutcome:
     bench, name, settings, seed = task
     if name == "start":
         return openset.run_start(bench, settings)
@@ -131,14 +132,14 @@ def _run_baseline(task: tuple[openset.Bench, str, openset.ArmSettings, int]) -> 
 
 
 def learning(
-    bench: openset.Bench,
+    bench: Bench,
     *,
     rounds: int,
     per_round: int,
     params: TrainParams,
     seed: int,
     jobs: int,
-    more: Sequence[openset.Bench] = (),
+    more: Sequence[Bench] = (),
 ) -> dict[str, Any]:
     """Every arm and baseline on `bench` (the first seed), and the two arms of the traffic
     bar again on each of `more` (further seeds)."""

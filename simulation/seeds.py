@@ -25,7 +25,7 @@ from rich.table import Table
 from aggregator.config import EvaluationSettings
 from aggregator.export import evaluation_samples
 from bench.federated import Arm, Score, run_arm
-from bench.openset import House
+from bench.households import House
 from fedbell.faces.dataset import Sample
 from fedbell.faces.detection import Detector
 from fedbell.faces.embedding import TrainParams, train_head

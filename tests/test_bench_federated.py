@@ -15,7 +15,7 @@ from aggregator.export import as_received
 from bench import robust, suite
 from bench.data import scorer, synthetic_bench
 from bench.federated import PRODUCT, Arm, Attack, Score, run_arm
-from bench.openset import Bench
+from bench.households import Bench
 from bench.scale import growth_verdict
 from fedbell.faces.embedding import HEAD_NAMES, TrainParams
 from fedbell.wire import messages

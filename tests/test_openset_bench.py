@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bench import openset
+from bench import households, openset, openset_report
 from bench.openset_features import Photo, condition_rng
 from bench.openset_frames import FrameCache, frame_image, frame_key
 from bench.openset_visits import (
@@ -30,8 +30,8 @@ def test_split_is_disjoint_and_deterministic() -> None:
     people = _people(200)
     strangers = [f"lfw_strangers/s{i}/s{i}.jpg" for i in range(300)]
 
-    def split_of(people: list[str], strangers: list[str], seed: int) -> openset.Split:
-        return openset.split_people(
+    def split_of(people: list[str], strangers: list[str], seed: int) -> households.Split:
+        return households.split_people(
             people, strangers, seed, calibration=100, negatives=150, residents=20
         )
 
@@ -49,7 +49,7 @@ def test_split_is_disjoint_and_deterministic() -> None:
     assert set(train) | set(test) | set(split.residents) == set(people)
     assert sorted(split.people()) == sorted(people)
     assert len(test) == 60
-    low, high = openset.HOUSE_SIZES
+    low, high = households.HOUSE_SIZES
     assert all(low <= len(h) <= high + 1 for h in split.train_houses + split.test_houses)
     assert len(split.calibration) == 100
     assert len(split.negatives) == 150
@@ -57,7 +57,7 @@ def test_split_is_disjoint_and_deterministic() -> None:
 
 
 def test_split_with_another_test_dataset() -> None:
-    split = openset.split_people(
+    split = households.split_people(
         _people(30),
         [f"s/{i}" for i in range(50)],
         seed=0,
@@ -113,13 +113,13 @@ def test_tiny_synthetic_run_writes_the_schema(tmp_path: Path) -> None:
     dim = 16
     people = _people(90)
     strangers = [f"lfw_strangers/s{i}/s{i}.jpg" for i in range(160)]
-    split = openset.split_people(
+    split = households.split_people(
         people, strangers, seed=0, calibration=80, negatives=80, residents=10
     )
     features = _synthetic_features(people, dim, rng)
     stranger_features = {k: rng.normal(size=dim).astype(np.float32) for k in strangers}
     start = [np.eye(dim, dtype=np.float32)]
-    bench = openset.build_bench(split, features, stranger_features, start, seed=0)
+    bench = households.build_bench(split, features, stranger_features, start, seed=0)
     assert bench.calibration.shape == (80, dim)
     assert len(bench.residents) == 10  # everyone has 2+ photos: all enrolled
     settings = openset.ArmSettings(
@@ -129,7 +129,7 @@ def test_tiny_synthetic_run_writes_the_schema(tmp_path: Path) -> None:
     assert [r.round for r in outcomes[0]["federated"].rounds] == [1, 2, 3]
     assert all(r.bytes_up > 0 for r in outcomes[0]["federated"].rounds)
     assert all(r.bytes_down > 0 for r in outcomes[0]["federated"].rounds)
-    data = openset.report(
+    data = openset_report.report(
         test_dataset="synthetic",
         conditions="doorbell",
         seeds=[0],
@@ -141,7 +141,7 @@ def test_tiny_synthetic_run_writes_the_schema(tmp_path: Path) -> None:
     loaded = json.loads(path.read_text())
     assert isinstance(loaded["test_dataset"], str)
     assert loaded["conditions"] == "doorbell"
-    assert {a["name"] for a in loaded["arms"]} == set(openset.ARMS)
+    assert {a["name"] for a in loaded["arms"]} == set(openset_report.ARMS)
     for arm in loaded["arms"]:
         for key in ("open_set_accuracy", "rank1", "tar_at_far_1pct", "unknown_rejected"):
             assert isinstance(arm[key], float)
@@ -153,7 +153,7 @@ def test_tiny_synthetic_run_writes_the_schema(tmp_path: Path) -> None:
         assert isinstance(record["open_set_accuracy"], float)
     assert isinstance(loaded["enroll_ms"], float)
     assert isinstance(loaded["embed_ms"], float)
-    verdict = openset.bar_verdict({a["name"]: a for a in loaded["arms"]})
+    verdict = openset_report.bar_verdict({a["name"]: a for a in loaded["arms"]})
     assert len(verdict) == 6  # issue 11's five lines and issue 22's secure-rounds line
     assert "secure rounds" in verdict[-1]
 
@@ -216,7 +216,7 @@ def test_tiny_synthetic_visit_run_scores_what_the_doorbell_decides(tmp_path: Pat
         for person in people
     }
     strangers = [f"lfw_strangers/s{i}/s{i}.jpg" for i in range(160)]
-    split = openset.split_people(
+    split = households.split_people(
         people, strangers, seed=0, calibration=80, negatives=80, residents=10
     )
     frames, keep = 4, 2
@@ -228,7 +228,7 @@ def test_tiny_synthetic_visit_run_scores_what_the_doorbell_decides(tmp_path: Pat
     per_person = {person: [frame0(p.key) for p in everyone[person]] for person in people}
     stranger_features = {k: frame0(k) for k in strangers}
     start = [np.eye(DIM, dtype=np.float32)]
-    bench = openset.build_bench(split, per_person, stranger_features, start, seed=0)
+    bench = households.build_bench(split, per_person, stranger_features, start, seed=0)
     visits = build_visit_bench(
         split, everyone, cache, cache, frames=frames, keep=keep, enrolment="doorbell", width=DIM
     )
@@ -248,7 +248,7 @@ def test_tiny_synthetic_visit_run_scores_what_the_doorbell_decides(tmp_path: Pat
     outcomes = openset.run_arms({0: bench}, settings, jobs=1)
     assert all(len(o.heads) >= 1 for o in outcomes[0].values())
     scored = score_visits({0: visits}, outcomes, start, 0.01, 5)
-    data = openset.report(
+    data = openset_report.report(
         test_dataset="synthetic", conditions="far", seeds=[0], outcomes=outcomes, extra={}
     )
     add_visit_figures(data, scored, [0], frames, "doorbell")
