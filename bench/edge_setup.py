@@ -13,7 +13,7 @@ from pathlib import Path
 
 import yaml
 
-from bench.scale import seed_backbone_cache, signing_keys
+from bench.scale_site import seed_backbone_cache, signing_keys
 from simulation import replay
 from simulation.replay import People
 

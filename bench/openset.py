@@ -95,18 +95,14 @@ import numpy as np
 from aggregator.config import DEFAULT_CLIP_NORM
 from aggregator.export import as_received
 from bench import federated
-from bench.data import CACHE, DATASETS, ROOT, Prepared, prepare, scorer
+from bench.data import CACHE, DATASETS, ROOT, scorer
 from bench.households import (
     GALLERY_SIZE,
-    NEGATIVES_PER_HOUSE,
     TARGET_FAR,
     Bench,
-    House,
     evaluate,
     house_trials,
-    make_houses,
     shipped_threshold,
-    split_people,
 )
 from bench.openset_features import ENROL_PER_PERSON, backbone_model, start_head, time_doorbell
 from bench.openset_report import ARMS, bar_verdict, print_table, report
@@ -116,20 +112,6 @@ from fedbell.faces.embedding import HEAD_NAMES, TrainParams, train_head
 from fedbell.faces.openset import OpenSetResult, score_trials
 from fedbell.wire.codecs import Weights
 
-__all__ = [  # moved to bench.data and .households; still read here by bench.privacy*
-    "DATASETS",
-    "GALLERY_SIZE",
-    "NEGATIVES_PER_HOUSE",
-    "TARGET_FAR",
-    "Bench",
-    "House",
-    "Prepared",
-    "evaluate",
-    "make_houses",
-    "prepare",
-    "shipped_threshold",
-    "split_people",
-]
 # --- arms ------------------------------------------------------------------------------------
 
 

@@ -263,7 +263,7 @@ def evaluate_visits(bench: VisitBench, heads: Sequence[Weights], threshold: floa
 def prepare_visits(
     args: argparse.Namespace, backbone: bytes, head: Weights
 ) -> tuple[Prepared, dict[int, VisitBench]]:
-    """`bench.openset.prepare` for a visit run: each seed's frame-level bench (frame 0 of
+    """`bench.data.prepare` for a visit run: each seed's frame-level bench (frame 0 of
     every photo: training houses, negatives and the frame-level row) and its visit bench."""
     conditions: VisitConditions = "far" if args.conditions == "doorbell" else args.conditions
     frames = 1 if conditions == "clean" else args.visit_frames

@@ -61,7 +61,9 @@ import numpy.typing as npt
 
 from aggregator.config import RoundSettings
 from bench import openset
+from bench.data import DATASETS, Prepared, prepare
 from bench.federated import Secure
+from bench.households import NEGATIVES_PER_HOUSE, Bench, split_people
 from bench.openset_features import (
     ENROL_PER_PERSON,
     Conditions,
@@ -108,8 +110,8 @@ the update's own size keeps it as small as the guarantee allows."""
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
-    parser.add_argument("--dataset", type=Path, default=openset.DATASETS / "lfw_dev")
-    parser.add_argument("--strangers", type=Path, default=openset.DATASETS / "lfw_strangers")
+    parser.add_argument("--dataset", type=Path, default=DATASETS / "lfw_dev")
+    parser.add_argument("--strangers", type=Path, default=DATASETS / "lfw_strangers")
     parser.add_argument("--test-dataset", type=Path, default=None)
     parser.add_argument("--conditions", choices=("doorbell", "clean"), default="doorbell")
     parser.add_argument(
@@ -162,13 +164,13 @@ def load(args: argparse.Namespace) -> dict[str, Any]:
     backbone = backbone_model(args.cache)
     sha = hashlib.sha256(backbone).hexdigest()
 
-    def prepared_under(conditions: Conditions) -> tuple[openset.Prepared, argparse.Namespace]:
+    def prepared_under(conditions: Conditions) -> tuple[Prepared, argparse.Namespace]:
         options = openset._parser().parse_args(
             ["--seeds", str(args.seed), "--conditions", conditions, "--jobs", str(args.jobs)]
         )
         options.dataset, options.strangers = args.dataset, args.strangers
         options.cache, options.test_dataset = args.cache, args.test_dataset
-        return openset.prepare(options, backbone, start_head()), options
+        return prepare(options, backbone, start_head()), options
 
     def found(conditions: Conditions) -> dict[str, npt.NDArray[np.float32]]:
         cache = FeatureCache.open(args.cache, conditions, args.seed, sha)
@@ -185,7 +187,7 @@ def load(args: argparse.Namespace) -> dict[str, Any]:
         for p in prepared.everyone
         if args.test_dataset and p.startswith(f"{args.test_dataset.name}/")
     )
-    split = openset.split_people(
+    split = split_people(
         sorted(p for p in prepared.everyone if p not in set(test_people)),
         sorted(p.key for photos in photos_of(args.strangers).values() for p in photos),
         args.seed,
@@ -203,7 +205,7 @@ def load(args: argparse.Namespace) -> dict[str, Any]:
     federation = tuple(
         house(
             [people[p] for p in h],
-            bench.negatives[rng.choice(len(bench.negatives), openset.NEGATIVES_PER_HOUSE, False)],
+            bench.negatives[rng.choice(len(bench.negatives), NEGATIVES_PER_HOUSE, False)],
         )
         for h in house_people
     )
@@ -262,7 +264,7 @@ def attack_rows(
             base,
             bench.calibration[
                 np.random.default_rng([args.seed, 43]).choice(
-                    len(bench.calibration), openset.NEGATIVES_PER_HOUSE, False
+                    len(bench.calibration), NEGATIVES_PER_HOUSE, False
                 )
             ],
         ),
@@ -417,10 +419,10 @@ def published_rows(
     return rows
 
 
-_WORKER: dict[str, openset.Bench] = {}
+_WORKER: dict[str, Bench] = {}
 
 
-def _init_worker(bench: openset.Bench) -> None:
+def _init_worker(bench: Bench) -> None:
     _WORKER["bench"] = bench
 
 

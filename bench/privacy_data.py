@@ -1,6 +1,6 @@
 """The privacy benchmark's people, houses and candidate pools (issue 22).
 
-Features come from `bench.openset.prepare` (its split, its doorbell conditions,
+Features come from `bench.data.prepare` (its split, its doorbell conditions,
 its cache under reports/cache, so `make bench-openset` and this share one
 computation). A person's first min(5, n - 1) photos are what their house enrols
 and trains on (under doorbell conditions), the rest are the attacker's: photos
@@ -18,7 +18,7 @@ Two kinds of houses:
   cut 2:1 into attacked and public; with `--test-dataset` the attacked are
   that folder's people and the public ones the dataset's.
 - the federation (utility and published heads): `bench.openset`'s training
-  people, recombined into `population` houses of 3-6 (`openset.make_houses`
+  people, recombined into `population` houses of 3-6 (`bench.households.make_houses`
   over fresh shuffles, so each person lives in several houses; a house's
   members are always distinct). Scored on `bench.openset`'s never-seen test
   houses; the published-heads attack's non-residents are people of those
@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-from bench import openset
+from bench.households import House, make_houses
 from bench.openset_features import ENROL_PER_PERSON
 from fedbell.faces.embedding import Features
 
@@ -73,12 +73,12 @@ def people_of(
 
 def house(
     members: Sequence[Person], negatives: Features, visitors: Sequence[Features] = ()
-) -> openset.House:
+) -> House:
     """A doorbell's training data: its residents' enrolment photos, labels 0..P-1, and
     the strangers seen at its door (`visitors` first, then `negatives`)."""
     width = members[0].enrol.shape[1]
     seen = np.concatenate([*visitors, negatives]) if visitors else negatives
-    return openset.House(
+    return House(
         np.concatenate([m.enrol for m in members]),
         np.concatenate([np.full(len(m.enrol), i, np.int64) for i, m in enumerate(members)]),
         np.asarray(seen, np.float32).reshape(-1, width),
@@ -86,18 +86,18 @@ def house(
 
 
 def strangers_at_door(pool: Features, rng: np.random.Generator, count: int) -> Features:
-    """`count` stranger photos a doorbell has seen (`openset.NEGATIVES_PER_HOUSE` by default)."""
+    """`count` stranger photos a doorbell has seen (`NEGATIVES_PER_HOUSE` by default)."""
     return pool[rng.choice(len(pool), size=min(count, len(pool)), replace=False)]
 
 
 def population(
     people: Sequence[str], houses: int, rng: np.random.Generator
 ) -> list[tuple[str, ...]]:
-    """`houses` houses of 3-6 people: `openset.make_houses` over fresh shuffles of `people`
+    """`houses` houses of 3-6 people: `bench.households.make_houses` over fresh shuffles of `people`
     until there are enough (each person in about houses * 4.5 / len(people) houses)."""
     made: list[tuple[str, ...]] = []
     while len(made) < houses:
-        made.extend(openset.make_houses(people, rng))
+        made.extend(make_houses(people, rng))
     return made[:houses]
 
 

@@ -15,7 +15,7 @@ import numpy as np
 import numpy.typing as npt
 
 from bench.federated import Secure
-from bench.openset import NEGATIVES_PER_HOUSE
+from bench.households import NEGATIVES_PER_HOUSE
 from bench.privacy_attacks import (
     Matrix,
     Observed,

@@ -26,7 +26,8 @@ import numpy as np
 from aggregator.accountant import epsilon as epsilon_of
 from aggregator.accountant import noise_multiplier_for
 from aggregator.export import as_received
-from bench import federated, openset
+from bench import federated
+from bench.households import GALLERY_SIZE, TARGET_FAR, Bench, evaluate, shipped_threshold
 from bench.privacy_attacks import Observed
 from bench.privacy_data import Person, draw, pool
 from bench.privacy_rows import round_pool_size
@@ -88,7 +89,7 @@ class UtilityResult:
 
 def run_setting(
     setting: str,
-    bench: openset.Bench,
+    bench: Bench,
     privacy: Privacy,
     *,
     clip_norm: float,
@@ -116,10 +117,8 @@ def run_setting(
         heads.append(as_received(HEAD_NAMES, bench.start, arm.downlink_codec))
 
     def score(weights: Weights) -> federated.Score:
-        threshold = openset.shipped_threshold(
-            bench, weights, openset.TARGET_FAR, openset.GALLERY_SIZE
-        )
-        result = openset.evaluate(bench, [weights], threshold)
+        threshold = shipped_threshold(bench, weights, TARGET_FAR, GALLERY_SIZE)
+        result = evaluate(bench, [weights], threshold)
         return federated.Score(result.open_set_accuracy, threshold, result.tar_at_far_1pct)
 
     outcome = federated.run_arm(

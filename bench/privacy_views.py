@@ -23,7 +23,7 @@ import numpy as np
 
 from aggregator.secure import mean_delta
 from bench.federated import Secure, head_specs, secagg_plan
-from bench.openset import House
+from bench.households import House
 from bench.privacy_attacks import Matrix
 from edge.secure import secure_update
 from edge.trainer import round_seed, train_delta

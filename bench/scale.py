@@ -56,7 +56,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from bench.scale_site import REPO, aggregator_config, make_broker, seed_backbone_cache, signing_keys
+from bench.scale_site import REPO, aggregator_config, make_broker
 from bench.scale_watch import (
     RssSampler,
     Watcher,
@@ -71,8 +71,6 @@ from fedbell.wire.envelope import Codec
 CLIENTS_PER_WORKER = 250
 MAX_WORKERS = 4
 BROKERS = ("loopback", "tls")
-# Moved to bench.scale_site; still read here by bench.edge_setup.
-__all__ = ["seed_backbone_cache", "signing_keys"]
 GROWTH_BAR_MB = 64.0
 """Collecting 1000 updates may cost at most this much more memory than collecting 10:
 a streaming aggregator holds one running sum and a bounded inbox, whatever N."""
