@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -20,6 +21,14 @@ from bench.openset_visits import (
 from edge.chips import visit_embedding
 from fedbell.faces.conditions import doorbell_conditions, draw_setting
 from fedbell.faces.embedding import TrainParams, embed
+
+
+def assert_types(record: dict[str, Any], types: dict[str, type]) -> None:
+    """Each field of a benchmark's JSON record that `types` names holds a value of its type."""
+    wrong = {
+        key: record.get(key) for key, kind in types.items() if not isinstance(record.get(key), kind)
+    }
+    assert not wrong, f"fields of the wrong type: {wrong}"
 
 
 def _people(count: int) -> list[str]:
@@ -147,12 +156,10 @@ def test_tiny_synthetic_run_writes_the_schema(tmp_path: Path) -> None:
             assert isinstance(arm[key], float)
             assert 0.0 <= arm[key] <= 1.0
     for record in loaded["rounds"]:
-        assert isinstance(record["round"], int)
-        assert isinstance(record["bytes_up"], int)
-        assert isinstance(record["bytes_down"], int)
-        assert isinstance(record["open_set_accuracy"], float)
-    assert isinstance(loaded["enroll_ms"], float)
-    assert isinstance(loaded["embed_ms"], float)
+        assert_types(
+            record, {"round": int, "bytes_up": int, "bytes_down": int, "open_set_accuracy": float}
+        )
+    assert_types(loaded, {"enroll_ms": float, "embed_ms": float})
     verdict = openset_report.bar_verdict({a["name"]: a for a in loaded["arms"]})
     assert len(verdict) == 6  # issue 11's five lines and issue 22's secure-rounds line
     assert "secure rounds" in verdict[-1]

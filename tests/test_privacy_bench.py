@@ -27,6 +27,7 @@ from bench.privacy_data import Person, centre_of
 from bench.privacy_report import report
 from bench.privacy_utility import Privacy, run_setting
 from fedbell.faces.embedding import TrainParams
+from tests.test_openset_bench import assert_types
 
 DIM, EMBEDDING, HOUSE = 32, 16, 4
 
@@ -132,12 +133,17 @@ def test_privacy_json_has_the_issue_schema(context: privacy_rows.Context, tmp_pa
     path = tmp_path / "privacy.json"
     path.write_text(json.dumps(data))
     loaded = json.loads(path.read_text())
-    assert isinstance(loaded["test_dataset"], str)
-    assert isinstance(loaded["candidates"], int)
-    assert isinstance(loaded["house_size"], int)
-    assert isinstance(loaded["chance"], float)
-    assert isinstance(loaded["bytes_up"], int)
-    assert isinstance(loaded["bytes_down"], int)
+    assert_types(
+        loaded,
+        {
+            "test_dataset": str,
+            "candidates": int,
+            "house_size": int,
+            "chance": float,
+            "bytes_up": int,
+            "bytes_down": int,
+        },
+    )
     (first,) = loaded["rows"]
     assert first["view"] == "float32_update"
     assert first["epsilon"] is None
