@@ -130,12 +130,15 @@ def exporter(aggregator_cache: Path, tmp_path_factory: pytest.TempPathFactory) -
 
 
 class Harness:
-    """A coordinator on a fake clock, publishing into a list."""
+    """A coordinator on a fake clock, publishing into a list.
+
+    A subclass with other settings (its site, an evaluation set) overrides `configure`."""
 
     def __init__(self, tmp_path: Path, exporter: Exporter, **rounds: Any) -> None:
         self.now = 1000.0
         assert exporter.config.cache_dir is not None
-        self.config = harness_config(tmp_path, exporter.config.cache_dir, **rounds)
+        self.config = self.configure(tmp_path, exporter.config.cache_dir, **rounds)
+        self.topics = Topics(self.config.site)
         self.exporter = exporter
         self.published: list[tuple[str, bytes]] = []
         self.coordinator = Coordinator(
@@ -147,6 +150,10 @@ class Harness:
             trusted_keys=None,
         )
         self.coordinator.connected()
+
+    @staticmethod
+    def configure(tmp_path: Path, cache_dir: Path, **rounds: Any) -> AggregatorConfig:
+        return harness_config(tmp_path, cache_dir, **rounds)
 
     def restart(self, tmp_path: Path) -> Harness:
         return Harness(
@@ -165,31 +172,31 @@ class Harness:
         self.coordinator.persist()
 
     def command(self, **command: Any) -> None:
-        self.send(TOPICS.control, json.dumps(command).encode())
+        self.send(self.topics.control, json.dumps(command).encode())
 
     def online(self, *devices: str) -> None:
         for device in devices:
-            self.send(TOPICS.status(device), to_json(DeviceStatus(state="online")))
+            self.send(self.topics.status(device), to_json(DeviceStatus(state="online")))
 
     def payloads(self, topic: str) -> list[bytes]:
         return [p for t, p in self.published if t == topic]
 
     def versions(self) -> list[int]:
         return [
-            parse_global(p, site=SITE, max_bytes=1 << 24, keys=None).version
-            for p in self.payloads(TOPICS.global_model)
+            parse_global(p, site=self.config.site, max_bytes=1 << 24, keys=None).version
+            for p in self.payloads(self.topics.global_model)
         ]
 
     def metrics(self) -> list[RoundMetrics]:
-        return [RoundMetrics.model_validate_json(p) for p in self.payloads(TOPICS.metrics)]
+        return [RoundMetrics.model_validate_json(p) for p in self.payloads(self.topics.metrics)]
 
     def update(self, device: str, round_id: int, examples: int = 2, scale: float = 0.01) -> None:
         model = self.coordinator.federation.model
         delta = [np.full(w.shape, scale, dtype=np.float32) for w in model.weights]
         self.send(
-            TOPICS.update(device),
+            self.topics.update(device),
             build_update(
-                site=SITE,
+                site=self.config.site,
                 signer=Signer(device),
                 round_id=round_id,
                 base_version=model.version,

@@ -12,7 +12,6 @@ Issue 13 item 9: top-k with a buffered strategy is refused by the config.
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -29,17 +28,15 @@ from aggregator.config import (
     RoundSettings,
     Strategy,
 )
-from aggregator.coordinator import Coordinator
 from aggregator.export import Exporter
 from aggregator.robust import capped_weights, multi_krum
-from aggregator.state import StateStore
 from aggregator.strategy import InconsistentUpdate
 from fedbell.wire.codecs import Weights, decode_tensors, encode_tensors
 from fedbell.wire.envelope import Codec
-from fedbell.wire.messages import AGGREGATOR, Signer, build_update, parse_global
-from fedbell.wire.protocol import DeviceStatus, RoundMetrics, to_json
+from fedbell.wire.messages import AGGREGATOR, Signer, build_update
 from fedbell.wire.topics import Topics
 from simulation.data import write_synthetic
+from tests.test_aggregator_rounds import Harness
 
 SITE = "influence"
 TOPICS = Topics(SITE)
@@ -82,45 +79,31 @@ def scoring_exporter(aggregator_cache: Path, tmp_path_factory: pytest.TempPathFa
     return Exporter(AggregatorConfig.model_validate(settings), Signer(AGGREGATOR))
 
 
-class Site:
-    """A coordinator on a fake clock whose published messages land in a list."""
+class Site(Harness):
+    """The coordinator harness with this module's settings; `base`, the weights before
+    any round."""
 
     def __init__(self, tmp_path: Path, exporter: Exporter, **rounds: Any) -> None:
-        assert exporter.config.cache_dir is not None
-        self.config = config(tmp_path, exporter.config.cache_dir, **rounds)
-        self.exporter = exporter
-        self.published: list[tuple[str, bytes]] = []
-        self.coordinator = Coordinator(
-            self.config,
-            exporter,
-            StateStore(self.config.state_dir),
-            publish=lambda topic, payload: self.published.append((topic, payload)),
-            clock=lambda: 1000.0,
-            trusted_keys=None,
-        )
-        self.coordinator.connected()
+        super().__init__(tmp_path, exporter, **rounds)
         self.base = [w.astype(np.float64) for w in self.coordinator.federation.model.weights]
 
-    def send(self, topic: str, payload: bytes) -> None:
-        self.coordinator.on_message(topic, payload)
-        self.coordinator.tick()
-        self.coordinator.persist()
+    @staticmethod
+    def configure(tmp_path: Path, cache_dir: Path, **rounds: Any) -> AggregatorConfig:
+        return config(tmp_path, cache_dir, **rounds)
 
     def start_round(self, *devices: str) -> int:
-        for device in devices:
-            self.send(TOPICS.status(device), to_json(DeviceStatus(state="online")))
-        command = {"cmd": "start_round", "devices": list(devices)}
-        self.send(TOPICS.control, json.dumps(command).encode())
+        self.online(*devices)
+        self.command(cmd="start_round", devices=list(devices))
         return self.coordinator.federation.last_round
 
-    def update(self, device: str, delta: Weights, examples: int) -> Weights:
+    def send_delta(self, device: str, delta: Weights, examples: int) -> Weights:
         """Send an update; return the delta as the aggregator decodes it."""
         codec: Codec = self.config.rounds.codec
         names = self.exporter.names
         self.send(
-            TOPICS.update(device),
+            self.topics.update(device),
             build_update(
-                site=SITE,
+                site=self.config.site,
                 signer=Signer(device),
                 round_id=self.coordinator.federation.last_round,
                 base_version=self.coordinator.federation.model.version,
@@ -133,17 +116,6 @@ class Site:
         )
         specs, body = encode_tensors(names, delta, codec, density=DENSITY)
         return [np.asarray(d, np.float64) for d in decode_tensors(specs, body, codec, "zstd")]
-
-    def versions(self) -> list[int]:
-        return [
-            parse_global(p, site=SITE, max_bytes=1 << 24, keys=None).version
-            for t, p in self.published
-            if t == TOPICS.global_model
-        ]
-
-    def metrics(self) -> RoundMetrics:
-        last = [p for t, p in self.published if t == TOPICS.metrics][-1]
-        return RoundMetrics.model_validate_json(last)
 
     def step(self) -> list[np.ndarray]:
         """What the last published version added to the base model."""
@@ -179,7 +151,7 @@ def test_a_huge_example_count_does_not_make_the_model_the_attackers_delta(
     cover = None if codec == "float32" else 1000
     site.start_round("door1", "door2", "door3", "mallory")
     sent = {
-        name: (site.update(name, [flat(shape, value, cover)], examples), examples)
+        name: (site.send_delta(name, [flat(shape, value, cover)], examples), examples)
         for name, value, examples in (
             ("door1", 0.002, 60),
             ("door2", 0.003, 80),
@@ -199,7 +171,7 @@ def test_a_huge_example_count_does_not_make_the_model_the_attackers_delta(
     share = cap / sum(weights.values())
     assert share < 0.5  # 200 of 440: the attacker moves the model less than half its way
     assert norm([step - attacker[0]]) > 0.5 * norm(attacker)
-    assert site.metrics().rejected == {"examples_capped": 1}
+    assert site.metrics()[-1].rejected == {"examples_capped": 1}
 
 
 def test_multi_krum_gives_a_poisoned_update_inside_the_honest_cluster_a_bounded_share(
@@ -214,11 +186,11 @@ def test_multi_krum_gives_a_poisoned_update_inside_the_honest_cluster_a_bounded_
     target *= 0.1 / np.linalg.norm(target)  # where the attacker wants the model to go
     site.start_round("a", "b", "c", "d", "mallory")
     for name, value in (("a", 0.010), ("b", 0.011), ("c", 0.012), ("d", 0.013)):
-        site.update(name, [flat(shape, value)], 20)
+        site.send_delta(name, [flat(shape, value)], 20)
     # Inside the cluster: nearer the honest mean than the outer honest updates are.
-    site.update("mallory", [flat(shape, honest_mean) + target.astype(np.float32)], CLAIM)
+    site.send_delta("mallory", [flat(shape, honest_mean) + target.astype(np.float32)], CLAIM)
     assert site.versions() == [0, 1]
-    metrics = site.metrics()
+    metrics = site.metrics()[-1]
     assert "mallory" not in metrics.dropped  # Multi-Krum kept it, as the attack intends
     along = float(np.sum(site.step()[0] * target) / np.sum(target * target))
     assert along == pytest.approx(0.25, abs=1e-3)  # 4 kept, share 0.25: equal weights
@@ -255,10 +227,10 @@ def test_a_release_far_worse_than_the_published_model_is_not_published(
 
     site.start_round("mallory")
     with caplog.at_level(logging.WARNING, logger="aggregator"):
-        site.update("mallory", ruin, 20)
+        site.send_delta("mallory", ruin, 20)
     assert site.versions() == [0]  # nothing published
     assert site.coordinator.federation.model.version == 0
-    metrics = site.metrics()
+    metrics = site.metrics()[-1]
     assert metrics.outcome == "abandoned"
     assert metrics.rejected == {"accuracy_drop": 1}
     assert site.coordinator.federation.rejected["accuracy_drop"] == 1
@@ -268,14 +240,14 @@ def test_a_release_far_worse_than_the_published_model_is_not_published(
     assert "model stays at version 0" in lines[0]
 
     site.start_round("door1")  # an honest round goes on from the published model
-    site.update("door1", [np.zeros_like(b, dtype=np.float32) for b in site.base], 20)
+    site.send_delta("door1", [np.zeros_like(b, dtype=np.float32) for b in site.base], 20)
     assert site.versions() == [0, 1]
 
 
 def test_the_bar_can_be_turned_off(tmp_path: Path, scoring_exporter: Exporter) -> None:
     site = Site(tmp_path, scoring_exporter, clip_norm=None, max_accuracy_drop=None)
     site.start_round("mallory")
-    site.update("mallory", [(-b).astype(np.float32) for b in site.base], 20)
+    site.send_delta("mallory", [(-b).astype(np.float32) for b in site.base], 20)
     assert site.versions() == [0, 1]
 
 
@@ -301,7 +273,7 @@ def test_dense_codecs_with_a_buffered_strategy_aggregate_every_coordinate(
     for index, name in enumerate(("a", "b", "c")):
         delta = np.full(size, 0.01, np.float32)
         delta[index * (size // 3) : (index + 1) * (size // 3)] = 0.02  # each its own third
-        site.update(name, [delta.reshape(shape)], 20)
+        site.send_delta(name, [delta.reshape(shape)], 20)
     assert site.versions() == [0, 1]
     step = site.step()[0]
     assert np.count_nonzero(np.abs(step) > 0.005) == size  # no coordinate lost
@@ -344,7 +316,7 @@ def test_a_drift_in_small_steps_stops_at_the_budget_below_the_lineage_start(
         aim = [b + p * (position + step) for b, p in zip(site.base, path, strict=True)]
         published = len(site.versions())
         site.start_round("mallory")
-        site.update(
+        site.send_delta(
             "mallory", [(a - m).astype(np.float32) for a, m in zip(aim, model, strict=True)], 20
         )
         if len(site.versions()) > published:
@@ -372,18 +344,18 @@ def test_a_doorbell_in_far_more_refused_rounds_than_the_others_is_left_out(
     for honest in ("a", "b", "c"):
         site.start_round("mallory", honest)
         model = site.coordinator.federation.model.weights
-        site.update(
+        site.send_delta(
             "mallory",
             [(2 * (r - m)).astype(np.float32) for r, m in zip(rank_one, model, strict=True)],
             20,
         )
-        site.update(honest, zero, 20)
-        assert site.metrics().outcome == "abandoned"
+        site.send_delta(honest, zero, 20)
+        assert site.metrics()[-1].outcome == "abandoned"
     for pair in (("a", "b"), ("b", "c"), ("a", "c")):
         site.start_round(*pair)
         for device in pair:
-            site.update(device, zero, 20)
-        assert site.metrics().outcome == "published"
+            site.send_delta(device, zero, 20)
+        assert site.metrics()[-1].outcome == "published"
     with caplog.at_level(logging.WARNING, logger="aggregator"):
         site.start_round("mallory", "a", "b", "c")
     assert site.coordinator.federation.round is not None
