@@ -137,6 +137,7 @@ class Harness:
     def __init__(self, tmp_path: Path, exporter: Exporter, **rounds: Any) -> None:
         self.now = 1000.0
         assert exporter.config.cache_dir is not None
+        self.rounds = rounds
         self.config = self.configure(tmp_path, exporter.config.cache_dir, **rounds)
         self.topics = Topics(self.config.site)
         self.exporter = exporter
@@ -156,13 +157,8 @@ class Harness:
         return harness_config(tmp_path, cache_dir, **rounds)
 
     def restart(self, tmp_path: Path) -> Harness:
-        return Harness(
-            tmp_path,
-            self.exporter,
-            **self.config.rounds.model_dump(
-                include={"codec", "timeout_s", "auto_pause_s", "min_updates"}
-            ),
-        )
+        """The same coordinator started again on the same state folder."""
+        return type(self)(tmp_path, self.exporter, **self.rounds)
 
     def send(self, topic: str, payload: bytes) -> None:
         self.coordinator.on_message(topic, payload)

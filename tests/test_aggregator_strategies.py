@@ -71,8 +71,7 @@ def test_clipped_fedavg_scales_each_update_down_before_averaging(
 def test_median_ignores_one_outlier_and_survives_a_restart_mid_round(
     tmp_path: Path, exporter: Exporter
 ) -> None:
-    rounds = {"strategy": "median", "max_devices": 3}
-    harness = start(tmp_path, exporter, **rounds)
+    harness = start(tmp_path, exporter, strategy="median", max_devices=3)
     before = weights_of(harness)
     harness.online("a", "b", "c")
     harness.command(cmd="start_round")
@@ -83,7 +82,7 @@ def test_median_ignores_one_outlier_and_survives_a_restart_mid_round(
     assert isinstance(current.accumulator, Buffered)
     assert current.accumulator.count == 2
 
-    restarted = start(tmp_path, exporter, **rounds)  # the buffered deltas come from disk
+    restarted = harness.restart(tmp_path)  # the buffered deltas come from disk
     resumed = restarted.coordinator.federation.round
     assert resumed is not None
     assert isinstance(resumed.accumulator, Buffered)
@@ -127,13 +126,12 @@ def test_fedavg_default_streams(tmp_path: Path, exporter: Exporter) -> None:
 
 
 def test_fedavgm_momentum_is_saved_with_the_model(tmp_path: Path, exporter: Exporter) -> None:
-    rounds = {"server_optimizer": "fedavgm", "server_momentum": 0.5}
-    harness = start(tmp_path, exporter, **rounds)
+    harness = start(tmp_path, exporter, server_optimizer="fedavgm", server_momentum=0.5)
     first = weights_of(harness)
     run_round(harness, {"a": 0.02})
     assert_moved_by(first, harness, [0.02] * len(first))  # step 1: the mean delta
 
-    restarted = start(tmp_path, exporter, **rounds)  # moments come back from disk
+    restarted = harness.restart(tmp_path)  # moments come back from disk
     assert restarted.coordinator.federation.model.optimizer is not None
     assert restarted.coordinator.federation.model.optimizer.steps == 1
     second = weights_of(restarted)
@@ -144,8 +142,7 @@ def test_fedavgm_momentum_is_saved_with_the_model(tmp_path: Path, exporter: Expo
 def test_an_unpublished_step_is_not_applied_twice_after_a_restart(
     tmp_path: Path, exporter: Exporter
 ) -> None:
-    rounds = {"server_optimizer": "fedadam", "server_learning_rate": 0.001}
-    harness = start(tmp_path, exporter, **rounds)
+    harness = start(tmp_path, exporter, server_optimizer="fedadam", server_learning_rate=0.001)
     before = weights_of(harness)
     harness.online("a")
     harness.command(cmd="train")
@@ -153,7 +150,7 @@ def test_an_unpublished_step_is_not_applied_twice_after_a_restart(
     harness.update("a", 1, scale=0.5)
     harness.command(cmd="aggregate")
 
-    restarted = start(tmp_path, exporter, **rounds)
+    restarted = harness.restart(tmp_path)
     restarted.command(cmd="publish")
     optimizer = restarted.coordinator.federation.model.optimizer
     assert optimizer is not None
