@@ -6,7 +6,7 @@ Two implementations of one small interface, chosen by `rounds.strategy`:
   (on by default), folded into a running weighted sum (`RunningFedAvg`) and
   dropped. Memory: one model of float64, however many
   devices answer.
-- `Buffered` (median, trimmed_mean): coordinate-wise rules need every delta
+- `Buffered` (median, trimmed_mean, multi_krum): these rules need every delta
   of the round at once, so they are kept, at most `capacity` of them (the
   config requires `rounds.max_devices` for these strategies). Memory:
   `capacity` models of float32.
