@@ -32,6 +32,10 @@ is 1.0), so only the weight it is given decides how far it pulls."""
 CLAIMS = {**dict.fromkeys(HONEST, 50), "mallory": 200}
 
 
+def _version(payload: bytes) -> int:
+    return parse_global(payload, site=SITE, max_bytes=MAX_BYTES, keys=None).version
+
+
 def direction(shape: tuple[int, ...]) -> np.ndarray:
     """A unit vector over the head: flat on its first COVER coordinates."""
     unit = np.zeros(int(np.prod(shape)), np.float64)
@@ -46,14 +50,17 @@ def test_a_doorbell_claiming_four_times_the_examples_weighs_as_one_house(
     steps = {**HONEST, "mallory": HOSTILE}
     equal = float(np.mean(list(steps.values())))  # +0.1225
     by_claims = sum(CLAIMS[d] * s for d, s in steps.items()) / sum(CLAIMS.values())  # -0.0414
-    assert by_claims < 0 < equal  # the claims would turn the round's direction round
+    assert by_claims < 0 < equal  # weighed by the claims, the round would point the other way
 
     federation.start_aggregator(codec=codec, min_updates=len(steps), auto_rounds=1)
     devices = [FakeDevice(broker.port, name) for name in steps]
     try:
         recorder.round(1, "train", timeout=STARTUP)
         base = parse_global(
-            recorder.payloads(TOPICS.global_model)[-1], site=SITE, max_bytes=MAX_BYTES, keys=None
+            recorder.wait_for(TOPICS.global_model, lambda p: _version(p) == 0),
+            site=SITE,
+            max_bytes=MAX_BYTES,
+            keys=None,
         )
         unit = direction(base.weights[0].shape)
         for device in devices:
@@ -66,9 +73,11 @@ def test_a_doorbell_claiming_four_times_the_examples_weighs_as_one_house(
         assert metrics.examples == 350  # the claims are reported, not weighed
         assert metrics.rejected == {}  # nothing was capped: no count was used
         new = parse_global(
-            recorder.payloads(TOPICS.global_model)[-1], site=SITE, max_bytes=MAX_BYTES, keys=None
+            recorder.wait_for(TOPICS.global_model, lambda p: _version(p) == 1),
+            site=SITE,
+            max_bytes=MAX_BYTES,
+            keys=None,
         )
-        assert new.version == 1
         step = new.weights[0].astype(np.float64) - base.weights[0]
         along = float(np.sum(step * unit))
         print(
