@@ -6,13 +6,16 @@ Two implementations of one small interface, chosen by `rounds.strategy`:
   (on by default), folded into a running weighted sum (`RunningFedAvg`) and
   dropped. Memory: one model of float64, however many
   devices answer.
-- `Buffered` (median, trimmed_mean): coordinate-wise rules need every delta
+- `Buffered` (median, trimmed_mean, multi_krum): these rules need every delta
   of the round at once, so they are kept, at most `capacity` of them (the
   config requires `rounds.max_devices` for these strategies). Memory:
   `capacity` models of float32.
 
-Either way an update weighs at most `rounds.max_examples`, whatever its
-doorbell claims (issue 13 item 1).
+Either way what an update weighs is the round's `Weigh`, from
+`rounds.weighting`: one per house by default (issue 18 item 3: a claimed
+example count is the doorbell's word), or its claimed examples up to
+`rounds.max_examples`. A round keeps the weighting it started with, across a
+restart too.
 
 Both expose `arrays()`, what the state folder saves after each accepted
 update, and are rebuilt from those arrays after a restart (`restore`), so a
@@ -29,7 +32,7 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-from aggregator.config import RoundSettings
+from aggregator.config import RoundSettings, Weighting
 from aggregator.robust import (
     Aggregate,
     Delta,
@@ -45,6 +48,15 @@ from fedbell.wire.codecs import Weights
 Arrays = list[npt.NDArray[np.floating]]
 Shapes = Sequence[tuple[int, ...]]
 Rule = Callable[[Sequence[Delta], Sequence[int]], Aggregate]
+Weigh = Callable[[int], int]
+"""What an update claiming so many examples weighs in its round's average."""
+
+
+def weigh(weighting: Weighting, max_examples: int) -> Weigh:
+    """`rounds.weighting`: houses, every update 1; examples, its claim up to `max_examples`."""
+    if weighting == "houses":
+        return lambda _examples: 1
+    return lambda examples: min(examples, max_examples)
 
 
 class Accumulator(ABC):
@@ -58,11 +70,12 @@ class Accumulator(ABC):
     @property
     @abstractmethod
     def total(self) -> int:
-        """Examples behind the updates added so far."""
+        """What the updates added so far weigh together."""
 
     @abstractmethod
     def add(self, delta: Delta, examples: int) -> None:
-        """Take one checked update in; the caller may drop `delta` afterwards."""
+        """Take one checked update (claiming `examples`) in; the caller may drop `delta`
+        afterwards."""
 
     @abstractmethod
     def aggregate(self) -> Aggregate:
@@ -74,20 +87,12 @@ class Accumulator(ABC):
 
 
 class Streaming(Accumulator):
-    """Weighted FedAvg as a running sum; deltas optionally clipped to `clip_norm` first.
+    """Weighted FedAvg as a running sum; deltas optionally clipped to `clip_norm` first."""
 
-    Each update weighs at most `max_examples` (its claim is the doorbell's word).
-    """
-
-    def __init__(
-        self,
-        fedavg: RunningFedAvg,
-        clip_norm: float | None = None,
-        max_examples: int | None = None,
-    ) -> None:
+    def __init__(self, fedavg: RunningFedAvg, weigh: Weigh, clip_norm: float | None = None) -> None:
         self.fedavg = fedavg
+        self.weigh = weigh
         self.clip_norm = clip_norm
-        self.max_examples = max_examples
 
     @property
     def count(self) -> int:
@@ -98,9 +103,11 @@ class Streaming(Accumulator):
         return self.fedavg.total
 
     def add(self, delta: Delta, examples: int) -> None:
+        if examples < 1:
+            raise InconsistentUpdate(f"an update needs at least one example, got {examples}")
         if self.clip_norm is not None:
             delta = clip_by_norm(delta, self.clip_norm)
-        self.fedavg.add(delta, _capped(examples, self.max_examples))
+        self.fedavg.add(delta, self.weigh(examples))
 
     def aggregate(self) -> Aggregate:
         return Aggregate(self.fedavg.mean_delta())
@@ -112,33 +119,29 @@ class Streaming(Accumulator):
 
 
 class Buffered(Accumulator):
-    """Every delta of the round and its examples, at most `capacity`, aggregated by `rule`.
+    """Every delta of the round and its weight, at most `capacity`, aggregated by `rule`."""
 
-    Each update's examples are kept as counted: at most `max_examples`.
-    """
-
-    def __init__(
+    def __init__(  # noqa: PLR0917 - a saved round's deltas and weights come back together
         self,
         shapes: Shapes,
         rule: Rule,
         capacity: int,
+        weigh: Weigh,
         deltas: Sequence[Weights] = (),
-        examples: Sequence[int] = (),
-        *,
-        max_examples: int | None = None,
+        weights: Sequence[int] = (),
     ) -> None:
         self.shapes = [tuple(int(d) for d in s) for s in shapes]
         self.rule = rule
         self.capacity = capacity
-        self.max_examples = max_examples
+        self.weigh = weigh
         self.deltas: list[Weights] = []
-        self.examples: list[int] = []
-        if len(deltas) != len(examples):
-            raise InconsistentUpdate(f"{len(deltas)} buffered updates, {len(examples)} counts")
+        self.weights: list[int] = []
+        if len(deltas) != len(weights):
+            raise InconsistentUpdate(f"{len(deltas)} buffered updates, {len(weights)} weights")
         if len(deltas) > capacity:
             raise InconsistentUpdate(f"{len(deltas)} buffered updates, capacity {capacity}")
-        for delta, count in zip(deltas, examples, strict=True):
-            self.add(delta, count)
+        for delta, weight in zip(deltas, weights, strict=True):
+            self._keep(delta, weight)
 
     @property
     def count(self) -> int:
@@ -146,27 +149,32 @@ class Buffered(Accumulator):
 
     @property
     def total(self) -> int:
-        return sum(self.examples)
+        return sum(self.weights)
 
     def add(self, delta: Delta, examples: int) -> None:
         if examples < 1:
             raise InconsistentUpdate(f"an update needs at least one example, got {examples}")
+        self._keep(delta, self.weigh(int(examples)))
+
+    def _keep(self, delta: Delta, weight: int) -> None:
+        if weight < 1:
+            raise InconsistentUpdate(f"an update weighs at least 1, got {weight}")
         if len(self.deltas) >= self.capacity:  # memory bound: never hold more than this
             raise InconsistentUpdate(f"already holding {self.capacity} updates this round")
         check_shapes(delta, self.shapes)
         self.deltas.append([np.asarray(a, dtype=np.float32) for a in delta])
-        self.examples.append(_capped(int(examples), self.max_examples))
+        self.weights.append(weight)
 
     def aggregate(self) -> Aggregate:
         if not self.deltas:
             raise InconsistentUpdate("no update has been added")
-        return self.rule(self.deltas, self.examples)
+        return self.rule(self.deltas, self.weights)
 
     def arrays(self) -> Arrays:
         """All deltas flattened in order (delta 0's tensors, then delta 1's, ...),
-        then one vector of their example counts."""
+        then one vector of their weights."""
         flat: Arrays = [array for delta in self.deltas for array in delta]
-        return [*flat, np.asarray(self.examples, dtype=np.float64)]
+        return [*flat, np.asarray(self.weights, dtype=np.float64)]
 
 
 class SecureSum(Accumulator):
@@ -203,10 +211,6 @@ class SecureSum(Accumulator):
         return [] if self.mean is None else list(self.mean)
 
 
-def _capped(examples: int, max_examples: int | None) -> int:
-    return examples if max_examples is None else min(examples, max_examples)
-
-
 def make_accumulator(settings: RoundSettings, shapes: Shapes, *, sparse: bool) -> Accumulator:
     """An empty accumulator for a new round, as the config's strategy says.
 
@@ -225,10 +229,12 @@ def restore(
     count: int,
     sparse: bool,
     secure: bool = False,
+    weighting: Weighting | None = None,
 ) -> Accumulator:
     """The accumulator of a round resumed from disk (`arrays`: what `arrays()` saved).
 
     `secure`: a secure-aggregation round, whose accumulator is its unmasked mean.
+    `weighting`: the one the round started with (default: the config's).
     """
     if secure:
         if not arrays:
@@ -239,12 +245,12 @@ def restore(
             )
         return SecureSum([np.asarray(a, dtype=np.float32) for a in arrays], count)
     strategy = settings.strategy
+    weight = weigh(weighting or settings.weighting, settings.max_examples)
     if strategy in ("fedavg", "clipped"):
         saved = None if arrays is None else [np.asarray(a, dtype=np.float64) for a in arrays]
         clip = settings.clip_norm  # on by default (fedavg too); `clipped` requires it
-        cap = settings.max_examples
         if not sparse:
-            return Streaming(RunningFedAvg(shapes, saved, total, count), clip, cap)
+            return Streaming(RunningFedAvg(shapes, saved, total, count), weight, clip)
         if saved is not None and len(saved) != 2 * len(shapes):
             raise InconsistentUpdate(
                 f"saved {len(saved)} arrays, a sparse sum has {2 * len(shapes)}"
@@ -252,30 +258,29 @@ def restore(
         sums, coverage = (
             (None, None) if saved is None else (saved[: len(shapes)], saved[len(shapes) :])
         )
-        return Streaming(SparseFedAvg(shapes, sums, coverage, total, count), clip, cap)
+        return Streaming(SparseFedAvg(shapes, sums, coverage, total, count), weight, clip)
     if sparse:  # the config refuses it; a saved round must not slip past (issue 13 item 9)
         raise InconsistentUpdate(f"strategy {strategy} cannot aggregate top-k (sparse) updates")
     rule: Rule
     if strategy == "median":
-        rule = lambda deltas, _examples: Aggregate(coordinate_median(deltas))  # noqa: E731
+        rule = lambda deltas, _weights: Aggregate(coordinate_median(deltas))  # noqa: E731
     elif strategy == "trimmed_mean":
         fraction = settings.trim_fraction
-        rule = lambda deltas, _examples: Aggregate(trimmed_mean(deltas, fraction))  # noqa: E731
+        rule = lambda deltas, _weights: Aggregate(trimmed_mean(deltas, fraction))  # noqa: E731
     else:
         byzantine, share = settings.byzantine, settings.max_share
-        rule = lambda deltas, examples: multi_krum(deltas, examples, byzantine, share)  # noqa: E731
+        rule = lambda deltas, weights: multi_krum(deltas, weights, byzantine, share)  # noqa: E731
     assert settings.max_devices is not None  # the config guarantees it for buffered rules
-    cap = settings.max_examples
     if not arrays:
-        return Buffered(shapes, rule, settings.max_devices, max_examples=cap)
-    counts = [int(c) for c in np.asarray(arrays[-1]).reshape(-1)]
+        return Buffered(shapes, rule, settings.max_devices, weight)
+    weights = [int(c) for c in np.asarray(arrays[-1]).reshape(-1)]
     deltas = _split(arrays[:-1], len(shapes))
-    if len(deltas) != count or len(counts) != count or sum(counts) != total:
+    if len(deltas) != count or len(weights) != count or sum(weights) != total:
         raise InconsistentUpdate(
-            f"saved {len(deltas)} buffered updates of {sum(counts)} examples, the round "
-            f"received {count} of {total}"
+            f"saved {len(deltas)} buffered updates weighing {sum(weights)}, the round "
+            f"received {count} weighing {total}"
         )
-    return Buffered(shapes, rule, settings.max_devices, deltas, counts, max_examples=cap)
+    return Buffered(shapes, rule, settings.max_devices, weight, deltas, weights)
 
 
 def _split(arrays: Arrays, per_delta: int) -> list[Weights]:

@@ -42,6 +42,7 @@ DOWNLINK_CODECS: tuple[Codec, ...] = ("float32", "float16", "int8")
 DownlinkCodec = Annotated[Codec, member_of(DOWNLINK_CODECS)]
 
 Strategy = Literal["fedavg", "clipped", "median", "trimmed_mean", "multi_krum"]
+Weighting = Literal["houses", "examples"]
 BUFFERED_STRATEGIES: tuple[Strategy, ...] = ("median", "trimmed_mean", "multi_krum")
 """Strategies that need every update of a round at once (see aggregator/accumulator.py)."""
 ServerOptimizerKind = Literal["none", "fedavgm", "fedadam"]
@@ -56,10 +57,10 @@ LFW training houses under doorbell conditions (`bench.data.load_bench`, seed 0):
 update norms median 0.52, 99th percentile 0.82, largest 0.84; 1.0 leaves every one of them
 whole (top-k updates carrying many rounds of residual, up to 1.76, are scaled down)."""
 DEFAULT_MAX_EXAMPLES = 200
-"""A doorbell trains on its gallery: 2-27 photos per training house measured above, a few
-hundred at most (training.max_images_per_person per resident)."""
+"""With weighting examples: a doorbell trains on its gallery, 2-27 photos per training house
+measured above, a few hundred at most (training.max_images_per_person per resident)."""
 DEFAULT_MAX_SHARE = 0.25
-"""multi_krum: no kept update weighs more than a quarter of the round."""
+"""multi_krum with weighting examples: no kept update weighs more than a quarter of the round."""
 DEFAULT_MAX_ACCURACY_DROP = 0.15
 """A release scoring 15 points below the published model on the evaluation set is refused:
 "far worse", well outside round-to-round noise (±3 points on LFW's 436 held-out probes in
@@ -166,12 +167,19 @@ class RoundSettings(StrictModel):
     """With fedavg and clipped: each update's L2 norm is scaled down to this before it is averaged
     (on by default; null turns it off for fedavg). Raise it with the training plan's learning rate
     or epochs."""
+    weighting: Weighting = "houses"
+    """What an accepted update weighs in a plain round's average (fedavg, clipped, multi_krum):
+    houses, the same for every doorbell, as in a secure round; examples, its claimed example count
+    up to max_examples, for a site that trusts its doorbells (a count is the doorbell's own word:
+    one claiming max_examples among honest ones of 50 moves the average 4 times as far as each of
+    them). median and trimmed_mean weigh every house the same either way."""
     max_examples: int = Field(default=DEFAULT_MAX_EXAMPLES, ge=1, le=10_000_000)
-    """An update weighs at most this many examples in the average, whatever its doorbell claims (a
-    gallery is at most a few hundred photos)."""
+    """With weighting examples: an update weighs at most this many examples, whatever its doorbell
+    claims (a gallery is at most a few hundred photos)."""
     max_share: Share = DEFAULT_MAX_SHARE
-    """With multi_krum: no kept update weighs more than this share of the round (weights clipped to
-    a common level; equal weights when fewer than 1/share updates are kept)."""
+    """With multi_krum and weighting examples: no kept update weighs more than this share of the
+    round (weights clipped to a common level; equal weights when fewer than 1/share updates are
+    kept)."""
     max_accuracy_drop: Fraction | None = DEFAULT_MAX_ACCURACY_DROP
     """A new version whose open-set accuracy on evaluation.dataset is more than this below the
     published version's is not published: the round is abandoned and the model stays (null: publish
@@ -229,6 +237,12 @@ class RoundSettings(StrictModel):
         return self
 
     def _secure_settings(self) -> None:
+        if self.weighting == "examples":
+            raise ValueError(
+                "weighting examples with secure_aggregation: a masked update carries no "
+                "example count, every house weighs the same; set weighting to houses, or "
+                "turn secure_aggregation off"
+            )
         if self.strategy in BUFFERED_STRATEGIES:
             raise ValueError(
                 f"strategy {self.strategy} with secure_aggregation: it needs each doorbell's "

@@ -127,6 +127,7 @@ class Intake:
             return
         fed.reply(about="update", ok=True, device=device, round=current.id, size=len(payload))
         claimed, cap = update.num_examples, fed.config.rounds.max_examples
+        capped = current.weighting == "examples" and claimed > cap
         del update  # streaming strategies keep only the running sum
         fed.dirty = True  # committed by `persist` (batched), or by the round's next commit
         log.info(
@@ -137,7 +138,7 @@ class Intake:
             len(current.received),
             len(current.selected),
         )
-        if claimed > cap:
+        if capped:
             fed.count("examples_capped")
             log.warning(
                 "round %d: %s claims %d examples, weighed as %d (rounds.max_examples)",

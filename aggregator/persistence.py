@@ -138,6 +138,7 @@ class Persistence:
                 count=len(saved.received),
                 sparse=saved.announcement.codec == "topk",
                 secure=saved.announcement.secagg is not None,
+                weighting=saved.weighting,
             )
         except InconsistentUpdate as err:
             raise StateError(

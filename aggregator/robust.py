@@ -130,14 +130,14 @@ class Aggregate:
     (empty: the rule leaves no whole update out)."""
 
 
-def capped_weights(examples: Sequence[float], max_share: float) -> npt.NDArray[np.float64]:
-    """The examples clipped to one common level so that none weighs more than `max_share`
+def capped_weights(weights: Sequence[float], max_share: float) -> npt.NDArray[np.float64]:
+    """The weights clipped to one common level so that none is more than `max_share`
     of their sum (water-filling: the largest are cut first, the rest keep their weight).
 
     With too few updates for the share (n <= 1/max_share) every weight is cut to the
     smallest: equal weights, the closest to the share that n updates allow.
     """
-    counts = np.asarray(examples, dtype=np.float64)
+    counts = np.asarray(weights, dtype=np.float64)
     if counts.size == 0 or not 0 < max_share <= 1:
         raise ValueError(f"{counts.size} weights, share {max_share}: nothing to weigh")
     total = float(counts.sum())
@@ -156,7 +156,7 @@ def capped_weights(examples: Sequence[float], max_share: float) -> npt.NDArray[n
 
 def multi_krum(
     deltas: Sequence[Delta],
-    examples: Sequence[int],
+    weights: Sequence[int],
     byzantine: int,
     max_share: float = 1.0,
 ) -> Aggregate:
@@ -164,10 +164,11 @@ def multi_krum(
 
     Each update is scored by its summed squared distance to its n - f - 2
     nearest fellows; the f worst-scored (at most `byzantine` hostile
-    doorbells are assumed) are dropped and the rest averaged, weighted by
-    examples, no kept update weighing more than `max_share` of them
-    (`capped_weights`): a hostile update hidden inside the honest cluster
-    cannot take the average with a huge example count. Unlike
+    doorbells are assumed) are dropped and the rest averaged by `weights` (the
+    round's: equal per house by default), no kept update weighing more than
+    `max_share` of them (`capped_weights`): with weighting by examples, a
+    hostile update hidden inside the honest cluster cannot take the average
+    with a huge example count. Unlike
     coordinate-wise rules it keeps whole honest updates, so a class only a
     few doorbells have seen is not voted away (non-IID). With too few updates
     for the rule (n <= 2f + 2) it falls back to the coordinate median.
@@ -183,10 +184,10 @@ def multi_krum(
     np.fill_diagonal(distances, np.inf)
     scores = np.sort(distances, axis=1)[:, : count - byzantine - 2].sum(axis=1)
     keep = sorted(np.argsort(scores, kind="stable")[: count - byzantine].tolist())
-    weights = capped_weights([examples[i] for i in keep], max_share)
-    weights /= weights.sum()
+    kept = capped_weights([weights[i] for i in keep], max_share)
+    kept /= kept.sum()
     delta = [
-        np.tensordot(weights, np.stack([deltas[i][t] for i in keep]), axes=1).astype(np.float32)
+        np.tensordot(kept, np.stack([deltas[i][t] for i in keep]), axes=1).astype(np.float32)
         for t in range(len(deltas[0]))
     ]
     return Aggregate(delta, tuple(i not in keep for i in range(count)))

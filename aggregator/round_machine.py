@@ -104,6 +104,7 @@ class RoundMachine:
             if plan is not None
             else make_accumulator(rounds, shapes, sparse=rounds.codec == "topk"),
             strategy=rounds.strategy,
+            weighting=rounds.weighting,
         )
         if plan is not None:
             fed.round.secure = SecurePhases.start(

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from aggregator.accumulator import Accumulator
-from aggregator.config import RoundSettings, Strategy
+from aggregator.config import RoundSettings, Strategy, Weighting
 from aggregator.secure import SecurePhases
 from aggregator.state import RoundRecord, RoundStatus
 from aggregator.strategy import update_norm
@@ -37,6 +37,7 @@ _RECORDED_AS_IS = (
     "status",
     "manual",
     "started_at",
+    "weighting",
     "examples",
     "bytes_up",
     "announce_bytes",
@@ -99,6 +100,8 @@ class Round:
     started_at: float
     accumulator: Accumulator
     strategy: Strategy = "fedavg"
+    weighting: Weighting = "houses"
+    """What an update weighs (`rounds.weighting` when the round started: its accumulator's)."""
     status: RoundStatus = "collecting"
     received: list[str] = field(default_factory=list)
     examples: int = 0

@@ -80,6 +80,11 @@ class RoundRecord(_Record):
     rejected: dict[str, int] = Field(default_factory=dict)
     total_weight: int = 0
     strategy: str = Field(default="fedavg", description="rounds.strategy when it started.")
+    weighting: Literal["houses", "examples"] = Field(
+        default="examples",
+        description="rounds.weighting when it started (rounds saved before the setting existed "
+        "weighed by examples).",
+    )
     sum_file: str | None = Field(
         default=None,
         description="The accumulator's arrays: the running sum (fedavg, "

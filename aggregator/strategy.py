@@ -1,9 +1,10 @@
 """Federated averaging as small pure functions over arrays (Flower style).
 
-An update is a list of deltas against the round's base model plus the number
-of examples it was trained on. FedAvg weights each delta by its examples:
+An update is a list of deltas against the round's base model plus its weight
+(`rounds.weighting`: 1 per house by default, or the examples it claims, capped;
+see aggregator/accumulator.py). FedAvg weighs each delta by it:
 
-    new = base + sum_i(n_i * delta_i) / sum_i(n_i)
+    new = base + sum_i(w_i * delta_i) / sum_i(w_i)
 
 `RunningFedAvg` computes the same thing streaming: each delta is added to a
 running weighted sum as it arrives and can then be dropped, so memory is one
@@ -58,23 +59,23 @@ def update_norm(delta: Sequence[npt.NDArray[np.floating]]) -> float:
 
 
 def aggregate(results: Sequence[tuple[Sequence[npt.NDArray[np.floating]], int]]) -> Weights:
-    """Batch weighted average of (delta, num_examples) pairs."""
+    """Batch weighted average of (delta, weight) pairs."""
     if not results:
         raise InconsistentUpdate("nothing to aggregate")
     shapes = [tuple(a.shape) for a in results[0][0]]
     total = 0
     sums: Sums = [np.zeros(s, dtype=np.float64) for s in shapes]
-    for delta, examples in results:
-        if examples < 1:
-            raise InconsistentUpdate(f"an update needs at least one example, got {examples}")
+    for delta, weight in results:
+        if weight < 1:
+            raise InconsistentUpdate(f"an update weighs at least 1, got {weight}")
         check_shapes(delta, shapes)
-        total += examples
-        _add_weighted(sums, delta, examples)
+        total += weight
+        _add_weighted(sums, delta, weight)
     return [(s / total).astype(np.float32) for s in sums]
 
 
 class RunningFedAvg:
-    """The running weighted sum of deltas and the total weight (examples).
+    """The running weighted sum of deltas and the total weight.
 
     float64 sums, so adding thousands of float32 deltas loses nothing that
     matters; `sums` and `total` are what the state file saves and restores.
@@ -97,13 +98,13 @@ class RunningFedAvg:
         self.total = total
         self.count = count
 
-    def add(self, delta: Sequence[npt.NDArray[np.floating]], examples: int) -> None:
+    def add(self, delta: Sequence[npt.NDArray[np.floating]], weight: int) -> None:
         """Fold one update in; the caller may drop `delta` afterwards."""
-        if examples < 1:
-            raise InconsistentUpdate(f"an update needs at least one example, got {examples}")
+        if weight < 1:
+            raise InconsistentUpdate(f"an update weighs at least 1, got {weight}")
         check_shapes(delta, self.shapes)
-        _add_weighted(self.sums, delta, examples)
-        self.total += examples
+        _add_weighted(self.sums, delta, weight)
+        self.total += weight
         self.count += 1
 
     def mean_delta(self) -> Weights:
@@ -126,14 +127,14 @@ class SparseFedAvg(RunningFedAvg):
     """Streaming FedAvg for top-k updates, corrected for what nobody sent.
 
     With top-k, most doorbells send nothing for a given weight. A plain mean
-    divides what the few senders learnt by everyone's examples, and the model
+    divides what the few senders learnt by everyone's weight, and the model
     crawls (the residual they keep only catches up rounds later). Dividing by
-    the senders' examples alone over-steps instead: one doorbell's value moves
+    the senders' weight alone over-steps instead: one doorbell's value moves
     a weight fully. The geometric mean of the two denominators,
     sqrt(covered × total), learns as fast as dense FedAvg and as smoothly
     (measured with `make bench`: top-k 5 % ends level with float32 on
     att_faces, plain averaging of the same updates ends 10 points below).
-    `coverage` (examples behind each coordinate) is saved with the sums.
+    `coverage` (the weight behind each coordinate) is saved with the sums.
     """
 
     def __init__(
@@ -150,10 +151,10 @@ class SparseFedAvg(RunningFedAvg):
         check_shapes(coverage, self.shapes)
         self.coverage = [np.asarray(c, dtype=np.float64) for c in coverage]
 
-    def add(self, delta: Sequence[npt.NDArray[np.floating]], examples: int) -> None:
-        super().add(delta, examples)
+    def add(self, delta: Sequence[npt.NDArray[np.floating]], weight: int) -> None:
+        super().add(delta, weight)
         for covered, array in zip(self.coverage, delta, strict=True):
-            np.add(covered, examples * (array != 0), out=covered)
+            np.add(covered, weight * (array != 0), out=covered)
 
     def mean_delta(self) -> Weights:
         if self.total == 0:

@@ -15,7 +15,7 @@ from typing import Literal, Protocol
 
 import numpy as np
 
-from aggregator.config import DEFAULT_MIN_COHORT, RoundSettings
+from aggregator.config import DEFAULT_MIN_COHORT, RoundSettings, Weighting
 from fedbell.faces.embedding import Features, LabelIds
 from fedbell.wire.codecs import Weights
 from fedbell.wire.envelope import Codec
@@ -81,6 +81,8 @@ class Arm:
     codec: Codec = PRODUCT.codec
     density: float = PRODUCT.density
     strategy: Strategy = PRODUCT.strategy
+    weighting: Weighting = PRODUCT.weighting
+    """What an update weighs in a plain round: the same per house, or its examples (capped)."""
     clip_norm: float = 1.0
     """With strategy "clipped" only; other arms keep the aggregator's default clipping."""
     trim_fraction: float = 0.2
@@ -169,6 +171,7 @@ def round_settings(arm: Arm, per_round: int) -> RoundSettings:
         "density": arm.density,
         "downlink_codec": arm.downlink_codec,
         "strategy": arm.strategy,
+        "weighting": arm.weighting,
         "trim_fraction": arm.trim_fraction,
         "byzantine": arm.byzantine or len(arm.attackers) or 1,
         "max_devices": per_round,

@@ -25,12 +25,13 @@ whose content differs from what its doorbell built (a poisoned body, a lying
 example count on a signed site) fails the run, and so does a rejected message
 that touched the accumulator, or the base weights changing.
 
-On an unsigned site a header is not authenticated, so the example count a
-message claims is the weight the expectation uses (read from the raw JSON
-here, independently of the envelope code); on a signed site it must be the
-count the doorbell signed. Either way it is capped at the round's
-`max_examples`, and every delta clipped to its `clip_norm` (the aggregator's
-documented defaults since issue 13 item 1).
+By default (`rounds.weighting` houses) every accepted message weighs the
+same, whatever it claims. With weighting by examples: on an unsigned site a
+header is not authenticated, so the example count a message claims is the
+weight the expectation uses (read from the raw JSON here, independently of
+the envelope code); on a signed site it must be the count the doorbell
+signed; either way capped at the round's `max_examples`. Every delta is
+clipped to its `clip_norm` (the aggregator's default since issue 13 item 1).
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ import zstandard
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from aggregator.accumulator import Accumulator, make_accumulator, next_step
-from aggregator.config import RoundSettings
+from aggregator.config import RoundSettings, Weighting
 from aggregator.strategy import InconsistentUpdate
 from bench.steps import Intake, open_round
 from fedbell.errors import RejectedMessage
@@ -67,6 +68,8 @@ SITE = "home"
 DEVICES = ("door", "garage")
 EXAMPLES = {"door": 5, "garage": 9}
 LIMIT = 4 << 20
+PRODUCT = RoundSettings()
+"""The aggregator's round defaults, what the fuzzer throws messages at."""
 SHAPES: dict[str, tuple[int, ...]] = {HEAD_NAMES[0]: (FEATURES, DESCRIPTOR)}
 """The head's tensors, as the aggregator expects them (see `Exporter.specs`)."""
 DELTA_SCALE = 0.01
@@ -284,8 +287,8 @@ class Expectation:
     """What FedAvg over the accepted messages must give, computed here in plain numpy.
 
     Each accepted message contributes the pristine delta its doorbell built
-    (as the codec delivers it, see `pristine`) with its example count; top-k
-    rounds divide each coordinate by sqrt(examples covering it x all examples)
+    (as the codec delivers it, see `pristine`) with its weight; top-k rounds
+    divide each coordinate by sqrt(weight covering it x the total weight)
     (`aggregator.strategy.SparseFedAvg`'s documented rule). Kept as running
     float64 sums, so checking after every accepted message stays cheap.
     """
@@ -298,16 +301,16 @@ class Expectation:
         self.covered = [np.zeros_like(b) for b in self.base]
         self.total = 0
 
-    def add(self, delta: Weights, examples: int) -> None:
+    def add(self, delta: Weights, weight: int) -> None:
         arrays = [d.astype(np.float64) for d in delta]
         if self.clip_norm is not None:
             norm = math.sqrt(sum(float(np.sum(a * a)) for a in arrays))
             if norm > self.clip_norm:
                 arrays = [a * (self.clip_norm / norm) for a in arrays]
         for index, array in enumerate(arrays):
-            self.sums[index] += examples * array
-            self.covered[index] += examples * (array != 0)
-        self.total += examples
+            self.sums[index] += weight * array
+            self.covered[index] += weight * (array != 0)
+        self.total += weight
 
     def weights(self) -> list[npt.NDArray[np.float64]]:
         if self.sparse:
@@ -431,19 +434,22 @@ def _check_release(
     return f"moved the model off the expectation (max difference {worst:.3g})"
 
 
-def run_codec(codec: Codec, count: int, seed: int, signed: bool) -> CodecReport:
+def run_codec(
+    codec: Codec, count: int, seed: int, signed: bool, weighting: Weighting = PRODUCT.weighting
+) -> CodecReport:
     """`count` hostile messages of one codec against one round's validation and accumulator."""
     rng = np.random.default_rng(seed)
     base = [rng.normal(scale=0.05, size=s).astype(np.float32) for s in SHAPES.values()]
     specs = tuple(TensorSpec(name=n, shape=s) for n, s in SHAPES.items())
     keys = {d: Ed25519PrivateKey.generate() for d in DEVICES}
     trusted = {d: k.public_key() for d, k in keys.items()} if signed else None
-    settings = RoundSettings(codec=codec, timeout_s=1e9)
+    settings = RoundSettings(codec=codec, timeout_s=1e9, weighting=weighting)
     if settings.strategy not in ("fedavg", "clipped"):
         raise SystemExit(f"fuzz expects a streaming default strategy, not {settings.strategy}")
     accumulator = make_accumulator(settings, [a.shape for a in base], sparse=codec == "topk")
     # The round's documented rules, applied here by hand: every update clipped to
-    # clip_norm (on by default), and weighing at most max_examples whatever it claims.
+    # clip_norm (on by default), and weighing the same as every other (rounds.weighting
+    # houses) or its claimed examples up to max_examples, whatever it claims.
     expected = Expectation(base, codec == "topk", settings.clip_norm)
     round_ = open_round(settings, 1, DEVICES, accumulator, lineage="fuzz")
     intake = Intake(SITE, LIMIT, specs, trusted, settings.max_update_norm)
@@ -477,14 +483,14 @@ def run_codec(codec: Codec, count: int, seed: int, signed: bool) -> CodecReport:
         round_.received.remove(update.device)  # let the next valid one in as well
         accepted.append(update.device)
         examples = EXAMPLES[update.device] if signed else claimed_examples(payload)
-        examples = min(examples, settings.max_examples)
-        expected.add(clean[update.device], examples)
+        weight = 1 if settings.weighting == "houses" else min(examples, settings.max_examples)
+        expected.add(clean[update.device], weight)
         problem = _check_release(base, accumulator, accepted, expected)
         if problem is not None:
             changes.append(f"{mutator.__name__}: message {i} from {update.device}: {problem}")
             # Count each bad message once: from now on expect what it did.
-            expected.add(clean[update.device], -examples)  # exactly undone
-            expected.add(update.delta, update.num_examples)
+            expected.add(clean[update.device], -weight)  # exactly undone
+            expected.add(update.delta, weight)
     if _digest(base) != before:
         changes.append("the base weights changed")
     report.seconds = time.perf_counter() - started

@@ -49,6 +49,7 @@ def open_round(
         started_at=now,
         accumulator=accumulator,
         strategy=settings.strategy,
+        weighting=settings.weighting,
     )
 
 

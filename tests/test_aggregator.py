@@ -185,6 +185,8 @@ def random_delta(base: GlobalModel, seed: int, scale: float = 0.005) -> Weights:
 
 
 def weighted(base: GlobalModel, parts: list[tuple[Weights, int]]) -> Weights:
+    """The base plus the mean of the deltas by their weights (1 per house: rounds.weighting's
+    default)."""
     total = sum(n for _, n in parts)
     return [
         b + sum(d[i].astype(np.float64) * n for d, n in parts) / total
@@ -199,7 +201,7 @@ def assert_weighted_mean(
     rtol: float = 1e-5,
     atol: float = 1e-6,
 ) -> None:
-    """The published head is the base plus the example-weighted mean of the deltas."""
+    """The published head is the base plus the weighted mean of the (delta, weight) parts."""
     for got, expected in zip(new.weights, weighted(base, parts), strict=True):
         np.testing.assert_allclose(got, expected, rtol=rtol, atol=atol)
 
@@ -348,7 +350,8 @@ def test_round_publishes_weighted_average_and_rejects_bad_updates(
         bob.send(bob.update(base, delta_b, examples=1, round_id=1))
 
         new = watcher.global_model(1)
-        assert_weighted_mean(new, base, [(delta_a, 3), (delta_b, 1)])
+        # 3 examples claimed against 1: every house weighs the same all the same
+        assert_weighted_mean(new, base, [(delta_a, 1), (delta_b, 1)])
         assert new.round == 1
         assert (new.lineage, new.backbone, new.names) == (base.lineage, base.backbone, HEAD_NAMES)
         assert -1.0 <= new.threshold <= 1.0
@@ -414,7 +417,7 @@ def test_deadline_closes_with_quorum_else_abandons(
         alice.send(alice.update(base, delta_a, examples=2, round_id=1))
         bob.send(bob.update(base, delta_b, examples=6, round_id=1))
         new = watcher.global_model(1)  # carol never answers: the deadline closes it
-        assert_weighted_mean(new, base, [(delta_a, 2), (delta_b, 6)])
+        assert_weighted_mean(new, base, [(delta_a, 1), (delta_b, 1)])
         assert watcher.metrics(1, "published").participants == 2
 
         control(alice, {"cmd": "start_round", "devices": ["alice", "bob"]})
@@ -469,7 +472,7 @@ def test_step_by_step_train_send_aggregate_publish(
         control(alice, {"cmd": "publish"})
         new = watcher.global_model(1)
         # int8: within half a step (peak/127, peak ~0.05) of the exact mean.
-        assert_weighted_mean(new, base, [(delta_a, 4), (delta_b, 4)], rtol=1e-7, atol=1e-3)
+        assert_weighted_mean(new, base, [(delta_a, 1), (delta_b, 1)], rtol=1e-7, atol=1e-3)
         assert watcher.metrics(1, "published").version == 1
         watcher.round(1, "closed")
 

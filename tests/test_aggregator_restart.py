@@ -35,7 +35,9 @@ def test_restart_resumes_the_open_round(
     tmp_path: Path,
     configure: Configure,
 ) -> None:
-    config = configure()
+    # The round starts weighing by examples; after the restart the config says houses, and
+    # the open round keeps the weighting it started with (its running sum was built so).
+    config = configure(weighting="examples")
     alice, bob = devices("alice", "bob")
     with running(config) as service:
         base = watcher.global_model(0)
@@ -46,10 +48,11 @@ def test_restart_resumes_the_open_round(
         alice.send(alice.update(base, delta_a, examples=5, round_id=1))
         wait_until(lambda: received(service) == ["alice"])
 
-    with running(config) as service:
+    with running(configure()) as service:
         wait_until(lambda: len(service.coordinator.federation.online) == 2)
         assert service.coordinator.federation.round is not None
         assert service.coordinator.federation.round.received == ["alice"]
+        assert service.coordinator.federation.round.weighting == "examples"
         alice.send(alice.update(base, delta_a, examples=5, round_id=1))  # a replay
         bob.send(bob.update(base, delta_b, examples=3, round_id=1))
         new = watcher.global_model(1)

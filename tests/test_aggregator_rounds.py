@@ -13,13 +13,12 @@ from typing import Any
 import numpy as np
 import pytest
 
-from aggregator.accumulator import Streaming
+from aggregator.accumulator import make_accumulator
 from aggregator.config import AggregatorConfig, RoundSettings
 from aggregator.coordinator import Coordinator
 from aggregator.export import Exporter
 from aggregator.rounds import Round, announce, select_devices
 from aggregator.state import ModelRecord, StateRecord, StateStore
-from aggregator.strategy import RunningFedAvg
 from fedbell.errors import RejectedMessage
 from fedbell.wire.messages import AGGREGATOR, Signer, Update, build_update, parse_global
 from fedbell.wire.protocol import DeviceStatus, RoundMetrics, to_json
@@ -56,7 +55,7 @@ def _round(manual: bool = False) -> Round:
         announcement=announcement,
         manual=manual,
         started_at=100.0,
-        accumulator=Streaming(RunningFedAvg([(2,)])),
+        accumulator=make_accumulator(settings, [(2,)], sparse=False),
     )
 
 
@@ -278,6 +277,37 @@ def test_pending_aggregate_survives_a_restart(tmp_path: Path, exporter: Exporter
         assert np.all(np.abs(got - exact) <= step / 2 + 1e-6)
         assert not np.array_equal(got, exact)
     assert [m.outcome for m in restarted.metrics()] == ["aggregated", "published"]
+
+
+def test_a_round_saved_before_rounds_weighting_existed_resumes_weighing_by_examples(
+    tmp_path: Path, exporter: Exporter
+) -> None:
+    """Such a round's running sum was built weighing by examples: the rest of it must be too
+    (the config, weighing every house the same, applies from the next round on)."""
+    harness = Harness(tmp_path, exporter, weighting="examples")  # as the code before it did
+    harness.online("a", "b")
+    harness.command(cmd="start_round")
+    harness.update("a", 1, examples=3, scale=0.004)  # norm 0.72: under the clip norm
+    state = tmp_path / "state" / "state.json"
+    record = json.loads(state.read_text())
+    assert record["round"].pop("weighting") == "examples"  # as that code wrote the record
+    state.write_text(json.dumps(record))
+
+    restarted = harness.restart(tmp_path)  # the default weighting: houses
+    assert restarted.coordinator.federation.round is not None
+    assert restarted.coordinator.federation.round.weighting == "examples"
+    restarted.update("b", 1, examples=1, scale=0.0)
+    assert restarted.versions() == [0, 1]
+    step = (
+        restarted.coordinator.federation.model.weights[0]
+        - harness.coordinator.federation.model.weights[0]
+    )
+    np.testing.assert_allclose(step, 3 * 0.004 / 4, atol=1e-6)  # houses: 0.002
+    restarted.online("a", "b")  # no broker here to hand it the retained statuses
+    restarted.command(cmd="start_round")
+    second = restarted.coordinator.federation.round
+    assert second is not None
+    assert (second.id, second.weighting) == (2, "houses")
 
 
 def test_a_state_of_another_model_starts_a_new_lineage(

@@ -138,6 +138,7 @@ def test_example_configs_load(name: str, model: type[EdgeConfig | AggregatorConf
         ),
         ("strategy: multi_krum\n  codec: int8\n  max_devices: 10", "only ever sees the sum"),
         ("clip_norm: null", "secure_aggregation needs clip_norm"),
+        ("weighting: examples", "a masked update carries no example count"),
         ("max_devices: 3\n  min_cohort: 5", "max_devices 3 is below min_cohort 5"),
         ("min_cohort: 1", r"rounds\.min_cohort"),
         ("privacy:\n    epsilon_budget: 8", "epsilon_budget needs noise_multiplier > 0"),

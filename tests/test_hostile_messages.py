@@ -72,9 +72,11 @@ def test_model_change_is_reported_when_the_norm_check_is_removed(
 def test_model_change_is_reported_when_signatures_are_not_verified(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """On a signed site a header lying about its example count must be refused; with the
-    signature check gone it is accepted and weighs wrong, which the fuzzer catches."""
+    """On a signed site weighing by examples (rounds.weighting examples) a header lying
+    about its example count must be refused; with the signature check gone it is accepted
+    and weighs wrong, which the fuzzer catches. (Weighing houses, the default, a count
+    weighs nothing.)"""
     monkeypatch.setattr(signing, "verify", lambda _header, _keys: None)
-    report = fuzz.run_codec("topk", 1500, seed=5, signed=True)
+    report = fuzz.run_codec("topk", 1500, seed=5, signed=True, weighting="examples")
     assert report.model_changes, report.outcomes
     assert report.outcomes["bad_signature"] == 0

@@ -1,12 +1,13 @@
 """Issue 13 item 1: one doorbell must not own the model (coordinator on a fake clock).
 
 A provisioned doorbell signs whatever example count it likes (the envelope allows
-10,000,000) and FedAvg weighs by it. These tests send such a claim through the
-coordinator exactly as the service would and check what the published model
-became: under fedavg, top-k and clipped the attacker's weight is cut to
-`rounds.max_examples`; under multi_krum a poisoned delta hidden inside the honest
-cluster weighs at most `rounds.max_share` of the round; and a release that scores
-far worse than the published model on the evaluation set is not published.
+10,000,000). These tests send such a claim through the coordinator exactly as the
+service would and check what the published model became: under fedavg, top-k and
+clipped the attacker weighs as one house (rounds.weighting houses, the default) or,
+weighing by examples, at most `rounds.max_examples`; under multi_krum weighing by
+examples a poisoned delta hidden inside the honest cluster weighs at most
+`rounds.max_share` of the round; and a release that scores far worse than the
+published model on the evaluation set is not published.
 Issue 13 item 9: top-k with a buffered strategy is refused by the config.
 """
 
@@ -136,13 +137,14 @@ def norm(delta: Weights) -> float:
     return float(np.sqrt(sum(np.sum(np.square(d)) for d in delta)))
 
 
+@pytest.mark.parametrize("weighting", ["houses", "examples"])
 @pytest.mark.parametrize(
     ("codec", "strategy"), [("float32", "fedavg"), ("topk", "fedavg"), ("float32", "clipped")]
 )
 def test_a_huge_example_count_does_not_make_the_model_the_attackers_delta(
-    tmp_path: Path, exporter: Exporter, codec: str, strategy: str
+    tmp_path: Path, exporter: Exporter, codec: str, strategy: str, weighting: str
 ) -> None:
-    site = Site(tmp_path, exporter, codec=codec, strategy=strategy)
+    site = Site(tmp_path, exporter, codec=codec, strategy=strategy, weighting=weighting)
     cap, clip = site.config.rounds.max_examples, site.config.rounds.clip_norm
     assert clip is not None  # clipping is on by default
     shape = site.base[0].shape
@@ -163,21 +165,27 @@ def test_a_huge_example_count_does_not_make_the_model_the_attackers_delta(
     attacker = sent["mallory"][0]
     assert norm(attacker) <= clip  # clipping alone does not stop this attack
 
-    weights = {name: min(examples, cap) for name, (_, examples) in sent.items()}
+    weights = {
+        name: 1 if weighting == "houses" else min(examples, cap)
+        for name, (_, examples) in sent.items()
+    }
     expected = np.sum([delta[0] * weights[name] for name, (delta, _) in sent.items()], axis=0)
     expected /= sum(weights.values())
     step = site.step()[0]
     np.testing.assert_allclose(step, expected, atol=1e-6)
-    share = cap / sum(weights.values())
-    assert share < 0.5  # 200 of 440: the attacker moves the model less than half its way
+    share = weights["mallory"] / sum(weights.values())
+    assert share <= 200 / 440  # houses: 1 of 4; examples: 200 of 440, less than half its way
     assert norm([step - attacker[0]]) > 0.5 * norm(attacker)
-    assert site.metrics()[-1].rejected == {"examples_capped": 1}
+    capped = {"examples_capped": 1} if weighting == "examples" else {}  # houses: no count used
+    assert site.metrics()[-1].rejected == capped
 
 
 def test_multi_krum_gives_a_poisoned_update_inside_the_honest_cluster_a_bounded_share(
     tmp_path: Path, exporter: Exporter
 ) -> None:
-    site = Site(tmp_path, exporter, strategy="multi_krum", byzantine=1, max_devices=5)
+    site = Site(
+        tmp_path, exporter, strategy="multi_krum", byzantine=1, max_devices=5, weighting="examples"
+    )
     shape = site.base[0].shape
     rng = np.random.default_rng(0)
     honest_mean = 0.0115

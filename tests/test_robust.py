@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from aggregator.config import Weighting
 from aggregator.robust import (
     ServerOptimizer,
     clip_by_norm,
@@ -87,19 +88,25 @@ def test_multi_krum_with_too_few_updates_falls_back_to_the_median() -> None:
         np.testing.assert_allclose(got, want)
 
 
-def test_buffered_round_keeps_its_example_counts_across_a_restart() -> None:
+@pytest.mark.parametrize(("weighting", "totals"), [("houses", (2, 5)), ("examples", (9, 18))])
+def test_buffered_round_keeps_its_weights_across_a_restart(
+    weighting: Weighting, totals: tuple[int, int]
+) -> None:
     from aggregator.accumulator import make_accumulator, restore
     from aggregator.config import RoundSettings
 
-    settings = RoundSettings(strategy="multi_krum", codec="float32", max_devices=8, byzantine=1)
+    settings = RoundSettings(
+        strategy="multi_krum", codec="float32", max_devices=8, byzantine=1, weighting=weighting
+    )
     shapes = [(4, 3), (3,)]
     first = make_accumulator(settings, shapes, sparse=False)
     for seed, examples in ((0, 2), (1, 7)):
         first.add(honest(seed), examples)
-    resumed = restore(settings, shapes, first.arrays(), total=9, count=2, sparse=False)
+    assert first.total == totals[0]
+    resumed = restore(settings, shapes, first.arrays(), total=totals[0], count=2, sparse=False)
     for accumulator in (first, resumed):
         for seed in (2, 3, 4):
             accumulator.add(honest(seed), 3)
-    assert resumed.total == first.total == 18
+    assert resumed.total == first.total == totals[1]
     for got, want in zip(resumed.aggregate().delta, first.aggregate().delta, strict=True):
         np.testing.assert_allclose(got, want)
