@@ -155,9 +155,10 @@ class Harness:
     def configure(tmp_path: Path, cache_dir: Path, **rounds: Any) -> AggregatorConfig:
         return harness_config(tmp_path, cache_dir, **rounds)
 
-    def restart(self, tmp_path: Path) -> Harness:
-        """The same coordinator started again on the same state folder."""
-        return type(self)(tmp_path, self.exporter, **self.rounds)
+    def restart(self, tmp_path: Path, **changed: Any) -> Harness:
+        """The same coordinator started again on the same state folder (with `changed`
+        rounds settings, as after an edited config)."""
+        return type(self)(tmp_path, self.exporter, **{**self.rounds, **changed})
 
     def send(self, topic: str, payload: bytes) -> None:
         self.coordinator.on_message(topic, payload)
@@ -293,7 +294,7 @@ def test_a_round_saved_before_rounds_weighting_existed_resumes_weighing_by_examp
     assert record["round"].pop("weighting") == "examples"  # as that code wrote the record
     state.write_text(json.dumps(record))
 
-    restarted = harness.restart(tmp_path)  # the default weighting: houses
+    restarted = harness.restart(tmp_path, weighting="houses")  # the config now says houses
     assert restarted.coordinator.federation.round is not None
     assert restarted.coordinator.federation.round.weighting == "examples"
     restarted.update("b", 1, examples=1, scale=0.0)
