@@ -74,6 +74,16 @@ class Release:
     threshold: float
 
 
+@dataclass(frozen=True)
+class Candidate:
+    """A round's release held unpublished until the doorbells calibrate it
+    (aggregator/calibration.py)."""
+
+    release: Release
+    trained_by: tuple[str, ...]
+    """The training round's doorbells: a refused candidate counts against them (strikes)."""
+
+
 class Exporter:
     """Owns the backbone, the evaluation faces and the building of model messages."""
 
@@ -167,8 +177,9 @@ class Exporter:
 
     @property
     def uncalibrated(self) -> bool:
-        """A site that must calibrate with neither strangers nor an evaluation set:
-        it has no way to set a trained head's threshold and no gate for it."""
+        """A site that must calibrate with neither strangers nor an evaluation set: it has
+        no way to set a trained head's threshold and no gate for it here (with secure
+        aggregation the doorbells calibrate it: aggregator/calibration.py)."""
         settings = self.config.evaluation
         return settings.require_calibration and self.strangers is None and self.held_out is None
 
@@ -177,9 +188,20 @@ class Exporter:
         return self._evaluate(weights)[0] if self.held_out is not None else None
 
     def release(
-        self, weights: Weights, version: int, round_id: int, lineage: str, epoch: int
+        self,
+        weights: Weights,
+        version: int,
+        round_id: int,
+        lineage: str,
+        epoch: int,
+        *,
+        threshold: float | None = None,
     ) -> Release:
-        accuracy, threshold = self._evaluate(weights)
+        """A version ready to publish: scored and calibrated here, or at `threshold` (set by
+        the doorbells' federated calibration; then no accuracy: there is no evaluation set)."""
+        accuracy: float | None = None
+        if threshold is None:
+            accuracy, threshold = self._evaluate(weights)
         global_payload = build_global(
             site=self.config.site,
             signer=self.signer,

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import dataclasses
 import logging
 import threading
 import time
@@ -61,9 +62,10 @@ class SecureUpdate:
 
     values: npt.NDArray[np.uint32]
     """The round's subset of the delta, clipped, noised and encoded (plan.size entries)."""
-    residual: Weights
+    residual: Weights | None
     """What stays on the doorbell for the next round: nothing (zeros of the delta's shapes;
-    see the module docstring), so a caller's earlier top-k residual is not carried on."""
+    see the module docstring), so a caller's earlier top-k residual is not carried on.
+    None in a calibration round, which sends score histograms and leaves the residual be."""
     norm: float
     """L2 norm of the subset before clipping (a doorbell's own diagnostics)."""
 
@@ -103,7 +105,7 @@ def _decoded(text: str | None, what: str, round_id: int) -> bytes:
 
 
 Publish = Callable[[str, bytes], None]
-Sent = Callable[[int, Weights], None]
+Sent = Callable[[int, Weights | None], None]
 
 
 @dataclass
@@ -154,6 +156,22 @@ class SecureParticipant:
         current.update = secure_update(
             delta, plan, announcement.round, announcement.lineage, np.random.default_rng()
         )
+
+    def prepare_calibration(self, announcement: RoundAnnouncement, vector: np.ndarray) -> None:
+        """After scoring: a calibration round's histograms (fedbell/faces/histograms.py), the
+        round's whole vector (density 1), clipped, noised and encoded as an update is."""
+        plan, current = announcement.secagg, self._round
+        assert plan is not None
+        if current is None or current.number != announcement.round:
+            return
+        update = secure_update(
+            [vector.astype(np.float32)],
+            plan,
+            announcement.round,
+            announcement.lineage,
+            np.random.default_rng(),
+        )
+        current.update = dataclasses.replace(update, residual=None)
 
     def step(self, announcement: RoundAnnouncement) -> None:
         """Shares, send or unmask phase: this doorbell's answer, once per phase."""
