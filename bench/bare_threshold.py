@@ -1,6 +1,7 @@
 """What threshold a bare install (no stranger folder) can ship: issue 18 item 1.
 
     python -m bench.bare_threshold [--people 400] [--rounds 30] [--target 0.02]
+                                   [--cache reports/cache]
 
 On real photos (`bench.data.load_bench`: LFW people under doorbell conditions,
 training houses, test houses of people no model has seen, `lfw_strangers` as
@@ -15,7 +16,15 @@ federated rounds of the product's own loop (`bench.federated.run_arm`):
   (a fallback fixed per lineage);
 - the share let in at a threshold calibrated on the public stranger bank for
   the head (`shipped_threshold`, what an aggregator shipping that bank of
-  features would publish).
+  features would publish);
+- federated calibration (what a bare secure site ships, aggregator/calibration.py):
+  every training house's vector (`histograms.house_vector`: its gallery and its
+  stranger store, the house's door visitors drawn from `lfw_strangers`,
+  `households.NEGATIVES_PER_HOUSE` each, the same strangers it trains against)
+  summed and turned into a threshold by `histograms.calibrate`, the aggregator's
+  own function; the share of never-seen strangers it lets in, the true-accept
+  rate at it, and the binning's cost: the share let in at the exact threshold of
+  the same house-averaged scores, unbinned.
 """
 
 from __future__ import annotations
@@ -27,13 +36,16 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 import argparse
 import json
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 
 from aggregator.config import DEFAULT_THRESHOLD
 from bench import households
-from bench.data import load_bench, scorer
+from bench.data import CACHE, load_bench, scorer
 from bench.federated import Arm, run_arm
+from fedbell.faces import histograms
+from fedbell.faces.embedding import embed
 from fedbell.wire.codecs import Weights
 
 
@@ -47,6 +59,58 @@ def let_in(scores: np.ndarray, threshold: float) -> float:
     return float(np.mean(scores >= threshold))
 
 
+def house_averaged_threshold(scores: Sequence[np.ndarray], target: float) -> float:
+    """The lowest score at which at most `target` of each house's strangers, averaged over
+    houses, reach it: what the histograms approximate, without bins."""
+    candidates = np.unique(np.concatenate(scores))
+
+    def share(threshold: float) -> float:
+        return float(np.mean([np.mean(s >= threshold) for s in scores if len(s)]))
+
+    low, high = 0, len(candidates)  # share(candidates[high]) taken as 0
+    while low < high:  # share falls as the threshold rises: the first index within target
+        middle = (low + high) // 2
+        if share(float(candidates[middle])) <= target:
+            high = middle
+        else:
+            low = middle + 1
+    return float(candidates[low]) if low < len(candidates) else float(np.nextafter(1.0, 2.0))
+
+
+def federated(bench: households.Bench, head: Weights, target: float) -> dict[str, float]:
+    """Federated calibration of `head` by every training house (see the module docstring)."""
+    summed = np.sum(
+        [
+            histograms.house_vector(head, bench.start, h.features, h.labels, h.negatives)
+            for h in bench.train
+        ],
+        axis=0,
+    )
+    result = histograms.calibrate(summed, target)
+    door_scores = []
+    for house in bench.train:
+        residents = embed(house.features, head)
+        door_scores.append(
+            histograms.stranger_scores(embed(house.negatives, head), residents, house.labels)
+        )
+    exact = house_averaged_threshold(door_scores, target)
+    scores = stranger_scores(bench, head)
+    return {
+        "federated_houses": len(bench.train),
+        "federated_strangers": result.strangers,
+        "federated_threshold": round(result.threshold, 4),
+        "let_in_at_federated": round(let_in(scores, result.threshold), 4),
+        "federated_true_accept": round(result.true_accept, 4),
+        "start_true_accept": round(result.start_true_accept, 4),
+        "door_far_at_federated": round(result.false_accept, 4),
+        "unbinned_threshold": round(exact, 4),
+        "let_in_at_unbinned": round(let_in(scores, exact), 4),
+        "open_set_accuracy_at_federated": round(
+            households.evaluate(bench, [head], result.threshold).open_set_accuracy, 4
+        ),
+    }
+
+
 def figures(
     bench: households.Bench, head: Weights, target: float, fallback: float
 ) -> dict[str, float]:
@@ -54,6 +118,7 @@ def figures(
     perfect = float(np.quantile(scores, 1 - target, method="higher"))
     bank = households.shipped_threshold(bench, head, target, households.GALLERY_SIZE)
     return {
+        **federated(bench, head, target),
         "strangers": len(scores),
         f"threshold_for_{target:.0%}": round(perfect, 4),
         "let_in_at_0.75": round(let_in(scores, DEFAULT_THRESHOLD), 4),
@@ -72,8 +137,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--target", type=float, default=0.02)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--cache", type=Path, default=CACHE, help="backbone features, cached")
     args = parser.parse_args(argv)
-    loaded = load_bench(people=args.people, seed=args.seed, calibration=500, negatives=500)
+    loaded = load_bench(
+        people=args.people, seed=args.seed, calibration=500, negatives=500, cache=args.cache
+    )
     bench = loaded.bench
     print(loaded.description)
     start_scores = stranger_scores(bench, bench.start)

@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import dataclasses
 import logging
 import threading
 import time
@@ -62,10 +61,9 @@ class SecureUpdate:
 
     values: npt.NDArray[np.uint32]
     """The round's subset of the delta, clipped, noised and encoded (plan.size entries)."""
-    residual: Weights | None
+    residual: Weights
     """What stays on the doorbell for the next round: nothing (zeros of the delta's shapes;
-    see the module docstring), so a caller's earlier top-k residual is not carried on.
-    None in a calibration round, which sends score histograms and leaves the residual be."""
+    see the module docstring), so a caller's earlier top-k residual is not carried on."""
     norm: float
     """L2 norm of the subset before clipping (a doorbell's own diagnostics)."""
 
@@ -113,6 +111,8 @@ class _Round:
     number: int
     client: SecAggClient
     update: SecureUpdate | None = None
+    calibration: bool = False
+    """The update is a calibration round's histograms: the error-feedback residual stays."""
     done: tuple[str, ...] = ()
     """Phases this doorbell has answered (a republished announcement is not answered twice)."""
 
@@ -165,13 +165,13 @@ class SecureParticipant:
         if current is None or current.number != announcement.round:
             return
         update = secure_update(
-            [vector.astype(np.float32)],
+            [np.asarray(vector, np.float32)],
             plan,
             announcement.round,
             announcement.lineage,
             np.random.default_rng(),
         )
-        current.update = dataclasses.replace(update, residual=None)
+        current.update, current.calibration = update, True
 
     def step(self, announcement: RoundAnnouncement) -> None:
         """Shares, send or unmask phase: this doorbell's answer, once per phase."""
@@ -205,7 +205,7 @@ class SecureParticipant:
                 )
             current.client.receive(self._wait_for_inbox(current, announcement.deadline))
             self._publish("masked", current.client.masked_input(current.update.values))
-            self.on_sent(current.number, current.update.residual)
+            self.on_sent(current.number, None if current.calibration else current.update.residual)
         elif phase == "unmask":
             if self.device not in plan.survivors:
                 log.info("round %d: dropped from the sum; nothing to unmask", current.number)

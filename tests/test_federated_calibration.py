@@ -54,6 +54,10 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(1500)]
 NAMES = ["d0", "d1", "d2"]
 STRANGERS = {"persons": 10, "photos": 2}
 """Visitors nobody labelled at each door: generated people of no house (20 photos)."""
+MAX_LOSS = 0.25
+"""rounds.max_accuracy_loss here: measured, two epochs on these cartoons name 88 % of the
+residents at the strict threshold their 54 strangers call for against the start head's 97 %
+(the default 3-point bar refused it, as it should); the test is about the threshold."""
 
 
 def bare_aggregator(tmp_path: Path, port: int, cache: Path) -> Process:
@@ -67,6 +71,7 @@ def bare_aggregator(tmp_path: Path, port: int, cache: Path) -> Process:
         min_cohort=len(NAMES),
         timeout_s=PHASE,
         downlink_codec="int8",
+        max_accuracy_loss=MAX_LOSS,
         train={"epochs": 2, "batch_size": 8},
     ).model_dump(mode="json")
     config["evaluation"]["require_calibration"] = True
@@ -193,7 +198,7 @@ def test_a_bare_install_calibrates_on_the_doorbells_strangers(
     finally:
         injector.close()
     assert injector.sent == ["send"]
-    assert calibration.outcome == "published", calibration
+    assert calibration.outcome == "published", calibration.detail
     assert calibration.rejected.get("secagg_wrong_size") == 1, calibration
     assert calibration.version == 1
     assert announcement.calibrate is not None
@@ -215,4 +220,7 @@ def test_a_bare_install_calibrates_on_the_doorbells_strangers(
     assert published.threshold == pytest.approx(expected.threshold, abs=1e-9)
     assert expected.strangers >= histograms.MIN_STRANGERS
     assert f"threshold {expected.threshold:.3f}" in calibration.detail
+    # the gate's inputs are the sum's too
+    assert f"names {100 * expected.true_accept:.1f} % of residents" in calibration.detail
+    assert f"{100 * expected.start_true_accept:.1f} % at" in calibration.detail
     assert published.threshold != pytest.approx(base.threshold, abs=1e-3)
