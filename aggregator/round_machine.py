@@ -103,6 +103,9 @@ class RoundMachine:
         if candidate is not None:
             calibrate = calibration_plan(fed, candidate)
             announcement = announcement.model_copy(update={"calibrate": calibrate})
+        elif plan is not None and fed.exporter.uncalibrated:  # the doorbells will calibrate
+            train = rounds.train.model_copy(update={"hold_out_strangers": True})
+            announcement = announcement.model_copy(update={"train": train})
         shapes = [w.shape for w in fed.model.weights]
         fed.round = Round(
             announcement=announcement,

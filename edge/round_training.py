@@ -18,7 +18,7 @@ from dataclasses import KW_ONLY, dataclass, field
 import numpy as np
 import numpy.typing as npt
 
-from edge.gallery import GalleryFeatures
+from edge.gallery import GalleryFeatures, StrangerPart
 from edge.installer import ModelInstaller
 from edge.parts import DoorbellParts
 from edge.trainer import TrainedDelta, round_seed, train_delta
@@ -65,7 +65,8 @@ class RoundTraining:
         base = self._wait_for_base(announcement)
         if base is None:
             return None
-        found = self._training_data(number, base)
+        part: StrangerPart = "train" if announcement.train.hold_out_strangers else "all"
+        found = self._training_data(number, base, part)
         if found is None:
             return None
         data, strangers = found
@@ -120,7 +121,7 @@ class RoundTraining:
             log.info("round %d: deadline already passed; skipping", number)
             return None
         base = self._wait_for_base(announcement)
-        found = None if base is None else self._training_data(number, base)
+        found = None if base is None else self._training_data(number, base, "calibrate")
         if base is None or found is None:
             return None
         data, strangers = found
@@ -152,9 +153,10 @@ class RoundTraining:
         return vector
 
     def _training_data(
-        self, number: int, base: GlobalModel
+        self, number: int, base: GlobalModel, part: StrangerPart
     ) -> tuple[GalleryFeatures, Features] | None:
-        """The gallery's features and the strangers', under the base model's backbone."""
+        """The gallery's features and the strangers' (`part` of the store), under the base
+        model's backbone."""
         backbone = self.parts.recognizer.backbone
         if backbone is None or self.parts.artifacts.backbone_id != base.backbone:
             self.parts.counters["no_backbone"] += 1  # missing, or refused (counted by its reason)
@@ -170,7 +172,7 @@ class RoundTraining:
         if len(data) == 0:
             log.warning("round %d: the gallery is empty (nobody enrolled); skipping", number)
             return None
-        return data, self.parts.strangers.features(backbone.sha256, backbone.size)
+        return data, self.parts.strangers.features(backbone.sha256, backbone.size, part)
 
     def _wait_for_base(self, announcement: RoundAnnouncement) -> GlobalModel | None:
         """The round's base model, waiting a while for it to arrive; None to skip."""

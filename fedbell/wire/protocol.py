@@ -56,6 +56,12 @@ class TrainingPlan(Message):
     batch_size: int = Field(default=32, ge=1, le=1024)
     learning_rate: float = Field(default=1e-4, gt=0, le=1)
     prox_mu: float = Field(default=0.0, ge=0, le=10, description="FedProx proximal weight.")
+    hold_out_strangers: bool = Field(
+        default=False,
+        description="The federation calibrates on the doorbells' stranger stores: train "
+        "against only the half of the store that does not calibrate, so the strangers that "
+        "set the threshold are ones no head was trained to push away.",
+    )
 
 
 Phase = Literal["train", "send", "closed", "abandoned", "keys", "shares", "unmask"]
