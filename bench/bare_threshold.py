@@ -63,8 +63,9 @@ def let_in(scores: np.ndarray, threshold: float) -> float:
 
 
 def house_averaged_threshold(scores: Sequence[np.ndarray], target: float) -> float:
-    """The lowest score at which at most `target` of each house's strangers, averaged over
-    houses, reach it: what the histograms approximate, without bins."""
+    """The lowest threshold at which at most `target` of each house's strangers, averaged
+    over houses, reach it (just above the highest score that must be kept out): what the
+    histograms approximate, without bins."""
     candidates = np.unique(np.concatenate(scores))
 
     def share(threshold: float) -> float:
@@ -77,7 +78,7 @@ def house_averaged_threshold(scores: Sequence[np.ndarray], target: float) -> flo
             high = middle
         else:
             low = middle + 1
-    return float(candidates[low]) if low < len(candidates) else float(np.nextafter(1.0, 2.0))
+    return -1.0 if low == 0 else float(np.nextafter(candidates[low - 1], np.inf))
 
 
 def door_visitors(bench: households.Bench) -> list[np.ndarray]:
