@@ -285,8 +285,10 @@ class EvaluationSettings(StrictModel):
     require_calibration: bool = False
     """A real site (deploy/templates/aggregator.yaml sets it): without `strangers` to calibrate a
     head's threshold and `dataset` to gate it, version 0 ships the measured START_HEAD_THRESHOLD
-    instead of default_threshold and no trained version is published (the round is abandoned,
-    `uncalibrated`, one log line says what to give). Off for tests and demos of generated faces."""
+    instead of default_threshold, and each trained version is calibrated by the doorbells (with
+    secure_aggregation: a calibration round over their stranger stores, aggregator/calibration.py)
+    or, without secure rounds, not published (the round is abandoned, `uncalibrated`, one log line
+    says what to give). Off for tests and demos of generated faces."""
     detector: Literal["blazeface", "haar"] = "blazeface"
     """Finds the faces in the evaluation photos (Haar if BlazeFace cannot load)."""
 
