@@ -99,7 +99,8 @@ class Calibrations:
         version = candidate.release.version
         try:
             check_sum(summed, survivors, plan)
-            result = histograms.calibrate(summed, fed.config.evaluation.target_false_accept)
+            noise = plan.noise_std * math.sqrt(survivors)  # each value of the sum
+            result = histograms.calibrate(summed, fed.config.evaluation.target_false_accept, noise)
         except RejectedMessage as err:
             fed.count(err.reason)
             self.releases.abandon(

@@ -171,16 +171,26 @@ def _section(summed: Vector, name: str) -> Vector:
     return summed[at : at + BINS]
 
 
-def _threshold(strangers: Vector, target_far: float) -> tuple[float, float]:
+def _threshold(strangers: Vector, target_far: float, noise_std: float) -> tuple[float, float]:
     """(lowest edge whose tail, and every tail above it, holds <= target_far of the mass,
-    that tail's share). With privacy noise a bin can be negative and the tail not monotone:
-    scanning down from the top and stopping at the first tail over the bar stays safe."""
+    that tail's share). With privacy noise (`noise_std` per summed bin) a bin can be negative
+    and a tail of k bins is off by noise_std x sqrt(k) either way: each tail must stay below
+    the bar by twice that, scanning down from the top and stopping at the first over it.
+    RejectedMessage(calibration_too_noisy) when the margin at the threshold found is the
+    whole bar: the noise, not the strangers, would have set it."""
     total = float(strangers.sum())
     tails = np.cumsum(strangers[::-1])[::-1]  # tails[i]: mass at or above EDGES[i]
-    over = np.nonzero(tails > target_far * total)[0]
+    margin = 2 * noise_std * np.sqrt(np.arange(BINS, 0, -1))
+    over = np.nonzero(tails > target_far * total - margin)[0]
     first = int(over[-1]) + 1 if len(over) else 0
-    share = float(tails[first] / total) if first < BINS else 0.0
-    return float(EDGES[first]), max(share, 0.0)
+    if first == BINS or target_far * total <= margin[first]:
+        raise RejectedMessage(
+            "calibration_too_noisy",
+            f"the privacy noise on the sum ({noise_std:.3g} a bin) is larger than the "
+            f"{100 * target_far:g} % of {total:.0f} houses' strangers it must measure: "
+            "calibrate with more doorbells a round, or give the aggregator stranger photos",
+        )
+    return float(EDGES[first]), max(float(tails[first] / total), 0.0)
 
 
 def _true_accept(genuine: Vector, threshold: float) -> float:
@@ -191,9 +201,11 @@ def _true_accept(genuine: Vector, threshold: float) -> float:
     return float(genuine[first:].sum() / total)
 
 
-def calibrate(summed: npt.ArrayLike, target_far: float) -> Calibration:
+def calibrate(summed: npt.ArrayLike, target_far: float, noise_std: float = 0.0) -> Calibration:
     """The threshold and true-accept rates a summed calibration vector gives; RejectedMessage
-    (calibration_too_few_strangers, bad_calibration_sum) when it cannot say."""
+    (calibration_too_few_strangers, calibration_no_residents, calibration_too_noisy,
+    bad_calibration_sum) when it cannot say. `noise_std`: the privacy noise each value of
+    the sum carries (0 without differential privacy)."""
     vector = np.asarray(summed, np.float64)
     if vector.shape != (VECTOR_SIZE,) or not np.all(np.isfinite(vector)):
         raise RejectedMessage(
@@ -218,8 +230,9 @@ def calibrate(summed: npt.ArrayLike, target_far: float) -> Calibration:
             "no doorbell could score its own residents (a person needs two photos): "
             "nothing to gate the head with",
         )
-    threshold, false_accept = _threshold(_section(vector, "strangers"), target_far)
-    start_threshold, _ = _threshold(_section(vector, "start_strangers"), target_far)
+    threshold, false_accept = _threshold(_section(vector, "strangers"), target_far, noise_std)
+    start = _threshold(_section(vector, "start_strangers"), target_far, noise_std)
+    start_threshold = start[0]
     return Calibration(
         threshold=threshold,
         false_accept=false_accept,
