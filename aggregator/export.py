@@ -2,8 +2,9 @@
 
 The backbone (dlib's face network as TFLite) is converted once and published
 once per lineage; each round's release is only the head, the unknown-visitor
-threshold calibrated for it on real stranger photos, and its open-set
-accuracy on a held-out folder of people. Faces of both folders are detected,
+threshold calibrated for it on real stranger photos (on a site without them,
+by the doorbells: aggregator/calibration.py), and its open-set accuracy on a
+held-out folder of people. Faces of both folders are detected,
 aligned and run through the backbone once at start (cached in the state
 folder): a release is then a few matrix products.
 """
