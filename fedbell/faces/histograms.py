@@ -43,7 +43,7 @@ import hashlib
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, NoReturn
 
 import numpy as np
 import numpy.typing as npt
@@ -184,13 +184,17 @@ def _threshold(strangers: Vector, target_far: float, noise_std: float) -> tuple[
     over = np.nonzero(tails > target_far * total - margin)[0]
     first = int(over[-1]) + 1 if len(over) else 0
     if first == BINS or target_far * total <= margin[first]:
-        raise RejectedMessage(
-            "calibration_too_noisy",
-            f"the privacy noise on the sum ({noise_std:.3g} a bin) is larger than the "
-            f"{100 * target_far:g} % of {total:.0f} houses' strangers it must measure: "
-            "calibrate with more doorbells a round, or give the aggregator stranger photos",
-        )
+        _too_noisy(noise_std, target_far, total)
     return float(EDGES[first]), max(float(tails[first] / total), 0.0)
+
+
+def _too_noisy(noise_std: float, target_far: float, houses: float) -> NoReturn:
+    raise RejectedMessage(
+        "calibration_too_noisy",
+        f"the privacy noise on the sum ({noise_std:.3g} a bin) is larger than the "
+        f"{100 * target_far:g} % of {houses:.0f} houses' strangers it must measure: "
+        "calibrate with more doorbells a round, or give the aggregator stranger photos",
+    )
 
 
 def _true_accept(genuine: Vector, threshold: float) -> float:
@@ -216,6 +220,8 @@ def calibrate(summed: npt.ArrayLike, target_far: float, noise_std: float = 0.0) 
     strangers = round(float(vector[-1]) * COUNT_CAP)
     houses = float(_section(vector, "strangers").sum())
     genuine = float(_section(vector, "genuine").sum())
+    if noise_std > 0 and 2 * noise_std >= target_far * abs(houses):
+        _too_noisy(noise_std, target_far, houses)
     if strangers < MIN_STRANGERS or houses < 1:
         raise RejectedMessage(
             "calibration_too_few_strangers",
