@@ -125,6 +125,9 @@ class Round:
             changes["deadline"] = deadline
         if secagg is not None:
             changes["secagg"] = secagg
+        if (calibrate := self.announcement.calibrate) is not None and phase != "keys":
+            # the doorbells scored the heads in the keys phase: later phases need not carry them
+            changes["calibrate"] = calibrate.model_copy(update={"candidate": None, "start": None})
         self.announcement = self.announcement.model_copy(update=changes)
         return self.announcement
 

@@ -160,10 +160,10 @@ const MESSAGE_SCHEMAS = {
     "description": "A calibration round (federated calibration, fedbell/faces/histograms.py): the heads\neach selected doorbell scores on its stranger store and its gallery instead of training.\n\nBoth are the head as doorbells would hold it (the global model's downlink codec) and\nare covered by the announcement's signature. Nothing is trained and nothing is\ninstalled: the masked vector the doorbell sends is its score histograms.",
     "properties": {
      "candidate": {
-      "description": "The head to calibrate: a round's unpublished result (base64, zstd).",
-      "maxLength": 262144,
-      "title": "Candidate",
-      "type": "string"
+      "anyOf": [{"maxLength": 262144, "type": "string"}, {"type": "null"}],
+      "default": null,
+      "description": "The head to calibrate: a round's unpublished result (base64, zstd); in the keys phase only (~40 kB as int8), when the doorbells score it.",
+      "title": "Candidate"
      },
      "codec": {
       "description": "How the heads are encoded (the downlink codec).",
@@ -172,13 +172,13 @@ const MESSAGE_SCHEMAS = {
       "type": "string"
      },
      "start": {
-      "description": "The lineage's start head (version 0), the gate's reference (base64, zstd).",
-      "maxLength": 262144,
-      "title": "Start",
-      "type": "string"
+      "anyOf": [{"maxLength": 262144, "type": "string"}, {"type": "null"}],
+      "default": null,
+      "description": "The lineage's start head (version 0), the gate's reference (base64, zstd); in the keys phase only.",
+      "title": "Start"
      }
     },
-    "required": ["codec", "candidate", "start"],
+    "required": ["codec"],
     "title": "CalibrationPlan",
     "type": "object"
    },

@@ -132,13 +132,17 @@ class CalibrationPlan(Message):
     """
 
     codec: Codec = Field(description="How the heads are encoded (the downlink codec).")
-    candidate: str = Field(
+    candidate: str | None = Field(
+        default=None,
         max_length=MAX_ROUND_BYTES // 4,
-        description="The head to calibrate: a round's unpublished result (base64, zstd).",
+        description="The head to calibrate: a round's unpublished result (base64, zstd); in "
+        "the keys phase only (~40 kB as int8), when the doorbells score it.",
     )
-    start: str = Field(
+    start: str | None = Field(
+        default=None,
         max_length=MAX_ROUND_BYTES // 4,
-        description="The lineage's start head (version 0), the gate's reference (base64, zstd).",
+        description="The lineage's start head (version 0), the gate's reference (base64, zstd); "
+        "in the keys phase only.",
     )
 
     @classmethod
@@ -158,7 +162,9 @@ class CalibrationPlan(Message):
         """(candidate, start) decoded with the installed head's tensor specs; RejectedMessage
         if either is not base64 or does not decode to those tensors."""
 
-        def decoded(text: str, what: str) -> Weights:
+        def decoded(text: str | None, what: str) -> Weights:
+            if text is None:
+                raise RejectedMessage("bad_calibration_plan", f"the {what} is missing")
             try:
                 body = base64.b64decode(text, validate=True)
             except (binascii.Error, ValueError):
