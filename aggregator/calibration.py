@@ -7,11 +7,13 @@ it on the aggregator. With secure aggregation it asks the doorbells instead:
     round N     a secure training round; its unmasked sum makes a candidate head,
                 held in memory (`Federation.candidate`), not published; the round
                 closes with outcome `aggregated`
-    round N+1   a calibration round: a secure round whose announcement carries the
-                candidate and the lineage's start head (`CalibrationPlan`, signed
-                with the rest); each selected doorbell scores both on its stranger
-                store and its gallery and masks the histograms
-                (fedbell/faces/histograms.py) instead of an update
+    round N+1   a calibration round, started at once and holding the candidate
+                (`Round.candidate`: one round per candidate, whatever its end): a
+                secure round whose keys-phase announcement carries the candidate and
+                the lineage's start head (`CalibrationPlan`, signed with the rest);
+                each selected doorbell scores both on its stranger store and its
+                gallery and masks the histograms (fedbell/faces/histograms.py)
+                instead of an update
     its sum     `histograms.calibrate`: the threshold at evaluation.target_false_accept
                 and the true-accept rates at it; the candidate is published with that
                 threshold if its rate is within rounds.max_accuracy_loss of the start
@@ -90,8 +92,7 @@ class Calibrations:
     def on_sum(self, current: Round, summed: npt.NDArray[np.float64], survivors: int) -> None:
         """A calibration round's unmasked sum (not divided: `histograms.calibrate` wants it)."""
         fed = self.federation
-        candidate, fed.candidate = fed.candidate, None
-        plan = current.announcement.secagg
+        candidate, plan = current.candidate, current.announcement.secagg
         assert plan is not None
         if candidate is None:  # cannot happen: a restart abandons the calibration round
             self.releases.abandon("calibration round without a candidate head")

@@ -64,8 +64,8 @@ class Federation:
         self.next_step: Step | None = None
         """The pending release's step: its optimiser becomes the model's once published."""
         self.candidate: Candidate | None = None
-        """A release the next round, a calibration round, gives its threshold (memory only:
-        aggregator/calibration.py)."""
+        """A release waiting for the next round, a calibration round, to give it its threshold
+        (memory only: aggregator/calibration.py); the round then holds it."""
         self.dirty = False
         """Updates were accepted since the last commit (see `Coordinator.persist`)."""
         self.online: dict[str, DeviceStatus] = {}

@@ -116,6 +116,7 @@ class RoundMachine:
             else make_accumulator(rounds, shapes, sparse=rounds.codec == "topk"),
             strategy=rounds.strategy,
         )
+        fed.round.candidate, fed.candidate = candidate, None
         if plan is not None:
             fed.round.secure = SecurePhases.start(
                 plan, round_id, fed.model.lineage, selected, fed.trusted_keys

@@ -31,6 +31,8 @@ class CalibratingFederation(InProcessFederation):
             super()._announce(announcement)
             return
         for device in announcement.selected:
+            if ("keys", device) in self.silent:
+                continue
             self.participants[device].begin(announcement)
             self.participants[device].prepare_calibration(announcement, self.vectors[device])
 
@@ -128,3 +130,27 @@ def test_with_privacy_noise_the_calibration_round_is_noised_and_counted(
     assert metrics.epsilon is not None
     assert metrics.outcome == "abandoned", metrics.detail
     assert metrics.rejected == {"calibration_too_noisy": 1}
+
+
+def test_a_calibration_round_short_of_doorbells_is_not_repeated(
+    tmp_path: Path, aggregator_cache: Path
+) -> None:
+    """Four of eight doorbells do not answer the calibration round's keys phase (min_cohort
+    5): the round is abandoned, the candidate with it, and the next round trains again
+    instead of calibrating the same candidate forever."""
+    fed = federation(tmp_path, aggregator_cache)
+    fed.vectors = {d: vector(GOOD, GOOD, seed) for seed, d in enumerate(DEVICES)}
+    fed.command(cmd="start_round")
+    fed.silent |= {("keys", d) for d in DEVICES[:4]}
+    fed.after(0)  # the calibration round starts
+    fed.after(31)  # its keys phase's deadline: four answered
+    assert fed.metrics_of(2).rejected == {"secagg_below_min_cohort": 1}
+    fed.after(31)
+    rounds = [RoundAnnouncement.model_validate_json(p) for p in fed.payloads(TOPICS.round)]
+    assert [(a.round, a.phase) for a in rounds if a.round > 2] == []
+    fed.silent.clear()
+    fed.command(cmd="start_round")
+    third = RoundAnnouncement.model_validate_json(fed.payloads(TOPICS.round)[-1])
+    assert third.round == 3
+    assert third.calibrate is None
+    assert fed.coordinator.model.version == 0
