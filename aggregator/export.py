@@ -2,8 +2,9 @@
 
 The backbone (dlib's face network as TFLite) is converted once and published
 once per lineage; each round's release is only the head, the unknown-visitor
-threshold calibrated for it on real stranger photos, and its open-set
-accuracy on a held-out folder of people. Faces of both folders are detected,
+threshold calibrated for it on real stranger photos (on a site without them,
+by the doorbells: aggregator/calibration.py), and its open-set accuracy on a
+held-out folder of people. Faces of both folders are detected,
 aligned and run through the backbone once at start (cached in the state
 folder): a release is then a few matrix products.
 """
@@ -72,6 +73,16 @@ class Release:
     global_payload: bytes
     accuracy: float | None
     threshold: float
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A round's release held unpublished until the doorbells calibrate it
+    (aggregator/calibration.py)."""
+
+    release: Release
+    trained_by: tuple[str, ...]
+    """The training round's doorbells: a refused candidate counts against them (strikes)."""
 
 
 class Exporter:
@@ -167,8 +178,9 @@ class Exporter:
 
     @property
     def uncalibrated(self) -> bool:
-        """A site that must calibrate with neither strangers nor an evaluation set:
-        it has no way to set a trained head's threshold and no gate for it."""
+        """A site that must calibrate with neither strangers nor an evaluation set: it has
+        no way to set a trained head's threshold and no gate for it here (with secure
+        aggregation the doorbells calibrate it: aggregator/calibration.py)."""
         settings = self.config.evaluation
         return settings.require_calibration and self.strangers is None and self.held_out is None
 
@@ -177,9 +189,20 @@ class Exporter:
         return self._evaluate(weights)[0] if self.held_out is not None else None
 
     def release(
-        self, weights: Weights, version: int, round_id: int, lineage: str, epoch: int
+        self,
+        weights: Weights,
+        version: int,
+        round_id: int,
+        lineage: str,
+        epoch: int,
+        *,
+        threshold: float | None = None,
     ) -> Release:
-        accuracy, threshold = self._evaluate(weights)
+        """A version ready to publish: scored and calibrated here, or at `threshold` (set by
+        the doorbells' federated calibration; then no accuracy: there is no evaluation set)."""
+        accuracy: float | None = None
+        if threshold is None:
+            accuracy, threshold = self._evaluate(weights)
         global_payload = build_global(
             site=self.config.site,
             signer=self.signer,

@@ -20,7 +20,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from aggregator.accumulator import Step
 from aggregator.config import AggregatorConfig
-from aggregator.export import Exporter, Release
+from aggregator.export import Candidate, Exporter, Release
 from aggregator.persistence import OPEN, Persistence, SavedModel
 from aggregator.privacy import PrivacyLedger
 from aggregator.rejections import RejectionLog
@@ -63,6 +63,9 @@ class Federation:
         """A step-by-step round's release, aggregated but not yet published."""
         self.next_step: Step | None = None
         """The pending release's step: its optimiser becomes the model's once published."""
+        self.candidate: Candidate | None = None
+        """A release waiting for the next round, a calibration round, to give it its threshold
+        (memory only: aggregator/calibration.py); the round then holds it."""
         self.dirty = False
         """Updates were accepted since the last commit (see `Coordinator.persist`)."""
         self.online: dict[str, DeviceStatus] = {}

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from typing import Literal
 
 from aggregator.accumulator import SecureSum, next_step
-from aggregator.export import Release
+from aggregator.export import Candidate, Release
 from aggregator.federation import Federation
 from aggregator.gates import accuracy_bar
 from aggregator.history import history_before
@@ -60,6 +60,9 @@ class Releases:
             release.version,
             _percent(release.accuracy),
         )
+        if fed.exporter.uncalibrated and current.announcement.secagg is not None:
+            self._hold_for_calibration(current, release)
+            return
         if self._refuse_worse(current, release):
             return
         if fed.next_step is not None and fed.next_step.dropped:
@@ -79,6 +82,24 @@ class Releases:
         fed.commit()
         fed.publish(fed.topics.metrics, metrics)
 
+    def _hold_for_calibration(self, current: Round, release: Release) -> None:
+        """Close the round with its release held, for the next round to calibrate on the
+        doorbells (aggregator/calibration.py; the round machine starts it). Step-by-step
+        rounds too: the calibration round publishes what passes."""
+        fed = self.federation
+        fed.candidate = Candidate(release, tuple(current.received))
+        current, closed = self._end("closed")
+        detail = (
+            f"version {release.version} waits for its threshold: the next round scores it "
+            "on the doorbells' strangers and residents (federated calibration)"
+        )
+        metrics = self._metrics(current, "aggregated", release, extra_down=0, detail=detail)
+        fed.persistence.save_metrics(metrics)
+        fed.commit()
+        fed.publish(fed.topics.metrics, metrics)
+        fed.publish(fed.topics.round, closed)
+        log.info("round %d closed: %s", current.id, detail)
+
     def _refuse_worse(self, current: Round, release: Release) -> bool:
         """Abandon the round if its release scores far worse than the published model
         (max_accuracy_drop) or than the lineage's start (max_accuracy_loss: a reference
@@ -93,10 +114,11 @@ class Releases:
         if fed.exporter.uncalibrated:
             fed.count("uncalibrated")
             self.abandon(
-                f"version {release.version} has no calibrated threshold and no gate: give the "
-                "aggregator stranger photos (evaluation.strangers, 40 faces or more) and "
-                "people in no house (evaluation.dataset); until then doorbells keep version "
-                f"{fed.model.version} (evaluation.require_calibration)"
+                f"version {release.version} has no calibrated threshold and no gate: turn on "
+                "rounds.secure_aggregation (the doorbells then calibrate it on their "
+                "strangers), or give the aggregator stranger photos (evaluation.strangers, "
+                "40 faces or more) and people in no house (evaluation.dataset); until then "
+                f"doorbells keep version {fed.model.version} (evaluation.require_calibration)"
             )
             return True
         if release.accuracy is None:
@@ -123,7 +145,7 @@ class Releases:
         )
         return True
 
-    def publish(self, release: Release) -> None:
+    def publish(self, release: Release, detail: str = "") -> None:
         """Commit the release as the new model, then publish it and close the round."""
         fed = self.federation
         current, closed = self._end("closed")
@@ -134,7 +156,7 @@ class Releases:
         )
         # The backbone went out once for the lineage: a round sends only the head.
         down = len(release.global_payload)
-        metrics = self._metrics(current, "published", release, extra_down=down)
+        metrics = self._metrics(current, "published", release, extra_down=down, detail=detail)
         fed.persistence.save_metrics(metrics)
         fed.commit(model)
         fed.model = model

@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from aggregator.accumulator import SecureSum, make_accumulator
+from aggregator.calibration import calibration_plan
 from aggregator.federation import Federation
 from aggregator.releases import Releases
 from aggregator.rounds import Round, announce, select_devices
@@ -76,14 +77,18 @@ class RoundMachine:
             self._publish()
 
     def start(self, command: Command | None, manual: bool) -> None:
-        """Select the doorbells, announce a new round (a secure one in its `keys` phase)."""
+        """Select the doorbells, announce a new round (a secure one in its `keys` phase;
+        a calibration round while a candidate waits for its threshold)."""
         fed = self.federation
         if (current := fed.open_round()) is not None:
             raise RejectedMessage("round_in_progress", f"round {current.id} is {current.status}")
         round_id = fed.last_round + 1
         rounds = fed.config.rounds
         selected = self._select(round_id, command.devices if command is not None else None)
-        plan = self.secure.plan(round_id, len(selected)) if rounds.secure_aggregation else None
+        candidate = fed.candidate
+        plan = None
+        if rounds.secure_aggregation:
+            plan = self.secure.plan(round_id, len(selected), calibration=candidate is not None)
         now = fed.clock()
         announcement = announce(
             round_id=round_id,
@@ -95,6 +100,12 @@ class RoundMachine:
             manual=manual,
             secagg=plan,
         )
+        if candidate is not None:
+            calibrate = calibration_plan(fed, candidate)
+            announcement = announcement.model_copy(update={"calibrate": calibrate})
+        elif plan is not None and fed.exporter.uncalibrated:  # the doorbells will calibrate
+            train = rounds.train.model_copy(update={"hold_out_strangers": True})
+            announcement = announcement.model_copy(update={"train": train})
         shapes = [w.shape for w in fed.model.weights]
         fed.round = Round(
             announcement=announcement,
@@ -106,6 +117,7 @@ class RoundMachine:
             strategy=rounds.strategy,
             weighting=rounds.weighting,
         )
+        fed.round.candidate, fed.candidate = candidate, None
         if plan is not None:
             fed.round.secure = SecurePhases.start(
                 plan, round_id, fed.model.lineage, selected, fed.trusted_keys
@@ -113,10 +125,13 @@ class RoundMachine:
         fed.last_round = round_id
         fed.pending = None
         fed.announce(announcement)
+        kind = " (step by step)" if manual else ""
+        if candidate is not None:
+            kind = f" (calibrating version {candidate.release.version})"
         log.info(
             "round %d started%s: base version %d, devices %s, deadline in %.0fs",
             round_id,
-            " (step by step)" if manual else "",
+            kind,
             fed.model.version,
             ", ".join(selected),
             rounds.timeout_s,
@@ -209,6 +224,8 @@ class RoundMachine:
         """Close rounds whose time has come; start the next automatic round."""
         fed = self.federation
         now = fed.clock()
+        if fed.candidate is not None and fed.open_round() is None:
+            self._start_calibration()
         current = fed.round
         if current is not None and current.announcement.secagg and current.status == "collecting":
             self.secure.tick(current, now)
@@ -220,6 +237,24 @@ class RoundMachine:
                 self.releases.abandon()
         if self.auto.remaining > 0 and fed.open_round() is None and now >= self.auto.next_at:
             self._start_auto_round()
+
+    def _start_calibration(self) -> None:
+        """The round that calibrates the held candidate, at once (not an automatic round);
+        if it cannot start (too few doorbells, the privacy budget), the candidate is dropped
+        and the model stays."""
+        fed = self.federation
+        assert fed.candidate is not None
+        try:
+            self.start(None, manual=False)
+        except RejectedMessage as err:
+            version, fed.candidate = fed.candidate.release.version, None
+            fed.reject(err, "calibration round")
+            log.warning(
+                "version %d not published: no calibration round (%s); model stays at version %d",
+                version,
+                err.detail,
+                fed.model.version,
+            )
 
     def _start_auto_round(self) -> None:
         try:

@@ -23,6 +23,7 @@ from typing import Literal
 
 from aggregator.accumulator import Accumulator
 from aggregator.config import RoundSettings, Strategy, Weighting
+from aggregator.export import Candidate
 from aggregator.secure import SecurePhases
 from aggregator.state import RoundRecord, RoundStatus
 from aggregator.strategy import update_norm
@@ -111,6 +112,9 @@ class Round:
     rejected: Counter[str] = field(default_factory=Counter)
     secure: SecurePhases | None = None
     """A secure round's phases and SecAgg state (memory only; None after a restart)."""
+    candidate: Candidate | None = None
+    """A calibration round's candidate (memory only): it gets this one round, whatever
+    becomes of it, so a round that fails for want of doorbells does not repeat forever."""
 
     @property
     def id(self) -> int:
@@ -128,6 +132,9 @@ class Round:
             changes["deadline"] = deadline
         if secagg is not None:
             changes["secagg"] = secagg
+        if (calibrate := self.announcement.calibrate) is not None and phase != "keys":
+            # the doorbells scored the heads in the keys phase: later phases need not carry them
+            changes["calibrate"] = calibrate.model_copy(update={"candidate": None, "start": None})
         self.announcement = self.announcement.model_copy(update=changes)
         return self.announcement
 

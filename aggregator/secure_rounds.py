@@ -3,7 +3,8 @@
 `SecureRounds` drives the phases (`aggregator.secure.SecurePhases`) from the
 messages and the clock, announces each phase, routes the inboxes, turns the
 unmasked sum into the round's accumulator (`mean_delta`) and hands it to
-`Releases.aggregate`, or abandons the round (fail closed). `secagg_plan` is a
+`Releases.aggregate` (a calibration round's sum to `Calibrations`), or abandons
+the round (fail closed). `secagg_plan` is a
 secure round's plan, the one the bench's in-process loop announces too.
 
 A refused secagg message (key advert, share, masked input, unmask answer) costs
@@ -18,12 +19,14 @@ import logging
 import math
 
 from aggregator.accumulator import SecureSum
+from aggregator.calibration import Calibrations
 from aggregator.config import DEFAULT_MAX_DROPOUT
 from aggregator.federation import Federation
 from aggregator.releases import Releases
 from aggregator.rounds import Round
 from aggregator.secure import SecurePhases, mean_delta
 from fedbell.errors import RejectedMessage
+from fedbell.faces import histograms
 from fedbell.wire import dp, masking
 from fedbell.wire.protocol import SecAggPlan
 from fedbell.wire.secagg import SecAggParams
@@ -37,20 +40,24 @@ class SecureRounds:
     def __init__(self, federation: Federation, releases: Releases) -> None:
         self.federation = federation
         self.releases = releases
+        self.calibrations = Calibrations(federation, releases)
 
-    def plan(self, round_id: int, selected: int) -> SecAggPlan:
-        """A new secure round's plan, once the privacy budget allows it."""
+    def plan(self, round_id: int, selected: int, calibration: bool = False) -> SecAggPlan:
+        """A new secure round's plan, once the privacy budget allows it; a calibration
+        round masks its whole histogram vector, clipped to the norm one house can reach,
+        under the same noise multiplier (the ledger counts it like any round)."""
         fed = self.federation
         rounds = fed.config.rounds
         assert rounds.clip_norm is not None  # the config requires it with secure aggregation
         fed.privacy.check_budget(selected, fed.houses())
+        dimension = sum(int(w.size) for w in fed.model.weights)
         return secagg_plan(
             round_id=round_id,
             lineage=fed.model.lineage,
-            dimension=sum(int(w.size) for w in fed.model.weights),
+            dimension=histograms.VECTOR_SIZE if calibration else dimension,
             cohort=selected,
-            density=rounds.secure_density,
-            clip_norm=rounds.clip_norm,
+            density=1.0 if calibration else rounds.secure_density,
+            clip_norm=histograms.VECTOR_NORM if calibration else rounds.clip_norm,
             noise_multiplier=rounds.privacy.noise_multiplier,
             min_cohort=rounds.min_cohort,
             max_dropout=rounds.privacy.max_dropout,
@@ -150,6 +157,13 @@ class SecureRounds:
         secure.unmasked = True
         if fed.privacy.noised:
             fed.privacy.rounds += 1  # the aggregator has seen this noised sum
+        if current.announcement.calibrate is not None:
+            current.received = list(survivors)
+            log.info(
+                "round %d: unmasked the histograms of %d doorbells", current.id, len(survivors)
+            )
+            self.calibrations.on_sum(current, masking.decode_sum(total, plan.scale), len(survivors))
+            return
         subset = masking.shared_subset(plan.dimension, plan.density, current.id, fed.model.lineage)
         mean = mean_delta(total, len(survivors), plan, subset, [w.shape for w in fed.model.weights])
         assert isinstance(current.accumulator, SecureSum)

@@ -28,7 +28,7 @@ from edge.gallery import Gallery, GalleryFeatures
 from edge.recognizer import Recognizer, RecognizerError
 from edge.state import NodeState, StoredArtifact
 from fedbell.faces.embedding import Features, embed
-from fedbell.faces.openset import best_match, prototype
+from fedbell.faces.histograms import MISNAMED, genuine_scores, stranger_scores
 from fedbell.wire.codecs import Weights
 from fedbell.wire.messages import TfliteArtifact
 
@@ -83,26 +83,12 @@ def leave_one_out(
     scores as badly as it serves (issue 18 item 2).
     """
     embeddings = embed(gallery.features, list(head))
-    hits = total = 0
+    genuine = genuine_scores(embeddings, gallery.labels)
+    named = genuine > MISNAMED if threshold is None else genuine >= threshold
+    hits, total = int(np.sum(named)), len(genuine)
     if threshold is not None and strangers is not None and len(strangers):
-        everyone = np.stack(
-            [prototype(embeddings[gallery.labels == p]) for p in np.unique(gallery.labels)]
-        )
-        _, similarity = best_match(embed(strangers, list(head)), everyone)
-        hits, total = int(np.sum(similarity < threshold)), len(strangers)
-    for row in range(len(gallery)):
-        person = int(gallery.labels[row])
-        others = np.arange(len(gallery)) != row
-        if np.sum(gallery.labels[others] == person) == 0:
-            continue
-        present = [p for p in range(len(gallery.persons)) if np.any(gallery.labels[others] == p)]
-        prototypes = np.stack(
-            [prototype(embeddings[others & (gallery.labels == p)]) for p in present]
-        )
-        best, similarity = best_match(embeddings[row : row + 1], prototypes)
-        named = threshold is None or float(similarity[0]) >= threshold
-        hits += int(present[int(best[0])] == person and named)
-        total += 1
+        visitors = stranger_scores(embed(strangers, list(head)), embeddings, gallery.labels)
+        hits, total = hits + int(np.sum(visitors < threshold)), total + len(visitors)
     return None if total == 0 else hits / total
 
 

@@ -26,6 +26,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import cv2
 import numpy as np
@@ -36,6 +37,7 @@ from fedbell.faces.dataset import IMAGE_SUFFIXES
 from fedbell.faces.detection import Detector
 from fedbell.faces.embedding import Features, LabelIds
 from fedbell.faces.features import Backbone, Chip, find_chip, is_chip, read_photo
+from fedbell.faces.histograms import calibrates
 from fedbell.faces.openset import UNKNOWN
 
 log = logging.getLogger(__name__)
@@ -44,6 +46,7 @@ FEATURE_CACHE = "gallery-features.npz"
 INCOMING = "incoming-features"
 """Features the enroll CLI computed for a running doorbell (state folder)."""
 STRANGER_STORE = "strangers.npz"
+StrangerPart = Literal["all", "train", "calibrate"]
 IGNORE = "ignore"
 """A label that discards an event's chip instead of storing it (never a person's name)."""
 
@@ -459,9 +462,15 @@ class StrangerStore:
         except OSError as err:
             log.error("strangers: could not write %s: %s", self.path, err)
 
-    def features(self, backbone: str, size: int) -> Features:
-        """The stored features for this backbone ((0, size) for another or none)."""
+    def features(self, backbone: str, size: int, part: StrangerPart = "all") -> Features:
+        """The stored features for this backbone ((0, size) for another or none); `part`:
+        all of them, or the half that trains or the half that calibrates
+        (fedbell/faces/histograms.py `calibrates`)."""
         with self._lock:
             if backbone != self._backbone or self._rows.shape[1:] != (size,):
                 return np.zeros((0, size), np.float32)
-            return self._rows.copy()
+            rows, events = self._rows.copy(), self._events.copy()
+        if part == "all":
+            return rows
+        calibrating = calibrates(rows, [str(e) for e in events])
+        return rows[calibrating if part == "calibrate" else ~calibrating]

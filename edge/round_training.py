@@ -15,12 +15,18 @@ import time
 from collections.abc import Callable
 from dataclasses import KW_ONLY, dataclass, field
 
-from edge.gallery import GalleryFeatures
+import numpy as np
+import numpy.typing as npt
+
+from edge.gallery import GalleryFeatures, StrangerPart
 from edge.installer import ModelInstaller
 from edge.parts import DoorbellParts
 from edge.trainer import TrainedDelta, round_seed, train_delta
+from fedbell.errors import RejectedMessage
+from fedbell.faces import histograms
 from fedbell.faces.embedding import Features, TrainParams
 from fedbell.wire.codecs import Weights
+from fedbell.wire.envelope import TensorSpec
 from fedbell.wire.messages import GlobalModel
 from fedbell.wire.protocol import RoundAnnouncement
 
@@ -59,7 +65,8 @@ class RoundTraining:
         base = self._wait_for_base(announcement)
         if base is None:
             return None
-        found = self._training_data(number, base)
+        part: StrangerPart = "train" if announcement.train.hold_out_strangers else "all"
+        found = self._training_data(number, base, part)
         if found is None:
             return None
         data, strangers = found
@@ -101,10 +108,55 @@ class RoundTraining:
             return None
         return base, result
 
+    def calibration_vector(
+        self, announcement: RoundAnnouncement, ready: Callable[[], None]
+    ) -> npt.NDArray[np.float64] | None:
+        """A calibration round's vector (fedbell/faces/histograms.py): the round's heads
+        scored on the stranger store and the gallery; None to sit the round out (the same
+        reasons as training, or a plan this doorbell cannot score, counted)."""
+        number, plan, calibration = announcement.round, announcement.secagg, announcement.calibrate
+        assert plan is not None
+        assert calibration is not None
+        if time.time() > announcement.deadline:
+            log.info("round %d: deadline already passed; skipping", number)
+            return None
+        base = self._wait_for_base(announcement)
+        found = None if base is None else self._training_data(number, base, "calibrate")
+        if base is None or found is None:
+            return None
+        data, strangers = found
+        names = zip(base.names, base.weights, strict=True)
+        specs = [TensorSpec(name=n, shape=w.shape) for n, w in names]
+        try:
+            if (plan.dimension, plan.density) != (histograms.VECTOR_SIZE, 1.0):
+                raise RejectedMessage(
+                    "bad_calibration_plan",
+                    f"the plan masks {plan.dimension} values at density {plan.density}, a "
+                    f"calibration vector is {histograms.VECTOR_SIZE} at density 1",
+                )
+            candidate, start = calibration.heads(specs)
+            vector = histograms.house_vector(
+                candidate, start, data.features, data.labels, strangers
+            )
+        except (RejectedMessage, ValueError) as err:
+            reason = err.reason if isinstance(err, RejectedMessage) else "bad_calibration_plan"
+            self.parts.counters[reason] += 1
+            log.warning("round %d: cannot score the calibration heads: %s", number, err)
+            return None
+        ready()
+        log.info(
+            "round %d: calibration: scored %d gallery images and %d strangers",
+            number,
+            len(data),
+            len(strangers),
+        )
+        return vector
+
     def _training_data(
-        self, number: int, base: GlobalModel
+        self, number: int, base: GlobalModel, part: StrangerPart
     ) -> tuple[GalleryFeatures, Features] | None:
-        """The gallery's features and the strangers', under the base model's backbone."""
+        """The gallery's features and the strangers' (`part` of the store), under the base
+        model's backbone."""
         backbone = self.parts.recognizer.backbone
         if backbone is None or self.parts.artifacts.backbone_id != base.backbone:
             self.parts.counters["no_backbone"] += 1  # missing, or refused (counted by its reason)
@@ -120,7 +172,7 @@ class RoundTraining:
         if len(data) == 0:
             log.warning("round %d: the gallery is empty (nobody enrolled); skipping", number)
             return None
-        return data, self.parts.strangers.features(backbone.sha256, backbone.size)
+        return data, self.parts.strangers.features(backbone.sha256, backbone.size, part)
 
     def _wait_for_base(self, announcement: RoundAnnouncement) -> GlobalModel | None:
         """The round's base model, waiting a while for it to arrive; None to skip."""

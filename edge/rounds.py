@@ -277,6 +277,9 @@ class RoundParticipant:
         phase then waits for every doorbell's keys, not its training), train, and prepare
         the masked-ready update for the send phase. A doorbell that cannot train does not
         advertise: the round never waits for its shares."""
+        if announcement.calibrate is not None:
+            self._calibrate(announcement)
+            return
         # no error feedback: the aggregator rescales the subset (edge/secure.py says why)
         trained = self.training.train(
             announcement, None, ready=lambda: self.secure.begin(announcement)
@@ -291,6 +294,18 @@ class RoundParticipant:
             trained[1].seconds,
             trained[1].loss,
         )
+
+    def _calibrate(self, announcement: RoundAnnouncement) -> None:
+        """A calibration round's keys phase: score its heads on the stranger store and the
+        gallery (nothing is trained), then mask the histograms like an update."""
+        vector = self.training.calibration_vector(
+            announcement, ready=lambda: self.secure.begin(announcement)
+        )
+        if vector is None:
+            self.secure.end(announcement.round)
+            return
+        self.secure.prepare_calibration(announcement, vector)
+        log.info("round %d: calibration histograms ready to mask", announcement.round)
 
     def _send(self, update: HeldUpdate) -> None:
         self.session.publish_update(

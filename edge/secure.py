@@ -103,7 +103,7 @@ def _decoded(text: str | None, what: str, round_id: int) -> bytes:
 
 
 Publish = Callable[[str, bytes], None]
-Sent = Callable[[int, Weights], None]
+Sent = Callable[[int, Weights | None], None]
 
 
 @dataclass
@@ -111,6 +111,8 @@ class _Round:
     number: int
     client: SecAggClient
     update: SecureUpdate | None = None
+    calibration: bool = False
+    """The update is a calibration round's histograms: the error-feedback residual stays."""
     done: tuple[str, ...] = ()
     """Phases this doorbell has answered (a republished announcement is not answered twice)."""
 
@@ -155,6 +157,22 @@ class SecureParticipant:
             delta, plan, announcement.round, announcement.lineage, np.random.default_rng()
         )
 
+    def prepare_calibration(self, announcement: RoundAnnouncement, vector: np.ndarray) -> None:
+        """After scoring: a calibration round's histograms (fedbell/faces/histograms.py), the
+        round's whole vector (density 1), clipped, noised and encoded as an update is."""
+        plan, current = announcement.secagg, self._round
+        assert plan is not None
+        if current is None or current.number != announcement.round:
+            return
+        update = secure_update(
+            [np.asarray(vector, np.float32)],
+            plan,
+            announcement.round,
+            announcement.lineage,
+            np.random.default_rng(),
+        )
+        current.update, current.calibration = update, True
+
     def step(self, announcement: RoundAnnouncement) -> None:
         """Shares, send or unmask phase: this doorbell's answer, once per phase."""
         current, plan = self._round, announcement.secagg
@@ -187,7 +205,7 @@ class SecureParticipant:
                 )
             current.client.receive(self._wait_for_inbox(current, announcement.deadline))
             self._publish("masked", current.client.masked_input(current.update.values))
-            self.on_sent(current.number, current.update.residual)
+            self.on_sent(current.number, None if current.calibration else current.update.residual)
         elif phase == "unmask":
             if self.device not in plan.survivors:
                 log.info("round %d: dropped from the sum; nothing to unmask", current.number)

@@ -90,7 +90,7 @@ class InProcessFederation:
     def _publish(self, topic: str, payload: bytes) -> None:
         self.queue.append((topic, payload))
 
-    def _sent(self, number: int, residual: Weights) -> None:
+    def _sent(self, number: int, residual: Weights | None) -> None:
         del number, residual  # the node keeps these; nothing to check here
 
     def run(self) -> None:

@@ -40,7 +40,7 @@ const MESSAGE_SCHEMAS = {
    "bytes_up": {"title": "Bytes Up", "type": "integer"},
    "detail": {
     "default": "",
-    "description": "Why an abandoned round was abandoned.",
+    "description": "Why an abandoned round was abandoned; for a federated calibration, what the doorbells' histograms measured.",
     "title": "Detail",
     "type": "string"
    },
@@ -155,6 +155,33 @@ const MESSAGE_SCHEMAS = {
  },
  "round": {
   "$defs": {
+   "CalibrationPlan": {
+    "additionalProperties": false,
+    "description": "A calibration round (federated calibration, fedbell/faces/histograms.py): the heads\neach selected doorbell scores on its stranger store and its gallery instead of training.\n\nBoth are the head as doorbells would hold it (the global model's downlink codec) and\nare covered by the announcement's signature. Nothing is trained and nothing is\ninstalled: the masked vector the doorbell sends is its score histograms.",
+    "properties": {
+     "candidate": {
+      "anyOf": [{"maxLength": 262144, "type": "string"}, {"type": "null"}],
+      "default": null,
+      "description": "The head to calibrate: a round's unpublished result (base64, zstd); in the keys phase only (~40 kB as int8), when the doorbells score it.",
+      "title": "Candidate"
+     },
+     "codec": {
+      "description": "How the heads are encoded (the downlink codec).",
+      "enum": ["float32", "float16", "int8", "topk", "tflite"],
+      "title": "Codec",
+      "type": "string"
+     },
+     "start": {
+      "anyOf": [{"maxLength": 262144, "type": "string"}, {"type": "null"}],
+      "default": null,
+      "description": "The lineage's start head (version 0), the gate's reference (base64, zstd); in the keys phase only.",
+      "title": "Start"
+     }
+    },
+    "required": ["codec"],
+    "title": "CalibrationPlan",
+    "type": "object"
+   },
    "SecAggPlan": {
     "additionalProperties": false,
     "description": "How a secure round is run: what every selected doorbell needs to mask its update.\n\nThe update is the round's shared subset of the flat head (`density` of its `dimension`\ncoordinates, chosen by the round id and lineage, the same on every doorbell), clipped\nto `clip_norm` and noised with `noise_std` on the doorbell, encoded fixed point\n(`scale`) modulo 2^32 and masked; the aggregator only ever unmasks the sum of at least\n`min_cohort` doorbells.",
@@ -268,6 +295,12 @@ const MESSAGE_SCHEMAS = {
     "properties": {
      "batch_size": {"default": 32, "maximum": 1024, "minimum": 1, "title": "Batch Size", "type": "integer"},
      "epochs": {"default": 10, "maximum": 100, "minimum": 1, "title": "Epochs", "type": "integer"},
+     "hold_out_strangers": {
+      "default": false,
+      "description": "The federation calibrates on the doorbells' stranger stores: train against only the half of the store that does not calibrate, so the strangers that set the threshold are ones no head was trained to push away.",
+      "title": "Hold Out Strangers",
+      "type": "boolean"
+     },
      "learning_rate": {
       "default": 0.0001,
       "exclusiveMinimum": 0,
@@ -292,6 +325,11 @@ const MESSAGE_SCHEMAS = {
   "description": "The retained round message: what every node needs to take part.",
   "properties": {
    "base_version": {"minimum": 0, "title": "Base Version", "type": "integer"},
+   "calibrate": {
+    "anyOf": [{"$ref": "#/$defs/CalibrationPlan"}, {"type": "null"}],
+    "default": null,
+    "description": "Set on a calibration round (a secure round): the doorbells score these heads on their strangers and galleries and mask the histograms instead of an update."
+   },
    "codec": {"enum": ["float32", "float16", "int8", "topk", "tflite"], "title": "Codec", "type": "string"},
    "deadline": {
     "description": "Unix time after which updates are not accepted.",

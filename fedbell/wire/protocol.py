@@ -6,14 +6,18 @@ RejectedMessage saying which field was wrong.
 
 from __future__ import annotations
 
+import base64
+import binascii
+from collections.abc import Sequence
 from typing import Literal, TypeVar
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from fedbell.errors import RejectedMessage
 from fedbell.wire import safejson
-from fedbell.wire.codecs import DEFAULT_DENSITY
-from fedbell.wire.envelope import Codec
+from fedbell.wire.codecs import DEFAULT_DENSITY, Weights, decode_tensors, encode_tensors
+from fedbell.wire.envelope import Codec, TensorSpec
 from fedbell.wire.secagg_params import SecAggParams
 
 MAX_JSON_BYTES = 64 * 1024
@@ -52,6 +56,12 @@ class TrainingPlan(Message):
     batch_size: int = Field(default=32, ge=1, le=1024)
     learning_rate: float = Field(default=1e-4, gt=0, le=1)
     prox_mu: float = Field(default=0.0, ge=0, le=10, description="FedProx proximal weight.")
+    hold_out_strangers: bool = Field(
+        default=False,
+        description="The federation calibrates on the doorbells' stranger stores: train "
+        "against only the half of the store that does not calibrate, so the strangers that "
+        "set the threshold are ones no head was trained to push away.",
+    )
 
 
 Phase = Literal["train", "send", "closed", "abandoned", "keys", "shares", "unmask"]
@@ -112,6 +122,58 @@ class SecAggPlan(Message):
         )
 
 
+class CalibrationPlan(Message):
+    """A calibration round (federated calibration, fedbell/faces/histograms.py): the heads
+    each selected doorbell scores on its stranger store and its gallery instead of training.
+
+    Both are the head as doorbells would hold it (the global model's downlink codec) and
+    are covered by the announcement's signature. Nothing is trained and nothing is
+    installed: the masked vector the doorbell sends is its score histograms.
+    """
+
+    codec: Codec = Field(description="How the heads are encoded (the downlink codec).")
+    candidate: str | None = Field(
+        default=None,
+        max_length=MAX_ROUND_BYTES // 4,
+        description="The head to calibrate: a round's unpublished result (base64, zstd); in "
+        "the keys phase only (~40 kB as int8), when the doorbells score it.",
+    )
+    start: str | None = Field(
+        default=None,
+        max_length=MAX_ROUND_BYTES // 4,
+        description="The lineage's start head (version 0), the gate's reference (base64, zstd); "
+        "in the keys phase only.",
+    )
+
+    @classmethod
+    def of(
+        cls,
+        names: Sequence[str],
+        candidate: Sequence[np.ndarray],
+        start: Sequence[np.ndarray],
+        codec: Codec,
+    ) -> CalibrationPlan:
+        def encoded(weights: Sequence[np.ndarray]) -> str:
+            return base64.b64encode(encode_tensors(names, weights, codec)[1]).decode()
+
+        return cls(codec=codec, candidate=encoded(candidate), start=encoded(start))
+
+    def heads(self, specs: Sequence[TensorSpec]) -> tuple[Weights, Weights]:
+        """(candidate, start) decoded with the installed head's tensor specs; RejectedMessage
+        if either is not base64 or does not decode to those tensors."""
+
+        def decoded(text: str | None, what: str) -> Weights:
+            if text is None:
+                raise RejectedMessage("bad_calibration_plan", f"the {what} is missing")
+            try:
+                body = base64.b64decode(text, validate=True)
+            except (binascii.Error, ValueError):
+                raise RejectedMessage("bad_calibration_plan", f"the {what} is not base64") from None
+            return decode_tensors(specs, body, self.codec, "zstd")
+
+        return decoded(self.candidate, "candidate head"), decoded(self.start, "start head")
+
+
 class RoundAnnouncement(Message):
     """The retained round message: what every node needs to take part."""
 
@@ -132,6 +194,11 @@ class RoundAnnouncement(Message):
     train: TrainingPlan
     secagg: SecAggPlan | None = Field(
         default=None, description="Set on a secure-aggregation round (phases keys to unmask)."
+    )
+    calibrate: CalibrationPlan | None = Field(
+        default=None,
+        description="Set on a calibration round (a secure round): the doorbells score these "
+        "heads on their strangers and galleries and mask the histograms instead of an update.",
     )
     send_when_trained: bool = Field(
         default=True, description="False in step-by-step mode: wait for the send phase."
@@ -203,7 +270,11 @@ class RoundMetrics(Message):
     epsilon_total: float | None = Field(
         default=None, description="Epsilon spent by every noised round so far, this one included."
     )
-    detail: str = Field(default="", description="Why an abandoned round was abandoned.")
+    detail: str = Field(
+        default="",
+        description="Why an abandoned round was abandoned; for a federated calibration, what "
+        "the doorbells' histograms measured.",
+    )
     history: list[RoundSummary] = Field(
         default_factory=list,
         max_length=HISTORY_ROUNDS,
