@@ -107,6 +107,7 @@ class AggregatorService:
         self._drops_summarised_at = 0.0
         self._stopping = threading.Event()
         self._connection = 0  # written by paho's thread only, read by the main loop
+        self._session_kept = False  # the last CONNACK's session present; the same
         self._unacked: list[tuple[int, int, int]] = []
         """(mid, qos, connection) of handled messages not yet acked (not their payloads)."""
         self._unacked_since = 0.0
@@ -133,12 +134,13 @@ class AggregatorService:
     # -- paho's network thread: no work beyond queueing --------------------------
 
     def _on_connect(
-        self, client: mqtt.Client, _userdata: Any, _flags: Any, reason: Any, _properties: Any
+        self, client: mqtt.Client, _userdata: Any, flags: Any, reason: Any, _properties: Any
     ) -> None:
         if reason.is_failure:
             log.error("broker refused the connection: %s", reason)
             return
         log.info("connected to %s:%d", self.config.mqtt.host, self.config.mqtt.port)
+        self._session_kept = bool(flags.session_present)
         self._connection += 1
         client.subscribe(
             [
@@ -203,7 +205,7 @@ class AggregatorService:
                     )
                 item = self.inbox.get(timeout=max(sleep, 0.01))
                 if item == _Signal.SUBSCRIBED:
-                    self.coordinator.connected()
+                    self.coordinator.connected(session_kept=self._session_kept)
                     if not ready:
                         systemd.notify_ready()
                         ready = True

@@ -4,9 +4,14 @@ Real processes: three NATS nodes (broker/cluster.py) and one Mosquitto hub per
 house, bridged to the tier (broker/cluster_hub.py); the real aggregator service
 on the tier over MQTT 3.1.1 (fedbell/tier.py), with signing on (its key, one
 trusted key per doorbell) and the default update codec. The doorbells are
-simulated, one MQTT 5 client per house speaking for all of its doorbells: a
-retained status each, then, when the round is announced, one signed update per
-selected doorbell of the house (a random small delta, not a trained one).
+simulated, one MQTT 5 client per house speaking for all of its doorbells: once
+the backbone is retained at every hub, a retained status each; once the
+aggregator has every status, the round is started (the operator's
+`start_round`, put in the aggregator's inbox: no login may write the control
+topic on the tier), and each house sends one signed update per selected
+doorbell (a random small delta, not a trained one). So the round is timed with
+the federation at rest, not behind 28 MB of backbone to every hub and 10,000
+statuses, which had overlapped it and doubled its time.
 
 Measured: round time (announcement seen in the houses -> new model seen in the
 houses), updates/s, bytes into and out of each node during the round (NATS
@@ -35,10 +40,11 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from paho.mqtt.enums import CallbackAPIVersion
 
 from aggregator.config import AggregatorConfig
-from aggregator.service import AggregatorService
+from aggregator.service import AggregatorService, Incoming
 from broker.cluster import AGGREGATOR_LOGIN, OBSERVER_LOGIN, ClusterTier
 from broker.cluster_hub import HubBroker
 from deploy.pki import create_signing_key
+from fedbell.wire.backbone import parse_manifest
 from fedbell.wire.messages import GlobalModel, Signer, build_update, parse_global
 from fedbell.wire.protocol import DeviceStatus, RoundAnnouncement, to_json
 from fedbell.wire.topics import Topics
@@ -59,9 +65,12 @@ class House:
         for device, key in self.keys.items():
             public = key.public_key().public_bytes(Encoding.PEM, PublicFormat.SubjectPublicKeyInfo)
             (trusted / f"{device}.pub").write_bytes(public)
+        self.doorbells = doorbells
         self.announcement: RoundAnnouncement | None = None
         self.models: dict[int, GlobalModel] = {}
         self.seen_at: dict[str, float] = {}
+        self.last_chunk: str | None = None
+        """The backbone's last chunk topic: retained here, the whole backbone is."""
         self.client = mqtt.Client(
             CallbackAPIVersion.VERSION2, client_id=f"house-{name}", protocol=mqtt.MQTTv5
         )
@@ -69,13 +78,27 @@ class House:
         self.client.on_message = self._record
         self.client.connect("127.0.0.1", port)
         self.client.loop_start()
-        self.client.subscribe([(TOPICS.round, 1), (TOPICS.global_model, 1)])
+        self.client.subscribe(
+            [(TOPICS.round, 1), (TOPICS.global_model, 1), (TOPICS.tflite_model, 1)]
+        )
+
+    def come_online(self) -> None:
+        """A retained status from each doorbell: the aggregator selects among them."""
         online = to_json(DeviceStatus(state="online", model_version=0))
-        for device in doorbells:
+        for device in self.doorbells:
             self.client.publish(TOPICS.status(device), online, qos=1, retain=True)
 
     def _record(self, _client: object, _userdata: object, message: mqtt.MQTTMessage) -> None:
-        if message.topic == TOPICS.round:
+        if message.topic == TOPICS.tflite_model:
+            # The chunks follow their manifest in order: the last one's arrival
+            # says the backbone is at the hub, without carrying 28 MB into here.
+            payload = bytes(message.payload)
+            manifest = parse_manifest(payload, site=SITE, max_bytes=MAX_BYTES, keys=None)
+            self.last_chunk = TOPICS.backbone_chunk(len(manifest.chunks) - 1)
+            self.client.subscribe(self.last_chunk, qos=1)
+        elif message.topic == self.last_chunk:
+            self.seen_at.setdefault("backbone", time.monotonic())
+        elif message.topic == TOPICS.round:
             announcement = RoundAnnouncement.model_validate_json(message.payload)
             if announcement.phase == "train":
                 self.announcement = announcement
@@ -192,7 +215,6 @@ def aggregator_config(folder: Path, tier: ClusterTier, selected: int) -> Aggrega
                 "max_devices": selected,
                 "auto_pause_s": 0,
             },
-            "auto_rounds": 1,
             "evaluation": {"detector": "haar"},
         }
     )
@@ -232,6 +254,15 @@ def run(
         thread = threading.Thread(target=service.run, name="aggregator", daemon=True)
         thread.start()
         try:
+            serving = time.monotonic()
+            wait_until(lambda: all("backbone" in h.seen_at for h in members), 600, "backbone")
+            backbone_s = max(h.seen_at["backbone"] for h in members) - serving
+            for house in members:
+                house.come_online()
+            everyone = houses * doorbells
+            wait_until(lambda: len(service.coordinator.online) == everyone, 600, "statuses")
+            start = Incoming(TOPICS.control, b'{"cmd": "start_round"}')
+            service.inbox.put(start, TOPICS.control, commands=True)
             wait_until(lambda: all(h.announcement for h in members), 600, "round announced")
             wait_until(lambda: all(0 in h.models for h in members), 120, "base model")
             announced = min(h.seen_at["round"] for h in members)
@@ -261,6 +292,7 @@ def run(
         "node_killed": kill_node,
         "ack_wait": ack_wait,
         "tier_up_s": round(up_s, 1),
+        "backbone_at_every_hub_s": round(backbone_s, 1),
         "round_s": round(round_s, 2),
         "updates_per_s": round(sent / round_s, 1),
         "updates_sent": sent,

@@ -39,13 +39,21 @@ def bridge_topics(base: str) -> list[str]:
     forwards live (only a new subscription gets retained ones flagged), so a
     model published while the bridge is up would reach the doorbells connected
     then but not be kept for the next. The Retainer restores it.
+
+    Out at QoS 1 (an update is stored on the tier before the hub forgets it),
+    in at QoS 0: everything that comes down is retained on the tier (the
+    aggregator retains all it publishes), and a bridge that (re)subscribes is
+    sent the latest of each topic, which is all a doorbell uses. At QoS 1 NATS
+    kept a replicated JetStream consumer per topic line and hub (five per hub,
+    100 raft groups for 20 hubs), which the surviving nodes of a killed one
+    had to re-elect while the round's updates poured in (docs/many-houses.md).
     """
     lines = []
     for access, topic in hub_rules(base):
         if access == "write":
             lines.append(f"topic {topic} out 1")
         else:
-            lines.append(f'topic {topic} in 1 {STAGING_PREFIX} ""')
+            lines.append(f'topic {topic} in 0 {STAGING_PREFIX} ""')
     return lines
 
 
@@ -115,7 +123,8 @@ class HubBroker(LocalBroker):
     def start(self, timeout: float = 10.0) -> HubBroker:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         login = self.tier.login(self.tier.hub_login(self.house))
-        bridge = render_bridge(self.house, self.tier.base, login, self.tier.mqtt_endpoints)
+        endpoints = self.tier.endpoints_for(self.house)
+        bridge = render_bridge(self.house, self.tier.base, login, endpoints)
         # LocalBroker formats its template with str.format: the bridge has no braces.
         template = self.data_dir / "hub.template.conf"
         write_private(template, (self._house_template.read_text() + bridge).encode())

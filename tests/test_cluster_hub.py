@@ -46,7 +46,7 @@ def wait_for_bridge(hub: HubBroker, timeout: float = 20.0) -> None:
 def test_the_bridge_carries_only_the_sites_federation_topics() -> None:
     lines = bridge_topics(BASE)
     assert f"topic {BASE}/update/+ out 1" in lines
-    assert f'topic {BASE}/model/global in 1 _tier/ ""' in lines
+    assert f'topic {BASE}/model/global in 0 _tier/ ""' in lines
     assert all(line.split()[1].startswith(f"{BASE}/") for line in lines)
 
 
