@@ -196,6 +196,23 @@ def rss_mb() -> float:
     return 0.0
 
 
+def start_at_rest(service: AggregatorService, members: list[House]) -> float:
+    """Start the round once the backbone is at every hub and every status at the aggregator.
+
+    Returns how long the backbone took to reach every hub from the aggregator's start.
+    """
+    serving = time.monotonic()
+    wait_until(lambda: all("backbone" in h.seen_at for h in members), 600, "backbone")
+    backbone_s = max(h.seen_at["backbone"] for h in members) - serving
+    for house in members:
+        house.come_online()
+    everyone = sum(len(house.doorbells) for house in members)
+    wait_until(lambda: len(service.coordinator.online) == everyone, 600, "statuses")
+    start = Incoming(TOPICS.control, b'{"cmd": "start_round"}')
+    service.inbox.put(start, TOPICS.control, commands=True)
+    return backbone_s
+
+
 def aggregator_config(folder: Path, tier: ClusterTier, selected: int) -> AggregatorConfig:
     cache = next((path for path in BACKBONE_CACHES if path.is_dir()), folder / "cache")
     key, _public = folder / "aggregator.key", folder / "aggregator.pub"
@@ -254,15 +271,7 @@ def run(
         thread = threading.Thread(target=service.run, name="aggregator", daemon=True)
         thread.start()
         try:
-            serving = time.monotonic()
-            wait_until(lambda: all("backbone" in h.seen_at for h in members), 600, "backbone")
-            backbone_s = max(h.seen_at["backbone"] for h in members) - serving
-            for house in members:
-                house.come_online()
-            everyone = houses * doorbells
-            wait_until(lambda: len(service.coordinator.online) == everyone, 600, "statuses")
-            start = Incoming(TOPICS.control, b'{"cmd": "start_round"}')
-            service.inbox.put(start, TOPICS.control, commands=True)
+            backbone_s = start_at_rest(service, members)
             wait_until(lambda: all(h.announcement for h in members), 600, "round announced")
             wait_until(lambda: all(0 in h.models for h in members), 120, "base model")
             announced = min(h.seen_at["round"] for h in members)
