@@ -27,6 +27,13 @@ from deploy.files import write_private
 BRIDGE_TEMPLATE = Path(__file__).with_name("cluster_hub.conf")
 
 
+HUB_AUTOSAVE = """
+# Saved like broker/production.conf (60 s), not local.conf's 1 s: a hub retains
+# the 28 MB backbone, and twenty test hubs rewriting it every second took more
+# of the machine than the round (bench-cluster). The later line wins.
+autosave_interval 60
+"""
+
 STAGING_PREFIX = "_tier/"
 """Where the bridge puts what comes down from the tier, for the `Retainer` to republish."""
 
@@ -127,7 +134,7 @@ class HubBroker(LocalBroker):
         bridge = render_bridge(self.house, self.tier.base, login, endpoints)
         # LocalBroker formats its template with str.format: the bridge has no braces.
         template = self.data_dir / "hub.template.conf"
-        write_private(template, (self._house_template.read_text() + bridge).encode())
+        write_private(template, (self._house_template.read_text() + HUB_AUTOSAVE + bridge).encode())
         self._template = template
         super().start(timeout)
         self.config_path.chmod(0o600)
