@@ -177,7 +177,15 @@ class AggregatorService:
     # -- main loop thread ---------------------------------------------------------
 
     def _publish(self, topic: str, payload: bytes) -> None:
-        self.client.publish(topic, payload, qos=1, retain=True)
+        # Replies (one per accepted update, for whoever watches) at QoS 0, still
+        # retained for the next console. On the federation tier a QoS 1 publish
+        # is a JetStream store on three nodes that NATS waits for before it reads
+        # the aggregator's next packet: a round's 1,000 replies cost ~2 s of it
+        # (7.3 s, 5.3 s at QoS 0), and one that timed out while the tier re-elected
+        # leaders after a node loss closed the aggregator's connection (a round
+        # with a node killed: 24.8 s, 15.0 s at QoS 0; docs/many-houses.md).
+        qos = 0 if topic == self.topics.reply else 1
+        self.client.publish(topic, payload, qos=qos, retain=True)
 
     def stop(self) -> None:
         """Ask the main loop to finish (safe from a signal handler or another thread)."""
