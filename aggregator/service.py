@@ -107,7 +107,7 @@ class AggregatorService:
         self._drops_summarised_at = 0.0
         self._stopping = threading.Event()
         self._connection = 0  # written by paho's thread only, read by the main loop
-        self._session_kept = False  # the last CONNACK's session present; the same
+        self._session_kept = False  # the last CONNACK's session present, likewise
         self._unacked: list[tuple[int, int, int]] = []
         """(mid, qos, connection) of handled messages not yet acked (not their payloads)."""
         self._unacked_since = 0.0
