@@ -10,6 +10,7 @@ over MQTT 3.1.1 with the hub's own login and TLS certificate, and a small
 
 from __future__ import annotations
 
+import hashlib
 import signal
 from pathlib import Path
 from string import Template
@@ -71,6 +72,13 @@ class Retainer:
 
     A persistent MQTT 5 session on the house broker, so what the bridge staged
     while the retainer restarted is queued for it.
+
+    What it already retained unchanged it does not publish again: a bridge
+    that reconnects subscribes again and the tier sends every retained
+    message of the site once more, the 28 MB backbone included, which every
+    doorbell listening on the backbone would have received again too. After a
+    connection on which the house broker had lost its session (and so its
+    retained messages), it republishes everything.
     """
 
     def __init__(self, port: int, client_id: str, host: str = "127.0.0.1") -> None:
@@ -80,6 +88,8 @@ class Retainer:
         self.client.on_connect = self._on_connect
         self.client.on_message = self._on_message
         self._address = (host, port)
+        self._retained: dict[str, bytes] = {}
+        """sha256 of what it last retained, by topic."""
 
     def start(self) -> Retainer:
         properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
@@ -92,11 +102,17 @@ class Retainer:
         self.client.loop_stop()
         self.client.disconnect()
 
-    def _on_connect(self, client: mqtt.Client, *_args: Any) -> None:
+    def _on_connect(self, client: mqtt.Client, _userdata: Any, flags: Any, *_args: Any) -> None:
+        if not flags.session_present:
+            self._retained.clear()
         client.subscribe(f"{STAGING_PREFIX}#", qos=1)
 
     def _on_message(self, client: mqtt.Client, _userdata: Any, message: mqtt.MQTTMessage) -> None:
-        client.publish(message.topic.removeprefix(STAGING_PREFIX), message.payload, 1, retain=True)
+        topic = message.topic.removeprefix(STAGING_PREFIX)
+        digest = hashlib.sha256(message.payload).digest()
+        if self._retained.get(topic) != digest:
+            self._retained[topic] = digest
+            client.publish(topic, message.payload, 1, retain=True)
 
 
 def render_bridge(house: str, base: str, login: TierLogin, endpoints: list[tuple[str, int]]) -> str:
