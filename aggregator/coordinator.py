@@ -61,6 +61,8 @@ class Coordinator:
         self.secure = SecureRounds(fed, self.releases)
         self.rounds = RoundMachine(fed, self.releases, self.secure, self.auto)
         self.intake = Intake(fed, self.rounds, self.secure, exporter.specs(model.weights))
+        self._backbone_sent: tuple[str, int] | None = None
+        """(lineage, epoch) of the backbone this process published to the broker, if any."""
         if resumed is not None:
             fed.round, fed.last_round = resumed.round, resumed.last_round
             fed.privacy.rounds = resumed.noised_rounds
@@ -91,15 +93,27 @@ class Coordinator:
 
     # -- the service's calls ---------------------------------------------------
 
-    def connected(self) -> None:
-        """Subscribed: publish the committed state, arm automatic rounds."""
+    def connected(self, session_kept: bool = False) -> None:
+        """Subscribed: publish the committed state, arm automatic rounds.
+
+        session_kept: the broker still had this client's session (CONNACK's
+        session present), so it kept what it had stored, our retained messages
+        with it. The backbone (28 MB) this process already published then stays
+        where it is: sent again after every reconnection, a node lost on the
+        federation tier made the tier push it to every house again (20 x 28 MB
+        mid-round; docs/many-houses.md). The small messages are still republished.
+        """
         fed = self.federation
-        for topic, payload in self.retained_messages():
+        backbone = (fed.model.lineage, fed.model.epoch)
+        with_backbone = not session_kept or self._backbone_sent != backbone
+        for topic, payload in self.retained_messages(with_backbone=with_backbone):
             fed.publish(topic, payload)
+        if with_backbone:
+            self._backbone_sent = backbone
         fed.publish(fed.topics.aggregator_status, fed.status_payload())
         self.auto.arm()
 
-    def retained_messages(self) -> list[tuple[str, bytes]]:
+    def retained_messages(self, with_backbone: bool = True) -> list[tuple[str, bytes]]:
         """What to (re)publish after (re)connecting: the committed public state."""
         fed = self.federation
         topics = {"global": fed.topics.global_model, "metrics": fed.topics.metrics}
@@ -110,8 +124,9 @@ class Coordinator:
             (topics[name], resign(payload, signer, limit) if name == "global" else payload)
             for name, payload in fed.persistence.retained_payloads(topics)
         ]
-        backbone = fed.exporter.backbone_messages(fed.model.lineage, fed.model.epoch)
-        messages += backbone.publications(fed.topics)
+        if with_backbone:
+            backbone = fed.exporter.backbone_messages(fed.model.lineage, fed.model.epoch)
+            messages += backbone.publications(fed.topics)
         if fed.round is not None:
             messages.append((fed.topics.round, fed.round_payload(fed.round.announcement)))
         return messages

@@ -107,6 +107,7 @@ class AggregatorService:
         self._drops_summarised_at = 0.0
         self._stopping = threading.Event()
         self._connection = 0  # written by paho's thread only, read by the main loop
+        self._session_kept = False  # the last CONNACK's session present, likewise
         self._unacked: list[tuple[int, int, int]] = []
         """(mid, qos, connection) of handled messages not yet acked (not their payloads)."""
         self._unacked_since = 0.0
@@ -133,12 +134,13 @@ class AggregatorService:
     # -- paho's network thread: no work beyond queueing --------------------------
 
     def _on_connect(
-        self, client: mqtt.Client, _userdata: Any, _flags: Any, reason: Any, _properties: Any
+        self, client: mqtt.Client, _userdata: Any, flags: Any, reason: Any, _properties: Any
     ) -> None:
         if reason.is_failure:
             log.error("broker refused the connection: %s", reason)
             return
         log.info("connected to %s:%d", self.config.mqtt.host, self.config.mqtt.port)
+        self._session_kept = bool(flags.session_present)
         self._connection += 1
         client.subscribe(
             [
@@ -175,7 +177,15 @@ class AggregatorService:
     # -- main loop thread ---------------------------------------------------------
 
     def _publish(self, topic: str, payload: bytes) -> None:
-        self.client.publish(topic, payload, qos=1, retain=True)
+        # Replies (one per accepted update, for whoever watches) at QoS 0, still
+        # retained for the next console. On the federation tier a QoS 1 publish
+        # is a JetStream store on three nodes that NATS waits for before it reads
+        # the aggregator's next packet: a round's 1,000 replies cost ~2 s of it
+        # (7.3 s, 5.3 s at QoS 0), and one that timed out while the tier re-elected
+        # leaders after a node loss closed the aggregator's connection (a round
+        # with a node killed: 24.8 s, 15.0 s at QoS 0; docs/many-houses.md).
+        qos = 0 if topic == self.topics.reply else 1
+        self.client.publish(topic, payload, qos=qos, retain=True)
 
     def stop(self) -> None:
         """Ask the main loop to finish (safe from a signal handler or another thread)."""
@@ -203,7 +213,7 @@ class AggregatorService:
                     )
                 item = self.inbox.get(timeout=max(sleep, 0.01))
                 if item == _Signal.SUBSCRIBED:
-                    self.coordinator.connected()
+                    self.coordinator.connected(session_kept=self._session_kept)
                     if not ready:
                         systemd.notify_ready()
                         ready = True

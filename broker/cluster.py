@@ -130,6 +130,18 @@ class ClusterTier(Service):
         """(host, port) of every node's MQTT listener, in node order."""
         return [("127.0.0.1", node.mqtt_port) for node in self.nodes]
 
+    def endpoints_for(self, house: str) -> list[tuple[str, int]]:
+        """Every node's MQTT listener, starting at `house`'s own: the hubs spread evenly.
+
+        A bridge connects to its first address and moves on only when that node
+        is lost. With every hub on node 1, killing it made all of them reconnect
+        at once, each re-sent the retained backbone (28 MB) by the two nodes
+        left; spread, a lost node moves a third of them.
+        """
+        start = self.hubs.index(house) % len(self.nodes)
+        endpoints = self.mqtt_endpoints
+        return endpoints[start:] + endpoints[:start]
+
     def login(self, name: str) -> TierLogin:
         """The credentials of `name`: one of the *_LOGIN names or `hub_login(house)`."""
         folder = self.work_dir / "logins" / name

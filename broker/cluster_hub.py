@@ -10,6 +10,7 @@ over MQTT 3.1.1 with the hub's own login and TLS certificate, and a small
 
 from __future__ import annotations
 
+import hashlib
 import signal
 from pathlib import Path
 from string import Template
@@ -27,6 +28,14 @@ from deploy.files import write_private
 BRIDGE_TEMPLATE = Path(__file__).with_name("cluster_hub.conf")
 
 
+HUB_AUTOSAVE = """
+# Saved like broker/production.conf (60 s), not local.conf's 1 s: a hub retains
+# the 28 MB backbone, and twenty test hubs rewriting it every second sat in
+# disk wait through the bench's round (~19 % of a core; 3 % at 60 s). The
+# later line wins.
+autosave_interval 60
+"""
+
 STAGING_PREFIX = "_tier/"
 """Where the bridge puts what comes down from the tier, for the `Retainer` to republish."""
 
@@ -39,13 +48,21 @@ def bridge_topics(base: str) -> list[str]:
     forwards live (only a new subscription gets retained ones flagged), so a
     model published while the bridge is up would reach the doorbells connected
     then but not be kept for the next. The Retainer restores it.
+
+    Out at QoS 1 (an update is stored on the tier before the hub forgets it),
+    in at QoS 0: everything that comes down is retained on the tier (the
+    aggregator retains all it publishes), and a bridge that (re)subscribes is
+    sent the latest of each topic, which is all a doorbell uses. At QoS 1 NATS
+    kept a replicated JetStream consumer per topic line and hub (five per hub,
+    100 raft groups for 20 hubs), which the surviving nodes of a killed one
+    had to re-elect while the round's updates poured in (docs/many-houses.md).
     """
     lines = []
     for access, topic in hub_rules(base):
         if access == "write":
             lines.append(f"topic {topic} out 1")
         else:
-            lines.append(f'topic {topic} in 1 {STAGING_PREFIX} ""')
+            lines.append(f'topic {topic} in 0 {STAGING_PREFIX} ""')
     return lines
 
 
@@ -55,6 +72,13 @@ class Retainer:
 
     A persistent MQTT 5 session on the house broker, so what the bridge staged
     while the retainer restarted is queued for it.
+
+    What it already retained unchanged it does not publish again: a bridge
+    that reconnects subscribes again and the tier sends every retained
+    message of the site once more, the 28 MB backbone included, which every
+    doorbell listening on the backbone would have received again too. After a
+    connection on which the house broker had lost its session (and so its
+    retained messages), it republishes everything.
     """
 
     def __init__(self, port: int, client_id: str, host: str = "127.0.0.1") -> None:
@@ -64,6 +88,8 @@ class Retainer:
         self.client.on_connect = self._on_connect
         self.client.on_message = self._on_message
         self._address = (host, port)
+        self._retained: dict[str, bytes] = {}
+        """sha256 of what it last retained, by topic."""
 
     def start(self) -> Retainer:
         properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
@@ -76,11 +102,17 @@ class Retainer:
         self.client.loop_stop()
         self.client.disconnect()
 
-    def _on_connect(self, client: mqtt.Client, *_args: Any) -> None:
+    def _on_connect(self, client: mqtt.Client, _userdata: Any, flags: Any, *_args: Any) -> None:
+        if not flags.session_present:
+            self._retained.clear()
         client.subscribe(f"{STAGING_PREFIX}#", qos=1)
 
     def _on_message(self, client: mqtt.Client, _userdata: Any, message: mqtt.MQTTMessage) -> None:
-        client.publish(message.topic.removeprefix(STAGING_PREFIX), message.payload, 1, retain=True)
+        topic = message.topic.removeprefix(STAGING_PREFIX)
+        digest = hashlib.sha256(message.payload).digest()
+        if self._retained.get(topic) != digest:
+            self._retained[topic] = digest
+            client.publish(topic, message.payload, 1, retain=True)
 
 
 def render_bridge(house: str, base: str, login: TierLogin, endpoints: list[tuple[str, int]]) -> str:
@@ -115,10 +147,11 @@ class HubBroker(LocalBroker):
     def start(self, timeout: float = 10.0) -> HubBroker:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         login = self.tier.login(self.tier.hub_login(self.house))
-        bridge = render_bridge(self.house, self.tier.base, login, self.tier.mqtt_endpoints)
+        endpoints = self.tier.endpoints_for(self.house)
+        bridge = render_bridge(self.house, self.tier.base, login, endpoints)
         # LocalBroker formats its template with str.format: the bridge has no braces.
         template = self.data_dir / "hub.template.conf"
-        write_private(template, (self._house_template.read_text() + bridge).encode())
+        write_private(template, (self._house_template.read_text() + HUB_AUTOSAVE + bridge).encode())
         self._template = template
         super().start(timeout)
         self.config_path.chmod(0o600)

@@ -143,6 +143,30 @@ def test_the_parts_share_one_federation_that_commits_before_it_publishes(
     assert fed.round.rejected == {"bad_topic": 1}
 
 
+def test_the_backbone_is_not_sent_again_to_a_broker_that_kept_the_session(
+    coordinator: tuple[Coordinator, list[str]],
+) -> None:
+    """A reconnection that resumed the session finds the retained backbone where it was
+    (issue 23: republished after a node kill, the tier pushed 28 MB to every house)."""
+    coord, published = coordinator
+    chunks = f"{TOPICS.tflite_model}/"
+
+    def sent_after(session_kept: bool) -> list[str]:
+        del published[:]
+        coord.connected(session_kept=session_kept)
+        return list(published)
+
+    first = sent_after(session_kept=True)  # a new process: its first connection sends all
+    assert TOPICS.tflite_model in first
+    assert any(topic.startswith(chunks) for topic in first)
+    resumed = sent_after(session_kept=True)
+    assert TOPICS.global_model in resumed  # the small state is still republished
+    assert TOPICS.tflite_model not in resumed
+    assert not [topic for topic in resumed if topic.startswith(chunks)]
+    lost = sent_after(session_kept=False)  # a broker that lost the session lost the rest too
+    assert sorted(lost) == sorted(first)
+
+
 def test_a_refusal_is_counted_and_logged_never_published(
     coordinator: tuple[Coordinator, list[str]],
 ) -> None:

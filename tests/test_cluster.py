@@ -77,6 +77,16 @@ def test_hub_permissions_are_the_doorbells_federation_topics() -> None:
     assert subject(f"{base}/model/tflite/+") == "fedbell.fed.model.tflite.*"
 
 
+def test_the_hubs_start_at_different_nodes(tmp_path: Path) -> None:
+    """A lost node moves a third of the bridges, not all of them (issue 23)."""
+    houses = ["a", "b", "c", "d"]
+    tier = ClusterTier(tmp_path, SITE, hubs=houses)  # not started: ports only
+    nodes = tier.mqtt_endpoints
+    firsts = [tier.endpoints_for(house)[0] for house in houses]
+    assert firsts == [nodes[0], nodes[1], nodes[2], nodes[0]]
+    assert all(sorted(tier.endpoints_for(house)) == sorted(nodes) for house in houses)
+
+
 def test_a_retained_model_published_on_one_node_is_served_by_another(tier: ClusterTier) -> None:
     (_, first), *_, (_, last) = tier.mqtt_endpoints
     aggregator = TierClient(tier.login(AGGREGATOR_LOGIN), first, "agg-retain")

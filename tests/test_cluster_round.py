@@ -150,8 +150,9 @@ def test_a_round_survives_a_node_killed_mid_round_and_counts_each_update_once(
         half = len(doorbells) // 2
         for doorbell, delta, count in zip(doorbells[:half], deltas, examples, strict=False):
             doorbell.send_update(base, delta, count)
-        # Node 1 holds the aggregator's and both bridges' connections (each tries
-        # the first address first): lose it while updates are on their way.
+        # Node 1 holds the aggregator's connection (its first address) and house1's
+        # bridge (the hubs are spread over the nodes, ClusterTier.endpoints_for):
+        # lose it while updates are on their way.
         tier.kill_node(0)
         for doorbell, delta, count in zip(
             doorbells[half:], deltas[half:], examples[half:], strict=True

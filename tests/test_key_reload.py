@@ -111,3 +111,21 @@ def test_a_key_rewritten_in_place_is_read_again_on_request(tmp_path: Path) -> No
     assert set(ring.keys()) == {"door1"}
     assert ring.error is not None
     assert "door2.pub" in ring.error
+
+
+def test_a_large_folder_is_looked_at_less_often_than_rescan_s(tmp_path: Path) -> None:
+    """Issue 23: stating 10,000 doorbells' keys took 0.43 s on the loaded machine, and a
+    look every second held the aggregator's main loop; the interval grows with the scan."""
+    key, replacement = Ed25519PrivateKey.generate(), Ed25519PrivateKey.generate()
+    for index in range(5000):
+        write_public(key, tmp_path / f"door{index}.pub")
+    now = [0.0]
+    ring = KeyRing(tmp_path, rescan_s=0.001, clock=lambda: now[0])
+    folder_stat = tmp_path.stat()
+    write_public(replacement, tmp_path / "door0.pub")  # in place: the folder is unchanged
+    os.utime(tmp_path, ns=(folder_stat.st_atime_ns, folder_stat.st_mtime_ns))
+    # Ten times rescan_s, but 5,000 stats take well over 0.1 ms (x 1 / RESCAN_SHARE: 10 ms).
+    now[0] = 0.01
+    assert ring.keys()["door0"].public_bytes_raw() == key.public_key().public_bytes_raw()
+    now[0] = 3600.0
+    assert ring.keys()["door0"].public_bytes_raw() == replacement.public_key().public_bytes_raw()

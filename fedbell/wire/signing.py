@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import json
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -76,6 +77,10 @@ def verify(header: Header, keys: dict[str, Ed25519PublicKey]) -> None:
         ) from None
 
 
+RESCAN_SHARE = 0.01
+"""At most this share of the caller's time goes to looking at every key file again."""
+
+
 class KeyRing:
     """The trusted public keys of a folder, kept current while the process runs.
 
@@ -85,6 +90,12 @@ class KeyRing:
     `rescan_s` (a key rewritten in place), and re-reads everything after
     `request_reload()` (SIGHUP). A folder that fails to load keeps the last
     good keys, minus any whose file is gone, and says why in `error`.
+
+    Looking at every file costs one `stat` each: with 10,000 doorbells a scan
+    took 0.43 s on the loaded machine (0.17 s through os.scandir), and a scan
+    every second took ~40 % of the aggregator's main loop in a round on the
+    federation tier (docs/many-houses.md). So the files are looked at no more
+    often than keeps that below RESCAN_SHARE of the time (every 17 s at 0.17 s).
     """
 
     def __init__(
@@ -98,6 +109,7 @@ class KeyRing:
         self._lock = threading.Lock()
         self._reload_requested = False
         self._keys = load_public_keys(folder)  # a bad folder at start is a config error
+        self._scan_s = 0.0  # what the last look at every file took
         self._folder_stamp = self._stamp_folder()
         self._files_stamp = self._stamp_files()
         self._scanned_at = clock()
@@ -109,7 +121,8 @@ class KeyRing:
     def keys(self) -> dict[str, Ed25519PublicKey]:
         with self._lock:
             folder = self._stamp_folder()
-            due = self.clock() - self._scanned_at >= self.rescan_s
+            interval = max(self.rescan_s, self._scan_s / RESCAN_SHARE)
+            due = self.clock() - self._scanned_at >= interval
             files = self._stamp_files() if due or self._reload_requested else self._files_stamp
             if due or self._reload_requested:
                 self._scanned_at = self.clock()
@@ -147,13 +160,23 @@ class KeyRing:
         return (stat.st_mtime_ns, stat.st_ino)
 
     def _stamp_files(self) -> tuple[tuple[str, int, int], ...]:
+        started = time.perf_counter()
         stamps = []
-        for path in sorted(self.folder.glob("*.pub")):
+        try:
+            # os.scandir, not Path.glob: a third of the time for 10,000 files.
+            entries = list(os.scandir(self.folder))
+        except OSError:
+            entries = []
+        for entry in entries:
+            if not entry.name.endswith(".pub"):
+                continue
             try:
-                stat = path.stat()
+                stat = entry.stat()
             except OSError:
                 continue
-            stamps.append((path.name, stat.st_mtime_ns, stat.st_size))
+            stamps.append((entry.name, stat.st_mtime_ns, stat.st_size))
+        stamps.sort()
+        self._scan_s = time.perf_counter() - started
         return tuple(stamps)
 
 
