@@ -209,7 +209,7 @@ def at_rest(service: AggregatorService, members: list[House]) -> float:
     for house in members:
         house.come_online()
     everyone = sum(len(house.doorbells) for house in members)
-    wait_until(lambda: len(service.coordinator.online) == everyone, 600, "statuses")
+    wait_until(lambda: len(service.coordinator.federation.online) == everyone, 600, "statuses")
     return backbone_s
 
 
