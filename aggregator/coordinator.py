@@ -76,6 +76,8 @@ class Coordinator:
                 fed.last_round,
                 fed.round_summary(),
             )
+        if config.rounds.secure_aggregation:
+            self.secure.log_expected_privacy()
 
     # -- the state the service and the tests read ------------------------------
 

@@ -167,7 +167,7 @@ def federation(
         secure_aggregation=True,
         min_cohort=5,
         max_accuracy_drop=None,
-        privacy=privacy or {},
+        privacy=privacy or {"epsilon_budget": None},  # 8 houses: too few for noise
     )
     exporter = Exporter(config, Signer("aggregator"))
     fed = InProcessFederation(config, exporter, DEVICES)
@@ -307,11 +307,10 @@ def test_an_unclipped_update_is_caught_in_the_sum_and_nothing_is_published(
     tmp_path: Path, aggregator_cache: Path
 ) -> None:
     """A compromised doorbell masks a delta it did not clip: the aggregator cannot see it,
-    but the mean of clipped updates has a norm of at most clip_norm, so the sum shows it."""
+    but the mean of clipped updates has a norm of at most secure_clip_norm, so the sum shows it."""
     fed = federation(tmp_path, aggregator_cache)
     before = fed.head()
-    clip = fed.coordinator.config.rounds.clip_norm
-    assert clip is not None
+    clip = fed.coordinator.config.rounds.secure_clip_norm
     # subset norm ~60 clip norms, each entry still within the fixed-point range
     # (+/-8 clip norms for a cohort of 8: fedbell.wire.secagg_params.default_scale)
     fed.deltas["d3"] = [d * 150 * clip for d in fed.deltas["d3"]]
@@ -349,8 +348,7 @@ def test_epsilon_is_in_every_rounds_metrics_and_the_budget_stops_rounds(
         assert metrics.epsilon_total == pytest.approx((1.5146, 2.6770)[round_id - 1], abs=1e-3)
     plan = announced[0].secagg
     assert plan is not None
-    clip = fed.coordinator.config.rounds.clip_norm
-    assert clip is not None
+    clip = fed.coordinator.config.rounds.secure_clip_norm
     assert plan.noise_std == pytest.approx(1.0 * clip / 5**0.5)  # z C / sqrt(min_cohort)
     fed.command(cmd="start_round")
     reply = json.loads(fed.payloads(TOPICS.reply)[-1])
