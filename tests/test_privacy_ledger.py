@@ -11,8 +11,8 @@ from aggregator.privacy import PrivacyLedger
 from aggregator.secure_rounds import secagg_plan
 from fedbell.errors import RejectedMessage
 
-DIMENSION = 128 * 128 + 128
-"""The head's values: dlib's 128 features to 128."""
+DIMENSION = 256 * 128
+"""The head's values (bench.openset_features.start_head)."""
 
 
 def outlook(ledger: PrivacyLedger, selected: int, houses: int) -> tuple[str, bool]:
@@ -81,7 +81,7 @@ def test_the_outlook_says_when_so_few_houses_drown_in_the_noise() -> None:
     line, drowned = outlook(ledger, 100, 2000)
     assert not drowned
     ratio = float(line.rsplit(" and its mean ", 1)[1].split(" x ")[0])
-    assert ratio < 0.5
+    assert ratio < 0.7
     assert "epsilon 8 after 60 rounds of 100 of 2000 houses (delta 1/2000" in line
     line, drowned = outlook(ledger, 10, 10)
     assert drowned
