@@ -51,7 +51,7 @@ class SecureRounds:
         """At start-up, one line on the privacy of the rounds the configuration plans (all
         houses, or max_devices of them), if the houses are known before any is online."""
         fed = self.federation
-        if not (fed.trusted_keys or fed.config.rounds.privacy.houses):
+        if fed.privacy.noised and not (fed.trusted_keys or fed.config.rounds.privacy.houses):
             log.info(
                 "house-level DP: the houses are not known until doorbells come online (no "
                 "provisioned keys, no rounds.privacy.houses): each round's noise is set then"
@@ -60,9 +60,10 @@ class SecureRounds:
         houses = fed.houses()
         selected = min(fed.config.rounds.max_devices or houses, houses)
         try:
-            self._log_privacy(self._plan(fed.last_round + 1, selected, houses), selected, houses)
+            fed.privacy.check_budget(selected, houses)
         except RejectedMessage as err:
-            log.warning("house-level DP: %s", err.detail)
+            log.warning("house-level DP: no secure round will start: %s", err.detail)
+        self._log_privacy(self._plan(fed.last_round + 1, selected, houses), selected, houses)
 
     def _plan(self, round_id: int, selected: int, houses: int) -> SecAggPlan:
         fed = self.federation

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 import time
 from collections import deque
 from pathlib import Path
@@ -417,3 +418,43 @@ def test_junk_secagg_messages_cost_a_count_each_and_no_reply(
     metrics = fed.metrics()
     assert (metrics.outcome, metrics.participants) == ("published", len(DEVICES) - 1), metrics
     assert sum(metrics.rejected.values()) == junk * leaves
+
+
+@pytest.mark.parametrize(
+    ("privacy", "level", "says"),
+    [
+        (
+            {"houses": 2000},
+            logging.INFO,
+            "house-level DP: epsilon 8 after 60 rounds of 2000 of 2000 houses (delta 1/2000, "
+            "budget 8): noise multiplier ",
+        ),
+        (
+            {"houses": 8},
+            logging.WARNING,
+            "x the clip: too few houses a round for this noise to leave any signal, the "
+            "federation will not learn; a site this small sets rounds.privacy.epsilon_budget: "
+            "null (no DP)",
+        ),
+        ({"max_dropout": 0.3}, logging.INFO, "the houses are not known until doorbells come"),
+        (None, logging.INFO, "house-level DP is off (rounds.privacy.epsilon_budget: null)"),
+    ],
+)
+def test_the_aggregator_states_its_privacy_at_start_up(
+    tmp_path: Path,
+    aggregator_cache: Path,
+    caplog: pytest.LogCaptureFixture,
+    *,
+    privacy: dict[str, float] | None,
+    level: int,
+    says: str,
+) -> None:
+    """One line before any round: epsilon, delta, z and the noise against the clip, a
+    warning saying what to set when the federation is too small for that noise, or that the
+    houses are only known once doorbells are online (no provisioned keys)."""
+    caplog.set_level(logging.INFO, logger="aggregator")
+    federation(tmp_path, aggregator_cache, privacy)
+    lines = [r for r in caplog.records if "house-level DP" in r.getMessage()]
+    assert len(lines) == 1, [r.getMessage() for r in lines]
+    assert lines[0].levelno == level
+    assert says in lines[0].getMessage()
