@@ -75,6 +75,8 @@ class Coordinator:
                 fed.last_round,
                 fed.round_summary(),
             )
+        if config.rounds.secure_aggregation:
+            self.secure.log_expected_privacy()
 
     @property
     def auto_remaining(self) -> int:

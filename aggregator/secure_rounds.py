@@ -47,9 +47,35 @@ class SecureRounds:
         round masks its whole histogram vector, clipped to the norm one house can reach,
         under the same noise multiplier (the ledger counts it like any round)."""
         fed = self.federation
+        houses = fed.houses()
+        fed.privacy.check_budget(selected, houses)
+        plan = self._plan(round_id, selected, houses, calibration)
+        self._log_privacy(plan, selected, houses, f"round {round_id}: ")
+        return plan
+
+    def log_expected_privacy(self) -> None:
+        """At start-up, one line on the privacy of the rounds the configuration plans (all
+        houses, or max_devices of them), if the houses are known before any is online."""
+        fed = self.federation
+        if fed.privacy.noised and not (fed.trusted_keys or fed.config.rounds.privacy.houses):
+            log.info(
+                "house-level DP: the houses are not known until doorbells come online (no "
+                "provisioned keys, no rounds.privacy.houses): each round's noise is set then"
+            )
+            return
+        houses = fed.houses()
+        selected = min(fed.config.rounds.max_devices or houses, houses)
+        try:
+            fed.privacy.check_budget(selected, houses)
+        except RejectedMessage as err:
+            log.warning("house-level DP: no secure round will start: %s", err.detail)
+        self._log_privacy(self._plan(fed.last_round + 1, selected, houses), selected, houses)
+
+    def _plan(
+        self, round_id: int, selected: int, houses: int, calibration: bool = False
+    ) -> SecAggPlan:
+        fed = self.federation
         rounds = fed.config.rounds
-        assert rounds.clip_norm is not None  # the config requires it with secure aggregation
-        fed.privacy.check_budget(selected, fed.houses())
         dimension = sum(int(w.size) for w in fed.model.weights)
         return secagg_plan(
             round_id=round_id,
@@ -57,11 +83,15 @@ class SecureRounds:
             dimension=histograms.VECTOR_SIZE if calibration else dimension,
             cohort=selected,
             density=1.0 if calibration else rounds.secure_density,
-            clip_norm=histograms.VECTOR_NORM if calibration else rounds.clip_norm,
-            noise_multiplier=rounds.privacy.noise_multiplier,
+            clip_norm=histograms.VECTOR_NORM if calibration else rounds.secure_clip_norm,
+            noise_multiplier=fed.privacy.noise_multiplier(selected, houses),
             min_cohort=rounds.min_cohort,
             max_dropout=rounds.privacy.max_dropout,
         )
+
+    def _log_privacy(self, plan: SecAggPlan, selected: int, houses: int, prefix: str = "") -> None:
+        line, drowned = self.federation.privacy.outlook(plan, selected, houses)
+        (log.warning if drowned else log.info)("%s%s", prefix, line)
 
     def on_message(self, topic: str, payload: bytes) -> None:
         """A doorbell's message in a secure round; the phase moves on once all answered."""

@@ -1,7 +1,8 @@
 """Does a doorbell's update say who lives in the house? The re-identification benchmark
 (issue 22).
 
-    python -m bench.privacy [--trials 60] [--epsilons 1 4 8 inf] [--default-epsilon 8]
+    python -m bench.privacy [--trials 60] [--epsilons 1 4 8 inf | --only-default]
+                            [--config config/aggregator.yaml]
                             [--enrol clean|doorbell] [--residents-photos 5]
                             [--houses-per-round 20 100 1000] [--rounds 60]
                             [--rounds-at-1000 10] [--test-dataset DIR]
@@ -18,6 +19,11 @@ and pools: `bench.privacy_data`; the views: `bench.privacy_views`; the attacks:
 of the federated head under secure aggregation and DP at each epsilon and
 houses per round: `bench.privacy_utility`. Prints a table and the issue's
 bars, writes reports/privacy.json and reports/privacy.png.
+
+The default DP setting is the product's (`--config`, the example aggregator
+config): its rounds.privacy.epsilon_budget spread over planned_rounds (the run's
+rounds), its secure_clip_norm and secure_density; the bars are checked there,
+and the honest subsets' norms before clipping are printed beside the clip.
 
 A single house (the float32 and as-sent rows) is built like issue 22's: 4
 residents enrolled from 5 photos each (`--residents-photos`: people with at
@@ -59,7 +65,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from aggregator.config import RoundSettings
+from aggregator.config import AggregatorConfig
 from bench import openset
 from bench.data import DATASETS, Prepared, prepare
 from bench.federated import Secure
@@ -94,18 +100,22 @@ from bench.privacy_rows import (
     summed,
     visitors,
 )
-from bench.privacy_utility import Privacy, UtilityResult, published_observations, run_setting
+from bench.privacy_utility import (
+    Privacy,
+    UtilityResult,
+    published_observations,
+    run_setting,
+    subset_norms,
+)
+from fedbell.config import load_config
 from fedbell.faces.embedding import TrainParams
 from fedbell.wire.codecs import DEFAULT_DENSITY, TENSOR_CODECS
 
 ROOT = Path(__file__).resolve().parents[1]
 SINGLE_ENROLMENTS: tuple[Conditions, ...] = ("clean", "doorbell")
 """The single houses' enrolment photos, each measured (`--enrol` picks the headline row)."""
-DEFAULT_CLIP_NORM = 0.02
-"""Clip of the update's shared subset (5 %) on the doorbell: measured here (2,000 houses,
-20 per round), the subset's norm is 0.019 / 0.021 / 0.022 (10th / 50th / 90th percentile)
-in round 1, 0.009 / 0.012 / 0.021 by round 20; the noise is sigma x this, so a clip at
-the update's own size keeps it as small as the guarantee allows."""
+PRODUCT_CONFIG = ROOT / "config" / "aggregator.yaml"
+NORM_PERCENTILES = (10, 50, 90)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -139,19 +149,38 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--trials", type=int, default=60, help="observations per row")
     parser.add_argument("--round-trials", type=int, default=300, help="round sums per row")
     parser.add_argument("--shadow-trials", type=int, default=100)
-    parser.add_argument("--epsilons", type=float, nargs="+", default=[1.0, 4.0, 8.0, math.inf])
-    parser.add_argument("--default-epsilon", type=float, default=8.0)
+    parser.add_argument(
+        "--config",
+        type=Path,
+        default=PRODUCT_CONFIG,
+        help="the aggregator config whose round settings are the default DP setting",
+    )
+    parser.add_argument(
+        "--epsilons",
+        type=float,
+        nargs="+",
+        default=[1.0, 4.0, 8.0, math.inf],
+        help="DP settings measured beside the config's default (always measured)",
+    )
+    parser.add_argument(
+        "--only-default", action="store_true", help="measure the config's DP setting alone"
+    )
     parser.add_argument("--houses-per-round", type=int, nargs="+", default=[20, 100, 1000])
     parser.add_argument("--attack-houses-per-round", type=int, nargs="+", default=[20, 100])
-    parser.add_argument("--rounds", type=int, default=60)
+    parser.add_argument(
+        "--rounds", type=int, default=None, help="default: the config's privacy.planned_rounds"
+    )
     parser.add_argument("--rounds-at-1000", type=int, default=10)
     parser.add_argument("--population", type=int, default=2000, help="houses in the federation")
-    parser.add_argument("--clip-norm", type=float, default=DEFAULT_CLIP_NORM)
+    parser.add_argument(
+        "--clip-norm", type=float, default=None, help="default: the config's secure_clip_norm"
+    )
     parser.add_argument(
         "--secure-density",
         type=float,
-        default=RoundSettings().secure_density,
-        help="share of the head each doorbell masks and sends (the round's shared subset)",
+        default=None,
+        help="share of the head each doorbell masks and sends (the round's shared subset); "
+        "default: the config's",
     )
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--cache", type=Path, default=ROOT / "reports" / "cache")
@@ -368,7 +397,7 @@ def attack_rows(
                 run_row(
                     "round_sum",
                     f"{per_round} houses, secure ({args.secure_density:.0%} subset, clip"
-                    f" {args.clip_norm}, z {z:.2f})",
+                    f" {args.clip_norm}, z {z:.2f}{_default_mark(args, target)})",
                     privacy.epsilon,
                     summed(bank, per_round, Secure(args.clip_norm, z, density=args.secure_density)),
                     trials=args.round_trials,
@@ -403,11 +432,13 @@ def published_rows(
             seen, base=base, centre=centre, shadow=None, replay=None, top=HOUSE_SIZE
         )
         per_round = result.privacy.houses_per_round
+        secure = result.setting != "plain"
+        mark = _default_mark(args, result.privacy.target_epsilon) if secure else ""
         row = RowResult(
             "published_heads",
             f"{per_round} houses per round, {result.privacy.rounds} rounds, {result.setting}"
-            f" (z {result.noise_multiplier:.2f})",
-            result.privacy.epsilon if result.setting != "plain" else None,
+            f" (z {result.noise_multiplier:.2f}{mark})",
+            result.privacy.epsilon if secure else None,
             by_attack,
             odds,
             len(seen),
@@ -417,6 +448,10 @@ def published_rows(
         row.extra["houses_per_round"] = per_round
         rows.append(row)
     return rows
+
+
+def _default_mark(args: argparse.Namespace, target: float) -> str:
+    return ", the config's default" if target == args.default_epsilon else ""
 
 
 _WORKER: dict[str, Bench] = {}
@@ -474,8 +509,61 @@ def utility_runs(args: argparse.Namespace, data: dict[str, Any]) -> list[Utility
     return sorted(runs, key=lambda r: (r.privacy.houses_per_round, r.setting))
 
 
+def product_defaults(args: argparse.Namespace) -> None:
+    """Fill the options left to `--config`'s round settings, and `default_epsilon` (inf: the
+    config has no DP). SystemExit if it fixes a noise multiplier instead of a budget."""
+    product = load_config(args.config, AggregatorConfig).rounds
+    privacy = product.privacy
+    if privacy.noise_multiplier is not None:
+        raise SystemExit(
+            f"{args.config}: rounds.privacy.noise_multiplier is set; this benchmark measures "
+            "epsilon budgets (give --epsilons, or leave the multiplier to epsilon_budget)"
+        )
+    default = math.inf if privacy.epsilon_budget is None else privacy.epsilon_budget
+    args.default_epsilon = default
+    args.rounds = args.rounds or privacy.planned_rounds
+    args.clip_norm = args.clip_norm or product.secure_clip_norm
+    args.secure_density = args.secure_density or product.secure_density
+    if args.only_default:
+        args.epsilons = [default]
+    elif default not in args.epsilons:
+        args.epsilons.append(default)
+
+
+def clip_check(
+    args: argparse.Namespace, data: dict[str, Any], runs: Sequence[UtilityResult]
+) -> dict[str, list[float]]:
+    """Percentiles of the honest subsets' norms before clipping in the first and last round
+    of the default run at 100 houses per round, printed beside the clip."""
+    run = next(
+        (
+            r
+            for r in runs
+            if r.heads and r.setting != "plain" and r.privacy.target_epsilon == args.default_epsilon
+        ),
+        None,
+    )
+    if run is None:
+        return {}
+    found = {}
+    for round_id in (1, run.privacy.rounds):
+        norms = subset_norms(
+            run, data["bench"], round_id, density=args.secure_density, params=TrainParams()
+        )
+        found[f"round {round_id}"] = [float(np.percentile(norms, q)) for q in NORM_PERCENTILES]
+    print(
+        f"  honest subsets' norms before clipping ({run.privacy.houses_per_round} houses, "
+        f"percentiles {NORM_PERCENTILES}): "
+        + "; ".join(f"{k} " + " / ".join(f"{v:.4f}" for v in p) for k, p in found.items())
+        + f"; secure_clip_norm {args.clip_norm:g}",
+        flush=True,
+    )
+    return found
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    product_defaults(args)
     started = time.perf_counter()
     data = load(args)
     print(
@@ -490,6 +578,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     rows = attack_rows(args, data, traffic)
     runs = utility_runs(args, data)
     rows += published_rows(args, data, runs)
+    norms = clip_check(args, data, runs)
     name = args.test_dataset.name if args.test_dataset else f"{args.dataset.name}"
     output = report(
         test_dataset=name,
@@ -505,6 +594,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             "secure_density": args.secure_density,
             "secure_round_doorbells": max(round_sizes(args, data)),
             "default_epsilon": args.default_epsilon,
+            "config": str(args.config),
+            "subset_norms_before_clipping": norms,
             "population": args.population,
             "conditions": args.conditions,
             "residents_photos": args.residents_photos,

@@ -78,6 +78,9 @@ def report(
 
 
 def _near(value: float | None, target: float) -> bool:
+    """value (None: no noise) is the target epsilon (inf: no noise)."""
+    if math.isinf(target):
+        return value is None
     return value is not None and math.isclose(value, target, rel_tol=0.05)
 
 

@@ -22,6 +22,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
 import numpy as np
+import numpy.typing as npt
 
 from aggregator.accountant import epsilon as epsilon_of
 from aggregator.accountant import noise_multiplier_for
@@ -31,7 +32,9 @@ from bench.households import GALLERY_SIZE, TARGET_FAR, Bench, evaluate, shipped_
 from bench.privacy_attacks import Observed
 from bench.privacy_data import Person, draw, pool
 from bench.privacy_rows import round_pool_size
+from edge.trainer import round_seed, train_delta
 from fedbell.faces.embedding import HEAD_NAMES, TrainParams
+from fedbell.wire import masking
 from fedbell.wire.codecs import Weights
 
 
@@ -169,3 +172,33 @@ def published_observations(
         chosen = pool(people, residents, others, rng)
         seen.append(Observed(np.asarray(change, np.float32), chosen.features, chosen.targets))
     return seen
+
+
+def subset_norms(
+    result: UtilityResult,
+    bench: Bench,
+    round_id: int,
+    *,
+    density: float,
+    params: TrainParams,
+) -> npt.NDArray[np.float64]:
+    """L2 norm of each house's honest update in round `round_id` of a kept run, on the round's
+    shared subset and before clipping (`edge.secure.secure_update`'s `norm`): what
+    rounds.secure_clip_norm is set against. Each house retrains from the head it received."""
+    head = result.heads[round_id - 1]
+    dimension = sum(int(w.size) for w in head)
+    subset = masking.shared_subset(dimension, density, round_id, federated.LINEAGE)
+    norms = []
+    for index in result.rounds_houses[round_id - 1]:
+        house = bench.train[index]
+        device = f"house{index:04d}"  # bench.federated's names, so the same training seeds
+        trained = train_delta(
+            head,
+            house.features,
+            house.labels,
+            house.negatives,
+            replace(params, seed=round_seed(device, round_id)),
+        )
+        flat = np.concatenate([np.ravel(d) for d in trained.delta])
+        norms.append(float(np.linalg.norm(flat[subset].astype(np.float64))))
+    return np.asarray(norms)

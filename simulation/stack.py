@@ -129,6 +129,8 @@ def aggregator_config(
             "seed": config.seed,
             "secure_aggregation": config.secure_aggregation,
             "min_cohort": min(max(2, config.nodes), DEFAULT_MIN_COHORT),
+            # no DP: noise that protects a demo's few houses drowns their updates
+            "privacy": {"epsilon_budget": None},
         },
         "evaluation": {
             "dataset": str(layout.held_out),

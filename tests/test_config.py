@@ -5,8 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import yaml
 
-from aggregator.config import AggregatorConfig
+from aggregator.config import AggregatorConfig, RoundSettings
 from edge.config import EdgeConfig
 from fedbell.config import load_config
 from fedbell.errors import ConfigError
@@ -137,12 +138,24 @@ def test_example_configs_load(name: str, model: type[EdgeConfig | AggregatorConf
             "strategy median with secure_aggregation: it needs each doorbell's update",
         ),
         ("strategy: multi_krum\n  codec: int8\n  max_devices: 10", "only ever sees the sum"),
-        ("clip_norm: null", "secure_aggregation needs clip_norm"),
         ("weighting: examples", "a masked update carries no example count"),
         ("max_devices: 3\n  min_cohort: 5", "max_devices 3 is below min_cohort 5"),
         ("min_cohort: 1", r"rounds\.min_cohort"),
-        ("privacy:\n    epsilon_budget: 8", "epsilon_budget needs noise_multiplier > 0"),
+        ("secure_clip_norm: 0", r"rounds\.secure_clip_norm"),
+        ("secure_clip: 0.02", r"rounds\.secure_clip: unknown key \(did you mean secure_clip_norm"),
+        (
+            "privacy:\n    noise_multiplier: 0",
+            "noise_multiplier 0 with epsilon_budget 8: without noise every round's epsilon is "
+            "infinite, so no round would fit the budget; to turn house-level DP off set "
+            "epsilon_budget: null",
+        ),
         ("privacy:\n    noise: 1.0", r"rounds\.privacy\.noise: unknown key"),
+        (
+            "privacy:\n    planed_rounds: 30",
+            r"rounds\.privacy\.planed_rounds: unknown key \(did you mean planned_rounds",
+        ),
+        ("privacy:\n    planned_rounds: 0", r"rounds\.privacy\.planned_rounds"),
+        ("privacy:\n    epsilon_budget: -1", r"rounds\.privacy\.epsilon_budget"),
     ],
 )
 def test_secure_aggregation_refuses_what_cannot_work_with_a_sum(
@@ -163,6 +176,21 @@ def test_the_example_and_provisioned_aggregators_run_secure_rounds() -> None:
     assert config.rounds.quorum == config.rounds.min_cohort == 5
     template = (CONFIG_DIR.parent / "deploy" / "templates" / "aggregator.yaml").read_text()
     assert "secure_aggregation: true" in template
+
+
+def test_the_example_and_provisioned_aggregators_ship_the_default_privacy() -> None:
+    """Issue 22: house-level DP on, as the code's defaults say (one source of the numbers
+    the benchmark and the docs quote); the template's rounds section read as the example's."""
+    defaults = RoundSettings()
+    example = load_config(CONFIG_DIR / "aggregator.yaml", AggregatorConfig).rounds
+    assert example.privacy == defaults.privacy
+    assert example.secure_clip_norm == defaults.secure_clip_norm
+    assert example.clip_norm == defaults.clip_norm
+    template = (CONFIG_DIR.parent / "deploy" / "templates" / "aggregator.yaml").read_text()
+    rounds = yaml.safe_load(template.split("\nrounds:\n", 1)[1].split("\n# ", 1)[0])
+    provisioned = RoundSettings.model_validate(rounds)
+    assert provisioned.privacy == defaults.privacy
+    assert provisioned.privacy.epsilon_budget is not None
 
 
 def test_the_aggregator_connects_to_the_clustered_tier_when_its_mqtt_section_says_so() -> None:

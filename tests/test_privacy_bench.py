@@ -13,7 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bench import privacy_rows
+from aggregator.config import RoundSettings
+from bench import privacy, privacy_rows
 from bench.data import synthetic_bench
 from bench.federated import Secure
 from bench.privacy_attacks import (
@@ -155,3 +156,32 @@ def test_privacy_json_has_the_issue_schema(context: privacy_rows.Context, tmp_pa
     assert utility["houses_per_round"] == 5
     for key in ("open_set_accuracy", "tar_at_far_1pct"):
         assert 0.0 <= utility[key] <= 1.0
+
+
+def test_the_default_dp_setting_is_read_from_the_product_config(tmp_path: Path) -> None:
+    """Issue 22's bars are checked at the product's default, not a benchmark constant: the
+    example config's epsilon budget, planned rounds, secure clip and density."""
+    product = RoundSettings()
+    args = privacy._parser().parse_args([])
+    privacy.product_defaults(args)
+    assert args.default_epsilon == product.privacy.epsilon_budget == 8.0
+    assert args.rounds == product.privacy.planned_rounds
+    assert (args.clip_norm, args.secure_density) == (
+        product.secure_clip_norm,
+        product.secure_density,
+    )
+    assert args.epsilons == [1.0, 4.0, 8.0, math.inf]
+    only = privacy._parser().parse_args(["--only-default", "--clip-norm", "0.05"])
+    privacy.product_defaults(only)
+    assert (only.epsilons, only.clip_norm) == ([8.0], 0.05)
+    config = tmp_path / "aggregator.yaml"
+    config.write_text(
+        "site: s\nstate_dir: /tmp/x\nrounds:\n  privacy:\n    epsilon_budget: 2\n"
+        "    planned_rounds: 30\n"
+    )
+    other = privacy._parser().parse_args(["--config", str(config)])
+    privacy.product_defaults(other)
+    assert (other.default_epsilon, other.rounds, other.epsilons[-1]) == (2.0, 30, 2.0)
+    config.write_text("site: s\nstate_dir: /tmp/x\nrounds:\n  privacy:\n    noise_multiplier: 1\n")
+    with pytest.raises(SystemExit, match="noise_multiplier is set"):
+        privacy.product_defaults(privacy._parser().parse_args(["--config", str(config)]))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 import time
 from collections import deque
 from pathlib import Path
@@ -169,7 +170,7 @@ def federation(
         secure_aggregation=True,
         min_cohort=5,
         max_accuracy_drop=None,
-        privacy=privacy or {},
+        privacy=privacy or {"epsilon_budget": None},  # 8 houses: too few for noise
     )
     exporter = Exporter(config, Signer("aggregator"))
     fed = InProcessFederation(config, exporter, DEVICES)
@@ -314,11 +315,10 @@ def test_an_unclipped_update_is_caught_in_the_sum_and_nothing_is_published(
     tmp_path: Path, aggregator_cache: Path
 ) -> None:
     """A compromised doorbell masks a delta it did not clip: the aggregator cannot see it,
-    but the mean of clipped updates has a norm of at most clip_norm, so the sum shows it."""
+    but the mean of clipped updates has a norm of at most secure_clip_norm, so the sum shows it."""
     fed = federation(tmp_path, aggregator_cache)
     before = fed.head()
-    clip = fed.coordinator.federation.config.rounds.clip_norm
-    assert clip is not None
+    clip = fed.coordinator.federation.config.rounds.secure_clip_norm
     # subset norm ~60 clip norms, each entry still within the fixed-point range
     # (+/-8 clip norms for a cohort of 8: fedbell.wire.secagg_params.default_scale)
     fed.deltas["d3"] = [d * 150 * clip for d in fed.deltas["d3"]]
@@ -356,8 +356,7 @@ def test_epsilon_is_in_every_rounds_metrics_and_the_budget_stops_rounds(
         assert metrics.epsilon_total == pytest.approx((1.5146, 2.6770)[round_id - 1], abs=1e-3)
     plan = announced[0].secagg
     assert plan is not None
-    clip = fed.coordinator.federation.config.rounds.clip_norm
-    assert clip is not None
+    clip = fed.coordinator.federation.config.rounds.secure_clip_norm
     assert plan.noise_std == pytest.approx(1.0 * clip / 5**0.5)  # z C / sqrt(min_cohort)
     fed.command(cmd="start_round")
     reply = json.loads(fed.payloads(TOPICS.reply)[-1])
@@ -427,3 +426,43 @@ def test_junk_secagg_messages_cost_a_count_each_and_no_reply(
     metrics = fed.metrics()
     assert (metrics.outcome, metrics.participants) == ("published", len(DEVICES) - 1), metrics
     assert sum(metrics.rejected.values()) == junk * leaves
+
+
+@pytest.mark.parametrize(
+    ("privacy", "level", "says"),
+    [
+        (
+            {"houses": 2000},
+            logging.INFO,
+            "house-level DP: epsilon 8 after 60 rounds of 2000 of 2000 houses (delta 1/2000, "
+            "budget 8): noise multiplier ",
+        ),
+        (
+            {"houses": 8},
+            logging.WARNING,
+            "x the clip: too few houses a round for this noise to leave any signal, the "
+            "federation will not learn; a site this small sets rounds.privacy.epsilon_budget: "
+            "null (no DP)",
+        ),
+        ({"max_dropout": 0.3}, logging.INFO, "the houses are not known until doorbells come"),
+        (None, logging.INFO, "house-level DP is off (rounds.privacy.epsilon_budget: null)"),
+    ],
+)
+def test_the_aggregator_states_its_privacy_at_start_up(
+    tmp_path: Path,
+    aggregator_cache: Path,
+    caplog: pytest.LogCaptureFixture,
+    *,
+    privacy: dict[str, float] | None,
+    level: int,
+    says: str,
+) -> None:
+    """One line before any round: epsilon, delta, z and the noise against the clip, a
+    warning saying what to set when the federation is too small for that noise, or that the
+    houses are only known once doorbells are online (no provisioned keys)."""
+    caplog.set_level(logging.INFO, logger="aggregator")
+    federation(tmp_path, aggregator_cache, privacy)
+    lines = [r for r in caplog.records if "house-level DP" in r.getMessage()]
+    assert len(lines) == 1, [r.getMessage() for r in lines]
+    assert lines[0].levelno == level
+    assert says in lines[0].getMessage()

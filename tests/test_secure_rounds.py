@@ -31,6 +31,8 @@ import pytest
 import yaml
 from paho.mqtt.enums import CallbackAPIVersion
 
+from aggregator.accountant import epsilon, noise_multiplier_for
+from aggregator.config import RoundSettings
 from broker.local import LocalBroker
 from edge.config import EdgeConfig
 from edge.gallery import FEATURE_CACHE, STRANGER_STORE, Gallery, StrangerStore
@@ -342,6 +344,58 @@ def test_ten_doorbells_two_killed_the_round_publishes_the_exact_mean_of_the_rest
     print(json.dumps({"round": 2, "error": error, "killed_after_masking": killed_after}))
     assert error <= resolution(plan)
     assert float(np.max(np.abs(moved - without))) > 10 * resolution(plan)
+
+
+def test_with_the_default_privacy_the_round_publishes_the_mean_plus_the_plans_noise(
+    tmp_path: Path,
+    broker: LocalBroker,
+    recorder: Recorder,
+    *,
+    processes: list[Process],
+    aggregator_cache: Path,
+) -> None:
+    """House-level DP as the product ships it (epsilon 8 over 60 rounds): six doorbells,
+    the noise multiplier the accountant gives for 6 of 6 houses at delta 1/6, each doorbell
+    adding its share; the round publishes, the head moves by the survivors' mean plus noise
+    of the plan's size, the metrics carry epsilon, and the aggregator says in one line that
+    so few houses drown in that noise."""
+    names = [f"d{i}" for i in range(6)]
+    aggregator = aggregator_process(
+        tmp_path,
+        broker.port,
+        aggregator_cache,
+        secure_aggregation=True,
+        min_cohort=5,
+        timeout_s=PHASE,
+        max_accuracy_drop=None,
+        train=TRAIN,
+        privacy={},  # the product's default, not the tests' (make_config turns DP off)
+    )
+    doorbells = start_federation(
+        tmp_path, broker, recorder=recorder, processes=processes, aggregator=aggregator, names=names
+    )
+    metrics, announcement = secure_round(recorder, 1)
+    assert (metrics.outcome, metrics.participants) == ("published", 6), metrics
+    plan = announcement.secagg
+    assert plan is not None
+    settings = RoundSettings().privacy
+    assert settings.epsilon_budget is not None
+    z = noise_multiplier_for(settings.epsilon_budget, 1.0, settings.planned_rounds, 1 / 6)
+    # the noise is split among the 5 that must survive (min_cohort; 70 % of 6 is fewer)
+    assert plan.noise_std == pytest.approx(z * plan.clip_norm / 5**0.5, rel=1e-9)
+    assert metrics.epsilon == pytest.approx(epsilon(z, 1.0, 1, 1 / 6), rel=1e-9)
+    assert metrics.epsilon_total == metrics.epsilon
+    aggregator.wait_log("too few houses a round for this noise to leave any signal")
+
+    base, new = global_model(recorder, 0), global_model(recorder, 1)
+    vectors = [plain_vector(tmp_path, doorbells[n], base, announcement) for n in names]
+    noise = published_move(base, new, plan, announcement) - np.mean(vectors, axis=0)
+    # six doorbells' noise in the mean: std noise_std * sqrt(6) / 6 per coordinate
+    expected = plan.noise_std * 6**0.5 / 6
+    measured = float(np.std(noise))
+    print(json.dumps({"noise_std_of_mean": measured, "expected": expected, "size": plan.size}))
+    assert 0.8 * expected < measured < 1.25 * expected  # ~1,650 coordinates: +/- 4 %
+    assert abs(float(np.mean(noise))) < 0.2 * expected
 
 
 class Injector:
