@@ -49,8 +49,15 @@ def vector(start_genuine: np.ndarray, genuine: np.ndarray, seed: int) -> np.ndar
 
 
 def bare(tmp_path: Path, cache: Path, privacy: dict[str, float] | None = None) -> AggregatorConfig:
+    # Without `privacy`, no noise: eight houses are far too few for house-level DP
+    # (its default) to leave the 1 % tail of their strangers measurable.
     settings = make_config(
-        tmp_path, 1, cache, secure_aggregation=True, min_cohort=5, privacy=privacy or {}
+        tmp_path,
+        1,
+        cache,
+        secure_aggregation=True,
+        min_cohort=5,
+        privacy=privacy or {"epsilon_budget": None},
     ).model_dump(mode="json")
     settings["evaluation"]["require_calibration"] = True
     return AggregatorConfig.model_validate(settings)
