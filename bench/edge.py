@@ -1,6 +1,6 @@
 """One real doorbell process: memory, frame rate and traffic, with and without a round.
 
-    python -m bench.edge [--gallery 40] [--rounds 8] [--secure-rounds 3] [--phase-seconds 30]
+    python -m bench.edge [--gallery 40] [--rounds 8] [--secure-rounds 5] [--phase-seconds 30]
                          [--fps 120] [--downlink-codec int8] [--out reports/edge.json]
                                                                         (make bench-edge)
 
@@ -195,7 +195,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     timing = parser.add_argument_group("how long")
     timing.add_argument("--rounds", type=int, default=8, help="plain rounds (at least 1)")
     timing.add_argument(
-        "--secure-rounds", type=int, default=3, help="secure rounds after them (0: none)"
+        "--secure-rounds", type=int, default=5, help="secure rounds after them (0: none)"
     )
     timing.add_argument("--phase-seconds", type=float, default=30.0)
     timing.add_argument("--pause", type=float, default=5.0, help="seconds between rounds")
