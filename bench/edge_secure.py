@@ -25,7 +25,10 @@ or the doorbell's own log (where it trains):
 
 Their sum is its time per secure round; its time per plain round is announced
 -> its update (base model and data, train_delta, top-k, signing). The
-difference is the extra time a secure round costs the doorbell. The helpers and
+difference is the extra time a secure round costs the doorbell. Training
+varies most from round to round (recognition runs beside it), so the exchange
+alone (advert, shares, masked, unmask: the parts a plain round has none of)
+is given too. The helpers and
 the aggregator run here: under `make pi-check` only the measured doorbell is
 emulated.
 """
@@ -53,6 +56,7 @@ from simulation.processes import Child, Fleet
 
 PHASES = ("advert", "training", "shares", "masked", "unmask")
 """The doorbell's parts of a secure round, in order (see the module docstring)."""
+EXCHANGE = tuple(phase for phase in PHASES if phase != "training")
 HELPERS_READY_S = 300.0
 _LOG_LINE = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) \w+ edge\.\w+: (.*)$")
 _READY = re.compile(r"round (\d+): trained in .*; update ready to mask$")
@@ -171,6 +175,7 @@ def secure_round(bench: Bench, version: int) -> int:
             "seconds": round(installed - seen, 2),
             "doorbell_seconds": {name: round(value, 3) for name, value in parts.items()},
             "doorbell_total_s": round(sum(parts.values()), 3),
+            "exchange_s": round(sum(parts[name] for name in EXCHANGE), 3),
             "bytes_up": sum(sizes.values()),
             "bytes_up_by_message": sizes,
             "bytes_down": down,
@@ -179,8 +184,8 @@ def secure_round(bench: Bench, version: int) -> int:
         }
     )
     print(
-        f"secure round {number} of {metrics.participants}: announced -> new head on the doorbell "
-        f"{installed - seen:.2f} s; the doorbell's part "
+        f"secure round {number} ({metrics.participants} doorbells): announced -> new head on "
+        f"the doorbell {installed - seen:.2f} s; the doorbell's part "
         + ", ".join(f"{name} {value:.3f}" for name, value in parts.items())
         + f" s; up {sum(sizes.values())} B, down {down} B"
     )
@@ -202,6 +207,7 @@ def secure_summary(bench: Bench) -> dict[str, Any] | None:
             for name in PHASES
         },
         "doorbell_total_s": round(total, 3),
+        "exchange_s": round(statistics.median(r["exchange_s"] for r in rounds), 3),
         "plain_doorbell_total_s": round(plain_total, 3),
         "plain_train_s": round(statistics.median(r["train_seconds"] for r in plain), 3),
         "extra_seconds_per_round": round(total - plain_total, 3),
@@ -222,16 +228,16 @@ def secure_summary(bench: Bench) -> dict[str, Any] | None:
 def print_secure(secure: dict[str, Any] | None) -> None:
     if secure is None:
         return
-    parts = secure["doorbell_seconds"]
+    parts = ", ".join(f"{name} {secure['doorbell_seconds'][name]}" for name in PHASES)
+    sizes = ", ".join(f"{leaf} {size}" for leaf, size in secure["bytes_up_by_message"].items())
     print(
-        f"secure rounds ({secure['min_cohort']} doorbells, the measured one and helpers here): "
-        f"the doorbell's part {secure['doorbell_total_s']} s ("
-        + ", ".join(f"{name} {parts[name]}" for name in PHASES)
-        + f") against a plain round's {secure['plain_doorbell_total_s']} s (train_delta "
-        f"{secure['plain_train_s']} s): extra per secure round {secure['extra_seconds_per_round']}"
-        f" s\n  round (announced -> new head on the doorbell) {secure['round_seconds']} s, plain "
-        f"{secure['plain_round_seconds']} s; up {secure['bytes_up_per_round']} B ("
-        + ", ".join(f"{leaf} {size}" for leaf, size in secure["bytes_up_by_message"].items())
-        + f"), down {secure['bytes_down_per_round']} B; RSS peak {secure['rss_peak_mb']} MB; "
+        f"secure rounds ({secure['min_cohort']} doorbells, the measured one and helpers here):\n"
+        f"  the doorbell's part {secure['doorbell_total_s']} s ({parts}) against a plain "
+        f"round's {secure['plain_doorbell_total_s']} s (train_delta {secure['plain_train_s']} s): "
+        f"extra per secure round {secure['extra_seconds_per_round']} s; the exchange alone "
+        f"(advert, shares, masked, unmask) {secure['exchange_s']} s\n"
+        f"  round (announced -> new head on the doorbell) {secure['round_seconds']} s, plain "
+        f"{secure['plain_round_seconds']} s; up {secure['bytes_up_per_round']} B ({sizes}), "
+        f"down {secure['bytes_down_per_round']} B; RSS peak {secure['rss_peak_mb']} MB; "
         f"{secure['fps']} frames/s"
     )
