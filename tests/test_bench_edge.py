@@ -7,9 +7,10 @@ from pathlib import Path
 
 import pytest
 
+from aggregator.config import RoundSettings
 from bench.edge_rounds import serving
 from bench.edge_secure import PHASES, doorbell_phases, logged_times
-from bench.edge_setup import UNIT, Layout, unit_environment
+from bench.edge_setup import DEVICE, UNIT, Layout, helper_names, unit_environment
 from fedbell.wire.protocol import DeviceStatus
 from fedbell.wire.topics import SecAggLeaf
 
@@ -86,3 +87,8 @@ def test_a_phase_is_timed_from_when_the_doorbell_could_start_it() -> None:
     # announced after its training ended: timed from the announcement
     later = doorbell_phases({**announced, "shares": 11.55}, answered, logged)
     assert later["shares"] == pytest.approx(0.05)
+
+
+def test_the_helpers_and_the_measured_doorbell_make_up_a_secure_cohort() -> None:
+    helpers = helper_names()
+    assert len({DEVICE, *helpers}) == RoundSettings().min_cohort
