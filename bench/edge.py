@@ -1,7 +1,8 @@
 """One real doorbell process: memory, frame rate and traffic, with and without a round.
 
-    python -m bench.edge [--gallery 40] [--rounds 8] [--phase-seconds 30] [--fps 120]
-                         [--downlink-codec int8] [--out reports/edge.json]   (make bench-edge)
+    python -m bench.edge [--gallery 40] [--rounds 8] [--secure-rounds 5] [--phase-seconds 30]
+                         [--fps 120] [--downlink-codec int8] [--out reports/edge.json]
+                                                                        (make bench-edge)
 
 Starts a private Mosquitto (`broker.local.LocalBroker`), the real aggregator
 (`python -m aggregator`, signing on, the backbone converted once and cached in
@@ -19,7 +20,12 @@ int8 backbone on LiteRT, the head trained with numpy), and:
 3. runs `--rounds` real rounds (`start_round` on the control topic; the
    doorbell trains `edge.trainer.train_delta` on its cached gallery features
    and sends a signed update; the aggregator publishes the next head), with
-   recognition still running.
+   recognition still running;
+4. runs `--secure-rounds` real secure rounds (the product's default): the
+   aggregator restarts with secure aggregation on, and min_cohort - 1 helper
+   doorbells here make up the cohort; the doorbell's own time in each phase
+   (key advert, training, shares, masked update, unmask answer) against its
+   time in a plain round, its bytes and RSS (bench/edge_secure.py says how).
 
 Measured from outside the doorbell, never assumed:
 
@@ -46,9 +52,9 @@ work folder then lives in ROOT so both sides see the same files.
 
 The pieces: bench/edge_setup.py (where the doorbell runs, its configs),
 bench/edge_probes.py and bench/edge_traffic.py (what is measured from outside),
-bench/edge_rounds.py (the phases and rounds), bench/edge_report.py (figures, bars,
-printout); the visitors, the porch video and enrolment are simulation/replay.py's,
-shared with `make demo`'s live recognition.
+bench/edge_rounds.py (the phases and rounds), bench/edge_secure.py (the secure rounds),
+bench/edge_report.py (figures, bars, printout); the visitors, the porch video and
+enrolment are simulation/replay.py's, shared with `make demo`'s live recognition.
 """
 
 from __future__ import annotations
@@ -68,6 +74,7 @@ from aggregator.config import RoundSettings
 from bench.edge_probes import FrameCounter, RssSampler, import_breakdown
 from bench.edge_report import print_result, summary, verdict
 from bench.edge_rounds import Bench, inspect, one_round, phases, wait_ready
+from bench.edge_secure import go_secure, secure_round
 from bench.edge_setup import (
     REPO,
     UNIT,
@@ -109,7 +116,8 @@ def run(args: argparse.Namespace, layout: Layout) -> dict[str, Any]:
         settings = Settings(
             broker.port, frames, args.fps, args.downlink_codec, args.codec, full_size(args)
         )
-        aggregator_yaml, doorbell_yaml = write_configs(layout, settings)
+        configs = write_configs(layout, settings)
+        doorbell_yaml = configs.doorbell
         seconds, output = enroll(layout, doorbell_yaml, people)
         print(f"enrolled with `edge enroll --from-folder` in {seconds:.1f} s")
         print("\n".join(f"  | {line}" for line in output.splitlines()[-len(people.enroll) :]))
@@ -118,7 +126,7 @@ def run(args: argparse.Namespace, layout: Layout) -> dict[str, Any]:
         counter: FrameCounter | None = None
         try:
             t0 = time.monotonic()
-            command = [sys.executable, "-m", "aggregator", "--config", str(aggregator_yaml)]
+            command = [sys.executable, "-m", "aggregator", "--config", str(configs.aggregator)]
             aggregator = fleet.launch(Child("aggregator", command, work / "aggregator.log", QUIET))
             counter = FrameCounter(frames)
             counter.start()
@@ -132,7 +140,11 @@ def run(args: argparse.Namespace, layout: Layout) -> dict[str, Any]:
             phases(bench, empty, visiting, frames)
             for _ in range(args.rounds):
                 version = one_round(bench, version)
-            inspect(bench)
+            inspect(bench)  # before the aggregator restarts: its probe is the first one's
+            if args.secure_rounds:
+                go_secure(bench, fleet, configs, version)
+            for _ in range(args.secure_rounds):
+                version = secure_round(bench, version)
             bench.notes["import_breakdown"] = import_breakdown(layout)
         finally:
             if sampler is not None:
@@ -181,7 +193,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="640x480 frames and no full-resolution stream (the doorbell before issue 20)",
     )
     timing = parser.add_argument_group("how long")
-    timing.add_argument("--rounds", type=int, default=8)
+    timing.add_argument("--rounds", type=int, default=8, help="plain rounds (at least 1)")
+    timing.add_argument(
+        "--secure-rounds", type=int, default=5, help="secure rounds after them (0: none)"
+    )
     timing.add_argument("--phase-seconds", type=float, default=30.0)
     timing.add_argument("--pause", type=float, default=5.0, help="seconds between rounds")
     timing.add_argument("--ready-timeout", type=float, default=900.0)
@@ -204,6 +219,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=REPO / "reports" / "edge.json")
     parser.add_argument("--keep", action="store_true", help="keep the work folder (logs)")
     args = parser.parse_args(argv)
+    if args.rounds < 1:
+        parser.error("--rounds: at least 1 (the figures, secure rounds' too, need a plain round)")
+    if args.secure_rounds < 0:
+        parser.error("--secure-rounds: 0 or more")
     for folder in (args.dataset, args.strangers):
         if not folder.is_dir():
             parser.error(f"{folder}: no such folder of <person>/<photo> (see --dataset)")

@@ -8,6 +8,7 @@ from typing import Any
 
 from bench.edge_probes import fps, mb
 from bench.edge_rounds import Bench
+from bench.edge_secure import print_secure, secure_summary
 from bench.edge_setup import full_size
 
 BARS = {"training_rss_mb": 250.0, "recognizing_rss_mb": 150.0, "fps_ratio": 0.7}
@@ -45,6 +46,7 @@ def summary(bench: Bench, enrolled: int, seconds: float) -> dict[str, Any]:
         "rss_mb_by_part": notes["import_breakdown"],
         "visitor_events": bench.observer.visitors,
         "rounds": rounds,
+        "secure": secure_summary(bench),
         "gallery_images": enrolled,
         "frames_read": len(bench.counter.times),
         "ready_seconds": notes["ready_seconds"],
@@ -109,5 +111,6 @@ def print_result(result: dict[str, Any]) -> None:
         f"TensorFlow mapped in the doorbell: {result['tensorflow_imported']} "
         f"(aggregator, which imports it to convert: {result['aggregator_tensorflow_mapped']})"
     )
+    print_secure(result["secure"])
     for what, ok in verdict(result):
         print(f"  {'PASS' if ok else 'FAIL'}  {what}")

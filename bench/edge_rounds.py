@@ -7,7 +7,9 @@ samples inside them into the figures.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import queue
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,7 +38,17 @@ class Bench:
     recognizing: list[tuple[float, float]] = field(default_factory=list)
     training: list[tuple[float, float]] = field(default_factory=list)
     rounds: list[dict[str, Any]] = field(default_factory=list)
+    secure: list[tuple[float, float]] = field(default_factory=list)
+    """Secure rounds' windows (bench/edge_secure.py), apart from the plain rounds' `training`."""
+    secure_rounds: list[dict[str, Any]] = field(default_factory=list)
     notes: dict[str, Any] = field(default_factory=dict)
+
+
+def drain(waiting: queue.Queue[Any]) -> None:
+    """Drop what a queue holds."""
+    with contextlib.suppress(queue.Empty):
+        while True:
+            waiting.get_nowait()
 
 
 def serving(status: DeviceStatus) -> bool:

@@ -1,8 +1,9 @@
 """The federation's traffic as the benchmarked doorbell sees it, and its reported status.
 
 A client of its own on the broker subscribes to what the doorbell subscribes
-to, plus its updates, status and visitor events, and timestamps each message:
-bytes per round are those payloads, counted outside the doorbell.
+to (its secure-round inbox too), plus its updates, its secure-round messages,
+status and visitor events, and timestamps each message: bytes per round are
+those payloads, counted outside the doorbell.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from bench.edge_setup import DEVICE, SITE
 from fedbell.wire.protocol import DeviceStatus, RoundAnnouncement, RoundMetrics
-from fedbell.wire.topics import Topics, doorbell_topic
+from fedbell.wire.topics import SECAGG_LEAVES, SecAggLeaf, Topics, doorbell_topic
 
 
 @dataclass
@@ -33,6 +34,8 @@ class Observer:
     statuses: queue.Queue[tuple[float, DeviceStatus]] = field(default_factory=queue.Queue)
     metrics: queue.Queue[RoundMetrics] = field(default_factory=queue.Queue)
     announcements: queue.Queue[tuple[float, RoundAnnouncement]] = field(default_factory=queue.Queue)
+    secagg: queue.Queue[tuple[float, SecAggLeaf, int]] = field(default_factory=queue.Queue)
+    """The doorbell's secure-round messages: when seen, which, how many bytes."""
     visitors: list[str] = field(default_factory=list)
     """Who the doorbell's visitor events named, in order (Home Assistant's view)."""
 
@@ -42,9 +45,16 @@ class Observer:
         self.client.connect("127.0.0.1", self.port, keepalive=60)
         self.client.loop_start()
         t = self.topics
-        self.down_topics = (t.round, t.global_model, t.tflite_model, t.backbone_chunks)
+        self.down_topics = (
+            t.round,
+            t.global_model,
+            t.tflite_model,
+            t.backbone_chunks,
+            t.secagg_inbox(DEVICE),
+        )
+        self.secagg_topics = {t.secagg(leaf, DEVICE): leaf for leaf in SECAGG_LEAVES}
         result, _ = self.client.subscribe(
-            [(topic, 1) for topic in self.down_topics]
+            [(topic, 1) for topic in (*self.down_topics, *self.secagg_topics)]
             + [(t.update(DEVICE), 1), (t.status(DEVICE), 1), (t.metrics, 1)]
             + [(doorbell_topic(DEVICE, "visitor"), 1)]
         )
@@ -66,6 +76,8 @@ class Observer:
             return
         if message.topic == t.update(DEVICE):
             self.updates.put((now, payload))
+        elif (leaf := self.secagg_topics.get(message.topic)) is not None:
+            self.secagg.put((now, leaf, len(payload)))
         elif message.topic == t.status(DEVICE):
             self.statuses.put((now, DeviceStatus.model_validate_json(payload)))
         elif message.topic == t.metrics:

@@ -71,7 +71,13 @@ def aggregator_config(folder: Path, port: int, nodes: int, plain: bool) -> Path:
     return path
 
 
-def edge_config(folder: Path, port: int, name: str, seed: int) -> Path:
+def edge_config(
+    folder: Path, port: int, name: str, seed: int, *, site: str = SITE, keys: Path | None = None
+) -> Path:
+    """A doorbell that only trains, on a generated house, its state under `folder`; `keys`
+    (default `folder`): `signing_keys`'s folder, the aggregator's public key in aggregator-key/.
+    `bench.edge` runs these beside its measured doorbell, so its secure rounds reach min_cohort."""
+    keys = folder if keys is None else keys
     gallery = folder / "houses" / name
     write_synthetic(gallery, persons=3, photos=4, seed=seed)
     path = folder / f"{name}.yaml"
@@ -79,7 +85,7 @@ def edge_config(folder: Path, port: int, name: str, seed: int) -> Path:
         yaml.safe_dump(
             {
                 "device_id": name,
-                "site": SITE,
+                "site": site,
                 "mqtt": {"port": port},
                 "state_dir": str(folder / "state" / name),
                 "gallery_dir": str(gallery),
@@ -90,8 +96,8 @@ def edge_config(folder: Path, port: int, name: str, seed: int) -> Path:
                 # of ten stayed at v2, the bench timed out), which is not what this times.
                 "accept": {"max_gallery_accuracy_drop": None},
                 "signing": {
-                    "private_key_file": str(folder / "device-keys" / f"{name}.key"),
-                    "trusted_keys_dir": str(folder / "aggregator-key"),
+                    "private_key_file": str(keys / "device-keys" / f"{name}.key"),
+                    "trusted_keys_dir": str(keys / "aggregator-key"),
                 },
             }
         )
@@ -102,13 +108,13 @@ def edge_config(folder: Path, port: int, name: str, seed: int) -> Path:
 class Statuses:
     """The doorbells' retained statuses: who runs which model version."""
 
-    def __init__(self, port: int) -> None:
+    def __init__(self, port: int, site: str = SITE) -> None:
         self.versions: dict[str, int | None] = {}
         self.lock = threading.Lock()
         self.client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
         self.client.on_message = self._on_message
         self.client.connect("127.0.0.1", port)
-        self.client.subscribe(Topics(SITE).all_statuses, qos=1)
+        self.client.subscribe(Topics(site).all_statuses, qos=1)
         self.client.loop_start()
 
     def _on_message(self, _client: Any, _userdata: Any, message: mqtt.MQTTMessage) -> None:
