@@ -28,7 +28,7 @@ import yaml
 from aggregator.backbone import BackboneModels
 from broker.local import LocalBroker
 from edge.config import EdgeConfig
-from edge.gallery import FEATURE_CACHE, STRANGER_STORE, Gallery, StrangerStore
+from edge.gallery import STRANGER_STORE, Gallery, StrangerStore
 from fedbell.config import load_config
 from fedbell.faces import histograms
 from fedbell.faces.detection import make_detector
@@ -44,7 +44,7 @@ from tests.test_secure_rounds import (
     ROUND,
     Doorbell,
     Injector,
-    _CachedBackbone,
+    doorbell_inputs,
     global_model,
     start_federation,
 )
@@ -98,16 +98,7 @@ def house_vector(
 ) -> npt.NDArray[np.float64]:
     """What this doorbell masked in a calibration round, before noise and fixed point: the
     heads scored on its gallery and the calibrating half of its stranger store."""
-    config = load_config(tmp_path / f"{doorbell.name}.yaml", EdgeConfig)
-    with np.load(config.state_dir / FEATURE_CACHE, allow_pickle=False) as cache:
-        backbone = _CachedBackbone(str(cache["backbone"]), base.weights[0].shape[0])
-    data = Gallery(doorbell.gallery, config.state_dir).features(
-        backbone,  # type: ignore[arg-type]
-        config.training.max_images_per_person,
-    )
-    strangers = StrangerStore(
-        config.state_dir / STRANGER_STORE, config.training.max_strangers
-    ).features(backbone.sha256, backbone.size, "calibrate")
+    data, strangers = doorbell_inputs(tmp_path, doorbell, base, "calibrate")
     assert announcement.calibrate is not None
     specs = [
         TensorSpec(name=n, shape=w.shape) for n, w in zip(base.names, base.weights, strict=True)

@@ -35,10 +35,17 @@ from aggregator.accountant import epsilon, noise_multiplier_for
 from aggregator.config import RoundSettings
 from broker.local import LocalBroker
 from edge.config import EdgeConfig
-from edge.gallery import FEATURE_CACHE, STRANGER_STORE, Gallery, StrangerStore
+from edge.gallery import (
+    FEATURE_CACHE,
+    STRANGER_STORE,
+    Gallery,
+    GalleryFeatures,
+    StrangerPart,
+    StrangerStore,
+)
 from edge.trainer import round_seed, train_delta
 from fedbell.config import load_config
-from fedbell.faces.embedding import TrainParams
+from fedbell.faces.embedding import Features, TrainParams
 from fedbell.wire import dp, masking
 from fedbell.wire.messages import GlobalModel, parse_global
 from fedbell.wire.protocol import RoundAnnouncement, RoundMetrics, SecAggPlan
@@ -116,6 +123,22 @@ class Killer:
         return self.killed
 
 
+def secure_aggregator(tmp_path: Path, port: int, cache: Path, **settings: Any) -> Process:
+    """The aggregator of these tests: secure rounds of at least 5, short phases, every
+    version published (generated houses), the doorbells' quick training plan."""
+    return aggregator_process(
+        tmp_path,
+        port,
+        cache,
+        secure_aggregation=True,
+        min_cohort=5,
+        timeout_s=PHASE,
+        max_accuracy_drop=None,
+        train=TRAIN,
+        **settings,
+    )
+
+
 def start_federation(
     tmp_path: Path,
     broker: LocalBroker,
@@ -164,6 +187,22 @@ class _CachedBackbone:
         raise AssertionError(f"the doorbell's cache lacks features of {chips}")
 
 
+def doorbell_inputs(
+    tmp_path: Path, doorbell: Doorbell, base: GlobalModel, strangers: StrangerPart = "all"
+) -> tuple[GalleryFeatures, Features]:
+    """What this doorbell's client step reads, from its state folder: its gallery's cached
+    features and its stranger store (or the half of it `strangers` names)."""
+    config = load_config(tmp_path / f"{doorbell.name}.yaml", EdgeConfig)
+    with np.load(config.state_dir / FEATURE_CACHE, allow_pickle=False) as cache:
+        backbone = _CachedBackbone(str(cache["backbone"]), base.weights[0].shape[0])
+    data = Gallery(doorbell.gallery, config.state_dir).features(
+        backbone,  # type: ignore[arg-type]
+        config.training.max_images_per_person,
+    )
+    store = StrangerStore(config.state_dir / STRANGER_STORE, config.training.max_strangers)
+    return data, store.features(backbone.sha256, backbone.size, strangers)
+
+
 def plain_vector(
     tmp_path: Path,
     doorbell: Doorbell,
@@ -172,16 +211,7 @@ def plain_vector(
 ) -> npt.NDArray[np.float64]:
     """What this doorbell masked in this round, before noise and fixed point: its client
     step recomputed from its state folder."""
-    config = load_config(tmp_path / f"{doorbell.name}.yaml", EdgeConfig)
-    with np.load(config.state_dir / FEATURE_CACHE, allow_pickle=False) as cache:
-        backbone = _CachedBackbone(str(cache["backbone"]), base.weights[0].shape[0])
-    data = Gallery(doorbell.gallery, config.state_dir).features(
-        backbone,  # type: ignore[arg-type]
-        config.training.max_images_per_person,
-    )
-    strangers = StrangerStore(
-        config.state_dir / STRANGER_STORE, config.training.max_strangers
-    ).features(backbone.sha256, backbone.size)
+    data, strangers = doorbell_inputs(tmp_path, doorbell, base)
     plan, train = announcement.secagg, announcement.train
     assert plan is not None
     params = TrainParams(
@@ -271,16 +301,7 @@ def test_ten_doorbells_two_killed_the_round_publishes_the_exact_mean_of_the_rest
     """Issue 22 item 6: SIGKILLed doorbells, the exact mean of the others; and what a
     watcher subscribed to everything under the site sees of one house: noise."""
     names = [f"d{i}" for i in range(10)]
-    aggregator = aggregator_process(
-        tmp_path,
-        broker.port,
-        aggregator_cache,
-        secure_aggregation=True,
-        min_cohort=5,
-        timeout_s=PHASE,
-        max_accuracy_drop=None,
-        train=TRAIN,
-    )
+    aggregator = secure_aggregator(tmp_path, broker.port, aggregator_cache)
     doorbells = start_federation(
         tmp_path, broker, recorder=recorder, processes=processes, aggregator=aggregator, names=names
     )
@@ -360,17 +381,8 @@ def test_with_the_default_privacy_the_round_publishes_the_mean_plus_the_plans_no
     of the plan's size, the metrics carry epsilon, and the aggregator says in one line that
     so few houses drown in that noise."""
     names = [f"d{i}" for i in range(6)]
-    aggregator = aggregator_process(
-        tmp_path,
-        broker.port,
-        aggregator_cache,
-        secure_aggregation=True,
-        min_cohort=5,
-        timeout_s=PHASE,
-        max_accuracy_drop=None,
-        train=TRAIN,
-        privacy={},  # the product's default, not the tests' (make_config turns DP off)
-    )
+    # the product's default privacy, not the tests' (make_config turns DP off)
+    aggregator = secure_aggregator(tmp_path, broker.port, aggregator_cache, privacy={})
     doorbells = start_federation(
         tmp_path, broker, recorder=recorder, processes=processes, aggregator=aggregator, names=names
     )
