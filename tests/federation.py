@@ -225,11 +225,19 @@ class Process:
             self._log.close()
 
 
-def aggregator_process(tmp_path: Path, port: int, cache_dir: Path, **rounds: Any) -> Process:
+def aggregator_process(
+    tmp_path: Path,
+    port: int,
+    cache_dir: Path,
+    *,
+    sections: dict[str, dict[str, Any]] | None = None,
+    **rounds: Any,
+) -> Process:
     """`python -m aggregator` on the test broker; `cache_dir`: the session's `aggregator_cache`.
 
     `evaluation` and `strangers` (folders) go to its evaluation settings, `auto_rounds`
-    to the top level, the rest to its round settings.
+    to the top level, `sections` into the config's sections of those names (e.g.
+    `{"signing": {...}}`), the rest to its round settings.
     """
     auto = rounds.pop("auto_rounds", 0)
     evaluation, strangers = rounds.pop("evaluation", None), rounds.pop("strangers", None)
@@ -237,6 +245,8 @@ def aggregator_process(tmp_path: Path, port: int, cache_dir: Path, **rounds: Any
         tmp_path, port, cache_dir, evaluation=evaluation, strangers=strangers, **rounds
     ).model_dump(mode="json")
     config["auto_rounds"] = auto
+    for name, settings in (sections or {}).items():
+        config[name] = {**(config.get(name) or {}), **settings}
     path = tmp_path / "aggregator.yaml"
     path.write_text(yaml.safe_dump(config))
     return Process(tmp_path / "aggregator.log", "aggregator", "--config", str(path))

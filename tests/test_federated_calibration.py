@@ -23,7 +23,6 @@ import numpy as np
 import numpy.typing as npt
 import paho.mqtt.client as mqtt
 import pytest
-import yaml
 
 from aggregator.backbone import BackboneModels
 from broker.local import LocalBroker
@@ -37,8 +36,8 @@ from fedbell.wire.envelope import TensorSpec
 from fedbell.wire.messages import GlobalModel
 from fedbell.wire.protocol import RoundAnnouncement, RoundMetrics
 from simulation.data import write_synthetic
-from tests.federation import STARTUP, Process, Recorder
-from tests.test_aggregator import TOPICS, make_config
+from tests.federation import STARTUP, Process, Recorder, aggregator_process
+from tests.test_aggregator import TOPICS
 from tests.test_secure_rounds import (
     PHASE,
     ROUND,
@@ -60,7 +59,7 @@ visitor event each; about half of them calibrate, the rest train)."""
 def bare_aggregator(tmp_path: Path, port: int, cache: Path) -> Process:
     """What install-server.sh configures, as far as calibration goes: require_calibration,
     no stranger folder, no evaluation set; secure rounds of the three doorbells."""
-    config: dict[str, Any] = make_config(
+    return aggregator_process(
         tmp_path,
         port,
         cache,
@@ -69,11 +68,8 @@ def bare_aggregator(tmp_path: Path, port: int, cache: Path) -> Process:
         timeout_s=PHASE,
         downlink_codec="int8",
         train={"epochs": 2, "batch_size": 8},
-    ).model_dump(mode="json")
-    config["evaluation"]["require_calibration"] = True
-    path = tmp_path / "aggregator.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return Process(tmp_path / "aggregator.log", "aggregator", "--config", str(path))
+        sections={"evaluation": {"require_calibration": True}},
+    )
 
 
 def fill_stranger_stores(tmp_path: Path, backbone_models: BackboneModels) -> None:

@@ -28,7 +28,6 @@ import numpy as np
 import numpy.typing as npt
 import paho.mqtt.client as mqtt
 import pytest
-import yaml
 from paho.mqtt.enums import CallbackAPIVersion
 
 from aggregator.accountant import epsilon, noise_multiplier_for
@@ -53,7 +52,7 @@ from fedbell.wire.secagg_messages import Masked
 from fedbell.wire.signing import load_public_keys, verify_announcement, write_key_pair
 from simulation.data import write_synthetic
 from tests.federation import STARTUP, Process, Recorder, aggregator_process, node_process
-from tests.test_aggregator import MAX_BYTES, SITE, TOPICS, make_config
+from tests.test_aggregator import MAX_BYTES, SITE, TOPICS
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
 
@@ -443,20 +442,8 @@ class Injector:
 
 def keyed_aggregator(tmp_path: Path, port: int, cache: Path, key: Path, trusted: Path) -> Process:
     """`python -m aggregator` that signs with `key` and trusts the doorbells in `trusted`."""
-    config = make_config(
-        tmp_path,
-        port,
-        cache,
-        secure_aggregation=True,
-        min_cohort=5,
-        timeout_s=PHASE,
-        max_accuracy_drop=None,
-        train=TRAIN,
-    ).model_dump(mode="json")
-    config["signing"] = {"private_key_file": str(key), "trusted_keys_dir": str(trusted)}
-    path = tmp_path / "aggregator.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return Process(tmp_path / "aggregator.log", "aggregator", "--config", str(path))
+    signing = {"private_key_file": str(key), "trusted_keys_dir": str(trusted)}
+    return secure_aggregator(tmp_path, port, cache, sections={"signing": signing})
 
 
 def refusals(aggregator: Process, recorder: Recorder, since: int) -> list[tuple[str, str]]:
