@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.edge_probes import FrameCounter, RssSampler, fps, rss_by_mapping, tensorflow_mapped
-from bench.edge_setup import DEVICE, Layout, show
+from bench.edge_setup import Layout, show
 from bench.edge_traffic import Observer, wait_status
 from fedbell.wire.envelope import decode
 from fedbell.wire.protocol import DeviceStatus
@@ -95,11 +95,7 @@ def one_round(bench: Bench, version: int) -> int:
     """A real round, recognition running; returns the doorbell's new model version."""
     observer, timeout = bench.observer, bench.args.round_timeout
     begun = time.monotonic()
-    observer.command({"cmd": "start_round"})
-    while True:
-        seen, announcement = observer.announcements.get(timeout=120)
-        if announcement.phase == "train" and DEVICE in announcement.selected:
-            break
+    seen, announcement = observer.start_round("train")
     sent_at, update = observer.updates.get(timeout=timeout)
     header, _ = decode(update, 1 << 26)
     while (metrics := observer.metrics.get(timeout=timeout)).round != announcement.round:

@@ -138,11 +138,7 @@ def secure_round(bench: Bench, version: int) -> int:
     observer, timeout = bench.observer, bench.args.round_timeout
     drain(observer.secagg)  # a late answer of an earlier round is not this one's
     begun = time.monotonic()
-    observer.command({"cmd": "start_round"})
-    while True:
-        seen, announcement = observer.announcements.get(timeout=120)
-        if announcement.phase == "keys" and DEVICE in announcement.selected:
-            break
+    seen, announcement = observer.start_round("keys")
     number, announced = announcement.round, {"keys": seen}
     while (metrics := observer.metrics.get(timeout=timeout)).round != number:
         pass

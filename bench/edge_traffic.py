@@ -91,6 +91,15 @@ class Observer:
         info = self.client.publish(self.topics.control, json.dumps(payload), qos=1)
         info.wait_for_publish(5)
 
+    def start_round(self, phase: str) -> tuple[float, RoundAnnouncement]:
+        """Ask for a round and wait for its `phase` announcement selecting the doorbell:
+        (when it was seen, the announcement)."""
+        self.command({"cmd": "start_round"})
+        while True:
+            seen, announcement = self.announcements.get(timeout=120)
+            if announcement.phase == phase and DEVICE in announcement.selected:
+                return seen, announcement
+
     def bytes_down(self, start: float, end: float, topics: Sequence[str]) -> int:
         return sum(
             size for t, topic, size in list(self.received) if start <= t < end and topic in topics
