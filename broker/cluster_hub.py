@@ -135,20 +135,30 @@ def render_bridge(house: str, base: str, login: TierLogin, endpoints: list[tuple
 
 
 class HubBroker(LocalBroker):
-    """A test house's Mosquitto (broker/local.conf) with its bridge to `tier` and its Retainer."""
+    """A test house's Mosquitto (broker/local.conf) with its bridge to `tier` and its Retainer.
 
-    def __init__(self, data_dir: Path, tier: ClusterTier, house: str) -> None:
+    `endpoints`: where the bridge connects, `tier.endpoints_for(house)` unless
+    given (a test puts a link it can cut in between).
+    """
+
+    def __init__(
+        self,
+        data_dir: Path,
+        tier: ClusterTier,
+        house: str,
+        endpoints: list[tuple[str, int]] | None = None,
+    ) -> None:
         super().__init__(data_dir)
         self.tier = tier
         self.house = house
+        self.endpoints = endpoints or tier.endpoints_for(house)
         self._house_template = self._template
         self.retainer: Retainer | None = None
 
     def start(self, timeout: float = 10.0) -> HubBroker:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         login = self.tier.login(self.tier.hub_login(self.house))
-        endpoints = self.tier.endpoints_for(self.house)
-        bridge = render_bridge(self.house, self.tier.base, login, endpoints)
+        bridge = render_bridge(self.house, self.tier.base, login, self.endpoints)
         # LocalBroker formats its template with str.format: the bridge has no braces.
         template = self.data_dir / "hub.template.conf"
         write_private(template, (self._house_template.read_text() + HUB_AUTOSAVE + bridge).encode())
