@@ -2,10 +2,12 @@
 
 The house keeps its broker (MQTT 5 to its doorbells, Home Assistant and the
 console, as broker/local.py or broker/production.conf set it up) and gains a
-bridge section (broker/cluster_hub.conf) that carries only `<root>/<site>/...`
-topics, each in the direction a doorbell uses it, to any node of the tier
-over MQTT 3.1.1 with the hub's own login and TLS certificate, and a small
-`Retainer` that gives back the retain flag MQTT 3.1.1 drops.
+bridge section that carries only `<root>/<site>/...` topics, each in the
+direction a doorbell uses it, to any node of the tier over MQTT 3.1.1 with the
+hub's own login and TLS certificate, and a small `Retainer` that gives back
+the retain flag MQTT 3.1.1 drops. The section is broker/cluster_hub.conf,
+rendered into the hub's bundle by `python -m deploy.provision add-hub`
+(deploy/tier.py).
 """
 
 from __future__ import annotations
@@ -13,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import signal
 from pathlib import Path
-from string import Template
 from typing import Any
 
 import paho.mqtt.client as mqtt
@@ -21,12 +22,10 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from broker.cluster import ClusterTier, TierLogin, hub_rules
+from broker.cluster import ClusterTier
 from broker.local import LocalBroker
 from deploy.files import write_private
-
-BRIDGE_TEMPLATE = Path(__file__).with_name("cluster_hub.conf")
-
+from deploy.tier import STAGING_PREFIX
 
 HUB_AUTOSAVE = """
 # Saved like broker/production.conf (60 s), not local.conf's 1 s: a hub retains
@@ -35,35 +34,6 @@ HUB_AUTOSAVE = """
 # later line wins.
 autosave_interval 60
 """
-
-STAGING_PREFIX = "_tier/"
-"""Where the bridge puts what comes down from the tier, for the `Retainer` to republish."""
-
-
-def bridge_topics(base: str) -> list[str]:
-    """The bridge's `topic` lines: a doorbell's writes go out, its reads come in.
-
-    What comes in lands under STAGING_PREFIX, not on the doorbells' topics: the
-    tier speaks MQTT 3.1.1, which clears the retain flag of every message it
-    forwards live (only a new subscription gets retained ones flagged), so a
-    model published while the bridge is up would reach the doorbells connected
-    then but not be kept for the next. The Retainer restores it.
-
-    Out at QoS 1 (an update is stored on the tier before the hub forgets it),
-    in at QoS 0: everything that comes down is retained on the tier (the
-    aggregator retains all it publishes), and a bridge that (re)subscribes is
-    sent the latest of each topic, which is all a doorbell uses. At QoS 1 NATS
-    kept a replicated JetStream consumer per topic line and hub (five per hub,
-    100 raft groups for 20 hubs), which the surviving nodes of a killed one
-    had to re-elect while the round's updates poured in (docs/many-houses.md).
-    """
-    lines = []
-    for access, topic in hub_rules(base):
-        if access == "write":
-            lines.append(f"topic {topic} out 1")
-        else:
-            lines.append(f'topic {topic} in 0 {STAGING_PREFIX} ""')
-    return lines
 
 
 class Retainer:
@@ -115,25 +85,6 @@ class Retainer:
             client.publish(topic, message.payload, 1, retain=True)
 
 
-def render_bridge(house: str, base: str, login: TierLogin, endpoints: list[tuple[str, int]]) -> str:
-    """The bridge section for `house` (a house name, checked like every topic segment)."""
-    values = {
-        "house": house,
-        "addresses": " ".join(f"{host}:{port}" for host, port in endpoints),
-        "login": login.name,
-        "password": login.password(),
-        "ca_file": login.ca_file,
-        "cert_file": login.cert_file,
-        "key_file": login.key_file,
-        "topics": "\n".join(bridge_topics(base)),
-    }
-    for name, value in values.items():
-        # Mosquitto reads an option up to the end of its line and does not quote.
-        if name not in {"topics", "addresses"} and any(char in str(value) for char in " \n{}"):
-            raise ValueError(f"unusable {name} in a bridge configuration: {value!r}")
-    return Template(BRIDGE_TEMPLATE.read_text()).substitute(values)
-
-
 class HubBroker(LocalBroker):
     """A test house's Mosquitto (broker/local.conf) with its bridge to `tier` and its Retainer."""
 
@@ -146,16 +97,16 @@ class HubBroker(LocalBroker):
 
     def start(self, timeout: float = 10.0) -> HubBroker:
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        login = self.tier.login(self.tier.hub_login(self.house))
-        endpoints = self.tier.endpoints_for(self.house)
-        bridge = render_bridge(self.house, self.tier.base, login, endpoints)
+        login = self.tier.hub_login(self.house)
+        # The bundle `provision add-hub` made, as a house would install it.
+        bridge = (self.tier.login(login).password_file.parent / "bridge.conf").read_text()
         # LocalBroker formats its template with str.format: the bridge has no braces.
         template = self.data_dir / "hub.template.conf"
         write_private(template, (self._house_template.read_text() + HUB_AUTOSAVE + bridge).encode())
         self._template = template
         super().start(timeout)
         self.config_path.chmod(0o600)
-        self.retainer = Retainer(self.port, f"{login.name}-retainer").start()
+        self.retainer = Retainer(self.port, f"{login}-retainer").start()
         return self
 
     def _signal(self, sig: signal.Signals) -> None:

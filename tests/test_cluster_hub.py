@@ -12,7 +12,8 @@ from collections.abc import Iterator
 import pytest
 
 from broker.cluster import AGGREGATOR_LOGIN, OBSERVER_LOGIN, ClusterTier
-from broker.cluster_hub import HubBroker, bridge_topics
+from broker.cluster_hub import HubBroker
+from deploy.tier import bridge_topics
 from tests.mqtt_helpers import Probe
 from tests.test_cluster import SITE, TierClient, pytestmark
 
