@@ -12,8 +12,11 @@ rendered into the hub's bundle by `python -m deploy.provision add-hub`
 
 from __future__ import annotations
 
+import argparse
 import hashlib
+import os
 import signal
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -24,8 +27,9 @@ from paho.mqtt.properties import Properties
 
 from broker.cluster import ClusterTier
 from broker.local import LocalBroker
+from deploy.acl import STAGING_PREFIX
 from deploy.files import write_private
-from deploy.tier import STAGING_PREFIX
+from fedbell import systemd
 
 HUB_AUTOSAVE = """
 # Saved like broker/production.conf (60 s), not local.conf's 1 s: a hub retains
@@ -60,6 +64,20 @@ class Retainer:
         self._address = (host, port)
         self._retained: dict[str, bytes] = {}
         """sha256 of what it last retained, by topic."""
+
+    @classmethod
+    def with_login(cls, host: str, port: int, login: str, credentials: Path) -> Retainer:
+        """On a production house broker: TLS and the house login of role `retainer`
+        (`python -m deploy.provision add-retainer`), from its bundle or from
+        $CREDENTIALS_DIRECTORY: mqtt-password, ca.crt, client.crt, client.key."""
+        retainer = cls(port, login, host)
+        retainer.client.username_pw_set(login, (credentials / "mqtt-password").read_text().strip())
+        retainer.client.tls_set(
+            ca_certs=str(credentials / "ca.crt"),
+            certfile=str(credentials / "client.crt"),
+            keyfile=str(credentials / "client.key"),
+        )
+        return retainer
 
     def start(self) -> Retainer:
         properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
@@ -117,3 +135,45 @@ class HubBroker(LocalBroker):
 
     def __enter__(self) -> HubBroker:
         return self.start()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The Retainer as a service beside the house broker (systemd/fedbell-retainer.service)."""
+    parser = argparse.ArgumentParser(
+        prog="python -m broker.cluster_hub", description=Retainer.__doc__
+    )
+    parser.add_argument("--host", default="localhost", help="the house broker")
+    parser.add_argument("--port", type=int, default=8883)
+    parser.add_argument("--login", default="retainer", help="its house login")
+    parser.add_argument(
+        "--credentials",
+        type=Path,
+        default=Path(os.environ.get("CREDENTIALS_DIRECTORY", ".")),
+        help="folder of mqtt-password, ca.crt, client.crt, client.key "
+        "(default $CREDENTIALS_DIRECTORY)",
+    )
+    args = parser.parse_args(argv)
+    missing = [
+        name
+        for name in ("mqtt-password", "ca.crt", "client.crt", "client.key")
+        if not (args.credentials / name).is_file()
+    ]
+    if missing:
+        parser.error(f"no {', '.join(missing)} in {args.credentials}")
+    retainer = Retainer.with_login(args.host, args.port, args.login, args.credentials)
+    stopping = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stopping.set())
+    retainer.start()
+    systemd.notify_ready()
+    # Pinged while connected: a house broker gone for longer than WatchdogSec
+    # gets the Retainer restarted, which costs nothing (its session is kept).
+    while not stopping.wait((systemd.watchdog_interval() or 60.0) / 2):
+        if retainer.client.is_connected():
+            systemd.notify_watchdog()
+    systemd.notify_stopping()
+    retainer.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -5,6 +5,7 @@
     python -m deploy.provision add-device door1
     python -m deploy.provision add-operator
     python -m deploy.provision add-homeassistant
+    python -m deploy.provision add-retainer   (a hub's, see deploy/tier.py)
     python -m deploy.provision remove-device door1
     python -m deploy.provision list
 
@@ -467,14 +468,18 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--mqtt-host", default="localhost")
     p.add_argument("--state-root", default="/var/lib/fedbell")
 
-    for command, role in (("add-operator", "operator"), ("add-homeassistant", "homeassistant")):
+    for command, role in (
+        ("add-operator", "operator"),
+        ("add-homeassistant", "homeassistant"),
+        ("add-retainer", "retainer"),
+    ):
         p = sub.add_parser(command, parents=[common, reload])
         p.add_argument("--name", default=role)
 
     p = sub.add_parser(
         "remove-login",
         parents=[common, reload],
-        help="revoke an operator, Home Assistant or aggregator login",
+        help="revoke an operator, Home Assistant, Retainer or aggregator login",
     )
     p.add_argument("name")
 
@@ -565,8 +570,8 @@ def run(argv: list[str] | None = None) -> str:
                 f"doorbell bundles updated with its public key: "
                 f"{', '.join(site.names(Role.DEVICE)) or '(none yet)'}"
             )
-        case "add-operator" | "add-homeassistant":
-            role = Role.OPERATOR if args.command == "add-operator" else Role.HOMEASSISTANT
+        case "add-operator" | "add-homeassistant" | "add-retainer":
+            role = Role(args.command.removeprefix("add-"))
             bundle = add_login(site, args.name, role)
             done = f"{role.value} {args.name!r}: bundle {bundle}"
         case "remove-login":

@@ -12,7 +12,8 @@ What a federation operator keeps, beside each house's own site folder
                            configuration includes it, and re-reads it on SIGHUP
     logins/<name>/         one bundle per login, to copy to its machine:
                            ca.crt client.crt client.key password
-                           (+ bridge.conf for a hub's Mosquitto)
+                           (+ for a hub: bridge.conf for its Mosquitto and
+                           the Retainer's unit, systemd/fedbell-retainer.service)
 
 A hub is a login named `hub-<house>` whose permissions are what a doorbell of
 the site may do on the federation's topics (deploy/acl.py), so nothing under
@@ -39,16 +40,16 @@ from string import Template
 from typing import TypeVar
 
 from deploy import pki
-from deploy.acl import Role, rules
+from deploy.acl import STAGING_PREFIX, Role, rules
 from deploy.files import make_dir, write_private, write_public
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore", DeprecationWarning)
     import crypt
 
-BRIDGE_TEMPLATE = Path(__file__).resolve().parents[1] / "broker" / "cluster_hub.conf"
-STAGING_PREFIX = "_tier/"
-"""Where the bridge puts what comes down from the tier, for the hub's Retainer to republish."""
+REPO = Path(__file__).resolve().parents[1]
+BRIDGE_TEMPLATE = REPO / "broker" / "cluster_hub.conf"
+RETAINER_UNIT = REPO / "systemd" / "fedbell-retainer.service"
 PROBE_TOPIC = "_fedbell/ready"
 """The readiness probe's topic: outside every site, only a probe login may use it."""
 BCRYPT_ROUNDS = 2**6
@@ -269,8 +270,10 @@ def add_login(tier: Tier, name: str, role: TierRole) -> Path:
 
 
 def add_hub(tier: Tier, house: str) -> Path:
-    """The hub's login and bundle (with its bridge.conf); returns the bundle."""
-    return add_login(tier, hub_login(house), TierRole.HUB)
+    """The hub's login and bundle (bridge.conf, the Retainer's unit); returns the bundle."""
+    bundle = add_login(tier, hub_login(house), TierRole.HUB)
+    write_public(bundle / RETAINER_UNIT.name, RETAINER_UNIT.read_bytes())
+    return bundle
 
 
 def remove_hub(tier: Tier, house: str) -> None:

@@ -87,6 +87,7 @@ def test_add_hub_makes_a_bundle_whose_bridge_lists_every_node(tmp_path: Path) ->
         "client.crt",
         "client.key",
         "password",
+        "fedbell-retainer.service",
     }
     assert (second / "password").stat().st_mode & 0o077 == 0
     with pytest.raises(TierError, match="already exists"):
