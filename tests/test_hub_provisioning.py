@@ -7,6 +7,7 @@ line while it runs, and a real Mosquitto hub bridges with the bundle it made.
 
 from __future__ import annotations
 
+import queue
 import shutil
 import threading
 import time
@@ -18,7 +19,9 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 from broker.cluster import AGGREGATOR_LOGIN, OBSERVER_LOGIN, ClusterTier, TierLogin
-from broker.cluster_hub import HubBroker
+from broker.cluster_hub import HubBroker, Retainer
+from broker.local import find_mosquitto
+from broker.secure import SecureBroker
 from deploy import provision
 from deploy.tier import Tier, TierError, add_hub, hub_login, init_tier, remove_hub
 from tests.mqtt_helpers import Probe
@@ -205,3 +208,67 @@ def test_a_removed_hubs_login_is_refused(tier: ClusterTier, tmp_path: Path) -> N
     for _, port in tier.mqtt_endpoints:
         assert not connack(copy, port)
     assert connack(tier.login(AGGREGATOR_LOGIN), port)  # the others' logins unchanged
+
+
+class HouseClient:
+    """A TLS MQTT 5 client of a provisioned house login (its bundle under clients/)."""
+
+    def __init__(self, bundle: Path, port: int, *topics: str) -> None:
+        self.messages: queue.Queue[mqtt.MQTTMessage] = queue.Queue()
+        self.client = mqtt.Client(
+            CallbackAPIVersion.VERSION2, client_id=bundle.name, protocol=mqtt.MQTTv5
+        )
+        self.client.username_pw_set(bundle.name, (bundle / "mqtt-password").read_text())
+        self.client.tls_set(
+            ca_certs=str(bundle / "ca.crt"),
+            certfile=str(bundle / "client.crt"),
+            keyfile=str(bundle / "client.key"),
+        )
+        self.client.on_message = lambda _c, _u, msg: self.messages.put(msg)
+        self.client.connect("localhost", port)
+        self.client.loop_start()
+        for topic in topics:
+            self.client.subscribe(topic, qos=1)
+
+    def close(self) -> None:
+        self.client.loop_stop()
+        self.client.disconnect()
+
+
+def test_a_house_installs_its_hub_bundle_and_retainer(tier: ClusterTier, tmp_path: Path) -> None:
+    """The production path: the house's own broker (broker/production.conf, its ACL) with
+    the hub bundle's bridge.conf appended, and the Retainer on its `add-retainer` login."""
+    find_mosquitto()
+    provision_on(tier, "add-hub", "house4")
+    hub_bundle = tier.login(hub_login("house4")).password_file.parent
+    site = tmp_path / "site"
+    provision.run(["init", "--site", SITE, "--site-dir", str(site)])
+    for command in (["add-device", "door1"], ["add-retainer"]):
+        provision.run([*command, "--site-dir", str(site), "--no-reload"])
+    assert "user retainer\ntopic read _tier/#\n" in (site / "broker" / "acl").read_text()
+    with SecureBroker(
+        site / "broker", tmp_path / "broker", bridge=hub_bundle / "bridge.conf"
+    ) as house:
+        wait_for_bridge(house)
+        retainer = Retainer.with_login(
+            "localhost", house.port, "retainer", site / "clients" / "retainer"
+        ).start()
+        (_, first), *_ = tier.mqtt_endpoints
+        aggregator = TierClient(tier.login(AGGREGATOR_LOGIN), first, "aggregator-house4")
+        try:
+            aggregator.subscribe(f"{BASE}/update/+")
+            aggregator.publish(f"{BASE}/model/global", b"model-v4", retain=True)
+            time.sleep(2.0)  # down the bridge and retained at home, no doorbell listening
+            doorbell = HouseClient(site / "clients" / "door1", house.port, f"{BASE}/model/global")
+            try:
+                model = doorbell.messages.get(timeout=10)
+                assert (model.topic, model.payload) == (f"{BASE}/model/global", b"model-v4")
+                doorbell.client.publish(f"{BASE}/update/door1", b"update-4", qos=1)
+                update = aggregator.wait_for(f"{BASE}/update/+")
+                assert update is not None
+                assert (update.topic, update.payload) == (f"{BASE}/update/door1", b"update-4")
+            finally:
+                doorbell.close()
+        finally:
+            aggregator.close()
+            retainer.stop()
