@@ -219,29 +219,30 @@ class ClusterTier(Service):
                 add_login(tier, name, role)
         tier.save()
 
-    def reload(self, timeout: float = 60.0) -> None:
-        """SIGHUP every running node, so they re-read accounts.conf (a hub added or
-        removed), and wait until each has and the cluster carries MQTT again.
+    def reloads(self) -> dict[str, int]:
+        """How many times each running node has re-read its configuration (its log says)."""
+        counts = {}
+        for node in self.nodes:
+            if node.process is not None:
+                log = self.work_dir / f"{node.name}.log"
+                text = log.read_text() if log.exists() else ""
+                counts[node.name] = text.count("Reloaded server configuration")
+        return counts
+
+    def wait_reloaded(self, before: dict[str, int], timeout: float = 60.0) -> None:
+        """Wait until every node counted in `before` has reloaded once more (the SIGHUP
+        of `provision add-hub --node-pid`), then until the cluster carries MQTT again.
 
         A reload is not free: nats-server 2.9 logs "Reloaded: cluster" every time,
         and for a few seconds after it JetStream requests time out, so a
         connection made then is refused ("loading session record"; seen here).
         """
-        running = [node for node in self.nodes if node.process is not None]
-        before = {node.name: self._reloads(node) for node in running}
-        for node in running:
-            assert node.process is not None
-            node.process.send_signal(signal.SIGHUP)
         deadline = time.monotonic() + timeout
-        while any(self._reloads(node) <= before[node.name] for node in running):
+        while any(self.reloads().get(name, 0) <= count for name, count in before.items()):
             if time.monotonic() > deadline:
                 raise BrokerError(f"the nodes did not reload within {timeout}s{self._logs()}")
             time.sleep(0.1)
         self.wait_ready(deadline - time.monotonic())
-
-    def _reloads(self, node: NatsNode) -> int:
-        log = self.work_dir / f"{node.name}.log"
-        return log.read_text().count("Reloaded server configuration") if log.exists() else 0
 
     def _config_path(self, node: NatsNode) -> Path:
         return self.work_dir / f"{node.name}.conf"
