@@ -228,9 +228,11 @@ def init_tier(
         raise TierError(f"{root} already holds a tier; nothing changed")
     if not nodes:
         raise TierError("a tier needs its nodes' MQTT addresses (--node host:port, repeat)")
+    for node in nodes:
+        host, _, port = node.rpartition(":")
+        if not host or not port.isdigit():
+            raise TierError(f"a node address is host:port, not {node!r}")
     hosts = tuple(dict.fromkeys(node.rpartition(":")[0] for node in nodes))
-    if "" in hosts:
-        raise TierError(f"a node address is host:port, not {nodes}")
     tier = Tier(root, site, topic_root, list(nodes), hub_dir)
     make_dir(root, 0o700)
     make_dir(tier.tls_dir, 0o700)
@@ -238,8 +240,8 @@ def init_tier(
     pki.save(ca, tier.tls_dir / "ca.crt", tier.tls_dir / "ca.key")
     # Routes between the nodes run on TLS too: each node is a server to the
     # others and their client, with the same certificate.
-    node = pki.issue(ca, "tier", "cluster", server_names=hosts, client_too=True)
-    pki.save(node, tier.tls_dir / "server.crt", tier.tls_dir / "server.key")
+    issued = pki.issue(ca, "tier", "cluster", server_names=hosts, client_too=True)
+    pki.save(issued, tier.tls_dir / "server.crt", tier.tls_dir / "server.key")
     tier.save()
     return tier
 

@@ -95,8 +95,10 @@ def test_add_hub_makes_a_bundle_whose_bridge_lists_every_node(tmp_path: Path) ->
         "fedbell-retainer.service",
     }
     assert (second / "password").stat().st_mode & 0o077 == 0
+    accounts = (tmp_path / "accounts.conf").read_text()
     with pytest.raises(TierError, match="already exists"):
         add_hub(tier, "house1")
+    assert (tmp_path / "accounts.conf").read_text() == accounts  # nothing changed
     remove_hub(Tier.load(tmp_path), "house1")
     assert not first.exists()
     assert hub_login("house1") not in (tmp_path / "accounts.conf").read_text()
@@ -111,6 +113,8 @@ def test_bad_input_is_refused_with_what_and_where(tmp_path: Path) -> None:
         provision.run(["add-hub", "house1", "--tier-dir", str(tmp_path)])
     with pytest.raises(provision.ProvisionError, match="bad node address"):
         provision.run(["init-tier", "--tier-dir", str(tmp_path), "--node", "n1 8883"])
+    with pytest.raises(TierError, match="host:port, not 'n1:mqtts'"):
+        provision.run(["init-tier", "--tier-dir", str(tmp_path), "--node", "n1:mqtts"])
     assert not (tmp_path / "tier.json").exists()
 
 
@@ -205,7 +209,16 @@ def test_a_removed_hubs_login_is_refused(tier: ClusterTier, tmp_path: Path) -> N
     )
     (_, port), *_ = tier.mqtt_endpoints
     assert connack(copy, port)
+    open_bridge = TierClient(copy, port, "hub-house3-open")
+    dropped = threading.Event()
+    open_bridge.client.on_disconnect = lambda *_args: dropped.set()
     provision_on(tier, "remove-hub", "house3")
+    try:
+        assert dropped.wait(10), "the removed hub's open connection survived the reload"
+        time.sleep(3.0)  # paho reconnects on its own: refused
+        assert not open_bridge.client.is_connected()
+    finally:
+        open_bridge.close()
     assert not bundle.exists()
     for _, port in tier.mqtt_endpoints:
         assert not connack(copy, port)
