@@ -23,8 +23,9 @@ password: Mosquitto must send the password, so the bundle holds it in clear,
 readable by its owner only; the nodes only hold its bcrypt hash.
 
 bcrypt comes from the standard library's `crypt` (libxcrypt's `$2b$`, which
-nats-server 2.9 accepts): the `bcrypt` package is not installed here, and
-`crypt` is deprecated, gone in Python 3.13, where it must be replaced by it.
+nats-server 2.9 accepts), because the `bcrypt` package is not installed here.
+`crypt` is deprecated and gone in Python 3.13: the `bcrypt` package replaces
+it there.
 """
 
 from __future__ import annotations
