@@ -2,15 +2,16 @@
 
 Like broker/local.py does for one Mosquitto, `ClusterTier` renders the
 project's node config (broker/cluster.conf) three times on free loopback ports,
-makes the tier's small PKI with deploy/pki.py (a CA, one server certificate for
-every node, one client certificate per login) and a password per login, starts
-the nodes and waits until the cluster really carries MQTT. Used by the tests
-and by `make bench-cluster`; issue 23 and docs/many-houses.md say why NATS.
+provisions the tier with deploy/tier.py exactly as an operator would (a CA, the
+nodes' certificate, one login per hub and the aggregator, accounts.conf with
+their bcrypt hashes and permissions, a bundle with bridge.conf per hub),
+starts the nodes and waits until the cluster really carries MQTT. Used by the
+tests and by `make bench-cluster`; issue 23 and docs/many-houses.md say why NATS.
 
-Who may publish and subscribe what comes from deploy/acl.py: a hub gets what
-a doorbell of its site may do on the federation's topics (so nothing under
-`doorbell/` or `homeassistant/`), the aggregator what it may do on a house
-broker. MQTT topics are NATS subjects with `/` as `.`, `+` as `*`, `#` as `>`.
+Who may publish and subscribe what comes from deploy/tier.py, which takes it
+from deploy/acl.py: a hub gets what a doorbell of its site may do on the
+federation's topics (so nothing under `doorbell/` or `homeassistant/`), the
+aggregator what it may do on a house broker.
 """
 
 from __future__ import annotations
@@ -33,9 +34,8 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
 from broker.local import BrokerError, Service, free_port, signal_and_wait
-from deploy import pki
-from deploy.acl import Role, rules
 from deploy.files import write_private
+from deploy.tier import PROBE_TOPIC, Tier, TierRole, add_login, hub_login, init_tier, spread
 from fedbell.config import TlsSettings
 from fedbell.tier import TierMqttSettings
 
@@ -44,8 +44,6 @@ AGGREGATOR_LOGIN = "aggregator"
 PROBE_LOGIN = "cluster-probe"
 OBSERVER_LOGIN = "observer"
 """Reads everything on the tier, writes nothing: tests and the bench count what crossed."""
-PROBE_TOPIC = "_fedbell/ready"
-"""The readiness probe's topic: outside every site, only the probe login may use it."""
 
 
 def find_nats_server() -> str:
@@ -57,21 +55,6 @@ def find_nats_server() -> str:
         "nats-server is not installed: run `sudo apt-get install nats-server` "
         "(or `make broker-deps`, which does it when run as root)"
     )
-
-
-def subject(topic: str) -> str:
-    """The NATS subject an MQTT topic filter is on."""
-    return topic.replace("/", ".").replace("+", "*").replace("#", ">")
-
-
-def federation_rules(role: Role, name: str, base: str) -> list[tuple[str, str]]:
-    """deploy/acl.py's (access, topic) rules of a login, on the federation's topics only."""
-    return [(access, topic) for access, topic in rules(role, name, base) if topic.startswith(base)]
-
-
-def hub_rules(base: str) -> list[tuple[str, str]]:
-    """What a house hub carries: what any doorbell of the site may do on `base`."""
-    return federation_rules(Role.DEVICE, "+", base)
 
 
 @dataclass(frozen=True)
@@ -114,6 +97,8 @@ class ClusterTier(Service):
         ack_wait: str = "5s",
     ) -> None:
         self.work_dir = work_dir
+        self.site = site
+        self.topic_root = topic_root
         self.base = f"{topic_root}/{site}"
         self.hubs = list(hubs)
         self.nodes = [
@@ -131,16 +116,8 @@ class ClusterTier(Service):
         return [("127.0.0.1", node.mqtt_port) for node in self.nodes]
 
     def endpoints_for(self, house: str) -> list[tuple[str, int]]:
-        """Every node's MQTT listener, starting at `house`'s own: the hubs spread evenly.
-
-        A bridge connects to its first address and moves on only when that node
-        is lost. With every hub on node 1, killing it made all of them reconnect
-        at once, each re-sent the retained backbone (28 MB) by the two nodes
-        left; spread, a lost node moves a third of them.
-        """
-        start = self.hubs.index(house) % len(self.nodes)
-        endpoints = self.mqtt_endpoints
-        return endpoints[start:] + endpoints[:start]
+        """Every node's MQTT listener, starting at `house`'s own (deploy.tier.spread)."""
+        return spread(self.mqtt_endpoints, self.hubs.index(house))
 
     def login(self, name: str) -> TierLogin:
         """The credentials of `name`: one of the *_LOGIN names or `hub_login(house)`."""
@@ -171,11 +148,11 @@ class ClusterTier(Service):
 
     @staticmethod
     def hub_login(house: str) -> str:
-        return f"hub-{house}"
+        return hub_login(house)
 
     def start(self, timeout: float = 60.0) -> ClusterTier:
         self.work_dir.mkdir(parents=True, exist_ok=True)
-        self._make_credentials()
+        self._provision()
         for node in self.nodes:
             self._write_config(node)
         try:
@@ -220,53 +197,52 @@ class ClusterTier(Service):
                 return
         raise BrokerError(f"the cluster carried no MQTT message within {timeout}s{self._logs()}")
 
-    def _make_credentials(self) -> None:
-        """The CA and server certificate once, then a login for each hub that has none:
-        a tier restarted with one more `--hub` keeps the others' passwords and certificates."""
-        ca_cert, ca_key = self.tls_dir / "ca.crt", self.tls_dir / "ca.key"
-        if ca_cert.exists():
-            ca = pki.load(ca_cert, ca_key)
+    def _provision(self) -> None:
+        """The tier's files, through deploy/tier.py: made once, then a login for each
+        hub that has none. A tier restarted with one more `--hub` keeps the others'
+        passwords and certificates; the nodes' addresses (new free ports) are
+        written into every hub's bridge.conf again."""
+        nodes = [f"{host}:{port}" for host, port in self.mqtt_endpoints]
+        if (self.work_dir / "tier.json").exists():
+            tier = Tier.load(self.work_dir)
+            tier.nodes = nodes
         else:
-            ca = pki.create_ca("federation tier")
-            pki.save(ca, ca_cert, ca_key)
-            server = pki.issue(ca, "tier", "cluster", server_names=("127.0.0.1", "localhost"))
-            pki.save(server, self.tls_dir / "server.crt", self.tls_dir / "server.key")
-        for name in self._login_names():
-            login = self.login(name)
-            if not login.password_file.exists():
-                pki.save(pki.issue(ca, name, "tier"), login.cert_file, login.key_file)
-                write_private(login.password_file, secrets.token_urlsafe(24).encode())
+            tier = init_tier(self.work_dir, self.site, self.topic_root, nodes)
+        logins = {
+            AGGREGATOR_LOGIN: TierRole.AGGREGATOR,
+            PROBE_LOGIN: TierRole.PROBE,
+            OBSERVER_LOGIN: TierRole.OBSERVER,
+            **{hub_login(house): TierRole.HUB for house in self.hubs},
+        }
+        for name, role in logins.items():
+            if name not in tier.roles:
+                add_login(tier, name, role)
+        tier.save()
 
-    def _login_names(self) -> list[str]:
-        return [AGGREGATOR_LOGIN, PROBE_LOGIN, OBSERVER_LOGIN, *map(self.hub_login, self.hubs)]
+    def reloads(self) -> dict[str, int]:
+        """How many times each running node has re-read its configuration (its log says)."""
+        counts = {}
+        for node in self.nodes:
+            if node.process is not None:
+                log = self.work_dir / f"{node.name}.log"
+                text = log.read_text() if log.exists() else ""
+                counts[node.name] = text.count("Reloaded server configuration")
+        return counts
 
-    def _permissions(self, name: str) -> list[tuple[str, str]]:
-        if name == AGGREGATOR_LOGIN:
-            return federation_rules(Role.AGGREGATOR, name, self.base)
-        if name == PROBE_LOGIN:
-            return [("read", PROBE_TOPIC), ("write", PROBE_TOPIC)]
-        if name == OBSERVER_LOGIN:
-            return [("read", "#")]
-        return hub_rules(self.base)
+    def wait_reloaded(self, before: dict[str, int], timeout: float = 60.0) -> None:
+        """Wait until every node counted in `before` has reloaded once more (the SIGHUP
+        of `provision add-hub --node-pid`), then until the cluster carries MQTT again.
 
-    def _users(self) -> str:
-        entries = []
-        for name in self._login_names():
-            allowed = self._permissions(name)
-            publish = [subject(topic) for access, topic in allowed if access == "write"]
-            # A QoS 1 subscription is delivered from a JetStream consumer on
-            # $MQTT.sub.<id>: without that permission NATS refuses to create it.
-            receive = [subject(topic) for access, topic in allowed if access == "read"]
-            receive.append("$MQTT.sub.>")
-            entries.append(
-                f'      {{ user: "{name}", password: "{self.login(name).password()}",\n'
-                # MQTT only: over NATS's own protocol a login could subscribe
-                # to $MQTT.sub.> and read every other client's deliveries.
-                '        allowed_connection_types: ["MQTT"],\n'
-                f"        permissions: {{ publish: {_nats_list(publish)},"
-                f" subscribe: {_nats_list(receive)} }} }}"
-            )
-        return "\n".join(entries)
+        A reload is not free: nats-server 2.9 logs "Reloaded: cluster" every time,
+        and for a few seconds after it JetStream requests time out, so a
+        connection made then is refused ("loading session record"; seen here).
+        """
+        deadline = time.monotonic() + timeout
+        while any(self.reloads().get(name, 0) <= count for name, count in before.items()):
+            if time.monotonic() > deadline:
+                raise BrokerError(f"the nodes did not reload within {timeout}s{self._logs()}")
+            time.sleep(0.1)
+        self.wait_ready(deadline - time.monotonic())
 
     def _config_path(self, node: NatsNode) -> Path:
         return self.work_dir / f"{node.name}.conf"
@@ -285,10 +261,10 @@ class ClusterTier(Service):
             mqtt_port=node.mqtt_port,
             store_dir=self.work_dir / node.name,
             tls_dir=self.tls_dir,
-            users=self._users(),
             ack_wait=self.ack_wait,
         )
-        # The passwords are in it: readable by whoever runs the tier only.
+        # No passwords in it (their bcrypt hashes are in accounts.conf), but the
+        # tier's folder is the operator's: readable by whoever runs the tier only.
         write_private(self._config_path(node), config.encode())
         log = f"log_file: {self.work_dir / node.name}.log\n"
         with self._config_path(node).open("a") as handle:
@@ -358,10 +334,6 @@ class ClusterTier(Service):
             return
         signal_and_wait(node.process, sig, timeout=15)
         node.process = None
-
-
-def _nats_list(subjects: list[str]) -> str:
-    return "[" + ", ".join(f'"{item}"' for item in subjects) + "]"
 
 
 def main(argv: list[str] | None = None) -> int:

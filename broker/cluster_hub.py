@@ -2,18 +2,23 @@
 
 The house keeps its broker (MQTT 5 to its doorbells, Home Assistant and the
 console, as broker/local.py or broker/production.conf set it up) and gains a
-bridge section (broker/cluster_hub.conf) that carries only `<root>/<site>/...`
-topics, each in the direction a doorbell uses it, to any node of the tier
-over MQTT 3.1.1 with the hub's own login and TLS certificate, and a small
-`Retainer` that gives back the retain flag MQTT 3.1.1 drops.
+bridge section that carries only `<root>/<site>/...` topics, each in the
+direction a doorbell uses it, to any node of the tier over MQTT 3.1.1 with the
+hub's own login and TLS certificate, and a small `Retainer` that gives back
+the retain flag MQTT 3.1.1 drops. The section is broker/cluster_hub.conf,
+rendered into the hub's bundle by `python -m deploy.provision add-hub`
+(deploy/tier.py).
 """
 
 from __future__ import annotations
 
+import argparse
 import hashlib
+import os
+import re
 import signal
+import threading
 from pathlib import Path
-from string import Template
 from typing import Any
 
 import paho.mqtt.client as mqtt
@@ -21,12 +26,11 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from broker.cluster import ClusterTier, TierLogin, hub_rules
+from broker.cluster import ClusterTier
 from broker.local import LocalBroker
+from deploy.acl import STAGING_PREFIX
 from deploy.files import write_private
-
-BRIDGE_TEMPLATE = Path(__file__).with_name("cluster_hub.conf")
-
+from fedbell import systemd
 
 HUB_AUTOSAVE = """
 # Saved like broker/production.conf (60 s), not local.conf's 1 s: a hub retains
@@ -35,35 +39,6 @@ HUB_AUTOSAVE = """
 # later line wins.
 autosave_interval 60
 """
-
-STAGING_PREFIX = "_tier/"
-"""Where the bridge puts what comes down from the tier, for the `Retainer` to republish."""
-
-
-def bridge_topics(base: str) -> list[str]:
-    """The bridge's `topic` lines: a doorbell's writes go out, its reads come in.
-
-    What comes in lands under STAGING_PREFIX, not on the doorbells' topics: the
-    tier speaks MQTT 3.1.1, which clears the retain flag of every message it
-    forwards live (only a new subscription gets retained ones flagged), so a
-    model published while the bridge is up would reach the doorbells connected
-    then but not be kept for the next. The Retainer restores it.
-
-    Out at QoS 1 (an update is stored on the tier before the hub forgets it),
-    in at QoS 0: everything that comes down is retained on the tier (the
-    aggregator retains all it publishes), and a bridge that (re)subscribes is
-    sent the latest of each topic, which is all a doorbell uses. At QoS 1 NATS
-    kept a replicated JetStream consumer per topic line and hub (five per hub,
-    100 raft groups for 20 hubs), which the surviving nodes of a killed one
-    had to re-elect while the round's updates poured in (docs/many-houses.md).
-    """
-    lines = []
-    for access, topic in hub_rules(base):
-        if access == "write":
-            lines.append(f"topic {topic} out 1")
-        else:
-            lines.append(f'topic {topic} in 0 {STAGING_PREFIX} ""')
-    return lines
 
 
 class Retainer:
@@ -91,6 +66,20 @@ class Retainer:
         self._retained: dict[str, bytes] = {}
         """sha256 of what it last retained, by topic."""
 
+    @classmethod
+    def with_login(cls, host: str, port: int, login: str, credentials: Path) -> Retainer:
+        """On a production house broker: TLS and the house login of role `retainer`
+        (`python -m deploy.provision add-retainer`), from its bundle or from
+        $CREDENTIALS_DIRECTORY: mqtt-password, ca.crt, client.crt, client.key."""
+        retainer = cls(port, login, host)
+        retainer.client.username_pw_set(login, (credentials / "mqtt-password").read_text().strip())
+        retainer.client.tls_set(
+            ca_certs=str(credentials / "ca.crt"),
+            certfile=str(credentials / "client.crt"),
+            keyfile=str(credentials / "client.key"),
+        )
+        return retainer
+
     def start(self) -> Retainer:
         properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
         properties.SessionExpiryInterval = 7 * 24 * 3600
@@ -115,30 +104,11 @@ class Retainer:
             client.publish(topic, message.payload, 1, retain=True)
 
 
-def render_bridge(house: str, base: str, login: TierLogin, endpoints: list[tuple[str, int]]) -> str:
-    """The bridge section for `house` (a house name, checked like every topic segment)."""
-    values = {
-        "house": house,
-        "addresses": " ".join(f"{host}:{port}" for host, port in endpoints),
-        "login": login.name,
-        "password": login.password(),
-        "ca_file": login.ca_file,
-        "cert_file": login.cert_file,
-        "key_file": login.key_file,
-        "topics": "\n".join(bridge_topics(base)),
-    }
-    for name, value in values.items():
-        # Mosquitto reads an option up to the end of its line and does not quote.
-        if name not in {"topics", "addresses"} and any(char in str(value) for char in " \n{}"):
-            raise ValueError(f"unusable {name} in a bridge configuration: {value!r}")
-    return Template(BRIDGE_TEMPLATE.read_text()).substitute(values)
-
-
 class HubBroker(LocalBroker):
     """A test house's Mosquitto (broker/local.conf) with its bridge to `tier` and its Retainer.
 
-    `endpoints`: where the bridge connects, `tier.endpoints_for(house)` unless
-    given (a test puts a link it can cut in between).
+    `endpoints`: where the bridge connects instead of the nodes its bundle names
+    (a test puts a link it can cut in between).
     """
 
     def __init__(
@@ -151,21 +121,25 @@ class HubBroker(LocalBroker):
         super().__init__(data_dir)
         self.tier = tier
         self.house = house
-        self.endpoints = endpoints or tier.endpoints_for(house)
+        self.endpoints = endpoints
         self._house_template = self._template
         self.retainer: Retainer | None = None
 
     def start(self, timeout: float = 10.0) -> HubBroker:
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        login = self.tier.login(self.tier.hub_login(self.house))
-        bridge = render_bridge(self.house, self.tier.base, login, self.endpoints)
+        login = self.tier.hub_login(self.house)
+        # The bundle `provision add-hub` made, as a house would install it.
+        bridge = (self.tier.login(login).password_file.parent / "bridge.conf").read_text()
+        if self.endpoints is not None:
+            addresses = " ".join(f"{host}:{port}" for host, port in self.endpoints)
+            bridge = re.sub(r"^address .*$", f"address {addresses}", bridge, count=1, flags=re.M)
         # LocalBroker formats its template with str.format: the bridge has no braces.
         template = self.data_dir / "hub.template.conf"
         write_private(template, (self._house_template.read_text() + HUB_AUTOSAVE + bridge).encode())
         self._template = template
         super().start(timeout)
         self.config_path.chmod(0o600)
-        self.retainer = Retainer(self.port, f"{login.name}-retainer").start()
+        self.retainer = Retainer(self.port, f"{login}-retainer").start()
         return self
 
     def _signal(self, sig: signal.Signals) -> None:
@@ -176,3 +150,45 @@ class HubBroker(LocalBroker):
 
     def __enter__(self) -> HubBroker:
         return self.start()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The Retainer as a service beside the house broker (systemd/fedbell-retainer.service)."""
+    parser = argparse.ArgumentParser(
+        prog="python -m broker.cluster_hub", description=Retainer.__doc__
+    )
+    parser.add_argument("--host", default="localhost", help="the house broker")
+    parser.add_argument("--port", type=int, default=8883)
+    parser.add_argument("--login", default="retainer", help="its house login")
+    parser.add_argument(
+        "--credentials",
+        type=Path,
+        default=Path(os.environ.get("CREDENTIALS_DIRECTORY", ".")),
+        help="folder of mqtt-password, ca.crt, client.crt, client.key "
+        "(default $CREDENTIALS_DIRECTORY)",
+    )
+    args = parser.parse_args(argv)
+    missing = [
+        name
+        for name in ("mqtt-password", "ca.crt", "client.crt", "client.key")
+        if not (args.credentials / name).is_file()
+    ]
+    if missing:
+        parser.error(f"no {', '.join(missing)} in {args.credentials}")
+    retainer = Retainer.with_login(args.host, args.port, args.login, args.credentials)
+    stopping = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stopping.set())
+    retainer.start()
+    systemd.notify_ready()
+    # Pinged while connected: a house broker gone for longer than WatchdogSec
+    # gets the Retainer restarted, which costs nothing (its session is kept).
+    while not stopping.wait((systemd.watchdog_interval() or 60.0) / 2):
+        if retainer.client.is_connected():
+            systemd.notify_watchdog()
+    systemd.notify_stopping()
+    retainer.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -60,9 +60,13 @@ class SecureBroker(LocalBroker):
     rendered configuration goes to `data_dir`, with persistence and the log.
     """
 
-    def __init__(self, conf_dir: Path, data_dir: Path, port: int | None = None) -> None:
+    def __init__(
+        self, conf_dir: Path, data_dir: Path, port: int | None = None, bridge: Path | None = None
+    ) -> None:
         super().__init__(data_dir, port=port)
         self.conf_dir = conf_dir
+        self.bridge = bridge
+        """A hub's bridge.conf (`provision add-hub`), appended as a house would."""
 
     def start(self, timeout: float = 10.0) -> SecureBroker:
         self.data_dir.mkdir(parents=True, exist_ok=True)
@@ -78,6 +82,8 @@ class SecureBroker(LocalBroker):
         )
         # LocalBroker formats its template with {port}/{data_dir}; a rendered
         # config has no braces left, so it passes through unchanged.
+        if self.bridge is not None:
+            rendered += "\n" + self.bridge.read_text()
         template = self.data_dir / "production.rendered.conf"
         template.write_text(rendered)
         self._template = template

@@ -17,6 +17,11 @@ topics (key advert, encrypted shares, masked update, unmask answer) and reads
 only its own `secagg/inbox/<device>`, where the aggregator routes the shares the
 others encrypted for it; the aggregator reads every doorbell's secagg topics and
 writes every inbox. Nobody else reads any of them.
+
+A house hub's Retainer (broker/cluster_hub.py) reads what the bridge to the
+federation tier staged under STAGING_PREFIX and writes it, retained, on the
+topics a doorbell reads: nothing else. Only the bridge writes the staging
+topics (Mosquitto does not check a bridge's messages against this list).
 """
 
 from __future__ import annotations
@@ -32,6 +37,11 @@ class Role(StrEnum):
     AGGREGATOR = "aggregator"
     OPERATOR = "operator"
     HOMEASSISTANT = "homeassistant"
+    RETAINER = "retainer"
+
+
+STAGING_PREFIX = "_tier/"
+"""Where a hub's bridge puts what comes down from the tier, for its Retainer to republish."""
 
 
 # What a doorbell publishes under doorbell/<device>/ (events and state), and
@@ -97,6 +107,13 @@ def rules(role: Role, name: str, base: str) -> list[tuple[str, str]]:
                 ("read", "homeassistant/#"),
                 ("write", "homeassistant/status"),
             ]
+        case Role.RETAINER:
+            incoming = [
+                topic
+                for access, topic in rules(Role.DEVICE, "+", base)
+                if access == "read" and topic.startswith(base)
+            ]
+            return [("read", f"{STAGING_PREFIX}#"), *(("write", topic) for topic in incoming)]
     raise ValueError(f"unknown role {role!r}")  # pragma: no cover - exhaustive match
 
 

@@ -94,15 +94,25 @@ def create_ca(site: str) -> Issued:
     return Issued(cert, key)
 
 
-def issue(ca: Issued, common_name: str, unit: str, *, server_names: tuple[str, ...] = ()) -> Issued:
+def issue(
+    ca: Issued,
+    common_name: str,
+    unit: str,
+    *,
+    server_names: tuple[str, ...] = (),
+    client_too: bool = False,
+) -> Issued:
     """A leaf certificate signed by `ca`.
 
     With `server_names` it is a server certificate for those DNS names or IP
-    addresses; otherwise a client certificate for `common_name`.
+    addresses (and with `client_too` also a client one: a cluster node dials
+    its peers with it); otherwise a client certificate for `common_name`.
     """
     key = ec.generate_private_key(ec.SECP256R1())
     now = _now()
-    usage = ExtendedKeyUsageOID.SERVER_AUTH if server_names else ExtendedKeyUsageOID.CLIENT_AUTH
+    usages = [ExtendedKeyUsageOID.SERVER_AUTH] if server_names else []
+    if client_too or not server_names:
+        usages.append(ExtendedKeyUsageOID.CLIENT_AUTH)
     builder = (
         x509.CertificateBuilder()
         .subject_name(_name(common_name, unit))
@@ -116,7 +126,7 @@ def issue(ca: Issued, common_name: str, unit: str, *, server_names: tuple[str, .
             _key_usage("digital_signature", "key_agreement"),
             critical=True,
         )
-        .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+        .add_extension(x509.ExtendedKeyUsage(usages), critical=False)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
         .add_extension(
             x509.AuthorityKeyIdentifier.from_issuer_public_key(ca.key.public_key()),

@@ -5,11 +5,19 @@
     python -m deploy.provision add-device door1
     python -m deploy.provision add-operator
     python -m deploy.provision add-homeassistant
+    python -m deploy.provision add-retainer   (a hub's, see deploy/tier.py)
     python -m deploy.provision remove-device door1
     python -m deploy.provision list
 
-Every command takes `--site-dir DIR` (default $FEDBELL_SITE_DIR, else
-/etc/fedbell/site). The site folder is the single source of truth:
+and, for the federation tier that many houses' hubs bridge to (deploy/tier.py):
+
+    python -m deploy.provision init-tier --site home --node n1.example:8883 ...
+    python -m deploy.provision add-hub house1
+    python -m deploy.provision remove-hub house1
+
+The tier commands take `--tier-dir DIR` (default $FEDBELL_TIER_DIR, else
+/etc/fedbell/tier), the others `--site-dir DIR` (default $FEDBELL_SITE_DIR,
+else /etc/fedbell/site). The site folder is the single source of truth:
 
     site.json              registry: site id, topic root, broker, logins
     ca/ca.crt, ca/ca.key   the site CA (the key never leaves this folder)
@@ -46,12 +54,15 @@ from pathlib import Path
 import yaml
 
 from broker.secure import render_config
-from deploy import pki
+from deploy import pki, tier
 from deploy.acl import Role, render
 from deploy.files import GROUP_READABLE, make_dir, write_file, write_private, write_public
 from fedbell.wire.messages import AGGREGATOR
 
 DEFAULT_SITE_DIR = Path("/etc/fedbell/site")
+DEFAULT_TIER_DIR = Path("/etc/fedbell/tier")
+DEFAULT_HUB_DIR = "/etc/fedbell/site/broker/tier"
+"""Where a house puts its hub bundle: beside its broker's own files, readable by Mosquitto."""
 BROKER_UNIT = "fedbell-broker.service"
 BROKER_GROUP = "mosquitto"
 TEMPLATES = Path(__file__).with_name("templates")
@@ -394,6 +405,15 @@ def reload_broker(pid: int | None, enabled: bool) -> str:
     )
 
 
+def reload_tier(pids: list[int]) -> str:
+    """Make the tier's nodes re-read accounts.conf (nats-server reloads on SIGHUP)."""
+    for pid in pids:
+        os.kill(pid, signal.SIGHUP)
+    if pids:
+        return f"sent SIGHUP to tier node pids {', '.join(map(str, pids))}"
+    return "tier not reloaded: send every node SIGHUP (or pass --node-pid for each)"
+
+
 # ---------------------------------------------------------------------- CLI
 
 
@@ -448,24 +468,59 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--mqtt-host", default="localhost")
     p.add_argument("--state-root", default="/var/lib/fedbell")
 
-    for command, role in (("add-operator", "operator"), ("add-homeassistant", "homeassistant")):
+    for command, role in (
+        ("add-operator", "operator"),
+        ("add-homeassistant", "homeassistant"),
+        ("add-retainer", "retainer"),
+    ):
         p = sub.add_parser(command, parents=[common, reload])
         p.add_argument("--name", default=role)
 
     p = sub.add_parser(
         "remove-login",
         parents=[common, reload],
-        help="revoke an operator, Home Assistant or aggregator login",
+        help="revoke an operator, Home Assistant, Retainer or aggregator login",
     )
     p.add_argument("name")
 
     sub.add_parser("list", parents=[common], help="show the site's logins")
+
+    on_tier = argparse.ArgumentParser(add_help=False)
+    on_tier.add_argument(
+        "--tier-dir",
+        type=Path,
+        default=Path(os.environ.get("FEDBELL_TIER_DIR", DEFAULT_TIER_DIR)),
+        help="tier folder (default $FEDBELL_TIER_DIR or %(default)s)",
+    )
+    reload_nodes = argparse.ArgumentParser(add_help=False)
+    reload_nodes.add_argument(
+        "--node-pid", type=int, action="append", default=[], help="SIGHUP this node (repeat)"
+    )
+    p = sub.add_parser("init-tier", parents=[on_tier], help="create the federation tier's CA")
+    p.add_argument("--site", default="home", help="site (federation) id")
+    p.add_argument("--topic-root", default="fedbell")
+    p.add_argument(
+        "--node", action="append", default=[], help="a node's MQTT host:port (repeat, in order)"
+    )
+    p.add_argument(
+        "--hub-dir",
+        default=DEFAULT_HUB_DIR,
+        help="where each house installs its hub bundle (default %(default)s)",
+    )
+    p = sub.add_parser(
+        "add-hub", parents=[on_tier, reload_nodes], help="a house hub's tier login and bundle"
+    )
+    p.add_argument("house")
+    p = sub.add_parser("remove-hub", parents=[on_tier, reload_nodes], help="revoke a hub")
+    p.add_argument("house")
     return parser
 
 
 def run(argv: list[str] | None = None) -> str:
     """Execute one command; returns the report to print."""
     args = _parser().parse_args(argv)
+    if args.command in {"init-tier", "add-hub", "remove-hub"}:
+        return _run_on_tier(args)
     root: Path = args.site_dir
     if args.command == "init":
         site = init(
@@ -515,8 +570,8 @@ def run(argv: list[str] | None = None) -> str:
                 f"doorbell bundles updated with its public key: "
                 f"{', '.join(site.names(Role.DEVICE)) or '(none yet)'}"
             )
-        case "add-operator" | "add-homeassistant":
-            role = Role.OPERATOR if args.command == "add-operator" else Role.HOMEASSISTANT
+        case "add-operator" | "add-homeassistant" | "add-retainer":
+            role = Role(args.command.removeprefix("add-"))
             bundle = add_login(site, args.name, role)
             done = f"{role.value} {args.name!r}: bundle {bundle}"
         case "remove-login":
@@ -527,10 +582,34 @@ def run(argv: list[str] | None = None) -> str:
     return f"{done}\n{reload_broker(args.broker_pid, not args.no_reload)}"
 
 
+def _run_on_tier(args: argparse.Namespace) -> str:
+    root: Path = args.tier_dir
+    if args.command == "init-tier":
+        check_name(args.site, "site id")
+        for node in args.node:
+            if not HOST_RE.fullmatch(node):
+                raise ProvisionError(f"bad node address {node!r}: host:port")
+        made = tier.init_tier(root, args.site, args.topic_root, args.node, args.hub_dir)
+        return f"tier of site {made.site!r} created in {root}; CA: {made.tls_dir / 'ca.crt'}"
+    house = check_name(args.house, "house name")
+    the_tier = tier.Tier.load(root)
+    if args.command == "add-hub":
+        bundle = tier.add_hub(the_tier, house)
+        done = (
+            f"hub of {house!r}: bundle {bundle}\n"
+            f"copy it to the house's {the_tier.hub_dir or bundle}, append bridge.conf to its "
+            "mosquitto.conf (docs/many-houses.md)"
+        )
+    else:
+        tier.remove_hub(the_tier, house)
+        done = f"hub of {house!r} removed: login, permissions, bundle"
+    return f"{done}\n{reload_tier(args.node_pid)}"
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         print(run(argv))
-    except ProvisionError as err:
+    except (ProvisionError, tier.TierError) as err:
         print(f"provision: error: {err}", file=sys.stderr)
         return 1
     except subprocess.CalledProcessError as err:

@@ -12,7 +12,8 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from broker.cluster import AGGREGATOR_LOGIN, ClusterTier, TierLogin, hub_rules, subject
+from broker.cluster import AGGREGATOR_LOGIN, ClusterTier, TierLogin
+from deploy.tier import hub_rules, subject
 
 pytestmark = pytest.mark.skipif(
     shutil.which("nats-server") is None and not Path("/usr/sbin/nats-server").exists(),

@@ -12,7 +12,9 @@ from collections.abc import Iterator
 import pytest
 
 from broker.cluster import AGGREGATOR_LOGIN, OBSERVER_LOGIN, ClusterTier
-from broker.cluster_hub import HubBroker, bridge_topics
+from broker.cluster_hub import HubBroker
+from broker.local import LocalBroker
+from deploy.tier import bridge_topics
 from tests.mqtt_helpers import Probe
 from tests.test_cluster import SITE, TierClient, pytestmark
 
@@ -33,7 +35,7 @@ def tier_and_hub(
         yield tier, hub
 
 
-def wait_for_bridge(hub: HubBroker, timeout: float = 20.0) -> None:
+def wait_for_bridge(hub: LocalBroker, timeout: float = 20.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if hub.log_path.exists() and "Connecting bridge" in hub.log_path.read_text():
