@@ -417,14 +417,22 @@ def reload_tier(pids: list[int]) -> str:
 # ---------------------------------------------------------------------- CLI
 
 
-def _parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument(
-        "--site-dir",
+def _folder_option(
+    flag: str, variable: str, default: Path | str, what: str
+) -> argparse.ArgumentParser:
+    """A parent parser with one folder option: the flag, else $variable, else `default`."""
+    parent = argparse.ArgumentParser(add_help=False)
+    parent.add_argument(
+        flag,
         type=Path,
-        default=Path(os.environ.get("FEDBELL_SITE_DIR", DEFAULT_SITE_DIR)),
-        help="site folder (default $FEDBELL_SITE_DIR or %(default)s)",
+        default=Path(os.environ.get(variable, default)),
+        help=f"{what} folder (default ${variable} or %(default)s)",
     )
+    return parent
+
+
+def _parser() -> argparse.ArgumentParser:
+    common = _folder_option("--site-dir", "FEDBELL_SITE_DIR", DEFAULT_SITE_DIR, "site")
     reload = argparse.ArgumentParser(add_help=False)
     reload.add_argument("--broker-pid", type=int, help="SIGHUP this mosquitto process")
     reload.add_argument("--no-reload", action="store_true", help="do not reload the broker")
@@ -485,13 +493,7 @@ def _parser() -> argparse.ArgumentParser:
 
     sub.add_parser("list", parents=[common], help="show the site's logins")
 
-    on_tier = argparse.ArgumentParser(add_help=False)
-    on_tier.add_argument(
-        "--tier-dir",
-        type=Path,
-        default=Path(os.environ.get("FEDBELL_TIER_DIR", DEFAULT_TIER_DIR)),
-        help="tier folder (default $FEDBELL_TIER_DIR or %(default)s)",
-    )
+    on_tier = _folder_option("--tier-dir", "FEDBELL_TIER_DIR", DEFAULT_TIER_DIR, "tier")
     reload_nodes = argparse.ArgumentParser(add_help=False)
     reload_nodes.add_argument(
         "--node-pid", type=int, action="append", default=[], help="SIGHUP this node (repeat)"

@@ -23,6 +23,7 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 from aggregator.config import AggregatorConfig
+from aggregator.service import AggregatorService
 from broker.cluster import AGGREGATOR_LOGIN, ClusterTier
 from broker.cluster_hub import HubBroker
 from broker.local import free_port
@@ -243,6 +244,52 @@ class Houses:
     def reconnect(self) -> None:
         for link in self.links:
             link.mend()
+
+
+@dataclass
+class OpenRound:
+    """Round 1 open on the tier: the aggregator serving in a thread, every doorbell of
+    both houses with the base model, and a random delta for each."""
+
+    service: AggregatorService
+    doorbells: list[Doorbell]
+    base: GlobalModel
+    deltas: list[Weights]
+
+    def assert_published_once_each(self) -> None:
+        """Every doorbell gets version 1, the exact mean of all the deltas: nothing lost;
+        whatever a failover redelivered was refused, not counted (a duplicate while the
+        round was open, `no_round` once it had closed)."""
+        wait_until(
+            lambda: all(1 in d.models for d in self.doorbells), 120, "the new model in both houses"
+        )
+        for doorbell in self.doorbells:
+            assert_exact_mean(doorbell.models[1], self.base, self.deltas)
+        assert set(self.service.coordinator.federation.rejected) <= {"duplicate", "no_round"}
+
+
+@contextlib.contextmanager
+def round_on_tier(houses: Houses, tmp_path: Path, cache_dir: Path) -> Iterator[OpenRound]:
+    """The aggregator service on the tier in a thread, until round 1 reaches every doorbell."""
+    doorbells = doorbells_of(houses.hubs)
+    service = AggregatorService(aggregator_config(tmp_path, houses.tier, cache_dir))
+    thread = threading.Thread(target=service.run, name="aggregator", daemon=True)
+    thread.start()
+    try:
+        wait_until(
+            lambda: all(d.announced(1) for d in doorbells),
+            60,
+            "every doorbell, in both houses, sees round 1 announced",
+        )
+        wait_until(lambda: all(0 in d.models for d in doorbells), 30, "the base model")
+        base = doorbells[0].models[0]
+        yield OpenRound(service, doorbells, base, random_deltas(base, len(doorbells)))
+    finally:
+        service.stop()
+        thread.join(30)
+        for doorbell in doorbells:
+            doorbell.close()
+    assert not thread.is_alive()
 
 
 @pytest.fixture
