@@ -103,9 +103,9 @@ from bench.privacy_rows import (
 from bench.privacy_utility import (
     Privacy,
     UtilityResult,
+    clip_check,
     published_observations,
     run_setting,
-    subset_norms,
 )
 from fedbell.config import load_config
 from fedbell.faces.embedding import TrainParams
@@ -115,7 +115,6 @@ ROOT = Path(__file__).resolve().parents[1]
 SINGLE_ENROLMENTS: tuple[Conditions, ...] = ("clean", "doorbell")
 """The single houses' enrolment photos, each measured (`--enrol` picks the headline row)."""
 PRODUCT_CONFIG = ROOT / "config" / "aggregator.yaml"
-NORM_PERCENTILES = (10, 50, 90)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -530,37 +529,6 @@ def product_defaults(args: argparse.Namespace) -> None:
         args.epsilons.append(default)
 
 
-def clip_check(
-    args: argparse.Namespace, data: dict[str, Any], runs: Sequence[UtilityResult]
-) -> dict[str, list[float]]:
-    """Percentiles of the honest subsets' norms before clipping in the first and last round
-    of the default run at 100 houses per round, printed beside the clip."""
-    run = next(
-        (
-            r
-            for r in runs
-            if r.heads and r.setting != "plain" and r.privacy.target_epsilon == args.default_epsilon
-        ),
-        None,
-    )
-    if run is None:
-        return {}
-    found = {}
-    for round_id in (1, run.privacy.rounds):
-        norms = subset_norms(
-            run, data["bench"], round_id, density=args.secure_density, params=TrainParams()
-        )
-        found[f"round {round_id}"] = [float(np.percentile(norms, q)) for q in NORM_PERCENTILES]
-    print(
-        f"  honest subsets' norms before clipping ({run.privacy.houses_per_round} houses, "
-        f"percentiles {NORM_PERCENTILES}): "
-        + "; ".join(f"{k} " + " / ".join(f"{v:.4f}" for v in p) for k, p in found.items())
-        + f"; secure_clip_norm {args.clip_norm:g}",
-        flush=True,
-    )
-    return found
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     product_defaults(args)
@@ -578,7 +546,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     rows = attack_rows(args, data, traffic)
     runs = utility_runs(args, data)
     rows += published_rows(args, data, runs)
-    norms = clip_check(args, data, runs)
+    norms = clip_check(
+        runs, data["bench"], args.default_epsilon, args.secure_density, args.clip_norm
+    )
     name = args.test_dataset.name if args.test_dataset else f"{args.dataset.name}"
     output = report(
         test_dataset=name,

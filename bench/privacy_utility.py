@@ -202,3 +202,39 @@ def subset_norms(
         flat = np.concatenate([np.ravel(d) for d in trained.delta])
         norms.append(float(np.linalg.norm(flat[subset].astype(np.float64))))
     return np.asarray(norms)
+
+
+NORM_PERCENTILES = (10, 50, 90)
+
+
+def clip_check(
+    runs: Sequence[UtilityResult],
+    bench: Bench,
+    default_epsilon: float,
+    density: float,
+    clip_norm: float,
+) -> dict[str, list[float]]:
+    """Percentiles of the honest subsets' norms before clipping in the first and last round
+    of the default run at 100 houses per round, printed beside the clip."""
+    run = next(
+        (
+            r
+            for r in runs
+            if r.heads and r.setting != "plain" and r.privacy.target_epsilon == default_epsilon
+        ),
+        None,
+    )
+    if run is None:
+        return {}
+    found = {}
+    for round_id in (1, run.privacy.rounds):
+        norms = subset_norms(run, bench, round_id, density=density, params=TrainParams())
+        found[f"round {round_id}"] = [float(np.percentile(norms, q)) for q in NORM_PERCENTILES]
+    print(
+        f"  honest subsets' norms before clipping ({run.privacy.houses_per_round} houses, "
+        f"percentiles {NORM_PERCENTILES}): "
+        + "; ".join(f"{k} " + " / ".join(f"{v:.4f}" for v in p) for k, p in found.items())
+        + f"; secure_clip_norm {clip_norm:g}",
+        flush=True,
+    )
+    return found

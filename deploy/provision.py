@@ -61,7 +61,6 @@ from fedbell.wire.messages import AGGREGATOR
 
 DEFAULT_SITE_DIR = Path("/etc/fedbell/site")
 DEFAULT_TIER_DIR = Path("/etc/fedbell/tier")
-DEFAULT_HUB_DIR = "/etc/fedbell/site/broker/tier"
 """Where a house puts its hub bundle: beside its broker's own files, readable by Mosquitto."""
 BROKER_UNIT = "fedbell-broker.service"
 BROKER_GROUP = "mosquitto"
@@ -405,15 +404,6 @@ def reload_broker(pid: int | None, enabled: bool) -> str:
     )
 
 
-def reload_tier(pids: list[int]) -> str:
-    """Make the tier's nodes re-read accounts.conf (nats-server reloads on SIGHUP)."""
-    for pid in pids:
-        os.kill(pid, signal.SIGHUP)
-    if pids:
-        return f"sent SIGHUP to tier node pids {', '.join(map(str, pids))}"
-    return "tier not reloaded: send every node SIGHUP (or pass --node-pid for each)"
-
-
 # ---------------------------------------------------------------------- CLI
 
 
@@ -493,28 +483,9 @@ def _parser() -> argparse.ArgumentParser:
 
     sub.add_parser("list", parents=[common], help="show the site's logins")
 
-    on_tier = _folder_option("--tier-dir", "FEDBELL_TIER_DIR", DEFAULT_TIER_DIR, "tier")
-    reload_nodes = argparse.ArgumentParser(add_help=False)
-    reload_nodes.add_argument(
-        "--node-pid", type=int, action="append", default=[], help="SIGHUP this node (repeat)"
+    tier.add_commands(
+        sub, _folder_option("--tier-dir", "FEDBELL_TIER_DIR", DEFAULT_TIER_DIR, "tier")
     )
-    p = sub.add_parser("init-tier", parents=[on_tier], help="create the federation tier's CA")
-    p.add_argument("--site", default="home", help="site (federation) id")
-    p.add_argument("--topic-root", default="fedbell")
-    p.add_argument(
-        "--node", action="append", default=[], help="a node's MQTT host:port (repeat, in order)"
-    )
-    p.add_argument(
-        "--hub-dir",
-        default=DEFAULT_HUB_DIR,
-        help="where each house installs its hub bundle (default %(default)s)",
-    )
-    p = sub.add_parser(
-        "add-hub", parents=[on_tier, reload_nodes], help="a house hub's tier login and bundle"
-    )
-    p.add_argument("house")
-    p = sub.add_parser("remove-hub", parents=[on_tier, reload_nodes], help="revoke a hub")
-    p.add_argument("house")
     return parser
 
 
@@ -588,9 +559,6 @@ def _run_on_tier(args: argparse.Namespace) -> str:
     root: Path = args.tier_dir
     if args.command == "init-tier":
         check_name(args.site, "site id")
-        for node in args.node:
-            if not HOST_RE.fullmatch(node):
-                raise ProvisionError(f"bad node address {node!r}: host:port")
         made = tier.init_tier(root, args.site, args.topic_root, args.node, args.hub_dir)
         return f"tier of site {made.site!r} created in {root}; CA: {made.tls_dir / 'ca.crt'}"
     house = check_name(args.house, "house name")
@@ -605,7 +573,7 @@ def _run_on_tier(args: argparse.Namespace) -> str:
     else:
         tier.remove_hub(the_tier, house)
         done = f"hub of {house!r} removed: login, permissions, bundle"
-    return f"{done}\n{reload_tier(args.node_pid)}"
+    return f"{done}\n{tier.reload_nodes(args.node_pid)}"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -27,14 +27,17 @@ The hashes are bcrypt's `$2b$`, which nats-server 2.9 accepts.
 
 from __future__ import annotations
 
+import argparse
 import json
+import os
 import secrets
 import shutil
+import signal
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
 from string import Template
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import bcrypt
 
@@ -45,6 +48,8 @@ from deploy.files import make_dir, write_private, write_public
 REPO = Path(__file__).resolve().parents[1]
 BRIDGE_TEMPLATE = REPO / "broker" / "cluster_hub.conf"
 RETAINER_UNIT = REPO / "systemd" / "fedbell-retainer.service"
+DEFAULT_HUB_DIR = "/etc/fedbell/site/broker/tier"
+"""Where `add-hub` tells each house to install its hub bundle."""
 PROBE_TOPIC = "_fedbell/ready"
 """The readiness probe's topic: outside every site, only a probe login may use it."""
 BCRYPT_ROUNDS = 6
@@ -334,3 +339,40 @@ def render_bridge(tier: Tier, house: str, nodes: list[str]) -> str:
 
 def _nats_list(subjects: list[str]) -> str:
     return "[" + ", ".join(f'"{item}"' for item in subjects) + "]"
+
+
+# ---------------------------------------------------------------- commands
+
+
+def add_commands(sub: Any, on_tier: argparse.ArgumentParser) -> None:
+    """`provision`'s tier commands (`sub`: its subparsers; `on_tier`: the --tier-dir parent)."""
+    node_pids = argparse.ArgumentParser(add_help=False)
+    node_pids.add_argument(
+        "--node-pid", type=int, action="append", default=[], help="SIGHUP this node (repeat)"
+    )
+    p = sub.add_parser("init-tier", parents=[on_tier], help="create the federation tier's CA")
+    p.add_argument("--site", default="home", help="site (federation) id")
+    p.add_argument("--topic-root", default="fedbell")
+    p.add_argument(
+        "--node", action="append", default=[], help="a node's MQTT host:port (repeat, in order)"
+    )
+    p.add_argument(
+        "--hub-dir",
+        default=DEFAULT_HUB_DIR,
+        help="where each house installs its hub bundle (default %(default)s)",
+    )
+    p = sub.add_parser(
+        "add-hub", parents=[on_tier, node_pids], help="a house hub's tier login and bundle"
+    )
+    p.add_argument("house")
+    p = sub.add_parser("remove-hub", parents=[on_tier, node_pids], help="revoke a hub")
+    p.add_argument("house")
+
+
+def reload_nodes(pids: list[int]) -> str:
+    """Make the tier's nodes re-read accounts.conf (nats-server reloads on SIGHUP)."""
+    for pid in pids:
+        os.kill(pid, signal.SIGHUP)
+    if pids:
+        return f"sent SIGHUP to tier node pids {', '.join(map(str, pids))}"
+    return "tier not reloaded: send every node SIGHUP (or pass --node-pid for each)"

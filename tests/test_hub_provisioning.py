@@ -111,7 +111,7 @@ def test_bad_input_is_refused_with_what_and_where(tmp_path: Path) -> None:
         provision.run(["add-hub", "House 1", "--tier-dir", str(tmp_path)])
     with pytest.raises(TierError, match="no tier in"):
         provision.run(["add-hub", "house1", "--tier-dir", str(tmp_path)])
-    with pytest.raises(provision.ProvisionError, match="bad node address"):
+    with pytest.raises(TierError, match="host:port, not 'n1 8883'"):
         provision.run(["init-tier", "--tier-dir", str(tmp_path), "--node", "n1 8883"])
     with pytest.raises(TierError, match="host:port, not 'n1:mqtts'"):
         provision.run(["init-tier", "--tier-dir", str(tmp_path), "--node", "n1:mqtts"])
