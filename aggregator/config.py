@@ -66,14 +66,15 @@ DEFAULT_MAX_ACCURACY_DROP = 0.15
 """A release scoring 15 points below the published model on the evaluation set is refused:
 "far worse", well outside round-to-round noise (±3 points on LFW's 436 held-out probes in
 make bench-openset, more on a small evaluation folder; 5 points stalled the generated demo)."""
-DEFAULT_MAX_ACCURACY_LOSS = 0.03
-"""A release scoring 3 points below the lineage's start (version 0, re-scored on the same
+DEFAULT_MAX_ACCURACY_LOSS = 0.01
+"""A release scoring 1 point below the lineage's start (version 0, re-scored on the same
 evaluation set) is refused, however small each step that led there: a reference that cannot
-be walked down. `python -m bench.drift` (LFW, 6 honest houses and one pushing the head along
-the features' main directions, halving its step after each refusal, 12 rounds): honest only
-0.787; attacked under the old bars (clip 2.0, 15 points below the last version) 0.534, 0
-rounds refused; under these (clip 1.0, 15 points per round, 3 below the start) 0.758,
-7 rounds refused (5 points: 0.753)."""
+be walked down. A hostile doorbell in every round cancels the honest ones' progress and walks
+the model down to this bar, so it must sit within what an honest federation gains
+(`python -m bench.drift`, LFW, 6 honest houses and one pushing the head along the features'
+main directions, halving its step after each refusal, 12 rounds, seeds 0-2: at 3 points the
+attacked model ended 0.6-4.5 points below the honest run, at 1 point -0.4 to 1.2; the honest
+run itself ended no lower at 1 point than at 3 on average, 0.782 against 0.781)."""
 
 
 DEFAULT_MIN_COHORT = 5

@@ -1,6 +1,6 @@
 """The drift attack of issue 18 item 2 on real faces, against the old bars and the new.
 
-    python -m bench.drift [--people 300] [--rounds 12] [--seed 0]
+    python -m bench.drift [--people 300] [--rounds 12] [--seeds 0 1 2]
 
 Six honest training houses (LFW people under doorbell conditions, `bench.data`)
 and one hostile house run THE round loop (`bench.federated.run_arm`: the real
@@ -12,11 +12,16 @@ whenever its round was abandoned (it sees the head did not move). Every release
 must clear the aggregator's accuracy bars (`aggregator.gates.accuracy_bar`,
 scored on never-seen people at the calibrated threshold) before it is published.
 
-Arms: honest only (the six, today's bars); attacked under the old bars (clip
-norm 2.0, 15 points below the last published version only); attacked under
-today's (clip 1.0, and rounds.max_accuracy_loss, 3 points, below the lineage's
-start). Printed: each arm's published open-set accuracy after the last round,
-and rounds abandoned.
+Arms: honest only (the six, today's bars); honest only with the former 3-point
+budget (what the tighter budget costs a federation nobody attacks); attacked
+under the old bars (clip norm 2.0, 15 points below the last published version
+only); attacked under today's (clip 1.0, and rounds.max_accuracy_loss, 1 point,
+below the lineage's start). Printed per seed: each arm's published open-set
+accuracy after the last round and rounds abandoned; then issue 18's bar, the
+attacked model within 3 points of the honest run on every seed.
+
+Why several seeds: the test houses hold ~180 probes (one is 0.6 points) and an
+honest run moves ±1-3 points a round, so one seed's last round is noise.
 """
 
 from __future__ import annotations
@@ -72,28 +77,22 @@ def bars(settings: RoundSettings) -> Gate:
     return gate
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--people", type=int, default=300)
-    parser.add_argument("--rounds", type=int, default=12)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument(
-        "--budget",
-        type=float,
-        default=RoundSettings().max_accuracy_loss,
-        help="rounds.max_accuracy_loss of today's bars (the aggregator's default)",
-    )
-    args = parser.parse_args(argv)
-    loaded = load_bench(people=args.people, seed=args.seed, calibration=500, negatives=500)
-    bench = loaded.bench
-    print(loaded.description)
+BAR = 0.03
+"""Issue 18: the attacked model ends within 3 points of the honest-only run."""
 
+
+def run_seed(seed: int, args: argparse.Namespace) -> dict[str, dict[str, float | int]]:
+    loaded = load_bench(people=args.people, seed=seed, calibration=500, negatives=500)
+    bench = loaded.bench
+    print(loaded.description, flush=True)
     score = scorer(bench)
     houses = bench.train[:7]
     today = RoundSettings(max_accuracy_loss=args.budget)
+    former = RoundSettings(max_accuracy_loss=0.03)
     before = RoundSettings(clip_norm=2.0, max_accuracy_loss=None)
     arms = {
         "honest only": (houses[1:], Arm("honest"), today, None),
+        "honest only, 3-point budget": (houses[1:], Arm("former"), former, None),
         "attacked, old bars": (
             houses,
             Arm("old", strategy="clipped", clip_norm=2.0),
@@ -102,7 +101,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         ),
         "attacked, today's bars": (houses, Arm("today"), today, Drift(bench.calibration, 1.0)),
     }
-    results = {}
+    results: dict[str, dict[str, float | int]] = {}
     for name, (taking_part, arm, settings, drift) in arms.items():
         outcome = run_arm(
             taking_part, bench.start, arm, args.rounds, score, gate=bars(settings), craft=drift
@@ -112,8 +111,36 @@ def main(argv: Sequence[str] | None = None) -> int:
             "published_after_last_round": round(outcome.final.open_set_accuracy, 4),
             "rounds_abandoned": outcome.abandoned,
         }
-        print(name, json.dumps(results[name]), flush=True)
-    return 0
+        print(f"seed {seed}", name, json.dumps(results[name]), flush=True)
+    return results
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--people", type=int, default=300)
+    parser.add_argument("--rounds", type=int, default=12)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument(
+        "--budget",
+        type=float,
+        default=RoundSettings().max_accuracy_loss,
+        help="rounds.max_accuracy_loss of today's bars (the aggregator's default)",
+    )
+    args = parser.parse_args(argv)
+    gaps = []
+    for seed in args.seeds:
+        results = run_seed(seed, args)
+        honest = results["honest only"]["published_after_last_round"]
+        attacked = results["attacked, today's bars"]["published_after_last_round"]
+        gaps.append(honest - attacked)
+    mean = float(np.mean(gaps))
+    verdict = "PASS" if max(gaps) <= BAR else "FAIL"
+    per_seed = ", ".join(f"{100 * gap:+.1f}" for gap in gaps)
+    print(
+        f"{verdict}: the attacked model ends {100 * mean:.1f} points below the honest run "
+        f"on average (per seed {per_seed}; bar {100 * BAR:.0f} on every seed)"
+    )
+    return 0 if verdict == "PASS" else 1
 
 
 if __name__ == "__main__":
