@@ -16,9 +16,12 @@ Arms: honest only (the six, today's bars); honest only with the former 3-point
 budget (what the tighter budget costs a federation nobody attacks); attacked
 under the old bars (clip norm 2.0, 15 points below the last published version
 only); attacked under today's (clip 1.0, and rounds.max_accuracy_loss, 1 point,
-below the lineage's start). Printed per seed: each arm's published open-set
-accuracy after the last round and rounds abandoned; then issue 18's bar, the
-attacked model within 3 points of the honest run on every seed.
+below the lineage's start); and both again in the product's secure rounds
+(`bench.federated.Secure`), where the hostile doorbell masks its push unclipped,
+as large as the aggregator's check on the mean lets through. Printed per seed:
+each arm's published open-set accuracy after the last round and rounds
+abandoned; then issue 18's bar, the attacked model within 3 points of the
+honest run on every seed, for plain and for secure rounds.
 
 Why several seeds: the test houses hold ~180 probes (one is 0.6 points) and an
 honest run moves ±1-3 points a round, so one seed's last round is noise.
@@ -32,16 +35,21 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import argparse
 import json
+import math
 from collections.abc import Sequence
 
 import numpy as np
 
-from aggregator.config import RoundSettings
+from aggregator.config import DEFAULT_SECURE_CLIP_NORM, RoundSettings
 from aggregator.gates import accuracy_bar
+from bench.arms import Secure
 from bench.data import load_bench, scorer
 from bench.federated import Arm, Gate, Score, run_arm
 
 DIRECTIONS = 6
+SECURE = Secure(clip_norm=DEFAULT_SECURE_CLIP_NORM)
+"""The product's secure rounds without noise: DP at 7 houses drowns any learning (the
+aggregator's start-up line says so), so a site this small runs without it."""
 
 
 class Drift:
@@ -100,6 +108,13 @@ def run_seed(seed: int, args: argparse.Namespace) -> dict[str, dict[str, float |
             Drift(bench.calibration, 2.0),
         ),
         "attacked, today's bars": (houses, Arm("today"), today, Drift(bench.calibration, 1.0)),
+        "honest only, secure rounds": (houses[1:], Arm("secure", secure=SECURE), today, None),
+        "attacked, secure rounds": (
+            houses,
+            Arm("secure attacked", secure=SECURE),
+            today,
+            Drift(bench.calibration, len(houses) * SECURE.clip_norm / math.sqrt(SECURE.density)),
+        ),
     }
     results: dict[str, dict[str, float | int]] = {}
     for name, (taking_part, arm, settings, drift) in arms.items():
@@ -127,20 +142,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="rounds.max_accuracy_loss of today's bars (the aggregator's default)",
     )
     args = parser.parse_args(argv)
-    gaps = []
+    pairs = {
+        "plain rounds": ("honest only", "attacked, today's bars"),
+        "secure rounds": ("honest only, secure rounds", "attacked, secure rounds"),
+    }
+    gaps: dict[str, list[float]] = {rounds: [] for rounds in pairs}
     for seed in args.seeds:
         results = run_seed(seed, args)
-        honest = results["honest only"]["published_after_last_round"]
-        attacked = results["attacked, today's bars"]["published_after_last_round"]
-        gaps.append(honest - attacked)
-    mean = float(np.mean(gaps))
-    verdict = "PASS" if max(gaps) <= BAR else "FAIL"
-    per_seed = ", ".join(f"{100 * gap:+.1f}" for gap in gaps)
-    print(
-        f"{verdict}: the attacked model ends {100 * mean:.1f} points below the honest run "
-        f"on average (per seed {per_seed}; bar {100 * BAR:.0f} on every seed)"
-    )
-    return 0 if verdict == "PASS" else 1
+        for rounds, (honest, attacked) in pairs.items():
+            final = "published_after_last_round"
+            gaps[rounds].append(float(results[honest][final]) - float(results[attacked][final]))
+    failed = False
+    for rounds, below in gaps.items():
+        verdict = "PASS" if max(below) <= BAR else "FAIL"
+        failed |= verdict == "FAIL"
+        per_seed = ", ".join(f"{100 * gap:+.1f}" for gap in below)
+        print(
+            f"{verdict} ({rounds}): the attacked model ends {100 * float(np.mean(below)):.1f} "
+            f"points below the honest run on average (per seed {per_seed}; bar "
+            f"{100 * BAR:.0f} on every seed)"
+        )
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -188,6 +188,7 @@ def secagg_plan(secure: Secure, dimension: int, round_id: int, cohort: int) -> S
 
 
 def _secure_round(  # noqa: PLR0917 - what a secure round holds
+    current: Round,
     secure: Secure,
     round_id: int,
     selected: Sequence[int],
@@ -196,10 +197,16 @@ def _secure_round(  # noqa: PLR0917 - what a secure round holds
     plan_params: TrainParams,
     residuals: dict[str, Weights],
     noise: np.random.Generator,
-) -> tuple[SecureSum, int]:
-    """(the round's unmasked mean, bytes of the masked values each doorbell sends)."""
+    craft: Craft | None = None,
+) -> bool:
+    """Put the round's unmasked mean in `current` (and the masked values' bytes); False
+    when the aggregator's check on the mean refuses the sum (`mean_delta`).
+
+    `craft`: what the first house masks instead of its clipped subset (a compromised
+    doorbell runs its own code: nothing clips its input but the check on the mean)."""
     dimension = sum(int(w.size) for w in weights)
     plan = secagg_plan(secure, dimension, round_id, len(selected))
+    indices = masking.shared_subset(dimension, plan.density, round_id, LINEAGE)
     total = np.zeros(plan.size, np.uint32)
     for index in selected:
         device = f"house{index:04d}"
@@ -211,14 +218,22 @@ def _secure_round(  # noqa: PLR0917 - what a secure round holds
             dataclasses.replace(plan_params, seed=round_seed(device, round_id)),
             residual=residuals.get(device),
         )
+        if craft is not None and index == 0:
+            pushed = np.concatenate([d.ravel() for d in craft(weights, trained.delta)])
+            total += masking.encode(pushed[indices], plan.scale, noise)
+            continue
         update = secure_update(trained.delta, plan, round_id, LINEAGE, noise)
         residuals[device] = update.residual
         total += update.values  # uint32, kept modulo 2^24 as the masked sum is
-    indices = masking.shared_subset(dimension, plan.density, round_id, LINEAGE)
-    mean = mean_delta(total, len(selected), plan, indices, [w.shape for w in weights])
-    accumulator = SecureSum()
-    accumulator.set_mean(mean, len(selected))
-    return accumulator, len(masking.pack(total)) * len(selected)
+    try:
+        mean = mean_delta(total, len(selected), plan, indices, [w.shape for w in weights])
+    except RejectedMessage:
+        return False
+    current.accumulator = SecureSum()
+    current.accumulator.set_mean(mean, len(selected))
+    current.bytes_up = len(masking.pack(total)) * len(selected)
+    current.received = [f"house{index:04d}" for index in selected]
+    return True
 
 
 Observer = Callable[[int, Sequence[int], Weights], None]
@@ -333,7 +348,8 @@ def run_arm(
         current = open_round(settings, round_id, selected, accumulator, lineage=LINEAGE)
         opened = len(to_json(current.announcement))
         if arm.secure is not None:
-            current.accumulator, current.bytes_up = _secure_round(
+            if not _secure_round(
+                current,
                 arm.secure,
                 round_id,
                 [names.index(d) for d in selected],
@@ -342,9 +358,11 @@ def run_arm(
                 plan,
                 residuals,
                 noise,
-            )
-            current.received = list(selected)
-        if arm.secure is None:
+                craft,
+            ):  # the mean's check refused the sum: the round is abandoned
+                result.abandoned += 1
+                continue
+        else:
             _plain_round(
                 current,
                 down,
