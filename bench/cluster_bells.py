@@ -94,6 +94,8 @@ class SecureHouse:
         self.aggregator_key = load_public_key(aggregator)
         self.models: dict[int, GlobalModel] = {}
         self.rounds: dict[int, RoundLog] = {}
+        self.announcements: dict[str, RoundAnnouncement] = {}
+        """The last announcement of each phase this house's doorbells answered."""
         self.lock = threading.Lock()
         self._work: queue.Queue[bytes | None] = queue.Queue()
         self._rng = np.random.default_rng(seed)
@@ -151,6 +153,7 @@ class SecureHouse:
             )
             if announcement.secagg is None:
                 continue
+            self.announcements[announcement.phase] = announcement
             self._bytes = self._messages = 0
             self._answer(announcement)
             with self.lock:
