@@ -59,6 +59,7 @@ from bench.cluster_secure import (
     phase_times,
     sum_check,
     survivors_sum,
+    where_time_went,
 )
 from broker.cluster import AGGREGATOR_LOGIN, OBSERVER_LOGIN, ClusterTier
 from broker.cluster_hub import HubBroker
@@ -300,6 +301,7 @@ def secure_round(
     *,
     bells: Bells,
     cpu: AggregatorCpu,
+    on_tier: dict[str, float],
     kill_node: bool,
 ) -> dict[str, Any]:
     """Secure round `number`: the doorbells (bells) answer each phase on their own; node 1
@@ -329,6 +331,7 @@ def secure_round(
     wait_until(lambda: any(m.get("round") == number for m in metrics), 60, "round metrics")
     last = [m for m in metrics if m.get("round") == number][-1]
     report = bells.report()
+    costs = doorbell_costs(report, number)
     result: dict[str, Any] = {
         "round": number,
         "secure": True,
@@ -340,7 +343,7 @@ def secure_round(
         "dropped": len(last.get("dropped", [])),
         "epsilon": last.get("epsilon"),
         "phases": phase_times(number, list(members), cpu),
-        "doorbells": doorbell_costs(report, number),
+        "doorbells": costs,
         "announcement_kb": {
             phase: round(len(a.model_dump_json()) / 1000, 1)
             for phase, a in members[0].announcements.items()
@@ -351,6 +354,8 @@ def secure_round(
     }
     if last.get("outcome") == "published":
         done = max(h.seen_at[f"model{number}"] for h in members)
+        model_at = time.time() - (time.monotonic() - done)
+        result["split"] = where_time_went(number, on_tier, costs, model_at)
         result["round_s"] = round(done - announced, 2)
         result["updates_per_s"] = round(last["participants"] / (done - announced), 1)
         result["sum"] = sum_check(
@@ -398,6 +403,30 @@ def aggregator_config(
     return base.model_copy(update={"mqtt": on_tier})
 
 
+def tier_observer(
+    tier: ClusterTier, metrics: list[dict[str, Any]], on_tier: dict[str, float]
+) -> mqtt.Client:
+    """A client on node 3 that keeps each round's metrics and, in `on_tier`, when it first
+    saw each phase of a round announced ("round<n>:<phase>": Unix time)."""
+    observer = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv311)
+    login = tier.login(OBSERVER_LOGIN)
+    observer.username_pw_set(login.name, login.password())
+    observer.tls_set(str(login.ca_file), str(login.cert_file), str(login.key_file))
+
+    def observe(_client: object, _userdata: object, message: mqtt.MQTTMessage) -> None:
+        body = json.loads(message.payload)
+        if message.topic == TOPICS.metrics:
+            metrics.append(body)
+        else:
+            on_tier.setdefault(f"round{body['round']}:{body['phase']}", time.time())
+
+    observer.on_message = observe
+    observer.connect(*tier.mqtt_endpoints[-1])
+    observer.loop_start()
+    observer.subscribe([(TOPICS.metrics, 1), (TOPICS.round, 1)])
+    return observer
+
+
 def run(folder: Path, args: argparse.Namespace) -> dict[str, Any]:
     names = [f"h{index}" for index in range(args.houses)]
     secure = not args.plain
@@ -424,15 +453,9 @@ def run(folder: Path, args: argparse.Namespace) -> dict[str, Any]:
         ]
         for house in members:
             stack.callback(house.close)
-        observer = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv311)
         metrics: list[dict[str, Any]] = []
-        login = tier.login(OBSERVER_LOGIN)
-        observer.username_pw_set(login.name, login.password())
-        observer.tls_set(str(login.ca_file), str(login.cert_file), str(login.key_file))
-        observer.on_message = lambda _c, _u, message: metrics.append(json.loads(message.payload))
-        observer.connect(*tier.mqtt_endpoints[-1])
-        observer.loop_start()
-        observer.subscribe(TOPICS.metrics, qos=1)
+        on_tier: dict[str, float] = {}
+        observer = tier_observer(tier, metrics, on_tier)
 
         config = aggregator_config(
             folder, tier, args.round, secure=secure, phase_timeout=args.phase_timeout
@@ -467,6 +490,7 @@ def run(folder: Path, args: argparse.Namespace) -> dict[str, Any]:
                         metrics,
                         bells=bells,
                         cpu=cpu,
+                        on_tier=on_tier,
                         kill_node=kill,
                     )
                     rounds.append(measured)

@@ -62,6 +62,10 @@ class PhaseCost:
     busy_s: float = 0.0
     sent: int = 0
     bytes: int = 0
+    started: float = 0.0
+    """Unix time the house's worker took up the phase's announcement."""
+    done: float = 0.0
+    """Unix time its last doorbell had answered (published)."""
 
 
 @dataclass
@@ -142,7 +146,7 @@ class SecureHouse:
 
     def _run(self) -> None:
         while (payload := self._work.get()) is not None:
-            started, cpu = time.monotonic(), time.thread_time()
+            started, cpu, wall = time.monotonic(), time.thread_time(), time.time()
             announcement = parse_json(payload, RoundAnnouncement, max_bytes=MAX_ROUND_BYTES)
             check_announcement(
                 announcement,
@@ -161,6 +165,7 @@ class SecureHouse:
                 cost = log.phases.setdefault(announcement.phase, PhaseCost())
                 cost.cpu_s += time.thread_time() - cpu
                 cost.busy_s += time.monotonic() - started
+                cost.started, cost.done = cost.started or wall, time.time()
                 cost.sent += self._messages
                 cost.bytes += self._bytes
 

@@ -179,17 +179,23 @@ def phase_times(
 
 
 def doorbell_costs(report: dict[str, Any], number: int) -> dict[str, Any]:
-    """The children's per-phase figures of round `number`, summed over the houses."""
+    """The children's per-phase figures of round `number`, summed over the houses; `first`
+    and `last`: when the first house took the phase up, when the last had answered."""
     phases: dict[str, dict[str, float]] = {}
     refused: dict[str, int] = {}
     for house in report.values():
         mine = house.get(str(number), {})
         for phase, cost in mine.get("phases", {}).items():
-            into = phases.setdefault(phase, {"cpu_s": 0.0, "busy_max_s": 0.0, "sent": 0, "kb": 0.0})
+            into = phases.setdefault(
+                phase,
+                {"cpu_s": 0.0, "busy_max_s": 0.0, "sent": 0, "kb": 0.0, "first": 1e12, "last": 0},
+            )
             into["cpu_s"] += cost["cpu_s"]
             into["busy_max_s"] = max(into["busy_max_s"], cost["busy_s"])
             into["sent"] += cost["sent"]
             into["kb"] += cost["bytes"] / 1000
+            into["first"] = min(into["first"], cost["started"])
+            into["last"] = max(into["last"], cost["done"])
         for reason, count in mine.get("refused", {}).items():
             refused[reason] = refused.get(reason, 0) + count
     rounded = {
@@ -198,6 +204,30 @@ def doorbell_costs(report: dict[str, Any], number: int) -> dict[str, Any]:
         if phase in PHASES
     }
     return {"phases": rounded, "refused": refused}
+
+
+def where_time_went(
+    number: int, on_tier: dict[str, float], doorbells: dict[str, Any], model_at: float
+) -> dict[str, dict[str, float]]:
+    """Each phase split in three (seconds, Unix times on this one machine): `down`, from
+    the aggregator's announcement on the tier (an observer on node 3 saw it) to the first
+    house taking it up; `doorbells`, from then until the last house's doorbells had all
+    answered; `up`, from then until the next announcement on the tier (the answers through
+    hubs and tier, the aggregator's work, for `shares` its 1,000 inboxes routed first). The
+    last phase ends with the new model at every hub."""
+    phases = doorbells["phases"]
+    marks = [on_tier.get(f"round{number}:{phase}") for phase in PHASES] + [model_at]
+    split: dict[str, dict[str, float]] = {}
+    for phase, start, end in zip(PHASES, marks, marks[1:], strict=False):
+        cost = phases.get(phase)
+        if start is None or end is None or cost is None:
+            continue
+        split[phase] = {
+            "down": round(cost["first"] - start, 2),
+            "doorbells": round(cost["last"] - cost["first"], 2),
+            "up": round(end - cost["last"], 2),
+        }
+    return split
 
 
 def survivors_sum(report: dict[str, Any], number: int) -> np.ndarray | None:
