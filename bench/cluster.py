@@ -53,6 +53,7 @@ from aggregator.service import AggregatorService, Incoming
 from bench.cluster_secure import (
     AggregatorCpu,
     Bells,
+    PhaseWatch,
     doorbell_costs,
     kill_when,
     masked_count,
@@ -302,6 +303,7 @@ def secure_round(
     bells: Bells,
     cpu: AggregatorCpu,
     on_tier: dict[str, float],
+    watch: PhaseWatch,
     kill_node: bool,
 ) -> dict[str, Any]:
     """Secure round `number`: the doorbells (bells) answer each phase on their own; node 1
@@ -355,7 +357,7 @@ def secure_round(
     if last.get("outcome") == "published":
         done = max(h.seen_at[f"model{number}"] for h in members)
         model_at = time.time() - (time.monotonic() - done)
-        result["split"] = where_time_went(number, on_tier, costs, model_at)
+        result["split"] = where_time_went(number, on_tier, watch.all_in, costs, model_at)
         result["round_s"] = round(done - announced, 2)
         result["updates_per_s"] = round(last["participants"] / (done - announced), 1)
         result["sum"] = sum_check(
@@ -480,6 +482,8 @@ def run(folder: Path, args: argparse.Namespace) -> dict[str, Any]:
                     processes=args.processes,
                 )
                 stack.callback(bells.close)
+                watch = PhaseWatch(service)
+                stack.callback(watch.close)
                 rounds = []
                 for number, kill in enumerate(kills, start=1):
                     measured = secure_round(
@@ -491,6 +495,7 @@ def run(folder: Path, args: argparse.Namespace) -> dict[str, Any]:
                         bells=bells,
                         cpu=cpu,
                         on_tier=on_tier,
+                        watch=watch,
                         kill_node=kill,
                     )
                     rounds.append(measured)

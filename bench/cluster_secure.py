@@ -147,6 +147,30 @@ class AggregatorCpu:
                 self.at[key] = thread_cpu_s(self.native_id)
 
 
+class PhaseWatch:
+    """When the aggregator had every answer of each phase of its open secure round (Unix
+    time, "<phase>": polled every 20 ms from its state, read without its lock: a bench)."""
+
+    def __init__(self, service: AggregatorService) -> None:
+        self.service = service
+        self.all_in: dict[str, float] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="phase-watch", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.02):
+            current = self.service.coordinator.federation.round
+            if current is None or current.secure is None:
+                continue
+            if current.secure.complete():
+                self.all_in.setdefault(f"round{current.id}:{current.secure.phase}", time.time())
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+
 def masked_count(service: AggregatorService) -> int:
     """Masked updates the aggregator has accepted in its open secure round (0: none open)."""
     current = service.coordinator.federation.round
@@ -207,25 +231,31 @@ def doorbell_costs(report: dict[str, Any], number: int) -> dict[str, Any]:
 
 
 def where_time_went(
-    number: int, on_tier: dict[str, float], doorbells: dict[str, Any], model_at: float
+    number: int,
+    on_tier: dict[str, float],
+    all_in: dict[str, float],
+    doorbells: dict[str, Any],
+    model_at: float,
 ) -> dict[str, dict[str, float]]:
-    """Each phase split in three (seconds, Unix times on this one machine): `down`, from
+    """Each phase split in four (seconds, Unix times on this one machine): `down`, from
     the aggregator's announcement on the tier (an observer on node 3 saw it) to the first
     house taking it up; `doorbells`, from then until the last house's doorbells had all
-    answered; `up`, from then until the next announcement on the tier (the answers through
-    hubs and tier, the aggregator's work, for `shares` its 1,000 inboxes routed first). The
-    last phase ends with the new model at every hub."""
+    answered; `to_aggregator`, until the aggregator held every answer; `next`, from then
+    until the next announcement on the tier (the aggregator's own step and publishing: for
+    `shares` the 1,000 inboxes it routes first). The last phase ends with the new model at
+    every hub."""
     phases = doorbells["phases"]
     marks = [on_tier.get(f"round{number}:{phase}") for phase in PHASES] + [model_at]
     split: dict[str, dict[str, float]] = {}
     for phase, start, end in zip(PHASES, marks, marks[1:], strict=False):
-        cost = phases.get(phase)
-        if start is None or end is None or cost is None:
+        cost, held = phases.get(phase), all_in.get(f"round{number}:{phase}")
+        if start is None or end is None or cost is None or held is None:
             continue
         split[phase] = {
             "down": round(cost["first"] - start, 2),
             "doorbells": round(cost["last"] - cost["first"], 2),
-            "up": round(end - cost["last"], 2),
+            "to_aggregator": round(held - cost["last"], 2),
+            "next": round(end - held, 2),
         }
     return split
 
