@@ -243,20 +243,25 @@ def where_time_went(
     answered; `to_aggregator`, until the aggregator held every answer; `next`, from then
     until the next announcement on the tier (the aggregator's own step and publishing: for
     `shares` the 1,000 inboxes it routes first). The last phase ends with the new model at
-    every hub."""
+    every hub. `up` instead of the last two when the watch missed the moment."""
     phases = doorbells["phases"]
     marks = [on_tier.get(f"round{number}:{phase}") for phase in PHASES] + [model_at]
     split: dict[str, dict[str, float]] = {}
     for phase, start, end in zip(PHASES, marks, marks[1:], strict=False):
         cost, held = phases.get(phase), all_in.get(f"round{number}:{phase}")
-        if start is None or end is None or cost is None or held is None:
+        if start is None or end is None or cost is None:
             continue
         split[phase] = {
             "down": round(cost["first"] - start, 2),
             "doorbells": round(cost["last"] - cost["first"], 2),
-            "to_aggregator": round(held - cost["last"], 2),
-            "next": round(end - held, 2),
         }
+        if held is None:  # the phase moved on within one poll: no time to split
+            split[phase]["up"] = round(end - cost["last"], 2)
+        else:
+            split[phase] |= {
+                "to_aggregator": round(held - cost["last"], 2),
+                "next": round(end - held, 2),
+            }
     return split
 
 
