@@ -3,23 +3,30 @@
 Real processes: three NATS nodes (broker/cluster.py) and one Mosquitto hub per
 house, bridged to the tier (broker/cluster_hub.py); the real aggregator service
 on the tier over MQTT 3.1.1 (fedbell/tier.py), with signing on (its key, one
-trusted key per doorbell) and the default update codec. The doorbells are
-simulated, one MQTT 5 client per house speaking for all of its doorbells: once
-the backbone is retained at every hub, a retained status each; once the
-aggregator has every status, a round is started (the operator's
-`start_round`, put in the aggregator's inbox: no login may write the control
-topic on the tier), and each house sends one signed update per selected
-doorbell (a random small delta, not a trained one). So round 1 is timed with
-the federation at rest, not behind 28 MB of backbone to every hub and 10,000
-statuses, which had overlapped it and doubled its time.
+trusted key per doorbell) and the shipped config's rounds
+(config/aggregator.yaml): by default the product's round, a secure one (secure
+aggregation, house-level DP at its default budget). Once the backbone is
+retained at every hub, one MQTT 5 client per house publishes a retained status
+for each of its doorbells; once the aggregator has every status, a round is
+started (the operator's `start_round`, put in the aggregator's inbox: no login
+may write the control topic on the tier). So round 1 is timed with the
+federation at rest, not behind 28 MB of backbone to every hub and 10,000
+statuses.
+
+Secure rounds (bench/cluster_secure.py): the doorbells run in child processes
+(bench/cluster_bells.py), each with the real doorbell's secure-round code over
+MQTT through its hub; per phase, its time, the doorbells' and the aggregator's
+CPU, and where the time went; the unmasked mean is checked against what the
+survivors masked. `--plain`: plain rounds, each house's client sends one
+signed top-k update per selected doorbell (a random small delta).
 
 Measured per round: its time (announcement seen in the houses -> new model seen
 in all of them), updates/s, bytes into and out of each node (NATS /varz),
 memory of each node; and of this process (the aggregator runs in it, with the
 house clients). `--kill-node` runs a second round in the same run and SIGKILLs
-node 1 (the aggregator's, and a third of the hubs') once half the houses have
-sent their updates; it must still count each update once. Exit status 1 when
-a round's participants are not the round's size.
+node 1 (the aggregator's, and a third of the hubs') once half the doorbells
+have sent (secure: half the masked updates are in); it must still count each
+update once. Exit status 1 when a round's participants are not the round's size.
 
     make bench-cluster ARGS="--houses 20 --doorbells 50 --round 200 --no-kill-node"
 """
