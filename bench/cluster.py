@@ -377,7 +377,7 @@ def secure_round(
 
 
 def aggregator_config(
-    folder: Path, tier: ClusterTier, selected: int, *, secure: bool, phase_timeout: float
+    folder: Path, tier: ClusterTier, selected: int, *, secure: bool, phase_timeout: float | None
 ) -> AggregatorConfig:
     """The product's rounds (config/aggregator.yaml: codec, secure aggregation and its
     house-level DP, clipping...), a round of `selected`, signing on; `secure` False: the
@@ -386,13 +386,9 @@ def aggregator_config(
     key, _public = folder / "aggregator.key", folder / "aggregator.pub"
     create_signing_key(key, _public)
     shipped = yaml.safe_load((REPO / "config" / "aggregator.yaml").read_text())["rounds"]
-    rounds = shipped | {
-        "secure_aggregation": secure,
-        # a phase (a plain round) waits this long for stragglers before moving on
-        "timeout_s": phase_timeout,
-        "max_devices": selected,
-        "auto_pause_s": 0,
-    }
+    rounds = shipped | {"secure_aggregation": secure, "max_devices": selected, "auto_pause_s": 0}
+    if phase_timeout is not None:  # a phase (a plain round) waits this long for stragglers
+        rounds["timeout_s"] = phase_timeout
     if not secure:
         rounds["min_updates"] = selected  # the round closes once every update is in
     base = AggregatorConfig.model_validate(
@@ -566,8 +562,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--phase-timeout",
         type=float,
-        default=60.0,
-        help="rounds.timeout_s: how long a phase waits for stragglers (s)",
+        help="rounds.timeout_s: how long a phase waits for stragglers (s; default: the "
+        "shipped config's)",
     )
     parser.add_argument("--ack-wait", default="5s", help="the tier's QoS 1 redelivery delay")
     parser.add_argument("--dir", type=Path, default=REPO / "reports" / "cluster")
