@@ -136,6 +136,13 @@ class SecureParticipant:
         current = self._round
         return None if current is None else current.number
 
+    @property
+    def update(self) -> SecureUpdate | None:
+        """The current round's masked-ready update (None before `prepare`): a benchmark
+        checks the unmasked sum against what its doorbells masked."""
+        current = self._round
+        return None if current is None else current.update
+
     def begin(self, announcement: RoundAnnouncement) -> None:
         """Keys phase: a fresh client for the round; publish its signed key advert."""
         plan = announcement.secagg
