@@ -8,8 +8,10 @@ Two streams (`camera.full_width`/`full_height`): `read_pair` gives a
 `FramePair`, the small frame detection and tracking run on and the
 full-resolution frame of the same instant the chips are cut from (Picamera2's
 `lores` and `main` streams of one request; for OpenCV and folders the frame
-as read and a scaled-down copy). A source that cannot give the large stream
-falls back to one stream with one warning. `read` still gives the small frame.
+as read and a scaled-down copy; a folder recorded with both streams, its
+`lores/` copies and, only when a chip is cut, its images). A source that
+cannot give the large stream falls back to one stream with one warning.
+`read` still gives the small frame.
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal, Protocol, runtime_checkable
 
@@ -40,25 +43,46 @@ IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".pgm", ".ppm", ".t
 @dataclass(frozen=True)
 class FramePair:
     """The frame detection runs on and, with two streams, the full-resolution frame
-    of the same instant, each with its capture time (seconds; any clock, one per source)."""
+    of the same instant, each with its capture time (seconds; any clock, one per source).
+
+    The full frame is either given (`full`) or read when a chip needs it
+    (`fetch_full`): a replay holding both streams decodes the large one only for
+    frames with a face, as the small one is all a frame without a face needs.
+    """
 
     small: Frame
     small_time: float
     full: Frame | None = None
     full_time: float | None = None
+    fetch_full: Callable[[], Frame | None] | None = field(default=None, compare=False)
 
     @property
     def matched(self) -> bool:
         """Both frames were captured at the same instant: chips may be cut from `full`."""
-        return self.full is not None and self.full_time == self.small_time
+        has_full = self.full is not None or self.fetch_full is not None
+        return has_full and self.full_time == self.small_time
+
+    @property
+    def two_streams(self) -> bool:
+        """The source gave (or can give) a full-resolution frame beside the small one."""
+        return self.full is not None or self.fetch_full is not None
+
+    @cached_property
+    def full_frame(self) -> Frame | None:
+        """The full-resolution frame, read once on first use (None: one stream, or a
+        replay's large frame that cannot be read)."""
+        if self.full is not None or self.fetch_full is None:
+            return self.full
+        return self.fetch_full()
 
     def scale(self) -> tuple[float, float]:
         """(x, y) factors from small-frame pixels to full-frame pixels."""
-        if self.full is None:
+        full = self.full_frame
+        if full is None:
             return 1.0, 1.0
         return (
-            self.full.shape[1] / self.small.shape[1],
-            self.full.shape[0] / self.small.shape[0],
+            full.shape[1] / self.small.shape[1],
+            full.shape[0] / self.small.shape[0],
         )
 
 
@@ -308,8 +332,19 @@ def _as_device(device: int | str) -> int | str:
     return device
 
 
+LORES_FOLDER = "lores"
+"""A folder replay's small stream: `<folder>/lores/<name>` beside each `<folder>/<name>`."""
+
+
 class FolderSource(SplitFrameSource):
-    """Images of a folder replayed in name order at a set frame rate."""
+    """Images of a folder replayed in name order at a set frame rate.
+
+    With two streams (`split_width`), an image that has a copy of the same name in
+    the folder's `lores/` subfolder is replayed as Picamera2 gives a frame: that
+    copy is the small stream, and the image itself is decoded only when a chip is
+    cut from it (its bytes are read with the frame, so both are of one instant).
+    Without the copy, detection runs on a copy `split_width` wide made here.
+    """
 
     def __init__(
         self,
@@ -328,30 +363,69 @@ class FolderSource(SplitFrameSource):
         self._paths = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
         if not self._paths:
             raise CameraError(f"folder: {folder} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+        self._lores = folder / LORES_FOLDER if split_width is not None else None
         self._period = 1.0 / fps if fps > 0 else 0.0
         self._loop = loop
         self._index = 0
         self._next_time = time.monotonic()
         self._sleep = sleep
 
-    def _read_frame(self) -> Frame | None:
+    def read_pair(self) -> FramePair | None:
         while True:
-            if self._index >= len(self._paths):
-                if not self._loop:
-                    return None
-                self._index = 0
-            path = self._paths[self._index]
-            self._index += 1
-            frame = cv2.imread(str(path), cv2.IMREAD_COLOR)
-            if frame is not None:
+            path = self._next_path()
+            if path is None:
+                return None
+            pair = self._read_recorded_pair(path)
+            if pair is None:
+                frame = cv2.imread(str(path), cv2.IMREAD_COLOR)
+                if frame is not None:
+                    pair = self._pair(np.asarray(frame, dtype=np.uint8))
+            if pair is not None:
                 break
             log.warning("folder: skipping %s: not an image OpenCV can read", path)
+        self._pace()
+        return pair
+
+    def _read_recorded_pair(self, path: Path) -> FramePair | None:
+        """Both streams as recorded (the `lores/` copy and the image's bytes), or None."""
+        lores = None if self._lores is None else self._lores / path.name
+        if lores is None or not lores.is_file():
+            return None
+        small = cv2.imread(str(lores), cv2.IMREAD_COLOR)
+        data = np.fromfile(path, np.uint8)
+        if small is None or data.size == 0:
+            return None
+        stamp = time.monotonic()
+
+        def decode() -> Frame | None:
+            full = cv2.imdecode(data, cv2.IMREAD_COLOR)
+            if full is None:
+                log.warning("folder: %s: not an image OpenCV can read (chips from lores)", path)
+                return None
+            return np.asarray(full, dtype=np.uint8)
+
+        return FramePair(np.asarray(small, np.uint8), stamp, None, stamp, fetch_full=decode)
+
+    def _pair(self, frame: Frame) -> FramePair:
+        if self._splitter is None:
+            return FramePair(frame, time.monotonic())
+        return self._splitter.pair(frame, time.monotonic())
+
+    def _next_path(self) -> Path | None:
+        if self._index >= len(self._paths):
+            if not self._loop:
+                return None
+            self._index = 0
+        path = self._paths[self._index]
+        self._index += 1
+        return path
+
+    def _pace(self) -> None:
         if self._period:
             delay = self._next_time - time.monotonic()
             if delay > 0:
                 self._sleep(delay)
             self._next_time = max(self._next_time + self._period, time.monotonic())
-        return np.asarray(frame, dtype=np.uint8)
 
     def close(self) -> None:
         self._paths = []

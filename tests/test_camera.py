@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from edge.camera import (
+    LORES_FOLDER,
     CameraError,
     FolderSource,
     Frame,
@@ -20,7 +21,9 @@ from edge.camera import (
     open_source,
     small_size,
 )
+from edge.chips import cut_chips
 from edge.recognition_config import CameraConfig
+from fedbell.faces.detection import Face
 from fedbell.faces.synthetic import make_identities, write_visitor_video
 
 
@@ -186,6 +189,59 @@ def test_folder_of_large_images_gives_two_streams(tmp_path: Path) -> None:
     assert pair.full.shape == (720, 1280, 3)  # chips from the image itself
     assert pair.matched
     source.close()
+
+
+def recorded_pair(folder: Path, name: str, full: Frame, lores: Frame) -> None:
+    """One frame of a folder recorded with both streams: the image and its `lores/` copy."""
+    (folder / LORES_FOLDER).mkdir(parents=True, exist_ok=True)
+    cv2.imwrite(str(folder / name), full)
+    cv2.imwrite(str(folder / LORES_FOLDER / name), lores)
+
+
+def test_a_folder_recorded_with_both_streams_decodes_the_large_one_only_for_a_chip(
+    tmp_path: Path,
+) -> None:
+    folder = tmp_path / "f"
+    lores = np.zeros((360, 640, 3), np.uint8)
+    recorded_pair(folder, "0.png", np.full((720, 1280, 3), 90, np.uint8), lores)
+    recorded_pair(folder, "1.png", np.zeros((720, 1280, 3), np.uint8), lores)
+    (folder / "1.png").write_bytes(b"not a png any more")  # its lores copy still reads
+    source = open_source(CameraConfig(kind="folder", folder=folder, full_width=1280))
+    pair = source.read_pair()
+    assert pair is not None
+    assert pair.full is None  # not decoded yet: the lores copy is all detection needs
+    assert pair.small.shape == (360, 640, 3)
+    assert pair.matched
+    assert pair.two_streams
+    assert pair.full_frame is not None
+    assert pair.full_frame.shape == (720, 1280, 3)
+    assert int(pair.full_frame[0, 0, 0]) == 90
+    assert pair.scale() == (2.0, 2.0)
+    broken = source.read_pair()
+    assert broken is not None
+    assert broken.full_frame is None  # chips then come from the small frame
+    assert broken.scale() == (1.0, 1.0)
+    source.close()
+
+
+def test_a_frame_without_a_face_or_of_another_instant_never_reads_its_full_frame() -> None:
+    reads: list[int] = []
+
+    def fetch() -> Frame:
+        reads.append(1)
+        return np.full((864, 1536, 3), 200, np.uint8)
+
+    small = np.zeros((360, 640, 3), np.uint8)
+    face = Face((100, 100, 50, 50), 0.9)
+    assert cut_chips(FramePair(small, 1.0, None, 1.0, fetch_full=fetch), []) == ([], [], False)
+    chips, _, mismatched = cut_chips(FramePair(small, 1.0, None, 1.5, fetch_full=fetch), [face])
+    assert mismatched
+    assert float(chips[0].mean()) == pytest.approx(0, abs=1)  # from the small frame
+    assert reads == []
+    chips, _, mismatched = cut_chips(FramePair(small, 1.0, None, 1.0, fetch_full=fetch), [face])
+    assert not mismatched
+    assert float(chips[0].mean()) == pytest.approx(200, abs=1)  # from the full frame
+    assert reads == [1]
 
 
 def test_a_camera_without_the_large_stream_falls_back_to_one_with_one_warning(
