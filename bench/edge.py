@@ -83,6 +83,7 @@ from bench.edge_setup import (
     enroll,
     full_size,
     show,
+    stranger_photos,
     unit_environment,
     write_configs,
 )
@@ -90,7 +91,7 @@ from bench.edge_traffic import Observer
 from broker.local import LocalBroker
 from edge.recognition_config import CameraConfig
 from simulation.processes import Child, Fleet
-from simulation.replay import pick_people, visitor_face, write_porch
+from simulation.replay import People, pick_people, visitor_face, write_porch
 
 DATASETS = REPO.parent / "shared" / "datasets"
 QUIET = {"TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONUNBUFFERED": "1"}
@@ -105,16 +106,19 @@ def run(args: argparse.Namespace, layout: Layout) -> dict[str, Any]:
         f"gallery: {enrolled} photos of {len(people.enroll)} people from {args.dataset.name}; "
         f"porch video: {len(people.visits)} visits ({len(people.enroll)} residents, a stranger)"
     )
-    empty, visiting = work / "video" / "empty", work / "video" / "visits"
-    faces = [visitor_face(visit.photo) for visit in people.visits]
-    rng = np.random.default_rng(0)
-    write_porch(visiting, faces, rng, size=full_size(args), suffix=".jpg", empty=empty)
+    empty, visiting = porch_video(args, people, work / "video")
     frames = work / "camera"
     frames.mkdir()
     show(empty, frames)
     with LocalBroker(work / "broker") as broker, Fleet(stop_timeout=30) as fleet:
         settings = Settings(
-            broker.port, frames, args.fps, args.downlink_codec, args.codec, full_size(args)
+            broker.port,
+            frames,
+            args.fps,
+            args.downlink_codec,
+            args.codec,
+            full_size(args),
+            stranger_photos(args.strangers, people, work / "strangers"),
         )
         configs = write_configs(layout, settings)
         doorbell_yaml = configs.doorbell
@@ -154,6 +158,25 @@ def run(args: argparse.Namespace, layout: Layout) -> dict[str, Any]:
                 counter.close()
             observer.close()
     return summary(bench, enrolled, time.monotonic() - started_all)
+
+
+def porch_video(args: argparse.Namespace, people: People, folder: Path) -> tuple[Path, Path]:
+    """(empty porch, visits): the frames the doorbell's folder camera replays."""
+    empty, visiting = folder / "empty", folder / "visits"
+    faces = [visitor_face(visit.photo) for visit in people.visits]
+    # Two streams: each frame's small stream beside it, as Picamera2 gives lores beside main
+    # (the doorbell then decodes a full frame only to cut a chip from it).
+    lores = None if full_size(args) is None else CameraConfig().width
+    write_porch(
+        visiting,
+        faces,
+        np.random.default_rng(0),
+        size=full_size(args),
+        suffix=".jpg",
+        empty=empty,
+        lores_width=lores,
+    )
+    return empty, visiting
 
 
 def _size(text: str) -> tuple[int, int]:
