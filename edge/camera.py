@@ -20,110 +20,20 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from functools import cached_property
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Protocol, runtime_checkable
 
 import cv2
 import numpy as np
-import numpy.typing as npt
 
+from edge.frames import Frame, FramePair, StreamSplitter, small_size
 from edge.recognition_config import CameraConfig
 from fedbell.redact import redact
 
 log = logging.getLogger(__name__)
 
-Frame = npt.NDArray[np.uint8]
-"""A BGR (or grey) image, height × width × 3."""
-
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".pgm", ".ppm", ".tif", ".tiff"})
-
-
-@dataclass(frozen=True)
-class FramePair:
-    """The frame detection runs on and, with two streams, the full-resolution frame
-    of the same instant, each with its capture time (seconds; any clock, one per source).
-
-    The full frame is either given (`full`) or read when a chip needs it
-    (`fetch_full`): a replay holding both streams decodes the large one only for
-    frames with a face, as the small one is all a frame without a face needs.
-    """
-
-    small: Frame
-    small_time: float
-    full: Frame | None = None
-    full_time: float | None = None
-    fetch_full: Callable[[], Frame | None] | None = field(default=None, compare=False)
-
-    @property
-    def matched(self) -> bool:
-        """Both frames were captured at the same instant: chips may be cut from `full`."""
-        has_full = self.full is not None or self.fetch_full is not None
-        return has_full and self.full_time == self.small_time
-
-    @property
-    def two_streams(self) -> bool:
-        """The source gave (or can give) a full-resolution frame beside the small one."""
-        return self.full is not None or self.fetch_full is not None
-
-    @cached_property
-    def full_frame(self) -> Frame | None:
-        """The full-resolution frame, read once on first use (None: one stream, or a
-        replay's large frame that cannot be read)."""
-        if self.full is not None or self.fetch_full is None:
-            return self.full
-        return self.fetch_full()
-
-    def scale(self) -> tuple[float, float]:
-        """(x, y) factors from small-frame pixels to full-frame pixels."""
-        full = self.full_frame
-        if full is None:
-            return 1.0, 1.0
-        return (
-            full.shape[1] / self.small.shape[1],
-            full.shape[0] / self.small.shape[0],
-        )
-
-
-def small_size(full_width: int, full_height: int, width: int) -> tuple[int, int]:
-    """The small stream's size: `width` wide, the full stream's aspect ratio (even sizes,
-    as libcamera's YUV420 wants)."""
-    height = max(2, round(width * full_height / full_width / 2) * 2)
-    return width - width % 2, height
-
-
-class StreamSplitter:
-    """Makes a pair from one full-resolution frame: the frame and a copy `width` wide.
-
-    A frame not wider than `width` (a camera or replay that cannot give the large
-    stream) makes a one-stream pair, with one warning per source.
-    """
-
-    def __init__(self, width: int, label: str) -> None:
-        self.width = width
-        self.label = label
-        self._warned = False
-
-    def pair(self, frame: Frame, timestamp: float) -> FramePair:
-        height, width = frame.shape[:2]
-        if width <= self.width:
-            if not self._warned:
-                self._warned = True
-                log.warning(
-                    "camera %s: frames are %dx%d, not wider than the small stream's %d px: "
-                    "one stream (chips cut from the frame detection runs on)",
-                    self.label,
-                    width,
-                    height,
-                    self.width,
-                )
-            return FramePair(frame, timestamp)
-        size = small_size(width, height, self.width)
-        # Bilinear, not area averaging: 1.2 against 40 ms for 1536x864 -> 640x360 on this
-        # machine, and the detector resizes to its own 128/192 px input anyway.
-        small = cv2.resize(frame, size, interpolation=cv2.INTER_LINEAR)
-        return FramePair(np.asarray(small, np.uint8), timestamp, frame, timestamp)
 
 
 class CameraError(RuntimeError):
@@ -170,8 +80,10 @@ class Picamera2Source:
 
     With `full` (width, height), two streams of each request: `main` at `full`
     (chips) and `lores` at `width` with main's aspect ratio (detection), which
-    is YUV420 on a Pi 4's ISP. A camera that refuses the large configuration
-    is opened again with one stream, with a warning.
+    is YUV420 on a Pi 4's ISP. The request is held until the next frame is
+    read, and `main` is copied out of it only when a chip is cut (a frame
+    without a face costs no 4 MB copy). A camera that refuses the large
+    configuration is opened again with one stream, with a warning.
     """
 
     def __init__(
@@ -190,6 +102,8 @@ class Picamera2Source:
                 raise CameraError(PICAMERA2_HELP) from err
             camera_factory = Picamera2
         self.two_streams = False
+        self._held: Any = None
+        """The request of the frame being processed: its main stream, until the next read."""
         try:
             self._camera = camera_factory()
             if full is not None:
@@ -229,23 +143,51 @@ class Picamera2Source:
         return None if pair is None else pair.small
 
     def read_pair(self) -> FramePair | None:
+        self._release_held()
         try:
             if not self.two_streams:
                 return FramePair(_bgr(self._camera.capture_array("main")), time.monotonic())
             # One request: both streams are the same exposure, stamped by the sensor.
             request = self._camera.capture_request()
             try:
-                main = request.make_array("main")
                 lores = request.make_array("lores")
                 stamp = float(request.get_metadata().get("SensorTimestamp", time.monotonic_ns()))
-            finally:
+            except Exception:
                 request.release()
+                raise
         except Exception as err:  # the driver's failure modes are not typed
             raise CameraError(f"picamera2: capture failed: {err}") from err
+        self._held = request
         small = cv2.cvtColor(np.asarray(lores, np.uint8), cv2.COLOR_YUV2BGR_I420)
-        return FramePair(np.asarray(small, np.uint8), stamp / 1e9, _bgr(main), stamp / 1e9)
+        return FramePair(
+            np.asarray(small, np.uint8),
+            stamp / 1e9,
+            None,
+            stamp / 1e9,
+            fetch_full=lambda: self._main_of(request),
+        )
+
+    def _main_of(self, request: Any) -> Frame | None:
+        """The main stream of `request` while it is held (None once released: the chips
+        then come from the small frame)."""
+        if request is not self._held:
+            return None
+        try:
+            return _bgr(request.make_array("main"))
+        except Exception as err:  # a failed copy loses this frame's full-resolution chips only
+            log.warning("picamera2: cannot read the main stream: %s", err)
+            return None
+
+    def _release_held(self) -> None:
+        held, self._held = self._held, None
+        if held is not None:
+            try:
+                held.release()
+            except Exception as err:  # a dead camera: the next capture says so
+                log.debug("picamera2: release failed: %s", err)
 
     def close(self) -> None:
+        self._release_held()
         try:
             self._camera.stop()
             self._camera.close()

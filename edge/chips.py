@@ -20,7 +20,7 @@ import cv2
 import numpy as np
 import numpy.typing as npt
 
-from edge.camera import FramePair
+from edge.frames import FramePair
 from fedbell.faces.detection import Face
 from fedbell.faces.embedding import normalize
 from fedbell.faces.features import Chip, face_chip

@@ -22,7 +22,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from edge.camera import LORES_FOLDER, small_size
+from edge.camera import LORES_FOLDER
+from edge.frames import small_size
 from fedbell.faces.dataset import Sample
 from fedbell.faces.detection import Detector
 from fedbell.faces.features import read_photo

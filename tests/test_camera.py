@@ -13,15 +13,13 @@ from edge.camera import (
     LORES_FOLDER,
     CameraError,
     FolderSource,
-    Frame,
-    FramePair,
     OpenCVSource,
     Picamera2Source,
     ReconnectingSource,
     open_source,
-    small_size,
 )
 from edge.chips import cut_chips
+from edge.frames import Frame, FramePair, small_size
 from edge.recognition_config import CameraConfig
 from fedbell.faces.detection import Face
 from fedbell.faces.synthetic import make_identities, write_visitor_video
@@ -274,6 +272,7 @@ class FakePicamera2:
     def __init__(self) -> None:
         self.config: dict[str, Any] = {}
         self.stamp = 10**9
+        self.requests: list[FakeRequest] = []
 
     def create_video_configuration(self, **kwargs: Any) -> dict[str, Any]:
         return kwargs
@@ -292,7 +291,8 @@ class FakePicamera2:
 
     def capture_request(self) -> FakeRequest:
         self.stamp += 66_000_000
-        return FakeRequest(self.config, self.stamp)
+        self.requests.append(FakeRequest(self.config, self.stamp))
+        return self.requests[-1]
 
     def stop(self) -> None:
         pass
@@ -304,8 +304,11 @@ class FakePicamera2:
 class FakeRequest:
     def __init__(self, config: dict[str, Any], stamp: int) -> None:
         self.config, self.stamp, self.released = config, stamp, False
+        self.made: list[str] = []
 
     def make_array(self, stream: str) -> np.ndarray:
+        assert not self.released, "a released request's buffers belong to the camera again"
+        self.made.append(stream)
         width, height = self.config[stream]["size"]
         if stream == "lores":  # YUV420: a full-size Y plane, then quarter-size U and V
             return np.full((height * 3 // 2, width), 128, np.uint8)
@@ -319,19 +322,30 @@ class FakeRequest:
 
 
 def test_picamera2_two_streams_come_from_one_request() -> None:
-    source = Picamera2Source(640, 480, 15, camera_factory=FakePicamera2, full=(1536, 864))
+    camera = FakePicamera2()
+    source = Picamera2Source(640, 480, 15, camera_factory=lambda: camera, full=(1536, 864))
     assert source.two_streams
     pair = source.read_pair()
     assert pair is not None
-    assert pair.full is not None
     assert pair.small.shape == (360, 640, 3)  # the lores stream, YUV420 made BGR
-    assert pair.full.shape == (864, 1536, 3)
     assert pair.matched
     assert pair.small_time == pytest.approx(1.066)
+    (request,) = camera.requests
+    assert request.made == ["lores"]  # main is copied only when a chip is cut
+    assert not request.released  # held while the frame is processed
+    assert pair.full_frame is not None
+    assert pair.full_frame.shape == (864, 1536, 3)
+    assert request.made == ["lores", "main"]
+    skipped = source.read_pair()  # a frame whose full frame nobody asked for
+    assert request.released
     frame = source.read()  # the one-frame interface gives the small stream
     assert frame is not None
     assert frame.shape == (360, 640, 3)
+    assert skipped is not None
+    assert skipped.full_frame is None  # released with the next read: chips from lores
+    assert camera.requests[1].made == ["lores"]
     source.close()
+    assert all(r.released for r in camera.requests)
 
 
 def test_picamera2_refusing_the_large_stream_falls_back_to_one(
@@ -344,7 +358,7 @@ def test_picamera2_refusing_the_large_stream_falls_back_to_one(
     assert not source.two_streams
     pair = source.read_pair()
     assert pair is not None
-    assert pair.full is None
+    assert not pair.two_streams
     assert pair.small.shape == (480, 640, 3)
     warnings = [r for r in caplog.records if "one stream" in r.getMessage()]
     assert len(warnings) == 1
