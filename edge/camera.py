@@ -26,6 +26,7 @@ from typing import Any, Literal, Protocol, runtime_checkable
 
 import cv2
 import numpy as np
+import numpy.typing as npt
 
 from edge.frames import Frame, FramePair, StreamSplitter, small_size
 from edge.recognition_config import CameraConfig
@@ -317,36 +318,36 @@ class FolderSource(SplitFrameSource):
             path = self._next_path()
             if path is None:
                 return None
-            pair = self._read_recorded_pair(path)
-            if pair is None:
-                frame = cv2.imread(str(path), cv2.IMREAD_COLOR)
-                if frame is not None:
-                    pair = self._pair(np.asarray(frame, dtype=np.uint8))
+            # One open per frame, the bytes decoded here (cv2.imread opens a file twice:
+            # make bench-edge counts the frames read by the opens in the folder).
+            data = _file_bytes(path)
+            pair = self._recorded_pair(path, data)
+            if pair is None and (frame := _decode(data)) is not None:
+                pair = self._pair(frame)
             if pair is not None:
                 break
             log.warning("folder: skipping %s: not an image OpenCV can read", path)
         self._pace()
         return pair
 
-    def _read_recorded_pair(self, path: Path) -> FramePair | None:
-        """Both streams as recorded (the `lores/` copy and the image's bytes), or None."""
+    def _recorded_pair(self, path: Path, data: npt.NDArray[np.uint8] | None) -> FramePair | None:
+        """Both streams as recorded (the `lores/` copy, decoded now, and the image's bytes,
+        decoded when a chip is cut), or None."""
         lores = None if self._lores is None else self._lores / path.name
-        if lores is None or not lores.is_file():
+        if lores is None or data is None or not lores.is_file():
             return None
-        small = cv2.imread(str(lores), cv2.IMREAD_COLOR)
-        data = np.fromfile(path, np.uint8)
-        if small is None or data.size == 0:
+        small = _decode(_file_bytes(lores))
+        if small is None:
             return None
         stamp = time.monotonic()
 
         def decode() -> Frame | None:
-            full = cv2.imdecode(data, cv2.IMREAD_COLOR)
+            full = _decode(data)
             if full is None:
                 log.warning("folder: %s: not an image OpenCV can read (chips from lores)", path)
-                return None
-            return np.asarray(full, dtype=np.uint8)
+            return full
 
-        return FramePair(np.asarray(small, np.uint8), stamp, None, stamp, fetch_full=decode)
+        return FramePair(small, stamp, None, stamp, fetch_full=decode)
 
     def _pair(self, frame: Frame) -> FramePair:
         if self._splitter is None:
@@ -371,6 +372,22 @@ class FolderSource(SplitFrameSource):
 
     def close(self) -> None:
         self._paths = []
+
+
+def _file_bytes(path: Path) -> npt.NDArray[np.uint8] | None:
+    """A file's bytes (None when it is gone: a replay folder being rewritten)."""
+    try:
+        return np.fromfile(path, np.uint8)
+    except OSError:
+        return None
+
+
+def _decode(data: npt.NDArray[np.uint8] | None) -> Frame | None:
+    """An image file's bytes as a BGR frame (None: not an image OpenCV can read)."""
+    if data is None or data.size == 0:
+        return None
+    frame = cv2.imdecode(data, cv2.IMREAD_COLOR)
+    return None if frame is None else np.asarray(frame, dtype=np.uint8)
 
 
 @dataclass(frozen=True)

@@ -42,8 +42,7 @@ class FramePair:
     @property
     def matched(self) -> bool:
         """Both frames were captured at the same instant: chips may be cut from `full`."""
-        has_full = self.full is not None or self.fetch_full is not None
-        return has_full and self.full_time == self.small_time
+        return self.two_streams and self.full_time == self.small_time
 
     @property
     def two_streams(self) -> bool:

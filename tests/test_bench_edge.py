@@ -3,16 +3,21 @@ and how a secure round's phases are timed."""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from aggregator.config import RoundSettings
+from bench.edge_probes import FrameCounter
 from bench.edge_rounds import serving
 from bench.edge_secure import PHASES, doorbell_phases, logged_times
 from bench.edge_setup import DEVICE, UNIT, Layout, helper_names, unit_environment
+from edge.camera import FolderSource
 from fedbell.wire.protocol import DeviceStatus
 from fedbell.wire.topics import SecAggLeaf
+from simulation.replay import FRAMES_PER_VISIT, write_porch
 
 
 def test_the_doorbell_runs_with_the_units_environment_but_not_its_specifiers() -> None:
@@ -92,3 +97,34 @@ def test_a_phase_is_timed_from_when_the_doorbell_could_start_it() -> None:
 def test_the_helpers_and_the_measured_doorbell_make_up_a_secure_cohort() -> None:
     helpers = helper_names()
     assert len({DEVICE, *helpers}) == RoundSettings().min_cohort
+
+
+@pytest.mark.parametrize("lores", [False, True])
+def test_the_frame_counter_counts_each_frame_the_folder_camera_reads_once(
+    tmp_path: Path, lores: bool
+) -> None:
+    """bench-edge's frames/s are opens in the camera folder: one per frame, one stream or
+    two (cv2.imread opens a file twice, which counted every frame twice)."""
+    camera = tmp_path / "camera"
+    faces = [np.full((120, 100), 90, np.uint8)]
+    write_porch(
+        camera,
+        faces,
+        np.random.default_rng(0),
+        size=(1536, 864) if lores else None,
+        suffix=".jpg",
+        lores_width=640 if lores else None,
+    )
+    counter = FrameCounter(camera)
+    counter.start()
+    try:
+        source = FolderSource(camera, split_width=640 if lores else None)
+        pairs = [source.read_pair() for _ in range(FRAMES_PER_VISIT)]
+        assert all(p is not None and p.two_streams == lores for p in pairs)
+        deadline = time.monotonic() + 5
+        while len(counter.times) < FRAMES_PER_VISIT and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.2)  # a second open per frame would have arrived by now
+        assert len(counter.times) == FRAMES_PER_VISIT
+    finally:
+        counter.close()
