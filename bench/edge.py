@@ -89,6 +89,7 @@ from bench.edge_setup import (
 )
 from bench.edge_traffic import Observer
 from broker.local import LocalBroker
+from edge.camera import LORES_FOLDER
 from edge.recognition_config import CameraConfig
 from simulation.processes import Child, Fleet
 from simulation.replay import People, pick_people, visitor_face, write_porch
@@ -132,7 +133,9 @@ def run(args: argparse.Namespace, layout: Layout) -> dict[str, Any]:
             t0 = time.monotonic()
             command = [sys.executable, "-m", "aggregator", "--config", str(configs.aggregator)]
             aggregator = fleet.launch(Child("aggregator", command, work / "aggregator.log", QUIET))
-            counter = FrameCounter(frames)
+            # A frame read is an open of its small stream's file (the lores copy with two
+            # streams: the full frame is opened only for a chip).
+            counter = FrameCounter(frames if full_size(args) is None else frames / LORES_FOLDER)
             counter.start()
             command = layout.command("-m", "edge", "--config", layout.inside(doorbell_yaml))
             log = work / "doorbell.log"
@@ -164,17 +167,18 @@ def porch_video(args: argparse.Namespace, people: People, folder: Path) -> tuple
     """(empty porch, visits): the frames the doorbell's folder camera replays."""
     empty, visiting = folder / "empty", folder / "visits"
     faces = [visitor_face(visit.photo) for visit in people.visits]
-    # Two streams: each frame's small stream beside it, as Picamera2 gives lores beside main
-    # (the doorbell then decodes a full frame only to cut a chip from it).
-    lores = None if full_size(args) is None else CameraConfig().width
+    # Two streams as Picamera2 gives them: the main stream uncompressed (a camera's buffer,
+    # read only to cut a chip), the lores stream beside it, a JPEG as one stream's frames
+    # are (decoded per frame, as theirs).
+    two = full_size(args) is not None
     write_porch(
         visiting,
         faces,
         np.random.default_rng(0),
         size=full_size(args),
-        suffix=".jpg",
+        suffix=".bmp" if two else ".jpg",
         empty=empty,
-        lores_width=lores,
+        lores_width=CameraConfig().width if two else None,
     )
     return empty, visiting
 

@@ -221,19 +221,19 @@ def stranger_photos(strangers: Path, people: People, folder: Path) -> Path:
 
 def show(source: Path, camera: Path, staging: Path | None = None) -> None:
     """Put `source`'s frames behind the camera folder's names (atomic renames, staged in
-    the camera folder's parent, which no frame counter watches), its small stream
-    (`lores/`, two streams) first."""
+    the camera folder's parent, which no frame counter watches); with two streams the
+    small stream (`lores/`) last, so a face seen on it has its full frame there."""
     staging = staging or camera.parent
-    lores = source / LORES_FOLDER
-    if lores.is_dir():
-        (camera / LORES_FOLDER).mkdir(exist_ok=True)
-        show(lores, camera / LORES_FOLDER, staging)
     for path in sorted(source.iterdir()):
         if path.is_dir():
             continue
         staged = staging / f".{path.name}"
         shutil.copyfile(path, staged)
         staged.replace(camera / path.name)
+    lores = source / LORES_FOLDER
+    if lores.is_dir():
+        (camera / LORES_FOLDER).mkdir(exist_ok=True)
+        show(lores, camera / LORES_FOLDER, staging)
 
 
 def full_size(args: argparse.Namespace) -> tuple[int, int] | None:

@@ -17,6 +17,7 @@ cannot give the large stream falls back to one stream with one warning.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -282,11 +283,12 @@ LORES_FOLDER = "lores"
 class FolderSource(SplitFrameSource):
     """Images of a folder replayed in name order at a set frame rate.
 
-    With two streams (`split_width`), an image that has a copy of the same name in
+    With two streams (`split_width`), an image that has a copy of the same stem in
     the folder's `lores/` subfolder is replayed as Picamera2 gives a frame: that
-    copy is the small stream, and the image itself is decoded only when a chip is
-    cut from it (its bytes are read with the frame, so both are of one instant).
-    Without the copy, detection runs on a copy `split_width` wide made here.
+    copy is the small stream, and the image is read only when a chip is cut from
+    it, and only if it is still the file it was when its copy was read (a replay
+    folder rewritten meanwhile gives no chip from another frame). Without the
+    copy, detection runs on a copy `split_width` wide made here.
     """
 
     def __init__(
@@ -306,7 +308,10 @@ class FolderSource(SplitFrameSource):
         self._paths = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
         if not self._paths:
             raise CameraError(f"folder: {folder} holds no images ({', '.join(IMAGE_SUFFIXES)})")
-        self._lores = folder / LORES_FOLDER if split_width is not None else None
+        lores = folder / LORES_FOLDER
+        self._lores = {}  # stem -> the image's small stream, as recorded
+        if split_width is not None and lores.is_dir():
+            self._lores = {p.stem: p for p in lores.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES}
         self._period = 1.0 / fps if fps > 0 else 0.0
         self._loop = loop
         self._index = 0
@@ -318,11 +323,10 @@ class FolderSource(SplitFrameSource):
             path = self._next_path()
             if path is None:
                 return None
+            pair = self._recorded_pair(path)
             # One open per frame, the bytes decoded here (cv2.imread opens a file twice:
             # make bench-edge counts the frames read by the opens in the folder).
-            data = _file_bytes(path)
-            pair = self._recorded_pair(path, data)
-            if pair is None and (frame := _decode(data)) is not None:
+            if pair is None and (frame := _decode(_file_bytes(path))) is not None:
                 pair = self._pair(frame)
             if pair is not None:
                 break
@@ -330,24 +334,35 @@ class FolderSource(SplitFrameSource):
         self._pace()
         return pair
 
-    def _recorded_pair(self, path: Path, data: npt.NDArray[np.uint8] | None) -> FramePair | None:
-        """Both streams as recorded (the `lores/` copy, decoded now, and the image's bytes,
-        decoded when a chip is cut), or None."""
-        lores = None if self._lores is None else self._lores / path.name
-        if lores is None or data is None or not lores.is_file():
+    def _recorded_pair(self, path: Path) -> FramePair | None:
+        """Both streams as recorded: the `lores/` copy now, the image when a chip is cut
+        (None: no copy, or one that cannot be read)."""
+        lores = self._lores.get(path.stem)
+        if lores is None:
+            return None
+        try:
+            recorded = _identity(path.stat())
+        except OSError:
             return None
         small = _decode(_file_bytes(lores))
         if small is None:
             return None
         stamp = time.monotonic()
 
-        def decode() -> Frame | None:
+        def read_full() -> Frame | None:
+            try:
+                with path.open("rb") as file:
+                    if _identity(os.fstat(file.fileno())) != recorded:
+                        return None  # rewritten since its small stream was read
+                    data = np.frombuffer(file.read(), np.uint8)
+            except OSError:
+                return None
             full = _decode(data)
             if full is None:
                 log.warning("folder: %s: not an image OpenCV can read (chips from lores)", path)
             return full
 
-        return FramePair(small, stamp, None, stamp, fetch_full=decode)
+        return FramePair(small, stamp, None, stamp, fetch_full=read_full)
 
     def _pair(self, frame: Frame) -> FramePair:
         if self._splitter is None:
@@ -372,6 +387,11 @@ class FolderSource(SplitFrameSource):
 
     def close(self) -> None:
         self._paths = []
+
+
+def _identity(stat: os.stat_result) -> tuple[int, int, int]:
+    """Which file a path names: a file replaced by a rename has another inode."""
+    return stat.st_ino, stat.st_mtime_ns, stat.st_size
 
 
 def _file_bytes(path: Path) -> npt.NDArray[np.uint8] | None:

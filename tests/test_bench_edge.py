@@ -13,8 +13,8 @@ from aggregator.config import RoundSettings
 from bench.edge_probes import FrameCounter
 from bench.edge_rounds import serving
 from bench.edge_secure import PHASES, doorbell_phases, logged_times
-from bench.edge_setup import DEVICE, UNIT, Layout, helper_names, unit_environment
-from edge.camera import FolderSource
+from bench.edge_setup import DEVICE, UNIT, Layout, helper_names, show, unit_environment
+from edge.camera import LORES_FOLDER, FolderSource
 from fedbell.wire.protocol import DeviceStatus
 from fedbell.wire.topics import SecAggLeaf
 from simulation.replay import FRAMES_PER_VISIT, write_porch
@@ -99,32 +99,42 @@ def test_the_helpers_and_the_measured_doorbell_make_up_a_secure_cohort() -> None
     assert len({DEVICE, *helpers}) == RoundSettings().min_cohort
 
 
-@pytest.mark.parametrize("lores", [False, True])
+@pytest.mark.parametrize("two_streams", [False, True])
 def test_the_frame_counter_counts_each_frame_the_folder_camera_reads_once(
-    tmp_path: Path, lores: bool
+    tmp_path: Path, two_streams: bool
 ) -> None:
-    """bench-edge's frames/s are opens in the camera folder: one per frame, one stream or
-    two (cv2.imread opens a file twice, which counted every frame twice)."""
-    camera = tmp_path / "camera"
-    faces = [np.full((120, 100), 90, np.uint8)]
+    """bench-edge's frames/s are opens in the camera folder (its lores/ copies with two
+    streams): one per frame (cv2.imread opens a file twice, which counted every frame
+    twice), and a full frame no chip is cut from is never opened."""
+    video, camera = tmp_path / "video", tmp_path / "camera"
     write_porch(
-        camera,
-        faces,
+        video,
+        [np.full((120, 100), 90, np.uint8)],
         np.random.default_rng(0),
-        size=(1536, 864) if lores else None,
-        suffix=".jpg",
-        lores_width=640 if lores else None,
+        size=(1536, 864) if two_streams else None,
+        suffix=".bmp" if two_streams else ".jpg",
+        lores_width=640 if two_streams else None,
     )
-    counter = FrameCounter(camera)
-    counter.start()
+    camera.mkdir()
+    show(video, camera)
+    counters = [FrameCounter(camera), FrameCounter(camera / LORES_FOLDER)] if two_streams else []
+    counters = counters or [FrameCounter(camera)]
+    for counter in counters:
+        counter.start()
     try:
-        source = FolderSource(camera, split_width=640 if lores else None)
+        source = FolderSource(camera, split_width=640 if two_streams else None)
         pairs = [source.read_pair() for _ in range(FRAMES_PER_VISIT)]
-        assert all(p is not None and p.two_streams == lores for p in pairs)
-        deadline = time.monotonic() + 5
-        while len(counter.times) < FRAMES_PER_VISIT and time.monotonic() < deadline:
-            time.sleep(0.05)
-        time.sleep(0.2)  # a second open per frame would have arrived by now
-        assert len(counter.times) == FRAMES_PER_VISIT
+        assert all(p is not None and p.two_streams == two_streams for p in pairs)
+        time.sleep(0.5)  # inotify's events, a second open per frame's too, have arrived
+        assert len(counters[-1].times) == FRAMES_PER_VISIT
+        if two_streams:
+            assert counters[0].times == []  # no chip cut: no full frame read
+            first = pairs[0]
+            assert first is not None
+            assert first.full_frame is not None
+            assert first.full_frame.shape == (864, 1536, 3)
+            time.sleep(0.5)
+            assert len(counters[0].times) == 1
     finally:
-        counter.close()
+        for counter in counters:
+            counter.close()
