@@ -18,12 +18,13 @@ from __future__ import annotations
 
 import logging
 import os
+import struct
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Protocol, runtime_checkable
+from typing import Any, BinaryIO, Literal, Protocol, runtime_checkable
 
 import cv2
 import numpy as np
@@ -354,10 +355,11 @@ class FolderSource(SplitFrameSource):
                 with path.open("rb") as file:
                     if _identity(os.fstat(file.fileno())) != recorded:
                         return None  # rewritten since its small stream was read
-                    data = np.frombuffer(file.read(), np.uint8)
+                    full = _camera_buffer(file)
+                    if full is None:
+                        full = _decode(np.frombuffer(file.read(), np.uint8))
             except OSError:
                 return None
-            full = _decode(data)
             if full is None:
                 log.warning("folder: %s: not an image OpenCV can read (chips from lores)", path)
             return full
@@ -392,6 +394,32 @@ class FolderSource(SplitFrameSource):
 def _identity(stat: os.stat_result) -> tuple[int, int, int]:
     """Which file a path names: a file replaced by a rename has another inode."""
     return stat.st_ino, stat.st_mtime_ns, stat.st_size
+
+
+BMP_HEADER = struct.Struct("<2sI4xIIiiHHI")
+"""A BMP's file and info headers up to the compression: magic, size, pixel offset, info
+size, width, height, planes, bits per pixel, compression."""
+
+
+def _camera_buffer(file: BinaryIO) -> Frame | None:
+    """An uncompressed 24-bit BMP's pixels as a camera hands a buffer over: one copy of
+    them, bottom-up rows seen top-down without another (the chip cut from it copies its
+    own few rows). None for any other file (the caller decodes it; `file` is rewound)."""
+    head = file.read(BMP_HEADER.size)
+    file.seek(0)
+    if len(head) < BMP_HEADER.size:
+        return None
+    magic, _, offset, _, width, height, _, bits, compression = BMP_HEADER.unpack(head)
+    if magic != b"BM" or bits != 24 or compression != 0 or width <= 0 or height <= 0:
+        return None
+    if (width * 3) % 4:  # rows padded to 4 bytes: leave it to the decoder
+        return None
+    file.seek(offset)
+    pixels = np.fromfile(file, np.uint8, count=width * height * 3)
+    file.seek(0)
+    if pixels.size != width * height * 3:
+        return None
+    return pixels.reshape(height, width, 3)[::-1]
 
 
 def _file_bytes(path: Path) -> npt.NDArray[np.uint8] | None:

@@ -18,10 +18,11 @@ from edge.camera import (
     ReconnectingSource,
     open_source,
 )
-from edge.chips import cut_chips
+from edge.chips import cut_chips, scale_face
 from edge.frames import Frame, FramePair, small_size
 from edge.recognition_config import CameraConfig
 from fedbell.faces.detection import Face
+from fedbell.faces.features import face_chip
 from fedbell.faces.synthetic import make_identities, write_visitor_video
 
 
@@ -220,6 +221,31 @@ def test_a_folder_recorded_with_both_streams_decodes_the_large_one_only_for_a_ch
     assert broken.full_frame is None  # chips then come from the small frame
     assert broken.scale() == (1.0, 1.0)
     source.close()
+
+
+def test_an_uncompressed_main_stream_is_read_as_a_camera_buffer(tmp_path: Path) -> None:
+    """A BMP main stream is one copy of its pixels (rows seen top-down): the same frame
+    and the same chip as OpenCV's decoding of it, and a rewritten file gives none."""
+    folder = tmp_path / "f"
+    full = np.random.default_rng(0).integers(0, 256, (864, 1536, 3), dtype=np.uint8)
+    recorded_pair(folder, "0.bmp", full, np.zeros((360, 640, 3), np.uint8))
+    (folder / LORES_FOLDER / "0.bmp").rename(folder / LORES_FOLDER / "0.png")  # any format
+    source = FolderSource(folder, split_width=640)
+    pair = source.read_pair()
+    assert pair is not None
+    assert pair.full_frame is not None
+    assert np.array_equal(pair.full_frame, full)
+    face = Face((300, 200, 60, 60), 0.9, (310.0, 220.0), (340.0, 221.0))
+    chips, _, _ = cut_chips(pair, [face])
+    decoded = cv2.imread(str(folder / "0.bmp"))
+    assert decoded is not None
+    assert np.array_equal(chips[0], face_chip(decoded, scale_face(face, 2.4, 2.4)))
+    assert source.read_pair() is None  # one frame, no loop
+    again = FolderSource(folder, split_width=640).read_pair()
+    assert again is not None
+    cv2.imwrite(str(tmp_path / "new.bmp"), full[::-1])
+    (tmp_path / "new.bmp").replace(folder / "0.bmp")  # a replay folder rewritten meanwhile
+    assert again.full_frame is None
 
 
 def test_a_frame_without_a_face_or_of_another_instant_never_reads_its_full_frame() -> None:
