@@ -83,14 +83,16 @@ from bench.edge_setup import (
     enroll,
     full_size,
     show,
+    stranger_photos,
     unit_environment,
     write_configs,
 )
 from bench.edge_traffic import Observer
 from broker.local import LocalBroker
+from edge.camera import LORES_FOLDER
 from edge.recognition_config import CameraConfig
 from simulation.processes import Child, Fleet
-from simulation.replay import pick_people, visitor_face, write_porch
+from simulation.replay import People, pick_people, visitor_face, write_porch
 
 DATASETS = REPO.parent / "shared" / "datasets"
 QUIET = {"TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONUNBUFFERED": "1"}
@@ -105,16 +107,19 @@ def run(args: argparse.Namespace, layout: Layout) -> dict[str, Any]:
         f"gallery: {enrolled} photos of {len(people.enroll)} people from {args.dataset.name}; "
         f"porch video: {len(people.visits)} visits ({len(people.enroll)} residents, a stranger)"
     )
-    empty, visiting = work / "video" / "empty", work / "video" / "visits"
-    faces = [visitor_face(visit.photo) for visit in people.visits]
-    rng = np.random.default_rng(0)
-    write_porch(visiting, faces, rng, size=full_size(args), suffix=".jpg", empty=empty)
+    empty, visiting = porch_video(args, people, work / "video")
     frames = work / "camera"
     frames.mkdir()
     show(empty, frames)
     with LocalBroker(work / "broker") as broker, Fleet(stop_timeout=30) as fleet:
         settings = Settings(
-            broker.port, frames, args.fps, args.downlink_codec, args.codec, full_size(args)
+            broker.port,
+            frames,
+            args.fps,
+            args.downlink_codec,
+            args.codec,
+            full_size(args),
+            stranger_photos(args.strangers, people, work / "strangers"),
         )
         configs = write_configs(layout, settings)
         doorbell_yaml = configs.doorbell
@@ -128,7 +133,9 @@ def run(args: argparse.Namespace, layout: Layout) -> dict[str, Any]:
             t0 = time.monotonic()
             command = [sys.executable, "-m", "aggregator", "--config", str(configs.aggregator)]
             aggregator = fleet.launch(Child("aggregator", command, work / "aggregator.log", QUIET))
-            counter = FrameCounter(frames)
+            # A frame read is an open of its small stream's file (the lores copy with two
+            # streams: the full frame is opened only for a chip).
+            counter = FrameCounter(frames if full_size(args) is None else frames / LORES_FOLDER)
             counter.start()
             command = layout.command("-m", "edge", "--config", layout.inside(doorbell_yaml))
             log = work / "doorbell.log"
@@ -154,6 +161,26 @@ def run(args: argparse.Namespace, layout: Layout) -> dict[str, Any]:
                 counter.close()
             observer.close()
     return summary(bench, enrolled, time.monotonic() - started_all)
+
+
+def porch_video(args: argparse.Namespace, people: People, folder: Path) -> tuple[Path, Path]:
+    """(empty porch, visits): the frames the doorbell's folder camera replays."""
+    empty, visiting = folder / "empty", folder / "visits"
+    faces = [visitor_face(visit.photo) for visit in people.visits]
+    # Two streams as Picamera2 gives them: the main stream uncompressed (a camera's buffer,
+    # read only to cut a chip), the lores stream beside it, a JPEG as one stream's frames
+    # are (decoded per frame, as theirs).
+    two = full_size(args) is not None
+    write_porch(
+        visiting,
+        faces,
+        np.random.default_rng(0),
+        size=full_size(args),
+        suffix=".bmp" if two else ".jpg",
+        empty=empty,
+        lores_width=CameraConfig().width if two else None,
+    )
+    return empty, visiting
 
 
 def _size(text: str) -> tuple[int, int]:

@@ -78,6 +78,7 @@ class RssSampler(threading.Thread):
 
 
 IN_OPEN = 0x20
+IN_ISDIR = 0x40000000
 _EVENT = struct.Struct("iIII")
 
 
@@ -103,7 +104,8 @@ class FrameCounter(threading.Thread):
             while offset < len(data):
                 _wd, mask, _cookie, length = _EVENT.unpack_from(data, offset)
                 offset += _EVENT.size + length
-                if mask & IN_OPEN and length:  # a file inside, not the folder itself
+                # A file inside: not the folder itself (no name), nor a folder in it.
+                if mask & IN_OPEN and length and not mask & IN_ISDIR:
                     self.times.append(now)
 
     def frames(self, start: float, end: float) -> int:

@@ -117,13 +117,16 @@ def go_secure(bench: Bench, fleet: Fleet, configs: Configs, version: int) -> Non
     # lowest priority, every thread of them, so they take no CPU the doorbell wants.
     low = ["nice", "-n", "19", sys.executable, "-m"]
     command = [*low, "aggregator", "--config", str(configs.secure_aggregator)]
+    statuses = Statuses(bench.observer.port, SITE)  # before: it sees the old one go offline
     bench.aggregator = fleet.launch(Child("aggregator", command, work / "aggregator.log", env))
-    statuses = Statuses(bench.observer.port, SITE)
     try:
         for name, path in configs.helpers.items():
             command = [*low, "edge", "--config", str(path)]
             fleet.launch(Child(name, command, work / f"{name}.log", env))
         statuses.wait(list(configs.helpers), version, HELPERS_READY_S)
+        # The helpers take the head from the broker, not from it: with stranger photos to
+        # load, the aggregator may come online after them.
+        statuses.wait_aggregator(HELPERS_READY_S)
     finally:
         statuses.close()
     print(

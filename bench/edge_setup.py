@@ -16,6 +16,7 @@ import yaml
 from aggregator.config import RoundSettings
 from bench.scale_site import seed_backbone_cache, signing_keys
 from bench.secure_rounds import edge_config
+from edge.camera import LORES_FOLDER
 from simulation import replay
 from simulation.replay import People
 
@@ -85,6 +86,9 @@ class Settings:
     codec: str
     full: tuple[int, int] | None = None
     """The camera's full-resolution stream (None: one stream, as before issue 20)."""
+    strangers: Path | None = None
+    """Stranger photos the aggregator calibrates the unknown-visitor threshold on (None:
+    the fallback threshold, which no real site ships)."""
 
 
 @dataclass(frozen=True)
@@ -120,6 +124,12 @@ def write_configs(layout: Layout, settings: Settings) -> Configs:
         "timeout_s": 600,
         "min_updates": 1,
     }
+    # A real site (deploy/templates/aggregator.yaml) must calibrate; given stranger
+    # photos, the aggregator calibrates every version itself, so plain rounds publish
+    # too (a bare site's would not: its doorbells calibrate in secure rounds).
+    evaluation: dict[str, object] = {"require_calibration": True}
+    if settings.strangers is not None:
+        evaluation["strangers"] = str(settings.strangers)
     aggregator, secure_aggregator = work / "aggregator.yaml", work / "aggregator-secure.yaml"
     for path, secure in ((aggregator, False), (secure_aggregator, True)):
         path.write_text(
@@ -133,6 +143,7 @@ def write_configs(layout: Layout, settings: Settings) -> Configs:
                         "trusted_keys_dir": str(trusted),
                     },
                     "rounds": rounds | ({"secure_aggregation": True} if secure else {}),
+                    "evaluation": evaluation,
                     "threads": 1,
                 }
             )
@@ -197,12 +208,32 @@ def enroll(layout: Layout, config: Path, people: People) -> tuple[float, str]:
     )
 
 
-def show(source: Path, camera: Path) -> None:
-    """Put `source`'s frames behind the camera folder's names (atomic renames)."""
+def stranger_photos(strangers: Path, people: People, folder: Path) -> Path:
+    """`strangers` without the porch's stranger (links in `folder`): the threshold is
+    calibrated on other people than the one who rings."""
+    visiting = {visit.photo.parent.resolve() for visit in people.visits}
+    folder.mkdir()
+    for person in sorted(strangers.iterdir()):
+        if person.is_dir() and person.resolve() not in visiting:
+            (folder / person.name).symlink_to(person.resolve(), target_is_directory=True)
+    return folder
+
+
+def show(source: Path, camera: Path, staging: Path | None = None) -> None:
+    """Put `source`'s frames behind the camera folder's names (atomic renames, staged in
+    the camera folder's parent, which no frame counter watches); with two streams the
+    small stream (`lores/`) last, so a face seen on it has its full frame there."""
+    staging = staging or camera.parent
     for path in sorted(source.iterdir()):
-        staged = camera.parent / f".{path.name}"
+        if path.is_dir():
+            continue
+        staged = staging / f".{path.name}"
         shutil.copyfile(path, staged)
         staged.replace(camera / path.name)
+    lores = source / LORES_FOLDER
+    if lores.is_dir():
+        (camera / LORES_FOLDER).mkdir(exist_ok=True)
+        show(lores, camera / LORES_FOLDER, staging)
 
 
 def full_size(args: argparse.Namespace) -> tuple[int, int] | None:

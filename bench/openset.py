@@ -109,6 +109,7 @@ from bench.openset_report import ARMS, bar_verdict, print_table, report
 from edge.recognition_config import RecognitionConfig
 from edge.trainer import round_seed, train_delta
 from fedbell.faces.embedding import HEAD_NAMES, TrainParams, train_head
+from fedbell.faces.features import ENROL_MIRRORED
 from fedbell.faces.openset import OpenSetResult, score_trials
 from fedbell.wire.codecs import Weights
 
@@ -307,8 +308,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--enrol-mirrored",
-        action="store_true",
-        help="each enrolment photo also enrols its mirror image (measured: see README)",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="each enrolment photo also enrols its mirror image (default: as `edge enroll` "
+        "enrols photos, fedbell.faces.features.ENROL_MIRRORED; off for --enrol doorbell, "
+        "as camera enrolment does not mirror)",
     )
     parser.add_argument(
         "--visit-frames",
@@ -341,6 +345,8 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.enrol_mirrored is None:  # as the product enrols
+        args.enrol_mirrored = ENROL_MIRRORED and args.enrol == "clean"
     started = time.perf_counter()
     backbone = backbone_model(args.cache)
     head = start_head()

@@ -44,6 +44,7 @@ from bench.openset_features import (
     condition_rng,
 )
 from edge.recognition_config import CameraConfig
+from fedbell.faces.features import mirror_image
 
 VisitConditions = Literal["far", "near", "clean"]
 FAR_FACE_PX = (32.0, 65.0)
@@ -123,8 +124,8 @@ def _extract(job: FrameBatch) -> Filmed:
         image = images[path]
         if image is None:
             raise ValueError(f"{path}: not an image OpenCV can read")
-        if mirrored:
-            image = np.ascontiguousarray(image[:, ::-1])
+        if mirrored:  # the product's enrolment mirror, before the camera's degradations
+            image = mirror_image(image)
         degraded = frame_image(image, key, seed, frame, conditions)
         chip, flag, quality = frame_chip(degraded, conditions, WORKER["detector"])
         if chip is not None:

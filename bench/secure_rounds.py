@@ -110,18 +110,35 @@ class Statuses:
 
     def __init__(self, port: int, site: str = SITE) -> None:
         self.versions: dict[str, int | None] = {}
+        self.aggregator_online = False
         self.lock = threading.Lock()
+        self.topics = Topics(site)
         self.client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
         self.client.on_message = self._on_message
         self.client.connect("127.0.0.1", port)
-        self.client.subscribe(Topics(site).all_statuses, qos=1)
+        self.client.subscribe(self.topics.all_statuses, qos=1)
+        self.client.subscribe(self.topics.aggregator_status, qos=1)
         self.client.loop_start()
 
     def _on_message(self, _client: Any, _userdata: Any, message: mqtt.MQTTMessage) -> None:
         if message.payload:
             status = DeviceStatus.model_validate_json(message.payload)
             with self.lock:
-                self.versions[message.topic.rsplit("/", 1)[1]] = status.model_version
+                if message.topic == self.topics.aggregator_status:
+                    self.aggregator_online = status.state == "online"
+                else:
+                    self.versions[message.topic.rsplit("/", 1)[1]] = status.model_version
+
+    def wait_aggregator(self, timeout: float) -> None:
+        """Until the aggregator says it is online (it has loaded its state and evaluation
+        photos, and subscribed): a round asked for before then is refused or lost."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self.lock:
+                if self.aggregator_online:
+                    return
+            time.sleep(0.1)
+        raise TimeoutError("the aggregator did not come online")
 
     def wait(self, names: list[str], version: int, timeout: float) -> None:
         deadline = time.monotonic() + timeout

@@ -8,98 +8,35 @@ Two streams (`camera.full_width`/`full_height`): `read_pair` gives a
 `FramePair`, the small frame detection and tracking run on and the
 full-resolution frame of the same instant the chips are cut from (Picamera2's
 `lores` and `main` streams of one request; for OpenCV and folders the frame
-as read and a scaled-down copy). A source that cannot give the large stream
-falls back to one stream with one warning. `read` still gives the small frame.
+as read and a scaled-down copy; a folder recorded with both streams, its
+`lores/` copies and, only when a chip is cut, its images). A source that
+cannot give the large stream falls back to one stream with one warning.
+`read` still gives the small frame.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import struct
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Protocol, runtime_checkable
+from typing import Any, BinaryIO, Literal, Protocol, runtime_checkable
 
 import cv2
 import numpy as np
 import numpy.typing as npt
 
+from edge.frames import Frame, FramePair, StreamSplitter, small_size
 from edge.recognition_config import CameraConfig
 from fedbell.redact import redact
 
 log = logging.getLogger(__name__)
 
-Frame = npt.NDArray[np.uint8]
-"""A BGR (or grey) image, height × width × 3."""
-
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".pgm", ".ppm", ".tif", ".tiff"})
-
-
-@dataclass(frozen=True)
-class FramePair:
-    """The frame detection runs on and, with two streams, the full-resolution frame
-    of the same instant, each with its capture time (seconds; any clock, one per source)."""
-
-    small: Frame
-    small_time: float
-    full: Frame | None = None
-    full_time: float | None = None
-
-    @property
-    def matched(self) -> bool:
-        """Both frames were captured at the same instant: chips may be cut from `full`."""
-        return self.full is not None and self.full_time == self.small_time
-
-    def scale(self) -> tuple[float, float]:
-        """(x, y) factors from small-frame pixels to full-frame pixels."""
-        if self.full is None:
-            return 1.0, 1.0
-        return (
-            self.full.shape[1] / self.small.shape[1],
-            self.full.shape[0] / self.small.shape[0],
-        )
-
-
-def small_size(full_width: int, full_height: int, width: int) -> tuple[int, int]:
-    """The small stream's size: `width` wide, the full stream's aspect ratio (even sizes,
-    as libcamera's YUV420 wants)."""
-    height = max(2, round(width * full_height / full_width / 2) * 2)
-    return width - width % 2, height
-
-
-class StreamSplitter:
-    """Makes a pair from one full-resolution frame: the frame and a copy `width` wide.
-
-    A frame not wider than `width` (a camera or replay that cannot give the large
-    stream) makes a one-stream pair, with one warning per source.
-    """
-
-    def __init__(self, width: int, label: str) -> None:
-        self.width = width
-        self.label = label
-        self._warned = False
-
-    def pair(self, frame: Frame, timestamp: float) -> FramePair:
-        height, width = frame.shape[:2]
-        if width <= self.width:
-            if not self._warned:
-                self._warned = True
-                log.warning(
-                    "camera %s: frames are %dx%d, not wider than the small stream's %d px: "
-                    "one stream (chips cut from the frame detection runs on)",
-                    self.label,
-                    width,
-                    height,
-                    self.width,
-                )
-            return FramePair(frame, timestamp)
-        size = small_size(width, height, self.width)
-        # Bilinear, not area averaging: 1.2 against 40 ms for 1536x864 -> 640x360 on this
-        # machine, and the detector resizes to its own 128/192 px input anyway.
-        small = cv2.resize(frame, size, interpolation=cv2.INTER_LINEAR)
-        return FramePair(np.asarray(small, np.uint8), timestamp, frame, timestamp)
 
 
 class CameraError(RuntimeError):
@@ -146,8 +83,10 @@ class Picamera2Source:
 
     With `full` (width, height), two streams of each request: `main` at `full`
     (chips) and `lores` at `width` with main's aspect ratio (detection), which
-    is YUV420 on a Pi 4's ISP. A camera that refuses the large configuration
-    is opened again with one stream, with a warning.
+    is YUV420 on a Pi 4's ISP. The request is held until the next frame is
+    read, and `main` is copied out of it only when a chip is cut (a frame
+    without a face costs no 4 MB copy). A camera that refuses the large
+    configuration is opened again with one stream, with a warning.
     """
 
     def __init__(
@@ -166,6 +105,8 @@ class Picamera2Source:
                 raise CameraError(PICAMERA2_HELP) from err
             camera_factory = Picamera2
         self.two_streams = False
+        self._held: Any = None
+        """The request of the frame being processed: its main stream, until the next read."""
         try:
             self._camera = camera_factory()
             if full is not None:
@@ -205,23 +146,51 @@ class Picamera2Source:
         return None if pair is None else pair.small
 
     def read_pair(self) -> FramePair | None:
+        self._release_held()
         try:
             if not self.two_streams:
                 return FramePair(_bgr(self._camera.capture_array("main")), time.monotonic())
             # One request: both streams are the same exposure, stamped by the sensor.
             request = self._camera.capture_request()
             try:
-                main = request.make_array("main")
                 lores = request.make_array("lores")
                 stamp = float(request.get_metadata().get("SensorTimestamp", time.monotonic_ns()))
-            finally:
+            except Exception:
                 request.release()
+                raise
         except Exception as err:  # the driver's failure modes are not typed
             raise CameraError(f"picamera2: capture failed: {err}") from err
+        self._held = request
         small = cv2.cvtColor(np.asarray(lores, np.uint8), cv2.COLOR_YUV2BGR_I420)
-        return FramePair(np.asarray(small, np.uint8), stamp / 1e9, _bgr(main), stamp / 1e9)
+        return FramePair(
+            np.asarray(small, np.uint8),
+            stamp / 1e9,
+            None,
+            stamp / 1e9,
+            fetch_full=lambda: self._main_of(request),
+        )
+
+    def _main_of(self, request: Any) -> Frame | None:
+        """The main stream of `request` while it is held (None once released: the chips
+        then come from the small frame)."""
+        if request is not self._held:
+            return None
+        try:
+            return _bgr(request.make_array("main"))
+        except Exception as err:  # a failed copy loses this frame's full-resolution chips only
+            log.warning("picamera2: cannot read the main stream: %s", err)
+            return None
+
+    def _release_held(self) -> None:
+        held, self._held = self._held, None
+        if held is not None:
+            try:
+                held.release()
+            except Exception as err:  # a dead camera: the next capture says so
+                log.debug("picamera2: release failed: %s", err)
 
     def close(self) -> None:
+        self._release_held()
         try:
             self._camera.stop()
             self._camera.close()
@@ -308,8 +277,20 @@ def _as_device(device: int | str) -> int | str:
     return device
 
 
+LORES_FOLDER = "lores"
+"""A folder replay's small stream: `<folder>/lores/<name>` beside each `<folder>/<name>`."""
+
+
 class FolderSource(SplitFrameSource):
-    """Images of a folder replayed in name order at a set frame rate."""
+    """Images of a folder replayed in name order at a set frame rate.
+
+    With two streams (`split_width`), an image that has a copy of the same stem in
+    the folder's `lores/` subfolder is replayed as Picamera2 gives a frame: that
+    copy is the small stream, and the image is read only when a chip is cut from
+    it, and only if it is still the file it was when its copy was read (a replay
+    folder rewritten meanwhile gives no chip from another frame). Without the
+    copy, detection runs on a copy `split_width` wide made here.
+    """
 
     def __init__(
         self,
@@ -328,33 +309,133 @@ class FolderSource(SplitFrameSource):
         self._paths = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
         if not self._paths:
             raise CameraError(f"folder: {folder} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+        lores = folder / LORES_FOLDER
+        self._lores = {}  # stem -> the image's small stream, as recorded
+        if split_width is not None and lores.is_dir():
+            self._lores = {p.stem: p for p in lores.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES}
         self._period = 1.0 / fps if fps > 0 else 0.0
         self._loop = loop
         self._index = 0
         self._next_time = time.monotonic()
         self._sleep = sleep
 
-    def _read_frame(self) -> Frame | None:
+    def read_pair(self) -> FramePair | None:
         while True:
-            if self._index >= len(self._paths):
-                if not self._loop:
-                    return None
-                self._index = 0
-            path = self._paths[self._index]
-            self._index += 1
-            frame = cv2.imread(str(path), cv2.IMREAD_COLOR)
-            if frame is not None:
+            path = self._next_path()
+            if path is None:
+                return None
+            pair = self._recorded_pair(path)
+            # One open per frame, the bytes decoded here (cv2.imread opens a file twice:
+            # make bench-edge counts the frames read by the opens in the folder).
+            if pair is None and (frame := _decode(_file_bytes(path))) is not None:
+                pair = self._pair(frame)
+            if pair is not None:
                 break
             log.warning("folder: skipping %s: not an image OpenCV can read", path)
+        self._pace()
+        return pair
+
+    def _recorded_pair(self, path: Path) -> FramePair | None:
+        """Both streams as recorded: the `lores/` copy now, the image when a chip is cut
+        (None: no copy, or one that cannot be read)."""
+        lores = self._lores.get(path.stem)
+        if lores is None:
+            return None
+        try:
+            recorded = _identity(path.stat())
+        except OSError:
+            return None
+        small = _decode(_file_bytes(lores))
+        if small is None:
+            return None
+        stamp = time.monotonic()
+
+        def read_full() -> Frame | None:
+            try:
+                with path.open("rb") as file:
+                    if _identity(os.fstat(file.fileno())) != recorded:
+                        return None  # rewritten since its small stream was read
+                    full = _camera_buffer(file)
+                    if full is None:
+                        full = _decode(np.frombuffer(file.read(), np.uint8))
+            except OSError:
+                return None
+            if full is None:
+                log.warning("folder: %s: not an image OpenCV can read (chips from lores)", path)
+            return full
+
+        return FramePair(small, stamp, None, stamp, fetch_full=read_full)
+
+    def _pair(self, frame: Frame) -> FramePair:
+        if self._splitter is None:
+            return FramePair(frame, time.monotonic())
+        return self._splitter.pair(frame, time.monotonic())
+
+    def _next_path(self) -> Path | None:
+        if self._index >= len(self._paths):
+            if not self._loop:
+                return None
+            self._index = 0
+        path = self._paths[self._index]
+        self._index += 1
+        return path
+
+    def _pace(self) -> None:
         if self._period:
             delay = self._next_time - time.monotonic()
             if delay > 0:
                 self._sleep(delay)
             self._next_time = max(self._next_time + self._period, time.monotonic())
-        return np.asarray(frame, dtype=np.uint8)
 
     def close(self) -> None:
         self._paths = []
+
+
+def _identity(stat: os.stat_result) -> tuple[int, int, int]:
+    """Which file a path names: a file replaced by a rename has another inode."""
+    return stat.st_ino, stat.st_mtime_ns, stat.st_size
+
+
+BMP_HEADER = struct.Struct("<2sI4xIIiiHHI")
+"""A BMP's file and info headers up to the compression: magic, size, pixel offset, info
+size, width, height, planes, bits per pixel, compression."""
+
+
+def _camera_buffer(file: BinaryIO) -> Frame | None:
+    """An uncompressed 24-bit BMP's pixels as a camera hands a buffer over: one copy of
+    them, bottom-up rows seen top-down without another (the chip cut from it copies its
+    own few rows). None for any other file (the caller decodes it; `file` is rewound)."""
+    head = file.read(BMP_HEADER.size)
+    file.seek(0)
+    if len(head) < BMP_HEADER.size:
+        return None
+    magic, _, offset, _, width, height, _, bits, compression = BMP_HEADER.unpack(head)
+    if magic != b"BM" or bits != 24 or compression != 0 or width <= 0 or height <= 0:
+        return None
+    if (width * 3) % 4:  # rows padded to 4 bytes: leave it to the decoder
+        return None
+    file.seek(offset)
+    pixels = np.fromfile(file, np.uint8, count=width * height * 3)
+    file.seek(0)
+    if pixels.size != width * height * 3:
+        return None
+    return pixels.reshape(height, width, 3)[::-1]
+
+
+def _file_bytes(path: Path) -> npt.NDArray[np.uint8] | None:
+    """A file's bytes (None when it is gone: a replay folder being rewritten)."""
+    try:
+        return np.fromfile(path, np.uint8)
+    except OSError:
+        return None
+
+
+def _decode(data: npt.NDArray[np.uint8] | None) -> Frame | None:
+    """An image file's bytes as a BGR frame (None: not an image OpenCV can read)."""
+    if data is None or data.size == 0:
+        return None
+    frame = cv2.imdecode(data, cv2.IMREAD_COLOR)
+    return None if frame is None else np.asarray(frame, dtype=np.uint8)
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ import cv2
 import numpy as np
 import numpy.typing as npt
 
-from edge.camera import FramePair
+from edge.frames import FramePair
 from fedbell.faces.detection import Face
 from fedbell.faces.embedding import normalize
 from fedbell.faces.features import Chip, face_chip
@@ -56,12 +56,13 @@ def scale_face(face: Face, sx: float, sy: float) -> Face:
 
 def cut_chips(pair: FramePair, faces: Sequence[Face]) -> tuple[list[Chip], list[float], bool]:
     """(chips, their qualities, whether the pair's streams mismatched) of the faces found on
-    `pair.small`: cut from `pair.full` when both were captured together, else from the
-    small frame (a full frame of another instant may show the face elsewhere)."""
+    `pair.small`: cut from the full frame when both were captured together, else from the
+    small frame (a full frame of another instant may show the face elsewhere). A frame
+    without faces never reads its full frame (a replay decodes it only here)."""
     source, scale = pair.small, (1.0, 1.0)
-    mismatched = pair.full is not None and not pair.matched
-    if pair.full is not None and pair.matched:
-        source, scale = pair.full, pair.scale()
+    mismatched = pair.two_streams and not pair.matched
+    if faces and pair.matched and pair.full_frame is not None:
+        source, scale = pair.full_frame, pair.scale()
     chips, qualities = [], []
     for face in faces:
         placed = face if source is pair.small else scale_face(face, *scale)

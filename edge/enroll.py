@@ -7,9 +7,11 @@
 
 Each frame or photo goes through the doorbell's own detector and alignment
 (`fedbell.faces.features.find_chip`), so the gallery holds exactly what live
-recognition compares against. A running doorbell notices the change within
-a second (`edge.gallery.Gallery.signature`): no round, no restart and no
-message to the aggregator. What was kept is printed per person, with a
+recognition compares against. A photo also enrols its mirror image
+(`fedbell.faces.features.enrolment_chips`, as `bench.openset` enrols). A
+running doorbell notices the change within a second
+(`edge.gallery.Gallery.signature`): no round, no restart and no message to
+the aggregator. What was kept is printed per person, with a
 warning below MIN_CHIPS, and every photo without a face is named.
 """
 
@@ -32,7 +34,7 @@ from edge.recognition_config import CameraConfig, DetectionConfig
 from edge.state import NodeState
 from fedbell.faces.dataset import IMAGE_SUFFIXES
 from fedbell.faces.detection import Detector
-from fedbell.faces.features import Backbone, BackboneError, Chip, find_chip, read_photo
+from fedbell.faces.features import Backbone, BackboneError, Chip, enrolment_chips, read_photo
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +68,14 @@ class EnrollResult:
     without_face: list[str] = field(default_factory=list)
     """Photos (by name) in which no face was found; empty for a camera."""
     kind: str = "frames"
+    faces: int | None = None
+    """Photos or frames a face was kept from (each photo also gives its mirror image's
+    chip); None: one chip each, `len(saved)`."""
+
+    @property
+    def kept(self) -> int:
+        """Faces kept: what makes a prototype steady (a mirror image adds no new pose)."""
+        return len(self.saved) if self.faces is None else self.faces
 
 
 def enroll(
@@ -122,26 +132,28 @@ def enroll_photos(
     *,
     backbone: Backbone | None = None,
 ) -> EnrollResult:
-    """Save the chips of `person` found in these photos (at most `count`)."""
+    """Save the chips of `person` found in these photos (of at most `count` photos), each
+    photo's mirror image's too."""
     check_person_name(person)
     chips: list[Chip] = []
     missing: list[str] = []
-    read = 0
+    read = faces = 0
     for path in photos:
-        if count is not None and len(chips) >= count:
+        if count is not None and faces >= count:
             break
         read += 1
         try:
-            chip = find_chip(read_photo(path), detector)
+            found = enrolment_chips(read_photo(path), detector)
         except ValueError as err:  # unreadable: named, counted, the rest go on
             log.warning("enroll %s: %s", person, err)
-            chip = None
-        if chip is None:
+            found = []
+        if not found:
             missing.append(path.name)
             continue
-        chips.append(chip)
+        faces += 1
+        chips += found
     saved = gallery.add(person, chips, backbone=backbone) if chips else []
-    return EnrollResult(person, saved, read, len(missing), missing, kind="photos")
+    return EnrollResult(person, saved, read, len(missing), missing, kind="photos", faces=faces)
 
 
 def enroll_folder(
@@ -172,14 +184,16 @@ def report(result: EnrollResult, minimum: int = MIN_CHIPS) -> str:
         f"{result.person}: kept {len(result.saved)} chip(s) from {result.frames} "
         f"{'photo' if result.kind == 'photos' else 'frame'}(s)"
     )
+    if result.kept != len(result.saved):
+        line += f" ({result.kept} face(s) and their mirror images)"
     if result.frames_without_face:
         line += f", no face in {result.frames_without_face}"
         if result.without_face:
             line += f" ({', '.join(result.without_face[:10])}"
             line += ", ...)" if len(result.without_face) > 10 else ")"
-    if len(result.saved) < minimum:
+    if result.kept < minimum:
         line += (
-            f"\nWARNING: {result.person} has only {len(result.saved)} new chip(s); "
+            f"\nWARNING: {result.person} has only {result.kept} new face(s); "
             f"enroll at least {minimum} (different poses and light) to be recognised reliably"
         )
     return line
@@ -232,7 +246,10 @@ def add_enroll_parser(
         "from DIR/<person>/<photo>",
     )
     parser.add_argument(
-        "--count", type=int, help="chips to save per person (camera default 10; folder: all)"
+        "--count",
+        type=int,
+        help="faces to save per person (camera default 10; photos: all, each photo with its "
+        "mirror image)",
     )
     parser.add_argument(
         "--every", type=int, default=5, help="camera only: use every Nth frame (default 5)"
@@ -285,7 +302,7 @@ def run_enroll(
     for result in results:
         print(report(result))
     print(f"gallery: {settings.gallery}")
-    short = [r for r in results if len(r.saved) < (args.count or MIN_CHIPS)]
+    short = [r for r in results if r.kept < (args.count or MIN_CHIPS)]
     return 1 if any(not r.saved for r in results) or (args.count and short) else 0
 
 

@@ -34,8 +34,9 @@ from typing import Protocol
 import numpy as np
 import numpy.typing as npt
 
-from edge.camera import FramePair, FrameSource, ReconnectingSource, read_pair
+from edge.camera import FrameSource, ReconnectingSource, read_pair
 from edge.chips import cut_chips, visit_embedding
+from edge.frames import FramePair
 from edge.recognition_config import RecognitionConfig
 from edge.recognizer import UNKNOWN, ModelKey, Recognizer
 from fedbell.faces.detection import Detector

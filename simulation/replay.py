@@ -22,6 +22,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from edge.camera import LORES_FOLDER
+from edge.frames import small_size
 from fedbell.faces.dataset import Sample
 from fedbell.faces.detection import Detector
 from fedbell.faces.features import read_photo
@@ -110,16 +112,36 @@ def write_porch(
     size: tuple[int, int] | None = None,
     suffix: str = ".png",
     empty: Path | None = None,
+    lores_width: int | None = None,
+    lores_suffix: str = ".jpg",
 ) -> None:
     """Numbered porch frames of each face in turn, an empty porch in between.
 
     `size`: frames at that resolution (a two-stream doorbell's full-resolution
     stream), faces scaled with it; default 640x480. `empty`: also write as many
-    frames of an empty porch there, under the same names."""
+    frames of an empty porch there, under the same names. `lores_width`: also
+    write each frame's small stream, that wide, to `lores/` beside it, under the
+    same stem with `lores_suffix` (what Picamera2's ISP gives beside the main
+    stream; edge.camera.FolderSource replays the pair)."""
     frame_size = size or DEFAULT_FRAME
     zoom = frame_size[0] / DEFAULT_FRAME[0]
     face_side = (round(140 * zoom), round(220 * zoom))
-    options = [cv2.IMWRITE_JPEG_QUALITY, 90] if suffix == ".jpg" else []
+
+    def options(name: str) -> list[int]:
+        return [cv2.IMWRITE_JPEG_QUALITY, 90] if name.endswith(".jpg") else []
+
+    lores_size = None if lores_width is None else small_size(*frame_size, lores_width)
+
+    def write(where: Path, name: str, frame: UInt8Image) -> None:
+        where.mkdir(parents=True, exist_ok=True)
+        cv2.imwrite(str(where / name), frame, options(name))
+        if lores_size is not None:
+            # Area averaging, as the ISP's scaler filters (not a replay cost: written once).
+            small = cv2.resize(frame, lores_size, interpolation=cv2.INTER_AREA)
+            (where / LORES_FOLDER).mkdir(exist_ok=True)
+            lores = Path(name).with_suffix(lores_suffix).name
+            cv2.imwrite(str(where / LORES_FOLDER / lores), small, options(lores))
+
     folder.mkdir(parents=True, exist_ok=True)
     if empty is not None:
         empty.mkdir(parents=True, exist_ok=True)
@@ -128,10 +150,9 @@ def write_porch(
         for k in range(FRAMES_PER_VISIT):
             name = f"{index:05d}{suffix}"
             shown = [face] if k < FACE_FRAMES else []
-            scene = make_scene(shown, rng, frame_size, face_side).frame
-            cv2.imwrite(str(folder / name), scene, options)
+            write(folder, name, make_scene(shown, rng, frame_size, face_side).frame)
             if empty is not None:
-                cv2.imwrite(str(empty / name), make_scene([], rng, frame_size).frame)
+                write(empty, name, make_scene([], rng, frame_size).frame)
             index += 1
 
 

@@ -3,16 +3,21 @@ and how a secure round's phases are timed."""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from aggregator.config import RoundSettings
+from bench.edge_probes import FrameCounter
 from bench.edge_rounds import serving
 from bench.edge_secure import PHASES, doorbell_phases, logged_times
-from bench.edge_setup import DEVICE, UNIT, Layout, helper_names, unit_environment
+from bench.edge_setup import DEVICE, UNIT, Layout, helper_names, show, unit_environment
+from edge.camera import LORES_FOLDER, FolderSource
 from fedbell.wire.protocol import DeviceStatus
 from fedbell.wire.topics import SecAggLeaf
+from simulation.replay import FRAMES_PER_VISIT, write_porch
 
 
 def test_the_doorbell_runs_with_the_units_environment_but_not_its_specifiers() -> None:
@@ -92,3 +97,44 @@ def test_a_phase_is_timed_from_when_the_doorbell_could_start_it() -> None:
 def test_the_helpers_and_the_measured_doorbell_make_up_a_secure_cohort() -> None:
     helpers = helper_names()
     assert len({DEVICE, *helpers}) == RoundSettings().min_cohort
+
+
+@pytest.mark.parametrize("two_streams", [False, True])
+def test_the_frame_counter_counts_each_frame_the_folder_camera_reads_once(
+    tmp_path: Path, two_streams: bool
+) -> None:
+    """bench-edge's frames/s are opens in the camera folder (its lores/ copies with two
+    streams): one per frame (cv2.imread opens a file twice, which counted every frame
+    twice), and a full frame no chip is cut from is never opened."""
+    video, camera = tmp_path / "video", tmp_path / "camera"
+    write_porch(
+        video,
+        [np.full((120, 100), 90, np.uint8)],
+        np.random.default_rng(0),
+        size=(1536, 864) if two_streams else None,
+        suffix=".bmp" if two_streams else ".jpg",
+        lores_width=640 if two_streams else None,
+    )
+    camera.mkdir()
+    show(video, camera)
+    counters = [FrameCounter(camera), FrameCounter(camera / LORES_FOLDER)] if two_streams else []
+    counters = counters or [FrameCounter(camera)]
+    for counter in counters:
+        counter.start()
+    try:
+        source = FolderSource(camera, split_width=640 if two_streams else None)
+        pairs = [source.read_pair() for _ in range(FRAMES_PER_VISIT)]
+        assert all(p is not None and p.two_streams == two_streams for p in pairs)
+        time.sleep(0.5)  # inotify's events, a second open per frame's too, have arrived
+        assert len(counters[-1].times) == FRAMES_PER_VISIT
+        if two_streams:
+            assert counters[0].times == []  # no chip cut: no full frame read
+            first = pairs[0]
+            assert first is not None
+            assert first.full_frame is not None
+            assert first.full_frame.shape == (864, 1536, 3)
+            time.sleep(0.5)
+            assert len(counters[0].times) == 1
+    finally:
+        for counter in counters:
+            counter.close()

@@ -10,17 +10,19 @@ import numpy as np
 import pytest
 
 from edge.camera import (
+    LORES_FOLDER,
     CameraError,
     FolderSource,
-    Frame,
-    FramePair,
     OpenCVSource,
     Picamera2Source,
     ReconnectingSource,
     open_source,
-    small_size,
 )
+from edge.chips import cut_chips, scale_face
+from edge.frames import Frame, FramePair, small_size
 from edge.recognition_config import CameraConfig
+from fedbell.faces.detection import Face
+from fedbell.faces.features import face_chip
 from fedbell.faces.synthetic import make_identities, write_visitor_video
 
 
@@ -188,6 +190,84 @@ def test_folder_of_large_images_gives_two_streams(tmp_path: Path) -> None:
     source.close()
 
 
+def recorded_pair(folder: Path, name: str, full: Frame, lores: Frame) -> None:
+    """One frame of a folder recorded with both streams: the image and its `lores/` copy."""
+    (folder / LORES_FOLDER).mkdir(parents=True, exist_ok=True)
+    cv2.imwrite(str(folder / name), full)
+    cv2.imwrite(str(folder / LORES_FOLDER / name), lores)
+
+
+def test_a_folder_recorded_with_both_streams_decodes_the_large_one_only_for_a_chip(
+    tmp_path: Path,
+) -> None:
+    folder = tmp_path / "f"
+    lores = np.zeros((360, 640, 3), np.uint8)
+    recorded_pair(folder, "0.png", np.full((720, 1280, 3), 90, np.uint8), lores)
+    recorded_pair(folder, "1.png", np.zeros((720, 1280, 3), np.uint8), lores)
+    (folder / "1.png").write_bytes(b"not a png any more")  # its lores copy still reads
+    source = open_source(CameraConfig(kind="folder", folder=folder, full_width=1280))
+    pair = source.read_pair()
+    assert pair is not None
+    assert pair.full is None  # not decoded yet: the lores copy is all detection needs
+    assert pair.small.shape == (360, 640, 3)
+    assert pair.matched
+    assert pair.two_streams
+    assert pair.full_frame is not None
+    assert pair.full_frame.shape == (720, 1280, 3)
+    assert int(pair.full_frame[0, 0, 0]) == 90
+    assert pair.scale() == (2.0, 2.0)
+    broken = source.read_pair()
+    assert broken is not None
+    assert broken.full_frame is None  # chips then come from the small frame
+    assert broken.scale() == (1.0, 1.0)
+    source.close()
+
+
+def test_an_uncompressed_main_stream_is_read_as_a_camera_buffer(tmp_path: Path) -> None:
+    """A BMP main stream is one copy of its pixels (rows seen top-down): the same frame
+    and the same chip as OpenCV's decoding of it, and a rewritten file gives none."""
+    folder = tmp_path / "f"
+    full = np.random.default_rng(0).integers(0, 256, (864, 1536, 3), dtype=np.uint8)
+    recorded_pair(folder, "0.bmp", full, np.zeros((360, 640, 3), np.uint8))
+    (folder / LORES_FOLDER / "0.bmp").rename(folder / LORES_FOLDER / "0.png")  # any format
+    source = FolderSource(folder, split_width=640)
+    pair = source.read_pair()
+    assert pair is not None
+    assert pair.full_frame is not None
+    assert np.array_equal(pair.full_frame, full)
+    face = Face((300, 200, 60, 60), 0.9, (310.0, 220.0), (340.0, 221.0))
+    chips, _, _ = cut_chips(pair, [face])
+    decoded = cv2.imread(str(folder / "0.bmp"))
+    assert decoded is not None
+    assert np.array_equal(chips[0], face_chip(decoded, scale_face(face, 2.4, 2.4)))
+    assert source.read_pair() is None  # one frame, no loop
+    again = FolderSource(folder, split_width=640).read_pair()
+    assert again is not None
+    cv2.imwrite(str(tmp_path / "new.bmp"), full[::-1])
+    (tmp_path / "new.bmp").replace(folder / "0.bmp")  # a replay folder rewritten meanwhile
+    assert again.full_frame is None
+
+
+def test_a_frame_without_a_face_or_of_another_instant_never_reads_its_full_frame() -> None:
+    reads: list[int] = []
+
+    def fetch() -> Frame:
+        reads.append(1)
+        return np.full((864, 1536, 3), 200, np.uint8)
+
+    small = np.zeros((360, 640, 3), np.uint8)
+    face = Face((100, 100, 50, 50), 0.9)
+    assert cut_chips(FramePair(small, 1.0, None, 1.0, fetch_full=fetch), []) == ([], [], False)
+    chips, _, mismatched = cut_chips(FramePair(small, 1.0, None, 1.5, fetch_full=fetch), [face])
+    assert mismatched
+    assert float(chips[0].mean()) == pytest.approx(0, abs=1)  # from the small frame
+    assert reads == []
+    chips, _, mismatched = cut_chips(FramePair(small, 1.0, None, 1.0, fetch_full=fetch), [face])
+    assert not mismatched
+    assert float(chips[0].mean()) == pytest.approx(200, abs=1)  # from the full frame
+    assert reads == [1]
+
+
 def test_a_camera_without_the_large_stream_falls_back_to_one_with_one_warning(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -218,6 +298,7 @@ class FakePicamera2:
     def __init__(self) -> None:
         self.config: dict[str, Any] = {}
         self.stamp = 10**9
+        self.requests: list[FakeRequest] = []
 
     def create_video_configuration(self, **kwargs: Any) -> dict[str, Any]:
         return kwargs
@@ -236,7 +317,8 @@ class FakePicamera2:
 
     def capture_request(self) -> FakeRequest:
         self.stamp += 66_000_000
-        return FakeRequest(self.config, self.stamp)
+        self.requests.append(FakeRequest(self.config, self.stamp))
+        return self.requests[-1]
 
     def stop(self) -> None:
         pass
@@ -248,8 +330,11 @@ class FakePicamera2:
 class FakeRequest:
     def __init__(self, config: dict[str, Any], stamp: int) -> None:
         self.config, self.stamp, self.released = config, stamp, False
+        self.made: list[str] = []
 
     def make_array(self, stream: str) -> np.ndarray:
+        assert not self.released, "a released request's buffers belong to the camera again"
+        self.made.append(stream)
         width, height = self.config[stream]["size"]
         if stream == "lores":  # YUV420: a full-size Y plane, then quarter-size U and V
             return np.full((height * 3 // 2, width), 128, np.uint8)
@@ -263,19 +348,30 @@ class FakeRequest:
 
 
 def test_picamera2_two_streams_come_from_one_request() -> None:
-    source = Picamera2Source(640, 480, 15, camera_factory=FakePicamera2, full=(1536, 864))
+    camera = FakePicamera2()
+    source = Picamera2Source(640, 480, 15, camera_factory=lambda: camera, full=(1536, 864))
     assert source.two_streams
     pair = source.read_pair()
     assert pair is not None
-    assert pair.full is not None
     assert pair.small.shape == (360, 640, 3)  # the lores stream, YUV420 made BGR
-    assert pair.full.shape == (864, 1536, 3)
     assert pair.matched
     assert pair.small_time == pytest.approx(1.066)
+    (request,) = camera.requests
+    assert request.made == ["lores"]  # main is copied only when a chip is cut
+    assert not request.released  # held while the frame is processed
+    assert pair.full_frame is not None
+    assert pair.full_frame.shape == (864, 1536, 3)
+    assert request.made == ["lores", "main"]
+    skipped = source.read_pair()  # a frame whose full frame nobody asked for
+    assert request.released
     frame = source.read()  # the one-frame interface gives the small stream
     assert frame is not None
     assert frame.shape == (360, 640, 3)
+    assert skipped is not None
+    assert skipped.full_frame is None  # released with the next read: chips from lores
+    assert camera.requests[1].made == ["lores"]
     source.close()
+    assert all(r.released for r in camera.requests)
 
 
 def test_picamera2_refusing_the_large_stream_falls_back_to_one(
@@ -288,7 +384,7 @@ def test_picamera2_refusing_the_large_stream_falls_back_to_one(
     assert not source.two_streams
     pair = source.read_pair()
     assert pair is not None
-    assert pair.full is None
+    assert not pair.two_streams
     assert pair.small.shape == (480, 640, 3)
     warnings = [r for r in caplog.records if "one stream" in r.getMessage()]
     assert len(warnings) == 1

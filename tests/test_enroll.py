@@ -17,6 +17,7 @@ from edge.feedback import FeedbackError, RecentCrops, apply_label
 from edge.gallery import INCOMING, Gallery, GalleryError
 from edge.state import NodeState, StoredArtifact
 from fedbell.faces.align import CHIP_SIZE
+from fedbell.faces.features import enrolment_chips, mirror_image, read_photo
 from tests.recognition_helpers import chips_of, detector, frames_of, write_frames
 
 
@@ -46,9 +47,26 @@ def test_enroll_photos_names_those_without_a_face(tmp_path: Path) -> None:
     photos(tmp_path / "photos", 6, blank_every=2)
     gallery = Gallery(tmp_path / "gallery")
     result = enroll_photos(photos_in(tmp_path / "photos"), detector(), gallery, "bob")
-    assert len(result.saved) == 3
+    assert result.kept == 3
+    assert len(result.saved) == 6  # each face and its mirror image
     assert result.without_face == ["001.png", "003.png", "005.png"]
-    assert gallery.count() == 3
+    assert gallery.count() == 6
+
+
+def test_a_photo_enrols_its_mirror_image_as_the_benchmark_does(tmp_path: Path) -> None:
+    photos(tmp_path / "photos", 1)
+    (path,) = photos_in(tmp_path / "photos")
+    image = read_photo(path)
+    assert np.array_equal(mirror_image(image)[:, 0], image[:, -1])
+    chips = enrolment_chips(image, detector())
+    alone = enrolment_chips(image, detector(), mirrored=False)
+    (flipped,) = enrolment_chips(mirror_image(image), detector(), mirrored=False)
+    assert len(chips) == 2
+    assert np.array_equal(chips[0], alone[0])
+    # The second chip is the face of the flipped photo, found and aligned anew.
+    assert np.array_equal(chips[1], flipped)
+    assert not np.array_equal(chips[1], chips[0])
+    assert enrolment_chips(np.full_like(image, 128), detector()) == []  # no face, no mirror
 
 
 def test_enroll_cli_reports_per_person_and_warns_below_the_minimum(
@@ -61,14 +79,17 @@ def test_enroll_cli_reports_per_person_and_warns_below_the_minimum(
     config.write_text(f"gallery: {tmp_path / 'gallery'}\ncamera:\n  kind: opencv\n")
     assert enroll_main(["--config", str(config), "--from-folder", str(people)]) == 0
     out = capsys.readouterr().out
-    assert "carol: kept 4 chip(s) from 4 photo(s)" in out
-    assert "dave: kept 2 chip(s) from 3 photo(s), no face in 1 (001.png)" in out
-    assert f"WARNING: dave has only 2 new chip(s); enroll at least {MIN_CHIPS}" in out
+    assert "carol: kept 8 chip(s) from 4 photo(s) (4 face(s) and their mirror images)" in out
+    assert (
+        "dave: kept 4 chip(s) from 3 photo(s) (2 face(s) and their mirror images), no face in 1"
+        in out
+    )
+    assert f"WARNING: dave has only 2 new face(s); enroll at least {MIN_CHIPS}" in out
     assert "WARNING: carol" not in out
     assert Gallery(tmp_path / "gallery").persons() == ["carol", "dave"]
 
     assert enroll_main(["--config", str(config), "--remove", "dave"]) == 0
-    assert "removed dave (2 image(s))" in capsys.readouterr().out
+    assert "removed dave (4 image(s))" in capsys.readouterr().out
     assert Gallery(tmp_path / "gallery").persons() == ["carol"]
 
 
@@ -86,7 +107,7 @@ def test_enroll_cli_leaves_features_from_the_doorbells_stored_backbone(
     assert enroll_main(argv) == 0
     (left,) = (state / INCOMING).glob("*.npz")
     with np.load(left, allow_pickle=False) as data:
-        assert data["features"].shape == (3, 256)
+        assert data["features"].shape == (6, 256)  # 3 photos and their mirror images
         assert str(data["backbone"]) == hashlib.sha256(backbone_models.int8_model).hexdigest()
 
 

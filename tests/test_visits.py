@@ -18,8 +18,8 @@ import numpy.typing as npt
 import pytest
 
 from aggregator.backbone import BackboneModels
-from edge.camera import FramePair
 from edge.chips import best_indices, chip_quality, scale_face, visit_embedding
+from edge.frames import FramePair
 from edge.gallery import Gallery
 from edge.pipeline import Pipeline, Sighting, Track, Tracker
 from edge.recognition_config import RecognitionConfig

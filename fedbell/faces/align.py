@@ -128,12 +128,23 @@ def chip_from_box(image: Image, box: tuple[float, float, float, float]) -> Chip:
 
 
 def warp_to_chip(image: Image, matrix: npt.NDArray[np.float64]) -> Chip:
-    """Apply an image→chip 2×3 similarity matrix (bilinear, black outside)."""
-    rgb = to_rgb(image)
+    """Apply an image→chip 2×3 similarity matrix (bilinear, black outside).
+
+    Only the region the chip samples is converted to RGB: from a full-resolution
+    frame (1536×864) that is a few per cent of it, not a 4 MB copy per face.
+    """
+    checked = np.asarray(image)
+    if checked.ndim == 3 and checked.shape[2] == 1:
+        checked = checked[:, :, 0]
+    if checked.ndim not in (2, 3) or checked.shape[0] < 1 or checked.shape[1] < 1:
+        raise ValueError(f"expected a grey, BGR or BGRA image, got shape {checked.shape}")
     matrix = np.asarray(matrix, dtype=np.float64)
+    x0, y0, x1, y1 = _seen_region(matrix, *checked.shape[:2])
+    rgb = to_rgb(checked[y0:y1, x0:x1])
+    matrix = matrix @ np.array([[1.0, 0.0, x0], [0.0, 1.0, y0], [0.0, 0.0, 1.0]])
     scale = math.sqrt(abs(np.linalg.det(matrix[:, :2])))
     if scale * _MAX_BILINEAR_SHRINK < 1.0:
-        # A big face: average it down first, cutting only the region the chip sees.
+        # A big face: average it down first (an image pyramid, as dlib does).
         rgb, matrix = _shrink(rgb, matrix, scale)
     chip = cv2.warpAffine(
         rgb,
@@ -146,17 +157,25 @@ def warp_to_chip(image: Image, matrix: npt.NDArray[np.float64]) -> Chip:
     return np.ascontiguousarray(chip, dtype=np.uint8)
 
 
-def _shrink(
-    rgb: npt.NDArray[np.uint8], matrix: npt.NDArray[np.float64], scale: float
-) -> tuple[npt.NDArray[np.uint8], npt.NDArray[np.float64]]:
+def _seen_region(
+    matrix: npt.NDArray[np.float64], height: int, width: int
+) -> tuple[int, int, int, int]:
+    """(x0, y0, x1, y1): the image pixels a chip's bilinear samples can reach, with a
+    2-pixel margin, clipped to the image (at least one pixel)."""
     inverse = cv2.invertAffineTransform(matrix)
     corners = np.array([[0, 0, 1], [CHIP_SIZE, 0, 1], [0, CHIP_SIZE, 1], [CHIP_SIZE] * 2 + [1]])
     seen = corners @ inverse.T
-    height, width = rgb.shape[:2]
     x0 = int(np.clip(np.floor(seen[:, 0].min()) - 2, 0, width - 1))
     y0 = int(np.clip(np.floor(seen[:, 1].min()) - 2, 0, height - 1))
     x1 = int(np.clip(np.ceil(seen[:, 0].max()) + 2, x0 + 1, width))
     y1 = int(np.clip(np.ceil(seen[:, 1].max()) + 2, y0 + 1, height))
+    return x0, y0, x1, y1
+
+
+def _shrink(
+    rgb: npt.NDArray[np.uint8], matrix: npt.NDArray[np.float64], scale: float
+) -> tuple[npt.NDArray[np.uint8], npt.NDArray[np.float64]]:
+    x0, y0, x1, y1 = _seen_region(matrix, *rgb.shape[:2])
     crop = rgb[y0:y1, x0:x1]
     factor = scale * _MAX_BILINEAR_SHRINK  # < 1: leaves a 2× bilinear step at most
     size = (max(1, round(crop.shape[1] * factor)), max(1, round(crop.shape[0] * factor)))

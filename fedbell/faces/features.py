@@ -57,6 +57,32 @@ def face_chip(image: npt.NDArray[Any], face: Face) -> Chip:
     return chip_from_box(image, face.box)
 
 
+ENROL_MIRRORED = True
+"""Enrolment from photos also enrols each photo's mirror image: +1.0 point of visit TAR
+under `far` and +1.4 under `near` for the start head (`python -m bench.openset`, issue 20)."""
+
+
+def mirror_image(image: npt.NDArray[Any]) -> npt.NDArray[Any]:
+    """The photo flipped left to right, for enrolment: the same person seen from the
+    other side (the detector then finds and aligns the mirrored face anew; flipping a
+    chip instead would move dlib's slightly off-centre eye template)."""
+    return np.ascontiguousarray(np.asarray(image)[:, ::-1])
+
+
+def enrolment_chips(
+    image: npt.NDArray[Any], detector: Detector, *, mirrored: bool = ENROL_MIRRORED
+) -> list[Chip]:
+    """What one photo enrols: the chip of its largest face and, `mirrored`, that of its
+    mirror image (nothing when the photo shows no face)."""
+    chip = find_chip(image, detector)
+    if chip is None:
+        return []
+    if not mirrored:
+        return [chip]
+    flipped = find_chip(mirror_image(image), detector)
+    return [chip] if flipped is None else [chip, flipped]
+
+
 def is_chip(image: npt.NDArray[Any]) -> bool:
     """A stored gallery crop is already an aligned chip (enrollment writes them so)."""
     return image.shape[:2] == (CHIP_SIZE, CHIP_SIZE)
