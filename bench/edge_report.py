@@ -12,6 +12,9 @@ from bench.edge_secure import print_secure, secure_summary
 from bench.edge_setup import full_size
 
 BARS = {"training_rss_mb": 250.0, "recognizing_rss_mb": 150.0, "fps_ratio": 0.7}
+TWO_STREAMS_RECOGNIZING_RSS_MB = 180.0
+"""Issue 20's bar with the full-resolution stream beside the small one (issue 12's 150 MB was
+set for one 640x480 stream)."""
 FLOAT32_HEAD_BYTES = 256 * 128 * 4
 """The federated head (fedbell.faces.embedding) as raw float32: plain FedAvg's message each way."""
 
@@ -69,16 +72,15 @@ def summary(bench: Bench, enrolled: int, seconds: float) -> dict[str, Any]:
 
 def verdict(result: dict[str, Any]) -> list[tuple[str, bool]]:
     rss = result["rss_mb"]
+    two_streams = result["settings"]["camera_full_size"] is not None
+    recognizing = TWO_STREAMS_RECOGNIZING_RSS_MB if two_streams else BARS["recognizing_rss_mb"]
     return [
         ("tensorflow_imported: false", not result["tensorflow_imported"]),
         (
             f"training RSS <= {BARS['training_rss_mb']:.0f} MB",
             rss["training"] <= BARS["training_rss_mb"],
         ),
-        (
-            f"recognizing RSS <= {BARS['recognizing_rss_mb']:.0f} MB",
-            rss["recognizing"] <= BARS["recognizing_rss_mb"],
-        ),
+        (f"recognizing RSS <= {recognizing:.0f} MB", rss["recognizing"] <= recognizing),
         (
             f"fps_while_training >= {BARS['fps_ratio']} x fps_idle",
             result["fps_while_training"] >= BARS["fps_ratio"] * result["fps_idle"],
