@@ -3,6 +3,7 @@
     python -m bench.openset [--conditions near|far|clean] [--enrol clean|doorbell]
                             [--visit-frames 5] [--rounds 60] [--seeds 0 1]
                             [--houses-per-round 20] [--test-dataset DIR]
+                            [--client-optimizer adam|sgd] [--server-optimizer none|fedadam]
 
 The headline is per visit, as the doorbell decides (issue 20, `bench.openset_visits`):
 each probe and each stranger is a visit of `--visit-frames` frames of one scene
