@@ -238,7 +238,8 @@ class RoundSettings(StrictModel):
     """With secure_aggregation: the epsilon budget, the noise that spends it, and delta."""
     server_optimizer: ServerOptimizerKind = "none"
     """none: add the aggregated delta; fedavgm: server momentum; fedadam: Adam on the aggregated
-    delta (helps with non-IID doorbells). Its moments are saved with the model."""
+    delta (with `train.optimizer: sgd` it keeps across rounds the moments central training keeps:
+    issue 20, docs/learning.md). Its moments are saved with the model."""
     server_learning_rate: Positive | None = None
     """Default 1.0 with fedavgm, 0.01 with fedadam."""
     server_momentum: float = Field(default=0.9, ge=0, lt=1)

@@ -3,6 +3,7 @@
     python -m bench.openset [--conditions near|far|clean] [--enrol clean|doorbell]
                             [--visit-frames 5] [--rounds 60] [--seeds 0 1]
                             [--houses-per-round 20] [--test-dataset DIR]
+                            [--client-optimizer adam|sgd] [--server-optimizer none|fedadam]
 
 The headline is per visit, as the doorbell decides (issue 20, `bench.openset_visits`):
 each probe and each stranger is a visit of `--visit-frames` frames of one scene
@@ -95,6 +96,7 @@ import numpy as np
 from aggregator.config import DEFAULT_SECURE_CLIP_NORM
 from aggregator.export import as_received
 from bench import federated
+from bench.arms import PRODUCT
 from bench.data import CACHE, DATASETS, ROOT, scorer
 from bench.households import (
     GALLERY_SIZE,
@@ -126,8 +128,11 @@ class ArmSettings:
     local_epochs: int | None = None
     """Epochs of local_only adaptation (default: the round plan's)."""
     params: TrainParams = field(default_factory=TrainParams)
-    server_optimizer: Literal["none", "fedavgm", "fedadam"] = "none"
+    server_optimizer: Literal["none", "fedavgm", "fedadam"] = PRODUCT.server_optimizer
     """The aggregator's `rounds.server_optimizer` (its default: none)."""
+    client_optimizer: Literal["adam", "sgd"] = TrainParams().optimizer
+    """The doorbells' local step in the federated arms (`rounds.train.optimizer`); central
+    and local_only keep `params`'s."""
 
 
 @dataclass
@@ -182,7 +187,7 @@ def run_federated(
         settings.rounds,
         # The aggregator calibrates each version's threshold before it publishes it.
         scorer(bench, settings.target_far, settings.gallery_size),
-        params=replace(settings.params, seed=seed),
+        params=replace(settings.params, seed=seed, optimizer=settings.client_optimizer),
         houses_per_round=settings.houses_per_round,
         backbone=bench.backbone,
         progress=None if progress is None else lambda _arm, row: progress(row),
@@ -335,7 +340,16 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--central-epochs", type=int, default=ArmSettings.central_epochs)
     parser.add_argument("--detector", choices=("blazeface", "haar"), default="blazeface")
     parser.add_argument(
-        "--server-optimizer", choices=("none", "fedavgm", "fedadam"), default="none"
+        "--server-optimizer",
+        choices=("none", "fedavgm", "fedadam"),
+        default=PRODUCT.server_optimizer,
+    )
+    parser.add_argument(
+        "--client-optimizer",
+        choices=("adam", "sgd"),
+        default=ArmSettings.client_optimizer,
+        help="the doorbells' local step in the federated arms (sgd: with "
+        "--server-optimizer fedadam, issue 20)",
     )
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--cache", type=Path, default=CACHE)
@@ -361,6 +375,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         houses_per_round=args.houses_per_round,
         central_epochs=args.central_epochs,
         server_optimizer=args.server_optimizer,
+        client_optimizer=args.client_optimizer,
     )
     outcomes = run_arms(prepared.benches, settings, args.jobs)
     scored = openset_visits.score_visits(
@@ -403,6 +418,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "train_params": asdict(settings.params),
             "central_epochs": settings.central_epochs,
             "server_optimizer": settings.server_optimizer,
+            "client_optimizer": settings.client_optimizer,
             "seconds": time.perf_counter() - started,
         },
     )

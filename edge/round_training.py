@@ -77,6 +77,7 @@ class RoundTraining:
             epochs=plan.epochs,
             batch_size=plan.batch_size,
             learning_rate=plan.learning_rate,
+            optimizer=plan.optimizer,
             prox_mu=plan.prox_mu,
             seed=round_seed(self.parts.device, number),
         )

@@ -55,6 +55,11 @@ class TrainingPlan(Message):
     epochs: int = Field(default=10, ge=1, le=100)
     batch_size: int = Field(default=32, ge=1, le=1024)
     learning_rate: float = Field(default=1e-4, gt=0, le=1)
+    optimizer: Literal["adam", "sgd"] = Field(
+        default="adam",
+        description="The local step: adam (a fresh Adam each round) or sgd (plain steps, "
+        "for a server optimiser that keeps the moments: fedadam).",
+    )
     prox_mu: float = Field(default=0.0, ge=0, le=10, description="FedProx proximal weight.")
     hold_out_strangers: bool = Field(
         default=False,
