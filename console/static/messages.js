@@ -308,6 +308,13 @@ const MESSAGE_SCHEMAS = {
       "title": "Learning Rate",
       "type": "number"
      },
+     "optimizer": {
+      "default": "adam",
+      "description": "The local step: adam (a fresh Adam each round) or sgd (plain steps, for a server optimiser that keeps the moments: fedadam).",
+      "enum": ["adam", "sgd"],
+      "title": "Optimizer",
+      "type": "string"
+     },
      "prox_mu": {
       "default": 0.0,
       "description": "FedProx proximal weight.",
