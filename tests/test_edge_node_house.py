@@ -229,13 +229,14 @@ def test_enrollment_and_removal_take_effect_at_once_and_send_nothing(
             watcher = Probe(broker.port, f"{TOPICS.base}/#")
             try:
                 added = enroll(config_path, "--person", "newcomer", "--from-folder", str(photos))
-                assert "newcomer: kept 4 chip(s) from 4 photo(s)" in added.stdout
+                kept = "newcomer: kept 8 chip(s) from 4 photo(s) (4 face(s) and their mirror"
+                assert kept in added.stdout
                 enrolled_at = time.monotonic()  # the CLI left the chips' features too
                 wait_until(lambda: node.recognizer.recognize(visitor)[0] == "newcomer", 5)
                 assert time.monotonic() - enrolled_at < 1.0
                 assert not list((config.state_dir / "incoming-features").glob("*.npz"))
                 removed = enroll(config_path, "--remove", "newcomer")
-                assert "removed newcomer (4 image(s))" in removed.stdout
+                assert "removed newcomer (8 image(s))" in removed.stdout
                 removed_at = time.monotonic()
                 wait_until(lambda: node.recognizer.recognize(visitor)[0] == UNKNOWN, 5)
                 assert time.monotonic() - removed_at < 1.0
