@@ -111,3 +111,20 @@ def ready_recognizer(
     if gallery is not None:
         recognizer.set_gallery(gallery.features(backbone))
     return recognizer
+
+
+Floats = npt.NDArray[np.float32]
+
+
+def clustered_house(
+    seed: int, people: int = 4, photos: int = 5, width: int = 24, out: int = 8
+) -> tuple[Floats, npt.NDArray[np.int64], Floats, Floats]:
+    """A house's features (its people as clusters), its strangers, and a start head:
+    for the head's training step, without a backbone."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(people, width))
+    x = np.concatenate([c + 0.7 * rng.normal(size=(photos, width)) for c in centres])
+    y = np.repeat(np.arange(people), photos)
+    z = rng.normal(size=(7, width))
+    head = rng.normal(size=(width, out)) / np.sqrt(width)
+    return x.astype(np.float32), y.astype(np.int64), z.astype(np.float32), head.astype(np.float32)

@@ -17,19 +17,9 @@ import pytest
 
 from fedbell.faces import embedding
 from fedbell.faces.embedding import TrainParams, normalize, train_head
+from tests.recognition_helpers import clustered_house
 
 tf = pytest.importorskip("tensorflow")
-
-
-def house(seed: int, people: int = 4, photos: int = 5, width: int = 24, out: int = 8) -> Any:
-    """A house's features (people as clusters), strangers, and a start head."""
-    rng = np.random.default_rng(seed)
-    centres = rng.normal(size=(people, width))
-    x = np.concatenate([c + 0.7 * rng.normal(size=(photos, width)) for c in centres])
-    y = np.repeat(np.arange(people), photos)
-    z = rng.normal(size=(7, width))
-    head = rng.normal(size=(width, out)) / np.sqrt(width)
-    return x.astype(np.float32), y.astype(np.int64), z.astype(np.float32), head.astype(np.float32)
 
 
 def tf_batch_gradient(
@@ -73,7 +63,7 @@ def tf_batch_gradient(
 
 @pytest.mark.parametrize("leave_one_out", [True, False])
 def test_batch_gradient_is_tensorflows(leave_one_out: bool) -> None:
-    x, y, z, head = house(1)
+    x, y, z, head = clustered_house(1)
     params = TrainParams(leave_one_out=leave_one_out)
     current = embedding._forward(x, head)[0]
     sums = np.zeros((int(y.max()) + 1, current.shape[1]), np.float32)
@@ -93,7 +83,7 @@ def test_a_local_round_ends_where_tensorflows_gradients_take_it(
 ) -> None:
     """Same data, seed and plan (3 epochs of Adam, FedProx on): the deltas agree to 1e-3
     of their size, while the round moves the head by far more than that."""
-    x, y, z, head = house(2)
+    x, y, z, head = clustered_house(2)
     params = TrainParams(epochs=3, batch_size=8, learning_rate=1e-2, prox_mu=0.1, seed=5)
     ours = train_head([head], x, y, z, params).head[0] - head
     monkeypatch.setattr(embedding, "_batch_gradient", tf_batch_gradient)

@@ -12,17 +12,7 @@ import pytest
 from fedbell.faces import embedding
 from fedbell.faces.embedding import TrainParams, normalize, train_head
 from fedbell.wire.protocol import TrainingPlan
-
-
-def house(seed: int, people: int = 4, photos: int = 5, width: int = 24, out: int = 8) -> Any:
-    """A house's features (people as clusters), strangers, and a start head."""
-    rng = np.random.default_rng(seed)
-    centres = rng.normal(size=(people, width))
-    x = np.concatenate([c + 0.7 * rng.normal(size=(photos, width)) for c in centres])
-    y = np.repeat(np.arange(people), photos)
-    z = rng.normal(size=(7, width))
-    head = rng.normal(size=(width, out)) / np.sqrt(width)
-    return x.astype(np.float32), y.astype(np.int64), z.astype(np.float32), head.astype(np.float32)
+from tests.recognition_helpers import clustered_house
 
 
 def whole_batch_gradient(x: Any, y: Any, z: Any, head: Any, params: TrainParams) -> Any:
@@ -36,7 +26,7 @@ def whole_batch_gradient(x: Any, y: Any, z: Any, head: Any, params: TrainParams)
 
 
 def test_one_sgd_step_moves_the_head_against_the_gradient() -> None:
-    x, y, z, head = house(3)
+    x, y, z, head = clustered_house(3)
     params = TrainParams(optimizer="sgd", epochs=1, batch_size=len(x), learning_rate=1e-2)
     grad = whole_batch_gradient(x, y, z, head, params)
     assert np.linalg.norm(grad) > 0.01  # a gradient that says something
@@ -46,7 +36,7 @@ def test_one_sgd_step_moves_the_head_against_the_gradient() -> None:
 
 def test_adam_moves_every_coordinate_by_about_the_learning_rate_at_first() -> None:
     """Why sgd exists: Adam's first step is lr * sign(gradient), small gradients included."""
-    x, y, z, head = house(4)
+    x, y, z, head = clustered_house(4)
     params = TrainParams(optimizer="adam", epochs=1, batch_size=len(x), learning_rate=1e-3)
     moved = train_head([head], x, y, z, params).head[0] - head
     assert np.abs(moved) == pytest.approx(np.full(moved.shape, 1e-3), rel=1e-3)
