@@ -15,6 +15,7 @@ from fedbell.faces.dataset import Sample
 from simulation.config import SimulationConfig, load
 from simulation.data import MAX_PER_HOUSE, split_households, write_folder
 from simulation.processes import Fleet, ProcessDied
+from simulation.stack import accuracy_loss_bar
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -221,3 +222,15 @@ def test_stay_keeps_its_work_folder_unless_asked_to_clean_up() -> None:
     assert keeps(config("--keep"))
     assert keeps(config("--stay"))
     assert not keeps(config("--stay", "--no-keep"))
+
+
+@pytest.mark.parametrize(("faces", "bar"), [(10, 0.2), (150, 2 / 150), (400, 0.01), (0, 1.0)])
+def test_the_loss_bar_is_no_finer_than_the_evaluation_folder_measures(
+    tmp_path: Path, faces: int, bar: float
+) -> None:
+    """Two faces' worth of the held-out folder, or the aggregator's default if finer."""
+    for index in range(faces):
+        photo = tmp_path / f"person{index % 5}" / f"{index}.jpg"
+        photo.parent.mkdir(exist_ok=True)
+        photo.write_bytes(b"")
+    assert accuracy_loss_bar(tmp_path) == pytest.approx(bar)
