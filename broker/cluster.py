@@ -229,13 +229,14 @@ class ClusterTier(Service):
                 counts[node.name] = text.count("Reloaded server configuration")
         return counts
 
-    def wait_reloaded(self, before: dict[str, int], timeout: float = 60.0) -> None:
+    def wait_reloaded(self, before: dict[str, int], timeout: float = 120.0) -> None:
         """Wait until every node counted in `before` has reloaded once more (the SIGHUP
         of `provision add-hub --node-pid`), then until the cluster carries MQTT again.
 
         A reload is not free: nats-server 2.9 logs "Reloaded: cluster" every time,
-        and for a few seconds after it JetStream requests time out, so a
-        connection made then is refused ("loading session record"; seen here).
+        and after it JetStream requests time out, so a connection made then is
+        refused ("loading session record"; seen here), usually for a few seconds,
+        once for more than a minute on a loaded machine (CI): hence two minutes.
         """
         deadline = time.monotonic() + timeout
         while any(self.reloads().get(name, 0) <= count for name, count in before.items()):
@@ -287,8 +288,10 @@ class ClusterTier(Service):
     def _probe(self, subscribe_on: NatsNode, publish_on: NatsNode, timeout: float) -> bool:
         received: list[bytes] = []
         token = secrets.token_hex(8).encode()
-        listener = self.connect_probe(subscribe_on, "probe-sub")
-        sender = self.connect_probe(publish_on, "probe-pub")
+        # A client id of its own each time: a refused attempt's session may still be
+        # loading ("other session with client ID ... is in the process of connecting").
+        listener = self.connect_probe(subscribe_on, f"probe-sub-{token.decode()}")
+        sender = self.connect_probe(publish_on, f"probe-pub-{token.decode()}")
         try:
             listener.on_message = lambda _c, _u, message: received.append(bytes(message.payload))
             listener.subscribe(PROBE_TOPIC, qos=1)
