@@ -21,6 +21,7 @@ import numpy as np
 
 from aggregator.backbone import BackboneModels, backbone_models
 from aggregator.config import START_HEAD_THRESHOLD, AggregatorConfig, EvaluationSettings
+from aggregator.gates import bars_finer_than_a_face
 from aggregator.quiet import native_noise_dropped
 from fedbell.faces import dlib_resnet
 from fedbell.faces.dataset import Sample, list_samples
@@ -121,6 +122,16 @@ class Exporter:
                 tuple(s.person for s in kept), cached_features(cache, kept, backbone, chips), missed
             )
             log.info("evaluation set %s: %d faces", settings.dataset, len(chips))
+            if chips and (finer := bars_finer_than_a_face(len(chips), config.rounds)):
+                log.warning(
+                    "evaluation set %s: %d faces, so one face moves accuracy by about %.1f "
+                    "points, more than %s: a round may be refused for one face named "
+                    "differently; add faces to the set or raise the bar",
+                    settings.dataset,
+                    len(chips),
+                    100 / len(chips),
+                    " and ".join(finer),
+                )
 
     def initial_weights(self) -> Weights:
         """Version 0 of a lineage: dlib's own projection, so it starts as dlib's descriptor."""

@@ -33,3 +33,19 @@ def accuracy_bar(
         if bar is not None and reference is not None and accuracy < reference - bar:
             return Refusal(reason, bar, reference)
     return None
+
+
+def bars_finer_than_a_face(faces: int, settings: RoundSettings) -> list[str]:
+    """The accuracy bars (`max_accuracy_drop`, `max_accuracy_loss`) finer than one face of an
+    evaluation set of `faces`: accuracy on N faces moves in steps of about 1/N, so such a bar
+    refuses a round because a single face was named differently, and a small site's
+    federation stalls with nothing wrong."""
+    step = 1.0 / max(faces, 1)
+    return [
+        f"rounds.max_{reason} ({bar:.3g})"
+        for bar, reason in (
+            (settings.max_accuracy_drop, "accuracy_drop"),
+            (settings.max_accuracy_loss, "accuracy_loss"),
+        )
+        if bar is not None and bar < step
+    ]
