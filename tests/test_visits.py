@@ -389,7 +389,8 @@ def test_a_visit_is_decided_from_its_best_chips() -> None:
     for frame, (row, quality) in enumerate(visit):
         track.add(replace(sighting(box, row), quality=quality), NO_FRAME, float(frame), frame)
     assert track.frames == 4
-    assert sorted(q for q, _ in track.evidence) == [0.8, 0.9]  # the best two, not the first two
+    assert sorted(chip.quality for chip in track.evidence) == [0.8, 0.9]  # not the first two
+    assert [chip.frame for chip in track.chosen()] == [2, 4]  # the visit's frames, best first
     person, similarity = track.decide(HOUSE)
     assert person == "a"
     assert similarity == pytest.approx(0.95, abs=1e-5)
