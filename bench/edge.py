@@ -167,19 +167,7 @@ def porch_video(args: argparse.Namespace, people: People, folder: Path) -> tuple
     """(empty porch, visits): the frames the doorbell's folder camera replays."""
     empty, visiting = folder / "empty", folder / "visits"
     faces = [visitor_face(visit.photo) for visit in people.visits]
-    # Two streams as Picamera2 gives them: the main stream uncompressed (a camera's buffer,
-    # read only to cut a chip), the lores stream beside it, a JPEG as one stream's frames
-    # are (decoded per frame, as theirs).
-    two = full_size(args) is not None
-    write_porch(
-        visiting,
-        faces,
-        np.random.default_rng(0),
-        size=full_size(args),
-        suffix=".bmp" if two else ".jpg",
-        empty=empty,
-        lores_width=CameraConfig().width if two else None,
-    )
+    write_porch(visiting, faces, np.random.default_rng(0), full=full_size(args), empty=empty)
     return empty, visiting
 
 

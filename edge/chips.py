@@ -15,6 +15,7 @@ The live pipeline (`edge.pipeline.Track`) and the open-set benchmark
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import cv2
 import numpy as np
@@ -54,22 +55,38 @@ def scale_face(face: Face, sx: float, sy: float) -> Face:
     return Face(box, face.score, point(face.right_eye), point(face.left_eye))
 
 
-def cut_chips(pair: FramePair, faces: Sequence[Face]) -> tuple[list[Chip], list[float], bool]:
-    """(chips, their qualities, whether the pair's streams mismatched) of the faces found on
-    `pair.small`: cut from the full frame when both were captured together, else from the
-    small frame (a full frame of another instant may show the face elsewhere). A frame
-    without faces never reads its full frame (a replay decodes it only here)."""
+@dataclass(frozen=True)
+class Cut:
+    """The chips of one frame's faces, and where they were cut from."""
+
+    chips: list[Chip]
+    qualities: list[float]
+    """`chip_quality` of each chip."""
+    face_px: list[int]
+    """Each face's width in the pixels its chip was cut from."""
+    full_resolution: bool
+    """The chips were cut from the full-resolution frame (else from the small one)."""
+    mismatched: bool
+    """The pair's two streams were not captured together."""
+
+
+def cut_chips(pair: FramePair, faces: Sequence[Face]) -> Cut:
+    """The chips of the faces found on `pair.small`: cut from the full frame when both were
+    captured together, else from the small frame (a full frame of another instant may show
+    the face elsewhere). A frame without faces never reads its full frame (a replay decodes
+    it only here)."""
     source, scale = pair.small, (1.0, 1.0)
     mismatched = pair.two_streams and not pair.matched
     if faces and pair.matched and pair.full_frame is not None:
         source, scale = pair.full_frame, pair.scale()
-    chips, qualities = [], []
+    chips, qualities, widths = [], [], []
     for face in faces:
         placed = face if source is pair.small else scale_face(face, *scale)
         chip = face_chip(source, placed)
         chips.append(chip)
         qualities.append(chip_quality(placed, chip))
-    return chips, qualities, mismatched
+        widths.append(placed.box[2])
+    return Cut(chips, qualities, widths, source is not pair.small, mismatched)
 
 
 def chip_quality(face: Face, chip: npt.NDArray[np.uint8]) -> float:

@@ -108,7 +108,7 @@ def enroll(
         if not faces:
             without_face += 1
             continue
-        chips += cut_chips(pair, [max(faces, key=lambda f: f.box[2] * f.box[3])])[0]
+        chips += cut_chips(pair, [max(faces, key=lambda f: f.box[2] * f.box[3])]).chips
     saved = gallery.add(person, chips, backbone=backbone) if chips else []
     return EnrollResult(person, saved, frames, without_face)
 

@@ -35,7 +35,7 @@ import numpy as np
 import numpy.typing as npt
 
 from edge.camera import FrameSource, ReconnectingSource, read_pair
-from edge.chips import cut_chips, visit_embedding
+from edge.chips import best_indices, cut_chips, visit_embedding
 from edge.frames import FramePair
 from edge.recognition_config import RecognitionConfig
 from edge.recognizer import UNKNOWN, ModelKey, Recognizer
@@ -95,6 +95,36 @@ class Sighting:
     """The model that gave `embedding`."""
     quality: float = 0.0
     """`edge.chips.chip_quality` of the chip: which frames a visit decides from."""
+    face_px: int = 0
+    """The face's width in the pixels its chip was cut from."""
+    full_resolution: bool = False
+    """The chip was cut from the full-resolution stream (else from the small frame)."""
+
+
+@dataclass(frozen=True)
+class Evidence:
+    """A chip a visit may be decided from."""
+
+    quality: float
+    embedding: Vector
+    frame: int
+    """The visit's frame it was cut from (1: the first under the visit's model)."""
+    face_px: int
+    full_resolution: bool
+
+
+@dataclass(frozen=True)
+class VisitDecision:
+    """Who a visit was decided to be, and from what (a replay's account of each visit)."""
+
+    person: str
+    similarity: float
+    frames: int
+    """Frames the visit had when it was decided."""
+    chips: tuple[Evidence, ...]
+    """The chips the decision averaged, best first."""
+    announced: bool
+    """A visitor event went out (not held back by the debounce)."""
 
 
 @dataclass
@@ -109,8 +139,8 @@ class Track:
     """Frames of evidence under `model` (a model swap starts the count again)."""
     keep: int = 5
     """Chips the decision averages: the visit's best ones."""
-    evidence: list[tuple[float, Vector]] = field(default_factory=list)
-    """(quality, embedding) of the visit's best `keep` chips so far, in frame order."""
+    evidence: list[Evidence] = field(default_factory=list)
+    """The visit's best `keep` chips so far, in frame order."""
     best: Sighting | None = None
     best_frame: Frame | None = None
     announced: bool = False
@@ -120,12 +150,20 @@ class Track:
         if sighting.model != self.model:  # hot swap: the old model's evidence is void
             self.model = sighting.model
             self.frames, self.evidence, self.best, self.best_frame = 0, [], None, None
-        if sighting.embedding is not None:
-            self.evidence.append((sighting.quality, sighting.embedding))
-            if len(self.evidence) > self.keep:  # the worst chip goes (the later one on a tie)
-                worst = min(range(len(self.evidence)), key=lambda i: (self.evidence[i][0], -i))
-                del self.evidence[worst]
         self.frames += 1
+        if sighting.embedding is not None:
+            self.evidence.append(
+                Evidence(
+                    sighting.quality,
+                    sighting.embedding,
+                    self.frames,
+                    sighting.face_px,
+                    sighting.full_resolution,
+                )
+            )
+            if len(self.evidence) > self.keep:  # the worst chip goes (the later one on a tie)
+                worst = min(range(len(self.evidence)), key=lambda i: (self.evidence[i].quality, -i))
+                del self.evidence[worst]
         if self.best is None or _rank(sighting) > _rank(self.best):
             self.best, self.best_frame = sighting, frame
 
@@ -134,9 +172,14 @@ class Track:
         prototypes (`edge.chips.visit_embedding`, as the benchmark decides)."""
         if not self.evidence:
             return UNKNOWN, 0.0
-        qualities = [quality for quality, _ in self.evidence]
-        mean = visit_embedding([e for _, e in self.evidence], qualities, self.keep)
+        qualities = [chip.quality for chip in self.evidence]
+        mean = visit_embedding([chip.embedding for chip in self.evidence], qualities, self.keep)
         return recognizer.identify(mean, self.model)
+
+    def chosen(self) -> tuple[Evidence, ...]:
+        """The chips `decide` averages, best first."""
+        qualities = [chip.quality for chip in self.evidence]
+        return tuple(self.evidence[i] for i in best_indices(qualities, self.keep))
 
 
 def _rank(sighting: Sighting) -> tuple[float, float, int]:
@@ -235,12 +278,15 @@ class Pipeline:
         clock: Callable[[], float] = time.monotonic,
         frame_period_s: float | None = None,
         on_stranger: Callable[[str, Features, str], None] | None = None,
+        on_visit: Callable[[VisitDecision], None] | None = None,
     ) -> None:
         """`frame_period_s`: for a replay, its own time (frames so far × 1/fps) replaces
         `clock`, so visits end and debounce alike however fast the machine replays."""
         self.detector = detector
         self.on_stranger = on_stranger
         """Called with (backbone sha256, features, event id) of each visit that stayed unknown."""
+        self.on_visit = on_visit
+        """Called with each visit's decision, whether or not an event went out."""
         self.recognizer = recognizer
         self.events = events
         self.config = config or RecognitionConfig()
@@ -287,37 +333,38 @@ class Pipeline:
 
     def _recognise(self, pair: FramePair) -> list[Sighting]:
         faces = self.detector.detect(pair.small)
-        chips, qualities, mismatched = cut_chips(pair, faces)
-        if mismatched:  # the full frame is of another instant: the chips came from the small
+        cut = cut_chips(pair, faces)
+        if cut.mismatched:  # the full frame is of another instant: the chips came from the small
             self.counters.mismatched_pairs += 1
         model = self.recognizer.model  # one snapshot for the whole frame
         embeddings: npt.NDArray[np.float32] | None = None
         features: Features | None = None
-        if chips and model.ready:
+        if cut.chips and model.ready:
             try:
-                features = self.recognizer.features(chips, model)
+                features = self.recognizer.features(cut.chips, model)
                 embeddings = model.embed(features)
             except (RuntimeError, ValueError) as err:  # no sighting lost: they stay unknown
                 self.counters.errors += 1
                 log.warning("recognition failed: %s", err)
                 features = embeddings = None
         sightings = []
-        for i, (face, chip) in enumerate(zip(faces, chips, strict=True)):
-            quality = qualities[i]
-            if embeddings is None or features is None:
-                sightings.append(Sighting(face.box, UNKNOWN, 0.0, chip, quality=quality))
-                continue
-            person, confidence = self.recognizer.identify(embeddings[i], model.key)
+        for i, (face, chip) in enumerate(zip(faces, cut.chips, strict=True)):
+            person, confidence, embedding, feature = UNKNOWN, 0.0, None, None
+            if embeddings is not None and features is not None:
+                embedding, feature = embeddings[i], features[i]
+                person, confidence = self.recognizer.identify(embedding, model.key)
             sightings.append(
                 Sighting(
                     face.box,
                     person,
                     confidence,
                     chip,
-                    embeddings[i],
-                    features[i],
-                    model.key,
-                    quality,
+                    embedding,
+                    feature,
+                    None if embedding is None else model.key,
+                    quality=cut.qualities[i],
+                    face_px=cut.face_px[i],
+                    full_resolution=cut.full_resolution,
                 )
             )
         return sightings
@@ -343,7 +390,13 @@ class Pipeline:
             track.announced = True
             self.counters.visits += 1
             person, confidence = track.decide(self.recognizer)
-            if now - self._seen.last_event.get(person, float("-inf")) < self.config.debounce_s:
+            announced = (
+                now - self._seen.last_event.get(person, float("-inf")) >= self.config.debounce_s
+            )
+            self._report_visit(
+                VisitDecision(person, confidence, track.frames, track.chosen(), announced)
+            )
+            if not announced:
                 self._remember_stranger(track, person, "")
                 continue
             self._seen.last_event[person] = now
@@ -354,6 +407,15 @@ class Pipeline:
                     person, confidence, best.box, best.crop, track.best_frame
                 )
                 self._remember_stranger(track, person, event)
+
+    def _report_visit(self, decision: VisitDecision) -> None:
+        if self.on_visit is None:
+            return
+        try:
+            self.on_visit(decision)
+        except Exception as err:  # a listener's failure is not the doorbell's
+            self.counters.errors += 1
+            log.warning("visit not reported: %s", err)
 
     def _remember_stranger(self, track: Track, person: str, event_id: str) -> None:
         """An unknown visit's features join the training negatives, under its event id

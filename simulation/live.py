@@ -1,38 +1,44 @@
 """Live recognition after the rounds: visitors at a doorbell, a newcomer enrolled, again.
 
-Porch frames are generated (simulation/replay.py) in which people walk up to
-the door: the newcomer (whom no doorbell knows yet), residents of the house (a
-photo their gallery does not hold) and a stranger (a person in no house). They are
-replayed through the doorbell's own pipeline (frame source, detector,
-backbone on LiteRT, the federated head, the house's prototypes, the event
-publisher) twice: before and after the newcomer is enrolled with the real
-`python -m edge enroll` command, which sends nothing to the aggregator and
-needs no round. The events come back from the broker as Home Assistant would
-see them.
+A porch video is filmed (simulation/replay.py, as `make bench-edge` films
+its own) in which people walk up to the door: the newcomer (whom no doorbell
+knows yet), residents of the house (a photo their gallery does not hold) and
+a stranger (a person in no house). It is recorded as the default doorbell
+camera gives it: a 1536×864 main stream with the face at ring distance and the
+small lores stream beside it. It is replayed through the doorbell's own camera
+and pipeline (the folder source opened from the default camera config:
+detection on the lores stream, each chip cut from the main stream of the same
+instant; backbone on LiteRT, the federated head, the house's prototypes, the
+event publisher) twice: before and after the newcomer is enrolled with the
+real `python -m edge enroll` command, which sends nothing to the aggregator and
+needs no round. Each visit is printed with what the doorbell said and from
+which chips; the events reach the broker as Home Assistant would see them.
 """
 
 from __future__ import annotations
 
 import threading
 import time
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from rich.console import Console
-from rich.table import Table
 
-from edge.camera import FolderSource
+from edge.camera import open_raw_source
 from edge.events import EventPublisher
 from edge.feedback import RecentCrops
+from edge.frames import small_size
 from edge.gallery import Gallery
 from edge.homeassistant import DoorbellTopics
-from edge.pipeline import Pipeline
-from edge.recognition_config import RecognitionConfig
+from edge.pipeline import EventSink, Pipeline, PipelineCounters, VisitDecision
+from edge.recognition_config import CameraConfig, RecognitionConfig
 from edge.recognizer import Head, Recognizer
 from fedbell.config import MqttSettings
 from fedbell.faces.detection import Detector
+from fedbell.faces.openset import UNKNOWN
 from fedbell.wire.messages import GlobalModel, TfliteArtifact, parse_global
 from fedbell.wire.mqtt import connect, make_client
 from simulation.config import SimulationConfig
@@ -52,6 +58,11 @@ from simulation.replay import (
 from simulation.stack import SITE, Layout, aggregator_keys, mqtt_settings, topics
 
 REPLAY_FPS = 10.0
+"""The video's frame rate: its time, whatever the machine's speed."""
+READ_FPS = 120.0
+"""The camera reads the recording as fast as a camera config allows (the pipeline is slower)."""
+CAMERA = CameraConfig()
+"""The default doorbell camera: two streams."""
 
 
 class ReplayClock:
@@ -67,25 +78,57 @@ class ReplayClock:
 
 
 class VisitLog:
-    """The pipeline's event sink: forwards to the doorbell's publisher, and notes
-    during which visit each visitor event came, to score the names against the truth."""
+    """The pipeline's visit listener: notes during which visit of the video each announced
+    decision came, to score it against who walked up."""
 
-    def __init__(self, publisher: EventPublisher, clock: ReplayClock, visits: int) -> None:
-        self.publisher = publisher
+    def __init__(self, clock: ReplayClock, visits: int) -> None:
         self.clock = clock
-        self.named: list[list[str]] = [[] for _ in range(visits)]
+        self.decided: list[list[VisitDecision]] = [[] for _ in range(visits)]
 
-    def visitor(self, person: str, confidence: float, *args: Any, **kwargs: Any) -> str:
+    def __call__(self, decision: VisitDecision) -> None:
         visit = (self.clock.frames - 1) // FRAMES_PER_VISIT
-        if 0 <= visit < len(self.named):
-            self.named[visit].append(person)
-        return self.publisher.visitor(person, confidence, *args, **kwargs)
+        if decision.announced and 0 <= visit < len(self.decided):
+            self.decided[visit].append(decision)
 
-    def ring(self, *args: Any, **kwargs: Any) -> str:
-        return self.publisher.ring(*args, **kwargs)
 
-    def present(self, present: bool) -> None:
-        self.publisher.present(present)
+def film(folder: Path, visits: Sequence[Visit], detector: Detector, seed: int) -> None:
+    """The porch video of `visits`, recorded as the default camera gives it: two streams."""
+    faces = [visitor_face(visit.photo, detector) for visit in visits]
+    write_porch(
+        folder,
+        faces,
+        np.random.default_rng(seed),
+        full=CAMERA.full_size(),
+    )
+
+
+def watch(
+    frames: Path, detector: Detector, recognizer: Recognizer, events: EventSink, visits: int
+) -> tuple[list[list[VisitDecision]], PipelineCounters]:
+    """The doorbell's camera (the default config's, on the recording in `frames`) and
+    pipeline: what it announced in each of the video's `visits`, and its counters."""
+    clock = ReplayClock()
+    log = VisitLog(clock, visits)
+    pipeline = Pipeline(
+        detector,
+        recognizer,
+        events,
+        # A visitor has left once the porch is empty for half the gap between two
+        # visitors (a doorbell's default waits 5 s, longer than this video's gaps).
+        RecognitionConfig(
+            debounce_s=(FACE_FRAMES + GAP_FRAMES / 2) / REPLAY_FPS,
+            absent_after_s=(GAP_FRAMES / 2) / REPLAY_FPS,
+        ),
+        clock=clock,
+        on_visit=log,
+    )
+    # The default camera config (two streams), its kind and folder those of the recording.
+    source = open_raw_source(CameraConfig(kind="folder", folder=frames, fps=READ_FPS))
+    try:
+        pipeline.run(source, threading.Event())
+    finally:
+        source.close()
+    return log.decided, pipeline.counters
 
 
 def make_recognizer(backbone: TfliteArtifact, model: GlobalModel, gallery: Gallery) -> Recognizer:
@@ -116,9 +159,10 @@ def replay(
     device: str,
     gallery: Gallery,
     frames: Path,
-    visits: Sequence[Visit],
-) -> list[list[str]]:
-    """Run the doorbell's pipeline over `frames`; returns what it called each visitor."""
+    visits: int,
+) -> list[list[VisitDecision]]:
+    """`watch` with the doorbell's event publisher: each visit's announced decisions, once
+    their events have reached the broker."""
     client = make_client(settings, client_id=f"{device}-live")
     connect(client, settings)
     try:
@@ -135,34 +179,81 @@ def replay(
             discovery=False,
         )
         before = len(driver.visitors())
-        clock = ReplayClock()
-        log = VisitLog(events, clock, len(visits))
-        pipeline = Pipeline(
-            detector,
-            recognizer,
-            log,
-            # A visitor has left once the porch is empty for half the gap between two
-            # visitors (a doorbell's default waits 5 s, longer than this video's gaps).
-            RecognitionConfig(
-                debounce_s=(FACE_FRAMES + GAP_FRAMES / 2) / REPLAY_FPS,
-                absent_after_s=(GAP_FRAMES / 2) / REPLAY_FPS,
-            ),
-            clock=clock,
-        )
-        pipeline.run(FolderSource(frames), threading.Event())
-        expected = before + pipeline.counters.visitor_events
+        decided, counters = watch(frames, detector, recognizer, events, visits)
+        expected = before + counters.visitor_events
         deadline = time.monotonic() + 10  # QoS 1 events are still on their way
         while len(driver.visitors()) < expected and time.monotonic() < deadline:
             time.sleep(0.05)
     finally:
         client.disconnect()
         client.loop_stop()
-    return log.named
+    return decided
 
 
-def verdict(truth: str, named: Sequence[str]) -> bool:
-    """A visit went right when the doorbell said the right name (or "unknown") and no other."""
-    return bool(named) and set(named) == {truth}
+def verdict(expected: str, decided: Sequence[VisitDecision]) -> str:
+    """Right when the doorbell said the expected name (or "unknown") and no other, else how
+    it went wrong."""
+    said = {decision.person for decision in decided}
+    if not said:
+        return "said nothing"
+    if said == {expected}:
+        return "right"
+    if expected == UNKNOWN:
+        return "named a stranger"
+    return "missed" if said == {UNKNOWN} else "named wrong"
+
+
+def describe(decision: VisitDecision) -> str:
+    """What the doorbell said of a visit, and from which chips."""
+    said = f"{decision.person} {decision.similarity:.2f} after {decision.frames} frames"
+    if not decision.chips:
+        return f"{said}, no chips (no model ready)"
+    frames = ",".join(str(chip.frame) for chip in decision.chips)
+    main = sum(chip.full_resolution for chip in decision.chips)
+    if main == len(decision.chips):
+        stream = "main stream"
+    elif main == 0:
+        stream = "lores stream"
+    else:
+        stream = f"{main} of them from the main stream"
+    widths = [chip.face_px for chip in decision.chips]
+    return f"{said}, chips of frames {frames} ({stream}, faces {min(widths)}-{max(widths)} px)"
+
+
+def record(decision: VisitDecision) -> dict[str, Any]:
+    return {
+        "person": decision.person,
+        "similarity": round(decision.similarity, 3),
+        "frames": decision.frames,
+        "chips": [
+            {
+                "frame": chip.frame,
+                "face_px": chip.face_px,
+                "main_stream": chip.full_resolution,
+                "quality": round(chip.quality, 3),
+            }
+            for chip in decision.chips
+        ],
+    }
+
+
+def print_visits(
+    console: Console,
+    visits: Sequence[Visit],
+    decided: Sequence[Sequence[VisitDecision]],
+    expected: Sequence[str],
+) -> list[str]:
+    """One line per visit: who walked up, what the doorbell said, right or wrong; then the
+    counts. Returns the verdicts."""
+    verdicts = [verdict(e, d) for e, d in zip(expected, decided, strict=True)]
+    width = max(len(visit.truth) for visit in visits)
+    for visit, decisions, judged in zip(visits, decided, verdicts, strict=True):
+        said = "; ".join(describe(d) for d in decisions) or "—"
+        console.print(f"  {visit.truth:<{width}}  said {said}: {judged}", highlight=False)
+    counts = Counter(verdicts)
+    wrong = ", ".join(f"{how} {n}" for how, n in sorted(counts.items()) if how != "right")
+    console.print(f"  right {counts['right']}/{len(visits)}" + (f" ({wrong})" if wrong else ""))
+    return verdicts
 
 
 def demo(
@@ -179,6 +270,7 @@ def demo(
     detector: Detector,
 ) -> dict[str, Any]:
     """Visitors at `device` before and after it enrols a newcomer; reported, not fatal."""
+    started = time.monotonic()
     settings = mqtt_settings(port)
     try:
         model = parse_global(
@@ -197,14 +289,13 @@ def demo(
             homes.held_out[0],
         )
         frames = layout.root / "live" / "frames"
-        faces = [visitor_face(visit.photo, detector) for visit in visits]
-        write_porch(frames, faces, np.random.default_rng(config.seed))
+        film(frames, visits, detector, config.seed)
         gallery = Gallery(
             layout.gallery(device), layout.root / "live" / "state", detector=lambda: detector
         )
         recognizer = make_recognizer(backbone, model, gallery)
 
-        def visitors_at_the_door() -> list[list[str]]:
+        def visitors_at_the_door() -> list[list[VisitDecision]]:
             return replay(
                 driver,
                 settings,
@@ -213,7 +304,7 @@ def demo(
                 device=device,
                 gallery=gallery,
                 frames=frames,
-                visits=visits,
+                visits=len(visits),
             )
 
         with console.status(f"{len(visits)} visitors at {device}'s door"):
@@ -229,31 +320,43 @@ def demo(
     except Exception as error:  # the federated results stand on their own
         console.print(f"[bold red]live recognition failed:[/] {error!r}")
         return {"error": repr(error)}
-    table = Table(
-        title=f"live recognition at {device} (model v{model.version}, "
-        f"unknown below {recognizer.threshold:.2f}, calibrated by the aggregator on strangers)"
+    main = CAMERA.full_size()
+    assert main is not None  # the default camera has two streams
+    lores = small_size(*main, CAMERA.width)
+    console.print(
+        f"live recognition at {device}: {len(visits)} visits filmed as the default camera "
+        f"records them, a {main[0]}x{main[1]} main stream beside a {lores[0]}x{lores[1]} "
+        "lores one, "
+        f"replayed through the doorbell's camera and pipeline (detection on lores, chips cut "
+        f"from main; model v{model.version}, unknown below {recognizer.threshold:.2f}, "
+        "calibrated by the aggregator on strangers)",
+        highlight=False,
     )
-    for header in ("at the door", f"before enrolling {newcomer}", "after", "right after?"):
-        table.add_column(header)
-    for visit, said_before, said_after in zip(visits, before, after, strict=True):
-        table.add_row(
-            visit.truth,
-            ", ".join(said_before) or "—",
-            ", ".join(said_after) or "—",
-            "yes" if verdict(visit.truth, said_after) else "no",
-        )
-    console.print(table)
+    console.print(f"before enrolling {newcomer} (whom no gallery holds: unknown is right):")
+    expected_before = [UNKNOWN if v.truth == newcomer else v.truth for v in visits]
+    verdicts_before = print_visits(console, visits, before, expected_before)
     console.print(f"enrolled {newcomer} with `python -m edge enroll` in {seconds:.1f} s: {printed}")
-    right = sum(verdict(v.truth, n) for v, n in zip(visits, after, strict=True))
-    console.print(f"visits named right after enrolling: {right}/{len(visits)}")
+    console.print(f"after enrolling {newcomer}:")
+    verdicts_after = print_visits(console, visits, after, [v.truth for v in visits])
+    live_seconds = time.monotonic() - started
+    console.print(f"the live replay took {live_seconds:.0f} s (filming, two replays, enrolling)")
     return {
         "newcomer": newcomer,
         "enroll_seconds": round(seconds, 2),
         "threshold": recognizer.threshold,
         "model_version": model.version,
+        "camera": {"main": list(main), "lores": list(lores)},
         "visits": [
-            {"visitor": v.truth, "before": b, "after": a}
+            {
+                "visitor": v.truth,
+                "before": [d.person for d in b],
+                "after": [d.person for d in a],
+                "decided_before": [record(d) for d in b],
+                "decided_after": [record(d) for d in a],
+            }
             for v, b, a in zip(visits, before, after, strict=True)
         ],
-        "named_right_after_enrolling": right,
+        "right_before_enrolling": verdicts_before.count("right"),
+        "named_right_after_enrolling": verdicts_after.count("right"),
+        "seconds": round(live_seconds, 1),
     }

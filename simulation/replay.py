@@ -24,6 +24,7 @@ import numpy as np
 
 from edge.camera import LORES_FOLDER
 from edge.frames import small_size
+from edge.recognition_config import CameraConfig
 from fedbell.faces.dataset import Sample
 from fedbell.faces.detection import Detector
 from fedbell.faces.features import read_photo
@@ -36,7 +37,7 @@ FACE_FRAMES = 8
 GAP_FRAMES = 6
 """Frames of empty porch after each visitor."""
 FRAMES_PER_VISIT = FACE_FRAMES + GAP_FRAMES
-DEFAULT_FRAME = (640, 480)
+ONE_STREAM_FRAME = (640, 480)
 
 
 # --- who visits --------------------------------------------------------------------------
@@ -109,48 +110,43 @@ def write_porch(
     faces: Sequence[UInt8Image],
     rng: np.random.Generator,
     *,
-    size: tuple[int, int] | None = None,
-    suffix: str = ".png",
+    full: tuple[int, int] | None = None,
     empty: Path | None = None,
-    lores_width: int | None = None,
-    lores_suffix: str = ".jpg",
 ) -> None:
-    """Numbered porch frames of each face in turn, an empty porch in between.
+    """Numbered porch frames of each face in turn, an empty porch in between, as the
+    doorbell's camera records them.
 
-    `size`: frames at that resolution (a two-stream doorbell's full-resolution
-    stream), faces scaled with it; default 640x480. `empty`: also write as many
-    frames of an empty porch there, under the same names. `lores_width`: also
-    write each frame's small stream, that wide, to `lores/` beside it, under the
-    same stem with `lores_suffix` (what Picamera2's ISP gives beside the main
-    stream; edge.camera.FolderSource replays the pair)."""
-    frame_size = size or DEFAULT_FRAME
-    zoom = frame_size[0] / DEFAULT_FRAME[0]
-    face_side = (round(140 * zoom), round(220 * zoom))
-
-    def options(name: str) -> list[int]:
-        return [cv2.IMWRITE_JPEG_QUALITY, 90] if name.endswith(".jpg") else []
-
-    lores_size = None if lores_width is None else small_size(*frame_size, lores_width)
+    `full`: two streams, as Picamera2 gives them: the main stream at `full` as
+    uncompressed BMPs (a camera's buffer, read only to cut a chip) and, in `lores/`
+    beside them under the same stems, each frame's small stream as the default
+    camera's is (`camera.width` wide) as JPEG; edge.camera.FolderSource replays the
+    pair. None: one stream of 640x480 JPEGs. Each face image is pasted 140-220 px square
+    on a 640-pixel-wide frame, scaled with the frame's width: a visitor at ring distance
+    (an LFW face found by `visitor_face` is 75-130 px wide on the default lores stream,
+    2.4 times that on its main stream). `empty`: also write as many frames of an empty
+    porch there, under the same names."""
+    frame_size = full or ONE_STREAM_FRAME
+    zoom = frame_size[0] / ONE_STREAM_FRAME[0]
+    side = (round(140 * zoom), round(220 * zoom))
+    suffix = ".bmp" if full else ".jpg"
+    lores_size = None if full is None else small_size(*full, CameraConfig().width)
+    jpeg = [cv2.IMWRITE_JPEG_QUALITY, 90]
 
     def write(where: Path, name: str, frame: UInt8Image) -> None:
         where.mkdir(parents=True, exist_ok=True)
-        cv2.imwrite(str(where / name), frame, options(name))
+        cv2.imwrite(str(where / f"{name}{suffix}"), frame, [] if full else jpeg)
         if lores_size is not None:
             # Area averaging, as the ISP's scaler filters (not a replay cost: written once).
             small = cv2.resize(frame, lores_size, interpolation=cv2.INTER_AREA)
             (where / LORES_FOLDER).mkdir(exist_ok=True)
-            lores = Path(name).with_suffix(lores_suffix).name
-            cv2.imwrite(str(where / LORES_FOLDER / lores), small, options(lores))
+            cv2.imwrite(str(where / LORES_FOLDER / f"{name}.jpg"), small, jpeg)
 
-    folder.mkdir(parents=True, exist_ok=True)
-    if empty is not None:
-        empty.mkdir(parents=True, exist_ok=True)
     index = 0
     for face in faces:
         for k in range(FRAMES_PER_VISIT):
-            name = f"{index:05d}{suffix}"
+            name = f"{index:05d}"
             shown = [face] if k < FACE_FRAMES else []
-            write(folder, name, make_scene(shown, rng, frame_size, face_side).frame)
+            write(folder, name, make_scene(shown, rng, frame_size, side).frame)
             if empty is not None:
                 write(empty, name, make_scene([], rng, frame_size).frame)
             index += 1

@@ -111,9 +111,7 @@ def test_the_frame_counter_counts_each_frame_the_folder_camera_reads_once(
         video,
         [np.full((120, 100), 90, np.uint8)],
         np.random.default_rng(0),
-        size=(1536, 864) if two_streams else None,
-        suffix=".bmp" if two_streams else ".jpg",
-        lores_width=640 if two_streams else None,
+        full=(1536, 864) if two_streams else None,
     )
     camera.mkdir()
     show(video, camera)

@@ -236,7 +236,7 @@ def test_an_uncompressed_main_stream_is_read_as_a_camera_buffer(tmp_path: Path) 
     assert pair.full_frame is not None
     assert np.array_equal(pair.full_frame, full)
     face = Face((300, 200, 60, 60), 0.9, (310.0, 220.0), (340.0, 221.0))
-    chips, _, _ = cut_chips(pair, [face])
+    chips = cut_chips(pair, [face]).chips
     decoded = cv2.imread(str(folder / "0.bmp"))
     assert decoded is not None
     assert np.array_equal(chips[0], face_chip(decoded, scale_face(face, 2.4, 2.4)))
@@ -257,14 +257,18 @@ def test_a_frame_without_a_face_or_of_another_instant_never_reads_its_full_frame
 
     small = np.zeros((360, 640, 3), np.uint8)
     face = Face((100, 100, 50, 50), 0.9)
-    assert cut_chips(FramePair(small, 1.0, None, 1.0, fetch_full=fetch), []) == ([], [], False)
-    chips, _, mismatched = cut_chips(FramePair(small, 1.0, None, 1.5, fetch_full=fetch), [face])
-    assert mismatched
-    assert float(chips[0].mean()) == pytest.approx(0, abs=1)  # from the small frame
+    assert cut_chips(FramePair(small, 1.0, None, 1.0, fetch_full=fetch), []).chips == []
+    cut = cut_chips(FramePair(small, 1.0, None, 1.5, fetch_full=fetch), [face])
+    assert cut.mismatched
+    assert not cut.full_resolution
+    assert cut.face_px == [50]
+    assert float(cut.chips[0].mean()) == pytest.approx(0, abs=1)  # from the small frame
     assert reads == []
-    chips, _, mismatched = cut_chips(FramePair(small, 1.0, None, 1.0, fetch_full=fetch), [face])
-    assert not mismatched
-    assert float(chips[0].mean()) == pytest.approx(200, abs=1)  # from the full frame
+    cut = cut_chips(FramePair(small, 1.0, None, 1.0, fetch_full=fetch), [face])
+    assert not cut.mismatched
+    assert cut.full_resolution
+    assert cut.face_px == [120]  # 50 px on the small frame, 2.4 times as wide on the full
+    assert float(cut.chips[0].mean()) == pytest.approx(200, abs=1)  # from the full frame
     assert reads == [1]
 
 

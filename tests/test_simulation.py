@@ -205,6 +205,11 @@ def test_a_small_simulation_runs_end_to_end(tmp_path: Path) -> None:
     assert (visitors[0], visitors[-1]) == (live["newcomer"], "unknown")
     # Before enrolling, no doorbell can name the newcomer: the name is in no gallery.
     assert all(live["newcomer"] not in v["before"] for v in visits)
+    # Filmed as the default camera records (two streams), every chip cut from the main one.
+    assert live["camera"] == {"main": [1536, 864], "lores": [640, 360]}
+    chips = [c for v in visits for d in v["decided_after"] for c in d["chips"]]
+    assert chips
+    assert all(chip["main_stream"] for chip in chips)
 
 
 def test_stay_keeps_its_work_folder_unless_asked_to_clean_up() -> None:

@@ -10,6 +10,7 @@ import cv2
 import numpy as np
 import pytest
 
+from edge.camera import LORES_FOLDER
 from fedbell.faces.openset import UNKNOWN
 from simulation.processes import Child, Fleet
 from simulation.replay import FRAMES_PER_VISIT, enroll, pick_people, write_porch
@@ -43,23 +44,32 @@ def test_the_people_with_most_photos_are_enrolled_and_visit_with_a_photo_they_la
         assert visit.photo not in photos
 
 
-def test_the_porch_video_shows_each_face_then_an_empty_porch(tmp_path: Path) -> None:
+@pytest.mark.parametrize("full", [None, (1280, 720)])
+def test_the_porch_video_shows_each_face_then_an_empty_porch(
+    tmp_path: Path, full: tuple[int, int] | None
+) -> None:
+    """One stream: 640x480 JPEGs. Two: the main stream as BMPs and, under the same stems in
+    lores/, the default camera's small stream (640 px wide, the main stream's aspect)."""
     faces = [np.full((120, 100), shade, np.uint8) for shade in (60, 200)]
-    empty = tmp_path / "empty"
-    write_porch(
-        tmp_path / "visits",
-        faces,
-        np.random.default_rng(0),
-        size=(320, 240),
-        suffix=".jpg",
-        empty=empty,
-    )
-    names = sorted(path.name for path in (tmp_path / "visits").iterdir())
+    visits, empty = tmp_path / "visits", tmp_path / "empty"
+    write_porch(visits, faces, np.random.default_rng(0), full=full, empty=empty)
+    names = sorted(path.name for path in visits.iterdir() if path.is_file())
     assert len(names) == 2 * FRAMES_PER_VISIT
-    assert names == sorted(path.name for path in empty.iterdir())
-    frame = cv2.imread(str(tmp_path / "visits" / names[0]))
+    assert names == sorted(path.name for path in empty.iterdir() if path.is_file())
+    frame = cv2.imread(str(visits / names[0]))
     assert frame is not None
-    assert frame.shape[:2] == (240, 320)
+    if full is None:
+        assert names[0] == "00000.jpg"
+        assert frame.shape[:2] == (480, 640)
+        assert not (visits / LORES_FOLDER).exists()
+        return
+    assert names[0] == "00000.bmp"
+    assert frame.shape[:2] == (720, 1280)
+    lores = sorted(path.name for path in (visits / LORES_FOLDER).iterdir())
+    assert lores == [name.replace(".bmp", ".jpg") for name in names]
+    small = cv2.imread(str(visits / LORES_FOLDER / lores[0]))
+    assert small is not None
+    assert small.shape[:2] == (360, 640)
 
 
 def test_a_failed_enrolment_says_what_the_command_printed(tmp_path: Path) -> None:

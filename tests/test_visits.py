@@ -21,7 +21,7 @@ from aggregator.backbone import BackboneModels
 from edge.chips import best_indices, chip_quality, scale_face, visit_embedding
 from edge.frames import FramePair
 from edge.gallery import Gallery
-from edge.pipeline import Pipeline, Sighting, Track, Tracker
+from edge.pipeline import Pipeline, Sighting, Track, Tracker, VisitDecision
 from edge.recognition_config import RecognitionConfig
 from edge.recognizer import UNKNOWN, ModelKey, Recognizer
 from fedbell.faces.detection import Face
@@ -284,7 +284,10 @@ def test_one_event_per_visit_and_per_person_within_the_debounce(
     assert [e.person for e in sink.visitors] == [UNKNOWN]
 
     sink, clock = Sink(), FrameClock()
-    pipeline = Pipeline(detector(), recognizer, sink, config, clock=clock)
+    decisions: list[VisitDecision] = []
+    pipeline = Pipeline(
+        detector(), recognizer, sink, config, clock=clock, on_visit=decisions.append
+    )
     play(pipeline, clock, alice[:5] + empty)
     play(pipeline, clock, alice[5:10] + empty)  # back within 20 s: not announced again
     clock.now += 20.0
@@ -292,6 +295,20 @@ def test_one_event_per_visit_and_per_person_within_the_debounce(
     assert [e.person for e in sink.visitors] == ["person0"] * 2
     assert pipeline.counters.visits == 3
     assert pipeline.counters.visitor_events == 2
+    # Every visit's decision is reported, the debounced one too, with what decided it.
+    assert [(d.person, d.announced) for d in decisions] == [
+        ("person0", True),
+        ("person0", False),
+        ("person0", True),
+    ]
+    assert [e.confidence for e in sink.visitors] == [
+        decisions[0].similarity,
+        decisions[2].similarity,
+    ]
+    for decision in decisions:
+        assert decision.frames == 2  # decided after confirm_frames
+        assert sorted(chip.frame for chip in decision.chips) == [1, 2]
+        assert all(chip.face_px > 0 and not chip.full_resolution for chip in decision.chips)
 
 
 def test_a_model_swap_mid_visit_restarts_its_evidence(
@@ -389,7 +406,8 @@ def test_a_visit_is_decided_from_its_best_chips() -> None:
     for frame, (row, quality) in enumerate(visit):
         track.add(replace(sighting(box, row), quality=quality), NO_FRAME, float(frame), frame)
     assert track.frames == 4
-    assert sorted(q for q, _ in track.evidence) == [0.8, 0.9]  # the best two, not the first two
+    assert sorted(chip.quality for chip in track.evidence) == [0.8, 0.9]  # not the first two
+    assert [chip.frame for chip in track.chosen()] == [2, 4]  # the visit's frames, best first
     person, similarity = track.decide(HOUSE)
     assert person == "a"
     assert similarity == pytest.approx(0.95, abs=1e-5)
