@@ -52,6 +52,11 @@ def _by_person(samples: Sequence[Sample]) -> dict[str, list[Sample]]:
     return people
 
 
+def one_photo_each(samples: Sequence[Sample]) -> list[Sample]:
+    """The first photo of each person in `samples`, in their order: the live demo's strangers."""
+    return [photos[0] for photos in _by_person(samples).values()]
+
+
 def split_households(samples: Sequence[Sample], houses: int, seed: int) -> Households:
     """Deal the persons with at least 3 photos into houses, held-out people and a newcomer."""
     people = {p: s for p, s in _by_person(samples).items() if len(s) >= 3}

@@ -3,7 +3,7 @@
 A porch video is filmed (simulation/replay.py, as `make bench-edge` films
 its own) in which people walk up to the door: the newcomer (whom no doorbell
 knows yet), residents of the house (a photo their gallery does not hold) and
-a stranger (a person in no house). It is recorded as the default doorbell
+strangers (`live.strangers`, people in no house). It is recorded as the default doorbell
 camera gives it: a 1536×864 main stream with the face at ring distance and the
 small lores stream beside it. It is replayed through the doorbell's own camera
 and pipeline (the folder source opened from the default camera config:
@@ -42,7 +42,7 @@ from fedbell.faces.openset import UNKNOWN
 from fedbell.wire.messages import GlobalModel, TfliteArtifact, parse_global
 from fedbell.wire.mqtt import connect, make_client
 from simulation.config import SimulationConfig
-from simulation.data import Households, write_folder
+from simulation.data import Households, one_photo_each, write_folder
 from simulation.driver import Driver
 from simulation.processes import Fleet
 from simulation.replay import (
@@ -286,7 +286,7 @@ def demo(
             newcomer,
             homes.newcomer[-1].path,
             residents[: config.live.visitors],
-            homes.held_out[0],
+            one_photo_each(homes.held_out)[: config.live.strangers],
         )
         frames = layout.root / "live" / "frames"
         film(frames, visits, detector, config.seed)

@@ -83,12 +83,12 @@ def pick_people(dataset: Path, strangers: Path, gallery: int, per_person: int) -
 
 
 def plan_visits(
-    newcomer: str, newcomer_visit: Path, residents: Sequence[Sample], stranger: Sample
+    newcomer: str, newcomer_visit: Path, residents: Sequence[Sample], strangers: Sequence[Sample]
 ) -> list[Visit]:
-    """The demo's visitors: the newcomer, residents (photos their gallery lacks), a stranger."""
+    """The demo's visitors: the newcomer, residents (photos their gallery lacks), strangers."""
     visits = [Visit(newcomer, newcomer_visit)]
     visits += [Visit(s.person, s.path) for s in residents]
-    return [*visits, Visit(UNKNOWN, stranger.path)]
+    return [*visits, *(Visit(UNKNOWN, s.path) for s in strangers)]
 
 
 # --- the porch video -----------------------------------------------------------------------

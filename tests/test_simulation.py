@@ -12,9 +12,11 @@ import pytest
 import yaml
 
 from fedbell.faces.dataset import Sample
+from fedbell.faces.openset import UNKNOWN
 from simulation.config import SimulationConfig, load
-from simulation.data import MAX_PER_HOUSE, split_households, write_folder
+from simulation.data import MAX_PER_HOUSE, one_photo_each, split_households, write_folder
 from simulation.processes import Fleet, ProcessDied
+from simulation.replay import plan_visits
 from simulation.stack import accuracy_loss_bar
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -61,6 +63,19 @@ def test_a_gallery_holds_its_house_and_keeps_one_photo_each_for_a_visit() -> Non
     assert set(visits) == {p for house in homes.houses for p in house}
     in_galleries = {s for gallery in homes.galleries for s in gallery}
     assert not in_galleries & set(homes.visits)  # a visit is a photo the doorbell never saw
+
+
+def test_the_live_demo_films_as_many_strangers_as_configured_each_a_different_person() -> None:
+    homes = split_households(fake_samples(persons=12, images=4), houses=2, seed=3)
+    newcomer = homes.newcomer[0].person
+    strangers = one_photo_each(homes.held_out)
+    assert len(strangers) == len({s.person for s in homes.held_out}) == 4
+    assert len({s.person for s in strangers}) == len(strangers)
+    visits = plan_visits(newcomer, homes.newcomer[-1].path, homes.visits[:2], strangers[:3])
+    assert [v.truth for v in visits[:3]] == [newcomer, *(s.person for s in homes.visits[:2])]
+    assert [v.truth for v in visits[3:]] == [UNKNOWN] * 3
+    assert {v.photo for v in visits[3:]} == {s.path for s in strangers[:3]}
+    assert len(plan_visits(newcomer, homes.newcomer[-1].path, homes.visits[:2], [])) == 3
 
 
 def test_households_are_deterministic_for_a_seed() -> None:
