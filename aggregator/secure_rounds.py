@@ -97,7 +97,7 @@ class SecureRounds:
         """A doorbell's message in a secure round; the phase moves on once all answered."""
         fed = self.federation
         try:
-            leaf, device = fed.topics.secagg_origin(topic)
+            leaf, device, house = fed.topics.secagg_origin(topic)
         except ValueError as err:
             raise RejectedMessage("bad_topic", str(err)) from None
         current = fed.round
@@ -113,7 +113,7 @@ class SecureRounds:
                 raise RejectedMessage(
                     "late", f"{leaf} after phase {current.secure.phase}'s deadline"
                 )
-            current.secure.handle(leaf, device, payload)
+            current.secure.handle(leaf, device, payload, house)
         except RejectedMessage as err:
             fed.reject(err, f"secagg {leaf} from {device}")  # counted, not answered
             return
@@ -171,7 +171,7 @@ class SecureRounds:
             for device in secure.done("shares"):
                 inbox = server.inbox(device)
                 secure.bytes_down += len(inbox)
-                fed.publish(fed.topics.secagg_inbox(device), inbox)
+                fed.publish(fed.topics.secagg_inbox(device, secure.houses.get(device)), inbox)
             return plan.model_copy(update={"roster": None, "holders": secure.done("shares")})
         request = server.unmask_request()
         survivors = secure.done("masked")

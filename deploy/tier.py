@@ -44,6 +44,7 @@ import bcrypt
 from deploy import pki
 from deploy.acl import STAGING_PREFIX, Role, rules
 from deploy.files import make_dir, write_private, write_public
+from fedbell.wire.topics import Topics
 
 REPO = Path(__file__).resolve().parents[1]
 BRIDGE_TEMPLATE = REPO / "broker" / "cluster_hub.conf"
@@ -89,15 +90,34 @@ def federation_rules(role: Role, name: str, base: str) -> list[tuple[str, str]]:
     return [(access, topic) for access, topic in rules(role, name, base) if topic.startswith(base)]
 
 
-def hub_rules(base: str) -> list[tuple[str, str]]:
-    """What a house hub carries: what any doorbell of the site may do on `base`."""
-    return federation_rules(Role.DEVICE, "+", base)
+def house_routed(base: str, house: str) -> dict[str, tuple[str, str]]:
+    """A doorbell topic filter that crosses the tier under the house -> (its prefix in
+    the house, its prefix on the tier) (fedbell/wire/topics.py): the key advert, whose
+    tier topic tells the aggregator the house, and the inbox it sends back there."""
+    topics = Topics(site=base.rpartition("/")[2], root=base.rpartition("/")[0])
+    return {
+        topics.house_secagg(leaf, None) + "+": (
+            topics.house_secagg(leaf, None),
+            topics.house_secagg(leaf, house),
+        )
+        for leaf in ("keys", "inbox")
+    }
 
 
-def permissions(role: TierRole, base: str) -> list[tuple[str, str]]:
+def hub_rules(base: str, house: str) -> list[tuple[str, str]]:
+    """What a house hub carries: what any doorbell of the site may do on `base`, its
+    key adverts and inboxes under its own house only."""
+    routed = house_routed(base, house)
+    return [
+        (access, routed[topic][1] + "+" if topic in routed else topic)
+        for access, topic in federation_rules(Role.DEVICE, "+", base)
+    ]
+
+
+def permissions(role: TierRole, name: str, base: str) -> list[tuple[str, str]]:
     match role:
         case TierRole.HUB:
-            return hub_rules(base)
+            return hub_rules(base, name.removeprefix(hub_login("")))
         case TierRole.AGGREGATOR:
             return federation_rules(Role.AGGREGATOR, "aggregator", base)
         case TierRole.OBSERVER:
@@ -119,7 +139,7 @@ def spread(nodes: list[Node], index: int) -> list[Node]:
     return nodes[start:] + nodes[:start]
 
 
-def bridge_topics(base: str) -> list[str]:
+def bridge_topics(base: str, house: str) -> list[str]:
     """The bridge's `topic` lines: a doorbell's writes go out, its reads come in.
 
     What comes in lands under STAGING_PREFIX, not on the doorbells' topics: the
@@ -135,13 +155,25 @@ def bridge_topics(base: str) -> list[str]:
     kept a replicated JetStream consumer per topic line and hub (five per hub,
     100 raft groups for 20 hubs), which the surviving nodes of a killed one
     had to re-elect while the round's updates poured in (docs/many-houses.md).
+
+    A doorbell's key advert goes up, and its inbox comes down, under the house
+    (`house_routed`): the bridge swaps the prefix, the doorbells' topics stay theirs,
+    and the hub is sent its own doorbells' inboxes only (each hub all 1,000 of a
+    round took ~10 s of the round, docs/many-houses.md).
     """
+    routed = house_routed(base, house)
     lines = []
-    for access, topic in hub_rules(base):
+    for access, topic in federation_rules(Role.DEVICE, "+", base):
+        # `topic <pattern> <direction> <qos> <local prefix> <remote prefix>`
+        pattern, local, remote = topic, "", '""'
+        if topic in routed:
+            pattern, (local, remote) = "+", routed[topic]
         if access == "write":
-            lines.append(f"topic {topic} out 1")
+            lines.append(
+                f"topic {pattern} out 1 {local} {remote}" if local else f"topic {topic} out 1"
+            )
         else:
-            lines.append(f'topic {topic} in 0 {STAGING_PREFIX} ""')
+            lines.append(f"topic {pattern} in 0 {STAGING_PREFIX}{local} {remote}")
     return lines
 
 
@@ -293,7 +325,7 @@ def render_accounts(tier: Tier) -> str:
     login is a user of it whose permissions stop at its role's topics."""
     users = []
     for name, role in tier.roles.items():
-        allowed = permissions(role, tier.base)
+        allowed = permissions(role, name, tier.base)
         publish = [subject(topic) for access, topic in allowed if access == "write"]
         # A QoS 1 subscription is delivered from a JetStream consumer on
         # $MQTT.sub.<id>: without that permission NATS refuses to create it.
@@ -328,7 +360,7 @@ def render_bridge(tier: Tier, house: str, nodes: list[str]) -> str:
         "ca_file": installed / "ca.crt",
         "cert_file": installed / "client.crt",
         "key_file": installed / "client.key",
-        "topics": "\n".join(bridge_topics(tier.base)),
+        "topics": "\n".join(bridge_topics(tier.base, house)),
     }
     for key, value in values.items():
         # Mosquitto reads an option up to the end of its line and does not quote.

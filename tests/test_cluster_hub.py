@@ -46,10 +46,45 @@ def wait_for_bridge(hub: LocalBroker, timeout: float = 20.0) -> None:
 
 
 def test_the_bridge_carries_only_the_sites_federation_topics() -> None:
-    lines = bridge_topics(BASE)
+    lines = bridge_topics(BASE, "house1")
     assert f"topic {BASE}/update/+ out 1" in lines
     assert f'topic {BASE}/model/global in 0 _tier/ ""' in lines
-    assert all(line.split()[1].startswith(f"{BASE}/") for line in lines)
+    # topic <pattern> <direction> <qos> [<local prefix> <remote prefix>]: on the tier,
+    # the remote prefix and the pattern
+    on_tier = [
+        (words[5].strip('"') if len(words) > 5 else "") + words[1]
+        for words in map(str.split, lines)
+    ]
+    assert all(topic.startswith(f"{BASE}/") for topic in on_tier)
+    assert f"{BASE}/secagg/keys/house1/+" in on_tier
+    assert f"{BASE}/secagg/inbox/house1/+" in on_tier
+    assert f"{BASE}/secagg/inbox/+" not in on_tier
+
+
+def test_a_hub_is_sent_its_own_houses_inboxes_only(
+    tier_and_hub: tuple[ClusterTier, HubBroker],
+) -> None:
+    """A doorbell's key advert crosses under its house, which the aggregator sends its
+    inbox back to; another house's inbox never reaches this hub."""
+    tier, hub = tier_and_hub
+    wait_for_bridge(hub)
+    (_, first), *_ = tier.mqtt_endpoints
+    aggregator = TierClient(tier.login(AGGREGATOR_LOGIN), first, "aggregator-5")
+    doorbell = Probe(hub.port, f"{BASE}/secagg/inbox/+", client_id="cam4")
+    try:
+        aggregator.subscribe(f"{BASE}/secagg/keys/+/+")
+        doorbell.publish(f"{BASE}/secagg/keys/cam4", b"advert")
+        advert = aggregator.wait_for(f"{BASE}/secagg/keys/+/+")
+        assert advert is not None
+        assert advert.topic == f"{BASE}/secagg/keys/house1/cam4"
+        aggregator.publish(f"{BASE}/secagg/inbox/house2/cam9", b"not for house1", retain=True)
+        aggregator.publish(f"{BASE}/secagg/inbox/house1/cam4", b"inbox", retain=True)
+        assert doorbell.wait_for(f"{BASE}/secagg/inbox/cam4", timeout=10).payload == b"inbox"
+        time.sleep(1.0)  # house2's, published first, would have arrived by now
+        assert doorbell.messages.empty()
+    finally:
+        aggregator.close()
+        doorbell.close()
 
 
 def test_doorbell_traffic_stays_home_and_updates_and_models_cross(

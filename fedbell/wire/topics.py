@@ -8,14 +8,20 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Final, Literal, Protocol
+from typing import Final, Literal, NamedTuple, Protocol
 
 SecAggLeaf = Literal["keys", "shares", "masked", "unmask"]
 SECAGG_LEAVES: Final[tuple[SecAggLeaf, ...]] = ("keys", "shares", "masked", "unmask")
 """What a doorbell publishes in a secure round, one topic per phase:
 `<base>/secagg/<leaf>/<device>` (its signed key advert, its encrypted seed shares, its
 masked update, its answer to the unmask request). The aggregator writes each doorbell's
-shares from the others to `<base>/secagg/inbox/<device>`, which only that doorbell reads."""
+shares from the others to `<base>/secagg/inbox/<device>`, which only that doorbell reads.
+
+On the federation tier (docs/many-houses.md) a house hub's bridge carries the key advert
+up as `<base>/secagg/keys/<house>/<device>` and takes down only
+`<base>/secagg/inbox/<house>/+`, back to `inbox/<device>` in the house: the aggregator
+sends each inbox to the house the doorbell's advert came from, so each hub receives its
+own doorbells' inboxes, not all of them, and the tier lets a hub read no other house's."""
 
 _SEGMENT = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
@@ -26,6 +32,15 @@ def check_segment(value: str, what: str) -> str:
     if not _SEGMENT.fullmatch(value):
         raise ValueError(f"{what} {value!r} must be 1-64 characters of letters, digits, '_' or '-'")
     return value
+
+
+class SecAggOrigin(NamedTuple):
+    """Who sent a secagg message: the phase's leaf, the doorbell, and the house whose hub
+    carried it across the federation tier (None on a house's own broker)."""
+
+    leaf: SecAggLeaf
+    device: str
+    house: str | None
 
 
 class _Based(Protocol):
@@ -92,15 +107,33 @@ class Topics:
     def all_secagg(self, leaf: SecAggLeaf) -> str:
         return f"{self.base}/secagg/{leaf}/+"
 
-    def secagg_inbox(self, device: str) -> str:
-        return f"{self.base}/secagg/inbox/{check_segment(device, 'device id')}"
+    all_house_adverts = Subtopic("secagg/keys/+/+")
+    """Key adverts as they cross the federation tier: `<base>/secagg/keys/<house>/<device>`."""
 
-    def secagg_origin(self, topic: str) -> tuple[SecAggLeaf, str]:
-        """(leaf, device) of a doorbell's secagg topic; ValueError for any other topic."""
+    def house_secagg(self, leaf: Literal["keys", "inbox"], house: str | None) -> str:
+        """Where a hub's bridge puts its doorbells' adverts on the tier (keys) or takes
+        their inboxes from (inbox): the `<base>/secagg/<leaf>/<house>/` prefix; without a
+        house (the house's own broker), `<base>/secagg/<leaf>/`."""
+        if house is None:
+            return f"{self.base}/secagg/{leaf}/"
+        return f"{self.base}/secagg/{leaf}/{check_segment(house, 'house')}/"
+
+    def secagg_inbox(self, device: str, house: str | None = None) -> str:
+        """The doorbell's inbox: in its house, or on the tier under its house."""
+        return self.house_secagg("inbox", house) + check_segment(device, "device id")
+
+    def secagg_origin(self, topic: str) -> SecAggOrigin:
+        """Leaf, device and house (None: not through a hub) of a doorbell's secagg topic;
+        ValueError for any other topic."""
         prefix, _, device = topic.rpartition("/")
         for leaf in SECAGG_LEAVES:
             if prefix == f"{self.base}/secagg/{leaf}":
-                return leaf, check_segment(device, "device id")
+                return SecAggOrigin(leaf, check_segment(device, "device id"), None)
+        above, _, house = prefix.rpartition("/")
+        if above == f"{self.base}/secagg/keys":
+            return SecAggOrigin(
+                "keys", check_segment(device, "device id"), check_segment(house, "house")
+            )
         raise ValueError(f"{topic!r} is not a doorbell's secagg topic of site {self.site!r}")
 
     def status(self, device: str) -> str:
