@@ -69,7 +69,7 @@ class SecurePhases:
     """The round's sum was unmasked (the aggregator has seen it, published or not)."""
     houses: dict[str, str] = field(default_factory=dict)
     """The house whose hub carried each doorbell's accepted key advert across the
-    federation tier (none on a house's own broker): its inbox goes back there."""
+    federation tier (none on a house's own broker): its inbox goes to that house's hub."""
 
     @classmethod
     def start(

@@ -18,7 +18,8 @@ only its own `secagg/inbox/<device>`, where the aggregator routes the shares the
 others encrypted for it; the aggregator reads every doorbell's secagg topics and
 writes every inbox. Nobody else reads any of them. On the federation tier
 (deploy/tier.py) a hub's login writes key adverts and reads inboxes only under
-its own house: `secagg/keys/<house>/+`, `secagg/inbox/<house>/+`.
+its own house, `secagg/keys/<house>/+`, and reads its house's inbox bundles,
+`secagg/inboxes/<house>/+`, which the Retainer unpacks to each doorbell's inbox.
 
 A house hub's Retainer (broker/cluster_hub.py) reads what the bridge to the
 federation tier staged under STAGING_PREFIX and writes it, retained, on the
@@ -83,7 +84,7 @@ def rules(role: Role, name: str, base: str) -> list[tuple[str, str]]:
                 # The same across the federation tier, under each doorbell's house
                 # (fedbell/wire/topics.py); on a house's own broker nobody writes them.
                 ("read", f"{base}/secagg/keys/+/+"),
-                ("write", f"{base}/secagg/inbox/+/+"),
+                ("write", f"{base}/secagg/inboxes/+/+"),
                 ("write", f"{base}/round"),
                 ("write", f"{base}/model/global"),
                 ("write", f"{base}/model/tflite"),

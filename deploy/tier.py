@@ -90,28 +90,26 @@ def federation_rules(role: Role, name: str, base: str) -> list[tuple[str, str]]:
     return [(access, topic) for access, topic in rules(role, name, base) if topic.startswith(base)]
 
 
-def house_routed(base: str, house: str) -> dict[str, tuple[str, str]]:
-    """A doorbell topic filter that crosses the tier under the house -> (its prefix in
-    the house, its prefix on the tier) (fedbell/wire/topics.py): the key advert, whose
-    tier topic tells the aggregator the house, and the inbox it sends back there."""
-    topics = Topics(site=base.rpartition("/")[2], root=base.rpartition("/")[0])
-    return {
-        topics.house_secagg(leaf, None) + "+": (
-            topics.house_secagg(leaf, None),
-            topics.house_secagg(leaf, house),
-        )
-        for leaf in ("keys", "inbox")
-    }
-
-
 def hub_rules(base: str, house: str) -> list[tuple[str, str]]:
-    """What a house hub carries: what any doorbell of the site may do on `base`, its
-    key adverts and inboxes under its own house only."""
-    routed = house_routed(base, house)
-    return [
-        (access, routed[topic][1] + "+" if topic in routed else topic)
-        for access, topic in federation_rules(Role.DEVICE, "+", base)
-    ]
+    """What a house hub carries: what any doorbell of the site may do on `base`, but key
+    adverts only under its own house, and instead of the doorbells' inboxes the bundles
+    of its own house's (fedbell/wire/topics.py)."""
+    topics = _topics(base)
+    adverts = topics.house_adverts(None) + "+"
+    rules = []
+    for access, topic in federation_rules(Role.DEVICE, "+", base):
+        if topic == adverts:
+            rules.append((access, topics.house_adverts(house) + "+"))
+        elif topic == f"{topics.base}/secagg/inbox/+":
+            rules.append((access, topics.house_inboxes(house)))
+        else:
+            rules.append((access, topic))
+    return rules
+
+
+def _topics(base: str) -> Topics:
+    root, _, site = base.rpartition("/")
+    return Topics(site=site, root=root)
 
 
 def permissions(role: TierRole, name: str, base: str) -> list[tuple[str, str]]:
@@ -156,24 +154,23 @@ def bridge_topics(base: str, house: str) -> list[str]:
     100 raft groups for 20 hubs), which the surviving nodes of a killed one
     had to re-elect while the round's updates poured in (docs/many-houses.md).
 
-    A doorbell's key advert goes up, and its inbox comes down, under the house
-    (`house_routed`): the bridge swaps the prefix, the doorbells' topics stay theirs,
-    and the hub is sent its own doorbells' inboxes only (each hub all 1,000 of a
-    round took ~10 s of the round, docs/many-houses.md).
+    A doorbell's key advert goes up under the house (the bridge swaps the prefix:
+    `topic + out 1 <in the house> <on the tier>`), and its house's inbox bundles come
+    down (the Retainer gives each doorbell its own): the hub is sent its own doorbells'
+    inboxes only, in a few messages (every hub all 1,000 of a round, one message
+    each, took ~10 s of the round; docs/many-houses.md).
     """
-    routed = house_routed(base, house)
+    topics = _topics(base)
     lines = []
-    for access, topic in federation_rules(Role.DEVICE, "+", base):
-        # `topic <pattern> <direction> <qos> <local prefix> <remote prefix>`
-        pattern, local, remote = topic, "", '""'
-        if topic in routed:
-            pattern, (local, remote) = "+", routed[topic]
-        if access == "write":
+    for access, topic in hub_rules(base, house):
+        if topic.startswith(topics.house_adverts(house)):
             lines.append(
-                f"topic {pattern} out 1 {local} {remote}" if local else f"topic {topic} out 1"
+                f"topic + out 1 {topics.house_adverts(None)} {topics.house_adverts(house)}"
             )
+        elif access == "write":
+            lines.append(f"topic {topic} out 1")
         else:
-            lines.append(f"topic {pattern} in 0 {STAGING_PREFIX}{local} {remote}")
+            lines.append(f'topic {topic} in 0 {STAGING_PREFIX} ""')
     return lines
 
 

@@ -18,10 +18,10 @@ masked update, its answer to the unmask request). The aggregator writes each doo
 shares from the others to `<base>/secagg/inbox/<device>`, which only that doorbell reads.
 
 On the federation tier (docs/many-houses.md) a house hub's bridge carries the key advert
-up as `<base>/secagg/keys/<house>/<device>` and takes down only
-`<base>/secagg/inbox/<house>/+`, back to `inbox/<device>` in the house: the aggregator
-sends each inbox to the house the doorbell's advert came from, so each hub receives its
-own doorbells' inboxes, not all of them, and the tier lets a hub read no other house's."""
+up as `<base>/secagg/keys/<house>/<device>`, and the aggregator sends the inboxes of
+that house's doorbells to `<base>/secagg/inboxes/<house>/<part>`, a few bundles
+(fedbell/wire/house_inboxes.py) that only that house's hub takes down; its Retainer
+puts each inbox on `<base>/secagg/inbox/<device>` in the house."""
 
 _SEGMENT = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
@@ -109,18 +109,21 @@ class Topics:
 
     all_house_adverts = Subtopic("secagg/keys/+/+")
     """Key adverts as they cross the federation tier: `<base>/secagg/keys/<house>/<device>`."""
+    all_house_inboxes = Subtopic("secagg/inboxes/+/+")
 
-    def house_secagg(self, leaf: Literal["keys", "inbox"], house: str | None) -> str:
-        """Where a hub's bridge puts its doorbells' adverts on the tier (keys) or takes
-        their inboxes from (inbox): the `<base>/secagg/<leaf>/<house>/` prefix; without a
-        house (the house's own broker), `<base>/secagg/<leaf>/`."""
+    def house_adverts(self, house: str | None) -> str:
+        """The prefix of a doorbell's key advert topic: on the tier, under its house."""
         if house is None:
-            return f"{self.base}/secagg/{leaf}/"
-        return f"{self.base}/secagg/{leaf}/{check_segment(house, 'house')}/"
+            return f"{self.base}/secagg/keys/"
+        return f"{self.base}/secagg/keys/{check_segment(house, 'house')}/"
 
-    def secagg_inbox(self, device: str, house: str | None = None) -> str:
-        """The doorbell's inbox: in its house, or on the tier under its house."""
-        return self.house_secagg("inbox", house) + check_segment(device, "device id")
+    def house_inboxes(self, house: str, part: int | None = None) -> str:
+        """A bundle of the house's doorbells' inboxes (None: every part, a filter)."""
+        index = "+" if part is None else str(part)
+        return f"{self.base}/secagg/inboxes/{check_segment(house, 'house')}/{index}"
+
+    def secagg_inbox(self, device: str) -> str:
+        return f"{self.base}/secagg/inbox/{check_segment(device, 'device id')}"
 
     def secagg_origin(self, topic: str) -> SecAggOrigin:
         """Leaf, device and house (None: not through a hub) of a doorbell's secagg topic;
@@ -154,3 +157,15 @@ class Topics:
 def doorbell_topic(device: str, leaf: str) -> str:
     """`doorbell/<device>/<leaf>`: events and state for the home."""
     return f"doorbell/{check_segment(device, 'device id')}/{leaf}"
+
+
+def bundle_site(topic: str) -> Topics | None:
+    """The site whose house inbox bundle `topic` is (`<root>/<site>/secagg/inboxes/<house>/
+    <part>`, Topics.house_inboxes); None for any other topic."""
+    base, found, rest = topic.rpartition("/secagg/inboxes/")
+    root, _, site = base.partition("/")
+    house, _, part = rest.partition("/")
+    names = (root, site, house)
+    if not (found and all(_SEGMENT.fullmatch(name) for name in names) and part.isdigit()):
+        return None
+    return Topics(site=site, root=root)
