@@ -8,7 +8,7 @@ fewer than `min_cohort` doorbells remain (fail closed: no sum of fewer houses is
 ever unmasked).
 
     keys    selected doorbells publish signed key adverts     -> roster in the announcement
-    shares  advertised doorbells publish encrypted seed shares -> routed to inbox/<device>
+    shares  advertised doorbells publish encrypted seed shares -> routed to each one's inbox
     send    doorbells that shared publish their masked update  -> survivors and dropped
     unmask  survivors answer the unmask request                -> the round's sum
 
@@ -67,6 +67,9 @@ class SecurePhases:
     """Payload bytes of the inboxes routed to the doorbells (each to its own)."""
     unmasked: bool = False
     """The round's sum was unmasked (the aggregator has seen it, published or not)."""
+    houses: dict[str, str] = field(default_factory=dict)
+    """The house whose hub carried each doorbell's accepted key advert across the
+    federation tier (none on a house's own broker): its inbox goes to that house's hub."""
 
     @classmethod
     def start(
@@ -96,11 +99,14 @@ class SecurePhases:
     def complete(self) -> bool:
         return set(self.expected()) <= set(self.done(self.leaf))
 
-    def handle(self, leaf: SecAggLeaf, device: str, payload: bytes) -> None:
+    def handle(
+        self, leaf: SecAggLeaf, device: str, payload: bytes, house: str | None = None
+    ) -> None:
         """Take one doorbell message; RejectedMessage (SecAggError, its reason saying why:
         wrong phase, unknown device, bad signature, wrong round or size, a share that does
         not match its commitment...) and nothing changed if the library refuses it. A
-        redelivered copy is accepted once; a different second message is refused."""
+        redelivered copy is accepted once; a different second message is refused.
+        `house`: the hub that carried it (fedbell.wire.topics.SecAggOrigin)."""
         handlers = {
             "keys": self.server.add_advert,
             "shares": self.server.add_shares,
@@ -111,6 +117,8 @@ class SecurePhases:
         if device not in self.done(leaf):
             self.answered.setdefault(leaf, []).append(device)
             self.bytes_up += len(payload)
+            if house is not None:
+                self.houses[device] = house
 
     def sum_ready(self) -> bool:
         """Unmask phase: the survivors who answered already rebuild every seed (the others

@@ -27,7 +27,7 @@ from aggregator.rounds import Round
 from aggregator.secure import SecurePhases, mean_delta
 from fedbell.errors import RejectedMessage
 from fedbell.faces import histograms
-from fedbell.wire import dp, masking
+from fedbell.wire import dp, house_inboxes, masking
 from fedbell.wire.protocol import SecAggPlan
 from fedbell.wire.secagg import SecAggParams
 
@@ -97,7 +97,7 @@ class SecureRounds:
         """A doorbell's message in a secure round; the phase moves on once all answered."""
         fed = self.federation
         try:
-            leaf, device = fed.topics.secagg_origin(topic)
+            leaf, device, house = fed.topics.secagg_origin(topic)
         except ValueError as err:
             raise RejectedMessage("bad_topic", str(err)) from None
         current = fed.round
@@ -113,7 +113,7 @@ class SecureRounds:
                 raise RejectedMessage(
                     "late", f"{leaf} after phase {current.secure.phase}'s deadline"
                 )
-            current.secure.handle(leaf, device, payload)
+            current.secure.handle(leaf, device, payload, house)
         except RejectedMessage as err:
             fed.reject(err, f"secagg {leaf} from {device}")  # counted, not answered
             return
@@ -168,10 +168,18 @@ class SecureRounds:
         if secure.phase == "keys":
             return plan.model_copy(update={"roster": _b64(server.roster())})
         if secure.phase == "shares":
+            by_house: dict[str, list[tuple[str, bytes]]] = {}
             for device in secure.done("shares"):
                 inbox = server.inbox(device)
                 secure.bytes_down += len(inbox)
-                fed.publish(fed.topics.secagg_inbox(device), inbox)
+                house = secure.houses.get(device)
+                if house is None:  # on the house's own broker
+                    fed.publish(fed.topics.secagg_inbox(device), inbox)
+                else:  # across the federation tier, to its house's hub only
+                    by_house.setdefault(house, []).append((device, inbox))
+            for house, inboxes in by_house.items():
+                for part, bundle in enumerate(house_inboxes.pack(server.params.round_id, inboxes)):
+                    fed.publish(fed.topics.house_inboxes(house, part), bundle)
             return plan.model_copy(update={"roster": None, "holders": secure.done("shares")})
         request = server.unmask_request()
         survivors = secure.done("masked")

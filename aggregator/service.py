@@ -148,6 +148,7 @@ class AggregatorService:
                 (self.topics.all_updates, 1),
                 (self.topics.all_statuses, 1),
                 *((self.topics.all_secagg(leaf), 1) for leaf in SECAGG_LEAVES),
+                (self.topics.all_house_adverts, 1),
             ]
         )
 

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import threading
 import time
 import urllib.request
@@ -566,14 +567,27 @@ def main(argv: list[str] | None = None) -> int:
         "shipped config's)",
     )
     parser.add_argument("--ack-wait", default="5s", help="the tier's QoS 1 redelivery delay")
-    parser.add_argument("--dir", type=Path, default=REPO / "reports" / "cluster")
+    parser.add_argument(
+        "--dir",
+        type=Path,
+        default=REPO / "reports" / "cluster",
+        help="each run in a new folder here (~2 GB: the nodes' JetStream, the hubs' stores), "
+        "deleted at the end unless --keep",
+    )
+    parser.add_argument(
+        "--keep", action="store_true", help="keep the run's folder (logs, stores) afterwards"
+    )
     parser.add_argument("--out", type=Path, default=REPO / "reports" / "cluster.json")
     args = parser.parse_args(argv)
     if args.round > args.houses * args.doorbells:
         parser.error("--round is larger than houses x doorbells")
     args.dir.mkdir(parents=True, exist_ok=True)
     folder = args.dir / time.strftime("%Y%m%d-%H%M%S")
-    result = run(folder, args)
+    try:
+        result = run(folder, args)
+    finally:
+        if not args.keep:
+            shutil.rmtree(folder, ignore_errors=True)
     print(json.dumps(result, indent=2))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import logging
 import os
 import re
 import signal
@@ -31,6 +32,10 @@ from broker.local import LocalBroker
 from deploy.acl import STAGING_PREFIX
 from deploy.files import write_private
 from fedbell import systemd
+from fedbell.wire import house_inboxes
+from fedbell.wire.topics import bundle_site
+
+log = logging.getLogger(__name__)
 
 HUB_AUTOSAVE = """
 # Saved like broker/production.conf (60 s), not local.conf's 1 s: a hub retains
@@ -44,6 +49,10 @@ autosave_interval 60
 class Retainer:
     """Republishes, retained, what the bridge staged: everything the aggregator
     publishes is retained (aggregator/service.py), and MQTT 3.1.1 lost the flag.
+
+    The house's secure-aggregation inboxes come in bundles (fedbell/wire/house_inboxes.py):
+    it puts each on its doorbell's own inbox topic, and skips a bundle of an earlier round
+    than one it passed on.
 
     A persistent MQTT 5 session on the house broker, so what the bridge staged
     while the retainer restarted is queued for it.
@@ -65,6 +74,8 @@ class Retainer:
         self._address = (host, port)
         self._retained: dict[str, bytes] = {}
         """sha256 of what it last retained, by topic."""
+        self._newest_bundle: dict[str, int] = {}
+        """The latest round of inbox bundles passed on, by house (their topic's prefix)."""
 
     @classmethod
     def with_login(cls, host: str, port: int, login: str, credentials: Path) -> Retainer:
@@ -96,12 +107,30 @@ class Retainer:
             self._retained.clear()
         client.subscribe(f"{STAGING_PREFIX}#", qos=1)
 
-    def _on_message(self, client: mqtt.Client, _userdata: Any, message: mqtt.MQTTMessage) -> None:
+    def _on_message(self, _client: mqtt.Client, _userdata: Any, message: mqtt.MQTTMessage) -> None:
         topic = message.topic.removeprefix(STAGING_PREFIX)
-        digest = hashlib.sha256(message.payload).digest()
+        payload = bytes(message.payload)
+        site = bundle_site(topic)
+        if site is None:
+            self._retain(topic, payload)
+            return
+        try:
+            round_id, inboxes = house_inboxes.unpack(payload)
+        except ValueError as err:
+            log.warning("%s: %s; not passed on", topic, err)
+            return
+        house = topic.rpartition("/")[0]
+        if round_id < self._newest_bundle.get(house, 0):
+            return  # an earlier round's part, sent again after a reconnection
+        self._newest_bundle[house] = round_id
+        for device, inbox in inboxes:
+            self._retain(site.secagg_inbox(device), inbox)
+
+    def _retain(self, topic: str, payload: bytes) -> None:
+        digest = hashlib.sha256(payload).digest()
         if self._retained.get(topic) != digest:
             self._retained[topic] = digest
-            client.publish(topic, message.payload, 1, retain=True)
+            self.client.publish(topic, payload, 1, retain=True)
 
 
 class HubBroker(LocalBroker):

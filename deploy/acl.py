@@ -16,7 +16,10 @@ Secure aggregation: a doorbell writes only its own `secagg/<leaf>/<device>`
 topics (key advert, encrypted shares, masked update, unmask answer) and reads
 only its own `secagg/inbox/<device>`, where the aggregator routes the shares the
 others encrypted for it; the aggregator reads every doorbell's secagg topics and
-writes every inbox. Nobody else reads any of them.
+writes every inbox. Nobody else reads any of them. On the federation tier
+(deploy/tier.py) a hub's login writes key adverts and reads inboxes only under
+its own house, `secagg/keys/<house>/+`, and reads its house's inbox bundles,
+`secagg/inboxes/<house>/+`, which the Retainer unpacks to each doorbell's inbox.
 
 A house hub's Retainer (broker/cluster_hub.py) reads what the bridge to the
 federation tier staged under STAGING_PREFIX and writes it, retained, on the
@@ -78,6 +81,10 @@ def rules(role: Role, name: str, base: str) -> list[tuple[str, str]]:
                 ("read", f"{base}/status/+"),
                 *(("read", f"{base}/secagg/{leaf}/+") for leaf in SECAGG_LEAVES),
                 ("write", f"{base}/secagg/inbox/+"),
+                # The same across the federation tier, under each doorbell's house
+                # (fedbell/wire/topics.py); on a house's own broker nobody writes them.
+                ("read", f"{base}/secagg/keys/+/+"),
+                ("write", f"{base}/secagg/inboxes/+/+"),
                 ("write", f"{base}/round"),
                 ("write", f"{base}/model/global"),
                 ("write", f"{base}/model/tflite"),

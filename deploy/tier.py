@@ -44,6 +44,7 @@ import bcrypt
 from deploy import pki
 from deploy.acl import STAGING_PREFIX, Role, rules
 from deploy.files import make_dir, write_private, write_public
+from fedbell.wire.topics import Topics
 
 REPO = Path(__file__).resolve().parents[1]
 BRIDGE_TEMPLATE = REPO / "broker" / "cluster_hub.conf"
@@ -89,15 +90,32 @@ def federation_rules(role: Role, name: str, base: str) -> list[tuple[str, str]]:
     return [(access, topic) for access, topic in rules(role, name, base) if topic.startswith(base)]
 
 
-def hub_rules(base: str) -> list[tuple[str, str]]:
-    """What a house hub carries: what any doorbell of the site may do on `base`."""
-    return federation_rules(Role.DEVICE, "+", base)
+def hub_rules(base: str, house: str) -> list[tuple[str, str]]:
+    """What a house hub carries: what any doorbell of the site may do on `base`, but key
+    adverts only under its own house, and instead of the doorbells' inboxes the bundles
+    of its own house's (fedbell/wire/topics.py)."""
+    topics = _topics(base)
+    adverts = topics.house_adverts(None) + "+"
+    rules = []
+    for access, topic in federation_rules(Role.DEVICE, "+", base):
+        if topic == adverts:
+            rules.append((access, topics.house_adverts(house) + "+"))
+        elif topic == f"{topics.base}/secagg/inbox/+":
+            rules.append((access, topics.house_inboxes(house)))
+        else:
+            rules.append((access, topic))
+    return rules
 
 
-def permissions(role: TierRole, base: str) -> list[tuple[str, str]]:
+def _topics(base: str) -> Topics:
+    root, _, site = base.rpartition("/")
+    return Topics(site=site, root=root)
+
+
+def permissions(role: TierRole, name: str, base: str) -> list[tuple[str, str]]:
     match role:
         case TierRole.HUB:
-            return hub_rules(base)
+            return hub_rules(base, name.removeprefix(hub_login("")))
         case TierRole.AGGREGATOR:
             return federation_rules(Role.AGGREGATOR, "aggregator", base)
         case TierRole.OBSERVER:
@@ -119,7 +137,7 @@ def spread(nodes: list[Node], index: int) -> list[Node]:
     return nodes[start:] + nodes[:start]
 
 
-def bridge_topics(base: str) -> list[str]:
+def bridge_topics(base: str, house: str) -> list[str]:
     """The bridge's `topic` lines: a doorbell's writes go out, its reads come in.
 
     What comes in lands under STAGING_PREFIX, not on the doorbells' topics: the
@@ -135,10 +153,21 @@ def bridge_topics(base: str) -> list[str]:
     kept a replicated JetStream consumer per topic line and hub (five per hub,
     100 raft groups for 20 hubs), which the surviving nodes of a killed one
     had to re-elect while the round's updates poured in (docs/many-houses.md).
+
+    A doorbell's key advert goes up under the house (the bridge swaps the prefix:
+    `topic + out 1 <in the house> <on the tier>`), and its house's inbox bundles come
+    down (the Retainer gives each doorbell its own): the hub is sent its own doorbells'
+    inboxes only, in a few messages (every hub all 1,000 of a round, one message
+    each, took ~10 s of the round; docs/many-houses.md).
     """
+    topics = _topics(base)
     lines = []
-    for access, topic in hub_rules(base):
-        if access == "write":
+    for access, topic in hub_rules(base, house):
+        if topic.startswith(topics.house_adverts(house)):
+            lines.append(
+                f"topic + out 1 {topics.house_adverts(None)} {topics.house_adverts(house)}"
+            )
+        elif access == "write":
             lines.append(f"topic {topic} out 1")
         else:
             lines.append(f'topic {topic} in 0 {STAGING_PREFIX} ""')
@@ -293,7 +322,7 @@ def render_accounts(tier: Tier) -> str:
     login is a user of it whose permissions stop at its role's topics."""
     users = []
     for name, role in tier.roles.items():
-        allowed = permissions(role, tier.base)
+        allowed = permissions(role, name, tier.base)
         publish = [subject(topic) for access, topic in allowed if access == "write"]
         # A QoS 1 subscription is delivered from a JetStream consumer on
         # $MQTT.sub.<id>: without that permission NATS refuses to create it.
@@ -328,7 +357,7 @@ def render_bridge(tier: Tier, house: str, nodes: list[str]) -> str:
         "ca_file": installed / "ca.crt",
         "cert_file": installed / "client.crt",
         "key_file": installed / "client.key",
-        "topics": "\n".join(bridge_topics(tier.base)),
+        "topics": "\n".join(bridge_topics(tier.base, house)),
     }
     for key, value in values.items():
         # Mosquitto reads an option up to the end of its line and does not quote.

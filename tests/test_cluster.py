@@ -71,9 +71,13 @@ def tier(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ClusterTier]:
 
 def test_hub_permissions_are_the_doorbells_federation_topics() -> None:
     base = f"fedbell/{SITE}"
-    allowed = hub_rules(base)
+    allowed = hub_rules(base, "house1")
     assert ("write", f"{base}/update/+") in allowed
     assert ("read", f"{base}/model/global") in allowed
+    # its own house's key adverts and inboxes, no other's
+    assert ("write", f"{base}/secagg/keys/house1/+") in allowed
+    assert ("read", f"{base}/secagg/inboxes/house1/+") in allowed
+    assert not [topic for _, topic in allowed if topic.endswith(("keys/+", "inbox/+"))]
     assert all(topic.startswith(base) for _, topic in allowed)  # no doorbell/, no homeassistant/
     assert subject(f"{base}/model/tflite/+") == "fedbell.fed.model.tflite.*"
 

@@ -15,6 +15,7 @@ from broker.cluster import AGGREGATOR_LOGIN, OBSERVER_LOGIN, ClusterTier
 from broker.cluster_hub import HubBroker
 from broker.local import LocalBroker
 from deploy.tier import bridge_topics
+from fedbell.wire import house_inboxes
 from tests.mqtt_helpers import Probe
 from tests.test_cluster import SITE, TierClient, pytestmark
 
@@ -46,10 +47,51 @@ def wait_for_bridge(hub: LocalBroker, timeout: float = 20.0) -> None:
 
 
 def test_the_bridge_carries_only_the_sites_federation_topics() -> None:
-    lines = bridge_topics(BASE)
+    lines = bridge_topics(BASE, "house1")
     assert f"topic {BASE}/update/+ out 1" in lines
     assert f'topic {BASE}/model/global in 0 _tier/ ""' in lines
-    assert all(line.split()[1].startswith(f"{BASE}/") for line in lines)
+    assert f'topic {BASE}/secagg/inboxes/house1/+ in 0 _tier/ ""' in lines
+    # the key advert: `topic + out 1 <prefix in the house> <prefix on the tier>`
+    adverts = f"topic + out 1 {BASE}/secagg/keys/ {BASE}/secagg/keys/house1/"
+    assert adverts in lines
+    others = [line.split()[1] for line in lines if line != adverts]
+    assert all(topic.startswith(f"{BASE}/") for topic in others)
+    assert not [topic for topic in others if "/secagg/inbox/" in topic or "keys" in topic]
+
+
+def test_a_hub_is_sent_its_own_houses_inboxes_only(
+    tier_and_hub: tuple[ClusterTier, HubBroker],
+) -> None:
+    """A doorbell's key advert crosses under its house; the aggregator's bundle of that
+    house's inboxes reaches each doorbell on its own inbox topic; another house's bundle,
+    and an earlier round's, never reach it."""
+    tier, hub = tier_and_hub
+    wait_for_bridge(hub)
+    (_, first), *_ = tier.mqtt_endpoints
+    aggregator = TierClient(tier.login(AGGREGATOR_LOGIN), first, "aggregator-5")
+    doorbell = Probe(hub.port, f"{BASE}/secagg/inbox/+", client_id="cam4")
+    try:
+        aggregator.subscribe(f"{BASE}/secagg/keys/+/+")
+        doorbell.publish(f"{BASE}/secagg/keys/cam4", b"advert")
+        advert = aggregator.wait_for(f"{BASE}/secagg/keys/+/+")
+        assert advert is not None
+        assert advert.topic == f"{BASE}/secagg/keys/house1/cam4"
+        elsewhere = house_inboxes.pack(7, [("cam9", b"not for house1")])[0]
+        aggregator.publish(f"{BASE}/secagg/inboxes/house2/0", elsewhere, retain=True)
+        mine = house_inboxes.pack(7, [("cam4", b"inbox 4"), ("cam5", b"inbox 5")])[0]
+        aggregator.publish(f"{BASE}/secagg/inboxes/house1/0", mine, retain=True)
+        earlier = house_inboxes.pack(6, [("cam4", b"round 6")])[0]
+        aggregator.publish(f"{BASE}/secagg/inboxes/house1/1", earlier, retain=True)
+        received = [doorbell.wait_for(f"{BASE}/secagg/inbox/+", timeout=10) for _ in range(2)]
+        assert {(m.topic, m.payload) for m in received} == {
+            (f"{BASE}/secagg/inbox/cam4", b"inbox 4"),
+            (f"{BASE}/secagg/inbox/cam5", b"inbox 5"),
+        }
+        time.sleep(1.0)  # house2's and round 6's would have arrived by now
+        assert doorbell.messages.empty()
+    finally:
+        aggregator.close()
+        doorbell.close()
 
 
 def test_doorbell_traffic_stays_home_and_updates_and_models_cross(

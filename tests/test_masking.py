@@ -9,12 +9,16 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 from fedbell.wire.masking import (
+    _SUBSET_LABEL,
     VALUE_BYTES,
     decode_sum,
     encode,
+    first_of_order,
     pack,
     prg,
     reduce,
+    round_seed,
+    seeded_permutation,
     shared_subset,
     split_subset,
     unpack,
@@ -98,6 +102,25 @@ def test_shared_subset_is_the_same_everywhere_and_moves_between_rounds() -> None
         assert overlap < 0.2  # independent draws overlap by ~density = 5 %
     assert len(shared_subset(10, 0.001, 1, None)) == 1
     assert np.array_equal(shared_subset(5, 1.0, 1, None), np.arange(5))
+
+
+@settings(max_examples=200, deadline=None)
+@given(arrays(np.uint64, st.integers(1, 60), elements=st.integers(0, 5)), st.integers(1, 70))
+def test_first_of_order_is_the_stable_sorts_first_count(keys: np.ndarray, count: int) -> None:
+    """Keys from 0..5 tie often: a tie at the cut goes to the lower index, as sorting does."""
+    expected = np.sort(np.argsort(keys, kind="stable")[:count])
+    chosen = first_of_order(keys, count)
+    assert chosen.dtype == np.int64
+    assert np.array_equal(chosen, expected)
+
+
+def test_shared_subset_is_the_seeded_permutations_first_coordinates() -> None:
+    """Selection instead of a sort changed no coordinate of any round's subset."""
+    for size, density, round_id in [(32_768, 0.1, 3), (1_000, 0.05, 9), (7, 0.5, 1)]:
+        seed = round_seed(_SUBSET_LABEL, round_id, "main")
+        count = max(1, round(size * density))
+        expected = np.sort(seeded_permutation(seed, size)[:count])
+        assert np.array_equal(shared_subset(size, density, round_id, "main"), expected)
 
 
 def test_split_subset_sends_the_subset_and_keeps_the_rest() -> None:

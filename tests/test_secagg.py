@@ -358,6 +358,43 @@ def test_a_doorbell_refuses_a_roster_that_omits_it_or_swaps_a_neighbours_key() -
     round_.clients["bell-02"].share(json.dumps(roster).encode())  # state kept: still works
 
 
+def test_a_doorbell_reads_its_neighbours_adverts_strictly_and_no_other() -> None:
+    names = [f"d{i:02d}" for i in range(30)]
+    round_ = Round(graph_params(neighbours=6, threshold=4, min_cohort=10, round_id=2), names)
+    roster = json.loads(round_.advertise())
+    me = round_.clients["d00"]
+    neighbours = neighbour_graph(names, me.params)["d00"]
+    stranger = next(name for name in names if name not in (*neighbours, "d00"))
+
+    def with_advert(name: str, **changes: object) -> bytes:
+        adverts = [{**a, **changes} if a["device"] == name else a for a in roster["adverts"]]
+        return json.dumps({**roster, "adverts": adverts}).encode()
+
+    for bad in ({"enc_key": "not base64"}, {"round": 3}, {"extra": 1}):
+        with pytest.raises(SecAggError) as err:
+            me.share(with_advert(neighbours[0], **bad))
+        assert err.value.device == neighbours[0]
+    with pytest.raises(SecAggError) as unsigned:
+        me.share(with_advert(neighbours[-1], signature=None))
+    assert reason_of(unsigned) == "secagg_bad_signature"
+    with pytest.raises(SecAggError) as misnamed:
+        me.share(with_advert(stranger, device="d00 "))
+    assert reason_of(misnamed) == "secagg_bad_message"
+    me.share(with_advert(stranger, enc_key="unread", round=3))  # never used: never read
+
+
+def test_a_message_nested_too_deep_is_refused_not_a_crash() -> None:
+    client = Round(params()).clients["bell-00"]
+    client.advertise()
+    for payload in (b"[" * 100_000, b'{"round": 5, "adverts": [' + b"[" * 100_000 + b"]}"):
+        with pytest.raises(SecAggError) as err:
+            client.share(payload)
+        assert reason_of(err) == "secagg_bad_message"
+    with pytest.raises(SecAggError) as large:
+        client.share(b" " * (400 * 10_000 + 1))
+    assert "limit" in str(large.value)
+
+
 def test_too_few_adverts_give_no_roster() -> None:
     round_ = Round(params(min_cohort=4))
     for name in NAMES[:3]:

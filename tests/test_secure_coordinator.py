@@ -103,7 +103,7 @@ class InProcessFederation:
             elif topic.startswith(f"{TOPICS.base}/secagg/inbox/"):
                 self.participants[topic.rsplit("/", 1)[1]].on_inbox(payload)
             elif topic.startswith(f"{TOPICS.base}/secagg/"):
-                leaf, device = TOPICS.secagg_origin(topic)
+                leaf, device, _house = TOPICS.secagg_origin(topic)
                 self.coordinator.on_message(topic, self.tamper.get((leaf, device), payload))
 
     def _announce(self, announcement: RoundAnnouncement) -> None:

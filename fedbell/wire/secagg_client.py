@@ -6,7 +6,8 @@ each once, in this order. A refused message leaves the client where it was.
 
 from __future__ import annotations
 
-import itertools
+import bisect
+import operator
 import os
 import re
 from collections.abc import Mapping
@@ -23,12 +24,13 @@ from fedbell.wire.secagg_messages import (
     Advert,
     Inbox,
     Masked,
-    Roster,
+    RosterIndex,
     SealedShare,
     SecAggError,
     Shares,
     UnmaskReply,
     UnmaskRequest,
+    advert_of,
     b64,
     check_round,
     dump,
@@ -38,6 +40,7 @@ from fedbell.wire.secagg_messages import (
     pairwise_seed,
     parse,
     public_bytes,
+    roster_names,
     seal,
     seed_commitment,
     share_associated_data,
@@ -67,7 +70,8 @@ class _Held:
 
 def check_sorted_names(names: tuple[str, ...], what: str) -> None:
     """SecAggError unless the names are strictly increasing (sorted, no duplicates)."""
-    if any(a >= b for a, b in itertools.pairwise(names)):
+    # map in C: a generator over 1,000 names took ~1 ms, four times a round per doorbell
+    if not all(map(operator.lt, names, names[1:])):
         raise SecAggError("secagg_bad_message", f"{what} is not sorted without duplicates")
 
 
@@ -139,24 +143,36 @@ class SecAggClient:
         return dump(advert)
 
     def share(self, roster: bytes) -> bytes:
-        """Check the roster, then deal this doorbell's two seeds to its neighbours, encrypted."""
+        """Check the roster, then deal this doorbell's two seeds to its neighbours, encrypted.
+
+        Every name of the roster is read (the neighbour graph is drawn on all of
+        them) but only this doorbell's own advert and its k neighbours' are read
+        in full and checked: nothing of the others is ever used, and at 1,000
+        doorbells reading all 1,000 adverts was most of this step.
+        """
         self._expect("advertised", "share")
-        message = parse(roster, Roster, MAX_LIST_BYTES)
+        message = parse(roster, RosterIndex, MAX_LIST_BYTES)
         params, me = self.params, self.device
         check_round(message, params, "roster", None)
-        names = tuple(advert.device for advert in message.adverts)
+        names = roster_names(message)
         check_sorted_names(names, "roster")
-        adverts = {advert.device: advert for advert in message.adverts}
-        for advert in message.adverts:
-            check_round(advert, params, f"advert of {advert.device}", advert.device)
-        if adverts.get(me) != self._advert:
-            raise SecAggError("secagg_bad_roster", f"roster omits or alters {me}'s advert")
+        position = bisect.bisect_left(names, me)
+        if position == len(names) or names[position] != me:
+            raise SecAggError("secagg_bad_roster", f"roster omits {me}'s advert")
         if len(names) < params.min_cohort:
             raise SecAggError(
                 "secagg_below_min_cohort",
                 f"roster of {len(names)} doorbells, min_cohort {params.min_cohort}",
             )
         neighbours = neighbours_of(me, names, params)
+        adverts = {
+            name: advert_of(message.adverts[bisect.bisect_left(names, name)])
+            for name in (me, *neighbours)
+        }
+        for name, advert in adverts.items():
+            check_round(advert, params, f"advert of {name}", name)
+        if adverts[me] != self._advert:
+            raise SecAggError("secagg_bad_roster", f"roster alters {me}'s advert")
         for peer in neighbours:
             if self._peer_keys is not None:
                 key = self._peer_keys.get(peer)

@@ -1,8 +1,9 @@
 """The secure-aggregation messages (strict JSON) and the cryptography they carry.
 
-Every byte string from the network goes through `parse`: size and nesting first
-(fedbell.wire.safejson), then a pydantic model with extra="forbid", then each
-base64 field is decoded to its exact length by the caller (`unb64`). Failures are
+Every byte string from the network goes through `parse`: size first, then a
+pydantic model (whose JSON parser bounds the nesting) with extra="forbid" (a
+roster's adverts are read in two steps, see RosterIndex), then each base64 field
+is decoded to its exact length by the caller (`unb64`). Failures are
 `SecAggError`s: a RejectedMessage whose `reason` is a stable `secagg_*` key and
 whose `device` names the doorbell at fault when one is.
 
@@ -19,7 +20,8 @@ import base64
 import binascii
 import hashlib
 import json
-from typing import Annotated, TypeVar
+import re
+from typing import Annotated, Any, TypeVar
 
 from cryptography.exceptions import InvalidSignature, InvalidTag
 from cryptography.hazmat.primitives import hashes, serialization
@@ -30,11 +32,11 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
 
 from fedbell.errors import RejectedMessage
-from fedbell.wire import safejson
 from fedbell.wire.protocol import validation_problems
 from fedbell.wire.secagg_params import MAX_DEVICES, SecAggParams
 
 DEVICE = r"^[A-Za-z0-9_-]{1,64}$"
+_DEVICE_NAME = re.compile("[A-Za-z0-9_-]{1,64}")
 LINEAGE = DEVICE
 _B64 = r"^[A-Za-z0-9+/]*={0,2}$"
 COMMITMENT_BYTES = 16
@@ -83,6 +85,42 @@ class Advert(_Message):
 
 class Roster(_Message):
     adverts: tuple[Advert, ...] = Field(max_length=MAX_DEVICES)
+
+
+class RosterIndex(_Message):
+    """A roster as a doorbell first reads it: each advert left a plain JSON object.
+
+    A doorbell needs every name of the roster (the neighbour graph is drawn on
+    it) but the adverts of its k neighbours only: `roster_names` checks the
+    names, `advert_of` reads an advert in full, as strictly as the server reads
+    any (pydantic models of all 1,000 adverts: 1.5 ms a doorbell, this 0.9 ms).
+    """
+
+    adverts: tuple[dict[str, Any], ...] = Field(max_length=MAX_DEVICES)
+
+
+def roster_names(roster: RosterIndex) -> tuple[str, ...]:
+    """Each advert's device name, in order; SecAggError('secagg_bad_message') for one
+    that names none."""
+    names = []
+    for entry in roster.adverts:
+        name = entry.get("device")
+        if not (isinstance(name, str) and _DEVICE_NAME.fullmatch(name)):
+            raise SecAggError("secagg_bad_message", f"roster: an advert names {name!r}")
+        names.append(name)
+    return tuple(names)
+
+
+def advert_of(entry: dict[str, Any]) -> Advert:
+    """The full Advert of a roster entry, or SecAggError('secagg_bad_message')."""
+    try:
+        return Advert.model_validate(entry)
+    except ValidationError as err:
+        device = entry.get("device")
+        problems = validation_problems(err)
+        raise SecAggError(
+            "secagg_bad_message", f"advert of {device}: {problems}", str(device)
+        ) from None
 
 
 class SealedShare(BaseModel):
@@ -140,12 +178,19 @@ M = TypeVar("M", bound=BaseModel)
 
 
 def parse(payload: bytes, model: type[M], max_bytes: int) -> M:
-    """The validated message, or SecAggError('secagg_bad_message') saying which field."""
+    """The validated message, or SecAggError('secagg_bad_message') saying which field.
+
+    Size first. Nesting needs no scan of its own here (safejson.check_shape, 3.7 ms
+    on a roster of 1,000, which every doorbell of the round reads): pydantic's JSON
+    parser refuses a document nested deeper than 200 levels with a ValidationError,
+    not a RecursionError (tests/test_secagg.py), and no model here nests beyond 3.
+    """
+    if len(payload) > max_bytes:
+        raise SecAggError(
+            "secagg_bad_message", f"{model.__name__}: {len(payload)} bytes, limit {max_bytes}"
+        )
     try:
-        safejson.check_shape(payload, max_bytes=max_bytes, max_depth=6)
         return model.model_validate_json(payload)
-    except RejectedMessage as err:
-        raise SecAggError("secagg_bad_message", f"{model.__name__}: {err}") from None
     except ValidationError as err:
         problems = validation_problems(err)
         raise SecAggError("secagg_bad_message", f"{model.__name__}: {problems}") from None

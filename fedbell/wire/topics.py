@@ -8,14 +8,20 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Final, Literal, Protocol
+from typing import Final, Literal, NamedTuple, Protocol
 
 SecAggLeaf = Literal["keys", "shares", "masked", "unmask"]
 SECAGG_LEAVES: Final[tuple[SecAggLeaf, ...]] = ("keys", "shares", "masked", "unmask")
 """What a doorbell publishes in a secure round, one topic per phase:
 `<base>/secagg/<leaf>/<device>` (its signed key advert, its encrypted seed shares, its
 masked update, its answer to the unmask request). The aggregator writes each doorbell's
-shares from the others to `<base>/secagg/inbox/<device>`, which only that doorbell reads."""
+shares from the others to `<base>/secagg/inbox/<device>`, which only that doorbell reads.
+
+On the federation tier (docs/many-houses.md) a house hub's bridge carries the key advert
+up as `<base>/secagg/keys/<house>/<device>`, and the aggregator sends the inboxes of
+that house's doorbells to `<base>/secagg/inboxes/<house>/<part>`, a few bundles
+(fedbell/wire/house_inboxes.py) that only that house's hub takes down; its Retainer
+puts each inbox on `<base>/secagg/inbox/<device>` in the house."""
 
 _SEGMENT = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
@@ -26,6 +32,15 @@ def check_segment(value: str, what: str) -> str:
     if not _SEGMENT.fullmatch(value):
         raise ValueError(f"{what} {value!r} must be 1-64 characters of letters, digits, '_' or '-'")
     return value
+
+
+class SecAggOrigin(NamedTuple):
+    """Who sent a secagg message: the phase's leaf, the doorbell, and the house whose hub
+    carried it across the federation tier (None on a house's own broker)."""
+
+    leaf: SecAggLeaf
+    device: str
+    house: str | None
 
 
 class _Based(Protocol):
@@ -92,15 +107,36 @@ class Topics:
     def all_secagg(self, leaf: SecAggLeaf) -> str:
         return f"{self.base}/secagg/{leaf}/+"
 
+    all_house_adverts = Subtopic("secagg/keys/+/+")
+    """Key adverts as they cross the federation tier: `<base>/secagg/keys/<house>/<device>`."""
+    all_house_inboxes = Subtopic("secagg/inboxes/+/+")
+
+    def house_adverts(self, house: str | None) -> str:
+        """The prefix of a doorbell's key advert topic: on the tier, under its house."""
+        if house is None:
+            return f"{self.base}/secagg/keys/"
+        return f"{self.base}/secagg/keys/{check_segment(house, 'house')}/"
+
+    def house_inboxes(self, house: str, part: int | None = None) -> str:
+        """A bundle of the house's doorbells' inboxes (None: every part, a filter)."""
+        index = "+" if part is None else str(part)
+        return f"{self.base}/secagg/inboxes/{check_segment(house, 'house')}/{index}"
+
     def secagg_inbox(self, device: str) -> str:
         return f"{self.base}/secagg/inbox/{check_segment(device, 'device id')}"
 
-    def secagg_origin(self, topic: str) -> tuple[SecAggLeaf, str]:
-        """(leaf, device) of a doorbell's secagg topic; ValueError for any other topic."""
+    def secagg_origin(self, topic: str) -> SecAggOrigin:
+        """Leaf, device and house (None: not through a hub) of a doorbell's secagg topic;
+        ValueError for any other topic."""
         prefix, _, device = topic.rpartition("/")
         for leaf in SECAGG_LEAVES:
             if prefix == f"{self.base}/secagg/{leaf}":
-                return leaf, check_segment(device, "device id")
+                return SecAggOrigin(leaf, check_segment(device, "device id"), None)
+        above, _, house = prefix.rpartition("/")
+        if above == f"{self.base}/secagg/keys":
+            return SecAggOrigin(
+                "keys", check_segment(device, "device id"), check_segment(house, "house")
+            )
         raise ValueError(f"{topic!r} is not a doorbell's secagg topic of site {self.site!r}")
 
     def status(self, device: str) -> str:
@@ -121,3 +157,15 @@ class Topics:
 def doorbell_topic(device: str, leaf: str) -> str:
     """`doorbell/<device>/<leaf>`: events and state for the home."""
     return f"doorbell/{check_segment(device, 'device id')}/{leaf}"
+
+
+def bundle_site(topic: str) -> Topics | None:
+    """The site whose house inbox bundle `topic` is (`<root>/<site>/secagg/inboxes/<house>/
+    <part>`, Topics.house_inboxes); None for any other topic."""
+    base, found, rest = topic.rpartition("/secagg/inboxes/")
+    root, _, site = base.partition("/")
+    house, _, part = rest.partition("/")
+    names = (root, site, house)
+    if not (found and all(_SEGMENT.fullmatch(name) for name in names) and part.isdigit()):
+        return None
+    return Topics(site=site, root=root)
