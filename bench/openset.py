@@ -108,6 +108,7 @@ from bench.households import (
 )
 from bench.openset_features import ENROL_PER_PERSON, backbone_model, start_head, time_doorbell
 from bench.openset_report import ARMS, bar_verdict, print_table, report
+from edge.enroll import MIN_CHIPS
 from edge.recognition_config import RecognitionConfig
 from edge.trainer import round_seed, train_delta
 from fedbell.faces.embedding import HEAD_NAMES, TrainParams, train_head
@@ -320,6 +321,15 @@ def _parser() -> argparse.ArgumentParser:
         "as camera enrolment does not mirror)",
     )
     parser.add_argument(
+        "--min-enrol",
+        type=int,
+        default=MIN_CHIPS,
+        help="enrolment photos with a face a test person needs to be a member of their house "
+        "(default: the least `edge enroll` accepts without a warning); fewer, and the person "
+        "only rings at the other houses, as a stranger. 1: every person with two photos (half "
+        "of LFW's are enrolled from one photo)",
+    )
+    parser.add_argument(
         "--visit-frames",
         type=int,
         default=RecognitionConfig().visit_frames or RecognitionConfig().confirm_frames,
@@ -425,6 +435,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     data["bar"] = bar_verdict({a["name"]: a for a in data["arms"]})
     openset_visits.add_visit_figures(data, scored, args.seeds, args.visit_frames, args.enrol)
     data["enrolment_mirrored"] = args.enrol_mirrored
+    data["min_enrol_photos"] = args.min_enrol
     openset_visits.print_visit_table(data)
     print_table(
         data,
