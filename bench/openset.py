@@ -332,7 +332,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--visit-frames",
         type=int,
-        default=RecognitionConfig().visit_frames or RecognitionConfig().confirm_frames,
+        default=RecognitionConfig().decision_frames(),
         help="frames filmed per visit (default: what the default doorbell decides after)",
     )
     parser.add_argument(
