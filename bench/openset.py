@@ -11,8 +11,9 @@ each probe and each stranger is a visit of `--visit-frames` frames of one scene
 own `edge.chips.visit_embedding`, with the threshold calibrated on stranger visits,
 against galleries enrolled from clean photos (`--enrol doorbell`: from camera
 frames) by the members who have `--min-enrol` of them (as `edge enroll` asks;
-the others only ring elsewhere, as strangers). `near` (the default, what the default two-stream doorbell captures):
-faces cut from the full-resolution stream at ring distance; `far` (formerly
+the others only ring elsewhere, as strangers). `near` (the default, what the
+default two-stream doorbell captures): faces cut from the full-resolution
+stream at ring distance; `far` (formerly
 `doorbell`): faces from a 640x480 frame. The per-frame figures below (frame 0
 of each visit, galleries enrolled from frames) are the second row.
 
