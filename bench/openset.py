@@ -10,8 +10,10 @@ each probe and each stranger is a visit of `--visit-frames` frames of one scene
 (`bench.openset_frames`), decided from its best `--keep` chips by the doorbell's
 own `edge.chips.visit_embedding`, with the threshold calibrated on stranger visits,
 against galleries enrolled from clean photos (`--enrol doorbell`: from camera
-frames). `near` (the default, what the default two-stream doorbell captures):
-faces cut from the full-resolution stream at ring distance; `far` (formerly
+frames) by the members who have `--min-enrol` of them (as `edge enroll` asks;
+the others only ring elsewhere, as strangers). `near` (the default, what the
+default two-stream doorbell captures): faces cut from the full-resolution
+stream at ring distance; `far` (formerly
 `doorbell`): faces from a 640x480 frame. The per-frame figures below (frame 0
 of each visit, galleries enrolled from frames) are the second row.
 
@@ -108,6 +110,7 @@ from bench.households import (
 )
 from bench.openset_features import ENROL_PER_PERSON, backbone_model, start_head, time_doorbell
 from bench.openset_report import ARMS, bar_verdict, print_table, report
+from edge.enroll import MIN_CHIPS
 from edge.recognition_config import RecognitionConfig
 from edge.trainer import round_seed, train_delta
 from fedbell.faces.embedding import HEAD_NAMES, TrainParams, train_head
@@ -320,9 +323,18 @@ def _parser() -> argparse.ArgumentParser:
         "as camera enrolment does not mirror)",
     )
     parser.add_argument(
+        "--min-enrol",
+        type=int,
+        default=MIN_CHIPS,
+        help="enrolment photos with a face a test person needs to be a member of their house "
+        "(default: the least `edge enroll` accepts without a warning); fewer, and the person "
+        "only rings at the other houses, as a stranger. 1: every person with two photos (half "
+        "of LFW's are enrolled from one photo)",
+    )
+    parser.add_argument(
         "--visit-frames",
         type=int,
-        default=RecognitionConfig().visit_frames or RecognitionConfig().confirm_frames,
+        default=RecognitionConfig().decision_frames(),
         help="frames filmed per visit (default: what the default doorbell decides after)",
     )
     parser.add_argument(
@@ -425,6 +437,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     data["bar"] = bar_verdict({a["name"]: a for a in data["arms"]})
     openset_visits.add_visit_figures(data, scored, args.seeds, args.visit_frames, args.enrol)
     data["enrolment_mirrored"] = args.enrol_mirrored
+    data["min_enrol_photos"] = args.min_enrol
     openset_visits.print_visit_table(data)
     print_table(
         data,

@@ -30,6 +30,7 @@ from bench.openset import ArmOutcome
 from bench.openset_features import ENROL_PER_PERSON, Photo
 from bench.openset_frames import FrameCache, VisitConditions, extract_frames, frame_key
 from edge.chips import visit_embedding
+from edge.enroll import MIN_CHIPS
 from fedbell.faces.calibration import calibrate_threshold
 from fedbell.faces.embedding import Features, embed
 from fedbell.faces.openset import OpenSetResult, prototype, score_trials, trial
@@ -121,7 +122,7 @@ def visit_embeddings(visits: Visits, head: Weights, keep: int) -> npt.NDArray[np
 @dataclass(frozen=True)
 class VisitHouse:
     """A test house: its gallery's enrolment features, its members' probe visits, and
-    every visit of its members (what the other houses see as strangers)."""
+    every visit of its people, enrolled or not (what the other houses see as strangers)."""
 
     enrol: Features
     enrol_labels: npt.NDArray[np.int64]
@@ -150,17 +151,25 @@ def build_visit_bench(
     enrolment: Enrolment,
     width: int,
     mirrored: FrameCache | None = None,
+    min_enrol: int = MIN_CHIPS,
 ) -> VisitBench:
     """Test houses as visits. Each member enrols from up to ENROL_PER_PERSON of their first
-    photos (one always left to probe); the rest are probe visits. A member needs an
-    enrolment face and a probe visit with a face. With `mirrored`, each enrolment photo
-    also gives its mirrored chip (the photo flipped before detection)."""
+    photos (one always left to probe); the rest are probe visits. A member needs
+    `min_enrol` enrolment photos with a face (`edge enroll` warns below MIN_CHIPS) and a
+    probe visit with a face. A person with an enrolment face and a probe visit but fewer
+    photos than that is enrolled nowhere: their visits only ring at the other houses, as
+    a stranger's (a house left without members stays, with an empty gallery, so the
+    strangers and the houses' order do not depend on `min_enrol`). With `mirrored`, each
+    enrolment photo also gives its mirrored chip (the photo flipped before detection)."""
 
     def enrolled(photos: Sequence[Photo]) -> list[npt.NDArray[np.float32]]:
         faces = [f for p in photos for f, _ in enrol_cache.frames(p.key, 1)]
-        if mirrored is not None:
+        if mirrored is not None and faces:
             faces += [f for p in photos for f, _ in mirrored.frames(p.key, 1)]
         return faces
+
+    def enrolled_faces(photos: Sequence[Photo]) -> int:
+        return sum(bool(enrol_cache.frames(p.key, 1)) for p in photos)
 
     houses = []
     for people in split.test_houses:
@@ -168,7 +177,7 @@ def build_visit_bench(
         enrol_labels: list[int] = []
         probe_keys: list[str] = []
         probe_labels: list[int] = []
-        member_keys: list[str] = []
+        visitor_keys: list[str] = []
         label = 0
         for person in people:
             photos = everyone[person]
@@ -179,19 +188,21 @@ def build_visit_bench(
             probes = [p.key for p in photos[cut:] if doorbell.frames(p.key, frames)]
             if not faces or not probes:
                 continue
+            visitor_keys += [p.key for p in photos]
+            if enrolled_faces(photos[:cut]) < min_enrol:
+                continue
             enrol += faces
             enrol_labels += [label] * len(faces)
             probe_keys += probes
             probe_labels += [label] * len(probes)
-            member_keys += [p.key for p in photos]
             label += 1
-        if label:
+        if visitor_keys:
             houses.append(
                 VisitHouse(
-                    np.asarray(enrol, np.float32),
+                    np.asarray(enrol, np.float32).reshape(-1, width),
                     np.asarray(enrol_labels, np.int64),
                     make_visits(doorbell, probe_keys, probe_labels, frames, width),
-                    make_visits(doorbell, member_keys, [-1] * len(member_keys), frames, width),
+                    make_visits(doorbell, visitor_keys, [-1] * len(visitor_keys), frames, width),
                 )
             )
     if len(houses) < 2:
@@ -205,7 +216,7 @@ def build_visit_bench(
         if len(photos) < 2:
             continue
         cut = min(ENROL_PER_PERSON, len(photos) - 1)
-        faces = enrolled(photos[:cut])
+        faces = enrolled(photos[:cut])  # as the aggregator enrols them (`enrol_held_out`)
         if faces:
             residents.append(np.asarray(faces, np.float32))
     return VisitBench(tuple(houses), calibration, tuple(residents), frames, keep, enrolment)
@@ -218,7 +229,8 @@ def visit_threshold(
     bench: VisitBench, head: Weights, target_far: float, gallery_size: int
 ) -> float:
     """The threshold that lets `target_far` of the calibration strangers' visits in, at
-    pretend houses of the residents (enrolled as the test houses enrol)."""
+    pretend houses of the residents (enrolled as the aggregator enrols them: every one
+    with an enrolment face, `fedbell.faces.openset.enrol_held_out`)."""
     residents = None
     if len(bench.residents) >= gallery_size:
         residents = np.stack([prototype(embed(faces, head)) for faces in bench.residents])
@@ -228,7 +240,8 @@ def visit_threshold(
 
 def evaluate_visits(bench: VisitBench, heads: Sequence[Weights], threshold: float) -> OpenSetResult:
     """Every house's member visits named (or not) at `threshold`; every other house's
-    members' visits must come out unknown. One head for all, or one per house."""
+    people's visits must come out unknown. One head for all, or one per house (a house
+    without members is no gallery, only its people's visits ring elsewhere)."""
     shared = len(heads) == 1
     pooled = (
         [visit_embeddings(h.everyone, heads[0], bench.keep) for h in bench.houses]
@@ -237,6 +250,8 @@ def evaluate_visits(bench: VisitBench, heads: Sequence[Weights], threshold: floa
     )
     trials = []
     for index, house in enumerate(bench.houses):
+        if house.probes.count == 0:
+            continue
         head = heads[0] if shared else heads[index]
         enrolled = embed(house.enrol, head)
         prototypes = np.stack(
@@ -309,19 +324,22 @@ def prepare_visits(
             enrolment=args.enrol,
             width=width,
             mirrored=mirrored,
+            min_enrol=args.min_enrol,
         )
         flags = np.asarray([doorbell.flags[frame_key(p.key, 0)] for p in photos])
         visits = visit_benches[seed]
+        members = [h for h in visits.houses if h.probes.count]
         detection[seed] = {
             **detected(flags),
             "train_houses": len(bench.train),
             "test_houses": len(bench.test),
             "member_probes": int(sum(len(h.probes) for h in bench.test)),
-            "visit_houses": len(visits.houses),
+            "visit_houses": len(members),
+            "members": int(sum(int(h.enrol_labels.max()) + 1 for h in members)),
             "member_visits": int(sum(h.probes.count for h in visits.houses)),
             "calibration_visits": visits.calibration.count,
             "mean_frames_with_a_face": float(
-                np.mean([len(h.probes.visit) / h.probes.count for h in visits.houses])
+                np.mean([len(h.probes.visit) / h.probes.count for h in members])
             ),
         }
     return Prepared(everyone, benches, detection), visit_benches
@@ -380,8 +398,8 @@ def print_visit_table(data: dict[str, Any]) -> None:
 
     table = Table(
         title=f"Per visit (as the doorbell decides): {data['conditions']} conditions, "
-        f"{data['visit_frames']} frames a visit, enrolment from {data['enrolment']} "
-        f"photos, seeds {data['seeds']}"
+        f"{data['visit_frames']} frames a visit, members enrolled from "
+        f"{data['min_enrol_photos']}-5 {data['enrolment']} photos, seeds {data['seeds']}"
     )
     columns = ("open-set acc.", "rank-1", "TAR @ 1 % FAR", "unknown rejected", "threshold")
     for column in ("arm", *columns):

@@ -6,9 +6,10 @@ failing model is logged and counted, never the end of the loop.
 
 Visitors are decided per visit, not per frame: each face joins a `Track` (the
 nearest face of the previous frames), the track averages the embeddings of
-its frames, and once it has `visit_frames` frames (default `confirm_frames`) it sends one visitor
-event, named from the mean against the prototypes enrolled *at that moment*
-(so a person enrolled mid-visit is named). One noisy frame no longer decides
+its frames, and once it has `visit_frames` frames (default 8; a visit that ends
+sooner, when it ends, if it has `confirm_frames`) it sends one visitor event,
+named from the mean against the prototypes enrolled *at that moment* (so a
+person enrolled mid-visit is named). One noisy frame no longer decides
 who is at the door. The mean is over the visit's best `confirm_frames` chips
 (`edge.chips`: largest, sharpest, most frontal), not its first frames.
 
@@ -197,19 +198,21 @@ class Tracker:
     A face joins the nearest track whose last box centre is within
     TRACK_GATE box widths; a lone face also continues a lone track seen in the
     frame just before (a jumpy detector box is still the same visitor). A track
-    not seen for `max_gap_s` has ended.
+    not seen for `max_gap_s` has ended (`ended`: those the last update dropped).
     """
 
     def __init__(self, max_gap_s: float, keep: int = 5) -> None:
         self.max_gap_s = max_gap_s
         self.keep = keep
         self.tracks: list[Track] = []
+        self.ended: list[Track] = []
         self.frames = 0
 
     def update(self, sightings: Sequence[Sighting], frame: Frame | None, now: float) -> list[Track]:
         """The track of each sighting, in order; new tracks for new faces (`frame`: the
         frame to keep as a track's best, None when no snapshot will ever be taken)."""
         self.frames += 1
+        self.ended = [t for t in self.tracks if now - t.last_seen >= self.max_gap_s]
         self.tracks = [t for t in self.tracks if now - t.last_seen < self.max_gap_s]
         previous = [t for t in self.tracks if t.last_frame == self.frames - 1]
         matched: dict[int, Track] = {}
@@ -237,6 +240,7 @@ class Tracker:
             result.append(track)
         if len(self.tracks) > MAX_TRACKS:  # a detector running wild: keep the freshest
             self.tracks = sorted(self.tracks, key=lambda t: -t.last_seen)[:MAX_TRACKS]
+            # (tracks dropped here are not `ended`: a detector running wild is no visit)
         return result
 
 
@@ -326,6 +330,7 @@ class Pipeline:
             tracks = self._tracker.update(sightings, kept, now)
             self._presence(tracks, now)
             self._visitors(tracks, now)
+            self._ended_visits(self._tracker.ended, now)
             ring_now = self._face_ring(sightings)
         if ring_now:
             self.ring("face")
@@ -383,30 +388,36 @@ class Pipeline:
 
     def _visitors(self, tracks: list[Track], now: float) -> None:
         """One event per visit once it has visit_frames frames; per person once per debounce_s."""
-        needed = self.config.visit_frames or self.config.confirm_frames
+        needed = self.config.decision_frames()
         for track in tracks:
-            if track.announced or track.frames < needed:
-                continue
-            track.announced = True
-            self.counters.visits += 1
-            person, confidence = track.decide(self.recognizer)
-            announced = (
-                now - self._seen.last_event.get(person, float("-inf")) >= self.config.debounce_s
-            )
-            self._report_visit(
-                VisitDecision(person, confidence, track.frames, track.chosen(), announced)
-            )
-            if not announced:
-                self._remember_stranger(track, person, "")
-                continue
-            self._seen.last_event[person] = now
-            self.counters.visitor_events += 1
-            best = track.best
-            if best is not None:  # always, once a track has frames
-                event = self.events.visitor(
-                    person, confidence, best.box, best.crop, track.best_frame
-                )
-                self._remember_stranger(track, person, event)
+            if not track.announced and track.frames >= needed:
+                self._announce(track, now)
+
+    def _ended_visits(self, ended: list[Track], now: float) -> None:
+        """A visit that ended before visit_frames is decided now, if it has confirm_frames."""
+        for track in ended:
+            if not track.announced and track.frames >= self.config.confirm_frames:
+                self._announce(track, now)
+
+    def _announce(self, track: Track, now: float) -> None:
+        """The visit's decision, reported to on_visit and, per person once per debounce_s,
+        as one visitor event."""
+        track.announced = True
+        self.counters.visits += 1
+        person, confidence = track.decide(self.recognizer)
+        announced = now - self._seen.last_event.get(person, float("-inf")) >= self.config.debounce_s
+        self._report_visit(
+            VisitDecision(person, confidence, track.frames, track.chosen(), announced)
+        )
+        if not announced:
+            self._remember_stranger(track, person, "")
+            return
+        self._seen.last_event[person] = now
+        self.counters.visitor_events += 1
+        best = track.best
+        if best is not None:  # always, once a track has frames
+            event = self.events.visitor(person, confidence, best.box, best.crop, track.best_frame)
+            self._remember_stranger(track, person, event)
 
     def _report_visit(self, decision: VisitDecision) -> None:
         if self.on_visit is None:

@@ -15,6 +15,7 @@ from bench.openset_frames import FrameCache, frame_image, frame_key
 from bench.openset_visits import (
     add_visit_figures,
     build_visit_bench,
+    evaluate_visits,
     score_visits,
     visit_embeddings,
 )
@@ -268,3 +269,53 @@ def test_tiny_synthetic_visit_run_scores_what_the_doorbell_decides(tmp_path: Pat
     start_arm = next(a for a in loaded["arms"] if a["name"] == "start")
     # Visits of several frames, their best chips averaged, beat single frames here.
     assert start_arm["visit_rank1"] >= start_arm["rank1"] - 0.05
+
+
+def test_a_person_with_too_few_enrolment_photos_only_rings_as_a_stranger(tmp_path: Path) -> None:
+    people = _people(60)
+    everyone = {  # as in LFW, most people have two photos
+        person: [
+            Photo(Path(f"{person}/{j}.jpg"), f"{person}/{j}.jpg") for j in range(2 if i % 4 else 6)
+        ]
+        for i, person in enumerate(people)
+    }
+    strangers = [f"lfw_strangers/s{i}/s{i}.jpg" for i in range(60)]
+    split = households.split_people(
+        people, strangers, seed=0, calibration=30, negatives=20, residents=6
+    )
+    cache = _frame_cache(tmp_path, everyone, strangers, 3)
+
+    def bench(least: int) -> Any:
+        return build_visit_bench(
+            split,
+            everyone,
+            cache,
+            cache,
+            frames=3,
+            keep=2,
+            enrolment="doorbell",
+            width=DIM,
+            min_enrol=least,
+        )
+
+    everybody, enrolled_well = bench(1), bench(3)
+
+    def members(visits: Any) -> int:
+        return sum(len(set(h.enrol_labels.tolist())) for h in visits.houses)
+
+    assert members(enrolled_well) < members(everybody)  # people with 2-3 photos are out...
+    for house in enrolled_well.houses:
+        if len(house.enrol_labels):
+            assert np.bincount(house.enrol_labels).min() >= 3
+    # ...but still ring at the other houses: the same houses, the same strangers' visits.
+    assert len(enrolled_well.houses) == len(everybody.houses)
+    for before, after in zip(everybody.houses, enrolled_well.houses, strict=True):
+        assert np.array_equal(before.everyone.frames, after.everyone.frames)
+    assert any(h.probes.count == 0 for h in enrolled_well.houses)  # a house of no members
+    start = [np.eye(DIM, dtype=np.float32)]
+    assert (
+        evaluate_visits(enrolled_well, [start], 0.5).members
+        < evaluate_visits(everybody, [start], 0.5).members
+    )
+    # The aggregator's pretend residents are enrolled as it enrols them, whatever the bar.
+    assert len(enrolled_well.residents) == len(everybody.residents)

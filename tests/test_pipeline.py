@@ -171,7 +171,11 @@ def test_a_person_enrolled_mid_visit_is_named_when_the_visit_is_decided(
 
     clock = FrameClock()
     pipeline = Pipeline(
-        detector(), recognizer, Sink(), RecognitionConfig(confirm_frames=4), clock=clock
+        detector(),
+        recognizer,
+        Sink(),
+        RecognitionConfig(confirm_frames=4, visit_frames=None),
+        clock=clock,
     )
     frames = frames_of(5, 4, 55)
     for frame in frames[:2]:
@@ -232,7 +236,7 @@ def test_commands_ring_face_trigger_and_a_label_that_names_the_next_visit(
     publisher.on_labelled = lambda: recognizer.set_gallery(
         gallery.features(recognizer.backbone)  # type: ignore[arg-type]
     )
-    config = RecognitionConfig(ring_on_face_frames=3, confirm_frames=1)
+    config = RecognitionConfig(ring_on_face_frames=3, confirm_frames=1, visit_frames=None)
     pipeline = Pipeline(detector(), recognizer, publisher, config)
     publisher.on_ring_command = lambda: pipeline.ring("command")
     publisher.attach()

@@ -317,7 +317,9 @@ def test_a_model_swap_mid_visit_restarts_its_evidence(
     recognizer = recognizer_for(backbone_models, house, threshold=0.0, version=1)
     visit = [f for f, _ in detected(recognizer, 1, 5, 61)]
     sink, clock = Sink(), FrameClock()
-    config = RecognitionConfig(confirm_frames=3, debounce_s=10.0, absent_after_s=2.0)
+    config = RecognitionConfig(
+        confirm_frames=3, visit_frames=None, debounce_s=10.0, absent_after_s=2.0
+    )
     pipeline = Pipeline(detector(), recognizer, sink, config, clock=clock)
     play(pipeline, clock, visit[:2])
     recognizer.set_head(head(version=2, backbone=backbone_models.sha256, threshold=0.0))
@@ -338,7 +340,7 @@ def test_a_ring_names_the_visit_at_the_door(
     recognizer = recognizer_for(backbone_models, house, threshold=0.0)
     visit = [f for f, _ in detected(recognizer, 1, 3, 71)]
     sink, clock = Sink(), FrameClock()
-    config = RecognitionConfig(confirm_frames=2, absent_after_s=5.0)
+    config = RecognitionConfig(confirm_frames=2, visit_frames=None, absent_after_s=5.0)
     pipeline = Pipeline(detector(), recognizer, sink, config, clock=clock)
     play(pipeline, clock, visit)
     pipeline.ring("button")
@@ -355,7 +357,9 @@ def test_frames_are_held_only_for_snapshots(
     visit = [f for f, _ in detected(recognizer, 1, 3, 71)]
     for snapshot in (False, True):
         sink, clock = Sink(), FrameClock()
-        config = RecognitionConfig(confirm_frames=2, absent_after_s=5.0, snapshot=snapshot)
+        config = RecognitionConfig(
+            confirm_frames=2, visit_frames=None, absent_after_s=5.0, snapshot=snapshot
+        )
         pipeline = Pipeline(detector(), recognizer, sink, config, clock=clock)
         play(pipeline, clock, visit)
         pipeline.ring("button")
@@ -462,3 +466,36 @@ def test_a_replay_runs_on_its_own_time_and_ends_a_visit_after_its_empty_frames(
     play(pipeline, FrameClock(), [*[NO_FRAME] * 2, *alice * 4])  # 2 empty: the same visit
     assert pipeline.counters.visits == pipeline.counters.visitor_events == 2
     assert [e.person for e in sink.visitors] == ["person0", "person0"]  # no debounce
+
+
+def test_a_visit_is_decided_after_visit_frames_or_when_it_ends_sooner(
+    backbone_models: BackboneModels, house: Gallery
+) -> None:
+    config = RecognitionConfig(absent_after_s=2.0)  # the defaults: the best 5 chips of 8
+    assert (config.confirm_frames, config.decision_frames()) == (5, 8)
+    recognizer = recognizer_for(backbone_models, house, threshold=0.0)
+    visit = [f for f, _ in detected(recognizer, 1, 8, 81)]
+    sink, clock = Sink(), FrameClock()
+    pipeline = Pipeline(detector(), recognizer, sink, config, clock=clock)
+    play(pipeline, clock, visit[:7])
+    assert sink.visitors == []  # seven frames: still choosing its best chips
+    play(pipeline, clock, visit[7:8])
+    assert [e.person for e in sink.visitors] == ["person1"]  # decided at the eighth
+
+    short = RecognitionConfig(absent_after_s=2.0, debounce_s=0.0)
+    sink, clock = Sink(), FrameClock()
+    pipeline = Pipeline(detector(), recognizer, sink, short, clock=clock)
+    play(pipeline, clock, visit[:6])
+    assert sink.visitors == []
+    play(pipeline, clock, [NO_FRAME] * 2)  # the face is gone: the visit ends, decided
+    assert [e.person for e in sink.visitors] == ["person1"]
+    play(pipeline, clock, visit[:4] + [NO_FRAME] * 3)  # fewer than confirm_frames: no visit
+    assert len(sink.visitors) == 1
+    assert pipeline.counters.visits == 1
+
+
+def test_visit_frames_by_default_gives_way_to_more_confirm_frames() -> None:
+    assert RecognitionConfig(confirm_frames=10).decision_frames() == 10
+    assert RecognitionConfig(visit_frames=None).decision_frames() == 5
+    with pytest.raises(ValueError, match="visit_frames"):
+        RecognitionConfig(confirm_frames=5, visit_frames=4)
