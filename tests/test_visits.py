@@ -276,7 +276,9 @@ def test_one_event_per_visit_and_per_person_within_the_debounce(
     empty = [NO_FRAME] * 3
 
     sink, clock = Sink(), FrameClock()
-    config = RecognitionConfig(confirm_frames=2, debounce_s=20.0, absent_after_s=2.0)
+    config = RecognitionConfig(
+        confirm_frames=2, visit_frames=None, debounce_s=20.0, absent_after_s=2.0
+    )
     strict = recognizer_for(backbone_models, house, threshold=1.0)
     pipeline = Pipeline(detector(), strict, sink, config, clock=clock)
     play(pipeline, clock, alice[:5] + empty)  # "unknown" at threshold 1 (nobody is named)
