@@ -1,7 +1,7 @@
 """Open-set recognition on never-seen people, under doorbell conditions (issue 11).
 
     python -m bench.openset [--conditions near|far|clean] [--enrol clean|doorbell]
-                            [--visit-frames 5] [--rounds 60] [--seeds 0 1]
+                            [--visit-frames 8] [--rounds 60] [--seeds 0 1]
                             [--houses-per-round 20] [--test-dataset DIR]
                             [--client-optimizer adam|sgd] [--server-optimizer none|fedadam]
 
@@ -53,30 +53,19 @@ people (150 dev people in no house, enrolled as test houses enrol: the
 aggregator's `evaluation.dataset`), for 1 % false accepts per visit (the
 aggregator's defaults). Prints a table and writes `reports/openset.json`.
 
-Measured (`make bench-openset`, seeds 0 and 1, 60 rounds × 20 of 202-211
-training houses, 99-102 test houses of 402-419 never-seen people, ~445
-member probes and ~122,000 stranger visits per seed; BlazeFace finds 90 % of
-the degraded faces; the product's defaults, top-k 5 % up and the int8 head
-down; open-set accuracy / TAR at 1 % FAR, mean of the seeds): start 0.787 /
-0.593, federated 0.803 / 0.630 (seeds 0.810, 0.797), central 0.831 / 0.684,
-local_only 0.513 / 0.049; every threshold lets 0.9-1.0 % of the test
-strangers in. Issue 11's bar is NOT met. Before the threshold was calibrated
-at houses of held-out people's prototypes it was calibrated at houses of
-single stranger photos, which let 3.8 % of strangers in at dlib's projection
-and so lifted the start arm to 0.847. The federated head gains 4 points of
-TAR over dlib's projection and ends within 3 points of central, but the
-frozen features bound every head near 0.68-0.71 TAR under these conditions:
-a residual adapter, a wider head, training dlib's last residual blocks
-centrally (with a second degradation and flips as augmentation) measured no
-better, see README "What the learning buys". With `--conditions clean`
-(seed 0, the earlier calibration) every arm but local_only sat at 0.97 /
-0.95: the doorbell conditions cost dlib's projection 36 points of TAR.
-local_only collapses (0.51): any adaptation moves the similarity scale, and
-a doorbell alone has no stranger folder to recalibrate the threshold it was
-shipped with. A doorbell update is 3.7 kB (top-k 5 % with error feedback,
-signed), the int8 global head 32.6 kB; enrolling a person from 5 photos
-takes 40 ms and a face 9 ms (detect, align, backbone, head; one thread of
-this x86 machine, medians).
+Measured per visit (issue 20's headline; `make bench-openset`, `far` and
+`near`, seeds 0 and 1, 60 rounds × 20 houses, visits of 8 frames decided from
+their best 5 chips, members enrolled from 3-5 clean photos; TAR at 1 % FAR,
+mean of the seeds): `far` start 0.955, federated 0.945, central 0.966; `near`
+0.997 / 0.981 / 0.992; 0.990-0.996 of stranger visits rejected at every
+shipped threshold. With faces given their pixels, visits decided from several
+frames and people enrolled as the product asks, dlib's projection is near the
+ceiling and the federated head does not add to it. Per frame (frame 0,
+galleries enrolled from frames, every member), the older headline: TAR start
+0.593, federated 0.630, central 0.684, where the frozen features bound every
+head near 0.68-0.71 (docs/learning.md "What the learning buys" has both, and
+what else was tried). A doorbell update is 3.7 kB (top-k 5 % with error
+feedback, signed), the int8 global head 32.6 kB.
 """
 
 from __future__ import annotations
