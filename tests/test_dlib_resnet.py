@@ -17,6 +17,8 @@ import pytest
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from fedbell.faces import align, dlib_resnet
+from fedbell.faces.detection import Face
+from fedbell.faces.features import face_chip
 from fedbell.faces.litert import interpreter_factory
 
 
@@ -241,3 +243,22 @@ def test_chip_from_box_places_the_box_like_dlib() -> None:
     np.testing.assert_allclose(centroid(chip[:, :, 0]), expected, atol=0.5)
     with pytest.raises(ValueError, match="box"):
         align.chip_from_box(image, (0, 0, 0, 10))
+
+
+def test_a_face_whose_eyes_almost_coincide_is_cut_by_its_box() -> None:
+    # BlazeFace gives such eyes on a few degraded far frames; aligning by them would
+    # raise (a pixel blown up to the chip) and lose the frame's other faces with it.
+    rng = np.random.default_rng(3)
+    image = rng.integers(0, 255, (240, 320, 3), dtype=np.uint8)
+    box = (100, 60, 40, 48)
+    degenerate = Face(box, 0.9, right_eye=(120.0, 80.0), left_eye=(120.6, 80.6))
+    np.testing.assert_array_equal(face_chip(image, degenerate), align.chip_from_box(image, box))
+    # Eyes 2 px apart on a 40 px face are still not eyes; 16 px apart are.
+    close = Face(box, 0.9, right_eye=(119.0, 80.0), left_eye=(121.0, 80.0))
+    np.testing.assert_array_equal(face_chip(image, close), align.chip_from_box(image, box))
+    eyes = Face(box, 0.9, right_eye=(112.0, 80.0), left_eye=(128.0, 80.0))
+    np.testing.assert_array_equal(
+        face_chip(image, eyes), align.align_by_eyes(image, (112.0, 80.0), (128.0, 80.0))
+    )
+    with pytest.raises(ValueError, match="not a face"):  # the aligner itself still refuses
+        align.align_by_eyes(image, (120.0, 80.0), (120.6, 80.6))
