@@ -267,8 +267,8 @@ class ClusterTier(Service):
             tier,
             node.name,
             listeners,
-            self.work_dir / node.name,
-            log_file=self.work_dir / f"{node.name}.log",
+            self.work_dir.absolute() / node.name,
+            log_file=self.work_dir.absolute() / f"{node.name}.log",
             ack_wait=self.ack_wait,
         )
 

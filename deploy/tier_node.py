@@ -96,10 +96,11 @@ def write_node_config(
     public = registered_address(tier, name)
     _check_listeners(listeners, len(tier.nodes))
     bundle = node_bundle(tier.root, name)
-    folder = installed_at or bundle
+    folder = installed_at or bundle.absolute()
     for path in (folder, store_dir, *([log_file] if log_file else [])):
-        if any(char in str(path) for char in UNSAFE_IN_PATH):
-            raise TierError(f"unusable path in a node's configuration: {path}")
+        # nats-server would read a relative path from its working directory.
+        if any(char in str(path) for char in UNSAFE_IN_PATH) or not path.is_absolute():
+            raise TierError(f"unusable path in a node's configuration (absolute, plain): {path}")
     names = tuple(dict.fromkeys([public.host, listeners.cluster.host]))
     make_dir(bundle, 0o700)
     ca = pki.load(tier.tls_dir / "ca.crt", tier.tls_dir / "ca.key")

@@ -145,14 +145,21 @@ def test_node_config_writes_a_bundle_for_the_installed_node(tmp_path: Path) -> N
     nodes = ["n1.example.org:8883", "n2.example.org:8883", "n3.example.org:8883"]
     init_tier(tmp_path, SITE, "fedbell", nodes)
     report = node_config(
-        tmp_path, "n2", "--cluster-listen=10.0.0.2:6222", "--route=10.0.0.1:6222",
+        tmp_path,
+        "n2",
+        "--cluster-listen=10.0.0.2:6222",
+        "--route=10.0.0.1:6222",
         "--route=10.0.0.3:6222",
-    )  # fmt: skip
+    )
     bundle = node_bundle(tmp_path, "n2")
     assert str(bundle) in report
     assert {path.name for path in bundle.iterdir()} == {
-        CONFIG_NAME, "accounts.conf", "ca.crt", "server.crt", "server.key"
-    }  # fmt: skip
+        CONFIG_NAME,
+        "accounts.conf",
+        "ca.crt",
+        "server.crt",
+        "server.key",
+    }
     assert (bundle / "server.key").stat().st_mode & 0o077 == 0
     config = (bundle / CONFIG_NAME).read_text()
     assert 'listen: "0.0.0.0:8883"' in config  # init-tier's port for n2, every interface
@@ -185,6 +192,7 @@ def test_node_config_writes_a_bundle_for_the_installed_node(tmp_path: Path) -> N
         ("n1", ["--cluster-listen=h:1", "--route=h:1", "--route=n2:1"], "own --cluster-listen"),
         ("n1", ["--cluster-listen=h:8883", "--route=a:1", "--route=b:1"], "duplicate port"),
         ("n1", ["--cluster-listen=h:1", "--route=a:1", "--route=b:1", "--store=/a b"], "path"),
+        ("n1", ["--cluster-listen=h:1", "--route=a:1", "--route=b:1", "--store=js"], "absolute"),
     ],
 )
 def test_node_config_refuses_bad_input_and_writes_nothing(
