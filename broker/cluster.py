@@ -1,10 +1,11 @@
 """The federation tier for many houses: a three-node NATS JetStream cluster speaking MQTT.
 
-Like broker/local.py does for one Mosquitto, `ClusterTier` renders the
-project's node config (broker/cluster.conf) three times on free loopback ports,
-provisions the tier with deploy/tier.py exactly as an operator would (a CA, the
-nodes' certificate, one login per hub and the aggregator, accounts.conf with
-their bcrypt hashes and permissions, a bundle with bridge.conf per hub),
+Like broker/local.py does for one Mosquitto, `ClusterTier` provisions the tier
+with deploy/tier.py exactly as an operator would (a CA, one login per hub and
+the aggregator, accounts.conf with their bcrypt hashes and permissions, a
+bundle with bridge.conf per hub), renders each node's bundle as
+`provision node-config` does (deploy/tier_node.py: broker/cluster.conf and
+the node's certificate) on free loopback ports,
 starts the nodes and waits until the cluster really carries MQTT. Used by the
 tests and by `make bench-cluster`; issue 23 and docs/many-houses.md say why NATS.
 
@@ -28,18 +29,26 @@ import urllib.request
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from string import Template
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
 from broker.local import BrokerError, Service, free_port, signal_and_wait
-from deploy.files import write_private
-from deploy.tier import PROBE_TOPIC, Tier, TierRole, add_login, hub_login, init_tier, spread
+from deploy.tier import (
+    PROBE_TOPIC,
+    Address,
+    Tier,
+    TierRole,
+    add_login,
+    hub_login,
+    init_tier,
+    spread,
+)
+from deploy.tier_node import CONFIG_NAME, NodeListeners, node_bundle, write_node_config
 from fedbell.config import TlsSettings
 from fedbell.tier import TierMqttSettings
 
-NODE_TEMPLATE = Path(__file__).with_name("cluster.conf")
+LOOPBACK = "127.0.0.1"
 AGGREGATOR_LOGIN = "aggregator"
 PROBE_LOGIN = "cluster-probe"
 OBSERVER_LOGIN = "observer"
@@ -76,7 +85,6 @@ class NatsNode:
     """One node's ports and process; the ports survive a kill and a restart."""
 
     name: str
-    client_port: int
     cluster_port: int
     http_port: int
     mqtt_port: int
@@ -102,8 +110,7 @@ class ClusterTier(Service):
         self.base = f"{topic_root}/{site}"
         self.hubs = list(hubs)
         self.nodes = [
-            NatsNode(f"n{i + 1}", free_port(), free_port(), free_port(), free_port())
-            for i in range(nodes)
+            NatsNode(f"n{i + 1}", free_port(), free_port(), free_port()) for i in range(nodes)
         ]
         self.tls_dir = work_dir / "tls"
         if not ack_wait[:-1].isdigit() or ack_wait[-1] not in "sm":
@@ -113,7 +120,7 @@ class ClusterTier(Service):
     @property
     def mqtt_endpoints(self) -> list[tuple[str, int]]:
         """(host, port) of every node's MQTT listener, in node order."""
-        return [("127.0.0.1", node.mqtt_port) for node in self.nodes]
+        return [(LOOPBACK, node.mqtt_port) for node in self.nodes]
 
     def endpoints_for(self, house: str) -> list[tuple[str, int]]:
         """Every node's MQTT listener, starting at `house`'s own (deploy.tier.spread)."""
@@ -152,9 +159,9 @@ class ClusterTier(Service):
 
     def start(self, timeout: float = 60.0) -> ClusterTier:
         self.work_dir.mkdir(parents=True, exist_ok=True)
-        self._provision()
+        tier = self._provision()
         for node in self.nodes:
-            self._write_config(node)
+            self._write_config(tier, node)
         try:
             for index in range(len(self.nodes)):
                 self.start_node(index)
@@ -197,7 +204,7 @@ class ClusterTier(Service):
                 return
         raise BrokerError(f"the cluster carried no MQTT message within {timeout}s{self._logs()}")
 
-    def _provision(self) -> None:
+    def _provision(self) -> Tier:
         """The tier's files, through deploy/tier.py: made once, then a login for each
         hub that has none. A tier restarted with one more `--hub` keeps the others'
         passwords and certificates; the nodes' addresses (new free ports) are
@@ -218,6 +225,7 @@ class ClusterTier(Service):
             if name not in tier.roles:
                 add_login(tier, name, role)
         tier.save()
+        return tier
 
     def reloads(self) -> dict[str, int]:
         """How many times each running node has re-read its configuration (its log says)."""
@@ -246,33 +254,26 @@ class ClusterTier(Service):
         self.wait_ready(deadline - time.monotonic())
 
     def _config_path(self, node: NatsNode) -> Path:
-        return self.work_dir / f"{node.name}.conf"
+        return node_bundle(self.work_dir, node.name) / CONFIG_NAME
 
-    def _write_config(self, node: NatsNode) -> None:
-        for path in (self.work_dir, self.tls_dir):
-            if any(char in str(path) for char in ' "\n{}$'):
-                raise BrokerError(f"unusable path in the cluster configuration: {path}")
-        routes = ",\n".join(f"    nats-route://127.0.0.1:{n.cluster_port}" for n in self.nodes)
-        config = Template(NODE_TEMPLATE.read_text()).substitute(
-            name=node.name,
-            client_port=node.client_port,
-            http_port=node.http_port,
-            cluster_port=node.cluster_port,
-            routes=routes,
-            mqtt_port=node.mqtt_port,
-            store_dir=self.work_dir / node.name,
-            tls_dir=self.tls_dir,
+    def _write_config(self, tier: Tier, node: NatsNode) -> None:
+        listeners = NodeListeners(
+            mqtt=Address(LOOPBACK, node.mqtt_port),
+            cluster=Address(LOOPBACK, node.cluster_port),
+            routes=tuple(Address(LOOPBACK, n.cluster_port) for n in self.nodes if n is not node),
+            monitor=Address(LOOPBACK, node.http_port),
+        )
+        write_node_config(
+            tier,
+            node.name,
+            listeners,
+            self.work_dir.absolute() / node.name,
+            log_file=self.work_dir.absolute() / f"{node.name}.log",
             ack_wait=self.ack_wait,
         )
-        # No passwords in it (their bcrypt hashes are in accounts.conf), but the
-        # tier's folder is the operator's: readable by whoever runs the tier only.
-        write_private(self._config_path(node), config.encode())
-        log = f"log_file: {self.work_dir / node.name}.log\n"
-        with self._config_path(node).open("a") as handle:
-            handle.write(log)
 
     def _wait_healthy(self, node: NatsNode, deadline: float) -> None:
-        url = f"http://127.0.0.1:{node.http_port}/healthz"
+        url = f"http://{LOOPBACK}:{node.http_port}/healthz"
         while time.monotonic() < deadline:
             if node.process is not None and node.process.poll() is not None:
                 raise BrokerError(f"nats-server {node.name} exited{self._logs()}")
@@ -318,7 +319,7 @@ class ClusterTier(Service):
         )
         # Not listening yet: the probe fails and wait_ready tries again.
         with contextlib.suppress(OSError):
-            client.connect("127.0.0.1", node.mqtt_port, keepalive=10)
+            client.connect(LOOPBACK, node.mqtt_port, keepalive=10)
         client.loop_start()
         return client
 

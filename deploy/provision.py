@@ -14,6 +14,7 @@ and, for the federation tier that many houses' hubs bridge to (deploy/tier.py):
     python -m deploy.provision init-tier --site home --node n1.example:8883 ...
     python -m deploy.provision add-hub house1
     python -m deploy.provision remove-hub house1
+    python -m deploy.provision node-config n1 --cluster-listen ... --route ...
 
 The tier commands take `--tier-dir DIR` (default $FEDBELL_TIER_DIR, else
 /etc/fedbell/tier), the others `--site-dir DIR` (default $FEDBELL_SITE_DIR,
@@ -54,7 +55,7 @@ from pathlib import Path
 import yaml
 
 from broker.secure import render_config
-from deploy import pki, tier
+from deploy import pki, tier, tier_node
 from deploy.acl import Role, render
 from deploy.files import GROUP_READABLE, make_dir, write_file, write_private, write_public
 from fedbell.wire.messages import AGGREGATOR
@@ -483,16 +484,16 @@ def _parser() -> argparse.ArgumentParser:
 
     sub.add_parser("list", parents=[common], help="show the site's logins")
 
-    tier.add_commands(
-        sub, _folder_option("--tier-dir", "FEDBELL_TIER_DIR", DEFAULT_TIER_DIR, "tier")
-    )
+    on_tier = _folder_option("--tier-dir", "FEDBELL_TIER_DIR", DEFAULT_TIER_DIR, "tier")
+    tier.add_commands(sub, on_tier)
+    tier_node.add_command(sub, on_tier)
     return parser
 
 
 def run(argv: list[str] | None = None) -> str:
     """Execute one command; returns the report to print."""
     args = _parser().parse_args(argv)
-    if args.command in {"init-tier", "add-hub", "remove-hub"}:
+    if args.command in {"init-tier", "add-hub", "remove-hub", "node-config"}:
         return _run_on_tier(args)
     root: Path = args.site_dir
     if args.command == "init":
@@ -561,6 +562,8 @@ def _run_on_tier(args: argparse.Namespace) -> str:
         check_name(args.site, "site id")
         made = tier.init_tier(root, args.site, args.topic_root, args.node, args.hub_dir)
         return f"tier of site {made.site!r} created in {root}; CA: {made.tls_dir / 'ca.crt'}"
+    if args.command == "node-config":
+        return tier_node.run_command(args)
     house = check_name(args.house, "house name")
     the_tier = tier.Tier.load(root)
     if args.command == "add-hub":

@@ -5,11 +5,12 @@ What a federation operator keeps, beside each house's own site folder
 
     tier.json              registry: site, topic root, the nodes' MQTT addresses,
                            each login's role and bcrypt hash (owner-only)
-    tls/                   ca.crt ca.key, and the nodes' server.crt server.key
-                           (also their client certificate on the routes)
+    tls/                   ca.crt ca.key: the tier's CA
+    nodes/<name>/          one bundle per node (deploy/tier_node.py): its
+                           nats-server.conf, certificate and accounts.conf
     accounts.conf          NATS's `accounts` section: one user per login, its
                            bcrypt hash and its permissions; every node's
-                           configuration includes it, and re-reads it on SIGHUP
+                           configuration includes a copy, and re-reads it on SIGHUP
     logins/<name>/         one bundle per login, to copy to its machine:
                            ca.crt client.crt client.key password
                            (+ for a hub: bridge.conf for its Mosquitto and
@@ -28,8 +29,10 @@ The hashes are bcrypt's `$2b$`, which nats-server 2.9 accepts.
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import json
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -58,6 +61,7 @@ BCRYPT_ROUNDS = 6
 makes harder to guess; the hash keeps a copied node configuration from being
 a login. Each MQTT connection costs the node one check, and after a node is
 lost every hub and the aggregator reconnect at once."""
+HOST_RE = re.compile(r"[A-Za-z0-9]([A-Za-z0-9.-]{0,251}[A-Za-z0-9])?")
 
 
 Node = TypeVar("Node")
@@ -74,6 +78,34 @@ class TierRole(StrEnum):
     """Reads everything, writes nothing: tests and benchmarks count what crossed."""
     PROBE = "probe"
     """The readiness check's login (broker/cluster.py)."""
+
+
+@dataclass(frozen=True)
+class Address:
+    """A host (name, IPv4, or IPv6 without brackets) and a TCP port."""
+
+    host: str
+    port: int
+
+    @classmethod
+    def parse(cls, text: str) -> Address:
+        host, _, port = text.rpartition(":")
+        if host.startswith("[") and host.endswith("]"):
+            host = host[1:-1]
+        if not port.isdigit() or not 0 < int(port) < 65536 or not _valid_host(host):
+            raise TierError(f"an address is host:port, not {text!r}")
+        return cls(host, int(port))
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+def _valid_host(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return HOST_RE.fullmatch(host) is not None
+    return True
 
 
 def hub_login(house: str) -> str:
@@ -242,7 +274,12 @@ class Tier:
             "logins": logins,
         }
         write_private(self.root / "tier.json", (json.dumps(data, indent=2) + "\n").encode())
-        write_private(self.accounts, render_accounts(self).encode())
+        accounts = render_accounts(self).encode()
+        write_private(self.accounts, accounts)
+        # Each node's bundle holds the copy its configuration includes.
+        for node in (self.root / "nodes").glob("*"):
+            if node.is_dir():
+                write_private(node / "accounts.conf", accounts)
         for index, house in enumerate(self.hubs()):
             name = hub_login(house)
             bridge = render_bridge(self, house, spread(self.nodes, index))
@@ -252,25 +289,21 @@ class Tier:
 def init_tier(
     root: Path, site: str, topic_root: str, nodes: list[str], hub_dir: str | None = None
 ) -> Tier:
-    """The tier's CA and the nodes' certificate, for the hosts in `nodes` (host:port)."""
+    """The tier's CA and registry; `nodes`: each node's MQTT host:port, as clients dial it.
+
+    Each node's own certificate comes with its configuration (deploy/tier_node.py).
+    """
     if (root / "tier.json").exists():
         raise TierError(f"{root} already holds a tier; nothing changed")
     if not nodes:
         raise TierError("a tier needs its nodes' MQTT addresses (--node host:port, repeat)")
     for node in nodes:
-        host, _, port = node.rpartition(":")
-        if not host or not port.isdigit():
-            raise TierError(f"a node address is host:port, not {node!r}")
-    hosts = tuple(dict.fromkeys(node.rpartition(":")[0] for node in nodes))
+        Address.parse(node)
     tier = Tier(root, site, topic_root, list(nodes), hub_dir)
     make_dir(root, 0o700)
     make_dir(tier.tls_dir, 0o700)
     ca = pki.create_ca(f"{site} federation tier")
     pki.save(ca, tier.tls_dir / "ca.crt", tier.tls_dir / "ca.key")
-    # Routes between the nodes run on TLS too: each node is a server to the
-    # others and their client, with the same certificate.
-    issued = pki.issue(ca, "tier", "cluster", server_names=hosts, client_too=True)
-    pki.save(issued, tier.tls_dir / "server.crt", tier.tls_dir / "server.key")
     tier.save()
     return tier
 
@@ -404,4 +437,7 @@ def reload_nodes(pids: list[int]) -> str:
         os.kill(pid, signal.SIGHUP)
     if pids:
         return f"sent SIGHUP to tier node pids {', '.join(map(str, pids))}"
-    return "tier not reloaded: send every node SIGHUP (or pass --node-pid for each)"
+    return (
+        "tier not reloaded: copy accounts.conf to every node's /etc/fedbell/tier-node/ and run "
+        "`systemctl reload fedbell-tier-node` there (or pass --node-pid for local nodes)"
+    )

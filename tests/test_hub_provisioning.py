@@ -123,7 +123,8 @@ def test_no_password_is_in_clear_text_on_the_tiers_side(tier: ClusterTier) -> No
     provision_on(tier, "add-hub", "house9")
     passwords = [path.read_text() for path in tier.work_dir.glob("logins/*/password")]
     assert len(passwords) >= 4  # aggregator, observer, probe, house9
-    nodes_read = [tier.work_dir / "accounts.conf", *tier.work_dir.glob("n*.conf")]
+    nodes_read = [tier.work_dir / "accounts.conf", *tier.work_dir.glob("nodes/*/*.conf")]
+    assert len(nodes_read) == 1 + 2 * len(tier.nodes)  # each node's config and accounts
     for path in [*nodes_read, tier.work_dir / "tier.json"]:
         text = path.read_text()
         assert not [password for password in passwords if password in text], path

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from deploy.tier_node import CONFIG_NAME, DEFAULT_NODE_DIR, DEFAULT_STORE
 from fedbell import systemd as sd
 
 UNIT_DIR = Path(__file__).resolve().parents[1] / "systemd"
@@ -118,6 +119,20 @@ def test_program_units_follow_the_rules(name: str) -> None:
     credentials = {value.split(":", 1)[0] for value in service["LoadCredential"]}
     assert {"mqtt-password", "client.key", "signing.key"} <= credentials
     assert not re.search(r"pass|key|secret", service["ExecStart"][0].split("--config")[0])
+
+
+def test_tier_node_unit_runs_what_node_config_writes() -> None:
+    """The unit starts nats-server on node-config's default folder and store, unprivileged,
+    again after a failure, and reloads it (accounts.conf) on `systemctl reload`."""
+    service = service_section("fedbell-tier-node.service")
+    assert service["ExecStart"] == [f"/usr/sbin/nats-server -c {DEFAULT_NODE_DIR}/{CONFIG_NAME}"]
+    assert service["ExecReload"] == ["/bin/kill -HUP $MAINPID"]
+    assert service["Restart"] == ["on-failure"]
+    assert service["User"] == ["nats"]  # Debian's nats-server package makes it
+    assert [f"/var/lib/{name}" for name in service["StateDirectory"]] == [DEFAULT_STORE]
+    assert service["ProtectSystem"] == ["strict"]
+    assert service["NoNewPrivileges"] == ["yes"]
+    assert service["CapabilityBoundingSet"] == [""]
 
 
 def test_doorbell_unit_reaches_the_camera_and_nothing_else() -> None:
