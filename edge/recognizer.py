@@ -60,13 +60,7 @@ class Head:
     @classmethod
     def of(cls, model: GlobalModel) -> Head:
         """The head a signed global model ships, with its threshold and backbone."""
-        return cls(
-            weights=model.weights,
-            version=model.version,
-            lineage=model.lineage,
-            backbone=model.backbone,
-            threshold=model.threshold,
-        )
+        return cls(model.weights, model.version, model.lineage, model.backbone, model.threshold)
 
     @property
     def inputs(self) -> int:
