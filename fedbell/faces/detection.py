@@ -22,6 +22,7 @@ import importlib.util
 import logging
 import math
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Protocol
@@ -96,9 +97,19 @@ def _checked_max_faces(max_faces: int) -> int:
     return max_faces
 
 
+def _area(face: Face) -> int:
+    return face.box[2] * face.box[3]
+
+
+def largest(faces: Sequence[Face]) -> Face:
+    """The face with the largest box: the one a photo or a frame is taken to be of (any
+    `Detector` may list its faces in any order)."""
+    return max(faces, key=_area)
+
+
 def _largest_first(faces: list[Face], max_faces: int) -> list[Face]:
     """The `max_faces` largest of `faces` (by box area), largest first: what `detect` returns."""
-    return sorted(faces, key=lambda f: f.box[2] * f.box[3], reverse=True)[:max_faces]
+    return sorted(faces, key=_area, reverse=True)[:max_faces]
 
 
 def check_frame(frame: object) -> npt.NDArray[np.uint8]:
