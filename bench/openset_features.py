@@ -25,6 +25,7 @@ import numpy as np
 import numpy.typing as npt
 
 from fedbell.faces.dataset import list_samples
+from fedbell.faces.detection import largest
 from fedbell.faces.embedding import Features, embed
 from fedbell.faces.openset import prototype
 from fedbell.wire.codecs import Weights
@@ -85,7 +86,7 @@ def _chip_of(path: Path, key: str, conditions: Conditions, seed: int) -> tuple[A
     faces = WORKER["detector"].detect(image)
     if not faces:  # a photo is never taken for a stored chip here, unlike find_chip
         return None, False
-    face = max(faces, key=lambda f: f.box[2] * f.box[3])
+    face = largest(faces)
     return face_chip(image, face), face.right_eye is not None
 
 
@@ -266,7 +267,7 @@ def time_doorbell(
         faces = WORKER["detector"].detect(image)
         if not faces:
             return None
-        chip = face_chip(image, max(faces, key=lambda f: f.box[2] * f.box[3]))
+        chip = face_chip(image, largest(faces))
         return embed(WORKER["backbone"].features([chip]), head)
 
     per_face = []

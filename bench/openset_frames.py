@@ -44,6 +44,7 @@ from bench.openset_features import (
     condition_rng,
 )
 from edge.recognition_config import CameraConfig
+from fedbell.faces.detection import largest
 from fedbell.faces.features import mirror_image
 
 VisitConditions = Literal["far", "near", "clean"]
@@ -99,7 +100,7 @@ def frame_chip(
     faces = detector.detect(small)
     if not faces:
         return None, 0, 0.0
-    face = max(faces, key=lambda f: f.box[2] * f.box[3])
+    face = largest(faces)
     if conditions == "near":
         face = scale_face(face, image.shape[1] / small.shape[1], image.shape[0] / small.shape[0])
     chip = face_chip(image, face)

@@ -33,7 +33,7 @@ from edge.live import make_detector
 from edge.recognition_config import CameraConfig, DetectionConfig
 from edge.state import NodeState
 from fedbell.faces.dataset import IMAGE_SUFFIXES
-from fedbell.faces.detection import Detector
+from fedbell.faces.detection import Detector, largest
 from fedbell.faces.features import Backbone, BackboneError, Chip, enrolment_chips, read_photo
 
 log = logging.getLogger(__name__)
@@ -108,7 +108,7 @@ def enroll(
         if not faces:
             without_face += 1
             continue
-        chips += cut_chips(pair, [max(faces, key=lambda f: f.box[2] * f.box[3])]).chips
+        chips += cut_chips(pair, [largest(faces)]).chips
     saved = gallery.add(person, chips, backbone=backbone) if chips else []
     return EnrollResult(person, saved, frames, without_face)
 

@@ -130,15 +130,8 @@ class ModelInstaller:
 
         `strict`: a head the recognizer refuses raises RejectedMessage (a new model);
         otherwise it is counted and logged (the stored model, at start-up)."""
-        head = Head(
-            weights=model.weights,
-            version=model.version,
-            lineage=model.lineage,
-            backbone=model.backbone,
-            threshold=model.threshold,
-        )
         try:
-            self.parts.recognizer.set_head(head)
+            self.parts.recognizer.set_head(Head.of(model))
         except RecognizerError as err:
             if strict:
                 raise RejectedMessage("bad_shapes", str(err)) from None

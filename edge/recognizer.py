@@ -32,6 +32,7 @@ from fedbell.faces.features import Backbone, BackboneError, Chip
 from fedbell.faces.litert import interpreter_factory
 from fedbell.faces.openset import UNKNOWN, identify, prototype
 from fedbell.wire.codecs import Weights
+from fedbell.wire.messages import GlobalModel
 
 __all__ = ["UNKNOWN", "Model", "Recognizer", "RecognizerError", "interpreter_factory"]
 
@@ -55,6 +56,11 @@ class Head:
     backbone: str
     """sha256 of the float backbone TFLite this head was trained on."""
     threshold: float
+
+    @classmethod
+    def of(cls, model: GlobalModel) -> Head:
+        """The head a signed global model ships, with its threshold and backbone."""
+        return cls(model.weights, model.version, model.lineage, model.backbone, model.threshold)
 
     @property
     def inputs(self) -> int:

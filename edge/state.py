@@ -19,9 +19,10 @@ import logging
 import os
 import tempfile
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -38,6 +39,7 @@ ROUND_FILE = "round.json"
 RESIDUAL_WEIGHTS = "residual.npz"
 RESIDUAL_SIDECAR = "residual.json"
 _UNREADABLE = (KeyError, TypeError, ValueError, OSError, zipfile.BadZipFile)
+Stored = TypeVar("Stored")
 
 
 @dataclass(frozen=True)
@@ -85,6 +87,31 @@ def _unpack(data: bytes, count: int) -> Weights:
         return [np.asarray(arrays[f"arr_{i}"], dtype=np.float32) for i in range(count)]
 
 
+def _global_model(data: bytes, sidecar: dict[str, Any]) -> GlobalModel:
+    names = tuple(str(n) for n in sidecar["names"])
+    return GlobalModel(
+        version=int(sidecar["version"]),
+        round=int(sidecar["round"]),
+        names=names,
+        weights=_unpack(data, len(names)),
+        lineage=str(sidecar["lineage"]),
+        threshold=float(sidecar["threshold"]),
+        backbone=str(sidecar["backbone"]),
+        meta=dict(sidecar["meta"]),
+    )
+
+
+def _artifact(data: bytes, sidecar: dict[str, Any]) -> StoredArtifact:
+    return StoredArtifact(
+        version=int(sidecar["version"]),
+        round=int(sidecar["round"]),
+        flavour=str(sidecar["flavour"]),
+        model=data,
+        lineage=str(sidecar["lineage"]),
+        backbone_id=str(sidecar["backbone_id"]),
+    )
+
+
 class NodeState:
     """The node's state folder."""
 
@@ -111,6 +138,24 @@ class NodeState:
             return None
         return data, sidecar
 
+    def _load_pair(
+        self,
+        data_name: str,
+        sidecar_name: str,
+        what: str,
+        parse: Callable[[bytes, dict[str, Any]], Stored],
+    ) -> Stored | None:
+        """`parse(data, sidecar)` of a pair that reads (`_read_pair`), else None; a pair whose
+        content `parse` cannot use is logged and reads as absent too."""
+        pair = self._read_pair(data_name, sidecar_name)
+        if pair is None:
+            return None
+        try:
+            return parse(*pair)
+        except _UNREADABLE as err:
+            log.warning("state: stored %s unusable: %s", what, err)
+            return None
+
     def _write_pair(
         self, data_name: str, sidecar_name: str, data: bytes, sidecar: dict[str, Any]
     ) -> None:
@@ -135,25 +180,7 @@ class NodeState:
         )
 
     def load_global(self) -> GlobalModel | None:
-        pair = self._read_pair(GLOBAL_WEIGHTS, GLOBAL_SIDECAR)
-        if pair is None:
-            return None
-        data, sidecar = pair
-        try:
-            names = tuple(str(n) for n in sidecar["names"])
-            return GlobalModel(
-                version=int(sidecar["version"]),
-                round=int(sidecar["round"]),
-                names=names,
-                weights=_unpack(data, len(names)),
-                lineage=str(sidecar["lineage"]),
-                threshold=float(sidecar["threshold"]),
-                backbone=str(sidecar["backbone"]),
-                meta=dict(sidecar["meta"]),
-            )
-        except _UNREADABLE as err:
-            log.warning("state: stored global model unusable: %s", err)
-            return None
+        return self._load_pair(GLOBAL_WEIGHTS, GLOBAL_SIDECAR, "global model", _global_model)
 
     def save_residual(self, residual: Weights) -> None:
         """What top-k left out of the last update (error feedback); never sent as such."""
@@ -167,15 +194,12 @@ class NodeState:
         (self.folder / RESIDUAL_WEIGHTS).unlink(missing_ok=True)
 
     def load_residual(self) -> Weights | None:
-        pair = self._read_pair(RESIDUAL_WEIGHTS, RESIDUAL_SIDECAR)
-        if pair is None:
-            return None
-        data, sidecar = pair
-        try:
-            return _unpack(data, int(sidecar["tensors"]))
-        except _UNREADABLE as err:
-            log.warning("state: stored top-k residual unusable: %s", err)
-            return None
+        return self._load_pair(
+            RESIDUAL_WEIGHTS,
+            RESIDUAL_SIDECAR,
+            "top-k residual",
+            lambda data, sidecar: _unpack(data, int(sidecar["tensors"])),
+        )
 
     def save_artifact(self, artifact: StoredArtifact) -> None:
         self._write_pair(
@@ -192,23 +216,8 @@ class NodeState:
         )
 
     def load_artifact(self) -> StoredArtifact | None:
-        pair = self._read_pair(TFLITE_MODEL, TFLITE_SIDECAR)
-        if pair is None:
-            return None
-        data, sidecar = pair
-        try:
-            return StoredArtifact(
-                version=int(sidecar["version"]),
-                round=int(sidecar["round"]),
-                flavour=str(sidecar["flavour"]),
-                model=data,
-                lineage=str(sidecar["lineage"]),
-                backbone_id=str(sidecar["backbone_id"]),
-            )
-        except (KeyError, TypeError, ValueError) as err:
-            # e.g. a closed-set model's sidecar from before open-world recognition
-            log.warning("state: stored TFLite sidecar unusable: %s", err)
-            return None
+        # Unusable: e.g. a closed-set model's sidecar from before open-world recognition.
+        return self._load_pair(TFLITE_MODEL, TFLITE_SIDECAR, "TFLite sidecar", _artifact)
 
     def save_last_round(self, round_id: int) -> None:
         write_atomically(self.folder / ROUND_FILE, json.dumps({"last_round": round_id}).encode())

@@ -137,15 +137,7 @@ def make_recognizer(backbone: TfliteArtifact, model: GlobalModel, gallery: Galle
     running = recognizer.install_backbone(
         backbone.int8_model or backbone.float_model, model.backbone
     )
-    recognizer.set_head(
-        Head(
-            weights=list(model.weights),
-            version=model.version,
-            lineage=model.lineage,
-            backbone=model.backbone,
-            threshold=model.threshold,
-        )
-    )
+    recognizer.set_head(Head.of(model))
     recognizer.set_gallery(gallery.features(running))
     return recognizer
 

@@ -26,7 +26,7 @@ from edge.camera import LORES_FOLDER
 from edge.frames import small_size
 from edge.recognition_config import CameraConfig
 from fedbell.faces.dataset import Sample
-from fedbell.faces.detection import Detector
+from fedbell.faces.detection import Detector, largest
 from fedbell.faces.features import read_photo
 from fedbell.faces.images import UInt8Image, crop_face, to_grey
 from fedbell.faces.openset import UNKNOWN
@@ -101,7 +101,7 @@ def visitor_face(photo: Path, detector: Detector | None = None) -> UInt8Image:
     image = read_photo(photo)
     faces = detector.detect(image) if detector is not None else []
     if faces:
-        return crop_face(image, max(faces, key=lambda f: f.box[2] * f.box[3]).box, 0.3)
+        return crop_face(image, largest(faces).box, 0.3)
     return to_grey(image)
 
 

@@ -7,6 +7,7 @@ Restarts mid-round show that buffered deltas and optimiser moments are state.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -44,8 +45,11 @@ def run_round(harness: Harness, scales: dict[str, float], examples: int = 2) -> 
         harness.update(device, round_id, examples=examples, scale=scale)
 
 
-def assert_moved_by(before: list[np.ndarray], harness: Harness, step: list[float]) -> None:
-    """Every tensor moved by the given per-coordinate constant (the test deltas are flat)."""
+def assert_moved_by(
+    before: list[np.ndarray], harness: Harness, step: Sequence[float | np.ndarray]
+) -> None:
+    """Every tensor moved by its step: a per-coordinate constant (the test deltas are flat)
+    or a whole tensor."""
     for old, new, expected in zip(before, weights_of(harness), step, strict=True):
         np.testing.assert_allclose(new - old, expected, rtol=1e-4, atol=1e-6)
 
@@ -63,9 +67,8 @@ def test_clipped_fedavg_scales_each_update_down_before_averaging(
         for scale in (BASE_SCALE, 5.0)
     ]
     assert global_norm(clipped[1]) == pytest.approx(0.5, rel=1e-4)
-    for index, (old, new) in enumerate(zip(before, weights_of(harness), strict=True)):
-        expected = (clipped[0][index].astype(np.float64) + clipped[1][index]) / 2
-        np.testing.assert_allclose(new - old, expected, rtol=1e-4, atol=1e-6)
+    mean = [(a.astype(np.float64) + b) / 2 for a, b in zip(*clipped, strict=True)]
+    assert_moved_by(before, harness, mean)
 
 
 def test_median_ignores_one_outlier_and_survives_a_restart_mid_round(

@@ -15,37 +15,13 @@ from edge.camera import LORES_FOLDER
 from edge.gallery import Gallery
 from edge.pipeline import VisitDecision
 from fedbell.faces.detection import Detector, Face
-from fedbell.faces.images import Box
 from fedbell.faces.synthetic import render_face
 from simulation.live import film, watch
 from simulation.replay import FRAMES_PER_VISIT, Visit
+from tests.pipeline_helpers import RecordingSink
 from tests.recognition_helpers import detector, enrolled_gallery, identities, ready_recognizer
 
 Frame = npt.NDArray[np.uint8]
-
-
-class Sink:
-    """The doorbell's events, counted (the demo publishes them to the broker)."""
-
-    def __init__(self) -> None:
-        self.visitors: list[str] = []
-
-    def visitor(
-        self,
-        person: str,
-        confidence: float,
-        box: Box | None,
-        crop: Frame | None = None,
-        frame: Frame | None = None,
-    ) -> str:
-        self.visitors.append(person)
-        return "event"
-
-    def ring(self, source: str, person: str | None = None, frame: Frame | None = None) -> str:
-        return "ring"
-
-    def present(self, present: bool) -> None:
-        pass
 
 
 class RewritingDetector:
@@ -103,10 +79,10 @@ def test_the_demo_films_two_streams_and_cuts_every_chip_from_the_main_one(
     assert (main.shape[:2], lores.shape[:2]) == ((864, 1536), (360, 640))
 
     recognizer = ready_recognizer(backbone_models.float_model, backbone_models.sha256, house)
-    sink = Sink()
+    sink = RecordingSink()
     decided, counters = watch(frames, detector(), recognizer, sink, len(visits))
     assert [[d.person for d in visit] for visit in decided] == [[v.truth] for v in visits]
-    assert sink.visitors == [v.truth for v in visits]
+    assert sink.persons == [v.truth for v in visits]
     chips = [chip for visit in decided for chip in chips_of(visit)]
     assert len(chips) == 5 * len(visits)  # each visit decided from confirm_frames chips
     assert all(main for main, _ in chips)
@@ -120,7 +96,7 @@ def test_a_main_frame_of_another_instant_is_never_cut_from(
     frames, visits = filmed(tmp_path, [0, 1])
     recognizer = ready_recognizer(backbone_models.float_model, backbone_models.sha256, house)
     rewriting: Detector = RewritingDetector(frames, visit=1)
-    decided, _ = watch(frames, rewriting, recognizer, Sink(), len(visits))
+    decided, _ = watch(frames, rewriting, recognizer, RecordingSink(), len(visits))
     first, second = chips_of(decided[0]), chips_of(decided[1])
     assert len(first) == len(second) == 5
     assert all(main for main, _ in first)

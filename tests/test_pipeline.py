@@ -26,6 +26,7 @@ from edge.recognizer import Recognizer
 from fedbell.faces.openset import best_match
 from fedbell.faces.synthetic import make_scene, render_face, write_visitor_video
 from tests.mqtt_helpers import Probe
+from tests.pipeline_helpers import FrameClock, RecordingSink
 from tests.recognition_helpers import (
     chips_of,
     detector,
@@ -41,16 +42,6 @@ FRAMES_PER_VISIT = 8
 GAP_FRAMES = 4
 ENROLLED = 4
 """Persons 0-3 are enrolled; 4 and 5 never are."""
-
-
-class FrameClock:
-    """One second per frame, so debounce and presence do not depend on machine speed."""
-
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def node_client(port: int) -> mqtt.Client:
@@ -156,24 +147,11 @@ def test_a_person_enrolled_mid_visit_is_named_when_the_visit_is_decided(
 ) -> None:
     gallery = enrolled_gallery(tmp_path / "gallery", 1)
     recognizer = ready_recognizer(backbone_models.float_model, backbone_models.sha256, gallery)
-    names: list[str] = []
-
-    class Sink:
-        def visitor(self, person: str, *args: object, **kwargs: object) -> str:
-            names.append(person)
-            return "x"
-
-        def ring(self, *args: object, **kwargs: object) -> str:
-            return "x"
-
-        def present(self, present: bool) -> None:
-            pass
-
-    clock = FrameClock()
+    sink, clock = RecordingSink(), FrameClock()
     pipeline = Pipeline(
         detector(),
         recognizer,
-        Sink(),
+        sink,
         RecognitionConfig(confirm_frames=4, visit_frames=None),
         clock=clock,
     )
@@ -186,7 +164,7 @@ def test_a_person_enrolled_mid_visit_is_named_when_the_visit_is_decided(
     for frame in frames[2:]:
         pipeline.process(frame)
         clock.now += 0.1
-    assert names == ["newcomer"]
+    assert sink.persons == ["newcomer"]
 
 
 def test_events_are_not_retained_but_state_is(broker: LocalBroker, tmp_path: Path) -> None:
@@ -290,19 +268,6 @@ def test_commands_ring_face_trigger_and_a_label_that_names_the_next_visit(
 
 
 def test_run_loop_stops_and_survives_bad_frames(tmp_path: Path) -> None:
-    class Sink:
-        def __init__(self) -> None:
-            self.present_states: list[bool] = []
-
-        def visitor(self, *args: object, **kwargs: object) -> str:
-            return "x"
-
-        def ring(self, *args: object, **kwargs: object) -> str:
-            return "x"
-
-        def present(self, present: bool) -> None:
-            self.present_states.append(present)
-
     class Frames:
         def __init__(self) -> None:
             self.items: list[np.ndarray] = [
@@ -317,7 +282,7 @@ def test_run_loop_stops_and_survives_bad_frames(tmp_path: Path) -> None:
         def close(self) -> None:
             pass
 
-    pipeline = Pipeline(detector(), Recognizer(), Sink())
+    pipeline = Pipeline(detector(), Recognizer(), RecordingSink())
     pipeline.run(Frames(), threading.Event())
     assert pipeline.counters.frames == 3
     assert pipeline.counters.errors == 1
@@ -325,18 +290,7 @@ def test_run_loop_stops_and_survives_bad_frames(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("kind", ["ring"])
 def test_ring_without_face_names_nobody(kind: str, tmp_path: Path) -> None:
-    rings: list[tuple[str, str | None]] = []
-
-    class Sink:
-        def visitor(self, *args: object, **kwargs: object) -> str:
-            raise AssertionError("no face, no visitor event")
-
-        def ring(self, source: str, person: str | None = None, frame: object = None) -> str:
-            rings.append((source, person))
-            return "x"
-
-        def present(self, present: bool) -> None:
-            pass
-
-    Pipeline(detector(), Recognizer(), Sink()).ring("button")
-    assert rings == [("button", None)]
+    sink = RecordingSink()
+    Pipeline(detector(), Recognizer(), sink).ring("button")
+    assert sink.rings == [("button", None)]
+    assert sink.visitors == []  # no face, no visitor event

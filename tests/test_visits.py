@@ -3,13 +3,13 @@
 The tracker and the decision are tested on hand-made sightings against a
 two-person house; the pipeline with the real BlazeFace detector and the real
 backbone (tests/recognition_helpers.py), driven by a frame clock and a
-recording sink.
+recording sink (tests/pipeline_helpers.py).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from typing import cast
 
 import cv2
@@ -28,6 +28,7 @@ from fedbell.faces.detection import Face
 from fedbell.faces.embedding import normalize
 from fedbell.faces.images import Box
 from fedbell.faces.openset import identify
+from tests.pipeline_helpers import FrameClock, RecordingSink
 from tests.recognition_helpers import (
     detector,
     enrolled_gallery,
@@ -41,52 +42,6 @@ NO_FRAME: Frame = np.zeros((4, 4, 3), np.uint8)
 CROP: Frame = np.zeros((8, 8), np.uint8)
 KEY_1: ModelKey = ("b" * 64, "lineage", 1)
 KEY_2: ModelKey = ("b" * 64, "lineage", 2)
-
-
-@dataclass
-class Event:
-    person: str
-    confidence: float
-    box: Box | None
-
-
-@dataclass
-class Sink:
-    """A recording EventSink."""
-
-    visitors: list[Event] = field(default_factory=list)
-    rings: list[tuple[str, str | None]] = field(default_factory=list)
-    present_states: list[bool] = field(default_factory=list)
-    frames: list[Frame | None] = field(default_factory=list)
-    """The frame handed over with each visitor and ring event (for its snapshot)."""
-
-    def visitor(
-        self,
-        person: str,
-        confidence: float,
-        box: Box | None,
-        crop: Frame | None = None,
-        frame: Frame | None = None,
-    ) -> str:
-        self.visitors.append(Event(person, confidence, box))
-        self.frames.append(frame)
-        return "event"
-
-    def ring(self, source: str, person: str | None = None, frame: Frame | None = None) -> str:
-        self.rings.append((source, person))
-        self.frames.append(frame)
-        return "ring"
-
-    def present(self, present: bool) -> None:
-        self.present_states.append(present)
-
-
-class FrameClock:
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 class House:
@@ -213,7 +168,7 @@ def detected(
     With `named`, only frames whose face alone is named right (rank 1): cartoon
     faces separate with a thin margin, and the tests are about visits, not that.
     """
-    probe = Pipeline(detector(), recognizer, Sink())
+    probe = Pipeline(detector(), recognizer, RecordingSink())
     found = []
     for frame in frames_of(person, count * 3, seed):
         sightings = probe.process(frame)
@@ -252,7 +207,7 @@ def test_a_visit_is_named_from_its_mean_not_from_its_first_frame(
     assert weakest < mean_similarity
     threshold = (weakest + mean_similarity) / 2  # the first frame alone is "unknown"
 
-    sink, clock = Sink(), FrameClock()
+    sink, clock = RecordingSink(), FrameClock()
     config = RecognitionConfig(confirm_frames=4, debounce_s=10.0, absent_after_s=2.0)
     strict = recognizer_for(backbone_models, house, threshold)
     pipeline = Pipeline(detector(), strict, sink, config, clock=clock)
@@ -275,7 +230,7 @@ def test_one_event_per_visit_and_per_person_within_the_debounce(
     stranger = [f for f, _ in detected(recognizer, 5, 5, 52, named=False)]
     empty = [NO_FRAME] * 3
 
-    sink, clock = Sink(), FrameClock()
+    sink, clock = RecordingSink(), FrameClock()
     config = RecognitionConfig(
         confirm_frames=2, visit_frames=None, debounce_s=20.0, absent_after_s=2.0
     )
@@ -283,9 +238,9 @@ def test_one_event_per_visit_and_per_person_within_the_debounce(
     pipeline = Pipeline(detector(), strict, sink, config, clock=clock)
     play(pipeline, clock, alice[:5] + empty)  # "unknown" at threshold 1 (nobody is named)
     play(pipeline, clock, stranger + empty)  # another unknown within the debounce: quiet
-    assert [e.person for e in sink.visitors] == [UNKNOWN]
+    assert sink.persons == [UNKNOWN]
 
-    sink, clock = Sink(), FrameClock()
+    sink, clock = RecordingSink(), FrameClock()
     decisions: list[VisitDecision] = []
     pipeline = Pipeline(
         detector(), recognizer, sink, config, clock=clock, on_visit=decisions.append
@@ -294,7 +249,7 @@ def test_one_event_per_visit_and_per_person_within_the_debounce(
     play(pipeline, clock, alice[5:10] + empty)  # back within 20 s: not announced again
     clock.now += 20.0
     play(pipeline, clock, alice[10:] + empty)
-    assert [e.person for e in sink.visitors] == ["person0"] * 2
+    assert sink.persons == ["person0"] * 2
     assert pipeline.counters.visits == 3
     assert pipeline.counters.visitor_events == 2
     # Every visit's decision is reported, the debounced one too, with what decided it.
@@ -318,7 +273,7 @@ def test_a_model_swap_mid_visit_restarts_its_evidence(
 ) -> None:
     recognizer = recognizer_for(backbone_models, house, threshold=0.0, version=1)
     visit = [f for f, _ in detected(recognizer, 1, 5, 61)]
-    sink, clock = Sink(), FrameClock()
+    sink, clock = RecordingSink(), FrameClock()
     config = RecognitionConfig(
         confirm_frames=3, visit_frames=None, debounce_s=10.0, absent_after_s=2.0
     )
@@ -341,13 +296,13 @@ def test_a_ring_names_the_visit_at_the_door(
 ) -> None:
     recognizer = recognizer_for(backbone_models, house, threshold=0.0)
     visit = [f for f, _ in detected(recognizer, 1, 3, 71)]
-    sink, clock = Sink(), FrameClock()
+    sink, clock = RecordingSink(), FrameClock()
     config = RecognitionConfig(confirm_frames=2, visit_frames=None, absent_after_s=5.0)
     pipeline = Pipeline(detector(), recognizer, sink, config, clock=clock)
     play(pipeline, clock, visit)
     pipeline.ring("button")
     assert sink.rings == [("button", "person1")]
-    assert [e.person for e in sink.visitors] == ["person1"] * 2  # the visit, the ring
+    assert sink.persons == ["person1"] * 2  # the visit, the ring
 
 
 def test_frames_are_held_only_for_snapshots(
@@ -358,14 +313,14 @@ def test_frames_are_held_only_for_snapshots(
     recognizer = recognizer_for(backbone_models, house, threshold=0.0)
     visit = [f for f, _ in detected(recognizer, 1, 3, 71)]
     for snapshot in (False, True):
-        sink, clock = Sink(), FrameClock()
+        sink, clock = RecordingSink(), FrameClock()
         config = RecognitionConfig(
             confirm_frames=2, visit_frames=None, absent_after_s=5.0, snapshot=snapshot
         )
         pipeline = Pipeline(detector(), recognizer, sink, config, clock=clock)
         play(pipeline, clock, visit)
         pipeline.ring("button")
-        assert [e.person for e in sink.visitors] == ["person1"] * 2  # the visit, the ring
+        assert sink.persons == ["person1"] * 2  # the visit, the ring
         assert sink.rings == [("button", "person1")]
         held = [track.best_frame for track in pipeline._tracker.tracks]
         assert len(held) == 1
@@ -438,7 +393,7 @@ class NoModel:
 def test_chips_come_from_the_full_frame_only_when_the_pair_matches() -> None:
     small = np.zeros((360, 640, 3), np.uint8)
     full = np.full((864, 1536, 3), 200, np.uint8)
-    pipeline = Pipeline(OneFace(), cast("Recognizer", NoModel()), Sink())
+    pipeline = Pipeline(OneFace(), cast("Recognizer", NoModel()), RecordingSink())
     matched = pipeline.process_pair(FramePair(small, 5.0, full, 5.0))
     assert float(matched[0].crop.mean()) == pytest.approx(200, abs=1)  # cut from the full frame
     assert matched[0].quality > 0
@@ -462,12 +417,12 @@ def test_a_replay_runs_on_its_own_time_and_ends_a_visit_after_its_empty_frames(
     replay = config.for_replay(fps=10.0)
     assert replay.debounce_s == 0.0
     stalled = FrameClock()  # the machine's clock: stuck, as if each frame took forever
-    sink = Sink()
+    sink = RecordingSink()
     pipeline = Pipeline(detector(), recognizer, sink, replay, clock=stalled, frame_period_s=0.1)
     play(pipeline, FrameClock(), [*alice * 4, *[NO_FRAME] * 3, *alice * 4])  # 3 empty: 2 visits
     play(pipeline, FrameClock(), [*[NO_FRAME] * 2, *alice * 4])  # 2 empty: the same visit
     assert pipeline.counters.visits == pipeline.counters.visitor_events == 2
-    assert [e.person for e in sink.visitors] == ["person0", "person0"]  # no debounce
+    assert sink.persons == ["person0", "person0"]  # no debounce
 
 
 def test_a_visit_is_decided_after_visit_frames_or_when_it_ends_sooner(
@@ -477,20 +432,20 @@ def test_a_visit_is_decided_after_visit_frames_or_when_it_ends_sooner(
     assert (config.confirm_frames, config.decision_frames()) == (5, 8)
     recognizer = recognizer_for(backbone_models, house, threshold=0.0)
     visit = [f for f, _ in detected(recognizer, 1, 8, 81)]
-    sink, clock = Sink(), FrameClock()
+    sink, clock = RecordingSink(), FrameClock()
     pipeline = Pipeline(detector(), recognizer, sink, config, clock=clock)
     play(pipeline, clock, visit[:7])
     assert sink.visitors == []  # seven frames: still choosing its best chips
     play(pipeline, clock, visit[7:8])
-    assert [e.person for e in sink.visitors] == ["person1"]  # decided at the eighth
+    assert sink.persons == ["person1"]  # decided at the eighth
 
     short = RecognitionConfig(absent_after_s=2.0, debounce_s=0.0)
-    sink, clock = Sink(), FrameClock()
+    sink, clock = RecordingSink(), FrameClock()
     pipeline = Pipeline(detector(), recognizer, sink, short, clock=clock)
     play(pipeline, clock, visit[:6])
     assert sink.visitors == []
     play(pipeline, clock, [NO_FRAME] * 2)  # the face is gone: the visit ends, decided
-    assert [e.person for e in sink.visitors] == ["person1"]
+    assert sink.persons == ["person1"]
     play(pipeline, clock, visit[:4] + [NO_FRAME] * 3)  # fewer than confirm_frames: no visit
     assert len(sink.visitors) == 1
     assert pipeline.counters.visits == 1

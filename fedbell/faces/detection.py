@@ -22,6 +22,7 @@ import importlib.util
 import logging
 import math
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Protocol
@@ -87,6 +88,28 @@ class Detector(Protocol):
     max_faces: int
 
     def detect(self, frame: npt.NDArray[Any]) -> list[Face]: ...
+
+
+def _checked_max_faces(max_faces: int) -> int:
+    """`max_faces` if a detector can keep that many faces, else a clear ValueError."""
+    if max_faces < 1:
+        raise ValueError(f"max_faces must be >= 1, got {max_faces}")
+    return max_faces
+
+
+def _area(face: Face) -> int:
+    return face.box[2] * face.box[3]
+
+
+def largest(faces: Sequence[Face]) -> Face:
+    """The face with the largest box: the one a photo or a frame is taken to be of (any
+    `Detector` may list its faces in any order)."""
+    return max(faces, key=_area)
+
+
+def _largest_first(faces: list[Face], max_faces: int) -> list[Face]:
+    """The `max_faces` largest of `faces` (by box area), largest first: what `detect` returns."""
+    return sorted(faces, key=_area, reverse=True)[:max_faces]
 
 
 def check_frame(frame: object) -> npt.NDArray[np.uint8]:
@@ -236,10 +259,8 @@ class BlazeFaceDetector:
     ) -> None:
         if model not in MODELS:
             raise DetectorError(f"unknown BlazeFace model {model!r}; one of {sorted(MODELS)}")
-        if max_faces < 1:
-            raise ValueError(f"max_faces must be >= 1, got {max_faces}")
         self.model = model
-        self.max_faces = max_faces
+        self.max_faces = _checked_max_faces(max_faces)
         self.min_score = min_score
         self.iou_threshold = iou_threshold
         self.spec = MODELS[model]
@@ -303,8 +324,7 @@ class BlazeFaceDetector:
                     (float(left[0]), float(left[1])),
                 )
             )
-        faces.sort(key=lambda f: f.box[2] * f.box[3], reverse=True)
-        return faces[: self.max_faces]
+        return _largest_first(faces, self.max_faces)
 
 
 def _to_rgb(frame: npt.NDArray[np.uint8]) -> npt.NDArray[np.uint8]:
@@ -383,13 +403,11 @@ class HaarDetector:
     ) -> None:
         if not 0.0 < downscale <= 1.0:
             raise ValueError(f"downscale must be in (0, 1], got {downscale}")
-        if max_faces < 1:
-            raise ValueError(f"max_faces must be >= 1, got {max_faces}")
         self.downscale = downscale
         self.min_face_px = min_face_px
         self.scale_factor = scale_factor
         self.min_neighbors = min_neighbors
-        self.max_faces = max_faces
+        self.max_faces = _checked_max_faces(max_faces)
         path = cascade_path(cascade)
         self._cascade = cv2.CascadeClassifier(str(path))
         if self._cascade.empty():
@@ -418,8 +436,7 @@ class HaarDetector:
             box = _clip_box(np.array([x, y]), np.array([x + w, y + h]), width, height)
             if box is not None:
                 faces.append(Face(box, 1.0))
-        faces.sort(key=lambda f: f.box[2] * f.box[3], reverse=True)
-        return faces[: self.max_faces]
+        return _largest_first(faces, self.max_faces)
 
 
 # --- choosing one ----------------------------------------------------------------------------

@@ -27,7 +27,7 @@ import numpy.typing as npt
 
 from fedbell.faces.align import CHIP_SIZE, align_by_eyes, chip_from_box
 from fedbell.faces.dataset import Sample
-from fedbell.faces.detection import Detector, Face
+from fedbell.faces.detection import Detector, Face, largest
 from fedbell.faces.embedding import Features
 from fedbell.faces.litert import interpreter_factory
 
@@ -104,7 +104,7 @@ def find_chip(image: npt.NDArray[Any], detector: Detector) -> Chip | None:
     """The largest face of a photo as a chip; a stored chip is taken as it is."""
     faces = detector.detect(image)
     if faces:
-        return face_chip(image, max(faces, key=lambda f: f.box[2] * f.box[3]))
+        return face_chip(image, largest(faces))
     if is_chip(image):
         return chip_from_box(image, (0, 0, CHIP_SIZE, CHIP_SIZE))
     return None
