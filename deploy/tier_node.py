@@ -16,6 +16,10 @@ systemd/fedbell-tier-node.service:
                            server for the hubs and the aggregator and both ends
                            of its routes; each node holds its own key only
 
+A route peer must show a certificate from the tier's CA and the tier's route
+password (`route.password` in the tier folder, made with the first node's
+bundle): every hub holds a certificate from that CA too.
+
 `<name>` is `n1`, `n2`, ...: the order of `init-tier --node`, whose host
 (what the hubs and the aggregator dial) the certificate names, with the host
 of `--cluster-listen` (what the other nodes route to: nats-server checks a
@@ -27,6 +31,7 @@ contain any IP SANs"). broker/cluster.py renders its loopback nodes here too.
 from __future__ import annotations
 
 import argparse
+import secrets
 from dataclasses import dataclass
 from pathlib import Path
 from string import Template
@@ -45,6 +50,9 @@ DEFAULT_STORE = "/var/lib/fedbell-tier-node"
 DEFAULT_MONITOR = "127.0.0.1:8222"
 ACK_WAIT = "5s"
 """QoS 1 redelivery delay (broker/cluster.conf says why not NATS's 30 s)."""
+ROUTE_USER = "route"
+ROUTE_PASSWORD_FILE = "route.password"  # noqa: S105 - a file name
+"""In the tier folder: the password the nodes ask of each other's routes."""
 WILDCARDS = frozenset({"0.0.0.0", "::"})  # noqa: S104 - recognised, never bound here
 UNSAFE_IN_PATH = ' "\n{}$'
 
@@ -75,6 +83,20 @@ def registered_address(tier: Tier, name: str) -> Address:
 
 def node_bundle(root: Path, name: str) -> Path:
     return root / "nodes" / name
+
+
+def route_password(tier: Tier) -> str:
+    """The password every node asks of a route peer, made once per tier.
+
+    The route port also asks for a certificate from the tier's CA, but every hub
+    holds one (its client certificate): without this, a hub that reaches a node's
+    route port could join as a node and read every house's traffic. Only the
+    nodes' configurations (and the operator's tier folder) hold it.
+    """
+    path = tier.root / ROUTE_PASSWORD_FILE
+    if not path.exists():
+        write_private(path, secrets.token_urlsafe(32).encode())
+    return path.read_text().strip()
 
 
 def write_node_config(
@@ -108,12 +130,17 @@ def write_node_config(
     node_cert = pki.issue(ca, name, "tier node", server_names=names, client_too=True)
     pki.save(node_cert, bundle / "server.crt", bundle / "server.key")
     write_private(bundle / "accounts.conf", tier.accounts.read_bytes())
-    routes = ",\n".join(f'    "nats-route://{route}"' for route in listeners.routes)
+    password = route_password(tier)
+    routes = ",\n".join(
+        f'    "nats-route://{ROUTE_USER}:{password}@{route}"' for route in listeners.routes
+    )
     config = Template(NODE_TEMPLATE.read_text()).substitute(
         name=name,
         monitor=listeners.monitor,
         cluster_listen=listeners.cluster,
         routes=routes,
+        route_user=ROUTE_USER,
+        route_password=password,
         mqtt_listen=listeners.mqtt,
         store_dir=store_dir,
         tls_dir=folder,
@@ -121,8 +148,8 @@ def write_node_config(
     )
     if log_file is not None:  # in production nats-server logs to the journal
         config += f'log_file: "{log_file}"\n'
-    # No passwords in it (their bcrypt hashes are in accounts.conf), but the
-    # tier's folder is the operator's: readable by whoever runs the tier only.
+    # No login's password in it (their bcrypt hashes are in accounts.conf), only
+    # the routes' own: readable by whoever runs the tier only.
     write_private(bundle / CONFIG_NAME, config.encode())
     return bundle
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 import signal
+import socket
+import ssl
 import subprocess
 import time
 import urllib.error
@@ -26,7 +28,14 @@ from broker.cluster import AGGREGATOR_LOGIN, TierLogin, find_nats_server
 from broker.local import free_port, signal_and_wait
 from deploy import provision
 from deploy.tier import Tier, TierError, TierRole, add_login, hub_login, init_tier
-from deploy.tier_node import CONFIG_NAME, DEFAULT_NODE_DIR, DEFAULT_STORE, node_bundle
+from deploy.tier_node import (
+    CONFIG_NAME,
+    DEFAULT_NODE_DIR,
+    DEFAULT_STORE,
+    ROUTE_PASSWORD_FILE,
+    ROUTE_USER,
+    node_bundle,
+)
 from tests.test_cluster import SITE, TierClient
 from tests.test_cluster import pytestmark as needs_nats_server
 
@@ -141,6 +150,50 @@ def test_three_nodes_from_node_config_form_a_tier_that_carries_retained_mqtt(
     assert received.retain  # kept by the tier after the hub left, served by another node
 
 
+def route_handshake(root: Path, port: int, login: TierLogin, password: str | None) -> str:
+    """What a node answers a route peer that shows `login`'s certificate (from the tier's
+    CA) and `password` as the route login, then pings: NATS 2.9's route protocol, TLS
+    first, then the node's INFO, CONNECT and PING."""
+    context = ssl.create_default_context(cafile=str(login.ca_file))
+    context.check_hostname = False
+    context.load_cert_chain(str(login.cert_file), str(login.key_file))
+    with (
+        socket.create_connection(("127.0.0.1", port), timeout=10) as raw,
+        context.wrap_socket(raw) as tls,
+    ):
+        fields: dict[str, object] = {"verbose": False, "pedantic": False, "name": "probe"}
+        fields |= {"tls_required": True, "cluster": "fedbell"}
+        if password is not None:
+            fields |= {"user": ROUTE_USER, "pass": password}
+        tls.sendall(f"CONNECT {json.dumps(fields)}\r\nPING\r\n".encode())
+        answer = b""
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and b"PONG" not in answer and b"-ERR" not in answer:
+            try:
+                chunk = tls.recv(4096)
+            except (TimeoutError, ssl.SSLError, OSError):
+                break
+            if not chunk:
+                break
+            answer += chunk
+        return answer.decode(errors="replace")
+
+
+@needs_nats_server
+def test_a_hubs_certificate_alone_cannot_join_the_tier_as_a_node(
+    three_nodes: list[NodePorts], tmp_path: Path
+) -> None:
+    hub = bundle_login(tmp_path, hub_login("house1"))
+    first = three_nodes[0]
+    refused = route_handshake(tmp_path, first.cluster, hub, password=None)
+    assert "Authorization Violation" in refused
+    guessed = route_handshake(tmp_path, first.cluster, hub, password="not-the-route-password")
+    assert "Authorization Violation" in guessed
+    # The same handshake with the route password is a route (the probe can pass).
+    password = (tmp_path / ROUTE_PASSWORD_FILE).read_text()
+    assert "PONG" in route_handshake(tmp_path, first.cluster, hub, password=password)
+
+
 def test_node_config_writes_a_bundle_for_the_installed_node(tmp_path: Path) -> None:
     nodes = ["n1.example.org:8883", "n2.example.org:8883", "n3.example.org:8883"]
     init_tier(tmp_path, SITE, "fedbell", nodes)
@@ -164,7 +217,13 @@ def test_node_config_writes_a_bundle_for_the_installed_node(tmp_path: Path) -> N
     config = (bundle / CONFIG_NAME).read_text()
     assert 'listen: "0.0.0.0:8883"' in config  # init-tier's port for n2, every interface
     assert 'listen: "10.0.0.2:6222"' in config
-    assert '"nats-route://10.0.0.1:6222",\n    "nats-route://10.0.0.3:6222"' in config
+    password = (tmp_path / ROUTE_PASSWORD_FILE).read_text()
+    assert (tmp_path / ROUTE_PASSWORD_FILE).stat().st_mode & 0o077 == 0
+    assert (
+        f'"nats-route://route:{password}@10.0.0.1:6222",\n'
+        f'    "nats-route://route:{password}@10.0.0.3:6222"'
+    ) in config
+    assert f'password: "{password}"' in config  # what this node asks of its route peers
     assert f'store_dir: "{DEFAULT_STORE}"' in config
     assert f'cert_file: "{DEFAULT_NODE_DIR}/server.crt"' in config
     assert "log_file" not in config  # to the journal
