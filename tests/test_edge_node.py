@@ -434,6 +434,8 @@ def test_a_new_lineage_is_accepted_at_version_0_and_its_rounds_start_afresh(
             aggregator.publish_backbone(TOPICS, tflite_payload(backbone_models, "new", epoch=2))
             aggregator.publish(TOPICS.global_model, new(0), retain=True)
             wait_until(lambda: node.models.version == 0)
+            # The backbone installs on its own thread: wait for it before replaying the old.
+            wait_until(lambda: node.artifacts._installed == ("new", 0))
             assert node.rounds.last_round == 0  # the old lineage's round counter is gone
             assert NodeState(config.state_dir).load_last_round() == 0
             aggregator.publish(TOPICS.global_model, old(6))  # the old lineage replayed: refused
