@@ -40,6 +40,16 @@ def _run(args: argparse.Namespace) -> int:
     from edge.camera import check_available
     from edge.node import EdgeNode  # imported here so `enroll` starts without it
 
+    # Handlers first: a stop that arrives while the node loads its models still
+    # ends the run cleanly (run() returns at once on a set event).
+    stop = threading.Event()
+
+    def request_stop(signum: int, _frame: Any) -> None:
+        logging.getLogger("edge").info("%s: shutting down", signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, request_stop)
+    signal.signal(signal.SIGINT, request_stop)
     config = load_config(args.config, EdgeConfig)  # errors: see main()
     if config.camera.enabled:
         check_available(config.camera)  # picamera2 off a Pi: one line, before connecting
@@ -51,14 +61,6 @@ def _run(args: argparse.Namespace) -> int:
             config.mqtt.port,
         )
     node = EdgeNode(config)
-    stop = threading.Event()
-
-    def request_stop(signum: int, _frame: Any) -> None:
-        logging.getLogger("edge").info("%s: shutting down", signal.Signals(signum).name)
-        stop.set()
-
-    signal.signal(signal.SIGTERM, request_stop)
-    signal.signal(signal.SIGINT, request_stop)
     node.run(stop)
     return 0
 
