@@ -14,7 +14,6 @@ a login sending junk cannot make the aggregator publish once per message.
 
 from __future__ import annotations
 
-import base64
 import logging
 import math
 
@@ -166,7 +165,7 @@ class SecureRounds:
         fed = self.federation
         server = secure.server
         if secure.phase == "keys":
-            return plan.model_copy(update={"roster": _b64(server.roster())})
+            return plan.model_copy(update={"roster": server.roster().decode()})
         if secure.phase == "shares":
             by_house: dict[str, list[tuple[str, bytes]]] = {}
             for device in secure.done("shares"):
@@ -180,12 +179,12 @@ class SecureRounds:
             for house, inboxes in by_house.items():
                 for part, bundle in enumerate(house_inboxes.pack(server.params.round_id, inboxes)):
                     fed.publish(fed.topics.house_inboxes(house, part), bundle)
-            return plan.model_copy(update={"roster": None, "holders": secure.done("shares")})
+            return plan.model_copy(update={"roster": None, "holders": server.holders})
         request = server.unmask_request()
         survivors = secure.done("masked")
         dropped = tuple(d for d in secure.done("shares") if d not in survivors)
         return plan.model_copy(
-            update={"survivors": survivors, "dropped": dropped, "unmask_request": _b64(request)}
+            update={"survivors": survivors, "dropped": dropped, "unmask_request": request.decode()}
         )
 
     def _unmask(self, current: Round, secure: SecurePhases, plan: SecAggPlan) -> None:
@@ -263,7 +262,3 @@ def secagg_plan(
         clip_norm=clip_norm,
         noise_std=noise_std,
     )
-
-
-def _b64(payload: bytes) -> str:
-    return base64.b64encode(payload).decode()

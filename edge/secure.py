@@ -33,8 +33,6 @@ subtract the noise.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import logging
 import threading
 import time
@@ -91,15 +89,11 @@ def secure_update(
     return SecureUpdate(values=values, residual=residual, norm=norm)
 
 
-def _decoded(text: str | None, what: str, round_id: int) -> bytes:
+def _carried(text: str | None, what: str, round_id: int) -> bytes:
+    """A secure-aggregation message the plan carries as JSON text (the library parses it)."""
     if text is None:
         raise RejectedMessage("bad_secagg_plan", f"round {round_id}: the {what} is missing")
-    try:
-        return base64.b64decode(text, validate=True)
-    except (binascii.Error, ValueError):
-        raise RejectedMessage(
-            "bad_secagg_plan", f"round {round_id}: the {what} is not base64"
-        ) from None
+    return text.encode()
 
 
 Publish = Callable[[str, bytes], None]
@@ -201,7 +195,7 @@ class SecureParticipant:
         phase = announcement.phase
         assert current.update is not None
         if phase == "shares":
-            roster = _decoded(plan.roster, "roster", current.number)
+            roster = _carried(plan.roster, "roster", current.number)
             self._publish("shares", current.client.share(roster))
         elif phase == "send":
             if self.device not in plan.holders:
@@ -210,14 +204,15 @@ class SecureParticipant:
                     f"round {current.number}: the aggregator has no shares "
                     "of this doorbell, so it cannot mask",
                 )
-            current.client.receive(self._wait_for_inbox(current, announcement.deadline))
+            inbox = self._wait_for_inbox(current, announcement.deadline)
+            current.client.receive(inbox, plan.holders)
             self._publish("masked", current.client.masked_input(current.update.values))
             self.on_sent(current.number, None if current.calibration else current.update.residual)
         elif phase == "unmask":
             if self.device not in plan.survivors:
                 log.info("round %d: dropped from the sum; nothing to unmask", current.number)
                 return
-            request = _decoded(plan.unmask_request, "unmask request", current.number)
+            request = _carried(plan.unmask_request, "unmask request", current.number)
             self._publish("unmask", current.client.unmask(request))
 
     def end(self, number: int) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import json
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import pytest
@@ -25,6 +26,7 @@ from fedbell.wire.secagg import (
     neighbour_graph,
     run_secure_round,
 )
+from fedbell.wire.secagg_messages import Advert, advert_record
 
 SIZE = 64
 NAMES = [f"bell-{i:02d}" for i in range(10)]
@@ -96,12 +98,17 @@ class Round:
 
     def deliver_and_mask(self, dropped: Sequence[str] = ()) -> bytes:
         """Each client's inbox in, each masked input but the dropped ones out."""
-        for name, client in self.clients.items():
-            client.receive(self.server.inbox(name))
+        self.receive()
         for name, client in self.clients.items():
             if name not in dropped:
                 self.server.add_masked(name, client.masked_input(self.inputs[name]))
         return self.server.unmask_request()
+
+    def receive(self) -> None:
+        """Each client's inbox in, with the holders the server publishes (the send phase's
+        announcement)."""
+        for name, client in self.clients.items():
+            client.receive(self.server.inbox(name), self.server.holders)
 
     def unmask(self, request: bytes) -> None:
         for name, client in self.clients.items():
@@ -145,8 +152,7 @@ def test_one_masked_input_is_indistinguishable_from_uniform() -> None:
     p = params(size=16_384)
     round_ = Round(p)
     round_.share()
-    for name, client in round_.clients.items():
-        client.receive(round_.server.inbox(name))
+    round_.receive()
     plain = encode(np.full(p.size, 0.01, np.float32), p.scale, np.random.default_rng(0))
     masked = json.loads(round_.clients["bell-00"].masked_input(plain))["values"]
     raw = np.frombuffer(base64.b64decode(masked), dtype=np.uint8)
@@ -309,7 +315,7 @@ def test_malformed_shares_are_refused_and_the_round_goes_on() -> None:
     ciphertext[0] ^= 0x80
     inbox["shares"][0]["ciphertext"] = base64.b64encode(ciphertext).decode()
     with pytest.raises(SecAggError) as altered:
-        round_.clients["bell-04"].receive(json.dumps(inbox).encode())
+        round_.clients["bell-04"].receive(json.dumps(inbox).encode(), round_.server.holders)
     assert reason_of(altered) == "secagg_bad_share"
     assert altered.value.device == dealer
     round_.unmask(round_.deliver_and_mask())
@@ -320,8 +326,7 @@ def test_malformed_shares_are_refused_and_the_round_goes_on() -> None:
 def test_a_masked_input_of_the_wrong_size_is_refused_on_both_sides() -> None:
     round_ = Round(params())
     round_.share()
-    for name, client in round_.clients.items():
-        client.receive(round_.server.inbox(name))
+    round_.receive()
     client = round_.clients["bell-00"]
     with pytest.raises(SecAggError) as local:
         client.masked_input(np.zeros(SIZE + 1, np.uint32))
@@ -339,54 +344,119 @@ def test_a_masked_input_of_the_wrong_size_is_refused_on_both_sides() -> None:
     round_.server.add_masked("bell-00", json.dumps(masked).encode())
 
 
+def record_of(advert: bytes) -> str:
+    """An advert's roster record (what the server makes of it)."""
+    return base64.b64encode(advert_record(Advert.model_validate_json(advert))).decode()
+
+
+def with_record(roster: dict[str, Any], name: str, record: str) -> bytes:
+    """The roster with `name`'s record replaced."""
+    records = [
+        record if d == name else r
+        for d, r in zip(roster["devices"], roster["records"], strict=True)
+    ]
+    return json.dumps({**roster, "records": records}).encode()
+
+
 def test_a_doorbell_refuses_a_roster_that_omits_it_or_swaps_a_neighbours_key() -> None:
     round_ = Round(params())
     roster = json.loads(round_.advertise())
-    without = {**roster, "adverts": [a for a in roster["adverts"] if a["device"] != "bell-02"]}
+    kept = [i for i, d in enumerate(roster["devices"]) if d != "bell-02"]
+    without = {
+        **roster,
+        "devices": [roster["devices"][i] for i in kept],
+        "records": [roster["records"][i] for i in kept],
+    }
     with pytest.raises(SecAggError) as omitted:
         round_.clients["bell-02"].share(json.dumps(without).encode())
     assert reason_of(omitted) == "secagg_bad_roster"
     fake = SecAggClient("bell-03", params(), Ed25519PrivateKey.generate()).advertise()
-    swapped = {
-        **roster,
-        "adverts": [json.loads(fake) if a["device"] == "bell-03" else a for a in roster["adverts"]],
-    }
     with pytest.raises(SecAggError) as bad:
-        round_.clients["bell-02"].share(json.dumps(swapped).encode())
+        round_.clients["bell-02"].share(with_record(roster, "bell-03", record_of(fake)))
     assert reason_of(bad) == "secagg_bad_signature"
     assert bad.value.device == "bell-03"
+    mine = SecAggClient("bell-02", params(), round_.identities["bell-02"]).advertise()
+    with pytest.raises(SecAggError) as altered:  # signed by bell-02, but not this advert
+        round_.clients["bell-02"].share(with_record(roster, "bell-02", record_of(mine)))
+    assert reason_of(altered) == "secagg_bad_roster"
+    short = {**roster, "records": roster["records"][1:]}
+    with pytest.raises(SecAggError) as uneven:
+        round_.clients["bell-02"].share(json.dumps(short).encode())
+    assert reason_of(uneven) == "secagg_bad_message"
     round_.clients["bell-02"].share(json.dumps(roster).encode())  # state kept: still works
 
 
 def test_a_doorbell_reads_its_neighbours_adverts_strictly_and_no_other() -> None:
     names = [f"d{i:02d}" for i in range(30)]
-    round_ = Round(graph_params(neighbours=6, threshold=4, min_cohort=10, round_id=2), names)
+    p = graph_params(neighbours=6, threshold=4, min_cohort=10, round_id=2)
+    round_ = Round(p, names)
     roster = json.loads(round_.advertise())
     me = round_.clients["d00"]
     neighbours = neighbour_graph(names, me.params)["d00"]
     stranger = next(name for name in names if name not in (*neighbours, "d00"))
-
-    def with_advert(name: str, **changes: object) -> bytes:
-        adverts = [{**a, **changes} if a["device"] == name else a for a in roster["adverts"]]
-        return json.dumps({**roster, "adverts": adverts}).encode()
-
-    for bad in ({"enc_key": "not base64"}, {"round": 3}, {"extra": 1}):
+    record = base64.b64decode(roster["records"][names.index(neighbours[0])])
+    replayed = SecAggClient(
+        neighbours[1],
+        SecAggParams(**{**p.to_dict(), "round_id": 3}),
+        round_.identities[neighbours[1]],
+    ).advertise()
+    for name, bad, reason in (
+        (neighbours[0], "!" * 172, "secagg_bad_message"),  # not base64
+        (neighbours[0], base64.b64encode(record + b"\0").decode(), "secagg_bad_message"),
+        (neighbours[1], record_of(replayed), "secagg_bad_signature"),  # signed for round 3
+        (
+            neighbours[-1],
+            base64.b64encode(record[:64] + bytes(64)).decode(),
+            "secagg_bad_signature",
+        ),
+    ):
         with pytest.raises(SecAggError) as err:
-            me.share(with_advert(neighbours[0], **bad))
-        assert err.value.device == neighbours[0]
-    with pytest.raises(SecAggError) as unsigned:
-        me.share(with_advert(neighbours[-1], signature=None))
-    assert reason_of(unsigned) == "secagg_bad_signature"
-    with pytest.raises(SecAggError) as misnamed:
-        me.share(with_advert(stranger, device="d00 "))
-    assert reason_of(misnamed) == "secagg_bad_message"
-    me.share(with_advert(stranger, enc_key="unread", round=3))  # never used: never read
+            me.share(with_record(roster, name, bad))
+        assert err.value.device == name
+        assert reason_of(err) == reason
+    misnamed = {**roster, "devices": [d if d != stranger else "d00 " for d in roster["devices"]]}
+    with pytest.raises(SecAggError) as wrong_name:
+        me.share(json.dumps(misnamed).encode())
+    assert reason_of(wrong_name) == "secagg_bad_message"
+    me.share(with_record(roster, stranger, "!" * 172))  # never used: never read
+
+
+def test_the_holders_a_doorbell_is_given_are_checked() -> None:
+    round_ = Round(params())
+    round_.share()
+    inbox = round_.server.inbox("bell-00")
+    holders = round_.server.holders
+    client = round_.clients["bell-00"]
+    for bad, reason in (
+        (tuple(reversed(holders)), "secagg_bad_message"),  # not sorted
+        (holders[1:], "secagg_bad_inbox"),  # leaves bell-00 out
+        ((*holders, "zz-stranger"), "secagg_bad_inbox"),  # not in the roster
+        (holders[:3], "secagg_below_min_cohort"),
+    ):
+        with pytest.raises(SecAggError) as err:
+            client.receive(inbox, bad)
+        assert reason_of(err) == reason
+    client.receive(inbox, holders)
+
+
+def test_an_advert_with_a_key_or_signature_of_the_wrong_length_is_refused() -> None:
+    server = SecAggServer(params(), None, NAMES)
+    advert = json.loads(SecAggClient("bell-00", params(), None).advertise())
+    for field, value in (
+        ("enc_key", base64.b64encode(bytes(33)).decode()),  # 44 characters, 33 bytes
+        ("signature", base64.b64encode(bytes(63)).decode()),
+    ):
+        with pytest.raises(SecAggError) as err:
+            server.add_advert("bell-00", json.dumps({**advert, field: value}).encode())
+        assert reason_of(err) == "secagg_bad_message"
+        assert field in str(err.value)
+    server.add_advert("bell-00", json.dumps(advert).encode())
 
 
 def test_a_message_nested_too_deep_is_refused_not_a_crash() -> None:
     client = Round(params()).clients["bell-00"]
     client.advertise()
-    for payload in (b"[" * 100_000, b'{"round": 5, "adverts": [' + b"[" * 100_000 + b"]}"):
+    for payload in (b"[" * 100_000, b'{"round": 5, "devices": [' + b"[" * 100_000 + b"]}"):
         with pytest.raises(SecAggError) as err:
             client.share(payload)
         assert reason_of(err) == "secagg_bad_message"
@@ -486,11 +556,11 @@ def test_messages_out_of_turn_and_from_non_holders_are_refused() -> None:
             round_.server.add_shares(name, c.share(roster))
     round_.clients["bell-09"].share(roster)
     inbox = round_.server.inbox("bell-00")
-    assert "bell-09" not in json.loads(inbox)["holders"]
+    assert "bell-09" not in round_.server.holders
     with pytest.raises(SecAggError) as outsider:
         round_.server.inbox("bell-09")
     assert reason_of(outsider) == "secagg_unknown_device"
-    client.receive(inbox)
+    client.receive(inbox, round_.server.holders)
     masked = client.masked_input(round_.inputs["bell-00"])
     round_.server.add_masked("bell-00", masked)
     round_.server.add_masked("bell-00", masked)  # redelivered: ignored
@@ -557,11 +627,12 @@ def test_an_inbox_missing_a_neighbours_shares_or_a_request_missing_a_holder_is_r
     round_.share()
     inbox = json.loads(round_.server.inbox("bell-00"))
     dropped_entry = {**inbox, "shares": inbox["shares"][1:]}
+    holders = round_.server.holders
     with pytest.raises(SecAggError) as short:
-        round_.clients["bell-00"].receive(json.dumps(dropped_entry).encode())
+        round_.clients["bell-00"].receive(json.dumps(dropped_entry).encode(), holders)
     assert reason_of(short) == "secagg_bad_inbox"
     for name, client in round_.clients.items():
-        client.receive(round_.server.inbox(name))
+        client.receive(round_.server.inbox(name), holders)
         round_.server.add_masked(name, client.masked_input(round_.inputs[name]))
     request = json.loads(round_.server.unmask_request())
     partial = {**request, "survivors": request["survivors"][:-1]}

@@ -214,7 +214,7 @@ const MESSAGE_SCHEMAS = {
      },
      "holders": {
       "default": [],
-      "description": "Send phase: the doorbells whose shares arrived (they mask).",
+      "description": "Send phase: the doorbells whose shares arrived (they mask), sorted; each doorbell checks its inbox against it.",
       "items": {"type": "string"},
       "title": "Holders",
       "type": "array"
@@ -240,7 +240,7 @@ const MESSAGE_SCHEMAS = {
      "roster": {
       "anyOf": [{"maxLength": 1048576, "type": "string"}, {"type": "null"}],
       "default": null,
-      "description": "Shares phase: the selected doorbells' signed key adverts (base64).",
+      "description": "Shares phase: the roster, the selected doorbells' signed key adverts (a fedbell.wire.secagg_messages.Roster, as JSON text).",
       "title": "Roster"
      },
      "scale": {
@@ -271,7 +271,7 @@ const MESSAGE_SCHEMAS = {
      "unmask_request": {
       "anyOf": [{"maxLength": 1048576, "type": "string"}, {"type": "null"}],
       "default": null,
-      "description": "Unmask phase: what the aggregator asks each survivor to reveal (base64).",
+      "description": "Unmask phase: what the aggregator asks each survivor to reveal (a fedbell.wire.secagg_messages.UnmaskRequest, as JSON text).",
       "title": "Unmask Request"
      }
     },

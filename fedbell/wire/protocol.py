@@ -22,8 +22,8 @@ from fedbell.wire.secagg_params import SecAggParams
 
 MAX_JSON_BYTES = 64 * 1024
 MAX_ROUND_BYTES = 1024 * 1024
-"""A secure round's announcement carries its roster (every selected doorbell's signed key
-advert, ~250 bytes each in base64) in the shares phase: room for a few thousand."""
+"""A secure round's announcement carries its roster (every selected doorbell's name and
+signed key advert, ~200 bytes each) in the shares phase: room for about 5,000."""
 
 
 class Message(BaseModel):
@@ -97,10 +97,13 @@ class SecAggPlan(Message):
     roster: str | None = Field(
         default=None,
         max_length=MAX_ROUND_BYTES,
-        description="Shares phase: the selected doorbells' signed key adverts (base64).",
+        description="Shares phase: the roster, the selected doorbells' signed key adverts (a "
+        "fedbell.wire.secagg_messages.Roster, as JSON text).",
     )
     holders: tuple[str, ...] = Field(
-        default=(), description="Send phase: the doorbells whose shares arrived (they mask)."
+        default=(),
+        description="Send phase: the doorbells whose shares arrived (they mask), sorted; "
+        "each doorbell checks its inbox against it.",
     )
     survivors: tuple[str, ...] = Field(
         default=(), description="Unmask phase: the doorbells whose masked update arrived."
@@ -111,7 +114,8 @@ class SecAggPlan(Message):
     unmask_request: str | None = Field(
         default=None,
         max_length=MAX_ROUND_BYTES,
-        description="Unmask phase: what the aggregator asks each survivor to reveal (base64).",
+        description="Unmask phase: what the aggregator asks each survivor to reveal (a "
+        "fedbell.wire.secagg_messages.UnmaskRequest, as JSON text).",
     )
 
     def params(self, round_id: int, lineage: str | None) -> SecAggParams:

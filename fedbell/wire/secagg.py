@@ -103,7 +103,7 @@ def run_secure_round(
     for name, client in clients.items():
         server.add_shares(name, client.share(roster))
     for name, client in clients.items():
-        client.receive(server.inbox(name))
+        client.receive(server.inbox(name), server.holders)
     for name, client in clients.items():
         if name not in drop_after_masking:
             server.add_masked(name, client.masked_input(clients_vectors[name]))

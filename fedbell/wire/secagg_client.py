@@ -10,7 +10,7 @@ import bisect
 import operator
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -24,13 +24,13 @@ from fedbell.wire.secagg_messages import (
     Advert,
     Inbox,
     Masked,
-    RosterIndex,
+    Roster,
     SealedShare,
     SecAggError,
     Shares,
     UnmaskReply,
     UnmaskRequest,
-    advert_of,
+    advert_at,
     b64,
     check_round,
     dump,
@@ -40,7 +40,7 @@ from fedbell.wire.secagg_messages import (
     pairwise_seed,
     parse,
     public_bytes,
-    roster_names,
+    record_keys,
     seal,
     seed_commitment,
     share_associated_data,
@@ -107,7 +107,8 @@ class SecAggClient:
         self._self_seed = self._random(16, b"self seed")
         self.stage = "new"
         self._advert: Advert | None = None
-        self._peers: dict[str, Advert] = {}
+        self._peer_masks: dict[str, bytes] = {}
+        """each neighbour's mask public key, raw (seeds the pairwise masks)"""
         self._neighbours: tuple[str, ...] = ()
         self._roster: frozenset[str] = frozenset()
         self._holders: frozenset[str] = frozenset()
@@ -146,16 +147,18 @@ class SecAggClient:
         """Check the roster, then deal this doorbell's two seeds to its neighbours, encrypted.
 
         Every name of the roster is read (the neighbour graph is drawn on all of
-        them) but only this doorbell's own advert and its k neighbours' are read
-        in full and checked: nothing of the others is ever used, and at 1,000
-        doorbells reading all 1,000 adverts was most of this step.
+        them) but only this doorbell's own advert and its k neighbours' are used:
+        its own must be there unaltered, its neighbours' must verify against
+        their provisioned keys (when `peer_keys` were given).
         """
         self._expect("advertised", "share")
-        message = parse(roster, RosterIndex, MAX_LIST_BYTES)
+        message = parse(roster, Roster, MAX_LIST_BYTES)
         params, me = self.params, self.device
         check_round(message, params, "roster", None)
-        names = roster_names(message)
+        names = message.devices
         check_sorted_names(names, "roster")
+        if len(message.records) != len(names):
+            raise SecAggError("secagg_bad_message", "roster: not one record per device")
         position = bisect.bisect_left(names, me)
         if position == len(names) or names[position] != me:
             raise SecAggError("secagg_bad_roster", f"roster omits {me}'s advert")
@@ -164,21 +167,19 @@ class SecAggClient:
                 "secagg_below_min_cohort",
                 f"roster of {len(names)} doorbells, min_cohort {params.min_cohort}",
             )
-        neighbours = neighbours_of(me, names, params)
-        adverts = {
-            name: advert_of(message.adverts[bisect.bisect_left(names, name)])
-            for name in (me, *neighbours)
-        }
-        for name, advert in adverts.items():
-            check_round(advert, params, f"advert of {name}", name)
-        if adverts[me] != self._advert:
+        if advert_at(message, position) != self._advert:
             raise SecAggError("secagg_bad_roster", f"roster alters {me}'s advert")
+        neighbours = neighbours_of(me, names, params)
+        public: dict[str, tuple[bytes, bytes]] = {}  # each neighbour's (enc, mask) key, raw
         for peer in neighbours:
+            index = bisect.bisect_left(names, peer)
             if self._peer_keys is not None:
                 key = self._peer_keys.get(peer)
                 if key is None:
                     raise SecAggError("secagg_unknown_device", f"no trusted key for {peer}", peer)
-                verify_advert(adverts[peer], key)
+                verify_advert(advert_at(message, index), key)
+            enc_key, mask_key, _ = record_keys(message, index)
+            public[peer] = (enc_key, mask_key)
         _, threshold = params.degree(len(names))
         self_shares = shamir.split(self._self_seed, threshold, len(neighbours))
         key_shares = shamir.split(self._mask_seed, threshold, len(neighbours))
@@ -189,8 +190,7 @@ class SecAggClient:
                 b64(share_commitment(b"self", self._ctx, me, peer, salt=salt, share=self_share)),
                 b64(share_commitment(b"key", self._ctx, me, peer, salt=salt, share=key_share)),
             )
-            peer_enc = unb64(adverts[peer].enc_key, 32, f"enc_key of {peer}", peer)
-            enc_secrets[peer] = exchange(self._enc, peer_enc, peer)
+            enc_secrets[peer] = exchange(self._enc, public[peer][0], peer)
             cipher = share_cipher(enc_secrets[peer], dealer=me, recipient=peer, ctx=self._ctx)
             associated = share_associated_data(self._ctx, me, peer, *commitments)
             sealed.append(
@@ -201,7 +201,7 @@ class SecAggClient:
                     key_commitment=commitments[1],
                 )
             )
-        self._peers = {peer: adverts[peer] for peer in neighbours}
+        self._peer_masks = {peer: keys[1] for peer, keys in public.items()}
         self._enc_secrets = enc_secrets
         self._roster = frozenset(names)
         self._neighbours, self.stage = neighbours, "shared"
@@ -215,16 +215,20 @@ class SecAggClient:
             )
         )
 
-    def receive(self, inbox: bytes) -> None:
-        """Decrypt and check the shares the neighbours dealt to this doorbell."""
+    def receive(self, inbox: bytes, holder_names: Sequence[str]) -> None:
+        """Decrypt and check the shares the neighbours dealt to this doorbell.
+
+        `holder_names`: every doorbell whose shares the server holds (they alone mask),
+        sorted, as the server published them to all (the signed send announcement).
+        """
         self._expect("shared", "receive")
         message = parse(inbox, Inbox, MAX_LIST_BYTES)
         params, me = self.params, self.device
         check_round(message, params, "inbox", None)
         if message.device != me:
             raise SecAggError("secagg_bad_inbox", f"inbox of {message.device} sent to {me}")
-        check_sorted_names(message.holders, "holders")
-        holders = frozenset(message.holders)
+        check_sorted_names(tuple(holder_names), "holders")
+        holders = frozenset(holder_names)
         if not holders <= self._roster:
             raise SecAggError("secagg_bad_inbox", "holders outside the roster")
         if me not in holders or len(holders) < params.min_cohort:
@@ -286,8 +290,8 @@ class SecAggClient:
         for peer in self._neighbours:
             if peer not in self._holders:
                 continue
-            peer_mask = unb64(self._peers[peer].mask_key, 32, f"mask_key of {peer}", peer)
-            mask = prg(pairwise_seed(self._mask, peer_mask, self.device, peer, self._ctx), size)
+            seed = pairwise_seed(self._mask, self._peer_masks[peer], self.device, peer, self._ctx)
+            mask = prg(seed, size)
             total = total + mask if self.device < peer else total - mask
         self.stage = "masked"
         return dump(

@@ -21,6 +21,7 @@ from fedbell.wire import secagg_messages as messages
 from fedbell.wire.masking import prg
 from fedbell.wire.secagg_messages import (
     COMMITMENT_BYTES,
+    KEY_BYTES,
     REVEALED_BYTES,
     SALT_BYTES,
     SecAggError,
@@ -66,8 +67,10 @@ class SecAggServer:
         self._keys = device_keys
         self._ctx = params.context()
         self._adverts: dict[str, messages.Advert] = {}
-        self._key_owners: dict[str, str] = {}
-        """Every advertised public key -> its doorbell (a copied key is refused)"""
+        self._records: dict[str, str] = {}
+        """Each accepted advert's roster record (messages.advert_record), in base64"""
+        self._key_owners: dict[bytes, str] = {}
+        """Every advertised public key (raw) -> its doorbell (a copied key is refused)"""
         self._roster: bytes | None = None
         self._graph: dict[str, tuple[str, ...]] = {}
         self._threshold = 0
@@ -128,17 +131,20 @@ class SecAggServer:
                 verify_advert(advert, key)
             if self._duplicate(self._adverts.get(device), advert, device, "advert"):
                 return
-            for public in (advert.enc_key, advert.mask_key):
+            record = messages.advert_record(advert)
+            enc_key, mask_key = record[:KEY_BYTES], record[KEY_BYTES : 2 * KEY_BYTES]
+            for public in (enc_key, mask_key):
                 if public in self._key_owners:
                     raise SecAggError(
                         "secagg_duplicate",
                         f"{device} advertised a key of {self._key_owners[public]}",
                         device,
                     )
-            if advert.enc_key == advert.mask_key:
+            if enc_key == mask_key:
                 raise SecAggError("secagg_duplicate", f"{device} advertised one key twice", device)
+            self._records[device] = messages.b64(record)
             self._adverts[device] = advert
-            self._key_owners.update({advert.enc_key: device, advert.mask_key: device})
+            self._key_owners.update({enc_key: device, mask_key: device})
 
     @staticmethod
     def _duplicate(previous: object, message: object, device: str, what: str) -> bool:
@@ -167,7 +173,8 @@ class SecAggServer:
                 messages.Roster(
                     round=self.params.round_id,
                     lineage=self.params.lineage,
-                    adverts=tuple(self._adverts[name] for name in names),
+                    devices=tuple(names),
+                    records=tuple(self._records[name] for name in names),
                 )
             )
             self.phase = "shares"
@@ -208,6 +215,12 @@ class SecAggServer:
                 self._dealt[device] = {entry.peer: entry for entry in message.shares}
                 self._commitments[device] = commitments
 
+    @property
+    def holders(self) -> tuple[str, ...]:
+        """The doorbells whose shares arrived, sorted (they alone mask): what the server
+        publishes to every doorbell with the inboxes (empty before the first `inbox`)."""
+        return self._holders
+
     def inbox(self, device: str) -> bytes:
         """The shares dealt to `device`. The first call closes the share phase."""
         with self._counting():
@@ -227,7 +240,6 @@ class SecAggServer:
                     round=self.params.round_id,
                     lineage=self.params.lineage,
                     device=device,
-                    holders=self._holders,
                     shares=tuple(entries),
                 )
             )
