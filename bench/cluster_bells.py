@@ -7,7 +7,8 @@ worker thread, the doorbell's own worker; each of its doorbells answers with
 the real doorbell's code, `edge.secure.SecureParticipant` (the client step
 `secure_update`, then fedbell.wire.secagg_client's SecAggClient: signed key
 advert, encrypted shares, masked update, unmask answer), signed with its own
-Ed25519 key, over MQTT through its hub. Instead of training, a random delta.
+Ed25519 key, over MQTT through its hub. Instead of training, a random delta,
+made once the house's adverts are out (a doorbell advertises, then trains).
 A round announcement is parsed and its signature checked once per house (not
 once per doorbell: a real doorbell does that on its own CPU, in parallel with
 the others; here 1,000 doorbells share two cores). The roster and the inbox
@@ -34,6 +35,7 @@ import sys
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -177,21 +179,30 @@ class SecureHouse:
                 doorbell.end(number)
             return
         mine = [device for device in announcement.selected if device in self.doorbells]
-        for device in mine:
-            doorbell = self.doorbells[device]
+        if phase == "keys":  # as a doorbell: its advert first, then it trains
+            self._each(number, mine, lambda doorbell: doorbell.begin(announcement))
+            self._each(number, mine, lambda doorbell: self._prepare(doorbell, announcement))
+        else:
+            self._each(number, mine, lambda doorbell: doorbell.step(announcement))
+        if phase == "unmask" and announcement.secagg is not None:
+            self._sum_survivors(number, announcement.secagg.survivors)
+
+    def _each(
+        self, number: int, devices: list[str], act: Callable[[SecureParticipant], None]
+    ) -> None:
+        """`act` on each of the doorbells; a refusal counted, the others go on."""
+        for device in devices:
             try:
-                if phase == "keys":
-                    doorbell.begin(announcement)
-                    doorbell.prepare(announcement, self._delta(announcement.base_version))
-                    if (update := doorbell.update) is not None:  # for the survivors' sum
-                        self._sent_values[(number, device)] = update.values
-                else:
-                    doorbell.step(announcement)
+                act(self.doorbells[device])
             except RejectedMessage as err:
                 with self.lock:
                     self.rounds.setdefault(number, RoundLog()).refused[err.reason] += 1
-        if phase == "unmask" and announcement.secagg is not None:
-            self._sum_survivors(number, announcement.secagg.survivors)
+
+    def _prepare(self, doorbell: SecureParticipant, announcement: RoundAnnouncement) -> None:
+        """Instead of training: a random delta, then the doorbell's own client step."""
+        doorbell.prepare(announcement, self._delta(announcement.base_version))
+        if (update := doorbell.update) is not None:  # for the survivors' sum
+            self._sent_values[(announcement.round, doorbell.device)] = update.values
 
     def _delta(self, version: int) -> Weights:
         with self.lock:
