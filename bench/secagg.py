@@ -20,7 +20,7 @@ the round's shared subset of the head (coordinates x density values each).
   for 10 % dropout): what one doorbell publishes (advert + shares + masked
   input + unmask reply), mean and largest.
 - client: one doorbell's own time for a round (all five steps), mean over the
-  doorbells of each round.
+  doorbells of each round, and its CPU in each step.
 """
 
 from __future__ import annotations
@@ -57,6 +57,8 @@ class RoundCost:
     unmask_cpu_seconds: float
     server_seconds: float
     client_seconds_mean: float
+    client_cpu_ms_by_step: dict[str, float]
+    """A doorbell's CPU in each step (advertise, share, receive, masked_input, unmask), mean."""
     upload_bytes_mean: float
     upload_bytes_max: int
     upload_bytes_by_step: dict[str, float]
@@ -86,17 +88,20 @@ def measure(doorbells: int, dropout: float, plan_dropout: float, size: int, seed
     server = SecAggServer(params, keys, names)
     clients = {name: SecAggClient(name, params, identities[name], keys) for name in names}
     client_time = dict.fromkeys(names, 0.0)
+    client_cpu: dict[str, float] = {}  # step -> CPU seconds, all doorbells
     uploaded = dict.fromkeys(names, 0)
     by_step: dict[str, list[int]] = {}
     server_time = [0.0, 0.0]  # wall, CPU
 
     def on_client(name: str, step: Callable[..., T], *args: object) -> T:
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         out = step(*args)
         client_time[name] += time.perf_counter() - start
+        step_name = getattr(step, "__name__", "step")
+        client_cpu[step_name] = client_cpu.get(step_name, 0.0) + time.process_time() - start_cpu
         if isinstance(out, bytes) and name not in dropped:
             uploaded[name] += len(out)
-            by_step.setdefault(getattr(step, "__name__", "step"), []).append(len(out))
+            by_step.setdefault(step_name, []).append(len(out))
         return out
 
     def on_server(step: Callable[..., T], *args: object) -> T:
@@ -112,7 +117,7 @@ def measure(doorbells: int, dropout: float, plan_dropout: float, size: int, seed
     for name, client in clients.items():
         on_server(server.add_shares, name, on_client(name, client.share, roster))
     for name, client in clients.items():
-        on_client(name, client.receive, on_server(server.inbox, name))
+        on_client(name, client.receive, on_server(server.inbox, name), server.holders)
     for name, client in clients.items():
         masked = on_client(name, client.masked_input, inputs[name])
         if name not in dropped:
@@ -138,6 +143,7 @@ def measure(doorbells: int, dropout: float, plan_dropout: float, size: int, seed
         unmask_cpu_seconds=server_time[1] - before_unmask[1],
         server_seconds=server_time[0],
         client_seconds_mean=statistics.fmean(client_time.values()),
+        client_cpu_ms_by_step={step: 1000 * cpu / doorbells for step, cpu in client_cpu.items()},
         upload_bytes_mean=statistics.fmean(uploaded[name] for name in senders),
         upload_bytes_max=max(uploaded[name] for name in senders),
         upload_bytes_by_step={step: statistics.fmean(sizes) for step, sizes in by_step.items()},
@@ -168,7 +174,9 @@ def main(argv: list[str] | None = None) -> int:
             f"  aggregator: unmask {cost.unmask_seconds:.2f} s "
             f"({cost.unmask_cpu_seconds:.2f} s CPU), whole round "
             f"{cost.server_seconds:.2f} s\n"
-            f"  doorbell: {cost.client_seconds_mean * 1000:.1f} ms per round, upload "
+            f"  doorbell: {cost.client_seconds_mean * 1000:.1f} ms per round ("
+            + ", ".join(f"{step} {ms:.2f}" for step, ms in cost.client_cpu_ms_by_step.items())
+            + " ms CPU), upload "
             f"{cost.upload_bytes_mean / 1000:.1f} kB mean, "
             f"{cost.upload_bytes_max / 1000:.1f} kB max ("
             + ", ".join(
