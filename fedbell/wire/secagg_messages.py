@@ -87,11 +87,10 @@ SIGNATURE_BYTES = 64
 RECORD_BYTES = 2 * KEY_BYTES + SIGNATURE_BYTES
 """One advert in a roster: enc_key, mask_key, signature (zeros: unsigned), raw."""
 _UNSIGNED = bytes(SIGNATURE_BYTES)
+_RECORD_CHARS = 4 * -(-RECORD_BYTES // 3)
 DeviceName = Annotated[str, StringConstraints(pattern=DEVICE)]
-
-
-B64Record = Annotated[str, StringConstraints(min_length=172, max_length=172)]
-"""RECORD_BYTES in base64 (checked as base64 when used)."""
+B64Record = Annotated[str, StringConstraints(min_length=_RECORD_CHARS, max_length=_RECORD_CHARS)]
+"""RECORD_BYTES in base64 (decoded, and so checked, only when used)."""
 
 
 class Roster(_Message):
