@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-from fedbell.faces.embedding import HEAD_NAMES, Features, LabelIds, TrainParams, train_head
+from fedbell.faces.embedding import Features, LabelIds, TrainParams, model_names, train_head
 from fedbell.wire.codecs import Weights
 
 
@@ -72,7 +72,7 @@ def train_delta(
         for t, b in zip(result.head, base, strict=True)
     ]
     return TrainedDelta(
-        names=HEAD_NAMES,
+        names=model_names(base),
         delta=delta,
         num_examples=len(features),
         loss=result.loss,

@@ -16,7 +16,7 @@ import pytest
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from fedbell.faces import align, dlib_resnet
+from fedbell.faces import align, dlib_resnet, last_level
 from fedbell.faces.detection import Face
 from fedbell.faces.features import face_chip
 from fedbell.faces.litert import interpreter_factory
@@ -133,6 +133,40 @@ def test_backbone_shape_and_determinism(model: Any) -> None:
     assert np.all(np.isfinite(a))
     assert np.all(a >= 0)  # average of a ReLU output
     assert not np.allclose(a[0], a[1])
+
+
+def test_the_last_level_in_numpy_is_the_networks(
+    weights: dlib_resnet.DlibWeights, model: Any
+) -> None:
+    """The backbone cut before its last level, then that level in numpy from the values a
+    doorbell caches (`last_level.compact`), gives the whole network's pooled features."""
+    split = dlib_resnet.build_backbone(weights, until_last_level=True)
+    assert split.output_shape == (None, *last_level.INPUT_SHAPE)
+    x = chips(4, seed=3)
+    cached = last_level.compact(np.asarray(split(x, training=False)))
+    assert cached.shape == (4, last_level.LEVEL_INPUTS)
+    pooled, _ = last_level.forward(cached, last_level.initial(weights))
+    want = np.asarray(model(x, training=False))
+    assert np.abs(want).max() > 0.5
+    np.testing.assert_allclose(pooled, want, atol=1e-4 * np.abs(want).max())
+    # the trainable part does reach the output: a changed level changes the features
+    changed = last_level.initial(weights)
+    changed[3] = changed[3] + 1.0
+    assert np.abs(last_level.forward(cached, changed)[0] - want).max() > 0.1
+
+
+def test_a_wrong_last_level_is_a_clear_error(weights: dlib_resnet.DlibWeights) -> None:
+    level = last_level.initial(weights)
+    with pytest.raises(ValueError, match=r"level/conv2 must have shape \(256, 256\)"):
+        last_level.check([level[0], level[1], level[2][:8], level[3]])
+    level[1] = level[1].copy()
+    level[1][7] = np.nan
+    with pytest.raises(ValueError, match="level/bias1 has NaN"):
+        last_level.check(level)
+    with pytest.raises(ValueError, match="4 tensors, got 3"):
+        last_level.check(level[:3])
+    with pytest.raises(ValueError, match=r"level inputs must be \(n, 4, 4, 256\)"):
+        last_level.compact(np.zeros((2, 5, 5, 256), np.float32))
 
 
 def test_tflite_is_builtin_ops_and_matches_keras(model: Any) -> None:

@@ -16,13 +16,13 @@ from tests.recognition_helpers import clustered_house
 
 
 def whole_batch_gradient(x: Any, y: Any, z: Any, head: Any, params: TrainParams) -> Any:
-    current = embedding._forward(x, head)[0]
+    current = embedding._forward(x, [head])[0]
     sums = np.zeros((int(y.max()) + 1, current.shape[1]), np.float32)
     np.add.at(sums, y, current)
     epoch = embedding._Epoch(current, sums, normalize(sums))
     batch = np.arange(len(x))
     args = {"x": x, "z": z, "targets": y, "batch": batch, "epoch": epoch}
-    return embedding._batch_gradient(head, params=params, **args)[1]
+    return embedding._batch_gradient([head], params=params, **args)[1][0]
 
 
 def test_one_sgd_step_moves_the_head_against_the_gradient() -> None:

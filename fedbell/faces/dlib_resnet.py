@@ -423,12 +423,14 @@ def dlib_projection(weights: DlibWeights) -> Array:
     return np.ascontiguousarray(fc.tensors["weights"], dtype=np.float32)
 
 
-def build_backbone(weights: DlibWeights) -> keras.Model:
+def build_backbone(weights: DlibWeights, *, until_last_level: bool = False) -> keras.Model:
     """dlib's network up to its pooled features, as a Keras model.
 
     Input `chip`: float32 (None, 150, 150, 3), RGB values 0..255 (a dlib chip).
     Output `features`: (None, 256), the globally averaged last block, i.e. the
-    input of dlib's final fc_no_bias (see `dlib_projection`).
+    input of dlib's final fc_no_bias (see `dlib_projection`). With
+    `until_last_level`, output `level_input`: (None, 4, 4, 256), the input of the
+    last residual level, which `fedbell.faces.last_level` trains and runs in numpy.
 
     What dlib does, and how it is expressed with layers TFLite runs natively:
 
@@ -450,6 +452,7 @@ def build_backbone(weights: DlibWeights) -> keras.Model:
     import keras
 
     layers = weights.layers
+    last_level = max(i for i, layer in enumerate(layers) if layer.op == Op("tag", ident=1))
     chip = keras.Input((CHIP, CHIP, 3), name="chip", dtype="float32")
     x = keras.layers.Normalization(
         axis=-1, mean=list(weights.input_mean), variance=[256.0**2] * 3, name="dlib_input"
@@ -459,6 +462,9 @@ def build_backbone(weights: DlibWeights) -> keras.Model:
     while i < len(layers):
         layer = layers[i]
         op = layer.op
+        if until_last_level and i == last_level:
+            x = keras.layers.Identity(name="level_input")(x)
+            break
         if op.kind == "tag":
             tags[op.ident] = x
         elif op.kind == "skip":

@@ -55,6 +55,7 @@ from typing import Literal
 import numpy as np
 import numpy.typing as npt
 
+from fedbell.faces import last_level
 from fedbell.wire.codecs import Weights
 
 Features = npt.NDArray[np.float32]
@@ -65,6 +66,10 @@ LabelIds = npt.NDArray[np.int64]
 
 HEAD_NAMES: tuple[str, ...] = ("head/projection",)
 """The tensors of the global model: what a round trains and averages."""
+LAST_LEVEL_NAMES: tuple[str, ...] = (*last_level.NAMES, *HEAD_NAMES)
+"""The global model when the aggregator trains dlib's last level too: its features
+are then the level's cached inputs (`last_level.LEVEL_INPUTS` per face), not the
+pooled features."""
 
 _EPSILON = 1e-12
 
@@ -114,16 +119,28 @@ class TrainParams:
             raise ValueError("learning_rate and scale must be positive, prox_mu not negative")
 
 
-def check_head(head: Sequence[npt.NDArray[np.float32]]) -> npt.NDArray[np.float32]:
-    """The projection matrix of a head, or ValueError saying what is wrong."""
-    if len(head) != len(HEAD_NAMES):
-        raise ValueError(f"a head has {len(HEAD_NAMES)} tensor(s), got {len(head)}")
-    projection = np.asarray(head[0], dtype=np.float32)
+def model_names(model: Sequence[npt.NDArray[np.float32]]) -> tuple[str, ...]:
+    """The names of a model's tensors: the head alone, or the last level and the head."""
+    return LAST_LEVEL_NAMES if len(model) == len(LAST_LEVEL_NAMES) else HEAD_NAMES
+
+
+def check_head(head: Sequence[npt.NDArray[np.float32]]) -> list[npt.NDArray[np.float32]]:
+    """The tensors of a model (a head, or the last level and a head), or ValueError."""
+    if len(head) not in (len(HEAD_NAMES), len(LAST_LEVEL_NAMES)):
+        raise ValueError(
+            f"a model has {len(HEAD_NAMES)} or {len(LAST_LEVEL_NAMES)} tensor(s), got {len(head)}"
+        )
+    projection = np.asarray(head[-1], dtype=np.float32)
     if projection.ndim != 2 or min(projection.shape) < 1:
         raise ValueError(f"head projection must be a matrix, got shape {projection.shape}")
     if not np.all(np.isfinite(projection)):
         raise ValueError("head projection has NaN or infinite values")
-    return projection
+    return [*last_level.check(head[:-1]), projection] if len(head) > 1 else [projection]
+
+
+def feature_width(model: Sequence[npt.NDArray[np.float32]]) -> int:
+    """What one face's features hold for this model: pooled features or level inputs."""
+    return last_level.LEVEL_INPUTS if len(model) > 1 else int(np.shape(model[-1])[0])
 
 
 def normalize(vectors: npt.NDArray[np.floating]) -> npt.NDArray[np.float32]:
@@ -134,14 +151,14 @@ def normalize(vectors: npt.NDArray[np.floating]) -> npt.NDArray[np.float32]:
 
 
 def embed(features: Features, head: Sequence[npt.NDArray[np.float32]]) -> Embeddings:
-    """Unit-length embeddings of backbone features."""
-    projection = check_head(head)
+    """Unit-length embeddings of backbone features (level inputs for a last-level model)."""
+    model = check_head(head)
     array = np.asarray(features, dtype=np.float32)
-    if array.ndim != 2 or array.shape[1] != projection.shape[0]:
+    if array.ndim != 2 or array.shape[1] != feature_width(model):
         raise ValueError(
-            f"features of shape {array.shape} do not fit a head taking {projection.shape[0]}"
+            f"features of shape {array.shape} do not fit a model taking {feature_width(model)}"
         )
-    return normalize(array @ projection)
+    return _forward(array, model)[0]
 
 
 def _normalize_backward(
@@ -152,12 +169,36 @@ def _normalize_backward(
     return np.asarray((grad - unit * along) / norms, dtype=np.float32)
 
 
+@dataclass(frozen=True)
+class _Pass:
+    """A forward pass kept for its backward: what the head read, and the level's state."""
+
+    pooled: npt.NDArray[np.float32]
+    level: last_level.Activations | None
+
+
 def _forward(
-    features: npt.NDArray[np.float32], projection: npt.NDArray[np.float32]
-) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]]:
-    raw = features @ projection
+    features: npt.NDArray[np.float32], model: Sequence[npt.NDArray[np.float32]]
+) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32], _Pass]:
+    """Unit embeddings, their norms before normalising, and what the backward needs."""
+    acts = None
+    pooled = features
+    if len(model) > 1:
+        pooled, acts = last_level.forward(features, model[:-1])
+    raw = pooled @ model[-1]
     norms = np.maximum(np.linalg.norm(raw, axis=1, keepdims=True), _EPSILON).astype(np.float32)
-    return np.asarray(raw / norms, dtype=np.float32), norms
+    return np.asarray(raw / norms, dtype=np.float32), norms, _Pass(pooled, acts)
+
+
+def _backward(
+    model: Sequence[npt.NDArray[np.float32]], forward: _Pass, grad_raw: npt.NDArray[np.float32]
+) -> list[npt.NDArray[np.float32]]:
+    """Gradients of the model's tensors given the gradient of the raw embeddings."""
+    grad_head = np.asarray(forward.pooled.T @ grad_raw, np.float32)
+    if forward.level is None:
+        return [grad_head]
+    grad_pooled = np.asarray(grad_raw @ model[-1].T, np.float32)
+    return [*last_level.backward(model[:-1], forward.level, grad_pooled), grad_head]
 
 
 @dataclass(frozen=True)
@@ -210,7 +251,7 @@ class _Epoch:
 
 
 def _batch_gradient(
-    projection: npt.NDArray[np.float32],
+    model: Sequence[npt.NDArray[np.float32]],
     *,
     x: npt.NDArray[np.float32],
     z: npt.NDArray[np.float32],
@@ -218,11 +259,11 @@ def _batch_gradient(
     batch: npt.NDArray[np.int64],
     epoch: _Epoch,
     params: TrainParams,
-) -> tuple[float, npt.NDArray[np.float32]]:
-    """Loss and gradient of one batch: CosFace over the prototypes and the strangers."""
+) -> tuple[float, list[npt.NDArray[np.float32]]]:
+    """Loss and gradients of one batch: CosFace over the prototypes and the strangers."""
     classes = len(epoch.centres)
-    e, e_norm = _forward(x[batch], projection)
-    n, n_norm = _forward(z, projection)
+    e, e_norm, e_pass = _forward(x[batch], model)
+    n, n_norm, n_pass = _forward(z, model)
     rows = np.arange(len(batch))
     own = (
         normalize(epoch.sums[targets] - epoch.current[batch])
@@ -244,11 +285,12 @@ def _batch_gradient(
         + grad_cos[rows, targets][:, None] * (own - epoch.centres[targets]),
         np.float32,
     )
-    grad = np.asarray(x[batch].T @ _normalize_backward(e, e_norm, grad_e), np.float32)
+    grads = _backward(model, e_pass, _normalize_backward(e, e_norm, grad_e))
     if len(z):
         grad_n = np.asarray(grad_cos[:, classes:].T @ e, np.float32)
-        grad += np.asarray(z.T @ _normalize_backward(n, n_norm, grad_n), np.float32)
-    return loss, grad
+        from_strangers = _backward(model, n_pass, _normalize_backward(n, n_norm, grad_n))
+        grads = [g + s for g, s in zip(grads, from_strangers, strict=True)]
+    return loss, grads
 
 
 def train_head(
@@ -266,38 +308,43 @@ def train_head(
     person's by `margin`, and nearer than every stranger in `negatives` (faces
     of people nobody enrolled, seen at this door). The prototypes are the
     house's own, so no classifier weights tied to names exist anywhere.
+
+    `head` is the round's model: the head alone, on pooled features, or dlib's
+    last level and the head (`LAST_LEVEL_NAMES`), on the level's cached inputs.
     """
     start = check_head(head)
+    width = feature_width(start)
     x = np.asarray(features, dtype=np.float32)
     y = np.asarray(labels, dtype=np.int64)
-    z = np.asarray(negatives, dtype=np.float32).reshape(-1, start.shape[0])
-    if x.ndim != 2 or x.shape[1] != start.shape[0] or y.shape != (len(x),):
-        raise ValueError(f"features {x.shape} / labels {y.shape} do not fit the head {start.shape}")
+    z = np.asarray(negatives, dtype=np.float32).reshape(-1, width)
+    if x.ndim != 2 or x.shape[1] != width or y.shape != (len(x),):
+        raise ValueError(f"features {x.shape} / labels {y.shape} do not fit a model taking {width}")
     if len(x) and y.min() < 0:
         raise ValueError("label ids must be >= 0")
     classes = int(y.max()) + 1 if len(y) else 0
     counts = np.bincount(y, minlength=classes)
     anchors = np.flatnonzero(counts[y] > 1) if params.leave_one_out else np.arange(len(x))
     if classes + len(z) < 2 or len(anchors) == 0:  # nothing to tell apart: the head stays
-        return TrainResult([start.copy()], float("nan"), 0)
+        return TrainResult([t.copy() for t in start], float("nan"), 0)
 
-    projection = start.copy()
-    optimizer = _Adam(projection.shape) if params.optimizer == "adam" else _SGD()
+    model = [t.copy() for t in start]
+    optimizers = [_Adam(t.shape) if params.optimizer == "adam" else _SGD() for t in model]
     rng = np.random.default_rng(params.seed)
     losses: list[float] = []
     for _ in range(params.epochs):
-        current = _forward(x, projection)[0]
+        current = _forward(x, model)[0]
         sums = np.zeros((classes, current.shape[1]), dtype=np.float32)
         np.add.at(sums, y, current)
         epoch = _Epoch(current, sums, normalize(sums))
         losses = []
         splits = max(1, -(-len(anchors) // params.batch_size))
         for batch in np.array_split(anchors[rng.permutation(len(anchors))], splits):
-            loss, grad = _batch_gradient(
-                projection, x=x, z=z, targets=y[batch], batch=batch, epoch=epoch, params=params
+            loss, grads = _batch_gradient(
+                model, x=x, z=z, targets=y[batch], batch=batch, epoch=epoch, params=params
             )
             losses.append(loss)
-            grad += params.prox_mu * (projection - start)
-            optimizer.step(projection, grad, params.learning_rate)
+            for i, (tensor, origin) in enumerate(zip(model, start, strict=True)):
+                pulled = grads[i] + params.prox_mu * (tensor - origin)
+                optimizers[i].step(tensor, pulled, params.learning_rate)
     loss = float(np.mean(losses)) if losses else float("nan")
-    return TrainResult([projection.astype(np.float32)], loss, optimizer.steps)
+    return TrainResult([t.astype(np.float32) for t in model], loss, optimizers[0].steps)
