@@ -60,9 +60,9 @@ def synthetic_chips(count: int, seed: int = 0) -> list[Chip]:
     return chips[:count]
 
 
-def _convert(representative: Sequence[Chip]) -> BackboneModels:
+def _convert(representative: Sequence[Chip], until_last_level: bool) -> BackboneModels:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    model = dlib_resnet.build_backbone(dlib_resnet.load())
+    model = dlib_resnet.build_backbone(dlib_resnet.load(), until_last_level=until_last_level)
     # Keras prints the exported signature ("Saved artifact at ...", a TensorSpec per
     # input and output) to stdout: it is not an event of the service, keep it at debug.
     printed = io.StringIO()
@@ -90,8 +90,14 @@ def _tensorflow_version() -> str:
     raise RuntimeError("converting the backbone needs TensorFlow: pip install 'fedbell[train]'")
 
 
-def backbone_models(cache_dir: Path, representative: Sequence[Chip] = ()) -> BackboneModels:
-    """The float and int8 backbone, converted now or read from `cache_dir`."""
+def backbone_models(
+    cache_dir: Path, representative: Sequence[Chip] = (), *, until_last_level: bool = False
+) -> BackboneModels:
+    """The float and int8 backbone, converted now or read from `cache_dir`.
+
+    `until_last_level`: the network cut before its last residual level, for a
+    federation that trains that level on the doorbells (`fedbell.faces.last_level`).
+    """
     # The installed version, read without importing TensorFlow: a cached backbone
     # then costs the aggregator no TensorFlow at all (hundreds of MB resident).
     tensorflow = _tensorflow_version()
@@ -101,13 +107,15 @@ def backbone_models(cache_dir: Path, representative: Sequence[Chip] = ()) -> Bac
     key.update(tensorflow.encode())
     for chip in chips:
         key.update(np.ascontiguousarray(chip).tobytes())
+    if until_last_level:  # (the whole network's key is unchanged: its caches stay valid)
+        key.update(b"until_last_level")
     digest = key.hexdigest()[:16]
     folder = cache_dir / f"backbone-{digest}"
     float_path, int8_path = folder / "float.tflite", folder / "int8.tflite"
     if float_path.is_file() and int8_path.is_file():
         return BackboneModels(float_path.read_bytes(), int8_path.read_bytes())
     log.info("converting dlib's face network to TFLite (float and int8); cached in %s", folder)
-    models = _convert(chips)
+    models = _convert(chips, until_last_level)
     folder.mkdir(parents=True, exist_ok=True)
     for path, data in ((float_path, models.float_model), (int8_path, models.int8_model)):
         temporary = path.with_suffix(".tmp")

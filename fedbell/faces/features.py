@@ -25,6 +25,7 @@ import cv2
 import numpy as np
 import numpy.typing as npt
 
+from fedbell.faces import last_level
 from fedbell.faces.align import CHIP_SIZE, align_by_eyes, chip_from_box
 from fedbell.faces.dataset import Sample
 from fedbell.faces.detection import Detector, Face, largest
@@ -134,7 +135,14 @@ class Backbone:
             raise BackboneError(f"backbone {self.sha256[:12]}: input must be float32")
         self._input = int(inputs[0]["index"])
         self._output = int(outputs[0]["index"])
-        self.size = int(np.prod(outputs[0]["shape"][1:]))
+        # A backbone cut before dlib's last level (the aggregator's `rounds.trainable:
+        # last_level`) gives that level's input; a doorbell keeps only what the level reads.
+        self.ends_before_last_level = tuple(outputs[0]["shape"][1:]) == last_level.INPUT_SHAPE
+        self.size = (
+            last_level.LEVEL_INPUTS
+            if self.ends_before_last_level
+            else int(np.prod(outputs[0]["shape"][1:]))
+        )
         self._lock = threading.Lock()  # an interpreter runs one invoke at a time
 
     def features(self, chips: Sequence[Chip]) -> Features:
@@ -146,7 +154,10 @@ class Backbone:
             with self._lock:
                 self._interpreter.set_tensor(self._input, chip[None].astype(np.float32))
                 self._interpreter.invoke()
-                out[i] = np.asarray(self._interpreter.get_tensor(self._output)).reshape(-1)
+                result = np.asarray(self._interpreter.get_tensor(self._output))
+            out[i] = (
+                last_level.compact(result)[0] if self.ends_before_last_level else result.reshape(-1)
+            )
         if not np.all(np.isfinite(out)):
             raise BackboneError(f"backbone {self.sha256[:12]}: produced NaN or infinite features")
         return out
