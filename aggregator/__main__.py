@@ -14,6 +14,7 @@ import argparse
 import logging
 import signal
 import sys
+import threading
 from pathlib import Path
 from types import FrameType
 
@@ -55,23 +56,33 @@ def main(argv: list[str] | None = None) -> int:
 
     from aggregator.service import AggregatorService  # imports TensorFlow: after the config
 
+    # Handlers first: a stop that arrives while the service starts (reading its state,
+    # maybe converting the backbone) ends the run cleanly instead of killing it.
+    stop_requested = threading.Event()
+    service: AggregatorService | None = None
+
+    def request_stop(signum: int, _frame: FrameType | None) -> None:
+        log.info("%s: stopping", signal.Signals(signum).name)
+        stop_requested.set()
+        if service is not None:
+            service.stop()
+
+    def reload_keys(_signum: int, _frame: FrameType | None) -> None:
+        log.info("SIGHUP: re-reading the trusted device keys")
+        if service is not None:
+            service.reload_keys()
+
+    signal.signal(signal.SIGTERM, request_stop)
+    signal.signal(signal.SIGINT, request_stop)
+    signal.signal(signal.SIGHUP, reload_keys)  # systemctl reload fedbell-aggregator
     try:
         service = AggregatorService(config)
     except FedbellError as err:
         log.error("%s", err)
         return 2
-
-    def request_stop(signum: int, _frame: FrameType | None) -> None:
-        log.info("%s: stopping", signal.Signals(signum).name)
-        service.stop()
-
-    def reload_keys(_signum: int, _frame: FrameType | None) -> None:
-        log.info("SIGHUP: re-reading the trusted device keys")
-        service.reload_keys()
-
-    signal.signal(signal.SIGTERM, request_stop)
-    signal.signal(signal.SIGINT, request_stop)
-    signal.signal(signal.SIGHUP, reload_keys)  # systemctl reload fedbell-aggregator
+    if stop_requested.is_set():
+        log.info("stopped before serving")
+        return 0
     service.run()
     return 0
 
