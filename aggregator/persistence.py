@@ -26,6 +26,7 @@ from aggregator.robust import ServerOptimizer
 from aggregator.rounds import Round
 from aggregator.state import ModelRecord, RoundStatus, StateError, StateRecord, StateStore
 from aggregator.strategy import InconsistentUpdate
+from fedbell.faces.embedding import HEAD_NAMES, LAST_LEVEL_NAMES
 from fedbell.wire.codecs import Weights
 
 log = logging.getLogger("aggregator")
@@ -87,7 +88,8 @@ class Persistence:
             np.asarray(a, dtype=np.float32) for a in self.store.read_arrays(record.model.file)
         ]
         expected = self.exporter.specs(self.exporter.initial_weights())
-        if record.model.lineage and record.model.names != self.exporter.names:
+        trainable = {HEAD_NAMES, LAST_LEVEL_NAMES}
+        if record.model.lineage and record.model.names in trainable - {self.exporter.names}:
             # rounds.trainable changed: the other model needs the other backbone, so it is
             # a new lineage (its own backbone, version 0), as a new backbone is.
             log.warning(
