@@ -58,6 +58,7 @@ def summary(bench: Bench, enrolled: int, seconds: float) -> dict[str, Any]:
         "settings": {
             "codec": bench.args.codec,
             "downlink_codec": bench.args.downlink_codec,
+            "trainable": bench.args.trainable,
             "camera_fps": bench.args.fps,
             "camera_full_size": full_size(bench.args),
             "flavour": "int8",

@@ -19,8 +19,8 @@ from aggregator.state import StateStore
 from fedbell.faces import dlib_resnet, last_level
 from fedbell.faces.embedding import LAST_LEVEL_NAMES
 from fedbell.wire.messages import GlobalModel, parse_global
-from tests.federation import STARTUP, TOPICS, Federation, Recorder
-from tests.test_aggregator import SITE
+from tests.federation import STARTUP, Federation, Recorder
+from tests.test_aggregator import SITE, TOPICS
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -47,7 +47,7 @@ def test_a_round_trains_dlibs_last_level_on_real_doorbells(
     del last_level_cache  # converted before the aggregator starts: it only reads it
     aggregator = federation.start_aggregator(
         trainable="last_level",
-        codec="topk",  # float32 updates of the level (2.76 MB) would not fit the broker
+        codec="topk",  # float32 updates of the level (2.55 MB) would not fit the broker
         downlink_codec="int8",
         timeout_s=ROUND,
         min_updates=len(DOORS),

@@ -28,7 +28,7 @@ from fedbell.wire.topics import Topics
 from tests.test_aggregator_rounds import Harness, harness_config
 
 LAST_LEVEL = {"trainable": "last_level", "codec": "int8"}
-"""float32 updates of the last level (2.76 MB) do not fit the broker's 1 MiB: int8 does."""
+"""float32 updates of the last level (2.55 MB) do not fit the broker's 1 MiB: int8 does."""
 
 
 @pytest.fixture(scope="module")
