@@ -10,7 +10,6 @@ id, a signature), and the aggregator refuses to start if one does not fit.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -83,7 +82,7 @@ def measure(config: AggregatorConfig, exporter: Exporter) -> Sizes:
     )
     update = masked = None
     if rounds.secure_aggregation:
-        size = min(values, max(1, math.ceil(rounds.secure_density * values)))
+        size = len(masking.shared_subset(values, rounds.secure_density, 1, LONGEST_NAME))
         raw = masking.pack(np.full(size, (1 << 24) - 1, np.uint32))
         masked = len(
             dump(Masked(round=1, lineage=LONGEST_NAME, device=LONGEST_NAME, values=b64(raw)))

@@ -12,10 +12,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from aggregator.config import AggregatorConfig
+from aggregator.config import AggregatorConfig, EvaluationSettings
 from aggregator.coordinator import Coordinator
 from aggregator.export import Exporter
-from aggregator.sizes import MessageTooLarge
+from aggregator.sizes import MessageTooLarge, measure
 from aggregator.state import StateStore
 from fedbell.config import load_config
 from fedbell.errors import ConfigError
@@ -200,3 +200,20 @@ def test_a_setting_whose_messages_do_not_fit_is_refused_at_start(
         )
     assert "mqtt.max_message_bytes 1,048,576" in str(err.value)
     assert not (tmp_path / "state" / "state.json").exists()  # refused before any state
+
+
+def test_a_bare_site_whose_doorbells_calibrate_cannot_train_the_last_level(
+    tmp_path: Path, last_level_cache: Path
+) -> None:
+    """Its calibration rounds' announcement carries the candidate and the start model, each
+    capped at a quarter of a round message: the last level's (446 kB as int8) is not."""
+    config = harness_config(tmp_path, last_level_cache, **LAST_LEVEL, secure_aggregation=True)
+    config = config.model_copy(update={"evaluation": EvaluationSettings(require_calibration=True)})
+    exporter = Exporter(config, Signer(AGGREGATOR))
+    assert exporter.uncalibrated
+    with pytest.raises(MessageTooLarge, match="a calibration round's announcement carries two"):
+        measure(config, exporter)
+    head = config.model_copy(
+        update={"rounds": config.rounds.model_copy(update={"trainable": "head"})}
+    )
+    assert measure(head, Exporter(head, Signer(AGGREGATOR))).masked is not None
