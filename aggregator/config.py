@@ -47,6 +47,7 @@ Weighting = Literal["houses", "examples"]
 BUFFERED_STRATEGIES: tuple[Strategy, ...] = ("median", "trimmed_mean", "multi_krum")
 """Strategies that need every update of a round at once (see aggregator/accumulator.py)."""
 ServerOptimizerKind = Literal["none", "fedavgm", "fedadam"]
+Trainable = Literal["head", "last_level"]
 DEFAULT_SERVER_LR = {"fedavgm": 1.0, "fedadam": 0.01}
 """fedadam's step is about lr per coordinate whatever the update's size: keep it small."""
 DEFAULT_CLIP_NORM = 1.0
@@ -244,6 +245,11 @@ class RoundSettings(StrictModel):
     """Default 1.0 with fedavgm, 0.01 with fedadam."""
     server_momentum: float = Field(default=0.9, ge=0, lt=1)
     """fedavgm's momentum, fedadam's beta1."""
+    trainable: Trainable = "head"
+    """What the federation trains: head, the 256x128 projection on dlib's pooled features
+    (32,768 values); last_level, dlib's last residual level too (`fedbell.faces.last_level`:
+    688,640 values, the backbone the doorbells run stops before it). Changing it on an
+    aggregator with state starts a new lineage, as a new backbone does."""
 
     @model_validator(mode="after")
     def _strategy_settings(self) -> Self:

@@ -30,6 +30,7 @@ from aggregator.persistence import Persistence
 from aggregator.releases import Releases
 from aggregator.round_machine import AutoRounds, RoundMachine
 from aggregator.secure_rounds import SecureRounds
+from aggregator.sizes import measure
 from aggregator.state import StateStore
 from fedbell.wire.messages import resign
 
@@ -49,9 +50,13 @@ class Coordinator:
         clock: Callable[[], float],
         trusted_keys: dict[str, Ed25519PublicKey] | None,
     ) -> None:
+        # Refused before the state is touched: a message over the broker's limit would
+        # otherwise fail mid-round (rounds.trainable: last_level is 21 times the head).
+        log.info("largest messages of a round: %s", measure(config, exporter).describe())
         persistence = Persistence(config, exporter, store)
-        resumed = persistence.load()
-        model = resumed.model if resumed is not None else persistence.initialise()
+        loaded = persistence.load()
+        resumed = loaded or persistence.initialise()
+        model = resumed.model
         fed = Federation(
             persistence, model, publish=publish, clock=clock, trusted_keys=trusted_keys
         )
@@ -63,9 +68,9 @@ class Coordinator:
         self.intake = Intake(fed, self.rounds, self.secure, exporter.specs(model.weights))
         self._backbone_sent: tuple[str, int] | None = None
         """(lineage, epoch) of the backbone this process published to the broker, if any."""
-        if resumed is not None:
-            fed.round, fed.last_round = resumed.round, resumed.last_round
-            fed.privacy.rounds = resumed.noised_rounds
+        fed.round, fed.last_round = resumed.round, resumed.last_round
+        fed.privacy.rounds = resumed.noised_rounds
+        if loaded is not None:
             if fed.round is not None and fed.round.status == "aggregated":
                 # Recompute the unpublished result: the release is not saved until published.
                 fed.pending = self.releases.release()

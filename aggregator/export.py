@@ -23,10 +23,10 @@ from aggregator.backbone import BackboneModels, backbone_models
 from aggregator.config import START_HEAD_THRESHOLD, AggregatorConfig, EvaluationSettings
 from aggregator.gates import bars_finer_than_a_face
 from aggregator.quiet import native_noise_dropped
-from fedbell.faces import dlib_resnet
+from fedbell.faces import dlib_resnet, last_level
 from fedbell.faces.dataset import Sample, list_samples
 from fedbell.faces.detection import make_detector
-from fedbell.faces.embedding import HEAD_NAMES, Features
+from fedbell.faces.embedding import HEAD_NAMES, LAST_LEVEL_NAMES, Features
 from fedbell.faces.features import Backbone, FaceSet, cached_features, photo_chips
 from fedbell.faces.openset import evaluate_head
 from fedbell.wire.backbone import BackboneMessages, build_backbone
@@ -94,14 +94,22 @@ class Exporter:
         self.signer = signer
         settings = config.evaluation
         cache = config.cache_dir or config.state_dir / "cache"
-        self.names = HEAD_NAMES
-        self._initial = [dlib_resnet.dlib_projection(dlib_resnet.load())]
+        weights = dlib_resnet.load()
+        # rounds.trainable: the head alone on the pooled features, or dlib's last level
+        # too, on the level's inputs (the backbone the doorbells run then stops before it).
+        self.trains_last_level = config.rounds.trainable == "last_level"
+        self.names = LAST_LEVEL_NAMES if self.trains_last_level else HEAD_NAMES
+        self._initial = [dlib_resnet.dlib_projection(weights)]
+        if self.trains_last_level:
+            self._initial = [*last_level.initial(weights), *self._initial]
         with native_noise_dropped():
             detector = make_detector(settings.detector, fallback=True)
         strangers = evaluation_samples(settings.strangers, settings.max_strangers)
         held_out = evaluation_samples(settings.dataset, None)
         found, stranger_chips, missed = photo_chips(strangers, detector)
-        self.backbone_models: BackboneModels = backbone_models(cache, stranger_chips)
+        self.backbone_models: BackboneModels = backbone_models(
+            cache, stranger_chips, until_last_level=self.trains_last_level
+        )
         with native_noise_dropped():
             backbone = Backbone(self.backbone_models.float_model, num_threads=config.threads)
         self.strangers: Features | None = None
@@ -134,7 +142,8 @@ class Exporter:
                 )
 
     def initial_weights(self) -> Weights:
-        """Version 0 of a lineage: dlib's own projection, so it starts as dlib's descriptor."""
+        """Version 0 of a lineage: dlib's own projection (and last level), so it starts as
+        dlib's descriptor."""
         return [w.copy() for w in self._initial]
 
     def specs(self, weights: Sequence[np.ndarray]) -> tuple[TensorSpec, ...]:

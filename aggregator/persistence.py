@@ -26,6 +26,7 @@ from aggregator.robust import ServerOptimizer
 from aggregator.rounds import Round
 from aggregator.state import ModelRecord, RoundStatus, StateError, StateRecord, StateStore
 from aggregator.strategy import InconsistentUpdate
+from fedbell.faces.embedding import HEAD_NAMES, LAST_LEVEL_NAMES
 from fedbell.wire.codecs import Weights
 
 log = logging.getLogger("aggregator")
@@ -72,6 +73,9 @@ class Persistence:
         # The accumulator file of a round, by round id: written by `save_accumulator`,
         # named by the commits while that round is open.
         self._sum: tuple[int, str] | None = None
+        # (last round, noised rounds) of a state left behind for a new lineage: round ids
+        # go on growing and the privacy accountant keeps counting what the houses spent.
+        self._carried = (0, 0)
 
     # -- start -------------------------------------------------------------------
 
@@ -84,11 +88,22 @@ class Persistence:
             np.asarray(a, dtype=np.float32) for a in self.store.read_arrays(record.model.file)
         ]
         expected = self.exporter.specs(self.exporter.initial_weights())
-        if (
-            not record.model.lineage
-            or record.model.names != self.exporter.names
-            or tuple(self.exporter.specs(weights)) != tuple(expected)
-        ):
+        trainable = {HEAD_NAMES, LAST_LEVEL_NAMES}
+        if record.model.lineage and record.model.names in trainable - {self.exporter.names}:
+            # rounds.trainable changed: the other model needs the other backbone, so it is
+            # a new lineage (its own backbone, version 0), as a new backbone is.
+            log.warning(
+                "%s: rounds.trainable is now %s but the saved model (version %d, lineage %s) "
+                "trains %s: starting a new lineage (doorbells follow it, with its backbone)",
+                self.store.path,
+                self.config.rounds.trainable,
+                record.model.version,
+                record.model.lineage,
+                ", ".join(record.model.names),
+            )
+            self._carried = (record.last_round, record.noised_rounds)
+            return None
+        if not record.model.lineage or tuple(self.exporter.specs(weights)) != tuple(expected):
             log.warning(
                 "%s: the saved model (version %d, lineage %r) is not this aggregator's "
                 "embedding head: starting a new lineage (doorbells follow it)",
@@ -164,8 +179,8 @@ class Persistence:
             raise StateError(f"{self.store.path}: {err}") from None
         return optimizer
 
-    def initialise(self) -> SavedModel:
-        """Create and commit model version 0: the first start's state."""
+    def initialise(self) -> Resumed:
+        """Create and commit model version 0: the first start's state, or a new lineage's."""
         lineage, epoch = secrets.token_hex(8), self.new_epoch()
         log.info(
             "starting lineage %s (epoch %d) in %s: model version 0",
@@ -178,8 +193,9 @@ class Persistence:
             weights, version=0, round_id=0, lineage=lineage, epoch=epoch
         )
         model = self.save_release(release, make_optimizer(self.config.rounds), lineage, epoch)
-        self.commit(model, None, last_round=0)
-        return model
+        last_round, noised_rounds = self._carried
+        self.commit(model, None, last_round=last_round, noised_rounds=noised_rounds)
+        return Resumed(model, None, last_round, noised_rounds)
 
     def new_epoch(self) -> int:
         """A new lineage's epoch: the clock in ms, and above any lineage this folder held.

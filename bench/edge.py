@@ -1,7 +1,8 @@
 """One real doorbell process: memory, frame rate and traffic, with and without a round.
 
     python -m bench.edge [--gallery 40] [--rounds 8] [--secure-rounds 5] [--phase-seconds 30]
-                         [--fps 120] [--downlink-codec int8] [--out reports/edge.json]
+                         [--fps 120] [--downlink-codec int8] [--trainable head]
+                         [--out reports/edge.json]
                                                                         (make bench-edge)
 
 Starts a private Mosquitto (`broker.local.LocalBroker`), the real aggregator
@@ -120,6 +121,7 @@ def run(args: argparse.Namespace, layout: Layout) -> dict[str, Any]:
             args.codec,
             full_size(args),
             stranger_photos(args.strangers, people, work / "strangers"),
+            args.trainable,
         )
         configs = write_configs(layout, settings)
         doorbell_yaml = configs.doorbell
@@ -221,6 +223,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     doorbell.add_argument("--codec", default=product.codec, help="update codec (the product's)")
     doorbell.add_argument(
         "--downlink-codec", default=product.downlink_codec, help="global head codec (the product's)"
+    )
+    doorbell.add_argument(
+        "--trainable",
+        choices=["head", "last_level"],
+        default=product.trainable,
+        help="what the federation trains (rounds.trainable; last_level: the doorbell runs the "
+        "backbone cut before dlib's last level and trains that level too)",
     )
     doorbell.add_argument("--chroot", type=Path, default=None, help="run the doorbell in this root")
     doorbell.add_argument("--doorbell-python", default=sys.executable)

@@ -10,6 +10,7 @@ from bench.edge_probes import fps, mb
 from bench.edge_rounds import Bench
 from bench.edge_secure import print_secure, secure_summary
 from bench.edge_setup import full_size
+from fedbell.faces import last_level
 
 BARS = {"training_rss_mb": 250.0, "recognizing_rss_mb": 150.0, "fps_ratio": 0.7}
 TWO_STREAMS_RECOGNIZING_RSS_MB = 180.0
@@ -23,6 +24,11 @@ def summary(bench: Bench, enrolled: int, seconds: float) -> dict[str, Any]:
     rounds, notes, sampler = bench.rounds, bench.notes, bench.sampler
     up = statistics.median(r["update_bytes"] for r in rounds)
     down = statistics.median(r["bytes_down"] for r in rounds)
+    # The federated model as raw float32 (plain FedAvg's message each way): the head, and
+    # with rounds.trainable last_level dlib's last level too.
+    model = FLOAT32_HEAD_BYTES + (
+        4 * last_level.VALUES if bench.args.trainable == "last_level" else 0
+    )
     return {
         "rss_mb": {
             "idle": mb(sampler.between(*bench.idle)),
@@ -38,8 +44,8 @@ def summary(bench: Bench, enrolled: int, seconds: float) -> dict[str, Any]:
         "bytes_up_per_round": int(up),
         "bytes_down_per_round": int(down),
         "bytes_down_once_backbone": notes["backbone_down"],
-        "float32_fedavg_bytes_per_round": 2 * FLOAT32_HEAD_BYTES,
-        "traffic_vs_float32_fedavg": round((up + down) / (2 * FLOAT32_HEAD_BYTES), 3),
+        "float32_fedavg_bytes_per_round": 2 * model,
+        "traffic_vs_float32_fedavg": round((up + down) / (2 * model), 3),
         "rss_peak_mb": mb([kb for _, kb in sampler.samples]),
         "rss_by_mapping_mb": {
             "idle": notes["rss_by_mapping_idle"],
@@ -58,6 +64,7 @@ def summary(bench: Bench, enrolled: int, seconds: float) -> dict[str, Any]:
         "settings": {
             "codec": bench.args.codec,
             "downlink_codec": bench.args.downlink_codec,
+            "trainable": bench.args.trainable,
             "camera_fps": bench.args.fps,
             "camera_full_size": full_size(bench.args),
             "flavour": "int8",

@@ -89,6 +89,8 @@ class Settings:
     strangers: Path | None = None
     """Stranger photos the aggregator calibrates the unknown-visitor threshold on (None:
     the fallback threshold, which no real site ships)."""
+    trainable: str = "head"
+    """rounds.trainable: the head, or dlib's last level too (the doorbell runs the cut backbone)."""
 
 
 @dataclass(frozen=True)
@@ -120,6 +122,7 @@ def write_configs(layout: Layout, settings: Settings) -> Configs:
     seed_backbone_cache(state)
     rounds = {
         "codec": settings.codec,
+        "trainable": settings.trainable,
         "downlink_codec": settings.downlink,
         "timeout_s": 600,
         "min_updates": 1,

@@ -19,7 +19,9 @@ from edge.backbone_download import refuse_older_lineage
 from edge.parts import DoorbellParts
 from edge.recognizer import Head, RecognizerError
 from fedbell.errors import RejectedMessage
-from fedbell.wire.codecs import model_decode_limit
+from fedbell.faces import last_level
+from fedbell.faces.embedding import feature_width
+from fedbell.wire.codecs import MODEL_GROWTH, model_decode_limit
 from fedbell.wire.messages import GlobalModel, parse_global
 
 log = logging.getLogger(__name__)
@@ -27,6 +29,17 @@ log = logging.getLogger(__name__)
 NewLineage = Callable[[GlobalModel | None, GlobalModel], None]
 """Called (with the lock held) when a model of another lineage is about to be installed:
 the current model (None if there is none) and the new one."""
+
+
+def decode_limit(current: GlobalModel | None) -> int:
+    """The most a global model may inflate to: from the shapes this node expects, not from
+    the header's claim. That is its current model's, with room to grow, or the same head
+    with dlib's last level (an aggregator set to `rounds.trainable: last_level` starts a
+    new lineage whose model holds 21 times a head's values)."""
+    if current is None:
+        return model_decode_limit(None)
+    with_level = MODEL_GROWTH * 4 * (last_level.VALUES + int(current.weights[-1].size))
+    return max(model_decode_limit(current.weights), with_level)
 
 
 class ModelInstaller:
@@ -67,8 +80,7 @@ class ModelInstaller:
             site=self.parts.config.site,
             max_bytes=self.parts.config.mqtt.max_message_bytes,
             keys=self.parts.keys,
-            # From the shapes this node expects, not from the header's claim.
-            max_decoded_bytes=model_decode_limit(None if current is None else current.weights),
+            max_decoded_bytes=decode_limit(current),
         )
         new_lineage = current is None or model.lineage != current.lineage
         if new_lineage and current is not None:
@@ -108,7 +120,7 @@ class ModelInstaller:
         features = self.parts.artifacts.gallery_features
         if drop is None or features is None or model.backbone != current.backbone:
             return
-        if model.weights[0].shape[:1] != features.features.shape[1:]:
+        if features.features.shape[1:] != (feature_width(model.weights),):
             return  # a head that cannot take these features: give_head refuses it (bad_shapes)
         backbone = self.parts.recognizer.backbone
         store = self.parts.strangers

@@ -25,7 +25,14 @@ import numpy as np
 import numpy.typing as npt
 
 from edge.gallery import GalleryFeatures
-from fedbell.faces.embedding import Embeddings, Features, check_head, embed, normalize
+from fedbell.faces.embedding import (
+    Embeddings,
+    Features,
+    check_head,
+    embed,
+    feature_width,
+    normalize,
+)
 
 # Moved to fedbell/ so the aggregator can use it; re-exported for edge code and tests.
 from fedbell.faces.features import Backbone, BackboneError, Chip
@@ -64,7 +71,8 @@ class Head:
 
     @property
     def inputs(self) -> int:
-        return int(self.weights[0].shape[0])
+        """Values per face it takes: pooled features, or a last-level model's level inputs."""
+        return feature_width(self.weights)
 
 
 @dataclass(frozen=True)

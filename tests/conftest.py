@@ -49,6 +49,16 @@ def aggregator_cache(request: pytest.FixtureRequest, backbone_models: BackboneMo
     return Path(request.config.cache.mkdir("fedbell-backbone"))
 
 
+@pytest.fixture(scope="session")
+def last_level_cache(aggregator_cache: Path) -> Path:
+    """`aggregator_cache` with the backbone cut before dlib's last level converted too
+    (`rounds.trainable: last_level`; a dozen seconds once, then two files read)."""
+    from aggregator.backbone import backbone_models as convert
+
+    convert(aggregator_cache, until_last_level=True)
+    return aggregator_cache
+
+
 @pytest.fixture
 def broker(tmp_path: Path) -> Iterator[LocalBroker]:
     """A private broker on a free loopback port, stopped after the test."""

@@ -9,9 +9,12 @@ import pytest
 
 from deploy import provision
 from edge.feedback import FeedbackError, check_person_name
+from edge.installer import decode_limit
 from fedbell.errors import RejectedMessage
+from fedbell.faces import last_level
+from fedbell.faces.embedding import HEAD_NAMES, LAST_LEVEL_NAMES
 from fedbell.wire.codecs import FIRST_MODEL_MAX_BYTES, MODEL_GROWTH, model_decode_limit
-from fedbell.wire.messages import AGGREGATOR, Signer, build_global, parse_global
+from fedbell.wire.messages import AGGREGATOR, GlobalModel, Signer, build_global, parse_global
 from fedbell.wire.signing import load_public_keys
 from fedbell.wire.topics import Topics, check_segment
 
@@ -78,3 +81,53 @@ def test_a_global_model_cannot_inflate_past_the_shapes_a_doorbell_expects() -> N
         model((128, 64)), site="home", max_bytes=1 << 20, keys=None, max_decoded_bytes=limit
     )
     assert [w.shape for w in same.weights] == [(128, 64)]
+
+
+def test_a_head_only_doorbell_lets_a_last_level_model_in_and_no_more() -> None:
+    """An aggregator switched to `rounds.trainable: last_level` starts a lineage whose model
+    holds 21 times a head's values: a doorbell running the head must let it in (its own
+    model's 4x room would refuse it as too large), and still nothing much larger."""
+    head = [np.zeros((256, 128), np.float32)]
+    current = GlobalModel(1, 1, HEAD_NAMES, head, "l1", 0.5, "0" * 64)
+    level = [*(np.zeros(shape, np.float32) for shape in last_level.SHAPES), head[0]]
+
+    def payload(weights: list[np.ndarray], names: tuple[str, ...]) -> bytes:
+        return build_global(
+            site="home",
+            signer=Signer(AGGREGATOR),
+            version=0,
+            round_id=0,
+            names=names,
+            weights=weights,
+            lineage="l2",
+            threshold=0.5,
+            backbone="1" * 64,
+            codec="int8",
+        )
+
+    limit = decode_limit(current)
+    with pytest.raises(RejectedMessage, match="too_large_model"):  # the head's own room
+        parse_global(
+            payload(level, LAST_LEVEL_NAMES),
+            site="home",
+            max_bytes=1 << 20,
+            keys=None,
+            max_decoded_bytes=model_decode_limit(head),
+        )
+    parsed = parse_global(
+        payload(level, LAST_LEVEL_NAMES),
+        site="home",
+        max_bytes=1 << 20,
+        keys=None,
+        max_decoded_bytes=limit,
+    )
+    assert parsed.names == LAST_LEVEL_NAMES
+    bigger = [np.zeros((4 * limit // (4 * 128) + 1, 128), np.float32)]
+    with pytest.raises(RejectedMessage, match="too_large_model"):
+        parse_global(
+            payload(bigger, HEAD_NAMES),
+            site="home",
+            max_bytes=1 << 20,
+            keys=None,
+            max_decoded_bytes=limit,
+        )

@@ -20,7 +20,7 @@ with `patch` the top-left 3×3×256 window (2,304 values), `s00` the first
 pooled shortcut and `rest` the other three outputs' share, neither trainable.
 A doorbell caches those three per chip (`LEVEL_INPUTS` = 2,816 values) and
 trains W1, b1, W2, b2 (the affine layers folded in, as `build_backbone` folds
-them) together with the head: 656,896 + 32,768 values, where the full block
+them) together with the head: 655,872 + 32,768 values, where the full block
 holds 1.18 M (the rest never reaches the output).
 """
 
@@ -50,6 +50,8 @@ SHAPES: tuple[tuple[int, ...], ...] = (
     (FEATURES, FEATURES),
     (FEATURES,),
 )
+VALUES = sum(int(np.prod(shape)) for shape in SHAPES)
+"""The level's trainable values (655,872)."""
 
 
 def compact(level_input: npt.NDArray[np.floating]) -> Array:
