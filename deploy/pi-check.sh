@@ -2,6 +2,7 @@
 # make pi-check: the doorbell's install and code on arm64, under emulation.
 #
 #   sudo deploy/pi-check.sh [--work DIR] [--gallery N (15)] [--fresh]
+#                           [--trainable head|last_level (head)]
 #
 # 1. Builds a Debian bookworm arm64 root the way Raspberry Pi OS 64-bit is
 #    built (debootstrap --foreign --arch arm64, then its second stage run by
@@ -23,6 +24,8 @@
 #    eight real rounds (edge/trainer.py train_delta) and their updates, then
 #    eight secure rounds (the product's default) with four helper doorbells on
 #    this machine: the doorbell's own time in each phase against a plain round's.
+#    --trainable last_level: the aggregator trains dlib's last level too
+#    (rounds.trainable), so the doorbell runs the cut backbone and trains the level.
 #
 # The work folder (default /var/tmp/fedbell-pi) is kept between runs: the root
 # is bootstrapped once (--fresh starts over). Needs root (chroot, mounts) and
@@ -32,12 +35,14 @@ set -Eeuo pipefail
 WORK=/var/tmp/fedbell-pi
 GALLERY=15
 FRESH=no
+TRAINABLE="head"
 MIRROR=http://deb.debian.org/debian
 while [[ $# -gt 0 ]]; do
     case $1 in
         --work) WORK=${2:?--work needs a folder}; shift 2 ;;
         --gallery) GALLERY=${2:?--gallery needs a number}; shift 2 ;;
         --fresh) FRESH=yes; shift ;;
+        --trainable) TRAINABLE=${2:?--trainable needs head or last_level}; shift 2 ;;
         -h | --help) sed -n '2,/^set -E/p' "$0" | sed -e '$d' -e 's/^# \{0,1\}//'; exit 0 ;;
         *) echo "pi-check: unknown option $1 (see --help)" >&2; exit 2 ;;
     esac
@@ -197,7 +202,7 @@ step "$(stamp) The doorbell under emulation against an aggregator on this machin
 t=$(date +%s)
 mkdir -p "$SRC/reports"
 if nice "$HOST_PY" -m bench.edge --chroot "$ROOT" --doorbell-python /opt/fedbell/venv/bin/python \
-    --gallery "$GALLERY" --rounds 8 --secure-rounds 8 --phase-seconds 60 \
+    --gallery "$GALLERY" --rounds 8 --secure-rounds 8 --phase-seconds 60 --trainable "$TRAINABLE" \
     --out "$SRC/reports/pi-check.json" \
     2>&1 | tee "$WORK/bench-edge.log" | sed 's/^/    | /'; then
     result ok "enroll, backbone, video, plain and secure rounds (reports/pi-check.json)" \
