@@ -97,12 +97,12 @@ from bench.households import (
     house_trials,
     shipped_threshold,
 )
-from bench.openset_features import ENROL_PER_PERSON, backbone_model, start_head, time_doorbell
+from bench.openset_features import ENROL_PER_PERSON, backbone_model, start_model, time_doorbell
 from bench.openset_report import ARMS, bar_verdict, print_table, report
 from edge.enroll import MIN_CHIPS
 from edge.recognition_config import RecognitionConfig
 from edge.trainer import round_seed, train_delta
-from fedbell.faces.embedding import HEAD_NAMES, TrainParams, train_head
+from fedbell.faces.embedding import TrainParams, model_names, train_head
 from fedbell.faces.features import ENROL_MIRRORED
 from fedbell.faces.openset import OpenSetResult, score_trials
 from fedbell.wire.codecs import Weights
@@ -135,7 +135,9 @@ class ArmOutcome:
     seconds: float
     rounds: list[federated.RoundResult] = field(default_factory=list)
     heads: tuple[Weights, ...] = ()
-    """The head(s) scored: one for every house, or one per test house (local_only)."""
+    """The model(s) scored: one for every house, or one per test house (local_only)."""
+    rounds_run: federated.ArmResult | None = None
+    """The federated arms' round loop: update bytes, client step times, norms."""
 
 
 def run_start(bench: Bench, settings: ArmSettings) -> ArmOutcome:
@@ -186,10 +188,12 @@ def run_federated(
     )
     # Scored as the doorbells run it: the head decoded from the downlink codec.
     threshold = outcome.final.threshold
-    received = as_received(HEAD_NAMES, outcome.weights, arm.downlink_codec)
+    received = as_received(model_names(outcome.weights), outcome.weights, arm.downlink_codec)
     result = evaluate(bench, [received], threshold)
     seconds = time.perf_counter() - started
-    return ArmOutcome(name, result, threshold, seconds, outcome.rounds, heads=(received,))
+    return ArmOutcome(
+        name, result, threshold, seconds, outcome.rounds, heads=(received,), rounds_run=outcome
+    )
 
 
 def run_central(bench: Bench, settings: ArmSettings, seed: int) -> ArmOutcome:
@@ -352,6 +356,25 @@ def _parser() -> argparse.ArgumentParser:
         help="the doorbells' local step in the federated arms (sgd: with "
         "--server-optimizer fedadam, issue 20)",
     )
+    parser.add_argument(
+        "--trainable",
+        choices=("head", "last_level"),
+        default="head",
+        help="what the doorbells train: the head on pooled features, or dlib's last level "
+        "and the head on the level's cached inputs (the backbone cut before it; issue 20)",
+    )
+    parser.add_argument(
+        "--client-epochs",
+        type=int,
+        default=TrainParams().epochs,
+        help="local epochs of every arm's training (the round plan's `train.epochs`)",
+    )
+    parser.add_argument(
+        "--client-learning-rate",
+        type=float,
+        default=TrainParams().learning_rate,
+        help="learning rate of every arm's training (the round plan's `train.learning_rate`)",
+    )
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--cache", type=Path, default=CACHE)
     parser.add_argument("--report", type=Path, default=ROOT / "reports" / "openset.json")
@@ -363,8 +386,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.enrol_mirrored is None:  # as the product enrols
         args.enrol_mirrored = ENROL_MIRRORED and args.enrol == "clean"
     started = time.perf_counter()
-    backbone = backbone_model(args.cache)
-    head = start_head()
+    backbone = backbone_model(args.cache, args.trainable)
+    head = start_model(args.trainable)
     # Visits are scored beside frames (issue 20); the module needs this one's names.
     from bench import openset_visits
 
@@ -377,6 +400,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         central_epochs=args.central_epochs,
         server_optimizer=args.server_optimizer,
         client_optimizer=args.client_optimizer,
+        params=TrainParams(epochs=args.client_epochs, learning_rate=args.client_learning_rate),
     )
     outcomes = run_arms(prepared.benches, settings, args.jobs)
     scored = openset_visits.score_visits(
@@ -403,6 +427,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         seeds=args.seeds,
         outcomes=outcomes,
         extra={
+            "trainable": args.trainable,
+            "model_values": int(sum(np.size(t) for t in head)),
             "enroll_ms": enroll_ms,
             "embed_ms": embed_ms,
             "enroll_ms_best": enroll_best,
