@@ -4,6 +4,8 @@
                             [--visit-frames 8] [--rounds 60] [--seeds 0 1]
                             [--houses-per-round 20] [--test-dataset DIR]
                             [--client-optimizer adam|sgd] [--server-optimizer none|fedadam]
+                            [--trainable head|last_level] [--client-learning-rate 1e-4]
+                            [--client-epochs 10] [--arms start federated ...]
 
 The headline is per visit, as the doorbell decides (issue 20, `bench.openset_visits`):
 each probe and each stranger is a visit of `--visit-frames` frames of one scene
@@ -46,6 +48,18 @@ Arms, on the same split and features:
   upper bound);
 - `local_only`: each test house adapts the start head on its own enrolment
   photos (and its own strangers) alone, and keeps the start threshold.
+
+`--trainable last_level` (issue 20, item 3): the doorbells train dlib's last
+residual level with the head (`fedbell.faces.last_level`, 688,640 values). Every
+photo then goes through the backbone cut before that level (the aggregator's
+`backbone_models(until_last_level=True)`), which gives the level's 2,816 inputs per
+chip, cached as float32 like the pooled features (under the cut backbone's hash,
+~11 kB a chip, ~0.4 GB a seed under `far`); every arm starts from dlib's own level
+and projection and runs the same functions, the five tensors named by
+`model_names`. The start arm scores exactly what the head's does (the same network,
+float rounding aside). Each federated arm's report row also has the client step's
+median time, the update's and the downlink's bytes per doorbell and, in secure
+rounds, the norm of a house's subset before the clip.
 
 Each arm's threshold is `calibrate_threshold` on the calibration strangers
 under the same conditions, ringing at pretend houses of 5 of the held-out
