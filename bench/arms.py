@@ -127,6 +127,10 @@ class ArmResult:
     update_bytes: list[int] = field(default_factory=list)
     down_bytes: list[int] = field(default_factory=list)
     """Per doorbell per round: round announcements + the global head message."""
+    client_seconds: list[float] = field(default_factory=list)
+    """Per doorbell per round: its client step (`TrainedDelta.seconds`)."""
+    update_norms: list[float] = field(default_factory=list)
+    """Per doorbell per secure round: the norm of its subset before the clip."""
     rejected: int = 0
     """Updates the aggregator's checks refused (an honest run has none)."""
     abandoned: int = 0

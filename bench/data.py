@@ -48,7 +48,7 @@ from bench.openset_features import (
     backbone_model,
     extract_features,
     photos_of,
-    start_head,
+    start_model,
 )
 from fedbell.wire.codecs import Weights
 
@@ -266,7 +266,7 @@ def load_bench(
     backbone = backbone_model(cache)
     split = photos.split(seed, calibration=calibration, negatives=negatives)
     extraction = Extraction(backbone, cache, conditions, detector, jobs)
-    featured = extraction.featurize(split, photos, start_head(), seed)
+    featured = extraction.featurize(split, photos, start_model(), seed)
     bench = featured.bench
     description = (
         f"{dataset.name} ({len(photos.dev)} people: {len(bench.train)} training houses, "

@@ -74,7 +74,7 @@ from bench.steps import Intake, answer, open_round
 from edge.secure import secure_update
 from edge.trainer import round_seed, train_delta
 from fedbell.errors import RejectedMessage
-from fedbell.faces.embedding import HEAD_NAMES, TrainParams
+from fedbell.faces.embedding import TrainParams, model_names
 from fedbell.wire import masking, messages
 from fedbell.wire.codecs import Weights
 from fedbell.wire.envelope import TensorSpec
@@ -104,7 +104,7 @@ NO_BACKBONE = "0" * 64
 def head_specs(head: Sequence[np.ndarray]) -> tuple[TensorSpec, ...]:
     return tuple(
         TensorSpec(name=n, shape=tuple(int(d) for d in w.shape))
-        for n, w in zip(HEAD_NAMES, head, strict=True)
+        for n, w in zip(model_names(head), head, strict=True)
     )
 
 
@@ -144,9 +144,11 @@ def _client_step(  # noqa: PLR0917 - what a doorbell holds in a round
     residuals: dict[str, Weights],
     key: Ed25519PrivateKey | None,
     craft: Craft | None = None,
-) -> bytes:
-    """A doorbell's round: `train_delta` from the global head, (a poisoned delta for an
-    attacker), top-k error feedback, the signed update envelope."""
+) -> tuple[bytes, float]:
+    """A doorbell's round: `train_delta` from the global model, (a poisoned delta for an
+    attacker), top-k error feedback, the signed update envelope; and the seconds the
+    doorbell trained."""
+    names = model_names(model.weights)
     trained = train_delta(
         model.weights,
         house.features,
@@ -161,15 +163,16 @@ def _client_step(  # noqa: PLR0917 - what a doorbell holds in a round
     if craft is not None:
         delta = craft(model.weights, delta)
     if settings.codec == "topk":
-        delta, residuals[device] = with_error_feedback(HEAD_NAMES, delta, settings.density)
-    return answer(
+        delta, residuals[device] = with_error_feedback(names, delta, settings.density)
+    payload = answer(
         announcement,
         site=SITE,
         signer=messages.Signer(device, key),
         num_examples=trained.num_examples,
-        names=HEAD_NAMES,
+        names=names,
         delta=delta,
     )
+    return payload, trained.seconds
 
 
 def secagg_plan(secure: Secure, dimension: int, round_id: int, cohort: int) -> SecAggPlan:
@@ -197,10 +200,12 @@ def _secure_round(  # noqa: PLR0917 - what a secure round holds
     plan_params: TrainParams,
     residuals: dict[str, Weights],
     noise: np.random.Generator,
+    result: ArmResult,
     craft: Craft | None = None,
 ) -> bool:
     """Put the round's unmasked mean in `current` (and the masked values' bytes); False
-    when the aggregator's check on the mean refuses the sum (`mean_delta`).
+    when the aggregator's check on the mean refuses the sum (`mean_delta`). Each house's
+    training time and its subset's norm before the clip go to `result`.
 
     `craft`: what the first house masks instead of its clipped subset (a compromised
     doorbell runs its own code: nothing clips its input but the check on the mean)."""
@@ -224,6 +229,8 @@ def _secure_round(  # noqa: PLR0917 - what a secure round holds
             continue
         update = secure_update(trained.delta, plan, round_id, LINEAGE, noise)
         residuals[device] = update.residual
+        result.client_seconds.append(trained.seconds)
+        result.update_norms.append(update.norm)
         total += update.values  # uint32, kept modulo 2^24 as the masked sum is
     try:
         mean = mean_delta(total, len(selected), plan, indices, [w.shape for w in weights])
@@ -268,7 +275,7 @@ def _plain_round(
         model = messages.parse_global(
             down, site=SITE, max_bytes=MAX_BYTES, keys=device_trust, expected=specs
         )
-        payload = _client_step(
+        payload, seconds = _client_step(
             device,
             current.announcement,
             houses[index],
@@ -281,6 +288,7 @@ def _plain_round(
             craft if index == 0 else None,
         )
         result.update_bytes.append(len(payload))
+        result.client_seconds.append(seconds)
         try:
             intake.take(current, payload, device)
         except (RejectedMessage, InconsistentUpdate):
@@ -318,12 +326,13 @@ def run_arm(
     keys = _Keys.make(names, arm.signed)
     weights: Weights = [np.asarray(w, np.float32).copy() for w in start]
     specs = head_specs(weights)
+    tensor_names = model_names(weights)
     server = make_optimizer(settings)
     residuals: dict[str, Weights] = {}
     noise = np.random.default_rng([plan.seed, 37])
 
     def release(weights: Weights) -> Score:
-        return score(as_received(HEAD_NAMES, weights, settings.downlink_codec))
+        return score(as_received(tensor_names, weights, settings.downlink_codec))
 
     released = release(weights)
     result = ArmResult(arm, released)
@@ -334,7 +343,7 @@ def run_arm(
             signer=messages.Signer(messages.AGGREGATOR, keys.aggregator),
             version=round_id - 1,
             round_id=round_id - 1,
-            names=HEAD_NAMES,
+            names=tensor_names,
             weights=weights,
             lineage=LINEAGE,
             threshold=released.threshold,
@@ -358,6 +367,7 @@ def run_arm(
                 plan,
                 residuals,
                 noise,
+                result,
                 craft,
             ):  # the mean's check refused the sum: the round is abandoned
                 result.abandoned += 1
@@ -392,7 +402,7 @@ def run_arm(
             observe(
                 round_id,
                 [names.index(d) for d in selected],
-                as_received(HEAD_NAMES, weights, settings.downlink_codec),
+                as_received(tensor_names, weights, settings.downlink_codec),
             )
         closed = len(to_json(current.set_phase("closed")))
         per_node = opened + closed + len(down)

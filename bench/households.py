@@ -26,7 +26,7 @@ import numpy.typing as npt
 
 from bench.openset_features import ENROL_PER_PERSON
 from fedbell.faces.calibration import calibrate_threshold
-from fedbell.faces.embedding import Features, embed
+from fedbell.faces.embedding import Features, embed, feature_width
 from fedbell.faces.openset import OpenSetResult, Trial, prototype, score_trials, trial
 from fedbell.wire.codecs import Weights
 
@@ -183,7 +183,7 @@ def build_bench(
     every stranger probe comes from members, so the pools match across arms).
     """
     rng = np.random.default_rng([seed, 13])
-    width = start[0].shape[0]
+    width = feature_width(start)
     empty = np.zeros((0, width), np.float32)
     negative_pool = np.asarray(
         [stranger_features[k] for k in split.negatives if k in stranger_features], np.float32

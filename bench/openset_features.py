@@ -31,6 +31,9 @@ from fedbell.faces.openset import prototype
 from fedbell.wire.codecs import Weights
 
 Conditions = Literal["doorbell", "clean"]
+Trainable = Literal["head", "last_level"]
+"""What the doorbells train: the head on pooled features, or dlib's last level and the head
+on the level's inputs (`fedbell.faces.embedding.LAST_LEVEL_NAMES`)."""
 ENROL_PER_PERSON = 5
 
 
@@ -286,15 +289,19 @@ def time_doorbell(
     return statistics.median(enrol), statistics.median(per_face), min(enrol), min(per_face)
 
 
-def start_head() -> Weights:
-    """Version 0 of every lineage: dlib's own final projection."""
-    from fedbell.faces import dlib_resnet
+def start_model(trainable: Trainable = "head") -> Weights:
+    """Version 0 of every lineage: dlib's own final projection, after dlib's own last
+    level when the doorbells train that level too (`fedbell.faces.last_level`)."""
+    from fedbell.faces import dlib_resnet, last_level
 
-    return [np.asarray(dlib_resnet.dlib_projection(dlib_resnet.load()), np.float32)]
+    weights = dlib_resnet.load()
+    head = [np.asarray(dlib_resnet.dlib_projection(weights), np.float32)]
+    return head if trainable == "head" else [*last_level.initial(weights), *head]
 
 
-def backbone_model(cache: Path) -> bytes:
-    """The float backbone the aggregator ships (converted once, cached)."""
+def backbone_model(cache: Path, trainable: Trainable = "head") -> bytes:
+    """The float backbone the aggregator ships (converted once, cached): the whole network,
+    or the network cut before the last level when the doorbells train that level."""
     from aggregator.backbone import backbone_models
 
-    return backbone_models(cache).float_model
+    return backbone_models(cache, until_last_level=trainable == "last_level").float_model

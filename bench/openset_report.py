@@ -58,6 +58,7 @@ def report(
                         "members": o.result.members,
                         "strangers": o.result.strangers,
                         "seconds": o.seconds,
+                        **round_costs(o),
                     }
                     for s, o in zip(seeds, per_seed, strict=True)
                 ],
@@ -91,6 +92,29 @@ def report(
         },
         **extra,
     }
+
+
+def round_costs(outcome: ArmOutcome) -> dict[str, Any]:
+    """What a federated arm's rounds cost a doorbell: its client step (median seconds
+    over every house of every round), the signed update and what it received per round
+    (mean bytes), and in secure rounds the norm of its subset before the clip."""
+    run = outcome.rounds_run
+    if run is None:
+        return {}
+    costs: dict[str, Any] = {
+        "client_step_seconds_median": float(np.median(run.client_seconds)),
+        "update_bytes": run.bytes_per_update,
+        "bytes_up_per_doorbell": float(np.mean([r.bytes_up / r.participants for r in run.rounds])),
+        "down_bytes_per_doorbell": run.bytes_down_per_node,
+        "rejected_updates": run.rejected,
+        "abandoned_rounds": run.abandoned,
+    }
+    if run.update_norms:
+        norms = np.asarray(run.update_norms)
+        costs["update_norm_median"] = float(np.median(norms))
+        costs["update_norm_p90"] = float(np.percentile(norms, 90))
+        costs["update_norm_clip"] = run.arm.secure.clip_norm if run.arm.secure else None
+    return costs
 
 
 def bar_verdict(arms: dict[str, dict[str, float]]) -> list[str]:
@@ -167,5 +191,25 @@ def print_table(data: dict[str, Any], title: str) -> None:
             f"takes {data['enroll_ms']:.0f} ms, a face {data['embed_ms']:.0f} ms (median, one "
             f"thread; best {data['enroll_ms_best']:.0f} / {data['embed_ms_best']:.0f} ms)"
         )
+    for arm in data["arms"]:
+        for row in arm["per_seed"]:
+            if "client_step_seconds_median" in row:
+                console.print(cost_line(arm["name"], row))
     for line in data["bar"]:
         console.print(line)
+
+
+def cost_line(arm: str, row: dict[str, Any]) -> str:
+    """One seed's round costs (`round_costs`) as a line of the printed report."""
+    line = (
+        f"{arm} seed {row['seed']}: client step {1000 * row['client_step_seconds_median']:.0f} ms"
+        f" (median), {row['bytes_up_per_doorbell']:.0f} B up and "
+        f"{row['down_bytes_per_doorbell']:.0f} B down per doorbell per round, "
+        f"{row['rejected_updates']} updates refused"
+    )
+    if "update_norm_median" in row:
+        line += (
+            f", subset norm before the clip {row['update_norm_median']:.3g} (median, p90 "
+            f"{row['update_norm_p90']:.3g}; clip {row['update_norm_clip']})"
+        )
+    return line

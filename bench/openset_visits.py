@@ -32,7 +32,7 @@ from bench.openset_frames import FrameCache, VisitConditions, extract_frames, fr
 from edge.chips import visit_embedding
 from edge.enroll import MIN_CHIPS
 from fedbell.faces.calibration import calibrate_threshold
-from fedbell.faces.embedding import Features, embed
+from fedbell.faces.embedding import Features, embed, feature_width
 from fedbell.faces.openset import OpenSetResult, prototype, score_trials, trial
 from fedbell.wire.codecs import Weights
 
@@ -285,7 +285,7 @@ def prepare_visits(
     sha = hashlib.sha256(backbone).hexdigest()
     run_photos, splits = photos_and_splits(args)
     everyone, strangers = run_photos.everyone, run_photos.strangers
-    width = head[0].shape[0]
+    width = feature_width(head)
     benches: dict[int, Bench] = {}
     visit_benches: dict[int, VisitBench] = {}
     detection: dict[int, dict[str, Any]] = {}

@@ -76,7 +76,7 @@ from bench.openset_features import (
     FeatureCache,
     backbone_model,
     photos_of,
-    start_head,
+    start_model,
 )
 from bench.privacy_attacks import ATTACKS, Replay
 from bench.privacy_data import (
@@ -198,7 +198,7 @@ def load(args: argparse.Namespace) -> dict[str, Any]:
         )
         options.dataset, options.strangers = args.dataset, args.strangers
         options.cache, options.test_dataset = args.cache, args.test_dataset
-        return prepare(options, backbone, start_head()), options
+        return prepare(options, backbone, start_model()), options
 
     def found(conditions: Conditions) -> dict[str, npt.NDArray[np.float32]]:
         cache = FeatureCache.open(args.cache, conditions, args.seed, sha)

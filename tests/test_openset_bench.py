@@ -20,7 +20,9 @@ from bench.openset_visits import (
     visit_embeddings,
 )
 from edge.chips import visit_embedding
+from fedbell.faces import last_level
 from fedbell.faces.conditions import doorbell_conditions, draw_setting
+from fedbell.faces.dlib_resnet import FEATURES
 from fedbell.faces.embedding import TrainParams, embed
 
 
@@ -319,3 +321,80 @@ def test_a_person_with_too_few_enrolment_photos_only_rings_as_a_stranger(tmp_pat
     )
     # The aggregator's pretend residents are enrolled as it enrols them, whatever the bar.
     assert len(enrolled_well.residents) == len(everybody.residents)
+
+
+# --- dlib's last level as the trainable part (issue 20, item 3) -------------------------------
+
+
+def _random_level(rng: np.random.Generator) -> list[np.ndarray]:
+    """A last level of dlib's shapes with random values (dlib's own needs ../shared)."""
+    return [
+        (
+            rng.normal(size=shape) / np.sqrt(shape[0])
+            if len(shape) == 2
+            else rng.normal(size=shape)
+        ).astype(np.float32)
+        for shape in last_level.SHAPES
+    ]
+
+
+def test_a_last_level_bench_starts_where_the_head_does_and_trains_the_level_through_rounds() -> (
+    None
+):
+    rng = np.random.default_rng(5)
+    people = _people(60)
+    strangers = [f"lfw_strangers/s{i}/s{i}.jpg" for i in range(120)]
+    split = households.split_people(
+        people, strangers, seed=0, calibration=60, negatives=60, residents=6
+    )
+    # Level inputs are activations (non-negative); the head reads what the level makes of them.
+    inputs = {
+        person: [np.maximum(f, 0.0) for f in faces]
+        for person, faces in _synthetic_features(people, last_level.LEVEL_INPUTS, rng).items()
+    }
+    stranger_inputs = {
+        k: np.maximum(rng.normal(size=last_level.LEVEL_INPUTS), 0.0).astype(np.float32)
+        for k in strangers
+    }
+    level = _random_level(rng)
+
+    def pooled(rows: list[np.ndarray]) -> list[np.ndarray]:
+        return list(last_level.forward(np.asarray(rows, np.float32), level)[0])
+
+    projection = (rng.normal(size=(FEATURES, 32)) / 16).astype(np.float32)
+    head_bench = households.build_bench(
+        split,
+        {person: pooled(rows) for person, rows in inputs.items()},
+        dict(zip(stranger_inputs, pooled(list(stranger_inputs.values())), strict=True)),
+        [projection],
+        seed=0,
+    )
+    start = [*level, projection]
+    level_bench = households.build_bench(split, inputs, stranger_inputs, start, seed=0)
+    assert level_bench.calibration.shape == (60, last_level.LEVEL_INPUTS)
+    settings = openset.ArmSettings(
+        rounds=2, houses_per_round=3, central_epochs=1, params=TrainParams(epochs=2)
+    )
+    head_start = openset.run_start(head_bench, settings)
+    outcomes = openset.run_arms({0: level_bench}, settings, jobs=1)[0]
+    level_start = outcomes["start"]
+    # The same faces through the level in numpy or as pooled features: the same decisions.
+    assert level_start.threshold == pytest.approx(head_start.threshold, abs=1e-5)
+    assert level_start.result.tar_at_far_1pct == head_start.result.tar_at_far_1pct
+    assert level_start.result.open_set_accuracy == head_start.result.open_set_accuracy
+    # The rounds send all five tensors over the wire and move the level, not only the head.
+    for name in ("federated", "secure"):
+        received = outcomes[name].heads[0]
+        assert len(received) == len(start)
+        assert not np.allclose(received[0], level[0]), f"{name}: the level did not move"
+        run = outcomes[name].rounds_run
+        assert run is not None
+        assert run.rejected == 0
+        assert len(run.client_seconds) == settings.rounds * settings.houses_per_round
+    secure = outcomes["secure"].rounds_run
+    assert secure is not None
+    assert len(secure.update_norms) == len(secure.client_seconds)
+    assert all(norm > 0 for norm in secure.update_norms)
+    costs = openset_report.round_costs(outcomes["federated"])
+    assert costs["update_bytes"] > 0
+    assert costs["client_step_seconds_median"] > 0

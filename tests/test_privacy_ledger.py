@@ -12,7 +12,7 @@ from aggregator.secure_rounds import secagg_plan
 from fedbell.errors import RejectedMessage
 
 DIMENSION = 256 * 128
-"""The head's values (bench.openset_features.start_head)."""
+"""The head's values (bench.openset_features.start_model)."""
 
 
 def outlook(ledger: PrivacyLedger, selected: int, houses: int) -> tuple[str, bool]:
