@@ -98,11 +98,11 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
 import numpy as np
 
-from aggregator.config import DEFAULT_SECURE_CLIP_NORM
+from aggregator.config import DEFAULT_SECURE_CLIP_NORM, Trainable
 from aggregator.export import as_received
 from bench import federated
 from bench.arms import PRODUCT
@@ -376,8 +376,8 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--trainable",
-        choices=("head", "last_level"),
-        default="head",
+        choices=get_args(Trainable),
+        default=PRODUCT.trainable,
         help="what the doorbells train: the head on pooled features, or dlib's last level "
         "and the head on the level's cached inputs (the backbone cut before it; issue 20)",
     )
