@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -398,3 +399,35 @@ def test_a_last_level_bench_starts_where_the_head_does_and_trains_the_level_thro
     costs = openset_report.round_costs(outcomes["federated"])
     assert costs["update_bytes"] > 0
     assert costs["client_step_seconds_median"] > 0
+
+
+def test_arms_in_worker_processes_score_what_one_process_does(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`run_arms` with two spawned workers (one BLAS thread each) gives the same rounds as
+    in one process, and leaves this process's BLAS setting as it found it."""
+    monkeypatch.setenv("OPENBLAS_NUM_THREADS", "3")
+    rng = np.random.default_rng(2)
+    people = _people(60)
+    strangers = [f"lfw_strangers/s{i}/s{i}.jpg" for i in range(120)]
+    split = households.split_people(
+        people, strangers, seed=0, calibration=60, negatives=60, residents=8
+    )
+    features = _synthetic_features(people, 16, rng)
+    stranger_features = {k: rng.normal(size=16).astype(np.float32) for k in strangers}
+    bench = households.build_bench(
+        split, features, stranger_features, [np.eye(16, dtype=np.float32)], seed=0
+    )
+    settings = openset.ArmSettings(
+        rounds=2, houses_per_round=3, central_epochs=1, params=TrainParams(epochs=1)
+    )
+    arms = ("federated", "central")
+    alone = openset.run_arms({0: bench}, settings, jobs=1, arms=arms)[0]
+    pooled = openset.run_arms({0: bench}, settings, jobs=2, arms=arms)[0]
+    for arm in arms:
+        assert len(alone[arm].heads) == len(pooled[arm].heads) == 1
+        for mine, theirs in zip(alone[arm].heads[0], pooled[arm].heads[0], strict=True):
+            np.testing.assert_array_equal(mine, theirs)
+        assert alone[arm].result == pooled[arm].result
+    assert not np.allclose(alone["federated"].heads[0][0], np.eye(16))  # the rounds trained
+    assert os.environ["OPENBLAS_NUM_THREADS"] == "3"
