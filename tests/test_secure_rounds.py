@@ -19,6 +19,7 @@ import re
 import shutil
 import signal
 import threading
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -524,12 +525,17 @@ def test_bad_messages_a_small_cohort_a_removed_doorbell_and_rotated_keys(
     assert (metrics.outcome, metrics.participants) == ("published", 6), metrics
     refused = refusals(aggregator, recorder, mark)
     print(json.dumps({"round": 2, "refused": refused, "rejected": metrics.rejected}))
-    # each is refused whether it came before or after the doorbell's own message
-    assert ("d0", "secagg_replay") in refused
-    assert ("d1", "secagg_bad_message") in refused
-    assert ("d2", "secagg_wrong_size") in refused
-    for reason in ("secagg_replay", "secagg_bad_message", "secagg_wrong_size"):
-        assert metrics.rejected.get(reason) == 1, metrics.rejected
+    # Each is refused and counted whether it came before or after the doorbell's own
+    # message. One that lands after its phase closed (all six had sent: the injector's
+    # client can lag under load) is refused for its phase before it is parsed, so either
+    # reason is right here; each kind's own reason is pinned in process, without the race
+    # (tests/test_secure_coordinator.py).
+    expected = {"d0": "secagg_replay", "d1": "secagg_bad_message", "d2": "secagg_wrong_size"}
+    assert sorted(device for device, _ in refused) == sorted(expected), refused
+    for device, reason in refused:
+        assert reason in {expected[device], "secagg_wrong_phase"}, refused
+    for reason, count in Counter(reason for _, reason in refused).items():
+        assert metrics.rejected.get(reason) == count, metrics.rejected
 
     # (c) two doorbells die after dealing their shares: four would be unmasked
     killer = Killer(broker.port, "shares", doorbells, count=2)
