@@ -99,9 +99,7 @@ class Exporter:
         # too, on the level's inputs (the backbone the doorbells run then stops before it).
         self.trains_last_level = config.rounds.trainable == "last_level"
         self.names = LAST_LEVEL_NAMES if self.trains_last_level else HEAD_NAMES
-        self._initial = [dlib_resnet.dlib_projection(weights)]
-        if self.trains_last_level:
-            self._initial = [*last_level.initial(weights), *self._initial]
+        self._initial = last_level.start_model(weights, with_level=self.trains_last_level)
         with native_noise_dropped():
             detector = make_detector(settings.detector, fallback=True)
         strangers = evaluation_samples(settings.strangers, settings.max_strangers)

@@ -294,9 +294,7 @@ def start_model(trainable: Trainable = "head") -> Weights:
     level when the doorbells train that level too (`fedbell.faces.last_level`)."""
     from fedbell.faces import dlib_resnet, last_level
 
-    weights = dlib_resnet.load()
-    head = [np.asarray(dlib_resnet.dlib_projection(weights), np.float32)]
-    return head if trainable == "head" else [*last_level.initial(weights), *head]
+    return last_level.start_model(dlib_resnet.load(), with_level=trainable == "last_level")
 
 
 def backbone_model(cache: Path, trainable: Trainable = "head") -> bytes:

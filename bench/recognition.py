@@ -41,6 +41,7 @@ import cv2
 import numpy as np
 import numpy.typing as npt
 
+from bench.openset_features import start_model
 from edge.gallery import GalleryFeatures
 from edge.pipeline import Pipeline
 from edge.recognizer import UNKNOWN, Head, Recognizer
@@ -228,12 +229,6 @@ def _flavours(cache: Path) -> tuple[list[Flavour], str]:
     return [Flavour("float", models.float_model), Flavour("int8", models.int8_model)], models.sha256
 
 
-def _start_head() -> list[np.ndarray]:
-    from fedbell.faces import dlib_resnet
-
-    return [np.asarray(dlib_resnet.dlib_projection(dlib_resnet.load()), np.float32)]
-
-
 def main(argv: list[str] | None = None) -> int:  # noqa: PLR0915 - one printout, top to bottom
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--dataset", type=Path, default=DEFAULT_DATASET)
@@ -243,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:  # noqa: PLR0915 - one printout,
     parser.add_argument("--cache", type=Path, default=CACHE)
     args = parser.parse_args(argv)
     flavours, float_sha = _flavours(args.cache)
-    head = _start_head()
+    head = start_model()
     if hasattr(os, "sched_setaffinity"):
         os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})  # one core, as on a busy Pi
     blazeface = make_detector("blazeface", num_threads=1)

@@ -17,10 +17,10 @@ from aggregator.export import evaluation_samples
 from broker.local import LocalBroker
 from fedbell.config import MqttSettings
 from fedbell.faces.detection import make_detector
-from fedbell.faces.dlib_resnet import dlib_projection
 from fedbell.faces.dlib_resnet import load as load_dlib
 from fedbell.faces.embedding import TrainParams
 from fedbell.faces.features import Backbone
+from fedbell.faces.last_level import start_model
 from fedbell.wire.backbone import assemble, parse_manifest
 from fedbell.wire.messages import TfliteArtifact
 from simulation import baseline, report, seeds
@@ -218,7 +218,7 @@ def _run(
             artifact = load_backbone(driver, layout, config, fleet)
             backbone = Backbone(artifact.float_model)
             detector = make_detector("blazeface", fallback=True)
-            start_head = [dlib_projection(load_dlib())]
+            start_head = start_model(load_dlib())
             with console.status("scoring the starting model and the centralised baseline"):
                 result_baselines = baseline.baselines(
                     start_head,

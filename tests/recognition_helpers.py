@@ -22,7 +22,7 @@ import numpy.typing as npt
 
 from edge.gallery import Gallery
 from edge.recognizer import Head, Recognizer
-from fedbell.faces import dlib_resnet
+from fedbell.faces import dlib_resnet, last_level
 from fedbell.faces.detection import BlazeFaceDetector, Detector
 from fedbell.faces.features import Chip, face_chip
 from fedbell.faces.synthetic import IdentityParams, make_identities, make_scene, render_face
@@ -48,7 +48,8 @@ def detector() -> Detector:
 @functools.cache
 def projection() -> npt.NDArray[np.float32]:
     """dlib's final projection: the head of version 0."""
-    return dlib_resnet.dlib_projection(dlib_resnet.load())
+    [head] = last_level.start_model(dlib_resnet.load())
+    return head
 
 
 def frames_of(person: int, count: int, seed: int) -> list[Frame]:

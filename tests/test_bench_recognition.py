@@ -35,7 +35,7 @@ def test_frames_are_textured_with_faces_of_several_sizes_and_some_without() -> N
 
 
 def test_a_house_is_enrolled_and_probed_at_a_threshold(backbone_models: BackboneModels) -> None:
-    head = recognition._start_head()
+    head = recognition.start_model()
     flavour = recognition.Flavour("float", backbone_models.float_model)
     recognizer = recognition.recognizer_for(flavour, backbone_models.sha256, head)
     rng = np.random.default_rng(1)

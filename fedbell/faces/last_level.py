@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-from fedbell.faces.dlib_resnet import FEATURES, DlibWeights, Op
+from fedbell.faces.dlib_resnet import FEATURES, DlibWeights, Op, dlib_projection
 
 Array = npt.NDArray[np.float32]
 
@@ -88,6 +88,13 @@ def initial(weights: DlibWeights) -> list[Array]:
         np.ascontiguousarray(kernel2, dtype=np.float32),
         np.asarray(bias2, np.float32),
     ]
+
+
+def start_model(weights: DlibWeights, *, with_level: bool = False) -> list[Array]:
+    """Version 0 of every lineage: dlib's own final projection (the head), after dlib's
+    own last level when the doorbells train that level too (`[W1, b1, W2, b2, P]`)."""
+    head = [dlib_projection(weights)]
+    return [*initial(weights), *head] if with_level else head
 
 
 def check(level: Sequence[npt.NDArray[np.float32]]) -> list[Array]:
