@@ -8,6 +8,7 @@ import cv2
 import numpy as np
 
 from bench import recognition
+from bench.openset_features import start_model
 from fedbell.faces.detection import make_detector
 from fedbell.faces.openset import UNKNOWN
 from fedbell.faces.synthetic import make_identities, render_face
@@ -35,7 +36,7 @@ def test_frames_are_textured_with_faces_of_several_sizes_and_some_without() -> N
 
 
 def test_a_house_is_enrolled_and_probed_at_a_threshold(backbone_models: BackboneModels) -> None:
-    head = recognition.start_model()
+    head = start_model()
     flavour = recognition.Flavour("float", backbone_models.float_model)
     recognizer = recognition.recognizer_for(flavour, backbone_models.sha256, head)
     rng = np.random.default_rng(1)
