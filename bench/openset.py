@@ -144,6 +144,10 @@ class ArmSettings:
     client_optimizer: Literal["adam", "sgd"] = TrainParams().optimizer
     """The doorbells' local step in the federated arms (`rounds.train.optimizer`); central
     and local_only keep `params`'s."""
+    secure_density: float = PRODUCT.secure_density
+    """The secure arm's shared subset (`rounds.secure_density`)."""
+    secure_clip_norm: float = DEFAULT_SECURE_CLIP_NORM
+    """The secure arm's clip on each doorbell (`rounds.secure_clip_norm`)."""
 
 
 @dataclass
@@ -191,7 +195,11 @@ def run_federated(
     arm = federated.Arm(
         name,
         server=settings.server_optimizer,
-        secure=federated.Secure(clip_norm=DEFAULT_SECURE_CLIP_NORM) if secure else None,
+        secure=(
+            federated.Secure(clip_norm=settings.secure_clip_norm, density=settings.secure_density)
+            if secure
+            else None
+        ),
     )
     outcome = federated.run_arm(
         bench.train,
@@ -395,6 +403,19 @@ def _parser() -> argparse.ArgumentParser:
         "--server-optimizer fedadam, issue 20)",
     )
     parser.add_argument(
+        "--secure-density",
+        type=float,
+        default=ArmSettings.secure_density,
+        help="the secure arm's shared subset of the update (the aggregator's "
+        "rounds.secure_density)",
+    )
+    parser.add_argument(
+        "--secure-clip-norm",
+        type=float,
+        default=ArmSettings.secure_clip_norm,
+        help="the L2 norm each doorbell clips its secure subset to (rounds.secure_clip_norm)",
+    )
+    parser.add_argument(
         "--trainable",
         choices=get_args(Trainable),
         default=PRODUCT.trainable,
@@ -445,6 +466,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         central_epochs=args.central_epochs,
         server_optimizer=args.server_optimizer,
         client_optimizer=args.client_optimizer,
+        secure_density=args.secure_density,
+        secure_clip_norm=args.secure_clip_norm,
         params=TrainParams(epochs=args.client_epochs, learning_rate=args.client_learning_rate),
     )
     outcomes = run_arms(prepared.benches, settings, args.jobs, args.arms)
@@ -491,6 +514,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             "central_epochs": settings.central_epochs,
             "server_optimizer": settings.server_optimizer,
             "client_optimizer": settings.client_optimizer,
+            "secure_density": settings.secure_density,
+            "secure_clip_norm": settings.secure_clip_norm,
             "seconds": time.perf_counter() - started,
         },
     )
