@@ -95,8 +95,9 @@ class TrainParams:
     aggregator's `server_optimizer: fedadam` keeping the moments across rounds (as central
     training keeps Adam's), 1.6 points above the product rule per visit under `far`
     (five seeds), but not the default: a secure round's shared subset, rescaled, carries
-    sampling noise that the server's momentum adds up (0.911 against 0.939), and three
-    houses with dense updates collapse the head in three rounds (docs/learning.md)."""
+    sampling noise that the server's momentum adds up (0.911 against 0.939), and on
+    three houses' dense updates a round's head fell to chance with server momentum
+    (FedAvgM) and was refused with FedAdam (docs/learning.md)."""
     prox_mu: float = 0.0
     """FedProx: weight of (mu/2)·||W - W_base||², which keeps a doorbell that
     knows only a few people from pulling the shared head towards them."""
