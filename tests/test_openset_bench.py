@@ -169,6 +169,39 @@ def test_tiny_synthetic_run_writes_the_schema(tmp_path: Path) -> None:
     assert "secure rounds" in verdict[-1]
 
 
+def test_the_secure_arm_masks_the_subset_its_settings_name() -> None:
+    rng = np.random.default_rng(2)
+    dim = 16
+    people = _people(90)
+    strangers = [f"lfw_strangers/s{i}/s{i}.jpg" for i in range(160)]
+    split = households.split_people(
+        people, strangers, seed=0, calibration=80, negatives=80, residents=10
+    )
+    features = _synthetic_features(people, dim, rng)
+    stranger_features = {k: rng.normal(size=dim).astype(np.float32) for k in strangers}
+    bench = households.build_bench(
+        split, features, stranger_features, [np.eye(dim, dtype=np.float32)], seed=0
+    )
+    args = openset._parser().parse_args(["--secure-density", "0.5", "--secure-clip-norm", "0.04"])
+    assert (args.secure_density, args.secure_clip_norm) == (0.5, 0.04)
+    sent = {}
+    for density in (openset.ArmSettings.secure_density, 0.5):
+        settings = openset.ArmSettings(
+            rounds=2,
+            houses_per_round=5,
+            params=TrainParams(epochs=2),
+            secure_density=density,
+            secure_clip_norm=args.secure_clip_norm,
+        )
+        run = openset.run_federated(bench, settings, seed=0, secure=True).rounds_run
+        assert run is not None
+        sent[density] = max(r.bytes_up / r.participants for r in run.rounds)
+    # The masked values are the subset: half the head against the product's tenth (78 and
+    # 384 bytes here: 26 and 128 of the 256 values, three bytes each).
+    small, large = sent[openset.ArmSettings.secure_density], sent[0.5]
+    assert 4 * small < large < 6 * small, sent
+
+
 # --- visits (issue 20) ------------------------------------------------------------------------
 
 
