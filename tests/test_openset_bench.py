@@ -196,8 +196,8 @@ def test_the_secure_arm_masks_the_subset_its_settings_name() -> None:
         run = openset.run_federated(bench, settings, seed=0, secure=True).rounds_run
         assert run is not None
         sent[density] = max(r.bytes_up / r.participants for r in run.rounds)
-    # The masked values are the subset: half the head against the product's tenth (78 and
-    # 384 bytes here: 26 and 128 of the 256 values, three bytes each).
+    # The masked values are the subset: half the head against the product's tenth (here 78
+    # and 384 bytes for 26 and 128 of the 256 values).
     small, large = sent[openset.ArmSettings.secure_density], sent[0.5]
     assert 4 * small < large < 6 * small, sent
 
