@@ -121,9 +121,9 @@ def _synthetic_features(
     }
 
 
-def test_tiny_synthetic_run_writes_the_schema(tmp_path: Path) -> None:
-    rng = np.random.default_rng(1)
-    dim = 16
+def _tiny_bench(seed: int, dim: int = 16) -> households.Bench:
+    """90 generated people with `dim` features, 160 strangers, the identity as the start."""
+    rng = np.random.default_rng(seed)
     people = _people(90)
     strangers = [f"lfw_strangers/s{i}/s{i}.jpg" for i in range(160)]
     split = households.split_people(
@@ -132,7 +132,12 @@ def test_tiny_synthetic_run_writes_the_schema(tmp_path: Path) -> None:
     features = _synthetic_features(people, dim, rng)
     stranger_features = {k: rng.normal(size=dim).astype(np.float32) for k in strangers}
     start = [np.eye(dim, dtype=np.float32)]
-    bench = households.build_bench(split, features, stranger_features, start, seed=0)
+    return households.build_bench(split, features, stranger_features, start, seed=0)
+
+
+def test_tiny_synthetic_run_writes_the_schema(tmp_path: Path) -> None:
+    dim = 16
+    bench = _tiny_bench(1, dim)
     assert bench.calibration.shape == (80, dim)
     assert len(bench.residents) == 10  # everyone has 2+ photos: all enrolled
     settings = openset.ArmSettings(
@@ -170,18 +175,7 @@ def test_tiny_synthetic_run_writes_the_schema(tmp_path: Path) -> None:
 
 
 def test_the_secure_arm_masks_the_subset_its_settings_name() -> None:
-    rng = np.random.default_rng(2)
-    dim = 16
-    people = _people(90)
-    strangers = [f"lfw_strangers/s{i}/s{i}.jpg" for i in range(160)]
-    split = households.split_people(
-        people, strangers, seed=0, calibration=80, negatives=80, residents=10
-    )
-    features = _synthetic_features(people, dim, rng)
-    stranger_features = {k: rng.normal(size=dim).astype(np.float32) for k in strangers}
-    bench = households.build_bench(
-        split, features, stranger_features, [np.eye(dim, dtype=np.float32)], seed=0
-    )
+    bench = _tiny_bench(2)
     args = openset._parser().parse_args(["--secure-density", "0.5", "--secure-clip-norm", "0.04"])
     assert (args.secure_density, args.secure_clip_norm) == (0.5, 0.04)
     sent = {}
