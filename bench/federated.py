@@ -37,7 +37,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
@@ -74,7 +74,7 @@ from bench.steps import Intake, answer, open_round
 from edge.secure import secure_update
 from edge.trainer import round_seed, train_delta
 from fedbell.errors import RejectedMessage
-from fedbell.faces.embedding import TrainParams, model_names
+from fedbell.faces.embedding import AdamMoments, TrainParams, model_names
 from fedbell.wire import masking, messages
 from fedbell.wire.codecs import Weights
 from fedbell.wire.envelope import TensorSpec
@@ -133,6 +133,20 @@ class _Keys:
         return {n: k.public_key() for n, k in self.devices.items() if k is not None}
 
 
+@dataclass
+class DoorbellMemory:
+    """What each doorbell keeps between its rounds: the top-k residual (error feedback) and
+    its local Adam, which `train_head` continues only when the plan says `adam_moments:
+    kept` (`edge.round_training` stores it only then)."""
+
+    residuals: dict[str, Weights] = field(default_factory=dict)
+    moments: dict[str, AdamMoments] = field(default_factory=dict)
+
+    def keep_moments(self, device: str, trained: AdamMoments | None) -> None:
+        if trained is not None:
+            self.moments[device] = trained
+
+
 def _client_step(  # noqa: PLR0917 - what a doorbell holds in a round
     device: str,
     announcement: RoundAnnouncement,
@@ -141,7 +155,7 @@ def _client_step(  # noqa: PLR0917 - what a doorbell holds in a round
     attack: Sequence[Attack],
     settings: RoundSettings,
     plan: TrainParams,
-    residuals: dict[str, Weights],
+    kept: DoorbellMemory,
     key: Ed25519PrivateKey | None,
     craft: Craft | None = None,
 ) -> tuple[bytes, float]:
@@ -155,15 +169,17 @@ def _client_step(  # noqa: PLR0917 - what a doorbell holds in a round
         house.labels,
         house.negatives,
         dataclasses.replace(plan, seed=round_seed(device, announcement.round)),
-        residual=residuals.get(device) if settings.codec == "topk" else None,
+        residual=kept.residuals.get(device) if settings.codec == "topk" else None,
+        moments=kept.moments.get(device),
     )
+    kept.keep_moments(device, trained.moments)
     delta = trained.delta
     if attack:
         delta = poison(delta, attack[0])
     if craft is not None:
         delta = craft(model.weights, delta)
     if settings.codec == "topk":
-        delta, residuals[device] = with_error_feedback(names, delta, settings.density)
+        delta, kept.residuals[device] = with_error_feedback(names, delta, settings.density)
     payload = answer(
         announcement,
         site=SITE,
@@ -198,7 +214,7 @@ def _secure_round(  # noqa: PLR0917 - what a secure round holds
     houses: Sequence[House],
     weights: Weights,
     plan_params: TrainParams,
-    residuals: dict[str, Weights],
+    kept: DoorbellMemory,
     noise: np.random.Generator,
     result: ArmResult,
     craft: Craft | None = None,
@@ -221,14 +237,16 @@ def _secure_round(  # noqa: PLR0917 - what a secure round holds
             houses[index].labels,
             houses[index].negatives,
             dataclasses.replace(plan_params, seed=round_seed(device, round_id)),
-            residual=residuals.get(device),
+            residual=kept.residuals.get(device),
+            moments=kept.moments.get(device),
         )
+        kept.keep_moments(device, trained.moments)
         if craft is not None and index == 0:
             pushed = np.concatenate([d.ravel() for d in craft(weights, trained.delta)])
             total += masking.encode(pushed[indices], plan.scale, noise)
             continue
         update = secure_update(trained.delta, plan, round_id, LINEAGE, noise)
-        residuals[device] = update.residual
+        kept.residuals[device] = update.residual
         result.client_seconds.append(trained.seconds)
         result.update_norms.append(update.norm)
         total += update.values  # uint32, kept modulo 2^24 as the masked sum is
@@ -260,7 +278,7 @@ def _plain_round(
     settings: RoundSettings,
     specs: tuple[TensorSpec, ...],
     plan: TrainParams,
-    residuals: dict[str, Weights],
+    kept: DoorbellMemory,
     keys: _Keys,
     craft: Craft | None,
     result: ArmResult,
@@ -283,7 +301,7 @@ def _plain_round(
             arm.attackers[index : index + 1],
             settings,
             plan,
-            residuals,
+            kept,
             keys.devices[device],
             craft if index == 0 else None,
         )
@@ -328,7 +346,7 @@ def run_arm(
     specs = head_specs(weights)
     tensor_names = model_names(weights)
     server = make_optimizer(settings)
-    residuals: dict[str, Weights] = {}
+    kept = DoorbellMemory()
     noise = np.random.default_rng([plan.seed, 37])
 
     def release(weights: Weights) -> Score:
@@ -365,7 +383,7 @@ def run_arm(
                 houses,
                 weights,
                 plan,
-                residuals,
+                kept,
                 noise,
                 result,
                 craft,
@@ -383,7 +401,7 @@ def run_arm(
                 settings=settings,
                 specs=specs,
                 plan=plan,
-                residuals=residuals,
+                kept=kept,
                 keys=keys,
                 craft=craft,
                 result=result,

@@ -403,6 +403,13 @@ def _parser() -> argparse.ArgumentParser:
         "--server-optimizer fedadam, issue 20)",
     )
     parser.add_argument(
+        "--adam-moments",
+        choices=["fresh", "kept"],
+        default=TrainParams.adam_moments,
+        help="the doorbells' local Adam: fresh every round, or kept across their rounds "
+        "(the round plan's `train.adam_moments`)",
+    )
+    parser.add_argument(
         "--secure-density",
         type=float,
         default=ArmSettings.secure_density,
@@ -468,7 +475,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         client_optimizer=args.client_optimizer,
         secure_density=args.secure_density,
         secure_clip_norm=args.secure_clip_norm,
-        params=TrainParams(epochs=args.client_epochs, learning_rate=args.client_learning_rate),
+        params=TrainParams(
+            epochs=args.client_epochs,
+            learning_rate=args.client_learning_rate,
+            adam_moments=args.adam_moments,
+        ),
     )
     outcomes = run_arms(prepared.benches, settings, args.jobs, args.arms)
     scored = openset_visits.score_visits(

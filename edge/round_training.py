@@ -24,7 +24,7 @@ from edge.parts import DoorbellParts
 from edge.trainer import TrainedDelta, round_seed, train_delta
 from fedbell.errors import RejectedMessage
 from fedbell.faces import histograms
-from fedbell.faces.embedding import Features, TrainParams
+from fedbell.faces.embedding import AdamMoments, Features, TrainParams
 from fedbell.wire.codecs import Weights
 from fedbell.wire.envelope import TensorSpec
 from fedbell.wire.messages import GlobalModel
@@ -47,6 +47,12 @@ class RoundTraining:
     """Set when the node closes: a training waiting for its base model gives up."""
     trainings: int = field(default=0, init=False)
     """Trainings run (including those whose head then did not move)."""
+    moments: AdamMoments | None = field(default=None, init=False)
+    """The local Adam's state from this doorbell's last round, kept when the plan says
+    `adam_moments: kept` (stored in the state folder, dropped with the lineage)."""
+
+    def __post_init__(self) -> None:
+        self.moments = self.parts.state.load_moments()
 
     def train(
         self,
@@ -79,6 +85,7 @@ class RoundTraining:
             learning_rate=plan.learning_rate,
             optimizer=plan.optimizer,
             prox_mu=plan.prox_mu,
+            adam_moments=plan.adam_moments,
             seed=round_seed(self.parts.device, number),
         )
         log.info(
@@ -92,7 +99,13 @@ class RoundTraining:
         )
         try:
             result = train_delta(
-                base.weights, data.features, data.labels, strangers, params, residual=residual
+                base.weights,
+                data.features,
+                data.labels,
+                strangers,
+                params,
+                residual=residual,
+                moments=self.moments,
             )
         except ValueError as err:
             self.parts.counters["bad_shapes"] += 1
@@ -101,6 +114,7 @@ class RoundTraining:
             )
             return None
         self.trainings += 1
+        self._keep(result.moments if plan.adam_moments == "kept" else None)
         if not math.isfinite(result.loss):
             # One person and no strangers: nothing to tell apart, the head did not move.
             log.warning(
@@ -108,6 +122,24 @@ class RoundTraining:
             )
             return None
         return base, result
+
+    def forget_moments(self) -> None:
+        """A new lineage: the old head's Adam state means nothing to the new one."""
+        self._keep(None)
+
+    def _keep(self, moments: AdamMoments | None) -> None:
+        """Remember (or, with None, forget) the local Adam's state, in the state folder too."""
+        if moments is None and self.moments is None:
+            return
+        self.moments = moments
+        try:
+            if moments is None:
+                self.parts.state.clear_moments()
+            else:
+                self.parts.state.save_moments(moments)
+        except OSError as err:
+            self.parts.counters["store_failed"] += 1
+            log.error("could not store the local Adam's state: %s", err)
 
     def calibration_vector(
         self, announcement: RoundAnnouncement, ready: Callable[[], None]

@@ -197,6 +197,7 @@ class RoundParticipant:
         self._send_permitted = 0
         self._last_round = 0
         self._residual = None
+        self.training.forget_moments()
         try:
             self.parts.state.save_last_round(0)
             self.parts.state.clear_residual()

@@ -1,4 +1,5 @@
-"""What a doorbell keeps across restarts: global model (head), backbone, last round, residual.
+"""What a doorbell keeps across restarts: global model (head), backbone, last round, residual,
+and its local Adam's moments.
 
 Each item is a data file plus a JSON sidecar that records the data file's
 sha256. The data file is written first and the sidecar last, each through a
@@ -26,6 +27,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
+from fedbell.faces.embedding import AdamMoments
 from fedbell.wire.codecs import Weights
 from fedbell.wire.messages import GlobalModel
 
@@ -38,6 +40,8 @@ TFLITE_SIDECAR = "model.json"
 ROUND_FILE = "round.json"
 RESIDUAL_WEIGHTS = "residual.npz"
 RESIDUAL_SIDECAR = "residual.json"
+MOMENTS_WEIGHTS = "adam.npz"
+MOMENTS_SIDECAR = "adam.json"
 _UNREADABLE = (KeyError, TypeError, ValueError, OSError, zipfile.BadZipFile)
 Stored = TypeVar("Stored")
 
@@ -85,6 +89,12 @@ def _pack(weights: Weights) -> bytes:
 def _unpack(data: bytes, count: int) -> Weights:
     with np.load(io.BytesIO(data), allow_pickle=False) as arrays:
         return [np.asarray(arrays[f"arr_{i}"], dtype=np.float32) for i in range(count)]
+
+
+def _moments(data: bytes, sidecar: dict[str, Any]) -> AdamMoments:
+    count, steps = int(sidecar["tensors"]), int(sidecar["steps"])
+    arrays = _unpack(data, 2 * count)
+    return AdamMoments(arrays[:count], arrays[count:], steps)
 
 
 def _global_model(data: bytes, sidecar: dict[str, Any]) -> GlobalModel:
@@ -200,6 +210,23 @@ class NodeState:
             "top-k residual",
             lambda data, sidecar: _unpack(data, int(sidecar["tensors"])),
         )
+
+    def save_moments(self, moments: AdamMoments) -> None:
+        """The local Adam's state after a round's training (`adam_moments: kept`)."""
+        self._write_pair(
+            MOMENTS_WEIGHTS,
+            MOMENTS_SIDECAR,
+            _pack([*moments.m, *moments.v]),
+            {"tensors": len(moments.m), "steps": moments.steps},
+        )
+
+    def clear_moments(self) -> None:
+        """Forget the local Adam's state (a new lineage, or a plan that starts it fresh)."""
+        (self.folder / MOMENTS_SIDECAR).unlink(missing_ok=True)
+        (self.folder / MOMENTS_WEIGHTS).unlink(missing_ok=True)
+
+    def load_moments(self) -> AdamMoments | None:
+        return self._load_pair(MOMENTS_WEIGHTS, MOMENTS_SIDECAR, "Adam moments", _moments)
 
     def save_artifact(self, artifact: StoredArtifact) -> None:
         self._write_pair(

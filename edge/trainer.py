@@ -16,7 +16,14 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-from fedbell.faces.embedding import Features, LabelIds, TrainParams, model_names, train_head
+from fedbell.faces.embedding import (
+    AdamMoments,
+    Features,
+    LabelIds,
+    TrainParams,
+    model_names,
+    train_head,
+)
 from fedbell.wire.codecs import Weights
 
 
@@ -32,6 +39,8 @@ class TrainedDelta:
     num_examples: int
     loss: float
     seconds: float
+    moments: AdamMoments | None = None
+    """The local Adam's state at the end, for a doorbell that keeps it (`adam_moments`)."""
 
 
 def train_delta(
@@ -42,6 +51,7 @@ def train_delta(
     params: TrainParams,
     *,
     residual: Sequence[npt.NDArray[np.float32]] | None = None,
+    moments: AdamMoments | None = None,
 ) -> TrainedDelta:
     """Train a copy of the base head on the gallery (and strangers seen at the door).
 
@@ -57,6 +67,8 @@ def train_delta(
     gradient at `base` still points there), and the residual grows every round
     until it swamps the update (measured on generated faces: top-k 5 % then
     drifts down for 40 rounds where float32 learns in 2).
+
+    `moments`: the Adam this doorbell kept from its last round, to continue.
     """
     started = time.monotonic()
     start = list(base)
@@ -66,7 +78,7 @@ def train_delta(
             for b, r in zip(start, residual, strict=True)
         ]
     # (a residual of other shapes is from an older model and means nothing here)
-    result = train_head(start, features, labels, strangers, params)
+    result = train_head(start, features, labels, strangers, params, moments=moments)
     delta = [
         np.asarray(t - np.asarray(b, np.float32), dtype=np.float32)
         for t, b in zip(result.head, base, strict=True)
@@ -77,4 +89,5 @@ def train_delta(
         num_examples=len(features),
         loss=result.loss,
         seconds=time.monotonic() - started,
+        moments=result.moments,
     )

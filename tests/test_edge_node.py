@@ -159,6 +159,7 @@ def round_payload(
     base_version: int = 1,
     lineage: str | None = LINEAGE,
     key: Ed25519PrivateKey | None = None,
+    train: TrainingPlan | None = None,
 ) -> bytes:
     announcement = RoundAnnouncement.model_validate(
         {
@@ -170,7 +171,7 @@ def round_payload(
             "deadline": time.time() + 120,
             "codec": codec,
             "density": 0.1,
-            "train": TrainingPlan(epochs=1, batch_size=8, prox_mu=0.01),
+            "train": train or TrainingPlan(epochs=1, batch_size=8, prox_mu=0.01),
             "send_when_trained": send_when_trained,
         }
     )
@@ -293,6 +294,54 @@ def test_selected_node_waits_for_its_base_model_and_trains_once(
             assert received(aggregator, TOPICS.update(DEVICE)) == first
             assert node.training.trainings == 1
         assert NodeState(config.state_dir).load_last_round() == 1
+
+
+def test_a_doorbell_keeps_its_adam_across_rounds_when_the_plan_says_so(
+    tmp_path: Path, broker: LocalBroker, gallery: Path, base: Base, backbone_models: BackboneModels
+) -> None:
+    """`train.adam_moments: kept`: the local Adam is stored after each round and the next
+    round continues it (its step count runs on), across a restart too; a round whose plan
+    says fresh starts a new Adam and forgets the stored one."""
+    config = make_config(tmp_path, broker.port, gallery)
+    kept = TrainingPlan(epochs=2, batch_size=8, adam_moments="kept")  # one batch an epoch
+    with aggregator_at(broker, TOPICS.all_updates) as aggregator:
+        serve_backbone_and_head(aggregator, backbone_models, base, 1)
+        with running(config) as node:
+            aggregator.publish(TOPICS.round, round_payload(1, train=kept), retain=True)
+            check_update(received(aggregator, TOPICS.update(DEVICE)), base, 1)
+            wait_until(lambda: node.rounds.last_round == 1)
+        stored = NodeState(config.state_dir).load_moments()
+        assert stored is not None
+        assert stored.steps == 2
+        assert [m.shape for m in stored.m] == [w.shape for w in base[1]]
+        with running(config) as node:
+            assert node.training.moments is not None
+            assert node.training.moments.steps == 2
+            aggregator.publish(
+                TOPICS.global_model,
+                global_payload(base, 2, backbone=backbone_models.sha256),
+                retain=True,
+            )
+            aggregator.publish(
+                TOPICS.round, round_payload(2, base_version=2, train=kept), retain=True
+            )
+            check_update(received(aggregator, TOPICS.update(DEVICE)), base, 2, base_version=2)
+            wait_until(lambda: node.rounds.last_round == 2)
+            assert node.training.moments is not None
+            assert node.training.moments.steps == 4
+            stored = NodeState(config.state_dir).load_moments()
+            assert stored is not None
+            assert stored.steps == 4
+            aggregator.publish(
+                TOPICS.global_model,
+                global_payload(base, 3, backbone=backbone_models.sha256),
+                retain=True,
+            )
+            aggregator.publish(TOPICS.round, round_payload(3, base_version=3), retain=True)
+            check_update(received(aggregator, TOPICS.update(DEVICE)), base, 3, base_version=3)
+            wait_until(lambda: node.rounds.last_round == 3)
+            assert node.training.moments is None
+        assert NodeState(config.state_dir).load_moments() is None
 
 
 def test_a_doorbell_with_an_empty_gallery_skips_the_round(

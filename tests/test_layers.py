@@ -13,9 +13,16 @@ from fedbell.wire.protocol import TrainingPlan
 
 def test_the_round_plan_defaults_are_the_client_steps_own() -> None:
     plan, params = TrainingPlan(), TrainParams()
-    assert (plan.epochs, plan.batch_size, plan.learning_rate, plan.optimizer) == (
+    assert (
+        plan.epochs,
+        plan.batch_size,
+        plan.learning_rate,
+        plan.optimizer,
+        plan.adam_moments,
+    ) == (
         params.epochs,
         params.batch_size,
         params.learning_rate,
         params.optimizer,
+        params.adam_moments,
     )

@@ -4,6 +4,7 @@ server optimiser (FedAdam) can then keep moments of; adam normalises every coord
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -48,3 +49,44 @@ def test_the_round_plan_names_the_optimiser_and_refuses_others() -> None:
         TrainingPlan(optimizer="lion")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="optimizer"):
         TrainParams(optimizer="lion")  # type: ignore[arg-type]
+
+
+def test_a_kept_adam_runs_on_as_if_the_training_had_never_stopped() -> None:
+    """`adam_moments: kept`: two trainings of 3 epochs, the second given the first's
+    moments, end where one of 6 epochs does (one whole batch an epoch, so the order of
+    the faces does not matter); a fresh second training does not."""
+    x, y, z, head = clustered_house(5)
+    kept = TrainParams(epochs=3, batch_size=len(x), learning_rate=1e-3, adam_moments="kept")
+    once = train_head([head], x, y, z, replace(kept, epochs=6))
+    first = train_head([head], x, y, z, kept)
+    assert first.moments is not None
+    assert first.moments.steps == first.steps == 3
+    second = train_head(first.head, x, y, z, kept, moments=first.moments)
+    assert second.steps == 3
+    assert second.moments is not None
+    assert second.moments.steps == 6
+    np.testing.assert_allclose(second.head[0], once.head[0], rtol=1e-5, atol=1e-7)
+    fresh = train_head(
+        first.head, x, y, z, replace(kept, adam_moments="fresh"), moments=first.moments
+    )
+    assert float(np.abs(fresh.head[0] - once.head[0]).max()) > 1e-4
+
+
+def test_moments_are_ignored_unless_kept_and_of_the_model_s_shapes() -> None:
+    x, y, z, head = clustered_house(6)
+    params = TrainParams(epochs=2, batch_size=len(x), learning_rate=1e-3)
+    plain = train_head([head], x, y, z, params)
+    assert plain.moments is not None  # the doorbell decides whether to keep them
+    other = embedding.AdamMoments([np.ones((3, 3), np.float32)], [np.ones((3, 3), np.float32)], 9)
+    for given, plan in (
+        (plain.moments, params),  # fresh: a new Adam whatever it is given
+        (other, replace(params, adam_moments="kept")),  # another model's: a new Adam
+    ):
+        again = train_head([head], x, y, z, plan, moments=given)
+        np.testing.assert_array_equal(again.head[0], plain.head[0])
+    sgd = train_head([head], x, y, z, replace(params, optimizer="sgd", adam_moments="kept"))
+    assert sgd.moments is None
+    with pytest.raises(ValueError, match="adam_moments"):
+        TrainParams(adam_moments="always")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="adam_moments"):
+        TrainingPlan(adam_moments="always")  # type: ignore[arg-type]

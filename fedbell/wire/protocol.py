@@ -60,6 +60,11 @@ class TrainingPlan(Message):
         description="The local step: adam (a fresh Adam each round) or sgd (plain steps, "
         "for a server optimiser that keeps the moments: fedadam).",
     )
+    adam_moments: Literal["fresh", "kept"] = Field(
+        default="fresh",
+        description="adam: a fresh Adam every round, or each doorbell keeps its Adam's "
+        "moments from its last round of the lineage (they never leave it).",
+    )
     prox_mu: float = Field(default=0.0, ge=0, le=10, description="FedProx proximal weight.")
     hold_out_strangers: bool = Field(
         default=False,
