@@ -182,7 +182,8 @@ class RoundParticipant:
         self._submit(lambda: self._take_part(announcement))
 
     def start_lineage(self, current: GlobalModel | None, model: GlobalModel) -> None:
-        """A reset or an upgrade: the old lineage's rounds, update and residual mean nothing.
+        """A reset or an upgrade: the old lineage's rounds, update, residual and local Adam
+        mean nothing.
 
         Called with `models.changed` held, just before `model` is installed.
         """

@@ -473,12 +473,14 @@ def test_a_new_lineage_is_accepted_at_version_0_and_its_rounds_start_afresh(
     with aggregator_at(broker, TOPICS.all_updates) as aggregator:
         aggregator.publish_backbone(TOPICS, tflite_payload(backbone_models, "old", epoch=1))
         aggregator.publish(TOPICS.global_model, old(5), retain=True)
+        kept = TrainingPlan(epochs=1, batch_size=8, adam_moments="kept")
         aggregator.publish(
-            TOPICS.round, round_payload(7, base_version=5, lineage="old"), retain=True
+            TOPICS.round, round_payload(7, base_version=5, lineage="old", train=kept), retain=True
         )
         with running(config) as node:
             check_update(received(aggregator, TOPICS.update(DEVICE)), base, 7, base_version=5)
             wait_until(lambda: node.rounds.last_round == 7)
+            assert node.training.moments is not None  # the old head's Adam, kept
             aggregator.publish(TOPICS.global_model, old(4))  # older, same lineage: ignored
             aggregator.publish_backbone(TOPICS, tflite_payload(backbone_models, "new", epoch=2))
             aggregator.publish(TOPICS.global_model, new(0), retain=True)
@@ -487,6 +489,8 @@ def test_a_new_lineage_is_accepted_at_version_0_and_its_rounds_start_afresh(
             wait_until(lambda: node.artifacts._installed == ("new", 0))
             assert node.rounds.last_round == 0  # the old lineage's round counter is gone
             assert NodeState(config.state_dir).load_last_round() == 0
+            assert node.training.moments is None  # and its Adam
+            assert NodeState(config.state_dir).load_moments() is None
             aggregator.publish(TOPICS.global_model, old(6))  # the old lineage replayed: refused
             aggregator.publish_backbone(TOPICS, tflite_payload(backbone_models, "old", epoch=1))
             wait_until(lambda: node.counters["old_lineage"] == 2)
