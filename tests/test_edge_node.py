@@ -337,7 +337,10 @@ def test_a_doorbell_keeps_its_adam_across_rounds_when_the_plan_says_so(
                 global_payload(base, 3, backbone=backbone_models.sha256),
                 retain=True,
             )
-            aggregator.publish(TOPICS.round, round_payload(3, base_version=3), retain=True)
+            fresh = TrainingPlan(epochs=2, batch_size=8, adam_moments="fresh")
+            aggregator.publish(
+                TOPICS.round, round_payload(3, base_version=3, train=fresh), retain=True
+            )
             check_update(received(aggregator, TOPICS.update(DEVICE)), base, 3, base_version=3)
             wait_until(lambda: node.rounds.last_round == 3)
             assert node.training.moments is None

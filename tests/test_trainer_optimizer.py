@@ -74,7 +74,7 @@ def test_a_kept_adam_runs_on_as_if_the_training_had_never_stopped() -> None:
 
 def test_moments_are_ignored_unless_kept_and_of_the_model_s_shapes() -> None:
     x, y, z, head = clustered_house(6)
-    params = TrainParams(epochs=2, batch_size=len(x), learning_rate=1e-3)
+    params = TrainParams(epochs=2, batch_size=len(x), learning_rate=1e-3, adam_moments="fresh")
     plain = train_head([head], x, y, z, params)
     assert plain.moments is not None  # the doorbell decides whether to keep them
     other = embedding.AdamMoments([np.ones((3, 3), np.float32)], [np.ones((3, 3), np.float32)], 9)
