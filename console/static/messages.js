@@ -293,6 +293,13 @@ const MESSAGE_SCHEMAS = {
     "additionalProperties": false,
     "description": "Local training hyper-parameters of a round. The defaults are the client step's own\n(fedbell/faces/embedding.py TrainParams, chosen by make bench-openset), written out\nhere because the contract does not import the face model; tests/test_layers.py\nchecks that the two agree.",
     "properties": {
+     "adam_moments": {
+      "default": "fresh",
+      "description": "adam: a fresh Adam every round, or each doorbell keeps its Adam's moments from its last round of the lineage (they never leave it).",
+      "enum": ["fresh", "kept"],
+      "title": "Adam Moments",
+      "type": "string"
+     },
      "batch_size": {"default": 32, "maximum": 1024, "minimum": 1, "title": "Batch Size", "type": "integer"},
      "epochs": {"default": 10, "maximum": 100, "minimum": 1, "title": "Epochs", "type": "integer"},
      "hold_out_strangers": {
