@@ -102,8 +102,9 @@ class TrainParams:
     """fresh: every training starts a new Adam (the default). kept: a training given an
     earlier one's `AdamMoments` continues that Adam, so a doorbell's Adam runs on across
     its rounds of a lineage: plain rounds +1.0 point of visit TAR under `far` over five
-    seeds, secure rounds unchanged, but issue 12's codec bar in `make bench` fails with it
-    (docs/learning.md), so it is not the default yet."""
+    seeds, secure rounds unchanged, but the default codec then falls behind float32 in
+    `make bench` (issue 12's bar fails over ten seeds, docs/learning.md), so it is not
+    the default."""
     prox_mu: float = 0.0
     """FedProx: weight of (mu/2)·||W - W_base||², which keeps a doorbell that
     knows only a few people from pulling the shared head towards them."""
