@@ -259,13 +259,17 @@ class OpenRound:
     def assert_published_once_each(self) -> None:
         """Every doorbell gets version 1, the exact mean of all the deltas: nothing lost;
         whatever a failover redelivered was refused, not counted (a duplicate while the
-        round was open, `no_round` once it had closed)."""
+        round was open, `no_round` once it had closed). A failover can also redeliver a
+        burst of a doorbell's queued status messages, which the aggregator's inbox drops
+        past `inbox_per_sender` (`backlog_full`: flow control, not a refusal; seen in a
+        CI run, the mean still exact)."""
         wait_until(
             lambda: all(1 in d.models for d in self.doorbells), 120, "the new model in both houses"
         )
         for doorbell in self.doorbells:
             assert_exact_mean(doorbell.models[1], self.base, self.deltas)
-        assert set(self.service.coordinator.federation.rejected) <= {"duplicate", "no_round"}
+        refused = set(self.service.coordinator.federation.rejected)
+        assert refused <= {"duplicate", "no_round", "backlog_full"}, refused
 
 
 @contextlib.contextmanager
