@@ -129,8 +129,9 @@ class ArmResult:
     """Per doorbell per round: round announcements + the global head message."""
     client_seconds: list[float] = field(default_factory=list)
     """Per doorbell per round: its client step (`TrainedDelta.seconds`)."""
-    update_norms: list[float] = field(default_factory=list)
-    """Per doorbell per secure round: the norm of its subset before the clip."""
+    update_norms: dict[int, list[float]] = field(default_factory=dict)
+    """Per secure round, per doorbell: the norm of its subset before the clip, as the run
+    trained it (its residual and its kept Adam)."""
     rejected: int = 0
     """Updates the aggregator's checks refused (an honest run has none)."""
     abandoned: int = 0

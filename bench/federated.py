@@ -248,7 +248,7 @@ def _secure_round(  # noqa: PLR0917 - what a secure round holds
         update = secure_update(trained.delta, plan, round_id, LINEAGE, noise)
         kept.residuals[device] = update.residual
         result.client_seconds.append(trained.seconds)
-        result.update_norms.append(update.norm)
+        result.update_norms.setdefault(round_id, []).append(update.norm)
         total += update.values  # uint32, kept modulo 2^24 as the masked sum is
     try:
         mean = mean_delta(total, len(selected), plan, indices, [w.shape for w in weights])

@@ -110,7 +110,7 @@ def round_costs(outcome: ArmOutcome) -> dict[str, Any]:
         "abandoned_rounds": run.abandoned,
     }
     if run.update_norms:
-        norms = np.asarray(run.update_norms)
+        norms = np.concatenate([np.asarray(n) for n in run.update_norms.values()])
         costs["update_norm_median"] = float(np.median(norms))
         costs["update_norm_p90"] = float(np.percentile(norms, 90))
         costs["update_norm_clip"] = run.arm.secure.clip_norm if run.arm.secure else None

@@ -546,9 +546,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     rows = attack_rows(args, data, traffic)
     runs = utility_runs(args, data)
     rows += published_rows(args, data, runs)
-    norms = clip_check(
-        runs, data["bench"], args.default_epsilon, args.secure_density, args.clip_norm
-    )
+    norms = clip_check(runs, args.default_epsilon, args.clip_norm)
     name = args.test_dataset.name if args.test_dataset else f"{args.dataset.name}"
     output = report(
         test_dataset=name,

@@ -22,7 +22,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
 import numpy as np
-import numpy.typing as npt
 
 from aggregator.accountant import epsilon as epsilon_of
 from aggregator.accountant import noise_multiplier_for
@@ -32,9 +31,7 @@ from bench.households import GALLERY_SIZE, TARGET_FAR, Bench, evaluate, shipped_
 from bench.privacy_attacks import Observed
 from bench.privacy_data import Person, draw, pool
 from bench.privacy_rows import round_pool_size
-from edge.trainer import round_seed, train_delta
 from fedbell.faces.embedding import HEAD_NAMES, TrainParams
-from fedbell.wire import masking
 from fedbell.wire.codecs import Weights
 
 
@@ -88,6 +85,10 @@ class UtilityResult:
     """The published head before round 1 and after each round (when kept)."""
     rounds_houses: list[list[int]] = field(default_factory=list)
     """The houses of each round (when kept)."""
+    subset_norms: dict[int, list[float]] = field(default_factory=dict)
+    """Per secure round: each house's shared subset's L2 norm before the clip, as the run
+    trained it (`edge.secure.secure_update`'s `norm`): what rounds.secure_clip_norm is set
+    against."""
 
 
 def run_setting(
@@ -148,6 +149,7 @@ def run_setting(
         int(outcome.rounds[-1].bytes_up / max(1, outcome.rounds[-1].participants)),
         heads,
         houses,
+        outcome.update_norms,
     )
 
 
@@ -174,45 +176,11 @@ def published_observations(
     return seen
 
 
-def subset_norms(
-    result: UtilityResult,
-    bench: Bench,
-    round_id: int,
-    *,
-    density: float,
-    params: TrainParams,
-) -> npt.NDArray[np.float64]:
-    """L2 norm of each house's honest update in round `round_id` of a kept run, on the round's
-    shared subset and before clipping (`edge.secure.secure_update`'s `norm`): what
-    rounds.secure_clip_norm is set against. Each house retrains from the head it received."""
-    head = result.heads[round_id - 1]
-    dimension = sum(int(w.size) for w in head)
-    subset = masking.shared_subset(dimension, density, round_id, federated.LINEAGE)
-    norms = []
-    for index in result.rounds_houses[round_id - 1]:
-        house = bench.train[index]
-        device = f"house{index:04d}"  # bench.federated's names, so the same training seeds
-        trained = train_delta(
-            head,
-            house.features,
-            house.labels,
-            house.negatives,
-            replace(params, seed=round_seed(device, round_id)),
-        )
-        flat = np.concatenate([np.ravel(d) for d in trained.delta])
-        norms.append(float(np.linalg.norm(flat[subset].astype(np.float64))))
-    return np.asarray(norms)
-
-
 NORM_PERCENTILES = (10, 50, 90)
 
 
 def clip_check(
-    runs: Sequence[UtilityResult],
-    bench: Bench,
-    default_epsilon: float,
-    density: float,
-    clip_norm: float,
+    runs: Sequence[UtilityResult], default_epsilon: float, clip_norm: float
 ) -> dict[str, list[float]]:
     """Percentiles of the honest subsets' norms before clipping in the first and last round
     of the default run at 100 houses per round, printed beside the clip."""
@@ -228,7 +196,7 @@ def clip_check(
         return {}
     found = {}
     for round_id in (1, run.privacy.rounds):
-        norms = subset_norms(run, bench, round_id, density=density, params=TrainParams())
+        norms = run.subset_norms[round_id]
         found[f"round {round_id}"] = [float(np.percentile(norms, q)) for q in NORM_PERCENTILES]
     print(
         f"  honest subsets' norms before clipping ({run.privacy.houses_per_round} houses, "

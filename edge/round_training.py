@@ -21,6 +21,7 @@ import numpy.typing as npt
 from edge.gallery import GalleryFeatures, StrangerPart
 from edge.installer import ModelInstaller
 from edge.parts import DoorbellParts
+from edge.state import KeptAdam
 from edge.trainer import TrainedDelta, round_seed, train_delta
 from fedbell.errors import RejectedMessage
 from fedbell.faces import histograms
@@ -47,12 +48,12 @@ class RoundTraining:
     """Set when the node closes: a training waiting for its base model gives up."""
     trainings: int = field(default=0, init=False)
     """Trainings run (including those whose head then did not move)."""
-    moments: AdamMoments | None = field(default=None, init=False)
+    kept_adam: KeptAdam | None = field(default=None, init=False)
     """The local Adam's state from this doorbell's last round, kept when the plan says
     `adam_moments: kept` (stored in the state folder, dropped with the lineage)."""
 
     def __post_init__(self) -> None:
-        self.moments = self.parts.state.load_moments()
+        self.kept_adam = self.parts.state.load_moments()
 
     def train(
         self,
@@ -105,7 +106,7 @@ class RoundTraining:
                 strangers,
                 params,
                 residual=residual,
-                moments=self.moments,
+                moments=self._moments_for(base),
             )
         except ValueError as err:
             self.parts.counters["bad_shapes"] += 1
@@ -114,7 +115,8 @@ class RoundTraining:
             )
             return None
         self.trainings += 1
-        self._keep(result.moments if plan.adam_moments == "kept" else None)
+        moments = result.moments if plan.adam_moments == "kept" else None
+        self._keep(None if moments is None else KeptAdam(base.lineage, moments))
         if not math.isfinite(result.loss):
             # One person and no strangers: nothing to tell apart, the head did not move.
             log.warning(
@@ -127,16 +129,21 @@ class RoundTraining:
         """A new lineage: the old head's Adam state means nothing to the new one."""
         self._keep(None)
 
-    def _keep(self, moments: AdamMoments | None) -> None:
+    def _moments_for(self, base: GlobalModel) -> AdamMoments | None:
+        """The kept Adam, if it trained a head of `base`'s lineage."""
+        kept = self.kept_adam
+        return kept.moments if kept is not None and kept.lineage == base.lineage else None
+
+    def _keep(self, kept: KeptAdam | None) -> None:
         """Remember (or, with None, forget) the local Adam's state, in the state folder too."""
-        if moments is None and self.moments is None:
+        if kept is None and self.kept_adam is None:
             return
-        self.moments = moments
+        self.kept_adam = kept
         try:
-            if moments is None:
+            if kept is None:
                 self.parts.state.clear_moments()
             else:
-                self.parts.state.save_moments(moments)
+                self.parts.state.save_moments(kept)
         except OSError as err:
             self.parts.counters["store_failed"] += 1
             log.error("could not store the local Adam's state: %s", err)

@@ -47,6 +47,16 @@ Stored = TypeVar("Stored")
 
 
 @dataclass(frozen=True)
+class KeptAdam:
+    """The local Adam's state after a round's training (`adam_moments: kept`), and the
+    lineage whose head it trained: a later lineage's rounds never continue it, even when a
+    training of the old one finishes after the new head is installed."""
+
+    lineage: str
+    moments: AdamMoments
+
+
+@dataclass(frozen=True)
 class StoredArtifact:
     """The backbone TFLite model the node runs, as stored on disk (one flavour)."""
 
@@ -91,10 +101,10 @@ def _unpack(data: bytes, count: int) -> Weights:
         return [np.asarray(arrays[f"arr_{i}"], dtype=np.float32) for i in range(count)]
 
 
-def _moments(data: bytes, sidecar: dict[str, Any]) -> AdamMoments:
+def _kept_adam(data: bytes, sidecar: dict[str, Any]) -> KeptAdam:
     count, steps = int(sidecar["tensors"]), int(sidecar["steps"])
     arrays = _unpack(data, 2 * count)
-    return AdamMoments(arrays[:count], arrays[count:], steps)
+    return KeptAdam(str(sidecar["lineage"]), AdamMoments(arrays[:count], arrays[count:], steps))
 
 
 def _global_model(data: bytes, sidecar: dict[str, Any]) -> GlobalModel:
@@ -211,13 +221,14 @@ class NodeState:
             lambda data, sidecar: _unpack(data, int(sidecar["tensors"])),
         )
 
-    def save_moments(self, moments: AdamMoments) -> None:
+    def save_moments(self, kept: KeptAdam) -> None:
         """The local Adam's state after a round's training (`adam_moments: kept`)."""
+        moments = kept.moments
         self._write_pair(
             MOMENTS_WEIGHTS,
             MOMENTS_SIDECAR,
             _pack([*moments.m, *moments.v]),
-            {"tensors": len(moments.m), "steps": moments.steps},
+            {"tensors": len(moments.m), "steps": moments.steps, "lineage": kept.lineage},
         )
 
     def clear_moments(self) -> None:
@@ -225,8 +236,8 @@ class NodeState:
         (self.folder / MOMENTS_SIDECAR).unlink(missing_ok=True)
         (self.folder / MOMENTS_WEIGHTS).unlink(missing_ok=True)
 
-    def load_moments(self) -> AdamMoments | None:
-        return self._load_pair(MOMENTS_WEIGHTS, MOMENTS_SIDECAR, "Adam moments", _moments)
+    def load_moments(self) -> KeptAdam | None:
+        return self._load_pair(MOMENTS_WEIGHTS, MOMENTS_SIDECAR, "Adam moments", _kept_adam)
 
     def save_artifact(self, artifact: StoredArtifact) -> None:
         self._write_pair(

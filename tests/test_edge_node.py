@@ -30,7 +30,7 @@ from edge.config import EdgeConfig, InferenceSettings, TrainingSettings
 from edge.gallery import Gallery
 from edge.node import EdgeNode
 from edge.recognition_config import CameraConfig
-from edge.state import NodeState
+from edge.state import KeptAdam, NodeState
 from fedbell.config import MqttSettings, SigningSettings
 from fedbell.faces.embedding import HEAD_NAMES
 from fedbell.wire import signing
@@ -300,8 +300,9 @@ def test_a_doorbell_keeps_its_adam_across_rounds_when_the_plan_says_so(
     tmp_path: Path, broker: LocalBroker, gallery: Path, base: Base, backbone_models: BackboneModels
 ) -> None:
     """`train.adam_moments: kept`: the local Adam is stored after each round and the next
-    round continues it (its step count runs on), across a restart too; a round whose plan
-    says fresh starts a new Adam and forgets the stored one."""
+    round continues it (its step count runs on), across a restart too, but never one that
+    trained another lineage's head; a round whose plan says fresh starts a new Adam and
+    forgets the stored one."""
     config = make_config(tmp_path, broker.port, gallery)
     kept = TrainingPlan(epochs=2, batch_size=8, adam_moments="kept")  # one batch an epoch
     with aggregator_at(broker, TOPICS.all_updates) as aggregator:
@@ -312,11 +313,11 @@ def test_a_doorbell_keeps_its_adam_across_rounds_when_the_plan_says_so(
             wait_until(lambda: node.rounds.last_round == 1)
         stored = NodeState(config.state_dir).load_moments()
         assert stored is not None
-        assert stored.steps == 2
-        assert [m.shape for m in stored.m] == [w.shape for w in base[1]]
+        assert stored.moments.steps == 2
+        assert [m.shape for m in stored.moments.m] == [w.shape for w in base[1]]
         with running(config) as node:
-            assert node.training.moments is not None
-            assert node.training.moments.steps == 2
+            assert node.training.kept_adam is not None
+            assert node.training.kept_adam.moments.steps == 2
             aggregator.publish(
                 TOPICS.global_model,
                 global_payload(base, 2, backbone=backbone_models.sha256),
@@ -327,23 +328,40 @@ def test_a_doorbell_keeps_its_adam_across_rounds_when_the_plan_says_so(
             )
             check_update(received(aggregator, TOPICS.update(DEVICE)), base, 2, base_version=2)
             wait_until(lambda: node.rounds.last_round == 2)
-            assert node.training.moments is not None
-            assert node.training.moments.steps == 4
+            assert node.training.kept_adam is not None
+            assert node.training.kept_adam.moments.steps == 4
             stored = NodeState(config.state_dir).load_moments()
             assert stored is not None
-            assert stored.steps == 4
+            assert stored.moments.steps == 4
+            assert stored.lineage == LINEAGE
+            # Another lineage's Adam (a training of an old head that finished after the new
+            # head was installed) is never continued: round 3 starts a new one.
+            node.training._keep(KeptAdam("an-older-lineage", stored.moments))
             aggregator.publish(
                 TOPICS.global_model,
                 global_payload(base, 3, backbone=backbone_models.sha256),
                 retain=True,
             )
-            fresh = TrainingPlan(epochs=2, batch_size=8, adam_moments="fresh")
             aggregator.publish(
-                TOPICS.round, round_payload(3, base_version=3, train=fresh), retain=True
+                TOPICS.round, round_payload(3, base_version=3, train=kept), retain=True
             )
             check_update(received(aggregator, TOPICS.update(DEVICE)), base, 3, base_version=3)
             wait_until(lambda: node.rounds.last_round == 3)
-            assert node.training.moments is None
+            assert node.training.kept_adam is not None
+            assert node.training.kept_adam.moments.steps == 2
+            assert node.training.kept_adam.lineage == LINEAGE
+            aggregator.publish(
+                TOPICS.global_model,
+                global_payload(base, 4, backbone=backbone_models.sha256),
+                retain=True,
+            )
+            fresh = TrainingPlan(epochs=2, batch_size=8, adam_moments="fresh")
+            aggregator.publish(
+                TOPICS.round, round_payload(4, base_version=4, train=fresh), retain=True
+            )
+            check_update(received(aggregator, TOPICS.update(DEVICE)), base, 4, base_version=4)
+            wait_until(lambda: node.rounds.last_round == 4)
+            assert node.training.kept_adam is None
         assert NodeState(config.state_dir).load_moments() is None
 
 
@@ -483,7 +501,8 @@ def test_a_new_lineage_is_accepted_at_version_0_and_its_rounds_start_afresh(
         with running(config) as node:
             check_update(received(aggregator, TOPICS.update(DEVICE)), base, 7, base_version=5)
             wait_until(lambda: node.rounds.last_round == 7)
-            assert node.training.moments is not None  # the old head's Adam, kept
+            assert node.training.kept_adam is not None  # the old head's Adam, kept
+            assert node.training.kept_adam.lineage == "old"
             aggregator.publish(TOPICS.global_model, old(4))  # older, same lineage: ignored
             aggregator.publish_backbone(TOPICS, tflite_payload(backbone_models, "new", epoch=2))
             aggregator.publish(TOPICS.global_model, new(0), retain=True)
@@ -492,7 +511,7 @@ def test_a_new_lineage_is_accepted_at_version_0_and_its_rounds_start_afresh(
             wait_until(lambda: node.artifacts._installed == ("new", 0))
             assert node.rounds.last_round == 0  # the old lineage's round counter is gone
             assert NodeState(config.state_dir).load_last_round() == 0
-            assert node.training.moments is None  # and its Adam
+            assert node.training.kept_adam is None  # and its Adam
             assert NodeState(config.state_dir).load_moments() is None
             aggregator.publish(TOPICS.global_model, old(6))  # the old lineage replayed: refused
             aggregator.publish_backbone(TOPICS, tflite_payload(backbone_models, "old", epoch=1))
