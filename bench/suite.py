@@ -53,6 +53,7 @@ from typing import Any
 
 import matplotlib
 import numpy as np
+from scipy import stats
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
@@ -90,8 +91,6 @@ BAR_ARMS = (FLOAT32_FEDAVG, DEFAULT_ARM)
 """The two arms every extra seed runs: the bar compares only them."""
 BAR_TRAFFIC = 1 / 5
 BAR_POINTS = 1.0
-T_975 = {2: 12.71, 3: 4.30, 4: 3.18, 5: 2.78, 6: 2.57, 7: 2.45, 8: 2.36, 9: 2.31, 10: 2.26}
-"""Student's t, two-sided 95 %, by number of seeds (n - 1 degrees of freedom)."""
 BASELINES = ("start", "central", "local_only")
 
 
@@ -181,7 +180,8 @@ def traffic_bar(reference: Sequence[ArmResult], default: Sequence[ArmResult]) ->
     spread = float(np.std(points, ddof=1)) if len(points) > 1 else float("nan")
     # The bar holds outside noise when even the low end of the 95 % interval of the mean
     # difference is within it (one seed: no interval, the mean itself).
-    margin = T_975.get(len(points), 1.96) * spread / len(points) ** 0.5 if len(points) > 1 else 0.0
+    n = len(points)
+    margin = float(stats.t.ppf(0.975, n - 1)) * spread / n**0.5 if n > 1 else 0.0
     return {
         "default": DEFAULT_ARM.name,
         "reference": FLOAT32_FEDAVG.name,

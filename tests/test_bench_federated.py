@@ -202,6 +202,8 @@ def test_suite_reports_bytes_per_update_and_down_per_codec(bench: Bench, tmp_pat
     assert bar["float32_accuracy"][0] == finals[suite.FLOAT32_FEDAVG.name]
     assert bar["traffic_ratio"] < 1.0
     assert bar["points_low_95"] < bar["points_mean"]
+    margin = 12.706 * bar["points_sd"] / 2**0.5  # Student's t at 97.5 %, one degree of freedom
+    assert bar["points_low_95"] == pytest.approx(bar["points_mean"] - margin, rel=1e-3)
     json.dumps(bar)  # it goes into reports/bench.json
     assert bar["passes"] == (bar["traffic_ratio"] <= 0.2 and bar["points_low_95"] >= -1.0)
     console = Console(record=True, width=200)
