@@ -294,8 +294,8 @@ const MESSAGE_SCHEMAS = {
     "description": "Local training hyper-parameters of a round. The defaults are the client step's own\n(fedbell/faces/embedding.py TrainParams, chosen by make bench-openset), written out\nhere because the contract does not import the face model; tests/test_layers.py\nchecks that the two agree.",
     "properties": {
      "adam_moments": {
-      "default": "fresh",
-      "description": "adam: a fresh Adam every round, or each doorbell keeps its Adam's moments from its last round of the lineage (they never leave it).",
+      "default": "kept",
+      "description": "adam: each doorbell continues its Adam from its last round of the lineage (kept: its moments stay on the doorbell, never sent), or starts a fresh one every round.",
       "enum": ["fresh", "kept"],
       "title": "Adam Moments",
       "type": "string"
@@ -317,7 +317,7 @@ const MESSAGE_SCHEMAS = {
      },
      "optimizer": {
       "default": "adam",
-      "description": "The local step: adam (a fresh Adam each round) or sgd (plain steps, for a server optimiser that keeps the moments: fedadam).",
+      "description": "The local step: adam (Adam on the doorbell) or sgd (plain steps, for a server optimiser that keeps the moments: fedadam).",
       "enum": ["adam", "sgd"],
       "title": "Optimizer",
       "type": "string"

@@ -87,24 +87,25 @@ class TrainParams:
     FedAdam on the server, issue 20: the gradient's norm is ~40, so a round moves a
     house's head about as far as Adam 1e-4 does)."""
     optimizer: Literal["adam", "sgd"] = "adam"
-    """adam: a fresh Adam every round on every doorbell (the default). Its first steps
-    move every coordinate by about the learning rate whatever its gradient, and averaged
-    over a round's houses that noise put visit-level TAR 5 points below the start head's
-    after 20 rounds under `near` conditions (issue 20, docs/learning.md). sgd: plain
-    gradient steps, so a round's delta is proportional to the house's gradient; with the
-    aggregator's `server_optimizer: fedadam` keeping the moments across rounds (as central
-    training keeps Adam's), 1.6 points above the product rule per visit under `far`
-    (five seeds), but not the default: a secure round's shared subset, rescaled, carries
-    sampling noise that the server's momentum adds up (0.911 against 0.939), and on
-    three houses' dense updates a round's head fell to chance with server momentum
-    (FedAvgM) and was refused with FedAdam (docs/learning.md)."""
-    adam_moments: Literal["fresh", "kept"] = "fresh"
-    """fresh: every training starts a new Adam (the default). kept: a training given an
-    earlier one's `AdamMoments` continues that Adam, so a doorbell's Adam runs on across
-    its rounds of a lineage: plain rounds +1.0 point of visit TAR under `far` over five
-    seeds, secure rounds unchanged, but the default codec then falls behind float32 in
-    `make bench` (issue 12's bar fails over ten seeds, docs/learning.md), so it is not
-    the default."""
+    """adam: Adam on every doorbell (the default; `adam_moments` says whether it runs on
+    across rounds). A fresh Adam's first steps move every coordinate by about the learning
+    rate whatever its gradient, and averaged over a round's houses that noise put
+    visit-level TAR 5 points below the start head's after 20 rounds under `near`
+    conditions (issue 20, docs/learning.md). sgd: plain gradient steps, so a round's
+    delta is proportional to the house's gradient; with the aggregator's
+    `server_optimizer: fedadam` keeping the moments across rounds (as central training
+    keeps Adam's), 1.6 points above a fresh Adam per visit under `far` (five seeds), but
+    not the default: a secure round's shared subset, rescaled, carries sampling noise
+    that the server's momentum adds up (0.911 against 0.939), and on three houses' dense
+    updates a round's head fell to chance with server momentum (FedAvgM) and was refused
+    with FedAdam (docs/learning.md)."""
+    adam_moments: Literal["fresh", "kept"] = "kept"
+    """kept (the default): a training given an earlier one's `AdamMoments` continues that
+    Adam, so a doorbell's Adam runs on across its rounds of a lineage, as central
+    training's does: plain rounds +1.0 point of visit TAR under `far` over five seeds
+    (within 1.5 of central), secure rounds unchanged. fresh: every training starts a new
+    Adam (the rule before issue 20). docs/learning.md has both, and what kept costs the
+    codecs of `make bench`."""
     prox_mu: float = 0.0
     """FedProx: weight of (mu/2)·||W - W_base||², which keeps a doorbell that
     knows only a few people from pulling the shared head towards them."""

@@ -57,13 +57,14 @@ class TrainingPlan(Message):
     learning_rate: float = Field(default=1e-4, gt=0, le=1)
     optimizer: Literal["adam", "sgd"] = Field(
         default="adam",
-        description="The local step: adam (a fresh Adam each round) or sgd (plain steps, "
+        description="The local step: adam (Adam on the doorbell) or sgd (plain steps, "
         "for a server optimiser that keeps the moments: fedadam).",
     )
     adam_moments: Literal["fresh", "kept"] = Field(
-        default="fresh",
-        description="adam: a fresh Adam every round, or each doorbell keeps its Adam's "
-        "moments from its last round of the lineage (they never leave it).",
+        default="kept",
+        description="adam: each doorbell continues its Adam from its last round of the "
+        "lineage (kept: its moments stay on the doorbell, never sent), or starts a fresh one "
+        "every round.",
     )
     prox_mu: float = Field(default=0.0, ge=0, le=10, description="FedProx proximal weight.")
     hold_out_strangers: bool = Field(
