@@ -33,7 +33,7 @@ from pathlib import Path
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
-from broker.local import BrokerError, Service, free_port, signal_and_wait
+from broker.local import BrokerError, Service, free_ports, signal_and_wait
 from deploy.tier import (
     PROBE_TOPIC,
     Address,
@@ -88,6 +88,9 @@ class NatsNode:
     cluster_port: int
     http_port: int
     mqtt_port: int
+    client_port: int
+    """NATS's own client listener: chosen here with the others rather than left to
+    nats-server, whose pick could take a port chosen for another listener."""
     process: subprocess.Popen[bytes] | None = None
 
 
@@ -109,8 +112,10 @@ class ClusterTier(Service):
         self.topic_root = topic_root
         self.base = f"{topic_root}/{site}"
         self.hubs = list(hubs)
+        ports = iter(free_ports(4 * nodes))
         self.nodes = [
-            NatsNode(f"n{i + 1}", free_port(), free_port(), free_port()) for i in range(nodes)
+            NatsNode(f"n{i + 1}", next(ports), next(ports), next(ports), next(ports))
+            for i in range(nodes)
         ]
         self.tls_dir = work_dir / "tls"
         if not ack_wait[:-1].isdigit() or ack_wait[-1] not in "sm":
@@ -262,6 +267,7 @@ class ClusterTier(Service):
             cluster=Address(LOOPBACK, node.cluster_port),
             routes=tuple(Address(LOOPBACK, n.cluster_port) for n in self.nodes if n is not node),
             monitor=Address(LOOPBACK, node.http_port),
+            client_port=node.client_port,
         )
         write_node_config(
             tier,

@@ -6,6 +6,7 @@ poll until it accepts connections. Used by the tests and by the simulation.
 
 from __future__ import annotations
 
+import contextlib
 import getpass
 import json
 import shutil
@@ -42,9 +43,19 @@ def find_mosquitto() -> str:
 
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nobody listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    return free_ports(1)[0]
+
+
+def free_ports(count: int) -> list[int]:
+    """`count` different TCP ports on 127.0.0.1 that nobody listens on right now (held
+    open together while chosen, so no two are the same)."""
+    with contextlib.ExitStack() as stack:
+        ports = []
+        for _ in range(count):
+            sock = stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
+            sock.bind(("127.0.0.1", 0))
+            ports.append(int(sock.getsockname()[1]))
+        return ports
 
 
 def read_listeners(data_dir: Path) -> dict[str, int]:

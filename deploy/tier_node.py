@@ -65,6 +65,8 @@ class NodeListeners:
     cluster: Address
     routes: tuple[Address, ...]
     monitor: Address
+    client_port: int = -1
+    """NATS's own client listener on loopback (no fedbell login uses it); -1: any free port."""
 
 
 def node_names(tier: Tier) -> list[str]:
@@ -142,6 +144,7 @@ def write_node_config(
         route_user=ROUTE_USER,
         route_password=password,
         mqtt_listen=listeners.mqtt,
+        client_port=listeners.client_port,
         store_dir=store_dir,
         tls_dir=folder,
         ack_wait=ack_wait,

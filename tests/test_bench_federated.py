@@ -155,11 +155,14 @@ def test_poisoned_doorbells_hurt_fedavg_and_multi_krum_holds(bench: Bench) -> No
     def final(arm: Arm) -> float:
         return run_arm(houses, bench.start, arm, 6, scorer(bench), params=LEARNS).final_accuracy
 
-    honest = final(Arm("honest", codec="float32"))
+    # Against the run without the two attackers (what a perfect robust rule reaches, as
+    # bench.robust compares): on 8 generated houses, leaving 2 out moves the all-honest
+    # figure by a few points either way, so that is no fixed reference.
+    absent = final(Arm("attackers absent", codec="float32", left_out=2))
     poisoned = final(Arm("fedavg", codec="float32", attackers=attack))
     krum = final(Arm("krum", codec="float32", strategy="multi_krum", attackers=attack))
-    assert poisoned < honest - 0.03
-    assert krum > poisoned
+    assert poisoned < absent - 0.03
+    assert krum > poisoned + 0.03
 
 
 def test_an_unsigned_update_is_refused_on_a_signed_arm(

@@ -43,9 +43,10 @@ from edge.gallery import (
     StrangerPart,
     StrangerStore,
 )
+from edge.state import NodeState
 from edge.trainer import round_seed, train_delta
 from fedbell.config import load_config
-from fedbell.faces.embedding import Features, TrainParams
+from fedbell.faces.embedding import AdamMoments, Features, TrainParams
 from fedbell.wire import dp, masking
 from fedbell.wire.messages import GlobalModel, parse_global
 from fedbell.wire.protocol import RoundAnnouncement, RoundMetrics, SecAggPlan
@@ -203,14 +204,23 @@ def doorbell_inputs(
     return data, store.features(backbone.sha256, backbone.size, strangers)
 
 
+def kept_adam(tmp_path: Path, doorbell: Doorbell) -> AdamMoments | None:
+    """The local Adam this doorbell stored after its last training (`adam_moments: kept`):
+    read before a round, it is what that round's training continues."""
+    config = load_config(tmp_path / f"{doorbell.name}.yaml", EdgeConfig)
+    stored = NodeState(config.state_dir).load_moments()
+    return None if stored is None else stored.moments
+
+
 def plain_vector(
     tmp_path: Path,
     doorbell: Doorbell,
     base: GlobalModel,
     announcement: RoundAnnouncement,
+    moments: AdamMoments | None = None,
 ) -> npt.NDArray[np.float64]:
     """What this doorbell masked in this round, before noise and fixed point: its client
-    step recomputed from its state folder."""
+    step recomputed from its state folder (`moments`: its kept Adam before the round)."""
     data, strangers = doorbell_inputs(tmp_path, doorbell, base)
     plan, train = announcement.secagg, announcement.train
     assert plan is not None
@@ -219,10 +229,13 @@ def plain_vector(
         batch_size=train.batch_size,
         learning_rate=train.learning_rate,
         prox_mu=train.prox_mu,
+        adam_moments=train.adam_moments,
         seed=round_seed(doorbell.name, announcement.round),
     )
     # a secure round trains from the global head alone (no error feedback: edge/secure.py)
-    result = train_delta(base.weights, data.features, data.labels, strangers, params)
+    result = train_delta(
+        base.weights, data.features, data.labels, strangers, params, moments=moments
+    )
     flat = np.concatenate([d.ravel() for d in result.delta])
     subset = masking.shared_subset(
         plan.dimension, plan.density, announcement.round, announcement.lineage
@@ -348,6 +361,9 @@ def test_ten_doorbells_two_killed_the_round_publishes_the_exact_mean_of_the_rest
     # rebuilt from the others' shares, and the round needs no answer from them.
     for name in killed:  # their last will: the aggregator no longer selects them
         recorder.status(name, lambda s: s.state == "offline", timeout=60)
+    # Each doorbell continues the Adam it kept from round 1: read it before round 2.
+    moments = {n: kept_adam(tmp_path, doorbells[n]) for n in alive}
+    assert all(m is not None for m in moments.values())
     killer = Killer(broker.port, "masked", {n: doorbells[n] for n in alive}, count=2)
     killers.append(killer)
     metrics, announcement = secure_round(recorder, 2)
@@ -358,7 +374,9 @@ def test_ten_doorbells_two_killed_the_round_publishes_the_exact_mean_of_the_rest
     newer = global_model(recorder, 2)
     plan = announcement.secagg
     assert plan is not None
-    vectors = {n: plain_vector(tmp_path, doorbells[n], new, announcement) for n in alive}
+    vectors = {
+        n: plain_vector(tmp_path, doorbells[n], new, announcement, moments[n]) for n in alive
+    }
     moved = published_move(new, newer, plan, announcement)
     error = float(np.max(np.abs(moved - np.mean(list(vectors.values()), axis=0))))
     without = np.mean([v for n, v in vectors.items() if n not in killed_after], axis=0)
